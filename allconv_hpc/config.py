@@ -1,0 +1,248 @@
+"""Typed configuration: the composed Hydra config becomes these dataclasses, which refuse bad values.
+
+Every check here is cheap and runs before any data is read, any process group is formed or any
+job is queued. `ConfigError` carries a one-line message naming the key and how to fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+MODEL_NAMES = ("allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_cnn_c")
+DATASETS = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+AUGMENTS = ("paper", "seed", "none")
+SCHEDULES = ("paper", "cosine", "onecycle", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("online", "offline", "disabled")
+RESUME_MODES = ("auto", "never", "must")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "allcnn_c"          # one of MODEL_NAMES
+    width: float = 1.0              # multiplies every hidden width (96, 192); 1.0 = the paper
+    dropout: bool = True            # false turns every dropout layer off
+    input_dropout: float = 0.2      # probability, on the input image (paper: 0.2)
+    hidden_dropout: float = 0.5     # probability, after each strided conv / pooling (paper: 0.5)
+    final_relu: bool = False        # ReLU on the class scores (the paper's table lists one)
+    num_classes: int = 10           # set from the dataset by the config
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, MODEL_NAMES)
+        _check(self.width > 0, f"model.width={self.width} must be > 0")
+        for base in (96, 192):
+            _check(round(base * self.width) >= 1,
+                   f"model.width={self.width} makes a {base}-channel layer empty; use width >= {0.5 / base:.4f}")
+        for key in ("input_dropout", "hidden_dropout"):
+            p = getattr(self, key)
+            _check(0.0 <= p < 1.0, f"model.{key}={p} must be in [0, 1)")
+        _check(self.num_classes >= 2, f"model.num_classes={self.num_classes} must be >= 2")
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"           # cifar10 | cifar100 | synthetic
+    root: str = "data"              # folder holding cifar-10-batches-py / cifar-100-python
+    download: bool = False          # fetch through torchvision when missing (needs network)
+    train_size: Optional[int] = None  # null = all; an int = a fixed seeded subset
+    test_size: Optional[int] = None   # null = all; an int = a fixed seeded subset
+    augment: str = "paper"          # paper: translate <=5 px + h-flip; seed: shift <=10% (3 px); none
+    num_classes: int = 10           # derived from name; kept here so interpolation can read it
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, tuple(DATASETS))
+        _choice("data.augment", self.augment, AUGMENTS)
+        for key in ("train_size", "test_size"):
+            v = getattr(self, key)
+            _check(v is None or v >= 1, f"data.{key}={v} must be null (all) or >= 1")
+        _check(self.num_classes == DATASETS[self.name],
+               f"data.num_classes={self.num_classes} does not match {self.name} ({DATASETS[self.name]})")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.05                # peak learning rate (after any linear scaling)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.001     # L2 on all weights (paper: 0.001)
+    scale_lr: bool = False          # linear scaling: lr * batch_size / base_batch_size
+    base_batch_size: int = 128      # reference global batch for scale_lr
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(0.0 <= self.momentum < 1.0, f"optim.momentum={self.momentum} must be in [0, 1)")
+        _check(not self.nesterov or self.momentum > 0, "optim.nesterov=true needs optim.momentum > 0")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _check(self.base_batch_size >= 1, f"optim.base_batch_size={self.base_batch_size} must be >= 1")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "paper"             # paper (steps) | cosine | onecycle | constant
+    milestones: list = field(default_factory=lambda: [200, 250, 300])  # epochs, for paper
+    gamma: float = 0.1              # factor at each milestone
+    warmup_epochs: float = 0.0      # linear warmup from 0, in epochs (fractions allowed)
+    final_lr_ratio: float = 0.0     # cosine/onecycle end lr as a fraction of optim.lr
+    pct_start: float = 0.25         # onecycle: fraction of training spent rising
+
+    def __post_init__(self) -> None:
+        _choice("schedule.name", self.name, SCHEDULES)
+        _check(all(m > 0 for m in self.milestones), "schedule.milestones must be positive epochs")
+        _check(list(self.milestones) == sorted(self.milestones), "schedule.milestones must be increasing")
+        _check(self.warmup_epochs >= 0, f"schedule.warmup_epochs={self.warmup_epochs} must be >= 0")
+        _check(0 < self.pct_start < 1, f"schedule.pct_start={self.pct_start} must be in (0, 1)")
+        _check(0 <= self.final_lr_ratio <= 1, f"schedule.final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 350
+    batch_size: int = 128           # GLOBAL batch: per-rank batch = batch_size / world size
+    eval_batch_size: int = 1000     # global, evaluation only
+    device: str = "auto"            # auto (cuda if present) | cpu | cuda
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; CUDA only)
+    channels_last: bool = False     # NHWC memory format (faster convs on CUDA and CPU)
+    compile: bool = False           # torch.compile the model
+    deterministic: bool = False     # bitwise-reproducible on CPU; deterministic kernels on CUDA
+    log_every_steps: int = 50       # train metrics to log/W&B every N optimizer steps
+    drop_last: bool = False         # drop the last partial batch (fixed shapes for CUDA graphs)
+    threads: Optional[int] = None   # torch CPU threads per rank; null = cores / local ranks
+    progress: str = "auto"          # auto (bar on a terminal, log lines otherwise) | bar | log
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"trainer.epochs={self.epochs} must be >= 1")
+        _check(self.batch_size >= 1, f"trainer.batch_size={self.batch_size} must be >= 1")
+        _check(self.eval_batch_size >= 1, f"trainer.eval_batch_size={self.eval_batch_size} must be >= 1")
+        _choice("trainer.device", self.device, DEVICES)
+        _choice("trainer.precision", self.precision, PRECISIONS)
+        _check(self.log_every_steps >= 1, f"trainer.log_every_steps={self.log_every_steps} must be >= 1")
+        _check(self.threads is None or self.threads >= 1, f"trainer.threads={self.threads} must be >= 1")
+        _choice("trainer.progress", self.progress, ("auto", "bar", "log"))
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = 500      # periodic checkpoint every N optimizer steps; null = off
+    every_minutes: Optional[float] = None  # and/or every N minutes of wall time; null = off
+    keep: int = 2                   # most recent step checkpoints kept (plus best.pt and last.pt)
+    resume: str = "auto"            # auto: resume if the run folder has a checkpoint | never | must
+    max_requeues: int = 10          # requeues after time limits before giving up (preemptions: always)
+    signal: str = "USR2"            # the "about to be stopped" signal Slurm sends (--signal)
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps is None or self.every_steps >= 1,
+               f"checkpoint.every_steps={self.every_steps} must be null or >= 1")
+        _check(self.every_minutes is None or self.every_minutes > 0,
+               f"checkpoint.every_minutes={self.every_minutes} must be null or > 0")
+        _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1")
+        _choice("checkpoint.resume", self.resume, RESUME_MODES)
+        _check(self.max_requeues >= 0, f"checkpoint.max_requeues={self.max_requeues} must be >= 0")
+        import signal as _signal
+        _check(hasattr(_signal, "SIG" + self.signal.upper().removeprefix("SIG")),
+               f"checkpoint.signal={self.signal!r} is not a signal name (e.g. USR2)")
+
+
+@dataclass
+class WandbConfig:
+    mode: Optional[str] = None      # online | offline | disabled; null = online with an API key, else offline
+    project: str = "allconv-hpc"
+    entity: Optional[str] = None
+    group: Optional[str] = None     # sweeps set this to the sweep name
+    tags: list = field(default_factory=list)
+    name: Optional[str] = None      # display name; null = the run folder's name
+
+    def __post_init__(self) -> None:
+        _check(self.mode is None or self.mode in WANDB_MODES,
+               f"wandb.mode={self.mode!r} is not one of online, offline, disabled (or null for auto)")
+
+
+@dataclass
+class DistConfig:
+    timeout_s: Optional[float] = None  # collective timeout; null = 300 on CPU, 1800 on CUDA
+    backend: str = "auto"           # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_s is None or self.timeout_s > 0, f"dist.timeout_s={self.timeout_s} must be > 0")
+        _choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.model.num_classes == self.data.num_classes,
+               f"model.num_classes={self.model.num_classes} != data.num_classes={self.data.num_classes}")
+        if self.trainer.device == "cpu":
+            _check(self.trainer.precision == "fp32",
+                   f"trainer.precision={self.trainer.precision} needs CUDA; on CPU use trainer.precision=fp32")
+
+    @property
+    def lr(self) -> float:
+        """The peak learning rate actually used (linear scaling applied when asked for)."""
+        o = self.optim
+        return o.lr * self.trainer.batch_size / o.base_batch_size if o.scale_lr else o.lr
+
+    def identity(self) -> dict:
+        """What a run folder may not change across a resume: model, data and global batch."""
+        d = dataclasses.asdict(self)
+        return {"model": d["model"], "data": {k: d["data"][k] for k in ("name", "train_size", "test_size")},
+                "batch_size": self.trainer.batch_size, "seed": self.seed}
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+            "trainer": TrainerConfig, "checkpoint": CheckpointConfig, "wandb": WandbConfig, "dist": DistConfig}
+
+
+def _build(cls, values: dict, prefix: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    _check(not unknown, f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                        f"known under {prefix or 'top level'}: {', '.join(sorted(known))}")
+    try:
+        return cls(**values)
+    except TypeError as e:  # a value of the wrong shape
+        raise ConfigError(f"bad value under {prefix or 'top level'}: {e}") from None
+
+
+def from_dict(d: dict) -> Config:
+    """Build a validated Config from a plain dict (the resolved Hydra config, minus hydra/cluster keys)."""
+    d = {k: v for k, v in d.items() if k not in ("hydra", "cluster", "experiment")}
+    sections = {}
+    for name, cls in SECTIONS.items():
+        sub = d.pop(name, {}) or {}
+        _check(isinstance(sub, dict), f"config group {name!r} must be a mapping, got {sub!r}")
+        sections[name] = _build(cls, sub, name + ".")
+    return _build(Config, {**d, **sections}, "")
+
+
+def from_omegaconf(cfg) -> Config:
+    from omegaconf import OmegaConf
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # interpolation errors, missing values
+        raise ConfigError(f"config does not resolve: {e}") from None
+    return from_dict(plain)
