@@ -1,0 +1,128 @@
+"""Atomic, verified checkpoint files.
+
+A file is the torch-serialised state followed by a 80-byte trailer holding its SHA-256, written to
+a temp file in the same folder, fsynced and renamed: a reader sees either the old file or the
+complete new one, and a truncated or bit-flipped file fails verification instead of loading
+garbage. Loading uses `torch.load(weights_only=True)`, which runs no pickled code.
+
+Layout of `<run>/checkpoints/`: `step_00001234.pt` (the `keep` most recent), `last.pt` (a hard
+link to the newest), `best.pt` (best val_acc).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"\nALLCONV-CKPT-SHA256:"
+TRAILER_LEN = len(MAGIC) + 64 + 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def encode(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    body = buf.getvalue()
+    return body + MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n"
+
+
+def decode(data: bytes, name: str = "checkpoint") -> dict:
+    if len(data) < TRAILER_LEN or data[-TRAILER_LEN:-65] != MAGIC:
+        raise CheckpointError(f"{name}: no completeness trailer (truncated or not an allconv checkpoint)")
+    body, digest = data[:-TRAILER_LEN], data[-65:-1].decode(errors="replace")
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise CheckpointError(f"{name}: checksum mismatch (corrupted)")
+    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+
+
+def load_file(path: Path) -> dict:
+    return decode(path.read_bytes(), str(path))
+
+
+class CheckpointDir:
+    def __init__(self, folder: Path, keep: int):
+        self.folder, self.keep = Path(folder), keep
+
+    def step_files(self) -> list[Path]:
+        files = [p for p in self.folder.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", p.name)]
+        return sorted(files, key=lambda p: int(p.stem[5:]), reverse=True)
+
+    def exists(self) -> bool:
+        return (self.folder / "last.pt").exists() or bool(self.step_files())
+
+    def save(self, state: dict, step: int) -> Path:
+        """Write step_<step>.pt, point last.pt at it, prune old step files. Rank 0 only."""
+        path = self.folder / f"step_{step:08d}.pt"
+        write_atomic(path, encode(state))
+        link_tmp = self.folder / f".last.pt.tmp.{os.getpid()}"
+        link_tmp.unlink(missing_ok=True)
+        os.link(path, link_tmp)
+        os.replace(link_tmp, self.folder / "last.pt")
+        _fsync_dir(self.folder)
+        for old in self.step_files()[self.keep:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def save_best(self, state: dict) -> None:
+        write_atomic(self.folder / "best.pt", encode(state))
+
+    def load_latest(self) -> Optional[tuple[dict, Path]]:
+        """The newest checkpoint that verifies; corrupt ones are skipped with a warning."""
+        candidates = [self.folder / "last.pt"] + self.step_files()
+        bad = []
+        for path in candidates:
+            if not path.exists():
+                continue
+            try:
+                state = load_file(path)
+            except Exception as e:  # CheckpointError, or torch refusing a damaged zip
+                log.warning("skipping unusable checkpoint %s: %s", path, str(e).splitlines()[0][:200])
+                bad.append(path)
+                continue
+            if bad:
+                log.warning("resuming from the previous good checkpoint %s", path.name)
+            return state, path
+        if bad:
+            raise CheckpointError(f"every checkpoint in {self.folder} is unusable ({', '.join(p.name for p in bad)}); "
+                                  f"move the folder aside and use checkpoint.resume=never to start fresh")
+        return None
+
+    def move_aside(self) -> Optional[Path]:
+        """For checkpoint.resume=never: keep old checkpoints (never delete), start with an empty folder."""
+        if not self.folder.exists() or not any(self.folder.iterdir()):
+            return None
+        i = 1
+        while (dest := self.folder.with_name(f"{self.folder.name}.old{i}")).exists():
+            i += 1
+        self.folder.rename(dest)
+        return dest

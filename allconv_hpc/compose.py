@@ -1,0 +1,65 @@
+"""Hydra composition for the CLI: overrides -> (typed Config, plain dict, run folder).
+
+We use Hydra's compose API rather than @hydra.main so that only global rank 0 writes the run
+folder's `.hydra/` files and the same composition serves `train`, `submit` and the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, ConfigError, from_dict
+
+CONFIG_MODULE = "allconv_hpc.conf"
+
+
+@dataclass
+class Composed:
+    cfg: Config
+    cfg_dict: dict          # the resolved task config (no hydra/cluster keys): W&B, checkpoints, .hydra
+    cluster: dict           # the resolved cluster group (launch settings, read by `submit`)
+    run_dir: Path
+    overrides: list
+    hydra: dict
+
+
+def compose(overrides: list[str]) -> Composed:
+    """Compose, resolve and validate; raises ConfigError with a one-line message."""
+    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base=None):
+            raw = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(raw)
+        run_dir = str(OmegaConf.select(raw, "hydra.run.dir"))
+        sweep_dir = str(OmegaConf.select(raw, "hydra.sweep.dir"))
+        hydra = OmegaConf.to_container(raw.hydra, resolve=False)  # runtime fields exist only under @hydra.main
+        with open_dict(raw):
+            del raw["hydra"]
+        plain = OmegaConf.to_container(raw, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        msg = str(e).strip().splitlines()[0]
+        raise ConfigError(f"bad overrides: {msg}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    hydra["run"]["dir"], hydra["sweep"]["dir"] = run_dir, sweep_dir
+    cluster = plain.pop("cluster", {}) or {}
+    cfg = from_dict(plain)
+    return Composed(cfg=cfg, cfg_dict=plain, cluster=cluster, run_dir=Path(run_dir).absolute(),
+                    overrides=list(overrides), hydra=hydra)
+
+
+def write_hydra_files(c: Composed) -> None:
+    """`.hydra/{config,overrides,hydra}.yaml` in the run folder, as @hydra.main would write them."""
+    from omegaconf import OmegaConf
+    d = c.run_dir / ".hydra"
+    d.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(c.cfg_dict), d / "config.yaml")
+    OmegaConf.save(OmegaConf.create(c.overrides), d / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": c.hydra, "cluster": c.cluster}), d / "hydra.yaml")

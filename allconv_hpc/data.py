@@ -1,0 +1,398 @@
+"""CIFAR-10/100 and synthetic data as uint8 tensors, plus DDP-sharded device batches.
+
+The official python-pickle layout is read by our own loader (not torchvision's), because
+torchvision checks the md5 of every file against the official release and so refuses any
+other copy in the same format (rebuilt, subset or test files). torchvision is used only to
+download, when data.download=true.
+
+Whole splits live in memory as uint8 [N,3,32,32] (150 MB for CIFAR-10 train) and, for
+training, on the device: batches are gathered, augmented and normalised there, so there are
+no DataLoader workers and no per-sample Python work.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import augment as aug
+from .config import ConfigError, DataConfig
+
+
+class DataError(ConfigError):
+    """Data that is missing, corrupt or cannot be subset as asked; a one-line message with the fix."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N,3,32,32], CPU
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    mean: tuple[float, float, float]  # per channel, [0, 1] pixel units
+    std: tuple[float, float, float]
+    classes: list[str]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    title: str
+    folder: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    meta: str
+    label_key: str
+    names_key: str
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# Fixed normalisation constants (the commonly published training-set statistics), so a subset or
+# a rebuilt copy normalises exactly like the full official set.
+_LAYOUTS = {
+    "cifar10": _Layout("CIFAR-10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                       ("test_batch",), "batches.meta", "labels", "label_names", 10,
+                       (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": _Layout("CIFAR-100", "cifar-100-python", ("train",), ("test",), "meta",
+                        "fine_labels", "fine_label_names", 100,
+                        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+SYNTHETIC_SIZES = (2048, 512)  # train, test when data.train_size/test_size are null
+_SEED_MASK = (1 << 63) - 1
+
+
+def _layout(name: str) -> _Layout:
+    if name not in _LAYOUTS:
+        raise DataError(f"data.name={name!r} has no file layout (one of {', '.join(_LAYOUTS)})")
+    return _LAYOUTS[name]
+
+
+def expected_files(cfg: DataConfig) -> tuple[Path, list[str]]:
+    """The folder the dataset must be in and the files it must hold (synthetic: root, none)."""
+    root = Path(cfg.root).expanduser().absolute()
+    if cfg.name == "synthetic":
+        return root, []
+    lay = _layout(cfg.name)
+    return root / lay.folder, [*lay.train, *lay.test, lay.meta]
+
+
+def _missing(cfg: DataConfig) -> tuple[Path, list[str], list[str]]:
+    folder, files = expected_files(cfg)
+    return folder, files, [f for f in files if not (folder / f).is_file()]
+
+
+def check_present(cfg: DataConfig) -> None:
+    """Cheap existence check (nothing is read) so a job fails before it queues or forms a group."""
+    if not cfg.download:  # with download=true, load() fetches what is missing
+        _require(cfg)
+
+
+def _require(cfg: DataConfig) -> None:
+    folder, files, missing = _missing(cfg)
+    if not missing:
+        return
+    lay = _layout(cfg.name)
+    hint = ""
+    if (folder.parent / files[0]).is_file():  # root points at the batches folder itself
+        hint = f" (data.root looks one level too deep: try data.root={folder.parent.parent})"
+    raise DataError(
+        f"{lay.title} not found: expected {folder} with {', '.join(files)} (missing: {', '.join(missing)})."
+        f" Put the official python version there, set data.root=<folder holding {lay.folder}>,"
+        f" or data.download=true on a machine with network{hint}.")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _get(d: Any, key: str, path: Path) -> Any:
+    """A value under b"key" (encoding="bytes", the Python 2 files) or "key" (Python 3 writers)."""
+    if isinstance(d, dict):
+        for k in (key.encode(), key):
+            if k in d:
+                return d[k]
+    raise DataError(f"{path} is not a CIFAR python batch: no {key!r} entry; re-create or re-download it")
+
+
+def _unpickle(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as e:  # a damaged pickle can raise almost anything (EOFError, UnpicklingError, ...)
+        raise DataError(f"{path} is corrupt or not a CIFAR python pickle ({type(e).__name__}: {e}); "
+                        f"re-create or re-download it") from None
+
+
+def _read_batch(path: Path, lay: _Layout) -> Split:
+    d = _unpickle(path)
+    data = np.asarray(_get(d, "data", path))
+    labels = np.asarray(_get(d, lay.label_key, path))
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path} is corrupt: data is {data.dtype} {list(data.shape)}, expected uint8 [N, 3072]")
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path} is corrupt: {len(data)} images but labels of shape {list(labels.shape)}"
+                        f" ({labels.dtype})")
+    if len(labels) and (labels.min() < 0 or labels.max() >= lay.num_classes):
+        raise DataError(f"{path} is corrupt: labels outside 0..{lay.num_classes - 1}")
+    # [N, 3072] holds R, G, B planes of 32x32 row-major: a plain reshape gives [N, 3, 32, 32]
+    images = torch.from_numpy(np.ascontiguousarray(data).reshape(-1, 3, 32, 32).copy())
+    return Split(images, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _read_split(folder: Path, files: Sequence[str], lay: _Layout) -> Split:
+    parts = [_read_batch(folder / f, lay) for f in files]
+    return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+
+
+def _read_classes(path: Path, lay: _Layout) -> list[str]:
+    names = _get(_unpickle(path), lay.names_key, path)
+    if not isinstance(names, (list, tuple)) or len(names) != lay.num_classes:
+        raise DataError(f"{path} is corrupt: expected {lay.num_classes} {lay.names_key}")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _download(cfg: DataConfig) -> None:
+    root = Path(cfg.root).expanduser().absolute()
+    title = _layout(cfg.name).title
+    try:
+        import torchvision  # only here: reading never needs it
+        cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+        root.mkdir(parents=True, exist_ok=True)
+        cls(str(root), train=True, download=True)  # fetches and unpacks the whole archive
+    except Exception as e:  # URLError, timeouts, md5 mismatch, no torchvision
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"downloading {title} into {root} failed ({type(e).__name__}: {msg}); this machine"
+                        f" may have no network: copy the official python version there instead and set"
+                        f" data.download=false") from None
+
+
+def _subset(split: Split, size: int | None, seed: int, key: str) -> Split:
+    """A fixed seeded subset (sorted, so it keeps the file order): first k of randperm(seed)."""
+    n = len(split)
+    if size is None:
+        return split
+    if size > n:
+        raise DataError(f"data.{key}={size} is larger than the {n} images available; use <= {n} or null for all")
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed & _SEED_MASK))[:size].sort().values
+    return Split(split.images[idx], split.labels[idx])
+
+
+def load(cfg: DataConfig, seed: int) -> Dataset:
+    """The dataset named by cfg as uint8 CPU tensors; subsets and synthetic data depend on seed."""
+    if cfg.name == "synthetic":
+        return synthetic(cfg.train_size or SYNTHETIC_SIZES[0], cfg.test_size or SYNTHETIC_SIZES[1], seed)
+    lay = _layout(cfg.name)
+    folder, _, missing = _missing(cfg)
+    if missing and cfg.download:
+        _download(cfg)
+    _require(cfg)
+    train = _subset(_read_split(folder, lay.train, lay), cfg.train_size, seed, "train_size")
+    test = _subset(_read_split(folder, lay.test, lay), cfg.test_size, seed, "test_size")
+    return Dataset(train, test, lay.mean, lay.std, _read_classes(folder / lay.meta, lay))
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+_PALETTE = torch.tensor([[230, 40, 40], [40, 200, 40], [50, 70, 230], [230, 220, 40], [40, 210, 220],
+                         [220, 50, 210], [240, 140, 30], [120, 40, 160], [200, 200, 200], [90, 60, 30]],
+                        dtype=torch.float32)
+_SQUARE = 12  # side of the class-coloured square
+_NOISE = 30.0  # per-pixel Gaussian noise, in 0..255 units
+_CORNERS = torch.tensor([[2, 2], [2, 10], [2, 18], [10, 2], [10, 10], [10, 18], [18, 2], [18, 10],
+                         [18, 18], [6, 14]])  # top-left (y, x) of each class's square
+
+
+def _synthetic_split(n: int, seed: int) -> Split:
+    """Balanced, learnable images: a square of the class colour at a class position (jittered by
+    +-2 px) on a random-grey, noisy background. Grey level, brightness jitter and noise blur the
+    global colour statistics, so a CNN has to find the square: a tiny CNN reaches ~90% in 2-3 short
+    epochs, not in the first few steps (the first version, colour alone, was solved at once)."""
+    g = torch.Generator().manual_seed(seed & _SEED_MASK)
+    labels = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]  # counts differ by at most 1
+    corner = _CORNERS[labels] + torch.randint(-2, 3, (n, 2), generator=g)
+    ys = torch.arange(32).view(1, 32, 1)
+    xs = torch.arange(32).view(1, 1, 32)
+    y0, x0 = corner[:, 0].view(n, 1, 1), corner[:, 1].view(n, 1, 1)
+    inside = (ys >= y0) & (ys < y0 + _SQUARE) & (xs >= x0) & (xs < x0 + _SQUARE)  # [n, 32, 32]
+    colour = _PALETTE[labels].view(n, 3, 1, 1) * (0.7 + 0.3 * torch.rand(n, 1, 1, 1, generator=g))
+    background = 120 * torch.rand(n, 1, 1, 1, generator=g)  # a random grey: the colour is the square's
+    img = torch.where(inside.unsqueeze(1), colour, background)
+    img = img + _NOISE * torch.randn(n, 3, 32, 32, generator=g)
+    return Split(img.round().clamp_(0, 255).to(torch.uint8), labels.to(torch.int64))
+
+
+def synthetic(train_size: int, test_size: int, seed: int) -> Dataset:
+    """Deterministic in seed; train and test come from separate streams (test ignores train_size)."""
+    train = _synthetic_split(train_size, seed * 2)
+    test = _synthetic_split(test_size, seed * 2 + 1)
+    x = train.images.to(torch.float32) / 255
+    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return Dataset(train, test, mean, std, [f"synthetic_{i}" for i in range(10)])
+
+
+# ----------------------------------------------------------------------------- writing
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 `str`, as the official (Python 2) files hold them, so that
+    pickle.load(f, encoding="bytes") gives b"data" keys and encoding="latin1" gives "data"."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        self.write((b"U" + bytes([n]) if n < 256 else b"T" + struct.pack("<i", n)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if getattr(obj, "__name__", None) == "_reconstruct":  # the official files' module path
+            self.write(b"cnumpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def _dump(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        _Py2Pickler(f, protocol=2).dump(obj)
+
+
+def _np(t: Any, dtype: Any) -> np.ndarray:
+    return (t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)).astype(dtype, copy=False)
+
+
+def write_cifar(root: str | Path, name: str, train_images: Any, train_labels: Any, test_images: Any,
+                test_labels: Any, classes: Sequence[str]) -> Path:
+    """Write uint8 [N,3,32,32] images in the official layout and pickle dialect; returns the folder.
+
+    CIFAR-10 train is split into 5 batches (sizes as even as tensor_split makes them).
+    """
+    lay = _layout(name)
+    folder = Path(root) / lay.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = lay.label_key.encode()
+
+    def batch(path: Path, images: Any, labels: Any, title: str) -> None:
+        x = np.ascontiguousarray(_np(images, np.uint8).reshape(-1, 3072))
+        y = [int(v) for v in _np(labels, np.int64).reshape(-1)]
+        _dump(path, {b"batch_label": title.encode(), label_key: y, b"data": x, b"filenames": [b""] * len(y)})
+
+    tx, ty = _np(train_images, np.uint8), _np(train_labels, np.int64)
+    parts = np.array_split(np.arange(len(ty)), len(lay.train))
+    for i, (f, idx) in enumerate(zip(lay.train, parts)):
+        batch(folder / f, tx[idx], ty[idx], f"training batch {i + 1} of {len(lay.train)}")
+    batch(folder / lay.test[0], test_images, test_labels, "testing batch 1 of 1")
+    _dump(folder / lay.meta, {lay.names_key.encode(): [c.encode() for c in classes],
+                              b"num_cases_per_batch": len(parts[0]), b"num_vis": 3072})
+    return folder
+
+
+# ----------------------------------------------------------------------------- sharded batches
+
+def _chunk(n: int, world: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of rank's part of range(n), exactly as torch.tensor_split(range(n), world)[rank]."""
+    q, r = divmod(n, world)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
+
+
+def _order_seed(seed: int, epoch: int) -> int:
+    """Shuffle-order generator seed: the augmentation mix shifted by 2**40 epochs, so the two never meet."""
+    return aug.mix_seed(seed, epoch + (1 << 40))
+
+
+class TrainBatches:
+    """One epoch = one seeded permutation of all N samples cut into global batches of B; each rank
+    takes a contiguous chunk of every global batch (tensor_split), so the union over ranks is the
+    global batch exactly and the global batches do not depend on the world size."""
+
+    def __init__(self, images_dev: torch.Tensor, labels_dev: torch.Tensor, global_batch: int, rank: int,
+                 world: int, seed: int, augment: str, mean: Sequence[float], std: Sequence[float],
+                 drop_last: bool = False, channels_last: bool = False) -> None:
+        n = len(labels_dev)
+        if images_dev.dtype != torch.uint8 or images_dev.dim() != 4 or len(images_dev) != n:
+            raise DataError(f"training images must be uint8 [N,3,H,W] matching {n} labels, "
+                            f"got {images_dev.dtype} {list(images_dev.shape)}")
+        if not 0 <= rank < world:
+            raise DataError(f"rank {rank} is outside a world of {world}")
+        if global_batch < world:
+            raise DataError(f"trainer.batch_size={global_batch} is smaller than the {world} ranks; "
+                            f"use at least one sample per rank")
+        if n == 0 or (drop_last and global_batch > n):
+            raise DataError(f"trainer.batch_size={global_batch} with trainer.drop_last=true leaves no step "
+                            f"for {n} training images; lower the batch size or set trainer.drop_last=false")
+        self.images, self.labels = images_dev, labels_dev
+        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.augment, self.fill = seed, augment, aug.augment_mode_fill(augment)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.drop_last, self.channels_last = drop_last, channels_last
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch if self.drop_last else math.ceil(self.n / self.batch)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's permutation of range(N) (CPU int64); the same on every rank."""
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_order_seed(self.seed, epoch)))
+
+    def _bounds(self, step: int) -> tuple[int, int, int]:
+        """This rank's [lo, hi) in the epoch order for `step`, and the global batch size."""
+        start = step * self.batch
+        n_global = min(self.batch, self.n - start)
+        lo, hi = _chunk(n_global, self.world, self.rank)
+        return start + lo, start + hi, n_global
+
+    def indices(self, epoch: int, step: int) -> torch.Tensor:
+        """This rank's sample indices at (epoch, step)."""
+        lo, hi, _ = self._bounds(step)
+        return self.order(epoch)[lo:hi]
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Yields (x normalised float, y, n_global) per step from start_step on; skipped steps cost nothing."""
+        dev = self.images.device
+        # the order and the augmentation parameters for all N samples go to the device once per epoch;
+        # steps then slice and gather there with no host sync
+        order = self.order(epoch).to(dev, non_blocking=True)
+        params = aug.draw_params(self.n, self.seed, epoch, self.augment).to(dev, non_blocking=True)
+        for step in range(start_step, self.steps_per_epoch):
+            lo, hi, n_global = self._bounds(step)
+            idx = order[lo:hi]
+            x = self.images[idx]
+            if self.augment != "none":
+                p = params[idx]
+                x = aug.apply(x, p.dx, p.dy, p.flip, self.fill)
+            yield aug.normalize(x, self.mean, self.std, channels_last=self.channels_last), self.labels[idx], n_global
+
+
+def eval_shard(n: int, rank: int, world: int) -> slice:
+    """Rank's contiguous part of range(n) (tensor_split sizes): every sample once across ranks."""
+    lo, hi = _chunk(n, world, rank)
+    return slice(lo, hi)
+
+
+def eval_batches(images_dev: torch.Tensor, labels_dev: torch.Tensor, rank: int, world: int,
+                 global_eval_batch: int, mean: Sequence[float], std: Sequence[float],
+                 channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised batches over this rank's shard, ceil(global_eval_batch / world) per rank.
+
+    Ranks may get different numbers of batches: reduce the summed metrics once at the end, not per batch.
+    """
+    shard = eval_shard(len(labels_dev), rank, world)
+    per_rank = max(1, math.ceil(global_eval_batch / world))
+    for lo in range(shard.start, shard.stop, per_rank):
+        hi = min(lo + per_rank, shard.stop)
+        yield aug.normalize(images_dev[lo:hi], mean, std, channels_last=channels_last), labels_dev[lo:hi]

@@ -1,0 +1,223 @@
+"""Launch-context detection and the process group. Nothing else in the package calls init_process_group.
+
+Order of detection: torchrun variables (RANK/WORLD_SIZE/...), then a Slurm job step (srun or
+submitit: SLURM_PROCID/SLURM_STEP_NUM_TASKS/...), else a single process. Under Slurm the master is
+the first host of the step and the port is derived from the job id and the restart count, so a
+requeued job never meets the rendezvous of its previous life.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class DistributedError(RuntimeError):
+    """A peer rank failed or vanished; the message names it when it can be known."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"          # single | torchrun | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Expand Slurm's compressed host list, e.g. 'gpu[01-03,07],n1' -> gpu01 gpu02 gpu03 gpu07 n1."""
+    hosts = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist):
+        prefix, ranges = m.group(1), m.group(2)
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{len(lo)}d}")
+    return hosts
+
+
+def slurm_port(job_id: str, restart_count: int) -> int:
+    """A port in [20000, 60000) from the job id and restart count (fresh on every requeue)."""
+    return 20000 + (int(re.sub(r"\D", "", job_id) or 0) * 97 + restart_count * 7919) % 40000
+
+
+def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
+    e = os.environ if environ is None else environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        world = int(e["WORLD_SIZE"])
+        return DistEnv(rank=int(e["RANK"]), world_size=world, local_rank=int(e.get("LOCAL_RANK", 0)),
+                       local_world_size=int(e.get("LOCAL_WORLD_SIZE", world)),
+                       master_addr=e.get("MASTER_ADDR", "127.0.0.1"), master_port=int(e.get("MASTER_PORT", 29500)),
+                       source="torchrun")
+    # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script alone is one process.
+    if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
+        nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "localhost")
+        tasks_on_node = e.get("SLURM_STEP_TASKS_PER_NODE", e.get("SLURM_NTASKS_PER_NODE", "1"))
+        return DistEnv(rank=int(e["SLURM_PROCID"]), world_size=int(e["SLURM_STEP_NUM_TASKS"]),
+                       local_rank=int(e.get("SLURM_LOCALID", 0)),
+                       local_world_size=int(re.match(r"\d+", tasks_on_node).group(0)),
+                       master_addr=expand_hostlist(nodelist)[0],
+                       master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), int(e.get("SLURM_RESTART_COUNT", 0))),
+                       source="slurm")
+    return DistEnv()
+
+
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DistributedError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+    # one rank per GPU: each rank sees all node GPUs and takes its local rank, or sees one
+    index = env.local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def set_threads(requested: Optional[int], env: DistEnv) -> int:
+    """Ranks sharing a node split its cores; oversubscription halves gloo throughput (FACTS)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    n = requested or max(1, cores // max(1, env.local_world_size))
+    torch.set_num_threads(n)
+    return n
+
+
+class Dist:
+    """The process group plus a gloo control group for cheap host-side agreement (stop flags)."""
+
+    def __init__(self, env: DistEnv, device: torch.device, backend: str = "auto", timeout_s: Optional[float] = None):
+        self.env, self.device = env, device
+        self.timeout_s = timeout_s or (1800.0 if device.type == "cuda" else 300.0)
+        self.control = None
+        if not env.distributed:
+            return
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl" and device.type != "cuda":
+            raise DistributedError("dist.backend=nccl needs trainer.device=cuda; use gloo on CPU")
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer raises, not hangs
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        kw = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout, **kw)
+        self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+        log.info("rank %d/%d joined (%s, %s, master %s:%s)", env.rank, env.world_size, backend, env.source,
+                 os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+
+    # -- collectives -------------------------------------------------------------------------
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.env.distributed:
+            self._guard(dist.all_reduce, t)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any rank (host-side, over gloo: no GPU sync)."""
+        if not self.env.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        self._guard(dist.all_reduce, t, group=self.control)
+        return bool(t.item())
+
+    def max_int(self, value: int) -> int:
+        if not self.env.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        self._guard(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.control)
+        return int(t.item())
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's object, on every rank (used for per-rank RNG states in checkpoints)."""
+        if not self.env.distributed:
+            return [obj]
+        out = [None] * self.env.world_size
+        self._guard(dist.all_gather_object, out, obj, group=self.control)
+        return out
+
+    def broadcast_object(self, obj):
+        if not self.env.distributed:
+            return obj
+        box = [obj]
+        self._guard(dist.broadcast_object_list, box, src=0, group=self.control)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.env.distributed:
+            self._guard(dist.barrier, group=self.control)
+
+    def _guard(self, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except (RuntimeError, dist.DistBackendError, ValueError) as e:  # gloo/nccl peer loss or timeout
+            raise DistributedError(self._diagnose(e)) from e
+
+    # -- failure reporting ---------------------------------------------------------------------
+    def report_failure(self, message: str) -> None:
+        """Tell the peers why this rank is going down, so their error can name it."""
+        if not self.env.distributed or not dist.is_initialized():
+            return
+        try:
+            _store().set(f"allconv/failed/{self.env.rank}", message[:500])
+        except Exception:  # the store may be gone with rank 0
+            pass
+
+    def _diagnose(self, err: Exception) -> str:
+        """Name the failed rank: one that reported, else the ones that did not answer a roll call."""
+        me = self.env.rank
+        try:
+            store = _store()
+            store.set(f"allconv/alive/{me}", "1")
+            failed = [r for r in range(self.env.world_size) if store.check([f"allconv/failed/{r}"])]
+            if failed:
+                r = failed[0]
+                return f"rank {me}: peer rank {r} failed: {store.get(f'allconv/failed/{r}').decode()}"
+            time.sleep(3.0)  # let the other survivors answer the roll call
+            silent = [r for r in range(self.env.world_size)
+                      if not store.check([f"allconv/alive/{r}"]) and not store.check([f"allconv/failed/{r}"])]
+            who = ", ".join(map(str, silent)) or "unknown"
+            return f"rank {me}: peer rank(s) {who} died or stopped responding (collective failed: {_first_line(err)})"
+        except Exception:
+            return (f"rank {me}: rank 0 (host of the rendezvous store) is unreachable, it probably died "
+                    f"(collective failed: {_first_line(err)})")
+
+    def close(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # teardown after a peer failure may itself fail; never mask the cause
+                log.debug("destroy_process_group: %s", e)
+
+
+def _store():
+    from torch.distributed import distributed_c10d
+    return distributed_c10d._get_default_store()
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

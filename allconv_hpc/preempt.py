@@ -1,0 +1,124 @@
+"""Stop requests from signals, and what to do about them.
+
+The handler only records the signal. The trainer polls `requested` at step boundaries (and between
+evaluation batches), all ranks agree over a collective, rank 0 writes one consistent checkpoint,
+and only then does anything leave: never a save from inside a handler at an arbitrary point of a
+step (submitit's default does that; our handlers replace its USR2/TERM handlers in the job).
+
+  USR2 (configurable) : Slurm's warning before preemption or the time limit -> checkpoint, requeue
+  SIGTERM             : scancel, or a cluster without preempt_send_user_signal -> checkpoint, exit
+  SIGINT              : Ctrl-C -> checkpoint, exit
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from typing import Mapping, Optional
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 3     # stopped on a signal with a checkpoint saved; not requeued (resumable)
+EXIT_REQUEUED = 0        # checkpoint saved and the job put back in the queue; Slurm restarts it
+EXIT_GAVE_UP = 4         # time limit hit more than checkpoint.max_requeues times
+
+
+def signum(name: str) -> int:
+    return getattr(signal, "SIG" + name.upper().removeprefix("SIG"))
+
+
+class StopRequest:
+    """Installs handlers that only set a flag; `requested` is the first signal seen (or None)."""
+
+    def __init__(self, warn_signal: str = "USR2"):
+        self.warn = signum(warn_signal)
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for s in (self.warn, signal.SIGTERM, signal.SIGINT):
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def _handle(self, sig: int, frame) -> None:
+        # A warning followed by TERM (the grace period ending) is still a preemption: keep the first.
+        if self.received is None:
+            self.received = sig
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    @property
+    def is_warning(self) -> bool:
+        return self.received == self.warn
+
+
+class SlurmJob:
+    """The Slurm side of a stop: timeout vs preemption, and requeue. Side effects in tiny methods."""
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None):
+        self.env = dict(os.environ if environ is None else environ)
+
+    @property
+    def in_slurm(self) -> bool:
+        return "SLURM_JOB_ID" in self.env
+
+    @property
+    def job_id(self) -> str:
+        """The id scontrol accepts for this job or array task."""
+        arr, task = self.env.get("SLURM_ARRAY_JOB_ID"), self.env.get("SLURM_ARRAY_TASK_ID")
+        return f"{arr}_{task}" if arr and task else self.env["SLURM_JOB_ID"]
+
+    @property
+    def restarts(self) -> int:
+        return int(self.env.get("SLURM_RESTART_COUNT", 0) or 0)
+
+    def seconds_left(self) -> Optional[float]:
+        """Time left before the job's limit, from squeue (None when unknown)."""
+        out = self._run(["squeue", "-h", "-j", self.env["SLURM_JOB_ID"], "-o", "%L"])
+        return parse_slurm_time(out.strip()) if out else None
+
+    def is_timeout(self, lead_s: float) -> bool:
+        """A warning that comes within the signal lead (+ Slurm's coarse timer slack) of the limit."""
+        left = self.seconds_left()
+        return left is not None and left <= lead_s + 90
+
+    def requeue(self) -> bool:
+        out = self._run(["scontrol", "requeue", self.job_id])
+        if out is None:
+            state = self._run(["squeue", "-h", "-j", self.job_id, "-o", "%T"]) or ""
+            # Slurm's own preemption may have requeued it already ("Job is pending execution")
+            return state.strip() in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "COMPLETING")
+        return True
+
+    def _run(self, cmd: list[str]) -> Optional[str]:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning("%s failed: %s", cmd[0], e)
+            return None
+        if r.returncode != 0:
+            log.warning("%s: %s", " ".join(cmd), (r.stderr or r.stdout).strip()[:300])
+            return None
+        return r.stdout
+
+
+def parse_slurm_time(s: str) -> Optional[float]:
+    """'[D-]HH:MM:SS' / 'MM:SS' / 'UNLIMITED' -> seconds (None for unlimited/unknown)."""
+    if not s or not s[0].isdigit():
+        return None
+    days = 0
+    if "-" in s:
+        d, s = s.split("-", 1)
+        days = int(d)
+    parts = [int(x) for x in s.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, sec = parts
+    return days * 86400 + h * 3600 + m * 60 + sec

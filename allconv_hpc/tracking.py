@@ -1,0 +1,420 @@
+"""The run's outputs: W&B and ``history.csv``, written by rank 0 only.
+
+As in torchtitan, ranks other than 0 get a `NullTracker` with the same methods that does nothing,
+so the training loop calls ``tracker.log_train(...)`` unconditionally instead of checking the rank
+everywhere. ``wandb`` is imported lazily (it takes ~0.7 s and starts a service process), so this
+module imports cheaply and a ``wandb.mode=disabled`` run never imports it at all.
+
+Resuming (a preempted Slurm job requeued into the same run folder):
+
+* the W&B run id lives in ``run_dir/wandb_id.txt`` (never the API key), so the restarted process
+  calls ``wandb.init(id=<same id>, resume="allow")``. Offline, each process writes a new
+  ``wandb/offline-run-*-<id>/`` folder ("segment"); ``wandb sync`` uploads them in order of start
+  time. wandb does not restore the step counter offline, so every log here passes ``step=``.
+* ``history.csv`` is rewritten from the rows stored in the checkpoint, so epochs logged after the
+  last checkpoint by the killed process disappear instead of appearing twice.
+"""
+from __future__ import annotations
+
+import configparser
+import csv
+import io
+import netrc
+import os
+import secrets
+import string
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+from urllib.parse import urlsplit
+
+from .config import WANDB_MODES, ConfigError, WandbConfig
+
+__all__ = ["HISTORY_FIELDS", "EVAL_KEYS", "resolve_mode", "api_key_configured", "Tracker",
+           "NullTracker", "make_tracker", "generate_id", "read_history", "write_history", "ID_FILE", "HISTORY_FILE"]
+
+HISTORY_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+                  "epoch_seconds", "images_per_second"]
+_INT_FIELDS = {"epoch", "step"}
+ID_FILE = "wandb_id.txt"
+HISTORY_FILE = "history.csv"
+
+# history row key -> W&B key logged by `log_eval` ("step" is the W&B step itself, not a metric)
+EVAL_KEYS = {"epoch": "epoch", "lr": "epoch/lr", "train_loss": "epoch/train_loss",
+             "train_acc": "epoch/train_acc", "val_loss": "val/loss", "val_acc": "val/acc",
+             "epoch_seconds": "perf/epoch_seconds", "images_per_second": "perf/images_per_second"}
+
+_DEFAULT_BASE_URL = "https://api.wandb.ai"
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # older spellings wandb still accepts
+
+
+# ---------------------------------------------------------------------------------------------
+# mode
+
+
+def _wandb_settings_file(environ: Mapping[str, str]) -> configparser.ConfigParser | None:
+    cfg_dir = environ.get("WANDB_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".config", "wandb")
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(os.path.join(cfg_dir, "settings"))
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return None
+    return parser
+
+
+def _netrc_path(environ: Mapping[str, str]) -> Path:
+    # as wandb.sdk.lib.wbauth.wbnetrc._get_netrc_file_path: $NETRC, else ~/.netrc, else ~/_netrc
+    if environ.get("NETRC"):
+        return Path(environ["NETRC"]).expanduser()
+    unix = Path("~/.netrc").expanduser()
+    win = Path("~/_netrc").expanduser()
+    return win if (not unix.exists() and win.exists()) else unix
+
+
+def api_key_configured(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether wandb would find credentials, checked the way wandb 0.31 looks (no network, no
+    ``import wandb``): ``WANDB_API_KEY`` or ``WANDB_IDENTITY_TOKEN_FILE`` in the environment, a
+    netrc entry (``$NETRC`` or ``~/.netrc``) with a password for the host of ``WANDB_BASE_URL``
+    (default api.wandb.ai), or ``api_key`` in wandb's settings file
+    (``$WANDB_CONFIG_DIR/settings`` or ``~/.config/wandb/settings``). The key is never kept."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    settings = _wandb_settings_file(environ)
+    section = settings["default"] if settings is not None and settings.has_section("default") else {}
+    base_url = environ.get("WANDB_BASE_URL") or section.get("base_url") or _DEFAULT_BASE_URL
+    host = urlsplit(base_url).netloc
+    try:
+        creds = netrc.netrc(str(_netrc_path(environ))).authenticators(host) if host else None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        creds = None
+    if creds and creds[2]:
+        return True
+    return bool(section.get("api_key"))
+
+
+def resolve_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:
+    """The W&B mode to run in: "online", "offline" or "disabled".
+
+    Precedence, highest first:
+
+    1. ``cfg_mode`` -- an explicit ``wandb.mode`` in the config (online | offline | disabled);
+    2. the ``WANDB_MODE`` environment variable, when set and non-empty (``dryrun`` counts as
+       offline and ``run`` as online, as in wandb);
+    3. auto: "online" when an API key is configured (see `api_key_configured`: env
+       ``WANDB_API_KEY``/``WANDB_IDENTITY_TOKEN_FILE``, a netrc entry for the W&B host, or wandb's
+       settings file), else "offline" -- so a node with no key never fails at ``wandb.init``.
+
+    The result is always passed to ``wandb.init(mode=...)``, which in wandb 0.31 outranks
+    ``WANDB_MODE`` too, so wandb cannot disagree with this function.
+    """
+    environ = os.environ if environ is None else environ
+    if cfg_mode is not None:
+        if cfg_mode not in WANDB_MODES:
+            raise ConfigError(f"wandb.mode={cfg_mode!r} is not one of online, offline, disabled (or null for auto)")
+        return cfg_mode
+    env_mode = (environ.get("WANDB_MODE") or "").strip().lower()
+    if env_mode:
+        env_mode = _MODE_ALIASES.get(env_mode, env_mode)
+        if env_mode not in WANDB_MODES:
+            raise ConfigError(f"environment WANDB_MODE={environ['WANDB_MODE']!r} is not one of "
+                              "online, offline, disabled; unset it or set wandb.mode explicitly")
+        return env_mode
+    return "online" if api_key_configured(environ) else "offline"
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder, fsync, rename, fsync dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if hasattr(value, "item") and callable(value.item):  # a 0-d tensor / numpy scalar
+        value = value.item()
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # shortest string that round-trips exactly
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _csv_line(values: list[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(values)
+    return buf.getvalue()
+
+
+def _row_line(row: Mapping[str, Any]) -> str:
+    return _csv_line([_cell(row.get(k)) for k in HISTORY_FIELDS])
+
+
+def write_history(path: Union[str, Path], rows: list[Mapping[str, Any]]) -> None:
+    """Atomically (temp + fsync + rename) replace ``path`` with a header and ``rows``.
+
+    Columns are exactly `HISTORY_FIELDS`; other keys are ignored, missing ones left empty;
+    floats are written with ``repr`` so they read back bit-identical."""
+    _atomic_write_text(Path(path), _csv_line(HISTORY_FIELDS) + "".join(_row_line(r) for r in rows))
+
+
+def _parse_cell(key: str, text: str) -> Any:
+    if text == "":
+        return None
+    if key in _INT_FIELDS:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_history(path: Union[str, Path]) -> list[dict]:
+    """Rows of a ``history.csv``: epoch/step as int, other numbers as float, empty cells as None."""
+    with open(path, newline="") as f:
+        return [{k: _parse_cell(k, v if v is not None else "") for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def generate_id(length: int = 8) -> str:
+    """A new W&B run id: base-36 lowercase, 8 characters, as wandb's own ids. (``wandb.util.
+    generate_id`` is gone in wandb 0.31; ``secrets`` is immune to training code seeding ``random``.)"""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(length))
+
+
+def _read_id(run_dir: Path) -> Optional[str]:
+    try:
+        text = (run_dir / ID_FILE).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return text or None
+
+
+# ---------------------------------------------------------------------------------------------
+# trackers
+
+
+def _scalar(v: Any) -> Any:
+    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 0) == 0:
+        return v.item()
+    return v
+
+
+class NullTracker:
+    """What ranks other than 0 get: every method of `Tracker`, doing nothing and writing nothing."""
+
+    mode = "disabled"
+    run_id: Optional[str] = None
+    segment_dir: Optional[Path] = None
+    history_path: Optional[Path] = None
+
+    def log_train(self, step: int, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def log_eval(self, step: int, row: Mapping[str, Any]) -> None:
+        pass
+
+    def append_history(self, row: Mapping[str, Any]) -> None:
+        pass
+
+    def set_summary(self, **kv: Any) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return False
+
+
+def _settings(wandb):
+    """HPC settings. reinit="finish_previous": never silently get back an unfinished run of this
+    process ("default" returns it outside notebooks); older wandb (< ~0.19) spells it ``True``.
+    save_code=False: the job runs the installed package; git state is still recorded."""
+    try:
+        return wandb.Settings(save_code=False, reinit="finish_previous")
+    except Exception:  # pydantic ValidationError / UsageError on older wandb
+        return wandb.Settings(save_code=False, reinit=True)
+
+
+class Tracker:
+    """Rank 0's tracker: ``run_dir/history.csv`` always; W&B unless the mode is "disabled".
+
+    Use `make_tracker` rather than this class directly. Every W&B log passes an explicit
+    ``step=`` (the global optimizer step) because offline resumes restart wandb's counter.
+    W&B drops logs whose step goes backwards; `log_eval` must use the step of the last
+    `log_train` or a later one (the same step merges into that step's row).
+    """
+
+    def __init__(self, run_dir: Path, cfg_dict: dict, wandb_cfg: WandbConfig,
+                 resume_run_id: Optional[str] = None, history_rows: Optional[list] = None,
+                 mode: Optional[str] = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.history_path = self.run_dir / HISTORY_FILE
+        # the checkpoint is the truth: epochs the killed process logged after it are dropped
+        write_history(self.history_path, list(history_rows or []))
+        self.mode = mode or resolve_mode(wandb_cfg.mode)
+        self._run = None
+        self._run_id: Optional[str] = None
+        self._finished = False
+        self._last_step: Optional[int] = None
+        if self.mode != "disabled":
+            self._start_wandb(cfg_dict, wandb_cfg, resume_run_id)
+
+    # -- W&B -----------------------------------------------------------------------------------
+    def _start_wandb(self, cfg_dict: dict, wandb_cfg: WandbConfig, resume_run_id: Optional[str]) -> None:
+        import wandb
+
+        run_id = resume_run_id or _read_id(self.run_dir) or generate_id()
+        if _read_id(self.run_dir) != run_id:
+            _atomic_write_text(self.run_dir / ID_FILE, run_id + "\n")
+        self._run_id = run_id
+        kwargs = dict(
+            id=run_id, resume="allow", project=wandb_cfg.project, entity=wandb_cfg.entity,
+            group=wandb_cfg.group, tags=list(wandb_cfg.tags or []) or None,
+            name=wandb_cfg.name or self.run_dir.name, dir=str(self.run_dir), config=dict(cfg_dict),
+            settings=_settings(wandb),
+        )
+        try:
+            self._run = wandb.init(mode=self.mode, **kwargs)
+        except wandb.errors.Error as e:
+            if self.mode != "online":
+                raise
+            # compute nodes often have no route out: keep the record offline, `wandb sync` it later
+            print(f"[tracking] wandb online init failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                  f"logging offline to {self.run_dir / 'wandb'} instead", file=sys.stderr, flush=True)
+            self.mode = "offline"
+            self._run = wandb.init(mode="offline", **kwargs)
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The W&B run id (also in ``run_dir/wandb_id.txt``); None when W&B is disabled."""
+        return self._run_id
+
+    @property
+    def segment_dir(self) -> Optional[Path]:
+        """This process's ``wandb/(offline-)run-*-<id>/`` folder; None when W&B is disabled."""
+        if self._run is None:
+            return None
+        return Path(self._run.settings.sync_dir)
+
+    def _log(self, data: dict, step: int) -> None:
+        if self._run is None or self._finished:
+            return
+        step = int(step)
+        if self._last_step is not None and step < self._last_step:
+            print(f"[tracking] dropping W&B log at step {step} < last logged step {self._last_step}: "
+                  f"{sorted(data)}", file=sys.stderr, flush=True)
+            return
+        self._last_step = step
+        self._run.log({k: _scalar(v) for k, v in data.items()}, step=step)
+
+    def log_train(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """``train/<key>`` for each metric, at the global optimizer step ``step``."""
+        self._log({"train/" + k: v for k, v in metrics.items()}, step)
+
+    def log_eval(self, step: int, row: Mapping[str, Any]) -> None:
+        """One epoch's row (keys of `HISTORY_FIELDS`) at ``step``, the global step at the end of the
+        epoch: val_loss -> val/loss, val_acc -> val/acc, epoch, train_loss -> epoch/train_loss ...
+        (see `EVAL_KEYS`); ``step`` itself is the W&B step; other keys are logged as they are."""
+        data = {}
+        for k, v in row.items():
+            if k == "step" or v is None:
+                continue
+            data[EVAL_KEYS.get(k, k)] = v
+        self._log(data, step)
+
+    def set_summary(self, **kv: Any) -> None:
+        """Set run summary values (e.g. ``best_val_acc=...``); they override the last logged value."""
+        if self._run is not None and not self._finished:
+            self._run.summary.update({k: _scalar(v) for k, v in kv.items()})
+
+    # -- history.csv -----------------------------------------------------------------------------
+    def append_history(self, row: Mapping[str, Any]) -> None:
+        """Append one epoch's row to ``history.csv`` (flushed and fsynced)."""
+        with open(self.history_path, "a", newline="") as f:
+            f.write(_row_line(row))
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- end -------------------------------------------------------------------------------------
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run (idempotent). A non-zero exit code marks it failed/crashed."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._run is not None:
+            self._run.finish(exit_code=exit_code)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.finish(0)
+        elif issubclass(exc_type, SystemExit) and isinstance(exc.code, int):
+            self.finish(exc.code)
+        elif issubclass(exc_type, SystemExit) and exc.code is None:
+            self.finish(0)
+        else:
+            self.finish(1)
+        return False
+
+
+def make_tracker(run_dir: Path, cfg_dict: dict, wandb_cfg: WandbConfig, rank: int,
+                 resume_run_id: Optional[str], history_rows: list[dict]) -> Union[Tracker, NullTracker]:
+    """`Tracker` on rank 0, `NullTracker` elsewhere.
+
+    ``cfg_dict`` becomes the W&B config; ``resume_run_id`` (e.g. from a checkpoint) wins over
+    ``run_dir/wandb_id.txt``, which wins over a fresh id; ``history_rows`` (from the checkpoint;
+    ``[]`` for a fresh run) replace the contents of ``run_dir/history.csv``.
+    """
+    if rank != 0:
+        return NullTracker()
+    return Tracker(Path(run_dir), cfg_dict, wandb_cfg, resume_run_id=resume_run_id,
+                   history_rows=history_rows)

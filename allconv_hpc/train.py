@@ -1,0 +1,85 @@
+"""Run one rank of training: compose -> validate -> build -> fit -> close, errors made one line."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+log = logging.getLogger("allconv_hpc")
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Rank 0: INFO to stdout and <run>/train.log. Other ranks: warnings and errors, tagged with their rank."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if rank == 0:
+        fmt = logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")]
+        level = logging.INFO
+    else:
+        fmt = logging.Formatter(f"[%(asctime)s %(levelname)s rank {rank}] %(message)s", "%Y-%m-%d %H:%M:%S")
+        handlers, level = [logging.StreamHandler(sys.stderr)], logging.WARNING
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(level)
+    for noisy in ("torch", "urllib3", "wandb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(overrides: list[str]) -> int:
+    """The whole training process for this rank; returns the exit status."""
+    from .compose import compose, write_hydra_files
+    from .data import check_present
+    from .distributed import DistributedError, detect_env
+
+    try:
+        composed = compose(overrides)
+        check_present(composed.cfg.data)
+    except ConfigError as e:
+        print(f"allconv-hpc: error: {e}", file=sys.stderr)
+        return 2
+    env = detect_env()
+    setup_logging(composed.run_dir, env.rank)
+    if env.is_main:
+        write_hydra_files(composed)
+        log.info("run folder %s", composed.run_dir)
+    from .trainer import NonFiniteError, Trainer
+
+    trainer = None
+    code = 1
+    try:
+        trainer = Trainer(composed.cfg, composed.cfg_dict, composed.run_dir, env)
+        code = trainer.fit()
+        return code
+    except ConfigError as e:
+        log.error("%s", e)
+        code = 2
+        return code
+    except DistributedError as e:
+        log.error("%s", e)
+        return 1
+    except NonFiniteError as e:
+        log.error("%s", e)
+        _report(trainer, f"{e}", "failed")
+        return 1
+    except BaseException as e:
+        _report(trainer, f"{type(e).__name__}: {e}", "failed")
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close(exit_code=code)
+
+
+def _report(trainer, message: str, state: str) -> None:
+    if trainer is None:
+        return
+    trainer.dist.report_failure(message)
+    try:
+        trainer.write_status(state, error=message[:500])
+    except Exception:  # never hide the original error
+        pass

@@ -1,0 +1,440 @@
+"""The training loop: one rank of a (possibly 1-process) DDP job, resumable at any step boundary.
+
+Exactness across world sizes: each step's global batch is fixed by (seed, epoch); each rank takes a
+contiguous part of it and scales its summed loss by world/n_global, so DDP's gradient average is
+the gradient of the global-batch mean whatever the split. Metrics are accumulated on the device
+and synchronised only at log steps and epoch ends (no .item() per step).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import augment, data as data_mod
+from .checkpoint import CheckpointDir, write_atomic
+from .config import Config, ConfigError
+from .distributed import Dist, DistEnv, pick_device, set_threads
+from .models import build_model, count_parameters, summary
+from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest
+from .schedule import lr_factor
+from .tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+STOP_BIT, TIME_BIT = 1, 2
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer that a resume needs (all picklable under weights_only)."""
+    epoch: int = 0                  # current epoch (0-based); == epochs when done
+    step_in_epoch: int = 0          # optimizer steps done in this epoch; == steps_per_epoch: eval pending
+    global_step: int = 0
+    best_val_acc: float = -1.0
+    history: list = field(default_factory=list)
+    epoch_seconds: float = 0.0      # training+eval seconds spent in this epoch before the last stop
+    timeouts: int = 0               # requeues after time limits so far
+    wandb_id: Optional[str] = None
+
+
+def _rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def _set_rng_state(s: dict, device: torch.device) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
+    name, keys, *rest = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, cfg_dict: dict, run_dir: Path, env: DistEnv):
+        self.cfg, self.cfg_dict, self.run_dir, self.env = cfg, cfg_dict, Path(run_dir), env
+        t = cfg.trainer
+        if t.batch_size % env.world_size:
+            raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by the world size "
+                              f"{env.world_size}; use a multiple of {env.world_size}")
+        self.device = pick_device(t.device, env)
+        if self.device.type == "cpu" and t.precision != "fp32":
+            raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here; "
+                              f"use trainer.precision=fp32 on CPU")
+        self.threads = set_threads(t.threads, env) if self.device.type == "cpu" else None
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.dist = Dist(env, self.device, cfg.dist.backend, cfg.dist.timeout_s)
+        self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
+        self.slurm = SlurmJob()
+
+        # data: uint8 on the device once; augmentation happens there per batch
+        ds = data_mod.load(cfg.data, cfg.seed)
+        self.mean, self.std = ds.mean, ds.std
+        self.test_images = ds.test.images.to(self.device)
+        self.test_labels = ds.test.labels.to(self.device)
+        self.batches = data_mod.TrainBatches(
+            ds.train.images.to(self.device), ds.train.labels.to(self.device), t.batch_size, env.rank,
+            env.world_size, cfg.seed, cfg.data.augment, ds.mean, ds.std, t.drop_last, t.channels_last)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"trainer.batch_size={t.batch_size} with drop_last leaves no step in an epoch of "
+                              f"{len(ds.train.labels)} images; lower the batch size")
+
+        # model: identical init on every rank (DDP also broadcasts rank 0's weights)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if env.is_main:
+            log.info("model %s (width %g):\n%s", cfg.model.name, cfg.model.width, summary(self.model.cpu()))
+            self.model.to(self.device)
+        self.n_params = count_parameters(self.model)
+        cuda = self.device.type == "cuda"
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum,
+                                   nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay,
+                                   **({"fused": True} if cuda else {"foreach": True}))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.schedule, self.steps_per_epoch, t.epochs))
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16" and cuda)
+        self.state = TrainState()
+        # per-rank dropout streams; restored exactly from the checkpoint on resume
+        torch.manual_seed(cfg.seed * 1_000_003 + env.rank + 1)
+        self.resumed_from = self._maybe_resume()
+
+        net = torch.compile(self.model) if t.compile else self.model
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            net = DDP(net, device_ids=[self.device.index] if cuda else None)
+        self.net = net
+        self.tracker = make_tracker(self.run_dir, cfg_dict, cfg.wandb, env.rank,
+                                    self.state.wandb_id, self.state.history)
+        self.state.wandb_id = self.tracker.run_id
+        # device-side metric sums: [loss_sum, correct, count] for the epoch and the log interval
+        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.interval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if self._resume_sums is not None and env.is_main:
+            self.epoch_sums.copy_(self._resume_sums[0])
+            self.interval_sums.copy_(self._resume_sums[1])
+
+    # -- resume ----------------------------------------------------------------------------------
+    def _maybe_resume(self) -> Optional[str]:
+        self._resume_sums = None
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            if self.env.is_main:
+                moved = self.ckpt.move_aside()
+                if moved:
+                    log.warning("checkpoint.resume=never: old checkpoints kept in %s", moved)
+            self.dist.barrier()
+            return None
+        # rank 0 picks the file (falling back past corrupt ones); everyone loads that same file
+        path = None
+        if self.env.is_main:
+            found = self.ckpt.load_latest()
+            path = str(found[1]) if found else None
+        path = self.dist.broadcast_object(path)
+        if path is None:
+            if mode == "must":
+                raise ConfigError(f"checkpoint.resume=must but {self.ckpt.folder} holds no checkpoint")
+            return None
+        from .checkpoint import load_file
+        ck = load_file(Path(path))
+        mine, theirs = self.cfg.identity(), ck.get("identity", {})
+        if mine != theirs:
+            diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+            raise ConfigError(f"run folder {self.run_dir} holds a run of a different config "
+                              f"({', '.join(diff)} differ); use another hydra.run.dir, or "
+                              f"checkpoint.resume=never to start over (old checkpoints are kept)")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.state = TrainState(**ck["train_state"])
+        self._resume_sums = (ck["epoch_sums"].to(self.device), ck["interval_sums"].to(self.device))
+        rngs = ck["rng"]
+        if len(rngs) == self.env.world_size:
+            _set_rng_state(rngs[self.env.rank], self.device)
+        else:
+            log.warning("checkpoint was written by %d ranks, this job has %d: dropout streams are reseeded, "
+                        "so the result will not be bitwise the uninterrupted one", len(rngs), self.env.world_size)
+        if self.env.is_main:
+            log.info("resumed from %s: epoch %d, step %d (global step %d)", path, self.state.epoch + 1,
+                     self.state.step_in_epoch, self.state.global_step)
+        return path
+
+    # -- checkpoint --------------------------------------------------------------------------------
+    def _check_finite(self) -> None:
+        bad = not bool(torch.isfinite(self.epoch_sums[0]).item())
+        bad = self.dist.any(bad or not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()))
+        if bad:
+            raise NonFiniteError(f"non-finite loss or weights at global step {self.state.global_step} "
+                                 f"(epoch {self.state.epoch + 1}); the last good checkpoint is kept. "
+                                 f"Lower optim.lr or add schedule.warmup_epochs")
+
+    def save(self) -> None:
+        """A consistent checkpoint at a step boundary; collective (every rank calls it)."""
+        st = self.state
+        self._check_finite()
+        if st.step_in_epoch > 0:  # mid-epoch: carry the seconds spent so far into the resumed epoch
+            st.epoch_seconds = self._epoch_base + time.perf_counter() - self._epoch_t0
+        rngs = self.dist.gather_objects(_rng_state(self.device))
+        # Metric sums are reduced over ranks and kept by rank 0 alone (zero elsewhere): the totals
+        # stay right, and a resume with another world size still gets them.
+        sums = self.dist.all_reduce_sum(torch.stack([self.epoch_sums, self.interval_sums]))
+        if not self.env.is_main:
+            sums.zero_()
+        self.epoch_sums.copy_(sums[0])
+        self.interval_sums.copy_(sums[1])
+        if self.env.is_main:
+            sums = sums.cpu()
+            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                     "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                     "train_state": asdict(st), "rng": rngs, "epoch_sums": sums[0], "interval_sums": sums[1],
+                     "identity": self.cfg.identity(), "config": self.cfg_dict,
+                     "torch_version": torch.__version__, "world_size": self.env.world_size,
+                     "saved_at": time.time()}
+            self.ckpt.save(state, st.global_step)
+        self.dist.barrier()
+        self._last_save = time.monotonic()
+
+    # -- status for `allconv-hpc status` ---------------------------------------------------------
+    def write_status(self, state: str, **extra) -> None:
+        if not self.env.is_main:
+            return
+        h = self.state.history
+        doc = {"state": state, "epoch": self.state.epoch, "epochs": self.cfg.trainer.epochs,
+               "global_step": self.state.global_step, "step_in_epoch": self.state.step_in_epoch,
+               "last_val_acc": h[-1]["val_acc"] if h else None,
+               "best_val_acc": self.state.best_val_acc if h else None, "wandb_id": self.state.wandb_id,
+               "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "restarts": self.slurm.restarts,
+               "timeouts": self.state.timeouts, "updated": time.time(), **extra}
+        write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg, st = self.cfg, self.state
+        self._last_save = time.monotonic()
+        self.write_status("running")
+        if self.env.is_main:
+            log.info("training %s on %s: %d rank(s), global batch %d, %d steps/epoch, %d epochs, lr %g",
+                     cfg.data.name, self.device, self.env.world_size, cfg.trainer.batch_size,
+                     self.steps_per_epoch, cfg.trainer.epochs, cfg.lr)
+        with StopRequest(cfg.checkpoint.signal) as stop:
+            while st.epoch < cfg.trainer.epochs:
+                self._epoch_t0, self._epoch_base = time.perf_counter(), st.epoch_seconds
+                if st.step_in_epoch < self.steps_per_epoch and self._train_epoch(stop):
+                    return self._stop(stop)
+                if self._evaluate(stop):
+                    return self._stop(stop)
+                self._end_epoch(self._epoch_base + time.perf_counter() - self._epoch_t0)
+        self.tracker.set_summary(best_val_acc=st.best_val_acc, final_val_acc=st.history[-1]["val_acc"])
+        self.write_status("completed")
+        if self.env.is_main:
+            log.info("done: best val_acc %.4f, final %.4f", st.best_val_acc, st.history[-1]["val_acc"])
+        return 0
+
+    def _poll(self, stop: StopRequest) -> int:
+        """One host-side collective: did any rank get a signal; is a timed checkpoint due (rank 0's clock)."""
+        every_min = self.cfg.checkpoint.every_minutes
+        due = self.env.is_main and every_min is not None and time.monotonic() - self._last_save >= every_min * 60
+        return self.dist.max_int((STOP_BIT if stop.requested else 0) | (TIME_BIT if due else 0))
+
+    def _train_epoch(self, stop: StopRequest) -> bool:
+        """Runs the rest of the epoch; True when a stop was requested (checkpoint already written)."""
+        cfg, st, world = self.cfg, self.state, self.env.world_size
+        self.net.train()
+        every = cfg.checkpoint.every_steps
+        log_every = cfg.trainer.log_every_steps
+        t_log, n_log = time.perf_counter(), 0
+        bar = self._progress(st.step_in_epoch)
+        for x, y, n_global in self.batches.epoch(st.epoch, st.step_in_epoch):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.net(x)
+            loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss_sum * (world / n_global)).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.sched.step()
+            with torch.no_grad():
+                step_sums = torch.stack([loss_sum.detach().double(), (out.argmax(1) == y).sum().double(),
+                                         torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
+                self.epoch_sums += step_sums
+                self.interval_sums += step_sums
+            st.step_in_epoch += 1
+            st.global_step += 1
+            n_log += n_global
+            if bar is not None:
+                bar.update(1)
+            if st.global_step % log_every == 0:
+                self._log_train(n_log / (time.perf_counter() - t_log), bar)
+                t_log, n_log = time.perf_counter(), 0
+            flags = self._poll(stop)
+            if (every and st.global_step % every == 0) or flags & TIME_BIT or flags & STOP_BIT:
+                self.save()
+            if flags & STOP_BIT:
+                if bar is not None:
+                    bar.close()
+                return True
+        if bar is not None:
+            bar.close()
+        return False
+
+    def _progress(self, start: int):
+        mode = self.cfg.trainer.progress
+        if not self.env.is_main or mode == "log" or (mode == "auto" and not sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {self.state.epoch + 1}",
+                    leave=False, dynamic_ncols=True)
+
+    def _log_train(self, images_per_second: float, bar) -> None:
+        s = self.dist.all_reduce_sum(self.interval_sums.clone()).tolist()
+        self.interval_sums.zero_()
+        if not math.isfinite(s[0]):
+            self._check_finite()
+        loss, acc, lr = s[0] / max(s[2], 1), s[1] / max(s[2], 1), self.sched.get_last_lr()[0]
+        metrics = {"loss": loss, "acc": acc, "lr": lr, "images_per_second": images_per_second,
+                   "epoch": self.state.global_step / self.steps_per_epoch}
+        self.tracker.log_train(self.state.global_step, metrics)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{lr:.3g}")
+        elif self.env.is_main:
+            log.info("epoch %d step %d/%d (global %d): loss %.4f acc %.4f lr %.4g %.0f img/s",
+                     self.state.epoch + 1, self.state.step_in_epoch, self.steps_per_epoch,
+                     self.state.global_step, loss, acc, lr, images_per_second)
+
+    @torch.no_grad()
+    def _evaluate(self, stop: StopRequest) -> bool:
+        """Eval on the whole test split, each image exactly once across ranks. True on a stop."""
+        self.model.eval()
+        n, world = len(self.test_labels), self.env.world_size
+        shard = data_mod.eval_shard(n, self.env.rank, world)
+        idx = torch.arange(n, device=self.device)[shard]
+        per_rank = max(1, math.ceil(self.cfg.trainer.eval_batch_size / world))
+        n_batches = math.ceil(math.ceil(n / world) / per_rank)  # same count on every rank (collectives)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for b in range(n_batches):
+            if self._poll(stop) & STOP_BIT:
+                self.save()  # step_in_epoch == steps_per_epoch: the resumed run redoes this eval
+                return True
+            part = idx[b * per_rank:(b + 1) * per_rank]
+            if len(part) == 0:
+                continue
+            x = augment.normalize(self.test_images[part], self.mean, self.std,
+                                  channels_last=self.cfg.trainer.channels_last)
+            y = self.test_labels[part]
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.model(x)
+            sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
+                                 (out.argmax(1) == y).sum().double(),
+                                 torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
+        s = self.dist.all_reduce_sum(sums).tolist()
+        self._val = (s[0] / s[2], s[1] / s[2], int(s[2]))
+        return False
+
+    def _end_epoch(self, seconds: float) -> None:
+        st = self.state
+        tr = self.dist.all_reduce_sum(self.epoch_sums.clone()).tolist()
+        val_loss, val_acc, n_val = self._val
+        row = {"epoch": st.epoch + 1, "step": st.global_step, "lr": self.sched.get_last_lr()[0],
+               "train_loss": tr[0] / tr[2], "train_acc": tr[1] / tr[2], "val_loss": val_loss, "val_acc": val_acc,
+               "epoch_seconds": seconds, "images_per_second": tr[2] / seconds}
+        if not math.isfinite(row["train_loss"]) or not math.isfinite(val_loss):
+            self._check_finite()
+            raise NonFiniteError(f"non-finite loss in epoch {st.epoch + 1}; the last good checkpoint is kept")
+        st.history.append(row)
+        self.tracker.append_history(row)
+        self.tracker.log_eval(st.global_step, {"val/loss": val_loss, "val/acc": val_acc, "epoch": st.epoch + 1,
+                                               "train/epoch_loss": row["train_loss"],
+                                               "train/epoch_acc": row["train_acc"]})
+        improved = val_acc > st.best_val_acc
+        if improved:
+            st.best_val_acc = val_acc
+            self.tracker.set_summary(best_val_acc=val_acc)
+        if self.env.is_main:
+            log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f (%d images) | %.1f s, %.0f img/s",
+                     st.epoch + 1, self.cfg.trainer.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc,
+                     n_val, seconds, row["images_per_second"])
+            if improved:
+                self.ckpt.save_best({"model": self.model.state_dict(), "epoch": st.epoch + 1,
+                                     "val_acc": val_acc, "config": self.cfg_dict})
+        st.epoch += 1
+        st.step_in_epoch = 0
+        st.epoch_seconds = 0.0
+        self.epoch_sums.zero_()
+        self.save()
+        self.write_status("running")
+
+    # -- stopping ----------------------------------------------------------------------------------
+    def _stop(self, stop: StopRequest) -> int:
+        """The checkpoint is written; decide requeue vs exit (rank 0 asks Slurm), then every rank leaves."""
+        st = self.state
+        if self.env.is_main:
+            got = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
+            log.warning("stop requested (%s) at global step %d: checkpoint saved", got, st.global_step)
+        kind = self.dist.broadcast_object(self._classify(stop) if self.env.is_main else None)
+        decision = "interrupted"
+        if kind == "timeout" and st.timeouts >= self.cfg.checkpoint.max_requeues:
+            decision = "gave_up"
+            if self.env.is_main:
+                log.error("time limit reached %d times (checkpoint.max_requeues=%d): not requeueing; resubmit "
+                          "the same run to continue from its checkpoint", st.timeouts + 1,
+                          self.cfg.checkpoint.max_requeues)
+        elif kind in ("timeout", "preempted"):
+            if kind == "timeout":
+                st.timeouts += 1
+                self.save()  # the count must survive the requeue
+            ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
+            decision = "requeued" if ok else "interrupted"
+        if self.env.is_main:
+            log.warning("%s at global step %d (epoch %d)", decision, st.global_step, st.epoch + 1)
+        self.write_status(decision, signal=signal.Signals(stop.received).name if stop.received else None)
+        self._finish_tracker(0 if decision == "requeued" else 1)
+        return {"requeued": EXIT_REQUEUED, "gave_up": EXIT_GAVE_UP}.get(decision, EXIT_INTERRUPTED)
+
+    def _classify(self, stop: StopRequest) -> str:
+        """interrupted (not in Slurm, or SIGTERM/SIGINT) | timeout | preempted; rank 0 only."""
+        # Slurm signals every task; if the signal reached only another rank, treat it as the warning
+        if not self.slurm.in_slurm or (stop.received is not None and not stop.is_warning):
+            return "interrupted"
+        lead = float(os.environ.get("ALLCONV_SIGNAL_LEAD_S", 120))
+        return "timeout" if self.slurm.is_timeout(lead_s=lead) else "preempted"
+
+    def _finish_tracker(self, exit_code: int) -> None:
+        if not getattr(self, "_tracker_done", False):
+            self._tracker_done = True
+            self.tracker.finish(exit_code=exit_code)
+
+    def close(self, exit_code: int = 0) -> None:
+        if hasattr(self, "tracker"):
+            self._finish_tracker(exit_code)
+        self.dist.close()

@@ -1,0 +1,92 @@
+import dataclasses
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------------------------------
+# Real Slurm dev cluster (slurm/dev-cluster.sh): fixture `slurm_cluster`, marker `slurm`.
+# The cluster is started once per session and left up afterwards (tests and later runs
+# share it); all jobs are cancelled at session end. If it cannot come up, the tests using
+# it are skipped -- except in CI (CI=true), where they are required and fail instead.
+# ---------------------------------------------------------------------------------------
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_DEV_CLUSTER = _REPO_ROOT / "slurm" / "dev-cluster.sh"
+
+
+@dataclasses.dataclass
+class SlurmCluster:
+    conf: Path  # slurm.conf (SLURM_CONF)
+    dir: Path  # DEV_CLUSTER_DIR: configs, state, logs ($dir/log)
+
+    def env(self, **extra: str) -> dict:
+        return {**os.environ, "SLURM_CONF": str(self.conf), **extra}
+
+    def run(self, cmd, *, check: bool = False, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+        """Run a command (a shell string or an argv list) with SLURM_CONF set; text output captured."""
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        kwargs.setdefault("env", self.env())
+        return subprocess.run(cmd, shell=isinstance(cmd, str), check=check, timeout=timeout, **kwargs)
+
+    def queue(self) -> list:
+        """Ids of all jobs still in the queue (any state)."""
+        out = self.run(["squeue", "-h", "-o", "%A"], check=True).stdout
+        return out.split()
+
+    def wait_queue_empty(self, timeout: float = 90) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.queue():
+                return True
+            time.sleep(0.5)
+        return False
+
+    def cancel_all(self, timeout: float = 90) -> bool:
+        """Cancel every job and wait for the queue to empty."""
+        jobs = self.queue()
+        if jobs:
+            self.run(["scancel", *jobs])
+        return self.wait_queue_empty(timeout)
+
+
+def _cluster_unavailable(reason: str):
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"real Slurm cluster required in CI but unavailable: {reason}", pytrace=False)
+    pytest.skip(f"no Slurm dev cluster: {reason}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    try:
+        proc = subprocess.run(
+            ["bash", str(_DEV_CLUSTER), "up"], capture_output=True, text=True, timeout=900
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _cluster_unavailable(f"{_DEV_CLUSTER} up: {exc!r}")
+    lines = proc.stdout.strip().splitlines()
+    last = lines[-1] if lines else ""
+    if proc.returncode != 0 or not last.startswith("export SLURM_CONF="):
+        tail = "\n".join((proc.stdout + "\n" + proc.stderr).strip().splitlines()[-30:])
+        _cluster_unavailable(f"`{_DEV_CLUSTER} up` exited {proc.returncode}:\n{tail}")
+    conf = Path(shlex.split(last.split("=", 1)[1])[0])
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    cluster = SlurmCluster(conf=conf, dir=conf.parent.parent)
+    try:
+        yield cluster
+    finally:
+        # Leave the cluster up, but leave no jobs behind.
+        cluster.run(["scancel", "--user=root"])
+        cluster.cancel_all(timeout=90)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+
+
+# --------------------------------------------------------------- end of the Slurm section

@@ -1,0 +1,288 @@
+"""Our own CIFAR reader (official pickle layout and dialect), its errors, subsets, synthetic data,
+and the DDP sharding of training and evaluation batches."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from allconv_hpc import augment as aug
+from allconv_hpc import data
+from allconv_hpc.config import ConfigError, DataConfig
+
+C10 = [f"c{i}" for i in range(10)]
+
+
+def _fake(n: int, classes: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, classes, (n,), generator=g))
+
+
+@pytest.fixture
+def cifar10(tmp_path):
+    (xtr, ytr), (xte, yte) = _fake(23, 10, 0), _fake(7, 10, 1)
+    data.write_cifar(tmp_path, "cifar10", xtr, ytr, xte, yte, C10)
+    return tmp_path, xtr, ytr, xte, yte
+
+
+def _cfg(root, name="cifar10", **kw) -> DataConfig:
+    return DataConfig(name=name, root=str(root), num_classes=100 if name == "cifar100" else 10, **kw)
+
+
+def test_cifar10_roundtrip_and_layout(cifar10):
+    root, xtr, ytr, xte, yte = cifar10
+    folder, files = data.expected_files(_cfg(root))
+    assert folder == root / "cifar-10-batches-py" and sorted(p.name for p in folder.iterdir()) == sorted(files)
+    data.check_present(_cfg(root))
+    ds = data.load(_cfg(root), seed=0)
+    assert ds.train.images.dtype == torch.uint8 and ds.train.images.shape == (23, 3, 32, 32)
+    assert ds.train.labels.dtype == torch.int64 and ds.test.images.shape == (7, 3, 32, 32)
+    assert torch.equal(ds.train.images, xtr) and torch.equal(ds.train.labels, ytr)
+    assert torch.equal(ds.test.images, xte) and torch.equal(ds.test.labels, yte)
+    assert ds.classes == C10 and ds.mean == (0.4914, 0.4822, 0.4465)
+    # 5 training batches, as the official release; the file dialect also loads the latin1 way
+    with open(folder / "data_batch_3", "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    assert set(d) >= {"data", "labels"} and d["data"].shape[1] == 3072 and 0 < len(d["labels"]) < 23
+
+
+def test_cifar100_roundtrip(tmp_path):
+    (xtr, ytr), (xte, yte) = _fake(12, 100, 2), _fake(5, 100, 3)
+    names = [f"f{i}" for i in range(100)]
+    folder = data.write_cifar(tmp_path, "cifar100", xtr, ytr, xte, yte, names)
+    assert sorted(p.name for p in folder.iterdir()) == ["meta", "test", "train"]
+    ds = data.load(_cfg(tmp_path, "cifar100"), seed=0)
+    assert torch.equal(ds.train.images, xtr) and torch.equal(ds.train.labels, ytr)
+    assert torch.equal(ds.test.images, xte) and torch.equal(ds.test.labels, yte)
+    assert ds.classes == names and ds.std == (0.2673, 0.2564, 0.2762)
+
+
+def test_reads_the_official_dialect_written_by_hand(cifar10):
+    root, *_ = cifar10
+    folder = root / "cifar-10-batches-py"
+    # pixel layout: R plane, G plane, B plane, each 32x32 row-major
+    img = np.zeros((2, 3, 32, 32), np.uint8)
+    img[0, 0, 1, 2], img[0, 1, 3, 4], img[1, 2, 31, 0] = 10, 20, 30
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"batch_label": b"testing batch 1 of 1", b"labels": [3, 9],
+                     b"data": img.reshape(2, 3072), b"filenames": [b"a.png", b"b.png"]}, f, protocol=2)
+    ds = data.load(_cfg(root), seed=0)
+    assert ds.test.labels.tolist() == [3, 9]
+    assert ds.test.images[0, 0, 1, 2] == 10 and ds.test.images[0, 1, 3, 4] == 20 and ds.test.images[1, 2, 31, 0] == 30
+    assert int(ds.test.images.sum()) == 60
+    # a Python 3 writer's str keys are accepted too
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"labels": [1, 2], "data": img.reshape(2, 3072)}, f)
+    assert data.load(_cfg(root), seed=0).test.labels.tolist() == [1, 2]
+
+
+def test_missing_folder_names_folder_files_and_fix(tmp_path):
+    cfg = _cfg(tmp_path / "nowhere")
+    with pytest.raises(data.DataError) as e:
+        data.check_present(cfg)
+    msg = str(e.value)
+    assert isinstance(e.value, ConfigError) and "\n" not in msg
+    assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in msg
+    assert "missing: data_batch_1, data_batch_2" in msg and "test_batch" in msg and "batches.meta" in msg
+    assert "data.root=" in msg and "data.download=true" in msg
+    with pytest.raises(data.DataError, match="cifar-100-python"):
+        data.load(_cfg(tmp_path, "cifar100"), seed=0)
+    data.check_present(_cfg(tmp_path / "nowhere", download=True))  # download happens in load, not here
+
+
+def test_download_failure_is_one_line(tmp_path, monkeypatch):
+    import sys
+    import types
+    import urllib.error
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+    fake = types.SimpleNamespace(datasets=types.SimpleNamespace(CIFAR10=offline, CIFAR100=offline))
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    with pytest.raises(data.DataError, match="downloading CIFAR-10 into .* failed .*URLError.* no network") as e:
+        data.load(_cfg(tmp_path, download=True), seed=0)
+    assert "\n" not in str(e.value)
+
+
+def test_one_missing_file_is_named(cifar10):
+    root, *_ = cifar10
+    (root / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(data.DataError, match=r"\(missing: test_batch\)"):
+        data.check_present(_cfg(root))
+
+
+def test_root_one_level_too_deep_gets_a_hint(cifar10):
+    root, *_ = cifar10
+    with pytest.raises(data.DataError, match="one level too deep"):
+        data.check_present(_cfg(root / "cifar-10-batches-py"))
+
+
+def test_corrupt_file_is_named(cifar10):
+    root, *_ = cifar10
+    path = root / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:1000])  # truncated mid-array
+    with pytest.raises(data.DataError, match="data_batch_2 is corrupt"):
+        data.load(_cfg(root), seed=0)
+    with open(path, "wb") as f:  # loads, but the wrong shape
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f, protocol=2)
+    with pytest.raises(data.DataError, match=r"data_batch_2 is corrupt: data is uint8 \[2, 100\]"):
+        data.load(_cfg(root), seed=0)
+
+
+def test_subsets_are_seeded_sorted_and_checked(cifar10):
+    root, xtr, ytr, *_ = cifar10
+    a = data.load(_cfg(root, train_size=9, test_size=4), seed=1)
+    b = data.load(_cfg(root, train_size=9, test_size=4), seed=1)
+    c = data.load(_cfg(root, train_size=9, test_size=4), seed=2)
+    assert len(a.train) == 9 and len(a.test) == 4
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
+    assert not torch.equal(a.train.images, c.train.images)
+    # a subset keeps file order: its rows appear in the full set in increasing position
+    pos = [next(i for i in range(23) if torch.equal(xtr[i], img)) for img in a.train.images]
+    assert pos == sorted(pos) and torch.equal(ytr[pos], a.train.labels)
+    with pytest.raises(data.DataError, match="data.train_size=24 is larger than the 23"):
+        data.load(_cfg(root, train_size=24), seed=0)
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    cfg = DataConfig(name="synthetic", train_size=1000, test_size=300)
+    a, b, c = data.load(cfg, seed=0), data.load(cfg, seed=0), data.load(cfg, seed=1)
+    assert a.train.images.dtype == torch.uint8 and a.train.images.shape == (1000, 3, 32, 32)
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
+    assert not torch.equal(a.train.images, c.train.images)
+    assert torch.bincount(a.train.labels).tolist() == [100] * 10 and torch.bincount(a.test.labels).tolist() == [30] * 10
+    assert len(data.load(DataConfig(name="synthetic"), seed=0).train) == 2048
+    assert all(0 < m < 1 for m in a.mean) and all(0 < s < 1 for s in a.std)
+
+
+@pytest.fixture
+def one_thread():
+    # tiny ops: threads only add spin-wait, badly so on a shared, busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_synthetic_is_learnable_by_a_tiny_cnn(one_thread):
+    ds = data.load(DataConfig(name="synthetic", train_size=1024, test_size=300), seed=0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(32, 10, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    tb = data.TrainBatches(ds.train.images, ds.train.labels, 64, 0, 1, 0, "paper", ds.mean, ds.std)
+    for epoch in range(3):
+        for x, y, _ in tb.epoch(epoch):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    with torch.no_grad():
+        x, y = next(data.eval_batches(ds.test.images, ds.test.labels, 0, 1, 300, ds.mean, ds.std))
+        acc = (net(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.6, acc  # chance is 0.1; typically ~0.95
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def _tb(n=103, b=16, rank=0, world=1, seed=0, augment="paper", drop_last=False):
+    x = torch.arange(n, dtype=torch.int64).remainder(256).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32)
+    return data.TrainBatches(x.contiguous(), torch.arange(n), b, rank, world, seed, augment,
+                             (0.5,) * 3, (0.25,) * 3, drop_last)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_each_sample_once_per_epoch_across_ranks(world, drop_last):
+    n, b = 103, 16  # neither divisible by the batch nor by 2 or 3
+    ranks = [_tb(n, b, r, world, drop_last=drop_last) for r in range(world)]
+    steps = ranks[0].steps_per_epoch
+    assert steps == (6 if drop_last else 7)
+    seen = []
+    for step in range(steps):
+        parts = [tb.indices(4, step) for tb in ranks]
+        batch = torch.cat(parts)
+        assert torch.equal(batch, ranks[0].order(4)[step * b:(step + 1) * b])  # global batch, in order
+        assert [len(p) for p in parts] == [len(t) for t in torch.tensor_split(batch, world)]
+        seen.append(batch)
+    seen = torch.cat(seen)
+    assert len(seen) == len(set(seen.tolist())) == (96 if drop_last else n)
+
+
+def test_global_batches_do_not_depend_on_world_size():
+    def batches(world):
+        ranks = [_tb(world=world, rank=r) for r in range(world)]
+        return [sorted(torch.cat([tb.indices(2, s) for tb in ranks]).tolist()) for s in range(7)]
+    assert batches(1) == batches(2) == batches(3)
+
+
+def test_yielded_batches_match_indices_labels_and_augmentation():
+    world, n = 3, 103
+    for rank in range(world):
+        tb = _tb(n, 16, rank, world)
+        p = aug.draw_params(n, 0, 1, "paper")
+        got = list(tb.epoch(1))
+        assert len(got) == 7
+        for step, (x, y, n_global) in enumerate(got):
+            idx = tb.indices(1, step)
+            assert torch.equal(y, idx) and n_global == (16 if step < 6 else 7)
+            assert x.dtype == torch.float32 and x.shape == (len(idx), 3, 32, 32)
+            ref = aug.apply(tb.images[idx], p.dx[idx], p.dy[idx], p.flip[idx], "zero")
+            assert torch.equal(x, aug.normalize(ref, (0.5,) * 3, (0.25,) * 3))
+    # the last global batch of 7 split 3 ways: 3, 2, 2; a batch of 1 over 3 ranks leaves two ranks empty
+    tiny = [list(_tb(n=17, b=16, rank=r, world=3).epoch(0))[-1] for r in range(3)]
+    assert [len(y) for _, y, _ in tiny] == [1, 0, 0] and all(ng == 1 for *_, ng in tiny)
+    assert tiny[2][0].shape == (0, 3, 32, 32)
+
+
+def test_start_step_resumes_exactly():
+    tb = _tb(world=2, rank=1)
+    full = list(tb.epoch(3))
+    tail = list(tb.epoch(3, start_step=4))
+    assert len(tail) == len(full) - 4
+    for (xa, ya, na), (xb, yb, nb) in zip(full[4:], tail):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and na == nb
+    assert list(tb.epoch(3, start_step=tb.steps_per_epoch)) == []
+
+
+def test_epochs_and_seeds_differ_and_order_is_not_the_aug_stream():
+    tb = _tb()
+    assert not torch.equal(tb.order(0), tb.order(1))
+    assert not torch.equal(tb.order(0), _tb(seed=1).order(0))
+    assert torch.equal(tb.order(5), _tb().order(5))
+    x0 = torch.cat([x for x, _, _ in tb.epoch(0)])
+    x1 = torch.cat([x for x, _, _ in tb.epoch(1)])
+    assert not torch.equal(x0, x1)
+
+
+def test_channels_last_and_bad_arguments():
+    x = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    tb = data.TrainBatches(x, torch.zeros(10, dtype=torch.long), 4, 0, 2, 0, "seed", (0.5,) * 3, (0.25,) * 3,
+                           channels_last=True)
+    xb, _, _ = next(tb.epoch(0))
+    assert xb.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(data.DataError, match="smaller than the 3 ranks"):
+        data.TrainBatches(x, torch.zeros(10, dtype=torch.long), 2, 0, 3, 0, "none", (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(data.DataError, match="drop_last"):
+        data.TrainBatches(x, torch.zeros(10, dtype=torch.long), 16, 0, 1, 0, "none", (0.5,) * 3, (0.25,) * 3,
+                          drop_last=True)
+
+
+def test_eval_shard_covers_exactly_once():
+    shards = [data.eval_shard(10, r, 3) for r in range(3)]
+    assert [list(range(10))[s] for s in shards] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert data.eval_shard(2, 2, 3) == slice(2, 2)  # more ranks than samples: an empty shard
+
+
+def test_eval_batches_cover_the_test_set_once():
+    n = 25
+    x = torch.arange(n).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
+    y = torch.arange(n)
+    seen = []
+    for r in range(3):
+        for xb, yb in data.eval_batches(x, y, r, 3, 10, (0.0,) * 3, (1.0,) * 3, channels_last=False):
+            assert len(yb) <= 4  # ceil(10 / 3)
+            assert torch.allclose(xb[:, 0, 0, 0] * 255, yb.float())
+            seen += yb.tolist()
+    assert sorted(seen) == list(range(n)) and len(seen) == n

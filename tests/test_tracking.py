@@ -1,0 +1,315 @@
+"""Tracker, history.csv and the offline-run reader, against real wandb in offline mode.
+
+No network and no API key: HOME, TMPDIR, WANDB_DIR and wandb's config/cache folders point into a
+temporary folder for the whole module (wandb keeps one service process per Python process, so the
+environment must not change under it between tests), and wandb is torn down at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from allconv_hpc.config import Config, ConfigError, DataConfig, WandbConfig
+from allconv_hpc.tracking import (HISTORY_FIELDS, NullTracker, Tracker, make_tracker, read_history,
+                                  resolve_mode, write_history)
+from allconv_hpc.wandb_offline import WandbLogError, merged_history, read_records, read_run, segments
+
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, the shape of a real key
+_WANDB_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC",
+              "WANDB_DISABLED", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_PROJECT", "WANDB_ENTITY",
+              "WANDB_SERVICE")
+
+
+@pytest.fixture(scope="module")
+def wenv(tmp_path_factory):
+    base = tmp_path_factory.mktemp("wandb_env")
+    env = {name: base / name for name in ("home", "tmp", "wandb_dir", "config", "cache", "data")}
+    for p in env.values():
+        p.mkdir()
+    mp = pytest.MonkeyPatch()
+    for name in _WANDB_ENV:
+        mp.delenv(name, raising=False)
+    mp.setenv("HOME", str(env["home"]))
+    mp.setenv("TMPDIR", str(env["tmp"]))
+    mp.setenv("WANDB_DIR", str(env["wandb_dir"]))  # must lose to dir=run_dir
+    mp.setenv("WANDB_CONFIG_DIR", str(env["config"]))
+    mp.setenv("WANDB_CACHE_DIR", str(env["cache"]))
+    mp.setenv("WANDB_DATA_DIR", str(env["data"]))
+    mp.setenv("WANDB_SILENT", "true")
+    yield env
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+    mp.undo()
+
+
+def cfg_dict() -> dict:
+    d = dataclasses.asdict(Config(data=DataConfig(name="synthetic", train_size=512)))
+    d["note"] = {"float": 0.1 + 0.2, "none": None, "flag": True, "list": [1, 2.5, "x"]}
+    return d
+
+
+def train_metrics(step: int) -> dict:
+    return {"loss": 1.0 / step + 1e-9 * step, "acc": step / 41.0, "lr": 0.05 * (1 - step / 100)}
+
+
+def epoch_row(epoch: int, step: int) -> dict:
+    return {"epoch": epoch, "step": step, "lr": 0.05 / epoch, "train_loss": 1.0 / (epoch + 0.3),
+            "train_acc": 0.1 * epoch + 0.01, "val_loss": 2.0 / (epoch + 0.7), "val_acc": 0.11 * epoch,
+            "epoch_seconds": 3.25 * epoch, "images_per_second": 1000.0 / 3.0}
+
+
+def run_epochs(tracker, first_step: int, last_step: int, steps_per_epoch: int = 10) -> list[dict]:
+    rows = []
+    for step in range(first_step, last_step + 1):
+        tracker.log_train(step, train_metrics(step))
+        if step % steps_per_epoch == 0:
+            row = epoch_row(step // steps_per_epoch, step)
+            tracker.log_eval(step, row)  # the same step as the last train log: merges into it
+            tracker.append_history(row)
+            rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def resumed(wenv, tmp_path_factory):
+    """A run preempted after step 20 and resumed for steps 21..40 (the resume raises inside ``with``)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "allcnn-c-seed0"
+    cfg = cfg_dict()
+    wcfg = WandbConfig(mode="offline", tags=["t1"], group="g")
+    first = make_tracker(run_dir, cfg, wcfg, rank=0, resume_run_id=None, history_rows=[])
+    rows = run_epochs(first, 1, 20)
+    first.log_train(15, {"loss": 123.0})  # a step going backwards is dropped, not logged
+    first.set_summary(best_val_acc=0.22)
+    seg1 = first.segment_dir
+    first.finish()
+    first.finish()  # idempotent
+    second = make_tracker(run_dir, cfg, wcfg, rank=0, resume_run_id=None, history_rows=rows)
+    with pytest.raises(RuntimeError):
+        with second:
+            rows += run_epochs(second, 21, 40)
+            second.set_summary(best_val_acc=0.44)
+            raise RuntimeError("the job hits a bug after step 40")
+    return {"run_dir": run_dir, "cfg": cfg, "first": first, "second": second, "seg1": seg1,
+            "seg2": second.segment_dir, "rows": rows}
+
+
+def test_offline_run_reads_back_exact_steps_values_config_summary(resumed, wenv):
+    run_dir, first = resumed["run_dir"], resumed["first"]
+    assert first.mode == "offline"
+    assert (run_dir / "wandb_id.txt").read_text().strip() == first.run_id
+    assert resumed["seg1"].parent == run_dir / "wandb"  # dir=run_dir beats WANDB_DIR
+    assert list(wenv["wandb_dir"].iterdir()) == []
+    run = read_run(resumed["seg1"])
+    assert run["id"] == first.run_id
+    assert run["exit_code"] == 0
+    assert isinstance(run["start_time"], float)
+    assert [r["_step"] for r in run["history"]] == list(range(1, 21))
+    for r in run["history"]:
+        m = train_metrics(r["_step"])
+        assert r["train/loss"] == m["loss"] and r["train/acc"] == m["acc"] and r["train/lr"] == m["lr"]
+        assert r["train/loss"] != 123.0
+    evals = [r for r in run["history"] if "val/acc" in r]
+    assert [r["_step"] for r in evals] == [10, 20]
+    for r in evals:
+        e = epoch_row(r["_step"] // 10, r["_step"])
+        assert (r["epoch"], r["val/acc"], r["val/loss"]) == (e["epoch"], e["val_acc"], e["val_loss"])
+        assert r["perf/images_per_second"] == e["images_per_second"]
+        assert "step" not in r
+    assert run["config"] == resumed["cfg"]
+    assert run["summary"]["best_val_acc"] == 0.22
+
+
+def test_resume_reuses_id_and_merged_history_is_contiguous(resumed):
+    run_dir, first, second = resumed["run_dir"], resumed["first"], resumed["second"]
+    assert second.run_id == first.run_id
+    assert (run_dir / "wandb" / "latest-run").is_symlink()
+    segs = segments(run_dir / "wandb", first.run_id)
+    assert segs == [resumed["seg1"], resumed["seg2"]] and segs[0] != segs[1]
+    assert segments(run_dir / "wandb") == segs and segments(run_dir) == segs
+    assert segments(run_dir / "wandb", "nosuchid") == []
+    assert [read_run(s)["id"] for s in segs] == [first.run_id] * 2
+    steps = [r["_step"] for r in merged_history(run_dir / "wandb", first.run_id)]
+    assert steps == list(range(1, 41))
+    second_run = read_run(segs[1])
+    assert second_run["exit_code"] == 1  # the exception inside `with` marks the segment failed
+    assert second_run["summary"]["best_val_acc"] == 0.44
+    assert second_run["config"] == resumed["cfg"]
+    assert read_history(run_dir / "history.csv") == resumed["rows"]
+    assert [r["epoch"] for r in resumed["rows"]] == [1, 2, 3, 4]
+
+
+def test_reader_survives_a_killed_writer(resumed, tmp_path):
+    log = next(resumed["seg1"].glob("run-*.wandb"))
+    data = log.read_bytes()
+    n_full = len(list(read_records(log, strict=True)))
+    seg = tmp_path / resumed["seg1"].name
+    seg.mkdir()
+    cut = seg / log.name
+    cut.write_bytes(data[: len(data) * 2 // 3])  # killed mid-write
+    steps = [r["_step"] for r in read_run(seg)["history"]]
+    assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) < 20
+    with pytest.raises(WandbLogError):
+        list(read_records(cut, strict=True))
+    flipped = bytearray(data)
+    flipped[100] ^= 0xFF  # inside the first records: crc32 catches it
+    cut.write_bytes(bytes(flipped))
+    assert len(list(read_records(cut))) < n_full
+    with pytest.raises(WandbLogError):
+        list(read_records(cut, strict=True))
+    cut.write_bytes(b"not a wandb log")
+    with pytest.raises(WandbLogError):
+        list(read_records(cut))
+
+
+def test_disabled_writes_no_wandb_and_never_imports_it(tmp_path, wenv):
+    run_dir = tmp_path / "run"
+    code = (
+        "import sys\nfrom pathlib import Path\n"
+        "from allconv_hpc.config import WandbConfig\nfrom allconv_hpc.tracking import make_tracker\n"
+        f"t = make_tracker(Path({str(run_dir)!r}), {{'a': 1}}, WandbConfig(mode='disabled'), 0, None, [])\n"
+        "with t:\n"
+        "    t.log_train(1, {'loss': 1.0}); t.log_eval(1, {'epoch': 1, 'step': 1, 'val_acc': 0.5})\n"
+        "    t.append_history({'epoch': 1, 'step': 1, 'val_acc': 0.5}); t.set_summary(best_val_acc=0.5)\n"
+        "assert t.run_id is None and t.segment_dir is None and t.mode == 'disabled'\n"
+        "assert 'wandb' not in sys.modules, 'wandb imported'\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["history.csv"]
+    rows = read_history(run_dir / "history.csv")
+    assert rows == [{**dict.fromkeys(HISTORY_FIELDS), "epoch": 1, "step": 1, "val_acc": 0.5}]
+
+
+def test_resolve_mode_precedence(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    base = {"HOME": str(home), "NETRC": str(home / ".netrc"), "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
+    assert resolve_mode(None, base) == "offline"  # no key anywhere
+    assert resolve_mode(None, {**base, "WANDB_API_KEY": FAKE_KEY}) == "online"
+    assert resolve_mode(None, {**base, "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY}) == "offline"
+    assert resolve_mode(None, {**base, "WANDB_MODE": "disabled"}) == "disabled"
+    assert resolve_mode(None, {**base, "WANDB_MODE": "online"}) == "online"
+    assert resolve_mode(None, {**base, "WANDB_MODE": "dryrun"}) == "offline"
+    assert resolve_mode(None, {**base, "WANDB_MODE": ""}) == "offline"
+    for mode in ("online", "offline", "disabled"):  # explicit config beats env and key
+        assert resolve_mode(mode, {**base, "WANDB_MODE": "disabled" if mode != "disabled" else "online",
+                                   "WANDB_API_KEY": FAKE_KEY}) == mode
+    with pytest.raises(ConfigError):
+        resolve_mode(None, {**base, "WANDB_MODE": "sometimes"})
+    with pytest.raises(ConfigError):
+        resolve_mode("sometimes", base)
+    # a netrc entry for the W&B host counts as a key; one for another host does not
+    (home / ".netrc").write_text(f"machine example.com\n  login user\n  password {FAKE_KEY}\n")
+    assert resolve_mode(None, base) == "offline"
+    (home / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
+    assert resolve_mode(None, base) == "online"
+    assert resolve_mode(None, {**base, "WANDB_BASE_URL": "https://wandb.example.org"}) == "offline"
+    (home / ".netrc").unlink()
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "settings").write_text(f"[default]\napi_key = {FAKE_KEY}\n")
+    assert resolve_mode(None, base) == "online"
+
+
+def test_null_tracker_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    t = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), rank=1, resume_run_id="abc",
+                     history_rows=[epoch_row(1, 10)])
+    assert isinstance(t, NullTracker)
+    with t:
+        t.log_train(1, {"loss": 1.0})
+        t.log_eval(1, epoch_row(1, 1))
+        t.append_history(epoch_row(1, 1))
+        t.set_summary(best_val_acc=1.0)
+    t.finish(0)
+    assert t.run_id is None and t.segment_dir is None
+    assert list(run_dir.iterdir()) == []
+
+
+def test_history_rewrite_on_resume_drops_rows_not_in_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    wcfg = WandbConfig(mode="disabled")
+    rows = [epoch_row(e, 10 * e) for e in range(1, 6)]
+    rows[2]["train_loss"] = 0.1 + 0.2  # needs all 17 digits to round-trip
+    rows[3]["val_loss"] = float("nan")
+    t = make_tracker(run_dir, {}, wcfg, 0, None, [])
+    assert (run_dir / "history.csv").read_text() == ",".join(HISTORY_FIELDS) + "\n"
+    for r in rows:
+        t.append_history(r)
+    t.finish()
+    back = read_history(run_dir / "history.csv")
+    assert back[:3] == rows[:3] and math.isnan(back[3]["val_loss"]) and back[4] == rows[4]
+    # preempted: the checkpoint holds epochs 1-3 only; epochs 4-5 are redone
+    t = make_tracker(run_dir, {}, wcfg, 0, None, rows[:3])
+    assert read_history(run_dir / "history.csv") == rows[:3]
+    t.append_history(rows[3] | {"val_loss": 1.5})
+    assert [r["epoch"] for r in read_history(run_dir / "history.csv")] == [1, 2, 3, 4]
+    # restarted from scratch (no checkpoint yet): the header only
+    make_tracker(run_dir, {}, wcfg, 0, None, [])
+    assert read_history(run_dir / "history.csv") == []
+    assert [p.name for p in run_dir.iterdir()] == ["history.csv"]  # no temp files left
+    write_history(run_dir / "h.csv", [{"epoch": 1, "extra": 5}])
+    assert (run_dir / "h.csv").read_text().splitlines()[1] == "1" + "," * (len(HISTORY_FIELDS) - 1)
+
+
+def test_api_key_never_written_and_config_mode_beats_env(tmp_path, wenv, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the explicit config mode wins over this
+    run_dir = tmp_path / "run"
+    t = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, "fixedid01", [])
+    run_epochs(t, 1, 10)
+    t.finish()
+    assert t.mode == "offline" and t.run_id == "fixedid01"
+    assert (run_dir / "wandb_id.txt").read_text() == "fixedid01\n"
+    assert t.segment_dir.is_dir() and read_run(t.segment_dir)["id"] == "fixedid01"
+    leaks = [p for root in (run_dir, wenv["home"], wenv["tmp"], wenv["cache"], wenv["config"])
+             for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+             and FAKE_KEY.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_online_init_failure_falls_back_to_offline(tmp_path, wenv, monkeypatch, capsys):
+    import wandb
+    real_init = wandb.init
+
+    def fake_init(*args, mode=None, **kwargs):
+        if mode == "online":
+            raise wandb.errors.CommError("dial tcp: connection refused")
+        return real_init(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    run_dir = tmp_path / "run"
+    with make_tracker(run_dir, {"a": 1}, WandbConfig(mode="online"), 0, None, []) as t:
+        t.log_train(1, {"loss": 0.5})
+    assert t.mode == "offline" and t.segment_dir.name.startswith("offline-run-")
+    assert "logging offline" in capsys.readouterr().err
+    assert [r["_step"] for r in read_run(t.segment_dir)["history"]] == [1]
+    assert isinstance(t, Tracker)
+
+
+def test_segments_order_by_recorded_start_time_not_folder_name(resumed, tmp_path):
+    import shutil
+    rid = resumed["first"].run_id
+    wdir = tmp_path / "wandb"
+    wdir.mkdir()
+    late_name = wdir / f"offline-run-20300101_000000-{rid}"   # really the first segment
+    early_name = wdir / f"offline-run-20200101_000000-{rid}"  # really the second
+    shutil.copytree(resumed["seg1"], late_name, symlinks=True)
+    shutil.copytree(resumed["seg2"], early_name, symlinks=True)
+    killed = wdir / f"offline-run-20250101_000000-{rid}-1"    # died before writing anything
+    killed.mkdir()
+    (killed / f"run-{rid}.wandb").write_bytes(b"")
+    (wdir / "latest-run").symlink_to(late_name.name)
+    (wdir / f"offline-run-20250101_000000-otherid1").mkdir()
+    assert segments(wdir, rid) == [killed, late_name, early_name]
+    assert [r["_step"] for r in merged_history(wdir, rid)] == list(range(1, 41))
+    assert read_run(killed)["history"] == [] and read_run(killed)["exit_code"] is None
+    with pytest.raises(WandbLogError):
+        read_run(killed, strict=True)
