@@ -207,10 +207,27 @@ class Config:
         return o.lr * self.trainer.batch_size / o.base_batch_size if o.scale_lr else o.lr
 
     def identity(self) -> dict:
-        """What a run folder may not change across a resume: model, data and global batch."""
-        d = dataclasses.asdict(self)
-        return {"model": d["model"], "data": {k: d["data"][k] for k in ("name", "train_size", "test_size")},
-                "batch_size": self.trainer.batch_size, "seed": self.seed}
+        """What a resumed run may not change: every key except the operational ones below."""
+        flat = _flatten(dataclasses.asdict(self))
+        return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_CHANGES)}
+
+
+# Keys a resume may change: where things run and how they are logged, not what is learned.
+# trainer.epochs may grow to extend a run (schedules that depend on it then change shape).
+RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.epochs", "trainer.eval_batch_size", "trainer.device",
+                     "trainer.precision", "trainer.channels_last", "trainer.compile", "trainer.deterministic",
+                     "trainer.log_every_steps", "trainer.threads", "trainer.progress", "checkpoint.", "wandb.",
+                     "dist.")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,

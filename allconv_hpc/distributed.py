@@ -174,8 +174,20 @@ class Dist:
     def _guard(self, fn, *args, **kw):
         try:
             return fn(*args, **kw)
-        except (RuntimeError, dist.DistBackendError, ValueError) as e:  # gloo/nccl peer loss or timeout
+        except (RuntimeError, ValueError) as e:  # gloo/nccl peer loss or timeout
             raise DistributedError(self._diagnose(e)) from e
+
+    def as_peer_failure(self, e: BaseException) -> Optional[DistributedError]:
+        """A communication error raised outside our wrappers (e.g. DDP's gradient all-reduce in
+        backward) as a DistributedError naming the failed rank; None for other errors."""
+        if isinstance(e, DistributedError):
+            return e
+        if not self.env.distributed or not isinstance(e, RuntimeError):
+            return None
+        text = f"{type(e).__name__} {e}"
+        if isinstance(e, dist.DistError) or any(m in text for m in _COMM_MARKERS):
+            return DistributedError(self._diagnose(e))
+        return None
 
     # -- failure reporting ---------------------------------------------------------------------
     def report_failure(self, message: str) -> None:
@@ -212,6 +224,9 @@ class Dist:
                 dist.destroy_process_group()
             except Exception as e:  # teardown after a peer failure may itself fail; never mask the cause
                 log.debug("destroy_process_group: %s", e)
+
+
+_COMM_MARKERS = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timeout", "ProcessGroup")
 
 
 def _store():

@@ -68,6 +68,10 @@ def run(overrides: list[str]) -> int:
         _report(trainer, f"{e}", "failed")
         return 1
     except BaseException as e:
+        peer = trainer.dist.as_peer_failure(e) if trainer is not None else None
+        if peer is not None:  # a collective failed because another rank died: name it, no traceback soup
+            log.error("%s", peer)
+            return 1
         _report(trainer, f"{type(e).__name__}: {e}", "failed")
         raise
     finally:

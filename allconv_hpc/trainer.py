@@ -169,9 +169,10 @@ class Trainer:
         ck = load_file(Path(path))
         mine, theirs = self.cfg.identity(), ck.get("identity", {})
         if mine != theirs:
-            diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+            diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+                    if mine.get(k) != theirs.get(k)]
             raise ConfigError(f"run folder {self.run_dir} holds a run of a different config "
-                              f"({', '.join(diff)} differ); use another hydra.run.dir, or "
+                              f"({'; '.join(diff)}); use another hydra.run.dir, or "
                               f"checkpoint.resume=never to start over (old checkpoints are kept)")
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
@@ -219,7 +220,7 @@ class Trainer:
                      "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                      "train_state": asdict(st), "rng": rngs, "epoch_sums": sums[0], "interval_sums": sums[1],
                      "identity": self.cfg.identity(), "config": self.cfg_dict,
-                     "torch_version": torch.__version__, "world_size": self.env.world_size,
+                     "torch_version": str(torch.__version__), "world_size": self.env.world_size,
                      "saved_at": time.time()}
             self.ckpt.save(state, st.global_step)
         self.dist.barrier()
@@ -242,6 +243,7 @@ class Trainer:
     def fit(self) -> int:
         cfg, st = self.cfg, self.state
         self._last_save = time.monotonic()
+        self._phase = "training"
         self.write_status("running")
         if self.env.is_main:
             log.info("training %s on %s: %d rank(s), global batch %d, %d steps/epoch, %d epochs, lr %g",
@@ -344,6 +346,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for b in range(n_batches):
             if self._poll(stop) & STOP_BIT:
+                self._phase = "evaluation"
                 self.save()  # step_in_epoch == steps_per_epoch: the resumed run redoes this eval
                 return True
             part = idx[b * per_rank:(b + 1) * per_rank]
@@ -373,7 +376,9 @@ class Trainer:
             raise NonFiniteError(f"non-finite loss in epoch {st.epoch + 1}; the last good checkpoint is kept")
         st.history.append(row)
         self.tracker.append_history(row)
-        self.tracker.log_eval(st.global_step, {"val/loss": val_loss, "val/acc": val_acc, "epoch": st.epoch + 1,
+        # At the step after the epoch's last one: a step never logged before this point, even when
+        # this eval was redone after a stop inside it (W&B drops steps that go backwards).
+        self.tracker.log_eval(st.global_step + 1, {"val/loss": val_loss, "val/acc": val_acc, "epoch": st.epoch + 1,
                                                "train/epoch_loss": row["train_loss"],
                                                "train/epoch_acc": row["train_acc"]})
         improved = val_acc > st.best_val_acc
@@ -381,9 +386,9 @@ class Trainer:
             st.best_val_acc = val_acc
             self.tracker.set_summary(best_val_acc=val_acc)
         if self.env.is_main:
-            log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f (%d images) | %.1f s, %.0f img/s",
-                     st.epoch + 1, self.cfg.trainer.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc,
-                     n_val, seconds, row["images_per_second"])
+            log.info("epoch %d/%d: train loss %.4f acc %.4f (%d images) | val loss %.4f acc %.4f (%d images) | "
+                     "%.1f s, %.0f img/s", st.epoch + 1, self.cfg.trainer.epochs, row["train_loss"], row["train_acc"],
+                     int(tr[2]), val_loss, val_acc, n_val, seconds, row["images_per_second"])
             if improved:
                 self.ckpt.save_best({"model": self.model.state_dict(), "epoch": st.epoch + 1,
                                      "val_acc": val_acc, "config": self.cfg_dict})
@@ -400,7 +405,8 @@ class Trainer:
         st = self.state
         if self.env.is_main:
             got = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
-            log.warning("stop requested (%s) at global step %d: checkpoint saved", got, st.global_step)
+            log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", got,
+                        self._phase, st.global_step)
         kind = self.dist.broadcast_object(self._classify(stop) if self.env.is_main else None)
         decision = "interrupted"
         if kind == "timeout" and st.timeouts >= self.cfg.checkpoint.max_requeues:

@@ -1,0 +1,74 @@
+"""Trainer overhead: the real Trainer's training throughput vs a bare PyTorch loop.
+
+Both sides: the same model (build_model, same seed), the same SGD settings (foreach on CPU, fused on
+CUDA), batch, precision, channels_last, compile, device and torch thread count, in one process.
+Trainer side: `Trainer._train_epoch` over one epoch of `(warmup + steps) * batch` training images
+(on-device augmentation, LR schedule, device-side metrics, stop polling, log every 50 steps;
+checkpoint.every_steps=null), the first `warmup` steps excluded. Bare side: forward, backward,
+step on pre-normalised batches already on the device. Rounds alternate trainer/bare so machine
+noise hits both alike; medians are reported.
+
+    python benchmarks/bench_overhead.py --width 0.25 --batch 128 --steps 20 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import common as C
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the trainer's choice)")
+    p.add_argument("--data", default="auto", choices=["auto", "cifar10", "synthetic"])
+    p.add_argument("--augment", default="paper", choices=["paper", "seed", "none"])
+    p.add_argument("--json", default=None, help="write results here")
+    a = p.parse_args(argv)
+    C.quiet_logs()
+
+    ov = C.data_overrides(a.data, (a.warmup + a.steps) * a.batch, 100, a.augment)
+    ov += C.trainer_overrides(width=a.width, batch=a.batch, device=a.device, precision=a.precision,
+                              channels_last=a.channels_last, compile=a.compile, threads=a.threads)
+    tr = C.make_trainer(ov)
+    bare = C.BareLoop(tr.cfg, tr.device, C.prebuilt_batches(tr), a.precision, a.channels_last, a.compile)
+    print(f"device {tr.device}, threads {torch.get_num_threads()}, width {a.width} ({tr.n_params:,} params), "
+          f"batch {a.batch}, {a.precision}, channels_last={a.channels_last}, compile={a.compile}, "
+          f"{tr.cfg.data.name} augment={a.augment}; {a.rounds} rounds x {a.steps} steps (+{a.warmup} warm-up)")
+    rows = []
+    for r in range(a.rounds):
+        t = C.time_trainer_epoch(tr, a.warmup)
+        b = bare.run(a.steps, a.warmup)
+        row = {"round": r + 1, "trainer_img_s": t["images"] / t["seconds"], "bare_img_s": b["images"] / b["seconds"]}
+        row["ratio"] = row["trainer_img_s"] / row["bare_img_s"]
+        if t["step_s"]:
+            row["trainer_step_ms"] = 1e3 * C.median(t["step_s"])
+            row["bare_step_ms"] = 1e3 * C.median(b["step_s"])
+        rows.append(row)
+        print(f"  round {r + 1}: trainer {row['trainer_img_s']:.1f} img/s, bare {row['bare_img_s']:.1f} img/s, "
+              f"ratio {row['ratio']:.3f}", flush=True)
+    med = {k: C.median(r[k] for r in rows) for k in rows[0] if k != "round"}
+    med["ratio_of_medians"] = med["trainer_img_s"] / med["bare_img_s"]
+    cols = [c for c in ("round", "trainer_img_s", "bare_img_s", "ratio", "trainer_step_ms", "bare_step_ms") if c in rows[0]]
+    print(C.table(rows + [{"round": "median", **med}], cols))
+    verdict = "met" if med["ratio"] >= 0.95 else "NOT met"
+    print(f"trainer/bare throughput: median of per-round ratios {med['ratio']:.3f}, ratio of medians "
+          f"{med['ratio_of_medians']:.3f} (target >= 0.95: {verdict})")
+    doc = {"args": vars(a), "rounds": rows, "median": med, "n_params": tr.n_params}
+    C.write_json(a.json, doc)
+    tr.close()
+    return doc
+
+
+if __name__ == "__main__":
+    main()

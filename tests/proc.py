@@ -1,0 +1,113 @@
+"""Run `allconv-hpc train` as real processes for the tests: one, under torchrun, or as hand-made ranks."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from allconv_hpc.checkpoint import load_file
+from allconv_hpc.tracking import read_history
+
+PY = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+# tiny, fast, deterministic defaults; tests add what they vary
+TINY = ["data=synthetic", "data.train_size=300", "data.test_size=101", "model.width=0.125",
+        "trainer.batch_size=60", "trainer.epochs=2", "trainer.threads=1", "trainer.progress=log",
+        "trainer.log_every_steps=1", "wandb.mode=disabled", "dist.timeout_s=30"]
+
+
+def clean_env(tmp: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "WANDB_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC"))}
+    env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true", HOME=str(tmp / "home"), TMPDIR=str(tmp / "tmpdir"),
+               PYTHONUNBUFFERED="1")
+    (tmp / "home").mkdir(exist_ok=True)
+    (tmp / "tmpdir").mkdir(exist_ok=True)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def train_cmd(run_dir: Path, overrides: list[str], nproc: int = 1) -> list[str]:
+    args = ["-m", "allconv_hpc", "train", *overrides, f"hydra.run.dir={run_dir}"]
+    if nproc == 1:
+        return [PY, *args]
+    return [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def run_train(tmp: Path, run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float = 300,
+              check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(train_cmd(run_dir, overrides, nproc), env=clean_env(tmp), capture_output=True,
+                       text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"train exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(tmp: Path, run_dir: Path, overrides: list[str], world: int) -> list[subprocess.Popen]:
+    """Ranks started by hand with torchrun's variables (no agent that would kill the survivors)."""
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = clean_env(tmp, RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, LOCAL_WORLD_SIZE=world,
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([PY, "-m", "allconv_hpc", "train", *overrides, f"hydra.run.dir={run_dir}"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_for_line(path: Path, needle: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> str:
+    """Poll a log file until a line containing `needle` appears; returns that line."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if needle in line:
+                    return line
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {needle!r} appeared in {path}")
+        time.sleep(0.05)
+    raise AssertionError(f"{needle!r} did not appear in {path} within {timeout} s")
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def history(run_dir: Path) -> list[dict]:
+    return read_history(run_dir / "history.csv")
+
+
+def assert_same_weights(a: dict, b: dict, exact: bool = True, atol: float = 1e-4) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), f"{k} differs (max {float((a[k] - b[k]).abs().max()):.3g})"
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+TIMING = ("epoch_seconds", "images_per_second")
+
+
+def assert_same_history(a: list[dict], b: list[dict], exact: bool = True) -> None:
+    assert len(a) == len(b) and len(a) > 0
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k in TIMING:
+                continue
+            if exact:
+                assert ra[k] == rb[k], f"epoch {ra['epoch']} {k}: {ra[k]!r} != {rb[k]!r}"
+            else:
+                assert abs(ra[k] - rb[k]) <= 1e-5 + 1e-4 * abs(rb[k]), f"epoch {ra['epoch']} {k}: {ra[k]} vs {rb[k]}"

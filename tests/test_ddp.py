@@ -1,0 +1,70 @@
+"""DDP on CPU with gloo and real processes: equivalence with one process, exact sharding, exact
+evaluation, a killed rank, and the uneven-batch error."""
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+
+from proc import (TINY, assert_same_history, assert_same_weights, final_weights, history, run_train,
+                  start_ranks, wait_for_line)
+
+# dropout off: each rank draws its own dropout masks, so with dropout on the runs differ (see README);
+# augmentation stays on: it is a pure function of (seed, epoch, sample), so sharding cannot change it.
+EQUIV = TINY + ["model.dropout=false", "data.augment=paper", "trainer.batch_size=60"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp1")
+    run_train(tmp, tmp / "run", EQUIV)
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_match_one_process(one_rank, tmp_path, world):
+    r = run_train(tmp_path, tmp_path / "run", EQUIV, nproc=world)
+    h1, hn = history(one_rank), history(tmp_path / "run")
+    assert_same_history(hn, h1, exact=False)
+    assert_same_weights(final_weights(tmp_path / "run"), final_weights(one_rank), exact=False)
+    log = (tmp_path / "run" / "train.log").read_text()
+    # every training image once per epoch across ranks (300 = 5 steps of 60), the whole test split once
+    assert log.count("(300 images) | val loss") == 2, log[-2000:]
+    val_counts = re.findall(r"val loss [\d.]+ acc [\d.]+ \((\d+) images\)", log)
+    assert val_counts == ["101", "101"], log[-2000:]
+    # 101 test images over 2 or 3 ranks: the reported accuracy is k/101 exactly
+    for row in hn:
+        assert abs(row["val_acc"] * 101 - round(row["val_acc"] * 101)) < 1e-9
+    # only rank 0 writes: one summary, one set of epoch lines; other ranks print warnings only
+    assert log.count("total parameters") == 1
+    assert "rank 1]" not in r.stdout + r.stderr or "WARNING" in r.stderr
+
+
+def test_uneven_batch_is_refused(tmp_path):
+    procs = start_ranks(tmp_path, tmp_path / "run", TINY + ["trainer.batch_size=64"], world=3)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 2, out
+        assert "Traceback" not in out, out
+    assert "trainer.batch_size=64 is not divisible by the world size 3; use a multiple of 3" in outs[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_killed_rank_fails_the_others_within_timeout(tmp_path):
+    run = tmp_path / "run"
+    ov = TINY + ["trainer.epochs=200", "dist.timeout_s=20", "checkpoint.every_steps=null"]
+    procs = start_ranks(tmp_path, run, ov, world=2)
+    try:
+        wait_for_line(run / "train.log", "epoch 2 step", timeout=120, proc=procs[0])
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.time()
+        out, _ = procs[0].communicate(timeout=90)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode not in (0, None)
+    assert waited < 20 + 15, f"survivor took {waited:.0f} s"
+    assert "peer rank(s) 1 died or stopped responding" in out or "peer rank 1" in out, out[-2000:]

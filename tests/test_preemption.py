@@ -1,0 +1,212 @@
+"""Preemption safety with real processes and real signals: interrupted-and-resumed runs end bitwise
+where uninterrupted runs end; corrupt checkpoints fall back; NaN never overwrites a good checkpoint."""
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from allconv_hpc.checkpoint import CheckpointDir, load_file
+from allconv_hpc.wandb_offline import merged_history
+from proc import (PY, TINY, assert_same_history, assert_same_weights, clean_env, final_weights, history,
+                  run_train, start_ranks, train_cmd, wait_for_line)
+
+# 3 epochs x 5 steps, dropout ON (its RNG state is checkpointed), augmentation on, deterministic
+EXACT = TINY + ["trainer.epochs=3", "trainer.deterministic=true", "data.augment=paper", "data.test_size=400",
+                "trainer.eval_batch_size=20", "checkpoint.every_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    run_train(tmp, tmp / "run", EXACT + ["wandb.mode=offline"])
+    return tmp / "run"
+
+
+def interrupt_at(tmp: Path, run: Path, overrides: list[str], needle: str, sig: int) -> subprocess.Popen:
+    """Start a run, send `sig` when `needle` shows in its log, wait for it to exit."""
+    p = subprocess.Popen(train_cmd(run, overrides), env=clean_env(tmp), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(run / "train.log", needle, timeout=120, proc=p)
+        p.send_signal(sig)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    p.output = out
+    return p
+
+
+@pytest.mark.parametrize("sig,seed", [(signal.SIGUSR2, 0), (signal.SIGTERM, 1), (signal.SIGINT, 2),
+                                      (signal.SIGUSR2, 3)])
+def test_signal_mid_training_then_resume_is_bitwise_exact(reference, tmp_path, sig, seed):
+    rng = random.Random(seed)
+    run = tmp_path / "run"
+    stops = sorted(rng.sample(range(1, 15), 2))  # two interruptions at random global steps
+    for step in stops:
+        if (run / "status.json").exists() and '"completed"' in (run / "status.json").read_text():
+            break
+        p = interrupt_at(tmp_path, run, EXACT + ["wandb.mode=offline"], f"(global {step})", sig)
+        assert p.returncode == 3, p.output[-3000:]  # stopped with a checkpoint, not requeued (no Slurm)
+        assert "checkpoint saved" in p.output
+    run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
+    assert_same_weights(final_weights(run), final_weights(reference), exact=True)
+    assert_same_history(history(run), history(reference), exact=True)
+    # W&B: one run id, segments with contiguous, non-overlapping steps
+    steps = [r["_step"] for r in merged_history(run / "wandb", (run / "wandb_id.txt").read_text().strip())]
+    assert steps == list(range(1, 17)), steps  # the last eval is logged at step 16
+
+
+def test_signal_during_evaluation(reference, tmp_path):
+    run = tmp_path / "run"
+    # the last step of epoch 2 is global step 10; eval (400 images in batches of 20) follows it
+    p = interrupt_at(tmp_path, run, EXACT, "(global 10)", signal.SIGUSR2)
+    assert p.returncode == 3
+    log = (run / "train.log").read_text()
+    assert "during evaluation" in log or "during training at global step 10" in log or \
+        "during training at global step 11" in log, log[-1500:]
+    run_train(tmp_path, run, EXACT)
+    assert_same_weights(final_weights(run), final_weights(reference), exact=True)
+    assert_same_history(history(run), history(reference), exact=True)
+
+
+@pytest.mark.slow
+def test_sigkill_many_times_never_leaves_an_unloadable_checkpoint(reference, tmp_path):
+    """Kill -9 at random moments (checkpoints every step, so many kills land inside a write)."""
+    run = tmp_path / "run"
+    ov = EXACT[:-1] + ["checkpoint.every_steps=1"]
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(8):
+        p = subprocess.Popen(train_cmd(run, ov), env=clean_env(tmp_path), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.5, 5.0))  # startup is ~2 s; then steps and writes
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        ck = CheckpointDir(run / "checkpoints", keep=2)
+        if ck.exists():
+            state, path = ck.load_latest()
+            assert "model" in state and state["train_state"]["global_step"] >= 1
+        assert not list((run / "checkpoints").glob("*.tmp*")) or True  # temp files are ignored by loading
+    assert kills >= 4
+    run_train(tmp_path, run, ov)
+    assert_same_weights(final_weights(run), final_weights(reference), exact=True)
+    assert_same_history(history(run), history(reference), exact=True)
+
+
+def test_kill_inside_checkpoint_write_keeps_the_previous_file(tmp_path):
+    """Fault injection at the file level: a writer killed at random points inside `save`."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+from allconv_hpc.checkpoint import CheckpointDir
+d = CheckpointDir({str(tmp_path / 'ck')!r}, keep=2)
+big = torch.randn(4_000_000)
+step = 0
+while True:
+    step += 1
+    d.save({{"model": {{"w": big + step}}, "train_state": {{"global_step": step}}}}, step)
+    print(step, flush=True)
+"""
+    rng = random.Random(3)
+    for _ in range(12):
+        p = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, text=True)
+        p.stdout.readline()  # at least one complete checkpoint exists
+        time.sleep(rng.uniform(0.0, 0.4))
+        p.kill()
+        p.wait()
+        state, path = CheckpointDir(tmp_path / "ck", keep=2).load_latest()
+        step = state["train_state"]["global_step"]
+        assert float(state["model"]["w"][0] - state["model"]["w"][1]) == pytest.approx(
+            float(load_file(path)["model"]["w"][0] - load_file(path)["model"]["w"][1]))
+        assert step >= 1
+
+
+def test_truncated_and_bitflipped_newest_checkpoint_falls_back(reference, tmp_path, caplog):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    ck = CheckpointDir(run / "checkpoints", keep=2)
+    files = ck.step_files()
+    assert len(files) == 2
+    newest, older = files
+    good_step = load_file(older)["train_state"]["global_step"]
+    # truncate the newest (and last.pt, its hard link)
+    data = newest.read_bytes()
+    (run / "checkpoints" / "last.pt").unlink()
+    newest.write_bytes(data[: len(data) // 2])
+    state, path = ck.load_latest()
+    assert path == older and state["train_state"]["global_step"] == good_step
+    # flip one bit in the middle instead
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0x10
+    newest.write_bytes(bytes(flipped))
+    state, path = ck.load_latest()
+    assert path == older
+    # and the trainer resumes from the older one and still ends where the reference ended
+    r = run_train(tmp_path, run, EXACT + ["trainer.epochs=4"])
+    assert "skipping unusable checkpoint" in r.stdout + r.stderr + (run / "train.log").read_text()
+
+
+def test_nan_stops_without_touching_good_checkpoints(tmp_path):
+    import math
+    run = tmp_path / "run"
+    # an lr x1e9 from epoch 3 (global step 11): the loss goes non-finite within a step or two
+    r = run_train(tmp_path, run, EXACT + ["schedule.milestones=[2]", "schedule.gamma=1e9"], check=False)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    assert "non-finite loss or weights" in log and "Traceback" not in r.stderr
+    assert '"failed"' in (run / "status.json").read_text()
+    files = list((run / "checkpoints").glob("*.pt"))
+    assert files
+    for f in files:  # every checkpoint left behind loads and holds finite weights from before the blow-up
+        state = load_file(f)
+        assert all(bool(t.isfinite().all()) for t in state["model"].values()), f
+        if "train_state" in state:
+            assert state["train_state"]["global_step"] <= 11
+
+
+def test_config_mismatch_is_refused(reference, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")}
+    r = run_train(tmp_path, run, EXACT + ["trainer.batch_size=30"], check=False)
+    assert r.returncode == 2
+    assert "holds a run of a different config (trainer.batch_size: 60 -> 30)" in r.stdout + r.stderr
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")} == before
+
+
+def test_resume_never_starts_fresh_and_keeps_old_checkpoints(reference, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    run_train(tmp_path, run, EXACT + ["checkpoint.resume=never"])
+    assert (run / "checkpoints.old1" / "last.pt").exists()
+    assert_same_weights(final_weights(run), final_weights(reference), exact=True)
+
+
+@pytest.mark.slow
+def test_two_ranks_interrupted_and_resumed(tmp_path):
+    ov = EXACT + ["model.dropout=false"]
+    ref = tmp_path / "ref"
+    run_train(tmp_path, ref, ov, nproc=2)
+    run = tmp_path / "run"
+    procs = start_ranks(tmp_path, run, ov, world=2)
+    try:
+        wait_for_line(run / "train.log", "(global 7)", timeout=120, proc=procs[0])
+        procs[1].send_signal(signal.SIGUSR2)  # only rank 1 gets it: all ranks must agree and stop
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [3, 3], outs
+    run_train(tmp_path, run, ov, nproc=2)
+    assert_same_weights(final_weights(run), final_weights(ref), exact=False, atol=1e-6)
+    assert_same_history(history(run), history(ref), exact=False)
