@@ -102,6 +102,8 @@ def set_threads(requested: Optional[int], env: DistEnv) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # Slurm's allocation, when it did not pin us
+        cores = min(cores, int(os.environ["SLURM_CPUS_PER_TASK"]) * max(1, env.local_world_size))
     n = requested or max(1, cores // max(1, env.local_world_size))
     torch.set_num_threads(n)
     return n

@@ -22,7 +22,7 @@ from typing import Optional
 from .config import ConfigError
 
 # Values written into "#SBATCH --key=value" lines: no newlines, no shell syntax.
-_SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]\-]*$")
+_SAFE = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-]*")  # used with fullmatch: "$" would let "x\n" through
 CLUSTER_KEYS = {"backend", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
                 "partition", "account", "qos", "constraint", "exclude", "additional_parameters", "setup",
                 "signal", "signal_lead_s", "requeue", "array_parallelism"}
@@ -72,6 +72,14 @@ def default_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
     return f"sweeps/{'+'.join(keys) or 'sweep'}-{digest}"
 
 
+def hydra_value(value) -> str:
+    """A value quoted for a Hydra override (paths hold '=', ',' and spaces Hydra would parse)."""
+    v = str(value)
+    if "\\" in v or "\n" in v or "\r" in v or "${" in v:
+        raise ConfigError(f"{v!r}: backslashes, newlines and '${{' are not supported in paths given to submit")
+    return "'" + v.replace("'", "\\'") + "'"
+
+
 def validate_cluster(cluster: dict, cfg) -> dict:
     unknown = sorted(set(cluster) - CLUSTER_KEYS)
     if unknown:
@@ -89,10 +97,10 @@ def validate_cluster(cluster: dict, cfg) -> dict:
                           f"{c['gpus_per_node']} (one rank per GPU)")
     for k in ("partition", "account", "qos", "constraint", "exclude", "signal"):
         v = c.get(k)
-        if v is not None and not _SAFE.match(str(v)):
+        if v is not None and not _SAFE.fullmatch(str(v)):
             raise ConfigError(f"cluster.{k}={v!r} has characters that are not allowed in an sbatch option")
     for k, v in (c.get("additional_parameters") or {}).items():
-        if not re.match(r"^[a-z][a-z0-9_-]*$", str(k)) or (v is not True and not _SAFE.match(str(v))):
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(k)) or (v is not True and not _SAFE.fullmatch(str(v))):
             raise ConfigError(f"cluster.additional_parameters.{k}={v!r} is not a safe sbatch option")
     for line in c.get("setup") or []:
         if "\n" in str(line) or "\r" in str(line):
@@ -128,20 +136,20 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
         sweep_dir = Path(first.hydra["sweep"]["dir"] if explicit else default_sweep_dir(common, swept)).absolute()
     points, cluster = [], None
     extra = []
-    if not any(o.startswith("data.root=") for o in common):
-        extra.append(f"data.root={Path(first.cfg.data.root).absolute()}")  # the jobs may start elsewhere
+    if not Path(first.cfg.data.root).is_absolute():  # the jobs may start in another folder
+        extra.append(f"data.root={hydra_value(Path(first.cfg.data.root).absolute())}")
     for s in swept:
         ov = common + s + extra
         if sweep_dir is not None:
             run_dir = sweep_dir / point_dirname(s)
-            ov = ov + [f"hydra.run.dir={run_dir}"]
+            ov = ov + [f"hydra.run.dir={hydra_value(run_dir)}"]
             if not any(o.startswith("wandb.group=") for o in common + s):
-                ov.append(f"wandb.group={sweep_dir.name}")
+                ov.append(f"wandb.group={hydra_value(sweep_dir.name)}")
         c = compose(ov)
         check_present(c.cfg.data)
         cluster = validate_cluster(c.cluster, c.cfg)
         if sweep_dir is None:
-            ov = ov + [f"hydra.run.dir={c.run_dir}"]
+            ov = ov + [f"hydra.run.dir={hydra_value(c.run_dir)}"]
         points.append(Point(overrides=ov, run_dir=c.run_dir))
     dirs = [p.run_dir for p in points]
     if len(set(dirs)) != len(dirs):
@@ -152,11 +160,15 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
 class TrainJob:
     """The callable submitit pickles: runs `allconv-hpc train` in the job, one call per rank."""
 
-    def __init__(self, overrides: list[str], signal_lead_s: int):
-        self.overrides, self.signal_lead_s = list(overrides), signal_lead_s
+    def __init__(self, overrides: list[str], signal_lead_s: int, signal: str = "USR2"):
+        self.overrides, self.signal_lead_s, self.signal = list(overrides), signal_lead_s, signal
 
     def __call__(self) -> int:
+        from .preempt import catch_early
         from .train import run
+        # replace submitit's USR2/TERM handlers for the whole call: a warning during start-up is
+        # honoured at the first step boundary, one after training is ignored (never a requeue then)
+        catch_early(self.signal)
         os.environ["ALLCONV_SIGNAL_LEAD_S"] = str(self.signal_lead_s)
         code = run(self.overrides)
         if code not in (0,):
@@ -165,10 +177,10 @@ class TrainJob:
         return code
 
     def checkpoint(self):
-        """Only reached if Slurm's warning arrives before training installed its own handlers
-        (while loading data): requeue the same call; it resumes from the run folder."""
+        """Only reached if Slurm's warning arrives while submitit itself starts (before __call__):
+        requeue the same call; it resumes from the run folder."""
         import submitit
-        return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.signal_lead_s))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.signal_lead_s, self.signal))
 
 
 def make_executor(cluster: dict, folder: Path):
@@ -208,7 +220,7 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
     base = sweep_dir if sweep_dir is not None else points[0].run_dir
     base.mkdir(parents=True, exist_ok=True)
     ex = make_executor(cluster, base / ".submitit" / "%j")
-    calls = [TrainJob(p.overrides, cluster["signal_lead_s"]) for p in points]
+    calls = [TrainJob(p.overrides, cluster["signal_lead_s"], str(cluster["signal"])) for p in points]
     if len(calls) == 1:
         jobs = [ex.submit(calls[0])]
     else:
@@ -242,7 +254,7 @@ def submit_main(argv: list[str]) -> int:
     ap.add_argument("--wait", action="store_true", help="stream job states until every job ends")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; submit nothing")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. optim.lr=0.1 cluster=slurm")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # flags anywhere among the overrides
     try:
         points, sweep_dir, cluster = plan(args.overrides, args.multirun)
         if args.dry_run:

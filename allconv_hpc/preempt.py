@@ -28,6 +28,27 @@ def signum(name: str) -> int:
     return getattr(signal, "SIG" + name.upper().removeprefix("SIG"))
 
 
+# A stop signal that arrived before training installed its StopRequest (see `catch_early`).
+_early: Optional[int] = None
+
+
+def _record_early(sig: int, frame) -> None:
+    global _early
+    if _early is None:
+        _early = sig
+
+
+def catch_early(warn_signal: str = "USR2") -> None:
+    """Record the warning signal and SIGTERM from now on (a job's start: imports, data, model, W&B).
+
+    Under submitit its own handlers would otherwise be in place then and after training: its USR2
+    handler checkpoints from inside the handler and requeues even a job that has just completed.
+    The next StopRequest picks the recorded signal up, so training stops at its first step boundary.
+    """
+    for s in (signum(warn_signal), signal.SIGTERM):
+        signal.signal(s, _record_early)
+
+
 class StopRequest:
     """Installs handlers that only set a flag; `requested` is the first signal seen (or None)."""
 
@@ -37,8 +58,11 @@ class StopRequest:
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":
+        global _early
         for s in (self.warn, signal.SIGTERM, signal.SIGINT):
             self._previous[s] = signal.signal(s, self._handle)
+        if _early is not None:  # came before training started: honour it now
+            self.received, _early = _early, None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -87,7 +111,10 @@ class SlurmJob:
     def is_timeout(self, lead_s: float) -> bool:
         """A warning that comes within the signal lead (+ Slurm's coarse timer slack) of the limit."""
         left = self.seconds_left()
-        return left is not None and left <= lead_s + 90
+        timeout = left is not None and left <= lead_s + 90
+        log.info("warning signal with %s s left before the time limit (signal lead %g s): %s",
+                 "?" if left is None else f"{left:g}", lead_s, "time limit" if timeout else "preemption")
+        return timeout
 
     def requeue(self) -> bool:
         out = self._run(["scontrol", "requeue", self.job_id])

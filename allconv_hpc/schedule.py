@@ -13,6 +13,12 @@ from .config import ScheduleConfig
 def lr_factor(step: int, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based)."""
     total = max(1, steps_per_epoch * epochs)
+    if cfg.name == "onecycle":  # its linear rise is the warmup; warmup_epochs is not used
+        peak = max(1, round(cfg.pct_start * total))
+        if step < peak:
+            return (step + 1) / peak
+        t = (step - peak) / max(1, total - peak)
+        return 1.0 - (1.0 - cfg.final_lr_ratio) * min(1.0, t)
     warm = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warm:
         return (step + 1) / warm
@@ -24,10 +30,4 @@ def lr_factor(step: int, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int)
     if cfg.name == "cosine":
         t = (step - warm) / max(1, total - warm)
         return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    if cfg.name == "onecycle":
-        peak = max(warm, round(cfg.pct_start * total))
-        if step < peak:  # a rise after any explicit warmup
-            return (step + 1) / peak
-        t = (step - peak) / max(1, total - peak)
-        return 1.0 - (1.0 - cfg.final_lr_ratio) * min(1.0, t)
     raise ValueError(f"unknown schedule {cfg.name!r}")

@@ -4,6 +4,7 @@ stays right across requeues and array tasks and tolerates clusters without accou
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,7 +54,13 @@ def _local_state(rec: dict) -> Optional[str]:
         except Exception:
             return None
         return "COMPLETED" if kind == "success" else "FAILED"
-    return None
+    try:  # the job id of a local job is its controller's pid
+        os.kill(int(rec["job_id"]), 0)
+        return "RUNNING"
+    except (ValueError, ProcessLookupError):
+        return None
+    except PermissionError:  # alive, someone else's
+        return "RUNNING"
 
 
 def run_rows(folder: Path) -> list[dict]:

@@ -352,7 +352,10 @@ class Tracker:
                   f"{sorted(data)}", file=sys.stderr, flush=True)
             return
         self._last_step = step
-        self._run.log({k: _scalar(v) for k, v in data.items()}, step=step)
+        try:
+            self._run.log({k: _scalar(v) for k, v in data.items()}, step=step)
+        except Exception as e:
+            self._lost(e)
 
     def log_train(self, step: int, metrics: Mapping[str, Any]) -> None:
         """``train/<key>`` for each metric, at the global optimizer step ``step``."""
@@ -372,7 +375,17 @@ class Tracker:
     def set_summary(self, **kv: Any) -> None:
         """Set run summary values (e.g. ``best_val_acc=...``); they override the last logged value."""
         if self._run is not None and not self._finished:
-            self._run.summary.update({k: _scalar(v) for k, v in kv.items()})
+            try:
+                self._run.summary.update({k: _scalar(v) for k, v in kv.items()})
+            except Exception as e:
+                self._lost(e)
+
+    def _lost(self, e: Exception) -> None:
+        """W&B's service process is gone (a job's SIGTERM reaches every process of the step, W&B's
+        too): stop logging to W&B instead of failing the training; history.csv stays complete."""
+        print(f"[tracking] W&B stopped working ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
+              f" not logging to W&B for the rest of this process", file=sys.stderr, flush=True)
+        self._finished = True
 
     # -- history.csv -----------------------------------------------------------------------------
     def append_history(self, row: Mapping[str, Any]) -> None:
@@ -389,7 +402,10 @@ class Tracker:
             return
         self._finished = True
         if self._run is not None:
-            self._run.finish(exit_code=exit_code)
+            try:
+                self._run.finish(exit_code=exit_code)
+            except Exception as e:
+                print(f"[tracking] W&B finish failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
     def __enter__(self):
         return self

@@ -287,8 +287,9 @@ class Trainer:
             self.scaler.update()
             self.sched.step()
             with torch.no_grad():
+                # the count comes from a kernel, not a host->device copy: no sync in the step
                 step_sums = torch.stack([loss_sum.detach().double(), (out.argmax(1) == y).sum().double(),
-                                         torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
+                                         (y >= 0).sum().double()])
                 self.epoch_sums += step_sums
                 self.interval_sums += step_sums
             st.step_in_epoch += 1
@@ -358,8 +359,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = self.model(x)
             sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
-                                 (out.argmax(1) == y).sum().double(),
-                                 torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
+                                 (out.argmax(1) == y).sum().double(), (y >= 0).sum().double()])
         s = self.dist.all_reduce_sum(sums).tolist()
         self._val = (s[0] / s[2], s[1] / s[2], int(s[2]))
         return False
@@ -419,6 +419,8 @@ class Trainer:
             if kind == "timeout":
                 st.timeouts += 1
                 self.save()  # the count must survive the requeue
+            # W&B first: a requeue sends SIGTERM to every process of the step, W&B's service included
+            self._finish_tracker(0)
             ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
             decision = "requeued" if ok else "interrupted"
         if self.env.is_main:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-if str(REPO) not in sys.path:  # run from anywhere
-    sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # run from anywhere; an installed (or overlaid) allconv_hpc comes first
+    sys.path.append(str(REPO))
 
 from allconv_hpc import augment as aug  # noqa: E402
 from allconv_hpc.compose import compose  # noqa: E402
@@ -59,7 +59,12 @@ def trainer_overrides(*, width: float, batch: int, device: str, precision: str =
 def make_trainer(overrides: list[str], run_dir: Optional[Path] = None, env: Optional[DistEnv] = None):
     """The package's real Trainer, built exactly as `allconv-hpc train` builds it (minus logging setup)."""
     from allconv_hpc.trainer import Trainer
-    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="allconv-bench-"))
+    if run_dir is None:  # a throw-away run folder, removed when this process exits
+        import atexit
+        import shutil
+        run_dir = Path(tempfile.mkdtemp(prefix="allconv-bench-"))
+        atexit.register(shutil.rmtree, run_dir, True)
+    run_dir = Path(run_dir)
     c = compose([*overrides, f"hydra.run.dir={run_dir}"])
     return Trainer(c.cfg, c.cfg_dict, c.run_dir, env or DistEnv())
 
@@ -80,6 +85,7 @@ def time_trainer_epoch(tr, warmup: int) -> dict:
     st.step_in_epoch = 0
     orig = tr.batches.epoch
     stamps: list[float] = []
+    cpu: list[float] = []
     sizes: list[int] = []
 
     def stamped(epoch: int, start: int = 0):
@@ -90,10 +96,12 @@ def time_trainer_epoch(tr, warmup: int) -> dict:
                 stamps.append(time.perf_counter())
             else:
                 stamps.append(float("nan"))
+            cpu.append(time.process_time())
             sizes.append(item[2])
             yield item
         sync(dev)
         stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
 
     tr.batches.epoch = stamped
     try:
@@ -107,8 +115,9 @@ def time_trainer_epoch(tr, warmup: int) -> dict:
     if n_steps < 1:
         raise ValueError(f"epoch has {len(sizes)} steps; need more than warmup={warmup}")
     step_s = [b - a for a, b in zip(stamps[warmup:-1], stamps[warmup + 1:])] if dev.type == "cpu" else []
+    cpu_s = [b - a for a, b in zip(cpu[warmup:-1], cpu[warmup + 1:])]
     return {"images": sum(sizes[warmup:]), "seconds": stamps[-1] - stamps[warmup], "steps": n_steps,
-            "step_s": step_s}
+            "step_s": step_s, "cpu_s": cpu_s, "cpu_seconds": cpu[-1] - cpu[warmup]}
 
 
 class BareLoop:
@@ -146,18 +155,20 @@ class BareLoop:
         for _ in range(warmup):
             self.step()
         sync(self.device)
-        times, t0 = [], time.perf_counter()
-        t = t0
+        times, cpu, t0, c0 = [], [], time.perf_counter(), time.process_time()
+        t, c = t0, c0
         for _ in range(steps):
             self.step()
             if self.device.type == "cpu":
-                now = time.perf_counter()
+                now, cnow = time.perf_counter(), time.process_time()
                 times.append(now - t)
-                t = now
+                cpu.append(cnow - c)
+                t, c = now, cnow
         sync(self.device)
         seconds = time.perf_counter() - t0
         b = len(self.batches[0][1])
-        return {"images": steps * b, "seconds": seconds, "steps": steps, "step_s": times}
+        return {"images": steps * b, "seconds": seconds, "steps": steps, "step_s": times, "cpu_s": cpu,
+                "cpu_seconds": time.process_time() - c0}
 
 
 def prebuilt_batches(tr, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -174,6 +185,17 @@ def prebuilt_batches(tr, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def median(xs: Iterable[float]) -> float:
     xs = list(xs)
     return statistics.median(xs) if xs else float("nan")
+
+
+def quantile(xs: Iterable[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation; q=0.1 is a noise-robust 'best case' on a shared box."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def machine_info() -> dict:

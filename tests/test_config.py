@@ -1,0 +1,162 @@
+"""Bad configurations fail at once with one clear line; the experiment recipes compose as promised.
+
+In-process: `compose()` raises `ConfigError` (one line naming the key) before anything is written.
+As the CLI: `allconv-hpc train <bad override>` exits 2 with a single `allconv-hpc: error:` line on
+stderr, no traceback, quickly, and without creating the run folder.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+import shutil
+
+import pytest
+
+from allconv_hpc.compose import compose
+from allconv_hpc.config import ConfigError
+from allconv_hpc.data import DataError, check_present
+from proc import clean_env
+
+# (overrides, substrings the one-line message must contain)
+BAD = [
+    (["model=nope"], ["model/nope"]),
+    (["model.name=nope"], ["model.name='nope'", "allcnn_c", "allcnn_seed"]),
+    (["optim.lr=0"], ["optim.lr=0", "> 0"]),
+    (["optim.lr=-1"], ["optim.lr=-1", "> 0"]),
+    (["trainer.epochs=0"], ["trainer.epochs=0", ">= 1"]),
+    (["trainer.batch_size=0"], ["trainer.batch_size=0", ">= 1"]),
+    (["trainer.batch_size=-4"], ["trainer.batch_size=-4"]),
+    (["model.width=0.001"], ["model.width=0.001", "empty"]),
+    (["trainer.precision=bf16", "trainer.device=cpu"], ["trainer.precision=bf16", "trainer.precision=fp32"]),
+    (["trainer.precision=fp16", "trainer.device=cpu"], ["trainer.precision=fp16", "trainer.precision=fp32"]),
+    (["+trainer.foo=1"], ["trainer.foo"]),
+    (["trainer.foo=1"], ["trainer.foo"]),  # without '+': Hydra refuses it itself
+    (["+foo=1"], ["foo"]),
+    (["data.augment=mixup"], ["data.augment='mixup'", "paper"]),
+    (["schedule.name=linear"], ["schedule.name='linear'"]),
+    (["schedule=nope"], ["schedule/nope"]),
+    (["optim.momentum=1.5"], ["optim.momentum=1.5"]),
+    (["wandb.mode=maybe"], ["wandb.mode='maybe'"]),
+    (["data.train_size=0"], ["data.train_size=0"]),
+    (["trainer.log_every_steps=0"], ["trainer.log_every_steps=0"]),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_is_one_clear_line_before_any_work(overrides, needles, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run folder would be tmp_path/runs/...
+    with pytest.raises(ConfigError) as e:
+        compose(["data=synthetic", *overrides])
+    msg = str(e.value)
+    assert msg and "\n" not in msg, msg
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+@pytest.mark.parametrize("name,folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_missing_data_root_names_the_folder_and_the_fix(name, folder):
+    c = compose([f"data={name}", "data.root=/nonexistent"])  # composing never looks at files
+    with pytest.raises(DataError) as e:
+        check_present(c.cfg.data)
+    msg = str(e.value)
+    assert isinstance(e.value, ConfigError) and "\n" not in msg
+    assert f"/nonexistent/{folder}" in msg
+    assert "data.root=" in msg and "data.download=true" in msg
+
+
+def test_synthetic_data_needs_no_files():
+    check_present(compose(["data=synthetic", "data.root=/nonexistent"]).cfg.data)
+
+
+def test_data_root_from_environment(monkeypatch):
+    monkeypatch.setenv("ALLCONV_DATA", "/somewhere/else")
+    assert compose(["data=cifar10"]).cfg.data.root == "/somewhere/else"
+    assert compose(["data=cifar10", "data.root=/x"]).cfg.data.root == "/x"
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _cli() -> str:
+    exe = Path(sys.executable).with_name("allconv-hpc")
+    return str(exe) if exe.exists() else shutil.which("allconv-hpc")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model=nope"], "model/nope"),
+    (["optim.lr=0"], "optim.lr=0 must be > 0"),
+    (["data=cifar10", "data.root=/nonexistent"], "/nonexistent/cifar-10-batches-py"),
+], ids=["unknown-model", "lr-zero", "missing-data"])
+def test_cli_bad_config_exits_2_with_one_line(overrides, needle, tmp_path):
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    r = subprocess.run([_cli(), "train", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=log"],
+                       env=clean_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("allconv-hpc: error: ") and needle in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert r.stdout.strip() == ""
+    assert elapsed < 30, f"took {elapsed:.1f} s: the error should come before any work"
+    assert not run_dir.exists()
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- experiment recipes
+
+
+def test_experiment_paper_allcnn_c_cifar10():
+    c = compose(["experiment=paper_allcnn_c_cifar10"])
+    cfg = c.cfg
+    assert (cfg.model.name, cfg.model.width, cfg.model.dropout) == ("allcnn_c", 1.0, True)
+    assert (cfg.model.input_dropout, cfg.model.hidden_dropout) == (0.2, 0.5)
+    assert (cfg.data.name, cfg.data.augment, cfg.data.num_classes) == ("cifar10", "paper", 10)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.05, 0.9, True, 0.001)
+    assert cfg.optim.scale_lr is False and cfg.lr == 0.05
+    assert (cfg.schedule.name, list(cfg.schedule.milestones), cfg.schedule.gamma) == ("paper", [200, 250, 300], 0.1)
+    assert cfg.schedule.warmup_epochs == 0.0  # the paper has none
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (350, 128)
+    assert c.run_dir.name == "allcnn_c-cifar10-seed0"
+    assert "experiment" not in c.cfg_dict
+
+
+def test_experiment_seed_keras():
+    cfg = compose(["experiment=seed_keras", "data=synthetic"]).cfg  # data is the user's choice
+    assert cfg.model.name == "allcnn_seed" and cfg.model.input_dropout == 0.0 and cfg.model.hidden_dropout == 0.5
+    assert cfg.data.augment == "seed"
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.1, 0.9, True, 0.0)
+    assert cfg.schedule.name == "constant" and cfg.schedule.warmup_epochs == 0.0
+    assert (cfg.trainer.batch_size, cfg.trainer.epochs) == (32, 350)
+    assert compose(["experiment=seed_keras"]).cfg.data.name == "cifar10"
+
+
+def test_experiment_fast():
+    cfg = compose(["experiment=fast"]).cfg
+    assert cfg.model.name == "allcnn_c"
+    assert cfg.schedule.name == "onecycle"
+    assert cfg.data.augment == "paper"
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.1, 0.0005)
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.channels_last) == (60, 256, True)
+
+
+def test_experiment_values_can_still_be_overridden():
+    cfg = compose(["experiment=seed_keras", "optim.lr=0.01", "trainer.epochs=3", "model.width=0.5"]).cfg
+    assert (cfg.optim.lr, cfg.trainer.epochs, cfg.model.width, cfg.trainer.batch_size) == (0.01, 3, 0.5, 32)
+
+
+def test_unknown_experiment():
+    with pytest.raises(ConfigError) as e:
+        compose(["experiment=nope"])
+    assert "experiment/nope" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_defaults_are_the_paper():
+    cfg = compose([]).cfg
+    assert (cfg.model.name, cfg.data.name, cfg.optim.lr, cfg.optim.weight_decay) == ("allcnn_c", "cifar10", 0.05, 0.001)
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.precision) == (350, 128, "fp32")
+    assert cfg.schedule.name == "paper" and list(cfg.schedule.milestones) == [200, 250, 300]

@@ -1,0 +1,237 @@
+"""The model zoo, built the way the CLI builds it: compose the Hydra model config, validate, build.
+
+Exact parameter counts pin the architectures to the paper's Table 2 (and the seed's Keras net);
+the structural checks pin what the counts cannot see (padding, where ReLUs and dropout sit).
+"""
+from __future__ import annotations
+
+import math
+import re
+from functools import lru_cache
+
+import pytest
+import torch
+from torch import nn
+
+from allconv_hpc.compose import compose
+from allconv_hpc.config import ConfigError, ModelConfig
+from allconv_hpc.models import build_model, count_parameters, summary
+
+NAMES = ["allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_cnn_c"]
+PAPER = [n for n in NAMES if n != "allcnn_seed"]
+
+PARAMS = {  # width 1.0, width 0.25
+    "allcnn_c": (1_369_738, 86_698),
+    "allcnn_seed": (1_369_738, 86_698),
+    "model_c": (954_730, 60_706),
+    "strided_cnn_c": (954_730, 60_706),
+    "convpool_cnn_c": (1_369_738, 86_698),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@lru_cache(maxsize=None)
+def model_cfg(name: str, *extra: str, data: str = "synthetic") -> ModelConfig:
+    """The validated ModelConfig that `allconv-hpc train model=<name> data=<data> <extra>` would use."""
+    return compose([f"model={name}", f"data={data}", *extra]).cfg.model
+
+
+def build(name: str, *extra: str, data: str = "synthetic", seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return build_model(model_cfg(name, *extra, data=data))
+
+
+def before_global_pool(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The activation that enters the AdaptiveAvgPool2d (the class-score map)."""
+    for layer in model:
+        if isinstance(layer, nn.AdaptiveAvgPool2d):
+            return x
+        x = layer(x)
+    raise AssertionError("no global average pooling layer")
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exact_parameter_counts(name):
+    full, quarter = PARAMS[name]
+    cfg = model_cfg(name)
+    assert cfg.name == name and cfg.width == 1.0 and cfg.num_classes == 10
+    assert count_parameters(build(name)) == full
+    assert count_parameters(build(name, "model.width=0.25")) == quarter
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_shape_and_class_map_size(name):
+    model = build(name, "model.width=0.25").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        score_map = before_global_pool(model, x)
+    assert out.shape == (3, 10)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    # paper models: the 3x3 conv at layer 7 is valid (8x8 -> 6x6); the seed's Keras net keeps 8x8
+    side = 8 if name == "allcnn_seed" else 6
+    assert score_map.shape == (3, 10, side, side)
+    convs3 = [m for m in model if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert convs3[-1].padding == ((1, 1) if name == "allcnn_seed" else (0, 0))
+    convs1 = [m for m in model if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert len(convs1) == 2 and convs1[-1].out_channels == 10
+
+
+@pytest.mark.parametrize("name", ["allcnn_c", "allcnn_seed", "model_c"])
+def test_cifar100_has_100_outputs(name):
+    cfg = model_cfg(name, "model.width=0.25", data="cifar100")  # composes without the dataset files
+    assert cfg.num_classes == 100
+    model = build(name, "model.width=0.25", data="cifar100").eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 100)
+    # only the class-score conv changes: (w2 + 1) * (100 - 10) more parameters (w2 = 48 at width 0.25)
+    assert count_parameters(model) == PARAMS[name][1] + 49 * 90
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def _followers(model: nn.Sequential, pred) -> list[tuple[int, nn.Module, nn.Module, nn.Module]]:
+    """(index, previous layer, layer, next layer) for each layer matching pred."""
+    layers = list(model)
+    return [(i, layers[i - 1] if i else None, m, layers[i + 1]) for i, m in enumerate(layers) if pred(m)]
+
+
+def _strided(m) -> bool:
+    return isinstance(m, nn.Conv2d) and m.stride == (2, 2)
+
+
+@pytest.mark.parametrize("dropout", ["true", "false"])
+def test_relu_after_strided_convs_in_allcnn_c_but_not_in_the_seed_net(dropout):
+    paper = build("allcnn_c", "model.width=0.25", f"model.dropout={dropout}")
+    strided = _followers(paper, _strided)
+    assert len(strided) == 2
+    assert all(isinstance(nxt, nn.ReLU) for _, _, _, nxt in strided)
+    assert all(conv.padding == (1, 1) for _, _, conv, _ in strided)
+
+    seed = build("allcnn_seed", "model.width=0.25", f"model.dropout={dropout}")
+    strided = _followers(seed, _strided)
+    assert len(strided) == 2
+    assert not any(isinstance(nxt, nn.ReLU) for _, _, _, nxt in strided)
+    # Keras "same" on a stride-2 conv: pad 0 before, 1 after (an explicit pad layer, conv padding 0)
+    assert all(conv.padding == (0, 0) and type(prev).__name__ == "SamePad" for _, prev, conv, _ in strided)
+    # every other conv is followed by a ReLU (the class-score conv feeds the global pooling)
+    plain = [(i, nxt) for i, _, m, nxt in _followers(seed, lambda m: isinstance(m, nn.Conv2d) and not _strided(m))]
+    assert all(isinstance(nxt, nn.ReLU) for _, nxt in plain[:-1])
+    assert isinstance(plain[-1][1], nn.AdaptiveAvgPool2d)
+
+
+def test_pooling_and_strided_variants():
+    for name, n_strided, n_pool in [("model_c", 0, 2), ("convpool_cnn_c", 0, 2), ("strided_cnn_c", 2, 0)]:
+        model = build(name, "model.width=0.25")
+        assert sum(map(_strided, model)) == n_strided, name
+        pools = [m for m in model if isinstance(m, nn.MaxPool2d)]
+        assert len(pools) == n_pool, name
+        assert all(p.kernel_size == 3 and p.stride == 2 for p in pools), name
+    # conv counts: Model C 7, Strided-CNN-C 7 (the conv before each pool strided), ConvPool-CNN-C 9
+    counts = {n: sum(isinstance(m, nn.Conv2d) for m in build(n, "model.width=0.25")) for n in NAMES}
+    assert counts == {"allcnn_c": 9, "allcnn_seed": 9, "model_c": 7, "strided_cnn_c": 7, "convpool_cnn_c": 9}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dropout_layers_and_probabilities(name):
+    model = build(name, "model.width=0.25")
+    ps = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    if name == "allcnn_seed":
+        assert ps == [0.5, 0.5]  # the seed has no input dropout
+    else:
+        assert ps == [0.2, 0.5, 0.5]
+        assert isinstance(model[0], nn.Dropout) and model[0].p == 0.2  # on the input image
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dropout_false_removes_every_dropout(name):
+    x = torch.randn(4, 3, 32, 32)
+    off = build(name, "model.width=0.125", "model.dropout=false")
+    assert not any(isinstance(m, nn.Dropout) for m in off.modules())
+    with torch.no_grad():
+        torch.manual_seed(1)
+        train_out = off.train()(x)
+        eval_out = off.eval()(x)
+    assert torch.equal(train_out, eval_out)
+    # control: with dropout on, training-mode outputs are stochastic (so the check above can fail)
+    on = build(name, "model.width=0.125")
+    with torch.no_grad():
+        torch.manual_seed(1)
+        assert not torch.equal(on.train()(x), on.eval()(x))
+
+
+def test_final_relu_option():
+    model = build("allcnn_c", "model.width=0.125", "model.final_relu=true").eval()
+    assert isinstance(model[-3], nn.ReLU) and isinstance(model[-2], nn.AdaptiveAvgPool2d)
+    with torch.no_grad():
+        assert (model(torch.randn(8, 3, 32, 32)) >= 0).all()
+    assert not isinstance(build("allcnn_c", "model.width=0.125")[-3], nn.ReLU)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_initial_loss_is_about_log_num_classes(name):
+    # the small class-score init: the first losses sit at log(C) instead of exploding
+    model = build(name, "model.width=0.25", "model.dropout=false").eval()
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(model(x), y).item()
+    assert abs(loss - math.log(10)) < 0.25
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_summary_lists_layers_and_total(name):
+    model = build(name, "model.width=0.25")
+    text = summary(model)
+    assert text.splitlines()[-1].split()[-1] == f"{PARAMS[name][1]:,}"
+    assert "total parameters" in text.splitlines()[-1]
+    layer_rows = [ln for ln in text.splitlines() if re.match(r"^\s*\d+ ", ln)]
+    assert len(layer_rows) == len(model)
+    side = "8, 8" if name == "allcnn_seed" else "6, 6"
+    assert f"(10, {side})" in text  # the class-score map's shape is printed
+    assert model.training  # summary() leaves the mode as it found it
+
+
+def test_summary_total_at_full_width():
+    assert f"{1_369_738:,}" in summary(build("allcnn_c")).splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- width validation
+
+
+@pytest.mark.parametrize("width", ["0.001", "0.005", "0", "-0.5"])
+def test_width_too_small_is_a_config_error(width):
+    with pytest.raises(ConfigError) as e:
+        compose(["model=allcnn_c", "data=synthetic", f"model.width={width}"])
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"model.width={float(width)}" in msg or f"model.width={width}" in msg
+
+
+def test_smallest_valid_width_builds():
+    # 96 * w must round to >= 1 channel: 0.0053 -> 1 and 2 channels
+    model = build("allcnn_c", "model.width=0.0053")
+    assert [m.out_channels for m in model if isinstance(m, nn.Conv2d)][:3] == [1, 1, 1]
+
+
+@pytest.mark.xfail(strict=True, reason="config.py: the suggested minimum width ('use width >= 0.0052') is "
+                                       "itself rejected, since round(96 * 0.0052) == round(0.4992) == 0")
+def test_width_error_suggests_a_width_that_works():
+    with pytest.raises(ConfigError) as e:
+        compose(["model=allcnn_c", "data=synthetic", "model.width=0.001"])
+    suggested = re.search(r"width >= ([0-9.]+)", str(e.value)).group(1)
+    compose(["model=allcnn_c", "data=synthetic", f"model.width={suggested}"])  # must not raise

@@ -1,0 +1,424 @@
+"""`allconv-hpc submit` / `status` end to end on the real two-node Slurm dev cluster (slurm/dev-cluster.sh):
+a sweep as one job array, a 2-node DDP job, preemption, the time limit, scancel, refusals before
+anything reaches Slurm, and cluster=local.
+
+Every job runs the project's python (submitit uses sys.executable) with tiny settings. Each test has
+its own folder (HOME, TMPDIR and run folders under tmp_path) and cancels what it submitted. Waits
+are bounded polls of squeue / sacct / files; no assertion on Slurm's (coarse) timings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from allconv_hpc.distributed import slurm_port
+from allconv_hpc.preempt import SlurmJob
+from allconv_hpc.wandb_offline import merged_history, read_run, segments
+from proc import (PY, assert_same_history, assert_same_weights, clean_env, final_weights, history, train_cmd,
+                  wait_for_line)
+
+pytestmark = pytest.mark.slurm
+
+# tiny and quick; every job gets one CPU and one torch thread
+JOB = ["data=synthetic", "data.train_size=300", "data.test_size=100", "model.width=0.125", "trainer.threads=1",
+       "trainer.progress=log", "trainer.log_every_steps=1", "wandb.mode=offline", "trainer.batch_size=60",
+       "dist.timeout_s=60"]
+SLURM = ["cluster=slurm", "cluster.partition=low", "cluster.cpus_per_task=1"]
+CLUSTER_KEYS = ("cluster", "hydra.sweep.dir")
+
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+          "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def poll(predicate, timeout: float, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def job_env(cluster, tmp: Path, **extra) -> dict:
+    """The submitting environment; the jobs inherit it (sbatch --export=ALL)."""
+    return clean_env(tmp, SLURM_CONF=cluster.conf, WANDB_SILENT="true", **extra)
+
+
+def cli(cluster, tmp: Path, *args: str, env: dict | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "allconv_hpc", *args], env=env or job_env(cluster, tmp), cwd=tmp,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def submit(cluster, tmp: Path, jobs: list, *overrides: str, **kw) -> tuple[list[tuple[str, Path]], subprocess.CompletedProcess]:
+    r = cli(cluster, tmp, "submit", *overrides, **kw)
+    assert r.returncode == 0, f"submit exited {r.returncode}\n{r.stdout}\n{r.stderr}"
+    ids = [(m.group(1), Path(m.group(2))) for m in re.finditer(r"^job (\S+)\s+(.+)$", r.stdout, re.M)]
+    assert ids, r.stdout
+    jobs.extend(j for j, _ in ids)
+    return ids, r
+
+
+def status(cluster, tmp: Path, folder: Path) -> tuple[int, list[dict], str]:
+    table = cli(cluster, tmp, "status", str(folder))
+    js = cli(cluster, tmp, "status", "--json", str(folder))
+    return js.returncode, json.loads(js.stdout), table.stdout + table.stderr
+
+
+def squeue_state(cluster, job_id: str) -> str | None:
+    out = cluster.run(["squeue", "-h", "-j", job_id, "-o", "%T"]).stdout.split()
+    return out[0] if out else None
+
+
+def sacct_state(cluster, job_id: str) -> str:
+    lines = cluster.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"]).stdout.split("\n")
+    lines = [ln.split()[0] for ln in lines if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def wait_final(cluster, job_id: str, timeout: float) -> str:
+    """Wait until the job left the queue for good; its final state from accounting."""
+    def final():
+        if squeue_state(cluster, job_id) in ACTIVE:
+            return None
+        s = sacct_state(cluster, job_id)
+        return s if s in FINAL else None
+    state = poll(final, timeout, interval=1.0)
+    assert state, (f"job {job_id} not finished after {timeout} s: squeue {squeue_state(cluster, job_id)}, "
+                   f"sacct {sacct_state(cluster, job_id)!r}")
+    return state
+
+
+def read_status(run: Path) -> dict:
+    p = run / "status.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def wait_status(run: Path, state: str, timeout: float) -> dict:
+    assert poll(lambda: read_status(run).get("state") == state, timeout), (read_status(run), tail(run))
+    return read_status(run)
+
+
+def tail(run: Path, n: int = 4000) -> str:
+    parts = []
+    if (run / "train.log").exists():
+        parts.append((run / "train.log").read_text()[-n:])
+    for f in sorted((run / ".submitit").glob("*/*_log.err")):
+        parts.append(f"--- {f.name}\n" + f.read_text()[-n:])
+    return "\n".join(parts)
+
+
+def local_overrides(overrides: list[str]) -> list[str]:
+    """The same training config without the launch-only keys (for a reference run here)."""
+    return [o for o in overrides if not o.startswith(CLUSTER_KEYS)]
+
+
+def start_reference(tmp: Path, run: Path, overrides: list[str]) -> subprocess.Popen:
+    """An uninterrupted single-process run here, in the background, while Slurm runs the job."""
+    log = open(tmp / "reference.out", "w")
+    return subprocess.Popen(train_cmd(run, local_overrides(overrides) + ["wandb.mode=disabled"]),
+                            env=clean_env(tmp), stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_reference(tmp: Path, p: subprocess.Popen, timeout: float = 180) -> None:
+    try:
+        rc = p.wait(timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rc == 0, (tmp / "reference.out").read_text()[-3000:]
+
+
+def submission_script(folder: Path) -> str:
+    scripts = sorted((folder / ".submitit").glob("*/*_submission.sh"))
+    assert scripts, list((folder / ".submitit").rglob("*"))
+    return scripts[0].read_text()
+
+
+@pytest.fixture
+def jobs(slurm_cluster):
+    """Job ids a test submitted; whatever is still queued is cancelled at the end."""
+    ids: list[str] = []
+    yield ids
+    alive = [j for j in ids if squeue_state(slurm_cluster, j) in ACTIVE]
+    if alive:
+        slurm_cluster.run(["scancel", *alive])
+        poll(lambda: not any(squeue_state(slurm_cluster, j) in ACTIVE for j in alive), 60)
+
+
+# -------------------------------------------------------------------------------- tests
+
+@pytest.mark.slow
+def test_sweep_is_one_job_array_with_one_wandb_group(slurm_cluster, jobs, tmp_path):
+    sweep = tmp_path / "sweep"
+    t0 = time.monotonic()
+    ids, r = submit(slurm_cluster, tmp_path, jobs, "-m", *SLURM, "optim.lr=0.05,0.1", "seed=0,1", *JOB,
+                    "trainer.epochs=2", "cluster.array_parallelism=4", "cluster.signal_lead_s=45",
+                    f"hydra.sweep.dir={sweep}")
+    returned_after = time.monotonic() - t0
+    # non-blocking: it returned while the array is still in the queue
+    assert any(squeue_state(slurm_cluster, j) in ACTIVE for j, _ in ids), r.stdout
+    assert returned_after < 60
+    assert f"sweep folder: {sweep}" in r.stdout
+    assert len(ids) == 4
+    (array,) = {j.split("_")[0] for j, _ in ids}  # one job array
+    assert sorted(j for j, _ in ids) == [f"{array}_{i}" for i in range(4)], ids
+    names = {"optim.lr=0.05,seed=0", "optim.lr=0.05,seed=1", "optim.lr=0.1,seed=0", "optim.lr=0.1,seed=1"}
+    assert {d.name for _, d in ids} == names and all(d.parent == sweep for _, d in ids)
+
+    doc = json.loads((sweep / "sweep.json").read_text())
+    assert [(j["job_id"], j["run_dir"]) for j in doc["jobs"]] == [(j, str(d)) for j, d in ids]
+    for j in doc["jobs"]:
+        name = Path(j["run_dir"]).name
+        for o in name.split(","):
+            assert o in j["overrides"], (o, j["overrides"])
+
+    script = submission_script(sweep)
+    assert re.search(r"^#SBATCH --array=0-3%4$", script, re.M), script
+    assert re.search(r"^#SBATCH --requeue$", script, re.M), script
+    assert re.search(r"^#SBATCH --signal=USR2@45$", script, re.M), script  # to the srun tasks: no "B:"
+    assert "B:" not in script
+
+    for j, run in ids:
+        assert wait_final(slurm_cluster, j, 150) == "COMPLETED", tail(run)
+    groups, run_ids = set(), set()
+    for _, run in ids:
+        assert read_status(run)["state"] == "completed"
+        assert len(history(run)) == 2
+        assert (run / "checkpoints" / "last.pt").is_file()
+        segs = segments(run / "wandb")
+        assert len(segs) == 1, segs
+        cfg = read_run(segs[0])["config"]
+        groups.add(cfg["wandb"]["group"])
+        run_ids.add(read_run(segs[0])["id"])
+    assert groups == {sweep.name} and len(run_ids) == 4
+    rc, rows, table = status(slurm_cluster, tmp_path, sweep)
+    assert rc == 0, table
+    assert sorted((r["job"], r["state"], r["run"]) for r in rows) == sorted((j, "COMPLETED", "completed") for j, _ in ids)
+
+
+@pytest.mark.slow
+def test_two_node_ddp_job_matches_one_process(slurm_cluster, jobs, tmp_path):
+    run = tmp_path / "ddp"
+    overrides = [*SLURM, *JOB, "cluster.nodes=2", "cluster.tasks_per_node=1", "model.dropout=false",
+                 "trainer.epochs=3"]
+    ids, _ = submit(slurm_cluster, tmp_path, jobs, *overrides, f"hydra.run.dir={run}")
+    ref = start_reference(tmp_path, tmp_path / "ref", overrides)
+    (job, _), = ids
+    assert wait_final(slurm_cluster, job, 150) == "COMPLETED", tail(run)
+    finish_reference(tmp_path, ref)
+    log = (run / "train.log").read_text()
+    # detect_env took the Slurm path: 2 ranks, master = first node, port from the job id and restart count
+    assert f"rank 0/2 joined (gloo, slurm, master n1:{slurm_port(job, 0)})" in log, log[-2000:]
+    nodes = slurm_cluster.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList"]).stdout.split()
+    assert nodes[-1:] == ["n[1-2]"], nodes
+    assert "2 rank(s), global batch 60" in log
+    assert read_status(run)["state"] == "completed"
+    assert_same_weights(final_weights(run), final_weights(tmp_path / "ref"), exact=False)
+    assert_same_history(history(run), history(tmp_path / "ref"), exact=False)
+
+
+@pytest.mark.slow
+def test_preempted_job_checkpoints_requeues_and_ends_bitwise_identical(slurm_cluster, jobs, tmp_path):
+    run = tmp_path / "pre"
+    epochs = 30
+    overrides = [*SLURM, *JOB, f"trainer.epochs={epochs}", "trainer.deterministic=true"]  # dropout on
+    ids, _ = submit(slurm_cluster, tmp_path, jobs, *overrides, f"hydra.run.dir={run}")
+    (job, _), = ids
+    ref = start_reference(tmp_path, tmp_path / "ref", overrides)
+    wait_for_line(run / "train.log", "(global 10)", timeout=120)
+    # a job of the high partition that needs every CPU of both nodes preempts it
+    high = slurm_cluster.run(["sbatch", "--parsable", "-p", "high", "-N2", "--exclusive", "-J", "preemptor",
+                              "-o", str(tmp_path / "high-%j.out"), "--wrap", "sleep 5"])
+    assert high.returncode == 0, high.stderr
+    jobs.append(high.stdout.strip())
+    assert wait_final(slurm_cluster, job, 180) == "COMPLETED", tail(run)
+    assert wait_final(slurm_cluster, high.stdout.strip(), 60) == "COMPLETED"
+    finish_reference(tmp_path, ref)
+
+    log = (run / "train.log").read_text()
+    assert "stop requested (SIGUSR2) during" in log, log[-3000:]
+    assert ": preemption" in log and "requeued at global step" in log, log[-3000:]
+    assert "resumed from" in log and "done: best val_acc" in log
+    st = read_status(run)
+    assert st["state"] == "completed" and st["restarts"] == 1 and st["timeouts"] == 0, st
+    assert_same_weights(final_weights(run), final_weights(tmp_path / "ref"), exact=True)
+    assert_same_history(history(run), history(tmp_path / "ref"), exact=True)
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and rows[0]["state"] == "COMPLETED" and rows[0]["restarts"] == 1, table
+    # W&B: one run id, two offline segments, every step once (the last eval is logged at steps + 1)
+    wid = (run / "wandb_id.txt").read_text().strip()
+    assert len(segments(run / "wandb", wid)) == 2
+    steps = [r["_step"] for r in merged_history(run / "wandb", wid)]
+    assert steps == list(range(1, epochs * 5 + 2)), steps
+
+
+@pytest.mark.slow
+def test_time_limit_requeues_until_done_or_gives_up(slurm_cluster, jobs, tmp_path):
+    # Slurm checks its timers every 30 s and sends the warning when less than lead + 30 s are left:
+    # with a 2 min limit and a 60 s lead, USR2 comes 30-60 s into the first run and ~50 s into a requeued
+    # one (it starts ~10 s after a check). 170 epochs (>= 60 s here, beside the other job) cannot fit in the
+    # first run. Seen with 1 min / 30 s: USR2 at every check, 10-20 s into each run (5+ requeues).
+    limit = ["cluster.timeout_min=2", "cluster.signal_lead_s=60", "trainer.epochs=170", "wandb.mode=disabled"]
+    run, run0 = tmp_path / "limit", tmp_path / "limit0"
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, *limit, f"hydra.run.dir={run}")
+    [(job0, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, *limit, "checkpoint.max_requeues=0",
+                            f"hydra.run.dir={run0}")
+    script = submission_script(run)
+    assert re.search(r"^#SBATCH --time=2$", script, re.M) and re.search(r"^#SBATCH --signal=USR2@60$", script, re.M)
+
+    # max_requeues=0: the first warning ends it, with a checkpoint and a clear final state
+    assert wait_final(slurm_cluster, job0, 180) == "FAILED", tail(run0)
+    st0 = read_status(run0)
+    assert st0["state"] == "gave_up" and st0["signal"] == "SIGUSR2", st0
+    log0 = (run0 / "train.log").read_text()
+    assert "(signal lead 60 s): time limit" in log0, log0[-2000:]  # ALLCONV_SIGNAL_LEAD_S reached the job
+    assert "time limit reached 1 times (checkpoint.max_requeues=0)" in log0
+    rc, rows, table = status(slurm_cluster, tmp_path, run0)
+    assert rc != 0 and rows[0]["state"] == "FAILED" and rows[0]["run"] == "gave_up", table
+    assert "gave_up" in table
+
+    # the default: checkpoint, requeue itself (scontrol), resume, until it is done
+    assert wait_final(slurm_cluster, job, 360) == "COMPLETED", tail(run)
+    st = read_status(run)
+    assert st["state"] == "completed" and st["epoch"] == 170, st
+    assert st["timeouts"] >= 1 and st["restarts"] >= 1, st
+    log = (run / "train.log").read_text()
+    assert "(signal lead 60 s): time limit" in log and "requeued at global step" in log
+    assert log.count("resumed from") == st["restarts"]
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and rows[0]["state"] == "COMPLETED" and rows[0]["restarts"] >= 1, table
+
+
+@pytest.mark.slow
+def test_scancel_checkpoints_then_resubmission_resumes(slurm_cluster, jobs, tmp_path):
+    run = tmp_path / "cancel"
+    overrides = [*SLURM, *JOB, "trainer.epochs=15", f"hydra.run.dir={run}"]
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *overrides)
+    wait_for_line(run / "train.log", "(global 10)", timeout=120)
+    slurm_cluster.run(["scancel", job], check=True)
+    assert wait_final(slurm_cluster, job, 60) == "CANCELLED"
+    st = wait_status(run, "interrupted", 30)
+    assert st["signal"] == "SIGTERM" and 10 <= st["global_step"] < 75, st
+    assert "stop requested (SIGTERM)" in (run / "train.log").read_text()
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc != 0 and rows[0]["state"] == "CANCELLED" and rows[0]["run"] == "interrupted", table
+
+    # the same command again: same run folder, resumes from the checkpoint, same W&B run
+    [(job2, _)], _ = submit(slurm_cluster, tmp_path, jobs, *overrides)
+    assert job2 != job
+    assert wait_final(slurm_cluster, job2, 150) == "COMPLETED", tail(run)
+    log = (run / "train.log").read_text()
+    assert f"global step {st['global_step']})" in log.split("resumed from", 1)[1].splitlines()[0], log[-3000:]
+    st2 = read_status(run)
+    assert st2["state"] == "completed" and st2["wandb_id"] == st["wandb_id"] and st2["slurm_job_id"] == job2
+    assert [r["epoch"] for r in history(run)] == list(range(1, 16))
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and rows[0]["job"] == job2 and rows[0]["state"] == "COMPLETED", table
+
+
+BAD = {
+    "missing_data": (["data=cifar10", "data.root=/nonexistent"], "CIFAR-10 not found"),
+    "negative_lr": (["optim.lr=-1"], "optim.lr=-1"),
+    "batch_vs_ranks": (["trainer.batch_size=61", "cluster.nodes=2"], "not divisible by the job's 2 ranks"),
+    "partition_shell": (["cluster.partition='low;touch {pwned}'"], "cluster.partition="),
+    "partition_newline": (["cluster.partition='low\ntouch {pwned}'"], "cluster.partition="),
+    "partition_trailing_newline": (["cluster.partition='low\n'"], "cluster.partition="),
+    "qos_substitution": (["cluster.qos='$(touch {pwned})'"], "cluster.qos="),
+    "sweep_one_bad_point": (["-m", "optim.lr=0.1,-1"], "optim.lr=-1"),
+}
+
+
+def fake_sbatch(tmp: Path) -> tuple[Path, Path]:
+    """A bin folder with an sbatch that only records that it was called."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    called = tmp / "sbatch-called"
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {called}\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    return bin_dir, called
+
+
+def assert_nothing_reached_slurm(cluster, tmp: Path, called: Path) -> None:
+    assert not called.exists(), called.read_text()
+    assert not (tmp / "pwned").exists()
+    assert not (tmp / "run").exists() and not (tmp / "sweep").exists()
+    assert str(tmp) not in cluster.run(["squeue", "-h", "-o", "%o"]).stdout
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_is_refused_before_slurm(slurm_cluster, tmp_path, monkeypatch, capsys, case):
+    """In-process (the CLI's own entry point, without paying for a new interpreter per case)."""
+    from allconv_hpc.cli import main
+    extra, message = BAD[case]
+    extra = [e.format(pwned=tmp_path / "pwned") for e in extra]
+    bin_dir, called = fake_sbatch(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    code = main(["submit", *SLURM, *JOB, *extra, f"hydra.run.dir={tmp_path / 'run'}",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("allconv-hpc submit: error: "), err
+    assert message in lines[0], lines[0]
+    assert_nothing_reached_slurm(slurm_cluster, tmp_path, called)
+
+
+def test_bad_config_is_refused_by_the_console_script(slurm_cluster, tmp_path):
+    bin_dir, called = fake_sbatch(tmp_path)
+    env = job_env(slurm_cluster, tmp_path)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    r = subprocess.run([str(Path(PY).with_name("allconv-hpc")), "submit", *SLURM, *JOB, "cluster.nodes=2",
+                        "trainer.batch_size=61", f"hydra.run.dir={tmp_path / 'run'}"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("allconv-hpc submit: error: trainer.batch_size=61")
+    assert_nothing_reached_slurm(slurm_cluster, tmp_path, called)
+
+
+def test_requeue_tolerates_a_job_slurm_already_requeued(slurm_cluster, tmp_path):
+    """`scontrol requeue` of a pending job fails ("Job is pending execution"): that counts as requeued."""
+    r = slurm_cluster.run(["sbatch", "--parsable", "--hold", "-o", "/dev/null", "--wrap", "true"], check=True)
+    job = r.stdout.strip()
+    try:
+        assert SlurmJob({"SLURM_JOB_ID": job, "SLURM_CONF": str(slurm_cluster.conf)}).requeue() is True
+    finally:
+        slurm_cluster.run(["scancel", job])
+
+
+@pytest.mark.slow
+def test_submit_cluster_local_runs_here_and_wait_streams_until_done(slurm_cluster, tmp_path):
+    run = tmp_path / "local"
+    p = subprocess.Popen([PY, "-m", "allconv_hpc", "submit", "--wait", "cluster=local", "cluster.cpus_per_task=1",
+                          *JOB, "trainer.epochs=2", f"hydra.run.dir={run}"], env=job_env(slurm_cluster, tmp_path),
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out
+    pid = int(re.search(r"^job (\d+)\s", out, re.M).group(1))  # the local controller's pid
+    try:
+        assert re.search(rf"^\S+ {pid}:COMPLETED\(2/2\)$", out, re.M), out  # --wait's last state line
+        rc, rows, table = status(slurm_cluster, tmp_path, run)
+        assert rc == 0 and rows[0]["state"] == "COMPLETED" and rows[0]["run"] == "completed", table
+        assert (run / ".submitit" / str(pid) / f"{pid}_0_result.pkl").exists()
+        assert len(history(run)) == 2 and (run / "checkpoints" / "last.pt").is_file()
+    finally:
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        try:  # only our own controller, should it still be there
+            if b"submitit.local._local" in cmdline.read_bytes() and str(run).encode() in cmdline.read_bytes():
+                os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass

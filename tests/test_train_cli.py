@@ -1,0 +1,240 @@
+"""`allconv-hpc train` end to end, as real processes: the run folder, learning, W&B offline read-back.
+
+One tiny offline run (console script) is shared by the run-folder and W&B tests; its twin, run as
+`python -m allconv_hpc` with W&B disabled, must train bitwise the same and write no wandb/.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from allconv_hpc.checkpoint import load_file
+from allconv_hpc.config import from_dict
+from allconv_hpc.models import build_model, count_parameters
+from allconv_hpc.tracking import HISTORY_FIELDS, read_history
+from allconv_hpc.wandb_offline import read_run, segments
+from proc import clean_env
+
+HEADER = "epoch,step,lr,train_loss,train_acc,val_loss,val_acc,epoch_seconds,images_per_second"
+FAKE_KEY = "local-fakekey0123456789abcdef0123456789abcdef0123456789abcd"
+
+EPOCHS, TRAIN, BATCH, LOG_EVERY = 3, 320, 64, 2
+STEPS_PER_EPOCH = math.ceil(TRAIN / BATCH)  # 5: epochs end at odd steps, so eval and train steps interleave
+TOTAL = EPOCHS * STEPS_PER_EPOCH
+TINY = ["data=synthetic", f"data.train_size={TRAIN}", "data.test_size=64", "model.width=0.125",
+        f"trainer.batch_size={BATCH}", f"trainer.epochs={EPOCHS}", "trainer.threads=1", "trainer.progress=log",
+        f"trainer.log_every_steps={LOG_EVERY}"]
+
+
+def console_script() -> str:
+    exe = Path(sys.executable).with_name("allconv-hpc")
+    return str(exe) if exe.exists() else shutil.which("allconv-hpc")
+
+
+def train(tmp: Path, run_dir: Path, overrides: list[str], module: bool = False, timeout: float = 300, **env):
+    cmd = [sys.executable, "-m", "allconv_hpc"] if module else [console_script()]
+    t0 = time.monotonic()
+    r = subprocess.run([*cmd, "train", *overrides, f"hydra.run.dir={run_dir}"], env=clean_env(tmp, **env),
+                       capture_output=True, text=True, timeout=timeout, cwd=tmp)
+    r.elapsed = time.monotonic() - t0
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("offline")
+    run_dir = tmp / "run"
+    r = train(tmp, run_dir, [*TINY, "wandb.mode=offline"], WANDB_API_KEY=FAKE_KEY)
+    return run_dir, r
+
+
+@pytest.fixture(scope="module")
+def disabled_module_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("disabled")
+    run_dir = tmp / "run"
+    r = train(tmp, run_dir, [*TINY, "wandb.mode=disabled"], module=True)
+    return run_dir, r
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return read_history(run_dir / "history.csv")
+
+
+def _model_cfg(run_dir: Path):
+    return from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))).model
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+def test_run_folder_has_everything(offline_run):
+    run_dir, r = offline_run
+
+    # .hydra/config.yaml: the resolved task config (no interpolations left, no hydra/cluster keys)
+    text = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "${" not in text
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    assert cfg["model"]["name"] == "allcnn_c" and cfg["model"]["num_classes"] == 10
+    assert cfg["model"]["width"] == 0.125 and cfg["trainer"]["epochs"] == EPOCHS
+    assert "hydra" not in cfg and "cluster" not in cfg
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file() and (run_dir / ".hydra" / "hydra.yaml").is_file()
+
+    # history.csv: exact header, one sane row per epoch
+    lines = (run_dir / "history.csv").read_text().splitlines()
+    assert lines[0] == HEADER == ",".join(HISTORY_FIELDS)
+    rows = _history(run_dir)
+    assert len(lines) == 1 + EPOCHS and len(rows) == EPOCHS
+    assert [h["epoch"] for h in rows] == list(range(1, EPOCHS + 1))
+    assert [h["step"] for h in rows] == [STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)]
+    for h in rows:
+        assert 0.0 <= h["train_acc"] <= 1.0 and 0.0 <= h["val_acc"] <= 1.0
+        # val_acc is a count over 64 test images
+        assert (h["val_acc"] * 64) == round(h["val_acc"] * 64)
+        for k in ("train_loss", "val_loss", "lr"):
+            assert math.isfinite(h[k]) and h[k] > 0, (k, h)
+        assert h["epoch_seconds"] > 0 and h["images_per_second"] > 0
+        assert h["images_per_second"] == pytest.approx(TRAIN / h["epoch_seconds"], rel=1e-9)
+
+    # checkpoints: last.pt and best.pt load, and their weights load strictly into the configured model
+    model_cfg = _model_cfg(run_dir)
+    last = load_file(run_dir / "checkpoints" / "last.pt")
+    best = load_file(run_dir / "checkpoints" / "best.pt")
+    for ck in (last, best):
+        model = build_model(model_cfg)
+        model.load_state_dict(ck["model"], strict=True)
+    assert last["train_state"]["epoch"] == EPOCHS and last["train_state"]["global_step"] == TOTAL
+    best_acc = max(h["val_acc"] for h in rows)
+    assert best["val_acc"] == best_acc
+    assert best["epoch"] == next(h["epoch"] for h in rows if h["val_acc"] == best_acc)
+    assert best["config"] == cfg
+
+    # train.log: the model summary and one line per epoch (plus the train lines every 2 steps)
+    log = (run_dir / "train.log").read_text()
+    n_params = count_parameters(build_model(model_cfg))
+    assert "total parameters" in log and f"{n_params:,}" in log
+    for e in range(1, EPOCHS + 1):
+        assert f"epoch {e}/{EPOCHS}: train loss" in log
+    for s in range(LOG_EVERY, TOTAL + 1, LOG_EVERY):
+        assert f"(global {s}):" in log
+    assert log.rstrip().splitlines()[-1].endswith(f"done: best val_acc {best_acc:.4f}, final {rows[-1]['val_acc']:.4f}")
+    assert set(log.splitlines()) <= set(r.stdout.splitlines())  # rank 0 logs to stdout too
+
+    # wandb/: one offline segment, id recorded next to it
+    segs = segments(run_dir / "wandb")
+    assert len(segs) == 1
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert segs[0].name.startswith("offline-run-") and segs[0].name.endswith(run_id)
+
+    # status.json
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed"
+    assert (status["epoch"], status["epochs"], status["global_step"]) == (EPOCHS, EPOCHS, TOTAL)
+    assert status["best_val_acc"] == best_acc and status["last_val_acc"] == rows[-1]["val_acc"]
+    assert status["wandb_id"] == run_id
+
+
+def test_wandb_offline_read_back(offline_run):
+    run_dir, _ = offline_run
+    rows = _history(run_dir)
+    (seg,) = segments(run_dir / "wandb")
+    run = read_run(seg)
+    assert run["id"] == (run_dir / "wandb_id.txt").read_text().strip()
+    assert run["exit_code"] == 0
+
+    # train metrics every LOG_EVERY steps, and only then
+    train = [h for h in run["history"] if "train/loss" in h]
+    assert [h["_step"] for h in train] == list(range(LOG_EVERY, TOTAL + 1, LOG_EVERY))  # 2, 4, ..., 14
+    for h in train:
+        for k in ("train/loss", "train/acc", "train/lr", "train/images_per_second"):
+            assert k in h and math.isfinite(h[k]), (k, h)
+        assert 0.0 <= h["train/acc"] <= 1.0 and h["train/lr"] > 0 and h["train/images_per_second"] > 0
+
+    # one eval entry per epoch, equal to history.csv. It is logged at the step after the epoch's last
+    # one (trainer._end_epoch: a step no earlier log used, even when an eval is redone after a stop).
+    evals = [h for h in run["history"] if "val/acc" in h]
+    assert [h["_step"] for h in evals] == [r["step"] + 1 for r in rows]
+    assert [h["val/acc"] for h in evals] == [r["val_acc"] for r in rows]
+    assert [h["val/loss"] for h in evals] == [r["val_loss"] for r in rows]
+    assert [h["epoch"] for h in evals] == [r["epoch"] for r in rows]
+
+    # no step logged twice as separate rows, none going backwards
+    steps = [h["_step"] for h in run["history"]]
+    assert steps == sorted(set(steps))
+
+    assert run["summary"]["best_val_acc"] == max(r["val_acc"] for r in rows)
+    assert run["summary"]["final_val_acc"] == rows[-1]["val_acc"]
+
+    # the W&B config is the resolved config, exactly as in .hydra/config.yaml
+    assert run["config"] == OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+
+
+def test_api_key_is_written_nowhere(offline_run):
+    run_dir, _ = offline_run
+    files = [p for p in run_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.suffix == ".wandb" for p in files)
+    needle = FAKE_KEY.encode()
+    leaked = [str(p) for p in files if needle in p.read_bytes()]
+    assert leaked == []
+
+
+# ----------------------------------------------------------------------------- W&B disabled, python -m
+
+
+def test_disabled_writes_no_wandb(disabled_module_run):
+    run_dir, r = disabled_module_run
+    assert not (run_dir / "wandb").exists()
+    assert not (run_dir / "wandb_id.txt").exists()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["wandb_id"] is None
+    assert len(_history(run_dir)) == EPOCHS
+
+
+def test_python_m_trains_the_same_as_the_console_script(offline_run, disabled_module_run):
+    # same overrides but for wandb.mode: W&B must not change what is learned (bitwise, one thread)
+    a, b = offline_run[0], disabled_module_run[0]
+    ha, hb = _history(a), _history(b)
+    timing = {"epoch_seconds", "images_per_second"}
+    assert [{k: v for k, v in h.items() if k not in timing} for h in ha] == \
+           [{k: v for k, v in h.items() if k not in timing} for h in hb]
+    wa, wb = load_file(a / "checkpoints" / "last.pt")["model"], load_file(b / "checkpoints" / "last.pt")["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / ".hydra" / "config.yaml").read_text().replace("offline", "disabled") == \
+           (b / ".hydra" / "config.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------- it learns
+
+
+# Found by a sweep over seeds 0-9 on this 2-core machine (final val_acc, chance 0.1): this setting
+# gave 0.59-0.99 on 8/8 seeds tried (seed 0: 0.93); dropout keeps the tiny, BN-free net from the
+# loss spikes that sent runs without it (or at higher lr) back to chance. Everything that matters is
+# pinned here so that changed config defaults do not change the test.
+LEARN = ["data=synthetic", "data.train_size=2048", "data.test_size=256", "data.augment=none",
+         "model=strided_cnn_c", "model.width=0.25", "model.dropout=true", "model.input_dropout=0.2",
+         "model.hidden_dropout=0.5", "model.final_relu=false",
+         "optim.lr=0.02", "optim.momentum=0.9", "optim.nesterov=true", "optim.weight_decay=0.001",
+         "optim.scale_lr=false", "schedule=cosine", "schedule.warmup_epochs=1", "schedule.final_lr_ratio=0",
+         "trainer.batch_size=64", "trainer.epochs=4", "trainer.threads=1", "trainer.progress=log",
+         "trainer.log_every_steps=8", "wandb.mode=disabled", "seed=0"]
+
+
+@pytest.mark.slow
+def test_learns_synthetic_well_above_chance(tmp_path):
+    run_dir = tmp_path / "run"
+    r = train(tmp_path, run_dir, LEARN)
+    rows = _history(run_dir)
+    assert len(rows) == 4
+    assert rows[-1]["val_acc"] >= 0.5, rows  # chance is 0.1
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
+    print(f"learn run: {r.elapsed:.1f} s, val_acc {[h['val_acc'] for h in rows]}")
