@@ -47,7 +47,7 @@ class ModelConfig:
         _check(self.width > 0, f"model.width={self.width} must be > 0")
         for base in (96, 192):
             _check(round(base * self.width) >= 1,
-                   f"model.width={self.width} makes a {base}-channel layer empty; use width >= {0.5 / base:.4f}")
+                   f"model.width={self.width} makes a {base}-channel layer empty; use width >= {1 / base:.4g}")
         for key in ("input_dropout", "hidden_dropout"):
             p = getattr(self, key)
             _check(0.0 <= p < 1.0, f"model.{key}={p} must be in [0, 1)")

@@ -43,6 +43,8 @@ def run(overrides: list[str]) -> int:
     except ConfigError as e:
         print(f"allconv-hpc: error: {e}", file=sys.stderr)
         return 2
+    from .preempt import catch_early
+    catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first step
     env = detect_env()
     setup_logging(composed.run_dir, env.rank)
     if env.is_main:

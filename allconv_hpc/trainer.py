@@ -128,6 +128,9 @@ class Trainer:
         # per-rank dropout streams; restored exactly from the checkpoint on resume
         torch.manual_seed(cfg.seed * 1_000_003 + env.rank + 1)
         self.resumed_from = self._maybe_resume()
+        # the lr of the last step taken (logged in history); set by every step from here on
+        self._lr_used = cfg.lr * lr_factor(max(0, self.state.global_step - 1), cfg.schedule,
+                                           self.steps_per_epoch, t.epochs)
 
         net = torch.compile(self.model) if t.compile else self.model
         if env.distributed:
@@ -194,7 +197,8 @@ class Trainer:
     # -- checkpoint --------------------------------------------------------------------------------
     def _check_finite(self) -> None:
         bad = not bool(torch.isfinite(self.epoch_sums[0]).item())
-        bad = self.dist.any(bad or not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()))
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        bad = self.dist.any(bad or not bool(finite))  # one device sync, not one per parameter
         if bad:
             raise NonFiniteError(f"non-finite loss or weights at global step {self.state.global_step} "
                                  f"(epoch {self.state.epoch + 1}); the last good checkpoint is kept. "
@@ -285,6 +289,7 @@ class Trainer:
             self.scaler.scale(loss_sum * (world / n_global)).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
+            self._lr_used = self.sched.get_last_lr()[0]  # what this step ran at (logged), before advancing
             self.sched.step()
             with torch.no_grad():
                 # the count comes from a kernel, not a host->device copy: no sync in the step
@@ -324,7 +329,7 @@ class Trainer:
         self.interval_sums.zero_()
         if not math.isfinite(s[0]):
             self._check_finite()
-        loss, acc, lr = s[0] / max(s[2], 1), s[1] / max(s[2], 1), self.sched.get_last_lr()[0]
+        loss, acc, lr = s[0] / max(s[2], 1), s[1] / max(s[2], 1), self._lr_used
         metrics = {"loss": loss, "acc": acc, "lr": lr, "images_per_second": images_per_second,
                    "epoch": self.state.global_step / self.steps_per_epoch}
         self.tracker.log_train(self.state.global_step, metrics)
@@ -368,7 +373,7 @@ class Trainer:
         st = self.state
         tr = self.dist.all_reduce_sum(self.epoch_sums.clone()).tolist()
         val_loss, val_acc, n_val = self._val
-        row = {"epoch": st.epoch + 1, "step": st.global_step, "lr": self.sched.get_last_lr()[0],
+        row = {"epoch": st.epoch + 1, "step": st.global_step, "lr": self._lr_used,
                "train_loss": tr[0] / tr[2], "train_acc": tr[1] / tr[2], "val_loss": val_loss, "val_acc": val_acc,
                "epoch_seconds": seconds, "images_per_second": tr[2] / seconds}
         if not math.isfinite(row["train_loss"]) or not math.isfinite(val_loss):
@@ -445,4 +450,9 @@ class Trainer:
     def close(self, exit_code: int = 0) -> None:
         if hasattr(self, "tracker"):
             self._finish_tracker(exit_code)
+        if exit_code == 0:
+            try:  # ranks leave together: a rank tearing down gloo under a peer's feet can abort it
+                self.dist.barrier()
+            except Exception:
+                pass
         self.dist.close()

@@ -228,8 +228,6 @@ def test_smallest_valid_width_builds():
     assert [m.out_channels for m in model if isinstance(m, nn.Conv2d)][:3] == [1, 1, 1]
 
 
-@pytest.mark.xfail(strict=True, reason="config.py: the suggested minimum width ('use width >= 0.0052') is "
-                                       "itself rejected, since round(96 * 0.0052) == round(0.4992) == 0")
 def test_width_error_suggests_a_width_that_works():
     with pytest.raises(ConfigError) as e:
         compose(["model=allcnn_c", "data=synthetic", "model.width=0.001"])

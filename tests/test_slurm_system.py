@@ -265,15 +265,14 @@ def test_preempted_job_checkpoints_requeues_and_ends_bitwise_identical(slurm_clu
 @pytest.mark.slow
 def test_time_limit_requeues_until_done_or_gives_up(slurm_cluster, jobs, tmp_path):
     # Slurm checks its timers every 30 s and sends the warning when less than lead + 30 s are left:
-    # with a 2 min limit and a 60 s lead, USR2 comes 30-60 s into the first run and ~50 s into a requeued
-    # one (it starts ~10 s after a check). 170 epochs (>= 60 s here, beside the other job) cannot fit in the
-    # first run. Seen with 1 min / 30 s: USR2 at every check, 10-20 s into each run (5+ requeues).
-    limit = ["cluster.timeout_min=2", "cluster.signal_lead_s=60", "trainer.epochs=170", "wandb.mode=disabled"]
+    # with a 2 min limit and a 60 s lead, USR2 comes 30-60 s into a run. Seen with 1 min / 30 s: USR2 at
+    # every check, 10-20 s into each run (5+ requeues). Machines differ in speed, so the first job (which can
+    # never finish) measures an epoch, and the second is sized from it to need 2-3 runs.
+    limit = ["cluster.timeout_min=2", "cluster.signal_lead_s=60", "wandb.mode=disabled"]
     run, run0 = tmp_path / "limit", tmp_path / "limit0"
-    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, *limit, f"hydra.run.dir={run}")
-    [(job0, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, *limit, "checkpoint.max_requeues=0",
-                            f"hydra.run.dir={run0}")
-    script = submission_script(run)
+    [(job0, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, *limit, "trainer.epochs=100000",
+                            "checkpoint.max_requeues=0", f"hydra.run.dir={run0}")
+    script = submission_script(run0)
     assert re.search(r"^#SBATCH --time=2$", script, re.M) and re.search(r"^#SBATCH --signal=USR2@60$", script, re.M)
 
     # max_requeues=0: the first warning ends it, with a checkpoint and a clear final state
@@ -286,11 +285,18 @@ def test_time_limit_requeues_until_done_or_gives_up(slurm_cluster, jobs, tmp_pat
     rc, rows, table = status(slurm_cluster, tmp_path, run0)
     assert rc != 0 and rows[0]["state"] == "FAILED" and rows[0]["run"] == "gave_up", table
     assert "gave_up" in table
+    assert final_weights(run0)  # the checkpoint taken on the warning loads
 
-    # the default: checkpoint, requeue itself (scontrol), resume, until it is done
-    assert wait_final(slurm_cluster, job, 360) == "COMPLETED", tail(run)
+    # the default: checkpoint, requeue itself (scontrol), resume, until it is done. 80 s of work: more than
+    # a run gives before its warning (<= 60 s, less start-up), about what two or three runs give.
+    seconds = sorted(float(r["epoch_seconds"]) for r in history(run0))
+    assert len(seconds) >= 5, seconds
+    epochs = max(20, round(80 / seconds[len(seconds) // 2]))
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, *limit, f"trainer.epochs={epochs}",
+                           f"hydra.run.dir={run}")
+    assert wait_final(slurm_cluster, job, 480) == "COMPLETED", tail(run)
     st = read_status(run)
-    assert st["state"] == "completed" and st["epoch"] == 170, st
+    assert st["state"] == "completed" and st["epoch"] == epochs, st
     assert st["timeouts"] >= 1 and st["restarts"] >= 1, st
     log = (run / "train.log").read_text()
     assert "(signal lead 60 s): time limit" in log and "requeued at global step" in log
