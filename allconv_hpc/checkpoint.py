@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from .fsio import fsync_dir, write_atomic
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"\nALLCONV-CKPT-SHA256:"
@@ -28,25 +30,6 @@ TRAILER_LEN = len(MAGIC) + 64 + 1
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def encode(state: dict) -> bytes:
@@ -83,12 +66,14 @@ class CheckpointDir:
     def save(self, state: dict, step: int) -> Path:
         """Write step_<step>.pt, point last.pt at it, prune old step files. Rank 0 only."""
         path = self.folder / f"step_{step:08d}.pt"
+        for stale in self.folder.glob(".*.tmp"):  # partial files of a writer that was killed (SIGKILL, OOM)
+            stale.unlink(missing_ok=True)
         write_atomic(path, encode(state))
-        link_tmp = self.folder / f".last.pt.tmp.{os.getpid()}"
+        link_tmp = self.folder / f".last.pt.{os.getpid()}.tmp"
         link_tmp.unlink(missing_ok=True)
         os.link(path, link_tmp)
         os.replace(link_tmp, self.folder / "last.pt")
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         for old in self.step_files()[self.keep:]:
             old.unlink(missing_ok=True)
         return path

@@ -242,7 +242,7 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    from .checkpoint import write_atomic
+    from .fsio import write_atomic
     write_atomic(path, json.dumps(doc, indent=1).encode())
 
 

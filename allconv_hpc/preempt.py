@@ -24,6 +24,21 @@ EXIT_REQUEUED = 0        # checkpoint saved and the job put back in the queue; S
 EXIT_GAVE_UP = 4         # time limit hit more than checkpoint.max_requeues times
 
 
+def slurm_out(cmd: list[str], warn: bool = False) -> Optional[str]:
+    """stdout of a Slurm command, or None when it is missing, hangs or fails (logged when `warn`)."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        if warn:
+            log.warning("%s failed: %s", cmd[0], e)
+        return None
+    if r.returncode != 0:
+        if warn:
+            log.warning("%s: %s", " ".join(cmd), (r.stderr or r.stdout).strip()[:300])
+        return None
+    return r.stdout
+
+
 def signum(name: str) -> int:
     return getattr(signal, "SIG" + name.upper().removeprefix("SIG"))
 
@@ -125,15 +140,7 @@ class SlurmJob:
         return True
 
     def _run(self, cmd: list[str]) -> Optional[str]:
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            log.warning("%s failed: %s", cmd[0], e)
-            return None
-        if r.returncode != 0:
-            log.warning("%s: %s", " ".join(cmd), (r.stderr or r.stdout).strip()[:300])
-            return None
-        return r.stdout
+        return slurm_out(cmd, warn=True)
 
 
 def parse_slurm_time(s: str) -> Optional[float]:

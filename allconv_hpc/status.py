@@ -5,36 +5,29 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from .preempt import slurm_out
 
 FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "CANCELLED"}
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED"}
 
 
-def _run(cmd: list[str]) -> Optional[str]:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout if r.returncode == 0 else None
-
-
 def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int]]:
     """(state, restarts) from squeue / sacct / scontrol; (None, None) when Slurm knows nothing."""
     state = restarts = None
-    out = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+    out = slurm_out(["squeue", "-h", "-j", job_id, "-o", "%T"])
     if out and out.strip():
         state = out.split()[0]
     if state is None:
-        out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+        out = slurm_out(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
         if out and out.strip():
             state = out.strip().splitlines()[-1].split()[0]  # "CANCELLED by 0" -> CANCELLED
-    out = _run(["scontrol", "-o", "show", "job", job_id])
+    out = slurm_out(["scontrol", "-o", "show", "job", job_id])
     if out:
         fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
         state = state or fields.get("JobState")

@@ -24,12 +24,12 @@ import os
 import secrets
 import string
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 from .config import WANDB_MODES, ConfigError, WandbConfig
+from .fsio import write_atomic
 
 __all__ = ["HISTORY_FIELDS", "EVAL_KEYS", "resolve_mode", "api_key_configured", "Tracker",
            "NullTracker", "make_tracker", "generate_id", "read_history", "write_history", "ID_FILE", "HISTORY_FILE"]
@@ -128,39 +128,6 @@ def resolve_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] =
 # files
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder, fsync, rename, fsync dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -193,7 +160,7 @@ def write_history(path: Union[str, Path], rows: list[Mapping[str, Any]]) -> None
 
     Columns are exactly `HISTORY_FIELDS`; other keys are ignored, missing ones left empty;
     floats are written with ``repr`` so they read back bit-identical."""
-    _atomic_write_text(Path(path), _csv_line(HISTORY_FIELDS) + "".join(_row_line(r) for r in rows))
+    write_atomic(Path(path), _csv_line(HISTORY_FIELDS) + "".join(_row_line(r) for r in rows))
 
 
 def _parse_cell(key: str, text: str) -> Any:
@@ -312,7 +279,7 @@ class Tracker:
 
         run_id = resume_run_id or _read_id(self.run_dir) or generate_id()
         if _read_id(self.run_dir) != run_id:
-            _atomic_write_text(self.run_dir / ID_FILE, run_id + "\n")
+            write_atomic(self.run_dir / ID_FILE, run_id + "\n")
         self._run_id = run_id
         kwargs = dict(
             id=run_id, resume="allow", project=wandb_cfg.project, entity=wandb_cfg.entity,
