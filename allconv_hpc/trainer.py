@@ -52,8 +52,19 @@ class TrainState:
     best_val_acc: float = -1.0
     history: list = field(default_factory=list)
     epoch_seconds: float = 0.0      # training+eval seconds spent in this epoch before the last stop
-    timeouts: int = 0               # requeues after time limits so far
+    timeouts: int = 0               # requeues after time limits so far, in the Slurm job `timeouts_job`
+    timeouts_job: Optional[str] = None
     wandb_id: Optional[str] = None
+
+    def count_timeout(self, job_id: str, max_requeues: int) -> bool:
+        """Count a time-limit warning of Slurm job `job_id`; False once max_requeues are used up.
+        Each submission has its own budget: resubmitting a run that gave up (a new job id) starts at 0."""
+        if self.timeouts_job != job_id:
+            self.timeouts, self.timeouts_job = 0, job_id
+        if self.timeouts >= max_requeues:
+            return False
+        self.timeouts += 1
+        return True
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -420,7 +431,7 @@ class Trainer:
                         self._phase, st.global_step)
         kind = self.dist.broadcast_object(self._classify(stop) if self.env.is_main else None)
         decision = "interrupted"
-        if kind == "timeout" and st.timeouts >= self.cfg.checkpoint.max_requeues:
+        if kind == "timeout" and not st.count_timeout(self.slurm.job_id, self.cfg.checkpoint.max_requeues):
             decision = "gave_up"
             if self.env.is_main:
                 log.error("time limit reached %d times (checkpoint.max_requeues=%d): not requeueing; resubmit "
@@ -428,7 +439,6 @@ class Trainer:
                           self.cfg.checkpoint.max_requeues)
         elif kind in ("timeout", "preempted"):
             if kind == "timeout":
-                st.timeouts += 1
                 self.save()  # the count must survive the requeue
             # W&B first: a requeue sends SIGTERM to every process of the step, W&B's service included
             self._finish_tracker(0)

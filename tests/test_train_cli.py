@@ -51,20 +51,19 @@ def train(tmp: Path, run_dir: Path, overrides: list[str], module: bool = False, 
     return r
 
 
+def _shared_run(tmp_path_factory, name: str, overrides: list[str], **kw):
+    tmp = tmp_path_factory.mktemp(name)
+    return tmp / "run", train(tmp, tmp / "run", [*TINY, *overrides], **kw)
+
+
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("offline")
-    run_dir = tmp / "run"
-    r = train(tmp, run_dir, [*TINY, "wandb.mode=offline"], WANDB_API_KEY=FAKE_KEY)
-    return run_dir, r
+    return _shared_run(tmp_path_factory, "offline", ["wandb.mode=offline"], WANDB_API_KEY=FAKE_KEY)
 
 
 @pytest.fixture(scope="module")
 def disabled_module_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("disabled")
-    run_dir = tmp / "run"
-    r = train(tmp, run_dir, [*TINY, "wandb.mode=disabled"], module=True)
-    return run_dir, r
+    return _shared_run(tmp_path_factory, "disabled", ["wandb.mode=disabled"], module=True)
 
 
 def _history(run_dir: Path) -> list[dict]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 
@@ -9,6 +10,7 @@ from allconv_hpc.config import ScheduleConfig
 from allconv_hpc.distributed import detect_env, expand_hostlist, slurm_port
 from allconv_hpc.preempt import SlurmJob, parse_slurm_time
 from allconv_hpc.schedule import lr_factor
+from allconv_hpc.trainer import TrainState
 
 
 def test_expand_hostlist():
@@ -60,3 +62,15 @@ def test_schedules():
     assert peak == 24 and lr_factor(24, one, 10, 10) == pytest.approx(1.0)
     assert lr_factor(99, one, 10, 10) == pytest.approx(1 / 75, abs=1e-9)
     assert all(math.isfinite(lr_factor(s, one, 10, 10)) for s in range(100))
+
+
+def test_timeout_budget_is_per_submission():
+    st = TrainState()
+    assert [st.count_timeout("41", 2) for _ in range(3)] == [True, True, False]  # requeues of job 41
+    assert st.timeouts == 2
+    # the run resubmitted after giving up is a new job: a fresh budget, not an instant give-up
+    assert st.count_timeout("57_3", 2) and st.timeouts == 1 and st.timeouts_job == "57_3"
+    # the count is part of what a checkpoint restores
+    again = TrainState(**asdict(st))
+    assert again.count_timeout("57_3", 2) and not again.count_timeout("57_3", 2)
+    assert not TrainState().count_timeout("1", 0)  # max_requeues=0: the first warning ends it
