@@ -21,17 +21,43 @@ from typing import Optional
 
 from .config import ConfigError
 
-# Values written into "#SBATCH --key=value" lines: no newlines, no shell syntax.
+# Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
+# quotes): letters, digits and the punctuation Slurm's own syntax uses, nothing a shell would act on.
 _SAFE = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-]*")  # used with fullmatch: "$" would let "x\n" through
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-|&*!()]*")  # features: a100|h100, [a&b], (x*2)
 CLUSTER_KEYS = {"backend", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
                 "partition", "account", "qos", "constraint", "exclude", "additional_parameters", "setup",
                 "signal", "signal_lead_s", "requeue", "array_parallelism"}
+# sbatch options that come from cluster.* keys or that submit sets itself: additional_parameters may not
+# override them (the job would get another shape than the one validated, or lose its signal or logs)
+_OWN_OPTIONS = {"nodes": "cluster.nodes", "ntasks-per-node": "cluster.tasks_per_node",
+                "cpus-per-task": "cluster.cpus_per_task", "gpus-per-node": "cluster.gpus_per_node",
+                "mem": "cluster.mem_gb", "time": "cluster.timeout_min", "partition": "cluster.partition",
+                "account": "cluster.account", "qos": "cluster.qos", "constraint": "cluster.constraint",
+                "exclude": "cluster.exclude", "signal": "cluster.signal and cluster.signal_lead_s",
+                "requeue": "cluster.requeue", "array": "cluster.array_parallelism", "output": None, "error": None,
+                "open-mode": None, "job-name": None}
 
 
 @dataclass
 class Point:
     overrides: list          # the user's overrides for this point (sweep values expanded)
     run_dir: Path
+
+
+def auto_cluster(overrides: list[str]) -> Optional[str]:
+    """The cluster profile for a `submit` without `cluster=`: slurm where sbatch is on PATH, else local.
+    None when the overrides choose one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return None  # plan() reports the bad override
+    if any(o.key_or_group == "cluster" for o in parsed):
+        return None
+    return "slurm" if shutil.which("sbatch") else "local"
 
 
 def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[list[str]]]:
@@ -72,41 +98,89 @@ def default_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
     return f"sweeps/{'+'.join(keys) or 'sweep'}-{digest}"
 
 
-def hydra_value(value) -> str:
+def hydra_value(value, key: str) -> str:
     """A value quoted for a Hydra override (paths hold '=', ',' and spaces Hydra would parse)."""
     v = str(value)
-    if "\\" in v or "\n" in v or "\r" in v or "${" in v:
-        raise ConfigError(f"{v!r}: backslashes, newlines and '${{' are not supported in paths given to submit")
+    if any(ch in v for ch in "\\\n\r\0") or "${" in v:
+        raise ConfigError(f"{key}={v!r}: backslashes, newlines, NUL and '${{' are not supported in paths given "
+                          f"to submit; use a plain path")
     return "'" + v.replace("'", "\\'") + "'"
 
 
+def _one_line(value, key: str) -> None:
+    """Nothing that lands in the sbatch script may hold a newline (a new shell line) or NUL."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _one_line(str(k), f"{key} key")
+            _one_line(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _one_line(v, f"{key}[{i}]")
+    elif isinstance(value, str) and any(ch in value for ch in "\n\r\0"):
+        raise ConfigError(f"{key}={value!r} holds a newline or NUL, which would start a new line in the sbatch "
+                          f"script; give it on one line (setup: one list item per line)")
+
+
+def _need_int(c: dict, key: str, low: int, null_ok: bool = False) -> None:
+    v = c.get(key)
+    if v is None and null_ok:
+        return
+    if type(v) is not int or v < low:  # not isinstance: True is an int
+        raise ConfigError(f"cluster.{key}={v!r} must be {'null or ' if null_ok else ''}an integer >= {low}")
+
+
+def _need_word(c: dict, key: str, allowed: re.Pattern, chars: str) -> None:
+    v = c.get(key)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (str, int)) or not allowed.fullmatch(str(v)):
+        raise ConfigError(f"cluster.{key}={v!r} is not allowed in an sbatch option: use only letters, digits "
+                          f"and {chars}")
+
+
 def validate_cluster(cluster: dict, cfg) -> dict:
+    """Every cluster value checked against what it becomes in the sbatch script; one-line errors."""
     unknown = sorted(set(cluster) - CLUSTER_KEYS)
     if unknown:
-        raise ConfigError(f"unknown cluster key(s) {', '.join('cluster.' + k for k in unknown)}")
+        raise ConfigError(f"unknown cluster key(s) {', '.join('cluster.' + k for k in unknown)}; "
+                          f"known: {', '.join(sorted(CLUSTER_KEYS))}")
     c = dict(cluster)
+    for k in sorted(c):
+        _one_line(c[k], f"cluster.{k}")
     if c.get("backend") not in ("local", "slurm"):
         raise ConfigError(f"cluster.backend={c.get('backend')!r} must be local or slurm")
     for k in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min", "array_parallelism"):
-        if not isinstance(c.get(k), int) or c[k] < 1:
-            raise ConfigError(f"cluster.{k}={c.get(k)!r} must be an integer >= 1")
-    if not isinstance(c.get("gpus_per_node"), int) or c["gpus_per_node"] < 0:
-        raise ConfigError(f"cluster.gpus_per_node={c.get('gpus_per_node')!r} must be an integer >= 0")
+        _need_int(c, k, 1)
+    _need_int(c, "gpus_per_node", 0)
+    _need_int(c, "mem_gb", 1, null_ok=True)
     if c["gpus_per_node"] and c["tasks_per_node"] != c["gpus_per_node"]:
         raise ConfigError(f"cluster.tasks_per_node={c['tasks_per_node']} must equal cluster.gpus_per_node="
                           f"{c['gpus_per_node']} (one rank per GPU)")
-    for k in ("partition", "account", "qos", "constraint", "exclude", "signal"):
-        v = c.get(k)
-        if v is not None and not _SAFE.fullmatch(str(v)):
-            raise ConfigError(f"cluster.{k}={v!r} has characters that are not allowed in an sbatch option")
-    for k, v in (c.get("additional_parameters") or {}).items():
-        if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(k)) or (v is not True and not _SAFE.fullmatch(str(v))):
-            raise ConfigError(f"cluster.additional_parameters.{k}={v!r} is not a safe sbatch option")
-    for line in c.get("setup") or []:
-        if "\n" in str(line) or "\r" in str(line):
-            raise ConfigError("cluster.setup lines must not contain newlines (give one list item per line)")
-    if not isinstance(c.get("signal_lead_s"), int) or c["signal_lead_s"] < 10:
-        raise ConfigError(f"cluster.signal_lead_s={c.get('signal_lead_s')!r} must be an integer >= 10 seconds")
+    for k in ("partition", "account", "qos", "exclude", "signal"):
+        _need_word(c, k, _SAFE, "_.,:@%+=/[]-")
+    _need_word(c, "constraint", _CONSTRAINT, "_.,:@%+=/[]-|&*!()")
+    extra = c.get("additional_parameters") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"cluster.additional_parameters={extra!r} must be a mapping, e.g. {{mail-type: END}}")
+    for k, v in extra.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(k)):
+            raise ConfigError(f"cluster.additional_parameters.{k}: not an sbatch option name (e.g. mail-type)")
+        if str(k).replace("_", "-") in _OWN_OPTIONS:
+            use = _OWN_OPTIONS[str(k).replace("_", "-")]
+            raise ConfigError(f"cluster.additional_parameters.{k} would override what submit sets itself"
+                              + (f"; use {use}" if use else "; remove it"))
+        if v is not True and (isinstance(v, bool) or not isinstance(v, (str, int)) or not _SAFE.fullmatch(str(v))):
+            raise ConfigError(f"cluster.additional_parameters.{k}={v!r} is not a safe sbatch value: use true (a flag) "
+                              f"or only letters, digits and _.,:@%+=/[]-")
+    setup = c.get("setup")
+    if setup is None:
+        c["setup"] = []
+    elif not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
+        raise ConfigError(f"cluster.setup={setup!r} must be a list of shell lines, e.g. "
+                          f"cluster.setup='[module load cuda/12.4]'")
+    if not isinstance(c.get("requeue"), bool):
+        raise ConfigError(f"cluster.requeue={c.get('requeue')!r} must be true or false")
+    _need_int(c, "signal_lead_s", 10)
     if c["signal_lead_s"] >= c["timeout_min"] * 60:
         raise ConfigError(f"cluster.signal_lead_s={c['signal_lead_s']} must be shorter than cluster.timeout_min")
     if str(c.get("signal", "")).upper().removeprefix("SIG") != cfg.checkpoint.signal.upper().removeprefix("SIG"):
@@ -124,7 +198,7 @@ def validate_cluster(cluster: dict, cfg) -> dict:
 
 
 def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Path], dict]:
-    """Compose and validate every point before anything is submitted."""
+    """Compose and validate every point before anything is submitted or any folder is made."""
     from .compose import compose
     from .data import check_present
 
@@ -134,34 +208,83 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
     if multirun:
         explicit = any(o.startswith("hydra.sweep.dir=") for o in common)
         sweep_dir = Path(first.hydra["sweep"]["dir"] if explicit else default_sweep_dir(common, swept)).absolute()
+        hydra_value(sweep_dir, "hydra.sweep.dir")
     points, cluster = [], None
     extra = []
     if not Path(first.cfg.data.root).is_absolute():  # the jobs may start in another folder
-        extra.append(f"data.root={hydra_value(Path(first.cfg.data.root).absolute())}")
+        extra.append(f"data.root={hydra_value(Path(first.cfg.data.root).absolute(), 'data.root')}")
     for s in swept:
         ov = common + s + extra
         if sweep_dir is not None:
             run_dir = sweep_dir / point_dirname(s)
-            ov = ov + [f"hydra.run.dir={hydra_value(run_dir)}"]
+            ov = ov + [f"hydra.run.dir={hydra_value(run_dir, 'hydra.run.dir')}"]
             if not any(o.startswith("wandb.group=") for o in common + s):
-                ov.append(f"wandb.group={hydra_value(sweep_dir.name)}")
+                ov.append(f"wandb.group={hydra_value(sweep_dir.name, 'wandb.group')}")
         c = compose(ov)
         check_present(c.cfg.data)
-        cluster = validate_cluster(c.cluster, c.cfg)
+        mine = validate_cluster(c.cluster, c.cfg)
+        if cluster is not None and mine != cluster:
+            diff = ", ".join(f"cluster.{k}" for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k))
+            raise ConfigError(f"the sweep varies {diff}: one job array has one resource shape; submit one sweep "
+                              f"per cluster setting instead")
+        cluster = mine
         if sweep_dir is None:
-            ov = ov + [f"hydra.run.dir={hydra_value(c.run_dir)}"]
+            ov = ov + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
+        check_run_folder(c.run_dir, c.cfg)
         points.append(Point(overrides=ov, run_dir=c.run_dir))
     dirs = [p.run_dir for p in points]
     if len(set(dirs)) != len(dirs):
         raise ConfigError("two sweep points map to the same run folder; make the swept values distinct")
+    missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]  # submitit needs both
+    if cluster["backend"] == "slurm" and missing:
+        raise ConfigError(f"cluster=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on "
+                          f"PATH; submit from a Slurm login node, or use cluster=local to run here")
+    if cluster["backend"] == "local" and len(points) > cluster["array_parallelism"]:
+        raise ConfigError(f"cluster=local starts every sweep point at once, and this sweep has {len(points)} > "
+                          f"cluster.array_parallelism={cluster['array_parallelism']}; set "
+                          f"cluster.array_parallelism={len(points)} if this machine can run them together")
     return points, sweep_dir, cluster
+
+
+def check_run_folder(run_dir: Path, cfg) -> None:
+    """Refuse a run folder that a queued job still trains into, or whose checkpoint is of another config
+    (what the trainer would refuse on resume, found here before anything is queued)."""
+    from .status import ACTIVE_STATES, queued_state
+
+    sub = run_dir / "submission.json"
+    if sub.exists():
+        rec = json.loads(sub.read_text())
+        state = queued_state(rec)
+        if state in ACTIVE_STATES:
+            stop = f"scancel {rec['job_id']}" if rec.get("backend") == "slurm" else f"kill {rec['job_id']}"
+            raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
+                              f"train into the same folder: wait for it (allconv-hpc status {run_dir}) or stop it "
+                              f"({stop}), then submit again")
+    if cfg.checkpoint.resume == "never":
+        return  # the trainer moves old checkpoints aside
+    from .checkpoint import CheckpointDir
+    try:
+        found = CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).load_latest()
+    except Exception:  # every checkpoint unusable: the job says so with the trainer's own message
+        return
+    if found is None:
+        if cfg.checkpoint.resume == "must":
+            raise ConfigError(f"checkpoint.resume=must but {run_dir / 'checkpoints'} holds no checkpoint")
+        return
+    mine, theirs = cfg.identity(), found[0].get("identity", {})
+    if mine != theirs:
+        diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+                if mine.get(k) != theirs.get(k)]
+        raise ConfigError(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use another "
+                          f"hydra.run.dir, or checkpoint.resume=never to start over (old checkpoints are kept)")
 
 
 class TrainJob:
     """The callable submitit pickles: runs `allconv-hpc train` in the job, one call per rank."""
 
-    def __init__(self, overrides: list[str], signal_lead_s: int, signal: str = "USR2"):
-        self.overrides, self.signal_lead_s, self.signal = list(overrides), signal_lead_s, signal
+    def __init__(self, overrides: list[str], run_dir: Path, signal_lead_s: int, signal: str = "USR2"):
+        self.overrides, self.run_dir = list(overrides), Path(run_dir)
+        self.signal_lead_s, self.signal = signal_lead_s, signal
 
     def __call__(self) -> int:
         from .preempt import catch_early
@@ -171,62 +294,90 @@ class TrainJob:
         catch_early(self.signal)
         os.environ["ALLCONV_SIGNAL_LEAD_S"] = str(self.signal_lead_s)
         code = run(self.overrides)
-        if code not in (0,):
+        if code != 0:
             # non-zero makes submitit record a failure and srun/Slurm mark the job FAILED
             raise SystemExit(code)
+        if self.requeued():
+            # back in the queue: leave without a result, or submitit would report the job done. SystemExit
+            # passes through submitit's `except Exception` (core/submission.py), so no result is written.
+            raise SystemExit(0)
         return code
+
+    def requeued(self) -> bool:
+        """Rank 0 wrote status.json before every rank left training (the trainer's closing barrier)."""
+        try:
+            return json.loads((self.run_dir / "status.json").read_text()).get("state") == "requeued"
+        except (OSError, ValueError):
+            return False
 
     def checkpoint(self):
         """Only reached if Slurm's warning arrives while submitit itself starts (before __call__):
         requeue the same call; it resumes from the run folder."""
         import submitit
-        return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.signal_lead_s, self.signal))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.run_dir, self.signal_lead_s,
+                                                           self.signal))
 
 
 def make_executor(cluster: dict, folder: Path):
     import submitit
 
     if cluster["backend"] == "local":
+        # what submitit's LocalExecutor supports; the rest of the profile does not apply here
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=cluster["timeout_min"], nodes=1, tasks_per_node=cluster["tasks_per_node"],
-                             cpus_per_task=cluster["cpus_per_task"], gpus_per_node=cluster["gpus_per_node"])
+                             cpus_per_task=cluster["cpus_per_task"], gpus_per_node=cluster["gpus_per_node"],
+                             signal_delay_s=cluster["signal_lead_s"], setup=list(cluster["setup"]))
         return ex
-    if shutil.which("sbatch") is None:
-        raise ConfigError("cluster=slurm but sbatch is not on PATH; submit from a Slurm login node, "
-                          "or use cluster=local to run here")
     ex = submitit.SlurmExecutor(folder=str(folder))
     extra = dict(cluster.get("additional_parameters") or {})
-    if cluster.get("requeue"):
+    if cluster["requeue"]:
         extra["requeue"] = True
     # our signal, sent to the srun tasks (no "B:"): the trainer checkpoints at a step boundary
     extra["signal"] = f"{str(cluster['signal']).upper().removeprefix('SIG')}@{cluster['signal_lead_s']}"
+    # srun no longer inherits the job's --cpus-per-task (Slurm 22.05): give it explicitly
+    srun_args = ["--kill-on-bad-exit=1", f"--cpus-per-task={cluster['cpus_per_task']}"]
     params = dict(nodes=cluster["nodes"], ntasks_per_node=cluster["tasks_per_node"],
                   cpus_per_task=cluster["cpus_per_task"], time=cluster["timeout_min"],
                   signal_delay_s=cluster["signal_lead_s"], array_parallelism=cluster["array_parallelism"],
-                  setup=list(cluster.get("setup") or []), additional_parameters=extra,
-                  srun_args=["--kill-on-bad-exit=1"], stderr_to_stdout=False, job_name="allconv")
+                  setup=list(cluster["setup"]), additional_parameters=extra,
+                  srun_args=srun_args, stderr_to_stdout=False, job_name="allconv")
     if cluster["gpus_per_node"]:
         params["gpus_per_node"] = cluster["gpus_per_node"]
-    if cluster.get("mem_gb"):
+    if cluster.get("mem_gb") is not None:
         params["mem"] = f"{cluster['mem_gb']}GB"
     for k in ("partition", "account", "qos", "constraint", "exclude"):
-        if cluster.get(k):
+        if cluster.get(k) is not None:
             params[k] = str(cluster[k])
     ex.update_parameters(**params)
     return ex
 
 
 def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> list:
+    import contextlib
+    import io
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     base = sweep_dir if sweep_dir is not None else points[0].run_dir
+    created = not base.exists()
     base.mkdir(parents=True, exist_ok=True)
-    ex = make_executor(cluster, base / ".submitit" / "%j")
-    calls = [TrainJob(p.overrides, cluster["signal_lead_s"], str(cluster["signal"])) for p in points]
-    if len(calls) == 1:
-        jobs = [ex.submit(calls[0])]
-    else:
-        with ex.batch():
-            pending = [ex.submit(c) for c in calls]
-        jobs = pending
+    calls = [TrainJob(p.overrides, p.run_dir, cluster["signal_lead_s"], str(cluster["signal"])) for p in points]
+    if cluster["backend"] == "local":  # its controller sends submitit's signal before the limit: ours
+        os.environ["SUBMITIT_PREEMPT_SIGNAL"] = str(cluster["signal"]).upper().removeprefix("SIG")
+    sbatch_err = io.StringIO()  # submitit prints sbatch's complaint itself; we say it once, below
+    try:
+        with contextlib.redirect_stderr(sbatch_err):
+            ex = make_executor(cluster, base / ".submitit" / "%j")
+            if len(calls) == 1:
+                jobs = [ex.submit(calls[0])]
+            else:
+                with ex.batch():
+                    jobs = [ex.submit(c) for c in calls]
+    except (FailedJobError, FailedSubmissionError) as e:
+        if created:
+            shutil.rmtree(base, ignore_errors=True)
+        said = [ln.strip().removeprefix("sbatch: error: ") for ln in str(e).splitlines() if ln.strip()]
+        raise ConfigError(f"sbatch refused the job: {'; '.join(said) or 'no reason given'} (check cluster.partition, "
+                          f"cluster.account, cluster.qos and the other cluster.* values)") from None
     now = time.time()
     records = []
     for p, j in zip(points, jobs):
@@ -255,8 +406,14 @@ def submit_main(argv: list[str]) -> int:
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; submit nothing")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. optim.lr=0.1 cluster=slurm")
     args = ap.parse_intermixed_args(argv)  # flags anywhere among the overrides
+    overrides = list(args.overrides)
+    chosen = auto_cluster(overrides)
+    if chosen is not None:
+        why = "sbatch is on PATH" if chosen == "slurm" else "no sbatch on PATH"
+        print(f"cluster={chosen} ({why}; pass cluster=... to choose)")
+        overrides = [f"cluster={chosen}"] + overrides
     try:
-        points, sweep_dir, cluster = plan(args.overrides, args.multirun)
+        points, sweep_dir, cluster = plan(overrides, args.multirun)
         if args.dry_run:
             for p in points:
                 print(f"{p.run_dir}  {' '.join(p.overrides)}")

@@ -1,10 +1,12 @@
 """`allconv-hpc status FOLDER`: one line per job, from Slurm (squeue, then sacct when accounting
 exists, then scontrol) and from the run folder's own status.json (written by the trainer), so it
-stays right across requeues and array tasks and tolerates clusters without accounting."""
+stays right across requeues and array tasks and tolerates clusters without accounting. A job that Slurm
+(or this machine, for cluster=local) no longer knows, with no final state anywhere, shows as LOST."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,17 +14,29 @@ from typing import Optional
 
 from .preempt import slurm_out
 
-FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "CANCELLED"}
+# LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
+# state (killed hard, e.g. a node died): it is not running, and it did not finish
+FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "CANCELLED", "LOST"}
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED"}
 
 
-def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int]]:
-    """(state, restarts) from squeue / sacct / scontrol; (None, None) when Slurm knows nothing."""
-    state = restarts = None
-    out = slurm_out(["squeue", "-h", "-j", job_id, "-o", "%T"])
-    if out and out.strip():
-        state = out.split()[0]
+def squeue_state(job_id: str) -> tuple[bool, Optional[str]]:
+    """(Slurm answered, the job's state while it is queued or running; None when it is not)."""
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False, None
+    if r.returncode == 0:
+        out = r.stdout.split()
+        return True, out[0] if out else None
+    return "Invalid job id" in r.stderr, None  # a job Slurm has forgotten, vs. no answer at all
+
+
+def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool]:
+    """(state, restarts, Slurm answered) from squeue / sacct / scontrol; state None when Slurm knows nothing."""
+    answered, state = squeue_state(job_id)
+    restarts = None
     if state is None:
         out = slurm_out(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
         if out and out.strip():
@@ -33,7 +47,7 @@ def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int]]:
         state = state or fields.get("JobState")
         if fields.get("Restarts", "").isdigit():
             restarts = int(fields["Restarts"])
-    return state, restarts
+    return state, restarts, answered
 
 
 def _local_state(rec: dict) -> Optional[str]:
@@ -56,6 +70,15 @@ def _local_state(rec: dict) -> Optional[str]:
         return "RUNNING"
 
 
+def queued_state(rec: dict) -> Optional[str]:
+    """The scheduler's state of a submission while it is queued or running (one squeue call); else None."""
+    if rec.get("job_id") and rec.get("backend") == "slurm":
+        return squeue_state(str(rec["job_id"]))[1]
+    if rec.get("job_id") and rec.get("backend") == "local":
+        return _local_state(rec)
+    return None
+
+
 def run_rows(folder: Path) -> list[dict]:
     folder = Path(folder)
     sweep = folder / "sweep.json"
@@ -75,12 +98,15 @@ def run_rows(folder: Path) -> list[dict]:
         if (run_dir / "status.json").exists():
             st = json.loads((run_dir / "status.json").read_text())
         state = restarts = None
+        known = False  # the scheduler answered for this job (a job it does not know is gone)
         if rec.get("job_id") and rec.get("backend") == "slurm":
-            state, restarts = slurm_state(rec["job_id"])
+            state, restarts, known = slurm_state(rec["job_id"])
         elif rec.get("job_id") and rec.get("backend") == "local":
-            state = _local_state(rec)
+            state, known = _local_state(rec), True
         run_state = st.get("state")
-        if state is None:  # Slurm forgot the job (MinJobAge) and no accounting: the run folder decides
+        if state is None and known and run_state in (None, "running", "requeued"):
+            state = "LOST"  # gone without a final word: killed hard (SIGKILL, node failure)
+        elif state is None:  # Slurm forgot the job (MinJobAge) and no accounting: the run folder decides
             state = {"completed": "COMPLETED", "failed": "FAILED", "gave_up": "FAILED", "interrupted": "STOPPED",
                      "requeued": "REQUEUED", "running": "RUNNING?"}.get(run_state, "UNKNOWN")
         if restarts is None:

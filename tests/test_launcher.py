@@ -1,0 +1,395 @@
+"""`submit` and `status` without a cluster: the sbatch script the launcher's executor renders, every
+refusal (injection, bad types, sweeps over resources, busy or foreign run folders, sbatch rejecting
+the job), the default cluster, requeued jobs writing no result, and status with fake Slurm commands
+(no accounting, a job Slurm has forgotten)."""
+from __future__ import annotations
+
+import functools
+import json
+import pickle
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from allconv_hpc import launcher, status
+from allconv_hpc.checkpoint import CheckpointDir
+from allconv_hpc.cli import main
+from allconv_hpc.compose import compose
+from allconv_hpc.config import ConfigError
+
+TINY = ["data=synthetic", "data.train_size=60", "data.test_size=20", "model.width=0.125", "trainer.epochs=1",
+        "trainer.batch_size=60", "wandb.mode=disabled"]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def fake_bin(tmp: Path, **scripts: str) -> Path:
+    """A folder of fake commands (name -> sh body), put first on PATH by the caller."""
+    d = tmp / "bin"
+    d.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (d / name).write_text(f"#!/bin/sh\n{body}\n")
+        (d / name).chmod(0o755)
+    return d
+
+
+@pytest.fixture
+def on_path(tmp_path, monkeypatch):
+    """on_path(sbatch=..., squeue=...): fake Slurm commands (and an srun, which submitit looks for) on
+    PATH, and no real one behind them."""
+    def put(**scripts: str) -> Path:
+        d = fake_bin(tmp_path, srun="exit 0", **scripts)
+        monkeypatch.setenv("PATH", f"{d}:{Path(sys.executable).parent}")
+        return d
+    return put
+
+
+@functools.lru_cache(maxsize=None)
+def composed(*overrides: str):
+    return compose(["cluster=slurm", *TINY, *overrides])
+
+
+def cluster_of(*overrides: str) -> dict:
+    c = composed(*overrides)
+    return launcher.validate_cluster(c.cluster, c.cfg)
+
+
+def render(cluster: dict, tmp: Path) -> str:
+    """The sbatch script submitit would write for this cluster (nothing is submitted)."""
+    ex = launcher.make_executor(cluster, tmp / ".submitit" / "%j")
+    return ex._make_submission_file_text("python -m submitit.core._submit FOLDER", "uid")
+
+
+def sbatch_lines(script: str) -> set[str]:
+    return {ln for ln in script.splitlines() if ln.startswith("#SBATCH ")}
+
+
+def refused(cluster: dict, key: str, value) -> str:
+    with pytest.raises(ConfigError) as e:
+        launcher.validate_cluster({**cluster, key: value}, composed().cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cluster.{key}"), msg
+    return msg
+
+
+def run_submit(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["submit", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------- the rendered script
+
+def test_sbatch_script_carries_every_job_parameter(tmp_path, on_path):
+    on_path()
+    cluster = cluster_of("cluster.nodes=2", "cluster.gpus_per_node=4", "cluster.tasks_per_node=4",
+                         "cluster.cpus_per_task=8", "cluster.mem_gb=200", "cluster.timeout_min=240",
+                         "cluster.partition=gpu", "cluster.account=proj123", "cluster.qos=high",
+                         "cluster.constraint='a100|h100'", "cluster.exclude='n[3-4]'",
+                         "+cluster.additional_parameters.mail-type=END", "+cluster.additional_parameters.exclusive=true",
+                         "cluster.setup=['module load cuda/12.4','source $HOME/venv/bin/activate']",
+                         "cluster.signal_lead_s=180", "trainer.batch_size=64")
+    script = render(cluster, tmp_path)
+    lines = sbatch_lines(script)
+    for want in ("--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=8", "--mem=200GB",
+                 "--time=240", "--partition=gpu", "--account=proj123", "--qos=high", "--constraint='a100|h100'",
+                 "--exclude='n[3-4]'", "--mail-type=END", "--exclusive", "--signal=USR2@180", "--requeue",
+                 "--job-name=allconv"):
+        assert f"#SBATCH {want}" in lines, (want, script)
+    assert "B:" not in script  # the signal goes to the srun tasks, not the batch shell
+    assert not any(ln.startswith("#SBATCH --array") for ln in lines)
+    setup = script.split("# setup\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert setup == ["module load cuda/12.4", "source $HOME/venv/bin/activate"], script
+    srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun and "--cpus-per-task=8" in srun, srun
+
+
+def test_the_defaults_render_no_optional_option(tmp_path, on_path):
+    on_path()
+    lines = sbatch_lines(render(cluster_of(), tmp_path))
+    for absent in ("--mem", "--partition", "--account", "--qos", "--constraint", "--exclude", "--gpus-per-node"):
+        assert not any(ln.startswith(f"#SBATCH {absent}") for ln in lines), (absent, lines)
+    assert "#SBATCH --signal=USR2@120" in lines and "#SBATCH --requeue" in lines
+    assert "#SBATCH --requeue" not in sbatch_lines(render(cluster_of("cluster.requeue=false"), tmp_path))
+
+
+def test_the_gpu_example_profile_renders(tmp_path, on_path):
+    on_path()
+    c = compose(["cluster=gpu_example", *TINY, "trainer.batch_size=128", "cluster.constraint='a100|h100'"])
+    lines = sbatch_lines(render(launcher.validate_cluster(c.cluster, c.cfg), tmp_path))
+    assert {"#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --constraint='a100|h100'",
+            "#SBATCH --signal=USR2@180"} <= lines
+
+
+@pytest.mark.parametrize("constraint", ["a100|h100", "a100&ib", "[rack1|rack2]", "(a100|h100)*2", "!old", "gpu:a100"])
+def test_constraint_takes_slurms_syntax(tmp_path, on_path, constraint):
+    on_path()
+    cluster = {**cluster_of(), "constraint": constraint}
+    lines = sbatch_lines(render(launcher.validate_cluster(cluster, composed().cfg), tmp_path))
+    (line,) = [ln for ln in lines if ln.startswith("#SBATCH --constraint=")]
+    # shlex-quoted by submitit; sbatch strips the quotes (seen on the dev cluster) and gets the value back
+    assert shlex.split(line.split("=", 1)[1]) == [constraint]
+
+
+# ------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("key,value", [
+    ("mem_gb", "4'\ntouch /tmp/PWNED #"), ("mem_gb", "4GB"), ("mem_gb", 4.5), ("mem_gb", 0), ("mem_gb", True),
+    ("mem_gb", "$(touch pwned)"),
+    ("partition", "low\ntouch pwned"), ("partition", "low\n"), ("partition", "low;touch pwned"),
+    ("partition", "$(touch pwned)"), ("partition", "`touch pwned`"), ("partition", "'low'"), ("partition", '"low"'),
+    ("partition", "lo w"), ("account", "a\x00b"), ("qos", "$(id)"), ("exclude", "n1\nn2"), ("signal", "USR2\n"),
+    ("constraint", "a100\n"), ("constraint", "a100\r"), ("constraint", "a100\x00"), ("constraint", "$(id)"),
+    ("constraint", "`id`"), ("constraint", "a100'"), ("constraint", 'a"b'),
+    ("setup", "module load cuda"), ("setup", ["module load cuda", "echo a\ntouch pwned"]), ("setup", [1]),
+    ("additional_parameters", {"mail-type": "END\ntouch pwned"}), ("additional_parameters", {"comment": "$(id)"}),
+    ("additional_parameters", {"comment": "`id`"}), ("additional_parameters", {"comment": "it's"}),
+    ("additional_parameters", {"bad key": "x"}), ("additional_parameters", {"a\nb": "x"}),
+    ("additional_parameters", {"time": 5}), ("additional_parameters", {"signal": "B:USR2@60"}),
+    ("additional_parameters", {"output": "/tmp/x"}), ("additional_parameters", "mail-type=END"),
+    ("nodes", "2"), ("nodes", True), ("nodes", 0), ("array_parallelism", 0), ("gpus_per_node", -1),
+    ("cpus_per_task", 1.5), ("timeout_min", None), ("requeue", "yes"), ("signal_lead_s", 5),
+    ("backend", "pbs"),
+])
+def test_bad_cluster_values_are_refused_with_one_line(key, value):
+    refused(cluster_of(), key, value)
+
+
+def test_a_string_setup_gets_a_hint():
+    msg = refused(cluster_of(), "setup", "module load cuda")
+    assert "must be a list of shell lines" in msg and "cluster.setup='[module load cuda/12.4]'" in msg
+
+
+def test_additional_parameters_name_the_key_to_use():
+    assert "use cluster.timeout_min" in refused(cluster_of(), "additional_parameters", {"time": 5})
+
+
+def test_unknown_cluster_key_is_refused():
+    with pytest.raises(ConfigError, match=r"unknown cluster key\(s\) cluster.nodez"):
+        launcher.validate_cluster({**cluster_of(), "nodez": 1}, composed().cfg)
+
+
+def test_injection_through_the_cli_reaches_nothing(tmp_path, on_path, capsys, monkeypatch):
+    on_path(sbatch=f"echo called >> {tmp_path / 'sbatch-called'}; exit 1")
+    monkeypatch.chdir(tmp_path)
+    for bad in (f"cluster.mem_gb='4\ntouch {tmp_path / 'pwned'} #'", f"cluster.mem_gb=\"4'\ntouch {tmp_path}/pwned #\"",
+                "cluster.setup='module load cuda'", f"cluster.partition='low\ntouch {tmp_path / 'pwned'}'"):
+        code, out, err = run_submit(capsys, "cluster=slurm", *TINY, bad, f"hydra.run.dir={tmp_path / 'run'}")
+        assert code == 2 and len(err.strip().splitlines()) == 1, (bad, err)
+        assert err.startswith("allconv-hpc submit: error: "), err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "sbatch-called").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_over_cluster_settings_is_refused(tmp_path, on_path):
+    on_path(sbatch="exit 1")
+    for sweep in (["cluster=slurm", "cluster.nodes=1,2"], ["cluster=slurm", "cluster.partition=a,b"],
+                  ["cluster=local,slurm"]):
+        with pytest.raises(ConfigError, match="one job array has one resource shape") as e:
+            launcher.plan([*sweep, *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"], multirun=True)
+        assert "cluster." in str(e.value)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_local_sweep_wider_than_array_parallelism_is_refused(tmp_path):
+    sweep = ["cluster=local", *TINY, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    with pytest.raises(ConfigError, match="starts every sweep point at once.*cluster.array_parallelism=2"):
+        launcher.plan(sweep, multirun=True)
+    points, _, _ = launcher.plan(sweep + ["cluster.array_parallelism=2"], multirun=True)
+    assert len(points) == 2
+
+
+def test_newlines_in_folders_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="hydra.sweep.dir="):
+        launcher.plan(["cluster=local", *TINY, "seed=0", f"hydra.sweep.dir='{tmp_path}/a\nb'"], multirun=True)
+
+
+# --------------------------------------------------------------------- which cluster
+
+def test_without_cluster_submit_takes_slurm_where_sbatch_is(tmp_path, on_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch="exit 1")
+    assert launcher.auto_cluster(["optim.lr=0.1"]) == "slurm"
+    assert launcher.auto_cluster(["cluster=local"]) is None and launcher.auto_cluster(["+cluster=slurm"]) is None
+    code, out, _ = run_submit(capsys, "--dry-run", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0 and out.startswith("cluster=slurm (sbatch is on PATH"), out
+    assert "cluster=slurm" in out.splitlines()[1]
+    (tmp_path / "bin" / "sbatch").unlink()
+    assert launcher.auto_cluster([]) == "local"
+    code, out, _ = run_submit(capsys, "--dry-run", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0 and out.startswith("cluster=local (no sbatch on PATH"), out
+
+
+def test_cluster_slurm_without_sbatch_is_refused_before_any_folder(tmp_path, on_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    on_path()
+    code, out, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}")
+    assert code == 2 and "sbatch is not on PATH" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_sbatch_rejecting_the_job_is_one_line_and_leaves_no_folder(tmp_path, on_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch="echo 'sbatch: error: invalid partition specified: nope' >&2\n"
+                   "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\nexit 1")
+    code, out, err = run_submit(capsys, "cluster=slurm", "cluster.partition=nope", *TINY,
+                                f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        "allconv-hpc submit: error: sbatch refused the job: invalid partition specified: nope; Batch job submission "
+        "failed: Invalid partition name specified (check cluster.partition, cluster.account, cluster.qos and the "
+        "other cluster.* values)"], err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ the run folder
+
+def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "submission.json").write_text(json.dumps({"job_id": "42", "backend": "slurm", "run_dir": str(run)}))
+    on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && echo RUNNING')
+    with pytest.raises(ConfigError, match=r"already has job 42 \(RUNNING\).*scancel 42"):
+        launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)
+    on_path(squeue="exit 0")  # ended: resubmitting resumes
+    assert launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)[0][0].run_dir == run
+
+
+def test_a_run_folder_of_another_config_is_refused(tmp_path):
+    run = tmp_path / "run"
+    theirs = compose(["cluster=local", *TINY, "optim.lr=0.1"]).cfg
+    CheckpointDir(run / "checkpoints", keep=2).save({"identity": theirs.identity()}, step=5)
+    with pytest.raises(ConfigError, match=r"holds a run of a different config \(optim.lr: 0.1 -> 0.05\)"):
+        launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)
+    for ok in (["optim.lr=0.1"], ["optim.lr=0.1", "trainer.epochs=5"], ["checkpoint.resume=never"]):
+        launcher.plan(["cluster=local", *TINY, *ok, f"hydra.run.dir={run}"], multirun=False)
+    with pytest.raises(ConfigError, match="checkpoint.resume=must but"):
+        launcher.plan(["cluster=local", *TINY, "checkpoint.resume=must", f"hydra.run.dir={tmp_path / 'new'}"],
+                      multirun=False)
+
+
+# --------------------------------------------------------------- cluster=local
+
+def test_local_executor_gets_what_it_supports(tmp_path):
+    c = compose(["cluster=local", *TINY, "cluster.signal_lead_s=45", "cluster.setup=['export A=1']"])
+    ex = launcher.make_executor(launcher.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
+    assert ex.parameters["signal_delay_s"] == 45 and ex.parameters["setup"] == ["export A=1"]
+    assert ex.parameters["timeout_min"] == 60 and ex.parameters["tasks_per_node"] == 1
+
+
+# ---------------------------------------------------------------- requeued jobs
+
+@pytest.fixture
+def job_signals():
+    """submitit's process_job installs its own signal handlers: give the test process its own back."""
+    sigs = (signal.SIGTERM, signal.SIGCONT, signal.SIGUSR2)
+    saved = {s: signal.getsignal(s) for s in sigs}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.parametrize("final,result", [("requeued", None), ("completed", ("success", 0))])
+def test_a_requeued_job_writes_no_result(tmp_path, monkeypatch, job_signals, final, result):
+    """Through submitit's own process_job: a requeued call leaves no result pickle (job.done() stays
+    False while it waits in the queue); a completed one writes ("success", 0)."""
+    from submitit.core.submission import process_job
+    from submitit.core.utils import DelayedSubmission
+
+    import allconv_hpc.preempt
+    import allconv_hpc.train
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def fake_run(overrides):
+        (run / "status.json").write_text(json.dumps({"state": final}))
+        return 0
+    monkeypatch.setattr(allconv_hpc.train, "run", fake_run)
+    monkeypatch.setattr(allconv_hpc.preempt, "catch_early", lambda *a: None)
+    for k, v in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="7", SUBMITIT_LOCAL_GLOBALID="0",
+                     SUBMITIT_LOCAL_LOCALID="0", SUBMITIT_LOCAL_NTASKS="1", SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+                     SUBMITIT_LOCAL_NODEID="0").items():
+        monkeypatch.setenv(k, v)
+    folder = tmp_path / "sub"
+    folder.mkdir()
+    DelayedSubmission(launcher.TrainJob(["x=1"], run, 60)).dump(folder / "7_submitted.pkl")
+    if final == "requeued":
+        with pytest.raises(SystemExit) as e:
+            process_job(folder)
+        assert e.value.code == 0
+        assert not (folder / "7_0_result.pkl").exists()
+    else:
+        process_job(folder)
+        assert pickle.loads((folder / "7_0_result.pkl").read_bytes()) == result
+
+
+# ------------------------------------------------------- status with fake Slurm commands
+
+def write_run(tmp: Path, run_state: str | None, job: str = "42", backend: str = "slurm", **rec) -> Path:
+    run = tmp / "run"
+    run.mkdir(exist_ok=True)
+    (run / "submission.json").write_text(json.dumps({"job_id": job, "backend": backend, "run_dir": str(run), **rec}))
+    if run_state:
+        (run / "status.json").write_text(json.dumps({"state": run_state, "epoch": 1, "epochs": 3}))
+    return run
+
+
+NO_ACCOUNTING = "echo 'sacct: error: Slurm accounting storage is disabled' >&2; exit 1"
+FORGOTTEN = "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"
+
+
+def test_status_works_without_accounting(tmp_path, on_path, capsys):
+    run = write_run(tmp_path, "running")
+    on_path(squeue="echo RUNNING", sacct=NO_ACCOUNTING, scontrol="echo 'JobId=42 JobState=RUNNING Restarts=1'")
+    assert status.status_main([str(run)]) == 0
+    rows = status.run_rows(run)
+    assert (rows[0]["state"], rows[0]["restarts"]) == ("RUNNING", 1)
+
+
+@pytest.mark.parametrize("run_state,state,rc", [("running", "LOST", 1), ("requeued", "LOST", 1), (None, "LOST", 1),
+                                                ("completed", "COMPLETED", 0), ("gave_up", "FAILED", 1)])
+def test_a_job_slurm_forgot_is_lost_unless_the_run_finished(tmp_path, on_path, capsys, run_state, state, rc):
+    run = write_run(tmp_path, run_state)
+    on_path(squeue=FORGOTTEN, sacct=NO_ACCOUNTING, scontrol=FORGOTTEN)
+    assert status.run_rows(run)[0]["state"] == state
+    assert status.status_main([str(run)]) == rc
+    assert status.wait_for(run, poll_s=0.01) == rc  # ends at once: no endless RUNNING?
+
+
+def test_no_answer_from_slurm_is_not_lost(tmp_path, on_path):
+    run = write_run(tmp_path, "running")
+    down = "echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1"
+    on_path(squeue=down, sacct=down, scontrol=down)
+    assert status.run_rows(run)[0]["state"] == "RUNNING?"
+
+
+def test_a_requeued_job_waiting_in_the_queue_is_not_done(tmp_path, on_path):
+    run = write_run(tmp_path, "requeued")
+    on_path(squeue="echo PENDING", sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=1'")
+    row = status.run_rows(run)[0]
+    assert row["state"] == "PENDING" and row["state"] in status.ACTIVE_STATES and not status.is_failed(row)
+
+
+def test_a_local_job_whose_controller_died_is_lost(tmp_path):
+    p = subprocess.Popen(["true"])
+    p.wait()  # a pid that no longer runs
+    run = write_run(tmp_path, "running", job=str(p.pid), backend="local", submitit_folder=str(tmp_path / "sub"))
+    assert status.run_rows(run)[0]["state"] == "LOST"
+    res = tmp_path / "sub" / str(p.pid) / f"{p.pid}_0_result.pkl"
+    res.parent.mkdir(parents=True)
+    res.write_bytes(pickle.dumps(("success", 0)))
+    assert status.run_rows(run)[0]["state"] == "COMPLETED"
+
+
+def test_status_table_names_lost(tmp_path, on_path, capsys):
+    run = write_run(tmp_path, "running")
+    on_path(squeue=FORGOTTEN, sacct=NO_ACCOUNTING, scontrol=FORGOTTEN)
+    status.status_main([str(run)])
+    assert re.search(r"^42\s+LOST\s+running", capsys.readouterr().out, re.M)
+
