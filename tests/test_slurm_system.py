@@ -1,6 +1,7 @@
 """`allconv-hpc submit` / `status` end to end on the real two-node Slurm dev cluster (slurm/dev-cluster.sh):
-a sweep as one job array, a 2-node DDP job, preemption, the time limit, scancel, refusals before
-anything reaches Slurm, and cluster=local.
+a sweep as one job array, a 2-node DDP job, a rank killed hard, preemption (also of the plain
+slurm/train.sbatch), the time limit, scancel, refusals before anything reaches Slurm (and sbatch's
+own), and cluster=local.
 
 Every job runs the project's python (submitit uses sys.executable) with tiny settings. Each test has
 its own folder (HOME, TMPDIR and run folders under tmp_path) and cancels what it submitted. Waits
@@ -144,6 +145,15 @@ def submission_script(folder: Path) -> str:
     return scripts[0].read_text()
 
 
+def preempt_low(cluster, tmp: Path, jobs: list) -> str:
+    """A job of the high partition that needs every CPU of both nodes: it preempts what runs in low."""
+    high = cluster.run(["sbatch", "--parsable", "-p", "high", "-N2", "--exclusive", "-J", "preemptor",
+                        "-o", str(tmp / "high-%j.out"), "--wrap", "sleep 5"])
+    assert high.returncode == 0, high.stderr
+    jobs.append(high.stdout.strip())
+    return high.stdout.strip()
+
+
 @pytest.fixture
 def jobs(slurm_cluster):
     """Job ids a test submitted; whatever is still queued is cancelled at the end."""
@@ -236,13 +246,9 @@ def test_preempted_job_checkpoints_requeues_and_ends_bitwise_identical(slurm_clu
     (job, _), = ids
     ref = start_reference(tmp_path, tmp_path / "ref", overrides)
     wait_for_line(run / "train.log", "(global 10)", timeout=120)
-    # a job of the high partition that needs every CPU of both nodes preempts it
-    high = slurm_cluster.run(["sbatch", "--parsable", "-p", "high", "-N2", "--exclusive", "-J", "preemptor",
-                              "-o", str(tmp_path / "high-%j.out"), "--wrap", "sleep 5"])
-    assert high.returncode == 0, high.stderr
-    jobs.append(high.stdout.strip())
+    high = preempt_low(slurm_cluster, tmp_path, jobs)
     assert wait_final(slurm_cluster, job, 180) == "COMPLETED", tail(run)
-    assert wait_final(slurm_cluster, high.stdout.strip(), 60) == "COMPLETED"
+    assert wait_final(slurm_cluster, high, 60) == "COMPLETED"
     finish_reference(tmp_path, ref)
 
     log = (run / "train.log").read_text()
@@ -255,6 +261,9 @@ def test_preempted_job_checkpoints_requeues_and_ends_bitwise_identical(slurm_clu
     assert_same_history(history(run), history(tmp_path / "ref"), exact=True)
     rc, rows, table = status(slurm_cluster, tmp_path, run)
     assert rc == 0 and rows[0]["state"] == "COMPLETED" and rows[0]["restarts"] == 1, table
+    # the requeued run left without a submitit result (job.done() stayed False); only the last one wrote it
+    out = "".join(f.read_text() for f in (run / ".submitit").glob("*/*_0_log.out"))
+    assert len(re.findall(r"^submitit INFO .* - Exiting after successful completion$", out, re.M)) == 1, out[-3000:]
     # W&B: one run id, two offline segments, every step once (the last eval is logged at steps + 1)
     wid = (run / "wandb_id.txt").read_text().strip()
     assert len(segments(run / "wandb", wid)) == 2
@@ -311,6 +320,10 @@ def test_scancel_checkpoints_then_resubmission_resumes(slurm_cluster, jobs, tmp_
     overrides = [*SLURM, *JOB, "trainer.epochs=15", f"hydra.run.dir={run}"]
     [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *overrides)
     wait_for_line(run / "train.log", "(global 10)", timeout=120)
+    # while it runs, the same command is refused: a second job would train into the same folder
+    again = cli(slurm_cluster, tmp_path, "submit", *overrides)
+    assert again.returncode == 2 and f"already has job {job} (RUNNING)" in again.stderr, again.stderr
+    assert f"scancel {job}" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     slurm_cluster.run(["scancel", job], check=True)
     assert wait_final(slurm_cluster, job, 60) == "CANCELLED"
     st = wait_status(run, "interrupted", 30)
@@ -330,6 +343,71 @@ def test_scancel_checkpoints_then_resubmission_resumes(slurm_cluster, jobs, tmp_
     assert [r["epoch"] for r in history(run)] == list(range(1, 16))
     rc, rows, table = status(slurm_cluster, tmp_path, run)
     assert rc == 0 and rows[0]["job"] == job2 and rows[0]["state"] == "COMPLETED", table
+
+
+def rank_pid(job_id: str, rank: int) -> int | None:
+    """The pid of a job's python rank on this machine, from /proc/*/environ (the nodes run here)."""
+    want = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = set(environ.read_bytes().split(b"\0"))
+            argv = (environ.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if want <= env and b"python" in Path(argv[0].decode()).name.encode() and b"submitit.core._submit" in argv:
+            return int(environ.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_rank_killed_hard_fails_the_job_and_is_named(slurm_cluster, jobs, tmp_path):
+    """Issue 3: a rank SIGKILLed mid-training (no signal, nothing saved) ends the job FAILED, not COMPLETED,
+    and what the job left says which rank died."""
+    run = tmp_path / "killed"
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "cluster.nodes=2", "cluster.tasks_per_node=1",
+                           "trainer.epochs=1000", "wandb.mode=disabled", f"hydra.run.dir={run}")
+    wait_for_line(run / "train.log", "(global 3)", timeout=90)
+    pid = poll(lambda: rank_pid(job, 1), 20)
+    assert pid, f"no python process with SLURM_JOB_ID={job} SLURM_PROCID=1"
+    os.kill(pid, signal.SIGKILL)
+    assert wait_final(slurm_cluster, job, 60) == "FAILED", tail(run)
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc != 0 and rows[0]["state"] == "FAILED", table
+    assert re.search(r"\b(rank|rank\(s\)|task) 1\b", tail(run)), tail(run)  # the trainer: "peer rank(s) 1"; srun: "task 1"
+
+
+@pytest.mark.slow
+def test_plain_sbatch_script_trains_and_survives_preemption(slurm_cluster, jobs, tmp_path):
+    """slurm/train.sbatch without submitit: preempted, it checkpoints, requeues, resumes and completes."""
+    run = tmp_path / "plain"
+    script = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+    r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "--cpus-per-task=1", "-o", str(tmp_path / "plain-%j.out"),
+                           str(script), *JOB, "trainer.epochs=30", f"hydra.run.dir={run}"],
+                          env=job_env(slurm_cluster, tmp_path, ALLCONV_PYTHON=PY), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    jobs.append(job)
+    wait_for_line(run / "train.log", "(global 10)", timeout=120)
+    preempt_low(slurm_cluster, tmp_path, jobs)
+    out = lambda: (tmp_path / f"plain-{job}.out").read_text()  # noqa: E731
+    assert wait_final(slurm_cluster, job, 180) == "COMPLETED", out()[-3000:]
+    log = (run / "train.log").read_text()
+    assert "(signal lead 120 s): preemption" in log and "requeued at global step" in log, log[-3000:]
+    assert "resumed from" in log and "done: best val_acc" in log, log[-3000:]
+    st = read_status(run)
+    assert st["state"] == "completed" and st["restarts"] == 1, st
+    assert [r["epoch"] for r in history(run)] == list(range(1, 31))
+    assert (run / "checkpoints" / "last.pt").is_file()
+    assert f"job {job} restart 1 on" in out()
+
+
+def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):
+    r = cli(slurm_cluster, tmp_path, "submit", *SLURM, *JOB, "cluster.partition=nope", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("allconv-hpc submit: error: sbatch refused the job: invalid "
+                                                   "partition specified: nope"), r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 BAD = {
