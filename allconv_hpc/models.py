@@ -25,6 +25,14 @@ class SamePad(nn.Module):
         return nn.functional.pad(x, (0, 1, 0, 1))
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over H and W: [B,C,H,W] -> [B,C]. A plain mean, not AdaptiveAvgPool2d, whose CUDA
+    backward has no deterministic kernel (trainer.deterministic=true would raise on GPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
 def _conv(cin: int, cout: int, k: int, stride: int = 1, pad: int | None = None) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=stride, padding=(k // 2) if pad is None else pad)
 
@@ -70,7 +78,7 @@ def build_model(cfg: ModelConfig) -> nn.Sequential:
     layers += [_conv(w2, w2, 1), relu(), _conv(w2, cfg.num_classes, 1)]
     if cfg.final_relu:
         layers.append(relu())
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers.append(GlobalAvgPool())
     model = nn.Sequential(*layers)
     init_weights(model)
     return model

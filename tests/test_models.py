@@ -15,7 +15,7 @@ from torch import nn
 
 from allconv_hpc.compose import compose
 from allconv_hpc.config import ConfigError, ModelConfig
-from allconv_hpc.models import build_model, count_parameters, summary
+from allconv_hpc.models import GlobalAvgPool, build_model, count_parameters, summary
 
 NAMES = ["allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_cnn_c"]
 PAPER = [n for n in NAMES if n != "allcnn_seed"]
@@ -49,9 +49,9 @@ def build(name: str, *extra: str, data: str = "synthetic", seed: int = 0) -> nn.
 
 
 def before_global_pool(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """The activation that enters the AdaptiveAvgPool2d (the class-score map)."""
+    """The activation that enters the global average pooling (the class-score map)."""
     for layer in model:
-        if isinstance(layer, nn.AdaptiveAvgPool2d):
+        if isinstance(layer, GlobalAvgPool):
             return x
         x = layer(x)
     raise AssertionError("no global average pooling layer")
@@ -129,7 +129,35 @@ def test_relu_after_strided_convs_in_allcnn_c_but_not_in_the_seed_net(dropout):
     # every other conv is followed by a ReLU (the class-score conv feeds the global pooling)
     plain = [(i, nxt) for i, _, m, nxt in _followers(seed, lambda m: isinstance(m, nn.Conv2d) and not _strided(m))]
     assert all(isinstance(nxt, nn.ReLU) for _, nxt in plain[:-1])
-    assert isinstance(plain[-1][1], nn.AdaptiveAvgPool2d)
+    assert isinstance(plain[-1][1], GlobalAvgPool)
+
+
+def _layer_code(m: nn.Module) -> str:
+    """A short code per layer: c<k>s<stride>p<pad>, R(eLU), D<p>, M(ax pool), S(ame pad), G(lobal avg)."""
+    if isinstance(m, nn.Conv2d):
+        return f"c{m.kernel_size[0]}s{m.stride[0]}p{m.padding[0]}"
+    if isinstance(m, nn.Dropout):
+        return f"D{m.p:g}"
+    return {nn.ReLU: "R", nn.MaxPool2d: "M", GlobalAvgPool: "G"}.get(type(m), type(m).__name__[0])
+
+
+# The whole layer sequence of each model with dropout on: pins what parameter counts cannot see
+# (where every ReLU, dropout and pooling layer sits, and every conv's kernel, stride and padding).
+HEAD = "c3s1p1 R c1s1p0 R c1s1p0 G"  # layer 7 (3x3), then the two 1x1 convs and global averaging
+SEQUENCES = {
+    "allcnn_c": "D0.2 c3s1p1 R c3s1p1 R c3s2p1 R D0.5 c3s1p1 R c3s1p1 R c3s2p1 R D0.5 c3s1p0 R c1s1p0 R c1s1p0 G",
+    "allcnn_seed": "c3s1p1 R c3s1p1 R S c3s2p0 D0.5 c3s1p1 R c3s1p1 R S c3s2p0 D0.5 " + HEAD,
+    "model_c": "D0.2 c3s1p1 R c3s1p1 R M D0.5 c3s1p1 R c3s1p1 R M D0.5 c3s1p0 R c1s1p0 R c1s1p0 G",
+    "strided_cnn_c": "D0.2 c3s1p1 R c3s2p1 R D0.5 c3s1p1 R c3s2p1 R D0.5 c3s1p0 R c1s1p0 R c1s1p0 G",
+    "convpool_cnn_c": "D0.2 c3s1p1 R c3s1p1 R c3s1p1 R M D0.5 c3s1p1 R c3s1p1 R c3s1p1 R M D0.5 "
+                      "c3s1p0 R c1s1p0 R c1s1p0 G",
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exact_layer_sequence(name):
+    codes = [_layer_code(m) for m in build(name, "model.width=0.25") if not isinstance(m, nn.Identity)]
+    assert " ".join(codes) == SEQUENCES[name]
 
 
 def test_pooling_and_strided_variants():
@@ -174,10 +202,10 @@ def test_dropout_false_removes_every_dropout(name):
 
 def test_final_relu_option():
     model = build("allcnn_c", "model.width=0.125", "model.final_relu=true").eval()
-    assert isinstance(model[-3], nn.ReLU) and isinstance(model[-2], nn.AdaptiveAvgPool2d)
+    assert isinstance(model[-2], nn.ReLU) and isinstance(model[-1], GlobalAvgPool)
     with torch.no_grad():
         assert (model(torch.randn(8, 3, 32, 32)) >= 0).all()
-    assert not isinstance(build("allcnn_c", "model.width=0.125")[-3], nn.ReLU)
+    assert not isinstance(build("allcnn_c", "model.width=0.125")[-2], nn.ReLU)
 
 
 @pytest.mark.parametrize("name", NAMES)
