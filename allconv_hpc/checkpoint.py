@@ -83,7 +83,8 @@ class CheckpointDir:
 
     def load_latest(self) -> Optional[tuple[dict, Path]]:
         """The newest checkpoint that verifies; corrupt ones are skipped with a warning."""
-        candidates = [self.folder / "last.pt"] + self.step_files()
+        # highest step first: a kill between writing step_N and relinking last.pt must not lose step N
+        candidates = self.step_files() + [self.folder / "last.pt"]
         bad = []
         for path in candidates:
             if not path.exists():
@@ -102,12 +103,21 @@ class CheckpointDir:
                                   f"move the folder aside and use checkpoint.resume=never to start fresh")
         return None
 
-    def move_aside(self) -> Optional[Path]:
-        """For checkpoint.resume=never: keep old checkpoints (never delete), start with an empty folder."""
-        if not self.folder.exists() or not any(self.folder.iterdir()):
+    def move_aside(self, also: tuple[Path, ...] | list[Path] = ()) -> Optional[Path]:
+        """For checkpoint.resume=never: keep the old run (never delete), start with an empty folder.
+        The checkpoint folder becomes `checkpoints.oldN/`, and the files in `also` move into it."""
+        present = [p for p in also if p.exists()]
+        has_ckpt = self.folder.exists() and any(self.folder.iterdir())
+        if not has_ckpt and not present:
             return None
         i = 1
         while (dest := self.folder.with_name(f"{self.folder.name}.old{i}")).exists():
             i += 1
-        self.folder.rename(dest)
+        if has_ckpt:
+            self.folder.rename(dest)
+        else:
+            dest.mkdir(parents=True)
+        for p in present:
+            os.replace(p, dest / p.name)
+        fsync_dir(dest.parent)
         return dest

@@ -17,8 +17,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
+        from .preempt import catch_early
+        catch_early()  # before the heavy imports: under srun an early USR2 would otherwise kill the rank
+        from .preempt import EXIT_REQUEUED
         from .train import run
-        return run(rest)
+        code = run(rest)
+        return 0 if code == EXIT_REQUEUED else code  # back in the queue: nothing failed
     if cmd == "submit":
         from .launcher import submit_main
         return submit_main(rest)

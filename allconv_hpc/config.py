@@ -211,6 +211,16 @@ class Config:
         flat = _flatten(dataclasses.asdict(self))
         return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_CHANGES)}
 
+    def check_resumable(self, theirs: dict, run_dir) -> None:
+        """Refuse to resume a checkpoint whose identity (see `identity`) differs, naming each key."""
+        mine = self.identity()
+        if mine != theirs:
+            diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+                    if mine.get(k) != theirs.get(k)]
+            raise ConfigError(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
+                              f"another hydra.run.dir, or checkpoint.resume=never to start over (old checkpoints "
+                              f"are kept)")
+
 
 # Keys a resume may change: where things run and how they are logged, not what is learned.
 # trainer.epochs may grow to extend a run (schedules that depend on it then change shape).

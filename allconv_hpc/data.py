@@ -189,14 +189,19 @@ def _subset(split: Split, size: int | None, seed: int, key: str) -> Split:
     return Split(split.images[idx], split.labels[idx])
 
 
+def fetch_if_missing(cfg: DataConfig) -> None:
+    """Download the dataset when files are missing and data.download=true (one rank per job calls it)."""
+    if cfg.name != "synthetic" and cfg.download and _missing(cfg)[2]:
+        _download(cfg)
+
+
 def load(cfg: DataConfig, seed: int) -> Dataset:
     """The dataset named by cfg as uint8 CPU tensors; subsets and synthetic data depend on seed."""
     if cfg.name == "synthetic":
         return synthetic(cfg.train_size or SYNTHETIC_SIZES[0], cfg.test_size or SYNTHETIC_SIZES[1], seed)
     lay = _layout(cfg.name)
-    folder, _, missing = _missing(cfg)
-    if missing and cfg.download:
-        _download(cfg)
+    folder = _missing(cfg)[0]
+    fetch_if_missing(cfg)
     _require(cfg)
     train = _subset(_read_split(folder, lay.train, lay), cfg.train_size, seed, "train_size")
     test = _subset(_read_split(folder, lay.test, lay), cfg.test_size, seed, "test_size")

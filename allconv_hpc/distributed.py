@@ -45,23 +45,41 @@ class DistEnv:
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
-    """Expand Slurm's compressed host list, e.g. 'gpu[01-03,07],n1' -> gpu01 gpu02 gpu03 gpu07 n1."""
+    """Expand Slurm's compressed host list, e.g. 'gpu[01-03,07],n1' -> gpu01 gpu02 gpu03 gpu07 n1.
+
+    Bracket groups may be followed by a suffix or another group ('a[1-2]-ib', 'r[1-2]n[1-2]').
+    Anything else raises ValueError: a wrong master address would only show up as a rendezvous hang.
+    """
+    tokens = re.findall(r"(?:[^,\[\]]|\[[^\]]*\])+", nodelist)
+    if not tokens or ",".join(tokens) != nodelist:
+        raise ValueError(f"cannot parse the Slurm host list {nodelist!r}")
+    return [host for token in tokens for host in _expand_token(token, nodelist)]
+
+
+def _expand_token(token: str, nodelist: str) -> list[str]:
+    m = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\](.*)", token)
+    if not m:
+        if "[" in token or "]" in token:
+            raise ValueError(f"cannot parse the Slurm host list {nodelist!r}")
+        return [token]
+    prefix, ranges, rest = m.groups()
+    tails = _expand_token(rest, nodelist) if rest else [""]
     hosts = []
-    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist):
-        prefix, ranges = m.group(1), m.group(2)
-        if not ranges:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{i:0{len(lo)}d}")
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or not (hi.isdigit() or not hi):
+            raise ValueError(f"cannot parse the range {part!r} in the Slurm host list {nodelist!r}")
+        hosts += [f"{prefix}{i:0{len(lo)}d}{tail}" for i in range(int(lo), int(hi or lo) + 1) for tail in tails]
     return hosts
 
 
+# Below Linux's ephemeral range (32768-60999), where a port could already be held by an outgoing connection.
+PORT_BASE, PORT_SPAN = 10000, 22768
+
+
 def slurm_port(job_id: str, restart_count: int) -> int:
-    """A port in [20000, 60000) from the job id and restart count (fresh on every requeue)."""
-    return 20000 + (int(re.sub(r"\D", "", job_id) or 0) * 97 + restart_count * 7919) % 40000
+    """A port in [10000, 32768) from the job id and restart count (fresh on every requeue)."""
+    return PORT_BASE + (int(re.sub(r"\D", "", job_id) or 0) * 97 + restart_count * 7919) % PORT_SPAN
 
 
 def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
@@ -75,11 +93,15 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script alone is one process.
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
         nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "localhost")
+        try:
+            master = expand_hostlist(nodelist)[0]
+        except ValueError as err:
+            raise DistributedError(f"{err}; set MASTER_ADDR and MASTER_PORT and start with torchrun") from None
         tasks_on_node = e.get("SLURM_STEP_TASKS_PER_NODE", e.get("SLURM_NTASKS_PER_NODE", "1"))
         return DistEnv(rank=int(e["SLURM_PROCID"]), world_size=int(e["SLURM_STEP_NUM_TASKS"]),
                        local_rank=int(e.get("SLURM_LOCALID", 0)),
                        local_world_size=int(re.match(r"\d+", tasks_on_node).group(0)),
-                       master_addr=expand_hostlist(nodelist)[0],
+                       master_addr=master,
                        master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), int(e.get("SLURM_RESTART_COUNT", 0))),
                        source="slurm")
     return DistEnv()
@@ -90,8 +112,12 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DistributedError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
-    # one rank per GPU: each rank sees all node GPUs and takes its local rank, or sees one
-    index = env.local_rank % torch.cuda.device_count()
+    # one rank per GPU: each rank sees all node GPUs and takes its local rank, or sees only its own
+    count = torch.cuda.device_count()
+    if count > 1 and env.local_world_size > count:
+        raise DistributedError(f"{env.local_world_size} ranks on this node but {count} GPUs visible: one rank per "
+                               f"GPU (set tasks_per_node = gpus_per_node, or nproc_per_node <= {count})")
+    index = env.local_rank % count
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -122,13 +148,26 @@ class Dist:
             backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and device.type != "cuda":
             raise DistributedError("dist.backend=nccl needs trainer.device=cuda; use gloo on CPU")
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        if env.source == "slurm":  # the derived address wins over an inherited (stale) one
+            for key, value in (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", str(env.master_port))):
+                if os.environ.get(key, value) != value:
+                    log.warning("ignoring the inherited %s=%s under Slurm: using %s", key, os.environ[key], value)
+                os.environ[key] = value
+        else:
+            os.environ.setdefault("MASTER_ADDR", env.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(env.master_port))
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer raises, not hangs
         timeout = datetime.timedelta(seconds=self.timeout_s)
         kw = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=timeout, **kw)
+        try:
+            dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                    timeout=timeout, **kw)
+        except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
+            raise DistributedError(
+                f"rank {env.rank}: rendezvous with {env.world_size} ranks at {os.environ['MASTER_ADDR']}:"
+                f"{os.environ['MASTER_PORT']} failed within {self.timeout_s:g} s ({_first_line(e)}); a rank that "
+                f"failed before joining logged why (under srun, --kill-on-bad-exit=1 ends the others at once)"
+            ) from e
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         log.info("rank %d/%d joined (%s, %s, master %s:%s)", env.rank, env.world_size, backend, env.source,
                  os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
@@ -147,12 +186,13 @@ class Dist:
         self._guard(dist.all_reduce, t, group=self.control)
         return bool(t.item())
 
-    def max_int(self, value: int) -> int:
+    def max_ints(self, values: list[int]) -> list[int]:
+        """Element-wise max over ranks (host-side, over gloo: no GPU sync)."""
         if not self.env.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64)
         self._guard(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.control)
-        return int(t.item())
+        return t.tolist()
 
     def gather_objects(self, obj) -> list:
         """Every rank's object, on every rank (used for per-rank RNG states in checkpoints)."""
@@ -215,7 +255,8 @@ class Dist:
             silent = [r for r in range(self.env.world_size)
                       if not store.check([f"allconv/alive/{r}"]) and not store.check([f"allconv/failed/{r}"])]
             who = ", ".join(map(str, silent)) or "unknown"
-            return f"rank {me}: peer rank(s) {who} died or stopped responding (collective failed: {_first_line(err)})"
+            return (f"rank {me}: peer rank(s) {who} did not answer: died, hung or stopped "
+                    f"(collective failed: {_first_line(err)})")
         except Exception:
             return (f"rank {me}: rank 0 (host of the rendezvous store) is unreachable, it probably died "
                     f"(collective failed: {_first_line(err)})")

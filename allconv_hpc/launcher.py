@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
+from .preempt import EXIT_REQUEUED
 
 # Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
 # quotes): letters, digits and the punctuation Slurm's own syntax uses, nothing a shell would act on.
@@ -271,12 +272,7 @@ def check_run_folder(run_dir: Path, cfg) -> None:
         if cfg.checkpoint.resume == "must":
             raise ConfigError(f"checkpoint.resume=must but {run_dir / 'checkpoints'} holds no checkpoint")
         return
-    mine, theirs = cfg.identity(), found[0].get("identity", {})
-    if mine != theirs:
-        diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
-                if mine.get(k) != theirs.get(k)]
-        raise ConfigError(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use another "
-                          f"hydra.run.dir, or checkpoint.resume=never to start over (old checkpoints are kept)")
+    cfg.check_resumable(found[0].get("identity", {}), run_dir)
 
 
 class TrainJob:
@@ -294,21 +290,14 @@ class TrainJob:
         catch_early(self.signal)
         os.environ["ALLCONV_SIGNAL_LEAD_S"] = str(self.signal_lead_s)
         code = run(self.overrides)
-        if code != 0:
-            # non-zero makes submitit record a failure and srun/Slurm mark the job FAILED
-            raise SystemExit(code)
-        if self.requeued():
+        if code == EXIT_REQUEUED:
             # back in the queue: leave without a result, or submitit would report the job done. SystemExit
             # passes through submitit's `except Exception` (core/submission.py), so no result is written.
             raise SystemExit(0)
+        if code != 0:
+            # non-zero makes submitit record a failure and srun/Slurm mark the job FAILED
+            raise SystemExit(code)
         return code
-
-    def requeued(self) -> bool:
-        """Rank 0 wrote status.json before every rank left training (the trainer's closing barrier)."""
-        try:
-            return json.loads((self.run_dir / "status.json").read_text()).get("state") == "requeued"
-        except (OSError, ValueError):
-            return False
 
     def checkpoint(self):
         """Only reached if Slurm's warning arrives while submitit itself starts (before __call__):

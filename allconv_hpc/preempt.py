@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 from typing import Mapping, Optional
@@ -20,7 +21,7 @@ from typing import Mapping, Optional
 log = logging.getLogger(__name__)
 
 EXIT_INTERRUPTED = 3     # stopped on a signal with a checkpoint saved; not requeued (resumable)
-EXIT_REQUEUED = 0        # checkpoint saved and the job put back in the queue; Slurm restarts it
+EXIT_REQUEUED = 5        # checkpoint saved and the job put back in the queue; the CLI exits 0 for it
 EXIT_GAVE_UP = 4         # time limit hit more than checkpoint.max_requeues times
 
 
@@ -88,6 +89,8 @@ class StopRequest:
         # A warning followed by TERM (the grace period ending) is still a preemption: keep the first.
         if self.received is None:
             self.received = sig
+        elif sig == signal.SIGINT:  # a second Ctrl-C: the user wants out now (checkpoints are atomic)
+            raise KeyboardInterrupt
 
     @property
     def requested(self) -> bool:
@@ -118,26 +121,33 @@ class SlurmJob:
     def restarts(self) -> int:
         return int(self.env.get("SLURM_RESTART_COUNT", 0) or 0)
 
-    def seconds_left(self) -> Optional[float]:
-        """Time left before the job's limit, from squeue (None when unknown)."""
-        out = self._run(["squeue", "-h", "-j", self.env["SLURM_JOB_ID"], "-o", "%L"])
-        return parse_slurm_time(out.strip()) if out else None
-
     def is_timeout(self, lead_s: float) -> bool:
-        """A warning that comes within the signal lead (+ Slurm's coarse timer slack) of the limit."""
-        left = self.seconds_left()
+        """A warning that comes within the signal lead (+ Slurm's coarse timer slack) of the limit.
+        When squeue cannot tell, count it as a time limit: max_requeues then bounds the requeues,
+        where counting it as a preemption would requeue a job at its time limit forever."""
+        out = self._run(["squeue", "-h", "-j", self.env["SLURM_JOB_ID"], "-o", "%L"])
+        if out is None:
+            log.warning("squeue could not tell the time left: counting this warning signal as a time limit "
+                        "(requeues bounded by checkpoint.max_requeues)")
+            return True
+        left = parse_slurm_time(out.strip())  # None: no time limit, so the warning is a preemption
         timeout = left is not None and left <= lead_s + 90
         log.info("warning signal with %s s left before the time limit (signal lead %g s): %s",
-                 "?" if left is None else f"{left:g}", lead_s, "time limit" if timeout else "preemption")
+                 "no limit" if left is None else f"{left:g}", lead_s, "time limit" if timeout else "preemption")
         return timeout
 
     def requeue(self) -> bool:
-        out = self._run(["scontrol", "requeue", self.job_id])
-        if out is None:
-            state = self._run(["squeue", "-h", "-j", self.job_id, "-o", "%T"]) or ""
-            # Slurm's own preemption may have requeued it already ("Job is pending execution")
-            return state.strip() in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "COMPLETING")
-        return True
+        """Requeue this job (array task); True if it is, or Slurm had already requeued it."""
+        if self._run(["scontrol", "requeue", self.job_id]) is not None:
+            return True
+        state = (self._run(["squeue", "-h", "-j", self.job_id, "-o", "%T"]) or "").strip()
+        if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+            return True  # Slurm's own preemption requeued it ("Job is pending execution")
+        if state == "COMPLETING":  # requeued while its processes end, or cancelled: Restarts tells
+            info = self._run(["scontrol", "show", "job", self.job_id]) or ""
+            m = re.search(r"\bRestarts=(\d+)", info)
+            return bool(m) and int(m.group(1)) > self.restarts
+        return False
 
     def _run(self, cmd: list[str]) -> Optional[str]:
         return slurm_out(cmd, warn=True)

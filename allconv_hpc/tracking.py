@@ -13,12 +13,18 @@ Resuming (a preempted Slurm job requeued into the same run folder):
   time. wandb does not restore the step counter offline, so every log here passes ``step=``.
 * ``history.csv`` is rewritten from the rows stored in the checkpoint, so epochs logged after the
   last checkpoint by the killed process disappear instead of appearing twice.
+* A job's SIGTERM (``scancel``, preemption without a warning signal) reaches W&B's service process
+  too, and it dies with its last records unwritten, while training still checkpoints at the next
+  step boundary. So every W&B log is also appended to ``run_dir/wandb_steps.jsonl``, and a resumed
+  process first re-logs the steps up to its checkpoint that the W&B record lacks (the earlier
+  offline segments' last step; online, the server's resume step): no step is missing, none twice.
 """
 from __future__ import annotations
 
 import configparser
 import csv
 import io
+import json
 import netrc
 import os
 import secrets
@@ -32,13 +38,15 @@ from .config import WANDB_MODES, ConfigError, WandbConfig
 from .fsio import write_atomic
 
 __all__ = ["HISTORY_FIELDS", "EVAL_KEYS", "resolve_mode", "api_key_configured", "Tracker",
-           "NullTracker", "make_tracker", "generate_id", "read_history", "write_history", "ID_FILE", "HISTORY_FILE"]
+           "NullTracker", "make_tracker", "generate_id", "read_history", "write_history", "ID_FILE", "HISTORY_FILE",
+           "STEPS_FILE"]
 
 HISTORY_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
                   "epoch_seconds", "images_per_second"]
 _INT_FIELDS = {"epoch", "step"}
 ID_FILE = "wandb_id.txt"
 HISTORY_FILE = "history.csv"
+STEPS_FILE = "wandb_steps.jsonl"  # every W&B log of this run, to re-log what a killed W&B service lost
 
 # history row key -> W&B key logged by `log_eval` ("step" is the W&B step itself, not a metric)
 EVAL_KEYS = {"epoch": "epoch", "lr": "epoch/lr", "train_loss": "epoch/train_loss",
@@ -259,19 +267,28 @@ class Tracker:
 
     def __init__(self, run_dir: Path, cfg_dict: dict, wandb_cfg: WandbConfig,
                  resume_run_id: Optional[str] = None, history_rows: Optional[list] = None,
-                 mode: Optional[str] = None) -> None:
+                 mode: Optional[str] = None, global_step: int = 0) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.history_path = self.run_dir / HISTORY_FILE
         # the checkpoint is the truth: epochs the killed process logged after it are dropped
-        write_history(self.history_path, list(history_rows or []))
+        history_rows = list(history_rows or [])
+        write_history(self.history_path, history_rows)
         self.mode = mode or resolve_mode(wandb_cfg.mode)
         self._run = None
         self._run_id: Optional[str] = None
         self._finished = False
         self._last_step: Optional[int] = None
+        self.steps_path = self.run_dir / STEPS_FILE
         if self.mode != "disabled":
+            # likewise for the W&B log: train logs up to the checkpoint's step, evals of its epochs
+            kept = [e for e in _read_steps(self.steps_path)
+                    if (e["step"] <= global_step if e["kind"] == "train" else e["data"].get("epoch", 0)
+                        <= len(history_rows))]
+            write_atomic(self.steps_path, "".join(json.dumps(e) + "\n" for e in kept))
             self._start_wandb(cfg_dict, wandb_cfg, resume_run_id)
+            if kept:
+                self._relog_lost(kept)
 
     # -- W&B -----------------------------------------------------------------------------------
     def _start_wandb(self, cfg_dict: dict, wandb_cfg: WandbConfig, resume_run_id: Optional[str]) -> None:
@@ -297,6 +314,42 @@ class Tracker:
                   f"logging offline to {self.run_dir / 'wandb'} instead", file=sys.stderr, flush=True)
             self.mode = "offline"
             self._run = wandb.init(mode="offline", **kwargs)
+
+    def _logged_until(self) -> int:
+        """The last step the W&B record of this run already holds from earlier processes."""
+        if self.mode == "online":
+            return max(0, int(self._run.starting_step) - 1)  # the server's resume point
+        from .wandb_offline import read_run, segments
+        last = 0
+        mine = self.segment_dir.resolve() if self.segment_dir else None
+        for seg in segments(self.run_dir / "wandb", self._run_id, include_online=True):
+            if seg.resolve() == mine:
+                continue
+            try:
+                steps = [r["_step"] for r in read_run(seg)["history"] if "_step" in r]
+            except Exception as e:  # an unreadable segment: re-log nothing rather than guess
+                print(f"[tracking] cannot read W&B segment {seg} ({type(e).__name__}: {e}); not re-logging",
+                      file=sys.stderr, flush=True)
+                return 1 << 62
+            last = max([last, *steps])
+        return last
+
+    def _relog_lost(self, entries: list[dict]) -> None:
+        """Re-log, in their original order, the logs up to the checkpoint that W&B lacks."""
+        have = self._logged_until()
+        lost = [e for e in entries if e["step"] > have]
+        if lost:
+            print(f"[tracking] re-logging {len(lost)} W&B log(s), steps {lost[0]['step']}..{lost[-1]['step']}, "
+                  f"that the previous process's W&B record lacks", file=sys.stderr, flush=True)
+        for e in lost:
+            self._log(e["data"], e["step"])
+
+    def _record(self, kind: str, step: int, data: dict) -> None:
+        if self.mode == "disabled":
+            return
+        with open(self.steps_path, "a") as f:  # flushed on close; SIGTERM lets the process get here
+            f.write(json.dumps({"kind": kind, "step": int(step), "data": {k: _scalar(v) for k, v in data.items()}})
+                    + "\n")
 
     @property
     def run_id(self) -> Optional[str]:
@@ -326,7 +379,9 @@ class Tracker:
 
     def log_train(self, step: int, metrics: Mapping[str, Any]) -> None:
         """``train/<key>`` for each metric, at the global optimizer step ``step``."""
-        self._log({"train/" + k: v for k, v in metrics.items()}, step)
+        data = {"train/" + k: v for k, v in metrics.items()}
+        self._record("train", step, data)
+        self._log(data, step)
 
     def log_eval(self, step: int, row: Mapping[str, Any]) -> None:
         """One epoch's row (keys of `HISTORY_FIELDS`) at ``step``, the global step at the end of the
@@ -337,6 +392,7 @@ class Tracker:
             if k == "step" or v is None:
                 continue
             data[EVAL_KEYS.get(k, k)] = v
+        self._record("eval", step, data)
         self._log(data, step)
 
     def set_summary(self, **kv: Any) -> None:
@@ -389,8 +445,24 @@ class Tracker:
         return False
 
 
+def _read_steps(path: Path) -> list[dict]:
+    """The entries of ``wandb_steps.jsonl``; a torn last line (a killed writer) is dropped."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
 def make_tracker(run_dir: Path, cfg_dict: dict, wandb_cfg: WandbConfig, rank: int,
-                 resume_run_id: Optional[str], history_rows: list[dict]) -> Union[Tracker, NullTracker]:
+                 resume_run_id: Optional[str], history_rows: list[dict],
+                 global_step: int = 0) -> Union[Tracker, NullTracker]:
     """`Tracker` on rank 0, `NullTracker` elsewhere.
 
     ``cfg_dict`` becomes the W&B config; ``resume_run_id`` (e.g. from a checkpoint) wins over
@@ -400,4 +472,4 @@ def make_tracker(run_dir: Path, cfg_dict: dict, wandb_cfg: WandbConfig, rank: in
     if rank != 0:
         return NullTracker()
     return Tracker(Path(run_dir), cfg_dict, wandb_cfg, resume_run_id=resume_run_id,
-                   history_rows=history_rows)
+                   history_rows=history_rows, global_step=global_step)

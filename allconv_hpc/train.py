@@ -45,21 +45,29 @@ def run(overrides: list[str]) -> int:
         return 2
     from .preempt import catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first step
-    env = detect_env()
+    from .trainer import NonFiniteError, Trainer, check_launch
+    try:
+        env = detect_env()
+        check_launch(composed.cfg, env)
+    except (DistributedError, ConfigError) as e:  # every rank fails alike, before the rendezvous
+        print(f"allconv-hpc: error: {e}", file=sys.stderr)
+        return 2
     setup_logging(composed.run_dir, env.rank)
     if env.is_main:
-        write_hydra_files(composed)
         log.info("run folder %s", composed.run_dir)
-    from .trainer import NonFiniteError, Trainer
 
     trainer = None
     code = 1
     try:
-        trainer = Trainer(composed.cfg, composed.cfg_dict, composed.run_dir, env)
+        trainer = Trainer(composed.cfg, composed.cfg_dict, composed.run_dir, env)  # up to the rendezvous
+        trainer.setup()
+        if env.is_main:  # only now: a run folder refused as another config's keeps its own .hydra/
+            write_hydra_files(composed)
         code = trainer.fit()
         return code
     except ConfigError as e:
         log.error("%s", e)
+        _report(trainer, str(e), "failed")
         code = 2
         return code
     except DistributedError as e:
@@ -69,6 +77,12 @@ def run(overrides: list[str]) -> int:
         log.error("%s", e)
         _report(trainer, f"{e}", "failed")
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
+        log.error("interrupted (Ctrl-C) away from a step boundary: stopped at once; the newest checkpoint "
+                  "on disk stands")
+        _report(trainer, "interrupted by Ctrl-C", "interrupted")
+        code = 130
+        return code
     except BaseException as e:
         peer = trainer.dist.as_peer_failure(e) if trainer is not None else None
         if peer is not None:  # a collective failed because another rank died: name it, no traceback soup

@@ -25,22 +25,33 @@ import torch
 import torch.nn.functional as F
 
 from . import augment, data as data_mod
-from .checkpoint import CheckpointDir
+from .checkpoint import CheckpointDir, CheckpointError
 from .fsio import write_atomic
 from .config import Config, ConfigError
 from .distributed import Dist, DistEnv, pick_device, set_threads
 from .models import build_model, count_parameters, summary
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest
 from .schedule import lr_factor
-from .tracking import make_tracker
+from .tracking import HISTORY_FILE, ID_FILE, STEPS_FILE, make_tracker
 
 log = logging.getLogger(__name__)
 
-STOP_BIT, TIME_BIT = 1, 2
 
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Poll:
+    """What all ranks agreed on at a step boundary (one host-side collective)."""
+    warning: bool = False       # some rank got the warning signal (USR2: preemption or time limit ahead)
+    terminate: bool = False     # some rank got SIGTERM/SIGINT first: checkpoint and exit, no requeue
+    due: bool = False           # rank 0's clock says a timed checkpoint is due
+
+    @property
+    def stop(self) -> bool:
+        return self.warning or self.terminate
 
 
 @dataclass
@@ -84,17 +95,31 @@ def _set_rng_state(s: dict, device: torch.device) -> None:
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
 
 
+def classify_stop(agreed: Poll, slurm: SlurmJob, lead_s: float) -> str:
+    """interrupted (not in Slurm, or SIGTERM/SIGINT on any rank) | timeout | preempted."""
+    if not slurm.in_slurm or agreed.terminate:
+        return "interrupted"
+    return "timeout" if slurm.is_timeout(lead_s=lead_s) else "preempted"
+
+
+def check_launch(cfg: Config, env: DistEnv) -> None:
+    """The checks that need the launch context (world size, CUDA): cheap, before any file is written."""
+    t = cfg.trainer
+    if t.batch_size % env.world_size:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by the world size "
+                          f"{env.world_size}; use a multiple of {env.world_size}")
+    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if not cuda and t.precision != "fp32":
+        raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
+                          f"(trainer.device={t.device}); use trainer.precision=fp32 on CPU")
+
+
 class Trainer:
     def __init__(self, cfg: Config, cfg_dict: dict, run_dir: Path, env: DistEnv):
         self.cfg, self.cfg_dict, self.run_dir, self.env = cfg, cfg_dict, Path(run_dir), env
         t = cfg.trainer
-        if t.batch_size % env.world_size:
-            raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by the world size "
-                              f"{env.world_size}; use a multiple of {env.world_size}")
+        check_launch(cfg, env)
         self.device = pick_device(t.device, env)
-        if self.device.type == "cpu" and t.precision != "fp32":
-            raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here; "
-                              f"use trainer.precision=fp32 on CPU")
         self.threads = set_threads(t.threads, env) if self.device.type == "cpu" else None
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -103,11 +128,21 @@ class Trainer:
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # the last step of construction: a failure from here on must reach the peers (see train.run)
         self.dist = Dist(env, self.device, cfg.dist.backend, cfg.dist.timeout_s)
+
+    def setup(self) -> "Trainer":
+        """Data, model, optimizer, resume, tracker: the work that needs the process group."""
+        cfg, cfg_dict, env, t = self.cfg, self.cfg_dict, self.env, self.cfg.trainer
         self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.slurm = SlurmJob()
 
         # data: uint8 on the device once; augmentation happens there per batch
+        if cfg.data.download and env.distributed:  # one download into the shared root, not one per rank
+            if env.is_main:
+                log.info("rank 0 downloads %s; the other ranks wait (up to dist.timeout_s)", cfg.data.name)
+                data_mod.fetch_if_missing(cfg.data)
+            self.dist.barrier()
         ds = data_mod.load(cfg.data, cfg.seed)
         self.mean, self.std = ds.mean, ds.std
         self.test_images = ds.test.images.to(self.device)
@@ -153,7 +188,7 @@ class Trainer:
         # bucket boundaries so gradient all-reduce overlaps the backward pass
         self.net = torch.compile(net) if t.compile else net
         self.tracker = make_tracker(self.run_dir, cfg_dict, cfg.wandb, env.rank,
-                                    self.state.wandb_id, self.state.history)
+                                    self.state.wandb_id, self.state.history, self.state.global_step)
         self.state.wandb_id = self.tracker.run_id
         # device-side metric sums: [loss_sum, correct, count] for the epoch and the log interval
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -161,6 +196,7 @@ class Trainer:
         if self._resume_sums is not None and env.is_main:
             self.epoch_sums.copy_(self._resume_sums[0])
             self.interval_sums.copy_(self._resume_sums[1])
+        return self
 
     # -- resume ----------------------------------------------------------------------------------
     def _maybe_resume(self) -> Optional[str]:
@@ -168,18 +204,24 @@ class Trainer:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             if self.env.is_main:
-                moved = self.ckpt.move_aside()
-                if moved:
-                    log.warning("checkpoint.resume=never: old checkpoints kept in %s", moved)
+                moved = self.ckpt.move_aside(also=[self.run_dir / name for name in (ID_FILE, HISTORY_FILE, STEPS_FILE)])
+                if moved:  # the W&B id goes too: the fresh start is a new W&B run, not steps 1.. again
+                    log.warning("checkpoint.resume=never: the old run's checkpoints, history.csv and W&B id "
+                                "are kept in %s", moved)
             self.dist.barrier()
             return None
         # rank 0 picks the file (falling back past corrupt ones); everyone loads that same file
-        path = ck = None
+        path = ck = error = None
         if self.env.is_main:
-            found = self.ckpt.load_latest()
+            try:
+                found = self.ckpt.load_latest()
+            except CheckpointError as e:  # every rank must fail with it, not wait in the broadcast below
+                found, error = None, str(e)
             if found:
                 ck, path = found[0], str(found[1])
-        path = self.dist.broadcast_object(path)
+        path, error = self.dist.broadcast_object((path, error))
+        if error:
+            raise ConfigError(error)
         if path is None:
             if mode == "must":
                 raise ConfigError(f"checkpoint.resume=must but {self.ckpt.folder} holds no checkpoint")
@@ -187,17 +229,12 @@ class Trainer:
         if ck is None:  # the other ranks read the file rank 0 chose (rank 0 verified it already)
             from .checkpoint import load_file
             ck = load_file(Path(path))
-        mine, theirs = self.cfg.identity(), ck.get("identity", {})
-        if mine != theirs:
-            diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
-                    if mine.get(k) != theirs.get(k)]
-            raise ConfigError(f"run folder {self.run_dir} holds a run of a different config "
-                              f"({'; '.join(diff)}); use another hydra.run.dir, or "
-                              f"checkpoint.resume=never to start over (old checkpoints are kept)")
+        self.cfg.check_resumable(ck.get("identity", {}), self.run_dir)
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:  # empty when the checkpoint's run had no fp16 scaler (precision may change on resume)
+            self.scaler.load_state_dict(ck["scaler"])
         self.state = TrainState(**ck["train_state"])
         self._resume_sums = (ck["epoch_sums"].to(self.device), ck["interval_sums"].to(self.device))
         rngs = ck["rng"]
@@ -284,11 +321,14 @@ class Trainer:
             log.info("done: best val_acc %.4f, final %.4f", st.best_val_acc, st.history[-1]["val_acc"])
         return 0
 
-    def _poll(self, stop: StopRequest) -> int:
-        """One host-side collective: did any rank get a signal; is a timed checkpoint due (rank 0's clock)."""
+    def _poll(self, stop: StopRequest) -> Poll:
+        """Did any rank get a signal, and which kind; is a timed checkpoint due (rank 0's clock).
+        Each flag is reduced on its own: one rank's due checkpoint must not hide another's signal."""
         every_min = self.cfg.checkpoint.every_minutes
         due = self.env.is_main and every_min is not None and time.monotonic() - self._last_save >= every_min * 60
-        return self.dist.max_int((STOP_BIT if stop.requested else 0) | (TIME_BIT if due else 0))
+        warning, terminate = stop.requested and stop.is_warning, stop.requested and not stop.is_warning
+        self._agreed = Poll(*map(bool, self.dist.max_ints([int(warning), int(terminate), int(due)])))
+        return self._agreed
 
     def _train_epoch(self, stop: StopRequest) -> bool:
         """Runs the rest of the epoch; True when a stop was requested (checkpoint already written)."""
@@ -322,10 +362,10 @@ class Trainer:
             if st.global_step % log_every == 0:
                 self._log_train(n_log / (time.perf_counter() - t_log), bar)
                 t_log, n_log = time.perf_counter(), 0
-            flags = self._poll(stop)
-            if (every and st.global_step % every == 0) or flags & TIME_BIT or flags & STOP_BIT:
+            agreed = self._poll(stop)
+            if (every and st.global_step % every == 0) or agreed.due or agreed.stop:
                 self.save()
-            if flags & STOP_BIT:
+            if agreed.stop:
                 if bar is not None:
                     bar.close()
                 return True
@@ -368,7 +408,7 @@ class Trainer:
         n_batches = math.ceil(math.ceil(n / world) / per_rank)  # same count on every rank (collectives)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for b in range(n_batches):
-            if self._poll(stop) & STOP_BIT:
+            if self._poll(stop).stop:
                 self._phase = "evaluation"
                 self.save()  # step_in_epoch == steps_per_epoch: the resumed run redoes this eval
                 return True
@@ -429,7 +469,8 @@ class Trainer:
             got = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
             log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", got,
                         self._phase, st.global_step)
-        kind = self.dist.broadcast_object(self._classify(stop) if self.env.is_main else None)
+        lead = float(os.environ.get("ALLCONV_SIGNAL_LEAD_S", 120))
+        kind = self.dist.broadcast_object(classify_stop(self._agreed, self.slurm, lead) if self.env.is_main else None)
         decision = "interrupted"
         if kind == "timeout" and not st.count_timeout(self.slurm.job_id, self.cfg.checkpoint.max_requeues):
             decision = "gave_up"
@@ -450,29 +491,24 @@ class Trainer:
         self._finish_tracker(0 if decision == "requeued" else 1)
         return {"requeued": EXIT_REQUEUED, "gave_up": EXIT_GAVE_UP}.get(decision, EXIT_INTERRUPTED)
 
-    def _classify(self, stop: StopRequest) -> str:
-        """interrupted (not in Slurm, or SIGTERM/SIGINT) | timeout | preempted; rank 0 only."""
-        # Slurm signals every task; if the signal reached only another rank, treat it as the warning
-        if not self.slurm.in_slurm or (stop.received is not None and not stop.is_warning):
-            return "interrupted"
-        lead = float(os.environ.get("ALLCONV_SIGNAL_LEAD_S", 120))
-        return "timeout" if self.slurm.is_timeout(lead_s=lead) else "preempted"
-
     def _finish_tracker(self, exit_code: int) -> None:
         if not getattr(self, "_tracker_done", False):
             self._tracker_done = True
             self.tracker.finish(exit_code=exit_code)
 
     def close(self, exit_code: int = 0) -> None:
-        if hasattr(self, "tracker"):
-            self._finish_tracker(exit_code)
-        # DDP's reducer must die before the process group: left to interpreter exit, it aborted a
-        # rank ("terminate called without an active exception") in 4 of 70 two-rank runs; freed here, 0 of 80
-        self.net = None
-        gc.collect()
-        if exit_code in (0, EXIT_INTERRUPTED, EXIT_GAVE_UP):  # an orderly end that every rank agreed on
-            try:  # ranks leave together: a rank tearing down gloo under a peer's feet can abort it
-                self.dist.barrier()
-            except Exception:
-                pass
-        self.dist.close()
+        """Every exit path, also after a failed setup: W&B finished, then the process group destroyed."""
+        try:
+            if hasattr(self, "tracker"):
+                self._finish_tracker(exit_code)
+        finally:
+            # DDP's reducer must die before the process group: left to interpreter exit, it aborted a rank
+            # ("terminate called without an active exception") in 4 of 70 two-rank runs; freed here, 0 of 80
+            self.net = None
+            gc.collect()
+            if exit_code in (0, EXIT_INTERRUPTED, EXIT_GAVE_UP, EXIT_REQUEUED):  # an end every rank agreed on
+                try:  # ranks leave together: a rank tearing down gloo under a peer's feet can abort it
+                    self.dist.barrier()
+                except Exception:
+                    pass
+            self.dist.close()

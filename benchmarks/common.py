@@ -66,7 +66,7 @@ def make_trainer(overrides: list[str], run_dir: Optional[Path] = None, env: Opti
         atexit.register(shutil.rmtree, run_dir, True)
     run_dir = Path(run_dir)
     c = compose([*overrides, f"hydra.run.dir={run_dir}"])
-    return Trainer(c.cfg, c.cfg_dict, c.run_dir, env or DistEnv())
+    return Trainer(c.cfg, c.cfg_dict, c.run_dir, env or DistEnv()).setup()
 
 
 def sync(device: torch.device) -> None:

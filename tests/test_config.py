@@ -13,6 +13,7 @@ from pathlib import Path
 import shutil
 
 import pytest
+import torch
 
 from allconv_hpc.compose import compose
 from allconv_hpc.config import ConfigError
@@ -85,16 +86,24 @@ def _cli() -> str:
     return str(exe) if exe.exists() else shutil.which("allconv-hpc")
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["model=nope"], "model/nope"),
-    (["optim.lr=0"], "optim.lr=0 must be > 0"),
-    (["data=cifar10", "data.root=/nonexistent"], "/nonexistent/cifar-10-batches-py"),
-], ids=["unknown-model", "lr-zero", "missing-data"])
-def test_cli_bad_config_exits_2_with_one_line(overrides, needle, tmp_path):
+# The launch context (ranks, CUDA) is checked as early: a torchrun rank of 3 with a batch of 128.
+RANK_OF_3 = {"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+
+
+@pytest.mark.parametrize("overrides,needle,extra_env", [
+    (["model=nope"], "model/nope", {}),
+    (["optim.lr=0"], "optim.lr=0 must be > 0", {}),
+    (["data=cifar10", "data.root=/nonexistent"], "/nonexistent/cifar-10-batches-py", {}),
+    (["data=synthetic", "trainer.batch_size=128"], "not divisible by the world size 3", RANK_OF_3),
+    pytest.param(["data=synthetic", "trainer.precision=bf16"], "trainer.precision=bf16 needs CUDA", {},
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks CUDA here")),
+], ids=["unknown-model", "lr-zero", "missing-data", "batch-vs-ranks", "bf16-auto-no-cuda"])
+def test_cli_bad_config_exits_2_with_one_line(overrides, needle, extra_env, tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     r = subprocess.run([_cli(), "train", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=log"],
-                       env=clean_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                       env={**clean_env(tmp_path), **extra_env}, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
     elapsed = time.monotonic() - t0
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
@@ -120,6 +129,7 @@ def test_experiment_paper_allcnn_c_cifar10():
     assert cfg.optim.scale_lr is False and cfg.lr == 0.05
     assert (cfg.schedule.name, list(cfg.schedule.milestones), cfg.schedule.gamma) == ("paper", [200, 250, 300], 0.1)
     assert cfg.schedule.warmup_epochs == 0.0  # the paper has none
+    assert cfg.model.final_relu is True  # the paper's table has a ReLU on the class scores
     assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (350, 128)
     assert c.run_dir.name == "allcnn_c-cifar10-seed0"
     assert "experiment" not in c.cfg_dict
@@ -160,3 +170,9 @@ def test_defaults_are_the_paper():
     assert (cfg.model.name, cfg.data.name, cfg.optim.lr, cfg.optim.weight_decay) == ("allcnn_c", "cifar10", 0.05, 0.001)
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.precision) == (350, 128, "fp32")
     assert cfg.schedule.name == "paper" and list(cfg.schedule.milestones) == [200, 250, 300]
+
+
+def test_linear_lr_scaling_is_a_switch_off_by_default():
+    assert compose(["trainer.batch_size=512"]).cfg.lr == 0.05  # lr refers to the global batch as given
+    cfg = compose(["trainer.batch_size=512", "optim.scale_lr=true", "optim.base_batch_size=128"]).cfg
+    assert cfg.lr == pytest.approx(0.2)

@@ -307,9 +307,8 @@ def test_a_requeued_job_writes_no_result(tmp_path, monkeypatch, job_signals, fin
     run = tmp_path / "run"
     run.mkdir()
 
-    def fake_run(overrides):
-        (run / "status.json").write_text(json.dumps({"state": final}))
-        return 0
+    def fake_run(overrides):  # what train.run returns after a requeue, or a completed run
+        return allconv_hpc.preempt.EXIT_REQUEUED if final == "requeued" else 0
     monkeypatch.setattr(allconv_hpc.train, "run", fake_run)
     monkeypatch.setattr(allconv_hpc.preempt, "catch_early", lambda *a: None)
     for k, v in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="7", SUBMITIT_LOCAL_GLOBALID="0",

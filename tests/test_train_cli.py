@@ -237,3 +237,47 @@ def test_learns_synthetic_well_above_chance(tmp_path):
     assert rows[-1]["val_acc"] >= 0.5, rows  # chance is 0.1
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
     print(f"learn run: {r.elapsed:.1f} s, val_acc {[h['val_acc'] for h in rows]}")
+
+
+# ----------------------------------------------------------------------------- the GPU-path switches on CPU
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler (g++)")
+def test_compile_channels_last_and_progress_bar_train_the_same(tmp_path):
+    """torch.compile, channels_last and the progress bar run for real (on CPU) and change no result."""
+    base = TINY + ["trainer.epochs=1", "wandb.mode=disabled", "model.dropout=false"]
+    plain = train(tmp_path, tmp_path / "plain", base)
+    fast = train(tmp_path, tmp_path / "fast", base + ["trainer.compile=true", "trainer.channels_last=true",
+                                                      "trainer.progress=bar"], timeout=600)
+    a, b = _history(tmp_path / "plain"), _history(tmp_path / "fast")
+    assert len(a) == len(b) == 1
+    for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert b[0][k] == pytest.approx(a[0][k], rel=1e-3, abs=1e-4), (k, a, b)
+    assert "epoch 1" in fast.stderr and ("it/s" in fast.stderr or "s/it" in fast.stderr)  # tqdm's bar
+    assert "epoch 1 step" not in fast.stdout  # the bar replaces the periodic log lines
+    assert "epoch 1 step" in plain.stdout
+
+
+# ----------------------------------------------------------------------------- a non-editable install
+
+
+@pytest.mark.slow
+def test_wheel_install_trains_from_any_folder(tmp_path):
+    """The configs ship inside the wheel (as allconv_hpc.conf): a plain install works outside the repo."""
+    repo = Path(__file__).resolve().parent.parent
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(repo)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("allconv_hpc-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = clean_env(tmp_path, PYTHONPATH=site)  # ahead of the editable install of this checkout
+    where = subprocess.run([sys.executable, "-c", "import allconv_hpc; print(allconv_hpc.__file__)"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(site)), where
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", *TINY, "trainer.epochs=1",
+                        "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(_history(tmp_path / "run")) == 1

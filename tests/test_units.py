@@ -2,21 +2,36 @@
 from __future__ import annotations
 
 import math
+import os
+import shlex
+import signal
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
 from allconv_hpc.config import ScheduleConfig
-from allconv_hpc.distributed import detect_env, expand_hostlist, slurm_port
-from allconv_hpc.preempt import SlurmJob, parse_slurm_time
+from allconv_hpc.distributed import DistributedError, detect_env, expand_hostlist, slurm_port
+from allconv_hpc.preempt import SlurmJob, StopRequest, catch_early, parse_slurm_time
 from allconv_hpc.schedule import lr_factor
-from allconv_hpc.trainer import TrainState
+from allconv_hpc.trainer import Poll, TrainState, classify_stop
 
 
 def test_expand_hostlist():
     assert expand_hostlist("n1") == ["n1"]
     assert expand_hostlist("n[1-2]") == ["n1", "n2"]
     assert expand_hostlist("gpu[01-03,07],login5") == ["gpu01", "gpu02", "gpu03", "gpu07", "login5"]
+    assert expand_hostlist("n[1-2],gpu[01-03]") == ["n1", "n2", "gpu01", "gpu02", "gpu03"]
+    assert expand_hostlist("node-[1,3-4]-ib") == ["node-1-ib", "node-3-ib", "node-4-ib"]
+    assert expand_hostlist("r[1-2]n[8-9]") == ["r1n8", "r1n9", "r2n8", "r2n9"]
+    for bad in ("n[1-2", "n1-2]", "n[a-b]", "n[1-2],,m", ""):
+        with pytest.raises(ValueError, match="Slurm host list"):
+            expand_hostlist(bad)
+
+
+def test_detect_env_refuses_an_unparseable_nodelist():
+    with pytest.raises(DistributedError, match="MASTER_ADDR"):
+        detect_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "n[1-"})
 
 
 def test_detect_env_order():
@@ -37,7 +52,9 @@ def test_detect_env_order():
 
 def test_slurm_port_changes_with_restarts_and_stays_in_range():
     ports = {slurm_port("123456", r) for r in range(5)}
-    assert len(ports) == 5 and all(20000 <= p < 60000 for p in ports)
+    assert len(ports) == 5
+    # never in Linux's ephemeral range (32768-60999), where an outgoing connection may hold the port
+    assert all(10000 <= slurm_port(str(j), r) < 32768 for j in range(0, 10**6, 997) for r in range(3))
     assert slurm_port("123456", 0) != slurm_port("123457", 0)
 
 
@@ -74,3 +91,91 @@ def test_timeout_budget_is_per_submission():
     again = TrainState(**asdict(st))
     assert again.count_timeout("57_3", 2) and not again.count_timeout("57_3", 2)
     assert not TrainState().count_timeout("1", 0)  # max_requeues=0: the first warning ends it
+
+
+# ----------------------------------------------------------------------------- signals and Slurm's answers
+
+
+def test_stop_request_keeps_the_first_signal_and_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR2)
+    with StopRequest("USR2") as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)  # the grace period ending: still a preemption warning
+        assert stop.requested and stop.is_warning and stop.received == signal.SIGUSR2
+    assert signal.getsignal(signal.SIGUSR2) is before
+    with StopRequest("USR2") as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and not stop.is_warning
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C gets the user out at once
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_signal_during_startup_is_honoured_by_the_next_stop_request():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        catch_early("USR2")
+        os.kill(os.getpid(), signal.SIGUSR2)  # arrives while imports/data/model are still being set up
+        with StopRequest("USR2") as stop:
+            assert stop.requested and stop.is_warning
+        with StopRequest("USR2") as stop:  # consumed: the next one starts clean
+            assert not stop.requested
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def fake_slurm(tmp_path, monkeypatch, **scripts: str) -> Path:
+    """Fake Slurm commands on PATH: each prints the given text (exit 1 when it is None); calls logged."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir(exist_ok=True)
+    for name, out in scripts.items():
+        body = "exit 1" if out is None else f"printf '%s\\n' {shlex.quote(out)}"
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n{body}\n')
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls
+
+
+ARRAY_TASK = {"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "3", "SLURM_RESTART_COUNT": "1"}
+
+
+@pytest.mark.parametrize("scontrol_requeue,squeue_state,restarts,expected", [
+    (True, None, None, True),                    # requeued by us
+    (False, "PENDING", None, True),              # Slurm's own preemption requeued it already
+    (False, "COMPLETING", "Restarts=2", True),   # requeued, processes still ending
+    (False, "COMPLETING", "Restarts=1", False),  # cancelled (restart count unchanged): not requeued
+    (False, "RUNNING", None, False),
+    (False, None, None, False),                  # Slurm unreachable
+])
+def test_requeue_is_array_aware_and_checks_what_slurm_did(tmp_path, monkeypatch, scontrol_requeue, squeue_state,
+                                                         restarts, expected):
+    scontrol = ("" if scontrol_requeue else None) if restarts is None else f"JobId=9 {restarts} Requeue=1"
+    calls = fake_slurm(tmp_path, monkeypatch, scontrol=scontrol, squeue=squeue_state)
+    if restarts is not None:  # `scontrol requeue` fails, `scontrol show job` answers
+        (tmp_path / "bin" / "scontrol").write_text(
+            f'#!/bin/sh\necho "scontrol $*" >> {calls}\n[ "$1" = show ] || exit 1\necho "JobId=9 {restarts}"\n')
+    assert SlurmJob(ARRAY_TASK).requeue() is expected
+    assert calls.read_text().splitlines()[0] == "scontrol requeue 5_3"
+
+
+@pytest.mark.parametrize("squeue_left,expected", [
+    ("1:30", True),        # 90 s left with a 60 s lead: the time-limit warning
+    ("29:00", False),      # far from the limit: a preemption
+    ("UNLIMITED", False),  # no limit at all: can only be a preemption
+    (None, True),          # squeue failed: counted as a time limit, so max_requeues bounds it
+])
+def test_timeout_or_preemption(tmp_path, monkeypatch, squeue_left, expected):
+    fake_slurm(tmp_path, monkeypatch, squeue=squeue_left)
+    assert SlurmJob({"SLURM_JOB_ID": "9"}).is_timeout(lead_s=60) is expected
+
+
+def test_stop_kind_agreed_across_ranks(tmp_path, monkeypatch):
+    fake_slurm(tmp_path, monkeypatch, squeue="29:00")
+    slurm = SlurmJob({"SLURM_JOB_ID": "9"})
+    assert classify_stop(Poll(warning=True), slurm, 60) == "preempted"
+    # SIGTERM on any rank (scancel) wins over a warning seen elsewhere: checkpoint and exit, no requeue
+    assert classify_stop(Poll(warning=True, terminate=True), slurm, 60) == "interrupted"
+    assert classify_stop(Poll(warning=True), SlurmJob({}), 60) == "interrupted"  # not in Slurm
+    fake_slurm(tmp_path, monkeypatch, squeue="0:50")
+    assert classify_stop(Poll(warning=True), slurm, 60) == "timeout"
