@@ -1,16 +1,20 @@
 """Sections of benchmarks/gpu_check.sh (one python process per section, JSON into --out).
 
-    python benchmarks/gpu_bench.py SECTION --out DIR [--dry-run]
+    python benchmarks/gpu_bench.py SECTION --out DIR [--dry-run] [--compiled]
 
-SECTION: env | correctness | nccl | syncs | matmul | grid | epoch | checkpoint | summary
+SECTION: env | correctness | nccl | syncs | matmul | grid | overhead | epoch | checkpoint | summary
+--out: the scratch folder of per-section JSON (gpu_check.sh merges it into one gpu_check.json).
 --dry-run: CPU, tiny sizes, the same code paths; only CUDA-only calls are skipped (bf16 Trainer runs,
-NCCL, the sync debug mode, cuda events) and say so.
+NCCL, TF32, the sync debug mode, cuda events) and say so.
+GPU_CHECK_SECTION_DEADLINE (epoch seconds, set by gpu_check.sh): the grid starts no config it cannot
+finish by then, and saves its JSON after every row.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -26,10 +30,23 @@ import flops as flops_mod
 
 FULL = dict(width=1.0, grid_batch=512, grid_steps=30, grid_warmup=10, corr_batch=128, corr_steps=20,
             epoch_train=50000, epoch_test=10000, epoch_batch=128, matmul_n=8192, matmul_iters=50,
-            ckpt_repeats=5, ckpt_steps=10, overhead_batch=128, overhead_steps=40, overhead_rounds=3)
-DRY = dict(width=0.125, grid_batch=16, grid_steps=3, grid_warmup=2, corr_batch=16, corr_steps=20,
+            ckpt_repeats=5, ckpt_steps=10, overhead_batch=128, overhead_steps=40, overhead_rounds=3,
+            compile_est_s=75, eager_est_s=15)
+DRY = dict(width=0.125, grid_batch=16, grid_steps=3, grid_warmup=2, corr_batch=16, corr_steps=12,
            epoch_train=256, epoch_test=64, epoch_batch=16, matmul_n=256, matmul_iters=3,
-           ckpt_repeats=2, ckpt_steps=2, overhead_batch=16, overhead_steps=3, overhead_rounds=1)
+           ckpt_repeats=2, ckpt_steps=2, overhead_batch=16, overhead_steps=3, overhead_rounds=1,
+           compile_est_s=30, eager_est_s=5)
+
+# The agreement check trains for real: constant LR (the default `schedule: paper` warms up from ~0
+# over the first epoch, so a short epoch barely moves and any two precisions would agree), no dropout
+# (deterministic), LR 0.005 for 20 steps. Measured on CPU at width 1, batch 128, fp32: the loss falls
+# smoothly 2.30 -> 2.13 (mean of the last 5) by step 20 and 1.88 by step 24; at LR 0.01 it spikes to
+# 4.8 at step 17, at 0.05 sooner, and past a spike two runs that differ by rounding alone part ways.
+CORR_OVERRIDES = ["schedule=constant", "model.dropout=false", "optim.lr=0.005"]
+SAME_WEIGHTS_TOL = dict(loss_rel=0.01, grad_cos=0.99)  # per step, on identical weights and batch
+TRAJ_MIN_DROP = 0.05       # the reference's loss must fall by this much (else the check says nothing)
+TRAJ_TOL_OF_DROP = 0.25    # |final loss difference| < this x the reference's drop
+TRAINER_VS_BARE_REL = 0.01  # strict fp32: the real Trainer's step == a bare SGD step, every step
 
 
 def _cached_data_load():
@@ -51,6 +68,13 @@ def _cached_data_load():
     data_mod.load = load
 
 
+def _tf32(on: bool) -> None:
+    """TF32 for fp32 matmuls/convs on CUDA. The Trainer switches it ON when built on CUDA, so its
+    'fp32' is fp32 storage with TF32 tensor-core math; switching it off after building gives strict fp32."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+
+
 class Ctx:
     def __init__(self, a):
         self.dry = a.dry_run
@@ -58,11 +82,22 @@ class Ctx:
         self.out = Path(a.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = "cpu" if self.dry else "cuda"
+        self.deadline = float(os.environ.get("GPU_CHECK_SECTION_DEADLINE") or "inf")
         if not self.dry and not torch.cuda.is_available():
             raise SystemExit("no CUDA device visible: run with --dry-run on a CPU machine")
 
-    def save(self, name: str, doc: dict) -> None:
-        (self.out / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
+    def left(self) -> float:
+        """Seconds until this section's deadline (inf when run by hand)."""
+        return self.deadline - time.time()
+
+    def fp32_label(self) -> str:
+        """What the Trainer's precision=fp32 really runs: TF32 math on CUDA (see _tf32)."""
+        return "fp32" if self.device == "cpu" else "fp32 (tf32)"
+
+    def save(self, name: str, doc: dict) -> None:  # atomic: a section killed mid-write leaves the old file
+        tmp = self.out / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, default=str))
+        os.replace(tmp, self.out / f"{name}.json")
 
     def load(self, name: str):
         p = self.out / f"{name}.json"
@@ -92,85 +127,208 @@ def sec_env(x: Ctx) -> None:
 
 
 def _trainer(x: Ctx, batch: int, n_images: int, precision="fp32", channels_last=False, compile=False,
-             width=None, test=64, every_steps=None, run_dir=None, augment="paper"):
+             width=None, test=64, every_steps=None, run_dir=None, augment="paper", extra=(), env=None):
     ov = C.data_overrides("synthetic", n_images, test, augment)
     ov += C.trainer_overrides(width=width or x.s["width"], batch=batch, device=x.device, precision=precision,
                               channels_last=channels_last, compile=compile, every_steps=every_steps)
-    return C.make_trainer(ov, run_dir)
+    return C.make_trainer([*ov, *extra], run_dir, env)
+
+
+def _trainer_step_losses(tr) -> list[float]:
+    """One epoch of the real Trainer; the mean loss of every step, from its device-side epoch sums
+    (cloned at each batch boundary, read once at the end: no sync inside the loop)."""
+    snaps = []
+    orig = tr.batches.epoch
+
+    def snapped(epoch, start=0):
+        for item in orig(epoch, start):
+            snaps.append(tr.epoch_sums.clone())
+            yield item
+        snaps.append(tr.epoch_sums.clone())
+
+    tr.batches.epoch = snapped
+    try:
+        C.time_trainer_epoch(tr, 0)
+    finally:
+        tr.batches.epoch = orig
+    s = torch.stack(snaps).double().cpu()
+    d = s[1:] - s[:-1]
+    return (d[:, 0] / d[:, 2]).tolist()
+
+
+def _same_weights(x: Ctx, cfg, dev, batches, variants) -> dict:
+    """Follow the strict-fp32 trajectory of a bare SGD loop; at every step, also compute each
+    variant's loss and gradient on the SAME weights and batch (no update from them). Differences are
+    then pure arithmetic (no chaotic drift): per-step loss rel. diff and gradient cosine."""
+    ref = C.BareLoop(cfg, dev, batches, "fp32")
+    params = [p for p in ref.model.parameters()]
+
+    def loss_grad(amp, tf32):
+        _tf32(tf32)
+        ref.opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            out = ref.model(xb)
+        loss = F.cross_entropy(out.float(), yb)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in params])
+
+    rec = {name: {"loss": [], "ref": [], "cos": []} for name, _, _ in variants}
+    for xb, yb in batches:
+        got = {name: loss_grad(amp, tf32) for name, amp, tf32 in variants}
+        l_ref, g_ref = loss_grad(None, False)  # last: its gradients are the ones the step uses
+        for name, (l, g) in got.items():
+            rec[name]["loss"].append(l)
+            rec[name]["ref"].append(l_ref)
+            rec[name]["cos"].append(F.cosine_similarity(g.double(), g_ref.double(), dim=0))
+        ref.opt.step()
+    _tf32(True)
+    res = {}
+    for name, r in rec.items():
+        lv, rv = torch.stack(r["loss"]).double().cpu(), torch.stack(r["ref"]).double().cpu()
+        rel = ((lv - rv).abs() / rv.abs()).tolist()
+        cos = torch.stack(r["cos"]).cpu().tolist()
+        res[name] = {"max_loss_rel_diff": max(rel), "min_grad_cos": min(cos), "ref_first": rv[0].item(),
+                     "ref_last": rv[-1].item(), "loss": lv.tolist(),
+                     "pass": max(rel) < SAME_WEIGHTS_TOL["loss_rel"] and min(cos) > SAME_WEIGHTS_TOL["grad_cos"]}
+    return res
+
+
+def _trajectory(cand: list[float], ref: list[float]) -> dict:
+    k = min(5, len(ref))
+    c_end, r_end = sum(cand[-k:]) / k, sum(ref[-k:]) / k
+    drop = ref[0] - r_end
+    d = {"first_rel_diff": abs(cand[0] - ref[0]) / abs(ref[0]), "final_cand": c_end, "final_ref": r_end,
+         "ref_drop": drop, "final_abs_diff": abs(c_end - r_end),
+         "max_step_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(cand, ref))}
+    d["informative"] = drop >= TRAJ_MIN_DROP
+    d["pass"] = (d["informative"] and d["first_rel_diff"] < SAME_WEIGHTS_TOL["loss_rel"]
+                 and d["final_abs_diff"] < TRAJ_TOL_OF_DROP * drop)
+    return d
 
 
 def sec_correctness(x: Ctx) -> None:
-    """bf16 vs fp32: mean training loss over the same 20 batches from the same init; < 2% apart."""
+    """bf16 and TF32 against strict fp32, on the same batches from the same init, while really training
+    (constant LR, no dropout; see CORR_OVERRIDES):
+      1. same weights per step (bare loop): loss rel. diff < 1 % and gradient cosine > 0.99 every step;
+      2. the real Trainer's per-step losses: strict fp32 == a bare SGD loop (< 1 % every step), and
+         bf16 / fp32 (tf32) end within 25 % of strict fp32's loss drop (which must be >= 0.05).
+    CPU (dry run): bf16 autocast in the bare loop only (the package runs bf16 on CUDA only); no TF32."""
     b, n = x.s["corr_batch"], x.s["corr_steps"]
-    res = {}
-    # 1. a bare loop over the trainer's own batches, autocast bf16 vs fp32 (runs on CPU too)
-    tr = _trainer(x, b, b * n, width=1.0 if not x.dry else x.s["width"])
+    width = x.s["width"] if x.dry else 1.0
+    dev = torch.device(x.device)
+    res = {"batch": b, "steps": n, "width": width, "overrides": CORR_OVERRIDES,
+           "reference": "strict fp32 (TF32 off)" if not x.dry else "fp32 (CPU)"}
+    ok = True
+
+    # 1. same weights, per step
+    tr = _trainer(x, b, b * n, width=width, augment="none", extra=CORR_OVERRIDES)
     batches = [(xb.clone(), yb.clone()) for xb, yb, _ in tr.batches.epoch(0)]
-    losses = {}
-    for prec in ("fp32", "bf16"):
-        bare = C.BareLoop(tr.cfg, tr.device, batches, prec)
-        torch.manual_seed(1)
-        losses[prec] = [float(bare.step()) for _ in range(n)]
-    m32, m16 = sum(losses["fp32"]) / n, sum(losses["bf16"]) / n
-    res["bare_mean_loss"] = {"fp32": m32, "bf16": m16}
-    res["bare_rel_diff"] = abs(m16 - m32) / abs(m32)
-    print(f"  bare loop, {n} steps, batch {b}: mean loss fp32 {m32:.5f}, bf16 {m16:.5f}, "
-          f"rel diff {100 * res['bare_rel_diff']:.3f}%")
-    print(f"    first/last loss fp32 {losses['fp32'][0]:.4f}/{losses['fp32'][-1]:.4f}, "
-          f"bf16 {losses['bf16'][0]:.4f}/{losses['bf16'][-1]:.4f}")
+    cfg = tr.cfg
     tr.close()
-    # 2. the real Trainer in each precision (bf16 is CUDA-only in the package)
-    precs = ("fp32",) if x.dry else ("fp32", "bf16")
-    tmeans = {}
-    for prec in precs:
-        tr = _trainer(x, b, b * n, precision=prec, width=1.0 if not x.dry else x.s["width"])
-        C.time_trainer_epoch(tr, 0)
-        s = tr.epoch_sums.tolist()
-        tmeans[prec] = s[0] / s[2]
+    variants = [("bf16", torch.bfloat16, False)] + ([] if x.dry else [("fp32 (tf32)", None, True)])
+    sw = _same_weights(x, cfg, dev, batches, variants)
+    res["same_weights"] = sw
+    print(f"  1. same weights every step (bare loop, {n} steps, batch {b}, width {width}; reference "
+          f"{res['reference']}: loss {sw['bf16']['ref_first']:.4f} -> {sw['bf16']['ref_last']:.4f})")
+    for name, r in sw.items():
+        ok &= r["pass"]
+        print(f"     {name:12s} max loss rel diff {100 * r['max_loss_rel_diff']:.4f} % (< 1 %), min gradient "
+              f"cosine {r['min_grad_cos']:.6f} (> 0.99): {'PASS' if r['pass'] else 'FAIL'}")
+
+    # 2. the real Trainer's trajectories
+    runs = [("fp32", "fp32", False)] if x.dry else [("fp32 (strict)", "fp32", False),
+                                                    ("fp32 (tf32)", "fp32", True), ("bf16", "bf16", True)]
+    losses = {}
+    for label, prec, tf32 in runs:
+        tr = _trainer(x, b, b * n, precision=prec, width=width, augment="none", extra=CORR_OVERRIDES)
+        _tf32(tf32)  # after building: the Trainer turned TF32 on
+        losses[label] = _trainer_step_losses(tr)
         tr.close()
-    res["trainer_mean_loss"] = tmeans
-    if "bf16" in tmeans:
-        res["trainer_rel_diff"] = abs(tmeans["bf16"] - tmeans["fp32"]) / abs(tmeans["fp32"])
-        print(f"  Trainer, {n} steps: mean loss fp32 {tmeans['fp32']:.5f}, bf16 {tmeans['bf16']:.5f}, "
-              f"rel diff {100 * res['trainer_rel_diff']:.3f}%")
-    else:
-        print(f"  Trainer fp32 mean loss {tmeans['fp32']:.5f}; Trainer bf16 skipped (dry run: the package "
-              f"runs bf16 on CUDA only)")
-    worst = max(res["bare_rel_diff"], res.get("trainer_rel_diff", 0))
-    res["pass"] = worst < 0.02
-    print(f"  bf16 vs fp32 agreement < 2%: {'PASS' if res['pass'] else 'FAIL'}")
+    _tf32(True)
+    ref_label = runs[0][0]
+    ref = losses[ref_label]
+    bare = C.BareLoop(cfg, dev, batches, "fp32")
+    _tf32(False)
+    bare_l = torch.stack([bare.step().detach() for _ in range(n)]).double().cpu().tolist()
+    _tf32(True)
+    tvb = max(abs(a - c) / abs(c) for a, c in zip(ref, bare_l))
+    res["trainer_losses"] = losses
+    res["bare_losses"] = bare_l
+    res["trainer_vs_bare_max_rel_diff"] = tvb
+    tvb_ok = tvb < TRAINER_VS_BARE_REL
+    ok &= tvb_ok
+    print(f"  2. the real Trainer, {n} steps: {ref_label} loss {ref[0]:.4f} -> {sum(ref[-5:]) / 5:.4f} (mean of the "
+          f"last 5)")
+    print(f"     {ref_label} Trainer vs bare SGD loop: max per-step rel diff {100 * tvb:.4f} % (< 1 %): "
+          f"{'PASS' if tvb_ok else 'FAIL'}")
+    res["trajectory"] = {}
+    for label, l in losses.items():
+        if label == ref_label:
+            continue
+        t = _trajectory(l, ref)
+        res["trajectory"][label] = t
+        ok &= t["pass"]
+        print(f"     {label:12s} first step rel diff {100 * t['first_rel_diff']:.4f} %, final {t['final_cand']:.4f} vs "
+              f"{t['final_ref']:.4f}: |diff| {t['final_abs_diff']:.4f} < {TRAJ_TOL_OF_DROP} x drop "
+              f"{t['ref_drop']:.4f}{'' if t['informative'] else ' (drop too small: NOT INFORMATIVE)'}: "
+              f"{'PASS' if t['pass'] else 'FAIL'}")
+    if x.dry:  # no bf16/TF32 Trainer on CPU: run the same comparison on Trainer vs bare, report only
+        t = _trajectory(bare_l, ref)
+        res["dry_trajectory_bare_vs_trainer"] = t
+        print(f"     (dry run: no bf16/TF32 Trainer on CPU; the trajectory comparison on bare vs Trainer: |diff| "
+              f"{t['final_abs_diff']:.6f}, reference drop {t['ref_drop']:.4f}"
+              f"{'' if t['informative'] else ': too small to be informative at dry-run sizes, not gated'})")
+    res["pass"] = bool(ok)
+    print(f"  bf16/tf32 vs fp32 agreement: {'PASS' if ok else 'FAIL'}")
     x.save("correctness", res)
-    if not res["pass"]:
+    if not ok:
         raise SystemExit(1)
 
 
 def sec_nccl(x: Ctx) -> None:
-    """A 1-rank process group + DDP step through the backend a GPU job uses (NCCL; gloo when dry)."""
+    """The package's own process group (distributed.Dist: init_process_group with NCCL and device_id,
+    plus its gloo control group) and DDP inside the real Trainer, on ONE rank: fit() one small epoch
+    (train, eval, checkpoint), an all-reduce, then Trainer.close() destroys the group. gloo on CPU.
+
+    The package takes its single-process path when WORLD_SIZE is 1 (DistEnv.distributed is
+    world_size > 1), and NCCL cannot put two ranks on one GPU, so this uses a DistEnv whose
+    `distributed` is forced true: everything else is the package's code path, no init here."""
+    import socket
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from allconv_hpc.config import ModelConfig
-    from allconv_hpc.models import build_model
+    from allconv_hpc.distributed import DistEnv
+
+    class OneRankGroup(DistEnv):
+        @property
+        def distributed(self) -> bool:
+            return True
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     backend = "gloo" if x.dry else "nccl"
-    dev = torch.device(x.device, 0) if not x.dry else torch.device("cpu")
-    store = dist.HashStore()
-    kw = {"device_id": dev} if backend == "nccl" else {}
-    dist.init_process_group(backend, store=store, rank=0, world_size=1, **kw)
-    try:
-        m = build_model(ModelConfig(width=x.s["width"])).to(dev)
-        net = DDP(m, device_ids=[0] if backend == "nccl" else None)
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        for _ in range(3):
-            loss = F.cross_entropy(net(torch.randn(8, 3, 32, 32, device=dev)), torch.randint(0, 10, (8,), device=dev))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        t = torch.ones(4, device=dev)
-        dist.all_reduce(t)
-        ok = bool(torch.isfinite(loss).item()) and t.sum().item() == 4
-    finally:
-        dist.destroy_process_group()
-    print(f"  {backend}, world 1: DDP forward/backward/step x3 and all_reduce: {'ok' if ok else 'FAILED'}")
-    x.save("nccl", {"backend": backend, "ok": ok})
+    b = 32 if x.dry else 128
+    import tempfile
+    run_dir = Path(tempfile.mkdtemp(prefix="allconv-gpu-nccl-"))
+    tr = _trainer(x, b, 4 * b, run_dir=run_dir, every_steps=2, env=OneRankGroup(master_port=port, source="torchrun"),
+                  extra=[f"dist.backend={backend}", "trainer.epochs=1"])
+    checks = {"group": dist.is_initialized(), "backend": dist.get_backend() if dist.is_initialized() else None,
+              "ddp": isinstance(getattr(tr.net, "_orig_mod", tr.net), DDP)}
+    code = tr.fit()
+    t = tr.dist.all_reduce_sum(torch.ones(4, device=tr.device))
+    checks["fit_exit"] = code
+    checks["all_reduce"] = float(t.sum().item())
+    checks["checkpoint"] = any((run_dir / "checkpoints").glob("*.pt"))
+    checks["val_acc"] = tr.state.history[-1]["val_acc"]
+    tr.close()
+    checks["destroyed"] = not dist.is_initialized()
+    ok = (checks["group"] and checks["backend"] == backend and checks["ddp"] and code == 0
+          and checks["all_reduce"] == 4 and checks["checkpoint"] and checks["destroyed"]
+          and math.isfinite(checks["val_acc"]))
+    print(f"  {backend}, world 1 through allconv_hpc.distributed.Dist + Trainer(DDP): {checks}: "
+          f"{'ok' if ok else 'FAILED'}")
+    x.save("nccl", {"backend": backend, "ok": bool(ok), **checks})
     if not ok:
         raise SystemExit(1)
 
@@ -229,59 +387,60 @@ def sec_matmul(x: Ctx) -> None:
     x.save("matmul", {"n": n, "seconds": dt, "tflops": tflops})
 
 
-def sec_grid(x: Ctx, budget_s: float) -> None:
-    """img/s per precision x compile x channels_last, batch 512 full width; trainer vs bare (eager)."""
+def sec_grid(x: Ctx, compiled: bool) -> None:
+    """img/s per precision x channels_last at batch 512, full width, eager (with the bare loop beside
+    each) or compiled (--compiled; the most useful config first). A config starts only if the section's
+    deadline leaves time for it (a compiled one needs ~compile_est_s); the JSON is saved after every row."""
     _cached_data_load()
     s = x.s
     b, steps, warm = s["grid_batch"], s["grid_steps"], s["grid_warmup"]
     train_gflop = flops_mod.allcnn_flops(s["width"])["train_flops"] / 1e9
     peak = (x.load("matmul") or {}).get("tflops")
-    t_start = time.perf_counter()
-    rows = []
-    precs = ("fp32",) if x.dry else ("fp32", "bf16")
-    for compile in (False, True):
-        for prec in ("fp32", "bf16"):
-            for cl in (False, True):
-                row = {"precision": prec, "compile": compile, "channels_last": cl}
-                if prec not in precs:
-                    row["note"] = "skipped (dry run: bf16 Trainer is CUDA-only)"
-                    rows.append(row)
-                    continue
-                if x.dry and compile and cl:
-                    row["note"] = "skipped (dry run: one compiled config is enough to exercise the path)"
-                    rows.append(row)
-                    continue
-                if time.perf_counter() - t_start > budget_s:
-                    row["note"] = f"skipped (section budget {budget_s:.0f} s spent)"
-                    rows.append(row)
-                    continue
-                try:
-                    t0 = time.perf_counter()
-                    tr = _trainer(x, b, (warm + steps) * b, prec, cl, compile, test=64)
-                    r = C.time_trainer_epoch(tr, warm)
-                    row["img_s"] = r["images"] / r["seconds"]
-                    row["step_ms"] = 1e3 * r["seconds"] / r["steps"]
-                    if not compile:
-                        bare = C.BareLoop(tr.cfg, tr.device, C.prebuilt_batches(tr), prec, cl, False)
-                        br = bare.run(steps, warm)
-                        row["bare_img_s"] = br["images"] / br["seconds"]
-                        row["trainer_vs_bare"] = row["img_s"] / row["bare_img_s"]
-                    if peak:
-                        row["mfu_pct"] = 100 * row["img_s"] * train_gflop * 1e9 / (peak * 1e12)
-                    row["wall_s"] = time.perf_counter() - t0
-                    tr.close()
-                    del tr
-                except Exception as e:  # one failing config must not hide the others
-                    row["note"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                    traceback.print_exc()
-                rows.append(row)
-                print(f"  {prec} compile={compile} channels_last={cl}: "
-                      + (f"{row['img_s']:.0f} img/s" if "img_s" in row else row.get("note", "")), flush=True)
-                if x.device == "cuda":
-                    torch.cuda.empty_cache()
-    x.save("grid", {"batch": b, "width": s["width"], "train_gflop_per_image": train_gflop, "peak_tflops": peak,
-                    "rows": rows})
-    if any(r.get("note", "").startswith("FAILED") for r in rows):
+    key = "grid_compiled" if compiled else "grid_eager"
+    need = s["compile_est_s"] if compiled else s["eager_est_s"]
+    doc = {"batch": b, "width": s["width"], "train_gflop_per_image": train_gflop, "peak_tflops": peak,
+           "compile": compiled, "rows": []}
+    configs = ([("bf16", True), ("bf16", False), ("fp32", True), ("fp32", False)] if compiled
+               else [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)])
+    for prec, cl in configs:
+        row = {"precision": x.fp32_label() if prec == "fp32" else prec, "compile": compiled, "channels_last": cl}
+        if x.dry and prec == "bf16":
+            row["note"] = "skipped (dry run: bf16 Trainer is CUDA-only)"
+        elif x.dry and compiled and cl:
+            row["note"] = "skipped (dry run: one compiled config is enough to exercise the path)"
+        elif x.left() < need:
+            row["note"] = f"skipped for time ({max(0, x.left()):.0f} s left < ~{need} s a config needs)"
+        else:
+            row["note"] = "started, did not finish (killed by the section's timeout?)"
+            x.save(key, {**doc, "rows": [*doc["rows"], row]})
+            try:
+                t0 = time.perf_counter()
+                tr = _trainer(x, b, (warm + steps) * b, prec, cl, compiled, test=64)
+                r = C.time_trainer_epoch(tr, warm)
+                row["img_s"] = r["images"] / r["seconds"]
+                row["step_ms"] = 1e3 * r["seconds"] / r["steps"]
+                if not compiled:
+                    bare = C.BareLoop(tr.cfg, tr.device, C.prebuilt_batches(tr), prec, cl, False)
+                    br = bare.run(steps, warm)
+                    row["bare_img_s"] = br["images"] / br["seconds"]
+                    row["trainer_vs_bare"] = row["img_s"] / row["bare_img_s"]
+                if peak:
+                    row["mfu_pct"] = 100 * row["img_s"] * train_gflop * 1e9 / (peak * 1e12)
+                row["wall_s"] = time.perf_counter() - t0
+                del row["note"]
+                tr.close()
+                del tr
+            except Exception as e:  # one failing config must not hide the others
+                row["note"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                traceback.print_exc()
+            if x.device == "cuda":
+                torch.cuda.empty_cache()
+        doc["rows"].append(row)
+        x.save(key, doc)  # after every row: a timeout keeps the rows measured so far
+        print(f"  {row['precision']} compile={compiled} channels_last={cl}: "
+              + (f"{row['img_s']:.0f} img/s ({row['wall_s']:.0f} s)" if "img_s" in row else row.get("note", "")),
+              flush=True)
+    if any(r.get("note", "").startswith("FAILED") for r in doc["rows"]):
         raise SystemExit(1)
 
 
@@ -314,7 +473,8 @@ def sec_epoch(x: Ctx) -> None:
         code = tr.fit()
         h = tr.state.history[-1]
         tr.close()
-        row = {"precision": prec, "channels_last": cl, "batch": s["epoch_batch"], "train_images": s["epoch_train"],
+        row = {"precision": x.fp32_label() if prec == "fp32" else prec, "channels_last": cl, "batch": s["epoch_batch"],
+               "train_images": s["epoch_train"],
                "epoch_seconds": h["epoch_seconds"], "images_per_second": h["images_per_second"],
                "val_acc": h["val_acc"], "trainer_init_s": init_s, "exit": code}
         res.append(row)
@@ -333,27 +493,39 @@ def sec_checkpoint(x: Ctx) -> None:
 
 
 def sec_summary(x: Ctx) -> None:
-    env, grid = x.load("env") or {}, x.load("grid")
+    env = x.load("env") or {}
     print(f"  device: {env.get('gpu', 'CPU (dry run)')}, torch {env.get('torch')}, CUDA {env.get('cuda')}")
     corr = x.load("correctness")
     if corr:
-        print(f"  bf16 vs fp32 mean loss: bare {100 * corr['bare_rel_diff']:.3f}%"
-              + (f", Trainer {100 * corr['trainer_rel_diff']:.3f}%" if "trainer_rel_diff" in corr else "")
-              + f" -> {'PASS' if corr['pass'] else 'FAIL'}")
+        parts = [f"{k} same-weights loss {100 * v['max_loss_rel_diff']:.3f}% / grad cos {v['min_grad_cos']:.5f}"
+                 for k, v in corr.get("same_weights", {}).items()]
+        parts += [f"{k} Trainer final {v['final_cand']:.4f} vs {v['final_ref']:.4f} (drop {v['ref_drop']:.3f})"
+                  for k, v in corr.get("trajectory", {}).items()]
+        parts.append(f"Trainer vs bare {100 * corr['trainer_vs_bare_max_rel_diff']:.4f}%")
+        print(f"  agreement vs {corr['reference']}: " + "; ".join(parts) + f" -> {'PASS' if corr['pass'] else 'FAIL'}")
+    nc = x.load("nccl")
+    if nc:
+        print(f"  package process group ({nc['backend']}, 1 rank) + DDP Trainer fit: {'ok' if nc['ok'] else 'FAILED'}")
+    d2 = x.load("ddp2_compile")
+    if d2:
+        print(f"  2 ranks over gloo on one device with trainer.compile=true: {'ok' if d2.get('ok') else 'FAILED'}")
     mm = x.load("matmul")
     if mm:
         print(f"  bf16 matmul peak: {mm['tflops']:.4g} TFLOP/s (n={mm['n']})")
-    if grid:
-        print(f"  throughput, width {grid['width']}, batch {grid['batch']} "
-              f"(MFU: {grid['train_gflop_per_image']:.3f} GFLOP/image vs the bf16 matmul peak):")
-        print(C.table(grid["rows"], ["precision", "compile", "channels_last", "img_s", "step_ms", "mfu_pct",
-                                     "bare_img_s", "trainer_vs_bare", "note"],
+    grids = [g for g in (x.load("grid_eager"), x.load("grid_compiled")) if g]
+    if grids:
+        g = grids[0]
+        print(f"  throughput, width {g['width']}, batch {g['batch']} (MFU: {g['train_gflop_per_image']:.3f} "
+              f"GFLOP/image vs the bf16 matmul peak; 'fp32 (tf32)': the Trainer's fp32 on CUDA runs TF32 math):")
+        print(C.table([r for g in grids for r in g["rows"]],
+                      ["precision", "compile", "channels_last", "img_s", "step_ms", "mfu_pct", "bare_img_s",
+                       "trainer_vs_bare", "note"],
                       {"img_s": "{:.0f}", "step_ms": "{:.2f}", "mfu_pct": "{:.1f}", "bare_img_s": "{:.0f}",
                        "trainer_vs_bare": "{:.3f}"}))
     ov = x.load("overhead")
     if ov:
         m = ov["median"]
-        print(f"  trainer/bare at batch {ov['args']['batch']} fp32 eager: {m['headline_ratio']:.3f} "
+        print(f"  trainer/bare at batch {ov['args']['batch']} {x.fp32_label()} eager: {m['headline_ratio']:.3f} "
               f"(trainer {m['trainer_img_s']:.0f} img/s, bare {m['bare_img_s']:.0f} img/s; target >= 0.95)")
     sy = x.load("syncs")
     if sy and not sy.get("skipped"):
@@ -375,12 +547,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("section")
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--budget-s", type=float, default=240, help="grid: stop starting configs after this")
+    p.add_argument("--compiled", action="store_true", help="grid: the torch.compile configs (else eager)")
     a = p.parse_args(argv)
     C.quiet_logs()
     x = Ctx(a)
     fn = {"env": sec_env, "correctness": sec_correctness, "nccl": sec_nccl, "syncs": sec_syncs,
-          "matmul": sec_matmul, "grid": lambda c: sec_grid(c, a.budget_s), "overhead": sec_overhead,
+          "matmul": sec_matmul, "grid": lambda c: sec_grid(c, a.compiled), "overhead": sec_overhead,
           "epoch": sec_epoch, "checkpoint": sec_checkpoint, "summary": sec_summary}[a.section]
     fn(x)
 
