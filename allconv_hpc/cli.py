@@ -19,9 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "train":
         from .preempt import catch_early
         catch_early()  # before the heavy imports: under srun an early USR2 would otherwise kill the rank
-        from .preempt import EXIT_REQUEUED
+        from .preempt import EXIT_REQUEUED, ignore_late_signals
         from .train import run
         code = run(rest)
+        ignore_late_signals()
         return 0 if code == EXIT_REQUEUED else code  # back in the queue: nothing failed
     if cmd == "submit":
         from .launcher import submit_main

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
-from .preempt import EXIT_REQUEUED
+from .preempt import EXIT_REQUEUED, ignore_late_signals
 
 # Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
 # quotes): letters, digits and the punctuation Slurm's own syntax uses, nothing a shell would act on.
@@ -289,7 +289,10 @@ class TrainJob:
         # honoured at the first step boundary, one after training is ignored (never a requeue then)
         catch_early(self.signal)
         os.environ["ALLCONV_SIGNAL_LEAD_S"] = str(self.signal_lead_s)
-        code = run(self.overrides)
+        try:
+            code = run(self.overrides)
+        finally:
+            ignore_late_signals(self.signal)
         if code == EXIT_REQUEUED:
             # back in the queue: leave without a result, or submitit would report the job done. SystemExit
             # passes through submitit's `except Exception` (core/submission.py), so no result is written.

@@ -65,6 +65,19 @@ def catch_early(warn_signal: str = "USR2") -> None:
         signal.signal(s, _record_early)
 
 
+def ignore_late_signals(warn_signal: str = "USR2") -> None:
+    """Training is over (done, stopped or failed): ignore warnings (USR1, USR2, `warn_signal`) and
+    SIGTERM from now on.
+
+    Python resets its handlers to the default (terminate) while the interpreter shuts down, so a
+    time-limit warning landing in those last moments would kill a finished process by the signal,
+    and Slurm would record the job FAILED (seen: COMPLETED training, FAILED job). SIG_IGN survives
+    that reset. Only for process entry points: a test process calling `train.run` keeps its handlers.
+    """
+    for s in {signal.SIGUSR1, signal.SIGUSR2, signum(warn_signal), signal.SIGTERM}:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class StopRequest:
     """Installs handlers that only set a flag; `requested` is the first signal seen (or None)."""
 

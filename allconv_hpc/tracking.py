@@ -278,6 +278,7 @@ class Tracker:
         self._run = None
         self._run_id: Optional[str] = None
         self._finished = False
+        self._torn_down = False
         self._last_step: Optional[int] = None
         self.steps_path = self.run_dir / STEPS_FILE
         if self.mode != "disabled":
@@ -421,14 +422,21 @@ class Tracker:
     # -- end -------------------------------------------------------------------------------------
     def finish(self, exit_code: int = 0) -> None:
         """Close the W&B run (idempotent). A non-zero exit code marks it failed/crashed."""
-        if self._finished:
-            return
-        self._finished = True
-        if self._run is not None:
+        if self._run is not None and not self._finished:
             try:
                 self._run.finish(exit_code=exit_code)
             except Exception as e:
                 print(f"[tracking] W&B finish failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        self._finished = True
+        if self._run is not None and not self._torn_down:
+            # Stop W&B's service now, not in wandb's atexit hook: a requeue's SIGTERM (or scancel's) would
+            # kill it first, and the hook would then print a ConnectionResetError traceback into the job log.
+            self._torn_down = True
+            import wandb
+            try:
+                wandb.teardown()
+            except Exception:  # the service is already gone (the SIGTERM came first): nothing left to stop
+                pass
 
     def __enter__(self):
         return self

@@ -179,3 +179,18 @@ def test_stop_kind_agreed_across_ranks(tmp_path, monkeypatch):
     assert classify_stop(Poll(warning=True), SlurmJob({}), 60) == "interrupted"  # not in Slurm
     fake_slurm(tmp_path, monkeypatch, squeue="0:50")
     assert classify_stop(Poll(warning=True), slurm, 60) == "timeout"
+
+
+def test_a_warning_after_training_cannot_kill_the_process_at_exit():
+    """Python resets its signal handlers to the default while shutting down; a time-limit warning in
+    that window killed a finished job (Slurm: FAILED). After ignore_late_signals it is harmless."""
+    code = ("import os, signal, sys, time; from allconv_hpc.preempt import StopRequest, ignore_late_signals\n"
+            "with StopRequest('USR2'): pass\n"
+            "if sys.argv[1] == 'ignore': ignore_late_signals('USR2')\n"
+            "import atexit; atexit.register(lambda: os.kill(os.getpid(), signal.SIGUSR2) or time.sleep(0.2))\n")
+    import subprocess
+    import sys
+    killed = subprocess.run([sys.executable, "-c", code, "keep"])
+    # the control: the default disposition (what Python restores during shutdown) lets it kill
+    assert killed.returncode == -signal.SIGUSR2
+    assert subprocess.run([sys.executable, "-c", code, "ignore"]).returncode == 0
