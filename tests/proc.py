@@ -24,7 +24,8 @@ TINY = ["data=synthetic", "data.train_size=300", "data.test_size=101", "model.wi
 
 def clean_env(tmp: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "WANDB_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC"))}
+           if not k.startswith(("SLURM_", "WANDB_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC",
+                                "ALLCONV_"))}
     env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true", HOME=str(tmp / "home"), TMPDIR=str(tmp / "tmpdir"),
                PYTHONUNBUFFERED="1")
     (tmp / "home").mkdir(exist_ok=True)

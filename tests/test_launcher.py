@@ -287,7 +287,7 @@ def test_local_executor_gets_what_it_supports(tmp_path):
 @pytest.fixture
 def job_signals():
     """submitit's process_job installs its own signal handlers: give the test process its own back."""
-    sigs = (signal.SIGTERM, signal.SIGCONT, signal.SIGUSR2)
+    sigs = (signal.SIGTERM, signal.SIGCONT, signal.SIGUSR1, signal.SIGUSR2)
     saved = {s: signal.getsignal(s) for s in sigs}
     yield
     for s, h in saved.items():
@@ -310,6 +310,7 @@ def test_a_requeued_job_writes_no_result(tmp_path, monkeypatch, job_signals, fin
     def fake_run(overrides):  # what train.run returns after a requeue, or a completed run
         return allconv_hpc.preempt.EXIT_REQUEUED if final == "requeued" else 0
     monkeypatch.setattr(allconv_hpc.train, "run", fake_run)
+    monkeypatch.setenv("ALLCONV_SIGNAL_LEAD_S", "0")  # TrainJob sets it in this process: restored after
     monkeypatch.setattr(allconv_hpc.preempt, "catch_early", lambda *a: None)
     for k, v in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="7", SUBMITIT_LOCAL_GLOBALID="0",
                      SUBMITIT_LOCAL_LOCALID="0", SUBMITIT_LOCAL_NTASKS="1", SUBMITIT_LOCAL_JOB_NUM_NODES="1",
