@@ -17,9 +17,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
-        from .preempt import catch_early
+        from .preempt import EXIT_REQUEUED, catch_early, ignore_late_signals
         catch_early()  # before the heavy imports: under srun an early USR2 would otherwise kill the rank
-        from .preempt import EXIT_REQUEUED, ignore_late_signals
         from .train import run
         code = run(rest)
         ignore_late_signals()

@@ -278,9 +278,8 @@ def check_run_folder(run_dir: Path, cfg) -> None:
 class TrainJob:
     """The callable submitit pickles: runs `allconv-hpc train` in the job, one call per rank."""
 
-    def __init__(self, overrides: list[str], run_dir: Path, signal_lead_s: int, signal: str = "USR2"):
-        self.overrides, self.run_dir = list(overrides), Path(run_dir)
-        self.signal_lead_s, self.signal = signal_lead_s, signal
+    def __init__(self, overrides: list[str], signal_lead_s: int, signal: str = "USR2"):
+        self.overrides, self.signal_lead_s, self.signal = list(overrides), signal_lead_s, signal
 
     def __call__(self) -> int:
         from .preempt import catch_early
@@ -306,8 +305,7 @@ class TrainJob:
         """Only reached if Slurm's warning arrives while submitit itself starts (before __call__):
         requeue the same call; it resumes from the run folder."""
         import submitit
-        return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.run_dir, self.signal_lead_s,
-                                                           self.signal))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.signal_lead_s, self.signal))
 
 
 def make_executor(cluster: dict, folder: Path):
@@ -352,7 +350,7 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
     base = sweep_dir if sweep_dir is not None else points[0].run_dir
     created = not base.exists()
     base.mkdir(parents=True, exist_ok=True)
-    calls = [TrainJob(p.overrides, p.run_dir, cluster["signal_lead_s"], str(cluster["signal"])) for p in points]
+    calls = [TrainJob(p.overrides, cluster["signal_lead_s"], str(cluster["signal"])) for p in points]
     if cluster["backend"] == "local":  # its controller sends submitit's signal before the limit: ours
         os.environ["SUBMITIT_PREEMPT_SIGNAL"] = str(cluster["signal"]).upper().removeprefix("SIG")
     sbatch_err = io.StringIO()  # submitit prints sbatch's complaint itself; we say it once, below

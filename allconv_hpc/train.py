@@ -67,7 +67,8 @@ def run(overrides: list[str]) -> int:
         return code
     except ConfigError as e:
         log.error("%s", e)
-        _report(trainer, str(e), "failed")
+        if trainer is not None:  # the peers name it; status.json stays the folder's own (maybe another run's)
+            trainer.dist.report_failure(str(e))
         code = 2
         return code
     except DistributedError as e:

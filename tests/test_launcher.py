@@ -318,7 +318,7 @@ def test_a_requeued_job_writes_no_result(tmp_path, monkeypatch, job_signals, fin
         monkeypatch.setenv(k, v)
     folder = tmp_path / "sub"
     folder.mkdir()
-    DelayedSubmission(launcher.TrainJob(["x=1"], run, 60)).dump(folder / "7_submitted.pkl")
+    DelayedSubmission(launcher.TrainJob(["x=1"], 60)).dump(folder / "7_submitted.pkl")
     if final == "requeued":
         with pytest.raises(SystemExit) as e:
             process_job(folder)

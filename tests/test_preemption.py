@@ -229,11 +229,13 @@ def test_config_mismatch_is_refused(reference, tmp_path):
     shutil.copytree(reference, run)
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")}
     hydra_before = (run / ".hydra" / "config.yaml").read_text()
+    status_before = (run / "status.json").read_text()
     r = run_train(tmp_path, run, EXACT + ["trainer.batch_size=30"], check=False)
     assert r.returncode == 2
     assert "holds a run of a different config (trainer.batch_size: 60 -> 30)" in r.stdout + r.stderr
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")} == before
     assert (run / ".hydra" / "config.yaml").read_text() == hydra_before  # the folder's record is untouched
+    assert (run / "status.json").read_text() == status_before
 
 
 def test_resume_never_starts_fresh_and_keeps_old_checkpoints(reference, tmp_path):
