@@ -7,6 +7,9 @@ garbage. Loading uses `torch.load(weights_only=True)`, which runs no pickled cod
 
 Layout of `<run>/checkpoints/`: `step_00001234.pt` (the `keep` most recent), `last.pt` (a hard
 link to the newest), `best.pt` (best val_acc).
+
+`Writer` writes in a background thread, in order: training waits only for a CPU copy of the state
+(`snapshot`), not for torch.save + SHA-256 + fsync (~35 ms, more than a whole GPU step).
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ import io
 import logging
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -30,6 +34,18 @@ TRAILER_LEN = len(MAGIC) + 64 + 1
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def snapshot(obj: Any) -> Any:
+    """A CPU copy of every tensor in a state tree (dicts, lists, tuples), so the live weights and
+    buffers can change while it is written. From a GPU this is one blocking copy (~1 ms for 11 MB)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
 
 
 def encode(state: dict) -> bytes:
@@ -121,3 +137,47 @@ class CheckpointDir:
             os.replace(p, dest / p.name)
         fsync_dir(dest.parent)
         return dest
+
+
+class Writer:
+    """Runs checkpoint writes one after another in a background thread (rank 0 only).
+
+    A failed write is raised by the next `submit` or `wait` (the older files stay as they were).
+    `wait()` makes everything submitted durable: call it before a requeue, an exit or a status of
+    "completed". At most `depth` writes are pending; more waits, bounding the memory of snapshots."""
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: list[tuple[str, Future]] = []
+
+    def submit(self, what: str, fn: Callable, *args) -> None:
+        self._reap(block_until=self.depth - 1)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="allconv-ckpt")
+        self._pending.append((what, self._pool.submit(fn, *args)))
+
+    def wait(self) -> None:
+        self._reap(block_until=0)
+
+    def close(self) -> None:
+        """Wait, then stop the thread; the first failed write is raised after the thread is gone."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _reap(self, block_until: int) -> None:
+        """Collect finished writes, blocking on the oldest until at most `block_until` are pending."""
+        while self._pending and (len(self._pending) > block_until or self._pending[0][1].done()):
+            what, fut = self._pending.pop(0)
+            try:
+                fut.result()
+            except Exception as e:
+                for _, rest in self._pending:  # the others are other files: let them land, then report
+                    rest.exception()
+                self._pending.clear()
+                raise CheckpointError(f"writing {what} failed: {type(e).__name__}: {e}; the older checkpoints "
+                                      f"are kept (check free space and permissions of the run folder)") from e

@@ -13,7 +13,7 @@ MODEL_NAMES = ("allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_
 DATASETS = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
 AUGMENTS = ("paper", "seed", "none")
 SCHEDULES = ("paper", "cosine", "onecycle", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("online", "offline", "disabled")
 RESUME_MODES = ("auto", "never", "must")
@@ -115,7 +115,7 @@ class TrainerConfig:
     batch_size: int = 128           # GLOBAL batch: per-rank batch = batch_size / world size
     eval_batch_size: int = 1000     # global, evaluation only
     device: str = "auto"            # auto (cuda if present) | cpu | cuda
-    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; CUDA only)
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast, CUDA only) | auto (bf16 on Ampere+, else fp32)
     channels_last: bool = False     # NHWC memory format (faster convs on CUDA and CPU)
     compile: bool = False           # torch.compile the model
     deterministic: bool = False     # bitwise-reproducible on CPU; deterministic kernels on CUDA
@@ -197,7 +197,7 @@ class Config:
         _check(self.model.num_classes == self.data.num_classes,
                f"model.num_classes={self.model.num_classes} != data.num_classes={self.data.num_classes}")
         if self.trainer.device == "cpu":
-            _check(self.trainer.precision == "fp32",
+            _check(self.trainer.precision in ("fp32", "auto"),
                    f"trainer.precision={self.trainer.precision} needs CUDA; on CPU use trainer.precision=fp32")
 
     @property

@@ -191,7 +191,7 @@ def validate_cluster(cluster: dict, cfg) -> dict:
     if cfg.trainer.batch_size % world:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by the job's "
                           f"{world} ranks (cluster.nodes x cluster.tasks_per_node); use a multiple of {world}")
-    if cfg.trainer.precision != "fp32" and c["gpus_per_node"] == 0:
+    if cfg.trainer.precision not in ("fp32", "auto") and c["gpus_per_node"] == 0:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision} needs GPUs but cluster.gpus_per_node=0")
     if c["backend"] == "local" and c["nodes"] > 1:
         raise ConfigError("cluster=local runs on this machine: cluster.nodes must be 1")

@@ -45,6 +45,7 @@ def run(overrides: list[str]) -> int:
         return 2
     from .preempt import catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first step
+    from .checkpoint import CheckpointError
     from .trainer import NonFiniteError, Trainer, check_launch
     try:
         env = detect_env()
@@ -74,7 +75,7 @@ def run(overrides: list[str]) -> int:
     except DistributedError as e:
         log.error("%s", e)
         return 1
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointError) as e:  # a failed write: one line, the older files stand
         log.error("%s", e)
         _report(trainer, f"{e}", "failed")
         return 1

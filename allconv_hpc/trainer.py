@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import augment, data as data_mod
-from .checkpoint import CheckpointDir, CheckpointError
+from .checkpoint import CheckpointDir, CheckpointError, Writer, snapshot
 from .fsio import write_atomic
 from .config import Config, ConfigError
 from .distributed import Dist, DistEnv, pick_device, set_threads
@@ -109,9 +109,18 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by the world size "
                           f"{env.world_size}; use a multiple of {env.world_size}")
     cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-    if not cuda and t.precision != "fp32":
+    if not cuda and t.precision not in ("fp32", "auto"):
         raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
                           f"(trainer.device={t.device}); use trainer.precision=fp32 on CPU")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on a GPU with native bf16 (Ampere and newer), else fp32 (logged at start)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "fp32"
 
 
 class Trainer:
@@ -135,6 +144,7 @@ class Trainer:
         """Data, model, optimizer, resume, tracker: the work that needs the process group."""
         cfg, cfg_dict, env, t = self.cfg, self.cfg_dict, self.env, self.cfg.trainer
         self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
+        self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
         self.slurm = SlurmJob()
 
         # data: uint8 on the device once; augmentation happens there per batch
@@ -157,12 +167,12 @@ class Trainer:
 
         # model: identical init on every rank (DDP also broadcasts rank 0's weights)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model).to(self.device)
+        model = build_model(cfg.model)
+        if env.is_main:  # on the CPU copy, before it moves: no round trip of the weights
+            log.info("model %s (width %g):\n%s", cfg.model.name, cfg.model.width, summary(model))
+        self.model = model.to(self.device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if env.is_main:
-            log.info("model %s (width %g):\n%s", cfg.model.name, cfg.model.width, summary(self.model.cpu()))
-            self.model.to(self.device)
         self.n_params = count_parameters(self.model)
         cuda = self.device.type == "cuda"
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum,
@@ -170,8 +180,9 @@ class Trainer:
                                    **({"fused": True} if cuda else {"foreach": True}))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, cfg.schedule, self.steps_per_epoch, t.epochs))
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16" and cuda)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and cuda)
         self.state = TrainState()
         # per-rank dropout streams; restored exactly from the checkpoint on resume
         torch.manual_seed(cfg.seed * 1_000_003 + env.rank + 1)
@@ -274,15 +285,19 @@ class Trainer:
         self.interval_sums.copy_(sums[1])
         if self.env.is_main:
             sums = sums.cpu()
-            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                     "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                     "train_state": asdict(st), "rng": rngs, "epoch_sums": sums[0], "interval_sums": sums[1],
-                     "identity": self.cfg.identity(), "config": self.cfg_dict,
-                     "torch_version": str(torch.__version__), "world_size": self.env.world_size,
-                     "saved_at": time.time()}
-            self.ckpt.save(state, st.global_step)
+            state = snapshot({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                              "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                              "train_state": asdict(st), "rng": rngs, "epoch_sums": sums[0],
+                              "interval_sums": sums[1], "identity": self.cfg.identity(), "config": self.cfg_dict,
+                              "torch_version": str(torch.__version__), "world_size": self.env.world_size,
+                              "saved_at": time.time()})
+            self.writer.submit(f"checkpoint step {st.global_step}", self.ckpt.save, state, st.global_step)
         self.dist.barrier()
         self._last_save = time.monotonic()
+
+    def wait_checkpoints(self) -> None:
+        """Everything saved so far is on disk (rank 0 writes; a no-op elsewhere). Raises a failed write."""
+        self.writer.wait()
 
     # -- status for `allconv-hpc status` ---------------------------------------------------------
     def write_status(self, state: str, **extra) -> None:
@@ -304,9 +319,10 @@ class Trainer:
         self._phase = "training"
         self.write_status("running")
         if self.env.is_main:
-            log.info("training %s on %s: %d rank(s), global batch %d, %d steps/epoch, %d epochs, lr %g",
+            auto = " (auto)" if cfg.trainer.precision == "auto" else ""
+            log.info("training %s on %s: %d rank(s), global batch %d, %d steps/epoch, %d epochs, lr %g, precision %s%s",
                      cfg.data.name, self.device, self.env.world_size, cfg.trainer.batch_size,
-                     self.steps_per_epoch, cfg.trainer.epochs, cfg.lr)
+                     self.steps_per_epoch, cfg.trainer.epochs, cfg.lr, self.precision, auto)
         with StopRequest(cfg.checkpoint.signal) as stop:
             while st.epoch < cfg.trainer.epochs:
                 self._epoch_t0, self._epoch_base = time.perf_counter(), st.epoch_seconds
@@ -315,6 +331,7 @@ class Trainer:
                 if self._evaluate(stop):
                     return self._stop(stop)
                 self._end_epoch(self._epoch_base + time.perf_counter() - self._epoch_t0)
+        self.wait_checkpoints()
         self.tracker.set_summary(best_val_acc=st.best_val_acc, final_val_acc=st.history[-1]["val_acc"])
         self.write_status("completed")
         if self.env.is_main:
@@ -452,8 +469,9 @@ class Trainer:
                      "%.1f s, %.0f img/s", st.epoch + 1, self.cfg.trainer.epochs, row["train_loss"], row["train_acc"],
                      int(tr[2]), val_loss, val_acc, n_val, seconds, row["images_per_second"])
             if improved:
-                self.ckpt.save_best({"model": self.model.state_dict(), "epoch": st.epoch + 1,
-                                     "val_acc": val_acc, "config": self.cfg_dict})
+                self.writer.submit("best.pt", self.ckpt.save_best,
+                                   snapshot({"model": self.model.state_dict(), "epoch": st.epoch + 1,
+                                             "val_acc": val_acc, "config": self.cfg_dict}))
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_seconds = 0.0
@@ -465,6 +483,7 @@ class Trainer:
     def _stop(self, stop: StopRequest) -> int:
         """The checkpoint is written; decide requeue vs exit (rank 0 asks Slurm), then every rank leaves."""
         st = self.state
+        self.wait_checkpoints()  # durable before Slurm requeues (kills) the job or the process exits
         if self.env.is_main:
             got = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
             log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", got,
@@ -481,6 +500,7 @@ class Trainer:
         elif kind in ("timeout", "preempted"):
             if kind == "timeout":
                 self.save()  # the count must survive the requeue
+                self.wait_checkpoints()
             # W&B first: a requeue sends SIGTERM to every process of the step, W&B's service included
             self._finish_tracker(0)
             ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
@@ -499,6 +519,11 @@ class Trainer:
     def close(self, exit_code: int = 0) -> None:
         """Every exit path, also after a failed setup: W&B finished, then the process group destroyed."""
         try:
+            if hasattr(self, "writer"):  # a failure path: what was saved before it still lands on disk
+                try:
+                    self.writer.close()
+                except CheckpointError as e:
+                    log.error("%s", e)
             if hasattr(self, "tracker"):
                 self._finish_tracker(exit_code)
         finally:

@@ -1,12 +1,16 @@
 """Checkpoint cost: save and load of a full All-CNN-C checkpoint through the real code paths.
 
-Save: `Trainer.save()` (finite check, RNG gather, metric-sum reduce, state dicts, torch.save into
-memory, SHA-256 trailer, temp file + fsync + rename + directory fsync, last.pt hard link, pruning),
-after a few real training steps so the SGD momentum buffers exist. Parts are timed separately
-(`checkpoint.encode`, `checkpoint.write_atomic`). Load: `CheckpointDir.load_latest()` (what rank 0
+Save: `Trainer.save()` (finite check, RNG gather, metric-sum reduce, a CPU snapshot of the state
+dicts, handed to the background writer) is what training waits for ("blocking"); with
+`Trainer.wait_checkpoints()` after it, also torch.save into memory, SHA-256 trailer, temp file +
+fsync + rename + directory fsync, last.pt hard link, pruning ("durable"). Both are measured after a
+few real training steps so the SGD momentum buffers exist. Parts are timed separately
+(`checkpoint.snapshot`, `checkpoint.encode`, `checkpoint.write_atomic`). Load: `CheckpointDir.load_latest()` (what rank 0
 runs to pick the file), `checkpoint.load_file()` and the state-dict copies a resume does.
 The cost at the default interval is save_s / (checkpoint.every_steps x step_s) with step_s the
-measured median training step time (or --step-ms).
+measured median training step time (or --step-ms); the end-of-epoch save's cost is save_s / (the
+steps of a 50,000-image epoch x step_s). On a GPU the blocking figure is the cost (the writer thread
+runs while the GPU computes); on a CPU whose cores all train, the durable one bounds it.
 
     python benchmarks/bench_checkpoint.py --width 1.0 --repeats 10
 """
@@ -64,13 +68,20 @@ def main(argv=None) -> dict:
         st = tr.state
         st.step_in_epoch = 1  # a mid-epoch save, like a periodic one
 
-        saves, encodes, writes, dirsaves, loads, latest, restores = [], [], [], [], [], [], []
+        saves, durables, snaps, encodes, writes, dirsaves, loads, latest, restores = ([] for _ in range(9))
         for i in range(a.repeats):
             st.global_step += 1
             C.sync(tr.device)
             t = time.perf_counter()
             tr.save()
             saves.append(time.perf_counter() - t)
+            tr.wait_checkpoints()  # the next one starts with an idle writer, as at a real interval
+            st.global_step += 1
+            t = time.perf_counter()
+            tr.save()
+            tr.wait_checkpoints()
+            durables.append(time.perf_counter() - t)
+            snaps.append(C.timed(ck_mod.snapshot, {"model": tr.model.state_dict(), "opt": tr.opt.state_dict()})[0])
         path = tr.ckpt.folder / "last.pt"
         size = path.stat().st_size
         state = ck_mod.load_file(path)
@@ -93,13 +104,17 @@ def main(argv=None) -> dict:
         fs = os.popen(f"df -T {run_dir} | tail -1 | awk '{{print $2}}'").read().strip()
         res = {"width": a.width, "n_params": tr.n_params, "file_bytes": size, "momentum_buffers": n_mom,
                "save_ms": 1e3 * C.median(saves), "save_ms_min": 1e3 * min(saves),
+               "durable_save_ms": 1e3 * C.median(durables), "snapshot_ms": 1e3 * C.median(snaps),
                "encode_ms": 1e3 * C.median(encodes), "write_atomic_ms": 1e3 * C.median(writes),
                "checkpointdir_save_ms": 1e3 * C.median(dirsaves),
                "load_file_ms": 1e3 * C.median(loads), "load_latest_ms": 1e3 * C.median(latest),
                "resume_restore_ms": 1e3 * C.median(restores), "step_ms": 1e3 * step_s,
                "every_steps": every, "filesystem": fs, "device": str(tr.device)}
         res["cost_pct_at_default_interval"] = 100 * (res["save_ms"] / 1e3) / (every * step_s)
-        res["resume_reads_checkpoint_twice_ms"] = res["load_latest_ms"] + res["resume_restore_ms"]
+        res["durable_cost_pct_at_default_interval"] = 100 * (res["durable_save_ms"] / 1e3) / (every * step_s)
+        res["epoch_steps"] = -(-50_000 // a.batch)
+        res["cost_pct_epoch_end"] = 100 * (res["save_ms"] / 1e3) / (res["epoch_steps"] * step_s)
+        res["durable_cost_pct_epoch_end"] = 100 * (res["durable_save_ms"] / 1e3) / (res["epoch_steps"] * step_s)
         tr.close()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -108,7 +123,9 @@ def main(argv=None) -> dict:
           f"device {res['device']}, {res['filesystem']} at {run_dir.parent}")
     rows = [
         {"what": "file size", "value": f"{size / 1e6:.2f} MB"},
-        {"what": "Trainer.save() (median)", "value": f"{res['save_ms']:.1f} ms (min {res['save_ms_min']:.1f})"},
+        {"what": "Trainer.save(), blocking (median)", "value": f"{res['save_ms']:.1f} ms (min {res['save_ms_min']:.1f})"},
+        {"what": "  of which snapshot (CPU copy of model + optimizer)", "value": f"{res['snapshot_ms']:.1f} ms"},
+        {"what": "Trainer.save() + wait_checkpoints(), durable", "value": f"{res['durable_save_ms']:.1f} ms"},
         {"what": "  of which encode (torch.save + sha256)", "value": f"{res['encode_ms']:.1f} ms"},
         {"what": "  of which write_atomic (write+fsync+rename)", "value": f"{res['write_atomic_ms']:.1f} ms"},
         {"what": "  CheckpointDir.save (encode+write+link+prune)", "value": f"{res['checkpointdir_save_ms']:.1f} ms"},
@@ -116,10 +133,13 @@ def main(argv=None) -> dict:
         {"what": "CheckpointDir.load_latest (rank 0 picks)", "value": f"{res['load_latest_ms']:.1f} ms"},
         {"what": "load_file + load_state_dict (resume)", "value": f"{res['resume_restore_ms']:.1f} ms"},
         {"what": "training step (median)", "value": f"{res['step_ms']:.1f} ms"},
-        {"what": f"cost at every_steps={every}", "value": f"{res['cost_pct_at_default_interval']:.4f} % of training"},
+        {"what": f"cost at every_steps={every}: blocking / durable",
+         "value": f"{res['cost_pct_at_default_interval']:.4f} / {res['durable_cost_pct_at_default_interval']:.4f} %"},
+        {"what": f"end-of-epoch save ({res['epoch_steps']} steps): blocking / durable",
+         "value": f"{res['cost_pct_epoch_end']:.4f} / {res['durable_cost_pct_epoch_end']:.4f} %"},
     ]
     print(C.table(rows, ["what", "value"]))
-    ok = res["cost_pct_at_default_interval"] < 1
+    ok = max(res["cost_pct_at_default_interval"], res["cost_pct_epoch_end"]) < 1
     print(f"target < 1%: {'met' if ok else 'NOT met'}; break-even step time for 1% at every_steps={every}: "
           f"{res['save_ms'] / (0.01 * every):.1f} ms/step")
     C.write_json(a.json, {"args": vars(a), **res, "save_runs_ms": [1e3 * x for x in saves]})

@@ -537,9 +537,10 @@ def sec_summary(x: Ctx) -> None:
                   f"{r['train_images']} images): {r['epoch_seconds']:.2f} s, {r['images_per_second']:.0f} img/s")
     ck = x.load("checkpoint")
     if ck:
-        print(f"  checkpoint: {ck['file_bytes'] / 1e6:.2f} MB, save {ck['save_ms']:.1f} ms, load "
-              f"{ck['load_file_ms']:.1f} ms; step {ck['step_ms']:.2f} ms -> {ck['cost_pct_at_default_interval']:.2f}% "
-              f"at every_steps={ck['every_steps']} (target < 1%)")
+        print(f"  checkpoint: {ck['file_bytes'] / 1e6:.2f} MB, save {ck['save_ms']:.1f} ms blocking "
+              f"({ck['durable_save_ms']:.1f} ms durable), load {ck['load_file_ms']:.1f} ms; step {ck['step_ms']:.2f} "
+              f"ms -> {ck['cost_pct_at_default_interval']:.2f}% at every_steps={ck['every_steps']}, "
+              f"{ck['cost_pct_epoch_end']:.2f}% per epoch-end save (target < 1%)")
 
 
 def main(argv=None) -> None:

@@ -152,6 +152,8 @@ def test_experiment_fast():
     assert cfg.data.augment == "paper"
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.1, 0.0005)
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.channels_last) == (60, 256, True)
+    assert cfg.trainer.precision == "auto"  # bf16 on a GPU, fp32 on a CPU: the same command works on both
+    assert compose(["experiment=fast", "trainer.device=cpu"]).cfg.trainer.precision == "auto"
 
 
 def test_experiment_values_can_still_be_overridden():

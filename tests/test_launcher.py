@@ -393,3 +393,10 @@ def test_status_table_names_lost(tmp_path, on_path, capsys):
     status.status_main([str(run)])
     assert re.search(r"^42\s+LOST\s+running", capsys.readouterr().out, re.M)
 
+
+
+def test_precision_on_a_cpu_only_cluster_is_checked_before_the_queue():
+    with pytest.raises(ConfigError, match="trainer.precision=bf16 needs GPUs but cluster.gpus_per_node=0"):
+        cluster_of("trainer.precision=bf16", "cluster.gpus_per_node=0")
+    # auto is fp32 on a CPU node: allowed (experiment=fast runs on a CPU partition too)
+    assert cluster_of("trainer.precision=auto", "cluster.gpus_per_node=0")["gpus_per_node"] == 0

@@ -223,6 +223,21 @@ def test_nan_stops_without_touching_good_checkpoints(tmp_path):
             assert state["train_state"]["global_step"] <= 11
 
 
+def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_keeps_the_older_files(tmp_path):
+    """Checkpoints are written in the background: a write that fails (here the rename onto best.pt,
+    which is a folder) is reported by a later save or the end of the run, the run stops with one
+    line, and the step checkpoints written before it load."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "best.pt").mkdir(parents=True)
+    r = run_train(tmp_path, run, EXACT, check=False)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    assert "writing best.pt failed: IsADirectoryError" in log and "older checkpoints are kept" in log, log[-2000:]
+    assert "Traceback" not in r.stderr + log and '"failed"' in (run / "status.json").read_text()
+    assert load_file(run / "checkpoints" / "step_00000004.pt")["train_state"]["global_step"] == 4
+    assert '"completed"' not in (run / "status.json").read_text()
+
+
 def test_config_mismatch_is_refused(reference, tmp_path):
     import shutil
     run = tmp_path / "run"

@@ -249,7 +249,7 @@ def test_compile_channels_last_and_progress_bar_train_the_same(tmp_path):
     base = TINY + ["trainer.epochs=1", "wandb.mode=disabled", "model.dropout=false"]
     plain = train(tmp_path, tmp_path / "plain", base)
     fast = train(tmp_path, tmp_path / "fast", base + ["trainer.compile=true", "trainer.channels_last=true",
-                                                      "trainer.progress=bar"], timeout=600)
+                                                      "trainer.progress=bar", "trainer.precision=auto"], timeout=600)
     a, b = _history(tmp_path / "plain"), _history(tmp_path / "fast")
     assert len(a) == len(b) == 1
     for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
@@ -257,6 +257,7 @@ def test_compile_channels_last_and_progress_bar_train_the_same(tmp_path):
     assert "epoch 1" in fast.stderr and ("it/s" in fast.stderr or "s/it" in fast.stderr)  # tqdm's bar
     assert "epoch 1 step" not in fast.stdout  # the bar replaces the periodic log lines
     assert "epoch 1 step" in plain.stdout
+    assert "precision fp32 (auto)" in fast.stdout and "precision fp32," not in fast.stdout  # auto is fp32 on a CPU
 
 
 # ----------------------------------------------------------------------------- a non-editable install

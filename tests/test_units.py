@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from allconv_hpc.config import ScheduleConfig
 from allconv_hpc.distributed import DistributedError, detect_env, expand_hostlist, slurm_port
@@ -194,3 +195,69 @@ def test_a_warning_after_training_cannot_kill_the_process_at_exit():
     # the control: the default disposition (what Python restores during shutdown) lets it kill
     assert killed.returncode == -signal.SIGUSR2
     assert subprocess.run([sys.executable, "-c", code, "ignore"]).returncode == 0
+
+
+def test_snapshot_is_a_copy_that_training_cannot_change():
+    from allconv_hpc.checkpoint import snapshot
+    w = torch.zeros(3)
+    state = {"model": {"w": w}, "opt": [(w, 1.5)], "name": "x", "n": None}
+    snap = snapshot(state)
+    w.add_(1)  # the next optimizer step, in place, while the snapshot is being written
+    assert snap["model"]["w"].tolist() == [0, 0, 0] and snap["opt"][0][0].tolist() == [0, 0, 0]
+    assert isinstance(snap["opt"][0], tuple) and snap["opt"][0][1] == 1.5 and snap["name"] == "x" and snap["n"] is None
+
+
+def test_writer_keeps_order_bounds_pending_and_wait_makes_it_durable(tmp_path):
+    import threading
+    from allconv_hpc.checkpoint import CheckpointDir, Writer, load_file
+    gate, done = threading.Event(), []
+
+    def slow(step):
+        gate.wait(10)
+        done.append(step)
+
+    w = Writer(depth=2)
+    w.submit("a", slow, 1)
+    w.submit("b", slow, 2)
+    third = threading.Thread(target=w.submit, args=("c", slow, 3))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive() and done == []  # two pending: the third waits instead of piling up snapshots
+    gate.set()
+    third.join(10)
+    w.wait()
+    assert done == [1, 2, 3]
+    d = CheckpointDir(tmp_path, keep=2)
+    for step in (4, 5, 6):
+        w.submit(f"step {step}", d.save, {"step": torch.tensor(step)}, step)
+    w.wait()  # after wait() the files are there, last.pt is the newest, pruning ran in order
+    assert [p.name for p in d.step_files()] == ["step_00000006.pt", "step_00000005.pt"]
+    assert int(load_file(tmp_path / "last.pt")["step"]) == 6
+    w.close()
+
+
+def test_writer_reports_a_failed_write_and_still_lands_the_others(tmp_path):
+    from allconv_hpc.checkpoint import CheckpointDir, CheckpointError, Writer
+    d = CheckpointDir(tmp_path, keep=5)
+    (tmp_path / "step_00000002.pt").mkdir()  # the rename onto it fails, as a full or broken disk would
+    w = Writer(depth=3)
+    for step in (1, 2, 3):
+        w.submit(f"checkpoint step {step}", d.save, {"step": torch.tensor(step)}, step)
+    with pytest.raises(CheckpointError, match="writing checkpoint step 2 failed: IsADirectoryError.*older "
+                                              "checkpoints are kept"):
+        w.wait()
+    assert (tmp_path / "step_00000001.pt").is_file() and (tmp_path / "step_00000003.pt").is_file()
+    w.wait()  # reported once
+    w.close()
+
+
+def test_precision_auto_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
+    from allconv_hpc.trainer import resolve_precision
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [resolve_precision(p, cpu) for p in ("auto", "fp32")] == ["fp32", "fp32"]
+    assert [resolve_precision(p, gpu) for p in ("fp16", "fp32", "bf16")] == ["fp16", "fp32", "bf16"]
+    # the device query is CUDA's; here it is answered for an Ampere+ GPU and for a V100
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert resolve_precision("auto", gpu) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", gpu) == "fp32"  # emulated bf16 is slower than fp32: not chosen
