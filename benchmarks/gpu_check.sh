@@ -32,16 +32,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCH="$ROOT/benchmarks"
 WHL="$ROOT/.whl"
 SITE="${GPU_CHECK_SITE:-/tmp/site}"
-
-pick_python() {
-  if [[ -n "${PYTHON:-}" ]]; then
-    echo "$PYTHON"
-  elif [[ -x "$ROOT/.venv/bin/python" ]] && "$ROOT/.venv/bin/python" -c "import torch" >/dev/null 2>&1; then
-    echo "$ROOT/.venv/bin/python"
-  else
-    command -v python3 || command -v python
-  fi
-}
+# shellcheck source=benchmarks/_device_env.sh
+source "$BENCH/_device_env.sh"  # pick_python, use_checkout
 
 # --fetch-wheels: pure-python wheels of what the GPU machine lacks (KINDS.md: it has torch, numpy,
 # pyyaml, packaging, tqdm; not hydra-core, omegaconf, antlr4). The path gpu_check takes imports
@@ -127,29 +119,7 @@ main() {
   echo "python: $PY"
   echo "output: $RESULT (+ gpu_check.log); scratch: $WORK"
   echo "mode: $([[ $MODE == dry ]] && echo 'DRY RUN (CPU, tiny sizes)' || echo 'GPU'); time budget ${BUDGET} s"
-  if compgen -G "$WHL/*.whl" >/dev/null; then  # carried wheels (hydra-core, omegaconf, antlr4)
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-    echo "installed $(ls "$WHL" | tr '\n' ' ')into $SITE (on PYTHONPATH)"
-  fi
-  if ! (cd "$WORK" && "$PY" -c "import hydra, omegaconf" 2>/dev/null); then
-    echo "FATAL: hydra-core/omegaconf missing for $PY: run 'bash benchmarks/gpu_check.sh --fetch-wheels' where the package registry is reachable, and name .whl in the device run's carry" >&2
-    exit 1
-  fi
-  if ! (cd "$WORK" && "$PY" -c "import torch, numpy, yaml"); then
-    echo "FATAL: $PY lacks torch/numpy/pyyaml; set PYTHON=/path/to/python with them installed" >&2
-    exit 1
-  fi
-  # this checkout's package, also when another copy is installed (the venv's editable install may
-  # point elsewhere): an overlay with conf/ mapped to allconv_hpc.conf, as pyproject's package-dir does
-  if ! (cd "$WORK" && "$PY" -c "import allconv_hpc.conf, os, sys; sys.exit(os.path.realpath(allconv_hpc.__file__) != os.path.realpath(sys.argv[1]))" "$ROOT/allconv_hpc/__init__.py") >/dev/null 2>&1; then
-    mkdir -p "$WORK/overlay/allconv_hpc"
-    for f in "$ROOT"/allconv_hpc/*.py; do ln -s "$f" "$WORK/overlay/allconv_hpc/"; done
-    ln -s "$ROOT/conf" "$WORK/overlay/allconv_hpc/conf"
-    export PYTHONPATH="$WORK/overlay${PYTHONPATH:+:$PYTHONPATH}"
-    echo "allconv_hpc of this checkout is not the installed one: using an overlay at $WORK/overlay"
-  fi
-  (cd "$WORK" && "$PY" -c "import allconv_hpc.conf, torch, hydra, omegaconf; print('allconv_hpc from', allconv_hpc.__file__); print('hydra', hydra.__version__, 'omegaconf', omegaconf.__version__, 'from', hydra.__file__); print('torch', torch.__version__, 'cuda available:', torch.cuda.is_available())")
+  use_checkout "$PY" "$WORK" "$SITE"  # carried wheels (hydra-core, omegaconf, antlr4), this checkout's package
   if [[ $MODE == gpu ]] && ! (cd "$WORK" && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"); then
     echo "FATAL: no CUDA device visible; use --dry-run on a CPU machine" >&2
     exit 1

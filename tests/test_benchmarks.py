@@ -1,0 +1,57 @@
+"""The GPU-machine scripts run end to end on the CPU (their --dry-run: the same Python paths, tiny
+sizes), so a change to the package cannot break them unnoticed before a GPU is lent. Their timings
+are not checked here (benchmarks/RESULTS.md holds those)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from allconv_hpc import data
+from proc import clean_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(tmp: Path, name: str, *args: str, timeout: float, **env) -> subprocess.CompletedProcess:
+    out = tmp / "out"
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / name), *args], cwd=tmp, capture_output=True, text=True,
+                       timeout=timeout, env=clean_env(tmp, PYTHON=sys.executable, OUT=out, **env))
+    assert r.returncode == 0, f"{name} exited {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
+    return r
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_section(tmp_path):
+    r = _script(tmp_path, "gpu_check.sh", "--dry-run", timeout=900)
+    doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    status = {s["key"]: s["status"] for s in doc["sections"]}
+    assert len(status) == 12 and set(status.values()) == {"ok"} and not doc["failed"], status
+    res = doc["results"]
+    assert res["correctness"]["pass"] and res["nccl"]["ok"] and res["ddp2_compile"]["ok"]
+    ck = res["checkpoint"]
+    assert 0 < ck["save_ms"] <= ck["durable_save_ms"], ck  # the background write is what `durable` waits for
+    assert "gpu_check: all sections that ran passed" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.json", "gpu_check.log"]
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_dry_run_reports_every_epoch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2500, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (2500,), generator=g)
+    data.write_cifar(tmp_path / "cifar", "cifar10", images[:2000], labels[:2000], images[2000:], labels[2000:],
+                     [f"c{i}" for i in range(10)])
+    r = _script(tmp_path, "time_to_accuracy.sh", "--dry-run", "trainer.threads=1", timeout=600,
+                ALLCONV_BENCH_CIFAR=tmp_path / "cifar")
+    doc = json.loads((tmp_path / "out" / "tta.json").read_text())
+    assert doc["exit_code"] == 0 and doc["epochs_run"] == 2 and [e["epoch"] for e in doc["per_epoch"]] == [1, 2]
+    assert doc["target"] == 0.9275 and not doc["reached"]  # random labels: chance, and said so
+    assert doc["per_epoch"][-1]["cumulative_seconds"] == pytest.approx(doc["train_seconds_total"])
+    assert "experiment=fast" in doc["overrides"] and doc["overrides"].endswith("trainer.threads=1")
+    assert "92.75% NOT reached in 2 epochs" in r.stdout
+    assert {"tta.json", "tta.log", "history.csv", "train.log"} <= {p.name for p in (tmp_path / "out").iterdir()}
