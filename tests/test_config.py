@@ -153,6 +153,7 @@ def test_experiment_fast():
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.1, 0.0005)
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.channels_last) == (60, 256, True)
     assert cfg.trainer.precision == "auto"  # bf16 on a GPU, fp32 on a CPU: the same command works on both
+    assert cfg.trainer.drop_last  # one batch shape: torch.compile and CUDA graphs compile once
     assert compose(["experiment=fast", "trainer.device=cpu"]).cfg.trainer.precision == "auto"
 
 
