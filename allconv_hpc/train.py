@@ -75,7 +75,7 @@ def run(overrides: list[str]) -> int:
     except DistributedError as e:
         log.error("%s", e)
         return 1
-    except (NonFiniteError, CheckpointError) as e:  # a failed write: one line, the older files stand
+    except (NonFiniteError, CheckpointError) as e:  # a failed write or an unreadable file: one line
         log.error("%s", e)
         _report(trainer, f"{e}", "failed")
         return 1

@@ -111,14 +111,15 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
     cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if not cuda and t.precision not in ("fp32", "auto"):
         raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
-                          f"(trainer.device={t.device}); use trainer.precision=fp32 on CPU")
+                          f"(trainer.device={t.device}); use trainer.precision=fp32 (or auto) on CPU")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on a GPU with native bf16 (Ampere and newer), else fp32 (logged at start)."""
+    """`auto`: bf16 autocast on a GPU with native bf16 (compute capability 8.0+: Ampere and newer;
+    older GPUs only emulate it, slower than fp32), else fp32. Trainer agrees it across ranks."""
     if precision != "auto":
         return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return "bf16"
     return "fp32"
 
@@ -144,7 +145,7 @@ class Trainer:
         """Data, model, optimizer, resume, tracker: the work that needs the process group."""
         cfg, cfg_dict, env, t = self.cfg, self.cfg_dict, self.env, self.cfg.trainer
         self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
-        self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
+        self.writer = Writer(depth=3)  # rank 0 writes in the background; see wait_checkpoints()
         self.slurm = SlurmJob()
 
         # data: uint8 on the device once; augmentation happens there per batch
@@ -181,6 +182,8 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, cfg.schedule, self.steps_per_epoch, t.epochs))
         self.precision = resolve_precision(t.precision, self.device)
+        if t.precision == "auto" and self.dist.any(self.precision != "bf16"):
+            self.precision = "fp32"  # mixed GPU generations: every rank runs the same math
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and cuda)
         self.state = TrainState()
@@ -296,8 +299,16 @@ class Trainer:
         self._last_save = time.monotonic()
 
     def wait_checkpoints(self) -> None:
-        """Everything saved so far is on disk (rank 0 writes; a no-op elsewhere). Raises a failed write."""
-        self.writer.wait()
+        """Everything saved so far is on disk; collective, so a failed write (rank 0's) fails every
+        rank alike instead of only rank 0 while the others exit 0."""
+        error = None
+        try:
+            self.writer.wait()
+        except CheckpointError as e:
+            error = e
+        if self.dist.any(error is not None):
+            raise error or CheckpointError("rank 0 could not write a checkpoint (its log names the file); "
+                                           "the older checkpoints are kept")
 
     # -- status for `allconv-hpc status` ---------------------------------------------------------
     def write_status(self, state: str, **extra) -> None:
@@ -309,7 +320,8 @@ class Trainer:
                "last_val_acc": h[-1]["val_acc"] if h else None,
                "best_val_acc": self.state.best_val_acc if h else None, "wandb_id": self.state.wandb_id,
                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "restarts": self.slurm.restarts,
-               "timeouts": self.state.timeouts, "updated": time.time(), **extra}
+               "timeouts": self.state.timeouts, "precision": getattr(self, "precision", None),
+               "updated": time.time(), **extra}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -318,6 +330,7 @@ class Trainer:
         self._last_save = time.monotonic()
         self._phase = "training"
         self.write_status("running")
+        self.tracker.set_summary(precision=self.precision)  # what trainer.precision=auto chose
         if self.env.is_main:
             auto = " (auto)" if cfg.trainer.precision == "auto" else ""
             log.info("training %s on %s: %d rank(s), global batch %d, %d steps/epoch, %d epochs, lr %g, precision %s%s",

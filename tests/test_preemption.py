@@ -238,6 +238,18 @@ def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_keeps_the_old
     assert '"completed"' not in (run / "status.json").read_text()
 
 
+def test_a_failed_checkpoint_write_on_rank_0_fails_every_rank(tmp_path):
+    """Only rank 0 writes; its failure must not leave the other rank exiting 0 or waiting forever."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "best.pt").mkdir(parents=True)
+    r = run_train(tmp_path, run, EXACT, nproc=2, check=False, timeout=180)
+    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "writing best.pt failed: IsADirectoryError" in (run / "train.log").read_text()
+    out = r.stdout + r.stderr
+    assert "rank 1: peer rank 0 failed: writing best.pt failed" in out, out[-3000:]  # one line, naming rank 0
+    assert "allconv_hpc/" not in "".join(out.split("Traceback")[1:]), out[-3000:]  # only torchrun's own traceback
+
+
 def test_config_mismatch_is_refused(reference, tmp_path):
     import shutil
     run = tmp_path / "run"

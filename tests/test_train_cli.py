@@ -140,7 +140,7 @@ def test_run_folder_has_everything(offline_run):
     assert status["state"] == "completed"
     assert (status["epoch"], status["epochs"], status["global_step"]) == (EPOCHS, EPOCHS, TOTAL)
     assert status["best_val_acc"] == best_acc and status["last_val_acc"] == rows[-1]["val_acc"]
-    assert status["wandb_id"] == run_id
+    assert status["wandb_id"] == run_id and status["precision"] == "fp32"
 
 
 def test_wandb_offline_read_back(offline_run):

@@ -205,6 +205,11 @@ def test_snapshot_is_a_copy_that_training_cannot_change():
     w.add_(1)  # the next optimizer step, in place, while the snapshot is being written
     assert snap["model"]["w"].tolist() == [0, 0, 0] and snap["opt"][0][0].tolist() == [0, 0, 0]
     assert isinstance(snap["opt"][0], tuple) and snap["opt"][0][1] == 1.5 and snap["name"] == "x" and snap["n"] is None
+    sd = torch.nn.BatchNorm1d(2).state_dict()  # an OrderedDict carrying module versions in _metadata
+    snap = snapshot({"model": sd, "point": torch.return_types.max((torch.ones(1), torch.zeros(1)))})
+    assert type(snap["model"]) is type(sd) and snap["model"]._metadata == sd._metadata
+    assert snap["model"]._metadata is not sd._metadata and snap["point"].values.tolist() == [1.0]
+    torch.nn.BatchNorm1d(2).load_state_dict(snap["model"])
 
 
 def test_writer_keeps_order_bounds_pending_and_wait_makes_it_durable(tmp_path):
@@ -257,7 +262,7 @@ def test_precision_auto_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
     assert [resolve_precision(p, cpu) for p in ("auto", "fp32")] == ["fp32", "fp32"]
     assert [resolve_precision(p, gpu) for p in ("fp16", "fp32", "bf16")] == ["fp16", "fp32", "bf16"]
     # the device query is CUDA's; here it is answered for an Ampere+ GPU and for a V100
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert resolve_precision("auto", gpu) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     assert resolve_precision("auto", gpu) == "fp32"  # emulated bf16 is slower than fp32: not chosen
