@@ -3,11 +3,29 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """allconv-hpc train  [HYDRA_OVERRIDES ...]          train here (one rank of DDP under torchrun/srun)
-allconv-hpc submit [-m] [--wait] [HYDRA_OVERRIDES ...]  validate, then submit to Slurm (or cluster=local)
-allconv-hpc status RUN_OR_SWEEP_FOLDER                 table of jobs: state, restarts, progress, accuracy
+USAGE = """allconv-hpc train  [HYDRA_OVERRIDES ...]                       train here (one rank of DDP under torchrun/srun)
+allconv-hpc submit [-m] [--wait] [--dry-run] [HYDRA_OVERRIDES ...]  validate, then submit to Slurm (or cluster=local)
+allconv-hpc status [--json] RUN_OR_SWEEP_FOLDER                     table of jobs: state, restarts, progress, accuracy
 
-Overrides use Hydra syntax, e.g.  model=allcnn_c data=cifar10 optim.lr=0.05 trainer.epochs=350 hydra.run.dir=runs/x"""
+Overrides use Hydra syntax, e.g.  model=allcnn_c data=cifar10 optim.lr=0.05 trainer.epochs=350 hydra.run.dir=runs/x
+`allconv-hpc train --help` lists the config groups; `submit --help` and `status --help` their options."""
+
+
+def train_usage() -> str:
+    """The config groups and their choices, read from the packaged conf/ (what compose sees)."""
+    from importlib.resources import files
+    conf = files("allconv_hpc.conf")
+    groups = sorted((d.name, sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml")))
+                    for d in conf.iterdir() if d.is_dir() and not d.name.startswith("__"))
+    lines = [f"  {name:<11} {' | '.join(choices)}" for name, choices in groups]
+    return ("usage: allconv-hpc train [HYDRA_OVERRIDES ...]\n\n"
+            "Trains one run in hydra.run.dir (default runs/<model>-<data>-seed<seed>); running the same command\n"
+            "again resumes it. One rank of a DDP job under torchrun or srun. Config groups (group=choice):\n"
+            + "\n".join(lines) + "\n\n"
+            "Keys: group.key=value, e.g. optim.lr=0.1 trainer.epochs=60 trainer.precision=bf16 model.width=0.5\n"
+            "(every key with its default and meaning: README.md, 'Config groups', and conf/**/*.yaml).\n"
+            "Exit codes: 0 done or requeued, 1 failure, 2 bad config, 3 stopped with a checkpoint,\n"
+            "4 gave up after checkpoint.max_requeues time limits, 130 a second Ctrl-C.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd == "train" and any(a in ("-h", "--help") for a in rest):
+        print(train_usage())
+        return 0
     if cmd == "train":
         from .preempt import EXIT_REQUEUED, catch_early, ignore_late_signals
         catch_early()  # before the heavy imports: under srun an early USR2 would otherwise kill the rank

@@ -198,7 +198,8 @@ class Config:
                f"model.num_classes={self.model.num_classes} != data.num_classes={self.data.num_classes}")
         if self.trainer.device == "cpu":
             _check(self.trainer.precision in ("fp32", "auto"),
-                   f"trainer.precision={self.trainer.precision} needs CUDA; on CPU use trainer.precision=fp32")
+                   f"trainer.precision={self.trainer.precision} needs CUDA; on CPU use trainer.precision=fp32 "
+                   f"(or auto)")
 
     @property
     def lr(self) -> float:
@@ -244,11 +245,34 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "sch
             "trainer": TrainerConfig, "checkpoint": CheckpointConfig, "wandb": WandbConfig, "dist": DistConfig}
 
 
+# what each annotation accepts (annotations are strings here: `from __future__ import annotations`)
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list, tuple)}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """Dataclasses do not enforce their annotations: without this, trainer.epochs=2.5 or
+    model.dropout=maybe (a truthy string) would pass and misbehave later."""
+    optional = annotation.startswith("Optional[")
+    base = annotation[len("Optional["):-1] if optional else annotation
+    if base not in _TYPES:  # a config section: built and checked on its own
+        return
+    if value is None:
+        _check(optional, f"{key}=null is not allowed; give {'an' if base == 'int' else 'a'} {base}")
+        return
+    ok = isinstance(value, _TYPES[base]) and not (base in ("int", "float") and isinstance(value, bool))
+    hint = {"bool": " (true or false)", "int": " (a whole number)"}.get(base, "")
+    _check(ok, f"{key}={value!r} must be {'an' if base == 'int' else 'a'} {base}{hint}"
+               f"{', or null' if optional else ''}")
+
+
 def _build(cls, values: dict, prefix: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     _check(not unknown, f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
                         f"known under {prefix or 'top level'}: {', '.join(sorted(known))}")
+    for f in fields(cls):
+        if f.name in values:
+            _check_type(prefix + f.name, values[f.name], str(f.type))
     try:
         return cls(**values)
     except TypeError as e:  # a value of the wrong shape

@@ -11,11 +11,12 @@
 # Output in $OUT (a temp folder if unset): tta.json (per-epoch val_acc and seconds, the first epoch
 # at the target, the totals), tta.log (everything), history.csv, train.log.
 # Time: a hard cap of TTA_BUDGET_S (default 420 s, so that gpu_check.sh fits in the same 15-minute
-# device lease) for the whole script; a run cut by it still reports the epochs it finished.
+# device lease): the training gets what the setup left; a run cut by it reports the epochs it finished.
 # Data: ALLCONV_BENCH_CIFAR (a folder holding cifar-10-batches-py) if set, else /work/cifar if it
 # holds one, else built from .data/cifar10-jpg.tar.gz (~20-40 s; JPEG is lossy, so the accuracy is
 # comparable to the official release's only roughly).
-# Env: PYTHON, OUT, TTA_BUDGET_S, TTA_TARGET (0.9275).
+# Env: PYTHON, OUT, TTA_BUDGET_S, TTA_TARGET (0.9275), TTA_SITE (wheel target, /tmp/site),
+# ALLCONV_SHARED_DATA (--fetch: the folder with the archive, default ../shared/data).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,7 +31,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) MODE=dry ;;
     --fetch) MODE=fetch ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     -*) echo "time_to_accuracy.sh: unknown option $arg (use --dry-run, --fetch, or train overrides)" >&2; exit 2 ;;
     *) OVERRIDES+=("$arg") ;;
   esac
@@ -106,6 +107,10 @@ main() {
   fi
   ARGS+=(${OVERRIDES[@]+"${OVERRIDES[@]}"})
   local left=$(( BUDGET - $(elapsed) - 20 )) rc=0 t
+  if (( left < 60 )); then
+    echo "FATAL: ${left} s left of TTA_BUDGET_S=${BUDGET} after the setup: too little to train; raise TTA_BUDGET_S" >&2
+    exit 1
+  fi
   echo "allconv-hpc train ${ARGS[*]}  (cap ${left} s)"
   t=$(date +%s)
   (cd "$WORK" && timeout --kill-after=15 "$left" "$PY" -m allconv_hpc.cli train "${ARGS[@]}") || rc=$?

@@ -42,6 +42,15 @@ BAD = [
     (["wandb.mode=maybe"], ["wandb.mode='maybe'"]),
     (["data.train_size=0"], ["data.train_size=0"]),
     (["trainer.log_every_steps=0"], ["trainer.log_every_steps=0"]),
+    # types: dataclasses do not enforce them, config.py does
+    (["trainer.epochs=2.5"], ["trainer.epochs=2.5", "must be an int"]),
+    (["trainer.batch_size=100.5"], ["trainer.batch_size=100.5", "must be an int"]),
+    (["model.dropout=maybe"], ["model.dropout='maybe'", "must be a bool (true or false)"]),
+    (["seed=1.5"], ["seed=1.5", "must be an int"]),
+    (["optim.lr=fast"], ["optim.lr='fast'", "must be a float"]),
+    (["trainer.epochs=null"], ["trainer.epochs=null is not allowed"]),
+    (["data.train_size=true"], ["data.train_size=True", "must be an int", "or null"]),
+    (["schedule.milestones=5"], ["schedule.milestones=5", "must be a list"]),
 ]
 
 
@@ -125,7 +134,8 @@ def test_experiment_paper_allcnn_c_cifar10():
     assert (cfg.model.name, cfg.model.width, cfg.model.dropout) == ("allcnn_c", 1.0, True)
     assert (cfg.model.input_dropout, cfg.model.hidden_dropout) == (0.2, 0.5)
     assert (cfg.data.name, cfg.data.augment, cfg.data.num_classes) == ("cifar10", "paper", 10)
-    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.05, 0.9, True, 0.001)
+    # "stochastic gradient descent with fixed momentum of 0.9": plain momentum (Nesterov is the seed's Keras choice)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.05, 0.9, False, 0.001)
     assert cfg.optim.scale_lr is False and cfg.lr == 0.05
     assert (cfg.schedule.name, list(cfg.schedule.milestones), cfg.schedule.gamma) == ("paper", [200, 250, 300], 0.1)
     assert cfg.schedule.warmup_epochs == 0.0  # the paper has none
@@ -179,3 +189,14 @@ def test_linear_lr_scaling_is_a_switch_off_by_default():
     assert compose(["trainer.batch_size=512"]).cfg.lr == 0.05  # lr refers to the global batch as given
     cfg = compose(["trainer.batch_size=512", "optim.scale_lr=true", "optim.base_batch_size=128"]).cfg
     assert cfg.lr == pytest.approx(0.2)
+
+
+def test_train_help_lists_the_config_groups(tmp_path):
+    r = subprocess.run([_cli(), "train", "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env=clean_env(tmp_path))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    groups = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines() if line.startswith("  ")}
+    assert groups["model"] == ["allcnn_c", "|", "allcnn_seed", "|", "convpool_cnn_c", "|", "model_c", "|",
+                               "strided_cnn_c"]
+    assert "fast" in groups["experiment"] and "onecycle" in groups["schedule"]
+    assert not (tmp_path / "runs").exists()  # help trains nothing
