@@ -152,9 +152,10 @@ class Writer:
 
     A failed write is raised by the next `submit` or `wait` (the older files stay as they were).
     `wait()` makes everything submitted durable: call it before a requeue, an exit or a status of
-    "completed". At most `depth` writes are pending; more waits, bounding the memory of snapshots."""
+    "completed". At most `depth` writes are pending (3: a periodic save, best.pt and the epoch's
+    step file never wait); more waits, bounding the memory of snapshots."""
 
-    def __init__(self, depth: int = 2):
+    def __init__(self, depth: int = 3):
         self.depth = depth
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: list[tuple[str, Future]] = []
@@ -186,8 +187,8 @@ class Writer:
             if error is None:
                 continue
             for other, rest in self._pending:  # other files: let them land, then report the first failure
-                if rest.exception() is not None:
-                    log.error("writing %s failed too: %s", other, rest.exception())
+                if (also := rest.exception()) is not None:
+                    log.error("writing %s failed too: %s", other, also)
             self._pending.clear()
             raise CheckpointError(f"writing {what} failed: {type(error).__name__}: {error}; the older checkpoints "
                                   f"are kept (check free space and permissions of the run folder)") from error

@@ -14,6 +14,7 @@ DATASETS = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
 AUGMENTS = ("paper", "seed", "none")
 SCHEDULES = ("paper", "cosine", "onecycle", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+CPU_PRECISIONS = ("fp32", "auto")  # what runs without CUDA (auto is fp32 there)
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("online", "offline", "disabled")
 RESUME_MODES = ("auto", "never", "must")
@@ -197,7 +198,7 @@ class Config:
         _check(self.model.num_classes == self.data.num_classes,
                f"model.num_classes={self.model.num_classes} != data.num_classes={self.data.num_classes}")
         if self.trainer.device == "cpu":
-            _check(self.trainer.precision in ("fp32", "auto"),
+            _check(self.trainer.precision in CPU_PRECISIONS,
                    f"trainer.precision={self.trainer.precision} needs CUDA; on CPU use trainer.precision=fp32 "
                    f"(or auto)")
 

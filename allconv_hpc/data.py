@@ -200,7 +200,7 @@ def load(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.name == "synthetic":
         return synthetic(cfg.train_size or SYNTHETIC_SIZES[0], cfg.test_size or SYNTHETIC_SIZES[1], seed)
     lay = _layout(cfg.name)
-    folder = _missing(cfg)[0]
+    folder = expected_files(cfg)[0]
     fetch_if_missing(cfg)
     _require(cfg)
     train = _subset(_read_split(folder, lay.train, lay), cfg.train_size, seed, "train_size")

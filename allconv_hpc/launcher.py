@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError
+from .config import CPU_PRECISIONS, ConfigError
 from .preempt import EXIT_REQUEUED, ignore_late_signals
 
 # Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
@@ -191,7 +191,7 @@ def validate_cluster(cluster: dict, cfg) -> dict:
     if cfg.trainer.batch_size % world:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by the job's "
                           f"{world} ranks (cluster.nodes x cluster.tasks_per_node); use a multiple of {world}")
-    if cfg.trainer.precision not in ("fp32", "auto") and c["gpus_per_node"] == 0:
+    if cfg.trainer.precision not in CPU_PRECISIONS and c["gpus_per_node"] == 0:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision} needs GPUs but cluster.gpus_per_node=0")
     if c["backend"] == "local" and c["nodes"] > 1:
         raise ConfigError("cluster=local runs on this machine: cluster.nodes must be 1")

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from . import augment, data as data_mod
-from .checkpoint import CheckpointDir, CheckpointError, Writer, snapshot
+from .checkpoint import CheckpointDir, CheckpointError, Writer, load_file, snapshot
 from .fsio import write_atomic
-from .config import Config, ConfigError
+from .config import CPU_PRECISIONS, Config, ConfigError
 from .distributed import Dist, DistEnv, pick_device, set_threads
 from .models import build_model, count_parameters, summary
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest
@@ -109,7 +109,7 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by the world size "
                           f"{env.world_size}; use a multiple of {env.world_size}")
     cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-    if not cuda and t.precision not in ("fp32", "auto"):
+    if not cuda and t.precision not in CPU_PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
                           f"(trainer.device={t.device}); use trainer.precision=fp32 (or auto) on CPU")
 
@@ -145,7 +145,7 @@ class Trainer:
         """Data, model, optimizer, resume, tracker: the work that needs the process group."""
         cfg, cfg_dict, env, t = self.cfg, self.cfg_dict, self.env, self.cfg.trainer
         self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
-        self.writer = Writer(depth=3)  # rank 0 writes in the background; see wait_checkpoints()
+        self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
         self.slurm = SlurmJob()
 
         # data: uint8 on the device once; augmentation happens there per batch
@@ -241,7 +241,6 @@ class Trainer:
                 raise ConfigError(f"checkpoint.resume=must but {self.ckpt.folder} holds no checkpoint")
             return None
         if ck is None:  # the other ranks read the file rank 0 chose (rank 0 verified it already)
-            from .checkpoint import load_file
             ck = load_file(Path(path))
         self.cfg.check_resumable(ck.get("identity", {}), self.run_dir)
         self.model.load_state_dict(ck["model"])
