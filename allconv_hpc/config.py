@@ -9,7 +9,10 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-MODEL_NAMES = ("allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_cnn_c")
+# The seed's Keras net, then the paper's 4 variants x 3 base models (models.py builds them from the name).
+MODEL_NAMES = ("allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_cnn_c",
+               "allcnn_a", "model_a", "strided_cnn_a", "convpool_cnn_a",
+               "allcnn_b", "model_b", "strided_cnn_b", "convpool_cnn_b")
 DATASETS = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
 AUGMENTS = ("paper", "seed", "none")
 SCHEDULES = ("paper", "cosine", "onecycle", "constant")

@@ -1,4 +1,5 @@
-"""The All Convolutional Net family (Springenberg et al. 2014, base model C) and the seed's Keras net.
+"""The All Convolutional Net family (Springenberg et al. 2014: base models A, B, C and their
+Strided-CNN, ConvPool-CNN and All-CNN variants) and the seed's Keras net.
 
 Every model is a plain nn.Sequential ending in global average pooling, so the layer list printed
 by `summary()` reads like the paper's Table 2. Widths 96/192 scale with `model.width`.
@@ -37,6 +38,15 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1, pad: int | None = None) 
     return nn.Conv2d(cin, cout, k, stride=stride, padding=(k // 2) if pad is None else pad)
 
 
+# The paper's three base nets (Table 1) differ only in the kernels of each of their two stages
+# (96 then 192 channels, each ending in a downsampling); what follows stage 2 is shared.
+BASES = {"a": (5,), "b": (5, 1), "c": (3, 3)}
+# How each variant ends a stage (Table 3 / section 3.2): max-pooling (the base model), the last conv
+# strided instead of pooling (Strided-CNN), an extra 3x3 conv before the pooling (ConvPool-CNN), or
+# the pooling replaced by a 3x3 stride-2 conv (All-CNN).
+VARIANTS = ("model", "strided_cnn", "convpool_cnn", "allcnn")
+
+
 def build_model(cfg: ModelConfig) -> nn.Sequential:
     """Build `cfg.name` at `cfg.width`. The returned module maps [B,3,32,32] float -> [B,C] logits."""
     w1, w2 = round(96 * cfg.width), round(192 * cfg.width)
@@ -44,37 +54,25 @@ def build_model(cfg: ModelConfig) -> nn.Sequential:
     p_hid = cfg.hidden_dropout if cfg.dropout else 0.0
     relu = lambda: nn.ReLU(inplace=True)  # noqa: E731
     drop = lambda p: nn.Dropout(p) if p > 0 else nn.Identity()  # noqa: E731
-    pool = lambda: nn.MaxPool2d(3, stride=2, padding=1)  # noqa: E731  (paper: 3x3, stride 2)
 
-    name = cfg.name
     layers: list[nn.Module] = [drop(p_in)]
-    if name == "allcnn_c":
-        layers += [_conv(3, w1, 3), relu(), _conv(w1, w1, 3), relu(), _conv(w1, w1, 3, 2), relu(), drop(p_hid),
-                   _conv(w1, w2, 3), relu(), _conv(w2, w2, 3), relu(), _conv(w2, w2, 3, 2), relu(), drop(p_hid),
-                   _conv(w2, w2, 3, pad=0), relu()]
-    elif name == "allcnn_seed":
+    if cfg.name == "allcnn_seed":
         # Keras: strided convs with "same" padding and no activation; layer 7 is "same", not valid.
         layers += [_conv(3, w1, 3), relu(), _conv(w1, w1, 3), relu(), SamePad(), _conv(w1, w1, 3, 2, pad=0),
                    drop(p_hid),
                    _conv(w1, w2, 3), relu(), _conv(w2, w2, 3), relu(), SamePad(), _conv(w2, w2, 3, 2, pad=0),
                    drop(p_hid),
                    _conv(w2, w2, 3), relu()]
-    elif name == "model_c":
-        layers += [_conv(3, w1, 3), relu(), _conv(w1, w1, 3), relu(), pool(), drop(p_hid),
-                   _conv(w1, w2, 3), relu(), _conv(w2, w2, 3), relu(), pool(), drop(p_hid),
-                   _conv(w2, w2, 3, pad=0), relu()]
-    elif name == "strided_cnn_c":
-        layers += [_conv(3, w1, 3), relu(), _conv(w1, w1, 3, 2), relu(), drop(p_hid),
-                   _conv(w1, w2, 3), relu(), _conv(w2, w2, 3, 2), relu(), drop(p_hid),
-                   _conv(w2, w2, 3, pad=0), relu()]
-    elif name == "convpool_cnn_c":
-        layers += [_conv(3, w1, 3), relu(), _conv(w1, w1, 3), relu(), _conv(w1, w1, 3), relu(), pool(),
-                   drop(p_hid),
-                   _conv(w1, w2, 3), relu(), _conv(w2, w2, 3), relu(), _conv(w2, w2, 3), relu(), pool(),
-                   drop(p_hid),
-                   _conv(w2, w2, 3, pad=0), relu()]
-    else:  # config validation makes this unreachable; kept for direct callers
-        raise ValueError(f"unknown model {name!r}")
+    else:
+        variant, base = cfg.name.rsplit("_", 1)
+        if variant not in VARIANTS or base not in BASES:  # config validation makes this unreachable
+            raise ValueError(f"unknown model {cfg.name!r}")
+        cin = 3
+        for width in (w1, w2):
+            layers += _stage(BASES[base], variant, cin, width, relu)
+            layers.append(drop(p_hid))
+            cin = width
+        layers += [_conv(w2, w2, 3, pad=0), relu()]  # layer 7: 3x3 valid, 8x8 -> 6x6
     layers += [_conv(w2, w2, 1), relu(), _conv(w2, cfg.num_classes, 1)]
     if cfg.final_relu:
         layers.append(relu())
@@ -82,6 +80,21 @@ def build_model(cfg: ModelConfig) -> nn.Sequential:
     model = nn.Sequential(*layers)
     init_weights(model)
     return model
+
+
+def _stage(convs: tuple[int, ...], variant: str, cin: int, width: int, relu) -> list[nn.Module]:
+    """One stage at `width` channels that halves the resolution (32 -> 16 or 16 -> 8)."""
+    out: list[nn.Module] = []
+    for i, k in enumerate(convs):
+        last = i == len(convs) - 1
+        stride = 2 if last and variant == "strided_cnn" else 1  # Strided-CNN: the conv before the pool
+        out += [_conv(cin, width, k, stride), relu()]
+        cin = width
+    if variant in ("convpool_cnn", "allcnn"):
+        out += [_conv(width, width, 3, 2 if variant == "allcnn" else 1), relu()]
+    if variant in ("model", "convpool_cnn"):
+        out.append(nn.MaxPool2d(3, stride=2, padding=1))  # paper: 3x3, stride 2
+    return out
 
 
 def init_weights(model: nn.Module) -> None:

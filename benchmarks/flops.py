@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from allconv_hpc.config import ModelConfig  # noqa: E402
+from allconv_hpc.config import MODEL_NAMES, ModelConfig  # noqa: E402
 from allconv_hpc.models import build_model  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def allcnn_flops(width: float = 1.0, name: str = "allcnn_c") -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--model", default="allcnn_c")
+    p.add_argument("--model", default="allcnn_c", choices=MODEL_NAMES)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     r = allcnn_flops(a.width, a.model)

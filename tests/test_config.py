@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from allconv_hpc.compose import compose
-from allconv_hpc.config import ConfigError
+from allconv_hpc.config import MODEL_NAMES, ConfigError
 from allconv_hpc.data import DataError, check_present
 from proc import clean_env
 
@@ -170,6 +170,11 @@ def test_experiment_fast():
 def test_experiment_values_can_still_be_overridden():
     cfg = compose(["experiment=seed_keras", "optim.lr=0.01", "trainer.epochs=3", "model.width=0.5"]).cfg
     assert (cfg.optim.lr, cfg.trainer.epochs, cfg.model.width, cfg.trainer.batch_size) == (0.01, 3, 0.5, 32)
+    # groups too (README: a recipe with another model or dataset); the recipe's own values stay
+    cfg = compose(["experiment=paper_allcnn_c_cifar10", "model=allcnn_b", "data=cifar100"]).cfg
+    assert (cfg.model.name, cfg.data.name, cfg.model.num_classes) == ("allcnn_b", "cifar100", 100)
+    assert (cfg.model.final_relu, cfg.optim.nesterov, cfg.data.augment, cfg.schedule.warmup_epochs) == \
+        (True, False, "paper", 0.0)
 
 
 def test_unknown_experiment():
@@ -196,7 +201,6 @@ def test_train_help_lists_the_config_groups(tmp_path):
                        env=clean_env(tmp_path))
     assert r.returncode == 0 and r.stderr == "", r.stderr
     groups = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines() if line.startswith("  ")}
-    assert groups["model"] == ["allcnn_c", "|", "allcnn_seed", "|", "convpool_cnn_c", "|", "model_c", "|",
-                               "strided_cnn_c"]
+    assert groups["model"] == " | ".join(sorted(MODEL_NAMES)).split()
     assert "fast" in groups["experiment"] and "onecycle" in groups["schedule"]
     assert not (tmp_path / "runs").exists()  # help trains nothing

@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from allconv_hpc import launcher, status
 from allconv_hpc.checkpoint import CheckpointDir
 from allconv_hpc.cli import main
 from allconv_hpc.compose import compose
-from allconv_hpc.config import ConfigError
+from allconv_hpc.config import MODEL_NAMES, ConfigError
+from allconv_hpc.data import write_cifar
 
 TINY = ["data=synthetic", "data.train_size=60", "data.test_size=20", "model.width=0.125", "trainer.epochs=1",
         "trainer.batch_size=60", "wandb.mode=disabled"]
@@ -400,3 +402,25 @@ def test_precision_on_a_cpu_only_cluster_is_checked_before_the_queue():
         cluster_of("trainer.precision=bf16", "cluster.gpus_per_node=0")
     # auto is fp32 on a CPU node: allowed (experiment=fast runs on a CPU partition too)
     assert cluster_of("trainer.precision=auto", "cluster.gpus_per_node=0")["gpus_per_node"] == 0
+
+
+def test_the_readme_model_comparison_sweep_plans_48_points_with_the_paper_recipe(tmp_path, on_path):
+    """The README's command for the paper's model comparison, as written there, plans 12 models x 4 lrs."""
+    on_path(sbatch="exit 1")  # planning must not submit
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(allconv-hpc submit -m [^`]*experiment=paper_allcnn_c_cifar10[^`]*)```", readme)
+    argv = shlex.split(block.group(1).replace("\\\n", " "))
+    assert argv[:3] == ["allconv-hpc", "submit", "-m"]
+    images, labels = torch.zeros(20, 3, 32, 32, dtype=torch.uint8), torch.arange(20) % 10
+    write_cifar(tmp_path / "c10", "cifar10", images, labels, images, labels, [str(i) for i in range(10)])
+    points, sweep_dir, _ = launcher.plan([*argv[3:], f"data.root={tmp_path / 'c10'}",
+                                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], multirun=True)
+    assert len(points) == 48 and len({p.run_dir for p in points}) == 48
+    models = {o.split("=", 1)[1] for p in points for o in p.overrides if o.startswith("model=")}
+    assert models == set(MODEL_NAMES) - {"allcnn_seed"}
+    for p in points[::13]:  # plan() validated all 48; spot-check that the recipe survives the swap
+        cfg = compose(p.overrides).cfg
+        assert (cfg.data.augment, cfg.optim.nesterov, cfg.schedule.name, cfg.model.final_relu) == \
+            ("none", False, "paper", True), p.overrides
+        assert cfg.optim.lr in (0.25, 0.1, 0.05, 0.01)
+    assert not (tmp_path / "sweep").exists()  # planning makes no folder

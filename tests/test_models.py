@@ -1,6 +1,6 @@
 """The model zoo, built the way the CLI builds it: compose the Hydra model config, validate, build.
 
-Exact parameter counts pin the architectures to the paper's Table 2 (and the seed's Keras net);
+Exact parameter counts pin the architectures to the paper's Tables 1-2 (and the seed's Keras net);
 the structural checks pin what the counts cannot see (padding, where ReLUs and dropout sit).
 """
 from __future__ import annotations
@@ -8,25 +8,53 @@ from __future__ import annotations
 import math
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from allconv_hpc.compose import compose
-from allconv_hpc.config import ConfigError, ModelConfig
+from allconv_hpc.config import MODEL_NAMES, ConfigError, ModelConfig
 from allconv_hpc.models import GlobalAvgPool, build_model, count_parameters, summary
 
-NAMES = ["allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_cnn_c"]
-PAPER = [n for n in NAMES if n != "allcnn_seed"]
+NAMES = ["allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_cnn_c",
+         "model_a", "strided_cnn_a", "convpool_cnn_a", "allcnn_a",
+         "model_b", "strided_cnn_b", "convpool_cnn_b", "allcnn_b"]
 
-PARAMS = {  # width 1.0, width 0.25
+# Width 1.0 and 0.25, counted by hand from Table 1 (3x3 head conv, 1x1 192, 1x1 10 shared: 370,954):
+# A = 5x5 3->96 (7,296) + 5x5 96->192 (460,992) + head; B adds a 1x1 conv per stage (9,312 + 37,056);
+# ConvPool/All-CNN add a 3x3 conv per stage (83,040 + 331,968); Strided-CNN has the base's count.
+PARAMS = {
     "allcnn_c": (1_369_738, 86_698),
     "allcnn_seed": (1_369_738, 86_698),
     "model_c": (954_730, 60_706),
     "strided_cnn_c": (954_730, 60_706),
     "convpool_cnn_c": (1_369_738, 86_698),
+    "model_a": (839_242, 54_298),
+    "strided_cnn_a": (839_242, 54_298),
+    "convpool_cnn_a": (1_254_250, 80_290),
+    "allcnn_a": (1_254_250, 80_290),
+    "model_b": (885_610, 57_250),
+    "strided_cnn_b": (885_610, 57_250),
+    "convpool_cnn_b": (1_300_618, 83_242),
+    "allcnn_b": (1_300_618, 83_242),
 }
+
+
+def test_every_configured_model_is_tested_and_has_a_config_file():
+    assert sorted(NAMES) == sorted(MODEL_NAMES)
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
+    assert sorted(p.stem for p in conf.glob("*.yaml")) == sorted(MODEL_NAMES)
+
+
+def test_hand_counts_add_up():
+    head = 192 * 192 * 9 + 192 + 192 * 192 + 192 + 192 * 10 + 10
+    a = 3 * 96 * 25 + 96 + 96 * 192 * 25 + 192 + head
+    b = a + 96 * 96 + 96 + 192 * 192 + 192
+    extra = 96 * 96 * 9 + 96 + 192 * 192 * 9 + 192
+    assert (a, a + extra, b, b + extra) == (PARAMS["model_a"][0], PARAMS["allcnn_a"][0],
+                                            PARAMS["model_b"][0], PARAMS["allcnn_b"][0])
 
 
 @pytest.fixture(autouse=True)
@@ -83,11 +111,11 @@ def test_output_shape_and_class_map_size(name):
     assert score_map.shape == (3, 10, side, side)
     convs3 = [m for m in model if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     assert convs3[-1].padding == ((1, 1) if name == "allcnn_seed" else (0, 0))
-    convs1 = [m for m in model if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
-    assert len(convs1) == 2 and convs1[-1].out_channels == 10
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size for c in convs[-2:]] == [(1, 1), (1, 1)] and convs[-1].out_channels == 10
 
 
-@pytest.mark.parametrize("name", ["allcnn_c", "allcnn_seed", "model_c"])
+@pytest.mark.parametrize("name", ["allcnn_c", "allcnn_seed", "model_c", "allcnn_a", "strided_cnn_b"])
 def test_cifar100_has_100_outputs(name):
     cfg = model_cfg(name, "model.width=0.25", data="cifar100")  # composes without the dataset files
     assert cfg.num_classes == 100
@@ -143,14 +171,22 @@ def _layer_code(m: nn.Module) -> str:
 
 # The whole layer sequence of each model with dropout on: pins what parameter counts cannot see
 # (where every ReLU, dropout and pooling layer sits, and every conv's kernel, stride and padding).
-HEAD = "c3s1p1 R c1s1p0 R c1s1p0 G"  # layer 7 (3x3), then the two 1x1 convs and global averaging
+HEAD = "c3s1p0 R c1s1p0 R c1s1p0 G"  # the paper's: layer 7 (3x3 valid), two 1x1 convs, global averaging
 SEQUENCES = {
     "allcnn_c": "D0.2 c3s1p1 R c3s1p1 R c3s2p1 R D0.5 c3s1p1 R c3s1p1 R c3s2p1 R D0.5 c3s1p0 R c1s1p0 R c1s1p0 G",
-    "allcnn_seed": "c3s1p1 R c3s1p1 R S c3s2p0 D0.5 c3s1p1 R c3s1p1 R S c3s2p0 D0.5 " + HEAD,
-    "model_c": "D0.2 c3s1p1 R c3s1p1 R M D0.5 c3s1p1 R c3s1p1 R M D0.5 c3s1p0 R c1s1p0 R c1s1p0 G",
-    "strided_cnn_c": "D0.2 c3s1p1 R c3s2p1 R D0.5 c3s1p1 R c3s2p1 R D0.5 c3s1p0 R c1s1p0 R c1s1p0 G",
-    "convpool_cnn_c": "D0.2 c3s1p1 R c3s1p1 R c3s1p1 R M D0.5 c3s1p1 R c3s1p1 R c3s1p1 R M D0.5 "
-                      "c3s1p0 R c1s1p0 R c1s1p0 G",
+    "allcnn_seed": "c3s1p1 R c3s1p1 R S c3s2p0 D0.5 c3s1p1 R c3s1p1 R S c3s2p0 D0.5 c3s1p1 R c1s1p0 R c1s1p0 G",
+    "model_c": "D0.2 c3s1p1 R c3s1p1 R M D0.5 c3s1p1 R c3s1p1 R M D0.5 " + HEAD,
+    "strided_cnn_c": "D0.2 c3s1p1 R c3s2p1 R D0.5 c3s1p1 R c3s2p1 R D0.5 " + HEAD,
+    "convpool_cnn_c": "D0.2 c3s1p1 R c3s1p1 R c3s1p1 R M D0.5 c3s1p1 R c3s1p1 R c3s1p1 R M D0.5 " + HEAD,
+    "model_a": "D0.2 c5s1p2 R M D0.5 c5s1p2 R M D0.5 " + HEAD,
+    "strided_cnn_a": "D0.2 c5s2p2 R D0.5 c5s2p2 R D0.5 " + HEAD,
+    "convpool_cnn_a": "D0.2 c5s1p2 R c3s1p1 R M D0.5 c5s1p2 R c3s1p1 R M D0.5 " + HEAD,
+    "allcnn_a": "D0.2 c5s1p2 R c3s2p1 R D0.5 c5s1p2 R c3s2p1 R D0.5 " + HEAD,
+    "model_b": "D0.2 c5s1p2 R c1s1p0 R M D0.5 c5s1p2 R c1s1p0 R M D0.5 " + HEAD,
+    # the paper strides "the convolution preceding the max-pool": in B that is the 1x1 conv
+    "strided_cnn_b": "D0.2 c5s1p2 R c1s2p0 R D0.5 c5s1p2 R c1s2p0 R D0.5 " + HEAD,
+    "convpool_cnn_b": "D0.2 c5s1p2 R c1s1p0 R c3s1p1 R M D0.5 c5s1p2 R c1s1p0 R c3s1p1 R M D0.5 " + HEAD,
+    "allcnn_b": "D0.2 c5s1p2 R c1s1p0 R c3s2p1 R D0.5 c5s1p2 R c1s1p0 R c3s2p1 R D0.5 " + HEAD,
 }
 
 
@@ -161,15 +197,19 @@ def test_exact_layer_sequence(name):
 
 
 def test_pooling_and_strided_variants():
-    for name, n_strided, n_pool in [("model_c", 0, 2), ("convpool_cnn_c", 0, 2), ("strided_cnn_c", 2, 0)]:
+    variants = {"model": (0, 2), "convpool_cnn": (0, 2), "strided_cnn": (2, 0), "allcnn": (2, 0)}
+    for name, (n_strided, n_pool) in ((f"{v}_{b}", n) for v, n in variants.items() for b in "abc"):
         model = build(name, "model.width=0.25")
         assert sum(map(_strided, model)) == n_strided, name
         pools = [m for m in model if isinstance(m, nn.MaxPool2d)]
         assert len(pools) == n_pool, name
         assert all(p.kernel_size == 3 and p.stride == 2 for p in pools), name
-    # conv counts: Model C 7, Strided-CNN-C 7 (the conv before each pool strided), ConvPool-CNN-C 9
+    # conv counts: base C 7, Strided-CNN-C 7 (the conv before each pool strided), ConvPool/All-CNN-C 9;
+    # A has one conv per stage fewer than C, B as many (its second is 1x1)
     counts = {n: sum(isinstance(m, nn.Conv2d) for m in build(n, "model.width=0.25")) for n in NAMES}
-    assert counts == {"allcnn_c": 9, "allcnn_seed": 9, "model_c": 7, "strided_cnn_c": 7, "convpool_cnn_c": 9}
+    assert counts == {"allcnn_c": 9, "allcnn_seed": 9, "model_c": 7, "strided_cnn_c": 7, "convpool_cnn_c": 9,
+                      "model_a": 5, "strided_cnn_a": 5, "convpool_cnn_a": 7, "allcnn_a": 7,
+                      "model_b": 7, "strided_cnn_b": 7, "convpool_cnn_b": 9, "allcnn_b": 9}
 
 
 @pytest.mark.parametrize("name", NAMES)
