@@ -100,7 +100,7 @@ class ScheduleConfig:
     name: str = "paper"             # paper (steps) | cosine | onecycle | constant
     milestones: list = field(default_factory=lambda: [200, 250, 300])  # epochs, for paper
     gamma: float = 0.1              # factor at each milestone
-    warmup_epochs: float = 0.0      # linear warmup from 0, in epochs (fractions allowed)
+    warmup_epochs: float = 1.0      # linear warmup from ~0, in epochs (fractions allowed; the paper: none)
     final_lr_ratio: float = 0.0     # cosine/onecycle end lr as a fraction of optim.lr
     pct_start: float = 0.25         # onecycle: fraction of training spent rising
 

@@ -6,6 +6,7 @@ stderr, no traceback, quickly, and without creating the run folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from allconv_hpc.compose import compose
-from allconv_hpc.config import MODEL_NAMES, ConfigError
+from allconv_hpc.config import MODEL_NAMES, SECTIONS, ConfigError
 from allconv_hpc.data import DataError, check_present
 from proc import clean_env
 
@@ -188,6 +189,15 @@ def test_defaults_are_the_paper():
     assert (cfg.model.name, cfg.data.name, cfg.optim.lr, cfg.optim.weight_decay) == ("allcnn_c", "cifar10", 0.05, 0.001)
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.precision) == (350, 128, "fp32")
     assert cfg.schedule.name == "paper" and list(cfg.schedule.milestones) == [200, 250, 300]
+
+
+def test_dataclass_defaults_are_the_yaml_defaults():
+    # Python callers (Config.from_dict, benchmarks) must get what `allconv-hpc train` gets
+    cfg = compose([]).cfg
+    differ = [f"{name}.{f.name}: {getattr(cls(), f.name)!r} vs {getattr(getattr(cfg, name), f.name)!r}"
+              for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+              if getattr(cls(), f.name) != getattr(getattr(cfg, name), f.name)]
+    assert differ == []
 
 
 def test_linear_lr_scaling_is_a_switch_off_by_default():

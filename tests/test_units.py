@@ -69,9 +69,11 @@ def test_parse_slurm_time_and_array_job_id():
 
 
 def test_schedules():
-    paper = ScheduleConfig(name="paper")
+    paper = ScheduleConfig(name="paper", warmup_epochs=0.0)  # the paper's own: no warmup
     f = [lr_factor(s, paper, 10, 350) for s in (0, 1999, 2000, 2500, 3000, 3499)]
     assert f == pytest.approx([1, 1, 0.1, 0.01, 0.001, 0.001])
+    warm = ScheduleConfig(name="paper")  # the default: one epoch of linear warmup, then the milestones
+    assert [lr_factor(s, warm, 10, 350) for s in (0, 4, 9, 10, 2000)] == pytest.approx([0.1, 0.5, 1, 1, 0.1])
     cos = ScheduleConfig(name="cosine", warmup_epochs=1.0)
     assert lr_factor(0, cos, 10, 10) == pytest.approx(0.1) and lr_factor(9, cos, 10, 10) == pytest.approx(1.0)
     assert lr_factor(10, cos, 10, 10) == pytest.approx(1.0) and lr_factor(99, cos, 10, 10) < 0.01
