@@ -22,7 +22,7 @@ import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 
@@ -56,11 +56,42 @@ def snapshot(obj: Any) -> Any:
     return obj
 
 
-def encode(state: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    body = buf.getvalue()
-    return body + MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n"
+class _Hashing:
+    """A write-only stream that hashes what passes through to `f`. torch.save writes its zip
+    sequentially to an object with only `write`, so body and hash are made in one pass."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha = f, hashlib.sha256()
+        self.error: Optional[BaseException] = None
+
+    def write(self, b) -> int:
+        self.sha.update(b)  # hashlib and file writes release the GIL on large chunks
+        try:
+            return self.f.write(b)
+        except BaseException as e:  # torch re-raises it as "unexpected pos": keep the real one (ENOSPC...)
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_to(f: BinaryIO, state: dict) -> None:
+    """The serialised state, then its trailer. Streamed: never a whole-file bytes object, whose
+    allocation and copies (~11 MB, twice) held the GIL for tens of ms next to a training loop."""
+    h = _Hashing(f)
+    try:
+        torch.save(state, h)
+    except Exception:
+        if h.error is not None:
+            raise h.error from None
+        raise
+    f.write(MAGIC + h.sha.hexdigest().encode() + b"\n")
+
+
+def write_file(path: Path, state: dict) -> None:
+    """Atomically write `state` as a verified checkpoint file at `path`."""
+    write_atomic(path, lambda f: write_to(f, state))
 
 
 def decode(data: bytes, name: str = "checkpoint") -> dict:
@@ -92,7 +123,7 @@ class CheckpointDir:
         path = self.folder / f"step_{step:08d}.pt"
         for stale in self.folder.glob(".*.tmp"):  # partial files of a writer that was killed (SIGKILL, OOM)
             stale.unlink(missing_ok=True)
-        write_atomic(path, encode(state))
+        write_file(path, state)
         link_tmp = self.folder / f".last.pt.{os.getpid()}.tmp"
         link_tmp.unlink(missing_ok=True)
         os.link(path, link_tmp)
@@ -103,7 +134,7 @@ class CheckpointDir:
         return path
 
     def save_best(self, state: dict) -> None:
-        write_atomic(self.folder / "best.pt", encode(state))
+        write_file(self.folder / "best.pt", state)
 
     def load_latest(self) -> Optional[tuple[dict, Path]]:
         """The newest checkpoint that verifies; corrupt ones are skipped with a warning."""

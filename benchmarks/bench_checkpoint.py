@@ -2,11 +2,14 @@
 
 Save: `Trainer.save()` (finite check, RNG gather, metric-sum reduce, a CPU snapshot of the state
 dicts, handed to the background writer) is what training waits for ("blocking"); with
-`Trainer.wait_checkpoints()` after it, also torch.save into memory, SHA-256 trailer, temp file +
-fsync + rename + directory fsync, last.pt hard link, pruning ("durable"). Both are measured after a
-few real training steps so the SGD momentum buffers exist. Parts are timed separately
-(`checkpoint.snapshot`, `checkpoint.encode`, `checkpoint.write_atomic`). Load: `CheckpointDir.load_latest()` (what rank 0
-runs to pick the file), `checkpoint.load_file()` and the state-dict copies a resume does.
+`Trainer.wait_checkpoints()` after it, also torch.save streamed through SHA-256 into a temp file,
+the trailer, fsync + rename + directory fsync, last.pt hard link, pruning ("durable"). Both are
+measured after a few real training steps so the SGD momentum buffers exist. Parts are timed
+separately (`checkpoint.snapshot`, `checkpoint.write_file`). Load: `CheckpointDir.load_latest()`
+(what rank 0 runs to pick the file), `checkpoint.load_file()` and the state-dict copies a resume does.
+Writer stall: while the writer thread writes one checkpoint, the main thread runs a loop of short
+Python work (as a GPU loop launches kernels) and records its longest gap, i.e. how long the writer
+held the GIL at a stretch.
 The cost at the default interval is save_s / (checkpoint.every_steps x step_s) with step_s the
 measured median training step time (or --step-ms); the end-of-epoch save's cost is save_s / (the
 steps of a 50,000-image epoch x step_s). On a GPU the blocking figure is the cost (the writer thread
@@ -20,6 +23,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +36,20 @@ from allconv_hpc import checkpoint as ck_mod
 def default_every_steps() -> int:
     import yaml  # PyYAML comes with hydra/omegaconf
     return yaml.safe_load((C.REPO / "conf" / "checkpoint" / "default.yaml").read_text())["every_steps"]
+
+
+def longest_main_thread_gap(fn, *args) -> float:
+    """Seconds of the longest pause of a main-thread Python loop while `fn(*args)` runs in a thread."""
+    done, gap = threading.Event(), 0.0
+    th = threading.Thread(target=lambda: (fn(*args), done.set()))
+    last = time.perf_counter()
+    th.start()
+    while not done.is_set():
+        sum(range(200))  # ~2 us of bytecode: a kernel launch's worth
+        now = time.perf_counter()
+        gap, last = max(gap, now - last), now
+    th.join()
+    return gap
 
 
 def main(argv=None) -> dict:
@@ -68,7 +86,7 @@ def main(argv=None) -> dict:
         st = tr.state
         st.step_in_epoch = 1  # a mid-epoch save, like a periodic one
 
-        saves, durables, snaps, encodes, writes, dirsaves, loads, latest, restores = ([] for _ in range(9))
+        saves, durables, snaps, writes, stalls, dirsaves, loads, latest, restores = ([] for _ in range(9))
         for i in range(a.repeats):
             st.global_step += 1
             C.sync(tr.device)
@@ -86,9 +104,8 @@ def main(argv=None) -> dict:
         size = path.stat().st_size
         state = ck_mod.load_file(path)
         for i in range(a.repeats):
-            dt, blob = C.timed(ck_mod.encode, state)
-            encodes.append(dt)
-            writes.append(C.timed(ck_mod.write_atomic, run_dir / "probe.pt", blob)[0])
+            writes.append(C.timed(ck_mod.write_file, run_dir / "probe.pt", state)[0])
+            stalls.append(longest_main_thread_gap(ck_mod.write_file, run_dir / "probe.pt", state))
             st.global_step += 1
             dirsaves.append(C.timed(tr.ckpt.save, state, st.global_step)[0])
             loads.append(C.timed(ck_mod.load_file, path)[0])
@@ -105,7 +122,8 @@ def main(argv=None) -> dict:
         res = {"width": a.width, "n_params": tr.n_params, "file_bytes": size, "momentum_buffers": n_mom,
                "save_ms": 1e3 * C.median(saves), "save_ms_min": 1e3 * min(saves),
                "durable_save_ms": 1e3 * C.median(durables), "snapshot_ms": 1e3 * C.median(snaps),
-               "encode_ms": 1e3 * C.median(encodes), "write_atomic_ms": 1e3 * C.median(writes),
+               "write_file_ms": 1e3 * C.median(writes), "writer_stall_ms": 1e3 * C.median(stalls),
+               "writer_stall_ms_max": 1e3 * max(stalls),
                "checkpointdir_save_ms": 1e3 * C.median(dirsaves),
                "load_file_ms": 1e3 * C.median(loads), "load_latest_ms": 1e3 * C.median(latest),
                "resume_restore_ms": 1e3 * C.median(restores), "step_ms": 1e3 * step_s,
@@ -126,9 +144,10 @@ def main(argv=None) -> dict:
         {"what": "Trainer.save(), blocking (median)", "value": f"{res['save_ms']:.1f} ms (min {res['save_ms_min']:.1f})"},
         {"what": "  of which snapshot (CPU copy of model + optimizer)", "value": f"{res['snapshot_ms']:.1f} ms"},
         {"what": "Trainer.save() + wait_checkpoints(), durable", "value": f"{res['durable_save_ms']:.1f} ms"},
-        {"what": "  of which encode (torch.save + sha256)", "value": f"{res['encode_ms']:.1f} ms"},
-        {"what": "  of which write_atomic (write+fsync+rename)", "value": f"{res['write_atomic_ms']:.1f} ms"},
-        {"what": "  CheckpointDir.save (encode+write+link+prune)", "value": f"{res['checkpointdir_save_ms']:.1f} ms"},
+        {"what": "  of which write_file (torch.save+sha256+fsync+rename)", "value": f"{res['write_file_ms']:.1f} ms"},
+        {"what": "  CheckpointDir.save (write_file+link+prune)", "value": f"{res['checkpointdir_save_ms']:.1f} ms"},
+        {"what": "longest main-thread stall during a write (GIL)",
+         "value": f"{res['writer_stall_ms']:.1f} ms median (max {res['writer_stall_ms_max']:.1f})"},
         {"what": "load_file (read + verify + torch.load)", "value": f"{res['load_file_ms']:.1f} ms"},
         {"what": "CheckpointDir.load_latest (rank 0 picks)", "value": f"{res['load_latest_ms']:.1f} ms"},
         {"what": "load_file + load_state_dict (resume)", "value": f"{res['resume_restore_ms']:.1f} ms"},

@@ -538,7 +538,8 @@ def sec_summary(x: Ctx) -> None:
     ck = x.load("checkpoint")
     if ck:
         print(f"  checkpoint: {ck['file_bytes'] / 1e6:.2f} MB, save {ck['save_ms']:.1f} ms blocking "
-              f"({ck['durable_save_ms']:.1f} ms durable), load {ck['load_file_ms']:.1f} ms; step {ck['step_ms']:.2f} "
+              f"({ck['durable_save_ms']:.1f} ms durable, writer holds the GIL <= {ck['writer_stall_ms_max']:.1f} ms), "
+              f"load {ck['load_file_ms']:.1f} ms; step {ck['step_ms']:.2f} "
               f"ms -> {ck['cost_pct_at_default_interval']:.2f}% at every_steps={ck['every_steps']}, "
               f"{ck['cost_pct_epoch_end']:.2f}% per epoch-end save (target < 1%)")
 

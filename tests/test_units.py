@@ -243,6 +243,40 @@ def test_writer_keeps_order_bounds_pending_and_wait_makes_it_durable(tmp_path):
     w.close()
 
 
+def test_streamed_file_is_torch_save_plus_trailer_and_a_failed_stream_leaves_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import hashlib
+    import io
+    from allconv_hpc import checkpoint
+    from allconv_hpc.checkpoint import MAGIC, load_file, write_file
+    state = {"model": {"w": torch.arange(300_000, dtype=torch.float32)}, "step": 7}
+    path = tmp_path / "step.pt"
+    write_file(path, state)
+    ref = io.BytesIO()
+    torch.save(state, ref)
+    body = ref.getvalue()  # the same bytes an in-memory save gives, then the trailer over them
+    assert path.read_bytes() == body + MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n"
+    assert torch.equal(load_file(path)["model"]["w"], state["model"]["w"])
+    before, written = path.read_bytes(), []
+
+    class FillsUp:  # the temp file, on a disk that is full after 500 kB
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            if sum(written) > 500_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(len(b))
+            return self.f.write(b)
+    real_init = checkpoint._Hashing.__init__
+    monkeypatch.setattr(checkpoint._Hashing, "__init__", lambda self, f: real_init(self, FillsUp(f)))
+    # the disk's own error comes out (torch would turn it into "unexpected pos"), part-way through
+    with pytest.raises(OSError, match="No space left"):
+        write_file(path, {"model": {"w": torch.ones(300_000)}, "step": 8})
+    assert sum(written) > 500_000
+    assert path.read_bytes() == before and list(tmp_path.glob(".*.tmp")) == []
+
+
 def test_writer_reports_a_failed_write_and_still_lands_the_others(tmp_path):
     from allconv_hpc.checkpoint import CheckpointDir, CheckpointError, Writer
     d = CheckpointDir(tmp_path, keep=5)
