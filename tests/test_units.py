@@ -292,6 +292,26 @@ def test_writer_reports_a_failed_write_and_still_lands_the_others(tmp_path):
     w.close()
 
 
+def test_a_ctrl_c_inside_wait_does_not_lose_a_failed_write():
+    import threading
+    from allconv_hpc.checkpoint import CheckpointError, Writer
+    w, gate = Writer(), threading.Event()
+
+    def slow_failing_write():
+        gate.wait(10)
+        raise OSError("disk gone")
+    w.submit("checkpoint step 1", slow_failing_write)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C while wait() blocks
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        w.wait()
+    timer.join()
+    gate.set()
+    # the write was still pending when Ctrl-C came: its failure is reported by the next wait/close
+    with pytest.raises(CheckpointError, match="writing checkpoint step 1 failed: OSError: disk gone"):
+        w.close()
+
+
 def test_precision_auto_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
     from allconv_hpc.trainer import resolve_precision
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
