@@ -186,12 +186,18 @@ class Dist:
         self._guard(dist.all_reduce, t, group=self.control)
         return bool(t.item())
 
-    def max_ints(self, values: list[int]) -> list[int]:
-        """Element-wise max over ranks (host-side, over gloo: no GPU sync)."""
-        if not self.env.distributed:
-            return list(values)
+    def max_ints_start(self, values: list[int]) -> tuple:
+        """Start an element-wise max over ranks (host-side, over gloo: no GPU sync) without waiting
+        for it; `max_ints_finish` gives the result. Every rank must start the same sequence."""
         t = torch.tensor(values, dtype=torch.int64)
-        self._guard(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.control)
+        if not self.env.distributed:
+            return t, None
+        return t, self._guard(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
+
+    def max_ints_finish(self, pending: tuple) -> list[int]:
+        t, work = pending
+        if work is not None:
+            self._guard(work.wait)
         return t.tolist()
 
     def gather_objects(self, obj) -> list:

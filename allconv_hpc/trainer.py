@@ -147,6 +147,7 @@ class Trainer:
         self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
         self.slurm = SlurmJob()
+        self._last_save, self._due_sent, self._poll_pending = time.monotonic(), False, None  # see _poll
 
         # data: uint8 on the device once; augmentation happens there per batch
         if cfg.data.download and env.distributed:  # one download into the shared root, not one per rank
@@ -295,7 +296,7 @@ class Trainer:
                               "saved_at": time.time()})
             self.writer.submit(f"checkpoint step {st.global_step}", self.ckpt.save, state, st.global_step)
         self.dist.barrier()
-        self._last_save = time.monotonic()
+        self._last_save, self._due_sent = time.monotonic(), False
 
     def wait_checkpoints(self) -> None:
         """Everything saved so far is on disk; collective, so a failed write (rank 0's) fails every
@@ -343,6 +344,7 @@ class Trainer:
                 if self._evaluate(stop):
                     return self._stop(stop)
                 self._end_epoch(self._epoch_base + time.perf_counter() - self._epoch_t0)
+        self._finish_poll()  # the last step's flags: the run is over, but no collective is left in flight
         self.wait_checkpoints()
         self.tracker.set_summary(best_val_acc=st.best_val_acc, final_val_acc=st.history[-1]["val_acc"])
         self.write_status("completed")
@@ -352,12 +354,26 @@ class Trainer:
 
     def _poll(self, stop: StopRequest) -> Poll:
         """Did any rank get a signal, and which kind; is a timed checkpoint due (rank 0's clock).
-        Each flag is reduced on its own: one rank's due checkpoint must not hide another's signal."""
+        Each flag is reduced on its own: one rank's due checkpoint must not hide another's signal.
+
+        Lagged by one poll: this call sends this step's flags in the background and returns what
+        the previous call sent, which arrived while the step ran. Every rank acts on the same
+        answer at the same step, and no step waits for a network round trip (across nodes gloo's
+        ring takes 2(N-1) hops). A signal is acted on one step later: milliseconds."""
         every_min = self.cfg.checkpoint.every_minutes
-        due = self.env.is_main and every_min is not None and time.monotonic() - self._last_save >= every_min * 60
+        due = (self.env.is_main and every_min is not None and not self._due_sent
+               and time.monotonic() - self._last_save >= every_min * 60)
+        self._due_sent |= due  # sent once; save() clears it (else the next step would ask again)
         warning, terminate = stop.requested and stop.is_warning, stop.requested and not stop.is_warning
-        self._agreed = Poll(*map(bool, self.dist.max_ints([int(warning), int(terminate), int(due)])))
+        previous = self._finish_poll()
+        self._poll_pending = self.dist.max_ints_start([int(warning), int(terminate), int(due)])
+        self._agreed = Poll(*map(bool, previous))
         return self._agreed
+
+    def _finish_poll(self) -> list[int]:
+        """The answer to the poll in flight ([0, 0, 0] if none); every rank calls it at the same point."""
+        pending, self._poll_pending = self._poll_pending, None
+        return self.dist.max_ints_finish(pending) if pending is not None else [0, 0, 0]
 
     def _train_epoch(self, stop: StopRequest) -> bool:
         """Runs the rest of the epoch; True when a stop was requested (checkpoint already written)."""
@@ -495,6 +511,7 @@ class Trainer:
     def _stop(self, stop: StopRequest) -> int:
         """The checkpoint is written; decide requeue vs exit (rank 0 asks Slurm), then every rank leaves."""
         st = self.state
+        self._finish_poll()  # in flight since the stop step; its flags change nothing now
         self.wait_checkpoints()  # durable before Slurm requeues (kills) the job or the process exits
         if self.env.is_main:
             got = signal.Signals(stop.received).name if stop.received else "a signal on another rank"

@@ -239,6 +239,19 @@ def test_learns_synthetic_well_above_chance(tmp_path):
     print(f"learn run: {r.elapsed:.1f} s, val_acc {[h['val_acc'] for h in rows]}")
 
 
+def test_timed_checkpoints_come_at_the_interval_once_each(tmp_path):
+    """checkpoint.every_minutes alone: saves come by the clock, and each due time gives one save
+    (the stop poll is answered a step late; a due flag sent again before the save would add one)."""
+    run_dir = tmp_path / "run"
+    steps = 80
+    train(tmp_path, run_dir, [*TINY, f"data.train_size={steps * BATCH}", "trainer.epochs=1",
+                              "checkpoint.every_steps=null", "checkpoint.every_minutes=0.005", "checkpoint.keep=1000"])
+    saved = sorted(int(p.stem[5:]) for p in (run_dir / "checkpoints").glob("step_*.pt"))
+    timed = [s for s in saved if s != steps]  # the end-of-epoch save is at the last step
+    assert saved[-1] == steps and len(timed) >= 2, saved
+    assert all(b - a >= 2 for a, b in zip(timed, timed[1:])), saved  # never two saves for one due time
+
+
 # ----------------------------------------------------------------------------- the GPU-path switches on CPU
 
 
