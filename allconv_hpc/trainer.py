@@ -148,6 +148,7 @@ class Trainer:
         self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
         self.slurm = SlurmJob()
         self._last_save, self._due_sent, self._poll_pending = time.monotonic(), False, None  # see _poll
+        self._check_compile = t.compile
 
         # data: uint8 on the device once; augmentation happens there per batch
         if cfg.data.download and env.distributed:  # one download into the shared root, not one per rank
@@ -195,13 +196,14 @@ class Trainer:
         self._lr_used = cfg.lr * lr_factor(max(0, self.state.global_step - 1), cfg.schedule,
                                            self.steps_per_epoch, t.epochs)
 
-        net = self.model
+        # compile inside DDP: torch.compile(DDP(nn.Sequential)) captures no graph at all (Dynamo
+        # skips Sequential.forward, a torch file, as a frame to start in), so it ran eagerly. Inside,
+        # Dynamo's DDPOptimizer still splits the graph at bucket boundaries (all-reduce overlaps backward).
+        net = torch.compile(self.model) if t.compile else self.model
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             net = DDP(net, device_ids=[self.device.index] if cuda else None)
-        # compile the DDP wrapper, not the reverse: Dynamo's DDPOptimizer then splits the graph at
-        # bucket boundaries so gradient all-reduce overlaps the backward pass
-        self.net = torch.compile(net) if t.compile else net
+        self.net = net
         self.tracker = make_tracker(self.run_dir, cfg_dict, cfg.wandb, env.rank,
                                     self.state.wandb_id, self.state.history, self.state.global_step)
         self.state.wandb_id = self.tracker.run_id
@@ -402,6 +404,9 @@ class Trainer:
             st.step_in_epoch += 1
             st.global_step += 1
             n_log += n_global
+            if self._check_compile:  # after the first step, which compiled
+                self._check_compile = False
+                self._report_compile()
             if bar is not None:
                 bar.update(1)
             if st.global_step % log_every == 0:
@@ -417,6 +422,18 @@ class Trainer:
         if bar is not None:
             bar.close()
         return False
+
+    def _report_compile(self) -> None:
+        """trainer.compile=true must have captured the model: say how many graphs, warn if none."""
+        try:
+            from torch._dynamo.utils import counters
+            n = int(counters["stats"]["unique_graphs"])
+        except Exception:  # a private counter: its absence must not stop a run
+            return
+        if n == 0:
+            log.warning("trainer.compile=true but torch.compile captured no graph: the model runs eagerly")
+        elif self.env.is_main:
+            log.info("torch.compile: %d graph(s) compiled", n)
 
     def _progress(self, start: int):
         mode = self.cfg.trainer.progress

@@ -190,8 +190,11 @@ main() {
     test -s "$run/checkpoints/last.pt" || { echo "no checkpoint written in $run/checkpoints" >&2; return 1; }
     grep -q "done: best val_acc" "$WORK/ddp2.log" || { echo "2-rank compiled run did not finish" >&2; return 1; }
     grep -q "compile: true" "$run/.hydra/config.yaml" || { echo "trainer.compile=true not in the run's config" >&2; return 1; }
-    echo "2-rank gloo run with trainer.compile=true completed; checkpoint $(ls "$run/checkpoints" | tr '\n' ' ')"
-    printf '{"ok": true, "ranks": 2, "backend": "gloo", "compile": true, "device": "%s"}\n' "$DEV" > "$SECT/ddp2_compile.json"
+    local graphs  # a compiled run that captured nothing runs eagerly: that is a failure here
+    graphs=$(grep -o "torch.compile: [0-9]* graph" "$WORK/ddp2.log" | head -1 | grep -o "[0-9][0-9]*")
+    [ "${graphs:-0}" -ge 1 ] || { echo "torch.compile captured no graph under DDP" >&2; return 1; }
+    echo "2-rank gloo run with trainer.compile=true completed ($graphs graph(s)); checkpoint $(ls "$run/checkpoints" | tr '\n' ' ')"
+    printf '{"ok": true, "ranks": 2, "backend": "gloo", "compile": true, "graphs": %s, "device": "%s"}\n' "$graphs" "$DEV" > "$SECT/ddp2_compile.json"
   }
 
   local -a RUN1 RUN2

@@ -3,6 +3,7 @@ evaluation, a killed rank, and the uneven-batch error."""
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -44,6 +45,22 @@ def test_ranks_match_one_process(one_rank, tmp_path, world):
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1  # one W&B run, rank 0's
     tagged = [line for line in (r.stdout + r.stderr).splitlines() if re.search(r" rank \d+\]", line)]
     assert all(re.search(r"(WARNING|ERROR) rank [1-9]\d*\]", line) for line in tagged), tagged
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler (g++)")
+def test_compiled_ranks_compile_and_match_one_process(one_rank, tmp_path):
+    """trainer.compile=true with DDP really compiles (torch.compile(DDP(Sequential)) captured no
+    graph and ran eagerly, unnoticed) and trains as the eager single process does."""
+    r = run_train(tmp_path, tmp_path / "run", EQUIV + ["trainer.compile=true", "trainer.epochs=1"], nproc=2,
+                  timeout=900)
+    log = (tmp_path / "run" / "train.log").read_text()
+    graphs = re.findall(r"torch.compile: (\d+) graph\(s\) compiled", log)
+    assert graphs and int(graphs[0]) >= 1, log[-2000:]
+    assert "captured no graph" not in r.stdout + r.stderr
+    a, b = history(one_rank)[0], history(tmp_path / "run")[0]
+    for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4), (k, a, b)
 
 
 def test_uneven_batch_is_refused(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -271,6 +272,7 @@ def test_compile_channels_last_and_progress_bar_train_the_same(tmp_path):
     assert "epoch 1 step" not in fast.stdout  # the bar replaces the periodic log lines
     assert "epoch 1 step" in plain.stdout
     assert "precision fp32 (auto)" in fast.stdout and "precision fp32," not in fast.stdout  # auto is fp32 on a CPU
+    assert re.search(r"torch.compile: [1-9]\d* graph\(s\) compiled", fast.stdout), fast.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- a non-editable install
