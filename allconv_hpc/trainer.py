@@ -78,6 +78,16 @@ class TrainState:
         return True
 
 
+def _match_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give each loaded momentum buffer its parameter's memory layout. A resume may switch
+    trainer.channels_last; CUDA's fused SGD refuses a buffer whose strides differ from the param's."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and buf.stride() != p.stride():
+                opt.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+
+
 def _rng_state(device: torch.device) -> dict:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
@@ -248,6 +258,7 @@ class Trainer:
         self.cfg.check_resumable(ck.get("identity", {}), self.run_dir)
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
+        _match_layouts(self.opt)
         self.sched.load_state_dict(ck["scheduler"])
         if ck["scaler"]:  # empty when the checkpoint's run had no fp16 scaler (precision may change on resume)
             self.scaler.load_state_dict(ck["scaler"])

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from allconv_hpc.checkpoint import CheckpointDir, load_file
 from allconv_hpc.wandb_offline import merged_history
@@ -281,6 +282,23 @@ def test_resume_never_starts_fresh_and_keeps_old_checkpoints(reference, tmp_path
     assert new_id != old_id
     steps = [r["_step"] for r in merged_history(run / "wandb", new_id)]
     assert steps == list(range(1, 17)), steps
+
+
+def test_resume_that_switches_channels_last_gives_momentum_the_weights_layout(reference, tmp_path):
+    """trainer.channels_last may change on resume; the loaded momentum buffers must follow the
+    weights' new layout (CUDA's fused SGD refuses mismatched strides; CPU's foreach would not say)."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    run_train(tmp_path, run, EXACT + ["trainer.epochs=4", "trainer.channels_last=true"])
+    assert len(history(run)) == 4
+    ck = load_file(run / "checkpoints" / "last.pt")
+    weights = [v for k, v in ck["model"].items() if k.endswith("weight") and v.dim() == 4]
+    moms = [s["momentum_buffer"] for _, s in sorted(ck["optimizer"]["state"].items())][0::2]  # weight, bias, ...
+    assert len(weights) == len(moms) == 9
+    for w, m in zip(weights, moms):
+        assert w.shape == m.shape and w.is_contiguous(memory_format=torch.channels_last)
+        assert m.stride() == w.stride(), (m.stride(), w.stride())
 
 
 @pytest.mark.slow
