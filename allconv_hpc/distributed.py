@@ -82,6 +82,22 @@ def slurm_port(job_id: str, restart_count: int) -> int:
     return PORT_BASE + (int(re.sub(r"\D", "", job_id) or 0) * 97 + restart_count * 7919) % PORT_SPAN
 
 
+def _tasks_on_this_node(e: Mapping[str, str], hosts: list[str]) -> int:
+    """This node's entry of SLURM_STEP_TASKS_PER_NODE ("4(x2),2" = 4, 4, 2 for the step's nodes in
+    order): nodes may differ (srun --ntasks=N, mixed node sizes), so the first entry is not ours."""
+    spec = e.get("SLURM_STEP_TASKS_PER_NODE", e.get("SLURM_NTASKS_PER_NODE", "1"))
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m is None:  # a format we do not know: its first number, as before
+            first = re.search(r"\d+", spec)
+            return int(first.group(0)) if first else 1
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = e.get("SLURMD_NODENAME")
+    index = hosts.index(node) if node in hosts else int(e.get("SLURM_NODEID", 0) or 0)
+    return counts[index] if 0 <= index < len(counts) else counts[0]
+
+
 def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     e = os.environ if environ is None else environ
     if "RANK" in e and "WORLD_SIZE" in e:
@@ -94,14 +110,12 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
         nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "localhost")
         try:
-            master = expand_hostlist(nodelist)[0]
+            hosts = expand_hostlist(nodelist)
         except ValueError as err:
             raise DistributedError(f"{err}; set MASTER_ADDR and MASTER_PORT and start with torchrun") from None
-        tasks_on_node = e.get("SLURM_STEP_TASKS_PER_NODE", e.get("SLURM_NTASKS_PER_NODE", "1"))
         return DistEnv(rank=int(e["SLURM_PROCID"]), world_size=int(e["SLURM_STEP_NUM_TASKS"]),
-                       local_rank=int(e.get("SLURM_LOCALID", 0)),
-                       local_world_size=int(re.match(r"\d+", tasks_on_node).group(0)),
-                       master_addr=master,
+                       local_rank=int(e.get("SLURM_LOCALID", 0)), local_world_size=_tasks_on_this_node(e, hosts),
+                       master_addr=hosts[0],
                        master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), int(e.get("SLURM_RESTART_COUNT", 0))),
                        source="slurm")
     return DistEnv()
@@ -125,12 +139,15 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
 def set_threads(requested: Optional[int], env: DistEnv) -> int:
     """Ranks sharing a node split its cores; oversubscription halves gloo throughput (FACTS)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))  # already this task's own CPUs where Slurm pins tasks
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # Slurm's allocation, when it did not pin us
-        cores = min(cores, int(os.environ["SLURM_CPUS_PER_TASK"]) * max(1, env.local_world_size))
-    n = requested or max(1, cores // max(1, env.local_world_size))
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit():  # Slurm's allocation for this task (pinned or not)
+        cores = min(cores, int(per_task))
+    # an srun task has its cores to itself; processes that share one task (torchrun) or a machine split them
+    share = 1 if env.source == "slurm" and per_task.isdigit() else max(1, env.local_world_size)
+    n = requested or max(1, cores // share)
     torch.set_num_threads(n)
     return n
 

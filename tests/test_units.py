@@ -51,6 +51,40 @@ def test_detect_env_order():
     assert detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}).source == "single"
 
 
+def test_local_world_size_is_this_nodes_entry_of_the_tasks_per_node_list():
+    base = {"SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "10", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "5",
+            "SLURM_STEP_NODELIST": "a[1-3]", "SLURM_STEP_TASKS_PER_NODE": "4(x2),2"}
+    assert detect_env({**base, "SLURMD_NODENAME": "a3"}).local_world_size == 2
+    assert detect_env({**base, "SLURMD_NODENAME": "a2"}).local_world_size == 4
+    assert detect_env({**base, "SLURM_NODEID": "2"}).local_world_size == 2  # no node name: the node index
+    assert detect_env({**base, "SLURM_STEP_TASKS_PER_NODE": "8,4", "SLURMD_NODENAME": "a2"}).local_world_size == 4
+    assert detect_env({**base, "SLURM_STEP_TASKS_PER_NODE": "3"}).local_world_size == 3
+
+
+@pytest.mark.parametrize("source,per_task,affinity,lws,expected", [
+    ("slurm", "8", 8, 4, 8),      # srun pinned each task to its 8 CPUs (task/affinity): all 8 are this rank's
+    ("slurm", "8", 64, 4, 8),     # not pinned: the node's 64 are visible, the allocation says 8
+    ("slurm", None, 64, 4, 16),   # no --cpus-per-task: share the node
+    ("torchrun", "8", 8, 2, 4),   # torchrun's 2 workers share the one Slurm task's 8 CPUs
+    ("torchrun", None, 16, 4, 4),
+    ("single", "6", 64, 1, 6),    # a batch script without srun: its allocation
+])
+def test_threads_per_rank(monkeypatch, source, per_task, affinity, lws, expected):
+    from allconv_hpc.distributed import DistEnv, set_threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    if per_task is None:
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", per_task)
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(None, DistEnv(world_size=lws, local_world_size=lws, source=source)) == expected
+        assert torch.get_num_threads() == expected
+        assert set_threads(3, DistEnv(world_size=lws, local_world_size=lws, source=source)) == 3  # explicit wins
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_slurm_port_changes_with_restarts_and_stays_in_range():
     ports = {slurm_port("123456", r) for r in range(5)}
     assert len(ports) == 5
