@@ -37,7 +37,13 @@ _OWN_OPTIONS = {"nodes": "cluster.nodes", "ntasks-per-node": "cluster.tasks_per_
                 "account": "cluster.account", "qos": "cluster.qos", "constraint": "cluster.constraint",
                 "exclude": "cluster.exclude", "signal": "cluster.signal and cluster.signal_lead_s",
                 "requeue": "cluster.requeue", "array": "cluster.array_parallelism", "output": None, "error": None,
-                "open-mode": None, "job-name": None}
+                "open-mode": None, "job-name": None,
+                # the same shape by other names (sbatch refuses some pairs, e.g. --mem with --mem-per-cpu)
+                "ntasks": "cluster.nodes and cluster.tasks_per_node", "ntasks-per-gpu": "cluster.tasks_per_node",
+                "gpus": "cluster.gpus_per_node", "gpus-per-task": "cluster.gpus_per_node",
+                "cpus-per-gpu": "cluster.cpus_per_task", "mem-per-cpu": "cluster.mem_gb",
+                "mem-per-gpu": "cluster.mem_gb",
+                "distribution": None}  # rank 0 must run on the first node: it hosts the rendezvous
 
 
 @dataclass

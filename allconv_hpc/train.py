@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def run(overrides: list[str]) -> int:
     setup_logging(composed.run_dir, env.rank)
     if env.is_main:
         log.info("run folder %s", composed.run_dir)
+        if env.source == "torchrun" and os.environ.get("SLURM_JOB_ID"):
+            log.warning("started by torchrun inside Slurm job %s: torchrun does not pass Slurm's warning signal "
+                        "on to its workers, so a preemption or time limit is not checkpointed; start one rank "
+                        "per srun task (allconv-hpc submit, slurm/train.sbatch)", os.environ["SLURM_JOB_ID"])
 
     trainer = None
     code = 1

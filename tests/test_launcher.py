@@ -169,6 +169,12 @@ def test_a_string_setup_gets_a_hint():
 
 def test_additional_parameters_name_the_key_to_use():
     assert "use cluster.timeout_min" in refused(cluster_of(), "additional_parameters", {"time": 5})
+    # the job's shape under other option names: it was validated as nodes x tasks_per_node
+    assert "use cluster.nodes and cluster.tasks_per_node" in refused(cluster_of(), "additional_parameters",
+                                                                    {"ntasks": 16})
+    assert "use cluster.mem_gb" in refused(cluster_of(), "additional_parameters", {"mem_per_cpu": "4G"})
+    assert "use cluster.gpus_per_node" in refused(cluster_of(), "additional_parameters", {"gpus": 8})
+    assert "remove it" in refused(cluster_of(), "additional_parameters", {"distribution": "arbitrary"})
 
 
 def test_unknown_cluster_key_is_refused():

@@ -240,6 +240,16 @@ def test_learns_synthetic_well_above_chance(tmp_path):
     print(f"learn run: {r.elapsed:.1f} s, val_acc {[h['val_acc'] for h in rows]}")
 
 
+def test_torchrun_inside_a_slurm_job_is_warned_about(tmp_path):
+    # torchrun's variables (one worker) inside a Slurm job: the warning signal would not reach the ranks
+    r = train(tmp_path, tmp_path / "run", [*TINY, "trainer.epochs=1", "wandb.mode=disabled"], RANK=0,
+              WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29555, SLURM_JOB_ID=4242)
+    assert "started by torchrun inside Slurm job 4242" in r.stdout
+    plain = train(tmp_path, tmp_path / "plain", [*TINY, "trainer.epochs=1", "wandb.mode=disabled"], RANK=0,
+                  WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29556)
+    assert "started by torchrun" not in plain.stdout + plain.stderr
+
+
 def test_timed_checkpoints_come_at_the_interval_once_each(tmp_path):
     """checkpoint.every_minutes alone: saves come by the clock, and each due time gives one save
     (the stop poll is answered a step late; a due flag sent again before the save would add one)."""
