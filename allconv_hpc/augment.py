@@ -8,8 +8,9 @@ whether the epoch was resumed halfway: DDP sharding and restarts reproduce it ex
 Modes (data.augment):
   paper  random translation of up to 5 px in x and y, zero fill, plus horizontal flips (p = 0.5):
          the All-CNN paper's "translations and horizontal flipping".
-  seed   shift of up to 3 px (Keras width/height_shift_range=0.1 of 32 px), edge-replicate fill
-         (Keras fill_mode="nearest"), no flips: the seed Keras script.
+  seed   the seed Keras script's shifts: Keras draws U(-0.1, 0.1) x 32 px per axis and samples
+         nearest-neighbour (order=0), so the pixel shift is round(U(-3.2, 3.2)) in -3..3 (+-3 less
+         often than the others); edge-replicate fill (fill_mode="nearest"), no flips.
   none   identity.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Sequence
 import torch
 
 MAX_SHIFT = {"paper": 5, "seed": 3, "none": 0}
+KERAS_SHIFT_PX = 0.1 * 32  # width/height_shift_range=0.1 of a 32 px image
 _SEED_MASK = (1 << 63) - 1
 
 
@@ -62,8 +64,11 @@ def draw_params(n: int, seed: int, epoch: int, mode: str) -> AugParams:
         zeros = torch.zeros(n, dtype=torch.int8)
         return AugParams(zeros, zeros.clone(), torch.zeros(n, dtype=torch.bool))
     g = torch.Generator().manual_seed(mix_seed(seed, epoch))
-    dx = torch.randint(-shift, shift + 1, (n,), generator=g, dtype=torch.int8)
-    dy = torch.randint(-shift, shift + 1, (n,), generator=g, dtype=torch.int8)
+    if mode == "seed":  # Keras: a continuous shift, rounded by its nearest-neighbour sampling
+        dx, dy = (((torch.rand(n, generator=g) * 2 - 1) * KERAS_SHIFT_PX).round().to(torch.int8) for _ in "xy")
+    else:
+        dx = torch.randint(-shift, shift + 1, (n,), generator=g, dtype=torch.int8)
+        dy = torch.randint(-shift, shift + 1, (n,), generator=g, dtype=torch.int8)
     flip = torch.rand(n, generator=g) < 0.5
     if mode != "paper":
         flip.zero_()  # drawn anyway so every mode consumes the generator alike

@@ -65,7 +65,7 @@ class DataConfig:
     download: bool = False          # fetch through torchvision when missing (needs network)
     train_size: Optional[int] = None  # null = all; an int = a fixed seeded subset
     test_size: Optional[int] = None   # null = all; an int = a fixed seeded subset
-    augment: str = "paper"          # paper: translate <=5 px + h-flip; seed: shift <=10% (3 px); none
+    augment: str = "paper"          # paper: translate <=5 px + h-flip; seed: Keras shift U(-10%, 10%) rounded; none
     num_classes: int = 10           # derived from name; kept here so interpolation can read it
 
     def __post_init__(self) -> None:
@@ -198,6 +198,8 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # numpy's seeds stop at 2**32, and the trainer's per-rank seeds (seed * 1_000_003 + rank) must fit torch's
+        _check(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")
         _check(self.model.num_classes == self.data.num_classes,
                f"model.num_classes={self.model.num_classes} != data.num_classes={self.data.num_classes}")
         if self.trainer.device == "cpu":

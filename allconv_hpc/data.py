@@ -139,6 +139,8 @@ def _read_batch(path: Path, lay: _Layout) -> Split:
     d = _unpickle(path)
     data = np.asarray(_get(d, "data", path))
     labels = np.asarray(_get(d, lay.label_key, path))
+    if labels.size == 0:  # an empty batch file: [] comes back as float64
+        labels = labels.astype(np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path} is corrupt: data is {data.dtype} {list(data.shape)}, expected uint8 [N, 3072]")
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):

@@ -28,6 +28,17 @@ def test_shapes_dtypes_and_ranges(mode):
     assert out.dtype == torch.uint8 and out.shape == x.shape
 
 
+def test_seed_mode_shifts_are_keras_rounded_continuous_shifts():
+    # Keras draws U(-0.1, 0.1) x 32 px and samples nearest-neighbour: round(U(-3.2, 3.2)), so +-3 come
+    # with probability 0.7/6.4 each and -2..2 with 1/6.4 each (not 1/7 for all seven)
+    p = aug.draw_params(200_000, 0, 0, "seed")
+    for d in (p.dx, p.dy):
+        freq = torch.bincount(d.long() + 3, minlength=7).double() / len(d)
+        expected = torch.tensor([0.7, 1, 1, 1, 1, 1, 0.7], dtype=torch.float64) / 6.4
+        assert torch.allclose(freq, expected, atol=0.004), freq
+    assert not torch.equal(p.dx, p.dy)
+
+
 def test_determinism_per_seed_and_epoch():
     a, b = aug.draw_params(500, 3, 7, "paper"), aug.draw_params(500, 3, 7, "paper")
     assert torch.equal(a.dx, b.dx) and torch.equal(a.dy, b.dy) and torch.equal(a.flip, b.flip)

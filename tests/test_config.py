@@ -48,6 +48,8 @@ BAD = [
     (["trainer.batch_size=100.5"], ["trainer.batch_size=100.5", "must be an int"]),
     (["model.dropout=maybe"], ["model.dropout='maybe'", "must be a bool (true or false)"]),
     (["seed=1.5"], ["seed=1.5", "must be an int"]),
+    (["seed=-1"], ["seed=-1", "[0, 2**32)"]),
+    (["seed=100000000000000"], ["seed=100000000000000", "[0, 2**32)"]),  # overflowed torch's seed after setup
     (["optim.lr=fast"], ["optim.lr='fast'", "must be a float"]),
     (["trainer.epochs=null"], ["trainer.epochs=null is not allowed"]),
     (["data.train_size=true"], ["data.train_size=True", "must be an int", "or null"]),

@@ -47,6 +47,13 @@ def test_cifar10_roundtrip_and_layout(cifar10):
     assert set(d) >= {"data", "labels"} and d["data"].shape[1] == 3072 and 0 < len(d["labels"]) < 23
 
 
+def test_a_train_split_smaller_than_the_five_batch_files_loads(tmp_path):
+    (xtr, ytr), (xte, yte) = _fake(3, 10, 4), _fake(2, 10, 5)  # data_batch_4 and _5 hold no image
+    data.write_cifar(tmp_path, "cifar10", xtr, ytr, xte, yte, C10)
+    ds = data.load(_cfg(tmp_path), seed=0)
+    assert torch.equal(ds.train.images, xtr) and torch.equal(ds.train.labels, ytr)
+
+
 def test_cifar100_roundtrip(tmp_path):
     (xtr, ytr), (xte, yte) = _fake(12, 100, 2), _fake(5, 100, 3)
     names = [f"f{i}" for i in range(100)]
