@@ -25,6 +25,7 @@ import configparser
 import csv
 import io
 import json
+import logging
 import netrc
 import os
 import secrets
@@ -36,6 +37,8 @@ from urllib.parse import urlsplit
 
 from .config import WANDB_MODES, ConfigError, WandbConfig
 from .fsio import write_atomic
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HISTORY_FIELDS", "EVAL_KEYS", "resolve_mode", "api_key_configured", "Tracker",
            "NullTracker", "make_tracker", "generate_id", "read_history", "write_history", "ID_FILE", "HISTORY_FILE",
@@ -275,6 +278,7 @@ class Tracker:
         history_rows = list(history_rows or [])
         write_history(self.history_path, history_rows)
         self.mode = mode or resolve_mode(wandb_cfg.mode)
+        self.online_error: Optional[str] = None  # why an online init fell back to offline
         self._run = None
         self._run_id: Optional[str] = None
         self._finished = False
@@ -310,9 +314,13 @@ class Tracker:
         except wandb.errors.Error as e:
             if self.mode != "online":
                 raise
-            # compute nodes often have no route out: keep the record offline, `wandb sync` it later
-            print(f"[tracking] wandb online init failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                  f"logging offline to {self.run_dir / 'wandb'} instead", file=sys.stderr, flush=True)
+            # compute nodes often have no route out: keep the record offline, `wandb sync` it later.
+            # Said in the log and in status.json ("wandb_mode"), not only on stderr.
+            self.online_error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            log.warning("W&B online init failed (%s); logging offline to %s instead: `wandb sync` it from a "
+                        "login node (wandb.mode=offline skips the wait on nodes without network)",
+                        self.online_error, self.run_dir / "wandb")
+            wandb.teardown()  # the service still holds the failed run's id and would refuse it ("in use")
             self.mode = "offline"
             self._run = wandb.init(mode="offline", **kwargs)
 

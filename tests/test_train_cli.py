@@ -22,7 +22,7 @@ from allconv_hpc.checkpoint import load_file
 from allconv_hpc.config import from_dict
 from allconv_hpc.models import build_model, count_parameters
 from allconv_hpc.tracking import HISTORY_FIELDS, read_history
-from allconv_hpc.wandb_offline import read_run, segments
+from allconv_hpc.wandb_offline import merged_history, read_run, segments
 from proc import clean_env
 
 HEADER = "epoch,step,lr,train_loss,train_acc,val_loss,val_acc,epoch_seconds,images_per_second"
@@ -238,6 +238,22 @@ def test_learns_synthetic_well_above_chance(tmp_path):
     assert rows[-1]["val_acc"] >= 0.5, rows  # chance is 0.1
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
     print(f"learn run: {r.elapsed:.1f} s, val_acc {[h['val_acc'] for h in rows]}")
+
+
+@pytest.mark.slow
+def test_online_init_without_network_logs_offline_and_says_so(tmp_path):
+    """A compute node with no route to W&B: the online init fails, the run logs offline (the same id),
+    and train.log and status.json say so. (W&B's service kept the failed id, and a plain second init
+    died with 'run ID ... is in use'.) The server address refuses connections; a short init timeout."""
+    run_dir = tmp_path / "run"
+    r = train(tmp_path, run_dir, [*TINY, "trainer.epochs=1", "wandb.mode=online"], timeout=400,
+              WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT=8)
+    assert "W&B online init failed" in (run_dir / "train.log").read_text(), r.stdout[-2000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["wandb_mode"] == "offline" and status["wandb_online_error"]
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert [p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True]
+    assert len(merged_history(run_dir / "wandb", run_id)) > 0  # the offline record holds the run
 
 
 def test_torchrun_inside_a_slurm_job_is_warned_about(tmp_path):
