@@ -229,6 +229,13 @@ class Trainer:
     def _maybe_resume(self) -> Optional[str]:
         self._resume_sums = None
         mode = self.cfg.checkpoint.resume
+        if mode == "never" and self.slurm.restarts > 0:
+            # a requeued job runs the same command again: starting over would throw away what the
+            # first start of this job trained (and begin a new W&B run) at every preemption
+            if self.env.is_main:
+                log.info("checkpoint.resume=never applies to a job's first start; this is restart %d of job %s: "
+                         "resuming", self.slurm.restarts, os.environ.get("SLURM_JOB_ID", "?"))
+            mode = "auto"
         if mode == "never":
             if self.env.is_main:
                 moved = self.ckpt.move_aside(also=[self.run_dir / name for name in (ID_FILE, HISTORY_FILE, STEPS_FILE)])
@@ -334,6 +341,8 @@ class Trainer:
                "best_val_acc": self.state.best_val_acc if h else None, "wandb_id": self.state.wandb_id,
                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "restarts": self.slurm.restarts,
                "timeouts": self.state.timeouts, "precision": getattr(self, "precision", None),
+               "wandb_mode": getattr(getattr(self, "tracker", None), "mode", None),
+               "wandb_online_error": getattr(getattr(self, "tracker", None), "online_error", None),
                "updated": time.time(), **extra}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 

@@ -284,6 +284,20 @@ def test_resume_never_starts_fresh_and_keeps_old_checkpoints(reference, tmp_path
     assert steps == list(range(1, 17)), steps
 
 
+def test_resume_never_applies_to_a_jobs_first_start_not_to_its_requeues(reference, tmp_path):
+    """A requeued job runs the same command again: with checkpoint.resume=never it must resume what the
+    job trained, not move it aside and start over at every preemption."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    r = subprocess.run(train_cmd(run, EXACT + ["checkpoint.resume=never", "trainer.epochs=4"]), capture_output=True,
+                       text=True, timeout=300, env=clean_env(tmp_path, SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert not (run / "checkpoints.old1").exists()
+    assert "restart 1 of job 4242: resuming" in (run / "train.log").read_text()
+    assert len(history(run)) == 4 and history(run)[:3] == history(reference)
+
+
 def test_resume_that_switches_channels_last_gives_momentum_the_weights_layout(reference, tmp_path):
     """trainer.channels_last may change on resume; the loaded momentum buffers must follow the
     weights' new layout (CUDA's fused SGD refuses mismatched strides; CPU's foreach would not say)."""
