@@ -276,7 +276,7 @@ def test_api_key_never_written_and_config_mode_beats_env(tmp_path, wenv, monkeyp
     assert leaks == []
 
 
-def test_online_init_failure_falls_back_to_offline(tmp_path, wenv, monkeypatch, capsys):
+def test_online_init_failure_falls_back_to_offline(tmp_path, wenv, monkeypatch, caplog):
     import wandb
     real_init = wandb.init
 
@@ -290,7 +290,8 @@ def test_online_init_failure_falls_back_to_offline(tmp_path, wenv, monkeypatch, 
     with make_tracker(run_dir, {"a": 1}, WandbConfig(mode="online"), 0, None, []) as t:
         t.log_train(1, {"loss": 0.5})
     assert t.mode == "offline" and t.segment_dir.name.startswith("offline-run-")
-    assert "logging offline" in capsys.readouterr().err
+    assert "logging offline" in caplog.text and "CommError: dial tcp" in caplog.text  # a warning in train.log
+    assert t.online_error == "CommError: dial tcp: connection refused"  # and in status.json
     # Under load (1 in ~5 runs with other work on both cores, also before the re-log change) this
     # segment read back empty right after finish(): give W&B's service a moment to write it out.
     for _ in range(50):
