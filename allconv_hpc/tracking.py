@@ -18,6 +18,9 @@ Resuming (a preempted Slurm job requeued into the same run folder):
   step boundary. So every W&B log is also appended to ``run_dir/wandb_steps.jsonl``, and a resumed
   process first re-logs the steps up to its checkpoint that the W&B record lacks (the earlier
   offline segments' last step; online, the server's resume step): no step is missing, none twice.
+* After a SIGKILL the steps between the checkpoint and the kill are trained again. The earlier
+  segment holds them already, so they are not logged again (online, W&B itself drops them): each
+  step is in the record once, from the first process that logged it.
 """
 from __future__ import annotations
 
@@ -239,6 +242,9 @@ class NullTracker:
     def set_summary(self, **kv: Any) -> None:
         pass
 
+    def sync(self) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -284,6 +290,8 @@ class Tracker:
         self._finished = False
         self._torn_down = False
         self._last_step: Optional[int] = None
+        self._floor = 0  # steps the W&B record holds from earlier processes: never logged again
+        self._floor_said = False
         self.steps_path = self.run_dir / STEPS_FILE
         if self.mode != "disabled":
             # likewise for the W&B log: train logs up to the checkpoint's step, evals of its epochs
@@ -292,8 +300,14 @@ class Tracker:
                         <= len(history_rows))]
             write_atomic(self.steps_path, "".join(json.dumps(e) + "\n" for e in kept))
             self._start_wandb(cfg_dict, wandb_cfg, resume_run_id)
-            if kept:
-                self._relog_lost(kept)
+            have = self._logged_until()
+            if kept and have is not None:
+                self._relog_lost(kept, have)
+            # After a SIGKILL the steps between the checkpoint and the kill are trained again; the
+            # earlier segment already holds them (online, W&B drops them itself), so they are not
+            # logged twice. A train log at the floor step that the killed process never sent is lost
+            # with them (wandb_steps.jsonl still has it).
+            self._floor = have or 0
 
     # -- W&B -----------------------------------------------------------------------------------
     def _start_wandb(self, cfg_dict: dict, wandb_cfg: WandbConfig, resume_run_id: Optional[str]) -> None:
@@ -324,8 +338,9 @@ class Tracker:
             self.mode = "offline"
             self._run = wandb.init(mode="offline", **kwargs)
 
-    def _logged_until(self) -> int:
-        """The last step the W&B record of this run already holds from earlier processes."""
+    def _logged_until(self) -> Optional[int]:
+        """The last step the W&B record of this run already holds from earlier processes (0: none);
+        None when an earlier segment cannot be read."""
         if self.mode == "online":
             return max(0, int(self._run.starting_step) - 1)  # the server's resume point
         from .wandb_offline import read_run, segments
@@ -336,16 +351,15 @@ class Tracker:
                 continue
             try:
                 steps = [r["_step"] for r in read_run(seg)["history"] if "_step" in r]
-            except Exception as e:  # an unreadable segment: re-log nothing rather than guess
-                print(f"[tracking] cannot read W&B segment {seg} ({type(e).__name__}: {e}); not re-logging",
-                      file=sys.stderr, flush=True)
-                return 1 << 62
+            except Exception as e:  # unknown: neither re-log nor drop anything rather than guess
+                print(f"[tracking] cannot read W&B segment {seg} ({type(e).__name__}: {e}); not re-logging "
+                      f"lost steps, nor skipping steps it may hold", file=sys.stderr, flush=True)
+                return None
             last = max([last, *steps])
         return last
 
-    def _relog_lost(self, entries: list[dict]) -> None:
-        """Re-log, in their original order, the logs up to the checkpoint that W&B lacks."""
-        have = self._logged_until()
+    def _relog_lost(self, entries: list[dict], have: int) -> None:
+        """Re-log, in their original order, the logs up to the checkpoint that W&B lacks (after ``have``)."""
         lost = [e for e in entries if e["step"] > have]
         if lost:
             print(f"[tracking] re-logging {len(lost)} W&B log(s), steps {lost[0]['step']}..{lost[-1]['step']}, "
@@ -376,6 +390,13 @@ class Tracker:
         if self._run is None or self._finished:
             return
         step = int(step)
+        if step <= self._floor:
+            if not self._floor_said:
+                self._floor_said = True
+                print(f"[tracking] steps up to {self._floor} are in this run's W&B record from an earlier process "
+                      f"(trained again after a kill since the last checkpoint): not logging them twice",
+                      file=sys.stderr, flush=True)
+            return
         if self._last_step is not None and step < self._last_step:
             print(f"[tracking] dropping W&B log at step {step} < last logged step {self._last_step}: "
                   f"{sorted(data)}", file=sys.stderr, flush=True)
@@ -418,6 +439,20 @@ class Tracker:
         print(f"[tracking] W&B stopped working ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
               f" not logging to W&B for the rest of this process", file=sys.stderr, flush=True)
         self._finished = True
+
+    def sync(self) -> None:
+        """Make ``wandb_steps.jsonl`` durable up to now. The checkpoint writer calls it before each
+        checkpoint lands: after a node crash the checkpoint never runs ahead of the logs to re-log."""
+        if self.mode == "disabled":
+            return
+        try:
+            fd = os.open(self.steps_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- history.csv -----------------------------------------------------------------------------
     def append_history(self, row: Mapping[str, Any]) -> None:

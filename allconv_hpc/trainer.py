@@ -314,9 +314,13 @@ class Trainer:
                               "interval_sums": sums[1], "identity": self.cfg.identity(), "config": self.cfg_dict,
                               "torch_version": str(torch.__version__), "world_size": self.env.world_size,
                               "saved_at": time.time()})
-            self.writer.submit(f"checkpoint step {st.global_step}", self.ckpt.save, state, st.global_step)
+            self.writer.submit(f"checkpoint step {st.global_step}", self._write_checkpoint, state, st.global_step)
         self.dist.barrier()
         self._last_save, self._due_sent = time.monotonic(), False
+
+    def _write_checkpoint(self, state: dict, step: int) -> None:  # in the writer's thread
+        self.tracker.sync()  # the W&B logs up to this step are durable before the checkpoint is
+        self.ckpt.save(state, step)
 
     def wait_checkpoints(self) -> None:
         """Everything saved so far is on disk; collective, so a failed write (rank 0's) fails every

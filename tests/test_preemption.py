@@ -122,6 +122,36 @@ def test_sigterm_to_the_whole_step_loses_no_wandb_step(reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigkill_after_wandb_wrote_past_the_checkpoint_logs_each_step_once(reference, tmp_path):
+    """A SIGKILL leaves W&B's record ahead of the newest checkpoint (epoch-end saves only here: step 5);
+    the resumed process trains those steps again and must not log them a second time."""
+    run = tmp_path / "run"
+    ov = EXACT[:-1] + ["checkpoint.every_steps=100", "wandb.mode=offline"]
+    p = subprocess.Popen(train_cmd(run, ov), env=clean_env(tmp_path), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_for_line(run / "train.log", "(global 7)", timeout=120, proc=p)
+        p.send_signal(signal.SIGSTOP)  # hold it at step 7+ while W&B's service writes its buffer out (~10 s)
+        rid = (run / "wandb_id.txt").read_text().strip()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            steps = [r["_step"] for r in merged_history(run / "wandb", rid)]
+            if steps and steps[-1] > 5:
+                break
+            time.sleep(0.2)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        p.kill()
+    assert CheckpointDir(run / "checkpoints", keep=2).load_latest()[1].name == "step_00000005.pt"
+    assert steps[-1] > 5, steps
+    r = run_train(tmp_path, run, ov)
+    assert f"steps up to {steps[-1]} are in this run's W&B record" in r.stderr, r.stderr[-2000:]
+    assert_same_weights(final_weights(run), final_weights(reference), exact=True)
+    assert [r["_step"] for r in merged_history(run / "wandb", rid)] == list(range(1, 17))
+
+
+@pytest.mark.slow
 def test_sigkill_many_times_never_leaves_an_unloadable_checkpoint(reference, tmp_path):
     """Kill -9 at random moments (checkpoints every step, so many kills land inside a write)."""
     run = tmp_path / "run"

@@ -322,3 +322,41 @@ def test_segments_order_by_recorded_start_time_not_folder_name(resumed, tmp_path
     assert read_run(killed)["history"] == [] and read_run(killed)["exit_code"] is None
     with pytest.raises(WandbLogError):
         read_run(killed, strict=True)
+
+
+def _steps_when_written(segment: Path, n: int) -> list[int]:
+    for _ in range(50):  # W&B's service may still be writing the segment just after finish()
+        steps = [r["_step"] for r in read_run(segment)["history"]]
+        if len(steps) >= n:
+            break
+        time.sleep(0.1)
+    return steps
+
+
+def test_steps_trained_again_after_a_kill_are_not_logged_twice(wenv, tmp_path, capfd):
+    # killed at step 27 with the newest checkpoint at step 20: the resumed process trains 21..27 again
+    run_dir = tmp_path / "run"
+    wcfg = WandbConfig(mode="offline")
+    first = make_tracker(run_dir, {"a": 1}, wcfg, 0, None, [])
+    rows = run_epochs(first, 1, 27)
+    first.finish()
+    assert _steps_when_written(first.segment_dir, 27) == list(range(1, 28))
+    second = make_tracker(run_dir, {"a": 1}, wcfg, 0, None, rows, global_step=20)
+    for step in range(21, 41):
+        second.log_train(step, {"loss": -float(step)})  # values of the retraining, told apart
+        if step == 30:
+            second.log_eval(30, epoch_row(3, 30))
+    second.finish()
+    assert "steps up to 27 are in this run's W&B record" in capfd.readouterr().err
+    assert _steps_when_written(second.segment_dir, 13) == list(range(28, 41))
+    merged = merged_history(run_dir / "wandb", first.run_id)
+    assert [r["_step"] for r in merged] == list(range(1, 41))  # each step once
+    assert [r["train/loss"] for r in merged[20:27]] == [train_metrics(s)["loss"] for s in range(21, 28)]
+    assert merged[29]["val/acc"] == epoch_row(3, 30)["val_acc"] and merged[29]["train/loss"] == -30.0
+    # an earlier segment that cannot be read: nothing is skipped (nor re-logged) rather than guessed
+    next(first.segment_dir.glob("run-*.wandb")).write_bytes(b"not a wandb log")
+    third = make_tracker(run_dir, {"a": 1}, wcfg, 0, None, rows, global_step=20)
+    third.log_train(21, {"loss": 1.0})
+    third.finish()
+    assert "cannot read W&B segment" in capfd.readouterr().err
+    assert _steps_when_written(third.segment_dir, 1) == [21]
