@@ -63,8 +63,8 @@ class DataConfig:
     name: str = "cifar10"           # cifar10 | cifar100 | synthetic
     root: str = "data"              # folder holding cifar-10-batches-py / cifar-100-python
     download: bool = False          # fetch through torchvision when missing (needs network)
-    train_size: Optional[int] = None  # null = all; an int = a fixed seeded subset
-    test_size: Optional[int] = None   # null = all; an int = a fixed seeded subset
+    train_size: Optional[int] = None  # null = all; an int = a subset fixed by the run's seed
+    test_size: Optional[int] = None   # null = all; an int = a subset, the same for every seed
     augment: str = "paper"          # paper: translate <=5 px + h-flip; seed: Keras shift U(-10%, 10%) rounded; none
     num_classes: int = 10           # derived from name; kept here so interpolation can read it
 

@@ -145,6 +145,7 @@ def test_subsets_are_seeded_sorted_and_checked(cifar10):
     assert len(a.train) == 9 and len(a.test) == 4
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
     assert not torch.equal(a.train.images, c.train.images)
+    assert torch.equal(a.test.images, c.test.images)  # every seed of a sweep scores on the same images
     # a subset keeps file order: its rows appear in the full set in increasing position
     pos = [next(i for i in range(23) if torch.equal(xtr[i], img)) for img in a.train.images]
     assert pos == sorted(pos) and torch.equal(ytr[pos], a.train.labels)
@@ -158,6 +159,7 @@ def test_synthetic_is_deterministic_and_balanced():
     assert a.train.images.dtype == torch.uint8 and a.train.images.shape == (1000, 3, 32, 32)
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
     assert not torch.equal(a.train.images, c.train.images)
+    assert torch.equal(a.test.images, c.test.images)  # the test images do not depend on the seed
     assert torch.bincount(a.train.labels).tolist() == [100] * 10 and torch.bincount(a.test.labels).tolist() == [30] * 10
     assert len(data.load(DataConfig(name="synthetic"), seed=0).train) == 2048
     assert all(0 < m < 1 for m in a.mean) and all(0 < s < 1 for s in a.std)
