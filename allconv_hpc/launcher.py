@@ -25,8 +25,9 @@ from .preempt import EXIT_REQUEUED, ignore_late_signals
 # Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
 # quotes): letters, digits and the punctuation Slurm's own syntax uses, nothing a shell would act on.
 _SAFE = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-]*")  # used with fullmatch: "$" would let "x\n" through
+_GPU_TYPE = re.compile(r"[A-Za-z0-9_.\-]+")  # --gpus-per-node=<type>:<count>, e.g. a100, h100_80gb
 _CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-|&*!()]*")  # features: a100|h100, [a&b], (x*2)
-CLUSTER_KEYS = {"backend", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
+CLUSTER_KEYS = {"backend", "nodes", "gpus_per_node", "gpu_type", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
                 "partition", "account", "qos", "constraint", "exclude", "additional_parameters", "setup",
                 "signal", "signal_lead_s", "requeue", "array_parallelism"}
 # sbatch options that come from cluster.* keys or that submit sets itself: additional_parameters may not
@@ -166,6 +167,11 @@ def validate_cluster(cluster: dict, cfg) -> dict:
     for k in ("partition", "account", "qos", "exclude", "signal"):
         _need_word(c, k, _SAFE, "_.,:@%+=/[]-")
     _need_word(c, "constraint", _CONSTRAINT, "_.,:@%+=/[]-|&*!()")
+    if c.get("gpu_type") is not None:
+        _need_word(c, "gpu_type", _GPU_TYPE, "_.-")
+        if not c["gpus_per_node"]:
+            raise ConfigError(f"cluster.gpu_type={c['gpu_type']} needs cluster.gpus_per_node >= 1 (it types that "
+                              f"request: --gpus-per-node={c['gpu_type']}:N)")
     extra = c.get("additional_parameters") or {}
     if not isinstance(extra, dict):
         raise ConfigError(f"cluster.additional_parameters={extra!r} must be a mapping, e.g. {{mail-type: END}}")
@@ -176,6 +182,10 @@ def validate_cluster(cluster: dict, cfg) -> dict:
             use = _OWN_OPTIONS[str(k).replace("_", "-")]
             raise ConfigError(f"cluster.additional_parameters.{k} would override what submit sets itself"
                               + (f"; use {use}" if use else "; remove it"))
+        if str(k) == "gres" and any(g.split(":")[0] == "gpu" for g in str(v).split(",")):
+            # GPUs requested twice, or beside the validated shape; other gres (tmpdisk, ...) are fine
+            raise ConfigError(f"cluster.additional_parameters.gres={v} asks for GPUs: use cluster.gpus_per_node=N "
+                              f"(and cluster.gpu_type=TYPE for a typed request such as gpu:a100:N)")
         if v is not True and (isinstance(v, bool) or not isinstance(v, (str, int)) or not _SAFE.fullmatch(str(v))):
             raise ConfigError(f"cluster.additional_parameters.{k}={v!r} is not a safe sbatch value: use true (a flag) "
                               f"or only letters, digits and _.,:@%+=/[]-")
@@ -338,7 +348,8 @@ def make_executor(cluster: dict, folder: Path):
                   setup=list(cluster["setup"]), additional_parameters=extra,
                   srun_args=srun_args, stderr_to_stdout=False, job_name="allconv")
     if cluster["gpus_per_node"]:
-        params["gpus_per_node"] = cluster["gpus_per_node"]
+        gpus = cluster["gpus_per_node"]
+        params["gpus_per_node"] = f"{cluster['gpu_type']}:{gpus}" if cluster.get("gpu_type") else gpus
     if cluster.get("mem_gb") is not None:
         params["mem"] = f"{cluster['mem_gb']}GB"
     for k in ("partition", "account", "qos", "constraint", "exclude"):

@@ -156,7 +156,8 @@ def test_constraint_takes_slurms_syntax(tmp_path, on_path, constraint):
     ("additional_parameters", {"output": "/tmp/x"}), ("additional_parameters", "mail-type=END"),
     ("nodes", "2"), ("nodes", True), ("nodes", 0), ("array_parallelism", 0), ("gpus_per_node", -1),
     ("cpus_per_task", 1.5), ("timeout_min", None), ("requeue", "yes"), ("signal_lead_s", 5),
-    ("backend", "pbs"),
+    ("backend", "pbs"), ("gpu_type", "a100;id"), ("gpu_type", ""), ("gpu_type", "a100:2"),
+    ("gpu_type", "a100"),  # with cluster.gpus_per_node=0: nothing to type
 ])
 def test_bad_cluster_values_are_refused_with_one_line(key, value):
     refused(cluster_of(), key, value)
@@ -175,6 +176,20 @@ def test_additional_parameters_name_the_key_to_use():
     assert "use cluster.mem_gb" in refused(cluster_of(), "additional_parameters", {"mem_per_cpu": "4G"})
     assert "use cluster.gpus_per_node" in refused(cluster_of(), "additional_parameters", {"gpus": 8})
     assert "remove it" in refused(cluster_of(), "additional_parameters", {"distribution": "arbitrary"})
+
+
+def test_typed_gpus_go_through_gpu_type_not_gres(tmp_path, on_path):
+    on_path()
+    gpus = cluster_of("cluster.gpus_per_node=2", "cluster.tasks_per_node=2", "trainer.batch_size=64")
+    lines = sbatch_lines(render(launcher.validate_cluster({**gpus, "gpu_type": "a100_80gb"}, composed().cfg),
+                                tmp_path))
+    assert "#SBATCH --gpus-per-node=a100_80gb:2" in lines, lines
+    msg = refused(gpus, "additional_parameters", {"gres": "gpu:a100:2"})
+    assert "asks for GPUs: use cluster.gpus_per_node=N (and cluster.gpu_type=TYPE" in msg
+    refused(gpus, "additional_parameters", {"gres": "tmpdisk:10,gpu:1"})
+    other = launcher.validate_cluster({**gpus, "additional_parameters": {"gres": "tmpdisk:10"}}, composed().cfg)
+    assert "#SBATCH --gres=tmpdisk:10" in sbatch_lines(render(other, tmp_path))
+    assert "needs cluster.gpus_per_node >= 1" in refused(cluster_of(), "gpu_type", "a100")
 
 
 def test_unknown_cluster_key_is_refused():
