@@ -257,12 +257,9 @@ class NullTracker:
 
 def _settings(wandb):
     """HPC settings. reinit="finish_previous": never silently get back an unfinished run of this
-    process ("default" returns it outside notebooks); older wandb (< ~0.19) spells it ``True``.
-    save_code=False: the job runs the installed package; git state is still recorded."""
-    try:
-        return wandb.Settings(save_code=False, reinit="finish_previous")
-    except Exception:  # pydantic ValidationError / UsageError on older wandb
-        return wandb.Settings(save_code=False, reinit=True)
+    process ("default" returns it outside notebooks). save_code=False: the job runs the installed
+    package; git state is still recorded."""
+    return wandb.Settings(save_code=False, reinit="finish_previous")
 
 
 class Tracker:
