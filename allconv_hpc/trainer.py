@@ -339,14 +339,15 @@ class Trainer:
         if not self.env.is_main:
             return
         h = self.state.history
+        tracker = getattr(self, "tracker", None)  # not yet there when setup fails early
         doc = {"state": state, "epoch": self.state.epoch, "epochs": self.cfg.trainer.epochs,
                "global_step": self.state.global_step, "step_in_epoch": self.state.step_in_epoch,
                "last_val_acc": h[-1]["val_acc"] if h else None,
                "best_val_acc": self.state.best_val_acc if h else None, "wandb_id": self.state.wandb_id,
                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "restarts": self.slurm.restarts,
                "timeouts": self.state.timeouts, "precision": getattr(self, "precision", None),
-               "wandb_mode": getattr(getattr(self, "tracker", None), "mode", None),
-               "wandb_online_error": getattr(getattr(self, "tracker", None), "online_error", None),
+               "wandb_mode": getattr(tracker, "mode", None),
+               "wandb_online_error": getattr(tracker, "online_error", None),
                "updated": time.time(), **extra}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 
