@@ -79,6 +79,7 @@ def run(overrides: list[str]) -> int:
         return code
     except DistributedError as e:
         log.error("%s", e)
+        _report(trainer, str(e), "failed", tell_peers=False)  # a peer failed: status.json must not stay "running"
         return 1
     except (NonFiniteError, CheckpointError) as e:  # a failed write or an unreadable file: one line
         log.error("%s", e)
@@ -94,6 +95,7 @@ def run(overrides: list[str]) -> int:
         peer = trainer.dist.as_peer_failure(e) if trainer is not None else None
         if peer is not None:  # a collective failed because another rank died: name it, no traceback soup
             log.error("%s", peer)
+            _report(trainer, str(peer), "failed", tell_peers=False)
             return 1
         _report(trainer, f"{type(e).__name__}: {e}", "failed")
         raise
@@ -102,10 +104,11 @@ def run(overrides: list[str]) -> int:
             trainer.close(exit_code=code)
 
 
-def _report(trainer, message: str, state: str) -> None:
+def _report(trainer, message: str, state: str, tell_peers: bool = True) -> None:
     if trainer is None:
         return
-    trainer.dist.report_failure(message)
+    if tell_peers:
+        trainer.dist.report_failure(message)
     try:
         trainer.write_status(state, error=message[:500])
     except Exception:  # never hide the original error

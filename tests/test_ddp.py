@@ -2,6 +2,7 @@
 evaluation, a killed rank, and the uneven-batch error."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -94,6 +95,8 @@ def test_killed_rank_fails_the_others_within_timeout(tmp_path):
     assert code not in (0, None)
     assert waited < 20 + 15, f"survivor took {waited:.0f} s"
     assert "peer rank(s) 1 did not answer" in out or "peer rank 1" in out, out[-2000:]
+    st = json.loads((tmp_path / "run" / "status.json").read_text())  # `allconv-hpc status` must not say running
+    assert st["state"] == "failed" and "peer rank" in st["error"], st
 
 
 def test_a_rank_that_raises_fails_the_others_naming_it(tmp_path):
@@ -110,6 +113,8 @@ def test_a_rank_that_raises_fails_the_others_naming_it(tmp_path):
     assert procs[0].returncode == 1, outs[0][-2000:]
     assert "peer rank 1 failed: RuntimeError: injected failure at global step 7" in outs[0], outs[0][-2000:]
     assert "Traceback" not in outs[0]  # the survivor explains in one line; the failing rank has the traceback
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "failed" and "injected failure at global step 7" in st["error"], st
 
 
 def test_a_hung_rank_fails_the_others_within_the_timeout(tmp_path):
