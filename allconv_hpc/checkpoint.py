@@ -136,8 +136,10 @@ class CheckpointDir:
     def save_best(self, state: dict) -> None:
         write_file(self.folder / "best.pt", state)
 
-    def load_latest(self) -> Optional[tuple[dict, Path]]:
-        """The newest checkpoint that verifies; corrupt ones are skipped with a warning."""
+    def load_latest(self, quarantine: bool = False) -> Optional[tuple[dict, Path]]:
+        """The newest checkpoint that verifies; corrupt ones are skipped with a warning. With
+        ``quarantine`` (the trainer resuming) skipped step files are renamed ``*.corrupt``: kept for a
+        look, but out of the rotation, where they would take a `keep` slot from the good files."""
         # highest step first: a kill between writing step_N and relinking last.pt must not lose step N
         candidates = self.step_files() + [self.folder / "last.pt"]
         bad = []
@@ -146,12 +148,21 @@ class CheckpointDir:
                 continue
             try:
                 state = load_file(path)
+            except FileNotFoundError:  # pruned since the listing
+                continue
+            except OSError as e:  # the file may be fine (EIO, ESTALE, permissions): never silently go back
+                raise CheckpointError(f"cannot read {path}: {e}; fix the file system problem and run again (or move "
+                                      f"the file aside to resume from the one before)") from None
             except Exception as e:  # CheckpointError, or torch refusing a damaged zip
                 log.warning("skipping unusable checkpoint %s: %s", path, str(e).splitlines()[0][:200])
                 bad.append(path)
                 continue
             if bad:
                 log.warning("resuming from the previous good checkpoint %s", path.name)
+                for b in bad:
+                    if quarantine and b.name != "last.pt":  # last.pt is relinked at the next save
+                        os.replace(b, b.with_name(b.name + ".corrupt"))
+                        log.warning("moved %s aside to %s", b.name, b.name + ".corrupt")
             return state, path
         if bad:
             raise CheckpointError(f"every checkpoint in {self.folder} is unusable ({', '.join(p.name for p in bad)}); "

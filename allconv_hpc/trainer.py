@@ -248,14 +248,14 @@ class Trainer:
         path = ck = error = None
         if self.env.is_main:
             try:
-                found = self.ckpt.load_latest()
+                found = self.ckpt.load_latest(quarantine=True)
             except CheckpointError as e:  # every rank must fail with it, not wait in the broadcast below
                 found, error = None, str(e)
             if found:
                 ck, path = found[0], str(found[1])
         path, error = self.dist.broadcast_object((path, error))
         if error:
-            raise ConfigError(error)
+            raise CheckpointError(error)
         if path is None:
             if mode == "must":
                 raise ConfigError(f"checkpoint.resume=must but {self.ckpt.folder} holds no checkpoint")

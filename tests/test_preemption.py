@@ -2,6 +2,7 @@
 where uninterrupted runs end; corrupt checkpoints fall back; NaN never overwrites a good checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -235,6 +236,22 @@ def test_truncated_and_bitflipped_newest_checkpoint_falls_back(reference, tmp_pa
     # and the trainer resumes from the older one and still ends where the reference ended
     r = run_train(tmp_path, run, EXACT + ["trainer.epochs=4"])
     assert "skipping unusable checkpoint" in r.stdout + r.stderr + (run / "train.log").read_text()
+
+
+def test_a_folder_whose_every_checkpoint_is_unusable_fails_the_run_and_keeps_the_files(reference, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    files = sorted((run / "checkpoints").glob("*.pt"))  # best.pt is never resumed from
+    for f in files:
+        if f.name != "best.pt":
+            f.write_bytes(f.read_bytes()[:1000])
+    r = run_train(tmp_path, run, EXACT, check=False)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]  # a checkpoint failure, not "bad config" (2)
+    assert "is unusable" in (run / "train.log").read_text()
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "failed" and "is unusable" in st["error"], st
+    assert sorted((run / "checkpoints").glob("*.pt")) == files  # nothing renamed or deleted
 
 
 def test_nan_stops_without_touching_good_checkpoints(tmp_path):

@@ -356,3 +356,25 @@ def test_precision_auto_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
     assert resolve_precision("auto", gpu) == "bf16"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     assert resolve_precision("auto", gpu) == "fp32"  # emulated bf16 is slower than fp32: not chosen
+
+
+def test_a_skipped_corrupt_checkpoint_leaves_the_rotation_and_an_unreadable_one_stops(tmp_path, caplog):
+    from allconv_hpc.checkpoint import CheckpointDir, CheckpointError
+    d = CheckpointDir(tmp_path, keep=2)
+    for step in (100, 200):
+        d.save({"step": torch.tensor(step)}, step)
+    bad = tmp_path / "step_00000200.pt"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bad.write_bytes(bytes(data))  # also last.pt: the same inode
+    assert d.load_latest()[1].name == "step_00000100.pt" and bad.exists()  # a look only (submit's check)
+    state, path = d.load_latest(quarantine=True)  # the trainer resuming
+    assert path.name == "step_00000100.pt" and int(state["step"]) == 100
+    assert not bad.exists() and (tmp_path / "step_00000200.pt.corrupt").exists()
+    d.save({"step": torch.tensor(150)}, 150)  # the resumed run: the good step 100 keeps its keep slot
+    assert [p.name for p in d.step_files()] == ["step_00000150.pt", "step_00000100.pt"]
+    assert int(d.load_latest()[0]["step"]) == 150
+    # a file that cannot be read (I/O error, here a folder in its place) may be fine: no silent fallback
+    (tmp_path / "step_00000300.pt").mkdir()
+    with pytest.raises(CheckpointError, match=r"cannot read .*step_00000300.pt: .*fix the file system problem"):
+        d.load_latest(quarantine=True)
