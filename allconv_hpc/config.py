@@ -218,8 +218,9 @@ class Config:
         flat = _flatten(dataclasses.asdict(self))
         return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_CHANGES)}
 
-    def check_resumable(self, theirs: dict, run_dir) -> None:
-        """Refuse to resume a checkpoint whose identity (see `identity`) differs, naming each key."""
+    def check_resumable(self, theirs: dict, run_dir, train_state: Optional[dict] = None) -> None:
+        """Refuse to resume a checkpoint whose identity (see `identity`) differs, naming each key, or
+        whose progress (``train_state``) is past ``trainer.epochs``: a run may grow, not shrink."""
         mine = self.identity()
         if mine != theirs:
             diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
@@ -227,6 +228,12 @@ class Config:
             raise ConfigError(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
                               f"another hydra.run.dir, or checkpoint.resume=never to start over (old checkpoints "
                               f"are kept)")
+        if train_state:
+            begun = int(train_state.get("epoch", 0)) + (1 if train_state.get("step_in_epoch", 0) else 0)
+            if self.trainer.epochs < begun:
+                raise ConfigError(f"trainer.epochs={self.trainer.epochs} but the run in {run_dir} has begun epoch "
+                                  f"{begun}; a run can grow, not shrink: use trainer.epochs >= {begun}, or another "
+                                  f"hydra.run.dir")
 
 
 # Keys a resume may change: where things run and how they are logged, not what is learned.

@@ -262,7 +262,7 @@ class Trainer:
             return None
         if ck is None:  # the other ranks read the file rank 0 chose (rank 0 verified it already)
             ck = load_file(Path(path))
-        self.cfg.check_resumable(ck.get("identity", {}), self.run_dir)
+        self.cfg.check_resumable(ck.get("identity", {}), self.run_dir, ck.get("train_state"))
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         _match_layouts(self.opt)

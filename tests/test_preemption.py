@@ -311,6 +311,11 @@ def test_config_mismatch_is_refused(reference, tmp_path):
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")} == before
     assert (run / ".hydra" / "config.yaml").read_text() == hydra_before  # the folder's record is untouched
     assert (run / "status.json").read_text() == status_before
+    # fewer epochs than the run has done: refused too, not "completed" with weights of a later epoch
+    r = run_train(tmp_path, run, EXACT + ["trainer.epochs=2"], check=False)
+    assert r.returncode == 2
+    assert "trainer.epochs=2 but the run in" in r.stderr + r.stdout and "use trainer.epochs >= 3" in r.stderr + r.stdout
+    assert (run / "status.json").read_text() == status_before
 
 
 def test_resume_never_starts_fresh_and_keeps_old_checkpoints(reference, tmp_path):
