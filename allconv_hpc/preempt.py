@@ -46,26 +46,40 @@ def signum(name: str) -> int:
 
 # A stop signal that arrived before training installed its StopRequest (see `catch_early`).
 _early: Optional[int] = None
+# The job's warning signal (checkpoint.signal) once the config has named it (`_configured`).
+_warn: int = signal.SIGUSR2
+_configured = False
 
 
 def _record_early(sig: int, frame) -> None:
     global _early
-    if _early is None:
-        _early = sig
+    if _early is None and (not _configured or sig in (_warn, signal.SIGTERM)):
+        _early = sig  # once configured, a warning signal the job was not configured for is ignored
 
 
-def catch_early(warn_signal: str = "USR2") -> None:
+def catch_early(warn_signal: Optional[str] = None) -> None:
     """Record the warning signal and SIGTERM from now on (a job's start: imports, data, model, W&B).
 
-    Under submitit its own handlers would otherwise be in place then and after training: its USR2
-    handler checkpoints from inside the handler and requeues even a job that has just completed.
-    The next StopRequest picks the recorded signal up, so training stops at its first step boundary.
+    The CLI calls it first with no signal, before the heavy imports and before the config names
+    one: then USR1 and USR2 are both caught. `train.run` calls it again with checkpoint.signal; an
+    early warning of the other kind is then dropped. Under submitit its own handlers would otherwise
+    be in place then and after training: its USR2 handler checkpoints from inside the handler and
+    requeues even a job that has just completed. The next StopRequest picks the recorded signal up,
+    so training stops at its first step boundary.
     """
-    for s in (signum(warn_signal), signal.SIGTERM):
+    global _warn, _early, _configured
+    if warn_signal is None:
+        sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+    else:
+        _warn, _configured = signum(warn_signal), True
+        if _early in (signal.SIGUSR1, signal.SIGUSR2) and _early != _warn:
+            _early = None
+        sigs = (_warn, signal.SIGTERM)
+    for s in sigs:
         signal.signal(s, _record_early)
 
 
-def ignore_late_signals(warn_signal: str = "USR2") -> None:
+def ignore_late_signals(warn_signal: Optional[str] = None) -> None:
     """Training is over (done, stopped or failed): ignore warnings (USR1, USR2, `warn_signal`) and
     SIGTERM from now on.
 
@@ -74,7 +88,7 @@ def ignore_late_signals(warn_signal: str = "USR2") -> None:
     and Slurm would record the job FAILED (seen: COMPLETED training, FAILED job). SIG_IGN survives
     that reset. Only for process entry points: a test process calling `train.run` keeps its handlers.
     """
-    for s in {signal.SIGUSR1, signal.SIGUSR2, signum(warn_signal), signal.SIGTERM}:
+    for s in {signal.SIGUSR1, signal.SIGUSR2, signum(warn_signal) if warn_signal else _warn, signal.SIGTERM}:
         signal.signal(s, signal.SIG_IGN)
 
 
@@ -102,7 +116,7 @@ class StopRequest:
         # A warning followed by TERM (the grace period ending) is still a preemption: keep the first.
         if self.received is None:
             self.received = sig
-        elif sig == signal.SIGINT:  # a second Ctrl-C: the user wants out now (checkpoints are atomic)
+        elif sig == signal.SIGINT:  # Ctrl-C while a stop is under way: the user wants out now (checkpoints are atomic)
             raise KeyboardInterrupt
 
     @property

@@ -162,6 +162,33 @@ def test_a_signal_during_startup_is_honoured_by_the_next_stop_request():
             signal.signal(s, h)
 
 
+def test_early_warnings_before_and_after_the_config_names_the_signal(monkeypatch):
+    from allconv_hpc import preempt
+    sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP)
+    saved = {s: signal.getsignal(s) for s in sigs}
+    for name, value in (("_early", None), ("_warn", signal.SIGUSR2), ("_configured", False)):
+        monkeypatch.setattr(preempt, name, value)
+    try:
+        catch_early()  # the CLI, before compose: either warning signal may be the job's
+        os.kill(os.getpid(), signal.SIGUSR1)
+        catch_early("USR2")  # compose named USR2: the early USR1 is not this job's warning
+        os.kill(os.getpid(), signal.SIGUSR1)  # nor later, before training
+        with StopRequest("USR2") as stop:
+            assert not stop.requested
+        monkeypatch.setattr(preempt, "_configured", False)
+        catch_early()
+        os.kill(os.getpid(), signal.SIGUSR1)  # before compose, and USR1 is the configured one: kept
+        catch_early("USR1")
+        with StopRequest("USR1") as stop:
+            assert stop.requested and stop.is_warning
+        catch_early("HUP")
+        preempt.ignore_late_signals()  # what the CLI calls at the end: the configured signal too
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in sigs)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 def fake_slurm(tmp_path, monkeypatch, **scripts: str) -> Path:
     """Fake Slurm commands on PATH: each prints the given text (exit 1 when it is None); calls logged."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
