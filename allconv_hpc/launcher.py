@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import CPU_PRECISIONS, ConfigError
+from .config import CPU_PRECISIONS, RESUMABLE_CHANGES, ConfigError
 from .preempt import EXIT_REQUEUED, ignore_late_signals
 
 # Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
 # quotes): letters, digits and the punctuation Slurm's own syntax uses, nothing a shell would act on.
-_SAFE = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-]*")  # used with fullmatch: "$" would let "x\n" through
+_SAFE = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-]+")  # used with fullmatch: "$" would let "x\n" through
 _GPU_TYPE = re.compile(r"[A-Za-z0-9_.\-]+")  # --gpus-per-node=<type>:<count>, e.g. a100, h100_80gb
-_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-|&*!()]*")  # features: a100|h100, [a&b], (x*2)
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-|&*!()]+")  # features: a100|h100, [a&b], (x*2)
 CLUSTER_KEYS = {"backend", "nodes", "gpus_per_node", "gpu_type", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
                 "partition", "account", "qos", "constraint", "exclude", "additional_parameters", "setup",
                 "signal", "signal_lead_s", "requeue", "array_parallelism"}
@@ -37,14 +37,19 @@ _OWN_OPTIONS = {"nodes": "cluster.nodes", "ntasks-per-node": "cluster.tasks_per_
                 "mem": "cluster.mem_gb", "time": "cluster.timeout_min", "partition": "cluster.partition",
                 "account": "cluster.account", "qos": "cluster.qos", "constraint": "cluster.constraint",
                 "exclude": "cluster.exclude", "signal": "cluster.signal and cluster.signal_lead_s",
-                "requeue": "cluster.requeue", "array": "cluster.array_parallelism", "output": None, "error": None,
+                "requeue": "cluster.requeue", "no-requeue": "cluster.requeue", "array": "cluster.array_parallelism",
+                "output": None, "error": None,
                 "open-mode": None, "job-name": None,
                 # the same shape by other names (sbatch refuses some pairs, e.g. --mem with --mem-per-cpu)
                 "ntasks": "cluster.nodes and cluster.tasks_per_node", "ntasks-per-gpu": "cluster.tasks_per_node",
                 "gpus": "cluster.gpus_per_node", "gpus-per-task": "cluster.gpus_per_node",
                 "cpus-per-gpu": "cluster.cpus_per_task", "mem-per-cpu": "cluster.mem_gb",
-                "mem-per-gpu": "cluster.mem_gb",
+                "mem-per-gpu": "cluster.mem_gb", "gpus-per-socket": "cluster.gpus_per_node",
+                "tres-per-task": "cluster.gpus_per_node and cluster.cpus_per_task",
+                "ntasks-per-core": "cluster.tasks_per_node", "mincpus": "cluster.cpus_per_task",
+                "sockets-per-node": None, "cores-per-socket": None,
                 "distribution": None}  # rank 0 must run on the first node: it hosts the rendezvous
+SIGNAL_LEAD_MAX = 65535  # sbatch --signal=SIG@TIME takes at most this many seconds
 
 
 @dataclass
@@ -70,22 +75,39 @@ def auto_cluster(overrides: list[str]) -> Optional[str]:
 
 def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[list[str]]]:
     """(common overrides, one list of swept overrides per point) using Hydra's own parser."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+    from .compose import CONFIG_MODULE
+
     common, axes = [], []
-    for o in parsed:
-        if o.is_sweep_override():
-            if not multirun:
-                raise ConfigError(f"{o.input_line!r} is a sweep; add -m to submit a sweep")
-            key = o.get_key_element()
-            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            common.append(o.input_line)
+    GlobalHydra.instance().clear()
+    try:  # glob(...) lists a config group's options through the config loader
+        with initialize_config_module(CONFIG_MODULE, version_base=None):
+            loader = GlobalHydra.instance().config_loader()
+            try:
+                parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
+            except HydraException as e:
+                raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+            for o in parsed:
+                if not o.is_sweep_override():
+                    common.append(o.input_line)
+                    continue
+                if not multirun:
+                    raise ConfigError(f"{o.input_line!r} is a sweep; add -m to submit a sweep")
+                try:
+                    values = list(o.sweep_string_iterator())
+                except HydraException:  # interval(...): for optimizing sweepers, nothing to enumerate
+                    values = []
+                if not values:
+                    raise ConfigError(f"{o.input_line!r} gives no values to submit: use a comma list, range(...), "
+                                      f"choice(...) or glob(...) of a config group's options (e.g. "
+                                      f"model=glob(allcnn_*))")
+                axes.append([f"{o.get_key_element()}={v}" for v in values])
+    finally:
+        GlobalHydra.instance().clear()
     points = [list(p) for p in itertools.product(*axes)] if axes else [[]]
     return common, points
 
@@ -96,9 +118,31 @@ def point_dirname(swept: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
 
 
+def _key(override: str) -> str:
+    """'++a.b=1' -> 'a.b' (Hydra's +, ++ and ~ say how to apply a key, not which key)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _launch_only(key: str) -> bool:
+    """Keys that do not change what a run learns: the launch settings, and what a resume may change."""
+    return any(key == p.rstrip(".") or key.startswith(p if p.endswith(".") else p + ".")
+               for p in ("cluster", "hydra", *RESUMABLE_CHANGES))
+
+
 def default_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
-    """sweeps/<swept keys>-<hash of the sweep's definition>: the same command maps to the same folder
-    (so a resubmission resumes), a different sweep to another one."""
+    """sweeps/<swept keys>-<hash of the sweep's definition>: the same sweep maps to the same folder
+    (so a resubmission resumes, also with launch-only keys changed or values reordered), a different
+    sweep to another one."""
+    import hashlib
+    keys = sorted({o.split("=", 1)[0] for o in swept[0]})
+    defining = sorted(o for o in common if not _launch_only(_key(o)))
+    digest = hashlib.sha1(json.dumps([defining, sorted(sorted(p) for p in swept)]).encode()).hexdigest()[:8]
+    return f"sweeps/{'+'.join(keys) or 'sweep'}-{digest}"
+
+
+def _legacy_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
+    """The name sweeps got before default_sweep_dir ignored launch-only keys and value order: an
+    existing sweep folder of that name is still resumed."""
     import hashlib
     keys = sorted({o.split("=", 1)[0] for o in swept[0]})
     defining = sorted(o for o in common if not o.split("=", 1)[0].startswith(("cluster", "hydra", "wandb.mode")))
@@ -178,9 +222,13 @@ def validate_cluster(cluster: dict, cfg) -> dict:
     for k, v in extra.items():
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(k)):
             raise ConfigError(f"cluster.additional_parameters.{k}: not an sbatch option name (e.g. mail-type)")
-        if str(k).replace("_", "-") in _OWN_OPTIONS:
-            use = _OWN_OPTIONS[str(k).replace("_", "-")]
-            raise ConfigError(f"cluster.additional_parameters.{k} would override what submit sets itself"
+        name = str(k).replace("_", "-")
+        # sbatch takes an unambiguous abbreviation of an option (--tim=5 is --time=5)
+        owned = [name] if name in _OWN_OPTIONS else [o for o in sorted(_OWN_OPTIONS) if o.startswith(name)]
+        if owned:
+            use = " or ".join(dict.fromkeys(_OWN_OPTIONS[o] for o in owned if _OWN_OPTIONS[o]))
+            what = "" if owned == [name] else f" (sbatch reads it as --{' or --'.join(owned)})"
+            raise ConfigError(f"cluster.additional_parameters.{k} would override what submit sets itself{what}"
                               + (f"; use {use}" if use else "; remove it"))
         if str(k) == "gres" and any(g.split(":")[0] == "gpu" for g in str(v).split(",")):
             # GPUs requested twice, or beside the validated shape; other gres (tmpdisk, ...) are fine
@@ -198,6 +246,9 @@ def validate_cluster(cluster: dict, cfg) -> dict:
     if not isinstance(c.get("requeue"), bool):
         raise ConfigError(f"cluster.requeue={c.get('requeue')!r} must be true or false")
     _need_int(c, "signal_lead_s", 10)
+    if c["signal_lead_s"] > SIGNAL_LEAD_MAX:
+        raise ConfigError(f"cluster.signal_lead_s={c['signal_lead_s']} is more than sbatch --signal takes "
+                          f"({SIGNAL_LEAD_MAX} s); use a shorter lead")
     if c["signal_lead_s"] >= c["timeout_min"] * 60:
         raise ConfigError(f"cluster.signal_lead_s={c['signal_lead_s']} must be shorter than cluster.timeout_min")
     if str(c.get("signal", "")).upper().removeprefix("SIG") != cfg.checkpoint.signal.upper().removeprefix("SIG"):
@@ -220,25 +271,30 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
     from .data import check_present
 
     common, swept = expand_sweep(overrides, multirun)
-    first = compose(common + swept[0])
+    keys = {_key(o) for o in common + swept[0]}
     sweep_dir = None
     if multirun:
-        explicit = any(o.startswith("hydra.sweep.dir=") for o in common)
-        sweep_dir = Path(first.hydra["sweep"]["dir"] if explicit else default_sweep_dir(common, swept)).absolute()
+        if "hydra.run.dir" in keys:
+            raise ConfigError("hydra.run.dir is set per point in a sweep (-m): give the sweep's folder with "
+                              "hydra.sweep.dir=... instead")
+        if "hydra.sweep.dir" in keys:
+            sweep_dir = Path(compose(common + swept[0]).hydra["sweep"]["dir"]).absolute()
+        else:
+            name, legacy = default_sweep_dir(common, swept), _legacy_sweep_dir(common, swept)
+            sweep_dir = Path(legacy if Path(legacy).is_dir() and not Path(name).exists() else name).absolute()
         hydra_value(sweep_dir, "hydra.sweep.dir")
     points, cluster = [], None
-    extra = []
-    if not Path(first.cfg.data.root).is_absolute():  # the jobs may start in another folder
-        extra.append(f"data.root={hydra_value(Path(first.cfg.data.root).absolute(), 'data.root')}")
     for s in swept:
-        ov = common + s + extra
+        ov = common + s
         if sweep_dir is not None:
             run_dir = sweep_dir / point_dirname(s)
             ov = ov + [f"hydra.run.dir={hydra_value(run_dir, 'hydra.run.dir')}"]
-            if not any(o.startswith("wandb.group=") for o in common + s):
+            if "wandb.group" not in {_key(o) for o in common + s}:
                 ov.append(f"wandb.group={hydra_value(sweep_dir.name, 'wandb.group')}")
         c = compose(ov)
         check_present(c.cfg.data)
+        if not Path(c.cfg.data.root).is_absolute():  # the jobs may start in another folder
+            ov = ov + [f"data.root={hydra_value(Path(c.cfg.data.root).absolute(), 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
         if cluster is not None and mine != cluster:
             diff = ", ".join(f"cluster.{k}" for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k))
@@ -288,7 +344,7 @@ def check_run_folder(run_dir: Path, cfg) -> None:
         if cfg.checkpoint.resume == "must":
             raise ConfigError(f"checkpoint.resume=must but {run_dir / 'checkpoints'} holds no checkpoint")
         return
-    cfg.check_resumable(found[0].get("identity", {}), run_dir)
+    cfg.check_resumable(found[0].get("identity", {}), run_dir, found[0].get("train_state"))
 
 
 class TrainJob:
@@ -324,7 +380,13 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.signal_lead_s, self.signal))
 
 
+def _signal_name(cluster: dict) -> str:
+    return str(cluster["signal"]).upper().removeprefix("SIG")
+
+
 def make_executor(cluster: dict, folder: Path):
+    """submitit's executor for the validated cluster. SUBMITIT_PREEMPT_SIGNAL (read when the job imports
+    submitit) makes submitit's own handler, in place until TrainJob installs ours, take our signal."""
     import submitit
 
     if cluster["backend"] == "local":
@@ -336,16 +398,17 @@ def make_executor(cluster: dict, folder: Path):
         return ex
     ex = submitit.SlurmExecutor(folder=str(folder))
     extra = dict(cluster.get("additional_parameters") or {})
-    if cluster["requeue"]:
-        extra["requeue"] = True
+    # explicit both ways: without --no-requeue the site's default (JobRequeue) decides
+    extra["requeue" if cluster["requeue"] else "no_requeue"] = True
     # our signal, sent to the srun tasks (no "B:"): the trainer checkpoints at a step boundary
-    extra["signal"] = f"{str(cluster['signal']).upper().removeprefix('SIG')}@{cluster['signal_lead_s']}"
+    extra["signal"] = f"{_signal_name(cluster)}@{cluster['signal_lead_s']}"
     # srun no longer inherits the job's --cpus-per-task (Slurm 22.05): give it explicitly
     srun_args = ["--kill-on-bad-exit=1", f"--cpus-per-task={cluster['cpus_per_task']}"]
     params = dict(nodes=cluster["nodes"], ntasks_per_node=cluster["tasks_per_node"],
                   cpus_per_task=cluster["cpus_per_task"], time=cluster["timeout_min"],
                   signal_delay_s=cluster["signal_lead_s"], array_parallelism=cluster["array_parallelism"],
-                  setup=list(cluster["setup"]), additional_parameters=extra,
+                  setup=[f"export SUBMITIT_PREEMPT_SIGNAL={_signal_name(cluster)}", *cluster["setup"]],
+                  additional_parameters=extra,
                   srun_args=srun_args, stderr_to_stdout=False, job_name="allconv")
     if cluster["gpus_per_node"]:
         gpus = cluster["gpus_per_node"]
@@ -365,12 +428,13 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     base = sweep_dir if sweep_dir is not None else points[0].run_dir
-    created = not base.exists()
+    created = [d for d in (base, *base.parents) if not d.exists()]  # removed again if sbatch refuses
     base.mkdir(parents=True, exist_ok=True)
     calls = [TrainJob(p.overrides, cluster["signal_lead_s"], str(cluster["signal"])) for p in points]
-    if cluster["backend"] == "local":  # its controller sends submitit's signal before the limit: ours
-        os.environ["SUBMITIT_PREEMPT_SIGNAL"] = str(cluster["signal"]).upper().removeprefix("SIG")
+    if cluster["backend"] == "local":  # the controller and its tasks inherit it (Slurm: in the script)
+        os.environ["SUBMITIT_PREEMPT_SIGNAL"] = _signal_name(cluster)
     sbatch_err = io.StringIO()  # submitit prints sbatch's complaint itself; we say it once, below
+    now = time.time()  # before sbatch: a status.json from any job of this submission is newer (status.py)
     try:
         with contextlib.redirect_stderr(sbatch_err):
             ex = make_executor(cluster, base / ".submitit" / "%j")
@@ -381,11 +445,15 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
                     jobs = [ex.submit(c) for c in calls]
     except (FailedJobError, FailedSubmissionError) as e:
         if created:
-            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(created[0], ignore_errors=True)
+            for d in created[1:]:
+                try:
+                    d.rmdir()
+                except OSError:  # not empty (someone else's) or gone
+                    break
         said = [ln.strip().removeprefix("sbatch: error: ") for ln in str(e).splitlines() if ln.strip()]
         raise ConfigError(f"sbatch refused the job: {'; '.join(said) or 'no reason given'} (check cluster.partition, "
                           f"cluster.account, cluster.qos and the other cluster.* values)") from None
-    now = time.time()
     records = []
     for p, j in zip(points, jobs):
         p.run_dir.mkdir(parents=True, exist_ok=True)

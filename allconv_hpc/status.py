@@ -1,7 +1,8 @@
 """`allconv-hpc status FOLDER`: one line per job, from Slurm (squeue, then sacct when accounting
 exists, then scontrol) and from the run folder's own status.json (written by the trainer), so it
 stays right across requeues and array tasks and tolerates clusters without accounting. A job that Slurm
-(or this machine, for cluster=local) no longer knows, with no final state anywhere, shows as LOST."""
+(or this machine, for cluster=local) no longer knows, with no final state anywhere, shows as LOST; one
+Slurm did not answer for, with no final state of its own run, as UNKNOWN, RUNNING? or REQUEUED: not done."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ from .preempt import slurm_out
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
 FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "CANCELLED", "LOST"}
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                 "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED"}
+                 "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED", "SPECIAL_EXIT", "STOPPED"}
+EXIT_NO_ANSWER = 3  # `status`: no job failed, but Slurm did not answer for one whose run has not ended
 
 
 def squeue_state(job_id: str) -> tuple[bool, Optional[str]]:
@@ -33,10 +35,13 @@ def squeue_state(job_id: str) -> tuple[bool, Optional[str]]:
     return "Invalid job id" in r.stderr, None  # a job Slurm has forgotten, vs. no answer at all
 
 
-def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool]:
-    """(state, restarts, Slurm answered) from squeue / sacct / scontrol; state None when Slurm knows nothing."""
+def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool, bool]:
+    """(state, restarts, Slurm answered, ended) from squeue / sacct / scontrol; state None when Slurm knows
+    nothing. squeue lists every job that is not over: one it does not list has ended, even where sacct or
+    scontrol name an active state (PREEMPTED with PreemptMode=CANCEL; sacct keeps REQUEUED for a job
+    cancelled while it waited to restart). Such an end is not a success."""
     answered, state = squeue_state(job_id)
-    restarts = None
+    listed, restarts = state is not None, None
     if state is None:
         out = slurm_out(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
         if out and out.strip():
@@ -44,10 +49,11 @@ def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool]:
     out = slurm_out(["scontrol", "-o", "show", "job", job_id])
     if out:
         fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-        state = state or fields.get("JobState")
+        if not listed and fields.get("JobState"):  # the controller's word, while it has one, beats accounting's
+            state = fields["JobState"]
         if fields.get("Restarts", "").isdigit():
             restarts = int(fields["Restarts"])
-    return state, restarts, answered
+    return state, restarts, answered, answered and not listed and state in ACTIVE_STATES
 
 
 def _local_state(rec: dict) -> Optional[str]:
@@ -64,10 +70,8 @@ def _local_state(rec: dict) -> Optional[str]:
     try:  # the job id of a local job is its controller's pid
         os.kill(int(rec["job_id"]), 0)
         return "RUNNING"
-    except (ValueError, ProcessLookupError):
+    except (ValueError, ProcessLookupError, PermissionError):  # PermissionError: the pid is another user's now
         return None
-    except PermissionError:  # alive, someone else's
-        return "RUNNING"
 
 
 def queued_state(rec: dict) -> Optional[str]:
@@ -98,20 +102,28 @@ def run_rows(folder: Path) -> list[dict]:
         if (run_dir / "status.json").exists():
             st = json.loads((run_dir / "status.json").read_text())
         state = restarts = None
-        known = False  # the scheduler answered for this job (a job it does not know is gone)
+        known = ended = False  # the scheduler answered for this job (a job it does not know is gone)
         if rec.get("job_id") and rec.get("backend") == "slurm":
-            state, restarts, known = slurm_state(rec["job_id"])
+            state, restarts, known, ended = slurm_state(rec["job_id"])
         elif rec.get("job_id") and rec.get("backend") == "local":
             state, known = _local_state(rec), True
-        run_state = st.get("state")
-        if state is None and known and run_state in (None, "running", "requeued"):
+        # a status.json older than this submission is an earlier job's: its progress, not this job's state
+        current = st.get("updated", 0) >= rec.get("submitted", 0)
+        run_state = st.get("state") if current else None
+        active = state in ACTIVE_STATES and not ended
+        unfinished = run_state in (None, "running", "requeued")
+        no_answer = bool(rec.get("job_id")) and state is None and not known and unfinished
+        if state is None and known and unfinished:
             state = "LOST"  # gone without a final word: killed hard (SIGKILL, node failure)
         elif state is None:  # Slurm forgot the job (MinJobAge) and no accounting: the run folder decides
             state = {"completed": "COMPLETED", "failed": "FAILED", "gave_up": "FAILED", "interrupted": "STOPPED",
                      "requeued": "REQUEUED", "running": "RUNNING?"}.get(run_state, "UNKNOWN")
         if restarts is None:
-            restarts = st.get("restarts", 0)
+            restarts = st.get("restarts", 0) if current else 0
+        failed = state in FAILED_STATES or ended or run_state in ("failed", "gave_up")
         rows.append({"job": rec.get("job_id") or "-", "state": state, "run": run_state or "-",
+                     # no_answer: Slurm did not answer and the run has not ended, so it may still be queued
+                     "active": active or no_answer, "failed": failed, "no_answer": no_answer,
                      "restarts": restarts, "epoch": f"{st.get('epoch', 0)}/{st.get('epochs', '?')}",
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "wandb_id": st.get("wandb_id") or "-",
@@ -120,7 +132,14 @@ def run_rows(folder: Path) -> list[dict]:
 
 
 def is_failed(row: dict) -> bool:
-    return row["state"] in FAILED_STATES or row["run"] in ("failed", "gave_up")
+    return row["failed"]
+
+
+def exit_code(rows: list[dict]) -> int:
+    """1 if a job failed, EXIT_NO_ANSWER if Slurm did not answer for one (it may have), else 0."""
+    if any(is_failed(r) for r in rows):
+        return 1
+    return EXIT_NO_ANSWER if any(r["no_answer"] for r in rows) else 0
 
 
 def format_table(rows: list[dict]) -> str:
@@ -135,7 +154,9 @@ def format_table(rows: list[dict]) -> str:
 
 def status_main(argv: list[str]) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="allconv-hpc status", description="State of a run or a sweep.")
+    ap = argparse.ArgumentParser(prog="allconv-hpc status", description="State of a run or a sweep.",
+                                 epilog="exit status: 0 no job failed, 1 a job failed, 3 Slurm did not answer for a "
+                                        "job whose run has not ended, 2 not a run or sweep folder")
     ap.add_argument("folder", type=Path)
     ap.add_argument("--json", action="store_true", help="machine-readable rows")
     args = ap.parse_args(argv)
@@ -145,7 +166,7 @@ def status_main(argv: list[str]) -> int:
         print(f"allconv-hpc status: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
-    return 1 if any(is_failed(r) for r in rows) else 0
+    return exit_code(rows)
 
 
 def wait_for(folder: Path, poll_s: float = 5.0) -> int:
@@ -157,7 +178,7 @@ def wait_for(folder: Path, poll_s: float = 5.0) -> int:
         if snap != last:
             print(time.strftime("%H:%M:%S"), "  ".join(f"{j}:{s}({e})" for j, s, e in snap), flush=True)
             last = snap
-        if not any(r["state"] in ACTIVE_STATES or r["state"] == "RUNNING?" for r in rows):
+        if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
             print(format_table(rows))
-            return 1 if any(is_failed(r) for r in rows) else 0
+            return exit_code(rows)
         time.sleep(poll_s)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pickle
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,7 +108,9 @@ def test_sbatch_script_carries_every_job_parameter(tmp_path, on_path):
     assert "B:" not in script  # the signal goes to the srun tasks, not the batch shell
     assert not any(ln.startswith("#SBATCH --array") for ln in lines)
     setup = script.split("# setup\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert setup == ["module load cuda/12.4", "source $HOME/venv/bin/activate"], script
+    # submitit's own handler (until the trainer's are in) takes cluster.signal; then the user's lines
+    assert setup == ["export SUBMITIT_PREEMPT_SIGNAL=USR2", "module load cuda/12.4",
+                     "source $HOME/venv/bin/activate"], script
     srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and "--cpus-per-task=8" in srun, srun
 
@@ -117,7 +121,31 @@ def test_the_defaults_render_no_optional_option(tmp_path, on_path):
     for absent in ("--mem", "--partition", "--account", "--qos", "--constraint", "--exclude", "--gpus-per-node"):
         assert not any(ln.startswith(f"#SBATCH {absent}") for ln in lines), (absent, lines)
     assert "#SBATCH --signal=USR2@120" in lines and "#SBATCH --requeue" in lines
-    assert "#SBATCH --requeue" not in sbatch_lines(render(cluster_of("cluster.requeue=false"), tmp_path))
+    assert "#SBATCH --no-requeue" not in lines
+
+
+def test_requeue_false_renders_no_requeue(tmp_path, on_path):
+    """Without --no-requeue the site's JobRequeue default would still requeue the job."""
+    on_path()
+    lines = sbatch_lines(render(cluster_of("cluster.requeue=false"), tmp_path))
+    assert "#SBATCH --no-requeue" in lines and "#SBATCH --requeue" not in lines, lines
+
+
+def test_another_signal_is_submitits_from_the_start(tmp_path, on_path):
+    """With cluster.signal=USR1, submitit's handler (in place while the job starts) must take USR1: it
+    reads SUBMITIT_PREEMPT_SIGNAL when the job imports submitit, so the script exports it before srun."""
+    on_path()
+    c = compose(["cluster=slurm", *TINY, "cluster.signal=USR1", "checkpoint.signal=USR1",
+                 "cluster.setup=['module load x']"])
+    script = render(launcher.validate_cluster(c.cluster, c.cfg), tmp_path)
+    assert "#SBATCH --signal=USR1@120" in sbatch_lines(script)
+    setup = script.split("# setup\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert setup == ["export SUBMITIT_PREEMPT_SIGNAL=USR1", "module load x"], script
+    # what the job's python then handles, as submitit computes it at import
+    env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"}
+    out = subprocess.run([sys.executable, "-c", "from submitit.slurm.slurm import SlurmJobEnvironment as E; "
+                          "print(E._usr_sig().name)"], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "SIGUSR1"
 
 
 def test_the_gpu_example_profile_renders(tmp_path, on_path):
@@ -156,6 +184,8 @@ def test_constraint_takes_slurms_syntax(tmp_path, on_path, constraint):
     ("additional_parameters", {"output": "/tmp/x"}), ("additional_parameters", "mail-type=END"),
     ("nodes", "2"), ("nodes", True), ("nodes", 0), ("array_parallelism", 0), ("gpus_per_node", -1),
     ("cpus_per_task", 1.5), ("timeout_min", None), ("requeue", "yes"), ("signal_lead_s", 5),
+    ("signal_lead_s", 65536), ("partition", ""), ("account", ""), ("constraint", ""),
+    ("additional_parameters", {"comment": ""}), ("additional_parameters", {"no-requeue": True}),
     ("backend", "pbs"), ("gpu_type", "a100;id"), ("gpu_type", ""), ("gpu_type", "a100:2"),
     ("gpu_type", "a100"),  # with cluster.gpus_per_node=0: nothing to type
 ])
@@ -176,6 +206,30 @@ def test_additional_parameters_name_the_key_to_use():
     assert "use cluster.mem_gb" in refused(cluster_of(), "additional_parameters", {"mem_per_cpu": "4G"})
     assert "use cluster.gpus_per_node" in refused(cluster_of(), "additional_parameters", {"gpus": 8})
     assert "remove it" in refused(cluster_of(), "additional_parameters", {"distribution": "arbitrary"})
+    for other, use in [("gpus-per-socket", "cluster.gpus_per_node"), ("tres_per_task", "cluster.gpus_per_node"),
+                       ("ntasks-per-core", "cluster.tasks_per_node"), ("mincpus", "cluster.cpus_per_task"),
+                       ("no_requeue", "cluster.requeue"), ("sockets-per-node", "remove it"),
+                       ("cores-per-socket", "remove it")]:
+        assert use in refused(cluster_of(), "additional_parameters", {other: 2}), other
+
+
+@pytest.mark.parametrize("key,means,use", [
+    ("tim", "time", "cluster.timeout_min"), ("ti", "time", "cluster.timeout_min"),
+    ("parti", "partition", "cluster.partition"), ("sig", "signal", "cluster.signal"),
+    ("ntasks-per", "ntasks-per-core or --ntasks-per-gpu or --ntasks-per-node", "cluster.tasks_per_node"),
+    ("no-r", "no-requeue", "cluster.requeue"), ("cpus_per_t", "cpus-per-task", "cluster.cpus_per_task")])
+def test_abbreviations_of_own_options_are_refused(key, means, use):
+    """sbatch's getopt_long takes any unambiguous prefix: --tim=5 is --time=5."""
+    msg = refused(cluster_of(), "additional_parameters", {key: 5})
+    assert f"(sbatch reads it as --{means})" in msg and f"use {use}" in msg, msg
+
+
+def test_other_sbatch_options_still_pass(tmp_path, on_path):
+    on_path()
+    extra = {"mail-type": "END", "time-min": 30, "exclusive": True, "comment": "x", "nice": 10, "gres": "tmpdisk:10"}
+    lines = sbatch_lines(render(launcher.validate_cluster({**cluster_of(), "additional_parameters": extra},
+                                                          composed().cfg), tmp_path))
+    assert {"#SBATCH --mail-type=END", "#SBATCH --time-min=30", "#SBATCH --exclusive", "#SBATCH --nice=10"} <= lines
 
 
 def test_typed_gpus_go_through_gpu_type_not_gres(tmp_path, on_path):
@@ -225,6 +279,93 @@ def test_a_local_sweep_wider_than_array_parallelism_is_refused(tmp_path):
         launcher.plan(sweep, multirun=True)
     points, _, _ = launcher.plan(sweep + ["cluster.array_parallelism=2"], multirun=True)
     assert len(points) == 2
+
+
+# -------------------------------------------------------------------------- sweeps
+
+def sweep_name(*overrides: str) -> str:
+    return launcher.default_sweep_dir(*launcher.expand_sweep(list(overrides), multirun=True))
+
+
+def test_the_sweep_folder_ignores_launch_only_keys_and_value_order():
+    """What a resume may change (config.RESUMABLE_CHANGES), cluster.* however given, and the order of the
+    swept values or keys: the same sweep, so a resubmission resumes every point in the same folder."""
+    base = sweep_name("cluster=slurm", "optim.lr=0.05", "seed=0,1", "model=allcnn_c,model_c")
+    for same in (["cluster=slurm", "optim.lr=0.05", "seed=1,0", "model=model_c,allcnn_c"],
+                 ["cluster=slurm", "optim.lr=0.05", "model=allcnn_c,model_c", "seed=0,1"],
+                 ["cluster=slurm", "optim.lr=0.05", "seed=0,1", "model=allcnn_c,model_c",
+                  "+cluster.additional_parameters.mail-type=END", "++cluster.nodes=2", "trainer.epochs=500",
+                  "data.root=/elsewhere", "data.download=true", "trainer.eval_batch_size=10", "trainer.device=cpu",
+                  "trainer.precision=fp32", "trainer.channels_last=true", "trainer.compile=true",
+                  "trainer.deterministic=true", "trainer.log_every_steps=5", "trainer.threads=2",
+                  "trainer.progress=log", "checkpoint.keep=5", "wandb.mode=offline", "++wandb.project=p",
+                  "dist.timeout_s=60", "~wandb.entity"]):
+        assert sweep_name(*same) == base, same
+    for other in (["cluster=slurm", "optim.lr=0.1", "seed=0,1", "model=allcnn_c,model_c"],
+                  ["cluster=slurm", "optim.lr=0.05", "seed=0,2", "model=allcnn_c,model_c"],
+                  ["cluster=slurm", "optim.lr=0.05", "seed=0,1", "model=allcnn_c,model_c", "trainer.batch_size=64"],
+                  ["cluster=slurm", "optim.lr=0.05", "seed=0,1", "model=allcnn_c,model_c", "+trainer.drop_last=true"]):
+        assert sweep_name(*other) != base, other
+
+
+def test_an_existing_sweep_folder_of_the_old_name_is_still_resumed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["cluster=local", *TINY, "seed=1,0", "cluster.array_parallelism=2"]
+    common, swept = launcher.expand_sweep(args, multirun=True)
+    new, old = launcher.default_sweep_dir(common, swept), launcher._legacy_sweep_dir(common, swept)
+    assert new != old  # TINY's trainer.epochs and wandb.mode, the order 1,0: no longer in the name
+    assert launcher.plan(args, multirun=True)[1] == tmp_path / new
+    (tmp_path / old).mkdir(parents=True)  # a sweep submitted before: resubmitting resumes it
+    points, sweep_dir, _ = launcher.plan(args, multirun=True)
+    assert sweep_dir == tmp_path / old and points[0].run_dir.parent == tmp_path / old
+    (tmp_path / new).mkdir(parents=True)  # both there: the new name wins
+    assert launcher.plan(args, multirun=True)[1] == tmp_path / new
+
+
+def test_each_sweep_point_trains_on_its_own_relative_data_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    points, _, _ = launcher.plan(["cluster=local", *TINY, "data=cifar10", "data.download=true", "data.root=a,b",
+                                  "cluster.array_parallelism=2", f"hydra.sweep.dir={tmp_path / 'sw'}"], multirun=True)
+    roots = {p.run_dir.name: compose(p.overrides).cfg.data.root for p in points}
+    assert roots == {"data.root=a": str(tmp_path / "a"), "data.root=b": str(tmp_path / "b")}, roots
+
+
+def test_glob_sweeps_config_group_options(tmp_path):
+    common, swept = launcher.expand_sweep(["model=glob(allcnn_*,exclude=allcnn_seed)", "seed=range(0,2)"],
+                                          multirun=True)
+    assert sorted(tuple(p) for p in swept) == [(f"model=allcnn_{m}", f"seed={s}") for m in "abc" for s in (0, 1)]
+
+
+@pytest.mark.parametrize("sweep", ["optim.lr=interval(0.01,0.1)", "seed=glob(*)", "model=glob(nothing_*)"])
+def test_sweeps_without_values_to_submit_are_one_line(tmp_path, capsys, monkeypatch, sweep):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_submit(capsys, "-m", "cluster=local", *TINY, sweep)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"'{sweep}' gives no values to submit: use a comma list, range(...)" in err, err
+    assert "glob(...) of a config group's options" in err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_hydra_run_dir_in_a_sweep_is_refused_and_sweep_dir_is_recognised(tmp_path):
+    for run_dir in ("hydra.run.dir", "++hydra.run.dir"):
+        with pytest.raises(ConfigError, match=r"hydra.run.dir is set per point in a sweep \(-m\): give the "
+                                              r"sweep's folder with hydra.sweep.dir=\.\.\. instead"):
+            launcher.plan(["cluster=local", *TINY, "seed=0", f"{run_dir}={tmp_path / 'r'}"], multirun=True)
+    _, sweep_dir, _ = launcher.plan(["cluster=local", *TINY, "seed=0", f"++hydra.sweep.dir={tmp_path / 's'}"],
+                                    multirun=True)
+    assert sweep_dir == tmp_path / "s"
+
+
+def test_sbatch_refusing_a_sweep_leaves_no_sweeps_folder(tmp_path, on_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch="echo 'sbatch: error: Batch job submission failed: Invalid account' >&2; exit 1")
+    code, _, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1")
+    assert code == 2 and "sbatch refused the job" in err, err
+    assert list(tmp_path.iterdir()) == [tmp_path / "bin"]  # no sweeps/, no sweeps/<name>/
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "other").mkdir()  # a folder that was there before stays
+    code, _, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1")
+    assert code == 2 and [d.name for d in (tmp_path / "sweeps").iterdir()] == ["other"]
 
 
 def test_newlines_in_folders_are_refused(tmp_path):
@@ -291,6 +432,12 @@ def test_a_run_folder_of_another_config_is_refused(tmp_path):
         launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)
     for ok in (["optim.lr=0.1"], ["optim.lr=0.1", "trainer.epochs=5"], ["checkpoint.resume=never"]):
         launcher.plan(["cluster=local", *TINY, *ok, f"hydra.run.dir={run}"], multirun=False)
+    # a run that has begun epoch 3 cannot be cut back to 2 (it could grow): refused before the queue
+    CheckpointDir(run / "checkpoints", keep=2).save({"identity": theirs.identity(),
+                                                     "train_state": {"epoch": 2, "step_in_epoch": 1}}, step=9)
+    with pytest.raises(ConfigError, match=r"trainer.epochs=2 but the run in .* has begun epoch 3"):
+        launcher.plan(["cluster=local", *TINY, "optim.lr=0.1", "trainer.epochs=2", f"hydra.run.dir={run}"],
+                      multirun=False)
     with pytest.raises(ConfigError, match="checkpoint.resume=must but"):
         launcher.plan(["cluster=local", *TINY, "checkpoint.resume=must", f"hydra.run.dir={tmp_path / 'new'}"],
                       multirun=False)
@@ -415,6 +562,109 @@ def test_status_table_names_lost(tmp_path, on_path, capsys):
     on_path(squeue=FORGOTTEN, sacct=NO_ACCOUNTING, scontrol=FORGOTTEN)
     status.status_main([str(run)])
     assert re.search(r"^42\s+LOST\s+running", capsys.readouterr().out, re.M)
+
+
+def test_an_earlier_jobs_final_state_is_not_the_new_jobs(tmp_path, on_path, capsys):
+    """Resubmitted after the last job gave up: the new job is pending; status.json is the old job's."""
+    run = write_run(tmp_path, "gave_up", submitted=2000.0)
+    st = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**st, "updated": 1000.0, "restarts": 3}))
+    on_path(squeue="echo PENDING", sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=0'")
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["run"], row["epoch"], row["restarts"]) == ("PENDING", "-", "1/3", 0), row
+    assert not status.is_failed(row) and row["active"]
+    assert status.status_main([str(run)]) == 0
+    # the new job vanished without a word: LOST, not the old run's final state
+    for old in ("completed", "gave_up"):
+        (run / "status.json").write_text(json.dumps({**st, "state": old, "updated": 1000.0}))
+        on_path(squeue=FORGOTTEN, sacct=NO_ACCOUNTING, scontrol=FORGOTTEN)
+        assert status.run_rows(run)[0]["state"] == "LOST", old
+        assert status.status_main([str(run)]) == 1
+    # written by this submission's job: trusted
+    (run / "status.json").write_text(json.dumps({**st, "state": "completed", "updated": 2001.0}))
+    assert status.run_rows(run)[0]["state"] == "COMPLETED" and status.status_main([str(run)]) == 0
+    # a submission.json without a submit time (written before there was one): trusted as before
+    (run / "submission.json").write_text(json.dumps({"job_id": "42", "backend": "slurm", "run_dir": str(run)}))
+    (run / "status.json").write_text(json.dumps({**st, "state": "completed", "updated": 1000.0}))
+    assert status.run_rows(run)[0]["state"] == "COMPLETED"
+
+
+def test_submit_records_a_submit_time_before_the_job_can_write(tmp_path, on_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch="echo 'Submitted batch job 77'")
+    t0 = time.time()
+    code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0, err
+    rec = json.loads((tmp_path / "run" / "submission.json").read_text())
+    assert rec["job_id"] == "77" and t0 <= rec["submitted"] <= time.time()
+
+
+@pytest.mark.parametrize("final", ["PREEMPTED", "SPECIAL_EXIT", "STOPPED", "REQUEUED"])
+def test_a_job_squeue_no_longer_lists_has_ended(tmp_path, on_path, capsys, final):
+    """PreemptMode=CANCEL (or no preempt_send_user_signal): squeue no longer lists the job and accounting
+    says PREEMPTED (REQUEUED: seen on the dev cluster for a job cancelled while it waited to restart).
+    Not active: --wait returns, a resubmission is allowed; not a success either."""
+    run = write_run(tmp_path, "running")
+    on_path(squeue="exit 0", sacct=f"echo {final}", scontrol=FORGOTTEN, sbatch="exit 1")
+    row = status.run_rows(run)[0]
+    assert row["state"] == final and status.is_failed(row) and not row["active"]
+    assert status.status_main([str(run)]) == 1
+    assert status.wait_for(run, poll_s=0.01) == 1
+    launcher.check_run_folder(run, composed().cfg)  # no "already has job"
+    on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol=f"echo 'JobId=42 JobState={final} Restarts=0'")
+    assert status.is_failed(status.run_rows(run)[0])
+    # while squeue lists it, the same state is not final (PREEMPTED: on its way back to the queue)
+    on_path(squeue=f"echo {final}", sacct=f"echo {final}", scontrol="exit 1", sbatch="exit 1")
+    row = status.run_rows(run)[0]
+    assert row["state"] == final and row["active"] and not status.is_failed(row)
+    with pytest.raises(ConfigError, match=f"already has job 42 \\({final}\\)"):
+        launcher.check_run_folder(run, composed().cfg)
+
+
+def test_the_controllers_final_state_beats_accountings(tmp_path, on_path):
+    run = write_run(tmp_path, "requeued")
+    on_path(squeue="exit 0", sacct="echo REQUEUED", scontrol="echo 'JobId=42 JobState=CANCELLED Restarts=1'")
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["restarts"], row["active"], row["failed"]) == ("CANCELLED", 1, False, True), row
+
+
+def test_no_answer_from_slurm_keeps_wait_waiting_and_status_non_zero(tmp_path, on_path, capsys):
+    """A pending job (no status.json yet) while squeue fails and there is no accounting: UNKNOWN is not
+    done; --wait polls on until Slurm answers, status exits 3."""
+    run = write_run(tmp_path, None)
+    down = "echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1"
+    on_path(squeue=down, sacct=down, scontrol=down)
+    row = status.run_rows(run)[0]
+    assert row["state"] == "UNKNOWN" and row["active"] and not status.is_failed(row)
+    assert status.status_main([str(run)]) == status.EXIT_NO_ANSWER == 3
+    # the run completes during squeue's 3rd call; from its 4th call on, squeue answers: the job has ended
+    calls, done = tmp_path / "squeue-calls", json.dumps({"state": "completed", "epoch": 3, "epochs": 3})
+    on_path(squeue=f"echo x >> {calls}\nn=0; while read -r _; do n=$((n + 1)); done < {calls}\n"
+                   f"[ $n -lt 3 ] || echo '{done}' > {run / 'status.json'}\n[ $n -ge 4 ] || {{ {down}; }}",
+            sacct=down, scontrol=FORGOTTEN)
+    capsys.readouterr()
+
+    def hung(*_):
+        raise TimeoutError("wait_for did not return after Slurm answered")
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        assert status.wait_for(run, poll_s=0.01) == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    assert len(calls.read_text().splitlines()) == 4  # it did not stop on UNKNOWN
+    out = capsys.readouterr().out
+    assert " 42:UNKNOWN(0/?)" in out and re.search(r"^42\s+COMPLETED\s+completed", out, re.M), out
+
+
+def test_a_local_pid_of_another_user_is_not_running(tmp_path, monkeypatch):
+    def other_users(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(status.os, "kill", other_users)
+    run = write_run(tmp_path, "running", job="12345", backend="local", submitit_folder=str(tmp_path / "sub"))
+    assert status.run_rows(run)[0]["state"] == "LOST"
+    assert status.queued_state(json.loads((run / "submission.json").read_text())) is None
 
 
 

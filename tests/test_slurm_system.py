@@ -401,6 +401,45 @@ def test_plain_sbatch_script_trains_and_survives_preemption(slurm_cluster, jobs,
     assert f"job {job} restart 1 on" in out()
 
 
+@pytest.mark.slow
+def test_requeue_false_is_no_requeue_and_a_warning_then_stops_the_run(slurm_cluster, jobs, tmp_path):
+    """cluster.requeue=false renders --no-requeue (else the site's JobRequeue=1 would allow it): Slurm
+    refuses the trainer's `scontrol requeue`, so on the warning the run checkpoints and stops as
+    interrupted (exit 3, the job FAILED) instead of going back to the queue."""
+    run = tmp_path / "noreq"
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1000", "wandb.mode=disabled",
+                           "cluster.requeue=false", f"hydra.run.dir={run}")
+    script = submission_script(run)
+    assert re.search(r"^#SBATCH --no-requeue$", script, re.M) and not re.search(r"^#SBATCH --requeue$", script, re.M)
+    wait_for_line(run / "train.log", "(global 3)", timeout=120)
+    assert re.search(r"\bRequeue=0\b", slurm_cluster.run(["scontrol", "show", "job", job]).stdout)
+    refused = slurm_cluster.run(["scontrol", "requeue", job])
+    assert refused.returncode != 0 and "disabled" in refused.stderr, refused.stderr
+    slurm_cluster.run(["scancel", "--signal=USR2", job], check=True)  # the warning, to the tasks
+    assert wait_final(slurm_cluster, job, 90) == "FAILED", tail(run)
+    st = read_status(run)
+    assert st["state"] == "interrupted" and st["signal"] == "SIGUSR2" and st["restarts"] == 0, st
+    assert "interrupted at global step" in (run / "train.log").read_text()
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 1 and rows[0]["state"] == "FAILED" and rows[0]["run"] == "interrupted", table
+
+
+@pytest.mark.slow
+def test_another_signal_reaches_submitit_in_the_job_and_requeues(slurm_cluster, jobs, tmp_path):
+    """cluster.signal=USR1: the job's python gets SUBMITIT_PREEMPT_SIGNAL=USR1 from the script, so
+    submitit's handler (in place while the job starts) takes USR1, not USR2; the trainer's then requeues."""
+    run = tmp_path / "usr1"
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1000", "wandb.mode=disabled",
+                           "cluster.signal=USR1", "checkpoint.signal=USR1", f"hydra.run.dir={run}")
+    wait_for_line(run / "train.log", "(global 3)", timeout=120)
+    pid = poll(lambda: rank_pid(job, 0), 20)
+    assert pid and b"SUBMITIT_PREEMPT_SIGNAL=USR1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    slurm_cluster.run(["scancel", "--signal=USR1", job], check=True)
+    st = wait_status(run, "requeued", 60)
+    assert st["signal"] == "SIGUSR1", st
+    assert "stop requested (SIGUSR1)" in (run / "train.log").read_text()
+
+
 def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):
     r = cli(slurm_cluster, tmp_path, "submit", *SLURM, *JOB, "cluster.partition=nope", f"hydra.run.dir={tmp_path / 'run'}")
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -448,8 +487,8 @@ def test_bad_config_is_refused_before_slurm(slurm_cluster, tmp_path, monkeypatch
     bin_dir, called = fake_sbatch(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.chdir(tmp_path)
-    code = main(["submit", *SLURM, *JOB, *extra, f"hydra.run.dir={tmp_path / 'run'}",
-                 f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    folder = f"hydra.sweep.dir={tmp_path / 'sweep'}" if "-m" in extra else f"hydra.run.dir={tmp_path / 'run'}"
+    code = main(["submit", *SLURM, *JOB, *extra, folder])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
