@@ -56,6 +56,7 @@ SIGNAL_LEAD_MAX = 65535  # sbatch --signal=SIG@TIME takes at most this many seco
 class Point:
     overrides: list          # the user's overrides for this point (sweep values expanded)
     run_dir: Path
+    skip: Optional[str] = None  # why it is not submitted again: "completed", or its queued job
 
 
 def auto_cluster(overrides: list[str]) -> Optional[str]:
@@ -303,8 +304,8 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
         cluster = mine
         if sweep_dir is None:
             ov = ov + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
-        check_run_folder(c.run_dir, c.cfg)
-        points.append(Point(overrides=ov, run_dir=c.run_dir))
+        skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None)
+        points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip))
     dirs = [p.run_dir for p in points]
     if len(set(dirs)) != len(dirs):
         raise ConfigError("two sweep points map to the same run folder; make the swept values distinct")
@@ -312,39 +313,52 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
     if cluster["backend"] == "slurm" and missing:
         raise ConfigError(f"cluster=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on "
                           f"PATH; submit from a Slurm login node, or use cluster=local to run here")
-    if cluster["backend"] == "local" and len(points) > cluster["array_parallelism"]:
-        raise ConfigError(f"cluster=local starts every sweep point at once, and this sweep has {len(points)} > "
+    todo = sum(p.skip is None for p in points)
+    if cluster["backend"] == "local" and todo > cluster["array_parallelism"]:
+        raise ConfigError(f"cluster=local starts every sweep point at once, and this sweep has {todo} > "
                           f"cluster.array_parallelism={cluster['array_parallelism']}; set "
-                          f"cluster.array_parallelism={len(points)} if this machine can run them together")
+                          f"cluster.array_parallelism={todo} if this machine can run them together")
     return points, sweep_dir, cluster
 
 
-def check_run_folder(run_dir: Path, cfg) -> None:
+def check_run_folder(run_dir: Path, cfg, sweep: bool = False) -> Optional[str]:
     """Refuse a run folder that a queued job still trains into, or whose checkpoint is of another config
-    (what the trainer would refuse on resume, found here before anything is queued)."""
+    (what the trainer would refuse on resume, found here before anything is queued). Returns why the
+    run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
+    (a resubmitted sweep fills in the rest); None when it does."""
     from .status import ACTIVE_STATES, queued_state
 
     sub = run_dir / "submission.json"
     if sub.exists():
         rec = json.loads(sub.read_text())
         state = queued_state(rec)
+        if state in ACTIVE_STATES and sweep:
+            return f"job {rec['job_id']} ({state})"
         if state in ACTIVE_STATES:
             stop = f"scancel {rec['job_id']}" if rec.get("backend") == "slurm" else f"kill {rec['job_id']}"
             raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
                               f"train into the same folder: wait for it (allconv-hpc status {run_dir}) or stop it "
                               f"({stop}), then submit again")
     if cfg.checkpoint.resume == "never":
-        return  # the trainer moves old checkpoints aside
+        return None  # the trainer moves old checkpoints aside
     from .checkpoint import CheckpointDir
     try:
         found = CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).load_latest()
     except Exception:  # every checkpoint unusable: the job says so with the trainer's own message
-        return
+        return None
     if found is None:
         if cfg.checkpoint.resume == "must":
             raise ConfigError(f"checkpoint.resume=must but {run_dir / 'checkpoints'} holds no checkpoint")
-        return
-    cfg.check_resumable(found[0].get("identity", {}), run_dir, found[0].get("train_state"))
+        return None
+    ts = found[0].get("train_state") or {}
+    cfg.check_resumable(found[0].get("identity", {}), run_dir, ts)
+    try:
+        finished = json.loads((run_dir / "status.json").read_text()).get("state") == "completed"
+    except (OSError, ValueError):
+        finished = False
+    if finished and ts.get("epoch") == cfg.trainer.epochs and not ts.get("step_in_epoch"):
+        return "completed"  # a job would start only to find nothing to do
+    return None
 
 
 class TrainJob:
@@ -423,10 +437,12 @@ def make_executor(cluster: dict, folder: Path):
 
 
 def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> list:
+    """Submit the points not marked `skip` (one job, or one array); returns their submitit jobs."""
     import contextlib
     import io
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
+    every, points = points, [p for p in points if p.skip is None]
     base = sweep_dir if sweep_dir is not None else points[0].run_dir
     created = [d for d in (base, *base.parents) if not d.exists()]  # removed again if sbatch refuses
     base.mkdir(parents=True, exist_ok=True)
@@ -461,10 +477,20 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
                "overrides": p.overrides, "submitted": now, "submitit_folder": str(base / ".submitit")}
         _write_json(p.run_dir / "submission.json", rec)
         records.append(rec)
-    if sweep_dir is not None:
+    if sweep_dir is not None:  # every point, in sweep order: the skipped ones keep their earlier record
+        new = {r["run_dir"]: r for r in records}
+        jobs_doc = [new.get(str(p.run_dir)) or _earlier_record(p.run_dir) for p in every]
         _write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "submitted": now, "cluster": cluster,
-                                               "jobs": records})
+                                               "jobs": jobs_doc})
     return jobs
+
+
+def _earlier_record(run_dir: Path) -> dict:
+    """A point not submitted again: the record of its last submission, or (trained by hand) none."""
+    try:
+        return json.loads((run_dir / "submission.json").read_text())
+    except (OSError, ValueError):
+        return {"job_id": None, "backend": "none", "run_dir": str(run_dir)}
 
 
 def _write_json(path: Path, doc: dict) -> None:
@@ -489,17 +515,23 @@ def submit_main(argv: list[str]) -> int:
         overrides = [f"cluster={chosen}"] + overrides
     try:
         points, sweep_dir, cluster = plan(overrides, args.multirun)
+        for p in points:
+            if p.skip is not None:
+                print(f"not submitted again ({p.skip}): {p.run_dir}")
+        todo = [p for p in points if p.skip is None]
         if args.dry_run:
-            for p in points:
+            for p in todo:
                 print(f"{p.run_dir}  {' '.join(p.overrides)}")
             return 0
-        jobs = submit(points, sweep_dir, cluster)
+        jobs = submit(points, sweep_dir, cluster) if todo else []
     except ConfigError as e:
         print(f"allconv-hpc submit: error: {e}", file=sys.stderr)
         return 2
-    for p, j in zip(points, jobs):
+    for p, j in zip(todo, jobs):
         print(f"job {j.job_id}  {p.run_dir}")
     where = sweep_dir if sweep_dir is not None else points[0].run_dir
+    if not todo:
+        print("nothing to submit: every run is completed or queued (trainer.epochs=N grows a completed run)")
     print(f"{'sweep' if sweep_dir is not None else 'run'} folder: {where}")
     print(f"watch it with: allconv-hpc status {where}")
     if args.wait:

@@ -424,6 +424,35 @@ def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
     assert launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)[0][0].run_dir == run
 
 
+def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys, monkeypatch):
+    """Resubmitting a sweep fills it in: a completed point and one whose job is still queued get no new
+    job (each would start only to stop, or train twice into one folder); sweep.json keeps every point."""
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch=f"echo x >> {tmp_path / 'sbatch_calls'}; echo 'Submitted batch job 77'",
+            squeue='[ "$3" = 42 ] && echo RUNNING')
+    sweep = tmp_path / "sw"
+    done, busy, new = (sweep / f"seed={i}" for i in range(3))
+    identity = compose(["cluster=slurm", *TINY, "seed=0"]).cfg.identity()
+    CheckpointDir(done / "checkpoints", keep=2).save(
+        {"identity": identity, "train_state": {"epoch": 1, "step_in_epoch": 0}}, step=1)  # TINY: 1 epoch
+    (done / "status.json").write_text(json.dumps({"state": "completed", "updated": time.time()}))
+    busy.mkdir(parents=True)
+    (busy / "submission.json").write_text(json.dumps({"job_id": "42", "backend": "slurm", "run_dir": str(busy)}))
+    code, out, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1,2", f"hydra.sweep.dir={sweep}")
+    assert code == 0, err
+    assert f"not submitted again (completed): {done}" in out and f"not submitted again (job 42 (RUNNING)): {busy}" in out
+    assert [ln for ln in out.splitlines() if ln.startswith("job ")] == [f"job 77  {new}"], out
+    assert [r["job_id"] for r in json.loads((sweep / "sweep.json").read_text())["jobs"]] == [None, "42", "77"]
+    # one completed run: no job at all; with more epochs it trains on
+    code, out, err = run_submit(capsys, "cluster=slurm", *TINY, "seed=0", f"hydra.run.dir='{done}'")
+    assert code == 0 and "nothing to submit" in out and (tmp_path / "sbatch_calls").read_text() == "x\n", err
+    (done / "status.json").write_text(json.dumps({"state": "running", "updated": time.time()}))  # killed at the end
+    code, out, _ = run_submit(capsys, "cluster=slurm", *TINY, "seed=0", f"hydra.run.dir='{done}'")
+    assert code == 0 and f"job 77  {done}" in out, out  # the job finishes it (status, W&B) at once
+    code, out, _ = run_submit(capsys, "cluster=slurm", *TINY, "seed=0", "trainer.epochs=2", f"hydra.run.dir='{done}'")
+    assert code == 0 and f"job 77  {done}" in out, out
+
+
 def test_a_run_folder_of_another_config_is_refused(tmp_path):
     run = tmp_path / "run"
     theirs = compose(["cluster=local", *TINY, "optim.lr=0.1"]).cfg
