@@ -23,6 +23,24 @@ class Composed:
     hydra: dict
 
 
+def override_error(overrides: list[str], e: Exception) -> str:
+    """One line for a failed composition, naming the override Hydra could not parse where one is to
+    blame; the folders of sweep points (``.../model=allcnn_c,seed=0``) need quotes, easy to miss."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_overrides([o])
+        except HydraException:
+            value = o.split("=", 1)[1] if "=" in o else ""
+            hint = f"; a value holding '=' needs quotes: {o.split('=', 1)[0]}='{value}'" if "=" in value else ""
+            return f"bad override {o!r}: {msg}{hint}"
+    return f"bad overrides: {msg}"
+
+
 def compose(overrides: list[str]) -> Composed:
     """Compose, resolve and validate; raises ConfigError with a one-line message."""
     from hydra import compose as hydra_compose, initialize_config_module
@@ -44,8 +62,7 @@ def compose(overrides: list[str]) -> Composed:
             del raw["hydra"]
         plain = OmegaConf.to_container(raw, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
-        msg = str(e).strip().splitlines()[0]
-        raise ConfigError(f"bad overrides: {msg}") from None
+        raise ConfigError(override_error(overrides, e)) from None
     finally:
         GlobalHydra.instance().clear()
     hydra["run"]["dir"], hydra["sweep"]["dir"] = run_dir, sweep_dir

@@ -81,7 +81,7 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from .compose import CONFIG_MODULE
+    from .compose import CONFIG_MODULE, override_error
 
     common, axes = [], []
     GlobalHydra.instance().clear()
@@ -91,7 +91,7 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
             try:
                 parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
             except HydraException as e:
-                raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+                raise ConfigError(override_error(overrides, e)) from None
             for o in parsed:
                 if not o.is_sweep_override():
                     common.append(o.input_line)

@@ -54,6 +54,10 @@ BAD = [
     (["trainer.epochs=null"], ["trainer.epochs=null is not allowed"]),
     (["data.train_size=true"], ["data.train_size=True", "must be an int", "or null"]),
     (["schedule.milestones=5"], ["schedule.milestones=5", "must be a list"]),
+    # a sweep point's folder, unquoted: the override is named and the quotes shown
+    (["hydra.run.dir=sweeps/s/model=allcnn_c,seed=0"],
+     ["bad override 'hydra.run.dir=sweeps/s/model=allcnn_c,seed=0'", "hydra.run.dir='sweeps/s/model=allcnn_c,seed=0'"]),
+    (["optim.lr=[0.1"], ["bad override 'optim.lr=[0.1'"]),
 ]
 
 
