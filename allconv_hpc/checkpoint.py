@@ -161,8 +161,11 @@ class CheckpointDir:
                 log.warning("resuming from the previous good checkpoint %s", path.name)
                 for b in bad:
                     if quarantine and b.name != "last.pt":  # last.pt is relinked at the next save
-                        os.replace(b, b.with_name(b.name + ".corrupt"))
-                        log.warning("moved %s aside to %s", b.name, b.name + ".corrupt")
+                        aside, i = b.with_name(b.name + ".corrupt"), 1
+                        while aside.exists():  # an earlier corrupt copy of the same step stays too
+                            aside, i = b.with_name(f"{b.name}.corrupt.{i}"), i + 1
+                        os.replace(b, aside)
+                        log.warning("moved %s aside to %s", b.name, aside.name)
             return state, path
         if bad:
             raise CheckpointError(f"every checkpoint in {self.folder} is unusable ({', '.join(p.name for p in bad)}); "

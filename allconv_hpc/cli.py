@@ -25,7 +25,7 @@ def train_usage() -> str:
             "Keys: group.key=value, e.g. optim.lr=0.1 trainer.epochs=60 trainer.precision=bf16 model.width=0.5\n"
             "(every key with its default and meaning: README.md, 'Config groups', and conf/**/*.yaml).\n"
             "Exit codes: 0 done or requeued, 1 failure, 2 bad config, 3 stopped with a checkpoint,\n"
-            "4 gave up after checkpoint.max_requeues time limits, 130 a second Ctrl-C.")
+            "4 gave up after checkpoint.max_requeues time limits, 130 a Ctrl-C during a stop.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -212,7 +212,7 @@ def validate_cluster(cluster: dict, cfg) -> dict:
     for k in ("partition", "account", "qos", "exclude", "signal"):
         _need_word(c, k, _SAFE, "_.,:@%+=/[]-")
     _need_word(c, "constraint", _CONSTRAINT, "_.,:@%+=/[]-|&*!()")
-    if c.get("gpu_type") is not None:
+    if c.get("gpu_type") is not None and c.get("backend") == "slurm":  # cluster=local ignores it
         _need_word(c, "gpu_type", _GPU_TYPE, "_.-")
         if not c["gpus_per_node"]:
             raise ConfigError(f"cluster.gpu_type={c['gpu_type']} needs cluster.gpus_per_node >= 1 (it types that "
@@ -304,7 +304,7 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
         cluster = mine
         if sweep_dir is None:
             ov = ov + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
-        skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None)
+        skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
         points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip))
     dirs = [p.run_dir for p in points]
     if len(set(dirs)) != len(dirs):
@@ -321,7 +321,7 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
     return points, sweep_dir, cluster
 
 
-def check_run_folder(run_dir: Path, cfg, sweep: bool = False) -> Optional[str]:
+def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optional[list] = None) -> Optional[str]:
     """Refuse a run folder that a queued job still trains into, or whose checkpoint is of another config
     (what the trainer would refuse on resume, found here before anything is queued). Returns why the
     run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
@@ -333,6 +333,9 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False) -> Optional[str]:
         rec = json.loads(sub.read_text())
         state = queued_state(rec)
         if state in ACTIVE_STATES and sweep:
+            if overrides is not None and sorted(rec.get("overrides") or []) != sorted(overrides):
+                return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with; submit "
+                        f"again when it has ended to apply these")
             return f"job {rec['job_id']} ({state})"
         if state in ACTIVE_STATES:
             stop = f"scancel {rec['job_id']}" if rec.get("backend") == "slurm" else f"kill {rec['job_id']}"

@@ -2,7 +2,7 @@
 exists, then scontrol) and from the run folder's own status.json (written by the trainer), so it
 stays right across requeues and array tasks and tolerates clusters without accounting. A job that Slurm
 (or this machine, for cluster=local) no longer knows, with no final state anywhere, shows as LOST; one
-Slurm did not answer for, with no final state of its own run, as UNKNOWN, RUNNING? or REQUEUED: not done."""
+Slurm did not answer for, with no final state of its own run, as UNKNOWN, RUNNING? or REQUEUED?: not done."""
 from __future__ import annotations
 
 import json
@@ -116,8 +116,9 @@ def run_rows(folder: Path) -> list[dict]:
         if state is None and known and unfinished:
             state = "LOST"  # gone without a final word: killed hard (SIGKILL, node failure)
         elif state is None:  # Slurm forgot the job (MinJobAge) and no accounting: the run folder decides
-            state = {"completed": "COMPLETED", "failed": "FAILED", "gave_up": "FAILED", "interrupted": "STOPPED",
-                     "requeued": "REQUEUED", "running": "RUNNING?"}.get(run_state, "UNKNOWN")
+            # the run's own word, marked apart from Slurm's states of the same name where it is a guess
+            state = {"completed": "COMPLETED", "failed": "FAILED", "gave_up": "FAILED", "interrupted": "INTERRUPTED",
+                     "requeued": "REQUEUED?", "running": "RUNNING?"}.get(run_state, "UNKNOWN")
         if restarts is None:
             restarts = st.get("restarts", 0) if current else 0
         failed = state in FAILED_STATES or ended or run_state in ("failed", "gave_up")

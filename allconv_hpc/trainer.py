@@ -349,6 +349,12 @@ class Trainer:
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),
                "updated": time.time(), **extra}
+        if not hasattr(self, "resumed_from"):  # failed before resuming: the folder's progress stands
+            try:
+                old = json.loads((self.run_dir / "status.json").read_text())
+            except (OSError, ValueError):
+                old = {}
+            doc = {**old, **{k: doc[k] for k in ("state", "slurm_job_id", "updated", *extra)}}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 
     # -- the loop ----------------------------------------------------------------------------------

@@ -244,6 +244,8 @@ def test_typed_gpus_go_through_gpu_type_not_gres(tmp_path, on_path):
     other = launcher.validate_cluster({**gpus, "additional_parameters": {"gres": "tmpdisk:10"}}, composed().cfg)
     assert "#SBATCH --gres=tmpdisk:10" in sbatch_lines(render(other, tmp_path))
     assert "needs cluster.gpus_per_node >= 1" in refused(cluster_of(), "gpu_type", "a100")
+    local = compose(["cluster=local", *TINY, "cluster.gpu_type=a100"])  # ignored there, as documented
+    assert launcher.validate_cluster(local.cluster, local.cfg)["gpu_type"] == "a100"
 
 
 def test_unknown_cluster_key_is_refused():
@@ -437,8 +439,15 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
         {"identity": identity, "train_state": {"epoch": 1, "step_in_epoch": 0}}, step=1)  # TINY: 1 epoch
     (done / "status.json").write_text(json.dumps({"state": "completed", "updated": time.time()}))
     busy.mkdir(parents=True)
-    (busy / "submission.json").write_text(json.dumps({"job_id": "42", "backend": "slurm", "run_dir": str(busy)}))
-    code, out, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1,2", f"hydra.sweep.dir={sweep}")
+    args = ["cluster=slurm", *TINY, "seed=0,1,2", f"hydra.sweep.dir={sweep}"]
+    busy_ov = next(p.overrides for p in launcher.plan(args, multirun=True)[0] if p.run_dir == busy)
+    (busy / "submission.json").write_text(json.dumps({"job_id": "42", "backend": "slurm", "run_dir": str(busy),
+                                                      "overrides": busy_ov}))
+    cfg = compose(busy_ov).cfg
+    assert launcher.check_run_folder(busy, cfg, sweep=True, overrides=busy_ov) == "job 42 (RUNNING)"
+    assert "runs it with the settings it was submitted with" in launcher.check_run_folder(
+        busy, cfg, sweep=True, overrides=busy_ov + ["optim.lr=0.1"])  # say so: the new lr waits for a later submit
+    code, out, err = run_submit(capsys, "-m", *args)
     assert code == 0, err
     assert f"not submitted again (completed): {done}" in out and f"not submitted again (job 42 (RUNNING)): {busy}" in out
     assert [ln for ln in out.splitlines() if ln.startswith("job ")] == [f"job 77  {new}"], out

@@ -251,6 +251,9 @@ def test_a_folder_whose_every_checkpoint_is_unusable_fails_the_run_and_keeps_the
     assert "is unusable" in (run / "train.log").read_text()
     st = json.loads((run / "status.json").read_text())
     assert st["state"] == "failed" and "is unusable" in st["error"], st
+    before = json.loads((reference / "status.json").read_text())  # how far the run got still shows
+    assert (st["epoch"], st["global_step"], st["best_val_acc"]) == (before["epoch"], before["global_step"],
+                                                                   before["best_val_acc"]), st
     assert sorted((run / "checkpoints").glob("*.pt")) == files  # nothing renamed or deleted
 
 

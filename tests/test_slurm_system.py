@@ -425,9 +425,10 @@ def test_requeue_false_is_no_requeue_and_a_warning_then_stops_the_run(slurm_clus
 
 
 @pytest.mark.slow
-def test_another_signal_reaches_submitit_in_the_job_and_requeues(slurm_cluster, jobs, tmp_path):
-    """cluster.signal=USR1: the job's python gets SUBMITIT_PREEMPT_SIGNAL=USR1 from the script, so
-    submitit's handler (in place while the job starts) takes USR1, not USR2; the trainer's then requeues."""
+def test_another_signal_is_exported_to_the_job_and_requeues(slurm_cluster, jobs, tmp_path):
+    """cluster.signal=USR1: the job's python gets SUBMITIT_PREEMPT_SIGNAL=USR1 from the script (so
+    submitit's handler, in place while the job starts, takes USR1: test_launcher checks what submitit
+    makes of it); the signal, sent once training runs, requeues the job."""
     run = tmp_path / "usr1"
     [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1000", "wandb.mode=disabled",
                            "cluster.signal=USR1", "checkpoint.signal=USR1", f"hydra.run.dir={run}")

@@ -395,9 +395,11 @@ def test_a_skipped_corrupt_checkpoint_leaves_the_rotation_and_an_unreadable_one_
     data[len(data) // 2] ^= 0x01
     bad.write_bytes(bytes(data))  # also last.pt: the same inode
     assert d.load_latest()[1].name == "step_00000100.pt" and bad.exists()  # a look only (submit's check)
+    (tmp_path / "step_00000200.pt.corrupt").write_bytes(b"quarantined before")  # kept, not overwritten
     state, path = d.load_latest(quarantine=True)  # the trainer resuming
     assert path.name == "step_00000100.pt" and int(state["step"]) == 100
-    assert not bad.exists() and (tmp_path / "step_00000200.pt.corrupt").exists()
+    assert not bad.exists() and (tmp_path / "step_00000200.pt.corrupt.1").read_bytes() == bytes(data)
+    assert (tmp_path / "step_00000200.pt.corrupt").read_bytes() == b"quarantined before"
     d.save({"step": torch.tensor(150)}, 150)  # the resumed run: the good step 100 keeps its keep slot
     assert [p.name for p in d.step_files()] == ["step_00000150.pt", "step_00000100.pt"]
     assert int(d.load_latest()[0]["step"]) == 150
