@@ -1,6 +1,7 @@
 """Crash-safe file writes: a reader sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -44,3 +45,11 @@ def write_atomic(path: Union[str, Path], data: Union[bytes, str, Callable[[Binar
             pass
         raise
     fsync_dir(path.parent)
+
+
+def read_json(path: Union[str, Path]) -> dict:
+    """A small JSON record (status.json, submission.json), or {} when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}

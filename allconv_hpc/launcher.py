@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import CPU_PRECISIONS, RESUMABLE_CHANGES, ConfigError
+from .fsio import read_json, write_atomic
 from .preempt import EXIT_REQUEUED, ignore_late_signals
 
 # Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
@@ -130,25 +131,26 @@ def _launch_only(key: str) -> bool:
                for p in ("cluster", "hydra", *RESUMABLE_CHANGES))
 
 
-def default_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
-    """sweeps/<swept keys>-<hash of the sweep's definition>: the same sweep maps to the same folder
-    (so a resubmission resumes, also with launch-only keys changed or values reordered), a different
-    sweep to another one."""
+def _sweep_name(swept: list[list[str]], definition: list) -> str:
+    """sweeps/<swept keys>-<hash of the definition>."""
     import hashlib
     keys = sorted({o.split("=", 1)[0] for o in swept[0]})
-    defining = sorted(o for o in common if not _launch_only(_key(o)))
-    digest = hashlib.sha1(json.dumps([defining, sorted(sorted(p) for p in swept)]).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(definition).encode()).hexdigest()[:8]
     return f"sweeps/{'+'.join(keys) or 'sweep'}-{digest}"
+
+
+def default_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
+    """The sweep's folder: the same sweep maps to the same folder (so a resubmission resumes, also with
+    launch-only keys changed or values reordered), a different sweep to another one."""
+    defining = sorted(o for o in common if not _launch_only(_key(o)))
+    return _sweep_name(swept, [defining, sorted(sorted(p) for p in swept)])
 
 
 def _legacy_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
     """The name sweeps got before default_sweep_dir ignored launch-only keys and value order: an
     existing sweep folder of that name is still resumed."""
-    import hashlib
-    keys = sorted({o.split("=", 1)[0] for o in swept[0]})
     defining = sorted(o for o in common if not o.split("=", 1)[0].startswith(("cluster", "hydra", "wandb.mode")))
-    digest = hashlib.sha1(json.dumps([defining, swept]).encode()).hexdigest()[:8]
-    return f"sweeps/{'+'.join(keys) or 'sweep'}-{digest}"
+    return _sweep_name(swept, [defining, swept])
 
 
 def hydra_value(value, key: str) -> str:
@@ -252,7 +254,7 @@ def validate_cluster(cluster: dict, cfg) -> dict:
                           f"({SIGNAL_LEAD_MAX} s); use a shorter lead")
     if c["signal_lead_s"] >= c["timeout_min"] * 60:
         raise ConfigError(f"cluster.signal_lead_s={c['signal_lead_s']} must be shorter than cluster.timeout_min")
-    if str(c.get("signal", "")).upper().removeprefix("SIG") != cfg.checkpoint.signal.upper().removeprefix("SIG"):
+    if _signal_name(c) != _signal_name({"signal": cfg.checkpoint.signal}):
         raise ConfigError(f"cluster.signal={c.get('signal')} differs from checkpoint.signal={cfg.checkpoint.signal}: "
                           f"the job would not catch the signal Slurm sends; make them equal")
     world = c["nodes"] * c["tasks_per_node"]
@@ -355,10 +357,7 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         return None
     ts = found[0].get("train_state") or {}
     cfg.check_resumable(found[0].get("identity", {}), run_dir, ts)
-    try:
-        finished = json.loads((run_dir / "status.json").read_text()).get("state") == "completed"
-    except (OSError, ValueError):
-        finished = False
+    finished = read_json(run_dir / "status.json").get("state") == "completed"
     if finished and ts.get("epoch") == cfg.trainer.epochs and not ts.get("step_in_epoch"):
         return "completed"  # a job would start only to find nothing to do
     return None
@@ -398,7 +397,7 @@ class TrainJob:
 
 
 def _signal_name(cluster: dict) -> str:
-    return str(cluster["signal"]).upper().removeprefix("SIG")
+    return str(cluster.get("signal", "")).upper().removeprefix("SIG")
 
 
 def make_executor(cluster: dict, folder: Path):
@@ -490,14 +489,10 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
 
 def _earlier_record(run_dir: Path) -> dict:
     """A point not submitted again: the record of its last submission, or (trained by hand) none."""
-    try:
-        return json.loads((run_dir / "submission.json").read_text())
-    except (OSError, ValueError):
-        return {"job_id": None, "backend": "none", "run_dir": str(run_dir)}
+    return read_json(run_dir / "submission.json") or {"job_id": None, "backend": "none", "run_dir": str(run_dir)}
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    from .fsio import write_atomic
     write_atomic(path, json.dumps(doc, indent=1).encode())
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import augment, data as data_mod
 from .checkpoint import CheckpointDir, CheckpointError, Writer, load_file, snapshot
-from .fsio import write_atomic
+from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
 from .distributed import Dist, DistEnv, pick_device, set_threads
 from .models import build_model, count_parameters, summary
@@ -350,11 +350,8 @@ class Trainer:
                "wandb_online_error": getattr(tracker, "online_error", None),
                "updated": time.time(), **extra}
         if not hasattr(self, "resumed_from"):  # failed before resuming: the folder's progress stands
-            try:
-                old = json.loads((self.run_dir / "status.json").read_text())
-            except (OSError, ValueError):
-                old = {}
-            doc = {**old, **{k: doc[k] for k in ("state", "slurm_job_id", "updated", *extra)}}
+            doc = {**read_json(self.run_dir / "status.json"),
+                   **{k: doc[k] for k in ("state", "slurm_job_id", "updated", *extra)}}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 
     # -- the loop ----------------------------------------------------------------------------------
