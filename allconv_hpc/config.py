@@ -216,7 +216,7 @@ class Config:
     def identity(self) -> dict:
         """What a resumed run may not change: every key except the operational ones below."""
         flat = _flatten(dataclasses.asdict(self))
-        return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_CHANGES)}
+        return {k: v for k, v in flat.items() if not resumable_change(k)}
 
     def check_resumable(self, theirs: dict, run_dir, train_state: Optional[dict] = None) -> None:
         """Refuse to resume a checkpoint whose identity (see `identity`) differs, naming each key, or
@@ -242,6 +242,12 @@ RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.epochs", "trainer.ev
                      "trainer.precision", "trainer.channels_last", "trainer.compile", "trainer.deterministic",
                      "trainer.log_every_steps", "trainer.threads", "trainer.progress", "checkpoint.", "wandb.",
                      "dist.")
+
+
+def resumable_change(key: str, also: tuple = ()) -> bool:
+    """Whether a resume may change ``key`` ('trainer.epochs', or a whole group such as 'wandb'), with
+    ``also`` as more such prefixes: one reading of RESUMABLE_CHANGES for the trainer and the launcher."""
+    return any(key == p.rstrip(".") or key.startswith(p.rstrip(".") + ".") for p in (*also, *RESUMABLE_CHANGES))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

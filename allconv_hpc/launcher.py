@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import CPU_PRECISIONS, RESUMABLE_CHANGES, ConfigError
+from .config import CPU_PRECISIONS, ConfigError, resumable_change
 from .fsio import read_json, write_atomic
 from .preempt import EXIT_REQUEUED, ignore_late_signals
 
@@ -127,8 +127,7 @@ def _key(override: str) -> str:
 
 def _launch_only(key: str) -> bool:
     """Keys that do not change what a run learns: the launch settings, and what a resume may change."""
-    return any(key == p.rstrip(".") or key.startswith(p if p.endswith(".") else p + ".")
-               for p in ("cluster", "hydra", *RESUMABLE_CHANGES))
+    return resumable_change(key, also=("cluster", "hydra"))
 
 
 def _sweep_name(swept: list[list[str]], definition: list) -> str:

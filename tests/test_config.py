@@ -220,3 +220,17 @@ def test_train_help_lists_the_config_groups(tmp_path):
     assert groups["model"] == " | ".join(sorted(MODEL_NAMES)).split()
     assert "fast" in groups["experiment"] and "onecycle" in groups["schedule"]
     assert not (tmp_path / "runs").exists()  # help trains nothing
+
+
+def test_resumable_change_is_one_reading_for_trainer_and_launcher():
+    """Keys, not prefixes of words: 'trainer.epochs' and whole groups such as 'wandb' may change on a
+    resume; 'trainer.epochs_x' or 'optim.lr' may not. The identity a checkpoint records drops exactly those."""
+    from allconv_hpc.config import Config, resumable_change
+    assert resumable_change("trainer.epochs") and resumable_change("wandb") and resumable_change("wandb.mode")
+    assert not resumable_change("trainer.epochs_x") and not resumable_change("trainer")
+    assert not resumable_change("optim.lr") and not resumable_change("cluster.nodes")
+    assert resumable_change("cluster.nodes", also=("cluster",)) and resumable_change("cluster", also=("cluster",))
+    ident = Config().identity()
+    assert "optim.lr" in ident and "model.name" in ident
+    assert not any(resumable_change(k) for k in ident)
+    assert not any(k.startswith(("trainer.epochs", "wandb.", "checkpoint.", "dist.")) for k in ident)
