@@ -217,6 +217,49 @@ def test_sweep_is_one_job_array_with_one_wandb_group(slurm_cluster, jobs, tmp_pa
 
 
 @pytest.mark.slow
+def test_resubmitted_sweep_submits_only_the_unfinished_points(slurm_cluster, jobs, tmp_path):
+    """A sweep cut short (scancel of its array after the first point completed), then the same command
+    again: only the unfinished points get jobs, the completed one is left as it is; once more while those
+    are queued, nothing."""
+    sweep = tmp_path / "sweep"
+    cmd = ["-m", *SLURM, "seed=0,1,2", *JOB, "trainer.epochs=2", "cluster.array_parallelism=1",
+           f"hydra.sweep.dir={sweep}"]
+    ids, _ = submit(slurm_cluster, tmp_path, jobs, *cmd)
+    runs = {d.name: d for _, d in ids}
+    first = dict((d.name, j) for j, d in ids)
+    assert wait_final(slurm_cluster, first["seed=0"], 150) == "COMPLETED", tail(runs["seed=0"])
+    slurm_cluster.run(["scancel", first["seed=0"].split("_")[0]], check=True)  # the whole array
+    # a task that never started has no accounting record of its own: wait until squeue lists none
+    assert poll(lambda: not any(squeue_state(slurm_cluster, j) in ACTIVE for j, _ in ids), 60), slurm_cluster.queue()
+    done = {n for n, d in runs.items() if read_status(d).get("state") == "completed"}
+    assert "seed=0" in done and "seed=2" not in done, {n: read_status(d) for n, d in runs.items()}
+    kept = {p: p.stat().st_mtime_ns for n in done for p in runs[n].rglob("*") if p.is_file()}
+
+    wider = [*cmd, "cluster.array_parallelism=2"]  # cluster.* is not part of the sweep's identity: same folder
+    ids2, r = submit(slurm_cluster, tmp_path, jobs, *wider)
+    for n in done:
+        assert f"not submitted again (completed): {runs[n]}" in r.stdout, r.stdout
+    assert sorted(d.name for _, d in ids2) == sorted(set(runs) - done), r.stdout
+    # and again while those are queued or running (or just done): nothing more is submitted
+    again = cli(slurm_cluster, tmp_path, "submit", *wider)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
+    assert not re.search(r"^job ", again.stdout, re.M), again.stdout
+    for _, run in ids2:
+        assert re.search(rf"^not submitted again \((job \S+ \(\w+\)|completed)\): {re.escape(str(run))}$",
+                         again.stdout, re.M), again.stdout
+    for j, run in ids2:
+        assert wait_final(slurm_cluster, j, 150) == "COMPLETED", tail(run)
+        assert read_status(run)["state"] == "completed" and len(history(run)) == 2
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the completed point was not touched
+    doc = json.loads((sweep / "sweep.json").read_text())
+    now = {**{n: first[n] for n in done}, **{d.name: j for j, d in ids2}}
+    assert [(Path(j["run_dir"]).name, j["job_id"]) for j in doc["jobs"]] == sorted(now.items())
+    rc, rows, table = status(slurm_cluster, tmp_path, sweep)
+    assert rc == 0 and sorted(r["job"] for r in rows) == sorted(now.values()), table
+    assert all(r["run"] == "completed" for r in rows), table
+
+
+@pytest.mark.slow
 def test_two_node_ddp_job_matches_one_process(slurm_cluster, jobs, tmp_path):
     run = tmp_path / "ddp"
     overrides = [*SLURM, *JOB, "cluster.nodes=2", "cluster.tasks_per_node=1", "model.dropout=false",
