@@ -1,9 +1,10 @@
 """Launch-context detection and the process group. Nothing else in the package calls init_process_group.
 
-Order of detection: torchrun variables (RANK/WORLD_SIZE/...), then a Slurm job step (srun or
-submitit: SLURM_PROCID/SLURM_STEP_NUM_TASKS/...), else a single process. Under Slurm the master is
-the first host of the step and the port is derived from the job id and the restart count, so a
-requeued job never meets the rendezvous of its previous life.
+Order of detection: torchrun variables (RANK/WORLD_SIZE/...), then a task of submitit's LocalExecutor
+(cluster=local: SUBMITIT_LOCAL_*), then a Slurm job step (srun or submitit: SLURM_PROCID/
+SLURM_STEP_NUM_TASKS/...), else a single process. Under Slurm the master is the first
+host of the step and the port is derived from the job id and the restart count, so a requeued job
+never meets the rendezvous of its previous life; cluster=local derives it from its controller's pid.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class DistEnv:
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    source: str = "single"          # single | torchrun | slurm
+    source: str = "single"          # single | torchrun | slurm | local (submitit's LocalExecutor)
 
     @property
     def is_main(self) -> bool:
@@ -78,7 +79,8 @@ PORT_BASE, PORT_SPAN = 10000, 22768
 
 
 def slurm_port(job_id: str, restart_count: int) -> int:
-    """A port in [10000, 32768) from the job id and restart count (fresh on every requeue)."""
+    """A port in [10000, 32768) from the job id and restart count (fresh on every requeue); also for
+    cluster=local, whose job id is its controller's pid."""
     return PORT_BASE + (int(re.sub(r"\D", "", job_id) or 0) * 97 + restart_count * 7919) % PORT_SPAN
 
 
@@ -106,6 +108,15 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
                        local_world_size=int(e.get("LOCAL_WORLD_SIZE", world)),
                        master_addr=e.get("MASTER_ADDR", "127.0.0.1"), master_port=int(e.get("MASTER_PORT", 29500)),
                        source="torchrun")
+    # cluster=local: submitit's LocalExecutor starts tasks_per_node processes on this machine and says
+    # only which one each is; its controller's pid is the job id (fresh on every resubmission)
+    # (set by the process that started this one: it wins over Slurm variables inherited from a shell)
+    if "SUBMITIT_LOCAL_GLOBALID" in e:
+        world = int(e.get("SUBMITIT_LOCAL_NTASKS", 1))
+        return DistEnv(rank=int(e["SUBMITIT_LOCAL_GLOBALID"]), world_size=world,
+                       local_rank=int(e.get("SUBMITIT_LOCAL_LOCALID", e["SUBMITIT_LOCAL_GLOBALID"])),
+                       local_world_size=world, master_addr="127.0.0.1",
+                       master_port=slurm_port(e.get("SUBMITIT_LOCAL_JOB_ID", "0"), 0), source="local")
     # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script alone is one process.
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
         nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "localhost")
@@ -165,10 +176,11 @@ class Dist:
             backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and device.type != "cuda":
             raise DistributedError("dist.backend=nccl needs trainer.device=cuda; use gloo on CPU")
-        if env.source == "slurm":  # the derived address wins over an inherited (stale) one
+        if env.source in ("slurm", "local"):  # the derived address wins over an inherited (stale) one
             for key, value in (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", str(env.master_port))):
                 if os.environ.get(key, value) != value:
-                    log.warning("ignoring the inherited %s=%s under Slurm: using %s", key, os.environ[key], value)
+                    log.warning("ignoring the inherited %s=%s (%s): using %s", key, os.environ[key], env.source,
+                                value)
                 os.environ[key] = value
         else:
             os.environ.setdefault("MASTER_ADDR", env.master_addr)

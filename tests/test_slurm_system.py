@@ -565,10 +565,13 @@ def test_requeue_tolerates_a_job_slurm_already_requeued(slurm_cluster, tmp_path)
 
 @pytest.mark.slow
 def test_submit_cluster_local_runs_here_and_wait_streams_until_done(slurm_cluster, tmp_path):
+    """cluster=local with two tasks: one DDP run of two ranks here (not two runs in one folder)."""
     run = tmp_path / "local"
-    p = subprocess.Popen([PY, "-m", "allconv_hpc", "submit", "--wait", "cluster=local", "cluster.cpus_per_task=1",
-                          *JOB, "trainer.epochs=2", f"hydra.run.dir={run}"], env=job_env(slurm_cluster, tmp_path),
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    overrides = ["cluster=local", "cluster.cpus_per_task=1", "cluster.tasks_per_node=2", *JOB, "model.dropout=false",
+                 "trainer.epochs=2"]
+    p = subprocess.Popen([PY, "-m", "allconv_hpc", "submit", "--wait", *overrides, f"hydra.run.dir={run}"],
+                         env=job_env(slurm_cluster, tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = p.communicate(timeout=180)
     finally:
@@ -580,8 +583,15 @@ def test_submit_cluster_local_runs_here_and_wait_streams_until_done(slurm_cluste
         assert re.search(rf"^\S+ {pid}:COMPLETED\(2/2\)$", out, re.M), out  # --wait's last state line
         rc, rows, table = status(slurm_cluster, tmp_path, run)
         assert rc == 0 and rows[0]["state"] == "COMPLETED" and rows[0]["run"] == "completed", table
-        assert (run / ".submitit" / str(pid) / f"{pid}_0_result.pkl").exists()
+        assert all((run / ".submitit" / str(pid) / f"{pid}_{t}_result.pkl").exists() for t in (0, 1))
         assert len(history(run)) == 2 and (run / "checkpoints" / "last.pt").is_file()
+        log = (run / "train.log").read_text()
+        assert f"rank 0/2 joined (gloo, local, master 127.0.0.1:{slurm_port(str(pid), 0)})" in log, log[-2000:]
+        assert log.count("training synthetic on cpu") == 1 and "2 rank(s), global batch 60" in log, log[-2000:]
+        ref = start_reference(tmp_path, tmp_path / "ref", overrides)
+        finish_reference(tmp_path, ref)
+        assert_same_weights(final_weights(run), final_weights(tmp_path / "ref"), exact=False)
+        assert_same_history(history(run), history(tmp_path / "ref"), exact=False)
     finally:
         cmdline = Path(f"/proc/{pid}/cmdline")
         try:  # only our own controller, should it still be there

@@ -49,6 +49,15 @@ def test_detect_env_order():
     assert e.master_port == slurm_port("77", 2)
     # a batch script outside srun has SLURM_PROCID but no step: one process, not a rank of 8
     assert detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}).source == "single"
+    # cluster=local: submitit's LocalExecutor tasks are the ranks, also inside an inherited Slurm step
+    lo = {"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_NTASKS": "2",
+          "SUBMITIT_LOCAL_JOB_ID": "4242", "MASTER_PORT": "1"}
+    e = detect_env({**sl, **lo})
+    assert (e.source, e.rank, e.world_size, e.local_rank, e.local_world_size, e.master_addr) == \
+        ("local", 1, 2, 1, 2, "127.0.0.1")
+    assert e.master_port == slurm_port("4242", 0) != detect_env({**lo, "SUBMITIT_LOCAL_JOB_ID": "4243"}).master_port
+    assert not detect_env({**lo, "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_NTASKS": "1"}).distributed
+    assert detect_env({**lo, **tr}).source == "torchrun"
 
 
 def test_local_world_size_is_this_nodes_entry_of_the_tasks_per_node_list():
