@@ -33,7 +33,6 @@ import netrc
 import os
 import secrets
 import string
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlsplit
@@ -310,6 +309,8 @@ class Tracker:
     def _start_wandb(self, cfg_dict: dict, wandb_cfg: WandbConfig, resume_run_id: Optional[str]) -> None:
         import wandb
 
+        if not os.environ.get("WANDB_MODE", "set").strip():  # blank is unset to us (resolve_mode); wandb refuses it
+            del os.environ["WANDB_MODE"]
         run_id = resume_run_id or _read_id(self.run_dir) or generate_id()
         if _read_id(self.run_dir) != run_id:
             write_atomic(self.run_dir / ID_FILE, run_id + "\n")
@@ -349,8 +350,8 @@ class Tracker:
             try:
                 steps = [r["_step"] for r in read_run(seg)["history"] if "_step" in r]
             except Exception as e:  # unknown: neither re-log nor drop anything rather than guess
-                print(f"[tracking] cannot read W&B segment {seg} ({type(e).__name__}: {e}); not re-logging "
-                      f"lost steps, nor skipping steps it may hold", file=sys.stderr, flush=True)
+                log.warning("cannot read W&B segment %s (%s: %s); not re-logging lost steps, nor skipping steps "
+                            "it may hold", seg, type(e).__name__, e)
                 return None
             last = max([last, *steps])
         return last
@@ -359,8 +360,8 @@ class Tracker:
         """Re-log, in their original order, the logs up to the checkpoint that W&B lacks (after ``have``)."""
         lost = [e for e in entries if e["step"] > have]
         if lost:
-            print(f"[tracking] re-logging {len(lost)} W&B log(s), steps {lost[0]['step']}..{lost[-1]['step']}, "
-                  f"that the previous process's W&B record lacks", file=sys.stderr, flush=True)
+            log.warning("re-logging %d W&B log(s), steps %d..%d, that the previous process's W&B record lacks",
+                        len(lost), lost[0]["step"], lost[-1]["step"])
         for e in lost:
             self._log(e["data"], e["step"])
 
@@ -390,13 +391,11 @@ class Tracker:
         if step <= self._floor:
             if not self._floor_said:
                 self._floor_said = True
-                print(f"[tracking] steps up to {self._floor} are in this run's W&B record from an earlier process "
-                      f"(trained again after a kill since the last checkpoint): not logging them twice",
-                      file=sys.stderr, flush=True)
+                log.warning("steps up to %d are in this run's W&B record from an earlier process (trained again "
+                            "after a kill since the last checkpoint): not logging them twice", self._floor)
             return
         if self._last_step is not None and step < self._last_step:
-            print(f"[tracking] dropping W&B log at step {step} < last logged step {self._last_step}: "
-                  f"{sorted(data)}", file=sys.stderr, flush=True)
+            log.warning("dropping W&B log at step %d < last logged step %d: %s", step, self._last_step, sorted(data))
             return
         self._last_step = step
         try:
@@ -433,8 +432,8 @@ class Tracker:
     def _lost(self, e: Exception) -> None:
         """W&B's service process is gone (a job's SIGTERM reaches every process of the step, W&B's
         too): stop logging to W&B instead of failing the training; history.csv stays complete."""
-        print(f"[tracking] W&B stopped working ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
-              f" not logging to W&B for the rest of this process", file=sys.stderr, flush=True)
+        log.warning("W&B stopped working (%s: %s); not logging to W&B for the rest of this process",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         self._finished = True
 
     def sync(self) -> None:
@@ -466,7 +465,7 @@ class Tracker:
             try:
                 self._run.finish(exit_code=exit_code)
             except Exception as e:
-                print(f"[tracking] W&B finish failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+                log.warning("W&B finish failed (%s: %s)", type(e).__name__, e)
         self._finished = True
         if self._run is not None and not self._torn_down:
             # Stop W&B's service now, not in wandb's atexit hook: a requeue's SIGTERM (or scancel's) would

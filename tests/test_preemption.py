@@ -116,7 +116,7 @@ def test_sigterm_to_the_whole_step_loses_no_wandb_step(reference, tmp_path):
         p.kill()
     assert p.returncode == 3, out[-3000:]
     r = run_train(tmp_path, run, ov)
-    assert "re-logging" in r.stderr, r.stderr[-2000:]  # the steps the dead service never wrote
+    assert "re-logging" in (run / "train.log").read_text(), r.stderr[-2000:]  # what the dead service never wrote
     assert_same_weights(final_weights(run), final_weights(reference), exact=True)
     steps = [r["_step"] for r in merged_history(run / "wandb", (run / "wandb_id.txt").read_text().strip())]
     assert steps == list(range(1, 17)), steps
@@ -147,7 +147,7 @@ def test_sigkill_after_wandb_wrote_past_the_checkpoint_logs_each_step_once(refer
     assert CheckpointDir(run / "checkpoints", keep=2).load_latest()[1].name == "step_00000005.pt"
     assert steps[-1] > 5, steps
     r = run_train(tmp_path, run, ov)
-    assert f"steps up to {steps[-1]} are in this run's W&B record" in r.stderr, r.stderr[-2000:]
+    assert f"steps up to {steps[-1]} are in this run's W&B record" in (run / "train.log").read_text(), r.stderr[-2000:]
     assert_same_weights(final_weights(run), final_weights(reference), exact=True)
     assert [r["_step"] for r in merged_history(run / "wandb", rid)] == list(range(1, 17))
 

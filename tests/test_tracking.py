@@ -276,6 +276,17 @@ def test_api_key_never_written_and_config_mode_beats_env(tmp_path, wenv, monkeyp
     assert leaks == []
 
 
+def test_blank_wandb_mode_in_the_environment_is_unset(tmp_path, wenv, monkeypatch):
+    """`WANDB_MODE=` (exported empty, e.g. by a cluster profile) means auto here, and wandb's own settings
+    validation, which refuses '', never sees it."""
+    monkeypatch.setenv("WANDB_MODE", " ")
+    assert resolve_mode(None, {"WANDB_MODE": " "}) == "offline"
+    t = make_tracker(tmp_path / "run", {"a": 1}, WandbConfig(mode=None), 0, None, [])
+    run_epochs(t, 1, 10)
+    t.finish()
+    assert t.mode == "offline" and read_run(t.segment_dir)["history"]
+
+
 def test_online_init_failure_falls_back_to_offline(tmp_path, wenv, monkeypatch, caplog):
     import wandb
     real_init = wandb.init
@@ -333,7 +344,7 @@ def _steps_when_written(segment: Path, n: int) -> list[int]:
     return steps
 
 
-def test_steps_trained_again_after_a_kill_are_not_logged_twice(wenv, tmp_path, capfd):
+def test_steps_trained_again_after_a_kill_are_not_logged_twice(wenv, tmp_path, caplog):
     # killed at step 27 with the newest checkpoint at step 20: the resumed process trains 21..27 again
     run_dir = tmp_path / "run"
     wcfg = WandbConfig(mode="offline")
@@ -347,7 +358,7 @@ def test_steps_trained_again_after_a_kill_are_not_logged_twice(wenv, tmp_path, c
         if step == 30:
             second.log_eval(30, epoch_row(3, 30))
     second.finish()
-    assert "steps up to 27 are in this run's W&B record" in capfd.readouterr().err
+    assert "steps up to 27 are in this run's W&B record" in caplog.text
     assert _steps_when_written(second.segment_dir, 13) == list(range(28, 41))
     merged = merged_history(run_dir / "wandb", first.run_id)
     assert [r["_step"] for r in merged] == list(range(1, 41))  # each step once
@@ -358,5 +369,5 @@ def test_steps_trained_again_after_a_kill_are_not_logged_twice(wenv, tmp_path, c
     third = make_tracker(run_dir, {"a": 1}, wcfg, 0, None, rows, global_step=20)
     third.log_train(21, {"loss": 1.0})
     third.finish()
-    assert "cannot read W&B segment" in capfd.readouterr().err
+    assert "cannot read W&B segment" in caplog.text
     assert _steps_when_written(third.segment_dir, 1) == [21]
