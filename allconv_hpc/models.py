@@ -78,7 +78,7 @@ def build_model(cfg: ModelConfig) -> nn.Sequential:
         layers.append(relu())
     layers.append(GlobalAvgPool())
     model = nn.Sequential(*layers)
-    init_weights(model)
+    init_weights(model, final_relu=cfg.final_relu)
     return model
 
 
@@ -97,13 +97,22 @@ def _stage(convs: tuple[int, ...], variant: str, cin: int, width: int, relu) -> 
     return out
 
 
-def init_weights(model: nn.Module) -> None:
+FINAL_RELU_BIAS = 1.0
+
+
+def init_weights(model: nn.Module, final_relu: bool = False) -> None:
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     for m in convs:
         nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
         nn.init.zeros_(m.bias)
     # class scores: small, so the initial loss is ~log(C) rather than large
     nn.init.normal_(convs[-1].weight, std=1.0 / math.sqrt(convs[-1].in_channels) * 0.1)
+    if final_relu:
+        # A ReLU on the scores passes gradient only where a score is > 0. Zero biases start them at the
+        # kink, and lr 0.05 without warmup pushes every score below 0 within a few steps: a dead net
+        # (measured: loss stuck at log 10). One equal positive bias keeps them alive; equal scores keep
+        # the first loss at log(C), and softmax's bias gradients sum to 0, so their mean stays put.
+        nn.init.constant_(convs[-1].bias, FINAL_RELU_BIAS)
 
 
 def count_parameters(model: nn.Module) -> int:
