@@ -15,7 +15,7 @@ MODEL_NAMES = ("allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_
                "allcnn_b", "model_b", "strided_cnn_b", "convpool_cnn_b")
 DATASETS = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
 AUGMENTS = ("paper", "seed", "none")
-SCHEDULES = ("paper", "cosine", "onecycle", "constant")
+SCHEDULES = ("paper", "cosine", "onecycle", "constant", "inverse_time")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 CPU_PRECISIONS = ("fp32", "auto")  # what runs without CUDA (auto is fp32 there)
 DEVICES = ("auto", "cpu", "cuda")
@@ -97,12 +97,13 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "paper"             # paper (steps) | cosine | onecycle | constant
+    name: str = "paper"             # paper (steps) | cosine | onecycle | constant | inverse_time
     milestones: list = field(default_factory=lambda: [200, 250, 300])  # epochs, for paper
     gamma: float = 0.1              # factor at each milestone
     warmup_epochs: float = 1.0      # linear warmup from ~0, in epochs (fractions allowed; the paper: none)
     final_lr_ratio: float = 0.0     # cosine/onecycle end lr as a fraction of optim.lr
     pct_start: float = 0.25         # onecycle: fraction of training spent rising
+    decay: float = 0.0              # inverse_time: lr / (1 + decay * step), Keras SGD's `decay`
 
     def __post_init__(self) -> None:
         _choice("schedule.name", self.name, SCHEDULES)
@@ -111,6 +112,7 @@ class ScheduleConfig:
         _check(self.warmup_epochs >= 0, f"schedule.warmup_epochs={self.warmup_epochs} must be >= 0")
         _check(0 < self.pct_start < 1, f"schedule.pct_start={self.pct_start} must be in (0, 1)")
         _check(0 <= self.final_lr_ratio <= 1, f"schedule.final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
+        _check(self.decay >= 0, f"schedule.decay={self.decay} must be >= 0")
 
 
 @dataclass
@@ -222,6 +224,8 @@ class Config:
         """Refuse to resume a checkpoint whose identity (see `identity`) differs, naming each key, or
         whose progress (``train_state``) is past ``trainer.epochs``: a run may grow, not shrink."""
         mine = self.identity()
+        # a key added since the checkpoint was written: its default is what that version did
+        theirs = {**{k: v for k, v in Config().identity().items() if k not in theirs}, **theirs}
         if mine != theirs:
             diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
                     if mine.get(k) != theirs.get(k)]

@@ -27,6 +27,8 @@ def lr_factor(step: int, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int)
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     if cfg.name == "constant":
         return 1.0
+    if cfg.name == "inverse_time":  # Keras' legacy SGD: lr * 1 / (1 + decay * updates so far)
+        return 1.0 / (1.0 + cfg.decay * step)
     if cfg.name == "cosine":
         t = (step - warm) / max(1, total - warm)
         return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))

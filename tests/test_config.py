@@ -157,7 +157,8 @@ def test_experiment_seed_keras():
     assert cfg.model.name == "allcnn_seed" and cfg.model.input_dropout == 0.0 and cfg.model.hidden_dropout == 0.5
     assert cfg.data.augment == "seed"
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.1, 0.9, True, 0.0)
-    assert cfg.schedule.name == "constant" and cfg.schedule.warmup_epochs == 0.0
+    # SGD(lr=0.1, decay=1e-6, ...): Keras' decay shrinks the lr per update, it is not weight decay
+    assert (cfg.schedule.name, cfg.schedule.decay, cfg.schedule.warmup_epochs) == ("inverse_time", 1e-6, 0.0)
     assert (cfg.trainer.batch_size, cfg.trainer.epochs) == (32, 350)
     assert compose(["experiment=seed_keras"]).cfg.data.name == "cifar10"
 
@@ -234,3 +235,18 @@ def test_resumable_change_is_one_reading_for_trainer_and_launcher():
     assert "optim.lr" in ident and "model.name" in ident
     assert not any(resumable_change(k) for k in ident)
     assert not any(k.startswith(("trainer.epochs", "wandb.", "checkpoint.", "dist.")) for k in ident)
+
+
+def test_a_key_added_since_a_checkpoint_counts_at_its_default():
+    """A checkpoint's identity from before a key existed (e.g. schedule.decay) resumes when the key is at
+    its default (what that version did), and is refused, naming it, when it is not."""
+    from allconv_hpc.config import Config
+    old = Config().identity()
+    del old["schedule.decay"]
+    Config().check_resumable(old, "run")
+    seed = compose(["experiment=seed_keras"]).cfg
+    old = {**seed.identity(), "schedule.name": "constant"}
+    del old["schedule.decay"]
+    with pytest.raises(ConfigError, match=r"schedule.decay: 0.0 -> 1e-06; schedule.name: 'constant' -> 'inverse_time'"):
+        seed.check_resumable(old, "run")
+    compose(["experiment=seed_keras", "schedule=constant"]).cfg.check_resumable(old, "run")  # README's way on

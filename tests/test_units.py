@@ -125,6 +125,9 @@ def test_schedules():
     assert peak == 24 and lr_factor(24, one, 10, 10) == pytest.approx(1.0)
     assert lr_factor(99, one, 10, 10) == pytest.approx(1 / 75, abs=1e-9)
     assert all(math.isfinite(lr_factor(s, one, 10, 10)) for s in range(100))
+    # Keras' legacy SGD decay (the seed's decay=1e-6): lr / (1 + decay * updates so far)
+    inv = ScheduleConfig(name="inverse_time", decay=1e-6, warmup_epochs=0.0)
+    assert [lr_factor(s, inv, 1563, 350) for s in (0, 1, 547_050)] == pytest.approx([1.0, 1 / 1.000001, 1 / 1.54705])
 
 
 def test_timeout_budget_is_per_submission():
