@@ -111,7 +111,7 @@ main() {
   trap 'rm -rf "$WORK"' EXIT
   export WANDB_MODE=disabled PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 
-  local BUDGET RESERVE=20
+  local BUDGET RESERVE=35  # the summary gets RESERVE - 5 s: torch + hydra + CUDA init
   BUDGET="${GPU_CHECK_BUDGET_S:-$([[ $MODE == dry ]] && echo 1800 || echo 450)}"
 
   header "setup"
@@ -205,14 +205,14 @@ main() {
   section "environment + FLOP count"             env          60  20 10 "${GB[@]}" env
   section "bf16/tf32 vs fp32 agreement"          correctness 120  40 10 "${GB[@]}" correctness
   section "torchrun 1 rank: train+ckpt+resume"   torchrun1   120  40 30 "${RUN1[@]}"
-  section "nccl-ddp (package's 1-rank group)"    nccl         90  25 10 "${GB[@]}" nccl
+  section "nccl-ddp (package's 1-rank group)"    nccl         90  25 10 env NCCL_DEBUG=WARN "${GB[@]}" nccl
   section "CUDA syncs per Trainer step"          syncs        60  20 10 "${GB[@]}" syncs
   section "bf16 matmul peak"                     matmul       45  15 10 "${GB[@]}" matmul
   section "throughput grid, eager (+MFU)"        grid_eager  120  30 10 "${GB[@]}" grid
   section "Trainer vs bare loop, batch 128"      overhead     90  25 10 "${GB[@]}" overhead
   section "checkpoint save/load"                 checkpoint   90  20 10 "${GB[@]}" checkpoint
   section "one 50k epoch via fit()"              epoch       120  30 10 "${GB[@]}" epoch
-  section "torchrun 2 ranks gloo + compile"      ddp2_compile 200 60 30 "${RUN2[@]}"
+  section "torchrun 2 ranks gloo + compile"      ddp2_compile 200 120 30 "${RUN2[@]}"
   section "throughput grid, compiled (+MFU)"     grid_compiled 240 40 10 "${GB[@]}" grid --compiled
 
   header "summary"
