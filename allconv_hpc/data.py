@@ -403,12 +403,13 @@ def eval_shard(n: int, rank: int, world: int) -> slice:
 def eval_batches(images_dev: torch.Tensor, labels_dev: torch.Tensor, rank: int, world: int,
                  global_eval_batch: int, mean: Sequence[float], std: Sequence[float],
                  channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised batches over this rank's shard, ceil(global_eval_batch / world) per rank.
-
-    Ranks may get different numbers of batches: reduce the summed metrics once at the end, not per batch.
-    """
-    shard = eval_shard(len(labels_dev), rank, world)
+    """Normalised batches over this rank's shard, ceil(global_eval_batch / world) images each. Every
+    rank gets the same number of batches (the trainer polls its peers once per batch); a rank whose
+    shard ran out gets empty ones at the end."""
+    n = len(labels_dev)
+    shard = eval_shard(n, rank, world)
     per_rank = max(1, math.ceil(global_eval_batch / world))
-    for lo in range(shard.start, shard.stop, per_rank):
+    for b in range(math.ceil(math.ceil(n / world) / per_rank)):
+        lo = min(shard.start + b * per_rank, shard.stop)
         hi = min(lo + per_rank, shard.stop)
         yield aug.normalize(images_dev[lo:hi], mean, std, channels_last=channels_last), labels_dev[lo:hi]

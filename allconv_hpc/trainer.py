@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment, data as data_mod
+from . import data as data_mod
 from .checkpoint import CheckpointDir, CheckpointError, Writer, load_file, snapshot
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
@@ -492,23 +492,16 @@ class Trainer:
     def _evaluate(self, stop: StopRequest) -> bool:
         """Eval on the whole test split, each image exactly once across ranks. True on a stop."""
         self.model.eval()
-        n, world = len(self.test_labels), self.env.world_size
-        shard = data_mod.eval_shard(n, self.env.rank, world)
-        idx = torch.arange(n, device=self.device)[shard]
-        per_rank = max(1, math.ceil(self.cfg.trainer.eval_batch_size / world))
-        n_batches = math.ceil(math.ceil(n / world) / per_rank)  # same count on every rank (collectives)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for b in range(n_batches):
-            if self._poll(stop).stop:
+        for x, y in data_mod.eval_batches(self.test_images, self.test_labels, self.env.rank, self.env.world_size,
+                                          self.cfg.trainer.eval_batch_size, self.mean, self.std,
+                                          channels_last=self.cfg.trainer.channels_last):
+            if self._poll(stop).stop:  # the same number of batches on every rank: polls pair up
                 self._phase = "evaluation"
                 self.save()  # step_in_epoch == steps_per_epoch: the resumed run redoes this eval
                 return True
-            part = idx[b * per_rank:(b + 1) * per_rank]
-            if len(part) == 0:
+            if len(y) == 0:
                 continue
-            x = augment.normalize(self.test_images[part], self.mean, self.std,
-                                  channels_last=self.cfg.trainer.channels_last)
-            y = self.test_labels[part]
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = self.model(x)
             sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),

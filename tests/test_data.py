@@ -288,10 +288,16 @@ def test_eval_batches_cover_the_test_set_once():
     n = 25
     x = torch.arange(n).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
     y = torch.arange(n)
-    seen = []
+    seen, counts = [], []
     for r in range(3):
-        for xb, yb in data.eval_batches(x, y, r, 3, 10, (0.0,) * 3, (1.0,) * 3, channels_last=False):
+        batches = list(data.eval_batches(x, y, r, 3, 10, (0.0,) * 3, (1.0,) * 3, channels_last=False))
+        counts.append(len(batches))
+        for xb, yb in batches:
             assert len(yb) <= 4  # ceil(10 / 3)
             assert torch.allclose(xb[:, 0, 0, 0] * 255, yb.float())
             seen += yb.tolist()
     assert sorted(seen) == list(range(n)) and len(seen) == n
+    assert counts == [3, 3, 3]  # shards of 9, 8, 8: the same count everywhere (the trainer polls per batch)
+    last = list(data.eval_batches(x[:4], y[:4], 3, 4, 8, (0.0,) * 3, (1.0,) * 3))
+    assert [len(b) for _, b in last] == [1]
+    assert [len(b) for _, b in data.eval_batches(x[:5], y[:5], 3, 4, 4, (0.0,) * 3, (1.0,) * 3)] == [1, 0]
