@@ -327,12 +327,16 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     (what the trainer would refuse on resume, found here before anything is queued). Returns why the
     run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
     (a resubmitted sweep fills in the rest); None when it does."""
-    from .status import ACTIVE_STATES, queued_state
+    from .status import ACTIVE_STATES, NO_ANSWER, queued_state
 
     sub = run_dir / "submission.json"
     if sub.exists():
         rec = json.loads(sub.read_text())
         state = queued_state(rec)
+        if state == NO_ANSWER:  # it may still run: a second job could train into the same folder
+            raise ConfigError(f"squeue did not answer whether job {rec['job_id']}, the last one submitted into "
+                              f"{run_dir}, is still queued or running; submit again when `squeue -j "
+                              f"{rec['job_id']}` answers")
         if state in ACTIVE_STATES and sweep:
             if overrides is not None and sorted(rec.get("overrides") or []) != sorted(overrides):
                 return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with; submit "

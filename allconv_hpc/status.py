@@ -74,10 +74,15 @@ def _local_state(rec: dict) -> Optional[str]:
         return None
 
 
+NO_ANSWER = "NO ANSWER"  # queued_state: squeue did not answer (timeout, controller down)
+
+
 def queued_state(rec: dict) -> Optional[str]:
-    """The scheduler's state of a submission while it is queued or running (one squeue call); else None."""
+    """The scheduler's state of a submission while it is queued or running (one squeue call); None when
+    it is not; NO_ANSWER when squeue could not say."""
     if rec.get("job_id") and rec.get("backend") == "slurm":
-        return squeue_state(str(rec["job_id"]))[1]
+        answered, state = squeue_state(str(rec["job_id"]))
+        return state if answered else NO_ANSWER
     if rec.get("job_id") and rec.get("backend") == "local":
         return _local_state(rec)
     return None

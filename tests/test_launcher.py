@@ -431,7 +431,7 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     job (each would start only to stop, or train twice into one folder); sweep.json keeps every point."""
     monkeypatch.chdir(tmp_path)
     on_path(sbatch=f"echo x >> {tmp_path / 'sbatch_calls'}; echo 'Submitted batch job 77'",
-            squeue='[ "$3" = 42 ] && echo RUNNING')
+            squeue='[ "$3" = 42 ] && echo RUNNING; exit 0')
     sweep = tmp_path / "sw"
     done, busy, new = (sweep / f"seed={i}" for i in range(3))
     identity = compose(["cluster=slurm", *TINY, "seed=0"]).cfg.identity()
@@ -460,6 +460,13 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     assert code == 0 and f"job 77  {done}" in out, out  # the job finishes it (status, W&B) at once
     code, out, _ = run_submit(capsys, "cluster=slurm", *TINY, "seed=0", "trainer.epochs=2", f"hydra.run.dir='{done}'")
     assert code == 0 and f"job 77  {done}" in out, out
+    # squeue not answering: job 77 may still run, so nothing is submitted into its folder
+    on_path(sbatch=f"echo x >> {tmp_path / 'sbatch_calls'}; echo 'Submitted batch job 78'",
+            squeue="echo 'slurm_load_jobs error: Socket timed out' >&2; exit 1")
+    calls = (tmp_path / "sbatch_calls").read_text()
+    code, _, err = run_submit(capsys, "cluster=slurm", *TINY, "seed=0", "trainer.epochs=2", f"hydra.run.dir='{done}'")
+    assert code == 2 and "squeue did not answer whether job 77" in err and "squeue -j 77" in err, err
+    assert (tmp_path / "sbatch_calls").read_text() == calls
 
 
 def test_a_run_folder_of_another_config_is_refused(tmp_path):
