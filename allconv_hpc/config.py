@@ -224,8 +224,8 @@ class Config:
         """Refuse to resume a checkpoint whose identity (see `identity`) differs, naming each key, or
         whose progress (``train_state``) is past ``trainer.epochs``: a run may grow, not shrink."""
         mine = self.identity()
-        # a key added since the checkpoint was written: its default is what that version did
-        theirs = {**{k: v for k, v in Config().identity().items() if k not in theirs}, **theirs}
+        if theirs:  # a key added since the checkpoint was written: at the value that version behaved as
+            theirs = {**{k: v for k, v in ADDED_KEYS.items() if k not in theirs}, **theirs}
         if mine != theirs:
             diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
                     if mine.get(k) != theirs.get(k)]
@@ -246,6 +246,11 @@ RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.epochs", "trainer.ev
                      "trainer.precision", "trainer.channels_last", "trainer.compile", "trainer.deterministic",
                      "trainer.log_every_steps", "trainer.threads", "trainer.progress", "checkpoint.", "wandb.",
                      "dist.")
+
+
+# Identity keys added after checkpoints of older versions exist, with the value those versions acted
+# as if they had (so their runs still resume). A new identity key goes here.
+ADDED_KEYS = {"schedule.decay": 0.0}
 
 
 def resumable_change(key: str, also: tuple = ()) -> bool:

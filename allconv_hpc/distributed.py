@@ -110,8 +110,9 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
                        source="torchrun")
     # cluster=local: submitit's LocalExecutor starts tasks_per_node processes on this machine and says
     # only which one each is; its controller's pid is the job id (fresh on every resubmission)
-    # (set by the process that started this one: it wins over Slurm variables inherited from a shell)
-    if "SUBMITIT_LOCAL_GLOBALID" in e:
+    # (set by the process that started this one: it wins over Slurm variables inherited from a shell;
+    # a Slurm job submitted from inside a local task inherits them too, but submitit says "slurm" there)
+    if "SUBMITIT_LOCAL_GLOBALID" in e and e.get("SUBMITIT_EXECUTOR", "local") == "local":
         world = int(e.get("SUBMITIT_LOCAL_NTASKS", 1))
         return DistEnv(rank=int(e["SUBMITIT_LOCAL_GLOBALID"]), world_size=world,
                        local_rank=int(e.get("SUBMITIT_LOCAL_LOCALID", e["SUBMITIT_LOCAL_GLOBALID"])),

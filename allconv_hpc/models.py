@@ -110,8 +110,8 @@ def init_weights(model: nn.Module, final_relu: bool = False) -> None:
     if final_relu:
         # A ReLU on the scores passes gradient only where a score is > 0. Zero biases start them at the
         # kink, and lr 0.05 without warmup pushes every score below 0 within a few steps: a dead net
-        # (measured: loss stuck at log 10). One equal positive bias keeps them alive; equal scores keep
-        # the first loss at log(C), and softmax's bias gradients sum to 0, so their mean stays put.
+        # (measured: loss stuck at log 10). One equal positive bias keeps them alive; equal biases keep
+        # the first loss at log(C), and while the scores are > 0 their gradients sum to 0 across classes.
         nn.init.constant_(convs[-1].bias, FINAL_RELU_BIAS)
 
 

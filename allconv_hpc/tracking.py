@@ -309,8 +309,8 @@ class Tracker:
     def _start_wandb(self, cfg_dict: dict, wandb_cfg: WandbConfig, resume_run_id: Optional[str]) -> None:
         import wandb
 
-        if not os.environ.get("WANDB_MODE", "set").strip():  # blank is unset to us (resolve_mode); wandb refuses it
-            del os.environ["WANDB_MODE"]
+        # resolve_mode read WANDB_MODE (blank = unset, any case); wandb would validate it again, strictly
+        os.environ.pop("WANDB_MODE", None)
         run_id = resume_run_id or _read_id(self.run_dir) or generate_id()
         if _read_id(self.run_dir) != run_id:
             write_atomic(self.run_dir / ID_FILE, run_id + "\n")

@@ -156,7 +156,8 @@ class Trainer:
         cfg, cfg_dict, env, t = self.cfg, self.cfg_dict, self.env, self.cfg.trainer
         self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
-        self.slurm = SlurmJob()
+        # a cluster=local job on a Slurm node (inherited SLURM_JOB_ID) must not requeue the user's allocation
+        self.slurm = SlurmJob({} if env.source == "local" else None)
         self._last_save, self._due_sent, self._poll_pending = time.monotonic(), False, None  # see _poll
         self._check_compile = t.compile
 

@@ -250,3 +250,5 @@ def test_a_key_added_since_a_checkpoint_counts_at_its_default():
     with pytest.raises(ConfigError, match=r"schedule.decay: 0.0 -> 1e-06; schedule.name: 'constant' -> 'inverse_time'"):
         seed.check_resumable(old, "run")
     compose(["experiment=seed_keras", "schedule=constant"]).cfg.check_resumable(old, "run")  # README's way on
+    with pytest.raises(ConfigError, match="different config"):  # no identity at all: not backfilled
+        Config().check_resumable({}, "run")

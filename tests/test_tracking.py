@@ -276,12 +276,13 @@ def test_api_key_never_written_and_config_mode_beats_env(tmp_path, wenv, monkeyp
     assert leaks == []
 
 
-def test_blank_wandb_mode_in_the_environment_is_unset(tmp_path, wenv, monkeypatch):
-    """`WANDB_MODE=` (exported empty, e.g. by a cluster profile) means auto here, and wandb's own settings
-    validation, which refuses '', never sees it."""
-    monkeypatch.setenv("WANDB_MODE", " ")
-    assert resolve_mode(None, {"WANDB_MODE": " "}) == "offline"
-    t = make_tracker(tmp_path / "run", {"a": 1}, WandbConfig(mode=None), 0, None, [])
+@pytest.mark.parametrize("env_mode,cfg_mode", [(" ", None), (" Offline", None), ("dryrun", None), ("", "offline")])
+def test_wandb_mode_in_the_environment_is_read_once(tmp_path, wenv, monkeypatch, env_mode, cfg_mode):
+    """`WANDB_MODE=` (exported empty, e.g. by a cluster profile) means auto here, and ' Offline' offline;
+    wandb's own settings validation, which refuses both, never sees them."""
+    monkeypatch.setenv("WANDB_MODE", env_mode)
+    assert resolve_mode(cfg_mode, {"WANDB_MODE": env_mode}) == "offline"
+    t = make_tracker(tmp_path / "run", {"a": 1}, WandbConfig(mode=cfg_mode), 0, None, [])
     run_epochs(t, 1, 10)
     t.finish()
     assert t.mode == "offline" and read_run(t.segment_dir)["history"]

@@ -58,6 +58,7 @@ def test_detect_env_order():
     assert e.master_port == slurm_port("4242", 0) != detect_env({**lo, "SUBMITIT_LOCAL_JOB_ID": "4243"}).master_port
     assert not detect_env({**lo, "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_NTASKS": "1"}).distributed
     assert detect_env({**lo, **tr}).source == "torchrun"
+    assert detect_env({**lo, **sl, "SUBMITIT_EXECUTOR": "slurm"}).source == "slurm"  # a Slurm job sent from a local task
 
 
 def test_local_world_size_is_this_nodes_entry_of_the_tasks_per_node_list():
@@ -419,3 +420,20 @@ def test_a_skipped_corrupt_checkpoint_leaves_the_rotation_and_an_unreadable_one_
     (tmp_path / "step_00000300.pt").mkdir()
     with pytest.raises(CheckpointError, match=r"cannot read .*step_00000300.pt: .*fix the file system problem"):
         d.load_latest(quarantine=True)
+
+
+@pytest.mark.parametrize("source,in_slurm", [("local", False), ("single", True)])
+def test_a_local_job_on_a_slurm_node_never_acts_on_the_slurm_job(tmp_path, monkeypatch, source, in_slurm):
+    """cluster=local started inside a Slurm allocation inherits SLURM_JOB_ID: its stop must not query or
+    requeue the user's allocation (it stops as interrupted, like any local job)."""
+    from allconv_hpc.compose import compose
+    from allconv_hpc.distributed import DistEnv
+    from allconv_hpc.trainer import Trainer
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    c = compose(["data=synthetic", "data.train_size=64", "data.test_size=32", "model.width=0.125",
+                 "wandb.mode=disabled", "trainer.threads=1", f"hydra.run.dir={tmp_path / 'run'}"])
+    tr = Trainer(c.cfg, c.cfg_dict, c.run_dir, DistEnv(source=source)).setup()
+    try:
+        assert tr.slurm.in_slurm is in_slurm
+    finally:
+        tr.close()
