@@ -497,6 +497,22 @@ def test_local_executor_gets_what_it_supports(tmp_path):
     assert ex.parameters["timeout_min"] == 60 and ex.parameters["tasks_per_node"] == 1
 
 
+def test_local_gpus_are_this_shells_not_the_first_n(tmp_path, monkeypatch):
+    """cluster=local inside an allocation given GPUs 2,3: its tasks see 2,3 (submitit alone makes it
+    0,1), checked with submitit's real local executor; too few or non-index ids are refused up front."""
+    c = compose(["cluster=local", *TINY, "cluster.gpus_per_node=2", "cluster.tasks_per_node=2"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
+    ex = launcher.make_executor(launcher.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
+    job = ex.submit(os.getenv, "CUDA_VISIBLE_DEVICES")  # read in each task (a module function pickles by name)
+    assert job.results() == ["2,3", "2,3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    with pytest.raises(ConfigError, match=r"gpus_per_node=2 but CUDA_VISIBLE_DEVICES=7 gives this shell 1 GPU"):
+        launcher.validate_cluster(c.cluster, c.cfg)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1f2e,GPU-99aa")
+    with pytest.raises(ConfigError, match="set it to indices"):
+        launcher.validate_cluster(c.cluster, c.cfg)
+
+
 # ---------------------------------------------------------------- requeued jobs
 
 @pytest.fixture
