@@ -375,7 +375,9 @@ def test_a_ctrl_c_inside_wait_does_not_lose_a_failed_write():
         gate.wait(10)
         raise OSError("disk gone")
     w.submit("checkpoint step 1", slow_failing_write)
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C while wait() blocks
+    # Ctrl-C while wait() blocks, sent to the main thread: os.kill lets the kernel pick any thread, and a
+    # SIGINT landing on the writer or timer thread does not wake the main thread's lock wait (a CI flake)
+    timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     timer.start()
     with pytest.raises(KeyboardInterrupt):
         w.wait()
