@@ -262,8 +262,8 @@ class Dist:
             return e
         if not self.env.distributed or not isinstance(e, RuntimeError):
             return None
-        text = f"{type(e).__name__} {e}"
-        if isinstance(e, dist.DistError) or any(m in text for m in _COMM_MARKERS):
+        text = f"{type(e).__name__} {e}".lower()
+        if isinstance(e, dist.DistError) or is_comm_error(text):
             return DistributedError(self._diagnose(e))
         return None
 
@@ -305,7 +305,14 @@ class Dist:
                 log.debug("destroy_process_group: %s", e)
 
 
-_COMM_MARKERS = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timeout", "ProcessGroup")
+# lower case; e.g. gloo's "Application timeout caused pair closure" when a peer hangs during backward
+_COMM_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "pair closure",
+                 "processgroup")
+
+
+def is_comm_error(text: str) -> bool:
+    """Whether an error's text is a collective's failure (a peer lost or silent), not a local bug."""
+    return any(m in text.lower() for m in _COMM_MARKERS)
 
 
 def _store():
