@@ -262,8 +262,7 @@ class Dist:
             return e
         if not self.env.distributed or not isinstance(e, RuntimeError):
             return None
-        text = f"{type(e).__name__} {e}".lower()
-        if isinstance(e, dist.DistError) or is_comm_error(text):
+        if isinstance(e, dist.DistError) or is_comm_error(f"{type(e).__name__} {e}"):
             return DistributedError(self._diagnose(e))
         return None
 

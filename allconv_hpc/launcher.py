@@ -264,7 +264,7 @@ def validate_cluster(cluster: dict, cfg) -> dict:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision} needs GPUs but cluster.gpus_per_node=0")
     if c["backend"] == "local" and c["nodes"] > 1:
         raise ConfigError("cluster=local runs on this machine: cluster.nodes must be 1")
-    if c["backend"] == "local" and c["gpus_per_node"]:
+    if c["backend"] == "local":
         local_gpus(c["gpus_per_node"])
     return c
 
@@ -273,7 +273,7 @@ def local_gpus(n: int) -> tuple:
     """The GPUs a cluster=local job may use: the first n of this shell's CUDA_VISIBLE_DEVICES (submitit
     would otherwise make it 0..n-1, whatever this shell was given, e.g. GPUs 2,3 of an allocation)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
+    if not n or visible is None:
         return ()
     ids = [v.strip() for v in visible.split(",") if v.strip()]
     if not all(i.isdigit() for i in ids):
@@ -432,7 +432,7 @@ def make_executor(cluster: dict, folder: Path):
         ex.update_parameters(timeout_min=cluster["timeout_min"], nodes=1, tasks_per_node=cluster["tasks_per_node"],
                              cpus_per_task=cluster["cpus_per_task"], gpus_per_node=cluster["gpus_per_node"],
                              signal_delay_s=cluster["signal_lead_s"], setup=list(cluster["setup"]),
-                             visible_gpus=local_gpus(cluster["gpus_per_node"]) if cluster["gpus_per_node"] else ())
+                             visible_gpus=local_gpus(cluster["gpus_per_node"]))
         return ex
     ex = submitit.SlurmExecutor(folder=str(folder))
     extra = dict(cluster.get("additional_parameters") or {})
