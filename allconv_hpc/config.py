@@ -14,6 +14,7 @@ MODEL_NAMES = ("allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_
                "allcnn_a", "model_a", "strided_cnn_a", "convpool_cnn_a",
                "allcnn_b", "model_b", "strided_cnn_b", "convpool_cnn_b")
 DATASETS = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+OFFICIAL_SIZES = (50_000, 10_000)  # CIFAR-10/100 train, test images; a rebuilt copy may hold fewer
 AUGMENTS = ("paper", "seed", "none")
 SCHEDULES = ("paper", "cosine", "onecycle", "constant", "inverse_time")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -65,6 +66,7 @@ class DataConfig:
     download: bool = False          # fetch through torchvision when missing (needs network)
     train_size: Optional[int] = None  # null = all; an int = a subset fixed by the run's seed
     test_size: Optional[int] = None   # null = all; an int = a subset, the same for every seed
+    val_size: int = 0               # training images held out for the per-epoch eval (and best.pt); 0 = eval on test
     augment: str = "paper"          # paper: translate <=5 px + h-flip; seed: Keras shift U(-10%, 10%) rounded; none
     num_classes: int = 10           # derived from name; kept here so interpolation can read it
 
@@ -74,6 +76,13 @@ class DataConfig:
         for key in ("train_size", "test_size"):
             v = getattr(self, key)
             _check(v is None or v >= 1, f"data.{key}={v} must be null (all) or >= 1")
+        _check(self.val_size >= 0, f"data.val_size={self.val_size} must be >= 0 (0 = no held-out split)")
+        if self.name != "synthetic":  # generated data has no fixed size; data.load checks a smaller copy
+            left, held = OFFICIAL_SIZES[0] - self.val_size, f" left after data.val_size={self.val_size}"
+            _check(left >= 1, f"data.val_size={self.val_size} leaves no {self.name} training image; lower it")
+            for key, v, n in (("train_size", self.train_size, left), ("test_size", self.test_size, OFFICIAL_SIZES[1])):
+                _check(v is None or v <= n, f"data.{key}={v} is larger than the {n} {self.name} images"
+                                            f"{held if key == 'train_size' and self.val_size else ''}; use <= {n} or null")
         _check(self.num_classes == DATASETS[self.name],
                f"data.num_classes={self.num_classes} does not match {self.name} ({DATASETS[self.name]})")
 
@@ -250,7 +259,7 @@ RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.epochs", "trainer.ev
 
 # Identity keys added after checkpoints of older versions exist, with the value those versions acted
 # as if they had (so their runs still resume). A new identity key goes here.
-ADDED_KEYS = {"schedule.decay": 0.0}
+ADDED_KEYS = {"schedule.decay": 0.0, "data.val_size": 0}
 
 
 def resumable_change(key: str, also: tuple = ()) -> bool:

@@ -45,6 +45,7 @@ class Dataset:
     mean: tuple[float, float, float]  # per channel, [0, 1] pixel units
     std: tuple[float, float, float]
     classes: list[str]
+    val: Split | None = None  # data.val_size > 0: training images held out, never trained on
 
 
 @dataclass(frozen=True)
@@ -180,15 +181,19 @@ def _download(cfg: DataConfig) -> None:
                         f" data.download=false") from None
 
 
-def _subset(split: Split, size: int | None, seed: int, key: str) -> Split:
+def _subset(split: Split, size: int | None, seed: int, key: str, after: str = "") -> Split:
     """A fixed seeded subset (sorted, so it keeps the file order): first k of randperm(seed)."""
+    return split if size is None else _split_off(split, size, seed, key, after)[0]
+
+
+def _split_off(split: Split, size: int, seed: int, key: str, after: str = "") -> tuple[Split, Split]:
+    """(the first `size` of randperm(seed), the rest), each sorted so it keeps the file order."""
     n = len(split)
-    if size is None:
-        return split
     if size > n:
-        raise DataError(f"data.{key}={size} is larger than the {n} images available; use <= {n} or null for all")
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed & _SEED_MASK))[:size].sort().values
-    return Split(split.images[idx], split.labels[idx])
+        raise DataError(f"data.{key}={size} is larger than the {n} images available{after}; use <= {n} or null for all")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed & _SEED_MASK))
+    take, rest = perm[:size].sort().values, perm[size:].sort().values
+    return Split(split.images[take], split.labels[take]), Split(split.images[rest], split.labels[rest])
 
 
 def fetch_if_missing(cfg: DataConfig) -> None:
@@ -197,23 +202,32 @@ def fetch_if_missing(cfg: DataConfig) -> None:
         _download(cfg)
 
 
-# The evaluation images never depend on the run's seed: a seed sweep with data.test_size set (or on
-# synthetic data) scores every run on the same images.
+# The evaluation images never depend on the run's seed: a seed sweep with data.test_size or
+# data.val_size set (or on synthetic data) scores every run on the same images.
 _TEST_SEED = 0
+_VAL_SEED = 1
 
 
 def load(cfg: DataConfig, seed: int) -> Dataset:
     """The dataset named by cfg as uint8 CPU tensors; a train subset and synthetic training data
-    depend on seed, the test split never does."""
+    depend on seed, the test and held-out validation images never do."""
     if cfg.name == "synthetic":
-        return synthetic(cfg.train_size or SYNTHETIC_SIZES[0], cfg.test_size or SYNTHETIC_SIZES[1], seed)
+        return synthetic(cfg.train_size or SYNTHETIC_SIZES[0], cfg.test_size or SYNTHETIC_SIZES[1], seed,
+                         cfg.val_size)
     lay = _layout(cfg.name)
     folder = expected_files(cfg)[0]
     fetch_if_missing(cfg)
     _require(cfg)
-    train = _subset(_read_split(folder, lay.train, lay), cfg.train_size, seed, "train_size")
+    train, val = _read_split(folder, lay.train, lay), None
+    if cfg.val_size:  # held out first, so that train_size subsets what is left, seed by seed
+        if cfg.val_size >= len(train):
+            raise DataError(f"data.val_size={cfg.val_size} leaves none of the {len(train)} training images in "
+                            f"{folder}; lower it")
+        val, train = _split_off(train, cfg.val_size, _VAL_SEED, "val_size")
+    after = f" after data.val_size={cfg.val_size}" if cfg.val_size else ""
+    train = _subset(train, cfg.train_size, seed, "train_size", after)
     test = _subset(_read_split(folder, lay.test, lay), cfg.test_size, _TEST_SEED, "test_size")
-    return Dataset(train, test, lay.mean, lay.std, _read_classes(folder / lay.meta, lay))
+    return Dataset(train, test, lay.mean, lay.std, _read_classes(folder / lay.meta, lay), val)
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -247,15 +261,16 @@ def _synthetic_split(n: int, seed: int) -> Split:
     return Split(img.round().clamp_(0, 255).to(torch.uint8), labels.to(torch.int64))
 
 
-def synthetic(train_size: int, test_size: int, seed: int) -> Dataset:
-    """Training images deterministic in seed; test images the same for every seed (an odd stream,
-    never a training one; it ignores train_size)."""
+def synthetic(train_size: int, test_size: int, seed: int, val_size: int = 0) -> Dataset:
+    """Training images deterministic in seed; test and validation images the same for every seed
+    (odd streams, never a training one)."""
     train = _synthetic_split(train_size, seed * 2)
     test = _synthetic_split(test_size, _TEST_SEED * 2 + 1)
+    val = _synthetic_split(val_size, _VAL_SEED * 2 + 1) if val_size else None
     x = train.images.to(torch.float32) / 255
     mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
     std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return Dataset(train, test, mean, std, [f"synthetic_{i}" for i in range(10)])
+    return Dataset(train, test, mean, std, [f"synthetic_{i}" for i in range(10)], val)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -132,7 +132,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "active": active or no_answer, "failed": failed, "no_answer": no_answer,
                      "restarts": restarts, "epoch": f"{st.get('epoch', 0)}/{st.get('epochs', '?')}",
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
-                     "best_val_acc": st.get("best_val_acc"), "wandb_id": st.get("wandb_id") or "-",
+                     "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "folder": run_dir.name})
     return rows
 
@@ -149,7 +149,9 @@ def exit_code(rows: list[dict]) -> int:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["job", "state", "run", "restarts", "epoch", "step", "last_val_acc", "best_val_acc", "wandb_id", "folder"]
+    test = ["test_acc"] if any(r.get("test_acc") is not None for r in rows) else []  # data.val_size runs only
+    cols = ["job", "state", "run", "restarts", "epoch", "step", "last_val_acc", "best_val_acc", *test, "wandb_id",
+            "folder"]
     fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     cells = [[fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]

@@ -169,8 +169,11 @@ class Trainer:
             self.dist.barrier()
         ds = data_mod.load(cfg.data, cfg.seed)
         self.mean, self.std = ds.mean, ds.std
-        self.test_images = ds.test.images.to(self.device)
-        self.test_labels = ds.test.labels.to(self.device)
+        # each epoch is scored on the held-out split when there is one (data.val_size), else on
+        # test; with a held-out split, test is scored once, when training is over (see fit)
+        scored = ds.val if ds.val is not None else ds.test
+        self.val_split = (scored.images.to(self.device), scored.labels.to(self.device))
+        self.test_split = None if ds.val is None else (ds.test.images.to(self.device), ds.test.labels.to(self.device))
         self.batches = data_mod.TrainBatches(
             ds.train.images.to(self.device), ds.train.labels.to(self.device), t.batch_size, env.rank,
             env.world_size, cfg.seed, cfg.data.augment, ds.mean, ds.std, t.drop_last, t.channels_last)
@@ -368,20 +371,31 @@ class Trainer:
             log.info("training %s on %s: %d rank(s), global batch %d, %d steps/epoch, %d epochs, lr %g, precision %s%s",
                      cfg.data.name, self.device, self.env.world_size, cfg.trainer.batch_size,
                      self.steps_per_epoch, cfg.trainer.epochs, cfg.lr, self.precision, auto)
+            if self.test_split is not None:
+                log.info("each epoch is scored on %d held-out training images (data.val_size); the %d test "
+                         "images are scored once, after the last epoch", len(self.val_split[1]),
+                         len(self.test_split[1]))
         with StopRequest(cfg.checkpoint.signal) as stop:
             while st.epoch < cfg.trainer.epochs:
                 self._epoch_t0, self._epoch_base = time.perf_counter(), st.epoch_seconds
                 if st.step_in_epoch < self.steps_per_epoch and self._train_epoch(stop):
                     return self._stop(stop)
-                if self._evaluate(stop):
+                scores = self._evaluate(stop, *self.val_split)
+                if scores is None:
                     return self._stop(stop)
-                self._end_epoch(self._epoch_base + time.perf_counter() - self._epoch_t0)
+                self._end_epoch(self._epoch_base + time.perf_counter() - self._epoch_t0, scores)
+            test = self._evaluate(stop, *self.test_split) if self.test_split is not None else ()
+            if test is None:  # stopped inside it: the resumed run, past its last epoch, scores test again
+                return self._stop(stop)
         self._finish_poll()  # the last step's flags: the run is over, but no collective is left in flight
         self.wait_checkpoints()
-        self.tracker.set_summary(best_val_acc=st.best_val_acc, final_val_acc=st.history[-1]["val_acc"])
-        self.write_status("completed")
+        self.tracker.set_summary(best_val_acc=st.best_val_acc, final_val_acc=st.history[-1]["val_acc"],
+                                 **({"test_loss": test[0], "test_acc": test[1]} if test else {}))
+        self.write_status("completed", **({"test_loss": test[0], "test_acc": test[1]} if test else {}))
         if self.env.is_main:
             log.info("done: best val_acc %.4f, final %.4f", st.best_val_acc, st.history[-1]["val_acc"])
+            if test:
+                log.info("test (the final weights, scored once): loss %.4f acc %.4f (%d images)", *test)
         return 0
 
     def _poll(self, stop: StopRequest) -> Poll:
@@ -490,17 +504,18 @@ class Trainer:
                      self.state.global_step, loss, acc, lr, images_per_second)
 
     @torch.no_grad()
-    def _evaluate(self, stop: StopRequest) -> bool:
-        """Eval on the whole test split, each image exactly once across ranks. True on a stop."""
+    def _evaluate(self, stop: StopRequest, images: torch.Tensor, labels: torch.Tensor) -> Optional[tuple]:
+        """(loss, accuracy, images) over a whole split, each image exactly once across ranks; None
+        when a stop was requested (the checkpoint is written)."""
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for x, y in data_mod.eval_batches(self.test_images, self.test_labels, self.env.rank, self.env.world_size,
+        for x, y in data_mod.eval_batches(images, labels, self.env.rank, self.env.world_size,
                                           self.cfg.trainer.eval_batch_size, self.mean, self.std,
                                           channels_last=self.cfg.trainer.channels_last):
             if self._poll(stop).stop:  # the same number of batches on every rank: polls pair up
                 self._phase = "evaluation"
                 self.save()  # step_in_epoch == steps_per_epoch: the resumed run redoes this eval
-                return True
+                return None
             if len(y) == 0:
                 continue
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -508,13 +523,12 @@ class Trainer:
             sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
                                  (out.argmax(1) == y).sum().double(), (y >= 0).sum().double()])
         s = self.dist.all_reduce_sum(sums).tolist()
-        self._val = (s[0] / s[2], s[1] / s[2], int(s[2]))
-        return False
+        return s[0] / s[2], s[1] / s[2], int(s[2])
 
-    def _end_epoch(self, seconds: float) -> None:
+    def _end_epoch(self, seconds: float, scores: tuple) -> None:
         st = self.state
         tr = self.dist.all_reduce_sum(self.epoch_sums.clone()).tolist()
-        val_loss, val_acc, n_val = self._val
+        val_loss, val_acc, n_val = scores
         row = {"epoch": st.epoch + 1, "step": st.global_step, "lr": self._lr_used,
                "train_loss": tr[0] / tr[2], "train_acc": tr[1] / tr[2], "val_loss": val_loss, "val_acc": val_acc,
                "epoch_seconds": seconds, "images_per_second": tr[2] / seconds}
@@ -575,7 +589,8 @@ class Trainer:
             ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
             decision = "requeued" if ok else "interrupted"
         if self.env.is_main:
-            log.warning("%s at global step %d (epoch %d)", decision, st.global_step, st.epoch + 1)
+            log.warning("%s at global step %d (epoch %d)", decision, st.global_step,
+                        min(st.epoch + 1, self.cfg.trainer.epochs))  # past the last: in the final test eval
         self.write_status(decision, signal=signal.Signals(stop.received).name if stop.received else None)
         self._finish_tracker(0 if decision == "requeued" else 1)
         return {"requeued": EXIT_REQUEUED, "gave_up": EXIT_GAVE_UP}.get(decision, EXIT_INTERRUPTED)

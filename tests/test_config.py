@@ -42,6 +42,12 @@ BAD = [
     (["optim.momentum=1.5"], ["optim.momentum=1.5"]),
     (["wandb.mode=maybe"], ["wandb.mode='maybe'"]),
     (["data.train_size=0"], ["data.train_size=0"]),
+    (["data.val_size=-1"], ["data.val_size=-1", ">= 0"]),
+    # sizes past the official CIFAR counts, caught before a job waits in a queue
+    (["data.name=cifar10", "data.val_size=50000"], ["data.val_size=50000 leaves no cifar10 training image"]),
+    (["data.name=cifar10", "data.val_size=5000", "data.train_size=45001"],
+     ["data.train_size=45001 is larger than the 45000 cifar10 images left after data.val_size=5000"]),
+    (["data.name=cifar100", "data.num_classes=100", "data.test_size=10001"], ["data.test_size=10001", "<= 10000"]),
     (["trainer.log_every_steps=0"], ["trainer.log_every_steps=0"]),
     # types: dataclasses do not enforce them, config.py does
     (["trainer.epochs=2.5"], ["trainer.epochs=2.5", "must be an int"]),
@@ -242,8 +248,10 @@ def test_a_key_added_since_a_checkpoint_counts_at_its_default():
     its default (what that version did), and is refused, naming it, when it is not."""
     from allconv_hpc.config import Config
     old = Config().identity()
-    del old["schedule.decay"]
+    del old["schedule.decay"], old["data.val_size"]
     Config().check_resumable(old, "run")
+    with pytest.raises(ConfigError, match=r"data.val_size: 0 -> 5000"):
+        compose(["data.val_size=5000"]).cfg.check_resumable(old, "run")
     seed = compose(["experiment=seed_keras"]).cfg
     old = {**seed.identity(), "schedule.name": "constant"}
     del old["schedule.decay"]

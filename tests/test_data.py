@@ -153,6 +153,26 @@ def test_subsets_are_seeded_sorted_and_checked(cifar10):
         data.load(_cfg(root, train_size=24), seed=0)
 
 
+def test_held_out_split_is_disjoint_fixed_and_subset_after(cifar10):
+    root, xtr, *_ = cifar10
+    a = data.load(_cfg(root, val_size=6), seed=1)
+    b = data.load(_cfg(root, val_size=6, train_size=9), seed=2)
+    assert len(a.val) == 6 and len(a.train) == 17 and data.load(_cfg(root), seed=1).val is None
+    assert torch.equal(a.val.images, b.val.images)  # the same held-out images for every seed
+    pos = lambda split: [next(i for i in range(23) if torch.equal(xtr[i], img)) for img in split.images]  # noqa: E731
+    held, rest = pos(a.val), pos(a.train)
+    assert sorted(held + rest) == list(range(23)) and held == sorted(held)  # disjoint, covering, file order
+    assert set(pos(b.train)) <= set(rest) and len(b.train) == 9  # train_size subsets what is left
+    with pytest.raises(data.DataError, match=r"data.train_size=18 is larger than the 17 images available after "
+                                             r"data.val_size=6"):
+        data.load(_cfg(root, val_size=6, train_size=18), seed=0)
+    with pytest.raises(data.DataError, match="data.val_size=23 leaves none of the 23 training images"):
+        data.load(_cfg(root, val_size=23), seed=0)
+    s0, s1 = (data.load(DataConfig(name="synthetic", train_size=50, test_size=20, val_size=30), seed=k) for k in (0, 1))
+    assert len(s0.val) == 30 and torch.equal(s0.val.images, s1.val.images)
+    assert not torch.equal(s0.val.images[:20], s0.test.images)  # its own stream, not the test images
+
+
 def test_synthetic_is_deterministic_and_balanced():
     cfg = DataConfig(name="synthetic", train_size=1000, test_size=300)
     a, b, c = data.load(cfg, seed=0), data.load(cfg, seed=0), data.load(cfg, seed=1)

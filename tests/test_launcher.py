@@ -625,6 +625,17 @@ def test_status_table_names_lost(tmp_path, on_path, capsys):
     assert re.search(r"^42\s+LOST\s+running", capsys.readouterr().out, re.M)
 
 
+def test_status_table_shows_test_acc_only_for_runs_that_have_it(tmp_path, on_path, capsys):
+    run = write_run(tmp_path, "completed")
+    on_path(squeue=FORGOTTEN, sacct=NO_ACCOUNTING, scontrol=FORGOTTEN)
+    status.status_main([str(run)])
+    assert "test_acc" not in capsys.readouterr().out  # data.val_size=0: val_acc is the test accuracy
+    (run / "status.json").write_text(json.dumps({"state": "completed", "epoch": 3, "epochs": 3, "test_acc": 0.8125}))
+    status.status_main([str(run)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split().index("test_acc") == out[1].split().index("0.8125")
+
+
 def test_an_earlier_jobs_final_state_is_not_the_new_jobs(tmp_path, on_path, capsys):
     """Resubmitted after the last job gave up: the new job is pending; status.json is the old job's."""
     run = write_run(tmp_path, "gave_up", submitted=2000.0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from allconv_hpc.checkpoint import CheckpointDir, load_file
-from allconv_hpc.wandb_offline import merged_history
+from allconv_hpc.wandb_offline import merged_history, read_run, segments
 from proc import (PY, TINY, assert_same_history, assert_same_weights, clean_env, final_weights, history,
                   run_train, start_ranks, train_cmd, wait_for_line)
 
@@ -44,6 +44,17 @@ def interrupt_at(tmp: Path, run: Path, overrides: list[str], needle: str, sig: i
     return p
 
 
+def stop_inside_eval(tmp: Path, overrides: list[str], needle: str, step: int) -> Path:
+    """A run stopped (SIGUSR2 when `needle` is logged) inside an evaluation at global `step`."""
+    for attempt in range(3):  # the timing is the OS's: retry the rare miss rather than accept it
+        run = tmp / f"run{attempt}"
+        p = interrupt_at(tmp, run, overrides, needle, signal.SIGUSR2)
+        assert p.returncode == 3, p.output[-3000:]
+        if f"during evaluation at global step {step}" in (run / "train.log").read_text():
+            return run
+    raise AssertionError(f"the signal never landed inside the evaluation at step {step} in 3 attempts")
+
+
 @pytest.mark.parametrize("sig,seed", [(signal.SIGUSR2, 0), (signal.SIGTERM, 1), (signal.SIGINT, 2),
                                       (signal.SIGUSR2, 3)])
 def test_signal_mid_training_then_resume_is_bitwise_exact(reference, tmp_path, sig, seed):
@@ -71,19 +82,36 @@ def test_signal_during_evaluation(tmp_path):
     ov = EXACT + ["trainer.eval_batch_size=2", "wandb.mode=offline"]
     ref = tmp_path / "ref"
     run_train(tmp_path, ref, ov)
-    for attempt in range(3):  # the timing is the OS's: retry the rare miss rather than accept it
-        run = tmp_path / f"run{attempt}"
-        p = interrupt_at(tmp_path, run, ov, "(global 10)", signal.SIGUSR2)
-        assert p.returncode == 3, p.output[-3000:]
-        if "during evaluation at global step 10" in (run / "train.log").read_text():
-            break
-    else:
-        raise AssertionError("the signal never landed inside evaluation in 3 attempts")
+    run = stop_inside_eval(tmp_path, ov, "(global 10)", step=10)
     run_train(tmp_path, run, ov)
     assert_same_weights(final_weights(run), final_weights(ref), exact=True)
     assert_same_history(history(run), history(ref), exact=True)
     steps = [r["_step"] for r in merged_history(run / "wandb", (run / "wandb_id.txt").read_text().strip())]
     assert steps == list(range(1, 17)), steps  # the redone eval is logged once, at step 11
+
+
+def test_held_out_split_and_a_stop_inside_the_final_test_eval(tmp_path):
+    # data.val_size: each epoch scores 64 held-out images; the 400 test images are scored once, after
+    # the last epoch. A signal sent when epoch 3's line is logged lands in that test eval (200 batches
+    # of 2): the run stops with its checkpoint, and the resumed run (past its last epoch) trains
+    # nothing more and scores test once, exactly as the run that was never stopped.
+    ov = EXACT + ["data.val_size=64", "trainer.eval_batch_size=2", "wandb.mode=offline"]
+    ref = tmp_path / "ref"
+    run_train(tmp_path, ref, ov)
+    log = (ref / "train.log").read_text()
+    assert log.count("(64 images)") == 3 and "test (the final weights, scored once):" in log and "(400 images)" in log
+    ref_status = json.loads((ref / "status.json").read_text())
+    assert 0.0 <= ref_status["test_acc"] <= 1.0 and ref_status["test_loss"] > 0
+    run = stop_inside_eval(tmp_path, ov, "epoch 3/3:", step=15)
+    assert "test_acc" not in json.loads((run / "status.json").read_text())
+    run_train(tmp_path, run, ov)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "completed" and status["test_acc"] == ref_status["test_acc"]
+    assert status["test_loss"] == ref_status["test_loss"]
+    assert_same_weights(final_weights(run), final_weights(ref), exact=True)
+    assert_same_history(history(run), history(ref), exact=True)
+    last = read_run(segments(run / "wandb")[-1])  # the resumed segment: it scored test
+    assert last["summary"]["test_acc"] == status["test_acc"] and last["summary"]["test_loss"] == status["test_loss"]
 
 
 def _children_named(pid: int, name: str) -> list[int]:
