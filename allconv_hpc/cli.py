@@ -1,4 +1,4 @@
-"""`allconv-hpc {train,submit,status}`: a thin dispatcher; each subcommand lives in its own module."""
+"""`allconv-hpc {train,submit,status,evaluate}`: a thin dispatcher; each subcommand lives in its own module."""
 from __future__ import annotations
 
 import sys
@@ -6,9 +6,10 @@ import sys
 USAGE = """allconv-hpc train  [HYDRA_OVERRIDES ...]                       train here (one rank of DDP under torchrun/srun)
 allconv-hpc submit [-m] [--wait] [--dry-run] [HYDRA_OVERRIDES ...]  validate, then submit to Slurm (or cluster=local)
 allconv-hpc status [--json] RUN_OR_SWEEP_FOLDER                     table of jobs: state, restarts, progress, accuracy
+allconv-hpc evaluate [--checkpoint best|last|FILE] [--split test|val] RUN_FOLDER   score a checkpoint
 
 Overrides use Hydra syntax, e.g.  model=allcnn_c data=cifar10 optim.lr=0.05 trainer.epochs=350 hydra.run.dir=runs/x
-`allconv-hpc train --help` lists the config groups; `submit --help` and `status --help` their options."""
+`allconv-hpc train --help` lists the config groups; `submit --help`, `status --help` and `evaluate --help` their options."""
 
 
 def train_usage() -> str:
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "status":
         from .status import status_main
         return status_main(rest)
+    if cmd == "evaluate":
+        from .evaluate import evaluate_main
+        return evaluate_main(rest)
     print(f"allconv-hpc: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -29,6 +29,7 @@ from .checkpoint import CheckpointDir, CheckpointError, Writer, load_file, snaps
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
 from .distributed import Dist, DistEnv, pick_device, set_threads
+from .evaluate import batch_sums, resolve_precision
 from .models import build_model, count_parameters, summary
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest
 from .schedule import lr_factor
@@ -122,16 +123,6 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
     if not cuda and t.precision not in CPU_PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
                           f"(trainer.device={t.device}); use trainer.precision=fp32 (or auto) on CPU")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on a GPU with native bf16 (compute capability 8.0+: Ampere and newer;
-    older GPUs only emulate it, slower than fp32), else fp32. Trainer agrees it across ranks."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        return "bf16"
-    return "fp32"
 
 
 class Trainer:
@@ -516,12 +507,8 @@ class Trainer:
                 self._phase = "evaluation"
                 self.save()  # step_in_epoch == steps_per_epoch: the resumed run redoes this eval
                 return None
-            if len(y) == 0:
-                continue
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = self.model(x)
-            sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
-                                 (out.argmax(1) == y).sum().double(), (y >= 0).sum().double()])
+            if len(y):
+                sums += batch_sums(self.model, x, y, self.amp_dtype)
         s = self.dist.all_reduce_sum(sums).tolist()
         return s[0] / s[2], s[1] / s[2], int(s[2])
 

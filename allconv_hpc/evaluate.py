@@ -1,0 +1,141 @@
+"""Scoring: a batch's loss and correct count (the trainer's per-epoch eval uses it too), and
+`allconv-hpc evaluate RUN_FOLDER`, which scores one of a run's checkpoints on its test or held-out
+split after the fact, in one process.
+
+The checkpoint carries the run's config, so model, data split, normalisation, precision and
+channels_last are the run's own: scoring the final weights on the trainer's device gives the
+trainer's numbers exactly. Its use: with data.val_size the trainer scores test once, by the final
+weights; this scores best.pt (picked on the held-out images) or any other checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError
+
+
+def batch_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """[summed cross-entropy, correct, images] of one batch as float64 on its device (no host sync)."""
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = model(x)
+    return torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
+                        (out.argmax(1) == y).sum().double(), (y >= 0).sum().double()])
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on a GPU with native bf16 (compute capability 8.0+: Ampere and newer;
+    older GPUs only emulate it, slower than fp32), else fp32. Trainer agrees it across ranks."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "bf16"
+    return "fp32"
+
+
+USAGE_EPILOG = ("exit status: 0 scored, 1 the checkpoint is unreadable or corrupt, 2 bad arguments (no such "
+                "folder or checkpoint, no held-out split, data not found)")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="allconv-hpc evaluate", epilog=USAGE_EPILOG,
+                                 description="Score a run's checkpoint with the run's own config.")
+    ap.add_argument("run", type=Path, help="the run folder (the one holding checkpoints/)")
+    ap.add_argument("--checkpoint", default="best",
+                    help="best (default: best val_acc), last (the newest), a file in checkpoints/ (step_00001234.pt) or a path")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="test (default), or val: the run's held-out training images (data.val_size > 0)")
+    ap.add_argument("--data-root", help="the dataset's folder now, when it moved since the run (sets data.root)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when there is one")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap.parse_args(argv)
+
+
+def _checkpoint_path(run: Path, which: str) -> Path:
+    if not run.is_dir():
+        raise ConfigError(f"{run} is not a folder; give a run folder (the one holding checkpoints/)")
+    path = run / "checkpoints" / f"{which}.pt" if which in ("best", "last") else Path(which)
+    if not path.is_file() and (run / "checkpoints" / which).is_file():  # a file's name in checkpoints/
+        path = run / "checkpoints" / which
+    if not path.is_file():
+        there = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
+        raise ConfigError(f"no checkpoint {path} (checkpoints/ holds {', '.join(there) or 'nothing'}); use "
+                          f"--checkpoint best, last or a file's path")
+    return path
+
+
+def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Optional[str] = None,
+             device: str = "auto") -> dict:
+    """Score checkpoint `which` of `run` on `split`; returns what `--json` prints."""
+    from . import data as data_mod
+    from .checkpoint import load_file
+    from .config import from_dict
+    from .models import build_model
+
+    path = _checkpoint_path(run, which)
+    ck = load_file(path)  # CheckpointError when corrupt: verified before anything is read from it
+    if not isinstance(ck.get("config"), dict) or "model" not in ck:
+        raise ConfigError(f"{path} holds no model and config: not a checkpoint of allconv-hpc train")
+    raw = ck["config"]
+    if data_root is not None:
+        raw = {**raw, "data": {**raw.get("data", {}), "root": data_root}}
+    cfg = from_dict(raw)
+    if split == "val" and not cfg.data.val_size:
+        raise ConfigError(f"the run in {run} has no held-out split (data.val_size=0): its val_acc is test "
+                          f"accuracy; use --split test")
+    data_mod.check_present(cfg.data)  # names the folder and files; --data-root when it moved
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu or auto")
+    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu" and cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)  # the run's thread count: the run's summation order
+    ds = data_mod.load(cfg.data, cfg.seed)
+    part = ds.val if split == "val" else ds.test
+    model = build_model(cfg.model)
+    model.load_state_dict(ck["model"])
+    model = model.to(dev, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)
+    model.eval()
+    precision = resolve_precision(cfg.trainer.precision, dev)
+    if dev.type == "cpu" and precision != "fp32":
+        precision = "fp32"  # bf16/fp16 autocast is the GPU path; a CPU scores in fp32
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    with torch.no_grad():
+        for x, y in data_mod.eval_batches(part.images.to(dev), part.labels.to(dev), 0, 1,
+                                          cfg.trainer.eval_batch_size, ds.mean, ds.std,
+                                          channels_last=cfg.trainer.channels_last):
+            sums += batch_sums(model, x, y, amp)
+    loss, correct, n = sums.tolist()
+    ts = ck.get("train_state") or {}
+    epoch = ck.get("epoch", ts.get("epoch"))
+    return {"checkpoint": str(path), "epoch": epoch, "global_step": ts.get("global_step"),
+            "val_acc_when_saved": ck.get("val_acc"), "split": split, "loss": loss / n, "accuracy": correct / n,
+            "images": int(n), "precision": precision, "device": str(dev)}
+
+
+def evaluate_main(argv: list[str]) -> int:
+    from .checkpoint import CheckpointError
+
+    args = _parse(argv)
+    try:
+        r = evaluate(args.run, args.checkpoint, args.split, args.data_root, args.device)
+    except ConfigError as e:  # DataError too
+        print(f"allconv-hpc evaluate: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, OSError) as e:
+        print(f"allconv-hpc evaluate: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(r))
+    else:
+        when = f"epoch {r['epoch']}" if r["epoch"] is not None else "?"
+        print(f"{Path(r['checkpoint']).name} ({when}): {r['split']} loss {r['loss']:.4f} acc {r['accuracy']:.4f} "
+              f"({r['images']} images, {r['precision']} on {r['device']})")
+    return 0

@@ -1,0 +1,88 @@
+"""`allconv-hpc evaluate`: a run's checkpoint scored after the fact with the run's own config gives
+the trainer's own numbers; bad arguments are one line and exit 2, a corrupt checkpoint exit 1."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+
+import pytest
+
+from allconv_hpc import data
+from allconv_hpc.config import ConfigError
+from allconv_hpc.evaluate import evaluate
+import torch
+
+from allconv_hpc.tracking import read_history
+from proc import PY, TINY, clean_env, run_train
+
+HELD_OUT = TINY + ["data.val_size=50", "trainer.epochs=3"]
+
+
+def _fake_cifar(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+def _status(run) -> dict:
+    return json.loads((run / "status.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """A 2-rank DDP run with a held-out split; 101 test and 50 val images split unevenly over the ranks."""
+    tmp = tmp_path_factory.mktemp("eval")
+    run_train(tmp, tmp / "run", HELD_OUT, nproc=2)
+    return tmp / "run"
+
+
+def test_last_and_best_give_the_trainers_numbers(two_rank_run):
+    st = _status(two_rank_run)
+    last = evaluate(two_rank_run, "last", "test")
+    assert (last["images"], last["epoch"], last["split"]) == (101, 3, "test")
+    # one process scores what two ranks scored: the same images once each, in other batches (float
+    # sums in another order: a near-tied image may flip, so within one image)
+    assert abs(last["accuracy"] - st["test_acc"]) <= 1 / 101 + 1e-9
+    assert math.isclose(last["loss"], st["test_loss"], rel_tol=1e-5)
+    best = evaluate(two_rank_run, "best", "val")
+    assert best["images"] == 50 and best["val_acc_when_saved"] == st["best_val_acc"]
+    assert abs(best["accuracy"] - st["best_val_acc"]) <= 1 / 50 + 1e-9
+    step = sorted((two_rank_run / "checkpoints").glob("step_*.pt"))[-1].name  # a bare file name works too
+    assert evaluate(two_rank_run, step, "test")["accuracy"] == last["accuracy"]
+
+
+def test_cli_prints_json_and_exit_codes(two_rank_run, tmp_path):
+    def cli(*args):
+        return subprocess.run([PY, "-m", "allconv_hpc", "evaluate", *map(str, args)], env=clean_env(tmp_path),
+                              capture_output=True, text=True, timeout=120)
+    r = cli(two_rank_run, "--checkpoint", "last", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == evaluate(two_rank_run, "last")
+    r = cli(two_rank_run, "--checkpoint", "step_00000099.pt")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "checkpoints/ holds best.pt, last.pt" in r.stderr
+    bad = tmp_path / "run"
+    shutil.copytree(two_rank_run / "checkpoints", bad / "checkpoints")
+    raw = bytearray((bad / "checkpoints" / "best.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (bad / "checkpoints" / "best.pt").write_bytes(bytes(raw))
+    r = cli(bad)
+    assert r.returncode == 1 and "checksum mismatch" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path):
+    (xtr, ytr), (xte, yte) = _fake_cifar(120, 0), _fake_cifar(40, 1)
+    data.write_cifar(tmp_path / "old", "cifar10", xtr, ytr, xte, yte, [f"c{i}" for i in range(10)])
+    run = tmp_path / "run"
+    ov = [o for o in TINY if not o.startswith("data.")] + ["data=cifar10", f"data.root={tmp_path / 'old'}",
+                                                          "data.augment=none"]
+    run_train(tmp_path, run, ov)
+    (tmp_path / "old").rename(tmp_path / "new")
+    with pytest.raises(ConfigError, match="cifar-10-batches-py"):
+        evaluate(run, "last")
+    moved = evaluate(run, "last", data_root=str(tmp_path / "new"))
+    final = read_history(run / "history.csv")[-1]  # one rank, same batches, same threads: exactly the trainer's
+    assert (moved["images"], moved["accuracy"], moved["loss"]) == (40, final["val_acc"], final["val_loss"])
+    with pytest.raises(ConfigError, match=r"no held-out split \(data.val_size=0\).*--split test"):
+        evaluate(run, "best", "val", data_root=str(tmp_path / "new"))
