@@ -25,8 +25,9 @@ def train_usage() -> str:
             + "\n".join(lines) + "\n\n"
             "Keys: group.key=value, e.g. optim.lr=0.1 trainer.epochs=60 trainer.precision=bf16 model.width=0.5\n"
             "(every key with its default and meaning: README.md, 'Config groups', and conf/**/*.yaml).\n"
-            "Exit codes: 0 done or requeued, 1 failure, 2 bad config, 3 stopped with a checkpoint,\n"
-            "4 gave up after checkpoint.max_requeues time limits, 130 a Ctrl-C during a stop.")
+            "Exit codes: 0 done or requeued, 1 failure, 2 bad config (or a run folder refused on resume),\n"
+            "3 stopped with a checkpoint, 4 gave up after checkpoint.max_requeues time limits,\n"
+            "130 a Ctrl-C during start-up or during a stop.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,7 +136,7 @@ class TrainerConfig:
     deterministic: bool = False     # bitwise-reproducible on CPU; deterministic kernels on CUDA
     log_every_steps: int = 50       # train metrics to log/W&B every N optimizer steps
     drop_last: bool = False         # drop the last partial batch (fixed shapes for CUDA graphs)
-    threads: Optional[int] = None   # torch CPU threads per rank; null = cores / local ranks
+    threads: Optional[int] = None   # torch CPU threads per rank; null = srun task's CPUs, else cores / local ranks
     progress: str = "auto"          # auto (bar on a terminal, log lines otherwise) | bar | log
 
     def __post_init__(self) -> None:

@@ -3,8 +3,8 @@
 split after the fact, in one process.
 
 The checkpoint carries the run's config, so model, data split, normalisation, precision and
-channels_last are the run's own: scoring the final weights on the trainer's device gives the
-trainer's numbers exactly. Its use: with data.val_size the trainer scores test once, by the final
+channels_last are the run's own: scoring the final weights of a one-rank run on its device gives the
+trainer's numbers exactly (of a W-rank run: up to float summation order). Its use: with data.val_size the trainer scores test once, by the final
 weights; this scores best.pt (picked on the held-out images) or any other checkpoint.
 """
 from __future__ import annotations

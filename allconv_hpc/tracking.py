@@ -54,8 +54,8 @@ HISTORY_FILE = "history.csv"
 STEPS_FILE = "wandb_steps.jsonl"  # every W&B log of this run, to re-log what a killed W&B service lost
 
 # history row key -> W&B key logged by `log_eval` ("step" is the W&B step itself, not a metric)
-EVAL_KEYS = {"epoch": "epoch", "lr": "epoch/lr", "train_loss": "epoch/train_loss",
-             "train_acc": "epoch/train_acc", "val_loss": "val/loss", "val_acc": "val/acc",
+EVAL_KEYS = {"epoch": "epoch", "lr": "epoch/lr", "train_loss": "train/epoch_loss",
+             "train_acc": "train/epoch_acc", "val_loss": "val/loss", "val_acc": "val/acc",
              "epoch_seconds": "perf/epoch_seconds", "images_per_second": "perf/images_per_second"}
 
 _DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -411,7 +411,7 @@ class Tracker:
 
     def log_eval(self, step: int, row: Mapping[str, Any]) -> None:
         """One epoch's row (keys of `HISTORY_FIELDS`) at ``step``, the global step at the end of the
-        epoch: val_loss -> val/loss, val_acc -> val/acc, epoch, train_loss -> epoch/train_loss ...
+        epoch: val_loss -> val/loss, val_acc -> val/acc, epoch, train_loss -> train/epoch_loss ...
         (see `EVAL_KEYS`); ``step`` itself is the W&B step; other keys are logged as they are."""
         data = {}
         for k, v in row.items():

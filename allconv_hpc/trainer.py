@@ -526,9 +526,7 @@ class Trainer:
         self.tracker.append_history(row)
         # At the step after the epoch's last one: a step never logged before this point, even when
         # this eval was redone after a stop inside it (W&B drops steps that go backwards).
-        self.tracker.log_eval(st.global_step + 1, {"val/loss": val_loss, "val/acc": val_acc, "epoch": st.epoch + 1,
-                                               "train/epoch_loss": row["train_loss"],
-                                               "train/epoch_acc": row["train_acc"]})
+        self.tracker.log_eval(st.global_step + 1, row)  # as tracking.EVAL_KEYS names them
         improved = val_acc > st.best_val_acc
         if improved:
             st.best_val_acc = val_acc

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from allconv_hpc.checkpoint import load_file
 from allconv_hpc.config import from_dict
 from allconv_hpc.models import build_model, count_parameters
-from allconv_hpc.tracking import HISTORY_FIELDS, read_history
+from allconv_hpc.tracking import EVAL_KEYS, HISTORY_FIELDS, read_history
 from allconv_hpc.wandb_offline import merged_history, read_run, segments
 from proc import clean_env
 
@@ -167,6 +167,8 @@ def test_wandb_offline_read_back(offline_run):
     assert [h["val/acc"] for h in evals] == [r["val_acc"] for r in rows]
     assert [h["val/loss"] for h in evals] == [r["val_loss"] for r in rows]
     assert [h["epoch"] for h in evals] == [r["epoch"] for r in rows]
+    for h, r in zip(evals, rows):  # the whole row, under tracking.EVAL_KEYS' names
+        assert {EVAL_KEYS[k]: r[k] for k in EVAL_KEYS}.items() <= h.items(), (h, r)
 
     # no step logged twice as separate rows, none going backwards
     steps = [h["_step"] for h in run["history"]]
