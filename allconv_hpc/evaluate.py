@@ -94,6 +94,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu or auto")
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not cfg.trainer.deterministic:  # the trainer's matmul/conv math
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if dev.type == "cpu" and cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)  # the run's thread count: the run's summation order
     ds = data_mod.load(cfg.data, cfg.seed)

@@ -7,7 +7,7 @@
 #
 # Sections: environment + exact FLOP count; bf16/TF32 vs strict fp32 (same weights per step, and
 # the real Trainer's loss trajectory); `allconv-hpc train` under torchrun (1 rank: train, checkpoint,
-# resume); the package's own NCCL process group + DDP (1 rank); synchronising CUDA calls per step;
+# resume, then `evaluate` on CUDA against the run's test score); the package's own NCCL process group + DDP (1 rank); synchronising CUDA calls per step;
 # bf16 matmul peak; eager img/s grid (precision x channels_last, batch 512, MFU); Trainer vs bare
 # loop at batch 128; checkpoint save/load; one 50k epoch; 2 ranks over gloo on the one GPU WITH
 # torch.compile (compile + DDP); then compiled img/s configs while time is left.
@@ -169,16 +169,26 @@ main() {
               "trainer.batch_size=$BATCH" "trainer.device=$DEV" trainer.log_every_steps=4 trainer.progress=log
               checkpoint.every_steps=5 wandb.mode=disabled ${EXTRA[@]+"${EXTRA[@]}"})
 
-  ddp_one_rank() {  # torchrun, 1 rank: train 1 epoch (checkpoints), then resume into epoch 2
+  ddp_one_rank() {  # torchrun, 1 rank: train 1 epoch (checkpoints), then resume into epoch 2; with a
+    # held-out split, so the run scores test once at the end and `evaluate` (CUDA) must agree with it
     local run="$WORK/run1"
     "${TORCHRUN[@]}" --nproc_per_node=1 -m allconv_hpc.cli train "${TRAIN_ARGS[@]}" "dist.backend=$BACKEND" \
-      trainer.epochs=1 "hydra.run.dir=$run"
+      data.val_size=64 trainer.epochs=1 "hydra.run.dir=$run"
     test -s "$run/checkpoints/last.pt" || { echo "no checkpoint written in $run/checkpoints" >&2; return 1; }
     ls -l "$run/checkpoints"
     "${TORCHRUN[@]}" --nproc_per_node=1 -m allconv_hpc.cli train "${TRAIN_ARGS[@]}" "dist.backend=$BACKEND" \
-      trainer.epochs=2 "hydra.run.dir=$run" 2>&1 | tee "$WORK/resume.log"
+      data.val_size=64 trainer.epochs=2 "hydra.run.dir=$run" 2>&1 | tee "$WORK/resume.log"
     grep -q "resumed from" "$WORK/resume.log" || { echo "second run did not resume" >&2; return 1; }
     grep -q "done: best val_acc" "$WORK/resume.log"
+    "$PY" -m allconv_hpc.cli evaluate "$run" --checkpoint last --device "$DEV" --json > "$WORK/eval.json"
+    "$PY" - "$run/status.json" "$WORK/eval.json" <<'EOF'
+import json, math, sys
+st, ev = (json.load(open(p)) for p in sys.argv[1:])
+print(f"evaluate: {ev['split']} acc {ev['accuracy']:.4f} loss {ev['loss']:.4f} ({ev['images']} images, "
+      f"{ev['precision']} on {ev['device']}); the run's own: acc {st['test_acc']:.4f} loss {st['test_loss']:.4f}")
+assert abs(ev["accuracy"] - st["test_acc"]) <= 2 / ev["images"] + 1e-9, "evaluate disagrees with the run's test_acc"
+assert math.isclose(ev["loss"], st["test_loss"], rel_tol=1e-3), "evaluate disagrees with the run's test_loss"
+EOF
     echo "note: with WORLD_SIZE=1 the package takes its single-process path (no process group); the"
     echo "      'nccl-ddp' section runs the package's own NCCL group + DDP on one rank"
   }
@@ -198,7 +208,7 @@ main() {
   }
 
   local -a RUN1 RUN2
-  RUN1=(bash -o pipefail -c "$(declare -p TORCHRUN TRAIN_ARGS BACKEND WORK); $(declare -f ddp_one_rank); ddp_one_rank")
+  RUN1=(bash -o pipefail -c "$(declare -p TORCHRUN TRAIN_ARGS BACKEND WORK PY DEV); $(declare -f ddp_one_rank); ddp_one_rank")
   RUN2=(bash -o pipefail -c "$(declare -p TORCHRUN TRAIN_ARGS WORK SECT DEV); $(declare -f ddp_two_ranks_compiled); ddp_two_ranks_compiled")
 
   # name key nominal_s min_s kill_grace_s command; estimates on one H100/H200 are in README.md
