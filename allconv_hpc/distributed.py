@@ -78,6 +78,9 @@ def _expand_token(token: str, nodelist: str) -> list[str]:
 PORT_BASE, PORT_SPAN = 10000, 22768
 
 
+LOCAL_PORT_ENV = "ALLCONV_LOCAL_PORT"  # set in each task of a cluster=local job by launcher.TrainJob
+
+
 def slurm_port(job_id: str, restart_count: int) -> int:
     """A port in [10000, 32768) from the job id and restart count (fresh on every requeue); also for
     cluster=local, whose job id is its controller's pid."""
@@ -117,7 +120,9 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
         return DistEnv(rank=int(e["SUBMITIT_LOCAL_GLOBALID"]), world_size=world,
                        local_rank=int(e.get("SUBMITIT_LOCAL_LOCALID", e["SUBMITIT_LOCAL_GLOBALID"])),
                        local_world_size=world, master_addr="127.0.0.1",
-                       master_port=slurm_port(e.get("SUBMITIT_LOCAL_JOB_ID", "0"), 0), source="local")
+                       # a port `submit` found free on this machine (launcher.TrainJob); else from the pid
+                       master_port=int(e.get(LOCAL_PORT_ENV) or slurm_port(e.get("SUBMITIT_LOCAL_JOB_ID", "0"), 0)),
+                       source="local")
     # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script alone is one process.
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
         nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "localhost")
@@ -193,11 +198,17 @@ class Dist:
             dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                                     timeout=timeout, **kw)
         except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
+            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+                fix = {"torchrun": "give torchrun another --master_port (or --rdzv-endpoint)",
+                       "slurm": "submit again: another job id gives another port",
+                       "local": "submit again: it picks a free port"}.get(env.source, "use another MASTER_PORT")
+                raise DistributedError(f"rank {env.rank}: port {where} is already in use on this node (another "
+                                       f"job or program holds it); {fix}") from e
             raise DistributedError(
-                f"rank {env.rank}: rendezvous with {env.world_size} ranks at {os.environ['MASTER_ADDR']}:"
-                f"{os.environ['MASTER_PORT']} failed within {self.timeout_s:g} s ({_first_line(e)}); a rank that "
-                f"failed before joining logged why (under srun, --kill-on-bad-exit=1 ends the others at once)"
-            ) from e
+                f"rank {env.rank}: rendezvous with {env.world_size} ranks at {where} failed within "
+                f"{self.timeout_s:g} s ({_first_line(e)}); a rank that failed before joining logged why (under "
+                f"srun, --kill-on-bad-exit=1 ends the others at once)") from e
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         log.info("rank %d/%d joined (%s, %s, master %s:%s)", env.rank, env.world_size, backend, env.source,
                  os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])

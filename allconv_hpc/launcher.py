@@ -8,11 +8,13 @@ and every value that goes into the sbatch script.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -384,11 +386,24 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     return None
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on this machine now (held open together while the OS picks them): each
+    cluster=local DDP job's rendezvous, instead of one derived from its pid, which another job or
+    program may hold."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 class TrainJob:
     """The callable submitit pickles: runs `allconv-hpc train` in the job, one call per rank."""
 
-    def __init__(self, overrides: list[str], signal_lead_s: int, signal: str = "USR2"):
+    def __init__(self, overrides: list[str], signal_lead_s: int, signal: str = "USR2",
+                 local_port: Optional[int] = None):
         self.overrides, self.signal_lead_s, self.signal = list(overrides), signal_lead_s, signal
+        self.local_port = local_port  # cluster=local with several tasks: the rendezvous port (free at submit)
 
     def __call__(self) -> int:
         from .preempt import catch_early
@@ -397,6 +412,9 @@ class TrainJob:
         # honoured at the first step boundary, one after training is ignored (never a requeue then)
         catch_early(self.signal)
         os.environ["ALLCONV_SIGNAL_LEAD_S"] = str(self.signal_lead_s)
+        if self.local_port:
+            from .distributed import LOCAL_PORT_ENV
+            os.environ[LOCAL_PORT_ENV] = str(self.local_port)
         try:
             code = run(self.overrides)
         finally:
@@ -414,7 +432,8 @@ class TrainJob:
         """Only reached if Slurm's warning arrives while submitit itself starts (before __call__):
         requeue the same call; it resumes from the run folder."""
         import submitit
-        return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.signal_lead_s, self.signal))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.signal_lead_s, self.signal,
+                                                           self.local_port))
 
 
 def _signal_name(cluster: dict) -> str:
@@ -462,7 +481,6 @@ def make_executor(cluster: dict, folder: Path):
 
 def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> list:
     """Submit the points not marked `skip` (one job, or one array); returns their submitit jobs."""
-    import contextlib
     import io
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
@@ -470,7 +488,9 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
     base = sweep_dir if sweep_dir is not None else points[0].run_dir
     created = [d for d in (base, *base.parents) if not d.exists()]  # removed again if sbatch refuses
     base.mkdir(parents=True, exist_ok=True)
-    calls = [TrainJob(p.overrides, cluster["signal_lead_s"], str(cluster["signal"])) for p in points]
+    ports = free_ports(len(points)) if cluster["backend"] == "local" and cluster["tasks_per_node"] > 1 else None
+    calls = [TrainJob(p.overrides, cluster["signal_lead_s"], str(cluster["signal"]), ports and ports[i])
+             for i, p in enumerate(points)]
     if cluster["backend"] == "local":  # the controller and its tasks inherit it (Slurm: in the script)
         os.environ["SUBMITIT_PREEMPT_SIGNAL"] = _signal_name(cluster)
     sbatch_err = io.StringIO()  # submitit prints sbatch's complaint itself; we say it once, below

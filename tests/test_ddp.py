@@ -6,13 +6,15 @@ import json
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from proc import (TINY, assert_same_history, assert_same_weights, final_weights, history, run_train,
-                  start_ranks, wait_for_line)
+from proc import (TINY, assert_same_history, assert_same_weights, clean_env, final_weights, history, run_train,
+                  start_ranks, train_cmd, wait_for_line)
 
 # dropout off: each rank draws its own dropout masks, so with dropout on the runs differ (see README);
 # augmentation stays on: it is a pure function of (seed, epoch, sample), so sharding cannot change it.
@@ -124,3 +126,19 @@ def test_a_hung_rank_fails_the_others_within_the_timeout(tmp_path):
     assert code == 1, out[-2000:]
     assert 5 < waited < 10 + 20, f"survivor took {waited:.0f} s with dist.timeout_s=10"
     assert "peer rank(s) 1 did not answer" in out, out[-2000:]
+
+
+def test_a_rendezvous_port_held_by_another_program_is_named_with_the_fix(tmp_path):
+    """cluster=local's rank 0 finds its port (the one `submit` picked) taken: one line says so and how
+    to get another, at once, instead of a rendezvous timeout."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        r = subprocess.run(train_cmd(tmp_path / "run", TINY), capture_output=True, text=True, timeout=120,
+                           env=clean_env(tmp_path, SUBMITIT_LOCAL_JOB_ID="4242", SUBMITIT_LOCAL_GLOBALID="0",
+                                         SUBMITIT_LOCAL_LOCALID="0", SUBMITIT_LOCAL_NTASKS="2",
+                                         ALLCONV_LOCAL_PORT=port))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert (f"rank 0: port 127.0.0.1:{port} is already in use on this node (another job or program holds it); "
+            f"submit again: it picks a free port") in (tmp_path / "run" / "train.log").read_text()

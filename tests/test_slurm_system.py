@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -586,7 +587,9 @@ def test_submit_cluster_local_runs_here_and_wait_streams_until_done(slurm_cluste
         assert all((run / ".submitit" / str(pid) / f"{pid}_{t}_result.pkl").exists() for t in (0, 1))
         assert len(history(run)) == 2 and (run / "checkpoints" / "last.pt").is_file()
         log = (run / "train.log").read_text()
-        assert f"rank 0/2 joined (gloo, local, master 127.0.0.1:{slurm_port(str(pid), 0)})" in log, log[-2000:]
+        # the rendezvous port is the one submit found free and gave the job (not derived from the pid)
+        port = pickle.loads((run / ".submitit" / str(pid) / f"{pid}_submitted.pkl").read_bytes()).function.local_port
+        assert f"rank 0/2 joined (gloo, local, master 127.0.0.1:{port})" in log, log[-2000:]
         assert log.count("training synthetic on cpu") == 1 and "2 rank(s), global batch 60" in log, log[-2000:]
         ref = start_reference(tmp_path, tmp_path / "ref", overrides)
         finish_reference(tmp_path, ref)

@@ -56,6 +56,7 @@ def test_detect_env_order():
     assert (e.source, e.rank, e.world_size, e.local_rank, e.local_world_size, e.master_addr) == \
         ("local", 1, 2, 1, 2, "127.0.0.1")
     assert e.master_port == slurm_port("4242", 0) != detect_env({**lo, "SUBMITIT_LOCAL_JOB_ID": "4243"}).master_port
+    assert detect_env({**lo, "ALLCONV_LOCAL_PORT": "23456"}).master_port == 23456  # the port `submit` found free
     assert not detect_env({**lo, "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_NTASKS": "1"}).distributed
     assert detect_env({**lo, **tr}).source == "torchrun"
     assert detect_env({**lo, **sl, "SUBMITIT_EXECUTOR": "slurm"}).source == "slurm"  # a Slurm job sent from a local task
