@@ -233,12 +233,7 @@ class Trainer:
                          "resuming", self.slurm.restarts, os.environ.get("SLURM_JOB_ID", "?"))
             mode = "auto"
         if mode == "never":
-            if self.env.is_main:
-                moved = self.ckpt.move_aside(also=[self.run_dir / name for name in (ID_FILE, HISTORY_FILE, STEPS_FILE)])
-                if moved:  # the W&B id goes too: the fresh start is a new W&B run, not steps 1.. again
-                    log.warning("checkpoint.resume=never: the old run's checkpoints, history.csv and W&B id "
-                                "are kept in %s", moved)
-            self.dist.barrier()
+            self._move_old_run_aside("checkpoint.resume=never")
             return None
         # rank 0 picks the file (falling back past corrupt ones); everyone loads that same file
         path = ck = error = None
@@ -255,6 +250,11 @@ class Trainer:
         if path is None:
             if mode == "must":
                 raise ConfigError(f"checkpoint.resume=must but {self.ckpt.folder} holds no checkpoint")
+            # no checkpoint, yet epochs of an earlier run (its checkpoints were removed): starting over
+            # would overwrite its history and best.pt and continue its W&B run with other metrics. A W&B
+            # id alone is this run's own start before its first checkpoint: that one continues.
+            if self.dist.any(self.env.is_main and self._earlier_epochs()):
+                self._move_old_run_aside("no checkpoint to resume, but an earlier run's epochs are here")
             return None
         if ck is None:  # the other ranks read the file rank 0 chose (rank 0 verified it already)
             ck = load_file(Path(path))
@@ -277,6 +277,24 @@ class Trainer:
             log.info("resumed from %s: epoch %d, step %d (global step %d)", path, self.state.epoch + 1,
                      self.state.step_in_epoch, self.state.global_step)
         return path
+
+    def _earlier_epochs(self) -> bool:
+        """Whether the folder holds an earlier run's finished epochs: history rows or a best.pt."""
+        try:
+            rows = len((self.run_dir / HISTORY_FILE).read_text().splitlines()) > 1  # more than the header
+        except FileNotFoundError:
+            rows = False
+        return rows or (self.ckpt.folder / "best.pt").exists()
+
+    def _move_old_run_aside(self, why: str) -> None:
+        """Keep the old run whole in checkpoints.oldN/ (collective); the W&B id goes too: the fresh
+        start is a new W&B run, not steps 1.. again."""
+        if self.env.is_main:
+            moved = self.ckpt.move_aside(also=[self.run_dir / name for name in (ID_FILE, HISTORY_FILE, STEPS_FILE)])
+            if moved:
+                log.warning("%s: the old run's checkpoints, history.csv and W&B id are kept in %s; this run "
+                            "starts fresh", why, moved)
+        self.dist.barrier()
 
     # -- checkpoint --------------------------------------------------------------------------------
     def _check_finite(self) -> None:

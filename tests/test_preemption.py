@@ -367,6 +367,26 @@ def test_resume_never_starts_fresh_and_keeps_old_checkpoints(reference, tmp_path
     assert steps == list(range(1, 17)), steps
 
 
+def test_a_fresh_start_over_an_earlier_runs_epochs_keeps_them(reference, tmp_path):
+    """The checkpoints of a finished run were deleted (best.pt kept): another config run in its folder
+    must not overwrite its history and best.pt, nor log into its W&B run."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    for p in (run / "checkpoints").glob("*.pt"):
+        if p.name != "best.pt":
+            p.unlink()
+    best = (run / "checkpoints" / "best.pt").read_bytes()
+    old_id = (run / "wandb_id.txt").read_text().strip()
+    run_train(tmp_path, run, EXACT + ["optim.lr=0.2", "wandb.mode=offline"])
+    old = run / "checkpoints.old1"
+    assert (old / "best.pt").read_bytes() == best
+    assert (old / "history.csv").read_text() == (reference / "history.csv").read_text()
+    assert (old / "wandb_id.txt").read_text().strip() == old_id != (run / "wandb_id.txt").read_text().strip()
+    assert "an earlier run's epochs are here: the old run's checkpoints" in (run / "train.log").read_text()
+    assert [r["lr"] for r in history(run)] != [r["lr"] for r in history(reference)]  # the new run's own rows
+
+
 def test_resume_never_applies_to_a_jobs_first_start_not_to_its_requeues(reference, tmp_path):
     """A requeued job runs the same command again: with checkpoint.resume=never it must resume what the
     job trained, not move it aside and start over at every preemption."""
