@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
@@ -23,12 +23,27 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new, exclusive `.<name>.<random>.tmp` next to `path`, created as a plain open() creates a file:
+    mode 0o666 less the umask, or what the folder's default ACL gives. Not mkstemp, whose 0600 survives
+    the rename and locks group members of a shared project folder out of checkpoints and status files;
+    nor a umask read plus chmod, which is process-wide to read and would override a default ACL."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:  # 48 random bits: a clash is a leftover of a killed writer, try another name
+            continue
+    raise FileExistsError(f"no free temp file name next to {path}")
+
+
 def write_atomic(path: Union[str, Path], data: Union[bytes, str, Callable[[BinaryIO], None]]) -> None:
     """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder.
     `data` may be a function that writes into the open file (streaming, no copy in memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(data):
