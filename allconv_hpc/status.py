@@ -68,10 +68,33 @@ def _local_state(rec: dict) -> Optional[str]:
             return None
         return "COMPLETED" if kind == "success" else "FAILED"
     try:  # the job id of a local job is its controller's pid
-        os.kill(int(rec["job_id"]), 0)
-        return "RUNNING"
-    except (ValueError, ProcessLookupError, PermissionError):  # PermissionError: the pid is another user's now
+        return "RUNNING" if _pid_runs(int(rec["job_id"])) else None
+    except ValueError:
         return None
+
+
+def _pid_runs(pid: int) -> bool:
+    """Whether process pid runs. One that ended but was not reaped (a zombie) does not: `submit --wait` started
+    submitit's local controller itself, so once the job ends the controller stays its zombie child. Not reaped
+    here: submitit's Popen of it would then read exit status 0 for a controller that failed."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # PermissionError: the pid is another user's now
+        return False
+    return _process_state(pid) not in ("Z", None)
+
+
+def _process_state(pid: int) -> Optional[str]:
+    """The kernel's one-letter state of process pid (Z: a zombie), None when it is gone; from /proc, or from
+    ps where there is no /proc (macOS)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self").exists():  # Linux: it ended since os.kill
+            return None
+        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
+        return out.strip()[:1] or None
+    return stat.rsplit(")", 1)[1].split()[0]  # "pid (comm) S ...": comm may hold spaces and ")"
 
 
 NO_ANSWER = "NO ANSWER"  # queued_state: squeue did not answer (timeout, controller down)
@@ -88,24 +111,97 @@ def queued_state(rec: dict) -> Optional[str]:
     return None
 
 
+class DamagedFile(Exception):
+    """A record `status` reads (sweep.json, submission.json, a run's status.json) that it cannot use; the
+    message names the file and its fix. A damaged status.json of one run of a sweep stops `status` too (exit
+    2), not shown as an unknown run state: it is written atomically, so the damage stays, and the row would
+    be a guess (LOST, or UNKNOWN, which `submit --wait` would wait on forever)."""
+
+
+# how to get a good one back: status.json is rewritten whole by the run's next job
+FIXES = {"sweep.json": "submit the sweep again (allconv-hpc submit -m ...), which writes a new one",
+         "submission.json": "delete it and submit the run again",
+         "status.json": "delete it: the run's next job writes a new one"}
+
+
+def read_record(path: Path) -> Optional[dict]:
+    """The JSON object in path, None when there is no such file; DamagedFile when it cannot be read or
+    is not a JSON object."""
+    fix = FIXES[path.name]
+    try:
+        text = path.read_text(encoding="utf-8")  # JSON is UTF-8, whatever the locale
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        raise DamagedFile(f"{path}: permission denied; make it readable to you (ask its owner)") from None
+    except IsADirectoryError:
+        raise DamagedFile(f"{path}: is a folder, not a file; {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DamagedFile(f"{path}: cannot be read ({e}); {fix}") from None
+    if not text.strip():
+        raise DamagedFile(f"{path}: is empty; {fix}")
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise DamagedFile(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(doc, dict):
+        raise DamagedFile(f"{path}: holds a JSON {type(doc).__name__}, not an object; {fix}")
+    return doc
+
+
+NUMBER = (int, float)
+# the keys status computes with, and their types; a key may be missing unless REQUIRED
+JOB_KEYS = {"run_dir": str, "job_id": (str, int, type(None)), "backend": str, "submitted": NUMBER,
+            "submitit_folder": str}
+STATUS_KEYS = {"state": (str, type(None)), "updated": NUMBER, "restarts": (int, type(None))}
+REQUIRED = {"run_dir"}
+
+
+def check_keys(doc, keys: dict, path: Path, entry: str = "") -> dict:
+    """doc (the record in path, or its entry named so), when it is an object whose keys have the types given;
+    DamagedFile otherwise."""
+    where, fix = f"{path}: {entry}", FIXES[path.name]
+    if not isinstance(doc, dict):
+        raise DamagedFile(f"{where}holds a JSON {type(doc).__name__}, not an object; {fix}")
+    for key, types in keys.items():
+        if key in REQUIRED and key not in doc:
+            raise DamagedFile(f"{where}has no {key!r}; {fix}")
+        if key in doc and (not isinstance(doc[key], types) or isinstance(doc[key], bool)):
+            raise DamagedFile(f"{where}{key!r} is {doc[key]!r}, of the wrong type; {fix}")
+    return doc
+
+
+def job_records(folder: Path) -> list[dict]:
+    """The submissions folder holds: a sweep's jobs, a run's job, or a run started without submit."""
+    path = folder / "sweep.json"
+    sweep = read_record(path)
+    if sweep is not None:
+        jobs = sweep.get("jobs")
+        if not isinstance(jobs, list) or not jobs:
+            raise DamagedFile(f"{path}: no 'jobs' list, or an empty one; {FIXES[path.name]}")
+        return [check_keys(rec, JOB_KEYS, path, f"job {i + 1}: ") for i, rec in enumerate(jobs)]
+    path = folder / "submission.json"
+    rec = read_record(path)
+    if rec is not None:
+        return [check_keys(rec, JOB_KEYS, path)]
+    if (folder / "status.json").exists() or (folder / "checkpoints").exists():
+        return [{"job_id": None, "run_dir": str(folder), "backend": "none"}]
+    raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
+                            f"folder (sweep.json)")
+
+
+def run_status(run_dir: Path) -> dict:
+    """The run's own status.json ({} before its job wrote one)."""
+    path = run_dir / "status.json"
+    st = read_record(path)
+    return {} if st is None else check_keys(st, STATUS_KEYS, path)
+
+
 def run_rows(folder: Path) -> list[dict]:
-    folder = Path(folder)
-    sweep = folder / "sweep.json"
-    if sweep.exists():
-        recs = json.loads(sweep.read_text())["jobs"]
-    elif (folder / "submission.json").exists():
-        recs = [json.loads((folder / "submission.json").read_text())]
-    elif (folder / "status.json").exists() or (folder / "checkpoints").exists():
-        recs = [{"job_id": None, "run_dir": str(folder), "backend": "none"}]
-    else:
-        raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
-                                f"folder (sweep.json)")
     rows = []
-    for rec in recs:
+    for rec in job_records(Path(folder)):
         run_dir = Path(rec["run_dir"])
-        st = {}
-        if (run_dir / "status.json").exists():
-            st = json.loads((run_dir / "status.json").read_text())
+        st = run_status(run_dir)
         state = restarts = None
         known = ended = False  # the scheduler answered for this job (a job it does not know is gone)
         if rec.get("job_id") and rec.get("backend") == "slurm":
@@ -164,13 +260,14 @@ def status_main(argv: list[str]) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="allconv-hpc status", description="State of a run or a sweep.",
                                  epilog="exit status: 0 no job failed, 1 a job failed, 3 Slurm did not answer for a "
-                                        "job whose run has not ended, 2 not a run or sweep folder")
+                                        "job whose run has not ended, 2 not a run or sweep folder, or a file of it "
+                                        "is damaged (the error names it)")
     ap.add_argument("folder", type=Path)
     ap.add_argument("--json", action="store_true", help="machine-readable rows")
     args = ap.parse_args(argv)
     try:
         rows = run_rows(args.folder)
-    except (FileNotFoundError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, DamagedFile) as e:
         print(f"allconv-hpc status: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
@@ -178,10 +275,15 @@ def status_main(argv: list[str]) -> int:
 
 
 def wait_for(folder: Path, poll_s: float = 5.0) -> int:
-    """Print state changes until no job is queued or running; non-zero if any failed."""
+    """Print state changes until no job is queued or running; non-zero if any failed, 2 (as `status`) when a
+    record is damaged (it stays so: waiting on would never end)."""
     last = None
     while True:
-        rows = run_rows(folder)
+        try:
+            rows = run_rows(folder)
+        except DamagedFile as e:
+            print(f"allconv-hpc: error: {e}", file=sys.stderr)
+            return 2
         snap = [(r["job"], r["state"], r["epoch"]) for r in rows]
         if snap != last:
             print(time.strftime("%H:%M:%S"), "  ".join(f"{j}:{s}({e})" for j, s, e in snap), flush=True)

@@ -1,0 +1,246 @@
+"""`status` on what a run folder really holds: a cluster=local controller that ended as a zombie child of
+the process watching it (`submit --wait` started it), and damaged records (sweep.json, submission.json,
+status.json), each told in one line naming the file, exit status 2, no traceback."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from allconv_hpc import status
+
+
+def write_run(run: Path, run_state, job: str = "42", backend: str = "slurm", **rec) -> Path:
+    """A run folder as `submit` leaves it (tests/test_launcher.py's write_run), with the run's status.json."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "submission.json").write_text(json.dumps({"job_id": job, "backend": backend, "run_dir": str(run), **rec}))
+    if run_state:
+        (run / "status.json").write_text(json.dumps({"state": run_state, "epoch": 1, "epochs": 3}))
+    return run
+
+
+def zombie_child(code: int = 3) -> subprocess.Popen:
+    """A child of this process that has exited and is not reaped, as submitit's local controller is once
+    its job ended under `submit --wait`."""
+    p = subprocess.Popen([sys.executable, "-c", f"import sys; sys.exit({code})"])
+    os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # until it has exited, leaving it unreaped
+    assert Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return p
+
+
+def within(seconds: float, fn, *args, **kwargs):
+    """fn's result; the test fails instead of hanging when fn does not return in time."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn(*args, **kwargs)), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive() and out, f"{fn.__name__} did not return within {seconds} s"
+    return out[0]
+
+
+# ---------------------------------------------------------------- a local controller that ended
+
+@pytest.mark.parametrize("run_state,state", [("failed", "FAILED"), ("gave_up", "FAILED"), ("running", "LOST")])
+def test_a_local_job_whose_controller_is_a_zombie_has_ended(tmp_path, capsys, run_state, state):
+    p = zombie_child()
+    try:
+        run = write_run(tmp_path / "run", run_state, job=str(p.pid), backend="local",
+                        submitit_folder=str(tmp_path / "sub"))
+        row = status.run_rows(run)[0]
+        assert (row["state"], row["active"], row["failed"]) == (state, False, True), row
+        rec = json.loads((run / "submission.json").read_text())
+        assert status.queued_state(rec) is None  # a new submit into the folder is not refused as RUNNING
+        assert within(20, status.wait_for, run, poll_s=0.01) == 1  # ends at once: no endless RUNNING
+        assert re.search(rf"^{p.pid}\s+{state}\s", capsys.readouterr().out, re.M)
+        assert status.status_main([str(run)]) == 1
+    finally:
+        assert p.wait(timeout=10) == 3  # not reaped by status: submitit's Popen still reads the exit status
+
+
+def test_a_local_job_whose_controller_runs_is_running(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = write_run(tmp_path / "run", "running", job=str(p.pid), backend="local",
+                        submitit_folder=str(tmp_path / "sub"))
+        row = status.run_rows(run)[0]
+        assert (row["state"], row["active"], row["failed"]) == ("RUNNING", True, False), row
+    finally:
+        p.kill()
+        p.wait()
+
+
+# ---------------------------------------------------------------- damaged records
+
+def one_line_error(capsys, rc: int, path: Path) -> str:
+    """The error `status` printed: exit 2, one line naming path, with a fix after the `;`; no traceback."""
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, out, err)
+    assert out == "" and "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.startswith(f"allconv-hpc status: error: {path}: "), err
+    assert "; " in err.split(f"{path}: ", 1)[1], err  # what is wrong; how to fix it
+    return err
+
+
+def sweep(tmp: Path, n: int = 2) -> tuple[Path, list[Path]]:
+    """A sweep folder of n runs, each with its job and status.json."""
+    root = tmp / "sweep"
+    runs = [write_run(root / f"p{i}", "completed", job=str(40 + i)) for i in range(n)]
+    jobs = [json.loads((r / "submission.json").read_text()) for r in runs]
+    (root / "sweep.json").write_text(json.dumps({"sweep_dir": str(root), "jobs": jobs}))
+    return root, runs
+
+
+SQUEUE_FORGOT = "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"
+
+
+@pytest.fixture
+def no_slurm(tmp_path, monkeypatch):
+    """squeue/sacct/scontrol that no longer know any job: the run folder decides."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name in ("squeue", "sacct", "scontrol"):
+        (bin_ / name).write_text(f"#!/bin/sh\n{SQUEUE_FORGOT}\n")
+        (bin_ / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_good_sweep_shows(tmp_path, no_slurm, capsys):
+    root, _ = sweep(tmp_path)
+    assert status.status_main([str(root)]) == 0
+    assert capsys.readouterr().out.count("COMPLETED") == 2
+
+
+@pytest.mark.parametrize("content,what", [
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ("", "is empty"),
+    ("  \n", "is empty"),
+    ('{"state": "running"', "not valid JSON (Expecting ',' delimiter"),
+    (b"\xff\xfe{}", "cannot be read"),
+    ('{"state": 3}', "'state' is 3, of the wrong type"),
+    ('{"state": "completed", "updated": "yesterday"}', "'updated' is 'yesterday', of the wrong type"),
+])
+def test_a_damaged_status_json_is_named(tmp_path, no_slurm, capsys, content, what):
+    root, runs = sweep(tmp_path)
+    bad = runs[1] / "status.json"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for folder in (root, runs[1]):  # the sweep and the run alone
+        err = one_line_error(capsys, status.status_main([str(folder)]), bad)
+        assert what in err and "delete it: the run's next job writes a new one" in err, err
+    bare = tmp_path / "bare"  # a run started without submit: status.json is what makes it a run folder
+    bare.mkdir()
+    shutil.copy(bad, bare / "status.json")
+    assert what in one_line_error(capsys, status.status_main([str(bare)]), bare / "status.json")
+
+
+def test_a_status_json_that_is_a_folder_is_named(tmp_path, no_slurm, capsys):
+    root, runs = sweep(tmp_path)
+    bad = runs[0] / "status.json"
+    bad.unlink()
+    bad.mkdir()
+    err = one_line_error(capsys, status.status_main([str(root)]), bad)
+    assert "is a folder, not a file" in err
+
+
+@contextlib.contextmanager
+def unreadable(path: Path):
+    """path unreadable to this process: mode 000, and as root (who reads it anyway) the effective user
+    nobody, in a folder nobody can reach (pytest's tmp_path is root's alone)."""
+    path.chmod(0)
+    root = os.geteuid() == 0
+    if root:
+        os.seteuid(65534)
+    try:
+        yield
+    finally:
+        if root:
+            os.seteuid(0)
+        path.chmod(0o644)
+
+
+@pytest.mark.parametrize("name", ["status.json", "submission.json", "sweep.json"])
+def test_an_unreadable_file_is_named(name, capsys, no_slurm):
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        tmp.chmod(0o755)
+        root, runs = sweep(tmp)
+        for d in (root, *runs):
+            d.chmod(0o755)
+        bad = (runs[0] if name != "sweep.json" else root) / name
+        with unreadable(bad):
+            rc = status.status_main([str(root if name != "submission.json" else runs[0])])
+        err = one_line_error(capsys, rc, bad)
+        assert "permission denied; make it readable" in err, err
+    finally:
+        shutil.rmtree(tmp)
+
+
+@pytest.mark.parametrize("doc,what", [
+    ({}, "no 'jobs' list, or an empty one"),
+    ({"jobs": []}, "no 'jobs' list, or an empty one"),
+    ({"jobs": {"run_dir": "x"}}, "no 'jobs' list, or an empty one"),
+    ([], "holds a JSON list, not an object"),
+])
+def test_a_sweep_json_without_jobs_is_named(tmp_path, capsys, doc, what):
+    root, _ = sweep(tmp_path)
+    (root / "sweep.json").write_text(json.dumps(doc))
+    err = one_line_error(capsys, status.status_main([str(root)]), root / "sweep.json")
+    assert what in err and "submit the sweep again" in err, err
+
+
+@pytest.mark.parametrize("change,what", [
+    (lambda rec: rec.pop("run_dir"), "job 2: has no 'run_dir'"),
+    (lambda rec: rec.update(run_dir=None), "job 2: 'run_dir' is None, of the wrong type"),
+    (lambda rec: rec.update(submitted="now"), "job 2: 'submitted' is 'now', of the wrong type"),
+    (lambda rec: rec.clear() or rec.update(job=[1]), "job 2: has no 'run_dir'"),
+])
+def test_a_sweep_job_entry_that_is_damaged_is_named(tmp_path, no_slurm, capsys, change, what):
+    root, _ = sweep(tmp_path)
+    doc = json.loads((root / "sweep.json").read_text())
+    change(doc["jobs"][1])
+    (root / "sweep.json").write_text(json.dumps(doc))
+    err = one_line_error(capsys, status.status_main([str(root)]), root / "sweep.json")
+    assert what in err, err
+
+
+def test_a_sweep_job_entry_that_is_no_object_is_named(tmp_path, capsys):
+    root, _ = sweep(tmp_path)
+    doc = json.loads((root / "sweep.json").read_text())
+    doc["jobs"][0] = "42"
+    (root / "sweep.json").write_text(json.dumps(doc))
+    err = one_line_error(capsys, status.status_main([str(root)]), root / "sweep.json")
+    assert "job 1: holds a JSON str, not an object" in err, err
+
+
+@pytest.mark.parametrize("content,what", [("", "is empty"), ("[]", "holds a JSON list"), ("{}", "has no 'run_dir'"),
+                                          ("{nope", "not valid JSON")])
+def test_a_damaged_submission_json_is_named(tmp_path, capsys, content, what):
+    run = write_run(tmp_path / "run", "running")
+    (run / "submission.json").write_text(content)
+    err = one_line_error(capsys, status.status_main([str(run)]), run / "submission.json")
+    assert what in err and "delete it and submit the run again" in err, err
+
+
+def test_submit_wait_stops_on_a_damaged_record(tmp_path, no_slurm, capsys):
+    """It stays damaged (records are written atomically): waiting on would never end."""
+    root, runs = sweep(tmp_path)
+    (runs[0] / "status.json").write_text("[1, 2]")
+    assert within(20, status.wait_for, root, poll_s=0.01) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and err.count("\n") == 1 and f"{runs[0] / 'status.json'}: " in err, err
+
+
+def test_not_a_run_folder_is_still_exit_2(tmp_path, capsys):
+    rc = status.status_main([str(tmp_path)])
+    assert rc == 2 and "is neither a run folder" in capsys.readouterr().err
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert status.status_main([str(f)]) == 2
