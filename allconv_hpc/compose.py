@@ -30,6 +30,8 @@ def override_error(overrides: list[str], e: Exception) -> str:
     from hydra.errors import HydraException
 
     msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if msg.startswith("Ambiguous value for argument"):  # key=a,b outside a sweep
+        msg += " (a comma list is a sweep: allconv-hpc submit -m ...; quote a value that holds commas)"
     parser = OverridesParser.create()
     for o in overrides:
         try:
@@ -65,11 +67,30 @@ def compose(overrides: list[str]) -> Composed:
         raise ConfigError(override_error(overrides, e)) from None
     finally:
         GlobalHydra.instance().clear()
+    for key, value in (("hydra.run.dir", run_dir), ("hydra.sweep.dir", sweep_dir)):
+        if not value.strip():  # e.g. hydra.run.dir=$RUN with RUN unset: would train into the current folder
+            raise ConfigError(f"{key} is empty (an unset shell variable?); give a folder, e.g. {key}=runs/x")
     hydra["run"]["dir"], hydra["sweep"]["dir"] = run_dir, sweep_dir
     cluster = plain.pop("cluster", {}) or {}
     cfg = from_dict(plain)
     return Composed(cfg=cfg, cfg_dict=plain, cluster=cluster, run_dir=Path(run_dir).absolute(),
                     overrides=list(overrides), hydra=hydra)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run folder (and its checkpoints/) can be made and written: refused before any work or queue,
+    not at the first checkpoint. Nothing is created; each rank can ask (a shared file system answers alike)."""
+    import os
+    for path in (run_dir, run_dir / "checkpoints"):
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"run folder {run_dir}: {existing} is a file, not a folder; give another "
+                              f"hydra.run.dir")
+        if not os.access(existing, os.W_OK | os.X_OK):  # EROFS too, also for root
+            raise ConfigError(f"run folder {run_dir}: {existing} is not writable here; give a writable "
+                              f"hydra.run.dir")
+        if existing != path:
+            break  # the rest does not exist yet: made inside this writable folder
 
 
 def write_hydra_files(c: Composed) -> None:

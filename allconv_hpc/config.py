@@ -6,6 +6,7 @@ job is queued. `ConfigError` carries a one-line message naming the key and how t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -15,6 +16,7 @@ MODEL_NAMES = ("allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_
                "allcnn_b", "model_b", "strided_cnn_b", "convpool_cnn_b")
 DATASETS = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
 OFFICIAL_SIZES = (50_000, 10_000)  # CIFAR-10/100 train, test images; a rebuilt copy may hold fewer
+SYNTHETIC_SIZES = (2048, 512)  # data=synthetic: train, test images when data.train_size/test_size are null
 AUGMENTS = ("paper", "seed", "none")
 SCHEDULES = ("paper", "cosine", "onecycle", "constant", "inverse_time")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -116,12 +118,15 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _choice("schedule.name", self.name, SCHEDULES)
+        _check(all(isinstance(m, int) and not isinstance(m, bool) for m in self.milestones),
+               f"schedule.milestones={list(self.milestones)} must be whole epochs, e.g. [200,250,300]")
         _check(all(m > 0 for m in self.milestones), "schedule.milestones must be positive epochs")
         _check(list(self.milestones) == sorted(self.milestones), "schedule.milestones must be increasing")
         _check(self.warmup_epochs >= 0, f"schedule.warmup_epochs={self.warmup_epochs} must be >= 0")
         _check(0 < self.pct_start < 1, f"schedule.pct_start={self.pct_start} must be in (0, 1)")
         _check(0 <= self.final_lr_ratio <= 1, f"schedule.final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
         _check(self.decay >= 0, f"schedule.decay={self.decay} must be >= 0")
+        _check(self.gamma > 0, f"schedule.gamma={self.gamma} must be > 0 (the lr factor at each milestone)")
 
 
 @dataclass
@@ -168,8 +173,10 @@ class CheckpointConfig:
         _choice("checkpoint.resume", self.resume, RESUME_MODES)
         _check(self.max_requeues >= 0, f"checkpoint.max_requeues={self.max_requeues} must be >= 0")
         import signal as _signal
-        _check(hasattr(_signal, "SIG" + self.signal.upper().removeprefix("SIG")),
-               f"checkpoint.signal={self.signal!r} is not a signal name (e.g. USR2)")
+        name = "SIG" + self.signal.upper().removeprefix("SIG")
+        _check(hasattr(_signal, name), f"checkpoint.signal={self.signal!r} is not a signal name (e.g. USR2)")
+        _check(name not in ("SIGKILL", "SIGSTOP"),
+               f"checkpoint.signal={self.signal} cannot be caught, so no checkpoint could follow it; use USR1 or USR2")
 
 
 @dataclass
@@ -217,6 +224,13 @@ class Config:
             _check(self.trainer.precision in CPU_PRECISIONS,
                    f"trainer.precision={self.trainer.precision} needs CUDA; on CPU use trainer.precision=fp32 "
                    f"(or auto)")
+        # trainer.drop_last with a global batch larger than the training images leaves no step: known
+        # from the sizes alone (data.load checks a smaller rebuilt copy), so refused before any queue
+        d, t = self.data, self.trainer
+        n = d.train_size or (SYNTHETIC_SIZES[0] if d.name == "synthetic" else OFFICIAL_SIZES[0] - d.val_size)
+        _check(not t.drop_last or t.batch_size <= n,
+               f"trainer.batch_size={t.batch_size} with trainer.drop_last=true leaves no step in an epoch of {n} "
+               f"training images; lower the batch size or set trainer.drop_last=false")
 
     @property
     def lr(self) -> float:
@@ -300,6 +314,8 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
     hint = {"bool": " (true or false)", "int": " (a whole number)"}.get(base, "")
     _check(ok, f"{key}={value!r} must be {'an' if base == 'int' else 'a'} {base}{hint}"
                f"{', or null' if optional else ''}")
+    # inf and nan pass every range check below (inf > 0) and fail late: lr=inf after an epoch
+    _check(base != "float" or math.isfinite(value), f"{key}={value!r} must be a finite number")
 
 
 def _build(cls, values: dict, prefix: str):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import augment as aug
-from .config import ConfigError, DataConfig
+from .config import SYNTHETIC_SIZES, ConfigError, DataConfig
 
 
 class DataError(ConfigError):
@@ -72,7 +72,6 @@ _LAYOUTS = {
                         "fine_labels", "fine_label_names", 100,
                         (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-SYNTHETIC_SIZES = (2048, 512)  # train, test when data.train_size/test_size are null
 _SEED_MASK = (1 << 63) - 1
 
 

@@ -165,6 +165,10 @@ def set_threads(requested: Optional[int], env: DistEnv) -> int:
     # an srun task has its cores to itself; processes that share one task (torchrun) or a machine split them
     share = 1 if env.source == "slurm" and per_task.isdigit() else max(1, env.local_world_size)
     n = requested or max(1, cores // share)
+    if requested and requested * share > cores:  # oversubscribed: measured 16x slower at 16 threads on 2 cores
+        log.warning("trainer.threads=%d x %d rank(s) here is more than the %d CPU(s) this process may use: "
+                    "steps will be slow; use trainer.threads<=%d or null", requested, share, cores,
+                    max(1, cores // share))
     torch.set_num_threads(n)
     return n
 

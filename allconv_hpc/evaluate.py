@@ -90,7 +90,10 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     if split == "val" and not cfg.data.val_size:
         raise ConfigError(f"the run in {run} has no held-out split (data.val_size=0): its val_acc is test "
                           f"accuracy; use --split test")
-    data_mod.check_present(cfg.data)  # names the folder and files; --data-root when it moved
+    try:
+        data_mod.check_present(cfg.data)  # names the folder and files
+    except ConfigError as e:  # its fix names data.root, which evaluate takes as --data-root
+        raise ConfigError(f"{e} (here: --data-root DIR, the folder that holds the dataset now)") from None
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu or auto")
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")

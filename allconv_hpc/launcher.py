@@ -262,8 +262,13 @@ def validate_cluster(cluster: dict, cfg) -> dict:
     if cfg.trainer.batch_size % world:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by the job's "
                           f"{world} ranks (cluster.nodes x cluster.tasks_per_node); use a multiple of {world}")
-    if cfg.trainer.precision not in CPU_PRECISIONS and c["gpus_per_node"] == 0:
-        raise ConfigError(f"trainer.precision={cfg.trainer.precision} needs GPUs but cluster.gpus_per_node=0")
+    if c["gpus_per_node"] == 0:  # what the job would refuse at start, after its wait in the queue
+        for key, value, fix in (("trainer.precision", cfg.trainer.precision, "fp32 or auto"),
+                                ("trainer.device", cfg.trainer.device, "cpu or auto"),
+                                ("dist.backend", cfg.dist.backend, "gloo or auto")):
+            if value in ("bf16", "fp16", "cuda", "nccl"):
+                raise ConfigError(f"{key}={value} needs GPUs but cluster.gpus_per_node=0; set cluster.gpus_per_node "
+                                  f"or {key}={fix}")
     if c["backend"] == "local" and c["nodes"] > 1:
         raise ConfigError("cluster=local runs on this machine: cluster.nodes must be 1")
     if c["backend"] == "local":
@@ -289,7 +294,7 @@ def local_gpus(n: int) -> tuple:
 
 def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Path], dict]:
     """Compose and validate every point before anything is submitted or any folder is made."""
-    from .compose import compose
+    from .compose import check_run_dir, compose
     from .data import check_present
 
     common, swept = expand_sweep(overrides, multirun)
@@ -325,6 +330,7 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
         cluster = mine
         if sweep_dir is None:
             ov = ov + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
+        check_run_dir(c.run_dir)
         skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
         points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip))
     dirs = [p.run_dir for p in points]
@@ -347,11 +353,16 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     (what the trainer would refuse on resume, found here before anything is queued). Returns why the
     run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
     (a resubmitted sweep fills in the rest); None when it does."""
-    from .status import ACTIVE_STATES, NO_ANSWER, queued_state
+    from .status import ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, queued_state, read_record
 
     sub = run_dir / "submission.json"
-    if sub.exists():
-        rec = json.loads(sub.read_text())
+    try:  # status's reading: a damaged record is named with its fix
+        rec = read_record(sub)
+        if rec is not None:
+            check_keys(rec, JOB_KEYS, sub)
+    except DamagedFile as e:
+        raise ConfigError(str(e)) from None
+    if rec is not None:
         state = queued_state(rec)
         if state == NO_ANSWER:  # it may still run: a second job could train into the same folder
             raise ConfigError(f"squeue did not answer whether job {rec['job_id']}, the last one submitted into "
@@ -369,11 +380,11 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
                               f"({stop}), then submit again")
     if cfg.checkpoint.resume == "never":
         return None  # the trainer moves old checkpoints aside
-    from .checkpoint import CheckpointDir
+    from .checkpoint import CheckpointDir, CheckpointError
     try:
         found = CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).load_latest()
-    except Exception:  # every checkpoint unusable: the job says so with the trainer's own message
-        return None
+    except CheckpointError as e:  # every checkpoint unusable, or unreadable: the job could only fail on it
+        raise ConfigError(str(e)) from None
     if found is None:
         if cfg.checkpoint.resume == "must":
             raise ConfigError(f"checkpoint.resume=must but {run_dir / 'checkpoints'} holds no checkpoint")
@@ -576,5 +587,11 @@ def submit_main(argv: list[str]) -> int:
     print(f"watch it with: allconv-hpc status {where}")
     if args.wait:
         from .status import wait_for
-        return wait_for(where)
+        try:
+            return wait_for(where)
+        except KeyboardInterrupt:  # the watcher stops; Slurm jobs go on (local ones got the Ctrl-C too)
+            then = ("the local job got it too: it checkpoints and stops; submit again to resume"
+                    if cluster["backend"] == "local" else "the jobs go on")
+            print(f"stopped watching (Ctrl-C); {then}; allconv-hpc status {where}", file=sys.stderr)
+            return 130
     return 0

@@ -12,14 +12,18 @@ log = logging.getLogger("allconv_hpc")
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
-    """Rank 0: INFO to stdout and <run>/train.log. Other ranks: warnings and errors, tagged with their rank."""
+    """Rank 0: everything to <run>/train.log; INFO to stdout, warnings and errors to stderr (a Slurm job's
+    .err file holds what went wrong). Other ranks: warnings and errors to stderr, tagged with their rank."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     if rank == 0:
         fmt = logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
         run_dir.mkdir(parents=True, exist_ok=True)
-        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")]
+        out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+        out.addFilter(lambda record: record.levelno < logging.WARNING)
+        err.setLevel(logging.WARNING)
+        handlers = [out, err, logging.FileHandler(run_dir / "train.log")]
         level = logging.INFO
     else:
         fmt = logging.Formatter(f"[%(asctime)s %(levelname)s rank {rank}] %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -34,12 +38,16 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def run(overrides: list[str]) -> int:
     """The whole training process for this rank; returns the exit status."""
-    from .compose import compose, write_hydra_files
+    from .compose import check_run_dir, compose, write_hydra_files
     from .data import check_present
     from .distributed import DistributedError, detect_env
 
     try:
+        if {"-m", "--multirun"} & set(overrides):
+            raise ConfigError("train runs one config; a sweep is `allconv-hpc submit -m ...` (with cluster=local "
+                              "it runs on this machine)")
         composed = compose(overrides)
+        check_run_dir(composed.run_dir)
         check_present(composed.cfg.data)
     except ConfigError as e:
         print(f"allconv-hpc: error: {e}", file=sys.stderr)
@@ -54,7 +62,12 @@ def run(overrides: list[str]) -> int:
     except (DistributedError, ConfigError) as e:  # every rank fails alike, before the rendezvous
         print(f"allconv-hpc: error: {e}", file=sys.stderr)
         return 2
-    setup_logging(composed.run_dir, env.rank)
+    try:
+        setup_logging(composed.run_dir, env.rank)
+    except OSError as e:  # check_run_dir passed, yet the folder or train.log cannot be made (a race, a quota)
+        print(f"allconv-hpc: error: cannot write the run folder {composed.run_dir} ({e}); give a writable "
+              f"hydra.run.dir", file=sys.stderr)
+        return 2
     if env.is_main:
         log.info("run folder %s", composed.run_dir)
         if env.source == "torchrun" and os.environ.get("SLURM_JOB_ID"):

@@ -119,7 +119,12 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
     if t.batch_size % env.world_size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by the world size "
                           f"{env.world_size}; use a multiple of {env.world_size}")
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible here; use trainer.device=cpu or auto")
     cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if not cuda and cfg.dist.backend == "nccl" and env.distributed:
+        raise ConfigError(f"dist.backend=nccl needs CUDA and none is used here (trainer.device={t.device}); "
+                          f"use dist.backend=gloo (or auto) on CPU")
     if not cuda and t.precision not in CPU_PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
                           f"(trainer.device={t.device}); use trainer.precision=fp32 (or auto) on CPU")
@@ -284,7 +289,7 @@ class Trainer:
             rows = len((self.run_dir / HISTORY_FILE).read_text().splitlines()) > 1  # more than the header
         except FileNotFoundError:
             rows = False
-        return rows or (self.ckpt.folder / "best.pt").exists()
+        return rows or (self.ckpt.folder / "best.pt").is_file()
 
     def _move_old_run_aside(self, why: str) -> None:
         """Keep the old run whole in checkpoints.oldN/ (collective); the W&B id goes too: the fresh

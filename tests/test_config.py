@@ -43,6 +43,17 @@ BAD = [
     (["wandb.mode=maybe"], ["wandb.mode='maybe'"]),
     (["data.train_size=0"], ["data.train_size=0"]),
     (["data.val_size=-1"], ["data.val_size=-1", ">= 0"]),
+    # inf/nan pass every range check (inf > 0): refused as such, not after an epoch of gradient ascent
+    (["optim.lr=inf"], ["optim.lr=inf", "must be a finite number"]),
+    (["schedule.warmup_epochs=nan"], ["schedule.warmup_epochs=nan", "must be a finite number"]),
+    (["schedule.gamma=-1"], ["schedule.gamma=-1", "> 0"]),
+    (["schedule.milestones=[a,b]"], ["schedule.milestones=['a', 'b'] must be whole epochs"]),
+    (["checkpoint.signal=KILL"], ["checkpoint.signal=KILL cannot be caught", "USR2"]),
+    (["hydra.run.dir="], ["hydra.run.dir is empty (an unset shell variable?)"]),  # would train into cwd
+    (["hydra.sweep.dir="], ["hydra.sweep.dir is empty"]),
+    (["seed=0,1"], ["Ambiguous value for argument 'seed=0,1'", "allconv-hpc submit -m"]),
+    (["trainer.batch_size=256", "trainer.drop_last=true", "data.train_size=128"],
+     ["trainer.batch_size=256 with trainer.drop_last=true leaves no step in an epoch of 128 training images"]),
     # sizes past the official CIFAR counts, caught before a job waits in a queue
     (["data.name=cifar10", "data.val_size=50000"], ["data.val_size=50000 leaves no cifar10 training image"]),
     (["data.name=cifar10", "data.val_size=5000", "data.train_size=45001"],
@@ -65,6 +76,15 @@ BAD = [
      ["bad override 'hydra.run.dir=sweeps/s/model=allcnn_c,seed=0'", "hydra.run.dir='sweeps/s/model=allcnn_c,seed=0'"]),
     (["optim.lr=[0.1"], ["bad override 'optim.lr=[0.1'"]),
 ]
+
+
+def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path, capsys):
+    from allconv_hpc.cli import main
+    assert main(["train", "-m", "seed=0,1"]) == 2
+    assert "a sweep is `allconv-hpc submit -m ...`" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["train", "data=synthetic", f"hydra.run.dir={tmp_path / 'afile' / 'run'}"]) == 2
+    assert "afile is a file, not a folder; give another hydra.run.dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides,needles", BAD, ids=[" ".join(o) for o, _ in BAD])

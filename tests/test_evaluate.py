@@ -79,7 +79,7 @@ def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path):
                                                           "data.augment=none"]
     run_train(tmp_path, run, ov)
     (tmp_path / "old").rename(tmp_path / "new")
-    with pytest.raises(ConfigError, match="cifar-10-batches-py"):
+    with pytest.raises(ConfigError, match=r"cifar-10-batches-py.*\(here: --data-root DIR"):
         evaluate(run, "last")
     moved = evaluate(run, "last", data_root=str(tmp_path / "new"))
     final = read_history(run / "history.csv")[-1]  # one rank, same batches, same threads: exactly the trainer's

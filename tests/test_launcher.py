@@ -391,6 +391,17 @@ def test_without_cluster_submit_takes_slurm_where_sbatch_is(tmp_path, on_path, c
     assert code == 0 and out.startswith("cluster=local (no sbatch on PATH"), out
 
 
+def test_ctrl_c_on_submit_wait_stops_watching_in_one_line(tmp_path, on_path, capsys, monkeypatch):
+    on_path(sbatch="echo 'Submitted batch job 77'", squeue="echo PENDING")
+
+    def interrupted(folder, poll_s=5.0):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(status, "wait_for", interrupted)
+    code, out, err = run_submit(capsys, "--wait", "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 130 and out.startswith("job 77 ")
+    assert err == f"stopped watching (Ctrl-C); the jobs go on; allconv-hpc status {tmp_path / 'run'}\n"
+
+
 def test_cluster_slurm_without_sbatch_is_refused_before_any_folder(tmp_path, on_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     on_path()
@@ -486,6 +497,24 @@ def test_a_run_folder_of_another_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.resume=must but"):
         launcher.plan(["cluster=local", *TINY, "checkpoint.resume=must", f"hydra.run.dir={tmp_path / 'new'}"],
                       multirun=False)
+
+
+def test_run_folders_a_job_could_only_fail_on_are_refused_before_the_queue(tmp_path):
+    plan = lambda run: launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)  # noqa: E731
+    (tmp_path / "afile").write_text("")
+    for run in (tmp_path / "afile", tmp_path / "afile" / "sub"):  # the folder, or one above it, is a file
+        with pytest.raises(ConfigError, match=f"{tmp_path / 'afile'} is a file, not a folder"):
+            plan(run)
+    run = tmp_path / "run"
+    CheckpointDir(run / "checkpoints", keep=2).save({"identity": {}}, step=5)
+    (run / "checkpoints" / "step_00000005.pt").write_bytes(b"garbage")  # last.pt is a hard link: both damaged
+    with pytest.raises(ConfigError, match="every checkpoint in .* is unusable"):
+        plan(run)
+    for damaged in ("{", "[1, 2]", "{}"):
+        (tmp_path / "r2").mkdir(exist_ok=True)
+        (tmp_path / "r2" / "submission.json").write_text(damaged)
+        with pytest.raises(ConfigError, match=r"submission.json: .*; delete it and submit the run again"):
+            plan(tmp_path / "r2")
 
 
 # --------------------------------------------------------------- cluster=local
@@ -743,6 +772,9 @@ def test_a_local_pid_of_another_user_is_not_running(tmp_path, monkeypatch):
 def test_precision_on_a_cpu_only_cluster_is_checked_before_the_queue():
     with pytest.raises(ConfigError, match="trainer.precision=bf16 needs GPUs but cluster.gpus_per_node=0"):
         cluster_of("trainer.precision=bf16", "cluster.gpus_per_node=0")
+    for bad in ("trainer.device=cuda", "dist.backend=nccl"):  # refused here, not after the queue
+        with pytest.raises(ConfigError, match=f"{bad} needs GPUs but cluster.gpus_per_node=0"):
+            cluster_of(bad, "cluster.gpus_per_node=0")
     # auto is fp32 on a CPU node: allowed (experiment=fast runs on a CPU partition too)
     assert cluster_of("trainer.precision=auto", "cluster.gpus_per_node=0")["gpus_per_node"] == 0
 

@@ -262,7 +262,8 @@ def test_torchrun_inside_a_slurm_job_is_warned_about(tmp_path):
     # torchrun's variables (one worker) inside a Slurm job: the warning signal would not reach the ranks
     r = train(tmp_path, tmp_path / "run", [*TINY, "trainer.epochs=1", "wandb.mode=disabled"], RANK=0,
               WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29555, SLURM_JOB_ID=4242)
-    assert "started by torchrun inside Slurm job 4242" in r.stdout
+    assert "started by torchrun inside Slurm job 4242" in r.stderr  # a warning: stderr (a job's .err file)
+    assert "started by torchrun" not in r.stdout and "training synthetic on cpu" in r.stdout
     plain = train(tmp_path, tmp_path / "plain", [*TINY, "trainer.epochs=1", "wandb.mode=disabled"], RANK=0,
                   WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29556)
     assert "started by torchrun" not in plain.stdout + plain.stderr

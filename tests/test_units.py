@@ -454,3 +454,35 @@ def test_collective_failures_are_recognised_by_their_text():
                  "by peer", "NCCL error in: ...", "Socket Timeout", "operation timed out"):
         assert is_comm_error(text), text
     assert not is_comm_error("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")
+
+
+def test_launch_checks_refuse_cuda_and_nccl_where_there_is_no_gpu():
+    """Before any file is written (exit 2), not from inside the trainer (exit 1, a run folder made)."""
+    from allconv_hpc.config import Config, ConfigError
+    from allconv_hpc.trainer import check_launch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: there is nothing to refuse")
+    two = detect_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
+    cfg = Config()
+    cfg.trainer.device = "cuda"
+    with pytest.raises(ConfigError, match="trainer.device=cuda but no CUDA device is visible here"):
+        check_launch(cfg, two)
+    cfg = Config()
+    cfg.dist.backend = "nccl"
+    with pytest.raises(ConfigError, match="dist.backend=nccl needs CUDA and none is used here"):
+        check_launch(cfg, two)
+    check_launch(cfg, detect_env({}))  # one process: no process group, the backend is never used
+
+
+def test_more_threads_than_cpus_is_warned_about(caplog):
+    from allconv_hpc.distributed import set_threads
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        with caplog.at_level("WARNING"):
+            assert set_threads(cores, detect_env({})) == cores
+            assert not caplog.records
+            set_threads(cores + 1, detect_env({}))
+        assert f"trainer.threads={cores + 1} x 1 rank(s) here is more than the {cores} CPU(s)" in caplog.text
+    finally:
+        torch.set_num_threads(before)
