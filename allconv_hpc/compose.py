@@ -5,10 +5,12 @@ folder's `.hydra/` files and the same composition serves `train`, `submit` and t
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, ConfigError, from_dict
+from .config import SECTIONS, Config, ConfigError, from_dict
 
 CONFIG_MODULE = "allconv_hpc.conf"
 
@@ -32,6 +34,10 @@ def override_error(overrides: list[str], e: Exception) -> str:
     msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if msg.startswith("Ambiguous value for argument"):  # key=a,b outside a sweep
         msg += " (a comma list is a sweep: allconv-hpc submit -m ...; quote a value that holds commas)"
+    unknown = re.match(r"Could not override '(\w+)\.([\w.]+)'", msg)
+    if unknown and unknown.group(1) in SECTIONS:  # a misspelt key: say which ones there are
+        known = sorted(f.name for f in dataclasses.fields(SECTIONS[unknown.group(1)]))
+        msg += f" {unknown.group(1)} has no key {unknown.group(2)!r}; its keys: {', '.join(known)}"
     parser = OverridesParser.create()
     for o in overrides:
         try:

@@ -103,6 +103,10 @@ def check_present(cfg: DataConfig) -> None:
 
 def _require(cfg: DataConfig) -> None:
     folder, files, missing = _missing(cfg)
+    empty = [f for f in files if f not in missing and (folder / f).stat().st_size == 0]
+    if empty:  # an interrupted copy: found at once, not by the job after its wait in the queue
+        raise DataError(f"{', '.join(str(folder / f) for f in empty)}: empty (an interrupted copy?); copy the "
+                        f"official python version there again")
     if not missing:
         return
     lay = _layout(cfg.name)

@@ -523,8 +523,12 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
                 except OSError:  # not empty (someone else's) or gone
                     break
         said = [ln.strip().removeprefix("sbatch: error: ") for ln in str(e).splitlines() if ln.strip()]
-        raise ConfigError(f"sbatch refused the job: {'; '.join(said) or 'no reason given'} (check cluster.partition, "
-                          f"cluster.account, cluster.qos and the other cluster.* values)") from None
+        text = "; ".join(said) or "no reason given"
+        unreachable = any(m in text.lower() for m in ("configuration source", "unable to contact",
+                                                     "connection refused", "slurm.conf"))
+        fix = ("Slurm itself does not answer here: check SLURM_CONF and that slurmctld runs, or use cluster=local"
+               if unreachable else "check cluster.partition, cluster.account, cluster.qos and the other cluster.* values")
+        raise ConfigError(f"sbatch refused the job: {text} ({fix})") from None
     records = []
     for p, j in zip(points, jobs):
         p.run_dir.mkdir(parents=True, exist_ok=True)

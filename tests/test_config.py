@@ -52,6 +52,7 @@ BAD = [
     (["hydra.run.dir="], ["hydra.run.dir is empty (an unset shell variable?)"]),  # would train into cwd
     (["hydra.sweep.dir="], ["hydra.sweep.dir is empty"]),
     (["seed=0,1"], ["Ambiguous value for argument 'seed=0,1'", "allconv-hpc submit -m"]),
+    (["model.widht=0.5"], ["model has no key 'widht'; its keys: ", "width"]),
     (["trainer.batch_size=256", "trainer.drop_last=true", "data.train_size=128"],
      ["trainer.batch_size=256 with trainer.drop_last=true leaves no step in an epoch of 128 training images"]),
     # sizes past the official CIFAR counts, caught before a job waits in a queue

@@ -112,6 +112,13 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_an_empty_file_is_named_before_anything_is_read(cifar10):
+    root = cifar10[0]
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"data_batch_3: empty \(an interrupted copy\?\)"):
+        data.check_present(_cfg(root))
+
+
 def test_one_missing_file_is_named(cifar10):
     root, *_ = cifar10
     (root / "cifar-10-batches-py" / "test_batch").unlink()

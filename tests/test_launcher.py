@@ -422,6 +422,10 @@ def test_sbatch_rejecting_the_job_is_one_line_and_leaves_no_folder(tmp_path, on_
         "failed: Invalid partition name specified (check cluster.partition, cluster.account, cluster.qos and the "
         "other cluster.* values)"], err
     assert not (tmp_path / "run").exists()
+    # Slurm not configured on this host: not the job's settings
+    on_path(sbatch="echo 'sbatch: error: Could not establish a configuration source' >&2\nexit 1")
+    code, _, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and "(Slurm itself does not answer here: check SLURM_CONF and that slurmctld runs" in err, err
 
 
 # ------------------------------------------------------------------ the run folder
