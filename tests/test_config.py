@@ -79,13 +79,18 @@ BAD = [
 ]
 
 
-def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path, capsys):
-    from allconv_hpc.cli import main
-    assert main(["train", "-m", "seed=0,1"]) == 2
-    assert "a sweep is `allconv-hpc submit -m ...`" in capsys.readouterr().err
+def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path):
+    import subprocess
+    import sys
+
+    def train(*args):  # a process of its own: `train` sets this process's signal dispositions
+        return subprocess.run([sys.executable, "-m", "allconv_hpc", "train", *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+    r = train("-m", "seed=0,1")
+    assert r.returncode == 2 and "a sweep is `allconv-hpc submit -m ...`" in r.stderr
     (tmp_path / "afile").write_text("")
-    assert main(["train", "data=synthetic", f"hydra.run.dir={tmp_path / 'afile' / 'run'}"]) == 2
-    assert "afile is a file, not a folder; give another hydra.run.dir" in capsys.readouterr().err
+    r = train("data=synthetic", f"hydra.run.dir={tmp_path / 'afile' / 'run'}")
+    assert r.returncode == 2 and "afile is a file, not a folder; give another hydra.run.dir" in r.stderr
 
 
 @pytest.mark.parametrize("overrides,needles", BAD, ids=[" ".join(o) for o, _ in BAD])

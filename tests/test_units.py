@@ -263,6 +263,7 @@ def test_a_warning_after_training_cannot_kill_the_process_at_exit():
     """Python resets its signal handlers to the default while shutting down; a time-limit warning in
     that window killed a finished job (Slurm: FAILED). After ignore_late_signals it is harmless."""
     code = ("import os, signal, sys, time; from allconv_hpc.preempt import StopRequest, ignore_late_signals\n"
+            "signal.signal(signal.SIGUSR2, signal.SIG_DFL)\n"  # not an ignore inherited from the test process
             "with StopRequest('USR2'): pass\n"
             "if sys.argv[1] == 'ignore': ignore_late_signals('USR2')\n"
             "import atexit; atexit.register(lambda: os.kill(os.getpid(), signal.SIGUSR2) or time.sleep(0.2))\n")
