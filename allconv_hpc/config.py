@@ -17,6 +17,7 @@ MODEL_NAMES = ("allcnn_c", "allcnn_seed", "model_c", "strided_cnn_c", "convpool_
 DATASETS = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
 OFFICIAL_SIZES = (50_000, 10_000)  # CIFAR-10/100 train, test images; a rebuilt copy may hold fewer
 SYNTHETIC_SIZES = (2048, 512)  # data=synthetic: train, test images when data.train_size/test_size are null
+SYNTHETIC_MAX = 200_000  # ~25 KB an image while generated (float32 image + noise): 5 GB; a smoke-test source
 AUGMENTS = ("paper", "seed", "none")
 SCHEDULES = ("paper", "cosine", "onecycle", "constant", "inverse_time")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -79,6 +80,11 @@ class DataConfig:
             v = getattr(self, key)
             _check(v is None or v >= 1, f"data.{key}={v} must be null (all) or >= 1")
         _check(self.val_size >= 0, f"data.val_size={self.val_size} must be >= 0 (0 = no held-out split)")
+        if self.name == "synthetic":  # generated in memory at once
+            for key in ("train_size", "test_size", "val_size"):
+                v = getattr(self, key) or 0
+                _check(v <= SYNTHETIC_MAX, f"data.{key}={v} is more synthetic images than generating "
+                                           f"them in memory allows (~25 KB each); use <= {SYNTHETIC_MAX:,}")
         if self.name != "synthetic":  # generated data has no fixed size; data.load checks a smaller copy
             left, held = OFFICIAL_SIZES[0] - self.val_size, f" left after data.val_size={self.val_size}"
             _check(left >= 1, f"data.val_size={self.val_size} leaves no {self.name} training image; lower it")

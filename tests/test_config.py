@@ -53,6 +53,7 @@ BAD = [
     (["hydra.sweep.dir="], ["hydra.sweep.dir is empty"]),
     (["seed=0,1"], ["Ambiguous value for argument 'seed=0,1'", "allconv-hpc submit -m"]),
     (["model.widht=0.5"], ["model has no key 'widht'; its keys: ", "width"]),
+    (["data.train_size=1000000000000"], ["data.train_size=1000000000000 is more synthetic images than generating"]),
     (["trainer.batch_size=256", "trainer.drop_last=true", "data.train_size=128"],
      ["trainer.batch_size=256 with trainer.drop_last=true leaves no step in an epoch of 128 training images"]),
     # sizes past the official CIFAR counts, caught before a job waits in a queue
