@@ -152,12 +152,18 @@ class SlurmJob:
         """A warning that comes within the signal lead (+ Slurm's coarse timer slack) of the limit.
         When squeue cannot tell, count it as a time limit: max_requeues then bounds the requeues,
         where counting it as a preemption would requeue a job at its time limit forever."""
-        out = self._run(["squeue", "-h", "-j", self.env["SLURM_JOB_ID"], "-o", "%L"])
-        if out is None:
-            log.warning("squeue could not tell the time left: counting this warning signal as a time limit "
-                        "(requeues bounded by checkpoint.max_requeues)")
+        # this task's own id: an array task's raw SLURM_JOB_ID can equal the array's id, for which squeue
+        # lists every task still queued (one line each)
+        out = self._run(["squeue", "-h", "-j", self.job_id, "-o", "%L"])
+        lines = (out or "").split()
+        try:
+            if len(lines) != 1:
+                raise ValueError(f"{len(lines)} lines")
+            left = parse_slurm_time(lines[0])  # None: no time limit, so the warning is a preemption
+        except ValueError as e:
+            log.warning("squeue could not tell the time left (%s): counting this warning signal as a time limit "
+                        "(requeues bounded by checkpoint.max_requeues)", "no answer" if out is None else e)
             return True
-        left = parse_slurm_time(out.strip())  # None: no time limit, so the warning is a preemption
         timeout = left is not None and left <= lead_s + 90
         log.info("warning signal with %s s left before the time limit (signal lead %g s): %s",
                  "no limit" if left is None else f"{left:g}", lead_s, "time limit" if timeout else "preemption")
@@ -181,7 +187,8 @@ class SlurmJob:
 
 
 def parse_slurm_time(s: str) -> Optional[float]:
-    """'[D-]HH:MM:SS' / 'MM:SS' / 'UNLIMITED' -> seconds (None for unlimited/unknown)."""
+    """'[D-]HH:MM:SS' / 'MM:SS' / 'UNLIMITED' -> seconds (None for unlimited/unknown); ValueError for
+    other text that starts with a digit."""
     if not s or not s[0].isdigit():
         return None
     days = 0

@@ -316,6 +316,25 @@ def test_preempted_job_checkpoints_requeues_and_ends_bitwise_identical(slurm_clu
 
 
 @pytest.mark.slow
+def test_every_task_of_a_preempted_sweep_requeues_and_completes(slurm_cluster, jobs, tmp_path):
+    """One array task's raw job id is the array's own id, for which squeue lists every queued task: its
+    time-left query must be its own (it crashed on two lines of %L and the task FAILED)."""
+    sweep = tmp_path / "sweep"
+    ids, _ = submit(slurm_cluster, tmp_path, jobs, "-m", *SLURM, *JOB, "seed=0,1", "trainer.epochs=30",
+                    "cluster.array_parallelism=2", f"hydra.sweep.dir={sweep}")
+    for _, run in ids:
+        wait_for_line(run / "train.log", "(global 10)", timeout=120)
+    high = preempt_low(slurm_cluster, tmp_path, jobs)
+    for j, run in ids:
+        assert wait_final(slurm_cluster, j, 240) == "COMPLETED", tail(run)
+        log = (run / "train.log").read_text()
+        assert ": preemption" in log and "requeued at global step" in log, tail(run)
+        st = read_status(run)
+        assert st["state"] == "completed" and st["restarts"] == 1, st
+    assert wait_final(slurm_cluster, high, 60) == "COMPLETED"
+
+
+@pytest.mark.slow
 def test_time_limit_requeues_until_done_or_gives_up(slurm_cluster, jobs, tmp_path):
     # Slurm checks its timers every 30 s and sends the warning when less than lead + 30 s are left:
     # with a 2 min limit and a 60 s lead, USR2 comes 30-60 s into a run. Seen with 1 min / 30 s: USR2 at

@@ -248,6 +248,17 @@ def test_timeout_or_preemption(tmp_path, monkeypatch, squeue_left, expected):
     assert SlurmJob({"SLURM_JOB_ID": "9"}).is_timeout(lead_s=60) is expected
 
 
+def test_an_array_tasks_time_left_is_its_own(tmp_path, monkeypatch):
+    """A task whose raw job id is the array's id: squeue -j <that id> lists every queued task of the
+    array, one line each (a real sweep's task crashed on '00\n59'). The task's own id is asked."""
+    calls = fake_slurm(tmp_path, monkeypatch, squeue="29:00")
+    task = {"SLURM_JOB_ID": "5", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "1"}
+    assert SlurmJob(task).is_timeout(lead_s=60) is False
+    assert calls.read_text().split() == ["squeue", "-h", "-j", "5_1", "-o", "%L"]
+    fake_slurm(tmp_path, monkeypatch, squeue="29:00\n0:59")  # more than one line anyway: not a crash
+    assert SlurmJob(task).is_timeout(lead_s=60) is True
+
+
 def test_stop_kind_agreed_across_ranks(tmp_path, monkeypatch):
     fake_slurm(tmp_path, monkeypatch, squeue="29:00")
     slurm = SlurmJob({"SLURM_JOB_ID": "9"})
