@@ -120,7 +120,7 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     loss, correct, n = sums.tolist()
     ts = ck.get("train_state") or {}
     epoch = ck.get("epoch", ts.get("epoch"))
-    return {"checkpoint": str(path), "epoch": epoch, "global_step": ts.get("global_step"),
+    return {"checkpoint": str(path), "epoch": epoch, "global_step": ck.get("global_step", ts.get("global_step")),
             "val_acc_when_saved": ck.get("val_acc"), "split": split, "loss": loss / n, "accuracy": correct / n,
             "images": int(n), "precision": precision, "device": str(dev)}
 

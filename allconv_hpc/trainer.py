@@ -561,7 +561,8 @@ class Trainer:
             if improved:
                 self.writer.submit("best.pt", self.ckpt.save_best,
                                    snapshot({"model": self.model.state_dict(), "epoch": st.epoch + 1,
-                                             "val_acc": val_acc, "config": self.cfg_dict}))
+                                             "global_step": st.global_step, "val_acc": val_acc,
+                                             "config": self.cfg_dict}))
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_seconds = 0.0

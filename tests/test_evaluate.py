@@ -48,6 +48,7 @@ def test_last_and_best_give_the_trainers_numbers(two_rank_run):
     assert math.isclose(last["loss"], st["test_loss"], rel_tol=1e-5)
     best = evaluate(two_rank_run, "best", "val")
     assert best["images"] == 50 and best["val_acc_when_saved"] == st["best_val_acc"]
+    assert best["global_step"] == 5 * best["epoch"]  # 300 training images, batch 60
     assert abs(best["accuracy"] - st["best_val_acc"]) <= 1 / 50 + 1e-9
     step = sorted((two_rank_run / "checkpoints").glob("step_*.pt"))[-1].name  # a bare file name works too
     assert evaluate(two_rank_run, step, "test")["accuracy"] == last["accuracy"]
