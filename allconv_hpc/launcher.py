@@ -353,7 +353,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     (what the trainer would refuse on resume, found here before anything is queued). Returns why the
     run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
     (a resubmitted sweep fills in the rest); None when it does."""
-    from .status import ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, queued_state, read_record
+    from .status import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, queued_state, read_record,
+                         stop_command)
 
     sub = run_dir / "submission.json"
     try:  # status's reading: a damaged record is named with its fix
@@ -374,10 +375,9 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
                         f"again when it has ended to apply these")
             return f"job {rec['job_id']} ({state})"
         if state in ACTIVE_STATES:
-            stop = f"scancel {rec['job_id']}" if rec.get("backend") == "slurm" else f"kill {rec['job_id']}"
             raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
                               f"train into the same folder: wait for it (allconv-hpc status {run_dir}) or stop it "
-                              f"({stop}), then submit again")
+                              f"({stop_command(rec)}), then submit again")
     if cfg.checkpoint.resume == "never":
         return None  # the trainer moves old checkpoints aside
     from .checkpoint import CheckpointDir, CheckpointError

@@ -111,6 +111,30 @@ def queued_state(rec: dict) -> Optional[str]:
     return None
 
 
+def stop_command(rec: dict) -> str:
+    return f"scancel {rec['job_id']}" if rec.get("backend") == "slurm" else f"kill {rec['job_id']}"
+
+
+def other_jobs_state(run_dir: Path, environ: Optional[dict] = None) -> Optional[tuple[dict, str]]:
+    """(record, state) of the job submitted into run_dir when it is queued or running and this process
+    is not one of its ranks; None otherwise. Its own ranks (its Slurm id or array task, or its local
+    controller's pid) never ask squeue; a damaged record or no answer is left to `submit` and `status`."""
+    e = os.environ if environ is None else environ
+    try:
+        rec = read_record(run_dir / "submission.json")
+    except DamagedFile:
+        return None
+    if not rec or not rec.get("job_id"):
+        return None
+    mine = {e.get("SLURM_JOB_ID"), e.get("SUBMITIT_LOCAL_JOB_ID")}
+    if e.get("SLURM_ARRAY_JOB_ID") and e.get("SLURM_ARRAY_TASK_ID"):
+        mine.add(f"{e['SLURM_ARRAY_JOB_ID']}_{e['SLURM_ARRAY_TASK_ID']}")
+    if str(rec["job_id"]) in mine:
+        return None
+    state = queued_state(rec)
+    return (rec, state) if state in ACTIVE_STATES else None
+
+
 class DamagedFile(Exception):
     """A record `status` reads (sweep.json, submission.json, a run's status.json) that it cannot use; the
     message names the file and its fix. A damaged status.json of one run of a sweep stops `status` too (exit

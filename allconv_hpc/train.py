@@ -41,6 +41,7 @@ def run(overrides: list[str]) -> int:
     from .compose import check_run_dir, compose, write_hydra_files
     from .data import check_present
     from .distributed import DistributedError, detect_env
+    from .status import other_jobs_state, stop_command
 
     try:
         if {"-m", "--multirun"} & set(overrides):
@@ -48,6 +49,12 @@ def run(overrides: list[str]) -> int:
                               "it runs on this machine)")
         composed = compose(overrides)
         check_run_dir(composed.run_dir)
+        busy = other_jobs_state(composed.run_dir)
+        if busy is not None:  # two writers of one folder would interleave its checkpoints and history
+            (rec, state), where = busy, composed.run_dir
+            raise ConfigError(f"run folder {where} has job {rec['job_id']} ({state}) training into it: wait for "
+                              f"it (allconv-hpc status {where}), stop it ({stop_command(rec)}), or give another "
+                              f"hydra.run.dir")
         check_present(composed.cfg.data)
     except ConfigError as e:
         print(f"allconv-hpc: error: {e}", file=sys.stderr)

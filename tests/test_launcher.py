@@ -441,6 +441,27 @@ def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
     assert launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)[0][0].run_dir == run
 
 
+def test_train_by_hand_into_a_folder_a_job_trains_into_is_refused(tmp_path, on_path):
+    run = write_run(tmp_path, "running")  # submission.json: Slurm job 42
+    on_path(squeue='[ "$3" = 42 ] && echo RUNNING')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", *TINY, f"hydra.run.dir={run}"], env=env,
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert f"run folder {run} has job 42 (RUNNING) training into it" in r.stderr and "(scancel 42)" in r.stderr
+    assert not (run / "train.log").exists()  # refused before any work
+    # the job's own ranks, also after a requeue, never ask squeue and go on
+    assert status.other_jobs_state(run, {"SLURM_JOB_ID": "42"}) is None
+    assert status.other_jobs_state(run, {"SLURM_JOB_ID": "43"})[1] == "RUNNING"  # another job: refused
+    (run / "submission.json").write_text(json.dumps({"job_id": "40_2", "backend": "slurm", "run_dir": str(run)}))
+    on_path(squeue='[ "$3" = 40_2 ] && echo RUNNING')
+    assert status.other_jobs_state(run, {"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "40",
+                                         "SLURM_ARRAY_TASK_ID": "2"}) is None  # array task 40_2 itself
+    assert status.other_jobs_state(run, {})[1] == "RUNNING"
+    on_path(squeue="exit 0")  # it ended: training by hand resumes the run
+    assert status.other_jobs_state(run, {}) is None
+
+
 def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys, monkeypatch):
     """Resubmitting a sweep fills it in: a completed point and one whose job is still queued get no new
     job (each would start only to stop, or train twice into one folder); sweep.json keeps every point."""
