@@ -6,6 +6,7 @@ folder's `.hydra/` files and the same composition serves `train`, `submit` and t
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,6 @@ def compose(overrides: list[str]) -> Composed:
 def check_run_dir(run_dir: Path) -> None:
     """The run folder (and its checkpoints/) can be made and written: refused before any work or queue,
     not at the first checkpoint. Nothing is created; each rank can ask (a shared file system answers alike)."""
-    import os
     for path in (run_dir, run_dir / "checkpoints"):
         existing = next(p for p in (path, *path.parents) if p.exists())
         if not existing.is_dir():

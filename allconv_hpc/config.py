@@ -80,12 +80,12 @@ class DataConfig:
             v = getattr(self, key)
             _check(v is None or v >= 1, f"data.{key}={v} must be null (all) or >= 1")
         _check(self.val_size >= 0, f"data.val_size={self.val_size} must be >= 0 (0 = no held-out split)")
-        if self.name == "synthetic":  # generated in memory at once
+        if self.name == "synthetic":  # generated in memory at once; no fixed size
             for key in ("train_size", "test_size", "val_size"):
                 v = getattr(self, key) or 0
                 _check(v <= SYNTHETIC_MAX, f"data.{key}={v} is more synthetic images than generating "
                                            f"them in memory allows (~25 KB each); use <= {SYNTHETIC_MAX:,}")
-        if self.name != "synthetic":  # generated data has no fixed size; data.load checks a smaller copy
+        else:  # the official counts; data.load checks a smaller rebuilt copy
             left, held = OFFICIAL_SIZES[0] - self.val_size, f" left after data.val_size={self.val_size}"
             _check(left >= 1, f"data.val_size={self.val_size} leaves no {self.name} training image; lower it")
             for key, v, n in (("train_size", self.train_size, left), ("test_size", self.test_size, OFFICIAL_SIZES[1])):
@@ -93,6 +93,12 @@ class DataConfig:
                                             f"{held if key == 'train_size' and self.val_size else ''}; use <= {n} or null")
         _check(self.num_classes == DATASETS[self.name],
                f"data.num_classes={self.num_classes} does not match {self.name} ({DATASETS[self.name]})")
+
+    @property
+    def train_images(self) -> int:
+        """The training images a run gets (a rebuilt CIFAR copy may hold fewer: data.load knows)."""
+        default = SYNTHETIC_SIZES[0] if self.name == "synthetic" else OFFICIAL_SIZES[0] - self.val_size
+        return self.train_size or default
 
 
 @dataclass
@@ -232,8 +238,7 @@ class Config:
                    f"(or auto)")
         # trainer.drop_last with a global batch larger than the training images leaves no step: known
         # from the sizes alone (data.load checks a smaller rebuilt copy), so refused before any queue
-        d, t = self.data, self.trainer
-        n = d.train_size or (SYNTHETIC_SIZES[0] if d.name == "synthetic" else OFFICIAL_SIZES[0] - d.val_size)
+        t, n = self.trainer, self.data.train_images
         _check(not t.drop_last or t.batch_size <= n,
                f"trainer.batch_size={t.batch_size} with trainer.drop_last=true leaves no step in an epoch of {n} "
                f"training images; lower the batch size or set trainer.drop_last=false")

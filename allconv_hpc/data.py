@@ -215,8 +215,7 @@ def load(cfg: DataConfig, seed: int) -> Dataset:
     """The dataset named by cfg as uint8 CPU tensors; a train subset and synthetic training data
     depend on seed, the test and held-out validation images never do."""
     if cfg.name == "synthetic":
-        return synthetic(cfg.train_size or SYNTHETIC_SIZES[0], cfg.test_size or SYNTHETIC_SIZES[1], seed,
-                         cfg.val_size)
+        return synthetic(cfg.train_images, cfg.test_size or SYNTHETIC_SIZES[1], seed, cfg.val_size)
     lay = _layout(cfg.name)
     folder = expected_files(cfg)[0]
     fetch_if_missing(cfg)

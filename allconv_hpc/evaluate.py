@@ -30,6 +30,9 @@ def batch_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                         (out.argmax(1) == y).sum().double(), (y >= 0).sum().double()])
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast dtype; fp32: none
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto`: bf16 autocast on a GPU with native bf16 (compute capability 8.0+: Ampere and newer;
     older GPUs only emulate it, slower than fp32), else fp32. Trainer agrees it across ranks."""
@@ -110,7 +113,7 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     precision = resolve_precision(cfg.trainer.precision, dev)
     if dev.type == "cpu" and precision != "fp32":
         precision = "fp32"  # bf16/fp16 autocast is the GPU path; a CPU scores in fp32
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp = AMP_DTYPES.get(precision)
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
     with torch.no_grad():
         for x, y in data_mod.eval_batches(part.images.to(dev), part.labels.to(dev), 0, 1,

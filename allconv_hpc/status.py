@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .preempt import slurm_out
+from .preempt import SlurmJob, slurm_out
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
@@ -126,9 +126,9 @@ def other_jobs_state(run_dir: Path, environ: Optional[dict] = None) -> Optional[
         return None
     if not rec or not rec.get("job_id"):
         return None
-    mine = {e.get("SLURM_JOB_ID"), e.get("SUBMITIT_LOCAL_JOB_ID")}
-    if e.get("SLURM_ARRAY_JOB_ID") and e.get("SLURM_ARRAY_TASK_ID"):
-        mine.add(f"{e['SLURM_ARRAY_JOB_ID']}_{e['SLURM_ARRAY_TASK_ID']}")
+    mine = {e.get("SUBMITIT_LOCAL_JOB_ID")}
+    if "SLURM_JOB_ID" in e:  # the raw id, and the array task's A_T that submit records
+        mine |= {e["SLURM_JOB_ID"], SlurmJob(e).job_id}
     if str(rec["job_id"]) in mine:
         return None
     state = queued_state(rec)

@@ -29,7 +29,7 @@ from .checkpoint import CheckpointDir, CheckpointError, Writer, load_file, snaps
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
 from .distributed import Dist, DistEnv, pick_device, set_threads
-from .evaluate import batch_sums, resolve_precision
+from .evaluate import AMP_DTYPES, batch_sums, resolve_precision
 from .models import build_model, count_parameters, summary
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest
 from .schedule import lr_factor
@@ -196,7 +196,7 @@ class Trainer:
         self.precision = resolve_precision(t.precision, self.device)
         if t.precision == "auto" and self.dist.any(self.precision != "bf16"):
             self.precision = "fp32"  # mixed GPU generations: every rank runs the same math
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.amp_dtype = AMP_DTYPES.get(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and cuda)
         self.state = TrainState()
         # per-rank dropout streams; restored exactly from the checkpoint on resume
@@ -403,9 +403,9 @@ class Trainer:
                 return self._stop(stop)
         self._finish_poll()  # the last step's flags: the run is over, but no collective is left in flight
         self.wait_checkpoints()
-        self.tracker.set_summary(best_val_acc=st.best_val_acc, final_val_acc=st.history[-1]["val_acc"],
-                                 **({"test_loss": test[0], "test_acc": test[1]} if test else {}))
-        self.write_status("completed", **({"test_loss": test[0], "test_acc": test[1]} if test else {}))
+        scored = {"test_loss": test[0], "test_acc": test[1]} if test else {}
+        self.tracker.set_summary(best_val_acc=st.best_val_acc, final_val_acc=st.history[-1]["val_acc"], **scored)
+        self.write_status("completed", **scored)
         if self.env.is_main:
             log.info("done: best val_acc %.4f, final %.4f", st.best_val_acc, st.history[-1]["val_acc"])
             if test:
