@@ -187,10 +187,13 @@ class SlurmJob:
 
 
 def parse_slurm_time(s: str) -> Optional[float]:
-    """'[D-]HH:MM:SS' / 'MM:SS' / 'UNLIMITED' -> seconds (None for unlimited/unknown); ValueError for
-    other text that starts with a digit."""
-    if not s or not s[0].isdigit():
+    """'[D-]HH:MM:SS' / 'MM:SS' -> seconds; 'UNLIMITED' -> None; ValueError for anything else, such as
+    squeue's 'INVALID' (time left below 0, e.g. past the limit while the checkpoint was written) or
+    'NOT_SET': the caller cannot tell how close the limit is."""
+    if s == "UNLIMITED":
         return None
+    if not s or not s[0].isdigit():
+        raise ValueError(f"time left {s!r}")
     days = 0
     if "-" in s:
         d, s = s.split("-", 1)

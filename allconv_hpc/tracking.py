@@ -391,8 +391,10 @@ class Tracker:
         if step <= self._floor:
             if not self._floor_said:
                 self._floor_said = True
-                log.warning("steps up to %d are in this run's W&B record from an earlier process (trained again "
-                            "after a kill since the last checkpoint): not logging them twice", self._floor)
+                log.warning("steps up to %d are in this run's W&B record from an earlier process, which logged "
+                            "them or an epoch's evaluation at the last (a kill since the last checkpoint, or a grown "
+                            "run): W&B adds nothing to those steps, so logs at them are kept in %s only",
+                            self._floor, STEPS_FILE)
             return
         if self._last_step is not None and step < self._last_step:
             log.warning("dropping W&B log at step %d < last logged step %d: %s", step, self._last_step, sorted(data))

@@ -228,14 +228,16 @@ class Trainer:
 
     # -- resume ----------------------------------------------------------------------------------
     def _maybe_resume(self) -> Optional[str]:
-        self._resume_sums = None
+        self._resume_sums, self._best_file_acc = None, -1.0  # best.pt: see _best_file_holds
         mode = self.cfg.checkpoint.resume
-        if mode == "never" and self.slurm.restarts > 0:
-            # a requeued job runs the same command again: starting over would throw away what the
-            # first start of this job trained (and begin a new W&B run) at every preemption
+        # a requeued job (or torchrun --max-restarts restarting its workers) runs the same command again:
+        # starting over would throw away what the first start trained (and begin a new W&B run) each time
+        elastic = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
+        if mode == "never" and (self.slurm.restarts > 0 or elastic > 0):
             if self.env.is_main:
-                log.info("checkpoint.resume=never applies to a job's first start; this is restart %d of job %s: "
-                         "resuming", self.slurm.restarts, os.environ.get("SLURM_JOB_ID", "?"))
+                which = (f"restart {self.slurm.restarts} of job {os.environ.get('SLURM_JOB_ID', '?')}"
+                         if self.slurm.restarts else f"torchrun's restart {elastic} of its workers")
+                log.info("checkpoint.resume=never applies to a job's first start; this is %s: resuming", which)
             mode = "auto"
         if mode == "never":
             self._move_old_run_aside("checkpoint.resume=never")
@@ -271,6 +273,8 @@ class Trainer:
         if ck["scaler"]:  # empty when the checkpoint's run had no fp16 scaler (precision may change on resume)
             self.scaler.load_state_dict(ck["scaler"])
         self.state = TrainState(**ck["train_state"])
+        if self.env.is_main:
+            self._best_file_acc = self._best_file_holds(ck)
         self._resume_sums = (ck["epoch_sums"].to(self.device), ck["interval_sums"].to(self.device))
         rngs = ck["rng"]
         if len(rngs) == self.env.world_size:
@@ -282,6 +286,40 @@ class Trainer:
             log.info("resumed from %s: epoch %d, step %d (global step %d)", path, self.state.epoch + 1,
                      self.state.step_in_epoch, self.state.global_step)
         return path
+
+    def _best_file_holds(self, ck: dict) -> float:
+        """The val_acc best.pt holds on resume (rank 0), which the next epoch must beat to rewrite it.
+        Normally the checkpoint's best_val_acc. But best.pt is written before the epoch's step file, in
+        the background: a failed write (the later files still land) or a kill between the two leaves it
+        missing, older, or from epochs this resume trains again. Then it is written again from the
+        checkpoint when that holds the best epoch's weights; else the next epoch better than what it
+        does hold (-1: nothing) replaces it."""
+        st, path = self.state, self.ckpt.folder / "best.pt"
+        if st.best_val_acc < 0:
+            return st.best_val_acc
+        held = None
+        if path.is_file():
+            try:
+                best = load_file(path)
+                if int(best.get("epoch", 0)) <= st.epoch:  # not from epochs trained after this checkpoint
+                    held = float(best["val_acc"])
+            except (CheckpointError, KeyError, TypeError, ValueError) as e:
+                log.warning("best.pt is unreadable (%s)", e)
+        if held == st.best_val_acc:
+            return held
+        if st.step_in_epoch == 0 and st.history and st.history[-1]["val_acc"] == st.best_val_acc:
+            try:
+                self.ckpt.save_best({"model": ck["model"], "epoch": st.epoch, "global_step": st.global_step,
+                                     "val_acc": st.best_val_acc, "config": self.cfg_dict})
+                log.warning("best.pt did not hold the best epoch (%d, val_acc %.4f): written again from the "
+                            "checkpoint, which holds its weights", st.epoch, st.best_val_acc)
+                return st.best_val_acc
+            except OSError as e:
+                log.warning("writing best.pt again failed (%s)", e)
+        log.warning("best.pt does not hold the best epoch so far (val_acc %.4f; a best.pt write failed or was cut "
+                    "off, and those weights are gone): it holds %s; the next epoch better than that replaces it",
+                    st.best_val_acc, "nothing" if held is None else f"val_acc {held:.4f}")
+        return -1.0 if held is None else held
 
     def _earlier_epochs(self) -> bool:
         """Whether the folder holds an earlier run's finished epochs: history rows or a best.pt."""
@@ -550,15 +588,15 @@ class Trainer:
         # At the step after the epoch's last one: a step never logged before this point, even when
         # this eval was redone after a stop inside it (W&B drops steps that go backwards).
         self.tracker.log_eval(st.global_step + 1, row)  # as tracking.EVAL_KEYS names them
-        improved = val_acc > st.best_val_acc
-        if improved:
+        if val_acc > st.best_val_acc:
             st.best_val_acc = val_acc
             self.tracker.set_summary(best_val_acc=val_acc)
         if self.env.is_main:
             log.info("epoch %d/%d: train loss %.4f acc %.4f (%d images) | val loss %.4f acc %.4f (%d images) | "
                      "%.1f s, %.0f img/s", st.epoch + 1, self.cfg.trainer.epochs, row["train_loss"], row["train_acc"],
                      int(tr[2]), val_loss, val_acc, n_val, seconds, row["images_per_second"])
-            if improved:
+            if val_acc > self._best_file_acc:  # = best_val_acc unless a best.pt write was lost
+                self._best_file_acc = val_acc
                 self.writer.submit("best.pt", self.ckpt.save_best,
                                    snapshot({"model": self.model.state_dict(), "epoch": st.epoch + 1,
                                              "global_step": st.global_step, "val_acc": val_acc,

@@ -107,7 +107,10 @@ def test_slurm_port_changes_with_restarts_and_stays_in_range():
 def test_parse_slurm_time_and_array_job_id():
     assert parse_slurm_time("1-02:03:04") == 93784
     assert parse_slurm_time("05:06") == 306
-    assert parse_slurm_time("UNLIMITED") is None and parse_slurm_time("") is None
+    assert parse_slurm_time("UNLIMITED") is None
+    for unknown in ("INVALID", "NOT_SET", "", "N/A"):  # squeue's answers when it cannot tell: not "no limit"
+        with pytest.raises(ValueError):
+            parse_slurm_time(unknown)
     assert SlurmJob({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "3"}).job_id == "5_3"
     assert SlurmJob({"SLURM_JOB_ID": "9"}).job_id == "9"
     assert not SlurmJob({}).in_slurm
@@ -241,6 +244,7 @@ def test_requeue_is_array_aware_and_checks_what_slurm_did(tmp_path, monkeypatch,
     ("1:30", True),        # 90 s left with a 60 s lead: the time-limit warning
     ("29:00", False),      # far from the limit: a preemption
     ("UNLIMITED", False),  # no limit at all: can only be a preemption
+    ("INVALID", True),     # squeue's answer once the time left is below 0: past the limit, not "no limit"
     (None, True),          # squeue failed: counted as a time limit, so max_requeues bounds it
 ])
 def test_timeout_or_preemption(tmp_path, monkeypatch, squeue_left, expected):
