@@ -19,6 +19,7 @@ OFFICIAL_SIZES = (50_000, 10_000)  # CIFAR-10/100 train, test images; a rebuilt 
 SYNTHETIC_SIZES = (2048, 512)  # data=synthetic: train, test images when data.train_size/test_size are null
 SYNTHETIC_MAX = 200_000  # ~25 KB an image while generated (float32 image + noise): 5 GB; a smoke-test source
 AUGMENTS = ("paper", "seed", "none")
+PREPROCESSES = ("channel", "gcn_zca")  # see preprocess.py
 SCHEDULES = ("paper", "cosine", "onecycle", "constant", "inverse_time")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 CPU_PRECISIONS = ("fp32", "auto")  # what runs without CUDA (auto is fp32 there)
@@ -71,11 +72,13 @@ class DataConfig:
     test_size: Optional[int] = None   # null = all; an int = a subset, the same for every seed
     val_size: int = 0               # training images held out for the per-epoch eval (and best.pt); 0 = eval on test
     augment: str = "paper"          # paper: translate <=5 px + h-flip; seed: Keras shift U(-10%, 10%) rounded; none
+    preprocess: str = "channel"     # channel: per-channel mean/std; gcn_zca: the paper's contrast norm + ZCA whitening
     num_classes: int = 10           # derived from name; kept here so interpolation can read it
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, tuple(DATASETS))
         _choice("data.augment", self.augment, AUGMENTS)
+        _choice("data.preprocess", self.preprocess, PREPROCESSES)
         for key in ("train_size", "test_size"):
             v = getattr(self, key)
             _check(v is None or v >= 1, f"data.{key}={v} must be null (all) or >= 1")
@@ -284,7 +287,7 @@ RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.epochs", "trainer.ev
 
 # Identity keys added after checkpoints of older versions exist, with the value those versions acted
 # as if they had (so their runs still resume). A new identity key goes here.
-ADDED_KEYS = {"schedule.decay": 0.0, "data.val_size": 0}
+ADDED_KEYS = {"schedule.decay": 0.0, "data.val_size": 0, "data.preprocess": "channel"}
 
 
 def resumable_change(key: str, also: tuple = ()) -> bool:

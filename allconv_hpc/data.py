@@ -6,8 +6,9 @@ other copy in the same format (rebuilt, subset or test files). torchvision is us
 download, when data.download=true.
 
 Whole splits live in memory as uint8 [N,3,32,32] (150 MB for CIFAR-10 train) and, for
-training, on the device: batches are gathered, augmented and normalised there, so there are
-no DataLoader workers and no per-sample Python work.
+training, on the device (as uint8, or whitened float32 with data.preprocess=gcn_zca): batches are
+gathered, augmented and normalised there, so there are no DataLoader workers and no per-sample
+Python work.
 """
 from __future__ import annotations
 
@@ -356,8 +357,8 @@ class TrainBatches:
                  world: int, seed: int, augment: str, mean: Sequence[float], std: Sequence[float],
                  drop_last: bool = False, channels_last: bool = False) -> None:
         n = len(labels_dev)
-        if images_dev.dtype != torch.uint8 or images_dev.dim() != 4 or len(images_dev) != n:
-            raise DataError(f"training images must be uint8 [N,3,H,W] matching {n} labels, "
+        if images_dev.dtype not in (torch.uint8, torch.float32) or images_dev.dim() != 4 or len(images_dev) != n:
+            raise DataError(f"training images must be uint8 or preprocessed float32 [N,3,H,W] matching {n} labels, "
                             f"got {images_dev.dtype} {list(images_dev.shape)}")
         if not 0 <= rank < world:
             raise DataError(f"rank {rank} is outside a world of {world}")
@@ -407,8 +408,15 @@ class TrainBatches:
             if self.augment != "none":
                 p = params[idx]
                 x = aug.apply(x, p.dx, p.dy, p.flip, self.fill)
-            yield (aug.normalize(x, self.mean, self.std, channels_last=self.channels_last),
-                   self.labels.index_select(0, idx), n_global)
+            yield model_input(x, self.mean, self.std, self.channels_last), self.labels.index_select(0, idx), n_global
+
+
+def model_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool) -> torch.Tensor:
+    """A batch as the model takes it: uint8 pixels normalised per channel; float32 images are already
+    preprocessed (data.preprocess=gcn_zca, see preprocess.py) and only change memory format."""
+    if x.dtype == torch.uint8:
+        return aug.normalize(x, mean, std, channels_last=channels_last)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def eval_shard(n: int, rank: int, world: int) -> slice:
@@ -429,4 +437,4 @@ def eval_batches(images_dev: torch.Tensor, labels_dev: torch.Tensor, rank: int, 
     for b in range(math.ceil(math.ceil(n / world) / per_rank)):
         lo = min(shard.start + b * per_rank, shard.stop)
         hi = min(lo + per_rank, shard.stop)
-        yield aug.normalize(images_dev[lo:hi], mean, std, channels_last=channels_last), labels_dev[lo:hi]
+        yield model_input(images_dev[lo:hi], mean, std, channels_last), labels_dev[lo:hi]

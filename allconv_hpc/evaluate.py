@@ -77,7 +77,7 @@ def _checkpoint_path(run: Path, which: str) -> Path:
 def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Optional[str] = None,
              device: str = "auto") -> dict:
     """Score checkpoint `which` of `run` on `split`; returns what `--json` prints."""
-    from . import data as data_mod
+    from . import data as data_mod, preprocess
     from .checkpoint import load_file
     from .config import from_dict
     from .models import build_model
@@ -116,7 +116,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     amp = AMP_DTYPES.get(precision)
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
     with torch.no_grad():
-        for x, y in data_mod.eval_batches(part.images.to(dev), part.labels.to(dev), 0, 1,
+        put = preprocess.to_device(cfg.data.preprocess, ds.train.images, dev)  # the run's own fit
+        for x, y in data_mod.eval_batches(put(part.images), part.labels.to(dev), 0, 1,
                                           cfg.trainer.eval_batch_size, ds.mean, ds.std,
                                           channels_last=cfg.trainer.channels_last):
             sums += batch_sums(model, x, y, amp)

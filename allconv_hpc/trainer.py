@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as data_mod
+from . import data as data_mod, preprocess
 from .checkpoint import CheckpointDir, CheckpointError, Writer, load_file, snapshot
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
@@ -157,7 +157,7 @@ class Trainer:
         self._last_save, self._due_sent, self._poll_pending = time.monotonic(), False, None  # see _poll
         self._check_compile = t.compile
 
-        # data: uint8 on the device once; augmentation happens there per batch
+        # data: on the device once (uint8, or whitened float32: data.preprocess); augmented there per batch
         if cfg.data.download and env.distributed:  # one download into the shared root, not one per rank
             if env.is_main:
                 log.info("rank 0 downloads %s; the other ranks wait (up to dist.timeout_s)", cfg.data.name)
@@ -165,13 +165,18 @@ class Trainer:
             self.dist.barrier()
         ds = data_mod.load(cfg.data, cfg.seed)
         self.mean, self.std = ds.mean, ds.std
+        started = time.perf_counter()
+        put = preprocess.to_device(cfg.data.preprocess, ds.train.images, self.device)
+        if cfg.data.preprocess != "channel" and env.is_main:
+            log.info("data.preprocess=%s: fitted on the %d training images in %.1f s", cfg.data.preprocess,
+                     len(ds.train), time.perf_counter() - started)
         # each epoch is scored on the held-out split when there is one (data.val_size), else on
         # test; with a held-out split, test is scored once, when training is over (see fit)
         scored = ds.val if ds.val is not None else ds.test
-        self.val_split = (scored.images.to(self.device), scored.labels.to(self.device))
-        self.test_split = None if ds.val is None else (ds.test.images.to(self.device), ds.test.labels.to(self.device))
+        self.val_split = (put(scored.images), scored.labels.to(self.device))
+        self.test_split = None if ds.val is None else (put(ds.test.images), ds.test.labels.to(self.device))
         self.batches = data_mod.TrainBatches(
-            ds.train.images.to(self.device), ds.train.labels.to(self.device), t.batch_size, env.rank,
+            put(ds.train.images), ds.train.labels.to(self.device), t.batch_size, env.rank,
             env.world_size, cfg.seed, cfg.data.augment, ds.mean, ds.std, t.drop_last, t.channels_last)
         self.steps_per_epoch = self.batches.steps_per_epoch
         if self.steps_per_epoch < 1:

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_bench.py SECTION --out DIR [--dry-run] [--compiled]
 
-SECTION: env | correctness | nccl | syncs | matmul | grid | overhead | epoch | checkpoint | summary
+SECTION: env | correctness | nccl | syncs | matmul | grid | overhead | epoch | checkpoint | whiten | summary
 --out: the scratch folder of per-section JSON (gpu_check.sh merges it into one gpu_check.json).
 --dry-run: CPU, tiny sizes, the same code paths; only CUDA-only calls are skipped (bf16 Trainer runs,
 NCCL, TF32, the sync debug mode, cuda events) and say so.
@@ -486,6 +486,40 @@ def sec_epoch(x: Ctx) -> None:
     x.save("epoch", {"rows": res})
 
 
+def sec_whiten(x: Ctx) -> None:
+    """data.preprocess=gcn_zca on the device: the float64 fit (covariance, eigh) on all of CIFAR-10's
+    50,000 training images (synthetic ones of that size), its time, and its agreement with the CPU fit
+    of the same images: the CUDA float64 matmul/eigh path runs nowhere else."""
+    from allconv_hpc import data as data_mod, preprocess
+    n = 50000 if not x.dry else 512
+    images = data_mod.synthetic(n, 64, 0).train.images
+    dev = torch.device(x.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    w = preprocess.fit(images, dev)
+    sync()
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    white = w.apply(images)
+    sync()
+    apply_s = time.perf_counter() - t0
+    cpu_s, diff = None, 0.0
+    if dev.type != "cpu":  # the dry run fitted on the CPU already: no second fit to compare
+        t0 = time.perf_counter()
+        ref = preprocess.fit(images, "cpu").apply(images[:1000])
+        cpu_s = time.perf_counter() - t0
+        diff = (white[:1000].cpu() - ref).abs().max().item()
+    doc = {"images": n, "device": str(dev), "fit_s": fit_s, "apply_s": apply_s, "cpu_fit_apply_s": cpu_s,
+           "max_abs_diff_vs_cpu": diff, "whitened_std": white.std().item(), "bytes_on_device": white.numel() * 4,
+           "ok": diff < 1e-3 and math.isfinite(white.std().item())}
+    x.save("whiten", doc)
+    vs_cpu = f"CPU fit {cpu_s:.1f} s; max |{dev} - cpu| {diff:.2e}" if cpu_s is not None else "no CPU comparison (dry run)"
+    print(f"  gcn_zca fit on {n} images: {fit_s:.2f} s on {dev}, apply {apply_s:.2f} s "
+          f"({doc['bytes_on_device'] / 1e6:.0f} MB float32); {vs_cpu}")
+    if not doc["ok"]:
+        raise SystemExit(1)
+
+
 def sec_checkpoint(x: Ctx) -> None:
     import bench_checkpoint
     s = x.s
@@ -537,6 +571,12 @@ def sec_summary(x: Ctx) -> None:
         for r in ep["rows"]:
             print(f"  epoch ({r['precision']}, channels_last={r['channels_last']}, batch {r['batch']}, "
                   f"{r['train_images']} images): {r['epoch_seconds']:.2f} s, {r['images_per_second']:.0f} img/s")
+    wh = x.load("whiten")
+    if wh:
+        cpu = wh["cpu_fit_apply_s"]
+        vs = f"(CPU {cpu:.1f} s), max diff vs CPU {wh['max_abs_diff_vs_cpu']:.1e}" if cpu is not None else "(dry run)"
+        print(f"  data.preprocess=gcn_zca fit, {wh['images']} images: {wh['fit_s']:.2f} s on {wh['device']} "
+              f"{vs}: {'ok' if wh['ok'] else 'FAILED'}")
     ck = x.load("checkpoint")
     if ck:
         print(f"  checkpoint: {ck['file_bytes'] / 1e6:.2f} MB, save {ck['save_ms']:.1f} ms blocking "
@@ -557,7 +597,7 @@ def main(argv=None) -> None:
     x = Ctx(a)
     fn = {"env": sec_env, "correctness": sec_correctness, "nccl": sec_nccl, "syncs": sec_syncs,
           "matmul": sec_matmul, "grid": lambda c: sec_grid(c, a.compiled), "overhead": sec_overhead,
-          "epoch": sec_epoch, "checkpoint": sec_checkpoint, "summary": sec_summary}[a.section]
+          "epoch": sec_epoch, "checkpoint": sec_checkpoint, "whiten": sec_whiten, "summary": sec_summary}[a.section]
     fn(x)
 
 

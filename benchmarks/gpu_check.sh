@@ -221,6 +221,7 @@ EOF
   section "throughput grid, eager (+MFU)"        grid_eager  120  30 10 "${GB[@]}" grid
   section "Trainer vs bare loop, batch 128"      overhead     90  25 10 "${GB[@]}" overhead
   section "checkpoint save/load"                 checkpoint   90  20 10 "${GB[@]}" checkpoint
+  section "gcn_zca whitening fit on the device"  whiten       60  25 10 "${GB[@]}" whiten
   section "one 50k epoch via fit()"              epoch       120  30 10 "${GB[@]}" epoch
   section "torchrun 2 ranks gloo + compile"      ddp2_compile 200 120 30 "${RUN2[@]}"
   section "throughput grid, compiled (+MFU)"     grid_compiled 240 40 10 "${GB[@]}" grid --compiled

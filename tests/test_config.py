@@ -275,10 +275,12 @@ def test_a_key_added_since_a_checkpoint_counts_at_its_default():
     its default (what that version did), and is refused, naming it, when it is not."""
     from allconv_hpc.config import Config
     old = Config().identity()
-    del old["schedule.decay"], old["data.val_size"]
+    del old["schedule.decay"], old["data.val_size"], old["data.preprocess"]
     Config().check_resumable(old, "run")
     with pytest.raises(ConfigError, match=r"data.val_size: 0 -> 5000"):
         compose(["data.val_size=5000"]).cfg.check_resumable(old, "run")
+    with pytest.raises(ConfigError, match=r"data.preprocess: 'channel' -> 'gcn_zca'"):
+        compose(["data.preprocess=gcn_zca"]).cfg.check_resumable(old, "run")
     seed = compose(["experiment=seed_keras"]).cfg
     old = {**seed.identity(), "schedule.name": "constant"}
     del old["schedule.decay"]

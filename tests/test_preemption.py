@@ -115,6 +115,29 @@ def test_held_out_split_and_a_stop_inside_the_final_test_eval(tmp_path):
     assert last["summary"]["test_acc"] == status["test_acc"] and last["summary"]["test_loss"] == status["test_loss"]
 
 
+def test_a_whitened_run_resumes_exactly_and_evaluate_reuses_its_fit(tmp_path):
+    # data.preprocess=gcn_zca: the whitening is fitted again by the resumed process and by evaluate,
+    # from the training images alone (not the held-out ones): the stopped-and-resumed run ends where the
+    # uninterrupted one does, and evaluate scores the final weights exactly as the run scored them.
+    ov = EXACT + ["data.preprocess=gcn_zca", "data.val_size=64"]
+    ref = tmp_path / "ref"
+    run_train(tmp_path, ref, ov)
+    assert "data.preprocess=gcn_zca: fitted on the 300 training images" in (ref / "train.log").read_text()
+    run = tmp_path / "run"
+    p = interrupt_at(tmp_path, run, ov, "(global 7)", signal.SIGUSR2)
+    assert p.returncode == 3, p.output[-3000:]
+    run_train(tmp_path, run, ov)
+    assert_same_weights(final_weights(run), final_weights(ref), exact=True)
+    assert_same_history(history(run), history(ref), exact=True)
+    status = json.loads((ref / "status.json").read_text())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "evaluate", str(ref), "--checkpoint", "last", "--json"],
+                       env=clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    scored = json.loads(r.stdout)
+    assert (scored["accuracy"], scored["images"]) == (status["test_acc"], 400)
+    assert scored["loss"] == pytest.approx(status["test_loss"], rel=1e-6)
+
+
 def _children_named(pid: int, name: str) -> list[int]:
     kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [int(k) for k in kids if Path(f"/proc/{k}/comm").read_text().strip() == name]
