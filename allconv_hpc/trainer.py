@@ -240,7 +240,7 @@ class Trainer:
         elastic = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
         if mode == "never" and (self.slurm.restarts > 0 or elastic > 0):
             if self.env.is_main:
-                which = (f"restart {self.slurm.restarts} of job {os.environ.get('SLURM_JOB_ID', '?')}"
+                which = (f"restart {self.slurm.restarts} of job {self.slurm.job_id}"
                          if self.slurm.restarts else f"torchrun's restart {elastic} of its workers")
                 log.info("checkpoint.resume=never applies to a job's first start; this is %s: resuming", which)
             mode = "auto"
@@ -406,7 +406,8 @@ class Trainer:
                "global_step": self.state.global_step, "step_in_epoch": self.state.step_in_epoch,
                "last_val_acc": h[-1]["val_acc"] if h else None,
                "best_val_acc": self.state.best_val_acc if h else None, "wandb_id": self.state.wandb_id,
-               "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "restarts": self.slurm.restarts,
+               # the id squeue/scancel take (an array task's "A_T"); none for a cluster=local job
+               "slurm_job_id": self.slurm.job_id if self.slurm.in_slurm else None, "restarts": self.slurm.restarts,
                "timeouts": self.state.timeouts, "precision": getattr(self, "precision", None),
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),

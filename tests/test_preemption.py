@@ -434,10 +434,12 @@ def test_resume_never_applies_to_a_jobs_first_start_not_to_its_requeues(referenc
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     r = subprocess.run(train_cmd(run, EXACT + ["checkpoint.resume=never", "trainer.epochs=4"]), capture_output=True,
-                       text=True, timeout=300, env=clean_env(tmp_path, SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"))
+                       text=True, timeout=300, env=clean_env(tmp_path, SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1",
+                                                             SLURM_ARRAY_JOB_ID="4240", SLURM_ARRAY_TASK_ID="2"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert not (run / "checkpoints.old1").exists()
-    assert "restart 1 of job 4242: resuming" in (run / "train.log").read_text()
+    assert "restart 1 of job 4240_2: resuming" in (run / "train.log").read_text()
+    assert json.loads((run / "status.json").read_text())["slurm_job_id"] == "4240_2"  # what squeue -j takes
     assert len(history(run)) == 4 and history(run)[:3] == history(reference)
     # torchrun --max-restarts: its restarted workers carry TORCHELASTIC_RESTART_COUNT (no Slurm here)
     r = subprocess.run(train_cmd(run, EXACT + ["checkpoint.resume=never", "trainer.epochs=5"]), capture_output=True,
@@ -445,6 +447,7 @@ def test_resume_never_applies_to_a_jobs_first_start_not_to_its_requeues(referenc
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert not (run / "checkpoints.old1").exists()
     assert "torchrun's restart 2 of its workers: resuming" in (run / "train.log").read_text()
+    assert json.loads((run / "status.json").read_text())["slurm_job_id"] is None
     assert len(history(run)) == 5 and history(run)[:3] == history(reference)
 
 
