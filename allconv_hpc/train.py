@@ -34,6 +34,9 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     root.setLevel(level)
     for noisy in ("torch", "urllib3", "wandb"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Slurm sends SIGCONT along with its signals, and submitit's handler logs every one as a WARNING
+    # that only alarms: a preempted job's log would read as if something went wrong
+    logging.getLogger("submitit").addFilter(lambda r: not r.getMessage().startswith("Bypassing signal SIGCONT"))
 
 
 def run(overrides: list[str]) -> int:

@@ -326,3 +326,18 @@ def test_wheel_install_trains_from_any_folder(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert len(_history(tmp_path / "run")) == 1
+
+
+def test_train_log_drops_submitits_sigcont_warning_only(tmp_path):
+    """Slurm sends SIGCONT with its signals; submitit logs each as 'Bypassing signal SIGCONT', a WARNING
+    in every preempted job's log. That one line is dropped; submitit's other warnings stay."""
+    code = ("import logging, sys; from pathlib import Path; from allconv_hpc.train import setup_logging; "
+            "setup_logging(Path(sys.argv[1]), 0); s = logging.getLogger('submitit'); "
+            "s.warning('Bypassing signal SIGCONT'); s.warning('Bypassing signal SIGTERM'); "
+            "s.warning('Bypassing sacct error x')")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       env=clean_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "train.log").read_text()
+    assert "SIGCONT" not in log + r.stderr
+    assert "Bypassing signal SIGTERM" in log and "Bypassing sacct error x" in log and "SIGTERM" in r.stderr
