@@ -33,7 +33,7 @@ from .evaluate import AMP_DTYPES, batch_sums, resolve_precision
 from .models import build_model, count_parameters, summary
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest
 from .schedule import lr_factor
-from .tracking import HISTORY_FILE, ID_FILE, STEPS_FILE, make_tracker
+from .tracking import HISTORY_FILE, ID_FILE, STEPS_FILE, NullTracker, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             net = DDP(net, device_ids=[self.device.index] if cuda else None)
         self.net = net
-        self.tracker = make_tracker(self.run_dir, cfg_dict, cfg.wandb, env.rank,
-                                    self.state.wandb_id, self.state.history, self.state.global_step)
+        # the same command run again on a finished run: nothing to train or score, and no W&B segment
+        self.finished = self.resumed_from is not None and self.state.epoch >= t.epochs and self.dist.any(
+            env.is_main and read_json(self.run_dir / "status.json").get("state") == "completed")
+        self.tracker = NullTracker() if self.finished else make_tracker(
+            self.run_dir, cfg_dict, cfg.wandb, env.rank, self.state.wandb_id, self.state.history, self.state.global_step)
         self.state.wandb_id = self.tracker.run_id
         # device-side metric sums: [loss_sum, correct, count] for the epoch and the log interval
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -420,6 +423,11 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> int:
         cfg, st = self.cfg, self.state
+        if self.finished:
+            if self.env.is_main:
+                log.info("this run completed its %d epochs already: nothing to do (a larger trainer.epochs trains "
+                         "on; checkpoint.resume=never starts over)", st.epoch)
+            return 0
         self._last_save = time.monotonic()
         self._phase = "training"
         self.write_status("running")

@@ -451,6 +451,21 @@ def test_resume_never_applies_to_a_jobs_first_start_not_to_its_requeues(referenc
     assert len(history(run)) == 5 and history(run)[:3] == history(reference)
 
 
+def test_a_finished_run_run_again_does_nothing_and_opens_no_wandb_segment(reference, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = {p.name: p.read_bytes() for p in [run / "status.json", run / "history.csv", *run.glob("checkpoints/*")]}
+    segs = segments(run / "wandb")
+    run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
+    assert "this run completed its 3 epochs already: nothing to do" in (run / "train.log").read_text()
+    assert segments(run / "wandb") == segs  # no new, empty segment to sync
+    assert {p.name: p.read_bytes() for p in [run / "status.json", run / "history.csv", *run.glob("checkpoints/*")]} == before
+    run_train(tmp_path, run, EXACT + ["wandb.mode=offline", "trainer.epochs=4"])  # grown: it trains on
+    assert len(history(run)) == 4 and history(run)[:3] == history(reference)
+    assert len(segments(run / "wandb")) == len(segs) + 1
+
+
 def test_resume_that_switches_channels_last_gives_momentum_the_weights_layout(reference, tmp_path):
     """trainer.channels_last may change on resume; the loaded momentum buffers must follow the
     weights' new layout (CUDA's fused SGD refuses mismatched strides; CPU's foreach would not say)."""
