@@ -6,6 +6,7 @@ folder's `.hydra/` files and the same composition serves `train`, `submit` and t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -26,19 +27,47 @@ class Composed:
     hydra: dict
 
 
+def _group_keys(group: str):
+    """The keys a config group takes, or None where we keep no list (the cluster group's are launcher's)."""
+    if group in SECTIONS:
+        return [f.name for f in dataclasses.fields(SECTIONS[group])]
+    if group == "cluster":
+        from .launcher import CLUSTER_KEYS
+        return list(CLUSTER_KEYS)
+    return None
+
+
+def _listed_options(lines: list[str]) -> list[str]:
+    """The options under Hydra's "Available options in 'group':" line (tab-indented, one a line)."""
+    for i, line in enumerate(lines):
+        if line.startswith("Available options in "):
+            rest = lines[i + 1:]
+            return [o.strip() for o in itertools.takewhile(lambda o: o.startswith(("\t", " ")), rest)]
+    return []
+
+
 def override_error(overrides: list[str], e: Exception) -> str:
     """One line for a failed composition, naming the override Hydra could not parse where one is to
     blame; the folders of sweep points (``.../model=allcnn_c,seed=0``) need quotes, easy to miss."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    lines = str(e).strip().splitlines()
+    msg = (lines or [type(e).__name__])[0]
     if msg.startswith("Ambiguous value for argument"):  # key=a,b outside a sweep
         msg += " (a comma list is a sweep: allconv-hpc submit -m ...; quote a value that holds commas)"
-    unknown = re.match(r"Could not override '(\w+)\.([\w.]+)'", msg)
-    if unknown and unknown.group(1) in SECTIONS:  # a misspelt key: say which ones there are
-        known = sorted(f.name for f in dataclasses.fields(SECTIONS[unknown.group(1)]))
-        msg += f" {unknown.group(1)} has no key {unknown.group(2)!r}; its keys: {', '.join(known)}"
+    if re.match(r"In '[\w/]+': Could not find '", msg):  # a misspelt group option: Hydra lists the others
+        options = getattr(e, "options", None) or _listed_options(lines)
+        if options:
+            msg += f" (available: {', '.join(options)})"
+    unknown = re.match(r"Could not override '(\w+)\.([\w.-]+)'", msg)
+    if unknown:  # a misspelt key: say which ones there are
+        group, key = unknown.groups()
+        known = _group_keys(group)
+        if known is not None and key.split(".")[0] in known:  # a new key inside a dict, e.g. additional_parameters
+            msg += "".join(f" {line.strip()}" for line in lines[1:2] if line.startswith("To append"))
+        elif known is not None:
+            msg += f" {group} has no key {key!r}; its keys: {', '.join(sorted(known))}"
     parser = OverridesParser.create()
     for o in overrides:
         try:

@@ -61,6 +61,37 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+RUN_MARKS = ("checkpoints", "status.json", "submission.json", ".hydra")  # what a run folder holds
+
+
+def _run_folders(sweep: Path) -> list[Path]:
+    """A sweep folder's point folders: sweep.json's run folders that exist (in sweep order), else its
+    subfolders that look like runs; those holding checkpoints first (the ones evaluate can score)."""
+    from .fsio import read_json
+
+    doc = read_json(sweep / "sweep.json")  # {} when missing or damaged: the subfolders still tell
+    jobs = doc.get("jobs") if isinstance(doc, dict) and isinstance(doc.get("jobs"), list) else []
+    listed = [sweep / Path(j["run_dir"]).name for j in jobs if isinstance(j, dict) and isinstance(j.get("run_dir"), str)]
+    found = [d for d in listed if d.is_dir()] or sorted(
+        d for d in sweep.iterdir() if d.is_dir() and any((d / f).exists() for f in RUN_MARKS))
+    return sorted(found, key=lambda d: not (d / "checkpoints").is_dir())  # stable: sweep order kept
+
+
+def _sweep_hint(run: Path) -> Optional[str]:
+    """The error for a sweep folder given where one run folder was meant, naming a few of its run folders;
+    None when `run` is no sweep folder (sweep.json, or run folders but no checkpoints/ of its own)."""
+    if (run / "checkpoints").exists() and not (run / "sweep.json").is_file():
+        return None
+    points = _run_folders(run)
+    if not (run / "sweep.json").is_file() and not points:
+        return None
+    # quoted: a point's folder name holds commas (model=allcnn_c,seed=0)
+    shown = ", ".join(f"'{d}'" for d in points[:3]) + (f" ... ({len(points)} in all)" if len(points) > 3 else "")
+    return (f"{run} is a sweep folder (allconv-hpc submit -m), not a run folder: evaluate one of its run folders"
+            + (f", e.g. {shown}; allconv-hpc status {run} shows each one's best_val_acc" if points
+               else " (it holds none yet)"))
+
+
 def _checkpoint_path(run: Path, which: str) -> Path:
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; give a run folder (the one holding checkpoints/)")
@@ -68,6 +99,9 @@ def _checkpoint_path(run: Path, which: str) -> Path:
     if not path.is_file() and (run / "checkpoints" / which).is_file():  # a file's name in checkpoints/
         path = run / "checkpoints" / which
     if not path.is_file():
+        sweep = _sweep_hint(run)
+        if sweep:
+            raise ConfigError(sweep)
         there = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
         raise ConfigError(f"no checkpoint {path} (checkpoints/ holds {', '.join(there) or 'nothing'}); use "
                           f"--checkpoint best, last or a file's path")
@@ -124,9 +158,24 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     loss, correct, n = sums.tolist()
     ts = ck.get("train_state") or {}
     epoch = ck.get("epoch", ts.get("epoch"))
+    val_acc, val_epoch = saved_val_acc(ck)
     return {"checkpoint": str(path), "epoch": epoch, "global_step": ck.get("global_step", ts.get("global_step")),
-            "val_acc_when_saved": ck.get("val_acc"), "split": split, "loss": loss / n, "accuracy": correct / n,
-            "images": int(n), "precision": precision, "device": str(dev)}
+            "val_acc_when_saved": val_acc, "val_acc_epoch": val_epoch, "split": split, "loss": loss / n,
+            "accuracy": correct / n, "images": int(n), "precision": precision, "device": str(dev)}
+
+
+def saved_val_acc(ck: dict) -> tuple[Optional[float], Optional[int]]:
+    """(val_acc, the epoch it was scored after) that a checkpoint records: best.pt's own; a step
+    checkpoint's last finished epoch in its train_state history (mid-epoch: the epoch before, whose
+    weights were trained further since); (None, None) before any epoch finished."""
+    if ck.get("val_acc") is not None:  # best.pt
+        return ck["val_acc"], ck.get("epoch")
+    ts = ck.get("train_state")
+    history = ts.get("history") if isinstance(ts, dict) else None
+    rows = [r for r in history or () if isinstance(r, dict) and r.get("val_acc") is not None]
+    if not rows:
+        return None, None
+    return rows[-1]["val_acc"], rows[-1].get("epoch")
 
 
 def evaluate_main(argv: list[str]) -> int:
@@ -145,6 +194,8 @@ def evaluate_main(argv: list[str]) -> int:
         print(json.dumps(r))
     else:
         when = f"epoch {r['epoch']}" if r["epoch"] is not None else "?"
+        if r["val_acc_when_saved"] is not None:
+            when += f"; val_acc {r['val_acc_when_saved']:.4f} after epoch {r['val_acc_epoch']}"
         print(f"{Path(r['checkpoint']).name} ({when}): {r['split']} loss {r['loss']:.4f} acc {r['accuracy']:.4f} "
               f"({r['images']} images, {r['precision']} on {r['device']})")
     return 0

@@ -7,6 +7,7 @@ stderr, no traceback, quickly, and without creating the run folder.
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 import time
@@ -77,6 +78,14 @@ BAD = [
     (["hydra.run.dir=sweeps/s/model=allcnn_c,seed=0"],
      ["bad override 'hydra.run.dir=sweeps/s/model=allcnn_c,seed=0'", "hydra.run.dir='sweeps/s/model=allcnn_c,seed=0'"]),
     (["optim.lr=[0.1"], ["bad override 'optim.lr=[0.1'"]),
+    # a misspelt group option lists the group's options (Hydra's lines after the first)
+    (["cluster=slurmm"], ["Could not find 'cluster/slurmm' (available: gpu_example, local, slurm)"]),
+    (["experiment=fats"], ["experiment/fats' (available: fast, paper_allcnn_c_cifar10, seed_keras)"]),
+    # a misspelt cluster key lists the cluster keys, as one of optim.* does its own
+    (["cluster.partiton=high"], ["cluster has no key 'partiton'; its keys: ", "partition, qos,"]),
+    # a new key inside a dict-valued cluster key is not a misspelling: Hydra's '+' hint is kept
+    (["cluster.additional_parameters.mail-type=END"],
+     ["use +cluster.additional_parameters.mail-type=END"]),
 ]
 
 
@@ -127,6 +136,34 @@ def test_data_root_from_environment(monkeypatch):
     assert compose(["data=cifar10", "data.root=/x"]).cfg.data.root == "/x"
 
 
+def _error(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as e:
+        compose(["data=synthetic", *overrides])
+    return str(e.value)
+
+
+def test_a_misspelt_option_lists_every_option_of_its_group():
+    import importlib.resources
+    conf = importlib.resources.files("allconv_hpc.conf")
+    for group, wrong in (("model", "allcnn_x"), ("cluster", "slurmm"), ("schedule", "cosin"), ("data", "cifar")):
+        msg = _error([f"{group}={wrong}"])
+        listed = re.search(rf"Could not find '{group}/{wrong}' \(available: ([^)]*)\)$", msg)
+        assert listed, msg
+        assert listed.group(1).split(", ") == sorted(f.name[:-5] for f in conf.joinpath(group).iterdir()
+                                                     if f.name.endswith(".yaml"))
+
+
+def test_a_misspelt_cluster_key_lists_the_launchers_keys():
+    from allconv_hpc.launcher import CLUSTER_KEYS
+    msg = _error(["cluster=local", "cluster.partiton=high"])
+    listed = re.search(r"cluster has no key 'partiton'; its keys: (.*)$", msg)
+    assert listed, msg
+    assert listed.group(1).split(", ") == sorted(CLUSTER_KEYS)
+    # every key a cluster profile sets is one the launcher takes: the list names what may be overridden
+    for profile in ("local", "slurm", "gpu_example"):
+        assert set(compose(["data=synthetic", f"cluster={profile}"]).cluster) <= CLUSTER_KEYS
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
@@ -142,11 +179,13 @@ RANK_OF_3 = {"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "
 @pytest.mark.parametrize("overrides,needle,extra_env", [
     (["model=nope"], "model/nope", {}),
     (["optim.lr=0"], "optim.lr=0 must be > 0", {}),
+    (["cluster=slurmm"], "Could not find 'cluster/slurmm' (available: gpu_example, local, slurm)", {}),
+    (["cluster.partiton=high"], "cluster has no key 'partiton'; its keys: account, additional_parameters,", {}),
     (["data=cifar10", "data.root=/nonexistent"], "/nonexistent/cifar-10-batches-py", {}),
     (["data=synthetic", "trainer.batch_size=128"], "not divisible by the world size 3", RANK_OF_3),
     pytest.param(["data=synthetic", "trainer.precision=bf16"], "trainer.precision=bf16 needs CUDA", {},
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks CUDA here")),
-], ids=["unknown-model", "lr-zero", "missing-data", "batch-vs-ranks", "bf16-auto-no-cuda"])
+], ids=["unknown-model", "lr-zero", "cluster-option", "cluster-key", "missing-data", "batch-vs-ranks", "bf16-auto-no-cuda"])
 def test_cli_bad_config_exits_2_with_one_line(overrides, needle, extra_env, tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.monotonic()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +63,11 @@ def test_cli_prints_json_and_exit_codes(two_rank_run, tmp_path):
     r = cli(two_rank_run, "--checkpoint", "last", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == evaluate(two_rank_run, "last")
+    # last.pt is a step checkpoint: its val_acc is the one of the last epoch it finished (no val_acc of its own)
+    st = _status(two_rank_run)
+    assert (json.loads(r.stdout)["val_acc_when_saved"], json.loads(r.stdout)["val_acc_epoch"]) == (st["last_val_acc"], 3)
+    best = json.loads(cli(two_rank_run, "--json").stdout)
+    assert best["val_acc_when_saved"] == st["best_val_acc"] and best["val_acc_epoch"] == best["epoch"]
     r = cli(two_rank_run, "--checkpoint", "step_00000099.pt")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "checkpoints/ holds best.pt, last.pt" in r.stderr
     bad = tmp_path / "run"
@@ -70,6 +77,61 @@ def test_cli_prints_json_and_exit_codes(two_rank_run, tmp_path):
     (bad / "checkpoints" / "best.pt").write_bytes(bytes(raw))
     r = cli(bad)
     assert r.returncode == 1 and "checksum mismatch" in r.stderr and "Traceback" not in r.stderr
+
+
+def _cli(tmp_path, *args, **env):
+    return subprocess.run([PY, "-m", "allconv_hpc", "evaluate", *map(str, args)], env=clean_env(tmp_path, **env),
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_a_step_checkpoint_reports_the_val_acc_of_its_last_finished_epoch(tmp_path):
+    """Step checkpoints hold no val_acc of their own but the history of the epochs they finished: the last
+    one's val_acc is reported with its epoch; before the first epoch's end there is none (null)."""
+    run = tmp_path / "run"  # 5 steps an epoch: step 2 and 4 in epoch 1, 6 and 8 in epoch 2
+    run_train(tmp_path, run, TINY + ["checkpoint.every_steps=2", "checkpoint.keep=20"])
+    rows = read_history(run / "history.csv")
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+    def saved(which):
+        r = _cli(tmp_path, run, "--checkpoint", which, "--json")
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        return doc["val_acc_when_saved"], doc["val_acc_epoch"]
+    assert saved("step_00000002.pt") == (None, None)  # no epoch finished yet
+    assert saved("step_00000006.pt") == (rows[0]["val_acc"], 1)  # mid-epoch 2: epoch 1's
+    assert saved("last") == (rows[1]["val_acc"], 2)
+    assert saved("best") == (max(r["val_acc"] for r in rows), max(rows, key=lambda r: r["val_acc"])["epoch"])
+    text = _cli(tmp_path, run, "--checkpoint", "last").stdout
+    assert f"val_acc {rows[1]['val_acc']:.4f} after epoch 2" in text, text
+    assert "val_acc" not in _cli(tmp_path, run, "--checkpoint", "step_00000002.pt").stdout
+
+
+def test_a_sweep_folder_names_its_run_folders(tmp_path):
+    """`evaluate SWEEP` (the folder of `submit -m`) says it is a sweep and names run folders that work."""
+    sweep = tmp_path / "sweep"
+    # cluster=local on this machine; Slurm's commands off PATH, so nothing can reach a cluster
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "-m", "--wait", "cluster=local", "cluster.array_parallelism=2",
+                        *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}"], env=clean_env(tmp_path, PATH=path),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (sweep / "sweep.json").is_file() and not (sweep / "checkpoints").exists()
+
+    def named(*args) -> list[str]:
+        r = _cli(tmp_path, *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{sweep} is a sweep folder (allconv-hpc submit -m), not a run folder" in r.stderr, r.stderr
+        return re.findall(r"'([^']*)'", r.stderr)
+    assert named(sweep) == [str(sweep / "seed=0"), str(sweep / "seed=1")]
+    assert named(sweep, "--checkpoint", "last") == [str(sweep / "seed=0"), str(sweep / "seed=1")]
+    ok = _cli(tmp_path, named(sweep)[0], "--json")  # what it names is what evaluate takes
+    assert ok.returncode == 0 and json.loads(ok.stdout)["images"] == 101, ok.stderr
+    shutil.rmtree(sweep / "seed=0" / "checkpoints")  # a point not started yet: the scorable ones first
+    (sweep / "sweep.json").unlink()  # without sweep.json: run folders and no checkpoints/ of its own
+    assert named(sweep) == [str(sweep / "seed=1"), str(sweep / "seed=0")]
+    # a run folder without checkpoints is still told about its checkpoints/, not called a sweep
+    r = _cli(tmp_path, sweep / "seed=0")
+    assert r.returncode == 2 and "no checkpoint" in r.stderr and "sweep folder" not in r.stderr, r.stderr
 
 
 def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path):
