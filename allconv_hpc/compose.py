@@ -101,6 +101,11 @@ def compose(overrides: list[str]) -> Composed:
         plain = OmegaConf.to_container(raw, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(override_error(overrides, e)) from None
+    except ValueError as e:  # OmegaConf applying key.x=... to a list node: int('x')
+        hint = (" (a list such as schedule.milestones takes an index, key.0=value, or a whole list, key=[200,250])"
+                if "invalid literal for int()" in str(e) else "")
+        given = " ".join(o for o in overrides if not o.startswith("hydra."))
+        raise ConfigError(f"could not apply the overrides {given}: {e}{hint}") from None
     finally:
         GlobalHydra.instance().clear()
     for key, value in (("hydra.run.dir", run_dir), ("hydra.sweep.dir", sweep_dir)):

@@ -25,6 +25,7 @@ from proc import clean_env
 # (overrides, substrings the one-line message must contain)
 BAD = [
     (["model=nope"], ["model/nope"]),
+    (["schedule.milestones.x=1"], ["schedule.milestones.x=1", "takes an index, key.0=value"]),  # OmegaConf's ValueError
     (["model.name=nope"], ["model.name='nope'", "allcnn_c", "allcnn_seed"]),
     (["optim.lr=0"], ["optim.lr=0", "> 0"]),
     (["optim.lr=-1"], ["optim.lr=-1", "> 0"]),
