@@ -15,9 +15,10 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -60,6 +61,7 @@ class Point:
     overrides: list          # the user's overrides for this point (sweep values expanded)
     run_dir: Path
     skip: Optional[str] = None  # why it is not submitted again: "completed", or its queued job
+    cfg: object = field(default=None, repr=False)  # its composed config: the run folder is checked again under the lock
 
 
 def auto_cluster(overrides: list[str]) -> Optional[str]:
@@ -254,7 +256,9 @@ def validate_cluster(cluster: dict, cfg) -> dict:
         raise ConfigError(f"cluster.signal_lead_s={c['signal_lead_s']} is more than sbatch --signal takes "
                           f"({SIGNAL_LEAD_MAX} s); use a shorter lead")
     if c["signal_lead_s"] >= c["timeout_min"] * 60:
-        raise ConfigError(f"cluster.signal_lead_s={c['signal_lead_s']} must be shorter than cluster.timeout_min")
+        raise ConfigError(f"cluster.signal_lead_s={c['signal_lead_s']} s must be shorter than cluster.timeout_min="
+                          f"{c['timeout_min']} ({c['timeout_min'] * 60} s): lower cluster.signal_lead_s (at least 10) "
+                          f"or raise cluster.timeout_min above {c['signal_lead_s'] / 60:g}")
     if _signal_name(c) != _signal_name({"signal": cfg.checkpoint.signal}):
         raise ConfigError(f"cluster.signal={c.get('signal')} differs from checkpoint.signal={cfg.checkpoint.signal}: "
                           f"the job would not catch the signal Slurm sends; make them equal")
@@ -332,7 +336,7 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
             ov = ov + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
         check_run_dir(c.run_dir)
         skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
-        points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip))
+        points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
     dirs = [p.run_dir for p in points]
     if len(set(dirs)) != len(dirs):
         raise ConfigError("two sweep points map to the same run folder; make the swept values distinct")
@@ -354,7 +358,7 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
     (a resubmitted sweep fills in the rest); None when it does."""
     from .status import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, queued_state, read_record,
-                         stop_command)
+                         started_job, stop_command)
 
     sub = run_dir / "submission.json"
     try:  # status's reading: a damaged record is named with its fix
@@ -378,6 +382,20 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
             raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
                               f"train into the same folder: wait for it (allconv-hpc status {run_dir}) or stop it "
                               f"({stop_command(rec)}), then submit again")
+    started = started_job(run_dir)  # the job status.json says trains the run: one started without submit
+    if started is not None and (rec is None or str(rec.get("job_id")) != started["job_id"]):
+        job, state = started["job_id"], queued_state(started)
+        if state == NO_ANSWER and shutil.which("squeue"):  # no Slurm here at all: a folder copied from a cluster
+            raise ConfigError(f"squeue did not answer whether job {job}, which {run_dir / 'status.json'} says trains "
+                              f"into {run_dir}, is still queued or running; submit again when `squeue -j {job}` "
+                              f"answers")
+        if state in ACTIVE_STATES and sweep:
+            return f"job {job} ({state}), started without submit"
+        if state in ACTIVE_STATES:
+            raise ConfigError(f"run folder {run_dir} already has job {job} ({state}) training into it (started without "
+                              f"submit, e.g. sbatch slurm/train.sbatch); a second job would train into the same "
+                              f"folder: wait for it (allconv-hpc status {run_dir}) or stop it (scancel {job}), then "
+                              f"submit again")
     if cfg.checkpoint.resume == "never":
         return None  # the trainer moves old checkpoints aside
     from .checkpoint import CheckpointDir, CheckpointError
@@ -490,15 +508,199 @@ def make_executor(cluster: dict, folder: Path):
     return ex
 
 
+LOCK_NAME = ".submit.lock"  # in the run (or sweep) folder: one submit at a time checks it and queues into it
+TEST_ONLY_TIMEOUT_S = 30
+# what sbatch --test-only (or sbatch under EnforcePartLimits) says of a job no node or partition limit allows
+# (not its "allocation failure: " prefix, which it puts before any reason, e.g. an invalid partition)
+_NEVER = ("requested node configuration is not available", "invalid feature specification",
+          "requested time limit", "node count specification invalid", "more processors requested than permitted",
+          "memory required by task is not available", "requested partition configuration not available")
+
+
+def _sbatch_said(text: str) -> str:
+    return "; ".join(ln.strip().removeprefix("sbatch: error: ") for ln in str(text).splitlines() if ln.strip())
+
+
+def sbatch_refused(text: str) -> ConfigError:
+    """sbatch's complaint (already on one line) with the fix."""
+    text = text or "no reason given"
+    unreachable = any(m in text.lower() for m in ("configuration source", "unable to contact",
+                                                 "connection refused", "slurm.conf"))
+    fix = ("Slurm itself does not answer here: check SLURM_CONF and that slurmctld runs, or use cluster=local"
+           if unreachable else "check cluster.partition, cluster.account, cluster.qos and the other cluster.* values")
+    return ConfigError(f"sbatch refused the job: {text} ({fix})")
+
+
+def _warn(msg: str) -> None:
+    print(f"allconv-hpc submit: warning: {msg}", file=sys.stderr)
+
+
+def check_can_start(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> None:
+    """`sbatch --test-only` on the very script submit would queue. Under EnforcePartLimits=NO (Slurm's default)
+    sbatch queues a job that asks for more than its partition ever has (nodes, CPUs, memory, time, features),
+    and it pends forever (PartitionConfig, PartitionNodeLimit, ...); the test says so at once. When the test
+    cannot be run (no answer, an sbatch without --test-only), submission goes on with a warning."""
+    todo = [p for p in points if p.skip is None]
+    if cluster["backend"] != "slurm" or not todo:
+        return
+    base = sweep_dir if sweep_dir is not None else todo[0].run_dir
+    ex = make_executor(cluster, base / ".submitit" / "%j")
+    if len(todo) > 1:
+        ex.parameters["map_count"] = len(todo)  # the job array, as SlurmExecutor renders it for a batch
+    script = ex._make_submission_file_text(ex._submitit_command_str, "test-only")
+    try:
+        r = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True,
+                           timeout=TEST_ONLY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return _warn(f"sbatch --test-only did not answer in {TEST_ONLY_TIMEOUT_S} s; submitting without knowing "
+                     f"whether the cluster can ever start the job")
+    except OSError as e:
+        return _warn(f"sbatch --test-only could not run ({e}); submitting without that check")
+    if r.returncode == 0:
+        # --test-only passes a --time over the partition's limit (the job would pend: PartitionTimeLimit)
+        over = _over_partition(cluster, _where(cluster), features=False)
+        if over:
+            raise ConfigError(_never_message(cluster, "sinfo: the partition's time limit", over))
+        return
+    said = _sbatch_said(r.stderr + "\n" + r.stdout)
+    if not said or "unrecognized option" in said or "invalid option" in said:
+        return _warn(f"sbatch --test-only failed without a reason ({said or f'exit {r.returncode}'}); submitting "
+                     f"without knowing whether the cluster can ever start the job")
+    if any(m in said.lower() for m in _NEVER):
+        raise ConfigError(_never_message(cluster, f"sbatch --test-only: {said}",
+                                         _over_partition(cluster, _where(cluster), "feature" in said.lower())))
+    raise sbatch_refused(said)
+
+
+def _where(cluster: dict) -> str:
+    part = cluster.get("partition")
+    return f"partition {part}" if part is not None else "the default partition"
+
+
+def _never_message(cluster: dict, why: str, over: list[str]) -> str:
+    part, where = cluster.get("partition"), _where(cluster)
+    asked = [f"{cluster['nodes']} node(s) of {cluster['tasks_per_node']} task(s) x {cluster['cpus_per_task']} CPU(s)"]
+    if cluster["gpus_per_node"]:
+        asked.append(f"{cluster['gpus_per_node']} GPU(s) per node")
+    if cluster.get("mem_gb") is not None:
+        asked.append(f"{cluster['mem_gb']} GB per node")
+    asked.append(f"{cluster['timeout_min']} min")
+    if cluster.get("constraint") is not None:
+        asked.append(f"features {cluster['constraint']}")
+    fix = "; ".join(over) if over else (
+        f"lower cluster.nodes, cluster.tasks_per_node, cluster.cpus_per_task, cluster.gpus_per_node, cluster.mem_gb or "
+        f"cluster.timeout_min, or fix cluster.constraint, to what {where} has (sinfo -N -l"
+        f"{f' -p {part}' if part is not None else ''})")
+    return (f"Slurm can never start this job on {where}: it asks for {', '.join(asked)} ({why}); {fix}, or choose "
+            f"another cluster.partition")
+
+
+def _over_partition(cluster: dict, where: str, features: bool) -> list[str]:
+    """What the job asks beyond its partition's nodes and limits, with the value to use, from sinfo; [] when
+    sinfo does not tell (the caller then names every key)."""
+    from .preempt import parse_slurm_time, slurm_out
+
+    out = slurm_out(["sinfo", "-h", "-o", "%P|%D|%c|%m|%l|%f"])
+    part = cluster.get("partition")
+    rows = [ln.split("|") for ln in (out or "").splitlines() if ln.count("|") == 5]
+    rows = [r for r in rows if (r[0].rstrip("*") == str(part) if part is not None else r[0].endswith("*"))]
+    if not rows:
+        return []
+    num = lambda v: int(re.match(r"\d*", v).group() or 0)  # noqa: E731  "2+": at least 2 (mixed nodes)
+    nodes, cpus, mem = sum(num(r[1]) for r in rows), max(num(r[2]) for r in rows), max(num(r[3]) for r in rows)
+    over = []
+    if cluster["nodes"] > nodes:
+        over.append(f"cluster.nodes={cluster['nodes']} but {where} has {nodes} node(s): use cluster.nodes<={nodes}")
+    need = cluster["tasks_per_node"] * cluster["cpus_per_task"]
+    if need > cpus:
+        over.append(f"cluster.tasks_per_node x cluster.cpus_per_task = {need} CPUs per node but the nodes of {where} "
+                    f"have {cpus}: use cluster.cpus_per_task<={max(cpus // cluster['tasks_per_node'], 1)}")
+    if cluster.get("mem_gb") is not None and mem and cluster["mem_gb"] * 1024 > mem:
+        over.append(f"cluster.mem_gb={cluster['mem_gb']} but the nodes of {where} have {mem / 1024:g} GB: use "
+                    f"cluster.mem_gb<={mem // 1024} (or null)")
+    try:
+        limit = parse_slurm_time(rows[0][4].upper().replace("INFINITE", "UNLIMITED"))
+    except ValueError:
+        limit = None
+    if limit is not None and cluster["timeout_min"] * 60 > limit:
+        over.append(f"cluster.timeout_min={cluster['timeout_min']} but {where} allows {limit / 60:g} min: use "
+                    f"cluster.timeout_min<={int(limit // 60)}")
+    if features and cluster.get("constraint") is not None:
+        have = sorted({f for r in rows for f in r[5].split(",") if f and f != "(null)"})
+        over.append(f"cluster.constraint={cluster['constraint']} names features the nodes of {where} lack (they have: "
+                    f"{', '.join(have) or 'none'})")
+    return over
+
+
+@contextlib.contextmanager
+def submit_lock(folder: Path):
+    """Holds an exclusive lock on folder/.submit.lock while the folder is checked again and queued into, so two
+    submits started at once cannot both queue a job into one folder (the later one then finds the earlier one's
+    job). Folders made here are removed again when the submission is refused (ConfigError). Where the file system
+    has no flock (Lustre without -o flock), submission goes on unlocked, with a warning."""
+    import errno
+    import fcntl
+    while True:
+        created = [d for d in (folder, *folder.parents) if not d.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another submit into {folder} to finish", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(fd)
+                raise
+            _warn(f"cannot lock {path} ({e.strerror}); submitting without the lock that keeps two submits at once "
+                  f"out of one folder")
+            break
+        try:  # the earlier holder may have removed the folder (its submission refused): lock the new one
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    except ConfigError:
+        if created:
+            shutil.rmtree(created[0], ignore_errors=True)
+            for d in created[1:]:
+                try:
+                    d.rmdir()
+                except OSError:  # not empty (someone else's) or gone
+                    break
+        raise
+    finally:
+        os.close(fd)
+
+
 def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> list:
-    """Submit the points not marked `skip` (one job, or one array); returns their submitit jobs."""
+    """Submit the points not marked `skip` (one job, or one array); returns their submitit jobs. Under the
+    folder's lock every point is checked again first (another submit may have queued it since `plan`); a
+    point now refused raises ConfigError, one now queued by a sweep's other submit is skipped."""
+    todo = [p for p in points if p.skip is None]
+    base = sweep_dir if sweep_dir is not None else todo[0].run_dir
+    check_can_start(points, sweep_dir, cluster)
+    with submit_lock(base):
+        for p in todo:
+            if p.cfg is not None:
+                p.skip = check_run_folder(p.run_dir, p.cfg, sweep=sweep_dir is not None, overrides=p.overrides)
+        return _submit_locked(points, sweep_dir, cluster, base)
+
+
+def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict, base: Path) -> list:
     import io
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     every, points = points, [p for p in points if p.skip is None]
-    base = sweep_dir if sweep_dir is not None else points[0].run_dir
-    created = [d for d in (base, *base.parents) if not d.exists()]  # removed again if sbatch refuses
-    base.mkdir(parents=True, exist_ok=True)
+    if not points:
+        return []
     ports = free_ports(len(points)) if cluster["backend"] == "local" and cluster["tasks_per_node"] > 1 else None
     calls = [TrainJob(p.overrides, cluster["signal_lead_s"], str(cluster["signal"]), ports and ports[i])
              for i, p in enumerate(points)]
@@ -515,20 +717,7 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
                 with ex.batch():
                     jobs = [ex.submit(c) for c in calls]
     except (FailedJobError, FailedSubmissionError) as e:
-        if created:
-            shutil.rmtree(created[0], ignore_errors=True)
-            for d in created[1:]:
-                try:
-                    d.rmdir()
-                except OSError:  # not empty (someone else's) or gone
-                    break
-        said = [ln.strip().removeprefix("sbatch: error: ") for ln in str(e).splitlines() if ln.strip()]
-        text = "; ".join(said) or "no reason given"
-        unreachable = any(m in text.lower() for m in ("configuration source", "unable to contact",
-                                                     "connection refused", "slurm.conf"))
-        fix = ("Slurm itself does not answer here: check SLURM_CONF and that slurmctld runs, or use cluster=local"
-               if unreachable else "check cluster.partition, cluster.account, cluster.qos and the other cluster.* values")
-        raise ConfigError(f"sbatch refused the job: {text} ({fix})") from None
+        raise sbatch_refused(_sbatch_said(str(e))) from None
     records = []
     for p, j in zip(points, jobs):
         p.run_dir.mkdir(parents=True, exist_ok=True)
@@ -536,12 +725,28 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
                "overrides": p.overrides, "submitted": now, "submitit_folder": str(base / ".submitit")}
         _write_json(p.run_dir / "submission.json", rec)
         records.append(rec)
-    if sweep_dir is not None:  # every point, in sweep order: the skipped ones keep their earlier record
-        new = {r["run_dir"]: r for r in records}
-        jobs_doc = [new.get(str(p.run_dir)) or _earlier_record(p.run_dir) for p in every]
-        _write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "submitted": now, "cluster": cluster,
-                                               "jobs": jobs_doc})
+    if sweep_dir is not None:
+        _write_sweep(sweep_dir, every, records, cluster, now)
     return jobs
+
+
+def _write_sweep(sweep_dir: Path, every: list[Point], records: list[dict], cluster: dict, now: float) -> None:
+    """sweep.json: the points it already tracks, in their order, then this submission's new ones, keyed by
+    run_dir; a point submitted now gets its new record (with its cluster), the others keep theirs. A
+    submission of a subset of the sweep so leaves the rest tracked. A damaged sweep.json is written anew."""
+    from .status import DamagedFile, read_record
+    try:
+        old = read_record(sweep_dir / "sweep.json") or {}
+    except DamagedFile:
+        old = {}
+    earlier = [r for r in old.get("jobs") or [] if isinstance(r, dict) and isinstance(r.get("run_dir"), str)]
+    new = {r["run_dir"]: {**r, "cluster": cluster} for r in records}
+    mine = {str(p.run_dir): p for p in every}
+    # a point in this sweep but not submitted now: the record of its last submission (or none)
+    now_doc = {d: new.get(d) or _earlier_record(mine[d].run_dir) for d in mine}
+    jobs_doc = [now_doc.pop(r["run_dir"], r) for r in earlier] + list(now_doc.values())
+    _write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "submitted": now, "cluster": cluster,
+                                           "jobs": jobs_doc})
 
 
 def _earlier_record(run_dir: Path) -> dict:
@@ -551,6 +756,12 @@ def _earlier_record(run_dir: Path) -> dict:
 
 def _write_json(path: Path, doc: dict) -> None:
     write_atomic(path, json.dumps(doc, indent=1).encode())
+
+
+def _print_skipped(points: list[Point]) -> None:
+    for p in points:
+        if p.skip is not None:
+            print(f"not submitted again ({p.skip}): {p.run_dir}")
 
 
 def submit_main(argv: list[str]) -> int:
@@ -570,15 +781,16 @@ def submit_main(argv: list[str]) -> int:
         overrides = [f"cluster={chosen}"] + overrides
     try:
         points, sweep_dir, cluster = plan(overrides, args.multirun)
-        for p in points:
-            if p.skip is not None:
-                print(f"not submitted again ({p.skip}): {p.run_dir}")
-        todo = [p for p in points if p.skip is None]
         if args.dry_run:
-            for p in todo:
-                print(f"{p.run_dir}  {' '.join(p.overrides)}")
+            check_can_start(points, sweep_dir, cluster)
+            _print_skipped(points)
+            for p in points:
+                if p.skip is None:
+                    print(f"{p.run_dir}  {' '.join(p.overrides)}")
             return 0
-        jobs = submit(points, sweep_dir, cluster) if todo else []
+        jobs = submit(points, sweep_dir, cluster) if any(p.skip is None for p in points) else []
+        _print_skipped(points)  # also what another submit queued meanwhile
+        todo = [p for p in points if p.skip is None]
     except ConfigError as e:
         print(f"allconv-hpc submit: error: {e}", file=sys.stderr)
         return 2

@@ -23,24 +23,36 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"
 EXIT_NO_ANSWER = 3  # `status`: no job failed, but Slurm did not answer for one whose run has not ended
 
 
+# Why a job is pending that Slurm will never start as asked (EnforcePartLimits=NO, Slurm's default, queues it
+# anyway): it asks for more nodes, CPUs, memory, time or features than its partition has. `submit` refuses
+# such a job first (sbatch --test-only); one queued otherwise (sbatch by hand) shows, and ends `--wait`.
+NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints"}
+
+
+def squeue_job(job_id: str) -> tuple[bool, Optional[str], str]:
+    """(Slurm answered, the job's state while it is queued or running, None when it is not; squeue's reason,
+    e.g. why it is pending)."""
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False, None, ""
+    if r.returncode == 0:
+        first = (r.stdout.strip().splitlines() or [""])[0].split(None, 1)
+        return True, first[0] if first else None, first[1].strip() if len(first) > 1 else ""
+    return "Invalid job id" in r.stderr, None, ""  # a job Slurm has forgotten, vs. no answer at all
+
+
 def squeue_state(job_id: str) -> tuple[bool, Optional[str]]:
     """(Slurm answered, the job's state while it is queued or running; None when it is not)."""
-    try:
-        r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False, None
-    if r.returncode == 0:
-        out = r.stdout.split()
-        return True, out[0] if out else None
-    return "Invalid job id" in r.stderr, None  # a job Slurm has forgotten, vs. no answer at all
+    return squeue_job(job_id)[:2]
 
 
-def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool, bool]:
-    """(state, restarts, Slurm answered, ended) from squeue / sacct / scontrol; state None when Slurm knows
-    nothing. squeue lists every job that is not over: one it does not list has ended, even where sacct or
-    scontrol name an active state (PREEMPTED with PreemptMode=CANCEL; sacct keeps REQUEUED for a job
+def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool, bool, str]:
+    """(state, restarts, Slurm answered, ended, squeue's reason) from squeue / sacct / scontrol; state None when
+    Slurm knows nothing. squeue lists every job that is not over: one it does not list has ended, even where
+    sacct or scontrol name an active state (PREEMPTED with PreemptMode=CANCEL; sacct keeps REQUEUED for a job
     cancelled while it waited to restart). Such an end is not a success."""
-    answered, state = squeue_state(job_id)
+    answered, state, reason = squeue_job(job_id)
     listed, restarts = state is not None, None
     if state is None:
         out = slurm_out(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
@@ -53,7 +65,7 @@ def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool, bool]:
             state = fields["JobState"]
         if fields.get("Restarts", "").isdigit():
             restarts = int(fields["Restarts"])
-    return state, restarts, answered, answered and not listed and state in ACTIVE_STATES
+    return state, restarts, answered, answered and not listed and state in ACTIVE_STATES, reason if listed else ""
 
 
 def _local_state(rec: dict) -> Optional[str]:
@@ -120,19 +132,41 @@ def other_jobs_state(run_dir: Path, environ: Optional[dict] = None) -> Optional[
     is not one of its ranks; None otherwise. Its own ranks (its Slurm id or array task, or its local
     controller's pid) never ask squeue; a damaged record or no answer is left to `submit` and `status`."""
     e = os.environ if environ is None else environ
-    try:
-        rec = read_record(run_dir / "submission.json")
-    except DamagedFile:
-        return None
-    if not rec or not rec.get("job_id"):
-        return None
     mine = {e.get("SUBMITIT_LOCAL_JOB_ID")}
     if "SLURM_JOB_ID" in e:  # the raw id, and the array task's A_T that submit records
         mine |= {e["SLURM_JOB_ID"], SlurmJob(e).job_id}
-    if str(rec["job_id"]) in mine:
+    try:
+        rec = read_record(run_dir / "submission.json")
+    except DamagedFile:
+        rec = None
+    records = [rec] if rec and rec.get("job_id") else []
+    started = started_job(run_dir)  # a job started without submit (sbatch slurm/train.sbatch)
+    if started is not None and (not records or str(records[0]["job_id"]) != started["job_id"]):
+        records.append(started)
+    for rec in records:
+        if str(rec["job_id"]) in mine:
+            continue
+        state = queued_state(rec)
+        if state in ACTIVE_STATES:
+            return rec, state
+    return None
+
+
+TRAINING = ("running", "requeued")  # a run's own states while its job is queued or running
+
+
+def started_job(run_dir: Path) -> Optional[dict]:
+    """A submission-like record of the Slurm job the run's status.json says trains it (its state running or
+    requeued): what a job started without `submit` (sbatch slurm/train.sbatch) leaves. None otherwise, also
+    for a damaged status.json (named by `status`). The id is the raw job id or an array task's "A_T"."""
+    try:
+        st = read_record(run_dir / "status.json") or {}
+    except DamagedFile:
         return None
-    state = queued_state(rec)
-    return (rec, state) if state in ACTIVE_STATES else None
+    job = st.get("slurm_job_id")
+    if st.get("state") not in TRAINING or isinstance(job, bool) or not isinstance(job, (str, int)) or not str(job):
+        return None
+    return {"job_id": str(job), "backend": "slurm", "run_dir": str(run_dir), "started_by_hand": True}
 
 
 class DamagedFile(Exception):
@@ -209,7 +243,8 @@ def job_records(folder: Path) -> list[dict]:
     if rec is not None:
         return [check_keys(rec, JOB_KEYS, path)]
     if (folder / "status.json").exists() or (folder / "checkpoints").exists():
-        return [{"job_id": None, "run_dir": str(folder), "backend": "none"}]
+        # started without submit: Slurm is asked about the job its status.json names, if any
+        return [started_job(folder) or {"job_id": None, "run_dir": str(folder), "backend": "none"}]
     raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
                             f"folder (sweep.json)")
 
@@ -228,8 +263,9 @@ def run_rows(folder: Path) -> list[dict]:
         st = run_status(run_dir)
         state = restarts = None
         known = ended = False  # the scheduler answered for this job (a job it does not know is gone)
+        reason = ""
         if rec.get("job_id") and rec.get("backend") == "slurm":
-            state, restarts, known, ended = slurm_state(rec["job_id"])
+            state, restarts, known, ended, reason = slurm_state(str(rec["job_id"]))
         elif rec.get("job_id") and rec.get("backend") == "local":
             state, known = _local_state(rec), True
         # a status.json older than this submission is an earlier job's: its progress, not this job's state
@@ -247,9 +283,16 @@ def run_rows(folder: Path) -> list[dict]:
         if restarts is None:
             restarts = st.get("restarts", 0) if current else 0
         failed = state in FAILED_STATES or ended or run_state in ("failed", "gave_up")
+        if run_state == "completed" and failed and not active:
+            # training finished, then Slurm ended the job otherwise (scancel or the time limit just after the
+            # last epoch): the run is done, not failed, and a new submit would find nothing to do
+            state, failed = f"{state} (run completed)", False
+        never = state == "PENDING" and reason in NEVER_STARTS  # --wait would wait forever
+        if never:
+            state = f"PENDING ({reason}: never starts as asked; scancel {rec['job_id']})"
         rows.append({"job": rec.get("job_id") or "-", "state": state, "run": run_state or "-",
                      # no_answer: Slurm did not answer and the run has not ended, so it may still be queued
-                     "active": active or no_answer, "failed": failed, "no_answer": no_answer,
+                     "active": (active and not never) or no_answer, "failed": failed or never, "no_answer": no_answer,
                      "restarts": restarts, "epoch": f"{st.get('epoch', 0)}/{st.get('epochs', '?')}",
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
@@ -283,9 +326,9 @@ def format_table(rows: list[dict]) -> str:
 def status_main(argv: list[str]) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="allconv-hpc status", description="State of a run or a sweep.",
-                                 epilog="exit status: 0 no job failed, 1 a job failed, 3 Slurm did not answer for a "
-                                        "job whose run has not ended, 2 not a run or sweep folder, or a file of it "
-                                        "is damaged (the error names it)")
+                                 epilog="exit status: 0 no job failed, 1 a job failed or can never start as asked, 3 Slurm did "
+                                        "not answer for a job whose run has not ended, 2 not a run or sweep folder, "
+                                        "or a file of it is damaged (the error names it)")
     ap.add_argument("folder", type=Path)
     ap.add_argument("--json", action="store_true", help="machine-readable rows")
     args = ap.parse_args(argv)

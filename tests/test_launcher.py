@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -466,8 +467,8 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     """Resubmitting a sweep fills it in: a completed point and one whose job is still queued get no new
     job (each would start only to stop, or train twice into one folder); sweep.json keeps every point."""
     monkeypatch.chdir(tmp_path)
-    on_path(sbatch=f"echo x >> {tmp_path / 'sbatch_calls'}; echo 'Submitted batch job 77'",
-            squeue='[ "$3" = 42 ] && echo RUNNING; exit 0')
+    on_path(sbatch=f"[ \"$1\" = --test-only ] && exit 0; echo x >> {tmp_path / 'sbatch_calls'}; "
+                   f"echo 'Submitted batch job 77'", squeue='[ "$3" = 42 ] && echo RUNNING; exit 0')
     sweep = tmp_path / "sw"
     done, busy, new = (sweep / f"seed={i}" for i in range(3))
     identity = compose(["cluster=slurm", *TINY, "seed=0"]).cfg.identity()
@@ -497,12 +498,54 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     code, out, _ = run_submit(capsys, "cluster=slurm", *TINY, "seed=0", "trainer.epochs=2", f"hydra.run.dir='{done}'")
     assert code == 0 and f"job 77  {done}" in out, out
     # squeue not answering: job 77 may still run, so nothing is submitted into its folder
-    on_path(sbatch=f"echo x >> {tmp_path / 'sbatch_calls'}; echo 'Submitted batch job 78'",
+    on_path(sbatch=f"[ \"$1\" = --test-only ] && exit 0; echo x >> {tmp_path / 'sbatch_calls'}; "
+                   f"echo 'Submitted batch job 78'",
             squeue="echo 'slurm_load_jobs error: Socket timed out' >&2; exit 1")
     calls = (tmp_path / "sbatch_calls").read_text()
     code, _, err = run_submit(capsys, "cluster=slurm", *TINY, "seed=0", "trainer.epochs=2", f"hydra.run.dir='{done}'")
     assert code == 2 and "squeue did not answer whether job 77" in err and "squeue -j 77" in err, err
     assert (tmp_path / "sbatch_calls").read_text() == calls
+
+
+def test_a_subset_resubmitted_into_a_sweep_keeps_the_other_points(tmp_path, on_path, capsys, monkeypatch):
+    """sweep.json is merged by run_dir: the points not submitted now stay tracked, each with its cluster."""
+    monkeypatch.chdir(tmp_path)
+    count = tmp_path / "count"
+    on_path(sbatch=f'[ "$1" = --test-only ] && exit 0; n=76; [ -f {count} ] && read n < {count}; n=$((n + 1)); '
+                   f'echo $n > {count}; echo "Submitted batch job $n"', squeue="exit 0")  # no cat on PATH
+    sweep = tmp_path / "sw"
+    code, out, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1,2,3", f"hydra.sweep.dir={sweep}")
+    assert code == 0, err
+    code, out, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=1,3", "cluster.timeout_min=30",
+                                f"hydra.sweep.dir={sweep}")
+    assert code == 0 and out.count("\njob ") + out.startswith("job ") == 2, out
+    doc = json.loads((sweep / "sweep.json").read_text())
+    assert [(Path(r["run_dir"]).name, r["job_id"], r["cluster"]["timeout_min"]) for r in doc["jobs"]] == [
+        ("seed=0", "77_0", 60), ("seed=1", "78_0", 30), ("seed=2", "77_2", 60), ("seed=3", "78_1", 30)], doc["jobs"]
+    assert doc["cluster"]["timeout_min"] == 30  # the last submission's
+    assert [r["folder"] for r in status.run_rows(sweep)] == ["seed=0", "seed=1", "seed=2", "seed=3"]
+
+
+def test_sbatch_test_only_that_cannot_answer_does_not_block(tmp_path, on_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launcher, "TEST_ONLY_TIMEOUT_S", 0.5)
+    sleep = shutil.which("sleep")  # not on the fake PATH
+    on_path(sbatch=f'[ "$1" = --test-only ] && exec {sleep} 5; echo "Submitted batch job 77"')
+    code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0 and out.startswith("job 77 "), (out, err)
+    assert err == ("allconv-hpc submit: warning: sbatch --test-only did not answer in 0.5 s; submitting without "
+                   "knowing whether the cluster can ever start the job\n"), err
+    on_path(sbatch='[ "$1" = --test-only ] && { echo "sbatch: unrecognized option \'--test-only\'" >&2; exit 1; }; '
+                   'echo "Submitted batch job 78"')
+    code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run2'}")
+    assert code == 0 and out.startswith("job 78 ") and "warning: sbatch --test-only failed without a reason" in err
+
+
+def test_signal_lead_longer_than_the_time_limit_says_both_in_seconds():
+    with pytest.raises(ConfigError) as e:
+        launcher.validate_cluster({**cluster_of(), "timeout_min": 1}, composed().cfg)
+    assert str(e.value) == ("cluster.signal_lead_s=120 s must be shorter than cluster.timeout_min=1 (60 s): lower "
+                            "cluster.signal_lead_s (at least 10) or raise cluster.timeout_min above 2")
 
 
 def test_a_run_folder_of_another_config_is_refused(tmp_path):

@@ -439,17 +439,22 @@ def test_a_rank_killed_hard_fails_the_job_and_is_named(slurm_cluster, jobs, tmp_
     assert re.search(r"\b(rank|rank\(s\)|task) 1\b", tail(run)), tail(run)  # the trainer: "peer rank(s) 1"; srun: "task 1"
 
 
-@pytest.mark.slow
-def test_plain_sbatch_script_trains_and_survives_preemption(slurm_cluster, jobs, tmp_path):
-    """slurm/train.sbatch without submitit: preempted, it checkpoints, requeues, resumes and completes."""
+def sbatch_plain(slurm_cluster, jobs, tmp_path, epochs: int) -> tuple[Path, str]:
+    """slurm/train.sbatch submitted by hand (no submitit) into tmp_path/plain: (run folder, job id)."""
     run = tmp_path / "plain"
     script = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
     r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "--cpus-per-task=1", "-o", str(tmp_path / "plain-%j.out"),
-                           str(script), *JOB, "trainer.epochs=30", f"hydra.run.dir={run}"],
+                           str(script), *JOB, f"trainer.epochs={epochs}", f"hydra.run.dir={run}"],
                           env=job_env(slurm_cluster, tmp_path, ALLCONV_PYTHON=PY), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    job = r.stdout.strip()
-    jobs.append(job)
+    jobs.append(r.stdout.strip())
+    return run, jobs[-1]
+
+
+@pytest.mark.slow
+def test_plain_sbatch_script_trains_and_survives_preemption(slurm_cluster, jobs, tmp_path):
+    """slurm/train.sbatch without submitit: preempted, it checkpoints, requeues, resumes and completes."""
+    run, job = sbatch_plain(slurm_cluster, jobs, tmp_path, 30)
     wait_for_line(run / "train.log", "(global 10)", timeout=120)
     preempt_low(slurm_cluster, tmp_path, jobs)
     out = lambda: (tmp_path / f"plain-{job}.out").read_text()  # noqa: E731
@@ -513,6 +518,160 @@ def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+# what the dev cluster's nodes (2 of 2 CPUs, 8 GB, no features) can never give, and the fix the error names
+NEVER = {
+    "cpus": (["cluster.cpus_per_task=64"], "cluster.tasks_per_node x cluster.cpus_per_task = 64 CPUs per node but the "
+             "nodes of partition low have 2: use cluster.cpus_per_task<=2"),
+    "nodes": (["cluster.nodes=4"], "cluster.nodes=4 but partition low has 2 node(s): use cluster.nodes<=2"),
+    "mem": (["cluster.mem_gb=100"], "cluster.mem_gb=100 but the nodes of partition low have 8 GB: use cluster.mem_gb<=8"),
+    "feature": (["cluster.constraint=nosuchfeature"], "cluster.constraint=nosuchfeature names features the nodes of "
+                "partition low lack"),
+    "sweep": (["-m", "seed=0,1", "cluster.cpus_per_task=64"], "use cluster.cpus_per_task<=2"),
+}
+
+
+def submit_error(tmp_path, monkeypatch, capsys, extra: list[str]) -> str:
+    """`allconv-hpc submit` in-process (the CLI's own entry point, no new interpreter per case) into
+    tmp_path/run (tmp_path/sweep with -m): it must exit 2 with one line on stderr, returned."""
+    from allconv_hpc.cli import main
+    monkeypatch.chdir(tmp_path)
+    folder = f"hydra.sweep.dir={tmp_path / 'sweep'}" if "-m" in extra else f"hydra.run.dir={tmp_path / 'run'}"
+    code = main(["submit", *SLURM, *JOB, *extra, folder])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("allconv-hpc submit: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(NEVER))
+def test_a_job_the_partition_can_never_start_is_refused_before_the_queue(slurm_cluster, tmp_path, monkeypatch, capsys,
+                                                                         case):
+    """sbatch queues it (EnforcePartLimits=NO) to pend forever; submit asks sbatch --test-only first."""
+    extra, fix = NEVER[case]
+    line = submit_error(tmp_path, monkeypatch, capsys, extra)
+    assert line.startswith("allconv-hpc submit: error: Slurm can never start this job on partition low: it asks for "), line
+    assert "(sbatch --test-only: " in line and fix in line, line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+    assert str(tmp_path) not in slurm_cluster.run(["squeue", "-h", "-o", "%o %Z"]).stdout
+
+
+def test_a_job_over_the_partitions_time_limit_is_refused_before_the_queue(slurm_cluster, tmp_path, monkeypatch, capsys):
+    """sbatch --test-only passes it (the job would pend with PartitionTimeLimit): the partition's limit decides."""
+    from allconv_hpc.cli import main
+    monkeypatch.chdir(tmp_path)
+    slurm_cluster.run(["scontrol", "update", "PartitionName=high", "MaxTime=5"], check=True)
+    try:
+        code = main(["submit", "cluster=slurm", "cluster.partition=high", "cluster.cpus_per_task=1", *JOB,
+                     "cluster.timeout_min=10", f"hydra.run.dir={tmp_path / 'run'}"])
+    finally:
+        slurm_cluster.run(["scontrol", "update", "PartitionName=high", "MaxTime=INFINITE"], check=True)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("allconv-hpc submit: error: Slurm can never start this job on partition high: it asks for "
+                          "1 node(s) of 1 task(s) x 1 CPU(s), 10 min (sinfo: the partition's time limit); "
+                          "cluster.timeout_min=10 but partition high allows 5 min: use cluster.timeout_min<=5"), err
+    assert not (tmp_path / "run").exists()
+    assert str(tmp_path) not in slurm_cluster.run(["squeue", "-h", "-o", "%o %Z"]).stdout
+
+
+def test_a_job_pending_for_what_its_partition_never_has_ends_wait(slurm_cluster, jobs, tmp_path):
+    """Queued without submit's check (sbatch by hand): status names the reason, --wait ends, exit 1."""
+    from allconv_hpc import status as st
+    r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "--cpus-per-task=64", "-o", "/dev/null", "--wrap", "true"],
+                          check=True)
+    job = r.stdout.strip()
+    jobs.append(job)
+    assert poll(lambda: slurm_cluster.run(["squeue", "-h", "-j", job, "-o", "%r"]).stdout.strip() == "PartitionConfig",
+                30)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "submission.json").write_text(json.dumps({"job_id": job, "backend": "slurm", "run_dir": str(run),
+                                                     "submitted": time.time()}))
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 1, table
+    assert rows[0]["state"] == f"PENDING (PartitionConfig: never starts as asked; scancel {job})", rows
+    assert not rows[0]["active"] and squeue_state(slurm_cluster, job) == "PENDING"
+    w = cli(slurm_cluster, tmp_path, "status", str(run))  # what --wait ends with (status.wait_for: no row active)
+    assert w.returncode == 1 and "PartitionConfig" in w.stdout
+    assert st.exit_code(rows) == 1
+
+
+def test_a_run_started_with_plain_sbatch_is_not_trained_into_twice(slurm_cluster, jobs, tmp_path):
+    """status.json names the job that trains the run: submit and train refuse the folder while it is queued or
+    running, and status asks Slurm about it (no guess)."""
+    run, job = sbatch_plain(slurm_cluster, jobs, tmp_path, 500)
+    st = wait_status(run, "running", 120)
+    assert st["slurm_job_id"] == job, st
+    sub = cli(slurm_cluster, tmp_path, "submit", *SLURM, *JOB, "trainer.epochs=500", f"hydra.run.dir={run}")
+    assert sub.returncode == 2, (sub.stdout, sub.stderr)
+    assert sub.stderr.strip().splitlines() == [
+        f"allconv-hpc submit: error: run folder {run} already has job {job} (RUNNING) training into it (started "
+        f"without submit, e.g. sbatch slurm/train.sbatch); a second job would train into the same folder: wait for it "
+        f"(allconv-hpc status {run}) or stop it (scancel {job}), then submit again"], sub.stderr
+    assert not (run / "submission.json").exists()
+    by_hand = cli(slurm_cluster, tmp_path, "train", *JOB, "trainer.epochs=500", f"hydra.run.dir={run}")
+    assert by_hand.returncode == 2 and f"has job {job} (RUNNING) training into it" in by_hand.stderr, by_hand.stderr
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and (rows[0]["job"], rows[0]["state"]) == (job, "RUNNING"), table
+    slurm_cluster.run(["scancel", job], check=True)
+    wait_final(slurm_cluster, job, 120)
+    dry = cli(slurm_cluster, tmp_path, "submit", "--dry-run", *SLURM, *JOB, "trainer.epochs=500", f"hydra.run.dir={run}")
+    assert dry.returncode == 0 and f"{run}  " in dry.stdout, (dry.stdout, dry.stderr)  # ended: it may resume
+
+
+def test_a_job_cancelled_after_its_run_completed_is_not_failed(slurm_cluster, jobs, tmp_path):
+    """Training done (status.json completed), then Slurm ends the job otherwise (scancel a moment later)."""
+    run = tmp_path / "run"
+    train = " ".join([PY, "-m", "allconv_hpc", "train", *JOB, "trainer.epochs=1", f"hydra.run.dir={run}"])
+    submitted = time.time()
+    r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "--cpus-per-task=1", "-o", str(tmp_path / "job.out"),
+                           "--wrap", f"{train} && sleep 300"], env=job_env(slurm_cluster, tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    jobs.append(job)
+    (run / "submission.json").parent.mkdir(parents=True)
+    (run / "submission.json").write_text(json.dumps({"job_id": job, "backend": "slurm", "run_dir": str(run),
+                                                     "submitted": submitted}))
+    wait_status(run, "completed", 180)
+    slurm_cluster.run(["scancel", job], check=True)
+    assert wait_final(slurm_cluster, job, 60) == "CANCELLED"
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and rows[0]["state"] == "CANCELLED (run completed)" and not rows[0]["failed"], table
+    again = cli(slurm_cluster, tmp_path, "submit", "--dry-run", *SLURM, *JOB, "trainer.epochs=1", f"hydra.run.dir={run}")
+    assert again.returncode == 0 and f"not submitted again (completed): {run}" in again.stdout, again
+
+
+def test_two_submits_at_once_into_one_folder_queue_one_job(slurm_cluster, jobs, tmp_path):
+    """Both pass their checks while the folder is free; the lock makes the later one check again and refuse."""
+    import fcntl
+    run = tmp_path / "run"
+    run.mkdir()
+    held = open(run / ".submit.lock", "w")
+    fcntl.flock(held, fcntl.LOCK_EX)  # both submits plan, then wait here together
+    outs = [tmp_path / f"submit{i}.err" for i in (0, 1)]
+    procs = [subprocess.Popen([PY, "-m", "allconv_hpc", "submit", *SLURM, *JOB, "trainer.epochs=50",
+                               f"hydra.run.dir={run}"], env=job_env(slurm_cluster, tmp_path), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=open(o, "w"), text=True) for o in outs]
+    try:
+        waiting = poll(lambda: all("waiting for another submit" in o.read_text() for o in outs), 120)
+        held.close()  # releases the lock
+        assert waiting, [o.read_text() for o in outs]
+        results = [(p.wait(120), p.stdout.read(), o.read_text()) for p, o in zip(procs, outs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    queued = [re.search(r"^job (\S+)\s", out, re.M) for _, out, _ in results]
+    jobs.extend(m.group(1) for m in queued if m)
+    assert sorted(rc for rc, _, _ in results) == [0, 2], results
+    (ok,) = [r for r in results if r[0] == 0]
+    (no,) = [r for r in results if r[0] == 2]
+    job = json.loads((run / "submission.json").read_text())["job_id"]
+    assert ok[1].startswith(f"job {job}  {run}"), ok
+    assert f"run folder {run} already has job {job} (" in no[2], no
+
+
 BAD = {
     "missing_data": (["data=cifar10", "data.root=/nonexistent"], "CIFAR-10 not found"),
     "negative_lr": (["optim.lr=-1"], "optim.lr=-1"),
@@ -545,19 +704,12 @@ def assert_nothing_reached_slurm(cluster, tmp: Path, called: Path) -> None:
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_config_is_refused_before_slurm(slurm_cluster, tmp_path, monkeypatch, capsys, case):
     """In-process (the CLI's own entry point, without paying for a new interpreter per case)."""
-    from allconv_hpc.cli import main
     extra, message = BAD[case]
     extra = [e.format(pwned=tmp_path / "pwned") for e in extra]
     bin_dir, called = fake_sbatch(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.chdir(tmp_path)
-    folder = f"hydra.sweep.dir={tmp_path / 'sweep'}" if "-m" in extra else f"hydra.run.dir={tmp_path / 'run'}"
-    code = main(["submit", *SLURM, *JOB, *extra, folder])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("allconv-hpc submit: error: "), err
-    assert message in lines[0], lines[0]
+    line = submit_error(tmp_path, monkeypatch, capsys, extra)
+    assert message in line, line
     assert_nothing_reached_slurm(slurm_cluster, tmp_path, called)
 
 
