@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SECTIONS, Config, ConfigError, from_dict
+from .config import CLUSTER_KEYS, SECTIONS, Config, ConfigError, from_dict
 
 CONFIG_MODULE = "allconv_hpc.conf"
 
@@ -28,11 +28,10 @@ class Composed:
 
 
 def _group_keys(group: str):
-    """The keys a config group takes, or None where we keep no list (the cluster group's are launcher's)."""
+    """The keys a config group takes (the cluster group's are config.CLUSTER_KEYS), or None where we keep no list."""
     if group in SECTIONS:
         return [f.name for f in dataclasses.fields(SECTIONS[group])]
     if group == "cluster":
-        from .launcher import CLUSTER_KEYS
         return list(CLUSTER_KEYS)
     return None
 

@@ -26,6 +26,10 @@ CPU_PRECISIONS = ("fp32", "auto")  # what runs without CUDA (auto is fp32 there)
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("online", "offline", "disabled")
 RESUME_MODES = ("auto", "never", "must")
+# the cluster group's keys (conf/cluster/*.yaml): the launcher reads them, the trainer never does
+CLUSTER_KEYS = {"backend", "nodes", "gpus_per_node", "gpu_type", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
+                "partition", "account", "qos", "constraint", "exclude", "additional_parameters", "setup",
+                "signal", "signal_lead_s", "requeue", "array_parallelism"}
 
 
 class ConfigError(ValueError):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .config import CPU_PRECISIONS, ConfigError, resumable_change
+from .config import CLUSTER_KEYS, CPU_PRECISIONS, ConfigError, resumable_change
 from .fsio import read_json, write_atomic
 from .preempt import EXIT_REQUEUED, ignore_late_signals
 
@@ -31,9 +31,6 @@ from .preempt import EXIT_REQUEUED, ignore_late_signals
 _SAFE = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-]+")  # used with fullmatch: "$" would let "x\n" through
 _GPU_TYPE = re.compile(r"[A-Za-z0-9_.\-]+")  # --gpus-per-node=<type>:<count>, e.g. a100, h100_80gb
 _CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-|&*!()]+")  # features: a100|h100, [a&b], (x*2)
-CLUSTER_KEYS = {"backend", "nodes", "gpus_per_node", "gpu_type", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
-                "partition", "account", "qos", "constraint", "exclude", "additional_parameters", "setup",
-                "signal", "signal_lead_s", "requeue", "array_parallelism"}
 # sbatch options that come from cluster.* keys or that submit sets itself: additional_parameters may not
 # override them (the job would get another shape than the one validated, or lose its signal or logs)
 _OWN_OPTIONS = {"nodes": "cluster.nodes", "ntasks-per-node": "cluster.tasks_per_node",

@@ -155,7 +155,7 @@ def test_a_misspelt_option_lists_every_option_of_its_group():
 
 
 def test_a_misspelt_cluster_key_lists_the_launchers_keys():
-    from allconv_hpc.launcher import CLUSTER_KEYS
+    from allconv_hpc.config import CLUSTER_KEYS
     msg = _error(["cluster=local", "cluster.partiton=high"])
     listed = re.search(r"cluster has no key 'partiton'; its keys: (.*)$", msg)
     assert listed, msg
