@@ -532,19 +532,26 @@ def _warn(msg: str) -> None:
     print(f"allconv-hpc submit: warning: {msg}", file=sys.stderr)
 
 
+def sbatch_script(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> Optional[str]:
+    """The batch script submitit would queue for the points to submit (None: nothing for Slurm)."""
+    todo = [p for p in points if p.skip is None]
+    if cluster["backend"] != "slurm" or not todo:
+        return None
+    base = sweep_dir if sweep_dir is not None else todo[0].run_dir
+    ex = make_executor(cluster, base / ".submitit" / "%j")
+    if len(todo) > 1:
+        ex.parameters["map_count"] = len(todo)  # the job array, as SlurmExecutor renders it for a batch
+    return ex._make_submission_file_text(ex._submitit_command_str, "test-only")
+
+
 def check_can_start(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> None:
     """`sbatch --test-only` on the very script submit would queue. Under EnforcePartLimits=NO (Slurm's default)
     sbatch queues a job that asks for more than its partition ever has (nodes, CPUs, memory, time, features),
     and it pends forever (PartitionConfig, PartitionNodeLimit, ...); the test says so at once. When the test
     cannot be run (no answer, an sbatch without --test-only), submission goes on with a warning."""
-    todo = [p for p in points if p.skip is None]
-    if cluster["backend"] != "slurm" or not todo:
+    script = sbatch_script(points, sweep_dir, cluster)
+    if script is None:
         return
-    base = sweep_dir if sweep_dir is not None else todo[0].run_dir
-    ex = make_executor(cluster, base / ".submitit" / "%j")
-    if len(todo) > 1:
-        ex.parameters["map_count"] = len(todo)  # the job array, as SlurmExecutor renders it for a batch
-    script = ex._make_submission_file_text(ex._submitit_command_str, "test-only")
     try:
         r = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True,
                            timeout=TEST_ONLY_TIMEOUT_S)
@@ -779,11 +786,15 @@ def submit_main(argv: list[str]) -> int:
     try:
         points, sweep_dir, cluster = plan(overrides, args.multirun)
         if args.dry_run:
-            check_can_start(points, sweep_dir, cluster)
             _print_skipped(points)
             for p in points:
                 if p.skip is None:
-                    print(f"{p.run_dir}  {' '.join(p.overrides)}")
+                    print(f"{p.run_dir}  {' '.join(o for o in p.overrides if not o.startswith('hydra.'))}")
+            script = sbatch_script(points, sweep_dir, cluster)
+            if script is not None:  # what Slurm would get, before asking it whether it can ever run it
+                print("sbatch options:\n" + "\n".join(f"  {ln[len('#SBATCH '):]}" for ln in script.splitlines()
+                                                    if ln.startswith("#SBATCH ")))
+            check_can_start(points, sweep_dir, cluster)
             return 0
         jobs = submit(points, sweep_dir, cluster) if any(p.skip is None for p in points) else []
         _print_skipped(points)  # also what another submit queued meanwhile

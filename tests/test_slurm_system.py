@@ -618,6 +618,10 @@ def test_a_run_started_with_plain_sbatch_is_not_trained_into_twice(slurm_cluster
     wait_final(slurm_cluster, job, 120)
     dry = cli(slurm_cluster, tmp_path, "submit", "--dry-run", *SLURM, *JOB, "trainer.epochs=500", f"hydra.run.dir={run}")
     assert dry.returncode == 0 and f"{run}  " in dry.stdout, (dry.stdout, dry.stderr)  # ended: it may resume
+    assert "hydra.run.dir" not in dry.stdout  # the folder is printed once, before the overrides
+    options = dry.stdout.split("sbatch options:\n", 1)[1].split()  # the script's #SBATCH lines, as Slurm gets them
+    assert {"--nodes=1", "--ntasks-per-node=1", "--partition=low", "--requeue"} <= set(options), dry.stdout
+    assert any(o.startswith("--signal=USR2@") for o in options), dry.stdout
 
 
 def test_a_job_cancelled_after_its_run_completed_is_not_failed(slurm_cluster, jobs, tmp_path):
