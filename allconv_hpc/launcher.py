@@ -726,7 +726,8 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
     for p, j in zip(points, jobs):
         p.run_dir.mkdir(parents=True, exist_ok=True)
         rec = {"job_id": str(j.job_id), "backend": cluster["backend"], "run_dir": str(p.run_dir),
-               "overrides": p.overrides, "submitted": now, "submitit_folder": str(base / ".submitit")}
+               "overrides": p.overrides, "submitted": now, "submitit_folder": str(base / ".submitit"),
+               "epochs": p.cfg.trainer.epochs if p.cfg is not None else None}  # status: progress before the job starts
         _write_json(p.run_dir / "submission.json", rec)
         records.append(rec)
     if sweep_dir is not None:

@@ -287,13 +287,15 @@ def run_rows(folder: Path) -> list[dict]:
             # training finished, then Slurm ended the job otherwise (scancel or the time limit just after the
             # last epoch): the run is done, not failed, and a new submit would find nothing to do
             state, failed = f"{state} (run completed)", False
+        # until this job writes status.json, progress is the earlier job's, towards this job's trainer.epochs
+        target = st.get("epochs", "?") if current or not rec.get("epochs") else rec["epochs"]
         never = state == "PENDING" and reason in NEVER_STARTS  # --wait would wait forever
         if never:
             state = f"PENDING ({reason}: never starts as asked; scancel {rec['job_id']})"
         rows.append({"job": rec.get("job_id") or "-", "state": state, "run": run_state or "-",
                      # no_answer: Slurm did not answer and the run has not ended, so it may still be queued
                      "active": (active and not never) or no_answer, "failed": failed or never, "no_answer": no_answer,
-                     "restarts": restarts, "epoch": f"{st.get('epoch', 0)}/{st.get('epochs', '?')}",
+                     "restarts": restarts, "epoch": f"{st.get('epoch', 0)}/{target}",
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "folder": run_dir.name})

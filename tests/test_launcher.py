@@ -735,12 +735,13 @@ def test_status_table_shows_test_acc_only_for_runs_that_have_it(tmp_path, on_pat
 
 def test_an_earlier_jobs_final_state_is_not_the_new_jobs(tmp_path, on_path, capsys):
     """Resubmitted after the last job gave up: the new job is pending; status.json is the old job's."""
-    run = write_run(tmp_path, "gave_up", submitted=2000.0)
+    run = write_run(tmp_path, "gave_up", submitted=2000.0, epochs=8)  # resubmitted with trainer.epochs=8
     st = json.loads((run / "status.json").read_text())
     (run / "status.json").write_text(json.dumps({**st, "updated": 1000.0, "restarts": 3}))
     on_path(squeue="echo PENDING", sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=0'")
     row = status.run_rows(run)[0]
-    assert (row["state"], row["run"], row["epoch"], row["restarts"]) == ("PENDING", "-", "1/3", 0), row
+    # the old job's progress towards the new job's target, not the old target
+    assert (row["state"], row["run"], row["epoch"], row["restarts"]) == ("PENDING", "-", "1/8", 0), row
     assert not status.is_failed(row) and row["active"]
     assert status.status_main([str(run)]) == 0
     # the new job vanished without a word: LOST, not the old run's final state
@@ -752,6 +753,7 @@ def test_an_earlier_jobs_final_state_is_not_the_new_jobs(tmp_path, on_path, caps
     # written by this submission's job: trusted
     (run / "status.json").write_text(json.dumps({**st, "state": "completed", "updated": 2001.0}))
     assert status.run_rows(run)[0]["state"] == "COMPLETED" and status.status_main([str(run)]) == 0
+    assert status.run_rows(run)[0]["epoch"] == "1/3"  # its own word on its target
     # a submission.json without a submit time (written before there was one): trusted as before
     (run / "submission.json").write_text(json.dumps({"job_id": "42", "backend": "slurm", "run_dir": str(run)}))
     (run / "status.json").write_text(json.dumps({**st, "state": "completed", "updated": 1000.0}))
@@ -765,7 +767,7 @@ def test_submit_records_a_submit_time_before_the_job_can_write(tmp_path, on_path
     code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 0, err
     rec = json.loads((tmp_path / "run" / "submission.json").read_text())
-    assert rec["job_id"] == "77" and t0 <= rec["submitted"] <= time.time()
+    assert rec["job_id"] == "77" and t0 <= rec["submitted"] <= time.time() and rec["epochs"] == 1
 
 
 @pytest.mark.parametrize("final", ["PREEMPTED", "SPECIAL_EXIT", "STOPPED", "REQUEUED"])
