@@ -649,6 +649,10 @@ class Trainer:
             self._finish_tracker(0)
             ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
             decision = "requeued" if ok else "interrupted"
+            if not ok and self.env.is_main:
+                log.warning("Slurm did not requeue job %s (cluster.requeue=false submits with --no-requeue, and a "
+                            "site may forbid requeues): the run stops with its checkpoint; the same command resumes "
+                            "it", self.slurm.job_id)
         if self.env.is_main:
             log.warning("%s at global step %d (epoch %d)", decision, st.global_step,
                         min(st.epoch + 1, self.cfg.trainer.epochs))  # past the last: in the final test eval

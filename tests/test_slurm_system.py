@@ -487,7 +487,8 @@ def test_requeue_false_is_no_requeue_and_a_warning_then_stops_the_run(slurm_clus
     assert wait_final(slurm_cluster, job, 90) == "FAILED", tail(run)
     st = read_status(run)
     assert st["state"] == "interrupted" and st["signal"] == "SIGUSR2" and st["restarts"] == 0, st
-    assert "interrupted at global step" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "interrupted at global step" in log and f"Slurm did not requeue job {job} (cluster.requeue=false" in log
     rc, rows, table = status(slurm_cluster, tmp_path, run)
     assert rc == 1 and rows[0]["state"] == "FAILED" and rows[0]["run"] == "interrupted", table
 
