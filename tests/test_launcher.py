@@ -548,6 +548,18 @@ def test_signal_lead_longer_than_the_time_limit_says_both_in_seconds():
                             "cluster.signal_lead_s (at least 10) or raise cluster.timeout_min above 2")
 
 
+def test_a_signal_lead_over_half_the_time_limit_is_warned_once(tmp_path, capsys):
+    launcher.plan(["cluster=local", *TINY, "cluster.timeout_min=3", "cluster.signal_lead_s=100", "seed=0,1",
+                   "cluster.array_parallelism=2",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}"], multirun=True)
+    err = capsys.readouterr().err
+    assert err.count("warning: cluster.signal_lead_s=100 s is over half of cluster.timeout_min=3 (180 s): each start "
+                     "trains at most 80 s") == 1, err
+    launcher.plan(["cluster=local", *TINY, "cluster.timeout_min=3", "cluster.signal_lead_s=90",
+                   f"hydra.run.dir={tmp_path / 'run'}"], multirun=False)
+    assert "warning" not in capsys.readouterr().err  # exactly half: fine
+
+
 def test_a_run_folder_of_another_config_is_refused(tmp_path):
     run = tmp_path / "run"
     theirs = compose(["cluster=local", *TINY, "optim.lr=0.1"]).cfg
