@@ -204,6 +204,11 @@ def test_sigkill_after_wandb_wrote_past_the_checkpoint_logs_each_step_once(refer
     assert [r["_step"] for r in merged_history(run / "wandb", rid)] == list(range(1, 17))
 
 
+def newest_step(run: Path) -> int:
+    files = CheckpointDir(run / "checkpoints", keep=2).step_files()
+    return int(files[0].stem[5:]) if files else -1
+
+
 @pytest.mark.slow
 def test_sigkill_many_times_never_leaves_an_unloadable_checkpoint(reference, tmp_path):
     """Kill -9 at random moments (checkpoints every step, so many kills land inside a write)."""
@@ -212,9 +217,14 @@ def test_sigkill_many_times_never_leaves_an_unloadable_checkpoint(reference, tmp
     rng = random.Random(7)
     kills = 0
     for _ in range(8):
+        before = newest_step(run)
         p = subprocess.Popen(train_cmd(run, ov), env=clean_env(tmp_path), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.5, 5.0))  # startup is ~2 s; then steps and writes
+        # Kill once this start has written a checkpoint of its own, at a random moment after it: the whole
+        # run is ~15 steps in ~3 s, so a fixed sleep would often find it finished (and test nothing).
+        while p.poll() is None and newest_step(run) <= before:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1
