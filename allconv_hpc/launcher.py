@@ -339,9 +339,10 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
         raise ConfigError("two sweep points map to the same run folder; make the swept values distinct")
     lead, limit = cluster["signal_lead_s"], cluster["timeout_min"] * 60
     if 2 * lead > limit:  # legal, but each start trains little and every time limit uses up a requeue
+        then = ("and is requeued, and each time limit counts against checkpoint.max_requeues"
+                if cluster["backend"] == "slurm" else "and stops (cluster=local does not requeue)")
         _warn(f"cluster.signal_lead_s={lead} s is over half of cluster.timeout_min={cluster['timeout_min']} "
-              f"({limit} s): each start trains at most {limit - lead} s before it checkpoints and is requeued, "
-              f"and each time limit counts against checkpoint.max_requeues")
+              f"({limit} s): each start trains at most {limit - lead} s before it checkpoints {then}")
     missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]  # submitit needs both
     if cluster["backend"] == "slurm" and missing:
         raise ConfigError(f"cluster=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on "

@@ -23,7 +23,7 @@ import torch
 
 GCN_SCALE = 55.0  # pylearn2 CIFAR10(gcn=55.)
 ZCA_BIAS = 0.1    # pylearn2 ZCA(filter_bias=0.1)
-_CHUNK = 8192     # images per float64 block: bounds the fit's memory at ~200 MB beyond the D x D matrices
+_CHUNK = 8192     # images per block: one float64 block is 200 MB; GCN's temporaries make the peak ~2-3 of them
 
 
 def gcn(images: torch.Tensor) -> torch.Tensor:

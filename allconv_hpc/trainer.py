@@ -315,7 +315,10 @@ class Trainer:
                 log.warning("best.pt is unreadable (%s)", e)
         if held == st.best_val_acc:
             return held
-        if st.step_in_epoch == 0 and st.history and st.history[-1]["val_acc"] == st.best_val_acc:
+        # the best epoch is the first to reach best_val_acc (a tie does not replace it); only if that is the
+        # checkpoint's own last epoch does the checkpoint hold its weights
+        first_best = next((i for i, r in enumerate(st.history) if r["val_acc"] == st.best_val_acc), None)
+        if st.step_in_epoch == 0 and st.history and first_best == len(st.history) - 1:
             try:
                 self.ckpt.save_best({"model": ck["model"], "epoch": st.epoch, "global_step": st.global_step,
                                      "val_acc": st.best_val_acc, "config": self.cfg_dict})

@@ -554,7 +554,7 @@ def test_a_signal_lead_over_half_the_time_limit_is_warned_once(tmp_path, capsys)
                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], multirun=True)
     err = capsys.readouterr().err
     assert err.count("warning: cluster.signal_lead_s=100 s is over half of cluster.timeout_min=3 (180 s): each start "
-                     "trains at most 80 s") == 1, err
+                     "trains at most 80 s before it checkpoints and stops (cluster=local does not requeue)") == 1, err
     launcher.plan(["cluster=local", *TINY, "cluster.timeout_min=3", "cluster.signal_lead_s=90",
                    f"hydra.run.dir={tmp_path / 'run'}"], multirun=False)
     assert "warning" not in capsys.readouterr().err  # exactly half: fine

@@ -502,3 +502,21 @@ def test_more_threads_than_cpus_is_warned_about(caplog):
         assert f"trainer.threads={cores + 1} x 1 rank(s) here is more than the {cores} CPU(s)" in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("accs, rewritten", [([0.3, 0.5], True), ([0.5, 0.4, 0.5], False), ([0.2, 0.5, 0.5], False)])
+def test_a_missing_best_pt_is_rewritten_only_from_the_first_epoch_that_reached_the_best(tmp_path, accs, rewritten):
+    """best.pt holds the first epoch reaching the best val_acc (a tie does not replace it): a checkpoint
+    whose last epoch only ties it does not hold those weights, so best.pt is not written from it."""
+    from types import SimpleNamespace
+    from allconv_hpc.checkpoint import CheckpointDir, load_file
+    from allconv_hpc.trainer import Trainer
+    st = TrainState(epoch=len(accs), global_step=5 * len(accs), best_val_acc=max(accs),
+                    history=[{"epoch": e + 1, "val_acc": a} for e, a in enumerate(accs)])
+    me = SimpleNamespace(state=st, ckpt=CheckpointDir(tmp_path, keep=2), cfg_dict={})
+    weights = {"w": torch.ones(2)}
+    held = Trainer._best_file_holds(me, {"model": weights})
+    assert (tmp_path / "best.pt").exists() == rewritten
+    assert held == (max(accs) if rewritten else -1.0)  # -1: the next better epoch writes it
+    if rewritten:
+        assert load_file(tmp_path / "best.pt")["epoch"] == len(accs)
