@@ -21,7 +21,8 @@ def train_usage() -> str:
     lines = [f"  {name:<11} {' | '.join(choices)}" for name, choices in groups]
     return ("usage: allconv-hpc train [HYDRA_OVERRIDES ...]\n\n"
             "Trains one run in hydra.run.dir (default runs/<model>-<data>-seed<seed>); running the same command\n"
-            "again resumes it. One rank of a DDP job under torchrun or srun. Config groups (group=choice):\n"
+            "again resumes it (a completed run: nothing to do; a larger trainer.epochs trains it on).\n"
+            "One rank of a DDP job under torchrun or srun. Config groups (group=choice):\n"
             + "\n".join(lines) + "\n\n"
             "Keys: group.key=value, e.g. optim.lr=0.1 trainer.epochs=60 trainer.precision=bf16 model.width=0.5\n"
             "(every key with its default and meaning: README.md, 'Config groups', and conf/**/*.yaml).\n"
