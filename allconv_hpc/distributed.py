@@ -308,7 +308,8 @@ class Dist:
             return (f"rank {me}: peer rank(s) {who} did not answer: died, hung or stopped "
                     f"(collective failed: {_first_line(err)})")
         except Exception:
-            return (f"rank {me}: rank 0 (host of the rendezvous store) is unreachable, it probably died "
+            return (f"rank {me}: rank 0 (host of the rendezvous store) is unreachable, it probably died; its "
+                    f"error, if it had time to write one, is in the run folder's train.log "
                     f"(collective failed: {_first_line(err)})")
 
     def close(self) -> None:
