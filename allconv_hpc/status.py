@@ -237,16 +237,26 @@ def job_records(folder: Path) -> list[dict]:
         jobs = sweep.get("jobs")
         if not isinstance(jobs, list) or not jobs:
             raise DamagedFile(f"{path}: no 'jobs' list, or an empty one; {FIXES[path.name]}")
-        return [check_keys(rec, JOB_KEYS, path, f"job {i + 1}: ") for i, rec in enumerate(jobs)]
+        return [_here(check_keys(rec, JOB_KEYS, path, f"job {i + 1}: "), folder, sweep=True)
+                for i, rec in enumerate(jobs)]
     path = folder / "submission.json"
     rec = read_record(path)
     if rec is not None:
-        return [check_keys(rec, JOB_KEYS, path)]
+        return [_here(check_keys(rec, JOB_KEYS, path), folder, sweep=False)]
     if (folder / "status.json").exists() or (folder / "checkpoints").exists():
         # started without submit: Slurm is asked about the job its status.json names, if any
         return [started_job(folder) or {"job_id": None, "run_dir": str(folder), "backend": "none"}]
     raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
                             f"folder (sweep.json)")
+
+
+def _here(rec: dict, folder: Path, sweep: bool) -> dict:
+    """The record with run_dir in the folder asked about: a run or sweep folder moved or copied since it was
+    submitted (off scratch, say) is read where it is now, not at the path recorded at submit time."""
+    mine = folder / Path(rec["run_dir"]).name if sweep else folder
+    if mine.absolute() != Path(rec["run_dir"]).absolute() and (not sweep or mine.is_dir()):
+        return {**rec, "run_dir": str(mine.absolute())}
+    return rec
 
 
 def run_status(run_dir: Path) -> dict:

@@ -119,6 +119,21 @@ def test_a_good_sweep_shows(tmp_path, no_slurm, capsys):
     assert capsys.readouterr().out.count("COMPLETED") == 2
 
 
+def test_a_moved_run_or_sweep_is_read_where_it_is_now(tmp_path, no_slurm, capsys):
+    """Folders copied or moved since submit (off scratch) are read at the path given, not the recorded one."""
+    root, _ = sweep(tmp_path)
+    run = write_run(tmp_path / "run", "completed")
+    moved_sweep, moved_run = tmp_path / "archive" / "sweep", tmp_path / "archive" / "run"
+    moved_sweep.parent.mkdir()
+    root.rename(moved_sweep)
+    run.rename(moved_run)
+    for folder in (moved_sweep, moved_run):
+        assert status.status_main([str(folder), "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        # read at the old path these would be LOST (no status.json there) and UNKNOWN
+        assert [(r["state"], r["epoch"]) for r in rows] == [("COMPLETED", "1/3")] * len(rows), rows
+
+
 @pytest.mark.parametrize("content,what", [
     ("[1, 2]", "holds a JSON list, not an object"),
     ("", "is empty"),
