@@ -222,6 +222,11 @@ def load(cfg: DataConfig, seed: int) -> Dataset:
     fetch_if_missing(cfg)
     _require(cfg)
     train, val = _read_split(folder, lay.train, lay), None
+    test = _read_split(folder, lay.test, lay)
+    for name, split, files in (("training", train, lay.train), ("test", test, lay.test)):
+        if not len(split):  # a copy cut short: fail now, not with a division by zero after an epoch
+            raise DataError(f"{folder} holds no {name} images ({', '.join(files)} are empty); copy the "
+                            f"dataset there again")
     if cfg.val_size:  # held out first, so that train_size subsets what is left, seed by seed
         if cfg.val_size >= len(train):
             raise DataError(f"data.val_size={cfg.val_size} leaves none of the {len(train)} training images in "
@@ -229,7 +234,7 @@ def load(cfg: DataConfig, seed: int) -> Dataset:
         val, train = _split_off(train, cfg.val_size, _VAL_SEED, "val_size")
     after = f" after data.val_size={cfg.val_size}" if cfg.val_size else ""
     train = _subset(train, cfg.train_size, seed, "train_size", after)
-    test = _subset(_read_split(folder, lay.test, lay), cfg.test_size, _TEST_SEED, "test_size")
+    test = _subset(test, cfg.test_size, _TEST_SEED, "test_size")
     return Dataset(train, test, lay.mean, lay.std, _read_classes(folder / lay.meta, lay), val)
 
 
@@ -365,7 +370,9 @@ class TrainBatches:
         if global_batch < world:
             raise DataError(f"trainer.batch_size={global_batch} is smaller than the {world} ranks; "
                             f"use at least one sample per rank")
-        if n == 0 or (drop_last and global_batch > n):
+        if n == 0:
+            raise DataError("there are no training images to train on; check data.train_size and the dataset")
+        if drop_last and global_batch > n:
             raise DataError(f"trainer.batch_size={global_batch} with trainer.drop_last=true leaves no step "
                             f"for {n} training images; lower the batch size or set trainer.drop_last=false")
         self.images, self.labels = images_dev, labels_dev

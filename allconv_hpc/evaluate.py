@@ -87,6 +87,8 @@ def _sweep_hint(run: Path) -> Optional[str]:
         return None
     # quoted: a point's folder name holds commas (model=allcnn_c,seed=0)
     shown = ", ".join(f"'{d}'" for d in points[:3]) + (f" ... ({len(points)} in all)" if len(points) > 3 else "")
+    if not (run / "sweep.json").is_file():
+        return f"{run} holds run folders but is not one: evaluate one of them, e.g. {shown}"
     return (f"{run} is a sweep folder (allconv-hpc submit -m), not a run folder: evaluate one of its run folders"
             + (f", e.g. {shown}; allconv-hpc status {run} shows each one's best_val_acc" if points
                else " (it holds none yet)"))
@@ -95,9 +97,9 @@ def _sweep_hint(run: Path) -> Optional[str]:
 def _checkpoint_path(run: Path, which: str) -> Path:
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; give a run folder (the one holding checkpoints/)")
-    path = run / "checkpoints" / f"{which}.pt" if which in ("best", "last") else Path(which)
-    if not path.is_file() and (run / "checkpoints" / which).is_file():  # a file's name in checkpoints/
-        path = run / "checkpoints" / which
+    mine = run / "checkpoints" / (f"{which}.pt" if which in ("best", "last") else which)
+    # a bare name is the run's own file, even if the current folder holds one of that name
+    path = mine if which in ("best", "last") or mine.is_file() else Path(which)
     if not path.is_file():
         sweep = _sweep_hint(run)
         if sweep:
@@ -121,8 +123,9 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     if not isinstance(ck.get("config"), dict) or "model" not in ck:
         raise ConfigError(f"{path} holds no model and config: not a checkpoint of allconv-hpc train")
     raw = ck["config"]
-    if data_root is not None:
-        raw = {**raw, "data": {**raw.get("data", {}), "root": data_root}}
+    # never a download: a wrong --data-root must say the data is not there, not fetch it there
+    raw = {**raw, "data": {**raw.get("data", {}), "download": False,
+                           **({"root": data_root} if data_root is not None else {})}}
     cfg = from_dict(raw)
     if split == "val" and not cfg.data.val_size:
         raise ConfigError(f"the run in {run} has no held-out split (data.val_size=0): its val_acc is test "
@@ -159,7 +162,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     ts = ck.get("train_state") or {}
     epoch = ck.get("epoch", ts.get("epoch"))
     val_acc, val_epoch = saved_val_acc(ck)
-    return {"checkpoint": str(path), "epoch": epoch, "global_step": ck.get("global_step", ts.get("global_step")),
+    return {"checkpoint": str(path), "epoch": epoch, "step_in_epoch": ts.get("step_in_epoch", 0),
+            "global_step": ck.get("global_step", ts.get("global_step")),
             "val_acc_when_saved": val_acc, "val_acc_epoch": val_epoch, "split": split, "loss": loss / n,
             "accuracy": correct / n, "images": int(n), "precision": precision, "device": str(dev)}
 
@@ -194,6 +198,8 @@ def evaluate_main(argv: list[str]) -> int:
         print(json.dumps(r))
     else:
         when = f"epoch {r['epoch']}" if r["epoch"] is not None else "?"
+        if r["step_in_epoch"] and r["epoch"] is not None:  # inside epoch+1 (epoch counts finished ones)
+            when = f"epoch {r['epoch'] + 1} step {r['step_in_epoch']}, global step {r['global_step']}"
         if r["val_acc_when_saved"] is not None:
             when += f"; val_acc {r['val_acc_when_saved']:.4f} after epoch {r['val_acc_epoch']}"
         print(f"{Path(r['checkpoint']).name} ({when}): {r['split']} loss {r['loss']:.4f} acc {r['accuracy']:.4f} "

@@ -54,6 +54,14 @@ def test_a_train_split_smaller_than_the_five_batch_files_loads(tmp_path):
     assert torch.equal(ds.train.images, xtr) and torch.equal(ds.train.labels, ytr)
 
 
+@pytest.mark.parametrize("empty", ["training", "test"])
+def test_a_split_without_images_is_refused_at_load(tmp_path, empty):
+    (xtr, ytr), (xte, yte) = _fake(0 if empty == "training" else 4, 10, 4), _fake(0 if empty == "test" else 2, 10, 5)
+    data.write_cifar(tmp_path, "cifar10", xtr, ytr, xte, yte, C10)
+    with pytest.raises(data.DataError, match=f"holds no {empty} images .* copy the dataset there again"):
+        data.load(_cfg(tmp_path), seed=0)
+
+
 def test_cifar100_roundtrip(tmp_path):
     (xtr, ytr), (xte, yte) = _fake(12, 100, 2), _fake(5, 100, 3)
     names = [f"f{i}" for i in range(100)]
@@ -300,6 +308,8 @@ def test_channels_last_and_bad_arguments():
     assert xb.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(data.DataError, match="smaller than the 3 ranks"):
         data.TrainBatches(x, torch.zeros(10, dtype=torch.long), 2, 0, 3, 0, "none", (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(data.DataError, match="no training images"):
+        data.TrainBatches(x[:0], torch.zeros(0, dtype=torch.long), 4, 0, 1, 0, "none", (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(data.DataError, match="drop_last"):
         data.TrainBatches(x, torch.zeros(10, dtype=torch.long), 16, 0, 1, 0, "none", (0.5,) * 3, (0.25,) * 3,
                           drop_last=True)

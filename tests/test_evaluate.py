@@ -102,6 +102,10 @@ def test_a_step_checkpoint_reports_the_val_acc_of_its_last_finished_epoch(tmp_pa
     assert saved("last") == (rows[1]["val_acc"], 2)
     assert saved("best") == (max(r["val_acc"] for r in rows), max(rows, key=lambda r: r["val_acc"])["epoch"])
     text = _cli(tmp_path, run, "--checkpoint", "last").stdout
+    # a bare name is the run's own file, though the current folder (tmp_path) holds one of that name
+    shutil.copy(run / "checkpoints" / "step_00000002.pt", tmp_path / "step_00000006.pt")
+    mid = _cli(tmp_path, run, "--checkpoint", "step_00000006.pt").stdout
+    assert mid.startswith("step_00000006.pt (epoch 2 step 1, global step 6; val_acc"), mid
     assert f"val_acc {rows[1]['val_acc']:.4f} after epoch 2" in text, text
     assert "val_acc" not in _cli(tmp_path, run, "--checkpoint", "step_00000002.pt").stdout
 
@@ -117,10 +121,10 @@ def test_a_sweep_folder_names_its_run_folders(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert (sweep / "sweep.json").is_file() and not (sweep / "checkpoints").exists()
 
-    def named(*args) -> list[str]:
+    def named(*args, said: str = "is a sweep folder (allconv-hpc submit -m), not a run folder") -> list[str]:
         r = _cli(tmp_path, *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-        assert f"{sweep} is a sweep folder (allconv-hpc submit -m), not a run folder" in r.stderr, r.stderr
+        assert f"{sweep} {said}" in r.stderr, r.stderr
         return re.findall(r"'([^']*)'", r.stderr)
     assert named(sweep) == [str(sweep / "seed=0"), str(sweep / "seed=1")]
     assert named(sweep, "--checkpoint", "last") == [str(sweep / "seed=0"), str(sweep / "seed=1")]
@@ -128,7 +132,7 @@ def test_a_sweep_folder_names_its_run_folders(tmp_path):
     assert ok.returncode == 0 and json.loads(ok.stdout)["images"] == 101, ok.stderr
     shutil.rmtree(sweep / "seed=0" / "checkpoints")  # a point not started yet: the scorable ones first
     (sweep / "sweep.json").unlink()  # without sweep.json: run folders and no checkpoints/ of its own
-    assert named(sweep) == [str(sweep / "seed=1"), str(sweep / "seed=0")]
+    assert named(sweep, said="holds run folders but is not one") == [str(sweep / "seed=1"), str(sweep / "seed=0")]
     # a run folder without checkpoints is still told about its checkpoints/, not called a sweep
     r = _cli(tmp_path, sweep / "seed=0")
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "sweep folder" not in r.stderr, r.stderr
@@ -139,8 +143,8 @@ def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path):
     data.write_cifar(tmp_path / "old", "cifar10", xtr, ytr, xte, yte, [f"c{i}" for i in range(10)])
     run = tmp_path / "run"
     ov = [o for o in TINY if not o.startswith("data.")] + ["data=cifar10", f"data.root={tmp_path / 'old'}",
-                                                          "data.augment=none"]
-    run_train(tmp_path, run, ov)
+                                                          "data.augment=none", "data.download=true"]
+    run_train(tmp_path, run, ov)  # the data is there: nothing downloaded; nor by evaluate, which names it
     (tmp_path / "old").rename(tmp_path / "new")
     with pytest.raises(ConfigError, match=r"cifar-10-batches-py.*\(here: --data-root DIR"):
         evaluate(run, "last")
