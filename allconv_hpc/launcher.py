@@ -448,7 +448,7 @@ class TrainJob:
             from .distributed import LOCAL_PORT_ENV
             os.environ[LOCAL_PORT_ENV] = str(self.local_port)
         try:
-            code = run(self.overrides)
+            code = run(self.overrides, submitted=True)
         finally:
             ignore_late_signals(self.signal)
         if code == EXIT_REQUEUED:
@@ -529,8 +529,13 @@ def sbatch_refused(text: str) -> ConfigError:
     text = text or "no reason given"
     unreachable = any(m in text.lower() for m in ("configuration source", "unable to contact",
                                                  "connection refused", "slurm.conf"))
-    fix = ("Slurm itself does not answer here: check SLURM_CONF and that slurmctld runs, or use cluster=local"
-           if unreachable else "check cluster.partition, cluster.account, cluster.qos and the other cluster.* values")
+    if unreachable:  # not a verdict on the job: no controller answered
+        return ConfigError(f"Slurm does not answer here, sbatch said: {text} (check SLURM_CONF and that slurmctld "
+                           f"runs, or use cluster=local)")
+    gres = "gres" in text.lower() or "generic resource" in text.lower()
+    fix = ("check cluster.gpus_per_node and cluster.gpu_type against the partition's GPUs (sinfo -o '%P %G'), "
+           "and cluster.partition" if gres else
+           "check cluster.partition, cluster.account, cluster.qos and the other cluster.* values")
     return ConfigError(f"sbatch refused the job: {text} ({fix})")
 
 
@@ -778,8 +783,10 @@ def _print_skipped(points: list[Point]) -> None:
 def submit_main(argv: list[str]) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="allconv-hpc submit", description="Validate, then submit training to Slurm.")
-    ap.add_argument("-m", "--multirun", action="store_true", help="sweep: comma lists become one job array")
+    ap = argparse.ArgumentParser(prog="allconv-hpc submit", description="Validate, then submit training to Slurm "
+                                 "(cluster=slurm) or start it on this machine (cluster=local).")
+    ap.add_argument("-m", "--multirun", action="store_true",
+                    help="sweep (comma lists, range, choice, glob): one Slurm job array, or one local job per point")
     ap.add_argument("--wait", action="store_true", help="stream job states until every job ends")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; submit nothing")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. optim.lr=0.1 cluster=slurm")

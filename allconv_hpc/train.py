@@ -39,8 +39,9 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     logging.getLogger("submitit").addFilter(lambda r: not r.getMessage().startswith("Bypassing signal SIGCONT"))
 
 
-def run(overrides: list[str]) -> int:
-    """The whole training process for this rank; returns the exit status."""
+def run(overrides: list[str], submitted: bool = False) -> int:
+    """The whole training process for this rank; returns the exit status. `submitted`: started by
+    `allconv-hpc submit`, which read the cluster.* overrides itself."""
     from .compose import check_run_dir, compose, write_hydra_files
     from .data import check_present
     from .distributed import DistributedError, detect_env
@@ -80,6 +81,10 @@ def run(overrides: list[str]) -> int:
         return 2
     if env.is_main:
         log.info("run folder %s", composed.run_dir)
+        ignored = [o for o in overrides if o.lstrip("+~").startswith(("cluster.", "cluster="))]
+        if ignored and not submitted:  # a user expecting `train cluster.tasks_per_node=4` to start 4 ranks
+            log.warning("%s: cluster settings are read by allconv-hpc submit only; train runs as it was launched "
+                        "(here %d rank(s))", " ".join(ignored), env.world_size)
         if env.source == "torchrun" and os.environ.get("SLURM_JOB_ID"):
             log.warning("started by torchrun inside Slurm job %s: torchrun does not pass Slurm's warning signal "
                         "on to its workers, so a preemption or time limit is not checkpointed; start one rank "

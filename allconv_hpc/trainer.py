@@ -290,7 +290,9 @@ class Trainer:
         else:
             log.warning("checkpoint was written by %d ranks, this job has %d: dropout streams are reseeded, "
                         "so the result will not be bitwise the uninterrupted one", len(rngs), self.env.world_size)
-        if self.env.is_main:
+        if self.env.is_main and self.state.epoch >= self.cfg.trainer.epochs:  # fit() then says nothing to do
+            log.info("resumed from %s: after epoch %d, global step %d", path, self.state.epoch, self.state.global_step)
+        elif self.env.is_main:
             log.info("resumed from %s: epoch %d, step %d (global step %d)", path, self.state.epoch + 1,
                      self.state.step_in_epoch, self.state.global_step)
         return path
@@ -358,7 +360,8 @@ class Trainer:
         if bad:
             raise NonFiniteError(f"non-finite loss or weights at global step {self.state.global_step} "
                                  f"(epoch {self.state.epoch + 1}); the last good checkpoint is kept. "
-                                 f"Lower optim.lr or add schedule.warmup_epochs")
+                                 f"Lower optim.lr or lengthen the warm-up (schedule.warmup_epochs="
+                                 f"{self.cfg.schedule.warmup_epochs:g} now)")
 
     def save(self) -> None:
         """A consistent checkpoint at a step boundary; collective (every rank calls it)."""

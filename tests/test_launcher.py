@@ -426,7 +426,13 @@ def test_sbatch_rejecting_the_job_is_one_line_and_leaves_no_folder(tmp_path, on_
     # Slurm not configured on this host: not the job's settings
     on_path(sbatch="echo 'sbatch: error: Could not establish a configuration source' >&2\nexit 1")
     code, _, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
-    assert code == 2 and "(Slurm itself does not answer here: check SLURM_CONF and that slurmctld runs" in err, err
+    assert code == 2 and ("error: Slurm does not answer here, sbatch said: Could not establish a configuration "
+                          "source (check SLURM_CONF and that slurmctld runs" in err), err
+    # GPUs the partition has not: the hint names the GPU keys
+    on_path(sbatch="echo 'sbatch: error: Batch job submission failed: Invalid generic resource (gres) "
+                   "specification' >&2\nexit 1")
+    code, _, err = run_submit(capsys, "cluster=slurm", *TINY, "cluster.gpus_per_node=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and "(check cluster.gpus_per_node and cluster.gpu_type against the partition's GPUs" in err, err
 
 
 # ------------------------------------------------------------------ the run folder

@@ -468,7 +468,9 @@ def test_a_finished_run_run_again_does_nothing_and_opens_no_wandb_segment(refere
     before = {p.name: p.read_bytes() for p in [run / "status.json", run / "history.csv", *run.glob("checkpoints/*")]}
     segs = segments(run / "wandb")
     run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
-    assert "this run completed its 3 epochs already: nothing to do" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "this run completed its 3 epochs already: nothing to do" in log
+    assert re.search(r"resumed from \S+: after epoch 3, global step 15\n", log), log[-1500:]
     assert segments(run / "wandb") == segs  # no new, empty segment to sync
     assert {p.name: p.read_bytes() for p in [run / "status.json", run / "history.csv", *run.glob("checkpoints/*")]} == before
     run_train(tmp_path, run, EXACT + ["wandb.mode=offline", "trainer.epochs=4"])  # grown: it trains on

@@ -276,6 +276,7 @@ def test_two_node_ddp_job_matches_one_process(slurm_cluster, jobs, tmp_path):
     nodes = slurm_cluster.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList"]).stdout.split()
     assert nodes[-1:] == ["n[1-2]"], nodes
     assert "2 rank(s), global batch 60" in log
+    assert "read by allconv-hpc submit only" not in log  # submit applied its cluster.* overrides
     assert read_status(run)["state"] == "completed"
     assert_same_weights(final_weights(run), final_weights(tmp_path / "ref"), exact=False)
     assert_same_history(history(run), history(tmp_path / "ref"), exact=False)

@@ -264,9 +264,13 @@ def test_torchrun_inside_a_slurm_job_is_warned_about(tmp_path):
               WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29555, SLURM_JOB_ID=4242)
     assert "started by torchrun inside Slurm job 4242" in r.stderr  # a warning: stderr (a job's .err file)
     assert "started by torchrun" not in r.stdout and "training synthetic on cpu" in r.stdout
-    plain = train(tmp_path, tmp_path / "plain", [*TINY, "trainer.epochs=1", "wandb.mode=disabled"], RANK=0,
+    plain = train(tmp_path, tmp_path / "plain", [*TINY, "trainer.epochs=1", "wandb.mode=disabled",
+                                                 "cluster.tasks_per_node=3"], RANK=0,
                   WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29556)
     assert "started by torchrun" not in plain.stdout + plain.stderr
+    # cluster.* given to train: said to be submit's, not silently dropped
+    assert ("cluster.tasks_per_node=3: cluster settings are read by allconv-hpc submit only; train runs as it was "
+            "launched (here 1 rank(s))") in plain.stderr, plain.stderr
 
 
 def test_timed_checkpoints_come_at_the_interval_once_each(tmp_path):
