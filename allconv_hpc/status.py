@@ -268,14 +268,17 @@ def run_status(run_dir: Path) -> dict:
 
 def run_rows(folder: Path) -> list[dict]:
     rows = []
+    silent = False  # Slurm did not answer for an earlier job: not asked again (a sweep would wait 30 s a point)
     for rec in job_records(Path(folder)):
         run_dir = Path(rec["run_dir"])
         st = run_status(run_dir)
         state = restarts = None
         known = ended = False  # the scheduler answered for this job (a job it does not know is gone)
         reason = ""
-        if rec.get("job_id") and rec.get("backend") == "slurm":
+        slurm = bool(rec.get("job_id")) and rec.get("backend") == "slurm"
+        if slurm and not silent:
             state, restarts, known, ended, reason = slurm_state(str(rec["job_id"]))
+            silent = not known
         elif rec.get("job_id") and rec.get("backend") == "local":
             state, known = _local_state(rec), True
         # a status.json older than this submission is an earlier job's: its progress, not this job's state
@@ -302,7 +305,8 @@ def run_rows(folder: Path) -> list[dict]:
         never = state == "PENDING" and reason in NEVER_STARTS  # --wait would wait forever
         if never:
             state = f"PENDING ({reason}: never starts as asked; scancel {rec['job_id']})"
-        rows.append({"job": rec.get("job_id") or "-", "state": state, "run": run_state or "-",
+        rows.append({"job": rec.get("job_id") or st.get("slurm_job_id") or "-", "state": state, "run": run_state or "-",
+                     "slurm_answered": known if slurm else None,
                      # no_answer: Slurm did not answer and the run has not ended, so it may still be queued
                      "active": (active and not never) or no_answer, "failed": failed or never, "no_answer": no_answer,
                      "restarts": restarts, "epoch": f"{st.get('epoch', 0)}/{target}",
@@ -350,6 +354,10 @@ def status_main(argv: list[str]) -> int:
         print(f"allconv-hpc status: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    silent = [str(r["job"]) for r in rows if r["slurm_answered"] is False]
+    if silent:
+        print(f"allconv-hpc status: warning: Slurm did not answer for job(s) {', '.join(silent)} (squeue timed out "
+              f"or failed): their state is the run's own status.json", file=sys.stderr)
     return exit_code(rows)
 
 

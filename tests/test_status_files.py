@@ -134,6 +134,35 @@ def test_a_moved_run_or_sweep_is_read_where_it_is_now(tmp_path, no_slurm, capsys
         assert [(r["state"], r["epoch"]) for r in rows] == [("COMPLETED", "1/3")] * len(rows), rows
 
 
+def test_slurm_not_answering_is_asked_once_and_said(tmp_path, monkeypatch, capsys):
+    """squeue failing (controller down): the runs' own state, a warning naming the jobs, and no second try
+    per point (each would wait up to 30 s)."""
+    bin_, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_.mkdir()
+    for name in ("squeue", "sacct", "scontrol"):
+        (bin_ / name).write_text(f"#!/bin/sh\necho {name} >> {calls}\n"
+                                 "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1\n")
+        (bin_ / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    root, _ = sweep(tmp_path, n=3)
+    assert status.status_main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("COMPLETED") == 3, out
+    assert ("warning: Slurm did not answer for job(s) 40, 41, 42 (squeue timed out or failed): their state is the "
+            "run's own status.json") in err, err
+    assert calls.read_text().split().count("squeue") == 1
+
+
+def test_a_run_started_by_hand_shows_its_slurm_job_after_it_ended(tmp_path, no_slurm, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "completed", "epoch": 3, "epochs": 3,
+                                                 "slurm_job_id": "558"}))
+    assert status.status_main([str(run), "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["job"], row["state"]) == ("558", "COMPLETED"), row
+
+
 @pytest.mark.parametrize("content,what", [
     ("[1, 2]", "holds a JSON list, not an object"),
     ("", "is empty"),
