@@ -69,12 +69,16 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     cfg = C.compose(C.data_overrides(a.data, a.images, a.test_images)).cfg
     ds = data_mod.load(cfg.data, 0)
+    if len(ds.train) // a.batch < a.steps + 1:  # one epoch must hold the warm-up batch and the timed ones
+        p.error(f"--steps {a.steps} + 1 batches of {a.batch} need {(a.steps + 1) * a.batch} images; "
+                f"there are {len(ds.train)}")
     print(f"{cfg.data.name}: {len(ds.train)} training + {len(ds.test)} test images on {dev}, "
           f"{torch.get_num_threads()} threads")
     fit = time_fit(ds.train.images, ds.test.images, dev)
@@ -87,6 +91,9 @@ def main(argv=None) -> None:
                       a.steps, a.rounds, dev)
     print(f"B. batch of {a.batch}, augment=paper, median of {a.rounds} rounds x {a.steps} steps: "
           + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+    C.write_json(a.json, {"args": vars(a), "images": len(ds.train), "test_images": len(ds.test),
+                          "threads": torch.get_num_threads(), "device": str(dev),
+                          "fit": {k: v for k, v in fit.items() if k != "white"}, "batch_ms": ms})
 
 
 if __name__ == "__main__":

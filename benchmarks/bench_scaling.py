@@ -4,7 +4,7 @@ Configurations (All-CNN-C width 0.25 by default, synthetic data, per-step stop p
 in real runs, checkpoints off):
   1 rank  x 2 threads, global batch B
   1 rank  x 1 thread,  global batch B
-  2 ranks x 1 thread,  global batch 2B (B per rank: weak scaling, as in FACTS "CPU DDP")
+  2 ranks x 1 thread,  global batch 2B (B per rank: weak scaling, each rank keeps its batch)
   2 ranks x 1 thread,  global batch B  (B/2 per rank: strong scaling)
 Each configuration is started `--repeats` times (interleaved); medians of per-step times.
 The 2-rank runs also time the trainer's per-step stop poll (a gloo all-reduce of three ints on

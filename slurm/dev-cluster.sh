@@ -417,6 +417,8 @@ cmd_up() {
     if ! write_configs && cluster_running; then
         log "configuration changed: restarting the cluster (jobs are cancelled)"
         cmd_down
+    elif cluster_running; then
+        log "already running with this configuration: its daemons and jobs are kept"
     fi
     preflight_ports
     start_munge

@@ -55,3 +55,17 @@ def test_time_to_accuracy_dry_run_reports_every_epoch(tmp_path):
     assert "experiment=fast" in doc["overrides"] and doc["overrides"].endswith("trainer.threads=1")
     assert "92.75% NOT reached in 2 epochs" in r.stdout
     assert {"tta.json", "tta.log", "history.csv", "train.log"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_bench_preprocess_writes_its_numbers(tmp_path):
+    """The whitening benchmark (CPU-only here, like the other bench_*.py) runs and its JSON holds the fit."""
+    out = tmp_path / "bp.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_preprocess.py"), "--data", "synthetic",
+                        "--images", "300", "--test-images", "50", "--steps", "2", "--rounds", "1", "--batch", "50", "--threads", "1",
+                        "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=clean_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert (doc["images"], doc["test_images"], doc["threads"]) == (300, 50, 1), doc
+    assert doc["fit"]["fit_s"] > 0 and 0 < doc["fit"]["whitened_std"] < 10, doc["fit"]
+    assert set(doc["batch_ms"]) == {"channel (uint8)", "gcn_zca (float32)"}, doc["batch_ms"]
