@@ -2,15 +2,17 @@
 `allconv-hpc evaluate RUN_FOLDER`, which scores one of a run's checkpoints on its test or held-out
 split after the fact, in one process.
 
-The checkpoint carries the run's config, so model, data split, normalisation, precision and
-channels_last are the run's own: scoring the final weights of a one-rank run on its device gives the
-trainer's numbers exactly (of a W-rank run: up to float summation order). Its use: with data.val_size the trainer scores test once, by the final
-weights; this scores best.pt (picked on the held-out images) or any other checkpoint.
+The checkpoint carries the run's config and the precision it resolved, so model, data split,
+normalisation, precision, channels_last and kernel flags are the run's own: scoring the final weights
+of a one-rank run on its device gives the trainer's numbers exactly (of a W-rank run: up to float
+summation order). Its use: with data.val_size the trainer scores test once, by the final weights;
+this scores best.pt (picked on the held-out images) or any other checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -41,6 +43,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return "bf16"
     return "fp32"
+
+
+def set_math(deterministic: bool, device: torch.device) -> None:
+    """The process-wide kernel choices of a run: deterministic kernels, or on CUDA cuDNN's autotuner
+    and TF32 matmuls/convolutions. The trainer and evaluate share them, so a score matches."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 USAGE_EPILOG = ("exit status: 0 scored, 1 the checkpoint is unreadable or corrupt, 2 bad arguments (no such "
@@ -137,8 +151,7 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu or auto")
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda" and not cfg.trainer.deterministic:  # the trainer's matmul/conv math
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_math(cfg.trainer.deterministic, dev)  # the trainer's matmul/conv math
     if dev.type == "cpu" and cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)  # the run's thread count: the run's summation order
     ds = data_mod.load(cfg.data, cfg.seed)
@@ -147,7 +160,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     model.load_state_dict(ck["model"])
     model = model.to(dev, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)
     model.eval()
-    precision = resolve_precision(cfg.trainer.precision, dev)
+    # the precision the run trained in (auto resolved, agreed across ranks), not this GPU's own choice
+    precision = ck.get("precision") or resolve_precision(cfg.trainer.precision, dev)
     if dev.type == "cpu" and precision != "fp32":
         precision = "fp32"  # bf16/fp16 autocast is the GPU path; a CPU scores in fp32
     amp = AMP_DTYPES.get(precision)

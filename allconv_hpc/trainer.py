@@ -29,7 +29,7 @@ from .checkpoint import CheckpointDir, CheckpointError, Writer, load_file, snaps
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
 from .distributed import Dist, DistEnv, pick_device, set_threads
-from .evaluate import AMP_DTYPES, batch_sums, resolve_precision
+from .evaluate import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .models import build_model, count_parameters, summary
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest
 from .schedule import lr_factor
@@ -137,13 +137,7 @@ class Trainer:
         check_launch(cfg, env)
         self.device = pick_device(t.device, env)
         self.threads = set_threads(t.threads, env) if self.device.type == "cpu" else None
-        if t.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        set_math(t.deterministic, self.device)
         # the last step of construction: a failure from here on must reach the peers (see train.run)
         self.dist = Dist(env, self.device, cfg.dist.backend, cfg.dist.timeout_s)
 
@@ -323,7 +317,8 @@ class Trainer:
         if st.step_in_epoch == 0 and st.history and first_best == len(st.history) - 1:
             try:
                 self.ckpt.save_best({"model": ck["model"], "epoch": st.epoch, "global_step": st.global_step,
-                                     "val_acc": st.best_val_acc, "config": self.cfg_dict})
+                                     "val_acc": st.best_val_acc, "config": self.cfg_dict,
+                                     "precision": ck.get("precision")})
                 log.warning("best.pt did not hold the best epoch (%d, val_acc %.4f): written again from the "
                             "checkpoint, which holds its weights", st.epoch, st.best_val_acc)
                 return st.best_val_acc
@@ -384,6 +379,7 @@ class Trainer:
                               "train_state": asdict(st), "rng": rngs, "epoch_sums": sums[0],
                               "interval_sums": sums[1], "identity": self.cfg.identity(), "config": self.cfg_dict,
                               "torch_version": str(torch.__version__), "world_size": self.env.world_size,
+                              "precision": self.precision,
                               "saved_at": time.time()})
             self.writer.submit(f"checkpoint step {st.global_step}", self._write_checkpoint, state, st.global_step)
         self.dist.barrier()
@@ -620,7 +616,7 @@ class Trainer:
                 self.writer.submit("best.pt", self.ckpt.save_best,
                                    snapshot({"model": self.model.state_dict(), "epoch": st.epoch + 1,
                                              "global_step": st.global_step, "val_acc": val_acc,
-                                             "config": self.cfg_dict}))
+                                             "config": self.cfg_dict, "precision": self.precision}))
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_seconds = 0.0

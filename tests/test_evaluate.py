@@ -54,6 +54,10 @@ def test_last_and_best_give_the_trainers_numbers(two_rank_run):
     assert abs(best["accuracy"] - st["best_val_acc"]) <= 1 / 50 + 1e-9
     step = sorted((two_rank_run / "checkpoints").glob("step_*.pt"))[-1].name  # a bare file name works too
     assert evaluate(two_rank_run, step, "test")["accuracy"] == last["accuracy"]
+    # the precision the run resolved travels in every checkpoint: evaluate on a GPU uses it, not its own auto
+    from allconv_hpc.checkpoint import load_file
+    for f in ("best.pt", step):
+        assert load_file(two_rank_run / "checkpoints" / f)["precision"] == st["precision"] == "fp32"
 
 
 def test_cli_prints_json_and_exit_codes(two_rank_run, tmp_path):
