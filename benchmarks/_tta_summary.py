@@ -40,9 +40,10 @@ def main(argv=None) -> int:
     p.add_argument("--wall-s", type=float, required=True, help="process start to exit, measured by the script")
     p.add_argument("--exit-code", type=int, required=True)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--meta", action="append", default=[], help="key=value, recorded as is")
+    p.add_argument("--meta", action="append", default=[], help="key=value, recorded as is (true/false as booleans)")
     a = p.parse_args(argv)
-    doc = {**dict(m.split("=", 1) for m in a.meta), "exit_code": a.exit_code, "wall_seconds": a.wall_s,
+    meta = {k: {"true": True, "false": False}.get(v, v) for k, v in (m.split("=", 1) for m in a.meta)}
+    doc = {**meta, "exit_code": a.exit_code, "wall_seconds": a.wall_s,
            **summarise(a.history, a.target)}
     try:
         import torch

@@ -196,26 +196,30 @@ EOF
   ddp_two_ranks_compiled() {  # 2 ranks sharing the one device over gloo (NCCL refuses 2 ranks on 1 GPU),
     local run="$WORK/run2"      # torch.compile on: the Trainer's compiled-DDP path end to end
     "${TORCHRUN[@]}" --nproc_per_node=2 -m allconv_hpc.cli train "${TRAIN_ARGS[@]}" dist.backend=gloo \
-      trainer.epochs=1 trainer.compile=true "hydra.run.dir=$run" trainer.threads=1 2>&1 | tee "$WORK/ddp2.log"
+      trainer.epochs=1 trainer.compile=true "hydra.run.dir=$run" trainer.threads=1 2>&1 | tee "$WORK/ddp2.log" \
+      || { echo "2-rank torchrun exited $?" >&2; return 1; }
     test -s "$run/checkpoints/last.pt" || { echo "no checkpoint written in $run/checkpoints" >&2; return 1; }
     grep -q "done: best val_acc" "$WORK/ddp2.log" || { echo "2-rank compiled run did not finish" >&2; return 1; }
     grep -q "compile: true" "$run/.hydra/config.yaml" || { echo "trainer.compile=true not in the run's config" >&2; return 1; }
     local graphs  # a compiled run that captured nothing runs eagerly: that is a failure here
-    graphs=$(grep -o "torch.compile: [0-9]* graph" "$WORK/ddp2.log" | head -1 | grep -o "[0-9][0-9]*")
+    graphs=$(grep -o "torch.compile: [0-9]* graph" "$WORK/ddp2.log" | head -1 | grep -o "[0-9][0-9]*" || true)  # none: the check below
     [ "${graphs:-0}" -ge 1 ] || { echo "torch.compile captured no graph under DDP" >&2; return 1; }
     echo "2-rank gloo run with trainer.compile=true completed ($graphs graph(s)); checkpoint $(ls "$run/checkpoints" | tr '\n' ' ')"
     printf '{"ok": true, "ranks": 2, "backend": "gloo", "compile": true, "graphs": %s, "device": "%s"}\n' "$graphs" "$DEV" > "$SECT/ddp2_compile.json"
   }
 
+  # -e: the child bash does not inherit errexit, and without it a failing step inside would pass
   local -a RUN1 RUN2
-  RUN1=(bash -o pipefail -c "$(declare -p TORCHRUN TRAIN_ARGS BACKEND WORK PY DEV); $(declare -f ddp_one_rank); ddp_one_rank")
-  RUN2=(bash -o pipefail -c "$(declare -p TORCHRUN TRAIN_ARGS WORK SECT DEV); $(declare -f ddp_two_ranks_compiled); ddp_two_ranks_compiled")
+  RUN1=(bash -eo pipefail -c "$(declare -p TORCHRUN TRAIN_ARGS BACKEND WORK PY DEV); $(declare -f ddp_one_rank); ddp_one_rank")
+  RUN2=(bash -eo pipefail -c "$(declare -p TORCHRUN TRAIN_ARGS WORK SECT DEV); $(declare -f ddp_two_ranks_compiled); ddp_two_ranks_compiled")
 
   # name key nominal_s min_s kill_grace_s command; estimates on one H100/H200 are in README.md
   section "environment + FLOP count"             env          60  20 10 "${GB[@]}" env
   section "bf16/tf32 vs fp32 agreement"          correctness 120  40 10 "${GB[@]}" correctness
   section "torchrun 1 rank: train+ckpt+resume"   torchrun1   120  40 30 "${RUN1[@]}"
-  section "nccl-ddp (package's 1-rank group)"    nccl         90  25 10 env NCCL_DEBUG=WARN "${GB[@]}" nccl
+  # 1 rank has no peer to reach over SHM/P2P, so disabling them costs nothing and spares a sandbox
+  # with little /dev/shm space
+  section "nccl-ddp (package's 1-rank group)"    nccl         90  25 10 env NCCL_DEBUG=WARN NCCL_SHM_DISABLE=1 NCCL_P2P_DISABLE=1 "${GB[@]}" nccl
   section "CUDA syncs per Trainer step"          syncs        60  20 10 "${GB[@]}" syncs
   section "bf16 matmul peak"                     matmul       45  15 10 "${GB[@]}" matmul
   section "throughput grid, eager (+MFU)"        grid_eager  120  30 10 "${GB[@]}" grid
@@ -223,7 +227,8 @@ EOF
   section "checkpoint save/load"                 checkpoint   90  20 10 "${GB[@]}" checkpoint
   section "gcn_zca whitening fit on the device"  whiten       60  25 10 "${GB[@]}" whiten
   section "one 50k epoch via fit()"              epoch       120  30 10 "${GB[@]}" epoch
-  section "torchrun 2 ranks gloo + compile"      ddp2_compile 200 120 30 "${RUN2[@]}"
+  # two ranks compile at once on 16 cores: 8 inductor compile workers each
+  section "torchrun 2 ranks gloo + compile"      ddp2_compile 200 120 30 env TORCHINDUCTOR_COMPILE_THREADS=8 "${RUN2[@]}"
   section "throughput grid, compiled (+MFU)"     grid_compiled 240 40 10 "${GB[@]}" grid --compiled
 
   header "summary"

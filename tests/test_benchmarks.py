@@ -53,8 +53,38 @@ def test_time_to_accuracy_dry_run_reports_every_epoch(tmp_path):
     assert doc["target"] == 0.9275 and not doc["reached"]  # random labels: chance, and said so
     assert doc["per_epoch"][-1]["cumulative_seconds"] == pytest.approx(doc["train_seconds_total"])
     assert "experiment=fast" in doc["overrides"] and doc["overrides"].endswith("trainer.threads=1")
+    assert doc["compile"] is True and "compile_retry" not in doc and "RETRY" not in r.stdout  # compiled, as on the GPU
     assert "92.75% NOT reached in 2 epochs" in r.stdout
     assert {"tta.json", "tta.log", "history.csv", "train.log"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert len((tmp_path / "out" / "history.csv").read_text().splitlines()) == 3  # header + 2 epochs
+
+
+# stands in for ../shared/data/build_cifar10.py (the real archive is not beside a clean clone in CI)
+_STUB_BUILD = '''import sys, torch
+from pathlib import Path
+from allconv_hpc import data
+g = torch.Generator().manual_seed(0)
+x, y = torch.randint(0, 256, (2500, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (2500,), generator=g)
+data.write_cifar(Path(sys.argv[1]), "cifar10", x[:2000], y[:2000], x[2000:], y[2000:], [f"c{i}" for i in range(10)])
+'''
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_forced_build_and_eager_retry(tmp_path):
+    """TTA_FORCE_BUILD=1 takes the build branch (from ALLCONV_SHARED_DATA, a given folder ignored), and a
+    compiled run that dies before its first epoch (here: no C++ compiler for inductor) is rerun once eager."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "build_cifar10.py").write_text(_STUB_BUILD)
+    (shared / "cifar10-jpg.tar.gz").write_bytes(b"")  # the stub does not read it
+    r = _script(tmp_path, "time_to_accuracy.sh", "--dry-run", "trainer.threads=1", timeout=600,
+                TTA_FORCE_BUILD=1, ALLCONV_SHARED_DATA=shared, ALLCONV_BENCH_CIFAR=tmp_path / "nowhere", CXX="/bin/false")
+    assert f"built CIFAR-10 from the JPEG archive in {shared}" in r.stdout
+    assert "RETRY: the compiled run exited 1 before finishing an epoch" in r.stdout
+    doc = json.loads((tmp_path / "out" / "tta.json").read_text())
+    assert doc["compile"] is False and "exited 1" in doc["compile_retry"], doc
+    assert doc["exit_code"] == 0 and doc["epochs_run"] == 2 and doc["overrides"].endswith("trainer.compile=false")
+    assert doc["data"] != str(tmp_path / "nowhere")
 
 
 def test_bench_preprocess_writes_its_numbers(tmp_path):
