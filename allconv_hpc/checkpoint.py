@@ -169,7 +169,8 @@ class CheckpointDir:
             return state, path
         if bad:
             raise CheckpointError(f"every checkpoint in {self.folder} is unusable ({', '.join(p.name for p in bad)}); "
-                                  f"move the folder aside and use checkpoint.resume=never to start fresh")
+                                  f"rerun with checkpoint.resume=never to start fresh (they are moved to checkpoints.oldN/, "
+                                  f"not deleted), or give another hydra.run.dir")
         return None
 
     def move_aside(self, also: tuple[Path, ...] | list[Path] = ()) -> Optional[Path]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """allconv-hpc train  [HYDRA_OVERRIDES ...]                       train here (one rank of DDP under torchrun/srun)
+USAGE = """allconv-hpc train  [--print-config] [HYDRA_OVERRIDES ...]      train here (one rank of DDP under torchrun/srun)
 allconv-hpc submit [-m] [--wait] [--dry-run] [HYDRA_OVERRIDES ...]  validate, then submit to Slurm (or cluster=local)
 allconv-hpc status [--json] RUN_OR_SWEEP_FOLDER                     table of jobs: state, restarts, progress, accuracy
 allconv-hpc evaluate [--checkpoint best|last|FILE] [--split test|val] [--data-root DIR] [--device D] [--json]
@@ -20,16 +20,35 @@ def train_usage() -> str:
     groups = sorted((d.name, sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml")))
                     for d in conf.iterdir() if d.is_dir() and not d.name.startswith("__"))
     lines = [f"  {name:<11} {' | '.join(choices)}" for name, choices in groups]
-    return ("usage: allconv-hpc train [HYDRA_OVERRIDES ...]\n\n"
+    return ("usage: allconv-hpc train [--print-config] [HYDRA_OVERRIDES ...]\n\n"
             "Trains one run in hydra.run.dir (default runs/<model>-<data>-seed<seed>); running the same command\n"
             "again resumes it (a completed run: nothing to do; a larger trainer.epochs trains it on).\n"
             "One rank of a DDP job under torchrun or srun. Config groups (group=choice):\n"
             + "\n".join(lines) + "\n\n"
             "Keys: group.key=value, e.g. optim.lr=0.1 trainer.epochs=60 trainer.precision=bf16 model.width=0.5\n"
             "(every key with its default and meaning: README.md, 'Config groups', and conf/**/*.yaml).\n"
+            "--print-config: print the composed, validated config and the run folder; run nothing.\n"
             "Exit codes: 0 done or requeued, 1 failure, 2 bad config (or a run folder refused on resume),\n"
             "3 stopped with a checkpoint, 4 gave up after checkpoint.max_requeues time limits,\n"
             "130 a Ctrl-C during start-up or during a stop.")
+
+
+def print_config(overrides: list[str]) -> int:
+    """`train --print-config ...`: the composed, validated config (what the run would record in .hydra/config.yaml)
+    and its run folder; nothing is written or started."""
+    from omegaconf import OmegaConf
+
+    from .compose import compose, pin_data_root
+    from .config import ConfigError
+    try:
+        composed = compose(overrides)
+    except ConfigError as e:
+        print(f"allconv-hpc: error: {e}", file=sys.stderr)
+        return 2
+    pin_data_root(composed)
+    print(f"# run folder: {composed.run_dir}")
+    print(OmegaConf.to_yaml(OmegaConf.create(composed.cfg_dict)), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "train" and any(a in ("-h", "--help") for a in rest):
         print(train_usage())
         return 0
+    if cmd == "train" and "--print-config" in rest:
+        return print_config([a for a in rest if a != "--print-config"])
     if cmd == "train":
         from .preempt import EXIT_REQUEUED, catch_early, ignore_late_signals
         catch_early()  # before the heavy imports: under srun an early USR2 would otherwise kill the rank

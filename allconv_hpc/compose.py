@@ -117,6 +117,18 @@ def compose(overrides: list[str]) -> Composed:
                     overrides=list(overrides), hydra=hydra)
 
 
+def pin_data_root(composed: Composed) -> None:
+    """data.root made absolute in place, as seen from here: the run's records (checkpoints, .hydra) then name
+    the data wherever `evaluate` or a resume starts from (`submit` pins it through an override instead)."""
+    root = str(Path(composed.cfg.data.root).expanduser().absolute())
+    composed.cfg.data.root = composed.cfg_dict["data"]["root"] = root
+
+
+# what train and submit put into a run folder: one holding any of them is a run's (or is becoming one)
+RUN_FILES = {".hydra", "train.log", "status.json", "history.csv", "checkpoints", "submission.json", ".submit.lock",
+             ".train.lock", ".submitit", "wandb", "wandb_id.txt", "wandb_steps.jsonl"}
+
+
 def check_run_dir(run_dir: Path) -> None:
     """The run folder (and its checkpoints/) can be made and written: refused before any work or queue,
     not at the first checkpoint. Nothing is created; each rank can ask (a shared file system answers alike)."""
@@ -130,6 +142,12 @@ def check_run_dir(run_dir: Path) -> None:
                               f"hydra.run.dir")
         if existing != path:
             break  # the rest does not exist yet: made inside this writable folder
+    if run_dir.is_dir():  # a folder of other things (a dataset, a project's root) is not one to train into
+        names = sorted(p.name for p in run_dir.iterdir())
+        if names and not any(n in RUN_FILES or n.startswith("checkpoints.old") for n in names):
+            more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
+            raise ConfigError(f"run folder {run_dir} holds other files ({', '.join(names[:5])}{more}) and no run: "
+                              f"training would mix its files with them; give a new or empty hydra.run.dir")
 
 
 def write_hydra_files(c: Composed) -> None:

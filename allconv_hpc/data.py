@@ -17,7 +17,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -96,13 +96,14 @@ def _missing(cfg: DataConfig) -> tuple[Path, list[str], list[str]]:
     return folder, files, [f for f in files if not (folder / f).is_file()]
 
 
-def check_present(cfg: DataConfig) -> None:
-    """Cheap existence check (nothing is read) so a job fails before it queues or forms a group."""
+def check_present(cfg: DataConfig, fix: Optional[str] = None) -> None:
+    """Cheap existence check (nothing is read) so a job fails before it queues or forms a group. `fix`: the
+    way out to name instead of data.root / data.download (a command with other options)."""
     if not cfg.download:  # with download=true, load() fetches what is missing
-        _require(cfg)
+        _require(cfg, fix)
 
 
-def _require(cfg: DataConfig) -> None:
+def _require(cfg: DataConfig, fix: Optional[str] = None) -> None:
     folder, files, missing = _missing(cfg)
     empty = [f for f in files if f not in missing and (folder / f).stat().st_size == 0]
     if empty:  # an interrupted copy: found at once, not by the job after its wait in the queue
@@ -114,10 +115,13 @@ def _require(cfg: DataConfig) -> None:
     hint = ""
     if (folder.parent / files[0]).is_file():  # root points at the batches folder itself
         hint = f" (data.root looks one level too deep: try data.root={folder.parent.parent})"
-    raise DataError(
-        f"{lay.title} not found: expected {folder} with {', '.join(files)} (missing: {', '.join(missing)})."
-        f" Put the official python version there, set data.root=<folder holding {lay.folder}>,"
-        f" or data.download=true on a machine with network{hint}.")
+    other = [n for n, o in _LAYOUTS.items() if n != cfg.name and (folder.parent / o.folder).is_dir()]
+    if other:  # the other CIFAR is there: the wrong data group, not a missing download
+        hint += f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}: did you mean data={other[0]}?)"
+    fix = fix or (f"Put the official python version there, set data.root=<folder holding {lay.folder}>, or "
+                  f"data.download=true on a machine with network")
+    raise DataError(f"{lay.title} not found: expected {folder} with {', '.join(files)} (missing: "
+                    f"{', '.join(missing)}). {fix}{hint}.")
 
 
 # ----------------------------------------------------------------------------- reading

@@ -119,6 +119,9 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         if sweep:
             raise ConfigError(sweep)
         there = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
+        if which == "best" and there:  # best.pt comes with the first finished epoch
+            raise ConfigError(f"no best.pt in {run / 'checkpoints'}: no epoch has finished yet (it holds "
+                              f"{', '.join(there)}); use --checkpoint last")
         raise ConfigError(f"no checkpoint {path} (checkpoints/ holds {', '.join(there) or 'nothing'}); use "
                           f"--checkpoint best, last or a file's path")
     return path
@@ -144,10 +147,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     if split == "val" and not cfg.data.val_size:
         raise ConfigError(f"the run in {run} has no held-out split (data.val_size=0): its val_acc is test "
                           f"accuracy; use --split test")
-    try:
-        data_mod.check_present(cfg.data)  # names the folder and files
-    except ConfigError as e:  # its fix names data.root, which evaluate takes as --data-root
-        raise ConfigError(f"{e} (here: --data-root DIR, the folder that holds the dataset now)") from None
+    lay = data_mod.expected_files(cfg.data)[0].name  # e.g. cifar-10-batches-py
+    data_mod.check_present(cfg.data, fix=f"Give --data-root DIR, the folder that holds {lay} now")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu or auto")
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")

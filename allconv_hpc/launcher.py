@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import CLUSTER_KEYS, CPU_PRECISIONS, ConfigError, resumable_change
+from . import runlock
 from .fsio import read_json, write_atomic
 from .preempt import EXIT_REQUEUED, ignore_late_signals
 
@@ -281,7 +282,14 @@ def local_gpus(n: int) -> tuple:
     """The GPUs a cluster=local job may use: the first n of this shell's CUDA_VISIBLE_DEVICES (submitit
     would otherwise make it 0..n-1, whatever this shell was given, e.g. GPUs 2,3 of an allocation)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if not n or visible is None:
+    if not n:
+        return ()
+    if visible is None:  # every GPU of the machine: there must be n (or the job trains on the CPU unasked)
+        import torch
+        have = torch.cuda.device_count()
+        if n > have:
+            raise ConfigError(f"cluster.gpus_per_node={n} but CUDA sees {have} GPU(s) on this machine; use "
+                              f"cluster.gpus_per_node<={have} (0: train on the CPU)")
         return ()
     ids = [v.strip() for v in visible.split(",") if v.strip()]
     if not all(i.isdigit() for i in ids):
@@ -322,15 +330,16 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
         c = compose(ov)
         check_present(c.cfg.data)
         if not Path(c.cfg.data.root).is_absolute():  # the jobs may start in another folder
-            ov = ov + [f"data.root={hydra_value(Path(c.cfg.data.root).absolute(), 'data.root')}"]
+            ov = [o for o in ov if _key(o) != "data.root"] + [
+                f"data.root={hydra_value(Path(c.cfg.data.root).expanduser().absolute(), 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
         if cluster is not None and mine != cluster:
             diff = ", ".join(f"cluster.{k}" for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k))
             raise ConfigError(f"the sweep varies {diff}: one job array has one resource shape; submit one sweep "
                               f"per cluster setting instead")
         cluster = mine
-        if sweep_dir is None:
-            ov = ov + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
+        if sweep_dir is None:  # pinned absolute, in place of the one given
+            ov = [o for o in ov if _key(o) != "hydra.run.dir"] + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
         check_run_dir(c.run_dir)
         skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
         points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
@@ -399,6 +408,11 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
                               f"submit, e.g. sbatch slurm/train.sbatch); a second job would train into the same "
                               f"folder: wait for it (allconv-hpc status {run_dir}) or stop it (scancel {job}), then "
                               f"submit again")
+    held, who = runlock.holder(run_dir)  # a train started by hand, which no record names
+    if held and sweep:
+        return f"{who} trains it now"
+    if held:
+        raise runlock.RunBusy(run_dir, who)
     if cfg.checkpoint.resume == "never":
         return None  # the trainer moves old checkpoints aside
     from .checkpoint import CheckpointDir, CheckpointError
@@ -472,6 +486,18 @@ def _signal_name(cluster: dict) -> str:
     return str(cluster.get("signal", "")).upper().removeprefix("SIG")
 
 
+def _local_setup(lines: list, folder: Path) -> list:
+    """cluster.setup for a local job: its output into .submitit/setup.log (submitit's local controller runs it in
+    the submitting terminal, so without --wait a failure would leave no trace), and a failure named on stderr.
+    One { ...; } group, not a subshell: what the lines export reaches the job."""
+    if not lines:
+        return []
+    import shlex
+    log = shlex.quote(str(Path(folder).parent / "setup.log"))
+    return [f"{{ {' && '.join(lines)}; }} >> {log} 2>&1 || {{ echo \"allconv-hpc: cluster.setup failed "
+            f"(exit $?); its output is in {log}\" >&2; exit 1; }}"]
+
+
 def make_executor(cluster: dict, folder: Path):
     """submitit's executor for the validated cluster. SUBMITIT_PREEMPT_SIGNAL (read when the job imports
     submitit) makes submitit's own handler, in place until TrainJob installs ours, take our signal."""
@@ -482,7 +508,7 @@ def make_executor(cluster: dict, folder: Path):
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=cluster["timeout_min"], nodes=1, tasks_per_node=cluster["tasks_per_node"],
                              cpus_per_task=cluster["cpus_per_task"], gpus_per_node=cluster["gpus_per_node"],
-                             signal_delay_s=cluster["signal_lead_s"], setup=list(cluster["setup"]),
+                             signal_delay_s=cluster["signal_lead_s"], setup=_local_setup(cluster["setup"], folder),
                              visible_gpus=local_gpus(cluster["gpus_per_node"]))
         return ex
     ex = submitit.SlurmExecutor(folder=str(folder))
@@ -784,7 +810,10 @@ def submit_main(argv: list[str]) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="allconv-hpc submit", description="Validate, then submit training to Slurm "
-                                 "(cluster=slurm) or start it on this machine (cluster=local).")
+                                 "(cluster=slurm) or start it on this machine (cluster=local).",
+                                 epilog="exit status: 0 submitted (with --wait: every run completed), 2 refused before "
+                                        "anything was queued; with --wait also 1 a job failed, 3 none failed but a run "
+                                        "stopped unfinished (a signal: resumable), 130 stopped watching (Ctrl-C)")
     ap.add_argument("-m", "--multirun", action="store_true",
                     help="sweep (comma lists, range, choice, glob): one Slurm job array, or one local job per point")
     ap.add_argument("--wait", action="store_true", help="stream job states until every job ends")

@@ -8,6 +8,7 @@ step (submitit's default does that; our handlers replace its USR2/TERM handlers 
   USR2 (configurable) : Slurm's warning before preemption or the time limit -> checkpoint, requeue
   SIGTERM             : scancel, or a cluster without preempt_send_user_signal -> checkpoint, exit
   SIGINT              : Ctrl-C -> checkpoint, exit
+  SIGHUP              : the terminal closed (ssh dropped) -> checkpoint, exit; left alone under nohup
 """
 from __future__ import annotations
 
@@ -51,9 +52,14 @@ _warn: int = signal.SIGUSR2
 _configured = False
 
 
+def _hangup() -> tuple:
+    """(SIGHUP,) unless the process ignores it (started under nohup, which asks to outlive the terminal)."""
+    return () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+
+
 def _record_early(sig: int, frame) -> None:
     global _early
-    if _early is None and (not _configured or sig in (_warn, signal.SIGTERM)):
+    if _early is None and (not _configured or sig in (_warn, signal.SIGTERM, signal.SIGHUP)):
         _early = sig  # once configured, a warning signal the job was not configured for is ignored
 
 
@@ -69,26 +75,27 @@ def catch_early(warn_signal: Optional[str] = None) -> None:
     """
     global _warn, _early, _configured
     if warn_signal is None:
-        sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+        sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, *_hangup())
     else:
         _warn, _configured = signum(warn_signal), True
         if _early in (signal.SIGUSR1, signal.SIGUSR2) and _early != _warn:
             _early = None
-        sigs = (_warn, signal.SIGTERM)
+        sigs = (_warn, signal.SIGTERM, *_hangup())
     for s in sigs:
         signal.signal(s, _record_early)
 
 
 def ignore_late_signals(warn_signal: Optional[str] = None) -> None:
-    """Training is over (done, stopped or failed): ignore warnings (USR1, USR2, `warn_signal`) and
-    SIGTERM from now on.
+    """Training is over (done, stopped or failed): ignore warnings (USR1, USR2, `warn_signal`),
+    SIGTERM and SIGHUP from now on.
 
     Python resets its handlers to the default (terminate) while the interpreter shuts down, so a
     time-limit warning landing in those last moments would kill a finished process by the signal,
     and Slurm would record the job FAILED (seen: COMPLETED training, FAILED job). SIG_IGN survives
     that reset. Only for process entry points: a test process calling `train.run` keeps its handlers.
     """
-    for s in {signal.SIGUSR1, signal.SIGUSR2, signum(warn_signal) if warn_signal else _warn, signal.SIGTERM}:
+    for s in {signal.SIGUSR1, signal.SIGUSR2, signum(warn_signal) if warn_signal else _warn, signal.SIGTERM,
+              signal.SIGHUP}:
         signal.signal(s, signal.SIG_IGN)
 
 
@@ -102,7 +109,7 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         global _early
-        for s in (self.warn, signal.SIGTERM, signal.SIGINT):
+        for s in (self.warn, signal.SIGTERM, signal.SIGINT, *_hangup()):
             self._previous[s] = signal.signal(s, self._handle)
         if _early is not None:  # came before training started: honour it now
             self.received, _early = _early, None

@@ -2,7 +2,9 @@
 exists, then scontrol) and from the run folder's own status.json (written by the trainer), so it
 stays right across requeues and array tasks and tolerates clusters without accounting. A job that Slurm
 (or this machine, for cluster=local) no longer knows, with no final state anywhere, shows as LOST; one
-Slurm did not answer for, with no final state of its own run, as UNKNOWN, RUNNING? or REQUEUED?: not done."""
+Slurm did not answer for, with no final state of its own run, as UNKNOWN, RUNNING? or REQUEUED?: not done.
+A run no scheduler answers for (started by hand with `train`) that says it is running is RUNNING while its
+process holds the folder's lock (runlock), and LOST once that process is gone (as seen from its own host)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from . import runlock
 from .preempt import SlurmJob, slurm_out
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
@@ -21,6 +24,7 @@ FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED", "SPECIAL_EXIT", "STOPPED"}
 EXIT_NO_ANSWER = 3  # `status`: no job failed, but Slurm did not answer for one whose run has not ended
+EXIT_STOPPED = 3  # `submit --wait` (which waits while Slurm does not answer): none failed, one stopped unfinished
 
 
 # Why a job is pending that Slurm will never start as asked (EnforcePartLimits=NO, Slurm's default, queues it
@@ -287,15 +291,22 @@ def run_rows(folder: Path) -> list[dict]:
         active = state in ACTIVE_STATES and not ended
         unfinished = run_state in (None, "running", "requeued")
         no_answer = bool(rec.get("job_id")) and state is None and not known and unfinished
+        if state is None and not known and run_state == "running":  # no scheduler answers: the run's lock does
+            held, _ = runlock.holder(run_dir)
+            if held is not None:  # held: its writer runs now; free, last taken on this host: the writer is gone
+                state, active, no_answer = ("RUNNING" if held else "LOST"), held, False
         if state is None and known and unfinished:
             state = "LOST"  # gone without a final word: killed hard (SIGKILL, node failure)
+            setup_log = Path(rec.get("submitit_folder", "")) / "setup.log"
+            if rec.get("backend") == "local" and not st and setup_log.is_file() and setup_log.stat().st_size:
+                state = f"LOST (never started: cluster.setup failed? see {setup_log})"
         elif state is None:  # Slurm forgot the job (MinJobAge) and no accounting: the run folder decides
             # the run's own word, marked apart from Slurm's states of the same name where it is a guess
             state = {"completed": "COMPLETED", "failed": "FAILED", "gave_up": "FAILED", "interrupted": "INTERRUPTED",
                      "requeued": "REQUEUED?", "running": "RUNNING?"}.get(run_state, "UNKNOWN")
         if restarts is None:
             restarts = st.get("restarts", 0) if current else 0
-        failed = state in FAILED_STATES or ended or run_state in ("failed", "gave_up")
+        failed = state.split(" ")[0] in FAILED_STATES or ended or run_state in ("failed", "gave_up")
         if run_state == "completed" and failed and not active:
             # training finished, then Slurm ended the job otherwise (scancel or the time limit just after the
             # last epoch): the run is done, not failed, and a new submit would find nothing to do
@@ -312,6 +323,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "restarts": restarts, "epoch": f"{st.get('epoch', 0)}/{target}",
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
+                     "error": st.get("error") if current else None,  # what the run said when it failed
                      "folder": run_dir.name})
     return rows
 
@@ -354,6 +366,9 @@ def status_main(argv: list[str]) -> int:
         print(f"allconv-hpc status: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    for r in rows:
+        if r["failed"] and r["error"] and not args.json:
+            print(f"{r['folder']}: {r['error']}")
     silent = [str(r["job"]) for r in rows if r["slurm_answered"] is False]
     if silent:
         print(f"allconv-hpc status: warning: Slurm did not answer for job(s) {', '.join(silent)} (squeue timed out "
@@ -362,8 +377,9 @@ def status_main(argv: list[str]) -> int:
 
 
 def wait_for(folder: Path, poll_s: float = 5.0) -> int:
-    """Print state changes until no job is queued or running; non-zero if any failed, 2 (as `status`) when a
-    record is damaged (it stays so: waiting on would never end)."""
+    """Print state changes until no job is queued or running; 1 if any failed, 3 if none failed but a run stopped
+    unfinished (interrupted: a signal, with a checkpoint), 2 (as `status`) when a record is damaged (it stays so:
+    waiting on would never end), else 0."""
     last = None
     while True:
         try:
@@ -377,5 +393,8 @@ def wait_for(folder: Path, poll_s: float = 5.0) -> int:
             last = snap
         if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
             print(format_table(rows))
-            return exit_code(rows)
+            code = exit_code(rows)
+            if code == 0 and any(r["run"] == "interrupted" for r in rows):
+                return EXIT_STOPPED  # a script must tell "done" from "stopped with a checkpoint"
+            return code
         time.sleep(poll_s)

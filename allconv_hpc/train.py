@@ -42,16 +42,22 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 def run(overrides: list[str], submitted: bool = False) -> int:
     """The whole training process for this rank; returns the exit status. `submitted`: started by
     `allconv-hpc submit`, which read the cluster.* overrides itself."""
-    from .compose import check_run_dir, compose, write_hydra_files
+    from .compose import check_run_dir, compose, pin_data_root, write_hydra_files
     from .data import check_present
     from .distributed import DistributedError, detect_env
+    from .runlock import check_free
     from .status import other_jobs_state, stop_command
 
     try:
         if {"-m", "--multirun"} & set(overrides):
             raise ConfigError("train runs one config; a sweep is `allconv-hpc submit -m ...` (with cluster=local "
                               "it runs on this machine)")
+        options = [o for o in overrides if o.startswith("-")]
+        if options:  # e.g. Hydra's --cfg job, which this entry point does not take
+            raise ConfigError(f"train takes Hydra overrides (key=value), not {' '.join(options)}; "
+                              f"--print-config prints the composed config, --help lists the config groups")
         composed = compose(overrides)
+        pin_data_root(composed)
         check_run_dir(composed.run_dir)
         busy = other_jobs_state(composed.run_dir)
         if busy is not None:  # two writers of one folder would interleave its checkpoints and history
@@ -59,6 +65,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             raise ConfigError(f"run folder {where} has job {rec['job_id']} ({state}) training into it: wait for "
                               f"it (allconv-hpc status {where}), stop it ({stop_command(rec)}), or give another "
                               f"hydra.run.dir")
+        check_free(composed.run_dir)  # a hand-started train in it now (the trainer takes the lock itself)
         check_present(composed.cfg.data)
     except ConfigError as e:
         print(f"allconv-hpc: error: {e}", file=sys.stderr)
@@ -124,6 +131,13 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         if peer is not None:  # a collective failed because another rank died: name it, no traceback soup
             log.error("%s", peer)
             _report(trainer, str(peer), "failed", tell_peers=False)
+            return 1
+        if isinstance(e, OSError) and e.filename:  # a file of the run folder (history.csv, status.json): one line
+            msg = (f"cannot write {e.filename2 or e.filename} ({type(e).__name__}: {e.strerror}); check free space, quota and "
+                   f"permissions (chattr, a sticky shared folder) of the run folder; its checkpoints are kept, and "
+                   f"the same command resumes once it is fixed")
+            log.error("%s", msg)
+            _report(trainer, msg, "failed")
             return 1
         _report(trainer, f"{type(e).__name__}: {e}", "failed")
         raise

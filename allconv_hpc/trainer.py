@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as data_mod, preprocess
+from . import data as data_mod, preprocess, runlock
 from .checkpoint import CheckpointDir, CheckpointError, Writer, load_file, snapshot
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
@@ -144,6 +144,11 @@ class Trainer:
     def setup(self) -> "Trainer":
         """Data, model, optimizer, resume, tracker: the work that needs the process group."""
         cfg, cfg_dict, env, t = self.cfg, self.cfg_dict, self.env, self.cfg.trainer
+        if env.is_main:  # one writer per run folder, before anything in it is read or written
+            self._lock_fd = runlock.acquire(self.run_dir)  # RunBusy (a ConfigError) names the holder
+            if self._lock_fd is None:
+                log.warning("the file system of %s has no flock: nothing stops a second process from training "
+                            "into this folder at the same time", self.run_dir)
         self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
         # a cluster=local job on a Slurm node (inherited SLURM_JOB_ID) must not requeue the user's allocation
@@ -209,7 +214,9 @@ class Trainer:
         # skips Sequential.forward, a torch file, as a frame to start in), so it ran eagerly. Inside,
         # the compiled backward hands DDP all gradients at its end, so their all-reduce overlaps less
         # of the backward than eager DDP's (unmeasured on several GPUs; one GPU has no all-reduce).
-        net = torch.compile(self.model) if t.compile else self.model
+        # dynamic=False: a last partial batch (drop_last=false) gets a static graph of its own, instead of
+        # a dynamic-shape recompile that full batches would then run too
+        net = torch.compile(self.model, dynamic=False) if t.compile else self.model
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             net = DDP(net, device_ids=[self.device.index] if cuda else None)
@@ -281,15 +288,31 @@ class Trainer:
         rngs = ck["rng"]
         if len(rngs) == self.env.world_size:
             _set_rng_state(rngs[self.env.rank], self.device)
-        else:
+        elif self.cfg.model.dropout and (self.cfg.model.input_dropout or self.cfg.model.hidden_dropout):
             log.warning("checkpoint was written by %d ranks, this job has %d: dropout streams are reseeded, "
                         "so the result will not be bitwise the uninterrupted one", len(rngs), self.env.world_size)
+        self._warn_reshaped_schedule(ck)
         if self.env.is_main and self.state.epoch >= self.cfg.trainer.epochs:  # fit() then says nothing to do
             log.info("resumed from %s: after epoch %d, global step %d", path, self.state.epoch, self.state.global_step)
         elif self.env.is_main:
             log.info("resumed from %s: epoch %d, step %d (global step %d)", path, self.state.epoch + 1,
                      self.state.step_in_epoch, self.state.global_step)
         return path
+
+    def _warn_reshaped_schedule(self, ck: dict) -> None:
+        """A grown (or otherwise re-lengthened) run whose lr schedule depends on trainer.epochs: the lr curve
+        from here on is not the one the run was on (cosine/onecycle climb back up). Legal; said out loud."""
+        cfg, st = self.cfg, self.state
+        old = ((ck.get("config") or {}).get("trainer") or {}).get("epochs")
+        if not self.env.is_main or cfg.schedule.name not in ("cosine", "onecycle") or old in (None, cfg.trainer.epochs):
+            return
+        step = max(0, st.global_step - 1)
+        was = cfg.lr * lr_factor(step, cfg.schedule, self.steps_per_epoch, int(old))
+        now = cfg.lr * lr_factor(st.global_step, cfg.schedule, self.steps_per_epoch, cfg.trainer.epochs)
+        log.warning("trainer.epochs=%d but the checkpoint's run was planned for %d: the %s schedule is stretched "
+                    "to the new length, so the lr jumps from %.4g (its last step) to %.4g and follows the new "
+                    "curve (not what a run planned for %d epochs from the start does: checkpoint.resume=never "
+                    "starts one)", cfg.trainer.epochs, int(old), cfg.schedule.name, was, now, cfg.trainer.epochs)
 
     def _best_file_holds(self, ck: dict) -> float:
         """The val_acc best.pt holds on resume (rank 0), which the next epoch must beat to rewrite it.
@@ -301,12 +324,14 @@ class Trainer:
         st, path = self.state, self.ckpt.folder / "best.pt"
         if st.best_val_acc < 0:
             return st.best_val_acc
-        held = None
+        held = later = None
         if path.is_file():
             try:
                 best = load_file(path)
                 if int(best.get("epoch", 0)) <= st.epoch:  # not from epochs trained after this checkpoint
                     held = float(best["val_acc"])
+                else:
+                    later = int(best["epoch"])
             except (CheckpointError, KeyError, TypeError, ValueError) as e:
                 log.warning("best.pt is unreadable (%s)", e)
         if held == st.best_val_acc:
@@ -324,6 +349,11 @@ class Trainer:
                 return st.best_val_acc
             except OSError as e:
                 log.warning("writing best.pt again failed (%s)", e)
+        if later is not None:  # resumed from an older checkpoint (the newer ones were unusable): this run's past
+            log.warning("best.pt is from epoch %d, after the checkpoint resumed here (epoch %d; the newer ones "
+                        "were unusable), and those epochs are trained again: the next finished epoch replaces it "
+                        "(the best so far, val_acc %.4f, has no weights left)", later, st.epoch, st.best_val_acc)
+            return -1.0
         log.warning("best.pt does not hold the best epoch so far (val_acc %.4f; a best.pt write failed or was cut "
                     "off, and those weights are gone): it holds %s; the next epoch better than that replaces it",
                     st.best_val_acc, "nothing" if held is None else f"val_acc {held:.4f}")
@@ -527,6 +557,8 @@ class Trainer:
             agreed = self._poll(stop)
             if (every and st.global_step % every == 0) or agreed.due or agreed.stop:
                 self.save()
+                if not agreed.stop:  # `status` shows the progress of a long epoch (a stop writes its own)
+                    self.write_status("running")
             if agreed.stop:
                 if bar is not None:
                     bar.close()
@@ -688,3 +720,6 @@ class Trainer:
                 except Exception:
                     pass
             self.dist.close()
+            if getattr(self, "_lock_fd", None) is not None:  # after the last write (writer closed above)
+                os.close(self._lock_fd)
+                self._lock_fd = None

@@ -69,12 +69,17 @@ def start_ranks(tmp: Path, run_dir: Path, overrides: list[str], world: int,
     return procs
 
 
-def wait_for_line(path: Path, needle: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> str:
-    """Poll a log file until a line containing `needle` appears; returns that line."""
+def wait_for_line(path: Path, needle: str, timeout: float = 120, proc: subprocess.Popen | None = None,
+                  offset: int = 0) -> str:
+    """Poll a log file until a line containing `needle` appears; returns that line. offset: where in the
+    file to start looking (train.log is appended to by every start of a run)."""
     end = time.time() + timeout
     while time.time() < end:
         if path.exists():
-            for line in path.read_text().splitlines():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            for line in text.splitlines():
                 if needle in line:
                     return line
         if proc is not None and proc.poll() is not None:

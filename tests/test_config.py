@@ -102,6 +102,33 @@ def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path):
     (tmp_path / "afile").write_text("")
     r = train("data=synthetic", f"hydra.run.dir={tmp_path / 'afile' / 'run'}")
     assert r.returncode == 2 and "afile is a file, not a folder; give another hydra.run.dir" in r.stderr
+    (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)  # a folder that is not a run's
+    r = train("data=synthetic", f"hydra.run.dir={tmp_path / 'data'}")
+    assert r.returncode == 2 and (f"run folder {tmp_path / 'data'} holds other files (cifar-10-batches-py) and no "
+                                  f"run") in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar-10-batches-py"]  # nothing written
+    r = train("--cfg", "job")  # Hydra's own flag: named, with what this command takes instead
+    assert r.returncode == 2 and "train takes Hydra overrides (key=value), not --cfg; --print-config" in r.stderr
+
+
+def test_print_config_shows_the_composed_config_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "experiment=fast",
+                        "optim.lr=0.2", "data.root=rel", "hydra.run.dir=runs/x"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    head, body = r.stdout.split("\n", 1)
+    assert head == f"# run folder: {tmp_path / 'runs' / 'x'}"
+    cfg = yaml.safe_load(body)
+    assert cfg["optim"]["lr"] == 0.2 and cfg["schedule"]["name"] == "onecycle"  # the experiment, then the override
+    assert cfg["data"]["root"] == str(tmp_path / "rel")  # as the run would record it
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "optim.lr=-1"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "allconv-hpc: error: optim.lr=-1 must be > 0"
 
 
 @pytest.mark.parametrize("overrides,needles", BAD, ids=[" ".join(o) for o, _ in BAD])

@@ -140,6 +140,13 @@ def test_root_one_level_too_deep_gets_a_hint(cifar10):
         data.check_present(_cfg(root / "cifar-10-batches-py"))
 
 
+def test_the_other_cifar_in_root_is_named(cifar10):
+    root, *_ = cifar10
+    with pytest.raises(data.DataError, match=rf"CIFAR-100 not found.*\({root} holds cifar-10-batches-py: did you "
+                                             rf"mean data=cifar10\?\)"):
+        data.check_present(_cfg(root, "cifar100"))
+
+
 def test_corrupt_file_is_named(cifar10):
     root, *_ = cifar10
     path = root / "cifar-10-batches-py" / "data_batch_2"

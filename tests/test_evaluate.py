@@ -150,10 +150,33 @@ def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path):
                                                           "data.augment=none", "data.download=true"]
     run_train(tmp_path, run, ov)  # the data is there: nothing downloaded; nor by evaluate, which names it
     (tmp_path / "old").rename(tmp_path / "new")
-    with pytest.raises(ConfigError, match=r"cifar-10-batches-py.*\(here: --data-root DIR"):
+    with pytest.raises(ConfigError, match=r"cifar-10-batches-py.*Give --data-root DIR, the folder that holds "
+                                          r"cifar-10-batches-py now") as e:
         evaluate(run, "last")
+    assert "data.download" not in str(e.value)  # options evaluate does not have are not offered
     moved = evaluate(run, "last", data_root=str(tmp_path / "new"))
     final = read_history(run / "history.csv")[-1]  # one rank, same batches, same threads: exactly the trainer's
     assert (moved["images"], moved["accuracy"], moved["loss"]) == (40, final["val_acc"], final["val_loss"])
     with pytest.raises(ConfigError, match=r"no held-out split \(data.val_size=0\).*--split test"):
         evaluate(run, "best", "val", data_root=str(tmp_path / "new"))
+
+
+def test_a_relative_data_root_is_recorded_absolute(tmp_path):
+    """train's data.root as seen from where it started: evaluate (and a resume) from another folder finds it."""
+    (xtr, ytr), (xte, yte) = _fake_cifar(120, 0), _fake_cifar(40, 1)
+    data.write_cifar(tmp_path / "data", "cifar10", xtr, ytr, xte, yte, [f"c{i}" for i in range(10)])
+    run = tmp_path / "run"
+    ov = [o for o in TINY if not o.startswith("data.")] + ["data=cifar10", "data.root=data", "data.augment=none"]
+    r = subprocess.run([PY, "-m", "allconv_hpc", "train", *ov, f"hydra.run.dir={run}"], cwd=tmp_path,
+                       env=clean_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"root: {tmp_path / 'data'}" in (run / ".hydra" / "config.yaml").read_text()
+    assert evaluate(run, "last")["images"] == 40  # from the test's own folder, not tmp_path
+
+
+def test_best_before_any_finished_epoch_points_at_last(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000059.pt").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"no best.pt in .*: no epoch has finished yet \(it holds "
+                                          r"step_00000059.pt\); use --checkpoint last"):
+        evaluate(tmp_path / "run", "best")

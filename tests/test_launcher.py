@@ -608,7 +608,8 @@ def test_run_folders_a_job_could_only_fail_on_are_refused_before_the_queue(tmp_p
 def test_local_executor_gets_what_it_supports(tmp_path):
     c = compose(["cluster=local", *TINY, "cluster.signal_lead_s=45", "cluster.setup=['export A=1']"])
     ex = launcher.make_executor(launcher.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
-    assert ex.parameters["signal_delay_s"] == 45 and ex.parameters["setup"] == ["export A=1"]
+    assert ex.parameters["signal_delay_s"] == 45 and len(ex.parameters["setup"]) == 1
+    assert ex.parameters["setup"][0].startswith(f"{{ export A=1; }} >> {tmp_path / 'setup.log'} 2>&1 || ")
     assert ex.parameters["timeout_min"] == 60 and ex.parameters["tasks_per_node"] == 1
 
 
@@ -626,6 +627,13 @@ def test_local_gpus_are_this_shells_not_the_first_n(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1f2e,GPU-99aa")
     with pytest.raises(ConfigError, match="set it to indices"):
         launcher.validate_cluster(c.cluster, c.cfg)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # the machine's own GPUs: as many as CUDA counts
+    have = torch.cuda.device_count()
+    if have < 2:  # CI: no GPU, so the job would train on the CPU, unasked
+        with pytest.raises(ConfigError, match=rf"gpus_per_node=2 but CUDA sees {have} GPU\(s\) on this machine"):
+            launcher.validate_cluster(c.cluster, c.cfg)
+    else:
+        assert launcher.validate_cluster(c.cluster, c.cfg)["gpus_per_node"] == 2
 
 
 # ---------------------------------------------------------------- requeued jobs
@@ -707,6 +715,14 @@ def test_a_job_slurm_forgot_is_lost_unless_the_run_finished(tmp_path, on_path, c
     assert status.run_rows(run)[0]["state"] == state
     assert status.status_main([str(run)]) == rc
     assert status.wait_for(run, poll_s=0.01) == rc  # ends at once: no endless RUNNING?
+
+
+def test_wait_tells_a_stopped_run_from_a_completed_one(tmp_path, on_path, capsys):
+    run = write_run(tmp_path, "interrupted")  # stopped on a signal with a checkpoint; its job has left Slurm
+    on_path(squeue=FORGOTTEN, sacct=NO_ACCOUNTING, scontrol=FORGOTTEN)
+    assert status.run_rows(run)[0]["state"] == "INTERRUPTED"
+    assert status.status_main([str(run)]) == 0  # status: nothing failed
+    assert status.wait_for(run, poll_s=0.01) == status.EXIT_STOPPED == 3  # --wait: not done either
 
 
 def test_no_answer_from_slurm_is_not_lost(tmp_path, on_path):
@@ -888,3 +904,22 @@ def test_the_readme_model_comparison_sweep_plans_48_points_with_the_paper_recipe
             ("none", False, "paper", True), p.overrides
         assert cfg.optim.lr in (0.25, 0.1, 0.05, 0.01)
     assert not (tmp_path / "sweep").exists()  # planning makes no folder
+
+
+def test_a_local_jobs_failed_setup_is_logged_in_the_run_folder(tmp_path):
+    """cluster=local runs cluster.setup in the submitting terminal: its output goes to .submitit/setup.log,
+    a failure is one line, and `status` points at the log instead of a bare LOST."""
+    from proc import PY, clean_env
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "--wait", "cluster=local", *TINY,
+                        "cluster.setup=['export GREETING=hi','echo $GREETING from setup','no_such_command_x']",
+                        f"hydra.run.dir={run}"], env=clean_env(tmp_path, PATH=path), capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    log = run / ".submitit" / "setup.log"
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"cluster.setup failed (exit 127); its output is in {log}" in r.stderr, r.stderr
+    text = log.read_text()
+    assert "hi from setup" in text and "no_such_command_x" in text  # the exports reach later lines
+    row = status.run_rows(run)[0]
+    assert row["state"] == f"LOST (never started: cluster.setup failed? see {log})" and row["failed"]

@@ -33,10 +33,15 @@ def reference(tmp_path_factory):
 
 def interrupt_at(tmp: Path, run: Path, overrides: list[str], needle: str, sig: int) -> subprocess.Popen:
     """Start a run, send `sig` when `needle` shows in its log, wait for it to exit."""
+    log_now = run / "train.log"
+    start = log_now.stat().st_size if log_now.exists() else 0  # an earlier start's lines do not count
+    # SIGHUP as in a terminal session: a test runner started under nohup (or in the background) would pass on
+    # its ignored SIGHUP, which the trainer then rightly leaves ignored
     p = subprocess.Popen(train_cmd(run, overrides), env=clean_env(tmp), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                         stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
-        wait_for_line(run / "train.log", needle, timeout=120, proc=p)
+        wait_for_line(run / "train.log", needle, timeout=120, proc=p, offset=start)
         p.send_signal(sig)
         out, _ = p.communicate(timeout=120)
     finally:
@@ -57,11 +62,12 @@ def stop_inside_eval(tmp: Path, overrides: list[str], needle: str, step: int) ->
 
 
 @pytest.mark.parametrize("sig,seed", [(signal.SIGUSR2, 0), (signal.SIGTERM, 1), (signal.SIGINT, 2),
-                                      (signal.SIGUSR2, 3)])
+                                      (signal.SIGUSR2, 3), (signal.SIGHUP, 5)])
 def test_signal_mid_training_then_resume_is_bitwise_exact(reference, tmp_path, sig, seed):
     rng = random.Random(seed)
     run = tmp_path / "run"
-    stops = sorted(rng.sample(range(1, 15), 2))  # two interruptions at random global steps
+    stops = sorted(rng.sample(range(1, 15), 2))  # two interruptions at random global steps (not adjacent: the
+    # lagged stop poll stops a step late, and the resumed run would never log the second one)
     for step in stops:
         if (run / "status.json").exists() and '"completed"' in (run / "status.json").read_text():
             break
@@ -74,6 +80,60 @@ def test_signal_mid_training_then_resume_is_bitwise_exact(reference, tmp_path, s
     # W&B: one run id, segments with contiguous, non-overlapping steps
     steps = [r["_step"] for r in merged_history(run / "wandb", (run / "wandb_id.txt").read_text().strip())]
     assert steps == list(range(1, 17)), steps  # the last eval is logged at step 16
+
+
+def test_sighup_is_ignored_under_nohup(reference, tmp_path):
+    """nohup (SIGHUP ignored) asks to outlive the terminal: the run goes on to the end."""
+    run = tmp_path / "run"
+    p = subprocess.Popen(train_cmd(run, EXACT), env=clean_env(tmp_path), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        wait_for_line(run / "train.log", "(global 3)", timeout=120, proc=p)
+        p.send_signal(signal.SIGHUP)
+        out, _ = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "done: best val_acc" in out, out[-3000:]
+    assert_same_history(history(run), history(reference), exact=True)
+
+
+def test_a_second_writer_is_refused_and_status_follows_the_first(tmp_path):
+    """Two processes training into one folder would interleave it: a second `train` or a `submit` is refused
+    naming the first; `status` shows a hand-started run RUNNING while it runs and LOST once killed hard."""
+    run = tmp_path / "run"
+    ov = TINY + ["trainer.epochs=200", "checkpoint.every_steps=2"]
+    first = subprocess.Popen(train_cmd(run, ov), env=clean_env(tmp_path), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    cli = lambda *a: subprocess.run([PY, "-m", "allconv_hpc", *a], env=clean_env(tmp_path),  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    try:
+        wait_for_line(run / "train.log", "(global 4)", timeout=120, proc=first)
+        before = (run / "history.csv").read_bytes() if (run / "history.csv").exists() else None
+        second = run_train(tmp_path, run, ov, check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is being trained into by pid {first.pid} on " in second.stderr, second.stderr[-2000:]
+        sub = cli("submit", "cluster=local", *ov, f"hydra.run.dir={run}")
+        assert sub.returncode == 2 and f"pid {first.pid}" in sub.stderr, sub.stderr
+        assert not (run / "submission.json").exists()
+        st = cli("status", str(run), "--json")
+        assert st.returncode == 0 and json.loads(st.stdout)[0]["state"] == "RUNNING", st.stdout
+        assert first.poll() is None  # the first trains on, untouched
+    finally:
+        first.kill()
+        first.wait()
+    st = cli("status", str(run), "--json")
+    assert st.returncode == 1 and json.loads(st.stdout)[0]["state"] == "LOST", st.stdout
+    assert json.loads(st.stdout)[0]["step"] >= 4  # status.json follows the periodic checkpoints
+    after = (run / "history.csv").read_bytes() if (run / "history.csv").exists() else None
+    assert before is None or after.startswith(before)
+    again = subprocess.Popen(train_cmd(run, ov), env=clean_env(tmp_path), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:  # the lock died with its holder: the same command resumes
+        wait_for_line(run / "train.log", "resumed from", timeout=120, proc=again)
+    finally:
+        again.kill()
+        again.wait()
 
 
 def test_signal_during_evaluation(tmp_path):
@@ -295,9 +355,15 @@ def test_truncated_and_bitflipped_newest_checkpoint_falls_back(reference, tmp_pa
     newest.write_bytes(bytes(flipped))
     state, path = ck.load_latest()
     assert path == older
+    # best.pt from epoch 3, after the checkpoint that is left (step 12, inside epoch 3): those epochs train again
+    best = load_file(run / "checkpoints" / "best.pt")
+    ck.save_best({**best, "epoch": 3})
     # and the trainer resumes from the older one and still ends where the reference ended
     r = run_train(tmp_path, run, EXACT + ["trainer.epochs=4"])
-    assert "skipping unusable checkpoint" in r.stdout + r.stderr + (run / "train.log").read_text()
+    log = r.stdout + r.stderr + (run / "train.log").read_text()
+    assert "skipping unusable checkpoint" in log
+    assert "best.pt is from epoch 3, after the checkpoint resumed here (epoch 2; the newer ones were unusable)" in log
+    assert load_file(run / "checkpoints" / "best.pt")["epoch"] >= 3  # replaced by a finished epoch of this run
 
 
 def test_a_folder_whose_every_checkpoint_is_unusable_fails_the_run_and_keeps_the_files(reference, tmp_path):
@@ -514,3 +580,34 @@ def test_two_ranks_interrupted_and_resumed(tmp_path):
     run_train(tmp_path, run, ov, nproc=2)
     assert_same_weights(final_weights(run), final_weights(ref), exact=True)
     assert_same_history(history(run), history(ref), exact=True)
+
+
+def test_growing_a_length_dependent_schedule_says_the_lr_jumps(tmp_path):
+    run = tmp_path / "run"
+    run_train(tmp_path, run, TINY + ["schedule=cosine"])
+    r = run_train(tmp_path, run, TINY + ["schedule=cosine", "trainer.epochs=4"])
+    m = re.search(r"trainer.epochs=4 but the checkpoint's run was planned for 2: the cosine schedule is stretched "
+                  r"to the new length, so the lr jumps from ([\d.e-]+) \(its last step\) to ([\d.e-]+)", r.stderr)
+    assert m and float(m.group(2)) > float(m.group(1)), r.stderr[-2000:]
+    rows = history(run)
+    assert float(rows[2]["lr"]) > float(rows[1]["lr"])  # what it warned of
+    r = run_train(tmp_path, run, TINY + ["schedule=cosine", "trainer.epochs=5"] + ["schedule.name=paper"],
+                  check=False)  # another schedule is another config: refused, not warned about
+    assert r.returncode == 2 and "stretched" not in r.stderr
+
+
+def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_resumable(tmp_path):
+    run = tmp_path / "run"
+    run_train(tmp_path, run, TINY + ["trainer.epochs=1"])
+    (run / "history.csv").unlink()
+    (run / "history.csv").mkdir()  # what an immutable file or a foreign-owned one in a sticky folder also gives
+    r = run_train(tmp_path, run, TINY, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"cannot write {run / 'history.csv'} (IsADirectoryError" in r.stderr
+    assert '"failed"' in (run / "status.json").read_text()
+    st = subprocess.run([PY, "-m", "allconv_hpc", "status", str(run)], env=clean_env(tmp_path), capture_output=True,
+                        text=True, timeout=60)
+    assert st.returncode == 1 and f"run: cannot write {run / 'history.csv'}" in st.stdout, st.stdout  # why, too
+    (run / "history.csv").rmdir()
+    run_train(tmp_path, run, TINY)  # fixed: the same command resumes and finishes
+    assert '"completed"' in (run / "status.json").read_text()
