@@ -129,6 +129,13 @@ RUN_FILES = {".hydra", "train.log", "status.json", "history.csv", "checkpoints",
              ".train.lock", ".submitit", "wandb", "wandb_id.txt", "wandb_steps.jsonl"}
 
 
+def _run_file(name: str) -> bool:
+    """A name train/submit writes, a temp file of one, or a job's log (sbatch --output into a folder made for
+    the run, slurm-%j.out): such a folder is a run's or is meant to become one."""
+    return (name in RUN_FILES or name.startswith("checkpoints.old") or name.endswith((".out", ".err", ".log"))
+            or (name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)))
+
+
 def check_run_dir(run_dir: Path) -> None:
     """The run folder (and its checkpoints/) can be made and written: refused before any work or queue,
     not at the first checkpoint. Nothing is created; each rank can ask (a shared file system answers alike)."""
@@ -144,7 +151,7 @@ def check_run_dir(run_dir: Path) -> None:
             break  # the rest does not exist yet: made inside this writable folder
     if run_dir.is_dir():  # a folder of other things (a dataset, a project's root) is not one to train into
         names = sorted(p.name for p in run_dir.iterdir())
-        if names and not any(n in RUN_FILES or n.startswith("checkpoints.old") for n in names):
+        if names and not any(_run_file(n) for n in names):
             more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
             raise ConfigError(f"run folder {run_dir} holds other files ({', '.join(names[:5])}{more}) and no run: "
                               f"training would mix its files with them; give a new or empty hydra.run.dir")

@@ -291,10 +291,11 @@ def run_rows(folder: Path) -> list[dict]:
         active = state in ACTIVE_STATES and not ended
         unfinished = run_state in (None, "running", "requeued")
         no_answer = bool(rec.get("job_id")) and state is None and not known and unfinished
-        if state is None and not known and run_state == "running":  # no scheduler answers: the run's lock does
-            held, _ = runlock.holder(run_dir)
-            if held is not None:  # held: its writer runs now; free, last taken on this host: the writer is gone
-                state, active, no_answer = ("RUNNING" if held else "LOST"), held, False
+        held = runlock.holder(run_dir)[0] if run_state == "running" else None
+        if held and state not in ACTIVE_STATES:  # a train by hand resumed the run after its job ended
+            state, active, no_answer, ended = "RUNNING", True, False, False
+        elif state is None and not known and run_state == "running" and not rec.get("job_id") and held is False:
+            state = "LOST"  # started by hand, no scheduler to ask: its lock, free and last taken here, says gone
         if state is None and known and unfinished:
             state = "LOST"  # gone without a final word: killed hard (SIGKILL, node failure)
             setup_log = Path(rec.get("submitit_folder", "")) / "setup.log"

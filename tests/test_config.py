@@ -107,6 +107,11 @@ def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path):
     assert r.returncode == 2 and (f"run folder {tmp_path / 'data'} holds other files (cifar-10-batches-py) and no "
                                   f"run") in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar-10-batches-py"]  # nothing written
+    from allconv_hpc.compose import check_run_dir
+    (tmp_path / "pre").mkdir()  # made for sbatch --output=$RUN/slurm-%j.out: a run's folder to be
+    (tmp_path / "pre" / "slurm-12.out").write_text("")
+    (tmp_path / "pre" / ".submission.json.ab12.tmp").write_text("")
+    check_run_dir(tmp_path / "pre")
     r = train("--cfg", "job")  # Hydra's own flag: named, with what this command takes instead
     assert r.returncode == 2 and "train takes Hydra overrides (key=value), not --cfg; --print-config" in r.stderr
 

@@ -923,3 +923,17 @@ def test_a_local_jobs_failed_setup_is_logged_in_the_run_folder(tmp_path):
     assert "hi from setup" in text and "no_such_command_x" in text  # the exports reach later lines
     row = status.run_rows(run)[0]
     assert row["state"] == f"LOST (never started: cluster.setup failed? see {log})" and row["failed"]
+
+
+def test_a_run_resumed_by_hand_after_its_job_ended_is_running_not_lost(tmp_path, on_path):
+    from allconv_hpc import runlock
+    run = write_run(tmp_path, "running")  # its submitted job is gone without a word...
+    on_path(squeue=FORGOTTEN, sacct=NO_ACCOUNTING, scontrol=FORGOTTEN)
+    assert status.run_rows(run)[0]["state"] == "LOST"
+    fd = runlock.acquire(run)  # ...and `train` by hand trains into it now
+    try:
+        row = status.run_rows(run)[0]
+        assert (row["state"], row["failed"], row["active"]) == ("RUNNING", False, True)
+    finally:
+        os.close(fd)
+    assert status.run_rows(run)[0]["state"] == "LOST"
