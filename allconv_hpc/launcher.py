@@ -679,7 +679,6 @@ def submit_lock(folder: Path):
     submits started at once cannot both queue a job into one folder (the later one then finds the earlier one's
     job). Folders made here are removed again when the submission is refused (ConfigError). Where the file system
     has no flock (Lustre without -o flock), submission goes on unlocked, with a warning."""
-    import errno
     import fcntl
     while True:
         created = [d for d in (folder, *folder.parents) if not d.exists()]
@@ -693,7 +692,7 @@ def submit_lock(folder: Path):
                 print(f"waiting for another submit into {folder} to finish", file=sys.stderr, flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            if e.errno not in runlock.NO_LOCKS:
                 os.close(fd)
                 raise
             _warn(f"cannot lock {path} ({e.strerror}); submitting without the lock that keeps two submits at once "

@@ -291,7 +291,8 @@ def run_rows(folder: Path) -> list[dict]:
         active = state in ACTIVE_STATES and not ended
         unfinished = run_state in (None, "running", "requeued")
         no_answer = bool(rec.get("job_id")) and state is None and not known and unfinished
-        held = runlock.holder(run_dir)[0] if run_state == "running" else None
+        # the lock is asked only where the scheduler does not say the job runs
+        held = runlock.holder(run_dir)[0] if run_state == "running" and state not in ACTIVE_STATES else None
         if held and state not in ACTIVE_STATES:  # a train by hand resumed the run after its job ended
             state, active, no_answer, ended = "RUNNING", True, False, False
         elif state is None and not known and run_state == "running" and not rec.get("job_id") and held is False:

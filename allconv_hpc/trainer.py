@@ -138,6 +138,7 @@ class Trainer:
         self.device = pick_device(t.device, env)
         self.threads = set_threads(t.threads, env) if self.device.type == "cpu" else None
         set_math(t.deterministic, self.device)
+        self._lock_fd: Optional[int] = None  # rank 0's run lock, taken in setup()
         # the last step of construction: a failure from here on must reach the peers (see train.run)
         self.dist = Dist(env, self.device, cfg.dist.backend, cfg.dist.timeout_s)
 
@@ -719,7 +720,9 @@ class Trainer:
                     self.dist.barrier()
                 except Exception:
                     pass
-            self.dist.close()
-            if getattr(self, "_lock_fd", None) is not None:  # after the last write (writer closed above)
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            try:
+                self.dist.close()
+            finally:
+                if self._lock_fd is not None:  # after the last write (writer closed above)
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
