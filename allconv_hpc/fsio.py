@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
@@ -38,10 +39,27 @@ def _create_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temp file name next to {path}")
 
 
+@contextmanager
+def naming(path: Union[str, Path]):
+    """Give an OSError raised inside the file's path: write() and fsync() errors (a full disk, a quota)
+    carry none, and the error then could not say which file, or that it belongs to the run folder."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
+
 def write_atomic(path: Union[str, Path], data: Union[bytes, str, Callable[[BinaryIO], None]]) -> None:
     """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder.
     `data` may be a function that writes into the open file (streaming, no copy in memory)."""
     path = Path(path)
+    with naming(path):
+        _write_atomic(path, data)
+
+
+def _write_atomic(path: Path, data: Union[bytes, str, Callable[[BinaryIO], None]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp(path)
     try:

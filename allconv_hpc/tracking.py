@@ -38,7 +38,7 @@ from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 from .config import WANDB_MODES, ConfigError, WandbConfig
-from .fsio import write_atomic
+from .fsio import naming, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ class Tracker:
     def _record(self, kind: str, step: int, data: dict) -> None:
         if self.mode == "disabled":
             return
-        with open(self.steps_path, "a") as f:  # flushed on close; SIGTERM lets the process get here
+        with naming(self.steps_path), open(self.steps_path, "a") as f:  # flushed on close; SIGTERM lets the process get here
             f.write(json.dumps({"kind": kind, "step": int(step), "data": {k: _scalar(v) for k, v in data.items()}})
                     + "\n")
 
@@ -455,7 +455,7 @@ class Tracker:
     # -- history.csv -----------------------------------------------------------------------------
     def append_history(self, row: Mapping[str, Any]) -> None:
         """Append one epoch's row to ``history.csv`` (flushed and fsynced)."""
-        with open(self.history_path, "a", newline="") as f:
+        with naming(self.history_path), open(self.history_path, "a", newline="") as f:
             f.write(_row_line(row))
             f.flush()
             os.fsync(f.fileno())

@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from .config import ConfigError
 
@@ -132,8 +133,9 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             log.error("%s", peer)
             _report(trainer, str(peer), "failed", tell_peers=False)
             return 1
-        if isinstance(e, OSError) and e.filename:  # a file of the run folder (history.csv, status.json): one line
-            msg = (f"cannot write {e.filename2 or e.filename} ({type(e).__name__}: {e.strerror}); check free space, quota and "
+        where = _run_folder_file(e, composed.run_dir)
+        if where is not None:  # a file of the run folder (history.csv, status.json): one line, not a traceback
+            msg = (f"cannot read/write {where} ({type(e).__name__}: {e.strerror}); check free space, quota and "
                    f"permissions (chattr, a sticky shared folder) of the run folder; its checkpoints are kept, and "
                    f"the same command resumes once it is fixed")
             log.error("%s", msg)
@@ -144,6 +146,23 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     finally:
         if trainer is not None:
             trainer.close(exit_code=code)
+
+
+def _run_folder_file(e: BaseException, run_dir: Path) -> Optional[str]:
+    """The run-folder file an OSError is about, or None for any other error (a compiler cache in the
+    home folder is not the run folder's problem, and its traceback is what helps)."""
+    if not isinstance(e, OSError):
+        return None
+    for name in (e.filename2, e.filename):
+        if name is None:
+            continue
+        try:
+            path = Path(os.fsdecode(name)).absolute()
+        except (TypeError, ValueError):
+            continue
+        if path.is_relative_to(Path(run_dir).absolute()):
+            return str(path)
+    return None
 
 
 def _report(trainer, message: str, state: str, tell_peers: bool = True) -> None:

@@ -603,11 +603,11 @@ def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_resumable(tmp_
     (run / "history.csv").mkdir()  # what an immutable file or a foreign-owned one in a sticky folder also gives
     r = run_train(tmp_path, run, TINY, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert f"cannot write {run / 'history.csv'} (IsADirectoryError" in r.stderr
+    assert f"cannot read/write {run / 'history.csv'} (IsADirectoryError" in r.stderr
     assert '"failed"' in (run / "status.json").read_text()
     st = subprocess.run([PY, "-m", "allconv_hpc", "status", str(run)], env=clean_env(tmp_path), capture_output=True,
                         text=True, timeout=60)
-    assert st.returncode == 1 and f"run: cannot write {run / 'history.csv'}" in st.stdout, st.stdout  # why, too
+    assert st.returncode == 1 and f"run: cannot read/write {run / 'history.csv'}" in st.stdout, st.stdout  # why, too
     (run / "history.csv").rmdir()
     run_train(tmp_path, run, TINY)  # fixed: the same command resumes and finishes
     assert '"completed"' in (run / "status.json").read_text()

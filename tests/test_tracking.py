@@ -372,3 +372,21 @@ def test_steps_trained_again_after_a_kill_are_not_logged_twice(wenv, tmp_path, c
     third.finish()
     assert "cannot read W&B segment" in caplog.text
     assert _steps_when_written(third.segment_dir, 1) == [21]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_error_names_the_run_folder_file(tmp_path):
+    """write() and fsync() errors carry no file name; the trainer's one-line message needs it, and needs
+    to tell a run-folder file from, say, a compiler cache in the home folder (whose traceback helps)."""
+    from allconv_hpc.train import _run_folder_file
+    run_dir = tmp_path / "run"
+    t = make_tracker(run_dir, {}, WandbConfig(mode="disabled"), 0, None, [])
+    t.history_path.unlink()
+    t.history_path.symlink_to("/dev/full")  # every write there fails with ENOSPC, as on a full disk
+    with pytest.raises(OSError) as e:
+        t.append_history(epoch_row(1, 10))
+    assert e.value.errno == 28 and e.value.filename == str(run_dir / "history.csv")
+    assert _run_folder_file(e.value, run_dir) == str(run_dir / "history.csv")
+    outside = OSError(28, "No space left on device", str(tmp_path / "cache" / "x.so"))
+    assert _run_folder_file(outside, run_dir) is None and _run_folder_file(OSError(28, "x"), run_dir) is None
+    assert _run_folder_file(ValueError("x"), run_dir) is None
