@@ -299,7 +299,7 @@ def run_rows(folder: Path) -> list[dict]:
             state = "LOST"  # started by hand, no scheduler to ask: its lock, free and last taken here, says gone
         if state is None and known and unfinished:
             state = "LOST"  # gone without a final word: killed hard (SIGKILL, node failure)
-            setup_log = Path(rec.get("submitit_folder", "")) / "setup.log"
+            setup_log = Path(rec.get("submitit_folder", "")) / f"setup-{rec.get('job_id')}.log"  # launcher._local_setup
             if rec.get("backend") == "local" and not st and setup_log.is_file() and setup_log.stat().st_size:
                 state = f"LOST (never started: cluster.setup failed? see {setup_log})"
         elif state is None:  # Slurm forgot the job (MinJobAge) and no accounting: the run folder decides

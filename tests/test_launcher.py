@@ -609,8 +609,25 @@ def test_local_executor_gets_what_it_supports(tmp_path):
     c = compose(["cluster=local", *TINY, "cluster.signal_lead_s=45", "cluster.setup=['export A=1']"])
     ex = launcher.make_executor(launcher.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
     assert ex.parameters["signal_delay_s"] == 45 and len(ex.parameters["setup"]) == 1
-    assert ex.parameters["setup"][0].startswith(f"{{ export A=1; }} >> {tmp_path / 'setup.log'} 2>&1 || ")
+    assert ex.parameters["setup"][0].startswith(f"{{ {{ export A=1\n}}\n}} >> {tmp_path / 'setup-'}$$.log 2>&1 || ")
     assert ex.parameters["timeout_min"] == 60 and ex.parameters["tasks_per_node"] == 1
+
+
+def test_local_setup_lines_keep_their_own_comments_and_operators(tmp_path):
+    """Each line runs as written, as in an sbatch script: a trailing comment, `;` or `&` does not swallow the
+    rest, exports reach the job, and a run folder named with `"` or `$` is quoted (the shell is submitit's)."""
+    folder = tmp_path / 'odd "$HOME" name' / ".submitit" / "%j"
+    folder.parent.mkdir(parents=True)
+    lines = ["export A=1  # the cluster's module", "B=2;", "sleep 0 &", "echo a=$A b=$B"]
+    setup = launcher._local_setup(lines, folder)
+    r = subprocess.run(["sh", "-c", " && ".join(setup + ['echo "job sees A=$A B=$B"; echo $$ > pid'])],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert r.returncode == 0 and r.stdout == "job sees A=1 B=2\n", (r.stdout, r.stderr)
+    log = folder.parent / f"setup-{(tmp_path / 'pid').read_text().strip()}.log"
+    assert log.read_text() == "a=1 b=2\n"
+    r = subprocess.run(["sh", "-c", " && ".join(launcher._local_setup(["false # no"], folder) + ["echo job"])],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert r.returncode == 1 and r.stdout == "" and f"failed (exit 1); its output is in {folder.parent}/setup-" in r.stderr
 
 
 def test_local_gpus_are_this_shells_not_the_first_n(tmp_path, monkeypatch):
@@ -916,8 +933,8 @@ def test_a_local_jobs_failed_setup_is_logged_in_the_run_folder(tmp_path):
                         "cluster.setup=['export GREETING=hi','echo $GREETING from setup','no_such_command_x']",
                         f"hydra.run.dir={run}"], env=clean_env(tmp_path, PATH=path), capture_output=True,
                        text=True, timeout=300, cwd=tmp_path)
-    log = run / ".submitit" / "setup.log"
     assert r.returncode == 1, r.stdout + r.stderr
+    log = run / ".submitit" / f"setup-{json.loads((run / 'submission.json').read_text())['job_id']}.log"
     assert f"cluster.setup failed (exit 127); its output is in {log}" in r.stderr, r.stderr
     text = log.read_text()
     assert "hi from setup" in text and "no_such_command_x" in text  # the exports reach later lines
