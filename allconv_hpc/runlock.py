@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
+from .fsio import naming
 
 LOCK_FILE = ".train.lock"
 NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a file system without flock
@@ -27,50 +28,84 @@ NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a fil
 class RunBusy(ConfigError):
     """Another process trains into the folder; the message names it and the ways out."""
 
-    def __init__(self, run_dir: Path, who: str):
+    def __init__(self, run_dir: Path, who: str, way_out: Optional[str] = None):
+        way_out = way_out or (f"wait for it to end (allconv-hpc status {run_dir}), stop it, or give another "
+                              f"hydra.run.dir")
         super().__init__(f"run folder {run_dir} is being trained into by {who}: two writers would interleave its "
-                         f"checkpoints and history; wait for it to end (allconv-hpc status {run_dir}), stop it, or "
-                         f"give another hydra.run.dir")
+                         f"checkpoints and history; {way_out}")
+
+
+STALE_WAIT_S = 150.0  # an NFSv4 lease (90 s by default) and some: how long a dead node's lock may outlive it
+
+
+def _who(path: Path) -> dict:
+    try:
+        who = json.loads(path.read_text())
+        return who if isinstance(who, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _describe(path: Path) -> str:
+    who = _who(path)
     try:
-        who = json.loads(path.read_text())
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(who["started"]))
         job = f", Slurm job {who['slurm_job_id']}" if who.get("slurm_job_id") else ""
-        return f"pid {who['pid']} on {who['host']}{job}, since {since}"
-    except (OSError, ValueError, KeyError, TypeError):
+        mine = who["pid"] == os.getpid() and who["host"] == socket.gethostname()
+        return f"{'this process, ' if mine else ''}pid {who['pid']} on {who['host']}{job}, since {since}"
+    except (KeyError, TypeError, ValueError, OverflowError):
         return "another process"
+
+
+def _own_job(path: Path) -> bool:
+    """The holder is an earlier run of this same Slurm job (requeued after its node failed). Slurm runs one
+    at a time, so its lock is one the dead node still holds: NFSv4 frees it when the node's lease runs out,
+    NFSv3 only when the node comes back."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return bool(job) and str(_who(path).get("slurm_job_id")) == job
+
+
+def _take(fd: int, run_dir: Path, path: Path, wait_s: float) -> None:
+    start, own = time.monotonic(), None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if own is None:
+                own = _own_job(path)
+            if time.monotonic() - start > (max(wait_s, STALE_WAIT_S) if own else wait_s):
+                if own:
+                    raise RunBusy(run_dir, f"{_describe(path)}, this job's own earlier run, whose node still holds "
+                                  f"the lock", way_out=f"if {_who(path).get('host')} is down (a node failure), delete "
+                                  f"{path} and submit again") from None
+                raise RunBusy(run_dir, _describe(path)) from None
+            time.sleep(1.0 if own else 0.1)
 
 
 def acquire(run_dir: Path, wait_s: float = 2.0) -> Optional[int]:
     """The lock's fd, held until it is closed or the process ends; RunBusy when another process holds it
-    (retried for wait_s: `status` takes it for an instant to look); None where the file system has no flock."""
+    (retried for wait_s: `status` takes it for an instant to look; for STALE_WAIT_S when the holder is this
+    job's own earlier run); None where the file system has no flock."""
     path = Path(run_dir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    deadline = time.monotonic() + wait_s
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RunBusy(run_dir, _describe(path)) from None
-                time.sleep(0.1)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in NO_LOCKS:
-            return None
-        raise
+        try:
+            _take(fd, run_dir, path, wait_s)
+        except OSError as e:
+            if e.errno in NO_LOCKS:
+                os.close(fd)
+                return None
+            raise
+        who = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+               "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        with naming(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(who).encode(), 0)
     except BaseException:
         os.close(fd)
         raise
-    who = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-           "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(who).encode(), 0)
     return fd
 
 
@@ -93,15 +128,12 @@ def holder(run_dir: Path) -> tuple[Optional[bool], str]:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-    try:
-        host = json.loads(path.read_text()).get("host")
-    except (OSError, ValueError, AttributeError):
-        return None, ""
-    return (False, "") if host == socket.gethostname() else (None, "")
+    host = _who(path).get("host")
+    return (False, "") if host is not None and host == socket.gethostname() else (None, "")
 
 
 def check_free(run_dir: Path) -> None:
     """RunBusy when a process trains into run_dir now: refused before any expensive work."""
     held, who = holder(run_dir)
-    if held:
+    if held and not _own_job(Path(run_dir) / LOCK_FILE):  # this job's earlier run: acquire() waits it out
         raise RunBusy(run_dir, who)

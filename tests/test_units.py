@@ -520,3 +520,64 @@ def test_a_missing_best_pt_is_rewritten_only_from_the_first_epoch_that_reached_t
     assert held == (max(accs) if rewritten else -1.0)  # -1: the next better epoch writes it
     if rewritten:
         assert load_file(tmp_path / "best.pt")["epoch"] == len(accs)
+
+
+# --------------------------------------------------------------- run lock
+
+def _hold_lock(run_dir: Path, job_id: str, hold_s: float):
+    """A real second process that takes the run lock as Slurm job `job_id` and holds it for hold_s."""
+    import subprocess
+    import sys
+    code = ("import sys, time; from pathlib import Path; from allconv_hpc import runlock; "
+            "runlock.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(hold_s)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "SLURM_JOB_ID": job_id})
+    assert p.stdout.readline() == "held\n"
+    return p
+
+
+def test_a_requeued_job_waits_out_its_dead_runs_lock_then_names_the_way_out(tmp_path, monkeypatch):
+    """After a node failure the requeued job finds the lock its earlier run took (an NFS server keeps it until
+    the lease ends, or for NFSv3 until the node returns): it waits STALE_WAIT_S, then says to delete it."""
+    import socket
+    from allconv_hpc import runlock
+    run = tmp_path / "run"
+    holder = _hold_lock(run, "77", 60)
+    try:
+        monkeypatch.setattr(runlock, "STALE_WAIT_S", 1.5)
+        monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job: refused at once, the usual way out
+        with pytest.raises(runlock.RunBusy, match=r"Slurm job 77, since .*; wait for it to end"):
+            runlock.check_free(run)
+        monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued: the preflight lets acquire wait
+        runlock.check_free(run)
+        with pytest.raises(runlock.RunBusy, match=rf"this job's own earlier run, whose node still holds the lock.*"
+                           rf"if {socket.gethostname()} is down \(a node failure\), delete {run / '.train.lock'} and submit"):
+            runlock.acquire(run, wait_s=0)
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = _hold_lock(run, "77", 1.0)  # a lock that is freed while the requeued job waits: taken
+    try:
+        monkeypatch.setattr(runlock, "STALE_WAIT_S", 30)
+        fd = runlock.acquire(run, wait_s=0)
+        assert fd is not None and runlock.holder(run)[0] is True
+        os.close(fd)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_run_lock_names_this_process_and_keeps_no_fd_when_it_cannot_record_its_holder(tmp_path):
+    from allconv_hpc import runlock
+    run = tmp_path / "run"
+    fd = runlock.acquire(run)
+    with pytest.raises(runlock.RunBusy, match=rf"by this process, pid {os.getpid()} on "):
+        runlock.acquire(run, wait_s=0)
+    os.close(fd)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / ".train.lock").symlink_to("/dev/full")  # takes the flock, refuses the holder record
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError) as e:
+        runlock.acquire(odd)
+    assert e.value.filename == str(odd / ".train.lock") and len(os.listdir("/proc/self/fd")) == before
