@@ -626,6 +626,32 @@ def test_a_run_started_with_plain_sbatch_is_not_trained_into_twice(slurm_cluster
     assert any(o.startswith("--signal=USR2@") for o in options), dry.stdout
 
 
+def test_submit_into_a_folder_a_hand_started_train_uses_is_refused_before_slurm(slurm_cluster, jobs, tmp_path):
+    """No job record names a `train` started by hand: its run lock does. submit (a sweep too) refuses the
+    folder naming the process, queues nothing, and once that train is gone the same submit goes ahead."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(run, JOB + ["trainer.epochs=500", "checkpoint.every_steps=2"]),
+                             env=job_env(slurm_cluster, tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for_line(run / "train.log", "(global 2)", timeout=120, proc=first)
+        sub = cli(slurm_cluster, tmp_path, "submit", *SLURM, *JOB, "trainer.epochs=500", f"hydra.run.dir={run}")
+        assert sub.returncode == 2, (sub.stdout, sub.stderr)
+        assert f"is being trained into by pid {first.pid} on " in sub.stderr and "Traceback" not in sub.stderr, sub.stderr
+        assert not (run / "submission.json").exists()
+        queued = slurm_cluster.run(["squeue", "-h", "-o", "%i %Z"], check=True).stdout
+        assert str(tmp_path) not in queued, queued  # nothing submitted from here reached the queue
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    sub = cli(slurm_cluster, tmp_path, "submit", *SLURM, *JOB, "trainer.epochs=500", f"hydra.run.dir={run}")
+    assert sub.returncode == 0, (sub.stdout, sub.stderr)
+    job = json.loads((run / "submission.json").read_text())["job_id"]
+    jobs.append(job)
+    wait_for_line(run / "train.log", "resumed from", timeout=180)  # the job trains on from its checkpoint
+
+
 def test_a_job_cancelled_after_its_run_completed_is_not_failed(slurm_cluster, jobs, tmp_path):
     """Training done (status.json completed), then Slurm ends the job otherwise (scancel a moment later)."""
     run = tmp_path / "run"
