@@ -305,6 +305,7 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
     """Compose and validate every point before anything is submitted or any folder is made."""
     from .compose import check_run_dir, compose
     from .data import check_present
+    from .tracking import preflight_mode
 
     common, swept = expand_sweep(overrides, multirun)
     keys = {_key(o) for o in common + swept[0]}
@@ -333,6 +334,8 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
             ov = [o for o in ov if _key(o) != "data.root"] + [
                 f"data.root={hydra_value(Path(c.cfg.data.root).expanduser().absolute(), 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
+        if not any("WANDB" in str(line) for line in mine["setup"]):  # else the job's own train checks it
+            preflight_mode(c.cfg.wandb.mode)  # the jobs inherit this environment
         if cluster is not None and mine != cluster:
             diff = ", ".join(f"cluster.{k}" for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k))
             raise ConfigError(f"the sweep varies {diff}: one job array has one resource shape; submit one sweep "

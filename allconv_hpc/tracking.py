@@ -42,7 +42,7 @@ from .fsio import naming, write_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HISTORY_FIELDS", "EVAL_KEYS", "resolve_mode", "api_key_configured", "Tracker",
+__all__ = ["HISTORY_FIELDS", "EVAL_KEYS", "resolve_mode", "preflight_mode", "api_key_configured", "Tracker",
            "NullTracker", "make_tracker", "generate_id", "read_history", "write_history", "ID_FILE", "HISTORY_FILE",
            "STEPS_FILE"]
 
@@ -58,7 +58,10 @@ EVAL_KEYS = {"epoch": "epoch", "lr": "epoch/lr", "train_loss": "train/epoch_loss
              "train_acc": "train/epoch_acc", "val_loss": "val/loss", "val_acc": "val/acc",
              "epoch_seconds": "perf/epoch_seconds", "images_per_second": "perf/images_per_second"}
 
-_DEFAULT_BASE_URL = "https://api.wandb.ai"
+# as wandb 0.31's wandb.sdk.lib.urls: its default server, and the W&B host behind each CoreWeave Forge host
+# (a netrc entry for that one counts too: `wandb login` of older versions wrote it)
+_DEFAULT_BASE_URL = "https://api.forge.coreweave.com"
+_FORGE_HOSTS = {"forge.coreweave.com": "api.wandb.ai", "qa.forge.coreweave.com": "api.qa.wandb.ai"}
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # older spellings wandb still accepts
 
 
@@ -67,7 +70,7 @@ _MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # older spellings wandb 
 
 
 def _wandb_settings_file(environ: Mapping[str, str]) -> configparser.ConfigParser | None:
-    cfg_dir = environ.get("WANDB_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".config", "wandb")
+    cfg_dir = environ.get("WANDB_CONFIG_DIR") or os.path.join(_home(environ), ".config", "wandb")
     parser = configparser.ConfigParser()
     try:
         parser.read(os.path.join(cfg_dir, "settings"))
@@ -76,12 +79,16 @@ def _wandb_settings_file(environ: Mapping[str, str]) -> configparser.ConfigParse
     return parser
 
 
+def _home(environ: Mapping[str, str]) -> str:
+    return environ.get("HOME") or os.path.expanduser("~")
+
+
 def _netrc_path(environ: Mapping[str, str]) -> Path:
     # as wandb.sdk.lib.wbauth.wbnetrc._get_netrc_file_path: $NETRC, else ~/.netrc, else ~/_netrc
     if environ.get("NETRC"):
         return Path(environ["NETRC"]).expanduser()
-    unix = Path("~/.netrc").expanduser()
-    win = Path("~/_netrc").expanduser()
+    unix = Path(_home(environ), ".netrc")
+    win = Path(_home(environ), "_netrc")
     return win if (not unix.exists() and win.exists()) else unix
 
 
@@ -89,22 +96,40 @@ def api_key_configured(environ: Optional[Mapping[str, str]] = None) -> bool:
     """Whether wandb would find credentials, checked the way wandb 0.31 looks (no network, no
     ``import wandb``): ``WANDB_API_KEY`` or ``WANDB_IDENTITY_TOKEN_FILE`` in the environment, a
     netrc entry (``$NETRC`` or ``~/.netrc``) with a password for the host of ``WANDB_BASE_URL``
-    (default api.wandb.ai), or ``api_key`` in wandb's settings file
-    (``$WANDB_CONFIG_DIR/settings`` or ``~/.config/wandb/settings``). The key is never kept."""
+    (default api.forge.coreweave.com, whose entry may also be api.wandb.ai's), or ``api_key`` in
+    wandb's settings file (``$WANDB_CONFIG_DIR/settings`` or ``~/.config/wandb/settings``). The key is
+    never kept."""
     environ = os.environ if environ is None else environ
     if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     settings = _wandb_settings_file(environ)
     section = settings["default"] if settings is not None and settings.has_section("default") else {}
     base_url = environ.get("WANDB_BASE_URL") or section.get("base_url") or _DEFAULT_BASE_URL
-    host = urlsplit(base_url).netloc
+    url = urlsplit(base_url)
+    hosts = [url.netloc] + [api for forge, api in _FORGE_HOSTS.items()  # wbnetrc.read_netrc_auth_with_source
+                            if url.hostname in (forge, f"api.{forge}", api) and api != url.netloc]
     try:
-        creds = netrc.netrc(str(_netrc_path(environ))).authenticators(host) if host else None
+        found = netrc.netrc(str(_netrc_path(environ)))
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        creds = None
-    if creds and creds[2]:
-        return True
+        found = None
+    for host in hosts if found is not None and url.netloc else []:
+        creds = found.authenticators(host)
+        if creds:  # the first entry decides, as in wandb: one with no password is no key
+            return bool(creds[2])
     return bool(section.get("api_key"))
+
+
+def preflight_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:
+    """`resolve_mode`, and a ConfigError for online asked for with no API key anywhere: said before any work,
+    rather than found at wandb.init and logged offline instead (left for a key that cannot reach the server)."""
+    environ = os.environ if environ is None else environ
+    mode = resolve_mode(cfg_mode, environ)
+    if mode == "online" and not api_key_configured(environ):
+        asked = f"wandb.mode={cfg_mode}" if cfg_mode else f"WANDB_MODE={environ.get('WANDB_MODE')}"
+        raise ConfigError(f"{asked} but no W&B API key is configured here (WANDB_API_KEY, the ~/.netrc that "
+                          f"`wandb login` writes, or wandb's settings file): run `wandb login`, or log offline "
+                          f"(wandb.mode=offline) and `wandb sync` the run later")
+    return mode
 
 
 def resolve_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:

@@ -48,6 +48,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     from .distributed import DistributedError, detect_env
     from .runlock import check_free
     from .status import other_jobs_state, stop_command
+    from .tracking import preflight_mode
 
     try:
         if {"-m", "--multirun"} & set(overrides):
@@ -68,6 +69,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
                               f"hydra.run.dir")
         check_free(composed.run_dir)  # a hand-started train in it now (the trainer takes the lock itself)
         check_present(composed.cfg.data)
+        preflight_mode(composed.cfg.wandb.mode)  # a bad WANDB_MODE, or online with no key: before any work
     except ConfigError as e:
         print(f"allconv-hpc: error: {e}", file=sys.stderr)
         return 2

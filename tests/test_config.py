@@ -361,3 +361,25 @@ def test_a_key_added_since_a_checkpoint_counts_at_its_default():
     compose(["experiment=seed_keras", "schedule=constant"]).cfg.check_resumable(old, "run")  # README's way on
     with pytest.raises(ConfigError, match="different config"):  # no identity at all: not backfilled
         Config().check_resumable({}, "run")
+
+
+def test_wandb_online_without_a_key_or_a_bad_wandb_mode_is_refused_before_any_work(tmp_path):
+    """Found at wandb.init it would cost the data load and model build, and under submit the job's queue wait;
+    an explicit online with no key anywhere would quietly log offline."""
+    tiny = ["data=synthetic", "data.train_size=64", "data.test_size=32", "model.width=0.125"]
+    cases = [(["wandb.mode=online"], {}, "wandb.mode=online but no W&B API key is configured here"),
+             ([], {"WANDB_MODE": "bogus"}, "environment WANDB_MODE='bogus' is not one of online, offline, disabled")]
+    for extra, env, needle in cases:
+        for cmd in (["train"], ["submit", "--dry-run", "cluster=local"]):
+            run = tmp_path / "run"
+            r = subprocess.run([sys.executable, "-m", "allconv_hpc", *cmd, *tiny, *extra, f"hydra.run.dir={run}"],
+                               env=clean_env(tmp_path, **env), capture_output=True, text=True, timeout=120,
+                               cwd=tmp_path)
+            assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
+            assert not run.exists(), cmd  # nothing made, nothing queued
+    # a cluster.setup that sets W&B variables for the job: submit leaves the check to the job's own train
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "submit", "--dry-run", "cluster=local", *tiny,
+                        "wandb.mode=online", "cluster.setup=['export WANDB_API_KEY=$(cat ~/key)']",
+                        f"hydra.run.dir={tmp_path / 'run'}"], env=clean_env(tmp_path), capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr

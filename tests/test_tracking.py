@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from allconv_hpc.config import Config, ConfigError, DataConfig, WandbConfig
-from allconv_hpc.tracking import (HISTORY_FIELDS, NullTracker, Tracker, make_tracker, read_history,
-                                  resolve_mode, write_history)
+from allconv_hpc.tracking import (HISTORY_FIELDS, NullTracker, Tracker, api_key_configured, make_tracker,
+                                  read_history, resolve_mode, write_history)
 from allconv_hpc.wandb_offline import WandbLogError, merged_history, read_records, read_run, segments
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, the shape of a real key
@@ -210,12 +210,53 @@ def test_resolve_mode_precedence(tmp_path):
     (home / ".netrc").write_text(f"machine example.com\n  login user\n  password {FAKE_KEY}\n")
     assert resolve_mode(None, base) == "offline"
     (home / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
-    assert resolve_mode(None, base) == "online"
+    assert resolve_mode(None, base) == "online"  # wandb's default server is api.wandb.ai's Forge front
     assert resolve_mode(None, {**base, "WANDB_BASE_URL": "https://wandb.example.org"}) == "offline"
     (home / ".netrc").unlink()
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "settings").write_text(f"[default]\napi_key = {FAKE_KEY}\n")
     assert resolve_mode(None, base) == "online"
+
+
+def test_a_key_is_found_where_wandb_finds_it(tmp_path, monkeypatch):
+    """api_key_configured mirrors wandb's netrc lookup (it must not import wandb): checked against wandb's own
+    read_netrc_auth for every pair of netrc host and server, and against a real `wandb login`."""
+    from wandb.sdk.lib import urls
+    from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+    from allconv_hpc import tracking
+    assert tracking._DEFAULT_BASE_URL == urls.DEFAULT_BASE_URL and tracking._FORGE_HOSTS == urls.FORGE_HOSTS
+    netrc_file = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    env = {"HOME": str(tmp_path), "NETRC": str(netrc_file), "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
+    for machine in ("api.wandb.ai", "api.forge.coreweave.com", "forge.coreweave.com", "wandb.example.org:8443",
+                    "example.com"):
+        netrc_file.write_text(f"machine {machine}\n  login user\n  password {FAKE_KEY}\n")
+        for url in (urls.DEFAULT_BASE_URL, "https://api.wandb.ai",
+                    "https://wandb.example.org:8443", "https://wandb.example.org"):
+            theirs = read_netrc_auth(host=url) is not None
+            assert api_key_configured({**env, "WANDB_BASE_URL": url}) is theirs, (machine, url)
+    netrc_file.unlink()
+    home = tmp_path / "home"
+    home.mkdir()
+    login = subprocess.run([str(Path(sys.executable).parent / "wandb"), "login", "--no-verify", FAKE_KEY],
+                           env={**os.environ, "HOME": str(home), "NETRC": ""}, capture_output=True, text=True,
+                           timeout=120)
+    assert login.returncode == 0, login.stderr
+    assert api_key_configured({"HOME": str(home), "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}) is True
+
+
+def test_online_without_a_key_is_refused_before_any_work(tmp_path):
+    from allconv_hpc.tracking import preflight_mode
+    env = {"HOME": str(tmp_path), "NETRC": str(tmp_path / "netrc"), "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
+    with pytest.raises(ConfigError, match=r"wandb.mode=online but no W&B API key is configured here .*run "
+                                          r"`wandb login`, or log offline \(wandb.mode=offline\)"):
+        preflight_mode("online", env)
+    with pytest.raises(ConfigError, match=r"^WANDB_MODE=online but no W&B API key"):
+        preflight_mode(None, {**env, "WANDB_MODE": "online"})
+    with pytest.raises(ConfigError, match=r"WANDB_MODE='bogus' is not one of"):
+        preflight_mode(None, {**env, "WANDB_MODE": "bogus"})
+    assert preflight_mode("online", {**env, "WANDB_API_KEY": FAKE_KEY}) == "online"
+    assert preflight_mode(None, env) == "offline" and preflight_mode("disabled", env) == "disabled"
 
 
 def test_null_tracker_writes_nothing(tmp_path):
