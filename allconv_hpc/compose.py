@@ -151,9 +151,11 @@ def check_run_dir(run_dir: Path) -> None:
             break  # the rest does not exist yet: made inside this writable folder
     if run_dir.is_dir():  # a folder of other things (a dataset, a project's root) is not one to train into
         names = sorted(p.name for p in run_dir.iterdir())
-        if names and not any(_run_file(n) for n in names):
-            more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
-            raise ConfigError(f"run folder {run_dir} holds other files ({', '.join(names[:5])}{more}) and no run: "
+        holds_run = any(n in RUN_FILES or n.startswith("checkpoints.old") for n in names)  # notes added to a run: fine
+        other = [n for n in names if not _run_file(n)]  # a job log alone (nohup.out in a project) is no run
+        if other and not holds_run:
+            more = f", ... ({len(other)} in all)" if len(other) > 5 else ""
+            raise ConfigError(f"run folder {run_dir} holds other files ({', '.join(other[:5])}{more}) and no run: "
                               f"training would mix its files with them; give a new or empty hydra.run.dir")
 
 

@@ -112,6 +112,14 @@ def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path):
     (tmp_path / "pre" / "slurm-12.out").write_text("")
     (tmp_path / "pre" / ".submission.json.ab12.tmp").write_text("")
     check_run_dir(tmp_path / "pre")
+    (tmp_path / "proj" / "src").mkdir(parents=True)  # a project's root with a job log in it is still a project's
+    for name in ("README.md", "nohup.out", "pyproject.toml"):
+        (tmp_path / "proj" / name).write_text("")
+    with pytest.raises(ConfigError, match=r"holds other files \(README.md, pyproject.toml, src\) and no run"):
+        check_run_dir(tmp_path / "proj")
+    (tmp_path / "pre" / "notes.md").write_text("")  # notes beside a run's files: its own folder still
+    (tmp_path / "pre" / "history.csv").write_text("")
+    check_run_dir(tmp_path / "pre")
     r = train("--cfg", "job")  # Hydra's own flag: named, with what this command takes instead
     assert r.returncode == 2 and "train takes Hydra overrides (key=value), not --cfg; --print-config" in r.stderr
 
