@@ -691,6 +691,10 @@ class Trainer:
         if self.env.is_main:
             log.warning("%s at global step %d (epoch %d)", decision, st.global_step,
                         min(st.epoch + 1, self.cfg.trainer.epochs))  # past the last: in the final test eval
+            if self.env.source == "local" and stop.is_warning:
+                log.warning("a cluster=local job gets %s signal_lead_s before cluster.timeout_min (or when sent "
+                            "by hand), and nothing requeues it: submit the same command again to resume (a larger "
+                            "cluster.timeout_min runs longer)", signal.Signals(stop.received).name)
         self.write_status(decision, signal=signal.Signals(stop.received).name if stop.received else None)
         self._finish_tracker(0 if decision == "requeued" else 1)
         return {"requeued": EXIT_REQUEUED, "gave_up": EXIT_GAVE_UP}.get(decision, EXIT_INTERRUPTED)

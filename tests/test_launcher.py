@@ -610,7 +610,7 @@ def test_local_executor_gets_what_it_supports(tmp_path):
     ex = launcher.make_executor(launcher.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
     assert ex.parameters["signal_delay_s"] == 45 and len(ex.parameters["setup"]) == 1
     assert ex.parameters["setup"][0].startswith(f"{{ {{ export A=1\n}}\n}} >> {tmp_path / 'setup-'}$$.log 2>&1 || ")
-    assert ex.parameters["timeout_min"] == 60 and ex.parameters["tasks_per_node"] == 1
+    assert ex.parameters["timeout_min"] == 7 * 24 * 60 and ex.parameters["tasks_per_node"] == 1
 
 
 def test_local_setup_lines_keep_their_own_comments_and_operators(tmp_path):
@@ -940,6 +940,21 @@ def test_a_local_jobs_failed_setup_is_logged_in_the_run_folder(tmp_path):
     assert "hi from setup" in text and "no_such_command_x" in text  # the exports reach later lines
     row = status.run_rows(run)[0]
     assert row["state"] == f"LOST (never started: cluster.setup failed? see {log})" and row["failed"]
+
+
+def test_a_local_job_at_its_time_limit_says_to_submit_again(tmp_path):
+    """Nothing requeues a cluster=local job: at cluster.timeout_min it checkpoints, stops, and says how to go on."""
+    from proc import PY, clean_env
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "--wait", "cluster=local", *TINY, "trainer.epochs=100000",
+                        "cluster.timeout_min=1", "cluster.signal_lead_s=45", f"hydra.run.dir={run}"],
+                       env=clean_env(tmp_path, PATH=path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 3, r.stdout + r.stderr  # status.EXIT_STOPPED
+    text = (run / "train.log").read_text()
+    assert ("a cluster=local job gets SIGUSR2 signal_lead_s before cluster.timeout_min (or when sent by hand), and "
+            "nothing requeues it: submit the same command again to resume") in text, text[-3000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
 
 
 def test_a_run_resumed_by_hand_after_its_job_ended_is_running_not_lost(tmp_path, on_path):
