@@ -27,7 +27,8 @@ def train_usage() -> str:
             + "\n".join(lines) + "\n\n"
             "Keys: group.key=value, e.g. optim.lr=0.1 trainer.epochs=60 trainer.precision=bf16 model.width=0.5\n"
             "(every key with its default and meaning: README.md, 'Config groups', and conf/**/*.yaml).\n"
-            "--print-config: print the composed, validated config and the run folder; run nothing.\n"
+            "--print-config: print the composed, validated config and the run folder; run nothing (CUDA and\n"
+            "the data files are checked where it trains).\n"
             "Exit codes: 0 done or requeued, 1 failure, 2 bad config (or a run folder refused on resume),\n"
             "3 stopped with a checkpoint, 4 gave up after checkpoint.max_requeues time limits,\n"
             "130 a Ctrl-C during start-up or during a stop.")

@@ -45,6 +45,17 @@ def _listed_options(lines: list[str]) -> list[str]:
     return []
 
 
+def _top_level_hint(name: str) -> str:
+    import difflib
+    groups = [*SECTIONS, "cluster", "experiment"]
+    homes = [f"{g}.{name}" for g in [*SECTIONS, "cluster"] if name in (_group_keys(g) or [])]
+    if homes:
+        return f"Keys live in groups: did you mean {' or '.join(homes)}?"
+    close = difflib.get_close_matches(name, groups, n=1)
+    hint = f"Did you mean {close[0]}? " if close else ""
+    return f"{hint}The top level takes the groups {', '.join(groups)} (group=option, group.key=value) and seed."
+
+
 def override_error(overrides: list[str], e: Exception) -> str:
     """One line for a failed composition, naming the override Hydra could not parse where one is to
     blame; the folders of sweep points (``.../model=allcnn_c,seed=0``) need quotes, easy to miss."""
@@ -67,6 +78,9 @@ def override_error(overrides: list[str], e: Exception) -> str:
             msg += "".join(f" {line.strip()}" for line in lines[1:2] if line.startswith("To append"))
         elif known is not None:
             msg += f" {group} has no key {key!r}; its keys: {', '.join(sorted(known))}"
+    top = re.match(r"Could not override '([\w-]+)'\.?$", msg)
+    if top:  # a key with no group: say where it lives, or what the top level takes
+        msg += f" {_top_level_hint(top.group(1))}"
     parser = OverridesParser.create()
     for o in overrides:
         try:

@@ -38,6 +38,8 @@ BAD = [
     (["+trainer.foo=1"], ["trainer.foo"]),
     (["trainer.foo=1"], ["trainer.foo"]),  # without '+': Hydra refuses it itself
     (["+foo=1"], ["foo"]),
+    (["lr=0.1"], ["Could not override 'lr'", "did you mean optim.lr?"]),  # a key without its group
+    (["modle=allcnn_c"], ["Did you mean model?", "The top level takes the groups model, data, optim"]),
     (["data.augment=mixup"], ["data.augment='mixup'", "paper"]),
     (["schedule.name=linear"], ["schedule.name='linear'"]),
     (["schedule=nope"], ["schedule/nope"]),
