@@ -180,7 +180,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     return {"checkpoint": str(path), "epoch": epoch, "step_in_epoch": ts.get("step_in_epoch", 0),
             "global_step": ck.get("global_step", ts.get("global_step")),
             "val_acc_when_saved": val_acc, "val_acc_epoch": val_epoch, "split": split, "loss": loss / n,
-            "accuracy": correct / n, "images": int(n), "precision": precision, "device": str(dev)}
+            "accuracy": correct / n, "images": int(n), "precision": precision, "device": str(dev),
+            "model": cfg.model.name, "data": cfg.data.name}
 
 
 def saved_val_acc(ck: dict) -> tuple[Optional[float], Optional[int]]:
@@ -209,6 +210,9 @@ def evaluate_main(argv: list[str]) -> int:
     except (CheckpointError, OSError) as e:
         print(f"allconv-hpc evaluate: error: {e}", file=sys.stderr)
         return 1
+    if not Path(r["checkpoint"]).resolve().is_relative_to((args.run / "checkpoints").resolve()):
+        print(f"allconv-hpc evaluate: note: {r['checkpoint']} is not one of {args.run}'s checkpoints: scored with "
+              f"the config it carries ({r['model']} on {r['data']})", file=sys.stderr)
     if args.json:
         print(json.dumps(r))
     else:
@@ -217,6 +221,6 @@ def evaluate_main(argv: list[str]) -> int:
             when = f"epoch {r['epoch'] + 1} step {r['step_in_epoch']}, global step {r['global_step']}"
         if r["val_acc_when_saved"] is not None:
             when += f"; val_acc {r['val_acc_when_saved']:.4f} after epoch {r['val_acc_epoch']}"
-        print(f"{Path(r['checkpoint']).name} ({when}): {r['split']} loss {r['loss']:.4f} acc {r['accuracy']:.4f} "
+        print(f"{Path(r['checkpoint']).name} ({r['model']} on {r['data']}, {when}): {r['split']} loss {r['loss']:.4f} acc {r['accuracy']:.4f} "
               f"({r['images']} images, {r['precision']} on {r['device']})")
     return 0

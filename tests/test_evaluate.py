@@ -109,9 +109,14 @@ def test_a_step_checkpoint_reports_the_val_acc_of_its_last_finished_epoch(tmp_pa
     # a bare name is the run's own file, though the current folder (tmp_path) holds one of that name
     shutil.copy(run / "checkpoints" / "step_00000002.pt", tmp_path / "step_00000006.pt")
     mid = _cli(tmp_path, run, "--checkpoint", "step_00000006.pt").stdout
-    assert mid.startswith("step_00000006.pt (epoch 2 step 1, global step 6; val_acc"), mid
+    assert mid.startswith("step_00000006.pt (allcnn_c on synthetic, epoch 2 step 1, global step 6; val_acc"), mid
     assert f"val_acc {rows[1]['val_acc']:.4f} after epoch 2" in text, text
-    assert "val_acc" not in _cli(tmp_path, run, "--checkpoint", "step_00000002.pt").stdout
+    own = _cli(tmp_path, run, "--checkpoint", "step_00000002.pt")
+    assert "val_acc" not in own.stdout and "note:" not in own.stderr
+    # a path to a file elsewhere (here another run's, in effect) is scored with the config it carries: said so
+    other = _cli(tmp_path, run, "--checkpoint", str(tmp_path / "step_00000006.pt"))
+    assert other.returncode == 0 and (f"note: {tmp_path / 'step_00000006.pt'} is not one of {run}'s checkpoints: "
+                                      f"scored with the config it carries (allcnn_c on synthetic)") in other.stderr
 
 
 def test_a_sweep_folder_names_its_run_folders(tmp_path):
