@@ -136,10 +136,11 @@ class CheckpointDir:
     def save_best(self, state: dict) -> None:
         write_file(self.folder / "best.pt", state)
 
-    def load_latest(self, quarantine: bool = False) -> Optional[tuple[dict, Path]]:
-        """The newest checkpoint that verifies; corrupt ones are skipped with a warning. With
-        ``quarantine`` (the trainer resuming) skipped step files are renamed ``*.corrupt``: kept for a
-        look, but out of the rotation, where they would take a `keep` slot from the good files."""
+    def load_latest(self, quarantine: bool = False, warn: bool = True) -> Optional[tuple[dict, Path]]:
+        """The newest checkpoint that verifies; corrupt ones are skipped with a warning (unless not
+        ``warn``: a look ahead of the trainer, which warns itself). With ``quarantine`` (the trainer
+        resuming) skipped step files are renamed ``*.corrupt``: kept for a look, but out of the
+        rotation, where they would take a `keep` slot from the good files."""
         # highest step first: a kill between writing step_N and relinking last.pt must not lose step N
         candidates = self.step_files() + [self.folder / "last.pt"]
         bad = []
@@ -154,18 +155,19 @@ class CheckpointDir:
                 raise CheckpointError(f"cannot read {path}: {e}; fix the file system problem and run again (or move "
                                       f"the file aside to resume from the one before)") from None
             except Exception as e:  # CheckpointError, or torch refusing a damaged zip
-                log.warning("skipping unusable checkpoint %s: %s", path, str(e).splitlines()[0][:200])
+                if warn:
+                    log.warning("skipping unusable checkpoint %s: %s", path, str(e).splitlines()[0][:200])
                 bad.append(path)
                 continue
-            if bad:
+            if bad and warn:
                 log.warning("resuming from the previous good checkpoint %s", path.name)
-                for b in bad:
-                    if quarantine and b.name != "last.pt":  # last.pt is relinked at the next save
-                        aside, i = b.with_name(b.name + ".corrupt"), 1
-                        while aside.exists():  # an earlier corrupt copy of the same step stays too
-                            aside, i = b.with_name(f"{b.name}.corrupt.{i}"), i + 1
-                        os.replace(b, aside)
-                        log.warning("moved %s aside to %s", b.name, aside.name)
+            for b in bad if quarantine else ():
+                if b.name != "last.pt":  # last.pt is relinked at the next save
+                    aside, i = b.with_name(b.name + ".corrupt"), 1
+                    while aside.exists():  # an earlier corrupt copy of the same step stays too
+                        aside, i = b.with_name(f"{b.name}.corrupt.{i}"), i + 1
+                    os.replace(b, aside)
+                    log.warning("moved %s aside to %s", b.name, aside.name)
             return state, path
         if bad:
             raise CheckpointError(f"every checkpoint in {self.folder} is unusable ({', '.join(p.name for p in bad)}); "
@@ -238,3 +240,21 @@ class Writer:
             self._pending.clear()
             raise CheckpointError(f"writing {what} failed: {type(error).__name__}: {error}; the older checkpoints "
                                   f"are kept (check free space and permissions of the run folder)") from error
+
+
+def check_resume(run_dir: Path, cfg) -> Optional[dict]:
+    """What resuming in run_dir would refuse, found before any work: a checkpoint of another config, a run
+    already past cfg.trainer.epochs, checkpoint.resume=must with no checkpoint (ConfigError each). Returns
+    the newest checkpoint's train_state, or None (no checkpoint, or resume=never: the old ones move aside).
+    CheckpointError when every checkpoint is unusable or one cannot be read."""
+    if cfg.checkpoint.resume == "never":
+        return None
+    found = CheckpointDir(Path(run_dir) / "checkpoints", cfg.checkpoint.keep).load_latest(warn=False)
+    if found is None:
+        if cfg.checkpoint.resume == "must":
+            from .config import ConfigError
+            raise ConfigError(f"checkpoint.resume=must but {Path(run_dir) / 'checkpoints'} holds no checkpoint")
+        return None
+    ts = found[0].get("train_state") or {}
+    cfg.check_resumable(found[0].get("identity", {}), run_dir, ts)
+    return ts

@@ -274,11 +274,12 @@ class Config:
                               f"another hydra.run.dir, or checkpoint.resume=never to start over (old checkpoints "
                               f"are kept)")
         if train_state:
-            begun = int(train_state.get("epoch", 0)) + (1 if train_state.get("step_in_epoch", 0) else 0)
+            mid = bool(train_state.get("step_in_epoch", 0))
+            begun = int(train_state.get("epoch", 0)) + (1 if mid else 0)
             if self.trainer.epochs < begun:
-                raise ConfigError(f"trainer.epochs={self.trainer.epochs} but the run in {run_dir} has begun epoch "
-                                  f"{begun}; a run can grow, not shrink: use trainer.epochs >= {begun}, or another "
-                                  f"hydra.run.dir")
+                raise ConfigError(f"trainer.epochs={self.trainer.epochs} but the run in {run_dir} has "
+                                  f"{'begun' if mid else 'finished'} epoch {begun}; a run can grow, not shrink: use "
+                                  f"trainer.epochs >= {begun}, or another hydra.run.dir")
 
 
 # Keys a resume may change: where things run and how they are logged, not what is learned.

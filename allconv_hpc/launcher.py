@@ -416,19 +416,13 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         return f"{who} trains it now"
     if held:
         raise runlock.RunBusy(run_dir, who)
-    if cfg.checkpoint.resume == "never":
-        return None  # the trainer moves old checkpoints aside
-    from .checkpoint import CheckpointDir, CheckpointError
+    from .checkpoint import CheckpointError, check_resume
     try:
-        found = CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).load_latest()
+        ts = check_resume(run_dir, cfg)
     except CheckpointError as e:  # every checkpoint unusable, or unreadable: the job could only fail on it
         raise ConfigError(str(e)) from None
-    if found is None:
-        if cfg.checkpoint.resume == "must":
-            raise ConfigError(f"checkpoint.resume=must but {run_dir / 'checkpoints'} holds no checkpoint")
+    if ts is None:
         return None
-    ts = found[0].get("train_state") or {}
-    cfg.check_resumable(found[0].get("identity", {}), run_dir, ts)
     finished = read_json(run_dir / "status.json").get("state") == "completed"
     if finished and ts.get("epoch") == cfg.trainer.epochs and not ts.get("step_in_epoch"):
         return "completed"  # a job would start only to find nothing to do

@@ -43,6 +43,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 def run(overrides: list[str], submitted: bool = False) -> int:
     """The whole training process for this rank; returns the exit status. `submitted`: started by
     `allconv-hpc submit`, which read the cluster.* overrides itself."""
+    from .checkpoint import CheckpointError, check_resume
     from .compose import check_run_dir, compose, pin_data_root, write_hydra_files
     from .data import check_present
     from .distributed import DistributedError, detect_env
@@ -68,6 +69,10 @@ def run(overrides: list[str], submitted: bool = False) -> int:
                               f"it (allconv-hpc status {where}), stop it ({stop_command(rec)}), or give another "
                               f"hydra.run.dir")
         check_free(composed.run_dir)  # a hand-started train in it now (the trainer takes the lock itself)
+        try:  # a resume the trainer would refuse, said before the data load and the model build
+            check_resume(composed.run_dir, composed.cfg)
+        except CheckpointError:
+            pass  # damaged checkpoints: the trainer falls back past them, or fails naming them
         check_present(composed.cfg.data)
         preflight_mode(composed.cfg.wandb.mode)  # a bad WANDB_MODE, or online with no key: before any work
     except ConfigError as e:
@@ -75,7 +80,6 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         return 2
     from .preempt import catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first step
-    from .checkpoint import CheckpointError
     from .trainer import NonFiniteError, Trainer, check_launch
     try:
         env = detect_env()

@@ -379,13 +379,17 @@ class Trainer:
         self.dist.barrier()
 
     # -- checkpoint --------------------------------------------------------------------------------
+    def _kept(self) -> str:
+        files = self.ckpt.step_files()  # highest step first; none is written with non-finite weights
+        return f"the last good checkpoint ({files[0].name}) is kept" if files else "no checkpoint was written yet"
+
     def _check_finite(self) -> None:
         bad = not bool(torch.isfinite(self.epoch_sums[0]).item())
         finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
         bad = self.dist.any(bad or not bool(finite))  # one device sync, not one per parameter
         if bad:
             raise NonFiniteError(f"non-finite loss or weights at global step {self.state.global_step} "
-                                 f"(epoch {self.state.epoch + 1}); the last good checkpoint is kept. "
+                                 f"(epoch {self.state.epoch + 1}); {self._kept()}. "
                                  f"Lower optim.lr or lengthen the warm-up (schedule.warmup_epochs="
                                  f"{self.cfg.schedule.warmup_epochs:g} now)")
 
@@ -631,7 +635,7 @@ class Trainer:
                "epoch_seconds": seconds, "images_per_second": tr[2] / seconds}
         if not math.isfinite(row["train_loss"]) or not math.isfinite(val_loss):
             self._check_finite()
-            raise NonFiniteError(f"non-finite loss in epoch {st.epoch + 1}; the last good checkpoint is kept")
+            raise NonFiniteError(f"non-finite loss in epoch {st.epoch + 1}; {self._kept()}")
         st.history.append(row)
         self.tracker.append_history(row)
         # At the step after the epoch's last one: a step never logged before this point, even when

@@ -394,7 +394,10 @@ def test_nan_stops_without_touching_good_checkpoints(tmp_path):
     assert "non-finite loss or weights" in log and "Traceback" not in r.stderr
     assert '"failed"' in (run / "status.json").read_text()
     files = list((run / "checkpoints").glob("*.pt"))
-    assert files
+    newest = max(f.name for f in files if f.name.startswith("step_"))
+    assert f"the last good checkpoint ({newest}) is kept" in log, log[-2000:]
+    early = run_train(tmp_path, tmp_path / "early", EXACT + ["optim.lr=1e9", "schedule.warmup_epochs=0"], check=False)
+    assert early.returncode == 1 and "no checkpoint was written yet" in early.stderr, early.stderr[-2000:]
     for f in files:  # every checkpoint left behind loads and holds finite weights from before the blow-up
         state = load_file(f)
         assert all(bool(t.isfinite().all()) for t in state["model"].values()), f
@@ -452,16 +455,20 @@ def test_config_mismatch_is_refused(reference, tmp_path):
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")}
     hydra_before = (run / ".hydra" / "config.yaml").read_text()
     status_before = (run / "status.json").read_text()
+    log_before = (run / "train.log").read_bytes()
     r = run_train(tmp_path, run, EXACT + ["trainer.batch_size=30"], check=False)
     assert r.returncode == 2
-    assert "holds a run of a different config (trainer.batch_size: 60 -> 30)" in r.stdout + r.stderr
+    assert "allconv-hpc: error: run folder" in r.stderr and "holds a run of a different config (trainer.batch_size: " \
+        "60 -> 30)" in r.stderr, r.stderr
+    assert (run / "train.log").read_bytes() == log_before  # refused before start-up (data, model), not after
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")} == before
     assert (run / ".hydra" / "config.yaml").read_text() == hydra_before  # the folder's record is untouched
     assert (run / "status.json").read_text() == status_before
     # fewer epochs than the run has done: refused too, not "completed" with weights of a later epoch
     r = run_train(tmp_path, run, EXACT + ["trainer.epochs=2"], check=False)
     assert r.returncode == 2
-    assert "trainer.epochs=2 but the run in" in r.stderr + r.stdout and "use trainer.epochs >= 3" in r.stderr + r.stdout
+    assert "trainer.epochs=2 but the run in" in r.stderr and "has finished epoch 3" in r.stderr, r.stderr
+    assert "use trainer.epochs >= 3" in r.stderr and (run / "train.log").read_bytes() == log_before
     assert (run / "status.json").read_text() == status_before
 
 
