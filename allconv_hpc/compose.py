@@ -125,10 +125,32 @@ def compose(overrides: list[str]) -> Composed:
         if not value.strip():  # e.g. hydra.run.dir=$RUN with RUN unset: would train into the current folder
             raise ConfigError(f"{key} is empty (an unset shell variable?); give a folder, e.g. {key}=runs/x")
     hydra["run"]["dir"], hydra["sweep"]["dir"] = run_dir, sweep_dir
+    _check_model_name(overrides, plain["model"])
     cluster = plain.pop("cluster", {}) or {}
     cfg = from_dict(plain)
     return Composed(cfg=cfg, cfg_dict=plain, cluster=cluster, run_dir=Path(run_dir).absolute(),
                     overrides=list(overrides), hydra=hydra)
+
+
+def _check_model_name(overrides: list[str], model: dict) -> None:
+    """model.name=X swaps the architecture but keeps the model group's other settings: where the group X
+    sets them otherwise (allcnn_seed has no input dropout), the run would be neither net under X's name."""
+    names = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == "model.name" and "=" in o]
+    if not names:
+        return
+    given = {o.lstrip("+~").split("=", 1)[0].removeprefix("model.") for o in overrides
+             if o.lstrip("+~").startswith("model.")}
+    others = [o for o in overrides if not o.lstrip("+~").startswith(("model.", "model="))]
+    try:
+        own = compose(others + [f"model={names[-1]}"]).cfg_dict["model"]
+    except ConfigError:
+        return  # no such group option: the model's own check names the choices
+    differ = [f"{k}: {model.get(k)!r}, model={names[-1]} has {v!r}" for k, v in sorted(own.items())
+              if k not in given and model.get(k) != v]
+    if differ:
+        raise ConfigError(f"model.name={names[-1]} swaps the architecture but keeps the model group's other "
+                          f"settings ({'; '.join(differ)}); use model={names[-1]} (the net as defined, with "
+                          f"model.key=value to change it)")
 
 
 def pin_data_root(composed: Composed) -> None:

@@ -39,6 +39,8 @@ BAD = [
     (["trainer.foo=1"], ["trainer.foo"]),  # without '+': Hydra refuses it itself
     (["+foo=1"], ["foo"]),
     (["lr=0.1"], ["Could not override 'lr'", "did you mean optim.lr?"]),  # a key without its group
+    # the seed's net by name only would keep allcnn_c's input dropout: neither net, under the seed's name
+    (["model.name=allcnn_seed"], ["input_dropout: 0.2, model=allcnn_seed has 0.0", "use model=allcnn_seed"]),
     (["modle=allcnn_c"], ["Did you mean model?", "The top level takes the groups model, data, optim"]),
     (["data.augment=mixup"], ["data.augment='mixup'", "paper"]),
     (["schedule.name=linear"], ["schedule.name='linear'"]),
@@ -393,3 +395,9 @@ def test_wandb_online_without_a_key_or_a_bad_wandb_mode_is_refused_before_any_wo
                         f"hydra.run.dir={tmp_path / 'run'}"], env=clean_env(tmp_path), capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def test_model_name_alone_is_taken_where_it_changes_nothing_else():
+    assert compose(["data=synthetic", "model.name=model_c"]).cfg.model.name == "model_c"  # same settings
+    m = compose(["data=synthetic", "model.name=allcnn_seed", "model.input_dropout=0.0"]).cfg.model
+    assert (m.name, m.input_dropout) == ("allcnn_seed", 0.0)  # what differs is given: the user's choice
