@@ -96,14 +96,15 @@ def _missing(cfg: DataConfig) -> tuple[Path, list[str], list[str]]:
     return folder, files, [f for f in files if not (folder / f).is_file()]
 
 
-def check_present(cfg: DataConfig, fix: Optional[str] = None) -> None:
+def check_present(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "data.root=") -> None:
     """Cheap existence check (nothing is read) so a job fails before it queues or forms a group. `fix`: the
-    way out to name instead of data.root / data.download (a command with other options)."""
+    way out to name instead of data.root / data.download, and `root_option` how to give the root, for a
+    command with other options (evaluate's --data-root, whose run's data group is fixed)."""
     if not cfg.download:  # with download=true, load() fetches what is missing
-        _require(cfg, fix)
+        _require(cfg, fix, root_option)
 
 
-def _require(cfg: DataConfig, fix: Optional[str] = None) -> None:
+def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "data.root=") -> None:
     folder, files, missing = _missing(cfg)
     empty = [f for f in files if f not in missing and (folder / f).stat().st_size == 0]
     if empty:  # an interrupted copy: found at once, not by the job after its wait in the queue
@@ -114,10 +115,12 @@ def _require(cfg: DataConfig, fix: Optional[str] = None) -> None:
     lay = _layout(cfg.name)
     hint = ""
     if (folder.parent / files[0]).is_file():  # root points at the batches folder itself
-        hint = f" (data.root looks one level too deep: try data.root={folder.parent.parent})"
+        hint = f" (the root looks one level too deep: try {root_option}{folder.parent.parent})"
     other = [n for n, o in _LAYOUTS.items() if n != cfg.name and (folder.parent / o.folder).is_dir()]
     if other:  # the other CIFAR is there: the wrong data group, not a missing download
-        hint += f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}: did you mean data={other[0]}?)"
+        hint += (f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}: did you mean data={other[0]}?)"
+                 if root_option == "data.root=" else f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}, "
+                                                     f"but the run trained on {cfg.name})")
     fix = fix or (f"Put the official python version there, set data.root=<folder holding {lay.folder}>, or "
                   f"data.download=true on a machine with network")
     raise DataError(f"{lay.title} not found: expected {folder} with {', '.join(files)} (missing: "

@@ -148,7 +148,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
         raise ConfigError(f"the run in {run} has no held-out split (data.val_size=0): its val_acc is test "
                           f"accuracy; use --split test")
     lay = data_mod.expected_files(cfg.data)[0].name  # e.g. cifar-10-batches-py
-    data_mod.check_present(cfg.data, fix=f"Give --data-root DIR, the folder that holds {lay} now")
+    data_mod.check_present(cfg.data, fix=f"Give --data-root DIR, the folder that holds {lay} now",
+                           root_option="--data-root ")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu or auto")
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -136,8 +136,13 @@ def test_one_missing_file_is_named(cifar10):
 
 def test_root_one_level_too_deep_gets_a_hint(cifar10):
     root, *_ = cifar10
-    with pytest.raises(data.DataError, match="one level too deep"):
+    with pytest.raises(data.DataError, match=rf"one level too deep: try data.root={root}\)"):
         data.check_present(_cfg(root / "cifar-10-batches-py"))
+    # evaluate gives the root as --data-root, and its run's dataset is fixed
+    with pytest.raises(data.DataError, match=rf"one level too deep: try --data-root {root}\)"):
+        data.check_present(_cfg(root / "cifar-10-batches-py"), fix="Give --data-root DIR", root_option="--data-root ")
+    with pytest.raises(data.DataError, match=rf"\({root} holds cifar-10-batches-py, but the run trained on cifar100\)"):
+        data.check_present(_cfg(root, "cifar100"), fix="Give --data-root DIR", root_option="--data-root ")
 
 
 def test_the_other_cifar_in_root_is_named(cifar10):
