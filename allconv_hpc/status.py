@@ -247,7 +247,7 @@ def job_records(folder: Path) -> list[dict]:
     rec = read_record(path)
     if rec is not None:
         return [_here(check_keys(rec, JOB_KEYS, path), folder, sweep=False)]
-    if (folder / "status.json").exists() or (folder / "checkpoints").exists():
+    if any((folder / n).exists() for n in ("status.json", "checkpoints", "train.log", runlock.LOCK_FILE)):
         # started without submit: Slurm is asked about the job its status.json names, if any
         return [started_job(folder) or {"job_id": None, "run_dir": str(folder), "backend": "none"}]
     raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
@@ -268,6 +268,18 @@ def run_status(run_dir: Path) -> dict:
     path = run_dir / "status.json"
     st = read_record(path)
     return {} if st is None else check_keys(st, STATUS_KEYS, path)
+
+
+def _last_error(run_dir: Path) -> Optional[str]:
+    """The last ERROR line of the run's train.log (its tail only), without the timestamp."""
+    try:
+        with open(run_dir / "train.log", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [line.split(" ERROR] ", 1)[1] for line in lines if " ERROR] " in line]
+    return errors[-1] if errors else None
 
 
 def run_rows(folder: Path) -> list[dict]:
@@ -293,7 +305,14 @@ def run_rows(folder: Path) -> list[dict]:
         no_answer = bool(rec.get("job_id")) and state is None and not known and unfinished
         # the lock is asked only where the scheduler does not say the job runs
         held = runlock.holder(run_dir)[0] if run_state == "running" and state not in ACTIVE_STATES else None
-        if held and state not in ACTIVE_STATES:  # a train by hand resumed the run after its job ended
+        if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
+            held = runlock.holder(run_dir)[0]
+            state = {True: "RUNNING", False: "FAILED"}.get(held, "UNKNOWN")
+            active = bool(held)
+            if held is False:  # its error is in train.log (a failed download, a refused lock...)
+                st = {"error": _last_error(run_dir) or "ended before its first status record; see train.log"}
+                current = True
+        elif held and state not in ACTIVE_STATES:  # a train by hand resumed the run after its job ended
             state, active, no_answer, ended = "RUNNING", True, False, False
         elif state is None and not known and run_state == "running" and not rec.get("job_id") and held is False:
             state = "LOST"  # started by hand, no scheduler to ask: its lock, free and last taken here, says gone

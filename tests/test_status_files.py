@@ -288,3 +288,28 @@ def test_not_a_run_folder_is_still_exit_2(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     assert status.status_main([str(f)]) == 2
+
+
+def test_a_run_that_failed_before_its_first_record_shows_the_error(tmp_path, capsys):
+    """A real train that fails in start-up (a damaged dataset file: found when read, not by the preflight)
+    leaves train.log and its lock but no status.json: status says FAILED with train.log's error."""
+    from proc import PY, clean_env
+    root, run = tmp_path / "data", tmp_path / "run"
+    (root / "cifar-10-batches-py").mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (root / "cifar-10-batches-py" / name).write_bytes(b"not a pickle")
+    r = subprocess.run([PY, "-m", "allconv_hpc", "train", "data=cifar10", f"data.root={root}", "model.width=0.125",
+                        "wandb.mode=disabled", f"hydra.run.dir={run}"], env=clean_env(tmp_path), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and not (run / "status.json").exists(), r.stderr
+    rows = status.run_rows(run)
+    assert (rows[0]["state"], rows[0]["failed"], rows[0]["active"]) == ("FAILED", True, False), rows
+    assert "data_batch_1" in rows[0]["error"] and rows[0]["error"] in r.stderr, (rows[0]["error"], r.stderr)
+    assert status.status_main([str(run)]) == 1
+    from allconv_hpc import runlock
+    fd = runlock.acquire(run)  # the same folder while a train holds it, before its first record: starting
+    try:
+        row = status.run_rows(run)[0]
+        assert (row["state"], row["active"], row["failed"]) == ("RUNNING", True, False)
+    finally:
+        os.close(fd)
