@@ -486,13 +486,14 @@ def _signal_name(cluster: dict) -> str:
 def _local_setup(lines: list, folder: Path) -> list:
     """cluster.setup for a local job: its output into .submitit/setup-<job id>.log (submitit's local controller
     runs it in the submitting terminal, so without --wait a failure would leave no trace), and a failure named
-    on stderr. The job id is the pid of submitit's shell, `$$` in it. Each line is a { ...\n} group, not a
-    subshell, so what it exports reaches the job, and a trailing comment, `;` or `&` of a line stays its own."""
+    on stderr. The job id is the pid of submitit's shell, `$$` in it. Each line is a { ... } group of its own, not
+    a subshell, so what it exports reaches the job, and a trailing comment, `;` or `&` of a line stays its own."""
     if not lines:
         return []
     import shlex
     log = shlex.quote(str(Path(folder).parent / "setup-")) + "$$.log"
-    body = " && ".join("{ " + str(line) + "\n}" for line in lines)
+    # ": " keeps a blank or comment-only line a valid group; the blank line ends one that ends in a backslash
+    body = " && ".join("{ :\n" + str(line) + "\n\n}" for line in lines)
     return [f"{{ {body}\n}} >> {log} 2>&1 || {{ rc=$?; echo \"allconv-hpc: cluster.setup failed (exit $rc); its "
             f"output is in \"{log} >&2; exit 1; }}"]
 

@@ -57,27 +57,33 @@ def _describe(path: Path) -> str:
         return "another process"
 
 
-def _own_job(path: Path) -> bool:
-    """The holder is an earlier run of this same Slurm job (requeued after its node failed). Slurm runs one
-    at a time, so its lock is one the dead node still holds: NFSv4 frees it when the node's lease runs out,
-    NFSv3 only when the node comes back."""
+def _own_job(who: dict) -> bool:
+    """The holder is an earlier run of this same Slurm job, requeued after its node failed: a lock that
+    node still holds (NFSv4 frees it when the node's lease runs out, NFSv3 only when the node comes back).
+    Only on another host (on this one the kernel drops a dead process's lock, so a held one is live) and
+    from an earlier start of the job (two trains in one allocation share its job id, not its restarts)."""
     job = os.environ.get("SLURM_JOB_ID")
-    return bool(job) and str(_who(path).get("slurm_job_id")) == job
+    if not job or str(who.get("slurm_job_id")) != job or who.get("host") in (None, socket.gethostname()):
+        return False
+    try:
+        return int(who.get("slurm_restart") or 0) < int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except (TypeError, ValueError):
+        return False
 
 
 def _take(fd: int, run_dir: Path, path: Path, wait_s: float) -> None:
-    start, own = time.monotonic(), None
+    start = time.monotonic()
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            if own is None:
-                own = _own_job(path)
+            who = _who(path)  # read each time: a new holder writes its record just after taking the lock
+            own = _own_job(who)
             if time.monotonic() - start > (max(wait_s, STALE_WAIT_S) if own else wait_s):
                 if own:
                     raise RunBusy(run_dir, f"{_describe(path)}, this job's own earlier run, whose node still holds "
-                                  f"the lock", way_out=f"if {_who(path).get('host')} is down (a node failure), delete "
+                                  f"the lock", way_out=f"if {who.get('host')} is down (a node failure), delete "
                                   f"{path} and submit again") from None
                 raise RunBusy(run_dir, _describe(path)) from None
             time.sleep(1.0 if own else 0.1)
@@ -99,7 +105,7 @@ def acquire(run_dir: Path, wait_s: float = 2.0) -> Optional[int]:
                 return None
             raise
         who = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-               "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+               "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT")}
         with naming(path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(who).encode(), 0)
@@ -135,5 +141,5 @@ def holder(run_dir: Path) -> tuple[Optional[bool], str]:
 def check_free(run_dir: Path) -> None:
     """RunBusy when a process trains into run_dir now: refused before any expensive work."""
     held, who = holder(run_dir)
-    if held and not _own_job(Path(run_dir) / LOCK_FILE):  # this job's earlier run: acquire() waits it out
+    if held and not _own_job(_who(Path(run_dir) / LOCK_FILE)):  # this job's earlier run: acquire() waits it out
         raise RunBusy(run_dir, who)

@@ -380,6 +380,10 @@ class Trainer:
 
     # -- checkpoint --------------------------------------------------------------------------------
     def _kept(self) -> str:
+        try:  # the writes still in flight land first: they hold the last good weights
+            self.writer.wait()
+        except CheckpointError:
+            pass  # named by the log already; the files on disk are what is kept
         files = self.ckpt.step_files()  # highest step first; none is written with non-finite weights
         return f"the last good checkpoint ({files[0].name}) is kept" if files else "no checkpoint was written yet"
 

@@ -609,7 +609,7 @@ def test_local_executor_gets_what_it_supports(tmp_path):
     c = compose(["cluster=local", *TINY, "cluster.signal_lead_s=45", "cluster.setup=['export A=1']"])
     ex = launcher.make_executor(launcher.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
     assert ex.parameters["signal_delay_s"] == 45 and len(ex.parameters["setup"]) == 1
-    assert ex.parameters["setup"][0].startswith(f"{{ {{ export A=1\n}}\n}} >> {tmp_path / 'setup-'}$$.log 2>&1 || ")
+    assert ex.parameters["setup"][0].startswith(f"{{ {{ :\nexport A=1\n\n}}\n}} >> {tmp_path / 'setup-'}$$.log 2>&1 || ")
     assert ex.parameters["timeout_min"] == 7 * 24 * 60 and ex.parameters["tasks_per_node"] == 1
 
 
@@ -618,7 +618,8 @@ def test_local_setup_lines_keep_their_own_comments_and_operators(tmp_path):
     rest, exports reach the job, and a run folder named with `"` or `$` is quoted (the shell is submitit's)."""
     folder = tmp_path / 'odd "$HOME" name' / ".submitit" / "%j"
     folder.parent.mkdir(parents=True)
-    lines = ["export A=1  # the cluster's module", "B=2;", "sleep 0 &", "echo a=$A b=$B"]
+    lines = ["# load the cluster's modules", "", "export A=1  # the cluster's module", "B=2;", "sleep 0 &",
+             "echo a=$A b=$B \\"]  # a trailing backslash (a continued line) ends with its own line
     setup = launcher._local_setup(lines, folder)
     r = subprocess.run(["sh", "-c", " && ".join(setup + ['echo "job sees A=$A B=$B"; echo $$ > pid'])],
                        capture_output=True, text=True, cwd=tmp_path, timeout=30)

@@ -5,6 +5,7 @@ import math
 import os
 import shlex
 import signal
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -536,28 +537,48 @@ def _hold_lock(run_dir: Path, job_id: str, hold_s: float):
     return p
 
 
+def _as_if_from(run_dir: Path, host: str, restart: str) -> None:
+    """Rewrite the holder's record as a process of another node would have written it (the flock stays held)."""
+    import json
+    path = run_dir / ".train.lock"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "host": host, "slurm_restart": restart}))
+
+
 def test_a_requeued_job_waits_out_its_dead_runs_lock_then_names_the_way_out(tmp_path, monkeypatch):
     """After a node failure the requeued job finds the lock its earlier run took (an NFS server keeps it until
     the lease ends, or for NFSv3 until the node returns): it waits STALE_WAIT_S, then says to delete it."""
-    import socket
     from allconv_hpc import runlock
     run = tmp_path / "run"
     holder = _hold_lock(run, "77", 60)
     try:
         monkeypatch.setattr(runlock, "STALE_WAIT_S", 1.5)
-        monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job: refused at once, the usual way out
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        # on this host the kernel would have dropped a dead process's lock: a live train of the same
+        # allocation (its job id, too), refused at once
         with pytest.raises(runlock.RunBusy, match=r"Slurm job 77, since .*; wait for it to end"):
+            runlock.check_free(run)
+        _as_if_from(run, "node-dead", "1")  # another node, but this same start of the job: live as well
+        with pytest.raises(runlock.RunBusy, match=r"on node-dead, Slurm job 77, since .*; wait for it to end"):
+            runlock.check_free(run)
+        _as_if_from(run, "node-dead", "0")  # another node, an earlier start: the dead node's lock
+        monkeypatch.setenv("SLURM_JOB_ID", "78")  # ...but another job's: refused at once, the usual way out
+        with pytest.raises(runlock.RunBusy, match=r"wait for it to end"):
             runlock.check_free(run)
         monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued: the preflight lets acquire wait
         runlock.check_free(run)
-        with pytest.raises(runlock.RunBusy, match=rf"this job's own earlier run, whose node still holds the lock.*"
-                           rf"if {socket.gethostname()} is down \(a node failure\), delete {run / '.train.lock'} and submit"):
+        t0 = time.monotonic()
+        with pytest.raises(runlock.RunBusy, match=rf"on node-dead, Slurm job 77, .*this job's own earlier run, whose "
+                           rf"node still holds the lock.*if node-dead is down \(a node failure\), delete "
+                           rf"{run / '.train.lock'} and submit again"):
             runlock.acquire(run, wait_s=0)
+        assert time.monotonic() - t0 >= 1.5
     finally:
         holder.kill()
         holder.wait()
-    holder = _hold_lock(run, "77", 1.0)  # a lock that is freed while the requeued job waits: taken
+    holder = _hold_lock(run, "77", 1.5)  # a lock that is freed while the requeued job waits: taken
     try:
+        _as_if_from(run, "node-dead", "0")
         monkeypatch.setattr(runlock, "STALE_WAIT_S", 30)
         fd = runlock.acquire(run, wait_s=0)
         assert fd is not None and runlock.holder(run)[0] is True
