@@ -145,12 +145,13 @@ def _check_model_name(overrides: list[str], model: dict) -> None:
         own = compose(others + [f"model={names[-1]}"]).cfg_dict["model"]
     except ConfigError:
         return  # no such group option: the model's own check names the choices
-    differ = [f"{k}: {model.get(k)!r}, model={names[-1]} has {v!r}" for k, v in sorted(own.items())
-              if k not in given and model.get(k) != v]
+    differ = [k for k, v in sorted(own.items()) if k not in given and model.get(k) != v]
     if differ:
+        said = "; ".join(f"{k}: {model.get(k)!r}, model={names[-1]} has {own[k]!r}" for k in differ)
+        keep = " ".join(f"model.{k}={model.get(k)}" for k in differ)
         raise ConfigError(f"model.name={names[-1]} swaps the architecture but keeps the model group's other "
-                          f"settings ({'; '.join(differ)}); use model={names[-1]} (the net as defined, with "
-                          f"model.key=value to change it)")
+                          f"settings ({said}); use model={names[-1]} for the net as defined, or model={names[-1]} "
+                          f"{keep} for these values (what a run started so resumes with)")
 
 
 def pin_data_root(composed: Composed) -> None:
@@ -163,6 +164,10 @@ def pin_data_root(composed: Composed) -> None:
 # what train and submit put into a run folder: one holding any of them is a run's (or is becoming one)
 RUN_FILES = {".hydra", "train.log", "status.json", "history.csv", "checkpoints", "submission.json", ".submit.lock",
              ".train.lock", ".submitit", "wandb", "wandb_id.txt", "wandb_steps.jsonl"}
+
+# those no other tool writes (a project's root may hold wandb/, .hydra/ or a train.log of its own)
+OWN_FILES = {"status.json", "checkpoints", "submission.json", ".submit.lock", ".train.lock", "wandb_id.txt",
+             "wandb_steps.jsonl"}
 
 
 def _run_file(name: str) -> bool:
@@ -187,7 +192,7 @@ def check_run_dir(run_dir: Path) -> None:
             break  # the rest does not exist yet: made inside this writable folder
     if run_dir.is_dir():  # a folder of other things (a dataset, a project's root) is not one to train into
         names = sorted(p.name for p in run_dir.iterdir())
-        holds_run = any(n in RUN_FILES or n.startswith("checkpoints.old") for n in names)  # notes added to a run: fine
+        holds_run = any(n in OWN_FILES or n.startswith("checkpoints.old") for n in names)  # notes added to a run: fine
         other = [n for n in names if not _run_file(n)]  # a job log alone (nohup.out in a project) is no run
         if other and not holds_run:
             more = f", ... ({len(other)} in all)" if len(other) > 5 else ""

@@ -334,8 +334,13 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
             ov = [o for o in ov if _key(o) != "data.root"] + [
                 f"data.root={hydra_value(Path(c.cfg.data.root).expanduser().absolute(), 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
-        if not any("WANDB" in str(line) for line in mine["setup"]):  # else the job's own train checks it
+        try:
             preflight_mode(c.cfg.wandb.mode)  # the jobs inherit this environment
+        except ConfigError as e:
+            if not mine["setup"]:
+                raise
+            # a setup line may set it for the job (an export, a sourced file, a module): the job's train checks
+            _warn(f"{e} (unless cluster.setup sets it for the job, whose train then refuses to start)")
         if cluster is not None and mine != cluster:
             diff = ", ".join(f"cluster.{k}" for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k))
             raise ConfigError(f"the sweep varies {diff}: one job array has one resource shape; submit one sweep "

@@ -271,15 +271,20 @@ def run_status(run_dir: Path) -> dict:
 
 
 def _last_error(run_dir: Path) -> Optional[str]:
-    """The last ERROR line of the run's train.log (its tail only), without the timestamp."""
+    """The last ERROR line of the run's train.log since its last start (in its tail), without the timestamp."""
     try:
         with open(run_dir / "train.log", "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return None
-    errors = [line.split(" ERROR] ", 1)[1] for line in lines if " ERROR] " in line]
-    return errors[-1] if errors else None
+    error = None
+    for line in lines:
+        if " INFO] run folder " in line:  # train.run's first line: an earlier start's error is not this one's
+            error = None
+        elif " ERROR] " in line:
+            error = line.split(" ERROR] ", 1)[1]
+    return error
 
 
 def run_rows(folder: Path) -> list[dict]:

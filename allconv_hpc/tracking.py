@@ -106,6 +106,9 @@ def api_key_configured(environ: Optional[Mapping[str, str]] = None) -> bool:
     section = settings["default"] if settings is not None and settings.has_section("default") else {}
     base_url = environ.get("WANDB_BASE_URL") or section.get("base_url") or _DEFAULT_BASE_URL
     url = urlsplit(base_url)
+    if url.hostname in _FORGE_HOSTS and url.scheme == "https" and url.port is None \
+            and url.path.rstrip("/") == "/api/wandb":  # urls.normalize_forge_base_url: the proxy's API host
+        url = urlsplit(f"https://api.{url.hostname}")
     hosts = [url.netloc] + [api for forge, api in _FORGE_HOSTS.items()  # wbnetrc.read_netrc_auth_with_source
                             if url.hostname in (forge, f"api.{forge}", api) and api != url.netloc]
     try:

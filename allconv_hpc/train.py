@@ -47,7 +47,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     from .compose import check_run_dir, compose, pin_data_root, write_hydra_files
     from .data import check_present
     from .distributed import DistributedError, detect_env
-    from .runlock import check_free
+    from .runlock import acquire, check_free
     from .status import other_jobs_state, stop_command
     from .tracking import preflight_mode
 
@@ -68,7 +68,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             raise ConfigError(f"run folder {where} has job {rec['job_id']} ({state}) training into it: wait for "
                               f"it (allconv-hpc status {where}), stop it ({stop_command(rec)}), or give another "
                               f"hydra.run.dir")
-        check_free(composed.run_dir)  # a hand-started train in it now (the trainer takes the lock itself)
+        check_free(composed.run_dir)  # a hand-started train in it now (rank 0 takes the lock below)
         try:  # a resume the trainer would refuse, said before the data load and the model build
             check_resume(composed.run_dir, composed.cfg)
         except CheckpointError:
@@ -81,14 +81,17 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     from .preempt import catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first step
     from .trainer import NonFiniteError, Trainer, check_launch
+    lock = None
     try:
         env = detect_env()
         check_launch(composed.cfg, env)
+        # rank 0 holds the run lock from before its first line in train.log: `status` tells a start-up in
+        # progress (a long rendezvous) from one that failed by it
+        lock = (acquire(composed.run_dir), True) if env.is_main else None
+        setup_logging(composed.run_dir, env.rank)
     except (DistributedError, ConfigError) as e:  # every rank fails alike, before the rendezvous
         print(f"allconv-hpc: error: {e}", file=sys.stderr)
         return 2
-    try:
-        setup_logging(composed.run_dir, env.rank)
     except OSError as e:  # check_run_dir passed, yet the folder or train.log cannot be made (a race, a quota)
         print(f"allconv-hpc: error: cannot write the run folder {composed.run_dir} ({e}); give a writable "
               f"hydra.run.dir", file=sys.stderr)
@@ -107,7 +110,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     trainer = None
     code = 1
     try:
-        trainer = Trainer(composed.cfg, composed.cfg_dict, composed.run_dir, env)  # up to the rendezvous
+        trainer = Trainer(composed.cfg, composed.cfg_dict, composed.run_dir, env, lock)  # up to the rendezvous
         trainer.setup()
         if env.is_main:  # only now: a run folder refused as another config's keeps its own .hydra/
             write_hydra_files(composed)

@@ -131,14 +131,16 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, cfg_dict: dict, run_dir: Path, env: DistEnv):
+    def __init__(self, cfg: Config, cfg_dict: dict, run_dir: Path, env: DistEnv, lock: Optional[tuple] = None):
+        """`lock`: (fd, True) when the caller took rank 0's run lock already (runlock.acquire; fd None where
+        the file system has no flock); else setup() takes it. Released by close()."""
         self.cfg, self.cfg_dict, self.run_dir, self.env = cfg, cfg_dict, Path(run_dir), env
+        self._lock_fd, self._locked = lock if lock is not None else (None, False)
         t = cfg.trainer
         check_launch(cfg, env)
         self.device = pick_device(t.device, env)
         self.threads = set_threads(t.threads, env) if self.device.type == "cpu" else None
         set_math(t.deterministic, self.device)
-        self._lock_fd: Optional[int] = None  # rank 0's run lock, taken in setup()
         # the last step of construction: a failure from here on must reach the peers (see train.run)
         self.dist = Dist(env, self.device, cfg.dist.backend, cfg.dist.timeout_s)
 
@@ -146,7 +148,8 @@ class Trainer:
         """Data, model, optimizer, resume, tracker: the work that needs the process group."""
         cfg, cfg_dict, env, t = self.cfg, self.cfg_dict, self.env, self.cfg.trainer
         if env.is_main:  # one writer per run folder, before anything in it is read or written
-            self._lock_fd = runlock.acquire(self.run_dir)  # RunBusy (a ConfigError) names the holder
+            if not self._locked:
+                self._lock_fd = runlock.acquire(self.run_dir)  # RunBusy (a ConfigError) names the holder
             if self._lock_fd is None:
                 log.warning("the file system of %s has no flock: nothing stops a second process from training "
                             "into this folder at the same time", self.run_dir)

@@ -40,7 +40,8 @@ BAD = [
     (["+foo=1"], ["foo"]),
     (["lr=0.1"], ["Could not override 'lr'", "did you mean optim.lr?"]),  # a key without its group
     # the seed's net by name only would keep allcnn_c's input dropout: neither net, under the seed's name
-    (["model.name=allcnn_seed"], ["input_dropout: 0.2, model=allcnn_seed has 0.0", "use model=allcnn_seed"]),
+    (["model.name=allcnn_seed"], ["input_dropout: 0.2, model=allcnn_seed has 0.0", "use model=allcnn_seed for the "
+                                  "net as defined, or model=allcnn_seed model.input_dropout=0.2 for these values"]),
     (["modle=allcnn_c"], ["Did you mean model?", "The top level takes the groups model, data, optim"]),
     (["data.augment=mixup"], ["data.augment='mixup'", "paper"]),
     (["schedule.name=linear"], ["schedule.name='linear'"]),
@@ -117,12 +118,13 @@ def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path):
     (tmp_path / "pre" / ".submission.json.ab12.tmp").write_text("")
     check_run_dir(tmp_path / "pre")
     (tmp_path / "proj" / "src").mkdir(parents=True)  # a project's root with a job log in it is still a project's
-    for name in ("README.md", "nohup.out", "pyproject.toml"):
+    for name in ("README.md", "nohup.out", "pyproject.toml", "train.log"):
         (tmp_path / "proj" / name).write_text("")
+    (tmp_path / "proj" / "wandb").mkdir()  # the project's own W&B runs: names other tools write too
     with pytest.raises(ConfigError, match=r"holds other files \(README.md, pyproject.toml, src\) and no run"):
         check_run_dir(tmp_path / "proj")
     (tmp_path / "pre" / "notes.md").write_text("")  # notes beside a run's files: its own folder still
-    (tmp_path / "pre" / "history.csv").write_text("")
+    (tmp_path / "pre" / "status.json").write_text("{}")
     check_run_dir(tmp_path / "pre")
     r = train("--cfg", "job")  # Hydra's own flag: named, with what this command takes instead
     assert r.returncode == 2 and "train takes Hydra overrides (key=value), not --cfg; --print-config" in r.stderr
@@ -389,15 +391,21 @@ def test_wandb_online_without_a_key_or_a_bad_wandb_mode_is_refused_before_any_wo
                                cwd=tmp_path)
             assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
             assert not run.exists(), cmd  # nothing made, nothing queued
-    # a cluster.setup that sets W&B variables for the job: submit leaves the check to the job's own train
+    # a cluster.setup may set W&B variables for the job (here through a sourced file): a warning, and the job's
+    # own train checks it
     r = subprocess.run([sys.executable, "-m", "allconv_hpc", "submit", "--dry-run", "cluster=local", *tiny,
-                        "wandb.mode=online", "cluster.setup=['export WANDB_API_KEY=$(cat ~/key)']",
+                        "wandb.mode=online", "cluster.setup=['source ~/secrets.sh']",
                         f"hydra.run.dir={tmp_path / 'run'}"], env=clean_env(tmp_path), capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert ("warning: wandb.mode=online but no W&B API key is configured here" in r.stderr
+            and "unless cluster.setup sets it for the job" in r.stderr), r.stderr
 
 
 def test_model_name_alone_is_taken_where_it_changes_nothing_else():
     assert compose(["data=synthetic", "model.name=model_c"]).cfg.model.name == "model_c"  # same settings
     m = compose(["data=synthetic", "model.name=allcnn_seed", "model.input_dropout=0.0"]).cfg.model
     assert (m.name, m.input_dropout) == ("allcnn_seed", 0.0)  # what differs is given: the user's choice
+    old = compose(["data=synthetic", "model=allcnn_c", "model.name=allcnn_seed", "model.input_dropout=0.2"]).cfg
+    said = compose(["data=synthetic", "model=allcnn_seed", "model.input_dropout=0.2"]).cfg  # what the error offers
+    assert said.identity() == old.identity()  # a run started with model.name alone resumes with it

@@ -313,3 +313,32 @@ def test_a_run_that_failed_before_its_first_record_shows_the_error(tmp_path, cap
         assert (row["state"], row["active"], row["failed"]) == ("RUNNING", True, False)
     finally:
         os.close(fd)
+
+
+def test_a_run_waiting_for_its_peers_is_running_and_once_killed_failed(tmp_path):
+    """Rank 0 of two, its peer never coming: it waits in the rendezvous, train.log written, holding the lock
+    from before that (status: RUNNING, not the error of an earlier start); killed, it is FAILED with no error
+    of its own to show (an earlier start's is not its)."""
+    import signal as sig
+    import time
+    from proc import PY, clean_env, free_port, wait_for_line
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("[2026-01-01 00:00:00 INFO] run folder x\n[2026-01-01 00:00:01 ERROR] old one\n")
+    p = subprocess.Popen([PY, "-m", "allconv_hpc", "train", "data=synthetic", "model.width=0.125", "wandb.mode=disabled",
+                          f"hydra.run.dir={run}"], env=clean_env(tmp_path, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
+                                                                  LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                                                  MASTER_PORT=str(free_port())),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_line(run / "train.log", f"run folder {run}", timeout=120, proc=p)
+        time.sleep(1)
+        assert p.poll() is None  # in the rendezvous
+        row = status.run_rows(run)[0]
+        assert (row["state"], row["active"], row["failed"]) == ("RUNNING", True, False), row
+    finally:
+        p.send_signal(sig.SIGKILL)
+        p.wait()
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("FAILED", True), row
+    assert row["error"] == "ended before its first status record; see train.log", row

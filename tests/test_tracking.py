@@ -231,7 +231,7 @@ def test_a_key_is_found_where_wandb_finds_it(tmp_path, monkeypatch):
     for machine in ("api.wandb.ai", "api.forge.coreweave.com", "forge.coreweave.com", "wandb.example.org:8443",
                     "example.com"):
         netrc_file.write_text(f"machine {machine}\n  login user\n  password {FAKE_KEY}\n")
-        for url in (urls.DEFAULT_BASE_URL, "https://api.wandb.ai",
+        for url in (urls.DEFAULT_BASE_URL, "https://api.wandb.ai", "https://forge.coreweave.com/api/wandb",
                     "https://wandb.example.org:8443", "https://wandb.example.org"):
             theirs = read_netrc_auth(host=url) is not None
             assert api_key_configured({**env, "WANDB_BASE_URL": url}) is theirs, (machine, url)
