@@ -89,10 +89,11 @@ def _take(fd: int, run_dir: Path, path: Path, wait_s: float) -> None:
             time.sleep(1.0 if own else 0.1)
 
 
-def acquire(run_dir: Path, wait_s: float = 2.0) -> Optional[int]:
+def acquire(run_dir: Path, wait_s: float = 2.0, group: Optional[str] = None) -> Optional[int]:
     """The lock's fd, held until it is closed or the process ends; RunBusy when another process holds it
     (retried for wait_s: `status` takes it for an instant to look; for STALE_WAIT_S when the holder is this
-    job's own earlier run); None where the file system has no flock."""
+    job's own earlier run); None where the file system has no flock. `group`: the launch's rendezvous
+    (MASTER_ADDR:MASTER_PORT), recorded so that its other ranks know the lock as their rank 0's."""
     path = Path(run_dir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -105,7 +106,8 @@ def acquire(run_dir: Path, wait_s: float = 2.0) -> Optional[int]:
                 return None
             raise
         who = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-               "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT")}
+               "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT"),
+               "group": group}
         with naming(path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(who).encode(), 0)
@@ -138,8 +140,12 @@ def holder(run_dir: Path) -> tuple[Optional[bool], str]:
     return (False, "") if host is not None and host == socket.gethostname() else (None, "")
 
 
-def check_free(run_dir: Path) -> None:
-    """RunBusy when a process trains into run_dir now: refused before any expensive work."""
+def check_free(run_dir: Path, group: Optional[str] = None) -> None:
+    """RunBusy when a process trains into run_dir now: refused before any expensive work. `group`: this
+    rank's rendezvous; a holder of the same one is its own rank 0 (one port serves one launch at a time)."""
     held, who = holder(run_dir)
-    if held and not _own_job(_who(Path(run_dir) / LOCK_FILE)):  # this job's earlier run: acquire() waits it out
+    record = _who(Path(run_dir) / LOCK_FILE)
+    if held and group is not None and record.get("group") == group:
+        return
+    if held and not _own_job(record):  # this job's earlier run: acquire() waits it out
         raise RunBusy(run_dir, who)

@@ -68,7 +68,6 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             raise ConfigError(f"run folder {where} has job {rec['job_id']} ({state}) training into it: wait for "
                               f"it (allconv-hpc status {where}), stop it ({stop_command(rec)}), or give another "
                               f"hydra.run.dir")
-        check_free(composed.run_dir)  # a hand-started train in it now (rank 0 takes the lock below)
         try:  # a resume the trainer would refuse, said before the data load and the model build
             check_resume(composed.run_dir, composed.cfg)
         except CheckpointError:
@@ -87,7 +86,11 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         check_launch(composed.cfg, env)
         # rank 0 holds the run lock from before its first line in train.log: `status` tells a start-up in
         # progress (a long rendezvous) from one that failed by it
-        lock = (acquire(composed.run_dir), True) if env.is_main else None
+        group = f"{env.master_addr}:{env.master_port}"  # the other ranks know their rank 0's lock by it
+        if env.is_main:  # RunBusy names a process training into the folder now
+            lock = (acquire(composed.run_dir, group=group), True)
+        else:
+            check_free(composed.run_dir, group=group)
         setup_logging(composed.run_dir, env.rank)
     except (DistributedError, ConfigError) as e:  # every rank fails alike, before the rendezvous
         print(f"allconv-hpc: error: {e}", file=sys.stderr)
