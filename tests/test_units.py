@@ -525,14 +525,16 @@ def test_a_missing_best_pt_is_rewritten_only_from_the_first_epoch_that_reached_t
 
 # --------------------------------------------------------------- run lock
 
-def _hold_lock(run_dir: Path, job_id: str, hold_s: float):
-    """A real second process that takes the run lock as Slurm job `job_id` and holds it for hold_s."""
+def _hold_lock(run_dir: Path, job_id: str, hold_s: float, group: str = ""):
+    """A real second process that takes the run lock as Slurm job `job_id` (rank 0 of rendezvous `group`)
+    and holds it for hold_s."""
     import subprocess
     import sys
     code = ("import sys, time; from pathlib import Path; from allconv_hpc import runlock; "
-            "runlock.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(float(sys.argv[2]))")
-    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(hold_s)], stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "SLURM_JOB_ID": job_id})
+            "runlock.acquire(Path(sys.argv[1]), group=sys.argv[3] or None); print('held', flush=True); "
+            "time.sleep(float(sys.argv[2]))")
+    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(hold_s), group], stdout=subprocess.PIPE,
+                         text=True, env={**os.environ, "SLURM_JOB_ID": job_id})
     assert p.stdout.readline() == "held\n"
     return p
 
@@ -602,3 +604,21 @@ def test_the_run_lock_names_this_process_and_keeps_no_fd_when_it_cannot_record_i
     with pytest.raises(OSError) as e:
         runlock.acquire(odd)
     assert e.value.filename == str(odd / ".train.lock") and len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_other_ranks_of_a_launch_know_their_rank_0s_lock(tmp_path, monkeypatch):
+    """Rank 0 takes the lock before the rendezvous, the other ranks check the folder then: the lock of their
+    own launch (same MASTER_ADDR:MASTER_PORT, one launch per port at a time) is no second writer."""
+    from allconv_hpc import runlock
+    run = tmp_path / "run"
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    holder = _hold_lock(run, "", 60, group="10.0.0.1:12345")
+    try:
+        runlock.check_free(run, group="10.0.0.1:12345")
+        for other in ("10.0.0.1:12346", None):
+            with pytest.raises(runlock.RunBusy, match=rf"by pid {holder.pid} on "):
+                runlock.check_free(run, group=other)
+    finally:
+        holder.kill()
+        holder.wait()
+
