@@ -87,7 +87,12 @@ def override_error(overrides: list[str], e: Exception) -> str:
             parser.parse_overrides([o])
         except HydraException:
             value = o.split("=", 1)[1] if "=" in o else ""
-            hint = f"; a value holding '=' needs quotes: {o.split('=', 1)[0]}='{value}'" if "=" in value else ""
+            key = o.split("=", 1)[0]
+            if value.startswith("[") and value.endswith("]"):  # quote each item; the shell needs the outer quotes
+                items = ",".join(f"'{v.strip()}'" for v in value[1:-1].split(","))
+                hint = f"; list items holding '=' need quotes each: \"{key}=[{items}]\"" if "=" in value else ""
+            else:
+                hint = f"; a value holding '=' needs quotes: \"{key}='{value}'\"" if "=" in value else ""
             return f"bad override {o!r}: {msg}{hint}"
     return f"bad overrides: {msg}"
 

@@ -100,7 +100,9 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
                     common.append(o.input_line)
                     continue
                 if not multirun:
-                    raise ConfigError(f"{o.input_line!r} is a sweep; add -m to submit a sweep")
+                    key = o.input_line.split("=", 1)[0]
+                    raise ConfigError(f"{o.input_line!r} is a sweep; add -m to submit a sweep, or quote a value that "
+                                      f"holds commas: '{key}=\"{o.input_line.split('=', 1)[1]}\"'")
                 try:
                     values = list(o.sweep_string_iterator())
                 except HydraException:  # interval(...): for optimizing sweepers, nothing to enumerate

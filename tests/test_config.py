@@ -39,6 +39,9 @@ BAD = [
     (["trainer.foo=1"], ["trainer.foo"]),  # without '+': Hydra refuses it itself
     (["+foo=1"], ["foo"]),
     (["lr=0.1"], ["Could not override 'lr'", "did you mean optim.lr?"]),  # a key without its group
+    (["data.root=a=b"], ["a value holding '=' needs quotes: \"data.root='a=b'\""]),  # what the shell must pass
+    (["cluster.setup=[export A=b, module load x]"],
+     ["list items holding '=' need quotes each: \"cluster.setup=['export A=b','module load x']\""]),
     # the seed's net by name only would keep allcnn_c's input dropout: neither net, under the seed's name
     (["model.name=allcnn_seed"], ["input_dropout: 0.2, model=allcnn_seed has 0.0", "use model=allcnn_seed for the "
                                   "net as defined, or model=allcnn_seed model.input_dropout=0.2 for these values"]),

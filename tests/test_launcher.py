@@ -970,3 +970,13 @@ def test_a_run_resumed_by_hand_after_its_job_ended_is_running_not_lost(tmp_path,
     finally:
         os.close(fd)
     assert status.run_rows(run)[0]["state"] == "LOST"
+
+
+def test_a_comma_list_outside_a_sweep_says_how_to_quote_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"'cluster.exclude=n1,n2' is a sweep; add -m to submit a sweep, or quote a "
+                                          r"value that holds commas: 'cluster.exclude=\"n1,n2\"'"):
+        launcher.plan(["cluster=local", *TINY, "cluster.exclude=n1,n2", f"hydra.run.dir={tmp_path / 'r'}"],
+                      multirun=False)
+    c = compose(["cluster=local", *TINY, 'cluster.exclude="n1,n2"'])  # what the hint says to type
+    assert c.cluster["exclude"] == "n1,n2"
+
