@@ -505,6 +505,15 @@ def _local_setup(lines: list, folder: Path) -> list:
             f"output is in \"{log} >&2; exit 1; }}"]
 
 
+def _slurm_setup(lines: list) -> list:
+    """cluster.setup in the batch script, each line a { ... } group (as for a local job) that ends the job when
+    it fails: a module that did not load or a venv that is not there is named at once, in the job's .err file,
+    not found later as an import error or a run on the wrong software. `|| true` lets a line fail."""
+    import shlex
+    return ["{ :\n" + str(line) + "\n\n} || { rc=$?; echo \"allconv-hpc: cluster.setup line failed (exit $rc): \""
+            + shlex.quote(str(line)) + " >&2; exit 1; }" for line in lines]
+
+
 def make_executor(cluster: dict, folder: Path):
     """submitit's executor for the validated cluster. SUBMITIT_PREEMPT_SIGNAL (read when the job imports
     submitit) makes submitit's own handler, in place until TrainJob installs ours, take our signal."""
@@ -529,7 +538,7 @@ def make_executor(cluster: dict, folder: Path):
     params = dict(nodes=cluster["nodes"], ntasks_per_node=cluster["tasks_per_node"],
                   cpus_per_task=cluster["cpus_per_task"], time=cluster["timeout_min"],
                   signal_delay_s=cluster["signal_lead_s"], array_parallelism=cluster["array_parallelism"],
-                  setup=[f"export SUBMITIT_PREEMPT_SIGNAL={_signal_name(cluster)}", *cluster["setup"]],
+                  setup=[f"export SUBMITIT_PREEMPT_SIGNAL={_signal_name(cluster)}", *_slurm_setup(cluster["setup"])],
                   additional_parameters=extra,
                   srun_args=srun_args, stderr_to_stdout=False, job_name="allconv")
     if cluster["gpus_per_node"]:
@@ -843,6 +852,8 @@ def submit_main(argv: list[str]) -> int:
             if script is not None:  # what Slurm would get, before asking it whether it can ever run it
                 print("sbatch options:\n" + "\n".join(f"  {ln[len('#SBATCH '):]}" for ln in script.splitlines()
                                                     if ln.startswith("#SBATCH ")))
+            if cluster["setup"]:  # run before the job starts, each line as written; a failing one stops it
+                print("setup:\n" + "\n".join(f"  {line}" for line in cluster["setup"]))
             check_can_start(points, sweep_dir, cluster)
             return 0
         jobs = submit(points, sweep_dir, cluster) if any(p.skip is None for p in points) else []

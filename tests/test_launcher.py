@@ -108,10 +108,13 @@ def test_sbatch_script_carries_every_job_parameter(tmp_path, on_path):
         assert f"#SBATCH {want}" in lines, (want, script)
     assert "B:" not in script  # the signal goes to the srun tasks, not the batch shell
     assert not any(ln.startswith("#SBATCH --array") for ln in lines)
-    setup = script.split("# setup\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    # submitit's own handler (until the trainer's are in) takes cluster.signal; then the user's lines
-    assert setup == ["export SUBMITIT_PREEMPT_SIGNAL=USR2", "module load cuda/12.4",
-                     "source $HOME/venv/bin/activate"], script
+    # submitit's own handler (until the trainer's are in) takes cluster.signal; then the user's lines, each
+    # one that ends the job if it fails (its run: test_slurm_system)
+    assert script.split("# setup\n", 1)[1].startswith("export SUBMITIT_PREEMPT_SIGNAL=USR2\n" + "\n".join(
+        launcher._slurm_setup(["module load cuda/12.4", "source $HOME/venv/bin/activate"])) + "\n"), script
+    assert launcher._slurm_setup(["module load x"]) == [
+        "{ :\nmodule load x\n\n} || { rc=$?; echo \"allconv-hpc: cluster.setup line failed (exit $rc): \"'module load "
+        "x' >&2; exit 1; }"]
     srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and "--cpus-per-task=8" in srun, srun
 
@@ -140,8 +143,7 @@ def test_another_signal_is_submitits_from_the_start(tmp_path, on_path):
                  "cluster.setup=['module load x']"])
     script = render(launcher.validate_cluster(c.cluster, c.cfg), tmp_path)
     assert "#SBATCH --signal=USR1@120" in sbatch_lines(script)
-    setup = script.split("# setup\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert setup == ["export SUBMITIT_PREEMPT_SIGNAL=USR1", "module load x"], script
+    assert script.split("# setup\n", 1)[1].startswith("export SUBMITIT_PREEMPT_SIGNAL=USR1\n{ :\nmodule load x\n"), script
     # what the job's python then handles, as submitit computes it at import
     env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"}
     out = subprocess.run([sys.executable, "-c", "from submitit.slurm.slurm import SlurmJobEnvironment as E; "

@@ -511,6 +511,30 @@ def test_another_signal_is_exported_to_the_job_and_requeues(slurm_cluster, jobs,
     assert "stop requested (SIGUSR1)" in (run / "train.log").read_text()
 
 
+def test_cluster_setup_lines_run_as_written_and_a_failing_one_stops_the_job(slurm_cluster, jobs, tmp_path):
+    """As for a local job: exports reach the job, a comment stays one, and a line that fails (a module that
+    does not load) ends the job before training, named in its .err file, instead of a run on other software."""
+    run = tmp_path / "ok"
+    [(job, _)], r = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1", "--wait",
+                           "cluster.setup=['export GREETING=hi  # the site module','','echo \"$GREETING from setup\"']",
+                           f"hydra.run.dir={run}", timeout=300)
+    assert wait_final(slurm_cluster, job, 60) == "COMPLETED"
+    assert "hi from setup" in (run / ".submitit" / job / f"{job}_0_log.out").read_text()
+    dry = cli(slurm_cluster, tmp_path, "submit", "--dry-run", *SLURM, *JOB, "cluster.setup=['module load x']",
+              f"hydra.run.dir={tmp_path / 'dry'}")
+    assert dry.returncode == 0 and "setup:\n  module load x" in dry.stdout, dry.stdout
+    run = tmp_path / "bad"
+    [(job, _)], r = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1",
+                           "cluster.setup=['no_such_module_x cuda/12.4','echo AFTER']", f"hydra.run.dir={run}")
+    assert wait_final(slurm_cluster, job, 120) == "FAILED"
+    err = (run / ".submitit" / job / f"{job}_0_log.err").read_text()
+    assert "allconv-hpc: cluster.setup line failed (exit 127): no_such_module_x cuda/12.4\n" in err, err
+    assert "AFTER" not in (run / ".submitit" / job / f"{job}_0_log.out").read_text()
+    assert not (run / "status.json").exists()  # nothing trained
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 1 and rows[0]["state"] == "FAILED", table
+
+
 def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):
     r = cli(slurm_cluster, tmp_path, "submit", *SLURM, *JOB, "cluster.partition=nope", f"hydra.run.dir={tmp_path / 'run'}")
     assert r.returncode == 2, (r.stdout, r.stderr)
