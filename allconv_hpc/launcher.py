@@ -400,6 +400,9 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
                 return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with; submit "
                         f"again when it has ended to apply these")
             return f"job {rec['job_id']} ({state})"
+        if state == "COMPLETING":  # cancelled or done, its processes still ending: nothing to stop
+            raise ConfigError(f"run folder {run_dir} has job {rec['job_id']} still ending (COMPLETING); a second job "
+                              f"would train into the same folder: submit again in a few seconds")
         if state in ACTIVE_STATES:
             raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
                               f"train into the same folder: wait for it (allconv-hpc status {run_dir}) or stop it "
@@ -644,10 +647,12 @@ def _never_message(cluster: dict, why: str, over: list[str]) -> str:
     asked.append(f"{cluster['timeout_min']} min")
     if cluster.get("constraint") is not None:
         asked.append(f"features {cluster['constraint']}")
+    if cluster.get("exclude") is not None:
+        asked.append(f"not on {cluster['exclude']}")
     fix = "; ".join(over) if over else (
         f"lower cluster.nodes, cluster.tasks_per_node, cluster.cpus_per_task, cluster.gpus_per_node, cluster.mem_gb or "
-        f"cluster.timeout_min, or fix cluster.constraint, to what {where} has (sinfo -N -l"
-        f"{f' -p {part}' if part is not None else ''})")
+        f"cluster.timeout_min, or fix cluster.constraint{' or cluster.exclude' if cluster.get('exclude') else ''}, "
+        f"to what {where} has (sinfo -N -l{f' -p {part}' if part is not None else ''})")
     return (f"Slurm can never start this job on {where}: it asks for {', '.join(asked)} ({why}); {fix}, or choose "
             f"another cluster.partition")
 

@@ -446,6 +446,9 @@ def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
     on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && echo RUNNING')
     with pytest.raises(ConfigError, match=r"already has job 42 \(RUNNING\).*scancel 42"):
         launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)
+    on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && echo COMPLETING')  # scancelled a moment ago: nothing to stop
+    with pytest.raises(ConfigError, match=r"has job 42 still ending \(COMPLETING\).*submit again in a few seconds$"):
+        launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)
     on_path(squeue="exit 0")  # ended: resubmitting resumes
     assert launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)[0][0].run_dir == run
 

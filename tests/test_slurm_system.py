@@ -553,6 +553,11 @@ NEVER = {
     "feature": (["cluster.constraint=nosuchfeature"], "cluster.constraint=nosuchfeature names features the nodes of "
                 "partition low lack"),
     "sweep": (["-m", "seed=0,1", "cluster.cpus_per_task=64"], "use cluster.cpus_per_task<=2"),
+    # every node of the partition excluded: sinfo has no limit to name, so the message names the keys
+    "exclude": (['cluster.exclude="n1,n2"'], "not on n1,n2 (sbatch --test-only: allocation failure: Requested node "
+                "configuration is not available); lower "
+                "cluster.nodes, cluster.tasks_per_node, cluster.cpus_per_task, cluster.gpus_per_node, cluster.mem_gb or "
+                "cluster.timeout_min, or fix cluster.constraint or cluster.exclude"),
 }
 
 
