@@ -314,7 +314,7 @@ def run_rows(folder: Path) -> list[dict]:
             held = runlock.holder(run_dir)[0]
             state = {True: "RUNNING", False: "FAILED"}.get(held, "UNKNOWN")
             active = bool(held)
-            if held is False:  # its error is in train.log (a failed download, a refused lock...)
+            if held is False:  # its error is in train.log (a failed download, a damaged data file)
                 st = {"error": _last_error(run_dir) or "ended before its first status record; see train.log"}
                 current = True
         elif held and state not in ACTIVE_STATES:  # a train by hand resumed the run after its job ended
