@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 
+from .config import ConfigError
 from .fsio import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,6 @@ def check_resume(run_dir: Path, cfg) -> Optional[dict]:
     found = CheckpointDir(Path(run_dir) / "checkpoints", cfg.checkpoint.keep).load_latest(warn=False)
     if found is None:
         if cfg.checkpoint.resume == "must":
-            from .config import ConfigError
             raise ConfigError(f"checkpoint.resume=must but {Path(run_dir) / 'checkpoints'} holds no checkpoint")
         return None
     ts = found[0].get("train_state") or {}

@@ -87,12 +87,12 @@ def override_error(overrides: list[str], e: Exception) -> str:
             parser.parse_overrides([o])
         except HydraException:
             value = o.split("=", 1)[1] if "=" in o else ""
-            key = o.split("=", 1)[0]
-            if value.startswith("[") and value.endswith("]"):  # quote each item; the shell needs the outer quotes
+            key, hint = o.split("=", 1)[0], ""
+            if "=" in value and value.startswith("[") and value.endswith("]"):  # each item quoted; the shell's quotes
                 items = ",".join(f"'{v.strip()}'" for v in value[1:-1].split(","))
-                hint = f"; list items holding '=' need quotes each: \"{key}=[{items}]\"" if "=" in value else ""
-            else:
-                hint = f"; a value holding '=' needs quotes: \"{key}='{value}'\"" if "=" in value else ""
+                hint = f"; list items holding '=' need quotes each: \"{key}=[{items}]\""
+            elif "=" in value:
+                hint = f"; a value holding '=' needs quotes: \"{key}='{value}'\""
             return f"bad override {o!r}: {msg}{hint}"
     return f"bad overrides: {msg}"
 

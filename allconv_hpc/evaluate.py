@@ -222,6 +222,6 @@ def evaluate_main(argv: list[str]) -> int:
             when = f"epoch {r['epoch'] + 1} step {r['step_in_epoch']}, global step {r['global_step']}"
         if r["val_acc_when_saved"] is not None:
             when += f"; val_acc {r['val_acc_when_saved']:.4f} after epoch {r['val_acc_epoch']}"
-        print(f"{Path(r['checkpoint']).name} ({r['model']} on {r['data']}, {when}): {r['split']} loss {r['loss']:.4f} acc {r['accuracy']:.4f} "
-              f"({r['images']} images, {r['precision']} on {r['device']})")
+        print(f"{Path(r['checkpoint']).name} ({r['model']} on {r['data']}, {when}): {r['split']} loss "
+              f"{r['loss']:.4f} acc {r['accuracy']:.4f} ({r['images']} images, {r['precision']} on {r['device']})")
     return 0

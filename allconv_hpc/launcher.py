@@ -100,9 +100,9 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
                     common.append(o.input_line)
                     continue
                 if not multirun:
-                    key = o.input_line.split("=", 1)[0]
+                    key, value = o.input_line.split("=", 1)
                     raise ConfigError(f"{o.input_line!r} is a sweep; add -m to submit a sweep, or quote a value that "
-                                      f"holds commas: '{key}=\"{o.input_line.split('=', 1)[1]}\"'")
+                                      f"holds commas: '{key}=\"{value}\"'")
                 try:
                     values = list(o.sweep_string_iterator())
                 except HydraException:  # interval(...): for optimizing sweepers, nothing to enumerate
@@ -493,6 +493,12 @@ def _signal_name(cluster: dict) -> str:
     return str(cluster.get("signal", "")).upper().removeprefix("SIG")
 
 
+def _setup_group(line) -> str:
+    """One cluster.setup line as a { ... } group of its own, run as written: ":" keeps a blank or comment-only
+    line a valid group, and the blank line ends one that ends in a backslash."""
+    return "{ :\n" + str(line) + "\n\n}"
+
+
 def _local_setup(lines: list, folder: Path) -> list:
     """cluster.setup for a local job: its output into .submitit/setup-<job id>.log (submitit's local controller
     runs it in the submitting terminal, so without --wait a failure would leave no trace), and a failure named
@@ -502,8 +508,7 @@ def _local_setup(lines: list, folder: Path) -> list:
         return []
     import shlex
     log = shlex.quote(str(Path(folder).parent / "setup-")) + "$$.log"
-    # ": " keeps a blank or comment-only line a valid group; the blank line ends one that ends in a backslash
-    body = " && ".join("{ :\n" + str(line) + "\n\n}" for line in lines)
+    body = " && ".join(_setup_group(line) for line in lines)
     return [f"{{ {body}\n}} >> {log} 2>&1 || {{ rc=$?; echo \"allconv-hpc: cluster.setup failed (exit $rc); its "
             f"output is in \"{log} >&2; exit 1; }}"]
 
@@ -513,7 +518,7 @@ def _slurm_setup(lines: list) -> list:
     it fails: a module that did not load or a venv that is not there is named at once, in the job's .err file,
     not found later as an import error or a run on the wrong software. `|| true` lets a line fail."""
     import shlex
-    return ["{ :\n" + str(line) + "\n\n} || { rc=$?; echo \"allconv-hpc: cluster.setup line failed (exit $rc): \""
+    return [_setup_group(line) + " || { rc=$?; echo \"allconv-hpc: cluster.setup line failed (exit $rc): \""
             + shlex.quote(str(line)) + " >&2; exit 1; }" for line in lines]
 
 

@@ -144,8 +144,10 @@ def check_free(run_dir: Path, group: Optional[str] = None) -> None:
     """RunBusy when a process trains into run_dir now: refused before any expensive work. `group`: this
     rank's rendezvous; a holder of the same one is its own rank 0 (one port serves one launch at a time)."""
     held, who = holder(run_dir)
-    record = _who(Path(run_dir) / LOCK_FILE)
-    if held and group is not None and record.get("group") == group:
+    if not held:
         return
-    if held and not _own_job(record):  # this job's earlier run: acquire() waits it out
+    record = _who(Path(run_dir) / LOCK_FILE)
+    if group is not None and record.get("group") == group:
+        return
+    if not _own_job(record):  # this job's earlier run: acquire() waits it out
         raise RunBusy(run_dir, who)

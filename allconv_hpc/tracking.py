@@ -396,7 +396,8 @@ class Tracker:
     def _record(self, kind: str, step: int, data: dict) -> None:
         if self.mode == "disabled":
             return
-        with naming(self.steps_path), open(self.steps_path, "a") as f:  # flushed on close; SIGTERM lets the process get here
+        # flushed on close; SIGTERM lets the process get here
+        with naming(self.steps_path), open(self.steps_path, "a") as f:
             f.write(json.dumps({"kind": kind, "step": int(step), "data": {k: _scalar(v) for k, v in data.items()}})
                     + "\n")
 

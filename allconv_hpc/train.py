@@ -80,7 +80,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     from .preempt import catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first step
     from .trainer import NonFiniteError, Trainer, check_launch
-    lock = None
+    lock_fd = None
     try:
         env = detect_env()
         check_launch(composed.cfg, env)
@@ -88,7 +88,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         # progress (a long rendezvous) from one that failed by it
         group = f"{env.master_addr}:{env.master_port}"  # the other ranks know their rank 0's lock by it
         if env.is_main:  # RunBusy names a process training into the folder now
-            lock = (acquire(composed.run_dir, group=group), True)
+            lock_fd = acquire(composed.run_dir, group=group)
         else:
             check_free(composed.run_dir, group=group)
         setup_logging(composed.run_dir, env.rank)
@@ -113,7 +113,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     trainer = None
     code = 1
     try:
-        trainer = Trainer(composed.cfg, composed.cfg_dict, composed.run_dir, env, lock)  # up to the rendezvous
+        trainer = Trainer(composed.cfg, composed.cfg_dict, composed.run_dir, env, lock_fd=lock_fd,
+                          locked=env.is_main)  # up to the rendezvous
         trainer.setup()
         if env.is_main:  # only now: a run folder refused as another config's keeps its own .hydra/
             write_hydra_files(composed)

@@ -131,11 +131,12 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, cfg_dict: dict, run_dir: Path, env: DistEnv, lock: Optional[tuple] = None):
-        """`lock`: (fd, True) when the caller took rank 0's run lock already (runlock.acquire; fd None where
-        the file system has no flock); else setup() takes it. Released by close()."""
+    def __init__(self, cfg: Config, cfg_dict: dict, run_dir: Path, env: DistEnv, lock_fd: Optional[int] = None,
+                 locked: bool = False):
+        """`locked`: the caller took rank 0's run lock already, `lock_fd` (runlock.acquire: None where the file
+        system has no flock); else setup() takes it. Released by close()."""
         self.cfg, self.cfg_dict, self.run_dir, self.env = cfg, cfg_dict, Path(run_dir), env
-        self._lock_fd, self._locked = lock if lock is not None else (None, False)
+        self._lock_fd, self._locked = lock_fd, locked
         t = cfg.trainer
         check_launch(cfg, env)
         self.device = pick_device(t.device, env)
