@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import CLUSTER_KEYS, SECTIONS, Config, ConfigError, from_dict
+from .runlock import OWN_FILES, holds_run
 
 CONFIG_MODULE = "allconv_hpc.conf"
 
@@ -167,12 +168,7 @@ def pin_data_root(composed: Composed) -> None:
 
 
 # what train and submit put into a run folder: one holding any of them is a run's (or is becoming one)
-RUN_FILES = {".hydra", "train.log", "status.json", "history.csv", "checkpoints", "submission.json", ".submit.lock",
-             ".train.lock", ".submitit", "wandb", "wandb_id.txt", "wandb_steps.jsonl"}
-
-# those no other tool writes (a project's root may hold wandb/, .hydra/ or a train.log of its own)
-OWN_FILES = {"status.json", "checkpoints", "submission.json", ".submit.lock", ".train.lock", "wandb_id.txt",
-             "wandb_steps.jsonl"}
+RUN_FILES = OWN_FILES | {".hydra", "train.log", "history.csv", ".submitit", "wandb"}
 
 
 def _run_file(name: str) -> bool:
@@ -196,10 +192,8 @@ def check_run_dir(run_dir: Path) -> None:
         if existing != path:
             break  # the rest does not exist yet: made inside this writable folder
     if run_dir.is_dir():  # a folder of other things (a dataset, a project's root) is not one to train into
-        names = sorted(p.name for p in run_dir.iterdir())
-        holds_run = any(n in OWN_FILES or n.startswith("checkpoints.old") for n in names)  # notes added to a run: fine
-        other = [n for n in names if not _run_file(n)]  # a job log alone (nohup.out in a project) is no run
-        if other and not holds_run:
+        other = sorted(p.name for p in run_dir.iterdir() if not _run_file(p.name))  # nohup.out alone is no run
+        if other and not holds_run(run_dir):  # notes added to a run: fine
             more = f", ... ({len(other)} in all)" if len(other) > 5 else ""
             raise ConfigError(f"run folder {run_dir} holds other files ({', '.join(other[:5])}{more}) and no run: "
                               f"training would mix its files with them; give a new or empty hydra.run.dir")

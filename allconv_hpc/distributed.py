@@ -195,7 +195,10 @@ class Dist:
         else:
             os.environ.setdefault("MASTER_ADDR", env.master_addr)
             os.environ.setdefault("MASTER_PORT", str(env.master_port))
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer raises, not hangs
+        # NCCL's watchdog aborts the communicator and ends the process when a collective fails or outlives the
+        # timeout (1; torch's default 3 skips the abort): no hang, but no Python error to name the peer either,
+        # only the watchdog's line in the .err file, which `status` shows
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         timeout = datetime.timedelta(seconds=self.timeout_s)
         kw = {"device_id": device} if backend == "nccl" else {}
         try:

@@ -75,19 +75,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-RUN_MARKS = ("checkpoints", "status.json", "submission.json", ".hydra")  # what a run folder holds
-
-
 def _run_folders(sweep: Path) -> list[Path]:
     """A sweep folder's point folders: sweep.json's run folders that exist (in sweep order), else its
     subfolders that look like runs; those holding checkpoints first (the ones evaluate can score)."""
     from .fsio import read_json
+    from .runlock import holds_run
 
     doc = read_json(sweep / "sweep.json")  # {} when missing or damaged: the subfolders still tell
     jobs = doc.get("jobs") if isinstance(doc, dict) and isinstance(doc.get("jobs"), list) else []
     listed = [sweep / Path(j["run_dir"]).name for j in jobs if isinstance(j, dict) and isinstance(j.get("run_dir"), str)]
     found = [d for d in listed if d.is_dir()] or sorted(
-        d for d in sweep.iterdir() if d.is_dir() and any((d / f).exists() for f in RUN_MARKS))
+        d for d in sweep.iterdir() if d.is_dir() and holds_run(d))
     return sorted(found, key=lambda d: not (d / "checkpoints").is_dir())  # stable: sweep order kept
 
 

@@ -22,7 +22,19 @@ from .config import ConfigError
 from .fsio import naming
 
 LOCK_FILE = ".train.lock"
+# what only this tool writes into a run folder (a project's root may hold wandb/, .hydra/ or a train.log of its
+# own): a folder holding one is a run's (train, submit, status and evaluate all go by it)
+OWN_FILES = frozenset({"status.json", "checkpoints", "submission.json", ".submit.lock", LOCK_FILE, "wandb_id.txt",
+                       "wandb_steps.jsonl"})
 NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a file system without flock
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether train or submit wrote into the folder: one of OWN_FILES, or checkpoints moved aside."""
+    try:
+        return any(n in OWN_FILES or n.startswith("checkpoints.old") for n in os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 class RunBusy(ConfigError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -247,7 +248,7 @@ def job_records(folder: Path) -> list[dict]:
     rec = read_record(path)
     if rec is not None:
         return [_here(check_keys(rec, JOB_KEYS, path), folder, sweep=False)]
-    if any((folder / n).exists() for n in ("status.json", "checkpoints", "train.log", runlock.LOCK_FILE)):
+    if runlock.holds_run(folder) or (folder / "train.log").is_file():  # train.log: from before rank 0 locked first
         # started without submit: Slurm is asked about the job its status.json names, if any
         return [started_job(folder) or {"job_id": None, "run_dir": str(folder), "backend": "none"}]
     raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
@@ -285,6 +286,51 @@ def _last_error(run_dir: Path) -> Optional[str]:
         elif " ERROR] " in line:
             error = line.split(" ERROR] ", 1)[1]
     return error
+
+
+_LOGGED_ERROR = re.compile(r"^\[[^\]]* ERROR(?: rank \d+)?\] (.+)$")  # train.setup_logging's format
+_C10_ERROR = re.compile(r"^\[rank\d+\]:\[E\d{4} [^\]]*\] (.+)$")  # torch's C++ log: NCCL's watchdog, which ends the process
+
+
+def _task_errors(path: Path) -> tuple[Optional[str], Optional[str]]:
+    """A job task's .err file (its tail): the last line this tool printed before exiting (a preflight error, a
+    cluster.setup line that failed), and the last error logged or raised (a rendezvous timeout, a traceback)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None, None
+    said = other = None
+    traceback = False
+    for line in lines:
+        if line.startswith("allconv-hpc: "):
+            said = line.removeprefix("allconv-hpc: ").removeprefix("error: ")
+        elif (m := _LOGGED_ERROR.match(line) or _C10_ERROR.match(line)) is not None:
+            other = m.group(1)
+        elif line.startswith("Traceback ("):
+            traceback = True
+        elif traceback and line and not line[0].isspace():  # the exception's own line ends the traceback
+            other, traceback = line, False
+    return said, other
+
+
+def _job_error(rec: dict) -> Optional[str]:
+    """Why a job failed when its run wrote no error (it stopped before its trainer started: a node without the
+    data, a rank's rendezvous): from its tasks' .err files, a rank's own refusal first, since the others' errors
+    (a rendezvous that timed out waiting for it) follow from it."""
+    job = str(rec["job_id"])
+    found = {}
+    for path in (Path(rec.get("submitit_folder", "")) / job).glob(f"{job}_*_log.err"):
+        task = path.name[len(job) + 1:].split("_")[0]
+        if task.isdigit():
+            found[int(task)] = _task_errors(path)
+    for kind in (0, 1):
+        for task in sorted(found):
+            if found[task][kind]:
+                said = found[task][kind]  # the batch script's own line (cluster.setup) is no rank's
+                return said if said.startswith((f"rank {task}:", "cluster.setup")) else f"rank {task}: {said}"
+    return None
 
 
 def run_rows(folder: Path) -> list[dict]:
@@ -339,6 +385,11 @@ def run_rows(folder: Path) -> list[dict]:
             state, failed = f"{state} (run completed)", False
         # until this job writes status.json, progress is the earlier job's, towards this job's trainer.epochs
         target = st.get("epochs", "?") if current or not rec.get("epochs") else rec["epochs"]
+        error = st.get("error") if current else None  # what the run said when it failed
+        if failed and error is None and rec.get("job_id") and not active:
+            error = _job_error(rec)  # it failed before its trainer could say why: its tasks' .err files do
+            if error is not None and state == "LOST":  # cluster=local: a job whose tasks exited non-zero
+                state = "FAILED"
         never = state == "PENDING" and reason in NEVER_STARTS  # --wait would wait forever
         if never:
             state = f"PENDING ({reason}: never starts as asked; scancel {rec['job_id']})"
@@ -349,7 +400,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "restarts": restarts, "epoch": f"{st.get('epoch', 0)}/{target}",
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
-                     "error": st.get("error") if current else None,  # what the run said when it failed
+                     "error": error,
                      "folder": run_dir.name})
     return rows
 

@@ -281,7 +281,10 @@ class Trainer:
             ck = load_file(Path(path))
         self.cfg.check_resumable(ck.get("identity", {}), self.run_dir, ck.get("train_state"))
         self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
+        kernels = [(g["fused"], g["foreach"]) for g in self.opt.param_groups]  # this device's, as built above
+        self.opt.load_state_dict(ck["optimizer"])  # replaces the groups, with the saving device's kernel flags:
+        for g, (fused, foreach) in zip(self.opt.param_groups, kernels):  # a CPU checkpoint on a GPU would run
+            g["fused"], g["foreach"] = fused, foreach  # foreach, and fp16's scaler (told fused) then fails
         _match_layouts(self.opt)
         self.sched.load_state_dict(ck["scheduler"])
         if ck["scaler"]:  # empty when the checkpoint's run had no fp16 scaler (precision may change on resume)

@@ -948,6 +948,30 @@ def test_a_local_jobs_failed_setup_is_logged_in_the_run_folder(tmp_path):
     assert row["state"] == f"LOST (never started: cluster.setup failed? see {log})" and row["failed"]
 
 
+@pytest.mark.slow
+def test_a_rank_that_fails_before_the_rendezvous_is_named_by_status(tmp_path):
+    """A node without the data (here: rank 1's data.root is missing) fails that rank before its trainer starts,
+    so no status.json says why; `status` finds the rank's own error in its .err file, ahead of rank 0's
+    rendezvous timeout that follows from it, and calls the job FAILED, not LOST."""
+    from proc import PY, clean_env
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,))
+    write_cifar(tmp_path / "d0", "cifar10", x, y, x[:20], y[:20], [f"c{i}" for i in range(10)])
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "--wait", "cluster=local", "cluster.tasks_per_node=2",
+                        "cluster.cpus_per_task=1", *TINY, "data=cifar10", "data.train_size=null", "data.test_size=null",
+                        f"data.root={tmp_path}/d${{oc.env:SUBMITIT_LOCAL_GLOBALID,0}}", "trainer.batch_size=20",
+                        "dist.timeout_s=10", f"hydra.run.dir={run}"],
+                       env=clean_env(tmp_path, PATH=path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    row = status.run_rows(run)[0]
+    assert row["state"] == "FAILED" and row["failed"], row
+    assert row["error"].startswith(f"rank 1: CIFAR-10 not found: expected {tmp_path}/d1/cifar-10-batches-py "), row
+    job = json.loads((run / "submission.json").read_text())["job_id"]
+    assert "rendezvous with 2 ranks" in (run / ".submitit" / job / f"{job}_0_log.err").read_text()  # not shown
+
+
 def test_a_local_job_at_its_time_limit_says_to_submit_again(tmp_path):
     """Nothing requeues a cluster=local job: at cluster.timeout_min it checkpoints, stops, and says how to go on."""
     from proc import PY, clean_env

@@ -440,6 +440,26 @@ def test_a_rank_killed_hard_fails_the_job_and_is_named(slurm_cluster, jobs, tmp_
     assert re.search(r"\b(rank|rank\(s\)|task) 1\b", tail(run)), tail(run)  # the trainer: "peer rank(s) 1"; srun: "task 1"
 
 
+def test_a_node_without_the_data_fails_the_job_and_status_names_it(slurm_cluster, jobs, tmp_path):
+    """Rank 1's node lacks the dataset (here: its data.root, per SLURM_PROCID, is missing): that rank refuses
+    before the rendezvous, srun --kill-on-bad-exit ends rank 0, and `status` gives rank 1's error from its .err
+    file, since no status.json was written."""
+    import torch
+    from allconv_hpc.data import write_cifar
+    x, y = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,))
+    write_cifar(tmp_path / "d0", "cifar10", x, y, x[:20], y[:20], [f"c{i}" for i in range(10)])
+    run = tmp_path / "run"
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "cluster.nodes=2", "cluster.tasks_per_node=1",
+                           "data=cifar10", "data.train_size=null", "data.test_size=null", "trainer.batch_size=20",
+                           f"data.root={tmp_path}/d${{oc.env:SLURM_PROCID,0}}", f"hydra.run.dir={run}")
+    assert wait_final(slurm_cluster, job, 120) == "FAILED", tail(run)
+    assert not (run / "status.json").exists(), tail(run)
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 1 and rows[0]["state"] == "FAILED", table
+    assert rows[0]["error"].startswith(f"rank 1: CIFAR-10 not found: expected {tmp_path}/d1/cifar-10-batches-py "), table
+    assert f"{run.name}: rank 1: CIFAR-10 not found" in table, table
+
+
 def sbatch_plain(slurm_cluster, jobs, tmp_path, epochs: int) -> tuple[Path, str]:
     """slurm/train.sbatch submitted by hand (no submitit) into tmp_path/plain: (run folder, job id)."""
     run = tmp_path / "plain"
@@ -533,6 +553,7 @@ def test_cluster_setup_lines_run_as_written_and_a_failing_one_stops_the_job(slur
     assert not (run / "status.json").exists()  # nothing trained
     rc, rows, table = status(slurm_cluster, tmp_path, run)
     assert rc == 1 and rows[0]["state"] == "FAILED", table
+    assert rows[0]["error"] == "cluster.setup line failed (exit 127): no_such_module_x cuda/12.4", table
 
 
 def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):

@@ -342,3 +342,28 @@ def test_a_run_waiting_for_its_peers_is_running_and_once_killed_failed(tmp_path)
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == ("FAILED", True), row
     assert row["error"] == "ended before its first status record; see train.log", row
+
+
+def test_a_jobs_error_from_its_err_files_when_the_run_wrote_none(tmp_path):
+    """A job that failed before its trainer wrote status.json: the error comes from its tasks' .err files, a
+    rank's own refusal (`allconv-hpc: error: ...`) before a logged error or a traceback's last line, and a
+    message that names its rank already is not prefixed twice."""
+    sub = tmp_path / "sub"
+    run = write_run(tmp_path / "run", None, job="7_1", submitit_folder=str(sub))
+    (sub / "7_1").mkdir(parents=True)
+    err = lambda task, text: (sub / "7_1" / f"7_1_{task}_log.err").write_text(text)  # noqa: E731
+    err(0, "[2026-12-03 11:03:33 ERROR] rank 0: rendezvous with 2 ranks at n1:5000 failed within 60 s (...)\n")
+    err(1, "submitit ERROR (2026-12-03) - Submitted job triggered an exception\nTraceback (most recent call last):\n"
+           '  File "x.py", line 1, in <module>\n    f()\nOSError: [Errno 5] Input/output error\n')
+    assert status._job_error(json.loads((run / "submission.json").read_text())) == \
+        "rank 0: rendezvous with 2 ranks at n1:5000 failed within 60 s (...)"
+    err(0, "[2026-12-03 11:03:33 WARNING] slow\n")
+    assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}) == \
+        "rank 1: OSError: [Errno 5] Input/output error"
+    err(0, "[rank0]:[E1203 11:03:33.123456 99 torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:632] [Rank 0] Watchdog "
+           "caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE) ran for 1800000 milliseconds\n")
+    assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}).startswith(
+        "rank 0: [Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5")  # NCCL ends the process
+    err(2, "[2026-12-03 11:03:30 WARNING rank 2] x\nallconv-hpc: error: run folder /r is busy\n")
+    assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}) == "rank 2: run folder /r is busy"
+    assert status._job_error({"job_id": "8", "submitit_folder": str(sub)}) is None

@@ -622,3 +622,34 @@ def test_the_other_ranks_of_a_launch_know_their_rank_0s_lock(tmp_path, monkeypat
         holder.kill()
         holder.wait()
 
+
+
+def test_a_resume_keeps_this_devices_sgd_kernel_not_the_checkpoints(tmp_path):
+    """Optimizer.load_state_dict takes the saved groups' fused/foreach flags: a checkpoint written on a GPU
+    (fused SGD) resumed on a CPU, or the other way round, must run the kernel this device was built with
+    (a CUDA resume of a CPU checkpoint would otherwise run foreach while fp16's GradScaler treats it as fused)."""
+    from allconv_hpc.checkpoint import load_file, write_file
+    from allconv_hpc.compose import compose
+    from allconv_hpc.distributed import DistEnv
+    from allconv_hpc.trainer import Trainer
+    c = compose(["data=synthetic", "data.train_size=64", "data.test_size=32", "model.width=0.125",
+                 "wandb.mode=disabled", "trainer.threads=1", f"hydra.run.dir={tmp_path / 'run'}"])
+    tr = Trainer(c.cfg, c.cfg_dict, c.run_dir, DistEnv(source="single")).setup()
+    try:
+        built = [(g["fused"], g["foreach"]) for g in tr.opt.param_groups]
+        tr.save()
+        tr.wait_checkpoints()
+    finally:
+        tr.close()
+    assert built == [(None, True)]  # CPU: foreach
+    for path in (tmp_path / "run" / "checkpoints").glob("*.pt"):  # as a GPU run writes them
+        ck = load_file(path)
+        for g in ck["optimizer"]["param_groups"]:
+            g["fused"], g["foreach"] = True, None
+        write_file(path, ck)
+    tr = Trainer(c.cfg, c.cfg_dict, c.run_dir, DistEnv(source="single")).setup()
+    try:
+        assert tr.state.global_step == 0 and tr._resume_sums is not None  # it did resume
+        assert [(g["fused"], g["foreach"]) for g in tr.opt.param_groups] == built
+    finally:
+        tr.close()
