@@ -66,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "train":
         from .preempt import EXIT_REQUEUED, catch_early, ignore_late_signals
         catch_early()  # before the heavy imports: under srun an early USR2 would otherwise kill the rank
-        from .train import run
-        code = run(rest)
+        try:
+            from .train import run
+            code = run(rest)
+        except KeyboardInterrupt:  # before the trainer catches it: in an import, the config, the data check
+            print("allconv-hpc: interrupted (Ctrl-C) during start-up, before training; nothing was written to the "
+                  "run's checkpoints", file=sys.stderr)
+            return 130
         ignore_late_signals()
         return 0 if code == EXIT_REQUEUED else code  # back in the queue: nothing failed
     if cmd == "submit":

@@ -462,7 +462,7 @@ class TrainJob:
         from .preempt import catch_early
         from .train import run
         # replace submitit's USR2/TERM handlers for the whole call: a warning during start-up is
-        # honoured at the first step boundary, one after training is ignored (never a requeue then)
+        # honoured at the first step boundaries, one after training is ignored (never a requeue then)
         catch_early(self.signal)
         os.environ["ALLCONV_SIGNAL_LEAD_S"] = str(self.signal_lead_s)
         if self.local_port:

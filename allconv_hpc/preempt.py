@@ -71,7 +71,7 @@ def catch_early(warn_signal: Optional[str] = None) -> None:
     early warning of the other kind is then dropped. Under submitit its own handlers would otherwise
     be in place then and after training: its USR2 handler checkpoints from inside the handler and
     requeues even a job that has just completed. The next StopRequest picks the recorded signal up,
-    so training stops at its first step boundary.
+    so training stops at its second step boundary (the stop poll is read one step late: Trainer._poll).
     """
     global _warn, _early, _configured
     if warn_signal is None:

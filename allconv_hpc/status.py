@@ -248,7 +248,8 @@ def job_records(folder: Path) -> list[dict]:
     rec = read_record(path)
     if rec is not None:
         return [_here(check_keys(rec, JOB_KEYS, path), folder, sweep=False)]
-    if runlock.holds_run(folder) or (folder / "train.log").is_file():  # train.log: from before rank 0 locked first
+    # what a train leaves (not holds_run: a sweep folder has .submit.lock, and one without its sweep.json is no run)
+    if any((folder / n).exists() for n in ("status.json", "checkpoints", "train.log", runlock.LOCK_FILE)):
         # started without submit: Slurm is asked about the job its status.json names, if any
         return [started_job(folder) or {"job_id": None, "run_dir": str(folder), "backend": "none"}]
     raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "

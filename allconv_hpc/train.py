@@ -78,7 +78,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         print(f"allconv-hpc: error: {e}", file=sys.stderr)
         return 2
     from .preempt import catch_early
-    catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first step
+    catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
     from .trainer import NonFiniteError, Trainer, check_launch
     lock_fd = None
     try:

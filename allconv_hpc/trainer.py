@@ -377,12 +377,14 @@ class Trainer:
 
     def _move_old_run_aside(self, why: str) -> None:
         """Keep the old run whole in checkpoints.oldN/ (collective); the W&B id goes too: the fresh
-        start is a new W&B run, not steps 1.. again."""
+        start is a new W&B run, not steps 1.. again. Its .hydra/ (its config, which this run's replaces once
+        set up) goes along."""
         if self.env.is_main:
-            moved = self.ckpt.move_aside(also=[self.run_dir / name for name in (ID_FILE, HISTORY_FILE, STEPS_FILE)])
+            also = [self.run_dir / name for name in (ID_FILE, HISTORY_FILE, STEPS_FILE, ".hydra")]
+            moved = self.ckpt.move_aside(also=also)
             if moved:
-                log.warning("%s: the old run's checkpoints, history.csv and W&B id are kept in %s; this run "
-                            "starts fresh", why, moved)
+                log.warning("%s: the old run's checkpoints, history.csv, .hydra/ and W&B id are kept in %s; this "
+                            "run starts fresh", why, moved)
         self.dist.barrier()
 
     # -- checkpoint --------------------------------------------------------------------------------

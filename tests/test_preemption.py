@@ -507,6 +507,9 @@ def test_a_fresh_start_over_an_earlier_runs_epochs_keeps_them(reference, tmp_pat
     assert (old / "history.csv").read_text() == (reference / "history.csv").read_text()
     assert (old / "wandb_id.txt").read_text().strip() == old_id != (run / "wandb_id.txt").read_text().strip()
     assert "an earlier run's epochs are here: the old run's checkpoints" in (run / "train.log").read_text()
+    # its config goes with it; the folder's .hydra/ is the new run's
+    assert (old / ".hydra" / "config.yaml").read_text() == (reference / ".hydra" / "config.yaml").read_text()
+    assert "lr: 0.2" in (run / ".hydra" / "config.yaml").read_text()
     assert [r["lr"] for r in history(run)] != [r["lr"] for r in history(reference)]  # the new run's own rows
 
 
@@ -618,3 +621,22 @@ def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_resumable(tmp_
     (run / "history.csv").rmdir()
     run_train(tmp_path, run, TINY)  # fixed: the same command resumes and finishes
     assert '"completed"' in (run / "status.json").read_text()
+
+
+def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path):
+    """A Ctrl-C in the first second (the imports) is the same one line and exit status as later in start-up,
+    not a traceback from inside `import torch`."""
+    p = subprocess.Popen(train_cmd(tmp_path / "run", TINY), env=clean_env(tmp_path), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        maps = Path(f"/proc/{p.pid}/maps")
+        deadline = time.monotonic() + 60
+        while b"libtorch" not in maps.read_bytes():  # inside main: only train's imports load torch
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("allconv-hpc: interrupted (Ctrl-C) during start-up"), err
