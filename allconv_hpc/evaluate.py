@@ -120,7 +120,10 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         if which == "best" and there:  # best.pt comes with the first finished epoch
             raise ConfigError(f"no best.pt in {run / 'checkpoints'}: no epoch has finished yet (it holds "
                               f"{', '.join(there)}); use --checkpoint last")
-        raise ConfigError(f"no checkpoint {path} (checkpoints/ holds {', '.join(there) or 'nothing'}); use "
+        if not there:  # a run whose job has not trained yet (pending, cancelled before it started)
+            raise ConfigError(f"{run} has no checkpoint yet: its run has not saved one (allconv-hpc status {run} "
+                              f"shows how far it got)")
+        raise ConfigError(f"no checkpoint {path} (checkpoints/ holds {', '.join(there)}); use "
                           f"--checkpoint best, last or a file's path")
     return path
 

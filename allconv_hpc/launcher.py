@@ -352,6 +352,8 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
             ov = [o for o in ov if _key(o) != "hydra.run.dir"] + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
         check_run_dir(c.run_dir)
         skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
+        if skip is None:
+            _warn_diverged(c.run_dir, c.cfg)
         points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
     dirs = [p.run_dir for p in points]
     if len(set(dirs)) != len(dirs):
@@ -429,14 +431,25 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     from .checkpoint import CheckpointError, check_resume
     try:
         ts = check_resume(run_dir, cfg)
-    except CheckpointError as e:  # every checkpoint unusable, or unreadable: the job could only fail on it
-        raise ConfigError(str(e)) from None
+    except (CheckpointError, ConfigError) as e:  # every checkpoint unusable or unreadable, another config...
+        # ...: the job could only fail on it; a sweep's points are placed by hydra.sweep.dir (-m refuses run.dir)
+        raise ConfigError(str(e).replace("hydra.run.dir", "hydra.sweep.dir") if sweep else str(e)) from None
     if ts is None:
         return None
     finished = read_json(run_dir / "status.json").get("state") == "completed"
     if finished and ts.get("epoch") == cfg.trainer.epochs and not ts.get("step_in_epoch"):
         return "completed"  # a job would start only to find nothing to do
     return None
+
+
+def _warn_diverged(run_dir: Path, cfg) -> None:
+    """A run that stopped on a non-finite loss resumes the checkpoint it diverged after: said before it queues."""
+    st = read_json(run_dir / "status.json")
+    if (cfg.checkpoint.resume != "never" and st.get("state") == "failed"
+            and str(st.get("error", "")).startswith("non-finite")):
+        _warn(f"{run_dir} stopped on a non-finite loss at step {st.get('global_step', '?')}; its job resumes the "
+              f"newest checkpoint kept and will likely diverge again: lower optim.lr in a new hydra.run.dir (for a "
+              f"sweep, hydra.sweep.dir), or add checkpoint.resume=never to start it over (the old run is kept)")
 
 
 def free_ports(n: int) -> list[int]:
@@ -876,7 +889,8 @@ def submit_main(argv: list[str]) -> int:
         print(f"job {j.job_id}  {p.run_dir}")
     where = sweep_dir if sweep_dir is not None else points[0].run_dir
     if not todo:
-        print("nothing to submit: every run is completed or queued (trainer.epochs=N grows a completed run)")
+        grow = " (trainer.epochs=N grows a completed run)" if any(p.skip == "completed" for p in points) else ""
+        print(f"nothing to submit: every run is completed or queued{grow}")
     print(f"{'sweep' if sweep_dir is not None else 'run'} folder: {where}")
     print(f"watch it with: allconv-hpc status {where}")
     if args.wait:

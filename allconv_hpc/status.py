@@ -373,6 +373,8 @@ def run_rows(folder: Path) -> list[dict]:
             setup_log = Path(rec.get("submitit_folder", "")) / f"setup-{rec.get('job_id')}.log"  # launcher._local_setup
             if rec.get("backend") == "local" and not st and setup_log.is_file() and setup_log.stat().st_size:
                 state = f"LOST (never started: cluster.setup failed? see {setup_log})"
+            elif (not st or not current) and not (run_dir / "train.log").exists():  # e.g. scancelled while pending
+                state = "LOST (never started)"
         elif state is None:  # Slurm forgot the job (MinJobAge) and no accounting: the run folder decides
             # the run's own word, marked apart from Slurm's states of the same name where it is a guess
             state = {"completed": "COMPLETED", "failed": "FAILED", "gave_up": "FAILED", "interrupted": "INTERRUPTED",
@@ -389,11 +391,16 @@ def run_rows(folder: Path) -> list[dict]:
         error = st.get("error") if current else None  # what the run said when it failed
         if failed and error is None and rec.get("job_id") and not active:
             error = _job_error(rec)  # it failed before its trainer could say why: its tasks' .err files do
-            if error is not None and state == "LOST":  # cluster=local: a job whose tasks exited non-zero
+            if error is not None and state.startswith("LOST"):  # cluster=local: a job whose tasks exited non-zero
                 state = "FAILED"
         never = state == "PENDING" and reason in NEVER_STARTS  # --wait would wait forever
+        held = state == "PENDING" and (reason.startswith("JobHeld") or "held state" in reason)  # and so would this
         if never:
             state = f"PENDING ({reason}: never starts as asked; scancel {rec['job_id']})"
+        elif held:  # scontrol hold / requeuehold, or an admin's hold
+            state = (f"PENDING (held by an admin: {reason}; ask them, or scancel {rec['job_id']})"
+                     if reason == "JobHeldAdmin" else f"PENDING (held: scontrol release {rec['job_id']})")
+            never = True
         rows.append({"job": rec.get("job_id") or st.get("slurm_job_id") or "-", "state": state, "run": run_state or "-",
                      "slurm_answered": known if slurm else None,
                      # no_answer: Slurm did not answer and the run has not ended, so it may still be queued
@@ -429,6 +436,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _errors(rows: list[dict]) -> str:
+    """Below the table: why each failed run failed, where it said."""
+    return "".join(f"\n{r['folder']}: {r['error']}" for r in rows if r["failed"] and r["error"])
+
+
 def status_main(argv: list[str]) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="allconv-hpc status", description="State of a run or a sweep.",
@@ -443,10 +455,7 @@ def status_main(argv: list[str]) -> int:
     except (FileNotFoundError, DamagedFile) as e:
         print(f"allconv-hpc status: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
-    for r in rows:
-        if r["failed"] and r["error"] and not args.json:
-            print(f"{r['folder']}: {r['error']}")
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows) + _errors(rows))
     silent = [str(r["job"]) for r in rows if r["slurm_answered"] is False]
     if silent:
         print(f"allconv-hpc status: warning: Slurm did not answer for job(s) {', '.join(silent)} (squeue timed out "
@@ -470,7 +479,7 @@ def wait_for(folder: Path, poll_s: float = 5.0) -> int:
             print(time.strftime("%H:%M:%S"), "  ".join(f"{j}:{s}({e})" for j, s, e in snap), flush=True)
             last = snap
         if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
-            print(format_table(rows))
+            print(format_table(rows) + _errors(rows))
             code = exit_code(rows)
             if code == 0 and any(r["run"] == "interrupted" for r in rows):
                 return EXIT_STOPPED  # a script must tell "done" from "stopped with a checkpoint"

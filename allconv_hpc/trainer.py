@@ -394,17 +394,22 @@ class Trainer:
         except CheckpointError:
             pass  # named by the log already; the files on disk are what is kept
         files = self.ckpt.step_files()  # highest step first; none is written with non-finite weights
-        return f"the last good checkpoint ({files[0].name}) is kept" if files else "no checkpoint was written yet"
+        return (f"the newest checkpoint with finite weights ({files[0].name}) is kept, though the run may have "
+                f"diverged before it (see history.csv)" if files else "no checkpoint was written yet")
+
+    def _diverged(self, what: str) -> NonFiniteError:
+        return NonFiniteError(f"{what}; {self._kept()}. Lower optim.lr or lengthen the warm-up (schedule."
+                              f"warmup_epochs={self.cfg.schedule.warmup_epochs:g} now) in a new hydra.run.dir, or "
+                              f"start this one over with checkpoint.resume=never: resuming repeats the steps that "
+                              f"diverged")
 
     def _check_finite(self) -> None:
         bad = not bool(torch.isfinite(self.epoch_sums[0]).item())
         finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
         bad = self.dist.any(bad or not bool(finite))  # one device sync, not one per parameter
         if bad:
-            raise NonFiniteError(f"non-finite loss or weights at global step {self.state.global_step} "
-                                 f"(epoch {self.state.epoch + 1}); {self._kept()}. "
-                                 f"Lower optim.lr or lengthen the warm-up (schedule.warmup_epochs="
-                                 f"{self.cfg.schedule.warmup_epochs:g} now)")
+            raise self._diverged(f"non-finite loss or weights at global step {self.state.global_step} (epoch "
+                                 f"{self.state.epoch + 1})")
 
     def save(self) -> None:
         """A consistent checkpoint at a step boundary; collective (every rank calls it)."""
@@ -648,7 +653,8 @@ class Trainer:
                "epoch_seconds": seconds, "images_per_second": tr[2] / seconds}
         if not math.isfinite(row["train_loss"]) or not math.isfinite(val_loss):
             self._check_finite()
-            raise NonFiniteError(f"non-finite loss in epoch {st.epoch + 1}; {self._kept()}")
+            raise self._diverged(f"non-finite loss in epoch {st.epoch + 1} (train loss {row['train_loss']:.4g}, "
+                                 f"val loss {val_loss:.4g})")
         st.history.append(row)
         self.tracker.append_history(row)
         # At the step after the epoch's last one: a step never logged before this point, even when

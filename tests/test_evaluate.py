@@ -185,3 +185,13 @@ def test_best_before_any_finished_epoch_points_at_last(tmp_path):
     with pytest.raises(ConfigError, match=r"no best.pt in .*: no epoch has finished yet \(it holds "
                                           r"step_00000059.pt\); use --checkpoint last"):
         evaluate(tmp_path / "run", "best")
+
+
+def test_a_run_without_any_checkpoint_says_so_and_points_at_status(tmp_path):
+    """A job cancelled before it started (or still pending): no checkpoint to pick, so none is offered."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "submission.json").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"{run} has no checkpoint yet: its run has not saved one \(allconv-hpc "
+                                          rf"status {run} shows how far it got\)"):
+        evaluate(run, "best")

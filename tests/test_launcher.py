@@ -579,6 +579,12 @@ def test_a_run_folder_of_another_config_is_refused(tmp_path):
         launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)
     for ok in (["optim.lr=0.1"], ["optim.lr=0.1", "trainer.epochs=5"], ["checkpoint.resume=never"]):
         launcher.plan(["cluster=local", *TINY, *ok, f"hydra.run.dir={run}"], multirun=False)
+    # a sweep's point: the way out is another hydra.sweep.dir (a sweep refuses hydra.run.dir)
+    sweep = tmp_path / "sweep"
+    points, _, _ = launcher.plan(["cluster=local", *TINY, "seed=0", f"hydra.sweep.dir={sweep}"], multirun=True)
+    CheckpointDir(points[0].run_dir / "checkpoints", keep=2).save({"identity": theirs.identity()}, step=5)
+    with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.1 -> 0.05\); use another hydra.sweep.dir"):
+        launcher.plan(["cluster=local", *TINY, "seed=0", f"hydra.sweep.dir={sweep}"], multirun=True)
     # a run that has begun epoch 3 cannot be cut back to 2 (it could grow): refused before the queue
     CheckpointDir(run / "checkpoints", keep=2).save({"identity": theirs.identity(),
                                                      "train_state": {"epoch": 2, "step_in_epoch": 1}}, step=9)
@@ -730,7 +736,8 @@ def test_status_works_without_accounting(tmp_path, on_path, capsys):
     assert (rows[0]["state"], rows[0]["restarts"]) == ("RUNNING", 1)
 
 
-@pytest.mark.parametrize("run_state,state,rc", [("running", "LOST", 1), ("requeued", "LOST", 1), (None, "LOST", 1),
+@pytest.mark.parametrize("run_state,state,rc", [("running", "LOST", 1), ("requeued", "LOST", 1),
+                                                (None, "LOST (never started)", 1),
                                                 ("completed", "COMPLETED", 0), ("gave_up", "FAILED", 1)])
 def test_a_job_slurm_forgot_is_lost_unless_the_run_finished(tmp_path, on_path, capsys, run_state, state, rc):
     run = write_run(tmp_path, run_state)
@@ -1009,3 +1016,15 @@ def test_a_comma_list_outside_a_sweep_says_how_to_quote_it(tmp_path):
     c = compose(["cluster=local", *TINY, 'cluster.exclude="n1,n2"'])  # what the hint says to type
     assert c.cluster["exclude"] == "n1,n2"
 
+
+
+def test_submitting_a_run_that_diverged_warns_it_will_likely_diverge_again(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "failed", "global_step": 56, "error": "non-finite loss in "
+                                                 "epoch 7 (train loss 5.3e+12, val loss nan); ..."}))
+    launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)
+    err = capsys.readouterr().err
+    assert f"warning: {run} stopped on a non-finite loss at step 56; its job resumes" in err, err
+    launcher.plan(["cluster=local", *TINY, "checkpoint.resume=never", f"hydra.run.dir={run}"], multirun=False)
+    assert "non-finite" not in capsys.readouterr().err  # starting over is the fix

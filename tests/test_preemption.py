@@ -395,7 +395,8 @@ def test_nan_stops_without_touching_good_checkpoints(tmp_path):
     assert '"failed"' in (run / "status.json").read_text()
     files = list((run / "checkpoints").glob("*.pt"))
     newest = max(f.name for f in files if f.name.startswith("step_"))
-    assert f"the last good checkpoint ({newest}) is kept" in log, log[-2000:]
+    assert f"the newest checkpoint with finite weights ({newest}) is kept" in log, log[-2000:]
+    assert "Lower optim.lr or lengthen the warm-up" in log and "checkpoint.resume=never" in log, log[-2000:]
     early = run_train(tmp_path, tmp_path / "early", EXACT + ["optim.lr=1e9", "schedule.warmup_epochs=0"], check=False)
     assert early.returncode == 1 and "no checkpoint was written yet" in early.stderr, early.stderr[-2000:]
     for f in files:  # every checkpoint left behind loads and holds finite weights from before the blow-up

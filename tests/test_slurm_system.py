@@ -649,6 +649,28 @@ def test_a_job_pending_for_what_its_partition_never_has_ends_wait(slurm_cluster,
     assert st.exit_code(rows) == 1
 
 
+@pytest.mark.parametrize("how", ["--hold", "requeuehold"])
+def test_a_held_job_says_how_to_release_it_and_ends_wait(slurm_cluster, jobs, tmp_path, how):
+    """A job held by its user (sbatch --hold, or scontrol requeuehold of a running one) never starts until released:
+    status says `scontrol release`, and --wait (no row active) ends instead of waiting forever."""
+    held = ["--hold"] if how == "--hold" else []
+    r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", *held, "-o", "/dev/null", "--wrap", "sleep 60"], check=True)
+    job = r.stdout.strip()
+    jobs.append(job)
+    if how == "requeuehold":
+        assert poll(lambda: squeue_state(slurm_cluster, job) == "RUNNING", 30)
+        slurm_cluster.run(["scontrol", "requeuehold", job], check=True)
+    reason = lambda: slurm_cluster.run(["squeue", "-h", "-j", job, "-o", "%T %r"]).stdout.strip()  # noqa: E731
+    assert poll(lambda: reason().startswith("PENDING") and "held" in reason().lower(), 60), reason()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "submission.json").write_text(json.dumps({"job_id": job, "backend": "slurm", "run_dir": str(run),
+                                                     "submitted": time.time()}))
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rows[0]["state"] == f"PENDING (held: scontrol release {job})" and not rows[0]["active"], table
+    assert rc == 1, table
+
+
 def test_a_run_started_with_plain_sbatch_is_not_trained_into_twice(slurm_cluster, jobs, tmp_path):
     """status.json names the job that trains the run: submit and train refuse the folder while it is queued or
     running, and status asks Slurm about it (no guess)."""

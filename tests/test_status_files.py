@@ -367,3 +367,24 @@ def test_a_jobs_error_from_its_err_files_when_the_run_wrote_none(tmp_path):
     err(2, "[2026-12-03 11:03:30 WARNING rank 2] x\nallconv-hpc: error: run folder /r is busy\n")
     assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}) == "rank 2: run folder /r is busy"
     assert status._job_error({"job_id": "8", "submitit_folder": str(sub)}) is None
+
+
+def test_a_sweep_folder_without_its_sweep_json_is_no_run(tmp_path, capsys):
+    """A sweep folder copied without sweep.json holds .submit.lock and point folders: not a run of its own."""
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "seed=0", "completed")
+    (sweep / ".submit.lock").touch()
+    assert status.status_main([str(sweep)]) == 2
+    assert "is neither a run folder" in capsys.readouterr().err
+
+
+def test_wait_ends_with_the_failed_runs_error(tmp_path, capsys):
+    """`submit --wait` (status.wait_for) prints, under its last table, why a failed run failed, as `status` does."""
+    p = subprocess.Popen(["true"])  # the job's controller, gone
+    p.wait()
+    sub, job = tmp_path / "sub", str(p.pid)
+    run = write_run(tmp_path / "run", None, job=job, backend="local", submitit_folder=str(sub))
+    (sub / job).mkdir(parents=True)
+    (sub / job / f"{job}_0_log.err").write_text("allconv-hpc: error: downloading CIFAR-10 failed (URLError)\n")
+    assert within(20, status.wait_for, run, poll_s=0.01) == 1
+    assert capsys.readouterr().out.rstrip().endswith("run: rank 0: downloading CIFAR-10 failed (URLError)")

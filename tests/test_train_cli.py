@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from allconv_hpc.config import from_dict
 from allconv_hpc.models import build_model, count_parameters
 from allconv_hpc.tracking import EVAL_KEYS, HISTORY_FIELDS, read_history
 from allconv_hpc.wandb_offline import merged_history, read_run, segments
-from proc import clean_env
+from proc import PY, clean_env
 
 HEADER = "epoch,step,lr,train_loss,train_acc,val_loss,val_acc,epoch_seconds,images_per_second"
 FAKE_KEY = "local-fakekey0123456789abcdef0123456789abcdef0123456789abcd"
@@ -345,3 +346,15 @@ def test_train_log_drops_submitits_sigcont_warning_only(tmp_path):
     log = (tmp_path / "train.log").read_text()
     assert "SIGCONT" not in log + r.stderr
     assert "Bypassing signal SIGTERM" in log and "Bypassing sacct error x" in log and "SIGTERM" in r.stderr
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path):
+    """`allconv-hpc submit ... | head -2`: the reader leaves early; the command ends quietly (141, as SIGPIPE)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([PY, "-m", "allconv_hpc", "train", "--help"], stdout=w, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and p.stderr == "", p.stderr
