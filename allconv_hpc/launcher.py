@@ -191,6 +191,10 @@ def _need_word(c: dict, key: str, allowed: re.Pattern, chars: str) -> None:
     v = c.get(key)
     if v is None:
         return
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v):
+        joined = ",".join(map(str, v))  # 'cluster.exclude=[n1,n2]': Hydra's list, where sbatch takes one string
+        raise ConfigError(f"cluster.{key}={v!r} is a list; Slurm takes one comma-separated string: "
+                          f"'cluster.{key}=\"{joined}\"'")
     if isinstance(v, bool) or not isinstance(v, (str, int)) or not allowed.fullmatch(str(v)):
         raise ConfigError(f"cluster.{key}={v!r} is not allowed in an sbatch option: use only letters, digits "
                           f"and {chars}")
@@ -680,9 +684,9 @@ def _over_partition(cluster: dict, where: str, features: bool) -> list[str]:
     sinfo does not tell (the caller then names every key)."""
     from .preempt import parse_slurm_time, slurm_out
 
-    out = slurm_out(["sinfo", "-h", "-o", "%P|%D|%c|%m|%l|%f"])
+    out = slurm_out(["sinfo", "-h", "-o", "%P|%D|%c|%m|%l|%f|%N"])
     part = cluster.get("partition")
-    rows = [ln.split("|") for ln in (out or "").splitlines() if ln.count("|") == 5]
+    rows = [ln.split("|") for ln in (out or "").splitlines() if ln.count("|") == 6]
     rows = [r for r in rows if (r[0].rstrip("*") == str(part) if part is not None else r[0].endswith("*"))]
     if not rows:
         return []
@@ -691,6 +695,17 @@ def _over_partition(cluster: dict, where: str, features: bool) -> list[str]:
     over = []
     if cluster["nodes"] > nodes:
         over.append(f"cluster.nodes={cluster['nodes']} but {where} has {nodes} node(s): use cluster.nodes<={nodes}")
+    elif cluster.get("exclude") is not None:
+        from .distributed import expand_hostlist
+        try:
+            names = {n for r in rows for n in expand_hostlist(r[6])}
+            left = names - set(expand_hostlist(str(cluster["exclude"])))
+        except ValueError:  # a host list we cannot read: sinfo's word stands
+            left = names = set()
+        if names and len(left) < cluster["nodes"]:
+            over.append(f"cluster.exclude={cluster['exclude']} leaves {len(left)} of the {len(names)} node(s) of "
+                        f"{where} ({', '.join(sorted(left)) or 'none'}) for cluster.nodes={cluster['nodes']}: exclude "
+                        f"fewer")
     need = cluster["tasks_per_node"] * cluster["cpus_per_task"]
     if need > cpus:
         over.append(f"cluster.tasks_per_node x cluster.cpus_per_task = {need} CPUs per node but the nodes of {where} "

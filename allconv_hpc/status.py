@@ -437,8 +437,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _errors(rows: list[dict]) -> str:
-    """Below the table: why each failed run failed, where it said."""
-    return "".join(f"\n{r['folder']}: {r['error']}" for r in rows if r["failed"] and r["error"])
+    """Below the table: why each failed run failed, where it said; how to go on with one stopped part-way."""
+    out = []
+    for r in rows:
+        if r["failed"] and r["error"]:
+            out.append(f"{r['folder']}: {r['error']}")
+        elif not r["active"] and r["run"] in ("interrupted", "running", "requeued"):  # scancel, a kill, a time limit
+            out.append(f"{r['folder']}: stopped at epoch {r['epoch']}; the same submit (or train) command resumes "
+                       f"it from its newest checkpoint")
+    return "".join(f"\n{line}" for line in out)
 
 
 def status_main(argv: list[str]) -> int:

@@ -753,6 +753,8 @@ def test_wait_tells_a_stopped_run_from_a_completed_one(tmp_path, on_path, capsys
     assert status.run_rows(run)[0]["state"] == "INTERRUPTED"
     assert status.status_main([str(run)]) == 0  # status: nothing failed
     assert status.wait_for(run, poll_s=0.01) == status.EXIT_STOPPED == 3  # --wait: not done either
+    assert capsys.readouterr().out.rstrip().endswith(
+        "run: stopped at epoch 1/3; the same submit (or train) command resumes it from its newest checkpoint")
 
 
 def test_no_answer_from_slurm_is_not_lost(tmp_path, on_path):
@@ -1028,3 +1030,11 @@ def test_submitting_a_run_that_diverged_warns_it_will_likely_diverge_again(tmp_p
     assert f"warning: {run} stopped on a non-finite loss at step 56; its job resumes" in err, err
     launcher.plan(["cluster=local", *TINY, "checkpoint.resume=never", f"hydra.run.dir={run}"], multirun=False)
     assert "non-finite" not in capsys.readouterr().err  # starting over is the fix
+
+
+def test_a_list_where_slurm_takes_one_string_says_how_to_write_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"cluster.exclude=\['n1', 'n2'\] is a list; Slurm takes one comma-separated "
+                                          r"string: 'cluster.exclude=\"n1,n2\"'"):
+        launcher.plan(["cluster=slurm", *TINY, "cluster.exclude=[n1,n2]", f"hydra.run.dir={tmp_path / 'r'}"],
+                      multirun=False)
+    assert compose(["cluster=slurm", *TINY, 'cluster.exclude="n1,n2"']).cluster["exclude"] == "n1,n2"  # as told

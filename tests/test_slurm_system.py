@@ -574,11 +574,12 @@ NEVER = {
     "feature": (["cluster.constraint=nosuchfeature"], "cluster.constraint=nosuchfeature names features the nodes of "
                 "partition low lack"),
     "sweep": (["-m", "seed=0,1", "cluster.cpus_per_task=64"], "use cluster.cpus_per_task<=2"),
-    # every node of the partition excluded: sinfo has no limit to name, so the message names the keys
+    # every node of the partition excluded, or too many for the nodes asked for: the message says so
     "exclude": (['cluster.exclude="n1,n2"'], "not on n1,n2 (sbatch --test-only: allocation failure: Requested node "
-                "configuration is not available); lower "
-                "cluster.nodes, cluster.tasks_per_node, cluster.cpus_per_task, cluster.gpus_per_node, cluster.mem_gb or "
-                "cluster.timeout_min, or fix cluster.constraint or cluster.exclude"),
+                "configuration is not available); cluster.exclude=n1,n2 leaves 0 of the 2 node(s) of partition low "
+                "(none) for cluster.nodes=1: exclude fewer"),
+    "exclude_range": (['cluster.exclude="n[2]"', "cluster.nodes=2"], "cluster.exclude=n[2] leaves 1 of the 2 "
+                      "node(s) of partition low (n1) for cluster.nodes=2: exclude fewer"),
 }
 
 
