@@ -53,8 +53,11 @@ def print_config(overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # a broken pipe in training (a W&B socket) is a failure to report, not a `| head`
+        return _dispatch(argv)
     try:
-        code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        code = _dispatch(argv)
         sys.stdout.flush()  # here, not at exit, where a closed pipe could no longer be told apart
         return code
     except BrokenPipeError:  # `submit ... | head`: the reader left; what was asked is done, only output is lost
@@ -79,9 +82,8 @@ def _dispatch(argv: list[str]) -> int:
         try:
             from .train import run
             code = run(rest)
-        except KeyboardInterrupt:  # before the trainer catches it: in an import, the config, the data check
-            print("allconv-hpc: interrupted (Ctrl-C) during start-up, before training; nothing was written to the "
-                  "run's checkpoints", file=sys.stderr)
+        except KeyboardInterrupt:  # one train.run did not catch: a second Ctrl-C while it closes, say
+            print("allconv-hpc: interrupted (Ctrl-C); the run's newest checkpoint on disk stands", file=sys.stderr)
             return 130
         ignore_late_signals()
         return 0 if code == EXIT_REQUEUED else code  # back in the queue: nothing failed

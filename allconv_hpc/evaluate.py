@@ -75,17 +75,20 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+RUN_MARKS = ("checkpoints", "status.json", "submission.json", ".hydra")  # a sweep's point folder (not a sweep's own
+# .submit.lock, nor a checkpoints.oldN holding wandb_id.txt: runlock.holds_run answers "is this folder in use")
+
+
 def _run_folders(sweep: Path) -> list[Path]:
     """A sweep folder's point folders: sweep.json's run folders that exist (in sweep order), else its
     subfolders that look like runs; those holding checkpoints first (the ones evaluate can score)."""
     from .fsio import read_json
-    from .runlock import holds_run
 
     doc = read_json(sweep / "sweep.json")  # {} when missing or damaged: the subfolders still tell
     jobs = doc.get("jobs") if isinstance(doc, dict) and isinstance(doc.get("jobs"), list) else []
     listed = [sweep / Path(j["run_dir"]).name for j in jobs if isinstance(j, dict) and isinstance(j.get("run_dir"), str)]
     found = [d for d in listed if d.is_dir()] or sorted(
-        d for d in sweep.iterdir() if d.is_dir() and holds_run(d))
+        d for d in sweep.iterdir() if d.is_dir() and any((d / f).exists() for f in RUN_MARKS))
     return sorted(found, key=lambda d: not (d / "checkpoints").is_dir())  # stable: sweep order kept
 
 
@@ -120,10 +123,11 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         if which == "best" and there:  # best.pt comes with the first finished epoch
             raise ConfigError(f"no best.pt in {run / 'checkpoints'}: no epoch has finished yet (it holds "
                               f"{', '.join(there)}); use --checkpoint last")
-        if not there:  # a run whose job has not trained yet (pending, cancelled before it started)
+        from .runlock import holds_run
+        if not there and which in ("best", "last") and holds_run(run):  # its job has not trained yet (pending...)
             raise ConfigError(f"{run} has no checkpoint yet: its run has not saved one (allconv-hpc status {run} "
                               f"shows how far it got)")
-        raise ConfigError(f"no checkpoint {path} (checkpoints/ holds {', '.join(there)}); use "
+        raise ConfigError(f"no checkpoint {path} (checkpoints/ holds {', '.join(there) or 'nothing'}); use "
                           f"--checkpoint best, last or a file's path")
     return path
 

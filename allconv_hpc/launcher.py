@@ -191,7 +191,8 @@ def _need_word(c: dict, key: str, allowed: re.Pattern, chars: str) -> None:
     v = c.get(key)
     if v is None:
         return
-    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v):
+    if (key in ("exclude", "partition") and isinstance(v, (list, tuple)) and v  # sbatch takes "a,b" for these
+            and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v)):
         joined = ",".join(map(str, v))  # 'cluster.exclude=[n1,n2]': Hydra's list, where sbatch takes one string
         raise ConfigError(f"cluster.{key}={v!r} is a list; Slurm takes one comma-separated string: "
                           f"'cluster.{key}=\"{joined}\"'")
@@ -448,12 +449,18 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
 
 def _warn_diverged(run_dir: Path, cfg) -> None:
     """A run that stopped on a non-finite loss resumes the checkpoint it diverged after: said before it queues."""
+    from .checkpoint import CheckpointDir
     st = read_json(run_dir / "status.json")
-    if (cfg.checkpoint.resume != "never" and st.get("state") == "failed"
-            and str(st.get("error", "")).startswith("non-finite")):
-        _warn(f"{run_dir} stopped on a non-finite loss at step {st.get('global_step', '?')}; its job resumes the "
-              f"newest checkpoint kept and will likely diverge again: lower optim.lr in a new hydra.run.dir (for a "
-              f"sweep, hydra.sweep.dir), or add checkpoint.resume=never to start it over (the old run is kept)")
+    if (not isinstance(st, dict) or cfg.checkpoint.resume == "never" or st.get("state") != "failed"
+            or not str(st.get("error", "")).startswith("non-finite")):
+        return
+    if CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).exists():
+        what = "its job resumes the newest checkpoint kept and will likely diverge again"
+    else:  # it diverged before its first checkpoint: the job starts over with the same config
+        what = "it diverged before its first checkpoint, and its job starts over with the same config"
+    _warn(f"{run_dir} stopped on a non-finite loss at step {st.get('global_step', '?')}; {what}: lower optim.lr in "
+          f"a new hydra.run.dir (for a sweep, hydra.sweep.dir), or add checkpoint.resume=never to start it over (the "
+          f"old run is kept)")
 
 
 def free_ports(n: int) -> list[int]:

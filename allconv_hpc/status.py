@@ -320,9 +320,11 @@ def _job_error(rec: dict) -> Optional[str]:
     """Why a job failed when its run wrote no error (it stopped before its trainer started: a node without the
     data, a rank's rendezvous): from its tasks' .err files, a rank's own refusal first, since the others' errors
     (a rendezvous that timed out waiting for it) follow from it."""
+    if not rec.get("submitit_folder"):  # started with sbatch by hand: its logs are where its script says
+        return None
     job = str(rec["job_id"])
     found = {}
-    for path in (Path(rec.get("submitit_folder", "")) / job).glob(f"{job}_*_log.err"):
+    for path in (Path(rec["submitit_folder"]) / job).glob(f"{job}_*_log.err"):
         task = path.name[len(job) + 1:].split("_")[0]
         if task.isdigit():
             found[int(task)] = _task_errors(path)
@@ -332,6 +334,16 @@ def _job_error(rec: dict) -> Optional[str]:
                 said = found[task][kind]  # the batch script's own line (cluster.setup) is no rank's
                 return said if said.startswith((f"rank {task}:", "cluster.setup")) else f"rank {task}: {said}"
     return None
+
+
+def _never_started(rec: dict) -> bool:
+    """The job's submitit folder holds what submit wrote (its script, its pickle) and no log of a task: Slurm (or
+    the local controller) never started it. False when that cannot be told (no folder, sbatch by hand)."""
+    if not rec.get("submitit_folder"):
+        return False
+    job = str(rec["job_id"])
+    folder = Path(rec["submitit_folder"]) / job
+    return folder.is_dir() and not any(folder.glob(f"{job}_*_log.*"))
 
 
 def run_rows(folder: Path) -> list[dict]:
@@ -373,7 +385,7 @@ def run_rows(folder: Path) -> list[dict]:
             setup_log = Path(rec.get("submitit_folder", "")) / f"setup-{rec.get('job_id')}.log"  # launcher._local_setup
             if rec.get("backend") == "local" and not st and setup_log.is_file() and setup_log.stat().st_size:
                 state = f"LOST (never started: cluster.setup failed? see {setup_log})"
-            elif (not st or not current) and not (run_dir / "train.log").exists():  # e.g. scancelled while pending
+            elif _never_started(rec):  # e.g. an array task scancelled while pending
                 state = "LOST (never started)"
         elif state is None:  # Slurm forgot the job (MinJobAge) and no accounting: the run folder decides
             # the run's own word, marked apart from Slurm's states of the same name where it is a guess
@@ -442,7 +454,8 @@ def _errors(rows: list[dict]) -> str:
     for r in rows:
         if r["failed"] and r["error"]:
             out.append(f"{r['folder']}: {r['error']}")
-        elif not r["active"] and r["run"] in ("interrupted", "running", "requeued"):  # scancel, a kill, a time limit
+        elif (not r["active"] and r["run"] in ("interrupted", "running", "requeued")  # scancel, a kill, a time limit
+              and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
             out.append(f"{r['folder']}: stopped at epoch {r['epoch']}; the same submit (or train) command resumes "
                        f"it from its newest checkpoint")
     return "".join(f"\n{line}" for line in out)

@@ -43,15 +43,14 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 def run(overrides: list[str], submitted: bool = False) -> int:
     """The whole training process for this rank; returns the exit status. `submitted`: started by
     `allconv-hpc submit`, which read the cluster.* overrides itself."""
-    from .checkpoint import CheckpointError, check_resume
-    from .compose import check_run_dir, compose, pin_data_root, write_hydra_files
-    from .data import check_present
-    from .distributed import DistributedError, detect_env
-    from .runlock import acquire, check_free
-    from .status import other_jobs_state, stop_command
-    from .tracking import preflight_mode
-
     try:
+        from .checkpoint import CheckpointError, check_resume  # torch: the slow imports, inside the Ctrl-C guard
+        from .compose import check_run_dir, compose, pin_data_root, write_hydra_files
+        from .data import check_present
+        from .distributed import DistributedError, detect_env
+        from .runlock import acquire, check_free
+        from .status import other_jobs_state, stop_command
+        from .tracking import preflight_mode
         if {"-m", "--multirun"} & set(overrides):
             raise ConfigError("train runs one config; a sweep is `allconv-hpc submit -m ...` (with cluster=local "
                               "it runs on this machine)")
@@ -77,6 +76,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     except ConfigError as e:
         print(f"allconv-hpc: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted_in_start_up()
     from .preempt import catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
     from .trainer import NonFiniteError, Trainer, check_launch
@@ -99,6 +100,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         print(f"allconv-hpc: error: cannot write the run folder {composed.run_dir} ({e}); give a writable "
               f"hydra.run.dir", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted_in_start_up()
     if env.is_main:
         log.info("run folder %s", composed.run_dir)
         ignored = [o for o in overrides if o.lstrip("+~").startswith(("cluster.", "cluster="))]
@@ -159,6 +162,12 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     finally:
         if trainer is not None:
             trainer.close(exit_code=code)
+
+
+def _interrupted_in_start_up() -> int:
+    print("allconv-hpc: interrupted (Ctrl-C) during start-up, before training; nothing was written to the run's "
+          "checkpoints", file=sys.stderr)
+    return 130
 
 
 def _run_folder_file(e: BaseException, run_dir: Path) -> Optional[str]:

@@ -380,7 +380,10 @@ class Trainer:
         start is a new W&B run, not steps 1.. again. Its .hydra/ (its config, which this run's replaces once
         set up) goes along."""
         if self.env.is_main:
-            also = [self.run_dir / name for name in (ID_FILE, HISTORY_FILE, STEPS_FILE, ".hydra")]
+            also = [self.run_dir / name for name in (ID_FILE, HISTORY_FILE, STEPS_FILE)]
+            kept = self.ckpt.folder.is_dir() and any(self.ckpt.folder.iterdir())
+            if kept or any(p.exists() for p in also):  # only .hydra/ (a start that died before its first write): no oldN
+                also.append(self.run_dir / ".hydra")
             moved = self.ckpt.move_aside(also=also)
             if moved:
                 log.warning("%s: the old run's checkpoints, history.csv, .hydra/ and W&B id are kept in %s; this "

@@ -195,3 +195,5 @@ def test_a_run_without_any_checkpoint_says_so_and_points_at_status(tmp_path):
     with pytest.raises(ConfigError, match=rf"{run} has no checkpoint yet: its run has not saved one \(allconv-hpc "
                                           rf"status {run} shows how far it got\)"):
         evaluate(run, "best")
+    with pytest.raises(ConfigError, match=rf"no checkpoint {tmp_path}/x.pt \(checkpoints/ holds nothing\)"):
+        evaluate(run, str(tmp_path / "x.pt"))  # a file asked for by name: named

@@ -736,8 +736,7 @@ def test_status_works_without_accounting(tmp_path, on_path, capsys):
     assert (rows[0]["state"], rows[0]["restarts"]) == ("RUNNING", 1)
 
 
-@pytest.mark.parametrize("run_state,state,rc", [("running", "LOST", 1), ("requeued", "LOST", 1),
-                                                (None, "LOST (never started)", 1),
+@pytest.mark.parametrize("run_state,state,rc", [("running", "LOST", 1), ("requeued", "LOST", 1), (None, "LOST", 1),
                                                 ("completed", "COMPLETED", 0), ("gave_up", "FAILED", 1)])
 def test_a_job_slurm_forgot_is_lost_unless_the_run_finished(tmp_path, on_path, capsys, run_state, state, rc):
     run = write_run(tmp_path, run_state)
@@ -745,6 +744,27 @@ def test_a_job_slurm_forgot_is_lost_unless_the_run_finished(tmp_path, on_path, c
     assert status.run_rows(run)[0]["state"] == state
     assert status.status_main([str(run)]) == rc
     assert status.wait_for(run, poll_s=0.01) == rc  # ends at once: no endless RUNNING?
+
+
+def test_a_forgotten_job_that_left_no_task_log_never_started(tmp_path, on_path):
+    """An array task scancelled while pending: its submitit folder holds what submit wrote, no task's log."""
+    sub = tmp_path / "sub"
+    run = write_run(tmp_path, None, job="7_2", submitit_folder=str(sub))
+    (sub / "7_2").mkdir(parents=True)
+    (sub / "7_2" / "7_submission.sh").write_text("#!/bin/bash\n")
+    on_path(squeue=FORGOTTEN, sacct=NO_ACCOUNTING, scontrol=FORGOTTEN)
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("LOST (never started)", True), row
+    (sub / "7_2" / "7_2_0_log.out").write_text("submitit INFO - Starting\n")  # it started: killed without a word
+    assert status.run_rows(run)[0]["state"] == "LOST"
+
+
+def test_a_held_job_is_not_told_to_be_resubmitted(tmp_path, on_path, capsys):
+    run = write_run(tmp_path, "requeued")  # requeuehold: its run checkpointed and waits to be released
+    on_path(squeue="echo PENDING JobHeldUser", sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=1'")
+    assert status.status_main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "PENDING (held: scontrol release 42)" in out and "resumes it" not in out, out
 
 
 def test_wait_tells_a_stopped_run_from_a_completed_one(tmp_path, on_path, capsys):
@@ -1025,6 +1045,8 @@ def test_submitting_a_run_that_diverged_warns_it_will_likely_diverge_again(tmp_p
     run.mkdir()
     (run / "status.json").write_text(json.dumps({"state": "failed", "global_step": 56, "error": "non-finite loss in "
                                                  "epoch 7 (train loss 5.3e+12, val loss nan); ..."}))
+    mine = compose(["cluster=local", *TINY]).cfg
+    CheckpointDir(run / "checkpoints", keep=2).save({"identity": mine.identity(), "train_state": {"epoch": 0}}, step=56)
     launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)
     err = capsys.readouterr().err
     assert f"warning: {run} stopped on a non-finite loss at step 56; its job resumes" in err, err
@@ -1038,3 +1060,14 @@ def test_a_list_where_slurm_takes_one_string_says_how_to_write_it(tmp_path):
         launcher.plan(["cluster=slurm", *TINY, "cluster.exclude=[n1,n2]", f"hydra.run.dir={tmp_path / 'r'}"],
                       multirun=False)
     assert compose(["cluster=slurm", *TINY, 'cluster.exclude="n1,n2"']).cluster["exclude"] == "n1,n2"  # as told
+
+
+def test_a_diverged_run_with_a_damaged_or_checkpointless_record_is_said_right(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text("[]")  # not a record: no warning, no traceback
+    launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)
+    assert "non-finite" not in capsys.readouterr().err
+    (run / "status.json").write_text(json.dumps({"state": "failed", "global_step": 3, "error": "non-finite loss"}))
+    launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)
+    assert "it diverged before its first checkpoint, and its job starts over" in capsys.readouterr().err

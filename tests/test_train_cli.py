@@ -349,11 +349,11 @@ def test_train_log_drops_submitits_sigcont_warning_only(tmp_path):
 
 
 def test_output_into_a_closed_pipe_is_no_traceback(tmp_path):
-    """`allconv-hpc submit ... | head -2`: the reader leaves early; the command ends quietly (141, as SIGPIPE)."""
+    """`allconv-hpc status ... | head -2`: the reader leaves early; the command ends quietly (141, as SIGPIPE)."""
     r, w = os.pipe()
     os.close(r)
     try:
-        p = subprocess.run([PY, "-m", "allconv_hpc", "train", "--help"], stdout=w, stderr=subprocess.PIPE, text=True,
+        p = subprocess.run([PY, "-m", "allconv_hpc", "--help"], stdout=w, stderr=subprocess.PIPE, text=True,
                            timeout=60)
     finally:
         os.close(w)
