@@ -819,6 +819,10 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
                     jobs = [ex.submit(c) for c in calls]
     except (FailedJobError, FailedSubmissionError) as e:
         raise sbatch_refused(_sbatch_said(str(e))) from None
+    finally:
+        with contextlib.suppress(OSError):  # submitit makes the folder template itself, "%j" unreplaced, empty
+            # (cluster=local: its controller makes it again, in the background)
+            (base / ".submitit" / "%j").rmdir()
     records = []
     for p, j in zip(points, jobs):
         p.run_dir.mkdir(parents=True, exist_ok=True)

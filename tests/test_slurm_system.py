@@ -458,6 +458,7 @@ def test_a_node_without_the_data_fails_the_job_and_status_names_it(slurm_cluster
     assert rc == 1 and rows[0]["state"] == "FAILED", table
     assert rows[0]["error"].startswith(f"rank 1: CIFAR-10 not found: expected {tmp_path}/d1/cifar-10-batches-py "), table
     assert f"{run.name}: rank 1: CIFAR-10 not found" in table, table
+    assert not (run / ".submitit" / "%j").exists()  # no empty template folder left
 
 
 def sbatch_plain(slurm_cluster, jobs, tmp_path, epochs: int) -> tuple[Path, str]:
