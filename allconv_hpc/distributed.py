@@ -8,10 +8,13 @@ never meets the rendezvous of its previous life; cluster=local derives it from i
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -202,8 +205,9 @@ class Dist:
         timeout = datetime.timedelta(seconds=self.timeout_s)
         kw = {"device_id": device} if backend == "nccl" else {}
         try:
-            dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                    timeout=timeout, **kw)
+            with _stops_at_once():
+                dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                        timeout=timeout, **kw)
         except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
             where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
@@ -326,6 +330,27 @@ class Dist:
 # lower case; e.g. gloo's "Application timeout caused pair closure" when a peer hangs during backward
 _COMM_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "pair closure",
                  "processgroup")
+
+
+@contextlib.contextmanager
+def _stops_at_once():
+    """SIGTERM, SIGINT and SIGHUP end the process at once while it waits for its peers: the wait is in C++, where
+    Python's handlers (preempt.catch_early's flag, Ctrl-C's KeyboardInterrupt) would only run after the timeout,
+    and nothing has been trained since this start, so nothing is lost. A signal ignored (nohup) stays ignored;
+    Slurm's warning signal stays recorded for the first step (a requeue)."""
+    stops = [s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from the main thread
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in stops}
+    for s, h in saved.items():
+        if h is not signal.SIG_IGN:
+            signal.signal(s, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def is_comm_error(text: str) -> bool:

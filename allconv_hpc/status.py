@@ -374,7 +374,8 @@ def run_rows(folder: Path) -> list[dict]:
             state = {True: "RUNNING", False: "FAILED"}.get(held, "UNKNOWN")
             active = bool(held)
             if held is False:  # its error is in train.log (a failed download, a damaged data file)
-                st = {"error": _last_error(run_dir) or "ended before its first status record; see train.log"}
+                st = {"error": _last_error(run_dir) or "ended before its first status record; see train.log, and for "
+                                                         "another rank's error its own output (torchrun's console)"}
                 current = True
         elif held and state not in ACTIVE_STATES:  # a train by hand resumed the run after its job ended
             state, active, no_answer, ended = "RUNNING", True, False, False
@@ -456,8 +457,8 @@ def _errors(rows: list[dict]) -> str:
             out.append(f"{r['folder']}: {r['error']}")
         elif (not r["active"] and r["run"] in ("interrupted", "running", "requeued")  # scancel, a kill, a time limit
               and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
-            out.append(f"{r['folder']}: stopped at epoch {r['epoch']}; the same submit (or train) command resumes "
-                       f"it from its newest checkpoint")
+            out.append(f"{r['folder']}: stopped with epoch {r['epoch']} done (step {r['step']}); the same submit (or "
+                       f"train) command resumes it from its newest checkpoint")
     return "".join(f"\n{line}" for line in out)
 
 

@@ -74,7 +74,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         check_present(composed.cfg.data)
         preflight_mode(composed.cfg.wandb.mode)  # a bad WANDB_MODE, or online with no key: before any work
     except ConfigError as e:
-        print(f"allconv-hpc: error: {e}", file=sys.stderr)
+        print(f"allconv-hpc: error: {_rank_tag()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return _interrupted_in_start_up()
@@ -94,7 +94,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             check_free(composed.run_dir, group=group)
         setup_logging(composed.run_dir, env.rank)
     except (DistributedError, ConfigError) as e:  # every rank fails alike, before the rendezvous
-        print(f"allconv-hpc: error: {e}", file=sys.stderr)
+        print(f"allconv-hpc: error: {_rank_tag()}{e}", file=sys.stderr)
         return 2
     except OSError as e:  # check_run_dir passed, yet the folder or train.log cannot be made (a race, a quota)
         print(f"allconv-hpc: error: cannot write the run folder {composed.run_dir} ({e}); give a writable "
@@ -162,6 +162,17 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     finally:
         if trainer is not None:
             trainer.close(exit_code=code)
+
+
+def _rank_tag() -> str:
+    """'rank N: ' in a launch of several ranks, whose errors share one console (torchrun) or are read side by side
+    (status, from each task's .err): a refusal on one node only (its data missing) says whose it is."""
+    from .distributed import DistributedError, detect_env
+    try:
+        env = detect_env()
+    except DistributedError:
+        return ""
+    return f"rank {env.rank}: " if env.world_size > 1 else ""
 
 
 def _interrupted_in_start_up() -> int:

@@ -142,3 +142,25 @@ def test_a_rendezvous_port_held_by_another_program_is_named_with_the_fix(tmp_pat
     assert r.returncode == 1, r.stderr[-2000:]
     assert (f"rank 0: port 127.0.0.1:{port} is already in use on this node (another job or program holds it); "
             f"submit again: it picks a free port") in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_rank_waiting_for_its_peers_stops_at_once_on_a_signal(tmp_path, sig):
+    """Rank 0 waits at the rendezvous for a rank that never comes: kill (or Ctrl-C) ends it at once, not
+    after dist.timeout_s; nothing was trained since this start, so nothing is lost."""
+    from proc import free_port
+    run = tmp_path / "run"
+    p = subprocess.Popen(train_cmd(run, TINY + ["dist.timeout_s=120"]), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True,
+                         env=clean_env(tmp_path, RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2,
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()))
+    try:
+        wait_for_line(run / "train.log", "run folder", timeout=60, proc=p)
+        time.sleep(2)  # into the rendezvous
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        p.wait(timeout=30)
+        waited = time.monotonic() - t0
+    finally:
+        p.kill()
+    assert p.returncode == -sig and waited < 10, (p.returncode, waited, p.stdout.read()[-2000:])

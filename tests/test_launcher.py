@@ -774,7 +774,8 @@ def test_wait_tells_a_stopped_run_from_a_completed_one(tmp_path, on_path, capsys
     assert status.status_main([str(run)]) == 0  # status: nothing failed
     assert status.wait_for(run, poll_s=0.01) == status.EXIT_STOPPED == 3  # --wait: not done either
     assert capsys.readouterr().out.rstrip().endswith(
-        "run: stopped at epoch 1/3; the same submit (or train) command resumes it from its newest checkpoint")
+        "run: stopped with epoch 1/3 done (step 0); the same submit (or train) command resumes it from its newest "
+        "checkpoint")
 
 
 def test_no_answer_from_slurm_is_not_lost(tmp_path, on_path):
@@ -999,6 +1000,8 @@ def test_a_rank_that_fails_before_the_rendezvous_is_named_by_status(tmp_path):
     assert row["error"].startswith(f"rank 1: CIFAR-10 not found: expected {tmp_path}/d1/cifar-10-batches-py "), row
     job = json.loads((run / "submission.json").read_text())["job_id"]
     assert "rendezvous with 2 ranks" in (run / ".submitit" / job / f"{job}_0_log.err").read_text()  # not shown
+    # the rank says whose refusal it is, also where several ranks share one console (torchrun)
+    assert "allconv-hpc: error: rank 1: CIFAR-10 not found" in (run / ".submitit" / job / f"{job}_1_log.err").read_text()
 
 
 def test_a_local_job_at_its_time_limit_says_to_submit_again(tmp_path):
