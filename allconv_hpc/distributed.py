@@ -206,8 +206,15 @@ class Dist:
         kw = {"device_id": device} if backend == "nccl" else {}
         try:
             with _stops_at_once():
-                dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                        timeout=timeout, **kw)
+                if env.source == "torchrun":
+                    # torchrun --max-restarts keeps one store for every attempt: gloo's full mesh would read the
+                    # failed attempt's addresses (connect refused); each attempt gets keys of its own
+                    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+                    kw["store"] = dist.PrefixStore(f"allconv/attempt{attempt}", store)
+                else:
+                    kw["init_method"] = "env://"
+                dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **kw)
         except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
             where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():

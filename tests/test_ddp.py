@@ -3,6 +3,7 @@ evaluation, a killed rank, and the uneven-batch error."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -164,3 +165,39 @@ def test_a_rank_waiting_for_its_peers_stops_at_once_on_a_signal(tmp_path, sig):
     finally:
         p.kill()
     assert p.returncode == -sig and waited < 10, (p.returncode, waited, p.stdout.read()[-2000:])
+
+
+def _worker_pid(rank: int, run: Path) -> int | None:
+    """The pid of this run's torchrun worker of `rank` (its environment names it)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env, cmd = environ.read_bytes().split(b"\0"), (environ.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"allconv_hpc" in cmd and str(run).encode() in cmd:  # not the agent
+            return int(environ.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_after_a_worker_dies(one_rank, tmp_path):
+    """torchrun --max-restarts=1: rank 1 SIGKILLed mid-training; torchrun restarts both workers, which join a
+    fresh rendezvous (keys of their own attempt: torch 2.14's gloo otherwise dials the dead attempt's ports),
+    resume from the newest checkpoint and end where the one-process run ends."""
+    run = tmp_path / "run"
+    cmd = train_cmd(run, EQUIV + ["checkpoint.every_steps=2", "dist.timeout_s=30"], nproc=2)
+    cmd.insert(cmd.index("--standalone") + 1, "--max-restarts=1")
+    p = subprocess.Popen(cmd, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(run / "train.log", "(global 5)", timeout=120, proc=p)
+        pid = _worker_pid(1, run)
+        assert pid, "no torchrun worker of rank 1"
+        os.kill(pid, signal.SIGKILL)
+        out, _ = p.communicate(timeout=240)
+    finally:
+        p.kill()
+    assert p.returncode == 0, out[-3000:]
+    log = (run / "train.log").read_text()
+    assert "resumed from" in log, log[-3000:]
+    assert [r["epoch"] for r in history(run)] == [r["epoch"] for r in history(one_rank)]
+    assert_same_weights(final_weights(run), final_weights(one_rank), exact=False)
