@@ -23,7 +23,8 @@ from .fsio import naming
 
 LOCK_FILE = ".train.lock"
 # what only this tool writes into a run folder (a project's root may hold wandb/, .hydra/ or a train.log of its
-# own): a folder holding one is a run's (train, submit, status and evaluate all go by it)
+# own): a folder holding one is a run's (compose.check_run_dir goes by it; status and evaluate ask narrower
+# questions: a sweep folder holds .submit.lock too)
 OWN_FILES = frozenset({"status.json", "checkpoints", "submission.json", ".submit.lock", LOCK_FILE, "wandb_id.txt",
                        "wandb_steps.jsonl"})
 NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a file system without flock

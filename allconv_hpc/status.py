@@ -272,13 +272,20 @@ def run_status(run_dir: Path) -> dict:
     return {} if st is None else check_keys(st, STATUS_KEYS, path)
 
 
+def _tail_lines(path: Path) -> Optional[list[str]]:
+    """The lines of a log's last 64 KiB (a long run's log is not read whole); None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            return f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+
+
 def _last_error(run_dir: Path) -> Optional[str]:
     """The last ERROR line of the run's train.log since its last start (in its tail), without the timestamp."""
-    try:
-        with open(run_dir / "train.log", "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
+    lines = _tail_lines(run_dir / "train.log")
+    if lines is None:
         return None
     error = None
     for line in lines:
@@ -296,15 +303,9 @@ _C10_ERROR = re.compile(r"^\[rank\d+\]:\[E\d{4} [^\]]*\] (.+)$")  # torch's C++ 
 def _task_errors(path: Path) -> tuple[Optional[str], Optional[str]]:
     """A job task's .err file (its tail): the last line this tool printed before exiting (a preflight error, a
     cluster.setup line that failed), and the last error logged or raised (a rendezvous timeout, a traceback)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None, None
     said = other = None
     traceback = False
-    for line in lines:
+    for line in _tail_lines(path) or []:
         if line.startswith("allconv-hpc: "):
             said = line.removeprefix("allconv-hpc: ").removeprefix("error: ")
         elif (m := _LOGGED_ERROR.match(line) or _C10_ERROR.match(line)) is not None:
@@ -320,11 +321,12 @@ def _job_error(rec: dict) -> Optional[str]:
     """Why a job failed when its run wrote no error (it stopped before its trainer started: a node without the
     data, a rank's rendezvous): from its tasks' .err files, a rank's own refusal first, since the others' errors
     (a rendezvous that timed out waiting for it) follow from it."""
-    if not rec.get("submitit_folder"):  # started with sbatch by hand: its logs are where its script says
+    folder = _job_folder(rec)
+    if folder is None:  # started with sbatch by hand: its logs are where its script says
         return None
-    job = str(rec["job_id"])
+    job = folder.name
     found = {}
-    for path in (Path(rec["submitit_folder"]) / job).glob(f"{job}_*_log.err"):
+    for path in folder.glob(f"{job}_*_log.err"):
         task = path.name[len(job) + 1:].split("_")[0]
         if task.isdigit():
             found[int(task)] = _task_errors(path)
@@ -336,14 +338,16 @@ def _job_error(rec: dict) -> Optional[str]:
     return None
 
 
+def _job_folder(rec: dict) -> Optional[Path]:
+    """The job's own folder of submitit files (.submitit/<job id>/), None for a job submit did not start."""
+    return Path(rec["submitit_folder"]) / str(rec["job_id"]) if rec.get("submitit_folder") else None
+
+
 def _never_started(rec: dict) -> bool:
     """The job's submitit folder holds what submit wrote (its script, its pickle) and no log of a task: Slurm (or
     the local controller) never started it. False when that cannot be told (no folder, sbatch by hand)."""
-    if not rec.get("submitit_folder"):
-        return False
-    job = str(rec["job_id"])
-    folder = Path(rec["submitit_folder"]) / job
-    return folder.is_dir() and not any(folder.glob(f"{job}_*_log.*"))
+    folder = _job_folder(rec)
+    return folder is not None and folder.is_dir() and not any(folder.glob(f"{folder.name}_*_log.*"))
 
 
 def run_rows(folder: Path) -> list[dict]:
