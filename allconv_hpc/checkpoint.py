@@ -137,11 +137,13 @@ class CheckpointDir:
     def save_best(self, state: dict) -> None:
         write_file(self.folder / "best.pt", state)
 
-    def load_latest(self, quarantine: bool = False, warn: bool = True) -> Optional[tuple[dict, Path]]:
+    def load_latest(self, quarantine: bool = False, warn: bool = True,
+                    folder_key: str = "hydra.run.dir") -> Optional[tuple[dict, Path]]:
         """The newest checkpoint that verifies; corrupt ones are skipped with a warning (unless not
         ``warn``: a look ahead of the trainer, which warns itself). With ``quarantine`` (the trainer
         resuming) skipped step files are renamed ``*.corrupt``: kept for a look, but out of the
-        rotation, where they would take a `keep` slot from the good files."""
+        rotation, where they would take a `keep` slot from the good files. ``folder_key``: the option
+        that places the run, named in the error (a sweep's points are placed by hydra.sweep.dir)."""
         # highest step first: a kill between writing step_N and relinking last.pt must not lose step N
         candidates = self.step_files() + [self.folder / "last.pt"]
         bad = []
@@ -173,7 +175,7 @@ class CheckpointDir:
         if bad:
             raise CheckpointError(f"every checkpoint in {self.folder} is unusable ({', '.join(p.name for p in bad)}); "
                                   f"rerun with checkpoint.resume=never to start fresh (they are moved to checkpoints.oldN/, "
-                                  f"not deleted), or give another hydra.run.dir")
+                                  f"not deleted), or give another {folder_key}")
         return None
 
     def move_aside(self, also: tuple[Path, ...] | list[Path] = ()) -> Optional[Path]:
@@ -243,18 +245,19 @@ class Writer:
                                   f"are kept (check free space and permissions of the run folder)") from error
 
 
-def check_resume(run_dir: Path, cfg) -> Optional[dict]:
+def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optional[dict]:
     """What resuming in run_dir would refuse, found before any work: a checkpoint of another config, a run
     already past cfg.trainer.epochs, checkpoint.resume=must with no checkpoint (ConfigError each). Returns
     the newest checkpoint's train_state, or None (no checkpoint, or resume=never: the old ones move aside).
-    CheckpointError when every checkpoint is unusable or one cannot be read."""
+    CheckpointError when every checkpoint is unusable or one cannot be read. ``folder_key``: the option
+    that places the run (hydra.sweep.dir for a sweep's point, where -m refuses hydra.run.dir)."""
     if cfg.checkpoint.resume == "never":
         return None
-    found = CheckpointDir(Path(run_dir) / "checkpoints", cfg.checkpoint.keep).load_latest(warn=False)
+    found = CheckpointDir(Path(run_dir) / "checkpoints", cfg.checkpoint.keep).load_latest(warn=False, folder_key=folder_key)
     if found is None:
         if cfg.checkpoint.resume == "must":
             raise ConfigError(f"checkpoint.resume=must but {Path(run_dir) / 'checkpoints'} holds no checkpoint")
         return None
     ts = found[0].get("train_state") or {}
-    cfg.check_resumable(found[0].get("identity", {}), run_dir, ts)
+    cfg.check_resumable(found[0].get("identity", {}), run_dir, ts, folder_key=folder_key)
     return ts

@@ -261,9 +261,11 @@ class Config:
         flat = _flatten(dataclasses.asdict(self))
         return {k: v for k, v in flat.items() if not resumable_change(k)}
 
-    def check_resumable(self, theirs: dict, run_dir, train_state: Optional[dict] = None) -> None:
+    def check_resumable(self, theirs: dict, run_dir, train_state: Optional[dict] = None,
+                        folder_key: str = "hydra.run.dir") -> None:
         """Refuse to resume a checkpoint whose identity (see `identity`) differs, naming each key, or
-        whose progress (``train_state``) is past ``trainer.epochs``: a run may grow, not shrink."""
+        whose progress (``train_state``) is past ``trainer.epochs``: a run may grow, not shrink.
+        ``folder_key``: the option the fix names (hydra.sweep.dir for a sweep's point)."""
         mine = self.identity()
         if theirs:  # a key added since the checkpoint was written: at the value that version behaved as
             theirs = {**{k: v for k, v in ADDED_KEYS.items() if k not in theirs}, **theirs}
@@ -271,7 +273,7 @@ class Config:
             diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
                     if mine.get(k) != theirs.get(k)]
             raise ConfigError(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
-                              f"another hydra.run.dir, or checkpoint.resume=never to start over (old checkpoints "
+                              f"another {folder_key}, or checkpoint.resume=never to start over (old checkpoints "
                               f"are kept)")
         if train_state:
             mid = bool(train_state.get("step_in_epoch", 0))
@@ -279,7 +281,7 @@ class Config:
             if self.trainer.epochs < begun:
                 raise ConfigError(f"trainer.epochs={self.trainer.epochs} but the run in {run_dir} has "
                                   f"{'begun' if mid else 'finished'} epoch {begun}; a run can grow, not shrink: use "
-                                  f"trainer.epochs >= {begun}, or another hydra.run.dir")
+                                  f"trainer.epochs >= {begun}, or another {folder_key}")
 
 
 # Keys a resume may change: where things run and how they are logged, not what is learned.

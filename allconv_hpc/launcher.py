@@ -435,10 +435,9 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         raise runlock.RunBusy(run_dir, who)
     from .checkpoint import CheckpointError, check_resume
     try:
-        ts = check_resume(run_dir, cfg)
+        ts = check_resume(run_dir, cfg, folder_key="hydra.sweep.dir" if sweep else "hydra.run.dir")
     except (CheckpointError, ConfigError) as e:  # every checkpoint unusable or unreadable, another config...
-        # ...: the job could only fail on it; a sweep's points are placed by hydra.sweep.dir (-m refuses run.dir)
-        raise ConfigError(str(e).replace("hydra.run.dir", "hydra.sweep.dir") if sweep else str(e)) from None
+        raise ConfigError(str(e)) from None  # ...: the job could only fail on it
     if ts is None:
         return None
     finished = read_json(run_dir / "status.json").get("state") == "completed"
