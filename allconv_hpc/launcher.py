@@ -25,7 +25,7 @@ from typing import Optional
 from .config import CLUSTER_KEYS, CPU_PRECISIONS, ConfigError, resumable_change
 from . import runlock
 from .fsio import read_json, write_atomic
-from .preempt import EXIT_REQUEUED, ignore_late_signals
+from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, ignore_late_signals
 
 # Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
 # quotes): letters, digits and the punctuation Slurm's own syntax uses, nothing a shell would act on.
@@ -473,6 +473,47 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
+# cluster=local has no `srun --kill-on-bad-exit`: submitit's local controller waits for every task. A rank that
+# fails leaves this behind to end its job's other ranks (the controller's other children) that have not ended
+# LOCAL_KILL_WAIT_S later. They usually end at once (their next collective fails on the closed connection); one
+# waiting at the rendezvous for the failed rank, or hung in its own code, would hold the job until
+# cluster.timeout_min. SIGKILL, as Slurm does after KillWait: checkpoints are written by rename, never half.
+LOCAL_KILL_WAIT_S = 10
+_REAPER = """
+import os, signal, subprocess, sys, time
+ppid, wait_s, pids = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+def alive():  # still the controller's children (a pid reused since is not)
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,stat="], capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines()]
+    return [r[0] for r in rows if len(r) == 3 and r[0] in pids and r[1] == ppid and not r[2].startswith("Z")]
+end = time.monotonic() + wait_s
+while alive() and time.monotonic() < end:
+    time.sleep(0.5)
+left = alive()
+for pid in left:
+    os.kill(int(pid), signal.SIGKILL)
+if left:
+    print(f"note: killed process(es) {', '.join(left)} of this job, still running {wait_s:g} s after this rank "
+          "failed (cluster=local has no srun --kill-on-bad-exit)", file=sys.stderr, flush=True)
+"""
+
+
+def end_local_peers() -> None:
+    """After this rank failed in a cluster=local job: end the job's other ranks that do not end by themselves
+    (see LOCAL_KILL_WAIT_S), from a process of its own, so that this one exits now and its peers see it go."""
+    ppid = str(os.getppid())
+    try:
+        out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, timeout=10).stdout
+        peers = [r[0] for r in (line.split() for line in out.splitlines())
+                 if len(r) == 2 and r[1] == ppid and r[0] != str(os.getpid())]
+        if peers:
+            subprocess.Popen([sys.executable, "-c", _REAPER, ppid, str(LOCAL_KILL_WAIT_S), *peers],
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    except (OSError, subprocess.SubprocessError) as e:  # never hide the rank's own failure
+        print(f"note: could not look for this job's other ranks to end them ({e}); a hung one holds the job "
+              f"until cluster.timeout_min", file=sys.stderr)
+
+
 class TrainJob:
     """The callable submitit pickles: runs `allconv-hpc train` in the job, one call per rank."""
 
@@ -493,8 +534,14 @@ class TrainJob:
             os.environ[LOCAL_PORT_ENV] = str(self.local_port)
         try:
             code = run(self.overrides, submitted=True)
+        except BaseException:
+            if self.local_port:
+                end_local_peers()
+            raise
         finally:
             ignore_late_signals(self.signal)
+        if self.local_port and code not in (0, EXIT_REQUEUED, EXIT_INTERRUPTED, EXIT_GAVE_UP):
+            end_local_peers()  # a failure (the stops above are agreed by all ranks, which leave together)
         if code == EXIT_REQUEUED:
             # back in the queue: leave without a result, or submitit would report the job done. SystemExit
             # passes through submitit's `except Exception` (core/submission.py), so no result is written.

@@ -4,6 +4,7 @@ the job), the default cluster, requeued jobs writing no result, and status with 
 (no accounting, a job Slurm has forgotten)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -982,7 +983,9 @@ def test_a_local_jobs_failed_setup_is_logged_in_the_run_folder(tmp_path):
 def test_a_rank_that_fails_before_the_rendezvous_is_named_by_status(tmp_path):
     """A node without the data (here: rank 1's data.root is missing) fails that rank before its trainer starts,
     so no status.json says why; `status` finds the rank's own error in its .err file, ahead of rank 0's
-    rendezvous timeout that follows from it, and calls the job FAILED, not LOST."""
+    rendezvous timeout that follows from it, and calls the job FAILED, not LOST. Rank 0, waiting at the
+    rendezvous, is ended LOCAL_KILL_WAIT_S after rank 1 failed (as srun --kill-on-bad-exit does), not after
+    dist.timeout_s."""
     from proc import PY, clean_env
     torch.manual_seed(0)
     x, y = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,))
@@ -992,16 +995,59 @@ def test_a_rank_that_fails_before_the_rendezvous_is_named_by_status(tmp_path):
     r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "--wait", "cluster=local", "cluster.tasks_per_node=2",
                         "cluster.cpus_per_task=1", *TINY, "data=cifar10", "data.train_size=null", "data.test_size=null",
                         f"data.root={tmp_path}/d${{oc.env:SUBMITIT_LOCAL_GLOBALID,0}}", "trainer.batch_size=20",
-                        "dist.timeout_s=10", f"hydra.run.dir={run}"],
+                        "dist.timeout_s=600", f"hydra.run.dir={run}"],
                        env=clean_env(tmp_path, PATH=path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     row = status.run_rows(run)[0]
     assert row["state"] == "FAILED" and row["failed"], row
     assert row["error"].startswith(f"rank 1: CIFAR-10 not found: expected {tmp_path}/d1/cifar-10-batches-py "), row
     job = json.loads((run / "submission.json").read_text())["job_id"]
-    assert "rendezvous with 2 ranks" in (run / ".submitit" / job / f"{job}_0_log.err").read_text()  # not shown
+    err0, err1 = ((run / ".submitit" / job / f"{job}_{t}_log.err").read_text() for t in (0, 1))
+    assert "rendezvous with 2 ranks" not in err0, err0[-2000:]  # killed while waiting, not timed out
     # the rank says whose refusal it is, also where several ranks share one console (torchrun)
-    assert "allconv-hpc: error: rank 1: CIFAR-10 not found" in (run / ".submitit" / job / f"{job}_1_log.err").read_text()
+    assert "allconv-hpc: error: rank 1: CIFAR-10 not found" in err1, err1[-2000:]
+    assert re.search(r"note: killed process\(es\) \d+ of this job, still running 10 s after this rank failed", err1)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_of_a_local_job_is_ended_with_it(tmp_path):
+    """cluster=local: rank 1 stops mid-training (SIGSTOP: hung in its own code, a stuck file system). Rank 0's
+    collective times out after dist.timeout_s and fails naming it; the hung rank is killed LOCAL_KILL_WAIT_S later,
+    so the job ends FAILED instead of holding on until cluster.timeout_min (submitit's controller waits for all)."""
+    from proc import PY, clean_env, wait_for_line
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "cluster=local", "cluster.tasks_per_node=2",
+                        "cluster.cpus_per_task=1", *TINY, "trainer.epochs=100000", "trainer.progress=log",
+                        "trainer.log_every_steps=1", "dist.timeout_s=10", f"hydra.run.dir={run}"],
+                       env=clean_env(tmp_path, PATH=path), stdout=(tmp_path / "submit.out").open("w"),
+                       stderr=subprocess.STDOUT, timeout=120, cwd=tmp_path)  # not a pipe: the job holds it
+    assert r.returncode == 0, (tmp_path / "submit.out").read_text()
+    controller = int(json.loads((run / "submission.json").read_text())["job_id"])
+
+    def alive(pid):
+        try:
+            return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return False
+    try:
+        wait_for_line(run / "train.log", "epoch 2 step", timeout=120)
+        rank1 = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and alive(p.name)
+                 and Path(p, "stat").read_text().rsplit(")", 1)[1].split()[1] == str(controller)
+                 and b"SUBMITIT_LOCAL_GLOBALID=1\0" in Path(p, "environ").read_bytes()]
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGSTOP)
+        t0 = time.monotonic()
+        while alive(controller) and time.monotonic() - t0 < 120:
+            time.sleep(0.5)
+        took = time.monotonic() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(controller, signal.SIGTERM)
+    assert not alive(rank1[0]) and not alive(controller), "the hung rank still holds the job"
+    assert took < 10 + 10 + 30, f"the job took {took:.0f} s to end"  # dist.timeout_s + LOCAL_KILL_WAIT_S + slack
+    row = status.run_rows(run)[0]
+    assert row["state"] == "FAILED" and "peer rank(s) 1 did not answer" in row["error"], row
 
 
 def test_a_local_job_at_its_time_limit_says_to_submit_again(tmp_path):
