@@ -23,7 +23,7 @@ import torch
 
 MAX_SHIFT = {"paper": 5, "seed": 3, "none": 0}
 KERAS_SHIFT_PX = 0.1 * 32  # width/height_shift_range=0.1 of a 32 px image
-_SEED_MASK = (1 << 63) - 1
+SEED_MASK = (1 << 63) - 1
 
 
 def mix_seed(seed: int, epoch: int) -> int:
@@ -32,7 +32,7 @@ def mix_seed(seed: int, epoch: int) -> int:
     1_000_003 is a prime far above any epoch count, so distinct (seed, epoch) pairs never collide.
     (data.TrainBatches mixes the shuffle order differently, so order and augmentation are independent.)
     """
-    return (seed * 1_000_003 + epoch) & _SEED_MASK
+    return (seed * 1_000_003 + epoch) & SEED_MASK
 
 
 def augment_mode_fill(mode: str) -> str:

@@ -39,6 +39,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class UnloadableCheckpoint(CheckpointError):
+    """The file is whole (its checksum holds) but this torch refuses it: never a reason to fall back."""
+
+
 def snapshot(obj: Any) -> Any:
     """A CPU copy of every tensor in a state tree (dicts, lists, tuples), so the live weights and
     buffers can change while it is written. From a GPU: one synchronous copy per tensor (~1 ms for
@@ -101,7 +105,14 @@ def decode(data: bytes, name: str = "checkpoint") -> dict:
     body, digest = data[:-TRAILER_LEN], data[-65:-1].decode(errors="replace")
     if hashlib.sha256(body).hexdigest() != digest:
         raise CheckpointError(f"{name}: checksum mismatch (corrupted)")
-    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    except Exception as e:  # the bytes are the ones written: another torch, or a type weights_only refuses
+        raise UnloadableCheckpoint(
+            f"{name} is intact (its checksum holds) but torch {torch.__version__} cannot load it "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); load it with the torch version that wrote it, "
+            f"or start over with checkpoint.resume=never (the old checkpoints "
+            f"are kept)") from None
 
 
 def load_file(path: Path) -> dict:
@@ -157,7 +168,9 @@ class CheckpointDir:
             except OSError as e:  # the file may be fine (EIO, ESTALE, permissions): never silently go back
                 raise CheckpointError(f"cannot read {path}: {e}; fix the file system problem and run again (or move "
                                       f"the file aside to resume from the one before)") from None
-            except Exception as e:  # CheckpointError, or torch refusing a damaged zip
+            except UnloadableCheckpoint:  # whole, so the newer progress is there: never silently go back either
+                raise
+            except CheckpointError as e:  # truncated or corrupted
                 if warn:
                     log.warning("skipping unusable checkpoint %s: %s", path, str(e).splitlines()[0][:200])
                 bad.append(path)
@@ -177,6 +190,10 @@ class CheckpointDir:
                                   f"rerun with checkpoint.resume=never to start fresh (they are moved to checkpoints.oldN/, "
                                   f"not deleted), or give another {folder_key}")
         return None
+
+    def nothing_to_resume(self) -> ConfigError:
+        """checkpoint.resume=must with no checkpoint here (submit's look ahead and the trainer say it alike)."""
+        return ConfigError(f"checkpoint.resume=must but {self.folder} holds no checkpoint")
 
     def move_aside(self, also: tuple[Path, ...] | list[Path] = ()) -> Optional[Path]:
         """For checkpoint.resume=never: keep the old run (never delete), start with an empty folder.
@@ -253,10 +270,11 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optio
     that places the run (hydra.sweep.dir for a sweep's point, where -m refuses hydra.run.dir)."""
     if cfg.checkpoint.resume == "never":
         return None
-    found = CheckpointDir(Path(run_dir) / "checkpoints", cfg.checkpoint.keep).load_latest(warn=False, folder_key=folder_key)
+    ckpt = CheckpointDir(Path(run_dir) / "checkpoints", cfg.checkpoint.keep)
+    found = ckpt.load_latest(warn=False, folder_key=folder_key)
     if found is None:
         if cfg.checkpoint.resume == "must":
-            raise ConfigError(f"checkpoint.resume=must but {Path(run_dir) / 'checkpoints'} holds no checkpoint")
+            raise ckpt.nothing_to_resume()
         return None
     ts = found[0].get("train_state") or {}
     cfg.check_resumable(found[0].get("identity", {}), run_dir, ts, folder_key=folder_key)

@@ -54,7 +54,8 @@ def print_config(overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # a broken pipe in training (a W&B socket) is a failure to report, not a `| head`
+    trains = argv[:1] == ["train"] and not {"-h", "--help", "--print-config"} & set(argv[1:])
+    if trains:  # a broken pipe in training (a W&B socket) is a failure to report, not a `| head`
         return _dispatch(argv)
     try:
         code = _dispatch(argv)

@@ -235,7 +235,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # numpy's seeds stop at 2**32, and the trainer's per-rank seeds (seed * 1_000_003 + rank) must fit torch's
+        # numpy's seeds stop at 2**32, and the trainer's per-rank seeds (seed * 1_000_003 + rank + 1) must fit torch's
         _check(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")
         _check(self.model.num_classes == self.data.num_classes,
                f"model.num_classes={self.model.num_classes} != data.num_classes={self.data.num_classes}")
@@ -362,12 +362,3 @@ def from_dict(d: dict) -> Config:
         _check(isinstance(sub, dict), f"config group {name!r} must be a mapping, got {sub!r}")
         sections[name] = _build(cls, sub, name + ".")
     return _build(Config, {**d, **sections}, "")
-
-
-def from_omegaconf(cfg) -> Config:
-    from omegaconf import OmegaConf
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # interpolation errors, missing values
-        raise ConfigError(f"config does not resolve: {e}") from None
-    return from_dict(plain)

@@ -73,7 +73,6 @@ _LAYOUTS = {
                         "fine_labels", "fine_label_names", 100,
                         (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-_SEED_MASK = (1 << 63) - 1
 
 
 def _layout(name: str) -> _Layout:
@@ -202,7 +201,7 @@ def _split_off(split: Split, size: int, seed: int, key: str, after: str = "") ->
     n = len(split)
     if size > n:
         raise DataError(f"data.{key}={size} is larger than the {n} images available{after}; use <= {n} or null for all")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed & _SEED_MASK))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed & aug.SEED_MASK))
     take, rest = perm[:size].sort().values, perm[size:].sort().values
     return Split(split.images[take], split.labels[take]), Split(split.images[rest], split.labels[rest])
 
@@ -262,7 +261,7 @@ def _synthetic_split(n: int, seed: int) -> Split:
     global colour statistics, so a CNN has to find the square: test_data's 3-conv CNN reaches ~90% in
     3 short epochs, not in the first few steps (the first version, colour alone, was solved at once).
     The deeper All-CNNs take longer, so the README's 3-epoch smoke run checks the plumbing only."""
-    g = torch.Generator().manual_seed(seed & _SEED_MASK)
+    g = torch.Generator().manual_seed(seed & aug.SEED_MASK)
     labels = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]  # counts differ by at most 1
     corner = _CORNERS[labels] + torch.randint(-2, 3, (n, 2), generator=g)
     ys = torch.arange(32).view(1, 32, 1)

@@ -157,7 +157,7 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
 
 
 def set_threads(requested: Optional[int], env: DistEnv) -> int:
-    """Ranks sharing a node split its cores; oversubscription halves gloo throughput (FACTS)."""
+    """Ranks sharing a node split its cores: more threads than cores makes the ranks contend for them."""
     try:
         cores = len(os.sched_getaffinity(0))  # already this task's own CPUs where Slurm pins tasks
     except AttributeError:  # not Linux

@@ -85,7 +85,7 @@ def _run_folders(sweep: Path) -> list[Path]:
     from .fsio import read_json
 
     doc = read_json(sweep / "sweep.json")  # {} when missing or damaged: the subfolders still tell
-    jobs = doc.get("jobs") if isinstance(doc, dict) and isinstance(doc.get("jobs"), list) else []
+    jobs = doc.get("jobs") if isinstance(doc.get("jobs"), list) else []
     listed = [sweep / Path(j["run_dir"]).name for j in jobs if isinstance(j, dict) and isinstance(j.get("run_dir"), str)]
     found = [d for d in listed if d.is_dir()] or sorted(
         d for d in sweep.iterdir() if d.is_dir() and any((d / f).exists() for f in RUN_MARKS))

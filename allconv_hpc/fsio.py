@@ -81,8 +81,10 @@ def _write_atomic(path: Path, data: Union[bytes, str, Callable[[BinaryIO], None]
 
 
 def read_json(path: Union[str, Path]) -> dict:
-    """A small JSON record (status.json, submission.json), or {} when it is missing or unreadable."""
+    """A small JSON record (status.json, submission.json), or {} when it is missing, unreadable or not an
+    object (a hand-edited `[]`)."""
     try:
-        return json.loads(Path(path).read_text())
+        doc = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+    return doc if isinstance(doc, dict) else {}

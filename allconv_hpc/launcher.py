@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .config import CLUSTER_KEYS, CPU_PRECISIONS, ConfigError, resumable_change
+from .config import CLUSTER_KEYS, ConfigError, resumable_change
 from . import runlock
 from .fsio import read_json, write_atomic
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, ignore_late_signals
@@ -450,7 +450,7 @@ def _warn_diverged(run_dir: Path, cfg) -> None:
     """A run that stopped on a non-finite loss resumes the checkpoint it diverged after: said before it queues."""
     from .checkpoint import CheckpointDir
     st = read_json(run_dir / "status.json")
-    if (not isinstance(st, dict) or cfg.checkpoint.resume == "never" or st.get("state") != "failed"
+    if (cfg.checkpoint.resume == "never" or st.get("state") != "failed"
             or not str(st.get("error", "")).startswith("non-finite")):
         return
     if CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).exists():

@@ -64,7 +64,7 @@ def _record_early(sig: int, frame) -> None:
 
 
 def catch_early(warn_signal: Optional[str] = None) -> None:
-    """Record the warning signal and SIGTERM from now on (a job's start: imports, data, model, W&B).
+    """Record the warning signal, SIGTERM and SIGHUP from now on (a job's start: imports, data, model, W&B).
 
     The CLI calls it first with no signal, before the heavy imports and before the config names
     one: then USR1 and USR2 are both caught. `train.run` calls it again with checkpoint.signal; an

@@ -250,7 +250,8 @@ def _scalar(v: Any) -> Any:
 
 
 class NullTracker:
-    """What ranks other than 0 get: every method of `Tracker`, doing nothing and writing nothing."""
+    """What ranks other than 0 get (and rank 0 for a run already completed): every method of `Tracker`, doing
+    nothing and writing nothing."""
 
     mode = "disabled"
     run_id: Optional[str] = None

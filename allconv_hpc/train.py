@@ -18,6 +18,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+        h.close()  # an earlier run's train.log in this process (a stream handler leaves its stream open)
     if rank == 0:
         fmt = logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +163,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     finally:
         if trainer is not None:
             trainer.close(exit_code=code)
+        elif lock_fd is not None:  # the trainer never took it (its rendezvous failed): this process keeps on
+            os.close(lock_fd)
 
 
 def _rank_tag() -> str:

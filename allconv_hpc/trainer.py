@@ -47,7 +47,7 @@ class NonFiniteError(RuntimeError):
 class Poll:
     """What all ranks agreed on at a step boundary (one host-side collective)."""
     warning: bool = False       # some rank got the warning signal (USR2: preemption or time limit ahead)
-    terminate: bool = False     # some rank got SIGTERM/SIGINT first: checkpoint and exit, no requeue
+    terminate: bool = False     # some rank got SIGTERM/SIGINT/SIGHUP first: checkpoint, exit, no requeue
     due: bool = False           # rank 0's clock says a timed checkpoint is due
 
     @property
@@ -107,7 +107,7 @@ def _set_rng_state(s: dict, device: torch.device) -> None:
 
 
 def classify_stop(agreed: Poll, slurm: SlurmJob, lead_s: float) -> str:
-    """interrupted (not in Slurm, or SIGTERM/SIGINT on any rank) | timeout | preempted."""
+    """interrupted (not in Slurm, or SIGTERM/SIGINT/SIGHUP on any rank) | timeout | preempted."""
     if not slurm.in_slurm or agreed.terminate:
         return "interrupted"
     return "timeout" if slurm.is_timeout(lead_s=lead_s) else "preempted"
@@ -182,10 +182,7 @@ class Trainer:
         self.batches = data_mod.TrainBatches(
             put(ds.train.images), ds.train.labels.to(self.device), t.batch_size, env.rank,
             env.world_size, cfg.seed, cfg.data.augment, ds.mean, ds.std, t.drop_last, t.channels_last)
-        self.steps_per_epoch = self.batches.steps_per_epoch
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"trainer.batch_size={t.batch_size} with drop_last leaves no step in an epoch of "
-                              f"{len(ds.train.labels)} images; lower the batch size")
+        self.steps_per_epoch = self.batches.steps_per_epoch  # >= 1: TrainBatches refuses a batch leaving none
 
         # model: identical init on every rank (DDP also broadcasts rank 0's weights)
         torch.manual_seed(cfg.seed)
@@ -270,7 +267,7 @@ class Trainer:
             raise CheckpointError(error)
         if path is None:
             if mode == "must":
-                raise ConfigError(f"checkpoint.resume=must but {self.ckpt.folder} holds no checkpoint")
+                raise self.ckpt.nothing_to_resume()
             # no checkpoint, yet epochs of an earlier run (its checkpoints were removed): starting over
             # would overwrite its history and best.pt and continue its W&B run with other metrics. A W&B
             # id alone is this run's own start before its first checkpoint: that one continues.
@@ -407,9 +404,9 @@ class Trainer:
                               f"diverged")
 
     def _check_finite(self) -> None:
-        bad = not bool(torch.isfinite(self.epoch_sums[0]).item())
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-        bad = self.dist.any(bad or not bool(finite))  # one device sync, not one per parameter
+        finite = torch.stack([torch.isfinite(self.epoch_sums[0]).all()]
+                             + [torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        bad = self.dist.any(not bool(finite))  # one device sync, not one per parameter
         if bad:
             raise self._diverged(f"non-finite loss or weights at global step {self.state.global_step} (epoch "
                                  f"{self.state.epoch + 1})")
@@ -722,6 +719,8 @@ class Trainer:
                             "by hand), and nothing requeues it: submit the same command again to resume (a larger "
                             "cluster.timeout_min runs longer)", signal.Signals(stop.received).name)
         self.write_status(decision, signal=signal.Signals(stop.received).name if stop.received else None)
+        # a refused requeue finished W&B with 0 above (it reads "finished", status.json "interrupted"): W&B's
+        # service had to end before the requeue's SIGTERM, and whether Slurm requeues is known only after
         self._finish_tracker(0 if decision == "requeued" else 1)
         return {"requeued": EXIT_REQUEUED, "gave_up": EXIT_GAVE_UP}.get(decision, EXIT_INTERRUPTED)
 

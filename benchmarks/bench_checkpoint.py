@@ -27,8 +27,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 import common as C
 from allconv_hpc import checkpoint as ck_mod
 

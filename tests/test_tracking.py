@@ -369,7 +369,7 @@ def test_segments_order_by_recorded_start_time_not_folder_name(resumed, tmp_path
     killed.mkdir()
     (killed / f"run-{rid}.wandb").write_bytes(b"")
     (wdir / "latest-run").symlink_to(late_name.name)
-    (wdir / f"offline-run-20250101_000000-otherid1").mkdir()
+    (wdir / "offline-run-20250101_000000-otherid1").mkdir()
     assert segments(wdir, rid) == [killed, late_name, early_name]
     assert [r["_step"] for r in merged_history(wdir, rid)] == list(range(1, 41))
     assert read_run(killed)["history"] == [] and read_run(killed)["exit_code"] is None

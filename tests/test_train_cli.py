@@ -348,13 +348,15 @@ def test_train_log_drops_submitits_sigcont_warning_only(tmp_path):
     assert "Bypassing signal SIGTERM" in log and "Bypassing sacct error x" in log and "SIGTERM" in r.stderr
 
 
-def test_output_into_a_closed_pipe_is_no_traceback(tmp_path):
-    """`allconv-hpc status ... | head -2`: the reader leaves early; the command ends quietly (141, as SIGPIPE)."""
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["train", "--print-config", "data=synthetic"]])
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, args):
+    """`allconv-hpc status ... | head -2`: the reader leaves early; the command ends quietly (141, as SIGPIPE).
+    So do train's --help and --print-config, which only print (a training run's broken pipe stays an error)."""
     r, w = os.pipe()
     os.close(r)
     try:
-        p = subprocess.run([PY, "-m", "allconv_hpc", "--help"], stdout=w, stderr=subprocess.PIPE, text=True,
-                           timeout=60)
+        p = subprocess.run([PY, "-m", "allconv_hpc", *args], stdout=w, stderr=subprocess.PIPE, text=True,
+                           timeout=60, cwd=tmp_path)
     finally:
         os.close(w)
     assert p.returncode == 141 and p.stderr == "", p.stderr

@@ -446,6 +446,20 @@ def test_a_skipped_corrupt_checkpoint_leaves_the_rotation_and_an_unreadable_one_
         d.load_latest(quarantine=True)
 
 
+def test_an_intact_checkpoint_that_torch_refuses_stops_the_run_instead_of_falling_back(tmp_path):
+    """Its checksum holds, so the bytes are the ones written and the progress since the older file is in it:
+    another torch (or a type weights_only refuses) is no corruption; nothing is renamed aside."""
+    import datetime
+    from allconv_hpc.checkpoint import CheckpointDir, UnloadableCheckpoint
+    d = CheckpointDir(tmp_path, keep=2)
+    d.save({"step": torch.tensor(100)}, 100)
+    d.save({"step": torch.tensor(200), "when": datetime.date(2026, 12, 3)}, 200)
+    with pytest.raises(UnloadableCheckpoint, match=r"step_00000200.pt is intact \(its checksum holds\) but torch "
+                                                   r"\S+ cannot load it .*checkpoint.resume=never"):
+        d.load_latest(quarantine=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step_00000100.pt", "step_00000200.pt"]
+
+
 @pytest.mark.parametrize("source,in_slurm", [("local", False), ("single", True)])
 def test_a_local_job_on_a_slurm_node_never_acts_on_the_slurm_job(tmp_path, monkeypatch, source, in_slurm):
     """cluster=local started inside a Slurm allocation inherits SLURM_JOB_ID: its stop must not query or
@@ -653,3 +667,13 @@ def test_a_resume_keeps_this_devices_sgd_kernel_not_the_checkpoints(tmp_path):
         assert [(g["fused"], g["foreach"]) for g in tr.opt.param_groups] == built
     finally:
         tr.close()
+
+
+def test_a_json_record_that_is_not_an_object_reads_as_empty(tmp_path):
+    """A hand-edited status.json (`[]`, `3`) is as good as none to train and submit, which ask it .get(...)."""
+    from allconv_hpc.fsio import read_json
+    path = tmp_path / "status.json"
+    for text, want in (("[]", {}), ("3", {}), ("{not json", {}), ('{"state": "completed"}', {"state": "completed"})):
+        path.write_text(text)
+        assert read_json(path) == want, text
+    assert read_json(tmp_path / "missing.json") == {}
