@@ -1,6 +1,5 @@
-"""Scoring: a batch's loss and correct count (the trainer's per-epoch eval uses it too), and
-`allconv-hpc evaluate RUN_FOLDER`, which scores one of a run's checkpoints on its test or held-out
-split after the fact, in one process.
+"""`allconv-hpc evaluate RUN_FOLDER`: score one of a run's checkpoints on its test or held-out split
+after the fact, in one process, with what the trainer scores with (scoring.py).
 
 The checkpoint carries the run's config and the precision it resolved, so model, data split,
 normalisation, precision, channels_last and kernel flags are the run's own: scoring the final weights
@@ -12,50 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError
-
-
-def batch_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-               amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """[summed cross-entropy, correct, images] of one batch as float64 on its device (no host sync)."""
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        out = model(x)
-    return torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
-                        (out.argmax(1) == y).sum().double(), (y >= 0).sum().double()])
-
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast dtype; fp32: none
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on a GPU with native bf16 (compute capability 8.0+: Ampere and newer;
-    older GPUs only emulate it, slower than fp32), else fp32. Trainer agrees it across ranks."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        return "bf16"
-    return "fp32"
-
-
-def set_math(deterministic: bool, device: torch.device) -> None:
-    """The process-wide kernel choices of a run: deterministic kernels, or on CUDA cuDNN's autotuner
-    and TF32 matmuls/convolutions. The trainer and evaluate share them, so a score matches."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
+from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 
 USAGE_EPILOG = ("exit status: 0 scored, 1 the checkpoint is unreadable or corrupt, 2 bad arguments (no such "
                 "folder or checkpoint, no held-out split, data not found)")

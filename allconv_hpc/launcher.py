@@ -386,8 +386,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     (what the trainer would refuse on resume, found here before anything is queued). Returns why the
     run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
     (a resubmitted sweep fills in the rest); None when it does."""
-    from .status import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, queued_state, read_record,
-                         started_job, stop_command)
+    from .jobs import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, queued_state, read_record,
+                       started_unrecorded, stop_command)
 
     sub = run_dir / "submission.json"
     try:  # status's reading: a damaged record is named with its fix
@@ -414,8 +414,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
             raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
                               f"train into the same folder: wait for it (allconv-hpc status {run_dir}) or stop it "
                               f"({stop_command(rec)}), then submit again")
-    started = started_job(run_dir)  # the job status.json says trains the run: one started without submit
-    if started is not None and (rec is None or str(rec.get("job_id")) != started["job_id"]):
+    started = started_unrecorded(run_dir, rec)
+    if started is not None:
         job, state = started["job_id"], queued_state(started)
         if state == NO_ANSWER and shutil.which("squeue"):  # no Slurm here at all: a folder copied from a cluster
             raise ConfigError(f"squeue did not answer whether job {job}, which {run_dir / 'status.json'} says trains "
@@ -886,7 +886,7 @@ def _write_sweep(sweep_dir: Path, every: list[Point], records: list[dict], clust
     """sweep.json: the points it already tracks, in their order, then this submission's new ones, keyed by
     run_dir; a point submitted now gets its new record (with its cluster), the others keep theirs. A
     submission of a subset of the sweep so leaves the rest tracked. A damaged sweep.json is written anew."""
-    from .status import DamagedFile, read_record
+    from .jobs import DamagedFile, read_record
     try:
         old = read_record(sweep_dir / "sweep.json") or {}
     except DamagedFile:

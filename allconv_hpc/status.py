@@ -10,20 +10,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from . import runlock
-from .preempt import SlurmJob, slurm_out
+from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, STATUS_KEYS, DamagedFile, check_keys, local_state, read_record,
+                   slurm_state, started_job)
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
 FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "CANCELLED", "LOST"}
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                 "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED", "SPECIAL_EXIT", "STOPPED"}
 EXIT_NO_ANSWER = 3  # `status`: no job failed, but Slurm did not answer for one whose run has not ended
 EXIT_STOPPED = 3  # `submit --wait` (which waits while Slurm does not answer): none failed, one stopped unfinished
 
@@ -32,206 +30,6 @@ EXIT_STOPPED = 3  # `submit --wait` (which waits while Slurm does not answer): n
 # anyway): it asks for more nodes, CPUs, memory, time or features than its partition has. `submit` refuses
 # such a job first (sbatch --test-only); one queued otherwise (sbatch by hand) shows, and ends `--wait`.
 NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints"}
-
-
-def squeue_job(job_id: str) -> tuple[bool, Optional[str], str]:
-    """(Slurm answered, the job's state while it is queued or running, None when it is not; squeue's reason,
-    e.g. why it is pending)."""
-    try:
-        r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False, None, ""
-    if r.returncode == 0:
-        first = (r.stdout.strip().splitlines() or [""])[0].split(None, 1)
-        return True, first[0] if first else None, first[1].strip() if len(first) > 1 else ""
-    return "Invalid job id" in r.stderr, None, ""  # a job Slurm has forgotten, vs. no answer at all
-
-
-def squeue_state(job_id: str) -> tuple[bool, Optional[str]]:
-    """(Slurm answered, the job's state while it is queued or running; None when it is not)."""
-    return squeue_job(job_id)[:2]
-
-
-def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool, bool, str]:
-    """(state, restarts, Slurm answered, ended, squeue's reason) from squeue / sacct / scontrol; state None when
-    Slurm knows nothing. squeue lists every job that is not over: one it does not list has ended, even where
-    sacct or scontrol name an active state (PREEMPTED with PreemptMode=CANCEL; sacct keeps REQUEUED for a job
-    cancelled while it waited to restart). Such an end is not a success."""
-    answered, state, reason = squeue_job(job_id)
-    listed, restarts = state is not None, None
-    if state is None:
-        out = slurm_out(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
-        if out and out.strip():
-            state = out.strip().splitlines()[-1].split()[0]  # "CANCELLED by 0" -> CANCELLED
-    out = slurm_out(["scontrol", "-o", "show", "job", job_id])
-    if out:
-        fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-        if not listed and fields.get("JobState"):  # the controller's word, while it has one, beats accounting's
-            state = fields["JobState"]
-        if fields.get("Restarts", "").isdigit():
-            restarts = int(fields["Restarts"])
-    return state, restarts, answered, answered and not listed and state in ACTIVE_STATES, reason if listed else ""
-
-
-def _local_state(rec: dict) -> Optional[str]:
-    """Jobs of cluster=local: their submitit folder says whether a result was written."""
-    folder = Path(rec.get("submitit_folder", "")) / str(rec["job_id"])
-    res = folder / f"{rec['job_id']}_0_result.pkl"
-    if res.exists():
-        import pickle
-        try:
-            kind = pickle.loads(res.read_bytes())[0]
-        except Exception:
-            return None
-        return "COMPLETED" if kind == "success" else "FAILED"
-    try:  # the job id of a local job is its controller's pid
-        return "RUNNING" if _pid_runs(int(rec["job_id"])) else None
-    except ValueError:
-        return None
-
-
-def _pid_runs(pid: int) -> bool:
-    """Whether process pid runs. One that ended but was not reaped (a zombie) does not: `submit --wait` started
-    submitit's local controller itself, so once the job ends the controller stays its zombie child. Not reaped
-    here: submitit's Popen of it would then read exit status 0 for a controller that failed."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # PermissionError: the pid is another user's now
-        return False
-    return _process_state(pid) not in ("Z", None)
-
-
-def _process_state(pid: int) -> Optional[str]:
-    """The kernel's one-letter state of process pid (Z: a zombie), None when it is gone; from /proc, or from
-    ps where there is no /proc (macOS)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        if Path("/proc/self").exists():  # Linux: it ended since os.kill
-            return None
-        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
-        return out.strip()[:1] or None
-    return stat.rsplit(")", 1)[1].split()[0]  # "pid (comm) S ...": comm may hold spaces and ")"
-
-
-NO_ANSWER = "NO ANSWER"  # queued_state: squeue did not answer (timeout, controller down)
-
-
-def queued_state(rec: dict) -> Optional[str]:
-    """The scheduler's state of a submission while it is queued or running (one squeue call); None when
-    it is not; NO_ANSWER when squeue could not say."""
-    if rec.get("job_id") and rec.get("backend") == "slurm":
-        answered, state = squeue_state(str(rec["job_id"]))
-        return state if answered else NO_ANSWER
-    if rec.get("job_id") and rec.get("backend") == "local":
-        return _local_state(rec)
-    return None
-
-
-def stop_command(rec: dict) -> str:
-    return f"scancel {rec['job_id']}" if rec.get("backend") == "slurm" else f"kill {rec['job_id']}"
-
-
-def other_jobs_state(run_dir: Path, environ: Optional[dict] = None) -> Optional[tuple[dict, str]]:
-    """(record, state) of the job submitted into run_dir when it is queued or running and this process
-    is not one of its ranks; None otherwise. Its own ranks (its Slurm id or array task, or its local
-    controller's pid) never ask squeue; a damaged record or no answer is left to `submit` and `status`."""
-    e = os.environ if environ is None else environ
-    mine = {e.get("SUBMITIT_LOCAL_JOB_ID")}
-    if "SLURM_JOB_ID" in e:  # the raw id, and the array task's A_T that submit records
-        mine |= {e["SLURM_JOB_ID"], SlurmJob(e).job_id}
-    try:
-        rec = read_record(run_dir / "submission.json")
-    except DamagedFile:
-        rec = None
-    records = [rec] if rec and rec.get("job_id") else []
-    started = started_job(run_dir)  # a job started without submit (sbatch slurm/train.sbatch)
-    if started is not None and (not records or str(records[0]["job_id"]) != started["job_id"]):
-        records.append(started)
-    for rec in records:
-        if str(rec["job_id"]) in mine:
-            continue
-        state = queued_state(rec)
-        if state in ACTIVE_STATES:
-            return rec, state
-    return None
-
-
-TRAINING = ("running", "requeued")  # a run's own states while its job is queued or running
-
-
-def started_job(run_dir: Path) -> Optional[dict]:
-    """A submission-like record of the Slurm job the run's status.json says trains it (its state running or
-    requeued): what a job started without `submit` (sbatch slurm/train.sbatch) leaves. None otherwise, also
-    for a damaged status.json (named by `status`). The id is the raw job id or an array task's "A_T"."""
-    try:
-        st = read_record(run_dir / "status.json") or {}
-    except DamagedFile:
-        return None
-    job = st.get("slurm_job_id")
-    if st.get("state") not in TRAINING or isinstance(job, bool) or not isinstance(job, (str, int)) or not str(job):
-        return None
-    return {"job_id": str(job), "backend": "slurm", "run_dir": str(run_dir), "started_by_hand": True}
-
-
-class DamagedFile(Exception):
-    """A record `status` reads (sweep.json, submission.json, a run's status.json) that it cannot use; the
-    message names the file and its fix. A damaged status.json of one run of a sweep stops `status` too (exit
-    2), not shown as an unknown run state: it is written atomically, so the damage stays, and the row would
-    be a guess (LOST, or UNKNOWN, which `submit --wait` would wait on forever)."""
-
-
-# how to get a good one back: status.json is rewritten whole by the run's next job
-FIXES = {"sweep.json": "submit the sweep again (allconv-hpc submit -m ...), which writes a new one",
-         "submission.json": "delete it and submit the run again",
-         "status.json": "delete it: the run's next job writes a new one"}
-
-
-def read_record(path: Path) -> Optional[dict]:
-    """The JSON object in path, None when there is no such file; DamagedFile when it cannot be read or
-    is not a JSON object."""
-    fix = FIXES[path.name]
-    try:
-        text = path.read_text(encoding="utf-8")  # JSON is UTF-8, whatever the locale
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except PermissionError:
-        raise DamagedFile(f"{path}: permission denied; make it readable to you (ask its owner)") from None
-    except IsADirectoryError:
-        raise DamagedFile(f"{path}: is a folder, not a file; {fix}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DamagedFile(f"{path}: cannot be read ({e}); {fix}") from None
-    if not text.strip():
-        raise DamagedFile(f"{path}: is empty; {fix}")
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise DamagedFile(f"{path}: not valid JSON ({e}); {fix}") from None
-    if not isinstance(doc, dict):
-        raise DamagedFile(f"{path}: holds a JSON {type(doc).__name__}, not an object; {fix}")
-    return doc
-
-
-NUMBER = (int, float)
-# the keys status computes with, and their types; a key may be missing unless REQUIRED
-JOB_KEYS = {"run_dir": str, "job_id": (str, int, type(None)), "backend": str, "submitted": NUMBER,
-            "submitit_folder": str}
-STATUS_KEYS = {"state": (str, type(None)), "updated": NUMBER, "restarts": (int, type(None))}
-REQUIRED = {"run_dir"}
-
-
-def check_keys(doc, keys: dict, path: Path, entry: str = "") -> dict:
-    """doc (the record in path, or its entry named so), when it is an object whose keys have the types given;
-    DamagedFile otherwise."""
-    where, fix = f"{path}: {entry}", FIXES[path.name]
-    if not isinstance(doc, dict):
-        raise DamagedFile(f"{where}holds a JSON {type(doc).__name__}, not an object; {fix}")
-    for key, types in keys.items():
-        if key in REQUIRED and key not in doc:
-            raise DamagedFile(f"{where}has no {key!r}; {fix}")
-        if key in doc and (not isinstance(doc[key], types) or isinstance(doc[key], bool)):
-            raise DamagedFile(f"{where}{key!r} is {doc[key]!r}, of the wrong type; {fix}")
-    return doc
 
 
 def job_records(folder: Path) -> list[dict]:
@@ -364,7 +162,7 @@ def run_rows(folder: Path) -> list[dict]:
             state, restarts, known, ended, reason = slurm_state(str(rec["job_id"]))
             silent = not known
         elif rec.get("job_id") and rec.get("backend") == "local":
-            state, known = _local_state(rec), True
+            state, known = local_state(rec), True
         # a status.json older than this submission is an earlier job's: its progress, not this job's state
         current = st.get("updated", 0) >= rec.get("submitted", 0)
         run_state = st.get("state") if current else None

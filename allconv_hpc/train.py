@@ -50,7 +50,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         from .data import check_present
         from .distributed import DistributedError, detect_env
         from .runlock import acquire, check_free
-        from .status import other_jobs_state, stop_command
+        from .jobs import other_jobs_state, stop_command
         from .tracking import preflight_mode
         if {"-m", "--multirun"} & set(overrides):
             raise ConfigError("train runs one config; a sweep is `allconv-hpc submit -m ...` (with cluster=local "

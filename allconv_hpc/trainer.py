@@ -29,7 +29,7 @@ from .checkpoint import CheckpointDir, CheckpointError, Writer, load_file, snaps
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
 from .distributed import Dist, DistEnv, pick_device, set_threads
-from .evaluate import AMP_DTYPES, batch_sums, resolve_precision, set_math
+from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .models import build_model, count_parameters, summary
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest
 from .schedule import lr_factor

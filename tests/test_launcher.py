@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from allconv_hpc import launcher, status
+from allconv_hpc import jobs, launcher, status
 from allconv_hpc.checkpoint import CheckpointDir
 from allconv_hpc.cli import main
 from allconv_hpc.compose import compose
@@ -464,15 +464,15 @@ def test_train_by_hand_into_a_folder_a_job_trains_into_is_refused(tmp_path, on_p
     assert f"run folder {run} has job 42 (RUNNING) training into it" in r.stderr and "(scancel 42)" in r.stderr
     assert not (run / "train.log").exists()  # refused before any work
     # the job's own ranks, also after a requeue, never ask squeue and go on
-    assert status.other_jobs_state(run, {"SLURM_JOB_ID": "42"}) is None
-    assert status.other_jobs_state(run, {"SLURM_JOB_ID": "43"})[1] == "RUNNING"  # another job: refused
+    assert jobs.other_jobs_state(run, {"SLURM_JOB_ID": "42"}) is None
+    assert jobs.other_jobs_state(run, {"SLURM_JOB_ID": "43"})[1] == "RUNNING"  # another job: refused
     (run / "submission.json").write_text(json.dumps({"job_id": "40_2", "backend": "slurm", "run_dir": str(run)}))
     on_path(squeue='[ "$3" = 40_2 ] && echo RUNNING')
-    assert status.other_jobs_state(run, {"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "40",
+    assert jobs.other_jobs_state(run, {"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "40",
                                          "SLURM_ARRAY_TASK_ID": "2"}) is None  # array task 40_2 itself
-    assert status.other_jobs_state(run, {})[1] == "RUNNING"
+    assert jobs.other_jobs_state(run, {})[1] == "RUNNING"
     on_path(squeue="exit 0")  # it ended: training by hand resumes the run
-    assert status.other_jobs_state(run, {}) is None
+    assert jobs.other_jobs_state(run, {}) is None
 
 
 def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys, monkeypatch):
@@ -790,7 +790,7 @@ def test_a_requeued_job_waiting_in_the_queue_is_not_done(tmp_path, on_path):
     run = write_run(tmp_path, "requeued")
     on_path(squeue="echo PENDING", sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=1'")
     row = status.run_rows(run)[0]
-    assert row["state"] == "PENDING" and row["state"] in status.ACTIVE_STATES and not status.is_failed(row)
+    assert row["state"] == "PENDING" and row["state"] in jobs.ACTIVE_STATES and not status.is_failed(row)
 
 
 def test_a_local_job_whose_controller_died_is_lost(tmp_path):
@@ -921,10 +921,10 @@ def test_no_answer_from_slurm_keeps_wait_waiting_and_status_non_zero(tmp_path, o
 def test_a_local_pid_of_another_user_is_not_running(tmp_path, monkeypatch):
     def other_users(pid, sig):
         raise PermissionError(1, "Operation not permitted")
-    monkeypatch.setattr(status.os, "kill", other_users)
+    monkeypatch.setattr(jobs.os, "kill", other_users)
     run = write_run(tmp_path, "running", job="12345", backend="local", submitit_folder=str(tmp_path / "sub"))
     assert status.run_rows(run)[0]["state"] == "LOST"
-    assert status.queued_state(json.loads((run / "submission.json").read_text())) is None
+    assert jobs.queued_state(json.loads((run / "submission.json").read_text())) is None
 
 
 

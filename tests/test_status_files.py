@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from allconv_hpc import status
+from allconv_hpc import jobs, status
 
 
 def write_run(run: Path, run_state, job: str = "42", backend: str = "slurm", **rec) -> Path:
@@ -58,7 +58,7 @@ def test_a_local_job_whose_controller_is_a_zombie_has_ended(tmp_path, capsys, ru
         row = status.run_rows(run)[0]
         assert (row["state"], row["active"], row["failed"]) == (state, False, True), row
         rec = json.loads((run / "submission.json").read_text())
-        assert status.queued_state(rec) is None  # a new submit into the folder is not refused as RUNNING
+        assert jobs.queued_state(rec) is None  # a new submit into the folder is not refused as RUNNING
         assert within(20, status.wait_for, run, poll_s=0.01) == 1  # ends at once: no endless RUNNING
         assert re.search(rf"^{p.pid}\s+{state}\s", capsys.readouterr().out, re.M)
         assert status.status_main([str(run)]) == 1

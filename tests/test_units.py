@@ -411,7 +411,7 @@ def test_a_ctrl_c_inside_wait_does_not_lose_a_failed_write():
 
 
 def test_precision_auto_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
-    from allconv_hpc.evaluate import resolve_precision
+    from allconv_hpc.scoring import resolve_precision
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert [resolve_precision(p, cpu) for p in ("auto", "fp32")] == ["fp32", "fp32"]
     assert [resolve_precision(p, gpu) for p in ("fp16", "fp32", "bf16")] == ["fp16", "fp32", "bf16"]
