@@ -21,6 +21,9 @@ Resuming (a preempted Slurm job requeued into the same run folder):
 * After a SIGKILL the steps between the checkpoint and the kill are trained again. The earlier
   segment holds them already, so they are not logged again (online, W&B itself drops them): each
   step is in the record once, from the first process that logged it.
+* wandb_steps.jsonl is written with W&B disabled too: a later start with W&B logs that stretch.
+* An earlier offline segment with no record (its process killed as it started) is renamed
+  ``empty-offline-run-*``: `wandb sync` given it with others uploads none of them (and exits 0).
 """
 from __future__ import annotations
 
@@ -318,12 +321,14 @@ class Tracker:
         self._floor = 0  # steps the W&B record holds from earlier processes: never logged again
         self._floor_said = False
         self.steps_path = self.run_dir / STEPS_FILE
-        if self.mode != "disabled":
-            # likewise for the W&B log: train logs up to the checkpoint's step, evals of its epochs
-            kept = [e for e in _read_steps(self.steps_path)
-                    if (e["step"] <= global_step if e["kind"] == "train" else e["data"].get("epoch", 0)
-                        <= len(history_rows))]
+        # likewise for the W&B log: train logs up to the checkpoint's step, evals of its epochs. Kept with W&B
+        # disabled too: a later start with W&B logs what a disabled stretch trained, leaving no gap in the run
+        kept = [e for e in _read_steps(self.steps_path)
+                if (e["step"] <= global_step if e["kind"] == "train" else e["data"].get("epoch", 0)
+                    <= len(history_rows))]
+        if kept or self.steps_path.exists():
             write_atomic(self.steps_path, "".join(json.dumps(e) + "\n" for e in kept))
+        if self.mode != "disabled":
             self._start_wandb(cfg_dict, wandb_cfg, resume_run_id)
             have = self._logged_until()
             if kept and have is not None:
@@ -370,11 +375,18 @@ class Tracker:
         None when an earlier segment cannot be read."""
         if self.mode == "online":
             return max(0, int(self._run.starting_step) - 1)  # the server's resume point
-        from .wandb_offline import read_run, segments
+        from .wandb_offline import EMPTY_PREFIX, holds_no_record, read_run, segments
         last = 0
         mine = self.segment_dir.resolve() if self.segment_dir else None
         for seg in segments(self.run_dir / "wandb", self._run_id, include_online=True):
             if seg.resolve() == mine:
+                continue
+            if seg.name.startswith("offline-run-") and holds_no_record(seg):  # killed as it started
+                aside = seg.with_name(EMPTY_PREFIX + seg.name)
+                os.replace(seg, aside)
+                log.warning("W&B segment %s holds no record (its process died as it started): renamed %s, out "
+                            "of `wandb sync runs/.../offline-run-*`, which stops at such a folder", seg.name,
+                            aside.name)
                 continue
             try:
                 steps = [r["_step"] for r in read_run(seg)["history"] if "_step" in r]
@@ -395,8 +407,6 @@ class Tracker:
             self._log(e["data"], e["step"])
 
     def _record(self, kind: str, step: int, data: dict) -> None:
-        if self.mode == "disabled":
-            return
         # flushed on close; SIGTERM lets the process get here
         with naming(self.steps_path), open(self.steps_path, "a") as f:
             f.write(json.dumps({"kind": kind, "step": int(step), "data": {k: _scalar(v) for k, v in data.items()}})

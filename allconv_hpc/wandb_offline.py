@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 __all__ = ["WandbLogError", "read_records", "read_run", "segments", "merged_history", "segment_id",
-           "FILE_HEADER_LEN", "BLOCK_LEN"]
+           "FILE_HEADER_LEN", "BLOCK_LEN", "holds_no_record", "EMPTY_PREFIX"]
 
 FILE_MAGIC = b":W&B"
 FILE_HEADER_LEN = 7
@@ -38,6 +38,7 @@ RECORD_HEADER_LEN = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 # offline-run-20261128_101953-abc123xy, and -1, -2 ... when two processes start in the same second
+EMPTY_PREFIX = "empty-"  # a segment without records, renamed out of `offline-run-*` globs (see holds_no_record)
 _SEGMENT_RE = re.compile(r"^(?P<mode>offline-run|run)-(?P<ts>\d{8}_\d{6})-(?P<rest>.+)$")
 
 
@@ -239,6 +240,16 @@ def read_run(segment_dir: str | Path, *, strict: bool = False) -> dict:
     summary.pop("_wandb", None)
     return {"id": rid, "history": history, "summary": summary, "config": config,
             "start_time": start_time, "exit_code": exit_code, "path": str(segment_dir)}
+
+
+def holds_no_record(segment_dir: str | Path) -> bool:
+    """A segment whose process died before its first record (the file header only, or no file): `wandb sync`
+    (0.31) given such a folder stops before uploading any run of its command line, and exits 0."""
+    files = sorted(Path(segment_dir).glob("run-*.wandb"))
+    try:
+        return not files or next(read_records(files[0], max_bytes=BLOCK_LEN), None) is None
+    except (OSError, WandbLogError):
+        return False  # unreadable is not known empty: left where it is
 
 
 def _start_time_of(segment_dir: Path) -> Optional[float]:

@@ -183,7 +183,8 @@ def test_disabled_writes_no_wandb_and_never_imports_it(tmp_path, wenv):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in run_dir.iterdir()) == ["history.csv"]
+    # history.csv, and the W&B logs a later start with W&B would log (no W&B file, no id)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["history.csv", "wandb_steps.jsonl"]
     rows = read_history(run_dir / "history.csv")
     assert rows == [{**dict.fromkeys(HISTORY_FIELDS), "epoch": 1, "step": 1, "val_acc": 0.5}]
 
@@ -413,6 +414,48 @@ def test_steps_trained_again_after_a_kill_are_not_logged_twice(wenv, tmp_path, c
     third.finish()
     assert "cannot read W&B segment" in caplog.text
     assert _steps_when_written(third.segment_dir, 1) == [21]
+
+
+def test_a_stretch_trained_with_wandb_disabled_is_logged_by_the_next_start_with_it(wenv, tmp_path, caplog):
+    """offline to step 9, disabled to step 27 (checkpoint 25), offline again: the run's W&B record has every
+    step once, the disabled stretch's epoch evaluations included (wandb.* may change on resume)."""
+    run_dir = tmp_path / "run"
+    first = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, [])
+    rows = run_epochs(first, 1, 9)
+    first.finish()
+    off = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="disabled"), 0, None, rows, global_step=9)
+    rows += run_epochs(off, 10, 27)
+    off.finish()
+    third = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, rows[:2], global_step=25)
+    run_epochs(third, 26, 30)
+    third.finish()
+    assert "re-logging 18 W&B log(s), steps 10..25" in caplog.text, caplog.text  # 16 train, 2 evals
+    _steps_when_written(third.segment_dir, 21)
+    merged = merged_history(run_dir / "wandb", first.run_id)
+    assert [r["_step"] for r in merged] == list(range(1, 31))
+    assert [r["epoch"] for r in merged if "val/acc" in r] == [1, 2, 3]  # epoch 2's eval from the disabled stretch
+    assert merged[19]["val/acc"] == epoch_row(2, 20)["val_acc"]
+
+
+def test_an_offline_segment_without_records_is_set_aside_for_wandb_sync(wenv, tmp_path, caplog):
+    """A process killed right after wandb.init leaves a segment of the file header only; `wandb sync` given it
+    with other folders uploads none (exit 0). The next start renames it out of the offline-run-* glob."""
+    run_dir = tmp_path / "run"
+    first = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, [])
+    rows = run_epochs(first, 1, 10)
+    first.finish()
+    _steps_when_written(first.segment_dir, 10)
+    dead = run_dir / "wandb" / f"offline-run-20990101_000000-{first.run_id}"  # as a killed start leaves it
+    dead.mkdir()
+    (dead / f"run-{first.run_id}.wandb").write_bytes(next(first.segment_dir.glob("run-*.wandb")).read_bytes()[:7])
+    second = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, rows, global_step=10)
+    run_epochs(second, 11, 12)
+    second.finish()
+    assert not dead.exists() and (dead.parent / f"empty-{dead.name}" / f"run-{first.run_id}.wandb").exists()
+    assert f"W&B segment {dead.name} holds no record" in caplog.text
+    assert [p.name for p in segments(run_dir / "wandb")] == [first.segment_dir.name, second.segment_dir.name]
+    _steps_when_written(second.segment_dir, 2)
+    assert [r["_step"] for r in merged_history(run_dir / "wandb", first.run_id)] == list(range(1, 13))
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
