@@ -275,7 +275,24 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optio
     if found is None:
         if cfg.checkpoint.resume == "must":
             raise ckpt.nothing_to_resume()
+        theirs = _unsaved_identity(Path(run_dir))  # a run that stopped before its first checkpoint
+        if theirs is not None:  # its W&B id and .hydra/ would go on under another config
+            cfg.check_resumable(theirs, run_dir, folder_key=folder_key)
         return None
     ts = found[0].get("train_state") or {}
     cfg.check_resumable(found[0].get("identity", {}), run_dir, ts, folder_key=folder_key)
     return ts
+
+
+def _unsaved_identity(run_dir: Path) -> Optional[dict]:
+    """The identity of a run set up in run_dir that wrote no checkpoint, from its .hydra/config.yaml (written
+    once it was set up); None when there is none, or it does not read as a config of this version."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+    from .config import from_dict
+    try:
+        return from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True)).identity()
+    except Exception:  # hand-edited or of another version: nothing to compare with, as before it was kept
+        return None

@@ -94,12 +94,26 @@ def override_error(overrides: list[str], e: Exception) -> str:
                 hint = f"; list items holding '=' need quotes each: \"{key}=[{items}]\""
             elif "=" in value:
                 hint = f"; a value holding '=' needs quotes: \"{key}='{value}'\""
+            elif key.startswith("-") or "=" not in o:  # `optim.lr = 0.1` reaches here as three words
+                hint = "; give key=value without spaces around '=' or leading dashes, e.g. optim.lr=0.1"
+            elif value and not re.fullmatch(r"[\w.,:/@+\-\[\]'\"${} ()]*", value, re.ASCII):  # ~, non-ASCII...
+                hint = f"; quote a value with such characters: \"{key}='{value}'\""
             return f"bad override {o!r}: {msg}{hint}"
     return f"bad overrides: {msg}"
 
 
+def _check_override_keys(overrides: list[str]) -> None:
+    """`~key` deletes a key that the typed config then fills with its dataclass default, behind the printed
+    config's back (and .hydra/config.yaml's): refused."""
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if o.startswith("~") and key.split(".")[0] in (*SECTIONS, "seed"):
+            raise ConfigError(f"{o} deletes {key}, which every run has; set it instead ({key}=...)")
+
+
 def compose(overrides: list[str]) -> Composed:
     """Compose, resolve and validate; raises ConfigError with a one-line message."""
+    _check_override_keys(overrides)
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -134,7 +148,7 @@ def compose(overrides: list[str]) -> Composed:
     _check_model_name(overrides, plain["model"])
     cluster = plain.pop("cluster", {}) or {}
     cfg = from_dict(plain)
-    return Composed(cfg=cfg, cfg_dict=plain, cluster=cluster, run_dir=Path(run_dir).absolute(),
+    return Composed(cfg=cfg, cfg_dict=plain, cluster=cluster, run_dir=Path(run_dir).expanduser().absolute(),
                     overrides=list(overrides), hydra=hydra)
 
 

@@ -41,6 +41,10 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+MAX_WIDTH = 16
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer's kernels take lr and weight decay as float32
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
 
@@ -58,6 +62,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODEL_NAMES)
         _check(self.width > 0, f"model.width={self.width} must be > 0")
+        _check(self.width <= MAX_WIDTH, f"model.width={self.width} is wider than {MAX_WIDTH} ({MAX_WIDTH} already makes "
+                                        f"{round(192 * MAX_WIDTH)}-channel layers and ~350 M parameters); use a smaller width")
         for base in (96, 192):
             _check(round(base * self.width) >= 1,
                    f"model.width={self.width} makes a {base}-channel layer empty; use width >= {1 / base:.4g}")
@@ -122,6 +128,9 @@ class OptimConfig:
         _check(0.0 <= self.momentum < 1.0, f"optim.momentum={self.momentum} must be in [0, 1)")
         _check(not self.nesterov or self.momentum > 0, "optim.nesterov=true needs optim.momentum > 0")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        for key in ("lr", "weight_decay"):
+            _check(getattr(self, key) < FLOAT32_MAX, f"optim.{key}={getattr(self, key):g} is beyond float32's range "
+                                                     f"(3.4e38), which the optimizer computes in")
         _check(self.base_batch_size >= 1, f"optim.base_batch_size={self.base_batch_size} must be >= 1")
 
 
@@ -210,6 +219,8 @@ class WandbConfig:
     def __post_init__(self) -> None:
         _check(self.mode is None or self.mode in WANDB_MODES,
                f"wandb.mode={self.mode!r} is not one of online, offline, disabled (or null for auto)")
+        _check(all(isinstance(t, str) for t in self.tags),
+               f"wandb.tags={list(self.tags)} must be strings; quote the others, e.g. wandb.tags=['1','b']")
 
 
 @dataclass
@@ -246,6 +257,12 @@ class Config:
         # trainer.drop_last with a global batch larger than the training images leaves no step: known
         # from the sizes alone (data.load checks a smaller rebuilt copy), so refused before any queue
         t, n = self.trainer, self.data.train_images
+        _check(self.lr < FLOAT32_MAX, f"optim.lr={self.optim.lr:g} scaled by optim.scale_lr to {self.lr:g} is beyond "
+                                      f"float32's range (3.4e38), which the optimizer computes in")
+        s = self.schedule
+        _check(s.name == "onecycle" or s.warmup_epochs <= t.epochs,
+               f"schedule.warmup_epochs={s.warmup_epochs:g} is longer than trainer.epochs={t.epochs}: the learning "
+               f"rate would never reach optim.lr; use a shorter warm-up (schedule.warmup_epochs=0 for none)")
         _check(not t.drop_last or t.batch_size <= n,
                f"trainer.batch_size={t.batch_size} with trainer.drop_last=true leaves no step in an epoch of {n} "
                f"training images; lower the batch size or set trainer.drop_last=false")

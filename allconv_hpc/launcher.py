@@ -95,7 +95,13 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
                 parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
             except HydraException as e:
                 raise ConfigError(override_error(overrides, e)) from None
+            seen: dict[str, tuple[str, bool]] = {}  # key -> (its override, a sweep); Hydra keeps the last value
             for o in parsed:
+                key, first = o.key_or_group, seen.get(o.key_or_group)
+                if first and multirun and (first[1] or o.is_sweep_override()):  # points named after both, twice
+                    raise ConfigError(f"{key} is given twice in a sweep ({first[0]} and {o.input_line}); give it "
+                                      f"once, with every value in one list ({key}=a,b,c)")
+                seen[key] = (o.input_line, o.is_sweep_override())
                 if not o.is_sweep_override():
                     common.append(o.input_line)
                     continue
@@ -312,7 +318,7 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
     """Compose and validate every point before anything is submitted or any folder is made."""
     from .compose import check_run_dir, compose
     from .data import check_present
-    from .tracking import preflight_mode
+    from .tracking import check_names, preflight_mode
 
     common, swept = expand_sweep(overrides, multirun)
     keys = {_key(o) for o in common + swept[0]}
@@ -322,7 +328,7 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
             raise ConfigError("hydra.run.dir is set per point in a sweep (-m): give the sweep's folder with "
                               "hydra.sweep.dir=... instead")
         if "hydra.sweep.dir" in keys:
-            sweep_dir = Path(compose(common + swept[0]).hydra["sweep"]["dir"]).absolute()
+            sweep_dir = Path(compose(common + swept[0]).hydra["sweep"]["dir"]).expanduser().absolute()
         else:
             name, legacy = default_sweep_dir(common, swept), _legacy_sweep_dir(common, swept)
             sweep_dir = Path(legacy if Path(legacy).is_dir() and not Path(name).exists() else name).absolute()
@@ -341,6 +347,7 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
             ov = [o for o in ov if _key(o) != "data.root"] + [
                 f"data.root={hydra_value(Path(c.cfg.data.root).expanduser().absolute(), 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
+        check_names(c.cfg.wandb)
         try:
             preflight_mode(c.cfg.wandb.mode)  # the jobs inherit this environment
         except ConfigError as e:

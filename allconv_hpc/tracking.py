@@ -138,6 +138,30 @@ def preflight_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]]
     return mode
 
 
+_SETTING_KEYS = {"project": "wandb.project", "entity": "wandb.entity", "run_group": "wandb.group",
+                 "run_tags": "wandb.tags", "run_name": "wandb.name"}
+
+
+def check_names(w: WandbConfig) -> None:
+    """A project, tag, group or name that wandb.init would refuse, found before any work by wandb's own
+    validator (its rules, e.g. no '/' in a project, tags of 1-64 characters, are its to change)."""
+    import wandb
+    values = {"project": w.project, "entity": w.entity, "run_group": w.group,
+              "run_tags": tuple(w.tags) or None, "run_name": w.name}
+    try:
+        wandb.Settings(**{k: v for k, v in values.items() if v is not None})
+    except Exception as e:  # pydantic's ValidationError, or wandb's UsageError (a project name)
+        errors = getattr(e, "errors", None)
+        first = errors()[0] if callable(errors) else None
+        if first:
+            field, said = str(first["loc"][0]), str(first["msg"]).removeprefix("Value error, ")
+        else:
+            said = (str(e).splitlines() or [""])[0]
+            field = next((f for f in _SETTING_KEYS if f.split("_")[-1] in said.lower()), "project")
+        key = _SETTING_KEYS.get(field, "wandb." + field)
+        raise ConfigError(f"{key}: W&B refuses it ({said}); change {key}") from None
+
+
 def resolve_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:
     """The W&B mode to run in: "online", "offline" or "disabled".
 

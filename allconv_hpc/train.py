@@ -51,7 +51,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         from .distributed import DistributedError, detect_env
         from .runlock import acquire, check_free
         from .jobs import other_jobs_state, stop_command
-        from .tracking import preflight_mode
+        from .tracking import check_names, preflight_mode
         if {"-m", "--multirun"} & set(overrides):
             raise ConfigError("train runs one config; a sweep is `allconv-hpc submit -m ...` (with cluster=local "
                               "it runs on this machine)")
@@ -70,10 +70,11 @@ def run(overrides: list[str], submitted: bool = False) -> int:
                               f"hydra.run.dir")
         try:  # a resume the trainer would refuse, said before the data load and the model build
             check_resume(composed.run_dir, composed.cfg)
-        except CheckpointError:
-            pass  # damaged checkpoints: the trainer falls back past them, or fails naming them
+        except CheckpointError:  # left to the trainer, which records it in status.json and train.log for `status`
+            pass  # (submit refuses such a folder before queueing; a job finds it here)
         check_present(composed.cfg.data)
         preflight_mode(composed.cfg.wandb.mode)  # a bad WANDB_MODE, or online with no key: before any work
+        check_names(composed.cfg.wandb)  # a project or tag W&B would refuse at wandb.init
     except ConfigError as e:
         print(f"allconv-hpc: error: {_rank_tag()}{e}", file=sys.stderr)
         return 2

@@ -398,10 +398,12 @@ class Trainer:
                 f"diverged before it (see history.csv)" if files else "no checkpoint was written yet")
 
     def _diverged(self, what: str) -> NonFiniteError:
-        return NonFiniteError(f"{what}; {self._kept()}. Lower optim.lr or lengthen the warm-up (schedule."
+        kept = self._kept()
+        again = ("resuming repeats the steps that diverged" if self.ckpt.step_files() else
+                 "the same command starts it over as it was")
+        return NonFiniteError(f"{what}; {kept}. Lower optim.lr or lengthen the warm-up (schedule."
                               f"warmup_epochs={self.cfg.schedule.warmup_epochs:g} now) in a new hydra.run.dir, or "
-                              f"start this one over with checkpoint.resume=never: resuming repeats the steps that "
-                              f"diverged")
+                              f"start this one over with checkpoint.resume=never: {again}")
 
     def _check_finite(self) -> None:
         finite = torch.stack([torch.isfinite(self.epoch_sums[0]).all()]

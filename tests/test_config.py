@@ -72,6 +72,19 @@ BAD = [
      ["data.train_size=45001 is larger than the 45000 cifar10 images left after data.val_size=5000"]),
     (["data.name=cifar100", "data.num_classes=100", "data.test_size=10001"], ["data.test_size=10001", "<= 10000"]),
     (["trainer.log_every_steps=0"], ["trainer.log_every_steps=0"]),
+    # past float32 (the optimizer's), or too wide to build: a traceback at the first step or the model build before
+    (["hydra.run.dir=~/x"], ["quote a value with such characters: \"hydra.run.dir='~/x'\""]),  # Hydra's lexer
+    (["optim.lr"], ["give key=value without spaces around '=' or leading dashes"]),  # `optim.lr = 0.1`
+    (["--optim.lr=0.1"], ["give key=value without spaces around '=' or leading dashes"]),
+    (["~trainer.epochs"], ["~trainer.epochs deletes trainer.epochs, which every run has; set it instead"]),
+    (["optim.lr=1e39"], ["optim.lr=1e+39 is beyond float32's range"]),
+    (["optim.weight_decay=1e300"], ["optim.weight_decay=1e+300 is beyond float32's range"]),
+    (["optim.lr=1e37", "optim.scale_lr=true", "trainer.batch_size=12800"],
+     ["optim.lr=1e+37 scaled by optim.scale_lr to 1e+39 is beyond float32's range"]),
+    (["model.width=1e6"], ["model.width=1000000.0 is wider than 16"]),
+    (["wandb.tags=[1,b]"], ["wandb.tags=[1, 'b'] must be strings", "wandb.tags=['1','b']"]),
+    (["trainer.epochs=2", "schedule.warmup_epochs=3"],
+     ["schedule.warmup_epochs=3 is longer than trainer.epochs=2: the learning rate would never reach optim.lr"]),
     # types: dataclasses do not enforce them, config.py does
     (["trainer.epochs=2.5"], ["trainer.epochs=2.5", "must be an int"]),
     (["trainer.batch_size=100.5"], ["trainer.batch_size=100.5", "must be an int"]),
@@ -412,3 +425,9 @@ def test_model_name_alone_is_taken_where_it_changes_nothing_else():
     old = compose(["data=synthetic", "model=allcnn_c", "model.name=allcnn_seed", "model.input_dropout=0.2"]).cfg
     said = compose(["data=synthetic", "model=allcnn_seed", "model.input_dropout=0.2"]).cfg  # what the error offers
     assert said.identity() == old.identity()  # a run started with model.name alone resumes with it
+
+
+def test_a_quoted_tilde_in_the_run_folder_is_the_home_folder(monkeypatch, tmp_path):
+    """As for data.root: a folder literally named `~` in the current one is a `rm -rf ~` waiting to happen."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert compose(["data=synthetic", "hydra.run.dir='~/runs/x'"]).run_dir == tmp_path / "runs" / "x"

@@ -1050,6 +1050,13 @@ def test_a_hung_rank_of_a_local_job_is_ended_with_it(tmp_path):
     assert row["state"] == "FAILED" and "peer rank(s) 1 did not answer" in row["error"], row
 
 
+def test_a_key_swept_twice_is_refused(tmp_path, monkeypatch):
+    """Hydra keeps the last value: `seed=0,1 seed=2,3` would make 4 points of 2 configs, named after both."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"seed is given twice in a sweep \(seed=0,1 and seed=2,3\); give it once"):
+        launcher.plan(["cluster=local", *TINY, "seed=0,1", "seed=2,3"], multirun=True)
+
+
 def test_a_local_job_at_its_time_limit_says_to_submit_again(tmp_path):
     """Nothing requeues a cluster=local job: at cluster.timeout_min it checkpoints, stops, and says how to go on."""
     from proc import PY, clean_env

@@ -260,6 +260,21 @@ def test_online_without_a_key_is_refused_before_any_work(tmp_path):
     assert preflight_mode(None, env) == "offline" and preflight_mode("disabled", env) == "disabled"
 
 
+@pytest.mark.parametrize("wcfg,said", [
+    (WandbConfig(project="a/b"), "wandb.project: W&B refuses it (Invalid project name 'a/b'"),
+    (WandbConfig(tags=["x" * 70]), "wandb.tags: W&B refuses it (Tag 'xxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxx' "
+                                   "is 70 characters. Tags must be between 1 and 64 characters)"),
+])
+def test_names_wandb_would_refuse_are_named_before_any_work(wcfg, said):
+    """wandb's own validator, run by train's and submit's preflight: not a traceback at wandb.init after the
+    data load and the model build (in a job, after its wait in the queue)."""
+    from allconv_hpc.tracking import check_names
+    with pytest.raises(ConfigError) as e:
+        check_names(wcfg)
+    assert str(e.value).startswith(said), str(e.value)
+    check_names(WandbConfig(project="allconv-hpc", tags=["a", "sweep-1"], group="g", name="n"))  # fine
+
+
 def test_null_tracker_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

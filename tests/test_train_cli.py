@@ -233,6 +233,28 @@ LEARN = ["data=synthetic", "data.train_size=2048", "data.test_size=256", "data.a
 
 
 @pytest.mark.slow
+def test_a_run_that_stopped_before_its_first_checkpoint_is_not_taken_over_by_another_config(tmp_path):
+    """A run that diverged at once left no checkpoint, but its .hydra/config.yaml, history and W&B id: the same
+    folder with another optim.lr is refused (as with a checkpoint), not trained into under the old W&B run."""
+    run, base = tmp_path / "run", [*TINY, "trainer.epochs=1", "wandb.mode=offline", "checkpoint.every_steps=null"]
+    r = subprocess.run([console_script(), "train", *base, "optim.lr=100000", "schedule.warmup_epochs=0",
+                        f"hydra.run.dir={run}"], env=clean_env(tmp_path), capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 1 and "no checkpoint was written yet" in r.stderr, r.stderr[-2000:]
+    assert not (run / "checkpoints").exists() and (run / ".hydra" / "config.yaml").exists()
+    before = (run / "wandb_id.txt").read_text()
+    r = subprocess.run([console_script(), "train", *base, "optim.lr=0.05", f"hydra.run.dir={run}"],
+                       env=clean_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"run folder {run} holds a run of a different config (optim.lr: 100000 -> 0.05; schedule.warmup_epochs: "
+            f"0 -> 1.0)") in r.stderr
+    assert (run / "wandb_id.txt").read_text() == before and len(list((run / "wandb").glob("offline-run-*"))) == 1
+    # starting over is one flag away; the old run's files are kept aside
+    train(tmp_path, run, [*base, "optim.lr=0.05", "checkpoint.resume=never"])
+    assert (run / "checkpoints.old1" / "wandb_id.txt").read_text() == before
+    assert (run / "wandb_id.txt").read_text() != before
+
+
 def test_learns_synthetic_well_above_chance(tmp_path):
     run_dir = tmp_path / "run"
     r = train(tmp_path, run_dir, LEARN)
