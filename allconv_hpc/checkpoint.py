@@ -172,7 +172,7 @@ class CheckpointDir:
                 raise
             except CheckpointError as e:  # truncated or corrupted
                 if warn:
-                    log.warning("skipping unusable checkpoint %s: %s", path, str(e).splitlines()[0][:200])
+                    log.warning("skipping unusable checkpoint %s", str(e).splitlines()[0][:300])  # e names the file
                 bad.append(path)
                 continue
             if bad and warn:

@@ -87,6 +87,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, tuple(DATASETS))
+        _check(self.name == "synthetic" or str(self.root).strip() != "",  # would read the current folder
+               "data.root is empty (an ALLCONV_DATA set to nothing, or an unset shell variable?); give the folder "
+               "holding the dataset, or unset ALLCONV_DATA for the default ./data")
         _choice("data.augment", self.augment, AUGMENTS)
         _choice("data.preprocess", self.preprocess, PREPROCESSES)
         for key in ("train_size", "test_size"):

@@ -13,6 +13,7 @@ Python work.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -120,6 +121,9 @@ def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "dat
         hint += (f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}: did you mean data={other[0]}?)"
                  if root_option == "data.root=" else f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}, "
                                                      f"but the run trained on {cfg.name})")
+    env = os.environ.get("ALLCONV_DATA")
+    if env and root_option == "data.root=" and Path(env).expanduser().absolute() == Path(cfg.root).absolute():
+        hint += " (data.root came from the environment's ALLCONV_DATA)"
     fix = fix or (f"Put the official python version there, set data.root=<folder holding {lay.folder}>, or "
                   f"data.download=true on a machine with network")
     raise DataError(f"{lay.title} not found: expected {folder} with {', '.join(files)} (missing: "

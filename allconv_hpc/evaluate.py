@@ -90,6 +90,9 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         if not there and which in ("best", "last") and holds_run(run):  # its job has not trained yet (pending...)
             raise ConfigError(f"{run} has no checkpoint yet: its run has not saved one (allconv-hpc status {run} "
                               f"shows how far it got)")
+        if not (run / "checkpoints").is_dir() and not holds_run(run):
+            raise ConfigError(f"{run} is not a run folder (no checkpoints/, nothing train writes); give the "
+                              f"folder of a run (its hydra.run.dir)")
         raise ConfigError(f"no checkpoint {path} (checkpoints/ holds {', '.join(there) or 'nothing'}); use "
                           f"--checkpoint best, last or a file's path")
     return path
@@ -177,7 +180,10 @@ def evaluate_main(argv: list[str]) -> int:
         print(f"allconv-hpc evaluate: error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, OSError) as e:
-        print(f"allconv-hpc evaluate: error: {e}", file=sys.stderr)
+        others = sorted(p.name for p in (args.run / "checkpoints").glob("step_*.pt")) if args.run.is_dir() else []
+        also = (f"; the run's other checkpoints ({', '.join(others)}) may be whole: --checkpoint one of them (train "
+                f"falls back to the newest whole one by itself)") if isinstance(e, CheckpointError) and others else ""
+        print(f"allconv-hpc evaluate: error: {e}{also}", file=sys.stderr)
         return 1
     if not Path(r["checkpoint"]).resolve().is_relative_to((args.run / "checkpoints").resolve()):
         print(f"allconv-hpc evaluate: note: {r['checkpoint']} is not one of {args.run}'s checkpoints: scored with "

@@ -257,7 +257,11 @@ def validate_cluster(cluster: dict, cfg) -> dict:
     setup = c.get("setup")
     if setup is None:
         c["setup"] = []
-    elif not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
+    elif isinstance(setup, list) and any(not isinstance(line, str) for line in setup):  # Hydra typed the item
+        bad = next(line for line in setup if not isinstance(line, str))
+        raise ConfigError(f"cluster.setup item {bad!r} was read as a {type(bad).__name__}, not a shell line; quote "
+                          f"it: 'cluster.setup=[\"{str(bad).lower() if isinstance(bad, bool) else bad}\"]'")
+    elif not isinstance(setup, list):
         raise ConfigError(f"cluster.setup={setup!r} must be a list of shell lines, e.g. "
                           f"cluster.setup='[module load cuda/12.4]'")
     if not isinstance(c.get("requeue"), bool):
@@ -586,8 +590,8 @@ def _local_setup(lines: list, folder: Path) -> list:
     import shlex
     log = shlex.quote(str(Path(folder).parent / "setup-")) + "$$.log"
     body = " && ".join(_setup_group(line) for line in lines)
-    return [f"{{ {body}\n}} >> {log} 2>&1 || {{ rc=$?; echo \"allconv-hpc: cluster.setup failed (exit $rc); its "
-            f"output is in \"{log} >&2; exit 1; }}"]
+    return [f"{{ {body}\n}} >> {log} 2>&1 || {{ rc=$?; echo \"cluster.setup failed (exit $rc)\" >> {log}; "
+            f"echo \"allconv-hpc: cluster.setup failed (exit $rc); its output is in \"{log} >&2; exit 1; }}"]
 
 
 def _slurm_setup(lines: list) -> list:

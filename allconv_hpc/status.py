@@ -50,6 +50,8 @@ def job_records(folder: Path) -> list[dict]:
     if any((folder / n).exists() for n in ("status.json", "checkpoints", "train.log", runlock.LOCK_FILE)):
         # started without submit: Slurm is asked about the job its status.json names, if any
         return [started_job(folder) or {"job_id": None, "run_dir": str(folder), "backend": "none"}]
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist; give a run folder (hydra.run.dir) or a sweep folder")
     raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
                             f"folder (sweep.json)")
 
@@ -186,7 +188,9 @@ def run_rows(folder: Path) -> list[dict]:
         if state is None and known and unfinished:
             state = "LOST"  # gone without a final word: killed hard (SIGKILL, node failure)
             setup_log = Path(rec.get("submitit_folder", "")) / f"setup-{rec.get('job_id')}.log"  # launcher._local_setup
-            if rec.get("backend") == "local" and not st and setup_log.is_file() and setup_log.stat().st_size:
+            # a setup that printed nothing (`exit 3` ends its shell before the failure line) and started no task
+            if rec.get("backend") == "local" and not st and setup_log.is_file() and (
+                    setup_log.stat().st_size or _never_started(rec)):
                 state = f"LOST (never started: cluster.setup failed? see {setup_log})"
             elif _never_started(rec):  # e.g. an array task scancelled while pending
                 state = "LOST (never started)"

@@ -76,6 +76,7 @@ BAD = [
     (["hydra.run.dir=~/x"], ["quote a value with such characters: \"hydra.run.dir='~/x'\""]),  # Hydra's lexer
     (["optim.lr"], ["give key=value without spaces around '=' or leading dashes"]),  # `optim.lr = 0.1`
     (["--optim.lr=0.1"], ["give key=value without spaces around '=' or leading dashes"]),
+    (["data=cifar10", "data.root="], ["data.root is empty (an ALLCONV_DATA set to nothing"]),
     (["~trainer.epochs"], ["~trainer.epochs deletes trainer.epochs, which every run has; set it instead"]),
     (["optim.lr=1e39"], ["optim.lr=1e+39 is beyond float32's range"]),
     (["optim.weight_decay=1e300"], ["optim.weight_decay=1e+300 is beyond float32's range"]),

@@ -81,6 +81,8 @@ def test_cli_prints_json_and_exit_codes(two_rank_run, tmp_path):
     (bad / "checkpoints" / "best.pt").write_bytes(bytes(raw))
     r = cli(bad)
     assert r.returncode == 1 and "checksum mismatch" in r.stderr and "Traceback" not in r.stderr
+    steps = sorted(p.name for p in (bad / "checkpoints").glob("step_*.pt"))
+    assert f"the run's other checkpoints ({', '.join(steps)}) may be whole: --checkpoint one of them" in r.stderr
 
 
 def _cli(tmp_path, *args, **env):
@@ -197,3 +199,10 @@ def test_a_run_without_any_checkpoint_says_so_and_points_at_status(tmp_path):
         evaluate(run, "best")
     with pytest.raises(ConfigError, match=rf"no checkpoint {tmp_path}/x.pt \(checkpoints/ holds nothing\)"):
         evaluate(run, str(tmp_path / "x.pt"))  # a file asked for by name: named
+
+
+def test_a_folder_that_is_no_run_is_named_so(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match=rf"{tmp_path}/plain is not a run folder \(no checkpoints/, nothing train "
+                                          rf"writes\)"):
+        evaluate(tmp_path / "plain", "best")

@@ -200,6 +200,8 @@ def test_bad_cluster_values_are_refused_with_one_line(key, value):
 def test_a_string_setup_gets_a_hint():
     msg = refused(cluster_of(), "setup", "module load cuda")
     assert "must be a list of shell lines" in msg and "cluster.setup='[module load cuda/12.4]'" in msg
+    msg = refused(cluster_of(), "setup", [False])  # 'cluster.setup=[false]': Hydra reads a bool
+    assert "cluster.setup item False was read as a bool, not a shell line; quote it: 'cluster.setup=[\"false\"]'" in msg
 
 
 def test_additional_parameters_name_the_key_to_use():
@@ -977,6 +979,21 @@ def test_a_local_jobs_failed_setup_is_logged_in_the_run_folder(tmp_path):
     assert "hi from setup" in text and "no_such_command_x" in text  # the exports reach later lines
     row = status.run_rows(run)[0]
     assert row["state"] == f"LOST (never started: cluster.setup failed? see {log})" and row["failed"]
+
+
+@pytest.mark.parametrize("line,logged", [("test -e /no/such/file", "cluster.setup failed (exit 1)\n"),
+                                         ("exit 3", "")])  # ends the setup's shell before the failure line
+def test_a_local_jobs_silent_setup_failure_is_named_too(tmp_path, line, logged):
+    from proc import PY, clean_env
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "--wait", "cluster=local", *TINY,
+                        f"cluster.setup=['{line}']", f"hydra.run.dir={run}"], env=clean_env(tmp_path, PATH=path),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    log = run / ".submitit" / f"setup-{json.loads((run / 'submission.json').read_text())['job_id']}.log"
+    assert log.read_text() == logged
+    assert status.run_rows(run)[0]["state"] == f"LOST (never started: cluster.setup failed? see {log})"
 
 
 @pytest.mark.slow

@@ -288,6 +288,9 @@ def test_not_a_run_folder_is_still_exit_2(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     assert status.status_main([str(f)]) == 2
+    capsys.readouterr()
+    assert status.status_main([str(tmp_path / "nope")]) == 2  # a typo: said as it is
+    assert f"{tmp_path / 'nope'} does not exist; give a run folder" in capsys.readouterr().err
 
 
 def test_a_run_that_failed_before_its_first_record_shows_the_error(tmp_path, capsys):
