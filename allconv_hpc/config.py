@@ -290,7 +290,7 @@ class Config:
         if theirs:  # a key added since the checkpoint was written: at the value that version behaved as
             theirs = {**{k: v for k, v in ADDED_KEYS.items() if k not in theirs}, **theirs}
         if mine != theirs:
-            diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+            diff = [f"{k}: {_as_given(theirs.get(k))} -> {_as_given(mine.get(k))}" for k in sorted(set(mine) | set(theirs))
                     if mine.get(k) != theirs.get(k)]
             raise ConfigError(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
                               f"another {folder_key}, or checkpoint.resume=never to start over (old checkpoints "
@@ -302,6 +302,11 @@ class Config:
                 raise ConfigError(f"trainer.epochs={self.trainer.epochs} but the run in {run_dir} has "
                                   f"{'begun' if mid else 'finished'} epoch {begun}; a run can grow, not shrink: use "
                                   f"trainer.epochs >= {begun}, or another {folder_key}")
+
+
+def _as_given(v: Any) -> str:
+    """A value as an override gives it (true, null), not as Python prints it (True, None)."""
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)
 
 
 # Keys a resume may change: where things run and how they are logged, not what is learned.

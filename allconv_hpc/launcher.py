@@ -301,12 +301,14 @@ def local_gpus(n: int) -> tuple:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if not n:
         return ()
-    if visible is None:  # every GPU of the machine: there must be n (or the job trains on the CPU unasked)
-        import torch
-        have = torch.cuda.device_count()
-        if n > have:
-            raise ConfigError(f"cluster.gpus_per_node={n} but CUDA sees {have} GPU(s) on this machine; use "
-                              f"cluster.gpus_per_node<={have} (0: train on the CPU)")
+    import torch
+    have = torch.cuda.device_count()  # of the visible ones: there must be n (or the job trains on the CPU unasked)
+    if n > have:
+        use = "cluster.gpus_per_node=0 to train on the CPU" if not have else \
+            f"cluster.gpus_per_node<={have} (0: train on the CPU)"
+        seen = f" of CUDA_VISIBLE_DEVICES={visible}" if visible is not None else " on this machine"
+        raise ConfigError(f"cluster.gpus_per_node={n} but CUDA sees {have} GPU(s){seen}; use {use}")
+    if visible is None:
         return ()
     ids = [v.strip() for v in visible.split(",") if v.strip()]
     if not all(i.isdigit() for i in ids):

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import random
 import signal
 import sys
@@ -128,6 +129,30 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
     if not cuda and t.precision not in CPU_PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
                           f"(trainer.device={t.device}); use trainer.precision=fp32 (or auto) on CPU")
+    if t.compile:
+        _check_compiler(cuda)
+
+
+def _check_compiler(cuda: bool) -> None:
+    """torch.compile builds its kernels at the first step, with a C compiler (Triton's launcher, on CUDA) or a C++
+    one (inductor's CPU kernels): one missing on this node fails there, with a traceback, after the data load."""
+    if cuda:  # Triton's own search: $CC, else gcc, else clang
+        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+        if cc and shutil.which(cc):
+            return
+        what = "a C compiler (Triton builds with $CC, gcc or clang)"
+    else:
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+        except ImportError:  # another torch's layout: left to its own error at the first step
+            return
+        try:
+            get_cpp_compiler()  # runs `$CXX --version` (g++ by default), as inductor will
+            return
+        except Exception:
+            what = f"a C++ compiler (inductor builds CPU kernels with $CXX, here {os.environ.get('CXX', 'g++')!r})"
+    raise ConfigError(f"trainer.compile=true needs {what} and finds none on this node; load one (e.g. `module load "
+                      f"gcc`, in cluster.setup for a job) or set trainer.compile=false")
 
 
 class Trainer:
@@ -229,6 +254,11 @@ class Trainer:
         self.tracker = NullTracker() if self.finished else make_tracker(
             self.run_dir, cfg_dict, cfg.wandb, env.rank, self.state.wandb_id, self.state.history, self.state.global_step)
         self.state.wandb_id = self.tracker.run_id
+        if env.is_main and not self.finished:  # the mode auto chose (offline without a key) is said in train.log
+            mode = self.tracker.mode
+            log.info("W&B %s%s", mode, {"offline": f" (run {self.tracker.run_id}; from a machine with network: wandb "
+                                                   f"sync {self.run_dir}/wandb/offline-run-*)",
+                                        "online": f" (run {self.tracker.run_id})"}.get(mode, ": history.csv only"))
         # device-side metric sums: [loss_sum, correct, count] for the epoch and the log interval
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.interval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)

@@ -392,6 +392,9 @@ def test_a_key_added_since_a_checkpoint_counts_at_its_default():
     compose(["experiment=seed_keras", "schedule=constant"]).cfg.check_resumable(old, "run")  # README's way on
     with pytest.raises(ConfigError, match="different config"):  # no identity at all: not backfilled
         Config().check_resumable({}, "run")
+    # values as an override writes them, so the message can be pasted back
+    with pytest.raises(ConfigError, match=r"data.train_size: null -> 100; model.dropout: true -> false"):
+        compose(["model.dropout=false", "data.train_size=100"]).cfg.check_resumable(Config().identity(), "run")
 
 
 def test_wandb_online_without_a_key_or_a_bad_wandb_mode_is_refused_before_any_work(tmp_path):

@@ -649,16 +649,26 @@ def test_local_gpus_are_this_shells_not_the_first_n(tmp_path, monkeypatch):
     """cluster=local inside an allocation given GPUs 2,3: its tasks see 2,3 (submitit alone makes it
     0,1), checked with submitit's real local executor; too few or non-index ids are refused up front."""
     c = compose(["cluster=local", *TINY, "cluster.gpus_per_node=2", "cluster.tasks_per_node=2"])
+    real_count = torch.cuda.device_count
+    # stand-in for CUDA on this CPU machine: it counts the GPUs CUDA_VISIBLE_DEVICES names
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(os.environ["CUDA_VISIBLE_DEVICES"].split(",")))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
     ex = launcher.make_executor(launcher.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
     job = ex.submit(os.getenv, "CUDA_VISIBLE_DEVICES")  # read in each task (a module function pickles by name)
     assert job.results() == ["2,3", "2,3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
-    with pytest.raises(ConfigError, match=r"gpus_per_node=2 but CUDA_VISIBLE_DEVICES=7 gives this shell 1 GPU"):
+    with pytest.raises(ConfigError, match=r"gpus_per_node=2 but CUDA sees 1 GPU\(s\) of CUDA_VISIBLE_DEVICES=7; "
+                                          r"use cluster.gpus_per_node<=1"):
         launcher.validate_cluster(c.cluster, c.cfg)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1f2e,GPU-99aa")
     with pytest.raises(ConfigError, match="set it to indices"):
         launcher.validate_cluster(c.cluster, c.cfg)
+    monkeypatch.setattr(torch.cuda, "device_count", real_count)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # names GPUs this machine may not have
+    if real_count() < 2:  # CI: none, so the job would train on the CPU, unasked
+        with pytest.raises(ConfigError, match=rf"gpus_per_node=2 but CUDA sees {real_count()} GPU\(s\) of "
+                                              rf"CUDA_VISIBLE_DEVICES=0,1"):
+            launcher.validate_cluster(c.cluster, c.cfg)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # the machine's own GPUs: as many as CUDA counts
     have = torch.cuda.device_count()
     if have < 2:  # CI: no GPU, so the job would train on the CPU, unasked

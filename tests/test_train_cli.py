@@ -335,6 +335,17 @@ def test_compile_channels_last_and_progress_bar_train_the_same(tmp_path):
 
 
 @pytest.mark.slow
+def test_compile_without_a_compiler_is_refused_before_any_work(tmp_path):
+    """inductor would fail at the first step (InvalidCxxCompiler, a traceback) after the data load."""
+    r = subprocess.run([console_script(), "train", *TINY, "trainer.compile=true", f"hydra.run.dir={tmp_path / 'run'}"],
+                       env=clean_env(tmp_path, CXX=str(tmp_path / "no-such-g++")), capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"trainer.compile=true needs a C++ compiler (inductor builds CPU kernels with $CXX, here "
+            f"'{tmp_path / 'no-such-g++'}') and finds none on this node") in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_wheel_install_trains_from_any_folder(tmp_path):
     """The configs ship inside the wheel (as allconv_hpc.conf): a plain install works outside the repo."""
     repo = Path(__file__).resolve().parent.parent
