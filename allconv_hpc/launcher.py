@@ -320,8 +320,9 @@ def local_gpus(n: int) -> tuple:
     return tuple(int(i) for i in ids[:n])
 
 
-def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Path], dict]:
-    """Compose and validate every point before anything is submitted or any folder is made."""
+def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
+    """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
+    shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
     from .compose import check_run_dir, compose
     from .data import check_present
     from .tracking import check_names, preflight_mode
@@ -383,7 +384,10 @@ def plan(overrides: list[str], multirun: bool) -> tuple[list[Point], Optional[Pa
         _warn(f"cluster.signal_lead_s={lead} s is over half of cluster.timeout_min={cluster['timeout_min']} "
               f"({limit} s): each start trains at most {limit - lead} s before it checkpoints {then}")
     missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]  # submitit needs both
-    if cluster["backend"] == "slurm" and missing:
+    if cluster["backend"] == "slurm" and missing and dry_run:
+        _warn(f"{' and '.join(missing)} not on PATH: the points below are what a Slurm login node would submit "
+              f"(the sbatch options, which submitit writes only where srun is, and sbatch --test-only are not shown)")
+    elif cluster["backend"] == "slurm" and missing:
         raise ConfigError(f"cluster=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on "
                           f"PATH; submit from a Slurm login node, or use cluster=local to run here")
     todo = sum(p.skip is None for p in points)
@@ -950,19 +954,21 @@ def submit_main(argv: list[str]) -> int:
         print(f"cluster={chosen} ({why}; pass cluster=... to choose)")
         overrides = [f"cluster={chosen}"] + overrides
     try:
-        points, sweep_dir, cluster = plan(overrides, args.multirun)
+        points, sweep_dir, cluster = plan(overrides, args.multirun, dry_run=args.dry_run)
         if args.dry_run:
             _print_skipped(points)
             for p in points:
                 if p.skip is None:
                     print(f"{p.run_dir}  {' '.join(o for o in p.overrides if not o.startswith('hydra.'))}")
-            script = sbatch_script(points, sweep_dir, cluster)
+            slurm_here = shutil.which("sbatch") and shutil.which("srun")
+            script = sbatch_script(points, sweep_dir, cluster) if slurm_here or cluster["backend"] != "slurm" else None
             if script is not None:  # what Slurm would get, before asking it whether it can ever run it
                 print("sbatch options:\n" + "\n".join(f"  {ln[len('#SBATCH '):]}" for ln in script.splitlines()
                                                     if ln.startswith("#SBATCH ")))
             if cluster["setup"]:  # run before the job starts, each line as written; a failing one stops it
                 print("setup:\n" + "\n".join(f"  {line}" for line in cluster["setup"]))
-            check_can_start(points, sweep_dir, cluster)
+            if slurm_here:
+                check_can_start(points, sweep_dir, cluster)
             return 0
         jobs = submit(points, sweep_dir, cluster) if any(p.skip is None for p in points) else []
         _print_skipped(points)  # also what another submit queued meanwhile

@@ -414,6 +414,12 @@ def test_cluster_slurm_without_sbatch_is_refused_before_any_folder(tmp_path, on_
     code, out, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}")
     assert code == 2 and "sbatch is not on PATH" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "sw").exists()
+    # a dry run shows the points all the same (a plan looked at from a laptop), and says what it cannot show
+    code, out, err = run_submit(capsys, "--dry-run", "-m", "cluster=slurm", *TINY, "seed=0,1",
+                                f"hydra.sweep.dir={tmp_path / 'sw'}")
+    assert code == 0 and "sbatch not on PATH: the points below are what a Slurm login node would submit" in err, err
+    assert [ln.split()[0] for ln in out.splitlines()] == [str(tmp_path / "sw" / f"seed={i}") for i in (0, 1)], out
+    assert not (tmp_path / "sw").exists()
 
 
 def test_sbatch_rejecting_the_job_is_one_line_and_leaves_no_folder(tmp_path, on_path, capsys, monkeypatch):
