@@ -107,10 +107,13 @@ def decode(data: bytes, name: str = "checkpoint") -> dict:
         raise CheckpointError(f"{name}: checksum mismatch (corrupted)")
     try:
         return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    except MemoryError:  # not the file's doing
+        raise
     except Exception as e:  # the bytes are the ones written: another torch, or a type weights_only refuses
+        said = (str(e).splitlines() or [""])[0][:300]
         raise UnloadableCheckpoint(
             f"{name} is intact (its checksum holds) but torch {torch.__version__} cannot load it "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); load it with the torch version that wrote it, "
+            f"({type(e).__name__}{': ' + said if said else ''}); load it with the torch version that wrote it, "
             f"or start over with checkpoint.resume=never (the old checkpoints "
             f"are kept)") from None
 
@@ -275,7 +278,7 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optio
     if found is None:
         if cfg.checkpoint.resume == "must":
             raise ckpt.nothing_to_resume()
-        theirs = _unsaved_identity(Path(run_dir))  # a run that stopped before its first checkpoint
+        theirs = _unsaved_identity(Path(run_dir), ckpt)  # a run that stopped before its first checkpoint
         if theirs is not None:  # its W&B id and .hydra/ would go on under another config
             cfg.check_resumable(theirs, run_dir, folder_key=folder_key)
         return None
@@ -284,11 +287,22 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optio
     return ts
 
 
-def _unsaved_identity(run_dir: Path) -> Optional[dict]:
+def earlier_epochs(run_dir: Path, ckpt: CheckpointDir) -> bool:
+    """Whether run_dir holds finished epochs of a run (history.csv rows, a best.pt) that has no checkpoint."""
+    try:
+        rows = len((Path(run_dir) / "history.csv").read_text().splitlines()) > 1  # more than the header
+    except FileNotFoundError:
+        rows = False
+    return rows or (ckpt.folder / "best.pt").is_file()
+
+
+def _unsaved_identity(run_dir: Path, ckpt: CheckpointDir) -> Optional[dict]:
     """The identity of a run set up in run_dir that wrote no checkpoint, from its .hydra/config.yaml (written
-    once it was set up); None when there is none, or it does not read as a config of this version."""
+    once it was set up); None when there is none, or it does not read as a config of this version, or the
+    folder holds an earlier run's finished epochs (history rows, best.pt: its checkpoints were removed), which
+    the trainer moves aside itself to start over."""
     path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
+    if not path.is_file() or earlier_epochs(run_dir, ckpt):
         return None
     from omegaconf import OmegaConf
     from .config import from_dict

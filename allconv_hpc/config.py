@@ -41,7 +41,7 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-MAX_WIDTH = 16
+MAX_WIDTH = 64
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer's kernels take lr and weight decay as float32
 
 
@@ -63,7 +63,7 @@ class ModelConfig:
         _choice("model.name", self.name, MODEL_NAMES)
         _check(self.width > 0, f"model.width={self.width} must be > 0")
         _check(self.width <= MAX_WIDTH, f"model.width={self.width} is wider than {MAX_WIDTH} ({MAX_WIDTH} already makes "
-                                        f"{round(192 * MAX_WIDTH)}-channel layers and ~350 M parameters); use a smaller width")
+                                        f"{round(192 * MAX_WIDTH)}-channel layers and ~5.6 G parameters); use a smaller width")
         for base in (96, 192):
             _check(round(base * self.width) >= 1,
                    f"model.width={self.width} makes a {base}-channel layer empty; use width >= {1 / base:.4g}")
@@ -222,8 +222,7 @@ class WandbConfig:
     def __post_init__(self) -> None:
         _check(self.mode is None or self.mode in WANDB_MODES,
                f"wandb.mode={self.mode!r} is not one of online, offline, disabled (or null for auto)")
-        _check(all(isinstance(t, str) for t in self.tags),
-               f"wandb.tags={list(self.tags)} must be strings; quote the others, e.g. wandb.tags=['1','b']")
+
 
 
 @dataclass
@@ -262,13 +261,18 @@ class Config:
         t, n = self.trainer, self.data.train_images
         _check(self.lr < FLOAT32_MAX, f"optim.lr={self.optim.lr:g} scaled by optim.scale_lr to {self.lr:g} is beyond "
                                       f"float32's range (3.4e38), which the optimizer computes in")
-        s = self.schedule
-        _check(s.name == "onecycle" or s.warmup_epochs <= t.epochs,
-               f"schedule.warmup_epochs={s.warmup_epochs:g} is longer than trainer.epochs={t.epochs}: the learning "
-               f"rate would never reach optim.lr; use a shorter warm-up (schedule.warmup_epochs=0 for none)")
         _check(not t.drop_last or t.batch_size <= n,
                f"trainer.batch_size={t.batch_size} with trainer.drop_last=true leaves no step in an epoch of {n} "
                f"training images; lower the batch size or set trainer.drop_last=false")
+
+    def warnings(self) -> list[str]:
+        """What is legal but likely a mistake, said by train and submit (not refused: a run begun so resumes)."""
+        s, t = self.schedule, self.trainer
+        said = []
+        if s.name != "onecycle" and s.warmup_epochs > t.epochs:
+            said.append(f"schedule.warmup_epochs={s.warmup_epochs:g} is longer than trainer.epochs={t.epochs}: the "
+                        f"learning rate never reaches optim.lr (schedule.warmup_epochs=0 for no warm-up)")
+        return said
 
     @property
     def lr(self) -> float:

@@ -20,6 +20,14 @@ import torch
 from .config import ConfigError
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 
+def _same_file(a: Path, b: Path) -> bool:
+    """a and b are one file (last.pt is a hard link of the newest step file)."""
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
 USAGE_EPILOG = ("exit status: 0 scored, 1 the checkpoint is unreadable or corrupt, 2 bad arguments (no such "
                 "folder or checkpoint, no held-out split, data not found)")
 
@@ -171,7 +179,7 @@ def saved_val_acc(ck: dict) -> tuple[Optional[float], Optional[int]]:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, UnloadableCheckpoint
 
     args = _parse(argv)
     try:
@@ -180,9 +188,15 @@ def evaluate_main(argv: list[str]) -> int:
         print(f"allconv-hpc evaluate: error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, OSError) as e:
-        others = sorted(p.name for p in (args.run / "checkpoints").glob("step_*.pt")) if args.run.is_dir() else []
+        damaged = isinstance(e, CheckpointError) and not isinstance(e, UnloadableCheckpoint)  # not another torch's
+        try:
+            bad = _checkpoint_path(args.run, args.checkpoint)  # the file that failed: not offered again
+        except ConfigError:
+            bad = Path()
+        others = sorted(p.name for p in (args.run / "checkpoints").glob("step_*.pt") if not _same_file(p, bad)) \
+            if damaged and args.run.is_dir() else []
         also = (f"; the run's other checkpoints ({', '.join(others)}) may be whole: --checkpoint one of them (train "
-                f"falls back to the newest whole one by itself)") if isinstance(e, CheckpointError) and others else ""
+                f"falls back to the newest whole one by itself)") if others else ""
         print(f"allconv-hpc evaluate: error: {e}{also}", file=sys.stderr)
         return 1
     if not Path(r["checkpoint"]).resolve().is_relative_to((args.run / "checkpoints").resolve()):

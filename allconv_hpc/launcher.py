@@ -340,7 +340,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             name, legacy = default_sweep_dir(common, swept), _legacy_sweep_dir(common, swept)
             sweep_dir = Path(legacy if Path(legacy).is_dir() and not Path(name).exists() else name).absolute()
         hydra_value(sweep_dir, "hydra.sweep.dir")
-    points, cluster = [], None
+    points, cluster, warned = [], None, set()
     for s in swept:
         ov = common + s
         if sweep_dir is not None:
@@ -354,14 +354,20 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             ov = [o for o in ov if _key(o) != "data.root"] + [
                 f"data.root={hydra_value(Path(c.cfg.data.root).expanduser().absolute(), 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
-        check_names(c.cfg.wandb)
+        for said in c.cfg.warnings():
+            if said not in warned:  # once for a sweep
+                warned.add(said)
+                _warn(said)
+        mode = None
         try:
-            preflight_mode(c.cfg.wandb.mode)  # the jobs inherit this environment
+            mode = preflight_mode(c.cfg.wandb.mode)  # the jobs inherit this environment
         except ConfigError as e:
             if not mine["setup"]:
                 raise
             # a setup line may set it for the job (an export, a sourced file, a module): the job's train checks
             _warn(f"{e} (unless cluster.setup sets it for the job, whose train then refuses to start)")
+        if mode != "disabled":
+            check_names(c.cfg.wandb)  # a project or tag W&B would refuse at wandb.init
         if cluster is not None and mine != cluster:
             diff = ", ".join(f"cluster.{k}" for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k))
             raise ConfigError(f"the sweep varies {diff}: one job array has one resource shape; submit one sweep "
@@ -491,40 +497,77 @@ def free_ports(n: int) -> list[int]:
 
 
 # cluster=local has no `srun --kill-on-bad-exit`: submitit's local controller waits for every task. A rank that
-# fails leaves this behind to end its job's other ranks (the controller's other children) that have not ended
-# LOCAL_KILL_WAIT_S later. They usually end at once (their next collective fails on the closed connection); one
-# waiting at the rendezvous for the failed rank, or hung in its own code, would hold the job until
-# cluster.timeout_min. SIGKILL, as Slurm does after KillWait: checkpoints are written by rename, never half.
-LOCAL_KILL_WAIT_S = 10
+# fails leaves this behind to end its job's other ranks (the controller's other children) still running
+# LOCAL_KILL_WAIT_S later: SIGTERM (a rank waiting at the rendezvous ends at once), then SIGKILL as many seconds
+# after (a rank hung in its own code), as Slurm does with KillWait. They usually end long before: their next
+# collective fails on the closed connection, or they failed alike (a diverged run) and rank 0 is finishing its
+# W&B upload, which the wait leaves time for. Checkpoints are written by rename, never half, whatever is killed.
+LOCAL_KILL_WAIT_S = 30
 _REAPER = """
 import os, signal, subprocess, sys, time
+from pathlib import Path
 ppid, wait_s, pids = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-def alive():  # still the controller's children (a pid reused since is not)
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,stat="], capture_output=True, text=True).stdout
-    rows = [line.split() for line in out.splitlines()]
+def alive():  # still the controller's children, not zombies (a pid reused since is not its child)
+    rows = []
+    if Path("/proc/self/stat").exists():  # Linux: no ps needed (a job's PATH may lack /usr/bin)
+        for pid in pids:
+            try:
+                rows.append([pid, *Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1::-1]])
+            except OSError:
+                pass
+    else:  # macOS
+        out = subprocess.run(["/bin/ps", "-A", "-o", "pid=,ppid=,stat="], capture_output=True, text=True).stdout
+        rows = [line.split() for line in out.splitlines()]
     return [r[0] for r in rows if len(r) == 3 and r[0] in pids and r[1] == ppid and not r[2].startswith("Z")]
-end = time.monotonic() + wait_s
-while alive() and time.monotonic() < end:
-    time.sleep(0.5)
-left = alive()
-for pid in left:
-    os.kill(int(pid), signal.SIGKILL)
-if left:
-    print(f"note: killed process(es) {', '.join(left)} of this job, still running {wait_s:g} s after this rank "
-          "failed (cluster=local has no srun --kill-on-bad-exit)", file=sys.stderr, flush=True)
+said = []
+for n, sig in enumerate((signal.SIGTERM, signal.SIGKILL), 1):
+    end = time.monotonic() + wait_s
+    while alive() and time.monotonic() < end:
+        time.sleep(0.5)
+    sent = []
+    for pid in alive():
+        try:
+            os.kill(int(pid), sig)
+            sent.append(pid)
+        except OSError:  # ended meanwhile (or no longer ours)
+            pass
+    if sent:
+        said.append(f"{signal.Signals(sig).name} to {', '.join(sent)} at {n * wait_s:g} s")
+if said:
+    print(f"note: this rank failed, and its job's other ranks still ran: sent {'; '.join(said)} (cluster=local has "
+          "no srun --kill-on-bad-exit)", file=sys.stderr, flush=True)
 """
 
 
-def end_local_peers() -> None:
+def _children(ppid: int) -> list[str]:
+    """The pids of ppid's children: from /proc on Linux (a job's PATH may lack ps), else /bin/ps (macOS)."""
+    proc = Path("/proc")
+    if (proc / "self" / "stat").exists():
+        found = []
+        for p in proc.iterdir():
+            if p.name.isdigit():
+                try:
+                    if p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1] == str(ppid):
+                        found.append(p.name)
+                except (OSError, IndexError):  # ended meanwhile
+                    pass
+        return found
+    out = subprocess.run(["/bin/ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, timeout=10).stdout
+    return [r[0] for r in (line.split() for line in out.splitlines()) if len(r) == 2 and r[1] == str(ppid)]
+
+
+def end_local_peers(controller: int) -> None:
     """After this rank failed in a cluster=local job: end the job's other ranks that do not end by themselves
-    (see LOCAL_KILL_WAIT_S), from a process of its own, so that this one exits now and its peers see it go."""
-    ppid = str(os.getppid())
+    (see LOCAL_KILL_WAIT_S), from a process of its own, so that this one exits now and its peers see it go.
+    `controller`: this rank's parent when it started; if that is no longer its parent (the controller died, and
+    this process now belongs to init or a subreaper), its children are not this job's ranks: nothing is done."""
+    ppid = os.getppid()
+    if ppid != controller or ppid <= 1:
+        return
     try:
-        out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, timeout=10).stdout
-        peers = [r[0] for r in (line.split() for line in out.splitlines())
-                 if len(r) == 2 and r[1] == ppid and r[0] != str(os.getpid())]
+        peers = [pid for pid in _children(ppid) if pid != str(os.getpid())]
         if peers:
-            subprocess.Popen([sys.executable, "-c", _REAPER, ppid, str(LOCAL_KILL_WAIT_S), *peers],
+            subprocess.Popen([sys.executable, "-c", _REAPER, str(ppid), str(LOCAL_KILL_WAIT_S), *peers],
                              stdin=subprocess.DEVNULL, start_new_session=True)
     except (OSError, subprocess.SubprocessError) as e:  # never hide the rank's own failure
         print(f"note: could not look for this job's other ranks to end them ({e}); a hung one holds the job "
@@ -549,16 +592,17 @@ class TrainJob:
         if self.local_port:
             from .distributed import LOCAL_PORT_ENV
             os.environ[LOCAL_PORT_ENV] = str(self.local_port)
+        controller = os.getppid()  # submitit's local controller, whose other children are this job's ranks
         try:
             code = run(self.overrides, submitted=True)
         except BaseException:
             if self.local_port:
-                end_local_peers()
+                end_local_peers(controller)
             raise
         finally:
             ignore_late_signals(self.signal)
         if self.local_port and code not in (0, EXIT_REQUEUED, EXIT_INTERRUPTED, EXIT_GAVE_UP):
-            end_local_peers()  # a failure (the stops above are agreed by all ranks, which leave together)
+            end_local_peers(controller)  # a failure (the stops above are agreed by all ranks, which leave together)
         if code == EXIT_REQUEUED:
             # back in the queue: leave without a result, or submitit would report the job done. SystemExit
             # passes through submitit's `except Exception` (core/submission.py), so no result is written.

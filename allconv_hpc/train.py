@@ -73,8 +73,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         except CheckpointError:  # left to the trainer, which records it in status.json and train.log for `status`
             pass  # (submit refuses such a folder before queueing; a job finds it here)
         check_present(composed.cfg.data)
-        preflight_mode(composed.cfg.wandb.mode)  # a bad WANDB_MODE, or online with no key: before any work
-        check_names(composed.cfg.wandb)  # a project or tag W&B would refuse at wandb.init
+        if preflight_mode(composed.cfg.wandb.mode) != "disabled":  # a bad WANDB_MODE, online with no key...
+            check_names(composed.cfg.wandb)  # ...or a project or tag W&B would refuse at wandb.init
     except ConfigError as e:
         print(f"allconv-hpc: error: {_rank_tag()}{e}", file=sys.stderr)
         return 2
@@ -97,15 +97,17 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         setup_logging(composed.run_dir, env.rank)
     except (DistributedError, ConfigError) as e:  # every rank fails alike, before the rendezvous
         print(f"allconv-hpc: error: {_rank_tag()}{e}", file=sys.stderr)
-        return 2
+        return _released(lock_fd, 2)
     except OSError as e:  # check_run_dir passed, yet the folder or train.log cannot be made (a race, a quota)
         print(f"allconv-hpc: error: cannot write the run folder {composed.run_dir} ({e}); give a writable "
               f"hydra.run.dir", file=sys.stderr)
-        return 2
+        return _released(lock_fd, 2)
     except KeyboardInterrupt:
-        return _interrupted_in_start_up()
+        return _released(lock_fd, _interrupted_in_start_up())
     if env.is_main:
         log.info("run folder %s", composed.run_dir)
+        for said in composed.cfg.warnings():
+            log.warning("%s", said)
         ignored = [o for o in overrides if o.lstrip("+~").startswith(("cluster.", "cluster="))]
         if ignored and not submitted:  # a user expecting `train cluster.tasks_per_node=4` to start 4 ranks
             log.warning("%s: cluster settings are read by allconv-hpc submit only; train runs as it was launched "
@@ -166,6 +168,13 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             trainer.close(exit_code=code)
         elif lock_fd is not None:  # the trainer never took it (its rendezvous failed): this process keeps on
             os.close(lock_fd)
+
+
+def _released(lock_fd: Optional[int], code: int) -> int:
+    """code, after closing the run lock taken before a start-up failure (this process may go on: tests, a library)."""
+    if lock_fd is not None:
+        os.close(lock_fd)
+    return code
 
 
 def _rank_tag() -> str:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod, preprocess, runlock
-from .checkpoint import CheckpointDir, CheckpointError, Writer, load_file, snapshot
+from .checkpoint import CheckpointDir, CheckpointError, Writer, earlier_epochs, load_file, snapshot
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
 from .distributed import Dist, DistEnv, pick_device, set_threads
@@ -143,14 +143,16 @@ def _check_compiler(cuda: bool) -> None:
         what = "a C compiler (Triton builds with $CC, gcc or clang)"
     else:
         try:
+            from torch._inductor import config as inductor
             from torch._inductor.cpp_builder import get_cpp_compiler
         except ImportError:  # another torch's layout: left to its own error at the first step
             return
         try:
-            get_cpp_compiler()  # runs `$CXX --version` (g++ by default), as inductor will
+            get_cpp_compiler()  # runs `$CXX --version` (g++; clang++ on macOS), as inductor will
             return
         except Exception:
-            what = f"a C++ compiler (inductor builds CPU kernels with $CXX, here {os.environ.get('CXX', 'g++')!r})"
+            tried = " or ".join(repr(c) for c in inductor.cpp.cxx if c)
+            what = f"a C++ compiler (inductor builds CPU kernels with $CXX, here {tried})"
     raise ConfigError(f"trainer.compile=true needs {what} and finds none on this node; load one (e.g. `module load "
                       f"gcc`, in cluster.setup for a job) or set trainer.compile=false")
 
@@ -258,7 +260,8 @@ class Trainer:
             mode = self.tracker.mode
             log.info("W&B %s%s", mode, {"offline": f" (run {self.tracker.run_id}; from a machine with network: wandb "
                                                    f"sync {self.run_dir}/wandb/offline-run-*)",
-                                        "online": f" (run {self.tracker.run_id})"}.get(mode, ": history.csv only"))
+                                        "online": f" (run {self.tracker.run_id})"}.get(
+                mode, ": history.csv, and wandb_steps.jsonl for a later start with W&B"))
         # device-side metric sums: [loss_sum, correct, count] for the epoch and the log interval
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.interval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -396,11 +399,7 @@ class Trainer:
 
     def _earlier_epochs(self) -> bool:
         """Whether the folder holds an earlier run's finished epochs: history rows or a best.pt."""
-        try:
-            rows = len((self.run_dir / HISTORY_FILE).read_text().splitlines()) > 1  # more than the header
-        except FileNotFoundError:
-            rows = False
-        return rows or (self.ckpt.folder / "best.pt").is_file()
+        return earlier_epochs(self.run_dir, self.ckpt)
 
     def _move_old_run_aside(self, why: str) -> None:
         """Keep the old run whole in checkpoints.oldN/ (collective); the W&B id goes too: the fresh

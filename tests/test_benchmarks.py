@@ -72,7 +72,8 @@ data.write_cifar(Path(sys.argv[1]), "cifar10", x[:2000], y[:2000], x[2000:], y[2
 @pytest.mark.slow
 def test_time_to_accuracy_forced_build_and_eager_retry(tmp_path):
     """TTA_FORCE_BUILD=1 takes the build branch (from ALLCONV_SHARED_DATA, a given folder ignored), and a
-    compiled run that dies before its first epoch (here: no C++ compiler for inductor) is rerun once eager."""
+    compiled run that dies before its first epoch (here: no C++ compiler for inductor, which train's preflight
+    refuses, exit 2) is rerun once eager."""
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "build_cifar10.py").write_text(_STUB_BUILD)
@@ -80,9 +81,9 @@ def test_time_to_accuracy_forced_build_and_eager_retry(tmp_path):
     r = _script(tmp_path, "time_to_accuracy.sh", "--dry-run", "trainer.threads=1", timeout=600,
                 TTA_FORCE_BUILD=1, ALLCONV_SHARED_DATA=shared, ALLCONV_BENCH_CIFAR=tmp_path / "nowhere", CXX="/bin/false")
     assert f"built CIFAR-10 from the JPEG archive in {shared}" in r.stdout
-    assert "RETRY: the compiled run exited 1 before finishing an epoch" in r.stdout
+    assert "RETRY: the compiled run exited 2 before finishing an epoch" in r.stdout
     doc = json.loads((tmp_path / "out" / "tta.json").read_text())
-    assert doc["compile"] is False and "exited 1" in doc["compile_retry"], doc
+    assert doc["compile"] is False and "exited 2" in doc["compile_retry"], doc
     assert doc["exit_code"] == 0 and doc["epochs_run"] == 2 and doc["overrides"].endswith("trainer.compile=false")
     assert doc["data"] != str(tmp_path / "nowhere")
 

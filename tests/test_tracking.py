@@ -262,6 +262,7 @@ def test_online_without_a_key_is_refused_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("wcfg,said", [
     (WandbConfig(project="a/b"), "wandb.project: W&B refuses it (Invalid project name 'a/b'"),
+    (WandbConfig(tags=[1, "b"]), "wandb.tags=[1, 'b'] must be strings; quote the others, e.g. wandb.tags=['1','b']"),
     (WandbConfig(tags=["x" * 70]), "wandb.tags: W&B refuses it (Tag 'xxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxx' "
                                    "is 70 characters. Tags must be between 1 and 64 characters)"),
 ])
