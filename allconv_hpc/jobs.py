@@ -80,20 +80,34 @@ def _pid_runs(pid: int) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):  # PermissionError: the pid is another user's now
         return False
-    return _process_state(pid) not in ("Z", None)
+    st = process_stat(pid)
+    return st is not None and st[0] != "Z"
 
 
-def _process_state(pid: int) -> Optional[str]:
-    """The kernel's one-letter state of process pid (Z: a zombie), None when it is gone; from /proc, or from
-    ps where there is no /proc (macOS)."""
+def process_stat(pid: int) -> Optional[tuple[str, int]]:
+    """(the kernel's one-letter state, Z for a zombie; the parent's pid) of process pid, None when it is gone;
+    from /proc, or from ps where there is no /proc (macOS; /bin/ps: a job's PATH may lack /usr/bin)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # "pid (comm) S ppid ...": comm
+        return fields[0], int(fields[1])                                           # may hold spaces and ")"
     except FileNotFoundError:
-        if Path("/proc/self").exists():  # Linux: it ended since os.kill
+        if Path("/proc/self").exists():  # Linux: it ended
             return None
-        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
-        return out.strip()[:1] or None
-    return stat.rsplit(")", 1)[1].split()[0]  # "pid (comm) S ...": comm may hold spaces and ")"
+    except (OSError, IndexError, ValueError):
+        return None
+    out = subprocess.run(["/bin/ps", "-o", "stat=,ppid=", "-p", str(pid)], capture_output=True, text=True).stdout
+    said = out.split()
+    return (said[0][:1], int(said[1])) if len(said) == 2 and said[1].isdigit() else None
+
+
+def children(ppid: int) -> list[int]:
+    """The pids of process ppid's children that run (not zombies): from /proc on Linux, else one /bin/ps."""
+    if Path("/proc/self").exists():
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+        return [pid for pid in pids if (st := process_stat(pid)) is not None and st[1] == ppid and st[0] != "Z"]
+    out = subprocess.run(["/bin/ps", "-A", "-o", "pid=,ppid=,stat="], capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines()]
+    return [int(r[0]) for r in rows if len(r) == 3 and r[1] == str(ppid) and not r[2].startswith("Z")]
 
 
 NO_ANSWER = "NO ANSWER"  # queued_state: squeue did not answer (timeout, controller down)

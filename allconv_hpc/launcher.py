@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -503,57 +504,31 @@ def free_ports(n: int) -> list[int]:
 # collective fails on the closed connection, or they failed alike (a diverged run) and rank 0 is finishing its
 # W&B upload, which the wait leaves time for. Checkpoints are written by rename, never half, whatever is killed.
 LOCAL_KILL_WAIT_S = 30
-_REAPER = """
-import os, signal, subprocess, sys, time
-from pathlib import Path
-ppid, wait_s, pids = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-def alive():  # still the controller's children, not zombies (a pid reused since is not its child)
-    rows = []
-    if Path("/proc/self/stat").exists():  # Linux: no ps needed (a job's PATH may lack /usr/bin)
-        for pid in pids:
+_REAPER = ("import sys; from allconv_hpc.launcher import _reap; "
+           "_reap(int(sys.argv[1]), float(sys.argv[2]), [int(p) for p in sys.argv[3:]])")
+
+
+def _reap(controller: int, wait_s: float, pids: list[int]) -> None:
+    """Run by the reaper process: SIGTERM then SIGKILL, wait_s apart, to those of pids still the controller's
+    running children (a pid reused since is not its child); a note on stderr (the failed rank's .err) says so."""
+    from .jobs import children
+    said = []
+    for n, sig in enumerate((signal.SIGTERM, signal.SIGKILL), 1):
+        end = time.monotonic() + wait_s
+        while set(pids) & set(children(controller)) and time.monotonic() < end:
+            time.sleep(0.5)
+        sent = []
+        for pid in set(pids) & set(children(controller)):
             try:
-                rows.append([pid, *Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1::-1]])
-            except OSError:
+                os.kill(pid, sig)
+                sent.append(str(pid))
+            except OSError:  # ended meanwhile (or no longer ours)
                 pass
-    else:  # macOS
-        out = subprocess.run(["/bin/ps", "-A", "-o", "pid=,ppid=,stat="], capture_output=True, text=True).stdout
-        rows = [line.split() for line in out.splitlines()]
-    return [r[0] for r in rows if len(r) == 3 and r[0] in pids and r[1] == ppid and not r[2].startswith("Z")]
-said = []
-for n, sig in enumerate((signal.SIGTERM, signal.SIGKILL), 1):
-    end = time.monotonic() + wait_s
-    while alive() and time.monotonic() < end:
-        time.sleep(0.5)
-    sent = []
-    for pid in alive():
-        try:
-            os.kill(int(pid), sig)
-            sent.append(pid)
-        except OSError:  # ended meanwhile (or no longer ours)
-            pass
-    if sent:
-        said.append(f"{signal.Signals(sig).name} to {', '.join(sent)} at {n * wait_s:g} s")
-if said:
-    print(f"note: this rank failed, and its job's other ranks still ran: sent {'; '.join(said)} (cluster=local has "
-          "no srun --kill-on-bad-exit)", file=sys.stderr, flush=True)
-"""
-
-
-def _children(ppid: int) -> list[str]:
-    """The pids of ppid's children: from /proc on Linux (a job's PATH may lack ps), else /bin/ps (macOS)."""
-    proc = Path("/proc")
-    if (proc / "self" / "stat").exists():
-        found = []
-        for p in proc.iterdir():
-            if p.name.isdigit():
-                try:
-                    if p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1] == str(ppid):
-                        found.append(p.name)
-                except (OSError, IndexError):  # ended meanwhile
-                    pass
-        return found
-    out = subprocess.run(["/bin/ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, timeout=10).stdout
-    return [r[0] for r in (line.split() for line in out.splitlines()) if len(r) == 2 and r[1] == str(ppid)]
+        if sent:
+            said.append(f"{signal.Signals(sig).name} to {', '.join(sorted(sent))} at {n * wait_s:g} s")
+    if said:
+        print(f"note: this rank failed, and its job's other ranks still ran: sent {'; '.join(said)} (cluster=local "
+              f"has no srun --kill-on-bad-exit)", file=sys.stderr, flush=True)
 
 
 def end_local_peers(controller: int) -> None:
@@ -564,8 +539,9 @@ def end_local_peers(controller: int) -> None:
     ppid = os.getppid()
     if ppid != controller or ppid <= 1:
         return
+    from .jobs import children
     try:
-        peers = [pid for pid in _children(ppid) if pid != str(os.getpid())]
+        peers = [str(pid) for pid in children(ppid) if pid != os.getpid()]
         if peers:
             subprocess.Popen([sys.executable, "-c", _REAPER, str(ppid), str(LOCAL_KILL_WAIT_S), *peers],
                              stdin=subprocess.DEVNULL, start_new_session=True)

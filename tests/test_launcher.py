@@ -1060,15 +1060,12 @@ def test_a_hung_rank_of_a_local_job_is_ended_with_it(tmp_path):
     controller = int(json.loads((run / "submission.json").read_text())["job_id"])
 
     def alive(pid):
-        try:
-            return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except FileNotFoundError:
-            return False
+        st = jobs.process_stat(pid)
+        return st is not None and st[0] != "Z"
     try:
         wait_for_line(run / "train.log", "epoch 2 step", timeout=120)
-        rank1 = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and alive(p.name)
-                 and Path(p, "stat").read_text().rsplit(")", 1)[1].split()[1] == str(controller)
-                 and b"SUBMITIT_LOCAL_GLOBALID=1\0" in Path(p, "environ").read_bytes()]
+        rank1 = [pid for pid in jobs.children(controller)
+                 if b"SUBMITIT_LOCAL_GLOBALID=1\0" in Path(f"/proc/{pid}/environ").read_bytes()]
         assert len(rank1) == 1, rank1
         os.kill(rank1[0], signal.SIGSTOP)
         t0 = time.monotonic()
