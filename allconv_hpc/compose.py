@@ -102,11 +102,16 @@ def override_error(overrides: list[str], e: Exception) -> str:
     return f"bad overrides: {msg}"
 
 
+def override_key(override: str) -> str:
+    """'++a.b=1' -> 'a.b' (Hydra's +, ++ and ~ say how to apply a key, not which key)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _check_override_keys(overrides: list[str]) -> None:
     """`~key` deletes a key that the typed config then fills with its dataclass default, behind the printed
     config's back (and .hydra/config.yaml's): refused."""
     for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
+        key = override_key(o)
         if o.startswith("~") and key.split(".")[0] in (*SECTIONS, "seed"):
             raise ConfigError(f"{o} deletes {key}, which every run has; set it instead ({key}=...)")
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .compose import override_key as _key
 from .config import CLUSTER_KEYS, ConfigError, resumable_change
 from . import runlock
 from .fsio import read_json, write_atomic
@@ -130,10 +131,6 @@ def point_dirname(swept: list[str]) -> str:
     name = ",".join(sorted(swept)) or "run"
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
 
-
-def _key(override: str) -> str:
-    """'++a.b=1' -> 'a.b' (Hydra's +, ++ and ~ say how to apply a key, not which key)."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _launch_only(key: str) -> bool:
