@@ -112,7 +112,7 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
                     raise ConfigError(f"{o.input_line!r} is a sweep; add -m to submit a sweep, or quote a value that "
                                       f"holds commas: '{key}=\"{value}\"'")
                 try:
-                    values = list(o.sweep_string_iterator())
+                    values = _range_values(o) if o.is_range_sweep() else list(o.sweep_string_iterator())
                 except HydraException:  # interval(...): for optimizing sweepers, nothing to enumerate
                     values = []
                 if not values:
@@ -124,6 +124,25 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
         GlobalHydra.instance().clear()
     points = [list(p) for p in itertools.product(*axes)] if axes else [[]]
     return common, points
+
+
+def _range_values(o) -> list[str]:
+    """range(start, stop[, step]) as Python's range, also for floats: Hydra steps floats in the binary
+    values' Decimals, so range(0.1,0.4,0.1) gave 0.30000000000000004 and a fourth point, 0.4. Here the
+    numbers as written are stepped exactly, the stop left out."""
+    import decimal
+    import random
+
+    r = o.value()
+    start, stop, step = (decimal.Decimal(repr(v)) for v in (r.start, r.stop, r.step))
+    if step == 0:
+        raise ConfigError(f"{o.input_line!r}: a range's step must not be 0")
+    n = max(0, int(((stop - start) / step).to_integral_value(rounding=decimal.ROUND_CEILING)))
+    as_int = all(isinstance(v, int) for v in (r.start, r.stop, r.step))
+    values = [str(int(v)) if as_int else repr(float(v)) for v in (start + i * step for i in range(n))]
+    if r.shuffle:
+        random.shuffle(values)
+    return values
 
 
 def point_dirname(swept: list[str]) -> str:

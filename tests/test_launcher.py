@@ -344,6 +344,26 @@ def test_glob_sweeps_config_group_options(tmp_path):
     assert sorted(tuple(p) for p in swept) == [(f"model=allcnn_{m}", f"seed={s}") for m in "abc" for s in (0, 1)]
 
 
+@pytest.mark.parametrize("sweep,values", [
+    ("optim.lr=range(0.1,0.4,0.1)", ["0.1", "0.2", "0.3"]),  # Hydra: 0.30000000000000004 and 0.4 as well
+    ("optim.lr=range(0.01,0.05,0.01)", ["0.01", "0.02", "0.03", "0.04"]),
+    ("optim.lr=range(0.1,0.35,0.1)", ["0.1", "0.2", "0.3"]),
+    ("optim.lr=range(0.5,0.05,-0.2)", ["0.5", "0.3", "0.1"]),
+    ("seed=range(3,0,-1)", ["3", "2", "1"]), ("seed=range(3)", ["0", "1", "2"])])
+def test_range_sweeps_step_the_numbers_as_written_and_leave_out_the_stop(sweep, values):
+    _, swept = launcher.expand_sweep([sweep], multirun=True)
+    key = sweep.split("=")[0]
+    assert swept == [[f"{key}={v}"] for v in values]
+    _, shuffled = launcher.expand_sweep([f"{key}=shuffle({sweep.split('=', 1)[1]})"], multirun=True)
+    assert sorted(shuffled) == sorted(swept)
+
+
+@pytest.mark.parametrize("sweep", ["seed=range(0,3,0)", "optim.lr=range(0.1,0.3,0.0)"])
+def test_a_range_with_step_zero_is_one_line(sweep):
+    with pytest.raises(ConfigError, match=r"a range's step must not be 0"):
+        launcher.expand_sweep([sweep], multirun=True)
+
+
 @pytest.mark.parametrize("sweep", ["optim.lr=interval(0.01,0.1)", "seed=glob(*)", "model=glob(nothing_*)"])
 def test_sweeps_without_values_to_submit_are_one_line(tmp_path, capsys, monkeypatch, sweep):
     monkeypatch.chdir(tmp_path)
