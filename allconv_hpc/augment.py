@@ -24,13 +24,17 @@ import torch
 MAX_SHIFT = {"paper": 5, "seed": 3, "none": 0}
 KERAS_SHIFT_PX = 0.1 * 32  # width/height_shift_range=0.1 of a 32 px image
 SEED_MASK = (1 << 63) - 1
+# A run's random streams: stream offset + i (an epoch, a rank) goes through mix_seed. The offsets are
+# 2**40 apart and no epoch count or world size reaches 2**40, so within a run no two streams share a seed.
+AUG_STREAM, ORDER_STREAM, DROPOUT_STREAM, INIT_STREAM = 0, 1 << 40, 2 << 40, 3 << 40
 
 
 def mix_seed(seed: int, epoch: int) -> int:
-    """The augmentation generator's seed for (seed, epoch): seed * 1_000_003 + epoch, kept in 63 bits.
+    """A stream's generator seed for (seed, epoch): seed * 1_000_003 + epoch, kept in 63 bits; `epoch` is
+    a stream offset (above) plus an epoch or a rank.
 
-    1_000_003 is a prime far above any epoch count, so distinct (seed, epoch) pairs never collide.
-    (data.TrainBatches mixes the shuffle order differently, so order and augmentation are independent.)
+    1_000_003 is a prime far above any epoch count, so a run's (seed, epoch) pairs never collide.
+    (The data subsets, data.test_size and data.train_size, draw from the seed itself: a run resumes on its images.)
     """
     return (seed * 1_000_003 + epoch) & SEED_MASK
 
@@ -63,7 +67,7 @@ def draw_params(n: int, seed: int, epoch: int, mode: str) -> AugParams:
     if mode == "none":
         zeros = torch.zeros(n, dtype=torch.int8)
         return AugParams(zeros, zeros.clone(), torch.zeros(n, dtype=torch.bool))
-    g = torch.Generator().manual_seed(mix_seed(seed, epoch))
+    g = torch.Generator().manual_seed(mix_seed(seed, AUG_STREAM + epoch))
     if mode == "seed":  # Keras: a continuous shift, rounded by its nearest-neighbour sampling
         dx, dy = (((torch.rand(n, generator=g) * 2 - 1) * KERAS_SHIFT_PX).round().to(torch.int8) for _ in "xy")
     else:

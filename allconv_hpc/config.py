@@ -248,7 +248,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # numpy's seeds stop at 2**32, and the trainer's per-rank seeds (seed * 1_000_003 + rank + 1) must fit torch's
+        # numpy's seeds stop at 2**32, and the streams' seeds (augment.mix_seed: seed * 1_000_003 + offset) must fit torch's
         _check(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")
         _check(self.model.num_classes == self.data.num_classes,
                f"model.num_classes={self.model.num_classes} != data.num_classes={self.data.num_classes}")

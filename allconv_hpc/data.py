@@ -359,8 +359,8 @@ def _chunk(n: int, world: int, rank: int) -> tuple[int, int]:
 
 
 def _order_seed(seed: int, epoch: int) -> int:
-    """Shuffle-order generator seed: the augmentation mix shifted by 2**40 epochs, so the two never meet."""
-    return aug.mix_seed(seed, epoch + (1 << 40))
+    """Shuffle-order generator seed: its own stream, so order and augmentation never meet."""
+    return aug.mix_seed(seed, aug.ORDER_STREAM + epoch)
 
 
 class TrainBatches:

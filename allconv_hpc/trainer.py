@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod, preprocess, runlock
+from .augment import DROPOUT_STREAM, INIT_STREAM, mix_seed
 from .checkpoint import CheckpointDir, CheckpointError, Writer, earlier_epochs, load_file, snapshot
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
@@ -212,7 +213,7 @@ class Trainer:
         self.steps_per_epoch = self.batches.steps_per_epoch  # >= 1: TrainBatches refuses a batch leaving none
 
         # model: identical init on every rank (DDP also broadcasts rank 0's weights)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(mix_seed(cfg.seed, INIT_STREAM))
         model = build_model(cfg.model)
         if env.is_main:  # on the CPU copy, before it moves: no round trip of the weights
             log.info("model %s (width %g):\n%s", cfg.model.name, cfg.model.width, summary(model))
@@ -233,7 +234,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and cuda)
         self.state = TrainState()
         # per-rank dropout streams; restored exactly from the checkpoint on resume
-        torch.manual_seed(cfg.seed * 1_000_003 + env.rank + 1)
+        torch.manual_seed(mix_seed(cfg.seed, DROPOUT_STREAM + env.rank))
         self.resumed_from = self._maybe_resume()
         # the lr of the last step taken (logged in history); set by every step from here on
         self._lr_used = cfg.lr * lr_factor(max(0, self.state.global_step - 1), cfg.schedule,

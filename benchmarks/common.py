@@ -126,7 +126,7 @@ class BareLoop:
 
     def __init__(self, cfg, device: torch.device, batches: list[tuple[torch.Tensor, torch.Tensor]],
                  precision: str = "fp32", channels_last: bool = False, compile: bool = False):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(aug.mix_seed(cfg.seed, aug.INIT_STREAM))  # the trainer's init
         self.model = build_model(cfg.model).to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
