@@ -23,14 +23,19 @@ import torch
 
 MAX_SHIFT = {"paper": 5, "seed": 3, "none": 0}
 KERAS_SHIFT_PX = 0.1 * 32  # width/height_shift_range=0.1 of a 32 px image
-SEED_MASK = (1 << 63) - 1
+# torch's CPU generator (mt19937) draws from the low 32 bits of a seed alone: seeds equal in those bits
+# give the same numbers, so every seed here is kept to 32 bits, where streams must differ.
+SEED_MASK = (1 << 32) - 1
 # A run's random streams: stream offset + i (an epoch, a rank) goes through mix_seed. The offsets are
-# 2**40 apart and no epoch count or world size reaches 2**40, so within a run no two streams share a seed.
-AUG_STREAM, ORDER_STREAM, DROPOUT_STREAM, INIT_STREAM = 0, 1 << 40, 2 << 40, 3 << 40
+# 2**28 apart and no epoch count or world size reaches 2**28, so within a run no two streams share a seed.
+AUG_STREAM, ORDER_STREAM, DROPOUT_STREAM, INIT_STREAM = 0, 1 << 28, 2 << 28, 3 << 28
+# Runs begun before 2026-12-03 (their checkpoints' train_state has no "streams") shuffled with the offset
+# 1 << 40, which is 0 in 32 bits: their order drew the numbers of their augmentation. They resume with it.
+LEGACY_ORDER_STREAM = 1 << 40
 
 
 def mix_seed(seed: int, epoch: int) -> int:
-    """A stream's generator seed for (seed, epoch): seed * 1_000_003 + epoch, kept in 63 bits; `epoch` is
+    """A stream's generator seed for (seed, epoch): seed * 1_000_003 + epoch, kept in 32 bits; `epoch` is
     a stream offset (above) plus an epoch or a rank.
 
     1_000_003 is a prime far above any epoch count, so a run's (seed, epoch) pairs never collide.

@@ -358,9 +358,10 @@ def _chunk(n: int, world: int, rank: int) -> tuple[int, int]:
     return lo, lo + q + (rank < r)
 
 
-def _order_seed(seed: int, epoch: int) -> int:
-    """Shuffle-order generator seed: its own stream, so order and augmentation never meet."""
-    return aug.mix_seed(seed, aug.ORDER_STREAM + epoch)
+def _order_seed(seed: int, epoch: int, stream: int = aug.ORDER_STREAM) -> int:
+    """Shuffle-order generator seed: its own stream, so order and augmentation never meet (`stream`:
+    aug.LEGACY_ORDER_STREAM for a run begun before they were apart)."""
+    return aug.mix_seed(seed, stream + epoch)
 
 
 class TrainBatches:
@@ -390,6 +391,7 @@ class TrainBatches:
         self.seed, self.augment, self.fill = seed, augment, aug.augment_mode_fill(augment)
         self.mean, self.std = tuple(mean), tuple(std)
         self.drop_last, self.channels_last = drop_last, channels_last
+        self.order_stream = aug.ORDER_STREAM  # the trainer sets a resumed older run's
 
     @property
     def steps_per_epoch(self) -> int:
@@ -397,7 +399,7 @@ class TrainBatches:
 
     def order(self, epoch: int) -> torch.Tensor:
         """The epoch's permutation of range(N) (CPU int64); the same on every rank."""
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_order_seed(self.seed, epoch)))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_order_seed(self.seed, epoch, self.order_stream)))
 
     def _bounds(self, step: int) -> tuple[int, int, int]:
         """This rank's [lo, hi) in the epoch order for `step`, and the global batch size."""

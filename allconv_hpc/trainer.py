@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod, preprocess, runlock
-from .augment import DROPOUT_STREAM, INIT_STREAM, mix_seed
+from .augment import DROPOUT_STREAM, INIT_STREAM, LEGACY_ORDER_STREAM, mix_seed
 from .checkpoint import CheckpointDir, CheckpointError, Writer, earlier_epochs, load_file, snapshot
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, Config, ConfigError
@@ -69,6 +69,7 @@ class TrainState:
     timeouts: int = 0               # requeues after time limits so far, in the Slurm job `timeouts_job`
     timeouts_job: Optional[str] = None
     wandb_id: Optional[str] = None
+    streams: int = 2                # random streams version: 1 = a run begun before order and augmentation were apart
 
     def count_timeout(self, job_id: str, max_requeues: int) -> bool:
         """Count a time-limit warning of Slurm job `job_id`; False once max_requeues are used up.
@@ -320,7 +321,9 @@ class Trainer:
         self.sched.load_state_dict(ck["scheduler"])
         if ck["scaler"]:  # empty when the checkpoint's run had no fp16 scaler (precision may change on resume)
             self.scaler.load_state_dict(ck["scaler"])
-        self.state = TrainState(**ck["train_state"])
+        self.state = TrainState(**{"streams": 1, **ck["train_state"]})  # no "streams": written before it
+        if self.state.streams < 2:  # its epochs' orders as they began; exact resume before independence
+            self.batches.order_stream = LEGACY_ORDER_STREAM
         if self.env.is_main:
             self._best_file_acc = self._best_file_holds(ck)
         self._resume_sums = (ck["epoch_sums"].to(self.device), ck["interval_sums"].to(self.device))

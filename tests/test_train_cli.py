@@ -260,8 +260,10 @@ def test_learns_synthetic_well_above_chance(tmp_path):
     r = train(tmp_path, run_dir, LEARN)
     rows = _history(run_dir)
     assert len(rows) == 4
-    assert rows[-1]["val_acc"] >= 0.5, rows  # chance is 0.1
-    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
+    # chance is 0.1 (loss 2.30); over seeds 0-5: final val_acc 0.37-0.98, train loss down by 0.58-2.1 (half
+    # the seeds find the squares within these 4 epochs, half are on their way)
+    assert rows[-1]["val_acc"] >= 0.3, rows
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.4
     print(f"learn run: {r.elapsed:.1f} s, val_acc {[h['val_acc'] for h in rows]}")
 
 

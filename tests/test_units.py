@@ -677,3 +677,52 @@ def test_a_json_record_that_is_not_an_object_reads_as_empty(tmp_path):
         path.write_text(text)
         assert read_json(path) == want, text
     assert read_json(tmp_path / "missing.json") == {}
+
+
+def test_init_dropout_order_and_augmentation_draw_different_numbers_and_older_runs_keep_their_order(tmp_path):
+    """torch's CPU generator reads only the low 32 bits of a seed: the shuffle order's offset 2**40 made
+    each epoch's order draw the numbers of its augmentation, rank r's dropout drew epoch r+1's, and seed=0's
+    init epoch 0's. A new run's streams differ; a run begun before resumes with its old order."""
+    from allconv_hpc import augment as aug
+    from allconv_hpc.checkpoint import load_file, write_file
+    from allconv_hpc.compose import compose
+    from allconv_hpc.distributed import DistEnv
+    from allconv_hpc.models import build_model
+    from allconv_hpc.trainer import Trainer
+
+    def draws(seed):
+        return torch.rand(64, generator=torch.Generator().manual_seed(seed))
+
+    c = compose(["data=synthetic", "data.train_size=64", "data.test_size=32", "model.width=0.125", "seed=0",
+                 "wandb.mode=disabled", "trainer.threads=1", f"hydra.run.dir={tmp_path / 'run'}"])
+    tr = Trainer(c.cfg, c.cfg_dict, c.run_dir, DistEnv(source="single")).setup()
+    try:
+        dropout = torch.rand(64)  # the global generator, as dropout on the CPU draws it
+        first_conv = next(tr.model.parameters()).detach().cpu().clone()
+        orders = [tr.batches.order(e) for e in range(3)]
+        tr.save()
+        tr.wait_checkpoints()
+    finally:
+        tr.close()
+    augmentation = [draws(aug.mix_seed(0, e)) for e in range(8)]
+    assert not any(torch.equal(dropout, a) for a in augmentation)
+    assert torch.equal(dropout, draws(aug.mix_seed(0, aug.DROPOUT_STREAM)))
+    for e, order in enumerate(orders):
+        assert not torch.equal(order, torch.randperm(64, generator=torch.Generator().manual_seed(aug.mix_seed(0, e))))
+    torch.manual_seed(0)  # epoch 0's augmentation seed
+    assert not torch.equal(next(build_model(c.cfg.model).parameters()), first_conv)
+    torch.manual_seed(aug.mix_seed(0, aug.INIT_STREAM))
+    assert torch.equal(next(build_model(c.cfg.model).parameters()), first_conv)
+
+    for path in (tmp_path / "run" / "checkpoints").glob("*.pt"):  # as a run begun before wrote them
+        ck = load_file(path)
+        assert ck["train_state"].pop("streams") == 2
+        write_file(path, ck)
+    tr = Trainer(c.cfg, c.cfg_dict, c.run_dir, DistEnv(source="single")).setup()
+    try:
+        assert tr._resume_sums is not None and tr.state.streams == 1
+        old = [torch.randperm(64, generator=torch.Generator().manual_seed(0 * 1_000_003 + e + (1 << 40)))
+               for e in range(3)]
+        assert all(torch.equal(tr.batches.order(e), o) for e, o in enumerate(old))
+    finally:
+        tr.close()
