@@ -110,6 +110,7 @@ main() {
   : > "$STATUS"
   trap 'rm -rf "$WORK"' EXIT
   export WANDB_MODE=disabled PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
+  export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"  # one node, no network: no hostname lookup
 
   local BUDGET RESERVE=35  # the summary gets RESERVE - 5 s: torch + hydra + CUDA init
   BUDGET="${GPU_CHECK_BUDGET_S:-$([[ $MODE == dry ]] && echo 1800 || echo 450)}"
@@ -164,7 +165,7 @@ main() {
 
   local -a GB TORCHRUN TRAIN_ARGS
   GB=("$PY" "$BENCH/gpu_bench.py" --out "$SECT" ${DRYFLAG[@]+"${DRYFLAG[@]}"})
-  TORCHRUN=("$PY" -m torch.distributed.run --standalone)
+  TORCHRUN=("$PY" -m torch.distributed.run --standalone --local-addr=127.0.0.1)
   TRAIN_ARGS=(data=synthetic "data.train_size=$NTRAIN" data.test_size=256 "model.width=$WIDTH"
               "trainer.batch_size=$BATCH" "trainer.device=$DEV" trainer.log_every_steps=4 trainer.progress=log
               checkpoint.every_steps=5 wandb.mode=disabled ${EXTRA[@]+"${EXTRA[@]}"})
@@ -181,9 +182,10 @@ main() {
     grep -q "resumed from" "$WORK/resume.log" || { echo "second run did not resume" >&2; return 1; }
     grep -q "done: best val_acc" "$WORK/resume.log"
     "$PY" -m allconv_hpc.cli evaluate "$run" --checkpoint last --device "$DEV" --json > "$WORK/eval.json"
-    "$PY" - "$run/status.json" "$WORK/eval.json" <<'EOF'
+    "$PY" - "$run/status.json" "$WORK/eval.json" "$SECT/torchrun1.json" <<'EOF'
 import json, math, sys
-st, ev = (json.load(open(p)) for p in sys.argv[1:])
+st, ev = (json.load(open(p)) for p in sys.argv[1:3])
+json.dump({"evaluate": ev, "run_test_acc": st["test_acc"], "run_test_loss": st["test_loss"]}, open(sys.argv[3], "w"))
 print(f"evaluate: {ev['split']} acc {ev['accuracy']:.4f} loss {ev['loss']:.4f} ({ev['images']} images, "
       f"{ev['precision']} on {ev['device']}); the run's own: acc {st['test_acc']:.4f} loss {st['test_loss']:.4f}")
 assert abs(ev["accuracy"] - st["test_acc"]) <= 2 / ev["images"] + 1e-9, "evaluate disagrees with the run's test_acc"
@@ -210,7 +212,7 @@ EOF
 
   # -e: the child bash does not inherit errexit, and without it a failing step inside would pass
   local -a RUN1 RUN2
-  RUN1=(bash -eo pipefail -c "$(declare -p TORCHRUN TRAIN_ARGS BACKEND WORK PY DEV); $(declare -f ddp_one_rank); ddp_one_rank")
+  RUN1=(bash -eo pipefail -c "$(declare -p TORCHRUN TRAIN_ARGS BACKEND WORK SECT PY DEV); $(declare -f ddp_one_rank); ddp_one_rank")
   RUN2=(bash -eo pipefail -c "$(declare -p TORCHRUN TRAIN_ARGS WORK SECT DEV); $(declare -f ddp_two_ranks_compiled); ddp_two_ranks_compiled")
 
   # name key nominal_s min_s kill_grace_s command; estimates on one H100/H200 are in README.md
@@ -219,16 +221,17 @@ EOF
   section "torchrun 1 rank: train+ckpt+resume"   torchrun1   120  40 30 "${RUN1[@]}"
   # 1 rank has no peer to reach over SHM/P2P, so disabling them costs nothing and spares a sandbox
   # with little /dev/shm space
-  section "nccl-ddp (package's 1-rank group)"    nccl         90  25 10 env NCCL_DEBUG=WARN NCCL_SHM_DISABLE=1 NCCL_P2P_DISABLE=1 "${GB[@]}" nccl
+  section "nccl-ddp (package's 1-rank group)"    nccl         90  25 10 env NCCL_DEBUG=WARN NCCL_SHM_DISABLE=1 NCCL_P2P_DISABLE=1 NCCL_SOCKET_IFNAME=lo "${GB[@]}" nccl
   section "CUDA syncs per Trainer step"          syncs        60  20 10 "${GB[@]}" syncs
   section "bf16 matmul peak"                     matmul       45  15 10 "${GB[@]}" matmul
   section "throughput grid, eager (+MFU)"        grid_eager  120  30 10 "${GB[@]}" grid
+  # before the rest: the only compile + DDP check on CUDA (the TTA run compiles one rank only)
+  # two ranks compile at once on 16 cores: 8 inductor compile workers each
+  section "torchrun 2 ranks gloo + compile"      ddp2_compile 200 120 30 env TORCHINDUCTOR_COMPILE_THREADS=8 "${RUN2[@]}"
   section "Trainer vs bare loop, batch 128"      overhead     90  25 10 "${GB[@]}" overhead
   section "checkpoint save/load"                 checkpoint   90  20 10 "${GB[@]}" checkpoint
   section "gcn_zca whitening fit on the device"  whiten       60  25 10 "${GB[@]}" whiten
   section "one 50k epoch via fit()"              epoch       120  30 10 "${GB[@]}" epoch
-  # two ranks compile at once on 16 cores: 8 inductor compile workers each
-  section "torchrun 2 ranks gloo + compile"      ddp2_compile 200 120 30 env TORCHINDUCTOR_COMPILE_THREADS=8 "${RUN2[@]}"
   section "throughput grid, compiled (+MFU)"     grid_compiled 240 40 10 "${GB[@]}" grid --compiled
 
   header "summary"

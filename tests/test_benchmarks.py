@@ -33,6 +33,8 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path):
     assert len(status) == 13 and set(status.values()) == {"ok"} and not doc["failed"], status
     res = doc["results"]
     assert res["correctness"]["pass"] and res["nccl"]["ok"] and res["ddp2_compile"]["ok"] and res["whiten"]["ok"]
+    t1 = res["torchrun1"]  # evaluate's score of the resumed run's checkpoint, next to the run's own
+    assert abs(t1["evaluate"]["accuracy"] - t1["run_test_acc"]) <= 2 / t1["evaluate"]["images"] + 1e-9, t1
     ck = res["checkpoint"]
     assert ck["save_ms"] > 0 and ck["durable_save_ms"] > 0, ck  # blocking and durable (background write) both measured
     assert "gpu_check: all sections that ran passed" in r.stdout
