@@ -658,8 +658,15 @@ def make_executor(cluster: dict, folder: Path):
                              signal_delay_s=cluster["signal_lead_s"], setup=_local_setup(cluster["setup"], folder),
                              visible_gpus=local_gpus(cluster["gpus_per_node"]))
         return ex
-    ex = submitit.SlurmExecutor(folder=str(folder))
+    # the task's python starts with our signal ignored (SIG_IGN survives exec): a warning in the ~0.3 s
+    # before submitit's handler is in place killed the task, and the job ended FAILED, not requeued
+    import shlex
+    ignoring = f'trap "" {_signal_name(cluster)}; exec "$0" "$@"'
+    ex = submitit.SlurmExecutor(folder=str(folder),
+                                python=f"/bin/sh -c {shlex.quote(ignoring)} {shlex.quote(sys.executable)}")
     extra = dict(cluster.get("additional_parameters") or {})
+    # queued held, released once submitit has made the job's folder (see release_held)
+    extra.setdefault("hold", True)
     # explicit both ways: without --no-requeue the site's default (JobRequeue) decides
     extra["requeue" if cluster["requeue"] else "no_requeue"] = True
     # our signal, sent to the srun tasks (no "B:"): the trainer checkpoints at a step boundary
@@ -891,7 +898,10 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
         for p in todo:
             if p.cfg is not None:
                 p.skip = check_run_folder(p.run_dir, p.cfg, sweep=sweep_dir is not None, overrides=p.overrides)
-        return _submit_locked(points, sweep_dir, cluster, base)
+        jobs = _submit_locked(points, sweep_dir, cluster, base)
+    if jobs and cluster["backend"] == "slurm" and not (cluster.get("additional_parameters") or {}).get("hold"):
+        release_held(jobs)  # after the lock: a failure must not remove the folders of queued jobs
+    return jobs
 
 
 def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict, base: Path) -> list:
@@ -933,6 +943,21 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
     if sweep_dir is not None:
         _write_sweep(sweep_dir, every, records, cluster, now)
     return jobs
+
+
+def release_held(jobs: list) -> None:
+    """Start the jobs submit queued held. Slurm opens a task's log in .submitit/<job id>/ as the task
+    starts, and submitit makes that folder only after sbatch has answered: an idle cluster started a job
+    first (seen: FAILED in 0.04 s, no log, "Could not open stdout file")."""
+    ids = sorted({str(j.job_id).split("_")[0] for j in jobs})  # an array's tasks: its own id
+    try:
+        r = subprocess.run(["scontrol", "release", *ids], capture_output=True, text=True, timeout=60)
+        said = (r.stderr or r.stdout).strip() if r.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as e:
+        said = str(e)
+    if said:
+        raise ConfigError(f"job(s) {' '.join(ids)} are queued held and `scontrol release` failed ({said}); "
+                          f"start them with: scontrol release {' '.join(ids)}")
 
 
 def _write_sweep(sweep_dir: Path, every: list[Point], records: list[dict], cluster: dict, now: float) -> None:

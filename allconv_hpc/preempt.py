@@ -140,6 +140,7 @@ class SlurmJob:
 
     def __init__(self, environ: Optional[Mapping[str, str]] = None):
         self.env = dict(os.environ if environ is None else environ)
+        self.cancelled = False  # set by requeue(): a user's scancel came while the job stopped
 
     @property
     def in_slurm(self) -> bool:
@@ -177,17 +178,32 @@ class SlurmJob:
         return timeout
 
     def requeue(self) -> bool:
-        """Requeue this job (array task); True if it is, or Slurm had already requeued it."""
+        """Requeue this job (array task); True if it is, or Slurm had already requeued it.
+
+        Not a job Slurm is already ending with no reason of its own (a user's scancel after the warning,
+        while the checkpoint was written: `cancelled`): Slurm would accept the requeue and undo the cancel.
+        A time limit (Reason=TimeLimit) is still requeued."""
+        job = self._show()
+        if job.get("Restarts", -1) > self.restarts:
+            return True  # Slurm's own preemption requeued it
+        if job.get("JobState") in ("COMPLETING", "CANCELLED") and job.get("Reason") == "None":
+            self.cancelled = True
+            return False
         if self._run(["scontrol", "requeue", self.job_id]) is not None:
             return True
         state = (self._run(["squeue", "-h", "-j", self.job_id, "-o", "%T"]) or "").strip()
         if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
             return True  # Slurm's own preemption requeued it ("Job is pending execution")
         if state == "COMPLETING":  # requeued while its processes end, or cancelled: Restarts tells
-            info = self._run(["scontrol", "show", "job", self.job_id]) or ""
-            m = re.search(r"\bRestarts=(\d+)", info)
-            return bool(m) and int(m.group(1)) > self.restarts
+            return self._show().get("Restarts", -1) > self.restarts
         return False
+
+    def _show(self) -> dict:
+        """JobState, Reason (str) and Restarts (int) from `scontrol show job`; {} when it cannot tell."""
+        info = self._run(["scontrol", "show", "job", self.job_id]) or ""
+        job = dict(re.findall(r"\b(JobState|Reason)=(\S+)", info))
+        m = re.search(r"\bRestarts=(\d+)", info)
+        return {**job, **({"Restarts": int(m.group(1))} if m else {})}
 
     def _run(self, cmd: list[str]) -> Optional[str]:
         return slurm_out(cmd, warn=True)

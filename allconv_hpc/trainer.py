@@ -742,7 +742,10 @@ class Trainer:
             self._finish_tracker(0)
             ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
             decision = "requeued" if ok else "interrupted"
-            if not ok and self.env.is_main:
+            if not ok and self.env.is_main and self.slurm.cancelled:
+                log.warning("job %s was cancelled (scancel) while it stopped: not requeued, as the cancel asks; "
+                            "the same command resumes the run from its checkpoint", self.slurm.job_id)
+            elif not ok and self.env.is_main:
                 log.warning("Slurm did not requeue job %s (cluster.requeue=false submits with --no-requeue, and a "
                             "site may forbid requeues): the run stops with its checkpoint; the same command resumes "
                             "it", self.slurm.job_id)

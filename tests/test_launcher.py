@@ -46,10 +46,10 @@ def fake_bin(tmp: Path, **scripts: str) -> Path:
 
 @pytest.fixture
 def on_path(tmp_path, monkeypatch):
-    """on_path(sbatch=..., squeue=...): fake Slurm commands (and an srun, which submitit looks for) on
-    PATH, and no real one behind them."""
+    """on_path(sbatch=..., squeue=...): fake Slurm commands (and an srun, which submitit looks for, and an
+    scontrol, which releases what submit queued held) on PATH, and no real one behind them."""
     def put(**scripts: str) -> Path:
-        d = fake_bin(tmp_path, srun="exit 0", **scripts)
+        d = fake_bin(tmp_path, **{"srun": "exit 0", "scontrol": "exit 0", **scripts})
         monkeypatch.setenv("PATH", f"{d}:{Path(sys.executable).parent}")
         return d
     return put
@@ -426,6 +426,35 @@ def test_ctrl_c_on_submit_wait_stops_watching_in_one_line(tmp_path, on_path, cap
     code, out, err = run_submit(capsys, "--wait", "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 130 and out.startswith("job 77 ")
     assert err == f"stopped watching (Ctrl-C); the jobs go on; allconv-hpc status {tmp_path / 'run'}\n"
+
+
+def test_jobs_are_queued_held_and_released_and_a_failed_release_says_how(tmp_path, on_path, capsys):
+    """Slurm opens a task's log in .submitit/<job id>/ as it starts, which submitit makes only after sbatch
+    answers: the job goes in held and is released then. Its python starts with the warning signal ignored."""
+    cluster = cluster_of("cluster.signal=USR1", "checkpoint.signal=USR1")
+    assert re.search(r"^#SBATCH --hold$", render(cluster, tmp_path), re.M)
+    command = launcher.make_executor(cluster, tmp_path / ".submitit" / "%j")._submitit_command_str
+    assert command.startswith(f"""/bin/sh -c 'trap "" USR1; exec "$0" "$@"' {sys.executable} -u -m submitit"""), command
+    # the task's python, as srun starts it, begins with USR1 ignored (a real process; then submitit's handler)
+    prefix = command.split(" -u -m submitit")[0]
+    probe = "import signal, os; print(signal.getsignal(signal.SIGUSR1)); os.kill(os.getpid(), signal.SIGUSR1); print('alive')"
+    r = subprocess.run(f"{prefix} -c {shlex.quote(probe)}", shell=True, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == [str(int(signal.SIG_IGN)), "alive"], (r.stdout, r.stderr)
+    calls = tmp_path / "calls"
+    on_path(sbatch="echo 'Submitted batch job 77'", scontrol=f'echo "scontrol $*" >> {calls}')
+    code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0 and calls.read_text() == "scontrol release 77\n", (err, calls.read_text())
+    on_path(sbatch="echo 'Submitted batch job 78'", scontrol="echo 'Access/permission denied' >&2; exit 1")
+    code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run2'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("job(s) 78 are queued held and `scontrol release` failed (Access/permission denied); start them with: "
+            "scontrol release 78") in err
+    assert json.loads((tmp_path / "run2" / "submission.json").read_text())["job_id"] == "78"  # status knows it
+    # held by its user's own wish (cluster.additional_parameters): left held
+    on_path(sbatch="echo 'Submitted batch job 79'", scontrol=f'echo "scontrol $*" >> {calls}')
+    code, out, err = run_submit(capsys, "cluster=slurm", *TINY, "+cluster.additional_parameters.hold=true",
+                                f"hydra.run.dir={tmp_path / 'run3'}")
+    assert code == 0 and calls.read_text() == "scontrol release 77\n", (err, calls.read_text())
 
 
 def test_cluster_slurm_without_sbatch_is_refused_before_any_folder(tmp_path, on_path, capsys, monkeypatch):

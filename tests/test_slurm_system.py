@@ -841,6 +841,26 @@ def test_requeue_tolerates_a_job_slurm_already_requeued(slurm_cluster, tmp_path)
         slurm_cluster.run(["scancel", job])
 
 
+def test_requeue_does_not_undo_a_scancel_that_came_while_the_job_stopped(slurm_cluster, tmp_path):
+    """A user's scancel landing after the warning, while the trainer writes its checkpoint: the job is
+    COMPLETING (its processes end) and Slurm would accept `scontrol requeue`, running the cancelled job
+    again (seen: USR2, scancel 0.05 s later, the job requeued and trained to the end)."""
+    script = tmp_path / "slow_to_end.sh"
+    script.write_text("#!/bin/bash\ntrap '' TERM\nsleep 60\n")  # ends at KillWait's SIGKILL: COMPLETING until
+    script.chmod(0o755)
+    job = slurm_cluster.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", f"srun {script}"],
+                            check=True).stdout.strip()
+    try:
+        assert poll(lambda: slurm_cluster.run(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip() == "RUNNING", 60)
+        time.sleep(1)  # the step's script started
+        slurm_cluster.run(["scancel", job], check=True)
+        slurm = SlurmJob({"SLURM_JOB_ID": job})
+        assert slurm.requeue() is False and slurm.cancelled
+        assert wait_final(slurm_cluster, job, 60) == "CANCELLED"  # requeued, it would run its 60 s again
+    finally:
+        slurm_cluster.run(["scancel", job])
+
+
 @pytest.mark.slow
 def test_submit_cluster_local_runs_here_and_wait_streams_until_done(slurm_cluster, tmp_path):
     """cluster=local with two tasks: one DDP run of two ranks here (not two runs in one folder)."""

@@ -238,7 +238,25 @@ def test_requeue_is_array_aware_and_checks_what_slurm_did(tmp_path, monkeypatch,
         (tmp_path / "bin" / "scontrol").write_text(
             f'#!/bin/sh\necho "scontrol $*" >> {calls}\n[ "$1" = show ] || exit 1\necho "JobId=9 {restarts}"\n')
     assert SlurmJob(ARRAY_TASK).requeue() is expected
-    assert calls.read_text().splitlines()[0] == "scontrol requeue 5_3"
+    assert all(c.endswith(" 5_3") for c in calls.read_text().splitlines() if c.startswith("scontrol"))  # the task
+
+
+@pytest.mark.parametrize("shown,expected,asked", [
+    ("JobState=RUNNING Reason=None Restarts=1", True, True),
+    ("JobState=COMPLETING Reason=None Restarts=1", False, False),   # a user's scancel after the warning
+    ("JobState=CANCELLED Reason=None Restarts=1", False, False),
+    ("JobState=COMPLETING Reason=TimeLimit Restarts=1", True, True),  # the time limit: requeued
+    ("JobState=PENDING Reason=BeginTime Restarts=2", True, False),   # Slurm's preemption requeued it
+])
+def test_requeue_does_not_undo_a_scancel_that_came_while_the_job_stopped(tmp_path, monkeypatch, shown, expected,
+                                                                          asked):
+    calls = fake_slurm(tmp_path, monkeypatch, squeue=None)
+    (tmp_path / "bin" / "scontrol").write_text(
+        f'#!/bin/sh\necho "scontrol $*" >> {calls}\n[ "$1" = show ] && echo "JobId=9 {shown}"\nexit 0\n')
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    job = SlurmJob(ARRAY_TASK)
+    assert job.requeue() is expected and job.cancelled is (not expected)
+    assert ("scontrol requeue 5_3" in calls.read_text().splitlines()) is asked
 
 
 @pytest.mark.parametrize("squeue_left,expected", [
