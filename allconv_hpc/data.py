@@ -141,10 +141,23 @@ def _get(d: Any, key: str, path: Path) -> Any:
     raise DataError(f"{path} is not a CIFAR python batch: no {key!r} entry; re-create or re-download it")
 
 
+class _Unpickler(pickle.Unpickler):
+    """The official files name numpy.core.multiarray (numpy 1); numpy 2 keeps numpy.core only as a
+    deprecated alias of numpy._core, which a later numpy may drop: then the arrays come from numpy._core."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "numpy.core" or module.startswith("numpy.core."):
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                module = "numpy._core" + module[len("numpy.core"):]
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _Unpickler(f, encoding="bytes").load()
     except Exception as e:  # a damaged pickle can raise almost anything (EOFError, UnpicklingError, ...)
         raise DataError(f"{path} is corrupt or not a CIFAR python pickle ({type(e).__name__}: {e}); "
                         f"re-create or re-download it") from None

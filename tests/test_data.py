@@ -152,6 +152,17 @@ def test_the_other_cifar_in_root_is_named(cifar10):
         data.check_present(_cfg(root, "cifar100"))
 
 
+def test_files_naming_numpy_core_load_where_numpy_has_only_numpy_core_private(cifar10, monkeypatch):
+    """The official files (and ours) name numpy.core.multiarray; a numpy without that alias loads them too."""
+    import sys
+    root, xtr, _, _, _ = cifar10
+    assert b"numpy.core.multiarray" in (root / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    monkeypatch.setitem(sys.modules, "numpy.core.multiarray", None)  # `import` of it now raises ImportError
+    with pytest.raises(ImportError):
+        import numpy.core.multiarray  # noqa: F401
+    assert torch.equal(data.load(_cfg(root), seed=0).train.images, xtr)
+
+
 def test_corrupt_file_is_named(cifar10):
     root, *_ = cifar10
     path = root / "cifar-10-batches-py" / "data_batch_2"
