@@ -126,18 +126,30 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
     return common, points
 
 
+MAX_RANGE_POINTS = 100_000  # a range(0,1,1e-30) would build its list forever
+
+
 def _range_values(o) -> list[str]:
     """range(start, stop[, step]) as Python's range, also for floats: Hydra steps floats in the binary
     values' Decimals, so range(0.1,0.4,0.1) gave 0.30000000000000004 and a fourth point, 0.4. Here the
     numbers as written are stepped exactly, the stop left out."""
     import decimal
+    import math
     import random
 
     r = o.value()
-    start, stop, step = (decimal.Decimal(repr(v)) for v in (r.start, r.stop, r.step))
+    if "sort(" in o.input_line.split("=", 1)[1]:  # Hydra's sort() rewrites the bounds, wrongly when descending
+        raise ConfigError(f"{o.input_line!r}: sort() of a range is not supported; write the range in the order "
+                          f"wanted (a negative step counts down)")
+    bounds = (r.start, r.stop, r.step)
+    if any(isinstance(v, bool) or not math.isfinite(v) for v in bounds):
+        raise ConfigError(f"{o.input_line!r}: a range's start, stop and step must be finite numbers")
+    start, stop, step = (decimal.Decimal(repr(v)) for v in bounds)
     if step == 0:
         raise ConfigError(f"{o.input_line!r}: a range's step must not be 0")
     n = max(0, int(((stop - start) / step).to_integral_value(rounding=decimal.ROUND_CEILING)))
+    if n > MAX_RANGE_POINTS:
+        raise ConfigError(f"{o.input_line!r} gives {n} points (at most {MAX_RANGE_POINTS}); use a larger step")
     as_int = all(isinstance(v, int) for v in (r.start, r.stop, r.step))
     values = [str(int(v)) if as_int else repr(float(v)) for v in (start + i * step for i in range(n))]
     if r.shuffle:
@@ -952,7 +964,7 @@ def release_held(jobs: list) -> None:
     ids = sorted({str(j.job_id).split("_")[0] for j in jobs})  # an array's tasks: its own id
     try:
         r = subprocess.run(["scontrol", "release", *ids], capture_output=True, text=True, timeout=60)
-        said = (r.stderr or r.stdout).strip() if r.returncode else ""
+        said = ((r.stderr or r.stdout).strip() or f"exit status {r.returncode}") if r.returncode else ""
     except (OSError, subprocess.TimeoutExpired) as e:
         said = str(e)
     if said:

@@ -358,9 +358,14 @@ def test_range_sweeps_step_the_numbers_as_written_and_leave_out_the_stop(sweep, 
     assert sorted(shuffled) == sorted(swept)
 
 
-@pytest.mark.parametrize("sweep", ["seed=range(0,3,0)", "optim.lr=range(0.1,0.3,0.0)"])
-def test_a_range_with_step_zero_is_one_line(sweep):
-    with pytest.raises(ConfigError, match=r"a range's step must not be 0"):
+@pytest.mark.parametrize("sweep,says", [
+    ("seed=range(0,3,0)", "a range's step must not be 0"), ("optim.lr=range(0.1,0.3,0.0)", "a range's step must not be 0"),
+    ("seed=range(0,inf,1)", "must be finite numbers"), ("optim.lr=range(0.1,nan,0.1)", "must be finite numbers"),
+    ("seed=range(true,3)", "must be finite numbers"), ("optim.lr=range(0,1,1e-30)", "gives 10{30} points"),
+    ("seed=sort(range(10,0,-3))", "sort\\(\\) of a range is not supported"),  # Hydra: 3, 6, 9, 12
+    ("seed=sort(shuffle(range(0,9,3)))", "sort\\(\\) of a range is not supported")])
+def test_a_range_that_cannot_be_stepped_is_one_line(sweep, says):
+    with pytest.raises(ConfigError, match=says):
         launcher.expand_sweep([sweep], multirun=True)
 
 
@@ -450,6 +455,9 @@ def test_jobs_are_queued_held_and_released_and_a_failed_release_says_how(tmp_pat
     assert ("job(s) 78 are queued held and `scontrol release` failed (Access/permission denied); start them with: "
             "scontrol release 78") in err
     assert json.loads((tmp_path / "run2" / "submission.json").read_text())["job_id"] == "78"  # status knows it
+    on_path(sbatch="echo 'Submitted batch job 80'", scontrol="exit 1")  # a failure that says nothing
+    code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run4'}")
+    assert code == 2 and "`scontrol release` failed (exit status 1); start them with: scontrol release 80" in err, err
     # held by its user's own wish (cluster.additional_parameters): left held
     on_path(sbatch="echo 'Submitted batch job 79'", scontrol=f'echo "scontrol $*" >> {calls}')
     code, out, err = run_submit(capsys, "cluster=slurm", *TINY, "+cluster.additional_parameters.hold=true",
