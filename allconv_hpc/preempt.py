@@ -182,11 +182,13 @@ class SlurmJob:
 
         Not a job Slurm is already ending with no reason of its own (a user's scancel after the warning,
         while the checkpoint was written: `cancelled`): Slurm would accept the requeue and undo the cancel.
-        A time limit (Reason=TimeLimit) is still requeued."""
+        A time limit (Reason=TimeLimit) or a preemption (PreemptTime set; PreemptMode=CANCEL ends the job
+        when its grace time is over) is still requeued."""
         job = self._show()
         if job.get("Restarts", -1) > self.restarts:
             return True  # Slurm's own preemption requeued it
-        if job.get("JobState") in ("COMPLETING", "CANCELLED") and job.get("Reason") == "None":
+        if (job.get("JobState") in ("COMPLETING", "CANCELLED") and job.get("Reason") == "None"
+                and job.get("PreemptTime", "None") in ("None", "Unknown")):
             self.cancelled = True
             return False
         if self._run(["scontrol", "requeue", self.job_id]) is not None:
@@ -199,9 +201,9 @@ class SlurmJob:
         return False
 
     def _show(self) -> dict:
-        """JobState, Reason (str) and Restarts (int) from `scontrol show job`; {} when it cannot tell."""
+        """JobState, Reason, PreemptTime (str) and Restarts (int) from `scontrol show job`; {} when it cannot tell."""
         info = self._run(["scontrol", "show", "job", self.job_id]) or ""
-        job = dict(re.findall(r"\b(JobState|Reason)=(\S+)", info))
+        job = dict(re.findall(r"\b(JobState|Reason|PreemptTime)=(\S+)", info))
         m = re.search(r"\bRestarts=(\d+)", info)
         return {**job, **({"Restarts": int(m.group(1))} if m else {})}
 
