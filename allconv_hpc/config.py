@@ -224,7 +224,6 @@ class WandbConfig:
                f"wandb.mode={self.mode!r} is not one of online, offline, disabled (or null for auto)")
 
 
-
 @dataclass
 class DistConfig:
     timeout_s: Optional[float] = None  # collective timeout; null = 300 on CPU, 1800 on CUDA

@@ -20,6 +20,7 @@ import torch
 from .config import ConfigError
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 
+
 def _same_file(a: Path, b: Path) -> bool:
     """a and b are one file (last.pt is a hard link of the newest step file)."""
     try:

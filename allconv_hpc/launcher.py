@@ -150,7 +150,7 @@ def _range_values(o) -> list[str]:
     n = max(0, int(((stop - start) / step).to_integral_value(rounding=decimal.ROUND_CEILING)))
     if n > MAX_RANGE_POINTS:
         raise ConfigError(f"{o.input_line!r} gives {n} points (at most {MAX_RANGE_POINTS}); use a larger step")
-    as_int = all(isinstance(v, int) for v in (r.start, r.stop, r.step))
+    as_int = all(isinstance(v, int) for v in bounds)
     values = [str(int(v)) if as_int else repr(float(v)) for v in (start + i * step for i in range(n))]
     if r.shuffle:
         random.shuffle(values)
@@ -161,7 +161,6 @@ def point_dirname(swept: list[str]) -> str:
     """Deterministic folder name from the swept overrides, e.g. 'model=allcnn_c,optim.lr=0.05'."""
     name = ",".join(sorted(swept)) or "run"
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
-
 
 
 def _launch_only(key: str) -> bool:

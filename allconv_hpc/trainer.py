@@ -306,7 +306,7 @@ class Trainer:
             # no checkpoint, yet epochs of an earlier run (its checkpoints were removed): starting over
             # would overwrite its history and best.pt and continue its W&B run with other metrics. A W&B
             # id alone is this run's own start before its first checkpoint: that one continues.
-            if self.dist.any(self.env.is_main and self._earlier_epochs()):
+            if self.dist.any(self.env.is_main and earlier_epochs(self.run_dir, self.ckpt)):
                 self._move_old_run_aside("no checkpoint to resume, but an earlier run's epochs are here")
             return None
         if ck is None:  # the other ranks read the file rank 0 chose (rank 0 verified it already)
@@ -400,10 +400,6 @@ class Trainer:
                     "off, and those weights are gone): it holds %s; the next epoch better than that replaces it",
                     st.best_val_acc, "nothing" if held is None else f"val_acc {held:.4f}")
         return -1.0 if held is None else held
-
-    def _earlier_epochs(self) -> bool:
-        """Whether the folder holds an earlier run's finished epochs: history rows or a best.pt."""
-        return earlier_epochs(self.run_dir, self.ckpt)
 
     def _move_old_run_aside(self, why: str) -> None:
         """Keep the old run whole in checkpoints.oldN/ (collective); the W&B id goes too: the fresh
