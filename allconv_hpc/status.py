@@ -187,7 +187,7 @@ def run_rows(folder: Path) -> list[dict]:
             state = "LOST"  # started by hand, no scheduler to ask: its lock, free and last taken here, says gone
         if state is None and known and unfinished:
             state = "LOST"  # gone without a final word: killed hard (SIGKILL, node failure)
-            setup_log = Path(rec.get("submitit_folder", "")) / f"setup-{rec.get('job_id')}.log"  # launcher._local_setup
+            setup_log = Path(rec.get("submitit_folder", "")) / f"setup-{rec.get('job_id')}.log"  # executor._local_setup
             # a setup that printed nothing (`exit 3` ends its shell before the failure line) and started no task
             if rec.get("backend") == "local" and not st and setup_log.is_file() and (
                     setup_log.stat().st_size or _never_started(rec)):

@@ -37,7 +37,7 @@ source "$BENCH/_device_env.sh"  # pick_python, use_checkout
 
 # --fetch-wheels: pure-python wheels of what the GPU machine lacks (KINDS.md: it has torch, numpy,
 # pyyaml, packaging, tqdm; not hydra-core, omegaconf, antlr4). The path gpu_check takes imports
-# nothing else outside the standard library: submitit only in launcher.py (`submit`), wandb only
+# nothing else outside the standard library: submitit only in launcher.py and executor.py (`submit`), wandb only
 # when wandb.mode != disabled (gpu_check always disables it), torchvision only to read real CIFAR.
 fetch_wheels() {
   local py ver_h ver_o

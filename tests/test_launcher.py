@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from allconv_hpc import jobs, launcher, status
+from allconv_hpc import executor, jobs, launcher, resources, status
+from allconv_hpc.sweep import legacy_sweep_dir, default_sweep_dir, expand_sweep
 from allconv_hpc.checkpoint import CheckpointDir
 from allconv_hpc.cli import main
 from allconv_hpc.compose import compose
@@ -62,12 +63,12 @@ def composed(*overrides: str):
 
 def cluster_of(*overrides: str) -> dict:
     c = composed(*overrides)
-    return launcher.validate_cluster(c.cluster, c.cfg)
+    return resources.validate_cluster(c.cluster, c.cfg)
 
 
 def render(cluster: dict, tmp: Path) -> str:
     """The sbatch script submitit would write for this cluster (nothing is submitted)."""
-    ex = launcher.make_executor(cluster, tmp / ".submitit" / "%j")
+    ex = executor.make_executor(cluster, tmp / ".submitit" / "%j")
     return ex._make_submission_file_text("python -m submitit.core._submit FOLDER", "uid")
 
 
@@ -77,7 +78,7 @@ def sbatch_lines(script: str) -> set[str]:
 
 def refused(cluster: dict, key: str, value) -> str:
     with pytest.raises(ConfigError) as e:
-        launcher.validate_cluster({**cluster, key: value}, composed().cfg)
+        resources.validate_cluster({**cluster, key: value}, composed().cfg)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"cluster.{key}"), msg
     return msg
@@ -112,8 +113,8 @@ def test_sbatch_script_carries_every_job_parameter(tmp_path, on_path):
     # submitit's own handler (until the trainer's are in) takes cluster.signal; then the user's lines, each
     # one that ends the job if it fails (its run: test_slurm_system)
     assert script.split("# setup\n", 1)[1].startswith("export SUBMITIT_PREEMPT_SIGNAL=USR2\n" + "\n".join(
-        launcher._slurm_setup(["module load cuda/12.4", "source $HOME/venv/bin/activate"])) + "\n"), script
-    assert launcher._slurm_setup(["module load x"]) == [
+        executor._slurm_setup(["module load cuda/12.4", "source $HOME/venv/bin/activate"])) + "\n"), script
+    assert executor._slurm_setup(["module load x"]) == [
         "{ :\nmodule load x\n\n} || { rc=$?; echo \"allconv-hpc: cluster.setup line failed (exit $rc): \"'module load "
         "x' >&2; exit 1; }"]
     srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
@@ -142,7 +143,7 @@ def test_another_signal_is_submitits_from_the_start(tmp_path, on_path):
     on_path()
     c = compose(["cluster=slurm", *TINY, "cluster.signal=USR1", "checkpoint.signal=USR1",
                  "cluster.setup=['module load x']"])
-    script = render(launcher.validate_cluster(c.cluster, c.cfg), tmp_path)
+    script = render(resources.validate_cluster(c.cluster, c.cfg), tmp_path)
     assert "#SBATCH --signal=USR1@120" in sbatch_lines(script)
     assert script.split("# setup\n", 1)[1].startswith("export SUBMITIT_PREEMPT_SIGNAL=USR1\n{ :\nmodule load x\n"), script
     # what the job's python then handles, as submitit computes it at import
@@ -155,7 +156,7 @@ def test_another_signal_is_submitits_from_the_start(tmp_path, on_path):
 def test_the_gpu_example_profile_renders(tmp_path, on_path):
     on_path()
     c = compose(["cluster=gpu_example", *TINY, "trainer.batch_size=128", "cluster.constraint='a100|h100'"])
-    lines = sbatch_lines(render(launcher.validate_cluster(c.cluster, c.cfg), tmp_path))
+    lines = sbatch_lines(render(resources.validate_cluster(c.cluster, c.cfg), tmp_path))
     assert {"#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --constraint='a100|h100'",
             "#SBATCH --signal=USR2@180"} <= lines
 
@@ -164,7 +165,7 @@ def test_the_gpu_example_profile_renders(tmp_path, on_path):
 def test_constraint_takes_slurms_syntax(tmp_path, on_path, constraint):
     on_path()
     cluster = {**cluster_of(), "constraint": constraint}
-    lines = sbatch_lines(render(launcher.validate_cluster(cluster, composed().cfg), tmp_path))
+    lines = sbatch_lines(render(resources.validate_cluster(cluster, composed().cfg), tmp_path))
     (line,) = [ln for ln in lines if ln.startswith("#SBATCH --constraint=")]
     # shlex-quoted by submitit; sbatch strips the quotes (seen on the dev cluster) and gets the value back
     assert shlex.split(line.split("=", 1)[1]) == [constraint]
@@ -233,7 +234,7 @@ def test_abbreviations_of_own_options_are_refused(key, means, use):
 def test_other_sbatch_options_still_pass(tmp_path, on_path):
     on_path()
     extra = {"mail-type": "END", "time-min": 30, "exclusive": True, "comment": "x", "nice": 10, "gres": "tmpdisk:10"}
-    lines = sbatch_lines(render(launcher.validate_cluster({**cluster_of(), "additional_parameters": extra},
+    lines = sbatch_lines(render(resources.validate_cluster({**cluster_of(), "additional_parameters": extra},
                                                           composed().cfg), tmp_path))
     assert {"#SBATCH --mail-type=END", "#SBATCH --time-min=30", "#SBATCH --exclusive", "#SBATCH --nice=10"} <= lines
 
@@ -241,22 +242,22 @@ def test_other_sbatch_options_still_pass(tmp_path, on_path):
 def test_typed_gpus_go_through_gpu_type_not_gres(tmp_path, on_path):
     on_path()
     gpus = cluster_of("cluster.gpus_per_node=2", "cluster.tasks_per_node=2", "trainer.batch_size=64")
-    lines = sbatch_lines(render(launcher.validate_cluster({**gpus, "gpu_type": "a100_80gb"}, composed().cfg),
+    lines = sbatch_lines(render(resources.validate_cluster({**gpus, "gpu_type": "a100_80gb"}, composed().cfg),
                                 tmp_path))
     assert "#SBATCH --gpus-per-node=a100_80gb:2" in lines, lines
     msg = refused(gpus, "additional_parameters", {"gres": "gpu:a100:2"})
     assert "asks for GPUs: use cluster.gpus_per_node=N (and cluster.gpu_type=TYPE" in msg
     refused(gpus, "additional_parameters", {"gres": "tmpdisk:10,gpu:1"})
-    other = launcher.validate_cluster({**gpus, "additional_parameters": {"gres": "tmpdisk:10"}}, composed().cfg)
+    other = resources.validate_cluster({**gpus, "additional_parameters": {"gres": "tmpdisk:10"}}, composed().cfg)
     assert "#SBATCH --gres=tmpdisk:10" in sbatch_lines(render(other, tmp_path))
     assert "needs cluster.gpus_per_node >= 1" in refused(cluster_of(), "gpu_type", "a100")
     local = compose(["cluster=local", *TINY, "cluster.gpu_type=a100"])  # ignored there, as documented
-    assert launcher.validate_cluster(local.cluster, local.cfg)["gpu_type"] == "a100"
+    assert resources.validate_cluster(local.cluster, local.cfg)["gpu_type"] == "a100"
 
 
 def test_unknown_cluster_key_is_refused():
     with pytest.raises(ConfigError, match=r"unknown cluster key\(s\) cluster.nodez"):
-        launcher.validate_cluster({**cluster_of(), "nodez": 1}, composed().cfg)
+        resources.validate_cluster({**cluster_of(), "nodez": 1}, composed().cfg)
 
 
 def test_injection_through_the_cli_reaches_nothing(tmp_path, on_path, capsys, monkeypatch):
@@ -292,7 +293,7 @@ def test_a_local_sweep_wider_than_array_parallelism_is_refused(tmp_path):
 # -------------------------------------------------------------------------- sweeps
 
 def sweep_name(*overrides: str) -> str:
-    return launcher.default_sweep_dir(*launcher.expand_sweep(list(overrides), multirun=True))
+    return default_sweep_dir(*expand_sweep(list(overrides), multirun=True))
 
 
 def test_the_sweep_folder_ignores_launch_only_keys_and_value_order():
@@ -319,8 +320,8 @@ def test_the_sweep_folder_ignores_launch_only_keys_and_value_order():
 def test_an_existing_sweep_folder_of_the_old_name_is_still_resumed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["cluster=local", *TINY, "seed=1,0", "cluster.array_parallelism=2"]
-    common, swept = launcher.expand_sweep(args, multirun=True)
-    new, old = launcher.default_sweep_dir(common, swept), launcher._legacy_sweep_dir(common, swept)
+    common, swept = expand_sweep(args, multirun=True)
+    new, old = default_sweep_dir(common, swept), legacy_sweep_dir(common, swept)
     assert new != old  # TINY's trainer.epochs and wandb.mode, the order 1,0: no longer in the name
     assert launcher.plan(args, multirun=True)[1] == tmp_path / new
     (tmp_path / old).mkdir(parents=True)  # a sweep submitted before: resubmitting resumes it
@@ -339,7 +340,7 @@ def test_each_sweep_point_trains_on_its_own_relative_data_root(tmp_path, monkeyp
 
 
 def test_glob_sweeps_config_group_options(tmp_path):
-    common, swept = launcher.expand_sweep(["model=glob(allcnn_*,exclude=allcnn_seed)", "seed=range(0,2)"],
+    common, swept = expand_sweep(["model=glob(allcnn_*,exclude=allcnn_seed)", "seed=range(0,2)"],
                                           multirun=True)
     assert sorted(tuple(p) for p in swept) == [(f"model=allcnn_{m}", f"seed={s}") for m in "abc" for s in (0, 1)]
 
@@ -351,10 +352,10 @@ def test_glob_sweeps_config_group_options(tmp_path):
     ("optim.lr=range(0.5,0.05,-0.2)", ["0.5", "0.3", "0.1"]),
     ("seed=range(3,0,-1)", ["3", "2", "1"]), ("seed=range(3)", ["0", "1", "2"])])
 def test_range_sweeps_step_the_numbers_as_written_and_leave_out_the_stop(sweep, values):
-    _, swept = launcher.expand_sweep([sweep], multirun=True)
+    _, swept = expand_sweep([sweep], multirun=True)
     key = sweep.split("=")[0]
     assert swept == [[f"{key}={v}"] for v in values]
-    _, shuffled = launcher.expand_sweep([f"{key}=shuffle({sweep.split('=', 1)[1]})"], multirun=True)
+    _, shuffled = expand_sweep([f"{key}=shuffle({sweep.split('=', 1)[1]})"], multirun=True)
     assert sorted(shuffled) == sorted(swept)
 
 
@@ -366,7 +367,7 @@ def test_range_sweeps_step_the_numbers_as_written_and_leave_out_the_stop(sweep, 
     ("seed=sort(shuffle(range(0,9,3)))", "sort\\(\\) of a range is not supported")])
 def test_a_range_that_cannot_be_stepped_is_one_line(sweep, says):
     with pytest.raises(ConfigError, match=says):
-        launcher.expand_sweep([sweep], multirun=True)
+        expand_sweep([sweep], multirun=True)
 
 
 @pytest.mark.parametrize("sweep", ["optim.lr=interval(0.01,0.1)", "seed=glob(*)", "model=glob(nothing_*)"])
@@ -438,7 +439,7 @@ def test_jobs_are_queued_held_and_released_and_a_failed_release_says_how(tmp_pat
     answers: the job goes in held and is released then. Its python starts with the warning signal ignored."""
     cluster = cluster_of("cluster.signal=USR1", "checkpoint.signal=USR1")
     assert re.search(r"^#SBATCH --hold$", render(cluster, tmp_path), re.M)
-    command = launcher.make_executor(cluster, tmp_path / ".submitit" / "%j")._submitit_command_str
+    command = executor.make_executor(cluster, tmp_path / ".submitit" / "%j")._submitit_command_str
     assert command.startswith(f"""/bin/sh -c 'trap "" USR1; exec "$0" "$@"' {sys.executable} -u -m submitit"""), command
     # the task's python, as srun starts it, begins with USR1 ignored (a real process; then submitit's handler)
     prefix = command.split(" -u -m submitit")[0]
@@ -605,7 +606,7 @@ def test_a_subset_resubmitted_into_a_sweep_keeps_the_other_points(tmp_path, on_p
 
 def test_sbatch_test_only_that_cannot_answer_does_not_block(tmp_path, on_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(launcher, "TEST_ONLY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(executor, "TEST_ONLY_TIMEOUT_S", 0.5)
     sleep = shutil.which("sleep")  # not on the fake PATH
     on_path(sbatch=f'[ "$1" = --test-only ] && exec {sleep} 5; echo "Submitted batch job 77"')
     code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
@@ -620,7 +621,7 @@ def test_sbatch_test_only_that_cannot_answer_does_not_block(tmp_path, on_path, c
 
 def test_signal_lead_longer_than_the_time_limit_says_both_in_seconds():
     with pytest.raises(ConfigError) as e:
-        launcher.validate_cluster({**cluster_of(), "timeout_min": 1}, composed().cfg)
+        resources.validate_cluster({**cluster_of(), "timeout_min": 1}, composed().cfg)
     assert str(e.value) == ("cluster.signal_lead_s=120 s must be shorter than cluster.timeout_min=1 (60 s): lower "
                             "cluster.signal_lead_s (at least 10) or raise cluster.timeout_min above 2")
 
@@ -684,7 +685,7 @@ def test_run_folders_a_job_could_only_fail_on_are_refused_before_the_queue(tmp_p
 
 def test_local_executor_gets_what_it_supports(tmp_path):
     c = compose(["cluster=local", *TINY, "cluster.signal_lead_s=45", "cluster.setup=['export A=1']"])
-    ex = launcher.make_executor(launcher.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
+    ex = executor.make_executor(resources.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
     assert ex.parameters["signal_delay_s"] == 45 and len(ex.parameters["setup"]) == 1
     assert ex.parameters["setup"][0].startswith(f"{{ {{ :\nexport A=1\n\n}}\n}} >> {tmp_path / 'setup-'}$$.log 2>&1 || ")
     assert ex.parameters["timeout_min"] == 7 * 24 * 60 and ex.parameters["tasks_per_node"] == 1
@@ -697,13 +698,13 @@ def test_local_setup_lines_keep_their_own_comments_and_operators(tmp_path):
     folder.parent.mkdir(parents=True)
     lines = ["# load the cluster's modules", "", "export A=1  # the cluster's module", "B=2;", "sleep 0 &",
              "echo a=$A b=$B \\"]  # a trailing backslash (a continued line) ends with its own line
-    setup = launcher._local_setup(lines, folder)
+    setup = executor._local_setup(lines, folder)
     r = subprocess.run(["sh", "-c", " && ".join(setup + ['echo "job sees A=$A B=$B"; echo $$ > pid'])],
                        capture_output=True, text=True, cwd=tmp_path, timeout=30)
     assert r.returncode == 0 and r.stdout == "job sees A=1 B=2\n", (r.stdout, r.stderr)
     log = folder.parent / f"setup-{(tmp_path / 'pid').read_text().strip()}.log"
     assert log.read_text() == "a=1 b=2\n"
-    r = subprocess.run(["sh", "-c", " && ".join(launcher._local_setup(["false # no"], folder) + ["echo job"])],
+    r = subprocess.run(["sh", "-c", " && ".join(executor._local_setup(["false # no"], folder) + ["echo job"])],
                        capture_output=True, text=True, cwd=tmp_path, timeout=30)
     assert r.returncode == 1 and r.stdout == "" and f"failed (exit 1); its output is in {folder.parent}/setup-" in r.stderr
 
@@ -716,29 +717,29 @@ def test_local_gpus_are_this_shells_not_the_first_n(tmp_path, monkeypatch):
     # stand-in for CUDA on this CPU machine: it counts the GPUs CUDA_VISIBLE_DEVICES names
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(os.environ["CUDA_VISIBLE_DEVICES"].split(",")))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
-    ex = launcher.make_executor(launcher.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
+    ex = executor.make_executor(resources.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
     job = ex.submit(os.getenv, "CUDA_VISIBLE_DEVICES")  # read in each task (a module function pickles by name)
     assert job.results() == ["2,3", "2,3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
     with pytest.raises(ConfigError, match=r"gpus_per_node=2 but CUDA sees 1 GPU\(s\) of CUDA_VISIBLE_DEVICES=7; "
                                           r"use cluster.gpus_per_node<=1"):
-        launcher.validate_cluster(c.cluster, c.cfg)
+        resources.validate_cluster(c.cluster, c.cfg)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1f2e,GPU-99aa")
     with pytest.raises(ConfigError, match="set it to indices"):
-        launcher.validate_cluster(c.cluster, c.cfg)
+        resources.validate_cluster(c.cluster, c.cfg)
     monkeypatch.setattr(torch.cuda, "device_count", real_count)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # names GPUs this machine may not have
     if real_count() < 2:  # CI: none, so the job would train on the CPU, unasked
         with pytest.raises(ConfigError, match=rf"gpus_per_node=2 but CUDA sees {real_count()} GPU\(s\) of "
                                               rf"CUDA_VISIBLE_DEVICES=0,1"):
-            launcher.validate_cluster(c.cluster, c.cfg)
+            resources.validate_cluster(c.cluster, c.cfg)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # the machine's own GPUs: as many as CUDA counts
     have = torch.cuda.device_count()
     if have < 2:  # CI: no GPU, so the job would train on the CPU, unasked
         with pytest.raises(ConfigError, match=rf"gpus_per_node=2 but CUDA sees {have} GPU\(s\) on this machine"):
-            launcher.validate_cluster(c.cluster, c.cfg)
+            resources.validate_cluster(c.cluster, c.cfg)
     else:
-        assert launcher.validate_cluster(c.cluster, c.cfg)["gpus_per_node"] == 2
+        assert resources.validate_cluster(c.cluster, c.cfg)["gpus_per_node"] == 2
 
 
 # ---------------------------------------------------------------- requeued jobs

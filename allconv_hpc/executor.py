@@ -1,0 +1,251 @@
+"""submitit's executor for a validated cluster profile, the batch script it writes, and what Slurm says of
+it: `sbatch --test-only` (and sinfo) on that very script before the job queues, sbatch's refusals as
+one-line errors, and the release of the jobs submit queues held.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .config import ConfigError
+from .resources import local_gpus, signal_name, warn
+from .sweep import Point
+
+
+def _setup_group(line) -> str:
+    """One cluster.setup line as a { ... } group of its own, run as written: ":" keeps a blank or comment-only
+    line a valid group, and the blank line ends one that ends in a backslash."""
+    return "{ :\n" + str(line) + "\n\n}"
+
+
+def _local_setup(lines: list, folder: Path) -> list:
+    """cluster.setup for a local job: its output into .submitit/setup-<job id>.log (submitit's local controller
+    runs it in the submitting terminal, so without --wait a failure would leave no trace), and a failure named
+    on stderr. The job id is the pid of submitit's shell, `$$` in it. Each line is a { ... } group of its own, not
+    a subshell, so what it exports reaches the job, and a trailing comment, `;` or `&` of a line stays its own."""
+    if not lines:
+        return []
+    import shlex
+    log = shlex.quote(str(Path(folder).parent / "setup-")) + "$$.log"
+    body = " && ".join(_setup_group(line) for line in lines)
+    return [f"{{ {body}\n}} >> {log} 2>&1 || {{ rc=$?; echo \"cluster.setup failed (exit $rc)\" >> {log}; "
+            f"echo \"allconv-hpc: cluster.setup failed (exit $rc); its output is in \"{log} >&2; exit 1; }}"]
+
+
+def _slurm_setup(lines: list) -> list:
+    """cluster.setup in the batch script, each line a { ... } group (as for a local job) that ends the job when
+    it fails: a module that did not load or a venv that is not there is named at once, in the job's .err file,
+    not found later as an import error or a run on the wrong software. `|| true` lets a line fail."""
+    import shlex
+    return [_setup_group(line) + " || { rc=$?; echo \"allconv-hpc: cluster.setup line failed (exit $rc): \""
+            + shlex.quote(str(line)) + " >&2; exit 1; }" for line in lines]
+
+
+def make_executor(cluster: dict, folder: Path):
+    """submitit's executor for the validated cluster. SUBMITIT_PREEMPT_SIGNAL (read when the job imports
+    submitit) makes submitit's own handler, in place until TrainJob installs ours, take our signal."""
+    import submitit
+
+    if cluster["backend"] == "local":
+        # what submitit's LocalExecutor supports; the rest of the profile does not apply here
+        ex = submitit.LocalExecutor(folder=str(folder))
+        ex.update_parameters(timeout_min=cluster["timeout_min"], nodes=1, tasks_per_node=cluster["tasks_per_node"],
+                             cpus_per_task=cluster["cpus_per_task"], gpus_per_node=cluster["gpus_per_node"],
+                             signal_delay_s=cluster["signal_lead_s"], setup=_local_setup(cluster["setup"], folder),
+                             visible_gpus=local_gpus(cluster["gpus_per_node"]))
+        return ex
+    # the task's python starts with our signal ignored (SIG_IGN survives exec): a warning in the ~0.3 s
+    # before submitit's handler is in place killed the task, and the job ended FAILED, not requeued
+    import shlex
+    ignoring = f'trap "" {signal_name(cluster)}; exec "$0" "$@"'
+    ex = submitit.SlurmExecutor(folder=str(folder),
+                                python=f"/bin/sh -c {shlex.quote(ignoring)} {shlex.quote(sys.executable)}")
+    extra = dict(cluster.get("additional_parameters") or {})
+    # queued held, released once submitit has made the job's folder (see release_held)
+    extra.setdefault("hold", True)
+    # explicit both ways: without --no-requeue the site's default (JobRequeue) decides
+    extra["requeue" if cluster["requeue"] else "no_requeue"] = True
+    # our signal, sent to the srun tasks (no "B:"): the trainer checkpoints at a step boundary
+    extra["signal"] = f"{signal_name(cluster)}@{cluster['signal_lead_s']}"
+    # srun no longer inherits the job's --cpus-per-task (Slurm 22.05): give it explicitly
+    srun_args = ["--kill-on-bad-exit=1", f"--cpus-per-task={cluster['cpus_per_task']}"]
+    params = dict(nodes=cluster["nodes"], ntasks_per_node=cluster["tasks_per_node"],
+                  cpus_per_task=cluster["cpus_per_task"], time=cluster["timeout_min"],
+                  signal_delay_s=cluster["signal_lead_s"], array_parallelism=cluster["array_parallelism"],
+                  setup=[f"export SUBMITIT_PREEMPT_SIGNAL={signal_name(cluster)}", *_slurm_setup(cluster["setup"])],
+                  additional_parameters=extra,
+                  srun_args=srun_args, stderr_to_stdout=False, job_name="allconv")
+    if cluster["gpus_per_node"]:
+        gpus = cluster["gpus_per_node"]
+        params["gpus_per_node"] = f"{cluster['gpu_type']}:{gpus}" if cluster.get("gpu_type") else gpus
+    if cluster.get("mem_gb") is not None:
+        params["mem"] = f"{cluster['mem_gb']}GB"
+    for k in ("partition", "account", "qos", "constraint", "exclude"):
+        if cluster.get(k) is not None:
+            params[k] = str(cluster[k])
+    ex.update_parameters(**params)
+    return ex
+
+
+TEST_ONLY_TIMEOUT_S = 30
+
+
+# what sbatch --test-only (or sbatch under EnforcePartLimits) says of a job no node or partition limit allows
+# (not its "allocation failure: " prefix, which it puts before any reason, e.g. an invalid partition)
+_NEVER = ("requested node configuration is not available", "invalid feature specification",
+          "requested time limit", "node count specification invalid", "more processors requested than permitted",
+          "memory required by task is not available", "requested partition configuration not available")
+
+
+def sbatch_said(text: str) -> str:
+    return "; ".join(ln.strip().removeprefix("sbatch: error: ") for ln in str(text).splitlines() if ln.strip())
+
+
+def sbatch_refused(text: str) -> ConfigError:
+    """sbatch's complaint (already on one line) with the fix."""
+    text = text or "no reason given"
+    unreachable = any(m in text.lower() for m in ("configuration source", "unable to contact",
+                                                 "connection refused", "slurm.conf"))
+    if unreachable:  # not a verdict on the job: no controller answered
+        return ConfigError(f"Slurm does not answer here, sbatch said: {text} (check SLURM_CONF and that slurmctld "
+                           f"runs, or use cluster=local)")
+    gres = "gres" in text.lower() or "generic resource" in text.lower()
+    fix = ("check cluster.gpus_per_node and cluster.gpu_type against the partition's GPUs (sinfo -o '%P %G'), "
+           "and cluster.partition" if gres else
+           "check cluster.partition, cluster.account, cluster.qos and the other cluster.* values")
+    return ConfigError(f"sbatch refused the job: {text} ({fix})")
+
+
+def sbatch_script(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> Optional[str]:
+    """The batch script submitit would queue for the points to submit (None: nothing for Slurm)."""
+    todo = [p for p in points if p.skip is None]
+    if cluster["backend"] != "slurm" or not todo:
+        return None
+    base = sweep_dir if sweep_dir is not None else todo[0].run_dir
+    ex = make_executor(cluster, base / ".submitit" / "%j")
+    if len(todo) > 1:
+        ex.parameters["map_count"] = len(todo)  # the job array, as SlurmExecutor renders it for a batch
+    return ex._make_submission_file_text(ex._submitit_command_str, "test-only")
+
+
+def check_can_start(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> None:
+    """`sbatch --test-only` on the very script submit would queue. Under EnforcePartLimits=NO (Slurm's default)
+    sbatch queues a job that asks for more than its partition ever has (nodes, CPUs, memory, time, features),
+    and it pends forever (PartitionConfig, PartitionNodeLimit, ...); the test says so at once. When the test
+    cannot be run (no answer, an sbatch without --test-only), submission goes on with a warning."""
+    script = sbatch_script(points, sweep_dir, cluster)
+    if script is None:
+        return
+    try:
+        r = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True,
+                           timeout=TEST_ONLY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return warn(f"sbatch --test-only did not answer in {TEST_ONLY_TIMEOUT_S} s; submitting without knowing "
+                     f"whether the cluster can ever start the job")
+    except OSError as e:
+        return warn(f"sbatch --test-only could not run ({e}); submitting without that check")
+    if r.returncode == 0:
+        # --test-only passes a --time over the partition's limit (the job would pend: PartitionTimeLimit)
+        over = _over_partition(cluster, _where(cluster), features=False)
+        if over:
+            raise ConfigError(_never_message(cluster, "sinfo: the partition's time limit", over))
+        return
+    said = sbatch_said(r.stderr + "\n" + r.stdout)
+    if not said or "unrecognized option" in said or "invalid option" in said:
+        return warn(f"sbatch --test-only failed without a reason ({said or f'exit {r.returncode}'}); submitting "
+                     f"without knowing whether the cluster can ever start the job")
+    if any(m in said.lower() for m in _NEVER):
+        raise ConfigError(_never_message(cluster, f"sbatch --test-only: {said}",
+                                         _over_partition(cluster, _where(cluster), "feature" in said.lower())))
+    raise sbatch_refused(said)
+
+
+def _where(cluster: dict) -> str:
+    part = cluster.get("partition")
+    return f"partition {part}" if part is not None else "the default partition"
+
+
+def _never_message(cluster: dict, why: str, over: list[str]) -> str:
+    part, where = cluster.get("partition"), _where(cluster)
+    asked = [f"{cluster['nodes']} node(s) of {cluster['tasks_per_node']} task(s) x {cluster['cpus_per_task']} CPU(s)"]
+    if cluster["gpus_per_node"]:
+        asked.append(f"{cluster['gpus_per_node']} GPU(s) per node")
+    if cluster.get("mem_gb") is not None:
+        asked.append(f"{cluster['mem_gb']} GB per node")
+    asked.append(f"{cluster['timeout_min']} min")
+    if cluster.get("constraint") is not None:
+        asked.append(f"features {cluster['constraint']}")
+    if cluster.get("exclude") is not None:
+        asked.append(f"not on {cluster['exclude']}")
+    fix = "; ".join(over) if over else (
+        f"lower cluster.nodes, cluster.tasks_per_node, cluster.cpus_per_task, cluster.gpus_per_node, cluster.mem_gb or "
+        f"cluster.timeout_min, or fix cluster.constraint{' or cluster.exclude' if cluster.get('exclude') else ''}, "
+        f"to what {where} has (sinfo -N -l{f' -p {part}' if part is not None else ''})")
+    return (f"Slurm can never start this job on {where}: it asks for {', '.join(asked)} ({why}); {fix}, or choose "
+            f"another cluster.partition")
+
+
+def _over_partition(cluster: dict, where: str, features: bool) -> list[str]:
+    """What the job asks beyond its partition's nodes and limits, with the value to use, from sinfo; [] when
+    sinfo does not tell (the caller then names every key)."""
+    from .preempt import parse_slurm_time, slurm_out
+
+    out = slurm_out(["sinfo", "-h", "-o", "%P|%D|%c|%m|%l|%f|%N"])
+    part = cluster.get("partition")
+    rows = [ln.split("|") for ln in (out or "").splitlines() if ln.count("|") == 6]
+    rows = [r for r in rows if (r[0].rstrip("*") == str(part) if part is not None else r[0].endswith("*"))]
+    if not rows:
+        return []
+    num = lambda v: int(re.match(r"\d*", v).group() or 0)  # noqa: E731  "2+": at least 2 (mixed nodes)
+    nodes, cpus, mem = sum(num(r[1]) for r in rows), max(num(r[2]) for r in rows), max(num(r[3]) for r in rows)
+    over = []
+    if cluster["nodes"] > nodes:
+        over.append(f"cluster.nodes={cluster['nodes']} but {where} has {nodes} node(s): use cluster.nodes<={nodes}")
+    elif cluster.get("exclude") is not None:
+        from .distributed import expand_hostlist
+        try:
+            names = {n for r in rows for n in expand_hostlist(r[6])}
+            left = names - set(expand_hostlist(str(cluster["exclude"])))
+        except ValueError:  # a host list we cannot read: sinfo's word stands
+            left = names = set()
+        if names and len(left) < cluster["nodes"]:
+            over.append(f"cluster.exclude={cluster['exclude']} leaves {len(left)} of the {len(names)} node(s) of "
+                        f"{where} ({', '.join(sorted(left)) or 'none'}) for cluster.nodes={cluster['nodes']}: exclude "
+                        f"fewer")
+    need = cluster["tasks_per_node"] * cluster["cpus_per_task"]
+    if need > cpus:
+        over.append(f"cluster.tasks_per_node x cluster.cpus_per_task = {need} CPUs per node but the nodes of {where} "
+                    f"have {cpus}: use cluster.cpus_per_task<={max(cpus // cluster['tasks_per_node'], 1)}")
+    if cluster.get("mem_gb") is not None and mem and cluster["mem_gb"] * 1024 > mem:
+        over.append(f"cluster.mem_gb={cluster['mem_gb']} but the nodes of {where} have {mem / 1024:g} GB: use "
+                    f"cluster.mem_gb<={mem // 1024} (or null)")
+    try:
+        limit = parse_slurm_time(rows[0][4].upper().replace("INFINITE", "UNLIMITED"))
+    except ValueError:
+        limit = None
+    if limit is not None and cluster["timeout_min"] * 60 > limit:
+        over.append(f"cluster.timeout_min={cluster['timeout_min']} but {where} allows {limit / 60:g} min: use "
+                    f"cluster.timeout_min<={int(limit // 60)}")
+    if features and cluster.get("constraint") is not None:
+        have = sorted({f for r in rows for f in r[5].split(",") if f and f != "(null)"})
+        over.append(f"cluster.constraint={cluster['constraint']} names features the nodes of {where} lack (they have: "
+                    f"{', '.join(have) or 'none'})")
+    return over
+
+
+def release_held(jobs: list) -> None:
+    """Start the jobs submit queued held. Slurm opens a task's log in .submitit/<job id>/ as the task
+    starts, and submitit makes that folder only after sbatch has answered: an idle cluster started a job
+    first (seen: FAILED in 0.04 s, no log, "Could not open stdout file")."""
+    ids = sorted({str(j.job_id).split("_")[0] for j in jobs})  # an array's tasks: its own id
+    try:
+        r = subprocess.run(["scontrol", "release", *ids], capture_output=True, text=True, timeout=60)
+        said = ((r.stderr or r.stdout).strip() or f"exit status {r.returncode}") if r.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as e:
+        said = str(e)
+    if said:
+        raise ConfigError(f"job(s) {' '.join(ids)} are queued held and `scontrol release` failed ({said}); "
+                          f"start them with: scontrol release {' '.join(ids)}")

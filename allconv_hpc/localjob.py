@@ -1,0 +1,78 @@
+"""cluster=local's stand-in for `srun --kill-on-bad-exit`: its rendezvous ports, and the reaper a failed rank
+leaves behind to end its job's other ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on this machine now (held open together while the OS picks them): each
+    cluster=local DDP job's rendezvous, instead of one derived from its pid, which another job or
+    program may hold."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+# cluster=local has no `srun --kill-on-bad-exit`: submitit's local controller waits for every task. A rank that
+# fails leaves this behind to end its job's other ranks (the controller's other children) still running
+# LOCAL_KILL_WAIT_S later: SIGTERM (a rank waiting at the rendezvous ends at once), then SIGKILL as many seconds
+# after (a rank hung in its own code), as Slurm does with KillWait. They usually end long before: their next
+# collective fails on the closed connection, or they failed alike (a diverged run) and rank 0 is finishing its
+# W&B upload, which the wait leaves time for. Checkpoints are written by rename, never half, whatever is killed.
+LOCAL_KILL_WAIT_S = 30
+
+
+_REAPER = ("import sys; from allconv_hpc.localjob import _reap; "
+           "_reap(int(sys.argv[1]), float(sys.argv[2]), [int(p) for p in sys.argv[3:]])")
+
+
+def _reap(controller: int, wait_s: float, pids: list[int]) -> None:
+    """Run by the reaper process: SIGTERM then SIGKILL, wait_s apart, to those of pids still the controller's
+    running children (a pid reused since is not its child); a note on stderr (the failed rank's .err) says so."""
+    from .jobs import children
+    said = []
+    for n, sig in enumerate((signal.SIGTERM, signal.SIGKILL), 1):
+        end = time.monotonic() + wait_s
+        while set(pids) & set(children(controller)) and time.monotonic() < end:
+            time.sleep(0.5)
+        sent = []
+        for pid in set(pids) & set(children(controller)):
+            try:
+                os.kill(pid, sig)
+                sent.append(str(pid))
+            except OSError:  # ended meanwhile (or no longer ours)
+                pass
+        if sent:
+            said.append(f"{signal.Signals(sig).name} to {', '.join(sorted(sent))} at {n * wait_s:g} s")
+    if said:
+        print(f"note: this rank failed, and its job's other ranks still ran: sent {'; '.join(said)} (cluster=local "
+              f"has no srun --kill-on-bad-exit)", file=sys.stderr, flush=True)
+
+
+def end_local_peers(controller: int) -> None:
+    """After this rank failed in a cluster=local job: end the job's other ranks that do not end by themselves
+    (see LOCAL_KILL_WAIT_S), from a process of its own, so that this one exits now and its peers see it go.
+    `controller`: this rank's parent when it started; if that is no longer its parent (the controller died, and
+    this process now belongs to init or a subreaper), its children are not this job's ranks: nothing is done."""
+    ppid = os.getppid()
+    if ppid != controller or ppid <= 1:
+        return
+    from .jobs import children
+    try:
+        peers = [str(pid) for pid in children(ppid) if pid != os.getpid()]
+        if peers:
+            subprocess.Popen([sys.executable, "-c", _REAPER, str(ppid), str(LOCAL_KILL_WAIT_S), *peers],
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    except (OSError, subprocess.SubprocessError) as e:  # never hide the rank's own failure
+        print(f"note: could not look for this job's other ranks to end them ({e}); a hung one holds the job "
+              f"until cluster.timeout_min", file=sys.stderr)
