@@ -21,16 +21,8 @@ use_checkout() {
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     echo "installed $(ls "$whl" | tr '\n' ' ')into $site (on PYTHONPATH)"
   fi
-  if ! (cd "$work" && "$py" -c "import hydra, omegaconf" 2>/dev/null); then
-    echo "FATAL: hydra-core/omegaconf missing for $py: run 'bash benchmarks/gpu_check.sh --fetch-wheels' where the package registry is reachable, and name .whl in the device run's carry" >&2
-    exit 1
-  fi
-  if ! (cd "$work" && "$py" -c "import torch, numpy, yaml"); then
-    echo "FATAL: $py lacks torch/numpy/pyyaml; set PYTHON=/path/to/python with them installed" >&2
-    exit 1
-  fi
   # the venv's editable install may point elsewhere: overlay with conf/ mapped to allconv_hpc.conf,
-  # as pyproject's package-dir does
+  # as pyproject's package-dir does (this probe imports no torch: it starts in a fraction of a second)
   if ! (cd "$work" && "$py" -c "import allconv_hpc.conf, os, sys; sys.exit(os.path.realpath(allconv_hpc.__file__) != os.path.realpath(sys.argv[1]))" "$ROOT/allconv_hpc/__init__.py") >/dev/null 2>&1; then
     mkdir -p "$work/overlay/allconv_hpc"
     for f in "$ROOT"/allconv_hpc/*.py; do ln -s "$f" "$work/overlay/allconv_hpc/"; done
@@ -38,5 +30,34 @@ use_checkout() {
     export PYTHONPATH="$work/overlay${PYTHONPATH:+:$PYTHONPATH}"
     echo "allconv_hpc of this checkout is not the installed one: using an overlay at $work/overlay"
   fi
-  (cd "$work" && "$py" -c "import allconv_hpc.conf, torch, hydra, omegaconf; print('allconv_hpc from', allconv_hpc.__file__); print('hydra', hydra.__version__, 'omegaconf', omegaconf.__version__, 'from', hydra.__file__); print('torch', torch.__version__, 'cuda available:', torch.cuda.is_available())")
+  # one interpreter start for every import check (torch's import alone takes seconds of device time);
+  # sets CHECKOUT_CUDA=1 when torch sees a CUDA device
+  local rc=0
+  (cd "$work" && "$py" -c '
+import sys
+try:
+    import hydra, omegaconf
+except ImportError:
+    sys.exit(3)
+try:
+    import numpy, torch, yaml
+except ImportError as e:
+    print(e, file=sys.stderr)
+    sys.exit(4)
+import allconv_hpc.conf
+print("allconv_hpc from", allconv_hpc.__file__)
+print("hydra", hydra.__version__, "omegaconf", omegaconf.__version__, "from", hydra.__file__)
+print("torch", torch.__version__, "cuda available:", torch.cuda.is_available())
+sys.exit(0 if torch.cuda.is_available() else 5)
+') || rc=$?
+  case $rc in
+    0) CHECKOUT_CUDA=1 ;;
+    5) CHECKOUT_CUDA=0 ;;
+    3) echo "FATAL: hydra-core/omegaconf missing for $py: run 'bash benchmarks/gpu_check.sh --fetch-wheels' where the package registry is reachable, and name .whl in the device run's carry" >&2
+       exit 1 ;;
+    4) echo "FATAL: $py lacks torch/numpy/pyyaml; set PYTHON=/path/to/python with them installed" >&2
+       exit 1 ;;
+    *) echo "FATAL: $py could not import this checkout's allconv_hpc (exit $rc, above)" >&2
+       exit 1 ;;
+  esac
 }

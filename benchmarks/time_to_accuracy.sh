@@ -100,7 +100,7 @@ main() {
   echo "mode: $([[ $MODE == dry ]] && echo 'DRY RUN (CPU, tiny net, data subset)' || echo GPU); budget ${BUDGET} s; target ${TARGET}"
   echo "python: $PY; output: $OUT_BASE"
   use_checkout "$PY" "$WORK" "${TTA_SITE:-/tmp/site}"
-  if [[ $MODE == gpu ]] && ! (cd "$WORK" && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"); then
+  if [[ $MODE == gpu ]] && [[ $CHECKOUT_CUDA != 1 ]]; then
     echo "FATAL: no CUDA device visible; use --dry-run on a CPU machine" >&2
     exit 1
   fi
