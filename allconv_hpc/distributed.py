@@ -29,6 +29,10 @@ class DistributedError(RuntimeError):
     """A peer rank failed or vanished; the message names it when it can be known."""
 
 
+class PortInUse(DistributedError):
+    """Rank 0 could not listen on the rendezvous port: another job or program on its node holds it."""
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int = 0
@@ -219,10 +223,11 @@ class Dist:
             where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
                 fix = {"torchrun": "give torchrun another --master_port (or --rdzv-endpoint)",
-                       "slurm": "submit again: another job id gives another port",
+                       "slurm": "rank 0 requeues the job, whose restart gets another port (submit again if it did "
+                                "not)",
                        "local": "submit again: it picks a free port"}.get(env.source, "use another MASTER_PORT")
-                raise DistributedError(f"rank {env.rank}: port {where} is already in use on this node (another "
-                                       f"job or program holds it); {fix}") from e
+                raise PortInUse(f"rank {env.rank}: port {where} is already in use on this node (another job or "
+                                f"program holds it); {fix}") from e
             raise DistributedError(
                 f"rank {env.rank}: rendezvous with {env.world_size} ranks at {where} failed within "
                 f"{self.timeout_s:g} s ({_first_line(e)}); a rank that failed before joining logged why (under "

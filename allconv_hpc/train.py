@@ -48,7 +48,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         from .checkpoint import CheckpointError, check_resume  # torch: the slow imports, inside the Ctrl-C guard
         from .compose import check_run_dir, compose, pin_data_root, write_hydra_files
         from .data import check_present
-        from .distributed import DistributedError, detect_env
+        from .distributed import DistributedError, PortInUse, detect_env
         from .runlock import acquire, check_free
         from .jobs import other_jobs_state, stop_command
         from .tracking import check_names, preflight_mode
@@ -80,7 +80,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         return 2
     except KeyboardInterrupt:
         return _interrupted_in_start_up()
-    from .preempt import catch_early
+    from .preempt import EXIT_REQUEUED, catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
     from .trainer import NonFiniteError, Trainer, check_launch
     lock_fd = None
@@ -133,6 +133,11 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             trainer.dist.report_failure(str(e))
         code = 2
         return code
+    except PortInUse as e:  # rank 0's rendezvous port (from the job id and restart count) is held on its node
+        log.error("%s", e)
+        if _requeued_for_port(env):
+            code = EXIT_REQUEUED
+        return code
     except DistributedError as e:
         log.error("%s", e)
         _report(trainer, str(e), "failed", tell_peers=False)  # a peer failed: status.json must not stay "running"
@@ -168,6 +173,28 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             trainer.close(exit_code=code)
         elif lock_fd is not None:  # the trainer never took it (its rendezvous failed): this process keeps on
             os.close(lock_fd)
+
+
+PORT_REQUEUES = 10  # restarts below which a Slurm job whose rendezvous port is held requeues itself
+
+
+def _requeued_for_port(env) -> bool:
+    """A Slurm job's rank 0 found its port held: requeue the job, whose restart gets another port
+    (distributed.slurm_port), instead of failing a job its user walked away from. Nothing trained yet."""
+    from .preempt import SlurmJob
+    job = SlurmJob()
+    if env.source != "slurm" or not env.is_main or not job.in_slurm:
+        return False
+    if job.restarts >= PORT_REQUEUES:
+        log.error("not requeued: job %s has restarted %d times (at most %d for a port in use); submit the same "
+                  "command again", job.job_id, job.restarts, PORT_REQUEUES)
+        return False
+    if not job.requeue():
+        log.error("Slurm did not requeue job %s (cluster.requeue=false, or the site forbids requeues); submit the "
+                  "same command again: a new job id gives another port", job.job_id)
+        return False
+    log.warning("requeued job %s: its restart gets another rendezvous port", job.job_id)
+    return True
 
 
 def _released(lock_fd: Optional[int], code: int) -> int:

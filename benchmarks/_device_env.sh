@@ -26,7 +26,7 @@ use_checkout() {
   if ! (cd "$work" && "$py" -c "import allconv_hpc.conf, os, sys; sys.exit(os.path.realpath(allconv_hpc.__file__) != os.path.realpath(sys.argv[1]))" "$ROOT/allconv_hpc/__init__.py") >/dev/null 2>&1; then
     mkdir -p "$work/overlay/allconv_hpc"
     for f in "$ROOT"/allconv_hpc/*.py; do ln -s "$f" "$work/overlay/allconv_hpc/"; done
-    ln -s "$ROOT/conf" "$work/overlay/allconv_hpc/conf"
+    ln -sn "$ROOT/conf" "$work/overlay/allconv_hpc/conf"
     export PYTHONPATH="$work/overlay${PYTHONPATH:+:$PYTHONPATH}"
     echo "allconv_hpc of this checkout is not the installed one: using an overlay at $work/overlay"
   fi

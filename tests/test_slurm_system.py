@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -280,6 +281,27 @@ def test_two_node_ddp_job_matches_one_process(slurm_cluster, jobs, tmp_path):
     assert read_status(run)["state"] == "completed"
     assert_same_weights(final_weights(run), final_weights(tmp_path / "ref"), exact=False)
     assert_same_history(history(run), history(tmp_path / "ref"), exact=False)
+
+
+def test_a_rendezvous_port_held_on_the_node_requeues_the_job_for_another(slurm_cluster, jobs, tmp_path):
+    """Rank 0's port (from the job id and restart count) is held by another program on its node: the job
+    requeues itself, its restart gets another port and completes, instead of failing while nobody watches."""
+    run = tmp_path / "port"
+    ids, _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1", "cluster.tasks_per_node=2",
+                    "+cluster.additional_parameters.hold=true", f"hydra.run.dir={run}")  # held: the port is known first
+    (job, _), = ids
+    held, again = slurm_port(job, 0), slurm_port(job, 1)
+    with socket.socket() as squatter:  # every address: n1 and n2 are both this machine
+        squatter.bind(("0.0.0.0", held))
+        squatter.listen()
+        slurm_cluster.run(["scontrol", "release", job], check=True)
+        assert wait_final(slurm_cluster, job, 180) == "COMPLETED", tail(run)
+    log = (run / "train.log").read_text()
+    assert f":{held} is already in use on this node" in log and f"requeued job {job}" in log, log[-3000:]
+    assert re.search(rf"rank 0/2 joined \(gloo, slurm, master n\d:{again}\)", log), log[-3000:]
+    assert read_status(run)["state"] == "completed"
+    restarts = slurm_cluster.run(["scontrol", "show", "job", job]).stdout
+    assert "Restarts=1" in restarts or "Invalid job id" in restarts, restarts  # (forgotten once MinJobAge passed)
 
 
 @pytest.mark.slow

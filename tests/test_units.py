@@ -746,3 +746,20 @@ def test_init_dropout_order_and_augmentation_draw_different_numbers_and_older_ru
         assert all(torch.equal(tr.batches.order(e), o) for e, o in enumerate(old))
     finally:
         tr.close()
+
+
+def test_a_port_in_use_requeues_only_a_slurm_jobs_rank_0_below_the_restart_bound(monkeypatch):
+    """Rank 0 of a Slurm job whose rendezvous port is held requeues the job (its restart gets another port),
+    at most train.PORT_REQUEUES restarts; other ranks and other launches never touch Slurm."""
+    from allconv_hpc import train
+    from allconv_hpc.distributed import DistEnv
+    asked = []
+    monkeypatch.setattr(SlurmJob, "requeue", lambda self: asked.append(self.job_id) or True)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(train.PORT_REQUEUES - 1))
+    assert not train._requeued_for_port(DistEnv(rank=1, world_size=2, source="slurm"))
+    assert not train._requeued_for_port(DistEnv(rank=0, world_size=2, source="local"))
+    assert asked == []
+    assert train._requeued_for_port(DistEnv(rank=0, world_size=2, source="slurm")) and asked == ["77"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(train.PORT_REQUEUES))
+    assert not train._requeued_for_port(DistEnv(rank=0, world_size=2, source="slurm")) and asked == ["77"]
