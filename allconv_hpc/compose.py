@@ -210,12 +210,37 @@ def check_run_dir(run_dir: Path) -> None:
                               f"hydra.run.dir")
         if existing != path:
             break  # the rest does not exist yet: made inside this writable folder
+    if (run_dir / "sweep.json").is_file():  # status and evaluate would read it as the sweep, hiding this run
+        raise ConfigError(f"run folder {run_dir} is a sweep's folder (sweep.json): give one of its point folders "
+                          f"to resume that point, or a new hydra.run.dir")
     if run_dir.is_dir():  # a folder of other things (a dataset, a project's root) is not one to train into
         other = sorted(p.name for p in run_dir.iterdir() if not _run_file(p.name))  # nohup.out alone is no run
         if other and not holds_run(run_dir):  # notes added to a run: fine
             more = f", ... ({len(other)} in all)" if len(other) > 5 else ""
             raise ConfigError(f"run folder {run_dir} holds other files ({', '.join(other[:5])}{more}) and no run: "
                               f"training would mix its files with them; give a new or empty hydra.run.dir")
+
+
+SWEEP_FILES = {"sweep.json", ".submit.lock", ".submitit"}  # what submit -m writes into a sweep's folder itself
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """A sweep's folder is new, empty or a sweep's (sweep.json; or, that lost, point folders only). A run folder
+    is refused (its status, evaluate and resume would read the points as its own, or miss them), and so is a
+    folder of other things (a dataset): as check_run_dir does for a run. Nothing is created."""
+    if not sweep_dir.is_dir() or (sweep_dir / "sweep.json").is_file():
+        return
+    names = sorted(os.listdir(sweep_dir))
+    run = [n for n in names if n not in SWEEP_FILES and (n in RUN_FILES or n.startswith("checkpoints.old"))]
+    if run:
+        raise ConfigError(f"hydra.sweep.dir {sweep_dir} is a run folder ({', '.join(run[:3])}): the sweep's points "
+                          f"would be mixed into that run; give a new or empty hydra.sweep.dir")
+    other = [n for n in names if n not in SWEEP_FILES
+             and not ((sweep_dir / n).is_dir() and (holds_run(sweep_dir / n) or not os.listdir(sweep_dir / n)))]
+    if other:
+        more = f", ... ({len(other)} in all)" if len(other) > 5 else ""
+        raise ConfigError(f"hydra.sweep.dir {sweep_dir} holds other files ({', '.join(other[:5])}{more}) and no "
+                          f"sweep: the points would be mixed with them; give a new or empty hydra.sweep.dir")
 
 
 def write_hydra_files(c: Composed) -> None:

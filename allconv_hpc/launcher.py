@@ -55,7 +55,7 @@ def hydra_value(value, key: str) -> str:
 def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
-    from .compose import check_run_dir, compose
+    from .compose import check_run_dir, check_sweep_dir, compose
     from .data import check_present
     from .tracking import check_names, preflight_mode
 
@@ -72,6 +72,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             name, legacy = default_sweep_dir(common, swept), legacy_sweep_dir(common, swept)
             sweep_dir = Path(legacy if Path(legacy).is_dir() and not Path(name).exists() else name).absolute()
         hydra_value(sweep_dir, "hydra.sweep.dir")
+        check_sweep_dir(sweep_dir)
     points, cluster, warned = [], None, set()
     for s in swept:
         ov = common + s

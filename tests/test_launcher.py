@@ -25,7 +25,7 @@ from allconv_hpc import executor, jobs, launcher, resources, status
 from allconv_hpc.sweep import legacy_sweep_dir, default_sweep_dir, expand_sweep
 from allconv_hpc.checkpoint import CheckpointDir
 from allconv_hpc.cli import main
-from allconv_hpc.compose import compose
+from allconv_hpc.compose import check_sweep_dir, compose
 from allconv_hpc.config import MODEL_NAMES, ConfigError
 from allconv_hpc.data import write_cifar
 
@@ -636,6 +636,37 @@ def test_a_signal_lead_over_half_the_time_limit_is_warned_once(tmp_path, capsys)
     launcher.plan(["cluster=local", *TINY, "cluster.timeout_min=3", "cluster.signal_lead_s=90",
                    f"hydra.run.dir={tmp_path / 'run'}"], multirun=False)
     assert "warning" not in capsys.readouterr().err  # exactly half: fine
+
+
+def test_sweep_and_run_folders_are_not_mixed(tmp_path):
+    """A sweep into a run folder (or a folder of other things), or a run into a sweep's folder: refused before
+    anything is queued; status and evaluate would read one as the other. A sweep's own folder is resumed."""
+    sweep = tmp_path / "sweep"
+    (sweep / "notes.txt").parent.mkdir(parents=True)
+    (sweep / "notes.txt").write_text("mine")  # a sweep's folder (sweep.json) may hold anything else
+    (sweep / "sweep.json").write_text("{}")
+    launcher.plan(["cluster=local", *TINY, "seed=0", f"hydra.sweep.dir={sweep}"], multirun=True)
+    with pytest.raises(ConfigError, match=r"run folder .*/sweep is a sweep's folder \(sweep.json\)"):
+        launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={sweep}"], multirun=False)
+    run = tmp_path / "run"
+    CheckpointDir(run / "checkpoints", keep=2).save({"identity": compose([*TINY]).cfg.identity()}, step=5)
+    (run / "status.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"hydra.sweep.dir .*/run is a run folder \(checkpoints, status.json\)"):
+        launcher.plan(["cluster=local", *TINY, "seed=0", f"hydra.sweep.dir={run}"], multirun=True)
+    data = tmp_path / "data"
+    (data / "cifar-10-batches-py").mkdir(parents=True)
+    (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"hydra.sweep.dir .*/data holds other files \(cifar-10-batches-py\)"):
+        launcher.plan(["cluster=local", *TINY, "seed=0", f"hydra.sweep.dir={data}"], multirun=True)
+    # a sweep folder that lost its sweep.json: its point folders (runs) and submit's files only
+    lost = tmp_path / "lost"
+    (lost / "seed=0").mkdir(parents=True)
+    (lost / "seed=0" / "submission.json").write_text("{}")
+    (lost / ".submit.lock").touch()
+    check_sweep_dir(lost)
+    (lost / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds other files \(notes.txt\)"):
+        check_sweep_dir(lost)
 
 
 def test_a_run_folder_of_another_config_is_refused(tmp_path):
