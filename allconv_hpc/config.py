@@ -224,13 +224,19 @@ class WandbConfig:
                f"wandb.mode={self.mode!r} is not one of online, offline, disabled (or null for auto)")
 
 
+MAX_DIST_TIMEOUT_S = 7 * 86400  # ms must fit torch's C int (24.8 days); 1e10 s failed at once, 1e30 raised OverflowError
+
+
 @dataclass
 class DistConfig:
     timeout_s: Optional[float] = None  # collective timeout; null = 300 on CPU, 1800 on CUDA
     backend: str = "auto"           # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
 
     def __post_init__(self) -> None:
-        _check(self.timeout_s is None or self.timeout_s > 0, f"dist.timeout_s={self.timeout_s} must be > 0")
+        t = self.timeout_s
+        _check(t is None or 0 < t <= MAX_DIST_TIMEOUT_S,
+               f"dist.timeout_s={t if t is None else format(t, 'g')} must be > 0 and at most {MAX_DIST_TIMEOUT_S} (7 "
+               f"days): gloo and NCCL take the timeout in int milliseconds, and a collective waiting longer has hung")
         _choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
 
 

@@ -29,6 +29,7 @@ BAD = [
     (["model.name=nope"], ["model.name='nope'", "allcnn_c", "allcnn_seed"]),
     (["optim.lr=0"], ["optim.lr=0", "> 0"]),
     (["optim.lr=-1"], ["optim.lr=-1", "> 0"]),
+    (["dist.timeout_s=1e10"], ["dist.timeout_s=1e+10 must be > 0 and at most 604800 (7 days)"]),  # gloo failed at once, 1e30 overflowed
     (["trainer.epochs=0"], ["trainer.epochs=0", ">= 1"]),
     (["trainer.batch_size=0"], ["trainer.batch_size=0", ">= 1"]),
     (["trainer.batch_size=-4"], ["trainer.batch_size=-4"]),
