@@ -262,11 +262,19 @@ def generate_id(length: int = 8) -> str:
 
 
 def _read_id(run_dir: Path) -> Optional[str]:
+    """The run id in wandb_id.txt; None when there is none, or when the file is damaged (not an id: bytes
+    of another file, a torn write), which is said once: the checkpoint's id, else a new one, is used."""
     try:
-        text = (run_dir / ID_FILE).read_text().strip()
+        text = (run_dir / ID_FILE).read_text(errors="replace").strip("\0 \n\t")
     except (FileNotFoundError, NotADirectoryError):
         return None
+    if text and (len(text) > 128 or any(c not in _ID_CHARS for c in text)):
+        log.warning("%s is damaged (%r is no W&B run id): ignored", run_dir / ID_FILE, text[:40])
+        return None
     return text or None
+
+
+_ID_CHARS = frozenset(string.ascii_letters + string.digits + "_-.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,15 +572,19 @@ class Tracker:
 def _read_steps(path: Path) -> list[dict]:
     """The entries of ``wandb_steps.jsonl``; a torn last line (a killed writer) is dropped."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()  # damaged bytes end it like a torn line
     except FileNotFoundError:
         return []
     out = []
     for line in lines:
         try:
-            out.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
             break
+        if not (isinstance(entry, dict) and isinstance(entry.get("step"), int) and isinstance(entry.get("data"), dict)
+                and entry.get("kind") in ("train", "eval")):
+            break
+        out.append(entry)
     return out
 
 

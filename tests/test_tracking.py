@@ -7,6 +7,7 @@ environment must not change under it between tests), and wandb is torn down at t
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 import os
@@ -490,3 +491,24 @@ def test_a_full_disk_error_names_the_run_folder_file(tmp_path):
     outside = OSError(28, "No space left on device", str(tmp_path / "cache" / "x.so"))
     assert _run_folder_file(outside, run_dir) is None and _run_folder_file(OSError(28, "x"), run_dir) is None
     assert _run_folder_file(ValueError("x"), run_dir) is None
+
+
+def test_damaged_wandb_id_and_steps_files_are_read_as_damaged_not_a_traceback(wenv, tmp_path, caplog):
+    """Bytes that are no text (another file's, a bad disk block) in wandb_id.txt or wandb_steps.jsonl: the
+    steps file keeps its entries before them (as for a torn line), the id file is ignored with a warning and
+    the checkpoint's id (given) is used; the run resumes instead of failing on a UnicodeDecodeError."""
+    run_dir = tmp_path / "run"
+    first = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, [])
+    rows = run_epochs(first, 1, 10)
+    first.finish()
+    with open(run_dir / "wandb_steps.jsonl", "ab") as f:
+        f.write(b'{"kind": "train", \x00\xff garbage\n[1, 2]\n')
+    (run_dir / "wandb_id.txt").write_bytes(b"\x00\xff\xfe\n")
+    second = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, first.run_id, rows, global_step=10)
+    second.log_train(11, {"loss": 1.0})
+    second.finish()
+    assert "wandb_id.txt is damaged" in caplog.text
+    assert (run_dir / "wandb_id.txt").read_text() == first.run_id + "\n"  # rewritten from the checkpoint's id
+    lines = (run_dir / "wandb_steps.jsonl").read_text().splitlines()
+    assert len(lines) == 11 + 1 and all(json.loads(ln)["kind"] in ("train", "eval") for ln in lines)
+    assert [r["_step"] for r in merged_history(run_dir / "wandb", first.run_id)] == list(range(1, 12))
