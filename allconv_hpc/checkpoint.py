@@ -278,7 +278,7 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optio
     if found is None:
         if cfg.checkpoint.resume == "must":
             raise ckpt.nothing_to_resume()
-        theirs = _unsaved_identity(Path(run_dir), ckpt)  # a run that stopped before its first checkpoint
+        theirs = _unsaved_identity(Path(run_dir))  # a run that stopped before its first checkpoint
         if theirs is not None:  # its W&B id and .hydra/ would go on under another config
             cfg.check_resumable(theirs, run_dir, folder_key=folder_key)
         return None
@@ -296,13 +296,13 @@ def earlier_epochs(run_dir: Path, ckpt: CheckpointDir) -> bool:
     return rows or (ckpt.folder / "best.pt").is_file()
 
 
-def _unsaved_identity(run_dir: Path, ckpt: CheckpointDir) -> Optional[dict]:
-    """The identity of a run set up in run_dir that wrote no checkpoint, from its .hydra/config.yaml (written
-    once it was set up); None when there is none, or it does not read as a config of this version, or the
-    folder holds an earlier run's finished epochs (history rows, best.pt: its checkpoints were removed), which
-    the trainer moves aside itself to start over."""
+def _unsaved_identity(run_dir: Path) -> Optional[dict]:
+    """The identity of a run set up in run_dir that has no checkpoint (it stopped before its first, or its
+    checkpoints were removed: the trainer then moves its finished epochs aside to start over, under the same
+    config only), from its .hydra/config.yaml (written once it was set up); None when there is none, or it
+    does not read as a config of this version."""
     path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file() or earlier_epochs(run_dir, ckpt):
+    if not path.is_file():
         return None
     from omegaconf import OmegaConf
     from .config import from_dict
