@@ -106,10 +106,10 @@ def check_present(cfg: DataConfig, fix: Optional[str] = None, root_option: str =
 
 def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "data.root=") -> None:
     folder, files, missing = _missing(cfg)
-    empty = [f for f in files if f not in missing and (folder / f).stat().st_size == 0]
-    if empty:  # an interrupted copy: found at once, not by the job after its wait in the queue
-        raise DataError(f"{', '.join(str(folder / f) for f in empty)}: empty (an interrupted copy?); copy the "
-                        f"official python version there again")
+    cut = [f for f in files if f not in missing and not _ends_whole(folder / f)]
+    if cut:  # an interrupted copy: found at once, not by the job after its wait in the queue
+        raise DataError(f"{', '.join(str(folder / f) for f in cut)}: empty or cut short (an interrupted copy?); "
+                        f"copy the official python version there again")
     if not missing:
         return
     lay = _layout(cfg.name)
@@ -128,6 +128,18 @@ def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "dat
                   f"data.download=true on a machine with network")
     raise DataError(f"{lay.title} not found: expected {folder} with {', '.join(files)} (missing: "
                     f"{', '.join(missing)}). {fix}{hint}.")
+
+
+def _ends_whole(path: Path) -> bool:
+    """A pickle ends with its STOP opcode: a file cut short almost never does. One byte read, not the file."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"."
+    except OSError:  # unreadable: load() names it
+        return True
 
 
 # ----------------------------------------------------------------------------- reading

@@ -120,11 +120,20 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_an_empty_file_is_named_before_anything_is_read(cifar10):
+def test_an_empty_or_cut_file_is_named_before_anything_is_read(cifar10):
+    """submit checks the files before the job waits in the queue: an empty one, or one cut short (a pickle
+    ends with its STOP opcode; only the last byte is read)."""
     root = cifar10[0]
-    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"")
-    with pytest.raises(data.DataError, match=r"data_batch_3: empty \(an interrupted copy\?\)"):
+    path = root / "cifar-10-batches-py" / "data_batch_3"
+    whole = path.read_bytes()
+    path.write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"data_batch_3: empty or cut short \(an interrupted copy\?\)"):
         data.check_present(_cfg(root))
+    path.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(data.DataError, match=r"data_batch_3: empty or cut short"):
+        data.check_present(_cfg(root))
+    path.write_bytes(whole)
+    data.check_present(_cfg(root))
 
 
 def test_one_missing_file_is_named(cifar10):
@@ -166,7 +175,7 @@ def test_files_naming_numpy_core_load_where_numpy_has_only_numpy_core_private(ci
 def test_corrupt_file_is_named(cifar10):
     root, *_ = cifar10
     path = root / "cifar-10-batches-py" / "data_batch_2"
-    path.write_bytes(path.read_bytes()[:1000])  # truncated mid-array
+    path.write_bytes(path.read_bytes()[:1000] + b".")  # truncated mid-array, yet ending as a pickle does
     with pytest.raises(data.DataError, match="data_batch_2 is corrupt"):
         data.load(_cfg(root), seed=0)
     with open(path, "wb") as f:  # loads, but the wrong shape
