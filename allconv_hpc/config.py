@@ -208,6 +208,13 @@ class CheckpointConfig:
         _check(hasattr(_signal, name), f"checkpoint.signal={self.signal!r} is not a signal name (e.g. USR2)")
         _check(name not in ("SIGKILL", "SIGSTOP"),
                f"checkpoint.signal={self.signal} cannot be caught, so no checkpoint could follow it; use USR1 or USR2")
+        # others mean something else to a process (SIGCHLD: a child ended, so every run stopped at its first step;
+        # TERM and INT already checkpoint and stop; faults, terminal and timer signals)
+        _check(name in WARNING_SIGNALS, f"checkpoint.signal={self.signal} has a meaning of its own to a process and "
+                                        f"would stop runs unasked; use USR1 or USR2 (also HUP, XCPU)")
+
+
+WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGXCPU")  # what checkpoint.signal may be
 
 
 @dataclass

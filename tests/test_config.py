@@ -60,6 +60,8 @@ BAD = [
     (["schedule.gamma=-1"], ["schedule.gamma=-1", "> 0"]),
     (["schedule.milestones=[a,b]"], ["schedule.milestones=['a', 'b'] must be whole epochs"]),
     (["checkpoint.signal=KILL"], ["checkpoint.signal=KILL cannot be caught", "USR2"]),
+    (["checkpoint.signal=CHLD"], ["checkpoint.signal=CHLD has a meaning of its own", "use USR1 or USR2"]),
+    (["checkpoint.signal=SIGTERM"], ["checkpoint.signal=SIGTERM has a meaning of its own"]),
     (["hydra.run.dir="], ["hydra.run.dir is empty (an unset shell variable?)"]),  # would train into cwd
     (["hydra.sweep.dir="], ["hydra.sweep.dir is empty"]),
     (["seed=0,1"], ["Ambiguous value for argument 'seed=0,1'", "allconv-hpc submit -m"]),
