@@ -229,6 +229,11 @@ class WandbConfig:
     def __post_init__(self) -> None:
         _check(self.mode is None or self.mode in WANDB_MODES,
                f"wandb.mode={self.mode!r} is not one of online, offline, disabled (or null for auto)")
+        for key in ("project", "entity", "group", "name"):
+            v = getattr(self, key)
+            _check(not (isinstance(v, str) and not v.strip()),
+                   f"wandb.{key}={v!r} is empty (an unset shell variable?); give a name"
+                   + ("" if key == "project" else ", or null for the default"))
 
 
 MAX_DIST_TIMEOUT_S = 7 * 86400  # ms must fit torch's C int (24.8 days); 1e10 s failed at once, 1e30 raised OverflowError

@@ -62,6 +62,7 @@ BAD = [
     (["checkpoint.signal=KILL"], ["checkpoint.signal=KILL cannot be caught", "USR2"]),
     (["checkpoint.signal=CHLD"], ["checkpoint.signal=CHLD has a meaning of its own", "use USR1 or USR2"]),
     (["checkpoint.signal=SIGTERM"], ["checkpoint.signal=SIGTERM has a meaning of its own"]),
+    (["wandb.project=''"], ["wandb.project='' is empty (an unset shell variable?)"]),
     (["hydra.run.dir="], ["hydra.run.dir is empty (an unset shell variable?)"]),  # would train into cwd
     (["hydra.sweep.dir="], ["hydra.sweep.dir is empty"]),
     (["seed=0,1"], ["Ambiguous value for argument 'seed=0,1'", "allconv-hpc submit -m"]),
