@@ -227,9 +227,19 @@ def run_rows(folder: Path) -> list[dict]:
                      "restarts": restarts, "epoch": f"{st.get('epoch', 0)}/{target}",
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
-                     "error": error,
+                     "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
                      "folder": run_dir.name})
     return rows
+
+
+def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
+    """The step of the newest checkpoint by its file name (nothing read); -1 for a last.pt alone, None for none."""
+    try:
+        names = os.listdir(run_dir / "checkpoints")
+    except OSError:
+        return None
+    steps = [int(m.group(1)) for m in map(re.compile(r"step_(\d+)\.pt").fullmatch, names) if m]
+    return max(steps) if steps else (-1 if "last.pt" in names else None)
 
 
 def is_failed(row: dict) -> bool:
@@ -263,8 +273,12 @@ def _errors(rows: list[dict]) -> str:
             out.append(f"{r['folder']}: {r['error']}")
         elif (not r["active"] and r["run"] in ("interrupted", "running", "requeued")  # scancel, a kill, a time limit
               and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
+            ck = r.get("checkpoint_step")
+            then = ("starts it over: it stopped before its first checkpoint" if ck is None else
+                    f"resumes it from its newest checkpoint, step {ck}" if ck >= 0 else
+                    "resumes it from its newest checkpoint")
             out.append(f"{r['folder']}: stopped with epoch {r['epoch']} done (step {r['step']}); the same submit (or "
-                       f"train) command resumes it from its newest checkpoint")
+                       f"train) command {then}")
     return "".join(f"\n{line}" for line in out)
 
 
