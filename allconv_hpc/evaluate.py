@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -77,7 +78,7 @@ def _sweep_hint(run: Path) -> Optional[str]:
     if not (run / "sweep.json").is_file():
         return f"{run} holds run folders but is not one: evaluate one of them, e.g. {shown}"
     return (f"{run} is a sweep folder (allconv-hpc submit -m), not a run folder: evaluate one of its run folders"
-            + (f", e.g. {shown}; allconv-hpc status {run} shows each one's best_val_acc" if points
+            + (f", e.g. {shown}; allconv-hpc status {shlex.quote(str(run))} shows each one's best_val_acc" if points
                else " (it holds none yet)"))
 
 
@@ -97,8 +98,8 @@ def _checkpoint_path(run: Path, which: str) -> Path:
                               f"{', '.join(there)}); use --checkpoint last")
         from .runlock import holds_run
         if not there and which in ("best", "last") and holds_run(run):  # its job has not trained yet (pending...)
-            raise ConfigError(f"{run} has no checkpoint yet: its run has not saved one (allconv-hpc status {run} "
-                              f"shows how far it got)")
+            raise ConfigError(f"{run} has no checkpoint yet: its run has not saved one (allconv-hpc status "
+                              f"{shlex.quote(str(run))} shows how far it got)")
         if not (run / "checkpoints").is_dir() and not holds_run(run):
             raise ConfigError(f"{run} is not a run folder (no checkpoints/, nothing train writes); give the "
                               f"folder of a run (its hydra.run.dir)")

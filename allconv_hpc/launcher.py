@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -168,8 +169,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
                               f"would train into the same folder: submit again in a few seconds")
         if state in ACTIVE_STATES:
             raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
-                              f"train into the same folder: wait for it (allconv-hpc status {run_dir}) or stop it "
-                              f"({stop_command(rec)}), then submit again")
+                              f"train into the same folder: wait for it (allconv-hpc status "
+                              f"{shlex.quote(str(run_dir))}) or stop it ({stop_command(rec)}), then submit again")
     started = started_unrecorded(run_dir, rec)
     if started is not None:
         job, state = started["job_id"], queued_state(started)
@@ -182,8 +183,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         if state in ACTIVE_STATES:
             raise ConfigError(f"run folder {run_dir} already has job {job} ({state}) training into it (started without "
                               f"submit, e.g. sbatch slurm/train.sbatch); a second job would train into the same "
-                              f"folder: wait for it (allconv-hpc status {run_dir}) or stop it (scancel {job}), then "
-                              f"submit again")
+                              f"folder: wait for it (allconv-hpc status {shlex.quote(str(run_dir))}) or stop it "
+                              f"(scancel {job}), then submit again")
     held, who = runlock.holder(run_dir)  # a train started by hand, which no record names
     if held and sweep:
         return f"{who} trains it now"
@@ -456,7 +457,7 @@ def submit_main(argv: list[str]) -> int:
         grow = " (trainer.epochs=N grows a completed run)" if any(p.skip == "completed" for p in points) else ""
         print(f"nothing to submit: every run is completed or queued{grow}")
     print(f"{'sweep' if sweep_dir is not None else 'run'} folder: {where}")
-    print(f"watch it with: allconv-hpc status {where}")
+    print(f"watch it with: allconv-hpc status {shlex.quote(str(where))}")
     if args.wait:
         from .status import wait_for
         try:
@@ -464,6 +465,6 @@ def submit_main(argv: list[str]) -> int:
         except KeyboardInterrupt:  # the watcher stops; Slurm jobs go on (local ones got the Ctrl-C too)
             then = ("the local job got it too: it checkpoints and stops; submit again to resume"
                     if cluster["backend"] == "local" else "the jobs go on")
-            print(f"stopped watching (Ctrl-C); {then}; allconv-hpc status {where}", file=sys.stderr)
+            print(f"stopped watching (Ctrl-C); {then}; allconv-hpc status {shlex.quote(str(where))}", file=sys.stderr)
             return 130
     return 0

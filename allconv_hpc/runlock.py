@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -42,8 +43,8 @@ class RunBusy(ConfigError):
     """Another process trains into the folder; the message names it and the ways out."""
 
     def __init__(self, run_dir: Path, who: str, way_out: Optional[str] = None):
-        way_out = way_out or (f"wait for it to end (allconv-hpc status {run_dir}), stop it, or give another "
-                              f"hydra.run.dir")
+        way_out = way_out or (f"wait for it to end (allconv-hpc status {shlex.quote(str(run_dir))}), stop it, or give "
+                              f"another hydra.run.dir")
         super().__init__(f"run folder {run_dir} is being trained into by {who}: two writers would interleave its "
                          f"checkpoints and history; {way_out}")
 

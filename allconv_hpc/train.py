@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -66,8 +67,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         if busy is not None:  # two writers of one folder would interleave its checkpoints and history
             (rec, state), where = busy, composed.run_dir
             raise ConfigError(f"run folder {where} has job {rec['job_id']} ({state}) training into it: wait for "
-                              f"it (allconv-hpc status {where}), stop it ({stop_command(rec)}), or give another "
-                              f"hydra.run.dir")
+                              f"it (allconv-hpc status {shlex.quote(str(where))}), stop it ({stop_command(rec)}), or "
+                              f"give another hydra.run.dir")
         try:  # a resume the trainer would refuse, said before the data load and the model build
             check_resume(composed.run_dir, composed.cfg)
         except CheckpointError:  # left to the trainer, which records it in status.json and train.log for `status`

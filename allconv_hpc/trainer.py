@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import random
 import signal
@@ -261,7 +262,7 @@ class Trainer:
         if env.is_main and not self.finished:  # the mode auto chose (offline without a key) is said in train.log
             mode = self.tracker.mode
             log.info("W&B %s%s", mode, {"offline": f" (run {self.tracker.run_id}; from a machine with network: wandb "
-                                                   f"sync {self.run_dir}/wandb/offline-run-*)",
+                                                   f"sync {shlex.quote(str(self.run_dir))}/wandb/offline-run-*)",
                                         "online": f" (run {self.tracker.run_id})"}.get(
                 mode, ": history.csv, and wandb_steps.jsonl for a later start with W&B"))
         # device-side metric sums: [loss_sum, correct, count] for the epoch and the log interval

@@ -763,3 +763,12 @@ def test_a_port_in_use_requeues_only_a_slurm_jobs_rank_0_below_the_restart_bound
     assert train._requeued_for_port(DistEnv(rank=0, world_size=2, source="slurm")) and asked == ["77"]
     monkeypatch.setenv("SLURM_RESTART_COUNT", str(train.PORT_REQUEUES))
     assert not train._requeued_for_port(DistEnv(rank=0, world_size=2, source="slurm")) and asked == ["77"]
+
+
+def test_commands_in_messages_quote_the_paths_they_name(tmp_path):
+    """A hint to copy into a shell names a folder with a space or quote as one word."""
+    from allconv_hpc import runlock
+    odd = tmp_path / "my runs" / "it's"
+    said = str(runlock.RunBusy(odd, "pid 1"))
+    command = said.split("(", 2)[-1].split(")")[0]
+    assert shlex.split(command) == ["allconv-hpc", "status", str(odd)], said
