@@ -98,6 +98,9 @@ def override_error(overrides: list[str], e: Exception) -> str:
                 hint = "; give key=value without spaces around '=' or leading dashes, e.g. optim.lr=0.1"
             elif value and not re.fullmatch(r"[\w.,:/@+\-\[\]'\"${} ()]*", value, re.ASCII):  # ~, non-ASCII...
                 hint = f"; quote a value with such characters: \"{key}='{value}'\""
+            elif value.endswith(",") or ",," in value or value.startswith(","):  # Hydra: "mismatched input..."
+                hint = f"; a comma list has a value between every two commas, e.g. {key}=0.1,0.2"
+            msg = re.sub(r" expecting \{[^}]*\}", "", msg)  # the parser's token names say nothing to a user
             return f"bad override {o!r}: {msg}{hint}"
     return f"bad overrides: {msg}"
 

@@ -108,7 +108,8 @@ class DataConfig:
                 _check(v is None or v <= n, f"data.{key}={v} is larger than the {n} {self.name} images"
                                             f"{held if key == 'train_size' and self.val_size else ''}; use <= {n} or null")
         _check(self.num_classes == DATASETS[self.name],
-               f"data.num_classes={self.num_classes} does not match {self.name} ({DATASETS[self.name]})")
+               f"data.num_classes={self.num_classes} does not match {self.name} ({DATASETS[self.name]}); the config group "
+               f"sets both: {' or '.join('data=' + n for n in DATASETS)} (not data.name)")
 
     @property
     def train_images(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import pickle
 import struct
 from dataclasses import dataclass
@@ -91,6 +92,11 @@ def expected_files(cfg: DataConfig) -> tuple[Path, list[str]]:
     return root / lay.folder, [*lay.train, *lay.test, lay.meta]
 
 
+# the release's python archive, and the folder of its binary (C) version, which this does not read
+_RELEASES = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-bin"),
+             "cifar100": ("cifar-100-python.tar.gz", "cifar-100-binary")}
+
+
 def _missing(cfg: DataConfig) -> tuple[Path, list[str], list[str]]:
     folder, files = expected_files(cfg)
     return folder, files, [f for f in files if not (folder / f).is_file()]
@@ -121,6 +127,14 @@ def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "dat
         hint += (f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}: did you mean data={other[0]}?)"
                  if root_option == "data.root=" else f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}, "
                                                      f"but the run trained on {cfg.name})")
+    archive, bin_folder = _RELEASES[cfg.name]
+    archive = folder.parent / archive
+    if archive.is_file():  # downloaded by hand, not unpacked
+        hint += f" ({archive.name} is there, not extracted: tar -xzf {shlex.quote(str(archive))} -C " \
+                f"{shlex.quote(str(folder.parent))})"
+    binary = folder.parent / bin_folder
+    if binary.is_dir():  # the C version of the release
+        hint += f" ({binary.name} is the binary version; this reads the python version, {archive.name})"
     env = os.environ.get("ALLCONV_DATA")
     if env and root_option == "data.root=" and Path(env).expanduser().absolute() == Path(cfg.root).absolute():
         hint += " (data.root came from the environment's ALLCONV_DATA)"

@@ -56,9 +56,12 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
                     key, value = o.input_line.split("=", 1)
                     raise ConfigError(f"{o.input_line!r} is a sweep; add -m to submit a sweep, or quote a value that "
                                       f"holds commas: '{key}=\"{value}\"'")
+                if o.is_interval_sweep():  # for optimizing sweepers (Optuna, Nevergrad): nothing to enumerate
+                    raise ConfigError(f"{o.input_line!r}: interval(...) is for optimizing sweepers, which submit does "
+                                      f"not run; give the values: a comma list, range(start,stop,step) or choice(...)")
                 try:
                     values = _range_values(o) if o.is_range_sweep() else list(o.sweep_string_iterator())
-                except HydraException:  # interval(...): for optimizing sweepers, nothing to enumerate
+                except HydraException:
                     values = []
                 if not values:
                     raise ConfigError(f"{o.input_line!r} gives no values to submit: use a comma list, range(...), "

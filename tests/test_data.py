@@ -154,6 +154,19 @@ def test_root_one_level_too_deep_gets_a_hint(cifar10):
         data.check_present(_cfg(root, "cifar100"), fix="Give --data-root DIR", root_option="--data-root ")
 
 
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_an_unextracted_archive_or_the_binary_version_gets_a_hint(tmp_path, name):
+    archive, binary = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-bin"),
+                       "cifar100": ("cifar-100-python.tar.gz", "cifar-100-binary")}[name]
+    (tmp_path / archive).write_bytes(b"x")
+    with pytest.raises(data.DataError, match=rf"\({archive} is there, not extracted: tar -xzf {tmp_path / archive} "
+                                             rf"-C {tmp_path}\)"):
+        data.check_present(_cfg(tmp_path, name))
+    (tmp_path / binary).mkdir()
+    with pytest.raises(data.DataError, match=rf"\({binary} is the binary version; this reads the python version"):
+        data.check_present(_cfg(tmp_path, name))
+
+
 def test_the_other_cifar_in_root_is_named(cifar10):
     root, *_ = cifar10
     with pytest.raises(data.DataError, match=rf"CIFAR-100 not found.*\({root} holds cifar-10-batches-py: did you "

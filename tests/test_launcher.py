@@ -370,13 +370,19 @@ def test_a_range_that_cannot_be_stepped_is_one_line(sweep, says):
         expand_sweep([sweep], multirun=True)
 
 
-@pytest.mark.parametrize("sweep", ["optim.lr=interval(0.01,0.1)", "seed=glob(*)", "model=glob(nothing_*)"])
-def test_sweeps_without_values_to_submit_are_one_line(tmp_path, capsys, monkeypatch, sweep):
+@pytest.mark.parametrize("sweep,says", [
+    ("optim.lr=interval(0.01,0.1)", "interval(...) is for optimizing sweepers, which submit does not run; give the "
+                                    "values: a comma list, range(start,stop,step) or choice(...)"),
+    ("seed=glob(*)", "gives no values to submit: use a comma list, range(...), choice(...) or glob(...) of a config "
+                     "group's options"),
+    ("model=glob(nothing_*)", "gives no values to submit"),
+    ("optim.lr=0.1,0.2,", "a comma list has a value between every two commas, e.g. optim.lr=0.1,0.2"),
+    ("optim.lr=,0.1", "a comma list has a value between every two commas")])
+def test_sweeps_without_values_to_submit_are_one_line(tmp_path, capsys, monkeypatch, sweep, says):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_submit(capsys, "-m", "cluster=local", *TINY, sweep)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"'{sweep}' gives no values to submit: use a comma list, range(...)" in err, err
-    assert "glob(...) of a config group's options" in err
+    assert f"'{sweep}'" in err and says in err and "expecting {" not in err, err
     assert not (tmp_path / "sweeps").exists()
 
 
