@@ -148,6 +148,13 @@ class ScheduleConfig:
     pct_start: float = 0.25         # onecycle: fraction of training spent rising
     decay: float = 0.0              # inverse_time: lr / (1 + decay * step), Keras SGD's `decay`
 
+    def unused(self) -> set[str]:
+        """The keys (schedule.<key>) this schedule does not read (schedule.lr_factor): changing one changes nothing."""
+        used = {"paper": {"milestones", "gamma", "warmup_epochs"}, "constant": {"warmup_epochs"},
+                "inverse_time": {"warmup_epochs", "decay"}, "cosine": {"warmup_epochs", "final_lr_ratio"},
+                "onecycle": {"pct_start", "final_lr_ratio"}}[self.name]
+        return {f"schedule.{f.name}" for f in dataclasses.fields(self) if f.name != "name" and f.name not in used}
+
     def __post_init__(self) -> None:
         _choice("schedule.name", self.name, SCHEDULES)
         _check(all(isinstance(m, int) and not isinstance(m, bool) for m in self.milestones),
@@ -311,6 +318,10 @@ class Config:
         mine = self.identity()
         if theirs:  # a key added since the checkpoint was written: at the value that version behaved as
             theirs = {**{k: v for k, v in ADDED_KEYS.items() if k not in theirs}, **theirs}
+        if theirs.get("schedule.name") == self.schedule.name:  # keys its schedule never reads may change
+            unused = self.schedule.unused()
+            mine = {k: v for k, v in mine.items() if k not in unused}
+            theirs = {k: v for k, v in theirs.items() if k not in unused}
         if mine != theirs:
             diff = [f"{k}: {_as_given(theirs.get(k))} -> {_as_given(mine.get(k))}" for k in sorted(set(mine) | set(theirs))
                     if mine.get(k) != theirs.get(k)]

@@ -88,7 +88,10 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             ov = [o for o in ov if _key(o) != "data.root"] + [
                 f"data.root={hydra_value(Path(c.cfg.data.root).expanduser().absolute(), 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
-        for said in c.cfg.warnings():
+        idle = sorted({_key(o) for o in s} & c.cfg.schedule.unused())
+        said_now = [f"the sweep varies {', '.join(idle)}, which schedule={c.cfg.schedule.name} does not read: such "
+                    f"points train alike"] if idle else []
+        for said in c.cfg.warnings() + said_now:
             if said not in warned:  # once for a sweep
                 warned.add(said)
                 warn(said)

@@ -445,3 +445,29 @@ def test_a_warm_up_longer_than_the_run_is_warned_not_refused():
                               "reaches optim.lr (schedule.warmup_epochs=0 for no warm-up)"]
     assert compose(["data=synthetic", "trainer.epochs=2", "schedule=onecycle", "schedule.warmup_epochs=3"]).cfg \
         .warnings() == []  # onecycle's rise is its warm-up
+
+
+@pytest.mark.parametrize("name", ["paper", "cosine", "onecycle", "constant", "inverse_time"])
+def test_a_schedules_unused_keys_are_the_ones_its_lr_never_reads(name):
+    """ScheduleConfig.unused() against schedule.lr_factor itself: changing an unused key leaves every step's lr as
+    it was; changing any other key changes some step's lr."""
+    from allconv_hpc.config import ScheduleConfig
+    from allconv_hpc.schedule import lr_factor
+    base = ScheduleConfig(name=name, milestones=[2, 3], warmup_epochs=1.0, final_lr_ratio=0.1, decay=0.01)
+    other = {"milestones": [1, 4], "gamma": 0.5, "warmup_epochs": 0.5, "final_lr_ratio": 0.3, "pct_start": 0.5,
+             "decay": 0.1}
+    curve = lambda cfg: [lr_factor(step, cfg, 10, 5) for step in range(50)]  # noqa: E731
+    for key, value in other.items():
+        changed = curve(dataclasses.replace(base, **{key: value})) != curve(base)
+        assert changed == (f"schedule.{key}" not in base.unused()), (name, key)
+
+
+def test_a_key_the_schedule_never_reads_may_change_on_resume(tmp_path):
+    c = compose(["data=synthetic", "schedule=onecycle"]).cfg
+    changed = compose(["data=synthetic", "schedule=onecycle", "schedule.warmup_epochs=3", "schedule.decay=0.5"]).cfg
+    changed.check_resumable(c.identity(), tmp_path)  # onecycle reads neither
+    with pytest.raises(ConfigError, match=r"different config \(schedule.pct_start: 0.25 -> 0.5\)"):
+        compose(["data=synthetic", "schedule=onecycle", "schedule.pct_start=0.5"]).cfg.check_resumable(
+            c.identity(), tmp_path)
+    with pytest.raises(ConfigError, match=r"schedule.name: 'onecycle' -> 'cosine'"):  # another schedule: all compared
+        compose(["data=synthetic", "schedule=cosine"]).cfg.check_resumable(c.identity(), tmp_path)

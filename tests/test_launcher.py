@@ -1261,3 +1261,14 @@ def test_a_diverged_run_with_a_damaged_or_checkpointless_record_is_said_right(tm
     (run / "status.json").write_text(json.dumps({"state": "failed", "global_step": 3, "error": "non-finite loss"}))
     launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)
     assert "it diverged before its first checkpoint, and its job starts over" in capsys.readouterr().err
+
+
+def test_a_sweep_over_a_key_its_schedule_never_reads_is_warned_once(tmp_path, capsys):
+    launcher.plan(["cluster=local", *TINY, "schedule=onecycle", "schedule.warmup_epochs=0,1,2",
+                   "cluster.array_parallelism=3", f"hydra.sweep.dir={tmp_path / 's'}"], multirun=True)
+    err = capsys.readouterr().err
+    assert err.count("the sweep varies schedule.warmup_epochs, which schedule=onecycle does not read: such points "
+                     "train alike") == 1, err
+    launcher.plan(["cluster=local", *TINY, "schedule.warmup_epochs=0,1", "cluster.array_parallelism=2",
+                   f"hydra.sweep.dir={tmp_path / 't'}"], multirun=True)  # the paper schedule reads it
+    assert "does not read" not in capsys.readouterr().err
