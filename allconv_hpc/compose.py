@@ -28,6 +28,13 @@ class Composed:
     hydra: dict
 
 
+def unread_overrides(c: Composed) -> list[str]:
+    """The overrides of schedule keys the composed schedule never reads (schedule.unused): legal, since a resume
+    may change them, but they change nothing, which a user giving one does not expect."""
+    idle = c.cfg.schedule.unused()
+    return [o for o in c.overrides if override_key(o) in idle]
+
+
 def _group_keys(group: str):
     """The keys a config group takes (the cluster group's are config.CLUSTER_KEYS), or None where we keep no list."""
     if group in SECTIONS:

@@ -56,7 +56,7 @@ def hydra_value(value, key: str) -> str:
 def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
-    from .compose import check_run_dir, check_sweep_dir, compose
+    from .compose import check_run_dir, check_sweep_dir, compose, unread_overrides
     from .data import check_present
     from .tracking import check_names, preflight_mode
 
@@ -91,6 +91,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         idle = sorted({_key(o) for o in s} & c.cfg.schedule.unused())
         said_now = [f"the sweep varies {', '.join(idle)}, which schedule={c.cfg.schedule.name} does not read: such "
                     f"points train alike"] if idle else []
+        said_now += [f"{o}: schedule={c.cfg.schedule.name} does not read it, so it changes nothing"
+                     for o in unread_overrides(c) if o in common]
         for said in c.cfg.warnings() + said_now:
             if said not in warned:  # once for a sweep
                 warned.add(said)

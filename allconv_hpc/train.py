@@ -47,7 +47,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     `allconv-hpc submit`, which read the cluster.* overrides itself."""
     try:
         from .checkpoint import CheckpointError, check_resume  # torch: the slow imports, inside the Ctrl-C guard
-        from .compose import check_run_dir, compose, pin_data_root, write_hydra_files
+        from .compose import check_run_dir, compose, pin_data_root, unread_overrides, write_hydra_files
         from .data import check_present
         from .distributed import DistributedError, PortInUse, detect_env
         from .runlock import acquire, check_free
@@ -109,6 +109,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         log.info("run folder %s", composed.run_dir)
         for said in composed.cfg.warnings():
             log.warning("%s", said)
+        for o in unread_overrides(composed):
+            log.warning("%s: schedule=%s does not read it, so it changes nothing", o, composed.cfg.schedule.name)
         ignored = [o for o in overrides if o.lstrip("+~").startswith(("cluster.", "cluster="))]
         if ignored and not submitted:  # a user expecting `train cluster.tasks_per_node=4` to start 4 ranks
             log.warning("%s: cluster settings are read by allconv-hpc submit only; train runs as it was launched "

@@ -1272,3 +1272,5 @@ def test_a_sweep_over_a_key_its_schedule_never_reads_is_warned_once(tmp_path, ca
     launcher.plan(["cluster=local", *TINY, "schedule.warmup_epochs=0,1", "cluster.array_parallelism=2",
                    f"hydra.sweep.dir={tmp_path / 't'}"], multirun=True)  # the paper schedule reads it
     assert "does not read" not in capsys.readouterr().err
+    launcher.plan(["cluster=local", *TINY, "schedule.decay=0.5", f"hydra.run.dir={tmp_path / 'r'}"], multirun=False)
+    assert "schedule.decay=0.5: schedule=paper does not read it, so it changes nothing" in capsys.readouterr().err

@@ -290,12 +290,15 @@ def test_torchrun_inside_a_slurm_job_is_warned_about(tmp_path):
     assert "started by torchrun inside Slurm job 4242" in r.stderr  # a warning: stderr (a job's .err file)
     assert "started by torchrun" not in r.stdout and "training synthetic on cpu" in r.stdout
     plain = train(tmp_path, tmp_path / "plain", [*TINY, "trainer.epochs=1", "wandb.mode=disabled",
-                                                 "cluster.tasks_per_node=3"], RANK=0,
+                                                 "cluster.tasks_per_node=3", "schedule.decay=0.5"], RANK=0,
                   WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29556)
     assert "started by torchrun" not in plain.stdout + plain.stderr
     # cluster.* given to train: said to be submit's, not silently dropped
     assert ("cluster.tasks_per_node=3: cluster settings are read by allconv-hpc submit only; train runs as it was "
             "launched (here 1 rank(s))") in plain.stderr, plain.stderr
+    # a schedule key the run's schedule never reads: said, not silently dropped
+    assert "schedule.decay=0.5: schedule=paper does not read it, so it changes nothing" in plain.stderr
+    assert "does not read it" not in r.stderr
 
 
 def test_timed_checkpoints_come_at_the_interval_once_each(tmp_path):
