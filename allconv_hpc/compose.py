@@ -28,11 +28,13 @@ class Composed:
     hydra: dict
 
 
-def unread_overrides(c: Composed) -> list[str]:
-    """The overrides of schedule keys the composed schedule never reads (schedule.unused): legal, since a resume
-    may change them, but they change nothing, which a user giving one does not expect."""
+def unread_overrides(c: Composed) -> dict[str, str]:
+    """The overrides of schedule keys the composed schedule never reads (schedule.unused), each with the warning
+    to give: legal, since a resume may change them, but they change nothing, which a user giving one does not
+    expect."""
     idle = c.cfg.schedule.unused()
-    return [o for o in c.overrides if override_key(o) in idle]
+    return {o: f"{o}: schedule={c.cfg.schedule.name} does not read it, so it changes nothing"
+            for o in c.overrides if override_key(o) in idle}
 
 
 def _group_keys(group: str):

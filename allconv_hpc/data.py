@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import pickle
+import shlex
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +63,8 @@ class _Layout:
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    archive: str                    # the release's python version, as downloaded (for a hint when not extracted)
+    binary: str                     # the folder of the release's binary (C) version, which this does not read
 
 
 # Fixed normalisation constants (the commonly published training-set statistics), so a subset or
@@ -70,10 +72,12 @@ class _Layout:
 _LAYOUTS = {
     "cifar10": _Layout("CIFAR-10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
                        ("test_batch",), "batches.meta", "labels", "label_names", 10,
-                       (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                       (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                       "cifar-10-python.tar.gz", "cifar-10-batches-bin"),
     "cifar100": _Layout("CIFAR-100", "cifar-100-python", ("train",), ("test",), "meta",
                         "fine_labels", "fine_label_names", 100,
-                        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+                        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                        "cifar-100-python.tar.gz", "cifar-100-binary"),
 }
 
 
@@ -90,11 +94,6 @@ def expected_files(cfg: DataConfig) -> tuple[Path, list[str]]:
         return root, []
     lay = _layout(cfg.name)
     return root / lay.folder, [*lay.train, *lay.test, lay.meta]
-
-
-# the release's python archive, and the folder of its binary (C) version, which this does not read
-_RELEASES = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-bin"),
-             "cifar100": ("cifar-100-python.tar.gz", "cifar-100-binary")}
 
 
 def _missing(cfg: DataConfig) -> tuple[Path, list[str], list[str]]:
@@ -127,12 +126,11 @@ def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "dat
         hint += (f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}: did you mean data={other[0]}?)"
                  if root_option == "data.root=" else f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}, "
                                                      f"but the run trained on {cfg.name})")
-    archive, bin_folder = _RELEASES[cfg.name]
-    archive = folder.parent / archive
+    archive = folder.parent / lay.archive
     if archive.is_file():  # downloaded by hand, not unpacked
         hint += f" ({archive.name} is there, not extracted: tar -xzf {shlex.quote(str(archive))} -C " \
                 f"{shlex.quote(str(folder.parent))})"
-    binary = folder.parent / bin_folder
+    binary = folder.parent / lay.binary
     if binary.is_dir():  # the C version of the release
         hint += f" ({binary.name} is the binary version; this reads the python version, {archive.name})"
     env = os.environ.get("ALLCONV_DATA")

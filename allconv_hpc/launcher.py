@@ -88,11 +88,11 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             ov = [o for o in ov if _key(o) != "data.root"] + [
                 f"data.root={hydra_value(Path(c.cfg.data.root).expanduser().absolute(), 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
-        idle = sorted({_key(o) for o in s} & c.cfg.schedule.unused())
+        unread = unread_overrides(c)  # a swept one is said once for the sweep, not per value
+        idle = sorted({_key(o) for o in unread if o in s})
         said_now = [f"the sweep varies {', '.join(idle)}, which schedule={c.cfg.schedule.name} does not read: such "
                     f"points train alike"] if idle else []
-        said_now += [f"{o}: schedule={c.cfg.schedule.name} does not read it, so it changes nothing"
-                     for o in unread_overrides(c) if o in common]
+        said_now += [said for o, said in unread.items() if o in common]
         for said in c.cfg.warnings() + said_now:
             if said not in warned:  # once for a sweep
                 warned.add(said)

@@ -107,10 +107,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         return _released(lock_fd, _interrupted_in_start_up())
     if env.is_main:
         log.info("run folder %s", composed.run_dir)
-        for said in composed.cfg.warnings():
+        for said in composed.cfg.warnings() + list(unread_overrides(composed).values()):
             log.warning("%s", said)
-        for o in unread_overrides(composed):
-            log.warning("%s: schedule=%s does not read it, so it changes nothing", o, composed.cfg.schedule.name)
         ignored = [o for o in overrides if o.lstrip("+~").startswith(("cluster.", "cluster="))]
         if ignored and not submitted:  # a user expecting `train cluster.tasks_per_node=4` to start 4 ranks
             log.warning("%s: cluster settings are read by allconv-hpc submit only; train runs as it was launched "
