@@ -154,14 +154,24 @@ def holder(run_dir: Path) -> tuple[Optional[bool], str]:
     return (False, "") if host is not None and host == socket.gethostname() else (None, "")
 
 
+RECORD_WAIT_S = 2.0  # how long a rank waits for its rank 0, holding the lock, to write its record over the last one
+
+
 def check_free(run_dir: Path, group: Optional[str] = None) -> None:
     """RunBusy when a process trains into run_dir now: refused before any expensive work. `group`: this
-    rank's rendezvous; a holder of the same one is its own rank 0 (one port serves one launch at a time)."""
-    held, who = holder(run_dir)
-    if not held:
-        return
-    record = _who(Path(run_dir) / LOCK_FILE)
-    if group is not None and record.get("group") == group:
-        return
-    if not _own_job(record):  # this job's earlier run: acquire() waits it out
-        raise RunBusy(run_dir, who)
+    rank's rendezvous; a holder of the same one is its own rank 0 (one port serves one launch at a time).
+    Rank 0 takes the flock, then writes its record: a rank looking in between sees the lock held under an
+    empty or an earlier run's record, so with a group it looks again for RECORD_WAIT_S before refusing."""
+    path, deadline = Path(run_dir) / LOCK_FILE, time.monotonic() + RECORD_WAIT_S
+    while True:
+        held, who = holder(run_dir)
+        if not held:
+            return
+        record = _who(path)
+        if group is not None and record.get("group") == group:
+            return
+        if _own_job(record):  # this job's earlier run: acquire() waits it out
+            return
+        if group is None or time.monotonic() > deadline:
+            raise RunBusy(run_dir, who)
+        time.sleep(0.05)

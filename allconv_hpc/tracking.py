@@ -515,9 +515,8 @@ class Tracker:
 
     def sync(self) -> None:
         """Make ``wandb_steps.jsonl`` durable up to now. The checkpoint writer calls it before each
-        checkpoint lands: after a node crash the checkpoint never runs ahead of the logs to re-log."""
-        if self.mode == "disabled":
-            return
+        checkpoint lands: after a node crash the checkpoint never runs ahead of the logs to re-log (with W&B
+        disabled too: a later start with W&B logs that stretch from it)."""
         try:
             fd = os.open(self.steps_path, os.O_RDONLY)
         except FileNotFoundError:

@@ -493,6 +493,22 @@ def test_a_full_disk_error_names_the_run_folder_file(tmp_path):
     assert _run_folder_file(ValueError("x"), run_dir) is None
 
 
+def test_sync_makes_the_steps_file_durable_in_every_mode(wenv, tmp_path, monkeypatch):
+    """The checkpoint writer calls sync() before a checkpoint lands: wandb_steps.jsonl, which a later start with
+    W&B logs from, must be on disk up to it with W&B disabled as well as offline."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    for mode in ("disabled", "offline"):
+        run_dir = tmp_path / mode
+        t = make_tracker(run_dir, {}, WandbConfig(mode=mode), 0, None, [])
+        t.log_train(5, {"loss": 1.0})
+        synced.clear()
+        t.sync()
+        assert synced == [str(run_dir / "wandb_steps.jsonl")], mode
+        t.finish()
+
+
 def test_damaged_wandb_id_and_steps_files_are_read_as_damaged_not_a_traceback(wenv, tmp_path, caplog):
     """Bytes that are no text (another file's, a bad disk block) in wandb_id.txt or wandb_steps.jsonl: the
     steps file keeps its entries before them (as for a torn line), the id file is ignored with a warning and

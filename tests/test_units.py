@@ -657,6 +657,38 @@ def test_the_other_ranks_of_a_launch_know_their_rank_0s_lock(tmp_path, monkeypat
         holder.wait()
 
 
+def test_a_rank_looking_while_its_rank_0_writes_the_lock_record_waits_for_it(tmp_path, monkeypatch):
+    """Rank 0 takes the flock, then writes its record: a rank looking in between finds the lock held under an
+    empty record, or the last run's, and must not refuse its own rank 0 (the job would fail at random)."""
+    import json
+    import threading
+    from allconv_hpc import runlock
+    run, group = tmp_path / "run", "10.0.0.1:12345"
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(runlock, "RECORD_WAIT_S", 1.0)
+    holder = _hold_lock(run, "", 60, group=group)
+    try:
+        path = run / ".train.lock"
+        record = path.read_text()
+        last_run = json.dumps({**json.loads(record), "group": "10.0.0.1:40000", "pid": 1})
+        for between in ("", last_run):
+            path.write_text(between)
+            written = threading.Timer(0.4, path.write_text, [record])
+            written.start()
+            t0 = time.monotonic()
+            runlock.check_free(run, group=group)
+            assert time.monotonic() - t0 >= 0.3
+            written.join()
+        path.write_text(last_run)  # a holder of another launch stays refused, after the wait
+        t0 = time.monotonic()
+        with pytest.raises(runlock.RunBusy, match=r"by pid 1 on "):
+            runlock.check_free(run, group=group)
+        assert time.monotonic() - t0 >= 1.0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 
 def test_a_resume_keeps_this_devices_sgd_kernel_not_the_checkpoints(tmp_path):
     """Optimizer.load_state_dict takes the saved groups' fused/foreach flags: a checkpoint written on a GPU
