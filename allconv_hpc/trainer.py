@@ -320,6 +320,12 @@ class Trainer:
             g["fused"], g["foreach"] = fused, foreach  # foreach, and fp16's scaler (told fused) then fails
         _match_layouts(self.opt)
         self.sched.load_state_dict(ck["scheduler"])
+        # the groups' lr is what the saved schedule set for the next step: a run grown since (trainer.epochs, which
+        # cosine and onecycle stretch to) takes that step on this config's curve already (_warn_reshaped_schedule)
+        sched = self.sched
+        for g, base, factor in zip(self.opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            g["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.opt.param_groups]  # get_last_lr(): what the step runs at, logged
         if ck["scaler"]:  # empty when the checkpoint's run had no fp16 scaler (precision may change on resume)
             self.scaler.load_state_dict(ck["scaler"])
         self.state = TrainState(**{"streams": 1, **ck["train_state"]})  # no "streams": written before it

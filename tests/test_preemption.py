@@ -606,6 +606,11 @@ def test_growing_a_length_dependent_schedule_says_the_lr_jumps(tmp_path):
     assert m and float(m.group(2)) > float(m.group(1)), r.stderr[-2000:]
     rows = history(run)
     assert float(rows[2]["lr"]) > float(rows[1]["lr"])  # what it warned of
+    # from the first step on: the saved optimizer's lr (the old curve's, 0 at its end) is not taken as it stands
+    first = int(rows[1]["step"]) + 1
+    logged = [json.loads(line) for line in (run / "wandb_steps.jsonl").read_text().splitlines()]
+    ran = [e["data"]["train/lr"] for e in logged if e["kind"] == "train" and e["step"] == first]
+    assert ran and ran[-1] == pytest.approx(float(m.group(2)), rel=1e-3), (ran, m.group(2))
     r = run_train(tmp_path, run, TINY + ["schedule=cosine", "trainer.epochs=5"] + ["schedule.name=paper"],
                   check=False)  # another schedule is another config: refused, not warned about
     assert r.returncode == 2 and "stretched" not in r.stderr
