@@ -109,7 +109,9 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         global _early
-        for s in (self.warn, signal.SIGTERM, signal.SIGINT, *_hangup()):
+        # once each: checkpoint.signal=HUP is SIGHUP too, and a second install would record this handler as the one
+        # to restore. The configured warning signal is caught even under nohup: the config asked for it
+        for s in dict.fromkeys((self.warn, signal.SIGTERM, signal.SIGINT, *_hangup())):
             self._previous[s] = signal.signal(s, self._handle)
         if _early is not None:  # came before training started: honour it now
             self.received, _early = _early, None

@@ -166,6 +166,21 @@ def test_stop_request_keeps_the_first_signal_and_restores_handlers():
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_a_stop_request_on_sighup_as_the_warning_signal_restores_the_handler_it_found():
+    """checkpoint.signal=HUP: SIGHUP is the warning and the hang-up alike; leaving the request must put back the
+    handler that was there (nohup's SIG_IGN, or the default), not the request's own."""
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        for found in (signal.SIG_IGN, signal.SIG_DFL):
+            signal.signal(signal.SIGHUP, found)
+            with StopRequest("HUP") as stop:
+                os.kill(os.getpid(), signal.SIGHUP)
+                assert stop.requested and stop.is_warning
+            assert signal.getsignal(signal.SIGHUP) == found
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_signal_during_startup_is_honoured_by_the_next_stop_request():
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
     try:
