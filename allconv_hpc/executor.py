@@ -57,10 +57,11 @@ def make_executor(cluster: dict, folder: Path):
                              signal_delay_s=cluster["signal_lead_s"], setup=_local_setup(cluster["setup"], folder),
                              visible_gpus=local_gpus(cluster["gpus_per_node"]))
         return ex
-    # the task's python starts with our signal ignored (SIG_IGN survives exec): a warning in the ~0.3 s
-    # before submitit's handler is in place killed the task, and the job ended FAILED, not requeued
+    # the task's python starts with the warnings ignored (SIG_IGN survives exec): a warning in the ~0.3 s
+    # before submitit's handler is in place killed the task, and the job ended FAILED, not requeued. Both USR
+    # signals and the configured one: each is a warning once training runs (preempt.USR_SIGNALS)
     import shlex
-    ignoring = f'trap "" {signal_name(cluster)}; exec "$0" "$@"'
+    ignoring = f'trap "" {" ".join(dict.fromkeys((signal_name(cluster), "USR1", "USR2")))}; exec "$0" "$@"'
     ex = submitit.SlurmExecutor(folder=str(folder),
                                 python=f"/bin/sh -c {shlex.quote(ignoring)} {shlex.quote(sys.executable)}")
     extra = dict(cluster.get("additional_parameters") or {})

@@ -6,6 +6,7 @@ and only then does anything leave: never a save from inside a handler at an arbi
 step (submitit's default does that; our handlers replace its USR2/TERM handlers in the job).
 
   USR2 (configurable) : Slurm's warning before preemption or the time limit -> checkpoint, requeue
+                        (USR1 and USR2 are both warnings whichever checkpoint.signal names)
   SIGTERM             : scancel, or a cluster without preempt_send_user_signal -> checkpoint, exit
   SIGINT              : Ctrl-C -> checkpoint, exit
   SIGHUP              : the terminal closed (ssh dropped) -> checkpoint, exit; left alone under nohup
@@ -47,9 +48,16 @@ def signum(name: str) -> int:
 
 # A stop signal that arrived before training installed its StopRequest (see `catch_early`).
 _early: Optional[int] = None
-# The job's warning signal (checkpoint.signal) once the config has named it (`_configured`).
+# The job's warning signal (checkpoint.signal) once the config has named it.
 _warn: int = signal.SIGUSR2
-_configured = False
+# Warnings whatever checkpoint.signal names (that is the one Slurm is asked to send): another tool's or an
+# admin's requeue signal (Lightning's is USR1) would otherwise kill the job with nothing saved since its last
+# checkpoint, where its default action ends the process.
+USR_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def warning_signals(warn: int) -> tuple[int, ...]:
+    return tuple(dict.fromkeys((warn, *USR_SIGNALS)))
 
 
 def _hangup() -> tuple:
@@ -59,29 +67,24 @@ def _hangup() -> tuple:
 
 def _record_early(sig: int, frame) -> None:
     global _early
-    if _early is None and (not _configured or sig in (_warn, signal.SIGTERM, signal.SIGHUP)):
-        _early = sig  # once configured, a warning signal the job was not configured for is ignored
+    if _early is None:
+        _early = sig
 
 
 def catch_early(warn_signal: Optional[str] = None) -> None:
     """Record the warning signal, SIGTERM and SIGHUP from now on (a job's start: imports, data, model, W&B).
 
     The CLI calls it first with no signal, before the heavy imports and before the config names
-    one: then USR1 and USR2 are both caught. `train.run` calls it again with checkpoint.signal; an
-    early warning of the other kind is then dropped. Under submitit its own handlers would otherwise
+    one: then USR1 and USR2 are caught (as always). `train.run` calls it again with checkpoint.signal, which
+    may add HUP or XCPU. Under submitit its own handlers would otherwise
     be in place then and after training: its USR2 handler checkpoints from inside the handler and
     requeues even a job that has just completed. The next StopRequest picks the recorded signal up,
     so training stops at its second step boundary (the stop poll is read one step late: Trainer._poll).
     """
-    global _warn, _early, _configured
-    if warn_signal is None:
-        sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, *_hangup())
-    else:
-        _warn, _configured = signum(warn_signal), True
-        if _early in (signal.SIGUSR1, signal.SIGUSR2) and _early != _warn:
-            _early = None
-        sigs = (_warn, signal.SIGTERM, *_hangup())
-    for s in sigs:
+    global _warn
+    if warn_signal is not None:
+        _warn = signum(warn_signal)
+    for s in dict.fromkeys((*warning_signals(_warn), signal.SIGTERM, *_hangup())):
         signal.signal(s, _record_early)
 
 
@@ -104,6 +107,7 @@ class StopRequest:
 
     def __init__(self, warn_signal: str = "USR2"):
         self.warn = signum(warn_signal)
+        self.warnings = warning_signals(self.warn)
         self.received: Optional[int] = None
         self._previous = {}
 
@@ -111,7 +115,7 @@ class StopRequest:
         global _early
         # once each: checkpoint.signal=HUP is SIGHUP too, and a second install would record this handler as the one
         # to restore. The configured warning signal is caught even under nohup: the config asked for it
-        for s in dict.fromkeys((self.warn, signal.SIGTERM, signal.SIGINT, *_hangup())):
+        for s in dict.fromkeys((*self.warnings, signal.SIGTERM, signal.SIGINT, *_hangup())):
             self._previous[s] = signal.signal(s, self._handle)
         if _early is not None:  # came before training started: honour it now
             self.received, _early = _early, None
@@ -134,7 +138,7 @@ class StopRequest:
 
     @property
     def is_warning(self) -> bool:
-        return self.received == self.warn
+        return self.received in self.warnings
 
 
 class SlurmJob:

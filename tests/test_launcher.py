@@ -446,12 +446,15 @@ def test_jobs_are_queued_held_and_released_and_a_failed_release_says_how(tmp_pat
     cluster = cluster_of("cluster.signal=USR1", "checkpoint.signal=USR1")
     assert re.search(r"^#SBATCH --hold$", render(cluster, tmp_path), re.M)
     command = executor.make_executor(cluster, tmp_path / ".submitit" / "%j")._submitit_command_str
-    assert command.startswith(f"""/bin/sh -c 'trap "" USR1; exec "$0" "$@"' {sys.executable} -u -m submitit"""), command
-    # the task's python, as srun starts it, begins with USR1 ignored (a real process; then submitit's handler)
+    assert command.startswith(f"""/bin/sh -c 'trap "" USR1 USR2; exec "$0" "$@"' {sys.executable} -u -m submitit"""), command
+    # the task's python, as srun starts it, begins with USR1 and USR2 ignored (a real process; then the handlers)
     prefix = command.split(" -u -m submitit")[0]
-    probe = "import signal, os; print(signal.getsignal(signal.SIGUSR1)); os.kill(os.getpid(), signal.SIGUSR1); print('alive')"
+    probe = ("import signal, os\nfor s in (signal.SIGUSR1, signal.SIGUSR2):\n    print(signal.getsignal(s)); "
+             "os.kill(os.getpid(), s)\nprint('alive')")
     r = subprocess.run(f"{prefix} -c {shlex.quote(probe)}", shell=True, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.split() == [str(int(signal.SIG_IGN)), "alive"], (r.stdout, r.stderr)
+    assert r.returncode == 0 and r.stdout.split() == [str(int(signal.SIG_IGN))] * 2 + ["alive"], (r.stdout, r.stderr)
+    hup = executor.make_executor(cluster_of("cluster.signal=HUP", "checkpoint.signal=HUP"), tmp_path / "%j")
+    assert hup._submitit_command_str.startswith("""/bin/sh -c 'trap "" HUP USR1 USR2; exec"""), hup._submitit_command_str
     calls = tmp_path / "calls"
     on_path(sbatch="echo 'Submitted batch job 77'", scontrol=f'echo "scontrol $*" >> {calls}')
     code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")

@@ -497,9 +497,12 @@ def sbatch_plain(slurm_cluster, jobs, tmp_path, epochs: int) -> tuple[Path, str]
 
 @pytest.mark.slow
 def test_plain_sbatch_script_trains_and_survives_preemption(slurm_cluster, jobs, tmp_path):
-    """slurm/train.sbatch without submitit: preempted, it checkpoints, requeues, resumes and completes."""
+    """slurm/train.sbatch without submitit: preempted, it checkpoints, requeues, resumes and completes. A warning
+    sent to its batch shell alone (--signal=B:USR2, scancel -b) reaches the ranks through srun the same way."""
     run, job = sbatch_plain(slurm_cluster, jobs, tmp_path, 30)
     wait_for_line(run / "train.log", "(global 10)", timeout=120)
+    slurm_cluster.run(["scancel", "-b", "--signal=USR2", job], check=True)
+    wait_for_line(run / "train.log", "resumed from", timeout=120)
     preempt_low(slurm_cluster, tmp_path, jobs)
     out = lambda: (tmp_path / f"plain-{job}.out").read_text()  # noqa: E731
     assert wait_final(slurm_cluster, job, 180) == "COMPLETED", out()[-3000:]
@@ -507,10 +510,10 @@ def test_plain_sbatch_script_trains_and_survives_preemption(slurm_cluster, jobs,
     assert "(signal lead 120 s): preemption" in log and "requeued at global step" in log, log[-3000:]
     assert "resumed from" in log and "done: best val_acc" in log, log[-3000:]
     st = read_status(run)
-    assert st["state"] == "completed" and st["restarts"] == 1, st
+    assert st["state"] == "completed" and st["restarts"] == 2, st
     assert [r["epoch"] for r in history(run)] == list(range(1, 31))
     assert (run / "checkpoints" / "last.pt").is_file()
-    assert f"job {job} restart 1 on" in out()
+    assert f"job {job} restart 2 on" in out()
 
 
 @pytest.mark.slow
@@ -541,7 +544,8 @@ def test_requeue_false_is_no_requeue_and_a_warning_then_stops_the_run(slurm_clus
 def test_another_signal_is_exported_to_the_job_and_requeues(slurm_cluster, jobs, tmp_path):
     """cluster.signal=USR1: the job's python gets SUBMITIT_PREEMPT_SIGNAL=USR1 from the script (so
     submitit's handler, in place while the job starts, takes USR1: test_launcher checks what submitit
-    makes of it); the signal, sent once training runs, requeues the job."""
+    makes of it); the signal, sent once training runs, requeues the job. So does USR2, not configured (an
+    admin's, another tool's), where its default action would kill the job with nothing saved."""
     run = tmp_path / "usr1"
     [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1000", "wandb.mode=disabled",
                            "cluster.signal=USR1", "checkpoint.signal=USR1", f"hydra.run.dir={run}")
@@ -552,6 +556,10 @@ def test_another_signal_is_exported_to_the_job_and_requeues(slurm_cluster, jobs,
     st = wait_status(run, "requeued", 60)
     assert st["signal"] == "SIGUSR1", st
     assert "stop requested (SIGUSR1)" in (run / "train.log").read_text()
+    wait_for_line(run / "train.log", "resumed from", timeout=120)
+    slurm_cluster.run(["scancel", "--signal=USR2", job], check=True)
+    st = poll(lambda: (s := read_status(run)).get("restarts") == 1 and s.get("state") == "requeued" and s, 90)
+    assert st and st["signal"] == "SIGUSR2", (read_status(run), tail(run))
 
 
 def test_cluster_setup_lines_run_as_written_and_a_failing_one_stops_the_job(slurm_cluster, jobs, tmp_path):

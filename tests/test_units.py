@@ -195,25 +195,31 @@ def test_a_signal_during_startup_is_honoured_by_the_next_stop_request():
             signal.signal(s, h)
 
 
-def test_early_warnings_before_and_after_the_config_names_the_signal(monkeypatch):
+def test_both_usr_signals_are_warnings_whichever_the_config_names(monkeypatch):
+    """checkpoint.signal names what Slurm is asked to send; the other USR signal (an admin's, another tool's
+    requeue signal) is a warning too, before training (recorded) and during it: its default action would end the
+    job with nothing saved since its last checkpoint."""
     from allconv_hpc import preempt
     sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP)
     saved = {s: signal.getsignal(s) for s in sigs}
-    for name, value in (("_early", None), ("_warn", signal.SIGUSR2), ("_configured", False)):
+    for name, value in (("_early", None), ("_warn", signal.SIGUSR2)):
         monkeypatch.setattr(preempt, name, value)
     try:
-        catch_early()  # the CLI, before compose: either warning signal may be the job's
+        catch_early()  # the CLI, before compose
         os.kill(os.getpid(), signal.SIGUSR1)
-        catch_early("USR2")  # compose named USR2: the early USR1 is not this job's warning
-        os.kill(os.getpid(), signal.SIGUSR1)  # nor later, before training
+        catch_early("USR2")  # compose named USR2: the early USR1 stays a warning
         with StopRequest("USR2") as stop:
-            assert not stop.requested
-        monkeypatch.setattr(preempt, "_configured", False)
-        catch_early()
-        os.kill(os.getpid(), signal.SIGUSR1)  # before compose, and USR1 is the configured one: kept
-        catch_early("USR1")
-        with StopRequest("USR1") as stop:
-            assert stop.requested and stop.is_warning
+            assert stop.received == signal.SIGUSR1 and stop.is_warning
+        for configured, sent in (("USR2", signal.SIGUSR1), ("USR1", signal.SIGUSR2), ("HUP", signal.SIGUSR1),
+                                 ("HUP", signal.SIGHUP)):
+            catch_early(configured)
+            with StopRequest(configured) as stop:
+                assert not stop.requested
+                os.kill(os.getpid(), sent)
+                assert stop.received == sent and stop.is_warning, (configured, sent)
+        with StopRequest("USR2") as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested and not stop.is_warning
         catch_early("HUP")
         preempt.ignore_late_signals()  # what the CLI calls at the end: the configured signal too
         assert all(signal.getsignal(s) == signal.SIG_IGN for s in sigs)
