@@ -166,6 +166,7 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
                               f"{rec['job_id']}` answers")
         if state in ACTIVE_STATES and sweep:
             if overrides is not None and sorted(rec.get("overrides") or []) != sorted(overrides):
+                _check_resumable_later(run_dir, cfg, rec, state)
                 return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with; submit "
                         f"again when it has ended to apply these")
             return f"job {rec['job_id']} ({state})"
@@ -206,6 +207,21 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     if finished and ts.get("epoch") == cfg.trainer.epochs and not ts.get("step_in_epoch"):
         return "completed"  # a job would start only to find nothing to do
     return None
+
+
+def _check_resumable_later(run_dir: Path, cfg, rec: dict, state: str) -> None:
+    """A sweep point whose job runs, resubmitted with other overrides: a change its resume may take (more
+    epochs, wandb.*) waits for the job to end; another config would be refused then, so it is refused now."""
+    from .compose import compose
+    try:
+        theirs = compose(list(rec.get("overrides") or [])).cfg
+    except ConfigError:  # the job's overrides no longer compose (the config files changed): its resume tells
+        return
+    try:
+        cfg.check_resumable(theirs.identity(), run_dir, folder_key="hydra.sweep.dir")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; job {rec['job_id']} ({state}) trains it now, with the config it was submitted "
+                          f"with") from None
 
 
 def _warn_diverged(run_dir: Path, cfg) -> None:

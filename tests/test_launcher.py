@@ -569,8 +569,13 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
                                                       "overrides": busy_ov}))
     cfg = compose(busy_ov).cfg
     assert launcher.check_run_folder(busy, cfg, sweep=True, overrides=busy_ov) == "job 42 (RUNNING)"
+    more = busy_ov + ["trainer.epochs=3"]  # a change a resume takes: it waits for a later submit, said so
     assert "runs it with the settings it was submitted with" in launcher.check_run_folder(
-        busy, cfg, sweep=True, overrides=busy_ov + ["optim.lr=0.1"])  # say so: the new lr waits for a later submit
+        busy, compose(more).cfg, sweep=True, overrides=more)
+    other = busy_ov + ["optim.lr=0.1"]  # another config: refused now, as it would be once the job has ended
+    with pytest.raises(ConfigError, match=r"holds a run of a different config \(optim.lr: 0.05 -> 0.1\); use another "
+                       r"hydra.sweep.dir.*; job 42 \(RUNNING\) trains it now, with the config it was submitted with"):
+        launcher.check_run_folder(busy, compose(other).cfg, sweep=True, overrides=other)
     code, out, err = run_submit(capsys, "-m", *args)
     assert code == 0, err
     assert f"not submitted again (completed): {done}" in out and f"not submitted again (job 42 (RUNNING)): {busy}" in out
