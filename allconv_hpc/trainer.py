@@ -613,7 +613,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if st.global_step % log_every == 0:
-                self._log_train(n_log / (time.perf_counter() - t_log), bar)
+                self._log_train(n_log, t_log, bar)
                 t_log, n_log = time.perf_counter(), 0
             agreed = self._poll(stop)
             if (every and st.global_step % every == 0) or agreed.due or agreed.stop:
@@ -648,8 +648,11 @@ class Trainer:
         return tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {self.state.epoch + 1}",
                     leave=False, dynamic_ncols=True)
 
-    def _log_train(self, images_per_second: float, bar) -> None:
+    def _log_train(self, images: int, since: float, bar) -> None:
         s = self.dist.all_reduce_sum(self.interval_sums.clone()).tolist()
+        # the rate once .tolist() has waited for the device: on a GPU the clock before it counts the steps
+        # queued, not run (the last log's wait emptied the queue, so the interval holds exactly these steps)
+        images_per_second = images / (time.perf_counter() - since)
         self.interval_sums.zero_()
         if not math.isfinite(s[0]):
             self._check_finite()
