@@ -98,15 +98,23 @@ def _last_error(run_dir: Path) -> Optional[str]:
 
 _LOGGED_ERROR = re.compile(r"^\[[^\]]* ERROR(?: rank \d+)?\] (.+)$")  # train.setup_logging's format
 _C10_ERROR = re.compile(r"^\[rank\d+\]:\[E\d{4} [^\]]*\] (.+)$")  # torch's C++ log: NCCL's watchdog, which ends the process
+# srun's word on a task a signal ended (SIGKILL: "Killed", e.g. the kernel's OOM killer; a signal not handled),
+# not its "Exited with exit code N", which follows every failure the lines above name better
+_SRUN_SIGNAL = re.compile(r"^srun: error: [^:\s]+: task(s?) ([\d,-]+): (?!Exited with exit code).+$")
+_NAMES_RANK = re.compile(r"^ranks? [\d,-]+:")
 
 
 def _task_errors(path: Path) -> tuple[Optional[str], Optional[str]]:
     """A job task's .err file (its tail): the last line this tool printed before exiting (a preflight error, a
-    cluster.setup line that failed), and the last error logged or raised (a rendezvous timeout, a traceback)."""
-    said = other = None
+    cluster.setup line that failed), and the last error logged or raised (a rendezvous timeout, a traceback), else
+    the signal srun says ended a task."""
+    said = other = killed = None
     traceback = False
     for line in _tail_lines(path) or []:
-        if line.startswith("allconv-hpc: "):
+        if (m := _SRUN_SIGNAL.match(line)) is not None:
+            # srun writes it into the batch step's file (task 0's), naming the task it means
+            killed = f"rank{m.group(1)} {m.group(2)}: ended by a signal ({line})"
+        elif line.startswith("allconv-hpc: "):
             said = line.removeprefix("allconv-hpc: ").removeprefix("error: ")
         elif (m := _LOGGED_ERROR.match(line) or _C10_ERROR.match(line)) is not None:
             other = m.group(1)
@@ -114,7 +122,7 @@ def _task_errors(path: Path) -> tuple[Optional[str], Optional[str]]:
             traceback = True
         elif traceback and line and not line[0].isspace():  # the exception's own line ends the traceback
             other, traceback = line, False
-    return said, other
+    return said, other or killed
 
 
 def _job_error(rec: dict) -> Optional[str]:
@@ -134,7 +142,7 @@ def _job_error(rec: dict) -> Optional[str]:
         for task in sorted(found):
             if found[task][kind]:
                 said = found[task][kind]  # the batch script's own line (cluster.setup) is no rank's
-                return said if said.startswith((f"rank {task}:", "cluster.setup")) else f"rank {task}: {said}"
+                return said if _NAMES_RANK.match(said) or said.startswith("cluster.setup") else f"rank {task}: {said}"
     return None
 
 

@@ -460,6 +460,7 @@ def test_a_rank_killed_hard_fails_the_job_and_is_named(slurm_cluster, jobs, tmp_
     rc, rows, table = status(slurm_cluster, tmp_path, run)
     assert rc != 0 and rows[0]["state"] == "FAILED", table
     assert re.search(r"\b(rank|rank\(s\)|task) 1\b", tail(run)), tail(run)  # the trainer: "peer rank(s) 1"; srun: "task 1"
+    assert re.search(r"^rank(\(s\))? 1\b|\bpeer rank\(s\) 1\b", rows[0]["error"] or ""), table  # status names it too
 
 
 def test_a_node_without_the_data_fails_the_job_and_status_names_it(slurm_cluster, jobs, tmp_path):

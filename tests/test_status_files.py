@@ -370,6 +370,19 @@ def test_a_jobs_error_from_its_err_files_when_the_run_wrote_none(tmp_path):
     err(2, "[2026-12-03 11:03:30 WARNING rank 2] x\nallconv-hpc: error: run folder /r is busy\n")
     assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}) == "rank 2: run folder /r is busy"
     assert status._job_error({"job_id": "8", "submitit_folder": str(sub)}) is None
+    (sub / "7_1" / "7_1_2_log.err").unlink()
+    err(0, "srun: error: n2: task 0: Killed\nsrun: error: n2: task 1: Exited with exit code 1\n")  # a signal, no word
+    err(1, "srun: Job step aborted: Waiting up to 32 seconds for job step to finish.\n")
+    assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}) == \
+        "rank 0: ended by a signal (srun: error: n2: task 0: Killed)"
+    err(1, "Traceback (most recent call last):\n  f()\nRuntimeError: peer rank 0 failed\n")  # what followed from it
+    assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}) == \
+        "rank 0: ended by a signal (srun: error: n2: task 0: Killed)"
+    err(0, "srun: error: n2: task 1: Killed\n")  # in the batch step's file (task 0's), of another task
+    assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}) == \
+        "rank 1: ended by a signal (srun: error: n2: task 1: Killed)"
+    err(0, "Traceback (most recent call last):\n  f()\nMemoryError\nsrun: error: n2: task 0: Aborted\n")
+    assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}) == "rank 0: MemoryError"  # says more
 
 
 def test_a_sweep_folder_without_its_sweep_json_is_no_run(tmp_path, capsys):
