@@ -26,7 +26,7 @@ from .fsio import read_json, write_atomic
 from .localjob import end_local_peers, free_ports
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, ignore_late_signals
 from .resources import signal_name, validate_cluster, warn
-from .sweep import Point, legacy_sweep_dir, default_sweep_dir, expand_sweep, point_dirname
+from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
 
 
 def auto_cluster(overrides: list[str]) -> Optional[str]:
@@ -70,8 +70,9 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         if "hydra.sweep.dir" in keys:
             sweep_dir = Path(compose(common + swept[0]).hydra["sweep"]["dir"]).expanduser().absolute()
         else:
-            name, legacy = default_sweep_dir(common, swept), legacy_sweep_dir(common, swept)
-            sweep_dir = Path(legacy if Path(legacy).is_dir() and not Path(name).exists() else name).absolute()
+            name = default_sweep_dir(common, swept)
+            earlier = [d for d in earlier_sweep_dirs(common, swept) if d != name and Path(d).is_dir()]
+            sweep_dir = Path(earlier[0] if earlier and not Path(name).exists() else name).absolute()
         hydra_value(sweep_dir, "hydra.sweep.dir")
         check_sweep_dir(sweep_dir)
     points, cluster, warned = [], None, set()

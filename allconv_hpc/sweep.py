@@ -124,15 +124,27 @@ def _sweep_name(swept: list[list[str]], definition: list) -> str:
     return f"sweeps/{'+'.join(keys) or 'sweep'}-{digest}"
 
 
+def _as_values(common: list[str]) -> list[str]:
+    """The overrides as the values they give, not as spelled: `model.width=0.250` is `model.width=0.25`, and a
+    key given twice is its last value (which Hydra keeps)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    given = {}
+    for o in OverridesParser.create().parse_overrides(common):
+        given[o.get_key_element()] = f"{o.get_key_element()}={json.dumps(o.value(), sort_keys=True, default=str)}"
+    return list(given.values())
+
+
 def default_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
     """The sweep's folder: the same sweep maps to the same folder (so a resubmission resumes, also with
-    launch-only keys changed or values reordered), a different sweep to another one."""
-    defining = sorted(o for o in common if not _launch_only(_key(o)))
+    launch-only keys changed, values reordered or spelled otherwise), a different sweep to another one."""
+    defining = sorted(o for o in _as_values(common) if not _launch_only(_key(o)))
     return _sweep_name(swept, [defining, sorted(sorted(p) for p in swept)])
 
 
-def legacy_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
-    """The name sweeps got before default_sweep_dir ignored launch-only keys and value order: an
-    existing sweep folder of that name is still resumed."""
-    defining = sorted(o for o in common if not o.split("=", 1)[0].startswith(("cluster", "hydra", "wandb.mode")))
-    return _sweep_name(swept, [defining, swept])
+def earlier_sweep_dirs(common: list[str], swept: list[list[str]]) -> list[str]:
+    """The names this sweep got from earlier versions, newest first: an existing folder of one is still
+    resumed. Until 2026-12-04 the fixed overrides counted as spelled; before that, launch-only keys and the
+    order of values counted too."""
+    spelled = sorted(o for o in common if not _launch_only(_key(o)))
+    legacy = sorted(o for o in common if not o.split("=", 1)[0].startswith(("cluster", "hydra", "wandb.mode")))
+    return [_sweep_name(swept, [spelled, sorted(sorted(p) for p in swept)]), _sweep_name(swept, [legacy, swept])]

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from allconv_hpc import executor, jobs, launcher, resources, status
-from allconv_hpc.sweep import legacy_sweep_dir, default_sweep_dir, expand_sweep
+from allconv_hpc.sweep import default_sweep_dir, earlier_sweep_dirs, expand_sweep
 from allconv_hpc.checkpoint import CheckpointDir
 from allconv_hpc.cli import main
 from allconv_hpc.compose import check_sweep_dir, compose
@@ -310,6 +310,10 @@ def test_the_sweep_folder_ignores_launch_only_keys_and_value_order():
                   "trainer.progress=log", "checkpoint.keep=5", "wandb.mode=offline", "++wandb.project=p",
                   "dist.timeout_s=60", "~wandb.entity"]):
         assert sweep_name(*same) == base, same
+    for spelled in (["optim.lr=0.050", "seed=0,1", "cluster=slurm", "model=allcnn_c,model_c"],  # the value, not its text
+                    ["cluster=slurm", "optim.lr=5e-2", "seed=0,1", "model=allcnn_c,model_c"],
+                    ["cluster=slurm", "optim.lr=0.1", "optim.lr=0.05", "seed=0,1", "model=allcnn_c,model_c"]):
+        assert sweep_name(*spelled) == base, spelled
     for other in (["cluster=slurm", "optim.lr=0.1", "seed=0,1", "model=allcnn_c,model_c"],
                   ["cluster=slurm", "optim.lr=0.05", "seed=0,2", "model=allcnn_c,model_c"],
                   ["cluster=slurm", "optim.lr=0.05", "seed=0,1", "model=allcnn_c,model_c", "trainer.batch_size=64"],
@@ -317,17 +321,19 @@ def test_the_sweep_folder_ignores_launch_only_keys_and_value_order():
         assert sweep_name(*other) != base, other
 
 
-def test_an_existing_sweep_folder_of_the_old_name_is_still_resumed(tmp_path, monkeypatch):
+def test_an_existing_sweep_folder_of_an_earlier_name_is_still_resumed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["cluster=local", *TINY, "seed=1,0", "cluster.array_parallelism=2"]
     common, swept = expand_sweep(args, multirun=True)
-    new, old = default_sweep_dir(common, swept), legacy_sweep_dir(common, swept)
-    assert new != old  # TINY's trainer.epochs and wandb.mode, the order 1,0: no longer in the name
+    new, (spelled, legacy) = default_sweep_dir(common, swept), earlier_sweep_dirs(common, swept)
+    # the fixed overrides as values (quoted strings, here), TINY's trainer.epochs and wandb.mode, the order 1,0
+    assert len({new, spelled, legacy}) == 3
     assert launcher.plan(args, multirun=True)[1] == tmp_path / new
-    (tmp_path / old).mkdir(parents=True)  # a sweep submitted before: resubmitting resumes it
-    points, sweep_dir, _ = launcher.plan(args, multirun=True)
-    assert sweep_dir == tmp_path / old and points[0].run_dir.parent == tmp_path / old
-    (tmp_path / new).mkdir(parents=True)  # both there: the new name wins
+    for old in (legacy, spelled):  # a sweep submitted before (the newer name first): resubmitting resumes it
+        (tmp_path / old).mkdir(parents=True)
+        points, sweep_dir, _ = launcher.plan(args, multirun=True)
+        assert sweep_dir == tmp_path / old and points[0].run_dir.parent == tmp_path / old
+    (tmp_path / new).mkdir(parents=True)  # there too: the current name wins
     assert launcher.plan(args, multirun=True)[1] == tmp_path / new
 
 
