@@ -1288,3 +1288,35 @@ def test_a_sweep_over_a_key_its_schedule_never_reads_is_warned_once(tmp_path, ca
     assert "does not read" not in capsys.readouterr().err
     launcher.plan(["cluster=local", *TINY, "schedule.decay=0.5", f"hydra.run.dir={tmp_path / 'r'}"], multirun=False)
     assert "schedule.decay=0.5: schedule=paper does not read it, so it changes nothing" in capsys.readouterr().err
+
+
+def test_a_refused_submit_takes_back_only_the_folders_it_made(tmp_path, monkeypatch):
+    """Two submits into a new run folder at once: the later one finds the earlier one's job and is refused. It
+    saw the folder missing, but the other made it (and queued a job that trains there): it must be left whole.
+    A refused submit alone leaves no folder behind."""
+    import sys
+    folder = tmp_path / "runs" / "twin"
+    code = ("import sys, time; from pathlib import Path; from allconv_hpc.launcher import submit_lock\n"
+            "with submit_lock(Path(sys.argv[1])):\n"
+            "    (Path(sys.argv[1]) / 'submission.json').write_text('{}'); print('held', flush=True); time.sleep(1)\n")
+    real_mkdir, other = Path.mkdir, []
+
+    def late_mkdir(self, *args, **kwargs):  # the other submit makes the folders just before this one does
+        if self == folder.parent and not other:
+            other.append(subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True))
+            assert other[0].stdout.readline() == "held\n"
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", late_mkdir)
+    with pytest.raises(ConfigError, match="refused"):
+        with launcher.submit_lock(folder):  # waits for the other's lock, then finds its job
+            raise ConfigError("refused: the other submit's job trains here")
+    assert other and other[0].wait(timeout=30) == 0
+    assert sorted(os.listdir(folder)) == [".submit.lock", "submission.json"]
+    monkeypatch.undo()
+    alone = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError):
+        with launcher.submit_lock(alone):
+            (alone / ".submitit" / "%j").mkdir(parents=True)  # what submitit may have made by then
+            raise ConfigError("refused")
+    assert sorted(os.listdir(tmp_path)) == ["runs"]  # new/ and new/run/ were this submit's: gone
