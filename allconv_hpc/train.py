@@ -1,10 +1,12 @@
 """Run one rank of training: compose -> validate -> build -> fit -> close, errors made one line."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -147,11 +149,22 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         log.error("%s", e)
         _report(trainer, f"{e}", "failed")
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
+    except KeyboardInterrupt:  # Python's own Ctrl-C before fit's handlers are in place, or a second one while stopping
+        code = 130
+        if trainer is None or getattr(trainer, "_phase", None) is None:  # start-up: this start trained nothing
+            said = "interrupted (Ctrl-C) during start-up, before training; nothing was written to the run's checkpoints"
+            log.warning("%s", said)
+            if trainer is not None:
+                _report(trainer, said, "interrupted")
+            elif env.is_main:  # no trainer to say it: status must not read the folder as a failed start
+                from .fsio import read_json, write_atomic
+                path = composed.run_dir / "status.json"
+                write_atomic(path, json.dumps({**read_json(path), "state": "interrupted", "error": said,
+                                               "updated": time.time()}, indent=1).encode())
+            return code
         log.error("interrupted (Ctrl-C) away from a step boundary: stopped at once; the newest checkpoint "
                   "on disk stands")
         _report(trainer, "interrupted by Ctrl-C", "interrupted")
-        code = 130
         return code
     except BaseException as e:
         peer = trainer.dist.as_peer_failure(e) if trainer is not None else None

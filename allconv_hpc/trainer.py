@@ -496,15 +496,17 @@ class Trainer:
     def write_status(self, state: str, **extra) -> None:
         if not self.env.is_main:
             return
-        h = self.state.history
-        tracker = getattr(self, "tracker", None)  # not yet there when setup fails early
-        doc = {"state": state, "epoch": self.state.epoch, "epochs": self.cfg.trainer.epochs,
-               "global_step": self.state.global_step, "step_in_epoch": self.state.step_in_epoch,
+        st = getattr(self, "state", None) or TrainState()  # not yet there when setup stops early
+        h = st.history
+        tracker = getattr(self, "tracker", None)
+        slurm = getattr(self, "slurm", None) or SlurmJob({} if self.env.source == "local" else None)
+        doc = {"state": state, "epoch": st.epoch, "epochs": self.cfg.trainer.epochs,
+               "global_step": st.global_step, "step_in_epoch": st.step_in_epoch,
                "last_val_acc": h[-1]["val_acc"] if h else None,
-               "best_val_acc": self.state.best_val_acc if h else None, "wandb_id": self.state.wandb_id,
+               "best_val_acc": st.best_val_acc if h else None, "wandb_id": st.wandb_id,
                # the id squeue/scancel take (an array task's "A_T"); none for a cluster=local job
-               "slurm_job_id": self.slurm.job_id if self.slurm.in_slurm else None, "restarts": self.slurm.restarts,
-               "timeouts": self.state.timeouts, "precision": getattr(self, "precision", None),
+               "slurm_job_id": slurm.job_id if slurm.in_slurm else None, "restarts": slurm.restarts,
+               "timeouts": st.timeouts, "precision": getattr(self, "precision", None),
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),
                "updated": time.time(), **extra}

@@ -633,6 +633,34 @@ def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_resumable(tmp_
     assert '"completed"' in (run / "status.json").read_text()
 
 
+def test_ctrl_c_during_set_up_is_a_start_up_interrupt_not_a_failure(tmp_path):
+    """A Ctrl-C after the run folder is made but before training (data, its whitening fit, model, resume) stops
+    at once with the start-up line, and status reads the folder as interrupted (a stop the user asked for),
+    not as a start that failed; the same command then trains the run."""
+    run, args = tmp_path / "run", TINY + ["trainer.epochs=1", "data.preprocess=gcn_zca"]  # a fit of seconds
+    p = subprocess.Popen(train_cmd(run, args), env=clean_env(tmp_path), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "train.log").exists() and "run folder" in (run / "train.log").read_text()):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)  # in the whitening fit
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted (Ctrl-C) during start-up, before training" in err and "training synthetic" not in out, err
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
+    st = subprocess.run([PY, "-m", "allconv_hpc", "status", "--json", str(run)], env=clean_env(tmp_path),
+                        capture_output=True, text=True, timeout=60)
+    row = json.loads(st.stdout)[0]
+    assert st.returncode == 0 and row["state"] == "INTERRUPTED" and not row["failed"], st.stdout
+    run_train(tmp_path, run, args)
+    assert [r["epoch"] for r in history(run)] == [1]
+
+
 def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path):
     """A Ctrl-C in the first second (the imports) is the same one line and exit status as later in start-up,
     not a traceback from inside `import torch`."""
