@@ -416,12 +416,12 @@ class Tracker:
         for seg in segments(self.run_dir / "wandb", self._run_id, include_online=True):
             if seg.resolve() == mine:
                 continue
-            if seg.name.startswith("offline-run-") and holds_no_record(seg):  # killed as it started
+            if seg.name.startswith("offline-run-") and holds_no_record(seg):  # killed before W&B wrote a record
                 aside = seg.with_name(EMPTY_PREFIX + seg.name)
                 os.replace(seg, aside)
-                log.warning("W&B segment %s holds no record (its process died as it started): renamed %s, out "
-                            "of `wandb sync runs/.../offline-run-*`, which stops at such a folder", seg.name,
-                            aside.name)
+                log.warning("W&B segment %s holds no record (its process was killed before W&B wrote one: as it "
+                            "started, or by a SIGKILL before W&B flushed): renamed %s, out of `wandb sync "
+                            "runs/.../offline-run-*`, which stops at such a folder", seg.name, aside.name)
                 continue
             try:
                 steps = [r["_step"] for r in read_run(seg)["history"] if "_step" in r]
