@@ -208,6 +208,7 @@ class Dist:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         timeout = datetime.timedelta(seconds=self.timeout_s)
         kw = {"device_id": device} if backend == "nccl" else {}
+        started = time.monotonic()
         try:
             with _stops_at_once():
                 if env.source == "torchrun":
@@ -228,10 +229,12 @@ class Dist:
                        "local": "submit again: it picks a free port"}.get(env.source, "use another MASTER_PORT")
                 raise PortInUse(f"rank {env.rank}: port {where} is already in use on this node (another job or "
                                 f"program holds it); {fix}") from e
+            # what it took, not the timeout: under torchrun the agent's store and then the group each wait up to it
             raise DistributedError(
-                f"rank {env.rank}: rendezvous with {env.world_size} ranks at {where} failed within "
-                f"{self.timeout_s:g} s ({_first_line(e)}); a rank that failed before joining logged why (under "
-                f"srun, --kill-on-bad-exit=1 ends the others at once)") from e
+                f"rank {env.rank}: rendezvous with {env.world_size} ranks at {where} failed after "
+                f"{time.monotonic() - started:.0f} s (dist.timeout_s={self.timeout_s:g}; {_first_line(e)}); a "
+                f"rank that failed before joining logged why (under srun, --kill-on-bad-exit=1 ends the others at "
+                f"once)") from e
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         log.info("rank %d/%d joined (%s, %s, master %s:%s)", env.rank, env.world_size, backend, env.source,
                  os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])

@@ -173,6 +173,17 @@ def test_a_rank_waiting_for_its_peers_stops_at_once_on_a_signal(tmp_path, sig):
     assert p.returncode == -sig and waited < 10, (p.returncode, waited, p.stdout.read()[-2000:])
 
 
+def test_a_rendezvous_timeout_says_how_long_it_waited(tmp_path):
+    """A rank that never comes: rank 0 gives up after dist.timeout_s and says how long it waited."""
+    from proc import free_port
+    r = subprocess.run(train_cmd(tmp_path / "run", TINY + ["dist.timeout_s=3"]), capture_output=True, text=True,
+                       timeout=120, env=clean_env(tmp_path, RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2,
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()))
+    out = r.stdout + r.stderr
+    said = re.search(r"rank 0: rendezvous with 2 ranks at 127.0.0.1:\d+ failed after (\d+) s \(dist.timeout_s=3; ", out)
+    assert r.returncode != 0 and said and 3 <= int(said.group(1)) <= 10, out[-2000:]
+
+
 def _worker_pid(rank: int, run: Path) -> int | None:
     """The pid of this run's torchrun worker of `rank` (its environment names it)."""
     for environ in Path("/proc").glob("[0-9]*/environ"):

@@ -355,11 +355,11 @@ def test_a_jobs_error_from_its_err_files_when_the_run_wrote_none(tmp_path):
     run = write_run(tmp_path / "run", None, job="7_1", submitit_folder=str(sub))
     (sub / "7_1").mkdir(parents=True)
     err = lambda task, text: (sub / "7_1" / f"7_1_{task}_log.err").write_text(text)  # noqa: E731
-    err(0, "[2026-12-03 11:03:33 ERROR] rank 0: rendezvous with 2 ranks at n1:5000 failed within 60 s (...)\n")
+    err(0, "[2026-12-03 11:03:33 ERROR] rank 0: rendezvous with 2 ranks at n1:5000 failed after 61 s (dist.timeout_s=60; ...)\n")
     err(1, "submitit ERROR (2026-12-03) - Submitted job triggered an exception\nTraceback (most recent call last):\n"
            '  File "x.py", line 1, in <module>\n    f()\nOSError: [Errno 5] Input/output error\n')
     assert status._job_error(json.loads((run / "submission.json").read_text())) == \
-        "rank 0: rendezvous with 2 ranks at n1:5000 failed within 60 s (...)"
+        "rank 0: rendezvous with 2 ranks at n1:5000 failed after 61 s (dist.timeout_s=60; ...)"
     err(0, "[2026-12-03 11:03:33 WARNING] slow\n")
     assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}) == \
         "rank 1: OSError: [Errno 5] Input/output error"
