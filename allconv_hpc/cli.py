@@ -46,8 +46,10 @@ def print_config(overrides: list[str]) -> int:
     except ConfigError as e:
         print(f"allconv-hpc: error: {e}", file=sys.stderr)
         return 2
-    pin_data_root(composed)
+    root_said = pin_data_root(composed)
     print(f"# run folder: {composed.run_dir}")
+    if root_said:
+        print(f"# {root_said[1]}")
     print(OmegaConf.to_yaml(OmegaConf.create(composed.cfg_dict)), end="")
     return 0
 

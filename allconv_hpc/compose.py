@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .config import CLUSTER_KEYS, SECTIONS, Config, ConfigError, from_dict
 from .runlock import OWN_FILES, holds_run
@@ -191,11 +192,37 @@ def _check_model_name(overrides: list[str], model: dict) -> None:
                           f"{keep} for these values (what a run started so resumes with)")
 
 
-def pin_data_root(composed: Composed) -> None:
+def pin_data_root(composed: Composed) -> Optional[tuple[bool, str]]:
     """data.root made absolute in place, as seen from here: the run's records (checkpoints, .hydra) then name
-    the data wherever `evaluate` or a resume starts from (`submit` pins it through an override instead)."""
+    the data wherever `evaluate` or a resume starts from (`submit` pins it through an override instead).
+
+    The default root (./data) is relative to where the command starts, so in a run folder that recorded a root,
+    that root is kept unless the command line or ALLCONV_DATA names one: a rerun from another folder would
+    otherwise miss the data, or silently read another dataset. Returns (a warning?, the line to log) or None."""
     root = str(Path(composed.cfg.data.root).expanduser().absolute())
+    recorded = recorded_data_root(composed.run_dir) if composed.cfg.data.name != "synthetic" else None
+    said = None
+    if recorded is not None and recorded != root:
+        if any(override_key(o) == "data.root" for o in composed.overrides) or os.environ.get("ALLCONV_DATA"):
+            said = True, (f"data.root={root} is not the {recorded} this run read before: reading {root} "
+                          f"(a resume may move its data; the same images are expected)")
+        else:
+            said = False, (f"data.root {recorded}: this run's, recorded in {composed.run_dir / '.hydra'}/config.yaml "
+                           f"(the default resolves to {root} here); data.root=DIR reads another folder")
+            root = recorded
     composed.cfg.data.root = composed.cfg_dict["data"]["root"] = root
+    return said
+
+
+def recorded_data_root(run_dir: Path) -> Optional[str]:
+    """The absolute data.root a run in run_dir last started with (its .hydra/config.yaml), or None."""
+    import yaml
+    try:
+        recorded = yaml.safe_load((Path(run_dir) / ".hydra" / "config.yaml").read_text()) or {}
+        root = (recorded.get("data") or {}).get("root")
+    except (OSError, yaml.YAMLError, AttributeError):  # no run here, or not a config of ours
+        return None
+    return root if isinstance(root, str) and Path(root).is_absolute() else None
 
 
 # what train and submit put into a run folder: one holding any of them is a run's (or is becoming one)

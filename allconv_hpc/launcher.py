@@ -56,7 +56,7 @@ def hydra_value(value, key: str) -> str:
 def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
-    from .compose import check_run_dir, check_sweep_dir, compose, unread_overrides
+    from .compose import check_run_dir, check_sweep_dir, compose, pin_data_root, unread_overrides
     from .data import check_present
     from .tracking import check_names, preflight_mode
 
@@ -84,10 +84,15 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             if "wandb.group" not in {_key(o) for o in common + s}:
                 ov.append(f"wandb.group={hydra_value(sweep_dir.name, 'wandb.group')}")
         c = compose(ov)
+        given_root = c.cfg.data.root
+        root_said = pin_data_root(c)  # absolute; a resubmitted run keeps its recorded root over the default
+        if root_said and root_said[0]:
+            warn(root_said[1])
+        elif root_said:
+            print(f"allconv-hpc submit: {root_said[1]}", file=sys.stderr)
         check_present(c.cfg.data)
-        if not Path(c.cfg.data.root).is_absolute():  # the jobs may start in another folder
-            ov = [o for o in ov if _key(o) != "data.root"] + [
-                f"data.root={hydra_value(Path(c.cfg.data.root).expanduser().absolute(), 'data.root')}"]
+        if c.cfg.data.root != given_root:  # the jobs may start in another folder
+            ov = [o for o in ov if _key(o) != "data.root"] + [f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
         unread = unread_overrides(c)  # a swept one is said once for the sweep, not per value
         idle = sorted({_key(o) for o in unread if o in s})

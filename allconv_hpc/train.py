@@ -63,7 +63,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             raise ConfigError(f"train takes Hydra overrides (key=value), not {' '.join(options)}; "
                               f"--print-config prints the composed config, --help lists the config groups")
         composed = compose(overrides)
-        pin_data_root(composed)
+        root_said = pin_data_root(composed)
         check_run_dir(composed.run_dir)
         busy = other_jobs_state(composed.run_dir)
         if busy is not None:  # two writers of one folder would interleave its checkpoints and history
@@ -109,6 +109,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         return _released(lock_fd, _interrupted_in_start_up())
     if env.is_main:
         log.info("run folder %s", composed.run_dir)
+        if root_said:
+            (log.warning if root_said[0] else log.info)("%s", root_said[1])
         for said in composed.cfg.warnings() + list(unread_overrides(composed).values()):
             log.warning("%s", said)
         ignored = [o for o in overrides if o.lstrip("+~").startswith(("cluster.", "cluster="))]

@@ -169,7 +169,8 @@ def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path):
 
 
 def test_a_relative_data_root_is_recorded_absolute(tmp_path):
-    """train's data.root as seen from where it started: evaluate (and a resume) from another folder finds it."""
+    """train's data.root as seen from where it started: evaluate and a resume from another folder find it, and a
+    resume reads another root only when told to."""
     (xtr, ytr), (xte, yte) = _fake_cifar(120, 0), _fake_cifar(40, 1)
     data.write_cifar(tmp_path / "data", "cifar10", xtr, ytr, xte, yte, [f"c{i}" for i in range(10)])
     run = tmp_path / "run"
@@ -179,6 +180,30 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"root: {tmp_path / 'data'}" in (run / ".hydra" / "config.yaml").read_text()
     assert evaluate(run, "last")["images"] == 40  # from the test's own folder, not tmp_path
+
+    def rerun(cwd: Path, *more: str) -> subprocess.CompletedProcess:
+        base = [o for o in ov if o != "data.root=data"]  # the default root: ./data, wherever the rerun starts
+        return subprocess.run([PY, "-m", "allconv_hpc", "train", *base, *more, f"hydra.run.dir={run}"], cwd=cwd,
+                              env=clean_env(tmp_path), capture_output=True, text=True, timeout=300)
+    # a resume from a folder without ./data reads the run's own (it failed naming ./data there)
+    (tmp_path / "elsewhere").mkdir()
+    r = rerun(tmp_path / "elsewhere", "trainer.epochs=3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"data.root {tmp_path / 'data'}: this run's, recorded in {run / '.hydra'}/config.yaml (the default "
+            f"resolves to {tmp_path / 'elsewhere' / 'data'} here)") in r.stdout, r.stdout[-2000:]
+    assert len(read_history(run / "history.csv")) == 3
+    # ./data there holding another dataset (40 test images -> 10) is not read behind the user's back
+    (xtr2, ytr2), (xte2, yte2) = _fake_cifar(120, 2), _fake_cifar(10, 3)
+    data.write_cifar(tmp_path / "elsewhere" / "data", "cifar10", xtr2, ytr2, xte2, yte2, [f"c{i}" for i in range(10)])
+    assert rerun(tmp_path / "elsewhere", "trainer.epochs=4").returncode == 0
+    assert read_history(run / "history.csv")[-1]["epoch"] == 4 and "root: " + str(tmp_path / "data") in (
+        run / ".hydra" / "config.yaml").read_text()
+    # named on the command line, another root is read (a moved dataset), with a warning naming both
+    r = rerun(tmp_path / "elsewhere", "trainer.epochs=5", "data.root=data")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"WARNING] data.root={tmp_path / 'elsewhere' / 'data'} is not the {tmp_path / 'data'} this run read "
+            f"before") in r.stderr, r.stderr[-2000:]
+    assert evaluate(run, "last")["images"] == 10  # its record now names the new root
 
 
 def test_best_before_any_finished_epoch_points_at_last(tmp_path):

@@ -1320,3 +1320,23 @@ def test_a_refused_submit_takes_back_only_the_folders_it_made(tmp_path, monkeypa
             (alone / ".submitit" / "%j").mkdir(parents=True)  # what submitit may have made by then
             raise ConfigError("refused")
     assert sorted(os.listdir(tmp_path)) == ["runs"]  # new/ and new/run/ were this submit's: gone
+
+
+def test_a_resubmit_from_another_folder_keeps_the_runs_recorded_data_root(tmp_path, on_path, monkeypatch, capsys):
+    """The default data.root (./data) resolves where submit starts; a run's jobs read the root it recorded."""
+    from allconv_hpc.compose import write_hydra_files
+    on_path(sbatch="exit 1")  # planning must not submit
+    images, labels = torch.zeros(20, 3, 32, 32, dtype=torch.uint8), torch.arange(20) % 10
+    write_cifar(tmp_path / "first" / "data", "cifar10", images, labels, images, labels, [str(i) for i in range(10)])
+    ov = ["data=cifar10", "cluster=local", f"hydra.run.dir={tmp_path / 'run'}"]
+    monkeypatch.chdir(tmp_path / "first")
+    first = launcher.plan(ov, multirun=False)[0][0]
+    assert f"data.root='{tmp_path / 'first' / 'data'}'" in first.overrides
+    c = compose(first.overrides)
+    c.run_dir.mkdir()
+    write_hydra_files(c)  # what the run's first start records
+    (tmp_path / "second").mkdir()
+    monkeypatch.chdir(tmp_path / "second")  # no ./data here: it was refused as missing
+    again = launcher.plan(ov, multirun=False)[0][0]
+    assert f"data.root='{tmp_path / 'first' / 'data'}'" in again.overrides
+    assert f"data.root {tmp_path / 'first' / 'data'}: this run's" in capsys.readouterr().err
