@@ -158,11 +158,13 @@ class CheckpointDir:
         resuming) skipped step files are renamed ``*.corrupt``: kept for a look, but out of the
         rotation, where they would take a `keep` slot from the good files. ``folder_key``: the option
         that places the run, named in the error (a sweep's points are placed by hydra.sweep.dir)."""
-        # highest step first: a kill between writing step_N and relinking last.pt must not lose step N
-        candidates = self.step_files() + [self.folder / "last.pt"]
+        # highest step first: a kill between writing step_N and relinking last.pt must not lose step N. Then
+        # last.pt, the newest save that finished: a hard link to a step file (skipped if to a damaged one), or
+        # a copy of its own (cp -r, rsync without -H), which is newer than every older step file
+        files, last = self.step_files(), self.folder / "last.pt"
         bad = []
-        for path in candidates:
-            if not path.exists():
+        for path in files[:1] + [last] + files[1:]:
+            if not path.exists() or (path == last and any(_same_file(last, b) for b in bad)):
                 continue
             try:
                 state = load_file(path)
@@ -263,6 +265,13 @@ class Writer:
             self._pending.clear()
             raise CheckpointError(f"writing {what} failed: {type(error).__name__}: {error}; the older checkpoints "
                                   f"are kept (check free space and permissions of the run folder)") from error
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them gone since the listing
+        return False
 
 
 def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optional[dict]:

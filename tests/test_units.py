@@ -487,6 +487,24 @@ def test_a_skipped_corrupt_checkpoint_leaves_the_rotation_and_an_unreadable_one_
         d.load_latest(quarantine=True)
 
 
+def test_a_copied_last_pt_is_taken_before_older_step_files_when_the_newest_is_damaged(tmp_path):
+    """A run folder copied without hard links (cp -r, rsync without -H): last.pt is a file of its own, holding the
+    newest save; a damaged newest step file must not send the resume back to an older one."""
+    from allconv_hpc.checkpoint import CheckpointDir
+    d = CheckpointDir(tmp_path, keep=2)
+    for step in (100, 200):
+        d.save({"step": torch.tensor(step)}, step)
+    last = tmp_path / "last.pt"
+    data = last.read_bytes()
+    last.unlink()
+    last.write_bytes(data)  # a copy now, not a link
+    newest = tmp_path / "step_00000200.pt"
+    newest.write_bytes(data[: len(data) // 2])  # truncated
+    state, path = d.load_latest(quarantine=True)
+    assert (path.name, int(state["step"])) == ("last.pt", 200)
+    assert (tmp_path / "step_00000200.pt.corrupt").exists() and (tmp_path / "step_00000100.pt").exists()
+
+
 def test_an_intact_checkpoint_that_torch_refuses_stops_the_run_instead_of_falling_back(tmp_path):
     """Its checksum holds, so the bytes are the ones written and the progress since the older file is in it:
     another torch (or a type weights_only refuses) is no corruption; nothing is renamed aside."""
