@@ -50,8 +50,10 @@ def make_executor(cluster: dict, folder: Path):
     import submitit
 
     if cluster["backend"] == "local":
-        # what submitit's LocalExecutor supports; the rest of the profile does not apply here
-        ex = submitit.LocalExecutor(folder=str(folder))
+        # what submitit's LocalExecutor supports; the rest of the profile does not apply here. Its controller
+        # passes on the signals a user sends the job id (localcontrol)
+        from .localcontrol import LocalExecutor
+        ex = LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=cluster["timeout_min"], nodes=1, tasks_per_node=cluster["tasks_per_node"],
                              cpus_per_task=cluster["cpus_per_task"], gpus_per_node=cluster["gpus_per_node"],
                              signal_delay_s=cluster["signal_lead_s"], setup=_local_setup(cluster["setup"], folder),

@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from .config import CLUSTER_KEYS, ConfigError
 from . import runlock
 from .executor import check_can_start, make_executor, release_held, sbatch_refused, sbatch_said, sbatch_script
 from .fsio import read_json, write_atomic
-from .localjob import end_local_peers, free_ports
+from .localjob import DEATH_SIGNAL, controller_gone, end_local_peers, free_ports
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, ignore_late_signals
 from .resources import signal_name, validate_cluster, warn
 from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
@@ -260,6 +261,8 @@ class TrainJob:
         # replace submitit's USR2/TERM handlers for the whole call: a warning during start-up is
         # honoured at the first step boundaries, one after training is ignored (never a requeue then)
         catch_early(self.signal)
+        if controller_gone():  # cluster=local: stop as its controller's death signal asks, taken after all
+            signal.raise_signal(DEATH_SIGNAL)
         os.environ["ALLCONV_SIGNAL_LEAD_S"] = str(self.signal_lead_s)
         if self.local_port:
             from .distributed import LOCAL_PORT_ENV

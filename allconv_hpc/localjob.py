@@ -1,5 +1,5 @@
 """cluster=local's stand-in for `srun --kill-on-bad-exit`: its rendezvous ports, and the reaper a failed rank
-leaves behind to end its job's other ranks.
+leaves behind to end its job's other ranks (its controller: localcontrol).
 """
 from __future__ import annotations
 
@@ -57,6 +57,17 @@ def _reap(controller: int, wait_s: float, pids: list[int]) -> None:
     if said:
         print(f"note: this rank failed, and its job's other ranks still ran: sent {'; '.join(said)} (cluster=local "
               f"has no srun --kill-on-bad-exit)", file=sys.stderr, flush=True)
+
+
+DEATH_SIGNAL = signal.SIGTERM  # a rank whose controller died stops as on scancel: a checkpoint, then exit
+
+
+def controller_gone() -> bool:
+    """In a rank of a cluster=local job: its controller (whose pid is the job id) is no longer its parent. Its
+    parent-death signal (localcontrol) may have come while submitit's own handler, which only logs a SIGTERM, was in
+    place."""
+    job = os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+    return os.environ.get("SUBMITIT_EXECUTOR") == "local" and job is not None and str(os.getppid()) != job
 
 
 def end_local_peers(controller: int) -> None:

@@ -179,8 +179,11 @@ def run_rows(folder: Path) -> list[dict]:
         active = state in ACTIVE_STATES and not ended
         unfinished = run_state in (None, "running", "requeued")
         no_answer = bool(rec.get("job_id")) and state is None and not known and unfinished
-        # the lock is asked only where the scheduler does not say the job runs
-        held = runlock.holder(run_dir)[0] if run_state == "running" and state not in ACTIVE_STATES else None
+        # the lock is asked only where the scheduler does not say the job runs; a cluster=local job whose
+        # controller is gone (SIGKILLed) may have ranks still stopping, or starting before their first record
+        gone = rec.get("backend") == "local" and state is None and unfinished
+        held = (runlock.holder(run_dir)[0] if (run_state == "running" or gone) and state not in ACTIVE_STATES
+                else None)
         if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
             held = runlock.holder(run_dir)[0]
             state = {True: "RUNNING", False: "FAILED"}.get(held, "UNKNOWN")

@@ -1220,6 +1220,82 @@ def test_a_local_job_at_its_time_limit_says_to_submit_again(tmp_path):
     assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
 
 
+def _start_local_job(tmp_path: Path, run: Path, ntasks: int) -> tuple[int, list[int]]:
+    """A cluster=local job that trains until stopped, in a session of its own (no terminal whose Ctrl-C would reach
+    its ranks too) with SIGHUP as in a terminal; (its controller's pid, the job id; its ranks' pids) once it trains."""
+    from proc import PY, clean_env, wait_for_line
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "cluster=local", f"cluster.tasks_per_node={ntasks}",
+                        "cluster.cpus_per_task=1", *TINY, "trainer.epochs=100000", "trainer.progress=log",
+                        "trainer.log_every_steps=1", f"hydra.run.dir={run}"],
+                       env=clean_env(tmp_path, PATH=path), stdout=(tmp_path / "submit.out").open("w"),
+                       stderr=subprocess.STDOUT, timeout=120, cwd=tmp_path, start_new_session=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    assert r.returncode == 0, (tmp_path / "submit.out").read_text()
+    controller = int(json.loads((run / "submission.json").read_text())["job_id"])
+    wait_for_line(run / "train.log", "epoch 2 step", timeout=120)
+    ranks = jobs.children(controller)
+    assert len(ranks) == ntasks, ranks
+    return controller, ranks
+
+
+def _alive(pid: int) -> bool:
+    st = jobs.process_stat(pid)
+    return st is not None and st[0] != "Z"
+
+
+def _watch_until_ended(run: Path, pids: list[int], timeout: float = 60) -> list[str]:
+    """status's states of run until every process of pids ended; a LOST while one still runs fails."""
+    seen, end = [], time.monotonic() + timeout
+    while any(_alive(p) for p in pids):
+        state = status.run_rows(run)[0]["state"]
+        running = [p for p in pids if _alive(p)]  # alive now: alive while status looked too
+        assert not (state.startswith("LOST") and running), f"status said {state} while {running} ran"
+        seen.append(state)
+        assert time.monotonic() < end, f"{running} still run {timeout:g} s on; status said {sorted(set(seen))}"
+        time.sleep(0.2)
+    return seen
+
+
+@pytest.mark.parametrize("sig,ntasks", [(signal.SIGUSR2, 2), (signal.SIGHUP, 1), (signal.SIGINT, 1)])
+def test_a_signal_sent_to_a_local_job_id_stops_its_ranks_under_their_controller(tmp_path, sig, ntasks):
+    """`kill -USR2 <job id>`, as `scancel --signal=USR2` on Slurm: the controller passes the signal on to every rank
+    and stays, so they checkpoint and stop while it still supervises them (it used to die of it, leaving the ranks
+    training with no cluster.timeout_min), and `status` says RUNNING until they have stopped, then INTERRUPTED."""
+    run = tmp_path / "run"
+    controller, ranks = _start_local_job(tmp_path, run, ntasks)
+    try:
+        os.kill(controller, sig)
+        seen = _watch_until_ended(run, ranks)
+        assert "RUNNING" in seen, seen
+        _watch_until_ended(run, [controller], timeout=30)  # it ends with them
+    finally:
+        for pid in [*ranks, controller]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = (run / "train.log").read_text()
+    assert f"stop requested ({sig.name}) during" in text, text[-3000:]
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("INTERRUPTED", False), row
+
+
+def test_a_local_job_whose_controller_is_killed_stops_its_ranks(tmp_path):
+    """A SIGKILLed controller cannot pass anything on: its ranks' parent-death signal (SIGTERM) stops them with a
+    checkpoint, and `status` does not say LOST while they finish."""
+    run = tmp_path / "run"
+    controller, ranks = _start_local_job(tmp_path, run, 2)
+    try:
+        os.kill(controller, signal.SIGKILL)
+        _watch_until_ended(run, ranks)
+    finally:
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = (run / "train.log").read_text()
+    assert "stop requested (SIGTERM) during" in text, text[-3000:]
+    assert status.run_rows(run)[0]["state"] == "INTERRUPTED"
+
+
 def test_a_run_resumed_by_hand_after_its_job_ended_is_running_not_lost(tmp_path, on_path):
     from allconv_hpc import runlock
     run = write_run(tmp_path, "running")  # its submitted job is gone without a word...

@@ -1,0 +1,127 @@
+"""cluster=local's job controller: submitit's, started by `python -m allconv_hpc.localcontrol`, with what a job
+id that users signal needs. The job id `submit` prints is the controller's pid, and a user signals it as they
+would `scancel --signal` a Slurm job: the controller passes USR1, USR2, HUP, TERM and INT on to its ranks and
+goes on supervising them (submitit's own died of all but TERM, and its ranks trained on unsupervised, with no
+cluster.timeout_min). The ranks get a parent-death signal (Linux), so a SIGKILLed controller leaves none training.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import submitit
+from submitit.core import utils
+from submitit.local import local
+
+from .localjob import DEATH_SIGNAL
+
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+# ignored from the rank's exec until its handlers are in place, as in a Slurm job (executor.make_executor): a
+# warning in the rank's first moments is lost, not fatal
+IGNORED_AT_START = (signal.SIGUSR1, signal.SIGUSR2)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class LocalExecutor(submitit.LocalExecutor):
+    """submitit's LocalExecutor, its jobs run by this module's Controller."""
+
+    def _submit_command(self, command: str) -> local.LocalJob:
+        p = self.parameters
+        ntasks, n_gpus, visible = p.get("tasks_per_node", 1), p.get("gpus_per_node", 0), p.get("visible_gpus", ())
+        gpus = range(n_gpus) if visible == () else visible[:n_gpus]
+        process = start_controller(self.folder, command, ntasks, ",".join(str(k) for k in gpus),
+                                   p.get("timeout_min", 2.0), p.get("signal_delay_s", 30), p.get("setup", ()))
+        return local.LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
+
+
+def start_controller(folder: Path, command: str, ntasks: int, cuda_devices: str, timeout_min: float,
+                     signal_delay_s: int, setup) -> subprocess.Popen:
+    """submitit's local.start_controller, starting this module's Controller. cluster.setup's shell `exec`s it, so
+    the job id (the pid of what is started here) is the controller's pid either way, the process users signal."""
+    env = {**os.environ, "SUBMITIT_LOCAL_NTASKS": str(ntasks), "SUBMITIT_LOCAL_COMMAND": command,
+           "SUBMITIT_LOCAL_TIMEOUT_S": str(int(60 * timeout_min)),
+           "SUBMITIT_LOCAL_SIGNAL_DELAY_S": str(int(signal_delay_s)), "SUBMITIT_LOCAL_NODEID": "0",
+           "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_STDERR_TO_STDOUT": "", "SUBMITIT_EXECUTOR": "local",
+           "CUDA_VISIBLE_DEVICES": cuda_devices, "SUBMITIT_LOCAL_WITH_SHELL": ""}
+    cmd = [sys.executable, "-m", "allconv_hpc.localcontrol", str(folder)]
+    if setup:
+        return subprocess.Popen(" && ".join([*setup, "exec " + shlex.join(cmd)]), shell=True, env=env)
+    return subprocess.Popen(cmd, env=env)
+
+
+def _prctl() -> Optional[Callable]:
+    """libc's prctl, looked up before any fork (the rank's preexec_fn only calls it); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def rank_preexec(parent: int, prctl: Optional[Callable]) -> Callable[[], None]:
+    """What a rank runs between fork and exec: the warnings ignored (see IGNORED_AT_START), and DEATH_SIGNAL once
+    the controller (`parent`, single-threaded: the kernel sends it when the thread that forked ends) is gone. A
+    controller that died before prctl took effect is caught by the getppid check right after it."""
+    def preexec() -> None:
+        for s in IGNORED_AT_START:
+            signal.signal(s, signal.SIG_IGN)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(DEATH_SIGNAL))
+        if os.getppid() != parent:
+            os._exit(128 + int(DEATH_SIGNAL))
+    return preexec
+
+
+def terminal_sent_it() -> bool:
+    """Whether a SIGINT may be the terminal's Ctrl-C: this process is in the terminal's foreground process group,
+    and so are its ranks, which got the same SIGINT (a second one would stop them at once, with no checkpoint)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # no controlling terminal
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class Controller(local.Controller):
+    """submitit's controller, passing the signals a user sends the job id on to the ranks (it waits for them as
+    ever: requeue on submitit's requeue code, else the end). SIGHUP stays ignored under nohup, in the ranks too."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.pid = str(os.getpid())  # the job id (under cluster.setup, the shell's pid too: it execs this process)
+        for s in FORWARDED:
+            if signal.getsignal(s) != signal.SIG_IGN:
+                signal.signal(s, self._forward)
+
+    def _forward(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and terminal_sent_it():
+            return
+        self._forward_signal(signum)
+
+    def start_tasks(self) -> None:  # submitit's, with rank_preexec
+        self.folder.mkdir(exist_ok=True)
+        paths = [utils.JobPaths(self.folder, self.pid, k) for k in range(self.ntasks)]
+        self.stdouts = [p.stdout.open("a") for p in paths]
+        self.stderrs = self.stdouts if self.stderr_to_stdout else [p.stderr.open("a") for p in paths]
+        preexec = rank_preexec(os.getpid(), _prctl())
+        for k in range(self.ntasks):
+            env = {**os.environ, "SUBMITIT_LOCAL_LOCALID": str(k), "SUBMITIT_LOCAL_GLOBALID": str(k),
+                   "SUBMITIT_LOCAL_JOB_ID": self.pid}
+            self.tasks.append(subprocess.Popen(self.command, env=env, stdout=self.stdouts[k], stderr=self.stderrs[k],
+                                               encoding="utf-8", preexec_fn=preexec))
+
+
+if __name__ == "__main__":
+    Controller(Path(sys.argv[1])).run()
