@@ -22,6 +22,8 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from .localjob import LOCAL_PORT_ENV  # re-exported: launcher.TrainJob sets it without importing torch (this module)
+
 log = logging.getLogger(__name__)
 
 
@@ -83,9 +85,6 @@ def _expand_token(token: str, nodelist: str) -> list[str]:
 
 # Below Linux's ephemeral range (32768-60999), where a port could already be held by an outgoing connection.
 PORT_BASE, PORT_SPAN = 10000, 22768
-
-
-LOCAL_PORT_ENV = "ALLCONV_LOCAL_PORT"  # set in each task of a cluster=local job by launcher.TrainJob
 
 
 def slurm_port(job_id: str, restart_count: int) -> int:

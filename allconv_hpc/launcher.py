@@ -24,7 +24,7 @@ from .config import CLUSTER_KEYS, ConfigError
 from . import runlock
 from .executor import check_can_start, make_executor, release_held, sbatch_refused, sbatch_said, sbatch_script
 from .fsio import read_json, write_atomic
-from .localjob import DEATH_SIGNAL, controller_gone, end_local_peers, free_ports
+from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, ignore_late_signals
 from .resources import signal_name, validate_cluster, warn
 from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
@@ -265,7 +265,6 @@ class TrainJob:
             signal.raise_signal(DEATH_SIGNAL)
         os.environ["ALLCONV_SIGNAL_LEAD_S"] = str(self.signal_lead_s)
         if self.local_port:
-            from .distributed import LOCAL_PORT_ENV
             os.environ[LOCAL_PORT_ENV] = str(self.local_port)
         controller = os.getppid()  # submitit's local controller, whose other children are this job's ranks
         try:

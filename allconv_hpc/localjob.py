@@ -12,6 +12,11 @@ import sys
 import time
 
 
+# set in each task of a cluster=local job by launcher.TrainJob; here, not in distributed.py, so that setting it does
+# not import torch outside train.run's Ctrl-C guard
+LOCAL_PORT_ENV = "ALLCONV_LOCAL_PORT"
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct ports free on this machine now (held open together while the OS picks them): each
     cluster=local DDP job's rendezvous, instead of one derived from its pid, which another job or

@@ -125,6 +125,18 @@ def _task_errors(path: Path) -> tuple[Optional[str], Optional[str]]:
     return said, other or killed
 
 
+# what train._interrupted_in_start_up prints (after "allconv-hpc: "): a stop asked for before training, no failure
+START_UP_INTERRUPT = "interrupted (Ctrl-C) during start-up"
+
+
+def _interrupted_in_start_up(rec: dict) -> bool:
+    """Every task of the job said last that a Ctrl-C stopped it in start-up, before its trainer wrote a record (a
+    cluster=local job's ranks, which got the terminal's Ctrl-C as they imported torch)."""
+    folder = _job_folder(rec)
+    said = [_task_errors(p)[0] for p in folder.glob(f"{folder.name}_*_log.err")] if folder is not None else []
+    return bool(said) and all(s is not None and s.startswith(START_UP_INTERRUPT) for s in said)
+
+
 def _job_error(rec: dict) -> Optional[str]:
     """Why a job failed when its run wrote no error (it stopped before its trainer started: a node without the
     data, a rank's rendezvous): from its tasks' .err files, a rank's own refusal first, since the others' errors
@@ -211,6 +223,8 @@ def run_rows(folder: Path) -> list[dict]:
                      "requeued": "REQUEUED?", "running": "RUNNING?"}.get(run_state, "UNKNOWN")
         if restarts is None:
             restarts = st.get("restarts", 0) if current else 0
+        if state == "LOST" and not current and _interrupted_in_start_up(rec):
+            state = "INTERRUPTED"
         failed = state.split(" ")[0] in FAILED_STATES or ended or run_state in ("failed", "gave_up")
         if run_state == "completed" and failed and not active:
             # training finished, then Slurm ended the job otherwise (scancel or the time limit just after the
@@ -333,7 +347,7 @@ def wait_for(folder: Path, poll_s: float = 5.0) -> int:
         if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
             print(format_table(rows) + _errors(rows))
             code = exit_code(rows)
-            if code == 0 and any(r["run"] == "interrupted" for r in rows):
+            if code == 0 and any(r["run"] == "interrupted" or r["state"] == "INTERRUPTED" for r in rows):
                 return EXIT_STOPPED  # a script must tell "done" from "stopped with a checkpoint"
             return code
         time.sleep(poll_s)

@@ -1296,6 +1296,41 @@ def test_a_local_job_whose_controller_is_killed_stops_its_ranks(tmp_path):
     assert status.run_rows(run)[0]["state"] == "INTERRUPTED"
 
 
+def test_ctrl_c_while_local_ranks_import_torch_is_a_start_up_interrupt(tmp_path):
+    """A Ctrl-C that reaches the ranks of a cluster=local DDP job while they import torch (its first seconds) ends
+    them with the start-up line, as anywhere else in start-up: not a KeyboardInterrupt traceback from inside
+    `import torch`, which `status` read as FAILED."""
+    from proc import PY, clean_env
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "cluster=local", "cluster.tasks_per_node=2",
+                        "cluster.cpus_per_task=1", *TINY, f"hydra.run.dir={run}"], env=clean_env(tmp_path, PATH=path),
+                       stdout=(tmp_path / "submit.out").open("w"), stderr=subprocess.STDOUT, timeout=120, cwd=tmp_path,
+                       start_new_session=True)
+    assert r.returncode == 0, (tmp_path / "submit.out").read_text()
+    job = json.loads((run / "submission.json").read_text())["job_id"]
+    interrupted, deadline = set(), time.monotonic() + 60
+    try:
+        while len(interrupted) < 2:  # each rank as torch's library loads: only its imports load torch
+            assert _alive(int(job)) and time.monotonic() < deadline, f"ranks {interrupted} of 2 seen importing torch"
+            for pid in set(jobs.children(int(job))) - interrupted:
+                with contextlib.suppress(FileNotFoundError):
+                    if b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes():
+                        os.kill(pid, signal.SIGINT)
+                        interrupted.add(pid)
+            time.sleep(0.01)
+        _watch_until_ended(run, [int(job)], timeout=60)
+    finally:
+        for pid in [*interrupted, int(job)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for task in (0, 1):
+        err = (run / ".submitit" / job / f"{job}_{task}_log.err").read_text()
+        assert "Traceback" not in err and "allconv-hpc: interrupted (Ctrl-C) during start-up" in err, err[-3000:]
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("INTERRUPTED", False), row
+
+
 def test_a_run_resumed_by_hand_after_its_job_ended_is_running_not_lost(tmp_path, on_path):
     from allconv_hpc import runlock
     run = write_run(tmp_path, "running")  # its submitted job is gone without a word...
