@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -1244,13 +1245,15 @@ def _alive(pid: int) -> bool:
     return st is not None and st[0] != "Z"
 
 
-def _watch_until_ended(run: Path, pids: list[int], timeout: float = 60) -> list[str]:
-    """status's states of run until every process of pids ended; a LOST while one still runs fails."""
+def _watch_until_ended(run: Path, pids: list[int], timeout: float = 60, controller: Optional[int] = None) -> list[str]:
+    """status's states of run until every process of pids ended; a LOST while one still runs fails, and so does
+    `controller` ending before them."""
     seen, end = [], time.monotonic() + timeout
     while any(_alive(p) for p in pids):
         state = status.run_rows(run)[0]["state"]
         running = [p for p in pids if _alive(p)]  # alive now: alive while status looked too
         assert not (state.startswith("LOST") and running), f"status said {state} while {running} ran"
+        assert controller is None or not running or _alive(controller), f"{running} run on without their controller"
         seen.append(state)
         assert time.monotonic() < end, f"{running} still run {timeout:g} s on; status said {sorted(set(seen))}"
         time.sleep(0.2)
@@ -1266,7 +1269,7 @@ def test_a_signal_sent_to_a_local_job_id_stops_its_ranks_under_their_controller(
     controller, ranks = _start_local_job(tmp_path, run, ntasks)
     try:
         os.kill(controller, sig)
-        seen = _watch_until_ended(run, ranks)
+        seen = _watch_until_ended(run, ranks, controller=controller)
         assert "RUNNING" in seen, seen
         _watch_until_ended(run, [controller], timeout=30)  # it ends with them
     finally:
