@@ -31,7 +31,7 @@ def train_usage() -> str:
             "the data files are checked where it trains).\n"
             "Exit codes: 0 done or requeued, 1 failure, 2 bad config (or a run folder refused on resume),\n"
             "3 stopped with a checkpoint, 4 gave up after checkpoint.max_requeues time limits,\n"
-            "130 a Ctrl-C during start-up or during a stop.")
+            "130 a Ctrl-C during start-up (this rank's or a peer's) or during a stop.")
 
 
 def print_config(overrides: list[str]) -> int:

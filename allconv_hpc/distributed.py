@@ -31,6 +31,10 @@ class DistributedError(RuntimeError):
     """A peer rank failed or vanished; the message names it when it can be known."""
 
 
+class PeerInterrupted(DistributedError):
+    """A peer rank was interrupted (a Ctrl-C it reported): a stop the user asked for, not a failure."""
+
+
 class PortInUse(DistributedError):
     """Rank 0 could not listen on the rendezvous port: another job or program on its node holds it."""
 
@@ -289,7 +293,7 @@ class Dist:
         try:
             return fn(*args, **kw)
         except (RuntimeError, ValueError) as e:  # gloo/nccl peer loss or timeout
-            raise DistributedError(self._diagnose(e)) from e
+            raise self._diagnose(e) from e
 
     def as_peer_failure(self, e: BaseException) -> Optional[DistributedError]:
         """A communication error raised outside our wrappers (e.g. DDP's gradient all-reduce in
@@ -299,20 +303,24 @@ class Dist:
         if not self.env.distributed or not isinstance(e, RuntimeError):
             return None
         if isinstance(e, dist.DistError) or is_comm_error(f"{type(e).__name__} {e}"):
-            return DistributedError(self._diagnose(e))
+            return self._diagnose(e)
         return None
 
     # -- failure reporting ---------------------------------------------------------------------
-    def report_failure(self, message: str) -> None:
-        """Tell the peers why this rank is going down, so their error can name it."""
+    def report_failure(self, message: str, interrupted: bool = False) -> None:
+        """Tell the peers why this rank is going down, so their error can name it. `interrupted`: a stop the user
+        asked for (Ctrl-C), which the peers record as an interruption, not as a failure."""
         if not self.env.distributed or not dist.is_initialized():
             return
         try:
-            _store().set(f"allconv/failed/{self.env.rank}", message[:500])
+            store = _store()
+            if interrupted:  # before the message: a peer that reads the message finds the mark
+                store.set(f"allconv/interrupted/{self.env.rank}", "1")
+            store.set(f"allconv/failed/{self.env.rank}", message[:500])
         except Exception:  # the store may be gone with rank 0
             pass
 
-    def _diagnose(self, err: Exception) -> str:
+    def _diagnose(self, err: Exception) -> DistributedError:
         """Name the failed rank: one that reported, else the ones that did not answer a roll call."""
         me = self.env.rank
         try:
@@ -320,18 +328,26 @@ class Dist:
             store.set(f"allconv/alive/{me}", "1")
             failed = [r for r in range(self.env.world_size) if store.check([f"allconv/failed/{r}"])]
             if failed:
-                r = failed[0]
-                return f"rank {me}: peer rank {r} failed: {store.get(f'allconv/failed/{r}').decode()}"
+                return self._reported(store, failed)
             time.sleep(3.0)  # let the other survivors answer the roll call
             silent = [r for r in range(self.env.world_size)
                       if not store.check([f"allconv/alive/{r}"]) and not store.check([f"allconv/failed/{r}"])]
             who = ", ".join(map(str, silent)) or "unknown"
-            return (f"rank {me}: peer rank(s) {who} did not answer: died, hung or stopped "
-                    f"(collective failed: {_first_line(err)})")
+            return DistributedError(f"rank {me}: peer rank(s) {who} did not answer: died, hung or stopped "
+                                    f"(collective failed: {_first_line(err)})")
         except Exception:
-            return (f"rank {me}: rank 0 (host of the rendezvous store) is unreachable, it probably died; its "
-                    f"error, if it had time to write one, is in the run folder's train.log "
-                    f"(collective failed: {_first_line(err)})")
+            return DistributedError(f"rank {me}: rank 0 (host of the rendezvous store) is unreachable, it probably "
+                                    f"died; its error, if it had time to write one, is in the run folder's train.log "
+                                    f"(collective failed: {_first_line(err)})")
+
+    def _reported(self, store, failed: list[int]) -> DistributedError:
+        """The error for peers that reported: a real failure is named before an interruption."""
+        stopped = {r for r in failed if store.check([f"allconv/interrupted/{r}"])}
+        r = min(set(failed) - stopped, default=min(failed))
+        said, me = store.get(f"allconv/failed/{r}").decode(), self.env.rank
+        if r in stopped:
+            return PeerInterrupted(f"rank {me}: stopped with peer rank {r}, which was {said}")
+        return DistributedError(f"rank {me}: peer rank {r} failed: {said}")
 
     def close(self) -> None:
         if dist.is_available() and dist.is_initialized():

@@ -144,9 +144,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             code = EXIT_REQUEUED
         return code
     except DistributedError as e:
-        log.error("%s", e)
-        _report(trainer, str(e), "failed", tell_peers=False)  # a peer failed: status.json must not stay "running"
-        return 1
+        code = _peer_ended(trainer, e)
+        return code
     except (NonFiniteError, CheckpointError) as e:  # a failed write or an unreadable file: one line
         log.error("%s", e)
         _report(trainer, f"{e}", "failed")
@@ -171,9 +170,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     except BaseException as e:
         peer = trainer.dist.as_peer_failure(e) if trainer is not None else None
         if peer is not None:  # a collective failed because another rank died: name it, no traceback soup
-            log.error("%s", peer)
-            _report(trainer, str(peer), "failed", tell_peers=False)
-            return 1
+            code = _peer_ended(trainer, peer)
+            return code
         where = _run_folder_file(e, composed.run_dir)
         if where is not None:  # a file of the run folder (history.csv, status.json): one line, not a traceback
             msg = (f"cannot read/write {where} ({type(e).__name__}: {e.strerror}); check free space, quota and "
@@ -254,11 +252,24 @@ def _run_folder_file(e: BaseException, run_dir: Path) -> Optional[str]:
     return None
 
 
+def _peer_ended(trainer, e: Exception) -> int:
+    """The exit status of a rank whose peer went down, status.json said (it must not stay "running"): a peer's
+    Ctrl-C in start-up stops this rank as its own would (130), anything else fails it."""
+    from .distributed import PeerInterrupted
+    if isinstance(e, PeerInterrupted):  # the user's stop: no checkpoint since this start, and nothing failed
+        log.warning("%s", e)
+        _report(trainer, str(e), "interrupted", tell_peers=False)
+        return 130
+    log.error("%s", e)
+    _report(trainer, str(e), "failed", tell_peers=False)
+    return 1
+
+
 def _report(trainer, message: str, state: str, tell_peers: bool = True) -> None:
     if trainer is None:
         return
-    if tell_peers:
-        trainer.dist.report_failure(message)
+    if tell_peers:  # an interruption is told as one: the peers stop, they do not fail
+        trainer.dist.report_failure(message, interrupted=state == "interrupted")
     try:
         trainer.write_status(state, error=message[:500])
     except Exception:  # never hide the original error

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from proc import (TINY, assert_same_history, assert_same_weights, clean_env, final_weights, history, run_train,
+from proc import (PY, TINY, assert_same_history, assert_same_weights, clean_env, final_weights, history, run_train,
                   start_ranks, train_cmd, wait_for_line)
 
 # dropout off: each rank draws its own dropout masks, so with dropout on the runs differ (see README);
@@ -194,6 +194,35 @@ def _worker_pid(rank: int, run: Path) -> int | None:
         if f"RANK={rank}".encode() in env and b"allconv_hpc" in cmd and str(run).encode() in cmd:  # not the agent
             return int(environ.parent.name)
     return None
+
+
+def test_ctrl_c_to_one_torchrun_rank_in_set_up_interrupts_the_run(tmp_path):
+    """torchrun, 2 ranks: a Ctrl-C to rank 1 after the rendezvous, before training (the whitening fit), stops rank 0
+    as an interruption too: its line names rank 1's Ctrl-C as no error, it exits 130, and status reads the run
+    INTERRUPTED, not FAILED ("peer rank 1 failed")."""
+    run = tmp_path / "run"
+    p = subprocess.Popen(train_cmd(run, TINY + ["trainer.epochs=1", "data.preprocess=gcn_zca"], nproc=2),
+                         env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(run / "train.log", "rank 0/2 joined", timeout=120, proc=p)
+        pid = _worker_pid(1, run)
+        assert pid, "no torchrun worker of rank 1"
+        time.sleep(0.5)  # past the rendezvous (where a signal ends a rank at once), in the fit of seconds
+        os.kill(pid, signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    log = (run / "train.log").read_text()
+    assert "training synthetic" not in log and " ERROR] " not in log, log[-2000:]
+    assert "stopped with peer rank 1, which was interrupted (Ctrl-C) during start-up" in log, log[-2000:]
+    codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: (-?\d+)", out))
+    assert codes == {"0": "130", "1": "130"}, out[-3000:]
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "interrupted", st
+    rows = subprocess.run([PY, "-m", "allconv_hpc", "status", "--json", str(run)], env=clean_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    row = json.loads(rows.stdout)[0]
+    assert rows.returncode == 0 and (row["state"], row["failed"]) == ("INTERRUPTED", False), rows.stdout
 
 
 @pytest.mark.slow
