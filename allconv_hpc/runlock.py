@@ -154,6 +154,12 @@ def holder(run_dir: Path) -> tuple[Optional[bool], str]:
     return (False, "") if host is not None and host == socket.gethostname() else (None, "")
 
 
+def taken_at(run_dir: Path) -> Optional[float]:
+    """When the lock's last holder took it (time.time() of its record), None when no record says."""
+    started = _who(Path(run_dir) / LOCK_FILE).get("started")
+    return float(started) if isinstance(started, (int, float)) else None
+
+
 RECORD_WAIT_S = 2.0  # how long a rank waits for its rank 0, holding the lock, to write its record over the last one
 
 

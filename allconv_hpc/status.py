@@ -4,7 +4,8 @@ stays right across requeues and array tasks and tolerates clusters without accou
 (or this machine, for cluster=local) no longer knows, with no final state anywhere, shows as LOST; one
 Slurm did not answer for, with no final state of its own run, as UNKNOWN, RUNNING? or REQUEUED?: not done.
 A run no scheduler answers for (started by hand with `train`) that says it is running is RUNNING while its
-process holds the folder's lock (runlock), and LOST once that process is gone (as seen from its own host)."""
+process holds the folder's lock (runlock), and LOST once that process is gone (as seen from its own host). A run
+whose lock a new start holds (a resume in its rendezvous) is RUNNING (starting) whatever the start before recorded."""
 from __future__ import annotations
 
 import json
@@ -194,18 +195,19 @@ def run_rows(folder: Path) -> list[dict]:
         # the lock is asked only where the scheduler does not say the job runs; a cluster=local job whose
         # controller is gone (SIGKILLed) may have ranks still stopping, or starting before their first record
         gone = rec.get("backend") == "local" and state is None and unfinished
-        held = (runlock.holder(run_dir)[0] if (run_state == "running" or gone) and state not in ACTIVE_STATES
-                else None)
+        held = runlock.holder(run_dir)[0] if state not in ACTIVE_STATES else None
+        starting = bool(held) and run_state != "running" and _new_start(run_dir, st)
         if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
-            held = runlock.holder(run_dir)[0]
             state = {True: "RUNNING", False: "FAILED"}.get(held, "UNKNOWN")
             active = bool(held)
             if held is False:  # its error is in train.log (a failed download, a damaged data file)
                 st = {"error": _last_error(run_dir) or "ended before its first status record; see train.log, and for "
                                                          "another rank's error its own output (torchrun's console)"}
                 current = True
-        elif held and state not in ACTIVE_STATES:  # a train by hand resumed the run after its job ended
-            state, active, no_answer, ended = "RUNNING", True, False, False
+        elif held and (run_state == "running" or gone or starting):
+            # a train by hand resumed the run after its job ended, a local job's ranks outlive their controller, or
+            # a resume is starting (rendezvous, data, model) over the last start's final record
+            state, active, no_answer, ended = "RUNNING (starting)" if starting else "RUNNING", True, False, False
         elif state is None and not known and run_state == "running" and not rec.get("job_id") and held is False:
             state = "LOST"  # started by hand, no scheduler to ask: its lock, free and last taken here, says gone
         if state is None and known and unfinished:
@@ -225,7 +227,7 @@ def run_rows(folder: Path) -> list[dict]:
             restarts = st.get("restarts", 0) if current else 0
         if state == "LOST" and not current and _interrupted_in_start_up(rec):
             state = "INTERRUPTED"
-        failed = state.split(" ")[0] in FAILED_STATES or ended or run_state in ("failed", "gave_up")
+        failed = not starting and (state.split(" ")[0] in FAILED_STATES or ended or run_state in ("failed", "gave_up"))
         if run_state == "completed" and failed and not active:
             # training finished, then Slurm ended the job otherwise (scancel or the time limit just after the
             # last epoch): the run is done, not failed, and a new submit would find nothing to do
@@ -255,6 +257,13 @@ def run_rows(folder: Path) -> list[dict]:
                      "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
                      "folder": run_dir.name})
     return rows
+
+
+def _new_start(run_dir: Path, st: dict) -> bool:
+    """The lock's holder took it after the run's last record: a new start, not the writer of that record on its
+    way out (W&B finishing) before it lets the lock go."""
+    taken = runlock.taken_at(run_dir)
+    return taken is not None and taken > st.get("updated", 0)
 
 
 def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:

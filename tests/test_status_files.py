@@ -347,6 +347,64 @@ def test_a_run_waiting_for_its_peers_is_running_and_once_killed_failed(tmp_path)
     assert row["error"].startswith("ended before its first status record; see train.log"), row
 
 
+def test_a_resume_starting_over_a_completed_run_is_running_until_it_lets_the_lock_go(tmp_path):
+    """A completed run started again: rank 0 of two holds the lock in its rendezvous, its peer never coming, and
+    status says RUNNING (starting), not the last start's COMPLETED; stopped there (SIGTERM: at once, nothing
+    written), status is the recorded COMPLETED again."""
+    import signal as sig
+    import socket
+    import time
+    from proc import TINY, clean_env, free_port, run_train, train_cmd
+    run, args = tmp_path / "run", TINY + ["trainer.epochs=1"]
+    run_train(tmp_path, run, args)
+    assert (status.run_rows(run)[0]["state"], status.run_rows(run)[0]["failed"]) == ("COMPLETED", False)
+    port = free_port()
+    p = subprocess.Popen(train_cmd(run, args + ["dist.timeout_s=120"]), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=clean_env(tmp_path, RANK=0, WORLD_SIZE=2, LOCAL_RANK=0,
+                                                                  LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                                                                  MASTER_PORT=port))
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # in the rendezvous once its store listens (a SIGTERM before would wait for the timeout)
+            assert p.poll() is None and time.monotonic() < deadline, "rank 0 never reached the rendezvous"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        row = status.run_rows(run)[0]
+        assert (row["state"], row["active"], row["failed"], row["run"]) == ("RUNNING (starting)", True, False,
+                                                                          "completed"), row
+        p.send_signal(sig.SIGTERM)
+        assert p.wait(timeout=30) == -sig.SIGTERM
+    finally:
+        p.kill()
+        p.wait()
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["active"], row["failed"]) == ("COMPLETED", False, False), row
+
+
+def test_a_lock_taken_after_the_last_record_is_a_start_and_one_taken_before_it_an_end(tmp_path):
+    """The lock held over an interrupted run's record: taken after it, a new start (RUNNING (starting)); the record
+    written after the lock was taken, its holder on its way out (the recorded state); let go, the recorded state."""
+    from allconv_hpc import runlock
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 1, "epochs": 3, "updated": 1.0}))
+    fd = runlock.acquire(run)
+    try:
+        row = status.run_rows(run)[0]
+        assert (row["state"], row["active"], row["failed"]) == ("RUNNING (starting)", True, False), row
+        (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 2, "epochs": 3,
+                                                      "updated": runlock.taken_at(run) + 1}))
+        row = status.run_rows(run)[0]
+        assert (row["state"], row["active"], row["epoch"]) == ("INTERRUPTED", False, "2/3"), row
+    finally:
+        os.close(fd)
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["active"], row["failed"]) == ("INTERRUPTED", False, False), row
+
+
 def test_a_jobs_error_from_its_err_files_when_the_run_wrote_none(tmp_path):
     """A job that failed before its trainer wrote status.json: the error comes from its tasks' .err files, a
     rank's own refusal (`allconv-hpc: error: ...`) before a logged error or a traceback's last line, and a
