@@ -83,18 +83,36 @@ def _tail_lines(path: Path) -> Optional[list[str]]:
         return None
 
 
-def _last_error(run_dir: Path) -> Optional[str]:
-    """The last ERROR line of the run's train.log since its last start (in its tail), without the timestamp."""
-    lines = _tail_lines(run_dir / "train.log")
-    if lines is None:
-        return None
-    error = None
-    for line in lines:
+def _last_start(run_dir: Path) -> tuple[Optional[float], Optional[str]]:
+    """When the run's last start began (to the second; None if its tail does not say) and the last ERROR line it
+    logged, without the timestamp (from train.log's tail)."""
+    started = error = None
+    for line in _tail_lines(run_dir / "train.log") or []:
         if " INFO] run folder " in line:  # train.run's first line: an earlier start's error is not this one's
-            error = None
+            started, error = _log_time(line), None
         elif " ERROR] " in line:
             error = line.split(" ERROR] ", 1)[1]
-    return error
+    return started, error
+
+
+def _log_time(line: str) -> Optional[float]:
+    """The time of a train.log line ("[%Y-%m-%d %H:%M:%S LEVEL] ...", local time), None for another format."""
+    try:
+        return time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+
+
+def _last_error(run_dir: Path) -> Optional[str]:
+    """The last ERROR line of the run's train.log since its last start (in its tail), without the timestamp."""
+    return _last_start(run_dir)[1]
+
+
+def _failed_since(run_dir: Path, st: dict) -> Optional[str]:
+    """The error of a start after the run's last record that failed before writing one (a resume of a completed
+    run whose rendezvous timed out): the record stands, but that start must not pass unseen."""
+    started, error = _last_start(run_dir)
+    return error if started is not None and started > st.get("updated", 0) else None
 
 
 _LOGGED_ERROR = re.compile(r"^\[[^\]]* ERROR(?: rank \d+)?\] (.+)$")  # train.setup_logging's format
@@ -255,6 +273,8 @@ def run_rows(folder: Path) -> list[dict]:
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
+                     # a failed row says its own error; another's record may hide a start that failed since
+                     "start_error": _failed_since(run_dir, st) if st and not (active or failed) else None,
                      "folder": run_dir.name})
     return rows
 
@@ -313,6 +333,9 @@ def _errors(rows: list[dict]) -> str:
                     "resumes it from its newest checkpoint")
             out.append(f"{r['folder']}: stopped with epoch {r['epoch']} done (step {r['step']}); the same submit (or "
                        f"train) command {then}")
+        if r.get("start_error"):
+            out.append(f"{r['folder']}: a later start failed before it wrote status.json (the state shown is the "
+                       f"start before): {r['start_error']}")
     return "".join(f"\n{line}" for line in out)
 
 

@@ -347,10 +347,11 @@ def test_a_run_waiting_for_its_peers_is_running_and_once_killed_failed(tmp_path)
     assert row["error"].startswith("ended before its first status record; see train.log"), row
 
 
-def test_a_resume_starting_over_a_completed_run_is_running_until_it_lets_the_lock_go(tmp_path):
+def test_a_resume_starting_over_a_completed_run_is_running_until_it_lets_the_lock_go(tmp_path, capsys):
     """A completed run started again: rank 0 of two holds the lock in its rendezvous, its peer never coming, and
     status says RUNNING (starting), not the last start's COMPLETED; stopped there (SIGTERM: at once, nothing
-    written), status is the recorded COMPLETED again."""
+    written), status is the recorded COMPLETED again. A start whose rendezvous times out leaves COMPLETED too, with
+    its error said below the table."""
     import signal as sig
     import socket
     import time
@@ -381,7 +382,17 @@ def test_a_resume_starting_over_a_completed_run_is_running_until_it_lets_the_loc
         p.kill()
         p.wait()
     row = status.run_rows(run)[0]
-    assert (row["state"], row["active"], row["failed"]) == ("COMPLETED", False, False), row
+    assert (row["state"], row["active"], row["failed"], row["start_error"]) == ("COMPLETED", False, False, None), row
+    again = subprocess.run(train_cmd(run, args + ["dist.timeout_s=2"]), capture_output=True, text=True, timeout=120,
+                           env=clean_env(tmp_path, RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2,
+                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()))
+    assert again.returncode == 1, again.stderr[-2000:]  # its rendezvous timed out: status.json is left as it was
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("COMPLETED", False), row
+    assert "rendezvous with 2 ranks" in (row["start_error"] or ""), row  # that start is not lost from sight
+    assert status.status_main([str(run)]) == 0
+    assert f"run: a later start failed before it wrote status.json (the state shown is the start before): " \
+           f"{row['start_error']}" in capsys.readouterr().out
 
 
 def test_a_lock_taken_after_the_last_record_is_a_start_and_one_taken_before_it_an_end(tmp_path):
