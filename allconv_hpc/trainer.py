@@ -510,8 +510,9 @@ class Trainer:
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),
                "updated": time.time(), **extra}
-        if not hasattr(self, "resumed_from"):  # failed before resuming: the folder's progress stands
-            doc = {**read_json(self.run_dir / "status.json"),
+        if not hasattr(self, "resumed_from"):  # failed before resuming: the folder's progress stands (none in a
+            # new folder: epoch 0 of this config's epochs, not "0/?")
+            doc = {"epoch": 0, "epochs": doc["epochs"], **read_json(self.run_dir / "status.json"),
                    **{k: doc[k] for k in ("state", "slurm_job_id", "updated", *extra)}}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 

@@ -657,6 +657,7 @@ def test_ctrl_c_during_set_up_is_a_start_up_interrupt_not_a_failure(tmp_path):
                         capture_output=True, text=True, timeout=60)
     row = json.loads(st.stdout)[0]
     assert st.returncode == 0 and row["state"] == "INTERRUPTED" and not row["failed"], st.stdout
+    assert row["epoch"] == "0/1", st.stdout  # a new folder: none done of this config's epochs, not "0/?"
     run_train(tmp_path, run, args)
     assert [r["epoch"] for r in history(run)] == [1]
 
