@@ -401,6 +401,11 @@ def _order_seed(seed: int, epoch: int, stream: int = aug.ORDER_STREAM) -> int:
     return aug.mix_seed(seed, stream + epoch)
 
 
+# Images a rank stages at once (see TrainBatches.epoch): 8192 normalised float32 CIFAR images are 100 MB,
+# plus the augmentation's index tensors (~200 MB at its peak), and at batch 128 one chunk is 64 steps.
+CHUNK_IMAGES = 8192
+
+
 class TrainBatches:
     """One epoch = one seeded permutation of all N samples cut into global batches of B; each rank
     takes a contiguous chunk of every global batch (tensor_split), so the union over ranks is the
@@ -429,6 +434,8 @@ class TrainBatches:
         self.mean, self.std = tuple(mean), tuple(std)
         self.drop_last, self.channels_last = drop_last, channels_last
         self.order_stream = aug.ORDER_STREAM  # the trainer sets a resumed older run's
+        # steps staged at once (see epoch): about CHUNK_IMAGES of this rank's images, whole steps
+        self.chunk_steps = max(1, CHUNK_IMAGES // max(1, math.ceil(global_batch / world)))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -451,20 +458,32 @@ class TrainBatches:
         return self.order(epoch)[lo:hi]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Yields (x normalised float, y, n_global) per step from start_step on; skipped steps cost nothing."""
+        """Yields (x normalised float, y, n_global) per step from start_step on; skipped steps cost nothing.
+
+        The batches of `chunk_steps` steps are gathered, augmented and normalised together, and each
+        step takes a slice: per step the host launches no data kernel at all (on a GPU each launch costs
+        microseconds of host time, and at small batches the host, not the GPU, sets the pace). Every op is
+        per sample, so a step's batch is bit-identical however the steps are grouped."""
+        order = self.order(epoch)  # CPU, like the parameters: a chunk's indices and parameters are picked here
+        params = aug.draw_params(self.n, self.seed, epoch, self.augment)
+        for first in range(start_step, self.steps_per_epoch, self.chunk_steps):
+            steps = [self._bounds(s) for s in range(first, min(first + self.chunk_steps, self.steps_per_epoch))]
+            idx = order[torch.cat([torch.arange(lo, hi) for lo, hi, _ in steps])]
+            x, y = self._stage(idx, params)
+            at = 0
+            for lo, hi, n_global in steps:
+                yield x[at:at + hi - lo], y[at:at + hi - lo], n_global
+                at += hi - lo
+
+    def _stage(self, idx: torch.Tensor, params: aug.AugParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model inputs and labels of the samples `idx` (CPU), in that order, on the images' device."""
         dev = self.images.device
-        # the order and the augmentation parameters for all N samples go to the device once per epoch;
-        # steps then slice and gather there with no host sync
-        order = self.order(epoch).to(dev, non_blocking=True)
-        params = aug.draw_params(self.n, self.seed, epoch, self.augment).to(dev, non_blocking=True)
-        for step in range(start_step, self.steps_per_epoch):
-            lo, hi, n_global = self._bounds(step)
-            idx = order[lo:hi]
-            x = self.images.index_select(0, idx)  # 20x faster than x[idx] for uint8 on CPU
-            if self.augment != "none":
-                p = params[idx]
-                x = aug.apply(x, p.dx, p.dy, p.flip, self.fill)
-            yield model_input(x, self.mean, self.std, self.channels_last), self.labels.index_select(0, idx), n_global
+        idx_dev = idx.to(dev, non_blocking=True)
+        x = self.images.index_select(0, idx_dev)  # 20x faster than x[idx] for uint8 on CPU
+        if self.augment != "none":
+            p = params[idx].to(dev, non_blocking=True)
+            x = aug.apply(x, p.dx, p.dy, p.flip, self.fill)
+        return model_input(x, self.mean, self.std, self.channels_last), self.labels.index_select(0, idx_dev)
 
 
 def model_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool) -> torch.Tensor:

@@ -259,15 +259,16 @@ class Dist:
     def max_ints_start(self, values: list[int]) -> tuple:
         """Start an element-wise max over ranks (host-side, over gloo: no GPU sync) without waiting
         for it; `max_ints_finish` gives the result. Every rank must start the same sequence."""
+        if not self.env.distributed:  # no tensor: a step pays for every op it dispatches
+            return values, None
         t = torch.tensor(values, dtype=torch.int64)
-        if not self.env.distributed:
-            return t, None
         return t, self._guard(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
 
     def max_ints_finish(self, pending: tuple) -> list[int]:
         t, work = pending
-        if work is not None:
-            self._guard(work.wait)
+        if work is None:
+            return list(t)
+        self._guard(work.wait)
         return t.tolist()
 
     def gather_objects(self, obj) -> list:

@@ -190,8 +190,9 @@ class Trainer:
         self.slurm = SlurmJob({} if env.source == "local" else None)
         self._last_save, self._due_sent, self._poll_pending = time.monotonic(), False, None  # see _poll
         self._check_compile = t.compile
+        self._counts: dict[int, torch.Tensor] = {}  # see _count
 
-        # data: on the device once (uint8, or whitened float32: data.preprocess); augmented there per batch
+        # data: on the device once (uint8, or whitened float32: data.preprocess); augmented there a chunk of steps at a time
         if cfg.data.download and env.distributed:  # one download into the shared root, not one per rank
             if env.is_main:
                 log.info("rank 0 downloads %s; the other ranks wait (up to dist.timeout_s)", cfg.data.name)
@@ -601,12 +602,10 @@ class Trainer:
             self.scaler.update()
             self._lr_used = self.sched.get_last_lr()[0]  # what this step ran at (logged), before advancing
             self.sched.step()
-            with torch.no_grad():
-                # the count comes from a kernel, not a host->device copy: no sync in the step
-                step_sums = torch.stack([loss_sum.detach().double(), (out.argmax(1) == y).sum().double(),
-                                         (y >= 0).sum().double()])
-                self.epoch_sums += step_sums
-                self.interval_sums += step_sums
+            with torch.no_grad():  # few ops: on a GPU every launch is host time, the pace at small batches
+                # stack promotes the count of correct answers to float32 (exact: < 2**24 per step)
+                step_sums = torch.stack([loss_sum, (out.argmax(1) == y).sum(), self._count(len(y))]).double()
+                torch._foreach_add_([self.epoch_sums, self.interval_sums], [step_sums, step_sums])
             st.step_in_epoch += 1
             st.global_step += 1
             n_log += n_global
@@ -630,6 +629,14 @@ class Trainer:
         if bar is not None:
             bar.close()
         return False
+
+    def _count(self, n: int) -> torch.Tensor:
+        """A device scalar n of the loss's dtype, made once per batch size by a fill kernel: a host->device
+        copy each step would sync."""
+        t = self._counts.get(n)
+        if t is None:
+            t = self._counts[n] = torch.full((), float(n), device=self.device)
+        return t
 
     def _report_compile(self) -> None:
         """trainer.compile=true must have captured the model: say how many graphs, warn if none."""

@@ -335,6 +335,40 @@ def test_start_step_resumes_exactly():
     assert list(tb.epoch(3, start_step=tb.steps_per_epoch)) == []
 
 
+@pytest.mark.parametrize("world,rank", [(1, 0), (3, 1)])
+def test_chunked_staging_gives_the_same_batches_as_one_step_at_a_time(world, rank):
+    """Steps are staged chunk_steps at a time; the batches must not depend on the grouping, on a
+    chunk boundary, or on a resume that starts inside a chunk."""
+    n = 103
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+
+    def run(chunk, start=0, channels_last=False):
+        tb = data.TrainBatches(x, torch.arange(n), 16, rank, world, 7, "paper", (0.4, 0.5, 0.6),
+                               (0.2, 0.25, 0.3), channels_last=channels_last)
+        tb.chunk_steps = chunk
+        return list(tb.epoch(2, start))
+
+    one = run(1)  # one step per chunk: the batch is staged in the step that takes it
+    assert len(one) == 7
+    for chunk in (2, 3, 100):
+        for start in (0, 3, 5):
+            got = run(chunk, start)
+            assert len(got) == 7 - start
+            for (xa, ya, na), (xb, yb, nb) in zip(one[start:], got):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb) and na == nb
+    nhwc = run(3, 1, channels_last=True)
+    assert all(xb.is_contiguous(memory_format=torch.channels_last) for xb, _, _ in nhwc if len(xb) > 1)
+    assert all(torch.equal(xa, xb) for (xa, _, _), (xb, _, _) in zip(one[1:], nhwc))
+
+
+def test_chunk_steps_holds_about_chunk_images_per_rank():
+    def tb(batch, world):
+        return data.TrainBatches(torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.zeros(10, dtype=torch.long),
+                                 batch, 0, world, 0, "none", (0.5,) * 3, (0.25,) * 3)
+    assert tb(128, 2).chunk_steps == data.CHUNK_IMAGES // 64
+    assert tb(2 * data.CHUNK_IMAGES, 1).chunk_steps == 1  # a batch above a chunk: still whole steps
+
+
 def test_epochs_and_seeds_differ_and_order_is_not_the_aug_stream():
     tb = _tb()
     assert not torch.equal(tb.order(0), tb.order(1))
