@@ -2,9 +2,10 @@
 
 Both sides: the same model (build_model, same seed), the same SGD settings (foreach on CPU, fused on
 CUDA), batch, precision, channels_last, compile, device and torch thread count, in one process.
-Trainer side: `Trainer._train_epoch` over one epoch of `(warmup + steps) * batch` training images
+Trainer side: `Trainer._train_epoch` over one epoch of `steps * batch` training images
 (on-device augmentation, LR schedule, device-side metrics, stop polling, log every 50 steps;
-checkpoint.every_steps=null), the first `warmup` steps excluded. Bare side: forward, backward,
+checkpoint.every_steps=null), timed whole after `warmup` untimed steps (common.time_trainer_epoch:
+batches are staged a chunk at a time, and the staging is spread over the steps). Bare side: forward, backward,
 step on pre-normalised batches already on the device. Rounds alternate trainer/bare so machine
 noise hits both alike; medians are reported.
 
@@ -35,9 +36,11 @@ def main(argv=None) -> dict:
     p.add_argument("--augment", default="paper", choices=["paper", "seed", "none"])
     p.add_argument("--json", default=None, help="write results here")
     a = p.parse_args(argv)
+    if not 0 <= a.warmup < a.steps:
+        p.error(f"--warmup {a.warmup} must be below --steps {a.steps} (the warm-up replays the epoch's last steps)")
     C.quiet_logs()
 
-    ov = C.data_overrides(a.data, (a.warmup + a.steps) * a.batch, 100, a.augment)
+    ov = C.data_overrides(a.data, a.steps * a.batch, 100, a.augment)
     ov += C.trainer_overrides(width=a.width, batch=a.batch, device=a.device, precision=a.precision,
                               channels_last=a.channels_last, compile=a.compile, threads=a.threads)
     tr = C.make_trainer(ov)

@@ -75,49 +75,60 @@ def sync(device: torch.device) -> None:
 
 
 def time_trainer_epoch(tr, warmup: int) -> dict:
-    """Run one epoch of the real `Trainer._train_epoch` and time steps [warmup, end).
+    """Warm up on the epoch's last `warmup` steps, then time one whole epoch of the real `Trainer._train_epoch`.
 
-    The batch iterator is wrapped to stamp the moment each batch is ready; on CPU every step is
-    stamped (CPU ops are synchronous), on CUDA the device is synchronised only at the warm-up
-    boundary and at the end (so the CPU may still run ahead of the GPU, as in real training).
-    Returns {"images", "seconds", "step_s": [...] (CPU only), "steps"}."""
+    The trainer stages batches a chunk of steps at a time (data.TrainBatches.epoch): the step that starts
+    a chunk gathers, augments and normalises for all of them, the others take a slice. So the timed region
+    is a whole epoch from its first batch, staging included; the warm-up (compile, allocator, first-touch)
+    is a separate partial epoch before it. On CPU (synchronous ops) every step is stamped when its batch
+    is asked for, and split into getting the batch and the rest; `step_s` and `cpu_s` give each step its
+    own rest plus the epoch's mean batch cost, so medians over steps keep the staging, spread evenly. On
+    CUDA the device is synchronised only at the start and the end (the CPU may run ahead of the GPU, as in
+    real training). Returns {"images", "seconds", "steps", "step_s" (CPU only), "cpu_s", "cpu_seconds",
+    "batch_s": mean wall seconds per step spent getting batches}."""
     dev, st = tr.device, tr.state
+    stop = StopRequest(tr.cfg.checkpoint.signal)
+    if warmup:
+        if warmup >= tr.steps_per_epoch:
+            raise ValueError(f"epoch has {tr.steps_per_epoch} steps; need more than warmup={warmup}")
+        st.step_in_epoch = tr.steps_per_epoch - warmup
+        assert not tr._train_epoch(stop)
     st.step_in_epoch = 0
     orig = tr.batches.epoch
-    stamps: list[float] = []
-    cpu: list[float] = []
+    asked: list[tuple[float, float]] = []  # (wall, CPU) when each batch was asked for, and at the end
+    got: list[tuple[float, float]] = []    # ... and when it arrived
     sizes: list[int] = []
 
     def stamped(epoch: int, start: int = 0):
-        for i, item in enumerate(orig(epoch, start)):
-            if i == warmup:
+        it = orig(epoch, start)
+        sync(dev)
+        while True:
+            asked.append((time.perf_counter(), time.process_time()))
+            item = next(it, None)
+            if item is None:
                 sync(dev)
-            if dev.type == "cpu" or i == warmup:
-                stamps.append(time.perf_counter())
-            else:
-                stamps.append(float("nan"))
-            cpu.append(time.process_time())
+                asked[-1] = (time.perf_counter(), time.process_time())
+                return
+            got.append((time.perf_counter(), time.process_time()))
             sizes.append(item[2])
             yield item
-        sync(dev)
-        stamps.append(time.perf_counter())
-        cpu.append(time.process_time())
 
     tr.batches.epoch = stamped
     try:
-        stopped = tr._train_epoch(StopRequest(tr.cfg.checkpoint.signal))
+        stopped = tr._train_epoch(stop)
     finally:
         tr.batches.epoch = orig
     assert not stopped
     st.epoch += 1
     st.step_in_epoch = 0
-    n_steps = len(sizes) - warmup
-    if n_steps < 1:
-        raise ValueError(f"epoch has {len(sizes)} steps; need more than warmup={warmup}")
-    step_s = [b - a for a, b in zip(stamps[warmup:-1], stamps[warmup + 1:])] if dev.type == "cpu" else []
-    cpu_s = [b - a for a, b in zip(cpu[warmup:-1], cpu[warmup + 1:])]
-    return {"images": sum(sizes[warmup:]), "seconds": stamps[-1] - stamps[warmup], "steps": n_steps,
-            "step_s": step_s, "cpu_s": cpu_s, "cpu_seconds": cpu[-1] - cpu[warmup]}
+    n = len(sizes)
+    fetch = [[g[k] - a[k] for a, g in zip(asked, got)] for k in (0, 1)]  # getting each batch: wall, CPU
+    rest = [[asked[i + 1][k] - got[i][k] for i in range(n)] for k in (0, 1)]
+    mean_fetch = [sum(f) / n for f in fetch]
+    step_s = [r + mean_fetch[0] for r in rest[0]] if dev.type == "cpu" else []
+    cpu_s = [r + mean_fetch[1] for r in rest[1]]
+    return {"images": sum(sizes), "seconds": asked[-1][0] - asked[0][0], "steps": n, "step_s": step_s,
+            "cpu_s": cpu_s, "cpu_seconds": asked[-1][1] - asked[0][1], "batch_s": mean_fetch[0]}
 
 
 class BareLoop:

@@ -9,7 +9,7 @@
 # the real Trainer's loss trajectory); `allconv-hpc train` under torchrun (1 rank: train, checkpoint,
 # resume, then `evaluate` on CUDA against the run's test score); the package's own NCCL process group + DDP (1 rank); synchronising CUDA calls per step;
 # bf16 matmul peak; eager img/s grid (precision x channels_last, batch 512, MFU); Trainer vs bare
-# loop at batch 128; checkpoint save/load; one 50k epoch; 2 ranks over gloo on the one GPU WITH
+# loop at batch 128; checkpoint save/load; two 50k epochs (cold, warm); 2 ranks over gloo on the one GPU WITH
 # torch.compile (compile + DDP); then compiled img/s configs while time is left.
 # Output: ONE merged $OUT/gpu_check.json (rewritten after every section) and $OUT/gpu_check.log;
 # per-section scratch JSON lives in a temp work dir. OUT unset: a temp folder.
@@ -231,7 +231,7 @@ EOF
   section "Trainer vs bare loop, batch 128"      overhead     90  25 10 "${GB[@]}" overhead
   section "checkpoint save/load"                 checkpoint   90  20 10 "${GB[@]}" checkpoint
   section "gcn_zca whitening fit on the device"  whiten       60  25 10 "${GB[@]}" whiten
-  section "one 50k epoch via fit()"              epoch       120  30 10 "${GB[@]}" epoch
+  section "two 50k epochs via fit()"             epoch       120  30 10 "${GB[@]}" epoch
   section "throughput grid, compiled (+MFU)"     grid_compiled 240 40 10 "${GB[@]}" grid --compiled
 
   header "summary"

@@ -19,12 +19,13 @@
 # folder) (~20-40 s; JPEG is lossy, so the accuracy is comparable to the official release's only
 # roughly). TTA_FORCE_BUILD=1 skips the first two and always builds.
 # Env: PYTHON, OUT, TTA_BUDGET_S, TTA_TARGET (0.9275), TTA_SITE (wheel target, /tmp/site),
-# TTA_FORCE_BUILD, ALLCONV_SHARED_DATA (the folder with the archive, default ../shared/data).
+# TTA_FORCE_BUILD, TTA_CARRIED_DATA (default .data), ALLCONV_SHARED_DATA (the folder with the archive,
+# default ../shared/data).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCH="$ROOT/benchmarks"
-DATA="$ROOT/.data"
+DATA="${TTA_CARRIED_DATA:-$ROOT/.data}"  # what --fetch fills and the device call carries
 # shellcheck source=benchmarks/_device_env.sh
 source "$BENCH/_device_env.sh"
 

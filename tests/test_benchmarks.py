@@ -81,7 +81,8 @@ def test_time_to_accuracy_forced_build_and_eager_retry(tmp_path):
     (shared / "build_cifar10.py").write_text(_STUB_BUILD)
     (shared / "cifar10-jpg.tar.gz").write_bytes(b"")  # the stub does not read it
     r = _script(tmp_path, "time_to_accuracy.sh", "--dry-run", "trainer.threads=1", timeout=600,
-                TTA_FORCE_BUILD=1, ALLCONV_SHARED_DATA=shared, ALLCONV_BENCH_CIFAR=tmp_path / "nowhere", CXX="/bin/false")
+                TTA_FORCE_BUILD=1, ALLCONV_SHARED_DATA=shared, ALLCONV_BENCH_CIFAR=tmp_path / "nowhere", CXX="/bin/false",
+                TTA_CARRIED_DATA=tmp_path / "none")  # a checkout's fetched .data/ would come first
     assert f"built CIFAR-10 from the JPEG archive in {shared}" in r.stdout
     assert "RETRY: the compiled run exited 2 before finishing an epoch" in r.stdout
     doc = json.loads((tmp_path / "out" / "tta.json").read_text())
@@ -102,3 +103,20 @@ def test_bench_preprocess_writes_its_numbers(tmp_path):
     assert (doc["images"], doc["test_images"], doc["threads"]) == (300, 50, 1), doc
     assert doc["fit"]["fit_s"] > 0 and 0 < doc["fit"]["whitened_std"] < 10, doc["fit"]
     assert set(doc["batch_ms"]) == {"channel (uint8)", "gcn_zca (float32)"}, doc["batch_ms"]
+
+
+def test_trainer_dispatches_few_ops_per_step_beyond_a_bare_loop(tmp_path):
+    """On a GPU at small batches the host sets the pace and every op costs host time, so the Trainer's
+    overhead there is its extra ops per step (benchmarks/RESULTS.md, sections 6 and 8). Counted, not
+    timed: 59 extra ops per step when each batch was augmented by itself, 11.8 since batches are staged
+    a chunk of steps at a time."""
+    out = tmp_path / "ops.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_ops.py"), "--batch", "16", "--steps", "64",
+                        "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=clean_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["bare_ops_per_step"] > 50, doc  # the count sees the model's own ops
+    assert doc["extra_per_step"] < 16, doc
+    data_ops = sum(n for site, n in doc["trainer_by_site"].items() if site.startswith(("data.py", "augment.py")))
+    assert data_ops < 4, doc["trainer_by_site"]  # two slices and a CPU arange per step, the rest per chunk
