@@ -60,9 +60,6 @@ class AugParams:
     def __getitem__(self, idx: torch.Tensor) -> AugParams:
         return AugParams(self.dx[idx], self.dy[idx], self.flip[idx])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> AugParams:
-        return AugParams(*(t.to(device, non_blocking=non_blocking) for t in (self.dx, self.dy, self.flip)))
-
 
 def draw_params(n: int, seed: int, epoch: int, mode: str) -> AugParams:
     """Per-sample augmentation parameters for all n samples of one epoch (CPU tensors)."""

@@ -339,6 +339,7 @@ def sec_syncs(x: Ctx) -> None:
     steps = 10
     tr = _trainer(x, b, (2 + steps) * b)
     tr.cfg.trainer.log_every_steps = 10**9  # steady-state steps only (the log step syncs by design)
+    tr.batches.chunk_steps = 4  # chunks staged at steps 4 and 8 too: the staging's copies are checked
     orig = tr.batches.epoch
     caught = []
 
