@@ -24,6 +24,9 @@ SCHEDULES = ("paper", "cosine", "onecycle", "constant", "inverse_time")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 CPU_PRECISIONS = ("fp32", "auto")  # what runs without CUDA (auto is fp32 there)
 DEVICES = ("auto", "cpu", "cuda")
+# torch.compile's modes; GRAPH_MODES capture CUDA graphs (one launch per graph replay) on CUDA
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
 WANDB_MODES = ("online", "offline", "disabled")
 RESUME_MODES = ("auto", "never", "must")
 # the cluster group's keys (conf/cluster/*.yaml): the launcher reads them, the trainer never does
@@ -177,6 +180,7 @@ class TrainerConfig:
     precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast, CUDA only) | auto (bf16 on Ampere+, else fp32)
     channels_last: bool = False     # NHWC memory format (faster convs on CUDA and CPU)
     compile: bool = False           # torch.compile the model
+    compile_mode: str = "default"   # with compile: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     deterministic: bool = False     # bitwise-reproducible on CPU; deterministic kernels on CUDA
     log_every_steps: int = 50       # train metrics to log/W&B every N optimizer steps
     drop_last: bool = False         # drop the last partial batch (fixed shapes for CUDA graphs)
@@ -189,6 +193,9 @@ class TrainerConfig:
         _check(self.eval_batch_size >= 1, f"trainer.eval_batch_size={self.eval_batch_size} must be >= 1")
         _choice("trainer.device", self.device, DEVICES)
         _choice("trainer.precision", self.precision, PRECISIONS)
+        _choice("trainer.compile_mode", self.compile_mode, COMPILE_MODES)
+        _check(self.compile or self.compile_mode == "default",
+               f"trainer.compile_mode={self.compile_mode} needs trainer.compile=true; add it, or drop compile_mode")
         _check(self.log_every_steps >= 1, f"trainer.log_every_steps={self.log_every_steps} must be >= 1")
         _check(self.threads is None or self.threads >= 1, f"trainer.threads={self.threads} must be >= 1")
         _choice("trainer.progress", self.progress, ("auto", "bar", "log"))
@@ -345,7 +352,8 @@ def _as_given(v: Any) -> str:
 # Keys a resume may change: where things run and how they are logged, not what is learned.
 # trainer.epochs may grow to extend a run (schedules that depend on it then change shape).
 RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.epochs", "trainer.eval_batch_size", "trainer.device",
-                     "trainer.precision", "trainer.channels_last", "trainer.compile", "trainer.deterministic",
+                     "trainer.precision", "trainer.channels_last", "trainer.compile", "trainer.compile_mode",
+                     "trainer.deterministic",
                      "trainer.log_every_steps", "trainer.threads", "trainer.progress", "checkpoint.", "wandb.",
                      "dist.")
 

@@ -30,7 +30,7 @@ from . import data as data_mod, preprocess, runlock
 from .augment import DROPOUT_STREAM, INIT_STREAM, LEGACY_ORDER_STREAM, mix_seed
 from .checkpoint import CheckpointDir, CheckpointError, Writer, earlier_epochs, load_file, snapshot
 from .fsio import read_json, write_atomic
-from .config import CPU_PRECISIONS, Config, ConfigError
+from .config import CPU_PRECISIONS, GRAPH_MODES, Config, ConfigError
 from .distributed import Dist, DistEnv, pick_device, set_threads
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .models import build_model, count_parameters, summary
@@ -249,7 +249,14 @@ class Trainer:
         # of the backward than eager DDP's (unmeasured on several GPUs; one GPU has no all-reduce).
         # dynamic=False: a last partial batch (drop_last=false) gets a static graph of its own, instead of
         # a dynamic-shape recompile that full batches would then run too
-        net = torch.compile(self.model, dynamic=False) if t.compile else self.model
+        # compile_mode: reduce-overhead (max-autotune too) replays each graph as one CUDA graph: a launch, not one
+        # per kernel, where small batches leave the GPU waiting on the host (benchmarks/RESULTS.md, section 8)
+        mode = None if t.compile_mode == "default" else t.compile_mode
+        net = torch.compile(self.model, dynamic=False, mode=mode) if t.compile else self.model
+        self._graphs = t.compile and t.compile_mode in GRAPH_MODES and cuda
+        if t.compile and t.compile_mode in GRAPH_MODES and not cuda and env.is_main:
+            log.warning("trainer.compile_mode=%s captures CUDA graphs on CUDA only: on %s it compiles as "
+                        "trainer.compile_mode=default would", t.compile_mode, self.device)
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             net = DDP(net, device_ids=[self.device.index] if cuda else None)
@@ -593,6 +600,8 @@ class Trainer:
         t_log, n_log = time.perf_counter(), 0
         bar = self._progress(st.step_in_epoch)
         for x, y, n_global in self.batches.epoch(st.epoch, st.step_in_epoch):
+            if self._graphs:  # a new step: the graphs' previous outputs may be overwritten (all are used by now)
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = self.net(x)
             loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
@@ -639,16 +648,22 @@ class Trainer:
         return t
 
     def _report_compile(self) -> None:
-        """trainer.compile=true must have captured the model: say how many graphs, warn if none."""
+        """trainer.compile=true must have captured the model: say how many graphs, warn if none, and warn
+        if CUDA graphs were asked for (trainer.compile_mode) and inductor left some out."""
         try:
             from torch._dynamo.utils import counters
             n = int(counters["stats"]["unique_graphs"])
+            skips = int(counters["inductor"]["cudagraph_skips"])
         except Exception:  # a private counter: its absence must not stop a run
             return
+        mode = self.cfg.trainer.compile_mode
         if n == 0:
             log.warning("trainer.compile=true but torch.compile captured no graph: the model runs eagerly")
         elif self.env.is_main:
-            log.info("torch.compile: %d graph(s) compiled", n)
+            log.info("torch.compile: %d graph(s) compiled (mode %s)", n, mode)
+        if self._graphs and skips:
+            log.warning("trainer.compile_mode=%s: inductor did not capture %d graph(s) as CUDA graphs; they run "
+                        "kernel by kernel (TORCH_LOGS=perf_hints says why)", mode, skips)
 
     def _progress(self, start: int):
         mode = self.cfg.trainer.progress

@@ -31,11 +31,11 @@ import flops as flops_mod
 FULL = dict(width=1.0, grid_batch=512, grid_steps=30, grid_warmup=10, corr_batch=128, corr_steps=20,
             epoch_train=50000, epoch_test=10000, epoch_batch=128, matmul_n=8192, matmul_iters=200,
             ckpt_repeats=5, ckpt_steps=10, overhead_batch=128, overhead_steps=40, overhead_rounds=3,
-            compile_est_s=75, eager_est_s=15)
+            graph_steps=60, compile_est_s=75, eager_est_s=15)
 DRY = dict(width=0.125, grid_batch=16, grid_steps=3, grid_warmup=2, corr_batch=16, corr_steps=12,
            epoch_train=256, epoch_test=64, epoch_batch=16, matmul_n=256, matmul_iters=3,
            ckpt_repeats=2, ckpt_steps=2, overhead_batch=16, overhead_steps=3, overhead_rounds=1,
-           compile_est_s=30, eager_est_s=5)
+           graph_steps=3, compile_est_s=30, eager_est_s=5)
 
 # The agreement check trains for real: constant LR (the default `schedule: paper` warms up from ~0
 # over the first epoch, so a short epoch barely moves and any two precisions would agree), no dropout
@@ -457,6 +457,43 @@ def sec_overhead(x: Ctx) -> None:
     bench_overhead.main(args)
 
 
+def sec_graphs(x: Ctx) -> None:
+    """The compiled Trainer at batch 128 (bf16, channels_last: the fast recipe's settings at the paper's batch),
+    trainer.compile_mode=default vs reduce-overhead (CUDA graphs: one launch per graph replay). At this batch
+    the host's launches set the pace (section "overhead"); this measures what CUDA graphs take off it."""
+    s = x.s
+    b, steps, warm = s["overhead_batch"], s["graph_steps"], s["grid_warmup"]
+    modes = ["reduce-overhead"] if x.dry else ["default", "reduce-overhead"]  # dry: CPU compiles as default anyway
+    prec = "fp32" if x.dry else "bf16"
+    rows = []
+    for mode in modes:
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        tr = _trainer(x, b, (warm + steps) * b, prec, True, True, extra=[f"trainer.compile_mode={mode}"])
+        r = C.time_trainer_epoch(tr, warm)
+        row = {"compile_mode": mode, "precision": prec, "channels_last": True, "batch": b,
+               "img_s": r["images"] / r["seconds"], "step_ms": 1e3 * r["seconds"] / r["steps"],
+               "cudagraph_skips": _counter("inductor", "cudagraph_skips"), "wall_s": time.perf_counter() - t0}
+        tr.close()
+        del tr
+        rows.append(row)
+        print(f"  compile_mode={mode}: {row['img_s']:.0f} img/s, {row['step_ms']:.2f} ms/step "
+              f"(cudagraph skips {row['cudagraph_skips']}; {row['wall_s']:.0f} s with compile)")
+        x.save("graphs", {"rows": rows})
+        if x.device == "cuda":
+            torch.cuda.empty_cache()
+    if len(rows) == 2:
+        print(f"  CUDA graphs / default: {rows[1]['img_s'] / rows[0]['img_s']:.3f}x")
+
+
+def _counter(group: str, name: str) -> int:
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters[group][name])
+    except Exception:  # a private counter
+        return -1
+
+
 def sec_epoch(x: Ctx) -> None:
     """Two full epochs through Trainer.fit() (train + eval), as in a real run: the first pays for cuDNN's
     autotuning of each new shape, lazy module loading and the first checkpoint writes; the second is what
@@ -588,6 +625,11 @@ def sec_summary(x: Ctx) -> None:
         vs = f"(CPU {cpu:.1f} s), max diff vs CPU {wh['max_abs_diff_vs_cpu']:.1e}" if cpu is not None else "(dry run)"
         print(f"  data.preprocess=gcn_zca fit, {wh['images']} images: {wh['fit_s']:.2f} s on {wh['device']} "
               f"{vs}: {'ok' if wh['ok'] else 'FAILED'}")
+    gr = x.load("graphs")
+    if gr:
+        for r in gr["rows"]:
+            print(f"  compiled Trainer, batch {r['batch']} {r['precision']} NHWC, compile_mode={r['compile_mode']}: "
+                  f"{r['img_s']:.0f} img/s, {r['step_ms']:.2f} ms/step (cudagraph skips {r['cudagraph_skips']})")
     ck = x.load("checkpoint")
     if ck:
         print(f"  checkpoint: {ck['file_bytes'] / 1e6:.2f} MB, save {ck['save_ms']:.1f} ms blocking "
@@ -608,7 +650,8 @@ def main(argv=None) -> None:
     x = Ctx(a)
     fn = {"env": sec_env, "correctness": sec_correctness, "nccl": sec_nccl, "syncs": sec_syncs,
           "matmul": sec_matmul, "grid": lambda c: sec_grid(c, a.compiled), "overhead": sec_overhead,
-          "epoch": sec_epoch, "checkpoint": sec_checkpoint, "whiten": sec_whiten, "summary": sec_summary}[a.section]
+          "epoch": sec_epoch, "checkpoint": sec_checkpoint, "whiten": sec_whiten, "graphs": sec_graphs,
+          "summary": sec_summary}[a.section]
     fn(x)
 
 

@@ -232,6 +232,7 @@ EOF
   section "checkpoint save/load"                 checkpoint   90  20 10 "${GB[@]}" checkpoint
   section "gcn_zca whitening fit on the device"  whiten       60  25 10 "${GB[@]}" whiten
   section "two 50k epochs via fit()"             epoch       120  30 10 "${GB[@]}" epoch
+  section "compiled Trainer, CUDA graphs or not" graphs      150  60 10 "${GB[@]}" graphs
   section "throughput grid, compiled (+MFU)"     grid_compiled 240 40 10 "${GB[@]}" grid --compiled
 
   header "summary"

@@ -30,11 +30,12 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path):
     r = _script(tmp_path, "gpu_check.sh", "--dry-run", timeout=900)
     doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     status = {s["key"]: s["status"] for s in doc["sections"]}
-    assert len(status) == 13 and set(status.values()) == {"ok"} and not doc["failed"], status
+    assert len(status) == 14 and set(status.values()) == {"ok"} and not doc["failed"], status
     res = doc["results"]
     assert res["correctness"]["pass"] and res["nccl"]["ok"] and res["ddp2_compile"]["ok"] and res["whiten"]["ok"]
     t1 = res["torchrun1"]  # evaluate's score of the resumed run's checkpoint, next to the run's own
     assert abs(t1["evaluate"]["accuracy"] - t1["run_test_acc"]) <= 2 / t1["evaluate"]["images"] + 1e-9, t1
+    assert [r["compile_mode"] for r in res["graphs"]["rows"]] == ["reduce-overhead"], res["graphs"]
     ck = res["checkpoint"]
     assert ck["save_ms"] > 0 and ck["durable_save_ms"] > 0, ck  # blocking and durable (background write) both measured
     assert "gpu_check: all sections that ran passed" in r.stdout

@@ -36,6 +36,8 @@ BAD = [
     (["model.width=0.001"], ["model.width=0.001", "empty"]),
     (["trainer.precision=bf16", "trainer.device=cpu"], ["trainer.precision=bf16", "trainer.precision=fp32"]),
     (["trainer.precision=fp16", "trainer.device=cpu"], ["trainer.precision=fp16", "trainer.precision=fp32"]),
+    (["trainer.compile_mode=reduce-overhead"], ["trainer.compile_mode=reduce-overhead needs trainer.compile=true"]),
+    (["trainer.compile=true", "trainer.compile_mode=fast"], ["trainer.compile_mode='fast'", "reduce-overhead"]),
     (["+trainer.foo=1"], ["trainer.foo"]),
     (["trainer.foo=1"], ["trainer.foo"]),  # without '+': Hydra refuses it itself
     (["+foo=1"], ["foo"]),

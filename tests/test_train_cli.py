@@ -324,7 +324,8 @@ def test_compile_channels_last_and_progress_bar_train_the_same(tmp_path):
     base = TINY + ["trainer.epochs=1", "wandb.mode=disabled", "model.dropout=false"]
     plain = train(tmp_path, tmp_path / "plain", base)
     fast = train(tmp_path, tmp_path / "fast", base + ["trainer.compile=true", "trainer.channels_last=true",
-                                                      "trainer.progress=bar", "trainer.precision=auto"], timeout=600)
+                                                      "trainer.progress=bar", "trainer.precision=auto",
+                                                      "trainer.compile_mode=reduce-overhead"], timeout=600)
     a, b = _history(tmp_path / "plain"), _history(tmp_path / "fast")
     assert len(a) == len(b) == 1
     for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
@@ -333,7 +334,9 @@ def test_compile_channels_last_and_progress_bar_train_the_same(tmp_path):
     assert "epoch 1 step" not in fast.stdout  # the bar replaces the periodic log lines
     assert "epoch 1 step" in plain.stdout
     assert "precision fp32 (auto)" in fast.stdout and "precision fp32," not in fast.stdout  # auto is fp32 on a CPU
-    assert re.search(r"torch.compile: [1-9]\d* graph\(s\) compiled", fast.stdout), fast.stdout[-2000:]
+    assert re.search(r"torch.compile: [1-9]\d* graph\(s\) compiled \(mode reduce-overhead\)", fast.stdout), fast.stdout[-2000:]
+    # CUDA graphs are CUDA's: said once, not silently dropped
+    assert "trainer.compile_mode=reduce-overhead captures CUDA graphs on CUDA only: on cpu" in fast.stdout + fast.stderr
 
 
 # ----------------------------------------------------------------------------- a non-editable install
