@@ -6,7 +6,7 @@ merged file is current even when a later section is killed. Written atomically (
     python benchmarks/_gpu_merge.py --sections DIR --status TSV --out FILE [--meta KEY=VALUE ...]
 
 TSV lines: name <TAB> key <TAB> status <TAB> seconds <TAB> limit_s (status: ok, FAIL(rc), TIMEOUT,
-skipped). Each DIR/<key>.json becomes results[<key>].
+skipped: no time left, omitted: not in GPU_CHECK_SECTIONS). Each DIR/<key>.json becomes results[<key>].
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
             sections.append({"name": name, "key": key, "status": status, "seconds": int(secs),
                              "limit_s": int(limit)})
     doc["sections"] = sections
-    doc["failed"] = [s["name"] for s in sections if s["status"] not in ("ok", "skipped")]
+    doc["failed"] = [s["name"] for s in sections if s["status"] not in ("ok", "skipped", "omitted")]
     doc["skipped"] = [s["name"] for s in sections if s["status"] == "skipped"]
     results = {}
     for f in sorted(Path(a.sections).glob("*.json")):

@@ -15,7 +15,8 @@
 # per-section scratch JSON lives in a temp work dir. OUT unset: a temp folder.
 # Time: a hard cap of GPU_CHECK_BUDGET_S (default 450 s on GPU) for the whole script: each section's
 # timeout is clamped to what is left; a section that cannot get its minimum is skipped.
-# Env: PYTHON (interpreter), OUT, GPU_CHECK_BUDGET_S, GPU_CHECK_SITE (wheel target, /tmp/site).
+# Env: PYTHON (interpreter), OUT, GPU_CHECK_BUDGET_S, GPU_CHECK_SITE (wheel target, /tmp/site),
+# GPU_CHECK_SECTIONS (section keys to run, e.g. "env,syncs,overhead,graphs"; default all; the rest: "omitted").
 set -euo pipefail
 
 MODE=gpu
@@ -145,6 +146,11 @@ main() {
     local name="$1" key="$2" nominal="$3" min="$4" grace="$5"; shift 5
     header "$name"
     local left limit t0 rc=0 status=ok
+    if [[ -n "${GPU_CHECK_SECTIONS:-}" && " ${GPU_CHECK_SECTIONS//,/ } " != *" $key "* ]]; then
+      echo "omitted: $key is not in GPU_CHECK_SECTIONS ($GPU_CHECK_SECTIONS)"
+      printf '%s\t%s\tomitted\t0\t0\n' "$name" "$key" >> "$STATUS"
+      return 0
+    fi
     left=$(( BUDGET - RESERVE - $(elapsed) - grace ))
     limit=$(( nominal < left ? nominal : left ))
     if (( limit < min )); then

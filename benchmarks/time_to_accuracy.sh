@@ -168,8 +168,8 @@ main() {
     if (( left >= 60 )); then
       echo "RETRY: the compiled run exited $rc before finishing an epoch (torch.compile/Triton?); retrying ONCE with trainer.compile=false for the ${left} s left"
       META=(--meta "compile_retry=the compiled run exited $rc after ${wall} s before finishing an epoch; these results are the trainer.compile=false rerun")
-      compile=false ran+=" trainer.compile=false"
-      train_once "$WORK/run_eager" "$left" trainer.compile=false
+      compile=false ran+=" trainer.compile=false trainer.compile_mode=default"  # a mode needs compile=true
+      train_once "$WORK/run_eager" "$left" trainer.compile=false trainer.compile_mode=default
     else
       echo "the compiled run exited $rc before finishing an epoch; only ${left} s left, too little to retry without compile"
     fi

@@ -42,6 +42,17 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.json", "gpu_check.log"]
 
 
+def test_gpu_check_runs_only_the_sections_asked_for(tmp_path):
+    """GPU_CHECK_SECTIONS: a short device call can measure what changed and leave its time to other runs."""
+    r = _script(tmp_path, "gpu_check.sh", "--dry-run", timeout=600, GPU_CHECK_SECTIONS="env,matmul")
+    doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    status = {s["key"]: s["status"] for s in doc["sections"]}
+    assert {k for k, v in status.items() if v == "ok"} == {"env", "matmul"}, status
+    assert set(status.values()) == {"ok", "omitted"} and len(status) == 14 and not doc["failed"], status
+    assert set(doc["results"]) >= {"env", "matmul"} and "grid_eager" not in doc["results"], sorted(doc["results"])
+    assert "gpu_check: all sections that ran passed" in r.stdout
+
+
 @pytest.mark.slow
 def test_time_to_accuracy_dry_run_reports_every_epoch(tmp_path):
     g = torch.Generator().manual_seed(0)
@@ -88,7 +99,7 @@ def test_time_to_accuracy_forced_build_and_eager_retry(tmp_path):
     assert "RETRY: the compiled run exited 2 before finishing an epoch" in r.stdout
     doc = json.loads((tmp_path / "out" / "tta.json").read_text())
     assert doc["compile"] is False and "exited 2" in doc["compile_retry"], doc
-    assert doc["exit_code"] == 0 and doc["epochs_run"] == 2 and doc["overrides"].endswith("trainer.compile=false")
+    assert doc["exit_code"] == 0 and doc["epochs_run"] == 2 and doc["overrides"].endswith("trainer.compile=false trainer.compile_mode=default")
     assert doc["data"] != str(tmp_path / "nowhere")
 
 
