@@ -18,6 +18,7 @@ import pickle
 import shlex
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -232,16 +233,16 @@ def _download(cfg: DataConfig) -> None:
                         f" data.download=false") from None
 
 
-def _subset(split: Split, size: int | None, seed: int, key: str, after: str = "") -> Split:
+def _subset(split: Split, size: int | None, seed: int, key: str) -> Split:
     """A fixed seeded subset (sorted, so it keeps the file order): first k of randperm(seed)."""
-    return split if size is None else _split_off(split, size, seed, key, after)[0]
+    return split if size is None else _split_off(split, size, seed, key)[0]
 
 
-def _split_off(split: Split, size: int, seed: int, key: str, after: str = "") -> tuple[Split, Split]:
+def _split_off(split: Split, size: int, seed: int, key: str) -> tuple[Split, Split]:
     """(the first `size` of randperm(seed), the rest), each sorted so it keeps the file order."""
     n = len(split)
-    if size > n:
-        raise DataError(f"data.{key}={size} is larger than the {n} images available{after}; use <= {n} or null for all")
+    if size > n:  # load() checked the sizes first (_check_sizes); a safety net for other callers
+        raise DataError(f"data.{key}={size} is larger than the {n} images available; use <= {n} or null for all")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed & aug.SEED_MASK))
     take, rest = perm[:size].sort().values, perm[size:].sort().values
     return Split(split.images[take], split.labels[take]), Split(split.images[rest], split.labels[rest])
@@ -270,19 +271,51 @@ def load(cfg: DataConfig, seed: int) -> Dataset:
     _require(cfg)
     train, val = _read_split(folder, lay.train, lay), None
     test = _read_split(folder, lay.test, lay)
-    for name, split, files in (("training", train, lay.train), ("test", test, lay.test)):
-        if not len(split):  # a copy cut short: fail now, not with a division by zero after an epoch
-            raise DataError(f"{folder} holds no {name} images ({', '.join(files)} are empty); copy the "
-                            f"dataset there again")
+    _check_sizes(cfg, len(train), len(test), folder)
     if cfg.val_size:  # held out first, so that train_size subsets what is left, seed by seed
-        if cfg.val_size >= len(train):
-            raise DataError(f"data.val_size={cfg.val_size} leaves none of the {len(train)} training images in "
-                            f"{folder}; lower it")
         val, train = _split_off(train, cfg.val_size, _VAL_SEED, "val_size")
-    after = f" after data.val_size={cfg.val_size}" if cfg.val_size else ""
-    train = _subset(train, cfg.train_size, seed, "train_size", after)
+    train = _subset(train, cfg.train_size, seed, "train_size")
     test = _subset(test, cfg.test_size, _TEST_SEED, "test_size")
     return Dataset(train, test, lay.mean, lay.std, _read_classes(folder / lay.meta, lay), val)
+
+
+def _check_sizes(cfg: DataConfig, n_train: int, n_test: int, folder: Path) -> None:
+    """The files' image counts against data.val_size, train_size and test_size."""
+    lay = _layout(cfg.name)
+    for name, n, files in (("training", n_train, lay.train), ("test", n_test, lay.test)):
+        if not n:  # a copy cut short: fail now, not with a division by zero after an epoch
+            raise DataError(f"{folder} holds no {name} images ({', '.join(files)} are empty); copy the "
+                            f"dataset there again")
+    if cfg.val_size and cfg.val_size >= n_train:
+        raise DataError(f"data.val_size={cfg.val_size} leaves none of the {n_train} training images in "
+                        f"{folder}; lower it")
+    left = n_train - (cfg.val_size or 0)
+    after = f" after data.val_size={cfg.val_size}" if cfg.val_size else ""
+    for key, size, n, where in (("train_size", cfg.train_size, left, after), ("test_size", cfg.test_size, n_test, "")):
+        if size is not None and size > n:
+            raise DataError(f"data.{key}={size} is larger than the {n} images available{where}; use <= {n} or "
+                            f"null for all")
+
+
+def check_sizes(cfg: DataConfig) -> None:
+    """data.val_size / train_size / test_size against the dataset's files, for `submit`: a job must not wait in
+    the queue to learn that its subset is larger than the data. Reads the files (about a second for CIFAR,
+    once per folder for a sweep) only when a size is set and every file is there."""
+    if cfg.name == "synthetic" or (cfg.val_size, cfg.train_size, cfg.test_size) == (0, None, None):
+        return
+    folder, files, missing = _missing(cfg)
+    if missing:  # check_present, or a download in the job, deals with those
+        return
+    stamp = tuple((f, (folder / f).stat().st_mtime_ns, (folder / f).stat().st_size) for f in files)
+    _check_sizes(cfg, *_counts(folder, cfg.name, stamp), folder)
+
+
+@lru_cache(maxsize=8)
+def _counts(folder: Path, name: str, stamp: tuple) -> tuple[int, int]:
+    """(training, test) image counts of the files in `folder`; `stamp` (names, mtimes, sizes) keys the cache."""
+    lay = _layout(name)
+    return tuple(sum(len(_get(_unpickle(folder / f), lay.label_key, folder / f)) for f in part)
+                 for part in (lay.train, lay.test))
 
 
 # ----------------------------------------------------------------------------- synthetic data

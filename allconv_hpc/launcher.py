@@ -58,7 +58,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
     from .compose import check_run_dir, check_sweep_dir, compose, pin_data_root, unread_overrides
-    from .data import check_present
+    from .data import check_present, check_sizes
     from .tracking import check_names, preflight_mode
 
     common, swept = expand_sweep(overrides, multirun)
@@ -92,6 +92,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         elif root_said:
             print(f"allconv-hpc submit: {root_said[1]}", file=sys.stderr)
         check_present(c.cfg.data)
+        check_sizes(c.cfg.data)  # a subset larger than the files found now, not after the queue
         if c.cfg.data.root != given_root:  # the jobs may start in another folder
             ov = [o for o in ov if _key(o) != "data.root"] + [f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)

@@ -1,6 +1,7 @@
 """Our own CIFAR reader (official pickle layout and dialect), its errors, subsets, synthetic data,
 and the DDP sharding of training and evaluation batches."""
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -211,6 +212,22 @@ def test_subsets_are_seeded_sorted_and_checked(cifar10):
     assert pos == sorted(pos) and torch.equal(ytr[pos], a.train.labels)
     with pytest.raises(data.DataError, match="data.train_size=24 is larger than the 23"):
         data.load(_cfg(root, train_size=24), seed=0)
+
+
+def test_check_sizes_refuses_what_load_would(cifar10):
+    """submit's check: the same refusals as load(), from the files' image counts (23 training, test below)."""
+    root = cifar10[0]
+    for kw, msg in ((dict(train_size=24), "data.train_size=24 is larger than the 23 images available; "),
+                    (dict(val_size=6, train_size=18), "data.train_size=18 is larger than the 17 images available after "
+                                                      "data.val_size=6"),
+                    (dict(val_size=23), "data.val_size=23 leaves none of the 23 training images"),
+                    (dict(test_size=10**4), "data.test_size=10000 is larger than the ")):
+        with pytest.raises(data.DataError, match=re.escape(msg)):
+            data.check_sizes(_cfg(root, **kw))
+        with pytest.raises(data.DataError, match=re.escape(msg)):
+            data.load(_cfg(root, **kw), seed=0)
+    data.check_sizes(_cfg(root, val_size=6, train_size=17))  # fits exactly
+    data.check_sizes(_cfg(root / "nowhere", train_size=24))  # missing files: check_present's (or a download's) part
 
 
 def test_held_out_split_is_disjoint_fixed_and_subset_after(cifar10):

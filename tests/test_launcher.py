@@ -496,6 +496,24 @@ def test_cluster_slurm_without_sbatch_is_refused_before_any_folder(tmp_path, on_
     assert not (tmp_path / "sw").exists()
 
 
+def test_a_subset_larger_than_the_data_is_refused_before_the_queue(tmp_path, on_path, capsys, monkeypatch):
+    """A rebuilt or cut CIFAR copy holds fewer images than the official release, so the config cannot know;
+    submit reads the counts (once for the sweep) and refuses the point before anything queues."""
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "sbatch.log"
+    on_path(sbatch=f"echo called >> {log}; exit 1")
+    images, labels = torch.zeros(20, 3, 32, 32, dtype=torch.uint8), torch.arange(20) % 10
+    write_cifar(tmp_path / "c10", "cifar10", images, labels, images[:8], labels[:8], [str(i) for i in range(10)])
+    tiny = [o for o in TINY if not o.startswith(("data=", "data.train_size", "data.test_size", "trainer.batch_size"))]
+    args = ["-m", "cluster=slurm", *tiny, "data=cifar10", f"data.root={tmp_path / 'c10'}", "trainer.batch_size=4",
+            f"hydra.sweep.dir={tmp_path / 'sw'}"]
+    code, out, err = run_submit(capsys, *args, "data.train_size=10,30")
+    assert code == 2 and "data.train_size=30 is larger than the 20 images available; use <= 20" in err, err
+    code, out, err = run_submit(capsys, *args, "data.test_size=9")
+    assert code == 2 and "data.test_size=9 is larger than the 8 images available; use <= 8" in err, err
+    assert not (tmp_path / "sw").exists() and not log.exists()  # no folder, nothing handed to sbatch
+
+
 def test_sbatch_rejecting_the_job_is_one_line_and_leaves_no_folder(tmp_path, on_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     on_path(sbatch="echo 'sbatch: error: invalid partition specified: nope' >&2\n"
