@@ -160,6 +160,16 @@ def _check_compiler(cuda: bool) -> None:
                       f"gcc`, in cluster.setup for a job) or set trainer.compile=false")
 
 
+def _compile_counts() -> Optional[tuple[int, int]]:
+    """(graphs Dynamo compiled, graphs inductor left out of CUDA graphs) so far in this process; None where
+    these private counters are missing (their absence must not stop a run)."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
+    except Exception:
+        return None
+
+
 class Trainer:
     def __init__(self, cfg: Config, cfg_dict: dict, run_dir: Path, env: DistEnv, lock_fd: Optional[int] = None,
                  locked: bool = False):
@@ -190,6 +200,8 @@ class Trainer:
         self.slurm = SlurmJob({} if env.source == "local" else None)
         self._last_save, self._due_sent, self._poll_pending = time.monotonic(), False, None  # see _poll
         self._check_compile = t.compile
+        # the counters are process-wide: this Trainer reports its own part (None: nothing to report)
+        self._compile_base = _compile_counts() if t.compile else None
         self._counts: dict[int, torch.Tensor] = {}  # see _count
 
         # data: on the device once (uint8, or whitened float32: data.preprocess); augmented there a chunk of steps at a time
@@ -650,12 +662,10 @@ class Trainer:
     def _report_compile(self) -> None:
         """trainer.compile=true must have captured the model: say how many graphs, warn if none, and warn
         if CUDA graphs were asked for (trainer.compile_mode) and inductor left some out."""
-        try:
-            from torch._dynamo.utils import counters
-            n = int(counters["stats"]["unique_graphs"])
-            skips = int(counters["inductor"]["cudagraph_skips"])
-        except Exception:  # a private counter: its absence must not stop a run
+        now = _compile_counts()
+        if now is None or self._compile_base is None:
             return
+        n, skips = (a - b for a, b in zip(now, self._compile_base))
         mode = self.cfg.trainer.compile_mode
         if n == 0:
             log.warning("trainer.compile=true but torch.compile captured no graph: the model runs eagerly")

@@ -843,3 +843,27 @@ def test_commands_in_messages_quote_the_paths_they_name(tmp_path):
     said = str(runlock.RunBusy(odd, "pid 1"))
     command = said.split("(", 2)[-1].split(")")[0]
     assert shlex.split(command) == ["allconv-hpc", "status", str(odd)], said
+
+
+def test_compile_report_counts_only_this_trainers_graphs(caplog):
+    """Dynamo's and inductor's counters are process-wide: a second Trainer in one process (benchmarks,
+    notebooks) reports its own graphs and CUDA-graph skips, not the sum since the process began."""
+    import logging
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from allconv_hpc.trainer import Trainer, _compile_counts
+    counters["stats"]["unique_graphs"] += 3  # an earlier Trainer's compile
+    counters["inductor"]["cudagraph_skips"] += 2
+    me = SimpleNamespace(cfg=SimpleNamespace(trainer=SimpleNamespace(compile_mode="reduce-overhead")),
+                         env=SimpleNamespace(is_main=True), _graphs=True, _compile_base=_compile_counts())
+    with caplog.at_level(logging.INFO, logger="allconv_hpc"):
+        Trainer._report_compile(me)  # nothing compiled since: a model left eager, said so
+        assert "captured no graph" in caplog.text and "CUDA graphs" not in caplog.text, caplog.text
+        caplog.clear()
+        counters["stats"]["unique_graphs"] += 1
+        counters["inductor"]["cudagraph_skips"] += 1
+        Trainer._report_compile(me)
+    assert "torch.compile: 1 graph(s) compiled (mode reduce-overhead)" in caplog.text, caplog.text
+    assert "did not capture 1 graph(s) as CUDA graphs" in caplog.text, caplog.text
