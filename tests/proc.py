@@ -88,6 +88,19 @@ def wait_for_line(path: Path, needle: str, timeout: float = 120, proc: subproces
     raise AssertionError(f"{needle!r} did not appear in {path} within {timeout} s")
 
 
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 90) -> None:
+    """Until rank 0 (`proc`) is in its rendezvous: its store listens on `port` (a signal sent before would
+    wait out the timeout, or meet handlers not yet set)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "rank 0 never reached the rendezvous"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+
+
 def final_weights(run_dir: Path) -> dict:
     return load_file(run_dir / "checkpoints" / "last.pt")["model"]
 

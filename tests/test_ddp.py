@@ -149,21 +149,14 @@ def test_a_rendezvous_port_held_by_another_program_is_named_with_the_fix(tmp_pat
 def test_a_rank_waiting_for_its_peers_stops_at_once_on_a_signal(tmp_path, sig):
     """Rank 0 waits at the rendezvous for a rank that never comes: kill (or Ctrl-C) ends it at once, not
     after dist.timeout_s; nothing was trained since this start, so nothing is lost."""
-    from proc import free_port
+    from proc import free_port, wait_listening
     run, port = tmp_path / "run", free_port()
     p = subprocess.Popen(train_cmd(run, TINY + ["dist.timeout_s=120"]), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True,
                          env=clean_env(tmp_path, RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2,
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
     try:
-        deadline = time.monotonic() + 90
-        while True:  # into the rendezvous: rank 0's store listens (its signals were set to stop at once before)
-            assert p.poll() is None and time.monotonic() < deadline, "rank 0 never reached the rendezvous"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_listening(p, port)  # into the rendezvous (its signals were set to stop at once before)
         t0 = time.monotonic()
         p.send_signal(sig)
         p.wait(timeout=30)

@@ -353,9 +353,7 @@ def test_a_resume_starting_over_a_completed_run_is_running_until_it_lets_the_loc
     written), status is the recorded COMPLETED again. A start whose rendezvous times out leaves COMPLETED too, with
     its error said below the table."""
     import signal as sig
-    import socket
-    import time
-    from proc import TINY, clean_env, free_port, run_train, train_cmd
+    from proc import TINY, clean_env, free_port, run_train, train_cmd, wait_listening
     run, args = tmp_path / "run", TINY + ["trainer.epochs=1"]
     run_train(tmp_path, run, args)
     assert (status.run_rows(run)[0]["state"], status.run_rows(run)[0]["failed"]) == ("COMPLETED", False)
@@ -365,14 +363,7 @@ def test_a_resume_starting_over_a_completed_run_is_running_until_it_lets_the_loc
                                                                   LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
                                                                   MASTER_PORT=port))
     try:
-        deadline = time.monotonic() + 90
-        while True:  # in the rendezvous once its store listens (a SIGTERM before would wait for the timeout)
-            assert p.poll() is None and time.monotonic() < deadline, "rank 0 never reached the rendezvous"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_listening(p, port)  # in the rendezvous (a SIGTERM before would wait for the timeout)
         row = status.run_rows(run)[0]
         assert (row["state"], row["active"], row["failed"], row["run"]) == ("RUNNING (starting)", True, False,
                                                                           "completed"), row
