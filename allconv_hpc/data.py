@@ -306,7 +306,7 @@ def check_sizes(cfg: DataConfig) -> None:
     folder, files, missing = _missing(cfg)
     if missing:  # check_present, or a download in the job, deals with those
         return
-    stamp = tuple((f, (folder / f).stat().st_mtime_ns, (folder / f).stat().st_size) for f in files)
+    stamp = tuple((f, st.st_mtime_ns, st.st_size) for f in files for st in [(folder / f).stat()])
     _check_sizes(cfg, *_counts(folder, cfg.name, stamp), folder)
 
 

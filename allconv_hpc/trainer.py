@@ -265,8 +265,9 @@ class Trainer:
         # per kernel, where small batches leave the GPU waiting on the host (benchmarks/RESULTS.md, section 8)
         mode = None if t.compile_mode == "default" else t.compile_mode
         net = torch.compile(self.model, dynamic=False, mode=mode) if t.compile else self.model
-        self._graphs = t.compile and t.compile_mode in GRAPH_MODES and cuda
-        if t.compile and t.compile_mode in GRAPH_MODES and not cuda and env.is_main:
+        graphs = t.compile and t.compile_mode in GRAPH_MODES
+        self._graphs = graphs and cuda
+        if graphs and not cuda and env.is_main:
             log.warning("trainer.compile_mode=%s captures CUDA graphs on CUDA only: on %s it compiles as "
                         "trainer.compile_mode=default would", t.compile_mode, self.device)
         if env.distributed:

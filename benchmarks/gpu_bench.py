@@ -461,6 +461,7 @@ def sec_graphs(x: Ctx) -> None:
     """The compiled Trainer at batch 128 (bf16, channels_last: the fast recipe's settings at the paper's batch),
     trainer.compile_mode=default vs reduce-overhead (CUDA graphs: one launch per graph replay). At this batch
     the host's launches set the pace (section "overhead"); this measures what CUDA graphs take off it."""
+    from allconv_hpc.trainer import _compile_counts
     s = x.s
     b, steps, warm = s["overhead_batch"], s["graph_steps"], s["grid_warmup"]
     modes = ["reduce-overhead"] if x.dry else ["default", "reduce-overhead"]  # dry: CPU compiles as default anyway
@@ -468,12 +469,14 @@ def sec_graphs(x: Ctx) -> None:
     rows = []
     for mode in modes:
         torch._dynamo.reset()
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), _compile_counts()
         tr = _trainer(x, b, (warm + steps) * b, prec, True, True, extra=[f"trainer.compile_mode={mode}"])
         r = C.time_trainer_epoch(tr, warm)
+        after = _compile_counts()  # process-wide counters (reset() keeps them): this Trainer's part
         row = {"compile_mode": mode, "precision": prec, "channels_last": True, "batch": b,
                "img_s": r["images"] / r["seconds"], "step_ms": 1e3 * r["seconds"] / r["steps"],
-               "cudagraph_skips": _counter("inductor", "cudagraph_skips"), "wall_s": time.perf_counter() - t0}
+               "cudagraph_skips": after[1] - before[1] if before and after else -1,
+               "wall_s": time.perf_counter() - t0}
         tr.close()
         del tr
         rows.append(row)
@@ -484,14 +487,6 @@ def sec_graphs(x: Ctx) -> None:
             torch.cuda.empty_cache()
     if len(rows) == 2:
         print(f"  CUDA graphs / default: {rows[1]['img_s'] / rows[0]['img_s']:.3f}x")
-
-
-def _counter(group: str, name: str) -> int:
-    try:
-        from torch._dynamo.utils import counters
-        return int(counters[group][name])
-    except Exception:  # a private counter
-        return -1
 
 
 def sec_epoch(x: Ctx) -> None:
