@@ -144,8 +144,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             code = EXIT_REQUEUED
         return code
     except DistributedError as e:
-        code = _peer_ended(trainer, e)
-        return code
+        return _peer_ended(trainer, e)
     except (NonFiniteError, CheckpointError) as e:  # a failed write or an unreadable file: one line
         log.error("%s", e)
         _report(trainer, f"{e}", "failed")
@@ -170,8 +169,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     except BaseException as e:
         peer = trainer.dist.as_peer_failure(e) if trainer is not None else None
         if peer is not None:  # a collective failed because another rank died: name it, no traceback soup
-            code = _peer_ended(trainer, peer)
-            return code
+            return _peer_ended(trainer, peer)
         where = _run_folder_file(e, composed.run_dir)
         if where is not None:  # a file of the run folder (history.csv, status.json): one line, not a traceback
             msg = (f"cannot read/write {where} ({type(e).__name__}: {e.strerror}); check free space, quota and "
