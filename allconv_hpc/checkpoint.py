@@ -133,20 +133,27 @@ class CheckpointDir:
     def exists(self) -> bool:
         return (self.folder / "last.pt").exists() or bool(self.step_files())
 
+    def step_path(self, step: int) -> Path:
+        return self.folder / f"step_{step:08d}.pt"
+
     def save(self, state: dict, step: int) -> Path:
         """Write step_<step>.pt, point last.pt at it, prune old step files. Rank 0 only."""
-        path = self.folder / f"step_{step:08d}.pt"
+        path = self.step_path(step)
         for stale in self.folder.glob(".*.tmp"):  # partial files of a writer that was killed (SIGKILL, OOM)
             stale.unlink(missing_ok=True)
         write_file(path, state)
+        self._point_last(path)
+        for old in self.step_files()[self.keep:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def _point_last(self, path: Path) -> None:
+        """last.pt becomes a hard link to the step file `path`, atomically."""
         link_tmp = self.folder / f".last.pt.{os.getpid()}.tmp"
         link_tmp.unlink(missing_ok=True)
         os.link(path, link_tmp)
         os.replace(link_tmp, self.folder / "last.pt")
         fsync_dir(self.folder)
-        for old in self.step_files()[self.keep:]:
-            old.unlink(missing_ok=True)
-        return path
 
     def save_best(self, state: dict) -> None:
         write_file(self.folder / "best.pt", state)
@@ -182,8 +189,11 @@ class CheckpointDir:
                 continue
             if bad and warn:
                 log.warning("resuming from the previous good checkpoint %s", path.name)
+            if quarantine and path != last and last.exists() and any(b == last or _same_file(last, b) for b in bad):
+                # until the next save last.pt would name the damaged data (evaluate --checkpoint last, a copy)
+                self._point_last(path)
             for b in bad if quarantine else ():
-                if b.name != "last.pt":  # last.pt is relinked at the next save
+                if b.name != "last.pt":  # last.pt was relinked above
                     aside, i = b.with_name(b.name + ".corrupt"), 1
                     while aside.exists():  # an earlier corrupt copy of the same step stays too
                         aside, i = b.with_name(f"{b.name}.corrupt.{i}"), i + 1
@@ -225,8 +235,8 @@ class Writer:
 
     A failed write is raised by the next `submit` or `wait` (the older files stay as they were).
     `wait()` makes everything submitted durable: call it before a requeue, an exit or a status of
-    "completed". At most `depth` writes are pending (3: a periodic save, best.pt and the epoch's
-    step file never wait); more waits, bounding the memory of snapshots."""
+    "completed". At most `depth` writes are pending (3: a periodic save, the epoch's step file
+    and its best.pt never wait); more waits, bounding the memory of snapshots."""
 
     def __init__(self, depth: int = 3):
         self.depth = depth

@@ -23,11 +23,12 @@ from .config import ConfigError
 from .fsio import naming
 
 LOCK_FILE = ".train.lock"
+FRESH_FILE = ".fresh_start.json"  # the job that started this run over (checkpoint.resume=never): its restarts resume
 # what only this tool writes into a run folder (a project's root may hold wandb/, .hydra/ or a train.log of its
 # own): a folder holding one is a run's (compose.check_run_dir goes by it; status and evaluate ask narrower
 # questions: a sweep folder holds .submit.lock too)
 OWN_FILES = frozenset({"status.json", "checkpoints", "submission.json", ".submit.lock", LOCK_FILE, "wandb_id.txt",
-                       "wandb_steps.jsonl"})
+                       "wandb_steps.jsonl", FRESH_FILE})
 NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a file system without flock
 
 
@@ -43,8 +44,13 @@ class RunBusy(ConfigError):
     """Another process trains into the folder; the message names it and the ways out."""
 
     def __init__(self, run_dir: Path, who: str, way_out: Optional[str] = None):
-        way_out = way_out or (f"wait for it to end (allconv-hpc status {shlex.quote(str(run_dir))}), stop it, or give "
-                              f"another hydra.run.dir")
+        if way_out is None:
+            way_out = (f"wait for it to end (allconv-hpc status {shlex.quote(str(run_dir))}), stop it, or give "
+                       f"another hydra.run.dir")
+            path = Path(run_dir) / LOCK_FILE
+            host = _who(path).get("host")
+            if host and host != socket.gethostname():  # a dead node's lock outlives it on NFS: its lease, or for good
+                way_out += f"; if {host} is down (a node failure), delete {path}"
         super().__init__(f"run folder {run_dir} is being trained into by {who}: two writers would interleave its "
                          f"checkpoints and history; {way_out}")
 

@@ -299,16 +299,27 @@ class Trainer:
         self._resume_sums, self._best_file_acc = None, -1.0  # best.pt: see _best_file_holds
         mode = self.cfg.checkpoint.resume
         # a requeued job (or torchrun --max-restarts restarting its workers) runs the same command again:
-        # starting over would throw away what the first start trained (and begin a new W&B run) each time
+        # starting over would throw away what the first start trained (and begin a new W&B run) each time.
+        # Unless that start ended before it set the old run aside (in the data load, a lost node): the
+        # marker names the job that did, so such a restart still starts over, not resumes the old run.
         elastic = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
+        job = (f"slurm {self.slurm.job_id}" if self.slurm.in_slurm else
+               f"torchrun {os.environ['TORCHELASTIC_RUN_ID']}" if os.environ.get("TORCHELASTIC_RUN_ID") else None)
+        marker = self.run_dir / runlock.FRESH_FILE
         if mode == "never" and (self.slurm.restarts > 0 or elastic > 0):
-            if self.env.is_main:
-                which = (f"restart {self.slurm.restarts} of job {self.slurm.job_id}"
-                         if self.slurm.restarts else f"torchrun's restart {elastic} of its workers")
-                log.info("checkpoint.resume=never applies to a job's first start; this is %s: resuming", which)
-            mode = "auto"
+            which = (f"restart {self.slurm.restarts} of job {self.slurm.job_id}"
+                     if self.slurm.restarts else f"torchrun's restart {elastic} of its workers")
+            if self.dist.any(self.env.is_main and (job is None or read_json(marker).get("job") == job)):
+                if self.env.is_main:
+                    log.info("checkpoint.resume=never applies to a job's first start; this is %s: resuming", which)
+                mode = "auto"
+            elif self.env.is_main:
+                log.info("checkpoint.resume=never: this is %s, whose first start ended before it set the old run "
+                         "aside: starting over now", which)
         if mode == "never":
             self._move_old_run_aside("checkpoint.resume=never")
+            if job and self.env.is_main:  # before this run's first checkpoint: its restarts resume from here on
+                write_atomic(marker, json.dumps({"job": job, "time": time.time()}) + "\n")
             return None
         # rank 0 picks the file (falling back past corrupt ones); everyone loads that same file
         path = ck = error = None
@@ -470,8 +481,9 @@ class Trainer:
             raise self._diverged(f"non-finite loss or weights at global step {self.state.global_step} (epoch "
                                  f"{self.state.epoch + 1})")
 
-    def save(self) -> None:
-        """A consistent checkpoint at a step boundary; collective (every rank calls it)."""
+    def save(self, epoch_end: Optional[tuple] = None) -> None:
+        """A consistent checkpoint at a step boundary; collective (every rank calls it). `epoch_end`: the
+        finished epoch's history row and best.pt snapshot (or None), written once the checkpoint is."""
         st = self.state
         self._check_finite()
         if st.step_in_epoch > 0:  # mid-epoch: carry the seconds spent so far into the resumed epoch
@@ -493,13 +505,22 @@ class Trainer:
                               "torch_version": str(torch.__version__), "world_size": self.env.world_size,
                               "precision": self.precision,
                               "saved_at": time.time()})
-            self.writer.submit(f"checkpoint step {st.global_step}", self._write_checkpoint, state, st.global_step)
+            row, best = epoch_end or (None, None)
+            self.writer.submit(f"checkpoint step {st.global_step}", self._write_checkpoint, state, st.global_step, row)
+            if best is not None:
+                self.writer.submit("best.pt", self._write_best, best, st.global_step)
         self.dist.barrier()
         self._last_save, self._due_sent = time.monotonic(), False
 
-    def _write_checkpoint(self, state: dict, step: int) -> None:  # in the writer's thread
+    def _write_checkpoint(self, state: dict, step: int, history_row: Optional[dict]) -> None:  # in the writer's thread
         self.tracker.sync()  # the W&B logs up to this step are durable before the checkpoint is
         self.ckpt.save(state, step)
+        if history_row is not None:  # not before: see _end_epoch
+            self.tracker.append_history(history_row)
+
+    def _write_best(self, best: dict, step: int) -> None:  # in the writer's thread, after step's checkpoint
+        if self.ckpt.step_path(step).exists():  # else that write failed (the writer reports it): see _end_epoch
+            self.ckpt.save_best(best)
 
     def wait_checkpoints(self) -> None:
         """Everything saved so far is on disk; collective, so a failed write (rank 0's) fails every
@@ -728,12 +749,12 @@ class Trainer:
         row = {"epoch": st.epoch + 1, "step": st.global_step, "lr": self._lr_used,
                "train_loss": tr[0] / tr[2], "train_acc": tr[1] / tr[2], "val_loss": val_loss, "val_acc": val_acc,
                "epoch_seconds": seconds, "images_per_second": tr[2] / seconds}
+        best = None
         if not math.isfinite(row["train_loss"]) or not math.isfinite(val_loss):
             self._check_finite()
             raise self._diverged(f"non-finite loss in epoch {st.epoch + 1} (train loss {row['train_loss']:.4g}, "
                                  f"val loss {val_loss:.4g})")
         st.history.append(row)
-        self.tracker.append_history(row)
         # At the step after the epoch's last one: a step never logged before this point, even when
         # this eval was redone after a stop inside it (W&B drops steps that go backwards).
         self.tracker.log_eval(st.global_step + 1, row)  # as tracking.EVAL_KEYS names them
@@ -746,15 +767,16 @@ class Trainer:
                      int(tr[2]), val_loss, val_acc, n_val, seconds, row["images_per_second"])
             if val_acc > self._best_file_acc:  # = best_val_acc unless a best.pt write was lost
                 self._best_file_acc = val_acc
-                self.writer.submit("best.pt", self.ckpt.save_best,
-                                   snapshot({"model": self.model.state_dict(), "epoch": st.epoch + 1,
-                                             "global_step": st.global_step, "val_acc": val_acc,
-                                             "config": self.cfg_dict, "precision": self.precision}))
+                best = snapshot({"model": self.model.state_dict(), "epoch": st.epoch + 1,
+                                 "global_step": st.global_step, "val_acc": val_acc,
+                                 "config": self.cfg_dict, "precision": self.precision})
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_seconds = 0.0
         self.epoch_sums.zero_()
-        self.save()
+        # history.csv's row and best.pt land after the epoch's step file, and only with it: either without it
+        # would read, at the next start, as an earlier run's epochs (checkpoint.earlier_epochs): it would start over
+        self.save(epoch_end=(row, best))
         self.write_status("running")
 
     # -- stopping ----------------------------------------------------------------------------------

@@ -520,26 +520,52 @@ def test_a_fresh_start_over_an_earlier_runs_epochs_keeps_them(reference, tmp_pat
 
 def test_resume_never_applies_to_a_jobs_first_start_not_to_its_requeues(reference, tmp_path):
     """A requeued job runs the same command again: with checkpoint.resume=never it must resume what the
-    job trained, not move it aside and start over at every preemption."""
+    job trained since its first start set the old run aside, not start over at every preemption."""
     import shutil
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    r = subprocess.run(train_cmd(run, EXACT + ["checkpoint.resume=never", "trainer.epochs=4"]), capture_output=True,
-                       text=True, timeout=300, env=clean_env(tmp_path, SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1",
-                                                             SLURM_ARRAY_JOB_ID="4240", SLURM_ARRAY_TASK_ID="2"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert not (run / "checkpoints.old1").exists()
+    slurm = dict(SLURM_JOB_ID="4242", SLURM_ARRAY_JOB_ID="4240", SLURM_ARRAY_TASK_ID="2")
+
+    def start(epochs: int, **env) -> None:
+        r = subprocess.run(train_cmd(run, EXACT + ["checkpoint.resume=never", f"trainer.epochs={epochs}"]),
+                           capture_output=True, text=True, timeout=300, env=clean_env(tmp_path, **env))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    start(2, **slurm, SLURM_RESTART_COUNT="0")  # the job's first start: the reference run goes aside
+    assert history(run / "checkpoints.old1") == history(reference)
+    first = history(run)
+    assert len(first) == 2
+    start(3, **slurm, SLURM_RESTART_COUNT="1")  # its requeue (grown by one epoch, to have something to do)
+    assert not (run / "checkpoints.old2").exists()
     assert "restart 1 of job 4240_2: resuming" in (run / "train.log").read_text()
     assert json.loads((run / "status.json").read_text())["slurm_job_id"] == "4240_2"  # what squeue -j takes
-    assert len(history(run)) == 4 and history(run)[:3] == history(reference)
+    assert len(history(run)) == 3 and history(run)[:2] == first
     # torchrun --max-restarts: its restarted workers carry TORCHELASTIC_RESTART_COUNT (no Slurm here)
-    r = subprocess.run(train_cmd(run, EXACT + ["checkpoint.resume=never", "trainer.epochs=5"]), capture_output=True,
-                       text=True, timeout=300, env=clean_env(tmp_path, TORCHELASTIC_RESTART_COUNT="2"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert not (run / "checkpoints.old1").exists()
+    start(4, TORCHELASTIC_RUN_ID="r7", TORCHELASTIC_RESTART_COUNT="0")
+    assert history(run / "checkpoints.old2")[:2] == first
+    first = history(run)
+    start(5, TORCHELASTIC_RUN_ID="r7", TORCHELASTIC_RESTART_COUNT="2")
+    assert not (run / "checkpoints.old3").exists()
     assert "torchrun's restart 2 of its workers: resuming" in (run / "train.log").read_text()
     assert json.loads((run / "status.json").read_text())["slurm_job_id"] is None
-    assert len(history(run)) == 5 and history(run)[:3] == history(reference)
+    assert len(history(run)) == 5 and history(run)[:4] == first
+
+
+def test_resume_never_on_a_restart_whose_first_start_never_set_the_old_run_aside(reference, tmp_path):
+    """The job's first start died before it set the old run aside (in the data load, a lost node, a port
+    in use): its requeue must still start over, not quietly continue the run the user asked to discard."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / ".fresh_start.json").write_text(json.dumps({"job": "slurm 4241"}))  # an earlier job's start over
+    r = subprocess.run(train_cmd(run, EXACT + ["checkpoint.resume=never", "trainer.epochs=2", "seed=7"]),
+                       capture_output=True, text=True, timeout=300,
+                       env=clean_env(tmp_path, SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    assert "restart 1 of job 4242, whose first start ended before it set the old run aside: starting over" in log
+    assert history(run / "checkpoints.old1") == history(reference)
+    assert len(history(run)) == 2 and json.loads((run / ".fresh_start.json").read_text())["job"] == "slurm 4242"
 
 
 def test_a_finished_run_run_again_does_nothing_and_opens_no_wandb_segment(reference, tmp_path):

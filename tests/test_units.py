@@ -478,6 +478,8 @@ def test_a_skipped_corrupt_checkpoint_leaves_the_rotation_and_an_unreadable_one_
     assert path.name == "step_00000100.pt" and int(state["step"]) == 100
     assert not bad.exists() and (tmp_path / "step_00000200.pt.corrupt.1").read_bytes() == bytes(data)
     assert (tmp_path / "step_00000200.pt.corrupt").read_bytes() == b"quarantined before"
+    # last.pt named the damaged data: now the file resumed from (evaluate --checkpoint last before the next save)
+    assert os.path.samefile(tmp_path / "last.pt", path)
     d.save({"step": torch.tensor(150)}, 150)  # the resumed run: the good step 100 keeps its keep slot
     assert [p.name for p in d.step_files()] == ["step_00000150.pt", "step_00000100.pt"]
     assert int(d.load_latest()[0]["step"]) == 150
@@ -637,8 +639,9 @@ def test_a_requeued_job_waits_out_its_dead_runs_lock_then_names_the_way_out(tmp_
         with pytest.raises(runlock.RunBusy, match=r"on node-dead, Slurm job 77, since .*; wait for it to end"):
             runlock.check_free(run)
         _as_if_from(run, "node-dead", "0")  # another node, an earlier start: the dead node's lock
-        monkeypatch.setenv("SLURM_JOB_ID", "78")  # ...but another job's: refused at once, the usual way out
-        with pytest.raises(runlock.RunBusy, match=r"wait for it to end"):
+        monkeypatch.setenv("SLURM_JOB_ID", "78")  # ...but another job's (a resubmission): refused at once, the
+        with pytest.raises(runlock.RunBusy, match=rf"wait for it to end.*; if node-dead is down \(a node failure\), "
+                           rf"delete {run / '.train.lock'}$"):  # usual ways out, and the one for a dead node
             runlock.check_free(run)
         monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued: the preflight lets acquire wait
         runlock.check_free(run)
@@ -867,3 +870,37 @@ def test_compile_report_counts_only_this_trainers_graphs(caplog):
         Trainer._report_compile(me)
     assert "torch.compile: 1 graph(s) compiled (mode reduce-overhead)" in caplog.text, caplog.text
     assert "did not capture 1 graph(s) as CUDA graphs" in caplog.text, caplog.text
+
+
+def test_an_epoch_whose_checkpoint_was_not_written_leaves_no_history_row_or_best_pt(tmp_path, monkeypatch):
+    """history.csv's row and best.pt land after the epoch's step file: a run killed (or out of disk) before that
+    file would otherwise leave epochs without a checkpoint, which its next start takes for an earlier run's
+    and sets aside, starting over as a new W&B run."""
+    import errno
+    from allconv_hpc.checkpoint import CheckpointDir, CheckpointError
+    from allconv_hpc.compose import compose
+    from allconv_hpc.distributed import DistEnv
+    from allconv_hpc.trainer import Trainer
+    c = compose(["data=synthetic", "data.train_size=64", "data.test_size=32", "model.width=0.125", "trainer.epochs=1",
+                 "trainer.batch_size=16", "wandb.mode=disabled", "trainer.threads=1", f"hydra.run.dir={tmp_path / 'run'}"])
+    real_save = CheckpointDir.save
+
+    def full_disk(self, state, step):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(CheckpointDir, "save", full_disk)
+    tr = Trainer(c.cfg, c.cfg_dict, c.run_dir, DistEnv(source="single")).setup()
+    try:
+        with pytest.raises(CheckpointError, match="No space left"):
+            tr.fit()
+    finally:
+        tr.close(1)
+    run = tmp_path / "run"
+    assert (run / "history.csv").read_text().count("\n") <= 1  # the header at most
+    assert not (run / "checkpoints" / "best.pt").exists()
+    monkeypatch.setattr(CheckpointDir, "save", real_save)  # space again: the same run starts, not a new one
+    tr = Trainer(c.cfg, c.cfg_dict, c.run_dir, DistEnv(source="single")).setup()
+    try:
+        assert tr.fit() == 0
+    finally:
+        tr.close()
+    assert not (run / "checkpoints.old1").exists() and (run / "history.csv").read_text().count("\n") == 2
