@@ -36,10 +36,10 @@ def train_usage() -> str:
 
 def print_config(overrides: list[str]) -> int:
     """`train --print-config ...`: the composed, validated config (what the run would record in .hydra/config.yaml)
-    and its run folder; nothing is written or started."""
+    and its run folder, then the config's warnings as train gives them; nothing is written or started."""
     from omegaconf import OmegaConf
 
-    from .compose import compose, pin_data_root
+    from .compose import compose, pin_data_root, unread_overrides
     from .config import ConfigError
     try:
         composed = compose(overrides)
@@ -51,6 +51,9 @@ def print_config(overrides: list[str]) -> int:
     if root_said:
         print(f"# {root_said[1]}")
     print(OmegaConf.to_yaml(OmegaConf.create(composed.cfg_dict)), end="")
+    sys.stdout.flush()  # the config first, then what train would warn of (stderr: the config stays pipeable)
+    for said in composed.cfg.warnings() + list(unread_overrides(composed).values()):
+        print(f"allconv-hpc: warning: {said}", file=sys.stderr)
     return 0
 
 

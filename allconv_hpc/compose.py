@@ -29,13 +29,31 @@ class Composed:
     hydra: dict
 
 
+def _unread(cfg: Config) -> dict[str, tuple[str, str]]:
+    """Each key the config never reads (ScheduleConfig.unused, ModelConfig.unused) with why, as said of one value
+    and of a sweep over it."""
+    name = cfg.schedule.name
+    return {**{k: (f"schedule={name} does not read it", f"schedule={name} does not read") for k in cfg.schedule.unused()},
+            **{k: ("model.dropout=false turns it off", "model.dropout=false turns off") for k in cfg.model.unused()}}
+
+
 def unread_overrides(c: Composed) -> dict[str, str]:
-    """The overrides of schedule keys the composed schedule never reads (schedule.unused), each with the warning
-    to give: legal, since a resume may change them, but they change nothing, which a user giving one does not
-    expect."""
-    idle = c.cfg.schedule.unused()
-    return {o: f"{o}: schedule={c.cfg.schedule.name} does not read it, so it changes nothing"
-            for o in c.overrides if override_key(o) in idle}
+    """The overrides of keys the composed config never reads (a schedule's unused keys; the dropout rates with
+    model.dropout=false), each with the warning to give: legal, since a resume may change them, but they change
+    nothing, which a user giving one does not expect."""
+    idle = _unread(c.cfg)
+    return {o: f"{o}: {idle[override_key(o)][0]}, so it changes nothing" for o in c.overrides if override_key(o) in idle}
+
+
+def unread_said(c: Composed, swept: list[str]) -> list[str]:
+    """unread_overrides as a sweep's point says them: the ones it varies (in ``swept``) in one line per reason, alike
+    at every point so that submit says it once, the others each as for a single run."""
+    idle, varied = _unread(c.cfg), {}
+    for o in c.overrides:
+        if o in swept and override_key(o) in idle:
+            varied.setdefault(idle[override_key(o)][1], set()).add(override_key(o))
+    return [f"the sweep varies {', '.join(sorted(keys))}, which {why}: such points train alike"
+            for why, keys in varied.items()] + [said for o, said in unread_overrides(c).items() if o not in swept]
 
 
 def _group_keys(group: str):

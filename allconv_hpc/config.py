@@ -75,6 +75,10 @@ class ModelConfig:
             _check(0.0 <= p < 1.0, f"model.{key}={p} must be in [0, 1)")
         _check(self.num_classes >= 2, f"model.num_classes={self.num_classes} must be >= 2")
 
+    def unused(self) -> set[str]:
+        """The keys (model.<key>) models.build_model does not read with this config: changing one changes nothing."""
+        return set() if self.dropout else {"model.input_dropout", "model.hidden_dropout"}
+
 
 @dataclass
 class DataConfig:
@@ -304,6 +308,15 @@ class Config:
         if s.name != "onecycle" and s.warmup_epochs > t.epochs:
             said.append(f"schedule.warmup_epochs={s.warmup_epochs:g} is longer than trainer.epochs={t.epochs}: the "
                         f"learning rate never reaches optim.lr (schedule.warmup_epochs=0 for no warm-up)")
+        # a milestone at epoch m applies from the first step of epoch m, so m = trainer.epochs is never reached;
+        # generated data is a plumbing check (the smoke run, the tests), a few epochs at one lr by design
+        if s.name == "paper" and s.milestones and s.milestones[0] >= t.epochs and self.data.name != "synthetic":
+            scaled = sorted({m for m in (round(t.epochs * k / 350) for k in (200, 250, 300)) if 1 <= m < t.epochs})
+            fix = (f"schedule.milestones=[{','.join(map(str, scaled))}] (the paper's 200/250/300 of 350 epochs, "
+                   f"scaled) or " if scaled else "")
+            said.append(f"schedule.milestones=[{','.join(map(str, s.milestones))}]: the run (trainer.epochs="
+                        f"{t.epochs}) ends before the first, epoch {s.milestones[0]}, so the learning rate never "
+                        f"decays; give milestones within the run, e.g. {fix}schedule=cosine")
         return said
 
     @property
@@ -325,10 +338,13 @@ class Config:
         mine = self.identity()
         if theirs:  # a key added since the checkpoint was written: at the value that version behaved as
             theirs = {**{k: v for k, v in ADDED_KEYS.items() if k not in theirs}, **theirs}
-        if theirs.get("schedule.name") == self.schedule.name:  # keys its schedule never reads may change
-            unused = self.schedule.unused()
-            mine = {k: v for k, v in mine.items() if k not in unused}
-            theirs = {k: v for k, v in theirs.items() if k not in unused}
+        unused = set()  # keys nothing reads, in the checkpoint's config and in this one, may change
+        if theirs.get("schedule.name") == self.schedule.name:
+            unused |= self.schedule.unused()
+        if theirs.get("model.dropout") == self.model.dropout:
+            unused |= self.model.unused()
+        mine = {k: v for k, v in mine.items() if k not in unused}
+        theirs = {k: v for k, v in theirs.items() if k not in unused}
         if mine != theirs:
             diff = [f"{k}: {_as_given(theirs.get(k))} -> {_as_given(mine.get(k))}" for k in sorted(set(mine) | set(theirs))
                     if mine.get(k) != theirs.get(k)]

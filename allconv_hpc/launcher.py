@@ -57,7 +57,7 @@ def hydra_value(value, key: str) -> str:
 def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
-    from .compose import check_run_dir, check_sweep_dir, compose, pin_data_root, unread_overrides
+    from .compose import check_run_dir, check_sweep_dir, compose, pin_data_root, unread_said
     from .data import check_present, check_sizes
     from .tracking import check_names, preflight_mode
 
@@ -96,12 +96,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         if c.cfg.data.root != given_root:  # the jobs may start in another folder
             ov = [o for o in ov if _key(o) != "data.root"] + [f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
-        unread = unread_overrides(c)  # a swept one is said once for the sweep, not per value
-        idle = sorted({_key(o) for o in unread if o in s})
-        said_now = [f"the sweep varies {', '.join(idle)}, which schedule={c.cfg.schedule.name} does not read: such "
-                    f"points train alike"] if idle else []
-        said_now += [said for o, said in unread.items() if o in common]
-        for said in c.cfg.warnings() + said_now:
+        for said in c.cfg.warnings() + unread_said(c, s):  # a swept key's said once for the sweep, not per value
             if said not in warned:  # once for a sweep
                 warned.add(said)
                 warn(said)

@@ -165,6 +165,14 @@ def test_print_config_shows_the_composed_config_and_writes_nothing(tmp_path):
     assert cfg["optim"]["lr"] == 0.2 and cfg["schedule"]["name"] == "onecycle"  # the experiment, then the override
     assert cfg["data"]["root"] == str(tmp_path / "rel")  # as the run would record it
     assert list(tmp_path.iterdir()) == []  # nothing written
+    assert r.stderr == ""  # nothing to warn of
+    # what train would warn of, after the config, on stderr (stdout stays the config alone)
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "trainer.epochs=100",
+                        "schedule.decay=0.5"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and yaml.safe_load(r.stdout)["trainer"]["epochs"] == 100, r.stderr
+    assert [line.split(":", 3)[2].strip() for line in r.stderr.splitlines()] == [
+        "schedule.milestones=[200,250,300]", "schedule.decay=0.5"], r.stderr
+    assert r.stderr.startswith("allconv-hpc: warning: schedule.milestones=[200,250,300]: the run (trainer.epochs=100)")
     r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "optim.lr=-1"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "allconv-hpc: error: optim.lr=-1 must be > 0"
@@ -447,6 +455,48 @@ def test_a_warm_up_longer_than_the_run_is_warned_not_refused():
                               "reaches optim.lr (schedule.warmup_epochs=0 for no warm-up)"]
     assert compose(["data=synthetic", "trainer.epochs=2", "schedule=onecycle", "schedule.warmup_epochs=3"]).cfg \
         .warnings() == []  # onecycle's rise is its warm-up
+
+
+def test_milestones_none_of_which_the_run_reaches_are_warned():
+    """The paper's steps at 200/250/300 in a 100-epoch run: the lr never decays. Warned (not refused: a run begun so
+    resumes with it) only when no milestone is reached; a milestone at trainer.epochs is reached by no step."""
+    cfg = compose(["trainer.epochs=100"]).cfg
+    assert cfg.warnings() == ["schedule.milestones=[200,250,300]: the run (trainer.epochs=100) ends before the first, "
+                              "epoch 200, so the learning rate never decays; give milestones within the run, e.g. "
+                              "schedule.milestones=[57,71,86] (the paper's 200/250/300 of 350 epochs, scaled) or "
+                              "schedule=cosine"]
+    assert compose(["trainer.epochs=200", "schedule.milestones=[200]"]).cfg.warnings()[0].startswith(
+        "schedule.milestones=[200]: the run (trainer.epochs=200) ends before the first, epoch 200")
+    assert compose(["trainer.epochs=1"]).cfg.warnings()[0].endswith("e.g. schedule=cosine")  # no milestone fits
+    for fine in (["trainer.epochs=201"], ["trainer.epochs=260"],  # one milestone reached: a run cut short on purpose
+                 ["trainer.epochs=100", "schedule=cosine"], ["trainer.epochs=100", "schedule.milestones=[]"],
+                 ["trainer.epochs=3", "data=synthetic"]):  # generated data: a plumbing check, one lr by design
+        assert compose(fine).cfg.warnings() == [], fine
+
+
+def test_dropout_rates_with_dropout_off_are_said_to_change_nothing(tmp_path):
+    """model.dropout=false: models.build_model reads neither rate, so giving one changes nothing (said, as for a
+    schedule's unused key), a sweep over one trains alike points, and a resume may change one."""
+    from allconv_hpc.compose import unread_overrides, unread_said
+    c = compose(["data=synthetic", "model.dropout=false", "model.input_dropout=0.1", "schedule.decay=0.5"])
+    assert list(unread_overrides(c).values()) == [
+        "model.input_dropout=0.1: model.dropout=false turns it off, so it changes nothing",
+        "schedule.decay=0.5: schedule=paper does not read it, so it changes nothing"]
+    assert unread_overrides(compose(["data=synthetic", "model.input_dropout=0.1"])) == {}  # dropout on: read
+    point = ["model.input_dropout=0.3", "model.hidden_dropout=0.2", "schedule.decay=0.5"]
+    c = compose(["data=synthetic", "model.dropout=false", "schedule.final_lr_ratio=0.1", *point])
+    assert unread_said(c, point) == [
+        "the sweep varies model.hidden_dropout, model.input_dropout, which model.dropout=false turns off: such points "
+        "train alike", "the sweep varies schedule.decay, which schedule=paper does not read: such points train alike",
+        "schedule.final_lr_ratio=0.1: schedule=paper does not read it, so it changes nothing"]
+    off = compose(["data=synthetic", "model.dropout=false"]).cfg
+    compose(["data=synthetic", "model.dropout=false", "model.hidden_dropout=0.1"]).cfg.check_resumable(
+        off.identity(), tmp_path)
+    with pytest.raises(ConfigError, match=r"model.dropout: false -> true"):  # turned on: the rates count again
+        compose(["data=synthetic", "model.hidden_dropout=0.1"]).cfg.check_resumable(off.identity(), tmp_path)
+    with pytest.raises(ConfigError, match=r"different config \(model.hidden_dropout: 0.5 -> 0.1\)"):
+        compose(["data=synthetic", "model.hidden_dropout=0.1"]).cfg.check_resumable(
+            compose(["data=synthetic"]).cfg.identity(), tmp_path)
 
 
 @pytest.mark.parametrize("name", ["paper", "cosine", "onecycle", "constant", "inverse_time"])
