@@ -248,10 +248,23 @@ def _split_off(split: Split, size: int, seed: int, key: str) -> tuple[Split, Spl
     return Split(split.images[take], split.labels[take]), Split(split.images[rest], split.labels[rest])
 
 
+def to_download(cfg: DataConfig) -> bool:
+    """Files missing and data.download=true: what fetch_if_missing downloads."""
+    return cfg.name != "synthetic" and cfg.download and bool(_missing(cfg)[2])
+
+
 def fetch_if_missing(cfg: DataConfig) -> None:
     """Download the dataset when files are missing and data.download=true (one rank per job calls it)."""
-    if cfg.name != "synthetic" and cfg.download and _missing(cfg)[2]:
+    if to_download(cfg):
         _download(cfg)
+
+
+def fetch_for_submit(cfg: DataConfig) -> None:
+    """`submit`: what the jobs would download, fetched once on this host before the queue (a login node has
+    network, compute nodes often none; and a sweep's jobs would all write the same archive at once), then
+    checked as if data.download were false."""
+    fetch_if_missing(cfg)
+    _require(cfg)
 
 
 # The evaluation images never depend on the run's seed: a seed sweep with data.test_size or

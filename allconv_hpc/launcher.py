@@ -58,11 +58,15 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
     from .compose import check_run_dir, check_sweep_dir, compose, pin_data_root, unread_said
-    from .data import check_present, check_sizes
+    from .data import check_present, check_sizes, expected_files, fetch_for_submit, to_download
     from .tracking import check_names, preflight_mode
 
     common, swept = expand_sweep(overrides, multirun)
     keys = {_key(o) for o in common + swept[0]}
+    _refuse_hydra_launcher(common + swept[0])
+    if "hydra.sweep.dir" in keys and not multirun:  # Hydra reads it only for a multirun: ignored, silently
+        raise ConfigError("hydra.sweep.dir is the folder of a sweep and read only with -m: add -m to submit a sweep, "
+                          "or give hydra.run.dir=... for one run")
     sweep_dir = None
     if multirun:
         if "hydra.run.dir" in keys:
@@ -75,8 +79,10 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             earlier = [d for d in earlier_sweep_dirs(common, swept) if d != name and Path(d).is_dir()]
             sweep_dir = Path(earlier[0] if earlier and not Path(name).exists() else name).absolute()
         hydra_value(sweep_dir, "hydra.sweep.dir")
+        _check_name_max(sweep_dir, "hydra.sweep.dir", "give a shorter hydra.sweep.dir")
         check_sweep_dir(sweep_dir)
     points, cluster, warned = [], None, set()
+    fetch = {}  # (dataset, root) -> its data config: what data.download=true would fetch in every job
     for s in swept:
         ov = common + s
         if sweep_dir is not None:
@@ -85,6 +91,11 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             if "wandb.group" not in {_key(o) for o in common + s}:
                 ov.append(f"wandb.group={hydra_value(sweep_dir.name, 'wandb.group')}")
         c = compose(ov)
+        if sweep_dir is not None:  # its name is cut to NAME_MAX (point_dirname); a file system may allow less
+            _check_name_max(c.run_dir, "the sweep point folder", "sweep fewer keys at once, or shorter values "
+                                                                 "(its name is made of them)")
+        else:
+            _check_name_max(c.run_dir, "hydra.run.dir", "give a shorter hydra.run.dir")
         given_root = c.cfg.data.root
         root_said = pin_data_root(c)  # absolute; a resubmitted run keeps its recorded root over the default
         if root_said and root_said[0]:
@@ -93,6 +104,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             print(f"allconv-hpc submit: {root_said[1]}", file=sys.stderr)
         check_present(c.cfg.data)
         check_sizes(c.cfg.data)  # a subset larger than the files found now, not after the queue
+        if to_download(c.cfg.data):
+            fetch.setdefault((c.cfg.data.name, c.cfg.data.root), c.cfg.data)
         if c.cfg.data.root != given_root:  # the jobs may start in another folder
             ov = [o for o in ov if _key(o) != "data.root"] + [f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
@@ -131,6 +144,10 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
                 if cluster["backend"] == "slurm" else "and stops (cluster=local does not requeue)")
         warn(f"cluster.signal_lead_s={lead} s is over half of cluster.timeout_min={cluster['timeout_min']} "
               f"({limit} s): each start trains at most {limit - lead} s before it checkpoints {then}")
+    if cluster["backend"] == "slurm" and not cluster["gpus_per_node"] and any(
+            p.cfg.data.name != "synthetic" for p in points):  # the slurm profile's default: legal, but rarely meant
+        warn(f"cluster.gpus_per_node=0: this job trains on CPUs only ({cluster['cpus_per_task']} per task); add "
+             f"cluster.gpus_per_node={cluster['tasks_per_node']} for a GPU per task")
     missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]  # submitit needs both
     if cluster["backend"] == "slurm" and missing and dry_run:
         warn(f"{' and '.join(missing)} not on PATH: the points below are what a Slurm login node would submit "
@@ -143,7 +160,50 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         raise ConfigError(f"cluster=local starts every sweep point at once, and this sweep has {todo} > "
                           f"cluster.array_parallelism={cluster['array_parallelism']}; set "
                           f"cluster.array_parallelism={todo} if this machine can run them together")
+    # last, once every check passed: a job's rank 0 would download on a compute node (often without network),
+    # and a sweep's jobs all into one root at once, each truncating the archive the others write
+    for data in fetch.values():
+        if dry_run:
+            print(f"allconv-hpc submit: {expected_files(data)[0]} is missing: submit without --dry-run downloads "
+                  f"{data.name} here, once, before anything is queued (data.download=true)", file=sys.stderr)
+        else:
+            print(f"allconv-hpc submit: downloading {data.name} into {data.root} here, once, before anything is "
+                  f"queued (data.download=true)", file=sys.stderr, flush=True)
+            fetch_for_submit(data)
+    if fetch and not dry_run:
+        for p in points:
+            check_sizes(p.cfg.data)  # skipped above while the files were missing
     return points, sweep_dir, cluster
+
+
+def _refuse_hydra_launcher(overrides: list[str]) -> None:
+    """hydra-submitit-launcher's settings: submit has its own (the cluster group), so Hydra would ignore
+    +hydra.launcher.* silently, and hydra/launcher=submitit_slurm fails on a plugin that is not installed."""
+    for o in overrides:
+        key = _key(o)
+        if key not in ("hydra/launcher", "hydra.launcher") and not key.startswith("hydra.launcher."):
+            continue
+        own = key.removeprefix("hydra.launcher.")
+        own = {"signal_delay_s": "signal_lead_s"}.get(own, own)  # the plugin's name for it
+        use = (f"here: cluster.{own}={o.split('=', 1)[1]}" if own in CLUSTER_KEYS and "=" in o
+               else "e.g. cluster.timeout_min=600, cluster.gpus_per_node=1")
+        raise ConfigError(f"{o}: submit does not use Hydra's launcher plugins; this tool's cluster settings are "
+                          f"cluster=slurm and cluster.<key> ({use})")
+
+
+def _check_name_max(folder: Path, what: str, fix: str) -> None:
+    """Each folder name still to be made fits the file system's NAME_MAX: refused here, with the fix, not later by
+    a mkdir or a read of the records in it ("File name too long"), which a dry run never reaches."""
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p) or p == p.parent)
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 0
+    limit = limit if limit > 0 else 255
+    for part in folder.relative_to(existing).parts:
+        if len(part.encode()) > limit:
+            raise ConfigError(f"{what}: the folder name {part[:40]}... is {len(part.encode())} bytes, over the "
+                              f"{limit} this file system allows ({existing}); {fix}")
 
 
 def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optional[list] = None) -> Optional[str]:

@@ -41,7 +41,7 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
             try:
                 parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
             except HydraException as e:
-                raise ConfigError(override_error(overrides, e)) from None
+                raise ConfigError(override_error(overrides, e) + _bracket_hint(overrides)) from None
             seen: dict[str, tuple[str, bool]] = {}  # key -> (its override, a sweep); Hydra keeps the last value
             for o in parsed:
                 key, first = o.key_or_group, seen.get(o.key_or_group)
@@ -72,6 +72,24 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
         GlobalHydra.instance().clear()
     points = [list(p) for p in itertools.product(*axes)] if axes else [[]]
     return common, points
+
+
+def _bracket_hint(overrides: list[str]) -> str:
+    """Hydra reads '[' only as the start of a list ("mismatched input '['"): a Slurm node range such as n[1-3]
+    needs quotes, which the shell would otherwise eat."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_overrides([o])
+        except HydraException:  # the one override_error names
+            key, _, value = o.partition("=")
+            if "[" in value and not value.startswith(("[", "'", '"')):
+                return f"; quote a value holding '[': {key}='\"{value}\"' (Hydra then reads it as one string)"
+            return ""
+    return ""
 
 
 MAX_RANGE_POINTS = 100_000  # a range(0,1,1e-30) would build its list forever
@@ -105,10 +123,24 @@ def _range_values(o) -> list[str]:
     return values
 
 
+NAME_MAX = 255  # bytes in one folder name on ext4, xfs, Lustre, GPFS, NFS: a longer name gets shortened
+
+
+def fit_name(name: str) -> str:
+    """name, or where it is longer than NAME_MAX its start and a hash of the whole: deterministic, so the same
+    sweep always maps to the same folder (a resubmission resumes it), and distinct names stay distinct."""
+    import hashlib
+    raw = name.encode()
+    if len(raw) <= NAME_MAX:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:16]
+    return raw[:NAME_MAX - len(digest) - 1].decode(errors="ignore") + "-" + digest
+
+
 def point_dirname(swept: list[str]) -> str:
     """Deterministic folder name from the swept overrides, e.g. 'model=allcnn_c,optim.lr=0.05'."""
     name = ",".join(sorted(swept)) or "run"
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+    return fit_name(re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name))
 
 
 def _launch_only(key: str) -> bool:
@@ -121,7 +153,7 @@ def _sweep_name(swept: list[list[str]], definition: list) -> str:
     import hashlib
     keys = sorted({o.split("=", 1)[0] for o in swept[0]})
     digest = hashlib.sha1(json.dumps(definition).encode()).hexdigest()[:8]
-    return f"sweeps/{'+'.join(keys) or 'sweep'}-{digest}"
+    return "sweeps/" + fit_name(f"{'+'.join(keys) or 'sweep'}-{digest}")
 
 
 def _as_values(common: list[str]) -> list[str]:

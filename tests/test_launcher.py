@@ -22,8 +22,8 @@ from typing import Optional
 import pytest
 import torch
 
-from allconv_hpc import executor, jobs, launcher, resources, status
-from allconv_hpc.sweep import default_sweep_dir, earlier_sweep_dirs, expand_sweep
+from allconv_hpc import data, executor, jobs, launcher, resources, status
+from allconv_hpc.sweep import default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
 from allconv_hpc.checkpoint import CheckpointDir
 from allconv_hpc.cli import main
 from allconv_hpc.compose import check_sweep_dir, compose
@@ -341,7 +341,8 @@ def test_an_existing_sweep_folder_of_an_earlier_name_is_still_resumed(tmp_path, 
 def test_each_sweep_point_trains_on_its_own_relative_data_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     points, _, _ = launcher.plan(["cluster=local", *TINY, "data=cifar10", "data.download=true", "data.root=a,b",
-                                  "cluster.array_parallelism=2", f"hydra.sweep.dir={tmp_path / 'sw'}"], multirun=True)
+                                  "cluster.array_parallelism=2", f"hydra.sweep.dir={tmp_path / 'sw'}"], multirun=True,
+                                 dry_run=True)  # a real submit would download each root first
     roots = {p.run_dir.name: compose(p.overrides).cfg.data.root for p in points}
     assert roots == {"data.root=a": str(tmp_path / "a"), "data.root=b": str(tmp_path / "b")}, roots
 
@@ -1472,3 +1473,114 @@ def test_a_resubmit_from_another_folder_keeps_the_runs_recorded_data_root(tmp_pa
     again = launcher.plan(ov, multirun=False)[0][0]
     assert f"data.root='{tmp_path / 'first' / 'data'}'" in again.overrides
     assert f"data.root {tmp_path / 'first' / 'data'}: this run's" in capsys.readouterr().err
+
+
+# --------------------------------------------------------- caught before the queue, not in the job
+
+CIFAR_TINY = [o for o in TINY if not o.startswith(("data=", "data.train_size", "data.test_size", "trainer.batch_size"))] \
+    + ["data=cifar10", "trainer.batch_size=4"]
+
+
+def test_data_download_happens_once_here_before_the_queue(tmp_path, on_path, capsys, monkeypatch):
+    """data.download=true with the data missing: a compute node often has no network, and a sweep's jobs would all
+    write one archive at once. submit downloads it once, on this host, and a failure refuses before sbatch."""
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "sbatch.log"
+    on_path(sbatch=f'[ "$1" = --test-only ] && exit 0; echo called >> {log}; echo "Submitted batch job 77"')
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):  # no network, also where there is one
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    root, sweep = tmp_path / "c10", tmp_path / "sw"
+    args = ["-m", "cluster=slurm", *CIFAR_TINY, f"data.root={root}", "data.download=true", "seed=0,1",
+            f"hydra.sweep.dir={sweep}"]
+    code, out, err = run_submit(capsys, "--dry-run", *args)
+    assert code == 0 and err.count(f"{root / 'cifar-10-batches-py'} is missing: submit without --dry-run downloads "
+                                   f"cifar10 here, once, before anything is queued") == 1, err
+    assert not root.exists()  # a dry run downloads nothing
+    code, out, err = run_submit(capsys, *args)
+    assert code == 2 and f"error: downloading CIFAR-10 into {root} failed (URLError" in err, err
+    assert not log.exists() and not sweep.exists()  # nothing handed to sbatch, no folder
+    fetched = []
+
+    def download(cfg):  # what torchvision unpacks, in the official layout
+        fetched.append(cfg.root)
+        images, labels = torch.zeros(20, 3, 32, 32, dtype=torch.uint8), torch.arange(20) % 10
+        write_cifar(cfg.root, "cifar10", images, labels, images[:8], labels[:8], [str(i) for i in range(10)])
+    monkeypatch.setattr(data, "_download", download)
+    code, out, err = run_submit(capsys, *args, "data.test_size=9")  # the sizes are checked once it is there
+    assert code == 2 and "data.test_size=9 is larger than the 8 images available" in err and fetched == [str(root)]
+    assert not log.exists()
+    shutil.rmtree(root)
+    code, out, err = run_submit(capsys, *args)
+    assert code == 0 and fetched == [str(root)] * 2, err  # once for the sweep's two points
+    assert err.count(f"downloading cifar10 into {root} here, once, before anything is queued") == 1, err
+    assert log.read_text() == "called\n"
+
+
+@pytest.mark.parametrize("override,use", [
+    ("+hydra.launcher.timeout_min=600", "(here: cluster.timeout_min=600)"),
+    ("hydra.launcher.gpus_per_node=1", "(here: cluster.gpus_per_node=1)"),
+    ("++hydra.launcher.signal_delay_s=60", "(here: cluster.signal_lead_s=60)"),
+    ("+hydra.launcher.comment=x", "(e.g. cluster.timeout_min=600, cluster.gpus_per_node=1)"),
+    ("hydra/launcher=submitit_slurm", "(e.g. cluster.timeout_min=600, cluster.gpus_per_node=1)"),
+])
+def test_hydra_submitit_launcher_settings_are_refused_with_ours(tmp_path, override, use):
+    """Hydra would ignore +hydra.launcher.* silently, and fail on hydra/launcher=... with a plugin error."""
+    for multirun in (False, True):
+        with pytest.raises(ConfigError) as e:
+            launcher.plan(["cluster=slurm", *TINY, "seed=0", override, f"hydra.run.dir={tmp_path / 'r'}"][:None if
+                          not multirun else -1], multirun=multirun, dry_run=True)
+        assert str(e.value) == (f"{override}: submit does not use Hydra's launcher plugins; this tool's cluster "
+                                f"settings are cluster=slurm and cluster.<key> {use}")
+
+
+def test_a_sweep_folder_without_m_and_an_unquoted_node_range_say_the_fix(tmp_path, capsys):
+    code, _, err = run_submit(capsys, "--dry-run", "cluster=local", *TINY, f"hydra.sweep.dir={tmp_path / 's'}")
+    assert code == 2 and err == ("allconv-hpc submit: error: hydra.sweep.dir is the folder of a sweep and read only "
+                                 "with -m: add -m to submit a sweep, or give hydra.run.dir=... for one run\n"), err
+    code, _, err = run_submit(capsys, "--dry-run", "cluster=slurm", *TINY, "cluster.exclude=n[1-3]")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "mismatched input '['" in err, err
+    fix = err.split("quote a value holding '[': ")[1].split(" (")[0]
+    assert fix == """cluster.exclude='"n[1-3]"'"""
+    assert cluster_of(*shlex.split(fix))["exclude"] == "n[1-3]"  # what the shell passes on, Hydra takes
+
+
+def test_a_sweep_point_name_over_name_max_maps_to_the_same_short_folder(tmp_path, on_path, capsys, monkeypatch):
+    """A point folder is named from its swept values; past 255 bytes (NAME_MAX) its start and a hash of the whole,
+    so a resubmission finds the same folder. A file system allowing less is refused before the queue."""
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', squeue="echo RUNNING")
+    a, b = (point_dirname([f"wandb.name={'n' * 300}{end}"]) for end in "ab")
+    assert len(a) == len(b) == 255 and a != b and a.startswith("wandb.name=nnn")
+    assert point_dirname(["seed=1", "optim.lr=0.1"]) == "optim.lr=0.1,seed=1"  # short names as ever
+    sweep = tmp_path / "sw"
+    args = ["-m", "cluster=slurm", *TINY, f"wandb.name={'n' * 300},b"]
+    code, out, err = run_submit(capsys, *args, f"hydra.sweep.dir={sweep}")
+    assert code == 0, err
+    long = sweep / point_dirname([f"wandb.name={'n' * 300}"])
+    assert (long / "submission.json").is_file() and (sweep / "wandb.name=b" / "submission.json").is_file()
+    code, out, err = run_submit(capsys, *args, f"hydra.sweep.dir={sweep}")
+    assert code == 0 and re.search(rf"not submitted again \(job 77_\d \(RUNNING\)\): {re.escape(str(long))}\n", out), out
+    monkeypatch.setattr(os, "pathconf", lambda path, name: 143)  # e.g. eCryptfs
+    code, out, err = run_submit(capsys, *args, f"hydra.sweep.dir={tmp_path / 'sw2'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("error: the sweep point folder: the folder name wandb.name=nnnnnnnnnnnnnnnnnnnnnnnnnnnnn... is 255 bytes, "
+            f"over the 143 this file system allows ({tmp_path}); sweep fewer keys at once") in err, err
+    assert not (tmp_path / "sw2").exists()
+
+
+def test_a_slurm_job_without_gpus_on_real_data_is_warned_once(tmp_path, on_path, capsys):
+    on_path(sbatch="exit 0")
+    images, labels = torch.zeros(20, 3, 32, 32, dtype=torch.uint8), torch.arange(20) % 10
+    write_cifar(tmp_path / "c10", "cifar10", images, labels, images[:8], labels[:8], [str(i) for i in range(10)])
+    said = ("warning: cluster.gpus_per_node=0: this job trains on CPUs only (2 per task); add "
+            "cluster.gpus_per_node=1 for a GPU per task")
+    sweep = ["seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"]
+    launcher.plan(["cluster=slurm", *CIFAR_TINY, f"data.root={tmp_path / 'c10'}", *sweep], multirun=True, dry_run=True)
+    assert capsys.readouterr().err.count(said) == 1  # once for the sweep
+    for quiet in (["cluster=slurm", *CIFAR_TINY, f"data.root={tmp_path / 'c10'}", "cluster.gpus_per_node=1"],
+                  ["cluster=local", "cluster.array_parallelism=2", *CIFAR_TINY, f"data.root={tmp_path / 'c10'}"],
+                  ["cluster=slurm", *TINY]):
+        launcher.plan([*quiet, *sweep], multirun=True, dry_run=True)
+        assert "gpus_per_node=0" not in capsys.readouterr().err
