@@ -17,9 +17,10 @@
 # Data: ALLCONV_BENCH_CIFAR (a folder holding cifar-10-batches-py) if set, else /work/cifar if it
 # holds one, else built from cifar10-jpg.tar.gz + build_cifar10.py in .data/ (else in the shared
 # folder) (~20-40 s; JPEG is lossy, so the accuracy is comparable to the official release's only
-# roughly). TTA_FORCE_BUILD=1 skips the first two and always builds.
+# roughly). TTA_FORCE_BUILD=1 skips the first two and always builds. TTA_DATA_CACHE=DIR builds into DIR/cifar,
+# and a later run with the same DIR reuses it (several runs in one device call build once).
 # Env: PYTHON, OUT, TTA_BUDGET_S, TTA_TARGET (0.9275), TTA_SITE (wheel target, /tmp/site),
-# TTA_FORCE_BUILD, TTA_CARRIED_DATA (default .data), ALLCONV_SHARED_DATA (the folder with the archive,
+# TTA_FORCE_BUILD, TTA_DATA_CACHE, TTA_CARRIED_DATA (default .data), ALLCONV_SHARED_DATA (the folder with the archive,
 # default ../shared/data).
 set -euo pipefail
 
@@ -119,10 +120,15 @@ main() {
   elif [[ $force != 1 && -d /work/cifar/cifar-10-batches-py ]]; then
     CIFAR=/work/cifar
   elif [[ -n $src ]]; then
-    CIFAR="$WORK/cifar"
-    local t=$(date +%s)
-    (cd "$WORK" && "$PY" "$src/build_cifar10.py" "$CIFAR" >/dev/null)
-    echo "built CIFAR-10 from the JPEG archive in $src in $(( $(date +%s) - t )) s$([[ $force == 1 ]] && echo ' (TTA_FORCE_BUILD=1)')"
+    CIFAR="${TTA_DATA_CACHE:-$WORK}/cifar"  # TTA_DATA_CACHE: kept for the next run of the same device call
+    if [[ $force != 1 && -d "$CIFAR/cifar-10-batches-py" ]]; then
+      echo "reusing the CIFAR-10 built in $CIFAR (TTA_DATA_CACHE)"
+    else
+      local t=$(date +%s)
+      mkdir -p "$CIFAR"
+      (cd "$WORK" && "$PY" "$src/build_cifar10.py" "$CIFAR" >/dev/null)
+      echo "built CIFAR-10 from the JPEG archive in $src in $(( $(date +%s) - t )) s$([[ $force == 1 ]] && echo ' (TTA_FORCE_BUILD=1)')"
+    fi
   else
     echo "FATAL: no CIFAR-10: run 'bash benchmarks/time_to_accuracy.sh --fetch' here and carry .data, or set ALLCONV_BENCH_CIFAR (not with TTA_FORCE_BUILD=1)" >&2
     exit 1

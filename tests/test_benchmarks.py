@@ -94,13 +94,20 @@ def test_time_to_accuracy_forced_build_and_eager_retry(tmp_path):
     (shared / "cifar10-jpg.tar.gz").write_bytes(b"")  # the stub does not read it
     r = _script(tmp_path, "time_to_accuracy.sh", "--dry-run", "trainer.threads=1", timeout=600,
                 TTA_FORCE_BUILD=1, ALLCONV_SHARED_DATA=shared, ALLCONV_BENCH_CIFAR=tmp_path / "nowhere", CXX="/bin/false",
-                TTA_CARRIED_DATA=tmp_path / "none")  # a checkout's fetched .data/ would come first
+                TTA_CARRIED_DATA=tmp_path / "none", TTA_DATA_CACHE=tmp_path / "cache")  # a checkout's .data/ comes first
     assert f"built CIFAR-10 from the JPEG archive in {shared}" in r.stdout
     assert "RETRY: the compiled run exited 2 before finishing an epoch" in r.stdout
     doc = json.loads((tmp_path / "out" / "tta.json").read_text())
     assert doc["compile"] is False and "exited 2" in doc["compile_retry"], doc
     assert doc["exit_code"] == 0 and doc["epochs_run"] == 2 and doc["overrides"].endswith("trainer.compile=false trainer.compile_mode=default")
-    assert doc["data"] != str(tmp_path / "nowhere")
+    assert doc["data"] == str(tmp_path / "cache" / "cifar")
+    # the next run of the same device call takes the cached build (the build script now fails if run)
+    (shared / "build_cifar10.py").write_text("raise SystemExit('built again')\n")
+    (tmp_path / "out").rename(tmp_path / "out1")
+    r = _script(tmp_path, "time_to_accuracy.sh", "--dry-run", "trainer.threads=1", "trainer.epochs=1", timeout=600,
+                ALLCONV_SHARED_DATA=shared, TTA_CARRIED_DATA=tmp_path / "none", TTA_DATA_CACHE=tmp_path / "cache")
+    assert f"reusing the CIFAR-10 built in {tmp_path / 'cache' / 'cifar'}" in r.stdout, r.stdout[-2000:]
+    assert json.loads((tmp_path / "out" / "tta.json").read_text())["exit_code"] == 0
 
 
 def test_bench_preprocess_writes_its_numbers(tmp_path):
