@@ -129,6 +129,13 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
     if not cuda and cfg.dist.backend == "nccl" and env.distributed:
         raise ConfigError(f"dist.backend=nccl needs CUDA and none is used here (trainer.device={t.device}); "
                           f"use dist.backend=gloo (or auto) on CPU")
+    if cuda and env.distributed and cfg.dist.backend != "gloo" and env.source == "torchrun":
+        # torchrun's workers share one view of the node's GPUs (Slurm may give each task its own, one in view)
+        gpus = torch.cuda.device_count()
+        if env.local_world_size > gpus:  # NCCL refuses two ranks on one GPU, in words of a rendezvous failure
+            raise ConfigError(f"{env.local_world_size} ranks on this node but {gpus} GPU(s) visible: NCCL takes one "
+                              f"rank per GPU; start at most {gpus} (torchrun --nproc_per_node={gpus}), or share them "
+                              f"with dist.backend=gloo")
     if not cuda and t.precision not in CPU_PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
                           f"(trainer.device={t.device}); use trainer.precision=fp32 (or auto) on CPU")
@@ -168,6 +175,16 @@ def _compile_counts() -> Optional[tuple[int, int]]:
         return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
     except Exception:
         return None
+
+
+def make_sgd(params, cfg: Config, device: torch.device, precision: str) -> torch.optim.SGD:
+    """SGD with the fused kernel on CUDA, foreach elsewhere, and foreach for fp16 too: fp16's GradScaler skips
+    a step whose gradients overflowed (often the first, at its initial scale), and on that first step fused SGD
+    allocates its momentum buffers empty and returns without writing them, so the next step adds stale memory
+    to the weights; foreach skips the step whole."""
+    kernel = {"fused": True} if device.type == "cuda" and precision != "fp16" else {"foreach": True}
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                           weight_decay=cfg.optim.weight_decay, **kernel)
 
 
 class Trainer:
@@ -237,16 +254,14 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.n_params = count_parameters(self.model)
         cuda = self.device.type == "cuda"
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum,
-                                   nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay,
-                                   **({"fused": True} if cuda else {"foreach": True}))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, cfg.schedule, self.steps_per_epoch, t.epochs))
         self.precision = resolve_precision(t.precision, self.device)
         if t.precision == "auto" and self.dist.any(self.precision != "bf16"):
             self.precision = "fp32"  # mixed GPU generations: every rank runs the same math
         self.amp_dtype = AMP_DTYPES.get(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and cuda)
+        self.opt = make_sgd(self.model.parameters(), cfg, self.device, self.precision)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.schedule, self.steps_per_epoch, t.epochs))
         self.state = TrainState()
         # per-rank dropout streams; restored exactly from the checkpoint on resume
         torch.manual_seed(mix_seed(cfg.seed, DROPOUT_STREAM + env.rank))

@@ -131,3 +131,15 @@ def assert_same_history(a: list[dict], b: list[dict], exact: bool = True) -> Non
                 assert ra[k] == rb[k], f"epoch {ra['epoch']} {k}: {ra[k]!r} != {rb[k]!r}"
             else:
                 assert abs(ra[k] - rb[k]) <= 1e-5 + 1e-4 * abs(rb[k]), f"epoch {ra['epoch']} {k}: {ra[k]} vs {rb[k]}"
+
+
+def hold_lock(run_dir: Path, job_id: str, hold_s: float, group: str = "") -> subprocess.Popen:
+    """A real second process that takes the run lock as Slurm job `job_id` (rank 0 of rendezvous `group`)
+    and holds it for hold_s."""
+    code = ("import sys, time; from pathlib import Path; from allconv_hpc import runlock; "
+            "runlock.acquire(Path(sys.argv[1]), group=sys.argv[3] or None); print('held', flush=True); "
+            "time.sleep(float(sys.argv[2]))")
+    p = subprocess.Popen([PY, "-c", code, str(run_dir), str(hold_s), group], stdout=subprocess.PIPE,
+                         text=True, env={**os.environ, "SLURM_JOB_ID": job_id})
+    assert p.stdout.readline() == "held\n"
+    return p

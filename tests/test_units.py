@@ -17,6 +17,7 @@ from allconv_hpc.distributed import DistributedError, detect_env, expand_hostlis
 from allconv_hpc.preempt import SlurmJob, StopRequest, catch_early, parse_slurm_time
 from allconv_hpc.schedule import lr_factor
 from allconv_hpc.trainer import Poll, TrainState, classify_stop
+from proc import hold_lock
 
 
 def test_expand_hostlist():
@@ -548,6 +549,27 @@ def test_collective_failures_are_recognised_by_their_text():
     assert not is_comm_error("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")
 
 
+def test_more_torchrun_ranks_than_gpus_are_refused_before_nccl_fails_them(monkeypatch):
+    """NCCL refuses two ranks on one GPU, and the package would report it as a failed rendezvous: said first, with
+    the ways out. gloo shares a GPU fine; under Slurm each task may see only its own GPU (one in view, legal)."""
+    from allconv_hpc.config import Config, ConfigError
+    from allconv_hpc.trainer import check_launch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    two = detect_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": "1"})
+    with pytest.raises(ConfigError, match=r"2 ranks on this node but 1 GPU\(s\) visible: NCCL takes one rank per GPU; "
+                                          r"start at most 1 \(torchrun --nproc_per_node=1\), or .*dist.backend=gloo"):
+        check_launch(Config(), two)
+    cfg = Config()
+    cfg.dist.backend = "gloo"
+    check_launch(cfg, two)
+    slurm = detect_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "5",
+                        "SLURM_STEP_NODELIST": "n1", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURMD_NODENAME": "n1"})
+    assert slurm.source == "slurm" and slurm.local_world_size == 2
+    check_launch(Config(), slurm)
+
+
 def test_launch_checks_refuse_cuda_and_nccl_where_there_is_no_gpu():
     """Before any file is written (exit 2), not from inside the trainer (exit 1, a run folder made)."""
     from allconv_hpc.config import Config, ConfigError
@@ -600,20 +622,6 @@ def test_a_missing_best_pt_is_rewritten_only_from_the_first_epoch_that_reached_t
 
 # --------------------------------------------------------------- run lock
 
-def _hold_lock(run_dir: Path, job_id: str, hold_s: float, group: str = ""):
-    """A real second process that takes the run lock as Slurm job `job_id` (rank 0 of rendezvous `group`)
-    and holds it for hold_s."""
-    import subprocess
-    import sys
-    code = ("import sys, time; from pathlib import Path; from allconv_hpc import runlock; "
-            "runlock.acquire(Path(sys.argv[1]), group=sys.argv[3] or None); print('held', flush=True); "
-            "time.sleep(float(sys.argv[2]))")
-    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(hold_s), group], stdout=subprocess.PIPE,
-                         text=True, env={**os.environ, "SLURM_JOB_ID": job_id})
-    assert p.stdout.readline() == "held\n"
-    return p
-
-
 def _as_if_from(run_dir: Path, host: str, restart: str) -> None:
     """Rewrite the holder's record as a process of another node would have written it (the flock stays held)."""
     import json
@@ -626,7 +634,7 @@ def test_a_requeued_job_waits_out_its_dead_runs_lock_then_names_the_way_out(tmp_
     the lease ends, or for NFSv3 until the node returns): it waits STALE_WAIT_S, then says to delete it."""
     from allconv_hpc import runlock
     run = tmp_path / "run"
-    holder = _hold_lock(run, "77", 60)
+    holder = hold_lock(run, "77", 60)
     try:
         monkeypatch.setattr(runlock, "STALE_WAIT_S", 1.5)
         monkeypatch.setenv("SLURM_JOB_ID", "77")
@@ -654,7 +662,7 @@ def test_a_requeued_job_waits_out_its_dead_runs_lock_then_names_the_way_out(tmp_
     finally:
         holder.kill()
         holder.wait()
-    holder = _hold_lock(run, "77", 1.5)  # a lock that is freed while the requeued job waits: taken
+    holder = hold_lock(run, "77", 1.5)  # a lock that is freed while the requeued job waits: taken
     try:
         _as_if_from(run, "node-dead", "0")
         monkeypatch.setattr(runlock, "STALE_WAIT_S", 30)
@@ -688,7 +696,7 @@ def test_the_other_ranks_of_a_launch_know_their_rank_0s_lock(tmp_path, monkeypat
     from allconv_hpc import runlock
     run = tmp_path / "run"
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    holder = _hold_lock(run, "", 60, group="10.0.0.1:12345")
+    holder = hold_lock(run, "", 60, group="10.0.0.1:12345")
     try:
         runlock.check_free(run, group="10.0.0.1:12345")
         for other in ("10.0.0.1:12346", None):
@@ -708,7 +716,7 @@ def test_a_rank_looking_while_its_rank_0_writes_the_lock_record_waits_for_it(tmp
     run, group = tmp_path / "run", "10.0.0.1:12345"
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.setattr(runlock, "RECORD_WAIT_S", 1.0)
-    holder = _hold_lock(run, "", 60, group=group)
+    holder = hold_lock(run, "", 60, group=group)
     try:
         path = run / ".train.lock"
         record = path.read_text()
@@ -904,3 +912,38 @@ def test_an_epoch_whose_checkpoint_was_not_written_leaves_no_history_row_or_best
     finally:
         tr.close()
     assert not (run / "checkpoints.old1").exists() and (run / "history.csv").read_text().count("\n") == 2
+
+
+def test_fp16_trains_with_an_sgd_kernel_that_skips_an_overflowed_first_step_whole():
+    """fp16's GradScaler skips a step whose scaled gradients overflowed (often the first). Fused SGD, given that
+    step, allocates its momentum buffers empty and returns without writing them: the next step adds stale memory
+    to the weights. make_sgd picks foreach for fp16 (fused elsewhere on CUDA); run here on the CPU, whose fused
+    kernel behaves alike, through the same GradScaler path."""
+    from allconv_hpc.config import Config
+    from allconv_hpc.trainer import make_sgd
+    cuda = torch.device("cuda")
+    for precision, fused in (("fp16", None), ("bf16", True), ("fp32", True)):  # the flags only: CPU tensors
+        g = make_sgd([torch.nn.Parameter(torch.ones(3))], Config(), cuda, precision).param_groups[0]
+        assert (g["fused"], g["foreach"]) == (fused, None if fused else True), precision
+
+    def two_steps(opt_kernel: dict) -> tuple[torch.Tensor, bool]:
+        """The weights after the two steps, and whether the skipped one left momentum buffers."""
+        p = torch.nn.Parameter(torch.ones(4096))
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, **opt_kernel)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        for grad in (float("inf"), 1.0):  # the first overflows: skipped; the second is a plain step
+            opt.zero_grad()
+            scaler.scale((p * grad).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+            if grad != 1.0:
+                left = "momentum_buffer" in opt.state[p]
+        return p.detach(), left
+
+    cpu = torch.device("cpu")
+    chosen = make_sgd([torch.nn.Parameter(torch.ones(1))], Config(), cuda, "fp16").param_groups[0]
+    kernel = {k: chosen[k] for k in ("fused", "foreach") if chosen[k] is not None}
+    weights, left = two_steps(kernel)
+    assert not left and torch.equal(weights, torch.ones(4096) - 0.1)  # exactly one step of lr 0.1 on gradient 1
+    assert two_steps({"fused": True})[1]  # what fp16 ran before: buffers of whatever the memory held
+    assert make_sgd([torch.nn.Parameter(torch.ones(1))], Config(), cpu, "fp32").param_groups[0]["foreach"]
