@@ -118,7 +118,7 @@ def queued_state(rec: dict) -> Optional[str]:
     it is not; NO_ANSWER when squeue could not say."""
     if rec.get("job_id") and rec.get("backend") == "slurm":
         answered, state = squeue_state(str(rec["job_id"]))
-        return state if answered else NO_ANSWER
+        return (None if stopped_elsewhere(rec, state) else state) if answered else NO_ANSWER
     if rec.get("job_id") and rec.get("backend") == "local":
         return local_state(rec)
     return None
@@ -154,20 +154,31 @@ def other_jobs_state(run_dir: Path, environ: Optional[dict] = None) -> Optional[
 
 
 TRAINING = ("running", "requeued")  # a run's own states while its job is queued or running
+# Slurm may requeue a job whose run stopped `interrupted` (preempted by SIGTERM alone; train.sbatch has --requeue):
+# a queued state says so. RUNNING does not: an allocation the run was started in by hand (salloc) outlives it, and
+# a requeued start records itself (lock, status.json) within seconds
+QUEUED_AGAIN = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "PREEMPTED", "SPECIAL_EXIT"}
+
+
+def stopped_elsewhere(rec: dict, state: Optional[str]) -> bool:
+    """The job of a run that stopped `interrupted` (started_job) is active in Slurm but not queued again."""
+    return bool(rec.get("stopped")) and state in ACTIVE_STATES and state not in QUEUED_AGAIN
 
 
 def started_job(run_dir: Path) -> Optional[dict]:
     """A submission-like record of the Slurm job the run's status.json says trains it (its state running or
-    requeued): what a job started without `submit` (sbatch slurm/train.sbatch) leaves. None otherwise, also
+    requeued, or interrupted: the job may be queued again): what a job started without `submit` (sbatch
+    slurm/train.sbatch) leaves. None otherwise, also
     for a damaged status.json (named by `status`). The id is the raw job id or an array task's "A_T"."""
     try:
         st = read_record(run_dir / "status.json") or {}
     except DamagedFile:
         return None
-    job = st.get("slurm_job_id")
-    if st.get("state") not in TRAINING or isinstance(job, bool) or not isinstance(job, (str, int)) or not str(job):
+    job, state = st.get("slurm_job_id"), st.get("state")
+    if state not in (*TRAINING, "interrupted") or isinstance(job, bool) or not isinstance(job, (str, int)) or not str(job):
         return None
-    return {"job_id": str(job), "backend": "slurm", "run_dir": str(run_dir), "started_by_hand": True}
+    rec = {"job_id": str(job), "backend": "slurm", "run_dir": str(run_dir), "started_by_hand": True}
+    return {**rec, "stopped": True} if state == "interrupted" else rec  # Slurm may have requeued it: QUEUED_AGAIN
 
 
 def started_unrecorded(run_dir: Path, rec: Optional[dict]) -> Optional[dict]:

@@ -18,7 +18,7 @@ from typing import Optional
 
 from . import runlock
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, STATUS_KEYS, DamagedFile, check_keys, local_state, read_record,
-                   slurm_state, started_job)
+                   slurm_state, started_job, started_unrecorded, stopped_elsewhere)
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
@@ -45,8 +45,9 @@ def job_records(folder: Path) -> list[dict]:
                 for i, rec in enumerate(jobs)]
     path = folder / "submission.json"
     rec = read_record(path)
-    if rec is not None:
-        return [_here(check_keys(rec, JOB_KEYS, path), folder, sweep=False)]
+    if rec is not None:  # a job started since without submit (sbatch slurm/train.sbatch) is the run's now
+        rec = _here(check_keys(rec, JOB_KEYS, path), folder, sweep=False)
+        return [started_unrecorded(folder, rec) or rec]
     # what a train leaves (not holds_run: a sweep folder has .submit.lock, and one without its sweep.json is no run)
     if any((folder / n).exists() for n in ("status.json", "checkpoints", "train.log", runlock.LOCK_FILE)):
         # started without submit: Slurm is asked about the job its status.json names, if any
@@ -202,6 +203,8 @@ def run_rows(folder: Path) -> list[dict]:
         if slurm and not silent:
             state, restarts, known, ended, reason = slurm_state(str(rec["job_id"]))
             silent = not known
+            if stopped_elsewhere(rec, state):  # the run's own word, and its lock, tell
+                state = None
         elif rec.get("job_id") and rec.get("backend") == "local":
             state, known = local_state(rec), True
         # a status.json older than this submission is an earlier job's: its progress, not this job's state
@@ -213,8 +216,13 @@ def run_rows(folder: Path) -> list[dict]:
         # the lock is asked only where the scheduler does not say the job runs; a cluster=local job whose
         # controller is gone (SIGKILLed) may have ranks still stopping, or starting before their first record
         gone = rec.get("backend") == "local" and state is None and unfinished
-        held = runlock.holder(run_dir)[0] if state not in ACTIVE_STATES else None
+        held, holder = runlock.holder(run_dir) if state not in ACTIVE_STATES else (None, "")
         starting = bool(held) and run_state != "running" and _new_start(run_dir, st)
+        # Slurm says the job is over, yet the lock its run took is held: its node died holding it (a network file
+        # system keeps a dead node's lock a while, NFSv3 until the node is back), not a new start by hand
+        dead_lock = (bool(held) and slurm and known and (ended or state not in ACTIVE_STATES | {None})
+                     and current and run_state == "running" and not _new_start(run_dir, st)
+                     and str(st.get("slurm_job_id")) == str(rec["job_id"]))
         if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
             state = {True: "RUNNING", False: "FAILED"}.get(held, "UNKNOWN")
             active = bool(held)
@@ -222,7 +230,7 @@ def run_rows(folder: Path) -> list[dict]:
                 st = {"error": _last_error(run_dir) or "ended before its first status record; see train.log, and for "
                                                          "another rank's error its own output (torchrun's console)"}
                 current = True
-        elif held and (run_state == "running" or gone or starting):
+        elif held and not dead_lock and (run_state == "running" or gone or starting):
             # a train by hand resumed the run after its job ended, a local job's ranks outlive their controller, or
             # a resume is starting (rendezvous, data, model) over the last start's final record
             state, active, no_answer, ended = "RUNNING (starting)" if starting else "RUNNING", True, False, False
@@ -257,6 +265,10 @@ def run_rows(folder: Path) -> list[dict]:
             error = _job_error(rec)  # it failed before its trainer could say why: its tasks' .err files do
             if error is not None and state.startswith("LOST"):  # cluster=local: a job whose tasks exited non-zero
                 state = "FAILED"
+        if dead_lock:
+            error = (f"{error}; " if error else "") + (
+                f"the job ended ({state}) with its run lock still held by {holder}: if that node is down, delete "
+                f"{run_dir / runlock.LOCK_FILE} before resuming")
         never = state == "PENDING" and reason in NEVER_STARTS  # --wait would wait forever
         held = state == "PENDING" and (reason.startswith("JobHeld") or "held state" in reason)  # and so would this
         if never:

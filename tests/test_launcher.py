@@ -945,6 +945,59 @@ def test_a_requeued_job_waiting_in_the_queue_is_not_done(tmp_path, on_path):
     assert row["state"] == "PENDING" and row["state"] in jobs.ACTIVE_STATES and not status.is_failed(row)
 
 
+def test_a_job_that_ended_while_its_dead_node_holds_the_lock_is_not_running(tmp_path, on_path):
+    """A network file system keeps a dead node's lock a while (NFSv3: until the node is back): Slurm's word that
+    the job is over (NODE_FAIL) wins over the lock the job's run took, and the row says what to delete."""
+    from proc import hold_lock
+    run = write_run(tmp_path, None)
+    holder = hold_lock(run, "42", 60)  # taken by the job's run, which then wrote its records
+    try:
+        (run / "status.json").write_text(json.dumps({"state": "running", "epoch": 1, "epochs": 3, "slurm_job_id": "42",
+                                                     "updated": time.time() + 1}))
+        on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol="echo 'JobId=42 JobState=NODE_FAIL Restarts=0'")
+        row = status.run_rows(run)[0]
+        assert (row["state"], row["failed"], row["active"]) == ("NODE_FAIL", True, False), row
+        assert "the job ended (NODE_FAIL) with its run lock still held by pid " in row["error"], row
+        assert f"delete {run / '.train.lock'} before resuming" in row["error"], row
+        # a train started by hand after the job's last record: it does run
+        (run / "status.json").write_text(json.dumps({"state": "running", "epoch": 1, "epochs": 3, "slurm_job_id": "42",
+                                                     "updated": time.time() - 100}))
+        assert status.run_rows(run)[0]["state"] == "RUNNING"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_stopped_by_sigterm_whose_job_slurm_requeued_is_pending(tmp_path, on_path):
+    """sbatch slurm/train.sbatch, preempted by SIGTERM alone: the run stops `interrupted` and Slurm requeues the
+    job (--requeue). status, submit and train see the queued job; an allocation that outlives a run started in
+    it by hand (salloc, RUNNING) is no job training the folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 1, "epochs": 3, "slurm_job_id": "4242"}))
+    on_path(squeue='[ "$3" = 4242 ] && echo PENDING', sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=1'")
+    row = status.run_rows(run)[0]
+    assert (row["job"], row["state"], row["active"]) == ("4242", "PENDING", True), row
+    assert jobs.other_jobs_state(run, environ={})[1] == "PENDING"
+    with pytest.raises(ConfigError, match="already has job 4242 \\(PENDING\\) training into it"):
+        launcher.check_run_folder(run, composed().cfg)
+    on_path(squeue='[ "$3" = 4242 ] && echo RUNNING', sacct=NO_ACCOUNTING, scontrol="echo 'JobState=RUNNING'")
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["active"]) == ("INTERRUPTED", False), row
+    assert jobs.other_jobs_state(run, environ={}) is None
+
+
+def test_status_follows_a_job_started_by_hand_into_a_folder_submitted_to_before(tmp_path, on_path):
+    """submission.json names job 100 (timed out); the run was resumed since by sbatch slurm/train.sbatch as job 200,
+    now requeued: the row is job 200's, as submit already sees it."""
+    run = write_run(tmp_path, None, job="100")
+    (run / "status.json").write_text(json.dumps({"state": "requeued", "epoch": 2, "epochs": 3, "slurm_job_id": "200"}))
+    on_path(squeue='[ "$3" = 200 ] && echo PENDING; exit 0', sacct=NO_ACCOUNTING,
+            scontrol='[ "$4" = 200 ] && echo "JobState=PENDING Restarts=1" || echo "JobState=TIMEOUT"')
+    row = status.run_rows(run)[0]
+    assert (row["job"], row["state"], row["active"], row["failed"]) == ("200", "PENDING", True, False), row
+
+
 def test_a_local_job_whose_controller_died_is_lost(tmp_path):
     p = subprocess.Popen(["true"])
     p.wait()  # a pid that no longer runs
