@@ -23,7 +23,12 @@ Resuming (a preempted Slurm job requeued into the same run folder):
   step is in the record once, from the first process that logged it.
 * wandb_steps.jsonl is written with W&B disabled too: a later start with W&B logs that stretch.
 * An earlier offline segment with no record (its process killed as it started) is renamed
-  ``empty-offline-run-*``: `wandb sync` given it with others uploads none of them (and exits 0).
+  ``empty-offline-run-*`` by the run's next start, whatever its mode (with W&B disabled, the id is
+  wandb_id.txt's): `wandb sync` given it with others uploads none of them (and exits 0).
+* An online start (say a requeue onto a node with network after an offline one) asks the server only;
+  once it has re-logged what the server lacks, the run's earlier offline segments hold nothing the
+  server does not (re-logged, synced before, or trained again after the checkpoint), so they are renamed
+  ``relogged-offline-run-*`` with a warning: `wandb sync` of them would log their steps twice.
 """
 from __future__ import annotations
 
@@ -368,11 +373,15 @@ class Tracker:
             have = self._logged_until()
             if kept and have is not None:
                 self._relog_lost(kept, have)
+            if self.mode == "online":
+                self._set_aside_offline()
             # After a SIGKILL the steps between the checkpoint and the kill are trained again; the
             # earlier segment already holds them (online, W&B drops them itself), so they are not
             # logged twice. A train log at the floor step that the killed process never sent is lost
             # with them (wandb_steps.jsonl still has it).
             self._floor = have or 0
+        else:  # no W&B run, but the folder's empty segments of this run would still stop `wandb sync`
+            self._set_aside_offline(resume_run_id or _read_id(self.run_dir))
 
     # -- W&B -----------------------------------------------------------------------------------
     def _start_wandb(self, cfg_dict: dict, wandb_cfg: WandbConfig, resume_run_id: Optional[str]) -> None:
@@ -410,18 +419,13 @@ class Tracker:
         None when an earlier segment cannot be read."""
         if self.mode == "online":
             return max(0, int(self._run.starting_step) - 1)  # the server's resume point
-        from .wandb_offline import EMPTY_PREFIX, holds_no_record, read_run, segments
+        from .wandb_offline import read_run, segments
         last = 0
         mine = self.segment_dir.resolve() if self.segment_dir else None
         for seg in segments(self.run_dir / "wandb", self._run_id, include_online=True):
             if seg.resolve() == mine:
                 continue
-            if seg.name.startswith("offline-run-") and holds_no_record(seg):  # killed before W&B wrote a record
-                aside = seg.with_name(EMPTY_PREFIX + seg.name)
-                os.replace(seg, aside)
-                log.warning("W&B segment %s holds no record (its process was killed before W&B wrote one: as it "
-                            "started, or by a SIGKILL before W&B flushed): renamed %s, out of `wandb sync "
-                            "runs/.../offline-run-*`, which stops at such a folder", seg.name, aside.name)
+            if seg.name.startswith("offline-run-") and _set_aside_if_empty(seg):
                 continue
             try:
                 steps = [r["_step"] for r in read_run(seg)["history"] if "_step" in r]
@@ -431,6 +435,27 @@ class Tracker:
                 return None
             last = max([last, *steps])
         return last
+
+    def _set_aside_offline(self, run_id: Optional[str] = None) -> None:
+        """Rename this run's earlier offline segments out of the ``offline-run-*`` glob that `wandb sync` is
+        given: those without records always (`_set_aside_if_empty`); online, once the re-log is done, the
+        others too (``relogged-``). The server then holds their steps: re-logged from wandb_steps.jsonl, synced
+        before this start, or (after the checkpoint) logged again as the run trains on; `wandb sync` of them
+        would add those steps to the run a second time. With W&B disabled, ``run_id`` is wandb_id.txt's."""
+        from .wandb_offline import RELOGGED_PREFIX, segments
+        run_id = run_id or self._run_id
+        if run_id is None:
+            return
+        mine = self.segment_dir.resolve() if self.segment_dir else None
+        for seg in segments(self.run_dir / "wandb", run_id, ordered=False):  # W&B disabled: no `import wandb`
+            if seg.resolve() == mine or _set_aside_if_empty(seg) or self.mode != "online":
+                continue
+            aside = _rename_aside(seg, RELOGGED_PREFIX)
+            if aside is not None:
+                log.warning("W&B segment %s (offline) holds steps this online run's server record now has (re-"
+                            "logged from %s, or synced before): renamed %s, out of `wandb sync runs/.../offline-"
+                            "run-*`; it must not be synced, which would log its steps a second time",
+                            seg.name, STEPS_FILE, aside.name)
 
     def _relog_lost(self, entries: list[dict], have: int) -> None:
         """Re-log, in their original order, the logs up to the checkpoint that W&B lacks (after ``have``)."""
@@ -566,6 +591,30 @@ class Tracker:
         else:
             self.finish(1)
         return False
+
+
+def _rename_aside(seg: Path, prefix: str) -> Optional[Path]:
+    """``seg`` renamed ``prefix + seg.name``; None, said in the log, when the file system refuses."""
+    aside = seg.with_name(prefix + seg.name)
+    try:
+        os.replace(seg, aside)
+    except OSError as e:
+        log.warning("cannot rename W&B segment %s to %s (%s); do not `wandb sync` it", seg, aside.name, e)
+        return None
+    return aside
+
+
+def _set_aside_if_empty(seg: Path) -> bool:
+    """Rename an offline segment that holds no record ``empty-offline-run-*``; whether it held none."""
+    from .wandb_offline import EMPTY_PREFIX, holds_no_record
+    if not holds_no_record(seg):
+        return False
+    aside = _rename_aside(seg, EMPTY_PREFIX)
+    if aside is not None:
+        log.warning("W&B segment %s holds no record (its process was killed before W&B wrote one: as it started, "
+                    "or by a SIGKILL before W&B flushed): renamed %s, out of `wandb sync runs/.../offline-run-*`, "
+                    "which stops at such a folder", seg.name, aside.name)
+    return True
 
 
 def _read_steps(path: Path) -> list[dict]:

@@ -15,8 +15,9 @@ has no Python reader for the ``.wandb`` file, so this module reads it directly:
   Python ``wandb.sdk.internal.datastore`` wrote, and the Go writer kept the format).
 * A reassembled payload is a ``wandb.proto.wandb_internal_pb2.Record``.
 
-Only ``wandb.proto`` (protobuf classes) is imported, and only when a file is read; ``import
-wandb`` is not needed for `segments`.
+Only ``wandb.proto`` (protobuf classes) is imported, and only when records are decoded; ``import
+wandb`` is not needed for `holds_no_record` and `segments` with ``ordered=False`` (what a
+``wandb.mode=disabled`` start calls).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 __all__ = ["WandbLogError", "read_records", "read_run", "segments", "merged_history", "segment_id",
-           "FILE_HEADER_LEN", "BLOCK_LEN", "holds_no_record", "EMPTY_PREFIX"]
+           "FILE_HEADER_LEN", "BLOCK_LEN", "holds_no_record", "EMPTY_PREFIX", "RELOGGED_PREFIX"]
 
 FILE_MAGIC = b":W&B"
 FILE_HEADER_LEN = 7
@@ -39,6 +40,9 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 # offline-run-20261128_101953-abc123xy, and -1, -2 ... when two processes start in the same second
 EMPTY_PREFIX = "empty-"  # a segment without records, renamed out of `offline-run-*` globs (see holds_no_record)
+# an offline segment whose steps an online start of the run has put on the server (re-logged, or synced before):
+# renamed out of `offline-run-*` globs too, since `wandb sync` would upload its steps a second time
+RELOGGED_PREFIX = "relogged-"
 _SEGMENT_RE = re.compile(r"^(?P<mode>offline-run|run)-(?P<ts>\d{8}_\d{6})-(?P<rest>.+)$")
 
 
@@ -244,10 +248,15 @@ def read_run(segment_dir: str | Path, *, strict: bool = False) -> dict:
 
 def holds_no_record(segment_dir: str | Path) -> bool:
     """A segment whose process died before its first record (the file header only, or no file): `wandb sync`
-    (0.31) given such a folder stops before uploading any run of its command line, and exits 0."""
+    (0.31) given such a folder stops before uploading any run of its command line, and exits 0. Decided from the
+    record framing alone (no protobuf, so no ``import wandb``): a checksummed record counts, decodable or not."""
     files = sorted(Path(segment_dir).glob("run-*.wandb"))
+    if not files:
+        return True
     try:
-        return not files or next(read_records(files[0], max_bytes=BLOCK_LEN), None) is None
+        with open(files[0], "rb") as f:
+            data = f.read(BLOCK_LEN)
+        return next(_payloads(data, files[0], strict=False, verify_crc=True), None) is None
     except (OSError, WandbLogError):
         return False  # unreadable is not known empty: left where it is
 
@@ -286,14 +295,16 @@ def _resolve_wandb_dir(wandb_dir: Path) -> Path:
     return wandb_dir
 
 
-def segments(wandb_dir: str | Path, run_id: Optional[str] = None, *, include_online: bool = False) -> list[Path]:
+def segments(wandb_dir: str | Path, run_id: Optional[str] = None, *, include_online: bool = False,
+             ordered: bool = True) -> list[Path]:
     """All ``offline-run-*`` folders under ``wandb_dir``, oldest first, each counted once.
 
     ``wandb_dir`` is the ``wandb/`` folder (a folder containing ``wandb/`` is accepted too).
     Symlinks (``latest-run``) are skipped. Order: the start time recorded in each segment's run
     record, falling back to the timestamp in the folder name, then wandb's ``-N`` collision
     suffix. ``run_id`` keeps only segments of that run. ``include_online`` adds online ``run-*``
-    folders (they hold the same kind of transaction log).
+    folders (they hold the same kind of transaction log). ``ordered=False`` sorts by name only, reading no
+    start time (so decoding no record).
     """
     wandb_dir = _resolve_wandb_dir(Path(wandb_dir))
     if not wandb_dir.is_dir():
@@ -308,7 +319,7 @@ def segments(wandb_dir: str | Path, run_id: Optional[str] = None, *, include_onl
         if run_id is not None and segment_id(p) != run_id:
             continue
         found.append(p)
-    return sorted(found, key=_sort_key)
+    return sorted(found, key=_sort_key if ordered else None)
 
 
 def merged_history(wandb_dir: str | Path, run_id: str) -> list[dict]:

@@ -528,3 +528,92 @@ def test_damaged_wandb_id_and_steps_files_are_read_as_damaged_not_a_traceback(we
     lines = (run_dir / "wandb_steps.jsonl").read_text().splitlines()
     assert len(lines) == 11 + 1 and all(json.loads(ln)["kind"] in ("train", "eval") for ln in lines)
     assert [r["_step"] for r in merged_history(run_dir / "wandb", first.run_id)] == list(range(1, 12))
+
+
+class _ServerRun:
+    """What wandb.init(mode="online") returns, with the W&B server faked: it holds the run's steps up to
+    ``held`` (its resume point is the step after); what the process logs is kept in ``logged``."""
+
+    def __init__(self, run_dir: Path, run_id: str, held: int) -> None:
+        self.starting_step = held + 1
+        self.settings = type("Settings", (), {"sync_dir": str(run_dir / "wandb" / f"run-20990101_000000-{run_id}")})
+        self.summary: dict = {}
+        self.logged: list = []
+
+    def log(self, data: dict, step: int) -> None:
+        self.logged.append((step, dict(data)))
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+@pytest.mark.parametrize("held", [0, 20])
+def test_an_online_start_sets_aside_the_offline_segments_it_holds(wenv, tmp_path, monkeypatch, caplog, held):
+    """Offline start (a node without network) to step 20, then an online one: the server gets steps 1..20 by the
+    re-log from wandb_steps.jsonl (held=0), or had them from a `wandb sync` before (held=20). Either way the
+    offline segments are renamed out of `offline-run-*`: syncing them as well would log their steps twice."""
+    import shutil
+    import wandb
+    run_dir = tmp_path / "run"
+    first = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, [])
+    rows = run_epochs(first, 1, 20)
+    first.finish()
+    rid, seg1 = first.run_id, first.segment_dir
+    assert _steps_when_written(seg1, 20) == list(range(1, 21))
+    wdir = run_dir / "wandb"
+    dead = wdir / f"offline-run-20990101_000000-{rid}"  # a start killed as it began: its file header only
+    dead.mkdir()
+    (dead / f"run-{rid}.wandb").write_bytes(next(seg1.glob("run-*.wandb")).read_bytes()[:7])
+    other = wdir / "offline-run-20200101_000000-otherid1"  # another run's (checkpoint.resume=never): left alone
+    shutil.copytree(seg1, other)
+    next(other.glob("run-*.wandb")).rename(other / "run-otherid1.wandb")
+    servers = []
+    real_init = wandb.init
+
+    def fake_init(*args, mode=None, **kwargs):
+        if mode != "online":
+            return real_init(*args, mode=mode, **kwargs)
+        servers.append(_ServerRun(run_dir, kwargs["id"], held))
+        return servers[-1]
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    second = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="online"), 0, None, rows, global_step=20)
+    second.log_train(21, {"loss": 0.5})
+    second.finish()
+    assert second.mode == "online" and second.run_id == rid
+    (server,) = servers
+    relogged = [s for s in range(held + 1, 21) for _ in range(1 + (s % 10 == 0))]  # an epoch's eval at 10, 20
+    assert [s for s, _ in server.logged] == relogged + [21]
+    assert not seg1.exists() and (wdir / f"relogged-{seg1.name}" / f"run-{rid}.wandb").is_file()
+    assert not dead.exists() and (wdir / f"empty-{dead.name}").is_dir()
+    assert sorted(p.name for p in wdir.glob("offline-run-*")) == [other.name]
+    assert f"W&B segment {seg1.name}" in caplog.text and "must not be synced" in caplog.text
+    assert f"W&B segment {dead.name} holds no record" in caplog.text
+
+
+def test_a_start_with_wandb_disabled_sets_aside_empty_segments_without_importing_wandb(resumed, tmp_path, wenv):
+    """The run's next start renames an offline segment without records whatever its W&B mode: with W&B disabled
+    too (the run id from wandb_id.txt), never importing wandb. Segments with records, and another run's, stay."""
+    import shutil
+    run_dir = tmp_path / "run"
+    rid = resumed["first"].run_id
+    wdir = run_dir / "wandb"
+    kept = wdir / resumed["seg1"].name
+    shutil.copytree(resumed["seg1"], kept, symlinks=True)
+    header = next(kept.glob("run-*.wandb")).read_bytes()[:7]
+    dead, others = wdir / f"offline-run-20990101_000000-{rid}", wdir / "offline-run-20990101_000000-otherid1"
+    for seg, sid in ((dead, rid), (others, "otherid1")):
+        seg.mkdir()
+        (seg / f"run-{sid}.wandb").write_bytes(header)
+    (run_dir / "wandb_id.txt").write_text(rid + "\n")
+    code = (
+        "import logging, sys\nfrom pathlib import Path\nlogging.basicConfig()\n"
+        "from allconv_hpc.config import WandbConfig\nfrom allconv_hpc.tracking import make_tracker\n"
+        f"make_tracker(Path({str(run_dir)!r}), {{}}, WandbConfig(mode='disabled'), 0, None, []).finish()\n"
+        "assert 'wandb' not in sys.modules, 'wandb imported'\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in wdir.iterdir()) == sorted([kept.name, f"empty-{dead.name}", others.name])
+    assert f"W&B segment {dead.name} holds no record" in proc.stderr
