@@ -63,7 +63,8 @@ def make_executor(cluster: dict, folder: Path):
     # before submitit's handler is in place killed the task, and the job ended FAILED, not requeued. Both USR
     # signals and the configured one: each is a warning once training runs (preempt.USR_SIGNALS)
     import shlex
-    ignoring = f'trap "" {" ".join(dict.fromkeys((signal_name(cluster), "USR1", "USR2")))}; exec "$0" "$@"'
+    warnings = " ".join(dict.fromkeys((signal_name(cluster), "USR1", "USR2")))
+    ignoring = f'trap "" {warnings}; exec "$0" "$@"'
     ex = submitit.SlurmExecutor(folder=str(folder),
                                 python=f"/bin/sh -c {shlex.quote(ignoring)} {shlex.quote(sys.executable)}")
     extra = dict(cluster.get("additional_parameters") or {})
@@ -78,7 +79,11 @@ def make_executor(cluster: dict, folder: Path):
     params = dict(nodes=cluster["nodes"], ntasks_per_node=cluster["tasks_per_node"],
                   cpus_per_task=cluster["cpus_per_task"], time=cluster["timeout_min"],
                   signal_delay_s=cluster["signal_lead_s"], array_parallelism=cluster["array_parallelism"],
-                  setup=[f"export SUBMITIT_PREEMPT_SIGNAL={signal_name(cluster)}", *_slurm_setup(cluster["setup"])],
+                  # a warning sent to the batch shell alone (scancel -b, --signal=B:...) would end it, and so the job,
+                  # not requeued: a no-op handler (not "", which srun would inherit) keeps it. It cannot pass the
+                  # signal on while srun runs in the foreground (train.sbatch can): scancel without -b does
+                  setup=[f"trap : {warnings}", f"export SUBMITIT_PREEMPT_SIGNAL={signal_name(cluster)}",
+                         *_slurm_setup(cluster["setup"])],
                   additional_parameters=extra,
                   srun_args=srun_args, stderr_to_stdout=False, job_name="allconv")
     if cluster["gpus_per_node"]:

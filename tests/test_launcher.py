@@ -113,7 +113,7 @@ def test_sbatch_script_carries_every_job_parameter(tmp_path, on_path):
     assert not any(ln.startswith("#SBATCH --array") for ln in lines)
     # submitit's own handler (until the trainer's are in) takes cluster.signal; then the user's lines, each
     # one that ends the job if it fails (its run: test_slurm_system)
-    assert script.split("# setup\n", 1)[1].startswith("export SUBMITIT_PREEMPT_SIGNAL=USR2\n" + "\n".join(
+    assert script.split("# setup\n", 1)[1].startswith("trap : USR2 USR1\nexport SUBMITIT_PREEMPT_SIGNAL=USR2\n" + "\n".join(
         executor._slurm_setup(["module load cuda/12.4", "source $HOME/venv/bin/activate"])) + "\n"), script
     assert executor._slurm_setup(["module load x"]) == [
         "{ :\nmodule load x\n\n} || { rc=$?; echo \"allconv-hpc: cluster.setup line failed (exit $rc): \"'module load "
@@ -146,7 +146,8 @@ def test_another_signal_is_submitits_from_the_start(tmp_path, on_path):
                  "cluster.setup=['module load x']"])
     script = render(resources.validate_cluster(c.cluster, c.cfg), tmp_path)
     assert "#SBATCH --signal=USR1@120" in sbatch_lines(script)
-    assert script.split("# setup\n", 1)[1].startswith("export SUBMITIT_PREEMPT_SIGNAL=USR1\n{ :\nmodule load x\n"), script
+    assert script.split("# setup\n", 1)[1].startswith("trap : USR1 USR2\nexport SUBMITIT_PREEMPT_SIGNAL=USR1\n{ :\n"
+                                                     "module load x\n"), script
     # what the job's python then handles, as submitit computes it at import
     env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"}
     out = subprocess.run([sys.executable, "-c", "from submitit.slurm.slurm import SlurmJobEnvironment as E; "

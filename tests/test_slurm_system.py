@@ -546,7 +546,8 @@ def test_another_signal_is_exported_to_the_job_and_requeues(slurm_cluster, jobs,
     """cluster.signal=USR1: the job's python gets SUBMITIT_PREEMPT_SIGNAL=USR1 from the script (so
     submitit's handler, in place while the job starts, takes USR1: test_launcher checks what submitit
     makes of it); the signal, sent once training runs, requeues the job. So does USR2, not configured (an
-    admin's, another tool's), where its default action would kill the job with nothing saved."""
+    admin's, another tool's), where its default action would kill the job with nothing saved. USR2 sent to the
+    batch shell alone (scancel -b) no longer ends the job."""
     run = tmp_path / "usr1"
     [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1000", "wandb.mode=disabled",
                            "cluster.signal=USR1", "checkpoint.signal=USR1", f"hydra.run.dir={run}")
@@ -561,6 +562,13 @@ def test_another_signal_is_exported_to_the_job_and_requeues(slurm_cluster, jobs,
     slurm_cluster.run(["scancel", "--signal=USR2", job], check=True)
     st = poll(lambda: (s := read_status(run)).get("restarts") == 1 and s.get("state") == "requeued" and s, 90)
     assert st and st["signal"] == "SIGUSR2", (read_status(run), tail(run))
+    # a warning to the batch shell alone (scancel -b): its default action ended the job, and with it the run (not
+    # requeued). The shell now keeps it (it cannot pass it on while srun runs: scancel without -b does)
+    wait_for_line(run / "train.log", "resumed from", timeout=120, offset=(run / "train.log").stat().st_size)
+    slurm_cluster.run(["scancel", "-b", "--signal=USR2", job], check=True)
+    epoch = poll(lambda: read_status(run).get("epoch"), 30)
+    assert poll(lambda: (read_status(run).get("epoch") or 0) >= epoch + 2, 60), (read_status(run), tail(run))
+    assert squeue_state(slurm_cluster, job) == "RUNNING" and read_status(run)["state"] == "running", tail(run)
 
 
 def test_cluster_setup_lines_run_as_written_and_a_failing_one_stops_the_job(slurm_cluster, jobs, tmp_path):
