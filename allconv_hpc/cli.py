@@ -39,7 +39,7 @@ def print_config(overrides: list[str]) -> int:
     and its run folder, then the config's warnings as train gives them; nothing is written or started."""
     from omegaconf import OmegaConf
 
-    from .compose import compose, pin_data_root, unread_overrides
+    from .compose import compose, pin_data_root, train_warnings
     from .config import ConfigError
     try:
         composed = compose(overrides)
@@ -52,7 +52,7 @@ def print_config(overrides: list[str]) -> int:
         print(f"# {root_said[1]}")
     print(OmegaConf.to_yaml(OmegaConf.create(composed.cfg_dict)), end="")
     sys.stdout.flush()  # the config first, then what train would warn of (stderr: the config stays pipeable)
-    for said in composed.cfg.warnings() + list(unread_overrides(composed).values()):
+    for said in train_warnings(composed, overrides, "one process, or the ranks torchrun starts"):
         print(f"allconv-hpc: warning: {said}", file=sys.stderr)
     return 0
 

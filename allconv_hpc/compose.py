@@ -45,6 +45,15 @@ def unread_overrides(c: Composed) -> dict[str, str]:
     return {o: f"{o}: {idle[override_key(o)][0]}, so it changes nothing" for o in c.overrides if override_key(o) in idle}
 
 
+def train_warnings(c: Composed, overrides: list[str], ranks: str) -> list[str]:
+    """What `train` warns of in its config (and `train --print-config` shows): legal but likely a mistake, the
+    overrides nothing reads, and cluster.* settings, which `train` never reads (`ranks`: how it runs instead)."""
+    ignored = [o for o in overrides if o.lstrip("+~").startswith(("cluster.", "cluster="))]
+    cluster = [f"{' '.join(ignored)}: cluster settings are read by allconv-hpc submit only; train runs as it was "
+               f"launched ({ranks})"] if ignored else []
+    return c.cfg.warnings() + list(unread_overrides(c).values()) + cluster
+
+
 def unread_said(c: Composed, swept: list[str]) -> list[str]:
     """unread_overrides as a sweep's point says them: the ones it varies (in ``swept``) in one line per reason, alike
     at every point so that submit says it once, the others each as for a single run."""

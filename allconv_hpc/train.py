@@ -49,7 +49,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     `allconv-hpc submit`, which read the cluster.* overrides itself."""
     try:
         from .checkpoint import CheckpointError, check_resume  # torch: the slow imports, inside the Ctrl-C guard
-        from .compose import check_run_dir, compose, pin_data_root, unread_overrides, write_hydra_files
+        from .compose import check_run_dir, compose, pin_data_root, train_warnings, write_hydra_files
         from .data import check_present
         from .distributed import DistributedError, PortInUse, detect_env
         from .runlock import acquire, check_free
@@ -111,12 +111,10 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         log.info("run folder %s", composed.run_dir)
         if root_said:
             (log.warning if root_said[0] else log.info)("%s", root_said[1])
-        for said in composed.cfg.warnings() + list(unread_overrides(composed).values()):
+        # submitted: submit read the cluster.* overrides (a user expecting `train cluster.tasks_per_node=4` to start
+        # 4 ranks is told otherwise)
+        for said in train_warnings(composed, [] if submitted else overrides, f"here {env.world_size} rank(s)"):
             log.warning("%s", said)
-        ignored = [o for o in overrides if o.lstrip("+~").startswith(("cluster.", "cluster="))]
-        if ignored and not submitted:  # a user expecting `train cluster.tasks_per_node=4` to start 4 ranks
-            log.warning("%s: cluster settings are read by allconv-hpc submit only; train runs as it was launched "
-                        "(here %d rank(s))", " ".join(ignored), env.world_size)
         if env.source == "torchrun" and os.environ.get("SLURM_JOB_ID"):
             log.warning("started by torchrun inside Slurm job %s: torchrun does not pass Slurm's warning signal "
                         "on to its workers, so a preemption or time limit is not checkpointed; start one rank "

@@ -173,6 +173,11 @@ def test_print_config_shows_the_composed_config_and_writes_nothing(tmp_path):
     assert [line.split(":", 3)[2].strip() for line in r.stderr.splitlines()] == [
         "schedule.milestones=[200,250,300]", "schedule.decay=0.5"], r.stderr
     assert r.stderr.startswith("allconv-hpc: warning: schedule.milestones=[200,250,300]: the run (trainer.epochs=100)")
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "data=synthetic",
+                        "cluster.tasks_per_node=4"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == (  # as train says it: a user expecting 4 ranks from it
+        "allconv-hpc: warning: cluster.tasks_per_node=4: cluster settings are read by allconv-hpc submit only; train "
+        "runs as it was launched (one process, or the ranks torchrun starts)\n"), r.stderr
     r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "optim.lr=-1"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "allconv-hpc: error: optim.lr=-1 must be > 0"
