@@ -133,6 +133,8 @@ def override_error(overrides: list[str], e: Exception) -> str:
                 hint = f"; a value holding '=' needs quotes: \"{key}='{value}'\""
             elif key.startswith("-") or "=" not in o:  # `optim.lr = 0.1` reaches here as three words
                 hint = "; give key=value without spaces around '=' or leading dashes, e.g. optim.lr=0.1"
+            elif "[" in value and not value.startswith(("[", "'", '"')):  # a Slurm node range, n[1-3]: '[' opens a list
+                hint = f"; quote a value holding '[': {key}='\"{value}\"' (Hydra then reads it as one string)"
             elif value and not re.fullmatch(r"[\w.,:/@+\-\[\]'\"${} ()]*", value, re.ASCII):  # ~, non-ASCII...
                 hint = f"; quote a value with such characters: \"{key}='{value}'\""
             elif value.endswith(",") or ",," in value or value.startswith(","):  # Hydra: "mismatched input..."

@@ -41,7 +41,7 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
             try:
                 parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
             except HydraException as e:
-                raise ConfigError(override_error(overrides, e) + _bracket_hint(overrides)) from None
+                raise ConfigError(override_error(overrides, e)) from None
             seen: dict[str, tuple[str, bool]] = {}  # key -> (its override, a sweep); Hydra keeps the last value
             for o in parsed:
                 key, first = o.key_or_group, seen.get(o.key_or_group)
@@ -72,24 +72,6 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
         GlobalHydra.instance().clear()
     points = [list(p) for p in itertools.product(*axes)] if axes else [[]]
     return common, points
-
-
-def _bracket_hint(overrides: list[str]) -> str:
-    """Hydra reads '[' only as the start of a list ("mismatched input '['"): a Slurm node range such as n[1-3]
-    needs quotes, which the shell would otherwise eat."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parser = OverridesParser.create()
-    for o in overrides:
-        try:
-            parser.parse_overrides([o])
-        except HydraException:  # the one override_error names
-            key, _, value = o.partition("=")
-            if "[" in value and not value.startswith(("[", "'", '"')):
-                return f"; quote a value holding '[': {key}='\"{value}\"' (Hydra then reads it as one string)"
-            return ""
-    return ""
 
 
 MAX_RANGE_POINTS = 100_000  # a range(0,1,1e-30) would build its list forever
