@@ -217,12 +217,12 @@ def run_rows(folder: Path) -> list[dict]:
         # controller is gone (SIGKILLed) may have ranks still stopping, or starting before their first record
         gone = rec.get("backend") == "local" and state is None and unfinished
         held, holder = runlock.holder(run_dir) if state not in ACTIVE_STATES else (None, "")
-        starting = bool(held) and run_state != "running" and _new_start(run_dir, st)
+        new_start = bool(held) and _new_start(run_dir, st)
+        starting = new_start and run_state != "running"
         # Slurm says the job is over, yet the lock its run took is held: its node died holding it (a network file
         # system keeps a dead node's lock a while, NFSv3 until the node is back), not a new start by hand
-        dead_lock = (bool(held) and slurm and known and (ended or state not in ACTIVE_STATES | {None})
-                     and current and run_state == "running" and not _new_start(run_dir, st)
-                     and str(st.get("slurm_job_id")) == str(rec["job_id"]))
+        dead_lock = (bool(held) and not new_start and slurm and known and (ended or state not in ACTIVE_STATES | {None})
+                     and current and run_state == "running" and str(st.get("slurm_job_id")) == str(rec["job_id"]))
         if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
             state = {True: "RUNNING", False: "FAILED"}.get(held, "UNKNOWN")
             active = bool(held)
