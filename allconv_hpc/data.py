@@ -514,7 +514,9 @@ class TrainBatches:
         params = aug.draw_params(self.n, self.seed, epoch, self.augment)
         for first in range(start_step, self.steps_per_epoch, self.chunk_steps):
             steps = [self._bounds(s) for s in range(first, min(first + self.chunk_steps, self.steps_per_epoch))]
-            idx = order[torch.cat([torch.arange(lo, hi) for lo, hi, _ in steps])]
+            # one rank's steps are contiguous in the order (a slice, no op per step); several ranks' are not
+            contiguous = all(a[1] == b[0] for a, b in zip(steps, steps[1:]))
+            idx = order[steps[0][0]:steps[-1][1]] if contiguous else torch.cat([order[lo:hi] for lo, hi, _ in steps])
             x, y = self._stage(idx, params)
             at = 0
             for lo, hi, n_global in steps:
