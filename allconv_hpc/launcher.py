@@ -525,6 +525,21 @@ def _print_skipped(points: list[Point]) -> None:
             print(f"not submitted again ({p.skip}): {p.run_dir}")
 
 
+def _terminal_sent_it() -> bool:
+    """Whether a SIGINT may be the terminal's Ctrl-C: this process is in the terminal's foreground process group
+    (and so is a cluster=local job's controller, which it started)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # no controlling terminal
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def submit_main(argv: list[str]) -> int:
     import argparse
 
@@ -580,9 +595,13 @@ def submit_main(argv: list[str]) -> int:
         from .status import wait_for
         try:
             return wait_for(where)
-        except KeyboardInterrupt:  # the watcher stops; Slurm jobs go on (local ones got the Ctrl-C too)
-            then = ("the local job got it too: it checkpoints and stops; submit again to resume"
-                    if cluster["backend"] == "local" else "the jobs go on")
+        except KeyboardInterrupt:  # the watcher stops; Slurm jobs go on, local ones got a terminal's Ctrl-C too
+            if cluster["backend"] != "local":
+                then = "the jobs go on"
+            elif jobs and _terminal_sent_it():  # to the foreground group: submit and the controllers it started
+                then = "the local job got it too: it checkpoints and stops; submit again to resume"
+            else:  # `kill -INT` of this process, or a job an earlier submit started: it goes on
+                then = "the local job goes on; stop it with kill -INT <its job id> (status lists it)"
             print(f"stopped watching (Ctrl-C); {then}; allconv-hpc status {shlex.quote(str(where))}", file=sys.stderr)
             return 130
     return 0

@@ -3,6 +3,9 @@ id that users signal needs. The job id `submit` prints is the controller's pid, 
 would `scancel --signal` a Slurm job: the controller passes USR1, USR2, HUP, TERM and INT on to its ranks and
 goes on supervising them (submitit's own died of all but TERM, and its ranks trained on unsupervised, with no
 cluster.timeout_min). The ranks get a parent-death signal (Linux), so a SIGKILLed controller leaves none training.
+They run in a process group of their own (as torchrun's workers do): a signal to the job's group (a terminal's
+Ctrl-C, `kill -- -PGID`) reaches them once, through the controller; straight as well, a second SIGINT a few ms after
+the first would stop a rank at once, with no checkpoint.
 """
 from __future__ import annotations
 
@@ -66,10 +69,12 @@ def _prctl() -> Optional[Callable]:
 
 
 def rank_preexec(parent: int, prctl: Optional[Callable]) -> Callable[[], None]:
-    """What a rank runs between fork and exec: the warnings ignored (see IGNORED_AT_START), and DEATH_SIGNAL once
-    the controller (`parent`, single-threaded: the kernel sends it when the thread that forked ends) is gone. A
-    controller that died before prctl took effect is caught by the getppid check right after it."""
+    """What a rank runs between fork and exec: a process group of its own (see the module's note), the warnings
+    ignored (see IGNORED_AT_START), and DEATH_SIGNAL once the controller (`parent`, single-threaded: the kernel sends
+    it when the thread that forked ends) is gone. A controller that died before prctl took effect is caught by the
+    getppid check right after it."""
     def preexec() -> None:
+        os.setpgid(0, 0)
         for s in IGNORED_AT_START:
             signal.signal(s, signal.SIG_IGN)
         if prctl is not None:
@@ -77,21 +82,6 @@ def rank_preexec(parent: int, prctl: Optional[Callable]) -> Callable[[], None]:
         if os.getppid() != parent:
             os._exit(128 + int(DEATH_SIGNAL))
     return preexec
-
-
-def terminal_sent_it() -> bool:
-    """Whether a SIGINT may be the terminal's Ctrl-C: this process is in the terminal's foreground process group,
-    and so are its ranks, which got the same SIGINT (a second one would stop them at once, with no checkpoint)."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-    except OSError:  # no controlling terminal
-        return False
-    try:
-        return os.tcgetpgrp(fd) == os.getpgrp()
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 class Controller(local.Controller):
@@ -103,12 +93,7 @@ class Controller(local.Controller):
         self.pid = str(os.getpid())  # the job id (under cluster.setup, the shell's pid too: it execs this process)
         for s in FORWARDED:
             if signal.getsignal(s) != signal.SIG_IGN:
-                signal.signal(s, self._forward)
-
-    def _forward(self, signum: int, frame) -> None:
-        if signum == signal.SIGINT and terminal_sent_it():
-            return
-        self._forward_signal(signum)
+                signal.signal(s, self._forward_signal)
 
     def start_tasks(self) -> None:  # submitit's, with rank_preexec
         self.folder.mkdir(exist_ok=True)

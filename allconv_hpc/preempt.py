@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from typing import Mapping, Optional
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ _warn: int = signal.SIGUSR2
 # admin's requeue signal (Lightning's is USR1) would otherwise kill the job with nothing saved since its last
 # checkpoint, where its default action ends the process.
 USR_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+# A SIGINT this soon after the signal that began a stop is the same Ctrl-C come twice (a process group signalled
+# and a controller passing it on, ms apart), not a second one asking to stop at once; a person takes longer
+SAME_SIGNAL_S = 0.5
 
 
 def warning_signals(warn: int) -> tuple[int, ...]:
@@ -109,6 +113,7 @@ class StopRequest:
         self.warn = signum(warn_signal)
         self.warnings = warning_signals(self.warn)
         self.received: Optional[int] = None
+        self._at = 0.0  # when the first signal came (time.monotonic)
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":
@@ -118,7 +123,7 @@ class StopRequest:
         for s in dict.fromkeys((*self.warnings, signal.SIGTERM, signal.SIGINT, *_hangup())):
             self._previous[s] = signal.signal(s, self._handle)
         if _early is not None:  # came before training started: honour it now
-            self.received, _early = _early, None
+            self.received, self._at, _early = _early, time.monotonic(), None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -127,10 +132,11 @@ class StopRequest:
 
     def _handle(self, sig: int, frame) -> None:
         # A warning followed by TERM (the grace period ending) is still a preemption: keep the first.
+        now = time.monotonic()
         if self.received is None:
-            self.received = sig
-        elif sig == signal.SIGINT:  # Ctrl-C while a stop is under way: the user wants out now (checkpoints are atomic)
-            raise KeyboardInterrupt
+            self.received, self._at = sig, now
+        elif sig == signal.SIGINT and now - self._at >= SAME_SIGNAL_S:
+            raise KeyboardInterrupt  # Ctrl-C while a stop is under way: the user wants out now (checkpoints are atomic)
 
     @property
     def requested(self) -> bool:

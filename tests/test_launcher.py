@@ -1355,6 +1355,107 @@ def test_a_signal_sent_to_a_local_job_id_stops_its_ranks_under_their_controller(
     assert (row["state"], row["failed"]) == ("INTERRUPTED", False), row
 
 
+def test_a_sigint_to_a_local_jobs_process_group_reaches_its_ranks_once(tmp_path):
+    """`kill -INT -- -PGID` (a CI cancel, a supervisor): the ranks, in a group of their own, get it once, from the
+    controller. In the controller's group they got it straight and again from it ms later, and that second copy
+    stopped a rank at once, mid-checkpoint, losing the steps since the last one (1 trial in 14)."""
+    run = tmp_path / "run"
+    controller, ranks = _start_local_job(tmp_path, run, 2)
+    try:
+        assert [os.getpgid(r) for r in ranks] == ranks  # each leads its own group, apart from the controller's
+        os.killpg(os.getpgid(controller), signal.SIGINT)
+        _watch_until_ended(run, ranks, controller=controller)
+        _watch_until_ended(run, [controller], timeout=30)
+    finally:
+        for pid in [*ranks, controller]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = (run / "train.log").read_text()
+    assert "stop requested (SIGINT) during" in text and "stopped at once" not in text, text[-3000:]
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("INTERRUPTED", False), row
+
+
+def _in_a_terminal(argv: list[str], env: dict, cwd: Path, until: Path, needle: str, out: Path) -> int:
+    """Runs argv as a terminal's foreground job (a pty of its own, as in an ssh session), types Ctrl-C once `needle`
+    is in the file `until`, and returns its exit status; what it printed goes to `out`."""
+    import pty
+    import select
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: session leader, the pty its controlling terminal, its group in the foreground
+        os.chdir(cwd)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a runner started as `cmd &` ignores it
+        os.execve(argv[0], argv, env)
+    said, typed, end = b"", False, time.monotonic() + 240
+    try:
+        while time.monotonic() < end:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # the child closed the terminal
+                    chunk = b""
+                if not chunk:
+                    break
+                said += chunk
+            if not typed and until.is_file() and needle in until.read_text():
+                os.write(fd, b"\x03")  # the terminal sends SIGINT to its foreground process group
+                typed = True
+        else:
+            os.kill(pid, signal.SIGKILL)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    finally:
+        os.close(fd)
+        out.write_bytes(said)
+
+
+def test_ctrl_c_in_the_terminal_of_submit_wait_stops_the_local_job_with_a_checkpoint(tmp_path):
+    """Ctrl-C while `submit --wait` watches a cluster=local job: submit stops watching and says the job got it too,
+    the controller passes it on, and every rank checkpoints and stops (the ranks, in a group of their own, get it
+    from the controller alone)."""
+    from proc import PY, clean_env
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    code = _in_a_terminal([PY, "-m", "allconv_hpc", "submit", "--wait", "cluster=local", "cluster.tasks_per_node=2",
+                           "cluster.cpus_per_task=1", *TINY, "trainer.epochs=100000", "trainer.progress=log",
+                           "trainer.log_every_steps=1", f"hydra.run.dir={run}"], clean_env(tmp_path, PATH=path),
+                          tmp_path, run / "train.log", "epoch 2 step", tmp_path / "submit.out")
+    said = (tmp_path / "submit.out").read_text(errors="replace")
+    assert code == 130 and "the local job got it too: it checkpoints and stops" in said, said[-3000:]
+    job = int(json.loads((run / "submission.json").read_text())["job_id"])
+    _watch_until_ended(run, [job], timeout=60)
+    text = (run / "train.log").read_text()
+    assert text.count("stop requested (SIGINT) during") == 1 and "stopped at once" not in text, text[-3000:]
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("INTERRUPTED", False), row
+
+
+def test_sigint_to_submit_wait_alone_says_the_local_job_goes_on(tmp_path):
+    """`kill -INT` of a `submit --wait` process (no terminal): the watcher stops, and it must not claim the local
+    job stops too (it said so, and the job trained on)."""
+    from proc import PY, clean_env, wait_for_line
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    p = subprocess.Popen([PY, "-m", "allconv_hpc", "submit", "--wait", "cluster=local", "cluster.cpus_per_task=1",
+                          *TINY, "trainer.epochs=100000", "trainer.progress=log", "trainer.log_every_steps=1",
+                          f"hydra.run.dir={run}"], env=clean_env(tmp_path, PATH=path), cwd=tmp_path,
+                         stdout=(tmp_path / "submit.out").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a `cmd &` ignores it
+    job = None
+    try:  # (its output to a file: the job, its child, holds a pipe open as long as it runs)
+        wait_for_line(run / "train.log", "epoch 2 step", timeout=120, proc=p)
+        job = int(json.loads((run / "submission.json").read_text())["job_id"])
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+        out = (tmp_path / "submit.out").read_text()
+        assert p.returncode == 130 and "the local job goes on; stop it with kill -INT" in out, out[-3000:]
+        assert _alive(job) and "stop requested" not in (run / "train.log").read_text()
+    finally:
+        p.kill()
+        if job is not None:
+            os.kill(job, signal.SIGINT)
+            _watch_until_ended(run, [job], timeout=60)
+
+
 def test_a_local_job_whose_controller_is_killed_stops_its_ranks(tmp_path):
     """A SIGKILLed controller cannot pass anything on: its ranks' parent-death signal (SIGTERM) stops them with a
     checkpoint, and `status` does not say LOST while they finish."""

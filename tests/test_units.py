@@ -14,7 +14,7 @@ import torch
 
 from allconv_hpc.config import ScheduleConfig
 from allconv_hpc.distributed import DistributedError, detect_env, expand_hostlist, slurm_port
-from allconv_hpc.preempt import SlurmJob, StopRequest, catch_early, parse_slurm_time
+from allconv_hpc.preempt import SAME_SIGNAL_S, SlurmJob, StopRequest, catch_early, parse_slurm_time
 from allconv_hpc.schedule import lr_factor
 from allconv_hpc.trainer import Poll, TrainState, classify_stop
 from proc import hold_lock
@@ -163,8 +163,18 @@ def test_stop_request_keeps_the_first_signal_and_restores_handlers():
     with StopRequest("USR2") as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and not stop.is_warning
+        time.sleep(SAME_SIGNAL_S)
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C gets the user out at once
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_ctrl_c_that_comes_twice_within_ms_is_one_stop_not_an_exit_at_once():
+    """A signal to a process group reaches a rank straight and through whatever passes it on (a controller, a
+    wrapper script) ms apart: that second copy must not stop the rank at once, losing the checkpoint being made."""
+    with StopRequest("USR2") as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # raised KeyboardInterrupt before
+        assert stop.received == signal.SIGINT
 
 
 def test_a_stop_request_on_sighup_as_the_warning_signal_restores_the_handler_it_found():
