@@ -166,11 +166,25 @@ def _get(d: Any, key: str, path: Path) -> Any:
     raise DataError(f"{path} is not a CIFAR python batch: no {key!r} entry; re-create or re-download it")
 
 
+# What a CIFAR batch's pickle may name: numpy's array and scalar rebuilding (numpy 1's and 2's module paths;
+# _frombuffer for protocol 5) and Python 3's bytes under protocol 2 (_codecs.encode of a str, bytes()). Any other global is
+# refused: unpickling calls what a pickle names, so a file planted in a shared data folder would run its code on
+# the login node (submit) and on every rank.
+_CIFAR_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("__builtin__", "bytes"),
+                  ("builtins", "bytes"),
+                  *((f"numpy.{core}.{mod}", fn) for core in ("core", "_core")
+                    for mod, fn in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")))}
+
+
 class _Unpickler(pickle.Unpickler):
-    """The official files name numpy.core.multiarray (numpy 1); numpy 2 keeps numpy.core only as a
-    deprecated alias of numpy._core, which a later numpy may drop: then the arrays come from numpy._core."""
+    """Builds numpy arrays and plain data, nothing else (_CIFAR_GLOBALS). The official files name
+    numpy.core.multiarray (numpy 1); numpy 2 keeps numpy.core only as a deprecated alias of numpy._core, which a
+    later numpy may drop: then the arrays come from numpy._core."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR batch holds; refused unread, as "
+                                         f"loading it could run code")
         if module == "numpy.core" or module.startswith("numpy.core."):
             try:
                 return super().find_class(module, name)
@@ -310,25 +324,28 @@ def _check_sizes(cfg: DataConfig, n_train: int, n_test: int, folder: Path) -> No
                             f"null for all")
 
 
-def check_sizes(cfg: DataConfig) -> None:
-    """data.val_size / train_size / test_size against the dataset's files, for `submit`: a job must not wait in
-    the queue to learn that its subset is larger than the data. Reads the files (about a second for CIFAR,
-    once per folder for a sweep) only when a size is set and every file is there."""
-    if cfg.name == "synthetic" or (cfg.val_size, cfg.train_size, cfg.test_size) == (0, None, None):
+def check_files(cfg: DataConfig) -> None:
+    """The dataset's files read and checked as a job would read them (shapes, labels, class names, what the
+    pickles name) and data.val_size / train_size / test_size against them, for `submit`: a job must not wait
+    in the queue to learn that a file is damaged inside or its subset is larger than the data. About a second
+    for CIFAR, once per folder for a sweep; nothing when a file is missing (check_present, or a download in
+    the job, deals with those)."""
+    if cfg.name == "synthetic":
         return
     folder, files, missing = _missing(cfg)
-    if missing:  # check_present, or a download in the job, deals with those
+    if missing:
         return
     stamp = tuple((f, st.st_mtime_ns, st.st_size) for f in files for st in [(folder / f).stat()])
-    _check_sizes(cfg, *_counts(folder, cfg.name, stamp), folder)
+    _check_sizes(cfg, *_checked_counts(folder, cfg.name, stamp), folder)
 
 
 @lru_cache(maxsize=8)
-def _counts(folder: Path, name: str, stamp: tuple) -> tuple[int, int]:
-    """(training, test) image counts of the files in `folder`; `stamp` (names, mtimes, sizes) keys the cache."""
+def _checked_counts(folder: Path, name: str, stamp: tuple) -> tuple[int, int]:
+    """(training, test) image counts of the files in `folder`, each file checked whole; `stamp` (names, mtimes,
+    sizes) keys the cache."""
     lay = _layout(name)
-    return tuple(sum(len(_get(_unpickle(folder / f), lay.label_key, folder / f)) for f in part)
-                 for part in (lay.train, lay.test))
+    _read_classes(folder / lay.meta, lay)
+    return tuple(sum(len(_read_batch(folder / f, lay).labels) for f in part) for part in (lay.train, lay.test))
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -58,7 +58,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
     from .compose import check_run_dir, check_sweep_dir, compose, pin_data_root, unread_said
-    from .data import check_present, check_sizes, expected_files, fetch_for_submit, to_download
+    from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
     from .tracking import check_names, preflight_mode
 
     common, swept = expand_sweep(overrides, multirun)
@@ -103,7 +103,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         elif root_said:
             print(f"allconv-hpc submit: {root_said[1]}", file=sys.stderr)
         check_present(c.cfg.data)
-        check_sizes(c.cfg.data)  # a subset larger than the files found now, not after the queue
+        check_files(c.cfg.data)  # a file damaged inside, a subset larger than the files: now, not after the queue
         if to_download(c.cfg.data):
             fetch.setdefault((c.cfg.data.name, c.cfg.data.root), c.cfg.data)
         if c.cfg.data.root != given_root:  # the jobs may start in another folder
@@ -172,7 +172,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             fetch_for_submit(data)
     if fetch and not dry_run:
         for p in points:
-            check_sizes(p.cfg.data)  # skipped above while the files were missing
+            check_files(p.cfg.data)  # skipped above while the files were missing
     return points, sweep_dir, cluster
 
 

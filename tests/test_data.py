@@ -1,5 +1,6 @@
 """Our own CIFAR reader (official pickle layout and dialect), its errors, subsets, synthetic data,
 and the DDP sharding of training and evaluation batches."""
+import os
 import pickle
 import re
 
@@ -137,6 +138,65 @@ def test_an_empty_or_cut_file_is_named_before_anything_is_read(cifar10):
     data.check_present(_cfg(root))
 
 
+class _Planted:
+    """Unpickling this calls os.system: what a file planted in a shared data folder could do."""
+
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return os.system, (self.cmd,)
+
+
+def test_a_data_file_that_would_run_code_is_refused_unrun(cifar10, tmp_path):
+    """Unpickling calls what a pickle names: only numpy's array rebuilding is let through, for train, the
+    submit-time size check (data.train_size) and evaluate alike."""
+    root = cifar10[0]
+    ran = tmp_path / "ran"
+    path = root / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(pickle.dumps({b"data": _Planted(f"touch {ran}"), b"labels": [1]}, protocol=2))
+    with pytest.raises(data.DataError, match=r"data_batch_2 is corrupt or not a CIFAR python pickle .*names "
+                                             r"(posix|os)\.system, which no CIFAR batch holds; refused unread"):
+        data.load(_cfg(root), seed=0)
+    with pytest.raises(data.DataError, match="refused unread"):
+        data.check_files(_cfg(root))
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("damage,msg", [
+    ("labels", r"data_batch_4 is corrupt: labels outside 0..9"),
+    ("shape", r"data_batch_4 is corrupt: data is uint8 \[3, 3000\], expected uint8 \[N, 3072\]"),
+    ("meta", r"batches.meta is corrupt: expected 10 label_names")])
+def test_submits_file_check_finds_a_file_damaged_inside(cifar10, damage, msg):
+    """A whole pickle (it ends as a pickle does) with wrong contents: submit's check reads the files as a job
+    would, so the job does not wait in the queue to fail on them."""
+    root = cifar10[0]
+    folder = root / "cifar-10-batches-py"
+    if damage == "meta":
+        (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b", b"c"]}, protocol=2))
+    else:
+        bad = {b"data": np.zeros((3, 3072 if damage == "labels" else 3000), np.uint8),
+               b"labels": [0, 10, 1] if damage == "labels" else [0, 1, 2]}
+        (folder / "data_batch_4").write_bytes(pickle.dumps(bad, protocol=2))
+    data.check_present(_cfg(root))  # whole files: the cheap check passes them
+    with pytest.raises(data.DataError, match=msg):
+        data.check_files(_cfg(root))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_batch_pickled_by_numpy_2_under_python_3_loads(cifar10, protocol):
+    """Not only the official dialect (numpy.core.multiarray._reconstruct): a batch another tool wrote with this
+    numpy (numpy._core paths; protocol 5's _frombuffer) holds only arrays too, and is read."""
+    root, xtr = cifar10[0], cifar10[1]
+    path = root / "cifar-10-batches-py" / "data_batch_1"
+    d = pickle.loads(path.read_bytes(), encoding="bytes")
+    d = {k.decode(): v for k, v in d.items()}
+    d["labels"] = np.asarray(d["labels"], dtype=np.int64)
+    path.write_bytes(pickle.dumps(d, protocol=protocol))
+    ds = data.load(_cfg(root), seed=0)
+    assert torch.equal(ds.train.images, xtr)
+
+
 def test_one_missing_file_is_named(cifar10):
     root, *_ = cifar10
     (root / "cifar-10-batches-py" / "test_batch").unlink()
@@ -214,7 +274,7 @@ def test_subsets_are_seeded_sorted_and_checked(cifar10):
         data.load(_cfg(root, train_size=24), seed=0)
 
 
-def test_check_sizes_refuses_what_load_would(cifar10):
+def test_check_files_refuses_what_load_would(cifar10):
     """submit's check: the same refusals as load(), from the files' image counts (23 training, test below)."""
     root = cifar10[0]
     for kw, msg in ((dict(train_size=24), "data.train_size=24 is larger than the 23 images available; "),
@@ -223,11 +283,11 @@ def test_check_sizes_refuses_what_load_would(cifar10):
                     (dict(val_size=23), "data.val_size=23 leaves none of the 23 training images"),
                     (dict(test_size=10**4), "data.test_size=10000 is larger than the ")):
         with pytest.raises(data.DataError, match=re.escape(msg)):
-            data.check_sizes(_cfg(root, **kw))
+            data.check_files(_cfg(root, **kw))
         with pytest.raises(data.DataError, match=re.escape(msg)):
             data.load(_cfg(root, **kw), seed=0)
-    data.check_sizes(_cfg(root, val_size=6, train_size=17))  # fits exactly
-    data.check_sizes(_cfg(root / "nowhere", train_size=24))  # missing files: check_present's (or a download's) part
+    data.check_files(_cfg(root, val_size=6, train_size=17))  # fits exactly
+    data.check_files(_cfg(root / "nowhere", train_size=24))  # missing files: check_present's (or a download's) part
 
 
 def test_held_out_split_is_disjoint_fixed_and_subset_after(cifar10):
