@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import CLUSTER_KEYS, SECTIONS, Config, ConfigError, from_dict
+from .fsio import name_too_long
 from .runlock import OWN_FILES, holds_run
 
 CONFIG_MODULE = "allconv_hpc.conf"
@@ -268,6 +269,9 @@ def _run_file(name: str) -> bool:
 def check_run_dir(run_dir: Path) -> None:
     """The run folder (and its checkpoints/) can be made and written: refused before any work or queue,
     not at the first checkpoint. Nothing is created; each rank can ask (a shared file system answers alike)."""
+    said = name_too_long(run_dir)
+    if said:
+        raise ConfigError(f"run folder {str(run_dir)[:80]}...: {said}; give a shorter hydra.run.dir")
     for path in (run_dir, run_dir / "checkpoints"):
         existing = next(p for p in (path, *path.parents) if p.exists())
         if not existing.is_dir():

@@ -27,6 +27,7 @@ import torch
 
 from . import augment as aug
 from .config import SYNTHETIC_SIZES, ConfigError, DataConfig
+from .fsio import name_too_long
 
 
 class DataError(ConfigError):
@@ -99,6 +100,9 @@ def expected_files(cfg: DataConfig) -> tuple[Path, list[str]]:
 
 def _missing(cfg: DataConfig) -> tuple[Path, list[str], list[str]]:
     folder, files = expected_files(cfg)
+    said = name_too_long(folder)
+    if said:  # no such folder can exist; is_file() would raise "File name too long"
+        raise DataError(f"data.root {str(cfg.root)[:80]}...: {said}; give the folder that holds {folder.name}")
     return folder, files, [f for f in files if not (folder / f).is_file()]
 
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError
+from .fsio import name_too_long
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 
 
@@ -83,6 +84,10 @@ def _sweep_hint(run: Path) -> Optional[str]:
 
 
 def _checkpoint_path(run: Path, which: str) -> Path:
+    for given, what in ((run, "the run folder"), (Path(which), "--checkpoint")):
+        said = name_too_long(given)
+        if said:  # nothing of that name can exist: said so, not as an OSError from is_dir
+            raise ConfigError(f"{what} {str(given)[:80]}...: {said}")
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; give a run folder (the one holding checkpoints/)")
     mine = run / "checkpoints" / (f"{which}.pt" if which in ("best", "last") else which)

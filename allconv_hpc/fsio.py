@@ -1,4 +1,4 @@
-"""Crash-safe file writes: a reader sees the old file or the new one, never half of one."""
+"""Crash-safe file writes: a reader sees the old file or the new one, never half of one; and the name limit."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,24 @@ import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Optional, Union
+
+
+def name_too_long(path: Union[str, Path]) -> Optional[str]:
+    """What is wrong when a name in `path` not yet made (or not found) is longer than its file system's NAME_MAX,
+    else None: a stat or mkdir of it fails with "File name too long", as an OSError no caller expects."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p) or p == p.parent)
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 0
+    limit = limit if limit > 0 else 255
+    for part in path.relative_to(existing).parts:
+        if len(part.encode()) > limit:
+            return (f"the name {part[:40]}... is {len(part.encode())} bytes, over the {limit} this file system "
+                    f"allows (under {existing})")
+    return None
 
 
 def fsync_dir(folder: Path) -> None:

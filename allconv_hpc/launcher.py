@@ -23,7 +23,7 @@ from .compose import override_key as _key
 from .config import CLUSTER_KEYS, ConfigError
 from . import runlock
 from .executor import check_can_start, make_executor, release_held, sbatch_refused, sbatch_said, sbatch_script
-from .fsio import read_json, write_atomic
+from .fsio import name_too_long, read_json, write_atomic
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, ignore_late_signals
 from .resources import signal_name, validate_cluster, warn
@@ -194,16 +194,9 @@ def _refuse_hydra_launcher(overrides: list[str]) -> None:
 def _check_name_max(folder: Path, what: str, fix: str) -> None:
     """Each folder name still to be made fits the file system's NAME_MAX: refused here, with the fix, not later by
     a mkdir or a read of the records in it ("File name too long"), which a dry run never reaches."""
-    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p) or p == p.parent)
-    try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 0
-    limit = limit if limit > 0 else 255
-    for part in folder.relative_to(existing).parts:
-        if len(part.encode()) > limit:
-            raise ConfigError(f"{what}: the folder name {part[:40]}... is {len(part.encode())} bytes, over the "
-                              f"{limit} this file system allows ({existing}); {fix}")
+    said = name_too_long(folder)
+    if said:
+        raise ConfigError(f"{what}: {said}; {fix}")
 
 
 def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optional[list] = None) -> Optional[str]:

@@ -528,3 +528,20 @@ def test_a_key_the_schedule_never_reads_may_change_on_resume(tmp_path):
             c.identity(), tmp_path)
     with pytest.raises(ConfigError, match=r"schedule.name: 'onecycle' -> 'cosine'"):  # another schedule: all compared
         compose(["data=synthetic", "schedule=cosine"]).cfg.check_resumable(c.identity(), tmp_path)
+
+
+def test_a_name_over_name_max_is_one_error_line_not_a_traceback(tmp_path, capsys):
+    """A name longer than the file system allows (255 bytes) in the run folder, the data root or evaluate's
+    arguments: one line naming it and the limit (each raised "File name too long" as an OSError traceback)."""
+    from allconv_hpc.cli import main
+    long = tmp_path / ("a" * 300)
+    for argv, said in (
+            (["train", "data=synthetic", f"hydra.run.dir={long}"], "error: run folder "),
+            (["train", "data=cifar10", f"data.root={long}", f"hydra.run.dir={tmp_path / 'r'}"], "error: data.root "),
+            (["evaluate", str(long)], "error: the run folder "),
+            (["evaluate", str(tmp_path), "--checkpoint", str(long)], "error: --checkpoint ")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and "is 300 bytes, over the 255 this file system allows" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()

@@ -1720,8 +1720,8 @@ def test_a_sweep_point_name_over_name_max_maps_to_the_same_short_folder(tmp_path
     monkeypatch.setattr(os, "pathconf", lambda path, name: 143)  # e.g. eCryptfs
     code, out, err = run_submit(capsys, *args, f"hydra.sweep.dir={tmp_path / 'sw2'}")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert ("error: the sweep point folder: the folder name wandb.name=nnnnnnnnnnnnnnnnnnnnnnnnnnnnn... is 255 bytes, "
-            f"over the 143 this file system allows ({tmp_path}); sweep fewer keys at once") in err, err
+    assert ("error: the sweep point folder: the name wandb.name=nnnnnnnnnnnnnnnnnnnnnnnnnnnnn... is 255 bytes, "
+            f"over the 143 this file system allows (under {tmp_path}); sweep fewer keys at once") in err, err
     assert not (tmp_path / "sw2").exists()
 
 
