@@ -23,6 +23,7 @@ PREPROCESSES = ("channel", "gcn_zca")  # see preprocess.py
 SCHEDULES = ("paper", "cosine", "onecycle", "constant", "inverse_time")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 CPU_PRECISIONS = ("fp32", "auto")  # what runs without CUDA (auto is fp32 there)
+MAX_THREADS = 1024  # trainer.threads: more than any node's cores
 DEVICES = ("auto", "cpu", "cuda")
 # torch.compile's modes; GRAPH_MODES capture CUDA graphs (one launch per graph replay) on CUDA
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -167,7 +168,9 @@ class ScheduleConfig:
         _check(all(isinstance(m, int) and not isinstance(m, bool) for m in self.milestones),
                f"schedule.milestones={list(self.milestones)} must be whole epochs, e.g. [200,250,300]")
         _check(all(m > 0 for m in self.milestones), "schedule.milestones must be positive epochs")
-        _check(list(self.milestones) == sorted(self.milestones), "schedule.milestones must be increasing")
+        _check(all(a < b for a, b in zip(self.milestones, self.milestones[1:])),
+               f"schedule.milestones={list(self.milestones)} must be strictly increasing (a repeated epoch multiplies "
+               f"the lr by gamma there twice: give it once, with gamma squared in mind)")
         _check(self.warmup_epochs >= 0, f"schedule.warmup_epochs={self.warmup_epochs} must be >= 0")
         _check(0 < self.pct_start < 1, f"schedule.pct_start={self.pct_start} must be in (0, 1)")
         _check(0 <= self.final_lr_ratio <= 1, f"schedule.final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
@@ -202,6 +205,10 @@ class TrainerConfig:
                f"trainer.compile_mode={self.compile_mode} needs trainer.compile=true; add it, or drop compile_mode")
         _check(self.log_every_steps >= 1, f"trainer.log_every_steps={self.log_every_steps} must be >= 1")
         _check(self.threads is None or self.threads >= 1, f"trainer.threads={self.threads} must be >= 1")
+        # OpenMP makes them all at the first op: 100,000 crashed a rank (SIGSEGV) with no word
+        _check(self.threads is None or self.threads <= MAX_THREADS,
+               f"trainer.threads={self.threads} is more than any node has cores for (at most {MAX_THREADS}); give "
+               f"the cores a rank may use, or leave it null (the task's CPUs)")
         _choice("trainer.progress", self.progress, ("auto", "bar", "log"))
 
 

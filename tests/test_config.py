@@ -61,6 +61,8 @@ BAD = [
     (["schedule.warmup_epochs=nan"], ["schedule.warmup_epochs=nan", "must be a finite number"]),
     (["schedule.gamma=-1"], ["schedule.gamma=-1", "> 0"]),
     (["schedule.milestones=[a,b]"], ["schedule.milestones=['a', 'b'] must be whole epochs"]),
+    (["schedule.milestones=[200,200]"], ["schedule.milestones=[200, 200] must be strictly increasing"]),  # gamma twice
+    (["trainer.threads=100000"], ["trainer.threads=100000 is more than any node has cores for (at most 1024)"]),
     (["checkpoint.signal=KILL"], ["checkpoint.signal=KILL cannot be caught", "USR2"]),
     (["checkpoint.signal=CHLD"], ["checkpoint.signal=CHLD has a meaning of its own", "use USR1 or USR2"]),
     (["checkpoint.signal=SIGTERM"], ["checkpoint.signal=SIGTERM has a meaning of its own"]),
