@@ -325,7 +325,8 @@ class TrainJob:
         finally:
             ignore_late_signals(self.signal)
         if self.local_port and code not in (0, EXIT_REQUEUED, EXIT_INTERRUPTED, EXIT_GAVE_UP):
-            end_local_peers(controller)  # a failure (the stops above are agreed by all ranks, which leave together)
+            # a failure or a Ctrl-C (130) of this rank alone (the stops above are agreed by all ranks, which leave together)
+            end_local_peers(controller, interrupt=code == 130)
         if code == EXIT_REQUEUED:
             # back in the queue: leave without a result, or submitit would report the job done. SystemExit
             # passes through submitit's `except Exception` (core/submission.py), so no result is written.

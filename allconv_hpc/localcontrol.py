@@ -18,13 +18,16 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-import submitit
-from submitit.core import utils
-from submitit.local import local
+from .localjob import DEATH_SIGNAL, HELD_AT_START, unhold
 
-from .localjob import DEATH_SIGNAL
+if __name__ == "__main__":  # the controller: held until its ranks are started (start_tasks), from before the slow imports
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START)
 
-FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+import submitit  # noqa: E402
+from submitit.core import utils  # noqa: E402
+from submitit.local import local  # noqa: E402
+
+FORWARDED = HELD_AT_START
 # ignored from the rank's exec until its handlers are in place, as in a Slurm job (executor.make_executor): a
 # warning in the rank's first moments is lost, not fatal
 IGNORED_AT_START = (signal.SIGUSR1, signal.SIGUSR2)
@@ -53,9 +56,13 @@ def start_controller(folder: Path, command: str, ntasks: int, cuda_devices: str,
            "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_STDERR_TO_STDOUT": "", "SUBMITIT_EXECUTOR": "local",
            "CUDA_VISIBLE_DEVICES": cuda_devices, "SUBMITIT_LOCAL_WITH_SHELL": ""}
     cmd = [sys.executable, "-m", "allconv_hpc.localcontrol", str(folder)]
-    if setup:
+    if setup:  # a Ctrl-C must still stop a setup line that hangs: the controller holds them from its first line
         return subprocess.Popen(" && ".join([*setup, "exec " + shlex.join(cmd)]), shell=True, env=env)
-    return subprocess.Popen(cmd, env=env)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START)  # from its exec on (Python's own start-up)
+    try:
+        return subprocess.Popen(cmd, env=env)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _prctl() -> Optional[Callable]:
@@ -95,7 +102,14 @@ class Controller(local.Controller):
             if signal.getsignal(s) != signal.SIG_IGN:
                 signal.signal(s, self._forward_signal)
 
-    def start_tasks(self) -> None:  # submitit's, with rank_preexec
+    def start_tasks(self) -> None:  # submitit's, with rank_preexec; the ranks start holding HELD_AT_START
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START)
+        try:
+            self._start_tasks()
+        finally:
+            unhold()  # what came meanwhile is passed on now, to ranks that hold it until train.run takes it
+
+    def _start_tasks(self) -> None:
         self.folder.mkdir(exist_ok=True)
         paths = [utils.JobPaths(self.folder, self.pid, k) for k in range(self.ntasks)]
         self.stdouts = [p.stdout.open("a") for p in paths]

@@ -64,6 +64,18 @@ def _reap(controller: int, wait_s: float, pids: list[int]) -> None:
               f"has no srun --kill-on-bad-exit)", file=sys.stderr, flush=True)
 
 
+# The signals a user sends a cluster=local job id: its controller passes them on. Held (blocked: pending, not lost)
+# from the controller's first line until its ranks are started, and in a rank from its exec until train.run's
+# handlers and Ctrl-C guard are in place (unhold): a signal in those first moments killed the controller with a
+# traceback (the job LOST) or a rank inside submitit's start (FAILED), where it now stops the run as in start-up.
+HELD_AT_START = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+
+
+def unhold() -> None:
+    """Deliver what came while HELD_AT_START were held (nothing held, as in a job srun started: a no-op)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_AT_START)
+
+
 DEATH_SIGNAL = signal.SIGTERM  # a rank whose controller died stops as on scancel: a checkpoint, then exit
 
 
@@ -75,9 +87,11 @@ def controller_gone() -> bool:
     return os.environ.get("SUBMITIT_EXECUTOR") == "local" and job is not None and str(os.getppid()) != job
 
 
-def end_local_peers(controller: int) -> None:
+def end_local_peers(controller: int, interrupt: bool = False) -> None:
     """After this rank failed in a cluster=local job: end the job's other ranks that do not end by themselves
     (see LOCAL_KILL_WAIT_S), from a process of its own, so that this one exits now and its peers see it go.
+    `interrupt`: this rank was Ctrl-C'd (in start-up, or during a stop): the peers get the Ctrl-C now, as the
+    job's other ranks would from its controller; in start-up they wait for this one at the rendezvous.
     `controller`: this rank's parent when it started; if that is no longer its parent (the controller died, and
     this process now belongs to init or a subreaper), its children are not this job's ranks: nothing is done."""
     ppid = os.getppid()
@@ -86,6 +100,9 @@ def end_local_peers(controller: int) -> None:
     from .jobs import children
     try:
         peers = [str(pid) for pid in children(ppid) if pid != os.getpid()]
+        for pid in peers if interrupt else ():
+            with contextlib.suppress(OSError):  # ended meanwhile
+                os.kill(int(pid), signal.SIGINT)
         if peers:
             subprocess.Popen([sys.executable, "-c", _REAPER, str(ppid), str(LOCAL_KILL_WAIT_S), *peers],
                              stdin=subprocess.DEVNULL, start_new_session=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
+from .localjob import unhold
 
 log = logging.getLogger("allconv_hpc")
 
@@ -48,6 +49,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     """The whole training process for this rank; returns the exit status. `submitted`: started by
     `allconv-hpc submit`, which read the cluster.* overrides itself."""
     try:
+        unhold()  # a cluster=local rank's signals held since its start come now, into this Ctrl-C guard
         from .checkpoint import CheckpointError, check_resume  # torch: the slow imports, inside the Ctrl-C guard
         from .compose import check_run_dir, compose, pin_data_root, train_warnings, write_hydra_files
         from .data import check_present

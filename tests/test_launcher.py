@@ -1508,6 +1508,41 @@ def test_ctrl_c_while_local_ranks_import_torch_is_a_start_up_interrupt(tmp_path)
     assert (row["state"], row["failed"]) == ("INTERRUPTED", False), row
 
 
+@pytest.mark.parametrize("target", ["controller", "rank"])
+def test_a_signal_in_a_local_jobs_first_moments_interrupts_it_in_start_up(tmp_path, target):
+    """SIGINT to the job id (its controller) as soon as submit returns, or to a rank as soon as it is forked: held
+    until the controller has ranks to pass it on to and until train.run's guard is there. Before, the controller
+    died of it with a traceback (status: LOST), or a rank inside submitit's start did (FAILED)."""
+    from proc import PY, clean_env
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "cluster=local", "cluster.tasks_per_node=2",
+                        "cluster.cpus_per_task=1", *TINY, f"hydra.run.dir={run}"], env=clean_env(tmp_path, PATH=path),
+                       stdout=(tmp_path / "submit.out").open("w"), stderr=subprocess.STDOUT, timeout=120, cwd=tmp_path,
+                       start_new_session=True)
+    assert r.returncode == 0, (tmp_path / "submit.out").read_text()
+    job = int(json.loads((run / "submission.json").read_text())["job_id"])
+    ranks, deadline = [], time.monotonic() + 60
+    try:
+        if target == "controller":
+            os.kill(job, signal.SIGINT)
+        else:
+            while not ranks:  # the first rank the moment it exists (its python not yet started)
+                assert _alive(job) and time.monotonic() < deadline, "no rank seen"
+                ranks = jobs.children(job)
+            os.kill(ranks[0], signal.SIGINT)
+        _watch_until_ended(run, [job], timeout=90)
+    finally:
+        for pid in [*ranks, job]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    errs = [p.read_text() for p in (run / ".submitit" / str(job)).glob("*_log.err")]
+    assert len(errs) == 2 and not any("Traceback" in e for e in errs), errs
+    assert "Traceback" not in (tmp_path / "submit.out").read_text()
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("INTERRUPTED", False), (row, errs)
+
+
 def test_a_run_resumed_by_hand_after_its_job_ended_is_running_not_lost(tmp_path, on_path):
     from allconv_hpc import runlock
     run = write_run(tmp_path, "running")  # its submitted job is gone without a word...
