@@ -1473,19 +1473,24 @@ def test_a_local_job_whose_controller_is_killed_stops_its_ranks(tmp_path):
     assert status.run_rows(run)[0]["state"] == "INTERRUPTED"
 
 
-def test_ctrl_c_while_local_ranks_import_torch_is_a_start_up_interrupt(tmp_path):
-    """A Ctrl-C that reaches the ranks of a cluster=local DDP job while they import torch (its first seconds) ends
-    them with the start-up line, as anywhere else in start-up: not a KeyboardInterrupt traceback from inside
-    `import torch`, which `status` read as FAILED."""
+def _submit_local_pair(tmp_path: Path, run: Path) -> int:
+    """A cluster=local job of 2 ranks (TINY) submitted in a session of its own; its job id, as soon as submit is done."""
     from proc import PY, clean_env
-    run = tmp_path / "run"
     path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
     r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "cluster=local", "cluster.tasks_per_node=2",
                         "cluster.cpus_per_task=1", *TINY, f"hydra.run.dir={run}"], env=clean_env(tmp_path, PATH=path),
                        stdout=(tmp_path / "submit.out").open("w"), stderr=subprocess.STDOUT, timeout=120, cwd=tmp_path,
                        start_new_session=True)
     assert r.returncode == 0, (tmp_path / "submit.out").read_text()
-    job = json.loads((run / "submission.json").read_text())["job_id"]
+    return int(json.loads((run / "submission.json").read_text())["job_id"])
+
+
+def test_ctrl_c_while_local_ranks_import_torch_is_a_start_up_interrupt(tmp_path):
+    """A Ctrl-C that reaches the ranks of a cluster=local DDP job while they import torch (its first seconds) ends
+    them with the start-up line, as anywhere else in start-up: not a KeyboardInterrupt traceback from inside
+    `import torch`, which `status` read as FAILED."""
+    run = tmp_path / "run"
+    job = str(_submit_local_pair(tmp_path, run))
     interrupted, deadline = set(), time.monotonic() + 60
     try:
         while len(interrupted) < 2:  # each rank as torch's library loads: only its imports load torch
@@ -1513,15 +1518,8 @@ def test_a_signal_in_a_local_jobs_first_moments_interrupts_it_in_start_up(tmp_pa
     """SIGINT to the job id (its controller) as soon as submit returns, or to a rank as soon as it is forked: held
     until the controller has ranks to pass it on to and until train.run's guard is there. Before, the controller
     died of it with a traceback (status: LOST), or a rank inside submitit's start did (FAILED)."""
-    from proc import PY, clean_env
     run = tmp_path / "run"
-    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
-    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "cluster=local", "cluster.tasks_per_node=2",
-                        "cluster.cpus_per_task=1", *TINY, f"hydra.run.dir={run}"], env=clean_env(tmp_path, PATH=path),
-                       stdout=(tmp_path / "submit.out").open("w"), stderr=subprocess.STDOUT, timeout=120, cwd=tmp_path,
-                       start_new_session=True)
-    assert r.returncode == 0, (tmp_path / "submit.out").read_text()
-    job = int(json.loads((run / "submission.json").read_text())["job_id"])
+    job = _submit_local_pair(tmp_path, run)
     ranks, deadline = [], time.monotonic() + 60
     try:
         if target == "controller":
