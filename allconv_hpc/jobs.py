@@ -177,17 +177,22 @@ def started_job(run_dir: Path) -> Optional[dict]:
     job, state = st.get("slurm_job_id"), st.get("state")
     if state not in (*TRAINING, "interrupted") or isinstance(job, bool) or not isinstance(job, (str, int)) or not str(job):
         return None
-    rec = {"job_id": str(job), "backend": "slurm", "run_dir": str(run_dir), "started_by_hand": True}
+    rec = {"job_id": str(job), "backend": "slurm", "run_dir": str(run_dir), "started_by_hand": True,
+           "updated": st.get("updated", 0)}
     return {**rec, "stopped": True} if state == "interrupted" else rec  # Slurm may have requeued it: QUEUED_AGAIN
 
 
 def started_unrecorded(run_dir: Path, rec: Optional[dict]) -> Optional[dict]:
     """The job status.json says trains the run (`started_job`) when it is not `rec`, the one submission.json
-    records: one started without submit (sbatch slurm/train.sbatch) into a folder submitted to before."""
+    records, and status.json was written since that submission: one started without submit (sbatch
+    slurm/train.sbatch) into a folder submitted to before. A status.json older than `rec` is the job's `rec` was
+    submitted after (stopped, and the run submitted again): `rec` is the run's job, pending or running."""
     started = started_job(run_dir)
-    if started is not None and (rec is None or str(rec.get("job_id")) != started["job_id"]):
+    if started is None or rec is None:
         return started
-    return None
+    if str(rec.get("job_id")) == started["job_id"] or started["updated"] < rec.get("submitted", 0):
+        return None
+    return started
 
 
 class DamagedFile(Exception):

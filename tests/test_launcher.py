@@ -999,6 +999,19 @@ def test_status_follows_a_job_started_by_hand_into_a_folder_submitted_to_before(
     assert (row["job"], row["state"], row["active"], row["failed"]) == ("200", "PENDING", True, False), row
 
 
+def test_a_run_submitted_again_shows_its_new_job_not_the_stopped_one_its_status_names(tmp_path, on_path):
+    """Job 1032 was scancelled (status.json: interrupted, its id); the run was submitted again as job 1034, which
+    has not written status.json yet (pending on a busy cluster). The row is 1034's: status showed CANCELLED 1032
+    and told the user to submit again (which is refused), and `submit --wait` returned at once with exit 1."""
+    run = write_run(tmp_path, None, job="1034", submitted=1000.0)
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 2, "epochs": 30,
+                                                 "slurm_job_id": "1032", "updated": 900.0}))
+    on_path(squeue='[ "$3" = 1034 ] && echo PENDING; exit 0', sacct=NO_ACCOUNTING,
+            scontrol='[ "$4" = 1034 ] && echo "JobState=PENDING Restarts=0" || echo "JobState=CANCELLED"')
+    row = status.run_rows(run)[0]
+    assert (row["job"], row["state"], row["active"], row["failed"]) == ("1034", "PENDING", True, False), row
+
+
 def test_a_local_job_whose_controller_died_is_lost(tmp_path):
     p = subprocess.Popen(["true"])
     p.wait()  # a pid that no longer runs
