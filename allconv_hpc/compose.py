@@ -266,20 +266,22 @@ def _run_file(name: str) -> bool:
             or (name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)))
 
 
-def check_run_dir(run_dir: Path) -> None:
+def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
     """The run folder (and its checkpoints/) can be made and written: refused before any work or queue,
-    not at the first checkpoint. Nothing is created; each rank can ask (a shared file system answers alike)."""
+    not at the first checkpoint. Nothing is created; each rank can ask (a shared file system answers alike).
+    `key`: what sets the folder (a sweep point's: hydra.sweep.dir), named in the fix."""
     said = name_too_long(run_dir)
     if said:
-        raise ConfigError(f"run folder {str(run_dir)[:80]}...: {said}; give a shorter hydra.run.dir")
+        raise ConfigError(f"run folder {str(run_dir)[:80]}...: {said}; give a shorter {key}")
     for path in (run_dir, run_dir / "checkpoints"):
-        existing = next(p for p in (path, *path.parents) if p.exists())
+        existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+        if existing.is_symlink() and not existing.exists():  # mkdir would fail "File exists"
+            raise ConfigError(f"run folder {run_dir}: {existing} is a link to {os.readlink(existing)}, which does not "
+                              f"exist (or loops); make that folder, or give another {key}")
         if not existing.is_dir():
-            raise ConfigError(f"run folder {run_dir}: {existing} is a file, not a folder; give another "
-                              f"hydra.run.dir")
+            raise ConfigError(f"run folder {run_dir}: {existing} is a file, not a folder; give another {key}")
         if not os.access(existing, os.W_OK | os.X_OK):  # EROFS too, also for root
-            raise ConfigError(f"run folder {run_dir}: {existing} is not writable here; give a writable "
-                              f"hydra.run.dir")
+            raise ConfigError(f"run folder {run_dir}: {existing} is not writable here; give a writable {key}")
         if existing != path:
             break  # the rest does not exist yet: made inside this writable folder
     if (run_dir / "sweep.json").is_file():  # status and evaluate would read it as the sweep, hiding this run

@@ -130,7 +130,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         cluster = mine
         if sweep_dir is None:  # pinned absolute, in place of the one given
             ov = [o for o in ov if _key(o) != "hydra.run.dir"] + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
-        check_run_dir(c.run_dir)
+        check_run_dir(c.run_dir, "hydra.run.dir" if sweep_dir is None else "hydra.sweep.dir")
         skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
         if skip is None:
             _warn_diverged(c.run_dir, c.cfg)
@@ -138,6 +138,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     dirs = [p.run_dir for p in points]
     if len(set(dirs)) != len(dirs):
         raise ConfigError("two sweep points map to the same run folder; make the swept values distinct")
+    _check_distinct_configs(points)
     lead, limit = cluster["signal_lead_s"], cluster["timeout_min"] * 60
     if 2 * lead > limit:  # legal, but each start trains little and every time limit uses up a requeue
         then = ("and is requeued, and each time limit counts against checkpoint.max_requeues"
@@ -189,6 +190,29 @@ def _refuse_hydra_launcher(overrides: list[str]) -> None:
                else "e.g. cluster.timeout_min=600, cluster.gpus_per_node=1")
         raise ConfigError(f"{o}: submit does not use Hydra's launcher plugins; this tool's cluster settings are "
                           f"cluster=slurm and cluster.<key> ({use})")
+
+
+def _check_distinct_configs(points: list[Point]) -> None:
+    """Two sweep points that compose to one config (optim.lr=1 and optim.lr=1.0: distinct folder names, one float)
+    would train the same run twice: refused, naming them."""
+    import dataclasses
+
+    def same(v):  # 1 and 1.0 are one value (the config keeps an int given for a float key as given)
+        if isinstance(v, dict):
+            return {k: same(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [same(x) for x in v]
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    seen: dict[str, Point] = {}
+    for p in points:
+        if p.cfg is None:
+            continue
+        key = repr(same(dataclasses.asdict(p.cfg)))
+        if key in seen:
+            raise ConfigError(f"sweep points {seen[key].run_dir.name} and {p.run_dir.name} give the same config (one "
+                              f"run trained twice); give each value once")
+        seen[key] = p
 
 
 def _check_name_max(folder: Path, what: str, fix: str) -> None:
@@ -324,6 +348,8 @@ class TrainJob:
             raise
         finally:
             ignore_late_signals(self.signal)
+            if self.local_port:  # a peer passing its Ctrl-C on (end_local_peers) would only make this a traceback
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.local_port and code not in (0, EXIT_REQUEUED, EXIT_INTERRUPTED, EXIT_GAVE_UP):
             # a failure or a Ctrl-C (130) of this rank alone (the stops above are agreed by all ranks, which leave together)
             end_local_peers(controller, interrupt=code == 130)

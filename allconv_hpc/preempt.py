@@ -38,7 +38,8 @@ def slurm_out(cmd: list[str], warn: bool = False) -> Optional[str]:
         return None
     if r.returncode != 0:
         if warn:
-            log.warning("%s: %s", " ".join(cmd), (r.stderr or r.stdout).strip()[:300])
+            said = (r.stderr or r.stdout).strip()[:300] or f"exit status {r.returncode}, no message"
+            log.warning("%s: %s", " ".join(cmd), said)  # (scontrol requeue racing a requeue: nothing said)
         return None
     return r.stdout
 
@@ -94,8 +95,7 @@ def catch_early(warn_signal: Optional[str] = None) -> None:
 
 def ignore_late_signals(warn_signal: Optional[str] = None) -> None:
     """Training is over (done, stopped or failed): ignore warnings (USR1, USR2, `warn_signal`),
-    SIGTERM, SIGHUP and SIGINT from now on (a Ctrl-C now, e.g. a cluster=local peer passing its own on, see
-    localjob.end_local_peers, would only turn the exit status into a KeyboardInterrupt traceback).
+    SIGTERM and SIGHUP from now on.
 
     Python resets its handlers to the default (terminate) while the interpreter shuts down, so a
     time-limit warning landing in those last moments would kill a finished process by the signal,
@@ -103,7 +103,7 @@ def ignore_late_signals(warn_signal: Optional[str] = None) -> None:
     that reset. Only for process entry points: a test process calling `train.run` keeps its handlers.
     """
     for s in {signal.SIGUSR1, signal.SIGUSR2, signum(warn_signal) if warn_signal else _warn, signal.SIGTERM,
-              signal.SIGHUP, signal.SIGINT}:
+              signal.SIGHUP}:
         signal.signal(s, signal.SIG_IGN)
 
 

@@ -41,7 +41,7 @@ def job_records(folder: Path) -> list[dict]:
         jobs = sweep.get("jobs")
         if not isinstance(jobs, list) or not jobs:
             raise DamagedFile(f"{path}: no 'jobs' list, or an empty one; {FIXES[path.name]}")
-        return [_here(check_keys(rec, JOB_KEYS, path, f"job {i + 1}: "), folder, sweep=True)
+        return [_point_job(_here(check_keys(rec, JOB_KEYS, path, f"job {i + 1}: "), folder, sweep=True))
                 for i, rec in enumerate(jobs)]
     path = folder / "submission.json"
     rec = read_record(path)
@@ -56,6 +56,23 @@ def job_records(folder: Path) -> list[dict]:
         raise FileNotFoundError(f"{folder} does not exist; give a run folder (hydra.run.dir) or a sweep folder")
     raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
                             f"folder (sweep.json)")
+
+
+def _point_job(rec: dict) -> dict:
+    """A sweep point's job: the sweep's record, unless the point was submitted since on its own (its submission.json
+    names a later job) or resumed by a job started without submit; as `status POINT` shows it."""
+    run_dir = Path(rec["run_dir"])
+    try:
+        own = read_record(run_dir / "submission.json")
+    except DamagedFile:  # `status POINT` names it; the sweep's record stands here
+        own = None
+    if own is not None and str(own.get("job_id")) != str(rec.get("job_id")) and \
+            isinstance(own.get("submitted"), (int, float)) and own["submitted"] > rec.get("submitted", 0):
+        try:
+            rec = _here(check_keys(own, JOB_KEYS, run_dir / "submission.json"), run_dir, sweep=False)
+        except DamagedFile:
+            pass
+    return started_unrecorded(run_dir, rec) or rec
 
 
 def _here(rec: dict, folder: Path, sweep: bool) -> dict:
@@ -253,7 +270,13 @@ def run_rows(folder: Path) -> list[dict]:
             restarts = st.get("restarts", 0) if current else 0
         if state == "LOST" and not current and _interrupted_in_start_up(rec):
             state = "INTERRUPTED"
-        failed = not starting and (state.split(" ")[0] in FAILED_STATES or ended or run_state in ("failed", "gave_up"))
+        # the run stopped on a signal with a checkpoint (exit 3, which Slurm records as FAILED; or scancel's SIGTERM:
+        # CANCELLED): resumable by the same submit, as a cluster=local job's INTERRUPTED, not a failure
+        stopped = current and run_state == "interrupted" and state in ("FAILED", "CANCELLED") and not active
+        if stopped and state == "FAILED":
+            state = "INTERRUPTED"
+        failed = not starting and not stopped and (
+            state.split(" ")[0] in FAILED_STATES or ended or run_state in ("failed", "gave_up"))
         if run_state == "completed" and failed and not active:
             # training finished, then Slurm ended the job otherwise (scancel or the time limit just after the
             # last epoch): the run is done, not failed, and a new submit would find nothing to do

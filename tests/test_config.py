@@ -547,3 +547,19 @@ def test_a_name_over_name_max_is_one_error_line_not_a_traceback(tmp_path, capsys
         assert said in err and "is 300 bytes, over the 255 this file system allows" in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_folder_that_is_a_dangling_link_or_under_a_read_only_sweep_folder_is_named(tmp_path):
+    """A link to a folder that is gone (scratch purged) failed at mkdir with "[Errno 17] File exists"; a sweep point
+    whose folder cannot be written named hydra.run.dir, which a sweep does not take, as the fix."""
+    from allconv_hpc.compose import check_run_dir
+    from allconv_hpc.config import ConfigError
+    (tmp_path / "run").symlink_to(tmp_path / "purged")
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'run'} is a link to {tmp_path / 'purged'}, which does not "
+                                          rf"exist \(or loops\); make that folder, or give another hydra.run.dir"):
+        check_run_dir(tmp_path / "run")
+    (tmp_path / "purged").mkdir()
+    check_run_dir(tmp_path / "run")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a folder; give another hydra.sweep.dir"):
+        check_run_dir(tmp_path / "afile" / "optim.lr=0.1", "hydra.sweep.dir")

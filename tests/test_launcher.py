@@ -1012,6 +1012,40 @@ def test_a_run_submitted_again_shows_its_new_job_not_the_stopped_one_its_status_
     assert (row["job"], row["state"], row["active"], row["failed"]) == ("1034", "PENDING", True, False), row
 
 
+@pytest.mark.parametrize("slurm_says,shown", [("FAILED", "INTERRUPTED"), ("CANCELLED", "CANCELLED")])
+def test_a_slurm_job_whose_run_stopped_with_a_checkpoint_is_stopped_not_failed(tmp_path, on_path, slurm_says, shown):
+    """train exits 3 after a stop on a signal (USR2 with cluster.requeue=false: Slurm records FAILED; scancel's
+    SIGTERM: CANCELLED): the run is resumable, so the row is not failed, and `submit --wait` exits 3, "stopped
+    unfinished", as README says (it exited 1, "a job failed", under Slurm; only cluster=local exited 3)."""
+    run = write_run(tmp_path, None, job="1011", submitted=1000.0)
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 2, "epochs": 30,
+                                                 "slurm_job_id": "1011", "updated": 1100.0}))
+    on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol=f'echo "JobState={slurm_says} Restarts=0"')
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["run"], row["failed"]) == (shown, "interrupted", False), row
+    assert status.wait_for(run, poll_s=0) == status.EXIT_STOPPED
+    (run / "status.json").write_text(json.dumps({"state": "failed", "epoch": 2, "epochs": 30, "slurm_job_id": "1011",
+                                                 "updated": 1100.0, "error": "boom"}))
+    assert status.run_rows(run)[0]["failed"] and status.wait_for(run, poll_s=0) == 1  # a failure stays one
+
+
+def test_a_sweep_point_submitted_again_on_its_own_shows_its_new_job_in_the_sweeps_status(tmp_path, on_path):
+    """sweep.json names the point's array task 1008_0 (it stopped); the point was submitted since on its own (job
+    1013, pending): `status SWEEP` shows 1013, as `status POINT` does, not 1008_0 with "submit again" advice."""
+    sweep, point = tmp_path / "sw", tmp_path / "sw" / "optim.lr=0.01"
+    point.mkdir(parents=True)
+    old = {"job_id": "1008_0", "backend": "slurm", "run_dir": str(point), "submitted": 1000.0}
+    (sweep / "sweep.json").write_text(json.dumps({"sweep_dir": str(sweep), "submitted": 1000.0, "jobs": [old]}))
+    (point / "submission.json").write_text(json.dumps({**old, "job_id": "1013", "submitted": 1200.0}))
+    (point / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 2, "epochs": 30,
+                                                   "slurm_job_id": "1008_0", "updated": 1100.0}))
+    on_path(squeue='[ "$3" = 1013 ] && echo PENDING; exit 0', sacct=NO_ACCOUNTING,
+            scontrol='[ "$4" = 1013 ] && echo "JobState=PENDING Restarts=0" || echo "JobState=COMPLETED"')
+    for folder in (sweep, point):
+        row = status.run_rows(folder)[0]
+        assert (row["job"], row["state"], row["active"], row["failed"]) == ("1013", "PENDING", True, False), row
+
+
 def test_a_local_job_whose_controller_died_is_lost(tmp_path):
     p = subprocess.Popen(["true"])
     p.wait()  # a pid that no longer runs
@@ -1290,6 +1324,17 @@ def test_a_key_swept_twice_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"seed is given twice in a sweep \(seed=0,1 and seed=2,3\); give it once"):
         launcher.plan(["cluster=local", *TINY, "seed=0,1", "seed=2,3"], multirun=True)
+
+
+def test_sweep_values_that_give_one_config_are_refused(tmp_path, monkeypatch):
+    """optim.lr=1,1.0: two folder names, one float; both points would train the same run. (0.05,0.050 is caught
+    earlier, as one folder.)"""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"sweep points optim.lr=1 and optim.lr=1.0 give the same config"):
+        launcher.plan(["cluster=local", "cluster.array_parallelism=2", *TINY, "optim.lr=1,1.0"], multirun=True)
+    points = launcher.plan(["cluster=local", "cluster.array_parallelism=4", *TINY, "optim.lr=1,2", "seed=0,1"],
+                           multirun=True)[0]
+    assert len(points) == 4
 
 
 def test_a_local_job_at_its_time_limit_says_to_submit_again(tmp_path):

@@ -211,7 +211,7 @@ def test_both_usr_signals_are_warnings_whichever_the_config_names(monkeypatch):
     requeue signal) is a warning too, before training (recorded) and during it: its default action would end the
     job with nothing saved since its last checkpoint."""
     from allconv_hpc import preempt
-    sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP)
     saved = {s: signal.getsignal(s) for s in sigs}
     for name, value in (("_early", None), ("_warn", signal.SIGUSR2)):
         monkeypatch.setattr(preempt, name, value)
@@ -957,3 +957,12 @@ def test_fp16_trains_with_an_sgd_kernel_that_skips_an_overflowed_first_step_whol
     assert not left and torch.equal(weights, torch.ones(4096) - 0.1)  # exactly one step of lr 0.1 on gradient 1
     assert two_steps({"fused": True})[1]  # what fp16 ran before: buffers of whatever the memory held
     assert make_sgd([torch.nn.Parameter(torch.ones(1))], Config(), cpu, "fp32").param_groups[0]["foreach"]
+
+
+def test_a_slurm_command_failing_without_a_word_is_logged_with_its_exit_status(tmp_path, caplog):
+    """`scontrol requeue` racing Slurm's own requeue can exit non-zero saying nothing: the warning said
+    "scontrol requeue 995: " and no more."""
+    from allconv_hpc.preempt import slurm_out
+    with caplog.at_level("WARNING"):
+        assert slurm_out(["sh", "-c", "exit 1"], warn=True) is None
+    assert "sh -c exit 1: exit status 1, no message" in caplog.text, caplog.text
