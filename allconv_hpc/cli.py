@@ -72,6 +72,31 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # as a shell reports a writer killed by SIGPIPE
 
 
+# what torchrun's failure report says of a worker that stopped on purpose (it says "FAILED" of any non-zero exit,
+# with "To enable traceback see: ..." where a traceback would be)
+_STOPPED_SAYS = {3: "not a failure: stopped on a signal with a checkpoint (exit 3); the same command resumes the run",
+                 4: "gave up after checkpoint.max_requeues time limits (exit 4); its checkpoint stands: submitting the "
+                    "run again continues it",
+                 130: "interrupted (Ctrl-C) in start-up or during a stop (exit 130); the run's newest checkpoint stands"}
+
+
+def _tell_torchrun(code: int) -> None:
+    """A torchrun worker's exit on purpose, written where torchrun reads a worker's error (TORCHELASTIC_ERROR_FILE)."""
+    import json
+    import os
+    import time
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or code not in _STOPPED_SAYS:
+        return
+    said = {"message": {"message": _STOPPED_SAYS[code],
+                        "extraInfo": {"py_callstack": _STOPPED_SAYS[code], "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(said, f)
+    except OSError:  # torchrun then says what it says of any exit
+        pass
+
+
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -90,8 +115,10 @@ def _dispatch(argv: list[str]) -> int:
             code = run(rest)
         except KeyboardInterrupt:  # one train.run did not catch: a second Ctrl-C while it closes, say
             print("allconv-hpc: interrupted (Ctrl-C); the run's newest checkpoint on disk stands", file=sys.stderr)
+            _tell_torchrun(130)
             return 130
         ignore_late_signals()
+        _tell_torchrun(code)
         return 0 if code == EXIT_REQUEUED else code  # back in the queue: nothing failed
     if cmd == "submit":
         from .launcher import submit_main

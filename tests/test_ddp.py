@@ -177,6 +177,21 @@ def test_a_rendezvous_timeout_says_how_long_it_waited(tmp_path):
     assert r.returncode != 0 and said and 3 <= int(said.group(1)) <= 10, out[-2000:]
 
 
+def _signal_worker(cmd: list[str], run: Path, after: str, sig: int, tmp_path: Path) -> tuple[int, str]:
+    """Runs the torchrun command `cmd`, sends `sig` to its worker of rank 1 once train.log says `after`, and
+    returns torchrun's exit status and output."""
+    p = subprocess.Popen(cmd, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(run / "train.log", after, timeout=120, proc=p)
+        pid = _worker_pid(1, run)
+        assert pid, "no torchrun worker of rank 1"
+        os.kill(pid, sig)
+        out, _ = p.communicate(timeout=240)
+    finally:
+        p.kill()
+    return p.returncode, out
+
+
 def _worker_pid(rank: int, run: Path) -> int | None:
     """The pid of this run's torchrun worker of `rank` (its environment names it)."""
     for environ in Path("/proc").glob("[0-9]*/environ"):
@@ -210,6 +225,8 @@ def test_ctrl_c_to_one_torchrun_rank_in_set_up_interrupts_the_run(tmp_path):
     assert "stopped with peer rank 1, which was interrupted (Ctrl-C) during start-up" in log, log[-2000:]
     codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: (-?\d+)", out))
     assert codes == {"0": "130", "1": "130"}, out[-3000:]
+    # torchrun's report says why, where it would say "To enable traceback see: ..." for any non-zero exit
+    assert "traceback : interrupted (Ctrl-C) in start-up or during a stop (exit 130)" in out, out[-3000:]
     st = json.loads((run / "status.json").read_text())
     assert st["state"] == "interrupted", st
     rows = subprocess.run([PY, "-m", "allconv_hpc", "status", "--json", str(run)], env=clean_env(tmp_path),
@@ -226,17 +243,23 @@ def test_torchrun_max_restarts_resumes_after_a_worker_dies(one_rank, tmp_path):
     run = tmp_path / "run"
     cmd = train_cmd(run, EQUIV + ["checkpoint.every_steps=2", "dist.timeout_s=30"], nproc=2)
     cmd.insert(cmd.index("--standalone") + 1, "--max-restarts=1")
-    p = subprocess.Popen(cmd, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_line(run / "train.log", "(global 5)", timeout=120, proc=p)
-        pid = _worker_pid(1, run)
-        assert pid, "no torchrun worker of rank 1"
-        os.kill(pid, signal.SIGKILL)
-        out, _ = p.communicate(timeout=240)
-    finally:
-        p.kill()
-    assert p.returncode == 0, out[-3000:]
+    code, out = _signal_worker(cmd, run, "(global 5)", signal.SIGKILL, tmp_path)
+    assert code == 0, out[-3000:]
     log = (run / "train.log").read_text()
     assert "resumed from" in log, log[-3000:]
     assert [r["epoch"] for r in history(run)] == [r["epoch"] for r in history(one_rank)]
     assert_same_weights(final_weights(run), final_weights(one_rank), exact=False)
+
+
+def test_torchruns_report_says_a_stop_with_a_checkpoint_is_no_failure(tmp_path):
+    """torchrun reports any non-zero worker exit as FAILED, with "To enable traceback see: ..." in place of a
+    traceback; a worker that stopped on a signal with a checkpoint (exit 3) says there that it did."""
+    run = tmp_path / "run"
+    _, out = _signal_worker(train_cmd(run, TINY + ["trainer.epochs=1000", "trainer.progress=log",
+                                                   "trainer.log_every_steps=1"], nproc=2),
+                            run, "(global 3)", signal.SIGTERM, tmp_path)
+    codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: (-?\d+)", out))
+    assert set(codes.values()) == {"3"}, out[-3000:]
+    assert "traceback : not a failure: stopped on a signal with a checkpoint (exit 3); the same command resumes" in out
+    assert "To enable traceback see" not in out, out[-3000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
