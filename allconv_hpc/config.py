@@ -324,6 +324,9 @@ class Config:
             said.append(f"schedule.milestones=[{','.join(map(str, s.milestones))}]: the run (trainer.epochs="
                         f"{t.epochs}) ends before the first, epoch {s.milestones[0]}, so the learning rate never "
                         f"decays; give milestones within the run, e.g. {fix}schedule=cosine")
+        if s.name == "paper" and s.milestones and s.gamma > 1:
+            said.append(f"schedule.gamma={s.gamma:g} is over 1: the learning rate grows at each milestone (the paper's "
+                        f"steps divide it by 10: gamma=0.1)")
         return said
 
     @property

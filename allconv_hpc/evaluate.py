@@ -90,6 +90,9 @@ def _checkpoint_path(run: Path, which: str) -> Path:
             raise ConfigError(f"{what} {str(given)[:80]}...: {said}")
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; give a run folder (the one holding checkpoints/)")
+    if (run / "checkpoints").exists() and not (run / "checkpoints").is_dir():
+        raise ConfigError(f"{run / 'checkpoints'} is a file, not the run's checkpoint folder; give the run folder "
+                          f"that holds its checkpoints/")
     mine = run / "checkpoints" / (f"{which}.pt" if which in ("best", "last") else which)
     # a bare name is the run's own file, even if the current folder holds one of that name
     path = mine if which in ("best", "last") or mine.is_file() else Path(which)

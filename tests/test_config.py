@@ -475,6 +475,10 @@ def test_milestones_none_of_which_the_run_reaches_are_warned():
     assert compose(["trainer.epochs=200", "schedule.milestones=[200]"]).cfg.warnings()[0].startswith(
         "schedule.milestones=[200]: the run (trainer.epochs=200) ends before the first, epoch 200")
     assert compose(["trainer.epochs=1"]).cfg.warnings()[0].endswith("e.g. schedule=cosine")  # no milestone fits
+    assert compose(["schedule.gamma=5"]).cfg.warnings() == [
+        "schedule.gamma=5 is over 1: the learning rate grows at each milestone (the paper's steps divide it by 10: "
+        "gamma=0.1)"]
+    assert compose(["schedule.gamma=1"]).cfg.warnings() == []  # one lr throughout: legal, plain
     for fine in (["trainer.epochs=201"], ["trainer.epochs=260"],  # one milestone reached: a run cut short on purpose
                  ["trainer.epochs=100", "schedule=cosine"], ["trainer.epochs=100", "schedule.milestones=[]"],
                  ["trainer.epochs=3", "data=synthetic"]):  # generated data: a plumbing check, one lr by design

@@ -224,6 +224,9 @@ def test_a_run_without_any_checkpoint_says_so_and_points_at_status(tmp_path):
         evaluate(run, "best")
     with pytest.raises(ConfigError, match=rf"no checkpoint {tmp_path}/x.pt \(checkpoints/ holds nothing\)"):
         evaluate(run, str(tmp_path / "x.pt"))  # a file asked for by name: named
+    (run / "checkpoints").write_text("")  # not "no checkpoint yet": what is there is wrong
+    with pytest.raises(ConfigError, match=rf"{run}/checkpoints is a file, not the run's checkpoint folder"):
+        evaluate(run, "best")
 
 
 def test_a_folder_that_is_no_run_is_named_so(tmp_path):
