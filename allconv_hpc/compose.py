@@ -272,7 +272,7 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
     `key`: what sets the folder (a sweep point's: hydra.sweep.dir), named in the fix."""
     said = name_too_long(run_dir)
     if said:
-        raise ConfigError(f"run folder {str(run_dir)[:80]}...: {said}; give a shorter {key}")
+        raise ConfigError(f"run folder: {said}; give a shorter {key}")
     for path in (run_dir, run_dir / "checkpoints"):
         existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
         if existing.is_symlink() and not existing.exists():  # mkdir would fail "File exists"

@@ -102,7 +102,7 @@ def _missing(cfg: DataConfig) -> tuple[Path, list[str], list[str]]:
     folder, files = expected_files(cfg)
     said = name_too_long(folder)
     if said:  # no such folder can exist; is_file() would raise "File name too long"
-        raise DataError(f"data.root {str(cfg.root)[:80]}...: {said}; give the folder that holds {folder.name}")
+        raise DataError(f"data.root: {said}; give the folder that holds {folder.name}")
     return folder, files, [f for f in files if not (folder / f).is_file()]
 
 

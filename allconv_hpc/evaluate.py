@@ -87,7 +87,7 @@ def _checkpoint_path(run: Path, which: str) -> Path:
     for given, what in ((run, "the run folder"), (Path(which), "--checkpoint")):
         said = name_too_long(given)
         if said:  # nothing of that name can exist: said so, not as an OSError from is_dir
-            raise ConfigError(f"{what} {str(given)[:80]}...: {said}")
+            raise ConfigError(f"{what}: {said}")
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; give a run folder (the one holding checkpoints/)")
     if (run / "checkpoints").exists() and not (run / "checkpoints").is_dir():

@@ -348,11 +348,11 @@ class TrainJob:
             raise
         finally:
             ignore_late_signals(self.signal)
-            if self.local_port:  # a peer passing its Ctrl-C on (end_local_peers) would only make this a traceback
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.local_port and code not in (0, EXIT_REQUEUED, EXIT_INTERRUPTED, EXIT_GAVE_UP):
-            # a failure or a Ctrl-C (130) of this rank alone (the stops above are agreed by all ranks, which leave together)
-            end_local_peers(controller, interrupt=code == 130)
+            # a failure, or a Ctrl-C (130) before this rank's Trainer could tell its peers (the stops above are agreed
+            # by all ranks, which leave together)
+            from . import train
+            end_local_peers(controller, interrupt=code == 130 and train.peers_untold)
         if code == EXIT_REQUEUED:
             # back in the queue: leave without a result, or submitit would report the job done. SystemExit
             # passes through submitit's `except Exception` (core/submission.py), so no result is written.
@@ -619,7 +619,8 @@ def submit_main(argv: list[str]) -> int:
             if cluster["backend"] != "local":
                 then = "the jobs go on"
             elif jobs and _terminal_sent_it():  # to the foreground group: submit and the controllers it started
-                then = "the local job got it too: it checkpoints and stops; submit again to resume"
+                then = ("a Ctrl-C typed in this terminal reached the local job too: it checkpoints and stops; submit "
+                        "again to resume")
             else:  # `kill -INT` of this process, or a job an earlier submit started: it goes on
                 then = "the local job goes on; stop it with kill -INT <its job id> (status lists it)"
             print(f"stopped watching (Ctrl-C); {then}; allconv-hpc status {shlex.quote(str(where))}", file=sys.stderr)

@@ -28,8 +28,9 @@ from submitit.core import utils  # noqa: E402
 from submitit.local import local  # noqa: E402
 
 FORWARDED = HELD_AT_START
-# ignored from the rank's exec until its handlers are in place, as in a Slurm job (executor.make_executor): a
-# warning in the rank's first moments is lost, not fatal
+# ignored from the rank's exec, as in a Slurm job (executor.make_executor), where a warning in a rank's first
+# moments is lost, not fatal; here they are held too (HELD_AT_START), so one stays pending (Linux keeps a blocked
+# signal even when ignored) and reaches train's handlers at unhold()
 IGNORED_AT_START = (signal.SIGUSR1, signal.SIGUSR2)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -118,8 +119,9 @@ class Controller(local.Controller):
         for k in range(self.ntasks):
             env = {**os.environ, "SUBMITIT_LOCAL_LOCALID": str(k), "SUBMITIT_LOCAL_GLOBALID": str(k),
                    "SUBMITIT_LOCAL_JOB_ID": self.pid}
-            self.tasks.append(subprocess.Popen(self.command, env=env, stdout=self.stdouts[k], stderr=self.stderrs[k],
-                                               encoding="utf-8", preexec_fn=preexec))
+            # no terminal input: in a group of their own, a read of it (a breakpoint()) would stop them (SIGTTIN)
+            self.tasks.append(subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=self.stdouts[k],
+                                               stderr=self.stderrs[k], encoding="utf-8", preexec_fn=preexec))
 
 
 if __name__ == "__main__":

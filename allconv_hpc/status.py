@@ -272,7 +272,8 @@ def run_rows(folder: Path) -> list[dict]:
             state = "INTERRUPTED"
         # the run stopped on a signal with a checkpoint (exit 3, which Slurm records as FAILED; or scancel's SIGTERM:
         # CANCELLED): resumable by the same submit, as a cluster=local job's INTERRUPTED, not a failure
-        stopped = current and run_state == "interrupted" and state in ("FAILED", "CANCELLED") and not active
+        stopped = (current and run_state == "interrupted" and state in ("FAILED", "CANCELLED") and not active
+                   and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"])))  # that job's own word
         if stopped and state == "FAILED":
             state = "INTERRUPTED"
         failed = not starting and not stopped and (

@@ -5,13 +5,14 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
-from .localjob import unhold
+from .localjob import LOCAL_PORT_ENV, unhold
 
 log = logging.getLogger("allconv_hpc")
 
@@ -152,6 +153,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     except KeyboardInterrupt:  # Python's own Ctrl-C before fit's handlers are in place, or a second one while stopping
         code = 130
         if trainer is None or getattr(trainer, "_phase", None) is None:  # start-up: this start trained nothing
+            if trainer is None:
+                _tell_peers_later()
             said = "interrupted (Ctrl-C) during start-up, before training; nothing was written to the run's checkpoints"
             log.warning("%s", said)
             if trainer is not None:
@@ -227,7 +230,20 @@ def _rank_tag() -> str:
     return f"rank {env.rank}: " if env.world_size > 1 else ""
 
 
+# set when this rank was Ctrl-C'd before its Trainer existed: its peers may wait for it at the rendezvous, untold
+# (a Trainer tells them: _report); a cluster=local rank then passes the Ctrl-C on (launcher.TrainJob)
+peers_untold = False
+
+
+def _tell_peers_later() -> None:
+    global peers_untold
+    peers_untold = True
+    if os.environ.get(LOCAL_PORT_ENV):  # a cluster=local rank: a peer Ctrl-C'd alike passes its own on to this one,
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # which is leaving with 130 now: no traceback of it
+
+
 def _interrupted_in_start_up() -> int:
+    _tell_peers_later()
     print("allconv-hpc: interrupted (Ctrl-C) during start-up, before training; nothing was written to the run's "
           "checkpoints", file=sys.stderr)
     return 130

@@ -542,10 +542,10 @@ def test_a_name_over_name_max_is_one_error_line_not_a_traceback(tmp_path, capsys
     from allconv_hpc.cli import main
     long = tmp_path / ("a" * 300)
     for argv, said in (
-            (["train", "data=synthetic", f"hydra.run.dir={long}"], "error: run folder "),
-            (["train", "data=cifar10", f"data.root={long}", f"hydra.run.dir={tmp_path / 'r'}"], "error: data.root "),
-            (["evaluate", str(long)], "error: the run folder "),
-            (["evaluate", str(tmp_path), "--checkpoint", str(long)], "error: --checkpoint ")):
+            (["train", "data=synthetic", f"hydra.run.dir={long}"], "error: run folder: the name aaaa"),
+            (["train", "data=cifar10", f"data.root={long}", f"hydra.run.dir={tmp_path / 'r'}"], "error: data.root: the name aaaa"),
+            (["evaluate", str(long)], "error: the run folder: the name aaaa"),
+            (["evaluate", str(tmp_path), "--checkpoint", str(long)], "error: --checkpoint: the name aaaa")):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert said in err and "is 300 bytes, over the 255 this file system allows" in err, err

@@ -1024,6 +1024,10 @@ def test_a_slurm_job_whose_run_stopped_with_a_checkpoint_is_stopped_not_failed(t
     row = status.run_rows(run)[0]
     assert (row["state"], row["run"], row["failed"]) == (shown, "interrupted", False), row
     assert status.wait_for(run, poll_s=0) == status.EXIT_STOPPED
+    st = json.loads((run / "status.json").read_text())  # a stop by hand (`train`, no job) since: not this job's
+    (run / "status.json").write_text(json.dumps({k: v for k, v in st.items() if k != "slurm_job_id"}))
+    assert status.run_rows(run)[0]["failed"]
+    (run / "status.json").write_text(json.dumps(st))
     (run / "status.json").write_text(json.dumps({"state": "failed", "epoch": 2, "epochs": 30, "slurm_job_id": "1011",
                                                  "updated": 1100.0, "error": "boom"}))
     assert status.run_rows(run)[0]["failed"] and status.wait_for(run, poll_s=0) == 1  # a failure stays one
@@ -1478,7 +1482,7 @@ def test_ctrl_c_in_the_terminal_of_submit_wait_stops_the_local_job_with_a_checkp
                            "trainer.log_every_steps=1", f"hydra.run.dir={run}"], clean_env(tmp_path, PATH=path),
                           tmp_path, run / "train.log", "epoch 2 step", tmp_path / "submit.out")
     said = (tmp_path / "submit.out").read_text(errors="replace")
-    assert code == 130 and "the local job got it too: it checkpoints and stops" in said, said[-3000:]
+    assert code == 130 and "reached the local job too: it checkpoints and stops" in said, said[-3000:]
     job = int(json.loads((run / "submission.json").read_text())["job_id"])
     _watch_until_ended(run, [job], timeout=60)
     text = (run / "train.log").read_text()
