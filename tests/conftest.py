@@ -1,6 +1,7 @@
 import dataclasses
 import os
 import shlex
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -90,3 +91,17 @@ def slurm_cluster():
 
 
 # --------------------------------------------------------------- end of the Slurm section
+
+
+_DISPOSED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+@pytest.fixture(autouse=True)
+def _signal_dispositions_stay_the_tests():
+    """A test that runs `train` in this process leaves warnings ignored (preempt.ignore_late_signals): every job a
+    later test starts would inherit SIG_IGN, and a cluster=local controller then passes no USR2 on. Put back."""
+    saved = {s: signal.getsignal(s) for s in _DISPOSED}
+    yield
+    for s, h in saved.items():
+        if h is not None and signal.getsignal(s) is not h:
+            signal.signal(s, h)
