@@ -90,8 +90,8 @@ def controller_gone() -> bool:
 def end_local_peers(controller: int, interrupt: bool = False) -> None:
     """After this rank failed in a cluster=local job: end the job's other ranks that do not end by themselves
     (see LOCAL_KILL_WAIT_S), from a process of its own, so that this one exits now and its peers see it go.
-    `interrupt`: this rank was Ctrl-C'd (in start-up, or during a stop): the peers get the Ctrl-C now, as the
-    job's other ranks would from its controller; in start-up they wait for this one at the rendezvous.
+    `interrupt`: this rank was Ctrl-C'd before its Trainer could tell its peers (train.peers_untold): they get the
+    Ctrl-C now, as they would from the controller; they may be waiting for this one at the rendezvous.
     `controller`: this rank's parent when it started; if that is no longer its parent (the controller died, and
     this process now belongs to init or a subreaper), its children are not this job's ranks: nothing is done."""
     ppid = os.getppid()
