@@ -28,6 +28,7 @@ class Composed:
     run_dir: Path
     overrides: list
     hydra: dict
+    given_dirs: dict = dataclasses.field(default_factory=dict)  # hydra.run.dir / hydra.sweep.dir as given, unresolved
 
 
 def _unread(cfg: Config) -> dict[str, tuple[str, str]]:
@@ -52,7 +53,8 @@ def train_warnings(c: Composed, overrides: list[str], ranks: str) -> list[str]:
     ignored = [o for o in overrides if o.lstrip("+~").startswith(("cluster.", "cluster="))]
     cluster = [f"{' '.join(ignored)}: cluster settings are read by allconv-hpc submit only; train runs as it was "
                f"launched ({ranks})"] if ignored else []
-    return c.cfg.warnings() + list(unread_overrides(c).values()) + cluster
+    return (c.cfg.warnings() + list(unread_overrides(c).values()) + cluster
+            + dated_dir_warning(c, "hydra.run.dir", c.run_dir))
 
 
 def unread_said(c: Composed, swept: list[str]) -> list[str]:
@@ -159,9 +161,26 @@ def _check_override_keys(overrides: list[str]) -> None:
             raise ConfigError(f"{o} deletes {key}, which every run has; set it instead ({key}=...)")
 
 
+def _check_group_lists(overrides: list[str]) -> None:
+    """`model=[a,b]` is Hydra's way to merge several options of a group into one config, the last one's values
+    over the others' under the last one's name: never one of our nets, datasets or schedules, and never what a
+    user who meant a sweep (`-m model=a,b`) wanted. Refused (recipes, `experiment=[...]`, may stack)."""
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        if key in (*SECTIONS, "cluster") and value.startswith("[") and value.endswith("]"):
+            items = [v.strip() for v in value[1:-1].split(",") if v.strip()]
+            if not items:
+                raise ConfigError(f"{o} picks no {key} option; give one, e.g. {key}=<option> (allconv-hpc train --help lists them)")
+            if len(items) > 1:
+                raise ConfigError(f"{o} picks {len(items)} {key} options at once, which Hydra merges into one "
+                                  f"config ({items[-1]}'s values over the others'); give one, {key}={items[-1]}, "
+                                  f"or sweep them: allconv-hpc submit -m {key}={','.join(items)}")
+
+
 def compose(overrides: list[str]) -> Composed:
     """Compose, resolve and validate; raises ConfigError with a one-line message."""
     _check_override_keys(overrides)
+    _check_group_lists(overrides)
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -192,12 +211,24 @@ def compose(overrides: list[str]) -> Composed:
     for key, value in (("hydra.run.dir", run_dir), ("hydra.sweep.dir", sweep_dir)):
         if not value.strip():  # e.g. hydra.run.dir=$RUN with RUN unset: would train into the current folder
             raise ConfigError(f"{key} is empty (an unset shell variable?); give a folder, e.g. {key}=runs/x")
+    given = {"hydra.run.dir": hydra["run"]["dir"], "hydra.sweep.dir": hydra["sweep"]["dir"]}
     hydra["run"]["dir"], hydra["sweep"]["dir"] = run_dir, sweep_dir
     _check_model_name(overrides, plain["model"])
     cluster = plain.pop("cluster", {}) or {}
     cfg = from_dict(plain)
     return Composed(cfg=cfg, cfg_dict=plain, cluster=cluster, run_dir=Path(run_dir).expanduser().absolute(),
-                    overrides=list(overrides), hydra=hydra)
+                    overrides=list(overrides), hydra=hydra, given_dirs=given)
+
+
+def dated_dir_warning(c: Composed, key: str, resolved: Path) -> list[str]:
+    """A folder named by the clock (Hydra's ${now:...}) is another one at each start: the same command run again,
+    or requeued by a plain sbatch script, starts over instead of resuming. Legal (a new run each time may be
+    wanted), so a warning that names the folder to give instead."""
+    given = str(c.given_dirs.get(key, ""))
+    if "${now:" not in given:
+        return []
+    return [f"{key}={given} names a new folder at each start ({resolved} this time): the same command run again "
+            f"starts over instead of resuming; give {key}={resolved} to resume this one"]
 
 
 def _check_model_name(overrides: list[str], model: dict) -> None:

@@ -337,7 +337,7 @@ class Config:
 
     def identity(self) -> dict:
         """What a resumed run may not change: every key except the operational ones below."""
-        flat = _flatten(dataclasses.asdict(self))
+        flat = flatten(dataclasses.asdict(self))
         return {k: v for k, v in flat.items() if not resumable_change(k)}
 
     def check_resumable(self, theirs: dict, run_dir, train_state: Optional[dict] = None,
@@ -395,14 +395,29 @@ def resumable_change(key: str, also: tuple = ()) -> bool:
     return any(key == p.rstrip(".") or key.startswith(p.rstrip(".") + ".") for p in (*also, *RESUMABLE_CHANGES))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}"""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# What ranks may see differently: a node's own copy of the data (a job's local disk); W&B, which rank 0 alone reads.
+PER_RANK_KEYS = ("data.root", "wandb.")
+
+
+def rank_difference(views: list[dict]) -> Optional[str]:
+    """The first key whose value differs between rank 0's view and another rank's (`views`: each rank's
+    {key: value}, flat), said as "rank R has K=V where rank 0 has V0"; None where all agree."""
+    for rank, view in enumerate(views[1:], 1):
+        for key in sorted(set(view) | set(views[0])):
+            if not key.startswith(PER_RANK_KEYS) and view.get(key) != views[0].get(key):
+                return f"rank {rank} has {key}={view.get(key)!r} where rank 0 has {views[0].get(key)!r}"
+    return None
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,

@@ -57,7 +57,7 @@ def hydra_value(value, key: str) -> str:
 def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
-    from .compose import check_run_dir, check_sweep_dir, compose, pin_data_root, unread_said
+    from .compose import check_run_dir, check_sweep_dir, compose, dated_dir_warning, pin_data_root, unread_said
     from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
     from .tracking import check_names, preflight_mode
 
@@ -73,7 +73,10 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             raise ConfigError("hydra.run.dir is set per point in a sweep (-m): give the sweep's folder with "
                               "hydra.sweep.dir=... instead")
         if "hydra.sweep.dir" in keys:
-            sweep_dir = Path(compose(common + swept[0]).hydra["sweep"]["dir"]).expanduser().absolute()
+            first = compose(common + swept[0])
+            sweep_dir = Path(first.hydra["sweep"]["dir"]).expanduser().absolute()
+            for said in dated_dir_warning(first, "hydra.sweep.dir", sweep_dir):
+                warn(said)
         else:
             name = default_sweep_dir(common, swept)
             earlier = [d for d in earlier_sweep_dirs(common, swept) if d != name and Path(d).is_dir()]
@@ -109,7 +112,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         if c.cfg.data.root != given_root:  # the jobs may start in another folder
             ov = [o for o in ov if _key(o) != "data.root"] + [f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
-        for said in c.cfg.warnings() + unread_said(c, s):  # a swept key's said once for the sweep, not per value
+        dated = dated_dir_warning(c, "hydra.run.dir", c.run_dir) if sweep_dir is None else []
+        for said in c.cfg.warnings() + unread_said(c, s) + dated:  # a swept key's said once for the sweep, not per value
             if said not in warned:  # once for a sweep
                 warned.add(said)
                 warn(said)

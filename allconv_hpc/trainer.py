@@ -30,7 +30,7 @@ from . import data as data_mod, preprocess, runlock
 from .augment import DROPOUT_STREAM, INIT_STREAM, LEGACY_ORDER_STREAM, mix_seed
 from .checkpoint import CheckpointDir, CheckpointError, Writer, earlier_epochs, load_file, snapshot
 from .fsio import read_json, write_atomic
-from .config import CPU_PRECISIONS, GRAPH_MODES, Config, ConfigError
+from .config import CPU_PRECISIONS, GRAPH_MODES, Config, ConfigError, flatten, rank_difference
 from .distributed import Dist, DistEnv, pick_device, set_threads
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .models import build_model, count_parameters, summary
@@ -202,6 +202,17 @@ class Trainer:
         # the last step of construction: a failure from here on must reach the peers (see train.run)
         self.dist = Dist(env, self.device, cfg.dist.backend, cfg.dist.timeout_s)
 
+    def _check_same_run(self) -> None:
+        """Every rank composed the same run folder and config. Each composes its own, so a value resolved per
+        process (${now:...} in hydra.run.dir, an ${oc.env:...} set otherwise on another node, a relative folder
+        from another working directory) would have the ranks resume different checkpoints, or one of them none."""
+        views = self.dist.gather_objects({"hydra.run.dir": str(self.run_dir), **flatten(self.cfg_dict)})
+        said = rank_difference(views)
+        if said:
+            raise ConfigError(f"the ranks composed different runs: {said}. Each rank composes the overrides itself: "
+                              f"give the value literally (not ${{now:...}}, nor an ${{oc.env:...}} or a relative folder "
+                              f"that differs from rank to rank)")
+
     def setup(self) -> "Trainer":
         """Data, model, optimizer, resume, tracker: the work that needs the process group."""
         cfg, cfg_dict, env, t = self.cfg, self.cfg_dict, self.env, self.cfg.trainer
@@ -211,6 +222,7 @@ class Trainer:
             if self._lock_fd is None:
                 log.warning("the file system of %s has no flock: nothing stops a second process from training "
                             "into this folder at the same time", self.run_dir)
+        self._check_same_run()
         self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
         # a cluster=local job on a Slurm node (inherited SLURM_JOB_ID) must not requeue the user's allocation

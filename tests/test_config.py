@@ -25,6 +25,11 @@ from proc import clean_env
 # (overrides, substrings the one-line message must contain)
 BAD = [
     (["model=nope"], ["model/nope"]),
+    # Hydra would merge the two into one config under model_a's name: neither net
+    (["model=[allcnn_c,model_a]"], ["model=[allcnn_c,model_a] picks 2 model options at once", "give one, model=model_a",
+                                    "submit -m model=allcnn_c,model_a"]),
+    (["+schedule=[paper,cosine]"], ["picks 2 schedule options"]),
+    (["model=[]"], ["model=[] picks no model option"]),
     (["schedule.milestones.x=1"], ["schedule.milestones.x=1", "takes an index, key.0=value"]),  # OmegaConf's ValueError
     (["model.name=nope"], ["model.name='nope'", "allcnn_c", "allcnn_seed"]),
     (["optim.lr=0"], ["optim.lr=0", "> 0"]),
@@ -572,3 +577,23 @@ def test_a_run_folder_that_is_a_dangling_link_or_under_a_read_only_sweep_folder_
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError, match="is a file, not a folder; give another hydra.sweep.dir"):
         check_run_dir(tmp_path / "afile" / "optim.lr=0.1", "hydra.sweep.dir")
+
+
+def test_one_option_in_brackets_and_a_list_of_recipes_are_hydras_to_compose():
+    assert compose(["data=[synthetic]"]).cfg.data.name == "synthetic"
+    assert compose(["data=synthetic", "experiment=[fast]"]).cfg.optim.lr == 0.1
+
+
+def test_a_run_folder_named_by_the_clock_is_warned_with_the_folder_to_give(tmp_path, monkeypatch):
+    """hydra.run.dir=runs/${now:...} is another folder at each start: a rerun, or a plain sbatch script's requeue,
+    starts over. Warned (by train and by submit) with the folder to give to resume; a fixed folder is not."""
+    from allconv_hpc.compose import train_warnings
+    monkeypatch.chdir(tmp_path)
+    c = compose(["data=synthetic", "hydra.run.dir=runs/x-${now:%Y%m%d}"])
+    assert c.run_dir.parent == tmp_path / "runs" and c.run_dir.name.startswith("x-20")
+    assert train_warnings(c, c.overrides, "one process") == [
+        f"hydra.run.dir=runs/x-${{now:%Y%m%d}} names a new folder at each start ({c.run_dir} this time): the same "
+        f"command run again starts over instead of resuming; give hydra.run.dir={c.run_dir} to resume this one"]
+    for fixed in (["data=synthetic"], ["data=synthetic", "hydra.run.dir=runs/x-${seed}"]):
+        c = compose(fixed)
+        assert train_warnings(c, c.overrides, "one process") == [], fixed

@@ -120,6 +120,33 @@ def test_a_rank_that_raises_fails_the_others_naming_it(tmp_path):
     assert st["state"] == "failed" and "injected failure at global step 7" in st["error"], st
 
 
+def test_ranks_that_composed_different_runs_refuse_to_start_naming_the_key(tmp_path):
+    """Each rank composes the overrides itself: one whose config or run folder resolved otherwise (a ${now:...}
+    folder, an ${oc.env:...} set otherwise on another node) would train, or resume, another run. Every rank
+    refuses, naming the key, before the data or a checkpoint is read; a node's own data.root is allowed."""
+    run = tmp_path / "run"
+    for own, said in (([[], ["data.root=/elsewhere"]], None),  # a node's local copy of the data: fine
+                      ([["optim.lr=0.05"], ["optim.lr=0.1"]], "rank 1 has optim.lr=0.1 where rank 0 has 0.05"),
+                      ([[], [f"hydra.run.dir={tmp_path / 'other'}"]],
+                       f"rank 1 has hydra.run.dir='{tmp_path / 'other'}' where rank 0 has '{run}'")):
+        procs = start_ranks(tmp_path, run, TINY + ["trainer.epochs=1", "data.root=/data"], world=2,
+                            rank_overrides=own)
+        try:
+            outs = [p.communicate(timeout=120)[0] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        if said is None:
+            assert [p.returncode for p in procs] == [0, 0], outs
+            shutil.rmtree(run)
+            continue
+        for p, out in zip(procs, outs):
+            assert p.returncode == 2, out[-2000:]
+            assert f"the ranks composed different runs: {said}" in out, out[-2000:]
+        assert {p.name for p in run.iterdir()} <= {"train.log", ".train.lock"}  # no checkpoint, no history
+        assert not (tmp_path / "other").exists()
+
+
 def test_a_hung_rank_fails_the_others_within_the_timeout(tmp_path):
     """A rank that stops answering but keeps its connections (SIGSTOP: a hang, a stuck file system):
     only the collective timeout can catch it."""

@@ -1673,6 +1673,26 @@ def test_a_sweep_over_a_key_its_schedule_never_reads_is_warned_once(tmp_path, ca
     assert "schedule.decay=0.5: schedule=paper does not read it, so it changes nothing" in capsys.readouterr().err
 
 
+def test_a_run_or_sweep_folder_named_by_the_clock_is_warned_and_pinned(tmp_path, capsys, monkeypatch):
+    """submit resolves a ${now:...} folder once: the job (and its requeues) keep it, while submitting the same
+    command again would start over in a new one, which is warned with the folder to give."""
+    monkeypatch.chdir(tmp_path)
+    points, _, _ = launcher.plan(["cluster=local", *TINY, "hydra.run.dir=runs/r-${now:%Y%m%d}"], multirun=False)
+    run = points[0].run_dir
+    assert run.parent == tmp_path / "runs"
+    assert [o for o in points[0].overrides if o.startswith("hydra.run.dir=")] == [  # the job's, and its requeues'
+        f"hydra.run.dir={launcher.hydra_value(run, 'hydra.run.dir')}"]
+    assert (f"hydra.run.dir=runs/r-${{now:%Y%m%d}} names a new folder at each start ({run} this time): the same "
+            f"command run again starts over instead of resuming; give hydra.run.dir={run} to resume this one"
+            in capsys.readouterr().err)
+    points, sweep, _ = launcher.plan(["cluster=local", *TINY, "seed=0,1", "cluster.array_parallelism=2",
+                                      "hydra.sweep.dir=sw/${now:%Y%m%d}"], multirun=True)
+    err = capsys.readouterr().err
+    assert sweep.parent == tmp_path / "sw" and all(p.run_dir.parent == sweep for p in points)
+    assert err.count(f"hydra.sweep.dir=sw/${{now:%Y%m%d}} names a new folder at each start ({sweep} this time)") == 1
+    assert "hydra.run.dir" not in err  # the points' folders are the sweep's, named by their values
+
+
 def test_a_refused_submit_takes_back_only_the_folders_it_made(tmp_path, monkeypatch):
     """Two submits into a new run folder at once: the later one finds the earlier one's job and is refused. It
     saw the folder missing, but the other made it (and queued a job that trains there): it must be left whole.
