@@ -122,6 +122,9 @@ def override_error(overrides: list[str], e: Exception) -> str:
     top = re.match(r"Could not override '([\w-]+)'\.?$", msg)
     if top:  # a key with no group: say where it lives, or what the top level takes
         msg += f" {_top_level_hint(top.group(1))}"
+    full_key = getattr(e, "full_key", None)
+    if isinstance(full_key, str) and full_key and "interpolation" in f"{type(e).__name__} {msg}".lower():
+        return _interpolation_error(overrides, full_key, msg)
     parser = OverridesParser.create()
     for o in overrides:
         try:
@@ -145,6 +148,21 @@ def override_error(overrides: list[str], e: Exception) -> str:
             msg = re.sub(r" expecting \{[^}]*\}", "", msg)  # the parser's token names say nothing to a user
             return f"bad override {o!r}: {msg}{hint}"
     return f"bad overrides: {msg}"
+
+
+def _interpolation_error(overrides: list[str], full_key: str, msg: str) -> str:
+    """An ${...} that did not resolve, said of the override that gave it (OmegaConf names only the key), with
+    what such a value takes."""
+    env = re.search(r"Environment variable '([^']+)' not found", msg)
+    if env:
+        msg = f"environment variable {env.group(1)} is not set"
+        hint = f"; set it, or give a default: ${{oc.env:{env.group(1)},DEFAULT}}"
+    elif msg.startswith("Recursive interpolation"):
+        hint = " (a key cannot name itself)"
+    else:
+        hint = " (${...} names another key of the config, e.g. ${model.name}, or a resolver: ${oc.env:VAR}, ${now:%H-%M})"
+    given = [o for o in overrides if override_key(o) == full_key]
+    return f"bad override {given[-1]!r}: {msg}{hint}" if given else f"bad value of {full_key}: {msg}{hint}"
 
 
 def override_key(override: str) -> str:

@@ -30,6 +30,12 @@ BAD = [
                                     "submit -m model=allcnn_c,model_a"]),
     (["+schedule=[paper,cosine]"], ["picks 2 schedule options"]),
     (["model=[]"], ["model=[] picks no model option"]),
+    # an ${...} that does not resolve: OmegaConf names the key only, not the override, nor what it takes
+    (["wandb.name=a${model.nam}"], ["bad override 'wandb.name=a${model.nam}': Interpolation key 'model.nam' not found",
+                                    "names another key of the config"]),
+    (["optim.lr=${oc.env:ALLCONV_UNSET_VAR}"], ["bad override 'optim.lr=${oc.env:ALLCONV_UNSET_VAR}': environment "
+                                                 "variable ALLCONV_UNSET_VAR is not set",
+                                                 "give a default: ${oc.env:ALLCONV_UNSET_VAR,DEFAULT}"]),
     (["schedule.milestones.x=1"], ["schedule.milestones.x=1", "takes an index, key.0=value"]),  # OmegaConf's ValueError
     (["model.name=nope"], ["model.name='nope'", "allcnn_c", "allcnn_seed"]),
     (["optim.lr=0"], ["optim.lr=0", "> 0"]),
