@@ -78,8 +78,10 @@ def _point_job(rec: dict) -> dict:
 def _here(rec: dict, folder: Path, sweep: bool) -> dict:
     """The record with run_dir in the folder asked about: a run or sweep folder moved or copied since it was
     submitted (off scratch, say) is read where it is now, not at the path recorded at submit time."""
-    mine = folder / Path(rec["run_dir"]).name if sweep else folder
-    if mine.absolute() != Path(rec["run_dir"]).absolute() and (not sweep or mine.is_dir()):
+    recorded = Path(rec["run_dir"])
+    mine = folder / recorded.name if sweep else folder
+    # a point removed from a copy is the copy's (gone), not the original's, which may have trained on since
+    if os.path.realpath(mine) != os.path.realpath(recorded):
         return {**rec, "run_dir": str(mine.absolute())}
     return rec
 
@@ -278,6 +280,8 @@ def run_rows(folder: Path) -> list[dict]:
             state = "INTERRUPTED"
         failed = not starting and not stopped and (
             state.split(" ")[0] in FAILED_STATES or ended or run_state in ("failed", "gave_up"))
+        if not run_dir.exists() and not active:  # removed since (a point deleted from a copy of a sweep, say)
+            state, failed = "GONE (no run folder)", False
         if run_state == "completed" and failed and not active:
             # training finished, then Slurm ended the job otherwise (scancel or the time limit just after the
             # last epoch): the run is done, not failed, and a new submit would find nothing to do

@@ -134,6 +134,20 @@ def test_a_moved_run_or_sweep_is_read_where_it_is_now(tmp_path, no_slurm, capsys
         assert [(r["state"], r["epoch"]) for r in rows] == [("COMPLETED", "1/3")] * len(rows), rows
 
 
+def test_a_point_removed_from_a_copied_sweep_is_gone_not_the_originals(tmp_path, no_slurm, capsys):
+    """A copy of a sweep whose point folder was removed: that row is the copy's, gone, not the original's point
+    (which may have trained on since): before, the copy's status showed the original's progress."""
+    root, runs = sweep(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / runs[1].name)
+    assert status.status_main([str(copy), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["state"], r["epoch"]) for r in rows] == [("COMPLETED", "1/3"), ("GONE (no run folder)", "0/?")], rows
+    assert status.status_main([str(root), "--json"]) == 0  # the original as it was
+    assert [r["state"] for r in json.loads(capsys.readouterr().out)] == ["COMPLETED", "COMPLETED"]
+
+
 def test_slurm_not_answering_is_asked_once_and_said(tmp_path, monkeypatch, capsys):
     """squeue failing (controller down): the runs' own state, a warning naming the jobs, and no second try
     per point (each would wait up to 30 s)."""
