@@ -44,9 +44,10 @@ def _slurm_setup(lines: list) -> list:
             + shlex.quote(str(line)) + " >&2; exit 1; }" for line in lines]
 
 
-def make_executor(cluster: dict, folder: Path):
+def make_executor(cluster: dict, folder: Path, attach: bool = False):
     """submitit's executor for the validated cluster. SUBMITIT_PREEMPT_SIGNAL (read when the job imports
-    submitit) makes submitit's own handler, in place until TrainJob installs ours, take our signal."""
+    submitit) makes submitit's own handler, in place until TrainJob installs ours, take our signal. `attach`: a
+    local job's controller stays in this terminal's session and output (submit --wait), else it gets its own."""
     import submitit
 
     if cluster["backend"] == "local":
@@ -58,6 +59,7 @@ def make_executor(cluster: dict, folder: Path):
                              cpus_per_task=cluster["cpus_per_task"], gpus_per_node=cluster["gpus_per_node"],
                              signal_delay_s=cluster["signal_lead_s"], setup=_local_setup(cluster["setup"], folder),
                              visible_gpus=local_gpus(cluster["gpus_per_node"]))
+        ex.attach = attach
         return ex
     # the task's python starts with the warnings ignored (SIG_IGN survives exec): a warning in the ~0.3 s
     # before submitit's handler is in place killed the task, and the job ended FAILED, not requeued. Both USR

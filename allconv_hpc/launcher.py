@@ -457,10 +457,11 @@ def submit_lock(folder: Path):
         os.close(fd)
 
 
-def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> list:
+def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict, attach: bool = False) -> list:
     """Submit the points not marked `skip` (one job, or one array); returns their submitit jobs. Under the
     folder's lock every point is checked again first (another submit may have queued it since `plan`); a
-    point now refused raises ConfigError, one now queued by a sweep's other submit is skipped."""
+    point now refused raises ConfigError, one now queued by a sweep's other submit is skipped. `attach`
+    (submit --wait): a cluster=local job stays in this terminal's session (executor.make_executor)."""
     todo = [p for p in points if p.skip is None]
     base = sweep_dir if sweep_dir is not None else todo[0].run_dir
     check_can_start(points, sweep_dir, cluster)
@@ -468,13 +469,14 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> lis
         for p in todo:
             if p.cfg is not None:
                 p.skip = check_run_folder(p.run_dir, p.cfg, sweep=sweep_dir is not None, overrides=p.overrides)
-        jobs = _submit_locked(points, sweep_dir, cluster, base)
+        jobs = _submit_locked(points, sweep_dir, cluster, base, attach)
     if jobs and cluster["backend"] == "slurm" and not (cluster.get("additional_parameters") or {}).get("hold"):
         release_held(jobs)  # after the lock: a failure must not remove the folders of queued jobs
     return jobs
 
 
-def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict, base: Path) -> list:
+def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict, base: Path,
+                   attach: bool = False) -> list:
     import io
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
@@ -490,7 +492,7 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
     now = time.time()  # before sbatch: a status.json from any job of this submission is newer (status.py)
     try:
         with contextlib.redirect_stderr(sbatch_err):
-            ex = make_executor(cluster, base / ".submitit" / "%j")
+            ex = make_executor(cluster, base / ".submitit" / "%j", attach=attach)
             if len(calls) == 1:
                 jobs = [ex.submit(calls[0])]
             else:
@@ -601,7 +603,7 @@ def submit_main(argv: list[str]) -> int:
             if slurm_here:
                 check_can_start(points, sweep_dir, cluster)
             return 0
-        jobs = submit(points, sweep_dir, cluster) if any(p.skip is None for p in points) else []
+        jobs = submit(points, sweep_dir, cluster, attach=args.wait) if any(p.skip is None for p in points) else []
         _print_skipped(points)  # also what another submit queued meanwhile
         todo = [p for p in points if p.skip is None]
     except ConfigError as e:
@@ -625,7 +627,11 @@ def submit_main(argv: list[str]) -> int:
             elif jobs and _terminal_sent_it():  # to the foreground group: submit and the controllers it started
                 then = ("a Ctrl-C typed in this terminal reached the local job too: it checkpoints and stops; submit "
                         "again to resume")
-            else:  # `kill -INT` of this process, or a job an earlier submit started: it goes on
+            elif jobs:  # a SIGINT from elsewhere: to this process alone, or to its group, which holds the job too
+                ids = " ".join(str(j.job_id) for j in jobs)
+                then = (f"a SIGINT to this process alone leaves the local job going (stop it with kill -INT {ids}); "
+                        f"one sent to its process group reached the job too, which then checkpoints and stops")
+            else:  # a job an earlier submit started: in a session of its own, it goes on
                 then = "the local job goes on; stop it with kill -INT <its job id> (status lists it)"
             print(f"stopped watching (Ctrl-C); {then}; allconv-hpc status {shlex.quote(str(where))}", file=sys.stderr)
             return 130

@@ -15,6 +15,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,32 +39,55 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 class LocalExecutor(submitit.LocalExecutor):
     """submitit's LocalExecutor, its jobs run by this module's Controller."""
 
+    attach = False  # see start_controller
+
     def _submit_command(self, command: str) -> local.LocalJob:
         p = self.parameters
         ntasks, n_gpus, visible = p.get("tasks_per_node", 1), p.get("gpus_per_node", 0), p.get("visible_gpus", ())
         gpus = range(n_gpus) if visible == () else visible[:n_gpus]
         process = start_controller(self.folder, command, ntasks, ",".join(str(k) for k in gpus),
-                                   p.get("timeout_min", 2.0), p.get("signal_delay_s", 30), p.get("setup", ()))
+                                   p.get("timeout_min", 2.0), p.get("signal_delay_s", 30), p.get("setup", ()),
+                                   attach=self.attach)
         return local.LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
 
 
 def start_controller(folder: Path, command: str, ntasks: int, cuda_devices: str, timeout_min: float,
-                     signal_delay_s: int, setup) -> subprocess.Popen:
+                     signal_delay_s: int, setup, attach: bool = False) -> subprocess.Popen:
     """submitit's local.start_controller, starting this module's Controller. cluster.setup's shell `exec`s it, so
-    the job id (the pid of what is started here) is the controller's pid either way, the process users signal."""
+    the job id (the pid of what is started here) is the controller's pid either way, the process users signal.
+
+    Unless `attach` (submit --wait, whose terminal's Ctrl-C is to reach the job), the controller starts a session
+    of its own, its output in .submitit/controller-<job id>.log: in submit's, it held submit's stdout open (so
+    `$(allconv-hpc submit ...)` or a pipe waited for the job to end), and a terminal closed without job control
+    (`ssh -t host allconv-hpc submit ...`) sent the job SIGHUP, which stopped it."""
     env = {**os.environ, "SUBMITIT_LOCAL_NTASKS": str(ntasks), "SUBMITIT_LOCAL_COMMAND": command,
            "SUBMITIT_LOCAL_TIMEOUT_S": str(int(60 * timeout_min)),
            "SUBMITIT_LOCAL_SIGNAL_DELAY_S": str(int(signal_delay_s)), "SUBMITIT_LOCAL_NODEID": "0",
            "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_STDERR_TO_STDOUT": "", "SUBMITIT_EXECUTOR": "local",
            "CUDA_VISIBLE_DEVICES": cuda_devices, "SUBMITIT_LOCAL_WITH_SHELL": ""}
     cmd = [sys.executable, "-m", "allconv_hpc.localcontrol", str(folder)]
-    if setup:  # a Ctrl-C must still stop a setup line that hangs: the controller holds them from its first line
-        return subprocess.Popen(" && ".join([*setup, "exec " + shlex.join(cmd)]), shell=True, env=env)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START)  # from its exec on (Python's own start-up)
+    logs = Path(folder).parent
+    log, io = None, {}
+    if not attach:
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f".controller-{os.getpid()}-{time.monotonic_ns()}.log"  # named by the job id once it has one
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o666)
+        io = dict(stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
     try:
-        return subprocess.Popen(cmd, env=env)
+        if setup:  # a Ctrl-C must still stop a setup line that hangs: the controller holds them from its first line
+            process = subprocess.Popen(" && ".join([*setup, "exec " + shlex.join(cmd)]), shell=True, env=env, **io)
+        else:
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START)  # from its exec on (Python's own start-up)
+            try:
+                process = subprocess.Popen(cmd, env=env, **io)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if log is not None:
+            os.close(fd)  # the controller has its own copy
+    if log is not None:
+        os.replace(log, logs / f"controller-{process.pid}.log")
+    return process
 
 
 def _prctl() -> Optional[Callable]:

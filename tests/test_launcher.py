@@ -1509,13 +1509,39 @@ def test_sigint_to_submit_wait_alone_says_the_local_job_goes_on(tmp_path):
         p.send_signal(signal.SIGINT)
         p.wait(timeout=60)
         out = (tmp_path / "submit.out").read_text()
-        assert p.returncode == 130 and "the local job goes on; stop it with kill -INT" in out, out[-3000:]
+        assert p.returncode == 130 and (f"a SIGINT to this process alone leaves the local job going (stop it with "
+                                        f"kill -INT {job})") in out, out[-3000:]
         assert _alive(job) and "stop requested" not in (run / "train.log").read_text()
     finally:
         p.kill()
         if job is not None:
             os.kill(job, signal.SIGINT)
             _watch_until_ended(run, [job], timeout=60)
+
+
+def test_a_local_job_submitted_without_wait_has_a_session_and_output_of_its_own(tmp_path):
+    """Without --wait, submit returns and so does a pipe from it (`$(allconv-hpc submit ...)` waited for the job's
+    end: its controller held submit's stdout), and the controller leads a session of its own, so a terminal closed
+    without job control (ssh -t) no longer sends it SIGHUP. Its own output goes to .submitit/controller-<id>.log."""
+    from proc import PY, clean_env, wait_for_line
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "cluster=local", "cluster.cpus_per_task=1", *TINY,
+                        "trainer.epochs=100000", "trainer.progress=log", "trainer.log_every_steps=1",
+                        f"hydra.run.dir={run}"], env=clean_env(tmp_path, PATH=path), cwd=tmp_path, timeout=60,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # the pipe closes with submit
+    assert r.returncode == 0, r.stdout
+    job = int(json.loads((run / "submission.json").read_text())["job_id"])
+    try:
+        assert os.getsid(job) == job != os.getsid(0)
+        assert (run / ".submitit" / f"controller-{job}.log").is_file()
+        wait_for_line(run / "train.log", "epoch 1 step", timeout=120)  # it trains on after submit's end
+        os.kill(job, signal.SIGINT)
+        _watch_until_ended(run, [job], timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(job, signal.SIGKILL)
+    assert status.run_rows(run)[0]["state"] == "INTERRUPTED"
 
 
 def test_a_local_job_whose_controller_is_killed_stops_its_ranks(tmp_path):
