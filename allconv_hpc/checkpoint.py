@@ -208,7 +208,8 @@ class CheckpointDir:
 
     def nothing_to_resume(self) -> ConfigError:
         """checkpoint.resume=must with no checkpoint here (submit's look ahead and the trainer say it alike)."""
-        return ConfigError(f"checkpoint.resume=must but {self.folder} holds no checkpoint")
+        return ConfigError(f"checkpoint.resume=must but {self.folder} holds no checkpoint; give the run folder that "
+                           f"has them (hydra.run.dir), or checkpoint.resume=auto to start this run")
 
     def move_aside(self, also: tuple[Path, ...] | list[Path] = ()) -> Optional[Path]:
         """For checkpoint.resume=never: keep the old run (never delete), start with an empty folder.

@@ -283,8 +283,9 @@ def pin_data_root(composed: Composed) -> Optional[tuple[bool, str]]:
     said = None
     if recorded is not None and recorded != root:
         if any(override_key(o) == "data.root" for o in composed.overrides) or os.environ.get("ALLCONV_DATA"):
-            said = True, (f"data.root={root} is not the {recorded} this run read before: reading {root} "
-                          f"(a resume may move its data; the same images are expected)")
+            if composed.cfg.checkpoint.resume != "never":  # a run started over may read other data
+                said = True, (f"data.root={root} is not the {recorded} this run read before: reading {root} "
+                              f"(a resume may move its data; the same images are expected)")
         else:
             said = False, (f"data.root {recorded}: this run's, recorded in {composed.run_dir / '.hydra'}/config.yaml "
                            f"(the default resolves to {root} here); data.root=DIR reads another folder")

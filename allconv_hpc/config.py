@@ -142,7 +142,7 @@ class OptimConfig:
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         for key in ("lr", "weight_decay"):
             _check(getattr(self, key) < FLOAT32_MAX, f"optim.{key}={getattr(self, key):g} is beyond float32's range "
-                                                     f"(3.4e38), which the optimizer computes in")
+                                                     f"(3.4e38), which the optimizer computes in; give a smaller value")
         _check(self.base_batch_size >= 1, f"optim.base_batch_size={self.base_batch_size} must be >= 1")
 
 
@@ -440,6 +440,8 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
         return
     ok = isinstance(value, _TYPES[base]) and not (base in ("int", "float") and isinstance(value, bool))
     hint = {"bool": " (true or false)", "int": " (a whole number)"}.get(base, "")
+    if base == "list" and isinstance(value, (str, int, float)):  # wandb.tags=foo: the brackets are easy to miss
+        hint = f", e.g. {key}=[{_as_given(value).strip(chr(39))}]"
     _check(ok, f"{key}={value!r} must be {'an' if base == 'int' else 'a'} {base}{hint}"
                f"{', or null' if optional else ''}")
     # inf and nan pass every range check below (inf > 0) and fail late: lr=inf after an epoch

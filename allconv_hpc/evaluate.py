@@ -88,6 +88,9 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         said = name_too_long(given)
         if said:  # nothing of that name can exist: said so, not as an OSError from is_dir
             raise ConfigError(f"{what}: {said}")
+    if run.is_file() and run.parent.name == "checkpoints":  # a checkpoint given as the run: the command that scores it
+        raise ConfigError(f"{run} is a checkpoint, not a run folder; give its run and the file: allconv-hpc evaluate "
+                          f"{shlex.quote(str(run.parent.parent))} --checkpoint {shlex.quote(run.name)}")
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; give a run folder (the one holding checkpoints/)")
     if (run / "checkpoints").exists() and not (run / "checkpoints").is_dir():

@@ -579,7 +579,13 @@ def submit_main(argv: list[str]) -> int:
     ap.add_argument("--wait", action="store_true", help="stream job states until every job ends")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; submit nothing")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. optim.lr=0.1 cluster=slurm")
-    args = ap.parse_intermixed_args(argv)  # flags anywhere among the overrides
+    args, extra = ap.parse_known_intermixed_args(argv)  # flags anywhere among the overrides
+    if extra:  # argparse's own error names every override after an unknown option too
+        import difflib
+        bad = next((a for a in extra if a.startswith("-")), extra[0])
+        close = difflib.get_close_matches(bad.split("=")[0], ["--multirun", "--wait", "--dry-run", "--help"], n=1)
+        ap.error(f"unrecognized argument {bad}{f' (did you mean {close[0]}?)' if close else ''}; submit takes "
+                 f"-m/--multirun, --wait, --dry-run and Hydra overrides (key=value)")
     overrides = list(args.overrides)
     chosen = auto_cluster(overrides)
     if chosen is not None:

@@ -97,7 +97,8 @@ BAD = [
     (["--optim.lr=0.1"], ["give key=value without spaces around '=' or leading dashes"]),
     (["data=cifar10", "data.root="], ["data.root is empty (an ALLCONV_DATA set to nothing"]),
     (["~trainer.epochs"], ["~trainer.epochs deletes trainer.epochs, which every run has; set it instead"]),
-    (["optim.lr=1e39"], ["optim.lr=1e+39 is beyond float32's range"]),
+    (["optim.lr=1e39"], ["optim.lr=1e+39 is beyond float32's range", "give a smaller value"]),
+    (["wandb.tags=foo"], ["wandb.tags='foo' must be a list, e.g. wandb.tags=[foo]"]),
     (["optim.weight_decay=1e300"], ["optim.weight_decay=1e+300 is beyond float32's range"]),
     (["optim.lr=1e37", "optim.scale_lr=true", "trainer.batch_size=12800"],
      ["optim.lr=1e+37 scaled by optim.scale_lr to 1e+39 is beyond float32's range"]),
@@ -603,3 +604,16 @@ def test_a_run_folder_named_by_the_clock_is_warned_with_the_folder_to_give(tmp_p
     for fixed in (["data=synthetic"], ["data=synthetic", "hydra.run.dir=runs/x-${seed}"]):
         c = compose(fixed)
         assert train_warnings(c, c.overrides, "one process") == [], fixed
+
+
+def test_a_new_root_for_a_run_started_over_is_not_warned_as_a_resume(tmp_path, monkeypatch):
+    """data.root named anew for a run folder that read another: a resume is warned (the same images are expected);
+    checkpoint.resume=never starts over, so there is nothing to warn of."""
+    from allconv_hpc.compose import pin_data_root, write_hydra_files
+    monkeypatch.chdir(tmp_path)
+    first = compose(["data.root=/old", "hydra.run.dir=run"])
+    pin_data_root(first)
+    write_hydra_files(first)
+    said = pin_data_root(compose(["data.root=/new", "hydra.run.dir=run"]))
+    assert said is not None and said[0] and "is not the /old this run read before" in said[1], said
+    assert pin_data_root(compose(["data.root=/new", "hydra.run.dir=run", "checkpoint.resume=never"])) is None

@@ -229,6 +229,15 @@ def test_a_run_without_any_checkpoint_says_so_and_points_at_status(tmp_path):
         evaluate(run, "best")
 
 
+def test_a_checkpoint_given_as_the_run_gets_the_command_that_scores_it(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    with pytest.raises(ConfigError, match=rf"{ckpt} is a checkpoint, not a run folder; give its run and the file: "
+                                          rf"allconv-hpc evaluate {tmp_path}/run --checkpoint best.pt"):
+        evaluate(ckpt, "best")
+
+
 def test_a_folder_that_is_no_run_is_named_so(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ConfigError, match=rf"{tmp_path}/plain is not a run folder \(no checkpoints/, nothing train "

@@ -730,7 +730,8 @@ def test_a_run_folder_of_another_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.epochs=2 but the run in .* has begun epoch 3"):
         launcher.plan(["cluster=local", *TINY, "optim.lr=0.1", "trainer.epochs=2", f"hydra.run.dir={run}"],
                       multirun=False)
-    with pytest.raises(ConfigError, match="checkpoint.resume=must but"):
+    with pytest.raises(ConfigError, match="checkpoint.resume=must but .* holds no checkpoint; give the run folder that "
+                                          "has them \\(hydra.run.dir\\), or checkpoint.resume=auto"):
         launcher.plan(["cluster=local", *TINY, "checkpoint.resume=must", f"hydra.run.dir={tmp_path / 'new'}"],
                       multirun=False)
 
@@ -1880,3 +1881,13 @@ def test_a_slurm_job_without_gpus_on_real_data_is_warned_once(tmp_path, on_path,
                   ["cluster=slurm", *TINY]):
         launcher.plan([*quiet, *sweep], multirun=True, dry_run=True)
         assert "gpus_per_node=0" not in capsys.readouterr().err
+
+
+def test_a_misspelt_submit_option_is_named_alone_with_the_closest_one(capsys):
+    """argparse named every override after an unknown option as unrecognized too."""
+    with pytest.raises(SystemExit) as e:
+        launcher.submit_main(["cluster=local", "--wiat", "data=synthetic", "model.width=0.125"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().endswith(
+        "error: unrecognized argument --wiat (did you mean --wait?); submit takes -m/--multirun, --wait, --dry-run "
+        "and Hydra overrides (key=value)"), err
