@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,8 +55,15 @@ def job_records(folder: Path) -> list[dict]:
         return [started_job(folder) or {"job_id": None, "run_dir": str(folder), "backend": "none"}]
     if not folder.exists():
         raise FileNotFoundError(f"{folder} does not exist; give a run folder (hydra.run.dir) or a sweep folder")
+    try:  # a folder of runs (runs/): name a few
+        inside = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and any(
+            (d / n).exists() for n in ("sweep.json", "submission.json", "status.json", "checkpoints")))
+    except OSError:  # unreadable: said as before
+        inside = []
+    shown = ", ".join(shlex.quote(str(d)) for d in inside[:3]) + (f" ... ({len(inside)} in all)" if len(inside) > 3 else "")
+    holds = f"; it holds runs or sweeps: give one of them, e.g. {shown}" if inside else ""
     raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
-                            f"folder (sweep.json)")
+                            f"folder (sweep.json){holds}")
 
 
 def _point_job(rec: dict) -> dict:

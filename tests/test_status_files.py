@@ -298,7 +298,13 @@ def test_submit_wait_stops_on_a_damaged_record(tmp_path, no_slurm, capsys):
 
 def test_not_a_run_folder_is_still_exit_2(tmp_path, capsys):
     rc = status.status_main([str(tmp_path)])
-    assert rc == 2 and "is neither a run folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "is neither a run folder" in err and "it holds" not in err, err
+    runs = [write_run(tmp_path / "runs" / name, "completed") for name in ("b", "a", "c", "d")]
+    (tmp_path / "runs" / "notes").mkdir()
+    assert status.status_main([str(tmp_path / "runs")]) == 2  # a folder of runs: a few are named
+    assert capsys.readouterr().err.strip().endswith(
+        f"it holds runs or sweeps: give one of them, e.g. {runs[1]}, {runs[0]}, {runs[2]} ... (4 in all)")
     f = tmp_path / "file"
     f.write_text("x")
     assert status.status_main([str(f)]) == 2
