@@ -626,7 +626,7 @@ def submit_main(argv: list[str]) -> int:
     if args.wait:
         from .status import wait_for
         try:
-            return wait_for(where)
+            return wait_for(where, jobs={str(j.job_id) for j in jobs})
         except KeyboardInterrupt:  # the watcher stops; Slurm jobs go on, local ones got a terminal's Ctrl-C too
             if cluster["backend"] != "local":
                 then = "the jobs go on"

@@ -274,20 +274,25 @@ def run_rows(folder: Path) -> list[dict]:
                 state = "LOST (never started)"
         elif state is None:  # Slurm forgot the job (MinJobAge) and no accounting: the run folder decides
             # the run's own word, marked apart from Slurm's states of the same name where it is a guess
-            state = {"completed": "COMPLETED", "failed": "FAILED", "gave_up": "FAILED", "interrupted": "INTERRUPTED",
+            state = {"completed": "COMPLETED", "failed": "FAILED", "gave_up": "GAVE UP", "interrupted": "INTERRUPTED",
                      "requeued": "REQUEUED?", "running": "RUNNING?"}.get(run_state, "UNKNOWN")
         if restarts is None:
             restarts = st.get("restarts", 0) if current else 0
         if state == "LOST" and not current and _interrupted_in_start_up(rec):
             state = "INTERRUPTED"
         # the run stopped on a signal with a checkpoint (exit 3, which Slurm records as FAILED; or scancel's SIGTERM:
-        # CANCELLED): resumable by the same submit, as a cluster=local job's INTERRUPTED, not a failure
-        stopped = (current and run_state == "interrupted" and state in ("FAILED", "CANCELLED") and not active
+        # CANCELLED), or gave up after checkpoint.max_requeues time limits (exit 4, FAILED): resumable by the same
+        # submit, as a cluster=local job's INTERRUPTED, not a failure
+        stopped = (current and run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED") and not active
                    and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"])))  # that job's own word
         if stopped and state == "FAILED":
-            state = "INTERRUPTED"
-        failed = not starting and not stopped and (
-            state.split(" ")[0] in FAILED_STATES or ended or run_state in ("failed", "gave_up"))
+            state = STOPPED_RUN[run_state]
+        # scancelled before it started: nothing ran, nothing failed (the same submit starts it)
+        cancelled = state == "CANCELLED" and not (st and current) and not active and _never_started(rec)
+        if cancelled:
+            state = "CANCELLED (never started)"
+        failed = not starting and not stopped and not cancelled and (
+            state.split(" ")[0] in FAILED_STATES or ended or run_state == "failed")
         if not run_dir.exists() and not active:  # removed since (a point deleted from a copy of a sweep, say)
             state, failed = "GONE (no run folder)", False
         if run_state == "completed" and failed and not active:
@@ -342,6 +347,11 @@ def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
         return None
     steps = [int(m.group(1)) for m in map(re.compile(r"step_(\d+)\.pt").fullmatch, names) if m]
     return max(steps) if steps else (-1 if "last.pt" in names else None)
+
+
+# the run's own word for a stop that left a checkpoint for the same submit to resume, and the state it is shown as
+# where Slurm says FAILED (exit 3 and 4)
+STOPPED_RUN = {"interrupted": "INTERRUPTED", "gave_up": "GAVE UP"}
 
 
 def is_failed(row: dict) -> bool:
@@ -409,14 +419,17 @@ def status_main(argv: list[str]) -> int:
     return exit_code(rows)
 
 
-def wait_for(folder: Path, poll_s: float = 5.0) -> int:
+def wait_for(folder: Path, poll_s: float = 5.0, jobs: Optional[set] = None) -> int:
     """Print state changes until no job is queued or running; 1 if any failed, 3 if none failed but a run stopped
     unfinished (interrupted: a signal, with a checkpoint), 2 (as `status`) when a record is damaged (it stays so:
-    waiting on would never end), else 0."""
+    waiting on would never end), else 0. `jobs`: the ids of the jobs to watch (a sweep's points submitted again
+    by this submit), not the sweep's others, which may have failed long before."""
     last = None
     while True:
         try:
-            rows = run_rows(folder)
+            every = run_rows(folder)
+            rows = [r for r in every if str(r["job"]) in jobs] if jobs else every
+            rows = rows or every  # none of them found (records rewritten meanwhile): the folder's
         except DamagedFile as e:
             print(f"allconv-hpc: error: {e}", file=sys.stderr)
             return 2
@@ -427,7 +440,8 @@ def wait_for(folder: Path, poll_s: float = 5.0) -> int:
         if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
             print(format_table(rows) + _errors(rows))
             code = exit_code(rows)
-            if code == 0 and any(r["run"] == "interrupted" or r["state"] == "INTERRUPTED" for r in rows):
+            if code == 0 and any(r["run"] in STOPPED_RUN or r["state"] in ("INTERRUPTED", "GAVE UP",
+                                                                          "CANCELLED (never started)") for r in rows):
                 return EXIT_STOPPED  # a script must tell "done" from "stopped with a checkpoint"
             return code
         time.sleep(poll_s)

@@ -886,14 +886,15 @@ def test_status_works_without_accounting(tmp_path, on_path, capsys):
     assert (rows[0]["state"], rows[0]["restarts"]) == ("RUNNING", 1)
 
 
-@pytest.mark.parametrize("run_state,state,rc", [("running", "LOST", 1), ("requeued", "LOST", 1), (None, "LOST", 1),
-                                                ("completed", "COMPLETED", 0), ("gave_up", "FAILED", 1)])
-def test_a_job_slurm_forgot_is_lost_unless_the_run_finished(tmp_path, on_path, capsys, run_state, state, rc):
+@pytest.mark.parametrize("run_state,state,rc,wait_rc", [
+    ("running", "LOST", 1, 1), ("requeued", "LOST", 1, 1), (None, "LOST", 1, 1), ("completed", "COMPLETED", 0, 0),
+    ("gave_up", "GAVE UP", 0, 3)])  # gave up after max_requeues time limits: stopped with a checkpoint, resumable
+def test_a_job_slurm_forgot_is_lost_unless_the_run_finished(tmp_path, on_path, capsys, run_state, state, rc, wait_rc):
     run = write_run(tmp_path, run_state)
     on_path(squeue=FORGOTTEN, sacct=NO_ACCOUNTING, scontrol=FORGOTTEN)
     assert status.run_rows(run)[0]["state"] == state
     assert status.status_main([str(run)]) == rc
-    assert status.wait_for(run, poll_s=0.01) == rc  # ends at once: no endless RUNNING?
+    assert status.wait_for(run, poll_s=0.01) == wait_rc  # ends at once: no endless RUNNING?
 
 
 def test_a_forgotten_job_that_left_no_task_log_never_started(tmp_path, on_path):
@@ -907,6 +908,39 @@ def test_a_forgotten_job_that_left_no_task_log_never_started(tmp_path, on_path):
     assert (row["state"], row["failed"]) == ("LOST (never started)", True), row
     (sub / "7_2" / "7_2_0_log.out").write_text("submitit INFO - Starting\n")  # it started: killed without a word
     assert status.run_rows(run)[0]["state"] == "LOST"
+
+
+def test_a_job_scancelled_while_pending_is_cancelled_not_failed(tmp_path, on_path, capsys):
+    """Slurm still knows it CANCELLED; it never started (no task log): nothing ran and nothing failed, so `status`
+    exits 0 and `submit --wait` 3 (unfinished: the same submit starts it). It showed "CANCELLED -" and exit 1."""
+    sub = tmp_path / "sub"
+    run = write_run(tmp_path, None, job="1203", submitit_folder=str(sub))
+    (sub / "1203").mkdir(parents=True)
+    (sub / "1203" / "1203_submission.sh").write_text("#!/bin/bash\n")
+    on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol='echo "JobState=CANCELLED Restarts=0"')
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("CANCELLED (never started)", False), row
+    assert status.status_main([str(run)]) == 0 and status.wait_for(run, poll_s=0) == status.EXIT_STOPPED
+    (sub / "1203" / "1203_0_log.out").write_text("submitit INFO - Starting\n")  # it started, then was cancelled
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("CANCELLED", True), row
+
+
+def test_wait_after_a_sweeps_point_is_submitted_again_watches_that_job_alone(tmp_path, on_path):
+    """A sweep whose point 1340_2 failed long ago, another point submitted again as job 1343, which completes:
+    `submit --wait` exits 0 on 1343's end, not 1 for the old failure (`status` of the sweep still shows it)."""
+    sweep = tmp_path / "sw"
+    recs = []
+    for i, (job, state) in enumerate((("1343", "completed"), ("1340_2", "failed"))):
+        point = sweep / f"p{i}"
+        point.mkdir(parents=True)
+        recs.append({"job_id": job, "backend": "slurm", "run_dir": str(point)})
+        (point / "status.json").write_text(json.dumps({"state": state, "epoch": 1, "epochs": 1, "slurm_job_id": job}))
+    (sweep / "sweep.json").write_text(json.dumps({"sweep_dir": str(sweep), "jobs": recs}))
+    on_path(squeue="exit 0", sacct=NO_ACCOUNTING,
+            scontrol='[ "$4" = 1343 ] && echo "JobState=COMPLETED Restarts=0" || echo "JobState=FAILED Restarts=0"')
+    assert status.wait_for(sweep, poll_s=0, jobs={"1343"}) == 0
+    assert status.wait_for(sweep, poll_s=0) == 1 and status.status_main([str(sweep)]) == 1
 
 
 def test_a_held_job_is_not_told_to_be_resubmitted(tmp_path, on_path, capsys):
@@ -1013,17 +1047,21 @@ def test_a_run_submitted_again_shows_its_new_job_not_the_stopped_one_its_status_
     assert (row["job"], row["state"], row["active"], row["failed"]) == ("1034", "PENDING", True, False), row
 
 
-@pytest.mark.parametrize("slurm_says,shown", [("FAILED", "INTERRUPTED"), ("CANCELLED", "CANCELLED")])
-def test_a_slurm_job_whose_run_stopped_with_a_checkpoint_is_stopped_not_failed(tmp_path, on_path, slurm_says, shown):
+@pytest.mark.parametrize("run_state,slurm_says,shown", [("interrupted", "FAILED", "INTERRUPTED"),
+                                                         ("interrupted", "CANCELLED", "CANCELLED"),
+                                                         ("gave_up", "FAILED", "GAVE UP")])
+def test_a_slurm_job_whose_run_stopped_with_a_checkpoint_is_stopped_not_failed(tmp_path, on_path, run_state,
+                                                                                slurm_says, shown):
     """train exits 3 after a stop on a signal (USR2 with cluster.requeue=false: Slurm records FAILED; scancel's
-    SIGTERM: CANCELLED): the run is resumable, so the row is not failed, and `submit --wait` exits 3, "stopped
-    unfinished", as README says (it exited 1, "a job failed", under Slurm; only cluster=local exited 3)."""
+    SIGTERM: CANCELLED), or 4 when it gave up after checkpoint.max_requeues time limits (FAILED): the run is
+    resumable, so the row is not failed, and `submit --wait` exits 3, "stopped unfinished", as README says (it
+    exited 1, "a job failed", under Slurm; only cluster=local exited 3)."""
     run = write_run(tmp_path, None, job="1011", submitted=1000.0)
-    (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 2, "epochs": 30,
+    (run / "status.json").write_text(json.dumps({"state": run_state, "epoch": 2, "epochs": 30,
                                                  "slurm_job_id": "1011", "updated": 1100.0}))
     on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol=f'echo "JobState={slurm_says} Restarts=0"')
     row = status.run_rows(run)[0]
-    assert (row["state"], row["run"], row["failed"]) == (shown, "interrupted", False), row
+    assert (row["state"], row["run"], row["failed"]) == (shown, run_state, False), row
     assert status.wait_for(run, poll_s=0) == status.EXIT_STOPPED
     st = json.loads((run / "status.json").read_text())  # a stop by hand (`train`, no job) since: not this job's
     (run / "status.json").write_text(json.dumps({k: v for k, v in st.items() if k != "slurm_job_id"}))
