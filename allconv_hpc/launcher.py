@@ -490,6 +490,8 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
         os.environ["SUBMITIT_PREEMPT_SIGNAL"] = signal_name(cluster)
     sbatch_err = io.StringIO()  # submitit prints sbatch's complaint itself; we say it once, below
     now = time.time()  # before sbatch: a status.json from any job of this submission is newer (status.py)
+    scripts = base / ".submitit"  # where submitit writes a job's script and pickles before sbatch
+    before = set(scripts.iterdir()) if scripts.is_dir() else set()
     try:
         with contextlib.redirect_stderr(sbatch_err):
             ex = make_executor(cluster, base / ".submitit" / "%j", attach=attach)
@@ -499,6 +501,9 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
                 with ex.batch():
                     jobs = [ex.submit(c) for c in calls]
     except (FailedJobError, FailedSubmissionError) as e:
+        for path in set(scripts.iterdir()) - before if scripts.is_dir() else ():  # of no job: the folder goes too
+            if path.is_file() and (path.name.startswith(".submission_file_") or path.suffix == ".pkl"):
+                path.unlink()
         raise sbatch_refused(sbatch_said(str(e))) from None
     finally:
         with contextlib.suppress(OSError):  # submitit makes the folder template itself, "%j" unreplaced, empty

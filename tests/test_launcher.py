@@ -533,6 +533,13 @@ def test_sbatch_rejecting_the_job_is_one_line_and_leaves_no_folder(tmp_path, on_
     code, _, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2 and ("error: Slurm does not answer here, sbatch said: Could not establish a configuration "
                           "source (check SLURM_CONF and that slurmctld runs" in err), err
+    # the test passes (or timed out: a warning) and sbatch itself fails: submitit's script and pickle go too
+    on_path(sbatch='[ "$1" = --test-only ] && { echo "sbatch: Job 3 to start at now" >&2; exit 0; }\n'
+                   "echo 'sbatch: error: Batch job submission failed: Invalid account' >&2\nexit 1")
+    for sweep in ([], ["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'run'}"]):
+        code, _, err = run_submit(capsys, "cluster=slurm", *TINY, *(sweep or [f"hydra.run.dir={tmp_path / 'run'}"]))
+        assert code == 2 and "sbatch refused the job: Batch job submission failed: Invalid account" in err, err
+        assert not (tmp_path / "run").exists(), sorted((tmp_path / "run").rglob("*"))
     # GPUs the partition has not: the hint names the GPU keys
     on_path(sbatch="echo 'sbatch: error: Batch job submission failed: Invalid generic resource (gres) "
                    "specification' >&2\nexit 1")
