@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -246,7 +247,7 @@ def dated_dir_warning(c: Composed, key: str, resolved: Path) -> list[str]:
     if "${now:" not in given:
         return []
     return [f"{key}={given} names a new folder at each start ({resolved} this time): the same command run again "
-            f"starts over instead of resuming; give {key}={resolved} to resume this one"]
+            f"starts over instead of resuming; give {shlex.quote(f'{key}={resolved}')} to resume this one"]
 
 
 def _check_model_name(overrides: list[str], model: dict) -> None:

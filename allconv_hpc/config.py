@@ -406,8 +406,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# What ranks may see differently: a node's own copy of the data (a job's local disk); W&B, which rank 0 alone reads.
-PER_RANK_KEYS = ("data.root", "wandb.")
+# What ranks may see differently: a node's own copy of the data (a job's local disk), its CPU threads (nodes of
+# other sizes), how it shows progress; W&B, which rank 0 alone reads. Exact keys, and groups ending in ".".
+PER_RANK_KEYS = ("data.root", "trainer.threads", "trainer.progress", "wandb.")
+
+
+def _per_rank(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in PER_RANK_KEYS)
 
 
 def rank_difference(views: list[dict]) -> Optional[str]:
@@ -415,7 +420,7 @@ def rank_difference(views: list[dict]) -> Optional[str]:
     {key: value}, flat), said as "rank R has K=V where rank 0 has V0"; None where all agree."""
     for rank, view in enumerate(views[1:], 1):
         for key in sorted(set(view) | set(views[0])):
-            if not key.startswith(PER_RANK_KEYS) and view.get(key) != views[0].get(key):
+            if not _per_rank(key) and view.get(key) != views[0].get(key):
                 return f"rank {rank} has {key}={view.get(key)!r} where rank 0 has {views[0].get(key)!r}"
     return None
 

@@ -22,8 +22,8 @@ def _setup_group(line) -> str:
 
 
 def _local_setup(lines: list, folder: Path) -> list:
-    """cluster.setup for a local job: its output into .submitit/setup-<job id>.log (submitit's local controller
-    runs it in the submitting terminal, so without --wait a failure would leave no trace), and a failure named
+    """cluster.setup for a local job: its output into .submitit/setup-<job id>.log (with --wait the controller
+    runs it in the submitting terminal, without in a session of its own: this log is the trace either way), and a failure named
     on stderr. The job id is the pid of submitit's shell, `$$` in it. Each line is a { ... } group of its own, not
     a subshell, so what it exports reaches the job, and a trailing comment, `;` or `&` of a line stays its own."""
     if not lines:

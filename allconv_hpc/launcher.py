@@ -578,10 +578,11 @@ def submit_main(argv: list[str]) -> int:
                                  "(cluster=slurm) or start it on this machine (cluster=local).",
                                  epilog="exit status: 0 submitted (with --wait: every run completed), 2 refused before "
                                         "anything was queued; with --wait also 1 a job failed, 3 none failed but a run "
-                                        "stopped unfinished (a signal: resumable), 130 stopped watching (Ctrl-C)")
+                                        "stopped unfinished (a signal, max_requeues, a scancel before it started: "
+                                        "resumable), 130 stopped watching (Ctrl-C)")
     ap.add_argument("-m", "--multirun", action="store_true",
                     help="sweep (comma lists, range, choice, glob): one Slurm job array, or one local job per point")
-    ap.add_argument("--wait", action="store_true", help="stream job states until every job ends")
+    ap.add_argument("--wait", action="store_true", help="stream job states until the jobs it submitted end")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; submit nothing")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. optim.lr=0.1 cluster=slurm")
     args, extra = ap.parse_known_intermixed_args(argv)  # flags anywhere among the overrides
@@ -642,7 +643,7 @@ def submit_main(argv: list[str]) -> int:
                 ids = " ".join(str(j.job_id) for j in jobs)
                 then = (f"a SIGINT to this process alone leaves the local job going (stop it with kill -INT {ids}); "
                         f"one sent to its process group reached the job too, which then checkpoints and stops")
-            else:  # a job an earlier submit started: in a session of its own, it goes on
+            else:  # nothing submitted now: the jobs an earlier submit started did not get it
                 then = "the local job goes on; stop it with kill -INT <its job id> (status lists it)"
             print(f"stopped watching (Ctrl-C); {then}; allconv-hpc status {shlex.quote(str(where))}", file=sys.stderr)
             return 130

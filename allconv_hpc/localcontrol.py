@@ -82,11 +82,18 @@ def start_controller(folder: Path, command: str, ntasks: int, cuda_devices: str,
                 process = subprocess.Popen(cmd, env=env, **io)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    except BaseException:
+        if log is not None:
+            log.unlink(missing_ok=True)  # no job: no log of one
+        raise
     finally:
         if log is not None:
             os.close(fd)  # the controller has its own copy
     if log is not None:
-        os.replace(log, logs / f"controller-{process.pid}.log")
+        try:  # the job runs: a log left under its temporary name must not fail the submission
+            os.replace(log, logs / f"controller-{process.pid}.log")
+        except OSError:
+            pass
     return process
 
 

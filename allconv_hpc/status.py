@@ -287,9 +287,11 @@ def run_rows(folder: Path) -> list[dict]:
                    and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"])))  # that job's own word
         if stopped and state == "FAILED":
             state = STOPPED_RUN[run_state]
-        # scancelled before it started: nothing ran, nothing failed (the same submit starts it)
-        cancelled = state == "CANCELLED" and not (st and current) and not active and _never_started(rec)
-        if cancelled:
+        # scancelled before it started: nothing ran, nothing failed (the same submit starts it). Slurm says CANCELLED
+        # while it remembers the job, nothing once it forgot it (no accounting): the same either way
+        cancelled = (slurm and not (st and current) and not active and state in ("CANCELLED", "LOST (never started)")
+                     and _never_started(rec))
+        if cancelled and state == "CANCELLED":
             state = "CANCELLED (never started)"
         failed = not starting and not stopped and not cancelled and (
             state.split(" ")[0] in FAILED_STATES or ended or run_state == "failed")
@@ -352,6 +354,8 @@ def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
 # the run's own word for a stop that left a checkpoint for the same submit to resume, and the state it is shown as
 # where Slurm says FAILED (exit 3 and 4)
 STOPPED_RUN = {"interrupted": "INTERRUPTED", "gave_up": "GAVE UP"}
+# rows neither failed nor done: `submit --wait` exits EXIT_STOPPED for them, not 0 ("every run completed")
+UNFINISHED = {*STOPPED_RUN.values(), "CANCELLED (never started)", "LOST (never started)", "GONE (no run folder)"}
 
 
 def is_failed(row: dict) -> bool:
@@ -440,8 +444,7 @@ def wait_for(folder: Path, poll_s: float = 5.0, jobs: Optional[set] = None) -> i
         if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
             print(format_table(rows) + _errors(rows))
             code = exit_code(rows)
-            if code == 0 and any(r["run"] in STOPPED_RUN or r["state"] in ("INTERRUPTED", "GAVE UP",
-                                                                          "CANCELLED (never started)") for r in rows):
+            if code == 0 and any(r["run"] in STOPPED_RUN or r["state"] in UNFINISHED for r in rows):
                 return EXIT_STOPPED  # a script must tell "done" from "stopped with a checkpoint"
             return code
         time.sleep(poll_s)

@@ -912,9 +912,12 @@ def test_a_forgotten_job_that_left_no_task_log_never_started(tmp_path, on_path):
     (sub / "7_2" / "7_submission.sh").write_text("#!/bin/bash\n")
     on_path(squeue=FORGOTTEN, sacct=NO_ACCOUNTING, scontrol=FORGOTTEN)
     row = status.run_rows(run)[0]
-    assert (row["state"], row["failed"]) == ("LOST (never started)", True), row
+    # nothing ran, nothing failed: as CANCELLED (never started) while Slurm knew it, which the same submit starts
+    assert (row["state"], row["failed"]) == ("LOST (never started)", False), row
+    assert status.status_main([str(run)]) == 0 and status.wait_for(run, poll_s=0) == status.EXIT_STOPPED
     (sub / "7_2" / "7_2_0_log.out").write_text("submitit INFO - Starting\n")  # it started: killed without a word
-    assert status.run_rows(run)[0]["state"] == "LOST"
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("LOST", True), row
 
 
 def test_a_job_scancelled_while_pending_is_cancelled_not_failed(tmp_path, on_path, capsys):

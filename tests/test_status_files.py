@@ -146,6 +146,8 @@ def test_a_point_removed_from_a_copied_sweep_is_gone_not_the_originals(tmp_path,
     assert status.status_main([str(copy), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["state"], r["epoch"]) for r in rows] == [("COMPLETED", "1/3"), ("GONE (no run folder)", "0/?")], rows
+    assert status.wait_for(copy, poll_s=0) == status.EXIT_STOPPED  # not "every run completed"
+    capsys.readouterr()
     assert status.status_main([str(root), "--json"]) == 0  # the original as it was
     assert [r["state"] for r in json.loads(capsys.readouterr().out)] == ["COMPLETED", "COMPLETED"]
 

@@ -966,3 +966,17 @@ def test_a_slurm_command_failing_without_a_word_is_logged_with_its_exit_status(t
     with caplog.at_level("WARNING"):
         assert slurm_out(["sh", "-c", "exit 1"], warn=True) is None
     assert "sh -c exit 1: exit status 1, no message" in caplog.text, caplog.text
+
+
+def test_rank_difference_names_the_first_key_and_lets_per_rank_keys_differ():
+    """What train's ranks compare (Trainer._check_same_run): a key one side lacks differs too; a node's own data
+    root, threads, progress display and W&B settings may differ; a key merely starting like one of those may not."""
+    from allconv_hpc.config import rank_difference
+    base = {"hydra.run.dir": "/r", "optim.lr": 0.1, "data.root": "/a", "trainer.threads": 4, "wandb.project": "p"}
+    assert rank_difference([base, dict(base)]) is None
+    assert rank_difference([base, {**base, "data.root": "/b", "trainer.threads": 8, "wandb.project": "q"}]) is None
+    assert rank_difference([base, {**base, "optim.lr": 0.2}, base]) == "rank 1 has optim.lr=0.2 where rank 0 has 0.1"
+    assert rank_difference([base, base, {k: v for k, v in base.items() if k != "optim.lr"}]) == (
+        "rank 2 has optim.lr=None where rank 0 has 0.1")
+    assert rank_difference([base, {**base, "data.root_extra": 1}]) == (
+        "rank 1 has data.root_extra=1 where rank 0 has None")
