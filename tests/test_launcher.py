@@ -441,7 +441,8 @@ def test_without_cluster_submit_takes_slurm_where_sbatch_is(tmp_path, on_path, c
 def test_ctrl_c_on_submit_wait_stops_watching_in_one_line(tmp_path, on_path, capsys, monkeypatch):
     on_path(sbatch="echo 'Submitted batch job 77'", squeue="echo PENDING")
 
-    def interrupted(folder, poll_s=5.0):
+    def interrupted(folder, poll_s=5.0, jobs=None):
+        assert jobs == {"77"}  # the job this submit queued
         raise KeyboardInterrupt
     monkeypatch.setattr(status, "wait_for", interrupted)
     code, out, err = run_submit(capsys, "--wait", "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
