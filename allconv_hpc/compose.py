@@ -185,7 +185,7 @@ def _check_group_lists(overrides: list[str]) -> None:
     over the others' under the last one's name: never one of our nets, datasets or schedules, and never what a
     user who meant a sweep (`-m model=a,b`) wanted. Refused (recipes, `experiment=[...]`, may stack)."""
     for o in overrides:
-        key, _, value = o.lstrip("+").partition("=")
+        key, value = override_key(o), o.partition("=")[2]
         if key in (*SECTIONS, "cluster") and value.startswith("[") and value.endswith("]"):
             items = [v.strip() for v in value[1:-1].split(",") if v.strip()]
             if not items:
