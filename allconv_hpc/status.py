@@ -395,6 +395,9 @@ def _errors(rows: list[dict]) -> str:
                     "resumes it from its newest checkpoint")
             out.append(f"{r['folder']}: stopped with epoch {r['epoch']} done (step {r['step']}); the same submit (or "
                        f"train) command {then}")
+        if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):
+            out.append(f"{r['folder']}: job {r['job']} ended before it started (scancel?); nothing ran: the same "
+                       f"submit command starts it")
         if r.get("start_error"):
             out.append(f"{r['folder']}: a later start failed before it wrote status.json (the state shown is the "
                        f"start before): {r['start_error']}")

@@ -932,6 +932,9 @@ def test_a_job_scancelled_while_pending_is_cancelled_not_failed(tmp_path, on_pat
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == ("CANCELLED (never started)", False), row
     assert status.status_main([str(run)]) == 0 and status.wait_for(run, poll_s=0) == status.EXIT_STOPPED
+    out = capsys.readouterr().out  # below the table, what to do: --wait's exit 3 alone would not say
+    assert out.rstrip().endswith("run: job 1203 ended before it started (scancel?); nothing ran: the same submit "
+                                 "command starts it"), out
     (sub / "1203" / "1203_0_log.out").write_text("submitit INFO - Starting\n")  # it started, then was cancelled
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == ("CANCELLED", True), row
@@ -952,6 +955,8 @@ def test_wait_after_a_sweeps_point_is_submitted_again_watches_that_job_alone(tmp
             scontrol='[ "$4" = 1343 ] && echo "JobState=COMPLETED Restarts=0" || echo "JobState=FAILED Restarts=0"')
     assert status.wait_for(sweep, poll_s=0, jobs={"1343"}) == 0
     assert status.wait_for(sweep, poll_s=0) == 1 and status.status_main([str(sweep)]) == 1
+    # none of its jobs in the records any more (another submit rewrote them meanwhile): it reads the folder's rows
+    assert status.wait_for(sweep, poll_s=0, jobs={"1299"}) == 1
 
 
 def test_a_held_job_is_not_told_to_be_resubmitted(tmp_path, on_path, capsys):

@@ -716,6 +716,37 @@ def test_a_held_job_says_how_to_release_it_and_ends_wait(slurm_cluster, jobs, tm
     assert rc == 1, table
 
 
+def test_a_job_scancelled_while_it_waits_to_begin_ends_wait_unfinished_not_failed(slurm_cluster, jobs, tmp_path):
+    """`submit --wait` of a job that waits in the queue (--begin an hour on) and is scancelled there: --wait ends
+    with exit 3 (unfinished) and says the same submit starts it; `status` shows it CANCELLED (never started), not
+    failed (exit 0). Before, it showed CANCELLED and both exited 1."""
+    run = tmp_path / "run"
+    args = [PY, "-m", "allconv_hpc", "submit", "--wait", *SLURM, *JOB, "+cluster.additional_parameters.begin=now+3600",
+            f"hydra.run.dir={run}"]
+    waiting = subprocess.Popen(args, env=job_env(slurm_cluster, tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert poll(lambda: (run / "submission.json").exists(), 60), waiting.poll()
+        job = json.loads((run / "submission.json").read_text())["job_id"]
+        jobs.append(job)
+        reason = lambda: slurm_cluster.run(["squeue", "-h", "-j", job, "-o", "%T %r"]).stdout.strip()  # noqa: E731
+        assert poll(lambda: reason() == "PENDING BeginTime", 30), reason()
+        assert waiting.poll() is None  # a job that waits to begin is queued: --wait goes on
+        slurm_cluster.run(["scancel", job], check=True)
+        out, _ = waiting.communicate(timeout=90)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert waiting.returncode == 3, out
+    assert f"{job}:CANCELLED (never started)" in out, out
+    assert out.rstrip().endswith(f"run: job {job} ended before it started (scancel?); nothing ran: the same submit "
+                                 f"command starts it"), out
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and (rows[0]["state"], rows[0]["failed"]) == ("CANCELLED (never started)", False), table
+    assert not (run / "status.json").exists()  # nothing ran
+
+
 def test_a_run_started_with_plain_sbatch_is_not_trained_into_twice(slurm_cluster, jobs, tmp_path):
     """status.json names the job that trains the run: submit and train refuse the folder while it is queued or
     running, and status asks Slurm about it (no guess)."""
