@@ -1634,16 +1634,20 @@ def test_ctrl_c_while_local_ranks_import_torch_is_a_start_up_interrupt(tmp_path)
     `import torch`, which `status` read as FAILED."""
     run = tmp_path / "run"
     job = str(_submit_local_pair(tmp_path, run))
-    interrupted, deadline = set(), time.monotonic() + 60
+    interrupted, loading, deadline = set(), set(), time.monotonic() + 60
     try:
-        while len(interrupted) < 2:  # each rank as torch's library loads: only its imports load torch
-            assert _alive(int(job)) and time.monotonic() < deadline, f"ranks {interrupted} of 2 seen importing torch"
-            for pid in set(jobs.children(int(job))) - interrupted:
+        # both ranks at once, once both load torch's library (only their imports load torch): one rank stopped
+        # alone would end the job, and with it the other before it got there
+        while len(loading) < 2:
+            assert _alive(int(job)) and time.monotonic() < deadline, f"ranks {loading} of 2 seen importing torch"
+            for pid in set(jobs.children(int(job))) - loading:
                 with contextlib.suppress(FileNotFoundError):
                     if b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes():
-                        os.kill(pid, signal.SIGINT)
-                        interrupted.add(pid)
+                        loading.add(pid)
             time.sleep(0.01)
+        for pid in loading:
+            os.kill(pid, signal.SIGINT)
+            interrupted.add(pid)
         _watch_until_ended(run, [int(job)], timeout=60)
     finally:
         for pid in [*interrupted, int(job)]:
