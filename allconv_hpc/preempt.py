@@ -19,7 +19,8 @@ import re
 import signal
 import subprocess
 import time
-from typing import Mapping, Optional
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,28 @@ def catch_early(warn_signal: Optional[str] = None) -> None:
         _warn = signum(warn_signal)
     for s in dict.fromkeys((*warning_signals(_warn), signal.SIGTERM, *_hangup())):
         signal.signal(s, _record_early)
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """A Ctrl-C during the block is taken when it ends. For code that swallows Python's KeyboardInterrupt: the
+    first `import torch._dynamo` loads Triton's C++ library, whose start-up runs Python and drops an exception
+    raised in it, so a Ctrl-C then was lost and start-up went on into training (seen: 1 in 2 at that moment).
+    SIGINT left ignored (`nohup`, a script's `cmd &`) stays ignored; not in a thread (no handlers there)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        yield
+        return
+    got: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda s, frame: got.append(s))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if got and callable(before):
+        before(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt, here, past the code that ate it
+    elif got and before == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)
 
 
 def ignore_late_signals(warn_signal: Optional[str] = None) -> None:

@@ -34,7 +34,7 @@ from .config import CPU_PRECISIONS, GRAPH_MODES, Config, ConfigError, flatten, r
 from .distributed import Dist, DistEnv, pick_device, set_threads
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .models import build_model, count_parameters, summary
-from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest
+from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest, sigint_deferred
 from .schedule import lr_factor
 from .tracking import HISTORY_FILE, ID_FILE, STEPS_FILE, NullTracker, make_tracker
 
@@ -140,7 +140,8 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
         raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
                           f"(trainer.device={t.device}); use trainer.precision=fp32 (or auto) on CPU")
     if t.compile:
-        _check_compiler(cuda)
+        with sigint_deferred():  # inductor imports torch._dynamo, and with it Triton (see make_sgd)
+            _check_compiler(cuda)
 
 
 def _check_compiler(cuda: bool) -> None:
@@ -183,8 +184,9 @@ def make_sgd(params, cfg: Config, device: torch.device, precision: str) -> torch
     allocates its momentum buffers empty and returns without writing them, so the next step adds stale memory
     to the weights; foreach skips the step whole."""
     kernel = {"fused": True} if device.type == "cuda" and precision != "fp16" else {"foreach": True}
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                           weight_decay=cfg.optim.weight_decay, **kernel)
+    with sigint_deferred():  # the optimizer's first call imports torch._dynamo: Triton's library ate a Ctrl-C
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                               weight_decay=cfg.optim.weight_decay, **kernel)
 
 
 class Trainer:
@@ -417,10 +419,12 @@ class Trainer:
         step = max(0, st.global_step - 1)
         was = cfg.lr * lr_factor(step, cfg.schedule, self.steps_per_epoch, int(old))
         now = cfg.lr * lr_factor(st.global_step, cfg.schedule, self.steps_per_epoch, cfg.trainer.epochs)
+        moves = (f"the lr jumps from {was:.4g} (its last step) to {now:.4g} and follows the new curve"
+                 if f"{was:.4g}" != f"{now:.4g}" else f"the lr ({now:.4g} now) follows the new curve")
         log.warning("trainer.epochs=%d but the checkpoint's run was planned for %d: the %s schedule is stretched "
-                    "to the new length, so the lr jumps from %.4g (its last step) to %.4g and follows the new "
-                    "curve (not what a run planned for %d epochs from the start does: checkpoint.resume=never "
-                    "starts one)", cfg.trainer.epochs, int(old), cfg.schedule.name, was, now, cfg.trainer.epochs)
+                    "to the new length, so %s (not what a run planned for %d epochs "
+                    "from the start does: checkpoint.resume=never starts one)", cfg.trainer.epochs, int(old),
+                    cfg.schedule.name, moves, cfg.trainer.epochs)
 
     def _best_file_holds(self, ck: dict) -> float:
         """The val_acc best.pt holds on resume (rank 0), which the next epoch must beat to rewrite it.
