@@ -328,6 +328,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
+                     "starts_over": _starts_over(run_dir),
                      # a failed row says its own error; another's record may hide a start that failed since
                      "start_error": _failed_since(run_dir, st) if st and not (active or failed) else None,
                      "folder": run_dir.name})
@@ -339,6 +340,17 @@ def _new_start(run_dir: Path, st: dict) -> bool:
     way out (W&B finishing) before it lets the lock go."""
     taken = runlock.taken_at(run_dir)
     return taken is not None and taken > st.get("updated", 0)
+
+
+def _starts_over(run_dir: Path) -> bool:
+    """The run was started with checkpoint.resume=never (its .hydra/config.yaml): the same command run again sets
+    its checkpoints aside and starts over, rather than resume."""
+    import yaml
+    try:
+        cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(cfg, dict) and (cfg.get("checkpoint") or {}).get("resume") == "never"
 
 
 def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
@@ -393,6 +405,9 @@ def _errors(rows: list[dict]) -> str:
             then = ("starts it over: it stopped before its first checkpoint" if ck is None else
                     f"resumes it from its newest checkpoint, step {ck}" if ck >= 0 else
                     "resumes it from its newest checkpoint")
+            if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
+                then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
+                        f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")
             out.append(f"{r['folder']}: stopped with epoch {r['epoch']} done (step {r['step']}); the same submit (or "
                        f"train) command {then}")
         if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):

@@ -981,6 +981,12 @@ def test_wait_tells_a_stopped_run_from_a_completed_one(tmp_path, on_path, capsys
         (run / "checkpoints" / name).touch()
     assert status.status_main([str(run)]) == 0
     assert capsys.readouterr().out.rstrip().endswith("resumes it from its newest checkpoint, step 32")
+    (run / ".hydra").mkdir()  # started with checkpoint.resume=never: the same command starts it over again
+    (run / ".hydra" / "config.yaml").write_text("checkpoint:\n  resume: never\n")
+    assert status.status_main([str(run)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(
+        "the same submit (or train) command starts it over again (checkpoint.resume=never sets its checkpoints "
+        "aside); with checkpoint.resume=auto instead it resumes from its newest checkpoint, step 32")
 
 
 def test_no_answer_from_slurm_is_not_lost(tmp_path, on_path):
