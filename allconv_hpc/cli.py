@@ -81,20 +81,10 @@ _STOPPED_SAYS = {3: "not a failure: stopped on a signal with a checkpoint (exit 
 
 
 def _tell_torchrun(code: int) -> None:
-    """A torchrun worker's exit on purpose, written where torchrun reads a worker's error (TORCHELASTIC_ERROR_FILE)."""
-    import json
-    import os
-    import time
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path or code not in _STOPPED_SAYS:
-        return
-    said = {"message": {"message": _STOPPED_SAYS[code],
-                        "extraInfo": {"py_callstack": _STOPPED_SAYS[code], "timestamp": str(int(time.time()))}}}
-    try:
-        with open(path, "w") as f:
-            json.dump(said, f)
-    except OSError:  # torchrun then says what it says of any exit
-        pass
+    """A torchrun worker's exit on purpose, said where torchrun reads a worker's error."""
+    if code in _STOPPED_SAYS:
+        from .train import tell_torchrun
+        tell_torchrun(_STOPPED_SAYS[code])
 
 
 def _dispatch(argv: list[str]) -> int:

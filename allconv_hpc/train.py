@@ -46,6 +46,28 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     logging.getLogger("submitit").addFilter(lambda r: not r.getMessage().startswith("Bypassing signal SIGCONT"))
 
 
+def tell_torchrun(message: str) -> None:
+    """Why this worker exits, where torchrun reads a worker's error (TORCHELASTIC_ERROR_FILE): its report says
+    "FAILED" of any non-zero exit, with "To enable traceback see: ..." where the why would be."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    said = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(said, f)
+    except OSError:  # torchrun then says what it says of any exit
+        pass
+
+
+def _refused(e: Exception) -> int:
+    """A config or folder refused before any work: one line, also in torchrun's report."""
+    said = f"{_rank_tag()}{e}"
+    print(f"allconv-hpc: error: {said}", file=sys.stderr)
+    tell_torchrun(f"refused before any work (exit 2): {said}")
+    return 2
+
+
 def run(overrides: list[str], submitted: bool = False) -> int:
     """The whole training process for this rank; returns the exit status. `submitted`: started by
     `allconv-hpc submit`, which read the cluster.* overrides itself."""
@@ -82,8 +104,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         if preflight_mode(composed.cfg.wandb.mode) != "disabled":  # a bad WANDB_MODE, online with no key...
             check_names(composed.cfg.wandb)  # ...or a project or tag W&B would refuse at wandb.init
     except ConfigError as e:
-        print(f"allconv-hpc: error: {_rank_tag()}{e}", file=sys.stderr)
-        return 2
+        return _refused(e)
     except KeyboardInterrupt:
         return _interrupted_in_start_up()
     from .preempt import EXIT_REQUEUED, catch_early
@@ -102,8 +123,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             check_free(composed.run_dir, group=group)
         setup_logging(composed.run_dir, env.rank)
     except (DistributedError, ConfigError) as e:  # every rank fails alike, before the rendezvous
-        print(f"allconv-hpc: error: {_rank_tag()}{e}", file=sys.stderr)
-        return _released(lock_fd, 2)
+        return _released(lock_fd, _refused(e))
     except OSError as e:  # check_run_dir passed, yet the folder or train.log cannot be made (a race, a quota)
         print(f"allconv-hpc: error: cannot write the run folder {composed.run_dir} ({e}); give a writable "
               f"hydra.run.dir", file=sys.stderr)
@@ -137,6 +157,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         log.error("%s", e)
         if trainer is not None:  # the peers name it; status.json stays the folder's own (maybe another run's)
             trainer.dist.report_failure(str(e))
+        tell_torchrun(f"refused (exit 2): {e}")
         code = 2
         return code
     except PortInUse as e:  # rank 0's rendezvous port (from the job id and restart count) is held on its node

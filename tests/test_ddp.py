@@ -290,3 +290,16 @@ def test_torchruns_report_says_a_stop_with_a_checkpoint_is_no_failure(tmp_path):
     assert "traceback : not a failure: stopped on a signal with a checkpoint (exit 3); the same command resumes" in out
     assert "To enable traceback see" not in out, out[-3000:]
     assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
+
+
+def test_torchruns_report_names_a_config_refused_before_any_work(tmp_path):
+    """A bad config under torchrun: its report, where a traceback would be, says why (it said "To enable
+    traceback see: ..." and error_file <N/A>, after each worker's own line)."""
+    run = tmp_path / "run"
+    r = subprocess.run(train_cmd(run, TINY + ["trainer.batch_size=3"], nproc=2), env=clean_env(tmp_path),
+                       capture_output=True, text=True, timeout=180)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "To enable traceback see" not in out, out[-3000:]
+    for rank in (0, 1):
+        assert (f"traceback : refused before any work (exit 2): rank {rank}: trainer.batch_size=3 is not divisible by "
+                f"the world size 2; use a multiple of 2") in out, out[-3000:]
