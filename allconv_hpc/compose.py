@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import CLUSTER_KEYS, SECTIONS, Config, ConfigError, from_dict
+from .config import CLUSTER_KEYS, SECTIONS, Config, ConfigError, as_given, from_dict
 from .fsio import name_too_long
 from .runlock import OWN_FILES, holds_run
 
@@ -106,6 +106,13 @@ def override_error(overrides: list[str], e: Exception) -> str:
 
     lines = str(e).strip().splitlines()
     msg = (lines or [type(e).__name__])[0]
+    several = re.match(r"Multiple values for ([\w/]+)\.", msg)
+    if several:  # +group=x where the group already has an option (a default or a recipe's): Hydra's fix is yaml's
+        group = several.group(1)
+        given = [o for o in overrides if override_key(o) == group and o.startswith("+")]
+        if given:
+            return (f"{given[-1]}: {group} already has an option (a default, or a recipe's); give "
+                    f"{given[-1].lstrip('+')} without the +")
     if msg.startswith("Ambiguous value for argument"):  # key=a,b outside a sweep
         msg += " (a comma list is a sweep: allconv-hpc submit -m ...; quote a value that holds commas)"
     if re.match(r"In '[\w/]+': Could not find '", msg):  # a misspelt group option: Hydra lists the others
@@ -117,6 +124,12 @@ def override_error(overrides: list[str], e: Exception) -> str:
         group, key = unknown.groups()
         known = _group_keys(group)
         if known is not None and key.split(".")[0] in known:  # a new key inside a dict, e.g. additional_parameters
+            if group == "cluster" and key.startswith("additional_parameters."):  # not an option Hydra's + would
+                from .resources import check_additional_parameters  # only lead to the next refusal
+                try:
+                    check_additional_parameters({key.split(".", 1)[1]: True})
+                except ConfigError as refused:
+                    return str(refused)
             msg += "".join(f" {line.strip()}" for line in lines[1:2] if line.startswith("To append"))
         elif known is not None:
             msg += f" {group} has no key {key!r}; its keys: {', '.join(sorted(known))}"
@@ -136,6 +149,8 @@ def override_error(overrides: list[str], e: Exception) -> str:
             if "=" in value and value.startswith("[") and value.endswith("]"):  # each item quoted; the shell's quotes
                 items = ",".join(f"'{v.strip()}'" for v in value[1:-1].split(","))
                 hint = f"; list items holding '=' need quotes each: \"{key}=[{items}]\""
+            elif "'" in value and '"' not in value:  # my sweep's dir: Hydra reads ' as the start of a string
+                hint = f"; a value holding ' needs double quotes around it: \"{key}=\\\"{value}\\\"\""
             elif "=" in value:
                 hint = f"; a value holding '=' needs quotes: \"{key}='{value}'\""
             elif key.startswith("-") or "=" not in o:  # `optim.lr = 0.1` reaches here as three words
@@ -178,6 +193,19 @@ def _check_override_keys(overrides: list[str]) -> None:
         key = override_key(o)
         if o.startswith("~") and key.split(".")[0] in (*SECTIONS, "seed"):
             raise ConfigError(f"{o} deletes {key}, which every run has; set it instead ({key}=...)")
+        if key.startswith(("hydra.", "hydra/")) and key not in HYDRA_KEYS:
+            raise ConfigError(f"{o}: of Hydra's own settings only {' and '.join(HYDRA_KEYS)} are read (configs are "
+                              f"composed without @hydra.main); {_HYDRA_INSTEAD.get(key, 'drop it: it would be ignored')}")
+
+
+# the Hydra settings compose reads; Hydra's app settings (job.chdir, mode, output_subdir, logging) have no app here
+HYDRA_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+_HYDRA_INSTEAD = {
+    "hydra.mode": "for a sweep use allconv-hpc submit -m key=a,b",
+    "hydra.job.chdir": "train runs in the folder it is started in, and relative paths are taken from there",
+    "hydra.output_subdir": "every run folder gets .hydra/, which a resume compares its config with",
+    "hydra.sweep.subdir": "a sweep point's folder is named by its overrides",
+}
 
 
 def _check_group_lists(overrides: list[str]) -> None:
@@ -232,9 +260,10 @@ def compose(overrides: list[str]) -> Composed:
             raise ConfigError(f"{key} is empty (an unset shell variable?); give a folder, e.g. {key}=runs/x")
     given = {"hydra.run.dir": hydra["run"]["dir"], "hydra.sweep.dir": hydra["sweep"]["dir"]}
     hydra["run"]["dir"], hydra["sweep"]["dir"] = run_dir, sweep_dir
-    _check_model_name(overrides, plain["model"])
     cluster = plain.pop("cluster", {}) or {}
-    cfg = from_dict(plain)
+    cfg = from_dict(plain)  # each value's own check first: a name that is no option is named with the choices
+    for group in _NAMED_GROUPS:
+        _check_group_name(overrides, group, plain[group])
     return Composed(cfg=cfg, cfg_dict=plain, cluster=cluster, run_dir=Path(run_dir).expanduser().absolute(),
                     overrides=list(overrides), hydra=hydra, given_dirs=given)
 
@@ -250,25 +279,32 @@ def dated_dir_warning(c: Composed, key: str, resolved: Path) -> list[str]:
             f"starts over instead of resuming; give {shlex.quote(f'{key}={resolved}')} to resume this one"]
 
 
-def _check_model_name(overrides: list[str], model: dict) -> None:
-    """model.name=X swaps the architecture but keeps the model group's other settings: where the group X
-    sets them otherwise (allcnn_seed has no input dropout), the run would be neither net under X's name."""
-    names = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == "model.name" and "=" in o]
+# groups whose options set a `name` and other values together, and what the name picks
+_NAMED_GROUPS = {"model": ("architecture", "net"), "schedule": ("schedule", "schedule"),
+                 "data": ("dataset", "dataset")}
+
+
+def _check_group_name(overrides: list[str], group: str, values: dict) -> None:
+    """`model.name=X` (or schedule.name, data.name) swaps what the name picks but keeps the group's other settings:
+    where the option X sets them otherwise (allcnn_seed has no input dropout, inverse_time a decay, synthetic data
+    2,048 images and no augmentation), the run would be neither under X's name."""
+    key = f"{group}.name"
+    names = [o.split("=", 1)[1] for o in overrides if override_key(o) == key and "=" in o]
     if not names:
         return
-    given = {o.lstrip("+~").split("=", 1)[0].removeprefix("model.") for o in overrides
-             if o.lstrip("+~").startswith("model.")}
-    others = [o for o in overrides if not o.lstrip("+~").startswith(("model.", "model="))]
+    given = {override_key(o).removeprefix(f"{group}.") for o in overrides if override_key(o).startswith(f"{group}.")}
+    others = [o for o in overrides if override_key(o) != group and not override_key(o).startswith(f"{group}.")]
     try:
-        own = compose(others + [f"model={names[-1]}"]).cfg_dict["model"]
+        own = compose(others + [f"{group}={names[-1]}"]).cfg_dict[group]
     except ConfigError:
-        return  # no such group option: the model's own check names the choices
-    differ = [k for k, v in sorted(own.items()) if k not in given and model.get(k) != v]
+        return  # no such group option, or another error the composition names itself
+    differ = [k for k, v in sorted(own.items()) if k not in given and values.get(k) != v]
     if differ:
-        said = "; ".join(f"{k}: {model.get(k)!r}, model={names[-1]} has {own[k]!r}" for k in differ)
-        keep = " ".join(f"model.{k}={model.get(k)}" for k in differ)
-        raise ConfigError(f"model.name={names[-1]} swaps the architecture but keeps the model group's other "
-                          f"settings ({said}); use model={names[-1]} for the net as defined, or model={names[-1]} "
+        what, noun = _NAMED_GROUPS[group]
+        said = "; ".join(f"{k}: {as_given(values.get(k))}, {group}={names[-1]} has {as_given(own[k])}" for k in differ)
+        keep = " ".join(f"{group}.{k}={as_given(values.get(k))}" for k in differ)
+        raise ConfigError(f"{key}={names[-1]} swaps the {what} but keeps the {group} group's other settings "
+                          f"({said}); use {group}={names[-1]} for the {noun} as defined, or {group}={names[-1]} "
                           f"{keep} for these values (what a run started so resumes with)")
 
 

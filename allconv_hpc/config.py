@@ -272,8 +272,9 @@ class DistConfig:
 
     def __post_init__(self) -> None:
         t = self.timeout_s
-        _check(t is None or 0 < t <= MAX_DIST_TIMEOUT_S,
-               f"dist.timeout_s={t if t is None else format(t, 'g')} must be > 0 and at most {MAX_DIST_TIMEOUT_S} (7 "
+        # at least 1 s: the rendezvous and every collective wait this long; under a millisecond gloo gives up at 0 ms
+        _check(t is None or 1 <= t <= MAX_DIST_TIMEOUT_S,
+               f"dist.timeout_s={t if t is None else format(t, 'g')} must be >= 1 and at most {MAX_DIST_TIMEOUT_S} (7 "
                f"days): gloo and NCCL take the timeout in int milliseconds, and a collective waiting longer has hung")
         _choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
 
@@ -356,7 +357,7 @@ class Config:
         mine = {k: v for k, v in mine.items() if k not in unused}
         theirs = {k: v for k, v in theirs.items() if k not in unused}
         if mine != theirs:
-            diff = [f"{k}: {_as_given(theirs.get(k))} -> {_as_given(mine.get(k))}" for k in sorted(set(mine) | set(theirs))
+            diff = [f"{k}: {as_given(theirs.get(k))} -> {as_given(mine.get(k))}" for k in sorted(set(mine) | set(theirs))
                     if mine.get(k) != theirs.get(k)]
             raise ConfigError(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
                               f"another {folder_key}, or checkpoint.resume=never to start over (old checkpoints "
@@ -370,7 +371,7 @@ class Config:
                                   f"trainer.epochs >= {begun}, or another {folder_key}")
 
 
-def _as_given(v: Any) -> str:
+def as_given(v: Any) -> str:
     """A value as an override gives it (true, null), not as Python prints it (True, None)."""
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)
 
@@ -445,8 +446,10 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
         return
     ok = isinstance(value, _TYPES[base]) and not (base in ("int", "float") and isinstance(value, bool))
     hint = {"bool": " (true or false)", "int": " (a whole number)"}.get(base, "")
+    if base == "int" and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # 1e2 is a float
+        hint = f" (a whole number: {key}={int(value)})"
     if base == "list" and isinstance(value, (str, int, float)):  # wandb.tags=foo: the brackets are easy to miss
-        hint = f", e.g. {key}=[{_as_given(value).strip(chr(39))}]"
+        hint = f", e.g. {key}=[{as_given(value).strip(chr(39))}]"
     _check(ok, f"{key}={value!r} must be {'an' if base == 'int' else 'a'} {base}{hint}"
                f"{', or null' if optional else ''}")
     # inf and nan pass every range check below (inf > 0) and fail late: lr=inf after an epoch

@@ -80,6 +80,31 @@ def _need_word(c: dict, key: str, allowed: re.Pattern, chars: str) -> None:
                           f"and {chars}")
 
 
+def check_additional_parameters(extra) -> None:
+    """cluster.additional_parameters: sbatch options by name, none that submit sets itself (by any name or
+    abbreviation), values that cannot inject shell."""
+    if not isinstance(extra, dict):
+        raise ConfigError(f"cluster.additional_parameters={extra!r} must be a mapping, e.g. {{mail-type: END}}")
+    for k, v in extra.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(k)):
+            raise ConfigError(f"cluster.additional_parameters.{k}: not an sbatch option name (e.g. mail-type)")
+        name = str(k).replace("_", "-")
+        # sbatch takes an unambiguous abbreviation of an option (--tim=5 is --time=5)
+        owned = [name] if name in _OWN_OPTIONS else [o for o in sorted(_OWN_OPTIONS) if o.startswith(name)]
+        if owned:
+            use = " or ".join(dict.fromkeys(_OWN_OPTIONS[o] for o in owned if _OWN_OPTIONS[o]))
+            what = "" if owned == [name] else f" (sbatch reads it as --{' or --'.join(owned)})"
+            raise ConfigError(f"cluster.additional_parameters.{k} would override what submit sets itself{what}"
+                              + (f"; use {use}" if use else "; remove it"))
+        if str(k) == "gres" and any(g.split(":")[0] == "gpu" for g in str(v).split(",")):
+            # GPUs requested twice, or beside the validated shape; other gres (tmpdisk, ...) are fine
+            raise ConfigError(f"cluster.additional_parameters.gres={v} asks for GPUs: use cluster.gpus_per_node=N "
+                              f"(and cluster.gpu_type=TYPE for a typed request such as gpu:a100:N)")
+        if v is not True and (isinstance(v, bool) or not isinstance(v, (str, int)) or not _SAFE.fullmatch(str(v))):
+            raise ConfigError(f"cluster.additional_parameters.{k}={v!r} is not a safe sbatch value: use true (a flag) "
+                              f"or only letters, digits and _.,:@%+=/[]-")
+
+
 def validate_cluster(cluster: dict, cfg) -> dict:
     """Every cluster value checked against what it becomes in the sbatch script; one-line errors."""
     unknown = sorted(set(cluster) - CLUSTER_KEYS)
@@ -106,27 +131,7 @@ def validate_cluster(cluster: dict, cfg) -> dict:
         if not c["gpus_per_node"]:
             raise ConfigError(f"cluster.gpu_type={c['gpu_type']} needs cluster.gpus_per_node >= 1 (it types that "
                               f"request: --gpus-per-node={c['gpu_type']}:N)")
-    extra = c.get("additional_parameters") or {}
-    if not isinstance(extra, dict):
-        raise ConfigError(f"cluster.additional_parameters={extra!r} must be a mapping, e.g. {{mail-type: END}}")
-    for k, v in extra.items():
-        if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(k)):
-            raise ConfigError(f"cluster.additional_parameters.{k}: not an sbatch option name (e.g. mail-type)")
-        name = str(k).replace("_", "-")
-        # sbatch takes an unambiguous abbreviation of an option (--tim=5 is --time=5)
-        owned = [name] if name in _OWN_OPTIONS else [o for o in sorted(_OWN_OPTIONS) if o.startswith(name)]
-        if owned:
-            use = " or ".join(dict.fromkeys(_OWN_OPTIONS[o] for o in owned if _OWN_OPTIONS[o]))
-            what = "" if owned == [name] else f" (sbatch reads it as --{' or --'.join(owned)})"
-            raise ConfigError(f"cluster.additional_parameters.{k} would override what submit sets itself{what}"
-                              + (f"; use {use}" if use else "; remove it"))
-        if str(k) == "gres" and any(g.split(":")[0] == "gpu" for g in str(v).split(",")):
-            # GPUs requested twice, or beside the validated shape; other gres (tmpdisk, ...) are fine
-            raise ConfigError(f"cluster.additional_parameters.gres={v} asks for GPUs: use cluster.gpus_per_node=N "
-                              f"(and cluster.gpu_type=TYPE for a typed request such as gpu:a100:N)")
-        if v is not True and (isinstance(v, bool) or not isinstance(v, (str, int)) or not _SAFE.fullmatch(str(v))):
-            raise ConfigError(f"cluster.additional_parameters.{k}={v!r} is not a safe sbatch value: use true (a flag) "
-                              f"or only letters, digits and _.,:@%+=/[]-")
+    check_additional_parameters(c.get("additional_parameters") or {})
     setup = c.get("setup")
     if setup is None:
         c["setup"] = []

@@ -40,7 +40,8 @@ BAD = [
     (["model.name=nope"], ["model.name='nope'", "allcnn_c", "allcnn_seed"]),
     (["optim.lr=0"], ["optim.lr=0", "> 0"]),
     (["optim.lr=-1"], ["optim.lr=-1", "> 0"]),
-    (["dist.timeout_s=1e10"], ["dist.timeout_s=1e+10 must be > 0 and at most 604800 (7 days)"]),  # gloo failed at once, 1e30 overflowed
+    (["dist.timeout_s=1e10"], ["dist.timeout_s=1e+10 must be >= 1 and at most 604800 (7 days)"]),  # gloo failed at once, 1e30 overflowed
+    (["dist.timeout_s=0.0001"], ["dist.timeout_s=0.0001 must be >= 1"]),  # gloo gave up at 0 ms, with a C++ stack
     (["trainer.epochs=0"], ["trainer.epochs=0", ">= 1"]),
     (["trainer.batch_size=0"], ["trainer.batch_size=0", ">= 1"]),
     (["trainer.batch_size=-4"], ["trainer.batch_size=-4"]),
@@ -52,6 +53,11 @@ BAD = [
     (["+trainer.foo=1"], ["trainer.foo"]),
     (["trainer.foo=1"], ["trainer.foo"]),  # without '+': Hydra refuses it itself
     (["+foo=1"], ["foo"]),
+    # Hydra's app settings have no @hydra.main to read them: ignored without a word
+    (["hydra.mode=MULTIRUN"], ["hydra.mode=MULTIRUN: of Hydra's own settings only hydra.run.dir and hydra.sweep.dir are "
+                               "read", "for a sweep use allconv-hpc submit -m key=a,b"]),
+    (["hydra.job.chdir=true"], ["train runs in the folder it is started in"]),
+    (["+hydra.foo=1"], ["+hydra.foo=1: of Hydra's own settings", "drop it: it would be ignored"]),
     (["lr=0.1"], ["Could not override 'lr'", "did you mean optim.lr?"]),  # a key without its group
     (["data.root=a=b"], ["a value holding '=' needs quotes: \"data.root='a=b'\""]),  # what the shell must pass
     (["cluster.setup=[export A=b, module load x]"],
@@ -59,6 +65,12 @@ BAD = [
     # the seed's net by name only would keep allcnn_c's input dropout: neither net, under the seed's name
     (["model.name=allcnn_seed"], ["input_dropout: 0.2, model=allcnn_seed has 0.0", "use model=allcnn_seed for the "
                                   "net as defined, or model=allcnn_seed model.input_dropout=0.2 for these values"]),
+    # the same for a schedule (inverse_time's decay, constant's warm-up) and a dataset (synthetic's sizes, augment)
+    (["schedule.name=inverse_time"], ["decay: 0.0, schedule=inverse_time has 1e-06", "use schedule=inverse_time for the "
+                                      "schedule as defined, or schedule=inverse_time schedule.decay=0.0 "
+                                      "schedule.warmup_epochs=1.0 for these values"]),
+    (["data.name=cifar10"], ["data.name=cifar10 swaps the dataset", "train_size: 2048, data=cifar10 has null",
+                             "data=cifar10 data.augment='none' data.test_size=512 data.train_size=2048 for these"]),
     (["modle=allcnn_c"], ["Did you mean model?", "The top level takes the groups model, data, optim"]),
     (["data.augment=mixup"], ["data.augment='mixup'", "paper"]),
     (["schedule.name=linear"], ["schedule.name='linear'"]),
@@ -106,6 +118,11 @@ BAD = [
     # types: dataclasses do not enforce them, config.py does
     (["trainer.epochs=2.5"], ["trainer.epochs=2.5", "must be an int"]),
     (["trainer.batch_size=100.5"], ["trainer.batch_size=100.5", "must be an int"]),
+    (["trainer.epochs=1e2"], ["trainer.epochs=100.0 must be an int (a whole number: trainer.epochs=100)"]),
+    # Hydra's own fixes lead nowhere: yaml's `override` syntax; a `+` that the next check refuses
+    (["+experiment=fast"], ["+experiment=fast: experiment already has an option", "give experiment=fast without the +"]),
+    (["cluster.additional_parameters.time=5"], ["cluster.additional_parameters.time would override what submit sets "
+                                                "itself; use cluster.timeout_min"]),
     (["model.dropout=maybe"], ["model.dropout='maybe'", "must be a bool (true or false)"]),
     (["seed=1.5"], ["seed=1.5", "must be an int"]),
     (["seed=-1"], ["seed=-1", "[0, 2**32)"]),
@@ -118,6 +135,8 @@ BAD = [
     (["hydra.run.dir=sweeps/s/model=allcnn_c,seed=0"],
      ["bad override 'hydra.run.dir=sweeps/s/model=allcnn_c,seed=0'", "hydra.run.dir='sweeps/s/model=allcnn_c,seed=0'"]),
     (["optim.lr=[0.1"], ["bad override 'optim.lr=[0.1'"]),
+    (["hydra.run.dir=runs/my sweep's dir"],  # Hydra's lexer error alone; the fix as the shell takes it
+     ['needs double quotes around it: "hydra.run.dir=\\"runs/my sweep\'s dir\\""']),
     # a misspelt group option lists the group's options (Hydra's lines after the first)
     (["cluster=slurmm"], ["Could not find 'cluster/slurmm' (available: gpu_example, local, slurm)"]),
     (["experiment=fats"], ["experiment/fats' (available: fast, paper_allcnn_c_cifar10, seed_keras)"]),
@@ -459,6 +478,9 @@ def test_model_name_alone_is_taken_where_it_changes_nothing_else():
     old = compose(["data=synthetic", "model=allcnn_c", "model.name=allcnn_seed", "model.input_dropout=0.2"]).cfg
     said = compose(["data=synthetic", "model=allcnn_seed", "model.input_dropout=0.2"]).cfg  # what the error offers
     assert said.identity() == old.identity()  # a run started with model.name alone resumes with it
+    old = compose(["data=synthetic", "schedule.name=constant", "schedule.warmup_epochs=1.0"]).cfg  # given: taken
+    said = compose(["data=synthetic", "schedule=constant", "schedule.warmup_epochs=1.0"]).cfg
+    assert old.schedule.name == "constant" and said.identity() == old.identity()
 
 
 def test_a_quoted_tilde_in_the_run_folder_is_the_home_folder(monkeypatch, tmp_path):
