@@ -127,7 +127,8 @@ def override_error(overrides: list[str], e: Exception) -> str:
             if group == "cluster" and key.startswith("additional_parameters."):  # not an option Hydra's + would
                 from .resources import check_additional_parameters  # only lead to the next refusal
                 try:
-                    check_additional_parameters({key.split(".", 1)[1]: True})
+                    given = [o.partition("=")[2] for o in overrides if override_key(o) == f"cluster.{key}"]
+                    check_additional_parameters({key.split(".", 1)[1]: given[-1] if given else True})
                 except ConfigError as refused:
                     return str(refused)
             msg += "".join(f" {line.strip()}" for line in lines[1:2] if line.startswith("To append"))
@@ -149,7 +150,7 @@ def override_error(overrides: list[str], e: Exception) -> str:
             if "=" in value and value.startswith("[") and value.endswith("]"):  # each item quoted; the shell's quotes
                 items = ",".join(f"'{v.strip()}'" for v in value[1:-1].split(","))
                 hint = f"; list items holding '=' need quotes each: \"{key}=[{items}]\""
-            elif "'" in value and '"' not in value:  # my sweep's dir: Hydra reads ' as the start of a string
+            elif "'" in value and '"' not in value and not value.startswith("["):  # my sweep's dir: ' opens a string
                 hint = f"; a value holding ' needs double quotes around it: \"{key}=\\\"{value}\\\"\""
             elif "=" in value:
                 hint = f"; a value holding '=' needs quotes: \"{key}='{value}'\""
@@ -188,14 +189,16 @@ def override_key(override: str) -> str:
 
 def _check_override_keys(overrides: list[str]) -> None:
     """`~key` deletes a key that the typed config then fills with its dataclass default, behind the printed
-    config's back (and .hydra/config.yaml's): refused."""
+    config's back (and .hydra/config.yaml's): refused. So is a Hydra setting nothing reads (HYDRA_KEYS)."""
     for o in overrides:
         key = override_key(o)
         if o.startswith("~") and key.split(".")[0] in (*SECTIONS, "seed"):
             raise ConfigError(f"{o} deletes {key}, which every run has; set it instead ({key}=...)")
         if key.startswith(("hydra.", "hydra/")) and key not in HYDRA_KEYS:
+            instead = next((why for k, why in _HYDRA_INSTEAD.items() if key == k or key.startswith(f"{k}.")),
+                           "drop it: it would be ignored")
             raise ConfigError(f"{o}: of Hydra's own settings only {' and '.join(HYDRA_KEYS)} are read (configs are "
-                              f"composed without @hydra.main); {_HYDRA_INSTEAD.get(key, 'drop it: it would be ignored')}")
+                              f"composed without @hydra.main); {instead}")
 
 
 # the Hydra settings compose reads; Hydra's app settings (job.chdir, mode, output_subdir, logging) have no app here
@@ -205,6 +208,8 @@ _HYDRA_INSTEAD = {
     "hydra.job.chdir": "train runs in the folder it is started in, and relative paths are taken from there",
     "hydra.output_subdir": "every run folder gets .hydra/, which a resume compares its config with",
     "hydra.sweep.subdir": "a sweep point's folder is named by its overrides",
+    "hydra/launcher": "cluster settings are cluster=slurm and cluster.<key>, read by allconv-hpc submit",
+    "hydra.launcher": "cluster settings are cluster=slurm and cluster.<key>, read by allconv-hpc submit",
 }
 
 
@@ -262,8 +267,9 @@ def compose(overrides: list[str]) -> Composed:
     hydra["run"]["dir"], hydra["sweep"]["dir"] = run_dir, sweep_dir
     cluster = plain.pop("cluster", {}) or {}
     cfg = from_dict(plain)  # each value's own check first: a name that is no option is named with the choices
+    idle = set(_unread(cfg))  # keys the chosen option never reads differ harmlessly
     for group in _NAMED_GROUPS:
-        _check_group_name(overrides, group, plain[group])
+        _check_group_name(overrides, group, plain[group], idle)
     return Composed(cfg=cfg, cfg_dict=plain, cluster=cluster, run_dir=Path(run_dir).expanduser().absolute(),
                     overrides=list(overrides), hydra=hydra, given_dirs=given)
 
@@ -284,7 +290,7 @@ _NAMED_GROUPS = {"model": ("architecture", "net"), "schedule": ("schedule", "sch
                  "data": ("dataset", "dataset")}
 
 
-def _check_group_name(overrides: list[str], group: str, values: dict) -> None:
+def _check_group_name(overrides: list[str], group: str, values: dict, idle: set[str]) -> None:
     """`model.name=X` (or schedule.name, data.name) swaps what the name picks but keeps the group's other settings:
     where the option X sets them otherwise (allcnn_seed has no input dropout, inverse_time a decay, synthetic data
     2,048 images and no augmentation), the run would be neither under X's name."""
@@ -293,19 +299,28 @@ def _check_group_name(overrides: list[str], group: str, values: dict) -> None:
     if not names:
         return
     given = {override_key(o).removeprefix(f"{group}.") for o in overrides if override_key(o).startswith(f"{group}.")}
-    others = [o for o in overrides if override_key(o) != group and not override_key(o).startswith(f"{group}.")]
+    # without this group's overrides, and without every group's name (none left to check: no nested checks, which
+    # would each refuse the other's swap and be taken for "no such option")
+    others = [o for o in overrides if override_key(o) != group and not override_key(o).startswith(f"{group}.")
+              and override_key(o) not in {f"{g}.name" for g in _NAMED_GROUPS}]
     try:
         own = compose(others + [f"{group}={names[-1]}"]).cfg_dict[group]
     except ConfigError:
         return  # no such group option, or another error the composition names itself
-    differ = [k for k, v in sorted(own.items()) if k not in given and values.get(k) != v]
+    differ = [k for k, v in sorted(own.items())
+              if k not in given and values.get(k) != v and f"{group}.{k}" not in idle]
     if differ:
         what, noun = _NAMED_GROUPS[group]
         said = "; ".join(f"{k}: {as_given(values.get(k))}, {group}={names[-1]} has {as_given(own[k])}" for k in differ)
-        keep = " ".join(f"{group}.{k}={as_given(values.get(k))}" for k in differ)
+        keep = " ".join(f"{group}.{k}={_shell_word(values.get(k))}" for k in differ)
         raise ConfigError(f"{key}={names[-1]} swaps the {what} but keeps the {group} group's other settings "
                           f"({said}); use {group}={names[-1]} for the {noun} as defined, or {group}={names[-1]} "
                           f"{keep} for these values (what a run started so resumes with)")
+
+
+def _shell_word(v) -> str:
+    """A value as an override gives it, as one word of a shell command (a list without spaces)."""
+    return f"[{','.join(as_given(x) for x in v)}]" if isinstance(v, list) else as_given(v)
 
 
 def pin_data_root(composed: Composed) -> Optional[tuple[bool, str]]:
@@ -331,14 +346,20 @@ def pin_data_root(composed: Composed) -> Optional[tuple[bool, str]]:
     return said
 
 
-def recorded_data_root(run_dir: Path) -> Optional[str]:
-    """The absolute data.root a run in run_dir last started with (its .hydra/config.yaml), or None."""
+def recorded(run_dir: Path, group: str, key: str):
+    """`group.key` of the config a run in run_dir last started with (its .hydra/config.yaml), or None: no run
+    there, or not a config of ours."""
     import yaml
     try:
-        recorded = yaml.safe_load((Path(run_dir) / ".hydra" / "config.yaml").read_text()) or {}
-        root = (recorded.get("data") or {}).get("root")
-    except (OSError, yaml.YAMLError, AttributeError):  # no run here, or not a config of ours
+        cfg = yaml.safe_load((Path(run_dir) / ".hydra" / "config.yaml").read_text()) or {}
+        return (cfg.get(group) or {}).get(key)
+    except (OSError, yaml.YAMLError, AttributeError):
         return None
+
+
+def recorded_data_root(run_dir: Path) -> Optional[str]:
+    """The absolute data.root a run in run_dir last started with, or None."""
+    root = recorded(run_dir, "data", "root")
     return root if isinstance(root, str) and Path(root).is_absolute() else None
 
 

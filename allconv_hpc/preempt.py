@@ -106,6 +106,8 @@ def sigint_deferred() -> Iterator[None]:
         return
     got: list[int] = []
     before = signal.signal(signal.SIGINT, lambda s, frame: got.append(s))
+    if before is None:  # a handler set outside Python: put back the default, the nearest Python can
+        before = signal.SIG_DFL
     try:
         yield
     finally:

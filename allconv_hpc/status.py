@@ -343,14 +343,10 @@ def _new_start(run_dir: Path, st: dict) -> bool:
 
 
 def _starts_over(run_dir: Path) -> bool:
-    """The run was started with checkpoint.resume=never (its .hydra/config.yaml): the same command run again sets
-    its checkpoints aside and starts over, rather than resume."""
-    import yaml
-    try:
-        cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(cfg, dict) and (cfg.get("checkpoint") or {}).get("resume") == "never"
+    """The run was started with checkpoint.resume=never: the same command run again sets its checkpoints aside
+    and starts over, rather than resume."""
+    from .compose import recorded
+    return recorded(run_dir, "checkpoint", "resume") == "never"
 
 
 def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:

@@ -52,15 +52,15 @@ def tell_torchrun(message: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
+    from .fsio import write_atomic
     said = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
-    try:
-        with open(path, "w") as f:
-            json.dump(said, f)
+    try:  # whole or not at all: torchrun fails on a half-written file
+        write_atomic(Path(path), json.dumps(said))
     except OSError:  # torchrun then says what it says of any exit
         pass
 
 
-def _refused(e: Exception) -> int:
+def _refused(e) -> int:
     """A config or folder refused before any work: one line, also in torchrun's report."""
     said = f"{_rank_tag()}{e}"
     print(f"allconv-hpc: error: {said}", file=sys.stderr)
@@ -125,9 +125,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     except (DistributedError, ConfigError) as e:  # every rank fails alike, before the rendezvous
         return _released(lock_fd, _refused(e))
     except OSError as e:  # check_run_dir passed, yet the folder or train.log cannot be made (a race, a quota)
-        print(f"allconv-hpc: error: cannot write the run folder {composed.run_dir} ({e}); give a writable "
-              f"hydra.run.dir", file=sys.stderr)
-        return _released(lock_fd, 2)
+        return _released(lock_fd, _refused(f"cannot write the run folder {composed.run_dir} ({e}); give a writable "
+                                           f"hydra.run.dir"))
     except KeyboardInterrupt:
         return _released(lock_fd, _interrupted_in_start_up())
     if env.is_main:

@@ -69,6 +69,11 @@ BAD = [
     (["schedule.name=inverse_time"], ["decay: 0.0, schedule=inverse_time has 1e-06", "use schedule=inverse_time for the "
                                       "schedule as defined, or schedule=inverse_time schedule.decay=0.0 "
                                       "schedule.warmup_epochs=1.0 for these values"]),
+    # two at once: each is checked on its own (each check's composition had refused the other's swap, and took
+    # that for "no such option": both passed)
+    (["model.name=allcnn_seed", "schedule.name=inverse_time"], ["model.name=allcnn_seed swaps the architecture"]),
+    (["schedule.name=inverse_time", "data.name=cifar10"], ["schedule.name=inverse_time swaps the schedule"]),
+    (["hydra/launcher=submitit_slurm"], ["cluster settings are cluster=slurm and cluster.<key>"]),
     (["data.name=cifar10"], ["data.name=cifar10 swaps the dataset", "train_size: 2048, data=cifar10 has null",
                              "data=cifar10 data.augment='none' data.test_size=512 data.train_size=2048 for these"]),
     (["modle=allcnn_c"], ["Did you mean model?", "The top level takes the groups model, data, optim"]),
@@ -481,6 +486,11 @@ def test_model_name_alone_is_taken_where_it_changes_nothing_else():
     old = compose(["data=synthetic", "schedule.name=constant", "schedule.warmup_epochs=1.0"]).cfg  # given: taken
     said = compose(["data=synthetic", "schedule=constant", "schedule.warmup_epochs=1.0"]).cfg
     assert old.schedule.name == "constant" and said.identity() == old.identity()
+    # what differs only in keys the option never reads (onecycle's warm-up; the rates with dropout off) is the same run
+    for swap, group in (["schedule.name=onecycle"], ["schedule=onecycle"]), (
+            ["model.name=allcnn_seed", "model.dropout=false"], ["model=allcnn_seed", "model.dropout=false"]):
+        swapped = compose(["data=synthetic", *swap]).cfg
+        compose(["data=synthetic", *group]).cfg.check_resumable(swapped.identity(), "run")  # no refusal either way
 
 
 def test_a_quoted_tilde_in_the_run_folder_is_the_home_folder(monkeypatch, tmp_path):
