@@ -112,7 +112,9 @@ def history(run_dir: Path) -> list[dict]:
     return read_history(run_dir / "history.csv")
 
 
-def assert_same_weights(a: dict, b: dict, exact: bool = True, atol: float = 1e-4) -> None:
+# DDP vs one process differ by float summation order only: ~1e-4 in a weight after a few steps on some CPUs (seen
+# 1.4e-4 on an AMD EPYC without AVX-512). A real fault (a shard seen twice, a gradient not averaged) is 1e-2 and up.
+def assert_same_weights(a: dict, b: dict, exact: bool = True, atol: float = 1e-3) -> None:
     assert a.keys() == b.keys()
     for k in a:
         if exact:
@@ -132,8 +134,9 @@ def assert_same_history(a: list[dict], b: list[dict], exact: bool = True) -> Non
                 continue
             if exact:
                 assert ra[k] == rb[k], f"epoch {ra['epoch']} {k}: {ra[k]!r} != {rb[k]!r}"
-            else:
-                assert abs(ra[k] - rb[k]) <= 1e-5 + 1e-4 * abs(rb[k]), f"epoch {ra['epoch']} {k}: {ra[k]} vs {rb[k]}"
+            else:  # an accuracy is a count: a logit within float noise of a tie flips one image (1/300, 1/101)
+                tol = 0.01 + 1e-9 if k.endswith("_acc") else 1e-5 + 1e-4 * abs(rb[k])
+                assert abs(ra[k] - rb[k]) <= tol, f"epoch {ra['epoch']} {k}: {ra[k]} vs {rb[k]}"
 
 
 def hold_lock(run_dir: Path, job_id: str, hold_s: float, group: str = "") -> subprocess.Popen:

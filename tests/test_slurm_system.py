@@ -343,8 +343,9 @@ def test_every_task_of_a_preempted_sweep_requeues_and_completes(slurm_cluster, j
     """One array task's raw job id is the array's own id, for which squeue lists every queued task: its
     time-left query must be its own (it crashed on two lines of %L and the task FAILED)."""
     sweep = tmp_path / "sweep"
+    # lr 0.01: 30 epochs of the tiny net at 0.05 diverged (non-finite loss, FAILED) on one CPU, not on another
     ids, _ = submit(slurm_cluster, tmp_path, jobs, "-m", *SLURM, *JOB, "seed=0,1", "trainer.epochs=30",
-                    "cluster.array_parallelism=2", f"hydra.sweep.dir={sweep}")
+                    "optim.lr=0.01", "cluster.array_parallelism=2", f"hydra.sweep.dir={sweep}")
     for _, run in ids:
         wait_for_line(run / "train.log", "(global 10)", timeout=120)
     high = preempt_low(slurm_cluster, tmp_path, jobs)
