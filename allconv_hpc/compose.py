@@ -195,7 +195,8 @@ def _check_override_keys(overrides: list[str]) -> None:
         if o.startswith("~") and key.split(".")[0] in (*SECTIONS, "seed"):
             raise ConfigError(f"{o} deletes {key}, which every run has; set it instead ({key}=...)")
         if key.startswith(("hydra.", "hydra/")) and key not in HYDRA_KEYS:
-            instead = next((why for k, why in _HYDRA_INSTEAD.items() if key == k or key.startswith(f"{k}.")),
+            dotted = key.replace("/", ".")  # a group (hydra/launcher=x) or its keys (hydra.launcher.x=y)
+            instead = next((why for k, why in _HYDRA_INSTEAD.items() if dotted == k or dotted.startswith(f"{k}.")),
                            "drop it: it would be ignored")
             raise ConfigError(f"{o}: of Hydra's own settings only {' and '.join(HYDRA_KEYS)} are read (configs are "
                               f"composed without @hydra.main); {instead}")
@@ -208,7 +209,6 @@ _HYDRA_INSTEAD = {
     "hydra.job.chdir": "train runs in the folder it is started in, and relative paths are taken from there",
     "hydra.output_subdir": "every run folder gets .hydra/, which a resume compares its config with",
     "hydra.sweep.subdir": "a sweep point's folder is named by its overrides",
-    "hydra/launcher": "cluster settings are cluster=slurm and cluster.<key>, read by allconv-hpc submit",
     "hydra.launcher": "cluster settings are cluster=slurm and cluster.<key>, read by allconv-hpc submit",
 }
 
@@ -288,6 +288,7 @@ def dated_dir_warning(c: Composed, key: str, resolved: Path) -> list[str]:
 # groups whose options set a `name` and other values together, and what the name picks
 _NAMED_GROUPS = {"model": ("architecture", "net"), "schedule": ("schedule", "schedule"),
                  "data": ("dataset", "dataset")}
+_NAME_KEYS = {f"{g}.name" for g in _NAMED_GROUPS}
 
 
 def _check_group_name(overrides: list[str], group: str, values: dict, idle: set[str]) -> None:
@@ -302,7 +303,7 @@ def _check_group_name(overrides: list[str], group: str, values: dict, idle: set[
     # without this group's overrides, and without every group's name (none left to check: no nested checks, which
     # would each refuse the other's swap and be taken for "no such option")
     others = [o for o in overrides if override_key(o) != group and not override_key(o).startswith(f"{group}.")
-              and override_key(o) not in {f"{g}.name" for g in _NAMED_GROUPS}]
+              and override_key(o) not in _NAME_KEYS]
     try:
         own = compose(others + [f"{group}={names[-1]}"]).cfg_dict[group]
     except ConfigError:

@@ -328,7 +328,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
-                     "starts_over": _starts_over(run_dir),
+                     "starts_over": run_state in MAY_RESUME and _starts_over(run_dir),
                      # a failed row says its own error; another's record may hide a start that failed since
                      "start_error": _failed_since(run_dir, st) if st and not (active or failed) else None,
                      "folder": run_dir.name})
@@ -359,6 +359,8 @@ def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
     return max(steps) if steps else (-1 if "last.pt" in names else None)
 
 
+# run states of a run that may have stopped part-way (a signal; a kill, a time limit while it said running)
+MAY_RESUME = ("interrupted", "running", "requeued")
 # the run's own word for a stop that left a checkpoint for the same submit to resume, and the state it is shown as
 # where Slurm says FAILED (exit 3 and 4)
 STOPPED_RUN = {"interrupted": "INTERRUPTED", "gave_up": "GAVE UP"}
@@ -395,7 +397,7 @@ def _errors(rows: list[dict]) -> str:
     for r in rows:
         if r["failed"] and r["error"]:
             out.append(f"{r['folder']}: {r['error']}")
-        elif (not r["active"] and r["run"] in ("interrupted", "running", "requeued")  # scancel, a kill, a time limit
+        elif (not r["active"] and r["run"] in MAY_RESUME  # scancel, a kill, a time limit
               and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
             ck = r.get("checkpoint_step")
             then = ("starts it over: it stopped before its first checkpoint" if ck is None else
