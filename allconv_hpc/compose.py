@@ -291,6 +291,13 @@ _NAMED_GROUPS = {"model": ("architecture", "net"), "schedule": ("schedule", "sch
 _NAME_KEYS = {f"{g}.name" for g in _NAMED_GROUPS}
 
 
+class NameSwap(ConfigError):
+    """`group.name=X` refused (see _check_group_name); `group` says which, for a sweep's own advice."""
+    def __init__(self, message: str, group: str):
+        super().__init__(message)
+        self.group = group
+
+
 def _check_group_name(overrides: list[str], group: str, values: dict, idle: set[str]) -> None:
     """`model.name=X` (or schedule.name, data.name) swaps what the name picks but keeps the group's other settings:
     where the option X sets them otherwise (allcnn_seed has no input dropout, inverse_time a decay, synthetic data
@@ -314,9 +321,9 @@ def _check_group_name(overrides: list[str], group: str, values: dict, idle: set[
         what, noun = _NAMED_GROUPS[group]
         said = "; ".join(f"{k}: {as_given(values.get(k))}, {group}={names[-1]} has {as_given(own[k])}" for k in differ)
         keep = " ".join(f"{group}.{k}={_shell_word(values.get(k))}" for k in differ)
-        raise ConfigError(f"{key}={names[-1]} swaps the {what} but keeps the {group} group's other settings "
-                          f"({said}); use {group}={names[-1]} for the {noun} as defined, or {group}={names[-1]} "
-                          f"{keep} for these values (what a run started so resumes with)")
+        raise NameSwap(f"{key}={names[-1]} swaps the {what} but keeps the {group} group's other settings "
+                       f"({said}); use {group}={names[-1]} for the {noun} as defined, or {group}={names[-1]} "
+                       f"{keep} for these values (what a run started so resumes with)", group)
 
 
 def _shell_word(v) -> str:

@@ -136,6 +136,9 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     raw = {**raw, "data": {**raw.get("data", {}), "download": False,
                            **({"root": data_root} if data_root is not None else {})}}
     cfg = from_dict(raw)
+    if data_root is not None and cfg.data.name == "synthetic":  # it would be ignored: say so rather than score
+        raise ConfigError(f"--data-root {data_root}: the run in {run} trained on data=synthetic, which is generated, "
+                          f"not read from a folder; drop --data-root")
     if split == "val" and not cfg.data.val_size:
         raise ConfigError(f"the run in {run} has no held-out split (data.val_size=0): its val_acc is test "
                           f"accuracy; use --split test")

@@ -57,7 +57,8 @@ def hydra_value(value, key: str) -> str:
 def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
-    from .compose import check_run_dir, check_sweep_dir, compose, dated_dir_warning, pin_data_root, unread_said
+    from .compose import (NameSwap, check_run_dir, check_sweep_dir, compose, dated_dir_warning, pin_data_root,
+                          unread_said)
     from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
     from .tracking import check_names, preflight_mode
 
@@ -93,7 +94,14 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             ov = ov + [f"hydra.run.dir={hydra_value(run_dir, 'hydra.run.dir')}"]
             if "wandb.group" not in {_key(o) for o in common + s}:
                 ov.append(f"wandb.group={hydra_value(sweep_dir.name, 'wandb.group')}")
-        c = compose(ov)
+        try:
+            c = compose(ov)
+        except NameSwap as e:  # the advice names this point's value: a swept name wants the group swept instead
+            swept_name = [o for o in overrides if _key(o) == f"{e.group}.name" and any(_key(x) == _key(o) for x in s)]
+            if not swept_name:
+                raise
+            instead = swept_name[-1].lstrip("+").replace(f"{e.group}.name=", f"{e.group}=", 1)
+            raise ConfigError(f"{e}. In this sweep: {shlex.quote(instead)} sweeps the options as defined") from None
         if sweep_dir is not None:  # its name is cut to NAME_MAX (point_dirname); a file system may allow less
             _check_name_max(c.run_dir, "the sweep point folder", "sweep fewer keys at once, or shorter values "
                                                                  "(its name is made of them)")

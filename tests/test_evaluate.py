@@ -113,6 +113,8 @@ def test_a_step_checkpoint_reports_the_val_acc_of_its_last_finished_epoch(tmp_pa
     mid = _cli(tmp_path, run, "--checkpoint", "step_00000006.pt").stdout
     assert mid.startswith("step_00000006.pt (allcnn_c on synthetic, epoch 2 step 1, global step 6; val_acc"), mid
     assert f"val_acc {rows[1]['val_acc']:.4f} after epoch 2" in text, text
+    ignored = _cli(tmp_path, run, "--data-root", tmp_path)  # synthetic data has no folder: refused, not ignored
+    assert ignored.returncode == 2 and "trained on data=synthetic, which is generated" in ignored.stderr, ignored.stderr
     own = _cli(tmp_path, run, "--checkpoint", "step_00000002.pt")
     assert "val_acc" not in own.stdout and "note:" not in own.stderr
     # a path to a file elsewhere (here another run's, in effect) is scored with the config it carries: said so

@@ -354,6 +354,20 @@ def test_glob_sweeps_config_group_options(tmp_path):
     assert sorted(tuple(p) for p in swept) == [(f"model=allcnn_{m}", f"seed={s}") for m in "abc" for s in (0, 1)]
 
 
+def test_a_swept_name_swap_is_told_to_sweep_the_group(tmp_path):
+    """model.name=a,b swaps only the name at each point: refused, and the advice is the sweep of the options
+    (a point's own fix, model=allcnn_seed, would drop the other point); a name swap common to every point keeps
+    the one-run advice."""
+    where = f"hydra.sweep.dir={tmp_path / 's'}"
+    with pytest.raises(ConfigError, match=r"model.name=allcnn_seed swaps the architecture.*In this sweep: "
+                                          r"model=allcnn_c,allcnn_seed sweeps the options as defined$"):
+        launcher.plan(["cluster=local", *TINY, "model.name=allcnn_c,allcnn_seed", where], multirun=True)
+    with pytest.raises(ConfigError, match=r"swaps the architecture") as e:
+        launcher.plan(["cluster=local", *TINY, "model.name=allcnn_seed", "seed=0,1", where], multirun=True)
+    assert "In this sweep" not in str(e.value)
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("sweep,values", [
     ("optim.lr=range(0.1,0.4,0.1)", ["0.1", "0.2", "0.3"]),  # Hydra: 0.30000000000000004 and 0.4 as well
     ("optim.lr=range(0.01,0.05,0.01)", ["0.01", "0.02", "0.03", "0.04"]),
