@@ -198,6 +198,8 @@ def _check_override_keys(overrides: list[str]) -> None:
             dotted = key.replace("/", ".")  # a group (hydra/launcher=x) or its keys (hydra.launcher.x=y)
             instead = next((why for k, why in _HYDRA_INSTEAD.items() if dotted == k or dotted.startswith(f"{k}.")),
                            "drop it: it would be ignored")
+            if dotted in ("hydra.run", "hydra.sweep"):  # hydra.run={dir:x}: the folder, as a dict
+                instead = f"give the folder as {dotted}.dir=..."
             raise ConfigError(f"{o}: of Hydra's own settings only {' and '.join(HYDRA_KEYS)} are read (configs are "
                               f"composed without @hydra.main); {instead}")
 
