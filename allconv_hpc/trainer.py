@@ -14,15 +14,13 @@ import math
 import os
 import shlex
 import shutil
-import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +32,7 @@ from .config import CPU_PRECISIONS, GRAPH_MODES, Config, ConfigError, flatten, r
 from .distributed import Dist, DistEnv, pick_device, set_threads
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .models import build_model, count_parameters, summary
+from .resume import TrainState, best_file_holds, restore, rng_state, set_rng_state, warn_reshaped_schedule
 from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest, sigint_deferred
 from .schedule import lr_factor
 from .tracking import HISTORY_FILE, ID_FILE, STEPS_FILE, NullTracker, make_tracker
@@ -56,58 +55,6 @@ class Poll:
     @property
     def stop(self) -> bool:
         return self.warning or self.terminate
-
-
-@dataclass
-class TrainState:
-    """Everything besides model/optimizer that a resume needs (all picklable under weights_only)."""
-    epoch: int = 0                  # current epoch (0-based); == epochs when done
-    step_in_epoch: int = 0          # optimizer steps done in this epoch; == steps_per_epoch: eval pending
-    global_step: int = 0
-    best_val_acc: float = -1.0
-    history: list = field(default_factory=list)
-    epoch_seconds: float = 0.0      # training+eval seconds spent in this epoch before the last stop
-    timeouts: int = 0               # requeues after time limits so far, in the Slurm job `timeouts_job`
-    timeouts_job: Optional[str] = None
-    wandb_id: Optional[str] = None
-    streams: int = 2                # random streams version: 1 = a run begun before order and augmentation were apart
-
-    def count_timeout(self, job_id: str, max_requeues: int) -> bool:
-        """Count a time-limit warning of Slurm job `job_id`; False once max_requeues are used up.
-        Each submission has its own budget: resubmitting a run that gave up (a new job id) starts at 0."""
-        if self.timeouts_job != job_id:
-            self.timeouts, self.timeouts_job = 0, job_id
-        if self.timeouts >= max_requeues:
-            return False
-        self.timeouts += 1
-        return True
-
-
-def _match_layouts(opt: torch.optim.Optimizer) -> None:
-    """Give each loaded momentum buffer its parameter's memory layout. A resume may switch
-    trainer.channels_last; CUDA's fused SGD refuses a buffer whose strides differ from the param's."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            buf = opt.state.get(p, {}).get("momentum_buffer")
-            if buf is not None and buf.stride() != p.stride():
-                opt.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
-
-
-def _rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
-
-
-def _set_rng_state(s: dict, device: torch.device) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], device)
-    name, keys, *rest = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
 
 
 def classify_stop(agreed: Poll, slurm: SlurmJob, lead_s: float) -> str:
@@ -325,7 +272,7 @@ class Trainer:
 
     # -- resume ----------------------------------------------------------------------------------
     def _maybe_resume(self) -> Optional[str]:
-        self._resume_sums, self._best_file_acc = None, -1.0  # best.pt: see _best_file_holds
+        self._resume_sums, self._best_file_acc = None, -1.0  # best.pt: see resume.best_file_holds
         mode = self.cfg.checkpoint.resume
         # a requeued job (or torchrun --max-restarts restarting its workers) runs the same command again:
         # starting over would throw away what the first start trained (and begin a new W&B run) each time.
@@ -374,102 +321,27 @@ class Trainer:
         if ck is None:  # the other ranks read the file rank 0 chose (rank 0 verified it already)
             ck = load_file(Path(path))
         self.cfg.check_resumable(ck.get("identity", {}), self.run_dir, ck.get("train_state"))
-        self.model.load_state_dict(ck["model"])
-        kernels = [(g["fused"], g["foreach"]) for g in self.opt.param_groups]  # this device's, as built above
-        self.opt.load_state_dict(ck["optimizer"])  # replaces the groups, with the saving device's kernel flags:
-        for g, (fused, foreach) in zip(self.opt.param_groups, kernels):  # a CPU checkpoint on a GPU would run
-            g["fused"], g["foreach"] = fused, foreach  # foreach, and fp16's scaler (told fused) then fails
-        _match_layouts(self.opt)
-        self.sched.load_state_dict(ck["scheduler"])
-        # the groups' lr is what the saved schedule set for the next step: a run grown since (trainer.epochs, which
-        # cosine and onecycle stretch to) takes that step on this config's curve already (_warn_reshaped_schedule)
-        sched = self.sched
-        for g, base, factor in zip(self.opt.param_groups, sched.base_lrs, sched.lr_lambdas):
-            g["lr"] = base * factor(sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in self.opt.param_groups]  # get_last_lr(): what the step runs at, logged
-        if ck["scaler"]:  # empty when the checkpoint's run had no fp16 scaler (precision may change on resume)
-            self.scaler.load_state_dict(ck["scaler"])
-        self.state = TrainState(**{"streams": 1, **ck["train_state"]})  # no "streams": written before it
+        self.state = restore(ck, self.model, self.opt, self.sched, self.scaler)
         if self.state.streams < 2:  # its epochs' orders as they began; exact resume before independence
             self.batches.order_stream = LEGACY_ORDER_STREAM
         if self.env.is_main:
-            self._best_file_acc = self._best_file_holds(ck)
+            self._best_file_acc = best_file_holds(self.state, self.ckpt, ck, self.cfg_dict)
         self._resume_sums = (ck["epoch_sums"].to(self.device), ck["interval_sums"].to(self.device))
         rngs = ck["rng"]
         if len(rngs) == self.env.world_size:
-            _set_rng_state(rngs[self.env.rank], self.device)
+            set_rng_state(rngs[self.env.rank], self.device)
         elif self.cfg.model.dropout and (self.cfg.model.input_dropout or self.cfg.model.hidden_dropout):
             log.warning("checkpoint was written by %d ranks, this job has %d: dropout streams are reseeded, "
                         "so the result will not be bitwise the uninterrupted one", len(rngs), self.env.world_size)
-        self._warn_reshaped_schedule(ck)
-        if self.env.is_main and self.state.epoch >= self.cfg.trainer.epochs:  # fit() then says nothing to do
-            log.info("resumed from %s: after epoch %d, global step %d", path, self.state.epoch, self.state.global_step)
-        elif self.env.is_main:
-            log.info("resumed from %s: epoch %d, step %d (global step %d)", path, self.state.epoch + 1,
-                     self.state.step_in_epoch, self.state.global_step)
+        if self.env.is_main:
+            warn_reshaped_schedule(self.cfg, self.state, self.steps_per_epoch, ck)
+            st = self.state
+            if st.epoch >= self.cfg.trainer.epochs:  # fit() then says nothing to do
+                log.info("resumed from %s: after epoch %d, global step %d", path, st.epoch, st.global_step)
+            else:
+                log.info("resumed from %s: epoch %d, step %d (global step %d)", path, st.epoch + 1,
+                         st.step_in_epoch, st.global_step)
         return path
-
-    def _warn_reshaped_schedule(self, ck: dict) -> None:
-        """A grown (or otherwise re-lengthened) run whose lr schedule depends on trainer.epochs: the lr curve
-        from here on is not the one the run was on (cosine/onecycle climb back up). Legal; said out loud."""
-        cfg, st = self.cfg, self.state
-        old = ((ck.get("config") or {}).get("trainer") or {}).get("epochs")
-        if not self.env.is_main or cfg.schedule.name not in ("cosine", "onecycle") or old in (None, cfg.trainer.epochs):
-            return
-        step = max(0, st.global_step - 1)
-        was = cfg.lr * lr_factor(step, cfg.schedule, self.steps_per_epoch, int(old))
-        now = cfg.lr * lr_factor(st.global_step, cfg.schedule, self.steps_per_epoch, cfg.trainer.epochs)
-        moves = (f"the lr jumps from {was:.4g} (its last step) to {now:.4g} and follows the new curve"
-                 if f"{was:.4g}" != f"{now:.4g}" else f"the lr ({now:.4g} now) follows the new curve")
-        log.warning("trainer.epochs=%d but the checkpoint's run was planned for %d: the %s schedule is stretched "
-                    "to the new length, so %s (not what a run planned for %d epochs "
-                    "from the start does: checkpoint.resume=never starts one)", cfg.trainer.epochs, int(old),
-                    cfg.schedule.name, moves, cfg.trainer.epochs)
-
-    def _best_file_holds(self, ck: dict) -> float:
-        """The val_acc best.pt holds on resume (rank 0), which the next epoch must beat to rewrite it.
-        Normally the checkpoint's best_val_acc. But best.pt is written before the epoch's step file, in
-        the background: a failed write (the later files still land) or a kill between the two leaves it
-        missing, older, or from epochs this resume trains again. Then it is written again from the
-        checkpoint when that holds the best epoch's weights; else the next epoch better than what it
-        does hold (-1: nothing) replaces it."""
-        st, path = self.state, self.ckpt.folder / "best.pt"
-        if st.best_val_acc < 0:
-            return st.best_val_acc
-        held = later = None
-        if path.is_file():
-            try:
-                best = load_file(path)
-                if int(best.get("epoch", 0)) <= st.epoch:  # not from epochs trained after this checkpoint
-                    held = float(best["val_acc"])
-                else:
-                    later = int(best["epoch"])
-            except (CheckpointError, KeyError, TypeError, ValueError) as e:
-                log.warning("best.pt is unreadable (%s)", e)
-        if held == st.best_val_acc:
-            return held
-        # the best epoch is the first to reach best_val_acc (a tie does not replace it); only if that is the
-        # checkpoint's own last epoch does the checkpoint hold its weights
-        first_best = next((i for i, r in enumerate(st.history) if r["val_acc"] == st.best_val_acc), None)
-        if st.step_in_epoch == 0 and st.history and first_best == len(st.history) - 1:
-            try:
-                self.ckpt.save_best({"model": ck["model"], "epoch": st.epoch, "global_step": st.global_step,
-                                     "val_acc": st.best_val_acc, "config": self.cfg_dict,
-                                     "precision": ck.get("precision")})
-                log.warning("best.pt did not hold the best epoch (%d, val_acc %.4f): written again from the "
-                            "checkpoint, which holds its weights", st.epoch, st.best_val_acc)
-                return st.best_val_acc
-            except OSError as e:
-                log.warning("writing best.pt again failed (%s)", e)
-        if later is not None:  # resumed from an older checkpoint (the newer ones were unusable): this run's past
-            log.warning("best.pt is from epoch %d, after the checkpoint resumed here (epoch %d; the newer ones "
-                        "were unusable), and those epochs are trained again: the next finished epoch replaces it "
-                        "(the best so far, val_acc %.4f, has no weights left)", later, st.epoch, st.best_val_acc)
-            return -1.0
-        log.warning("best.pt does not hold the best epoch so far (val_acc %.4f; a best.pt write failed or was cut "
-                    "off, and those weights are gone): it holds %s; the next epoch better than that replaces it",
-                    st.best_val_acc, "nothing" if held is None else f"val_acc {held:.4f}")
-        return -1.0 if held is None else held
 
     def _move_old_run_aside(self, why: str) -> None:
         """Keep the old run whole in checkpoints.oldN/ (collective); the W&B id goes too: the fresh
@@ -519,7 +391,7 @@ class Trainer:
         self._check_finite()
         if st.step_in_epoch > 0:  # mid-epoch: carry the seconds spent so far into the resumed epoch
             st.epoch_seconds = self._epoch_base + time.perf_counter() - self._epoch_t0
-        rngs = self.dist.gather_objects(_rng_state(self.device))
+        rngs = self.dist.gather_objects(rng_state(self.device))
         # Metric sums are reduced over ranks and kept by rank 0 alone (zero elsewhere): the totals
         # stay right, and a resume with another world size still gets them.
         sums = self.dist.all_reduce_sum(torch.stack([self.epoch_sums, self.interval_sums]))

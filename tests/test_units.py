@@ -16,7 +16,8 @@ from allconv_hpc.config import ScheduleConfig
 from allconv_hpc.distributed import DistributedError, detect_env, expand_hostlist, slurm_port
 from allconv_hpc.preempt import SAME_SIGNAL_S, SlurmJob, StopRequest, catch_early, parse_slurm_time, sigint_deferred
 from allconv_hpc.schedule import lr_factor
-from allconv_hpc.trainer import Poll, TrainState, classify_stop
+from allconv_hpc.resume import TrainState
+from allconv_hpc.trainer import Poll, classify_stop
 from proc import hold_lock
 
 
@@ -616,18 +617,35 @@ def test_more_threads_than_cpus_is_warned_about(caplog):
 def test_a_missing_best_pt_is_rewritten_only_from_the_first_epoch_that_reached_the_best(tmp_path, accs, rewritten):
     """best.pt holds the first epoch reaching the best val_acc (a tie does not replace it): a checkpoint
     whose last epoch only ties it does not hold those weights, so best.pt is not written from it."""
-    from types import SimpleNamespace
     from allconv_hpc.checkpoint import CheckpointDir, load_file
-    from allconv_hpc.trainer import Trainer
+    from allconv_hpc.resume import best_file_holds
     st = TrainState(epoch=len(accs), global_step=5 * len(accs), best_val_acc=max(accs),
                     history=[{"epoch": e + 1, "val_acc": a} for e, a in enumerate(accs)])
-    me = SimpleNamespace(state=st, ckpt=CheckpointDir(tmp_path, keep=2), cfg_dict={})
     weights = {"w": torch.ones(2)}
-    held = Trainer._best_file_holds(me, {"model": weights})
+    held = best_file_holds(st, CheckpointDir(tmp_path, keep=2), {"model": weights}, {})
     assert (tmp_path / "best.pt").exists() == rewritten
     assert held == (max(accs) if rewritten else -1.0)  # -1: the next better epoch writes it
     if rewritten:
         assert load_file(tmp_path / "best.pt")["epoch"] == len(accs)
+
+
+@pytest.mark.parametrize("step, says", [
+    # at the end of 2 epochs of 10 steps: cosine's last step of 20, then step 20 of 40 (halfway: lr / 2)
+    (20, f"the lr jumps from {0.1 * 0.5 * (1 + math.cos(math.pi * 19 / 20)):.4g} (its last step) to 0.05 and follows "
+         f"the new curve"),
+    (0, "the lr (0.1 now) follows the new curve")])  # the curves agree here: no "jump" between equal values
+def test_a_grown_cosine_run_says_where_its_lr_goes(caplog, step, says):
+    from allconv_hpc.compose import compose
+    from allconv_hpc.resume import warn_reshaped_schedule
+    cfg = compose(["data=synthetic", "schedule=cosine", "schedule.warmup_epochs=0", "schedule.final_lr_ratio=0",
+                   "optim.lr=0.1", "trainer.epochs=4"]).cfg
+    with caplog.at_level("WARNING"):
+        warn_reshaped_schedule(cfg, TrainState(global_step=step), 10, {"config": {"trainer": {"epochs": 2}}})
+        assert f"trainer.epochs=4 but the checkpoint's run was planned for 2: the cosine schedule is stretched to " \
+               f"the new length, so {says} (not what a run planned for 4 epochs" in caplog.text
+        caplog.clear()
+        warn_reshaped_schedule(cfg, TrainState(global_step=step), 10, {"config": {"trainer": {"epochs": 4}}})
+        assert not caplog.text  # the run's own length: nothing to say
 
 
 # --------------------------------------------------------------- run lock

@@ -1,0 +1,154 @@
+"""What a resume carries over: the training state besides the weights, the random streams, the
+optimizer and schedule as the checkpoint left them, and the checks on what the old run left behind
+(best.pt, a schedule stretched to a new length). Collective decisions (which file, start over or not)
+stay in the trainer, which owns the process group."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointDir, CheckpointError, load_file
+from .config import Config
+from .schedule import lr_factor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer that a resume needs (all picklable under weights_only)."""
+    epoch: int = 0                  # current epoch (0-based); == epochs when done
+    step_in_epoch: int = 0          # optimizer steps done in this epoch; == steps_per_epoch: eval pending
+    global_step: int = 0
+    best_val_acc: float = -1.0
+    history: list = field(default_factory=list)
+    epoch_seconds: float = 0.0      # training+eval seconds spent in this epoch before the last stop
+    timeouts: int = 0               # requeues after time limits so far, in the Slurm job `timeouts_job`
+    timeouts_job: Optional[str] = None
+    wandb_id: Optional[str] = None
+    streams: int = 2                # random streams version: 1 = a run begun before order and augmentation were apart
+
+    def count_timeout(self, job_id: str, max_requeues: int) -> bool:
+        """Count a time-limit warning of Slurm job `job_id`; False once max_requeues are used up.
+        Each submission has its own budget: resubmitting a run that gave up (a new job id) starts at 0."""
+        if self.timeouts_job != job_id:
+            self.timeouts, self.timeouts_job = 0, job_id
+        if self.timeouts >= max_requeues:
+            return False
+        self.timeouts += 1
+        return True
+
+
+def rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(s: dict, device: torch.device) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
+    name, keys, *rest = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+
+
+def _match_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give each loaded momentum buffer its parameter's memory layout. A resume may switch
+    trainer.channels_last; CUDA's fused SGD refuses a buffer whose strides differ from the param's."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and buf.stride() != p.stride():
+                opt.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+
+
+def restore(ck: dict, model: torch.nn.Module, opt: torch.optim.Optimizer,
+            sched: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler) -> TrainState:
+    """Load a checkpoint's weights, optimizer, schedule and scaler into this run's objects, built for this
+    device and config; returns its TrainState."""
+    model.load_state_dict(ck["model"])
+    kernels = [(g["fused"], g["foreach"]) for g in opt.param_groups]  # this device's, as built
+    opt.load_state_dict(ck["optimizer"])  # replaces the groups, with the saving device's kernel flags:
+    for g, (fused, foreach) in zip(opt.param_groups, kernels):  # a CPU checkpoint on a GPU would run
+        g["fused"], g["foreach"] = fused, foreach  # foreach, and fp16's scaler (told fused) then fails
+    _match_layouts(opt)
+    sched.load_state_dict(ck["scheduler"])
+    # the groups' lr is what the saved schedule set for the next step: a run grown since (trainer.epochs, which
+    # cosine and onecycle stretch to) takes that step on this config's curve already (warn_reshaped_schedule)
+    for g, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        g["lr"] = base * factor(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]  # get_last_lr(): what the step runs at, logged
+    if ck["scaler"]:  # empty when the checkpoint's run had no fp16 scaler (precision may change on resume)
+        scaler.load_state_dict(ck["scaler"])
+    return TrainState(**{"streams": 1, **ck["train_state"]})  # no "streams": written before it
+
+
+def warn_reshaped_schedule(cfg: Config, st: TrainState, steps_per_epoch: int, ck: dict) -> None:
+    """A grown (or otherwise re-lengthened) run whose lr schedule depends on trainer.epochs: the lr curve
+    from here on is not the one the run was on (cosine/onecycle climb back up). Legal; said out loud."""
+    old = ((ck.get("config") or {}).get("trainer") or {}).get("epochs")
+    if cfg.schedule.name not in ("cosine", "onecycle") or old in (None, cfg.trainer.epochs):
+        return
+    step = max(0, st.global_step - 1)
+    was = cfg.lr * lr_factor(step, cfg.schedule, steps_per_epoch, int(old))
+    now = cfg.lr * lr_factor(st.global_step, cfg.schedule, steps_per_epoch, cfg.trainer.epochs)
+    moves = (f"the lr jumps from {was:.4g} (its last step) to {now:.4g} and follows the new curve"
+             if f"{was:.4g}" != f"{now:.4g}" else f"the lr ({now:.4g} now) follows the new curve")
+    log.warning("trainer.epochs=%d but the checkpoint's run was planned for %d: the %s schedule is stretched "
+                "to the new length, so %s (not what a run planned for %d epochs "
+                "from the start does: checkpoint.resume=never starts one)", cfg.trainer.epochs, int(old),
+                cfg.schedule.name, moves, cfg.trainer.epochs)
+
+
+def best_file_holds(st: TrainState, ckpt: CheckpointDir, ck: dict, cfg_dict: dict) -> float:
+    """The val_acc best.pt holds on resume (rank 0), which the next epoch must beat to rewrite it.
+    Normally the checkpoint's best_val_acc. But best.pt is written before the epoch's step file, in
+    the background: a failed write (the later files still land) or a kill between the two leaves it
+    missing, older, or from epochs this resume trains again. Then it is written again from the
+    checkpoint when that holds the best epoch's weights; else the next epoch better than what it
+    does hold (-1: nothing) replaces it."""
+    path = ckpt.folder / "best.pt"
+    if st.best_val_acc < 0:
+        return st.best_val_acc
+    held = later = None
+    if path.is_file():
+        try:
+            best = load_file(path)
+            if int(best.get("epoch", 0)) <= st.epoch:  # not from epochs trained after this checkpoint
+                held = float(best["val_acc"])
+            else:
+                later = int(best["epoch"])
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
+            log.warning("best.pt is unreadable (%s)", e)
+    if held == st.best_val_acc:
+        return held
+    # the best epoch is the first to reach best_val_acc (a tie does not replace it); only if that is the
+    # checkpoint's own last epoch does the checkpoint hold its weights
+    first_best = next((i for i, r in enumerate(st.history) if r["val_acc"] == st.best_val_acc), None)
+    if st.step_in_epoch == 0 and st.history and first_best == len(st.history) - 1:
+        try:
+            ckpt.save_best({"model": ck["model"], "epoch": st.epoch, "global_step": st.global_step,
+                            "val_acc": st.best_val_acc, "config": cfg_dict, "precision": ck.get("precision")})
+            log.warning("best.pt did not hold the best epoch (%d, val_acc %.4f): written again from the "
+                        "checkpoint, which holds its weights", st.epoch, st.best_val_acc)
+            return st.best_val_acc
+        except OSError as e:
+            log.warning("writing best.pt again failed (%s)", e)
+    if later is not None:  # resumed from an older checkpoint (the newer ones were unusable): this run's past
+        log.warning("best.pt is from epoch %d, after the checkpoint resumed here (epoch %d; the newer ones "
+                    "were unusable), and those epochs are trained again: the next finished epoch replaces it "
+                    "(the best so far, val_acc %.4f, has no weights left)", later, st.epoch, st.best_val_acc)
+        return -1.0
+    log.warning("best.pt does not hold the best epoch so far (val_acc %.4f; a best.pt write failed or was cut "
+                "off, and those weights are gone): it holds %s; the next epoch better than that replaces it",
+                st.best_val_acc, "nothing" if held is None else f"val_acc {held:.4f}")
+    return -1.0 if held is None else held
