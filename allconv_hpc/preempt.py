@@ -94,6 +94,16 @@ def catch_early(warn_signal: Optional[str] = None) -> None:
         signal.signal(s, _record_early)
 
 
+def take_early_stop() -> Optional[str]:
+    """The name of a SIGTERM or SIGHUP that `catch_early` recorded (cleared), else None. A warning signal stays
+    recorded: the first training steps requeue the job on it, with a checkpoint."""
+    global _early
+    if _early is None or _early in warning_signals(_warn):
+        return None
+    said, _early = signal.Signals(_early).name, None
+    return said
+
+
 @contextmanager
 def sigint_deferred() -> Iterator[None]:
     """A Ctrl-C during the block is taken when it ends. For code that swallows Python's KeyboardInterrupt: the

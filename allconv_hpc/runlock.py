@@ -137,6 +137,39 @@ def acquire(run_dir: Path, wait_s: float = 2.0, group: Optional[str] = None) -> 
     return fd
 
 
+class LockLost(RuntimeError):
+    """The run folder's lock file was deleted while this process held it, and another process took a new one."""
+
+
+def keep(run_dir: Path, fd: int) -> int:
+    """The holder's check that `fd` still locks run_dir (before it writes again): its file may have been deleted by
+    hand (the way out RunBusy names for a dead node's lock, taken for a live one). Deleted and not made again: locked
+    again, the new fd returned (the old one closed). Made again by another start (held now or not): LockLost, so
+    that this process stops before its files interleave with the other's."""
+    path = Path(run_dir) / LOCK_FILE
+    mine = os.fstat(fd)
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        now = None
+    if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+        return fd
+    if now is None:
+        try:
+            new = acquire(run_dir, wait_s=0.5)
+        except RunBusy:
+            new = -1  # made again, and locked, by another start just now
+        if new is None:  # no flock on this file system any more: nothing to hold
+            return fd
+        if new >= 0:
+            os.close(fd)
+            return new
+    raise LockLost(f"run folder {run_dir}: its lock file was deleted while this process trained into it, and "
+                   f"another start took the folder since ({_describe(path)}): this process stops without writing "
+                   f"again, so that the two do not interleave checkpoints and history (the newest checkpoint stands; "
+                   f"delete {LOCK_FILE} only when its holder is gone)")
+
+
 def holder(run_dir: Path) -> tuple[Optional[bool], str]:
     """(held, who): True with its holder's description while a process trains into run_dir; False when the
     lock is free and was last taken on this host (its writer is gone); None when it cannot tell (no lock

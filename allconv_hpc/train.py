@@ -77,7 +77,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         from .compose import check_run_dir, compose, pin_data_root, train_warnings, write_hydra_files
         from .data import check_present
         from .distributed import DistributedError, PortInUse, detect_env
-        from .runlock import acquire, check_free
+        from .runlock import LockLost, acquire, check_free
         from .jobs import other_jobs_state, stop_command
         from .tracking import check_names, preflight_mode
         if {"-m", "--multirun"} & set(overrides):
@@ -107,9 +107,9 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         return _refused(e)
     except KeyboardInterrupt:
         return _interrupted_in_start_up()
-    from .preempt import EXIT_REQUEUED, catch_early
+    from .preempt import EXIT_INTERRUPTED, EXIT_REQUEUED, catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
-    from .trainer import NonFiniteError, Trainer, check_launch
+    from .trainer import NonFiniteError, StartupStop, Trainer, check_launch
     lock_fd = None
     try:
         env = detect_env()
@@ -166,6 +166,16 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         return code
     except DistributedError as e:
         return _peer_ended(trainer, e)
+    except LockLost as e:  # another process trains into the folder now: nothing more of this one's, status.json too
+        log.error("%s", e)
+        return 1
+    except StartupStop as e:  # every rank at the same point: a stop, as one in training, with nothing to save
+        said = (f"stopped by {e} during start-up, before training; nothing was written to the run's checkpoints (the "
+                f"newest one is this run's progress)")
+        log.warning("%s", said)
+        _report(trainer, said, "interrupted", tell_peers=False)
+        code = EXIT_INTERRUPTED
+        return code
     except (NonFiniteError, CheckpointError) as e:  # a failed write or an unreadable file: one line
         log.error("%s", e)
         _report(trainer, f"{e}", "failed")

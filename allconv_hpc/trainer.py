@@ -33,7 +33,8 @@ from .distributed import Dist, DistEnv, pick_device, set_threads
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .models import build_model, count_parameters, summary
 from .resume import TrainState, best_file_holds, restore, rng_state, set_rng_state, warn_reshaped_schedule
-from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest, sigint_deferred
+from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest, sigint_deferred,
+                      take_early_stop)
 from .schedule import lr_factor
 from .tracking import HISTORY_FILE, ID_FILE, STEPS_FILE, NullTracker, make_tracker
 
@@ -43,6 +44,13 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class StartupStop(Exception):
+    """A SIGTERM or SIGHUP came during start-up (scancel, a kill): every rank ends this start at the same safe point,
+    before training. Nothing was trained since the checkpoint on disk, and Slurm kills a rank that is still busy
+    starting (a resume's data, model, W&B) when KillWait runs out: waiting for the first steps to stop lost the
+    run's last word (seen: CANCELLED read as a failure)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,13 @@ class Trainer:
         # the last step of construction: a failure from here on must reach the peers (see train.run)
         self.dist = Dist(env, self.device, cfg.dist.backend, cfg.dist.timeout_s)
 
+    def _stop_if_asked(self) -> None:
+        """A safe point of start-up (collective): a SIGTERM or SIGHUP on any rank since catch_early ends the start
+        here, on every rank alike."""
+        said = take_early_stop()
+        if self.dist.any(said is not None):
+            raise StartupStop(said or "a peer's signal")
+
     def _check_same_run(self) -> None:
         """Every rank composed the same run folder and config. Each composes its own, so a value resolved per
         process (${now:...} in hydra.run.dir, an ${oc.env:...} set otherwise on another node, a relative folder
@@ -172,6 +187,7 @@ class Trainer:
                 log.warning("the file system of %s has no flock: nothing stops a second process from training "
                             "into this folder at the same time", self.run_dir)
         self._check_same_run()
+        self._stop_if_asked()
         self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
         # a cluster=local job on a Slurm node (inherited SLURM_JOB_ID) must not requeue the user's allocation
@@ -204,6 +220,7 @@ class Trainer:
             put(ds.train.images), ds.train.labels.to(self.device), t.batch_size, env.rank,
             env.world_size, cfg.seed, cfg.data.augment, ds.mean, ds.std, t.drop_last, t.channels_last)
         self.steps_per_epoch = self.batches.steps_per_epoch  # >= 1: TrainBatches refuses a batch leaving none
+        self._stop_if_asked()
 
         # model: identical init on every rank (DDP also broadcasts rank 0's weights)
         torch.manual_seed(mix_seed(cfg.seed, INIT_STREAM))
@@ -227,6 +244,7 @@ class Trainer:
         # per-rank dropout streams; restored exactly from the checkpoint on resume
         torch.manual_seed(mix_seed(cfg.seed, DROPOUT_STREAM + env.rank))
         self.resumed_from = self._maybe_resume()
+        self._stop_if_asked()
         # the lr of the last step taken (logged in history); set by every step from here on
         self._lr_used = cfg.lr * lr_factor(max(0, self.state.global_step - 1), cfg.schedule,
                                            self.steps_per_epoch, t.epochs)
@@ -373,8 +391,9 @@ class Trainer:
         again = ("resuming repeats the steps that diverged" if self.ckpt.step_files() else
                  "the same command starts it over as it was")
         return NonFiniteError(f"{what}; {kept}. Lower optim.lr or lengthen the warm-up (schedule."
-                              f"warmup_epochs={self.cfg.schedule.warmup_epochs:g} now) in a new hydra.run.dir, or "
-                              f"start this one over with checkpoint.resume=never: {again}")
+                              f"warmup_epochs={self.cfg.schedule.warmup_epochs:g} now) in a new hydra.run.dir (a sweep's "
+                              f"point: in a new hydra.sweep.dir), or start this one over with checkpoint.resume=never: "
+                              f"{again}")
 
     def _check_finite(self) -> None:
         finite = torch.stack([torch.isfinite(self.epoch_sums[0]).all()]
@@ -389,6 +408,7 @@ class Trainer:
         finished epoch's history row and best.pt snapshot (or None), written once the checkpoint is."""
         st = self.state
         self._check_finite()
+        self._check_lock()
         if st.step_in_epoch > 0:  # mid-epoch: carry the seconds spent so far into the resumed epoch
             st.epoch_seconds = self._epoch_base + time.perf_counter() - self._epoch_t0
         rngs = self.dist.gather_objects(rng_state(self.device))
@@ -414,6 +434,18 @@ class Trainer:
                 self.writer.submit("best.pt", self._write_best, best, st.global_step)
         self.dist.barrier()
         self._last_save, self._due_sent = time.monotonic(), False
+
+    def _check_lock(self) -> None:
+        """Rank 0 still holds the run folder's lock (collective): its file deleted by hand and taken by a second
+        process, this one stops before it writes again (runlock.keep)."""
+        lost = None
+        if self.env.is_main and self._lock_fd is not None:
+            try:
+                self._lock_fd = runlock.keep(self.run_dir, self._lock_fd)
+            except runlock.LockLost as e:
+                lost = e
+        if self.dist.any(lost is not None):
+            raise lost or runlock.LockLost("rank 0 lost the run folder's lock to another process (its log says which)")
 
     def _write_checkpoint(self, state: dict, step: int, history_row: Optional[dict]) -> None:  # in the writer's thread
         self.tracker.sync()  # the W&B logs up to this step are durable before the checkpoint is
@@ -469,6 +501,7 @@ class Trainer:
                 log.info("this run completed its %d epochs already: nothing to do (a larger trainer.epochs trains "
                          "on; checkpoint.resume=never starts over)", st.epoch)
             return 0
+        self._stop_if_asked()  # the W&B start can take seconds: the last safe point before the steps
         self._last_save = time.monotonic()
         self._phase = "training"
         self.write_status("running")

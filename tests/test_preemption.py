@@ -659,23 +659,31 @@ def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_resumable(tmp_
     assert '"completed"' in (run / "status.json").read_text()
 
 
+def signal_in_start_up(tmp: Path, run: Path, args: list[str], sig: int) -> tuple[subprocess.Popen, str, str]:
+    """Start train (args with data.preprocess=gcn_zca: a fit of seconds) and send `sig` in that fit: after this
+    start's "run folder" line (train.log is appended to by every start), before training."""
+    starts = (run / "train.log").read_text().count("run folder") if (run / "train.log").exists() else 0
+    p = subprocess.Popen(train_cmd(run, args), env=clean_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "train.log").exists() and (run / "train.log").read_text().count("run folder") > starts):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)  # in the whitening fit
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    return p, out, err
+
+
 def test_ctrl_c_during_set_up_is_a_start_up_interrupt_not_a_failure(tmp_path):
     """A Ctrl-C after the run folder is made but before training (data, its whitening fit, model, resume) stops
     at once with the start-up line, and status reads the folder as interrupted (a stop the user asked for),
     not as a start that failed; the same command then trains the run."""
     run, args = tmp_path / "run", TINY + ["trainer.epochs=1", "data.preprocess=gcn_zca"]  # a fit of seconds
-    p = subprocess.Popen(train_cmd(run, args), env=clean_env(tmp_path), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not ((run / "train.log").exists() and "run folder" in (run / "train.log").read_text()):
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-            time.sleep(0.05)
-        time.sleep(0.5)  # in the whitening fit
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
-    finally:
-        p.kill()
+    p, out, err = signal_in_start_up(tmp_path, run, args, signal.SIGINT)
     assert p.returncode == 130 and "Traceback" not in err, err
     assert "interrupted (Ctrl-C) during start-up, before training" in err and "training synthetic" not in out, err
     assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
@@ -686,6 +694,76 @@ def test_ctrl_c_during_set_up_is_a_start_up_interrupt_not_a_failure(tmp_path):
     assert row["epoch"] == "0/1", st.stdout  # a new folder: none done of this config's epochs, not "0/?"
     run_train(tmp_path, run, args)
     assert [r["epoch"] for r in history(run)] == [1]
+
+
+def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_path):
+    """scancel's SIGTERM while a resume starts (here in its whitening fit) ends the start at the next safe point,
+    before training: exit 3, the run interrupted and resumable, no checkpoint written. Waiting for the first steps
+    to stop let Slurm's KillWait SIGKILL a slow start-up, which `status` then read as a failure."""
+    run, args = tmp_path / "run", TINY + ["data.preprocess=gcn_zca"]  # a fit of seconds
+    run_train(tmp_path, run, args + ["trainer.epochs=1"])
+    files = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    p, out, err = signal_in_start_up(tmp_path, run, args + ["trainer.epochs=2"], signal.SIGTERM)
+    assert p.returncode == 3 and "Traceback" not in err, err
+    assert "stopped by SIGTERM during start-up, before training" in err and "training synthetic" not in out, err
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == files
+    st = json.loads((run / "status.json").read_text())
+    assert (st["state"], st["epoch"]) == ("interrupted", 1), st  # the run's progress stands
+    r = subprocess.run([PY, "-m", "allconv_hpc", "status", str(run)], env=clean_env(tmp_path), capture_output=True,
+                       text=True, timeout=60)
+    step = int(st["global_step"])
+    assert r.returncode == 0 and (f"the same submit (or train) command resumes it from its newest checkpoint, step "
+                                  f"{step}") in r.stdout, r.stdout
+    run_train(tmp_path, run, args + ["trainer.epochs=2"])
+    assert [r["epoch"] for r in history(run)] == [1, 2]
+
+
+def test_a_deleted_lock_is_taken_again_and_a_second_writer_stops_the_first_before_it_writes(tmp_path):
+    """.train.lock deleted while its run trains (the way out RunBusy names for a dead node's lock, taken for a live
+    one): a second start took the folder, and both trained into it (history rows twice). The first now finds its
+    lock file replaced at its next checkpoint and stops without writing; a deleted lock nobody took it takes again."""
+    run, args = tmp_path / "run", TINY + ["trainer.epochs=12", "checkpoint.every_steps=2"]
+    first = subprocess.Popen(train_cmd(run, args), env=clean_env(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_line(run / "train.log", "training synthetic", proc=first)
+        first.send_signal(signal.SIGSTOP)  # between two checkpoints
+        (run / ".train.lock").unlink()
+        run_train(tmp_path, run, args)  # the second start resumes the newest checkpoint and trains to the end
+        done = history(run)
+        files = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+        record = (run / "status.json").read_text()
+        first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 1 and "Traceback" not in err, err
+    assert (f"run folder {run}: its lock file was deleted while this process trained into it, and another start took "
+            f"the folder since") in err, err
+    assert [r["epoch"] for r in done] == list(range(1, 13)) and history(run) == done
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == files
+    assert (run / "status.json").read_text() == record  # the second start's "completed"
+
+    # deleted, and nobody took it: the run locks it again at its next checkpoint and trains on
+    again = tmp_path / "again"
+    first = subprocess.Popen(train_cmd(again, args), env=clean_env(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_line(again / "train.log", "training synthetic", proc=first)
+        (again / ".train.lock").unlink()
+        deadline = time.monotonic() + 60
+        while not (again / ".train.lock").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # still training: a second start now finds the folder held
+        r = subprocess.run(train_cmd(again, args), env=clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+        first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert r.returncode == 2 and f"is being trained into by pid {first.pid}" in r.stderr, r.stderr
+    assert first.returncode == 0, err
+    assert [r["epoch"] for r in history(again)] == list(range(1, 13))
 
 
 def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path):
