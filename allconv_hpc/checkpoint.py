@@ -328,5 +328,9 @@ def _unsaved_identity(run_dir: Path) -> Optional[dict]:
     from .config import from_dict
     try:
         return from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True)).identity()
-    except Exception:  # hand-edited or of another version: nothing to compare with, as before it was kept
+    except Exception as e:  # hand-edited or of another version: nothing to compare with, as before it was kept
+        log.warning("%s does not read as a config (%s), so the run there cannot be compared with this config: were "
+                    "it of another one, this start would take it over (its finished epochs, if any, moved aside "
+                    "first); give a new run folder if unsure", path,
+                    str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         return None

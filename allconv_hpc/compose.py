@@ -405,6 +405,10 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
     if (run_dir / "sweep.json").is_file():  # status and evaluate would read it as the sweep, hiding this run
         raise ConfigError(f"run folder {run_dir} is a sweep's folder (sweep.json): give one of its point folders "
                           f"to resume that point, or a new hydra.run.dir")
+    if re.fullmatch(r"checkpoints\.old\d+", run_dir.name) and run_dir.is_dir():  # its files are not laid out as a run's
+        raise ConfigError(f"run folder {run_dir} is a run that checkpoint.resume=never set aside, not a run folder "
+                          f"(training here would start over and nest it once more): copy it into a new run folder "
+                          f"as README's \"Starting over\" shows, and give that as {key}")
     if run_dir.is_dir():  # a folder of other things (a dataset, a project's root) is not one to train into
         other = sorted(p.name for p in run_dir.iterdir() if not _run_file(p.name))  # nohup.out alone is no run
         if other and not holds_run(run_dir):  # notes added to a run: fine

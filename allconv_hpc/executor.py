@@ -118,7 +118,8 @@ def sbatch_refused(text: str) -> ConfigError:
     """sbatch's complaint (already on one line) with the fix."""
     text = text or "no reason given"
     unreachable = any(m in text.lower() for m in ("configuration source", "unable to contact",
-                                                 "connection refused", "slurm.conf"))
+                                                 "connection refused", "slurm.conf",
+                                                 "s_p_parse_file"))  # SLURM_CONF naming a file not there
     if unreachable:  # not a verdict on the job: no controller answered
         return ConfigError(f"Slurm does not answer here, sbatch said: {text} (check SLURM_CONF and that slurmctld "
                            f"runs, or use cluster=local)")

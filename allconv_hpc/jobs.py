@@ -29,6 +29,17 @@ def squeue_job(job_id: str) -> tuple[bool, Optional[str], str]:
     return "Invalid job id" in r.stderr, None, ""  # a job Slurm has forgotten, vs. no answer at all
 
 
+def is_held(state: Optional[str], reason: str) -> bool:
+    """A pending job that waits for a release (scontrol hold / requeuehold, an admin's hold), not for nodes."""
+    return state == "PENDING" and (reason.startswith("JobHeld") or "held state" in reason)
+
+
+def held_advice(rec: dict, reason: str) -> str:
+    job = rec["job_id"]
+    return (f"held by an admin: {reason}; ask them, or scancel {job}" if reason == "JobHeldAdmin" else
+            f"held: scontrol release {job}")
+
+
 def squeue_state(job_id: str) -> tuple[bool, Optional[str]]:
     """(Slurm answered, the job's state while it is queued or running; None when it is not)."""
     return squeue_job(job_id)[:2]

@@ -147,6 +147,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         if skip is None:
             _warn_diverged(c.run_dir, c.cfg)
         points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
+    _warn_starts_over(points)
     dirs = [p.run_dir for p in points]
     if len(set(dirs)) != len(dirs):
         raise ConfigError("two sweep points map to the same run folder; make the swept values distinct")
@@ -240,8 +241,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     (what the trainer would refuse on resume, found here before anything is queued). Returns why the
     run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
     (a resubmitted sweep fills in the rest); None when it does."""
-    from .jobs import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, queued_state, read_record,
-                       started_unrecorded, stop_command)
+    from .jobs import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, held_advice, is_held,
+                       queued_state, read_record, squeue_job, started_unrecorded, stop_command)
 
     sub = run_dir / "submission.json"
     try:  # status's reading: a damaged record is named with its fix
@@ -266,6 +267,11 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
             raise ConfigError(f"run folder {run_dir} has job {rec['job_id']} still ending (COMPLETING); a second job "
                               f"would train into the same folder: submit again in a few seconds")
         if state in ACTIVE_STATES:
+            reason = squeue_job(str(rec["job_id"]))[2] if rec.get("backend") == "slurm" and state == "PENDING" else ""
+            if is_held(state, reason):  # waiting would never end
+                raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} (PENDING, "
+                                  f"{held_advice(rec, reason)}); a second job would train into the same folder: "
+                                  f"release it, or stop it ({stop_command(rec)}) and submit again")
             raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
                               f"train into the same folder: wait for it (allconv-hpc status "
                               f"{shlex.quote(str(run_dir))}) or stop it ({stop_command(rec)}), then submit again")
@@ -314,6 +320,22 @@ def _check_resumable_later(run_dir: Path, cfg, rec: dict, state: str) -> None:
     except ConfigError as e:
         raise ConfigError(f"{e}; job {rec['job_id']} ({state}) trains it now, with the config it was submitted "
                           f"with") from None
+
+
+def _warn_starts_over(points: list[Point]) -> None:
+    """checkpoint.resume=never on folders that hold a run: legal (the old files are kept), but a completed run
+    started over, or a whole sweep started again for one point, costs its compute: said before it queues."""
+    from .checkpoint import CheckpointDir
+    held = [p.run_dir for p in points if p.skip is None and p.cfg.checkpoint.resume == "never"
+            and (CheckpointDir(p.run_dir / "checkpoints", p.cfg.checkpoint.keep).exists()
+                 or (p.run_dir / "history.csv").exists())]
+    if not held:
+        return
+    done = sum(read_json(d / "status.json").get("state") == "completed" for d in held)
+    names = ", ".join(str(d) for d in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+    warn(f"checkpoint.resume=never starts {len(held)} run(s) over that hold training ({done} completed): {names}; "
+         f"their files move to checkpoints.oldN/ in each folder. Without it, each resumes (a completed one is "
+         f"skipped)")
 
 
 def _warn_diverged(run_dir: Path, cfg) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import runlock
-from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, STATUS_KEYS, DamagedFile, check_keys, local_state, read_record,
-                   slurm_state, started_job, started_unrecorded, stopped_elsewhere)
+from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, STATUS_KEYS, DamagedFile, check_keys, held_advice, is_held,
+                   local_state, read_record, slurm_state, started_job, started_unrecorded, stopped_elsewhere)
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
@@ -253,7 +253,9 @@ def run_rows(folder: Path) -> list[dict]:
         if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
             state = {True: "RUNNING", False: "FAILED"}.get(held, "UNKNOWN")
             active = bool(held)
-            if held is False:  # its error is in train.log (a failed download, a damaged data file)
+            if not held and _newest_checkpoint_step(run_dir) is not None:  # status.json deleted (or lost)
+                state = NO_RECORD
+            elif held is False:  # its error is in train.log (a failed download, a damaged data file)
                 st = {"error": _last_error(run_dir) or "ended before its first status record; see train.log, and for "
                                                          "another rank's error its own output (torchrun's console)"}
                 current = True
@@ -283,7 +285,11 @@ def run_rows(folder: Path) -> list[dict]:
         # the run stopped on a signal with a checkpoint (exit 3, which Slurm records as FAILED; or scancel's SIGTERM:
         # CANCELLED), or gave up after checkpoint.max_requeues time limits (exit 4, FAILED): resumable by the same
         # submit, as a cluster=local job's INTERRUPTED, not a failure
-        stopped = (current and run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED") and not active
+        # Also scancel's CANCELLED where the run had no time to say so (KillWait ran out while it started or stopped):
+        # its checkpoints stand, as after any stop
+        stopped = ((run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED")
+                    or run_state in ("running", "requeued") and state == "CANCELLED")
+                   and current and not active
                    and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"])))  # that job's own word
         if stopped and state == "FAILED":
             state = STOPPED_RUN[run_state]
@@ -313,12 +319,11 @@ def run_rows(folder: Path) -> list[dict]:
                 f"the job ended ({state}) with its run lock still held by {holder}: if that node is down, delete "
                 f"{run_dir / runlock.LOCK_FILE} before resuming")
         never = state == "PENDING" and reason in NEVER_STARTS  # --wait would wait forever
-        held = state == "PENDING" and (reason.startswith("JobHeld") or "held state" in reason)  # and so would this
+        held = is_held(state, reason)  # and so would this
         if never:
             state = f"PENDING ({reason}: never starts as asked; scancel {rec['job_id']})"
         elif held:  # scontrol hold / requeuehold, or an admin's hold
-            state = (f"PENDING (held by an admin: {reason}; ask them, or scancel {rec['job_id']})"
-                     if reason == "JobHeldAdmin" else f"PENDING (held: scontrol release {rec['job_id']})")
+            state = f"PENDING ({held_advice(rec, reason)})"
             never = True
         rows.append({"job": rec.get("job_id") or st.get("slurm_job_id") or "-", "state": state, "run": run_state or "-",
                      "slurm_answered": known if slurm else None,
@@ -359,13 +364,17 @@ def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
     return max(steps) if steps else (-1 if "last.pt" in names else None)
 
 
-# run states of a run that may have stopped part-way (a signal; a kill, a time limit while it said running)
-MAY_RESUME = ("interrupted", "running", "requeued")
+# run states of a run that may have stopped part-way (a signal; a kill, a time limit while it said running; the
+# time limits used up)
+MAY_RESUME = ("interrupted", "running", "requeued", "gave_up")
+# a run folder with checkpoints and no status.json (deleted: status.json's damage is named with that fix)
+NO_RECORD = "UNKNOWN (no status.json)"
 # the run's own word for a stop that left a checkpoint for the same submit to resume, and the state it is shown as
 # where Slurm says FAILED (exit 3 and 4)
 STOPPED_RUN = {"interrupted": "INTERRUPTED", "gave_up": "GAVE UP"}
 # rows neither failed nor done: `submit --wait` exits EXIT_STOPPED for them, not 0 ("every run completed")
-UNFINISHED = {*STOPPED_RUN.values(), "CANCELLED (never started)", "LOST (never started)", "GONE (no run folder)"}
+UNFINISHED = {*STOPPED_RUN.values(), "CANCELLED (never started)", "LOST (never started)", "GONE (no run folder)",
+              NO_RECORD}
 
 
 def is_failed(row: dict) -> bool:
@@ -397,8 +406,8 @@ def _errors(rows: list[dict]) -> str:
     for r in rows:
         if r["failed"] and r["error"]:
             out.append(f"{r['folder']}: {r['error']}")
-        elif (not r["active"] and r["run"] in MAY_RESUME  # scancel, a kill, a time limit
-              and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
+        if (not r["active"] and (r["run"] in MAY_RESUME or r["state"] == NO_RECORD)  # scancel, a kill, a time limit
+                and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
             ck = r.get("checkpoint_step")
             then = ("starts it over: it stopped before its first checkpoint" if ck is None else
                     f"resumes it from its newest checkpoint, step {ck}" if ck >= 0 else
@@ -406,8 +415,9 @@ def _errors(rows: list[dict]) -> str:
             if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
                 then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
                         f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")
-            out.append(f"{r['folder']}: stopped with epoch {r['epoch']} done (step {r['step']}); the same submit (or "
-                       f"train) command {then}")
+            done = (f"stopped with epoch {r['epoch']} done (step {r['step']})" if r["state"] != NO_RECORD else
+                    "no status.json (deleted?) to say how far it got")
+            out.append(f"{r['folder']}: {done}; the same submit (or train) command {then}")
         if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):
             out.append(f"{r['folder']}: job {r['job']} ended before it started (scancel?); nothing ran: the same "
                        f"submit command starts it")
@@ -460,7 +470,7 @@ def wait_for(folder: Path, poll_s: float = 5.0, jobs: Optional[set] = None) -> i
         if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
             print(format_table(rows) + _errors(rows))
             code = exit_code(rows)
-            if code == 0 and any(r["run"] in STOPPED_RUN or r["state"] in UNFINISHED for r in rows):
+            if code == 0 and any(r["run"] in MAY_RESUME or r["state"] in UNFINISHED for r in rows):
                 return EXIT_STOPPED  # a script must tell "done" from "stopped with a checkpoint"
             return code
         time.sleep(poll_s)

@@ -368,6 +368,25 @@ def test_a_swept_name_swap_is_told_to_sweep_the_group(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_resume_never_on_folders_that_hold_runs_is_said_before_the_queue(tmp_path, capsys):
+    """checkpoint.resume=never on a sweep whose points hold runs (one completed) starts each over: legal, the old
+    files are kept, but a completed run was silently queued again (without it: skipped)."""
+    where = f"hydra.sweep.dir={tmp_path / 's'}"
+    sweep = ["cluster=local", "cluster.array_parallelism=3", *TINY, "seed=0,1,2", where]
+    points, _, _ = launcher.plan(sweep + ["checkpoint.resume=never"], multirun=True)
+    assert "checkpoint.resume=never starts" not in capsys.readouterr().err  # nothing to start over yet
+    for p, state in zip(points[:2], ("completed", "interrupted")):
+        (p.run_dir / "checkpoints").mkdir(parents=True)
+        (p.run_dir / "checkpoints" / "step_00000005.pt").touch()
+        (p.run_dir / "status.json").write_text(json.dumps({"state": state}))
+    capsys.readouterr()
+    points, _, _ = launcher.plan(sweep + ["checkpoint.resume=never"], multirun=True)
+    assert all(p.skip is None for p in points)
+    err = capsys.readouterr().err
+    assert (f"checkpoint.resume=never starts 2 run(s) over that hold training (1 completed): {points[0].run_dir}, "
+            f"{points[1].run_dir}; their files move to checkpoints.oldN/") in err, err
+
+
 @pytest.mark.parametrize("sweep,values", [
     ("optim.lr=range(0.1,0.4,0.1)", ["0.1", "0.2", "0.3"]),  # Hydra: 0.30000000000000004 and 0.4 as well
     ("optim.lr=range(0.01,0.05,0.01)", ["0.01", "0.02", "0.03", "0.04"]),
@@ -548,6 +567,10 @@ def test_sbatch_rejecting_the_job_is_one_line_and_leaves_no_folder(tmp_path, on_
     code, _, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2 and ("error: Slurm does not answer here, sbatch said: Could not establish a configuration "
                           "source (check SLURM_CONF and that slurmctld runs" in err), err
+    on_path(sbatch="echo 'sbatch: error: s_p_parse_file: cannot stat file /nonexistent: No such file or directory, "
+                   "retrying in 1sec up to 60sec' >&2\nexit 1")  # SLURM_CONF naming no file: not the job's settings
+    code, _, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and "cannot stat file /nonexistent" in err and "(check SLURM_CONF and that slurmctld" in err, err
     # the test passes (or timed out: a warning) and sbatch itself fails: submitit's script and pickle go too
     on_path(sbatch='[ "$1" = --test-only ] && { echo "sbatch: Job 3 to start at now" >&2; exit 0; }\n'
                    "echo 'sbatch: error: Batch job submission failed: Invalid account' >&2\nexit 1")
@@ -711,6 +734,11 @@ def test_sweep_and_run_folders_are_not_mixed(tmp_path):
     launcher.plan(["cluster=local", *TINY, "seed=0", f"hydra.sweep.dir={sweep}"], multirun=True)
     with pytest.raises(ConfigError, match=r"run folder .*/sweep is a sweep's folder \(sweep.json\)"):
         launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={sweep}"], multirun=False)
+    aside = tmp_path / "r" / "checkpoints.old1"  # resume=never's: step files and .hydra/ side by side, no checkpoints/
+    aside.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"is a run that checkpoint.resume=never set aside, not a run folder .*: copy "
+                                          r"it into a new run folder as README's \"Starting over\" shows"):
+        launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={aside}"], multirun=False)
     run = tmp_path / "run"
     CheckpointDir(run / "checkpoints", keep=2).save({"identity": compose([*TINY]).cfg.identity()}, step=5)
     (run / "status.json").write_text("{}")
@@ -979,6 +1007,10 @@ def test_a_held_job_is_not_told_to_be_resubmitted(tmp_path, on_path, capsys):
     assert status.status_main([str(run)]) == 1
     out = capsys.readouterr().out
     assert "PENDING (held: scontrol release 42)" in out and "resumes it" not in out, out
+    # submitting into it again: waiting for it would never end either
+    with pytest.raises(ConfigError, match=r"already has job 42 \(PENDING, held: scontrol release 42\); a second job "
+                                          r"would train into the same folder: release it, or stop it \(scancel 42\)"):
+        launcher.check_run_folder(run, composed().cfg)
 
 
 def test_wait_tells_a_stopped_run_from_a_completed_one(tmp_path, on_path, capsys):
@@ -1001,6 +1033,35 @@ def test_wait_tells_a_stopped_run_from_a_completed_one(tmp_path, on_path, capsys
     assert capsys.readouterr().out.rstrip().endswith(
         "the same submit (or train) command starts it over again (checkpoint.resume=never sets its checkpoints "
         "aside); with checkpoint.resume=auto instead it resumes from its newest checkpoint, step 32")
+
+
+def test_a_killed_job_names_its_error_and_the_resume_and_a_lost_status_json_is_no_failure(tmp_path, on_path, capsys):
+    """A job a signal ended (kill -9, the OOM killer) before its run said a word failed, and its run resumes from
+    its newest checkpoint: both said. A run folder whose status.json was deleted (the fix status names for a
+    damaged one) but holds checkpoints is no failure: the same command resumes it."""
+    sub = tmp_path / "sub"
+    run = write_run(tmp_path, None, job="77", submitit_folder=str(sub), submitted=1000.0)
+    (run / "status.json").write_text(json.dumps({"state": "running", "epoch": 2, "epochs": 30, "global_step": 150,
+                                                 "slurm_job_id": "77", "updated": 1100.0}))
+    (sub / "77").mkdir(parents=True)
+    (sub / "77" / "77_0_log.err").write_text("srun: error: n1: task 0: Killed\n")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step_00000140.pt").touch()
+    on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol='echo "JobState=FAILED Restarts=0"')
+    assert status.status_main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("run: rank 0: ended by a signal (srun: error: n1: task 0: Killed)\nrun: stopped with "
+                                 "epoch 2/30 done (step 150); the same submit (or train) command resumes it from its "
+                                 "newest checkpoint, step 140"), out
+    hand = tmp_path / "hand"
+    (hand / "checkpoints").mkdir(parents=True)
+    (hand / "checkpoints" / "step_00000140.pt").touch()
+    row = status.run_rows(hand)[0]
+    assert (row["state"], row["failed"]) == (status.NO_RECORD, False), row
+    assert status.status_main([str(hand)]) == 0 and status.wait_for(hand, poll_s=0) == status.EXIT_STOPPED
+    assert capsys.readouterr().out.rstrip().endswith(
+        "hand: no status.json (deleted?) to say how far it got; the same submit (or train) command resumes it from "
+        "its newest checkpoint, step 140")
 
 
 def test_no_answer_from_slurm_is_not_lost(tmp_path, on_path):
@@ -1085,7 +1146,10 @@ def test_a_run_submitted_again_shows_its_new_job_not_the_stopped_one_its_status_
 
 @pytest.mark.parametrize("run_state,slurm_says,shown", [("interrupted", "FAILED", "INTERRUPTED"),
                                                          ("interrupted", "CANCELLED", "CANCELLED"),
-                                                         ("gave_up", "FAILED", "GAVE UP")])
+                                                         ("gave_up", "FAILED", "GAVE UP"),
+                                                         # scancel and KillWait's SIGKILL before the run said a word
+                                                         ("requeued", "CANCELLED", "CANCELLED"),
+                                                         ("running", "CANCELLED", "CANCELLED")])
 def test_a_slurm_job_whose_run_stopped_with_a_checkpoint_is_stopped_not_failed(tmp_path, on_path, run_state,
                                                                                 slurm_says, shown):
     """train exits 3 after a stop on a signal (USR2 with cluster.requeue=false: Slurm records FAILED; scancel's
@@ -1099,6 +1163,11 @@ def test_a_slurm_job_whose_run_stopped_with_a_checkpoint_is_stopped_not_failed(t
     row = status.run_rows(run)[0]
     assert (row["state"], row["run"], row["failed"]) == (shown, run_state, False), row
     assert status.wait_for(run, poll_s=0) == status.EXIT_STOPPED
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step_00000040.pt").touch()
+    assert status._errors([status.run_rows(run)[0]]).endswith(
+        "run: stopped with epoch 2/30 done (step 0); the same submit (or train) command resumes it from its newest "
+        "checkpoint, step 40")  # GAVE UP too: the same submit gets a fresh max_requeues
     st = json.loads((run / "status.json").read_text())  # a stop by hand (`train`, no job) since: not this job's
     (run / "status.json").write_text(json.dumps({k: v for k, v in st.items() if k != "slurm_job_id"}))
     assert status.run_rows(run)[0]["failed"]

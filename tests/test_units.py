@@ -648,6 +648,20 @@ def test_a_grown_cosine_run_says_where_its_lr_goes(caplog, step, says):
         assert not caplog.text  # the run's own length: nothing to say
 
 
+def test_a_damaged_recorded_config_is_said_where_it_is_all_there_is_to_compare(tmp_path, caplog):
+    """No checkpoint: the run's .hydra/config.yaml is what tells its config. Unreadable, it was passed over without
+    a word, and a run of another config went on in the folder."""
+    from allconv_hpc.checkpoint import check_resume
+    from allconv_hpc.compose import compose
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("model: [unclosed\n")
+    with caplog.at_level("WARNING"):
+        assert check_resume(run, compose(["data=synthetic"]).cfg) is None
+    assert f"{run / '.hydra' / 'config.yaml'} does not read as a config (" in caplog.text
+    assert "cannot be compared with this config" in caplog.text
+
+
 # --------------------------------------------------------------- run lock
 
 def _as_if_from(run_dir: Path, host: str, restart: str) -> None:
