@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # what torchrun's failure report says of a worker that stopped on purpose (it says "FAILED" of any non-zero exit,
 # with "To enable traceback see: ..." where a traceback would be)
-_STOPPED_SAYS = {3: "not a failure: stopped on a signal with a checkpoint (exit 3); the same command resumes the run",
+_STOPPED_SAYS = {3: "not a failure: stopped on a signal (exit 3); the same command resumes the run",
                  4: "gave up after checkpoint.max_requeues time limits (exit 4); its checkpoint stands: submitting the "
                     "run again continues it",
                  130: "interrupted (Ctrl-C) in start-up or during a stop (exit 130); the run's newest checkpoint stands"}

@@ -231,9 +231,15 @@ def _worker_pid(rank: int, run: Path) -> int | None:
     return None
 
 
-def test_ctrl_c_to_one_torchrun_rank_in_set_up_interrupts_the_run(tmp_path):
-    """torchrun, 2 ranks: a Ctrl-C to rank 1 after the rendezvous, before training (the whitening fit), stops rank 0
-    as an interruption too: its line names rank 1's Ctrl-C as no error, it exits 130, and status reads the run
+@pytest.mark.parametrize("sig, code, says, why", [
+    (signal.SIGINT, "130", "stopped with peer rank 1, which was interrupted (Ctrl-C) during start-up",
+     "interrupted (Ctrl-C) in start-up or during a stop (exit 130)"),
+    # SIGTERM (scancel): both ranks end the start at the same safe point (trainer._stop_if_asked)
+    (signal.SIGTERM, "3", "stopped by a peer's signal during start-up, before training",
+     "not a failure: stopped on a signal (exit 3)")])
+def test_a_signal_to_one_torchrun_rank_in_set_up_interrupts_the_run(tmp_path, sig, code, says, why):
+    """torchrun, 2 ranks: a Ctrl-C (or SIGTERM) to rank 1 after the rendezvous, before training (the whitening fit),
+    stops rank 0 as an interruption too: its line names no error, it exits as rank 1 does, and status reads the run
     INTERRUPTED, not FAILED ("peer rank 1 failed")."""
     run = tmp_path / "run"
     p = subprocess.Popen(train_cmd(run, TINY + ["trainer.epochs=1", "data.preprocess=gcn_zca"], nproc=2),
@@ -243,17 +249,18 @@ def test_ctrl_c_to_one_torchrun_rank_in_set_up_interrupts_the_run(tmp_path):
         pid = _worker_pid(1, run)
         assert pid, "no torchrun worker of rank 1"
         time.sleep(0.5)  # past the rendezvous (where a signal ends a rank at once), in the fit of seconds
-        os.kill(pid, signal.SIGINT)
+        os.kill(pid, sig)
         out, _ = p.communicate(timeout=120)
     finally:
         p.kill()
     log = (run / "train.log").read_text()
     assert "training synthetic" not in log and " ERROR] " not in log, log[-2000:]
-    assert "stopped with peer rank 1, which was interrupted (Ctrl-C) during start-up" in log, log[-2000:]
+    assert says in log, log[-2000:]
     codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: (-?\d+)", out))
-    assert codes == {"0": "130", "1": "130"}, out[-3000:]
+    assert codes == {"0": code, "1": code}, out[-3000:]
     # torchrun's report says why, where it would say "To enable traceback see: ..." for any non-zero exit
-    assert "traceback : interrupted (Ctrl-C) in start-up or during a stop (exit 130)" in out, out[-3000:]
+    assert f"traceback : {why}" in out, out[-3000:]
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())  # nothing trained
     st = json.loads((run / "status.json").read_text())
     assert st["state"] == "interrupted", st
     rows = subprocess.run([PY, "-m", "allconv_hpc", "status", "--json", str(run)], env=clean_env(tmp_path),
@@ -287,7 +294,7 @@ def test_torchruns_report_says_a_stop_with_a_checkpoint_is_no_failure(tmp_path):
                             run, "(global 3)", signal.SIGTERM, tmp_path)
     codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: (-?\d+)", out))
     assert set(codes.values()) == {"3"}, out[-3000:]
-    assert "traceback : not a failure: stopped on a signal with a checkpoint (exit 3); the same command resumes" in out
+    assert "traceback : not a failure: stopped on a signal (exit 3); the same command resumes" in out
     assert "To enable traceback see" not in out, out[-3000:]
     assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
 
