@@ -285,12 +285,12 @@ def run_rows(folder: Path) -> list[dict]:
         # the run stopped on a signal with a checkpoint (exit 3, which Slurm records as FAILED; or scancel's SIGTERM:
         # CANCELLED), or gave up after checkpoint.max_requeues time limits (exit 4, FAILED): resumable by the same
         # submit, as a cluster=local job's INTERRUPTED, not a failure
-        # Also scancel's CANCELLED where the run had no time to say so (KillWait ran out while it started or stopped):
-        # its checkpoints stand, as after any stop
-        stopped = ((run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED")
-                    or run_state in ("running", "requeued") and state == "CANCELLED")
-                   and current and not active
-                   and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"])))  # that job's own word
+        own = current and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"]))  # that job's own word
+        stopped = not active and (run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED") and own
+                                  # scancel's, where the run had no time to say so (KillWait's SIGKILL came first, in a
+                                  # long start-up or stop; no word of this job at all): its checkpoints stand
+                                  or state == "CANCELLED" and (run_state in ("running", "requeued") and own
+                                                               or run_state is None and not _never_started(rec)))
         if stopped and state == "FAILED":
             state = STOPPED_RUN[run_state]
         # scancelled before it started: nothing ran, nothing failed (the same submit starts it). Slurm says CANCELLED
@@ -406,7 +406,7 @@ def _errors(rows: list[dict]) -> str:
     for r in rows:
         if r["failed"] and r["error"]:
             out.append(f"{r['folder']}: {r['error']}")
-        if (not r["active"] and (r["run"] in MAY_RESUME or r["state"] == NO_RECORD)  # scancel, a kill, a time limit
+        if (not r["active"] and (r["run"] in MAY_RESUME or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, a kill
                 and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
             ck = r.get("checkpoint_step")
             then = ("starts it over: it stopped before its first checkpoint" if ck is None else
@@ -470,7 +470,8 @@ def wait_for(folder: Path, poll_s: float = 5.0, jobs: Optional[set] = None) -> i
         if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
             print(format_table(rows) + _errors(rows))
             code = exit_code(rows)
-            if code == 0 and any(r["run"] in MAY_RESUME or r["state"] in UNFINISHED for r in rows):
+            if code == 0 and any(r["run"] in MAY_RESUME or r["state"] in UNFINISHED or r["state"] == "CANCELLED"
+                                 for r in rows):  # (a CANCELLED row that did not fail is a stop)
                 return EXIT_STOPPED  # a script must tell "done" from "stopped with a checkpoint"
             return code
         time.sleep(poll_s)

@@ -1064,6 +1064,29 @@ def test_a_killed_job_names_its_error_and_the_resume_and_a_lost_status_json_is_n
         "its newest checkpoint, step 140")
 
 
+def test_a_job_scancelled_before_its_run_said_a_word_is_a_stop(tmp_path, on_path, capsys):
+    """A resubmitted job scancelled in its start-up and SIGKILLed by KillWait before it wrote status.json (which is
+    still the last job's: older than this submission): CANCELLED, resumable from the checkpoint the run had, not
+    a failure. One that never started is told apart (CANCELLED (never started))."""
+    sub = tmp_path / "sub"
+    run = write_run(tmp_path, None, job="88", submitit_folder=str(sub), submitted=1000.0)
+    (run / "status.json").write_text(json.dumps({"state": "completed", "epoch": 1, "epochs": 1, "global_step": 5,
+                                                 "slurm_job_id": "87", "updated": 900.0}))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step_00000005.pt").touch()
+    (sub / "88").mkdir(parents=True)
+    (sub / "88" / "88_0_log.err").write_text("srun: error: n1: task 0: Killed\n")  # it started
+    on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol='echo "JobState=CANCELLED Restarts=0"')
+    row = status.run_rows(run)[0]
+    assert (row["job"], row["state"], row["failed"]) == ("88", "CANCELLED", False), row
+    assert status.wait_for(run, poll_s=0) == status.EXIT_STOPPED
+    assert capsys.readouterr().out.rstrip().endswith(
+        "run: stopped with epoch 1/1 done (step 5); the same submit (or train) command resumes it from its newest "
+        "checkpoint, step 5")
+    (sub / "88" / "88_0_log.err").unlink()  # no task log: it never started
+    assert status.run_rows(run)[0]["state"] == "CANCELLED (never started)"
+
+
 def test_no_answer_from_slurm_is_not_lost(tmp_path, on_path):
     run = write_run(tmp_path, "running")
     down = "echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1"

@@ -434,6 +434,30 @@ def test_scancel_checkpoints_then_resubmission_resumes(slurm_cluster, jobs, tmp_
     assert rc == 0 and rows[0]["job"] == job2 and rows[0]["state"] == "COMPLETED", table
 
 
+@pytest.mark.slow
+def test_scancel_while_a_resume_starts_is_a_stop_not_a_failure(slurm_cluster, jobs, tmp_path):
+    """scancel while a resubmitted (or requeued) job starts (its data, the whitening fit, the model): the job is
+    CANCELLED, its run resumable from the checkpoint it had, not FAILED. The ranks end the start at the next safe
+    point (exit 3, run interrupted), or, where a long call (the fit) outlasts Slurm's KillWait (5 s here), are
+    SIGKILLed before they can say a word: status read that as a failure."""
+    run = tmp_path / "run"
+    overrides = [*SLURM, *JOB, "data.preprocess=gcn_zca", f"hydra.run.dir={run}"]  # a fit of seconds
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *overrides, "trainer.epochs=1")
+    assert wait_final(slurm_cluster, job, 150) == "COMPLETED", tail(run)
+    files = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    [(job2, _)], _ = submit(slurm_cluster, tmp_path, jobs, *overrides, "trainer.epochs=2")
+    assert poll(lambda: (run / "train.log").read_text().count("run folder") == 2, 120), tail(run)
+    time.sleep(0.5)  # in the whitening fit
+    slurm_cluster.run(["scancel", job2], check=True)
+    assert wait_final(slurm_cluster, job2, 60) == "CANCELLED"
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == files  # nothing trained
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and (rows[0]["state"], rows[0]["failed"]) == ("CANCELLED", False), table
+    assert rows[0]["run"] in ("interrupted", "-"), table  # its own word (the safe point), or none (KillWait)
+    assert table.rstrip().endswith("the same submit (or train) command resumes it from its newest checkpoint, step 5"), table
+    assert "training synthetic" not in (run / "train.log").read_text().split("run folder")[-1], tail(run)
+
+
 def rank_pid(job_id: str, rank: int) -> int | None:
     """The pid of a job's python rank on this machine, from /proc/*/environ (the nodes run here)."""
     want = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
