@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -107,6 +108,25 @@ def warn_reshaped_schedule(cfg: Config, st: TrainState, steps_per_epoch: int, ck
                 "to the new length, so %s (not what a run planned for %d epochs "
                 "from the start does: checkpoint.resume=never starts one)", cfg.trainer.epochs, int(old),
                 cfg.schedule.name, moves, cfg.trainer.epochs)
+
+
+def warn_copied_run(ck: dict, run_dir: Path, wandb_id: Optional[str]) -> None:
+    """A checkpoint written in another folder that still holds the same run (its W&B id): this folder is a copy
+    (cp -r), and training both would log two histories into one W&B run. A moved folder (the old one gone, or
+    holding another run since) is the same run: nothing to say. Legal either way; said out loud."""
+    from .tracking import ID_FILE
+    was = ck.get("run_dir")
+    if not was or not wandb_id or Path(was) == Path(run_dir):
+        return
+    try:
+        same = (Path(was) / ID_FILE).read_text().strip() == wandb_id
+    except OSError:
+        return
+    if same:
+        log.warning("this run folder is a copy of %s (its checkpoints were written there), which still holds the "
+                    "run: both log to W&B run %s, and training both would mix two histories in it; train only one "
+                    "of them, or the copy with wandb.mode=disabled (its history.csv still records every epoch)",
+                    was, wandb_id)
 
 
 def best_file_holds(st: TrainState, ckpt: CheckpointDir, ck: dict, cfg_dict: dict) -> float:

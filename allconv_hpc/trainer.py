@@ -32,7 +32,8 @@ from .config import CPU_PRECISIONS, GRAPH_MODES, Config, ConfigError, flatten, r
 from .distributed import Dist, DistEnv, pick_device, set_threads
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .models import build_model, count_parameters, summary
-from .resume import TrainState, best_file_holds, restore, rng_state, set_rng_state, warn_reshaped_schedule
+from .resume import (TrainState, best_file_holds, restore, rng_state, set_rng_state, warn_copied_run,
+                     warn_reshaped_schedule)
 from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest, sigint_deferred,
                       take_early_stop)
 from .schedule import lr_factor
@@ -344,6 +345,7 @@ class Trainer:
             self.batches.order_stream = LEGACY_ORDER_STREAM
         if self.env.is_main:
             self._best_file_acc = best_file_holds(self.state, self.ckpt, ck, self.cfg_dict)
+            warn_copied_run(ck, self.run_dir, self.state.wandb_id)
         self._resume_sums = (ck["epoch_sums"].to(self.device), ck["interval_sums"].to(self.device))
         rngs = ck["rng"]
         if len(rngs) == self.env.world_size:
@@ -427,7 +429,7 @@ class Trainer:
                               "interval_sums": sums[1], "identity": self.cfg.identity(), "config": self.cfg_dict,
                               "torch_version": str(torch.__version__), "world_size": self.env.world_size,
                               "precision": self.precision,
-                              "saved_at": time.time()})
+                              "saved_at": time.time(), "run_dir": str(self.run_dir)})
             row, best = epoch_end or (None, None)
             self.writer.submit(f"checkpoint step {st.global_step}", self._write_checkpoint, state, st.global_step, row)
             if best is not None:

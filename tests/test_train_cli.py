@@ -255,6 +255,21 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_not_taken_over_by_ano
     assert (run / "wandb_id.txt").read_text() != before
 
 
+def test_a_copied_run_folder_is_said_to_share_the_w_and_b_run_and_a_moved_one_is_not(tmp_path):
+    """cp -r of a run folder, then training the copy: both hold the same W&B id, and training both mixes two
+    histories in one W&B run: the copy's first resume says so. A folder moved (mv) is the same run: no word."""
+    base = [*TINY, "trainer.epochs=1", "wandb.mode=offline"]
+    train(tmp_path, tmp_path / "run", base)
+    shutil.copytree(tmp_path / "run", tmp_path / "copy", symlinks=True)
+    wid = (tmp_path / "run" / "wandb_id.txt").read_text().strip()
+    r = train(tmp_path, tmp_path / "copy", [*base, "trainer.epochs=2"])
+    assert (f"this run folder is a copy of {tmp_path / 'run'} (its checkpoints were written there), which still holds "
+            f"the run: both log to W&B run {wid}") in r.stderr, r.stderr[-2000:]
+    (tmp_path / "run").rename(tmp_path / "moved")
+    r = train(tmp_path, tmp_path / "moved", [*base, "trainer.epochs=2"])
+    assert "is a copy of" not in r.stderr and "resumed from" in r.stdout, r.stderr[-2000:]
+
+
 def test_learns_synthetic_well_above_chance(tmp_path):
     run_dir = tmp_path / "run"
     r = train(tmp_path, run_dir, LEARN)
