@@ -37,7 +37,7 @@ from .resume import (TrainState, best_file_holds, restore, rng_state, set_rng_st
 from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest, sigint_deferred,
                       take_early_stop)
 from .schedule import lr_factor
-from .tracking import HISTORY_FILE, ID_FILE, STEPS_FILE, NullTracker, make_tracker
+from .tracking import HISTORY_FILE, ID_FILE, STEPS_FILE, NullTracker, make_tracker, write_history
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,10 @@ class Trainer:
         # the same command run again on a finished run: nothing to train or score, and no W&B segment
         self.finished = self.resumed_from is not None and self.state.epoch >= t.epochs and self.dist.any(
             env.is_main and read_json(self.run_dir / "status.json").get("state") == "completed")
+        if self.finished and env.is_main and not (self.run_dir / HISTORY_FILE).exists():  # deleted since: the
+            write_history(self.run_dir / HISTORY_FILE, self.state.history)  # checkpoint holds every row
+            log.warning("%s was missing: written again from the checkpoint's %d epochs", HISTORY_FILE,
+                        len(self.state.history))
         self.tracker = NullTracker() if self.finished else make_tracker(
             self.run_dir, cfg_dict, cfg.wandb, env.rank, self.state.wandb_id, self.state.history, self.state.global_step)
         self.state.wandb_id = self.tracker.run_id

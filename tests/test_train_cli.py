@@ -268,6 +268,12 @@ def test_a_copied_run_folder_is_said_to_share_the_w_and_b_run_and_a_moved_one_is
     (tmp_path / "run").rename(tmp_path / "moved")
     r = train(tmp_path, tmp_path / "moved", [*base, "trainer.epochs=2"])
     assert "is a copy of" not in r.stderr and "resumed from" in r.stdout, r.stderr[-2000:]
+    # its history.csv deleted after it completed: the same command, which has nothing to train, writes it again
+    rows = _history(tmp_path / "moved")
+    (tmp_path / "moved" / "history.csv").unlink()
+    r = train(tmp_path, tmp_path / "moved", [*base, "trainer.epochs=2"])
+    assert "nothing to do" in r.stdout and "history.csv was missing: written again" in r.stderr, r.stderr[-2000:]
+    assert _history(tmp_path / "moved") == rows and len(rows) == 2
 
 
 def test_learns_synthetic_well_above_chance(tmp_path):
