@@ -5,6 +5,7 @@ stay in the trainer, which owns the process group."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,11 +117,13 @@ def warn_copied_run(ck: dict, run_dir: Path, wandb_id: Optional[str]) -> None:
     holding another run since) is the same run: nothing to say. Legal either way; said out loud."""
     from .tracking import ID_FILE
     was = ck.get("run_dir")
-    if not was or not wandb_id or Path(was) == Path(run_dir):
+    if not was or not wandb_id:
         return
-    try:
+    try:  # the same folder by another path (a link, another node's mount) is no copy
+        if os.path.samefile(was, run_dir):
+            return
         same = (Path(was) / ID_FILE).read_text().strip() == wandb_id
-    except OSError:
+    except OSError:  # gone (moved here), or not reachable from this node
         return
     if same:
         log.warning("this run folder is a copy of %s (its checkpoints were written there), which still holds the "

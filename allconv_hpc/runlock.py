@@ -164,10 +164,12 @@ def keep(run_dir: Path, fd: int) -> int:
         if new >= 0:
             os.close(fd)
             return new
-    raise LockLost(f"run folder {run_dir}: its lock file was deleted while this process trained into it, and "
-                   f"another start took the folder since ({_describe(path)}): this process stops without writing "
-                   f"again, so that the two do not interleave checkpoints and history (the newest checkpoint stands; "
-                   f"delete {LOCK_FILE} only when its holder is gone)")
+    held, _ = holder(run_dir)
+    raise LockLost(f"run folder {run_dir}: its lock file was deleted while this process trained into it, and another "
+                   f"start made a new one since ({_describe(path)}, {'still running' if held else 'ended since'}), "
+                   f"which may have written into the folder: this process stops without writing again, so that the "
+                   f"two do not interleave checkpoints and history; the same command resumes from the newest "
+                   f"checkpoint once no other start trains there (delete {LOCK_FILE} only when its holder is gone)")
 
 
 def holder(run_dir: Path) -> tuple[Optional[bool], str]:

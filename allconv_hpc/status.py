@@ -205,6 +205,12 @@ def _job_error(rec: dict) -> Optional[str]:
     return None
 
 
+def _killed_only(rec: dict) -> bool:
+    """The job's tasks say nothing but that a signal ended them (or nothing at all): no rank's own error."""
+    error = _job_error(rec)
+    return error is None or "ended by a signal (" in error
+
+
 def _job_folder(rec: dict) -> Optional[Path]:
     """The job's own folder of submitit files (.submitit/<job id>/), None for a job submit did not start."""
     return Path(rec["submitit_folder"]) / str(rec["job_id"]) if rec.get("submitit_folder") else None
@@ -286,11 +292,12 @@ def run_rows(folder: Path) -> list[dict]:
         # CANCELLED), or gave up after checkpoint.max_requeues time limits (exit 4, FAILED): resumable by the same
         # submit, as a cluster=local job's INTERRUPTED, not a failure
         own = current and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"]))  # that job's own word
-        stopped = not active and (run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED") and own
-                                  # scancel's, where the run had no time to say so (KillWait's SIGKILL came first, in a
-                                  # long start-up or stop; no word of this job at all): its checkpoints stand
-                                  or state == "CANCELLED" and (run_state in ("running", "requeued") and own
-                                                               or run_state is None and not _never_started(rec)))
+        stopped = not active and not dead_lock and (
+            run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED") and own
+            # scancel's, where the run had no time to say so (KillWait's SIGKILL came first, in a long start-up or
+            # stop; no word of this job at all): its checkpoints stand, unless a rank said why it failed
+            or state == "CANCELLED" and (run_state in ("running", "requeued") and own
+                                         or run_state is None and not _never_started(rec) and _killed_only(rec)))
         if stopped and state == "FAILED":
             state = STOPPED_RUN[run_state]
         # scancelled before it started: nothing ran, nothing failed (the same submit starts it). Slurm says CANCELLED
@@ -406,7 +413,8 @@ def _errors(rows: list[dict]) -> str:
     for r in rows:
         if r["failed"] and r["error"]:
             out.append(f"{r['folder']}: {r['error']}")
-        if (not r["active"] and (r["run"] in MAY_RESUME or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, a kill
+        if (not r["active"] and r["run"] != "failed"  # a run that failed says why, and what to change, itself
+                and (r["run"] in MAY_RESUME or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, a kill
                 and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
             ck = r.get("checkpoint_step")
             then = ("starts it over: it stopped before its first checkpoint" if ck is None else

@@ -170,10 +170,14 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         log.error("%s", e)
         return 1
     except StartupStop as e:  # every rank at the same point: a stop, as one in training, with nothing to save
-        said = (f"stopped by {e} during start-up, before training; nothing was written to the run's checkpoints (the "
-                f"newest one is this run's progress)")
+        said = f"stopped by {e} during start-up, before training; nothing was trained or written to its checkpoints"
         log.warning("%s", said)
-        _report(trainer, said, "interrupted", tell_peers=False)
+        from .fsio import read_json
+        st = read_json(composed.run_dir / "status.json")
+        epoch = st.get("epoch")
+        done = st.get("state") == "completed" and isinstance(epoch, int) and epoch >= composed.cfg.trainer.epochs
+        if not done or getattr(trainer, "set_aside", False):  # a rerun of a finished run (nothing to do) stays
+            _report(trainer, said, "interrupted", tell_peers=False)  # completed, unless resume=never moved it
         code = EXIT_INTERRUPTED
         return code
     except (NonFiniteError, CheckpointError) as e:  # a failed write or an unreadable file: one line

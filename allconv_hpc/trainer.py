@@ -377,6 +377,7 @@ class Trainer:
             if kept or any(p.exists() for p in also):  # only .hydra/ (a start that died before its first write): no oldN
                 also.append(self.run_dir / ".hydra")
             moved = self.ckpt.move_aside(also=also)
+            self.set_aside = bool(moved)
             if moved:
                 log.warning("%s: the old run's checkpoints, history.csv, .hydra/ and W&B id are kept in %s; this "
                             "run starts fresh", why, moved)

@@ -1083,7 +1083,20 @@ def test_a_job_scancelled_before_its_run_said_a_word_is_a_stop(tmp_path, on_path
     assert capsys.readouterr().out.rstrip().endswith(
         "run: stopped with epoch 1/1 done (step 5); the same submit (or train) command resumes it from its newest "
         "checkpoint, step 5")
+    # a rank said why it failed (its node lacks the data), another hung, and the job was scancelled: a failure
+    (sub / "88" / "88_1_log.err").write_text("allconv-hpc: error: data.root /d: no CIFAR-10 files there\n")
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"], row["error"]) == ("CANCELLED", True, "rank 1: data.root /d: no CIFAR-10 "
+                                                                                "files there"), row
+    (sub / "88" / "88_1_log.err").unlink()
+    # the run itself failed (a non-finite loss), then the job was scancelled: its error, and no resume line
+    (run / "status.json").write_text(json.dumps({"state": "failed", "epoch": 1, "epochs": 2, "global_step": 5,
+                                                 "slurm_job_id": "88", "updated": 1100.0, "error": "non-finite loss"}))
+    assert status.status_main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("run: non-finite loss") and "resumes it" not in out, out
     (sub / "88" / "88_0_log.err").unlink()  # no task log: it never started
+    (run / "status.json").write_text(json.dumps({"state": "completed", "epoch": 1, "epochs": 1, "updated": 900.0}))
     assert status.run_rows(run)[0]["state"] == "CANCELLED (never started)"
 
 
@@ -1101,7 +1114,8 @@ def test_a_requeued_job_waiting_in_the_queue_is_not_done(tmp_path, on_path):
     assert row["state"] == "PENDING" and row["state"] in jobs.ACTIVE_STATES and not status.is_failed(row)
 
 
-def test_a_job_that_ended_while_its_dead_node_holds_the_lock_is_not_running(tmp_path, on_path):
+@pytest.mark.parametrize("ended", ["NODE_FAIL", "CANCELLED"])  # a scancel is a stop, but not with the lock held
+def test_a_job_that_ended_while_its_dead_node_holds_the_lock_is_not_running(tmp_path, on_path, ended):
     """A network file system keeps a dead node's lock a while (NFSv3: until the node is back): Slurm's word that
     the job is over (NODE_FAIL) wins over the lock the job's run took, and the row says what to delete."""
     from proc import hold_lock
@@ -1110,10 +1124,10 @@ def test_a_job_that_ended_while_its_dead_node_holds_the_lock_is_not_running(tmp_
     try:
         (run / "status.json").write_text(json.dumps({"state": "running", "epoch": 1, "epochs": 3, "slurm_job_id": "42",
                                                      "updated": time.time() + 1}))
-        on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol="echo 'JobId=42 JobState=NODE_FAIL Restarts=0'")
+        on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol=f"echo 'JobId=42 JobState={ended} Restarts=0'")
         row = status.run_rows(run)[0]
-        assert (row["state"], row["failed"], row["active"]) == ("NODE_FAIL", True, False), row
-        assert "the job ended (NODE_FAIL) with its run lock still held by pid " in row["error"], row
+        assert (row["state"], row["failed"], row["active"]) == (ended, True, False), row
+        assert f"the job ended ({ended}) with its run lock still held by pid " in row["error"], row
         assert f"delete {run / '.train.lock'} before resuming" in row["error"], row
         # a train started by hand after the job's last record: it does run
         (run / "status.json").write_text(json.dumps({"state": "running", "epoch": 1, "epochs": 3, "slurm_job_id": "42",

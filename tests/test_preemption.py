@@ -716,6 +716,10 @@ def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_
                                   f"{step}") in r.stdout, r.stdout
     run_train(tmp_path, run, args + ["trainer.epochs=2"])
     assert [r["epoch"] for r in history(run)] == [1, 2]
+    # the same command again on the completed run, stopped in start-up: it had nothing to do, and stays completed
+    p, out, err = signal_in_start_up(tmp_path, run, args + ["trainer.epochs=2"], signal.SIGTERM)
+    assert p.returncode == 3 and "stopped by SIGTERM during start-up" in err, err
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
 
 
 def test_a_deleted_lock_is_taken_again_and_a_second_writer_stops_the_first_before_it_writes(tmp_path):
@@ -738,8 +742,8 @@ def test_a_deleted_lock_is_taken_again_and_a_second_writer_stops_the_first_befor
     finally:
         first.kill()
     assert first.returncode == 1 and "Traceback" not in err, err
-    assert (f"run folder {run}: its lock file was deleted while this process trained into it, and another start took "
-            f"the folder since") in err, err
+    assert (f"run folder {run}: its lock file was deleted while this process trained into it, and another start made "
+            f"a new one since (") in err and ", ended since), which may have written into the folder" in err, err
     assert [r["epoch"] for r in done] == list(range(1, 13)) and history(run) == done
     assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == files
     assert (run / "status.json").read_text() == record  # the second start's "completed"
