@@ -977,9 +977,16 @@ def test_a_job_scancelled_while_pending_is_cancelled_not_failed(tmp_path, on_pat
     out = capsys.readouterr().out  # below the table, what to do: --wait's exit 3 alone would not say
     assert out.rstrip().endswith("run: job 1203 ended before it started (scancel?); nothing ran: the same submit "
                                  "command starts it"), out
-    (sub / "1203" / "1203_0_log.out").write_text("submitit INFO - Starting\n")  # it started, then was cancelled
+    # it started, then was cancelled before its run wrote a word (in its imports, or KillWait's SIGKILL in a long
+    # start-up): a stop, which the same submit starts over (no checkpoint), unless a rank's log says it failed
+    (sub / "1203" / "1203_0_log.out").write_text("submitit INFO - Starting\n")
     row = status.run_rows(run)[0]
-    assert (row["state"], row["failed"]) == ("CANCELLED", True), row
+    assert (row["state"], row["failed"]) == ("CANCELLED", False), row
+    assert status._errors([row]).endswith("the same submit (or train) command starts it over: it stopped before its "
+                                          "first checkpoint")
+    (sub / "1203" / "1203_0_log.err").write_text("Traceback (most recent call last):\n  f()\nOSError: [Errno 5] x\n")
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"], row["error"]) == ("CANCELLED", True, "rank 0: OSError: [Errno 5] x"), row
 
 
 def test_wait_after_a_sweeps_point_is_submitted_again_watches_that_job_alone(tmp_path, on_path):
