@@ -380,8 +380,9 @@ NO_RECORD = "UNKNOWN (no status.json)"
 # where Slurm says FAILED (exit 3 and 4)
 STOPPED_RUN = {"interrupted": "INTERRUPTED", "gave_up": "GAVE UP"}
 # rows neither failed nor done: `submit --wait` exits EXIT_STOPPED for them, not 0 ("every run completed")
-UNFINISHED = {*STOPPED_RUN.values(), "CANCELLED (never started)", "LOST (never started)", "GONE (no run folder)",
-              NO_RECORD}
+# (a CANCELLED row that is not failed: a scancel the run had no time to answer)
+UNFINISHED = {*STOPPED_RUN.values(), "CANCELLED", "CANCELLED (never started)", "LOST (never started)",
+              "GONE (no run folder)", NO_RECORD}
 
 
 def is_failed(row: dict) -> bool:
@@ -478,8 +479,7 @@ def wait_for(folder: Path, poll_s: float = 5.0, jobs: Optional[set] = None) -> i
         if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
             print(format_table(rows) + _errors(rows))
             code = exit_code(rows)
-            if code == 0 and any(r["run"] in MAY_RESUME or r["state"] in UNFINISHED or r["state"] == "CANCELLED"
-                                 for r in rows):  # (a CANCELLED row that did not fail is a stop)
+            if code == 0 and any(r["run"] in MAY_RESUME or r["state"] in UNFINISHED for r in rows):
                 return EXIT_STOPPED  # a script must tell "done" from "stopped with a checkpoint"
             return code
         time.sleep(poll_s)
