@@ -25,7 +25,7 @@ from . import runlock
 from .executor import check_can_start, make_executor, release_held, sbatch_refused, sbatch_said, sbatch_script
 from .fsio import name_too_long, read_json, write_atomic
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
-from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, ignore_late_signals
+from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, ignore_late_signals, slurm_conf_missing
 from .resources import signal_name, validate_cluster, warn
 from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
 
@@ -120,6 +120,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         if c.cfg.data.root != given_root:  # the jobs may start in another folder
             ov = [o for o in ov if _key(o) != "data.root"] + [f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
+        if mine["backend"] == "slurm" and shutil.which("sbatch") and slurm_conf_missing():
+            raise ConfigError(slurm_conf_missing())  # at once: every Slurm command would retry it for 60 s
         dated = dated_dir_warning(c, "hydra.run.dir", c.run_dir) if sweep_dir is None else []
         for said in c.cfg.warnings() + unread_said(c, s) + dated:  # a swept key's said once for the sweep, not per value
             if said not in warned:  # once for a sweep

@@ -29,8 +29,23 @@ EXIT_REQUEUED = 5        # checkpoint saved and the job put back in the queue; t
 EXIT_GAVE_UP = 4         # time limit hit more than checkpoint.max_requeues times
 
 
+def slurm_conf_missing() -> Optional[str]:
+    """Why no Slurm command can answer here, when SLURM_CONF names a file that is not there: each would retry
+    for 60 s before failing (s_p_parse_file), so callers ask this first. None when it is set right or unset."""
+    path = os.environ.get("SLURM_CONF")
+    if path and not os.path.isfile(path):
+        return (f"SLURM_CONF={path} names no file ({'no such file' if not os.path.exists(path) else 'not a file'}); "
+                f"point it at the cluster's slurm.conf, or unset it")
+    return None
+
+
 def slurm_out(cmd: list[str], warn: bool = False) -> Optional[str]:
     """stdout of a Slurm command, or None when it is missing, hangs or fails (logged when `warn`)."""
+    missing = slurm_conf_missing()
+    if missing:
+        if warn:
+            log.warning("%s not run: %s", cmd[0], missing)
+        return None
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -20,6 +20,7 @@ from typing import Optional
 from . import runlock
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, STATUS_KEYS, DamagedFile, check_keys, held_advice, is_held,
                    local_state, read_record, slurm_state, started_job, started_unrecorded, stopped_elsewhere)
+from .preempt import slurm_conf_missing
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
@@ -453,8 +454,9 @@ def status_main(argv: list[str]) -> int:
     print(json.dumps(rows, indent=1) if args.json else format_table(rows) + _errors(rows))
     silent = [str(r["job"]) for r in rows if r["slurm_answered"] is False]
     if silent:
-        print(f"allconv-hpc status: warning: Slurm did not answer for job(s) {', '.join(silent)} (squeue timed out "
-              f"or failed): their state is the run's own status.json", file=sys.stderr)
+        why = slurm_conf_missing() or "squeue timed out or failed"
+        print(f"allconv-hpc status: warning: Slurm did not answer for job(s) {', '.join(silent)} ({why}): their "
+              f"state is the run's own status.json", file=sys.stderr)
     return exit_code(rows)
 
 

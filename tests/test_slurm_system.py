@@ -847,6 +847,28 @@ def test_a_job_cancelled_after_its_run_completed_is_not_failed(slurm_cluster, jo
     assert again.returncode == 0 and f"not submitted again (completed): {run}" in again.stdout, again
 
 
+def test_a_slurm_conf_naming_no_file_is_said_at_once_not_after_minutes(slurm_cluster, jobs, tmp_path):
+    """The real commands retry a missing SLURM_CONF for 60 s each (submit took 90 s to say so): named first."""
+    missing = tmp_path / "etc" / "slurm.conf"
+    env = {**job_env(slurm_cluster, tmp_path), "SLURM_CONF": str(missing)}
+    began = time.monotonic()
+    r = cli(slurm_cluster, tmp_path, "submit", *SLURM, *JOB, f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    assert time.monotonic() - began < 30, r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"allconv-hpc submit: error: SLURM_CONF={missing} names no file (no such file); point it at the cluster's "
+        f"slurm.conf, or unset it"), (r.stdout, r.stderr)
+    assert not (tmp_path / "run").exists()
+    # status of a run of a real job, asked from a shell with the wrong SLURM_CONF: the run's record, and why
+    subs = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    job, run = subs[0][0]
+    wait_status(run, "completed", 180)
+    began = time.monotonic()
+    st = cli(slurm_cluster, tmp_path, "status", str(run), env=env)
+    assert time.monotonic() - began < 20, st.stderr  # not squeue's, sacct's and scontrol's 60 s retries
+    assert st.returncode == 0 and f"Slurm did not answer for job(s) {job} (SLURM_CONF={missing} names no " in st.stderr
+    assert "completed" in st.stdout, st.stdout
+
+
 def test_two_submits_at_once_into_one_folder_queue_one_job(slurm_cluster, jobs, tmp_path):
     """Both pass their checks while the folder is free; the lock makes the later one check again and refuse."""
     import fcntl
