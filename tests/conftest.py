@@ -11,7 +11,7 @@ import pytest
 # ---------------------------------------------------------------------------------------
 # Real Slurm dev cluster (slurm/dev-cluster.sh): fixture `slurm_cluster`, marker `slurm`.
 # The cluster is started once per session and left up afterwards (tests and later runs
-# share it); all jobs are cancelled at session end. If it cannot come up, the tests using
+# share it); all jobs are cancelled at session start and end. If it cannot come up, the tests using
 # it are skipped -- except in CI (CI=true), where they are required and fail instead.
 # ---------------------------------------------------------------------------------------
 
@@ -78,6 +78,9 @@ def slurm_cluster():
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     cluster = SlurmCluster(conf=conf, dir=conf.parent.parent)
+    # jobs of a session killed before its end come back with the cluster's saved state: a fresh start
+    if not cluster.cancel_all(timeout=90):
+        _cluster_unavailable(f"jobs left from an earlier session did not leave the queue: {cluster.queue()}")
     try:
         yield cluster
     finally:
