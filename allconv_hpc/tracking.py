@@ -363,6 +363,7 @@ class Tracker:
         self.steps_path = self.run_dir / STEPS_FILE
         # likewise for the W&B log: train logs up to the checkpoint's step, evals of its epochs. Kept with W&B
         # disabled too: a later start with W&B logs what a disabled stretch trained, leaving no gap in the run
+        gone = global_step > 0 and not self.steps_path.exists()  # a resume without it: deleted by hand?
         kept = [e for e in _read_steps(self.steps_path)
                 if (e["step"] <= global_step if e["kind"] == "train" else e["data"].get("epoch", 0)
                     <= len(history_rows))]
@@ -373,6 +374,11 @@ class Tracker:
             have = self._logged_until()
             if kept and have is not None:
                 self._relog_lost(kept, have)
+            elif gone and have is not None and have < global_step:
+                log.warning("%s is missing (deleted?), and this run's W&B record ends at step %d, before the "
+                            "checkpoint's step %d: what the previous process logged after step %d cannot be "
+                            "re-logged, and W&B will lack it (history.csv keeps every epoch)", self.steps_path,
+                            have, global_step, have)
             if self.mode == "online":
                 self._set_aside_offline()
             # After a SIGKILL the steps between the checkpoint and the kill are trained again; the

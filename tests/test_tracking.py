@@ -19,7 +19,7 @@ import pytest
 
 from allconv_hpc.config import Config, ConfigError, DataConfig, WandbConfig
 from allconv_hpc.tracking import (HISTORY_FIELDS, NullTracker, Tracker, api_key_configured, make_tracker,
-                                  read_history, resolve_mode, write_history)
+                                  STEPS_FILE, read_history, resolve_mode, write_history)
 from allconv_hpc.wandb_offline import WandbLogError, merged_history, read_records, read_run, segments
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, the shape of a real key
@@ -452,6 +452,30 @@ def test_a_stretch_trained_with_wandb_disabled_is_logged_by_the_next_start_with_
     assert [r["_step"] for r in merged] == list(range(1, 31))
     assert [r["epoch"] for r in merged if "val/acc" in r] == [1, 2, 3]  # epoch 2's eval from the disabled stretch
     assert merged[19]["val/acc"] == epoch_row(2, 20)["val_acc"]
+
+
+def test_a_deleted_steps_file_that_held_what_wandb_lacks_is_said(wenv, tmp_path, caplog):
+    """As above, but wandb_steps.jsonl deleted before the third start: steps 10..25 cannot come back, and the
+    log says so rather than leaving a silent gap in the W&B run."""
+    run_dir = tmp_path / "run"
+    first = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, [])
+    rows = run_epochs(first, 1, 9)
+    first.finish()
+    _steps_when_written(first.segment_dir, 9)
+    off = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="disabled"), 0, None, rows, global_step=9)
+    rows += run_epochs(off, 10, 27)
+    off.finish()
+    (run_dir / STEPS_FILE).unlink()
+    third = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, rows[:2], global_step=25)
+    third.finish()
+    assert "re-logging" not in caplog.text
+    assert (f"{run_dir / STEPS_FILE} is missing (deleted?), and this run's W&B record ends at step 9, before the "
+            f"checkpoint's step 25" in caplog.text), caplog.text
+    caplog.clear()  # nothing to say where W&B holds every step up to the checkpoint
+    assert not (run_dir / STEPS_FILE).exists()
+    fourth = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, rows[:2], global_step=9)
+    fourth.finish()
+    assert "is missing" not in caplog.text, caplog.text
 
 
 def test_an_offline_segment_without_records_is_set_aside_for_wandb_sync(wenv, tmp_path, caplog):
