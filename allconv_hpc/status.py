@@ -460,6 +460,25 @@ def status_main(argv: list[str]) -> int:
     return exit_code(rows)
 
 
+WIDE = 8  # jobs: beyond, a progress line counts the states and names only the jobs that changed
+
+
+def _progress(snap: list[tuple], last: Optional[list[tuple]]) -> str:
+    """`--wait`'s line at each change: every job's state(epoch), or for a big sweep the count in each state
+    and the jobs whose state or epoch changed (at most WIDE of them named)."""
+    show = lambda j, s, e: f"{j}:{s}({'-' if e is None else e})"  # noqa: E731
+    if len(snap) <= WIDE:
+        return "  ".join(show(*x) for x in snap)
+    counts: dict[str, int] = {}
+    for _, state, _ in snap:
+        counts[state] = counts.get(state, 0) + 1
+    before = {j: (s, e) for j, s, e in last or []}
+    changed = [show(j, s, e) for j, s, e in snap if last is not None and before.get(j) != (s, e)]
+    more = f" +{len(changed) - WIDE} more" if len(changed) > WIDE else ""
+    line = f"{len(snap)} jobs: " + ", ".join(f"{n} {state}" for state, n in counts.items())
+    return line + (f"; changed: {'  '.join(changed[:WIDE])}{more}" if changed else "")
+
+
 def wait_for(folder: Path, poll_s: float = 5.0, jobs: Optional[set] = None) -> int:
     """Print state changes until no job is queued or running; 1 if any failed, 3 if none failed but a run stopped
     unfinished (interrupted: a signal, with a checkpoint), 2 (as `status`) when a record is damaged (it stays so:
@@ -476,7 +495,7 @@ def wait_for(folder: Path, poll_s: float = 5.0, jobs: Optional[set] = None) -> i
             return 2
         snap = [(r["job"], r["state"], r["epoch"]) for r in rows]
         if snap != last:
-            print(time.strftime("%H:%M:%S"), "  ".join(f"{j}:{s}({e})" for j, s, e in snap), flush=True)
+            print(time.strftime("%H:%M:%S"), _progress(snap, last), flush=True)
             last = snap
         if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
             print(format_table(rows) + _errors(rows))

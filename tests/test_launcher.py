@@ -989,6 +989,31 @@ def test_a_job_scancelled_while_pending_is_cancelled_not_failed(tmp_path, on_pat
     assert (row["state"], row["failed"], row["error"]) == ("CANCELLED", True, "rank 0: OSError: [Errno 5] x"), row
 
 
+def test_wait_on_a_big_sweep_prints_counts_and_the_jobs_that_changed(tmp_path, on_path, capsys):
+    """A line naming every job grows with the sweep: beyond status.WIDE jobs it counts the states instead."""
+    sweep = tmp_path / "sw"
+    recs = []
+    for i in range(12):
+        point = sweep / f"p{i}"
+        point.mkdir(parents=True)
+        recs.append({"job_id": f"77_{i}", "backend": "slurm", "run_dir": str(point)})
+        state = "failed" if i == 3 else "completed"
+        (point / "status.json").write_text(json.dumps({"state": state, "epoch": 2, "epochs": 2, "slurm_job_id": f"77_{i}"}))
+    (sweep / "sweep.json").write_text(json.dumps({"sweep_dir": str(sweep), "jobs": recs}))
+    on_path(squeue="exit 0", sacct=NO_ACCOUNTING,
+            scontrol='[ "$4" = 77_3 ] && echo "JobState=FAILED Restarts=0" || echo "JobState=COMPLETED Restarts=0"')
+    assert status.wait_for(sweep, poll_s=0) == 1
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.split(" ", 1)[1] == "12 jobs: 11 COMPLETED, 1 FAILED", first  # nothing changed yet: no names
+    snap = [(f"77_{i}", "RUNNING", 1) for i in range(12)]
+    later = [(j, "COMPLETED", 2) if j in ("77_0", "77_5") else x for j, *_ in snap for x in [(j, "RUNNING", 1)]]
+    assert status._progress(later, snap) == ("12 jobs: 2 COMPLETED, 10 RUNNING; changed: 77_0:COMPLETED(2)  "
+                                             "77_5:COMPLETED(2)")
+    many = [(j, "RUNNING", 2) for j, *_ in snap]
+    assert status._progress(many, snap).endswith("77_7:RUNNING(2) +4 more")
+    assert status._progress(snap[:2], None) == "77_0:RUNNING(1)  77_1:RUNNING(1)"  # a small sweep: every job
+
+
 def test_wait_after_a_sweeps_point_is_submitted_again_watches_that_job_alone(tmp_path, on_path):
     """A sweep whose point 1340_2 failed long ago, another point submitted again as job 1343, which completes:
     `submit --wait` exits 0 on 1343's end, not 1 for the old failure (`status` of the sweep still shows it)."""
