@@ -83,6 +83,9 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             earlier = [d for d in earlier_sweep_dirs(common, swept) if d != name and Path(d).is_dir()]
             sweep_dir = Path(earlier[0] if earlier and not Path(name).exists() else name).absolute()
         hydra_value(sweep_dir, "hydra.sweep.dir")
+        if swept == [[]]:  # legal (a script's sweep of one), but often a comma list forgotten
+            warn(f"-m but nothing is swept (no comma list, range, choice or glob): one run, in {sweep_dir}/run; "
+                 f"without -m it trains in hydra.run.dir")
         _check_name_max(sweep_dir, "hydra.sweep.dir", "give a shorter hydra.sweep.dir")
         check_sweep_dir(sweep_dir)
     points, cluster, warned = [], None, set()

@@ -532,6 +532,18 @@ def test_cluster_slurm_without_sbatch_is_refused_before_any_folder(tmp_path, on_
     assert not (tmp_path / "sw").exists()
 
 
+def test_a_sweep_with_nothing_swept_says_so(tmp_path, on_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    on_path()
+    code, out, err = run_submit(capsys, "--dry-run", "-m", "cluster=local", *TINY, f"hydra.sweep.dir={tmp_path / 'sw'}")
+    assert code == 0 and [ln.split()[0] for ln in out.splitlines()] == [str(tmp_path / "sw" / "run")], out
+    assert (f"warning: -m but nothing is swept (no comma list, range, choice or glob): one run, in {tmp_path / 'sw'}"
+            f"/run; without -m it trains in hydra.run.dir") in err, err
+    code, out, err = run_submit(capsys, "--dry-run", "-m", "cluster=local", "cluster.array_parallelism=2", *TINY,
+                                "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}")
+    assert code == 0 and "nothing is swept" not in err, err
+
+
 def test_a_subset_larger_than_the_data_is_refused_before_the_queue(tmp_path, on_path, capsys, monkeypatch):
     """A rebuilt or cut CIFAR copy holds fewer images than the official release, so the config cannot know;
     submit reads the counts (once for the sweep) and refuses the point before anything queues."""
