@@ -787,3 +787,45 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path):
         p.kill()
     assert p.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("allconv-hpc: interrupted (Ctrl-C) during start-up"), err
+
+
+SLOW_WANDB_FINISH = """
+import pathlib, sys, time
+from allconv_hpc import tracking
+from allconv_hpc.cli import main
+finish = tracking.Tracker.finish
+def slow(self, *a, **k):  # an online upload at the end takes its time: the window a Ctrl-C falls into
+    pathlib.Path(sys.argv[1]).touch()
+    time.sleep(120)
+    return finish(self, *a, **k)
+tracking.Tracker.finish = slow
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
+def test_ctrl_c_while_wandb_finishes_a_completed_run_says_it_completed(tmp_path):
+    """A Ctrl-C after training, while W&B still finishes: the run stays completed (status.json, checkpoints),
+    and the console says so, and what W&B may lack, instead of only "interrupted"."""
+    run, marker = tmp_path / "run", tmp_path / "finishing"
+    overrides = [o for o in TINY if not o.startswith("wandb.")] + ["wandb.mode=offline", "trainer.epochs=1",
+                                                                  f"hydra.run.dir={run}"]
+    p = subprocess.Popen([PY, "-c", SLOW_WANDB_FINISH, str(marker), *overrides], env=clean_env(tmp_path),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), p.communicate(timeout=30)[0][-3000:]
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=60)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, out[-3000:]
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "completed" and st["epoch"] == 1, st
+    seg = segments(run / "wandb", (run / "wandb_id.txt").read_text().strip())[0]
+    assert ("Ctrl-C while W&B finished: the run had completed (its checkpoints and status.json are written); "
+            f"W&B's record may lack its last logs and summary: `wandb sync {seg}` uploads what this start "
+            f"wrote") in out, out[-3000:]
+    assert CheckpointDir(run / "checkpoints", keep=2).load_latest()[0]["train_state"]["epoch"] == 1
