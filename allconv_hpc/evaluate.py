@@ -84,6 +84,8 @@ def _sweep_hint(run: Path) -> Optional[str]:
 
 
 def _checkpoint_path(run: Path, which: str) -> Path:
+    if not which.strip():  # Path("") is the current folder: "no checkpoint ." said nothing
+        raise ConfigError("--checkpoint is empty; give best, last, a file in checkpoints/ or a path")
     for given, what in ((run, "the run folder"), (Path(which), "--checkpoint")):
         said = name_too_long(given)
         if said:  # nothing of that name can exist: said so, not as an OSError from is_dir
@@ -93,6 +95,9 @@ def _checkpoint_path(run: Path, which: str) -> Path:
                           f"{shlex.quote(str(run.parent.parent))} --checkpoint {shlex.quote(run.name)}")
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; give a run folder (the one holding checkpoints/)")
+    if run.name == "checkpoints" and not (run / "checkpoints").exists() and any(run.glob("*.pt")):
+        raise ConfigError(f"{run} is a run's checkpoint folder; give its run folder: allconv-hpc evaluate "
+                          f"{shlex.quote(str(run.absolute().parent))}")
     if (run / "checkpoints").exists() and not (run / "checkpoints").is_dir():
         raise ConfigError(f"{run / 'checkpoints'} is a file, not the run's checkpoint folder; give the run folder "
                           f"that holds its checkpoints/")

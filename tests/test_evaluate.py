@@ -238,6 +238,13 @@ def test_a_checkpoint_given_as_the_run_gets_the_command_that_scores_it(tmp_path)
     with pytest.raises(ConfigError, match=rf"{ckpt} is a checkpoint, not a run folder; give its run and the file: "
                                           rf"allconv-hpc evaluate {tmp_path}/run --checkpoint best.pt"):
         evaluate(ckpt, "best")
+    # its checkpoints/ folder given as the run: the run's folder named
+    with pytest.raises(ConfigError, match=rf"{ckpt.parent} is a run's checkpoint folder; give its run folder: "
+                                          rf"allconv-hpc evaluate {tmp_path}/run$"):
+        evaluate(ckpt.parent, "best")
+    for empty in ("", " "):  # Path("") is the current folder: once "no checkpoint ."
+        with pytest.raises(ConfigError, match=r"^--checkpoint is empty; give best, last, a file in checkpoints/ or "):
+            evaluate(tmp_path / "run", empty)
 
 
 def test_a_folder_that_is_no_run_is_named_so(tmp_path):
