@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, OtherConfig
 from .fsio import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -302,9 +302,26 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optio
         if theirs is not None:  # its W&B id and .hydra/ would go on under another config
             cfg.check_resumable(theirs, run_dir, folder_key=folder_key)
         return None
-    ts = found[0].get("train_state") or {}
-    cfg.check_resumable(found[0].get("identity", {}), run_dir, ts, folder_key=folder_key)
-    return ts
+    check_resumable_file(cfg, found[0], found[1], Path(run_dir), folder_key)
+    return found[0].get("train_state") or {}
+
+
+def check_resumable_file(cfg, ck: dict, path: Path, run_dir: Path, folder_key: str = "hydra.run.dir") -> None:
+    """cfg.check_resumable on checkpoint ``path``. Where the run's own .hydra/config.yaml is of this config and
+    only the checkpoint is not (copied in from another run), the refusal names that file instead of the run."""
+    try:
+        cfg.check_resumable(ck.get("identity", {}), run_dir, ck.get("train_state"), folder_key=folder_key)
+    except OtherConfig as e:
+        own = _unsaved_identity(run_dir)
+        if own is None:  # nothing else to compare with
+            raise
+        try:
+            cfg.check_resumable(own, run_dir)
+        except OtherConfig:
+            raise e from None  # the run itself is of another config: said as such
+        raise OtherConfig(f"checkpoint {path} is of a different config ({'; '.join(e.diff)}) than its run folder's "
+                          f".hydra/config.yaml, which is of this one: copied in from another run? Move it out of "
+                          f"{path.parent}; the run then resumes from its own newest checkpoint", e.diff) from None
 
 
 def earlier_epochs(run_dir: Path, ckpt: CheckpointDir) -> bool:

@@ -40,6 +40,14 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and the fix."""
 
 
+class OtherConfig(ConfigError):
+    """A run folder's run (or one checkpoint of it) is of another config; ``diff`` names each key."""
+
+    def __init__(self, message: str, diff: list[str]) -> None:
+        super().__init__(message)
+        self.diff = diff
+
+
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
@@ -359,9 +367,9 @@ class Config:
         if mine != theirs:
             diff = [f"{k}: {as_given(theirs.get(k))} -> {as_given(mine.get(k))}" for k in sorted(set(mine) | set(theirs))
                     if mine.get(k) != theirs.get(k)]
-            raise ConfigError(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
+            raise OtherConfig(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
                               f"another {folder_key}, or checkpoint.resume=never to start over (old checkpoints "
-                              f"are kept)")
+                              f"are kept)", diff)
         if train_state:
             mid = bool(train_state.get("step_in_epoch", 0))
             begun = int(train_state.get("epoch", 0)) + (1 if mid else 0)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from . import data as data_mod, preprocess, runlock
 from .augment import DROPOUT_STREAM, INIT_STREAM, LEGACY_ORDER_STREAM, mix_seed
-from .checkpoint import CheckpointDir, CheckpointError, Writer, earlier_epochs, load_file, snapshot
+from .checkpoint import (CheckpointDir, CheckpointError, Writer, check_resumable_file, earlier_epochs, load_file,
+                         snapshot)
 from .fsio import read_json, write_atomic
 from .config import CPU_PRECISIONS, GRAPH_MODES, Config, ConfigError, flatten, rank_difference
 from .distributed import Dist, DistEnv, pick_device, set_threads
@@ -343,7 +344,7 @@ class Trainer:
             return None
         if ck is None:  # the other ranks read the file rank 0 chose (rank 0 verified it already)
             ck = load_file(Path(path))
-        self.cfg.check_resumable(ck.get("identity", {}), self.run_dir, ck.get("train_state"))
+        check_resumable_file(self.cfg, ck, Path(path), self.run_dir)
         self.state = restore(ck, self.model, self.opt, self.sched, self.scaler)
         if self.state.streams < 2:  # its epochs' orders as they began; exact resume before independence
             self.batches.order_stream = LEGACY_ORDER_STREAM

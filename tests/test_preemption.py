@@ -471,6 +471,18 @@ def test_config_mismatch_is_refused(reference, tmp_path):
     assert "trainer.epochs=2 but the run in" in r.stderr and "has finished epoch 3" in r.stderr, r.stderr
     assert "use trainer.epochs >= 3" in r.stderr and (run / "train.log").read_bytes() == log_before
     assert (run / "status.json").read_text() == status_before
+    # a newer checkpoint of another config copied in, beside the run's own: that file is named, not the run
+    from allconv_hpc.checkpoint import write_file
+    stray, _ = CheckpointDir(run / "checkpoints", keep=2).load_latest()
+    stray["identity"] = {**stray["identity"], "trainer.batch_size": 30}
+    write_file(run / "checkpoints" / "step_00099999.pt", stray)
+    r = run_train(tmp_path, run, EXACT, check=False)
+    assert r.returncode == 2 and (f"checkpoint {run}/checkpoints/step_00099999.pt is of a different config "
+                                  f"(trainer.batch_size: 30 -> 60) than its run folder's .hydra/config.yaml, which is "
+                                  f"of this one: copied in from another run? Move it out of {run}/checkpoints; the "
+                                  f"run then resumes from its own newest checkpoint") in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("step_0000*.pt")} == {
+        k: v for k, v in before.items() if k.startswith("step_")}
 
 
 def test_resume_never_starts_fresh_and_keeps_old_checkpoints(reference, tmp_path):
