@@ -236,7 +236,11 @@ def write_history(path: Union[str, Path], rows: list[Mapping[str, Any]]) -> None
 
     Columns are exactly `HISTORY_FIELDS`; other keys are ignored, missing ones left empty;
     floats are written with ``repr`` so they read back bit-identical."""
-    write_atomic(Path(path), _csv_line(HISTORY_FIELDS) + "".join(_row_line(r) for r in rows))
+    write_atomic(Path(path), history_text(rows))
+
+
+def history_text(rows: list[Mapping[str, Any]]) -> str:
+    return _csv_line(HISTORY_FIELDS) + "".join(_row_line(r) for r in rows)
 
 
 def _parse_cell(key: str, text: str) -> Any:
@@ -350,6 +354,7 @@ class Tracker:
         self.history_path = self.run_dir / HISTORY_FILE
         # the checkpoint is the truth: epochs the killed process logged after it are dropped
         history_rows = list(history_rows or [])
+        self._keep_edited_history(history_text(history_rows))
         write_history(self.history_path, history_rows)
         self.mode = mode or resolve_mode(wandb_cfg.mode)
         self.online_error: Optional[str] = None  # why an online init fell back to offline
@@ -388,6 +393,22 @@ class Tracker:
             self._floor = have or 0
         else:  # no W&B run, but the folder's empty segments of this run would still stop `wandb sync`
             self._set_aside_offline(resume_run_id or _read_id(self.run_dir))
+
+    def _keep_edited_history(self, new: str) -> None:
+        """history.csv is rewritten from the checkpoint's rows; the rows a killed process wrote after it go.
+        A file that differs otherwise was changed by hand (a note, a column): kept beside, and said."""
+        try:
+            old = self.history_path.read_text()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return
+        if old.startswith(new):
+            return
+        n = 1
+        while (self.history_path.parent / f"{HISTORY_FILE}.edited{n}").exists():
+            n += 1
+        kept = self.history_path.rename(self.history_path.parent / f"{HISTORY_FILE}.edited{n}")
+        log.warning("%s differed from the checkpoint's record of the epochs it holds (edited by hand?): it is "
+                    "rewritten from the checkpoint, and the old file is kept as %s", self.history_path, kept.name)
 
     # -- W&B -----------------------------------------------------------------------------------
     def _start_wandb(self, cfg_dict: dict, wandb_cfg: WandbConfig, resume_run_id: Optional[str]) -> None:

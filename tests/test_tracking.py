@@ -293,6 +293,27 @@ def test_null_tracker_writes_nothing(tmp_path):
     assert list(run_dir.iterdir()) == []
 
 
+def test_a_history_edited_by_hand_is_kept_beside_when_a_resume_rewrites_it(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    wcfg = WandbConfig(mode="disabled")
+    rows = [epoch_row(e, 10 * e) for e in range(1, 4)]
+    t = make_tracker(run_dir, {}, wcfg, 0, None, [])
+    for r in rows:
+        t.append_history(r)
+    t.finish()
+    path = run_dir / "history.csv"
+    edited = path.read_text().replace("\n", ",lr 0.05 looked high\n", 2)  # a note in a column of its own
+    path.write_text(edited)
+    make_tracker(run_dir, {}, wcfg, 0, None, rows[:2]).finish()
+    assert read_history(path) == rows[:2]
+    assert (run_dir / "history.csv.edited1").read_text() == edited
+    assert (f"{path} differed from the checkpoint's record of the epochs it holds (edited by hand?): it is "
+            f"rewritten from the checkpoint, and the old file is kept as history.csv.edited1") in caplog.text
+    path.write_text(path.read_text().replace("0.05", "0.5"))  # a value changed: kept too, under the next name
+    make_tracker(run_dir, {}, wcfg, 0, None, rows[:2]).finish()
+    assert read_history(path) == rows[:2] and (run_dir / "history.csv.edited2").is_file()
+
+
 def test_history_rewrite_on_resume_drops_rows_not_in_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     wcfg = WandbConfig(mode="disabled")
