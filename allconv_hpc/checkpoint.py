@@ -312,7 +312,7 @@ def check_resumable_file(cfg, ck: dict, path: Path, run_dir: Path, folder_key: s
     try:
         cfg.check_resumable(ck.get("identity", {}), run_dir, ck.get("train_state"), folder_key=folder_key)
     except OtherConfig as e:
-        own = _unsaved_identity(run_dir)
+        own = _unsaved_identity(run_dir, warn=False)
         if own is None:  # nothing else to compare with
             raise
         try:
@@ -321,7 +321,8 @@ def check_resumable_file(cfg, ck: dict, path: Path, run_dir: Path, folder_key: s
             raise e from None  # the run itself is of another config: said as such
         raise OtherConfig(f"checkpoint {path} is of a different config ({'; '.join(e.diff)}) than its run folder's "
                           f".hydra/config.yaml, which is of this one: copied in from another run? Move it out of "
-                          f"{path.parent}; the run then resumes from its own newest checkpoint", e.diff) from None
+                          f"{path.parent}; the run then resumes from its own newest checkpoint, or starts over where it has "
+                          f"none", e.diff) from None
 
 
 def earlier_epochs(run_dir: Path, ckpt: CheckpointDir) -> bool:
@@ -333,11 +334,11 @@ def earlier_epochs(run_dir: Path, ckpt: CheckpointDir) -> bool:
     return rows or (ckpt.folder / "best.pt").is_file()
 
 
-def _unsaved_identity(run_dir: Path) -> Optional[dict]:
+def _unsaved_identity(run_dir: Path, warn: bool = True) -> Optional[dict]:
     """The identity of a run set up in run_dir that has no checkpoint (it stopped before its first, or its
     checkpoints were removed: the trainer then moves its finished epochs aside to start over, under the same
     config only), from its .hydra/config.yaml (written once it was set up); None when there is none, or it
-    does not read as a config of this version."""
+    does not read as a config of this version (said unless not ``warn``)."""
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         return None
@@ -346,6 +347,8 @@ def _unsaved_identity(run_dir: Path) -> Optional[dict]:
     try:
         return from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True)).identity()
     except Exception as e:  # hand-edited or of another version: nothing to compare with, as before it was kept
+        if not warn:
+            return None
         log.warning("%s does not read as a config (%s), so the run there cannot be compared with this config: were "
                     "it of another one, this start would take it over (its finished epochs, if any, moved aside "
                     "first); give a new run folder if unsure", path,

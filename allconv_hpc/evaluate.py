@@ -95,9 +95,6 @@ def _checkpoint_path(run: Path, which: str) -> Path:
                           f"{shlex.quote(str(run.parent.parent))} --checkpoint {shlex.quote(run.name)}")
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; give a run folder (the one holding checkpoints/)")
-    if run.name == "checkpoints" and not (run / "checkpoints").exists() and any(run.glob("*.pt")):
-        raise ConfigError(f"{run} is a run's checkpoint folder; give its run folder: allconv-hpc evaluate "
-                          f"{shlex.quote(str(run.absolute().parent))}")
     if (run / "checkpoints").exists() and not (run / "checkpoints").is_dir():
         raise ConfigError(f"{run / 'checkpoints'} is a file, not the run's checkpoint folder; give the run folder "
                           f"that holds its checkpoints/")
@@ -105,6 +102,10 @@ def _checkpoint_path(run: Path, which: str) -> Path:
     # a bare name is the run's own file, even if the current folder holds one of that name
     path = mine if which in ("best", "last") or mine.is_file() else Path(which)
     if not path.is_file():
+        if run.name == "checkpoints" and not (run / "checkpoints").exists() and any(run.glob("*.pt")):
+            which_too = "" if which == "best" else f" --checkpoint {shlex.quote(which)}"
+            raise ConfigError(f"{run} is a run's checkpoint folder; give its run folder: allconv-hpc evaluate "
+                              f"{shlex.quote(str(run.absolute().parent))}{which_too}")
         sweep = _sweep_hint(run)
         if sweep:
             raise ConfigError(sweep)

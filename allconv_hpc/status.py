@@ -463,19 +463,22 @@ def status_main(argv: list[str]) -> int:
 WIDE = 8  # jobs: beyond, a progress line counts the states and names only the jobs that changed
 
 
+def _job_state(job: str, state: str, epoch: Optional[int]) -> str:
+    return f"{job}:{state}({'-' if epoch is None else epoch})"
+
+
 def _progress(snap: list[tuple], last: Optional[list[tuple]]) -> str:
     """`--wait`'s line at each change: every job's state(epoch), or for a big sweep the count in each state
     and the jobs whose state or epoch changed (at most WIDE of them named)."""
-    show = lambda j, s, e: f"{j}:{s}({'-' if e is None else e})"  # noqa: E731
     if len(snap) <= WIDE:
-        return "  ".join(show(*x) for x in snap)
+        return "  ".join(_job_state(*x) for x in snap)
     counts: dict[str, int] = {}
     for _, state, _ in snap:
         counts[state] = counts.get(state, 0) + 1
     before = {j: (s, e) for j, s, e in last or []}
-    changed = [show(j, s, e) for j, s, e in snap if last is not None and before.get(j) != (s, e)]
+    changed = [_job_state(j, s, e) for j, s, e in snap if last is not None and before.get(j) != (s, e)]
     more = f" +{len(changed) - WIDE} more" if len(changed) > WIDE else ""
-    line = f"{len(snap)} jobs: " + ", ".join(f"{n} {state}" for state, n in counts.items())
+    line = f"{len(snap)} jobs: " + ", ".join(f"{counts[state]} {state}" for state in sorted(counts))  # a fixed order
     return line + (f"; changed: {'  '.join(changed[:WIDE])}{more}" if changed else "")
 
 

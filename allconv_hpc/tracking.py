@@ -236,11 +236,28 @@ def write_history(path: Union[str, Path], rows: list[Mapping[str, Any]]) -> None
 
     Columns are exactly `HISTORY_FIELDS`; other keys are ignored, missing ones left empty;
     floats are written with ``repr`` so they read back bit-identical."""
-    write_atomic(Path(path), history_text(rows))
+    write_atomic(Path(path), _history_text(rows))
 
 
-def history_text(rows: list[Mapping[str, Any]]) -> str:
+def _history_text(rows: list[Mapping[str, Any]]) -> str:
     return _csv_line(HISTORY_FIELDS) + "".join(_row_line(r) for r in rows)
+
+
+def _span(epochs: list[int]) -> str:
+    return f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
+
+
+def _edited(old: str, new: str) -> bool:
+    """Whether a history.csv on disk was changed by other than this tool, against the checkpoint's rows ``new``.
+    Not: rows the killed process wrote after its checkpoint (whole rows, or a torn last line), nor the last row
+    missing (a kill between the checkpoint and its row's append)."""
+    olds, news = old.splitlines(keepends=True), new.splitlines(keepends=True)
+    if olds and not olds[-1].endswith("\n"):
+        olds = olds[:-1]
+    if any(a != b for a, b in zip(olds, news)):
+        return True
+    later = list(csv.reader(io.StringIO("".join(olds[len(news):]))))  # a note below the rows is not a row
+    return any(len(row) != len(HISTORY_FIELDS) or not row[0].isdigit() for row in later)
 
 
 def _parse_cell(key: str, text: str) -> Any:
@@ -354,7 +371,7 @@ class Tracker:
         self.history_path = self.run_dir / HISTORY_FILE
         # the checkpoint is the truth: epochs the killed process logged after it are dropped
         history_rows = list(history_rows or [])
-        self._keep_edited_history(history_text(history_rows))
+        self._keep_edited_history(_history_text(history_rows))
         write_history(self.history_path, history_rows)
         self.mode = mode or resolve_mode(wandb_cfg.mode)
         self.online_error: Optional[str] = None  # why an online init fell back to offline
@@ -379,13 +396,17 @@ class Tracker:
             have = self._logged_until()
             if kept and have is not None:
                 self._relog_lost(kept, have)
-            elif gone and have is not None and have < global_step:
+            # epochs the checkpoint holds whose evaluation W&B lacks: logged (and recorded) for sure, now lost
+            lost = [r["epoch"] for r in history_rows if gone and have is not None and (r.get("step") or 0) > have]
+            if lost:
                 log.warning("%s is missing (deleted?), and this run's W&B record ends at step %d, before the "
-                            "checkpoint's step %d: what the previous process logged after step %d cannot be "
-                            "re-logged, and W&B will lack it (history.csv keeps every epoch)", self.steps_path,
-                            have, global_step, have)
+                            "checkpoint's step %d: what earlier processes logged after step %d (the evaluations "
+                            "of epochs %s, and train logs) cannot be re-logged, and W&B will lack it (history.csv "
+                            "keeps every epoch)%s", self.steps_path, have, global_step, have,
+                            _span(lost), "; earlier offline segments are left as they are" if self.mode == "online"
+                            else "")
             if self.mode == "online":
-                self._set_aside_offline()
+                self._set_aside_offline(relogged=not gone)  # without the file nothing was re-logged from them
             # After a SIGKILL the steps between the checkpoint and the kill are trained again; the
             # earlier segment already holds them (online, W&B drops them itself), so they are not
             # logged twice. A train log at the floor step that the killed process never sent is lost
@@ -398,10 +419,10 @@ class Tracker:
         """history.csv is rewritten from the checkpoint's rows; the rows a killed process wrote after it go.
         A file that differs otherwise was changed by hand (a note, a column): kept beside, and said."""
         try:
-            old = self.history_path.read_text()
-        except (FileNotFoundError, UnicodeDecodeError):
+            old = self.history_path.read_bytes().decode(errors="surrogateescape")  # another encoding: kept too
+        except FileNotFoundError:
             return
-        if old.startswith(new):
+        if not _edited(old, new):
             return
         n = 1
         while (self.history_path.parent / f"{HISTORY_FILE}.edited{n}").exists():
@@ -463,19 +484,20 @@ class Tracker:
             last = max([last, *steps])
         return last
 
-    def _set_aside_offline(self, run_id: Optional[str] = None) -> None:
+    def _set_aside_offline(self, run_id: Optional[str] = None, relogged: bool = True) -> None:
         """Rename this run's earlier offline segments out of the ``offline-run-*`` glob that `wandb sync` is
         given: those without records always (`_set_aside_if_empty`); online, once the re-log is done, the
         others too (``relogged-``). The server then holds their steps: re-logged from wandb_steps.jsonl, synced
         before this start, or (after the checkpoint) logged again as the run trains on; `wandb sync` of them
-        would add those steps to the run a second time. With W&B disabled, ``run_id`` is wandb_id.txt's."""
+        would add those steps to the run a second time. With W&B disabled, ``run_id`` is wandb_id.txt's.
+        ``relogged`` False (wandb_steps.jsonl was gone, nothing re-logged): the empty ones only."""
         from .wandb_offline import RELOGGED_PREFIX, segments
         run_id = run_id or self._run_id
         if run_id is None:
             return
         mine = self.segment_dir.resolve() if self.segment_dir else None
         for seg in segments(self.run_dir / "wandb", run_id, ordered=False):  # W&B disabled: no `import wandb`
-            if seg.resolve() == mine or _set_aside_if_empty(seg) or self.mode != "online":
+            if seg.resolve() == mine or _set_aside_if_empty(seg) or self.mode != "online" or not relogged:
                 continue
             aside = _rename_aside(seg, RELOGGED_PREFIX)
             if aside is not None:

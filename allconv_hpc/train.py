@@ -219,15 +219,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         raise
     finally:
         if trainer is not None:
-            try:
-                trainer.close(exit_code=code)
-            except KeyboardInterrupt:
-                if code == 0:  # status.json says completed and the checkpoints are durable: only W&B was cut
-                    seg = getattr(trainer.tracker, "segment_dir", None) if hasattr(trainer, "tracker") else None
-                    log.warning("Ctrl-C while W&B finished: the run had completed (its checkpoints and status.json "
-                                "are written); W&B's record may lack its last logs and summary%s", (
-                                    f": `wandb sync {seg}` uploads what this start wrote" if seg else ""))
-                raise
+            trainer.close(exit_code=code)
         elif lock_fd is not None:  # the trainer never took it (its rendezvous failed): this process keeps on
             os.close(lock_fd)
 

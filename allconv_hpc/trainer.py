@@ -374,6 +374,7 @@ class Trainer:
         set up) goes along."""
         if self.env.is_main:
             also = [self.run_dir / name for name in (ID_FILE, HISTORY_FILE, STEPS_FILE)]
+            also += sorted(self.run_dir.glob(f"{HISTORY_FILE}.edited*"))  # that run's own, kept by an earlier start
             kept = self.ckpt.folder.is_dir() and any(self.ckpt.folder.iterdir())
             if kept or any(p.exists() for p in also):  # only .hydra/ (a start that died before its first write): no oldN
                 also.append(self.run_dir / ".hydra")
@@ -784,7 +785,15 @@ class Trainer:
                 except CheckpointError as e:
                     log.error("%s", e)
             if hasattr(self, "tracker"):
-                self._finish_tracker(exit_code)
+                try:
+                    self._finish_tracker(exit_code)
+                except KeyboardInterrupt:  # a completed run's status.json and checkpoints are written: only W&B was cut
+                    seg = getattr(self.tracker, "segment_dir", None)
+                    if exit_code == 0 and seg is not None:
+                        log.warning("Ctrl-C while W&B finished: the run had completed (its checkpoints and "
+                                    "status.json are written); W&B's record may lack its last logs and summary: "
+                                    "`wandb sync %s` uploads what this start wrote", seg)
+                    raise
         finally:
             # DDP's reducer must die before the process group: left to interpreter exit, it aborted a rank
             # ("terminate called without an active exception") in 4 of 70 two-rank runs; freed here, 0 of 80

@@ -242,6 +242,9 @@ def test_a_checkpoint_given_as_the_run_gets_the_command_that_scores_it(tmp_path)
     with pytest.raises(ConfigError, match=rf"{ckpt.parent} is a run's checkpoint folder; give its run folder: "
                                           rf"allconv-hpc evaluate {tmp_path}/run$"):
         evaluate(ckpt.parent, "best")
+    with pytest.raises(ConfigError, match=rf"give its run folder: allconv-hpc evaluate {tmp_path}/run --checkpoint "
+                                          rf"last$"):
+        evaluate(ckpt.parent, "last")
     for empty in ("", " "):  # Path("") is the current folder: once "no checkpoint ."
         with pytest.raises(ConfigError, match=r"^--checkpoint is empty; give best, last, a file in checkpoints/ or "):
             evaluate(tmp_path / "run", empty)

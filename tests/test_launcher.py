@@ -53,6 +53,7 @@ def on_path(tmp_path, monkeypatch):
     def put(**scripts: str) -> Path:
         d = fake_bin(tmp_path, **{"srun": "exit 0", "scontrol": "exit 0", **scripts})
         monkeypatch.setenv("PATH", f"{d}:{Path(sys.executable).parent}")
+        monkeypatch.delenv("SLURM_CONF", raising=False)  # a shell's, naming a dev cluster since removed, is not theirs
         return d
     return put
 

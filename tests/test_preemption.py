@@ -480,7 +480,7 @@ def test_config_mismatch_is_refused(reference, tmp_path):
     assert r.returncode == 2 and (f"checkpoint {run}/checkpoints/step_00099999.pt is of a different config "
                                   f"(trainer.batch_size: 30 -> 60) than its run folder's .hydra/config.yaml, which is "
                                   f"of this one: copied in from another run? Move it out of {run}/checkpoints; the "
-                                  f"run then resumes from its own newest checkpoint") in r.stderr, r.stderr
+                                  f"run then resumes from its own newest checkpoint, or starts over where it has none") in r.stderr, r.stderr
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("step_0000*.pt")} == {
         k: v for k, v in before.items() if k.startswith("step_")}
 
@@ -490,9 +490,11 @@ def test_resume_never_starts_fresh_and_keeps_old_checkpoints(reference, tmp_path
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     old_id = (run / "wandb_id.txt").read_text().strip()
+    (run / "history.csv.edited1").write_text("a history changed by hand, kept by an earlier start\n")
     run_train(tmp_path, run, EXACT + ["checkpoint.resume=never", "wandb.mode=offline"])
     old = run / "checkpoints.old1"
     assert (old / "last.pt").exists()
+    assert (old / "history.csv.edited1").is_file() and not (run / "history.csv.edited1").exists()  # that run's
     assert_same_weights(final_weights(run), final_weights(reference), exact=True)
     # the old run's W&B id and history are kept with its checkpoints; the fresh start is a new W&B run
     assert (old / "wandb_id.txt").read_text().strip() == old_id

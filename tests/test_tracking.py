@@ -312,6 +312,19 @@ def test_a_history_edited_by_hand_is_kept_beside_when_a_resume_rewrites_it(tmp_p
     path.write_text(path.read_text().replace("0.05", "0.5"))  # a value changed: kept too, under the next name
     make_tracker(run_dir, {}, wcfg, 0, None, rows[:2]).finish()
     assert read_history(path) == rows[:2] and (run_dir / "history.csv.edited2").is_file()
+    path.write_text(path.read_text() + "lr 0.05 looked high\n")  # a note below the rows
+    make_tracker(run_dir, {}, wcfg, 0, None, rows[:2]).finish()
+    assert (run_dir / "history.csv.edited3").is_file()
+    # what a kill leaves is no edit: rows after the checkpoint, a torn last line, the checkpoint's last row not yet
+    # appended (killed between the two)
+    t = make_tracker(run_dir, {}, wcfg, 0, None, rows[:2])
+    t.append_history(rows[2])
+    t.finish()
+    path.write_text(path.read_text() + "4,40,0.01")
+    make_tracker(run_dir, {}, wcfg, 0, None, rows[:2]).finish()
+    make_tracker(run_dir, {}, wcfg, 0, None, rows).finish()
+    assert read_history(path) == rows
+    assert sorted(p.name for p in run_dir.glob("history.csv.edited*")) == [f"history.csv.edited{i}" for i in (1, 2, 3)]
 
 
 def test_history_rewrite_on_resume_drops_rows_not_in_checkpoint(tmp_path):
@@ -491,11 +504,18 @@ def test_a_deleted_steps_file_that_held_what_wandb_lacks_is_said(wenv, tmp_path,
     third.finish()
     assert "re-logging" not in caplog.text
     assert (f"{run_dir / STEPS_FILE} is missing (deleted?), and this run's W&B record ends at step 9, before the "
-            f"checkpoint's step 25" in caplog.text), caplog.text
-    caplog.clear()  # nothing to say where W&B holds every step up to the checkpoint
+            f"checkpoint's step 25: what earlier processes logged after step 9 (the evaluations of epochs 1-2, and "
+            f"train logs) cannot be re-logged" in caplog.text), caplog.text
+    caplog.clear()  # nothing to say where W&B holds every epoch up to the checkpoint
     assert not (run_dir / STEPS_FILE).exists()
-    fourth = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, rows[:2], global_step=9)
+    fourth = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, [], global_step=9)
     fourth.finish()
+    assert "is missing" not in caplog.text, caplog.text
+    # nor where the file was never made: stopped before the first log (a requeue at step 5, log every 50)
+    early = make_tracker(tmp_path / "early", {"a": 1}, WandbConfig(mode="offline"), 0, None, [])
+    early.finish()
+    again = make_tracker(tmp_path / "early", {"a": 1}, WandbConfig(mode="offline"), 0, None, [], global_step=5)
+    again.finish()
     assert "is missing" not in caplog.text, caplog.text
 
 
@@ -592,8 +612,8 @@ class _ServerRun:
         pass
 
 
-@pytest.mark.parametrize("held", [0, 20])
-def test_an_online_start_sets_aside_the_offline_segments_it_holds(wenv, tmp_path, monkeypatch, caplog, held):
+@pytest.mark.parametrize("held,gone", [(0, False), (20, False), (0, True)])
+def test_an_online_start_sets_aside_the_offline_segments_it_holds(wenv, tmp_path, monkeypatch, caplog, held, gone):
     """Offline start (a node without network) to step 20, then an online one: the server gets steps 1..20 by the
     re-log from wandb_steps.jsonl (held=0), or had them from a `wandb sync` before (held=20). Either way the
     offline segments are renamed out of `offline-run-*`: syncing them as well would log their steps twice."""
@@ -622,11 +642,17 @@ def test_an_online_start_sets_aside_the_offline_segments_it_holds(wenv, tmp_path
         return servers[-1]
 
     monkeypatch.setattr(wandb, "init", fake_init)
+    if gone:  # wandb_steps.jsonl deleted: nothing to re-log, so the offline segment is the steps' one copy
+        (run_dir / STEPS_FILE).unlink()
     second = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="online"), 0, None, rows, global_step=20)
     second.log_train(21, {"loss": 0.5})
     second.finish()
     assert second.mode == "online" and second.run_id == rid
     (server,) = servers
+    if gone:
+        assert [s for s, _ in server.logged] == [21] and seg1.is_dir() and (wdir / f"empty-{dead.name}").is_dir()
+        assert "evaluations of epochs 1-2" in caplog.text and "offline segments are left as they are" in caplog.text
+        return
     relogged = [s for s in range(held + 1, 21) for _ in range(1 + (s % 10 == 0))]  # an epoch's eval at 10, 20
     assert [s for s, _ in server.logged] == relogged + [21]
     assert not seg1.exists() and (wdir / f"relogged-{seg1.name}" / f"run-{rid}.wandb").is_file()
