@@ -60,7 +60,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     from .compose import (NameSwap, check_run_dir, check_sweep_dir, compose, dated_dir_warning, pin_data_root,
                           unread_said)
     from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
-    from .tracking import check_names, preflight_mode
+    from .wandb_mode import check_names, preflight_mode
 
     common, swept = expand_sweep(overrides, multirun)
     keys = {_key(o) for o in common + swept[0]}

@@ -79,7 +79,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         from .distributed import DistributedError, PortInUse, detect_env
         from .runlock import LockLost, acquire, check_free
         from .jobs import other_jobs_state, stop_command
-        from .tracking import check_names, preflight_mode
+        from .wandb_mode import check_names, preflight_mode
         if {"-m", "--multirun"} & set(overrides):
             raise ConfigError("train runs one config; a sweep is `allconv-hpc submit -m ...` (with cluster=local "
                               "it runs on this machine)")

@@ -38,7 +38,8 @@ from .resume import (TrainState, best_file_holds, restore, rng_state, set_rng_st
 from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest, sigint_deferred,
                       take_early_stop)
 from .schedule import lr_factor
-from .tracking import HISTORY_FILE, ID_FILE, STEPS_FILE, NullTracker, make_tracker, write_history
+from .history import HISTORY_FILE, write_history
+from .tracking import ID_FILE, STEPS_FILE, NullTracker, make_tracker
 
 log = logging.getLogger(__name__)
 

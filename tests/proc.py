@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from allconv_hpc.checkpoint import load_file
-from allconv_hpc.tracking import read_history
+from allconv_hpc.history import read_history
 
 PY = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

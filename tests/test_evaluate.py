@@ -16,7 +16,7 @@ from allconv_hpc.config import ConfigError
 from allconv_hpc.evaluate import evaluate
 import torch
 
-from allconv_hpc.tracking import read_history
+from allconv_hpc.history import read_history
 from proc import PY, TINY, clean_env, run_train
 
 HELD_OUT = TINY + ["data.val_size=50", "trainer.epochs=3"]

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from allconv_hpc.config import Config, ConfigError, DataConfig, WandbConfig
-from allconv_hpc.tracking import (HISTORY_FIELDS, NullTracker, Tracker, api_key_configured, make_tracker,
-                                  STEPS_FILE, read_history, resolve_mode, write_history)
+from allconv_hpc.history import HISTORY_FIELDS, read_history, write_history
+from allconv_hpc.tracking import STEPS_FILE, NullTracker, Tracker, make_tracker
+from allconv_hpc.wandb_mode import api_key_configured, resolve_mode
 from allconv_hpc.wandb_offline import WandbLogError, merged_history, read_records, read_run, segments
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, the shape of a real key
@@ -225,8 +226,8 @@ def test_a_key_is_found_where_wandb_finds_it(tmp_path, monkeypatch):
     read_netrc_auth for every pair of netrc host and server, and against a real `wandb login`."""
     from wandb.sdk.lib import urls
     from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
-    from allconv_hpc import tracking
-    assert tracking._DEFAULT_BASE_URL == urls.DEFAULT_BASE_URL and tracking._FORGE_HOSTS == urls.FORGE_HOSTS
+    from allconv_hpc import wandb_mode
+    assert wandb_mode._DEFAULT_BASE_URL == urls.DEFAULT_BASE_URL and wandb_mode._FORGE_HOSTS == urls.FORGE_HOSTS
     netrc_file = tmp_path / "netrc"
     monkeypatch.setenv("NETRC", str(netrc_file))
     env = {"HOME": str(tmp_path), "NETRC": str(netrc_file), "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
@@ -248,7 +249,7 @@ def test_a_key_is_found_where_wandb_finds_it(tmp_path, monkeypatch):
 
 
 def test_online_without_a_key_is_refused_before_any_work(tmp_path):
-    from allconv_hpc.tracking import preflight_mode
+    from allconv_hpc.wandb_mode import preflight_mode
     env = {"HOME": str(tmp_path), "NETRC": str(tmp_path / "netrc"), "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
     with pytest.raises(ConfigError, match=r"wandb.mode=online but no W&B API key is configured here .*run "
                                           r"`wandb login`, or log offline \(wandb.mode=offline\)"):
@@ -270,7 +271,7 @@ def test_online_without_a_key_is_refused_before_any_work(tmp_path):
 def test_names_wandb_would_refuse_are_named_before_any_work(wcfg, said):
     """wandb's own validator, run by train's and submit's preflight: not a traceback at wandb.init after the
     data load and the model build (in a job, after its wait in the queue)."""
-    from allconv_hpc.tracking import check_names
+    from allconv_hpc.wandb_mode import check_names
     with pytest.raises(ConfigError) as e:
         check_names(wcfg)
     assert str(e.value).startswith(said), str(e.value)

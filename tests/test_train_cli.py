@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from allconv_hpc.checkpoint import load_file
 from allconv_hpc.config import from_dict
 from allconv_hpc.models import build_model, count_parameters
-from allconv_hpc.tracking import EVAL_KEYS, HISTORY_FIELDS, read_history
+from allconv_hpc.history import HISTORY_FIELDS, read_history
+from allconv_hpc.tracking import EVAL_KEYS
 from allconv_hpc.wandb_offline import merged_history, read_run, segments
 from proc import PY, clean_env
 

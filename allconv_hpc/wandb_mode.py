@@ -1,0 +1,144 @@
+"""Which W&B mode a run gets (online, offline, disabled), and whether W&B would refuse its names: decided
+before any work, on the login node as in the job, the way wandb 0.31 decides, without ``import wandb`` (but
+`check_names`, which asks wandb's own validator) and without the network. The key itself is never read out."""
+from __future__ import annotations
+
+import configparser
+import netrc
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+from urllib.parse import urlsplit
+
+from .config import WANDB_MODES, ConfigError, WandbConfig
+
+__all__ = ["api_key_configured", "preflight_mode", "check_names", "resolve_mode"]
+
+# as wandb 0.31's wandb.sdk.lib.urls: its default server, and the W&B host behind each CoreWeave Forge host
+# (a netrc entry for that one counts too: `wandb login` of older versions wrote it)
+_DEFAULT_BASE_URL = "https://api.forge.coreweave.com"
+_FORGE_HOSTS = {"forge.coreweave.com": "api.wandb.ai", "qa.forge.coreweave.com": "api.qa.wandb.ai"}
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # older spellings wandb still accepts
+
+
+def _wandb_settings_file(environ: Mapping[str, str]) -> configparser.ConfigParser | None:
+    cfg_dir = environ.get("WANDB_CONFIG_DIR") or os.path.join(_home(environ), ".config", "wandb")
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(os.path.join(cfg_dir, "settings"))
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return None
+    return parser
+
+
+def _home(environ: Mapping[str, str]) -> str:
+    return environ.get("HOME") or os.path.expanduser("~")
+
+
+def _netrc_path(environ: Mapping[str, str]) -> Path:
+    # as wandb.sdk.lib.wbauth.wbnetrc._get_netrc_file_path: $NETRC, else ~/.netrc, else ~/_netrc
+    if environ.get("NETRC"):
+        return Path(environ["NETRC"]).expanduser()
+    unix = Path(_home(environ), ".netrc")
+    win = Path(_home(environ), "_netrc")
+    return win if (not unix.exists() and win.exists()) else unix
+
+
+def api_key_configured(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether wandb would find credentials, checked the way wandb 0.31 looks (no network, no
+    ``import wandb``): ``WANDB_API_KEY`` or ``WANDB_IDENTITY_TOKEN_FILE`` in the environment, a
+    netrc entry (``$NETRC`` or ``~/.netrc``) with a password for the host of ``WANDB_BASE_URL``
+    (default api.forge.coreweave.com, whose entry may also be api.wandb.ai's), or ``api_key`` in
+    wandb's settings file (``$WANDB_CONFIG_DIR/settings`` or ``~/.config/wandb/settings``). The key is
+    never kept."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    settings = _wandb_settings_file(environ)
+    section = settings["default"] if settings is not None and settings.has_section("default") else {}
+    base_url = environ.get("WANDB_BASE_URL") or section.get("base_url") or _DEFAULT_BASE_URL
+    url = urlsplit(base_url)
+    if url.hostname in _FORGE_HOSTS and url.scheme == "https" and url.port is None \
+            and url.path.rstrip("/") == "/api/wandb":  # urls.normalize_forge_base_url: the proxy's API host
+        url = urlsplit(f"https://api.{url.hostname}")
+    hosts = [url.netloc] + [api for forge, api in _FORGE_HOSTS.items()  # wbnetrc.read_netrc_auth_with_source
+                            if url.hostname in (forge, f"api.{forge}", api) and api != url.netloc]
+    try:
+        found = netrc.netrc(str(_netrc_path(environ)))
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        found = None
+    for host in hosts if found is not None and url.netloc else []:
+        creds = found.authenticators(host)
+        if creds:  # the first entry decides, as in wandb: one with no password is no key
+            return bool(creds[2])
+    return bool(section.get("api_key"))
+
+
+def preflight_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:
+    """`resolve_mode`, and a ConfigError for online asked for with no API key anywhere: said before any work,
+    rather than found at wandb.init and logged offline instead (left for a key that cannot reach the server)."""
+    environ = os.environ if environ is None else environ
+    mode = resolve_mode(cfg_mode, environ)
+    if mode == "online" and not api_key_configured(environ):
+        asked = f"wandb.mode={cfg_mode}" if cfg_mode else f"WANDB_MODE={environ.get('WANDB_MODE')}"
+        raise ConfigError(f"{asked} but no W&B API key is configured here (WANDB_API_KEY, the ~/.netrc that "
+                          f"`wandb login` writes, or wandb's settings file): run `wandb login`, or log offline "
+                          f"(wandb.mode=offline) and `wandb sync` the run later")
+    return mode
+
+
+_SETTING_KEYS = {"project": "wandb.project", "entity": "wandb.entity", "run_group": "wandb.group",
+                 "run_tags": "wandb.tags", "run_name": "wandb.name"}
+
+
+def check_names(w: WandbConfig) -> None:
+    """A project, tag, group or name that wandb.init would refuse, found before any work by wandb's own
+    validator (its rules, e.g. no '/' in a project, tags of 1-64 characters, are its to change)."""
+    bad = [t for t in w.tags if not isinstance(t, str)]
+    if bad:  # Hydra reads wandb.tags=[1,b] as [1, 'b']
+        raise ConfigError(f"wandb.tags={list(w.tags)} must be strings; quote the others, e.g. wandb.tags=['1','b']")
+    import wandb
+    values = {"project": w.project, "entity": w.entity, "run_group": w.group,
+              "run_tags": tuple(w.tags) or None, "run_name": w.name}
+    try:
+        wandb.Settings(**{k: v for k, v in values.items() if v is not None})
+    except Exception as e:  # pydantic's ValidationError, or wandb's UsageError (a project name)
+        errors = getattr(e, "errors", None)
+        first = errors()[0] if callable(errors) else None
+        if first:
+            field, said = str(first["loc"][0]), str(first["msg"]).removeprefix("Value error, ")
+        else:
+            said = (str(e).splitlines() or [""])[0]
+            field = next((f for f in _SETTING_KEYS if f.split("_")[-1] in said.lower()), "project")
+        key = _SETTING_KEYS.get(field, "wandb." + field)
+        raise ConfigError(f"{key}: W&B refuses it ({said}); change {key}") from None
+
+
+def resolve_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:
+    """The W&B mode to run in: "online", "offline" or "disabled".
+
+    Precedence, highest first:
+
+    1. ``cfg_mode`` -- an explicit ``wandb.mode`` in the config (online | offline | disabled);
+    2. the ``WANDB_MODE`` environment variable, when set and non-empty (``dryrun`` counts as
+       offline and ``run`` as online, as in wandb);
+    3. auto: "online" when an API key is configured (see `api_key_configured`: env
+       ``WANDB_API_KEY``/``WANDB_IDENTITY_TOKEN_FILE``, a netrc entry for the W&B host, or wandb's
+       settings file), else "offline" -- so a node with no key never fails at ``wandb.init``.
+
+    The result is always passed to ``wandb.init(mode=...)``, which in wandb 0.31 outranks
+    ``WANDB_MODE`` too, so wandb cannot disagree with this function.
+    """
+    environ = os.environ if environ is None else environ
+    if cfg_mode is not None:
+        if cfg_mode not in WANDB_MODES:
+            raise ConfigError(f"wandb.mode={cfg_mode!r} is not one of online, offline, disabled (or null for auto)")
+        return cfg_mode
+    env_mode = (environ.get("WANDB_MODE") or "").strip().lower()
+    if env_mode:
+        env_mode = _MODE_ALIASES.get(env_mode, env_mode)
+        if env_mode not in WANDB_MODES:
+            raise ConfigError(f"environment WANDB_MODE={environ['WANDB_MODE']!r} is not one of "
+                              "online, offline, disabled; unset it or set wandb.mode explicitly")
+        return env_mode
+    return "online" if api_key_configured(environ) else "offline"
