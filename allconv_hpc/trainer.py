@@ -776,6 +776,9 @@ class Trainer:
         if not getattr(self, "_tracker_done", False):
             self._tracker_done = True
             self.tracker.finish(exit_code=exit_code)
+            if self.tracker.mode == "offline" and self.tracker.segment_dir is not None:  # rank 0's, below wandb's own
+                log.info("W&B offline: `wandb sync %s/wandb/offline-run-*` uploads every start of this run, in order "
+                         "(wandb's own sync line names this start's alone)", shlex.quote(str(self.run_dir)))
 
     def close(self, exit_code: int = 0) -> None:
         """Every exit path, also after a failed setup: W&B finished, then the process group destroyed."""

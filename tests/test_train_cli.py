@@ -82,6 +82,10 @@ def _model_cfg(run_dir: Path):
 
 def test_run_folder_has_everything(offline_run):
     run_dir, r = offline_run
+    # the console's last word on W&B syncs every start of the run, below wandb's footer naming this one's segment
+    assert r.stdout.rstrip().splitlines()[-1].endswith(
+        f"W&B offline: `wandb sync {run_dir}/wandb/offline-run-*` uploads every start of this run, in order "
+        f"(wandb's own sync line names this start's alone)"), r.stdout[-2000:]
 
     # .hydra/config.yaml: the resolved task config (no interpolations left, no hydra/cluster keys)
     text = (run_dir / ".hydra" / "config.yaml").read_text()
@@ -129,7 +133,8 @@ def test_run_folder_has_everything(offline_run):
         assert f"epoch {e}/{EPOCHS}: train loss" in log
     for s in range(LOG_EVERY, TOTAL + 1, LOG_EVERY):
         assert f"(global {s}):" in log
-    assert log.rstrip().splitlines()[-1].endswith(f"done: best val_acc {best_acc:.4f}, final {rows[-1]['val_acc']:.4f}")
+    assert log.rstrip().splitlines()[-2].endswith(f"done: best val_acc {best_acc:.4f}, final {rows[-1]['val_acc']:.4f}")
+    assert "W&B offline: `wandb sync " in log.rstrip().splitlines()[-1]  # then where to sync every start
     assert set(log.splitlines()) <= set(r.stdout.splitlines())  # rank 0 logs to stdout too
 
     # wandb/: one offline segment, id recorded next to it
