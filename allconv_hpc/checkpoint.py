@@ -298,7 +298,7 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optio
     if found is None:
         if cfg.checkpoint.resume == "must":
             raise ckpt.nothing_to_resume()
-        theirs = _unsaved_identity(Path(run_dir))  # a run that stopped before its first checkpoint
+        theirs = recorded_identity(Path(run_dir))  # a run that stopped before its first checkpoint
         if theirs is not None:  # its W&B id and .hydra/ would go on under another config
             cfg.check_resumable(theirs, run_dir, folder_key=folder_key)
         return None
@@ -312,7 +312,7 @@ def check_resumable_file(cfg, ck: dict, path: Path, run_dir: Path, folder_key: s
     try:
         cfg.check_resumable(ck.get("identity", {}), run_dir, ck.get("train_state"), folder_key=folder_key)
     except OtherConfig as e:
-        own = _unsaved_identity(run_dir, warn=False)
+        own = recorded_identity(run_dir, warn=False)
         if own is None:  # nothing else to compare with
             raise
         try:
@@ -334,7 +334,7 @@ def earlier_epochs(run_dir: Path, ckpt: CheckpointDir) -> bool:
     return rows or (ckpt.folder / "best.pt").is_file()
 
 
-def _unsaved_identity(run_dir: Path, warn: bool = True) -> Optional[dict]:
+def recorded_identity(run_dir: Path, warn: bool = True) -> Optional[dict]:
     """The identity of a run set up in run_dir that has no checkpoint (it stopped before its first, or its
     checkpoints were removed: the trainer then moves its finished epochs aside to start over, under the same
     config only), from its .hydra/config.yaml (written once it was set up); None when there is none, or it

@@ -367,9 +367,11 @@ class Config:
         if mine != theirs:
             diff = [f"{k}: {as_given(theirs.get(k))} -> {as_given(mine.get(k))}" for k in sorted(set(mine) | set(theirs))
                     if mine.get(k) != theirs.get(k)]
+            back = " ".join(f"{k}={as_given(theirs[k])}" for k in sorted(set(mine) | set(theirs))
+                            if k in theirs and mine.get(k) != theirs.get(k))
             raise OtherConfig(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
                               f"another {folder_key}, or checkpoint.resume=never to start over (old checkpoints "
-                              f"are kept)", diff)
+                              f"are kept); an override left out of this command? {back} resumes that run", diff)
         if train_state:
             mid = bool(train_state.get("step_in_epoch", 0))
             begun = int(train_state.get("epoch", 0)) + (1 if mid else 0)

@@ -65,6 +65,9 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     common, swept = expand_sweep(overrides, multirun)
     keys = {_key(o) for o in common + swept[0]}
     _refuse_hydra_launcher(common + swept[0])
+    if "cluster.backend" in keys:  # a profile's own: slurm's keys run here, or local's (a week's --time) queued
+        raise ConfigError("cluster.backend is the cluster profile's own: choose it with cluster=local or "
+                          "cluster=slurm (or a site's profile), not cluster.backend=")
     if "hydra.sweep.dir" in keys and not multirun:  # Hydra reads it only for a multirun: ignored, silently
         raise ConfigError("hydra.sweep.dir is the folder of a sweep and read only with -m: add -m to submit a sweep, "
                           "or give hydra.run.dir=... for one run")
@@ -157,6 +160,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     if len(set(dirs)) != len(dirs):
         raise ConfigError("two sweep points map to the same run folder; make the swept values distinct")
     _check_distinct_configs(points)
+    if sweep_dir is not None:
+        _refuse_retraining(points, sweep_dir)
     lead, limit = cluster["signal_lead_s"], cluster["timeout_min"] * 60
     if 2 * lead > limit:  # legal, but each start trains little and every time limit uses up a requeue
         then = ("and is requeued, and each time limit counts against checkpoint.max_requeues"
@@ -231,6 +236,30 @@ def _check_distinct_configs(points: list[Point]) -> None:
             raise ConfigError(f"sweep points {seen[key].run_dir.name} and {p.run_dir.name} give the same config (one "
                               f"run trained twice); give each value once")
         seen[key] = p
+
+
+def _refuse_retraining(points: list[Point], sweep_dir: Path) -> None:
+    """A point whose config another point folder of the sweep holds under another name (a key newly swept:
+    optim.lr=0.05,0.1 where seed alone was) would train that config again from scratch, a second W&B run of it
+    in the group: refused, naming both (the configs as train records them, .hydra/config.yaml)."""
+    from .checkpoint import recorded_identity
+    new = {p.run_dir: p for p in points if p.skip is None and p.cfg is not None}
+    try:
+        others = [d for d in sweep_dir.iterdir() if d.is_dir() and d not in new]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    held = {}
+    for d in sorted(others):
+        ident = recorded_identity(d, warn=False)
+        if ident is not None:
+            held.setdefault(json.dumps(ident, sort_keys=True, default=str), d)
+    for p in new.values():
+        twin = held.get(json.dumps(p.cfg.identity(), sort_keys=True, default=str))
+        if twin is not None:
+            raise ConfigError(f"sweep point {p.run_dir.name} has the config of {twin.name}, already in this sweep "
+                              f"under another name: it would train it again from scratch. Leave that value out and "
+                              f"sweep the new ones, with choice(...) for a key that keeps naming the folders (README, "
+                              f"\"Submitting a sweep again\")")
 
 
 def _check_name_max(folder: Path, what: str, fix: str) -> None:

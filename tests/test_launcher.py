@@ -533,6 +533,39 @@ def test_cluster_slurm_without_sbatch_is_refused_before_any_folder(tmp_path, on_
     assert not (tmp_path / "sw").exists()
 
 
+@pytest.mark.parametrize("given", ["cluster=slurm cluster.backend=local", "cluster=local cluster.backend=slurm",
+                                   "cluster=local +cluster.backend=slurm"])
+def test_cluster_backend_given_is_refused_for_the_profile(tmp_path, on_path, capsys, monkeypatch, given):
+    """Quietly obeyed, it trained on the login node with the slurm profile's keys, or queued local's week."""
+    monkeypatch.chdir(tmp_path)
+    on_path()
+    code, out, err = run_submit(capsys, "--dry-run", *given.split(), *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and err.strip() == ("allconv-hpc submit: error: cluster.backend is the cluster profile's own: "
+                                         "choose it with cluster=local or cluster=slurm (or a site's profile), not "
+                                         "cluster.backend="), err
+
+
+def test_a_point_newly_named_with_the_config_of_an_earlier_point_is_refused(tmp_path, on_path, capsys, monkeypatch):
+    """A sweep over seed, grown by sweeping optim.lr too: optim.lr=0.05,seed=7 is the old seed=7 under a new name,
+    and would train it again from scratch (a second W&B run of it in the group)."""
+    from omegaconf import OmegaConf
+    monkeypatch.chdir(tmp_path)
+    on_path()
+    sweep = tmp_path / "sw"
+    old = sweep / "seed=7"
+    (old / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(compose(["cluster=local", *TINY, "seed=7", "optim.lr=0.05"]).cfg_dict),
+                   old / ".hydra" / "config.yaml")
+    (old / "status.json").write_text(json.dumps({"state": "completed", "updated": time.time()}))
+    base = ["--dry-run", "-m", "cluster=local", "cluster.array_parallelism=4", *TINY, f"hydra.sweep.dir={sweep}"]
+    code, out, err = run_submit(capsys, *base, "optim.lr=0.05,0.1", "seed=7,8", "trainer.epochs=3")
+    assert code == 2 and ("sweep point optim.lr=0.05,seed=7 has the config of seed=7, already in this sweep under "
+                          "another name: it would train it again from scratch") in err, err
+    code, out, err = run_submit(capsys, *base, "optim.lr=choice(0.1)", "seed=7,8")  # the new values only
+    assert code == 0, err
+    assert [ln.split()[0] for ln in out.splitlines()] == [str(sweep / f"optim.lr=0.1,seed={s}") for s in (7, 8)]
+
+
 def test_a_sweep_with_nothing_swept_says_so(tmp_path, on_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     on_path()
