@@ -157,8 +157,9 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
     _warn_starts_over(points)
     dirs = [p.run_dir for p in points]
-    if len(set(dirs)) != len(dirs):
-        raise ConfigError("two sweep points map to the same run folder; make the swept values distinct")
+    twice = next((d for i, d in enumerate(dirs) if d in dirs[:i]), None)
+    if twice is not None:  # seed=0,0,1: Hydra keeps the value twice
+        raise ConfigError(f"two sweep points map to the same run folder {twice.name}; give each swept value once")
     _check_distinct_configs(points)
     if sweep_dir is not None:
         _refuse_retraining(points, sweep_dir)
@@ -687,6 +688,9 @@ def submit_main(argv: list[str]) -> int:
         return 2
     for p, j in zip(todo, jobs):
         print(f"job {j.job_id}  {p.run_dir}")
+    if jobs and cluster["backend"] == "slurm" and (cluster.get("additional_parameters") or {}).get("hold"):
+        ids = " ".join(dict.fromkeys(str(j.job_id).split("_")[0] for j in jobs))  # an array: its job id releases all
+        print(f"held, as cluster.additional_parameters.hold asks: nothing starts until scontrol release {ids}")
     where = sweep_dir if sweep_dir is not None else points[0].run_dir
     if not todo:
         grow = " (trainer.epochs=N grows a completed run)" if any(p.skip == "completed" for p in points) else ""

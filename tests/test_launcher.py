@@ -517,6 +517,7 @@ def test_jobs_are_queued_held_and_released_and_a_failed_release_says_how(tmp_pat
     code, out, err = run_submit(capsys, "cluster=slurm", *TINY, "+cluster.additional_parameters.hold=true",
                                 f"hydra.run.dir={tmp_path / 'run3'}")
     assert code == 0 and calls.read_text() == "scontrol release 77\n", (err, calls.read_text())
+    assert "held, as cluster.additional_parameters.hold asks: nothing starts until scontrol release 79" in out, out
 
 
 def test_cluster_slurm_without_sbatch_is_refused_before_any_folder(tmp_path, on_path, capsys, monkeypatch):
@@ -561,6 +562,9 @@ def test_a_point_newly_named_with_the_config_of_an_earlier_point_is_refused(tmp_
     code, out, err = run_submit(capsys, *base, "optim.lr=0.05,0.1", "seed=7,8", "trainer.epochs=3")
     assert code == 2 and ("sweep point optim.lr=0.05,seed=7 has the config of seed=7, already in this sweep under "
                           "another name: it would train it again from scratch") in err, err
+    code, out, err = run_submit(capsys, *base, "optim.lr=0.1", "seed=8,8,9")  # a value twice: named
+    assert code == 2 and err.strip().endswith("two sweep points map to the same run folder seed=8; give each swept "
+                                              "value once"), err
     code, out, err = run_submit(capsys, *base, "optim.lr=choice(0.1)", "seed=7,8")  # the new values only
     assert code == 0, err
     assert [ln.split()[0] for ln in out.splitlines()] == [str(sweep / f"optim.lr=0.1,seed={s}") for s in (7, 8)]
