@@ -339,13 +339,19 @@ def recorded_identity(run_dir: Path, warn: bool = True) -> Optional[dict]:
     checkpoints were removed: the trainer then moves its finished epochs aside to start over, under the same
     config only), from its .hydra/config.yaml (written once it was set up); None when there is none, or it
     does not read as a config of this version (said unless not ``warn``)."""
+    cfg = recorded_config(run_dir, warn)
+    return None if cfg is None else cfg.identity()
+
+
+def recorded_config(run_dir: Path, warn: bool = True):
+    """The Config in run_dir's .hydra/config.yaml; None as for `recorded_identity`."""
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
     from .config import from_dict
     try:
-        return from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True)).identity()
+        return from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     except Exception as e:  # hand-edited or of another version: nothing to compare with, as before it was kept
         if not warn:
             return None

@@ -162,7 +162,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         raise ConfigError(f"two sweep points map to the same run folder {twice.name}; give each swept value once")
     _check_distinct_configs(points)
     if sweep_dir is not None:
-        _refuse_retraining(points, sweep_dir)
+        _refuse_retraining(points, sweep_dir, {_key(o) for o in swept[0]})
     lead, limit = cluster["signal_lead_s"], cluster["timeout_min"] * 60
     if 2 * lead > limit:  # legal, but each start trains little and every time limit uses up a requeue
         then = ("and is requeued, and each time limit counts against checkpoint.max_requeues"
@@ -239,23 +239,29 @@ def _check_distinct_configs(points: list[Point]) -> None:
         seen[key] = p
 
 
-def _refuse_retraining(points: list[Point], sweep_dir: Path) -> None:
+def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) -> None:
     """A point whose config another point folder of the sweep holds under another name (a key newly swept:
     optim.lr=0.05,0.1 where seed alone was) would train that config again from scratch, a second W&B run of it
-    in the group: refused, naming both (the configs as train records them, .hydra/config.yaml)."""
-    from .checkpoint import recorded_identity
+    in the group: refused, naming both (the configs as train records them, .hydra/config.yaml). Not where the
+    two differ in a swept key a resume may change (a sweep over trainer.epochs: one identity, distinct runs)."""
+    import dataclasses
+    from .checkpoint import recorded_config
+    from .config import flatten
     new = {p.run_dir: p for p in points if p.skip is None and p.cfg is not None}
     try:
         others = [d for d in sweep_dir.iterdir() if d.is_dir() and d not in new]
     except (FileNotFoundError, NotADirectoryError):
         return
-    held = {}
+    held: dict[str, list] = {}
     for d in sorted(others):
-        ident = recorded_identity(d, warn=False)
-        if ident is not None:
-            held.setdefault(json.dumps(ident, sort_keys=True, default=str), d)
+        cfg = recorded_config(d, warn=False)
+        if cfg is not None:
+            held.setdefault(json.dumps(cfg.identity(), sort_keys=True, default=str), []).append((d, cfg))
     for p in new.values():
-        twin = held.get(json.dumps(p.cfg.identity(), sort_keys=True, default=str))
+        mine = flatten(dataclasses.asdict(p.cfg))
+        twin = next((d for d, cfg in held.get(json.dumps(p.cfg.identity(), sort_keys=True, default=str), [])
+                     if not any(mine.get(k) != v for k, v in flatten(dataclasses.asdict(cfg)).items()
+                                if k in swept)), None)
         if twin is not None:
             raise ConfigError(f"sweep point {p.run_dir.name} has the config of {twin.name}, already in this sweep "
                               f"under another name: it would train it again from scratch. Leave that value out and "

@@ -568,6 +568,16 @@ def test_a_point_newly_named_with_the_config_of_an_earlier_point_is_refused(tmp_
     code, out, err = run_submit(capsys, *base, "optim.lr=choice(0.1)", "seed=7,8")  # the new values only
     assert code == 0, err
     assert [ln.split()[0] for ln in out.splitlines()] == [str(sweep / f"optim.lr=0.1,seed={s}") for s in (7, 8)]
+    # a sweep over a key a resume may change (one identity): its points are distinct runs, submitted again as such
+    long, tiny = tmp_path / "long", [o for o in TINY if not o.startswith("trainer.epochs=")]
+    first = long / "trainer.epochs=1"
+    (first / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(compose(["cluster=local", *tiny, "trainer.epochs=1"]).cfg_dict),
+                   first / ".hydra" / "config.yaml")
+    (first / "status.json").write_text(json.dumps({"state": "interrupted", "updated": time.time()}))
+    code, out, err = run_submit(capsys, "--dry-run", "-m", "cluster=local", "cluster.array_parallelism=2", *tiny,
+                                "trainer.epochs=1,2", f"hydra.sweep.dir={long}")
+    assert code == 0 and "has the config of" not in err, err
 
 
 def test_a_sweep_with_nothing_swept_says_so(tmp_path, on_path, capsys, monkeypatch):
