@@ -261,7 +261,7 @@ def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) ->
         mine = flatten(dataclasses.asdict(p.cfg))
         twin = next((d for d, cfg in held.get(json.dumps(p.cfg.identity(), sort_keys=True, default=str), [])
                      if not any(mine.get(k) != v for k, v in flatten(dataclasses.asdict(cfg)).items()
-                                if k in swept)), None)
+                                if k in swept or k.split(".")[0] in swept)), None)  # a key, or its group swept
         if twin is not None:
             raise ConfigError(f"sweep point {p.run_dir.name} has the config of {twin.name}, already in this sweep "
                               f"under another name: it would train it again from scratch. Leave that value out and "
