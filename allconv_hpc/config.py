@@ -365,10 +365,9 @@ class Config:
         mine = {k: v for k, v in mine.items() if k not in unused}
         theirs = {k: v for k, v in theirs.items() if k not in unused}
         if mine != theirs:
-            diff = [f"{k}: {as_given(theirs.get(k))} -> {as_given(mine.get(k))}" for k in sorted(set(mine) | set(theirs))
-                    if mine.get(k) != theirs.get(k)]
-            back = " ".join(f"{k}={as_given(theirs[k])}" for k in sorted(set(mine) | set(theirs))
-                            if k in theirs and mine.get(k) != theirs.get(k))
+            differ = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+            diff = [f"{k}: {as_given(theirs.get(k))} -> {as_given(mine.get(k))}" for k in differ]
+            back = " ".join(f"{k}={as_given(theirs[k])}" for k in differ if k in theirs)
             raise OtherConfig(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
                               f"another {folder_key}, or checkpoint.resume=never to start over (old checkpoints "
                               f"are kept); an override left out of this command? {back} resumes that run", diff)

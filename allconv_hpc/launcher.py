@@ -126,8 +126,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         if c.cfg.data.root != given_root:  # the jobs may start in another folder
             ov = [o for o in ov if _key(o) != "data.root"] + [f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
-        if mine["backend"] == "slurm" and shutil.which("sbatch") and slurm_conf_missing():
-            raise ConfigError(slurm_conf_missing())  # at once: every Slurm command would retry it for 60 s
+        if mine["backend"] == "slurm" and shutil.which("sbatch") and (no_conf := slurm_conf_missing()):
+            raise ConfigError(no_conf)  # at once: every Slurm command would retry it for 60 s
         dated = dated_dir_warning(c, "hydra.run.dir", c.run_dir) if sweep_dir is None else []
         for said in c.cfg.warnings() + unread_said(c, s) + dated:  # a swept key's said once for the sweep, not per value
             if said not in warned:  # once for a sweep
@@ -252,14 +252,17 @@ def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) ->
         others = [d for d in sweep_dir.iterdir() if d.is_dir() and d not in new]
     except (FileNotFoundError, NotADirectoryError):
         return
+    def identity(cfg) -> str:
+        return json.dumps(cfg.identity(), sort_keys=True, default=str)
+
     held: dict[str, list] = {}
     for d in sorted(others):
         cfg = recorded_config(d, warn=False)
         if cfg is not None:
-            held.setdefault(json.dumps(cfg.identity(), sort_keys=True, default=str), []).append((d, cfg))
+            held.setdefault(identity(cfg), []).append((d, cfg))
     for p in new.values():
         mine = flatten(dataclasses.asdict(p.cfg))
-        twin = next((d for d, cfg in held.get(json.dumps(p.cfg.identity(), sort_keys=True, default=str), [])
+        twin = next((d for d, cfg in held.get(identity(p.cfg), [])
                      if not any(mine.get(k) != v for k, v in flatten(dataclasses.asdict(cfg)).items()
                                 if k in swept or k.split(".")[0] in swept)), None)  # a key, or its group swept
         if twin is not None:

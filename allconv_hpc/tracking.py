@@ -178,7 +178,8 @@ class Tracker:
             if kept and have is not None:
                 self._relog_lost(kept, have)
             # epochs the checkpoint holds whose evaluation W&B lacks: logged (and recorded) for sure, now lost
-            lost = [r["epoch"] for r in history_rows if gone and have is not None and (r.get("step") or 0) > have]
+            lost = ([r["epoch"] for r in history_rows if (r.get("step") or 0) > have] if gone and have is not None
+                    else [])
             if lost:
                 log.warning("%s is missing (deleted?), and this run's W&B record ends at step %d, before the "
                             "checkpoint's step %d: what earlier processes logged after step %d (the evaluations "
