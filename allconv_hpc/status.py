@@ -43,7 +43,8 @@ def job_records(folder: Path) -> list[dict]:
         jobs = sweep.get("jobs")
         if not isinstance(jobs, list) or not jobs:
             raise DamagedFile(f"{path}: no 'jobs' list, or an empty one; {FIXES[path.name]}")
-        return [_point_job(_here(check_keys(rec, JOB_KEYS, path, f"job {i + 1}: "), folder, sweep=True))
+        return [_point_job({**_here(check_keys(rec, JOB_KEYS, path, f"job {i + 1}: "), folder, sweep=True),
+                            "started_by": "sweep"})
                 for i, rec in enumerate(jobs)]
     path = folder / "submission.json"
     rec = read_record(path)
@@ -316,7 +317,7 @@ def run_rows(folder: Path) -> list[dict]:
             # last epoch): the run is done, not failed, and a new submit would find nothing to do
             state, failed = f"{state} (run completed)", False
         # until this job writes status.json, progress is the earlier job's, towards this job's trainer.epochs
-        target = st.get("epochs", "?") if current or not rec.get("epochs") else rec["epochs"]
+        target = st.get("epochs") if current or not rec.get("epochs") else rec["epochs"]
         error = st.get("error") if current else None  # what the run said when it failed
         if failed and error is None and rec.get("job_id") and not active:
             error = _job_error(rec)  # it failed before its trainer could say why: its tasks' .err files do
@@ -337,14 +338,16 @@ def run_rows(folder: Path) -> list[dict]:
                      "slurm_answered": known if slurm else None,
                      # no_answer: Slurm did not answer and the run has not ended, so it may still be queued
                      "active": (active and not never) or no_answer, "failed": failed or never, "no_answer": no_answer,
-                     "restarts": restarts, "epoch": f"{st.get('epoch', 0)}/{target}",
+                     "restarts": restarts, "epoch": st.get("epoch", 0), "epochs": target,
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
                      "starts_over": run_state in MAY_RESUME and _starts_over(run_dir),
                      # a failed row says its own error; another's record may hide a start that failed since
                      "start_error": _failed_since(run_dir, st) if st and not (active or failed) else None,
-                     "folder": run_dir.name})
+                     "folder": run_dir.name, "run_dir": str(run_dir.resolve()),
+                     "started_by": rec.get("started_by") or ("sbatch" if rec.get("started_by_hand") else "submit"
+                                                            if rec.get("job_id") else "train")})
     return rows
 
 
@@ -402,39 +405,56 @@ def format_table(rows: list[dict]) -> str:
     cols = ["job", "state", "run", "restarts", "epoch", "step", "last_val_acc", "best_val_acc", *test, "wandb_id",
             "folder"]
     fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    cells = [[_epochs(r) if c == "epoch" else fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
 
+def _epochs(row: dict) -> str:
+    """Epochs done of the run's trainer.epochs ("?" where no record says it)."""
+    return f"{row['epoch']}/{'?' if row['epochs'] is None else row['epochs']}"
+
+
 def _errors(rows: list[dict]) -> str:
-    """Below the table: why each failed run failed, where it said; how to go on with one stopped part-way."""
+    """Below the table, a line per note: `folder: note`."""
+    return "".join(f"\n{r['folder']}: {note}" for r in rows for note in notes(r))
+
+
+def notes(r: dict) -> list[str]:
+    """What is said of a row below the table: why it failed, where it said; how to go on with a run stopped
+    part-way."""
     out = []
-    for r in rows:
-        if r["failed"] and r["error"]:
-            out.append(f"{r['folder']}: {r['error']}")
-        if (not r["active"] and r["run"] != "failed"  # a run that failed says why, and what to change, itself
-                and (r["run"] in MAY_RESUME or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, a kill
-                and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
-            ck = r.get("checkpoint_step")
-            then = ("starts it over: it stopped before its first checkpoint" if ck is None else
-                    f"resumes it from its newest checkpoint, step {ck}" if ck >= 0 else
-                    "resumes it from its newest checkpoint")
-            if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
-                then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
-                        f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")
-            done = (f"stopped with epoch {r['epoch']} done (step {r['step']})" if r["state"] != NO_RECORD else
-                    "no status.json (deleted?) to say how far it got")
-            out.append(f"{r['folder']}: {done}; the same submit (or train) command {then}")
-        if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):
-            out.append(f"{r['folder']}: job {r['job']} ended before it started (scancel?); nothing ran: the same "
-                       f"submit command starts it")
-        if r.get("start_error"):
-            out.append(f"{r['folder']}: a later start failed before it wrote status.json (the state shown is the "
-                       f"start before): {r['start_error']}")
-    return "".join(f"\n{line}" for line in out)
+    if r["failed"] and r["error"]:
+        out.append(r["error"])
+    if (not r["active"] and r["run"] != "failed"  # a run that failed says why, and what to change, itself
+            and (r["run"] in MAY_RESUME or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, a kill
+            and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
+        ck = r.get("checkpoint_step")
+        then = ("starts it over: it stopped before its first checkpoint" if ck is None else
+                f"resumes it from its newest checkpoint, step {ck}" if ck >= 0 else
+                "resumes it from its newest checkpoint")
+        if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
+            then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
+                    f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")
+        done = (f"stopped with epoch {_epochs(r)} done (step {r['step']})" if r["state"] != NO_RECORD else
+                "no status.json (deleted?) to say how far it got")
+        out.append(f"{done}; {_same_command(r)} {then}")
+    if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):
+        again = _same_command(r) if r["started_by"] == "sweep" else "the same submit command"  # it was submitted
+        out.append(f"job {r['job']} ended before it started (scancel?); nothing ran: {again} starts it")
+    if r.get("start_error"):
+        out.append(f"a later start failed before it wrote status.json (the state shown is the start before): "
+                   f"{r['start_error']}")
+    return out
+
+
+def _same_command(r: dict) -> str:
+    """The command that goes on with the row's run: a sweep's point is resubmitted with its sweep (a lone
+    `train` would need the point's overrides), a run started by hand is trained again."""
+    return {"sweep": "the same `submit -m` command (the whole sweep)", "train": "the same train command",
+            "sbatch": "the same sbatch (or train) command"}.get(r["started_by"], "the same submit (or train) command")
 
 
 def status_main(argv: list[str]) -> int:
@@ -451,7 +471,8 @@ def status_main(argv: list[str]) -> int:
     except (FileNotFoundError, DamagedFile) as e:
         print(f"allconv-hpc status: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows) + _errors(rows))
+    print(json.dumps([{**r, "notes": notes(r)} for r in rows], indent=1) if args.json
+          else format_table(rows) + _errors(rows))
     silent = [str(r["job"]) for r in rows if r["slurm_answered"] is False]
     if silent:
         why = slurm_conf_missing() or "squeue timed out or failed"
@@ -463,7 +484,7 @@ def status_main(argv: list[str]) -> int:
 WIDE = 8  # jobs: beyond, a progress line counts the states and names only the jobs that changed
 
 
-def _job_state(job: str, state: str, epoch: Optional[int]) -> str:
+def _job_state(job: str, state: str, epoch: Optional[str]) -> str:
     return f"{job}:{state}({'-' if epoch is None else epoch})"
 
 
@@ -496,7 +517,7 @@ def wait_for(folder: Path, poll_s: float = 5.0, jobs: Optional[set] = None) -> i
         except DamagedFile as e:
             print(f"allconv-hpc: error: {e}", file=sys.stderr)
             return 2
-        snap = [(r["job"], r["state"], r["epoch"]) for r in rows]
+        snap = [(r["job"], r["state"], _epochs(r)) for r in rows]
         if snap != last:
             print(time.strftime("%H:%M:%S"), _progress(snap, last), flush=True)
             last = snap

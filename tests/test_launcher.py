@@ -1152,8 +1152,8 @@ def test_a_killed_job_names_its_error_and_the_resume_and_a_lost_status_json_is_n
     assert (row["state"], row["failed"]) == (status.NO_RECORD, False), row
     assert status.status_main([str(hand)]) == 0 and status.wait_for(hand, poll_s=0) == status.EXIT_STOPPED
     assert capsys.readouterr().out.rstrip().endswith(
-        "hand: no status.json (deleted?) to say how far it got; the same submit (or train) command resumes it from "
-        "its newest checkpoint, step 140")
+        "hand: no status.json (deleted?) to say how far it got; the same train command resumes it from "
+        "its newest checkpoint, step 140")  # started by hand, no job: train, not submit
 
 
 def test_a_job_scancelled_before_its_run_said_a_word_is_a_stop(tmp_path, on_path, capsys):
@@ -1360,7 +1360,7 @@ def test_an_earlier_jobs_final_state_is_not_the_new_jobs(tmp_path, on_path, caps
     on_path(squeue="echo PENDING", sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=0'")
     row = status.run_rows(run)[0]
     # the old job's progress towards the new job's target, not the old target
-    assert (row["state"], row["run"], row["epoch"], row["restarts"]) == ("PENDING", "-", "1/8", 0), row
+    assert (row["state"], row["run"], row["epoch"], row["epochs"], row["restarts"]) == ("PENDING", "-", 1, 8, 0), row
     assert not status.is_failed(row) and row["active"]
     assert status.status_main([str(run)]) == 0
     # the new job vanished without a word: LOST, not the old run's final state
@@ -1372,7 +1372,7 @@ def test_an_earlier_jobs_final_state_is_not_the_new_jobs(tmp_path, on_path, caps
     # written by this submission's job: trusted
     (run / "status.json").write_text(json.dumps({**st, "state": "completed", "updated": 2001.0}))
     assert status.run_rows(run)[0]["state"] == "COMPLETED" and status.status_main([str(run)]) == 0
-    assert status.run_rows(run)[0]["epoch"] == "1/3"  # its own word on its target
+    assert status.run_rows(run)[0]["epochs"] == 3  # its own word on its target
     # a submission.json without a submit time (written before there was one): trusted as before
     (run / "submission.json").write_text(json.dumps({"job_id": "42", "backend": "slurm", "run_dir": str(run)}))
     (run / "status.json").write_text(json.dumps({**st, "state": "completed", "updated": 1000.0}))

@@ -133,7 +133,10 @@ def test_a_moved_run_or_sweep_is_read_where_it_is_now(tmp_path, no_slurm, capsys
         assert status.status_main([str(folder), "--json"]) == 0
         rows = json.loads(capsys.readouterr().out)
         # read at the old path these would be LOST (no status.json there) and UNKNOWN
-        assert [(r["state"], r["epoch"]) for r in rows] == [("COMPLETED", "1/3")] * len(rows), rows
+        assert [(r["state"], r["epoch"], r["epochs"]) for r in rows] == [("COMPLETED", 1, 3)] * len(rows), rows
+        # --json gives where each run is now, whole: a script need not join it with the folder it asked about
+        assert [r["run_dir"] for r in rows] == ([str(moved_run.resolve())] if folder == moved_run else
+                                                [str(moved_sweep.resolve() / r["folder"]) for r in rows]), rows
 
 
 def test_a_point_removed_from_a_copied_sweep_is_gone_not_the_originals(tmp_path, no_slurm, capsys):
@@ -145,7 +148,7 @@ def test_a_point_removed_from_a_copied_sweep_is_gone_not_the_originals(tmp_path,
     shutil.rmtree(copy / runs[1].name)
     assert status.status_main([str(copy), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["state"], r["epoch"]) for r in rows] == [("COMPLETED", "1/3"), ("GONE (no run folder)", "0/?")], rows
+    assert [(r["state"], r["epoch"], r["epochs"]) for r in rows] == [("COMPLETED", 1, 3), ("GONE (no run folder)", 0, None)], rows
     assert status.wait_for(copy, poll_s=0) == status.EXIT_STOPPED  # not "every run completed"
     capsys.readouterr()
     assert status.status_main([str(root), "--json"]) == 0  # the original as it was
@@ -424,7 +427,7 @@ def test_a_lock_taken_after_the_last_record_is_a_start_and_one_taken_before_it_a
         (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 2, "epochs": 3,
                                                       "updated": runlock.taken_at(run) + 1}))
         row = status.run_rows(run)[0]
-        assert (row["state"], row["active"], row["epoch"]) == ("INTERRUPTED", False, "2/3"), row
+        assert (row["state"], row["active"], row["epoch"]) == ("INTERRUPTED", False, 2), row
     finally:
         os.close(fd)
     row = status.run_rows(run)[0]
@@ -488,3 +491,17 @@ def test_wait_ends_with_the_failed_runs_error(tmp_path, capsys):
     (sub / job / f"{job}_0_log.err").write_text("allconv-hpc: error: downloading CIFAR-10 failed (URLError)\n")
     assert within(20, status.wait_for, run, poll_s=0.01) == 1
     assert capsys.readouterr().out.rstrip().endswith("run: rank 0: downloading CIFAR-10 failed (URLError)")
+
+
+def test_the_note_of_a_stopped_sweep_point_names_the_sweeps_submit(tmp_path, no_slurm, capsys):
+    """A sweep's point stopped part-way is resumed by submitting the sweep again (a lone train would need the
+    point's overrides); the same point submitted on its own since, by that submit."""
+    root, runs = sweep(tmp_path)
+    (runs[1] / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 1, "epochs": 3}))
+    assert status.status_main([str(root), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["notes"] for r in rows] == [[], ["stopped with epoch 1/3 done (step 0); the same `submit -m` command "
+                                              "(the whole sweep) starts it over: it stopped before its first checkpoint"]]
+    assert status.status_main([str(runs[1])]) == 0  # asked about the point alone: its own submission.json
+    assert capsys.readouterr().out.rstrip().endswith("p1: stopped with epoch 1/3 done (step 0); the same submit (or "
+                                                     "train) command starts it over: it stopped before its first checkpoint")
