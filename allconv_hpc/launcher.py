@@ -25,7 +25,8 @@ from . import runlock
 from .executor import check_can_start, make_executor, release_held, sbatch_refused, sbatch_said, sbatch_script
 from .fsio import name_too_long, read_json, write_atomic
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
-from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, ignore_late_signals, slurm_conf_missing
+from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SIGNAL_LEAD_ENV, ignore_late_signals,
+                      slurm_conf_missing)
 from .resources import signal_name, validate_cluster, warn
 from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
 
@@ -414,7 +415,7 @@ class TrainJob:
         catch_early(self.signal)
         if controller_gone():  # cluster=local: stop as its controller's death signal asks, taken after all
             signal.raise_signal(DEATH_SIGNAL)
-        os.environ["ALLCONV_SIGNAL_LEAD_S"] = str(self.signal_lead_s)
+        os.environ[SIGNAL_LEAD_ENV] = str(self.signal_lead_s)
         if self.local_port:
             os.environ[LOCAL_PORT_ENV] = str(self.local_port)
         controller = os.getppid()  # submitit's local controller, whose other children are this job's ranks

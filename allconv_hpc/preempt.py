@@ -28,6 +28,27 @@ EXIT_INTERRUPTED = 3     # stopped on a signal with a checkpoint saved; not requ
 EXIT_REQUEUED = 5        # checkpoint saved and the job put back in the queue; the CLI exits 0 for it
 EXIT_GAVE_UP = 4         # time limit hit more than checkpoint.max_requeues times
 
+# seconds before the time limit that Slurm's --signal warns: submit sets it for its jobs, slurm/train.sbatch exports it
+SIGNAL_LEAD_ENV = "ALLCONV_SIGNAL_LEAD_S"
+DEFAULT_SIGNAL_LEAD_S = 120.0
+
+
+def signal_lead_s() -> float:
+    """The signal lead this job was given; ValueError naming the variable and the fix for one that is no number
+    of seconds (read at start-up too, so a typo fails there, not at the time limit)."""
+    raw = os.environ.get(SIGNAL_LEAD_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SIGNAL_LEAD_S
+    try:
+        lead = float(raw)
+    except ValueError:
+        lead = -1.0
+    if not 0 <= lead < float("inf"):
+        raise ValueError(f"{SIGNAL_LEAD_ENV}={raw!r} is not a number of seconds >= 0: set it to the seconds of the job's "
+                         f"--signal=...@SECONDS (e.g. {SIGNAL_LEAD_ENV}=120 with --signal=USR2@120), or unset it for "
+                         f"{DEFAULT_SIGNAL_LEAD_S:g}")
+    return lead
+
 
 def slurm_conf_missing() -> Optional[str]:
     """Why no Slurm command can answer here, when SLURM_CONF names a file that is not there: each would retry

@@ -36,7 +36,7 @@ from .models import build_model, count_parameters, summary
 from .resume import (TrainState, best_file_holds, restore, rng_state, set_rng_state, warn_copied_run,
                      warn_reshaped_schedule)
 from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest, sigint_deferred,
-                      take_early_stop)
+                      signal_lead_s, take_early_stop)
 from .schedule import lr_factor
 from .history import HISTORY_FILE, write_history
 from .tracking import ID_FILE, STEPS_FILE, NullTracker, make_tracker
@@ -97,6 +97,10 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
     if not cuda and t.precision not in CPU_PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
                           f"(trainer.device={t.device}); use trainer.precision=fp32 (or auto) on CPU")
+    try:
+        signal_lead_s()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if t.compile:
         with sigint_deferred():  # inductor imports torch._dynamo, and with it Triton (see make_sgd)
             _check_compiler(cuda)
@@ -735,7 +739,7 @@ class Trainer:
             got = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
             log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", got,
                         self._phase, st.global_step)
-        lead = float(os.environ.get("ALLCONV_SIGNAL_LEAD_S", 120))
+        lead = signal_lead_s()  # checked in check_launch
         kind = self.dist.broadcast_object(classify_stop(self._agreed, self.slurm, lead) if self.env.is_main else None)
         decision = "interrupted"
         if kind == "timeout" and not st.count_timeout(self.slurm.job_id, self.cfg.checkpoint.max_requeues):

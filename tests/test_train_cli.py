@@ -382,6 +382,19 @@ def test_compile_without_a_compiler_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_signal_lead_that_is_no_number_is_refused_at_start_not_at_the_time_limit(tmp_path):
+    """ALLCONV_SIGNAL_LEAD_S (exported by slurm/train.sbatch) was first read at the stop: a typo made the job
+    fail with a traceback exactly where it should have checkpointed and requeued."""
+    for bad in ("abc", "-1"):
+        r = subprocess.run([console_script(), "train", *TINY, f"hydra.run.dir={tmp_path / 'run'}"],
+                           env=clean_env(tmp_path, ALLCONV_SIGNAL_LEAD_S=bad), capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert (f"ALLCONV_SIGNAL_LEAD_S='{bad}' is not a number of seconds >= 0: set it to the seconds of the job's "
+                f"--signal=...@SECONDS") in r.stderr, r.stderr
+        assert not (tmp_path / "run").exists()
+
+
 def test_wheel_install_trains_from_any_folder(tmp_path):
     """The configs ship inside the wheel (as allconv_hpc.conf): a plain install works outside the repo."""
     repo = Path(__file__).resolve().parent.parent
