@@ -310,8 +310,10 @@ def load(cfg: DataConfig, seed: int) -> Dataset:
     return Dataset(train, test, lay.mean, lay.std, _read_classes(folder / lay.meta, lay), val)
 
 
-def _check_sizes(cfg: DataConfig, n_train: int, n_test: int, folder: Path) -> None:
-    """The files' image counts against data.val_size, train_size and test_size."""
+def _check_sizes(cfg: DataConfig, n_train: int, n_test: int, folder: Path,
+                 drop_last_batch: Optional[int] = None) -> None:
+    """The files' image counts against data.val_size, train_size and test_size, and the batch that
+    trainer.drop_last keeps whole (None without it)."""
     lay = _layout(cfg.name)
     for name, n, files in (("training", n_train, lay.train), ("test", n_test, lay.test)):
         if not n:  # a copy cut short: fail now, not with a division by zero after an epoch
@@ -326,11 +328,20 @@ def _check_sizes(cfg: DataConfig, n_train: int, n_test: int, folder: Path) -> No
         if size is not None and size > n:
             raise DataError(f"data.{key}={size} is larger than the {n} images available{where}; use <= {n} or "
                             f"null for all")
+    used = left if cfg.train_size is None else cfg.train_size
+    if drop_last_batch is not None and drop_last_batch > used:  # a copy smaller than the config says (a cut one)
+        raise DataError(_no_step(drop_last_batch, used, f" in {folder}"))
 
 
-def check_files(cfg: DataConfig) -> None:
+def _no_step(global_batch: int, n: int, where: str = "") -> str:
+    return (f"trainer.batch_size={global_batch} with trainer.drop_last=true leaves no step for {n} training "
+            f"images{where}; lower the batch size or set trainer.drop_last=false")
+
+
+def check_files(cfg: DataConfig, drop_last_batch: Optional[int] = None) -> None:
     """The dataset's files read and checked as a job would read them (shapes, labels, class names, what the
-    pickles name) and data.val_size / train_size / test_size against them, for `submit`: a job must not wait
+    pickles name) and data.val_size / train_size / test_size (and the batch trainer.drop_last keeps whole: it
+    must leave a step) against them, for `submit`: a job must not wait
     in the queue to learn that a file is damaged inside or its subset is larger than the data. About a second
     for CIFAR, once per folder for a sweep; nothing when a file is missing (check_present, or a download in
     the job, deals with those)."""
@@ -340,7 +351,7 @@ def check_files(cfg: DataConfig) -> None:
     if missing:
         return
     stamp = tuple((f, st.st_mtime_ns, st.st_size) for f in files for st in [(folder / f).stat()])
-    _check_sizes(cfg, *_checked_counts(folder, cfg.name, stamp), folder)
+    _check_sizes(cfg, *_checked_counts(folder, cfg.name, stamp), folder, drop_last_batch)
 
 
 @lru_cache(maxsize=8)
@@ -493,8 +504,7 @@ class TrainBatches:
         if n == 0:
             raise DataError("there are no training images to train on; check data.train_size and the dataset")
         if drop_last and global_batch > n:
-            raise DataError(f"trainer.batch_size={global_batch} with trainer.drop_last=true leaves no step "
-                            f"for {n} training images; lower the batch size or set trainer.drop_last=false")
+            raise DataError(_no_step(global_batch, n))
         self.images, self.labels = images_dev, labels_dev
         self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
         self.seed, self.augment, self.fill = seed, augment, aug.augment_mode_fill(augment)

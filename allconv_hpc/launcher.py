@@ -121,7 +121,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         elif root_said:
             print(f"allconv-hpc submit: {root_said[1]}", file=sys.stderr)
         check_present(c.cfg.data)
-        check_files(c.cfg.data)  # a file damaged inside, a subset larger than the files: now, not after the queue
+        # a file damaged inside, a subset (or a drop_last batch) larger than the files: now, not after the queue
+        check_files(c.cfg.data, _drop_last_batch(c.cfg))
         if to_download(c.cfg.data):
             fetch.setdefault((c.cfg.data.name, c.cfg.data.root), c.cfg.data)
         if c.cfg.data.root != given_root:  # the jobs may start in another folder
@@ -198,8 +199,12 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             fetch_for_submit(data)
     if fetch and not dry_run:
         for p in points:
-            check_files(p.cfg.data)  # skipped above while the files were missing
+            check_files(p.cfg.data, _drop_last_batch(p.cfg))  # skipped above while the files were missing
     return points, sweep_dir, cluster
+
+
+def _drop_last_batch(cfg) -> Optional[int]:
+    return cfg.trainer.batch_size if cfg.trainer.drop_last else None
 
 
 def _refuse_hydra_launcher(overrides: list[str]) -> None:

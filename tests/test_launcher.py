@@ -607,7 +607,19 @@ def test_a_subset_larger_than_the_data_is_refused_before_the_queue(tmp_path, on_
     assert code == 2 and "data.train_size=30 is larger than the 20 images available; use <= 20" in err, err
     code, out, err = run_submit(capsys, *args, "data.test_size=9")
     assert code == 2 and "data.test_size=9 is larger than the 8 images available; use <= 8" in err, err
+    # a drop_last batch the cut copy cannot fill (the config's own check knows only the official 50,000 images);
+    # it was refused in the job, after the queue
+    args = [a for a in args if not a.startswith("trainer.batch_size")]
+    code, out, err = run_submit(capsys, *args, "trainer.drop_last=true", "trainer.batch_size=8,24")
+    assert code == 2 and (f"trainer.batch_size=24 with trainer.drop_last=true leaves no step for 20 training images in "
+                          f"{tmp_path / 'c10'}") in err, err
+    code, out, err = run_submit(capsys, *args, "trainer.drop_last=true", "trainer.batch_size=24", "data.val_size=5",
+                                "--dry-run")
+    assert code == 2 and "leaves no step for 15 training images" in err, err  # what the held-out images leave
     assert not (tmp_path / "sw").exists() and not log.exists()  # no folder, nothing handed to sbatch
+    on_path(sbatch="exit 0")  # --test-only
+    code, out, err = run_submit(capsys, *args, "trainer.drop_last=true", "trainer.batch_size=20", "--dry-run")
+    assert code == 0, err  # one step: the batch fits
 
 
 def test_sbatch_rejecting_the_job_is_one_line_and_leaves_no_folder(tmp_path, on_path, capsys, monkeypatch):
