@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit raises again
         return 141  # as a shell reports a writer killed by SIGPIPE
+    except KeyboardInterrupt:  # status, evaluate, --print-config: they only read (submit says what it queued)
+        print(f"allconv-hpc{' ' + argv[0] if argv else ''}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 # what torchrun's failure report says of a worker that stopped on purpose (it says "FAILED" of any non-zero exit,

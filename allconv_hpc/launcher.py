@@ -26,7 +26,7 @@ from .executor import check_can_start, make_executor, release_held, sbatch_refus
 from .fsio import name_too_long, read_json, write_atomic
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
 from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SIGNAL_LEAD_ENV, ignore_late_signals,
-                      slurm_conf_missing)
+                      sigint_deferred, slurm_conf_missing)
 from .resources import signal_name, validate_cluster, warn
 from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
 
@@ -537,22 +537,35 @@ def submit_lock(folder: Path):
         os.close(fd)
 
 
-def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict, attach: bool = False) -> list:
-    """Submit the points not marked `skip` (one job, or one array); returns their submitit jobs. Under the
-    folder's lock every point is checked again first (another submit may have queued it since `plan`); a
-    point now refused raises ConfigError, one now queued by a sweep's other submit is skipped. `attach`
-    (submit --wait): a cluster=local job stays in this terminal's session (executor.make_executor)."""
+def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict,
+           attach: bool = False) -> tuple[list, bool]:
+    """Submit the points not marked `skip` (one job, or one array); returns their submitit jobs, and whether a
+    Ctrl-C came while they were queued (taken once they are recorded and released: KeyboardInterrupt where it
+    stopped sbatch, nothing queued). Under the folder's lock every point is checked again first (another submit
+    may have queued it since `plan`); a point now refused raises ConfigError, one now queued by a sweep's other
+    submit is skipped. `attach` (submit --wait): a cluster=local job stays in this terminal's session
+    (executor.make_executor)."""
     todo = [p for p in points if p.skip is None]
     base = sweep_dir if sweep_dir is not None else todo[0].run_dir
     check_can_start(points, sweep_dir, cluster)
-    with submit_lock(base):
-        for p in todo:
-            if p.cfg is not None:
-                p.skip = check_run_folder(p.run_dir, p.cfg, sweep=sweep_dir is not None, overrides=p.overrides)
-        jobs = _submit_locked(points, sweep_dir, cluster, base, attach)
-    if jobs and cluster["backend"] == "slurm" and not (cluster.get("additional_parameters") or {}).get("hold"):
-        release_held(jobs)  # after the lock: a failure must not remove the folders of queued jobs
-    return jobs
+    jobs, got = None, []
+    try:
+        with contextlib.ExitStack() as held:
+            with submit_lock(base):
+                for p in todo:
+                    if p.cfg is not None:
+                        p.skip = check_run_folder(p.run_dir, p.cfg, sweep=sweep_dir is not None, overrides=p.overrides)
+                # from sbatch until the jobs are recorded and released: a Ctrl-C then left queued jobs unrecorded
+                # (a second submit queued them again) or held
+                got = held.enter_context(sigint_deferred(take=False))
+                jobs = _submit_locked(points, sweep_dir, cluster, base, attach)
+            if jobs and cluster["backend"] == "slurm" and not (cluster.get("additional_parameters") or {}).get("hold"):
+                release_held(jobs)  # after the lock: a failure must not remove the folders of queued jobs
+    except ConfigError:
+        if got and jobs is None:  # the terminal's Ctrl-C reached sbatch too, which queued nothing
+            raise KeyboardInterrupt from None
+        raise
+    return jobs, bool(got)
 
 
 def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict, base: Path,
@@ -695,12 +708,16 @@ def submit_main(argv: list[str]) -> int:
             if slurm_here:
                 check_can_start(points, sweep_dir, cluster)
             return 0
-        jobs = submit(points, sweep_dir, cluster, attach=args.wait) if any(p.skip is None for p in points) else []
+        jobs, interrupted = (submit(points, sweep_dir, cluster, attach=args.wait)
+                             if any(p.skip is None for p in points) else ([], False))
         _print_skipped(points)  # also what another submit queued meanwhile
         todo = [p for p in points if p.skip is None]
     except ConfigError as e:
         print(f"allconv-hpc submit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any sbatch, or one the same Ctrl-C stopped
+        print("allconv-hpc submit: interrupted (Ctrl-C); nothing was queued", file=sys.stderr)
+        return 130
     for p, j in zip(todo, jobs):
         print(f"job {j.job_id}  {p.run_dir}")
     if jobs and cluster["backend"] == "slurm" and (cluster.get("additional_parameters") or {}).get("hold"):
@@ -712,6 +729,10 @@ def submit_main(argv: list[str]) -> int:
         print(f"nothing to submit: every run is completed or queued{grow}")
     print(f"{'sweep' if sweep_dir is not None else 'run'} folder: {where}")
     print(f"watch it with: allconv-hpc status {shlex.quote(str(where))}")
+    if interrupted:
+        print("allconv-hpc submit: interrupted (Ctrl-C) while submitting: the jobs above were queued and recorded "
+              "first" + (", not watched" if args.wait else ""), file=sys.stderr)
+        return 130
     if args.wait:
         from .status import wait_for
         try:

@@ -141,23 +141,26 @@ def take_early_stop() -> Optional[str]:
 
 
 @contextmanager
-def sigint_deferred() -> Iterator[None]:
+def sigint_deferred(take: bool = True) -> Iterator[list[int]]:
     """A Ctrl-C during the block is taken when it ends. For code that swallows Python's KeyboardInterrupt: the
     first `import torch._dynamo` loads Triton's C++ library, whose start-up runs Python and drops an exception
     raised in it, so a Ctrl-C then was lost and start-up went on into training (seen: 1 in 2 at that moment).
-    SIGINT left ignored (`nohup`, a script's `cmd &`) stays ignored; not in a thread (no handlers there)."""
+    SIGINT left ignored (`nohup`, a script's `cmd &`) stays ignored; not in a thread (no handlers there).
+    Yields the list of SIGINTs received; `take=False` leaves them to the caller (nothing is raised)."""
     import threading
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        yield
-        return
     got: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        yield got
+        return
     before = signal.signal(signal.SIGINT, lambda s, frame: got.append(s))
     if before is None:  # a handler set outside Python: put back the default, the nearest Python can
         before = signal.SIG_DFL
     try:
-        yield
+        yield got
     finally:
         signal.signal(signal.SIGINT, before)
+    if not take:
+        return
     if got and callable(before):
         before(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt, here, past the code that ate it
     elif got and before == signal.SIG_DFL:

@@ -506,16 +506,17 @@ def _progress(snap: list[tuple], last: Optional[list[tuple]]) -> str:
 def wait_for(folder: Path, poll_s: float = 5.0, jobs: Optional[set] = None) -> int:
     """Print state changes until no job is queued or running; 1 if any failed, 3 if none failed but a run stopped
     unfinished (interrupted: a signal, with a checkpoint), 2 (as `status`) when a record is damaged (it stays so:
-    waiting on would never end), else 0. `jobs`: the ids of the jobs to watch (a sweep's points submitted again
-    by this submit), not the sweep's others, which may have failed long before."""
+    waiting on would never end) or the folder is gone (moved or removed), else 0. `jobs`: the ids of the jobs to
+    watch (a sweep's points submitted again by this submit), not the sweep's others, which may have failed long
+    before."""
     last = None
     while True:
         try:
             every = run_rows(folder)
             rows = [r for r in every if str(r["job"]) in jobs] if jobs else every
             rows = rows or every  # none of them found (records rewritten meanwhile): the folder's
-        except DamagedFile as e:
-            print(f"allconv-hpc: error: {e}", file=sys.stderr)
+        except (DamagedFile, FileNotFoundError) as e:  # FileNotFoundError: the folder moved or removed meanwhile
+            print(f"allconv-hpc submit: error: {e}; stopped watching (the jobs go on)", file=sys.stderr)
             return 2
         snap = [(r["job"], r["state"], _epochs(r)) for r in rows]
         if snap != last:

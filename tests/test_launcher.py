@@ -2179,3 +2179,37 @@ def test_a_misspelt_submit_option_is_named_alone_with_the_closest_one(capsys):
     assert e.value.code == 2 and err.strip().endswith(
         "error: unrecognized argument --wiat (did you mean --wait?); submit takes -m/--multirun, --wait, --dry-run "
         "and Hydra overrides (key=value)"), err
+
+
+def test_a_ctrl_c_while_sbatch_queues_is_taken_once_the_jobs_are_recorded(tmp_path, on_path):
+    """A SIGINT to submit while sbatch ran raised at once: the job was queued but neither recorded (a second
+    submit queued it again) nor released (held for ever); one before sbatch was a traceback. Real processes,
+    real SIGINTs (the fake sbatch sends it to submit, its parent)."""
+    calls = tmp_path / "calls"
+    sleep = shutil.which("sleep")  # not on the fake PATH
+
+    def submit(sbatch: str, run: str) -> subprocess.CompletedProcess:
+        on_path(sbatch=sbatch, scontrol=f'echo "scontrol $*" >> {calls}')
+        env = {**os.environ, "PATH": os.environ["PATH"]}  # on_path's: the fake commands first
+        return subprocess.run([sys.executable, "-m", "allconv_hpc", "submit", "cluster=slurm", *TINY,
+                               f"hydra.run.dir={tmp_path / run}"], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+
+    # while sbatch queues: recorded, released, said, 130
+    r = submit('[ "$1" = --test-only ] && exit 0; kill -INT $PPID; echo "Submitted batch job 77"', "run")
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.startswith("job 77 ") and ("interrupted (Ctrl-C) while submitting: the jobs above were queued "
+                                               "and recorded first") in r.stderr, (r.stdout, r.stderr)
+    assert json.loads((tmp_path / "run" / "submission.json").read_text())["job_id"] == "77"
+    assert calls.read_text() == "scontrol release 77\n"
+    # the terminal's Ctrl-C stops sbatch as well: nothing queued, no folder left
+    r = submit('[ "$1" = --test-only ] && exit 0; kill -INT $PPID; kill -INT $$', "run2")
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().endswith("allconv-hpc submit: interrupted (Ctrl-C); nothing was queued"), r.stderr
+    assert not (tmp_path / "run2").exists()
+    # before sbatch (its --test-only): nothing queued either
+    r = submit(f'[ "$1" = --test-only ] && {{ kill -INT $PPID; exec {sleep} 5; }}; echo "Submitted batch job 78"',
+               "run3")
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().endswith("allconv-hpc submit: interrupted (Ctrl-C); nothing was queued"), r.stderr
+    assert not (tmp_path / "run3").exists() and calls.read_text() == "scontrol release 77\n"

@@ -505,3 +505,24 @@ def test_the_note_of_a_stopped_sweep_point_names_the_sweeps_submit(tmp_path, no_
     assert status.status_main([str(runs[1])]) == 0  # asked about the point alone: its own submission.json
     assert capsys.readouterr().out.rstrip().endswith("p1: stopped with epoch 1/3 done (step 0); the same submit (or "
                                                      "train) command starts it over: it stopped before its first checkpoint")
+
+
+def test_ctrl_c_in_status_is_one_line_and_130(tmp_path):
+    """A Ctrl-C while squeue is asked (slow on a busy controller) was a KeyboardInterrupt traceback."""
+    run = write_run(tmp_path / "run", "running")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "squeue").write_text(f"#!/bin/sh\nkill -INT $PPID\nexec {shutil.which('sleep')} 5\n")
+    (bin_ / "squeue").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "status", str(run)], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (130, "allconv-hpc status: interrupted (Ctrl-C)\n"), r.stderr
+
+
+def test_wait_on_a_folder_removed_meanwhile_stops_with_one_line(tmp_path, no_slurm, capsys):
+    """`submit --wait` whose sweep folder is moved away: a FileNotFoundError traceback before."""
+    assert status.wait_for(tmp_path / "gone", poll_s=0) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"allconv-hpc submit: error: {tmp_path / 'gone'} does not exist") and err.rstrip().endswith(
+        "stopped watching (the jobs go on)"), err
