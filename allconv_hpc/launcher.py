@@ -307,6 +307,9 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
             raise ConfigError(f"squeue did not answer whether job {rec['job_id']}, the last one submitted into "
                               f"{run_dir}, is still queued or running; submit again when `squeue -j "
                               f"{rec['job_id']}` answers")
+        if state == "COMPLETING" and sweep:  # a stopped point is resumed by the next submit, not this one
+            return (f"job {rec['job_id']} is still ending (COMPLETING); if it did not complete the run, submit "
+                    f"again in a few seconds")
         if state in ACTIVE_STATES and sweep:
             if overrides is not None and sorted(rec.get("overrides") or []) != sorted(overrides):
                 _check_resumable_later(run_dir, cfg, rec, state)
@@ -603,15 +606,23 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
             # (cluster=local: its controller makes it again, in the background)
             (base / ".submitit" / "%j").rmdir()
     records = []
-    for p, j in zip(points, jobs):
-        p.run_dir.mkdir(parents=True, exist_ok=True)
-        rec = {"job_id": str(j.job_id), "backend": cluster["backend"], "run_dir": str(p.run_dir),
-               "overrides": p.overrides, "submitted": now, "submitit_folder": str(base / ".submitit"),
-               "epochs": p.cfg.trainer.epochs if p.cfg is not None else None}  # status: progress before the job starts
-        _write_json(p.run_dir / "submission.json", rec)
-        records.append(rec)
-    if sweep_dir is not None:
-        _write_sweep(sweep_dir, every, records, cluster, now)
+    try:
+        for p, j in zip(points, jobs):
+            p.run_dir.mkdir(parents=True, exist_ok=True)
+            rec = {"job_id": str(j.job_id), "backend": cluster["backend"], "run_dir": str(p.run_dir),
+                   "overrides": p.overrides, "submitted": now, "submitit_folder": str(base / ".submitit"),
+                   "epochs": p.cfg.trainer.epochs if p.cfg is not None else None}  # status: progress before it starts
+            _write_json(p.run_dir / "submission.json", rec)
+            records.append(rec)
+        if sweep_dir is not None:
+            _write_sweep(sweep_dir, every, records, cluster, now)
+    except OSError as e:  # a full disk, a quota: a job no record names would be queued again by the next submit
+        ids = " ".join(dict.fromkeys(str(j.job_id).split("_")[0] for j in jobs))  # an array: its job id
+        if cluster["backend"] == "slurm":  # queued held (not released): nothing has started
+            raise ConfigError(f"job(s) {ids} are queued held, but their record could not be written ({e}); nothing "
+                              f"started: scancel {ids}, make room (quota, free space), and submit again") from None
+        raise ConfigError(f"job(s) {ids} started, but their record could not be written ({e}): stop them (kill -INT "
+                          f"{ids}), make room (quota, free space), and submit again") from None
     return jobs
 
 

@@ -304,8 +304,8 @@ def run_rows(folder: Path) -> list[dict]:
             state = STOPPED_RUN[run_state]
         # scancelled before it started: nothing ran, nothing failed (the same submit starts it). Slurm says CANCELLED
         # while it remembers the job, nothing once it forgot it (no accounting): the same either way
-        cancelled = (slurm and not (st and current) and not active and state in ("CANCELLED", "LOST (never started)")
-                     and _never_started(rec))
+        cancelled = ((slurm or rec.get("backend") == "local") and not (st and current) and not active
+                     and state in ("CANCELLED", "LOST (never started)") and _never_started(rec))
         if cancelled and state == "CANCELLED":
             state = "CANCELLED (never started)"
         failed = not starting and not stopped and not cancelled and (

@@ -669,6 +669,9 @@ def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
     on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && echo COMPLETING')  # scancelled a moment ago: nothing to stop
     with pytest.raises(ConfigError, match=r"has job 42 still ending \(COMPLETING\).*submit again in a few seconds$"):
         launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)
+    # a sweep's point: skipped with the same advice (it was "job 42 (COMPLETING)", as if it ran on)
+    assert launcher.check_run_folder(run, composed(*TINY).cfg, sweep=True) == (
+        "job 42 is still ending (COMPLETING); if it did not complete the run, submit again in a few seconds")
     on_path(squeue="exit 0")  # ended: resubmitting resumes
     assert launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)[0][0].run_dir == run
 
@@ -1033,6 +1036,16 @@ def test_a_forgotten_job_that_left_no_task_log_never_started(tmp_path, on_path):
     (sub / "7_2" / "7_2_0_log.out").write_text("submitit INFO - Starting\n")  # it started: killed without a word
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == ("LOST", True), row
+    # cluster=local: a controller killed before it started a task (no cluster.setup) is the same, not a failure
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid: the local job's id, a process no more
+    (tmp_path / "local").mkdir()
+    local = write_run(tmp_path / "local", None, job=str(gone.pid), backend="local", submitit_folder=str(sub))
+    (sub / str(gone.pid)).mkdir()
+    (sub / str(gone.pid) / f"{gone.pid}_submission.sh").write_text("#!/bin/bash\n")
+    row = status.run_rows(local)[0]
+    assert (row["state"], row["failed"]) == ("LOST (never started)", False), row
+    assert status.status_main([str(local)]) == 0 and status.wait_for(local, poll_s=0) == status.EXIT_STOPPED
 
 
 def test_a_job_scancelled_while_pending_is_cancelled_not_failed(tmp_path, on_path, capsys):
@@ -2213,3 +2226,20 @@ def test_a_ctrl_c_while_sbatch_queues_is_taken_once_the_jobs_are_recorded(tmp_pa
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().endswith("allconv-hpc submit: interrupted (Ctrl-C); nothing was queued"), r.stderr
     assert not (tmp_path / "run3").exists() and calls.read_text() == "scontrol release 77\n"
+
+
+def test_a_record_that_cannot_be_written_after_sbatch_names_the_held_jobs(tmp_path, on_path, capsys, monkeypatch):
+    """submission.json unwritable once sbatch queued (a full disk, a quota; a stand-in raises ENOSPC): it was a
+    traceback, with the job queued, unrecorded (the next submit queued it again) and held."""
+    import errno
+    calls = tmp_path / "calls"
+    on_path(sbatch="echo 'Submitted batch job 77'", scontrol=f'echo "scontrol $*" >> {calls}')
+
+    def full(path, doc):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(launcher, "_write_json", full)
+    code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert ("job(s) 77 are queued held, but their record could not be written ([Errno 28] No space left on device: "
+            f"'{tmp_path / 'run' / 'submission.json'}'); nothing started: scancel 77, make room") in err, err
+    assert not calls.exists()  # not released: it stays held until cancelled
