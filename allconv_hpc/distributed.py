@@ -368,7 +368,10 @@ def _stops_at_once():
     """SIGTERM, SIGINT and SIGHUP end the process at once while it waits for its peers: the wait is in C++, where
     Python's handlers (preempt.catch_early's flag, Ctrl-C's KeyboardInterrupt) would only run after the timeout,
     and nothing has been trained since this start, so nothing is lost. A signal ignored (nohup) stays ignored;
-    Slurm's warning signal stays recorded for the first step (a requeue)."""
+    Slurm's warning signal stays recorded for the first step (a requeue). A SIGTERM or SIGHUP that came before
+    (in the imports, the lock, the model) ends the start here, StartupStop, rather than wait for peers that
+    may never come (torchrun's SIGTERM after another rank failed, seen: 30 s, then its SIGKILL)."""
+    from .preempt import StartupStop, take_early_stop
     stops = [s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None]
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set from the main thread
         yield
@@ -378,6 +381,9 @@ def _stops_at_once():
         if h is not signal.SIG_IGN:
             signal.signal(s, signal.SIG_DFL)
     try:
+        said = take_early_stop()  # after SIG_DFL: one arriving from now on ends the process itself
+        if said is not None:
+            raise StartupStop(said)
         yield
     finally:
         for s, h in saved.items():

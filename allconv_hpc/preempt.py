@@ -130,6 +130,13 @@ def catch_early(warn_signal: Optional[str] = None) -> None:
         signal.signal(s, _record_early)
 
 
+class StartupStop(Exception):
+    """A SIGTERM or SIGHUP came during start-up (scancel, a kill): every rank ends this start at the same safe point,
+    before training (or at once, before its rendezvous). Nothing was trained since the checkpoint on disk, and
+    Slurm kills a rank that is still busy starting (a resume's data, model, W&B) when KillWait runs out: waiting for
+    the first steps to stop lost the run's last word (seen: CANCELLED read as a failure)."""
+
+
 def take_early_stop() -> Optional[str]:
     """The name of a SIGTERM or SIGHUP that `catch_early` recorded (cleared), else None. A warning signal stays
     recorded: the first training steps requeue the job on it, with a checkpoint."""

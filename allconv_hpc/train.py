@@ -109,7 +109,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         return _interrupted_in_start_up()
     from .preempt import EXIT_INTERRUPTED, EXIT_REQUEUED, catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
-    from .trainer import NonFiniteError, StartupStop, Trainer, check_launch
+    from .preempt import StartupStop
+    from .trainer import NonFiniteError, Trainer, check_launch
     lock_fd = None
     try:
         env = detect_env()
@@ -178,6 +179,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         done = st.get("state") == "completed" and isinstance(epoch, int) and epoch >= composed.cfg.trainer.epochs
         if not done or getattr(trainer, "set_aside", False):  # a rerun of a finished run (nothing to do) stays
             _report(trainer, said, "interrupted", tell_peers=False)  # completed, unless resume=never moved it
+            if trainer is None and env.is_main:  # stopped before its rendezvous
+                _mark_interrupted(composed.run_dir, said)
         code = EXIT_INTERRUPTED
         return code
     except (NonFiniteError, CheckpointError) as e:  # a failed write or an unreadable file: one line
@@ -194,10 +197,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             if trainer is not None:
                 _report(trainer, said, "interrupted")
             elif env.is_main:  # no trainer to say it: status must not read the folder as a failed start
-                from .fsio import read_json, write_atomic
-                path = composed.run_dir / "status.json"
-                write_atomic(path, json.dumps({**read_json(path), "state": "interrupted", "error": said,
-                                               "updated": time.time()}, indent=1).encode())
+                _mark_interrupted(composed.run_dir, said)
             return code
         log.error("interrupted (Ctrl-C) away from a step boundary: stopped at once; the newest checkpoint "
                   "on disk stands")
@@ -267,6 +267,15 @@ def _rank_tag() -> str:
 # set when this rank was Ctrl-C'd before its Trainer existed: its peers may wait for it at the rendezvous, untold
 # (a Trainer tells them: _report); a cluster=local rank then passes the Ctrl-C on (launcher.TrainJob)
 peers_untold = False
+
+
+def _mark_interrupted(run_dir: Path, said: str) -> None:
+    """status.json says a start stopped before its Trainer existed (no Trainer to write it): `status` must not
+    read the folder as a failed start."""
+    from .fsio import read_json, write_atomic
+    path = run_dir / "status.json"
+    write_atomic(path, json.dumps({**read_json(path), "state": "interrupted", "error": said, "updated": time.time()},
+                                  indent=1).encode())
 
 
 def _tell_peers_later() -> None:

@@ -35,8 +35,8 @@ from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .models import build_model, count_parameters, summary
 from .resume import (TrainState, best_file_holds, restore, rng_state, set_rng_state, warn_copied_run,
                      warn_reshaped_schedule)
-from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StopRequest, sigint_deferred,
-                      signal_lead_s, take_early_stop)
+from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StartupStop, StopRequest,
+                      sigint_deferred, signal_lead_s, take_early_stop)
 from .schedule import lr_factor
 from .history import HISTORY_FILE, write_history
 from .tracking import ID_FILE, STEPS_FILE, NullTracker, make_tracker
@@ -47,13 +47,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-class StartupStop(Exception):
-    """A SIGTERM or SIGHUP came during start-up (scancel, a kill): every rank ends this start at the same safe point,
-    before training. Nothing was trained since the checkpoint on disk, and Slurm kills a rank that is still busy
-    starting (a resume's data, model, W&B) when KillWait runs out: waiting for the first steps to stop lost the
-    run's last word (seen: CANCELLED read as a failure)."""
 
 
 @dataclass(frozen=True)
@@ -611,7 +604,9 @@ class Trainer:
                 self._log_train(n_log, t_log, bar)
                 t_log, n_log = time.perf_counter(), 0
             agreed = self._poll(stop)
-            if (every and st.global_step % every == 0) or agreed.due or agreed.stop:
+            # the epoch's last step is saved after its evaluation (the same step: written twice before)
+            periodic = (every and st.global_step % every == 0) or agreed.due
+            if agreed.stop or (periodic and st.step_in_epoch < self.steps_per_epoch):
                 self.save()
                 if not agreed.stop:  # `status` shows the progress of a long epoch (a stop writes its own)
                     self.write_status("running")

@@ -193,6 +193,36 @@ def test_a_rank_waiting_for_its_peers_stops_at_once_on_a_signal(tmp_path, sig):
     assert p.returncode == -sig and waited < 10, (p.returncode, waited, p.stdout.read()[-2000:])
 
 
+def test_a_sigterm_before_the_rendezvous_ends_the_start_there_not_after_the_timeout(tmp_path):
+    """A SIGTERM in start-up before the rendezvous (imports, the compiler check, the lock) was only recorded, for
+    the first safe point after the rendezvous, which a missing peer never lets come: the rank waited out
+    dist.timeout_s and failed (torchrun's SIGTERM after another rank failed: 30 s, then its SIGKILL). Here the
+    signal lands while a slow $CXX --version runs (trainer.compile's check, before the run lock)."""
+    from proc import free_port
+    run, port, marker = tmp_path / "run", free_port(), tmp_path / "in-cxx"
+    cxx = tmp_path / "slow-g++"
+    cxx.write_text(f"#!/bin/sh\ntouch {marker}\nsleep 2\nexec {shutil.which('g++')} \"$@\"\n")
+    cxx.chmod(0o755)
+    p = subprocess.Popen(train_cmd(run, TINY + ["dist.timeout_s=60", "trainer.compile=true"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=clean_env(tmp_path, RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2,
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CXX=cxx))
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=90)
+        waited = time.monotonic() - t0
+    finally:
+        p.kill()
+    assert p.returncode == 3 and waited < 30, (p.returncode, waited, out[-2000:])
+    assert "stopped by SIGTERM during start-up, before training" in out and "rendezvous" not in out, out[-2000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"  # status: a stop, not a failure
+
+
 def test_a_rendezvous_timeout_says_how_long_it_waited(tmp_path):
     """A rank that never comes: rank 0 gives up after dist.timeout_s and says how long it waited."""
     from proc import free_port

@@ -1042,3 +1042,28 @@ def test_a_ctrl_c_in_code_that_swallows_it_is_taken_when_the_block_ends():
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_the_epochs_last_step_is_checkpointed_once_after_its_evaluation(tmp_path, monkeypatch):
+    """checkpoint.every_steps dividing the epoch's last step wrote that step twice: before the evaluation and,
+    the same step again, after it (each a full snapshot, a finite check and an fsync)."""
+    from allconv_hpc.checkpoint import CheckpointDir
+    from allconv_hpc.compose import compose
+    from allconv_hpc.distributed import DistEnv
+    from allconv_hpc.trainer import Trainer
+    c = compose(["data=synthetic", "data.train_size=64", "data.test_size=32", "model.width=0.125", "trainer.epochs=2",
+                 "trainer.batch_size=16", "checkpoint.every_steps=2", "wandb.mode=disabled", "trainer.threads=1",
+                 f"hydra.run.dir={tmp_path / 'run'}"])
+    written = []
+    real_save = CheckpointDir.save
+
+    def counted(self, state, step):
+        written.append((step, state["train_state"]["step_in_epoch"]))
+        return real_save(self, state, step)
+    monkeypatch.setattr(CheckpointDir, "save", counted)
+    tr = Trainer(c.cfg, c.cfg_dict, c.run_dir, DistEnv(source="single")).setup()
+    try:
+        assert tr.fit() == 0
+    finally:
+        tr.close()
+    assert written == [(2, 2), (4, 0), (6, 2), (8, 0)], written  # 4 steps an epoch; (4, 4), (8, 4) no more
