@@ -54,7 +54,9 @@ def train_warnings(c: Composed, overrides: list[str], ranks: str) -> list[str]:
     ignored = [o for o in overrides if o.lstrip("+~").startswith(("cluster.", "cluster="))]
     cluster = [f"{' '.join(ignored)}: cluster settings are read by allconv-hpc submit only; train runs as it was "
                f"launched ({ranks})"] if ignored else []
-    return (c.cfg.warnings() + list(unread_overrides(c).values()) + cluster
+    sweep = [f"{o}: train reads no sweep folder (allconv-hpc submit -m does); it trains in hydra.run.dir={c.run_dir}"
+             for o in overrides if override_key(o) == "hydra.sweep.dir"][-1:]
+    return (c.cfg.warnings() + list(unread_overrides(c).values()) + cluster + sweep
             + dated_dir_warning(c, "hydra.run.dir", c.run_dir))
 
 
@@ -154,8 +156,10 @@ def override_error(overrides: list[str], e: Exception) -> str:
                 hint = f"; a value holding ' needs double quotes around it: \"{key}=\\\"{value}\\\"\""
             elif "=" in value:
                 hint = f"; a value holding '=' needs quotes: \"{key}='{value}'\""
-            elif key.startswith("-") or "=" not in o:  # `optim.lr = 0.1` reaches here as three words
+            elif key.startswith("-") or "=" not in o or key != key.strip():  # `optim.lr = 0.1`: three words
                 hint = "; give key=value without spaces around '=' or leading dashes, e.g. optim.lr=0.1"
+            elif key[:1] in "'\"" and key.strip("'\"") and not any(q in key.strip("'\"") for q in "'\""):
+                hint = f"; a key takes no quotes: {key.strip(chr(39) + chr(34))}={value}"
             elif "[" in value and not value.startswith(("[", "'", '"')):  # a Slurm node range, n[1-3]: '[' opens a list
                 hint = f"; quote a value holding '[': {key}='\"{value}\"' (Hydra then reads it as one string)"
             elif value and not re.fullmatch(r"[\w.,:/@+\-\[\]'\"${} ()]*", value, re.ASCII):  # ~, non-ASCII...
@@ -163,6 +167,7 @@ def override_error(overrides: list[str], e: Exception) -> str:
             elif value.endswith(",") or ",," in value or value.startswith(","):  # Hydra: "mismatched input..."
                 hint = f"; a comma list has a value between every two commas, e.g. {key}=0.1,0.2"
             msg = re.sub(r" expecting \{[^}]*\}", "", msg)  # the parser's token names say nothing to a user
+            msg = re.sub(r"^LexerNoViableAltException: .*", "Hydra cannot parse it", msg)  # it only repeats o
             return f"bad override {o!r}: {msg}{hint}"
     return f"bad overrides: {msg}"
 
@@ -194,6 +199,8 @@ def _check_override_keys(overrides: list[str]) -> None:
         key = override_key(o)
         if o.startswith("~") and key.split(".")[0] in (*SECTIONS, "seed"):
             raise ConfigError(f"{o} deletes {key}, which every run has; set it instead ({key}=...)")
+        if key in HYDRA_KEYS and (o.startswith("~") or o.partition("=")[2].strip().lower() in ("null", "~")):
+            raise ConfigError(f"{o}: {key} is a folder; give one, e.g. {key}=runs/x, or leave it out for the default")
         if key.startswith(("hydra.", "hydra/")) and key not in HYDRA_KEYS:
             dotted = key.replace("/", ".")  # a group (hydra/launcher=x) or its keys (hydra.launcher.x=y)
             instead = next((why for k, why in _HYDRA_INSTEAD.items() if dotted == k or dotted.startswith(f"{k}.")),
@@ -256,6 +263,12 @@ def compose(overrides: list[str]) -> Composed:
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(override_error(overrides, e)) from None
     except ValueError as e:  # OmegaConf applying key.x=... to a list node: int('x')
+        nulled = [o for o in overrides if "=" in o and override_key(o) in (*SECTIONS, "cluster", "experiment")
+                  and o.partition("=")[2].strip().lower() in ("null", "~", "none", "")]
+        if nulled and "Config group override" in str(e):  # Hydra: "...must be a string or a list. Got NoneType"
+            group = override_key(nulled[0])
+            raise ConfigError(f"{nulled[0]}: a config group takes one of its options, not null; give one, e.g. "
+                              f"{group}=<option> (allconv-hpc train --help lists them)") from None
         hint = (" (a list such as schedule.milestones takes an index, key.0=value, or a whole list, key=[200,250])"
                 if "invalid literal for int()" in str(e) else "")
         given = " ".join(o for o in overrides if not o.startswith("hydra."))

@@ -78,7 +78,8 @@ class ModelConfig:
                                         f"{round(192 * MAX_WIDTH)}-channel layers and ~5.6 G parameters); use a smaller width")
         for base in (96, 192):
             _check(round(base * self.width) >= 1,
-                   f"model.width={self.width} makes a {base}-channel layer empty; use width >= {1 / base:.4g}")
+                   f"model.width={self.width} makes a {base}-channel layer empty (round({base} * width) "
+                   f"channels); use width > {0.5 / base:.4g}")
         for key in ("input_dropout", "hidden_dropout"):
             p = getattr(self, key)
             _check(0.0 <= p < 1.0, f"model.{key}={p} must be in [0, 1)")
@@ -175,7 +176,8 @@ class ScheduleConfig:
         _choice("schedule.name", self.name, SCHEDULES)
         _check(all(isinstance(m, int) and not isinstance(m, bool) for m in self.milestones),
                f"schedule.milestones={list(self.milestones)} must be whole epochs, e.g. [200,250,300]")
-        _check(all(m > 0 for m in self.milestones), "schedule.milestones must be positive epochs")
+        _check(all(m > 0 for m in self.milestones),
+               f"schedule.milestones={list(self.milestones)} must be positive epochs (epoch 1 is the first)")
         _check(all(a < b for a, b in zip(self.milestones, self.milestones[1:])),
                f"schedule.milestones={list(self.milestones)} must be strictly increasing (a repeated epoch multiplies "
                f"the lr by gamma there twice: give it once, with gamma squared in mind)")
@@ -268,6 +270,9 @@ class WandbConfig:
             _check(not (isinstance(v, str) and not v.strip()),
                    f"wandb.{key}={v!r} is empty (an unset shell variable?); give a name"
                    + ("" if key == "project" else ", or null for the default"))
+        # Hydra reads wandb.tags=[1,b] as [1, 'b']: refused here, not only where W&B is used (submit, train online)
+        _check(all(isinstance(t, str) for t in self.tags),
+               f"wandb.tags={list(self.tags)} must be strings; quote the others, e.g. wandb.tags=['1','b']")
 
 
 MAX_DIST_TIMEOUT_S = 7 * 86400  # ms must fit torch's C int (24.8 days); 1e10 s failed at once, 1e30 raised OverflowError

@@ -94,9 +94,6 @@ _SETTING_KEYS = {"project": "wandb.project", "entity": "wandb.entity", "run_grou
 def check_names(w: WandbConfig) -> None:
     """A project, tag, group or name that wandb.init would refuse, found before any work by wandb's own
     validator (its rules, e.g. no '/' in a project, tags of 1-64 characters, are its to change)."""
-    bad = [t for t in w.tags if not isinstance(t, str)]
-    if bad:  # Hydra reads wandb.tags=[1,b] as [1, 'b']
-        raise ConfigError(f"wandb.tags={list(w.tags)} must be strings; quote the others, e.g. wandb.tags=['1','b']")
     import wandb
     values = {"project": w.project, "entity": w.entity, "run_group": w.group,
               "run_tags": tuple(w.tags) or None, "run_name": w.name}

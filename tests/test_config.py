@@ -122,6 +122,15 @@ BAD = [
     (["optim.lr=1e37", "optim.scale_lr=true", "trainer.batch_size=12800"],
      ["optim.lr=1e+37 scaled by optim.scale_lr to 1e+39 is beyond float32's range"]),
     (["model.width=1e6"], ["model.width=1000000.0 is wider than 64"]),
+    # the bound said is the true one (it said >= 0.01042, while 0.006 builds)
+    (["model.width=0.005"], ["model.width=0.005 makes a 96-channel layer empty", "use width > 0.005208"]),
+    (["schedule.milestones=[-1]"], ["schedule.milestones=[-1] must be positive epochs"]),
+    # nulls and quotes that Hydra's own words left unexplained
+    (["model=null"], ["model=null: a config group takes one of its options, not null", "allconv-hpc train --help"]),
+    (["hydra.run.dir=null"], ["hydra.run.dir=null: hydra.run.dir is a folder; give one, e.g. hydra.run.dir=runs/x"]),
+    (["~hydra.run.dir"], ["~hydra.run.dir: hydra.run.dir is a folder"]),
+    (["'optim.lr'=0.1"], ["Hydra cannot parse it; a key takes no quotes: optim.lr=0.1"]),
+    (["optim.lr =0.1"], ["Hydra cannot parse it; give key=value without spaces around '='"]),
     # types: dataclasses do not enforce them, config.py does
     (["trainer.epochs=2.5"], ["trainer.epochs=2.5", "must be an int"]),
     (["trainer.batch_size=100.5"], ["trainer.batch_size=100.5", "must be an int"]),

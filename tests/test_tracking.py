@@ -264,7 +264,6 @@ def test_online_without_a_key_is_refused_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("wcfg,said", [
     (WandbConfig(project="a/b"), "wandb.project: W&B refuses it (Invalid project name 'a/b'"),
-    (WandbConfig(tags=[1, "b"]), "wandb.tags=[1, 'b'] must be strings; quote the others, e.g. wandb.tags=['1','b']"),
     (WandbConfig(tags=["x" * 70]), "wandb.tags: W&B refuses it (Tag 'xxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxx' "
                                    "is 70 characters. Tags must be between 1 and 64 characters)"),
 ])
@@ -276,6 +275,17 @@ def test_names_wandb_would_refuse_are_named_before_any_work(wcfg, said):
         check_names(wcfg)
     assert str(e.value).startswith(said), str(e.value)
     check_names(WandbConfig(project="allconv-hpc", tags=["a", "sweep-1"], group="g", name="n"))  # fine
+
+
+def test_tags_that_are_not_strings_are_refused_by_the_config_itself(tmp_path):
+    """wandb.tags=[1] passed `train --print-config` (and `train` with wandb.mode=disabled) as valid, while
+    `submit` refused it: the typed config refuses it now, for every command alike."""
+    with pytest.raises(ConfigError, match=r"^wandb.tags=\[1, 'b'\] must be strings; quote the others, e.g. "
+                                          r"wandb.tags=\['1','b'\]"):
+        WandbConfig(tags=[1, "b"])
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "wandb.tags=[1]",
+                        "wandb.mode=disabled"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "wandb.tags=[1] must be strings" in r.stderr, r.stderr
 
 
 def test_null_tracker_writes_nothing(tmp_path):
