@@ -227,6 +227,11 @@ def test_print_config_shows_the_composed_config_and_writes_nothing(tmp_path):
     assert r.returncode == 0 and r.stderr == (  # as train says it: a user expecting 4 ranks from it
         "allconv-hpc: warning: cluster.tasks_per_node=4: cluster settings are read by allconv-hpc submit only; train "
         "runs as it was launched (one process, or the ranks torchrun starts)\n"), r.stderr
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "data=synthetic",
+                        "hydra.sweep.dir=sw"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == (  # it was ignored without a word
+        f"allconv-hpc: warning: hydra.sweep.dir=sw: train reads no sweep folder (allconv-hpc submit -m does); it "
+        f"trains in hydra.run.dir={tmp_path / 'runs' / 'allcnn_c-synthetic-seed0'}\n"), r.stderr
     r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "optim.lr=-1"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "allconv-hpc: error: optim.lr=-1 must be > 0"
