@@ -38,10 +38,19 @@ def _local_setup(lines: list, folder: Path) -> list:
 def _slurm_setup(lines: list) -> list:
     """cluster.setup in the batch script, each line a { ... } group (as for a local job) that ends the job when
     it fails: a module that did not load or a venv that is not there is named at once, in the job's .err file,
-    not found later as an import error or a run on the wrong software. `|| true` lets a line fail."""
+    not found later as an import error or a run on the wrong software. `|| true` lets a line fail. A line that
+    ends the shell itself (`exit 7`) is named by an EXIT trap, set for the setup alone."""
     import shlex
-    return [_setup_group(line) + " || { rc=$?; echo \"allconv-hpc: cluster.setup line failed (exit $rc): \""
-            + shlex.quote(str(line)) + " >&2; exit 1; }" for line in lines]
+    if not lines:
+        return []
+    said = "echo \"allconv-hpc: cluster.setup line failed (exit $rc): $ALLCONV_SETUP_LINE\" >&2"
+    ended = ("echo \"allconv-hpc: cluster.setup line ended the job before training (exit $rc): $ALLCONV_SETUP_LINE\" "
+             ">&2; exit $((rc ? rc : 1))")  # `exit 0` too: a job that trained nothing did not complete
+    out = [f"trap 'rc=$?; {ended}' EXIT"]
+    for line in lines:
+        out += [f"ALLCONV_SETUP_LINE={shlex.quote(str(line))}",
+                _setup_group(line) + f" || {{ rc=$?; trap - EXIT; {said}; exit 1; }}"]
+    return out + ["trap - EXIT; unset ALLCONV_SETUP_LINE"]
 
 
 def make_executor(cluster: dict, folder: Path, attach: bool = False):
@@ -226,10 +235,14 @@ def _over_partition(cluster: dict, where: str, features: bool) -> list[str]:
             over.append(f"cluster.exclude={cluster['exclude']} leaves {len(left)} of the {len(names)} node(s) of "
                         f"{where} ({', '.join(sorted(left)) or 'none'}) for cluster.nodes={cluster['nodes']}: exclude "
                         f"fewer")
-    need = cluster["tasks_per_node"] * cluster["cpus_per_task"]
-    if need > cpus:
-        over.append(f"cluster.tasks_per_node x cluster.cpus_per_task = {need} CPUs per node but the nodes of {where} "
-                    f"have {cpus}: use cluster.cpus_per_task<={max(cpus // cluster['tasks_per_node'], 1)}")
+    tasks, per_task = cluster["tasks_per_node"], cluster["cpus_per_task"]
+    if tasks * per_task > cpus:
+        # the key that can change: cpus_per_task while each task gets a CPU; else fewer tasks on each node
+        fix = (f"cluster.cpus_per_task<={cpus // tasks}" if cpus >= tasks else
+               f"cluster.tasks_per_node<={cpus // per_task} (more cluster.nodes for more ranks)" if cpus >= per_task else
+               f"cluster.tasks_per_node=1 and cluster.cpus_per_task<={cpus}")
+        over.append(f"cluster.tasks_per_node x cluster.cpus_per_task = {tasks * per_task} CPUs per node but the nodes "
+                    f"of {where} have {cpus}: use {fix}")
     if cluster.get("mem_gb") is not None and mem and cluster["mem_gb"] * 1024 > mem:
         over.append(f"cluster.mem_gb={cluster['mem_gb']} but the nodes of {where} have {mem / 1024:g} GB: use "
                     f"cluster.mem_gb<={mem // 1024} (or null)")
@@ -243,7 +256,7 @@ def _over_partition(cluster: dict, where: str, features: bool) -> list[str]:
     if features and cluster.get("constraint") is not None:
         have = sorted({f for r in rows for f in r[5].split(",") if f and f != "(null)"})
         over.append(f"cluster.constraint={cluster['constraint']} names features the nodes of {where} lack (they have: "
-                    f"{', '.join(have) or 'none'})")
+                    f"{', '.join(have) or 'none'}): use {'one of those, or ' if have else ''}cluster.constraint=null")
     return over
 
 

@@ -116,9 +116,12 @@ def test_sbatch_script_carries_every_job_parameter(tmp_path, on_path):
     # one that ends the job if it fails (its run: test_slurm_system)
     assert script.split("# setup\n", 1)[1].startswith("trap : USR2 USR1\nexport SUBMITIT_PREEMPT_SIGNAL=USR2\n" + "\n".join(
         executor._slurm_setup(["module load cuda/12.4", "source $HOME/venv/bin/activate"])) + "\n"), script
+    said = 'echo "allconv-hpc: cluster.setup line failed (exit $rc): $ALLCONV_SETUP_LINE" >&2'
+    ended = ('echo "allconv-hpc: cluster.setup line ended the job before training (exit $rc): $ALLCONV_SETUP_LINE" '
+             '>&2; exit $((rc ? rc : 1))')
     assert executor._slurm_setup(["module load x"]) == [
-        "{ :\nmodule load x\n\n} || { rc=$?; echo \"allconv-hpc: cluster.setup line failed (exit $rc): \"'module load "
-        "x' >&2; exit 1; }"]
+        f"trap 'rc=$?; {ended}' EXIT", "ALLCONV_SETUP_LINE='module load x'",
+        f"{{ :\nmodule load x\n\n}} || {{ rc=$?; trap - EXIT; {said}; exit 1; }}", "trap - EXIT; unset ALLCONV_SETUP_LINE"]
     srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and "--cpus-per-task=8" in srun, srun
 

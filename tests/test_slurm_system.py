@@ -623,6 +623,16 @@ def test_cluster_setup_lines_run_as_written_and_a_failing_one_stops_the_job(slur
     rc, rows, table = status(slurm_cluster, tmp_path, run)
     assert rc == 1 and rows[0]["state"] == "FAILED", table
     assert rows[0]["error"] == "cluster.setup line failed (exit 127): no_such_module_x cuda/12.4", table
+    # a line that ends the batch shell itself (`exit`, even 0) is named too: it was FAILED (or COMPLETED) unexplained
+    for code in (7, 0):
+        run = tmp_path / f"exit{code}"
+        [(job, _)], r = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1",
+                               f"cluster.setup=['export A=1','exit {code}','echo AFTER']", f"hydra.run.dir={run}")
+        assert wait_final(slurm_cluster, job, 120) == "FAILED"
+        rc, rows, table = status(slurm_cluster, tmp_path, run)
+        assert rc == 1 and rows[0]["error"] == (f"cluster.setup line ended the job before training (exit {code}): "
+                                                f"exit {code}"), table
+        assert "AFTER" not in (run / ".submitit" / job / f"{job}_0_log.out").read_text()
 
 
 def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):
@@ -638,10 +648,13 @@ def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):
 NEVER = {
     "cpus": (["cluster.cpus_per_task=64"], "cluster.tasks_per_node x cluster.cpus_per_task = 64 CPUs per node but the "
              "nodes of partition low have 2: use cluster.cpus_per_task<=2"),
+    # more tasks than CPUs: fewer tasks is the fix (it said cpus_per_task<=1, which it was)
+    "tasks": (["cluster.tasks_per_node=4", "cluster.cpus_per_task=1"], "= 4 CPUs per node but the nodes of partition "
+              "low have 2: use cluster.tasks_per_node<=2 (more cluster.nodes for more ranks)"),
     "nodes": (["cluster.nodes=4"], "cluster.nodes=4 but partition low has 2 node(s): use cluster.nodes<=2"),
     "mem": (["cluster.mem_gb=100"], "cluster.mem_gb=100 but the nodes of partition low have 8 GB: use cluster.mem_gb<=8"),
     "feature": (["cluster.constraint=nosuchfeature"], "cluster.constraint=nosuchfeature names features the nodes of "
-                "partition low lack"),
+                "partition low lack (they have: none): use cluster.constraint=null"),
     "sweep": (["-m", "seed=0,1", "cluster.cpus_per_task=64"], "use cluster.cpus_per_task<=2"),
     # every node of the partition excluded, or too many for the nodes asked for: the message says so
     "exclude": (['cluster.exclude="n1,n2"'], "not on n1,n2 (sbatch --test-only: allocation failure: Requested node "
