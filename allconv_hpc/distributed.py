@@ -35,6 +35,11 @@ class PeerInterrupted(DistributedError):
     """A peer rank was interrupted (a Ctrl-C it reported): a stop the user asked for, not a failure."""
 
 
+class PeerLost(DistributedError):
+    """A peer rank vanished without a word (killed: the OOM killer, a node failure): nothing of this run failed,
+    and its checkpoints stand, so the same command resumes it."""
+
+
 class PortInUse(DistributedError):
     """Rank 0 could not listen on the rendezvous port: another job or program on its node holds it."""
 
@@ -334,10 +339,10 @@ class Dist:
             silent = [r for r in range(self.env.world_size)
                       if not store.check([f"allconv/alive/{r}"]) and not store.check([f"allconv/failed/{r}"])]
             who = ", ".join(map(str, silent)) or "unknown"
-            return DistributedError(f"rank {me}: peer rank(s) {who} did not answer: died, hung or stopped "
-                                    f"(collective failed: {_first_line(err)})")
+            return PeerLost(f"rank {me}: peer rank(s) {who} did not answer: died, hung or stopped "
+                            f"(collective failed: {_first_line(err)})")
         except Exception:
-            return DistributedError(f"rank {me}: rank 0 (host of the rendezvous store) is unreachable, it probably "
+            return PeerLost(f"rank {me}: rank 0 (host of the rendezvous store) is unreachable, it probably "
                                     f"died; its error, if it had time to write one, is in the run folder's train.log "
                                     f"(collective failed: {_first_line(err)})")
 
@@ -400,5 +405,6 @@ def _store():
     return distributed_c10d._get_default_store()
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+def _first_line(e: Exception, limit: int = 200) -> str:
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."  # not cut mid-word

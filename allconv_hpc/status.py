@@ -343,6 +343,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
                      "starts_over": run_state in MAY_RESUME and _starts_over(run_dir),
+                     "peer_lost": bool(st.get("peer_lost")) and current,  # failed only as a peer was killed
                      # a failed row says its own error; another's record may hide a start that failed since
                      "start_error": _failed_since(run_dir, st) if st and not (active or failed) else None,
                      "folder": run_dir.name, "run_dir": str(run_dir.resolve()),
@@ -428,8 +429,8 @@ def notes(r: dict) -> list[str]:
     out = []
     if r["failed"] and r["error"]:
         out.append(r["error"])
-    if (not r["active"] and r["run"] != "failed"  # a run that failed says why, and what to change, itself
-            and (r["run"] in MAY_RESUME or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, a kill
+    if (not r["active"] and (r["run"] != "failed" or r["peer_lost"])  # a failure says what to change, itself
+            and (r["run"] in MAY_RESUME or r["peer_lost"] or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, kill
             and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
         ck = r.get("checkpoint_step")
         then = ("starts it over: it stopped before its first checkpoint" if ck is None else

@@ -312,22 +312,23 @@ def _run_folder_file(e: BaseException, run_dir: Path) -> Optional[str]:
 def _peer_ended(trainer, e: Exception) -> int:
     """The exit status of a rank whose peer went down, status.json said (it must not stay "running"): a peer's
     Ctrl-C in start-up stops this rank as its own would (130), anything else fails it."""
-    from .distributed import PeerInterrupted
+    from .distributed import PeerInterrupted, PeerLost
     if isinstance(e, PeerInterrupted):  # the user's stop: no checkpoint since this start, and nothing failed
         log.warning("%s", e)
         _report(trainer, str(e), "interrupted", tell_peers=False)
         return 130
     log.error("%s", e)
-    _report(trainer, str(e), "failed", tell_peers=False)
+    # a peer killed without a word (the OOM killer, a node): `status` says the same command resumes the run
+    _report(trainer, str(e), "failed", tell_peers=False, **({"peer_lost": True} if isinstance(e, PeerLost) else {}))
     return 1
 
 
-def _report(trainer, message: str, state: str, tell_peers: bool = True) -> None:
+def _report(trainer, message: str, state: str, tell_peers: bool = True, **extra) -> None:
     if trainer is None:
         return
     if tell_peers:  # an interruption is told as one: the peers stop, they do not fail
         trainer.dist.report_failure(message, interrupted=state == "interrupted")
     try:
-        trainer.write_status(state, error=message[:500])
+        trainer.write_status(state, error=message[:500], **extra)
     except Exception:  # never hide the original error
         pass

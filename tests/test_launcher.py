@@ -1622,6 +1622,9 @@ def test_a_hung_rank_of_a_local_job_is_ended_with_it(tmp_path):
     assert re.search(rf"sent SIGTERM to {rank1[0]} at 30 s; SIGKILL to {rank1[0]} at 60 s", err0), err0[-2000:]
     row = status.run_rows(run)[0]
     assert row["state"] == "FAILED" and "peer rank(s) 1 did not answer" in row["error"], row
+    # a peer lost without a word is no failure of the run's own: the same submit resumes it (no such line before)
+    assert status.notes(row)[-1].startswith("stopped with epoch ") and "the same submit (or train) command resumes it" \
+        in status.notes(row)[-1], status.notes(row)
 
 
 def test_a_key_swept_twice_is_refused(tmp_path, monkeypatch):
