@@ -16,7 +16,7 @@ from typing import Optional
 
 from .config import CLUSTER_KEYS, SECTIONS, Config, ConfigError, as_given, from_dict
 from .fsio import name_too_long
-from .runlock import OWN_FILES, holds_run
+from .runlock import OWN_FILES, SUBMIT_LOCK, holds_run
 
 CONFIG_MODULE = "allconv_hpc.conf"
 
@@ -415,6 +415,11 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
             raise ConfigError(f"run folder {run_dir}: {existing} is not writable here; give a writable {key}")
         if existing != path:
             break  # the rest does not exist yet: made inside this writable folder
+    for name in ("status.json", "history.csv", "train.log", "submission.json", "wandb_id.txt", "wandb_steps.jsonl"):
+        path = run_dir / name  # a folder (or a dangling link) where the run writes a file: found at the first write
+        if os.path.lexists(path) and not path.is_file():
+            raise ConfigError(f"run folder {run_dir}: {path} is {'a folder' if path.is_dir() else 'no file'}, where "
+                              f"the run writes its file; move it away, or give another {key}")
     if (run_dir / "sweep.json").is_file():  # status and evaluate would read it as the sweep, hiding this run
         raise ConfigError(f"run folder {run_dir} is a sweep's folder (sweep.json): give one of its point folders "
                           f"to resume that point, or a new hydra.run.dir")
@@ -430,7 +435,7 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
                               f"training would mix its files with them; give a new or empty hydra.run.dir")
 
 
-SWEEP_FILES = {"sweep.json", ".submit.lock", ".submitit"}  # what submit -m writes into a sweep's folder itself
+SWEEP_FILES = {"sweep.json", SUBMIT_LOCK, ".submitit"}  # what submit -m writes into a sweep's folder itself
 
 
 def check_sweep_dir(sweep_dir: Path) -> None:

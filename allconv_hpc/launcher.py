@@ -21,13 +21,14 @@ from typing import Optional
 
 from .compose import override_key as _key
 from .config import CLUSTER_KEYS, ConfigError
-from . import runlock
 from .executor import check_can_start, make_executor, release_held, sbatch_refused, sbatch_said, sbatch_script
+from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
 from .fsio import name_too_long, read_json, write_atomic
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
 from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SIGNAL_LEAD_ENV, ignore_late_signals,
                       sigint_deferred, slurm_conf_missing)
 from .resources import signal_name, validate_cluster, warn
+from .submit_lock import submit_lock
 from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
 
 
@@ -155,9 +156,9 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         check_run_dir(c.run_dir, "hydra.run.dir" if sweep_dir is None else "hydra.sweep.dir")
         skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
         if skip is None:
-            _warn_diverged(c.run_dir, c.cfg)
+            warn_diverged(c.run_dir, c.cfg)
         points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
-    _warn_starts_over(points)
+    warn_starts_over(points)
     dirs = [p.run_dir for p in points]
     twice = next((d for i, d in enumerate(dirs) if d in dirs[:i]), None)
     if twice is not None:  # seed=0,0,1: Hydra keeps the value twice
@@ -286,127 +287,6 @@ def _check_name_max(folder: Path, what: str, fix: str) -> None:
         raise ConfigError(f"{what}: {said}; {fix}")
 
 
-def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optional[list] = None) -> Optional[str]:
-    """Refuse a run folder that a queued job still trains into, or whose checkpoint is of another config
-    (what the trainer would refuse on resume, found here before anything is queued). Returns why the
-    run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
-    (a resubmitted sweep fills in the rest); None when it does."""
-    from .jobs import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, held_advice, is_held,
-                       queued_state, read_record, squeue_job, started_unrecorded, stop_command)
-
-    sub = run_dir / "submission.json"
-    try:  # status's reading: a damaged record is named with its fix
-        rec = read_record(sub)
-        if rec is not None:
-            check_keys(rec, JOB_KEYS, sub)
-    except DamagedFile as e:
-        raise ConfigError(str(e)) from None
-    if rec is not None:
-        state = queued_state(rec)
-        if state == NO_ANSWER:  # it may still run: a second job could train into the same folder
-            raise ConfigError(f"squeue did not answer whether job {rec['job_id']}, the last one submitted into "
-                              f"{run_dir}, is still queued or running; submit again when `squeue -j "
-                              f"{rec['job_id']}` answers")
-        if state == "COMPLETING" and sweep:  # a stopped point is resumed by the next submit, not this one
-            return (f"job {rec['job_id']} is still ending (COMPLETING); if it did not complete the run, submit "
-                    f"again in a few seconds")
-        if state in ACTIVE_STATES and sweep:
-            if overrides is not None and sorted(rec.get("overrides") or []) != sorted(overrides):
-                _check_resumable_later(run_dir, cfg, rec, state)
-                return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with; submit "
-                        f"again when it has ended to apply these")
-            return f"job {rec['job_id']} ({state})"
-        if state == "COMPLETING":  # cancelled or done, its processes still ending: nothing to stop
-            raise ConfigError(f"run folder {run_dir} has job {rec['job_id']} still ending (COMPLETING); a second job "
-                              f"would train into the same folder: submit again in a few seconds")
-        if state in ACTIVE_STATES:
-            reason = squeue_job(str(rec["job_id"]))[2] if rec.get("backend") == "slurm" and state == "PENDING" else ""
-            if is_held(state, reason):  # waiting would never end
-                raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} (PENDING, "
-                                  f"{held_advice(rec, reason)}); a second job would train into the same folder: "
-                                  f"release it, or stop it ({stop_command(rec)}) and submit again")
-            raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
-                              f"train into the same folder: wait for it (allconv-hpc status "
-                              f"{shlex.quote(str(run_dir))}) or stop it ({stop_command(rec)}), then submit again")
-    started = started_unrecorded(run_dir, rec)
-    if started is not None:
-        job, state = started["job_id"], queued_state(started)
-        if state == NO_ANSWER and shutil.which("squeue"):  # no Slurm here at all: a folder copied from a cluster
-            raise ConfigError(f"squeue did not answer whether job {job}, which {run_dir / 'status.json'} says trains "
-                              f"into {run_dir}, is still queued or running; submit again when `squeue -j {job}` "
-                              f"answers")
-        if state in ACTIVE_STATES and sweep:
-            return f"job {job} ({state}), started without submit"
-        if state in ACTIVE_STATES:
-            raise ConfigError(f"run folder {run_dir} already has job {job} ({state}) training into it (started without "
-                              f"submit, e.g. sbatch slurm/train.sbatch); a second job would train into the same "
-                              f"folder: wait for it (allconv-hpc status {shlex.quote(str(run_dir))}) or stop it "
-                              f"(scancel {job}), then submit again")
-    held, who = runlock.holder(run_dir)  # a train started by hand, which no record names
-    if held and sweep:
-        return f"{who} trains it now"
-    if held:
-        raise runlock.RunBusy(run_dir, who)
-    from .checkpoint import CheckpointError, check_resume
-    try:
-        ts = check_resume(run_dir, cfg, folder_key="hydra.sweep.dir" if sweep else "hydra.run.dir")
-    except (CheckpointError, ConfigError) as e:  # every checkpoint unusable or unreadable, another config...
-        raise ConfigError(str(e)) from None  # ...: the job could only fail on it
-    if ts is None:
-        return None
-    finished = read_json(run_dir / "status.json").get("state") == "completed"
-    if finished and ts.get("epoch") == cfg.trainer.epochs and not ts.get("step_in_epoch"):
-        return "completed"  # a job would start only to find nothing to do
-    return None
-
-
-def _check_resumable_later(run_dir: Path, cfg, rec: dict, state: str) -> None:
-    """A sweep point whose job runs, resubmitted with other overrides: a change its resume may take (more
-    epochs, wandb.*) waits for the job to end; another config would be refused then, so it is refused now."""
-    from .compose import compose
-    try:
-        theirs = compose(list(rec.get("overrides") or [])).cfg
-    except ConfigError:  # the job's overrides no longer compose (the config files changed): its resume tells
-        return
-    try:
-        cfg.check_resumable(theirs.identity(), run_dir, folder_key="hydra.sweep.dir")
-    except ConfigError as e:
-        raise ConfigError(f"{e}; job {rec['job_id']} ({state}) trains it now, with the config it was submitted "
-                          f"with") from None
-
-
-def _warn_starts_over(points: list[Point]) -> None:
-    """checkpoint.resume=never on folders that hold a run: legal (the old files are kept), but a completed run
-    started over, or a whole sweep started again for one point, costs its compute: said before it queues."""
-    from .checkpoint import CheckpointDir
-    held = [p.run_dir for p in points if p.skip is None and p.cfg.checkpoint.resume == "never"
-            and (CheckpointDir(p.run_dir / "checkpoints", p.cfg.checkpoint.keep).exists()
-                 or (p.run_dir / "history.csv").exists())]
-    if not held:
-        return
-    done = sum(read_json(d / "status.json").get("state") == "completed" for d in held)
-    names = ", ".join(str(d) for d in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-    warn(f"checkpoint.resume=never starts {len(held)} run(s) over that hold training ({done} completed): {names}; "
-         f"their files move to checkpoints.oldN/ in each folder. Without it, each resumes (a completed one is "
-         f"skipped)")
-
-
-def _warn_diverged(run_dir: Path, cfg) -> None:
-    """A run that stopped on a non-finite loss resumes the checkpoint it diverged after: said before it queues."""
-    from .checkpoint import CheckpointDir
-    st = read_json(run_dir / "status.json")
-    if (cfg.checkpoint.resume == "never" or st.get("state") != "failed"
-            or not str(st.get("error", "")).startswith("non-finite")):
-        return
-    if CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).exists():
-        what = "its job resumes the newest checkpoint kept and will likely diverge again"
-    else:  # it diverged before its first checkpoint: the job starts over with the same config
-        what = "it diverged before its first checkpoint, and its job starts over with the same config"
-    warn(f"{run_dir} stopped on a non-finite loss at step {st.get('global_step', '?')}; {what}: lower optim.lr in "
-          f"a new hydra.run.dir (for a sweep, hydra.sweep.dir), or add checkpoint.resume=never to start it over (the "
-          f"old run is kept)")
-
-
 class TrainJob:
     """The callable submitit pickles: runs `allconv-hpc train` in the job, one call per rank."""
 
@@ -455,89 +335,6 @@ class TrainJob:
         import submitit
         return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.signal_lead_s, self.signal,
                                                            self.local_port))
-
-
-LOCK_NAME = ".submit.lock"  # in the run (or sweep) folder: one submit at a time checks it and queues into it
-
-
-def _make_folders(folder: Path) -> list[Path]:
-    """Make folder and its missing parents; the ones this process made itself, deepest first (one that another
-    process made in the meantime is not: its mkdir fails here)."""
-    made = []
-    for d in reversed([folder, *folder.parents]):
-        if not d.exists():
-            try:
-                d.mkdir()
-                made.append(d)
-            except FileExistsError:
-                pass
-    return made[::-1]
-
-
-def _unmake_folders(made: list[Path], lock: Path, fd: int) -> None:
-    """A refused submission takes back the folders it made, as long as they hold nothing but its lock and empty
-    folders: another process may have written into them since (a `train` started by hand)."""
-    if lock.parent not in made:  # the folder (and its lock, which a waiting submit may hold) is another's
-        return
-    try:
-        if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-            lock.unlink()
-    except OSError:
-        pass
-    for d in made:
-        inside = d.rglob("*") if d == made[0] and d == lock.parent else ()  # e.g. submitit's empty .submitit/%j
-        for sub in sorted(inside, key=lambda p: len(p.parts), reverse=True):
-            if sub.is_dir() and not sub.is_symlink():
-                try:
-                    sub.rmdir()
-                except OSError:  # not empty
-                    pass
-        try:
-            d.rmdir()
-        except OSError:  # not empty (someone else's files) or gone
-            return
-
-
-@contextlib.contextmanager
-def submit_lock(folder: Path):
-    """Holds an exclusive lock on folder/.submit.lock while the folder is checked again and queued into, so two
-    submits started at once cannot both queue a job into one folder (the later one then finds the earlier one's
-    job). Folders this process made are removed again when the submission is refused (ConfigError) and hold
-    nothing else. Where the file system has no flock (Lustre without -o flock), submission goes on unlocked,
-    with a warning."""
-    import fcntl
-    made: list[Path] = []
-    while True:
-        made = [d for d in made if d.exists()] + _make_folders(folder)
-        path = folder / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"waiting for another submit into {folder} to finish", file=sys.stderr, flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as e:
-            if e.errno not in runlock.NO_LOCKS:
-                os.close(fd)
-                raise
-            warn(f"cannot lock {path} ({e.strerror}); submitting without the lock that keeps two submits at once "
-                  f"out of one folder")
-            break
-        try:  # the earlier holder may have removed the folder (its submission refused): lock the new one
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        yield
-    except ConfigError:
-        _unmake_folders(sorted(made, key=lambda d: len(d.parts), reverse=True), path, fd)
-        raise
-    finally:
-        os.close(fd)
 
 
 def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict,

@@ -23,11 +23,12 @@ from .config import ConfigError
 from .fsio import naming
 
 LOCK_FILE = ".train.lock"
+SUBMIT_LOCK = ".submit.lock"  # submit_lock's: one submit at a time checks a run (or sweep) folder and queues into it
 FRESH_FILE = ".fresh_start.json"  # the job that started this run over (checkpoint.resume=never): its restarts resume
 # what only this tool writes into a run folder (a project's root may hold wandb/, .hydra/ or a train.log of its
 # own): a folder holding one is a run's (compose.check_run_dir goes by it; status and evaluate ask narrower
 # questions: a sweep folder holds .submit.lock too)
-OWN_FILES = frozenset({"status.json", "checkpoints", "submission.json", ".submit.lock", LOCK_FILE, "wandb_id.txt",
+OWN_FILES = frozenset({"status.json", "checkpoints", "submission.json", SUBMIT_LOCK, LOCK_FILE, "wandb_id.txt",
                        "wandb_steps.jsonl", FRESH_FILE})
 NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a file system without flock
 

@@ -195,6 +195,11 @@ def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path):
     (tmp_path / "pre" / "notes.md").write_text("")  # notes beside a run's files: its own folder still
     (tmp_path / "pre" / "status.json").write_text("{}")
     check_run_dir(tmp_path / "pre")
+    (tmp_path / "pre" / "history.csv").mkdir()  # a folder where the run writes a file: it failed at that write,
+    r = train("data=synthetic", f"hydra.run.dir={tmp_path / 'pre'}")  # after the data load, as a quota problem
+    assert r.returncode == 2 and (f"{tmp_path / 'pre' / 'history.csv'} is a folder, where the run writes its file; "
+                                  f"move it away, or give another hydra.run.dir") in r.stderr, r.stderr
+    assert not (tmp_path / "pre" / ".hydra").exists()  # refused before anything was written
     r = train("--cfg", "job")  # Hydra's own flag: named, with what this command takes instead
     assert r.returncode == 2 and "train takes Hydra overrides (key=value), not --cfg; --print-config" in r.stderr
 

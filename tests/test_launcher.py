@@ -22,7 +22,8 @@ from typing import Optional
 import pytest
 import torch
 
-from allconv_hpc import data, executor, jobs, launcher, resources, status
+from allconv_hpc import data, executor, folder_checks, jobs, launcher, resources, status
+from allconv_hpc.submit_lock import submit_lock
 from allconv_hpc.sweep import default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
 from allconv_hpc.checkpoint import CheckpointDir
 from allconv_hpc.cli import main
@@ -150,8 +151,8 @@ def test_another_signal_is_submitits_from_the_start(tmp_path, on_path):
                  "cluster.setup=['module load x']"])
     script = render(resources.validate_cluster(c.cluster, c.cfg), tmp_path)
     assert "#SBATCH --signal=USR1@120" in sbatch_lines(script)
-    assert script.split("# setup\n", 1)[1].startswith("trap : USR1 USR2\nexport SUBMITIT_PREEMPT_SIGNAL=USR1\n{ :\n"
-                                                     "module load x\n"), script
+    assert script.split("# setup\n", 1)[1].startswith("trap : USR1 USR2\nexport SUBMITIT_PREEMPT_SIGNAL=USR1\n"
+                                                     + "\n".join(executor._slurm_setup(["module load x"]))), script
     # what the job's python then handles, as submitit computes it at import
     env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"}
     out = subprocess.run([sys.executable, "-c", "from submitit.slurm.slurm import SlurmJobEnvironment as E; "
@@ -673,7 +674,7 @@ def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
     with pytest.raises(ConfigError, match=r"has job 42 still ending \(COMPLETING\).*submit again in a few seconds$"):
         launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)
     # a sweep's point: skipped with the same advice (it was "job 42 (COMPLETING)", as if it ran on)
-    assert launcher.check_run_folder(run, composed(*TINY).cfg, sweep=True) == (
+    assert folder_checks.check_run_folder(run, composed(*TINY).cfg, sweep=True) == (
         "job 42 is still ending (COMPLETING); if it did not complete the run, submit again in a few seconds")
     on_path(squeue="exit 0")  # ended: resubmitting resumes
     assert launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)[0][0].run_dir == run
@@ -718,14 +719,14 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     (busy / "submission.json").write_text(json.dumps({"job_id": "42", "backend": "slurm", "run_dir": str(busy),
                                                       "overrides": busy_ov}))
     cfg = compose(busy_ov).cfg
-    assert launcher.check_run_folder(busy, cfg, sweep=True, overrides=busy_ov) == "job 42 (RUNNING)"
+    assert folder_checks.check_run_folder(busy, cfg, sweep=True, overrides=busy_ov) == "job 42 (RUNNING)"
     more = busy_ov + ["trainer.epochs=3"]  # a change a resume takes: it waits for a later submit, said so
-    assert "runs it with the settings it was submitted with" in launcher.check_run_folder(
+    assert "runs it with the settings it was submitted with" in folder_checks.check_run_folder(
         busy, compose(more).cfg, sweep=True, overrides=more)
     other = busy_ov + ["optim.lr=0.1"]  # another config: refused now, as it would be once the job has ended
     with pytest.raises(ConfigError, match=r"holds a run of a different config \(optim.lr: 0.05 -> 0.1\); use another "
                        r"hydra.sweep.dir.*; job 42 \(RUNNING\) trains it now, with the config it was submitted with"):
-        launcher.check_run_folder(busy, compose(other).cfg, sweep=True, overrides=other)
+        folder_checks.check_run_folder(busy, compose(other).cfg, sweep=True, overrides=other)
     code, out, err = run_submit(capsys, "-m", *args)
     assert code == 0, err
     assert f"not submitted again (completed): {done}" in out and f"not submitted again (job 42 (RUNNING)): {busy}" in out
@@ -1130,7 +1131,7 @@ def test_a_held_job_is_not_told_to_be_resubmitted(tmp_path, on_path, capsys):
     # submitting into it again: waiting for it would never end either
     with pytest.raises(ConfigError, match=r"already has job 42 \(PENDING, held: scontrol release 42\); a second job "
                                           r"would train into the same folder: release it, or stop it \(scancel 42\)"):
-        launcher.check_run_folder(run, composed().cfg)
+        folder_checks.check_run_folder(run, composed().cfg)
 
 
 def test_wait_tells_a_stopped_run_from_a_completed_one(tmp_path, on_path, capsys):
@@ -1270,7 +1271,7 @@ def test_a_run_stopped_by_sigterm_whose_job_slurm_requeued_is_pending(tmp_path, 
     assert (row["job"], row["state"], row["active"]) == ("4242", "PENDING", True), row
     assert jobs.other_jobs_state(run, environ={})[1] == "PENDING"
     with pytest.raises(ConfigError, match="already has job 4242 \\(PENDING\\) training into it"):
-        launcher.check_run_folder(run, composed().cfg)
+        folder_checks.check_run_folder(run, composed().cfg)
     on_path(squeue='[ "$3" = 4242 ] && echo RUNNING', sacct=NO_ACCOUNTING, scontrol="echo 'JobState=RUNNING'")
     row = status.run_rows(run)[0]
     assert (row["state"], row["active"]) == ("INTERRUPTED", False), row
@@ -1428,7 +1429,7 @@ def test_a_job_squeue_no_longer_lists_has_ended(tmp_path, on_path, capsys, final
     assert row["state"] == final and status.is_failed(row) and not row["active"]
     assert status.status_main([str(run)]) == 1
     assert status.wait_for(run, poll_s=0.01) == 1
-    launcher.check_run_folder(run, composed().cfg)  # no "already has job"
+    folder_checks.check_run_folder(run, composed().cfg)  # no "already has job"
     on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol=f"echo 'JobId=42 JobState={final} Restarts=0'")
     assert status.is_failed(status.run_rows(run)[0])
     # while squeue lists it, the same state is not final (PREEMPTED: on its way back to the queue)
@@ -1436,7 +1437,7 @@ def test_a_job_squeue_no_longer_lists_has_ended(tmp_path, on_path, capsys, final
     row = status.run_rows(run)[0]
     assert row["state"] == final and row["active"] and not status.is_failed(row)
     with pytest.raises(ConfigError, match=f"already has job 42 \\({final}\\)"):
-        launcher.check_run_folder(run, composed().cfg)
+        folder_checks.check_run_folder(run, composed().cfg)
 
 
 def test_the_controllers_final_state_beats_accountings(tmp_path, on_path):
@@ -2033,7 +2034,7 @@ def test_a_refused_submit_takes_back_only_the_folders_it_made(tmp_path, monkeypa
     A refused submit alone leaves no folder behind."""
     import sys
     folder = tmp_path / "runs" / "twin"
-    code = ("import sys, time; from pathlib import Path; from allconv_hpc.launcher import submit_lock\n"
+    code = ("import sys, time; from pathlib import Path; from allconv_hpc.submit_lock import submit_lock\n"
             "with submit_lock(Path(sys.argv[1])):\n"
             "    (Path(sys.argv[1]) / 'submission.json').write_text('{}'); print('held', flush=True); time.sleep(1)\n")
     real_mkdir, other = Path.mkdir, []
@@ -2046,14 +2047,14 @@ def test_a_refused_submit_takes_back_only_the_folders_it_made(tmp_path, monkeypa
 
     monkeypatch.setattr(Path, "mkdir", late_mkdir)
     with pytest.raises(ConfigError, match="refused"):
-        with launcher.submit_lock(folder):  # waits for the other's lock, then finds its job
+        with submit_lock(folder):  # waits for the other's lock, then finds its job
             raise ConfigError("refused: the other submit's job trains here")
     assert other and other[0].wait(timeout=30) == 0
     assert sorted(os.listdir(folder)) == [".submit.lock", "submission.json"]
     monkeypatch.undo()
     alone = tmp_path / "new" / "run"
     with pytest.raises(ConfigError):
-        with launcher.submit_lock(alone):
+        with submit_lock(alone):
             (alone / ".submitit" / "%j").mkdir(parents=True)  # what submitit may have made by then
             raise ConfigError("refused")
     assert sorted(os.listdir(tmp_path)) == ["runs"]  # new/ and new/run/ were this submit's: gone

@@ -1,0 +1,136 @@
+"""May a job train into this run folder now? What `submit` checks of each point's folder, again under the
+submit lock: a job queued or running there, a run of another config, a run that completed, a run whose job still
+ends; and what it warns of (a run started over, one that diverged)."""
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from . import runlock
+from .config import ConfigError
+from .fsio import read_json
+from .resources import warn
+from .sweep import Point
+
+
+def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optional[list] = None) -> Optional[str]:
+    """Refuse a run folder that a queued job still trains into, or whose checkpoint is of another config
+    (what the trainer would refuse on resume, found here before anything is queued). Returns why the
+    run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
+    (a resubmitted sweep fills in the rest); None when it does."""
+    from .jobs import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, held_advice, is_held,
+                       queued_state, read_record, squeue_job, started_unrecorded, stop_command)
+
+    sub = run_dir / "submission.json"
+    try:  # status's reading: a damaged record is named with its fix
+        rec = read_record(sub)
+        if rec is not None:
+            check_keys(rec, JOB_KEYS, sub)
+    except DamagedFile as e:
+        raise ConfigError(str(e)) from None
+    if rec is not None:
+        state = queued_state(rec)
+        if state == NO_ANSWER:  # it may still run: a second job could train into the same folder
+            raise ConfigError(f"squeue did not answer whether job {rec['job_id']}, the last one submitted into "
+                              f"{run_dir}, is still queued or running; submit again when `squeue -j "
+                              f"{rec['job_id']}` answers")
+        if state == "COMPLETING" and sweep:  # a stopped point is resumed by the next submit, not this one
+            return (f"job {rec['job_id']} is still ending (COMPLETING); if it did not complete the run, submit "
+                    f"again in a few seconds")
+        if state in ACTIVE_STATES and sweep:
+            if overrides is not None and sorted(rec.get("overrides") or []) != sorted(overrides):
+                _check_resumable_later(run_dir, cfg, rec, state)
+                return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with; submit "
+                        f"again when it has ended to apply these")
+            return f"job {rec['job_id']} ({state})"
+        if state == "COMPLETING":  # cancelled or done, its processes still ending: nothing to stop
+            raise ConfigError(f"run folder {run_dir} has job {rec['job_id']} still ending (COMPLETING); a second job "
+                              f"would train into the same folder: submit again in a few seconds")
+        if state in ACTIVE_STATES:
+            reason = squeue_job(str(rec["job_id"]))[2] if rec.get("backend") == "slurm" and state == "PENDING" else ""
+            if is_held(state, reason):  # waiting would never end
+                raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} (PENDING, "
+                                  f"{held_advice(rec, reason)}); a second job would train into the same folder: "
+                                  f"release it, or stop it ({stop_command(rec)}) and submit again")
+            raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
+                              f"train into the same folder: wait for it (allconv-hpc status "
+                              f"{shlex.quote(str(run_dir))}) or stop it ({stop_command(rec)}), then submit again")
+    started = started_unrecorded(run_dir, rec)
+    if started is not None:
+        job, state = started["job_id"], queued_state(started)
+        if state == NO_ANSWER and shutil.which("squeue"):  # no Slurm here at all: a folder copied from a cluster
+            raise ConfigError(f"squeue did not answer whether job {job}, which {run_dir / 'status.json'} says trains "
+                              f"into {run_dir}, is still queued or running; submit again when `squeue -j {job}` "
+                              f"answers")
+        if state in ACTIVE_STATES and sweep:
+            return f"job {job} ({state}), started without submit"
+        if state in ACTIVE_STATES:
+            raise ConfigError(f"run folder {run_dir} already has job {job} ({state}) training into it (started without "
+                              f"submit, e.g. sbatch slurm/train.sbatch); a second job would train into the same "
+                              f"folder: wait for it (allconv-hpc status {shlex.quote(str(run_dir))}) or stop it "
+                              f"(scancel {job}), then submit again")
+    held, who = runlock.holder(run_dir)  # a train started by hand, which no record names
+    if held and sweep:
+        return f"{who} trains it now"
+    if held:
+        raise runlock.RunBusy(run_dir, who)
+    from .checkpoint import CheckpointError, check_resume
+    try:
+        ts = check_resume(run_dir, cfg, folder_key="hydra.sweep.dir" if sweep else "hydra.run.dir")
+    except (CheckpointError, ConfigError) as e:  # every checkpoint unusable or unreadable, another config...
+        raise ConfigError(str(e)) from None  # ...: the job could only fail on it
+    if ts is None:
+        return None
+    finished = read_json(run_dir / "status.json").get("state") == "completed"
+    if finished and ts.get("epoch") == cfg.trainer.epochs and not ts.get("step_in_epoch"):
+        return "completed"  # a job would start only to find nothing to do
+    return None
+
+
+def _check_resumable_later(run_dir: Path, cfg, rec: dict, state: str) -> None:
+    """A sweep point whose job runs, resubmitted with other overrides: a change its resume may take (more
+    epochs, wandb.*) waits for the job to end; another config would be refused then, so it is refused now."""
+    from .compose import compose
+    try:
+        theirs = compose(list(rec.get("overrides") or [])).cfg
+    except ConfigError:  # the job's overrides no longer compose (the config files changed): its resume tells
+        return
+    try:
+        cfg.check_resumable(theirs.identity(), run_dir, folder_key="hydra.sweep.dir")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; job {rec['job_id']} ({state}) trains it now, with the config it was submitted "
+                          f"with") from None
+
+
+def warn_starts_over(points: list[Point]) -> None:
+    """checkpoint.resume=never on folders that hold a run: legal (the old files are kept), but a completed run
+    started over, or a whole sweep started again for one point, costs its compute: said before it queues."""
+    from .checkpoint import CheckpointDir
+    held = [p.run_dir for p in points if p.skip is None and p.cfg.checkpoint.resume == "never"
+            and (CheckpointDir(p.run_dir / "checkpoints", p.cfg.checkpoint.keep).exists()
+                 or (p.run_dir / "history.csv").exists())]
+    if not held:
+        return
+    done = sum(read_json(d / "status.json").get("state") == "completed" for d in held)
+    names = ", ".join(str(d) for d in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+    warn(f"checkpoint.resume=never starts {len(held)} run(s) over that hold training ({done} completed): {names}; "
+         f"their files move to checkpoints.oldN/ in each folder. Without it, each resumes (a completed one is "
+         f"skipped)")
+
+
+def warn_diverged(run_dir: Path, cfg) -> None:
+    """A run that stopped on a non-finite loss resumes the checkpoint it diverged after: said before it queues."""
+    from .checkpoint import CheckpointDir
+    st = read_json(run_dir / "status.json")
+    if (cfg.checkpoint.resume == "never" or st.get("state") != "failed"
+            or not str(st.get("error", "")).startswith("non-finite")):
+        return
+    if CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).exists():
+        what = "its job resumes the newest checkpoint kept and will likely diverge again"
+    else:  # it diverged before its first checkpoint: the job starts over with the same config
+        what = "it diverged before its first checkpoint, and its job starts over with the same config"
+    warn(f"{run_dir} stopped on a non-finite loss at step {st.get('global_step', '?')}; {what}: lower optim.lr in "
+          f"a new hydra.run.dir (for a sweep, hydra.sweep.dir), or add checkpoint.resume=never to start it over (the "
+          f"old run is kept)")
