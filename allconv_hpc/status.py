@@ -251,7 +251,8 @@ def run_rows(folder: Path) -> list[dict]:
         # the lock is asked only where the scheduler does not say the job runs; a cluster=local job whose
         # controller is gone (SIGKILLed) may have ranks still stopping, or starting before their first record
         gone = rec.get("backend") == "local" and state is None and unfinished
-        held, holder = runlock.holder(run_dir) if state not in ACTIVE_STATES else (None, "")
+        # (also for a job Slurm says runs: a requeued job's start shows as one; `acquire` retries past this look)
+        held, holder = runlock.holder(run_dir) if state not in ACTIVE_STATES or state == "RUNNING" else (None, "")
         new_start = bool(held) and _new_start(run_dir, st)
         starting = new_start and run_state != "running"
         # Slurm says the job is over, yet the lock its run took is held: its node died holding it (a network file

@@ -1628,6 +1628,25 @@ def test_a_hung_rank_of_a_local_job_is_ended_with_it(tmp_path):
         in status.notes(row)[-1], status.notes(row)
 
 
+def test_a_requeued_slurm_job_in_its_start_up_shows_starting(tmp_path, on_path):
+    """Slurm says RUNNING while the requeued job's new start (rendezvous, data, model) holds the run lock over the
+    last start's record (interrupted, requeued): it showed `RUNNING interrupted` for that while."""
+    from allconv_hpc import runlock
+    run = write_run(tmp_path, None)
+    on_path(squeue='[ "$3" = 42 ] && echo RUNNING', sacct=NO_ACCOUNTING)
+    for last in ("requeued", "interrupted", "running"):
+        (run / "status.json").write_text(json.dumps({"state": last, "epoch": 1, "epochs": 3, "updated": 1.0,
+                                                     "slurm_job_id": "42"}))
+        fd = runlock.acquire(run)  # taken after the record: a new start
+        try:
+            row = status.run_rows(run)[0]
+        finally:
+            os.close(fd)
+        want = "RUNNING" if last == "running" else "RUNNING (starting)"  # training: its own record says so
+        assert (row["state"], row["active"], row["failed"]) == (want, True, False), (last, row)
+        assert status.run_rows(run)[0]["state"] == "RUNNING"  # lock let go: Slurm's word alone
+
+
 def test_a_key_swept_twice_is_refused(tmp_path, monkeypatch):
     """Hydra keeps the last value: `seed=0,1 seed=2,3` would make 4 points of 2 configs, named after both."""
     monkeypatch.chdir(tmp_path)
