@@ -93,7 +93,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
                  f"without -m it trains in hydra.run.dir")
         _check_name_max(sweep_dir, "hydra.sweep.dir", "give a shorter hydra.sweep.dir")
         check_sweep_dir(sweep_dir)
-    points, cluster, warned = [], None, set()
+    points, cluster, warned, compiler_found = [], None, set(), False
     fetch = {}  # (dataset, root) -> its data config: what data.download=true would fetch in every job
     for s in swept:
         ov = common + s
@@ -131,6 +131,9 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         mine = validate_cluster(c.cluster, c.cfg)
         if mine["backend"] == "slurm" and shutil.which("sbatch") and (no_conf := slurm_conf_missing()):
             raise ConfigError(no_conf)  # at once: every Slurm command would retry it for 60 s
+        if mine["backend"] == "local" and c.cfg.trainer.compile and not compiler_found:
+            _check_local_compiler(c.cfg)  # the job runs on this machine: its compiler is found (or not) here
+            compiler_found = True
         dated = dated_dir_warning(c, "hydra.run.dir", c.run_dir) if sweep_dir is None else []
         for said in c.cfg.warnings() + unread_said(c, s) + dated:  # a swept key's said once for the sweep, not per value
             if said not in warned:  # once for a sweep
@@ -202,6 +205,15 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         for p in points:
             check_files(p.cfg.data, _drop_last_batch(p.cfg))  # skipped above while the files were missing
     return points, sweep_dir, cluster
+
+
+def _check_local_compiler(cfg) -> None:
+    """trainer.compile=true of a cluster=local job: the compiler its first step builds with, checked here, where
+    the job runs (train would refuse it there, after submit said it started)."""
+    import torch
+    from .trainer import check_compiler
+    t = cfg.trainer
+    check_compiler(t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()))
 
 
 def _drop_last_batch(cfg) -> Optional[int]:

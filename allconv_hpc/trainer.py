@@ -96,10 +96,10 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
         raise ConfigError(str(e)) from None
     if t.compile:
         with sigint_deferred():  # inductor imports torch._dynamo, and with it Triton (see make_sgd)
-            _check_compiler(cuda)
+            check_compiler(cuda)
 
 
-def _check_compiler(cuda: bool) -> None:
+def check_compiler(cuda: bool) -> None:
     """torch.compile builds its kernels at the first step, with a C compiler (Triton's launcher, on CUDA) or a C++
     one (inductor's CPU kernels): one missing on this node fails there, with a traceback, after the data load."""
     if cuda:  # Triton's own search: $CC, else gcc, else clang

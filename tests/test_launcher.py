@@ -2269,3 +2269,15 @@ def test_a_record_that_cannot_be_written_after_sbatch_names_the_held_jobs(tmp_pa
     assert ("job(s) 77 are queued held, but their record could not be written ([Errno 28] No space left on device: "
             f"'{tmp_path / 'run' / 'submission.json'}'); nothing started: scancel 77, make room") in err, err
     assert not calls.exists()  # not released: it stays held until cancelled
+
+
+def test_a_local_job_that_compiles_is_refused_at_submit_without_a_compiler_here(tmp_path):
+    """cluster=local runs the job on this machine: a missing C++ compiler was found only by the job's train, after
+    submit said it started (cluster=slurm's nodes may have one the login node lacks: not checked there)."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++")}
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "submit", "--dry-run", "cluster=local", *TINY,
+                        "trainer.compile=true", f"hydra.run.dir={tmp_path / 'run'}"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and (f"allconv-hpc submit: error: trainer.compile=true needs a C++ compiler (inductor "
+                                  f"builds CPU kernels with $CXX, here '{tmp_path / 'no-such-g++'}')") in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
