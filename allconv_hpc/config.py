@@ -61,6 +61,13 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
+def _smallest_width(base: int) -> float:
+    """The smallest width of 4 significant digits whose `base` channels round to one (round(0.5) is 0)."""
+    step = 10.0 ** (math.floor(math.log10(0.5 / base)) - 3)
+    width = math.ceil(0.5 / base / step) * step
+    return round(width + step if round(base * width) < 1 else width, 12)
+
+
 @dataclass
 class ModelConfig:
     name: str = "allcnn_c"          # one of MODEL_NAMES
@@ -79,7 +86,7 @@ class ModelConfig:
         for base in (96, 192):
             _check(round(base * self.width) >= 1,
                    f"model.width={self.width} makes a {base}-channel layer empty (round({base} * width) "
-                   f"channels); use width > {0.5 / base:.4g}")
+                   f"channels); use width >= {_smallest_width(base):g}")
         for key in ("input_dropout", "hidden_dropout"):
             p = getattr(self, key)
             _check(0.0 <= p < 1.0, f"model.{key}={p} must be in [0, 1)")

@@ -123,7 +123,7 @@ BAD = [
      ["optim.lr=1e+37 scaled by optim.scale_lr to 1e+39 is beyond float32's range"]),
     (["model.width=1e6"], ["model.width=1000000.0 is wider than 64"]),
     # the bound said is the true one (it said >= 0.01042, while 0.006 builds)
-    (["model.width=0.005"], ["model.width=0.005 makes a 96-channel layer empty", "use width > 0.005208"]),
+    (["model.width=0.005"], ["model.width=0.005 makes a 96-channel layer empty", "use width >= 0.005209"]),
     (["schedule.milestones=[-1]"], ["schedule.milestones=[-1] must be positive epochs"]),
     # nulls and quotes that Hydra's own words left unexplained
     (["model=null"], ["model=null: a config group takes one of its options, not null", "allconv-hpc train --help"]),
