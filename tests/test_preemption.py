@@ -659,16 +659,19 @@ def test_growing_a_length_dependent_schedule_says_the_lr_jumps(tmp_path):
 def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_resumable(tmp_path):
     run = tmp_path / "run"
     run_train(tmp_path, run, TINY + ["trainer.epochs=1"])
-    (run / "history.csv").unlink()
-    (run / "history.csv").mkdir()  # what an immutable file or a foreign-owned one in a sticky folder also gives
+    # what an immutable file or a foreign-owned one in a sticky folder also gives, at a write after start-up's
+    # checks (history.csv or status.json as a folder is refused before any work: test_config)
+    bad = run / ".hydra" / "overrides.yaml"
+    bad.unlink()
+    bad.mkdir()
     r = run_train(tmp_path, run, TINY, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert f"cannot read/write {run / 'history.csv'} (IsADirectoryError" in r.stderr
+    assert f"cannot read/write {bad} (IsADirectoryError" in r.stderr
     assert '"failed"' in (run / "status.json").read_text()
     st = subprocess.run([PY, "-m", "allconv_hpc", "status", str(run)], env=clean_env(tmp_path), capture_output=True,
                         text=True, timeout=60)
-    assert st.returncode == 1 and f"run: cannot read/write {run / 'history.csv'}" in st.stdout, st.stdout  # why, too
-    (run / "history.csv").rmdir()
+    assert st.returncode == 1 and f"run: cannot read/write {bad}" in st.stdout, st.stdout  # why, too
+    bad.rmdir()
     run_train(tmp_path, run, TINY)  # fixed: the same command resumes and finishes
     assert '"completed"' in (run / "status.json").read_text()
 
