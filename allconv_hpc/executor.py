@@ -260,11 +260,16 @@ def _over_partition(cluster: dict, where: str, features: bool) -> list[str]:
     return over
 
 
+def base_job_ids(jobs: list) -> list[str]:
+    """The ids that scontrol and scancel take for all of `jobs`, in order: an array's tasks ("77_0") its own id."""
+    return list(dict.fromkeys(str(j.job_id).split("_")[0] for j in jobs))
+
+
 def release_held(jobs: list) -> None:
     """Start the jobs submit queued held. Slurm opens a task's log in .submitit/<job id>/ as the task
     starts, and submitit makes that folder only after sbatch has answered: an idle cluster started a job
     first (seen: FAILED in 0.04 s, no log, "Could not open stdout file")."""
-    ids = sorted({str(j.job_id).split("_")[0] for j in jobs})  # an array's tasks: its own id
+    ids = sorted(base_job_ids(jobs))
     try:
         r = subprocess.run(["scontrol", "release", *ids], capture_output=True, text=True, timeout=60)
         said = ((r.stderr or r.stdout).strip() or f"exit status {r.returncode}") if r.returncode else ""

@@ -21,7 +21,8 @@ from typing import Optional
 
 from .compose import override_key as _key
 from .config import CLUSTER_KEYS, ConfigError
-from .executor import check_can_start, make_executor, release_held, sbatch_refused, sbatch_said, sbatch_script
+from .executor import (base_job_ids, check_can_start, make_executor, release_held, sbatch_refused, sbatch_said,
+                       sbatch_script)
 from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
 from .fsio import name_too_long, read_json, write_atomic
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
@@ -210,10 +211,13 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
 def _check_local_compiler(cfg) -> None:
     """trainer.compile=true of a cluster=local job: the compiler its first step builds with, checked here, where
     the job runs (train would refuse it there, after submit said it started)."""
-    import torch
-    from .trainer import check_compiler
-    t = cfg.trainer
-    check_compiler(t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()))
+    from .trainer import check_compiler, uses_cuda
+    check_compiler(uses_cuda(cfg.trainer))
+
+
+def _hold_asked(cluster: dict) -> bool:
+    """The user's own cluster.additional_parameters.hold: submit leaves its jobs held."""
+    return bool((cluster.get("additional_parameters") or {}).get("hold"))
 
 
 def _drop_last_batch(cfg) -> Optional[int]:
@@ -371,7 +375,7 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict,
                 # (a second submit queued them again) or held
                 got = held.enter_context(sigint_deferred(take=False))
                 jobs = _submit_locked(points, sweep_dir, cluster, base, attach)
-            if jobs and cluster["backend"] == "slurm" and not (cluster.get("additional_parameters") or {}).get("hold"):
+            if jobs and cluster["backend"] == "slurm" and not _hold_asked(cluster):
                 release_held(jobs)  # after the lock: a failure must not remove the folders of queued jobs
     except ConfigError:
         if got and jobs is None:  # the terminal's Ctrl-C reached sbatch too, which queued nothing
@@ -426,7 +430,7 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
         if sweep_dir is not None:
             _write_sweep(sweep_dir, every, records, cluster, now)
     except OSError as e:  # a full disk, a quota: a job no record names would be queued again by the next submit
-        ids = " ".join(dict.fromkeys(str(j.job_id).split("_")[0] for j in jobs))  # an array: its job id
+        ids = " ".join(base_job_ids(jobs))
         if cluster["backend"] == "slurm":  # queued held (not released): nothing has started
             raise ConfigError(f"job(s) {ids} are queued held, but their record could not be written ({e}); nothing "
                               f"started: scancel {ids}, make room (quota, free space), and submit again") from None
@@ -540,8 +544,8 @@ def submit_main(argv: list[str]) -> int:
         return 130
     for p, j in zip(todo, jobs):
         print(f"job {j.job_id}  {p.run_dir}")
-    if jobs and cluster["backend"] == "slurm" and (cluster.get("additional_parameters") or {}).get("hold"):
-        ids = " ".join(dict.fromkeys(str(j.job_id).split("_")[0] for j in jobs))  # an array: its job id releases all
+    if jobs and cluster["backend"] == "slurm" and _hold_asked(cluster):
+        ids = " ".join(base_job_ids(jobs))  # an array: its job id releases all
         print(f"held, as cluster.additional_parameters.hold asks: nothing starts until scontrol release {ids}")
     where = sweep_dir if sweep_dir is not None else points[0].run_dir
     if not todo:

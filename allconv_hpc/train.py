@@ -319,7 +319,7 @@ def _peer_ended(trainer, e: Exception) -> int:
         return 130
     log.error("%s", e)
     # a peer killed without a word (the OOM killer, a node): `status` says the same command resumes the run
-    _report(trainer, str(e), "failed", tell_peers=False, **({"peer_lost": True} if isinstance(e, PeerLost) else {}))
+    _report(trainer, str(e), "failed", tell_peers=False, peer_lost=isinstance(e, PeerLost))
     return 1
 
 

@@ -76,7 +76,7 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
                           f"{env.world_size}; use a multiple of {env.world_size}")
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible here; use trainer.device=cpu or auto")
-    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    cuda = uses_cuda(t)
     if not cuda and cfg.dist.backend == "nccl" and env.distributed:
         raise ConfigError(f"dist.backend=nccl needs CUDA and none is used here (trainer.device={t.device}); "
                           f"use dist.backend=gloo (or auto) on CPU")
@@ -95,13 +95,22 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if t.compile:
-        with sigint_deferred():  # inductor imports torch._dynamo, and with it Triton (see make_sgd)
-            check_compiler(cuda)
+        check_compiler(cuda)
+
+
+def uses_cuda(t) -> bool:
+    """Whether trainer config `t` trains on a GPU here (device cuda, or auto with one visible)."""
+    return t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
 
 
 def check_compiler(cuda: bool) -> None:
     """torch.compile builds its kernels at the first step, with a C compiler (Triton's launcher, on CUDA) or a C++
     one (inductor's CPU kernels): one missing on this node fails there, with a traceback, after the data load."""
+    with sigint_deferred():  # inductor imports torch._dynamo, and with it Triton (see make_sgd)
+        _find_compiler(cuda)
+
+
+def _find_compiler(cuda: bool) -> None:
     if cuda:  # Triton's own search: $CC, else gcc, else clang
         cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
         if cc and shutil.which(cc):
