@@ -211,7 +211,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
 def _check_local_compiler(cfg) -> None:
     """trainer.compile=true of a cluster=local job: the compiler its first step builds with, checked here, where
     the job runs (train would refuse it there, after submit said it started)."""
-    from .trainer import check_compiler, uses_cuda
+    from .launch_checks import check_compiler, uses_cuda
     check_compiler(uses_cuda(cfg.trainer))
 
 

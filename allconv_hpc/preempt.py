@@ -121,7 +121,7 @@ def catch_early(warn_signal: Optional[str] = None) -> None:
     may add HUP or XCPU. Under submitit its own handlers would otherwise
     be in place then and after training: its USR2 handler checkpoints from inside the handler and
     requeues even a job that has just completed. The next StopRequest picks the recorded signal up,
-    so training stops at its second step boundary (the stop poll is read one step late: Trainer._poll).
+    so training stops at its second step boundary (the stop poll is read one step late: poll.StepPoll).
     """
     global _warn
     if warn_signal is not None:

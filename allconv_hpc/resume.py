@@ -1,7 +1,7 @@
 """What a resume carries over: the training state besides the weights, the random streams, the
 optimizer and schedule as the checkpoint left them, and the checks on what the old run left behind
-(best.pt, a schedule stretched to a new length). Collective decisions (which file, start over or not)
-stay in the trainer, which owns the process group."""
+(best.pt, a schedule stretched to a new length), and the collective decisions of a start (resume or start over,
+which file), taken with the trainer's process group (distributed.Dist)."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +16,8 @@ import torch
 
 from .checkpoint import CheckpointDir, CheckpointError, load_file
 from .config import Config
+from .fsio import read_json
+from .preempt import SlurmJob
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,50 @@ class TrainState:
             return False
         self.timeouts += 1
         return True
+
+
+def applied_mode(mode: str, slurm: SlurmJob, dist, is_main: bool, marker: Path) -> tuple[str, Optional[str]]:
+    """(checkpoint.resume as it applies to this start, the job starting: "slurm ID", "torchrun ID" or None);
+    collective. `marker`: the file in which a fresh start names its job (runlock.FRESH_FILE)."""
+    # a requeued job (or torchrun --max-restarts restarting its workers) runs the same command again:
+    # starting over would throw away what the first start trained (and begin a new W&B run) each time.
+    # Unless that start ended before it set the old run aside (in the data load, a lost node): the
+    # marker names the job that did, so such a restart still starts over, not resumes the old run.
+    elastic = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
+    job = (f"slurm {slurm.job_id}" if slurm.in_slurm else
+           f"torchrun {os.environ['TORCHELASTIC_RUN_ID']}" if os.environ.get("TORCHELASTIC_RUN_ID") else None)
+    if mode == "never" and (slurm.restarts > 0 or elastic > 0):
+        which = (f"restart {slurm.restarts} of job {slurm.job_id}"
+                 if slurm.restarts else f"torchrun's restart {elastic} of its workers")
+        if dist.any(is_main and (job is None or read_json(marker).get("job") == job)):
+            if is_main:
+                log.info("checkpoint.resume=never applies to a job's first start; this is %s: resuming", which)
+            mode = "auto"
+        elif is_main:
+            log.info("checkpoint.resume=never: this is %s, whose first start ended before it set the old run "
+                     "aside: starting over now", which)
+    return mode, job
+
+
+def pick_checkpoint(ckpt: CheckpointDir, dist, is_main: bool) -> tuple[Optional[dict], Optional[Path]]:
+    """(checkpoint, its file) to resume, or (None, None); collective: rank 0 picks the newest good file (setting
+    corrupt ones aside), and every rank loads that same file."""
+    path = ck = error = None
+    if is_main:
+        try:
+            found = ckpt.load_latest(quarantine=True)
+        except CheckpointError as e:  # every rank must fail with it, not wait in the broadcast below
+            found, error = None, str(e)
+        if found:
+            ck, path = found[0], str(found[1])
+    path, error = dist.broadcast_object((path, error))
+    if error:
+        raise CheckpointError(error)
+    if path is None:
+        return None, None
+    if ck is None:  # the other ranks read the file rank 0 chose (rank 0 verified it already)
+        ck = load_file(Path(path))
+    return ck, Path(path)
 
 
 def rng_state(device: torch.device) -> dict:

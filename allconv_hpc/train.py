@@ -110,7 +110,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     from .preempt import EXIT_INTERRUPTED, EXIT_REQUEUED, catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
     from .preempt import StartupStop
-    from .trainer import NonFiniteError, Trainer, check_launch
+    from .launch_checks import check_launch
+    from .trainer import NonFiniteError, Trainer
     lock_fd = None
     try:
         env = detect_env()

@@ -13,11 +13,10 @@ import logging
 import math
 import os
 import shlex
-import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -26,15 +25,16 @@ import torch.nn.functional as F
 
 from . import data as data_mod, preprocess, runlock
 from .augment import DROPOUT_STREAM, INIT_STREAM, LEGACY_ORDER_STREAM, mix_seed
-from .checkpoint import (CheckpointDir, CheckpointError, Writer, check_resumable_file, earlier_epochs, load_file,
-                         snapshot)
+from .checkpoint import CheckpointDir, CheckpointError, Writer, check_resumable_file, earlier_epochs, snapshot
 from .fsio import read_json, write_atomic
-from .config import CPU_PRECISIONS, GRAPH_MODES, Config, ConfigError, flatten, rank_difference
+from .config import GRAPH_MODES, Config, ConfigError, flatten, rank_difference
 from .distributed import Dist, DistEnv, pick_device, set_threads
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
+from .launch_checks import check_launch
 from .models import build_model, count_parameters, summary
-from .resume import (TrainState, best_file_holds, restore, rng_state, set_rng_state, warn_copied_run,
-                     warn_reshaped_schedule)
+from .resume import (TrainState, applied_mode, best_file_holds, pick_checkpoint, restore, rng_state, set_rng_state,
+                     warn_copied_run, warn_reshaped_schedule)
+from .poll import StepPoll, classify_stop
 from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StartupStop, StopRequest,
                       sigint_deferred, signal_lead_s, take_early_stop)
 from .schedule import lr_factor
@@ -47,89 +47,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class Poll:
-    """What all ranks agreed on at a step boundary (one host-side collective)."""
-    warning: bool = False       # some rank got the warning signal (USR2: preemption or time limit ahead)
-    terminate: bool = False     # some rank got SIGTERM/SIGINT/SIGHUP first: checkpoint, exit, no requeue
-    due: bool = False           # rank 0's clock says a timed checkpoint is due
-
-    @property
-    def stop(self) -> bool:
-        return self.warning or self.terminate
-
-
-def classify_stop(agreed: Poll, slurm: SlurmJob, lead_s: float) -> str:
-    """interrupted (not in Slurm, or SIGTERM/SIGINT/SIGHUP on any rank) | timeout | preempted."""
-    if not slurm.in_slurm or agreed.terminate:
-        return "interrupted"
-    return "timeout" if slurm.is_timeout(lead_s=lead_s) else "preempted"
-
-
-def check_launch(cfg: Config, env: DistEnv) -> None:
-    """The checks that need the launch context (world size, CUDA): cheap, before any file is written."""
-    t = cfg.trainer
-    if t.batch_size % env.world_size:
-        raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by the world size "
-                          f"{env.world_size}; use a multiple of {env.world_size}")
-    if t.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is visible here; use trainer.device=cpu or auto")
-    cuda = uses_cuda(t)
-    if not cuda and cfg.dist.backend == "nccl" and env.distributed:
-        raise ConfigError(f"dist.backend=nccl needs CUDA and none is used here (trainer.device={t.device}); "
-                          f"use dist.backend=gloo (or auto) on CPU")
-    if cuda and env.distributed and cfg.dist.backend != "gloo" and env.source == "torchrun":
-        # torchrun's workers share one view of the node's GPUs (Slurm may give each task its own, one in view)
-        gpus = torch.cuda.device_count()
-        if env.local_world_size > gpus:  # NCCL refuses two ranks on one GPU, in words of a rendezvous failure
-            raise ConfigError(f"{env.local_world_size} ranks on this node but {gpus} GPU(s) visible: NCCL takes one "
-                              f"rank per GPU; start at most {gpus} (torchrun --nproc_per_node={gpus}), or share them "
-                              f"with dist.backend=gloo")
-    if not cuda and t.precision not in CPU_PRECISIONS:
-        raise ConfigError(f"trainer.precision={t.precision} needs CUDA and none is used here "
-                          f"(trainer.device={t.device}); use trainer.precision=fp32 (or auto) on CPU")
-    try:
-        signal_lead_s()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if t.compile:
-        check_compiler(cuda)
-
-
-def uses_cuda(t) -> bool:
-    """Whether trainer config `t` trains on a GPU here (device cuda, or auto with one visible)."""
-    return t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-
-
-def check_compiler(cuda: bool) -> None:
-    """torch.compile builds its kernels at the first step, with a C compiler (Triton's launcher, on CUDA) or a C++
-    one (inductor's CPU kernels): one missing on this node fails there, with a traceback, after the data load."""
-    with sigint_deferred():  # inductor imports torch._dynamo, and with it Triton (see make_sgd)
-        _find_compiler(cuda)
-
-
-def _find_compiler(cuda: bool) -> None:
-    if cuda:  # Triton's own search: $CC, else gcc, else clang
-        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
-        if cc and shutil.which(cc):
-            return
-        what = "a C compiler (Triton builds with $CC, gcc or clang)"
-    else:
-        try:
-            from torch._inductor import config as inductor
-            from torch._inductor.cpp_builder import get_cpp_compiler
-        except ImportError:  # another torch's layout: left to its own error at the first step
-            return
-        try:
-            get_cpp_compiler()  # runs `$CXX --version` (g++; clang++ on macOS), as inductor will
-            return
-        except Exception:
-            tried = " or ".join(repr(c) for c in inductor.cpp.cxx if c)
-            what = f"a C++ compiler (inductor builds CPU kernels with $CXX, here {tried})"
-    raise ConfigError(f"trainer.compile=true needs {what} and finds none on this node; load one (e.g. `module load "
-                      f"gcc`, in cluster.setup for a job) or set trainer.compile=false")
 
 
 def _compile_counts() -> Optional[tuple[int, int]]:
@@ -201,7 +118,7 @@ class Trainer:
         self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
         # a cluster=local job on a Slurm node (inherited SLURM_JOB_ID) must not requeue the user's allocation
         self.slurm = SlurmJob({} if env.source == "local" else None)
-        self._last_save, self._due_sent, self._poll_pending = time.monotonic(), False, None  # see _poll
+        self.polls = StepPoll(self.dist, env.is_main, cfg.checkpoint.every_minutes)
         self._check_compile = t.compile
         # the counters are process-wide: this Trainer reports its own part (None: nothing to report)
         self._compile_base = _compile_counts() if t.compile else None
@@ -302,44 +219,16 @@ class Trainer:
         return self
 
     # -- resume ----------------------------------------------------------------------------------
-    def _maybe_resume(self) -> Optional[str]:
+    def _maybe_resume(self) -> Optional[Path]:
         self._resume_sums, self._best_file_acc = None, -1.0  # best.pt: see resume.best_file_holds
-        mode = self.cfg.checkpoint.resume
-        # a requeued job (or torchrun --max-restarts restarting its workers) runs the same command again:
-        # starting over would throw away what the first start trained (and begin a new W&B run) each time.
-        # Unless that start ended before it set the old run aside (in the data load, a lost node): the
-        # marker names the job that did, so such a restart still starts over, not resumes the old run.
-        elastic = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
-        job = (f"slurm {self.slurm.job_id}" if self.slurm.in_slurm else
-               f"torchrun {os.environ['TORCHELASTIC_RUN_ID']}" if os.environ.get("TORCHELASTIC_RUN_ID") else None)
         marker = self.run_dir / runlock.FRESH_FILE
-        if mode == "never" and (self.slurm.restarts > 0 or elastic > 0):
-            which = (f"restart {self.slurm.restarts} of job {self.slurm.job_id}"
-                     if self.slurm.restarts else f"torchrun's restart {elastic} of its workers")
-            if self.dist.any(self.env.is_main and (job is None or read_json(marker).get("job") == job)):
-                if self.env.is_main:
-                    log.info("checkpoint.resume=never applies to a job's first start; this is %s: resuming", which)
-                mode = "auto"
-            elif self.env.is_main:
-                log.info("checkpoint.resume=never: this is %s, whose first start ended before it set the old run "
-                         "aside: starting over now", which)
+        mode, job = applied_mode(self.cfg.checkpoint.resume, self.slurm, self.dist, self.env.is_main, marker)
         if mode == "never":
             self._move_old_run_aside("checkpoint.resume=never")
             if job and self.env.is_main:  # before this run's first checkpoint: its restarts resume from here on
                 write_atomic(marker, json.dumps({"job": job, "time": time.time()}) + "\n")
             return None
-        # rank 0 picks the file (falling back past corrupt ones); everyone loads that same file
-        path = ck = error = None
-        if self.env.is_main:
-            try:
-                found = self.ckpt.load_latest(quarantine=True)
-            except CheckpointError as e:  # every rank must fail with it, not wait in the broadcast below
-                found, error = None, str(e)
-            if found:
-                ck, path = found[0], str(found[1])
-        path, error = self.dist.broadcast_object((path, error))
-        if error:
-            raise CheckpointError(error)
+        ck, path = pick_checkpoint(self.ckpt, self.dist, self.env.is_main)
         if path is None:
             if mode == "must":
                 raise self.ckpt.nothing_to_resume()
@@ -349,9 +238,7 @@ class Trainer:
             if self.dist.any(self.env.is_main and earlier_epochs(self.run_dir, self.ckpt)):
                 self._move_old_run_aside("no checkpoint to resume, but an earlier run's epochs are here")
             return None
-        if ck is None:  # the other ranks read the file rank 0 chose (rank 0 verified it already)
-            ck = load_file(Path(path))
-        check_resumable_file(self.cfg, ck, Path(path), self.run_dir)
+        check_resumable_file(self.cfg, ck, path, self.run_dir)
         self.state = restore(ck, self.model, self.opt, self.sched, self.scaler)
         if self.state.streams < 2:  # its epochs' orders as they began; exact resume before independence
             self.batches.order_stream = LEGACY_ORDER_STREAM
@@ -449,7 +336,7 @@ class Trainer:
             if best is not None:
                 self.writer.submit("best.pt", self._write_best, best, st.global_step)
         self.dist.barrier()
-        self._last_save, self._due_sent = time.monotonic(), False
+        self.polls.restart_clock()
 
     def _check_lock(self) -> None:
         """Rank 0 still holds the run folder's lock (collective): its file deleted by hand and taken by a second
@@ -518,7 +405,7 @@ class Trainer:
                          "on; checkpoint.resume=never starts over)", st.epoch)
             return 0
         self._stop_if_asked()  # the W&B start can take seconds: the last safe point before the steps
-        self._last_save = time.monotonic()
+        self.polls.restart_clock()
         self._phase = "training"
         self.write_status("running")
         self.tracker.set_summary(precision=self.precision)  # what trainer.precision=auto chose
@@ -543,7 +430,7 @@ class Trainer:
             test = self._evaluate(stop, *self.test_split) if self.test_split is not None else ()
             if test is None:  # stopped inside it: the resumed run, past its last epoch, scores test again
                 return self._stop(stop)
-        self._finish_poll()  # the last step's flags: the run is over, but no collective is left in flight
+        self.polls.finish()  # the last step's flags: the run is over, but no collective is left in flight
         self.wait_checkpoints()
         scored = {"test_loss": test[0], "test_acc": test[1]} if test else {}
         self.tracker.set_summary(best_val_acc=st.best_val_acc, final_val_acc=st.history[-1]["val_acc"], **scored)
@@ -553,29 +440,6 @@ class Trainer:
             if test:
                 log.info("test (the final weights, scored once): loss %.4f acc %.4f (%d images)", *test)
         return 0
-
-    def _poll(self, stop: StopRequest) -> Poll:
-        """Did any rank get a signal, and which kind; is a timed checkpoint due (rank 0's clock).
-        Each flag is reduced on its own: one rank's due checkpoint must not hide another's signal.
-
-        Lagged by one poll: this call sends this step's flags in the background and returns what
-        the previous call sent, which arrived while the step ran. Every rank acts on the same
-        answer at the same step, and no step waits for a network round trip (across nodes gloo's
-        ring takes 2(N-1) hops). A signal is acted on one step later: milliseconds."""
-        every_min = self.cfg.checkpoint.every_minutes
-        due = (self.env.is_main and every_min is not None and not self._due_sent
-               and time.monotonic() - self._last_save >= every_min * 60)
-        self._due_sent |= due  # sent once; save() clears it (else the next step would ask again)
-        warning, terminate = stop.requested and stop.is_warning, stop.requested and not stop.is_warning
-        previous = self._finish_poll()
-        self._poll_pending = self.dist.max_ints_start([int(warning), int(terminate), int(due)])
-        self._agreed = Poll(*map(bool, previous))
-        return self._agreed
-
-    def _finish_poll(self) -> list[int]:
-        """The answer to the poll in flight ([0, 0, 0] if none); every rank calls it at the same point."""
-        pending, self._poll_pending = self._poll_pending, None
-        return self.dist.max_ints_finish(pending) if pending is not None else [0, 0, 0]
 
     def _train_epoch(self, stop: StopRequest) -> bool:
         """Runs the rest of the epoch; True when a stop was requested (checkpoint already written)."""
@@ -612,7 +476,7 @@ class Trainer:
             if st.global_step % log_every == 0:
                 self._log_train(n_log, t_log, bar)
                 t_log, n_log = time.perf_counter(), 0
-            agreed = self._poll(stop)
+            agreed = self.polls.poll(stop)
             # the epoch's last step is saved after its evaluation (the same step: written twice before)
             periodic = (every and st.global_step % every == 0) or agreed.due
             if agreed.stop or (periodic and st.step_in_epoch < self.steps_per_epoch):
@@ -687,7 +551,7 @@ class Trainer:
         for x, y in data_mod.eval_batches(images, labels, self.env.rank, self.env.world_size,
                                           self.cfg.trainer.eval_batch_size, self.mean, self.std,
                                           channels_last=self.cfg.trainer.channels_last):
-            if self._poll(stop).stop:  # the same number of batches on every rank: polls pair up
+            if self.polls.poll(stop).stop:  # the same number of batches on every rank: polls pair up
                 self._phase = "evaluation"
                 self.save()  # step_in_epoch == steps_per_epoch: the resumed run redoes this eval
                 return None
@@ -737,14 +601,14 @@ class Trainer:
     def _stop(self, stop: StopRequest) -> int:
         """The checkpoint is written; decide requeue vs exit (rank 0 asks Slurm), then every rank leaves."""
         st = self.state
-        self._finish_poll()  # in flight since the stop step; its flags change nothing now
+        self.polls.finish()  # in flight since the stop step; its flags change nothing now
         self.wait_checkpoints()  # durable before Slurm requeues (kills) the job or the process exits
         if self.env.is_main:
             got = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
             log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", got,
                         self._phase, st.global_step)
         lead = signal_lead_s()  # checked in check_launch
-        kind = self.dist.broadcast_object(classify_stop(self._agreed, self.slurm, lead) if self.env.is_main else None)
+        kind = self.dist.broadcast_object(classify_stop(self.polls.agreed, self.slurm, lead) if self.env.is_main else None)
         decision = "interrupted"
         if kind == "timeout" and not st.count_timeout(self.slurm.job_id, self.cfg.checkpoint.max_requeues):
             decision = "gave_up"

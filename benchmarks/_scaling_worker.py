@@ -22,7 +22,7 @@ def main():
     res = {"world": env.world_size, "threads": torch.get_num_threads(), "global_batch": tr.cfg.trainer.batch_size,
            "step_s": [s for r in runs for s in r["step_s"]], "n_params": tr.n_params}
     if env.world_size > 1:
-        tr._finish_poll()
+        tr.polls.finish()
         polls, lagged = [], []
         for _ in range(50):  # a blocking round trip: what every step paid before the poll was lagged
             t = time.perf_counter()
@@ -32,9 +32,9 @@ def main():
         for _ in range(50):  # what a step pays now: the previous poll's answer came in during the "step"
             time.sleep(0.002)
             t = time.perf_counter()
-            tr._poll(stop)
+            tr.polls.poll(stop)
             lagged.append(time.perf_counter() - t)
-        tr._finish_poll()
+        tr.polls.finish()
         grad = torch.zeros(1_369_738)  # All-CNN-C width 1: fp32 gradient, 5.48 MB
         ars = []
         for _ in range(5):

@@ -17,7 +17,7 @@ from allconv_hpc.distributed import DistributedError, detect_env, expand_hostlis
 from allconv_hpc.preempt import SAME_SIGNAL_S, SlurmJob, StopRequest, catch_early, parse_slurm_time, sigint_deferred
 from allconv_hpc.schedule import lr_factor
 from allconv_hpc.resume import TrainState
-from allconv_hpc.trainer import Poll, classify_stop
+from allconv_hpc.poll import Poll, classify_stop
 from proc import hold_lock
 
 
@@ -564,7 +564,7 @@ def test_more_torchrun_ranks_than_gpus_are_refused_before_nccl_fails_them(monkey
     """NCCL refuses two ranks on one GPU, and the package would report it as a failed rendezvous: said first, with
     the ways out. gloo shares a GPU fine; under Slurm each task may see only its own GPU (one in view, legal)."""
     from allconv_hpc.config import Config, ConfigError
-    from allconv_hpc.trainer import check_launch
+    from allconv_hpc.launch_checks import check_launch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     two = detect_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
@@ -584,7 +584,7 @@ def test_more_torchrun_ranks_than_gpus_are_refused_before_nccl_fails_them(monkey
 def test_launch_checks_refuse_cuda_and_nccl_where_there_is_no_gpu():
     """Before any file is written (exit 2), not from inside the trainer (exit 1, a run folder made)."""
     from allconv_hpc.config import Config, ConfigError
-    from allconv_hpc.trainer import check_launch
+    from allconv_hpc.launch_checks import check_launch
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: there is nothing to refuse")
     two = detect_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})

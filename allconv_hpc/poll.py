@@ -1,0 +1,65 @@
+"""What every rank agrees on at a step boundary: a signal on some rank, a timed checkpoint due. One host-side
+collective per step, lagged by one step so that no step waits for it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from .preempt import SlurmJob, StopRequest
+
+
+@dataclass(frozen=True)
+class Poll:
+    """What all ranks agreed on at a step boundary."""
+    warning: bool = False       # some rank got the warning signal (USR2: preemption or time limit ahead)
+    terminate: bool = False     # some rank got SIGTERM/SIGINT/SIGHUP first: checkpoint, exit, no requeue
+    due: bool = False           # rank 0's clock says a timed checkpoint is due
+
+    @property
+    def stop(self) -> bool:
+        return self.warning or self.terminate
+
+
+def classify_stop(agreed: Poll, slurm: SlurmJob, lead_s: float) -> str:
+    """interrupted (not in Slurm, or SIGTERM/SIGINT/SIGHUP on any rank) | timeout | preempted."""
+    if not slurm.in_slurm or agreed.terminate:
+        return "interrupted"
+    return "timeout" if slurm.is_timeout(lead_s=lead_s) else "preempted"
+
+
+class StepPoll:
+    """The poll of one training run. `dist`: the run's distributed.Dist; `every_minutes`: checkpoint.every_minutes
+    (None: no timed checkpoints)."""
+
+    def __init__(self, dist, is_main: bool, every_minutes: Optional[float]):
+        self.dist, self.is_main, self.every_minutes = dist, is_main, every_minutes
+        self.agreed = Poll()  # the answer last returned
+        self._pending = None
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """A checkpoint was just written (or training starts): the next timed one is every_minutes from now."""
+        self._since, self._due_sent = time.monotonic(), False
+
+    def poll(self, stop: StopRequest) -> Poll:
+        """Did any rank get a signal, and which kind; is a timed checkpoint due (rank 0's clock).
+        Each flag is reduced on its own: one rank's due checkpoint must not hide another's signal.
+
+        Lagged by one poll: this call sends this step's flags in the background and returns what
+        the previous call sent, which arrived while the step ran. Every rank acts on the same
+        answer at the same step, and no step waits for a network round trip (across nodes gloo's
+        ring takes 2(N-1) hops). A signal is acted on one step later: milliseconds."""
+        due = (self.is_main and self.every_minutes is not None and not self._due_sent
+               and time.monotonic() - self._since >= self.every_minutes * 60)
+        self._due_sent |= due  # sent once; restart_clock() clears it (else the next step would ask again)
+        warning, terminate = stop.requested and stop.is_warning, stop.requested and not stop.is_warning
+        previous = self.finish()
+        self._pending = self.dist.max_ints_start([int(warning), int(terminate), int(due)])
+        self.agreed = Poll(*map(bool, previous))
+        return self.agreed
+
+    def finish(self) -> list[int]:
+        """The answer to the poll in flight ([0, 0, 0] if none); every rank calls it at the same point."""
+        pending, self._pending = self._pending, None
+        return self.dist.max_ints_finish(pending) if pending is not None else [0, 0, 0]
