@@ -10,6 +10,7 @@ import itertools
 import os
 import re
 import shlex
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -80,6 +81,30 @@ def _group_keys(group: str):
     return None
 
 
+_CLUSTER_LISTS = {"setup"}
+_CLUSTER_SCALARS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min", "signal_lead_s",
+                    "array_parallelism", "requeue"}
+
+
+def comma_fix(line: str) -> str:
+    """What to say of `key=a,b` outside a sweep (Hydra reads it as one): a list key is bracketed, a string's value
+    with commas quoted (quoting a list or a number would only be refused next as a string), a number takes one."""
+    key, _, value = line.partition("=")
+    section, _, name = key.lstrip("+~").partition(".")
+    hint = None
+    if section in SECTIONS:
+        hint = typing.get_type_hints(SECTIONS[section]).get(name)
+    elif section == "seed" and not name:
+        hint = int
+    kinds = set(typing.get_args(hint) or (hint,)) - {type(None)}
+    sweep = f"{line!r} is a sweep (`allconv-hpc submit -m` submits one job per value)"
+    if kinds & {list} or typing.get_origin(hint) is list or (section == "cluster" and name in _CLUSTER_LISTS):
+        return f"{sweep}; one list is given in brackets: '{key}=[{value}]'"
+    if kinds and kinds <= {int, float, bool} or (section == "cluster" and name in _CLUSTER_SCALARS):
+        return f"{sweep}; {key} takes one value"
+    return f"{sweep}; one value holding commas is quoted: '{key}=\"{value}\"'"
+
+
 def _listed_options(lines: list[str]) -> list[str]:
     """The options under Hydra's "Available options in 'group':" line (tab-indented, one a line)."""
     for i, line in enumerate(lines):
@@ -115,8 +140,9 @@ def override_error(overrides: list[str], e: Exception) -> str:
         if given:
             return (f"{given[-1]}: {group} already has an option (a default, or a recipe's); give "
                     f"{given[-1].lstrip('+')} without the +")
-    if msg.startswith("Ambiguous value for argument"):  # key=a,b outside a sweep
-        msg += " (a comma list is a sweep: allconv-hpc submit -m ...; quote a value that holds commas)"
+    ambiguous = re.match(r"Ambiguous value for argument '(.*)'", msg)
+    if ambiguous:  # key=a,b outside a sweep
+        return comma_fix(ambiguous.group(1))
     if re.match(r"In '[\w/]+': Could not find '", msg):  # a misspelt group option: Hydra lists the others
         options = getattr(e, "options", None) or _listed_options(lines)
         if options:

@@ -31,7 +31,7 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from .compose import CONFIG_MODULE, override_error
+    from .compose import CONFIG_MODULE, comma_fix, override_error
 
     common, axes = [], []
     GlobalHydra.instance().clear()
@@ -53,9 +53,7 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
                     common.append(o.input_line)
                     continue
                 if not multirun:
-                    key, value = o.input_line.split("=", 1)
-                    raise ConfigError(f"{o.input_line!r} is a sweep; add -m to submit a sweep, or quote a value that "
-                                      f"holds commas: '{key}=\"{value}\"'")
+                    raise ConfigError(comma_fix(o.input_line))
                 if o.is_interval_sweep():  # for optimizing sweepers (Optuna, Nevergrad): nothing to enumerate
                     raise ConfigError(f"{o.input_line!r}: interval(...) is for optimizing sweepers, which submit does "
                                       f"not run; give the values: a comma list, range(start,stop,step) or choice(...)")

@@ -99,7 +99,13 @@ BAD = [
     (["wandb.project=''"], ["wandb.project='' is empty (an unset shell variable?)"]),
     (["hydra.run.dir="], ["hydra.run.dir is empty (an unset shell variable?)"]),  # would train into cwd
     (["hydra.sweep.dir="], ["hydra.sweep.dir is empty"]),
-    (["seed=0,1"], ["Ambiguous value for argument 'seed=0,1'", "allconv-hpc submit -m"]),
+    # a comma list is a sweep to Hydra: the fix for one value depends on the key's type (quoting a list or a
+    # number gave a string, refused next)
+    (["seed=0,1"], ["'seed=0,1' is a sweep (`allconv-hpc submit -m` submits one job per value); seed takes one value"]),
+    (["schedule.milestones=100,200"], ["one list is given in brackets: 'schedule.milestones=[100,200]'"]),
+    (["wandb.tags=a,b"], ["one list is given in brackets: 'wandb.tags=[a,b]'"]),
+    (["optim.lr=0.05,0.1"], ["optim.lr takes one value"]),
+    (["wandb.name=a,b"], ["one value holding commas is quoted: 'wandb.name=\"a,b\"'"]),
     (["model.widht=0.5"], ["model has no key 'widht'; its keys: ", "width"]),
     (["data.train_size=1000000000000"], ["data.train_size=1000000000000 is more synthetic images than generating"]),
     (["trainer.batch_size=256", "trainer.drop_last=true", "data.train_size=128"],

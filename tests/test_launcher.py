@@ -1972,12 +1972,19 @@ def test_a_run_resumed_by_hand_after_its_job_ended_is_running_not_lost(tmp_path,
 
 
 def test_a_comma_list_outside_a_sweep_says_how_to_quote_it(tmp_path):
-    with pytest.raises(ConfigError, match=r"'cluster.exclude=n1,n2' is a sweep; add -m to submit a sweep, or quote a "
-                                          r"value that holds commas: 'cluster.exclude=\"n1,n2\"'"):
+    with pytest.raises(ConfigError, match=r"'cluster.exclude=n1,n2' is a sweep \(`allconv-hpc submit -m` submits one "
+                                          r"job per value\); one value holding commas is quoted: "
+                                          r"'cluster.exclude=\"n1,n2\"'"):
         launcher.plan(["cluster=local", *TINY, "cluster.exclude=n1,n2", f"hydra.run.dir={tmp_path / 'r'}"],
                       multirun=False)
     c = compose(["cluster=local", *TINY, 'cluster.exclude="n1,n2"'])  # what the hint says to type
     assert c.cluster["exclude"] == "n1,n2"
+    with pytest.raises(ConfigError, match=r"one list is given in brackets: 'schedule.milestones=\[1,2\]'"):
+        launcher.plan(["cluster=local", *TINY, "schedule.milestones=1,2", f"hydra.run.dir={tmp_path / 'r'}"],
+                      multirun=False)
+    assert compose([*TINY, "schedule.milestones=[1,2]"]).cfg.schedule.milestones == [1, 2]  # what that hint says
+    with pytest.raises(ConfigError, match=r"cluster.nodes takes one value"):
+        launcher.plan(["cluster=local", *TINY, "cluster.nodes=1,2", f"hydra.run.dir={tmp_path / 'r'}"], multirun=False)
 
 
 
