@@ -381,8 +381,8 @@ class Config:
             diff = [f"{k}: {as_given(theirs.get(k))} -> {as_given(mine.get(k))}" for k in differ]
             back = " ".join(f"{k}={as_given(theirs[k])}" for k in differ if k in theirs)
             raise OtherConfig(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
-                              f"another {folder_key}, or checkpoint.resume=never to start over (old checkpoints "
-                              f"are kept); an override left out of this command? {back} resumes that run", diff)
+                              f"another {folder_key}, or checkpoint.resume=never to start over (the old run's "
+                              f"files move to checkpoints.oldN/); an override left out of this command? {back} resumes that run", diff)
         if train_state:
             mid = bool(train_state.get("step_in_epoch", 0))
             begun = int(train_state.get("epoch", 0)) + (1 if mid else 0)

@@ -1,15 +1,19 @@
 """``history.csv``: one row per epoch, written whole and atomically (each start rewrites it from its
-checkpoint's rows), floats as ``repr`` so they read back bit-identical."""
+checkpoint's rows, keeping a copy edited by hand beside), floats as ``repr`` so they read back bit-identical."""
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Union
 
 from .fsio import write_atomic
 
-__all__ = ["HISTORY_FIELDS", "HISTORY_FILE", "write_history", "row_line", "history_text", "edited", "read_history"]
+__all__ = ["HISTORY_FIELDS", "HISTORY_FILE", "write_history", "rewrite_history", "row_line", "history_text", "edited",
+           "read_history"]
+
+log = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
@@ -50,6 +54,25 @@ def write_history(path: Union[str, Path], rows: list[Mapping[str, Any]]) -> None
     Columns are exactly `HISTORY_FIELDS`; other keys are ignored, missing ones left empty;
     floats are written with ``repr`` so they read back bit-identical."""
     write_atomic(Path(path), history_text(rows))
+
+
+def rewrite_history(path: Path, rows: list[Mapping[str, Any]]) -> None:
+    """A start's rewrite from the checkpoint's rows: the rows a killed process wrote after it go. A file that
+    differs otherwise was changed by hand (a note, a column): kept beside as history.csv.editedN, and said."""
+    new = history_text(rows)
+    try:
+        old = path.read_bytes().decode(errors="surrogateescape")  # another encoding: kept too
+    except FileNotFoundError:
+        old = None
+    if old is not None and edited(old, new):
+        n = 1
+        while (path.parent / f"{HISTORY_FILE}.edited{n}").exists():
+            n += 1
+        kept = path.rename(path.parent / f"{HISTORY_FILE}.edited{n}")
+        log.warning("%s differed from the checkpoint's record of the epochs it holds (edited by hand?): it is "
+                    "rewritten from the checkpoint, and the old file is kept as %s", path, kept.name)
+    if old != new:
+        write_atomic(path, new)
 
 
 def history_text(rows: list[Mapping[str, Any]]) -> str:

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Optional, Union
 
 from .config import WandbConfig
 from .fsio import naming, write_atomic
-from .history import HISTORY_FILE, edited, history_text, row_line, write_history
+from .history import HISTORY_FILE, rewrite_history, row_line, write_history
 from .wandb_mode import resolve_mode
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class NullTracker:
     def log_eval(self, step: int, row: Mapping[str, Any]) -> None:
         pass
 
-    def append_history(self, row: Mapping[str, Any]) -> None:
+    def append_history(self, row: Mapping[str, Any], rows: Optional[list] = None) -> None:
         pass
 
     def set_summary(self, **kv: Any) -> None:
@@ -152,8 +152,7 @@ class Tracker:
         self.history_path = self.run_dir / HISTORY_FILE
         # the checkpoint is the truth: epochs the killed process logged after it are dropped
         history_rows = list(history_rows or [])
-        self._keep_edited_history(history_text(history_rows))
-        write_history(self.history_path, history_rows)
+        rewrite_history(self.history_path, history_rows)
         self.mode = mode or resolve_mode(wandb_cfg.mode)
         self.online_error: Optional[str] = None  # why an online init fell back to offline
         self._run = None
@@ -196,22 +195,6 @@ class Tracker:
             self._floor = have or 0
         else:  # no W&B run, but the folder's empty segments of this run would still stop `wandb sync`
             self._set_aside_offline(resume_run_id or _read_id(self.run_dir))
-
-    def _keep_edited_history(self, new: str) -> None:
-        """history.csv is rewritten from the checkpoint's rows; the rows a killed process wrote after it go.
-        A file that differs otherwise was changed by hand (a note, a column): kept beside, and said."""
-        try:
-            old = self.history_path.read_bytes().decode(errors="surrogateescape")  # another encoding: kept too
-        except FileNotFoundError:
-            return
-        if not edited(old, new):
-            return
-        n = 1
-        while (self.history_path.parent / f"{HISTORY_FILE}.edited{n}").exists():
-            n += 1
-        kept = self.history_path.rename(self.history_path.parent / f"{HISTORY_FILE}.edited{n}")
-        log.warning("%s differed from the checkpoint's record of the epochs it holds (edited by hand?): it is "
-                    "rewritten from the checkpoint, and the old file is kept as %s", self.history_path, kept.name)
 
     # -- W&B -----------------------------------------------------------------------------------
     def _start_wandb(self, cfg_dict: dict, wandb_cfg: WandbConfig, resume_run_id: Optional[str]) -> None:
@@ -383,8 +366,14 @@ class Tracker:
             os.close(fd)
 
     # -- history.csv -----------------------------------------------------------------------------
-    def append_history(self, row: Mapping[str, Any]) -> None:
-        """Append one epoch's row to ``history.csv`` (flushed and fsynced)."""
+    def append_history(self, row: Mapping[str, Any], rows: Optional[list] = None) -> None:
+        """Append one epoch's row to ``history.csv`` (flushed and fsynced). `rows`: every epoch's up to this one,
+        written whole where the file is gone (deleted while the run trains: an append would make it headless)."""
+        if not self.history_path.exists():
+            write_history(self.history_path, rows if rows is not None else [row])
+            log.warning("%s was missing (deleted?): written again with %s", self.history_path,
+                        f"the {len(rows)} epoch(s) the checkpoint holds" if rows is not None else "this epoch's row")
+            return
         with naming(self.history_path), open(self.history_path, "a", newline="") as f:
             f.write(row_line(row))
             f.flush()

@@ -38,7 +38,7 @@ from .poll import StepPoll, classify_stop
 from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StartupStop, StopRequest,
                       sigint_deferred, signal_lead_s, take_early_stop)
 from .schedule import lr_factor
-from .history import HISTORY_FILE, write_history
+from .history import HISTORY_FILE, rewrite_history
 from .tracking import ID_FILE, STEPS_FILE, NullTracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,11 @@ class Trainer:
         # the same command run again on a finished run: nothing to train or score, and no W&B segment
         self.finished = self.resumed_from is not None and self.state.epoch >= t.epochs and self.dist.any(
             env.is_main and read_json(self.run_dir / "status.json").get("state") == "completed")
-        if self.finished and env.is_main and not (self.run_dir / HISTORY_FILE).exists():  # deleted since: the
-            write_history(self.run_dir / HISTORY_FILE, self.state.history)  # checkpoint holds every row
-            log.warning("%s was missing: written again from the checkpoint's %d epochs", HISTORY_FILE,
-                        len(self.state.history))
+        if self.finished and env.is_main:  # no tracker to rewrite it: deleted or damaged since, the checkpoint
+            if not (self.run_dir / HISTORY_FILE).exists():  # holds every row
+                log.warning("%s was missing: written again from the checkpoint's %d epochs", HISTORY_FILE,
+                            len(self.state.history))
+            rewrite_history(self.run_dir / HISTORY_FILE, self.state.history)
         self.tracker = NullTracker() if self.finished else make_tracker(
             self.run_dir, cfg_dict, cfg.wandb, env.rank, self.state.wandb_id, self.state.history, self.state.global_step)
         self.state.wandb_id = self.tracker.run_id
@@ -291,12 +292,12 @@ class Trainer:
 
     def _diverged(self, what: str) -> NonFiniteError:
         kept = self._kept()
-        again = ("resuming repeats the steps that diverged" if self.ckpt.step_files() else
-                 "the same command starts it over as it was")
-        return NonFiniteError(f"{what}; {kept}. Lower optim.lr or lengthen the warm-up (schedule."
-                              f"warmup_epochs={self.cfg.schedule.warmup_epochs:g} now) in a new hydra.run.dir (a sweep's "
-                              f"point: in a new hydra.sweep.dir), or start this one over with checkpoint.resume=never: "
-                              f"{again}")
+        again = ("would resume from that checkpoint and repeat the steps that diverged" if self.ckpt.step_files() else
+                 "would start it over as it was, to diverge again")
+        return NonFiniteError(f"{what}; {kept}. Lower optim.lr or lengthen the warm-up (schedule.warmup_epochs="
+                              f"{self.cfg.schedule.warmup_epochs:g} now) and start over: in a new hydra.run.dir (a "
+                              f"sweep's point: in a new hydra.sweep.dir), or here with checkpoint.resume=never and the "
+                              f"new values (this run's files move to checkpoints.oldN/); the same command {again}")
 
     def _check_finite(self) -> None:
         finite = torch.stack([torch.isfinite(self.epoch_sums[0]).all()]
@@ -354,7 +355,7 @@ class Trainer:
         self.tracker.sync()  # the W&B logs up to this step are durable before the checkpoint is
         self.ckpt.save(state, step)
         if history_row is not None:  # not before: see _end_epoch
-            self.tracker.append_history(history_row)
+            self.tracker.append_history(history_row, state["train_state"]["history"])
 
     def _write_best(self, best: dict, step: int) -> None:  # in the writer's thread, after step's checkpoint
         if self.ckpt.step_path(step).exists():  # else that write failed (the writer reports it): see _end_epoch

@@ -399,6 +399,12 @@ def test_nan_stops_without_touching_good_checkpoints(tmp_path):
     assert "Lower optim.lr or lengthen the warm-up" in log and "checkpoint.resume=never" in log, log[-2000:]
     early = run_train(tmp_path, tmp_path / "early", EXACT + ["optim.lr=1e9", "schedule.warmup_epochs=0"], check=False)
     assert early.returncode == 1 and "no checkpoint was written yet" in early.stderr, early.stderr[-2000:]
+    assert "the same command would start it over as it was, to diverge again" in early.stderr, early.stderr[-2000:]
+    # what it advises: the new values with checkpoint.resume=never, in the same folder
+    fixed = run_train(tmp_path, tmp_path / "early", EXACT + ["optim.lr=0.05", "schedule.warmup_epochs=0",
+                                                             "checkpoint.resume=never", "trainer.epochs=1"], check=False)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert '"completed"' in (tmp_path / "early" / "status.json").read_text()
     for f in files:  # every checkpoint left behind loads and holds finite weights from before the blow-up
         state = load_file(f)
         assert all(bool(t.isfinite().all()) for t in state["model"].values()), f

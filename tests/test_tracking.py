@@ -338,6 +338,20 @@ def test_a_history_edited_by_hand_is_kept_beside_when_a_resume_rewrites_it(tmp_p
     assert sorted(p.name for p in run_dir.glob("history.csv.edited*")) == [f"history.csv.edited{i}" for i in (1, 2, 3)]
 
 
+def test_a_history_deleted_while_the_run_trains_is_written_whole_at_the_next_epoch(tmp_path, caplog):
+    """An append to a deleted history.csv made a file with no header and only the epochs after the deletion."""
+    run_dir = tmp_path / "run"
+    rows = [epoch_row(e, 10 * e) for e in range(1, 4)]
+    t = make_tracker(run_dir, {}, WandbConfig(mode="disabled"), 0, None, [])
+    t.append_history(rows[0], rows[:1])
+    (run_dir / "history.csv").unlink()
+    t.append_history(rows[1], rows[:2])
+    t.append_history(rows[2], rows)
+    t.finish()
+    assert read_history(run_dir / "history.csv") == rows
+    assert f"{run_dir / 'history.csv'} was missing (deleted?): written again with the 2 epoch(s)" in caplog.text
+
+
 def test_history_rewrite_on_resume_drops_rows_not_in_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     wcfg = WandbConfig(mode="disabled")

@@ -281,6 +281,12 @@ def test_a_copied_run_folder_is_said_to_share_the_w_and_b_run_and_a_moved_one_is
     r = train(tmp_path, tmp_path / "moved", [*base, "trainer.epochs=2"])
     assert "nothing to do" in r.stdout and "history.csv was missing: written again" in r.stderr, r.stderr[-2000:]
     assert _history(tmp_path / "moved") == rows and len(rows) == 2
+    # cut to its last row, headless (an append after a deletion, before the fix): rewritten too, the cut copy kept
+    cut = (tmp_path / "moved" / "history.csv").read_text().splitlines(keepends=True)[-1]
+    (tmp_path / "moved" / "history.csv").write_text(cut)
+    r = train(tmp_path, tmp_path / "moved", [*base, "trainer.epochs=2"])
+    assert "nothing to do" in r.stdout and "(edited by hand?)" in r.stderr, r.stderr[-2000:]
+    assert _history(tmp_path / "moved") == rows and (tmp_path / "moved" / "history.csv.edited1").read_text() == cut
 
 
 def test_learns_synthetic_well_above_chance(tmp_path):
