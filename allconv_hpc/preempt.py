@@ -235,6 +235,7 @@ class SlurmJob:
     def __init__(self, environ: Optional[Mapping[str, str]] = None):
         self.env = dict(os.environ if environ is None else environ)
         self.cancelled = False  # set by requeue(): a user's scancel came while the job stopped
+        self.unanswered = False  # set by requeue(): the requeue failed and Slurm did not say the job's state
 
     @property
     def in_slurm(self) -> bool:
@@ -287,7 +288,9 @@ class SlurmJob:
             return False
         if self._run(["scontrol", "requeue", self.job_id]) is not None:
             return True
-        state = (self._run(["squeue", "-h", "-j", self.job_id, "-o", "%T"]) or "").strip()
+        out = self._run(["squeue", "-h", "-j", self.job_id, "-o", "%T"])
+        self.unanswered = out is None  # a busy controller may still carry the requeue out (seen: minutes later)
+        state = (out or "").strip()
         if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
             return True  # Slurm's own preemption requeued it ("Job is pending execution")
         if state == "COMPLETING":  # requeued while its processes end, or cancelled: Restarts tells

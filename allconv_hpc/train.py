@@ -178,8 +178,10 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         st = read_json(composed.run_dir / "status.json")
         epoch = st.get("epoch")
         done = st.get("state") == "completed" and isinstance(epoch, int) and epoch >= composed.cfg.trainer.epochs
-        if not done or getattr(trainer, "set_aside", False):  # a rerun of a finished run (nothing to do) stays
-            _report(trainer, said, "interrupted", tell_peers=False)  # completed, unless resume=never moved it
+        # a rerun of a finished run (nothing to do) stays completed, and a failed one failed (its error, e.g. a
+        # divergence a resume repeats, is the run's last word: nothing trained since), unless resume=never moved it
+        if not (done or st.get("state") == "failed") or getattr(trainer, "set_aside", False):
+            _report(trainer, said, "interrupted", tell_peers=False)
             if trainer is None and env.is_main:  # stopped before its rendezvous
                 _mark_interrupted(composed.run_dir, said)
         code = EXIT_INTERRUPTED

@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 
 
 
+# status.json's keys that tell the run's progress, not the job's (its id, restarts, time-limit count, signal)
+_PROGRESS = {"epoch", "epochs", "global_step", "step_in_epoch", "last_val_acc", "best_val_acc", "wandb_id",
+             "test_loss", "test_acc", "precision", "wandb_mode", "wandb_online_error"}
+
+
 class NonFiniteError(RuntimeError):
     pass
 
@@ -392,9 +397,11 @@ class Trainer:
                "wandb_online_error": getattr(tracker, "online_error", None),
                "updated": time.time(), **extra}
         if not hasattr(self, "resumed_from"):  # failed before resuming: the folder's progress stands (none in a
-            # new folder: epoch 0 of this config's epochs, not "0/?")
-            doc = {"epoch": 0, "epochs": doc["epochs"], **read_json(self.run_dir / "status.json"),
-                   **{k: doc[k] for k in ("state", "slurm_job_id", "updated", *extra)}}
+            # new folder: epoch 0 of this config's epochs, not "0/?"), not the earlier job's counts and signal
+            old = read_json(self.run_dir / "status.json")
+            same_job = old.get("slurm_job_id") == doc["slurm_job_id"]
+            doc = {"epoch": 0, "epochs": doc["epochs"], **{k: v for k, v in old.items() if same_job or k in _PROGRESS},
+                   **{k: doc[k] for k in ("state", "slurm_job_id", "restarts", "updated", *extra)}}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -628,6 +635,11 @@ class Trainer:
             if not ok and self.env.is_main and self.slurm.cancelled:
                 log.warning("job %s was cancelled (scancel) while it stopped: not requeued, as the cancel asks; "
                             "the same command resumes the run from its checkpoint", self.slurm.job_id)
+            elif not ok and self.env.is_main and self.slurm.unanswered:
+                log.warning("Slurm did not answer the requeue of job %s (its controller busy or down; the lines "
+                            "above say what it said): it may still requeue the job, which then resumes the run, or "
+                            "not (`allconv-hpc status` tells which); the run stops with its checkpoint, and the same "
+                            "command resumes it", self.slurm.job_id)
             elif not ok and self.env.is_main:
                 log.warning("Slurm did not requeue job %s (cluster.requeue=false submits with --no-requeue, and a "
                             "site may forbid requeues): the run stops with its checkpoint; the same command resumes "

@@ -728,12 +728,15 @@ def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_
     run, args = tmp_path / "run", TINY + ["data.preprocess=gcn_zca"]  # a fit of seconds
     run_train(tmp_path, run, args + ["trainer.epochs=1"])
     files = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    earlier_job = {"slurm_job_id": "77", "restarts": 4, "timeouts": 2, "signal": "USR2"}  # another job's record
+    (run / "status.json").write_text(json.dumps({**json.loads((run / "status.json").read_text()), **earlier_job}))
     p, out, err = signal_in_start_up(tmp_path, run, args + ["trainer.epochs=2"], signal.SIGTERM)
     assert p.returncode == 3 and "Traceback" not in err, err
     assert "stopped by SIGTERM during start-up, before training" in err and "training synthetic" not in out, err
     assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == files
     st = json.loads((run / "status.json").read_text())
-    assert (st["state"], st["epoch"]) == ("interrupted", 1), st  # the run's progress stands
+    assert (st["state"], st["epoch"]) == ("interrupted", 1), st  # the run's progress stands, not the other job's counts
+    assert (st["slurm_job_id"], st["restarts"], "timeouts" in st, "signal" in st) == (None, 0, False, False), st
     r = subprocess.run([PY, "-m", "allconv_hpc", "status", str(run)], env=clean_env(tmp_path), capture_output=True,
                        text=True, timeout=60)
     step = int(st["global_step"])
@@ -745,6 +748,18 @@ def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_
     p, out, err = signal_in_start_up(tmp_path, run, args + ["trainer.epochs=2"], signal.SIGTERM)
     assert p.returncode == 3 and "stopped by SIGTERM during start-up" in err, err
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    # a run that diverged, started again and stopped in start-up: nothing trained, so its failure stands (it was
+    # recorded interrupted, and submit no longer warned that a resume diverges again)
+    bad = tmp_path / "bad"
+    diverge = args + ["optim.lr=1e9", "schedule.warmup_epochs=0", "trainer.epochs=1"]
+    assert run_train(tmp_path, bad, diverge, check=False).returncode == 1
+    failed = json.loads((bad / "status.json").read_text())
+    assert failed["state"] == "failed" and failed["error"].startswith("non-finite"), failed
+    p, out, err = signal_in_start_up(tmp_path, bad, diverge, signal.SIGTERM)
+    assert p.returncode == 3 and "stopped by SIGTERM during start-up" in err, err
+    after = json.loads((bad / "status.json").read_text())
+    assert {k: after[k] for k in ("state", "error", "global_step")} == {k: failed[k] for k in ("state", "error",
+                                                                                              "global_step")}
 
 
 def test_a_deleted_lock_is_taken_again_and_a_second_writer_stops_the_first_before_it_writes(tmp_path):

@@ -270,7 +270,9 @@ def test_requeue_is_array_aware_and_checks_what_slurm_did(tmp_path, monkeypatch,
     if restarts is not None:  # `scontrol requeue` fails, `scontrol show job` answers
         (tmp_path / "bin" / "scontrol").write_text(
             f'#!/bin/sh\necho "scontrol $*" >> {calls}\n[ "$1" = show ] || exit 1\necho "JobId=9 {restarts}"\n')
-    assert SlurmJob(ARRAY_TASK).requeue() is expected
+    job = SlurmJob(ARRAY_TASK)
+    assert job.requeue() is expected
+    assert job.unanswered is (squeue_state is None and not expected)  # the trainer's warning then says so
     assert all(c.endswith(" 5_3") for c in calls.read_text().splitlines() if c.startswith("scontrol"))  # the task
 
 
