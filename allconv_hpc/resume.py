@@ -36,6 +36,9 @@ class TrainState:
     timeouts_job: Optional[str] = None
     wandb_id: Optional[str] = None
     streams: int = 2                # random streams version: 1 = a run begun before order and augmentation were apart
+    # the lr of the last step taken (history's lr column): kept, since a resume with another trainer.epochs (which
+    # cosine and onecycle stretch to) would recompute another for a step already taken (a stop in an evaluation)
+    lr_used: Optional[float] = None
 
     def count_timeout(self, job_id: str, max_requeues: int) -> bool:
         """Count a time-limit warning of Slurm job `job_id`; False once max_requeues are used up.

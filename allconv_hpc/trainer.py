@@ -176,9 +176,9 @@ class Trainer:
         torch.manual_seed(mix_seed(cfg.seed, DROPOUT_STREAM + env.rank))
         self.resumed_from = self._maybe_resume()
         self._stop_if_asked()
-        # the lr of the last step taken (logged in history); set by every step from here on
-        self._lr_used = cfg.lr * lr_factor(max(0, self.state.global_step - 1), cfg.schedule,
-                                           self.steps_per_epoch, t.epochs)
+        if self.state.lr_used is None:  # a new run, or a checkpoint from before the key: on this config's curve
+            self.state.lr_used = cfg.lr * lr_factor(max(0, self.state.global_step - 1), cfg.schedule,
+                                                    self.steps_per_epoch, t.epochs)
 
         # compile inside DDP: torch.compile(DDP(nn.Sequential)) captures no graph at all (Dynamo
         # skips Sequential.forward, a torch file, as a frame to start in), so it ran eagerly. Inside,
@@ -467,7 +467,7 @@ class Trainer:
             self.scaler.scale(loss_sum * (world / n_global)).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
-            self._lr_used = self.sched.get_last_lr()[0]  # what this step ran at (logged), before advancing
+            st.lr_used = self.sched.get_last_lr()[0]  # what this step ran at (logged), before advancing
             self.sched.step()
             with torch.no_grad():  # few ops: on a GPU every launch is host time, the pace at small batches
                 # stack promotes the count of correct answers to float32 (exact: < 2**24 per step)
@@ -539,7 +539,7 @@ class Trainer:
         self.interval_sums.zero_()
         if not math.isfinite(s[0]):
             self._check_finite()
-        loss, acc, lr = s[0] / max(s[2], 1), s[1] / max(s[2], 1), self._lr_used
+        loss, acc, lr = s[0] / max(s[2], 1), s[1] / max(s[2], 1), self.state.lr_used
         metrics = {"loss": loss, "acc": acc, "lr": lr, "images_per_second": images_per_second,
                    "epoch": self.state.global_step / self.steps_per_epoch}
         self.tracker.log_train(self.state.global_step, metrics)
@@ -572,7 +572,7 @@ class Trainer:
         st = self.state
         tr = self.dist.all_reduce_sum(self.epoch_sums.clone()).tolist()
         val_loss, val_acc, n_val = scores
-        row = {"epoch": st.epoch + 1, "step": st.global_step, "lr": self._lr_used,
+        row = {"epoch": st.epoch + 1, "step": st.global_step, "lr": st.lr_used,
                "train_loss": tr[0] / tr[2], "train_acc": tr[1] / tr[2], "val_loss": val_loss, "val_acc": val_acc,
                "epoch_seconds": seconds, "images_per_second": tr[2] / seconds}
         best = None

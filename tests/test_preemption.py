@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -139,11 +140,15 @@ def test_a_second_writer_is_refused_and_status_follows_the_first(tmp_path):
 def test_signal_during_evaluation(tmp_path):
     # Evaluation in 200 batches of 2 images takes a good part of a second: the signal, sent when
     # global step 10 (the last of epoch 2) is logged, lands inside it. A stop there saves with
-    # the epoch's steps done and redoes the evaluation on resume.
-    ov = EXACT + ["trainer.eval_batch_size=2", "wandb.mode=offline"]
+    # the epoch's steps done and redoes the evaluation on resume. onecycle: its curve stretches with trainer.epochs
+    ov = EXACT + ["schedule=onecycle", "trainer.eval_batch_size=2", "wandb.mode=offline"]
     ref = tmp_path / "ref"
     run_train(tmp_path, ref, ov)
     run = stop_inside_eval(tmp_path, ov, "(global 10)", step=10)
+    grown = tmp_path / "grown"  # the same stop, resumed to 4 epochs: epoch 2's row keeps the lr its steps ran at
+    shutil.copytree(run, grown, symlinks=True)  # (it was the 4-epoch curve's lr at step 10)
+    run_train(tmp_path, grown, ov + ["trainer.epochs=4"])
+    assert history(grown)[1]["lr"] == history(ref)[1]["lr"], (history(grown)[1], history(ref)[1])
     run_train(tmp_path, run, ov)
     assert_same_weights(final_weights(run), final_weights(ref), exact=True)
     assert_same_history(history(run), history(ref), exact=True)
