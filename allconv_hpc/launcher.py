@@ -170,12 +170,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     _check_distinct_configs(points)
     if sweep_dir is not None:
         _refuse_retraining(points, sweep_dir, {_key(o) for o in swept[0]})
-    lead, limit = cluster["signal_lead_s"], cluster["timeout_min"] * 60
-    if 2 * lead > limit:  # legal, but each start trains little and every time limit uses up a requeue
-        then = ("and is requeued, and each time limit counts against checkpoint.max_requeues"
-                if cluster["backend"] == "slurm" else "and stops (cluster=local does not requeue)")
-        warn(f"cluster.signal_lead_s={lead} s is over half of cluster.timeout_min={cluster['timeout_min']} "
-              f"({limit} s): each start trains at most {limit - lead} s before it checkpoints {then}")
+    _warn_short_starts(cluster)
     if cluster["backend"] == "slurm" and not cluster["gpus_per_node"] and any(
             p.cfg.data.name != "synthetic" for p in points):  # the slurm profile's default: legal, but rarely meant
         warn(f"cluster.gpus_per_node=0: this job trains on CPUs only ({cluster['cpus_per_task']} per task); add "
@@ -260,6 +255,27 @@ def _check_distinct_configs(points: list[Point]) -> None:
             raise ConfigError(f"sweep points {seen[key].run_dir.name} and {p.run_dir.name} give the same config (one "
                               f"run trained twice); give each value once")
         seen[key] = p
+
+
+SLURM_SIGNAL_EARLY_S = 60  # sbatch --signal: "the signal may be sent up to 60 seconds earlier than specified"
+
+
+def _warn_short_starts(cluster: dict) -> None:
+    """A signal lead over half the time limit is legal, but each start trains little, and under Slurm every time
+    limit uses up a requeue; Slurm's own slack counts too (seen: a 20 s lead of a 60 s limit came at 15-20 s)."""
+    lead, limit = cluster["signal_lead_s"], cluster["timeout_min"] * 60
+    slurm = cluster["backend"] == "slurm"
+    early = SLURM_SIGNAL_EARLY_S if slurm else 0
+    if 2 * (lead + early) <= limit:
+        return
+    head = f"cluster.signal_lead_s={lead} s"
+    if slurm:
+        head += f", plus the up to {early} s Slurm may send the signal early,"
+    trains = f"{limit - lead} s" if not slurm else f"{max(0, limit - lead - early)}-{limit - lead} s"
+    then = ("and is requeued, and each time limit counts against checkpoint.max_requeues" if slurm
+            else "and stops (cluster=local does not requeue)")
+    warn(f"{head} is over half of cluster.timeout_min={cluster['timeout_min']} ({limit} s): each start trains "
+          f"{'at most ' if not slurm else ''}{trains} before it checkpoints {then}")
 
 
 def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) -> None:

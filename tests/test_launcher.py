@@ -801,6 +801,14 @@ def test_a_signal_lead_over_half_the_time_limit_is_warned_once(tmp_path, capsys)
     launcher.plan(["cluster=local", *TINY, "cluster.timeout_min=3", "cluster.signal_lead_s=90",
                    f"hydra.run.dir={tmp_path / 'run'}"], multirun=False)
     assert "warning" not in capsys.readouterr().err  # exactly half: fine
+    # under Slurm the signal may come up to 60 s early (seen on the dev cluster: a 20 s lead of 60 s at 15-20 s)
+    slurm = {"backend": "slurm", "timeout_min": 1, "signal_lead_s": 20}
+    launcher._warn_short_starts(slurm)
+    assert ("warning: cluster.signal_lead_s=20 s, plus the up to 60 s Slurm may send the signal early, is over half "
+            "of cluster.timeout_min=1 (60 s): each start trains 0-40 s before it checkpoints and is requeued, and each "
+            "time limit counts against checkpoint.max_requeues") in capsys.readouterr().err
+    launcher._warn_short_starts({**slurm, "timeout_min": 4})  # 2 x (20 + 60) = 160 s <= 240 s
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_sweep_and_run_folders_are_not_mixed(tmp_path):
