@@ -42,8 +42,9 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         if state in ACTIVE_STATES and sweep:
             if overrides is not None and sorted(rec.get("overrides") or []) != sorted(overrides):
                 _check_resumable_later(run_dir, cfg, rec, state)
-                return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with; submit "
-                        f"again when it has ended to apply these")
+                return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with "
+                        f"({_changes(rec.get('overrides') or [], overrides)}); submit again when it has ended to "
+                        f"apply these")
             return f"job {rec['job_id']} ({state})"
         if state == "COMPLETING":  # cancelled or done, its processes still ending: nothing to stop
             raise ConfigError(f"run folder {run_dir} has job {rec['job_id']} still ending (COMPLETING); a second job "
@@ -87,6 +88,15 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     if finished and ts.get("epoch") == cfg.trainer.epochs and not ts.get("step_in_epoch"):
         return "completed"  # a job would start only to find nothing to do
     return None
+
+
+def _changes(before: list[str], now: list[str]) -> str:
+    """The overrides of `now` that differ from those `before` (a job's), key by key."""
+    from .compose import override_key
+    was, now_ = ({override_key(o): o for o in ovs} for ovs in (before, now))
+    said = [f"{now_[k]}, submitted {f'with {was[k]}' if k in was else 'without it'}" if k in now_ else
+            f"{was[k]} left out now" for k in sorted(set(was) | set(now_)) if was.get(k) != now_.get(k)]
+    return "; ".join(said)
 
 
 def _check_resumable_later(run_dir: Path, cfg, rec: dict, state: str) -> None:

@@ -152,6 +152,11 @@ def validate_cluster(cluster: dict, cfg) -> dict:
         raise ConfigError(f"cluster.signal_lead_s={c['signal_lead_s']} s must be shorter than cluster.timeout_min="
                           f"{c['timeout_min']} ({c['timeout_min'] * 60} s): lower cluster.signal_lead_s (at least 10) "
                           f"or raise cluster.timeout_min above {c['signal_lead_s'] / 60:g}")
+    given = str(c.get("signal"))
+    if re.match(r"(?i)^(b|r|rb|br):", given):  # sbatch's flags: B sends to the batch shell only, not to the tasks
+        raise ConfigError(f"cluster.signal={given}: sbatch's {given.split(':')[0]}: flags are not taken (B: would "
+                          f"signal the batch shell alone, not the training tasks); give the name alone: "
+                          f"cluster.signal={given.split(':', 1)[1]}")
     if signal_name(c) != signal_name({"signal": cfg.checkpoint.signal}):
         raise ConfigError(f"cluster.signal={c.get('signal')} differs from checkpoint.signal={cfg.checkpoint.signal}: "
                           f"the job would not catch the signal Slurm sends; make them equal")

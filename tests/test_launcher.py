@@ -212,6 +212,13 @@ def test_a_string_setup_gets_a_hint():
     assert "cluster.setup item False was read as a bool, not a shell line; quote it: 'cluster.setup=[\"false\"]'" in msg
 
 
+def test_sbatch_signal_flags_are_refused_with_the_plain_name():
+    """B:USR2 (sbatch's form) read as differing from checkpoint.signal=USR2, whose fix (make them equal) they were."""
+    msg = refused(cluster_of(), "signal", "B:USR2")
+    assert msg == ("cluster.signal=B:USR2: sbatch's B: flags are not taken (B: would signal the batch shell alone, "
+                   "not the training tasks); give the name alone: cluster.signal=USR2"), msg
+
+
 def test_additional_parameters_name_the_key_to_use():
     assert "use cluster.timeout_min" in refused(cluster_of(), "additional_parameters", {"time": 5})
     # the job's shape under other option names: it was validated as nodes x tasks_per_node
@@ -721,8 +728,10 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     cfg = compose(busy_ov).cfg
     assert folder_checks.check_run_folder(busy, cfg, sweep=True, overrides=busy_ov) == "job 42 (RUNNING)"
     more = busy_ov + ["trainer.epochs=3"]  # a change a resume takes: it waits for a later submit, said so
-    assert "runs it with the settings it was submitted with" in folder_checks.check_run_folder(
-        busy, compose(more).cfg, sweep=True, overrides=more)
+    assert ("runs it with the settings it was submitted with (trainer.epochs=3, submitted with trainer.epochs=1); submit "
+            "again when it has ended") in folder_checks.check_run_folder(busy, compose(more).cfg, sweep=True, overrides=more)
+    assert folder_checks._changes(["a=1", "b=2", "c=3"], ["a=1", "b=5", "d=4"]) == (
+        "b=5, submitted with b=2; c=3 left out now; d=4, submitted without it")
     other = busy_ov + ["optim.lr=0.1"]  # another config: refused now, as it would be once the job has ended
     with pytest.raises(ConfigError, match=r"holds a run of a different config \(optim.lr: 0.05 -> 0.1\); use another "
                        r"hydra.sweep.dir.*; job 42 \(RUNNING\) trains it now, with the config it was submitted with"):
