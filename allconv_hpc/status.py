@@ -434,9 +434,7 @@ def notes(r: dict) -> list[str]:
             and (r["run"] in MAY_RESUME or r["peer_lost"] or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, kill
             and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
         ck = r.get("checkpoint_step")
-        then = ("starts it over: it stopped before its first checkpoint" if ck is None else
-                f"resumes it from its newest checkpoint, step {ck}" if ck >= 0 else
-                "resumes it from its newest checkpoint")
+        then = "starts it over: it stopped before its first checkpoint" if ck is None else _resumes(ck)
         if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
             then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
                     f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")
@@ -445,11 +443,17 @@ def notes(r: dict) -> list[str]:
         out.append(f"{done}; {_same_command(r)} {then}")
     if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):
         again = _same_command(r) if r["started_by"] == "sweep" else "the same submit command"  # it was submitted
-        out.append(f"job {r['job']} ended before it started (scancel?); nothing ran: {again} starts it")
+        ck = r.get("checkpoint_step")  # an earlier job's: a point that had trained part-way resumes
+        out.append(f"job {r['job']} ended before it started (scancel?); nothing ran: {again} "
+                   f"{'starts it' if ck is None else _resumes(ck)}")
     if r.get("start_error"):
         out.append(f"a later start failed before it wrote status.json (the state shown is the start before): "
                    f"{r['start_error']}")
     return out
+
+
+def _resumes(ck: int) -> str:
+    return f"resumes it from its newest checkpoint, step {ck}" if ck >= 0 else "resumes it from its newest checkpoint"
 
 
 def _same_command(r: dict) -> str:

@@ -1083,6 +1083,12 @@ def test_a_job_scancelled_while_pending_is_cancelled_not_failed(tmp_path, on_pat
     out = capsys.readouterr().out  # below the table, what to do: --wait's exit 3 alone would not say
     assert out.rstrip().endswith("run: job 1203 ended before it started (scancel?); nothing ran: the same submit "
                                  "command starts it"), out
+    (run / "checkpoints").mkdir()  # an earlier job trained it part-way: the next one resumes, not starts, it
+    (run / "checkpoints" / "step_00000012.pt").write_bytes(b"")
+    assert status.status_main([str(run)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("nothing ran: the same submit command resumes it from its newest "
+                                                     "checkpoint, step 12")
+    (run / "checkpoints" / "step_00000012.pt").unlink()
     # it started, then was cancelled before its run wrote a word (in its imports, or KillWait's SIGKILL in a long
     # start-up): a stop, which the same submit starts over (no checkpoint), unless a rank's log says it failed
     (sub / "1203" / "1203_0_log.out").write_text("submitit INFO - Starting\n")
