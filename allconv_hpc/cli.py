@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+COMMANDS = ("train", "submit", "status", "evaluate")
 USAGE = """allconv-hpc train  [--print-config] [HYDRA_OVERRIDES ...]      train here (one rank of DDP under torchrun/srun)
 allconv-hpc submit [-m] [--wait] [--dry-run] [HYDRA_OVERRIDES ...]  validate, then submit to Slurm (or cluster=local)
 allconv-hpc status [--json] RUN_OR_SWEEP_FOLDER                     table of jobs: state, restarts, progress, accuracy
@@ -122,7 +123,10 @@ def _dispatch(argv: list[str]) -> int:
     if cmd == "evaluate":
         from .evaluate import evaluate_main
         return evaluate_main(rest)
-    print(f"allconv-hpc: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    import difflib
+    close = difflib.get_close_matches(cmd, COMMANDS, n=1, cutoff=0.5) or [c for c in COMMANDS if c.startswith(cmd)]
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    print(f"allconv-hpc: unknown command {cmd!r}{hint}\n\n{USAGE}", file=sys.stderr)
     return 2
 
 

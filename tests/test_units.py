@@ -1069,3 +1069,11 @@ def test_the_epochs_last_step_is_checkpointed_once_after_its_evaluation(tmp_path
     finally:
         tr.close()
     assert written == [(2, 2), (4, 0), (6, 2), (8, 0)], written  # 4 steps an epoch; (4, 4), (8, 4) no more
+
+
+def test_an_unknown_command_names_the_nearest(capsys):
+    from allconv_hpc import cli
+    assert cli.main(["eval", "runs/x"]) == 2
+    assert capsys.readouterr().err.startswith("allconv-hpc: unknown command 'eval' (did you mean evaluate?)\n")
+    assert cli.main(["fit"]) == 2
+    assert capsys.readouterr().err.startswith("allconv-hpc: unknown command 'fit'\n")
