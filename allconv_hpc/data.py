@@ -126,6 +126,8 @@ def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "dat
     hint = ""
     if (folder.parent / files[0]).is_file():  # root points at the batches folder itself
         hint = f" (the root looks one level too deep: try {root_option}{folder.parent.parent})"
+    elif (folder / lay.folder / files[0]).is_file():  # extracted into a folder of that name (tar -C it)
+        hint = f" (the files are one level further down, in {folder / lay.folder}: try {root_option}{folder})"
     other = [n for n, o in _LAYOUTS.items() if n != cfg.name and (folder.parent / o.folder).is_dir()]
     if other:  # the other CIFAR is there: the wrong data group, not a missing download
         hint += (f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}: did you mean data={other[0]}?)"

@@ -215,6 +215,19 @@ def test_root_one_level_too_deep_gets_a_hint(cifar10):
         data.check_present(_cfg(root, "cifar100"), fix="Give --data-root DIR", root_option="--data-root ")
 
 
+def test_files_extracted_one_level_too_far_down_get_a_hint(cifar10, tmp_path):
+    """tar -xzf ... -C data/cifar-10-batches-py makes data/cifar-10-batches-py/cifar-10-batches-py/."""
+    root, *_ = cifar10
+    nested = tmp_path / "data" / "cifar-10-batches-py"
+    nested.mkdir(parents=True)
+    (root / "cifar-10-batches-py").rename(nested / "cifar-10-batches-py")
+    down = nested / "cifar-10-batches-py"
+    with pytest.raises(data.DataError, match=rf"\(the files are one level further down, in {down}: try data.root="
+                                             rf"{nested}\)"):
+        data.check_present(_cfg(tmp_path / "data"))
+    data.check_present(_cfg(nested))  # what it says to give
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_an_unextracted_archive_or_the_binary_version_gets_a_hint(tmp_path, name):
     archive, binary = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-bin"),
