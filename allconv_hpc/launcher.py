@@ -127,7 +127,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         check_files(c.cfg.data, _drop_last_batch(c.cfg))
         if to_download(c.cfg.data):
             fetch.setdefault((c.cfg.data.name, c.cfg.data.root), c.cfg.data)
-        if c.cfg.data.root != given_root:  # the jobs may start in another folder
+        if c.cfg.data.root != given_root and c.cfg.data.name != "synthetic":  # the jobs may start elsewhere
             ov = [o for o in ov if _key(o) != "data.root"] + [f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
         mine = validate_cluster(c.cluster, c.cfg)
         if mine["backend"] == "slurm" and shutil.which("sbatch") and (no_conf := slurm_conf_missing()):
@@ -547,6 +547,10 @@ def submit_main(argv: list[str]) -> int:
                 print("setup:\n" + "\n".join(f"  {line}" for line in cluster["setup"]))
             if slurm_here:
                 check_can_start(points, sweep_dir, cluster)
+            n = sum(p.skip is None for p in points)
+            if n:  # the folders above could read as queued ones
+                print(f"allconv-hpc submit: dry run: nothing was submitted ({n} run(s) would be, "
+                      f"cluster={cluster['backend']})", file=sys.stderr)
             return 0
         jobs, interrupted = (submit(points, sweep_dir, cluster, attach=args.wait)
                              if any(p.skip is None for p in points) else ([], False))

@@ -479,8 +479,10 @@ def test_without_cluster_submit_takes_slurm_where_sbatch_is(tmp_path, on_path, c
     assert "cluster=slurm" in out.splitlines()[1]
     (tmp_path / "bin" / "sbatch").unlink()
     assert launcher.auto_cluster([]) == "local"
-    code, out, _ = run_submit(capsys, "--dry-run", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    code, out, err = run_submit(capsys, "--dry-run", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 0 and out.startswith("cluster=local (no sbatch on PATH"), out
+    assert err.endswith("allconv-hpc submit: dry run: nothing was submitted (1 run(s) would be, cluster=local)\n"), err
+    assert "data.root" not in out  # generated data: no root to pin for the job
 
 
 def test_ctrl_c_on_submit_wait_stops_watching_in_one_line(tmp_path, on_path, capsys, monkeypatch):
