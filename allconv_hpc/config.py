@@ -315,7 +315,8 @@ class Config:
         # numpy's seeds stop at 2**32, and the streams' seeds (augment.mix_seed: seed * 1_000_003 + offset) must fit torch's
         _check(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")
         _check(self.model.num_classes == self.data.num_classes,
-               f"model.num_classes={self.model.num_classes} != data.num_classes={self.data.num_classes}")
+               f"model.num_classes={self.model.num_classes} != data.num_classes={self.data.num_classes}: the data "
+               f"group sets both (data=cifar100 for 100 classes); leave model.num_classes out")
         if self.trainer.device == "cpu":
             _check(self.trainer.precision in CPU_PRECISIONS,
                    f"trainer.precision={self.trainer.precision} needs CUDA; on CPU use trainer.precision=fp32 "

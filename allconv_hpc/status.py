@@ -55,8 +55,12 @@ def job_records(folder: Path) -> list[dict]:
     if any((folder / n).exists() for n in ("status.json", "checkpoints", "train.log", runlock.LOCK_FILE)):
         # started without submit: Slurm is asked about the job its status.json names, if any
         return [started_job(folder) or {"job_id": None, "run_dir": str(folder), "backend": "none"}]
+    parent = folder.absolute().parent  # runs/x/checkpoints given for runs/x
+    up = (f"; it is inside the run or sweep folder {parent}: allconv-hpc status {shlex.quote(str(parent))}"
+          if any((parent / n).exists() for n in ("status.json", "checkpoints", "sweep.json", "submission.json"))
+          else "")
     if not folder.exists():
-        raise FileNotFoundError(f"{folder} does not exist; give a run folder (hydra.run.dir) or a sweep folder")
+        raise FileNotFoundError(f"{folder} does not exist; give a run folder (hydra.run.dir) or a sweep folder{up}")
     try:  # a folder of runs (runs/): name a few
         inside = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and any(
             (d / n).exists() for n in ("sweep.json", "submission.json", "status.json", "checkpoints")))
@@ -65,7 +69,7 @@ def job_records(folder: Path) -> list[dict]:
     shown = ", ".join(shlex.quote(str(d)) for d in inside[:3]) + (f" ... ({len(inside)} in all)" if len(inside) > 3 else "")
     holds = f"; it holds runs or sweeps: give one of them, e.g. {shown}" if inside else ""
     raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
-                            f"folder (sweep.json){holds}")
+                            f"folder (sweep.json){holds or up}")
 
 
 def _point_job(rec: dict) -> dict:

@@ -645,8 +645,9 @@ class Trainer:
                             "site may forbid requeues): the run stops with its checkpoint; the same command resumes "
                             "it", self.slurm.job_id)
         if self.env.is_main:
-            log.warning("%s at global step %d (epoch %d)", decision, st.global_step,
-                        min(st.epoch + 1, self.cfg.trainer.epochs))  # past the last: in the final test eval
+            log.warning("%s at global step %d (epoch %d)%s", decision, st.global_step,
+                        min(st.epoch + 1, self.cfg.trainer.epochs),  # past the last: in the final test eval
+                        "; the same command resumes it from this checkpoint" if decision == "interrupted" else "")
             if self.env.source == "local" and stop.is_warning:
                 log.warning("a cluster=local job gets %s signal_lead_s before cluster.timeout_min (or when sent "
                             "by hand), and nothing requeues it: submit the same command again to resume (a larger "

@@ -115,6 +115,8 @@ BAD = [
     (["data.name=cifar10", "data.val_size=5000", "data.train_size=45001"],
      ["data.train_size=45001 is larger than the 45000 cifar10 images left after data.val_size=5000"]),
     (["data.name=cifar100", "data.num_classes=100", "data.test_size=10001"], ["data.test_size=10001", "<= 10000"]),
+    (["model.num_classes=5"], ["model.num_classes=5 != data.num_classes=10: the data group sets both (data=cifar100 "
+                               "for 100 classes); leave model.num_classes out"]),
     (["trainer.log_every_steps=0"], ["trainer.log_every_steps=0"]),
     # past float32 (the optimizer's), or too wide to build: a traceback at the first step or the model build before
     (["hydra.run.dir=~/x"], ["quote a value with such characters: \"hydra.run.dir='~/x'\""]),  # Hydra's lexer

@@ -318,6 +318,10 @@ def test_not_a_run_folder_is_still_exit_2(tmp_path, capsys):
     capsys.readouterr()
     assert status.status_main([str(tmp_path / "nope")]) == 2  # a typo: said as it is
     assert f"{tmp_path / 'nope'} does not exist; give a run folder" in capsys.readouterr().err
+    for inside in (runs[0] / "checkpoints", runs[0] / "wandb"):  # a folder of a run, existing or not: its run named
+        assert status.status_main([str(inside)]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"it is inside the run or sweep folder {runs[0]}: "
+                                                        f"allconv-hpc status {runs[0]}")
 
 
 def test_a_run_that_failed_before_its_first_record_shows_the_error(tmp_path, capsys):
