@@ -171,6 +171,7 @@ class Tracker:
                     <= len(history_rows))]
         if kept or self.steps_path.exists():
             write_atomic(self.steps_path, "".join(json.dumps(e) + "\n" for e in kept))
+        self._entries = kept  # what the file holds: written whole again should it be deleted while the run trains
         if self.mode != "disabled":
             self._start_wandb(cfg_dict, wandb_cfg, resume_run_id)
             have = self._logged_until()
@@ -282,9 +283,15 @@ class Tracker:
 
     def _record(self, kind: str, step: int, data: dict) -> None:
         # flushed on close; SIGTERM lets the process get here
+        entry = {"kind": kind, "step": int(step), "data": {k: _scalar(v) for k, v in data.items()}}
+        self._entries.append(entry)
+        if len(self._entries) > 1 and not self.steps_path.exists():  # deleted since: a kill would lose W&B steps
+            write_atomic(self.steps_path, "".join(json.dumps(e) + "\n" for e in self._entries))
+            log.warning("%s was missing (deleted?): written again with this run's %d W&B logs", self.steps_path,
+                        len(self._entries))
+            return
         with naming(self.steps_path), open(self.steps_path, "a") as f:
-            f.write(json.dumps({"kind": kind, "step": int(step), "data": {k: _scalar(v) for k, v in data.items()}})
-                    + "\n")
+            f.write(json.dumps(entry) + "\n")
 
     @property
     def run_id(self) -> Optional[str]:

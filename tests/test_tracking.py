@@ -599,6 +599,23 @@ def test_sync_makes_the_steps_file_durable_in_every_mode(wenv, tmp_path, monkeyp
         t.finish()
 
 
+def test_a_steps_file_deleted_while_the_run_trains_is_written_whole_again(wenv, tmp_path, caplog):
+    """Deleted mid-run, it was appended to from there on: a kill then left W&B without the steps before (a resume
+    re-logs from this file), unsaid."""
+    from allconv_hpc.tracking import _read_steps
+    run_dir = tmp_path / "run"
+    t = make_tracker(run_dir, {}, WandbConfig(mode="disabled"), 0, None, [])
+    for step in (3, 6):
+        t.log_train(step, {"loss": 1.0 / step})
+    (run_dir / "wandb_steps.jsonl").unlink()
+    t.log_train(9, {"loss": 0.1})
+    t.log_eval(10, epoch_row(1, 10))
+    t.finish()
+    entries = _read_steps(run_dir / "wandb_steps.jsonl")
+    assert [(e["kind"], e["step"]) for e in entries] == [("train", 3), ("train", 6), ("train", 9), ("eval", 10)]
+    assert caplog.text.count("wandb_steps.jsonl was missing (deleted?): written again with this run's 3 W&B logs") == 1
+
+
 def test_damaged_wandb_id_and_steps_files_are_read_as_damaged_not_a_traceback(wenv, tmp_path, caplog):
     """Bytes that are no text (another file's, a bad disk block) in wandb_id.txt or wandb_steps.jsonl: the
     steps file keeps its entries before them (as for a torn line), the id file is ignored with a warning and
