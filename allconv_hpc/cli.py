@@ -124,7 +124,8 @@ def _dispatch(argv: list[str]) -> int:
         from .evaluate import evaluate_main
         return evaluate_main(rest)
     import difflib
-    close = difflib.get_close_matches(cmd, COMMANDS, n=1, cutoff=0.5) or [c for c in COMMANDS if c.startswith(cmd)]
+    close = difflib.get_close_matches(cmd, COMMANDS, n=1, cutoff=0.5) or [c for c in COMMANDS
+                                                                           if cmd and c.startswith(cmd)]
     hint = f" (did you mean {close[0]}?)" if close else ""
     print(f"allconv-hpc: unknown command {cmd!r}{hint}\n\n{USAGE}", file=sys.stderr)
     return 2

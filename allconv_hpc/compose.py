@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import CLUSTER_KEYS, SECTIONS, Config, ConfigError, as_given, from_dict
+from .config import CHOICE_KEYS, CLUSTER_KEYS, SECTIONS, Config, ConfigError, as_given, from_dict
 from .fsio import name_too_long
 from .runlock import OWN_FILES, SUBMIT_LOCK, holds_run
 
@@ -98,9 +98,12 @@ def comma_fix(line: str) -> str:
         hint = int
     kinds = set(typing.get_args(hint) or (hint,)) - {type(None)}
     sweep = f"{line!r} is a sweep (`allconv-hpc submit -m` submits one job per value)"
+    if not name and section in (*SECTIONS, "cluster", "experiment"):  # a group: one option, no quoting helps
+        return f"{sweep}; {section} takes one option"
     if kinds & {list} or typing.get_origin(hint) is list or (section == "cluster" and name in _CLUSTER_LISTS):
         return f"{sweep}; one list is given in brackets: '{key}=[{value}]'"
-    if kinds and kinds <= {int, float, bool} or (section == "cluster" and name in _CLUSTER_SCALARS):
+    if (kinds and kinds <= {int, float, bool} or (section == "cluster" and name in _CLUSTER_SCALARS)
+            or key.lstrip("+~") in CHOICE_KEYS):
         return f"{sweep}; {key} takes one value"
     return f"{sweep}; one value holding commas is quoted: '{key}=\"{value}\"'"
 

@@ -57,6 +57,12 @@ MAX_WIDTH = 64
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer's kernels take lr and weight decay as float32
 
 
+# the keys _choice checks: one of a fixed set (compose.comma_fix says so of a comma list, not to quote it)
+CHOICE_KEYS = frozenset({"model.name", "data.name", "data.augment", "data.preprocess", "schedule.name", "trainer.device",
+                         "trainer.precision", "trainer.compile_mode", "trainer.progress", "checkpoint.resume",
+                         "dist.backend", "wandb.mode", "checkpoint.signal", "cluster.backend", "cluster.signal"})
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
 

@@ -40,11 +40,11 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
             return (f"job {rec['job_id']} is still ending (COMPLETING); if it did not complete the run, submit "
                     f"again in a few seconds")
         if state in ACTIVE_STATES and sweep:
-            if overrides is not None and sorted(rec.get("overrides") or []) != sorted(overrides):
+            changes = _changes(rec.get("overrides") or [], overrides) if overrides is not None else ""
+            if changes:  # key by key, the last of a key given twice (as Hydra reads them), in any order
                 _check_resumable_later(run_dir, cfg, rec, state)
                 return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with "
-                        f"({_changes(rec.get('overrides') or [], overrides)}); submit again when it has ended to "
-                        f"apply these")
+                        f"({changes}); submit again when it has ended to apply these")
             return f"job {rec['job_id']} ({state})"
         if state == "COMPLETING":  # cancelled or done, its processes still ending: nothing to stop
             raise ConfigError(f"run folder {run_dir} has job {rec['job_id']} still ending (COMPLETING); a second job "
@@ -133,9 +133,10 @@ def warn_starts_over(points: list[Point]) -> None:
 def warn_diverged(run_dir: Path, cfg) -> None:
     """A run that stopped on a non-finite loss resumes the checkpoint it diverged after: said before it queues."""
     from .checkpoint import CheckpointDir
+    from .jobs import DIVERGED
     st = read_json(run_dir / "status.json")
     if (cfg.checkpoint.resume == "never" or st.get("state") != "failed"
-            or not str(st.get("error", "")).startswith("non-finite")):
+            or not str(st.get("error", "")).startswith(DIVERGED)):
         return
     if CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).exists():
         what = "its job resumes the newest checkpoint kept and will likely diverge again"

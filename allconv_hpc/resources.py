@@ -154,9 +154,10 @@ def validate_cluster(cluster: dict, cfg) -> dict:
                           f"or raise cluster.timeout_min above {c['signal_lead_s'] / 60:g}")
     given = str(c.get("signal"))
     if re.match(r"(?i)^(b|r|rb|br):", given):  # sbatch's flags: B sends to the batch shell only, not to the tasks
+        name, _, lead = given.split(":", 1)[1].partition("@")
         raise ConfigError(f"cluster.signal={given}: sbatch's {given.split(':')[0]}: flags are not taken (B: would "
                           f"signal the batch shell alone, not the training tasks); give the name alone: "
-                          f"cluster.signal={given.split(':', 1)[1]}")
+                          f"cluster.signal={name}" + (f" (the lead: cluster.signal_lead_s={lead})" if lead else ""))
     if signal_name(c) != signal_name({"signal": cfg.checkpoint.signal}):
         raise ConfigError(f"cluster.signal={c.get('signal')} differs from checkpoint.signal={cfg.checkpoint.signal}: "
                           f"the job would not catch the signal Slurm sends; make them equal")

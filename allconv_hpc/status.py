@@ -434,22 +434,22 @@ def notes(r: dict) -> list[str]:
     out = []
     if r["failed"] and r["error"]:
         out.append(r["error"])
+    ck = r.get("checkpoint_step")
+    then = "starts it over: it stopped before its first checkpoint" if ck is None else _resumes(ck)
+    if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
+        then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
+                f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")
     if (not r["active"] and (r["run"] != "failed" or r["peer_lost"])  # a failure says what to change, itself
             and (r["run"] in MAY_RESUME or r["peer_lost"] or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, kill
             and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
-        ck = r.get("checkpoint_step")
-        then = "starts it over: it stopped before its first checkpoint" if ck is None else _resumes(ck)
-        if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
-            then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
-                    f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")
         done = (f"stopped with epoch {_epochs(r)} done (step {r['step']})" if r["state"] != NO_RECORD else
                 "no status.json (deleted?) to say how far it got")
         out.append(f"{done}; {_same_command(r)} {then}")
     if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):
         again = _same_command(r) if r["started_by"] == "sweep" else "the same submit command"  # it was submitted
-        ck = r.get("checkpoint_step")  # an earlier job's: a point that had trained part-way resumes
+        # a checkpoint is an earlier job's: a point that had trained part-way resumes
         out.append(f"job {r['job']} ended before it started (scancel?); nothing ran: {again} "
-                   f"{'starts it' if ck is None else _resumes(ck)}")
+                   f"{'starts it' if ck is None else then}")
     if r.get("start_error"):
         out.append(f"a later start failed before it wrote status.json (the state shown is the start before): "
                    f"{r['start_error']}")

@@ -171,7 +171,7 @@ class Tracker:
                     <= len(history_rows))]
         if kept or self.steps_path.exists():
             write_atomic(self.steps_path, "".join(json.dumps(e) + "\n" for e in kept))
-        self._entries = kept  # what the file holds: written whole again should it be deleted while the run trains
+        self._steps_file = None  # kept open: should the file be deleted while the run trains, what it held is read
         if self.mode != "disabled":
             self._start_wandb(cfg_dict, wandb_cfg, resume_run_id)
             have = self._logged_until()
@@ -283,15 +283,22 @@ class Tracker:
 
     def _record(self, kind: str, step: int, data: dict) -> None:
         # flushed on close; SIGTERM lets the process get here
-        entry = {"kind": kind, "step": int(step), "data": {k: _scalar(v) for k, v in data.items()}}
-        self._entries.append(entry)
-        if len(self._entries) > 1 and not self.steps_path.exists():  # deleted since: a kill would lose W&B steps
-            write_atomic(self.steps_path, "".join(json.dumps(e) + "\n" for e in self._entries))
-            log.warning("%s was missing (deleted?): written again with this run's %d W&B logs", self.steps_path,
-                        len(self._entries))
-            return
-        with naming(self.steps_path), open(self.steps_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        line = json.dumps({"kind": kind, "step": int(step), "data": {k: _scalar(v) for k, v in data.items()}}) + "\n"
+        with naming(self.steps_path):
+            f = self._steps_file
+            if f is not None and not self.steps_path.exists():  # deleted since: a kill would lose W&B steps
+                f.seek(0)  # back from the open file, then written whole again
+                held = f.read()
+                f.close()
+                self._steps_file = None
+                write_atomic(self.steps_path, held + line)
+                log.warning("%s was missing (deleted?): written again with this run's %d W&B logs", self.steps_path,
+                            held.count("\n") + 1)
+                return
+            if f is None:
+                self._steps_file = f = open(self.steps_path, "a+")
+            f.write(line)
+            f.flush()
 
     @property
     def run_id(self) -> Optional[str]:
@@ -389,6 +396,9 @@ class Tracker:
     # -- end -------------------------------------------------------------------------------------
     def finish(self, exit_code: int = 0) -> None:
         """Close the W&B run (idempotent). A non-zero exit code marks it failed/crashed."""
+        if self._steps_file is not None:
+            self._steps_file.close()
+            self._steps_file = None
         if self._run is not None and not self._finished:
             try:
                 self._run.finish(exit_code=exit_code)

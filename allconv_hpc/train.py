@@ -111,6 +111,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
     from .preempt import StartupStop
     from .launch_checks import check_launch
+    from .jobs import DIVERGED
     from .trainer import NonFiniteError, Trainer
     lock_fd = None
     try:
@@ -178,9 +179,10 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         st = read_json(composed.run_dir / "status.json")
         epoch = st.get("epoch")
         done = st.get("state") == "completed" and isinstance(epoch, int) and epoch >= composed.cfg.trainer.epochs
-        # a rerun of a finished run (nothing to do) stays completed, and a failed one failed (its error, e.g. a
-        # divergence a resume repeats, is the run's last word: nothing trained since), unless resume=never moved it
-        if not (done or st.get("state") == "failed") or getattr(trainer, "set_aside", False):
+        # a rerun of a finished run (nothing to do) stays completed, and a diverged one failed (a resume repeats
+        # the divergence: the run's last word, nothing trained since), unless resume=never moved it
+        diverged = st.get("state") == "failed" and str(st.get("error", "")).startswith(DIVERGED)
+        if not (done or diverged) or getattr(trainer, "set_aside", False):
             _report(trainer, said, "interrupted", tell_peers=False)
             if trainer is None and env.is_main:  # stopped before its rendezvous
                 _mark_interrupted(composed.run_dir, said)

@@ -39,6 +39,7 @@ from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, S
                       sigint_deferred, signal_lead_s, take_early_stop)
 from .schedule import lr_factor
 from .history import HISTORY_FILE, rewrite_history
+from .jobs import DIVERGED
 from .tracking import ID_FILE, STEPS_FILE, NullTracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ class Trainer:
                              + [torch.isfinite(p).all() for p in self.model.parameters()]).all()
         bad = self.dist.any(not bool(finite))  # one device sync, not one per parameter
         if bad:
-            raise self._diverged(f"non-finite loss or weights at global step {self.state.global_step} (epoch "
+            raise self._diverged(f"{DIVERGED} loss or weights at global step {self.state.global_step} (epoch "
                                  f"{self.state.epoch + 1})")
 
     def save(self, epoch_end: Optional[tuple] = None) -> None:
@@ -398,9 +399,10 @@ class Trainer:
                "updated": time.time(), **extra}
         if not hasattr(self, "resumed_from"):  # failed before resuming: the folder's progress stands (none in a
             # new folder: epoch 0 of this config's epochs, not "0/?"), not the earlier job's counts and signal
-            old = read_json(self.run_dir / "status.json")
-            same_job = old.get("slurm_job_id") == doc["slurm_job_id"]
-            doc = {"epoch": 0, "epochs": doc["epochs"], **{k: v for k, v in old.items() if same_job or k in _PROGRESS},
+            old = read_json(self.run_dir / "status.json")  # a requeue of the same Slurm job keeps its count of time
+            same_job = doc["slurm_job_id"] is not None and old.get("slurm_job_id") == doc["slurm_job_id"]  # limits
+            doc = {"epoch": 0, "epochs": doc["epochs"],
+                   **{k: v for k, v in old.items() if k in _PROGRESS or (same_job and k == "timeouts")},
                    **{k: doc[k] for k in ("state", "slurm_job_id", "restarts", "updated", *extra)}}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 
@@ -578,7 +580,7 @@ class Trainer:
         best = None
         if not math.isfinite(row["train_loss"]) or not math.isfinite(val_loss):
             self._check_finite()
-            raise self._diverged(f"non-finite loss in epoch {st.epoch + 1} (train loss {row['train_loss']:.4g}, "
+            raise self._diverged(f"{DIVERGED} loss in epoch {st.epoch + 1} (train loss {row['train_loss']:.4g}, "
                                  f"val loss {val_loss:.4g})")
         st.history.append(row)
         # At the step after the epoch's last one: a step never logged before this point, even when
@@ -633,21 +635,22 @@ class Trainer:
             ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
             decision = "requeued" if ok else "interrupted"
             if not ok and self.env.is_main and self.slurm.cancelled:
-                log.warning("job %s was cancelled (scancel) while it stopped: not requeued, as the cancel asks; "
-                            "the same command resumes the run from its checkpoint", self.slurm.job_id)
+                log.warning("job %s was cancelled (scancel) while it stopped: not requeued, as the cancel asks",
+                            self.slurm.job_id)
             elif not ok and self.env.is_main and self.slurm.unanswered:
                 log.warning("Slurm did not answer the requeue of job %s (its controller busy or down; the lines "
                             "above say what it said): it may still requeue the job, which then resumes the run, or "
-                            "not (`allconv-hpc status` tells which); the run stops with its checkpoint, and the same "
-                            "command resumes it", self.slurm.job_id)
+                            "not (`allconv-hpc status` tells which)", self.slurm.job_id)
             elif not ok and self.env.is_main:
                 log.warning("Slurm did not requeue job %s (cluster.requeue=false submits with --no-requeue, and a "
-                            "site may forbid requeues): the run stops with its checkpoint; the same command resumes "
-                            "it", self.slurm.job_id)
+                            "site may forbid requeues)", self.slurm.job_id)
         if self.env.is_main:
+            again = ("the same command resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else
+                     "checkpoint.resume=auto resumes it from this checkpoint (the same command, with "
+                     "checkpoint.resume=never, starts it over)")
             log.warning("%s at global step %d (epoch %d)%s", decision, st.global_step,
                         min(st.epoch + 1, self.cfg.trainer.epochs),  # past the last: in the final test eval
-                        "; the same command resumes it from this checkpoint" if decision == "interrupted" else "")
+                        f": the run stops with its checkpoint; {again}" if decision == "interrupted" else "")
             if self.env.source == "local" and stop.is_warning:
                 log.warning("a cluster=local job gets %s signal_lead_s before cluster.timeout_min (or when sent "
                             "by hand), and nothing requeues it: submit the same command again to resume (a larger "

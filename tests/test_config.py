@@ -106,6 +106,8 @@ BAD = [
     (["wandb.tags=a,b"], ["one list is given in brackets: 'wandb.tags=[a,b]'"]),
     (["optim.lr=0.05,0.1"], ["optim.lr takes one value"]),
     (["wandb.name=a,b"], ["one value holding commas is quoted: 'wandb.name=\"a,b\"'"]),
+    (["model=allcnn_a,allcnn_b"], ["'model=allcnn_a,allcnn_b' is a sweep", "; model takes one option"]),
+    (["trainer.precision=fp32,bf16"], ["; trainer.precision takes one value"]),  # one of a set: no quotes
     (["model.widht=0.5"], ["model has no key 'widht'; its keys: ", "width"]),
     (["data.train_size=1000000000000"], ["data.train_size=1000000000000 is more synthetic images than generating"]),
     (["trainer.batch_size=256", "trainer.drop_last=true", "data.train_size=128"],

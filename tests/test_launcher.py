@@ -217,6 +217,8 @@ def test_sbatch_signal_flags_are_refused_with_the_plain_name():
     msg = refused(cluster_of(), "signal", "B:USR2")
     assert msg == ("cluster.signal=B:USR2: sbatch's B: flags are not taken (B: would signal the batch shell alone, "
                    "not the training tasks); give the name alone: cluster.signal=USR2"), msg
+    assert refused(cluster_of(), "signal", "B:USR2@120").endswith("cluster.signal=USR2 (the lead: "
+                                                                   "cluster.signal_lead_s=120)")
 
 
 def test_additional_parameters_name_the_key_to_use():
@@ -734,6 +736,8 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
             "again when it has ended") in folder_checks.check_run_folder(busy, compose(more).cfg, sweep=True, overrides=more)
     assert folder_checks._changes(["a=1", "b=2", "c=3"], ["a=1", "b=5", "d=4"]) == (
         "b=5, submitted with b=2; c=3 left out now; d=4, submitted without it")
+    assert folder_checks._changes(["b=2", "a=1", "b=3"], ["a=1", "b=3"]) == ""  # Hydra's last wins, in any order
+    assert folder_checks.check_run_folder(busy, cfg, sweep=True, overrides=busy_ov[::-1]) == "job 42 (RUNNING)"
     other = busy_ov + ["optim.lr=0.1"]  # another config: refused now, as it would be once the job has ended
     with pytest.raises(ConfigError, match=r"holds a run of a different config \(optim.lr: 0.05 -> 0.1\); use another "
                        r"hydra.sweep.dir.*; job 42 \(RUNNING\) trains it now, with the config it was submitted with"):
@@ -1090,6 +1094,10 @@ def test_a_job_scancelled_while_pending_is_cancelled_not_failed(tmp_path, on_pat
     assert status.status_main([str(run)]) == 0
     assert capsys.readouterr().out.rstrip().endswith("nothing ran: the same submit command resumes it from its newest "
                                                      "checkpoint, step 12")
+    said = status.notes({**status.run_rows(run)[0], "starts_over": True})  # checkpoint.resume=never: over again
+    assert said[-1].endswith("nothing ran: the same submit command starts it over again (checkpoint.resume=never "
+                             "sets its checkpoints aside); with checkpoint.resume=auto instead it resumes from its "
+                             "newest checkpoint, step 12"), said
     (run / "checkpoints" / "step_00000012.pt").unlink()
     # it started, then was cancelled before its run wrote a word (in its imports, or KillWait's SIGKILL in a long
     # start-up): a stop, which the same submit starts over (no checkpoint), unless a rank's log says it failed

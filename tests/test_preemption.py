@@ -75,8 +75,8 @@ def test_signal_mid_training_then_resume_is_bitwise_exact(reference, tmp_path, s
         p = interrupt_at(tmp_path, run, EXACT + ["wandb.mode=offline"], f"(global {step})", sig)
         assert p.returncode == 3, p.output[-3000:]  # stopped with a checkpoint, not requeued (no Slurm)
         assert "checkpoint saved" in p.output
-        assert re.search(r"interrupted at global step \d+ \(epoch \d\); the same command resumes it from this "
-                         r"checkpoint", p.output), p.output[-3000:]
+        assert re.search(r"interrupted at global step \d+ \(epoch \d\): the run stops with its checkpoint; the same "
+                         r"command resumes it from this checkpoint", p.output), p.output[-3000:]
     run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
     assert_same_weights(final_weights(run), final_weights(reference), exact=True)
     assert_same_history(history(run), history(reference), exact=True)

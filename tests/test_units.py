@@ -1077,3 +1077,4 @@ def test_an_unknown_command_names_the_nearest(capsys):
     assert capsys.readouterr().err.startswith("allconv-hpc: unknown command 'eval' (did you mean evaluate?)\n")
     assert cli.main(["fit"]) == 2
     assert capsys.readouterr().err.startswith("allconv-hpc: unknown command 'fit'\n")
+    assert cli.main([""]) == 2 and capsys.readouterr().err.startswith("allconv-hpc: unknown command ''\n")
