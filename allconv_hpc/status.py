@@ -2,7 +2,8 @@
 exists, then scontrol) and from the run folder's own status.json (written by the trainer), so it
 stays right across requeues and array tasks and tolerates clusters without accounting. A job that Slurm
 (or this machine, for cluster=local) no longer knows, with no final state anywhere, shows as LOST; one
-Slurm did not answer for, with no final state of its own run, as UNKNOWN, RUNNING? or REQUEUED?: not done.
+Slurm did not answer for, with no final state of its own run, as UNKNOWN, RUNNING?, REQUEUED? or INTERRUPTED? (a stop
+Slurm may have requeued since): not done.
 A run no scheduler answers for (started by hand with `train`) that says it is running is RUNNING while its
 process holds the folder's lock (runlock), and LOST once that process is gone (as seen from its own host). A run
 whose lock a new start holds (a resume in its rendezvous) is RUNNING (starting) whatever the start before recorded."""
@@ -251,7 +252,10 @@ def run_rows(folder: Path) -> list[dict]:
         run_state = st.get("state") if current else None
         active = state in ACTIVE_STATES and not ended
         unfinished = run_state in (None, "running", "requeued")
-        no_answer = bool(rec.get("job_id")) and state is None and not known and unfinished
+        # a stop Slurm may have requeued since (a SIGTERM preemption under PreemptMode=REQUEUE, `scontrol requeue`):
+        # not final while Slurm does not answer
+        maybe_requeued = slurm and run_state == "interrupted"
+        no_answer = bool(rec.get("job_id")) and state is None and not known and (unfinished or maybe_requeued)
         # the lock is asked only where the scheduler does not say the job runs; a cluster=local job whose
         # controller is gone (SIGKILLed) may have ranks still stopping, or starting before their first record
         gone = rec.get("backend") == "local" and state is None and unfinished
@@ -289,7 +293,8 @@ def run_rows(folder: Path) -> list[dict]:
                 state = "LOST (never started)"
         elif state is None:  # Slurm forgot the job (MinJobAge) and no accounting: the run folder decides
             # the run's own word, marked apart from Slurm's states of the same name where it is a guess
-            state = {"completed": "COMPLETED", "failed": "FAILED", "gave_up": "GAVE UP", "interrupted": "INTERRUPTED",
+            state = {"completed": "COMPLETED", "failed": "FAILED", "gave_up": "GAVE UP",
+                     "interrupted": "INTERRUPTED?" if no_answer else "INTERRUPTED",
                      "requeued": "REQUEUED?", "running": "RUNNING?"}.get(run_state, "UNKNOWN")
         if restarts is None:
             restarts = st.get("restarts", 0) if current else 0

@@ -1259,6 +1259,12 @@ def test_no_answer_from_slurm_is_not_lost(tmp_path, on_path):
     down = "echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1"
     on_path(squeue=down, sacct=down, scontrol=down)
     assert status.run_rows(run)[0]["state"] == "RUNNING?"
+    # a stop Slurm may have requeued since (SIGTERM preemption, scontrol requeue): not said final, and --wait waits
+    (tmp_path / "b").mkdir()
+    run = write_run(tmp_path / "b", "interrupted")
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["no_answer"], row["active"]) == ("INTERRUPTED?", True, True), row
+    assert status.status_main([str(run)]) == status.EXIT_NO_ANSWER
 
 
 def test_a_requeued_job_waiting_in_the_queue_is_not_done(tmp_path, on_path):
