@@ -90,7 +90,8 @@ def comma_fix(line: str) -> str:
     """What to say of `key=a,b` outside a sweep (Hydra reads it as one): a list key is bracketed, a string's value
     with commas quoted (quoting a list or a number would only be refused next as a string), a number takes one."""
     key, _, value = line.partition("=")
-    section, _, name = key.lstrip("+~").partition(".")
+    bare = key.lstrip("+~")
+    section, _, name = bare.partition(".")
     hint = None
     if section in SECTIONS:
         hint = typing.get_type_hints(SECTIONS[section]).get(name)
@@ -103,7 +104,7 @@ def comma_fix(line: str) -> str:
     if kinds & {list} or typing.get_origin(hint) is list or (section == "cluster" and name in _CLUSTER_LISTS):
         return f"{sweep}; one list is given in brackets: '{key}=[{value}]'"
     if (kinds and kinds <= {int, float, bool} or (section == "cluster" and name in _CLUSTER_SCALARS)
-            or key.lstrip("+~") in CHOICE_KEYS):
+            or bare in CHOICE_KEYS):
         return f"{sweep}; {key} takes one value"
     return f"{sweep}; one value holding commas is quoted: '{key}=\"{value}\"'"
 

@@ -57,13 +57,19 @@ MAX_WIDTH = 64
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer's kernels take lr and weight decay as float32
 
 
-# the keys _choice checks: one of a fixed set (compose.comma_fix says so of a comma list, not to quote it)
-CHOICE_KEYS = frozenset({"model.name", "data.name", "data.augment", "data.preprocess", "schedule.name", "trainer.device",
-                         "trainer.precision", "trainer.compile_mode", "trainer.progress", "checkpoint.resume",
-                         "dist.backend", "wandb.mode", "checkpoint.signal", "cluster.backend", "cluster.signal"})
+# the keys of a fixed set of values, checked by _choice
+CHOICES = {"model.name": MODEL_NAMES, "data.name": tuple(DATASETS), "data.augment": AUGMENTS,
+           "data.preprocess": PREPROCESSES, "schedule.name": SCHEDULES, "trainer.device": DEVICES,
+           "trainer.precision": PRECISIONS, "trainer.compile_mode": COMPILE_MODES,
+           "trainer.progress": ("auto", "bar", "log"), "checkpoint.resume": RESUME_MODES,
+           "dist.backend": ("auto", "gloo", "nccl")}
+# every key taking one of a fixed set (those checked elsewhere: signal names, null for auto, the cluster backend):
+# compose.comma_fix says so of a comma list, where quoting would only make a string no choice matches
+CHOICE_KEYS = frozenset(CHOICES) | {"wandb.mode", "checkpoint.signal", "cluster.backend", "cluster.signal"}
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
+def _choice(key: str, value: Any) -> None:
+    allowed = CHOICES[key]
     _check(value in allowed, f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
@@ -85,7 +91,7 @@ class ModelConfig:
     num_classes: int = 10           # set from the dataset by the config
 
     def __post_init__(self) -> None:
-        _choice("model.name", self.name, MODEL_NAMES)
+        _choice("model.name", self.name)
         _check(self.width > 0, f"model.width={self.width} must be > 0")
         _check(self.width <= MAX_WIDTH, f"model.width={self.width} is wider than {MAX_WIDTH} ({MAX_WIDTH} already makes "
                                         f"{round(192 * MAX_WIDTH)}-channel layers and ~5.6 G parameters); use a smaller width")
@@ -116,12 +122,12 @@ class DataConfig:
     num_classes: int = 10           # derived from name; kept here so interpolation can read it
 
     def __post_init__(self) -> None:
-        _choice("data.name", self.name, tuple(DATASETS))
+        _choice("data.name", self.name)
         _check(self.name == "synthetic" or str(self.root).strip() != "",  # would read the current folder
                "data.root is empty (an ALLCONV_DATA set to nothing, or an unset shell variable?); give the folder "
                "holding the dataset, or unset ALLCONV_DATA for the default ./data")
-        _choice("data.augment", self.augment, AUGMENTS)
-        _choice("data.preprocess", self.preprocess, PREPROCESSES)
+        _choice("data.augment", self.augment)
+        _choice("data.preprocess", self.preprocess)
         for key in ("train_size", "test_size"):
             v = getattr(self, key)
             _check(v is None or v >= 1, f"data.{key}={v} must be null (all) or >= 1")
@@ -186,7 +192,7 @@ class ScheduleConfig:
         return {f"schedule.{f.name}" for f in dataclasses.fields(self) if f.name != "name" and f.name not in used}
 
     def __post_init__(self) -> None:
-        _choice("schedule.name", self.name, SCHEDULES)
+        _choice("schedule.name", self.name)
         _check(all(isinstance(m, int) and not isinstance(m, bool) for m in self.milestones),
                f"schedule.milestones={list(self.milestones)} must be whole epochs, e.g. [200,250,300]")
         _check(all(m > 0 for m in self.milestones),
@@ -221,9 +227,9 @@ class TrainerConfig:
         _check(self.epochs >= 1, f"trainer.epochs={self.epochs} must be >= 1")
         _check(self.batch_size >= 1, f"trainer.batch_size={self.batch_size} must be >= 1")
         _check(self.eval_batch_size >= 1, f"trainer.eval_batch_size={self.eval_batch_size} must be >= 1")
-        _choice("trainer.device", self.device, DEVICES)
-        _choice("trainer.precision", self.precision, PRECISIONS)
-        _choice("trainer.compile_mode", self.compile_mode, COMPILE_MODES)
+        _choice("trainer.device", self.device)
+        _choice("trainer.precision", self.precision)
+        _choice("trainer.compile_mode", self.compile_mode)
         _check(self.compile or self.compile_mode == "default",
                f"trainer.compile_mode={self.compile_mode} needs trainer.compile=true; add it, or drop compile_mode")
         _check(self.log_every_steps >= 1, f"trainer.log_every_steps={self.log_every_steps} must be >= 1")
@@ -232,7 +238,7 @@ class TrainerConfig:
         _check(self.threads is None or self.threads <= MAX_THREADS,
                f"trainer.threads={self.threads} is more than any node has cores for (at most {MAX_THREADS}); give "
                f"the cores a rank may use, or leave it null (the task's CPUs)")
-        _choice("trainer.progress", self.progress, ("auto", "bar", "log"))
+        _choice("trainer.progress", self.progress)
 
 
 @dataclass
@@ -250,7 +256,7 @@ class CheckpointConfig:
         _check(self.every_minutes is None or self.every_minutes > 0,
                f"checkpoint.every_minutes={self.every_minutes} must be null or > 0")
         _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1")
-        _choice("checkpoint.resume", self.resume, RESUME_MODES)
+        _choice("checkpoint.resume", self.resume)
         _check(self.max_requeues >= 0, f"checkpoint.max_requeues={self.max_requeues} must be >= 0")
         import signal as _signal
         name = "SIG" + self.signal.upper().removeprefix("SIG")
@@ -302,7 +308,7 @@ class DistConfig:
         _check(t is None or 1 <= t <= MAX_DIST_TIMEOUT_S,
                f"dist.timeout_s={t if t is None else format(t, 'g')} must be >= 1 and at most {MAX_DIST_TIMEOUT_S} (7 "
                f"days): gloo and NCCL take the timeout in int milliseconds, and a collective waiting longer has hung")
-        _choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
+        _choice("dist.backend", self.backend)
 
 
 @dataclass
@@ -389,7 +395,8 @@ class Config:
             back = " ".join(f"{k}={as_given(theirs[k])}" for k in differ if k in theirs)
             raise OtherConfig(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
                               f"another {folder_key}, or checkpoint.resume=never to start over (the old run's "
-                              f"files move to checkpoints.oldN/); an override left out of this command? {back} resumes that run", diff)
+                              f"files move to checkpoints.oldN/); an override left out of this command? {back} "
+                              f"resumes that run", diff)
         if train_state:
             mid = bool(train_state.get("step_in_epoch", 0))
             begun = int(train_state.get("epoch", 0)) + (1 if mid else 0)

@@ -271,11 +271,11 @@ def _warn_short_starts(cluster: dict) -> None:
     head = f"cluster.signal_lead_s={lead} s"
     if slurm:
         head += f", plus the up to {early} s Slurm may send the signal early,"
-    trains = f"{limit - lead} s" if not slurm else f"{max(0, limit - lead - early)}-{limit - lead} s"
+    trains = f"{max(0, limit - lead - early)}-{limit - lead} s" if slurm else f"at most {limit - lead} s"
     then = ("and is requeued, and each time limit counts against checkpoint.max_requeues" if slurm
             else "and stops (cluster=local does not requeue)")
     warn(f"{head} is over half of cluster.timeout_min={cluster['timeout_min']} ({limit} s): each start trains "
-          f"{'at most ' if not slurm else ''}{trains} before it checkpoints {then}")
+          f"{trains} before it checkpoints {then}")
 
 
 def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) -> None:

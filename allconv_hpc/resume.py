@@ -90,9 +90,10 @@ def pick_checkpoint(ckpt: CheckpointDir, dist, is_main: bool) -> tuple[Optional[
         raise CheckpointError(error)
     if path is None:
         return None, None
+    path = Path(path)
     if ck is None:  # the other ranks read the file rank 0 chose (rank 0 verified it already)
-        ck = load_file(Path(path))
-    return ck, Path(path)
+        ck = load_file(path)
+    return ck, path
 
 
 def rng_state(device: torch.device) -> dict:
