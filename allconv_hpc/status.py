@@ -191,10 +191,10 @@ def _interrupted_in_start_up(rec: dict) -> bool:
     return bool(said) and all(s is not None and s.startswith(START_UP_INTERRUPT) for s in said)
 
 
-def _job_error(rec: dict) -> Optional[str]:
+def _job_error(rec: dict, kinds: tuple = (0, 1)) -> Optional[str]:
     """Why a job failed when its run wrote no error (it stopped before its trainer started: a node without the
     data, a rank's rendezvous): from its tasks' .err files, a rank's own refusal first, since the others' errors
-    (a rendezvous that timed out waiting for it) follow from it."""
+    (a rendezvous that timed out waiting for it) follow from it. kinds=(0,): a refusal only."""
     folder = _job_folder(rec)
     if folder is None:  # started with sbatch by hand: its logs are where its script says
         return None
@@ -204,9 +204,9 @@ def _job_error(rec: dict) -> Optional[str]:
         task = path.name[len(job) + 1:].split("_")[0]
         if task.isdigit():
             found[int(task)] = _task_errors(path)
-    for kind in (0, 1):
+    for kind in kinds:
         for task in sorted(found):
-            if found[task][kind]:
+            if found[task][kind] and not found[task][kind].startswith(START_UP_INTERRUPT):
                 said = found[task][kind]  # the batch script's own line (cluster.setup) is no rank's
                 return said if _NAMES_RANK.match(said) or said.startswith("cluster.setup") else f"rank {task}: {said}"
     return None
@@ -333,6 +333,12 @@ def run_rows(folder: Path) -> list[dict]:
             error = _job_error(rec)  # it failed before its trainer could say why: its tasks' .err files do
             if error is not None and state.startswith("LOST"):  # cluster=local: a job whose tasks exited non-zero
                 state = "FAILED"
+        # a rank refused in start-up (its node lacks the data): srun's --kill-on-bad-exit SIGTERMs the others, and a
+        # rank 0 already past its signal set-up records that as a stop in start-up; the refusal is why the job failed
+        refused = (failed and run_state == "interrupted" and not own and not active and bool(rec.get("job_id"))
+                   and (said := _job_error(rec, kinds=(0,))) is not None)
+        if refused:
+            error = said
         if dead_lock:
             error = (f"{error}; " if error else "") + (
                 f"the job ended ({state}) with its run lock still held by {holder}: if that node is down, delete "
@@ -354,6 +360,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
                      "starts_over": run_state in MAY_RESUME and _starts_over(run_dir),
                      "peer_lost": bool(st.get("peer_lost")) and current,  # failed only as a peer was killed
+                     "refused": refused,  # a rank's refusal in start-up failed the job: no resume advice
                      # a failed row says its own error; another's record may hide a start that failed since
                      "start_error": _failed_since(run_dir, st) if st and not (active or failed) else None,
                      "folder": run_dir.name, "run_dir": str(run_dir.resolve()),
@@ -444,7 +451,8 @@ def notes(r: dict) -> list[str]:
     if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
         then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
                 f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")
-    if (not r["active"] and (r["run"] != "failed" or r["peer_lost"])  # a failure says what to change, itself
+    # a failure (a rank's refusal too) says what to change, itself
+    if (not r["active"] and (r["run"] != "failed" or r["peer_lost"]) and not r.get("refused")
             and (r["run"] in MAY_RESUME or r["peer_lost"] or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, kill
             and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
         done = (f"stopped with epoch {_epochs(r)} done (step {r['step']})" if r["state"] != NO_RECORD else

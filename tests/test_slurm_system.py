@@ -493,7 +493,9 @@ def test_a_rank_killed_hard_fails_the_job_and_is_named(slurm_cluster, jobs, tmp_
 def test_a_node_without_the_data_fails_the_job_and_status_names_it(slurm_cluster, jobs, tmp_path):
     """Rank 1's node lacks the dataset (here: its data.root, per SLURM_PROCID, is missing): that rank refuses
     before the rendezvous, srun --kill-on-bad-exit ends rank 0, and `status` gives rank 1's error from its .err
-    file, since no status.json was written."""
+    file, with no resume advice. srun's SIGTERM finds rank 0 before its signal set-up (submitit passes it by, and
+    the SIGKILL after KillWait ends it: no status.json) or after it (it records a stop in start-up): a race, the
+    same status either way (test_status_files holds the second case for certain)."""
     import torch
     from allconv_hpc.data import write_cifar
     x, y = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,))
@@ -503,11 +505,12 @@ def test_a_node_without_the_data_fails_the_job_and_status_names_it(slurm_cluster
                            "data=cifar10", "data.train_size=null", "data.test_size=null", "trainer.batch_size=20",
                            f"data.root={tmp_path}/d${{oc.env:SLURM_PROCID,0}}", f"hydra.run.dir={run}")
     assert wait_final(slurm_cluster, job, 120) == "FAILED", tail(run)
-    assert not (run / "status.json").exists(), tail(run)
+    recorded = read_status(run) if (run / "status.json").exists() else None
+    assert recorded is None or (recorded["state"] == "interrupted" and "during start-up" in recorded["error"]), tail(run)
     rc, rows, table = status(slurm_cluster, tmp_path, run)
     assert rc == 1 and rows[0]["state"] == "FAILED", table
     assert rows[0]["error"].startswith(f"rank 1: CIFAR-10 not found: expected {tmp_path}/d1/cifar-10-batches-py "), table
-    assert f"{run.name}: rank 1: CIFAR-10 not found" in table, table
+    assert f"{run.name}: rank 1: CIFAR-10 not found" in table and "starts it over" not in table, table
     assert not (run / ".submitit" / "%j").exists()  # no empty template folder left
 
 

@@ -476,6 +476,37 @@ def test_a_jobs_error_from_its_err_files_when_the_run_wrote_none(tmp_path):
     assert status._job_error({"job_id": "7_1", "submitit_folder": str(sub)}) == "rank 0: MemoryError"  # says more
 
 
+def test_a_ranks_refusal_is_the_failure_where_rank_0_recorded_the_sigterm_it_brought(tmp_path, monkeypatch, capsys):
+    """Rank 1 refused in start-up (no data on its node) and srun's --kill-on-bad-exit SIGTERMed rank 0, which,
+    past its signal set-up, recorded a stop in start-up: the job FAILED for rank 1's refusal, said so, with no
+    resume advice (the same command fails alike). A stop so recorded without any rank's refusal (scancel
+    --signal=TERM) stays the job's word, with its advice. The real-Slurm test meets either timing."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, out in (("squeue", ""), ("sacct", "echo FAILED"), ("scontrol", "echo JobId=9 JobState=FAILED Restarts=0")):
+        (bin_ / name).write_text(f"#!/bin/sh\n{out}\n")
+        (bin_ / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    sub = tmp_path / "sub"
+    run = write_run(tmp_path / "run", None, job="9", submitit_folder=str(sub))
+    stop = "stopped by SIGTERM during start-up, before training; nothing was trained or written to its checkpoints"
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "error": stop, "updated": 2.0}))
+    (sub / "9").mkdir(parents=True)
+    (sub / "9" / "9_0_log.err").write_text(f"srun: error: n2: task 1: Exited with exit code 2\n"
+                                           f"[2026-12-05 22:09:14 WARNING] {stop}\n")
+    refusal = "rank 1: CIFAR-10 not found: expected /d1/cifar-10-batches-py"
+    (sub / "9" / "9_1_log.err").write_text(f"allconv-hpc: error: {refusal}\n")
+    assert status.status_main([str(run)]) == 1
+    out = capsys.readouterr().out
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"], row["error"]) == ("FAILED", True, refusal), row
+    assert f"run: {refusal}" in out and "starts it over" not in out, out
+    (sub / "9" / "9_1_log.err").write_text("")  # no rank refused: the stop is the job's own word
+    assert status.status_main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert f"run: {stop}" in out and "starts it over" in out, out
+
+
 def test_a_sweep_folder_without_its_sweep_json_is_no_run(tmp_path, capsys):
     """A sweep folder copied without sweep.json holds .submit.lock and point folders: not a run of its own."""
     sweep = tmp_path / "sweep"
