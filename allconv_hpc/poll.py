@@ -2,6 +2,7 @@
 collective per step, lagged by one step so that no step waits for it."""
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -15,6 +16,13 @@ class Poll:
     warning: bool = False       # some rank got the warning signal (USR2: preemption or time limit ahead)
     terminate: bool = False     # some rank got SIGTERM/SIGINT/SIGHUP first: checkpoint, exit, no requeue
     due: bool = False           # rank 0's clock says a timed checkpoint is due
+    signum: int = 0             # the signal a rank got (the highest number where ranks got different ones)
+    rank: int = -1              # the highest rank that got one: rank 0's log names another's signal
+
+    def said(self) -> str:
+        """The stop's signal and rank, for the log: "SIGTERM on rank 1"."""
+        name = signal.Signals(self.signum).name if self.signum else "a signal"
+        return f"{name} on rank {self.rank}" if self.rank >= 0 else name
 
     @property
     def stop(self) -> bool:
@@ -32,8 +40,8 @@ class StepPoll:
     """The poll of one training run. `dist`: the run's distributed.Dist; `every_minutes`: checkpoint.every_minutes
     (None: no timed checkpoints)."""
 
-    def __init__(self, dist, is_main: bool, every_minutes: Optional[float]):
-        self.dist, self.is_main, self.every_minutes = dist, is_main, every_minutes
+    def __init__(self, dist, rank: int, every_minutes: Optional[float]):
+        self.dist, self.rank, self.is_main, self.every_minutes = dist, rank, rank == 0, every_minutes
         self.agreed = Poll()  # the answer last returned
         self._pending = None
         self.restart_clock()
@@ -55,11 +63,12 @@ class StepPoll:
         self._due_sent |= due  # sent once; restart_clock() clears it (else the next step would ask again)
         warning, terminate = stop.requested and stop.is_warning, stop.requested and not stop.is_warning
         previous = self.finish()
-        self._pending = self.dist.max_ints_start([int(warning), int(terminate), int(due)])
-        self.agreed = Poll(*map(bool, previous))
+        self._pending = self.dist.max_ints_start([int(warning), int(terminate), int(due), stop.received or 0,
+                                                  self.rank + 1 if stop.requested else 0])
+        self.agreed = Poll(*map(bool, previous[:3]), signum=previous[3], rank=previous[4] - 1)
         return self.agreed
 
     def finish(self) -> list[int]:
-        """The answer to the poll in flight ([0, 0, 0] if none); every rank calls it at the same point."""
+        """The answer to the poll in flight (zeros if none); every rank calls it at the same point."""
         pending, self._pending = self._pending, None
-        return self.dist.max_ints_finish(pending) if pending is not None else [0, 0, 0]
+        return self.dist.max_ints_finish(pending) if pending is not None else [0] * 5

@@ -124,7 +124,7 @@ class Trainer:
         self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
         # a cluster=local job on a Slurm node (inherited SLURM_JOB_ID) must not requeue the user's allocation
         self.slurm = SlurmJob({} if env.source == "local" else None)
-        self.polls = StepPoll(self.dist, env.is_main, cfg.checkpoint.every_minutes)
+        self.polls = StepPoll(self.dist, env.rank, cfg.checkpoint.every_minutes)
         self._check_compile = t.compile
         # the counters are process-wide: this Trainer reports its own part (None: nothing to report)
         self._compile_base = _compile_counts() if t.compile else None
@@ -614,7 +614,7 @@ class Trainer:
         self.polls.finish()  # in flight since the stop step; its flags change nothing now
         self.wait_checkpoints()  # durable before Slurm requeues (kills) the job or the process exits
         if self.env.is_main:
-            got = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
+            got = signal.Signals(stop.received).name if stop.received else self.polls.agreed.said()
             log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", got,
                         self._phase, st.global_step)
         lead = signal_lead_s()  # checked in check_launch
@@ -655,7 +655,8 @@ class Trainer:
                 log.warning("a cluster=local job gets %s signal_lead_s before cluster.timeout_min (or when sent "
                             "by hand), and nothing requeues it: submit the same command again to resume (a larger "
                             "cluster.timeout_min runs longer)", signal.Signals(stop.received).name)
-        self.write_status(decision, signal=signal.Signals(stop.received).name if stop.received else None)
+        got = stop.received or self.polls.agreed.signum  # rank 0's own, else another rank's
+        self.write_status(decision, signal=signal.Signals(got).name if got else None)
         # a refused requeue finished W&B with 0 above (it reads "finished", status.json "interrupted"): W&B's
         # service had to end before the requeue's SIGTERM, and whether Slurm requeues is known only after
         self._finish_tracker(0 if decision == "requeued" else 1)

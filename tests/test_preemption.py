@@ -645,6 +645,9 @@ def test_two_ranks_interrupted_and_resumed(tmp_path):
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [3, 3], outs
+    # rank 0, which writes the log and the record, names the signal and the rank that got it
+    assert "stop requested (SIGUSR2 on rank 1) during" in (run / "train.log").read_text()
+    assert json.loads((run / "status.json").read_text())["signal"] == "SIGUSR2"
     run_train(tmp_path, run, ov, nproc=2)
     assert_same_weights(final_weights(run), final_weights(ref), exact=True)
     assert_same_history(history(run), history(ref), exact=True)
