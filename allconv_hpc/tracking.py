@@ -68,7 +68,7 @@ def generate_id(length: int = 8) -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(length))
 
 
-def _read_id(run_dir: Path) -> Optional[str]:
+def read_id(run_dir: Path) -> Optional[str]:
     """The run id in wandb_id.txt; None when there is none, or when the file is damaged (not an id: bytes
     of another file, a torn write), which is said once: the checkpoint's id, else a new one, is used."""
     try:
@@ -195,7 +195,7 @@ class Tracker:
             # with them (wandb_steps.jsonl still has it).
             self._floor = have or 0
         else:  # no W&B run, but the folder's empty segments of this run would still stop `wandb sync`
-            self._set_aside_offline(resume_run_id or _read_id(self.run_dir))
+            self._set_aside_offline(resume_run_id or read_id(self.run_dir))
 
     # -- W&B -----------------------------------------------------------------------------------
     def _start_wandb(self, cfg_dict: dict, wandb_cfg: WandbConfig, resume_run_id: Optional[str]) -> None:
@@ -203,8 +203,8 @@ class Tracker:
 
         # resolve_mode read WANDB_MODE (blank = unset, any case); wandb would validate it again, strictly
         os.environ.pop("WANDB_MODE", None)
-        run_id = resume_run_id or _read_id(self.run_dir) or generate_id()
-        if _read_id(self.run_dir) != run_id:
+        run_id = resume_run_id or read_id(self.run_dir) or generate_id()
+        if read_id(self.run_dir) != run_id:
             write_atomic(self.run_dir / ID_FILE, run_id + "\n")
         self._run_id = run_id
         kwargs = dict(

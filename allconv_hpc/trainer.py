@@ -40,7 +40,7 @@ from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, S
 from .schedule import lr_factor
 from .history import HISTORY_FILE, rewrite_history
 from .jobs import DIVERGED
-from .tracking import ID_FILE, STEPS_FILE, NullTracker, make_tracker
+from .tracking import ID_FILE, STEPS_FILE, NullTracker, make_tracker, read_id
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +390,9 @@ class Trainer:
         doc = {"state": state, "epoch": st.epoch, "epochs": self.cfg.trainer.epochs,
                "global_step": st.global_step, "step_in_epoch": st.step_in_epoch,
                "last_val_acc": h[-1]["val_acc"] if h else None,
-               "best_val_acc": st.best_val_acc if h else None, "wandb_id": st.wandb_id,
+               "best_val_acc": st.best_val_acc if h else None,
+               # a stop inside wandb.init (a Ctrl-C) leaves no tracker: its id file already names the run
+               "wandb_id": st.wandb_id or (read_id(self.run_dir) if tracker is None else None),
                # the id squeue/scancel take (an array task's "A_T"); none for a cluster=local job
                "slurm_job_id": slurm.job_id if slurm.in_slurm else None, "restarts": slurm.restarts,
                "timeouts": st.timeouts, "precision": getattr(self, "precision", None),
@@ -665,7 +667,9 @@ class Trainer:
     def _finish_tracker(self, exit_code: int) -> None:
         if not getattr(self, "_tracker_done", False):
             self._tracker_done = True
-            self.tracker.finish(exit_code=exit_code)
+            # as README says: a stop (exit 3, 4) closes the segment failed (1), a requeue finished (0); 130 a Ctrl-C
+            wandb_code = {EXIT_INTERRUPTED: 1, EXIT_GAVE_UP: 1, EXIT_REQUEUED: 0}.get(exit_code, exit_code)
+            self.tracker.finish(exit_code=wandb_code)
             if self.tracker.mode == "offline" and self.tracker.segment_dir is not None:  # rank 0's, below wandb's own
                 log.info("W&B offline: `wandb sync %s/wandb/offline-run-*` uploads every start of this run, in order "
                          "(wandb's own sync line names this start's alone)", shlex.quote(str(self.run_dir)))

@@ -711,6 +711,24 @@ def signal_in_start_up(tmp: Path, run: Path, args: list[str], sig: int) -> tuple
     return p, out, err
 
 
+def test_a_stop_after_wandb_init_closes_the_segment_failed_and_records_its_id(tmp_path):
+    """A SIGTERM right after W&B's init (in start-up, or at the first steps): exit 3, and the segment closes with
+    W&B's failed exit code 1, as README says of every stop (a stop in start-up closed it with 3)."""
+    run = tmp_path / "run"
+    p = subprocess.Popen(train_cmd(run, TINY + ["wandb.mode=offline"]), env=clean_env(tmp_path),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_line(run / "train.log", "W&B offline (run", proc=p)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 3, err[-2000:]
+    [seg] = segments(run)
+    assert read_run(seg)["exit_code"] == 1, (read_run(seg), err[-2000:])
+    assert json.loads((run / "status.json").read_text())["wandb_id"] == (run / "wandb_id.txt").read_text().strip()
+
+
 def test_ctrl_c_during_set_up_is_a_start_up_interrupt_not_a_failure(tmp_path):
     """A Ctrl-C after the run folder is made but before training (data, its whitening fit, model, resume) stops
     at once with the start-up line, and status reads the folder as interrupted (a stop the user asked for),
