@@ -40,9 +40,10 @@ def print_config(overrides: list[str]) -> int:
     and its run folder, then the config's warnings as train gives them; nothing is written or started."""
     from omegaconf import OmegaConf
 
-    from .compose import compose, pin_data_root, train_warnings
+    from .compose import check_train_args, compose, pin_data_root, train_warnings
     from .config import ConfigError
     try:
+        check_train_args(overrides)
         composed = compose(overrides)
     except ConfigError as e:
         print(f"allconv-hpc: error: {e}", file=sys.stderr)

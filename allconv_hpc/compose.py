@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import CHOICE_KEYS, CLUSTER_KEYS, SECTIONS, Config, ConfigError, as_given, from_dict
+from .config import CHOICE_KEYS, CLUSTER_KEYS, SECTIONS, Config, ConfigError, as_given, from_dict, shell_word
 from .fsio import name_too_long
 from .runlock import OWN_FILES, SUBMIT_LOCK, holds_run
 
@@ -118,15 +118,19 @@ def _listed_options(lines: list[str]) -> list[str]:
     return []
 
 
-def _top_level_hint(name: str) -> str:
+def _top_level_hint(name: str, key: str = "") -> str:
+    """What a top-level name that is no key or group may have meant; `key`: what followed it (name.key=...)."""
     import difflib
     groups = [*SECTIONS, "cluster", "experiment"]
     homes = [f"{g}.{name}" for g in [*SECTIONS, "cluster"] if name in (_group_keys(g) or [])]
-    if homes:
+    if homes and not key:
         return f"Keys live in groups: did you mean {' or '.join(homes)}?"
     close = difflib.get_close_matches(name, groups, n=1)
-    hint = f"Did you mean {close[0]}? " if close else ""
+    hint = f"Did you mean {close[0]}{f'.{key}' if key else ''}? " if close else ""
     return f"{hint}The top level takes the groups {', '.join(groups)} (group=option, group.key=value) and seed."
+
+
+_PLAIN = r"[\w.,:/@+\-\[\]'\"${} ()]*"  # what an override's value holds unquoted (no ~, no non-ASCII...)
 
 
 def override_error(overrides: list[str], e: Exception) -> str:
@@ -144,6 +148,11 @@ def override_error(overrides: list[str], e: Exception) -> str:
         if given:
             return (f"{given[-1]}: {group} already has an option (a default, or a recipe's); give "
                     f"{given[-1].lstrip('+')} without the +")
+    there = re.match(r"Could not append to config\. An item is already at '(.*)'", msg)
+    if there:  # +key=value: Hydra's + adds a key that is not there yet; every key of ours is
+        given = [o for o in overrides if o.startswith("+") and not o.startswith("++") and override_key(o) == there.group(1)]
+        if given:
+            return f"{given[-1]}: {there.group(1)} is already in the config (+ adds a new key); give {given[-1][1:]}"
     ambiguous = re.match(r"Ambiguous value for argument '(.*)'", msg)
     if ambiguous:  # key=a,b outside a sweep
         return comma_fix(ambiguous.group(1))
@@ -166,6 +175,8 @@ def override_error(overrides: list[str], e: Exception) -> str:
             msg += "".join(f" {line.strip()}" for line in lines[1:2] if line.startswith("To append"))
         elif known is not None:
             msg += f" {group} has no key {key!r}; its keys: {', '.join(sorted(known))}"
+        elif group not in ("hydra", "experiment"):  # no such group: a misspelt one (modle.width, optimizer.lr)
+            msg += f" There is no group {group!r}. {_top_level_hint(group, key)}"
     top = re.match(r"Could not override '([\w-]+)'\.?$", msg)
     if top:  # a key with no group: say where it lives, or what the top level takes
         msg += f" {_top_level_hint(top.group(1))}"
@@ -186,16 +197,25 @@ def override_error(overrides: list[str], e: Exception) -> str:
                 hint = f"; a value holding ' needs double quotes around it: \"{key}=\\\"{value}\\\"\""
             elif "=" in value:
                 hint = f"; a value holding '=' needs quotes: \"{key}='{value}'\""
+            elif re.search(r"\$\{[^}]*\$\{", value) and value[:1] not in "'\"":  # ${a:${b}}: Hydra's lexer
+                hint = f"; an interpolation inside another needs quotes: '{key}=\"{value}\"'"
             elif key.startswith("-") or "=" not in o or key != key.strip():  # `optim.lr = 0.1`: three words
                 hint = "; give key=value without spaces around '=' or leading dashes, e.g. optim.lr=0.1"
             elif key[:1] in "'\"" and key.strip("'\"") and not any(q in key.strip("'\"") for q in "'\""):
                 hint = f"; a key takes no quotes: {key.strip(chr(39) + chr(34))}={value}"
             elif "[" in value and not value.startswith(("[", "'", '"')):  # a Slurm node range, n[1-3]: '[' opens a list
                 hint = f"; quote a value holding '[': {key}='\"{value}\"' (Hydra then reads it as one string)"
-            elif value and not re.fullmatch(r"[\w.,:/@+\-\[\]'\"${} ()]*", value, re.ASCII):  # ~, non-ASCII...
-                hint = f"; quote a value with such characters: \"{key}='{value}'\""
-            elif value.endswith(",") or ",," in value or value.startswith(","):  # Hydra: "mismatched input..."
-                hint = f"; a comma list has a value between every two commas, e.g. {key}=0.1,0.2"
+            elif value and not re.fullmatch(_PLAIN, value, re.ASCII):  # ~, non-ASCII...
+                if value.startswith("[") and value.endswith("]"):  # a quoted list is one string: quote its items
+                    items = ", ".join(v.strip() if re.fullmatch(_PLAIN, v.strip(), re.ASCII) else f"'{v.strip()}'"
+                                      for v in value[1:-1].split(","))
+                    hint = f"; quote each list item with such characters: \"{key}=[{items}]\""
+                else:
+                    hint = f"; quote a value with such characters: \"{key}='{value}'\""
+            elif re.search(r"^,|,$|,,|\[,|,\]", value):  # an empty item (Hydra: "mismatched input...")
+                bracketed = value.startswith("[") and value.endswith("]")
+                items = ",".join(v for v in (value[1:-1] if bracketed else value).split(",") if v.strip())
+                hint = f"; a comma with no item beside it: did you mean {key}={f'[{items}]' if bracketed else items}?"
             msg = re.sub(r" expecting \{[^}]*\}", "", msg)  # the parser's token names say nothing to a user
             msg = re.sub(r"^LexerNoViableAltException: .*", "Hydra cannot parse it", msg)  # it only repeats o
             return f"bad override {o!r}: {msg}{hint}"
@@ -266,6 +286,17 @@ def _check_group_lists(overrides: list[str]) -> None:
                 raise ConfigError(f"{o} picks {len(items)} {key} options at once, which Hydra merges into one "
                                   f"config ({items[-1]}'s values over the others'); give one, {key}={items[-1]}, "
                                   f"or sweep them: allconv-hpc submit -m {key}={','.join(items)}")
+
+
+def check_train_args(overrides: list[str]) -> None:
+    """`train` (and its --print-config) takes one config's overrides: no sweep, no Hydra options."""
+    if {"-m", "--multirun"} & set(overrides):
+        raise ConfigError("train runs one config; a sweep is `allconv-hpc submit -m ...` (with cluster=local "
+                          "it runs on this machine)")
+    options = [o for o in overrides if o.startswith("-")]
+    if options:  # e.g. Hydra's --cfg job, which this entry point does not take
+        raise ConfigError(f"train takes Hydra overrides (key=value), not {' '.join(options)}; "
+                          f"--print-config prints the composed config, --help lists the config groups")
 
 
 def compose(overrides: list[str]) -> Composed:
@@ -365,15 +396,10 @@ def _check_group_name(overrides: list[str], group: str, values: dict, idle: set[
     if differ:
         what, noun = _NAMED_GROUPS[group]
         said = "; ".join(f"{k}: {as_given(values.get(k))}, {group}={names[-1]} has {as_given(own[k])}" for k in differ)
-        keep = " ".join(f"{group}.{k}={_shell_word(values.get(k))}" for k in differ)
+        keep = " ".join(f"{group}.{k}={shell_word(values.get(k))}" for k in differ)
         raise NameSwap(f"{key}={names[-1]} swaps the {what} but keeps the {group} group's other settings "
                        f"({said}); use {group}={names[-1]} for the {noun} as defined, or {group}={names[-1]} "
                        f"{keep} for these values (what a run started so resumes with)", group)
-
-
-def _shell_word(v) -> str:
-    """A value as an override gives it, as one word of a shell command (a list without spaces)."""
-    return f"[{','.join(as_given(x) for x in v)}]" if isinstance(v, list) else as_given(v)
 
 
 def pin_data_root(composed: Composed) -> Optional[tuple[bool, str]]:
@@ -457,12 +483,26 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
         raise ConfigError(f"run folder {run_dir} is a run that checkpoint.resume=never set aside, not a run folder "
                           f"(training here would start over and nest it once more): copy it into a new run folder "
                           f"as README's \"Starting over\" shows, and give that as {key}")
+    above = _run_above(run_dir)
+    if above is not None:  # its own files (checkpoints.oldN, wandb/, .submitit/) would be mixed with this run's
+        raise ConfigError(f"run folder {run_dir} is inside the run folder {above}, whose `status`, `evaluate` and "
+                          f"resume would read it as that run's files; give a {key} outside it")
     if run_dir.is_dir():  # a folder of other things (a dataset, a project's root) is not one to train into
         other = sorted(p.name for p in run_dir.iterdir() if not _run_file(p.name))  # nohup.out alone is no run
         if other and not holds_run(run_dir):  # notes added to a run: fine
             more = f", ... ({len(other)} in all)" if len(other) > 5 else ""
             raise ConfigError(f"run folder {run_dir} holds other files ({', '.join(other[:5])}{more}) and no run: "
                               f"training would mix its files with them; give a new or empty hydra.run.dir")
+
+
+def _run_above(run_dir: Path) -> Optional[Path]:
+    """The nearest folder above run_dir that holds a run: its record (status.json or submission.json) with its
+    train.log or checkpoints/ (a sweep's folder holds sweep.json instead; a project's checkpoints/ alone is no run)."""
+    for p in Path(os.path.abspath(run_dir)).parents:
+        if (((p / "status.json").is_file() or (p / "submission.json").is_file())
+                and ((p / "train.log").is_file() or (p / "checkpoints").is_dir())):
+            return p
+    return None
 
 
 SWEEP_FILES = {"sweep.json", SUBMIT_LOCK, ".submitit"}  # what submit -m writes into a sweep's folder itself

@@ -55,6 +55,7 @@ def _check(ok: bool, msg: str) -> None:
 
 MAX_WIDTH = 64
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer's kernels take lr and weight decay as float32
+FLOAT32_TINY = 1.1754943508222875e-38  # its smallest normal number: below, 0 or a subnormal
 
 
 # the keys of a fixed set of values, checked by _choice
@@ -169,8 +170,12 @@ class OptimConfig:
         _check(not self.nesterov or self.momentum > 0, "optim.nesterov=true needs optim.momentum > 0")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         for key in ("lr", "weight_decay"):
-            _check(getattr(self, key) < FLOAT32_MAX, f"optim.{key}={getattr(self, key):g} is beyond float32's range "
-                                                     f"(3.4e38), which the optimizer computes in; give a smaller value")
+            v = getattr(self, key)
+            _check(v < FLOAT32_MAX, f"optim.{key}={v:g} is beyond float32's range (3.4e38), which the optimizer "
+                                    f"computes in; give a smaller value")
+            _check(v == 0 or v >= FLOAT32_TINY, f"optim.{key}={v:g} is below float32's smallest normal number "
+                                                f"(1.2e-38): the optimizer, computing in float32, would take it as 0 "
+                                                f"or nearly; give a larger value{' (or 0)' if key != 'lr' else ''}")
         _check(self.base_batch_size >= 1, f"optim.base_batch_size={self.base_batch_size} must be >= 1")
 
 
@@ -392,7 +397,7 @@ class Config:
         if mine != theirs:
             differ = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
             diff = [f"{k}: {as_given(theirs.get(k))} -> {as_given(mine.get(k))}" for k in differ]
-            back = " ".join(f"{k}={as_given(theirs[k])}" for k in differ if k in theirs)
+            back = " ".join(f"{k}={shell_word(theirs[k])}" for k in differ if k in theirs)
             raise OtherConfig(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
                               f"another {folder_key}, or checkpoint.resume=never to start over (the old run's "
                               f"files move to checkpoints.oldN/); an override left out of this command? {back} "
@@ -409,6 +414,11 @@ class Config:
 def as_given(v: Any) -> str:
     """A value as an override gives it (true, null), not as Python prints it (True, None)."""
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)
+
+
+def shell_word(v: Any) -> str:
+    """A value as an override gives it, as one word of a shell command (a list without spaces)."""
+    return f"[{','.join(as_given(x) for x in v)}]" if isinstance(v, (list, tuple)) else as_given(v)
 
 
 # Keys a resume may change: where things run and how they are logged, not what is learned.
@@ -469,6 +479,16 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "sch
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list, tuple)}
 
 
+def _reads_as(text: str, base: str) -> bool:
+    """Whether a string is a value of the type `base` names written out (an env variable's "10", "0.1", "true")."""
+    if base == "bool":
+        return text.strip().lower() in ("true", "false")
+    try:
+        return base in ("int", "float") and {"int": int, "float": float}[base](text.strip()) is not None
+    except ValueError:
+        return False
+
+
 def _check_type(key: str, value: Any, annotation: str) -> None:
     """Dataclasses do not enforce their annotations: without this, trainer.epochs=2.5 or
     model.dropout=maybe (a truthy string) would pass and misbehave later."""
@@ -483,6 +503,9 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
     hint = {"bool": " (true or false)", "int": " (a whole number)"}.get(base, "")
     if base == "int" and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # 1e2 is a float
         hint = f" (a whole number: {key}={int(value)})"
+    if isinstance(value, str) and _reads_as(value, base):  # ${oc.env:VAR} gives a string, even "10"
+        hint += (f" (here a string, as ${{oc.env:VAR}} gives: decode it, '{key}=\"${{oc.decode:${{oc.env:VAR}}}}\"', "
+                 f"or let the shell give the value, {key}=$VAR)")
     if base == "list" and isinstance(value, (str, int, float)):  # wandb.tags=foo: the brackets are easy to miss
         hint = f", e.g. {key}=[{as_given(value).strip(chr(39))}]"
     _check(ok, f"{key}={value!r} must be {'an' if base == 'int' else 'a'} {base}{hint}"

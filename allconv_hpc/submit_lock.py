@@ -60,9 +60,17 @@ def submit_lock(folder: Path):
     import fcntl
     made: list[Path] = []
     while True:
-        made = [d for d in made if d.exists()] + _make_folders(folder)
         path = folder / runlock.SUBMIT_LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # the checks before (os.access) pass where a mkdir fails: a full quota, NFS's root squash
+            made = [d for d in made if d.exists()] + _make_folders(folder)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            for d in sorted(made, key=lambda d: len(d.parts), reverse=True):  # still empty: nothing else made them
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise ConfigError(f"cannot write {e.filename or path} ({e.strerror}); give a folder this user can write "
+                              f"(hydra.run.dir, or hydra.sweep.dir for a sweep), and check its free space and "
+                              f"quota") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

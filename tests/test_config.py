@@ -79,6 +79,11 @@ BAD = [
     (["data.name=cifar10"], ["data.name=cifar10 swaps the dataset", "train_size: 2048, data=cifar10 has null",
                              "data=cifar10 data.augment='none' data.test_size=512 data.train_size=2048 for these"]),
     (["modle=allcnn_c"], ["Did you mean model?", "The top level takes the groups model, data, optim"]),
+    (["modle.width=0.5"], ["Could not override 'modle.width'. There is no group 'modle'. Did you mean model.width?"]),
+    (["optimizer.lr=0.1"], ["There is no group 'optimizer'. Did you mean optim.lr?"]),
+    (["+seed=3"], ["+seed=3: seed is already in the config (+ adds a new key); give seed=3"]),
+    (["schedule.milestones=[200,,300]"], ["a comma with no item beside it: did you mean schedule.milestones=[200,300]?"]),
+    (["schedule.milestones=[200,250,]"], ["did you mean schedule.milestones=[200,250]?"]),
     (["data.augment=mixup"], ["data.augment='mixup'", "paper"]),
     (["schedule.name=linear"], ["schedule.name='linear'"]),
     (["schedule=nope"], ["schedule/nope"]),
@@ -122,6 +127,9 @@ BAD = [
     (["trainer.log_every_steps=0"], ["trainer.log_every_steps=0"]),
     # past float32 (the optimizer's), or too wide to build: a traceback at the first step or the model build before
     (["hydra.run.dir=~/x"], ["quote a value with such characters: \"hydra.run.dir='~/x'\""]),  # Hydra's lexer
+    # a list's items, each (quoting the whole list gave a string, refused next as no list)
+    (["cluster.setup=[module load x, source ~/v/bin/activate]"],
+     ["quote each list item with such characters: \"cluster.setup=[module load x, 'source ~/v/bin/activate']\""]),
     (["optim.lr"], ["give key=value without spaces around '=' or leading dashes"]),  # `optim.lr = 0.1`
     (["--optim.lr=0.1"], ["give key=value without spaces around '=' or leading dashes"]),
     (["data=cifar10", "data.root="], ["data.root is empty (an ALLCONV_DATA set to nothing"]),
@@ -129,6 +137,8 @@ BAD = [
     (["optim.lr=1e39"], ["optim.lr=1e+39 is beyond float32's range", "give a smaller value"]),
     (["wandb.tags=foo"], ["wandb.tags='foo' must be a list, e.g. wandb.tags=[foo]"]),
     (["optim.weight_decay=1e300"], ["optim.weight_decay=1e+300 is beyond float32's range"]),
+    (["optim.lr=1e-46"], ["optim.lr=1e-46 is below float32's smallest normal number", "would take it as 0 or nearly; give a larger value"]),
+    (["optim.weight_decay=1e-40"], ["optim.weight_decay=1e-40 is below float32's", "give a larger value (or 0)"]),
     (["optim.lr=1e37", "optim.scale_lr=true", "trainer.batch_size=12800"],
      ["optim.lr=1e+37 scaled by optim.scale_lr to 1e+39 is beyond float32's range"]),
     (["model.width=1e6"], ["model.width=1000000.0 is wider than 64"]),
@@ -250,6 +260,11 @@ def test_print_config_shows_the_composed_config_and_writes_nothing(tmp_path):
     r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "optim.lr=-1"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "allconv-hpc: error: optim.lr=-1 must be > 0"
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "-m", "seed=0,1"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)  # as train says it
+    assert r.returncode == 2 and r.stderr.strip() == ("allconv-hpc: error: train runs one config; a sweep is "
+                                                      "`allconv-hpc submit -m ...` (with cluster=local it runs on "
+                                                      "this machine)"), r.stderr
 
 
 @pytest.mark.parametrize("overrides,needles", BAD, ids=[" ".join(o) for o, _ in BAD])
@@ -480,6 +495,9 @@ def test_a_key_added_since_a_checkpoint_counts_at_its_default():
     # values as an override writes them, so the message can be pasted back
     with pytest.raises(ConfigError, match=r"data.train_size: null -> 100; model.dropout: true -> false"):
         compose(["model.dropout=false", "data.train_size=100"]).cfg.check_resumable(Config().identity(), "run")
+    # a list as one shell word: "[1, 2]" pasted unquoted split into two arguments, the first refused
+    with pytest.raises(ConfigError, match=r"override left out of this command\? schedule.milestones=\[1,2\] resumes"):
+        Config().check_resumable(compose(["schedule.milestones=[1,2]"]).cfg.identity(), "run")
 
 
 def test_wandb_online_without_a_key_or_a_bad_wandb_mode_is_refused_before_any_work(tmp_path):
@@ -680,3 +698,21 @@ def test_a_new_root_for_a_run_started_over_is_not_warned_as_a_resume(tmp_path, m
     said = pin_data_root(compose(["data.root=/new", "hydra.run.dir=run"]))
     assert said is not None and said[0] and "is not the /old this run read before" in said[1], said
     assert pin_data_root(compose(["data.root=/new", "hydra.run.dir=run", "checkpoint.resume=never"])) is None
+
+
+def test_a_number_from_an_env_variable_is_refused_with_the_way_to_decode_it(monkeypatch, tmp_path):
+    """${oc.env:VAR} gives a string, even "10": the refusal says so and how to give the number, and the way it
+    gives works (the nested interpolation, unquoted, is a parse error that says to quote it)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EPOCHS", "10")
+    with pytest.raises(ConfigError, match=re.escape(
+            "trainer.epochs='10' must be an int (a whole number) (here a string, as ${oc.env:VAR} gives: decode it, "
+            "'trainer.epochs=\"${oc.decode:${oc.env:VAR}}\"', or let the shell give the value, trainer.epochs=$VAR)")):
+        compose(["data=synthetic", "trainer.epochs=${oc.env:EPOCHS}"])
+    with pytest.raises(ConfigError, match=re.escape(
+            "an interpolation inside another needs quotes: 'trainer.epochs=\"${oc.decode:${oc.env:EPOCHS}}\"'")):
+        compose(["data=synthetic", "trainer.epochs=${oc.decode:${oc.env:EPOCHS}}"])
+    assert compose(["data=synthetic", 'trainer.epochs="${oc.decode:${oc.env:EPOCHS}}"']).cfg.trainer.epochs == 10
+    with pytest.raises(ConfigError) as e:  # a string that is no number: no such advice
+        compose(["data=synthetic", "trainer.epochs=ten"])
+    assert str(e.value) == "trainer.epochs='ten' must be an int (a whole number)"

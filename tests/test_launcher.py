@@ -432,8 +432,9 @@ def test_a_range_that_cannot_be_stepped_is_one_line(sweep, says):
     ("seed=glob(*)", "gives no values to submit: use a comma list, range(...), choice(...) or glob(...) of a config "
                      "group's options"),
     ("model=glob(nothing_*)", "gives no values to submit"),
-    ("optim.lr=0.1,0.2,", "a comma list has a value between every two commas, e.g. optim.lr=0.1,0.2"),
-    ("optim.lr=,0.1", "a comma list has a value between every two commas")])
+    ("optim.lr=0.1,0.2,", "a comma with no item beside it: did you mean optim.lr=0.1,0.2?"),
+    ("optim.lr=,0.1", "a comma with no item beside it: did you mean optim.lr=0.1?"),
+    ("schedule.milestones=[1,,2],[3]", "did you mean schedule.milestones=[1,2],[3]?")])
 def test_sweeps_without_values_to_submit_are_one_line(tmp_path, capsys, monkeypatch, sweep, says):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_submit(capsys, "-m", "cluster=local", *TINY, sweep)
@@ -462,6 +463,21 @@ def test_sbatch_refusing_a_sweep_leaves_no_sweeps_folder(tmp_path, on_path, caps
     (tmp_path / "sweeps" / "other").mkdir()  # a folder that was there before stays
     code, _, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1")
     assert code == 2 and [d.name for d in (tmp_path / "sweeps").iterdir()] == ["other"]
+
+
+def test_a_folder_submit_cannot_make_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """os.access (the checks before) passes where mkdir fails (a full quota, NFS's root squash; here /proc): the
+    error names the folder and the keys that move it, as train's does."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["cluster=local", *TINY, "hydra.run.dir=/proc/allconv_x/run"],
+                 ["-m", "cluster=local", *TINY, "seed=0,1", "cluster.array_parallelism=2",
+                  "hydra.sweep.dir=/proc/allconv_x/sweep"]):
+        code, out, err = run_submit(capsys, *args)
+        assert code == 2 and err.strip() == (
+            "allconv-hpc submit: error: cannot write /proc/allconv_x (No such file or directory); give a folder "
+            "this user can write (hydra.run.dir, or hydra.sweep.dir for a sweep), and check its free space and "
+            "quota"), err
+        assert not out, out
 
 
 def test_newlines_in_folders_are_refused(tmp_path):
@@ -846,6 +862,13 @@ def test_sweep_and_run_folders_are_not_mixed(tmp_path):
     (run / "status.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"hydra.sweep.dir .*/run is a run folder \(checkpoints, status.json\)"):
         launcher.plan(["cluster=local", *TINY, "seed=0", f"hydra.sweep.dir={run}"], multirun=True)
+    # a new folder inside a run (its checkpoints.old1-to-be, wandb/): that run's status and evaluate read its files
+    for inside in (run / "checkpoints.old1", run / "wandb" / "x"):
+        with pytest.raises(ConfigError, match=rf"run folder {inside} is inside the run folder {run}, .*; give a "
+                                              rf"hydra.run.dir outside it"):
+            launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={inside}"], multirun=False)
+    with pytest.raises(ConfigError, match=rf"is inside the run folder {run}, .*; give a hydra.sweep.dir outside it"):
+        launcher.plan(["cluster=local", *TINY, "seed=0", f"hydra.sweep.dir={run / 'sweep'}"], multirun=True)
     data = tmp_path / "data"
     (data / "cifar-10-batches-py").mkdir(parents=True)
     (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x")
