@@ -172,6 +172,10 @@ def check_can_start(points: list[Point], sweep_dir: Optional[Path], cluster: dic
         over = _over_partition(cluster, _where(cluster), features=False)
         if over:
             raise ConfigError(_never_message(cluster, "sinfo: the partition's time limit", over))
+        state = _partition_state(cluster)
+        if state not in (None, "up"):  # Slurm queues into a down partition and starts nothing there: not a refusal
+            warn(f"{_where(cluster)} is {state} (sinfo): the job waits in the queue (PartitionDown) until an admin "
+                 f"brings it up; scancel it and submit with another cluster.partition to start sooner")
         return
     said = sbatch_said(r.stderr + "\n" + r.stdout)
     if not said or "unrecognized option" in said or "invalid option" in said:
@@ -181,6 +185,17 @@ def check_can_start(points: list[Point], sweep_dir: Optional[Path], cluster: dic
         raise ConfigError(_never_message(cluster, f"sbatch --test-only: {said}",
                                          _over_partition(cluster, _where(cluster), "feature" in said.lower())))
     raise sbatch_refused(said)
+
+
+def _partition_state(cluster: dict) -> Optional[str]:
+    """The job's partition's availability from sinfo (up, down, drain, inact), None when sinfo does not tell."""
+    from .preempt import slurm_out
+    part = cluster.get("partition")
+    for line in (slurm_out(["sinfo", "-h", "-o", "%P|%a"]) or "").splitlines():
+        name, _, state = line.partition("|")
+        if (name.rstrip("*") == str(part)) if part is not None else name.endswith("*"):
+            return state.strip() or None
+    return None
 
 
 def _where(cluster: dict) -> str:

@@ -55,7 +55,10 @@ def job_records(folder: Path) -> list[dict]:
     # what a train leaves (not holds_run: a sweep folder has .submit.lock, and one without its sweep.json is no run)
     if any((folder / n).exists() for n in ("status.json", "checkpoints", "train.log", runlock.LOCK_FILE)):
         # started without submit: Slurm is asked about the job its status.json names, if any
-        return [started_job(folder) or {"job_id": None, "run_dir": str(folder), "backend": "none"}]
+        st = read_record(folder / "status.json") or {}  # (a damaged one is named by run_status)
+        # a job that ended (gave up, failed, completed): its record names it, and the same sbatch goes on with it
+        by = {"started_by": "sbatch"} if st.get("slurm_job_id") else {}
+        return [started_job(folder) or {"job_id": None, "run_dir": str(folder), "backend": "none", **by}]
     parent = folder.absolute().parent  # runs/x/checkpoints given for runs/x
     up = (f"; it is inside the run or sweep folder {parent}: allconv-hpc status {shlex.quote(str(parent))}"
           if any((parent / n).exists() for n in ("status.json", "checkpoints", "sweep.json", "submission.json"))
@@ -249,6 +252,11 @@ def run_rows(folder: Path) -> list[dict]:
             state, known = local_state(rec), True
         # a status.json older than this submission is an earlier job's: its progress, not this job's state
         current = st.get("updated", 0) >= rec.get("submitted", 0)
+        if (slurm and current and "slurm_job_id" in st and str(st["slurm_job_id"]) != str(rec["job_id"])
+                and not (state in ACTIVE_STATES and not ended)):
+            # written since by a process outside the job, which has ended: a `train` by hand resumed the run (its
+            # record names no job, or its salloc's). The run's own word and its lock tell, as for any run by hand
+            state = restarts = None
         run_state = st.get("state") if current else None
         active = state in ACTIVE_STATES and not ended
         unfinished = run_state in (None, "running", "requeued")
@@ -304,7 +312,12 @@ def run_rows(folder: Path) -> list[dict]:
         # CANCELLED), or gave up after checkpoint.max_requeues time limits (exit 4, FAILED): resumable by the same
         # submit, as a cluster=local job's INTERRUPTED, not a failure
         own = current and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"]))  # that job's own word
-        stopped = not active and not dead_lock and (
+        # a rank refused in start-up (its node lacks the data): srun's --kill-on-bad-exit SIGTERMs the others, and a
+        # rank 0 already past its signal set-up records that as a stop in start-up; the refusal is why the job failed
+        refused = (slurm and state == "FAILED" and current and run_state == "interrupted" and not active
+                   and "during start-up" in str(st.get("error"))
+                   and (said := _job_error(rec, kinds=(0,))) is not None)
+        stopped = not refused and not active and not dead_lock and (
             run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED") and own
             # scancel's, where the run had no time to say so (KillWait's SIGKILL came first, in a long start-up or
             # stop; no word of this job at all): its checkpoints stand, unless a rank said why it failed
@@ -333,10 +346,6 @@ def run_rows(folder: Path) -> list[dict]:
             error = _job_error(rec)  # it failed before its trainer could say why: its tasks' .err files do
             if error is not None and state.startswith("LOST"):  # cluster=local: a job whose tasks exited non-zero
                 state = "FAILED"
-        # a rank refused in start-up (its node lacks the data): srun's --kill-on-bad-exit SIGTERMs the others, and a
-        # rank 0 already past its signal set-up records that as a stop in start-up; the refusal is why the job failed
-        refused = (failed and run_state == "interrupted" and not own and not active and bool(rec.get("job_id"))
-                   and (said := _job_error(rec, kinds=(0,))) is not None)
         if refused:
             error = said
         if dead_lock:
@@ -347,6 +356,8 @@ def run_rows(folder: Path) -> list[dict]:
         held = is_held(state, reason)  # and so would this
         if never:
             state = f"PENDING ({reason}: never starts as asked; scancel {rec['job_id']})"
+        elif state == "PENDING" and reason in ("PartitionDown", "PartitionInactive"):  # waits for an admin, maybe long
+            state = f"PENDING ({reason}: starts once an admin brings the partition up)"
         elif held:  # scontrol hold / requeuehold, or an admin's hold
             state = f"PENDING ({held_advice(rec, reason)})"
             never = True
@@ -358,7 +369,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
-                     "starts_over": run_state in MAY_RESUME and _starts_over(run_dir),
+                     "starts_over": _starts_over(run_dir, rec),
                      "peer_lost": bool(st.get("peer_lost")) and current,  # failed only as a peer was killed
                      "refused": refused,  # a rank's refusal in start-up failed the job: no resume advice
                      # a failed row says its own error; another's record may hide a start that failed since
@@ -376,11 +387,13 @@ def _new_start(run_dir: Path, st: dict) -> bool:
     return taken is not None and taken > st.get("updated", 0)
 
 
-def _starts_over(run_dir: Path) -> bool:
-    """The run was started with checkpoint.resume=never: the same command run again sets its checkpoints aside
-    and starts over, rather than resume."""
-    from .compose import recorded
-    return recorded(run_dir, "checkpoint", "resume") == "never"
+def _starts_over(run_dir: Path, rec: dict) -> bool:
+    """The same command run again sets the run's checkpoints aside and starts over, rather than resume: the
+    submission's checkpoint.resume=never (its job may have stopped before it recorded its config), else the one
+    the run last started with."""
+    from .compose import override_key, recorded
+    given = [o.partition("=")[2] for o in rec.get("overrides") or [] if override_key(o) == "checkpoint.resume"]
+    return (given[-1] if given else recorded(run_dir, "checkpoint", "resume")) == "never"
 
 
 def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:

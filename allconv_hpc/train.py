@@ -74,19 +74,13 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     try:
         unhold()  # a cluster=local rank's signals held since its start come now, into this Ctrl-C guard
         from .checkpoint import CheckpointError, check_resume  # torch: the slow imports, inside the Ctrl-C guard
-        from .compose import check_run_dir, compose, pin_data_root, train_warnings, write_hydra_files
+        from .compose import check_run_dir, check_train_args, compose, pin_data_root, train_warnings, write_hydra_files
         from .data import check_present
         from .distributed import DistributedError, PortInUse, detect_env
         from .runlock import LockLost, acquire, check_free
         from .jobs import other_jobs_state, stop_command
         from .wandb_mode import check_names, preflight_mode
-        if {"-m", "--multirun"} & set(overrides):
-            raise ConfigError("train runs one config; a sweep is `allconv-hpc submit -m ...` (with cluster=local "
-                              "it runs on this machine)")
-        options = [o for o in overrides if o.startswith("-")]
-        if options:  # e.g. Hydra's --cfg job, which this entry point does not take
-            raise ConfigError(f"train takes Hydra overrides (key=value), not {' '.join(options)}; "
-                              f"--print-config prints the composed config, --help lists the config groups")
+        check_train_args(overrides)
         composed = compose(overrides)
         root_said = pin_data_root(composed)
         check_run_dir(composed.run_dir)
@@ -185,7 +179,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         if not (done or diverged) or getattr(trainer, "set_aside", False):
             _report(trainer, said, "interrupted", tell_peers=False)
             if trainer is None and env.is_main:  # stopped before its rendezvous
-                _mark_interrupted(composed.run_dir, said)
+                _mark_interrupted(composed.run_dir, said, env)
         code = EXIT_INTERRUPTED
         return code
     except (NonFiniteError, CheckpointError) as e:  # a failed write or an unreadable file: one line
@@ -202,7 +196,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             if trainer is not None:
                 _report(trainer, said, "interrupted")
             elif env.is_main:  # no trainer to say it: status must not read the folder as a failed start
-                _mark_interrupted(composed.run_dir, said)
+                _mark_interrupted(composed.run_dir, said, env)
             return code
         log.error("interrupted (Ctrl-C) away from a step boundary: stopped at once; the newest checkpoint "
                   "on disk stands")
@@ -274,13 +268,15 @@ def _rank_tag() -> str:
 peers_untold = False
 
 
-def _mark_interrupted(run_dir: Path, said: str) -> None:
+def _mark_interrupted(run_dir: Path, said: str, env) -> None:
     """status.json says a start stopped before its Trainer existed (no Trainer to write it): `status` must not
     read the folder as a failed start."""
     from .fsio import read_json, write_atomic
+    from .preempt import SlurmJob
     path = run_dir / "status.json"
-    write_atomic(path, json.dumps({**read_json(path), "state": "interrupted", "error": said, "updated": time.time()},
-                                  indent=1).encode())
+    slurm = SlurmJob({} if env.source == "local" else None)  # the job that wrote it (Trainer.write_status's)
+    write_atomic(path, json.dumps({**read_json(path), "state": "interrupted", "error": said, "updated": time.time(),
+                                   "slurm_job_id": slurm.job_id if slurm.in_slurm else None}, indent=1).encode())
 
 
 def _tell_peers_later() -> None:

@@ -735,6 +735,30 @@ def test_a_job_pending_for_what_its_partition_never_has_ends_wait(slurm_cluster,
     assert st.exit_code(rows) == 1
 
 
+def test_a_job_queued_into_a_down_partition_is_warned_of_and_status_says_what_it_waits_for(slurm_cluster, jobs,
+                                                                                           tmp_path):
+    """A partition an admin set DOWN takes jobs and starts none: submit warns (no refusal: it may come up soon), and
+    status says the job waits for it, still active (--wait goes on). Before: PENDING, and nothing said why."""
+    slurm_cluster.run(["scontrol", "update", "PartitionName=high", "State=DOWN"], check=True)
+    try:
+        run = tmp_path / "run"
+        [(job, _)], r = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "cluster.partition=high",
+                               f"hydra.run.dir={run}")
+        assert ("warning: partition high is down (sinfo): the job waits in the queue (PartitionDown) until an admin "
+                "brings it up; scancel it and submit with another cluster.partition to start sooner") in r.stderr, r.stderr
+        reason = lambda: slurm_cluster.run(["squeue", "-h", "-j", job, "-o", "%r"]).stdout.strip()  # noqa: E731
+        assert poll(lambda: reason() == "PartitionDown", 30), reason()
+        rc, rows, table = status(slurm_cluster, tmp_path, run)
+        assert rows[0]["state"] == "PENDING (PartitionDown: starts once an admin brings the partition up)", table
+        assert rows[0]["active"] and not rows[0]["failed"], rows
+        slurm_cluster.run(["scancel", job], check=True)
+    finally:
+        slurm_cluster.run(["scontrol", "update", "PartitionName=high", "State=UP"], check=True)
+    ok = cli(slurm_cluster, tmp_path, "submit", "--dry-run", *SLURM, *JOB, "cluster.partition=high",
+             f"hydra.run.dir={tmp_path / 'other'}")
+    assert ok.returncode == 0 and "is down" not in ok.stderr, ok.stderr  # up again: no warning
+
+
 @pytest.mark.parametrize("how", ["--hold", "requeuehold"])
 def test_a_held_job_says_how_to_release_it_and_ends_wait(slurm_cluster, jobs, tmp_path, how):
     """A job held by its user (sbatch --hold, or scontrol requeuehold of a running one) never starts until released:

@@ -490,7 +490,8 @@ def test_a_ranks_refusal_is_the_failure_where_rank_0_recorded_the_sigterm_it_bro
     sub = tmp_path / "sub"
     run = write_run(tmp_path / "run", None, job="9", submitit_folder=str(sub))
     stop = "stopped by SIGTERM during start-up, before training; nothing was trained or written to its checkpoints"
-    (run / "status.json").write_text(json.dumps({"state": "interrupted", "error": stop, "updated": 2.0}))
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "error": stop, "updated": 2.0,
+                                                  "slurm_job_id": "9"}))
     (sub / "9").mkdir(parents=True)
     (sub / "9" / "9_0_log.err").write_text(f"srun: error: n2: task 1: Exited with exit code 2\n"
                                            f"[2026-12-05 22:09:14 WARNING] {stop}\n")
@@ -501,10 +502,37 @@ def test_a_ranks_refusal_is_the_failure_where_rank_0_recorded_the_sigterm_it_bro
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"], row["error"]) == ("FAILED", True, refusal), row
     assert f"run: {refusal}" in out and "starts it over" not in out, out
-    (sub / "9" / "9_1_log.err").write_text("")  # no rank refused: the stop is the job's own word
-    assert status.status_main([str(run)]) == 1
+    (sub / "9" / "9_1_log.err").write_text("")  # no rank refused: the stop is the job's own word (exit 3: FAILED)
+    assert status.status_main([str(run)]) == 0
     out = capsys.readouterr().out
-    assert f"run: {stop}" in out and "starts it over" in out, out
+    assert "INTERRUPTED" in out and "the same submit (or train) command starts it over" in out, out
+    assert status.run_rows(run)[0]["failed"] is False
+
+
+@pytest.mark.parametrize("job_state", ["COMPLETED", "FAILED"])
+def test_a_run_resumed_by_hand_after_its_job_ended_reads_as_the_hand_runs_own(tmp_path, monkeypatch, job_state):
+    """A `train` by hand resumed a run whose submitted job had ended (COMPLETED, or FAILED: a stop's exit 3): its
+    record names no Slurm job. Its Ctrl-C reads INTERRUPTED (not the job's COMPLETED, nor a failure), its kill
+    LOST (failed), as for any run by hand; the job's own record still reads by the job's state."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, out in (("squeue", ""), ("sacct", f"echo {job_state}"),
+                      ("scontrol", f"echo JobId=9 JobState={job_state} Restarts=0")):
+        (bin_ / name).write_text(f"#!/bin/sh\n{out}\n")
+        (bin_ / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    run = write_run(tmp_path / "run", None, job="9", submitted=1.0)
+    record = lambda state, job: (run / "status.json").write_text(json.dumps(  # noqa: E731
+        {"state": state, "epoch": 8, "epochs": 12, "updated": 2.0, "slurm_job_id": job}))
+    record("interrupted", None)
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("INTERRUPTED", False), row
+    record("running", None)  # killed: its lock is free
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("LOST", True), row
+    record("interrupted", "9")  # the job's own stop
+    row = status.run_rows(run)[0]
+    assert row["state"] == ("COMPLETED" if job_state == "COMPLETED" else "INTERRUPTED"), row
 
 
 def test_a_sweep_folder_without_its_sweep_json_is_no_run(tmp_path, capsys):
@@ -561,3 +589,40 @@ def test_wait_on_a_folder_removed_meanwhile_stops_with_one_line(tmp_path, no_slu
     err = capsys.readouterr().err
     assert err.startswith(f"allconv-hpc submit: error: {tmp_path / 'gone'} does not exist") and err.rstrip().endswith(
         "stopped watching (the jobs go on)"), err
+
+
+def test_a_resume_never_submission_cancelled_before_it_recorded_says_its_command_starts_over(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """A `checkpoint.resume=never` submit scancelled in start-up, before its job wrote a record or its config: the
+    note is what that submit command does again (start over, setting the checkpoints aside), not a resume."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, out in (("squeue", ""), ("sacct", "echo CANCELLED"), ("scontrol", "echo JobId=9 JobState=CANCELLED")):
+        (bin_ / name).write_text(f"#!/bin/sh\n{out}\n")
+        (bin_ / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    run = write_run(tmp_path / "run", None, job="9", submitted=5.0, overrides=["trainer.epochs=8",
+                                                                               "checkpoint.resume=never"])
+    (run / "status.json").write_text(json.dumps({"state": "completed", "epoch": 8, "epochs": 8, "updated": 2.0,
+                                                 "global_step": 128}))  # the earlier job's
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step_128.pt").write_bytes(b"x")
+    row = status.run_rows(run)[0]
+    assert row["state"] == "CANCELLED" and row["starts_over"], row
+    assert any(n.startswith("stopped with epoch 8/8 done (step 128); the same submit (or train) command starts it "
+                            "over again (checkpoint.resume=never sets its checkpoints aside)")
+               for n in status.notes(row)), status.notes(row)
+
+
+def test_a_plain_sbatch_run_that_gave_up_is_resumed_by_its_sbatch(tmp_path, no_slurm):
+    """slurm/train.sbatch's run (no submission.json) that gave up after its time limits: the note names the sbatch
+    that goes on with it, as for its other stops (it said `the same train command`: training on the login node)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_60.pt").write_bytes(b"x")
+    (run / "status.json").write_text(json.dumps({"state": "gave_up", "epoch": 2, "epochs": 9, "global_step": 60,
+                                                 "updated": 2.0, "slurm_job_id": "77"}))
+    row = status.run_rows(run)[0]
+    assert row["state"] == "GAVE UP" and row["started_by"] == "sbatch", row
+    assert status.notes(row) == ["stopped with epoch 2/9 done (step 60); the same sbatch (or train) command resumes "
+                                 "it from its newest checkpoint, step 60"], status.notes(row)
