@@ -42,7 +42,7 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         if state in ACTIVE_STATES and sweep:
             changes = _changes(rec.get("overrides") or [], overrides) if overrides is not None else ""
             if changes:  # key by key, the last of a key given twice (as Hydra reads them), in any order
-                _check_resumable_later(run_dir, cfg, rec, state)
+                _check_resumable_later(run_dir, cfg, rec, state, "hydra.sweep.dir")
                 return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with "
                         f"({changes}); submit again when it has ended to apply these")
             return f"job {rec['job_id']} ({state})"
@@ -55,6 +55,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
                 raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} (PENDING, "
                                   f"{held_advice(rec, reason)}); a second job would train into the same folder: "
                                   f"release it, or stop it ({stop_command(rec)}) and submit again")
+            if cfg is not None and "overrides" in rec:  # another config, refused once the job ended: said now
+                _check_resumable_later(run_dir, cfg, rec, state, "hydra.run.dir")
             raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} ({state}); a second job would "
                               f"train into the same folder: wait for it (allconv-hpc status "
                               f"{shlex.quote(str(run_dir))}) or stop it ({stop_command(rec)}), then submit again")
@@ -99,16 +101,16 @@ def _changes(before: list[str], now: list[str]) -> str:
     return "; ".join(said)
 
 
-def _check_resumable_later(run_dir: Path, cfg, rec: dict, state: str) -> None:
-    """A sweep point whose job runs, resubmitted with other overrides: a change its resume may take (more
-    epochs, wandb.*) waits for the job to end; another config would be refused then, so it is refused now."""
+def _check_resumable_later(run_dir: Path, cfg, rec: dict, state: str, folder_key: str) -> None:
+    """A run whose job runs, resubmitted with other overrides: a change its resume may take (more epochs,
+    wandb.*) waits for the job to end; another config would be refused then, so it is refused now."""
     from .compose import compose
     try:
         theirs = compose(list(rec.get("overrides") or [])).cfg
     except ConfigError:  # the job's overrides no longer compose (the config files changed): its resume tells
         return
     try:
-        cfg.check_resumable(theirs.identity(), run_dir, folder_key="hydra.sweep.dir")
+        cfg.check_resumable(theirs.identity(), run_dir, folder_key=folder_key)
     except ConfigError as e:
         raise ConfigError(f"{e}; job {rec['job_id']} ({state}) trains it now, with the config it was submitted "
                           f"with") from None

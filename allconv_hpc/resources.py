@@ -158,13 +158,15 @@ def validate_cluster(cluster: dict, cfg) -> dict:
         raise ConfigError(f"cluster.signal={given}: sbatch's {given.split(':')[0]}: flags are not taken (B: would "
                           f"signal the batch shell alone, not the training tasks); give the name alone: "
                           f"cluster.signal={name}" + (f" (the lead: cluster.signal_lead_s={lead})" if lead else ""))
-    if signal_name(c) != signal_name({"signal": cfg.checkpoint.signal}):
+    sent, caught = signal_name(c), signal_name({"signal": cfg.checkpoint.signal})
+    if sent != caught and not {sent, caught} <= {"USR1", "USR2"}:  # USR1 and USR2 are warnings whichever is set
         raise ConfigError(f"cluster.signal={c.get('signal')} differs from checkpoint.signal={cfg.checkpoint.signal}: "
                           f"the job would not catch the signal Slurm sends; make them equal")
     world = c["nodes"] * c["tasks_per_node"]
     if cfg.trainer.batch_size % world:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by the job's "
-                          f"{world} ranks (cluster.nodes x cluster.tasks_per_node); use a multiple of {world}")
+                          f"{world} ranks (cluster.nodes x cluster.tasks_per_node); use a multiple of {world}, or "
+                          f"a number of ranks that divides it")
     if c["gpus_per_node"] == 0:  # what the job would refuse at start, after its wait in the queue
         for key, value, fix in (("trainer.precision", cfg.trainer.precision, "fp32 or auto"),
                                 ("trainer.device", cfg.trainer.device, "cpu or auto"),

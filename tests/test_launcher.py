@@ -221,6 +221,14 @@ def test_sbatch_signal_flags_are_refused_with_the_plain_name():
                                                                    "cluster.signal_lead_s=120)")
 
 
+def test_a_signal_the_job_would_not_take_as_its_warning_is_refused(tmp_path):
+    """cluster.signal=HUP with checkpoint.signal=USR2: the job would take Slurm's HUP as a stop, not the warning.
+    USR1 and USR2 are warnings whichever is configured: sent as USR1, caught as one (it was refused as not caught)."""
+    assert "differs from checkpoint.signal=USR2: the job would not catch" in refused(cluster_of(), "signal", "HUP")
+    usr1 = cluster_of("cluster.signal=USR1")  # checkpoint.signal stays USR2
+    assert re.search(r"^#SBATCH --signal=USR1@\d+$", render(usr1, tmp_path), re.M)
+
+
 def test_additional_parameters_name_the_key_to_use():
     assert "use cluster.timeout_min" in refused(cluster_of(), "additional_parameters", {"time": 5})
     # the job's shape under other option names: it was validated as nodes x tasks_per_node
@@ -697,6 +705,12 @@ def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
     on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && echo RUNNING')
     with pytest.raises(ConfigError, match=r"already has job 42 \(RUNNING\).*scancel 42"):
         launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)
+    # another config: refused as such now (else once the job was scancelled as advised, refused a second time)
+    rec = json.loads((run / "submission.json").read_text())
+    (run / "submission.json").write_text(json.dumps({**rec, "overrides": [*TINY]}))
+    with pytest.raises(ConfigError, match=r"holds a run of a different config \(optim.lr: 0.05 -> 0.02\).*; job 42 "
+                                          r"\(RUNNING\) trains it now, with the config it was submitted with$"):
+        launcher.plan(["cluster=slurm", *TINY, "optim.lr=0.02", f"hydra.run.dir={run}"], multirun=False)
     on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && echo COMPLETING')  # scancelled a moment ago: nothing to stop
     with pytest.raises(ConfigError, match=r"has job 42 still ending \(COMPLETING\).*submit again in a few seconds$"):
         launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)
