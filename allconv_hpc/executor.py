@@ -247,9 +247,9 @@ def _over_partition(cluster: dict, where: str, features: bool) -> list[str]:
         except ValueError:  # a host list we cannot read: sinfo's word stands
             left = names = set()
         if names and len(left) < cluster["nodes"]:
-            over.append(f"cluster.exclude={cluster['exclude']} leaves {len(left)} of the {len(names)} node(s) of "
-                        f"{where} ({', '.join(sorted(left)) or 'none'}) for cluster.nodes={cluster['nodes']}: exclude "
-                        f"fewer")
+            kept = f"{len(left)} ({', '.join(sorted(left))})" if left else "none"
+            over.append(f"cluster.exclude={cluster['exclude']} leaves {kept} of the {len(names)} node(s) of {where} "
+                        f"for cluster.nodes={cluster['nodes']}: exclude fewer")
     tasks, per_task = cluster["tasks_per_node"], cluster["cpus_per_task"]
     if tasks * per_task > cpus:
         # the key that can change: cpus_per_task while each task gets a CPU; else fewer tasks on each node

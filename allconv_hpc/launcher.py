@@ -171,6 +171,12 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     if sweep_dir is not None:
         _refuse_retraining(points, sweep_dir, {_key(o) for o in swept[0]})
     _warn_short_starts(cluster)
+    over = sorted({p.cfg.trainer.threads for p in points if p.cfg is not None and p.cfg.trainer.threads
+                   and p.cfg.trainer.threads > cluster["cpus_per_task"]})
+    if over and cluster["backend"] == "slurm":  # legal (a site that binds no CPUs), but Slurm's binding shares them
+        warn(f"trainer.threads={over[-1]} is more than cluster.cpus_per_task={cluster['cpus_per_task']}: each rank's "
+             f"threads share its {cluster['cpus_per_task']} CPU(s), which slows it; give trainer.threads=null (the "
+             f"task's CPUs) or raise cluster.cpus_per_task")
     if cluster["backend"] == "slurm" and not cluster["gpus_per_node"] and any(
             p.cfg.data.name != "synthetic" for p in points):  # the slurm profile's default: legal, but rarely meant
         warn(f"cluster.gpus_per_node=0: this job trains on CPUs only ({cluster['cpus_per_task']} per task); add "

@@ -2293,6 +2293,20 @@ def test_a_slurm_job_without_gpus_on_real_data_is_warned_once(tmp_path, on_path,
         assert "gpus_per_node=0" not in capsys.readouterr().err
 
 
+def test_more_threads_than_a_slurm_task_has_cpus_is_warned(tmp_path, on_path, capsys):
+    """trainer.threads over cluster.cpus_per_task: legal, but the rank's threads share the CPUs Slurm binds it to.
+    cluster=local pins no CPUs (its cpus_per_task is recorded only): no warning there."""
+    on_path(sbatch="exit 0")
+    launcher.plan(["cluster=slurm", *TINY, "trainer.threads=8", f"hydra.run.dir={tmp_path / 'a'}"], multirun=False,
+                  dry_run=True)
+    assert ("warning: trainer.threads=8 is more than cluster.cpus_per_task=2: each rank's threads share its 2 CPU(s), "
+            "which slows it; give trainer.threads=null (the task's CPUs) or raise cluster.cpus_per_task"
+            ) in capsys.readouterr().err
+    for quiet in (["cluster=slurm", "trainer.threads=2"], ["cluster=local", "trainer.threads=8"]):
+        launcher.plan([*TINY, *quiet, f"hydra.run.dir={tmp_path / 'b'}"], multirun=False, dry_run=True)
+        assert "trainer.threads" not in capsys.readouterr().err
+
+
 def test_a_misspelt_submit_option_is_named_alone_with_the_closest_one(capsys):
     """argparse named every override after an unknown option as unrecognized too."""
     with pytest.raises(SystemExit) as e:

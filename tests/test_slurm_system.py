@@ -661,10 +661,10 @@ NEVER = {
     "sweep": (["-m", "seed=0,1", "cluster.cpus_per_task=64"], "use cluster.cpus_per_task<=2"),
     # every node of the partition excluded, or too many for the nodes asked for: the message says so
     "exclude": (['cluster.exclude="n1,n2"'], "not on n1,n2 (sbatch --test-only: allocation failure: Requested node "
-                "configuration is not available); cluster.exclude=n1,n2 leaves 0 of the 2 node(s) of partition low "
-                "(none) for cluster.nodes=1: exclude fewer"),
-    "exclude_range": (['cluster.exclude="n[2]"', "cluster.nodes=2"], "cluster.exclude=n[2] leaves 1 of the 2 "
-                      "node(s) of partition low (n1) for cluster.nodes=2: exclude fewer"),
+                "configuration is not available); cluster.exclude=n1,n2 leaves none of the 2 node(s) of partition "
+                "low for cluster.nodes=1: exclude fewer"),
+    "exclude_range": (['cluster.exclude="n[2]"', "cluster.nodes=2"], "cluster.exclude=n[2] leaves 1 (n1) of the 2 "
+                      "node(s) of partition low for cluster.nodes=2: exclude fewer"),
 }
 
 
