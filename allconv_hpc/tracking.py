@@ -32,6 +32,7 @@ Resuming (a preempted Slurm job requeued into the same run folder):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -215,6 +216,10 @@ class Tracker:
         )
         try:
             self._run = wandb.init(mode=self.mode, **kwargs)
+        except KeyboardInterrupt:  # a Ctrl-C inside init: a run it began would be closed at exit as finished (0)
+            with contextlib.suppress(Exception):
+                wandb.finish(exit_code=130)
+            raise
         except wandb.errors.Error as e:
             if self.mode != "online":
                 raise

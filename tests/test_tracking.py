@@ -730,3 +730,21 @@ def test_a_start_with_wandb_disabled_sets_aside_empty_segments_without_importing
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in wdir.iterdir()) == sorted([kept.name, f"empty-{dead.name}", others.name])
     assert f"W&B segment {dead.name} holds no record" in proc.stderr
+
+
+def test_a_ctrl_c_inside_wandb_init_closes_its_segment_as_interrupted(tmp_path, wenv, monkeypatch):
+    """A Ctrl-C that lands inside wandb.init, after it began the run: the segment is closed with 130 (left to
+    wandb's exit hook it read finished, exit 0, although nothing was trained)."""
+    import wandb
+    real = wandb.init
+
+    def init_then_ctrl_c(**kwargs):
+        real(**kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wandb, "init", init_then_ctrl_c)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        make_tracker(run_dir, cfg_dict(), WandbConfig(mode="offline"), rank=0, resume_run_id=None, history_rows=[])
+    [seg] = segments(run_dir / "wandb", (run_dir / "wandb_id.txt").read_text().strip())
+    assert read_run(seg)["exit_code"] == 130
