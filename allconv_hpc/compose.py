@@ -122,11 +122,13 @@ def _top_level_hint(name: str, key: str = "") -> str:
     """What a top-level name that is no key or group may have meant; `key`: what followed it (name.key=...)."""
     import difflib
     groups = [*SECTIONS, "cluster", "experiment"]
-    homes = [f"{g}.{name}" for g in [*SECTIONS, "cluster"] if name in (_group_keys(g) or [])]
-    if homes and not key:
-        return f"Keys live in groups: did you mean {' or '.join(homes)}?"
+    homes = lambda k: [f"{g}.{k}" for g in [*SECTIONS, "cluster"] if k in (_group_keys(g) or [])]  # noqa: E731
+    if homes(name) and not key:
+        return f"Keys live in groups: did you mean {' or '.join(homes(name))}?"
     close = difflib.get_close_matches(name, groups, n=1)
-    hint = f"Did you mean {close[0]}{f'.{key}' if key else ''}? " if close else ""
+    if key and close and key.split(".")[0] not in (_group_keys(close[0]) or []):  # modle.lr: lr is optim's
+        close = homes(key.split(".")[0])[:1]
+    hint = f"Did you mean {close[0]}{f'.{key}' if key and '.' not in close[0] else ''}? " if close else ""
     return f"{hint}The top level takes the groups {', '.join(groups)} (group=option, group.key=value) and seed."
 
 
@@ -206,10 +208,13 @@ def override_error(overrides: list[str], e: Exception) -> str:
             elif "[" in value and not value.startswith(("[", "'", '"')):  # a Slurm node range, n[1-3]: '[' opens a list
                 hint = f"; quote a value holding '[': {key}='\"{value}\"' (Hydra then reads it as one string)"
             elif value and not re.fullmatch(_PLAIN, value, re.ASCII):  # ~, non-ASCII...
-                if value.startswith("[") and value.endswith("]"):  # a quoted list is one string: quote its items
+                flat = value.startswith("[") and value.endswith("]") and "[" not in value[1:-1]
+                if flat:  # a quoted list is one string: quote its items
                     items = ", ".join(v.strip() if re.fullmatch(_PLAIN, v.strip(), re.ASCII) else f"'{v.strip()}'"
                                       for v in value[1:-1].split(","))
                     hint = f"; quote each list item with such characters: \"{key}=[{items}]\""
+                elif value.startswith("["):  # nested: which commas part items is the parser's to say
+                    hint = "; quote each list item with such characters (a quoted list is one string)"
                 else:
                     hint = f"; quote a value with such characters: \"{key}='{value}'\""
             elif re.search(r"^,|,$|,,|\[,|,\]", value):  # an empty item (Hydra: "mismatched input...")
@@ -483,7 +488,7 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
         raise ConfigError(f"run folder {run_dir} is a run that checkpoint.resume=never set aside, not a run folder "
                           f"(training here would start over and nest it once more): copy it into a new run folder "
                           f"as README's \"Starting over\" shows, and give that as {key}")
-    above = _run_above(run_dir)
+    above = _run_above(run_dir) if not holds_run(run_dir) else None  # (one made before this check resumes)
     if above is not None:  # its own files (checkpoints.oldN, wandb/, .submitit/) would be mixed with this run's
         raise ConfigError(f"run folder {run_dir} is inside the run folder {above}, whose `status`, `evaluate` and "
                           f"resume would read it as that run's files; give a {key} outside it")

@@ -483,8 +483,11 @@ def _reads_as(text: str, base: str) -> bool:
     """Whether a string is a value of the type `base` names written out (an env variable's "10", "0.1", "true")."""
     if base == "bool":
         return text.strip().lower() in ("true", "false")
+    if base not in ("int", "float"):
+        return False
     try:
-        return base in ("int", "float") and {"int": int, "float": float}[base](text.strip()) is not None
+        {"int": int, "float": float}[base](text.strip())
+        return True
     except ValueError:
         return False
 
@@ -503,9 +506,10 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
     hint = {"bool": " (true or false)", "int": " (a whole number)"}.get(base, "")
     if base == "int" and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # 1e2 is a float
         hint = f" (a whole number: {key}={int(value)})"
-    if isinstance(value, str) and _reads_as(value, base):  # ${oc.env:VAR} gives a string, even "10"
-        hint += (f" (here a string, as ${{oc.env:VAR}} gives: decode it, '{key}=\"${{oc.decode:${{oc.env:VAR}}}}\"', "
-                 f"or let the shell give the value, {key}=$VAR)")
+    if isinstance(value, str) and _reads_as(value, base):  # quoted, or ${oc.env:VAR}'s: a string, even "10"
+        hint = (f"{hint.rstrip(')')}; here a string: give it unquoted, {key}={value.strip()}; one from ${{oc.env:VAR}} "
+                f"is decoded by '{key}=\"${{oc.decode:${{oc.env:VAR}}}}\"', or given by the shell, {key}=$VAR"
+                f"{')' if hint else ''}")
     if base == "list" and isinstance(value, (str, int, float)):  # wandb.tags=foo: the brackets are easy to miss
         hint = f", e.g. {key}=[{as_given(value).strip(chr(39))}]"
     _check(ok, f"{key}={value!r} must be {'an' if base == 'int' else 'a'} {base}{hint}"

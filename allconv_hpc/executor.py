@@ -173,9 +173,10 @@ def check_can_start(points: list[Point], sweep_dir: Optional[Path], cluster: dic
         if over:
             raise ConfigError(_never_message(cluster, "sinfo: the partition's time limit", over))
         state = _partition_state(cluster)
-        if state not in (None, "up"):  # Slurm queues into a down partition and starts nothing there: not a refusal
-            warn(f"{_where(cluster)} is {state} (sinfo): the job waits in the queue (PartitionDown) until an admin "
-                 f"brings it up; scancel it and submit with another cluster.partition to start sooner")
+        if state in ("down", "inact"):  # Slurm queues into it and starts nothing there: not a refusal
+            warn(f"{_where(cluster)} is {'inactive' if state == 'inact' else state} (sinfo): the job waits in the "
+                 f"queue until an admin brings it up; scancel it and submit with another cluster.partition to start "
+                 f"sooner")
         return
     said = sbatch_said(r.stderr + "\n" + r.stdout)
     if not said or "unrecognized option" in said or "invalid option" in said:

@@ -105,6 +105,8 @@ def _check_resumable_later(run_dir: Path, cfg, rec: dict, state: str, folder_key
     """A run whose job runs, resubmitted with other overrides: a change its resume may take (more epochs,
     wandb.*) waits for the job to end; another config would be refused then, so it is refused now."""
     from .compose import compose
+    if cfg.checkpoint.resume == "never":  # a start over, which takes any config once the job has ended
+        return
     try:
         theirs = compose(list(rec.get("overrides") or [])).cfg
     except ConfigError:  # the job's overrides no longer compose (the config files changed): its resume tells

@@ -13,6 +13,7 @@ from typing import Optional
 from .preempt import SlurmJob, slurm_conf_missing, slurm_out
 
 DIVERGED = "non-finite"  # how a diverged run's error in status.json begins: submit warns of it, an early stop keeps it
+START_UP_STOP = "during start-up, before training"  # in the error of a start a signal stopped (train: StartupStop)
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED", "SPECIAL_EXIT", "STOPPED"}

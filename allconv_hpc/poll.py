@@ -16,8 +16,8 @@ class Poll:
     warning: bool = False       # some rank got the warning signal (USR2: preemption or time limit ahead)
     terminate: bool = False     # some rank got SIGTERM/SIGINT/SIGHUP first: checkpoint, exit, no requeue
     due: bool = False           # rank 0's clock says a timed checkpoint is due
-    signum: int = 0             # the signal a rank got (the highest number where ranks got different ones)
-    rank: int = -1              # the highest rank that got one: rank 0's log names another's signal
+    signum: int = 0             # a signal a rank got (a terminating one before a warning), and that rank:
+    rank: int = -1              # rank 0's log names another's
 
     def said(self) -> str:
         """The stop's signal and rank, for the log: "SIGTERM on rank 1"."""
@@ -63,12 +63,14 @@ class StepPoll:
         self._due_sent |= due  # sent once; restart_clock() clears it (else the next step would ask again)
         warning, terminate = stop.requested and stop.is_warning, stop.requested and not stop.is_warning
         previous = self.finish()
-        self._pending = self.dist.max_ints_start([int(warning), int(terminate), int(due), stop.received or 0,
-                                                  self.rank + 1 if stop.requested else 0])
-        self.agreed = Poll(*map(bool, previous[:3]), signum=previous[3], rank=previous[4] - 1)
+        # the signal and its rank in one number, so that the max keeps them paired (a terminating one first)
+        who = (int(terminate) << 40 | (stop.received or 0) << 20 | self.rank + 1) if stop.requested else 0
+        self._pending = self.dist.max_ints_start([int(warning), int(terminate), int(due), who])
+        who = previous[3]
+        self.agreed = Poll(*map(bool, previous[:3]), signum=who >> 20 & 0xFFFFF, rank=(who & 0xFFFFF) - 1)
         return self.agreed
 
     def finish(self) -> list[int]:
         """The answer to the poll in flight (zeros if none); every rank calls it at the same point."""
         pending, self._pending = self._pending, None
-        return self.dist.max_ints_finish(pending) if pending is not None else [0] * 5
+        return self.dist.max_ints_finish(pending) if pending is not None else [0] * 4

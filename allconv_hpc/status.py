@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import runlock
-from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, STATUS_KEYS, DamagedFile, check_keys, held_advice, is_held,
-                   local_state, read_record, slurm_state, started_job, started_unrecorded, stopped_elsewhere)
+from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, START_UP_STOP, STATUS_KEYS, DamagedFile, check_keys, held_advice,
+                   is_held, local_state, read_record, slurm_state, started_job, started_unrecorded, stopped_elsewhere)
 from .preempt import slurm_conf_missing
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
@@ -184,6 +184,7 @@ def _task_errors(path: Path) -> tuple[Optional[str], Optional[str]]:
 
 # what train._interrupted_in_start_up prints (after "allconv-hpc: "): a stop asked for before training, no failure
 START_UP_INTERRUPT = "interrupted (Ctrl-C) during start-up"
+CTRL_C = "interrupted (Ctrl-C)"  # how every line of a Ctrl-C's stop begins (cli, train): no task's error
 
 
 def _interrupted_in_start_up(rec: dict) -> bool:
@@ -209,7 +210,7 @@ def _job_error(rec: dict, kinds: tuple = (0, 1)) -> Optional[str]:
             found[int(task)] = _task_errors(path)
     for kind in kinds:
         for task in sorted(found):
-            if found[task][kind] and not found[task][kind].startswith(START_UP_INTERRUPT):
+            if found[task][kind] and not found[task][kind].startswith(CTRL_C):
                 said = found[task][kind]  # the batch script's own line (cluster.setup) is no rank's
                 return said if _NAMES_RANK.match(said) or said.startswith("cluster.setup") else f"rank {task}: {said}"
     return None
@@ -256,7 +257,7 @@ def run_rows(folder: Path) -> list[dict]:
                 and not (state in ACTIVE_STATES and not ended)):
             # written since by a process outside the job, which has ended: a `train` by hand resumed the run (its
             # record names no job, or its salloc's). The run's own word and its lock tell, as for any run by hand
-            state = restarts = None
+            state, restarts, ended = None, None, False
         run_state = st.get("state") if current else None
         active = state in ACTIVE_STATES and not ended
         unfinished = run_state in (None, "running", "requeued")
@@ -315,8 +316,7 @@ def run_rows(folder: Path) -> list[dict]:
         # a rank refused in start-up (its node lacks the data): srun's --kill-on-bad-exit SIGTERMs the others, and a
         # rank 0 already past its signal set-up records that as a stop in start-up; the refusal is why the job failed
         refused = (slurm and state == "FAILED" and current and run_state == "interrupted" and not active
-                   and "during start-up" in str(st.get("error"))
-                   and (said := _job_error(rec, kinds=(0,))) is not None)
+                   and START_UP_STOP in str(st.get("error")) and _job_error(rec, kinds=(0,)) is not None)
         stopped = not refused and not active and not dead_lock and (
             run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED") and own
             # scancel's, where the run had no time to say so (KillWait's SIGKILL came first, in a long start-up or
@@ -347,7 +347,7 @@ def run_rows(folder: Path) -> list[dict]:
             if error is not None and state.startswith("LOST"):  # cluster=local: a job whose tasks exited non-zero
                 state = "FAILED"
         if refused:
-            error = said
+            error = _job_error(rec, kinds=(0,))
         if dead_lock:
             error = (f"{error}; " if error else "") + (
                 f"the job ended ({state}) with its run lock still held by {holder}: if that node is down, delete "
@@ -369,7 +369,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
-                     "starts_over": _starts_over(run_dir, rec),
+                     "starts_over": run_state in (*MAY_RESUME, None) and _starts_over(run_dir, rec),
                      "peer_lost": bool(st.get("peer_lost")) and current,  # failed only as a peer was killed
                      "refused": refused,  # a rank's refusal in start-up failed the job: no resume advice
                      # a failed row says its own error; another's record may hide a start that failed since
@@ -392,7 +392,8 @@ def _starts_over(run_dir: Path, rec: dict) -> bool:
     submission's checkpoint.resume=never (its job may have stopped before it recorded its config), else the one
     the run last started with."""
     from .compose import override_key, recorded
-    given = [o.partition("=")[2] for o in rec.get("overrides") or [] if override_key(o) == "checkpoint.resume"]
+    given = [o.partition("=")[2].strip("'\"") for o in rec.get("overrides") or []
+             if override_key(o) == "checkpoint.resume"]
     return (given[-1] if given else recorded(run_dir, "checkpoint", "resume")) == "never"
 
 

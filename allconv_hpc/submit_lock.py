@@ -3,6 +3,7 @@ and queued into; folders a refused submission made are taken back."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from pathlib import Path
@@ -12,10 +13,9 @@ from .config import ConfigError
 from .resources import warn
 
 
-def _make_folders(folder: Path) -> list[Path]:
-    """Make folder and its missing parents; the ones this process made itself, deepest first (one that another
-    process made in the meantime is not: its mkdir fails here)."""
-    made = []
+def _make_folders(folder: Path, made: list[Path]) -> None:
+    """Make folder and its missing parents; adds the ones this process made itself to `made` as it goes (one that
+    another process made in the meantime is not: its mkdir fails here), also where a later mkdir fails."""
     for d in reversed([folder, *folder.parents]):
         if not d.exists():
             try:
@@ -23,7 +23,6 @@ def _make_folders(folder: Path) -> list[Path]:
                 made.append(d)
             except FileExistsError:
                 pass
-    return made[::-1]
 
 
 def _unmake_folders(made: list[Path], lock: Path, fd: int) -> None:
@@ -61,16 +60,17 @@ def submit_lock(folder: Path):
     made: list[Path] = []
     while True:
         path = folder / runlock.SUBMIT_LOCK
+        made = [d for d in made if d.exists()]
         try:  # the checks before (os.access) pass where a mkdir fails: a full quota, NFS's root squash
-            made = [d for d in made if d.exists()] + _make_folders(folder)
+            _make_folders(folder, made)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             for d in sorted(made, key=lambda d: len(d.parts), reverse=True):  # still empty: nothing else made them
                 with contextlib.suppress(OSError):
                     d.rmdir()
-            raise ConfigError(f"cannot write {e.filename or path} ({e.strerror}); give a folder this user can write "
-                              f"(hydra.run.dir, or hydra.sweep.dir for a sweep), and check its free space and "
-                              f"quota") from None
+            full = " (it is full, or your quota is)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise ConfigError(f"cannot write {e.filename or path} ({e.strerror}){full}; give a folder this user can "
+                              f"write (hydra.run.dir, or hydra.sweep.dir for a sweep)") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -105,7 +105,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
     from .preempt import StartupStop
     from .launch_checks import check_launch
-    from .jobs import DIVERGED
+    from .jobs import DIVERGED, START_UP_STOP
     from .trainer import NonFiniteError, Trainer
     lock_fd = None
     try:
@@ -167,7 +167,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         log.error("%s", e)
         return 1
     except StartupStop as e:  # every rank at the same point: a stop, as one in training, with nothing to save
-        said = f"stopped by {e} during start-up, before training; nothing was trained or written to its checkpoints"
+        said = f"stopped by {e} {START_UP_STOP}; nothing was trained or written to its checkpoints"
         log.warning("%s", said)
         from .fsio import read_json
         st = read_json(composed.run_dir / "status.json")

@@ -81,6 +81,8 @@ BAD = [
     (["modle=allcnn_c"], ["Did you mean model?", "The top level takes the groups model, data, optim"]),
     (["modle.width=0.5"], ["Could not override 'modle.width'. There is no group 'modle'. Did you mean model.width?"]),
     (["optimizer.lr=0.1"], ["There is no group 'optimizer'. Did you mean optim.lr?"]),
+    (["modle.lr=0.1"], ["There is no group 'modle'. Did you mean optim.lr?"]),  # model has no lr
+    (["wandb.tags=[a,[b,~c]]"], ["quote each list item with such characters (a quoted list is one string)"]),
     (["+seed=3"], ["+seed=3: seed is already in the config (+ adds a new key); give seed=3"]),
     (["schedule.milestones=[200,,300]"], ["a comma with no item beside it: did you mean schedule.milestones=[200,300]?"]),
     (["schedule.milestones=[200,250,]"], ["did you mean schedule.milestones=[200,250]?"]),
@@ -706,8 +708,9 @@ def test_a_number_from_an_env_variable_is_refused_with_the_way_to_decode_it(monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EPOCHS", "10")
     with pytest.raises(ConfigError, match=re.escape(
-            "trainer.epochs='10' must be an int (a whole number) (here a string, as ${oc.env:VAR} gives: decode it, "
-            "'trainer.epochs=\"${oc.decode:${oc.env:VAR}}\"', or let the shell give the value, trainer.epochs=$VAR)")):
+            "trainer.epochs='10' must be an int (a whole number; here a string: give it unquoted, trainer.epochs=10; "
+            "one from ${oc.env:VAR} is decoded by 'trainer.epochs=\"${oc.decode:${oc.env:VAR}}\"', or given by the "
+            "shell, trainer.epochs=$VAR)")):
         compose(["data=synthetic", "trainer.epochs=${oc.env:EPOCHS}"])
     with pytest.raises(ConfigError, match=re.escape(
             "an interpolation inside another needs quotes: 'trainer.epochs=\"${oc.decode:${oc.env:EPOCHS}}\"'")):

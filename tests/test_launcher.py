@@ -483,9 +483,13 @@ def test_a_folder_submit_cannot_make_is_one_line_not_a_traceback(tmp_path, capsy
         code, out, err = run_submit(capsys, *args)
         assert code == 2 and err.strip() == (
             "allconv-hpc submit: error: cannot write /proc/allconv_x (No such file or directory); give a folder "
-            "this user can write (hydra.run.dir, or hydra.sweep.dir for a sweep), and check its free space and "
-            "quota"), err
+            "this user can write (hydra.run.dir, or hydra.sweep.dir for a sweep)"), err
         assert not out, out
+    from allconv_hpc.submit_lock import submit_lock
+    with pytest.raises(ConfigError, match="File name too long"):  # the folders made before the failing one go too
+        with submit_lock(tmp_path / "new" / "deeper" / ("x" * 300)):
+            pass
+    assert not (tmp_path / "new").exists()
 
 
 def test_newlines_in_folders_are_refused(tmp_path):
@@ -711,6 +715,9 @@ def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
     with pytest.raises(ConfigError, match=r"holds a run of a different config \(optim.lr: 0.05 -> 0.02\).*; job 42 "
                                           r"\(RUNNING\) trains it now, with the config it was submitted with$"):
         launcher.plan(["cluster=slurm", *TINY, "optim.lr=0.02", f"hydra.run.dir={run}"], multirun=False)
+    with pytest.raises(ConfigError, match=r"already has job 42 \(RUNNING\).*scancel 42"):  # a start over: any config
+        launcher.plan(["cluster=slurm", *TINY, "optim.lr=0.02", "checkpoint.resume=never", f"hydra.run.dir={run}"],
+                      multirun=False)
     on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && echo COMPLETING')  # scancelled a moment ago: nothing to stop
     with pytest.raises(ConfigError, match=r"has job 42 still ending \(COMPLETING\).*submit again in a few seconds$"):
         launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)

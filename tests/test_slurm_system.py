@@ -744,8 +744,8 @@ def test_a_job_queued_into_a_down_partition_is_warned_of_and_status_says_what_it
         run = tmp_path / "run"
         [(job, _)], r = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "cluster.partition=high",
                                f"hydra.run.dir={run}")
-        assert ("warning: partition high is down (sinfo): the job waits in the queue (PartitionDown) until an admin "
-                "brings it up; scancel it and submit with another cluster.partition to start sooner") in r.stderr, r.stderr
+        assert ("warning: partition high is down (sinfo): the job waits in the queue until an admin brings it up; "
+                "scancel it and submit with another cluster.partition to start sooner") in r.stderr, r.stderr
         reason = lambda: slurm_cluster.run(["squeue", "-h", "-j", job, "-o", "%r"]).stdout.strip()  # noqa: E731
         assert poll(lambda: reason() == "PartitionDown", 30), reason()
         rc, rows, table = status(slurm_cluster, tmp_path, run)

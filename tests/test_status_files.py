@@ -115,6 +115,16 @@ def no_slurm(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
 
 
+def ended_job(tmp_path: Path, monkeypatch, state: str) -> None:
+    """squeue/sacct/scontrol of a Slurm that says its job 9 has ended in `state` (squeue no longer lists it)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, out in (("squeue", ""), ("sacct", f"echo {state}"), ("scontrol", f"echo JobId=9 JobState={state} Restarts=0")):
+        (bin_ / name).write_text(f"#!/bin/sh\n{out}\n")
+        (bin_ / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+
+
 def test_a_good_sweep_shows(tmp_path, no_slurm, capsys):
     root, _ = sweep(tmp_path)
     assert status.status_main([str(root)]) == 0
@@ -481,12 +491,7 @@ def test_a_ranks_refusal_is_the_failure_where_rank_0_recorded_the_sigterm_it_bro
     past its signal set-up, recorded a stop in start-up: the job FAILED for rank 1's refusal, said so, with no
     resume advice (the same command fails alike). A stop so recorded without any rank's refusal (scancel
     --signal=TERM) stays the job's word, with its advice. The real-Slurm test meets either timing."""
-    bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    for name, out in (("squeue", ""), ("sacct", "echo FAILED"), ("scontrol", "echo JobId=9 JobState=FAILED Restarts=0")):
-        (bin_ / name).write_text(f"#!/bin/sh\n{out}\n")
-        (bin_ / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    ended_job(tmp_path, monkeypatch, "FAILED")
     sub = tmp_path / "sub"
     run = write_run(tmp_path / "run", None, job="9", submitit_folder=str(sub))
     stop = "stopped by SIGTERM during start-up, before training; nothing was trained or written to its checkpoints"
@@ -509,18 +514,12 @@ def test_a_ranks_refusal_is_the_failure_where_rank_0_recorded_the_sigterm_it_bro
     assert status.run_rows(run)[0]["failed"] is False
 
 
-@pytest.mark.parametrize("job_state", ["COMPLETED", "FAILED"])
+@pytest.mark.parametrize("job_state", ["COMPLETED", "FAILED", "REQUEUED"])  # REQUEUED: cancelled while it waited
 def test_a_run_resumed_by_hand_after_its_job_ended_reads_as_the_hand_runs_own(tmp_path, monkeypatch, job_state):
     """A `train` by hand resumed a run whose submitted job had ended (COMPLETED, or FAILED: a stop's exit 3): its
     record names no Slurm job. Its Ctrl-C reads INTERRUPTED (not the job's COMPLETED, nor a failure), its kill
     LOST (failed), as for any run by hand; the job's own record still reads by the job's state."""
-    bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    for name, out in (("squeue", ""), ("sacct", f"echo {job_state}"),
-                      ("scontrol", f"echo JobId=9 JobState={job_state} Restarts=0")):
-        (bin_ / name).write_text(f"#!/bin/sh\n{out}\n")
-        (bin_ / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    ended_job(tmp_path, monkeypatch, job_state)
     run = write_run(tmp_path / "run", None, job="9", submitted=1.0)
     record = lambda state, job: (run / "status.json").write_text(json.dumps(  # noqa: E731
         {"state": state, "epoch": 8, "epochs": 12, "updated": 2.0, "slurm_job_id": job}))
@@ -530,9 +529,10 @@ def test_a_run_resumed_by_hand_after_its_job_ended_reads_as_the_hand_runs_own(tm
     record("running", None)  # killed: its lock is free
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == ("LOST", True), row
-    record("interrupted", "9")  # the job's own stop
-    row = status.run_rows(run)[0]
-    assert row["state"] == ("COMPLETED" if job_state == "COMPLETED" else "INTERRUPTED"), row
+    if job_state != "REQUEUED":
+        record("interrupted", "9")  # the job's own stop
+        row = status.run_rows(run)[0]
+        assert row["state"] == ("COMPLETED" if job_state == "COMPLETED" else "INTERRUPTED"), row
 
 
 def test_a_sweep_folder_without_its_sweep_json_is_no_run(tmp_path, capsys):
@@ -595,12 +595,7 @@ def test_a_resume_never_submission_cancelled_before_it_recorded_says_its_command
                                                                                              capsys):
     """A `checkpoint.resume=never` submit scancelled in start-up, before its job wrote a record or its config: the
     note is what that submit command does again (start over, setting the checkpoints aside), not a resume."""
-    bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    for name, out in (("squeue", ""), ("sacct", "echo CANCELLED"), ("scontrol", "echo JobId=9 JobState=CANCELLED")):
-        (bin_ / name).write_text(f"#!/bin/sh\n{out}\n")
-        (bin_ / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    ended_job(tmp_path, monkeypatch, "CANCELLED")
     run = write_run(tmp_path / "run", None, job="9", submitted=5.0, overrides=["trainer.epochs=8",
                                                                                "checkpoint.resume=never"])
     (run / "status.json").write_text(json.dumps({"state": "completed", "epoch": 8, "epochs": 8, "updated": 2.0,

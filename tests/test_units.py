@@ -330,6 +330,46 @@ def test_stop_kind_agreed_across_ranks(tmp_path, monkeypatch):
     assert classify_stop(Poll(warning=True), slurm, 60) == "timeout"
 
 
+def test_the_poll_names_a_signal_with_the_rank_that_got_it():
+    """Four ranks' poll reduced by an element-wise max (what gloo's all-reduce does): the signal named stays paired
+    with its rank, and a terminating signal is named before a warning (the stop is then an interruption)."""
+    import signal as sig
+    from allconv_hpc.poll import StepPoll
+
+    class Ranks:  # the all-reduce of every rank's numbers, in this process
+        def __init__(self, others):
+            self.others = others
+
+        def max_ints_start(self, values):
+            return [max(v) for v in zip(values, *self.others)]
+
+        def max_ints_finish(self, pending):
+            return pending
+
+    class Got:  # a rank's StopRequest
+        def __init__(self, received):  # warnings: USR1, USR2 and the configured one, here XCPU
+            self.received, self.requested = received, received is not None
+            self.is_warning = received in (sig.SIGUSR1, sig.SIGUSR2, sig.SIGXCPU)
+
+    def agreed(got: dict) -> Poll:
+        others = []
+        for rank in (1, 2, 3):
+            p = StepPoll(Ranks([]), rank, None)
+            p.poll(Got(got.get(rank)))
+            others.append(p._pending)
+        rank0 = StepPoll(Ranks(others), 0, None)
+        rank0.poll(Got(got.get(0)))
+        return rank0.poll(Got(got.get(0)))  # lagged: the first poll's answer comes with the second
+
+    a = agreed({1: sig.SIGTERM, 3: sig.SIGUSR2})
+    assert (a.terminate, a.warning, a.said()) == (True, True, "SIGTERM on rank 1"), a
+    a = agreed({1: sig.SIGTERM, 2: sig.SIGXCPU})  # XCPU (24) configured as the warning: TERM (15) is named
+    assert a.said() == "SIGTERM on rank 1", a
+    a = agreed({2: sig.SIGUSR2, 3: sig.SIGUSR2})
+    assert (a.terminate, a.said()) == (False, "SIGUSR2 on rank 3"), a
+    assert agreed({}) == Poll() and Poll().said() == "a signal"
+
+
 def test_a_warning_after_training_cannot_kill_the_process_at_exit():
     """Python resets its signal handlers to the default while shutting down; a time-limit warning in
     that window killed a finished job (Slurm: FAILED). After ignore_late_signals it is harmless."""
