@@ -64,10 +64,10 @@ class StepPoll:
         warning, terminate = stop.requested and stop.is_warning, stop.requested and not stop.is_warning
         previous = self.finish()
         # the signal and its rank in one number, so that the max keeps them paired (a terminating one first)
-        who = (int(terminate) << 40 | (stop.received or 0) << 20 | self.rank + 1) if stop.requested else 0
-        self._pending = self.dist.max_ints_start([int(warning), int(terminate), int(due), who])
-        who = previous[3]
-        self.agreed = Poll(*map(bool, previous[:3]), signum=who >> 20 & 0xFFFFF, rank=(who & 0xFFFFF) - 1)
+        mine = (int(terminate) << 40 | (stop.received or 0) << 20 | self.rank + 1) if stop.requested else 0
+        self._pending = self.dist.max_ints_start([int(warning), int(terminate), int(due), mine])
+        theirs = previous[3]
+        self.agreed = Poll(*map(bool, previous[:3]), signum=theirs >> 20 & 0xFFFFF, rank=(theirs & 0xFFFFF) - 1)
         return self.agreed
 
     def finish(self) -> list[int]:

@@ -237,6 +237,12 @@ class SlurmJob:
         self.cancelled = False  # set by requeue(): a user's scancel came while the job stopped
         self.unanswered = False  # set by requeue(): the requeue failed and Slurm did not say the job's state
 
+    @classmethod
+    def of_rank(cls, source: str) -> "SlurmJob":
+        """The job a rank started by `source` (DistEnv.source) runs in: none for a cluster=local rank, whose
+        inherited SLURM_JOB_ID is the user's allocation (never to requeue, nor the job that wrote its records)."""
+        return cls({} if source == "local" else None)
+
     @property
     def in_slurm(self) -> bool:
         return "SLURM_JOB_ID" in self.env

@@ -315,8 +315,9 @@ def run_rows(folder: Path) -> list[dict]:
         own = current and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"]))  # that job's own word
         # a rank refused in start-up (its node lacks the data): srun's --kill-on-bad-exit SIGTERMs the others, and a
         # rank 0 already past its signal set-up records that as a stop in start-up; the refusal is why the job failed
-        refused = (slurm and state == "FAILED" and current and run_state == "interrupted" and not active
-                   and START_UP_STOP in str(st.get("error")) and _job_error(rec, kinds=(0,)) is not None)
+        refusal = (_job_error(rec, kinds=(0,)) if slurm and state == "FAILED" and current and not active
+                   and run_state == "interrupted" and START_UP_STOP in str(st.get("error")) else None)
+        refused = refusal is not None
         stopped = not refused and not active and not dead_lock and (
             run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED") and own
             # scancel's, where the run had no time to say so (KillWait's SIGKILL came first, in a long start-up or
@@ -347,7 +348,7 @@ def run_rows(folder: Path) -> list[dict]:
             if error is not None and state.startswith("LOST"):  # cluster=local: a job whose tasks exited non-zero
                 state = "FAILED"
         if refused:
-            error = _job_error(rec, kinds=(0,))
+            error = refusal
         if dead_lock:
             error = (f"{error}; " if error else "") + (
                 f"the job ended ({state}) with its run lock still held by {holder}: if that node is down, delete "

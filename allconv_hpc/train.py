@@ -274,7 +274,7 @@ def _mark_interrupted(run_dir: Path, said: str, env) -> None:
     from .fsio import read_json, write_atomic
     from .preempt import SlurmJob
     path = run_dir / "status.json"
-    slurm = SlurmJob({} if env.source == "local" else None)  # the job that wrote it (Trainer.write_status's)
+    slurm = SlurmJob.of_rank(env.source)  # the job that wrote it, as Trainer.write_status records it
     write_atomic(path, json.dumps({**read_json(path), "state": "interrupted", "error": said, "updated": time.time(),
                                    "slurm_job_id": slurm.job_id if slurm.in_slurm else None}, indent=1).encode())
 

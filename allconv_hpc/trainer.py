@@ -123,7 +123,7 @@ class Trainer:
         self.ckpt = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.writer = Writer()  # rank 0 writes in the background; see wait_checkpoints()
         # a cluster=local job on a Slurm node (inherited SLURM_JOB_ID) must not requeue the user's allocation
-        self.slurm = SlurmJob({} if env.source == "local" else None)
+        self.slurm = SlurmJob.of_rank(env.source)
         self.polls = StepPoll(self.dist, env.rank, cfg.checkpoint.every_minutes)
         self._check_compile = t.compile
         # the counters are process-wide: this Trainer reports its own part (None: nothing to report)
@@ -386,7 +386,7 @@ class Trainer:
         st = getattr(self, "state", None) or TrainState()  # not yet there when setup stops early
         h = st.history
         tracker = getattr(self, "tracker", None)
-        slurm = getattr(self, "slurm", None) or SlurmJob({} if self.env.source == "local" else None)
+        slurm = getattr(self, "slurm", None) or SlurmJob.of_rank(self.env.source)
         doc = {"state": state, "epoch": st.epoch, "epochs": self.cfg.trainer.epochs,
                "global_step": st.global_step, "step_in_epoch": st.step_in_epoch,
                "last_val_acc": h[-1]["val_acc"] if h else None,
