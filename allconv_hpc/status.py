@@ -492,7 +492,7 @@ def _same_command(r: dict) -> str:
     """The command that goes on with the row's run: a sweep's point is resubmitted with its sweep (a lone
     `train` would need the point's overrides), a run started by hand is trained again."""
     return {"sweep": "the same `submit -m` command (the whole sweep)", "train": "the same train command",
-            "sbatch": "the same sbatch (or train) command"}.get(r["started_by"], "the same submit (or train) command")
+            "sbatch": "the same sbatch or srun (or train) command"}.get(r["started_by"], "the same submit (or train) command")
 
 
 def status_main(argv: list[str]) -> int:

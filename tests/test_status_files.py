@@ -619,5 +619,5 @@ def test_a_plain_sbatch_run_that_gave_up_is_resumed_by_its_sbatch(tmp_path, no_s
                                                  "updated": 2.0, "slurm_job_id": "77"}))
     row = status.run_rows(run)[0]
     assert row["state"] == "GAVE UP" and row["started_by"] == "sbatch", row
-    assert status.notes(row) == ["stopped with epoch 2/9 done (step 60); the same sbatch (or train) command resumes "
+    assert status.notes(row) == ["stopped with epoch 2/9 done (step 60); the same sbatch or srun (or train) command resumes "
                                  "it from its newest checkpoint, step 60"], status.notes(row)
