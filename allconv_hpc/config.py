@@ -6,6 +6,7 @@ job is queued. `ConfigError` carries a one-line message naming the key and how t
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -450,6 +451,18 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def config_key(d: dict) -> str:
+    """A config (dict) as a key under which 1 and 1.0 are one value: the config keeps an int given for a float key
+    as given, so optim.lr=1 and optim.lr=1.0 compose to one run under two folder names."""
+    def same(v):
+        if isinstance(v, dict):
+            return {k: same(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [same(x) for x in v]
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    return json.dumps(same(d), sort_keys=True, default=str)
 
 
 # What ranks may see differently: a node's own copy of the data (a job's local disk), its CPU threads (nodes of

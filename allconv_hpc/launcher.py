@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .compose import override_key as _key
-from .config import CLUSTER_KEYS, ConfigError
+from .config import CLUSTER_KEYS, ConfigError, config_key
 from .executor import (base_job_ids, check_can_start, make_executor, release_held, sbatch_refused, sbatch_said,
                        sbatch_script)
 from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
@@ -244,19 +244,11 @@ def _check_distinct_configs(points: list[Point]) -> None:
     """Two sweep points that compose to one config (optim.lr=1 and optim.lr=1.0: distinct folder names, one float)
     would train the same run twice: refused, naming them."""
     import dataclasses
-
-    def same(v):  # 1 and 1.0 are one value (the config keeps an int given for a float key as given)
-        if isinstance(v, dict):
-            return {k: same(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [same(x) for x in v]
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
     seen: dict[str, Point] = {}
     for p in points:
         if p.cfg is None:
             continue
-        key = repr(same(dataclasses.asdict(p.cfg)))
+        key = config_key(dataclasses.asdict(p.cfg))
         if key in seen:
             raise ConfigError(f"sweep points {seen[key].run_dir.name} and {p.run_dir.name} give the same config (one "
                               f"run trained twice); give each value once")
@@ -298,7 +290,7 @@ def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) ->
     except (FileNotFoundError, NotADirectoryError):
         return
     def identity(cfg) -> str:
-        return json.dumps(cfg.identity(), sort_keys=True, default=str)
+        return config_key(cfg.identity())
 
     held: dict[str, list] = {}
     for d in sorted(others):

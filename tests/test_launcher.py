@@ -608,6 +608,13 @@ def test_a_point_newly_named_with_the_config_of_an_earlier_point_is_refused(tmp_
     code, out, err = run_submit(capsys, *base, "optim.lr=0.1", "seed=8,8,9")  # a value twice: named
     assert code == 2 and err.strip().endswith("two sweep points map to the same run folder seed=8; give each swept "
                                               "value once"), err
+    # an int recorded for a float key is the same value (optim.lr=1 then, optim.lr=1.0 now)
+    (sweep / "seed=9" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(compose(["cluster=local", *TINY, "seed=9", "optim.lr=1"]).cfg_dict),
+                   sweep / "seed=9" / ".hydra" / "config.yaml")
+    (sweep / "seed=9" / "status.json").write_text(json.dumps({"state": "completed", "updated": time.time()}))
+    code, out, err = run_submit(capsys, *base, "optim.lr=1.0,0.1", "seed=9")
+    assert code == 2 and "sweep point optim.lr=1.0 has the config of seed=9" in err, err
     code, out, err = run_submit(capsys, *base, "optim.lr=choice(0.1)", "seed=7,8")  # the new values only
     assert code == 0, err
     assert [ln.split()[0] for ln in out.splitlines()] == [str(sweep / f"optim.lr=0.1,seed={s}") for s in (7, 8)]
