@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 
-from .config import ConfigError, OtherConfig
+from .config import ConfigError, OtherConfig, from_dict
 from .fsio import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,6 @@ def recorded_config(run_dir: Path, warn: bool = True):
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
-    from .config import from_dict
     try:
         return from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     except Exception as e:  # hand-edited or of another version: nothing to compare with, as before it was kept

@@ -22,7 +22,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from .localjob import LOCAL_PORT_ENV  # re-exported: launcher.TrainJob sets it without importing torch (this module)
+from .localjob import LOCAL_PORT_ENV  # set by launcher.TrainJob, which must not import torch (this module)
 
 log = logging.getLogger(__name__)
 

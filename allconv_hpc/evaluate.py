@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError
-from .fsio import name_too_long
+from .config import ConfigError, from_dict
+from .fsio import name_too_long, read_json
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 
 
@@ -56,8 +56,6 @@ RUN_MARKS = ("checkpoints", "status.json", "submission.json", ".hydra")  # a swe
 def _run_folders(sweep: Path) -> list[Path]:
     """A sweep folder's point folders: sweep.json's run folders that exist (in sweep order), else its
     subfolders that look like runs; those holding checkpoints first (the ones evaluate can score)."""
-    from .fsio import read_json
-
     doc = read_json(sweep / "sweep.json")  # {} when missing or damaged: the subfolders still tell
     jobs = doc.get("jobs") if isinstance(doc.get("jobs"), list) else []
     listed = [sweep / Path(j["run_dir"]).name for j in jobs if isinstance(j, dict) and isinstance(j.get("run_dir"), str)]
@@ -130,7 +128,6 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     """Score checkpoint `which` of `run` on `split`; returns what `--json` prints."""
     from . import data as data_mod, preprocess
     from .checkpoint import load_file
-    from .config import from_dict
     from .models import build_model
 
     path = _checkpoint_path(run, which)

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Optional
 
 from .compose import override_key as _key
-from .config import CLUSTER_KEYS, ConfigError, config_key
+from .config import CLUSTER_KEYS, ConfigError, config_key, flatten
 from .executor import (base_job_ids, check_can_start, make_executor, release_held, sbatch_refused, sbatch_said,
                        sbatch_script)
 from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
 from .fsio import name_too_long, read_json, write_atomic
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
-from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SIGNAL_LEAD_ENV, ignore_late_signals,
+from .preempt import (AGREED_EXITS, EXIT_REQUEUED, SIGNAL_LEAD_ENV, ignore_late_signals,
                       sigint_deferred, slurm_conf_missing)
 from .resources import signal_name, validate_cluster, warn
 from .submit_lock import submit_lock
@@ -283,7 +283,6 @@ def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) ->
     two differ in a swept key a resume may change (a sweep over trainer.epochs: one identity, distinct runs)."""
     import dataclasses
     from .checkpoint import recorded_config
-    from .config import flatten
     new = {p.run_dir: p for p in points if p.skip is None and p.cfg is not None}
     try:
         others = [d for d in sweep_dir.iterdir() if d.is_dir() and d not in new]
@@ -345,7 +344,7 @@ class TrainJob:
             raise
         finally:
             ignore_late_signals(self.signal)
-        if self.local_port and code not in (0, EXIT_REQUEUED, EXIT_INTERRUPTED, EXIT_GAVE_UP):
+        if self.local_port and code not in AGREED_EXITS:
             # a failure, or a Ctrl-C (130) before this rank's Trainer could tell its peers (the stops above are agreed
             # by all ranks, which leave together)
             from . import train

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 3     # stopped on a signal with a checkpoint saved; not requeued (resumable)
 EXIT_REQUEUED = 5        # checkpoint saved and the job put back in the queue; the CLI exits 0 for it
 EXIT_GAVE_UP = 4         # time limit hit more than checkpoint.max_requeues times
+# the ends every rank agrees on (the ranks leave together); any other is a failure or a Ctrl-C of one rank
+AGREED_EXITS = frozenset({0, EXIT_INTERRUPTED, EXIT_REQUEUED, EXIT_GAVE_UP})
 
 # seconds before the time limit that Slurm's --signal warns: submit sets it for its jobs, slurm/train.sbatch exports it
 SIGNAL_LEAD_ENV = "ALLCONV_SIGNAL_LEAD_S"

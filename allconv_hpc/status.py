@@ -187,7 +187,7 @@ START_UP_INTERRUPT = "interrupted (Ctrl-C) during start-up"
 CTRL_C = "interrupted (Ctrl-C)"  # how every line of a Ctrl-C's stop begins (cli, train): no task's error
 
 
-def _interrupted_in_start_up(rec: dict) -> bool:
+def _ctrl_c_in_start_up(rec: dict) -> bool:
     """Every task of the job said last that a Ctrl-C stopped it in start-up, before its trainer wrote a record (a
     cluster=local job's ranks, which got the terminal's Ctrl-C as they imported torch)."""
     folder = _job_folder(rec)
@@ -307,7 +307,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "requeued": "REQUEUED?", "running": "RUNNING?"}.get(run_state, "UNKNOWN")
         if restarts is None:
             restarts = st.get("restarts", 0) if current else 0
-        if state == "LOST" and not current and _interrupted_in_start_up(rec):
+        if state == "LOST" and not current and _ctrl_c_in_start_up(rec):
             state = "INTERRUPTED"
         # the run stopped on a signal with a checkpoint (exit 3, which Slurm records as FAILED; or scancel's SIGTERM:
         # CANCELLED), or gave up after checkpoint.max_requeues time limits (exit 4, FAILED): resumable by the same

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .compose import override_key as _key
+from .compose import CONFIG_MODULE, comma_fix, override_error, override_key as _key
 from .config import ConfigError, resumable_change
 
 
@@ -30,8 +30,6 @@ def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-
-    from .compose import CONFIG_MODULE, comma_fix, override_error
 
     common, axes = [], []
     GlobalHydra.instance().clear()

@@ -101,9 +101,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         return _refused(e)
     except KeyboardInterrupt:
         return _interrupted_in_start_up()
-    from .preempt import EXIT_INTERRUPTED, EXIT_REQUEUED, catch_early
+    from .preempt import EXIT_INTERRUPTED, EXIT_REQUEUED, StartupStop, catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
-    from .preempt import StartupStop
     from .launch_checks import check_launch
     from .jobs import DIVERGED, START_UP_STOP
     from .trainer import NonFiniteError, Trainer

@@ -35,8 +35,8 @@ from .models import build_model, count_parameters, summary
 from .resume import (TrainState, applied_mode, best_file_holds, pick_checkpoint, restore, rng_state, set_rng_state,
                      warn_copied_run, warn_reshaped_schedule)
 from .poll import StepPoll, classify_stop
-from .preempt import (EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StartupStop, StopRequest,
-                      sigint_deferred, signal_lead_s, take_early_stop)
+from .preempt import (AGREED_EXITS, EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StartupStop,
+                      StopRequest, sigint_deferred, signal_lead_s, take_early_stop)
 from .schedule import lr_factor
 from .history import HISTORY_FILE, rewrite_history
 from .jobs import DIVERGED
@@ -697,7 +697,7 @@ class Trainer:
             # ("terminate called without an active exception") in 4 of 70 two-rank runs; freed here, 0 of 80
             self.net = None
             gc.collect()
-            if exit_code in (0, EXIT_INTERRUPTED, EXIT_GAVE_UP, EXIT_REQUEUED):  # an end every rank agreed on
+            if exit_code in AGREED_EXITS:
                 try:  # ranks leave together: a rank tearing down gloo under a peer's feet can abort it
                     self.dist.barrier()
                 except Exception:
