@@ -11,6 +11,7 @@ from typing import Optional
 from . import runlock
 from .config import ConfigError
 from .fsio import read_json
+from .jobs import is_completed, is_diverged
 from .resources import warn
 from .sweep import Point
 
@@ -86,8 +87,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         raise ConfigError(str(e)) from None  # ...: the job could only fail on it
     if ts is None:
         return None
-    finished = read_json(run_dir / "status.json").get("state") == "completed"
-    if finished and ts.get("epoch") == cfg.trainer.epochs and not ts.get("step_in_epoch"):
+    if is_completed(read_json(run_dir / "status.json"), ts.get("epoch"), cfg.trainer.epochs) \
+            and not ts.get("step_in_epoch"):
         return "completed"  # a job would start only to find nothing to do
     return None
 
@@ -137,10 +138,8 @@ def warn_starts_over(points: list[Point]) -> None:
 def warn_diverged(run_dir: Path, cfg) -> None:
     """A run that stopped on a non-finite loss resumes the checkpoint it diverged after: said before it queues."""
     from .checkpoint import CheckpointDir
-    from .jobs import DIVERGED
     st = read_json(run_dir / "status.json")
-    if (cfg.checkpoint.resume == "never" or st.get("state") != "failed"
-            or not str(st.get("error", "")).startswith(DIVERGED)):
+    if cfg.checkpoint.resume == "never" or not is_diverged(st):
         return
     if CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).exists():
         what = "its job resumes the newest checkpoint kept and will likely diverge again"

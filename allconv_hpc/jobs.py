@@ -15,6 +15,18 @@ from .preempt import SlurmJob, slurm_conf_missing, slurm_out
 DIVERGED = "non-finite"  # how a diverged run's error in status.json begins: submit warns of it, an early stop keeps it
 START_UP_STOP = "during start-up, before training"  # in the error of a start a signal stopped (train: StartupStop)
 
+
+# The run's own word in status.json (read leniently: {} for none), for the checks before a start and at its end.
+def is_completed(st: dict, epochs_done, epochs: int) -> bool:
+    """Finished: it said so, and `epochs_done` (its checkpoint's, or its own record's) reaches trainer.epochs (a
+    larger trainer.epochs trains it on)."""
+    return st.get("state") == "completed" and isinstance(epochs_done, int) and epochs_done >= epochs
+
+
+def is_diverged(st: dict) -> bool:
+    """It stopped on a non-finite loss: a resume repeats the divergence."""
+    return st.get("state") == "failed" and str(st.get("error", "")).startswith(DIVERGED)
+
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED", "SPECIAL_EXIT", "STOPPED"}
 

@@ -104,7 +104,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     from .preempt import EXIT_INTERRUPTED, EXIT_REQUEUED, StartupStop, catch_early
     catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
     from .launch_checks import check_launch
-    from .jobs import DIVERGED, START_UP_STOP
+    from .jobs import START_UP_STOP, is_completed, is_diverged
     from .trainer import NonFiniteError, Trainer
     lock_fd = None
     try:
@@ -170,12 +170,10 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         log.warning("%s", said)
         from .fsio import read_json
         st = read_json(composed.run_dir / "status.json")
-        epoch = st.get("epoch")
-        done = st.get("state") == "completed" and isinstance(epoch, int) and epoch >= composed.cfg.trainer.epochs
         # a rerun of a finished run (nothing to do) stays completed, and a diverged one failed (a resume repeats
         # the divergence: the run's last word, nothing trained since), unless resume=never moved it
-        diverged = st.get("state") == "failed" and str(st.get("error", "")).startswith(DIVERGED)
-        if not (done or diverged) or getattr(trainer, "set_aside", False):
+        if not (is_completed(st, st.get("epoch"), composed.cfg.trainer.epochs) or is_diverged(st)) \
+                or getattr(trainer, "set_aside", False):
             _report(trainer, said, "interrupted", tell_peers=False)
             if trainer is None and env.is_main:  # stopped before its rendezvous
                 _mark_interrupted(composed.run_dir, said, env)

@@ -39,7 +39,7 @@ from .preempt import (AGREED_EXITS, EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUE
                       StopRequest, sigint_deferred, signal_lead_s, take_early_stop)
 from .schedule import lr_factor
 from .history import HISTORY_FILE, rewrite_history
-from .jobs import DIVERGED
+from .jobs import DIVERGED, is_completed
 from .tracking import ID_FILE, STEPS_FILE, NullTracker, make_tracker, read_id
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class Trainer:
         self.net = net
         # the same command run again on a finished run: nothing to train or score, and no W&B segment
         self.finished = self.resumed_from is not None and self.state.epoch >= t.epochs and self.dist.any(
-            env.is_main and read_json(self.run_dir / "status.json").get("state") == "completed")
+            env.is_main and is_completed(read_json(self.run_dir / "status.json"), self.state.epoch, t.epochs))
         if self.finished and env.is_main:  # no tracker to rewrite it: deleted or damaged since, the checkpoint
             if not (self.run_dir / HISTORY_FILE).exists():  # holds every row
                 log.warning("%s was missing: written again from the checkpoint's %d epochs", HISTORY_FILE,
