@@ -12,6 +12,7 @@ Python work.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
@@ -310,6 +311,36 @@ def load(cfg: DataConfig, seed: int) -> Dataset:
     train = _subset(train, cfg.train_size, seed, "train_size")
     test = _subset(test, cfg.test_size, _TEST_SEED, "test_size")
     return Dataset(train, test, lay.mean, lay.std, _read_classes(folder / lay.meta, lay), val)
+
+
+def fingerprint(ds: Dataset) -> dict:
+    """Each split's image count and a hash of its images and labels (about 0.2 s for CIFAR), recorded in the
+    checkpoints: a resume checks that it trains on the images its checkpoint did. The same files moved or
+    copied (to a node's own disk) give the same; a rebuilt or another dataset, or other subsets, do not."""
+    def one(s: Optional[Split]) -> Optional[str]:
+        if s is None:
+            return None
+        h = hashlib.blake2b(digest_size=12)
+        for t in (s.images, s.labels):
+            h.update(memoryview(t.contiguous().numpy()).cast("B"))
+        return f"{len(s)}:{h.hexdigest()}"
+    return {"train": one(ds.train), "val": one(ds.val), "test": one(ds.test)}
+
+
+_SPLIT_WORDS = {"train": "training", "val": "held-out (data.val_size)", "test": "test"}
+
+
+def other_images(then: Optional[dict], now: dict) -> list[str]:
+    """What differs between two fingerprints, split by split ([] where the same, or none was recorded)."""
+    if not isinstance(then, dict):  # a checkpoint written before they were recorded
+        return []
+    out = []
+    for k, word in _SPLIT_WORDS.items():
+        a, b = then.get(k), now.get(k)
+        if a != b:
+            n_a, n_b = (str(x).split(":")[0] if x else "none" for x in (a, b))
+            out.append(f"{word} images: {n_a} then, {n_b} now" + (", other images" if n_a == n_b else ""))
+    return out
 
 
 def _check_sizes(cfg: DataConfig, n_train: int, n_test: int, folder: Path,

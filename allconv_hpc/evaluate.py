@@ -35,6 +35,19 @@ USAGE_EPILOG = ("exit status: 0 scored, 1 the checkpoint is unreadable or corrup
                 "folder or checkpoint, no held-out split, data not found)")
 
 
+def _positive(v: str) -> int:
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number >= 1")
+    return int(v)
+
+
+ALL = "all"  # --test-size: every test image the data holds
+
+
+def _test_size(v: str):
+    return ALL if v == ALL else _positive(v)
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="allconv-hpc evaluate", epilog=USAGE_EPILOG,
                                  description="Score a run's checkpoint with the run's own config.")
@@ -44,6 +57,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--split", choices=("test", "val"), default="test",
                     help="test (default), or val: the run's held-out training images (data.val_size > 0)")
     ap.add_argument("--data-root", help="the dataset's folder now, when it moved since the run (sets data.root)")
+    ap.add_argument("--test-size", type=_test_size, metavar="N|all",
+                    help="score N test images (the same N for every run), or all the data holds, instead of the "
+                         "run's data.test_size (--split test)")
+    ap.add_argument("--batch-size", type=_positive, metavar="N",
+                    help="images per forward pass (default: the run's trainer.eval_batch_size); smaller for a "
+                         "device with less memory than the run's")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when there is one")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap.parse_args(argv)
@@ -97,6 +116,9 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         raise ConfigError(f"{run / 'checkpoints'} is a file, not the run's checkpoint folder; give the run folder "
                           f"that holds its checkpoints/")
     mine = run / "checkpoints" / (f"{which}.pt" if which in ("best", "last") else which)
+    if which == "last" and not mine.is_file():  # last.pt is a link of the newest step file: that one, if gone
+        steps = sorted((run / "checkpoints").glob("step_*.pt"))
+        mine = steps[-1] if steps else mine
     # a bare name is the run's own file, even if the current folder holds one of that name
     path = mine if which in ("best", "last") or mine.is_file() else Path(which)
     if not path.is_file():
@@ -124,8 +146,9 @@ def _checkpoint_path(run: Path, which: str) -> Path:
 
 
 def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Optional[str] = None,
-             device: str = "auto") -> dict:
-    """Score checkpoint `which` of `run` on `split`; returns what `--json` prints."""
+             device: str = "auto", test_size=None, batch_size: Optional[int] = None) -> dict:
+    """Score checkpoint `which` of `run` on `split`; returns what `--json` prints. `test_size`: None = the run's
+    data.test_size, ALL or N instead; `batch_size`: None = the run's trainer.eval_batch_size."""
     from . import data as data_mod, preprocess
     from .checkpoint import load_file
     from .models import build_model
@@ -137,7 +160,13 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     raw = ck["config"]
     # never a download: a wrong --data-root must say the data is not there, not fetch it there
     raw = {**raw, "data": {**raw.get("data", {}), "download": False,
-                           **({"root": data_root} if data_root is not None else {})}}
+                           **({"root": data_root} if data_root is not None else {}),
+                           **({"test_size": None if test_size == ALL else test_size} if test_size is not None
+                              else {})}}
+    if batch_size is not None:
+        raw = {**raw, "trainer": {**raw.get("trainer", {}), "eval_batch_size": batch_size}}
+    if test_size is not None and split != "test":
+        raise ConfigError("--test-size is for --split test; the held-out split is the run's data.val_size images")
     cfg = from_dict(raw)
     if data_root is not None and cfg.data.name == "synthetic":  # it would be ignored: say so rather than score
         raise ConfigError(f"--data-root {data_root}: the run in {run} trained on data=synthetic, which is generated, "
@@ -156,6 +185,10 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
         torch.set_num_threads(cfg.trainer.threads)  # the run's thread count: the run's summation order
     ds = data_mod.load(cfg.data, cfg.seed)
     part = ds.val if split == "val" else ds.test
+    # the images the run scored, recorded in its checkpoints: other ones here give another accuracy, said
+    then = ck.get("data") if isinstance(ck.get("data"), dict) else None
+    other = (data_mod.other_images({split: then.get(split)}, {split: data_mod.fingerprint(ds)[split]})
+             if then is not None and test_size is None else [])
     model = build_model(cfg.model)
     model.load_state_dict(ck["model"])
     model = model.to(dev, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)
@@ -180,7 +213,7 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
             "global_step": ck.get("global_step", ts.get("global_step")),
             "val_acc_when_saved": val_acc, "val_acc_epoch": val_epoch, "split": split, "loss": loss / n,
             "accuracy": correct / n, "images": int(n), "precision": precision, "device": str(dev),
-            "model": cfg.model.name, "data": cfg.data.name}
+            "model": cfg.model.name, "data": cfg.data.name, "other_images": other[0] if other else None}
 
 
 def saved_val_acc(ck: dict) -> tuple[Optional[float], Optional[int]]:
@@ -202,7 +235,8 @@ def evaluate_main(argv: list[str]) -> int:
 
     args = _parse(argv)
     try:
-        r = evaluate(args.run, args.checkpoint, args.split, args.data_root, args.device)
+        r = evaluate(args.run, args.checkpoint, args.split, args.data_root, args.device, args.test_size,
+                     args.batch_size)
     except ConfigError as e:  # DataError too
         print(f"allconv-hpc evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -221,6 +255,9 @@ def evaluate_main(argv: list[str]) -> int:
     if not Path(r["checkpoint"]).resolve().is_relative_to((args.run / "checkpoints").resolve()):
         print(f"allconv-hpc evaluate: note: {r['checkpoint']} is not one of {args.run}'s checkpoints: scored with "
               f"the config it carries ({r['model']} on {r['data']})", file=sys.stderr)
+    if r["other_images"]:
+        print(f"allconv-hpc evaluate: warning: these are not the images the run scored ({r['other_images']}; "
+              f"another copy or dataset?): the accuracy is not comparable with its val_acc", file=sys.stderr)
     if args.json:
         print(json.dumps(r))
     else:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointDir, CheckpointError, load_file
-from .config import Config
+from .config import Config, ConfigError, DataConfig
+from .data import other_images
 from .fsio import read_json
 from .preempt import SlurmJob
 from .schedule import lr_factor
@@ -144,6 +145,23 @@ def restore(ck: dict, model: torch.nn.Module, opt: torch.optim.Optimizer,
     return TrainState(**{"streams": 1, **ck["train_state"]})  # no "streams": written before it
 
 
+def check_same_images(ck: dict, now: dict, path: Path, cfg: DataConfig) -> None:
+    """Refuse to resume checkpoint ``path`` on other images than it trained on (``now``: data.fingerprint of this
+    start's): a data.root given anew, or a copy rebuilt or replaced since, would go on training (and scoring) the
+    run on other data, with no sign of it in the run's curves. Checkpoints of before the fingerprints pass."""
+    said = other_images(ck.get("data"), now)
+    if not said:
+        return
+    if cfg.name == "synthetic":
+        where = "data=synthetic generates now (another version of it?)"
+    else:
+        then = ((ck.get("config") or {}).get("data") or {}).get("root")
+        where = f"data.root={cfg.root} holds" + (f" (it trained on {then})" if then and then != cfg.root else "")
+    raise ConfigError(f"checkpoint {path} trained on other images than {where} ({'; '.join(said)}): give data.root "
+                      f"the folder it trained on (or an exact copy), or start a new run (a new hydra.run.dir, or "
+                      f"checkpoint.resume=never)")
+
+
 def warn_reshaped_schedule(cfg: Config, st: TrainState, steps_per_epoch: int, ck: dict) -> None:
     """A grown (or otherwise re-lengthened) run whose lr schedule depends on trainer.epochs: the lr curve
     from here on is not the one the run was on (cosine/onecycle climb back up). Legal; said out loud."""
@@ -210,7 +228,8 @@ def best_file_holds(st: TrainState, ckpt: CheckpointDir, ck: dict, cfg_dict: dic
     if st.step_in_epoch == 0 and st.history and first_best == len(st.history) - 1:
         try:
             ckpt.save_best({"model": ck["model"], "epoch": st.epoch, "global_step": st.global_step,
-                            "val_acc": st.best_val_acc, "config": cfg_dict, "precision": ck.get("precision")})
+                            "val_acc": st.best_val_acc, "config": cfg_dict, "precision": ck.get("precision"),
+                            "data": ck.get("data")})
             log.warning("best.pt did not hold the best epoch (%d, val_acc %.4f): written again from the "
                         "checkpoint, which holds its weights", st.epoch, st.best_val_acc)
             return st.best_val_acc

@@ -32,8 +32,8 @@ from .distributed import Dist, DistEnv, pick_device, set_threads
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .launch_checks import check_launch
 from .models import build_model, count_parameters, summary
-from .resume import (TrainState, applied_mode, best_file_holds, pick_checkpoint, restore, rng_state, set_rng_state,
-                     warn_copied_run, warn_reshaped_schedule)
+from .resume import (TrainState, applied_mode, best_file_holds, check_same_images, pick_checkpoint, restore,
+                     rng_state, set_rng_state, warn_copied_run, warn_reshaped_schedule)
 from .poll import StepPoll, classify_stop
 from .preempt import (AGREED_EXITS, EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StartupStop,
                       StopRequest, sigint_deferred, signal_lead_s, take_early_stop)
@@ -138,6 +138,7 @@ class Trainer:
             self.dist.barrier()
         ds = data_mod.load(cfg.data, cfg.seed)
         self.mean, self.std = ds.mean, ds.std
+        self.data_fingerprint = data_mod.fingerprint(ds)  # recorded in the checkpoints; a resume compares
         started = time.perf_counter()
         put = preprocess.to_device(cfg.data.preprocess, ds.train.images, self.device)
         if cfg.data.preprocess != "channel" and env.is_main:
@@ -246,6 +247,7 @@ class Trainer:
                 self._move_old_run_aside("no checkpoint to resume, but an earlier run's epochs are here")
             return None
         check_resumable_file(self.cfg, ck, path, self.run_dir)
+        check_same_images(ck, self.data_fingerprint, path, self.cfg.data)
         self.state = restore(ck, self.model, self.opt, self.sched, self.scaler)
         if self.state.streams < 2:  # its epochs' orders as they began; exact resume before independence
             self.batches.order_stream = LEGACY_ORDER_STREAM
@@ -335,6 +337,7 @@ class Trainer:
                               "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                               "train_state": asdict(st), "rng": rngs, "epoch_sums": sums[0],
                               "interval_sums": sums[1], "identity": self.cfg.identity(), "config": self.cfg_dict,
+                              "data": self.data_fingerprint,
                               "torch_version": str(torch.__version__), "world_size": self.env.world_size,
                               "precision": self.precision,
                               "saved_at": time.time(), "run_dir": str(self.run_dir)})
@@ -599,7 +602,8 @@ class Trainer:
                 self._best_file_acc = val_acc
                 best = snapshot({"model": self.model.state_dict(), "epoch": st.epoch + 1,
                                  "global_step": st.global_step, "val_acc": val_acc,
-                                 "config": self.cfg_dict, "precision": self.precision})
+                                 "config": self.cfg_dict, "precision": self.precision,
+                                 "data": self.data_fingerprint})
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_seconds = 0.0

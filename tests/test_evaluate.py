@@ -13,7 +13,8 @@ import pytest
 
 from allconv_hpc import data
 from allconv_hpc.config import ConfigError
-from allconv_hpc.evaluate import evaluate
+from allconv_hpc.config import SYNTHETIC_SIZES
+from allconv_hpc.evaluate import evaluate, evaluate_main
 import torch
 
 from allconv_hpc.history import read_history
@@ -151,7 +152,7 @@ def test_a_sweep_folder_names_its_run_folders(tmp_path):
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "sweep folder" not in r.stderr, r.stderr
 
 
-def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path):
+def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path, capsys):
     (xtr, ytr), (xte, yte) = _fake_cifar(120, 0), _fake_cifar(40, 1)
     data.write_cifar(tmp_path / "old", "cifar10", xtr, ytr, xte, yte, [f"c{i}" for i in range(10)])
     run = tmp_path / "run"
@@ -168,6 +169,38 @@ def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path):
     assert (moved["images"], moved["accuracy"], moved["loss"]) == (40, final["val_acc"], final["val_loss"])
     with pytest.raises(ConfigError, match=r"no held-out split \(data.val_size=0\).*--split test"):
         evaluate(run, "best", "val", data_root=str(tmp_path / "new"))
+    assert moved["other_images"] is None
+    # a folder of other images is scored, and said to be other than the run's (its checkpoints record them)
+    (xo, yo) = _fake_cifar(40, 5)
+    data.write_cifar(tmp_path / "other", "cifar10", xtr, ytr, xo, yo, [f"c{i}" for i in range(10)])
+    assert evaluate(run, "last", data_root=str(tmp_path / "other"))["other_images"] == \
+        "test images: 40 then, 40 now, other images"
+    code = evaluate_main([str(run), "--checkpoint", "last", "--data-root", str(tmp_path / "other")])
+    err = capsys.readouterr().err
+    assert code == 0 and ("warning: these are not the images the run scored (test images: 40 then, 40 now, other "
+                          "images; another copy or dataset?)") in err, err
+
+
+def test_test_size_batch_size_and_a_missing_last_pt(two_rank_run, tmp_path, capsys):
+    """--test-size scores other test images than the run's data.test_size (all of them, or N); --batch-size only
+    splits the work; `last` without last.pt (deleted) is the newest step file, which it links."""
+    last = evaluate(two_rank_run, "last")
+    every = evaluate(two_rank_run, "last", test_size="all")
+    assert (last["images"], every["images"]) == (101, SYNTHETIC_SIZES[1]) and every["other_images"] is None
+    assert evaluate(two_rank_run, "last", test_size=50)["images"] == 50
+    small = evaluate(two_rank_run, "last", batch_size=7)
+    assert small["accuracy"] == last["accuracy"] and math.isclose(small["loss"], last["loss"], rel_tol=1e-5)
+    with pytest.raises(ConfigError, match="--test-size is for --split test"):
+        evaluate(two_rank_run, "best", "val", test_size=50)
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_run / "checkpoints", run / "checkpoints")
+    (run / "checkpoints" / "last.pt").unlink()
+    newest = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
+    got = evaluate(run, "last")
+    assert got["checkpoint"] == str(newest) and got["accuracy"] == last["accuracy"]
+    with pytest.raises(SystemExit) as e:
+        evaluate_main([str(run), "--test-size", "0"])
+    assert e.value.code == 2 and "argument --test-size: '0' is not a whole number >= 1" in capsys.readouterr().err
 
 
 def test_a_relative_data_root_is_recorded_absolute(tmp_path):
@@ -201,11 +234,23 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path):
     assert read_history(run / "history.csv")[-1]["epoch"] == 4 and "root: " + str(tmp_path / "data") in (
         run / ".hydra" / "config.yaml").read_text()
     # named on the command line, another root is read (a moved dataset), with a warning naming both
-    r = rerun(tmp_path / "elsewhere", "trainer.epochs=5", "data.root=data")
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")
+    r = rerun(tmp_path / "elsewhere", "trainer.epochs=5", f"data.root={tmp_path / 'moved'}")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (f"WARNING] data.root={tmp_path / 'elsewhere' / 'data'} is not the {tmp_path / 'data'} this run read "
+    assert (f"WARNING] data.root={tmp_path / 'moved'} is not the {tmp_path / 'data'} this run read "
             f"before") in r.stderr, r.stderr[-2000:]
-    assert evaluate(run, "last")["images"] == 10  # its record now names the new root
+    assert evaluate(run, "last")["images"] == 40 and f"root: {tmp_path / 'moved'}" in (
+        run / ".hydra" / "config.yaml").read_text()  # its record now names the new root
+    # one holding other images is refused before a step (the run would go on on other data): nothing changes
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    r = rerun(tmp_path / "elsewhere", "trainer.epochs=6", "data.root=data")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"trained on other images than data.root={tmp_path / 'elsewhere' / 'data'} holds (it trained on "
+            f"{tmp_path / 'moved'}) (training images: 120 then, 120 now, other images; test images: 40 then, 10 now): "
+            f"give data.root the folder it trained on") in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == kept
+    assert read_history(run / "history.csv")[-1]["epoch"] == 5 and f"root: {tmp_path / 'moved'}" in (
+        run / ".hydra" / "config.yaml").read_text()
 
 
 def test_best_before_any_finished_epoch_points_at_last(tmp_path):
