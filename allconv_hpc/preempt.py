@@ -260,9 +260,16 @@ class SlurmJob:
         return int(self.env.get("SLURM_RESTART_COUNT", 0) or 0)
 
     def is_timeout(self, lead_s: float) -> bool:
-        """A warning that comes within the signal lead (+ Slurm's coarse timer slack) of the limit.
-        When squeue cannot tell, count it as a time limit: max_requeues then bounds the requeues,
-        where counting it as a preemption would requeue a job at its time limit forever."""
+        """A warning that comes within the signal lead (+ Slurm's coarse timer slack) of the limit, unless Slurm
+        says it preempted the job (PreemptTime, since this start: Slurm clears it as it requeues): a preemption
+        near the limit must not use up one of checkpoint.max_requeues. When squeue cannot tell, count it as a
+        time limit: max_requeues then bounds the requeues, where counting it as a preemption would requeue a job
+        at its time limit forever."""
+        job = self._show()
+        preempt, start = job.get("PreemptTime", "None"), job.get("StartTime", "")
+        if preempt not in ("None", "Unknown") and preempt >= start:  # ISO times, one format: compared as text
+            log.info("warning signal: Slurm preempted the job at %s: preemption", preempt)
+            return False
         # this task's own id: an array task's raw SLURM_JOB_ID can equal the array's id, for which squeue
         # lists every task still queued (one line each)
         out = self._run(["squeue", "-h", "-j", self.job_id, "-o", "%L"])
@@ -306,9 +313,10 @@ class SlurmJob:
         return False
 
     def _show(self) -> dict:
-        """JobState, Reason, PreemptTime (str) and Restarts (int) from `scontrol show job`; {} when it cannot tell."""
+        """JobState, Reason, PreemptTime, StartTime (str) and Restarts (int) from `scontrol show job`; {} when it
+        cannot tell."""
         info = self._run(["scontrol", "show", "job", self.job_id]) or ""
-        job = dict(re.findall(r"\b(JobState|Reason|PreemptTime)=(\S+)", info))
+        job = dict(re.findall(r"\b(JobState|Reason|PreemptTime|StartTime)=(\S+)", info))
         m = re.search(r"\bRestarts=(\d+)", info)
         return {**job, **({"Restarts": int(m.group(1))} if m else {})}
 

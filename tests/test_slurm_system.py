@@ -339,6 +339,30 @@ def test_preempted_job_checkpoints_requeues_and_ends_bitwise_identical(slurm_clu
 
 
 @pytest.mark.slow
+def test_a_preemption_near_the_time_limit_is_a_preemption_not_a_time_limit(slurm_cluster, jobs, tmp_path):
+    """Preempted 35+ s into a 4 min limit with a 120 s lead: within lead + 90 s of the limit, where the time left
+    alone reads as the time-limit warning. Slurm's PreemptTime says otherwise: requeued, with max_requeues=0 (a
+    time limit would have ended it, GAVE UP)."""
+    run = tmp_path / "near"
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "cluster.timeout_min=4",
+                           "cluster.signal_lead_s=120", "checkpoint.max_requeues=0", "trainer.epochs=100000",
+                           "wandb.mode=disabled", f"hydra.run.dir={run}")
+    wait_for_line(run / "train.log", "(global 10)", timeout=120)
+    started = re.search(r"\bStartTime=(\S+)", slurm_cluster.run(["scontrol", "show", "job", job]).stdout).group(1)
+    ran = time.time() - time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%S"))
+    time.sleep(max(0.0, 35 - ran))  # Slurm's warning for the limit comes 90+ s in (lead + its 30 s timer)
+    preempt_low(slurm_cluster, tmp_path, jobs)
+    wait_for_line(run / "train.log", "resumed from", timeout=180)
+    log = (run / "train.log").read_text()
+    assert re.search(r"warning signal: Slurm preempted the job at \S+: preemption", log), log[-3000:]
+    assert "requeued at global step" in log and "time limit reached" not in log, log[-3000:]
+    slurm_cluster.run(["scancel", job])
+    assert wait_final(slurm_cluster, job, 120) in ("CANCELLED", "FAILED", "COMPLETED"), tail(run)
+    st = read_status(run)  # the resumed start's (its record comes with its first checkpoint or stop)
+    assert st["timeouts"] == 0 and st["restarts"] == 1, st
+
+
+@pytest.mark.slow
 def test_every_task_of_a_preempted_sweep_requeues_and_completes(slurm_cluster, jobs, tmp_path):
     """One array task's raw job id is the array's own id, for which squeue lists every queued task: its
     time-left query must be its own (it crashed on two lines of %L and the task FAILED)."""

@@ -304,29 +304,39 @@ def test_requeue_does_not_undo_a_scancel_that_came_while_the_job_stopped(tmp_pat
     (None, True),          # squeue failed: counted as a time limit, so max_requeues bounds it
 ])
 def test_timeout_or_preemption(tmp_path, monkeypatch, squeue_left, expected):
-    fake_slurm(tmp_path, monkeypatch, squeue=squeue_left)
+    fake_slurm(tmp_path, monkeypatch, squeue=squeue_left, scontrol=None)  # scontrol cannot tell: squeue's time left
     assert SlurmJob({"SLURM_JOB_ID": "9"}).is_timeout(lead_s=60) is expected
+    # Slurm says it preempted the job in this start: a preemption, however near the limit (seen on the dev
+    # cluster: a preemption 72 s before the limit used up the last requeue, and the run gave up)
+    fake_slurm(tmp_path, monkeypatch, squeue=squeue_left,
+               scontrol="JobId=9 JobState=RUNNING StartTime=2026-12-06T02:47:38 PreemptTime=2026-12-06T02:50:01")
+    assert SlurmJob({"SLURM_JOB_ID": "9"}).is_timeout(lead_s=60) is False
+    # a PreemptTime of before this start (Slurm clears it as it requeues; not trusted to) or none: the time left
+    for preempt in ("2026-12-06T02:40:00", "None"):
+        fake_slurm(tmp_path, monkeypatch, squeue=squeue_left,
+                   scontrol=f"JobId=9 JobState=RUNNING StartTime=2026-12-06T02:47:38 PreemptTime={preempt}")
+        assert SlurmJob({"SLURM_JOB_ID": "9"}).is_timeout(lead_s=60) is expected
 
 
 def test_an_array_tasks_time_left_is_its_own(tmp_path, monkeypatch):
     """A task whose raw job id is the array's id: squeue -j <that id> lists every queued task of the
     array, one line each (a real sweep's task crashed on '00\n59'). The task's own id is asked."""
-    calls = fake_slurm(tmp_path, monkeypatch, squeue="29:00")
+    calls = fake_slurm(tmp_path, monkeypatch, squeue="29:00", scontrol="JobId=5 PreemptTime=None")
     task = {"SLURM_JOB_ID": "5", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "1"}
     assert SlurmJob(task).is_timeout(lead_s=60) is False
-    assert calls.read_text().split() == ["squeue", "-h", "-j", "5_1", "-o", "%L"]
+    assert calls.read_text().splitlines() == ["scontrol show job 5_1", "squeue -h -j 5_1 -o %L"]
     fake_slurm(tmp_path, monkeypatch, squeue="29:00\n0:59")  # more than one line anyway: not a crash
     assert SlurmJob(task).is_timeout(lead_s=60) is True
 
 
 def test_stop_kind_agreed_across_ranks(tmp_path, monkeypatch):
-    fake_slurm(tmp_path, monkeypatch, squeue="29:00")
+    fake_slurm(tmp_path, monkeypatch, squeue="29:00", scontrol=None)
     slurm = SlurmJob({"SLURM_JOB_ID": "9"})
     assert classify_stop(Poll(warning=True), slurm, 60) == "preempted"
     # SIGTERM on any rank (scancel) wins over a warning seen elsewhere: checkpoint and exit, no requeue
     assert classify_stop(Poll(warning=True, terminate=True), slurm, 60) == "interrupted"
     assert classify_stop(Poll(warning=True), SlurmJob({}), 60) == "interrupted"  # not in Slurm
-    fake_slurm(tmp_path, monkeypatch, squeue="0:50")
+    fake_slurm(tmp_path, monkeypatch, squeue="0:50", scontrol=None)
     assert classify_stop(Poll(warning=True), slurm, 60) == "timeout"
 
 
