@@ -83,10 +83,22 @@ def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool, bool, 
     return state, restarts, answered, answered and not listed and state in ACTIVE_STATES, reason if listed else ""
 
 
+def _local_result(rec: dict) -> Path:
+    return Path(rec.get("submitit_folder", "")) / str(rec["job_id"]) / f"{rec['job_id']}_0_result.pkl"
+
+
+def local_ended_at(rec: dict) -> Optional[float]:
+    """When a cluster=local job's result was written (its rank 0 had written its last status.json before), or
+    None (no result: running, killed)."""
+    try:
+        return _local_result(rec).stat().st_mtime
+    except OSError:
+        return None
+
+
 def local_state(rec: dict) -> Optional[str]:
     """Jobs of cluster=local: their submitit folder says whether a result was written."""
-    folder = Path(rec.get("submitit_folder", "")) / str(rec["job_id"])
-    res = folder / f"{rec['job_id']}_0_result.pkl"
+    res = _local_result(rec)
     if res.exists():
         import pickle
         try:

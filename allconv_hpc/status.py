@@ -20,7 +20,7 @@ from typing import Optional
 
 from . import runlock
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, START_UP_STOP, STATUS_KEYS, DamagedFile, check_keys, held_advice,
-                   is_held, local_state, read_record, slurm_state, started_job, started_unrecorded, stopped_elsewhere)
+                   is_held, local_ended_at, local_state, read_record, slurm_state, started_job, started_unrecorded, stopped_elsewhere)
 from .preempt import slurm_conf_missing
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
@@ -253,10 +253,14 @@ def run_rows(folder: Path) -> list[dict]:
             state, known = local_state(rec), True
         # a status.json older than this submission is an earlier job's: its progress, not this job's state
         current = st.get("updated", 0) >= rec.get("submitted", 0)
-        if (slurm and current and "slurm_job_id" in st and str(st["slurm_job_id"]) != str(rec["job_id"])
-                and not (state in ACTIVE_STATES and not ended)):
-            # written since by a process outside the job, which has ended: a `train` by hand resumed the run (its
-            # record names no job, or its salloc's). The run's own word and its lock tell, as for any run by hand
+        # written since by a process outside the job, which has ended: a `train` by hand resumed the run (its
+        # record names no job, or its salloc's; a cluster=local job's result came before it). The run's own word
+        # and its lock tell, as for any run by hand, and the command that goes on with it is that train
+        by_hand = current and not (state in ACTIVE_STATES and not ended) and (
+            slurm and "slurm_job_id" in st and str(st["slurm_job_id"]) != str(rec["job_id"])
+            or rec.get("backend") == "local" and state is not None
+            and st.get("updated", 0) > (local_ended_at(rec) or float("inf")))
+        if by_hand:
             state, restarts, ended = None, None, False
         run_state = st.get("state") if current else None
         active = state in ACTIVE_STATES and not ended
@@ -376,8 +380,8 @@ def run_rows(folder: Path) -> list[dict]:
                      # a failed row says its own error; another's record may hide a start that failed since
                      "start_error": _failed_since(run_dir, st) if st and not (active or failed) else None,
                      "folder": run_dir.name, "run_dir": str(run_dir.resolve()),
-                     "started_by": rec.get("started_by") or ("sbatch" if rec.get("started_by_hand") else "submit"
-                                                            if rec.get("job_id") else "train")})
+                     "started_by": "train" if by_hand else rec.get("started_by") or (
+                         "sbatch" if rec.get("started_by_hand") else "submit" if rec.get("job_id") else "train")})
     return rows
 
 

@@ -525,7 +525,8 @@ def test_a_run_resumed_by_hand_after_its_job_ended_reads_as_the_hand_runs_own(tm
         {"state": state, "epoch": 8, "epochs": 12, "updated": 2.0, "slurm_job_id": job}))
     record("interrupted", None)
     row = status.run_rows(run)[0]
-    assert (row["state"], row["failed"]) == ("INTERRUPTED", False), row
+    assert (row["state"], row["failed"], row["started_by"]) == ("INTERRUPTED", False, "train"), row
+    assert "the same train command" in status.notes(row)[0], status.notes(row)  # its epochs, not the job's
     record("running", None)  # killed: its lock is free
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == ("LOST", True), row
@@ -533,6 +534,31 @@ def test_a_run_resumed_by_hand_after_its_job_ended_reads_as_the_hand_runs_own(tm
         record("interrupted", "9")  # the job's own stop
         row = status.run_rows(run)[0]
         assert row["state"] == ("COMPLETED" if job_state == "COMPLETED" else "INTERRUPTED"), row
+
+
+def test_a_run_resumed_by_hand_after_its_local_job_ended_reads_as_the_hand_runs_own(tmp_path):
+    """The same for a cluster=local job: its result came after its last record, a train by hand's record after
+    the result (it read COMPLETED, the job's, and advised the submit whose smaller trainer.epochs is refused)."""
+    import pickle
+    sub = tmp_path / "sub"
+    (sub / "123").mkdir(parents=True)
+    result = sub / "123" / "123_0_result.pkl"
+    result.write_bytes(pickle.dumps(("success", 0)))
+    os.utime(result, (100.0, 100.0))
+    run = write_run(tmp_path / "run", None, job="123", backend="local", submitted=1.0, submitit_folder=str(sub))
+    record = lambda state, updated: (run / "status.json").write_text(json.dumps(  # noqa: E731
+        {"state": state, "epoch": 4, "epochs": 5, "updated": updated}))
+    record("completed", 99.0)  # the job's own
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["started_by"]) == ("COMPLETED", "submit"), row
+    record("interrupted", 200.0)  # a train by hand with trainer.epochs=5, Ctrl-C'd
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"], row["started_by"]) == ("INTERRUPTED", False, "train"), row
+    assert status.notes(row) == ["stopped with epoch 4/5 done (step 0); the same train command starts it over: it "
+                                 "stopped before its first checkpoint"], status.notes(row)
+    record("failed", 200.0)
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("FAILED", True), row
 
 
 def test_a_sweep_folder_without_its_sweep_json_is_no_run(tmp_path, capsys):
