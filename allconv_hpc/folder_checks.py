@@ -40,10 +40,16 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         if state == "COMPLETING" and sweep:  # a stopped point is resumed by the next submit, not this one
             return (f"job {rec['job_id']} is still ending (COMPLETING); if it did not complete the run, submit "
                     f"again in a few seconds")
+        reason = squeue_job(str(rec["job_id"]))[2] if rec.get("backend") == "slurm" and state == "PENDING" else ""
         if state in ACTIVE_STATES and sweep:
             changes = _changes(rec.get("overrides") or [], overrides) if overrides is not None else ""
             if changes:  # key by key, the last of a key given twice (as Hydra reads them), in any order
                 _check_resumable_later(run_dir, cfg, rec, state, "hydra.sweep.dir")
+            if is_held(state, reason):  # "submit again when it has ended" would wait for ever
+                with_ = f"; it runs with the settings it was submitted with ({changes})" if changes else ""
+                return (f"job {rec['job_id']} (PENDING, {held_advice(rec, reason)}): it starts once released{with_}; "
+                        f"or stop it ({stop_command(rec)}) and submit again")
+            if changes:
                 return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with "
                         f"({changes}); submit again when it has ended to apply these")
             return f"job {rec['job_id']} ({state})"
@@ -51,7 +57,6 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
             raise ConfigError(f"run folder {run_dir} has job {rec['job_id']} still ending (COMPLETING); a second job "
                               f"would train into the same folder: submit again in a few seconds")
         if state in ACTIVE_STATES:
-            reason = squeue_job(str(rec["job_id"]))[2] if rec.get("backend") == "slurm" and state == "PENDING" else ""
             if is_held(state, reason):  # waiting would never end
                 raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} (PENDING, "
                                   f"{held_advice(rec, reason)}); a second job would train into the same folder: "

@@ -1216,6 +1216,11 @@ def test_a_held_job_is_not_told_to_be_resubmitted(tmp_path, on_path, capsys):
     with pytest.raises(ConfigError, match=r"already has job 42 \(PENDING, held: scontrol release 42\); a second job "
                                           r"would train into the same folder: release it, or stop it \(scancel 42\)"):
         folder_checks.check_run_folder(run, composed().cfg)
+    # a sweep's point held: skipped, saying so (it was told to wait for the job to end, which never comes)
+    ov = json.loads((run / "submission.json").read_text()).get("overrides")
+    said = folder_checks.check_run_folder(run, composed().cfg, sweep=True, overrides=ov)
+    assert said == ("job 42 (PENDING, held: scontrol release 42): it starts once released; or stop it (scancel 42) "
+                    "and submit again"), said
 
 
 def test_wait_tells_a_stopped_run_from_a_completed_one(tmp_path, on_path, capsys):
