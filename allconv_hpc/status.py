@@ -476,12 +476,19 @@ def notes(r: dict) -> list[str]:
             and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
         done = (f"stopped with epoch {_epochs(r)} done (step {r['step']})" if r["state"] != NO_RECORD else
                 "no status.json (deleted?) to say how far it got")
-        out.append(f"{done}; {_same_command(r)} {then}")
+        more = ""
+        if r["run"] == "gave_up":  # the same limits would give up alike: the knob that trains more per start
+            done += ", giving up: its time limit came more than checkpoint.max_requeues times"
+            more = (f" (with {'a longer sbatch --time' if r['started_by'] == 'sbatch' else 'a larger cluster.timeout_min'}"
+                    f", each start trains longer)")
+        out.append(f"{done}; {_same_command(r)} {then}{more}")
     if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):
         again = _same_command(r) if r["started_by"] == "sweep" else "the same submit command"  # it was submitted
         # a checkpoint is an earlier job's: a point that had trained part-way resumes
         out.append(f"job {r['job']} ended before it started (scancel?); nothing ran: {again} "
                    f"{'starts it' if ck is None else then}")
+    if r["state"] == "GONE (no run folder)":
+        out.append(f"its run folder is gone (moved or removed?): {_same_command(r)} starts it anew")
     if r.get("start_error"):
         out.append(f"a later start failed before it wrote status.json (the state shown is the start before): "
                    f"{r['start_error']}")

@@ -161,6 +161,9 @@ def test_a_point_removed_from_a_copied_sweep_is_gone_not_the_originals(tmp_path,
     assert [(r["state"], r["epoch"], r["epochs"]) for r in rows] == [("COMPLETED", 1, 3), ("GONE (no run folder)", 0, None)], rows
     assert status.wait_for(copy, poll_s=0) == status.EXIT_STOPPED  # not "every run completed"
     capsys.readouterr()
+    assert status.status_main([str(copy)]) == 0
+    assert (f"{runs[1].name}: its run folder is gone (moved or removed?): the same `submit -m` command (the whole "
+            f"sweep) starts it anew") in capsys.readouterr().out
     assert status.status_main([str(root), "--json"]) == 0  # the original as it was
     assert [r["state"] for r in json.loads(capsys.readouterr().out)] == ["COMPLETED", "COMPLETED"]
 
@@ -645,5 +648,7 @@ def test_a_plain_sbatch_run_that_gave_up_is_resumed_by_its_sbatch(tmp_path, no_s
                                                  "updated": 2.0, "slurm_job_id": "77"}))
     row = status.run_rows(run)[0]
     assert row["state"] == "GAVE UP" and row["started_by"] == "sbatch", row
-    assert status.notes(row) == ["stopped with epoch 2/9 done (step 60); the same sbatch or srun (or train) command resumes "
-                                 "it from its newest checkpoint, step 60"], status.notes(row)
+    assert status.notes(row) == ["stopped with epoch 2/9 done (step 60), giving up: its time limit came more than "
+                                 "checkpoint.max_requeues times; the same sbatch or srun (or train) command resumes "
+                                 "it from its newest checkpoint, step 60 (with a longer sbatch --time, each start "
+                                 "trains longer)"], status.notes(row)
