@@ -132,11 +132,30 @@ def sbatch_refused(text: str) -> ConfigError:
     if unreachable:  # not a verdict on the job: no controller answered
         return ConfigError(f"Slurm does not answer here, sbatch said: {text} (check SLURM_CONF and that slurmctld "
                            f"runs, or use cluster=local)")
-    gres = "gres" in text.lower() or "generic resource" in text.lower()
+    low = text.lower()
+    gres = "gres" in low or "generic resource" in low
+    parts = _partitions() if "invalid partition" in low else []
+    most = _max_array_size() if "job array" in low else None
     fix = ("check cluster.gpus_per_node and cluster.gpu_type against the partition's GPUs (sinfo -o '%P %G'), "
            "and cluster.partition" if gres else
+           f"give cluster.partition one of: {', '.join(parts)}" if parts else
+           f"a job array here holds at most {most} tasks (MaxArraySize): submit the sweep in parts" if most else
            "check cluster.partition, cluster.account, cluster.qos and the other cluster.* values")
     return ConfigError(f"sbatch refused the job: {text} ({fix})")
+
+
+def _partitions() -> list[str]:
+    """The partitions sinfo lists, the default one marked; [] when it does not answer."""
+    from .preempt import slurm_out
+    names = dict.fromkeys(ln.strip() for ln in (slurm_out(["sinfo", "-h", "-o", "%P"]) or "").splitlines())
+    return [f"{n.rstrip('*')} (the default)" if n.endswith("*") else n for n in names if n]
+
+
+def _max_array_size() -> Optional[int]:
+    """Slurm's MaxArraySize (array indices run below it), None when scontrol does not tell."""
+    from .preempt import slurm_out
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", slurm_out(["scontrol", "show", "config"]) or "", re.M)
+    return int(m.group(1)) if m else None
 
 
 def sbatch_script(points: list[Point], sweep_dir: Optional[Path], cluster: dict) -> Optional[str]:
@@ -159,6 +178,12 @@ def check_can_start(points: list[Point], sweep_dir: Optional[Path], cluster: dic
     script = sbatch_script(points, sweep_dir, cluster)
     if script is None:
         return
+    todo = sum(p.skip is None for p in points)
+    most = _max_array_size() if todo > 1 else None
+    if most is not None and todo > most:  # sbatch says only "Invalid job array specification"
+        raise ConfigError(f"the sweep submits {todo} points as one job array, but Slurm's MaxArraySize here is {most} "
+                          f"(scontrol show config): submit it in parts of at most {most} points, e.g. a range(...) or "
+                          f"choice(...) of fewer values in each submit into the same hydra.sweep.dir")
     try:
         r = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True,
                            timeout=TEST_ONLY_TIMEOUT_S)

@@ -672,6 +672,21 @@ def test_a_subset_larger_than_the_data_is_refused_before_the_queue(tmp_path, on_
     assert code == 0, err  # one step: the batch fits
 
 
+def test_a_sweep_over_slurms_max_array_size_is_refused_before_the_queue(tmp_path, on_path, capsys, monkeypatch):
+    """sbatch says only "Invalid job array specification" (after minutes of planning a large sweep): the limit and
+    the fix are said instead."""
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch="exit 0", scontrol='[ "$1 $2" = "show config" ] && echo "MaxArraySize            = 3"; exit 0')
+    args = ["--dry-run", "-m", "cluster=slurm", *TINY, f"hydra.sweep.dir={tmp_path / 'sw'}"]
+    code, out, err = run_submit(capsys, *args, "seed=0,1,2,3")
+    assert code == 2 and err.strip() == (
+        "allconv-hpc submit: error: the sweep submits 4 points as one job array, but Slurm's MaxArraySize here is 3 "
+        "(scontrol show config): submit it in parts of at most 3 points, e.g. a range(...) or choice(...) of fewer "
+        "values in each submit into the same hydra.sweep.dir"), err
+    code, out, err = run_submit(capsys, *args, "seed=0,1,2")
+    assert code == 0, err
+
+
 def test_sbatch_rejecting_the_job_is_one_line_and_leaves_no_folder(tmp_path, on_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     on_path(sbatch="echo 'sbatch: error: invalid partition specified: nope' >&2\n"
@@ -684,6 +699,12 @@ def test_sbatch_rejecting_the_job_is_one_line_and_leaves_no_folder(tmp_path, on_
         "failed: Invalid partition name specified (check cluster.partition, cluster.account, cluster.qos and the "
         "other cluster.* values)"], err
     assert not (tmp_path / "run").exists()
+    # the partitions there are, where sinfo tells
+    on_path(sbatch="echo 'sbatch: error: invalid partition specified: nope' >&2\nexit 1", sinfo="printf 'low*\\nhigh\\n'")
+    code, out, err = run_submit(capsys, "cluster=slurm", "cluster.partition=nope", *TINY,
+                                f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and err.strip().endswith("invalid partition specified: nope (give cluster.partition one of: low "
+                                              "(the default), high)"), err
     # Slurm not configured on this host: not the job's settings
     on_path(sbatch="echo 'sbatch: error: Could not establish a configuration source' >&2\nexit 1")
     code, _, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")

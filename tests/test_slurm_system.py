@@ -668,6 +668,7 @@ def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("allconv-hpc submit: error: sbatch refused the job: invalid "
                                                    "partition specified: nope"), r.stderr
+    assert lines[0].endswith("(give cluster.partition one of: low (the default), high)"), r.stderr
     assert not (tmp_path / "run").exists()
 
 
