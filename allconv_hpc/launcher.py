@@ -170,6 +170,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     _check_distinct_configs(points)
     if sweep_dir is not None:
         _refuse_retraining(points, sweep_dir, {_key(o) for o in swept[0]})
+        if "hydra.sweep.dir" not in keys:
+            _refuse_retraining_elsewhere(points, sweep_dir)
     _warn_short_starts(cluster)
     over = sorted({p.cfg.trainer.threads for p in points if p.cfg is not None and p.cfg.trainer.threads
                    and p.cfg.trainer.threads > cluster["cpus_per_task"]})
@@ -306,6 +308,31 @@ def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) ->
                               f"under another name: it would train it again from scratch. Leave that value out and "
                               f"sweep the new ones, with choice(...) for a key that keeps naming the folders (README, "
                               f"\"Submitting a sweep again\")")
+
+
+def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:
+    """A sweep grown without hydra.sweep.dir (optim.lr=0.01,0.05 then 0.01,0.05,0.1) gets a new default folder (the
+    name hashes the values): its points that an earlier sweep over the same keys holds, config for config, would
+    train again from scratch there, a second W&B group of them. Refused, naming the folder that adds to it."""
+    from .checkpoint import recorded_config
+    if (sweep_dir / "sweep.json").exists():  # this sweep's own folder: _refuse_retraining looks inside
+        return
+    prefix = sweep_dir.name.rpartition("-")[0] + "-"
+    try:
+        others = sorted(d for d in sweep_dir.parent.iterdir() if d.name.startswith(prefix) and d != sweep_dir
+                        and (d / "sweep.json").exists())
+    except OSError:
+        return
+    for other in others:
+        held = [p for p in points if p.skip is None and p.cfg is not None and (other / p.run_dir.name).is_dir()
+                and (cfg := recorded_config(other / p.run_dir.name, warn=False)) is not None
+                and config_key(cfg.identity()) == config_key(p.cfg.identity())]
+        if held:
+            names = ", ".join(p.run_dir.name for p in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise ConfigError(f"{len(held)} of this sweep's points ({names}) are runs of {other} already, an earlier "
+                              f"sweep over the same keys; this sweep's own folder {sweep_dir} would train them again "
+                              f"from scratch. To add to that sweep, give hydra.sweep.dir={shlex.quote(str(other))} "
+                              f"(its completed points get no new job); for a sweep of its own, another hydra.sweep.dir")
 
 
 def _check_name_max(folder: Path, what: str, fix: str) -> None:

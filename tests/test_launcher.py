@@ -630,6 +630,36 @@ def test_a_point_newly_named_with_the_config_of_an_earlier_point_is_refused(tmp_
     assert code == 0 and "has the config of" not in err, err
 
 
+def test_a_sweep_grown_without_its_folder_is_refused_where_it_would_retrain(tmp_path, on_path, capsys, monkeypatch):
+    """optim.lr=0.05,0.1 and then 0.05,0.1,0.2 with no hydra.sweep.dir: the default folder names the values, so the
+    second is a new folder, where 0.05 and 0.1 would train again from scratch: refused, naming the first sweep."""
+    from omegaconf import OmegaConf
+    monkeypatch.chdir(tmp_path)
+    on_path()
+    base = ["cluster=local", "cluster.array_parallelism=4", *TINY]
+    first = tmp_path / sweep_name(*base, "optim.lr=0.05,0.1")
+    for lr in ("0.05", "0.1"):
+        point = first / f"optim.lr={lr}"
+        (point / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create(compose([*base, f"optim.lr={lr}"]).cfg_dict), point / ".hydra" / "config.yaml")
+    (first / "sweep.json").write_text(json.dumps({"sweep_dir": str(first), "jobs": []}))
+    code, out, err = run_submit(capsys, "--dry-run", "-m", *base, "optim.lr=0.05,0.1,0.2")
+    assert code == 2 and err.strip() == (
+        f"allconv-hpc submit: error: 2 of this sweep's points (optim.lr=0.05, optim.lr=0.1) are runs of {first} "
+        f"already, an earlier sweep over the same keys; this sweep's own folder "
+        f"{tmp_path / sweep_name(*base, 'optim.lr=0.05,0.1,0.2')} would train them again from scratch. To add to that "
+        f"sweep, give hydra.sweep.dir={first} (its completed points get no new job); for a sweep of its own, another "
+        f"hydra.sweep.dir"), err
+    code, out, err = run_submit(capsys, "--dry-run", "-m", *base, "optim.lr=0.05,0.1,0.2", f"hydra.sweep.dir={first}")
+    assert code == 0, err
+    code, out, err = run_submit(capsys, "--dry-run", "-m", *base, "optim.lr=0.2,0.3")  # none held: a sweep of its own
+    assert code == 0, err
+    code, out, err = run_submit(capsys, "--dry-run", "-m", *base, "optim.weight_decay=0.01", "optim.lr=0.05,0.1,0.2")
+    assert code == 0, err  # another config is another run
+    code, out, err = run_submit(capsys, "--dry-run", "-m", *base, "trainer.epochs=2", "optim.lr=0.05,0.1,0.2")
+    assert code == 2 and "are runs of" in err, err  # a longer run of them: that sweep's runs train on (a resume)
+
+
 def test_a_sweep_with_nothing_swept_says_so(tmp_path, on_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     on_path()
