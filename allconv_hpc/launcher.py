@@ -300,14 +300,20 @@ def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) ->
             held.setdefault(identity(cfg), []).append((d, cfg))
     for p in new.values():
         mine = flatten(dataclasses.asdict(p.cfg))
-        twin = next((d for d, cfg in held.get(identity(p.cfg), [])
-                     if not any(mine.get(k) != v for k, v in flatten(dataclasses.asdict(cfg)).items()
+        twin = next(((d, theirs) for d, theirs in ((d, flatten(dataclasses.asdict(c)))
+                                                   for d, c in held.get(identity(p.cfg), []))
+                     if not any(mine.get(k) != v for k, v in theirs.items()
                                 if k in swept or k.split(".")[0] in swept)), None)  # a key, or its group swept
         if twin is not None:
-            raise ConfigError(f"sweep point {p.run_dir.name} has the config of {twin.name}, already in this sweep "
+            d, theirs = twin
+            # the keys that name its folder and are not swept now: choice(...) of one value keeps them swept
+            named = [k for k in (seg.split("=", 1)[0] for seg in d.name.split(",") if "=" in seg) if k not in swept]
+            values = [(k, theirs.get(k, theirs.get(f"{k}.name"))) for k in named]
+            here = " ".join(shlex.quote(f"{k}={'choice(' + str(v) + ')'}") for k, v in values if v is not None)
+            raise ConfigError(f"sweep point {p.run_dir.name} has the config of {d.name}, already in this sweep "
                               f"under another name: it would train it again from scratch. Leave that value out and "
-                              f"sweep the new ones, with choice(...) for a key that keeps naming the folders (README, "
-                              f"\"Submitting a sweep again\")")
+                              f"sweep the new ones, with choice(...) for a key that keeps naming the folders"
+                              f"{f' (here: {here})' if here else ''} (README, \"Submitting a sweep again\")")
 
 
 def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:

@@ -615,6 +615,15 @@ def test_a_point_newly_named_with_the_config_of_an_earlier_point_is_refused(tmp_
     (sweep / "seed=9" / "status.json").write_text(json.dumps({"state": "completed", "updated": time.time()}))
     code, out, err = run_submit(capsys, *base, "optim.lr=1.0,0.1", "seed=9")
     assert code == 2 and "sweep point optim.lr=1.0 has the config of seed=9" in err, err
+    # a sweep submitted again with a swept key given one value (seed=3,4 of optim.lr=0.01,0.05 x seed=3,4): the fix
+    # names the choice(...) that keeps that key naming the folders
+    (sweep / "optim.lr=0.01,seed=3" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(compose(["cluster=local", *TINY, "seed=3", "optim.lr=0.01"]).cfg_dict),
+                   sweep / "optim.lr=0.01,seed=3" / ".hydra" / "config.yaml")
+    (sweep / "optim.lr=0.01,seed=3" / "status.json").write_text(json.dumps({"state": "completed", "updated": 1.0}))
+    code, out, err = run_submit(capsys, *base, "optim.lr=0.01", "seed=3,4")
+    assert code == 2 and ("sweep point seed=3 has the config of optim.lr=0.01,seed=3, already in this sweep under "
+                          "another name") in err and "(here: 'optim.lr=choice(0.01)')" in err, err
     code, out, err = run_submit(capsys, *base, "optim.lr=choice(0.1)", "seed=7,8")  # the new values only
     assert code == 0, err
     assert [ln.split()[0] for ln in out.splitlines()] == [str(sweep / f"optim.lr=0.1,seed={s}") for s in (7, 8)]
