@@ -140,8 +140,9 @@ def warn_starts_over(points: list[Point]) -> None:
          f"skipped)")
 
 
-def warn_diverged(run_dir: Path, cfg) -> None:
-    """A run that stopped on a non-finite loss resumes the checkpoint it diverged after: said before it queues."""
+def warn_diverged(run_dir: Path, cfg, sweep: bool = False) -> None:
+    """A run that stopped on a non-finite loss resumes the checkpoint it diverged after: said before it queues. A
+    sweep's point: resume=never or a new hydra.sweep.dir would train every point again, the completed ones too."""
     from .checkpoint import CheckpointDir
     st = read_json(run_dir / "status.json")
     if cfg.checkpoint.resume == "never" or not is_diverged(st):
@@ -150,6 +151,8 @@ def warn_diverged(run_dir: Path, cfg) -> None:
         what = "its job resumes the newest checkpoint kept and will likely diverge again"
     else:  # it diverged before its first checkpoint: the job starts over with the same config
         what = "it diverged before its first checkpoint, and its job starts over with the same config"
-    warn(f"{run_dir} stopped on a non-finite loss at step {st.get('global_step', '?')}; {what}: lower optim.lr in "
-          f"a new hydra.run.dir (for a sweep, hydra.sweep.dir), or add checkpoint.resume=never to start it over (the "
-          f"old run is kept)")
+    fix = ("leave its value out of the sweep (choice(...) of the others) and sweep a lower optim.lr as new points; "
+           "checkpoint.resume=never, or a new hydra.sweep.dir, would train every point again" if sweep else
+           "lower optim.lr in a new hydra.run.dir, or add checkpoint.resume=never to start it over (the old run is "
+           "kept)")
+    warn(f"{run_dir} stopped on a non-finite loss at step {st.get('global_step', '?')}; {what}: {fix}")

@@ -160,7 +160,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         check_run_dir(c.run_dir, "hydra.run.dir" if sweep_dir is None else "hydra.sweep.dir")
         skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
         if skip is None:
-            warn_diverged(c.run_dir, c.cfg)
+            warn_diverged(c.run_dir, c.cfg, sweep=sweep_dir is not None)
         points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
     warn_starts_over(points)
     dirs = [p.run_dir for p in points]

@@ -2153,8 +2153,20 @@ def test_submitting_a_run_that_diverged_warns_it_will_likely_diverge_again(tmp_p
     launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)
     err = capsys.readouterr().err
     assert f"warning: {run} stopped on a non-finite loss at step 56; its job resumes" in err, err
+    assert "lower optim.lr in a new hydra.run.dir, or add checkpoint.resume=never" in err, err
     launcher.plan(["cluster=local", *TINY, "checkpoint.resume=never", f"hydra.run.dir={run}"], multirun=False)
     assert "non-finite" not in capsys.readouterr().err  # starting over is the fix
+    # a sweep's point: starting over (or a new sweep folder) would redo the whole sweep, its completed points too
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    shutil.copytree(run, sweep / "seed=0")
+    launcher.plan(["cluster=local", "cluster.array_parallelism=2", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}"],
+                  multirun=True)
+    err = capsys.readouterr().err
+    assert (f"warning: {sweep / 'seed=0'} stopped on a non-finite loss at step 56; its job resumes the newest checkpoint "
+            f"kept and will likely diverge again: leave its value out of the sweep (choice(...) of the others) and "
+            f"sweep a lower optim.lr as new points; checkpoint.resume=never, or a new hydra.sweep.dir, would train "
+            f"every point again") in err, err
 
 
 def test_a_list_where_slurm_takes_one_string_says_how_to_write_it(tmp_path):
