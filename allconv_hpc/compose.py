@@ -414,14 +414,19 @@ def pin_data_root(composed: Composed) -> Optional[tuple[bool, str]]:
     The default root (./data) is relative to where the command starts, so in a run folder that recorded a root,
     that root is kept unless the command line or ALLCONV_DATA names one: a rerun from another folder would
     otherwise miss the data, or silently read another dataset. Returns (a warning?, the line to log) or None."""
-    root = str(Path(composed.cfg.data.root).expanduser().absolute())
+    # one spelling per folder (a/x/../cifar is a/cifar), so the same folder is never "another"; links kept as given
+    root = os.path.normpath(Path(composed.cfg.data.root).expanduser().absolute())
     recorded = recorded_data_root(composed.run_dir) if composed.cfg.data.name != "synthetic" else None
+    recorded = os.path.normpath(recorded) if recorded is not None else None
     said = None
     if recorded is not None and recorded != root:
-        if any(override_key(o) == "data.root" for o in composed.overrides) or os.environ.get("ALLCONV_DATA"):
+        typed = any(override_key(o) == "data.root" for o in composed.overrides)
+        env = os.environ.get("ALLCONV_DATA")
+        if typed or env:
+            given = f"data.root={root}" if typed else f"ALLCONV_DATA={env}"  # the environment's, not typed
             if composed.cfg.checkpoint.resume != "never":  # a run started over may read other data
-                said = True, (f"data.root={root} is not the {recorded} this run read before: reading {root} "
-                              f"(a resume may move its data; the same images are expected)")
+                said = True, (f"{given} is not the {recorded} this run read before: reading {root} "
+                              f"(a resume may move its data: it checks the images are the ones it trained on)")
         else:
             said = False, (f"data.root {recorded}: this run's, recorded in {composed.run_dir / '.hydra'}/config.yaml "
                            f"(the default resolves to {root} here); data.root=DIR reads another folder")

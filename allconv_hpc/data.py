@@ -129,6 +129,9 @@ def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "dat
         hint = f" (the root looks one level too deep: try {root_option}{folder.parent.parent})"
     elif (folder / lay.folder / files[0]).is_file():  # extracted into a folder of that name (tar -C it)
         hint = f" (the files are one level further down, in {folder / lay.folder}: try {root_option}{folder})"
+    elif len(down := sorted(folder.parent.glob(f"*/{lay.folder}/{files[0]}"))) == 1:  # root one level too high
+        hint = (f" (the root looks one level too high, the files are in {down[0].parent}: try "
+                f"{root_option}{down[0].parent.parent})")
     other = [n for n, o in _LAYOUTS.items() if n != cfg.name and (folder.parent / o.folder).is_dir()]
     if other:  # the other CIFAR is there: the wrong data group, not a missing download
         hint += (f" ({folder.parent} holds {_LAYOUTS[other[0]].folder}: did you mean data={other[0]}?)"
@@ -142,7 +145,8 @@ def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "dat
     if binary.is_dir():  # the C version of the release
         hint += f" ({binary.name} is the binary version; this reads the python version, {archive.name})"
     env = os.environ.get("ALLCONV_DATA")
-    if env and root_option == "data.root=" and Path(env).expanduser().absolute() == Path(cfg.root).absolute():
+    if env and root_option == "data.root=" and (os.path.normpath(Path(env).expanduser().absolute())
+                                                == os.path.normpath(Path(cfg.root).expanduser().absolute())):
         hint += " (data.root came from the environment's ALLCONV_DATA)"
     fix = fix or (f"Put the official python version there, set data.root=<folder holding {lay.folder}>, or "
                   f"data.download=true on a machine with network")
@@ -205,7 +209,10 @@ def _unpickle(path: Path) -> Any:
         with open(path, "rb") as f:
             return _Unpickler(f, encoding="bytes").load()
     except Exception as e:  # a damaged pickle can raise almost anything (EOFError, UnpicklingError, ...)
-        raise DataError(f"{path} is corrupt or not a CIFAR python pickle ({type(e).__name__}: {e}); "
+        said = (str(e).splitlines()[0] if str(e).strip() else  # a bare MemoryError: a damaged length field
+                "a size field in it is damaged: it asks for more memory than there is"
+                if isinstance(e, MemoryError) else "its bytes are damaged")
+        raise DataError(f"{path} is corrupt or not a CIFAR python pickle ({type(e).__name__}: {said}); "
                         f"re-create or re-download it") from None
 
 
@@ -244,10 +251,16 @@ def _download(cfg: DataConfig) -> None:
     title = _layout(cfg.name).title
     try:
         import torchvision  # only here: reading never needs it
+    except Exception as e:  # not installed, or built for another torch ("operator torchvision::nms does not exist")
+        msg = str(e).splitlines()[0] if str(e).strip() else "no detail given"
+        raise DataError(f"data.download=true needs torchvision, whose import failed ({type(e).__name__}: {msg}); "
+                        f"install the torchvision release that matches torch {torch.__version__}, or copy the "
+                        f"official python version of {title} into {root} and set data.download=false") from None
+    try:
         cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
         root.mkdir(parents=True, exist_ok=True)
         cls(str(root), train=True, download=True)  # fetches and unpacks the whole archive
-    except Exception as e:  # URLError, timeouts, md5 mismatch, no torchvision
+    except Exception as e:  # URLError, timeouts, md5 mismatch
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"downloading {title} into {root} failed ({type(e).__name__}: {msg}); this machine"
                         f" may have no network: copy the official python version there instead and set"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -126,6 +127,17 @@ def _checkpoint_path(run: Path, which: str) -> Path:
             which_too = "" if which == "best" else f" --checkpoint {shlex.quote(which)}"
             raise ConfigError(f"{run} is a run's checkpoint folder; give its run folder: allconv-hpc evaluate "
                               f"{shlex.quote(str(run.absolute().parent))}{which_too}")
+        aside = re.fullmatch(r"checkpoints\.old\d+", run.name)  # resume=never's: the old checkpoints, no run folder
+        if aside and not (run / "checkpoints").exists() and any(run.glob("*.pt")):
+            name = f"{which}.pt" if which in ("best", "last") else Path(which).name
+            gone = "" if (run / name).is_file() else f" (it holds no {name})"
+            if gone:  # e.g. no best.pt: no epoch of that run finished
+                name = next((n for n in ("best.pt", "last.pt") if (run / n).is_file()),
+                            sorted(p.name for p in run.glob("*.pt"))[-1])
+            here = run.absolute()  # a file of a set-aside run is given by its path, with the run folder
+            raise ConfigError(f"{run} holds the checkpoints of a run set aside by checkpoint.resume=never, not a run "
+                              f"folder; score one of its files by path{gone}: allconv-hpc evaluate "
+                              f"{shlex.quote(str(here.parent))} --checkpoint {shlex.quote(str(here / name))}")
         sweep = _sweep_hint(run)
         if sweep:
             raise ConfigError(sweep)

@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-from .config import CLUSTER_KEYS, ConfigError
+from .config import CLUSTER_KEYS, WARNING_SIGNALS, ConfigError
 
 # Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
 # quotes): letters, digits and the punctuation Slurm's own syntax uses, nothing a shell would act on.
@@ -151,7 +151,7 @@ def validate_cluster(cluster: dict, cfg) -> dict:
     if c["signal_lead_s"] >= c["timeout_min"] * 60:
         raise ConfigError(f"cluster.signal_lead_s={c['signal_lead_s']} s must be shorter than cluster.timeout_min="
                           f"{c['timeout_min']} ({c['timeout_min'] * 60} s): lower cluster.signal_lead_s (at least 10) "
-                          f"or raise cluster.timeout_min above {c['signal_lead_s'] / 60:g}")
+                          f"or raise cluster.timeout_min above {c['signal_lead_s'] // 60}")  # whole minutes
     given = str(c.get("signal"))
     if re.match(r"(?i)^(b|r|rb|br):", given):  # sbatch's flags: B sends to the batch shell only, not to the tasks
         name, _, lead = given.split(":", 1)[1].partition("@")
@@ -159,6 +159,11 @@ def validate_cluster(cluster: dict, cfg) -> dict:
                           f"signal the batch shell alone, not the training tasks); give the name alone: "
                           f"cluster.signal={name}" + (f" (the lead: cluster.signal_lead_s={lead})" if lead else ""))
     sent, caught = signal_name(c), signal_name({"signal": cfg.checkpoint.signal})
+    if sent in ("KILL", "STOP"):  # no process can catch these: no checkpoint.signal could equal it
+        raise ConfigError(f"cluster.signal={c.get('signal')} cannot be caught, so no checkpoint could follow it; "
+                          f"send the signal checkpoint.signal catches (one of "
+                          f"{', '.join(s.removeprefix('SIG') for s in WARNING_SIGNALS)}; now {caught}): "
+                          f"cluster.signal={caught}")
     if sent != caught and not {sent, caught} <= {"USR1", "USR2"}:  # USR1 and USR2 are warnings whichever is set
         raise ConfigError(f"cluster.signal={c.get('signal')} differs from checkpoint.signal={cfg.checkpoint.signal}: "
                           f"the job would not catch the signal Slurm sends; make them equal")

@@ -416,8 +416,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         if self.finished:
             if self.env.is_main:
-                log.info("this run completed its %d epochs already: nothing to do (a larger trainer.epochs trains "
-                         "on; checkpoint.resume=never starts over)", st.epoch)
+                log.info("this run completed its %d epoch%s already: nothing to do (a larger trainer.epochs trains "
+                         "on; checkpoint.resume=never starts over)", st.epoch, "" if st.epoch == 1 else "s")
             return 0
         self._stop_if_asked()  # the W&B start can take seconds: the last safe point before the steps
         self.polls.restart_clock()
@@ -426,9 +426,10 @@ class Trainer:
         self.tracker.set_summary(precision=self.precision)  # what trainer.precision=auto chose
         if self.env.is_main:
             auto = " (auto)" if cfg.trainer.precision == "auto" else ""
-            log.info("training %s on %s: %d rank(s), global batch %d, %d steps/epoch, %d epochs, lr %g, precision %s%s",
+            log.info("training %s on %s: %d rank(s), global batch %d, %d steps/epoch, %d epoch%s, lr %g, precision %s%s",
                      cfg.data.name, self.device, self.env.world_size, cfg.trainer.batch_size,
-                     self.steps_per_epoch, cfg.trainer.epochs, cfg.lr, self.precision, auto)
+                     self.steps_per_epoch, cfg.trainer.epochs, "" if cfg.trainer.epochs == 1 else "s", cfg.lr,
+                     self.precision, auto)
             if self.test_split is not None:
                 log.info("each epoch is scored on %d held-out training images (data.val_size); the %d test "
                          "images are scored once, after the last epoch", len(self.val_split[1]),

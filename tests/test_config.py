@@ -702,6 +702,59 @@ def test_a_new_root_for_a_run_started_over_is_not_warned_as_a_resume(tmp_path, m
     assert pin_data_root(compose(["data.root=/new", "hydra.run.dir=run", "checkpoint.resume=never"])) is None
 
 
+def test_the_same_data_folder_spelled_otherwise_is_not_warned_and_the_environment_is_named(tmp_path, monkeypatch):
+    """/a/work/../cifar and /a/other/../cifar are one folder (recorded as /a/cifar, links kept as given); a new
+    root from ALLCONV_DATA is said as ALLCONV_DATA=..., not as a data.root=... that was never typed."""
+    from allconv_hpc.compose import pin_data_root, recorded_data_root, write_hydra_files
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ALLCONV_DATA", raising=False)
+    first = compose(["data.root=/a/work/../cifar", "hydra.run.dir=run"])
+    assert pin_data_root(first) is None and first.cfg.data.root == "/a/cifar"
+    write_hydra_files(first)
+    assert recorded_data_root(tmp_path / "run") == "/a/cifar"
+    again = compose(["data.root=/a/other/../cifar", "hydra.run.dir=run"])
+    assert pin_data_root(again) is None and again.cfg.data.root == "/a/cifar"
+    monkeypatch.setenv("ALLCONV_DATA", "/a/./cifar/")
+    assert pin_data_root(compose(["hydra.run.dir=run"])) is None
+    monkeypatch.setenv("ALLCONV_DATA", "/b/cifar")
+    said = pin_data_root(compose(["hydra.run.dir=run"]))
+    assert said == (True, "ALLCONV_DATA=/b/cifar is not the /a/cifar this run read before: reading /b/cifar (a resume "
+                          "may move its data: it checks the images are the ones it trained on)"), said
+    said = pin_data_root(compose(["data.root=/c/x/../cifar", "hydra.run.dir=run"]))  # typed: said as typed
+    assert said is not None and said[1].startswith("data.root=/c/cifar is not the /a/cifar this run read before"), said
+
+
+def _cluster_error(*overrides: str) -> str:
+    """What submit's check of the cluster profile says of these overrides (nothing is submitted)."""
+    from allconv_hpc import resources
+    c = compose(["cluster=slurm", "data=synthetic", *overrides])
+    with pytest.raises(ConfigError) as e:
+        resources.validate_cluster(c.cluster, c.cfg)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("lead,limit,above", [(200, 3, 3), (180, 3, 3), (61, 1, 1)])
+def test_a_signal_lead_past_the_time_limit_names_a_whole_number_of_minutes(lead, limit, above):
+    """cluster.timeout_min is an integer: the bound to raise it above is one too (was "above 3.33333" for 200 s),
+    and the next integer is long enough."""
+    from allconv_hpc import resources
+    msg = _cluster_error(f"cluster.signal_lead_s={lead}", f"cluster.timeout_min={limit}")
+    assert msg.endswith(f"or raise cluster.timeout_min above {above}"), msg
+    c = compose(["cluster=slurm", "data=synthetic", f"cluster.signal_lead_s={lead}",
+                 f"cluster.timeout_min={above + 1}"])
+    resources.validate_cluster(c.cluster, c.cfg)
+
+
+@pytest.mark.parametrize("sent", ["KILL", "SIGSTOP"])
+def test_an_uncatchable_cluster_signal_is_refused_as_such(sent):
+    """cluster.signal=KILL was "differs from checkpoint.signal=USR2 ... make them equal", which no value can: KILL
+    and STOP cannot be caught, so checkpoint.signal refuses them too."""
+    assert _cluster_error(f"cluster.signal={sent}") == (
+        f"cluster.signal={sent} cannot be caught, so no checkpoint could follow it; send the signal checkpoint.signal "
+        f"catches (one of USR1, USR2, HUP, XCPU; now USR2): cluster.signal=USR2")
+    assert _cluster_error("cluster.signal=KILL", "checkpoint.signal=HUP").endswith("now HUP): cluster.signal=HUP")
+
+
 def test_a_number_from_an_env_variable_is_refused_with_the_way_to_decode_it(monkeypatch, tmp_path):
     """${oc.env:VAR} gives a string, even "10": the refusal says so and how to give the number, and the way it
     gives works (the nested interpolation, unquoted, is a parse error that says to quote it)."""

@@ -3,6 +3,7 @@ and the DDP sharding of training and evaluation batches."""
 import os
 import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -108,6 +109,13 @@ def test_missing_folder_names_folder_files_and_fix(tmp_path):
     data.check_present(_cfg(tmp_path / "nowhere", download=True))  # download happens in load, not here
 
 
+def test_a_missing_root_from_allconv_data_is_said_to_come_from_it_however_spelled(tmp_path, monkeypatch):
+    """compose records data.root normalised (a/x/../b is a/b): ALLCONV_DATA spelled with .. is still its source."""
+    monkeypatch.setenv("ALLCONV_DATA", str(tmp_path / "x" / ".." / "nowhere"))
+    with pytest.raises(data.DataError, match=r"\(data.root came from the environment's ALLCONV_DATA\)\.$"):
+        data.check_present(_cfg(tmp_path / "nowhere"))
+
+
 def test_download_failure_is_one_line(tmp_path, monkeypatch):
     import sys
     import types
@@ -120,6 +128,51 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(data.DataError, match="downloading CIFAR-10 into .* failed .*URLError.* no network") as e:
         data.load(_cfg(tmp_path, download=True), seed=0)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("broken", [None, RuntimeError("operator torchvision::nms does not exist")])
+def test_a_torchvision_that_cannot_be_imported_is_named_not_the_network(tmp_path, monkeypatch, broken):
+    """data.download=true where torchvision is missing, or built for another torch: its import failed, not the
+    network, and the fix is another torchvision (or the files copied by hand)."""
+    import sys
+    if broken is None:
+        monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` raises ModuleNotFoundError
+    else:  # its import raises as one built for another torch does
+        monkeypatch.setattr("builtins.__import__", _failing_import(broken))
+    with pytest.raises(data.DataError) as e:
+        data.load(_cfg(tmp_path / "new", download=True), seed=0)
+    msg = str(e.value)
+    assert "\n" not in msg and "no network" not in msg, msg
+    kind = "ModuleNotFoundError" if broken is None else "RuntimeError: operator torchvision::nms does not exist"
+    assert msg.startswith(f"data.download=true needs torchvision, whose import failed ({kind}"), msg
+    assert msg.endswith(f"install the torchvision release that matches torch {torch.__version__}, or copy the "
+                        f"official python version of CIFAR-10 into {tmp_path / 'new'} and set data.download=false"), msg
+
+
+def _failing_import(error):
+    """__import__ that raises `error` for torchvision, and imports anything else."""
+    import builtins
+    real = builtins.__import__
+
+    def imp(name, *a, **k):
+        if name == "torchvision":
+            raise error
+        return real(name, *a, **k)
+    return imp
+
+
+def test_a_pickle_with_a_damaged_header_says_what_is_wrong(cifar10):
+    """A flipped byte near the start becomes a length of exabytes: a bare MemoryError, once said as
+    "(MemoryError: )"."""
+    root, *_ = cifar10
+    path = root / "cifar-10-batches-py" / "data_batch_3"
+    raw = bytearray(path.read_bytes())
+    raw[3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(data.DataError) as e:
+        data.load(_cfg(root), seed=0)
+    assert str(e.value) == (f"{path} is corrupt or not a CIFAR python pickle (MemoryError: a size field in it is "
+                            f"damaged: it asks for more memory than there is); re-create or re-download it")
 
 
 def test_an_empty_or_cut_file_is_named_before_anything_is_read(cifar10):
@@ -213,6 +266,25 @@ def test_root_one_level_too_deep_gets_a_hint(cifar10):
         data.check_present(_cfg(root / "cifar-10-batches-py"), fix="Give --data-root DIR", root_option="--data-root ")
     with pytest.raises(data.DataError, match=rf"\({root} holds cifar-10-batches-py, but the run trained on cifar100\)"):
         data.check_present(_cfg(root, "cifar100"), fix="Give --data-root DIR", root_option="--data-root ")
+
+
+def test_root_one_level_too_high_gets_a_hint(cifar10, tmp_path):
+    """data.root=data where the files are in data/cifar10/cifar-10-batches-py: the folder to give is named, and
+    only when one such folder is there (with two, which one is meant is not known)."""
+    root, *_ = cifar10
+    top = tmp_path / "data"
+    (top / "cifar10").mkdir(parents=True)
+    (root / "cifar-10-batches-py").rename(top / "cifar10" / "cifar-10-batches-py")
+    with pytest.raises(data.DataError, match=rf"\(the root looks one level too high, the files are in "
+                                             rf"{top}/cifar10/cifar-10-batches-py: try data.root={top}/cifar10\)\.$"):
+        data.check_present(_cfg(top))
+    with pytest.raises(data.DataError, match=rf"too high, .*: try --data-root {top}/cifar10\)\.$"):
+        data.check_present(_cfg(top), fix="Give --data-root DIR", root_option="--data-root ")
+    data.check_present(_cfg(top / "cifar10"))  # what it says to give
+    shutil.copytree(top / "cifar10", top / "copy")
+    with pytest.raises(data.DataError) as e:
+        data.check_present(_cfg(top))
+    assert "too high" not in str(e.value)
 
 
 def test_files_extracted_one_level_too_far_down_get_a_hint(cifar10, tmp_path):

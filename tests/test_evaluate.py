@@ -295,6 +295,30 @@ def test_a_checkpoint_given_as_the_run_gets_the_command_that_scores_it(tmp_path)
             evaluate(tmp_path / "run", empty)
 
 
+def test_a_set_aside_runs_checkpoint_folder_gets_the_command_that_scores_its_files(tmp_path):
+    """checkpoint.resume=never moves a run's checkpoints (and history, W&B files) to checkpoints.old1/: given as
+    the run, it was "has no checkpoint yet" with a status command that fails; the command it names scores one."""
+    run = tmp_path / "run"
+    run_train(tmp_path, run, TINY)
+    run_train(tmp_path, run, TINY + ["checkpoint.resume=never", "seed=1"])
+    old = run / "checkpoints.old1"
+    assert (old / "best.pt").is_file() and not (old / "checkpoints").exists()
+    for which, name in (("best", "best.pt"), ("last", "last.pt"), ("step_00000010.pt", "step_00000010.pt")):
+        with pytest.raises(ConfigError) as e:
+            evaluate(old, which)
+        assert str(e.value) == (f"{old} holds the checkpoints of a run set aside by checkpoint.resume=never, not a "
+                                f"run folder; score one of its files by path: allconv-hpc evaluate {run} "
+                                f"--checkpoint {old / name}"), str(e.value)
+    r = _cli(tmp_path, run, "--checkpoint", old / "best.pt", "--json")  # what it names: the old run's file scored
+    assert r.returncode == 0, r.stderr
+    best = max(row["val_acc"] for row in read_history(old / "history.csv"))
+    assert json.loads(r.stdout)["val_acc_when_saved"] == best
+    (old / "best.pt").unlink()  # no finished epoch's best.pt: the file that is there
+    with pytest.raises(ConfigError, match=rf"by path \(it holds no best.pt\): allconv-hpc evaluate {run} --checkpoint "
+                                          rf"{old}/last.pt$"):
+        evaluate(old, "best")
+
+
 def test_a_folder_that_is_no_run_is_named_so(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ConfigError, match=rf"{tmp_path}/plain is not a run folder \(no checkpoints/, nothing train "

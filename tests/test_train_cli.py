@@ -421,6 +421,18 @@ def test_wheel_install_trains_from_any_folder(tmp_path):
     assert len(_history(tmp_path / "run")) == 1
 
 
+def test_a_one_epoch_run_says_epoch_not_epochs(tmp_path):
+    """The start line and a rerun of a completed run count one epoch as "1 epoch" (was "1 epochs")."""
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.epochs=1", "wandb.mode=disabled"]
+    train(tmp_path, run, args, module=True)
+    train(tmp_path, run, args, module=True)  # completed: nothing to do
+    log = (run / "train.log").read_text()
+    assert re.search(r"training synthetic on cpu: 1 rank\(s\), global batch 64, 5 steps/epoch, 1 epoch, lr ", log), log
+    assert "this run completed its 1 epoch already: nothing to do" in log, log
+    assert "1 epochs" not in log, log
+
+
 def test_train_log_drops_submitits_sigcont_warning_only(tmp_path):
     """Slurm sends SIGCONT with its signals; submitit logs each as 'Bypassing signal SIGCONT', a WARNING
     in every preempted job's log. That one line is dropped; submitit's other warnings stay."""
