@@ -341,6 +341,10 @@ def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:
                               f"(its completed points get no new job); for a sweep of its own, another hydra.sweep.dir")
 
 
+def _grow_hint(points: list[Point]) -> str:
+    return " (trainer.epochs=N grows a completed run)" if any(p.skip == "completed" for p in points) else ""
+
+
 def _check_name_max(folder: Path, what: str, fix: str) -> None:
     """Each folder name still to be made fits the file system's NAME_MAX: refused here, with the fix, not later by
     a mkdir or a read of the records in it ("File name too long"), which a dry run never reaches."""
@@ -581,6 +585,8 @@ def submit_main(argv: list[str]) -> int:
             if n:  # the folders above could read as queued ones
                 print(f"allconv-hpc submit: dry run: nothing was submitted ({n} run(s) would be, "
                       f"cluster={cluster['backend']})", file=sys.stderr)
+            else:
+                print(f"nothing to submit: every run is completed or queued{_grow_hint(points)}")
             return 0
         jobs, interrupted = (submit(points, sweep_dir, cluster, attach=args.wait)
                              if any(p.skip is None for p in points) else ([], False))
@@ -599,8 +605,7 @@ def submit_main(argv: list[str]) -> int:
         print(f"held, as cluster.additional_parameters.hold asks: nothing starts until scontrol release {ids}")
     where = sweep_dir if sweep_dir is not None else points[0].run_dir
     if not todo:
-        grow = " (trainer.epochs=N grows a completed run)" if any(p.skip == "completed" for p in points) else ""
-        print(f"nothing to submit: every run is completed or queued{grow}")
+        print(f"nothing to submit: every run is completed or queued{_grow_hint(points)}")
     print(f"{'sweep' if sweep_dir is not None else 'run'} folder: {where}")
     print(f"watch it with: allconv-hpc status {shlex.quote(str(where))}")
     if interrupted:

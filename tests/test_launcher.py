@@ -852,6 +852,9 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     assert [ln for ln in out.splitlines() if ln.startswith("job ")] == [f"job 77  {new}"], out
     assert [r["job_id"] for r in json.loads((sweep / "sweep.json").read_text())["jobs"]] == [None, "42", "77"]
     # one completed run: no job at all; with more epochs it trains on
+    code, out, err = run_submit(capsys, "--dry-run", "cluster=slurm", *TINY, "seed=0", f"hydra.run.dir='{done}'")
+    assert code == 0 and out.splitlines()[-1] == ("nothing to submit: every run is completed or queued "
+                                                  "(trainer.epochs=N grows a completed run)"), out  # a dry run too
     code, out, err = run_submit(capsys, "cluster=slurm", *TINY, "seed=0", f"hydra.run.dir='{done}'")
     assert code == 0 and "nothing to submit" in out and (tmp_path / "sbatch_calls").read_text() == "x\n", err
     (done / "status.json").write_text(json.dumps({"state": "running", "updated": time.time()}))  # killed at the end
