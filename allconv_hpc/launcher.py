@@ -151,9 +151,15 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         if mode != "disabled":
             check_names(c.cfg.wandb)  # a project or tag W&B would refuse at wandb.init
         if cluster is not None and mine != cluster:
-            diff = ", ".join(f"cluster.{k}" for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k))
+            keys_ = [k for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k)]
+            diff = ", ".join(f"cluster.{k}" for k in keys_)
+            listed = [k for k in keys_ if k in ("partition", "exclude", "constraint")]
+            said = [o for o in overrides if _key(o) == f"cluster.{listed[0]}"] if listed else []
+            # Slurm's own comma lists (sbatch -p a,b: the first partition that can start it) are one value, quoted
+            quoted = said[-1].replace("=", '="', 1) + '"' if said else ""
+            one = f"; for Slurm's list, quote it as one value: {shlex.quote(quoted)}" if said else ""
             raise ConfigError(f"the sweep varies {diff}: one job array has one resource shape; submit one sweep "
-                              f"per cluster setting instead")
+                              f"per cluster setting instead{one}")
         cluster = mine
         if sweep_dir is None:  # pinned absolute, in place of the one given
             ov = [o for o in ov if _key(o) != "hydra.run.dir"] + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]

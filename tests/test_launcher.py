@@ -303,7 +303,12 @@ def test_a_sweep_over_cluster_settings_is_refused(tmp_path, on_path):
         with pytest.raises(ConfigError, match="one job array has one resource shape") as e:
             launcher.plan([*sweep, *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"], multirun=True)
         assert "cluster." in str(e.value)
+        # Slurm's own list (the first partition that can start it) is one value, quoted: said how
+        assert (('quote it as one value: \'cluster.partition="a,b"\'' in str(e.value))
+                is ("cluster.partition=a,b" in sweep)), str(e.value)
     assert not (tmp_path / "sweep").exists()
+    composed_ = compose(["cluster=slurm", *TINY, 'cluster.partition="a,b"'])  # as told: one value
+    assert composed_.cluster["partition"] == "a,b"
 
 
 def test_a_local_sweep_wider_than_array_parallelism_is_refused(tmp_path):
