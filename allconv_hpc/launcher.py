@@ -89,9 +89,6 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             earlier = [d for d in earlier_sweep_dirs(common, swept) if d != name and Path(d).is_dir()]
             sweep_dir = Path(earlier[0] if earlier and not Path(name).exists() else name).absolute()
         hydra_value(sweep_dir, "hydra.sweep.dir")
-        if swept == [[]]:  # legal (a script's sweep of one), but often a comma list forgotten
-            warn(f"-m but nothing is swept (no comma list, range, choice or glob): one run, in {sweep_dir}/run; "
-                 f"without -m it trains in hydra.run.dir")
         _check_name_max(sweep_dir, "hydra.sweep.dir", "give a shorter hydra.sweep.dir")
         check_sweep_dir(sweep_dir)
     points, cluster, warned, compiler_found = [], None, set(), False
@@ -168,6 +165,10 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         if skip is None:
             warn_diverged(c.run_dir, c.cfg, sweep=sweep_dir is not None)
         points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
+    if swept == [[]] and sweep_dir is not None:  # legal (a script's sweep of one), but often a comma list forgotten
+        # said once the point composed: a list Hydra refuses to read as a sweep (model=[a,b]) is refused instead
+        warn(f"-m but nothing is swept (no comma list, range, choice or glob): one run, in {sweep_dir}/run; "
+             f"without -m it trains in hydra.run.dir")
     warn_starts_over(points)
     dirs = [p.run_dir for p in points]
     twice = next((d for i, d in enumerate(dirs) if d in dirs[:i]), None)

@@ -677,6 +677,10 @@ def test_a_sweep_grown_without_its_folder_is_refused_where_it_would_retrain(tmp_
 def test_a_sweep_with_nothing_swept_says_so(tmp_path, on_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     on_path()
+    # a list Hydra reads as one value of a group (model=[a,b]) is refused, not first called "nothing swept"
+    code, out, err = run_submit(capsys, "--dry-run", "-m", "cluster=local", *TINY, "model=[allcnn_c,model_a]",
+                                f"hydra.sweep.dir={tmp_path / 'sw'}")
+    assert code == 2 and "picks 2 model options at once" in err and "nothing is swept" not in err, err
     code, out, err = run_submit(capsys, "--dry-run", "-m", "cluster=local", *TINY, f"hydra.sweep.dir={tmp_path / 'sw'}")
     assert code == 0 and [ln.split()[0] for ln in out.splitlines()] == [str(tmp_path / "sw" / "run")], out
     assert (f"warning: -m but nothing is swept (no comma list, range, choice or glob): one run, in {tmp_path / 'sw'}"
