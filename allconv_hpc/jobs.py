@@ -245,7 +245,7 @@ class DamagedFile(Exception):
 # how to get a good one back: status.json is rewritten whole by the run's next job
 FIXES = {"sweep.json": "submit the sweep again (allconv-hpc submit -m ...), which writes a new one",
          "submission.json": "delete it and submit the run again",
-         "status.json": "delete it: the run's next job writes a new one"}
+         "status.json": "delete it: the run's next start (its job, or train) writes a new one"}
 
 
 def read_record(path: Path) -> Optional[dict]:

@@ -212,7 +212,7 @@ def test_a_damaged_status_json_is_named(tmp_path, no_slurm, capsys, content, wha
     bad.write_bytes(content if isinstance(content, bytes) else content.encode())
     for folder in (root, runs[1]):  # the sweep and the run alone
         err = one_line_error(capsys, status.status_main([str(folder)]), bad)
-        assert what in err and "delete it: the run's next job writes a new one" in err, err
+        assert what in err and "delete it: the run's next start (its job, or train) writes a new one" in err, err
     bare = tmp_path / "bare"  # a run started without submit: status.json is what makes it a run folder
     bare.mkdir()
     shutil.copy(bad, bare / "status.json")
