@@ -1490,9 +1490,12 @@ def test_a_slurm_job_whose_run_stopped_with_a_checkpoint_is_stopped_not_failed(t
     assert status.wait_for(run, poll_s=0) == status.EXIT_STOPPED
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "step_00000040.pt").touch()
+    gave_up = (", giving up: its time limit came more than checkpoint.max_requeues times" if run_state == "gave_up"
+               else "")
     assert status._errors([status.run_rows(run)[0]]).endswith(
-        "run: stopped with epoch 2/30 done (step 0); the same submit (or train) command resumes it from its newest "
-        "checkpoint, step 40")  # GAVE UP too: the same submit gets a fresh max_requeues
+        f"run: stopped with epoch 2/30 done (step 0){gave_up}; the same submit (or train) command resumes it from its "
+        f"newest checkpoint, step 40" + (" (with a larger cluster.timeout_min, each start trains longer)" if gave_up
+                                         else ""))  # GAVE UP too: the same submit gets a fresh max_requeues
     st = json.loads((run / "status.json").read_text())  # a stop by hand (`train`, no job) since: not this job's
     (run / "status.json").write_text(json.dumps({k: v for k, v in st.items() if k != "slurm_job_id"}))
     assert status.run_rows(run)[0]["failed"]
