@@ -12,12 +12,12 @@ Python work.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import pickle
 import shlex
 import struct
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -327,16 +327,15 @@ def load(cfg: DataConfig, seed: int) -> Dataset:
 
 
 def fingerprint(ds: Dataset) -> dict:
-    """Each split's image count and a hash of its images and labels (about 0.2 s for CIFAR), recorded in the
-    checkpoints: a resume checks that it trains on the images its checkpoint did. The same files moved or
-    copied (to a node's own disk) give the same; a rebuilt or another dataset, or other subsets, do not."""
+    """Each split's image count and CRC-32s of its images and of its labels (0.04 s for CIFAR-10 here; a
+    cryptographic hash took 0.2 s of a resume's start), recorded in the checkpoints: a resume checks that it trains
+    on the images its checkpoint did. The same files moved or copied (to a node's own disk) give the same; a
+    rebuilt or another dataset, or other subsets, do not (what is guarded against is a mix-up, not tampering)."""
     def one(s: Optional[Split]) -> Optional[str]:
         if s is None:
             return None
-        h = hashlib.blake2b(digest_size=12)
-        for t in (s.images, s.labels):
-            h.update(memoryview(t.contiguous().numpy()).cast("B"))
-        return f"{len(s)}:{h.hexdigest()}"
+        crcs = (zlib.crc32(memoryview(t.contiguous().numpy()).cast("B")) for t in (s.images, s.labels))
+        return f"{len(s)}:" + "".join(f"{c:08x}" for c in crcs)
     return {"train": one(ds.train), "val": one(ds.val), "test": one(ds.test)}
 
 
