@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Optional
 
 
 # set in each task of a cluster=local job by launcher.TrainJob; here, not in distributed.py, so that setting it does
@@ -77,6 +78,12 @@ def unhold() -> None:
 
 
 DEATH_SIGNAL = signal.SIGTERM  # a rank whose controller died stops as on scancel: a checkpoint, then exit
+
+
+def local_job_id(source: str) -> Optional[str]:
+    """The cluster=local job a rank started by `source` (DistEnv.source) runs in, as its records name it (status
+    tells a record of the job from one of a `train` by hand that resumed the run after it); None for others."""
+    return os.environ.get("SUBMITIT_LOCAL_JOB_ID") if source == "local" else None
 
 
 def controller_gone() -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointDir, CheckpointError, load_file
-from .config import Config, ConfigError, DataConfig
+from .config import Config, DataConfig
 from .data import other_images
 from .fsio import read_json
 from .preempt import SlurmJob
@@ -145,21 +145,26 @@ def restore(ck: dict, model: torch.nn.Module, opt: torch.optim.Optimizer,
     return TrainState(**{"streams": 1, **ck["train_state"]})  # no "streams": written before it
 
 
-def check_same_images(ck: dict, now: dict, path: Path, cfg: DataConfig) -> None:
-    """Refuse to resume checkpoint ``path`` on other images than it trained on (``now``: data.fingerprint of this
-    start's): a data.root given anew, or a copy rebuilt or replaced since, would go on training (and scoring) the
-    run on other data, with no sign of it in the run's curves. Checkpoints of before the fingerprints pass."""
+def other_images_said(ck: dict, now: dict, path: Path, cfg: DataConfig) -> Optional[str]:
+    """Why checkpoint ``path`` may not be resumed here, if it trained on other images than this start reads
+    (``now``: data.fingerprint of this start's): a data.root given anew, or a copy rebuilt or replaced since, would
+    go on training (and scoring) the run on other data, with no sign of it in its curves. None where they are the
+    same, or the checkpoint is of before the fingerprints."""
     said = other_images(ck.get("data"), now)
     if not said:
-        return
-    if cfg.name == "synthetic":
-        where = "data=synthetic generates now (another version of it?)"
-    else:
-        then = ((ck.get("config") or {}).get("data") or {}).get("root")
-        where = f"data.root={cfg.root} holds" + (f" (it trained on {then})" if then and then != cfg.root else "")
-    raise ConfigError(f"checkpoint {path} trained on other images than {where} ({'; '.join(said)}): give data.root "
-                      f"the folder it trained on (or an exact copy), or start a new run (a new hydra.run.dir, or "
-                      f"checkpoint.resume=never)")
+        return None
+    anew = "or start a new run (a new hydra.run.dir, a sweep's point a new hydra.sweep.dir; or checkpoint.resume=never)"
+    then_torch = ck.get("torch_version")
+    torch_too = (f"; torch was {then_torch}, now {torch.__version__}, whose random draws may differ"
+                 if then_torch and then_torch != str(torch.__version__) else "")
+    if cfg.name == "synthetic":  # generated: no folder to give
+        return (f"checkpoint {path} trained on other images than data=synthetic generates now ({'; '.join(said)}"
+                f"{torch_too}): resume it with the version it trained with, {anew}")
+    then = ((ck.get("config") or {}).get("data") or {}).get("root")
+    then = os.path.normpath(then) if then else None
+    where = f"data.root={cfg.root} holds" + (f" (it trained on {then})" if then and then != cfg.root else "")
+    return (f"checkpoint {path} trained on other images than {where} ({'; '.join(said)}{torch_too}): give data.root "
+            f"the folder it trained on (or an exact copy), {anew}")
 
 
 def warn_reshaped_schedule(cfg: Config, st: TrainState, steps_per_epoch: int, ck: dict) -> None:

@@ -254,12 +254,12 @@ def run_rows(folder: Path) -> list[dict]:
         # a status.json older than this submission is an earlier job's: its progress, not this job's state
         current = st.get("updated", 0) >= rec.get("submitted", 0)
         # written since by a process outside the job, which has ended: a `train` by hand resumed the run (its
-        # record names no job, or its salloc's; a cluster=local job's result came before it). The run's own word
-        # and its lock tell, as for any run by hand, and the command that goes on with it is that train
+        # record names no job, or its salloc's). The run's own word and its lock tell, as for any run by hand, and
+        # the command that goes on with it is that train
         by_hand = current and not (state in ACTIVE_STATES and not ended) and (
             slurm and "slurm_job_id" in st and str(st["slurm_job_id"]) != str(rec["job_id"])
-            or rec.get("backend") == "local" and state is not None
-            and st.get("updated", 0) > (local_ended_at(rec) or float("inf")))
+            or rec.get("backend") == "local" and (state is not None or "local_job_id" in st)
+            and _local_by_hand(st, rec))
         if by_hand:
             state, restarts, ended = None, None, False
         run_state = st.get("state") if current else None
@@ -383,6 +383,20 @@ def run_rows(folder: Path) -> list[dict]:
                      "started_by": "train" if by_hand else rec.get("started_by") or (
                          "sbatch" if rec.get("started_by_hand") else "submit" if rec.get("job_id") else "train")})
     return rows
+
+
+# a cluster=local job's records before they named it: one written this long after its result is a later start's
+# (file times kept to the second, a file server's clock apart from this one's)
+LOCAL_RESULT_SLACK_S = 5.0
+
+
+def _local_by_hand(st: dict, rec: dict) -> bool:
+    """The run's record is not its ended cluster=local job's: it names another job (none: a train by hand), or, from
+    before records named theirs, it came well after the job's result."""
+    if "local_job_id" in st:
+        return str(st["local_job_id"]) != str(rec["job_id"])
+    ended = local_ended_at(rec)
+    return ended is not None and st.get("updated", 0) > ended + LOCAL_RESULT_SLACK_S
 
 
 def _new_start(run_dir: Path, st: dict) -> bool:

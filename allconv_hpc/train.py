@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
-from .localjob import LOCAL_PORT_ENV, unhold
+from .localjob import LOCAL_PORT_ENV, local_job_id, unhold
 
 log = logging.getLogger("allconv_hpc")
 
@@ -273,7 +273,8 @@ def _mark_interrupted(run_dir: Path, said: str, env) -> None:
     path = run_dir / "status.json"
     slurm = SlurmJob.of_rank(env.source)  # the job that wrote it, as Trainer.write_status records it
     write_atomic(path, json.dumps({**read_json(path), "state": "interrupted", "error": said, "updated": time.time(),
-                                   "slurm_job_id": slurm.job_id if slurm.in_slurm else None}, indent=1).encode())
+                                   "slurm_job_id": slurm.job_id if slurm.in_slurm else None,
+                                   "local_job_id": local_job_id(env.source)}, indent=1).encode())
 
 
 def _tell_peers_later() -> None:

@@ -29,10 +29,11 @@ from .checkpoint import CheckpointDir, CheckpointError, Writer, check_resumable_
 from .fsio import read_json, write_atomic
 from .config import GRAPH_MODES, Config, ConfigError, flatten, rank_difference
 from .distributed import Dist, DistEnv, pick_device, set_threads
+from .localjob import local_job_id
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .launch_checks import check_launch
 from .models import build_model, count_parameters, summary
-from .resume import (TrainState, applied_mode, best_file_holds, check_same_images, pick_checkpoint, restore,
+from .resume import (TrainState, applied_mode, best_file_holds, other_images_said, pick_checkpoint, restore,
                      rng_state, set_rng_state, warn_copied_run, warn_reshaped_schedule)
 from .poll import StepPoll, classify_stop
 from .preempt import (AGREED_EXITS, EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StartupStop,
@@ -139,6 +140,14 @@ class Trainer:
         ds = data_mod.load(cfg.data, cfg.seed)
         self.mean, self.std = ds.mean, ds.std
         self.data_fingerprint = data_mod.fingerprint(ds)  # recorded in the checkpoints; a resume compares
+        if env.distributed:  # each node may read its own copy (data.root on a node's disk): one dataset for all
+            prints = self.dist.gather_objects(self.data_fingerprint)
+            other = [r for r, p in enumerate(prints) if p != prints[0]]
+            if other:
+                splits = [k for k in prints[0] if prints[0][k] != prints[other[0]][k]]  # train, val, test
+                raise ConfigError(f"rank(s) {', '.join(map(str, other[:8]))} read other images than rank 0 (their "
+                                  f"{', '.join(splits)} split differs; data.root={cfg.data.root} on each node): every "
+                                  f"rank must read the same dataset; give each node an exact copy")
         started = time.perf_counter()
         put = preprocess.to_device(cfg.data.preprocess, ds.train.images, self.device)
         if cfg.data.preprocess != "channel" and env.is_main:
@@ -247,7 +256,10 @@ class Trainer:
                 self._move_old_run_aside("no checkpoint to resume, but an earlier run's epochs are here")
             return None
         check_resumable_file(self.cfg, ck, path, self.run_dir)
-        check_same_images(ck, self.data_fingerprint, path, self.cfg.data)
+        said = other_images_said(ck, self.data_fingerprint, path, self.cfg.data)
+        if self.dist.any(said is not None):  # every rank stops (a node's own copy may be the one that differs)
+            raise ConfigError(said or f"checkpoint {path}: another rank reads other images than it trained on; "
+                                      f"see rank 0's error")
         self.state = restore(ck, self.model, self.opt, self.sched, self.scaler)
         if self.state.streams < 2:  # its epochs' orders as they began; exact resume before independence
             self.batches.order_stream = LEGACY_ORDER_STREAM
@@ -398,6 +410,7 @@ class Trainer:
                "wandb_id": st.wandb_id or (read_id(self.run_dir) if tracker is None else None),
                # the id squeue/scancel take (an array task's "A_T"); none for a cluster=local job
                "slurm_job_id": slurm.job_id if slurm.in_slurm else None, "restarts": slurm.restarts,
+               "local_job_id": local_job_id(self.env.source),
                "timeouts": st.timeouts, "precision": getattr(self, "precision", None),
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),
@@ -408,7 +421,7 @@ class Trainer:
             same_job = doc["slurm_job_id"] is not None and old.get("slurm_job_id") == doc["slurm_job_id"]  # limits
             doc = {"epoch": 0, "epochs": doc["epochs"],
                    **{k: v for k, v in old.items() if k in _PROGRESS or (same_job and k == "timeouts")},
-                   **{k: doc[k] for k in ("state", "slurm_job_id", "restarts", "updated", *extra)}}
+                   **{k: doc[k] for k in ("state", "slurm_job_id", "local_job_id", "restarts", "updated", *extra)}}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 
     # -- the loop ----------------------------------------------------------------------------------

@@ -153,6 +153,38 @@ def test_ranks_that_composed_different_runs_refuse_to_start_naming_the_key(tmp_p
         assert not (tmp_path / "other").exists()
 
 
+def test_ranks_reading_other_images_refuse_to_start(tmp_path):
+    """Each node may read its own copy (data.root on its disk): an exact copy trains; a copy of other images (a
+    stale or rebuilt one on one node) would train the ranks on different data, silently. Every rank refuses."""
+    import torch
+    from allconv_hpc import data
+
+    def cifar(folder: Path, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 256, (160, 3, 32, 32), dtype=torch.uint8, generator=g)
+        y = torch.randint(0, 10, (160,), generator=g)
+        data.write_cifar(folder, "cifar10", x[:120], y[:120], x[120:], y[120:], [f"c{i}" for i in range(10)])
+    cifar(tmp_path / "a", 0)
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    cifar(tmp_path / "b", 1)
+    ov = [o for o in TINY if not o.startswith("data.")] + ["data=cifar10", "trainer.epochs=1"]
+    for other, code in (("copy", 0), ("b", 2)):
+        run = tmp_path / f"run-{other}"
+        procs = start_ranks(tmp_path, run, ov, world=2,
+                            rank_overrides=[[f"data.root={tmp_path / 'a'}"], [f"data.root={tmp_path / other}"]])
+        try:
+            outs = [p.communicate(timeout=120)[0] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        assert [p.returncode for p in procs] == [code, code], outs
+        if code:
+            for out in outs:
+                assert ("rank(s) 1 read other images than rank 0 (their train, test split differs; data.root="
+                        in out and "every rank must read the same dataset; give each node an exact copy" in out), out
+            assert not (run / "checkpoints").exists()
+
+
 def test_a_hung_rank_fails_the_others_within_the_timeout(tmp_path):
     """A rank that stops answering but keeps its connections (SIGSTOP: a hang, a stuck file system):
     only the collective timeout can catch it."""

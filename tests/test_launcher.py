@@ -2035,7 +2035,9 @@ def test_a_local_job_submitted_without_wait_has_a_session_and_output_of_its_own(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(job, signal.SIGKILL)
-    assert status.run_rows(run)[0]["state"] == "INTERRUPTED"
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["started_by"]) == ("INTERRUPTED", "submit"), row
+    assert json.loads((run / "status.json").read_text())["local_job_id"] == str(job)  # its record names its job
 
 
 def test_a_local_job_whose_controller_is_killed_stops_its_ranks(tmp_path):

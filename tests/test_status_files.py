@@ -549,11 +549,22 @@ def test_a_run_resumed_by_hand_after_its_local_job_ended_reads_as_the_hand_runs_
     result.write_bytes(pickle.dumps(("success", 0)))
     os.utime(result, (100.0, 100.0))
     run = write_run(tmp_path / "run", None, job="123", backend="local", submitted=1.0, submitit_folder=str(sub))
-    record = lambda state, updated: (run / "status.json").write_text(json.dumps(  # noqa: E731
-        {"state": state, "epoch": 4, "epochs": 5, "updated": updated}))
-    record("completed", 99.0)  # the job's own
+    record = lambda state, updated, **job: (run / "status.json").write_text(json.dumps(  # noqa: E731
+        {"state": state, "epoch": 4, "epochs": 5, "updated": updated, **job}))
+    record("completed", 99.0)  # the job's own, from before records named their job: by the time of its result
     row = status.run_rows(run)[0]
     assert (row["state"], row["started_by"]) == ("COMPLETED", "submit"), row
+    record("completed", 102.0)  # ... with the slack for file times kept to the second, or another clock
+    assert status.run_rows(run)[0]["started_by"] == "submit"
+    record("completed", 300.0, local_job_id="123")  # the job's own, named: whatever the clocks say
+    assert status.run_rows(run)[0]["started_by"] == "submit"
+    record("interrupted", 100.5, local_job_id=None)  # a train by hand, named as none: at once after the job
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["started_by"]) == ("INTERRUPTED", "train"), row
+    result.unlink()  # a job killed before its result (no state of its own): the hand run's record still tells
+    assert status.run_rows(run)[0]["started_by"] == "train"
+    result.write_bytes(pickle.dumps(("success", 0)))
+    os.utime(result, (100.0, 100.0))
     record("interrupted", 200.0)  # a train by hand with trainer.epochs=5, Ctrl-C'd
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"], row["started_by"]) == ("INTERRUPTED", False, "train"), row
