@@ -1128,3 +1128,24 @@ def test_an_unknown_command_names_the_nearest(capsys):
     assert cli.main(["fit"]) == 2
     assert capsys.readouterr().err.startswith("allconv-hpc: unknown command 'fit'\n")
     assert cli.main([""]) == 2 and capsys.readouterr().err.startswith("allconv-hpc: unknown command ''\n")
+
+
+def test_a_resume_on_other_images_is_said_with_the_fix_that_applies():
+    """data=synthetic has no folder to give (a torch upgrade may change its draws: said); a recorded root spelled
+    otherwise is the same folder; a checkpoint of before the fingerprints, or of the same images, passes."""
+    import torch
+    from allconv_hpc.config import DataConfig
+    from allconv_hpc.resume import other_images_said
+    ck = {"data": {"train": "300:aa", "val": None, "test": "100:bb"}, "torch_version": "0.0.1",
+          "config": {"data": {"root": "/x/y/../data"}}}
+    now = {"train": "300:cc", "val": None, "test": "100:bb"}
+    said = other_images_said(ck, now, Path("ck.pt"), DataConfig(name="synthetic"))
+    assert said == (f"checkpoint ck.pt trained on other images than data=synthetic generates now (training images: "
+                    f"300 then, 300 now, other images; torch was 0.0.1, now {torch.__version__}, whose random draws "
+                    f"may differ): resume it with the version it trained with, or start a new run (a new "
+                    f"hydra.run.dir, a sweep's point a new hydra.sweep.dir; or checkpoint.resume=never)"), said
+    said = other_images_said(ck, now, Path("ck.pt"), DataConfig(name="cifar10", root="/x/data"))
+    assert said.startswith("checkpoint ck.pt trained on other images than data.root=/x/data holds (training") and \
+        "(it trained on" not in said and "give data.root the folder it trained on" in said, said
+    assert other_images_said({**ck, "data": now}, now, Path("ck.pt"), DataConfig(name="synthetic")) is None
+    assert other_images_said({"config": {}}, now, Path("ck.pt"), DataConfig(name="synthetic")) is None
