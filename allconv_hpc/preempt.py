@@ -20,6 +20,7 @@ import signal
 import subprocess
 import time
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Iterator, Mapping, Optional
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,17 @@ def slurm_conf_missing() -> Optional[str]:
     return None
 
 
-def slurm_out(cmd: list[str], warn: bool = False) -> Optional[str]:
-    """stdout of a Slurm command, or None when it is missing, hangs or fails (logged when `warn`)."""
+def slurm_out(cmd: list[str], warn: bool = False, env: Optional[dict] = None) -> Optional[str]:
+    """stdout of a Slurm command, or None when it is missing, hangs or fails (logged when `warn`). `env`: set on
+    top of this process's environment."""
     missing = slurm_conf_missing()
     if missing:
         if warn:
             log.warning("%s not run: %s", cmd[0], missing)
         return None
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                           env={**os.environ, **env} if env else None)
     except (OSError, subprocess.TimeoutExpired) as e:
         if warn:
             log.warning("%s failed: %s", cmd[0], e)
@@ -266,9 +269,12 @@ class SlurmJob:
         time limit: max_requeues then bounds the requeues, where counting it as a preemption would requeue a job
         at its time limit forever."""
         job = self._show()
-        preempt, start = job.get("PreemptTime", "None"), job.get("StartTime", "")
-        if preempt not in ("None", "Unknown") and preempt >= start:  # ISO times, one format: compared as text
-            log.info("warning signal: Slurm preempted the job at %s: preemption", preempt)
+        try:  # ISO times (SLURM_TIME_FORMAT=standard, whatever the user's is); anything else: not trusted
+            preempted = datetime.fromisoformat(job["PreemptTime"]) >= datetime.fromisoformat(job["StartTime"])
+        except (KeyError, ValueError):
+            preempted = False
+        if preempted:
+            log.info("warning signal: Slurm preempted the job at %s: preemption", job["PreemptTime"])
             return False
         # this task's own id: an array task's raw SLURM_JOB_ID can equal the array's id, for which squeue
         # lists every task still queued (one line each)
@@ -315,13 +321,13 @@ class SlurmJob:
     def _show(self) -> dict:
         """JobState, Reason, PreemptTime, StartTime (str) and Restarts (int) from `scontrol show job`; {} when it
         cannot tell."""
-        info = self._run(["scontrol", "show", "job", self.job_id]) or ""
+        info = self._run(["scontrol", "show", "job", self.job_id], env={"SLURM_TIME_FORMAT": "standard"}) or ""
         job = dict(re.findall(r"\b(JobState|Reason|PreemptTime|StartTime)=(\S+)", info))
         m = re.search(r"\bRestarts=(\d+)", info)
         return {**job, **({"Restarts": int(m.group(1))} if m else {})}
 
-    def _run(self, cmd: list[str]) -> Optional[str]:
-        return slurm_out(cmd, warn=True)
+    def _run(self, cmd: list[str], env: Optional[dict] = None) -> Optional[str]:
+        return slurm_out(cmd, warn=True, env=env)
 
 
 def parse_slurm_time(s: str) -> Optional[float]:

@@ -308,11 +308,15 @@ def test_timeout_or_preemption(tmp_path, monkeypatch, squeue_left, expected):
     assert SlurmJob({"SLURM_JOB_ID": "9"}).is_timeout(lead_s=60) is expected
     # Slurm says it preempted the job in this start: a preemption, however near the limit (seen on the dev
     # cluster: a preemption 72 s before the limit used up the last requeue, and the run gave up)
-    fake_slurm(tmp_path, monkeypatch, squeue=squeue_left,
-               scontrol="JobId=9 JobState=RUNNING StartTime=2026-12-06T02:47:38 PreemptTime=2026-12-06T02:50:01")
+    fake_slurm(tmp_path, monkeypatch, squeue=squeue_left)
+    (tmp_path / "bin" / "scontrol").write_text(  # ISO times only where asked for (the user's format may differ)
+        '#!/bin/sh\n[ "$SLURM_TIME_FORMAT" = standard ] && echo "JobId=9 JobState=RUNNING '
+        'StartTime=2026-12-06T02:47:38 PreemptTime=2026-12-06T02:50:01"\nexit 0\n')
+    monkeypatch.setenv("SLURM_TIME_FORMAT", "relative")
     assert SlurmJob({"SLURM_JOB_ID": "9"}).is_timeout(lead_s=60) is False
-    # a PreemptTime of before this start (Slurm clears it as it requeues; not trusted to) or none: the time left
-    for preempt in ("2026-12-06T02:40:00", "None"):
+    # a PreemptTime of before this start (Slurm clears it as it requeues; not trusted to), none, or in a format
+    # that is not ISO (asked with SLURM_TIME_FORMAT=standard; a stand-in that ignores it): the time left
+    for preempt in ("2026-12-06T02:40:00", "None", "Yest 23:00"):
         fake_slurm(tmp_path, monkeypatch, squeue=squeue_left,
                    scontrol=f"JobId=9 JobState=RUNNING StartTime=2026-12-06T02:47:38 PreemptTime={preempt}")
         assert SlurmJob({"SLURM_JOB_ID": "9"}).is_timeout(lead_s=60) is expected
