@@ -199,8 +199,10 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     part = ds.val if split == "val" else ds.test
     # the images the run scored, recorded in its checkpoints: other ones here give another accuracy, said
     then = ck.get("data") if isinstance(ck.get("data"), dict) else None
+    asked = None if test_size in (None, ALL) else test_size  # --test-size naming the run's own images is checked too
+    own = test_size is None or asked == (ck["config"].get("data") or {}).get("test_size")
     other = (data_mod.other_images({split: then.get(split)}, {split: data_mod.fingerprint(ds)[split]})
-             if then is not None and test_size is None else [])
+             if then is not None and own else [])
     model = build_model(cfg.model)
     model.load_state_dict(ck["model"])
     model = model.to(dev, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)

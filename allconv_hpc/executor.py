@@ -135,11 +135,9 @@ def sbatch_refused(text: str) -> ConfigError:
     low = text.lower()
     gres = "gres" in low or "generic resource" in low
     parts = _partitions() if "invalid partition" in low else []
-    most = _max_array_size() if "job array" in low else None
     fix = ("check cluster.gpus_per_node and cluster.gpu_type against the partition's GPUs (sinfo -o '%P %G'), "
            "and cluster.partition" if gres else
            f"give cluster.partition one of: {', '.join(parts)}" if parts else
-           f"a job array here holds at most {most} tasks (MaxArraySize): submit the sweep in parts" if most else
            "check cluster.partition, cluster.account, cluster.qos and the other cluster.* values")
     return ConfigError(f"sbatch refused the job: {text} ({fix})")
 

@@ -21,8 +21,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     (what the trainer would refuse on resume, found here before anything is queued). Returns why the
     run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
     (a resubmitted sweep fills in the rest); None when it does."""
-    from .jobs import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, held_advice, is_held,
-                       queued_state, read_record, squeue_job, started_unrecorded, stop_command)
+    from .jobs import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, held_advice, is_held, queued,
+                       queued_state, read_record, started_unrecorded, stop_command)
 
     sub = run_dir / "submission.json"
     try:  # status's reading: a damaged record is named with its fix
@@ -32,7 +32,7 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     except DamagedFile as e:
         raise ConfigError(str(e)) from None
     if rec is not None:
-        state = queued_state(rec)
+        state, reason = queued(rec)
         if state == NO_ANSWER:  # it may still run: a second job could train into the same folder
             raise ConfigError(f"squeue did not answer whether job {rec['job_id']}, the last one submitted into "
                               f"{run_dir}, is still queued or running; submit again when `squeue -j "
@@ -40,7 +40,6 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         if state == "COMPLETING" and sweep:  # a stopped point is resumed by the next submit, not this one
             return (f"job {rec['job_id']} is still ending (COMPLETING); if it did not complete the run, submit "
                     f"again in a few seconds")
-        reason = squeue_job(str(rec["job_id"]))[2] if rec.get("backend") == "slurm" and state == "PENDING" else ""
         if state in ACTIVE_STATES and sweep:
             changes = _changes(rec.get("overrides") or [], overrides) if overrides is not None else ""
             if changes:  # key by key, the last of a key given twice (as Hydra reads them), in any order

@@ -57,11 +57,6 @@ def held_advice(rec: dict, reason: str) -> str:
             f"held: scontrol release {job}")
 
 
-def squeue_state(job_id: str) -> tuple[bool, Optional[str]]:
-    """(Slurm answered, the job's state while it is queued or running; None when it is not)."""
-    return squeue_job(job_id)[:2]
-
-
 def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool, bool, str]:
     """(state, restarts, Slurm answered, ended, squeue's reason) from squeue / sacct / scontrol; state None when
     Slurm knows nothing. squeue lists every job that is not over: one it does not list has ended, even where
@@ -156,12 +151,19 @@ NO_ANSWER = "NO ANSWER"  # queued_state: squeue did not answer (timeout, control
 def queued_state(rec: dict) -> Optional[str]:
     """The scheduler's state of a submission while it is queued or running (one squeue call); None when
     it is not; NO_ANSWER when squeue could not say."""
+    return queued(rec)[0]
+
+
+def queued(rec: dict) -> tuple[Optional[str], str]:
+    """(queued_state, squeue's reason for a Slurm job: "" for others), from the one squeue call."""
     if rec.get("job_id") and rec.get("backend") == "slurm":
-        answered, state = squeue_state(str(rec["job_id"]))
-        return (None if stopped_elsewhere(rec, state) else state) if answered else NO_ANSWER
+        answered, state, reason = squeue_job(str(rec["job_id"]))
+        if not answered:
+            return NO_ANSWER, ""
+        return (None, "") if stopped_elsewhere(rec, state) else (state, reason or "")
     if rec.get("job_id") and rec.get("backend") == "local":
-        return local_state(rec)
-    return None
+        return local_state(rec), ""
+    return None, ""
 
 
 def stop_command(rec: dict) -> str:

@@ -151,7 +151,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             keys_ = [k for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k)]
             diff = ", ".join(f"cluster.{k}" for k in keys_)
             listed = [k for k in keys_ if k in ("partition", "exclude", "constraint")]
-            said = [o for o in overrides if _key(o) == f"cluster.{listed[0]}"] if listed else []
+            said = [o for o in overrides if _key(o) == f"cluster.{listed[0]}" and "(" not in o] if listed else []
             # Slurm's own comma lists (sbatch -p a,b: the first partition that can start it) are one value, quoted
             quoted = said[-1].replace("=", '="', 1) + '"' if said else ""
             one = f"; for Slurm's list, quote it as one value: {shlex.quote(quoted)}" if said else ""
@@ -345,7 +345,8 @@ def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:
             raise ConfigError(f"{len(held)} of this sweep's points ({names}) are runs of {other} already, an earlier "
                               f"sweep over the same keys; this sweep's own folder {sweep_dir} would train them again "
                               f"from scratch. To add to that sweep, give hydra.sweep.dir={shlex.quote(str(other))} "
-                              f"(its completed points get no new job); for a sweep of its own, another hydra.sweep.dir")
+                              f"(its points go on from where they are: a completed one gets no new job, a larger "
+                              f"trainer.epochs trains it on); for a sweep of its own, another hydra.sweep.dir")
 
 
 def _grow_hint(points: list[Point]) -> str:

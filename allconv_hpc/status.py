@@ -493,8 +493,9 @@ def notes(r: dict) -> list[str]:
         more = ""
         if r["run"] == "gave_up":  # the same limits would give up alike: the knob that trains more per start
             done += ", giving up: its time limit came more than checkpoint.max_requeues times"
-            more = (f" (with {'a longer sbatch --time' if r['started_by'] == 'sbatch' else 'a larger cluster.timeout_min'}"
-                    f", each start trains longer)")
+            longer = {"sbatch": "a longer sbatch --time", "train": "a longer allocation (--time)"}.get(
+                r["started_by"], "a larger cluster.timeout_min")
+            more = f" (with {longer}, each start trains longer)"
         out.append(f"{done}; {_same_command(r)} {then}{more}")
     if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):
         again = _same_command(r) if r["started_by"] == "sweep" else "the same submit command"  # it was submitted

@@ -175,6 +175,10 @@ def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path, capsys
     data.write_cifar(tmp_path / "other", "cifar10", xtr, ytr, xo, yo, [f"c{i}" for i in range(10)])
     assert evaluate(run, "last", data_root=str(tmp_path / "other"))["other_images"] == \
         "test images: 40 then, 40 now, other images"
+    # --test-size all is the run's own test split here (it trained with data.test_size=null): checked alike
+    assert evaluate(run, "last", data_root=str(tmp_path / "other"), test_size="all")["other_images"] == \
+        "test images: 40 then, 40 now, other images"
+    assert evaluate(run, "last", data_root=str(tmp_path / "other"), test_size=30)["other_images"] is None
     code = evaluate_main([str(run), "--checkpoint", "last", "--data-root", str(tmp_path / "other")])
     err = capsys.readouterr().err
     assert code == 0 and ("warning: these are not the images the run scored (test images: 40 then, 40 now, other "

@@ -306,6 +306,10 @@ def test_a_sweep_over_cluster_settings_is_refused(tmp_path, on_path):
         # Slurm's own list (the first partition that can start it) is one value, quoted: said how
         assert (('quote it as one value: \'cluster.partition="a,b"\'' in str(e.value))
                 is ("cluster.partition=a,b" in sweep)), str(e.value)
+    with pytest.raises(ConfigError, match="one resource shape") as e:  # a choice(...) is meant as a sweep: no hint
+        launcher.plan(["cluster=slurm", "cluster.partition=choice(a,b)", *TINY, f"hydra.sweep.dir={tmp_path / 'sw'}"],
+                      multirun=True)
+    assert "quote it" not in str(e.value), str(e.value)
     assert not (tmp_path / "sweep").exists()
     composed_ = compose(["cluster=slurm", *TINY, 'cluster.partition="a,b"'])  # as told: one value
     assert composed_.cluster["partition"] == "a,b"
@@ -662,7 +666,8 @@ def test_a_sweep_grown_without_its_folder_is_refused_where_it_would_retrain(tmp_
         f"allconv-hpc submit: error: 2 of this sweep's points (optim.lr=0.05, optim.lr=0.1) are runs of {first} "
         f"already, an earlier sweep over the same keys; this sweep's own folder "
         f"{tmp_path / sweep_name(*base, 'optim.lr=0.05,0.1,0.2')} would train them again from scratch. To add to that "
-        f"sweep, give hydra.sweep.dir={first} (its completed points get no new job); for a sweep of its own, another "
+        f"sweep, give hydra.sweep.dir={first} (its points go on from where they are: a completed one gets no new job, "
+        f"a larger trainer.epochs trains it on); for a sweep of its own, another "
         f"hydra.sweep.dir"), err
     code, out, err = run_submit(capsys, "--dry-run", "-m", *base, "optim.lr=0.05,0.1,0.2", f"hydra.sweep.dir={first}")
     assert code == 0, err

@@ -663,3 +663,9 @@ def test_a_plain_sbatch_run_that_gave_up_is_resumed_by_its_sbatch(tmp_path, no_s
                                  "checkpoint.max_requeues times; the same sbatch or srun (or train) command resumes "
                                  "it from its newest checkpoint, step 60 (with a longer sbatch --time, each start "
                                  "trains longer)"], status.notes(row)
+    # a train in an allocation (salloc; its status.json names no job it could requeue): the allocation's --time
+    (run / "status.json").write_text(json.dumps({"state": "gave_up", "epoch": 2, "epochs": 9, "global_step": 60,
+                                                 "updated": 2.0}))
+    row = status.run_rows(run)[0]
+    assert row["started_by"] == "train" and status.notes(row)[0].endswith(
+        "(with a longer allocation (--time), each start trains longer)"), status.notes(row)
