@@ -285,12 +285,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optional[dict]:
+def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir",
+                 also: Optional[Callable[[dict, Path], None]] = None) -> Optional[dict]:
     """What resuming in run_dir would refuse, found before any work: a checkpoint of another config, a run
     already past cfg.trainer.epochs, checkpoint.resume=must with no checkpoint (ConfigError each). Returns
     the newest checkpoint's train_state, or None (no checkpoint, or resume=never: the old ones move aside).
     CheckpointError when every checkpoint is unusable or one cannot be read. ``folder_key``: the option
-    that places the run (hydra.sweep.dir for a sweep's point, where -m refuses hydra.run.dir)."""
+    that places the run (hydra.sweep.dir for a sweep's point, where -m refuses hydra.run.dir). ``also``: a further
+    check of the checkpoint to resume (its dict, its path), which may raise ConfigError too."""
     if cfg.checkpoint.resume == "never":
         return None
     ckpt = CheckpointDir(Path(run_dir) / "checkpoints", cfg.checkpoint.keep)
@@ -303,6 +305,8 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir") -> Optio
             cfg.check_resumable(theirs, run_dir, folder_key=folder_key)
         return None
     check_resumable_file(cfg, found[0], found[1], Path(run_dir), folder_key)
+    if also is not None:
+        also(*found[:2])
     return found[0].get("train_state") or {}
 
 

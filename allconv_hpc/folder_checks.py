@@ -3,6 +3,7 @@ submit lock: a job queued or running there, a run of another config, a run that 
 ends; and what it warns of (a run started over, one that diverged)."""
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -86,7 +87,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         raise runlock.RunBusy(run_dir, who)
     from .checkpoint import CheckpointError, check_resume
     try:
-        ts = check_resume(run_dir, cfg, folder_key="hydra.sweep.dir" if sweep else "hydra.run.dir")
+        ts = check_resume(run_dir, cfg, folder_key="hydra.sweep.dir" if sweep else "hydra.run.dir",
+                          also=lambda ck, path: _check_same_images(ck, path, cfg))
     except (CheckpointError, ConfigError) as e:  # every checkpoint unusable or unreadable, another config...
         raise ConfigError(str(e)) from None  # ...: the job could only fail on it
     if ts is None:
@@ -121,6 +123,23 @@ def _check_resumable_later(run_dir: Path, cfg, rec: dict, state: str, folder_key
     except ConfigError as e:
         raise ConfigError(f"{e}; job {rec['job_id']} ({state}) trains it now, with the config it was submitted "
                           f"with") from None
+
+
+def _check_same_images(ck: dict, path: Path, cfg) -> None:
+    """The job's own check (resume.other_images_said), before the queue, where the run is resubmitted with another
+    data.root than it trained on (a moved copy passes; a rebuilt or another dataset is refused). The same folder
+    is left to the job: reading the data for every point would cost a second or so each."""
+    then = ((ck.get("config") or {}).get("data") or {}).get("root")
+    if (not isinstance(ck.get("data"), dict) or cfg.data.name == "synthetic" or not then
+            or os.path.normpath(then) == os.path.normpath(cfg.data.root)):
+        return
+    from .data import fingerprint, load, to_download
+    if to_download(cfg.data):  # fetched once every check passed: the job compares
+        return
+    from .resume import other_images_said
+    said = other_images_said(ck, fingerprint(load(cfg.data, cfg.seed)), path, cfg.data)
+    if said:
+        raise ConfigError(said)
 
 
 def warn_starts_over(points: list[Point]) -> None:

@@ -2491,3 +2491,27 @@ def test_a_local_job_that_compiles_is_refused_at_submit_without_a_compiler_here(
     assert r.returncode == 2 and (f"allconv-hpc submit: error: trainer.compile=true needs a C++ compiler (inductor "
                                   f"builds CPU kernels with $CXX, here '{tmp_path / 'no-such-g++'}')") in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resubmitted_run_on_other_images_is_refused_before_the_queue(tmp_path, on_path, capsys, monkeypatch):
+    """The job's own check, made by submit where the run is resubmitted with another data.root than its checkpoint
+    trained on: an exact copy (a node's scratch) passes, other images are refused before anything is queued."""
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch="exit 0")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (60, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (60,), generator=g)
+    write_cifar(tmp_path / "a", "cifar10", x[:40], y[:40], x[40:], y[40:], [str(i) for i in range(10)])
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    write_cifar(tmp_path / "b", "cifar10", x[20:], y[20:], x[:20], y[:20], [str(i) for i in range(10)])
+    run = tmp_path / "run"
+    ov = ["cluster=slurm", *[o for o in TINY if not o.startswith("data.")], "data=cifar10", f"hydra.run.dir={run}"]
+    c = compose([*ov, f"data.root={tmp_path / 'a'}"])
+    CheckpointDir(run / "checkpoints", keep=2).save(
+        {"identity": c.cfg.identity(), "train_state": {"epoch": 0}, "config": c.cfg_dict,
+         "data": data.fingerprint(data.load(c.cfg.data, c.cfg.seed))}, step=3)
+    code, out, err = run_submit(capsys, "--dry-run", *ov, f"data.root={tmp_path / 'copy'}")
+    assert code == 0, err
+    code, out, err = run_submit(capsys, "--dry-run", *ov, f"data.root={tmp_path / 'b'}")
+    assert code == 2 and (f"trained on other images than data.root={tmp_path / 'b'} holds (it trained on "
+                          f"{tmp_path / 'a'}) (training images: 40 then, 40 now, other images; test images: 20 then, "
+                          f"20 now, other images): give data.root the folder it trained on") in err, err
