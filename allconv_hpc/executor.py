@@ -149,7 +149,13 @@ def _partitions() -> list[str]:
     return [f"{n.rstrip('*')} (the default)" if n.endswith("*") else n for n in names if n]
 
 
-def _max_array_size() -> Optional[int]:
+def array_too_large(n: int, most: int) -> str:
+    return (f"the sweep submits {n} points as one job array, but Slurm's MaxArraySize here is {most} (scontrol show "
+            f"config): submit it in parts of at most {most} points, e.g. a range(...) or choice(...) of fewer values in "
+            f"each submit into the same hydra.sweep.dir")
+
+
+def max_array_size() -> Optional[int]:
     """Slurm's MaxArraySize (array indices run below it), None when scontrol does not tell."""
     from .preempt import slurm_out
     m = re.search(r"^MaxArraySize\s*=\s*(\d+)", slurm_out(["scontrol", "show", "config"]) or "", re.M)
@@ -177,11 +183,9 @@ def check_can_start(points: list[Point], sweep_dir: Optional[Path], cluster: dic
     if script is None:
         return
     todo = sum(p.skip is None for p in points)
-    most = _max_array_size() if todo > 1 else None
+    most = max_array_size() if todo > 1 else None
     if most is not None and todo > most:  # sbatch says only "Invalid job array specification"
-        raise ConfigError(f"the sweep submits {todo} points as one job array, but Slurm's MaxArraySize here is {most} "
-                          f"(scontrol show config): submit it in parts of at most {most} points, e.g. a range(...) or "
-                          f"choice(...) of fewer values in each submit into the same hydra.sweep.dir")
+        raise ConfigError(array_too_large(todo, most))
     try:
         r = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True,
                            timeout=TEST_ONLY_TIMEOUT_S)

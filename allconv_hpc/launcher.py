@@ -21,8 +21,8 @@ from typing import Optional
 
 from .compose import override_key as _key
 from .config import CLUSTER_KEYS, ConfigError, config_key, flatten
-from .executor import (base_job_ids, check_can_start, make_executor, release_held, sbatch_refused, sbatch_said,
-                       sbatch_script)
+from .executor import (array_too_large, base_job_ids, check_can_start, make_executor, max_array_size, release_held,
+                       sbatch_refused, sbatch_said, sbatch_script)
 from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
 from .fsio import name_too_long, read_json, write_atomic
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
@@ -157,6 +157,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             one = f"; for Slurm's list, quote it as one value: {shlex.quote(quoted)}" if said else ""
             raise ConfigError(f"the sweep varies {diff}: one job array has one resource shape; submit one sweep "
                               f"per cluster setting instead{one}")
+        if cluster is None and len(swept) > 1 and sweep_dir is not None:
+            _check_array_size(len(swept), mine, sweep_dir)
         cluster = mine
         if sweep_dir is None:  # pinned absolute, in place of the one given
             ov = [o for o in ov if _key(o) != "hydra.run.dir"] + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
@@ -342,11 +344,22 @@ def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:
                 and config_key(cfg.identity()) == config_key(p.cfg.identity())]
         if held:
             names = ", ".join(p.run_dir.name for p in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-            raise ConfigError(f"{len(held)} of this sweep's points ({names}) are runs of {other} already, an earlier "
+            are = "is a run" if len(held) == 1 else "are runs"
+            raise ConfigError(f"{len(held)} of this sweep's points ({names}) {are} of {other} already, an earlier "
                               f"sweep over the same keys; this sweep's own folder {sweep_dir} would train them again "
                               f"from scratch. To add to that sweep, give hydra.sweep.dir={shlex.quote(str(other))} "
                               f"(its points go on from where they are: a completed one gets no new job, a larger "
                               f"trainer.epochs trains it on); for a sweep of its own, another hydra.sweep.dir")
+
+
+def _check_array_size(n: int, cluster: dict, sweep_dir: Path) -> None:
+    """A new sweep of more points than Slurm's MaxArraySize, refused once its first point composed, not after the
+    rest (a second or so each: minutes for a thousand). A sweep submitted again may skip some: checked once planned."""
+    if cluster["backend"] != "slurm" or not shutil.which("sbatch") or (sweep_dir / "sweep.json").exists():
+        return
+    most = max_array_size()
+    if most is not None and n > most:
+        raise ConfigError(array_too_large(n, most))
 
 
 def _grow_hint(points: list[Point]) -> str:

@@ -731,7 +731,12 @@ def test_a_sweep_over_slurms_max_array_size_is_refused_before_the_queue(tmp_path
     monkeypatch.chdir(tmp_path)
     on_path(sbatch="exit 0", scontrol='[ "$1 $2" = "show config" ] && echo "MaxArraySize            = 3"; exit 0')
     args = ["--dry-run", "-m", "cluster=slurm", *TINY, f"hydra.sweep.dir={tmp_path / 'sw'}"]
+    import allconv_hpc.compose as compose_mod
+    composed_points = []
+    real = compose_mod.compose
+    monkeypatch.setattr(compose_mod, "compose", lambda ov, *a, **k: composed_points.append(ov) or real(ov, *a, **k))
     code, out, err = run_submit(capsys, *args, "seed=0,1,2,3")
+    assert len(composed_points) <= 2, len(composed_points)  # said after the first point, not after every one
     assert code == 2 and err.strip() == (
         "allconv-hpc submit: error: the sweep submits 4 points as one job array, but Slurm's MaxArraySize here is 3 "
         "(scontrol show config): submit it in parts of at most 3 points, e.g. a range(...) or choice(...) of fewer "
