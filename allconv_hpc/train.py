@@ -173,7 +173,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         # a rerun of a finished run (nothing to do) stays completed, and a diverged one failed (a resume repeats
         # the divergence: the run's last word, nothing trained since), unless resume=never moved it
         if not (is_completed(st, st.get("epoch"), composed.cfg.trainer.epochs) or is_diverged(st)) \
-                or getattr(trainer, "set_aside", False):
+                or (trainer is not None and trainer.set_aside):
             _report(trainer, said, "interrupted", tell_peers=False)
             if trainer is None and env.is_main:  # stopped before its rendezvous
                 _mark_interrupted(composed.run_dir, said, env)
@@ -185,7 +185,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         return 1
     except KeyboardInterrupt:  # Python's own Ctrl-C before fit's handlers are in place, or a second one while stopping
         code = 130
-        if trainer is None or getattr(trainer, "_phase", None) is None:  # start-up: this start trained nothing
+        if trainer is None or not trainer.training_started:  # start-up: this start trained nothing
             if trainer is None:
                 _tell_peers_later()
             said = "interrupted (Ctrl-C) during start-up, before training; nothing was written to the run's checkpoints"

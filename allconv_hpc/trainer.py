@@ -78,12 +78,20 @@ def make_sgd(params, cfg: Config, device: torch.device, precision: str) -> torch
 
 
 class Trainer:
+    @property
+    def training_started(self) -> bool:
+        """fit reached its steps: a Ctrl-C now stops with a checkpoint, not as one in start-up."""
+        return self._phase is not None
+
     def __init__(self, cfg: Config, cfg_dict: dict, run_dir: Path, env: DistEnv, lock_fd: Optional[int] = None,
                  locked: bool = False):
         """`locked`: the caller took rank 0's run lock already, `lock_fd` (runlock.acquire: None where the file
         system has no flock); else setup() takes it. Released by close()."""
         self.cfg, self.cfg_dict, self.run_dir, self.env = cfg, cfg_dict, Path(run_dir), env
         self._lock_fd, self._locked = lock_fd, locked
+        self.set_aside = False  # this start moved an earlier run's files aside (checkpoint.resume=never)
+        self._phase: Optional[str] = None  # "training" or "evaluation" once fit began: None is start-up
+        self._tracker_done = False
         t = cfg.trainer
         check_launch(cfg, env)
         self.device = pick_device(t.device, env)
@@ -683,7 +691,7 @@ class Trainer:
         return {"requeued": EXIT_REQUEUED, "gave_up": EXIT_GAVE_UP}.get(decision, EXIT_INTERRUPTED)
 
     def _finish_tracker(self, exit_code: int) -> None:
-        if not getattr(self, "_tracker_done", False):
+        if not self._tracker_done:
             self._tracker_done = True
             # as README says: a stop (exit 3, 4) closes the segment failed (1), a requeue finished (0); 130 a Ctrl-C
             wandb_code = {EXIT_INTERRUPTED: 1, EXIT_GAVE_UP: 1, EXIT_REQUEUED: 0}.get(exit_code, exit_code)
