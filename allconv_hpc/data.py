@@ -331,12 +331,15 @@ def fingerprint(ds: Dataset) -> dict:
     cryptographic hash took 0.2 s of a resume's start), recorded in the checkpoints: a resume checks that it trains
     on the images its checkpoint did. The same files moved or copied (to a node's own disk) give the same; a
     rebuilt or another dataset, or other subsets, do not (what is guarded against is a mix-up, not tampering)."""
-    def one(s: Optional[Split]) -> Optional[str]:
-        if s is None:
-            return None
-        crcs = (zlib.crc32(memoryview(t.contiguous().numpy()).cast("B")) for t in (s.images, s.labels))
-        return f"{len(s)}:" + "".join(f"{c:08x}" for c in crcs)
-    return {"train": one(ds.train), "val": one(ds.val), "test": one(ds.test)}
+    return {"train": split_print(ds.train), "val": split_print(ds.val), "test": split_print(ds.test)}
+
+
+def split_print(s: Optional[Split]) -> Optional[str]:
+    """One split's part of `fingerprint`: "<count>:<crc of images><crc of labels>"."""
+    if s is None:
+        return None
+    crcs = (zlib.crc32(memoryview(t.contiguous().numpy()).cast("B")) for t in (s.images, s.labels))
+    return f"{len(s)}:" + "".join(f"{c:08x}" for c in crcs)
 
 
 _SPLIT_WORDS = {"train": "training", "val": "held-out (data.val_size)", "test": "test"}

@@ -118,8 +118,8 @@ def _checkpoint_path(run: Path, which: str) -> Path:
                           f"that holds its checkpoints/")
     mine = run / "checkpoints" / (f"{which}.pt" if which in ("best", "last") else which)
     if which == "last" and not mine.is_file():  # last.pt is a link of the newest step file: that one, if gone
-        steps = sorted((run / "checkpoints").glob("step_*.pt"))
-        mine = steps[-1] if steps else mine
+        from .checkpoint import CheckpointDir
+        mine = next(iter(CheckpointDir(run / "checkpoints", keep=0).step_files()), mine)
     # a bare name is the run's own file, even if the current folder holds one of that name
     path = mine if which in ("best", "last") or mine.is_file() else Path(which)
     if not path.is_file():
@@ -201,7 +201,7 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     then = ck.get("data") if isinstance(ck.get("data"), dict) else None
     asked = None if test_size in (None, ALL) else test_size  # --test-size naming the run's own images is checked too
     own = test_size is None or asked == (ck["config"].get("data") or {}).get("test_size")
-    other = (data_mod.other_images({split: then.get(split)}, {split: data_mod.fingerprint(ds)[split]})
+    other = (data_mod.other_images({split: then.get(split)}, {split: data_mod.split_print(part)})
              if then is not None and own else [])
     model = build_model(cfg.model)
     model.load_state_dict(ck["model"])

@@ -129,14 +129,14 @@ def _check_same_images(ck: dict, path: Path, cfg) -> None:
     """The job's own check (resume.other_images_said), before the queue, where the run is resubmitted with another
     data.root than it trained on (a moved copy passes; a rebuilt or another dataset is refused). The same folder
     is left to the job: reading the data for every point would cost a second or so each."""
-    then = ((ck.get("config") or {}).get("data") or {}).get("root")
+    from .resume import other_images_said, trained_root
+    then = trained_root(ck)
     if (not isinstance(ck.get("data"), dict) or cfg.data.name == "synthetic" or not then
-            or os.path.normpath(then) == os.path.normpath(cfg.data.root)):
+            or then == os.path.normpath(cfg.data.root)):
         return
     from .data import fingerprint, load, to_download
     if to_download(cfg.data):  # fetched once every check passed: the job compares
         return
-    from .resume import other_images_said
     said = other_images_said(ck, fingerprint(load(cfg.data, cfg.seed)), path, cfg.data)
     if said:
         raise ConfigError(said)

@@ -287,6 +287,11 @@ def _warn_short_starts(cluster: dict) -> None:
           f"{trains} before it checkpoints {then}")
 
 
+def _identity_key(cfg) -> str:
+    """What a run may not change on resume (Config.identity), as one comparable key (1 and 1.0 alike)."""
+    return config_key(cfg.identity())
+
+
 def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) -> None:
     """A point whose config another point folder of the sweep holds under another name (a key newly swept:
     optim.lr=0.05,0.1 where seed alone was) would train that config again from scratch, a second W&B run of it
@@ -299,18 +304,15 @@ def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) ->
         others = [d for d in sweep_dir.iterdir() if d.is_dir() and d not in new]
     except (FileNotFoundError, NotADirectoryError):
         return
-    def identity(cfg) -> str:
-        return config_key(cfg.identity())
-
     held: dict[str, list] = {}
     for d in sorted(others):
         cfg = recorded_config(d, warn=False)
         if cfg is not None:
-            held.setdefault(identity(cfg), []).append((d, cfg))
+            held.setdefault(_identity_key(cfg), []).append((d, cfg))
     for p in new.values():
         mine = flatten(dataclasses.asdict(p.cfg))
         twin = next(((d, theirs) for d, theirs in ((d, flatten(dataclasses.asdict(c)))
-                                                   for d, c in held.get(identity(p.cfg), []))
+                                                   for d, c in held.get(_identity_key(p.cfg), []))
                      if not any(mine.get(k) != v for k, v in theirs.items()
                                 if k in swept or k.split(".")[0] in swept)), None)  # a key, or its group swept
         if twin is not None:
@@ -341,7 +343,7 @@ def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:
     for other in others:
         held = [p for p in points if p.skip is None and p.cfg is not None and (other / p.run_dir.name).is_dir()
                 and (cfg := recorded_config(other / p.run_dir.name, warn=False)) is not None
-                and config_key(cfg.identity()) == config_key(p.cfg.identity())]
+                and _identity_key(cfg) == _identity_key(p.cfg)]
         if held:
             names = ", ".join(p.run_dir.name for p in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             are = "is a run" if len(held) == 1 else "are runs"

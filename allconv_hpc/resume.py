@@ -145,6 +145,12 @@ def restore(ck: dict, model: torch.nn.Module, opt: torch.optim.Optimizer,
     return TrainState(**{"streams": 1, **ck["train_state"]})  # no "streams": written before it
 
 
+def trained_root(ck: dict) -> Optional[str]:
+    """The data.root checkpoint ``ck`` trained on (normalised, as pin_data_root records roots), None if unrecorded."""
+    root = ((ck.get("config") or {}).get("data") or {}).get("root")
+    return os.path.normpath(root) if root else None
+
+
 def other_images_said(ck: dict, now: dict, path: Path, cfg: DataConfig) -> Optional[str]:
     """Why checkpoint ``path`` may not be resumed here, if it trained on other images than this start reads
     (``now``: data.fingerprint of this start's): a data.root given anew, or a copy rebuilt or replaced since, would
@@ -160,8 +166,7 @@ def other_images_said(ck: dict, now: dict, path: Path, cfg: DataConfig) -> Optio
     if cfg.name == "synthetic":  # generated: no folder to give
         return (f"checkpoint {path} trained on other images than data=synthetic generates now ({'; '.join(said)}"
                 f"{torch_too}): resume it with the version it trained with, {anew}")
-    then = ((ck.get("config") or {}).get("data") or {}).get("root")
-    then = os.path.normpath(then) if then else None
+    then = trained_root(ck)
     where = f"data.root={cfg.root} holds" + (f" (it trained on {then})" if then and then != cfg.root else "")
     return (f"checkpoint {path} trained on other images than {where} ({'; '.join(said)}{torch_too}): give data.root "
             f"the folder it trained on (or an exact copy), {anew}")
