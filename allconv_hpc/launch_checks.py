@@ -22,7 +22,7 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible here; use trainer.device=cpu or auto")
     cuda = uses_cuda(t)
-    if not cuda and cfg.dist.backend == "nccl" and env.distributed:
+    if not cuda and cfg.dist.backend == "nccl":  # one process too: submit refuses it for one CPU task alike
         raise ConfigError(f"dist.backend=nccl needs CUDA and none is used here (trainer.device={t.device}); "
                           f"use dist.backend=gloo (or auto) on CPU")
     if cuda and env.distributed and cfg.dist.backend != "gloo" and env.source == "torchrun":

@@ -636,6 +636,18 @@ class Trainer:
         self.write_status("running")
 
     # -- stopping ----------------------------------------------------------------------------------
+    def _position(self) -> str:
+        """Where training stands, for the stop's log line: epochs done as `status` counts them."""
+        st, epochs = self.state, self.cfg.trainer.epochs
+        done = f"{min(st.epoch, epochs)}/{epochs} epochs done"
+        if st.epoch >= epochs:
+            return f"{done}, in the test evaluation"
+        if st.step_in_epoch == 0:
+            return done if st.epoch else "before the first step"
+        if st.step_in_epoch >= self.steps_per_epoch:
+            return f"epoch {st.epoch + 1} trained, not yet scored; {done}"
+        return f"epoch {st.epoch + 1}, step {st.step_in_epoch}/{self.steps_per_epoch}; {done}"
+
     def _stop(self, stop: StopRequest) -> int:
         """The checkpoint is written; decide requeue vs exit (rank 0 asks Slurm), then every rank leaves."""
         st = self.state
@@ -676,8 +688,7 @@ class Trainer:
             again = ("the same command resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else
                      "checkpoint.resume=auto resumes it from this checkpoint (the same command, with "
                      "checkpoint.resume=never, starts it over)")
-            log.warning("%s at global step %d (epoch %d)%s", decision, st.global_step,
-                        min(st.epoch + 1, self.cfg.trainer.epochs),  # past the last: in the final test eval
+            log.warning("%s at global step %d (%s)%s", decision, st.global_step, self._position(),
                         f": the run stops with its checkpoint; {again}" if decision == "interrupted" else "")
             if self.env.source == "local" and stop.is_warning:
                 log.warning("a cluster=local job gets %s signal_lead_s before cluster.timeout_min (or when sent "

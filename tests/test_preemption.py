@@ -75,8 +75,12 @@ def test_signal_mid_training_then_resume_is_bitwise_exact(reference, tmp_path, s
         p = interrupt_at(tmp_path, run, EXACT + ["wandb.mode=offline"], f"(global {step})", sig)
         assert p.returncode == 3, p.output[-3000:]  # stopped with a checkpoint, not requeued (no Slurm)
         assert "checkpoint saved" in p.output
-        assert re.search(r"interrupted at global step \d+ \(epoch \d\): the run stops with its checkpoint; the same "
-                         r"command resumes it from this checkpoint", p.output), p.output[-3000:]
+        said = re.search(r"interrupted at global step \d+ \((epoch \d, step \d/\d; |epoch \d trained, not yet scored; )?"
+                         r"(\d)/(\d) epochs done\): the run stops with its checkpoint; the same "
+                         r"command resumes it from this checkpoint", p.output)
+        assert said, p.output[-3000:]
+        st = json.loads((run / "status.json").read_text())  # the log counts epochs done as status does
+        assert (int(said[2]), int(said[3])) == (st["epoch"], st["epochs"]), (said[0], st)
     run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
     assert_same_weights(final_weights(run), final_weights(reference), exact=True)
     assert_same_history(history(run), history(reference), exact=True)

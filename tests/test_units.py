@@ -652,7 +652,10 @@ def test_launch_checks_refuse_cuda_and_nccl_where_there_is_no_gpu():
     cfg.dist.backend = "nccl"
     with pytest.raises(ConfigError, match="dist.backend=nccl needs CUDA and none is used here"):
         check_launch(cfg, two)
-    check_launch(cfg, detect_env({}))  # one process: no process group, the backend is never used
+    with pytest.raises(ConfigError, match="dist.backend=nccl needs CUDA"):  # one process: as submit refuses it
+        check_launch(cfg, detect_env({}))
+    cfg.dist.backend = "auto"
+    check_launch(cfg, detect_env({}))
 
 
 def test_more_threads_than_cpus_is_warned_about(caplog):
