@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .augment import DROPOUT_STREAM, mix_seed
 from .checkpoint import CheckpointDir, CheckpointError, load_file
 from .config import Config, DataConfig
 from .data import other_images
@@ -112,6 +113,23 @@ def set_rng_state(s: dict, device: torch.device) -> None:
     name, keys, *rest = s["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+
+
+def restore_rngs(rngs: list, rank: int, world: int, device: torch.device, seed: int,
+                 global_step: int) -> Optional[str]:
+    """Restore this rank's random streams from a checkpoint's (one per rank). Where they cannot be (another world
+    size; another device type, whose dropout draws from the other generator), seed streams of this resume point,
+    not the run's first step's (which would draw its dropout masks again), and return why, for the warning."""
+    if len(rngs) != world:
+        why = f"checkpoint was written by {len(rngs)} rank(s), this job has {world}"
+    elif (rngs[rank]["cuda"] is None) == (device.type == "cuda"):
+        was, now = ("GPU", "CPU") if rngs[rank]["cuda"] is not None else ("CPU", "GPU")
+        why = f"checkpoint was written on a {was}, this job trains on a {now}"
+    else:
+        set_rng_state(rngs[rank], device)
+        return None
+    torch.manual_seed(mix_seed(mix_seed(seed, DROPOUT_STREAM + rank), global_step))
+    return why
 
 
 def _match_layouts(opt: torch.optim.Optimizer) -> None:

@@ -34,7 +34,7 @@ from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .launch_checks import check_launch
 from .models import build_model, count_parameters, summary
 from .resume import (TrainState, applied_mode, best_file_holds, other_images_said, pick_checkpoint, restore,
-                     rng_state, set_rng_state, warn_copied_run, warn_reshaped_schedule)
+                     restore_rngs, rng_state, warn_copied_run, warn_reshaped_schedule)
 from .poll import StepPoll, classify_stop
 from .preempt import (AGREED_EXITS, EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StartupStop,
                       StopRequest, sigint_deferred, signal_lead_s, take_early_stop)
@@ -275,12 +275,12 @@ class Trainer:
             self._best_file_acc = best_file_holds(self.state, self.ckpt, ck, self.cfg_dict)
             warn_copied_run(ck, self.run_dir, self.state.wandb_id)
         self._resume_sums = (ck["epoch_sums"].to(self.device), ck["interval_sums"].to(self.device))
-        rngs = ck["rng"]
-        if len(rngs) == self.env.world_size:
-            set_rng_state(rngs[self.env.rank], self.device)
-        elif self.cfg.model.dropout and (self.cfg.model.input_dropout or self.cfg.model.hidden_dropout):
-            log.warning("checkpoint was written by %d ranks, this job has %d: dropout streams are reseeded, "
-                        "so the result will not be bitwise the uninterrupted one", len(rngs), self.env.world_size)
+        why = restore_rngs(ck["rng"], self.env.rank, self.env.world_size, self.device, self.cfg.seed,
+                           self.state.global_step)
+        dropout = self.cfg.model.dropout and (self.cfg.model.input_dropout or self.cfg.model.hidden_dropout)
+        if why and dropout and self.env.is_main:
+            log.warning("%s: dropout draws from streams seeded anew at this step, so the result will not be bitwise "
+                        "the uninterrupted one", why)
         if self.env.is_main:
             warn_reshaped_schedule(self.cfg, self.state, self.steps_per_epoch, ck)
             st = self.state

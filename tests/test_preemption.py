@@ -657,6 +657,23 @@ def test_two_ranks_interrupted_and_resumed(tmp_path):
     assert_same_history(history(run), history(ref), exact=True)
 
 
+def test_a_resume_on_more_ranks_reseeds_dropout_at_its_step_and_trains_every_image(reference, tmp_path):
+    run = tmp_path / "run"
+    p = interrupt_at(tmp_path, run, EXACT, "(global 6)", signal.SIGUSR2)
+    assert p.returncode == 3, p.output[-3000:]
+    step = json.loads((run / "status.json").read_text())["global_step"]
+    run_train(tmp_path, run, EXACT, nproc=2)
+    log = (run / "train.log").read_text()
+    assert ("checkpoint was written by 1 rank(s), this job has 2: dropout draws from streams seeded anew at this "
+            "step, so the result will not be bitwise the uninterrupted one") in log, log[-3000:]
+    ours, ref = history(run), history(reference)
+    assert [r["epoch"] for r in ours] == [r["epoch"] for r in ref] == [1, 2, 3]
+    assert [r["step"] for r in ours] == [r["step"] for r in ref]  # the same images, split over two ranks
+    later = [r for r in ours if r["step"] > step]
+    assert later and all(abs(a["train_loss"] - b["train_loss"]) < 0.5 for a, b in zip(ours, ref)), (ours, ref)
+    assert any(a["train_loss"] != b["train_loss"] for a, b in zip(later, ref[-len(later):]))  # other masks
+
+
 def test_growing_a_length_dependent_schedule_says_the_lr_jumps(tmp_path):
     run = tmp_path / "run"
     run_train(tmp_path, run, TINY + ["schedule=cosine"])

@@ -1156,3 +1156,35 @@ def test_a_resume_on_other_images_is_said_with_the_fix_that_applies():
         "(it trained on" not in said and "give data.root the folder it trained on" in said, said
     assert other_images_said({**ck, "data": now}, now, Path("ck.pt"), DataConfig(name="synthetic")) is None
     assert other_images_said({"config": {}}, now, Path("ck.pt"), DataConfig(name="synthetic")) is None
+
+
+def test_rng_streams_that_cannot_be_restored_are_seeded_for_the_resume_point_not_the_first_step():
+    """Another world size or device type: dropout must not draw the run's first masks again."""
+    from allconv_hpc.augment import DROPOUT_STREAM, mix_seed
+    from allconv_hpc.resume import restore_rngs, rng_state
+    cpu = torch.device("cpu")
+    before = torch.get_rng_state()
+    try:
+        torch.manual_seed(123)
+        saved = rng_state(cpu)
+        expect = torch.rand(4)
+        torch.manual_seed(7)
+        assert restore_rngs([saved], 0, 1, cpu, seed=0, global_step=40) is None  # the same ranks, device: exact
+        assert torch.equal(torch.rand(4), expect)
+
+        def draws(rank: int, step: int, rngs: list) -> tuple[str, torch.Tensor]:
+            why = restore_rngs(rngs, rank, 2, cpu, seed=0, global_step=step)
+            return why, torch.rand(4)
+        why, fresh = draws(1, 40, [saved])
+        assert why == "checkpoint was written by 1 rank(s), this job has 2", why
+        torch.manual_seed(mix_seed(0, DROPOUT_STREAM + 1))  # rank 1's stream at the run's first step
+        first = torch.rand(4)
+        assert not torch.equal(fresh, first) and not torch.equal(fresh, expect)
+        assert torch.equal(draws(1, 40, [saved])[1], fresh)  # a pure function of the resume point: the same again
+        assert not torch.equal(draws(1, 41, [saved])[1], fresh) and not torch.equal(draws(0, 40, [saved])[1], fresh)
+        on_gpu = {**saved, "cuda": torch.zeros(16, dtype=torch.uint8)}  # a GPU run's state (its CUDA generator's)
+        why = restore_rngs([on_gpu], 0, 1, cpu, seed=0, global_step=40)
+        assert why == "checkpoint was written on a GPU, this job trains on a CPU", why
+        assert not torch.equal(torch.rand(4), expect)  # the CPU generator was not the GPU run's dropout stream
+    finally:
+        torch.set_rng_state(before)
