@@ -218,9 +218,15 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             net = DDP(net, device_ids=[self.device.index] if cuda else None)
         self.net = net
-        # the same command run again on a finished run: nothing to train or score, and no W&B segment
+        # the same command run again on a finished run: nothing to train or score, and no W&B segment. Its
+        # status.json says so; where that is gone, the last checkpoint of a run without a held-out split is the end
+        # (with one, the test scores were only in status.json: scored again). A record of another state (a kill
+        # after the last checkpoint) goes on to finish W&B's summary.
+        record = read_json(self.run_dir / "status.json") if env.is_main else {}
+        said = is_completed(record, self.state.epoch, t.epochs)
         self.finished = self.resumed_from is not None and self.state.epoch >= t.epochs and self.dist.any(
-            env.is_main and is_completed(read_json(self.run_dir / "status.json"), self.state.epoch, t.epochs))
+            said or (env.is_main and not record and self.test_split is None))
+        self._said_completed = said
         if self.finished and env.is_main:  # no tracker to rewrite it: deleted or damaged since, the checkpoint
             if not (self.run_dir / HISTORY_FILE).exists():  # holds every row
                 log.warning("%s was missing: written again from the checkpoint's %d epochs", HISTORY_FILE,
@@ -436,6 +442,8 @@ class Trainer:
     def fit(self) -> int:
         cfg, st = self.cfg, self.state
         if self.finished:
+            if self.env.is_main and not self._said_completed:  # status.json deleted or damaged since
+                self.write_status("completed")
             if self.env.is_main:
                 log.info("this run completed its %d epoch%s already: nothing to do (a larger trainer.epochs trains "
                          "on; checkpoint.resume=never starts over)", st.epoch, "" if st.epoch == 1 else "s")

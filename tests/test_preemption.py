@@ -611,6 +611,10 @@ def test_a_finished_run_run_again_does_nothing_and_opens_no_wandb_segment(refere
     assert re.search(r"resumed from \S+: after epoch 3, global step 15\n", log), log[-1500:]
     assert segments(run / "wandb") == segs  # no new, empty segment to sync
     assert {p.name: p.read_bytes() for p in [run / "status.json", run / "history.csv", *run.glob("checkpoints/*")]} == before
+    (run / "status.json").unlink()  # without a held-out split its last checkpoint says it is over: still nothing to do
+    run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
+    assert segments(run / "wandb") == segs and (run / "train.log").read_text().count("nothing to do") == 2
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
     run_train(tmp_path, run, EXACT + ["wandb.mode=offline", "trainer.epochs=4"])  # grown: it trains on
     assert len(history(run)) == 4 and history(run)[:3] == history(reference)
     assert len(segments(run / "wandb")) == len(segs) + 1
