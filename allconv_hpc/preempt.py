@@ -181,7 +181,7 @@ def sigint_deferred(take: bool = True) -> Iterator[list[int]]:
 
 def ignore_late_signals(warn_signal: Optional[str] = None) -> None:
     """Training is over (done, stopped or failed): ignore warnings (USR1, USR2, `warn_signal`),
-    SIGTERM and SIGHUP from now on.
+    SIGTERM, SIGHUP and SIGINT from now on: the run's exit code is said, and only the exit is left.
 
     Python resets its handlers to the default (terminate) while the interpreter shuts down, so a
     time-limit warning landing in those last moments would kill a finished process by the signal,
@@ -189,14 +189,15 @@ def ignore_late_signals(warn_signal: Optional[str] = None) -> None:
     that reset. Only for process entry points: a test process calling `train.run` keeps its handlers.
     """
     for s in {signal.SIGUSR1, signal.SIGUSR2, signum(warn_signal) if warn_signal else _warn, signal.SIGTERM,
-              signal.SIGHUP}:
+              signal.SIGHUP, signal.SIGINT}:
         signal.signal(s, signal.SIG_IGN)
 
 
 class StopRequest:
     """Installs handlers that only set a flag; `requested` is the first signal seen (or None)."""
 
-    def __init__(self, warn_signal: str = "USR2"):
+    def __init__(self, warn_signal: str = "USR2", say: bool = False):
+        self.say = say  # the process that speaks for the run (rank 0) answers a first Ctrl-C on stderr
         self.warn = signum(warn_signal)
         self.warnings = warning_signals(self.warn)
         self.received: Optional[int] = None
@@ -222,6 +223,10 @@ class StopRequest:
         now = time.monotonic()
         if self.received is None:
             self.received, self._at = sig, now
+            if sig == signal.SIGINT and self.say:  # a step may take seconds: without a word, Ctrl-C is pressed again
+                # os.write, not print: a print the handler interrupted would make print raise (reentrant call)
+                os.write(2, b"allconv-hpc: Ctrl-C: stopping after the next step, with a checkpoint (Ctrl-C again "
+                            b"stops at once, without one)\n")
         elif sig == signal.SIGINT and now - self._at >= SAME_SIGNAL_S:
             raise KeyboardInterrupt  # Ctrl-C while a stop is under way: the user wants out now (checkpoints are atomic)
 

@@ -463,7 +463,7 @@ class Trainer:
                 log.info("each epoch is scored on %d held-out training images (data.val_size); the %d test "
                          "images are scored once, after the last epoch", len(self.val_split[1]),
                          len(self.test_split[1]))
-        with StopRequest(cfg.checkpoint.signal) as stop:
+        with StopRequest(cfg.checkpoint.signal, say=self.env.is_main) as stop:
             while st.epoch < cfg.trainer.epochs:
                 self._epoch_t0, self._epoch_base = time.perf_counter(), st.epoch_seconds
                 if st.step_in_epoch < self.steps_per_epoch and self._train_epoch(stop):

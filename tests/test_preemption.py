@@ -75,6 +75,9 @@ def test_signal_mid_training_then_resume_is_bitwise_exact(reference, tmp_path, s
         p = interrupt_at(tmp_path, run, EXACT + ["wandb.mode=offline"], f"(global {step})", sig)
         assert p.returncode == 3, p.output[-3000:]  # stopped with a checkpoint, not requeued (no Slurm)
         assert "checkpoint saved" in p.output
+        # a first Ctrl-C is answered at once (a step may take seconds); other signals are the cluster's, logged
+        assert ("allconv-hpc: Ctrl-C: stopping after the next step, with a checkpoint (Ctrl-C again stops at once, "
+                "without one)" in p.output) == (sig == signal.SIGINT), p.output[-3000:]
         said = re.search(r"interrupted at global step \d+ \((epoch \d, step \d/\d; |epoch \d trained, not yet scored; )?"
                          r"(\d)/(\d) epochs done\): the run stops with its checkpoint; the same "
                          r"command resumes it from this checkpoint", p.output)

@@ -212,8 +212,8 @@ def test_both_usr_signals_are_warnings_whichever_the_config_names(monkeypatch):
     requeue signal) is a warning too, before training (recorded) and during it: its default action would end the
     job with nothing saved since its last checkpoint."""
     from allconv_hpc import preempt
-    sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP)
-    saved = {s: signal.getsignal(s) for s in sigs}
+    sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # SIGINT: a Ctrl-C as
+    saved = {s: signal.getsignal(s) for s in sigs}  # the process exits would end it by the signal, not its code
     for name, value in (("_early", None), ("_warn", signal.SIGUSR2)):
         monkeypatch.setattr(preempt, name, value)
     try:
