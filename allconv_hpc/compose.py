@@ -470,7 +470,7 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
     said = name_too_long(run_dir)
     if said:
         raise ConfigError(f"run folder: {said}; give a shorter {key}")
-    for path in (run_dir, run_dir / "checkpoints"):
+    for path in (run_dir, run_dir / "checkpoints", run_dir / ".hydra"):
         existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
         if existing.is_symlink() and not existing.exists():  # mkdir would fail "File exists"
             raise ConfigError(f"run folder {run_dir}: {existing} is a link to {os.readlink(existing)}, which does not "
@@ -481,11 +481,17 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
             raise ConfigError(f"run folder {run_dir}: {existing} is not writable here; give a writable {key}")
         if existing != path:
             break  # the rest does not exist yet: made inside this writable folder
-    for name in ("status.json", "history.csv", "train.log", "submission.json", "wandb_id.txt", "wandb_steps.jsonl"):
+    for name in ("status.json", "history.csv", "train.log", "submission.json", "wandb_id.txt", "wandb_steps.jsonl",
+                 ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "checkpoints/last.pt",
+                 "checkpoints/best.pt"):
         path = run_dir / name  # a folder (or a dangling link) where the run writes a file: found at the first write
         if os.path.lexists(path) and not path.is_file():
             raise ConfigError(f"run folder {run_dir}: {path} is {'a folder' if path.is_dir() else 'no file'}, where "
                               f"the run writes its file; move it away, or give another {key}")
+        # another user's, read-only or immutable (chattr +i, refused to root too): found an epoch later, at its write
+        if path.is_file() and not os.access(path, os.W_OK):
+            raise ConfigError(f"run folder {run_dir}: {path} is not writable here (its owner, mode or an immutable "
+                              f"flag), and the run rewrites it; make it writable, or give another {key}")
     if (run_dir / "sweep.json").is_file():  # status and evaluate would read it as the sweep, hiding this run
         raise ConfigError(f"run folder {run_dir} is a sweep's folder (sweep.json): give one of its point folders "
                           f"to resume that point, or a new hydra.run.dir")

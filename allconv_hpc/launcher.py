@@ -54,6 +54,10 @@ def hydra_value(value, key: str) -> str:
     if any(ch in v for ch in "\\\n\r\0") or "${" in v:
         raise ConfigError(f"{key}={v!r}: backslashes, newlines, NUL and '${{' are not supported in paths given "
                           f"to submit; use a plain path")
+    if "%" in v and key in ("hydra.run.dir", "hydra.sweep.dir"):  # the job's log folder lies inside it
+        raise ConfigError(f"{key}={v!r}: '%' in a folder submit runs in is not supported: submitit and Slurm read "
+                          f"%j, %A, %a ... in the job's log paths as patterns, and its logs would land elsewhere; "
+                          f"use a path without '%'")
     return "'" + v.replace("'", "\\'") + "'"
 
 

@@ -1023,10 +1023,33 @@ def test_a_run_folder_of_another_config_is_refused(tmp_path):
 
 def test_run_folders_a_job_could_only_fail_on_are_refused_before_the_queue(tmp_path):
     plan = lambda run: launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)  # noqa: E731
+    for key, value in (("hydra.run.dir", tmp_path / "r%j"), ("hydra.sweep.dir", tmp_path / "s%A")):
+        # submitit and Slurm read it as a pattern in the job's log paths: the job was lost after it started
+        with pytest.raises(ConfigError, match=f"{key}=.*: '%' in a folder submit runs in is not supported"):
+            sweep = key == "hydra.sweep.dir"
+            launcher.plan(["cluster=local", *TINY, f"{key}={value}", "seed=0,1" if sweep else "seed=0"], multirun=sweep)
+        assert not os.path.exists(value)
     (tmp_path / "afile").write_text("")
     for run in (tmp_path / "afile", tmp_path / "afile" / "sub"):  # the folder, or one above it, is a file
         with pytest.raises(ConfigError, match=f"{tmp_path / 'afile'} is a file, not a folder"):
             plan(run)
+    odd = tmp_path / "odd"
+    (odd / "checkpoints" / "last.pt").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"last.pt is a folder, where the run writes its file"):
+        plan(odd)
+    (odd / "checkpoints" / "last.pt").rmdir()
+    (odd / ".hydra").write_text("")
+    with pytest.raises(ConfigError, match=r"odd/.hydra is a file, not a folder"):
+        plan(odd)
+    (odd / ".hydra").unlink()
+    (odd / "history.csv").write_text("epoch\n")
+    subprocess.run(["chattr", "+i", odd / "history.csv"], check=True)  # refused to root too (CI's user)
+    try:  # found at the epoch's end before, after a whole epoch's work
+        with pytest.raises(ConfigError, match=r"history.csv is not writable here \(its owner, mode or an immutable "
+                                              r"flag\), and the run rewrites it; make it writable"):
+            plan(odd)
+    finally:
+        subprocess.run(["chattr", "-i", odd / "history.csv"], check=True)
     run = tmp_path / "run"
     CheckpointDir(run / "checkpoints", keep=2).save({"identity": {}}, step=5)
     (run / "checkpoints" / "step_00000005.pt").write_bytes(b"garbage")  # last.pt is a hard link: both damaged
