@@ -79,6 +79,12 @@ def preflight_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]]
     rather than found at wandb.init and logged offline instead (left for a key that cannot reach the server)."""
     environ = os.environ if environ is None else environ
     mode = resolve_mode(cfg_mode, environ)
+    legacy = (environ.get("WANDB_DISABLED") or "").strip().lower()
+    if legacy in ("true", "1", "yes") and mode != "disabled":  # older wandb's switch, read by other tools still
+        from importlib.metadata import version
+        raise ConfigError(f"WANDB_DISABLED={environ['WANDB_DISABLED']} is not read by wandb {version('wandb')} (nor here) "
+                          f"and this run would log {mode}: set wandb.mode=disabled (or WANDB_MODE=disabled) to turn "
+                          f"W&B off, or unset WANDB_DISABLED")
     if mode == "online" and not api_key_configured(environ):
         asked = f"wandb.mode={cfg_mode}" if cfg_mode else f"WANDB_MODE={environ.get('WANDB_MODE')}"
         raise ConfigError(f"{asked} but no W&B API key is configured here (WANDB_API_KEY, the ~/.netrc that "
@@ -102,13 +108,34 @@ def check_names(w: WandbConfig) -> None:
     except Exception as e:  # pydantic's ValidationError, or wandb's UsageError (a project name)
         errors = getattr(e, "errors", None)
         first = errors()[0] if callable(errors) else None
-        if first:
-            field, said = str(first["loc"][0]), str(first["msg"]).removeprefix("Value error, ")
-        else:
-            said = (str(e).splitlines() or [""])[0]
-            field = next((f for f in _SETTING_KEYS if f.split("_")[-1] in said.lower()), "project")
+        said = _refusal(e)
+        field = str(first["loc"][0]) if first else next(
+            (f for f in _SETTING_KEYS if f.split("_")[-1] in said.lower()), "project")
         key = _SETTING_KEYS.get(field, "wandb." + field)
         raise ConfigError(f"{key}: W&B refuses it ({said}); change {key}") from None
+    _check_environment(os.environ)
+
+
+def _refusal(e: Exception) -> str:
+    """What wandb's validator said: pydantic's first error, or wandb's UsageError's first line."""
+    errors = getattr(e, "errors", None)
+    first = errors()[0] if callable(errors) else None
+    return str(first["msg"]).removeprefix("Value error, ") if first else (str(e).splitlines() or [""])[0]
+
+
+def _check_environment(environ: Mapping[str, str]) -> None:
+    """A WANDB_* variable wandb.init would refuse (WANDB_CONSOLE=bogus, WANDB_INIT_TIMEOUT=abc): found here, by
+    wandb's own validator, one variable at a time so that the error names it, instead of a traceback at the job's
+    wandb.init after its data load. A credential's value is never shown."""
+    import wandb
+    for var, value in sorted(environ.items()):
+        if not var.startswith("WANDB_"):
+            continue
+        try:
+            wandb.Settings().update_from_env_vars({var: value})
+        except Exception as e:  # pydantic's ValidationError, or wandb's UsageError
+            shown = var if any(w in var for w in ("KEY", "TOKEN", "PASSWORD", "SECRET")) else f"{var}={value!r}"
+            raise ConfigError(f"environment {shown}: W&B refuses it ({_refusal(e)}); correct or unset it") from None
 
 
 def resolve_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:

@@ -277,6 +277,38 @@ def test_names_wandb_would_refuse_are_named_before_any_work(wcfg, said):
     check_names(WandbConfig(project="allconv-hpc", tags=["a", "sweep-1"], group="g", name="n"))  # fine
 
 
+@pytest.mark.parametrize("var,value,said", [
+    ("WANDB_CONSOLE", "bogus", "environment WANDB_CONSOLE='bogus': W&B refuses it (Input should be 'auto', 'off'"),
+    ("WANDB_INIT_TIMEOUT", "abc", "environment WANDB_INIT_TIMEOUT='abc': W&B refuses it (Input should be a valid "
+                                  "number"),
+    ("WANDB_RUN_ID", "abc/def", "environment WANDB_RUN_ID='abc/def': W&B refuses it (Run ID cannot contain"),
+    ("WANDB_SILENT", "maybe", "environment WANDB_SILENT='maybe': W&B refuses it (Input should be a valid boolean"),
+])
+def test_wandb_variables_wandb_would_refuse_are_named_before_any_work(monkeypatch, tmp_path, var, value, said):
+    """A traceback at the job's wandb.init (after the data load; on Slurm after the queue) before."""
+    from allconv_hpc.wandb_mode import check_names
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as e:
+        check_names(WandbConfig())
+    assert str(e.value).startswith(said) and str(e.value).endswith("; correct or unset it"), str(e.value)
+    if var == "WANDB_CONSOLE":  # the command: exit 2, and no run folder made
+        r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "data=synthetic", "wandb.mode=offline",
+                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, var: value})
+        assert r.returncode == 2 and said in r.stderr and not (tmp_path / "run").exists(), r.stderr[-2000:]
+
+
+def test_wandb_disabled_which_wandb_no_longer_reads_is_not_ignored(tmp_path):
+    from allconv_hpc.wandb_mode import preflight_mode
+    env = {"HOME": str(tmp_path), "NETRC": str(tmp_path / "netrc"), "WANDB_DISABLED": "true"}
+    with pytest.raises(ConfigError, match=r"^WANDB_DISABLED=true is not read by wandb \S+ \(nor here\) and this run "
+                                          r"would log offline: set wandb.mode=disabled"):
+        preflight_mode(None, env)
+    assert preflight_mode("disabled", env) == "disabled"
+    assert preflight_mode(None, {**env, "WANDB_MODE": "disabled"}) == "disabled"
+    assert preflight_mode(None, {**env, "WANDB_DISABLED": "false"}) == "offline"
+
+
 def test_tags_that_are_not_strings_are_refused_by_the_config_itself(tmp_path):
     """wandb.tags=[1] passed `train --print-config` (and `train` with wandb.mode=disabled) as valid, while
     `submit` refused it: the typed config refuses it now, for every command alike."""
