@@ -24,12 +24,13 @@ from .fsio import naming
 
 LOCK_FILE = ".train.lock"
 SUBMIT_LOCK = ".submit.lock"  # submit_lock's: one submit at a time checks a run (or sweep) folder and queues into it
+PORT_FILE = ".port_requeues.json"  # how often a Slurm job requeued itself for a rendezvous port in use
 FRESH_FILE = ".fresh_start.json"  # the job that started this run over (checkpoint.resume=never): its restarts resume
 # what only this tool writes into a run folder (a project's root may hold wandb/, .hydra/ or a train.log of its
 # own): a folder holding one is a run's (compose.check_run_dir goes by it; status and evaluate ask narrower
 # questions: a sweep folder holds .submit.lock too)
 OWN_FILES = frozenset({"status.json", "checkpoints", "submission.json", SUBMIT_LOCK, LOCK_FILE, "wandb_id.txt",
-                       "wandb_steps.jsonl", FRESH_FILE})
+                       "wandb_steps.jsonl", FRESH_FILE, PORT_FILE})
 NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a file system without flock
 
 

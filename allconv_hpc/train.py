@@ -157,7 +157,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         return code
     except PortInUse as e:  # rank 0's rendezvous port (from the job id and restart count) is held on its node
         log.error("%s", e)
-        if _requeued_for_port(env):
+        if _requeued_for_port(env, composed.run_dir):
             code = EXIT_REQUEUED
         return code
     except DistributedError as e:
@@ -220,20 +220,28 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             os.close(lock_fd)
 
 
-PORT_REQUEUES = 10  # restarts below which a Slurm job whose rendezvous port is held requeues itself
+PORT_REQUEUES = 10  # how often a Slurm job whose rendezvous port is held requeues itself for it
 
 
-def _requeued_for_port(env) -> bool:
+def _requeued_for_port(env, run_dir: Path) -> bool:
     """A Slurm job's rank 0 found its port held: requeue the job, whose restart gets another port
-    (distributed.slurm_port), instead of failing a job its user walked away from. Nothing trained yet."""
+    (distributed.slurm_port), instead of failing a job its user walked away from. Nothing trained yet. Bounded by
+    the job's own count of such requeues (in the run folder, which rank 0 holds locked), not by its restarts,
+    which preemptions and time limits add to."""
+    from .fsio import read_json, write_atomic
     from .preempt import SlurmJob
+    from .runlock import PORT_FILE
     job = SlurmJob()
     if env.source != "slurm" or not env.is_main or not job.in_slurm:
         return False
-    if job.restarts >= PORT_REQUEUES:
-        log.error("not requeued: job %s has restarted %d times (at most %d for a port in use); submit the same "
-                  "command again", job.job_id, job.restarts, PORT_REQUEUES)
+    record = read_json(run_dir / PORT_FILE)
+    count = record.get("count") if record.get("job") == job.job_id else 0
+    count = count if isinstance(count, int) else 0
+    if count >= PORT_REQUEUES:
+        log.error("not requeued: job %s requeued itself %d times for a port in use already (at most %d); submit the "
+                  "same command again", job.job_id, count, PORT_REQUEUES)
         return False
+    write_atomic(run_dir / PORT_FILE, json.dumps({"job": job.job_id, "count": count + 1}) + "\n")
     if not job.requeue():
         log.error("Slurm did not requeue job %s (cluster.requeue=false, or the site forbids requeues); submit the "
                   "same command again: a new job id gives another port", job.job_id)

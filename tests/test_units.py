@@ -1,6 +1,7 @@
 """Small pure pieces: launch-context detection, host lists, ports, Slurm times, schedules."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -931,21 +932,27 @@ def test_init_dropout_order_and_augmentation_draw_different_numbers_and_older_ru
         tr.close()
 
 
-def test_a_port_in_use_requeues_only_a_slurm_jobs_rank_0_below_the_restart_bound(monkeypatch):
+def test_a_port_in_use_requeues_only_a_slurm_jobs_rank_0_a_bounded_number_of_times(monkeypatch, tmp_path):
     """Rank 0 of a Slurm job whose rendezvous port is held requeues the job (its restart gets another port),
-    at most train.PORT_REQUEUES restarts; other ranks and other launches never touch Slurm."""
+    at most train.PORT_REQUEUES times for it; other ranks and other launches never touch Slurm. Restarts for
+    other reasons (preemptions, time limits) do not count: a long job used to fail at its first clash."""
     from allconv_hpc import train
     from allconv_hpc.distributed import DistEnv
+    from allconv_hpc.runlock import PORT_FILE
     asked = []
     monkeypatch.setattr(SlurmJob, "requeue", lambda self: asked.append(self.job_id) or True)
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", str(train.PORT_REQUEUES - 1))
-    assert not train._requeued_for_port(DistEnv(rank=1, world_size=2, source="slurm"))
-    assert not train._requeued_for_port(DistEnv(rank=0, world_size=2, source="local"))
-    assert asked == []
-    assert train._requeued_for_port(DistEnv(rank=0, world_size=2, source="slurm")) and asked == ["77"]
-    monkeypatch.setenv("SLURM_RESTART_COUNT", str(train.PORT_REQUEUES))
-    assert not train._requeued_for_port(DistEnv(rank=0, world_size=2, source="slurm")) and asked == ["77"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(train.PORT_REQUEUES + 5))  # requeued often, for other reasons
+    rank0 = DistEnv(rank=0, world_size=2, source="slurm")
+    assert not train._requeued_for_port(DistEnv(rank=1, world_size=2, source="slurm"), tmp_path)
+    assert not train._requeued_for_port(DistEnv(rank=0, world_size=2, source="local"), tmp_path)
+    assert asked == [] and not (tmp_path / PORT_FILE).exists()
+    for n in range(1, train.PORT_REQUEUES + 1):
+        assert train._requeued_for_port(rank0, tmp_path) and len(asked) == n
+    assert json.loads((tmp_path / PORT_FILE).read_text()) == {"job": "77", "count": train.PORT_REQUEUES}
+    assert not train._requeued_for_port(rank0, tmp_path) and len(asked) == train.PORT_REQUEUES
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # a new job (submitted again) has its own count
+    assert train._requeued_for_port(rank0, tmp_path) and asked[-1] == "78"
 
 
 def test_commands_in_messages_quote_the_paths_they_name(tmp_path):
