@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -120,8 +121,10 @@ def _checkpoint_path(run: Path, which: str) -> Path:
     if which == "last" and not mine.is_file():  # last.pt is a link of the newest step file: that one, if gone
         from .checkpoint import CheckpointDir
         mine = next(iter(CheckpointDir(run / "checkpoints", keep=0).step_files()), mine)
-    # a bare name is the run's own file, even if the current folder holds one of that name
-    path = mine if which in ("best", "last") or mine.is_file() else Path(which)
+    # a bare name is the run's own file, even if the current folder holds one of that name; one with a folder part
+    # (./best.pt) is that path, though the run holds a file of its name
+    bare = os.sep not in which and "/" not in which
+    path = mine if which in ("best", "last") or (bare and mine.is_file()) else Path(which)
     if not path.is_file():
         if run.name == "checkpoints" and not (run / "checkpoints").exists() and any(run.glob("*.pt")):
             which_too = "" if which == "best" else f" --checkpoint {shlex.quote(which)}"
@@ -147,6 +150,12 @@ def _checkpoint_path(run: Path, which: str) -> Path:
                               f"{', '.join(there)}); use --checkpoint last")
         from .runlock import holds_run
         if not there and which in ("best", "last") and holds_run(run):  # its job has not trained yet (pending...)
+            from .fsio import read_json
+            done = read_json(run / "status.json").get("epoch")
+            if isinstance(done, int) and done > 0:  # it trained: its checkpoints were removed (or moved) since
+                raise ConfigError(f"{run} has no checkpoint, though its status.json says {done} epoch(s) done: its "
+                                  f"checkpoints/ files were removed or moved since; give a checkpoint's path with "
+                                  f"--checkpoint, or train the run again")
             raise ConfigError(f"{run} has no checkpoint yet: its run has not saved one (allconv-hpc status "
                               f"{shlex.quote(str(run))} shows how far it got)")
         if not (run / "checkpoints").is_dir() and not holds_run(run):

@@ -122,6 +122,9 @@ def test_a_step_checkpoint_reports_the_val_acc_of_its_last_finished_epoch(tmp_pa
     other = _cli(tmp_path, run, "--checkpoint", str(tmp_path / "step_00000006.pt"))
     assert other.returncode == 0 and (f"note: {tmp_path / 'step_00000006.pt'} is not one of {run}'s checkpoints: "
                                       f"scored with the config it carries (allcnn_c on synthetic)") in other.stderr
+    here = _cli(tmp_path, run, "--checkpoint", "./step_00000006.pt")  # a folder part: that path (it was the run's)
+    assert here.returncode == 0 and "is not one of" in here.stderr and here.stdout.startswith(
+        "step_00000006.pt (allcnn_c on synthetic, epoch 1 step 2, global step 2"), (here.stdout, here.stderr)
 
 
 def test_a_sweep_folder_names_its_run_folders(tmp_path):
@@ -275,6 +278,10 @@ def test_a_run_without_any_checkpoint_says_so_and_points_at_status(tmp_path):
         evaluate(run, "best")
     with pytest.raises(ConfigError, match=rf"no checkpoint {tmp_path}/x.pt \(checkpoints/ holds nothing\)"):
         evaluate(run, str(tmp_path / "x.pt"))  # a file asked for by name: named
+    (run / "status.json").write_text('{"state": "completed", "epoch": 3, "epochs": 3}')  # it trained: files gone
+    with pytest.raises(ConfigError, match=rf"{run} has no checkpoint, though its status.json says 3 epoch\(s\) done: "
+                                          rf"its checkpoints/ files were removed or moved since"):
+        evaluate(run, "last")
     (run / "checkpoints").write_text("")  # not "no checkpoint yet": what is there is wrong
     with pytest.raises(ConfigError, match=rf"{run}/checkpoints is a file, not the run's checkpoint folder"):
         evaluate(run, "best")
