@@ -118,14 +118,41 @@ def _tasks_on_this_node(e: Mapping[str, str], hosts: list[str]) -> int:
     return counts[index] if 0 <= index < len(counts) else counts[0]
 
 
+def _number(e: Mapping[str, str], key: str, default: int = 0) -> int:
+    """An int from the launcher's variable `key`, or a DistributedError naming it (not a ValueError traceback)."""
+    value = e.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"{key}={value!r} is not a number (the launcher sets it: left in this shell by "
+                               f"another job or by hand?); unset it, or start through the launcher") from None
+
+
+def _checked(env: DistEnv, keys: str) -> DistEnv:
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise DistributedError(f"rank {env.rank} of a world of {env.world_size} ({keys}) is no rank: set by hand, "
+                               f"or left in this shell by another job? unset them, or start through the launcher")
+    return env
+
+
+# where a process's rank and world size came from: a rendezvous that never fills may be a hand start in a shell
+# that holds another launch's variables
+_WORLD_FROM = {"slurm": "; the world size came from SLURM_STEP_NUM_TASKS (an srun step's): started by hand in a "
+                        "shell that holds an srun step's variables? start every rank with srun, or unset them",
+               "torchrun": "; the world size came from WORLD_SIZE: started by hand in a shell that holds it? unset "
+                           "RANK and WORLD_SIZE, or start with torchrun"}
+
+
 def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     e = os.environ if environ is None else environ
     if "RANK" in e and "WORLD_SIZE" in e:
-        world = int(e["WORLD_SIZE"])
-        return DistEnv(rank=int(e["RANK"]), world_size=world, local_rank=int(e.get("LOCAL_RANK", 0)),
-                       local_world_size=int(e.get("LOCAL_WORLD_SIZE", world)),
-                       master_addr=e.get("MASTER_ADDR", "127.0.0.1"), master_port=int(e.get("MASTER_PORT", 29500)),
-                       source="torchrun")
+        world = _number(e, "WORLD_SIZE", 1)
+        return _checked(DistEnv(rank=_number(e, "RANK"), world_size=world, local_rank=_number(e, "LOCAL_RANK"),
+                                local_world_size=_number(e, "LOCAL_WORLD_SIZE", world),
+                                master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
+                                master_port=_number(e, "MASTER_PORT", 29500), source="torchrun"), "RANK, WORLD_SIZE")
     # cluster=local: submitit's LocalExecutor starts tasks_per_node processes on this machine and says
     # only which one each is; its controller's pid is the job id (fresh on every resubmission)
     # (set by the process that started this one: it wins over Slurm variables inherited from a shell;
@@ -145,11 +172,11 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
             hosts = expand_hostlist(nodelist)
         except ValueError as err:
             raise DistributedError(f"{err}; set MASTER_ADDR and MASTER_PORT and start with torchrun") from None
-        return DistEnv(rank=int(e["SLURM_PROCID"]), world_size=int(e["SLURM_STEP_NUM_TASKS"]),
-                       local_rank=int(e.get("SLURM_LOCALID", 0)), local_world_size=_tasks_on_this_node(e, hosts),
-                       master_addr=hosts[0],
-                       master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), int(e.get("SLURM_RESTART_COUNT", 0))),
-                       source="slurm")
+        return _checked(DistEnv(rank=_number(e, "SLURM_PROCID"), world_size=_number(e, "SLURM_STEP_NUM_TASKS", 1),
+                                local_rank=_number(e, "SLURM_LOCALID"), local_world_size=_tasks_on_this_node(e, hosts),
+                                master_addr=hosts[0],
+                                master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), _number(e, "SLURM_RESTART_COUNT")),
+                                source="slurm"), "SLURM_PROCID, SLURM_STEP_NUM_TASKS")
     return DistEnv()
 
 
@@ -242,7 +269,7 @@ class Dist:
                 f"rank {env.rank}: rendezvous with {env.world_size} ranks at {where} failed after "
                 f"{time.monotonic() - started:.0f} s (dist.timeout_s={self.timeout_s:g}; {_first_line(e)}); a "
                 f"rank that failed before joining logged why (under srun, --kill-on-bad-exit=1 ends the others at "
-                f"once)") from e
+                f"once){_WORLD_FROM.get(env.source, '')}") from e
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         log.info("rank %d/%d joined (%s, %s, master %s:%s)", env.rank, env.world_size, backend, env.source,
                  os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])

@@ -1195,3 +1195,19 @@ def test_rng_streams_that_cannot_be_restored_are_seeded_for_the_resume_point_not
         assert not torch.equal(torch.rand(4), expect)  # the CPU generator was not the GPU run's dropout stream
     finally:
         torch.set_rng_state(before)
+
+
+@pytest.mark.parametrize("environ,said", [
+    ({"SLURM_PROCID": "x", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_PROCID='x' is not a number (the launcher sets it"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_RESTART_COUNT": "?"}, "SLURM_RESTART_COUNT='?' is not"),
+    ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "1"}, "rank 1 of a world of 1 (SLURM_PROCID, SLURM_STEP_NUM_TASKS) "
+                                                         "is no rank"),
+    ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a number"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "rank 2 of a world of 2 (RANK, WORLD_SIZE) is no rank"),
+])
+def test_launcher_variables_that_make_no_rank_are_named(environ, said):
+    """Left in a shell by another job, or set by hand: one line naming the variable (a ValueError traceback, or a
+    data error, after the run folder was made, before)."""
+    with pytest.raises(DistributedError) as e:
+        detect_env(environ)
+    assert str(e.value).startswith(said) and "unset" in str(e.value), str(e.value)
