@@ -481,17 +481,17 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
             raise ConfigError(f"run folder {run_dir}: {existing} is not writable here; give a writable {key}")
         if existing != path:
             break  # the rest does not exist yet: made inside this writable folder
-    for name in ("status.json", "history.csv", "train.log", "submission.json", "wandb_id.txt", "wandb_steps.jsonl",
-                 ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "checkpoints/last.pt",
-                 "checkpoints/best.pt"):
+    for name in (*_WRITTEN_IN_PLACE, *_REPLACED):
         path = run_dir / name  # a folder (or a dangling link) where the run writes a file: found at the first write
+        if name in _REPLACED and path.is_symlink() and not path.exists():
+            continue  # a dangling last.pt: replaced, link and all (resume skips it)
         if os.path.lexists(path) and not path.is_file():
             raise ConfigError(f"run folder {run_dir}: {path} is {'a folder' if path.is_dir() else 'no file'}, where "
                               f"the run writes its file; move it away, or give another {key}")
-        # another user's, read-only or immutable (chattr +i, refused to root too): found an epoch later, at its write
-        if path.is_file() and not os.access(path, os.W_OK):
-            raise ConfigError(f"run folder {run_dir}: {path} is not writable here (its owner, mode or an immutable "
-                              f"flag), and the run rewrites it; make it writable, or give another {key}")
+        # one the run cannot rewrite was found at its first write, after an epoch's work
+        if path.is_file() and not _rewritable(path, in_place=name in _WRITTEN_IN_PLACE):
+            raise ConfigError(f"run folder {run_dir}: {path} cannot be rewritten here (its owner, mode or an "
+                              f"immutable flag), and the run rewrites it; make it writable, or give another {key}")
     if (run_dir / "sweep.json").is_file():  # status and evaluate would read it as the sweep, hiding this run
         raise ConfigError(f"run folder {run_dir} is a sweep's folder (sweep.json): give one of its point folders "
                           f"to resume that point, or a new hydra.run.dir")
@@ -509,6 +509,37 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
             more = f", ... ({len(other)} in all)" if len(other) > 5 else ""
             raise ConfigError(f"run folder {run_dir} holds other files ({', '.join(other[:5])}{more}) and no run: "
                               f"training would mix its files with them; give a new or empty hydra.run.dir")
+
+
+# a run folder's files: appended or saved in place (write access to the file itself needed) and replaced by a
+# rename (fsio.write_atomic: the folder's write access is enough, unless the file is immutable or another user's
+# in a sticky folder), so that a weights file made read-only (chmod a-w) still lets its run grow
+_WRITTEN_IN_PLACE = ("train.log", "wandb_steps.jsonl", "history.csv", ".hydra/config.yaml", ".hydra/overrides.yaml",
+                     ".hydra/hydra.yaml")
+_REPLACED = ("status.json", "submission.json", "wandb_id.txt", "checkpoints/last.pt", "checkpoints/best.pt")
+_FS_IOC_GETFLAGS, _IMMUTABLE_OR_APPEND = 0x80086601, 0x10 | 0x20  # linux/fs.h: FS_IMMUTABLE_FL, FS_APPEND_FL
+
+
+def _rewritable(path: Path, in_place: bool) -> bool:
+    if in_place:
+        return os.access(path, os.W_OK)  # root too is refused an immutable file
+    st, folder = path.stat(), path.parent.stat()
+    if folder.st_mode & 0o1000 and os.geteuid() not in (0, st.st_uid, folder.st_uid):
+        return False  # a sticky folder (/tmp-like): another user's file is not ours to replace
+    try:
+        import array
+        import fcntl
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (ImportError, OSError):
+        return True  # unreadable, or not Linux: left to the write
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        return not flags[0] & _IMMUTABLE_OR_APPEND
+    except OSError:  # a file system without these flags (NFS, Lustre): none to refuse
+        return True
+    finally:
+        os.close(fd)
 
 
 def _run_above(run_dir: Path) -> Optional[Path]:

@@ -114,7 +114,7 @@ def _tasks_on_this_node(e: Mapping[str, str], hosts: list[str]) -> int:
             return int(first.group(0)) if first else 1
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     node = e.get("SLURMD_NODENAME")
-    index = hosts.index(node) if node in hosts else int(e.get("SLURM_NODEID", 0) or 0)
+    index = hosts.index(node) if node in hosts else _number(e, "SLURM_NODEID")
     return counts[index] if 0 <= index < len(counts) else counts[0]
 
 
@@ -131,18 +131,16 @@ def _number(e: Mapping[str, str], key: str, default: int = 0) -> int:
 
 
 def _checked(env: DistEnv, keys: str) -> DistEnv:
-    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size or env.local_rank < 0:
         raise DistributedError(f"rank {env.rank} of a world of {env.world_size} ({keys}) is no rank: set by hand, "
                                f"or left in this shell by another job? unset them, or start through the launcher")
     return env
 
 
-# where a process's rank and world size came from: a rendezvous that never fills may be a hand start in a shell
-# that holds another launch's variables
-_WORLD_FROM = {"slurm": "; the world size came from SLURM_STEP_NUM_TASKS (an srun step's): started by hand in a "
-                        "shell that holds an srun step's variables? start every rank with srun, or unset them",
-               "torchrun": "; the world size came from WORLD_SIZE: started by hand in a shell that holds it? unset "
-                           "RANK and WORLD_SIZE, or start with torchrun"}
+# a rendezvous that never fills, of a process torchrun did not start (no TORCHELASTIC_RUN_ID) though RANK and
+# WORLD_SIZE are set: a hand start in a shell that holds them
+_BY_HAND = ("; the world size came from WORLD_SIZE, and torchrun did not start this process: started by hand in a "
+            "shell that holds it? unset RANK and WORLD_SIZE, or start with torchrun")
 
 
 def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
@@ -269,7 +267,8 @@ class Dist:
                 f"rank {env.rank}: rendezvous with {env.world_size} ranks at {where} failed after "
                 f"{time.monotonic() - started:.0f} s (dist.timeout_s={self.timeout_s:g}; {_first_line(e)}); a "
                 f"rank that failed before joining logged why (under srun, --kill-on-bad-exit=1 ends the others at "
-                f"once){_WORLD_FROM.get(env.source, '')}") from e
+                f"once)"
+                f"{_BY_HAND if env.source == 'torchrun' and 'TORCHELASTIC_RUN_ID' not in os.environ else ''}") from e
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         log.info("rank %d/%d joined (%s, %s, master %s:%s)", env.rank, env.world_size, backend, env.source,
                  os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])

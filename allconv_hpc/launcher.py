@@ -67,7 +67,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     from .compose import (NameSwap, check_run_dir, check_sweep_dir, compose, dated_dir_warning, pin_data_root,
                           unread_said)
     from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
-    from .wandb_mode import check_names, preflight_mode
+    from .wandb_mode import check_environment, check_names, preflight_mode
 
     common, swept = expand_sweep(overrides, multirun)
     keys = {_key(o) for o in common + swept[0]}
@@ -144,6 +144,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         mode = None
         try:
             mode = preflight_mode(c.cfg.wandb.mode)  # the jobs inherit this environment
+            if mode != "disabled":
+                check_environment()
         except ConfigError as e:
             if not mine["setup"]:
                 raise

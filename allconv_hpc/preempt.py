@@ -14,6 +14,7 @@ step (submitit's default does that; our handlers replace its USR2/TERM handlers 
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 import re
 import signal
@@ -224,9 +225,11 @@ class StopRequest:
         if self.received is None:
             self.received, self._at = sig, now
             if sig == signal.SIGINT and self.say:  # a step may take seconds: without a word, Ctrl-C is pressed again
-                # os.write, not print: a print the handler interrupted would make print raise (reentrant call)
-                os.write(2, b"allconv-hpc: Ctrl-C: stopping after the next step, with a checkpoint (Ctrl-C again "
-                            b"stops at once, without one)\n")
+                # os.write, not print: a print the handler interrupted would make print raise (reentrant call); and
+                # never an error in the step it interrupts (a `| tee` the same Ctrl-C ended: a broken pipe)
+                with contextlib.suppress(OSError):
+                    os.write(2, b"allconv-hpc: Ctrl-C: stopping after the next step, with a checkpoint (Ctrl-C "
+                                b"again stops at once, without one)\n")
         elif sig == signal.SIGINT and now - self._at >= SAME_SIGNAL_S:
             raise KeyboardInterrupt  # Ctrl-C while a stop is under way: the user wants out now (checkpoints are atomic)
 

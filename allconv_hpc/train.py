@@ -79,7 +79,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
         from .distributed import DistributedError, PortInUse, detect_env
         from .runlock import LockLost, acquire, check_free
         from .jobs import other_jobs_state, stop_command
-        from .wandb_mode import check_names, preflight_mode
+        from .wandb_mode import check_environment, check_names, preflight_mode
         check_train_args(overrides)
         composed = compose(overrides)
         root_said = pin_data_root(composed)
@@ -96,7 +96,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
             pass  # (submit refuses such a folder before queueing; a job finds it here)
         check_present(composed.cfg.data)
         if preflight_mode(composed.cfg.wandb.mode) != "disabled":  # a bad WANDB_MODE, online with no key...
-            check_names(composed.cfg.wandb)  # ...or a project or tag W&B would refuse at wandb.init
+            check_names(composed.cfg.wandb)  # ...or a project or tag W&B would refuse at wandb.init...
+            check_environment()  # ...or a WANDB_* variable it would
     except ConfigError as e:
         return _refused(e)
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from .config import WANDB_MODES, ConfigError, WandbConfig
 
-__all__ = ["api_key_configured", "preflight_mode", "check_names", "resolve_mode"]
+__all__ = ["api_key_configured", "preflight_mode", "check_names", "check_environment", "resolve_mode"]
 
 # as wandb 0.31's wandb.sdk.lib.urls: its default server, and the W&B host behind each CoreWeave Forge host
 # (a netrc entry for that one counts too: `wandb login` of older versions wrote it)
@@ -80,7 +80,9 @@ def preflight_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]]
     environ = os.environ if environ is None else environ
     mode = resolve_mode(cfg_mode, environ)
     legacy = (environ.get("WANDB_DISABLED") or "").strip().lower()
-    if legacy in ("true", "1", "yes") and mode != "disabled":  # older wandb's switch, read by other tools still
+    # older wandb's switch (Hugging Face's Trainer reads it still, so it may be exported for all): a mode given in
+    # the config says what is meant; one found otherwise would log where the user asked for nothing
+    if legacy in ("true", "1", "yes") and cfg_mode is None and mode != "disabled":
         from importlib.metadata import version
         raise ConfigError(f"WANDB_DISABLED={environ['WANDB_DISABLED']} is not read by wandb {version('wandb')} (nor here) "
                           f"and this run would log {mode}: set wandb.mode=disabled (or WANDB_MODE=disabled) to turn "
@@ -113,7 +115,6 @@ def check_names(w: WandbConfig) -> None:
             (f for f in _SETTING_KEYS if f.split("_")[-1] in said.lower()), "project")
         key = _SETTING_KEYS.get(field, "wandb." + field)
         raise ConfigError(f"{key}: W&B refuses it ({said}); change {key}") from None
-    _check_environment(os.environ)
 
 
 def _refusal(e: Exception) -> str:
@@ -123,11 +124,12 @@ def _refusal(e: Exception) -> str:
     return str(first["msg"]).removeprefix("Value error, ") if first else (str(e).splitlines() or [""])[0]
 
 
-def _check_environment(environ: Mapping[str, str]) -> None:
+def check_environment(environ: Optional[Mapping[str, str]] = None) -> None:
     """A WANDB_* variable wandb.init would refuse (WANDB_CONSOLE=bogus, WANDB_INIT_TIMEOUT=abc): found here, by
     wandb's own validator, one variable at a time so that the error names it, instead of a traceback at the job's
     wandb.init after its data load. A credential's value is never shown."""
     import wandb
+    environ = os.environ if environ is None else environ
     for var, value in sorted(environ.items()):
         if not var.startswith("WANDB_"):
             continue

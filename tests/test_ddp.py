@@ -271,8 +271,8 @@ def test_a_rendezvous_timeout_says_how_long_it_waited(tmp_path):
     said = re.search(r"rank 0: rendezvous with 2 ranks at 127.0.0.1:\d+ failed after (\d+) s \(dist.timeout_s=3; ", out)
     assert r.returncode != 0 and said and 3 <= int(said.group(1)) <= 10, out[-2000:]
     # a hand start in a shell holding another launch's variables waits for peers that never come: said where from
-    assert ("the world size came from WORLD_SIZE: started by hand in a shell that holds it? unset RANK and "
-            "WORLD_SIZE, or start with torchrun") in out, out[-2000:]
+    assert ("the world size came from WORLD_SIZE, and torchrun did not start this process: started by hand in a "
+            "shell that holds it? unset RANK and WORLD_SIZE, or start with torchrun") in out, out[-2000:]
 
 
 def _signal_worker(cmd: list[str], run: Path, after: str, sig: int, tmp_path: Path) -> tuple[int, str]:

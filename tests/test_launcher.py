@@ -1042,14 +1042,29 @@ def test_run_folders_a_job_could_only_fail_on_are_refused_before_the_queue(tmp_p
     with pytest.raises(ConfigError, match=r"odd/.hydra is a file, not a folder"):
         plan(odd)
     (odd / ".hydra").unlink()
-    (odd / "history.csv").write_text("epoch\n")
-    subprocess.run(["chattr", "+i", odd / "history.csv"], check=True)  # refused to root too (CI's user)
-    try:  # found at the epoch's end before, after a whole epoch's work
-        with pytest.raises(ConfigError, match=r"history.csv is not writable here \(its owner, mode or an immutable "
-                                              r"flag\), and the run rewrites it; make it writable"):
-            plan(odd)
-    finally:
-        subprocess.run(["chattr", "-i", odd / "history.csv"], check=True)
+    (odd / "checkpoints" / "last.pt").symlink_to("step_00000009.pt")  # dangling: replaced, link and all
+    (odd / "status.json").write_text("{}")
+    (odd / "status.json").chmod(0o444)  # replaced by a rename: a read-only file of one's own is no obstacle
+    plan(odd)
+    # found at the epoch's end before, after a whole epoch's work. As root (CI) an immutable file, appended or
+    # replaced; as a user, a read-only one appended in place
+    rooted = os.geteuid() == 0
+    for name in ("history.csv", "status.json") if rooted else ("train.log",):
+        if (odd / name).exists():
+            (odd / name).chmod(0o644)
+        (odd / name).write_text("epoch\n")
+        if rooted:
+            subprocess.run(["chattr", "+i", odd / name], check=True)
+        else:
+            (odd / name).chmod(0o444)
+        try:
+            with pytest.raises(ConfigError, match=rf"{name} cannot be rewritten here \(its owner, mode or an "
+                                                  rf"immutable flag\), and the run rewrites it; make it writable"):
+                plan(odd)
+        finally:
+            if rooted:
+                subprocess.run(["chattr", "-i", odd / name], check=True)
+            (odd / name).unlink()
     run = tmp_path / "run"
     CheckpointDir(run / "checkpoints", keep=2).save({"identity": {}}, step=5)
     (run / "checkpoints" / "step_00000005.pt").write_bytes(b"garbage")  # last.pt is a hard link: both damaged

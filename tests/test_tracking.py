@@ -286,10 +286,10 @@ def test_names_wandb_would_refuse_are_named_before_any_work(wcfg, said):
 ])
 def test_wandb_variables_wandb_would_refuse_are_named_before_any_work(monkeypatch, tmp_path, var, value, said):
     """A traceback at the job's wandb.init (after the data load; on Slurm after the queue) before."""
-    from allconv_hpc.wandb_mode import check_names
+    from allconv_hpc.wandb_mode import check_environment
     monkeypatch.setenv(var, value)
     with pytest.raises(ConfigError) as e:
-        check_names(WandbConfig())
+        check_environment()
     assert str(e.value).startswith(said) and str(e.value).endswith("; correct or unset it"), str(e.value)
     if var == "WANDB_CONSOLE":  # the command: exit 2, and no run folder made
         r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "data=synthetic", "wandb.mode=offline",
@@ -305,6 +305,7 @@ def test_wandb_disabled_which_wandb_no_longer_reads_is_not_ignored(tmp_path):
                                           r"would log offline: set wandb.mode=disabled"):
         preflight_mode(None, env)
     assert preflight_mode("disabled", env) == "disabled"
+    assert preflight_mode("offline", env) == "offline"  # a mode given says what is meant (Hugging Face reads it)
     assert preflight_mode(None, {**env, "WANDB_MODE": "disabled"}) == "disabled"
     assert preflight_mode(None, {**env, "WANDB_DISABLED": "false"}) == "offline"
 

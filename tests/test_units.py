@@ -170,6 +170,29 @@ def test_stop_request_keeps_the_first_signal_and_restores_handlers():
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_a_first_ctrl_c_is_answered_on_stderr_and_a_closed_stderr_fails_nothing(capfd):
+    """The answer comes from the handler, inside whatever step it interrupts: a stderr pipe the same Ctrl-C ended
+    (`train ... 2>&1 | tee`) must not fail that step with a broken pipe."""
+    with StopRequest("USR2", say=True) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+    assert "allconv-hpc: Ctrl-C: stopping after the next step, with a checkpoint" in capfd.readouterr().err
+    with StopRequest("USR2") as stop:  # other ranks say nothing
+        os.kill(os.getpid(), signal.SIGINT)
+    assert "Ctrl-C" not in capfd.readouterr().err
+    saved, (r, w) = os.dup(2), os.pipe()
+    os.close(r)  # the reader (tee) is gone
+    os.dup2(w, 2)
+    try:
+        with StopRequest("USR2", say=True) as stop:
+            os.kill(os.getpid(), signal.SIGINT)  # raised BrokenPipeError here
+            assert stop.received == signal.SIGINT
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(w)
+
+
 def test_a_ctrl_c_that_comes_twice_within_ms_is_one_stop_not_an_exit_at_once():
     """A signal to a process group reaches a rank straight and through whatever passes it on (a controller, a
     wrapper script) ms apart: that second copy must not stop the rank at once, losing the checkpoint being made."""
