@@ -95,7 +95,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         hydra_value(sweep_dir, "hydra.sweep.dir")
         _check_name_max(sweep_dir, "hydra.sweep.dir", "give a shorter hydra.sweep.dir")
         check_sweep_dir(sweep_dir)
-    points, cluster, warned, compiler_found = [], None, set(), False
+    points, cluster, warned, compiler_found, env_checked = [], None, set(), False, False
     fetch = {}  # (dataset, root) -> its data config: what data.download=true would fetch in every job
     for s in swept:
         ov = common + s
@@ -144,7 +144,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         mode = None
         try:
             mode = preflight_mode(c.cfg.wandb.mode)  # the jobs inherit this environment
-            if mode != "disabled":
+            if mode != "disabled" and not env_checked:  # one environment for every point: checked once
+                env_checked = True
                 check_environment()
         except ConfigError as e:
             if not mine["setup"]:

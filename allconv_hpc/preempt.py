@@ -13,8 +13,8 @@ step (submitit's default does that; our handlers replace its USR2/TERM handlers 
 """
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 import os
 import re
 import signal

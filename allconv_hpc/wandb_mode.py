@@ -108,20 +108,20 @@ def check_names(w: WandbConfig) -> None:
     try:
         wandb.Settings(**{k: v for k, v in values.items() if v is not None})
     except Exception as e:  # pydantic's ValidationError, or wandb's UsageError (a project name)
-        errors = getattr(e, "errors", None)
-        first = errors()[0] if callable(errors) else None
-        said = _refusal(e)
-        field = str(first["loc"][0]) if first else next(
-            (f for f in _SETTING_KEYS if f.split("_")[-1] in said.lower()), "project")
+        field, said = _refusal(e)
+        field = field or next((f for f in _SETTING_KEYS if f.split("_")[-1] in said.lower()), "project")
         key = _SETTING_KEYS.get(field, "wandb." + field)
         raise ConfigError(f"{key}: W&B refuses it ({said}); change {key}") from None
 
 
-def _refusal(e: Exception) -> str:
-    """What wandb's validator said: pydantic's first error, or wandb's UsageError's first line."""
+def _refusal(e: Exception) -> tuple[Optional[str], str]:
+    """What wandb's validator said, and of which setting: pydantic's first error (its field), or wandb's
+    UsageError's first line (no field)."""
     errors = getattr(e, "errors", None)
     first = errors()[0] if callable(errors) else None
-    return str(first["msg"]).removeprefix("Value error, ") if first else (str(e).splitlines() or [""])[0]
+    if first:
+        return str(first["loc"][0]), str(first["msg"]).removeprefix("Value error, ")
+    return None, (str(e).splitlines() or [""])[0]
 
 
 def check_environment(environ: Optional[Mapping[str, str]] = None) -> None:
@@ -137,7 +137,7 @@ def check_environment(environ: Optional[Mapping[str, str]] = None) -> None:
             wandb.Settings().update_from_env_vars({var: value})
         except Exception as e:  # pydantic's ValidationError, or wandb's UsageError
             shown = var if any(w in var for w in ("KEY", "TOKEN", "PASSWORD", "SECRET")) else f"{var}={value!r}"
-            raise ConfigError(f"environment {shown}: W&B refuses it ({_refusal(e)}); correct or unset it") from None
+            raise ConfigError(f"environment {shown}: W&B refuses it ({_refusal(e)[1]}); correct or unset it") from None
 
 
 def resolve_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:
