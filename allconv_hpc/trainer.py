@@ -437,6 +437,12 @@ class Trainer:
                    **{k: v for k, v in old.items() if k in _PROGRESS or (same_job and k == "timeouts")},
                    **{k: doc[k] for k in ("state", "slurm_job_id", "local_job_id", "restarts", "updated", *extra)}}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
+        if tracker is not None and doc["state"] != getattr(self, "_summary_state", None):
+            # W&B's own state reads "finished" for a requeued segment (and "failed" for a stopped one) until a
+            # restart continues it, also when none ever does (a requeued job scancelled while pending): the
+            # summary's `status` is status.json's word for where the run stands
+            self._summary_state = doc["state"]
+            tracker.set_summary(status=doc["state"])
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> int:

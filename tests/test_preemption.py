@@ -185,8 +185,10 @@ def test_held_out_split_and_a_stop_inside_the_final_test_eval(tmp_path):
     assert status["test_loss"] == ref_status["test_loss"]
     assert_same_weights(final_weights(run), final_weights(ref), exact=True)
     assert_same_history(history(run), history(ref), exact=True)
-    last = read_run(segments(run / "wandb")[-1])  # the resumed segment: it scored test
+    first, last = (read_run(seg) for seg in segments(run / "wandb"))  # the resumed segment scored test
     assert last["summary"]["test_acc"] == status["test_acc"] and last["summary"]["test_loss"] == status["test_loss"]
+    # W&B's own state says failed/finished by exit code; the summary's status is status.json's word
+    assert first["summary"]["status"] == "interrupted" and last["summary"]["status"] == "completed"
 
 
 def test_a_whitened_run_resumes_exactly_and_evaluate_reuses_its_fit(tmp_path):
