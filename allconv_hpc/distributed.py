@@ -130,11 +130,15 @@ def _number(e: Mapping[str, str], key: str, default: int = 0) -> int:
                                f"another job or by hand?); unset it, or start through the launcher") from None
 
 
-def _checked(env: DistEnv, keys: str) -> DistEnv:
-    if env.world_size < 1 or not 0 <= env.rank < env.world_size or env.local_rank < 0:
-        raise DistributedError(f"rank {env.rank} of a world of {env.world_size} ({keys}) is no rank: set by hand, "
-                               f"or left in this shell by another job? unset them, or start through the launcher")
-    return env
+def _checked(env: DistEnv, keys: str, local_key: str) -> DistEnv:
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        said = f"rank {env.rank} of a world of {env.world_size} ({keys}) is no rank"
+    elif env.local_rank < 0:
+        said = f"{local_key}={env.local_rank} is no local rank (a GPU index, from 0)"
+    else:
+        return env
+    raise DistributedError(f"{said}: set by hand, or left in this shell by another job? unset them, or start "
+                           f"through the launcher")
 
 
 # a rendezvous that never fills, of a process torchrun did not start (no TORCHELASTIC_RUN_ID) though RANK and
@@ -150,7 +154,8 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
         return _checked(DistEnv(rank=_number(e, "RANK"), world_size=world, local_rank=_number(e, "LOCAL_RANK"),
                                 local_world_size=_number(e, "LOCAL_WORLD_SIZE", world),
                                 master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
-                                master_port=_number(e, "MASTER_PORT", 29500), source="torchrun"), "RANK, WORLD_SIZE")
+                                master_port=_number(e, "MASTER_PORT", 29500), source="torchrun"),
+                        "RANK, WORLD_SIZE", "LOCAL_RANK")
     # cluster=local: submitit's LocalExecutor starts tasks_per_node processes on this machine and says
     # only which one each is; its controller's pid is the job id (fresh on every resubmission)
     # (set by the process that started this one: it wins over Slurm variables inherited from a shell;
@@ -174,7 +179,7 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
                                 local_rank=_number(e, "SLURM_LOCALID"), local_world_size=_tasks_on_this_node(e, hosts),
                                 master_addr=hosts[0],
                                 master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), _number(e, "SLURM_RESTART_COUNT")),
-                                source="slurm"), "SLURM_PROCID, SLURM_STEP_NUM_TASKS")
+                                source="slurm"), "SLURM_PROCID, SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
     return DistEnv()
 
 

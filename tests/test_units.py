@@ -1227,6 +1227,8 @@ def test_rng_streams_that_cannot_be_restored_are_seeded_for_the_resume_point_not
                                                          "is no rank"),
     ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a number"),
     ({"RANK": "2", "WORLD_SIZE": "2"}, "rank 2 of a world of 2 (RANK, WORLD_SIZE) is no rank"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 is no local rank"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "-3"}, "SLURM_LOCALID=-3 is no local rank"),
 ])
 def test_launcher_variables_that_make_no_rank_are_named(environ, said):
     """Left in a shell by another job, or set by hand: one line naming the variable (a ValueError traceback, or a
