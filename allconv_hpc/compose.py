@@ -49,6 +49,17 @@ def unread_overrides(c: Composed) -> dict[str, str]:
     return {o: f"{o}: {idle[override_key(o)][0]}, so it changes nothing" for o in c.overrides if override_key(o) in idle}
 
 
+def repeated_overrides(overrides: list[str]) -> list[str]:
+    """A key given twice outside a sweep: Hydra keeps the last value without a word (a script's defaults and the
+    user's own appended, or a typo's leftover), so the run is not what the first says."""
+    given: dict[str, list[str]] = {}
+    for o in overrides:
+        if "=" in o and not o.startswith("~"):
+            given.setdefault(override_key(o), []).append(o)
+    return [f"{key} is given {'twice' if len(said) == 2 else f'{len(said)} times'} ({' then '.join(said)}): the "
+            f"last, {said[-1]}, is the one used" for key, said in given.items() if len(said) > 1]
+
+
 def train_warnings(c: Composed, overrides: list[str], ranks: str) -> list[str]:
     """What `train` warns of in its config (and `train --print-config` shows): legal but likely a mistake, the
     overrides nothing reads, and cluster.* settings, which `train` never reads (`ranks`: how it runs instead)."""
@@ -57,7 +68,7 @@ def train_warnings(c: Composed, overrides: list[str], ranks: str) -> list[str]:
                f"launched ({ranks})"] if ignored else []
     sweep = [f"{o}: train reads no sweep folder (allconv-hpc submit -m does); it trains in hydra.run.dir={c.run_dir}"
              for o in overrides if override_key(o) == "hydra.sweep.dir"][-1:]
-    return (c.cfg.warnings() + list(unread_overrides(c).values()) + cluster + sweep
+    return (repeated_overrides(overrides) + c.cfg.warnings() + list(unread_overrides(c).values()) + cluster + sweep
             + dated_dir_warning(c, "hydra.run.dir", c.run_dir))
 
 

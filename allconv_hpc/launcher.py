@@ -65,11 +65,13 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
     from .compose import (NameSwap, check_run_dir, check_sweep_dir, compose, dated_dir_warning, pin_data_root,
-                          unread_said)
+                          repeated_overrides, unread_said)
     from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
     from .wandb_mode import check_environment, check_names, preflight_mode
 
     common, swept = expand_sweep(overrides, multirun)
+    for said in repeated_overrides(common):  # a swept key given twice is refused by expand_sweep
+        warn(said)
     keys = {_key(o) for o in common + swept[0]}
     _refuse_hydra_launcher(common + swept[0])
     if "cluster.backend" in keys:  # a profile's own: slurm's keys run here, or local's (a week's --time) queued

@@ -259,6 +259,15 @@ def test_print_config_shows_the_composed_config_and_writes_nothing(tmp_path):
     assert r.returncode == 0 and r.stderr == (  # it was ignored without a word
         f"allconv-hpc: warning: hydra.sweep.dir=sw: train reads no sweep folder (allconv-hpc submit -m does); it "
         f"trains in hydra.run.dir={tmp_path / 'runs' / 'allcnn_c-synthetic-seed0'}\n"), r.stderr
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "data=synthetic",
+                        "optim.lr=0.1", "model=allcnn_b", "optim.lr=0.2", "model=allcnn_c"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    cfg = yaml.safe_load(r.stdout)
+    assert r.returncode == 0 and cfg["optim"]["lr"] == 0.2 and cfg["model"]["name"] == "allcnn_c", r.stderr
+    assert r.stderr == (  # Hydra keeps the last without a word
+        "allconv-hpc: warning: optim.lr is given twice (optim.lr=0.1 then optim.lr=0.2): the last, optim.lr=0.2, is "
+        "the one used\nallconv-hpc: warning: model is given twice (model=allcnn_b then model=allcnn_c): the last, "
+        "model=allcnn_c, is the one used\n"), r.stderr
     r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "optim.lr=-1"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "allconv-hpc: error: optim.lr=-1 must be > 0"

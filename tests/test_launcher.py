@@ -524,6 +524,14 @@ def test_without_cluster_submit_takes_slurm_where_sbatch_is(tmp_path, on_path, c
     assert "data.root" not in out  # generated data: no root to pin for the job
 
 
+def test_a_key_given_twice_is_warned_once_per_submit(tmp_path, capsys):
+    code, out, err = run_submit(capsys, "--dry-run", "-m", "cluster=local", "cluster.array_parallelism=2", *TINY,
+                                "seed=0,1", "trainer.epochs=2", f"hydra.sweep.dir={tmp_path / 'sw'}")
+    assert code == 0 and err.count("trainer.epochs is given twice (trainer.epochs=1 then trainer.epochs=2): the "
+                                   "last, trainer.epochs=2, is the one used") == 1, err
+    assert out.count("trainer.epochs=2") == 2, out  # both points: their jobs' Hydra keeps the last, as here
+
+
 def test_ctrl_c_on_submit_wait_stops_watching_in_one_line(tmp_path, on_path, capsys, monkeypatch):
     on_path(sbatch="echo 'Submitted batch job 77'", squeue="echo PENDING")
 
