@@ -369,6 +369,7 @@ class Trainer:
                               "saved_at": time.time(), "run_dir": str(self.run_dir)})
             row, best = epoch_end or (None, None)
             self.writer.submit(f"checkpoint step {st.global_step}", self._write_checkpoint, state, st.global_step, row)
+            self._unsaved_epoch_end = None  # handed over: it lands, also if this process fails now (close waits)
             if best is not None:
                 self.writer.submit("best.pt", self._write_best, best, st.global_step)
         self.dist.barrier()
@@ -429,6 +430,9 @@ class Trainer:
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),
                "updated": time.time(), **extra}
+        unsaved = getattr(self, "_unsaved_epoch_end", None)
+        if unsaved is not None and state != "running":
+            doc.update(unsaved)
         if not hasattr(self, "resumed_from"):  # failed before resuming: the folder's progress stands (none in a
             # new folder: epoch 0 of this config's epochs, not "0/?"), not the earlier job's counts and signal
             old = read_json(self.run_dir / "status.json")  # a requeue of the same Slurm job keeps its count of time
@@ -619,6 +623,12 @@ class Trainer:
                "train_loss": tr[0] / tr[2], "train_acc": tr[1] / tr[2], "val_loss": val_loss, "val_acc": val_acc,
                "epoch_seconds": seconds, "images_per_second": tr[2] / seconds}
         best = None
+        # where the run stands on disk until this epoch's checkpoint is handed to the writer: a failure before that
+        # (a peer lost in the save's collectives) reports it, not an epoch whose row and checkpoint never land
+        h = st.history
+        self._unsaved_epoch_end = {"epoch": st.epoch, "global_step": st.global_step,
+                                   "step_in_epoch": st.step_in_epoch, "last_val_acc": h[-1]["val_acc"] if h else None,
+                                   "best_val_acc": st.best_val_acc if h else None}
         if not math.isfinite(row["train_loss"]) or not math.isfinite(val_loss):
             self._check_finite()
             raise self._diverged(f"{DIVERGED} loss in epoch {st.epoch + 1} (train loss {row['train_loss']:.4g}, "

@@ -2,15 +2,18 @@
 
 FAIL_RANK=N FAIL_STEP=K python tests/fault_rank.py [overrides]: rank N raises a RuntimeError when it
 logs global step K, as a bug or an out-of-memory error would, while its peers go on into a collective.
+FAIL_AT=epoch_end_save: rank N kills itself (SIGKILL, as the OOM killer would) as it enters the checkpoint save
+at the end of the epoch whose last step is global step K, so its peers lose it inside the save's collectives.
 """
 import os
+import signal
 import sys
 
 from allconv_hpc import trainer
 from allconv_hpc.cli import main
 
 RANK, STEP = int(os.environ["FAIL_RANK"]), int(os.environ["FAIL_STEP"])
-_log_train = trainer.Trainer._log_train
+_log_train, _save = trainer.Trainer._log_train, trainer.Trainer.save
 
 
 def _failing_log_train(self, *args, **kwargs):
@@ -19,5 +22,14 @@ def _failing_log_train(self, *args, **kwargs):
     return _log_train(self, *args, **kwargs)
 
 
-trainer.Trainer._log_train = _failing_log_train
+def _killed_in_save(self, epoch_end=None):
+    if self.env.rank == RANK and epoch_end is not None and self.state.global_step == STEP:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _save(self, epoch_end)
+
+
+if os.environ.get("FAIL_AT") == "epoch_end_save":
+    trainer.Trainer.save = _killed_in_save
+else:
+    trainer.Trainer._log_train = _failing_log_train
 sys.exit(main(["train", *sys.argv[1:]]))

@@ -126,6 +126,30 @@ def test_a_rank_that_raises_fails_the_others_naming_it(tmp_path):
     assert st["state"] == "failed" and "injected failure at global step 7" in st["error"], st
 
 
+def test_a_rank_killed_in_the_epoch_end_save_leaves_status_at_the_saved_epoch(tmp_path):
+    """The epoch's row and checkpoint never land when a peer dies inside the save's collectives: status.json (and
+    `status`) say the epoch before, as the resume will start, not the one that was lost."""
+    run = tmp_path / "run"  # TINY: 5 steps per epoch; rank 1 dies entering epoch 2's save (global step 10)
+    ov = TINY + ["trainer.epochs=3", "dist.timeout_s=20", "checkpoint.every_steps=null"]
+    procs = start_ranks(tmp_path, run, ov, world=2, entry=(str(Path(__file__).with_name("fault_rank.py")),),
+                        FAIL_RANK=1, FAIL_STEP=10, FAIL_AT="epoch_end_save")
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode == 1, outs[0][-2000:]
+    assert "epoch 2/3:" in outs[0], outs[0][-2000:]  # scored, then lost in the save
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "failed" and "peer rank" in st["error"], st
+    assert [r["epoch"] for r in history(run)] == [1], history(run)
+    assert (st["epoch"], st["global_step"], st["step_in_epoch"]) == (1, 10, 5), st  # epoch 2 trained, not saved
+    assert st["last_val_acc"] == history(run)[0]["val_acc"], st
+    r = subprocess.run([PY, "-m", "allconv_hpc", "status", str(run)], env=clean_env(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert "epoch 1/3" in r.stdout and "from its newest checkpoint, step 5" in r.stdout, r.stdout
+
+
 def test_ranks_that_composed_different_runs_refuse_to_start_naming_the_key(tmp_path):
     """Each rank composes the overrides itself: one whose config or run folder resolved otherwise (a ${now:...}
     folder, an ${oc.env:...} set otherwise on another node) would train, or resume, another run. Every rank
