@@ -144,7 +144,7 @@ def sbatch_refused(text: str) -> ConfigError:
 
 def _partitions() -> list[str]:
     """The partitions sinfo lists, the default one marked; [] when it does not answer."""
-    from .preempt import slurm_out
+    from .slurm import slurm_out
     names = dict.fromkeys(ln.strip() for ln in (slurm_out(["sinfo", "-h", "-o", "%P"]) or "").splitlines())
     return [f"{n.rstrip('*')} (the default)" if n.endswith("*") else n for n in names if n]
 
@@ -157,7 +157,7 @@ def array_too_large(n: int, most: int) -> str:
 
 def max_array_size() -> Optional[int]:
     """Slurm's MaxArraySize (array indices run below it), None when scontrol does not tell."""
-    from .preempt import slurm_out
+    from .slurm import slurm_out
     m = re.search(r"^MaxArraySize\s*=\s*(\d+)", slurm_out(["scontrol", "show", "config"]) or "", re.M)
     return int(m.group(1)) if m else None
 
@@ -217,7 +217,7 @@ def check_can_start(points: list[Point], sweep_dir: Optional[Path], cluster: dic
 
 def _partition_state(cluster: dict) -> Optional[str]:
     """The job's partition's availability from sinfo (up, down, drain, inact), None when sinfo does not tell."""
-    from .preempt import slurm_out
+    from .slurm import slurm_out
     part = cluster.get("partition")
     for line in (slurm_out(["sinfo", "-h", "-o", "%P|%a"]) or "").splitlines():
         name, _, state = line.partition("|")
@@ -254,7 +254,7 @@ def _never_message(cluster: dict, why: str, over: list[str]) -> str:
 def _over_partition(cluster: dict, where: str, features: bool) -> list[str]:
     """What the job asks beyond its partition's nodes and limits, with the value to use, from sinfo; [] when
     sinfo does not tell (the caller then names every key)."""
-    from .preempt import parse_slurm_time, slurm_out
+    from .slurm import parse_slurm_time, slurm_out
 
     out = slurm_out(["sinfo", "-h", "-o", "%P|%D|%c|%m|%l|%f|%N"])
     part = cluster.get("partition")

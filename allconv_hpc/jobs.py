@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from .preempt import SlurmJob, slurm_conf_missing, slurm_out
+from .slurm import SlurmJob, slurm_conf_missing, slurm_out
 
 DIVERGED = "non-finite"  # how a diverged run's error in status.json begins: submit warns of it, an early stop keeps it
 START_UP_STOP = "during start-up, before training"  # in the error of a start a signal stopped (train: StartupStop)

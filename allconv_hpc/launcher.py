@@ -26,9 +26,9 @@ from .executor import (array_too_large, base_job_ids, check_can_start, make_exec
 from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
 from .fsio import name_too_long, read_json, write_atomic
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
-from .preempt import (AGREED_EXITS, EXIT_REQUEUED, SIGNAL_LEAD_ENV, ignore_late_signals,
-                      sigint_deferred, slurm_conf_missing)
+from .preempt import AGREED_EXITS, EXIT_REQUEUED, SIGNAL_LEAD_ENV, ignore_late_signals, sigint_deferred
 from .resources import signal_name, validate_cluster, warn
+from .slurm import slurm_conf_missing
 from .submit_lock import submit_lock
 from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
 

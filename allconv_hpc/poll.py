@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .preempt import SlurmJob, StopRequest
+from .preempt import StopRequest
+from .slurm import SlurmJob
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .checkpoint import CheckpointDir, CheckpointError, load_file
 from .config import Config, DataConfig
 from .data import other_images
 from .fsio import read_json
-from .preempt import SlurmJob
+from .slurm import SlurmJob
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)

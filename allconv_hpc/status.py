@@ -21,7 +21,7 @@ from typing import Optional
 from . import runlock
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, START_UP_STOP, STATUS_KEYS, DamagedFile, check_keys, held_advice,
                    is_held, local_ended_at, local_state, read_record, slurm_state, started_job, started_unrecorded, stopped_elsewhere)
-from .preempt import slurm_conf_missing
+from .slurm import slurm_conf_missing
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish

@@ -230,7 +230,7 @@ def _requeued_for_port(env, run_dir: Path) -> bool:
     the job's own count of such requeues (in the run folder, which rank 0 holds locked), not by its restarts,
     which preemptions and time limits add to."""
     from .fsio import read_json, write_atomic
-    from .preempt import SlurmJob
+    from .slurm import SlurmJob
     from .runlock import PORT_FILE
     job = SlurmJob()
     if env.source != "slurm" or not env.is_main or not job.in_slurm:
@@ -278,7 +278,7 @@ def _mark_interrupted(run_dir: Path, said: str, env) -> None:
     """status.json says a start stopped before its Trainer existed (no Trainer to write it): `status` must not
     read the folder as a failed start."""
     from .fsio import read_json, write_atomic
-    from .preempt import SlurmJob
+    from .slurm import SlurmJob
     path = run_dir / "status.json"
     slurm = SlurmJob.of_rank(env.source)  # the job that wrote it, as Trainer.write_status records it
     write_atomic(path, json.dumps({**read_json(path), "state": "interrupted", "error": said, "updated": time.time(),

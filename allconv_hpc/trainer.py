@@ -36,9 +36,10 @@ from .models import build_model, count_parameters, summary
 from .resume import (TrainState, applied_mode, best_file_holds, other_images_said, pick_checkpoint, restore,
                      restore_rngs, rng_state, warn_copied_run, warn_reshaped_schedule)
 from .poll import StepPoll, classify_stop
-from .preempt import (AGREED_EXITS, EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, SlurmJob, StartupStop,
-                      StopRequest, sigint_deferred, signal_lead_s, take_early_stop)
+from .preempt import (AGREED_EXITS, EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, StartupStop, StopRequest,
+                      sigint_deferred, signal_lead_s, take_early_stop)
 from .schedule import lr_factor
+from .slurm import SlurmJob
 from .history import HISTORY_FILE, rewrite_history
 from .jobs import DIVERGED, is_completed
 from .tracking import ID_FILE, STEPS_FILE, NullTracker, make_tracker, read_id

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from allconv_hpc.distributed import slurm_port
-from allconv_hpc.preempt import SlurmJob
+from allconv_hpc.slurm import SlurmJob
 from allconv_hpc.wandb_offline import merged_history, read_run, segments
 from proc import (PY, assert_same_history, assert_same_weights, clean_env, final_weights, history, train_cmd,
                   wait_for_line)

@@ -15,7 +15,8 @@ import torch
 
 from allconv_hpc.config import ScheduleConfig
 from allconv_hpc.distributed import DistributedError, detect_env, expand_hostlist, slurm_port
-from allconv_hpc.preempt import SAME_SIGNAL_S, SlurmJob, StopRequest, catch_early, parse_slurm_time, sigint_deferred
+from allconv_hpc.preempt import SAME_SIGNAL_S, StopRequest, catch_early, sigint_deferred
+from allconv_hpc.slurm import SlurmJob, parse_slurm_time
 from allconv_hpc.schedule import lr_factor
 from allconv_hpc.resume import TrainState
 from allconv_hpc.poll import Poll, classify_stop
@@ -1083,7 +1084,7 @@ def test_fp16_trains_with_an_sgd_kernel_that_skips_an_overflowed_first_step_whol
 def test_a_slurm_command_failing_without_a_word_is_logged_with_its_exit_status(tmp_path, caplog):
     """`scontrol requeue` racing Slurm's own requeue can exit non-zero saying nothing: the warning said
     "scontrol requeue 995: " and no more."""
-    from allconv_hpc.preempt import slurm_out
+    from allconv_hpc.slurm import slurm_out
     with caplog.at_level("WARNING"):
         assert slurm_out(["sh", "-c", "exit 1"], warn=True) is None
     assert "sh -c exit 1: exit status 1, no message" in caplog.text, caplog.text
