@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from allconv_hpc import data, executor, folder_checks, jobs, launcher, resources, status
+from allconv_hpc.plan import _warn_short_starts, hydra_value
 from allconv_hpc.submit_lock import submit_lock
 from allconv_hpc.sweep import default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
 from allconv_hpc.checkpoint import CheckpointDir
@@ -952,11 +953,11 @@ def test_a_signal_lead_over_half_the_time_limit_is_warned_once(tmp_path, capsys)
     assert "warning" not in capsys.readouterr().err  # exactly half: fine
     # under Slurm the signal may come up to 60 s early (seen on the dev cluster: a 20 s lead of 60 s at 15-20 s)
     slurm = {"backend": "slurm", "timeout_min": 1, "signal_lead_s": 20}
-    launcher._warn_short_starts(slurm)
+    _warn_short_starts(slurm)
     assert ("warning: cluster.signal_lead_s=20 s, plus the up to 60 s Slurm may send the signal early, is over half "
             "of cluster.timeout_min=1 (60 s): each start trains 0-40 s before it checkpoints and is requeued, and each "
             "time limit counts against checkpoint.max_requeues") in capsys.readouterr().err
-    launcher._warn_short_starts({**slurm, "timeout_min": 4})  # 2 x (20 + 60) = 160 s <= 240 s
+    _warn_short_starts({**slurm, "timeout_min": 4})  # 2 x (20 + 60) = 160 s <= 240 s
     assert "warning" not in capsys.readouterr().err
 
 
@@ -2279,7 +2280,7 @@ def test_a_run_or_sweep_folder_named_by_the_clock_is_warned_and_pinned(tmp_path,
     run = points[0].run_dir
     assert run.parent == tmp_path / "runs"
     assert [o for o in points[0].overrides if o.startswith("hydra.run.dir=")] == [  # the job's, and its requeues'
-        f"hydra.run.dir={launcher.hydra_value(run, 'hydra.run.dir')}"]
+        f"hydra.run.dir={hydra_value(run, 'hydra.run.dir')}"]
     assert (f"hydra.run.dir=runs/r-${{now:%Y%m%d}} names a new folder at each start ({run} this time): the same "
             f"command run again starts over instead of resuming; give hydra.run.dir={run} to resume this one"
             in capsys.readouterr().err)

@@ -1,0 +1,355 @@
+"""What `submit` will queue: every point of a sweep composed and checked on the login node, before anything is
+queued or any folder made (the config, the data, the cluster settings, the run folders and what they hold)."""
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .compose import override_key as _key
+from .config import CLUSTER_KEYS, ConfigError, config_key, flatten
+from .executor import array_too_large, max_array_size
+from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
+from .fsio import name_too_long
+from .resources import validate_cluster, warn
+from .slurm import slurm_conf_missing
+from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
+
+
+def hydra_value(value, key: str) -> str:
+    """A value quoted for a Hydra override (paths hold '=', ',' and spaces Hydra would parse)."""
+    v = str(value)
+    if any(ch in v for ch in "\\\n\r\0") or "${" in v:
+        raise ConfigError(f"{key}={v!r}: backslashes, newlines, NUL and '${{' are not supported in paths given "
+                          f"to submit; use a plain path")
+    if "%" in v and key in ("hydra.run.dir", "hydra.sweep.dir"):  # the job's log folder lies inside it
+        raise ConfigError(f"{key}={v!r}: '%' in a folder submit runs in is not supported: submitit and Slurm read "
+                          f"%j, %A, %a ... in the job's log paths as patterns, and its logs would land elsewhere; "
+                          f"use a path without '%'")
+    return "'" + v.replace("'", "\\'") + "'"
+
+
+def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
+    """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
+    shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
+    from .compose import (NameSwap, check_run_dir, check_sweep_dir, compose, dated_dir_warning, pin_data_root,
+                          repeated_overrides, unread_said)
+    from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
+    from .wandb_mode import check_environment, check_names, preflight_mode
+
+    common, swept = expand_sweep(overrides, multirun)
+    for said in repeated_overrides(common):  # a swept key given twice is refused by expand_sweep
+        warn(said)
+    keys = {_key(o) for o in common + swept[0]}
+    _refuse_hydra_launcher(common + swept[0])
+    if "cluster.backend" in keys:  # a profile's own: slurm's keys run here, or local's (a week's --time) queued
+        raise ConfigError("cluster.backend is the cluster profile's own: choose it with cluster=local or "
+                          "cluster=slurm (or a site's profile), not cluster.backend=")
+    if "hydra.sweep.dir" in keys and not multirun:  # Hydra reads it only for a multirun: ignored, silently
+        raise ConfigError("hydra.sweep.dir is the folder of a sweep and read only with -m: add -m to submit a sweep, "
+                          "or give hydra.run.dir=... for one run")
+    sweep_dir = None
+    if multirun:
+        if "hydra.run.dir" in keys:
+            raise ConfigError("hydra.run.dir is set per point in a sweep (-m): give the sweep's folder with "
+                              "hydra.sweep.dir=... instead")
+        if "hydra.sweep.dir" in keys:
+            first = compose(common + swept[0])
+            sweep_dir = Path(first.hydra["sweep"]["dir"]).expanduser().absolute()
+            for said in dated_dir_warning(first, "hydra.sweep.dir", sweep_dir):
+                warn(said)
+        else:
+            name = default_sweep_dir(common, swept)
+            earlier = [d for d in earlier_sweep_dirs(common, swept) if d != name and Path(d).is_dir()]
+            sweep_dir = Path(earlier[0] if earlier and not Path(name).exists() else name).absolute()
+        hydra_value(sweep_dir, "hydra.sweep.dir")
+        _check_name_max(sweep_dir, "hydra.sweep.dir", "give a shorter hydra.sweep.dir")
+        check_sweep_dir(sweep_dir)
+    points, cluster, warned, compiler_found, env_checked = [], None, set(), False, False
+    fetch = {}  # (dataset, root) -> its data config: what data.download=true would fetch in every job
+    for s in swept:
+        ov = common + s
+        if sweep_dir is not None:
+            run_dir = sweep_dir / point_dirname(s)
+            ov = ov + [f"hydra.run.dir={hydra_value(run_dir, 'hydra.run.dir')}"]
+            if "wandb.group" not in {_key(o) for o in common + s}:
+                ov.append(f"wandb.group={hydra_value(sweep_dir.name, 'wandb.group')}")
+        try:
+            c = compose(ov)
+        except NameSwap as e:  # the advice names this point's value: a swept name wants the group swept instead
+            swept_name = [o for o in overrides if _key(o) == f"{e.group}.name" and any(_key(x) == _key(o) for x in s)]
+            if not swept_name:
+                raise
+            instead = swept_name[-1].lstrip("+").replace(f"{e.group}.name=", f"{e.group}=", 1)
+            raise ConfigError(f"{e}. In this sweep: {shlex.quote(instead)} sweeps the options as defined") from None
+        if sweep_dir is not None:  # its name is cut to NAME_MAX (point_dirname); a file system may allow less
+            _check_name_max(c.run_dir, "the sweep point folder", "sweep fewer keys at once, or shorter values "
+                                                                 "(its name is made of them)")
+        else:
+            _check_name_max(c.run_dir, "hydra.run.dir", "give a shorter hydra.run.dir")
+        given_root = c.cfg.data.root
+        root_said = pin_data_root(c)  # absolute; a resubmitted run keeps its recorded root over the default
+        if root_said and root_said[0]:
+            warn(root_said[1])
+        elif root_said:
+            print(f"allconv-hpc submit: {root_said[1]}", file=sys.stderr)
+        check_present(c.cfg.data)
+        # a file damaged inside, a subset (or a drop_last batch) larger than the files: now, not after the queue
+        check_files(c.cfg.data, _drop_last_batch(c.cfg))
+        if to_download(c.cfg.data):
+            fetch.setdefault((c.cfg.data.name, c.cfg.data.root), c.cfg.data)
+        if c.cfg.data.root != given_root and c.cfg.data.name != "synthetic":  # the jobs may start elsewhere
+            ov = [o for o in ov if _key(o) != "data.root"] + [f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
+        mine = validate_cluster(c.cluster, c.cfg)
+        if mine["backend"] == "slurm" and shutil.which("sbatch") and (no_conf := slurm_conf_missing()):
+            raise ConfigError(no_conf)  # at once: every Slurm command would retry it for 60 s
+        if mine["backend"] == "local" and c.cfg.trainer.compile and not compiler_found:
+            _check_local_compiler(c.cfg)  # the job runs on this machine: its compiler is found (or not) here
+            compiler_found = True
+        dated = dated_dir_warning(c, "hydra.run.dir", c.run_dir) if sweep_dir is None else []
+        for said in c.cfg.warnings() + unread_said(c, s) + dated:  # a swept key's said once for the sweep, not per value
+            if said not in warned:  # once for a sweep
+                warned.add(said)
+                warn(said)
+        mode = None
+        try:
+            mode = preflight_mode(c.cfg.wandb.mode)  # the jobs inherit this environment
+            if mode != "disabled" and not env_checked:  # one environment for every point: checked once
+                env_checked = True
+                check_environment()
+        except ConfigError as e:
+            if not mine["setup"]:
+                raise
+            # a setup line may set it for the job (an export, a sourced file, a module): the job's train checks
+            warn(f"{e} (unless cluster.setup sets it for the job, whose train then refuses to start)")
+        if mode != "disabled":
+            check_names(c.cfg.wandb)  # a project or tag W&B would refuse at wandb.init
+        if cluster is not None and mine != cluster:
+            keys_ = [k for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k)]
+            diff = ", ".join(f"cluster.{k}" for k in keys_)
+            listed = [k for k in keys_ if k in ("partition", "exclude", "constraint")]
+            said = [o for o in overrides if _key(o) == f"cluster.{listed[0]}" and "(" not in o] if listed else []
+            # Slurm's own comma lists (sbatch -p a,b: the first partition that can start it) are one value, quoted
+            quoted = said[-1].replace("=", '="', 1) + '"' if said else ""
+            one = f"; for Slurm's list, quote it as one value: {shlex.quote(quoted)}" if said else ""
+            raise ConfigError(f"the sweep varies {diff}: one job array has one resource shape; submit one sweep "
+                              f"per cluster setting instead{one}")
+        if cluster is None and len(swept) > 1 and sweep_dir is not None:
+            _check_array_size(len(swept), mine, sweep_dir)
+        cluster = mine
+        if sweep_dir is None:  # pinned absolute, in place of the one given
+            ov = [o for o in ov if _key(o) != "hydra.run.dir"] + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
+        check_run_dir(c.run_dir, "hydra.run.dir" if sweep_dir is None else "hydra.sweep.dir")
+        skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
+        if skip is None:
+            warn_diverged(c.run_dir, c.cfg, sweep=sweep_dir is not None)
+        points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
+    if swept == [[]] and sweep_dir is not None:  # legal (a script's sweep of one), but often a comma list forgotten
+        # said once the point composed: a list Hydra refuses to read as a sweep (model=[a,b]) is refused instead
+        warn(f"-m but nothing is swept (no comma list, range, choice or glob): one run, in {sweep_dir}/run; "
+             f"without -m it trains in hydra.run.dir")
+    warn_starts_over(points)
+    dirs = [p.run_dir for p in points]
+    twice = next((d for i, d in enumerate(dirs) if d in dirs[:i]), None)
+    if twice is not None:  # seed=0,0,1: Hydra keeps the value twice
+        raise ConfigError(f"two sweep points map to the same run folder {twice.name}; give each swept value once")
+    _check_distinct_configs(points)
+    if sweep_dir is not None:
+        _refuse_retraining(points, sweep_dir, {_key(o) for o in swept[0]})
+        if "hydra.sweep.dir" not in keys:
+            _refuse_retraining_elsewhere(points, sweep_dir)
+    _warn_short_starts(cluster)
+    over = sorted({p.cfg.trainer.threads for p in points if p.cfg is not None and p.cfg.trainer.threads
+                   and p.cfg.trainer.threads > cluster["cpus_per_task"]})
+    if over and cluster["backend"] == "slurm":  # legal (a site that binds no CPUs), but Slurm's binding shares them
+        warn(f"trainer.threads={over[-1]} is more than cluster.cpus_per_task={cluster['cpus_per_task']}: each rank's "
+             f"threads share its {cluster['cpus_per_task']} CPU(s), which slows it; give trainer.threads=null (the "
+             f"task's CPUs) or raise cluster.cpus_per_task")
+    if cluster["backend"] == "slurm" and not cluster["gpus_per_node"] and any(
+            p.cfg.data.name != "synthetic" for p in points):  # the slurm profile's default: legal, but rarely meant
+        warn(f"cluster.gpus_per_node=0: this job trains on CPUs only ({cluster['cpus_per_task']} per task); add "
+             f"cluster.gpus_per_node={cluster['tasks_per_node']} for a GPU per task")
+    missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]  # submitit needs both
+    if cluster["backend"] == "slurm" and missing and dry_run:
+        warn(f"{' and '.join(missing)} not on PATH: the points below are what a Slurm login node would submit "
+              f"(the sbatch options, which submitit writes only where srun is, and sbatch --test-only are not shown)")
+    elif cluster["backend"] == "slurm" and missing:
+        raise ConfigError(f"cluster=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on "
+                          f"PATH; submit from a Slurm login node, or use cluster=local to run here")
+    todo = sum(p.skip is None for p in points)
+    if cluster["backend"] == "local" and todo > cluster["array_parallelism"]:
+        raise ConfigError(f"cluster=local starts every sweep point at once, and this sweep has {todo} > "
+                          f"cluster.array_parallelism={cluster['array_parallelism']}; set "
+                          f"cluster.array_parallelism={todo} if this machine can run them together")
+    # last, once every check passed: a job's rank 0 would download on a compute node (often without network),
+    # and a sweep's jobs all into one root at once, each truncating the archive the others write
+    for data in fetch.values():
+        if dry_run:
+            print(f"allconv-hpc submit: {expected_files(data)[0]} is missing: submit without --dry-run downloads "
+                  f"{data.name} here, once, before anything is queued (data.download=true)", file=sys.stderr)
+        else:
+            print(f"allconv-hpc submit: downloading {data.name} into {data.root} here, once, before anything is "
+                  f"queued (data.download=true)", file=sys.stderr, flush=True)
+            fetch_for_submit(data)
+    if fetch and not dry_run:
+        for p in points:
+            check_files(p.cfg.data, _drop_last_batch(p.cfg))  # skipped above while the files were missing
+    return points, sweep_dir, cluster
+
+
+def _check_local_compiler(cfg) -> None:
+    """trainer.compile=true of a cluster=local job: the compiler its first step builds with, checked here, where
+    the job runs (train would refuse it there, after submit said it started)."""
+    from .launch_checks import check_compiler, uses_cuda
+    check_compiler(uses_cuda(cfg.trainer))
+
+
+def hold_asked(cluster: dict) -> bool:
+    """The user's own cluster.additional_parameters.hold: submit leaves its jobs held."""
+    return bool((cluster.get("additional_parameters") or {}).get("hold"))
+
+
+def _drop_last_batch(cfg) -> Optional[int]:
+    return cfg.trainer.batch_size if cfg.trainer.drop_last else None
+
+
+def _refuse_hydra_launcher(overrides: list[str]) -> None:
+    """hydra-submitit-launcher's settings: submit has its own (the cluster group), so Hydra would ignore
+    +hydra.launcher.* silently, and hydra/launcher=submitit_slurm fails on a plugin that is not installed."""
+    for o in overrides:
+        key = _key(o)
+        if key not in ("hydra/launcher", "hydra.launcher") and not key.startswith("hydra.launcher."):
+            continue
+        own = key.removeprefix("hydra.launcher.")
+        own = {"signal_delay_s": "signal_lead_s"}.get(own, own)  # the plugin's name for it
+        use = (f"here: cluster.{own}={o.split('=', 1)[1]}" if own in CLUSTER_KEYS and "=" in o
+               else "e.g. cluster.timeout_min=600, cluster.gpus_per_node=1")
+        raise ConfigError(f"{o}: submit does not use Hydra's launcher plugins; this tool's cluster settings are "
+                          f"cluster=slurm and cluster.<key> ({use})")
+
+
+def _check_distinct_configs(points: list[Point]) -> None:
+    """Two sweep points that compose to one config (optim.lr=1 and optim.lr=1.0: distinct folder names, one float)
+    would train the same run twice: refused, naming them."""
+    import dataclasses
+    seen: dict[str, Point] = {}
+    for p in points:
+        if p.cfg is None:
+            continue
+        key = config_key(dataclasses.asdict(p.cfg))
+        if key in seen:
+            raise ConfigError(f"sweep points {seen[key].run_dir.name} and {p.run_dir.name} give the same config (one "
+                              f"run trained twice); give each value once")
+        seen[key] = p
+
+
+SLURM_SIGNAL_EARLY_S = 60  # sbatch --signal: "the signal may be sent up to 60 seconds earlier than specified"
+
+
+def _warn_short_starts(cluster: dict) -> None:
+    """A signal lead over half the time limit is legal, but each start trains little, and under Slurm every time
+    limit uses up a requeue; Slurm's own slack counts too (seen: a 20 s lead of a 60 s limit came at 15-20 s)."""
+    lead, limit = cluster["signal_lead_s"], cluster["timeout_min"] * 60
+    slurm = cluster["backend"] == "slurm"
+    early = SLURM_SIGNAL_EARLY_S if slurm else 0
+    if 2 * (lead + early) <= limit:
+        return
+    head = f"cluster.signal_lead_s={lead} s"
+    if slurm:
+        head += f", plus the up to {early} s Slurm may send the signal early,"
+    trains = f"{max(0, limit - lead - early)}-{limit - lead} s" if slurm else f"at most {limit - lead} s"
+    then = ("and is requeued, and each time limit counts against checkpoint.max_requeues" if slurm
+            else "and stops (cluster=local does not requeue)")
+    warn(f"{head} is over half of cluster.timeout_min={cluster['timeout_min']} ({limit} s): each start trains "
+          f"{trains} before it checkpoints {then}")
+
+
+def _identity_key(cfg) -> str:
+    """What a run may not change on resume (Config.identity), as one comparable key (1 and 1.0 alike)."""
+    return config_key(cfg.identity())
+
+
+def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) -> None:
+    """A point whose config another point folder of the sweep holds under another name (a key newly swept:
+    optim.lr=0.05,0.1 where seed alone was) would train that config again from scratch, a second W&B run of it
+    in the group: refused, naming both (the configs as train records them, .hydra/config.yaml). Not where the
+    two differ in a swept key a resume may change (a sweep over trainer.epochs: one identity, distinct runs)."""
+    import dataclasses
+    from .checkpoint import recorded_config
+    new = {p.run_dir: p for p in points if p.skip is None and p.cfg is not None}
+    try:
+        others = [d for d in sweep_dir.iterdir() if d.is_dir() and d not in new]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    held: dict[str, list] = {}
+    for d in sorted(others):
+        cfg = recorded_config(d, warn=False)
+        if cfg is not None:
+            held.setdefault(_identity_key(cfg), []).append((d, cfg))
+    for p in new.values():
+        mine = flatten(dataclasses.asdict(p.cfg))
+        twin = next(((d, theirs) for d, theirs in ((d, flatten(dataclasses.asdict(c)))
+                                                   for d, c in held.get(_identity_key(p.cfg), []))
+                     if not any(mine.get(k) != v for k, v in theirs.items()
+                                if k in swept or k.split(".")[0] in swept)), None)  # a key, or its group swept
+        if twin is not None:
+            d, theirs = twin
+            # the keys that name its folder and are not swept now: choice(...) of one value keeps them swept
+            named = [k for k in (seg.split("=", 1)[0] for seg in d.name.split(",") if "=" in seg) if k not in swept]
+            values = [(k, theirs.get(k, theirs.get(f"{k}.name"))) for k in named]
+            here = " ".join(shlex.quote(f"{k}={'choice(' + str(v) + ')'}") for k, v in values if v is not None)
+            raise ConfigError(f"sweep point {p.run_dir.name} has the config of {d.name}, already in this sweep "
+                              f"under another name: it would train it again from scratch. Leave that value out and "
+                              f"sweep the new ones, with choice(...) for a key that keeps naming the folders"
+                              f"{f' (here: {here})' if here else ''} (README, \"Submitting a sweep again\")")
+
+
+def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:
+    """A sweep grown without hydra.sweep.dir (optim.lr=0.01,0.05 then 0.01,0.05,0.1) gets a new default folder (the
+    name hashes the values): its points that an earlier sweep over the same keys holds, config for config, would
+    train again from scratch there, a second W&B group of them. Refused, naming the folder that adds to it."""
+    from .checkpoint import recorded_config
+    if (sweep_dir / "sweep.json").exists():  # this sweep's own folder: _refuse_retraining looks inside
+        return
+    prefix = sweep_dir.name.rpartition("-")[0] + "-"
+    try:
+        others = sorted(d for d in sweep_dir.parent.iterdir() if d.name.startswith(prefix) and d != sweep_dir
+                        and (d / "sweep.json").exists())
+    except OSError:
+        return
+    for other in others:
+        held = [p for p in points if p.skip is None and p.cfg is not None and (other / p.run_dir.name).is_dir()
+                and (cfg := recorded_config(other / p.run_dir.name, warn=False)) is not None
+                and _identity_key(cfg) == _identity_key(p.cfg)]
+        if held:
+            names = ", ".join(p.run_dir.name for p in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            are = "is a run" if len(held) == 1 else "are runs"
+            raise ConfigError(f"{len(held)} of this sweep's points ({names}) {are} of {other} already, an earlier "
+                              f"sweep over the same keys; this sweep's own folder {sweep_dir} would train them again "
+                              f"from scratch. To add to that sweep, give hydra.sweep.dir={shlex.quote(str(other))} "
+                              f"(its points go on from where they are: a completed one gets no new job, a larger "
+                              f"trainer.epochs trains it on); for a sweep of its own, another hydra.sweep.dir")
+
+
+def _check_array_size(n: int, cluster: dict, sweep_dir: Path) -> None:
+    """A new sweep of more points than Slurm's MaxArraySize, refused once its first point composed, not after the
+    rest (a second or so each: minutes for a thousand). A sweep submitted again may skip some: checked once planned."""
+    if cluster["backend"] != "slurm" or not shutil.which("sbatch") or (sweep_dir / "sweep.json").exists():
+        return
+    most = max_array_size()
+    if most is not None and n > most:
+        raise ConfigError(array_too_large(n, most))
+
+
+def grow_hint(points: list[Point]) -> str:
+    return " (trainer.epochs=N grows a completed run)" if any(p.skip == "completed" for p in points) else ""
+
+
+def _check_name_max(folder: Path, what: str, fix: str) -> None:
+    """Each folder name still to be made fits the file system's NAME_MAX: refused here, with the fix, not later by
+    a mkdir or a read of the records in it ("File name too long"), which a dry run never reaches."""
+    said = name_too_long(folder)
+    if said:
+        raise ConfigError(f"{what}: {said}; {fix}")
