@@ -219,6 +219,8 @@ class Tracker:
         except KeyboardInterrupt:  # a Ctrl-C inside init: a run it began would be closed at exit as finished (0)
             with contextlib.suppress(Exception):
                 wandb.finish(exit_code=130)
+            with contextlib.suppress(Exception):  # its service flushes the segment now, as finish() below does
+                wandb.teardown()
             raise
         except wandb.errors.Error as e:
             if self.mode != "online":
