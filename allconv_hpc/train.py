@@ -127,7 +127,8 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     except KeyboardInterrupt:
         return _released(lock_fd, _interrupted_in_start_up())
     if env.is_main:
-        log.info("run folder %s", composed.run_dir)
+        from .provenance import code_version, describe
+        log.info("run folder %s; code: %s", composed.run_dir, describe(code_version()))
         if root_said:
             (log.warning if root_said[0] else log.info)("%s", root_said[1])
         # submitted: submit read the cluster.* overrides (a user expecting `train cluster.tasks_per_node=4` to start

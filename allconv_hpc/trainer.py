@@ -36,6 +36,7 @@ from .models import build_model, count_parameters, summary
 from .resume import (TrainState, applied_mode, best_file_holds, other_images_said, pick_checkpoint, restore,
                      restore_rngs, rng_state, warn_copied_run, warn_reshaped_schedule)
 from .poll import StepPoll, classify_stop
+from .provenance import code_changed, code_version, describe
 from .preempt import (AGREED_EXITS, EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, StartupStop, StopRequest,
                       sigint_deferred, signal_lead_s, take_early_stop)
 from .schedule import lr_factor
@@ -281,6 +282,10 @@ class Trainer:
         if self.env.is_main:
             self._best_file_acc = best_file_holds(self.state, self.ckpt, ck, self.cfg_dict)
             warn_copied_run(ck, self.run_dir, self.state.wandb_id)
+            changed = code_changed(ck.get("code"), code_version())
+            if changed:  # legal (a fix between requeues), but the run's curves then come from two versions
+                log.warning("resuming with other code than the checkpoint's (%s): what follows is trained by the new "
+                            "code", changed)
         self._resume_sums = (ck["epoch_sums"].to(self.device), ck["interval_sums"].to(self.device))
         why = restore_rngs(ck["rng"], self.env.rank, self.env.world_size, self.device, self.cfg.seed,
                            self.state.global_step)
@@ -365,7 +370,8 @@ class Trainer:
                               "train_state": asdict(st), "rng": rngs, "epoch_sums": sums[0],
                               "interval_sums": sums[1], "identity": self.cfg.identity(), "config": self.cfg_dict,
                               "data": self.data_fingerprint,
-                              "torch_version": str(torch.__version__), "world_size": self.env.world_size,
+                              "torch_version": str(torch.__version__), "code": code_version(),
+                              "world_size": self.env.world_size,
                               "precision": self.precision,
                               "saved_at": time.time(), "run_dir": str(self.run_dir)})
             row, best = epoch_end or (None, None)
@@ -427,7 +433,7 @@ class Trainer:
                # the id squeue/scancel take (an array task's "A_T"); none for a cluster=local job
                "slurm_job_id": slurm.job_id if slurm.in_slurm else None, "restarts": slurm.restarts,
                "local_job_id": local_job_id(self.env.source),
-               "timeouts": st.timeouts, "precision": getattr(self, "precision", None),
+               "timeouts": st.timeouts, "precision": getattr(self, "precision", None), "code": code_version(),
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),
                "updated": time.time(), **extra}
@@ -440,7 +446,7 @@ class Trainer:
             same_job = doc["slurm_job_id"] is not None and old.get("slurm_job_id") == doc["slurm_job_id"]  # limits
             doc = {"epoch": 0, "epochs": doc["epochs"],
                    **{k: v for k, v in old.items() if k in _PROGRESS or (same_job and k == "timeouts")},
-                   **{k: doc[k] for k in ("state", "slurm_job_id", "local_job_id", "restarts", "updated", *extra)}}
+                   **{k: doc[k] for k in ("state", "slurm_job_id", "local_job_id", "restarts", "code", "updated", *extra)}}
         write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
         if tracker is not None and doc["state"] != getattr(self, "_summary_state", None):
             # W&B's own state reads "finished" for a requeued segment (and "failed" for a stopped one) until a
@@ -463,7 +469,8 @@ class Trainer:
         self.polls.restart_clock()
         self._phase = "training"
         self.write_status("running")
-        self.tracker.set_summary(precision=self.precision)  # what trainer.precision=auto chose
+        if self.env.is_main:  # what trainer.precision=auto chose; the code this start trains with
+            self.tracker.set_summary(precision=self.precision, code=describe(code_version()))
         if self.env.is_main:
             auto = " (auto)" if cfg.trainer.precision == "auto" else ""
             log.info("training %s on %s: %d rank(s), global batch %d, %d steps/epoch, %d epoch%s, lr %g, precision %s%s",

@@ -19,9 +19,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from allconv_hpc.checkpoint import load_file
+from allconv_hpc.checkpoint import load_file, write_file
 from allconv_hpc.config import from_dict
 from allconv_hpc.models import build_model, count_parameters
+from allconv_hpc.provenance import code_version, describe
 from allconv_hpc.history import HISTORY_FIELDS, read_history
 from allconv_hpc.tracking import EVAL_KEYS
 from allconv_hpc.wandb_offline import merged_history, read_run, segments
@@ -149,6 +150,11 @@ def test_run_folder_has_everything(offline_run):
     assert (status["epoch"], status["epochs"], status["global_step"]) == (EPOCHS, EPOCHS, TOTAL)
     assert status["best_val_acc"] == best_acc and status["last_val_acc"] == rows[-1]["val_acc"]
     assert status["wandb_id"] == run_id and status["precision"] == "fp32"
+    # the code that trained it: in status.json, each checkpoint, the log's first line and W&B's summary
+    code = code_version()
+    assert status["code"] == last["code"] == code and code["version"], (status["code"], code)
+    assert f"run folder {run_dir}; code: {describe(code)}" in log
+    assert read_run(segs[0])["summary"]["code"] == describe(code)
 
 
 def test_wandb_offline_read_back(offline_run):
@@ -287,6 +293,23 @@ def test_a_copied_run_folder_is_said_to_share_the_w_and_b_run_and_a_moved_one_is
     r = train(tmp_path, tmp_path / "moved", [*base, "trainer.epochs=2"])
     assert "nothing to do" in r.stdout and "(edited by hand?)" in r.stderr, r.stderr[-2000:]
     assert _history(tmp_path / "moved") == rows and (tmp_path / "moved" / "history.csv.edited1").read_text() == cut
+
+
+def test_a_resume_with_other_code_than_its_checkpoint_says_so(tmp_path):
+    """A job requeued after its code was edited (or pulled) resumes with the new code: legal, but its curves then
+    come from two versions, so the resume names both."""
+    base = [*TINY, "trainer.epochs=1", "wandb.mode=disabled"]
+    train(tmp_path, tmp_path / "run", base)
+    older = {**code_version(), "version": "0.0.1", "git_sha": "0" * 40, "git_dirty": False}
+    for f in (tmp_path / "run" / "checkpoints").glob("*.pt"):
+        if f.name != "best.pt":
+            ck = load_file(f)
+            write_file(f, {**ck, "code": older})
+    r = train(tmp_path, tmp_path / "run", [*TINY, "trainer.epochs=2", "wandb.mode=disabled"])
+    assert (f"resuming with other code than the checkpoint's (the code was allconv-hpc 0.0.1, git 000000000000, "
+            f"now {describe(code_version())}): what follows is trained by the new code") in r.stderr, r.stderr[-2000:]
+    r = train(tmp_path, tmp_path / "run", [*TINY, "trainer.epochs=3", "wandb.mode=disabled"])
+    assert "resumed from" in r.stdout and "other code" not in r.stderr, r.stderr[-2000:]  # its own checkpoint
 
 
 def test_learns_synthetic_well_above_chance(tmp_path):

@@ -6,6 +6,7 @@ import math
 import os
 import shlex
 import signal
+import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -1237,3 +1238,27 @@ def test_launcher_variables_that_make_no_rank_are_named(environ, said):
     with pytest.raises(DistributedError) as e:
         detect_env(environ)
     assert str(e.value).startswith(said) and "unset" in str(e.value), str(e.value)
+
+
+def test_code_version_is_this_checkout_and_says_nothing_it_cannot_tell(monkeypatch):
+    """The commit and uncommitted changes as git says them here; no git on the node: version only, no guess."""
+    from allconv_hpc import provenance
+    repo = Path(provenance.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+    code = provenance.code_version.__wrapped__()
+    assert code["git_sha"] == git("rev-parse", "HEAD").strip() and len(code["git_sha"]) == 40
+    assert code["git_dirty"] is bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert provenance.code_version.__wrapped__() == {"version": code["version"], "git_sha": None, "git_dirty": None}
+    assert provenance.describe({"version": "1.2", "git_sha": None, "git_dirty": None}) == "allconv-hpc 1.2"
+    assert provenance.describe({"version": "1.2", "git_sha": "ab" * 20, "git_dirty": True}) == (
+        "allconv-hpc 1.2, git abababababab (uncommitted changes)")
+    assert provenance.describe(None) == "unrecorded"
+    one = {"version": "1.2", "git_sha": "ab" * 20, "git_dirty": False}
+    assert provenance.code_changed(one, {**one, "git_dirty": True}) is None  # one commit: changes not compared
+    assert provenance.code_changed(None, one) is None  # a checkpoint of before the record
+    assert provenance.code_changed(one, {**one, "git_sha": "cd" * 20}).startswith("the code was allconv-hpc 1.2, git ab")
+    assert provenance.code_changed({**one, "git_sha": None}, {**one, "git_sha": None, "version": "1.3"})
+    assert provenance.code_changed({**one, "git_sha": None}, one) is None  # no commit to compare: the same version
