@@ -236,10 +236,11 @@ class Writer:
 
     A failed write is raised by the next `submit` or `wait` (the older files stay as they were).
     `wait()` makes everything submitted durable: call it before a requeue, an exit or a status of
-    "completed". At most `depth` writes are pending (3: a periodic save, the epoch's step file
-    and its best.pt never wait); more waits, bounding the memory of snapshots."""
+    "completed". At most `depth` writes are pending (5: a periodic save and its status.json, the
+    epoch's step file, its best.pt and status.json never wait); more waits, bounding the memory of
+    snapshots."""
 
-    def __init__(self, depth: int = 3):
+    def __init__(self, depth: int = 5):
         self.depth = depth
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: list[tuple[str, Future]] = []

@@ -15,6 +15,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -94,6 +95,9 @@ class Trainer:
         self.set_aside = False  # this start moved an earlier run's files aside (checkpoint.resume=never)
         self._phase: Optional[str] = None  # "training" or "evaluation" once fit began: None is start-up
         self._tracker_done = False
+        # status.json: written here, or by the checkpoint writer once a save it describes is on disk; a later
+        # write here (a stop, a failure) makes the writer's pending one stale (_status_seq), so it is dropped
+        self._status_lock, self._status_seq = threading.Lock(), 0
         t = cfg.trainer
         check_launch(cfg, env)
         self.device = pick_device(t.device, env)
@@ -420,6 +424,32 @@ class Trainer:
     def write_status(self, state: str, **extra) -> None:
         if not self.env.is_main:
             return
+        doc = self._status_doc(state, **extra)
+        with self._status_lock:
+            self._status_seq += 1
+            write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None and doc["state"] != getattr(self, "_summary_state", None):
+            # W&B's own state reads "finished" for a requeued segment (and "failed" for a stopped one) until a
+            # restart continues it, also when none ever does (a requeued job scancelled while pending): the
+            # summary's `status` is status.json's word for where the run stands
+            self._summary_state = doc["state"]
+            tracker.set_summary(status=doc["state"])
+
+    def _status_once_saved(self) -> None:
+        """status.json "running" at the position just saved, written by the checkpoint writer after the save's
+        files: a process killed while they were in flight (SIGKILL, the OOM killer, a node) left it naming an
+        epoch whose checkpoint never landed. Rank 0 only; a no-op elsewhere."""
+        if self.env.is_main:
+            doc, seq = self._status_doc("running"), self._status_seq
+            self.writer.submit("status.json", self._put_status, doc, seq, self.state.global_step)
+
+    def _put_status(self, doc: dict, seq: int, step: int) -> None:  # in the writer's thread
+        with self._status_lock:
+            if seq == self._status_seq and self.ckpt.step_path(step).exists():  # else stale, or the save failed
+                write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
+
+    def _status_doc(self, state: str, **extra) -> dict:
         st = getattr(self, "state", None) or TrainState()  # not yet there when setup stops early
         h = st.history
         tracker = getattr(self, "tracker", None)
@@ -447,13 +477,7 @@ class Trainer:
             doc = {"epoch": 0, "epochs": doc["epochs"],
                    **{k: v for k, v in old.items() if k in _PROGRESS or (same_job and k == "timeouts")},
                    **{k: doc[k] for k in ("state", "slurm_job_id", "local_job_id", "restarts", "code", "updated", *extra)}}
-        write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
-        if tracker is not None and doc["state"] != getattr(self, "_summary_state", None):
-            # W&B's own state reads "finished" for a requeued segment (and "failed" for a stopped one) until a
-            # restart continues it, also when none ever does (a requeued job scancelled while pending): the
-            # summary's `status` is status.json's word for where the run stands
-            self._summary_state = doc["state"]
-            tracker.set_summary(status=doc["state"])
+        return doc
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -545,7 +569,7 @@ class Trainer:
             if agreed.stop or (periodic and st.step_in_epoch < self.steps_per_epoch):
                 self.save()
                 if not agreed.stop:  # `status` shows the progress of a long epoch (a stop writes its own)
-                    self.write_status("running")
+                    self._status_once_saved()
             if agreed.stop:
                 if bar is not None:
                     bar.close()
@@ -665,7 +689,7 @@ class Trainer:
         # history.csv's row and best.pt land after the epoch's step file, and only with it: either without it
         # would read, at the next start, as an earlier run's epochs (checkpoint.earlier_epochs): it would start over
         self.save(epoch_end=(row, best))
-        self.write_status("running")
+        self._status_once_saved()
 
     # -- stopping ----------------------------------------------------------------------------------
     def _position(self) -> str:

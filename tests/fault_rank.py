@@ -4,12 +4,15 @@ FAIL_RANK=N FAIL_STEP=K python tests/fault_rank.py [overrides]: rank N raises a 
 logs global step K, as a bug or an out-of-memory error would, while its peers go on into a collective.
 FAIL_AT=epoch_end_save: rank N kills itself (SIGKILL, as the OOM killer would) as it enters the checkpoint save
 at the end of the epoch whose last step is global step K, so its peers lose it inside the save's collectives.
+FAIL_AT=checkpoint_write: the process is killed (SIGKILL) from its checkpoint writer, a second into writing the
+checkpoint of global step K, before the file lands (a node lost while a slow file system writes).
 """
 import os
 import signal
 import sys
+import time
 
-from allconv_hpc import trainer
+from allconv_hpc import checkpoint, trainer
 from allconv_hpc.cli import main
 
 RANK, STEP = int(os.environ["FAIL_RANK"]), int(os.environ["FAIL_STEP"])
@@ -28,8 +31,20 @@ def _killed_in_save(self, epoch_end=None):
     return _save(self, epoch_end)
 
 
+_ckpt_save = checkpoint.CheckpointDir.save
+
+
+def _killed_in_write(self, state, step):
+    if step == STEP:
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _ckpt_save(self, state, step)
+
+
 if os.environ.get("FAIL_AT") == "epoch_end_save":
     trainer.Trainer.save = _killed_in_save
+elif os.environ.get("FAIL_AT") == "checkpoint_write":
+    checkpoint.CheckpointDir.save = _killed_in_write
 else:
     trainer.Trainer._log_train = _failing_log_train
 sys.exit(main(["train", *sys.argv[1:]]))

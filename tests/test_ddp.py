@@ -150,6 +150,26 @@ def test_a_rank_killed_in_the_epoch_end_save_leaves_status_at_the_saved_epoch(tm
     assert "epoch 1/3" in r.stdout and "from its newest checkpoint, step 5" in r.stdout, r.stdout
 
 
+def test_a_process_killed_while_its_checkpoint_is_written_leaves_status_at_the_saved_epoch(tmp_path):
+    """status.json is written once the save it describes has landed: killed while the epoch's checkpoint was in
+    flight, it names the epoch before (where the resume starts), not the one whose checkpoint never landed."""
+    run = tmp_path / "run"  # TINY: 5 steps per epoch; the process is killed writing epoch 2's (global step 10)
+    [p] = start_ranks(tmp_path, run, TINY + ["trainer.epochs=3", "checkpoint.every_steps=null"], world=1,
+                      entry=(str(Path(__file__).with_name("fault_rank.py")),), FAIL_RANK=0, FAIL_STEP=10,
+                      FAIL_AT="checkpoint_write")
+    try:
+        out = p.communicate(timeout=120)[0]
+    finally:
+        p.kill()
+    assert p.returncode == -signal.SIGKILL and "epoch 2/3:" in out, out[-2000:]
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "running" and (st["epoch"], st["global_step"]) == (1, 5), st
+    assert [r["epoch"] for r in history(run)] == [1]
+    r = subprocess.run([PY, "-m", "allconv_hpc", "status", str(run)], env=clean_env(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert "epoch 1/3 done (step 5)" in r.stdout and "from its newest checkpoint, step 5" in r.stdout, r.stdout
+
+
 def test_ranks_that_composed_different_runs_refuse_to_start_naming_the_key(tmp_path):
     """Each rank composes the overrides itself: one whose config or run folder resolved otherwise (a ${now:...}
     folder, an ${oc.env:...} set otherwise on another node) would train, or resume, another run. Every rank
