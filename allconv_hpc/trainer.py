@@ -704,13 +704,18 @@ class Trainer:
             return f"epoch {st.epoch + 1} trained, not yet scored; {done}"
         return f"epoch {st.epoch + 1}, step {st.step_in_epoch}/{self.steps_per_epoch}; {done}"
 
+    def _own_signal_decides(self, stop: StopRequest) -> bool:
+        """Rank 0's own signal is the stop's, unless it was a warning and another rank's SIGTERM (or INT, HUP) made
+        the stop an exit: that one is named, or `status` would say USR2 of a run nothing requeued."""
+        return stop.received is not None and not (stop.is_warning and self.polls.agreed.terminate)
+
     def _stop(self, stop: StopRequest) -> int:
         """The checkpoint is written; decide requeue vs exit (rank 0 asks Slurm), then every rank leaves."""
         st = self.state
         self.polls.finish()  # in flight since the stop step; its flags change nothing now
         self.wait_checkpoints()  # durable before Slurm requeues (kills) the job or the process exits
         if self.env.is_main:
-            got = signal.Signals(stop.received).name if stop.received else self.polls.agreed.said()
+            got = signal.Signals(stop.received).name if self._own_signal_decides(stop) else self.polls.agreed.said()
             log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", got,
                         self._phase, st.global_step)
         lead = signal_lead_s()  # checked in check_launch
@@ -750,7 +755,7 @@ class Trainer:
                 log.warning("a cluster=local job gets %s signal_lead_s before cluster.timeout_min (or when sent "
                             "by hand), and nothing requeues it: submit the same command again to resume (a larger "
                             "cluster.timeout_min runs longer)", signal.Signals(stop.received).name)
-        got = stop.received or self.polls.agreed.signum  # rank 0's own, else another rank's
+        got = stop.received if self._own_signal_decides(stop) else self.polls.agreed.signum
         self.write_status(decision, signal=signal.Signals(got).name if got else None)
         # a refused requeue finished W&B with 0 above (it reads "finished", status.json "interrupted"): W&B's
         # service had to end before the requeue's SIGTERM, and whether Slurm requeues is known only after

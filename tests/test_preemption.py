@@ -642,6 +642,28 @@ def test_resume_that_switches_channels_last_gives_momentum_the_weights_layout(re
         assert m.stride() == w.stride(), (m.stride(), w.stride())
 
 
+def test_a_peers_sigterm_that_made_the_stop_an_exit_is_the_signal_named(tmp_path):
+    """Rank 1 got SIGTERM (scancel), rank 0 only the warning: the stop is an exit, not a requeue, and rank 0's log
+    and status.json name the SIGTERM that decided it, not its own USR2."""
+    run = tmp_path / "run"
+    procs = start_ranks(tmp_path, run, EXACT, world=2)
+    try:
+        wait_for_line(run / "train.log", "(global 7)", timeout=120, proc=procs[0])
+        for p in procs:  # both held, so that both signals are taken in one step, as Slurm sends them at once
+            p.send_signal(signal.SIGSTOP)
+        procs[1].send_signal(signal.SIGTERM)
+        procs[0].send_signal(signal.SIGUSR2)
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [3, 3], outs
+    assert "stop requested (SIGTERM on rank 1) during" in (run / "train.log").read_text()
+    assert json.loads((run / "status.json").read_text())["signal"] == "SIGTERM"
+
+
 @pytest.mark.slow
 def test_two_ranks_interrupted_and_resumed(tmp_path):
     # dropout on: each rank's RNG state is in the checkpoint, so the resumed run is bitwise the same
