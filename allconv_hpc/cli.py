@@ -107,7 +107,7 @@ def _dispatch(argv: list[str]) -> int:
         catch_early()  # before the heavy imports: under srun an early USR2 would otherwise kill the rank
         try:
             from .train import run
-            code = run(rest)
+            code = run(rest, entry_point=True)
         except KeyboardInterrupt:  # one train.run did not catch: a second Ctrl-C while it closes, say
             print("allconv-hpc: interrupted (Ctrl-C); the run's newest checkpoint on disk stands", file=sys.stderr)
             _tell_torchrun(130)

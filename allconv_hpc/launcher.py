@@ -68,7 +68,7 @@ class TrainJob:
             os.environ[LOCAL_PORT_ENV] = str(self.local_port)
         controller = os.getppid()  # submitit's local controller, whose other children are this job's ranks
         try:
-            code = run(self.overrides, submitted=True)
+            code = run(self.overrides, submitted=True, entry_point=True)
         except BaseException:
             if self.local_port:
                 end_local_peers(controller)

@@ -158,6 +158,19 @@ def ignore_late_signals(warn_signal: Optional[str] = None) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+_exit_said = False  # exit_said ran: StopRequest leaves its SIG_IGN in place
+
+
+def exit_said(warn_signal: Optional[str] = None) -> None:
+    """The process's own run has said its exit (its stop or completion logged, W&B closed): ignore the signals from
+    now on (ignore_late_signals), so the exit code stays the run's. A Ctrl-C in the moments left (a completed run's
+    gc, the process group's teardown) ended it 130, "interrupted". For process entry points only (the CLI's train,
+    a submitit job: Trainer.entry_point); a test that runs train in its process keeps its handlers."""
+    global _exit_said
+    _exit_said = True
+    ignore_late_signals(warn_signal)
+
+
 class StopRequest:
     """Installs handlers that only set a flag; `requested` is the first signal seen (or None)."""
 
@@ -180,6 +193,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
+        if _exit_said:  # the run said its exit inside the block (a stop): nothing to put back
+            return
         for s, h in self._previous.items():
             signal.signal(s, h)
 

@@ -68,9 +68,10 @@ def _refused(e) -> int:
     return 2
 
 
-def run(overrides: list[str], submitted: bool = False) -> int:
+def run(overrides: list[str], submitted: bool = False, entry_point: bool = False) -> int:
     """The whole training process for this rank; returns the exit status. `submitted`: started by
-    `allconv-hpc submit`, which read the cluster.* overrides itself."""
+    `allconv-hpc submit`, which read the cluster.* overrides itself. `entry_point`: this process is the run's
+    (the CLI, a submitit job): once the run said its exit, signals are ignored (preempt.exit_said)."""
     try:
         unhold()  # a cluster=local rank's signals held since its start come now, into this Ctrl-C guard
         from .checkpoint import CheckpointError, check_resume  # torch: the slow imports, inside the Ctrl-C guard
@@ -145,6 +146,7 @@ def run(overrides: list[str], submitted: bool = False) -> int:
     try:
         trainer = Trainer(composed.cfg, composed.cfg_dict, composed.run_dir, env, lock_fd=lock_fd,
                           locked=env.is_main)  # up to the rendezvous
+        trainer.entry_point = entry_point
         trainer.setup()
         if env.is_main:  # only now: a run folder refused as another config's keeps its own .hydra/
             write_hydra_files(composed)

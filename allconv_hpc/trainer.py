@@ -39,7 +39,7 @@ from .resume import (TrainState, applied_mode, best_file_holds, other_images_sai
 from .poll import StepPoll, classify_stop
 from .provenance import code_changed, code_version, describe
 from .preempt import (AGREED_EXITS, EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_REQUEUED, StartupStop, StopRequest,
-                      sigint_deferred, signal_lead_s, take_early_stop)
+                      exit_said, sigint_deferred, signal_lead_s, take_early_stop)
 from .schedule import lr_factor
 from .slurm import SlurmJob
 from .history import HISTORY_FILE, rewrite_history
@@ -81,6 +81,8 @@ def make_sgd(params, cfg: Config, device: torch.device, precision: str) -> torch
 
 
 class Trainer:
+    entry_point = False  # the process's own run (the CLI's train, a submitit job): its last word ignores signals after
+
     @property
     def training_started(self) -> bool:
         """fit reached its steps: a Ctrl-C now stops with a checkpoint, not as one in start-up."""
@@ -760,6 +762,8 @@ class Trainer:
         # a refused requeue finished W&B with 0 above (it reads "finished", status.json "interrupted"): W&B's
         # service had to end before the requeue's SIGTERM, and whether Slurm requeues is known only after
         self._finish_tracker(0 if decision == "requeued" else 1)
+        if self.entry_point:
+            exit_said(self.cfg.checkpoint.signal)
         return {"requeued": EXIT_REQUEUED, "gave_up": EXIT_GAVE_UP}.get(decision, EXIT_INTERRUPTED)
 
     def _finish_tracker(self, exit_code: int) -> None:
@@ -783,6 +787,8 @@ class Trainer:
             if hasattr(self, "tracker"):
                 try:
                     self._finish_tracker(exit_code)
+                    if self.entry_point and exit_code in AGREED_EXITS:  # a completed run's last word: W&B closed
+                        exit_said(self.cfg.checkpoint.signal)
                 except KeyboardInterrupt:  # a completed run's status.json and checkpoints are written: only W&B was cut
                     seg = getattr(self.tracker, "segment_dir", None)
                     if exit_code == 0 and seg is not None:

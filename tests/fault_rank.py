@@ -6,6 +6,8 @@ FAIL_AT=epoch_end_save: rank N kills itself (SIGKILL, as the OOM killer would) a
 at the end of the epoch whose last step is global step K, so its peers lose it inside the save's collectives.
 FAIL_AT=checkpoint_write: the process is killed (SIGKILL) from its checkpoint writer, a second into writing the
 checkpoint of global step K, before the file lands (a node lost while a slow file system writes).
+FAIL_AT=slow_close: no failure; the process group's teardown at the end says "closing the process group" on stdout
+and takes a second (to signal a process that has said its exit).
 """
 import os
 import signal
@@ -31,7 +33,13 @@ def _killed_in_save(self, epoch_end=None):
     return _save(self, epoch_end)
 
 
-_ckpt_save = checkpoint.CheckpointDir.save
+_ckpt_save, _dist_close = checkpoint.CheckpointDir.save, trainer.Dist.close
+
+
+def _slow_close(self):
+    print("closing the process group", flush=True)
+    time.sleep(1.0)
+    return _dist_close(self)
 
 
 def _killed_in_write(self, state, step):
@@ -45,6 +53,8 @@ if os.environ.get("FAIL_AT") == "epoch_end_save":
     trainer.Trainer.save = _killed_in_save
 elif os.environ.get("FAIL_AT") == "checkpoint_write":
     checkpoint.CheckpointDir.save = _killed_in_write
+elif os.environ.get("FAIL_AT") == "slow_close":
+    trainer.Dist.close = _slow_close
 else:
     trainer.Trainer._log_train = _failing_log_train
 sys.exit(main(["train", *sys.argv[1:]]))

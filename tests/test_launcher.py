@@ -1169,8 +1169,8 @@ def test_a_requeued_job_writes_no_result(tmp_path, monkeypatch, job_signals, fin
     run = tmp_path / "run"
     run.mkdir()
 
-    def fake_run(overrides, submitted):  # what train.run returns after a requeue, or a completed run
-        assert submitted  # train then does not warn that it ignores the cluster.* overrides
+    def fake_run(overrides, submitted, entry_point):  # what train.run returns after a requeue, or a completed run
+        assert submitted and entry_point  # train then does not warn that it ignores the cluster.* overrides
         return allconv_hpc.preempt.EXIT_REQUEUED if final == "requeued" else 0
     monkeypatch.setattr(allconv_hpc.train, "run", fake_run)
     monkeypatch.setenv("ALLCONV_SIGNAL_LEAD_S", "0")  # TrainJob sets it in this process: restored after

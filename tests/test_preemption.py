@@ -642,6 +642,30 @@ def test_resume_that_switches_channels_last_gives_momentum_the_weights_layout(re
         assert m.stride() == w.stride(), (m.stride(), w.stride())
 
 
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_ctrl_c_after_the_run_said_its_exit_leaves_its_exit_code(tmp_path, stopped):
+    """Completed (0) or stopped (3), the run has said so; a Ctrl-C while the process tears down its process group
+    is ignored (it ended the process 130, "interrupted", a completed run's too)."""
+    run = tmp_path / "run"
+    cmd = [PY, str(Path(__file__).with_name("fault_rank.py")), *EXACT, f"hydra.run.dir={run}"]
+    p = subprocess.Popen(cmd, env=clean_env(tmp_path, FAIL_RANK=0, FAIL_STEP=0, FAIL_AT="slow_close"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if stopped and "(global 7)" in line:
+                p.send_signal(signal.SIGUSR2)
+                stopped = "sent"
+            if "closing the process group" in line:
+                p.send_signal(signal.SIGINT)
+                break
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == (3 if stopped == "sent" else 0), err[-2000:]
+    assert "interrupted (Ctrl-C)" not in err, err[-2000:]
+    assert json.loads((run / "status.json").read_text())["state"] == ("interrupted" if stopped else "completed")
+
+
 def test_a_peers_sigterm_that_made_the_stop_an_exit_is_the_signal_named(tmp_path):
     """Rank 1 got SIGTERM (scancel), rank 0 only the warning: the stop is an exit, not a requeue, and rank 0's log
     and status.json name the SIGTERM that decided it, not its own USR2."""
