@@ -31,8 +31,9 @@ class Poll:
 
 
 def classify_stop(agreed: Poll, slurm: SlurmJob, lead_s: float) -> str:
-    """interrupted (not in Slurm, or SIGTERM/SIGINT/SIGHUP on any rank) | timeout | preempted."""
-    if not slurm.in_slurm or agreed.terminate:
+    """interrupted (not in Slurm, SIGTERM/SIGINT/SIGHUP on any rank, or an interactive allocation) | timeout |
+    preempted."""
+    if not slurm.in_slurm or agreed.terminate or not slurm.is_batch():
         return "interrupted"
     return "timeout" if slurm.is_timeout(lead_s=lead_s) else "preempted"
 

@@ -130,11 +130,20 @@ class SlurmJob:
             return self._show().get("Restarts", -1) > self.restarts
         return False
 
+    def is_batch(self) -> bool:
+        """An sbatch job, which a requeue runs again; not an interactive allocation (salloc; srun alone), which
+        Slurm does not requeue: a `train` started by hand in one stops instead. True when scontrol cannot tell."""
+        if self._show().get("BatchFlag") != "0":
+            return True
+        log.warning("job %s is an interactive allocation (salloc, or srun without sbatch): Slurm requeues batch jobs "
+                    "only, so this warning signal stops the run (the same command resumes it)", self.job_id)
+        return False
+
     def _show(self) -> dict:
-        """JobState, Reason, PreemptTime, StartTime (str) and Restarts (int) from `scontrol show job`; {} when it
-        cannot tell."""
+        """JobState, Reason, PreemptTime, StartTime, BatchFlag (str) and Restarts (int) from `scontrol show job`; {}
+        when it cannot tell."""
         info = self._run(["scontrol", "show", "job", self.job_id], env={"SLURM_TIME_FORMAT": "standard"}) or ""
-        job = dict(re.findall(r"\b(JobState|Reason|PreemptTime|StartTime)=(\S+)", info))
+        job = dict(re.findall(r"\b(JobState|Reason|PreemptTime|StartTime|BatchFlag)=(\S+)", info))
         m = re.search(r"\bRestarts=(\d+)", info)
         return {**job, **({"Restarts": int(m.group(1))} if m else {})}
 

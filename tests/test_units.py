@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shlex
@@ -368,6 +369,20 @@ def test_stop_kind_agreed_across_ranks(tmp_path, monkeypatch):
     assert classify_stop(Poll(warning=True), SlurmJob({}), 60) == "interrupted"  # not in Slurm
     fake_slurm(tmp_path, monkeypatch, squeue="0:50", scontrol=None)
     assert classify_stop(Poll(warning=True), slurm, 60) == "timeout"
+
+
+@pytest.mark.parametrize("flag,kind", [("0", "interrupted"), ("1", "preempted")])
+def test_a_warning_in_an_interactive_allocation_stops_the_run_without_a_requeue(tmp_path, monkeypatch, caplog, flag,
+                                                                               kind):
+    """`train` started by hand in an salloc: Slurm requeues batch jobs only, so the warning is no requeue (it asked
+    for one, and said Slurm did not answer); a batch script running train itself is requeued, its script again."""
+    calls = fake_slurm(tmp_path, monkeypatch, squeue="29:00",
+                       scontrol=f"JobId=9 JobState=RUNNING Reason=None Requeue=1 Restarts=0 BatchFlag={flag}")
+    with caplog.at_level(logging.WARNING, logger="allconv_hpc"):
+        assert classify_stop(Poll(warning=True), SlurmJob({"SLURM_JOB_ID": "9"}), 60) == kind
+    said = "job 9 is an interactive allocation (salloc, or srun without sbatch): Slurm requeues batch jobs only"
+    assert (said in caplog.text) is (flag == "0"), caplog.text
+    assert not any("requeue" in c for c in calls.read_text().splitlines())  # classified only: nothing asked yet
 
 
 def test_the_poll_names_a_signal_with_the_rank_that_got_it():
@@ -992,7 +1007,6 @@ def test_commands_in_messages_quote_the_paths_they_name(tmp_path):
 def test_compile_report_counts_only_this_trainers_graphs(caplog):
     """Dynamo's and inductor's counters are process-wide: a second Trainer in one process (benchmarks,
     notebooks) reports its own graphs and CUDA-graph skips, not the sum since the process began."""
-    import logging
     from types import SimpleNamespace
 
     from torch._dynamo.utils import counters
