@@ -53,6 +53,30 @@ def _slurm_setup(lines: list) -> list:
     return out + ["trap - EXIT; unset ALLCONV_SETUP_LINE"]
 
 
+WARNED = "ALLCONV_WARNED"  # set by the batch shell's trap: a warning came before the tasks started
+
+
+def _requeue_if_warned(after_setup: bool) -> list:
+    """Before srun: a start that was warned or preempted before its tasks existed requeues itself (nothing was
+    trained). A warning sent to the batch shell (`scancel -b`, `--signal=B:`) is trapped (WARNED); a preemption's
+    own signal goes to the job's steps, of which there is none yet, so after cluster.setup (minutes of modules, a
+    venv) the job asks scontrol whether this start was preempted (PreemptTime, cleared by a requeue): once the
+    grace time was over, srun failed ("Job/step already completing") and the job ended FAILED, not requeued.
+    An array task is named as A_T (its raw id may be the array's)."""
+    job = "${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"
+    out = [f'ALLCONV_JOB="{job}"; ALLCONV_JOB="${{ALLCONV_JOB:-$SLURM_JOB_ID}}"']
+    if after_setup:
+        out += ['ALLCONV_SHOW=$(SLURM_TIME_FORMAT=standard scontrol show job "$ALLCONV_JOB" 2>/dev/null)',
+                'case "$ALLCONV_SHOW" in *" PreemptTime=2"*) '
+                f'{WARNED}="${{{WARNED}:-preempted}}" ;; esac']
+    return out + [f'if [ -n "${{{WARNED}:-}}" ]; then',
+                  '  echo "allconv-hpc: a warning signal or preemption came before training (in cluster.setup): '
+                  'requeueing job $ALLCONV_JOB" >&2',
+                  '  scontrol requeue "$ALLCONV_JOB" && exit 0',
+                  '  echo "allconv-hpc: scontrol requeue $ALLCONV_JOB failed: training starts" >&2',
+                  'fi']
+
+
 def make_executor(cluster: dict, folder: Path, attach: bool = False):
     """submitit's executor for the validated cluster. SUBMITIT_PREEMPT_SIGNAL (read when the job imports
     submitit) makes submitit's own handler, in place until TrainJob installs ours, take our signal. `attach`: a
@@ -91,10 +115,11 @@ def make_executor(cluster: dict, folder: Path, attach: bool = False):
                   cpus_per_task=cluster["cpus_per_task"], time=cluster["timeout_min"],
                   signal_delay_s=cluster["signal_lead_s"], array_parallelism=cluster["array_parallelism"],
                   # a warning sent to the batch shell alone (scancel -b, --signal=B:...) would end it, and so the job,
-                  # not requeued: a no-op handler (not "", which srun would inherit) keeps it. It cannot pass the
-                  # signal on while srun runs in the foreground (train.sbatch can): scancel without -b does
-                  setup=[f"trap : {warnings}", f"export SUBMITIT_PREEMPT_SIGNAL={signal_name(cluster)}",
-                         *_slurm_setup(cluster["setup"])],
+                  # not requeued: a handler (not "", which srun would inherit) keeps it, and one before the tasks
+                  # start requeues the job (_requeue_if_warned). It cannot pass the signal on while srun runs in the
+                  # foreground (train.sbatch can): scancel without -b does
+                  setup=[f"trap '{WARNED}=1' {warnings}", f"export SUBMITIT_PREEMPT_SIGNAL={signal_name(cluster)}",
+                         *_slurm_setup(cluster["setup"]), *_requeue_if_warned(bool(cluster["setup"]))],
                   additional_parameters=extra,
                   srun_args=srun_args, stderr_to_stdout=False, job_name="allconv")
     if cluster["gpus_per_node"]:

@@ -112,12 +112,13 @@ def test_sbatch_script_carries_every_job_parameter(tmp_path, on_path):
                  "--exclude='n[3-4]'", "--mail-type=END", "--exclusive", "--signal=USR2@180", "--requeue",
                  "--job-name=allconv"):
         assert f"#SBATCH {want}" in lines, (want, script)
-    assert "B:" not in script  # the signal goes to the srun tasks, not the batch shell
+    assert "--signal=B:" not in script  # the signal goes to the srun tasks, not the batch shell
     assert not any(ln.startswith("#SBATCH --array") for ln in lines)
     # submitit's own handler (until the trainer's are in) takes cluster.signal; then the user's lines, each
     # one that ends the job if it fails (its run: test_slurm_system)
-    assert script.split("# setup\n", 1)[1].startswith("trap : USR2 USR1\nexport SUBMITIT_PREEMPT_SIGNAL=USR2\n" + "\n".join(
-        executor._slurm_setup(["module load cuda/12.4", "source $HOME/venv/bin/activate"])) + "\n"), script
+    head = "trap 'ALLCONV_WARNED=1' USR2 USR1\nexport SUBMITIT_PREEMPT_SIGNAL=USR2\n"
+    setup = executor._slurm_setup(["module load cuda/12.4", "source $HOME/venv/bin/activate"])
+    assert script.split("# setup\n", 1)[1].startswith(head + "\n".join(setup + executor._requeue_if_warned(True)) + "\n"), script
     said = 'echo "allconv-hpc: cluster.setup line failed (exit $rc): $ALLCONV_SETUP_LINE" >&2'
     ended = ('echo "allconv-hpc: cluster.setup line ended the job before training (exit $rc): $ALLCONV_SETUP_LINE" '
              '>&2; exit $((rc ? rc : 1))')
@@ -152,7 +153,8 @@ def test_another_signal_is_submitits_from_the_start(tmp_path, on_path):
                  "cluster.setup=['module load x']"])
     script = render(resources.validate_cluster(c.cluster, c.cfg), tmp_path)
     assert "#SBATCH --signal=USR1@120" in sbatch_lines(script)
-    assert script.split("# setup\n", 1)[1].startswith("trap : USR1 USR2\nexport SUBMITIT_PREEMPT_SIGNAL=USR1\n"
+    assert script.split("# setup\n", 1)[1].startswith("trap 'ALLCONV_WARNED=1' USR1 USR2\n"
+                                                     "export SUBMITIT_PREEMPT_SIGNAL=USR1\n"
                                                      + "\n".join(executor._slurm_setup(["module load x"]))), script
     # what the job's python then handles, as submitit computes it at import
     env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"}

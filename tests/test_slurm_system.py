@@ -662,6 +662,24 @@ def test_cluster_setup_lines_run_as_written_and_a_failing_one_stops_the_job(slur
         assert "AFTER" not in (run / ".submitit" / job / f"{job}_0_log.out").read_text()
 
 
+@pytest.mark.slow
+def test_a_preemption_during_cluster_setup_requeues_the_job(slurm_cluster, jobs, tmp_path):
+    """Preempted while its batch shell ran cluster.setup (modules, a venv), before any task existed: the preemption's
+    signal went nowhere, the setup outlasted the grace time and srun failed ("Job/step already completing"): FAILED,
+    not requeued. The job now asks scontrol whether its start was preempted, and requeues itself; it completes."""
+    run = tmp_path / "setup"
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1", "wandb.mode=disabled",
+                           "cluster.setup=['sleep 24']", f"hydra.run.dir={run}")  # past the low partition's 20 s grace
+    assert poll(lambda: squeue_state(slurm_cluster, job) == "RUNNING", 60)
+    preempt_low(slurm_cluster, tmp_path, jobs)
+    assert wait_final(slurm_cluster, job, 240) == "COMPLETED", tail(run)
+    err = (run / ".submitit" / job / f"{job}_0_log.err").read_text()
+    assert f"allconv-hpc: a warning signal or preemption came before training (in cluster.setup): requeueing job {job}" \
+        in err and "Unable to create step" not in err, err
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and rows[0]["state"] == "COMPLETED" and rows[0]["restarts"] == 1, table
+
+
 def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):
     r = cli(slurm_cluster, tmp_path, "submit", *SLURM, *JOB, "cluster.partition=nope", f"hydra.run.dir={tmp_path / 'run'}")
     assert r.returncode == 2, (r.stdout, r.stderr)
