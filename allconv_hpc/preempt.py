@@ -179,6 +179,7 @@ class StopRequest:
         self.warn = signum(warn_signal)
         self.warnings = warning_signals(self.warn)
         self.received: Optional[int] = None
+        self.in_start_up = False  # `received` came before training (catch_early recorded it)
         self._at = 0.0  # when the first signal came (time.monotonic)
         self._previous = {}
 
@@ -189,7 +190,7 @@ class StopRequest:
         for s in dict.fromkeys((*self.warnings, signal.SIGTERM, signal.SIGINT, *_hangup())):
             self._previous[s] = signal.signal(s, self._handle)
         if _early is not None:  # came before training started: honour it now
-            self.received, self._at, _early = _early, time.monotonic(), None
+            self.received, self._at, _early, self.in_start_up = _early, time.monotonic(), None, True
         return self
 
     def __exit__(self, *exc) -> None:

@@ -717,9 +717,11 @@ class Trainer:
         self.polls.finish()  # in flight since the stop step; its flags change nothing now
         self.wait_checkpoints()  # durable before Slurm requeues (kills) the job or the process exits
         if self.env.is_main:
-            got = signal.Signals(stop.received).name if self._own_signal_decides(stop) else self.polls.agreed.said()
-            log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", got,
-                        self._phase, st.global_step)
+            own = self._own_signal_decides(stop)
+            got = signal.Signals(stop.received).name if own else self.polls.agreed.said()
+            when = "start-up" if own and stop.in_start_up else self._phase  # honoured at the first steps
+            log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", got, when,
+                        st.global_step)
         lead = signal_lead_s()  # checked in check_launch
         kind = self.dist.broadcast_object(classify_stop(self.polls.agreed, self.slurm, lead) if self.env.is_main else None)
         decision = "interrupted"
@@ -751,6 +753,8 @@ class Trainer:
             again = ("the same command resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else
                      "checkpoint.resume=auto resumes it from this checkpoint (the same command, with "
                      "checkpoint.resume=never, starts it over)")
+            if decision == "interrupted" and self.slurm.in_slurm and kind == "interrupted":  # a SIGTERM: scancel, or
+                again += " (or Slurm itself, if it preempted the job without a warning signal)"  # PreemptMode=REQUEUE
             log.warning("%s at global step %d (%s)%s", decision, st.global_step, self._position(),
                         f": the run stops with its checkpoint; {again}" if decision == "interrupted" else "")
             if self.env.source == "local" and stop.is_warning:

@@ -825,6 +825,16 @@ def test_ctrl_c_during_set_up_is_a_start_up_interrupt_not_a_failure(tmp_path):
     assert [r["epoch"] for r in history(run)] == [1]
 
 
+def test_a_warning_in_start_up_is_honoured_at_the_first_steps_and_said_to_be_from_start_up(tmp_path):
+    """USR2 before training (a preemption while the data loads) is kept, and the first steps stop with a checkpoint;
+    the log says when it came, not "during training"."""
+    run = tmp_path / "run"
+    p = interrupt_at(tmp_path, run, TINY, "run folder", signal.SIGUSR2)
+    assert p.returncode == 3, p.output[-3000:]
+    log = (run / "train.log").read_text()
+    assert re.search(r"stop requested \(SIGUSR2\) during start-up at global step [12]: checkpoint saved", log), log[-2000:]
+
+
 def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_path):
     """scancel's SIGTERM while a resume starts (here in its whitening fit) ends the start at the next safe point,
     before training: exit 3, the run interrupted and resumable, no checkpoint written. Waiting for the first steps
