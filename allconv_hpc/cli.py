@@ -7,8 +7,8 @@ COMMANDS = ("train", "submit", "status", "evaluate")
 USAGE = """allconv-hpc train  [--print-config] [HYDRA_OVERRIDES ...]      train here (one rank of DDP under torchrun/srun)
 allconv-hpc submit [-m] [--wait] [--dry-run] [HYDRA_OVERRIDES ...]  validate, then submit to Slurm (or cluster=local)
 allconv-hpc status [--json] RUN_OR_SWEEP_FOLDER                     table of jobs: state, restarts, progress, accuracy
-allconv-hpc evaluate [--checkpoint best|last|FILE] [--split test|val] [--data-root DIR] [--device D] [--json]
-                     RUN_FOLDER                                     score a checkpoint of a run
+allconv-hpc evaluate [--checkpoint best|last|FILE] [--split test|val] [--test-size N|all] [--batch-size N]
+                     [--data-root DIR] [--device D] [--json] RUN_FOLDER  score a checkpoint of a run
 
 Overrides use Hydra syntax, e.g.  model=allcnn_c data=cifar10 optim.lr=0.05 trainer.epochs=350 hydra.run.dir=runs/x
 `allconv-hpc train --help` lists the config groups; `submit --help`, `status --help` and `evaluate --help` their options."""

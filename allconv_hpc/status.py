@@ -281,7 +281,7 @@ def run_rows(folder: Path) -> list[dict]:
         dead_lock = (bool(held) and not new_start and slurm and known and (ended or state not in ACTIVE_STATES | {None})
                      and current and run_state == "running" and str(st.get("slurm_job_id")) == str(rec["job_id"]))
         if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
-            state = {True: "RUNNING", False: "FAILED"}.get(held, "UNKNOWN")
+            state = {True: "RUNNING (starting)", False: "FAILED"}.get(held, "UNKNOWN")  # fit writes the first
             active = bool(held)
             if not held and _newest_checkpoint_step(run_dir) is not None:  # status.json deleted (or lost)
                 state = NO_RECORD

@@ -357,7 +357,7 @@ def test_a_run_that_failed_before_its_first_record_shows_the_error(tmp_path, cap
     fd = runlock.acquire(run)  # the same folder while a train holds it, before its first record: starting
     try:
         row = status.run_rows(run)[0]
-        assert (row["state"], row["active"], row["failed"]) == ("RUNNING", True, False)
+        assert (row["state"], row["active"], row["failed"]) == ("RUNNING (starting)", True, False)
     finally:
         os.close(fd)
 
@@ -382,7 +382,7 @@ def test_a_run_waiting_for_its_peers_is_running_and_once_killed_failed(tmp_path)
         time.sleep(1)
         assert p.poll() is None  # in the rendezvous
         row = status.run_rows(run)[0]
-        assert (row["state"], row["active"], row["failed"]) == ("RUNNING", True, False), row
+        assert (row["state"], row["active"], row["failed"]) == ("RUNNING (starting)", True, False), row
     finally:
         p.send_signal(sig.SIGKILL)
         p.wait()
