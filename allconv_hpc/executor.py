@@ -65,10 +65,12 @@ def _requeue_if_warned(after_setup: bool) -> list:
     An array task is named as A_T (its raw id may be the array's)."""
     job = "${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"
     out = [f'ALLCONV_JOB="{job}"; ALLCONV_JOB="${{ALLCONV_JOB:-$SLURM_JOB_ID}}"']
-    if after_setup:
+    if after_setup:  # preempted since this start (as SlurmJob.is_timeout reads it): ISO times compare as strings
         out += ['ALLCONV_SHOW=$(SLURM_TIME_FORMAT=standard scontrol show job "$ALLCONV_JOB" 2>/dev/null)',
-                'case "$ALLCONV_SHOW" in *" PreemptTime=2"*) '
-                f'{WARNED}="${{{WARNED}:-preempted}}" ;; esac']
+                """ALLCONV_PT=$(printf '%s\\n' "$ALLCONV_SHOW" | sed -n 's/.* PreemptTime=\\([0-9][^ ]*\\).*/\\1/p')""",
+                """ALLCONV_ST=$(printf '%s\\n' "$ALLCONV_SHOW" | sed -n 's/.* StartTime=\\([0-9][^ ]*\\).*/\\1/p')""",
+                'if [ -n "$ALLCONV_PT" ] && [ -n "$ALLCONV_ST" ] && ! [[ "$ALLCONV_PT" < "$ALLCONV_ST" ]]; then '
+                f'{WARNED}="${{{WARNED}:-preempted}}"; fi']
     return out + [f'if [ -n "${{{WARNED}:-}}" ]; then',
                   '  echo "allconv-hpc: a warning signal or preemption came before training (in cluster.setup): '
                   'requeueing job $ALLCONV_JOB" >&2',

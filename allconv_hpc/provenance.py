@@ -32,8 +32,10 @@ def code_version() -> dict:
 
 def _git(*args: str) -> Optional[str]:
     try:
-        r = subprocess.run(["git", "-C", str(_ROOT), *args], capture_output=True, text=True, timeout=GIT_TIMEOUT_S,
-                           stdin=subprocess.DEVNULL)
+        # no optional locks: `git status` would rewrite the checkout's index (and hold index.lock) at every start,
+        # racing the user's own commits; a job killed then would leave the lock behind
+        r = subprocess.run(["git", "--no-optional-locks", "-C", str(_ROOT), *args], capture_output=True, text=True,
+                           timeout=GIT_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):  # no git on the node, or it hung
         return None
     return r.stdout.strip() if r.returncode == 0 else None  # e.g. another user's checkout (safe.directory)

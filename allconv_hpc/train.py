@@ -168,6 +168,8 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
         return _peer_ended(trainer, e)
     except LockLost as e:  # another process trains into the folder now: nothing more of this one's, status.json too
         log.error("%s", e)
+        if trainer is not None:
+            trainer.drop_pending_status()  # the writer's queued "running" record lands no more
         return 1
     except StartupStop as e:  # every rank at the same point: a stop, as one in training, with nothing to save
         said = f"stopped by {e} {START_UP_STOP}; nothing was trained or written to its checkpoints"

@@ -383,6 +383,7 @@ class Trainer:
             row, best = epoch_end or (None, None)
             self.writer.submit(f"checkpoint step {st.global_step}", self._write_checkpoint, state, st.global_step, row)
             self._unsaved_epoch_end = None  # handed over: it lands, also if this process fails now (close waits)
+            self._saved_position = self._position_doc(self.state)
             if best is not None:
                 self.writer.submit("best.pt", self._write_best, best, st.global_step)
         self.dist.barrier()
@@ -446,20 +447,28 @@ class Trainer:
             doc, seq = self._status_doc("running"), self._status_seq
             self.writer.submit("status.json", self._put_status, doc, seq, self.state.global_step)
 
+    def drop_pending_status(self) -> None:
+        """A status.json write the checkpoint writer still holds is dropped (the run folder is another's now)."""
+        with self._status_lock:
+            self._status_seq += 1
+
     def _put_status(self, doc: dict, seq: int, step: int) -> None:  # in the writer's thread
         with self._status_lock:
             if seq == self._status_seq and self.ckpt.step_path(step).exists():  # else stale, or the save failed
                 write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 
+    @staticmethod
+    def _position_doc(st: TrainState) -> dict:
+        """status.json's progress fields, of training state `st`."""
+        h = st.history
+        return {"epoch": st.epoch, "global_step": st.global_step, "step_in_epoch": st.step_in_epoch,
+                "last_val_acc": h[-1]["val_acc"] if h else None, "best_val_acc": st.best_val_acc if h else None}
+
     def _status_doc(self, state: str, **extra) -> dict:
         st = getattr(self, "state", None) or TrainState()  # not yet there when setup stops early
-        h = st.history
         tracker = getattr(self, "tracker", None)
         slurm = getattr(self, "slurm", None) or SlurmJob.of_rank(self.env.source)
-        doc = {"state": state, "epoch": st.epoch, "epochs": self.cfg.trainer.epochs,
-               "global_step": st.global_step, "step_in_epoch": st.step_in_epoch,
-               "last_val_acc": h[-1]["val_acc"] if h else None,
-               "best_val_acc": st.best_val_acc if h else None,
+        doc = {"state": state, "epochs": self.cfg.trainer.epochs, **self._position_doc(st),
                # a stop inside wandb.init (a Ctrl-C) leaves no tracker: its id file already names the run
                "wandb_id": st.wandb_id or (read_id(self.run_dir) if tracker is None else None),
                # the id squeue/scancel take (an array task's "A_T"); none for a cluster=local job
@@ -492,6 +501,7 @@ class Trainer:
                          "on; checkpoint.resume=never starts over)", st.epoch, "" if st.epoch == 1 else "s")
             return 0
         self._stop_if_asked()  # the W&B start can take seconds: the last safe point before the steps
+        self._saved_position = self._position_doc(self.state)  # the checkpoint resumed (or nothing yet): what is on disk
         self.polls.restart_clock()
         self._phase = "training"
         self.write_status("running")
@@ -657,12 +667,9 @@ class Trainer:
                "train_loss": tr[0] / tr[2], "train_acc": tr[1] / tr[2], "val_loss": val_loss, "val_acc": val_acc,
                "epoch_seconds": seconds, "images_per_second": tr[2] / seconds}
         best = None
-        # where the run stands on disk until this epoch's checkpoint is handed to the writer: a failure before that
-        # (a peer lost in the save's collectives) reports it, not an epoch whose row and checkpoint never land
-        h = st.history
-        self._unsaved_epoch_end = {"epoch": st.epoch, "global_step": st.global_step,
-                                   "step_in_epoch": st.step_in_epoch, "last_val_acc": h[-1]["val_acc"] if h else None,
-                                   "best_val_acc": st.best_val_acc if h else None}
+        # until this epoch's checkpoint is handed to the writer, a failure (a peer lost in the save's collectives)
+        # reports where the run stands on disk, not an epoch whose row and checkpoint never land
+        self._unsaved_epoch_end = self._saved_position
         if not math.isfinite(row["train_loss"]) or not math.isfinite(val_loss):
             self._check_finite()
             raise self._diverged(f"{DIVERGED} loss in epoch {st.epoch + 1} (train loss {row['train_loss']:.4g}, "
@@ -735,7 +742,11 @@ class Trainer:
             if kind == "timeout":
                 self.save()  # the count must survive the requeue
                 self.wait_checkpoints()
-            # W&B first: a requeue sends SIGTERM to every process of the step, W&B's service included
+            # W&B first: a requeue sends SIGTERM to every process of the step, W&B's service included. Its summary
+            # says requeued now, as status.json will (a requeue Slurm then refuses cannot be said to W&B any more)
+            if self.env.is_main:
+                self._summary_state = "requeued"
+                self.tracker.set_summary(status="requeued")
             self._finish_tracker(0)
             ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
             decision = "requeued" if ok else "interrupted"
@@ -749,11 +760,12 @@ class Trainer:
             elif not ok and self.env.is_main:
                 log.warning("Slurm did not requeue job %s (cluster.requeue=false submits with --no-requeue, and a "
                             "site may forbid requeues)", self.slurm.job_id)
+        got = stop.received if self._own_signal_decides(stop) else self.polls.agreed.signum
         if self.env.is_main:
             again = ("the same command resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else
                      "checkpoint.resume=auto resumes it from this checkpoint (the same command, with "
                      "checkpoint.resume=never, starts it over)")
-            if decision == "interrupted" and self.slurm.in_slurm and kind == "interrupted":  # a SIGTERM: scancel, or
+            if decision == "interrupted" and self.slurm.in_slurm and got == signal.SIGTERM:  # scancel, or Slurm's
                 again += " (or Slurm itself, if it preempted the job without a warning signal)"  # PreemptMode=REQUEUE
             log.warning("%s at global step %d (%s)%s", decision, st.global_step, self._position(),
                         f": the run stops with its checkpoint; {again}" if decision == "interrupted" else "")
@@ -761,7 +773,6 @@ class Trainer:
                 log.warning("a cluster=local job gets %s signal_lead_s before cluster.timeout_min (or when sent "
                             "by hand), and nothing requeues it: submit the same command again to resume (a larger "
                             "cluster.timeout_min runs longer)", signal.Signals(stop.received).name)
-        got = stop.received if self._own_signal_decides(stop) else self.polls.agreed.signum
         self.write_status(decision, signal=signal.Signals(got).name if got else None)
         # a refused requeue finished W&B with 0 above (it reads "finished", status.json "interrupted"): W&B's
         # service had to end before the requeue's SIGTERM, and whether Slurm requeues is known only after

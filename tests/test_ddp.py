@@ -143,7 +143,7 @@ def test_a_rank_killed_in_the_epoch_end_save_leaves_status_at_the_saved_epoch(tm
     st = json.loads((run / "status.json").read_text())
     assert st["state"] == "failed" and "peer rank" in st["error"], st
     assert [r["epoch"] for r in history(run)] == [1], history(run)
-    assert (st["epoch"], st["global_step"], st["step_in_epoch"]) == (1, 10, 5), st  # epoch 2 trained, not saved
+    assert (st["epoch"], st["global_step"], st["step_in_epoch"]) == (1, 5, 0), st  # epoch 1's checkpoint
     assert st["last_val_acc"] == history(run)[0]["val_acc"], st
     r = subprocess.run([PY, "-m", "allconv_hpc", "status", str(run)], env=clean_env(tmp_path),
                        capture_output=True, text=True, timeout=60)

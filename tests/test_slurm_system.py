@@ -336,6 +336,9 @@ def test_preempted_job_checkpoints_requeues_and_ends_bitwise_identical(slurm_clu
     assert len(segments(run / "wandb", wid)) == 2
     steps = [r["_step"] for r in merged_history(run / "wandb", wid)]
     assert steps == list(range(1, epochs * 5 + 2)), steps
+    # W&B's own state reads the requeued segment "finished"; its summary's status says what it was
+    first, last = (read_run(seg) for seg in segments(run / "wandb", wid))
+    assert (first["summary"]["status"], last["summary"]["status"]) == ("requeued", "completed")
 
 
 @pytest.mark.slow
