@@ -57,6 +57,15 @@ def job_env(cluster, tmp: Path, **extra) -> dict:
     return clean_env(tmp, SLURM_CONF=cluster.conf, WANDB_SILENT="true", **extra)
 
 
+def merged(*groups: list[str]) -> list[str]:
+    """Override groups, a later group's key replacing an earlier one's (submit warns of a key given twice)."""
+    out: list[str] = []
+    for group in groups:
+        keys = {o.split("=", 1)[0].lstrip("+~") for o in group if "=" in o}
+        out = [o for o in out if o.split("=", 1)[0].lstrip("+~") not in keys] + list(group)
+    return out
+
+
 def cli(cluster, tmp: Path, *args: str, env: dict | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "allconv_hpc", *args], env=env or job_env(cluster, tmp), cwd=tmp,
                           capture_output=True, text=True, timeout=timeout)
@@ -670,9 +679,10 @@ def test_a_preemption_during_cluster_setup_requeues_the_job(slurm_cluster, jobs,
     """Preempted while its batch shell ran cluster.setup (modules, a venv), before any task existed: the preemption's
     signal went nowhere, the setup outlasted the grace time and srun failed ("Job/step already completing"): FAILED,
     not requeued. The job now asks scontrol whether its start was preempted, and requeues itself; it completes."""
-    run = tmp_path / "setup"
-    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1", "wandb.mode=disabled",
-                           "cluster.setup=['sleep 24']", f"hydra.run.dir={run}")  # past the low partition's 20 s grace
+    run = tmp_path / "setup"  # a setup that ends inside the low partition's 20 s grace (past it, and before Slurm's
+    # kill, srun failed; that window is a few seconds, too narrow to hit on a loaded machine): asked at its end
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *merged(SLURM, JOB, ["trainer.epochs=1",
+                           "wandb.mode=disabled", "cluster.setup=['sleep 10']"]), f"hydra.run.dir={run}")
     assert poll(lambda: squeue_state(slurm_cluster, job) == "RUNNING", 60)
     preempt_low(slurm_cluster, tmp_path, jobs)
     assert wait_final(slurm_cluster, job, 240) == "COMPLETED", tail(run)
@@ -684,7 +694,8 @@ def test_a_preemption_during_cluster_setup_requeues_the_job(slurm_cluster, jobs,
 
 
 def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):
-    r = cli(slurm_cluster, tmp_path, "submit", *SLURM, *JOB, "cluster.partition=nope", f"hydra.run.dir={tmp_path / 'run'}")
+    r = cli(slurm_cluster, tmp_path, "submit", *merged(SLURM, JOB, ["cluster.partition=nope"]),
+            f"hydra.run.dir={tmp_path / 'run'}")
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("allconv-hpc submit: error: sbatch refused the job: invalid "
@@ -720,7 +731,7 @@ def submit_error(tmp_path, monkeypatch, capsys, extra: list[str]) -> str:
     from allconv_hpc.cli import main
     monkeypatch.chdir(tmp_path)
     folder = f"hydra.sweep.dir={tmp_path / 'sweep'}" if "-m" in extra else f"hydra.run.dir={tmp_path / 'run'}"
-    code = main(["submit", *SLURM, *JOB, *extra, folder])
+    code = main(["submit", *merged(SLURM, JOB, extra), folder])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -1030,8 +1041,9 @@ def test_bad_config_is_refused_by_the_console_script(slurm_cluster, tmp_path):
     bin_dir, called = fake_sbatch(tmp_path)
     env = job_env(slurm_cluster, tmp_path)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    r = subprocess.run([str(Path(PY).with_name("allconv-hpc")), "submit", *SLURM, *JOB, "cluster.nodes=2",
-                        "trainer.batch_size=61", f"hydra.run.dir={tmp_path / 'run'}"],
+    r = subprocess.run([str(Path(PY).with_name("allconv-hpc")), "submit",
+                        *merged(SLURM, JOB, ["cluster.nodes=2", "trainer.batch_size=61"]),
+                        f"hydra.run.dir={tmp_path / 'run'}"],
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("allconv-hpc submit: error: trainer.batch_size=61")
