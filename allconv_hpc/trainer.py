@@ -382,7 +382,7 @@ class Trainer:
                               "saved_at": time.time(), "run_dir": str(self.run_dir)})
             row, best = epoch_end or (None, None)
             self.writer.submit(f"checkpoint step {st.global_step}", self._write_checkpoint, state, st.global_step, row)
-            self._unsaved_epoch_end = None  # handed over: it lands, also if this process fails now (close waits)
+            self._epoch_end_unsaved = False  # handed over: it lands, also if this process fails now (close waits)
             self._saved_position = self._position_doc(self.state)
             if best is not None:
                 self.writer.submit("best.pt", self._write_best, best, st.global_step)
@@ -430,14 +430,20 @@ class Trainer:
         doc = self._status_doc(state, **extra)
         with self._status_lock:
             self._status_seq += 1
-            write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
+            self._write_status_file(doc)
+        self._summary_status(doc["state"])
+
+    def _summary_status(self, state: str) -> None:
+        """W&B's own state reads "finished" for a requeued segment (and "failed" for a stopped one) until a restart
+        continues it, also when none ever does (a requeued job scancelled while pending): the summary's `status` is
+        status.json's word for where the run stands, set at each change."""
         tracker = getattr(self, "tracker", None)
-        if tracker is not None and doc["state"] != getattr(self, "_summary_state", None):
-            # W&B's own state reads "finished" for a requeued segment (and "failed" for a stopped one) until a
-            # restart continues it, also when none ever does (a requeued job scancelled while pending): the
-            # summary's `status` is status.json's word for where the run stands
-            self._summary_state = doc["state"]
-            tracker.set_summary(status=doc["state"])
+        if tracker is not None and state != getattr(self, "_summary_state", None):
+            self._summary_state = state
+            tracker.set_summary(status=state)
+
+    def _write_status_file(self, doc: dict) -> None:  # under _status_lock
+        write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
 
     def _status_once_saved(self) -> None:
         """status.json "running" at the position just saved, written by the checkpoint writer after the save's
@@ -455,7 +461,7 @@ class Trainer:
     def _put_status(self, doc: dict, seq: int, step: int) -> None:  # in the writer's thread
         with self._status_lock:
             if seq == self._status_seq and self.ckpt.step_path(step).exists():  # else stale, or the save failed
-                write_atomic(self.run_dir / "status.json", json.dumps(doc, indent=1).encode())
+                self._write_status_file(doc)
 
     @staticmethod
     def _position_doc(st: TrainState) -> dict:
@@ -478,9 +484,8 @@ class Trainer:
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),
                "updated": time.time(), **extra}
-        unsaved = getattr(self, "_unsaved_epoch_end", None)
-        if unsaved is not None and state != "running":
-            doc.update(unsaved)
+        if getattr(self, "_epoch_end_unsaved", False) and state != "running":
+            doc.update(self._saved_position)
         if not hasattr(self, "resumed_from"):  # failed before resuming: the folder's progress stands (none in a
             # new folder: epoch 0 of this config's epochs, not "0/?"), not the earlier job's counts and signal
             old = read_json(self.run_dir / "status.json")  # a requeue of the same Slurm job keeps its count of time
@@ -669,7 +674,7 @@ class Trainer:
         best = None
         # until this epoch's checkpoint is handed to the writer, a failure (a peer lost in the save's collectives)
         # reports where the run stands on disk, not an epoch whose row and checkpoint never land
-        self._unsaved_epoch_end = self._saved_position
+        self._epoch_end_unsaved = True
         if not math.isfinite(row["train_loss"]) or not math.isfinite(val_loss):
             self._check_finite()
             raise self._diverged(f"{DIVERGED} loss in epoch {st.epoch + 1} (train loss {row['train_loss']:.4g}, "
@@ -723,11 +728,12 @@ class Trainer:
         st = self.state
         self.polls.finish()  # in flight since the stop step; its flags change nothing now
         self.wait_checkpoints()  # durable before Slurm requeues (kills) the job or the process exits
+        own = self._own_signal_decides(stop)
+        got = stop.received if own else self.polls.agreed.signum  # the signal status.json names
         if self.env.is_main:
-            own = self._own_signal_decides(stop)
-            got = signal.Signals(stop.received).name if own else self.polls.agreed.said()
+            said = signal.Signals(stop.received).name if own else self.polls.agreed.said()
             when = "start-up" if own and stop.in_start_up else self._phase  # honoured at the first steps
-            log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", got, when,
+            log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", said, when,
                         st.global_step)
         lead = signal_lead_s()  # checked in check_launch
         kind = self.dist.broadcast_object(classify_stop(self.polls.agreed, self.slurm, lead) if self.env.is_main else None)
@@ -745,8 +751,7 @@ class Trainer:
             # W&B first: a requeue sends SIGTERM to every process of the step, W&B's service included. Its summary
             # says requeued now, as status.json will (a requeue Slurm then refuses cannot be said to W&B any more)
             if self.env.is_main:
-                self._summary_state = "requeued"
-                self.tracker.set_summary(status="requeued")
+                self._summary_status("requeued")
             self._finish_tracker(0)
             ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
             decision = "requeued" if ok else "interrupted"
@@ -760,7 +765,6 @@ class Trainer:
             elif not ok and self.env.is_main:
                 log.warning("Slurm did not requeue job %s (cluster.requeue=false submits with --no-requeue, and a "
                             "site may forbid requeues)", self.slurm.job_id)
-        got = stop.received if self._own_signal_decides(stop) else self.polls.agreed.signum
         if self.env.is_main:
             again = ("the same command resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else
                      "checkpoint.resume=auto resumes it from this checkpoint (the same command, with "

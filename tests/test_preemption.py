@@ -666,17 +666,16 @@ def test_a_ctrl_c_after_the_run_said_its_exit_leaves_its_exit_code(tmp_path, sto
     assert json.loads((run / "status.json").read_text())["state"] == ("interrupted" if stopped else "completed")
 
 
-def test_a_peers_sigterm_that_made_the_stop_an_exit_is_the_signal_named(tmp_path):
-    """Rank 1 got SIGTERM (scancel), rank 0 only the warning: the stop is an exit, not a requeue, and rank 0's log
-    and status.json name the SIGTERM that decided it, not its own USR2."""
-    run = tmp_path / "run"
-    procs = start_ranks(tmp_path, run, EXACT, world=2)
+def stop_two_ranks(tmp: Path, run: Path, overrides: list[str], signals: dict[int, int]) -> None:
+    """Two ranks train `run`; after global step 7 each rank in `signals` gets its signal, both ranks held meanwhile
+    (SIGSTOP) so that every signal is taken in one step, as Slurm sends them at once. Both must exit 3."""
+    procs = start_ranks(tmp, run, overrides, world=2)
     try:
         wait_for_line(run / "train.log", "(global 7)", timeout=120, proc=procs[0])
-        for p in procs:  # both held, so that both signals are taken in one step, as Slurm sends them at once
+        for p in procs:
             p.send_signal(signal.SIGSTOP)
-        procs[1].send_signal(signal.SIGTERM)
-        procs[0].send_signal(signal.SIGUSR2)
+        for rank, sig in signals.items():
+            procs[rank].send_signal(sig)
         for p in procs:
             p.send_signal(signal.SIGCONT)
         outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -684,6 +683,13 @@ def test_a_peers_sigterm_that_made_the_stop_an_exit_is_the_signal_named(tmp_path
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [3, 3], outs
+
+
+def test_a_peers_sigterm_that_made_the_stop_an_exit_is_the_signal_named(tmp_path):
+    """Rank 1 got SIGTERM (scancel), rank 0 only the warning: the stop is an exit, not a requeue, and rank 0's log
+    and status.json name the SIGTERM that decided it, not its own USR2."""
+    run = tmp_path / "run"
+    stop_two_ranks(tmp_path, run, EXACT, {1: signal.SIGTERM, 0: signal.SIGUSR2})
     assert "stop requested (SIGTERM on rank 1) during" in (run / "train.log").read_text()
     assert json.loads((run / "status.json").read_text())["signal"] == "SIGTERM"
 
@@ -695,15 +701,7 @@ def test_two_ranks_interrupted_and_resumed(tmp_path):
     ref = tmp_path / "ref"
     run_train(tmp_path, ref, ov, nproc=2)
     run = tmp_path / "run"
-    procs = start_ranks(tmp_path, run, ov, world=2)
-    try:
-        wait_for_line(run / "train.log", "(global 7)", timeout=120, proc=procs[0])
-        procs[1].send_signal(signal.SIGUSR2)  # only rank 1 gets it: all ranks must agree and stop
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [3, 3], outs
+    stop_two_ranks(tmp_path, run, ov, {1: signal.SIGUSR2})  # only rank 1 gets it: all ranks must agree and stop
     # rank 0, which writes the log and the record, names the signal and the rank that got it
     assert "stop requested (SIGUSR2 on rank 1) during" in (run / "train.log").read_text()
     assert json.loads((run / "status.json").read_text())["signal"] == "SIGUSR2"
