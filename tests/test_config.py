@@ -781,3 +781,46 @@ def test_a_number_from_an_env_variable_is_refused_with_the_way_to_decode_it(monk
     with pytest.raises(ConfigError) as e:  # a string that is no number: no such advice
         compose(["data=synthetic", "trainer.epochs=ten"])
     assert str(e.value) == "trainer.epochs='ten' must be an int (a whole number)"
+
+
+# override lists over groups, values, lists, dicts, additions, deletions, hydra keys and errors, in any order
+_COMPOSE_CASES = [
+    [], ["seed=3"], ["model=allcnn_b", "optim.lr=0.1"], ["optim.lr=0.1", "model=model_a", "optim.lr=0.2"],
+    ["experiment=fast", "trainer.epochs=5"], ["trainer.epochs=5", "experiment=fast", "model=allcnn_a"],
+    ["data=synthetic", "schedule.milestones=[1,2]"], ["schedule.milestones.0=5"], ["+extra=1", "seed=2"],
+    ["~wandb.group"], ["++seed=4"], ["model={width: 0.5}"], ["hydra.run.dir=x/${seed}", "seed=9"],
+    ["seed=${oc.env:HOME}"], ["hydra.sweep.dir=s", "data=cifar100", "data.val_size=10"], ["cluster=slurm", "cluster.nodes=2"],
+    # Hydra's errors
+    ["seed=1,2"], ["nokey=1"], ["model=nope", "seed=1"], ["seed=1", "optim.nokey=2"], ["schedule.milestones.x=1"],
+    ["+seed=1"], ["~nokey"], ["data=null"],
+]
+
+
+@pytest.mark.parametrize("overrides", _COMPOSE_CASES, ids=" ".join)
+def test_a_sweep_points_config_is_hydras_own(overrides, monkeypatch, tmp_path):
+    """compose keeps the config of the overrides that pick files and applies the values to a copy (a sweep's points
+    share their groups): the result, or the error, is what Hydra's compose gives, twice in a row, in another
+    folder too."""
+    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from allconv_hpc.compose import CONFIG_MODULE, _BASES, _hydra_config
+
+    def composed(how):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_module(CONFIG_MODULE, version_base=None):
+                return OmegaConf.to_container(how(), resolve=False)
+        except Exception as e:  # noqa: BLE001 - the same error is the expected outcome
+            return (type(e), str(e))
+        finally:
+            GlobalHydra.instance().clear()
+
+    _BASES.clear()
+    for folder in (Path.cwd(), tmp_path):
+        monkeypatch.chdir(folder)
+        hydras = composed(lambda: hydra_compose("config", overrides=list(overrides), return_hydra_config=True))
+        for _ in range(2):  # the first composes the base, the second copies it
+            assert composed(lambda: _hydra_config(list(overrides), hydra_compose)) == hydras
+    if overrides in (["seed=3"], ["~wandb.group"]):
+        assert list(_BASES) == [()]  # values alone: nothing composed but the defaults
