@@ -28,6 +28,9 @@ KERAS_SHIFT_PX = 0.1 * 32  # width/height_shift_range=0.1 of a 32 px image
 SEED_MASK = (1 << 32) - 1
 # A run's random streams: stream offset + i (an epoch, a rank) goes through mix_seed. The offsets are
 # 2**28 apart and no epoch count or world size reaches 2**28, so within a run no two streams share a seed.
+# The data subsets and the held-out split draw from small seeds of their own (data._split_off), which an
+# epoch's augmentation may share (seed=0: epoch e's is e): a permutation there, shifts here, no correlation
+# between an image's label and its shifts (chi-square, 2026-12-06); changing them would change runs' images.
 AUG_STREAM, ORDER_STREAM, DROPOUT_STREAM, INIT_STREAM = 0, 1 << 28, 2 << 28, 3 << 28
 # Runs begun before 2026-12-03 (their checkpoints' train_state has no "streams") shuffled with the offset
 # 1 << 40, which is 0 in 32 bits: their order drew the numbers of their augmentation. They resume with it.

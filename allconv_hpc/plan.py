@@ -34,8 +34,7 @@ def hydra_value(value, key: str) -> str:
 def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
-    from .compose import (NameSwap, check_run_dir, check_sweep_dir, compose, dated_dir_warning, pin_data_root,
-                          repeated_overrides, unread_said)
+    from .compose import NameSwap, check_run_dir, compose, dated_dir_warning, pin_data_root, repeated_overrides, unread_said
     from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
     from .wandb_mode import check_environment, check_names, preflight_mode
 
@@ -50,23 +49,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     if "hydra.sweep.dir" in keys and not multirun:  # Hydra reads it only for a multirun: ignored, silently
         raise ConfigError("hydra.sweep.dir is the folder of a sweep and read only with -m: add -m to submit a sweep, "
                           "or give hydra.run.dir=... for one run")
-    sweep_dir = None
-    if multirun:
-        if "hydra.run.dir" in keys:
-            raise ConfigError("hydra.run.dir is set per point in a sweep (-m): give the sweep's folder with "
-                              "hydra.sweep.dir=... instead")
-        if "hydra.sweep.dir" in keys:
-            first = compose(common + swept[0])
-            sweep_dir = Path(first.hydra["sweep"]["dir"]).expanduser().absolute()
-            for said in dated_dir_warning(first, "hydra.sweep.dir", sweep_dir):
-                warn(said)
-        else:
-            name = default_sweep_dir(common, swept)
-            earlier = [d for d in earlier_sweep_dirs(common, swept) if d != name and Path(d).is_dir()]
-            sweep_dir = Path(earlier[0] if earlier and not Path(name).exists() else name).absolute()
-        hydra_value(sweep_dir, "hydra.sweep.dir")
-        _check_name_max(sweep_dir, "hydra.sweep.dir", "give a shorter hydra.sweep.dir")
-        check_sweep_dir(sweep_dir)
+    sweep_dir = _sweep_folder(common, swept, keys) if multirun else None
     points, cluster, warned, compiler_found, env_checked = [], None, set(), False, False
     fetch = {}  # (dataset, root) -> its data config: what data.download=true would fetch in every job
     for s in swept:
@@ -160,6 +143,48 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         _refuse_retraining(points, sweep_dir, {_key(o) for o in swept[0]})
         if "hydra.sweep.dir" not in keys:
             _refuse_retraining_elsewhere(points, sweep_dir)
+    _check_launch(points, cluster, dry_run)
+    # last, once every check passed: a job's rank 0 would download on a compute node (often without network),
+    # and a sweep's jobs all into one root at once, each truncating the archive the others write
+    for data in fetch.values():
+        if dry_run:
+            print(f"allconv-hpc submit: {expected_files(data)[0]} is missing: submit without --dry-run downloads "
+                  f"{data.name} here, once, before anything is queued (data.download=true)", file=sys.stderr)
+        else:
+            print(f"allconv-hpc submit: downloading {data.name} into {data.root} here, once, before anything is "
+                  f"queued (data.download=true)", file=sys.stderr, flush=True)
+            fetch_for_submit(data)
+    if fetch and not dry_run:
+        for p in points:
+            check_files(p.cfg.data, _drop_last_batch(p.cfg))  # skipped above while the files were missing
+    return points, sweep_dir, cluster
+
+
+def _sweep_folder(common: list[str], swept: list[list[str]], keys: set[str]) -> Path:
+    """The folder of a sweep (-m): hydra.sweep.dir as given, else the default named by the sweep (or an earlier
+    version's name for it, where that folder exists and the new one does not); checked before any point."""
+    from .compose import check_sweep_dir, compose, dated_dir_warning
+    if "hydra.run.dir" in keys:
+        raise ConfigError("hydra.run.dir is set per point in a sweep (-m): give the sweep's folder with "
+                          "hydra.sweep.dir=... instead")
+    if "hydra.sweep.dir" in keys:
+        first = compose(common + swept[0])
+        sweep_dir = Path(first.hydra["sweep"]["dir"]).expanduser().absolute()
+        for said in dated_dir_warning(first, "hydra.sweep.dir", sweep_dir):
+            warn(said)
+    else:
+        name = default_sweep_dir(common, swept)
+        earlier = [d for d in earlier_sweep_dirs(common, swept) if d != name and Path(d).is_dir()]
+        sweep_dir = Path(earlier[0] if earlier and not Path(name).exists() else name).absolute()
+    hydra_value(sweep_dir, "hydra.sweep.dir")
+    _check_name_max(sweep_dir, "hydra.sweep.dir", "give a shorter hydra.sweep.dir")
+    check_sweep_dir(sweep_dir)
+    return sweep_dir
+
+
+def _check_launch(points: list[Point], cluster: dict, dry_run: bool) -> None:
+    """What the points ask of the launcher as a whole: the Slurm commands, the threads a task's CPUs hold, a
+    local sweep's processes at once; warnings of what is legal but rarely meant."""
     _warn_short_starts(cluster)
     over = sorted({p.cfg.trainer.threads for p in points if p.cfg is not None and p.cfg.trainer.threads
                    and p.cfg.trainer.threads > cluster["cpus_per_task"]})
@@ -183,20 +208,6 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         raise ConfigError(f"cluster=local starts every sweep point at once, and this sweep has {todo} > "
                           f"cluster.array_parallelism={cluster['array_parallelism']}; set "
                           f"cluster.array_parallelism={todo} if this machine can run them together")
-    # last, once every check passed: a job's rank 0 would download on a compute node (often without network),
-    # and a sweep's jobs all into one root at once, each truncating the archive the others write
-    for data in fetch.values():
-        if dry_run:
-            print(f"allconv-hpc submit: {expected_files(data)[0]} is missing: submit without --dry-run downloads "
-                  f"{data.name} here, once, before anything is queued (data.download=true)", file=sys.stderr)
-        else:
-            print(f"allconv-hpc submit: downloading {data.name} into {data.root} here, once, before anything is "
-                  f"queued (data.download=true)", file=sys.stderr, flush=True)
-            fetch_for_submit(data)
-    if fetch and not dry_run:
-        for p in points:
-            check_files(p.cfg.data, _drop_last_batch(p.cfg))  # skipped above while the files were missing
-    return points, sweep_dir, cluster
 
 
 def _check_local_compiler(cfg) -> None:
