@@ -550,10 +550,13 @@ def test_a_node_without_the_data_fails_the_job_and_status_names_it(slurm_cluster
     assert not (run / ".submitit" / "%j").exists()  # no empty template folder left
 
 
-def sbatch_plain(slurm_cluster, jobs, tmp_path, epochs: int) -> tuple[Path, str]:
-    """slurm/train.sbatch submitted by hand (no submitit) into tmp_path/plain: (run folder, job id)."""
+PLAIN_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+
+
+def sbatch_plain(slurm_cluster, jobs, tmp_path, epochs: int, script: Path = PLAIN_SCRIPT) -> tuple[Path, str]:
+    """slurm/train.sbatch (or a user's copy of it) submitted by hand (no submitit) into tmp_path/plain:
+    (run folder, job id)."""
     run = tmp_path / "plain"
-    script = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
     r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "--cpus-per-task=1", "-o", str(tmp_path / "plain-%j.out"),
                            str(script), *JOB, f"trainer.epochs={epochs}", f"hydra.run.dir={run}"],
                           env=job_env(slurm_cluster, tmp_path, ALLCONV_PYTHON=PY), cwd=tmp_path)
@@ -581,6 +584,28 @@ def test_plain_sbatch_script_trains_and_survives_preemption(slurm_cluster, jobs,
     assert [r["epoch"] for r in history(run)] == list(range(1, 31))
     assert (run / "checkpoints" / "last.pt").is_file()
     assert f"job {job} restart 2 on" in out()
+
+
+@pytest.mark.slow
+def test_plain_sbatch_script_preempted_in_its_setup_requeues_itself(slurm_cluster, jobs, tmp_path):
+    """A user's copy of slurm/train.sbatch with set-up lines where it says (modules, a venv), preempted while they
+    run, before srun: the preemption's signal reached no rank. The script asks Slurm, requeues the job before
+    training, and the job completes."""
+    script = tmp_path / "mine.sbatch"
+    text = PLAIN_SCRIPT.read_text()
+    marker = "# Your environment's set-up goes here"
+    assert text.count(marker) == 1
+    script.write_text(text.replace(marker, "sleep 10  # inside the low partition's 20 s grace\n" + marker))
+    run, job = sbatch_plain(slurm_cluster, jobs, tmp_path, 1, script)
+    assert poll(lambda: squeue_state(slurm_cluster, job) == "RUNNING", 60)
+    preempt_low(slurm_cluster, tmp_path, jobs)
+    out = lambda: (tmp_path / f"plain-{job}.out").read_text()  # noqa: E731
+    assert wait_final(slurm_cluster, job, 240) == "COMPLETED", out()[-3000:]
+    assert f"allconv-hpc: a warning signal or preemption came before training (in the set-up): requeueing job " \
+           f"{job}" in out() and "Unable to create step" not in out(), out()[-3000:]
+    st = read_status(run)
+    assert st["state"] == "completed" and st["restarts"] == 1, st
+    assert "resumed from" not in (run / "train.log").read_text()  # the first start trained nothing
 
 
 @pytest.mark.slow
