@@ -43,6 +43,22 @@ class UnloadableCheckpoint(CheckpointError):
     """The file is whole (its checksum holds) but this torch refuses it: never a reason to fall back."""
 
 
+# what a resume reads of a checkpoint (`evaluate` reads "model" and "config" alone)
+RESUMED_PARTS = ("model", "optimizer", "scheduler", "scaler", "train_state", "epoch_sums", "interval_sums", "rng")
+
+
+def does_not_fit(path: Path, e: BaseException) -> UnloadableCheckpoint:
+    """A whole checkpoint (its checksum holds) whose contents this code cannot load into its model or optimizer:
+    written by other code (a model's layers renamed between requeues), or made by hand. One line naming the file,
+    not a traceback; never a reason to fall back to an older checkpoint, which the same code wrote."""
+    said = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+    said = said if len(said) <= 240 else said[:240].rstrip() + " ..."
+    return UnloadableCheckpoint(
+        f"{path} is intact (its checksum holds) but does not fit this run's model or optimizer ({type(e).__name__}: "
+        f"{said}): written by other code (its `code` names the version) or by hand? use the code that wrote it; a run "
+        f"starts over with checkpoint.resume=never (its old checkpoints are kept)")
+
+
 def snapshot(obj: Any) -> Any:
     """A CPU copy of every tensor in a state tree (dicts, lists, tuples), so the live weights and
     buffers can change while it is written. From a GPU: one synchronous copy per tensor (~1 ms for

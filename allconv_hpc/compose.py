@@ -17,7 +17,7 @@ from typing import Optional
 
 from .config import CHOICE_KEYS, CLUSTER_KEYS, SECTIONS, Config, ConfigError, as_given, from_dict, shell_word
 from .fsio import name_too_long
-from .runlock import OWN_FILES, SUBMIT_LOCK, holds_run
+from .runlock import LOCK_FILE, OWN_FILES, SUBMIT_LOCK, holds_run
 
 CONFIG_MODULE = "allconv_hpc.conf"
 
@@ -535,9 +535,10 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
             raise ConfigError(f"run folder {run_dir}: {existing} is not writable here; give a writable {key}")
         if existing != path:
             break  # the rest does not exist yet: made inside this writable folder
-    for name in (*_WRITTEN_IN_PLACE, *_REPLACED):
-        path = run_dir / name  # a folder (or a dangling link) where the run writes a file: found at the first write
-        if name in _NO_FOLDER and os.path.lexists(path) and not path.is_file():
+    for name in (*_WRITTEN_IN_PLACE, *_REPLACED, LOCK_FILE, SUBMIT_LOCK):
+        path = run_dir / name  # a folder where the run writes a file: found at that write (checkpoints/last.pt:
+        # after an epoch's work); a dangling link too where the run reads first, not where a rename replaces it
+        if path.is_dir() or name in _READ_FIRST and os.path.lexists(path) and not path.is_file():
             raise ConfigError(f"run folder {run_dir}: {path} is {'a folder' if path.is_dir() else 'no file'}, where "
                               f"the run writes its file; move it away, or give another {key}")
         # one the run cannot rewrite was found at its first write, after an epoch's work
@@ -569,9 +570,8 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
 _WRITTEN_IN_PLACE = ("train.log", "wandb_steps.jsonl", "history.csv", ".hydra/config.yaml", ".hydra/overrides.yaml",
                      ".hydra/hydra.yaml")
 _REPLACED = ("status.json", "submission.json", "wandb_id.txt", "checkpoints/last.pt", "checkpoints/best.pt")
-# the records `status` and a resume read first: a folder or dangling link in their place is refused too (elsewhere,
-# e.g. a folder named best.pt, the write fails with one line and the run resumes once it is moved)
-_NO_FOLDER = ("status.json", "history.csv", "train.log", "submission.json", "wandb_id.txt", "wandb_steps.jsonl")
+# the records `status` and a resume read first
+_READ_FIRST = ("status.json", "history.csv", "train.log", "submission.json", "wandb_id.txt", "wandb_steps.jsonl")
 _FS_IOC_GETFLAGS, _IMMUTABLE_OR_APPEND = 0x80086601, 0x10 | 0x20  # linux/fs.h: FS_IMMUTABLE_FL, FS_APPEND_FL
 
 

@@ -119,8 +119,8 @@ def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "dat
     folder, files, missing = _missing(cfg)
     cut = [f for f in files if f not in missing and not _ends_whole(folder / f)]
     if cut:  # an interrupted copy: found at once, not by the job after its wait in the queue
-        raise DataError(f"{', '.join(str(folder / f) for f in cut)}: empty or cut short (an interrupted copy?); "
-                        f"copy the official python version there again")
+        raise DataError(f"{', '.join(str(folder / f) for f in cut)}: empty, cut short or damaged (it does not end as "
+                        f"a pickle does: an interrupted copy?); copy the official python version there again")
     if not missing:
         return
     lay = _layout(cfg.name)

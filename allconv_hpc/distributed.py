@@ -149,6 +149,8 @@ _BY_HAND = ("; the world size came from WORLD_SIZE, and torchrun did not start t
 
 def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     e = os.environ if environ is None else environ
+    for key in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):  # read later (resume, the lock): checked now
+        _number(e, key)
     if "RANK" in e and "WORLD_SIZE" in e:
         world = _number(e, "WORLD_SIZE", 1)
         return _checked(DistEnv(rank=_number(e, "RANK"), world_size=world, local_rank=_number(e, "LOCAL_RANK"),
@@ -161,13 +163,12 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     # (set by the process that started this one: it wins over Slurm variables inherited from a shell;
     # a Slurm job submitted from inside a local task inherits them too, but submitit says "slurm" there)
     if "SUBMITIT_LOCAL_GLOBALID" in e and e.get("SUBMITIT_EXECUTOR", "local") == "local":
-        world = int(e.get("SUBMITIT_LOCAL_NTASKS", 1))
-        return DistEnv(rank=int(e["SUBMITIT_LOCAL_GLOBALID"]), world_size=world,
-                       local_rank=int(e.get("SUBMITIT_LOCAL_LOCALID", e["SUBMITIT_LOCAL_GLOBALID"])),
-                       local_world_size=world, master_addr="127.0.0.1",
-                       # a port `submit` found free on this machine (launcher.TrainJob); else from the pid
-                       master_port=int(e.get(LOCAL_PORT_ENV) or slurm_port(e.get("SUBMITIT_LOCAL_JOB_ID", "0"), 0)),
-                       source="local")
+        world, rank = _number(e, "SUBMITIT_LOCAL_NTASKS", 1), _number(e, "SUBMITIT_LOCAL_GLOBALID")
+        # a port `submit` found free on this machine (launcher.TrainJob); else from the pid
+        port = _number(e, LOCAL_PORT_ENV) or slurm_port(e.get("SUBMITIT_LOCAL_JOB_ID", "0"), 0)
+        return _checked(DistEnv(rank=rank, world_size=world, local_rank=_number(e, "SUBMITIT_LOCAL_LOCALID", rank),
+                                local_world_size=world, master_addr="127.0.0.1", master_port=port, source="local"),
+                        "SUBMITIT_LOCAL_GLOBALID, SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_LOCALID")
     # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script alone is one process.
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
         nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "localhost")

@@ -17,6 +17,18 @@ from .localjob import LOCAL_PORT_ENV, local_job_id, unhold
 log = logging.getLogger("allconv_hpc")
 
 
+class LogFile(logging.FileHandler):
+    """train.log. A write that fails (a full disk, a quota) is said once on stderr, where the same lines go, not as
+    Python's "--- Logging error ---" traceback at each line; later lines are tried again (space may come back)."""
+    said = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.said:
+            self.said = True
+            sys.stderr.write(f"allconv-hpc: cannot write {self.baseFilename} ({sys.exc_info()[1]}): its lines are on "
+                             f"stderr and stdout only (a job's output files) until it can\n")
+
+
 def setup_logging(run_dir: Path, rank: int) -> None:
     """Rank 0: everything to <run>/train.log; INFO to stdout, warnings and errors to stderr (a Slurm job's
     .err file holds what went wrong). Other ranks: warnings and errors to stderr, tagged with their rank."""
@@ -30,7 +42,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
         out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
         out.addFilter(lambda record: record.levelno < logging.WARNING)
         err.setLevel(logging.WARNING)
-        handlers = [out, err, logging.FileHandler(run_dir / "train.log")]
+        handlers = [out, err, LogFile(run_dir / "train.log")]
         level = logging.INFO
     else:
         fmt = logging.Formatter(f"[%(asctime)s %(levelname)s rank {rank}] %(message)s", "%Y-%m-%d %H:%M:%S")

@@ -222,6 +222,14 @@ def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path):
     assert r.returncode == 2 and (f"{tmp_path / 'pre' / 'history.csv'} is a folder, where the run writes its file; "
                                   f"move it away, or give another hydra.run.dir") in r.stderr, r.stderr
     assert not (tmp_path / "pre" / ".hydra").exists()  # refused before anything was written
+    (tmp_path / "pre" / "history.csv").rmdir()
+    for name in ("checkpoints/last.pt", "checkpoints/best.pt", ".train.lock", ".hydra/config.yaml"):
+        (tmp_path / "pre" / name).mkdir(parents=True)  # last.pt: found once an epoch was trained, exit 1
+        with pytest.raises(ConfigError, match=f"{tmp_path / 'pre' / name} is a folder, where the run writes its file; "
+                                              f"move it away, or give another hydra.run.dir"):
+            check_run_dir(tmp_path / "pre")
+        (tmp_path / "pre" / name).rmdir()
+    check_run_dir(tmp_path / "pre")
     r = train("--cfg", "job")  # Hydra's own flag: named, with what this command takes instead
     assert r.returncode == 2 and "train takes Hydra overrides (key=value), not --cfg; --print-config" in r.stderr
 

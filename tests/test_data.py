@@ -182,10 +182,14 @@ def test_an_empty_or_cut_file_is_named_before_anything_is_read(cifar10):
     path = root / "cifar-10-batches-py" / "data_batch_3"
     whole = path.read_bytes()
     path.write_bytes(b"")
-    with pytest.raises(data.DataError, match=r"data_batch_3: empty or cut short \(an interrupted copy\?\)"):
+    with pytest.raises(data.DataError, match=r"data_batch_3: empty, cut short or damaged \(it does not end as a "
+                                              r"pickle does: an interrupted copy\?\); copy the official python"):
         data.check_present(_cfg(root))
     path.write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(data.DataError, match=r"data_batch_3: empty or cut short"):
+    with pytest.raises(data.DataError, match=r"data_batch_3: empty, cut short or damaged"):
+        data.check_present(_cfg(root))
+    path.write_bytes(whole[:-1] + b"\x00")  # its size, random bytes at its end
+    with pytest.raises(data.DataError, match=r"data_batch_3: empty, cut short or damaged"):
         data.check_present(_cfg(root))
     path.write_bytes(whole)
     data.check_present(_cfg(root))

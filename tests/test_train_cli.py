@@ -312,6 +312,41 @@ def test_a_resume_with_other_code_than_its_checkpoint_says_so(tmp_path):
     assert "resumed from" in r.stdout and "other code" not in r.stderr, r.stderr[-2000:]  # its own checkpoint
 
 
+def test_a_checkpoint_that_does_not_fit_the_model_is_one_line_and_kept(tmp_path):
+    """Whole checkpoints (their checksums hold) whose weights do not fit the net, as other code (a layer renamed
+    or resized between requeues) or a hand would make them: one line naming the file and the fix, in train and
+    evaluate (they were tracebacks), the files kept as they were; a checkpoint without an optimizer likewise."""
+    import hashlib
+    base = [*TINY, "trainer.epochs=1", "wandb.mode=disabled"]
+    train(tmp_path, tmp_path / "run", base)
+    files = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    for f in files:
+        ck = load_file(f)
+        write_file(f, {**ck, "model": {k: v[:1] if v.dim() else v for k, v in ck["model"].items()}})
+    sums = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    def cli(*args):
+        return subprocess.run([console_script(), *args], env=clean_env(tmp_path), capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+    r = cli("train", *TINY, "trainer.epochs=2", "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}")
+    last = [f for f in files if f.name.startswith("step_")][-1]  # the newest, which a resume reads
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (f"{last} is intact (its checksum holds) but does not fit this run's model or optimizer (RuntimeError: "
+            f"Error(s) in loading state_dict for ") in r.stderr and "size mismatch for " in r.stderr, r.stderr[-3000:]
+    assert "a run starts over with checkpoint.resume=never (its old checkpoints are kept)" in r.stderr
+    assert {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files} == sums
+    r = cli("evaluate", "--checkpoint", "last", str(tmp_path / "run"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"error: {tmp_path / 'run' / 'checkpoints' / 'last.pt'} is intact (its checksum holds) but does not fit" \
+        in r.stderr, r.stderr
+    ck = load_file(last)
+    write_file(last, {k: v for k, v in ck.items() if k != "optimizer"})
+    r = cli("train", *TINY, "trainer.epochs=2", "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{last} is intact (its checksum holds) but does not fit this run's model or optimizer (KeyError: " \
+           f"'no optimizer')" in r.stderr, r.stderr[-3000:]
+
+
 def test_learns_synthetic_well_above_chance(tmp_path):
     run_dir = tmp_path / "run"
     r = train(tmp_path, run_dir, LEARN)

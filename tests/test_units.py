@@ -1245,6 +1245,14 @@ def test_rng_streams_that_cannot_be_restored_are_seeded_for_the_resume_point_not
     ({"RANK": "2", "WORLD_SIZE": "2"}, "rank 2 of a world of 2 (RANK, WORLD_SIZE) is no rank"),
     ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 is no local rank"),
     ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "-3"}, "SLURM_LOCALID=-3 is no local rank"),
+    # read later, by the resume (which rewrote a completed run's status.json as failed) and the lock: checked here
+    ({"TORCHELASTIC_RESTART_COUNT": "abc"}, "TORCHELASTIC_RESTART_COUNT='abc' is not a number"),
+    ({"SLURM_RESTART_COUNT": "x"}, "SLURM_RESTART_COUNT='x' is not a number"),
+    ({"SUBMITIT_LOCAL_GLOBALID": "abc"}, "SUBMITIT_LOCAL_GLOBALID='abc' is not a number"),
+    ({"SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_NTASKS": "x"}, "SUBMITIT_LOCAL_NTASKS='x' is not a number"),
+    ({"SUBMITIT_LOCAL_GLOBALID": "0", "ALLCONV_LOCAL_PORT": "abc"}, "ALLCONV_LOCAL_PORT='abc' is not a number"),
+    ({"SUBMITIT_LOCAL_GLOBALID": "2", "SUBMITIT_LOCAL_NTASKS": "2"}, "rank 2 of a world of 2 (SUBMITIT_LOCAL_GLOBALID, "
+                                                                     "SUBMITIT_LOCAL_NTASKS) is no rank"),
 ])
 def test_launcher_variables_that_make_no_rank_are_named(environ, said):
     """Left in a shell by another job, or set by hand: one line naming the variable (a ValueError traceback, or a
@@ -1276,3 +1284,32 @@ def test_code_version_is_this_checkout_and_says_nothing_it_cannot_tell(monkeypat
     assert provenance.code_changed(one, {**one, "git_sha": "cd" * 20}).startswith("the code was allconv-hpc 1.2, git ab")
     assert provenance.code_changed({**one, "git_sha": None}, {**one, "git_sha": None, "version": "1.3"})
     assert provenance.code_changed({**one, "git_sha": None}, one) is None  # no commit to compare: the same version
+
+
+def test_a_train_log_that_cannot_be_written_is_said_once_not_at_every_line(tmp_path, capsys):
+    """A full disk: Python's handler printed a "--- Logging error ---" traceback for each line around the run's
+    own error; now one line, and a later line is written once the file takes it again."""
+    import errno
+    import logging
+    from allconv_hpc.train import LogFile
+
+    h = LogFile(tmp_path / "train.log")
+    real = h.stream
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+    h.stream = Full()
+    record = lambda msg: logging.LogRecord("x", logging.INFO, __file__, 1, msg, None, None)  # noqa: E731
+    for i in range(3):
+        h.emit(record(f"line {i}"))
+    err = capsys.readouterr().err
+    assert err == (f"allconv-hpc: cannot write {tmp_path / 'train.log'} ([Errno 28] No space left on device): its "
+                   f"lines are on stderr and stdout only (a job's output files) until it can\n"), err
+    h.stream = real
+    h.emit(record("space again"))
+    h.close()
+    assert (tmp_path / "train.log").read_text() == "space again\n"
