@@ -192,12 +192,14 @@ def _write_sweep(sweep_dir: Path, every: list[Point], records: list[dict], clust
         old = read_record(sweep_dir / "sweep.json") or {}
     except DamagedFile:
         old = {}
-    earlier = [r for r in old.get("jobs") or [] if isinstance(r, dict) and isinstance(r.get("run_dir"), str)]
-    new = {r["run_dir"]: {**r, "cluster": cluster} for r in records}
-    mine = {str(p.run_dir): p for p in every}
+    # a point is its folder's name: the sweep folder moved, copied or reached through a link since records its
+    # points under another path, and keyed by the path each was tracked twice (`status` listed it twice)
+    earlier = {Path(r["run_dir"]).name: r for r in old.get("jobs") or []
+               if isinstance(r, dict) and isinstance(r.get("run_dir"), str)}  # (a name twice: its last record)
+    new = {Path(r["run_dir"]).name: {**r, "cluster": cluster} for r in records}
     # a point in this sweep but not submitted now: the record of its last submission (or none)
-    now_doc = {d: new.get(d) or _earlier_record(mine[d].run_dir) for d in mine}
-    jobs_doc = [now_doc.pop(r["run_dir"], r) for r in earlier] + list(now_doc.values())
+    now_doc = {p.run_dir.name: new.get(p.run_dir.name) or _earlier_record(p.run_dir) for p in every}
+    jobs_doc = [now_doc.pop(name, r) for name, r in earlier.items()] + list(now_doc.values())
     _write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "submitted": now, "cluster": cluster,
                                            "jobs": jobs_doc})
 

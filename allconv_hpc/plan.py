@@ -12,7 +12,7 @@ from .compose import override_key as _key
 from .config import CLUSTER_KEYS, ConfigError, config_key, flatten
 from .executor import array_too_large, max_array_size
 from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
-from .fsio import name_too_long
+from .fsio import name_too_long, read_json
 from .resources import validate_cluster, warn
 from .slurm import slurm_conf_missing
 from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
@@ -50,6 +50,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         raise ConfigError("hydra.sweep.dir is the folder of a sweep and read only with -m: add -m to submit a sweep, "
                           "or give hydra.run.dir=... for one run")
     sweep_dir = _sweep_folder(common, swept, keys) if multirun else None
+    if sweep_dir is not None:
+        _refuse_dropped_keys(sweep_dir, common, {_key(o) for o in swept[0]})
     points, cluster, warned, compiler_found, env_checked = [], None, set(), False, False
     fetch = {}  # (dataset, root) -> its data config: what data.download=true would fetch in every job
     for s in swept:
@@ -182,6 +184,29 @@ def _sweep_folder(common: list[str], swept: list[list[str]], keys: set[str]) -> 
     return sweep_dir
 
 
+def _refuse_dropped_keys(sweep_dir: Path, common: list[str], swept: set[str]) -> None:
+    """Points added to a sweep must sweep every key that names its point folders (README, "Submitting a sweep
+    again"): a key given as one value (seed=2 for choice(2)), or not at all, named a folder without it beside the
+    others (optim.lr=0.01 beside optim.lr=0.01,seed=0), and the next such point was refused as another config."""
+    from .jobs import DamagedFile, read_record
+    try:
+        recs = (read_record(sweep_dir / "sweep.json") or {}).get("jobs") or []
+    except DamagedFile:
+        return
+    names = [Path(r["run_dir"]).name for r in recs if isinstance(r, dict) and isinstance(r.get("run_dir"), str)]
+    # a name cut to NAME_MAX (sweep.fit_name) may end in part of a key: left out
+    named = [{_key(seg) for seg in n.split(",") if "=" in seg} for n in names if len(n.encode()) < 200]
+    dropped = sorted(set.intersection(*named) - swept) if named else []
+    if dropped:
+        given = {_key(o): o for o in common}
+        said = [f"{k}=choice({given[k].split('=', 1)[1]})" if k in given else f"{k}=choice(<value>)" for k in dropped]
+        raise ConfigError(f"{', '.join(dropped)} name{'s' if len(dropped) == 1 else ''} this sweep's point folders "
+                          f"({names[0]}, ...) but {'is' if len(dropped) == 1 else 'are'} not swept now, so the new "
+                          f"points would be named without {'it' if len(dropped) == 1 else 'them'}: give "
+                          f"{' '.join(shlex.quote(x) for x in said)} to keep {'it' if len(dropped) == 1 else 'them'} "
+                          f"swept (README, \"Submitting a sweep again\")")
+
+
 def _check_launch(points: list[Point], cluster: dict, dry_run: bool) -> None:
     """What the points ask of the launcher as a whole: the Slurm commands, the threads a task's CPUs hold, a
     local sweep's processes at once; warnings of what is legal but rarely meant."""
@@ -282,13 +307,30 @@ def _identity_key(cfg) -> str:
     return config_key(cfg.identity())
 
 
+def _held_config(folder: Path):
+    """The config a point folder holds: what its run recorded (.hydra/config.yaml), else, for a point queued but not
+    started yet (hours, on a busy cluster), what the overrides of its submission compose to; None if neither reads."""
+    from .checkpoint import recorded_config
+    from .compose import compose
+    cfg = recorded_config(folder, warn=False)
+    if cfg is not None:
+        return cfg
+    rec = read_json(folder / "submission.json")
+    overrides = rec.get("overrides") if isinstance(rec, dict) else None
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        return None
+    try:
+        return compose(overrides).cfg
+    except (ConfigError, ValueError, TypeError):  # of another version of this code: nothing to compare with
+        return None
+
+
 def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) -> None:
     """A point whose config another point folder of the sweep holds under another name (a key newly swept:
     optim.lr=0.05,0.1 where seed alone was) would train that config again from scratch, a second W&B run of it
     in the group: refused, naming both (the configs as train records them, .hydra/config.yaml). Not where the
     two differ in a swept key a resume may change (a sweep over trainer.epochs: one identity, distinct runs)."""
     import dataclasses
-    from .checkpoint import recorded_config
     new = {p.run_dir: p for p in points if p.skip is None and p.cfg is not None}
     try:
         others = [d for d in sweep_dir.iterdir() if d.is_dir() and d not in new]
@@ -296,7 +338,7 @@ def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) ->
         return
     held: dict[str, list] = {}
     for d in sorted(others):
-        cfg = recorded_config(d, warn=False)
+        cfg = _held_config(d)
         if cfg is not None:
             held.setdefault(_identity_key(cfg), []).append((d, cfg))
     for p in new.values():
@@ -321,7 +363,6 @@ def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:
     """A sweep grown without hydra.sweep.dir (optim.lr=0.01,0.05 then 0.01,0.05,0.1) gets a new default folder (the
     name hashes the values): its points that an earlier sweep over the same keys holds, config for config, would
     train again from scratch there, a second W&B group of them. Refused, naming the folder that adds to it."""
-    from .checkpoint import recorded_config
     if (sweep_dir / "sweep.json").exists():  # this sweep's own folder: _refuse_retraining looks inside
         return
     prefix = sweep_dir.name.rpartition("-")[0] + "-"
@@ -332,7 +373,7 @@ def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:
         return
     for other in others:
         held = [p for p in points if p.skip is None and p.cfg is not None and (other / p.run_dir.name).is_dir()
-                and (cfg := recorded_config(other / p.run_dir.name, warn=False)) is not None
+                and (cfg := _held_config(other / p.run_dir.name)) is not None
                 and _identity_key(cfg) == _identity_key(p.cfg)]
         if held:
             names = ", ".join(p.run_dir.name for p in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")

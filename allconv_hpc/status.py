@@ -44,9 +44,13 @@ def job_records(folder: Path) -> list[dict]:
         jobs = sweep.get("jobs")
         if not isinstance(jobs, list) or not jobs:
             raise DamagedFile(f"{path}: no 'jobs' list, or an empty one; {FIXES[path.name]}")
-        return [_point_job({**_here(check_keys(rec, JOB_KEYS, path, f"job {i + 1}: "), folder, sweep=True),
-                            "started_by": "sweep"})
-                for i, rec in enumerate(jobs)]
+        recs = {}  # by point folder: one a sweep.json written before 2026-12-06 tracked twice (moved since) once
+        for i, rec in enumerate(jobs):
+            rec = _here(check_keys(rec, JOB_KEYS, path, f"job {i + 1}: "), folder, sweep=True)
+            kept = recs.get(rec["run_dir"])
+            if kept is None or (rec.get("submitted") or 0) >= (kept.get("submitted") or 0):
+                recs[rec["run_dir"]] = rec
+        return [_point_job({**rec, "started_by": "sweep"}) for rec in recs.values()]
     path = folder / "submission.json"
     rec = read_record(path)
     if rec is not None:  # a job started since without submit (sbatch slurm/train.sbatch) is the run's now

@@ -659,6 +659,27 @@ def test_a_point_newly_named_with_the_config_of_an_earlier_point_is_refused(tmp_
     assert code == 0 and "has the config of" not in err, err
 
 
+def test_points_added_to_a_sweep_keep_every_key_that_names_its_folders(tmp_path, on_path, capsys, monkeypatch):
+    """`optim.lr=choice(0.01) seed=2` into a sweep over optim.lr x seed named its point `optim.lr=0.01`, beside the
+    `optim.lr=...,seed=...` ones, and the next such point was refused as another config: refused at once, with the
+    choice(...) that keeps the key swept."""
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', squeue="echo PENDING")
+    sweep = tmp_path / "sw"
+    base = ["-m", "cluster=slurm", *TINY, f"hydra.sweep.dir={sweep}"]
+    code, out, err = run_submit(capsys, *base, "optim.lr=0.01,0.02", "seed=0,1")
+    assert code == 0, err
+    code, out, err = run_submit(capsys, "--dry-run", *base, "optim.lr=choice(0.01)", "seed=2")
+    assert code == 2 and err.strip() == (
+        "allconv-hpc submit: error: seed names this sweep's point folders (optim.lr=0.01,seed=0, ...) but is not "
+        "swept now, so the new points would be named without it: give 'seed=choice(2)' to keep it swept (README, "
+        "\"Submitting a sweep again\")"), err
+    code, out, err = run_submit(capsys, "--dry-run", *base, "seed=2,3")  # optim.lr left out
+    assert code == 2 and "optim.lr names this sweep's point folders" in err and "'optim.lr=choice(<value>)'" in err
+    code, out, err = run_submit(capsys, "--dry-run", *base, "optim.lr=choice(0.01)", "seed=choice(2)")
+    assert code == 0 and out.startswith(f"{sweep / 'optim.lr=0.01,seed=2'}  "), out
+
+
 def test_a_sweep_grown_without_its_folder_is_refused_where_it_would_retrain(tmp_path, on_path, capsys, monkeypatch):
     """optim.lr=0.05,0.1 and then 0.05,0.1,0.2 with no hydra.sweep.dir: the default folder names the values, so the
     second is a new folder, where 0.05 and 0.1 would train again from scratch: refused, naming the first sweep."""
@@ -688,6 +709,19 @@ def test_a_sweep_grown_without_its_folder_is_refused_where_it_would_retrain(tmp_
     assert code == 0, err  # another config is another run
     code, out, err = run_submit(capsys, "--dry-run", "-m", *base, "trainer.epochs=2", "optim.lr=0.05,0.1,0.2")
     assert code == 2 and "are runs of" in err, err  # a longer run of them: that sweep's runs train on (a resume)
+    # queued, not started yet (no .hydra: hours on a busy cluster): its points are its submissions' configs
+    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', squeue="echo PENDING")
+    slurm = ["cluster=slurm", *TINY]
+    code, out, err = run_submit(capsys, "-m", *slurm, "optim.lr=0.01,0.02")
+    assert code == 0, err
+    queued = tmp_path / sweep_name(*slurm, "optim.lr=0.01,0.02")
+    assert (queued / "optim.lr=0.01" / "submission.json").is_file() and not (queued / "optim.lr=0.01" / ".hydra").exists()
+    code, out, err = run_submit(capsys, "--dry-run", "-m", *slurm, "optim.lr=0.01,0.02,0.03")
+    assert code == 2 and f"2 of this sweep's points (optim.lr=0.01, optim.lr=0.02) are runs of {queued} already" in err
+    # ... and in their own folder, under another name (a key newly swept)
+    code, out, err = run_submit(capsys, "--dry-run", "-m", *slurm, "optim.lr=0.01,0.05", "seed=0,1",
+                                f"hydra.sweep.dir={queued}")
+    assert code == 2 and "sweep point optim.lr=0.01,seed=0 has the config of optim.lr=0.01, already in this sweep" in err
 
 
 def test_a_sweep_with_nothing_swept_says_so(tmp_path, on_path, capsys, monkeypatch):
@@ -919,6 +953,21 @@ def test_a_subset_resubmitted_into_a_sweep_keeps_the_other_points(tmp_path, on_p
         ("seed=0", "77_0", 60), ("seed=1", "78_0", 30), ("seed=2", "77_2", 60), ("seed=3", "78_1", 30)], doc["jobs"]
     assert doc["cluster"]["timeout_min"] == 30  # the last submission's
     assert [r["folder"] for r in status.run_rows(sweep)] == ["seed=0", "seed=1", "seed=2", "seed=3"]
+    # moved (off scratch), then reached through a link: a point is its folder's name, tracked once, where it is now
+    moved = tmp_path / "archive" / "sw"
+    moved.parent.mkdir()
+    sweep.rename(moved)
+    (tmp_path / "link").symlink_to(tmp_path / "archive")
+    for where, n in ((moved, 79), (tmp_path / "link" / "sw", 80)):  # their jobs ended without a word: all again
+        code, out, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1,2,3", f"hydra.sweep.dir={where}")
+        assert code == 0 and out.count(f"job {n}_") == 4, (out, err)
+        doc = json.loads((moved / "sweep.json").read_text())
+        assert [(Path(r["run_dir"]).name, r["job_id"]) for r in doc["jobs"]] == [
+            (f"seed={i}", f"{n}_{i}") for i in range(4)], doc["jobs"]
+        assert [r["folder"] for r in status.run_rows(where)] == ["seed=0", "seed=1", "seed=2", "seed=3"]
+    doc["jobs"].append({**doc["jobs"][0], "job_id": "76_0", "submitted": 1.0})  # as written before: a point twice
+    (moved / "sweep.json").write_text(json.dumps(doc))
+    assert [(r["folder"], r["job"]) for r in status.run_rows(moved)] == [(f"seed={i}", f"80_{i}") for i in range(4)]
 
 
 def test_sbatch_test_only_that_cannot_answer_does_not_block(tmp_path, on_path, capsys, monkeypatch):
