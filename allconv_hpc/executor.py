@@ -44,13 +44,17 @@ def _slurm_setup(lines: list) -> list:
     if not lines:
         return []
     said = "echo \"allconv-hpc: cluster.setup line failed (exit $rc): $ALLCONV_SETUP_LINE\" >&2"
-    ended = ("echo \"allconv-hpc: cluster.setup line ended the job before training (exit $rc): $ALLCONV_SETUP_LINE\" "
-             ">&2; exit $((rc ? rc : 1))")  # `exit 0` too: a job that trained nothing did not complete
-    out = [f"trap 'rc=$?; {ended}' EXIT"]
+    # Slurm's SIGTERM (a preemption past its grace time, scancel, the time limit) ends the shell here: said as such,
+    # not as the line's doing (it read "ended the job before training (exit 0)"); Slurm requeues a preempted job
+    stopped = ('[ -n "${ALLCONV_TERM:-}" ] && echo "allconv-hpc: SIGTERM during cluster.setup (a preemption, scancel '
+               'or the time limit), in: $ALLCONV_SETUP_LINE; nothing was trained" >&2')
+    ended = (f"{stopped} || echo \"allconv-hpc: cluster.setup line ended the job before training (exit $rc): "
+             f"$ALLCONV_SETUP_LINE\" >&2; exit $((rc ? rc : 1))")  # `exit 0` too: a job that trained nothing did not complete
+    out = [f"trap 'rc=$?; {ended}' EXIT", "trap 'ALLCONV_TERM=1; exit 143' TERM"]
     for line in lines:
         out += [f"ALLCONV_SETUP_LINE={shlex.quote(str(line))}",
                 _setup_group(line) + f" || {{ rc=$?; trap - EXIT; {said}; exit 1; }}"]
-    return out + ["trap - EXIT; unset ALLCONV_SETUP_LINE"]
+    return out + ["trap - EXIT TERM; unset ALLCONV_SETUP_LINE"]
 
 
 WARNED = "ALLCONV_WARNED"  # set by the batch shell's trap: a warning came before the tasks started

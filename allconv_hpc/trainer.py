@@ -442,6 +442,15 @@ class Trainer:
             self._write_status_file(doc)
         self._summary_status(doc["state"])
 
+    def _recount_restarts(self) -> None:
+        """A job requeued once its run had completed (preempted in its last moments) finds nothing to do: its record
+        takes the job's requeue count, which `status` shows (it showed the count of the start that completed)."""
+        old = read_json(self.run_dir / "status.json")
+        if self.slurm.in_slurm and old.get("slurm_job_id") == self.slurm.job_id and \
+                old.get("restarts") != self.slurm.restarts:
+            with self._status_lock:
+                self._write_status_file({**old, "restarts": self.slurm.restarts})
+
     def _summary_status(self, state: str) -> None:
         """W&B's own state reads "finished" for a requeued segment (and "failed" for a stopped one) until a restart
         continues it, also when none ever does (a requeued job scancelled while pending): the summary's `status` is
@@ -510,6 +519,8 @@ class Trainer:
         if self.finished:
             if self.env.is_main and not self._said_completed:  # status.json deleted or damaged since
                 self.write_status("completed")
+            elif self.env.is_main:
+                self._recount_restarts()
             if self.env.is_main:
                 log.info("this run completed its %d epoch%s already: nothing to do (a larger trainer.epochs trains "
                          "on; checkpoint.resume=never starts over)", st.epoch, "" if st.epoch == 1 else "s")

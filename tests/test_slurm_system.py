@@ -697,6 +697,37 @@ def test_cluster_setup_lines_run_as_written_and_a_failing_one_stops_the_job(slur
         assert rc == 1 and rows[0]["error"] == (f"cluster.setup line ended the job before training (exit {code}): "
                                                 f"exit {code}"), table
         assert "AFTER" not in (run / ".submitit" / job / f"{job}_0_log.out").read_text()
+    # Slurm's SIGTERM while a line runs (scancel here; a preemption past its grace time, the time limit): said as
+    # such, not as the line's doing (it read "ended the job before training (exit 0)")
+    run = tmp_path / "term"
+    [(job, _)], r = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1",
+                           "cluster.setup=['sleep 60']", f"hydra.run.dir={run}")
+    assert poll(lambda: squeue_state(slurm_cluster, job) == "RUNNING", 60)
+    err_file = run / ".submitit" / job / f"{job}_0_log.err"
+    assert poll(lambda: err_file.is_file(), 30)  # the batch shell runs its setup
+    time.sleep(1)
+    slurm_cluster.run(["scancel", job], check=True)
+    assert wait_final(slurm_cluster, job, 60) == "CANCELLED"
+    err = err_file.read_text()
+    assert ("allconv-hpc: SIGTERM during cluster.setup (a preemption, scancel or the time limit), in: sleep 60; "
+            "nothing was trained") in err and "ended the job before training" not in err, err
+
+
+@pytest.mark.slow
+def test_a_job_requeued_after_its_run_completed_records_its_restarts(slurm_cluster, jobs, tmp_path):
+    """Requeued once its run had completed (preempted in its last moments), a job's next start finds nothing to do:
+    its record, and `status`, say the job's requeue count, not the count of the start that completed."""
+    run = tmp_path / "done"
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "trainer.epochs=1", "wandb.mode=disabled",
+                           f"hydra.run.dir={run}")
+    assert wait_final(slurm_cluster, job, 120) == "COMPLETED"
+    assert read_status(run)["restarts"] == 0
+    slurm_cluster.run(["scontrol", "requeue", job], check=True)
+    assert poll(lambda: read_status(run).get("restarts") == 1, 120), (read_status(run), tail(run))
+    assert wait_final(slurm_cluster, job, 60) == "COMPLETED"
+    assert read_status(run)["state"] == "completed" and "nothing to do" in tail(run)
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and rows[0]["restarts"] == 1 and rows[0]["state"] == "COMPLETED", table
 
 
 @pytest.mark.slow
