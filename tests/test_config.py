@@ -798,6 +798,7 @@ _COMPOSE_CASES = [
     ["data=synthetic", "schedule.milestones=[1,2]"], ["schedule.milestones.0=5"], ["+extra=1", "seed=2"],
     ["~wandb.group"], ["++seed=4"], ["model={width: 0.5}"], ["hydra.run.dir=x/${seed}", "seed=9"],
     ["seed=${oc.env:HOME}"], ["hydra.sweep.dir=s", "data=cifar100", "data.val_size=10"], ["cluster=slurm", "cluster.nodes=2"],
+    ["hydra.job.env_copy=[HOME]", "seed=5"], ["experiment=seed_keras", "model.width=0.5", "hydra.run.dir=r"],
     # Hydra's errors
     ["seed=1,2"], ["nokey=1"], ["model=nope", "seed=1"], ["seed=1", "optim.nokey=2"], ["schedule.milestones.x=1"],
     ["+seed=1"], ["~nokey"], ["data=null"],
