@@ -47,6 +47,12 @@ class UnloadableCheckpoint(CheckpointError):
 RESUMED_PARTS = ("model", "optimizer", "scheduler", "scaler", "train_state", "epoch_sums", "interval_sums", "rng")
 
 
+def fits_not(e: RuntimeError) -> bool:
+    """torch's load_state_dict refusing the tensors it was given (missing or unexpected keys, other shapes), not a
+    device's error while copying them (out of memory, a fault), which is no fault of the file."""
+    return str(e).startswith("Error(s) in loading state_dict")
+
+
 def does_not_fit(path: Path, e: BaseException) -> UnloadableCheckpoint:
     """A whole checkpoint (its checksum holds) whose contents this code cannot load into its model or optimizer:
     written by other code (a model's layers renamed between requeues), or made by hand. One line naming the file,

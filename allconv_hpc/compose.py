@@ -322,8 +322,8 @@ _BASES: dict[tuple, object] = {}
 
 def _hydra_config(overrides: list[str], hydra_compose):
     """What Hydra's compose returns for the overrides (inside initialize_config_module), built as Hydra builds it:
-    the config of the overrides that pick files (groups, Hydra's settings, sweeps, which it refuses), then the
-    others applied to it by Hydra's own code, in their order. The first part is kept for the next call. Values
+    the config of the overrides that pick files (groups), then the others applied to it by Hydra's own code, in
+    their order. The first part is kept for the next call. Values
     are interpolated later (to_container), so a copy reads the environment and the clock of its own call. Any
     failure composes the whole again, so that the error is Hydra's own. tests/test_config.py checks that this
     equals Hydra's compose."""
@@ -334,13 +334,14 @@ def _hydra_config(overrides: list[str], hydra_compose):
     from omegaconf import open_dict
     try:
         parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+        # Hydra's settings other than the folders (searchpath, job.env_copy, hydra={...}) are read, or rewritten, as
+        # it composes, and a sweep it refuses: composed whole
+        if any(o.is_sweep_override() or o.key_or_group == "hydra"
+               or o.key_or_group.startswith("hydra.") and o.key_or_group not in HYDRA_KEYS for o in parsed):
+            return hydra_compose("config", overrides=overrides, return_hydra_config=True)
         repo = GlobalHydra.instance().hydra.config_loader.repository
-        # Hydra's own split (defaults_list.Overrides): a value is any override of a key that is no group, or a dict.
-        # Hydra's settings other than the folders stay with the files: some are read as it composes (searchpath,
-        # job.env_copy)
-        values = [o for o in parsed if not o.is_sweep_override()
-                  and (not o.get_key_element().startswith("hydra.") or o.get_key_element() in HYDRA_KEYS)
-                  and (isinstance(o.value(), dict) or not repo.group_exists(o.key_or_group))]
+        # Hydra's own split (defaults_list.Overrides): a value is any override of a key that is no group, or a dict
+        values = [o for o in parsed if isinstance(o.value(), dict) or not repo.group_exists(o.key_or_group)]
         files = tuple(o.input_line for o in parsed if o not in values)
         if files not in _BASES:
             if len(_BASES) >= 64:  # a sweep over groups: each point has its own

@@ -171,7 +171,7 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     """Score checkpoint `which` of `run` on `split`; returns what `--json` prints. `test_size`: None = the run's
     data.test_size, ALL or N instead; `batch_size`: None = the run's trainer.eval_batch_size."""
     from . import data as data_mod, preprocess
-    from .checkpoint import does_not_fit, load_file
+    from .checkpoint import does_not_fit, fits_not, load_file
     from .models import build_model
 
     path = _checkpoint_path(run, which)
@@ -216,6 +216,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     try:
         model.load_state_dict(ck["model"])
     except (RuntimeError, TypeError) as e:
+        if isinstance(e, RuntimeError) and not fits_not(e):
+            raise
         raise does_not_fit(path, e) from None
     model = model.to(dev, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)
     model.eval()

@@ -44,12 +44,12 @@ def job_records(folder: Path) -> list[dict]:
         jobs = sweep.get("jobs")
         if not isinstance(jobs, list) or not jobs:
             raise DamagedFile(f"{path}: no 'jobs' list, or an empty one; {FIXES[path.name]}")
-        recs = {}  # by point folder: one a sweep.json written before 2026-12-06 tracked twice (moved since) once
+        recs = {}  # by point folder: one a sweep.json written before 2026-12-06 tracked twice (moved, linked) once
         for i, rec in enumerate(jobs):
             rec = _here(check_keys(rec, JOB_KEYS, path, f"job {i + 1}: "), folder, sweep=True)
-            kept = recs.get(rec["run_dir"])
-            if kept is None or (rec.get("submitted") or 0) >= (kept.get("submitted") or 0):
-                recs[rec["run_dir"]] = rec
+            name = Path(rec["run_dir"]).name
+            if name not in recs or (rec.get("submitted") or 0) >= (recs[name].get("submitted") or 0):
+                recs[name] = rec
         return [_point_job({**rec, "started_by": "sweep"}) for rec in recs.values()]
     path = folder / "submission.json"
     rec = read_record(path)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import data as data_mod, preprocess, runlock
 from .augment import DROPOUT_STREAM, INIT_STREAM, LEGACY_ORDER_STREAM, mix_seed
 from .checkpoint import (RESUMED_PARTS, CheckpointDir, CheckpointError, Writer, check_resumable_file, does_not_fit,
-                         earlier_epochs, snapshot)
+                         earlier_epochs, fits_not, snapshot)
 from .fsio import read_json, write_atomic
 from .config import GRAPH_MODES, Config, ConfigError, flatten, rank_difference
 from .distributed import Dist, DistEnv, pick_device, set_threads
@@ -288,9 +288,9 @@ class Trainer:
             if missing:
                 raise KeyError(f"no {', '.join(missing)}")
             self.state = restore(ck, self.model, self.opt, self.sched, self.scaler)
-        except torch.cuda.OutOfMemoryError:  # the device's doing, not the file's
-            raise
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            if isinstance(e, RuntimeError) and not fits_not(e):  # the device's doing (out of memory, a fault)
+                raise
             raise does_not_fit(path, e) from None
         if self.state.streams < 2:  # its epochs' orders as they began; exact resume before independence
             self.batches.order_stream = LEGACY_ORDER_STREAM

@@ -799,6 +799,8 @@ _COMPOSE_CASES = [
     ["~wandb.group"], ["++seed=4"], ["model={width: 0.5}"], ["hydra.run.dir=x/${seed}", "seed=9"],
     ["seed=${oc.env:HOME}"], ["hydra.sweep.dir=s", "data=cifar100", "data.val_size=10"], ["cluster=slurm", "cluster.nodes=2"],
     ["hydra.job.env_copy=[HOME]", "seed=5"], ["experiment=seed_keras", "model.width=0.5", "hydra.run.dir=r"],
+    ["hydra={job: {env_copy: [HOME]}, runtime: {version: x}}"], ["++hydra.job.env_copy=[HOME]"],
+    ["hydra.overrides.task=[a]", "seed=1"], ["hydra/job_logging=disabled", "seed=2"],
     # Hydra's errors
     ["seed=1,2"], ["nokey=1"], ["model=nope", "seed=1"], ["seed=1", "optim.nokey=2"], ["schedule.milestones.x=1"],
     ["+seed=1"], ["~nokey"], ["data=null"],

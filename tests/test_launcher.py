@@ -965,7 +965,9 @@ def test_a_subset_resubmitted_into_a_sweep_keeps_the_other_points(tmp_path, on_p
         assert [(Path(r["run_dir"]).name, r["job_id"]) for r in doc["jobs"]] == [
             (f"seed={i}", f"{n}_{i}") for i in range(4)], doc["jobs"]
         assert [r["folder"] for r in status.run_rows(where)] == ["seed=0", "seed=1", "seed=2", "seed=3"]
-    doc["jobs"].append({**doc["jobs"][0], "job_id": "76_0", "submitted": 1.0})  # as written before: a point twice
+    doc["jobs"].append({**doc["jobs"][0], "job_id": "76_0", "submitted": 1.0})  # as written before: a point twice,
+    doc["jobs"].append({**doc["jobs"][1], "job_id": "75_1", "submitted": 1.0,  # also through a link to its folder
+                        "run_dir": str(tmp_path / "link" / "sw" / "seed=1")})
     (moved / "sweep.json").write_text(json.dumps(doc))
     assert [(r["folder"], r["job"]) for r in status.run_rows(moved)] == [(f"seed={i}", f"80_{i}") for i in range(4)]
 
