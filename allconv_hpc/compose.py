@@ -267,12 +267,14 @@ def _check_override_keys(overrides: list[str]) -> None:
             raise ConfigError(f"{o} deletes {key}, which every run has; set it instead ({key}=...)")
         if key in HYDRA_KEYS and (o.startswith("~") or o.partition("=")[2].strip().lower() in ("null", "~")):
             raise ConfigError(f"{o}: {key} is a folder; give one, e.g. {key}=runs/x, or leave it out for the default")
-        if key.startswith(("hydra.", "hydra/")) and key not in HYDRA_KEYS:
+        if (key == "hydra" or key.startswith(("hydra.", "hydra/"))) and key not in HYDRA_KEYS:
             dotted = key.replace("/", ".")  # a group (hydra/launcher=x) or its keys (hydra.launcher.x=y)
             instead = next((why for k, why in _HYDRA_INSTEAD.items() if dotted == k or dotted.startswith(f"{k}.")),
                            "drop it: it would be ignored")
             if dotted in ("hydra.run", "hydra.sweep"):  # hydra.run={dir:x}: the folder, as a dict
                 instead = f"give the folder as {dotted}.dir=..."
+            elif dotted == "hydra":  # hydra={...}: all of them at once, as a dict
+                instead = "give the folder as hydra.run.dir=... (a sweep's as hydra.sweep.dir=...)"
             raise ConfigError(f"{o}: of Hydra's own settings only {' and '.join(HYDRA_KEYS)} are read (configs are "
                               f"composed without @hydra.main); {instead}")
 

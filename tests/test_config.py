@@ -60,6 +60,7 @@ BAD = [
     (["+hydra.foo=1"], ["+hydra.foo=1: of Hydra's own settings", "drop it: it would be ignored"]),
     (["hydra.run={dir:/tmp/x}"], ["give the folder as hydra.run.dir=..."]),  # it would be read: not "ignored"
     (["hydra.sweep={dir:/tmp/x}"], ["give the folder as hydra.sweep.dir=..."]),
+    (["hydra={job: {chdir: true}}"], ["hydra={job: {chdir: true}}: of Hydra's own settings only", "hydra.run.dir=..."]),
     (["lr=0.1"], ["Could not override 'lr'", "did you mean optim.lr?"]),  # a key without its group
     (["data.root=a=b"], ["a value holding '=' needs quotes: \"data.root='a=b'\""]),  # what the shell must pass
     (["cluster.setup=[export A=b, module load x]"],
