@@ -120,11 +120,14 @@ def test_sbatch_script_carries_every_job_parameter(tmp_path, on_path):
     setup = executor._slurm_setup(["module load cuda/12.4", "source $HOME/venv/bin/activate"])
     assert script.split("# setup\n", 1)[1].startswith(head + "\n".join(setup + executor._requeue_if_warned(True)) + "\n"), script
     said = 'echo "allconv-hpc: cluster.setup line failed (exit $rc): $ALLCONV_SETUP_LINE" >&2'
-    ended = ('echo "allconv-hpc: cluster.setup line ended the job before training (exit $rc): $ALLCONV_SETUP_LINE" '
-             '>&2; exit $((rc ? rc : 1))')
+    # Slurm's SIGTERM during a line (a preemption past its grace time, scancel) is said as such (its run: test_slurm_system)
+    ended = ('[ -n "${ALLCONV_TERM:-}" ] && echo "allconv-hpc: SIGTERM during cluster.setup (a preemption, scancel or '
+             'the time limit), in: $ALLCONV_SETUP_LINE; nothing was trained" >&2 || echo "allconv-hpc: cluster.setup '
+             'line ended the job before training (exit $rc): $ALLCONV_SETUP_LINE" >&2; exit $((rc ? rc : 1))')
     assert executor._slurm_setup(["module load x"]) == [
-        f"trap 'rc=$?; {ended}' EXIT", "ALLCONV_SETUP_LINE='module load x'",
-        f"{{ :\nmodule load x\n\n}} || {{ rc=$?; trap - EXIT; {said}; exit 1; }}", "trap - EXIT; unset ALLCONV_SETUP_LINE"]
+        f"trap 'rc=$?; {ended}' EXIT", "trap 'ALLCONV_TERM=1; exit 143' TERM", "ALLCONV_SETUP_LINE='module load x'",
+        f"{{ :\nmodule load x\n\n}} || {{ rc=$?; trap - EXIT; {said}; exit 1; }}",
+        "trap - EXIT TERM; unset ALLCONV_SETUP_LINE"]
     srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and "--cpus-per-task=8" in srun, srun
 
