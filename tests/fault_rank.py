@@ -8,6 +8,9 @@ FAIL_AT=checkpoint_write: the process is killed (SIGKILL) from its checkpoint wr
 checkpoint of global step K, before the file lands (a node lost while a slow file system writes).
 FAIL_AT=slow_close: no failure; the process group's teardown at the end says "closing the process group" on stdout
 and takes a second (to signal a process that has said its exit).
+FAIL_AT=folder FAIL_PATH=P FAIL_WHEN=setup|save: rank N makes P, a file the run writes later, a folder (as another
+process might) once its trainer is set up, or as it enters its first checkpoint save: after start-up's checks, which
+refuse such a folder, so that the run's own write there fails.
 """
 import os
 import signal
@@ -49,7 +52,35 @@ def _killed_in_write(self, state, step):
     return _ckpt_save(self, state, step)
 
 
-if os.environ.get("FAIL_AT") == "epoch_end_save":
+def _folder_in_place() -> None:
+    path = os.environ["FAIL_PATH"]
+    if os.path.isfile(path):
+        os.unlink(path)
+    os.makedirs(path, exist_ok=True)
+
+
+_setup = trainer.Trainer.setup
+
+
+def _folder_after_setup(self):
+    out = _setup(self)
+    if self.env.rank == RANK:
+        _folder_in_place()
+    return out
+
+
+def _folder_at_save(self, epoch_end=None):
+    if self.env.rank == RANK:
+        _folder_in_place()
+    return _save(self, epoch_end)
+
+
+if os.environ.get("FAIL_AT") == "folder":
+    if os.environ["FAIL_WHEN"] == "setup":
+        trainer.Trainer.setup = _folder_after_setup
+    else:
+        trainer.Trainer.save = _folder_at_save
+elif os.environ.get("FAIL_AT") == "epoch_end_save":
     trainer.Trainer.save = _killed_in_save
 elif os.environ.get("FAIL_AT") == "checkpoint_write":
     checkpoint.CheckpointDir.save = _killed_in_write

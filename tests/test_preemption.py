@@ -17,7 +17,7 @@ import torch
 
 from allconv_hpc.checkpoint import CheckpointDir, load_file
 from allconv_hpc.wandb_offline import merged_history, read_run, segments
-from proc import (PY, TINY, assert_same_history, assert_same_weights, clean_env, final_weights, history,
+from proc import (PY, TINY, TORCHRUN, assert_same_history, assert_same_weights, clean_env, final_weights, history,
                   run_train, start_ranks, train_cmd, wait_for_line)
 
 # 3 epochs x 5 steps, dropout ON (its RNG state is checkpointed), augmentation on, deterministic
@@ -428,13 +428,21 @@ def test_nan_stops_without_touching_good_checkpoints(tmp_path):
             assert state["train_state"]["global_step"] <= 11
 
 
+FAULT = Path(__file__).with_name("fault_rank.py")
+
+
+def folder_at(path: Path, when: str) -> dict:
+    """fault_rank.py's environment: rank 0 makes `path` a folder once set up, or at its first save."""
+    return dict(FAIL_AT="folder", FAIL_PATH=path, FAIL_WHEN=when, FAIL_RANK=0, FAIL_STEP=0)
+
+
 def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_keeps_the_older_files(tmp_path):
     """Checkpoints are written in the background: a write that fails (here the rename onto best.pt,
     which is a folder) is reported by a later save or the end of the run, the run stops with one
     line, and the step checkpoints written before it load."""
-    run = tmp_path / "run"
-    (run / "checkpoints" / "best.pt").mkdir(parents=True)
-    r = run_train(tmp_path, run, EXACT, check=False)
+    run = tmp_path / "run"  # best.pt made a folder at the first save (start-up refuses one already there)
+    r = subprocess.run([PY, str(FAULT), *EXACT, f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=300,
+                       env=clean_env(tmp_path, **folder_at(run / "checkpoints" / "best.pt", "save")))
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     log = (run / "train.log").read_text()
     assert "writing best.pt failed: IsADirectoryError" in log and "older checkpoints are kept" in log, log[-2000:]
@@ -462,8 +470,9 @@ def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_keeps_the_old
 def test_a_failed_checkpoint_write_on_rank_0_fails_every_rank(tmp_path):
     """Only rank 0 writes; its failure must not leave the other rank exiting 0 or waiting forever."""
     run = tmp_path / "run"
-    (run / "checkpoints" / "best.pt").mkdir(parents=True)
-    r = run_train(tmp_path, run, EXACT, nproc=2, check=False, timeout=180)
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(FAULT), *EXACT, f"hydra.run.dir={run}"],
+                       capture_output=True, text=True, timeout=180,
+                       env=clean_env(tmp_path, **folder_at(run / "checkpoints" / "best.pt", "save")))
     assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "writing best.pt failed: IsADirectoryError" in (run / "train.log").read_text()
     out = r.stdout + r.stderr
@@ -750,11 +759,10 @@ def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_resumable(tmp_
     run = tmp_path / "run"
     run_train(tmp_path, run, TINY + ["trainer.epochs=1"])
     # what an immutable file or a foreign-owned one in a sticky folder also gives, at a write after start-up's
-    # checks (history.csv or status.json as a folder is refused before any work: test_config)
+    # checks (which refuse a folder there before any work: test_config); made one once the trainer is set up
     bad = run / ".hydra" / "overrides.yaml"
-    bad.unlink()
-    bad.mkdir()
-    r = run_train(tmp_path, run, TINY, check=False)
+    r = subprocess.run([PY, str(FAULT), *TINY, f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=300,
+                       env=clean_env(tmp_path, **folder_at(bad, "setup")))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"cannot read/write {bad} (IsADirectoryError" in r.stderr
     assert '"failed"' in (run / "status.json").read_text()
