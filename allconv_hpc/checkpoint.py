@@ -13,6 +13,7 @@ link to the newest), `best.pt` (best val_acc).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -47,10 +48,17 @@ class UnloadableCheckpoint(CheckpointError):
 RESUMED_PARTS = ("model", "optimizer", "scheduler", "scaler", "train_state", "epoch_sums", "interval_sums", "rng")
 
 
-def fits_not(e: RuntimeError) -> bool:
-    """torch's load_state_dict refusing the tensors it was given (missing or unexpected keys, other shapes), not a
-    device's error while copying them (out of memory, a fault), which is no fault of the file."""
-    return str(e).startswith("Error(s) in loading state_dict")
+@contextlib.contextmanager
+def fitting(path: Path):
+    """Loading checkpoint ``path``'s contents into this run's model or optimizer: what they refuse (missing or
+    unexpected keys, other shapes, other groups) is `does_not_fit`, one line; a device's error while copying the
+    tensors (out of memory, a fault) is no fault of the file and passes as it is."""
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        if isinstance(e, RuntimeError) and not str(e).startswith("Error(s) in loading state_dict"):
+            raise
+        raise does_not_fit(path, e) from None
 
 
 def does_not_fit(path: Path, e: BaseException) -> UnloadableCheckpoint:

@@ -325,10 +325,9 @@ _BASES: dict[tuple, object] = {}
 def _hydra_config(overrides: list[str], hydra_compose):
     """What Hydra's compose returns for the overrides (inside initialize_config_module), built as Hydra builds it:
     the config of the overrides that pick files (groups), then the others applied to it by Hydra's own code, in
-    their order. The first part is kept for the next call. Values
-    are interpolated later (to_container), so a copy reads the environment and the clock of its own call. Any
-    failure composes the whole again, so that the error is Hydra's own. tests/test_config.py checks that this
-    equals Hydra's compose."""
+    their order. The first part is kept for the next call. Values are interpolated later (to_container), so a copy
+    reads the environment and the clock of its own call. Any failure composes the whole again, so that the error is
+    Hydra's own. tests/test_config.py checks that this equals Hydra's compose."""
     import copy
     from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
     from hydra.core.global_hydra import GlobalHydra

@@ -171,7 +171,7 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     """Score checkpoint `which` of `run` on `split`; returns what `--json` prints. `test_size`: None = the run's
     data.test_size, ALL or N instead; `batch_size`: None = the run's trainer.eval_batch_size."""
     from . import data as data_mod, preprocess
-    from .checkpoint import does_not_fit, fits_not, load_file
+    from .checkpoint import fitting, load_file
     from .models import build_model
 
     path = _checkpoint_path(run, which)
@@ -213,12 +213,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     other = (data_mod.other_images({split: then.get(split)}, {split: data_mod.split_print(part)})
              if then is not None and own else [])
     model = build_model(cfg.model)
-    try:
+    with fitting(path):
         model.load_state_dict(ck["model"])
-    except (RuntimeError, TypeError) as e:
-        if isinstance(e, RuntimeError) and not fits_not(e):
-            raise
-        raise does_not_fit(path, e) from None
     model = model.to(dev, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)
     model.eval()
     # the precision the run trained in (auto resolved, agreed across ranks), not this GPU's own choice

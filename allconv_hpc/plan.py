@@ -195,7 +195,7 @@ def _refuse_dropped_keys(sweep_dir: Path, common: list[str], swept: set[str]) ->
         return
     names = [Path(r["run_dir"]).name for r in recs if isinstance(r, dict) and isinstance(r.get("run_dir"), str)]
     # a name cut to NAME_MAX (sweep.fit_name) may end in part of a key: left out
-    named = [{_key(seg) for seg in n.split(",") if "=" in seg} for n in names if len(n.encode()) < 200]
+    named = [set(_folder_keys(n)) for n in names if len(n.encode()) < 200]
     dropped = sorted(set.intersection(*named) - swept) if named else []
     if dropped:
         given = {_key(o): o for o in common}
@@ -307,6 +307,11 @@ def _identity_key(cfg) -> str:
     return config_key(cfg.identity())
 
 
+def _folder_keys(name: str) -> list[str]:
+    """The keys a sweep point's folder name gives (sweep.point_dirname: `optim.lr=0.05,seed=0`)."""
+    return [_key(seg) for seg in name.split(",") if "=" in seg]
+
+
 def _held_config(folder: Path):
     """The config a point folder holds: what its run recorded (.hydra/config.yaml), else, for a point queued but not
     started yet (hours, on a busy cluster), what the overrides of its submission compose to; None if neither reads."""
@@ -350,7 +355,7 @@ def _refuse_retraining(points: list[Point], sweep_dir: Path, swept: set[str]) ->
         if twin is not None:
             d, theirs = twin
             # the keys that name its folder and are not swept now: choice(...) of one value keeps them swept
-            named = [k for k in (seg.split("=", 1)[0] for seg in d.name.split(",") if "=" in seg) if k not in swept]
+            named = [k for k in _folder_keys(d.name) if k not in swept]
             values = [(k, theirs.get(k, theirs.get(f"{k}.name"))) for k in named]
             here = " ".join(shlex.quote(f"{k}={'choice(' + str(v) + ')'}") for k, v in values if v is not None)
             raise ConfigError(f"sweep point {p.run_dir.name} has the config of {d.name}, already in this sweep "

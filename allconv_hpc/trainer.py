@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import data as data_mod, preprocess, runlock
 from .augment import DROPOUT_STREAM, INIT_STREAM, LEGACY_ORDER_STREAM, mix_seed
 from .checkpoint import (RESUMED_PARTS, CheckpointDir, CheckpointError, Writer, check_resumable_file, does_not_fit,
-                         earlier_epochs, fits_not, snapshot)
+                         earlier_epochs, fitting, snapshot)
 from .fsio import read_json, write_atomic
 from .config import GRAPH_MODES, Config, ConfigError, flatten, rank_difference
 from .distributed import Dist, DistEnv, pick_device, set_threads
@@ -283,15 +283,11 @@ class Trainer:
         if self.dist.any(said is not None):  # every rank stops (a node's own copy may be the one that differs)
             raise ConfigError(said or f"checkpoint {path}: another rank reads other images than it trained on; "
                                       f"see rank 0's error")
-        try:
-            missing = [k for k in RESUMED_PARTS if k not in ck]
-            if missing:
-                raise KeyError(f"no {', '.join(missing)}")
+        missing = [k for k in RESUMED_PARTS if k not in ck]
+        if missing:
+            raise does_not_fit(path, KeyError(f"no {', '.join(missing)}"))
+        with fitting(path):
             self.state = restore(ck, self.model, self.opt, self.sched, self.scaler)
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            if isinstance(e, RuntimeError) and not fits_not(e):  # the device's doing (out of memory, a fault)
-                raise
-            raise does_not_fit(path, e) from None
         if self.state.streams < 2:  # its epochs' orders as they began; exact resume before independence
             self.batches.order_stream = LEGACY_ORDER_STREAM
         if self.env.is_main:
