@@ -149,7 +149,7 @@ def test_preemption_signals_then_requeues_low_job(slurm_cluster, tmp_path):
 
 
 def test_submitit_map_array(slurm_cluster, tmp_path):
-    submitit = pytest.importorskip("submitit")
+    import submitit
 
     def square_plus(x, offset):  # a local function: cloudpickled by value
         import os
