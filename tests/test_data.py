@@ -117,14 +117,11 @@ def test_a_missing_root_from_allconv_data_is_said_to_come_from_it_however_spelle
 
 
 def test_download_failure_is_one_line(tmp_path, monkeypatch):
-    import sys
-    import types
-    import urllib.error
-
-    def offline(*a, **k):
-        raise urllib.error.URLError("Name or service not known")
-    fake = types.SimpleNamespace(datasets=types.SimpleNamespace(CIFAR10=offline, CIFAR100=offline))
-    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    """torchvision's own download, with no network (a proxy nothing answers at, also where there is one)."""
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
     with pytest.raises(data.DataError, match="downloading CIFAR-10 into .* failed .*URLError.* no network") as e:
         data.load(_cfg(tmp_path, download=True), seed=0)
     assert "\n" not in str(e.value)

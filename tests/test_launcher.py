@@ -1757,14 +1757,34 @@ def test_no_answer_from_slurm_keeps_wait_waiting_and_status_non_zero(tmp_path, o
     assert " 42:UNKNOWN(0/?)" in out and re.search(r"^42\s+COMPLETED\s+completed", out, re.M), out
 
 
-def test_a_local_pid_of_another_user_is_not_running(tmp_path, monkeypatch):
-    def other_users(pid, sig):
-        raise PermissionError(1, "Operation not permitted")
-    monkeypatch.setattr(jobs.os, "kill", other_users)
-    run = write_run(tmp_path, "running", job="12345", backend="local", submitit_folder=str(tmp_path / "sub"))
-    assert status.run_rows(run)[0]["state"] == "LOST"
-    assert jobs.queued_state(json.loads((run / "submission.json").read_text())) is None
-
+def test_a_local_pid_of_another_user_is_not_running():
+    """A cluster=local job's pid, reused by another user's process, is no job of the run's: the kernel's EPERM.
+    Not root: pid 1, root's. Root may signal anyone, so there a process of user nobody is looked at as a third user."""
+    import tempfile
+    root = os.geteuid() == 0
+    other = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: os.setuid(65534)) if root else None
+    folder = Path(tempfile.mkdtemp(prefix="allconv-pid-"))  # pytest's tmp_path is root's alone
+    try:
+        folder.chmod(0o755)
+        pid = str(other.pid if root else 1)
+        run = write_run(folder, "running", job=pid, backend="local", submitit_folder=str(folder / "sub"))
+        for f in (run, run / "submission.json", run / "status.json"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        if root:
+            os.seteuid(65533)
+        try:
+            with pytest.raises(PermissionError):
+                os.kill(int(pid), 0)
+            assert status.run_rows(run)[0]["state"] == "LOST"
+            assert jobs.queued_state(json.loads((run / "submission.json").read_text())) is None
+        finally:
+            if root:
+                os.seteuid(0)
+    finally:
+        shutil.rmtree(folder)
+        if other:
+            other.kill()
+            other.wait()
 
 
 def test_precision_on_a_cpu_only_cluster_is_checked_before_the_queue():

@@ -659,6 +659,7 @@ def test_a_ctrl_c_after_the_run_said_its_exit_leaves_its_exit_code(tmp_path, sto
     cmd = [PY, str(Path(__file__).with_name("fault_rank.py")), *EXACT, f"hydra.run.dir={run}"]
     p = subprocess.Popen(cmd, env=clean_env(tmp_path, FAIL_RANK=0, FAIL_STEP=0, FAIL_AT="slow_close"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ctrl_c = False
     try:
         for line in p.stdout:
             if stopped and "(global 7)" in line:
@@ -666,10 +667,12 @@ def test_a_ctrl_c_after_the_run_said_its_exit_leaves_its_exit_code(tmp_path, sto
                 stopped = "sent"
             if "closing the process group" in line:
                 p.send_signal(signal.SIGINT)
+                ctrl_c = True
                 break
         out, err = p.communicate(timeout=120)
     finally:
         p.kill()
+    assert ctrl_c and stopped in (False, "sent"), err[-2000:]  # both signals went where the test is about
     assert p.returncode == (3 if stopped == "sent" else 0), err[-2000:]
     assert "interrupted (Ctrl-C)" not in err, err[-2000:]
     assert json.loads((run / "status.json").read_text())["state"] == ("interrupted" if stopped else "completed")
