@@ -340,8 +340,10 @@ def run_rows(folder: Path) -> list[dict]:
                      and state in ("CANCELLED", "LOST (never started)") and _never_started(rec))
         if cancelled and state == "CANCELLED":
             state = "CANCELLED (never started)"
+        # a run whose last start failed, queued again (Slurm's requeue after a node failure, `scontrol requeue`):
+        # the job's state decides until its new start writes its own word
         failed = not starting and not stopped and not cancelled and (
-            state.split(" ")[0] in FAILED_STATES or ended or run_state == "failed")
+            state.split(" ")[0] in FAILED_STATES or ended or run_state == "failed" and not active)
         if not run_dir.exists() and not active:  # removed since (a point deleted from a copy of a sweep, say)
             state, failed = "GONE (no run folder)", False
         if run_state == "completed" and failed and not active:

@@ -553,13 +553,14 @@ def test_a_node_without_the_data_fails_the_job_and_status_names_it(slurm_cluster
 PLAIN_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 
 
-def sbatch_plain(slurm_cluster, jobs, tmp_path, epochs: int, script: Path = PLAIN_SCRIPT) -> tuple[Path, str]:
-    """slurm/train.sbatch (or a user's copy of it) submitted by hand (no submitit) into tmp_path/plain:
-    (run folder, job id)."""
+def sbatch_plain(slurm_cluster, jobs, tmp_path, epochs: int, script: Path = PLAIN_SCRIPT, sbatch: tuple = (),
+                 **env) -> tuple[Path, str]:
+    """slurm/train.sbatch (or a user's copy of it) submitted by hand (no submitit) into tmp_path/plain, with
+    `sbatch` options and `env` variables of one's own: (run folder, job id)."""
     run = tmp_path / "plain"
     r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "--cpus-per-task=1", "-o", str(tmp_path / "plain-%j.out"),
-                           str(script), *JOB, f"trainer.epochs={epochs}", f"hydra.run.dir={run}"],
-                          env=job_env(slurm_cluster, tmp_path, ALLCONV_PYTHON=PY), cwd=tmp_path)
+                           *sbatch, str(script), *JOB, f"trainer.epochs={epochs}", f"hydra.run.dir={run}"],
+                          env=job_env(slurm_cluster, tmp_path, ALLCONV_PYTHON=PY, **env), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     jobs.append(r.stdout.strip())
     return run, jobs[-1]
@@ -606,6 +607,42 @@ def test_plain_sbatch_script_preempted_in_its_setup_requeues_itself(slurm_cluste
     st = read_status(run)
     assert st["state"] == "completed" and st["restarts"] == 1, st
     assert "resumed from" not in (run / "train.log").read_text()  # the first start trained nothing
+
+
+@pytest.mark.slow
+def test_plain_sbatch_script_warned_of_its_time_limit_in_its_setup_stops_and_says_so(slurm_cluster, jobs, tmp_path):
+    """A user's copy of slurm/train.sbatch with --signal=B:USR2 (the warning to its shell) and a set-up that runs
+    into the time limit's warning: a requeue would spend the next start's time the same way, so the job stops,
+    saying why and what to change, instead of requeueing itself forever without training."""
+    script = tmp_path / "mine.sbatch"
+    marker = "# Your environment's set-up goes here"
+    # Slurm checks its timers every 30 s: with 2 min and a 60 s lead the warning comes 30-60 s in, during the sleep
+    script.write_text(PLAIN_SCRIPT.read_text().replace(marker, "sleep 80\n" + marker))
+    run, job = sbatch_plain(slurm_cluster, jobs, tmp_path, 1, script, ("--time=2", "--signal=B:USR2@60"),
+                            ALLCONV_SIGNAL_LEAD_S="60")
+    out = lambda: (tmp_path / f"plain-{job}.out").read_text()  # noqa: E731
+    assert wait_final(slurm_cluster, job, 200) == "FAILED", out()[-3000:]
+    assert re.search(r"allconv-hpc: the time limit's warning came during the set-up \(\d+ s left\): nothing was "
+                     rf"trained, and a requeue would spend its time the same way, so job {job} is not requeued; give "
+                     r"it a longer --time", out()), out()[-3000:]
+    assert "requeueing job" not in out() and f"job {job} restart 1" not in out(), out()[-3000:]
+    assert re.search(r"\bRestarts=0\b", slurm_cluster.run(["scontrol", "show", "job", job]).stdout)
+    assert not run.exists()  # nothing started
+
+
+def test_a_failed_run_queued_again_in_its_job_shows_the_jobs_state_not_the_old_failure(slurm_cluster, jobs, tmp_path):
+    """A job whose run failed (diverged here; a rank's peers on a lost node alike), queued again as the same job
+    (Slurm's requeue after a node failure, `scontrol requeue`): `status` shows the job's state, exit 0, not the
+    previous start's failure (exit 1, its error) until the new start writes its own word."""
+    run = tmp_path / "div"
+    [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "optim.lr=1e30", f"hydra.run.dir={run}")
+    assert wait_final(slurm_cluster, job, 120) == "FAILED", tail(run)
+    assert read_status(run)["state"] == "failed"
+    slurm_cluster.run(["scontrol", "requeue", job], check=True)
+    slurm_cluster.run(["scontrol", "update", f"jobid={job}", "StartTime=now+3600"], check=True)  # kept queued
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and rows[0]["state"] == "PENDING" and rows[0]["run"] == "failed", table
+    assert not rows[0]["failed"] and "non-finite" not in table, table
 
 
 @pytest.mark.slow
