@@ -34,11 +34,12 @@ class Composed:
 
 
 def _unread(cfg: Config) -> dict[str, tuple[str, str]]:
-    """Each key the config never reads (ScheduleConfig.unused, ModelConfig.unused) with why, as said of one value
+    """Each key the config never reads (ScheduleConfig.unused, ModelConfig.unused, OptimConfig.unused) with why, as said of one value
     and of a sweep over it."""
     name = cfg.schedule.name
     return {**{k: (f"schedule={name} does not read it", f"schedule={name} does not read") for k in cfg.schedule.unused()},
-            **{k: ("model.dropout=false turns it off", "model.dropout=false turns off") for k in cfg.model.unused()}}
+            **{k: ("model.dropout=false turns it off", "model.dropout=false turns off") for k in cfg.model.unused()},
+            **{k: ("optim.scale_lr=false does not read it", "optim.scale_lr=false does not read") for k in cfg.optim.unused()}}
 
 
 def unread_overrides(c: Composed) -> dict[str, str]:

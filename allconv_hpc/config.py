@@ -168,7 +168,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
         _check(0.0 <= self.momentum < 1.0, f"optim.momentum={self.momentum} must be in [0, 1)")
-        _check(not self.nesterov or self.momentum > 0, "optim.nesterov=true needs optim.momentum > 0")
+        _check(not self.nesterov or self.momentum > 0, f"optim.nesterov=true (the default) needs optim.momentum > 0; "
+                                                       f"for plain SGD (optim.momentum={self.momentum:g}) add "
+                                                       f"optim.nesterov=false")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         for key in ("lr", "weight_decay"):
             v = getattr(self, key)
@@ -178,6 +180,10 @@ class OptimConfig:
                                                 f"(1.2e-38): the optimizer, computing in float32, would take it as 0 "
                                                 f"or nearly; give a larger value{' (or 0)' if key != 'lr' else ''}")
         _check(self.base_batch_size >= 1, f"optim.base_batch_size={self.base_batch_size} must be >= 1")
+
+    def unused(self) -> set[str]:
+        """The keys (optim.<key>) the optimizer does not read with this config: changing one changes nothing."""
+        return set() if self.scale_lr else {"optim.base_batch_size"}
 
 
 @dataclass
@@ -393,6 +399,8 @@ class Config:
             unused |= self.schedule.unused()
         if theirs.get("model.dropout") == self.model.dropout:
             unused |= self.model.unused()
+        if theirs.get("optim.scale_lr") == self.optim.scale_lr:
+            unused |= self.optim.unused()
         mine = {k: v for k, v in mine.items() if k not in unused}
         theirs = {k: v for k, v in theirs.items() if k not in unused}
         if mine != theirs:

@@ -111,11 +111,23 @@ def check_present(cfg: DataConfig, fix: Optional[str] = None, root_option: str =
     """Cheap existence check (nothing is read) so a job fails before it queues or forms a group. `fix`: the
     way out to name instead of data.root / data.download, and `root_option` how to give the root, for a
     command with other options (evaluate's --data-root, whose run's data group is fixed)."""
-    if not cfg.download:  # with download=true, load() fetches what is missing
-        _require(cfg, fix, root_option)
+    if not cfg.download or not _missing(cfg)[2]:  # with download=true, load() fetches what is missing (not a
+        _require(cfg, fix, root_option)  # file cut short among files all there)
+    else:
+        _not_a_file(cfg, root_option)  # nothing could be downloaded into a file
+
+
+def _not_a_file(cfg: DataConfig, root_option: str) -> None:
+    root = Path(cfg.root).expanduser()
+    if root.exists() and not root.is_dir():
+        lay = _layout(cfg.name)
+        up = root.parent.parent if root.parent.name == lay.folder else root.parent
+        raise DataError(f"{root_option}{root} is a file, not a folder: give the folder that holds {lay.folder} "
+                        f"(try {root_option}{up})")
 
 
 def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "data.root=") -> None:
+    _not_a_file(cfg, root_option)
     folder, files, missing = _missing(cfg)
     cut = [f for f in files if f not in missing and not _ends_whole(folder / f)]
     if cut:  # an interrupted copy: found at once, not by the job after its wait in the queue

@@ -27,6 +27,11 @@ from .localjob import LOCAL_PORT_ENV  # set by launcher.TrainJob, which must not
 log = logging.getLogger(__name__)
 
 
+
+def clipped(message: str, limit: int = 2000) -> str:
+    """A one-line error as a record keeps it: whole (train.log's line), a traceback-sized one cut and marked."""
+    return message if len(message) <= limit else message[:limit - 4] + " ..."
+
 class DistributedError(RuntimeError):
     """A peer rank failed or vanished; the message names it when it can be known."""
 
@@ -354,7 +359,7 @@ class Dist:
             store = _store()
             if interrupted:  # before the message: a peer that reads the message finds the mark
                 store.set(f"allconv/interrupted/{self.env.rank}", "1")
-            store.set(f"allconv/failed/{self.env.rank}", message[:500])
+            store.set(f"allconv/failed/{self.env.rank}", clipped(message))
         except Exception:  # the store may be gone with rank 0
             pass
 

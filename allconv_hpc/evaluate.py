@@ -10,6 +10,7 @@ this scores best.pt (picked on the held-out images) or any other checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -44,6 +45,21 @@ def _positive(v: str) -> int:
 
 
 ALL = "all"  # --test-size: every test image the data holds
+
+
+@contextlib.contextmanager
+def _said_as_option(test_size):
+    """A --test-size over the images there is refused by the config's or the loader's check, in data.test_size's
+    words: said as the option given, whose way to ask for every image is `all`."""
+    from .data import DataError
+    try:
+        yield
+    except (ConfigError, DataError) as e:
+        said = f"data.test_size={test_size} "
+        if test_size in (None, ALL) or not str(e).startswith(said):
+            raise
+        raise type(e)(re.sub(r" or null( for all)?$", " or all", str(e).replace(said, f"--test-size {test_size} ", 1))
+                      ) from None
 
 
 def _test_size(v: str):
@@ -188,7 +204,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
         raw = {**raw, "trainer": {**raw.get("trainer", {}), "eval_batch_size": batch_size}}
     if test_size is not None and split != "test":
         raise ConfigError("--test-size is for --split test; the held-out split is the run's data.val_size images")
-    cfg = from_dict(raw)
+    with _said_as_option(test_size):
+        cfg = from_dict(raw)
     if data_root is not None and cfg.data.name == "synthetic":  # it would be ignored: say so rather than score
         raise ConfigError(f"--data-root {data_root}: the run in {run} trained on data=synthetic, which is generated, "
                           f"not read from a folder; drop --data-root")
@@ -204,7 +221,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     set_math(cfg.trainer.deterministic, dev)  # the trainer's matmul/conv math
     if dev.type == "cpu" and cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)  # the run's thread count: the run's summation order
-    ds = data_mod.load(cfg.data, cfg.seed)
+    with _said_as_option(test_size):
+        ds = data_mod.load(cfg.data, cfg.seed)
     part = ds.val if split == "val" else ds.test
     # the images the run scored, recorded in its checkpoints: other ones here give another accuracy, said
     then = ck.get("data") if isinstance(ck.get("data"), dict) else None

@@ -166,7 +166,8 @@ def validate_cluster(cluster: dict, cfg) -> dict:
                           f"cluster.signal={caught}")
     if sent != caught and not {sent, caught} <= {"USR1", "USR2"}:  # USR1 and USR2 are warnings whichever is set
         raise ConfigError(f"cluster.signal={c.get('signal')} differs from checkpoint.signal={cfg.checkpoint.signal}: "
-                          f"the job would not catch the signal Slurm sends; make them equal")
+                          f"the job would not catch the signal "
+                          f"{'Slurm' if c['backend'] == 'slurm' else 'its controller'} sends; make them equal")
     world = c["nodes"] * c["tasks_per_node"]
     if cfg.trainer.batch_size % world:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by the job's "

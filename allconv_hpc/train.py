@@ -349,11 +349,13 @@ def _peer_ended(trainer, e: Exception) -> int:
 
 
 def _report(trainer, message: str, state: str, tell_peers: bool = True, **extra) -> None:
+    from .distributed import clipped
     if trainer is None:
         return
     if tell_peers:  # an interruption is told as one: the peers stop, they do not fail
         trainer.dist.report_failure(message, interrupted=state == "interrupted")
     try:
-        trainer.write_status(state, error=message[:500], **extra)
+        # whole, as train.log has it: a diverged run's advice ends with why the same command is no fix
+        trainer.write_status(state, error=clipped(message), **extra)
     except Exception:  # never hide the original error
         pass

@@ -623,6 +623,28 @@ def test_dropout_rates_with_dropout_off_are_said_to_change_nothing(tmp_path):
             compose(["data=synthetic"]).cfg.identity(), tmp_path)
 
 
+def test_a_base_batch_size_without_lr_scaling_is_said_to_change_nothing(tmp_path):
+    """optim.base_batch_size is read by optim.scale_lr alone: given without it, it is warned of as a schedule's
+    unused key is, and a resume may change it (it was refused as a run of another config)."""
+    from allconv_hpc.compose import unread_overrides
+    c = compose(["data=synthetic", "optim.base_batch_size=256"])
+    assert list(unread_overrides(c).values()) == [
+        "optim.base_batch_size=256: optim.scale_lr=false does not read it, so it changes nothing"]
+    assert c.cfg.lr == compose(["data=synthetic"]).cfg.lr
+    c.cfg.check_resumable(compose(["data=synthetic"]).cfg.identity(), tmp_path)
+    scaled = compose(["data=synthetic", "optim.scale_lr=true", "optim.base_batch_size=256"])
+    assert unread_overrides(scaled) == {} and scaled.cfg.lr != compose(["data=synthetic", "optim.scale_lr=true"]).cfg.lr
+    with pytest.raises(ConfigError, match=r"different config \(optim.base_batch_size: 128 -> 256\)"):
+        scaled.cfg.check_resumable(compose(["data=synthetic", "optim.scale_lr=true"]).cfg.identity(), tmp_path)
+
+
+def test_plain_sgd_is_refused_with_the_key_to_add():
+    with pytest.raises(ConfigError, match=r"^optim.nesterov=true \(the default\) needs optim.momentum > 0; for plain "
+                                          r"SGD \(optim.momentum=0\) add optim.nesterov=false$"):
+        compose(["data=synthetic", "optim.momentum=0"])
+    assert compose(["data=synthetic", "optim.momentum=0", "optim.nesterov=false"]).cfg.optim.momentum == 0
+
+
 @pytest.mark.parametrize("name", ["paper", "cosine", "onecycle", "constant", "inverse_time"])
 def test_a_schedules_unused_keys_are_the_ones_its_lr_never_reads(name):
     """ScheduleConfig.unused() against schedule.lr_factor itself: changing an unused key leaves every step's lr as
@@ -742,10 +764,10 @@ def test_the_same_data_folder_spelled_otherwise_is_not_warned_and_the_environmen
     assert said is not None and said[1].startswith("data.root=/c/cifar is not the /a/cifar this run read before"), said
 
 
-def _cluster_error(*overrides: str) -> str:
+def _cluster_error(*overrides: str, cluster: str = "slurm") -> str:
     """What submit's check of the cluster profile says of these overrides (nothing is submitted)."""
     from allconv_hpc import resources
-    c = compose(["cluster=slurm", "data=synthetic", *overrides])
+    c = compose([f"cluster={cluster}", "data=synthetic", *overrides])
     with pytest.raises(ConfigError) as e:
         resources.validate_cluster(c.cluster, c.cfg)
     return str(e.value)
@@ -771,6 +793,9 @@ def test_an_uncatchable_cluster_signal_is_refused_as_such(sent):
         f"cluster.signal={sent} cannot be caught, so no checkpoint could follow it; send the signal checkpoint.signal "
         f"catches (one of USR1, USR2, HUP, XCPU; now USR2): cluster.signal=USR2")
     assert _cluster_error("cluster.signal=KILL", "checkpoint.signal=HUP").endswith("now HUP): cluster.signal=HUP")
+    for cluster, sender in (("slurm", "Slurm"), ("local", "its controller")):  # a local job has no Slurm
+        assert _cluster_error("cluster.signal=HUP", cluster=cluster).endswith(
+            f"the job would not catch the signal {sender} sends; make them equal")
 
 
 def test_a_number_from_an_env_variable_is_refused_with_the_way_to_decode_it(monkeypatch, tmp_path):

@@ -188,8 +188,13 @@ def test_an_empty_or_cut_file_is_named_before_anything_is_read(cifar10):
     path.write_bytes(whole[:-1] + b"\x00")  # its size, random bytes at its end
     with pytest.raises(data.DataError, match=r"data_batch_3: empty, cut short or damaged"):
         data.check_present(_cfg(root))
+    # with data.download=true too: every file is there, so none is downloaded, and the load would find it
+    with pytest.raises(data.DataError, match=r"data_batch_3: empty, cut short or damaged"):
+        data.check_present(_cfg(root, download=True))
     path.write_bytes(whole)
     data.check_present(_cfg(root))
+    (root / "cifar-10-batches-py" / "test_batch").unlink()  # one missing: the download fetches the whole archive
+    data.check_present(_cfg(root, download=True))
 
 
 class _Planted:
@@ -256,6 +261,16 @@ def test_one_missing_file_is_named(cifar10):
     (root / "cifar-10-batches-py" / "test_batch").unlink()
     with pytest.raises(data.DataError, match=r"\(missing: test_batch\)"):
         data.check_present(_cfg(root))
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_a_root_that_is_a_file_gets_the_root_to_use(cifar10, download):
+    """data.root naming a data file: no folder was expected inside it, and no download can go there."""
+    root, *_ = cifar10
+    batch = root / "cifar-10-batches-py" / "data_batch_1"
+    with pytest.raises(data.DataError, match=rf"^data.root={batch} is a file, not a folder: give the folder that "
+                                             rf"holds cifar-10-batches-py \(try data.root={root}\)$"):
+        data.check_present(_cfg(batch, download=download))
 
 
 def test_root_one_level_too_deep_gets_a_hint(cifar10):

@@ -408,7 +408,10 @@ def test_nan_stops_without_touching_good_checkpoints(tmp_path):
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     log = (run / "train.log").read_text()
     assert "non-finite loss or weights" in log and "Traceback" not in r.stderr
-    assert '"failed"' in (run / "status.json").read_text()
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "failed" and len(st["error"]) > 500, st  # whole, to its last advice (it was cut at 500)
+    assert st["error"].endswith("the same command would resume from that checkpoint and repeat the steps that "
+                                "diverged") and f"ERROR] {st['error']}\n" in log, st["error"]
     files = list((run / "checkpoints").glob("*.pt"))
     newest = max(f.name for f in files if f.name.startswith("step_"))
     assert f"the newest checkpoint with finite weights ({newest}) is kept" in log, log[-2000:]
