@@ -155,6 +155,7 @@ class Tracker:
         history_rows = list(history_rows or [])
         rewrite_history(self.history_path, history_rows)
         self.mode = mode or resolve_mode(wandb_cfg.mode)
+        self._project = wandb_cfg.project
         self.online_error: Optional[str] = None  # why an online init fell back to offline
         self._run = None
         self._run_id: Optional[str] = None
@@ -196,7 +197,7 @@ class Tracker:
             # with them (wandb_steps.jsonl still has it).
             self._floor = have or 0
         else:  # no W&B run, but the folder's empty segments of this run would still stop `wandb sync`
-            self._set_aside_offline(resume_run_id or read_id(self.run_dir))
+            set_aside_empty(self.run_dir, resume_run_id or read_id(self.run_dir))
 
     # -- W&B -----------------------------------------------------------------------------------
     def _start_wandb(self, cfg_dict: dict, wandb_cfg: WandbConfig, resume_run_id: Optional[str]) -> None:
@@ -240,37 +241,19 @@ class Tracker:
         None when an earlier segment cannot be read."""
         if self.mode == "online":
             return max(0, int(self._run.starting_step) - 1)  # the server's resume point
-        from .wandb_offline import read_run, segments
-        last = 0
-        mine = self.segment_dir.resolve() if self.segment_dir else None
-        for seg in segments(self.run_dir / "wandb", self._run_id, include_online=True):
-            if seg.resolve() == mine:
-                continue
-            if seg.name.startswith("offline-run-") and _set_aside_if_empty(seg):
-                continue
-            try:
-                steps = [r["_step"] for r in read_run(seg)["history"] if "_step" in r]
-            except Exception as e:  # unknown: neither re-log nor drop anything rather than guess
-                log.warning("cannot read W&B segment %s (%s: %s); not re-logging lost steps, nor skipping steps "
-                            "it may hold", seg, type(e).__name__, e)
-                return None
-            last = max([last, *steps])
-        return last
+        return logged_until(self.run_dir, self._run_id, self._project, self.segment_dir)
 
-    def _set_aside_offline(self, run_id: Optional[str] = None, relogged: bool = True) -> None:
-        """Rename this run's earlier offline segments out of the ``offline-run-*`` glob that `wandb sync` is
-        given: those without records always (`_set_aside_if_empty`); online, once the re-log is done, the
-        others too (``relogged-``). The server then holds their steps: re-logged from wandb_steps.jsonl, synced
-        before this start, or (after the checkpoint) logged again as the run trains on; `wandb sync` of them
-        would add those steps to the run a second time. With W&B disabled, ``run_id`` is wandb_id.txt's.
-        ``relogged`` False (wandb_steps.jsonl was gone, nothing re-logged): the empty ones only."""
+    def _set_aside_offline(self, relogged: bool = True) -> None:
+        """Online: rename this run's earlier offline segments out of the ``offline-run-*`` glob that `wandb sync`
+        is given: those without records always (`_set_aside_if_empty`); once the re-log is done, the others too
+        (``relogged-``). The server then holds their steps: re-logged from wandb_steps.jsonl, synced before this
+        start, or (after the checkpoint) logged again as the run trains on; `wandb sync` of them would add those
+        steps to the run a second time. ``relogged`` False (wandb_steps.jsonl was gone, nothing re-logged): the
+        empty ones only."""
         from .wandb_offline import RELOGGED_PREFIX, segments
-        run_id = run_id or self._run_id
-        if run_id is None:
-            return
         mine = self.segment_dir.resolve() if self.segment_dir else None
-        for seg in segments(self.run_dir / "wandb", run_id, ordered=False):  # W&B disabled: no `import wandb`
-            if seg.resolve() == mine or _set_aside_if_empty(seg) or self.mode != "online" or not relogged:
+        for seg in segments(self.run_dir / "wandb", self._run_id, ordered=False):
+            if seg.resolve() == mine or _set_aside_if_empty(seg) or not relogged:
                 continue
             aside = _rename_aside(seg, RELOGGED_PREFIX)
             if aside is not None:
@@ -459,6 +442,57 @@ def _set_aside_if_empty(seg: Path) -> bool:
                     "or by a SIGKILL before W&B flushed): renamed %s, out of `wandb sync runs/.../offline-run-*`, "
                     "which stops at such a folder", seg.name, aside.name)
     return True
+
+
+def logged_until(run_dir: Path, run_id: str, project: Optional[str], mine: Optional[Path] = None) -> Optional[int]:
+    """The last step this folder's W&B segments of ``run_id`` in ``project`` hold (0: none; ``mine``, the
+    segment being written, left out); None when one cannot be read. Segments without a record are renamed out
+    of the sync glob on the way. Those of another project (wandb.project changed on resume) are another W&B
+    run: online, the server's record in the new project starts empty too, so either way the whole run is
+    re-logged there."""
+    from .wandb_offline import read_run, segments
+    last, elsewhere, here = 0, set(), False
+    mine = mine.resolve() if mine else None
+    for seg in segments(run_dir / "wandb", run_id, include_online=True):
+        if seg.resolve() == mine:
+            continue
+        if seg.name.startswith("offline-run-") and _set_aside_if_empty(seg):
+            continue
+        try:
+            record = read_run(seg)
+        except Exception as e:  # unknown: neither re-log nor drop anything rather than guess
+            log.warning("cannot read W&B segment %s (%s: %s); not re-logging lost steps, nor skipping steps "
+                        "it may hold", seg, type(e).__name__, e)
+            return None
+        if project and record.get("project") and record["project"] != project:
+            elsewhere.add(record["project"])
+            continue
+        here = True
+        last = max([last, *(r["_step"] for r in record["history"] if "_step" in r)])
+    if elsewhere and not here:  # the first start in this project
+        log.warning("wandb.project is %s now; earlier W&B segments of run %s are in %s: W&B keeps a run per "
+                    "project, so %s gets this run's logs from %s again (those projects keep what they have)",
+                    project, run_id, ", ".join(sorted(elsewhere)), project, STEPS_FILE)
+    return last
+
+
+def lacks_logs(run_dir: Path, run_id: Optional[str], project: Optional[str]) -> bool:
+    """Whether wandb_steps.jsonl holds logs past what this folder's W&B segments of the run hold (a stretch
+    trained with W&B disabled, or logs lost with W&B's service): what a start on a completed run opens W&B for,
+    else it opens none."""
+    if run_id is None:
+        return False
+    steps = [e["step"] for e in _read_steps(run_dir / STEPS_FILE)]
+    have = logged_until(run_dir, run_id, project) if steps else None
+    return have is not None and max(steps) > have
+
+
+def set_aside_empty(run_dir: Path, run_id: Optional[str]) -> None:
+    """This run's offline segments without a record, renamed out of the `wandb sync` glob (no ``import
+    wandb``): with W&B disabled, on a completed run, or for the old run that checkpoint.resume=never sets aside."""
+    from .wandb_offline import segments
+    for seg in segments(run_dir / "wandb", run_id, ordered=False) if run_id else ():
+        _set_aside_if_empty(seg)
 
 
 def _read_steps(path: Path) -> list[dict]:

@@ -45,7 +45,8 @@ from .schedule import lr_factor
 from .slurm import SlurmJob
 from .history import HISTORY_FILE, rewrite_history
 from .jobs import DIVERGED, is_completed
-from .tracking import ID_FILE, STEPS_FILE, NullTracker, make_tracker, read_id
+from .tracking import ID_FILE, STEPS_FILE, NullTracker, lacks_logs, make_tracker, read_id, set_aside_empty
+from .wandb_mode import resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +242,17 @@ class Trainer:
                 log.warning("%s was missing: written again from the checkpoint's %d epochs", HISTORY_FILE,
                             len(self.state.history))
             rewrite_history(self.run_dir / HISTORY_FILE, self.state.history)
-        self.tracker = NullTracker() if self.finished else make_tracker(
+        # a finished run opens W&B only for what its record lacks: a stretch trained with W&B disabled, logs lost
+        # with W&B's service (wandb_steps.jsonl has them). A segment without a record would stop `wandb sync`
+        wandb_id = self.state.wandb_id or read_id(self.run_dir)
+        if self.finished and env.is_main:
+            set_aside_empty(self.run_dir, wandb_id)
+        self._relog_only = self.finished and env.is_main and resolve_mode(cfg.wandb.mode) != "disabled" and \
+            lacks_logs(self.run_dir, wandb_id, cfg.wandb.project)
+        self.tracker = NullTracker() if self.finished and not self._relog_only else make_tracker(
             self.run_dir, cfg_dict, cfg.wandb, env.rank, self.state.wandb_id, self.state.history, self.state.global_step)
-        self.state.wandb_id = self.tracker.run_id
-        if env.is_main and not self.finished:  # the mode auto chose (offline without a key) is said in train.log
+        self.state.wandb_id = self.tracker.run_id or self.state.wandb_id
+        if env.is_main and (self._relog_only or not self.finished):  # the mode auto chose is said in train.log
             mode = self.tracker.mode
             log.info("W&B %s%s", mode, {"offline": f" (run {self.tracker.run_id}; from a machine with network: wandb "
                                                    f"sync {shlex.quote(str(self.run_dir))}/wandb/offline-run-*)",
@@ -319,6 +327,8 @@ class Trainer:
         start is a new W&B run, not steps 1.. again. Its .hydra/ (its config, which this run's replaces once
         set up) goes along."""
         if self.env.is_main:
+            # its segments stay in wandb/ (`wandb sync` gives both runs): one without a record would stop that sync
+            set_aside_empty(self.run_dir, read_id(self.run_dir))
             also = [self.run_dir / name for name in (ID_FILE, HISTORY_FILE, STEPS_FILE)]
             also += sorted(self.run_dir.glob(f"{HISTORY_FILE}.edited*"))  # that run's own, kept by an earlier start
             kept = self.ckpt.folder.is_dir() and any(self.ckpt.folder.iterdir())
@@ -513,10 +523,13 @@ class Trainer:
     def fit(self) -> int:
         cfg, st = self.cfg, self.state
         if self.finished:
+            if self._relog_only:  # W&B's record made whole: its summary as at the run's end
+                self.tracker.set_summary(**self._final_summary(read_json(self.run_dir / "status.json")))
             if self.env.is_main and not self._said_completed:  # status.json deleted or damaged since
                 self.write_status("completed")
             elif self.env.is_main:
                 self._recount_restarts()
+                self._summary_status("completed")
             if self.env.is_main:
                 log.info("this run completed its %d epoch%s already: nothing to do (a larger trainer.epochs trains "
                          "on; checkpoint.resume=never starts over)", st.epoch, "" if st.epoch == 1 else "s")
@@ -526,8 +539,9 @@ class Trainer:
         self.polls.restart_clock()
         self._phase = "training"
         self.write_status("running")
-        if self.env.is_main:  # what trainer.precision=auto chose; the code this start trains with
-            self.tracker.set_summary(precision=self.precision, code=describe(code_version()))
+        if self.env.is_main:  # what trainer.precision=auto chose; the code this start trains with; the best so far
+            self.tracker.set_summary(precision=self.precision, code=describe(code_version()),  # (a resumed W&B
+                                     **({"best_val_acc": st.best_val_acc} if st.history else {}))  # record may lack it)
         if self.env.is_main:
             auto = " (auto)" if cfg.trainer.precision == "auto" else ""
             log.info("training %s on %s: %d rank(s), global batch %d, %d steps/epoch, %d epoch%s, lr %g, precision %s%s",
@@ -553,13 +567,19 @@ class Trainer:
         self.polls.finish()  # the last step's flags: the run is over, but no collective is left in flight
         self.wait_checkpoints()
         scored = {"test_loss": test[0], "test_acc": test[1]} if test else {}
-        self.tracker.set_summary(best_val_acc=st.best_val_acc, final_val_acc=st.history[-1]["val_acc"], **scored)
+        self.tracker.set_summary(**self._final_summary(scored))
         self.write_status("completed", **scored)
         if self.env.is_main:
             log.info("done: best val_acc %.4f, final %.4f", st.best_val_acc, st.history[-1]["val_acc"])
             if test:
                 log.info("test (the final weights, scored once): loss %.4f acc %.4f (%d images)", *test)
         return 0
+
+    def _final_summary(self, scored: dict) -> dict:
+        """W&B's summary of a completed run; ``scored``: the test scores, where a held-out split left some."""
+        st = self.state
+        return {"best_val_acc": st.best_val_acc, "final_val_acc": st.history[-1]["val_acc"],
+                **{k: scored[k] for k in ("test_loss", "test_acc") if k in scored}}
 
     def _train_epoch(self, stop: StopRequest) -> bool:
         """Runs the rest of the epoch; True when a stop was requested (checkpoint already written)."""

@@ -197,7 +197,7 @@ def segment_id(segment_dir: str | Path) -> Optional[str]:
 def read_run(segment_dir: str | Path, *, strict: bool = False) -> dict:
     """Read one ``wandb/offline-run-*-<id>/`` folder (one process's segment of a run).
 
-    Returns ``{"id", "history", "summary", "config", "start_time", "exit_code", "path"}``:
+    Returns ``{"id", "project", "entity", "history", "summary", "config", "start_time", "exit_code", "path"}``:
     history is a list of ``{"_step": int, key: value, ...}`` rows in logged order (values
     json-decoded; nested dict keys flattened with "."; wandb's own ``_timestamp``/``_runtime``
     columns kept); summary is the final summary (nested dicts kept, ``_wandb`` dropped); config is
@@ -215,6 +215,7 @@ def read_run(segment_dir: str | Path, *, strict: bool = False) -> dict:
     config: dict = {}
     start_time = None
     exit_code = None
+    project = entity = None
     for rec in (read_records(log, strict=strict) if log.exists() else ()):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
@@ -234,6 +235,7 @@ def read_run(segment_dir: str | Path, *, strict: bool = False) -> dict:
             run = rec.run
             if run.run_id:
                 rid = run.run_id
+            project, entity = run.project or project, run.entity or entity
             _apply(config, run.config)
             _apply(summary, run.summary)
             if run.HasField("start_time"):
@@ -242,7 +244,7 @@ def read_run(segment_dir: str | Path, *, strict: bool = False) -> dict:
             exit_code = int(rec.exit.exit_code)
     config.pop("_wandb", None)
     summary.pop("_wandb", None)
-    return {"id": rid, "history": history, "summary": summary, "config": config,
+    return {"id": rid, "project": project, "entity": entity, "history": history, "summary": summary, "config": config,
             "start_time": start_time, "exit_code": exit_code, "path": str(segment_dir)}
 
 

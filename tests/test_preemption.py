@@ -525,7 +525,13 @@ def test_resume_never_starts_fresh_and_keeps_old_checkpoints(reference, tmp_path
     shutil.copytree(reference, run)
     old_id = (run / "wandb_id.txt").read_text().strip()
     (run / "history.csv.edited1").write_text("a history changed by hand, kept by an earlier start\n")
+    (kept,) = segments(run / "wandb")
+    dead = run / "wandb" / f"offline-run-20990101_000000-{old_id}"  # the old run's start killed as it began
+    dead.mkdir()
+    (dead / f"run-{old_id}.wandb").write_bytes(next(kept.glob("run-*.wandb")).read_bytes()[:7])
     run_train(tmp_path, run, EXACT + ["checkpoint.resume=never", "wandb.mode=offline"])
+    # out of the sync glob, where it stopped `wandb sync` of both runs (the old one's id is no longer the folder's)
+    assert not dead.exists() and (run / "wandb" / f"empty-{dead.name}").is_dir() and kept.is_dir()
     old = run / "checkpoints.old1"
     assert (old / "last.pt").exists()
     assert (old / "history.csv.edited1").is_file() and not (run / "history.csv.edited1").exists()  # that run's
@@ -635,6 +641,49 @@ def test_a_finished_run_run_again_does_nothing_and_opens_no_wandb_segment(refere
     run_train(tmp_path, run, EXACT + ["wandb.mode=offline", "trainer.epochs=4"])  # grown: it trains on
     assert len(history(run)) == 4 and history(run)[:3] == history(reference)
     assert len(segments(run / "wandb")) == len(segs) + 1
+
+
+def _wandb_record(run: Path) -> list[dict]:
+    """The W&B history of the run as `wandb sync` of its offline segments gives it, less the clock's columns."""
+    rid = (run / "wandb_id.txt").read_text().strip()
+    return [{k: v for k, v in row.items() if k == "_step" or not (k.startswith("_") or "second" in k)}
+            for row in merged_history(run / "wandb", rid)]
+
+
+def test_a_finished_run_whose_wandb_record_lacks_logs_gets_them_then_nothing(reference, tmp_path):
+    """The last epoch trained with W&B disabled completed the run; run again with W&B, the same command said
+    "nothing to do" and W&B never got that epoch. It now logs what the record lacks, at its steps, with the
+    run's end summary: the record is the uninterrupted run's. Then nothing. A segment without a record (a start
+    killed as it began) is renamed out of the sync glob, and status.json names the run's W&B id throughout."""
+    run = tmp_path / "run"
+    run_train(tmp_path, run, EXACT + ["wandb.mode=offline", "trainer.epochs=2"])
+    run_train(tmp_path, run, EXACT + ["wandb.mode=disabled"])
+    rid = (run / "wandb_id.txt").read_text().strip()
+    assert json.loads((run / "status.json").read_text())["wandb_id"] == rid  # it showed "-" after the disabled end
+    (first,) = segments(run / "wandb")
+    dead = run / "wandb" / f"offline-run-20990101_000000-{rid}"
+    dead.mkdir()
+    (dead / f"run-{rid}.wandb").write_bytes(next(first.glob("run-*.wandb")).read_bytes()[:7])
+    assert [r["_step"] for r in _wandb_record(run)] != [r["_step"] for r in _wandb_record(reference)]
+    run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
+    log = (run / "train.log").read_text()
+    assert "re-logging" in log and "this run completed its 3 epochs already: nothing to do" in log, log[-2000:]
+    assert not dead.exists() and (run / "wandb" / f"empty-{dead.name}").is_dir()
+    # the uninterrupted run's record, but for the train log at step 11: the first segment logged epoch 2's
+    # evaluation there, and W&B adds nothing to a step a resumed run's record holds (README, W&B across restarts)
+    ours, theirs = _wandb_record(run), _wandb_record(reference)
+    assert [r["_step"] for r in ours] == [r["_step"] for r in theirs]
+    assert [r for r in ours if r["_step"] != 11] == [r for r in theirs if r["_step"] != 11]
+    (at11,), (ref11,) = [r for r in ours if r["_step"] == 11], [r for r in theirs if r["_step"] == 11]
+    assert at11 == {k: v for k, v in ref11.items() if not k.startswith("train/") or k.startswith("train/epoch_")}
+    st = json.loads((run / "status.json").read_text())
+    last = read_run(segments(run / "wandb")[-1])
+    assert last["id"] == rid and last["exit_code"] == 0, last
+    assert {k: last["summary"].get(k) for k in ("status", "best_val_acc", "final_val_acc")} == \
+        {"status": "completed", "best_val_acc": st["best_val_acc"], "final_val_acc": st["last_val_acc"]}, last["summary"]
+    segs = segments(run / "wandb")
+    run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])  # whole now: no segment opened
+    assert segments(run / "wandb") == segs
 
 
 def test_resume_that_switches_channels_last_gives_momentum_the_weights_layout(reference, tmp_path):
