@@ -155,7 +155,7 @@ class Tracker:
         history_rows = list(history_rows or [])
         rewrite_history(self.history_path, history_rows)
         self.mode = mode or resolve_mode(wandb_cfg.mode)
-        self._project = wandb_cfg.project
+        self._where = (wandb_cfg.entity, wandb_cfg.project)  # W&B keeps a run per entity/project
         self.online_error: Optional[str] = None  # why an online init fell back to offline
         self._run = None
         self._run_id: Optional[str] = None
@@ -241,7 +241,7 @@ class Tracker:
         None when an earlier segment cannot be read."""
         if self.mode == "online":
             return max(0, int(self._run.starting_step) - 1)  # the server's resume point
-        return logged_until(self.run_dir, self._run_id, self._project, self.segment_dir)
+        return logged_until(self.run_dir, self._run_id, self._where, self.segment_dir)
 
     def _set_aside_offline(self, relogged: bool = True) -> None:
         """Online: rename this run's earlier offline segments out of the ``offline-run-*`` glob that `wandb sync`
@@ -250,10 +250,16 @@ class Tracker:
         start, or (after the checkpoint) logged again as the run trains on; `wandb sync` of them would add those
         steps to the run a second time. ``relogged`` False (wandb_steps.jsonl was gone, nothing re-logged): the
         empty ones only."""
-        from .wandb_offline import RELOGGED_PREFIX, segments
+        from .wandb_offline import RELOGGED_PREFIX, read_run, segments
         mine = self.segment_dir.resolve() if self.segment_dir else None
         for seg in segments(self.run_dir / "wandb", self._run_id, ordered=False):
             if seg.resolve() == mine or _set_aside_if_empty(seg) or not relogged:
+                continue
+            try:
+                other = elsewhere(read_run(seg), self._where)
+            except Exception:  # unreadable: taken for this project's, as every segment was
+                other = None
+            if other:  # another project's run of this id: the server's record here holds none of it; sync it there
                 continue
             aside = _rename_aside(seg, RELOGGED_PREFIX)
             if aside is not None:
@@ -444,14 +450,25 @@ def _set_aside_if_empty(seg: Path) -> bool:
     return True
 
 
-def logged_until(run_dir: Path, run_id: str, project: Optional[str], mine: Optional[Path] = None) -> Optional[int]:
-    """The last step this folder's W&B segments of ``run_id`` in ``project`` hold (0: none; ``mine``, the
-    segment being written, left out); None when one cannot be read. Segments without a record are renamed out
-    of the sync glob on the way. Those of another project (wandb.project changed on resume) are another W&B
-    run: online, the server's record in the new project starts empty too, so either way the whole run is
-    re-logged there."""
+def elsewhere(record: dict, where: tuple) -> Optional[str]:
+    """The entity/project of a segment's ``record`` where it is not ``where`` (this start's (entity, project)): W&B
+    keeps a run per project, so that segment is another run of the same id. Unknown parts (an offline record
+    often has no entity) are no difference."""
+    theirs = (record.get("entity"), record.get("project"))
+    if any(a and b and a != b for a, b in zip(theirs, where)):
+        return "/".join(str(x) for x in theirs if x)
+    return None
+
+
+def logged_until(run_dir: Path, run_id: str, where: tuple, mine: Optional[Path] = None,
+                 quiet: bool = False) -> Optional[int]:
+    """The last step this folder's W&B segments of ``run_id`` in ``where`` ((entity, project)) hold (0: none;
+    ``mine``, the segment being written, left out); None when one cannot be read. Segments without a record are
+    renamed out of the sync glob on the way. Those of another project (wandb.project or entity changed on resume)
+    are another W&B run: online, the server's record in the new project starts empty too, so either way the whole
+    run is re-logged there (said, unless ``quiet``: the tracker that does it says it)."""
     from .wandb_offline import read_run, segments
-    last, elsewhere, here = 0, set(), False
+    last, others, here = 0, set(), False
     mine = mine.resolve() if mine else None
     for seg in segments(run_dir / "wandb", run_id, include_online=True):
         if seg.resolve() == mine:
@@ -464,26 +481,32 @@ def logged_until(run_dir: Path, run_id: str, project: Optional[str], mine: Optio
             log.warning("cannot read W&B segment %s (%s: %s); not re-logging lost steps, nor skipping steps "
                         "it may hold", seg, type(e).__name__, e)
             return None
-        if project and record.get("project") and record["project"] != project:
-            elsewhere.add(record["project"])
+        other = elsewhere(record, where)
+        if other:
+            others.add(other)
             continue
         here = True
         last = max([last, *(r["_step"] for r in record["history"] if "_step" in r)])
-    if elsewhere and not here:  # the first start in this project
-        log.warning("wandb.project is %s now; earlier W&B segments of run %s are in %s: W&B keeps a run per "
-                    "project, so %s gets this run's logs from %s again (those projects keep what they have)",
-                    project, run_id, ", ".join(sorted(elsewhere)), project, STEPS_FILE)
+    if others and not here and not quiet:  # the first start in this project
+        now = "/".join(str(x) for x in where if x)
+        log.warning("wandb.entity/project is %s now; earlier W&B segments of run %s are in %s: W&B keeps a run per "
+                    "project, so %s gets this run's logs from %s again (the others keep what they have)",
+                    now, run_id, ", ".join(sorted(others)), now, STEPS_FILE)
     return last
 
 
-def lacks_logs(run_dir: Path, run_id: Optional[str], project: Optional[str]) -> bool:
+def lacks_logs(run_dir: Path, run_id: Optional[str], where: tuple) -> bool:
     """Whether wandb_steps.jsonl holds logs past what this folder's W&B segments of the run hold (a stretch
     trained with W&B disabled, or logs lost with W&B's service): what a start on a completed run opens W&B for,
-    else it opens none."""
-    if run_id is None:
+    else it opens none. A folder without any segment of the run (`wandb clean`, or wandb/ deleted after a sync)
+    cannot tell: left as it is rather than log the whole run a second time."""
+    from .wandb_offline import EMPTY_PREFIX, segments
+    wandb_dir = run_dir / "wandb"
+    if run_id is None or not (segments(wandb_dir, run_id, include_online=True, ordered=False)
+                              or any(wandb_dir.glob(f"{EMPTY_PREFIX}offline-run-*-{run_id}"))):
         return False
     steps = [e["step"] for e in _read_steps(run_dir / STEPS_FILE)]
-    have = logged_until(run_dir, run_id, project) if steps else None
+    have = logged_until(run_dir, run_id, where, quiet=True) if steps else None
     return have is not None and max(steps) > have
 
 

@@ -248,9 +248,15 @@ class Trainer:
         if self.finished and env.is_main:
             set_aside_empty(self.run_dir, wandb_id)
         self._relog_only = self.finished and env.is_main and resolve_mode(cfg.wandb.mode) != "disabled" and \
-            lacks_logs(self.run_dir, wandb_id, cfg.wandb.project)
-        self.tracker = NullTracker() if self.finished and not self._relog_only else make_tracker(
-            self.run_dir, cfg_dict, cfg.wandb, env.rank, self.state.wandb_id, self.state.history, self.state.global_step)
+            lacks_logs(self.run_dir, wandb_id, (cfg.wandb.entity, cfg.wandb.project))
+        if self.finished and not self._relog_only:
+            self.tracker = NullTracker()
+        elif self._relog_only:
+            self.tracker = self._relog_tracker()
+        else:
+            self.tracker = make_tracker(self.run_dir, cfg_dict, cfg.wandb, env.rank, self.state.wandb_id,
+                                        self.state.history, self.state.global_step)
+        self._relog_only = not isinstance(self.tracker, NullTracker) and self.finished
         self.state.wandb_id = self.tracker.run_id or self.state.wandb_id
         if env.is_main and (self._relog_only or not self.finished):  # the mode auto chose is said in train.log
             mode = self.tracker.mode
@@ -265,6 +271,18 @@ class Trainer:
             self.epoch_sums.copy_(self._resume_sums[0])
             self.interval_sums.copy_(self._resume_sums[1])
         return self
+
+    def _relog_tracker(self):
+        """W&B opened on a completed run for the logs its record lacks: at best, as it trains nothing. A W&B that
+        does not start (a timeout, its service) leaves the record as it was, said, not the run failed."""
+        try:
+            return make_tracker(self.run_dir, self.cfg_dict, self.cfg.wandb, self.env.rank, self.state.wandb_id,
+                                self.state.history, self.state.global_step)
+        except Exception as e:  # noqa: BLE001 - the run is complete whatever W&B does
+            log.warning("W&B did not start (%s: %s): its record of this completed run stays short of %s; the same "
+                        "command with W&B logs it later", type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+                        STEPS_FILE)
+            return NullTracker()
 
     # -- resume ----------------------------------------------------------------------------------
     def _maybe_resume(self) -> Optional[Path]:
@@ -531,8 +549,9 @@ class Trainer:
                 self._recount_restarts()
                 self._summary_status("completed")
             if self.env.is_main:
-                log.info("this run completed its %d epoch%s already: nothing to do (a larger trainer.epochs trains "
-                         "on; checkpoint.resume=never starts over)", st.epoch, "" if st.epoch == 1 else "s")
+                log.info("this run completed its %d epoch%s already: nothing to %s (a larger trainer.epochs trains "
+                         "on; checkpoint.resume=never starts over)", st.epoch, "" if st.epoch == 1 else "s",
+                         "train: its W&B record has what it lacked" if self._relog_only else "do")
             return 0
         self._stop_if_asked()  # the W&B start can take seconds: the last safe point before the steps
         self._saved_position = self._position_doc(self.state)  # the checkpoint resumed (or nothing yet): what is on disk

@@ -665,9 +665,19 @@ def test_a_finished_run_whose_wandb_record_lacks_logs_gets_them_then_nothing(ref
     dead.mkdir()
     (dead / f"run-{rid}.wandb").write_bytes(next(first.glob("run-*.wandb")).read_bytes()[:7])
     assert [r["_step"] for r in _wandb_record(run)] != [r["_step"] for r in _wandb_record(reference)]
+    # W&B cannot start (its folder cannot take a segment): said, and the run stays completed, exit 0, not failed
+    subprocess.run(["chattr", "+i", run / "wandb"], check=True)
+    try:
+        r = run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
+    finally:
+        subprocess.run(["chattr", "-i", run / "wandb"], check=True)
+    assert "W&B did not start (PermissionError: " in r.stderr and "the same command with W&B logs it later" in \
+        r.stderr, r.stderr[-2000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "completed" and dead.exists()
     run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
     log = (run / "train.log").read_text()
-    assert "re-logging" in log and "this run completed its 3 epochs already: nothing to do" in log, log[-2000:]
+    assert "re-logging" in log and ("this run completed its 3 epochs already: nothing to train: its W&B record has "
+                                    "what it lacked") in log, log[-2000:]
     assert not dead.exists() and (run / "wandb" / f"empty-{dead.name}").is_dir()
     # the uninterrupted run's record, but for the train log at step 11: the first segment logged epoch 2's
     # evaluation there, and W&B adds nothing to a step a resumed run's record holds (README, W&B across restarts)

@@ -602,26 +602,31 @@ def test_an_offline_segment_without_records_is_set_aside_for_wandb_sync(wenv, tm
 
 
 def test_a_resume_into_another_wandb_project_logs_the_whole_run_there(wenv, tmp_path, caplog):
-    """W&B keeps a run per project: the earlier segments, in the old project, hold nothing of the new project's
-    run. Offline as online (the server's record in the new project starts empty), the resume logs every step
-    there again from wandb_steps.jsonl, and says so; the old project keeps its steps."""
+    """W&B keeps a run per entity/project: the earlier segments, in the old project, hold nothing of the new
+    project's run. Offline as online (the server's record in the new project starts empty), the resume logs every
+    step there again from wandb_steps.jsonl, and says so once; the old project keeps its steps. An entity only one
+    side names (offline records often have none) is no other run."""
     run_dir = tmp_path / "run"
     first = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline", project="old"), 0, None, [])
     rows = run_epochs(first, 1, 20)
     first.finish()
     second = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline", project="new"), 0, None, rows,
                           global_step=20)
-    run_epochs(second, 21, 30)
+    rows += run_epochs(second, 21, 30)
     second.finish()
     one, two = (read_run(s) for s in segments(run_dir / "wandb"))
     assert (one["project"], two["project"], one["id"]) == ("old", "new", two["id"])
     assert [r["_step"] for r in one["history"]] == list(range(1, 21))
     assert [r["_step"] for r in two["history"]] == list(range(1, 31))  # the whole run, in its project
-    assert f"wandb.project is new now; earlier W&B segments of run {first.run_id} are in old" in caplog.text
-    third = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline", project="new"), 0, None, rows,
+    assert (f"wandb.entity/project is new now; earlier W&B segments of run {first.run_id} are in old" in caplog.text
+            and caplog.text.count(" is new now") == 1)
+    third = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline", project="new", entity="me"), 0, None, rows,
                          global_step=30)
-    third.finish()  # the same project: nothing logged again, and no word of projects
-    assert read_run(segments(run_dir / "wandb")[-1])["history"] == [] and caplog.text.count("is new now") == 1
+    third.finish()  # the same project, an entity where the records have none: nothing logged again, nothing said
+    assert read_run(segments(run_dir / "wandb")[-1])["history"] == [] and caplog.text.count(" is new now") == 1
+    from allconv_hpc.tracking import elsewhere
+    assert elsewhere({"entity": "a", "project": "p"}, ("b", "p")) == "a/p"  # another entity: another run
+    assert elsewhere({"entity": None, "project": "p"}, ("b", "p")) is None
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
