@@ -119,7 +119,7 @@ def check_present(cfg: DataConfig, fix: Optional[str] = None, root_option: str =
 
 def _not_a_file(cfg: DataConfig, root_option: str) -> None:
     root = Path(cfg.root).expanduser()
-    if root.exists() and not root.is_dir():
+    if cfg.name != "synthetic" and root.exists() and not root.is_dir():  # generated data reads no folder
         lay = _layout(cfg.name)
         up = root.parent.parent if root.parent.name == lay.folder else root.parent
         raise DataError(f"{root_option}{root} is a file, not a folder: give the folder that holds {lay.folder} "
@@ -127,8 +127,8 @@ def _not_a_file(cfg: DataConfig, root_option: str) -> None:
 
 
 def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "data.root=") -> None:
+    folder, files, missing = _missing(cfg)  # first: a name too long for the file system is said as such
     _not_a_file(cfg, root_option)
-    folder, files, missing = _missing(cfg)
     cut = [f for f in files if f not in missing and not _ends_whole(folder / f)]
     if cut:  # an interrupted copy: found at once, not by the job after its wait in the queue
         raise DataError(f"{', '.join(str(folder / f) for f in cut)}: empty, cut short or damaged (it does not end as "

@@ -27,10 +27,10 @@ from .localjob import LOCAL_PORT_ENV  # set by launcher.TrainJob, which must not
 log = logging.getLogger(__name__)
 
 
-
 def clipped(message: str, limit: int = 2000) -> str:
     """A one-line error as a record keeps it: whole (train.log's line), a traceback-sized one cut and marked."""
     return message if len(message) <= limit else message[:limit - 4] + " ..."
+
 
 class DistributedError(RuntimeError):
     """A peer rank failed or vanished; the message names it when it can be known."""

@@ -340,10 +340,12 @@ def run_rows(folder: Path) -> list[dict]:
                      and state in ("CANCELLED", "LOST (never started)") and _never_started(rec))
         if cancelled and state == "CANCELLED":
             state = "CANCELLED (never started)"
-        # a run whose last start failed, queued again (Slurm's requeue after a node failure, `scontrol requeue`):
-        # the job's state decides until its new start writes its own word
+        # a run whose last start failed, queued again as the same job (Slurm's requeue after a node failure,
+        # `scontrol requeue`: its restart count is past the failed start's): the job's state decides until the new
+        # start writes its own word. The failed start itself, still ending (COMPLETING, other nodes' ranks), failed
+        queued_again = active and isinstance(restarts, int) and restarts > (st.get("restarts") or 0)
         failed = not starting and not stopped and not cancelled and (
-            state.split(" ")[0] in FAILED_STATES or ended or run_state == "failed" and not active)
+            state.split(" ")[0] in FAILED_STATES or ended or run_state == "failed" and not queued_again)
         if not run_dir.exists() and not active:  # removed since (a point deleted from a copy of a sweep, say)
             state, failed = "GONE (no run folder)", False
         if run_state == "completed" and failed and not active:

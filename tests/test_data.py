@@ -271,6 +271,7 @@ def test_a_root_that_is_a_file_gets_the_root_to_use(cifar10, download):
     with pytest.raises(data.DataError, match=rf"^data.root={batch} is a file, not a folder: give the folder that "
                                              rf"holds cifar-10-batches-py \(try data.root={root}\)$"):
         data.check_present(_cfg(batch, download=download))
+    data.check_present(_cfg(batch, "synthetic", download=download))  # generated: no folder read, none refused
 
 
 def test_root_one_level_too_deep_gets_a_hint(cifar10):

@@ -638,6 +638,8 @@ def test_a_failed_run_queued_again_in_its_job_shows_the_jobs_state_not_the_old_f
     [(job, _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, "optim.lr=1e30", f"hydra.run.dir={run}")
     assert wait_final(slurm_cluster, job, 120) == "FAILED", tail(run)
     assert read_status(run)["state"] == "failed"
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 1 and rows[0]["failed"] and "non-finite" in table, table  # its own failure, said
     slurm_cluster.run(["scontrol", "requeue", job], check=True)
     slurm_cluster.run(["scontrol", "update", f"jobid={job}", "StartTime=now+3600"], check=True)  # kept queued
     rc, rows, table = status(slurm_cluster, tmp_path, run)
