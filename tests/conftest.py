@@ -107,8 +107,9 @@ def slurm_cluster():
 # --------------------------------------------------------------- end of the Slurm section
 
 
-# In CI a skipped test fails the session: every test's needs (Slurm, g++, ACLs, /dev/full) are there, so a skip
-# would be a check that silently did not run, under a green exit code.
+# In CI a skipped test (or file) fails the session: every test's needs (Slurm, g++, ACLs, /dev/full) are there, and
+# no GPU is (the tests that skip where one is visible), so a skip would be a check that silently did not run,
+# under a green exit code.
 _SKIPPED: list = []
 
 
@@ -116,6 +117,10 @@ def pytest_runtest_logreport(report):
     if report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         _SKIPPED.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_collectreport(report):  # a whole file skipped (a module-level importorskip or skip)
+    pytest_runtest_logreport(report)
 
 
 def pytest_sessionfinish(session, exitstatus):

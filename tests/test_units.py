@@ -1313,3 +1313,23 @@ def test_a_train_log_that_cannot_be_written_is_said_once_not_at_every_line(tmp_p
     h.emit(record("space again"))
     h.close()
     assert (tmp_path / "train.log").read_text() == "space again\n"
+
+
+def test_in_ci_a_skipped_test_or_file_fails_the_run(tmp_path):
+    """tests/conftest.py: under CI (any value but false/0) a skip fails pytest's exit code and is named; a file
+    skipped whole too. Outside CI a skip is a skip."""
+    import shutil
+    import sys
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_skips.py").write_text("import pytest\n\ndef test_a():\n    pytest.skip('no such part')\n\n"
+                                            "def test_b():\n    pass\n")
+    (tmp_path / "test_whole.py").write_text("import pytest\npytest.skip('none here', allow_module_level=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    for ci, rc in ((None, 0), ("false", 0), ("1", 1), ("true", 1), ("woodpecker", 1)):
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                           env={**env, **({"CI": ci} if ci else {})}, capture_output=True, text=True, timeout=120,
+                           cwd=tmp_path)
+        assert r.returncode == rc, (ci, r.stdout[-2000:])
+        named = "skipped in CI" in r.stdout and "test_skips.py::test_a: Skipped: no such part" in r.stdout and \
+            "test_whole.py: Skipped: none here" in r.stdout
+        assert named == bool(rc), (ci, r.stdout[-2000:])
