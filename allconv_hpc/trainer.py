@@ -247,16 +247,15 @@ class Trainer:
         wandb_id = self.state.wandb_id or read_id(self.run_dir)
         if self.finished and env.is_main:
             set_aside_empty(self.run_dir, wandb_id)
-        self._relog_only = self.finished and env.is_main and resolve_mode(cfg.wandb.mode) != "disabled" and \
-            lacks_logs(self.run_dir, wandb_id, (cfg.wandb.entity, cfg.wandb.project))
-        if self.finished and not self._relog_only:
-            self.tracker = NullTracker()
-        elif self._relog_only:
-            self.tracker = self._relog_tracker()
-        else:
+        if not self.finished:
             self.tracker = make_tracker(self.run_dir, cfg_dict, cfg.wandb, env.rank, self.state.wandb_id,
                                         self.state.history, self.state.global_step)
-        self._relog_only = not isinstance(self.tracker, NullTracker) and self.finished
+        elif env.is_main and resolve_mode(cfg.wandb.mode) != "disabled" and \
+                lacks_logs(self.run_dir, wandb_id, (cfg.wandb.entity, cfg.wandb.project)):
+            self.tracker = self._relog_tracker()
+        else:
+            self.tracker = NullTracker()
+        self._relog_only = self.finished and not isinstance(self.tracker, NullTracker)  # W&B opened to re-log
         self.state.wandb_id = self.tracker.run_id or self.state.wandb_id
         if env.is_main and (self._relog_only or not self.finished):  # the mode auto chose is said in train.log
             mode = self.tracker.mode
