@@ -274,6 +274,11 @@ class Writer:
         self.depth = depth
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: list[tuple[str, Future]] = []
+        self.failed = False  # a write failed (raised): what landed before it is the run's newest on disk
+
+    def failing(self) -> bool:
+        """A write has failed and not yet been raised (no wait: for the step poll)."""
+        return any(fut.done() and fut.exception() is not None for _, fut in self._pending)
 
     def submit(self, what: str, fn: Callable, *args) -> None:
         self._reap(block_until=self.depth - 1)
@@ -305,6 +310,7 @@ class Writer:
                 if (also := rest.exception()) is not None:
                     log.error("writing %s failed too: %s", other, also)
             self._pending.clear()
+            self.failed = True
             raise CheckpointError(f"writing {what} failed: {type(error).__name__}: {error}; the older checkpoints "
                                   f"are kept (check free space and permissions of the run folder)") from error
 

@@ -17,6 +17,8 @@ class Poll:
     warning: bool = False       # some rank got the warning signal (USR2: preemption or time limit ahead)
     terminate: bool = False     # some rank got SIGTERM/SIGINT/SIGHUP first: checkpoint, exit, no requeue
     due: bool = False           # rank 0's clock says a timed checkpoint is due
+    write_failed: bool = False  # rank 0's checkpoint writer failed (a full disk): every rank stops now, not at the
+    #                             next save, every_steps or every_minutes of training later
     signum: int = 0             # a signal a rank got (a terminating one before a warning), and that rank:
     rank: int = -1              # rank 0's log names another's
 
@@ -52,8 +54,9 @@ class StepPoll:
         """A checkpoint was just written (or training starts): the next timed one is every_minutes from now."""
         self._since, self._due_sent = time.monotonic(), False
 
-    def poll(self, stop: StopRequest) -> Poll:
-        """Did any rank get a signal, and which kind; is a timed checkpoint due (rank 0's clock).
+    def poll(self, stop: StopRequest, write_failed: bool = False) -> Poll:
+        """Did any rank get a signal, and which kind; is a timed checkpoint due (rank 0's clock); did rank 0's
+        checkpoint writer fail (`write_failed`, rank 0's word).
         Each flag is reduced on its own: one rank's due checkpoint must not hide another's signal.
 
         Lagged by one poll: this call sends this step's flags in the background and returns what
@@ -67,12 +70,13 @@ class StepPoll:
         previous = self.finish()
         # the signal and its rank in one number, so that the max keeps them paired (a terminating one first)
         mine = (int(terminate) << 40 | (stop.received or 0) << 20 | self.rank + 1) if stop.requested else 0
-        self._pending = self.dist.max_ints_start([int(warning), int(terminate), int(due), mine])
+        self._pending = self.dist.max_ints_start([int(warning), int(terminate), int(due), mine, int(write_failed)])
         theirs = previous[3]
-        self.agreed = Poll(*map(bool, previous[:3]), signum=theirs >> 20 & 0xFFFFF, rank=(theirs & 0xFFFFF) - 1)
+        self.agreed = Poll(*map(bool, previous[:3]), signum=theirs >> 20 & 0xFFFFF, rank=(theirs & 0xFFFFF) - 1,
+                           write_failed=bool(previous[4]))
         return self.agreed
 
     def finish(self) -> list[int]:
         """The answer to the poll in flight (zeros if none); every rank calls it at the same point."""
         pending, self._pending = self._pending, None
-        return self.dist.max_ints_finish(pending) if pending is not None else [0] * 4
+        return self.dist.max_ints_finish(pending) if pending is not None else [0] * 5

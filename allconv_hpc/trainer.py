@@ -415,7 +415,7 @@ class Trainer:
             row, best = epoch_end or (None, None)
             self.writer.submit(f"checkpoint step {st.global_step}", self._write_checkpoint, state, st.global_step, row)
             self._epoch_end_unsaved = False  # handed over: it lands, also if this process fails now (close waits)
-            self._saved_position = self._position_doc(self.state)
+            self._saved_position = self._position_doc(vars(self.state))
             if best is not None:
                 self.writer.submit("best.pt", self._write_best, best, st.global_step)
         self.dist.barrier()
@@ -436,6 +436,7 @@ class Trainer:
     def _write_checkpoint(self, state: dict, step: int, history_row: Optional[dict]) -> None:  # in the writer's thread
         self.tracker.sync()  # the W&B logs up to this step are durable before the checkpoint is
         self.ckpt.save(state, step)
+        self._landed_position = self._position_doc(state["train_state"])  # a later write's failure reports this
         if history_row is not None:  # not before: see _end_epoch
             self.tracker.append_history(history_row, state["train_state"]["history"])
 
@@ -505,17 +506,17 @@ class Trainer:
                 self._write_status_file(doc)
 
     @staticmethod
-    def _position_doc(st: TrainState) -> dict:
-        """status.json's progress fields, of training state `st`."""
-        h = st.history
-        return {"epoch": st.epoch, "global_step": st.global_step, "step_in_epoch": st.step_in_epoch,
-                "last_val_acc": h[-1]["val_acc"] if h else None, "best_val_acc": st.best_val_acc if h else None}
+    def _position_doc(st: dict) -> dict:
+        """status.json's progress fields, of training state `st` (a TrainState's fields)."""
+        h = st["history"]
+        return {"epoch": st["epoch"], "global_step": st["global_step"], "step_in_epoch": st["step_in_epoch"],
+                "last_val_acc": h[-1]["val_acc"] if h else None, "best_val_acc": st["best_val_acc"] if h else None}
 
     def _status_doc(self, state: str, **extra) -> dict:
         st = getattr(self, "state", None) or TrainState()  # not yet there when setup stops early
         tracker = getattr(self, "tracker", None)
         slurm = getattr(self, "slurm", None) or SlurmJob.of_rank(self.env.source)
-        doc = {"state": state, "epochs": self.cfg.trainer.epochs, **self._position_doc(st),
+        doc = {"state": state, "epochs": self.cfg.trainer.epochs, **self._position_doc(vars(st)),
                # a stop inside wandb.init (a Ctrl-C) leaves no tracker: its id file already names the run
                "wandb_id": st.wandb_id or (read_id(self.run_dir) if tracker is None else None),
                # the id squeue/scancel take (an array task's "A_T"); none for a cluster=local job
@@ -525,7 +526,10 @@ class Trainer:
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),
                "updated": time.time(), **extra}
-        if getattr(self, "_epoch_end_unsaved", False) and state != "running":
+        writer = getattr(self, "writer", None)
+        if writer is not None and writer.failed:  # what is on disk: the last write that landed, not those after
+            doc.update(getattr(self, "_landed_position", {}))
+        elif getattr(self, "_epoch_end_unsaved", False) and state != "running":
             doc.update(self._saved_position)
         if not hasattr(self, "resumed_from"):  # failed before resuming: the folder's progress stands (none in a
             # new folder: epoch 0 of this config's epochs, not "0/?"), not the earlier job's counts and signal
@@ -553,7 +557,8 @@ class Trainer:
                          "train: its W&B record has what it lacked" if self._relog_only else "do")
             return 0
         self._stop_if_asked()  # the W&B start can take seconds: the last safe point before the steps
-        self._saved_position = self._position_doc(self.state)  # the checkpoint resumed (or nothing yet): what is on disk
+        # the checkpoint resumed (or nothing yet): what is on disk
+        self._saved_position = self._landed_position = self._position_doc(vars(self.state))
         self.polls.restart_clock()
         self._phase = "training"
         self.write_status("running")
@@ -634,7 +639,9 @@ class Trainer:
             if st.global_step % log_every == 0:
                 self._log_train(n_log, t_log, bar)
                 t_log, n_log = time.perf_counter(), 0
-            agreed = self.polls.poll(stop)
+            agreed = self.polls.poll(stop, self.env.is_main and self.writer.failing())
+            if agreed.write_failed:  # every rank raises rank 0's error (CheckpointError) at this same step
+                self.wait_checkpoints()
             # the epoch's last step is saved after its evaluation (the same step: written twice before)
             periodic = (every and st.global_step % every == 0) or agreed.due
             if agreed.stop or (periodic and st.step_in_epoch < self.steps_per_epoch):

@@ -470,6 +470,25 @@ def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_keeps_the_old
     assert best["val_acc"] == max(candidates), (best, rows, resumed)
 
 
+def test_a_failed_periodic_write_stops_the_run_within_steps_and_status_names_what_landed(tmp_path):
+    """A mid-epoch checkpoint that fails to land (its file's place taken by a folder, as a broken disk would fail
+    it) stops the run within steps (the step poll asks the writer), not at the next save, and status.json names
+    the newest checkpoint on disk (step 4), not the failed one (step 8) nor where training had got to."""
+    run = tmp_path / "run"  # 15 steps an epoch, a checkpoint every 4 steps: 4 lands, 8 fails
+    r = subprocess.run([PY, str(FAULT), *TINY, "trainer.batch_size=20", "trainer.epochs=1", "checkpoint.every_steps=4",
+                        f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=300,
+                       env=clean_env(tmp_path, **folder_at(run / "checkpoints" / "step_00000008.pt", "setup")))
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    assert "writing checkpoint step 8 failed: IsADirectoryError" in log, log[-2000:]
+    st = json.loads((run / "status.json").read_text())
+    assert (st["state"], st["epoch"], st["global_step"], st["step_in_epoch"]) == ("failed", 0, 4, 4), st
+    assert [p.name for p in (run / "checkpoints").glob("step_*.pt") if p.is_file()] == ["step_00000004.pt"]
+    # stopped at the poll after the write failed, not at the next save (step 12) nor the epoch's end
+    logged = [int(m) for m in re.findall(r"\bstep (\d+)/15\b", log)]
+    assert logged and max(logged) < 12, log[-3000:]
+
+
 def test_a_failed_checkpoint_write_on_rank_0_fails_every_rank(tmp_path):
     """Only rank 0 writes; its failure must not leave the other rank exiting 0 or waiting forever."""
     run = tmp_path / "run"

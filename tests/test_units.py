@@ -406,14 +406,14 @@ def test_the_poll_names_a_signal_with_the_rank_that_got_it():
             self.received, self.requested = received, received is not None
             self.is_warning = received in (sig.SIGUSR1, sig.SIGUSR2, sig.SIGXCPU)
 
-    def agreed(got: dict) -> Poll:
+    def agreed(got: dict, write_failed: bool = False) -> Poll:
         others = []
         for rank in (1, 2, 3):
             p = StepPoll(Ranks([]), rank, None)
             p.poll(Got(got.get(rank)))
             others.append(p._pending)
         rank0 = StepPoll(Ranks(others), 0, None)
-        rank0.poll(Got(got.get(0)))
+        assert rank0.poll(Got(got.get(0)), write_failed) == Poll()  # nothing sent before: nothing agreed yet
         return rank0.poll(Got(got.get(0)))  # lagged: the first poll's answer comes with the second
 
     a = agreed({1: sig.SIGTERM, 3: sig.SIGUSR2})
@@ -423,6 +423,8 @@ def test_the_poll_names_a_signal_with_the_rank_that_got_it():
     a = agreed({2: sig.SIGUSR2, 3: sig.SIGUSR2})
     assert (a.terminate, a.said()) == (False, "SIGUSR2 on rank 3"), a
     assert agreed({}) == Poll() and Poll().said() == "a signal"
+    a = agreed({}, write_failed=True)  # rank 0's checkpoint writer failed: every rank stops, no signal said
+    assert (a.write_failed, a.stop, a.signum) == (True, False, 0), a
 
 
 def test_a_warning_after_training_cannot_kill_the_process_at_exit():
@@ -526,9 +528,15 @@ def test_writer_reports_a_failed_write_and_still_lands_the_others(tmp_path):
     w = Writer(depth=3)
     for step in (1, 2, 3):
         w.submit(f"checkpoint step {step}", d.save, {"step": torch.tensor(step)}, step)
+    deadline = time.monotonic() + 30
+    while not w.failing():  # told without waiting (the step poll asks each step), not yet raised
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not w.failed
     with pytest.raises(CheckpointError, match="writing checkpoint step 2 failed: IsADirectoryError.*older "
                                               "checkpoints are kept"):
         w.wait()
+    assert w.failed and not w.failing()
     assert (tmp_path / "step_00000001.pt").is_file() and (tmp_path / "step_00000003.pt").is_file()
     w.wait()  # reported once
     w.close()
