@@ -58,7 +58,8 @@ def repeated_overrides(overrides: list[str]) -> list[str]:
         if "=" in o and not o.startswith("~"):
             given.setdefault(override_key(o), []).append(o)
     return [f"{key} is given {'twice' if len(said) == 2 else f'{len(said)} times'} ({' then '.join(said)}): the "
-            f"last, {said[-1]}, is the one used" for key, said in given.items() if len(said) > 1]
+            f"last, {said[-1]}, is the one used" for key, said in given.items()
+            if len({o.partition("=")[2] for o in said}) > 1]  # the same value again says nothing new
 
 
 def train_warnings(c: Composed, overrides: list[str], ranks: str) -> list[str]:
@@ -167,8 +168,9 @@ def override_error(overrides: list[str], e: Exception) -> str:
         given = [o for o in overrides if o.startswith("+") and not o.startswith("++") and override_key(o) == there.group(1)]
         if given:
             return f"{given[-1]}: {there.group(1)} is already in the config (+ adds a new key); give {given[-1][1:]}"
-    ambiguous = re.match(r"Ambiguous value for argument '(.*)'", msg)
-    if ambiguous:  # key=a,b outside a sweep
+    ambiguous = re.match(r"Ambiguous value for argument '(.*)'", msg) or \
+        re.match(r"Sweep parameters '(.*)' requires --multirun", msg)
+    if ambiguous:  # key=a,b (or choice, range, glob) outside a sweep
         return comma_fix(ambiguous.group(1))
     if re.match(r"In '[\w/]+': Could not find '", msg):  # a misspelt group option: Hydra lists the others
         options = getattr(e, "options", None) or _listed_options(lines)
@@ -474,12 +476,13 @@ def pin_data_root(composed: Composed) -> Optional[tuple[bool, str]]:
     The default root (./data) is relative to where the command starts, so in a run folder that recorded a root,
     that root is kept unless the command line or ALLCONV_DATA names one: a rerun from another folder would
     otherwise miss the data, or silently read another dataset. Returns (a warning?, the line to log) or None."""
-    # one spelling per folder (a/x/../cifar is a/cifar), so the same folder is never "another"; links kept as given
+    # one spelling per folder (a/x/../cifar is a/cifar), links kept as given; a link to the recorded folder is
+    # that folder, not another
     root = os.path.normpath(Path(composed.cfg.data.root).expanduser().absolute())
     recorded = recorded_data_root(composed.run_dir) if composed.cfg.data.name != "synthetic" else None
     recorded = os.path.normpath(recorded) if recorded is not None else None
     said = None
-    if recorded is not None and recorded != root:
+    if recorded is not None and recorded != root and not _same_folder(recorded, root):
         typed = any(override_key(o) == "data.root" for o in composed.overrides)
         env = os.environ.get("ALLCONV_DATA")
         if typed or env:
@@ -493,6 +496,14 @@ def pin_data_root(composed: Composed) -> Optional[tuple[bool, str]]:
             root = recorded
     composed.cfg.data.root = composed.cfg_dict["data"]["root"] = root
     return said
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """One folder by two paths (a link to it): not another root. False where either is not there."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def recorded(run_dir: Path, group: str, key: str):
@@ -516,10 +527,15 @@ def recorded_data_root(run_dir: Path) -> Optional[str]:
 RUN_FILES = OWN_FILES | {".hydra", "train.log", "history.csv", ".submitit", "wandb"}
 
 
+# what a desktop or notebook leaves in any folder it opens (Finder, Explorer, Jupyter): no one's files
+CLUTTER = {".DS_Store", "._.DS_Store", ".localized", "Thumbs.db", "desktop.ini", ".directory", ".ipynb_checkpoints"}
+
+
 def _run_file(name: str) -> bool:
     """A name train/submit writes, a temp file of one, or a job's log (sbatch --output into a folder made for
-    the run, slurm-%j.out): such a folder is a run's or is meant to become one."""
-    return (name in RUN_FILES or name.startswith("checkpoints.old") or name.endswith((".out", ".err", ".log"))
+    the run, slurm-%j.out): such a folder is a run's or is meant to become one. A desktop's clutter passes too."""
+    return (name in RUN_FILES or name in CLUTTER or name.startswith("checkpoints.old")
+            or name.endswith((".out", ".err", ".log"))
             or (name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)))
 
 
@@ -627,7 +643,7 @@ def check_sweep_dir(sweep_dir: Path) -> None:
     if run:
         raise ConfigError(f"hydra.sweep.dir {sweep_dir} is a run folder ({', '.join(run[:3])}): the sweep's points "
                           f"would be mixed into that run; give a new or empty hydra.sweep.dir")
-    other = [n for n in names if n not in SWEEP_FILES
+    other = [n for n in names if n not in SWEEP_FILES and n not in CLUTTER
              and not ((sweep_dir / n).is_dir() and (holds_run(sweep_dir / n) or not os.listdir(sweep_dir / n)))]
     if other:
         more = f", ... ({len(other)} in all)" if len(other) > 5 else ""

@@ -115,6 +115,10 @@ BAD = [
     (["optim.lr=0.05,0.1"], ["optim.lr takes one value"]),
     (["wandb.name=a,b"], ["one value holding commas is quoted: 'wandb.name=\"a,b\"'"]),
     (["model=allcnn_a,allcnn_b"], ["'model=allcnn_a,allcnn_b' is a sweep", "; model takes one option"]),
+    # Hydra's other sweeps alike (Hydra's own line named --multirun, which train refuses)
+    (["optim.lr=choice(0.1,0.2)"], ["'optim.lr=choice(0.1,0.2)' is a sweep (`allconv-hpc submit -m`", "takes one value"]),
+    (["optim.lr=range(0.1,0.3,0.1)"], ["'optim.lr=range(0.1,0.3,0.1)' is a sweep", "optim.lr takes one value"]),
+    (["model=glob(allcnn_*)"], ["'model=glob(allcnn_*)' is a sweep", "; model takes one option"]),
     (["trainer.precision=fp32,bf16"], ["; trainer.precision takes one value"]),  # one of a set: no quotes
     (["model.widht=0.5"], ["model has no key 'widht'; its keys: ", "width"]),
     (["data.train_size=1000000000000"], ["data.train_size=1000000000000 is more synthetic images than generating"]),
@@ -208,6 +212,8 @@ def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path):
     (tmp_path / "pre").mkdir()  # made for sbatch --output=$RUN/slurm-%j.out: a run's folder to be
     (tmp_path / "pre" / "slurm-12.out").write_text("")
     (tmp_path / "pre" / ".submission.json.ab12.tmp").write_text("")
+    (tmp_path / "pre" / ".DS_Store").write_text("")  # a desktop's and a notebook's clutter: no one's files
+    (tmp_path / "pre" / ".ipynb_checkpoints").mkdir()
     check_run_dir(tmp_path / "pre")
     (tmp_path / "proj" / "src").mkdir(parents=True)  # a project's root with a job log in it is still a project's
     for name in ("README.md", "nohup.out", "pyproject.toml", "train.log"):
@@ -269,11 +275,11 @@ def test_print_config_shows_the_composed_config_and_writes_nothing(tmp_path):
         f"allconv-hpc: warning: hydra.sweep.dir=sw: train reads no sweep folder (allconv-hpc submit -m does); it "
         f"trains in hydra.run.dir={tmp_path / 'runs' / 'allcnn_c-synthetic-seed0'}\n"), r.stderr
     r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", "--print-config", "data=synthetic",
-                        "optim.lr=0.1", "model=allcnn_b", "optim.lr=0.2", "model=allcnn_c"],
+                        "optim.lr=0.1", "model=allcnn_b", "seed=3", "optim.lr=0.2", "model=allcnn_c", "seed=3"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     cfg = yaml.safe_load(r.stdout)
     assert r.returncode == 0 and cfg["optim"]["lr"] == 0.2 and cfg["model"]["name"] == "allcnn_c", r.stderr
-    assert r.stderr == (  # Hydra keeps the last without a word
+    assert r.stderr == (  # Hydra keeps the last without a word (seed=3 twice: the same, said nowhere)
         "allconv-hpc: warning: optim.lr is given twice (optim.lr=0.1 then optim.lr=0.2): the last, optim.lr=0.2, is "
         "the one used\nallconv-hpc: warning: model is given twice (model=allcnn_b then model=allcnn_c): the last, "
         "model=allcnn_c, is the one used\n"), r.stderr
@@ -762,6 +768,18 @@ def test_the_same_data_folder_spelled_otherwise_is_not_warned_and_the_environmen
                           "may move its data: it checks the images are the ones it trained on)"), said
     said = pin_data_root(compose(["data.root=/c/x/../cifar", "hydra.run.dir=run"]))  # typed: said as typed
     assert said is not None and said[1].startswith("data.root=/c/cifar is not the /a/cifar this run read before"), said
+    # a link to the folder the run read is that folder: read as given, not warned of (a real folder and link here)
+    real, link = tmp_path / "cifar", tmp_path / "my data"
+    real.mkdir()
+    link.symlink_to(real)
+    first = compose([f"data.root={real}", "hydra.run.dir=run2"])
+    pin_data_root(first)
+    write_hydra_files(first)
+    again = compose([f"data.root={link}", "hydra.run.dir=run2"])
+    assert pin_data_root(again) is None and again.cfg.data.root == str(link)
+    monkeypatch.setenv("ALLCONV_DATA", str(link))
+    again = compose(["hydra.run.dir=run2"])
+    assert pin_data_root(again) is None and again.cfg.data.root == str(link)
 
 
 def _cluster_error(*overrides: str, cluster: str = "slurm") -> str:

@@ -1054,6 +1054,7 @@ def test_sweep_and_run_folders_are_not_mixed(tmp_path):
     (lost / "seed=0").mkdir(parents=True)
     (lost / "seed=0" / "submission.json").write_text("{}")
     (lost / ".submit.lock").touch()
+    (lost / ".DS_Store").touch()  # a desktop's clutter
     check_sweep_dir(lost)
     (lost / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"holds other files \(notes.txt\)"):
