@@ -150,10 +150,13 @@ class Trainer:
         self._counts: dict[int, torch.Tensor] = {}  # see _count
 
         # data: on the device once (uint8, or whitened float32: data.preprocess); augmented there a chunk of steps at a time
-        if cfg.data.download and env.distributed:  # one download into the shared root, not one per rank
+        if cfg.data.download and env.distributed:  # one download per folder, not one per rank into the same one
             if env.is_main:
                 log.info("rank 0 downloads %s; the other ranks wait (up to dist.timeout_s)", cfg.data.name)
                 data_mod.fetch_if_missing(cfg.data)
+            self.dist.barrier()
+            if env.local_rank == 0 and not env.is_main:  # a node reading its own disk: its first rank, once
+                data_mod.fetch_if_missing(cfg.data)  # (nothing where the root is rank 0's, shared)
             self.dist.barrier()
         ds = data_mod.load(cfg.data, cfg.seed)
         self.mean, self.std = ds.mean, ds.std

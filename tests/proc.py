@@ -58,13 +58,15 @@ def free_port() -> int:
 
 def start_ranks(tmp: Path, run_dir: Path, overrides: list[str], world: int,
                 entry: tuple[str, ...] = ("-m", "allconv_hpc", "train"), rank_overrides: list[list[str]] | None = None,
-                **extra_env) -> list[subprocess.Popen]:
+                local_ranks: list[int] | None = None, **extra_env) -> list[subprocess.Popen]:
     """Ranks started by hand with torchrun's variables (no agent that would kill the survivors).
-    rank_overrides: each rank's own overrides, given last."""
+    rank_overrides: each rank's own overrides, given last; local_ranks: each rank's LOCAL_RANK (as on several
+    nodes: [0, 0, 1] is rank 0 on one node, ranks 1 and 2 on another), else its rank."""
     port = free_port()
     procs = []
     for r in range(world):
-        env = clean_env(tmp, RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, LOCAL_WORLD_SIZE=world,
+        local = local_ranks[r] if local_ranks else r
+        env = clean_env(tmp, RANK=r, WORLD_SIZE=world, LOCAL_RANK=local, LOCAL_WORLD_SIZE=world,
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
         own = rank_overrides[r] if rank_overrides else []
         procs.append(subprocess.Popen([PY, *entry, *overrides, f"hydra.run.dir={run_dir}", *own],

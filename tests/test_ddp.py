@@ -229,6 +229,28 @@ def test_ranks_reading_other_images_refuse_to_start(tmp_path):
             assert not (run / "checkpoints").exists()
 
 
+def test_data_download_is_one_per_folder_also_where_a_node_reads_its_own(tmp_path):
+    """data.download=true under DDP: rank 0 downloads into its data.root while the others wait; a node whose root
+    is its own disk (here ranks 1 and 2, one node, another root) downloads once, by its first rank, not once per
+    rank into the same folder at the same time (an archive written twice over). The download is a stand-in."""
+    log = tmp_path / "downloads.log"
+    ov = [o for o in TINY if not o.startswith("data.")] + ["data=cifar10", "data.download=true", "trainer.epochs=1"]
+    roots = [tmp_path / "a", tmp_path / "b", tmp_path / "b"]
+    procs = start_ranks(tmp_path, tmp_path / "run", ov, world=3, entry=(str(Path(__file__).parent / "stub_download.py"),),
+                        rank_overrides=[[f"data.root={r}"] for r in roots], local_ranks=[0, 0, 1], DOWNLOAD_LOG=log)
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    calls = log.read_text().splitlines()
+    assert sorted(calls) == sorted([f"start 0 {roots[0]}", f"end 0 {roots[0]}", f"start 1 {roots[1]}",
+                                    f"end 1 {roots[1]}"]), calls
+    assert calls.index(f"end 0 {roots[0]}") < calls.index(f"start 1 {roots[1]}"), calls  # in turn: a shared root
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "completed"
+
+
 def test_a_hung_rank_fails_the_others_within_the_timeout(tmp_path):
     """A rank that stops answering but keeps its connections (SIGSTOP: a hang, a stuck file system):
     only the collective timeout can catch it."""

@@ -1,0 +1,31 @@
+"""`allconv-hpc train` whose CIFAR download is a stand-in (no network here, and none needed to test who fetches).
+
+DOWNLOAD_LOG=FILE python tests/stub_download.py [overrides]: each call of the download appends "start RANK ROOT" to
+FILE, takes a second, writes a small CIFAR-10 (120 training, 40 test images; the same for every call) into its
+root in the official layout, then appends "end RANK ROOT"."""
+import os
+import sys
+import time
+
+import torch
+
+from allconv_hpc import data
+from allconv_hpc.cli import main
+
+
+def _log(what: str, root: str) -> None:
+    with open(os.environ["DOWNLOAD_LOG"], "a") as f:  # one short line per write: appends do not interleave
+        f.write(f"{what} {os.environ.get('RANK', '0')} {root}\n")
+
+
+def _download(cfg) -> None:
+    _log("start", cfg.root)
+    time.sleep(1.0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (160, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (160,), generator=g)
+    data.write_cifar(cfg.root, "cifar10", x[:120], y[:120], x[120:], y[120:], [f"c{i}" for i in range(10)])
+    _log("end", cfg.root)
+
+
+data._download = _download
+sys.exit(main(["train", *sys.argv[1:]]))
