@@ -75,7 +75,8 @@ def job_records(folder: Path) -> list[dict]:
     except OSError:  # unreadable: said as before
         inside = []
     shown = ", ".join(shlex.quote(str(d)) for d in inside[:3]) + (f" ... ({len(inside)} in all)" if len(inside) > 3 else "")
-    holds = f"; it holds runs or sweeps: give one of them, e.g. {shown}" if inside else ""
+    holds = (f"; it holds runs or sweeps: give one of them, e.g. {shown}, or all: allconv-hpc status "
+             f"{shlex.quote(str(folder))}/*" if inside else "")
     raise FileNotFoundError(f"{folder} is neither a run folder (status.json, checkpoints/) nor a sweep "
                             f"folder (sweep.json){holds or up}")
 
@@ -387,7 +388,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "refused": refused,  # a rank's refusal in start-up failed the job: no resume advice
                      # a failed row says its own error; another's record may hide a start that failed since
                      "start_error": _failed_since(run_dir, st) if st and not (active or failed) else None,
-                     "folder": run_dir.name, "run_dir": str(run_dir.resolve()),
+                     "folder": Path(os.path.abspath(run_dir)).name, "run_dir": str(run_dir.resolve()),  # `.` too
                      "started_by": "train" if by_hand else rec.get("started_by") or (
                          "sbatch" if rec.get("started_by_hand") else "submit" if rec.get("job_id") else "train")})
     return rows
@@ -535,13 +536,22 @@ def status_main(argv: list[str]) -> int:
                                  epilog="exit status: 0 no job failed, 1 a job failed or can never start as asked, 3 Slurm did "
                                         "not answer for a job whose run has not ended, 2 not a run or sweep folder, "
                                         "or a file of it is damaged (the error names it)")
-    ap.add_argument("folder", type=Path)
+    ap.add_argument("folder", type=Path, nargs="+", help="run or sweep folders (runs/* for every run in runs/)")
     ap.add_argument("--json", action="store_true", help="machine-readable rows")
     args = ap.parse_args(argv)
-    try:
-        rows = run_rows(args.folder)
-    except (FileNotFoundError, DamagedFile) as e:
-        print(f"allconv-hpc status: error: {e}", file=sys.stderr)
+    rows, refused = [], False
+    for folder in args.folder:  # each said on its own: one that is no run folder leaves the others' rows
+        try:
+            rows += [r for r in run_rows(folder) if (r["run_dir"], r["job"]) not in {(o["run_dir"], o["job"])
+                                                                                   for o in rows}]  # given twice
+        except (FileNotFoundError, DamagedFile) as e:
+            print(f"allconv-hpc status: error: {e}", file=sys.stderr)
+            refused = True
+    if len(args.folder) > 1:  # two sweeps' points share names (seed=0): each row by its path from here
+        for r in rows:
+            rel = os.path.relpath(r["run_dir"])
+            r["folder"] = rel if not rel.startswith("..") else r["run_dir"]
+    if not rows:
         return 2
     print(json.dumps([{**r, "notes": notes(r)} for r in rows], indent=1) if args.json
           else format_table(rows) + _errors(rows))
@@ -550,7 +560,7 @@ def status_main(argv: list[str]) -> int:
         why = slurm_conf_missing() or "squeue timed out or failed"
         print(f"allconv-hpc status: warning: Slurm did not answer for job(s) {', '.join(silent)} ({why}): their "
               f"state is the run's own status.json", file=sys.stderr)
-    return exit_code(rows)
+    return 2 if refused else exit_code(rows)
 
 
 WIDE = 8  # jobs: beyond, a progress line counts the states and names only the jobs that changed

@@ -324,7 +324,8 @@ def test_not_a_run_folder_is_still_exit_2(tmp_path, capsys):
     (tmp_path / "runs" / "notes").mkdir()
     assert status.status_main([str(tmp_path / "runs")]) == 2  # a folder of runs: a few are named
     assert capsys.readouterr().err.strip().endswith(
-        f"it holds runs or sweeps: give one of them, e.g. {runs[1]}, {runs[0]}, {runs[2]} ... (4 in all)")
+        f"it holds runs or sweeps: give one of them, e.g. {runs[1]}, {runs[0]}, {runs[2]} ... (4 in all), or all: "
+        f"allconv-hpc status {tmp_path / 'runs'}/*")
     f = tmp_path / "file"
     f.write_text("x")
     assert status.status_main([str(f)]) == 2
@@ -335,6 +336,25 @@ def test_not_a_run_folder_is_still_exit_2(tmp_path, capsys):
         assert status.status_main([str(inside)]) == 2
         assert capsys.readouterr().err.strip().endswith(f"it is inside the run or sweep folder {runs[0]}: "
                                                         f"allconv-hpc status {runs[0]}")
+
+
+def test_several_folders_make_one_table_each_row_named_by_its_path(tmp_path, capsys, monkeypatch):
+    """`status runs/*` (a shell's glob) or two sweeps: one table, two sweeps' points of one name told apart by their
+    path; a folder that is no run is said and the others still shown (exit 2); `.` is named by the folder's name."""
+    monkeypatch.chdir(tmp_path)
+    for sweep in ("a", "b"):  # runs started by hand: no scheduler to ask
+        (tmp_path / sweep / "seed=0").mkdir(parents=True)
+        (tmp_path / sweep / "seed=0" / "status.json").write_text(json.dumps({"state": "completed", "epoch": 3,
+                                                                             "epochs": 3}))
+    assert status.status_main(["a/seed=0", "b/seed=0", "--json"]) == 0
+    assert [r["folder"] for r in json.loads(capsys.readouterr().out)] == ["a/seed=0", "b/seed=0"]
+    assert status.status_main(["a/seed=0", "nope"]) == 2
+    out, err = capsys.readouterr()
+    assert "a/seed=0" in out and err.strip() == ("allconv-hpc status: error: nope does not exist; give a run folder "
+                                                 "(hydra.run.dir) or a sweep folder"), err
+    monkeypatch.chdir(tmp_path / "a" / "seed=0")
+    assert status.status_main([".", "--json"]) == 0
+    assert [r["folder"] for r in json.loads(capsys.readouterr().out)] == ["seed=0"]  # was ""
 
 
 def test_a_run_that_failed_before_its_first_record_shows_the_error(tmp_path, capsys):
