@@ -289,7 +289,7 @@ def run_rows(folder: Path) -> list[dict]:
             state = {True: "RUNNING (starting)", False: "FAILED"}.get(held, "UNKNOWN")  # fit writes the first
             active = bool(held)
             if not held and _newest_checkpoint_step(run_dir) is not None:  # status.json deleted (or lost)
-                state = NO_RECORD
+                state, st = NO_RECORD, _progress_from_files(run_dir)
             elif held is False:  # its error is in train.log (a failed download, a damaged data file)
                 st = {"error": _last_error(run_dir) or "ended before its first status record; see train.log, and for "
                                                          "another rank's error its own output (torchrun's console)"}
@@ -435,6 +435,20 @@ def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
     return max(steps) if steps else (-1 if "last.pt" in names else None)
 
 
+def _progress_from_files(run_dir: Path) -> dict:
+    """Without status.json: the epochs history.csv holds (those whose checkpoint landed), towards the trainer.epochs
+    its .hydra/config.yaml records, and the newest checkpoint's step."""
+    from .compose import recorded
+    try:
+        with open(run_dir / "history.csv") as f:
+            done = max(0, sum(1 for line in f if line.strip()) - 1)  # the header
+    except OSError:
+        done = 0
+    epochs = recorded(run_dir, "trainer", "epochs")
+    return {"epoch": done, "epochs": epochs if isinstance(epochs, int) else None,
+            "global_step": max(0, _newest_checkpoint_step(run_dir) or 0)}
+
+
 # run states of a run that may have stopped part-way (a signal; a kill, a time limit while it said running; the
 # time limits used up)
 MAY_RESUME = ("interrupted", "running", "requeued", "gave_up")
@@ -498,7 +512,9 @@ def notes(r: dict) -> list[str]:
             and (r["run"] in MAY_RESUME or r["peer_lost"] or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, kill
             and r["state"].split(" ")[0] not in ACTIVE_STATES and not r["state"].endswith("?")):
         done = (f"stopped with epoch {_epochs(r)} done (step {r['step']})" if r["state"] != NO_RECORD else
-                "no status.json (deleted?) to say how far it got")
+                f"no status.json (deleted?): history.csv has epoch {_epochs(r)}")
+        if r["state"] == NO_RECORD and r["epochs"] is not None and r["epoch"] >= r["epochs"]:
+            then = "finds it completed (nothing to train) and writes its status.json again"
         more = ""
         if r["run"] == "gave_up":  # the same limits would give up alike: the knob that trains more per start
             done += ", giving up: its time limit came more than checkpoint.max_requeues times"

@@ -1453,8 +1453,19 @@ def test_a_killed_job_names_its_error_and_the_resume_and_a_lost_status_json_is_n
     assert (row["state"], row["failed"]) == (status.NO_RECORD, False), row
     assert status.status_main([str(hand)]) == 0 and status.wait_for(hand, poll_s=0) == status.EXIT_STOPPED
     assert capsys.readouterr().out.rstrip().endswith(
-        "hand: no status.json (deleted?) to say how far it got; the same train command resumes it from "
+        "hand: no status.json (deleted?): history.csv has epoch 0/?; the same train command resumes it from "
         "its newest checkpoint, step 140")  # started by hand, no job: train, not submit
+    # its history.csv and .hydra/config.yaml say how far it got (the epochs whose checkpoint landed) of how many
+    (hand / "history.csv").write_text("epoch,train_loss\n1,2.3\n2,2.2\n")
+    (hand / ".hydra").mkdir()
+    (hand / ".hydra" / "config.yaml").write_text("trainer:\n  epochs: 3\n")
+    row = status.run_rows(hand)[0]
+    assert (row["epoch"], row["epochs"], row["step"]) == (2, 3, 140), row
+    (hand / "history.csv").write_text("epoch,train_loss\n1,2.3\n2,2.2\n3,2.1\n")  # every epoch: it completed
+    assert status.status_main([str(hand)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(
+        "hand: no status.json (deleted?): history.csv has epoch 3/3; the same train command finds it completed (nothing "
+        "to train) and writes its status.json again")
 
 
 def test_a_job_scancelled_before_its_run_said_a_word_is_a_stop(tmp_path, on_path, capsys):
