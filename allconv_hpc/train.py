@@ -86,15 +86,15 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
     (the CLI, a submitit job): once the run said its exit, signals are ignored (preempt.exit_said)."""
     try:
         unhold()  # a cluster=local rank's signals held since its start come now, into this Ctrl-C guard
-        from .checkpoint import CheckpointError, check_resume  # torch: the slow imports, inside the Ctrl-C guard
         from .compose import check_run_dir, check_train_args, compose, pin_data_root, train_warnings, write_hydra_files
-        from .data import check_present
-        from .distributed import DistributedError, PortInUse, detect_env
         from .runlock import LockLost, acquire, check_free
         from .jobs import other_jobs_state, stop_command
         from .wandb_mode import check_environment, check_names, preflight_mode
         check_train_args(overrides)
-        composed = compose(overrides)
+        composed = compose(overrides)  # a typo is said before torch's import (seconds), which comes next
+        from .checkpoint import CheckpointError, check_resume  # torch: the slow imports, inside the Ctrl-C guard
+        from .data import check_present
+        from .distributed import DistributedError, PortInUse, detect_env
         root_said = pin_data_root(composed)
         check_run_dir(composed.run_dir)
         busy = other_jobs_state(composed.run_dir)
@@ -278,6 +278,8 @@ def _released(lock_fd: Optional[int], code: int) -> int:
 def _rank_tag() -> str:
     """'rank N: ' in a launch of several ranks, whose errors share one console (torchrun) or are read side by side
     (status, from each task's .err): a refusal on one node only (its data missing) says whose it is."""
+    if not any(k in os.environ for k in ("WORLD_SIZE", "SUBMITIT_LOCAL_NTASKS", "SLURM_STEP_NUM_TASKS")):
+        return ""  # none of detect_env's ways to several ranks: one process, and a typo is said without torch's import
     from .distributed import DistributedError, detect_env
     try:
         env = detect_env()

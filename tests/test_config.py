@@ -7,6 +7,7 @@ stderr, no traceback, quickly, and without creating the run folder.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -303,6 +304,15 @@ def test_bad_config_is_one_clear_line_before_any_work(overrides, needles, tmp_pa
     for needle in needles:
         assert needle in msg, f"{needle!r} not in {msg!r}"
     assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_a_typo_is_said_before_torch_is_imported(tmp_path):
+    """`train` with a misspelt key: refused before the seconds of torch's import (a login node, a script's typo)."""
+    code = ("import sys; from allconv_hpc.cli import main; rc = main(['train', 'traner.epochs=3']); "
+            "print(rc, 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "SUBMITIT_LOCAL_NTASKS", "SLURM_STEP_NUM_TASKS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.stdout.split() == ["2", "False"] and "Did you mean trainer.epochs?" in r.stderr, (r.stdout, r.stderr)
 
 
 @pytest.mark.parametrize("name,folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
