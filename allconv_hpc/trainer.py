@@ -30,7 +30,7 @@ from .checkpoint import (RESUMED_PARTS, CheckpointDir, CheckpointError, Writer, 
                          earlier_epochs, fitting, snapshot)
 from .fsio import read_json, write_atomic
 from .config import GRAPH_MODES, Config, ConfigError, flatten, rank_difference
-from .distributed import Dist, DistEnv, pick_device, set_threads
+from .distributed import Dist, DistEnv, DistributedError, pick_device, set_threads
 from .localjob import local_job_id
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .launch_checks import check_launch
@@ -455,9 +455,9 @@ class Trainer:
             self.writer.wait()
         except CheckpointError as e:
             error = e
-        if self.dist.any(error is not None):
-            raise error or CheckpointError("rank 0 could not write a checkpoint (its log names the file); "
-                                           "the older checkpoints are kept")
+        if self.dist.any(error is not None):  # rare: then rank 0's words, for the other ranks' lines
+            said = self.dist.broadcast_object(str(error) if error else None)
+            raise error or DistributedError(f"rank {self.env.rank}: peer rank 0 failed: {said}")
 
     # -- status for `allconv-hpc status` ---------------------------------------------------------
     def write_status(self, state: str, **extra) -> None:
