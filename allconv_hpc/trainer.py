@@ -30,7 +30,7 @@ from .checkpoint import (RESUMED_PARTS, CheckpointDir, CheckpointError, Writer, 
                          earlier_epochs, fitting, snapshot)
 from .fsio import read_json, write_atomic
 from .config import GRAPH_MODES, Config, ConfigError, flatten, rank_difference
-from .distributed import Dist, DistEnv, DistributedError, pick_device, set_threads
+from .distributed import Dist, DistEnv, DistributedError, pick_device, rank_order_mean, set_threads
 from .localjob import local_job_id
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .launch_checks import check_launch
@@ -230,6 +230,8 @@ class Trainer:
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             net = DDP(net, device_ids=[self.device.index] if cuda else None)
+            if t.deterministic and not cuda:  # exact resume with 3+ ranks (distributed.rank_order_mean)
+                net.register_comm_hook(None, rank_order_mean)
         self.net = net
         # the same command run again on a finished run: nothing to train or score, and no W&B segment. Its
         # status.json says so; where that is gone, the last checkpoint of a run without a held-out split is the end
