@@ -630,6 +630,19 @@ def test_plain_sbatch_script_warned_of_its_time_limit_in_its_setup_stops_and_say
     assert not run.exists()  # nothing started
 
 
+def test_plain_sbatch_script_with_a_time_limit_within_its_signal_lead_stops_and_says_so(slurm_cluster, jobs, tmp_path):
+    """slurm/train.sbatch as it is (--signal=USR2@120) given --time=1: every start would be warned as it began and
+    requeue, training little or nothing; the job stops before training, saying what to change (submit refuses it)."""
+    run, job = sbatch_plain(slurm_cluster, jobs, tmp_path, 1, PLAIN_SCRIPT, ("--time=1",))
+    out = lambda: (tmp_path / f"plain-{job}.out").read_text()  # noqa: E731
+    assert wait_final(slurm_cluster, job, 120) == "FAILED", out()[-3000:]
+    assert re.search(rf"allconv-hpc: job {job}'s time limit \(\d+ s\) is not longer than its signal lead "
+                     r"\(ALLCONV_SIGNAL_LEAD_S=120 s\): every start would be warned as it begins and requeue, training "
+                     r"little or nothing; give a longer --time, or a shorter --signal=USR2@N", out()), out()[-3000:]
+    assert re.search(r"\bRestarts=0\b", slurm_cluster.run(["scontrol", "show", "job", job]).stdout)
+    assert not run.exists()  # nothing started
+
+
 def test_a_failed_run_queued_again_in_its_job_shows_the_jobs_state_not_the_old_failure(slurm_cluster, jobs, tmp_path):
     """A job whose run failed (diverged here; a rank's peers on a lost node alike), queued again as the same job
     (Slurm's requeue after a node failure, `scontrol requeue`): `status` shows the job's state, exit 0, not the
