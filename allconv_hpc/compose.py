@@ -200,10 +200,11 @@ def override_error(overrides: list[str], e: Exception) -> str:
     if isinstance(full_key, str) and full_key and "interpolation" in f"{type(e).__name__} {msg}".lower():
         return _interpolation_error(overrides, full_key, msg)
     parser = OverridesParser.create()
-    for o in overrides:
+    for i, o in enumerate(overrides):
         try:
             parser.parse_overrides([o])
         except HydraException:
+            after = overrides[i + 1] if i + 1 < len(overrides) else ""  # `a=1, 2`: the shell's two words
             value = o.split("=", 1)[1] if "=" in o else ""
             key, hint = o.split("=", 1)[0], ""
             if "=" in value and value.startswith("[") and value.endswith("]"):  # each item quoted; the shell's quotes
@@ -231,6 +232,9 @@ def override_error(overrides: list[str], e: Exception) -> str:
                     hint = "; quote each list item with such characters (a quoted list is one string)"
                 else:
                     hint = f"; quote a value with such characters: \"{key}='{value}'\""
+            elif value.endswith(",") and after and "=" not in after:  # a space after the comma split the list
+                hint = (f"; a space after a comma made two words of the list: give {key}={value}{after} (no spaces), "
+                        f"or quote it whole")
             elif re.search(r"^,|,$|,,|\[,|,\]", value):  # an empty item (Hydra: "mismatched input...")
                 bracketed = value.startswith("[") and value.endswith("]")
                 items = ",".join(v for v in (value[1:-1] if bracketed else value).split(",") if v.strip())

@@ -154,8 +154,9 @@ def sbatch_said(text: str) -> str:
     return "; ".join(ln.strip().removeprefix("sbatch: error: ") for ln in str(text).splitlines() if ln.strip())
 
 
-def sbatch_refused(text: str) -> ConfigError:
-    """sbatch's complaint (already on one line) with the fix."""
+def sbatch_refused(text: str, partition: Optional[str] = None) -> ConfigError:
+    """sbatch's complaint (already on one line) with the fix. `partition`: cluster.partition, where given: one that
+    does not exist is the fix to name first (sbatch complains of the GPUs asked for before it)."""
     text = text or "no reason given"
     unreachable = any(m in text.lower() for m in ("configuration source", "unable to contact",
                                                  "connection refused", "slurm.conf",
@@ -165,10 +166,13 @@ def sbatch_refused(text: str) -> ConfigError:
                            f"runs, or use cluster=local)")
     low = text.lower()
     gres = "gres" in low or "generic resource" in low
-    parts = _partitions() if "invalid partition" in low else []
+    parts = _partitions() if "invalid partition" in low or (gres and partition) else []
+    if gres and partition and parts and partition not in [p.removesuffix(" (the default)") for p in parts]:
+        return ConfigError(f"sbatch refused the job: {text} (cluster.partition={partition} is no partition here: "
+                           f"give cluster.partition one of: {', '.join(parts)})")
     fix = ("check cluster.gpus_per_node and cluster.gpu_type against the partition's GPUs (sinfo -o '%P %G'), "
            "and cluster.partition" if gres else
-           f"give cluster.partition one of: {', '.join(parts)}" if parts else
+           f"give cluster.partition one of: {', '.join(parts)}" if parts and not gres else
            "check cluster.partition, cluster.account, cluster.qos and the other cluster.* values")
     return ConfigError(f"sbatch refused the job: {text} ({fix})")
 
@@ -243,7 +247,7 @@ def check_can_start(points: list[Point], sweep_dir: Optional[Path], cluster: dic
     if any(m in said.lower() for m in _NEVER):
         raise ConfigError(_never_message(cluster, f"sbatch --test-only: {said}",
                                          _over_partition(cluster, _where(cluster), "feature" in said.lower())))
-    raise sbatch_refused(said)
+    raise sbatch_refused(said, cluster.get("partition"))
 
 
 def _partition_state(cluster: dict) -> Optional[str]:

@@ -157,7 +157,7 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
         for path in set(scripts.iterdir()) - before if scripts.is_dir() else ():  # of no job: the folder goes too
             if path.is_file() and (path.name.startswith(".submission_file_") or path.suffix == ".pkl"):
                 path.unlink()
-        raise sbatch_refused(sbatch_said(str(e))) from None
+        raise sbatch_refused(sbatch_said(str(e)), cluster.get("partition")) from None
     finally:
         with contextlib.suppress(OSError):  # submitit makes the folder template itself, "%j" unreplaced, empty
             # (cluster=local: its controller makes it again, in the background)

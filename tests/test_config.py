@@ -116,6 +116,9 @@ BAD = [
     (["optim.lr=0.05,0.1"], ["optim.lr takes one value"]),
     (["wandb.name=a,b"], ["one value holding commas is quoted: 'wandb.name=\"a,b\"'"]),
     (["model=allcnn_a,allcnn_b"], ["'model=allcnn_a,allcnn_b' is a sweep", "; model takes one option"]),
+    (["optim.lr=0.01,", "0.02"], ["a space after a comma made two words of the list: give optim.lr=0.01,0.02 (no "
+                                  "spaces), or quote it whole"]),  # the shell's split of `optim.lr=0.01, 0.02`
+    (["optim.lr=0.01,"], ["a comma with no item beside it: did you mean optim.lr=0.01?"]),
     # Hydra's other sweeps alike (Hydra's own line named --multirun, which train refuses)
     (["optim.lr=choice(0.1,0.2)"], ["'optim.lr=choice(0.1,0.2)' is a sweep (`allconv-hpc submit -m`", "takes one value"]),
     (["optim.lr=range(0.1,0.3,0.1)"], ["'optim.lr=range(0.1,0.3,0.1)' is a sweep", "optim.lr takes one value"]),

@@ -443,7 +443,10 @@ def test_range_sweeps_step_the_numbers_as_written_and_leave_out_the_stop(sweep, 
     ("seed=range(0,inf,1)", "must be finite numbers"), ("optim.lr=range(0.1,nan,0.1)", "must be finite numbers"),
     ("seed=range(true,3)", "must be finite numbers"), ("optim.lr=range(0,1,1e-30)", "gives 10{30} points"),
     ("seed=sort(range(10,0,-3))", "sort\\(\\) of a range is not supported"),  # Hydra: 3, 6, 9, 12
-    ("seed=sort(shuffle(range(0,9,3)))", "sort\\(\\) of a range is not supported")])
+    ("seed=sort(shuffle(range(0,9,3)))", "sort\\(\\) of a range is not supported"),
+    # floats without a step: Hydra's step is 1, one point where a sweep was meant
+    ("optim.lr=range(0.01,0.03)", r"gives one value \(0.01\): a range's step is 1 unless given; give it as the third "
+                                  r"number, range\(start,stop,step\)")])
 def test_a_range_that_cannot_be_stepped_is_one_line(sweep, says):
     with pytest.raises(ConfigError, match=says):
         expand_sweep([sweep], multirun=True)

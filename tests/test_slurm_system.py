@@ -810,6 +810,13 @@ def test_sbatch_refusing_the_partition_is_one_line(slurm_cluster, tmp_path):
                                                    "partition specified: nope"), r.stderr
     assert lines[0].endswith("(give cluster.partition one of: low (the default), high)"), r.stderr
     assert not (tmp_path / "run").exists()
+    # with GPUs asked for (README's first job, on a cluster of other partition names), sbatch speaks of the GPUs
+    # first: the partition that is not there is named all the same
+    r = cli(slurm_cluster, tmp_path, "submit", *merged(SLURM, JOB, ["cluster.partition=gpu", "cluster.gpus_per_node=1"]),
+            f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and r.stderr.strip().endswith(
+        "(cluster.partition=gpu is no partition here: give cluster.partition one of: low (the default), high)"), r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # what the dev cluster's nodes (2 of 2 CPUs, 8 GB, no features) can never give, and the fix the error names
