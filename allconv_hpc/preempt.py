@@ -78,10 +78,8 @@ def _hangup() -> tuple:
 
 
 def _record_early(sig: int, frame) -> None:
-    """The first stop signal; a SIGTERM or SIGHUP after a warning replaces it (a preemption's warning then its
-    TERM: kept as the warning, start-up went on into training, and a slow one met KillWait's SIGKILL)."""
     global _early
-    if _early is None or (_early in warning_signals(_warn) and sig not in warning_signals(_warn)):
+    if _early is None:
         _early = sig
 
 

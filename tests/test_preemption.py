@@ -861,9 +861,9 @@ def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_resumable(tmp_
     assert '"completed"' in (run / "status.json").read_text()
 
 
-def signal_in_start_up(tmp: Path, run: Path, args: list[str], *sigs: int) -> tuple[subprocess.Popen, str, str]:
-    """Start train (args with data.preprocess=gcn_zca: a fit of seconds) and send `sigs` (0.2 s apart) in that fit:
-    after this start's "run folder" line (train.log is appended to by every start), before training."""
+def signal_in_start_up(tmp: Path, run: Path, args: list[str], sig: int) -> tuple[subprocess.Popen, str, str]:
+    """Start train (args with data.preprocess=gcn_zca: a fit of seconds) and send `sig` in that fit: after this
+    start's "run folder" line (train.log is appended to by every start), before training."""
     starts = (run / "train.log").read_text().count("run folder") if (run / "train.log").exists() else 0
     p = subprocess.Popen(train_cmd(run, args), env=clean_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
@@ -873,9 +873,7 @@ def signal_in_start_up(tmp: Path, run: Path, args: list[str], *sigs: int) -> tup
             assert p.poll() is None and time.monotonic() < deadline, p.communicate()
             time.sleep(0.05)
         time.sleep(0.5)  # in the whitening fit
-        for i, sig in enumerate(sigs):
-            time.sleep(0.2 if i else 0)
-            p.send_signal(sig)
+        p.send_signal(sig)
         out, err = p.communicate(timeout=60)
     finally:
         p.kill()
@@ -969,17 +967,6 @@ def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_
     after = json.loads((bad / "status.json").read_text())
     assert {k: after[k] for k in ("state", "error", "global_step")} == {k: failed[k] for k in ("state", "error",
                                                                                               "global_step")}
-
-
-def test_a_sigterm_after_a_warning_in_start_up_stops_there(tmp_path):
-    """A preemption's warning then its SIGTERM, both in start-up: the SIGTERM stops the start at its next safe
-    point, as alone; kept as the warning, start-up went on to train and save, and a slow one met KillWait's kill."""
-    run = tmp_path / "run"
-    p, out, err = signal_in_start_up(tmp_path, run, TINY + ["data.preprocess=gcn_zca"], signal.SIGUSR2,
-                                     signal.SIGTERM)
-    assert p.returncode == 3 and "stopped by SIGTERM during start-up, before training" in err, err
-    assert "training synthetic" not in out and not list((run / "checkpoints").glob("*.pt")), out
-    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
 
 
 def test_a_deleted_lock_is_taken_again_and_a_second_writer_stops_the_first_before_it_writes(tmp_path):
