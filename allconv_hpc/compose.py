@@ -114,6 +114,8 @@ def comma_fix(line: str) -> str:
     sweep = f"{line!r} is a sweep (`allconv-hpc submit -m` submits one job per value)"
     if not name and section in (*SECTIONS, "cluster", "experiment"):  # a group: one option, no quoting helps
         return f"{sweep}; {section} takes one option"
+    if re.match(r"\w+\(", value):  # choice(...), range(...), glob(...): quoting or brackets would make it a value
+        return f"{sweep}; give {bare} one value"
     if kinds & {list} or typing.get_origin(hint) is list or (section == "cluster" and name in _CLUSTER_LISTS):
         return f"{sweep}; one list is given in brackets: '{key}=[{value}]'"
     if (kinds and kinds <= {int, float, bool} or (section == "cluster" and name in _CLUSTER_SCALARS)

@@ -167,9 +167,11 @@ def sbatch_refused(text: str, partition: Optional[str] = None) -> ConfigError:
     low = text.lower()
     gres = "gres" in low or "generic resource" in low
     parts = _partitions() if "invalid partition" in low or (gres and partition) else []
-    if gres and partition and parts and partition not in [p.removesuffix(" (the default)") for p in parts]:
-        return ConfigError(f"sbatch refused the job: {text} (cluster.partition={partition} is no partition here: "
-                           f"give cluster.partition one of: {', '.join(parts)})")
+    known = [p.removesuffix(" (the default)") for p in parts]
+    unknown = [p for p in str(partition or "").split(",") if p and p not in known]  # Slurm takes a list: a,b
+    if gres and parts and unknown:  # (sinfo without -a lists no hidden partition: said only for one it shows none of)
+        return ConfigError(f"sbatch refused the job: {text} (cluster.partition={partition}: {', '.join(unknown)} is no "
+                           f"partition here: give cluster.partition one of: {', '.join(parts)})")
     fix = ("check cluster.gpus_per_node and cluster.gpu_type against the partition's GPUs (sinfo -o '%P %G'), "
            "and cluster.partition" if gres else
            f"give cluster.partition one of: {', '.join(parts)}" if parts and not gres else
@@ -180,7 +182,7 @@ def sbatch_refused(text: str, partition: Optional[str] = None) -> ConfigError:
 def _partitions() -> list[str]:
     """The partitions sinfo lists, the default one marked; [] when it does not answer."""
     from .slurm import slurm_out
-    names = dict.fromkeys(ln.strip() for ln in (slurm_out(["sinfo", "-h", "-o", "%P"]) or "").splitlines())
+    names = dict.fromkeys(ln.strip() for ln in (slurm_out(["sinfo", "-a", "-h", "-o", "%P"]) or "").splitlines())
     return [f"{n.rstrip('*')} (the default)" if n.endswith("*") else n for n in names if n]
 
 

@@ -97,7 +97,8 @@ def _range_values(o) -> list[str]:
     as_int = all(isinstance(v, int) for v in bounds)
     values = [str(int(v)) if as_int else repr(float(v)) for v in (start + i * step for i in range(n))]
     written = re.search(r"range\(([^)]*)\)", o.input_line)
-    if n == 1 and not as_int and written and written.group(1).count(",") < 2:  # range(0.01,0.03): step 1, one point
+    stepped = written is None or written.group(1).count(",") >= 2 or "step" in written.group(1)  # 3rd or step=
+    if n == 1 and not as_int and not stepped:  # range(0.01,0.03): Hydra's step 1, one point
         raise ConfigError(f"{o.input_line!r} gives one value ({values[0]}): a range's step is 1 unless given; give "
                           f"it as the third number, range(start,stop,step)")
     if r.shuffle:

@@ -120,8 +120,10 @@ BAD = [
                                   "spaces), or quote it whole"]),  # the shell's split of `optim.lr=0.01, 0.02`
     (["optim.lr=0.01,"], ["a comma with no item beside it: did you mean optim.lr=0.01?"]),
     # Hydra's other sweeps alike (Hydra's own line named --multirun, which train refuses)
-    (["optim.lr=choice(0.1,0.2)"], ["'optim.lr=choice(0.1,0.2)' is a sweep (`allconv-hpc submit -m`", "takes one value"]),
-    (["optim.lr=range(0.1,0.3,0.1)"], ["'optim.lr=range(0.1,0.3,0.1)' is a sweep", "optim.lr takes one value"]),
+    (["optim.lr=choice(0.1,0.2)"], ["'optim.lr=choice(0.1,0.2)' is a sweep (`allconv-hpc submit -m`",
+                                    "; give optim.lr one value"]),
+    (["optim.lr=range(0.1,0.3,0.1)"], ["'optim.lr=range(0.1,0.3,0.1)' is a sweep", "; give optim.lr one value"]),
+    (["wandb.tags=choice(a,b)"], ["'wandb.tags=choice(a,b)' is a sweep", "; give wandb.tags one value"]),  # no [...]
     (["model=glob(allcnn_*)"], ["'model=glob(allcnn_*)' is a sweep", "; model takes one option"]),
     (["trainer.precision=fp32,bf16"], ["; trainer.precision takes one value"]),  # one of a set: no quotes
     (["model.widht=0.5"], ["model has no key 'widht'; its keys: ", "width"]),

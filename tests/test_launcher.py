@@ -445,11 +445,14 @@ def test_range_sweeps_step_the_numbers_as_written_and_leave_out_the_stop(sweep, 
     ("seed=sort(range(10,0,-3))", "sort\\(\\) of a range is not supported"),  # Hydra: 3, 6, 9, 12
     ("seed=sort(shuffle(range(0,9,3)))", "sort\\(\\) of a range is not supported"),
     # floats without a step: Hydra's step is 1, one point where a sweep was meant
-    ("optim.lr=range(0.01,0.03)", r"gives one value \(0.01\): a range's step is 1 unless given; give it as the third "
+    ("optim.lr=shuffle(range(0.01,0.03))", r"gives one value \(0.01\): a range's step is 1 unless given; give it as the third "
                                   r"number, range\(start,stop,step\)")])
 def test_a_range_that_cannot_be_stepped_is_one_line(sweep, says):
     with pytest.raises(ConfigError, match=says):
         expand_sweep([sweep], multirun=True)
+    # one value where the step was written (third, or by name), or the bounds are whole numbers: as asked
+    for one in ("optim.lr=range(0.5,1.0,1.0)", "optim.lr=range(0.5,1.0,step=1.0)", "seed=range(3,4)"):
+        assert len(expand_sweep([one], multirun=True)[1]) == 1, one
 
 
 @pytest.mark.parametrize("sweep,says", [
@@ -2667,3 +2670,16 @@ def test_a_resubmitted_run_on_other_images_is_refused_before_the_queue(tmp_path,
     assert code == 2 and (f"trained on other images than data.root={tmp_path / 'b'} holds (it trained on "
                           f"{tmp_path / 'a'}) (training images: 40 then, 40 now, other images; test images: 20 then, "
                           f"20 now, other images): give data.root the folder it trained on") in err, err
+
+
+def test_sbatchs_gpu_complaint_names_a_partition_that_is_not_there(on_path):
+    """sbatch speaks of the GPUs before the partition: a partition sinfo (hidden ones too) does not list is named,
+    also one of a list (Slurm takes a,b); where every one is there, the GPUs are what to check."""
+    from allconv_hpc.executor import sbatch_refused
+    on_path(sinfo="[ \"$1\" = -a ] && printf 'gpu*\\ngpu-long\\ncpu\\n'")
+    gres = "Invalid generic resource (gres) specification"
+    assert str(sbatch_refused(gres, "gpu,gpux")).endswith(
+        "(cluster.partition=gpu,gpux: gpux is no partition here: give cluster.partition one of: gpu (the default), "
+        "gpu-long, cpu)")
+    for there in ("gpu,gpu-long", "cpu", None):
+        assert "check cluster.gpus_per_node and cluster.gpu_type" in str(sbatch_refused(gres, there)), there
