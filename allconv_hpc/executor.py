@@ -170,8 +170,9 @@ def sbatch_refused(text: str, partition: Optional[str] = None) -> ConfigError:
     known = [p.removesuffix(" (the default)") for p in parts]
     unknown = [p for p in str(partition or "").split(",") if p and p not in known]  # Slurm takes a list: a,b
     if gres and parts and unknown:  # (sinfo without -a lists no hidden partition: said only for one it shows none of)
-        return ConfigError(f"sbatch refused the job: {text} (cluster.partition={partition}: {', '.join(unknown)} is no "
-                           f"partition here: give cluster.partition one of: {', '.join(parts)})")
+        which = f"cluster.partition={partition}" + (f": {', '.join(unknown)}" if "," in str(partition) else "")
+        return ConfigError(f"sbatch refused the job: {text} ({which} is no partition here: give cluster.partition one "
+                           f"of: {', '.join(parts)})")
     fix = ("check cluster.gpus_per_node and cluster.gpu_type against the partition's GPUs (sinfo -o '%P %G'), "
            "and cluster.partition" if gres else
            f"give cluster.partition one of: {', '.join(parts)}" if parts and not gres else
