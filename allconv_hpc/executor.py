@@ -169,13 +169,13 @@ def sbatch_refused(text: str, partition: Optional[str] = None) -> ConfigError:
     parts = _partitions() if "invalid partition" in low or (gres and partition) else []
     known = [p.removesuffix(" (the default)") for p in parts]
     unknown = [p for p in str(partition or "").split(",") if p and p not in known]  # Slurm takes a list: a,b
-    if gres and parts and unknown:  # (sinfo without -a lists no hidden partition: said only for one it shows none of)
+    if gres and parts and unknown:  # (sinfo -a: hidden partitions are listed too)
         which = f"cluster.partition={partition}" + (f": {', '.join(unknown)}" if "," in str(partition) else "")
         return ConfigError(f"sbatch refused the job: {text} ({which} is no partition here: give cluster.partition one "
                            f"of: {', '.join(parts)})")
     fix = ("check cluster.gpus_per_node and cluster.gpu_type against the partition's GPUs (sinfo -o '%P %G'), "
            "and cluster.partition" if gres else
-           f"give cluster.partition one of: {', '.join(parts)}" if parts and not gres else
+           f"give cluster.partition one of: {', '.join(parts)}" if parts else
            "check cluster.partition, cluster.account, cluster.qos and the other cluster.* values")
     return ConfigError(f"sbatch refused the job: {text} ({fix})")
 

@@ -288,8 +288,9 @@ def run_rows(folder: Path) -> list[dict]:
         if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
             state = {True: "RUNNING (starting)", False: "FAILED"}.get(held, "UNKNOWN")  # fit writes the first
             active = bool(held)
-            if not held and _newest_checkpoint_step(run_dir) is not None:  # status.json deleted (or lost)
-                state, st = NO_RECORD, _progress_from_files(run_dir)
+            ck = _newest_checkpoint_step(run_dir) if not held else None
+            if ck is not None:  # status.json deleted (or lost)
+                state, st = NO_RECORD, _progress_from_files(run_dir, ck)
             elif held is False:  # its error is in train.log (a failed download, a damaged data file)
                 st = {"error": _last_error(run_dir) or "ended before its first status record; see train.log, and for "
                                                          "another rank's error its own output (torchrun's console)"}
@@ -435,18 +436,18 @@ def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
     return max(steps) if steps else (-1 if "last.pt" in names else None)
 
 
-def _progress_from_files(run_dir: Path) -> dict:
+def _progress_from_files(run_dir: Path, checkpoint_step: int) -> dict:
     """Without status.json: the epochs history.csv holds (those whose checkpoint landed), towards the trainer.epochs
-    its .hydra/config.yaml records, and the newest checkpoint's step."""
+    its .hydra/config.yaml records, and the newest checkpoint's step (-1: last.pt alone, step unknown)."""
+    import csv
     from .compose import recorded
+    from .history import read_history
     try:
-        with open(run_dir / "history.csv") as f:
-            done = max(0, sum(1 for line in f if line.strip()) - 1)  # the header
-    except OSError:
+        done = len(read_history(run_dir / "history.csv"))
+    except (OSError, csv.Error):
         done = 0
     epochs = recorded(run_dir, "trainer", "epochs")
-    return {"epoch": done, "epochs": epochs if isinstance(epochs, int) else None,
-            "global_step": max(0, _newest_checkpoint_step(run_dir) or 0)}
+    return {"epoch": done, "epochs": epochs if isinstance(epochs, int) else None, "global_step": max(0, checkpoint_step)}
 
 
 # run states of a run that may have stopped part-way (a signal; a kill, a time limit while it said running; the
@@ -555,11 +556,13 @@ def status_main(argv: list[str]) -> int:
     ap.add_argument("folder", type=Path, nargs="+", help="run or sweep folders (runs/* for every run in runs/)")
     ap.add_argument("--json", action="store_true", help="machine-readable rows")
     args = ap.parse_args(argv)
-    rows, refused = [], False
+    rows, seen, refused = [], set(), False
     for folder in args.folder:  # each said on its own: one that is no run folder leaves the others' rows
         try:
-            rows += [r for r in run_rows(folder) if (r["run_dir"], r["job"]) not in {(o["run_dir"], o["job"])
-                                                                                   for o in rows}]  # given twice
+            for r in run_rows(folder):
+                if (r["run_dir"], r["job"]) not in seen:  # a folder given twice (runs/a and runs/*) shows once
+                    seen.add((r["run_dir"], r["job"]))
+                    rows.append(r)
         except (FileNotFoundError, DamagedFile) as e:
             print(f"allconv-hpc status: error: {e}", file=sys.stderr)
             refused = True
