@@ -84,17 +84,25 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
     """The whole training process for this rank; returns the exit status. `submitted`: started by
     `allconv-hpc submit`, which read the cluster.* overrides itself. `entry_point`: this process is the run's
     (the CLI, a submitit job): once the run said its exit, signals are ignored (preempt.exit_said)."""
+    from .preempt import EXIT_INTERRUPTED, EXIT_REQUEUED, StartupStop, catch_early, sigint_deferred
     try:
-        unhold()  # a cluster=local rank's signals held since its start come now, into this Ctrl-C guard
-        from .compose import check_run_dir, check_train_args, compose, pin_data_root, train_warnings, write_hydra_files
-        from .runlock import LockLost, acquire, check_free
-        from .jobs import other_jobs_state, stop_command
-        from .wandb_mode import check_environment, check_names, preflight_mode
-        check_train_args(overrides)
-        composed = compose(overrides)  # a typo is said before torch's import (seconds), which comes next
-        from .checkpoint import CheckpointError, check_resume  # torch: the slow imports, inside the Ctrl-C guard
-        from .data import check_present
-        from .distributed import DistributedError, PortInUse, detect_env
+        # a Ctrl-C deferred to the end of the config's compose and the slow imports (torch: seconds): Hydra's
+        # compose, and torch's own start-up as it imports numpy from C++, dropped a KeyboardInterrupt raised in
+        # them (seen: 3 in 40 Ctrl-Cs in `import torch`), and the run trained on, or a local job's rank waited at
+        # its rendezvous for a peer that had stopped
+        with sigint_deferred():
+            unhold()  # a cluster=local rank's signals held since its start come now, into this Ctrl-C guard
+            from .compose import check_run_dir, check_train_args, compose, pin_data_root, write_hydra_files
+            from .runlock import LockLost, acquire, check_free
+            from .jobs import START_UP_STOP, is_completed, is_diverged, other_jobs_state, stop_command
+            from .wandb_mode import check_environment, check_names, preflight_mode
+            check_train_args(overrides)
+            composed = compose(overrides)  # a typo is said before torch's import, which comes next
+            from .checkpoint import CheckpointError, check_resume
+            from .data import check_present
+            from .distributed import DistributedError, PortInUse, detect_env
+            from .launch_checks import check_launch
+            from .trainer import NonFiniteError, Trainer
         root_said = pin_data_root(composed)
         check_run_dir(composed.run_dir)
         busy = other_jobs_state(composed.run_dir)
@@ -111,15 +119,11 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
         if preflight_mode(composed.cfg.wandb.mode) != "disabled":  # a bad WANDB_MODE, online with no key...
             check_names(composed.cfg.wandb)  # ...or a project or tag W&B would refuse at wandb.init...
             check_environment()  # ...or a WANDB_* variable it would
+        catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
     except ConfigError as e:
         return _refused(e)
     except KeyboardInterrupt:
         return _interrupted_in_start_up()
-    from .preempt import EXIT_INTERRUPTED, EXIT_REQUEUED, StartupStop, catch_early
-    catch_early(composed.cfg.checkpoint.signal)  # a warning during start-up is honoured at the first steps
-    from .launch_checks import check_launch
-    from .jobs import START_UP_STOP, is_completed, is_diverged
-    from .trainer import NonFiniteError, Trainer
     lock_fd = None
     try:
         env = detect_env()
@@ -139,23 +143,11 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
                                            f"hydra.run.dir"))
     except KeyboardInterrupt:
         return _released(lock_fd, _interrupted_in_start_up())
-    if env.is_main:
-        from .provenance import code_version, describe
-        log.info("run folder %s; code: %s", composed.run_dir, describe(code_version()))
-        if root_said:
-            (log.warning if root_said[0] else log.info)("%s", root_said[1])
-        # submitted: submit read the cluster.* overrides (a user expecting `train cluster.tasks_per_node=4` to start
-        # 4 ranks is told otherwise)
-        for said in train_warnings(composed, [] if submitted else overrides, f"here {env.world_size} rank(s)"):
-            log.warning("%s", said)
-        if env.source == "torchrun" and os.environ.get("SLURM_JOB_ID"):
-            log.warning("started by torchrun inside Slurm job %s: torchrun does not pass Slurm's warning signal "
-                        "on to its workers, so a preemption or time limit is not checkpointed; start one rank "
-                        "per srun task (allconv-hpc submit, slurm/train.sbatch)", os.environ["SLURM_JOB_ID"])
-
     trainer = None
     code = 1
-    try:
+    try:  # from here a Ctrl-C in start-up is logged, and marked in status.json by rank 0
+        if env.is_main:
+            _log_start(composed, env, root_said, [] if submitted else overrides)
         trainer = Trainer(composed.cfg, composed.cfg_dict, composed.run_dir, env, lock_fd=lock_fd,
                           locked=env.is_main)  # up to the rendezvous
         trainer.entry_point = entry_point
@@ -236,6 +228,23 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
             trainer.close(exit_code=code)
         elif lock_fd is not None:  # the trainer never took it (its rendezvous failed): this process keeps on
             os.close(lock_fd)
+
+
+def _log_start(composed, env, root_said, overrides: list[str]) -> None:
+    """Rank 0's first lines in train.log: the folder and code, the data root, and warnings on the config."""
+    from .compose import train_warnings
+    from .provenance import code_version, describe
+    log.info("run folder %s; code: %s", composed.run_dir, describe(code_version()))
+    if root_said:
+        (log.warning if root_said[0] else log.info)("%s", root_said[1])
+    # overrides are [] when submitted: submit read the cluster.* ones (a user expecting `train
+    # cluster.tasks_per_node=4` to start 4 ranks is told otherwise)
+    for said in train_warnings(composed, overrides, f"here {env.world_size} rank(s)"):
+        log.warning("%s", said)
+    if env.source == "torchrun" and os.environ.get("SLURM_JOB_ID"):
+        log.warning("started by torchrun inside Slurm job %s: torchrun does not pass Slurm's warning signal "
+                    "on to its workers, so a preemption or time limit is not checkpointed; start one rank "
+                    "per srun task (allconv-hpc submit, slurm/train.sbatch)", os.environ["SLURM_JOB_ID"])
 
 
 PORT_REQUEUES = 10  # how often a Slurm job whose rendezvous port is held requeues itself for it
