@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .localjob import DEATH_SIGNAL, HELD_AT_START, unhold
+from .localjob import DEATH_SIGNAL, HELD_AT_START, start_reaper, unhold
 
 if __name__ == "__main__":  # the controller: held until its ranks are started (start_tasks), from before the slow imports
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START)
@@ -140,6 +140,60 @@ class Controller(local.Controller):
             self._start_tasks()
         finally:
             unhold()  # what came meanwhile is passed on now, to ranks that hold it until train.run takes it
+
+    def wait(self, freq: int = 24) -> list[Optional[int]]:
+        """submitit's wait, and srun's --kill-on-bad-exit for a rank ended by a signal (kill -9, the OOM killer, a
+        SIGINT or SIGTERM at its rendezvous, which ends that wait at once): such a rank left no reaper behind
+        (localjob.end_local_peers), and its peers would wait for it up to dist.timeout_s at a rendezvous (300 s on
+        CPU), or on an NCCL collective (1800 s)."""
+        timeout = freq * self.timeout_s
+        almost_timeout = freq * (self.timeout_s - self.signal_delay_s)
+        seen: set[int] = set()
+        for step in range(timeout):
+            exit_codes = [t.poll() for t in self.tasks]
+            for k, e in enumerate(exit_codes):  # first: the last rank to end may be one of them
+                if e is not None and e < 0 and k not in seen:
+                    seen.add(k)
+                    self._signalled(k, -e, [t.pid for t, c in zip(self.tasks, exit_codes) if c is None])
+            if all(e is not None for e in exit_codes):
+                return exit_codes
+            if step == almost_timeout:
+                self._forward_signal(local.LocalJobEnvironment._usr_sig())
+            time.sleep(1.0 / freq)
+        return [t.poll() for t in self.tasks]
+
+    def _signalled(self, k: int, sig: int, running: list[int]) -> None:
+        """Rank k ended by signal `sig` while `running` run: a word in its .err file, which `status` reads (it said
+        none), and its peers ended: by the same signal if it is one that stops a start (they may wait for it at
+        their rendezvous; elsewhere they stop at their next safe point, maybe a minute away: no reaper), else as
+        a failed rank's reaper ends them."""
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:  # a real-time signal
+            name = f"signal {sig}"
+        # the ones that end a rank by the signal only at its rendezvous (distributed._stops_at_once); the lines
+        # are train's own for a stop in start-up, which status reads as one (START_UP_INTERRUPT, START_UP_STOP)
+        stop = sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if sig == signal.SIGINT:
+            said = ("allconv-hpc: interrupted (Ctrl-C) during start-up, at its rendezvous; nothing was written to "
+                    "the run's checkpoints")
+        elif stop:
+            said = (f"allconv-hpc: stopped by {name} during start-up, before training (at its rendezvous); nothing "
+                    f"was trained or written to its checkpoints")
+        else:  # status.CONTROLLER_SAID: named only where no rank said why (a peer's error comes first)
+            said = (f"allconv-hpc (controller): ended by {name}, without a word of its own (a kill -9, the OOM "
+                    f"killer, a crash, a failed peer's reaper)")
+        try:
+            print(said, file=self.stderrs[k], flush=True)
+            for pid in running if stop else ():
+                try:
+                    os.kill(pid, sig)
+                except OSError:  # ended meanwhile
+                    pass
+            if running and not stop:
+                start_reaper(int(self.pid), running, stderr=self.stderrs[k], who=f"this rank ended by {name}")
+        except OSError as e:  # a full disk, no process left to start: the controller goes on waiting for its ranks
+            print(f"note: rank {k} ended by {name}; could not say so or end its peers ({e})", file=sys.stderr)
 
     def _start_tasks(self) -> None:
         self.folder.mkdir(exist_ok=True)

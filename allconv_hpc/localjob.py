@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 
@@ -39,13 +40,30 @@ LOCAL_KILL_WAIT_S = 30
 
 
 _REAPER = ("import sys; from allconv_hpc.localjob import _reap; "
-           "_reap(int(sys.argv[1]), float(sys.argv[2]), [int(p) for p in sys.argv[3:]])")
+           "_reap(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], [int(p) for p in sys.argv[4:]])")
 
 
-def _reap(controller: int, wait_s: float, pids: list[int]) -> None:
+def start_reaper(controller: int, pids: list, stderr=None, who: str = "this rank failed") -> None:
+    """A process of its own that ends those of `pids` still the controller's children (_reap); its note, which
+    begins with `who`, goes to `stderr` (a file; None: this process's)."""
+    subprocess.Popen([sys.executable, "-c", _REAPER, str(controller), str(LOCAL_KILL_WAIT_S), who, *map(str, pids)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+
+
+def is_reaper(pid: int) -> bool:
+    """pid runs _reap: a child of the controller (one it started) that is none of the job's ranks."""
+    try:
+        return b"allconv_hpc.localjob import _reap" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone, or no /proc: the ranks' reapers start only where /proc lists the controller's children
+        return False
+
+
+def _reap(controller: int, wait_s: float, who: str, pids: list[int]) -> None:
     """Run by the reaper process: SIGTERM then SIGKILL, wait_s apart, to those of pids still the controller's
     running children (a pid reused since is not its child); a note on stderr (the failed rank's .err) says so."""
     from .jobs import children
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the ranks' and the user's, meant for the ranks
+        signal.signal(s, signal.SIG_IGN)
     said = []
     for n, sig in enumerate((signal.SIGTERM, signal.SIGKILL), 1):
         end = time.monotonic() + wait_s
@@ -61,8 +79,8 @@ def _reap(controller: int, wait_s: float, pids: list[int]) -> None:
         if sent:
             said.append(f"{signal.Signals(sig).name} to {', '.join(sorted(sent))} at {n * wait_s:g} s")
     if said:
-        print(f"note: this rank failed, and its job's other ranks still ran: sent {'; '.join(said)} (cluster=local "
-              f"has no srun --kill-on-bad-exit)", file=sys.stderr, flush=True)
+        print(f"note: {who}, and its job's other ranks still ran: sent {'; '.join(said)} (cluster=local has no srun "
+              f"--kill-on-bad-exit)", file=sys.stderr, flush=True)
 
 
 # The signals a user sends a cluster=local job id: its controller passes them on. Held (blocked: pending, not lost)
@@ -106,13 +124,12 @@ def end_local_peers(controller: int, interrupt: bool = False) -> None:
         return
     from .jobs import children
     try:
-        peers = [str(pid) for pid in children(ppid) if pid != os.getpid()]
+        peers = [str(pid) for pid in children(ppid) if pid != os.getpid() and not is_reaper(pid)]
         for pid in peers if interrupt else ():
             with contextlib.suppress(OSError):  # ended meanwhile
                 os.kill(int(pid), signal.SIGINT)
         if peers:
-            subprocess.Popen([sys.executable, "-c", _REAPER, str(ppid), str(LOCAL_KILL_WAIT_S), *peers],
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+            start_reaper(ppid, peers)
     except (OSError, subprocess.SubprocessError) as e:  # never hide the rank's own failure
         print(f"note: could not look for this job's other ranks to end them ({e}); a hung one holds the job "
               f"until cluster.timeout_min", file=sys.stderr)

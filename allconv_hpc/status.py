@@ -164,27 +164,37 @@ _C10_ERROR = re.compile(r"^\[rank\d+\]:\[E\d{4} [^\]]*\] (.+)$")  # torch's C++ 
 # not its "Exited with exit code N", which follows every failure the lines above name better
 _SRUN_SIGNAL = re.compile(r"^srun: error: [^:\s]+: task(s?) ([\d,-]+): (?!Exited with exit code).+$")
 _NAMES_RANK = re.compile(r"^ranks? [\d,-]+:")
+# a cluster=local controller's word on a rank a signal ended without one (localcontrol.Controller._signalled)
+CONTROLLER_SAID = "allconv-hpc (controller): "
+_LOGGED_WARNING = re.compile(r"^\[[^\]]* WARNING(?: rank \d+)?\] (.+)$")
 
 
-def _task_errors(path: Path) -> tuple[Optional[str], Optional[str]]:
+def _task_errors(path: Path) -> tuple[Optional[str], Optional[str], Optional[str]]:
     """A job task's .err file (its tail): the last line this tool printed before exiting (a preflight error, a
-    cluster.setup line that failed), and the last error logged or raised (a rendezvous timeout, a traceback), else
-    the signal srun says ended a task."""
-    said = other = killed = None
-    traceback = False
+    cluster.setup line that failed; a stop in start-up, also as logged), the last error logged or raised (a
+    rendezvous timeout, a traceback), else the signal srun says ended a task; and the cluster=local controller's
+    word on a rank a signal ended."""
+    said = other = killed = ended = None
+    traceback = stop = False  # stop: `said` is a logged stop in start-up, which a later error makes no last word
     for line in _tail_lines(path) or []:
         if (m := _SRUN_SIGNAL.match(line)) is not None:
             # srun writes it into the batch step's file (task 0's), naming the task it means
             killed = f"rank{m.group(1)} {m.group(2)}: ended by a signal ({line})"
+        elif line.startswith(CONTROLLER_SAID):
+            ended = line.removeprefix(CONTROLLER_SAID)
         elif line.startswith("allconv-hpc: "):
-            said = line.removeprefix("allconv-hpc: ").removeprefix("error: ")
+            said, stop = line.removeprefix("allconv-hpc: ").removeprefix("error: "), False
+        elif (m := _LOGGED_WARNING.match(line)) is not None and _is_stop(m.group(1)):
+            said, stop, other = m.group(1), True, None  # train's StartupStop or Ctrl-C line, logged: the last word
         elif (m := _LOGGED_ERROR.match(line) or _C10_ERROR.match(line)) is not None:
             other = m.group(1)
         elif line.startswith("Traceback ("):
             traceback = True
         elif traceback and line and not line[0].isspace():  # the exception's own line ends the traceback
             other, traceback = line, False
-    return said, other or killed
+        if stop and other is not None:
+            said = stop = None
+    return said, other or killed, ended
 
 
 # what train._interrupted_in_start_up prints (after "allconv-hpc: "): a stop asked for before training, no failure
@@ -192,12 +202,19 @@ START_UP_INTERRUPT = "interrupted (Ctrl-C) during start-up"
 CTRL_C = "interrupted (Ctrl-C)"  # how every line of a Ctrl-C's stop begins (cli, train): no task's error
 
 
-def _ctrl_c_in_start_up(rec: dict) -> bool:
-    """Every task of the job said last that a Ctrl-C stopped it in start-up, before its trainer wrote a record (a
-    cluster=local job's ranks, which got the terminal's Ctrl-C as they imported torch)."""
+def _stopped_in_start_up(rec: dict) -> bool:
+    """Every task of the job said last that a Ctrl-C or a signal stopped it in start-up, before its trainer wrote a
+    record (a cluster=local job's ranks, which got the terminal's Ctrl-C as they imported torch; its controller
+    says it for a rank the signal ended at its rendezvous)."""
     folder = _job_folder(rec)
     said = [_task_errors(p)[0] for p in folder.glob(f"{folder.name}_*_log.err")] if folder is not None else []
-    return bool(said) and all(s is not None and s.startswith(START_UP_INTERRUPT) for s in said)
+    return bool(said) and all(s is not None and _is_stop(s) for s in said)
+
+
+def _is_stop(said: str) -> bool:
+    """A task's last word is that a Ctrl-C or a signal stopped it in start-up (train's lines; a cluster=local
+    controller's for a rank the signal ended at its rendezvous)."""
+    return said.startswith(START_UP_INTERRUPT) or said.startswith("stopped by ") and START_UP_STOP in said
 
 
 def _job_error(rec: dict, kinds: tuple = (0, 1)) -> Optional[str]:
@@ -215,10 +232,12 @@ def _job_error(rec: dict, kinds: tuple = (0, 1)) -> Optional[str]:
             found[int(task)] = _task_errors(path)
     for kind in kinds:
         for task in sorted(found):
-            if found[task][kind] and not found[task][kind].startswith(CTRL_C):
-                said = found[task][kind]  # the batch script's own line (cluster.setup) is no rank's
+            said = found[task][kind]  # a stop (Ctrl-C, a SIGTERM in start-up) is no rank's failure
+            if said and not said.startswith(CTRL_C) and not _is_stop(said):
+                # the batch script's own line (cluster.setup) is no rank's
                 return said if _NAMES_RANK.match(said) or said.startswith("cluster.setup") else f"rank {task}: {said}"
-    return None
+    ended = [task for task in sorted(found) if found[task][2]] if 1 in kinds else []
+    return f"rank {ended[0]}: {found[ended[0]][2]}" if ended else None  # no rank's own word: the controller's
 
 
 def _killed_only(rec: dict) -> bool:
@@ -317,7 +336,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "requeued": "REQUEUED?", "running": "RUNNING?"}.get(run_state, "UNKNOWN")
         if restarts is None:
             restarts = st.get("restarts", 0) if current else 0
-        if state == "LOST" and not current and _ctrl_c_in_start_up(rec):
+        if state == "LOST" and not current and _stopped_in_start_up(rec):
             state = "INTERRUPTED"
         # the run stopped on a signal with a checkpoint (exit 3, which Slurm records as FAILED; or scancel's SIGTERM:
         # CANCELLED), or gave up after checkpoint.max_requeues time limits (exit 4, FAILED): resumable by the same

@@ -1958,6 +1958,71 @@ def test_a_hung_rank_of_a_local_job_is_ended_with_it(tmp_path):
         in status.notes(row)[-1], status.notes(row)
 
 
+def test_a_rank_killed_while_its_peer_waits_at_the_rendezvous_ends_the_job(tmp_path):
+    """cluster=local: rank 1 is SIGKILLed (the OOM killer, a kill -9) before its rendezvous, where rank 0 waits for
+    it. It left no reaper (it ran no code), so rank 0 waited up to dist.timeout_s (300 s on CPU, 1800 with NCCL).
+    The controller now does what srun's --kill-on-bad-exit does: its word in rank 1's .err, which status shows, and
+    rank 0 ended LOCAL_KILL_WAIT_S later."""
+    from proc import wait_for_line
+    from allconv_hpc.localjob import LOCAL_KILL_WAIT_S
+    run = tmp_path / "run"
+    job = _submit_local_pair(tmp_path, run)
+    rank1, deadline = [], time.monotonic() + 60
+    try:
+        while not rank1:
+            assert _alive(job) and time.monotonic() < deadline, "no rank 1 seen"
+            for pid in jobs.children(job):
+                with contextlib.suppress(FileNotFoundError):
+                    if b"SUBMITIT_LOCAL_GLOBALID=1\0" in Path(f"/proc/{pid}/environ").read_bytes():
+                        rank1.append(pid)
+        os.kill(rank1[0], signal.SIGSTOP)  # held before its rendezvous, while rank 0 gets to its own
+        wait_for_line(run / "train.log", "run folder", timeout=60)  # rank 0's line just before its rendezvous
+        time.sleep(1)
+        os.kill(rank1[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        _watch_until_ended(run, [job], timeout=90)
+        took = time.monotonic() - t0
+    finally:
+        for pid in [*rank1, job]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert took < LOCAL_KILL_WAIT_S + 30, f"the job took {took:.0f} s to end"
+    err1 = run / ".submitit" / str(job) / f"{job}_1_log.err"
+    assert "allconv-hpc (controller): ended by SIGKILL, without a word of its own" in err1.read_text()
+    wait_for_line(err1, "sent SIGTERM to", timeout=10)  # the reaper's note, as it leaves
+    row = status.run_rows(run)[0]
+    assert row["state"] == "FAILED" and row["error"].startswith("rank 1: ended by SIGKILL"), row
+
+
+def test_a_reaper_is_no_rank_and_outlasts_the_ranks_signals(tmp_path):
+    """The controller's reaper (a rank ended by a signal) is its child, as the ranks are: a rank that fails next
+    passes its Ctrl-C on to its peers (end_local_peers), which must not take the reaper for one (a SIGINT ended
+    it with a traceback, and the hung peer it was to end stayed). It ignores such signals."""
+    from allconv_hpc import localjob
+    peer = subprocess.Popen(["sleep", "60"])
+    try:
+        before = set(jobs.children(os.getpid()))
+        localjob.start_reaper(os.getpid(), [peer.pid], stderr=(tmp_path / "err").open("w"), who="rank 1 ended")
+        deadline = time.monotonic() + 30
+        while not (reaper := set(jobs.children(os.getpid())) - before):
+            assert time.monotonic() < deadline, "no reaper seen"
+        [pid] = reaper
+        while not localjob.is_reaper(pid):  # its exec
+            assert time.monotonic() < deadline, Path(f"/proc/{pid}/cmdline").read_bytes()
+        held = (1 << signal.SIGINT - 1) | (1 << signal.SIGTERM - 1) | (1 << signal.SIGHUP - 1)
+        while int(re.search(r"SigIgn:\s*([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text())[1], 16) & held != held:
+            assert time.monotonic() < deadline, "the reaper does not ignore the ranks' signals"  # its python, in _reap
+        assert not localjob.is_reaper(peer.pid) and not localjob.is_reaper(os.getpid())
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(pid, sig)
+        time.sleep(0.5)
+        assert _alive(pid) and peer.poll() is None
+    finally:
+        peer.kill()
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_requeued_slurm_job_in_its_start_up_shows_starting(tmp_path, on_path):
     """Slurm says RUNNING while the requeued job's new start (rendezvous, data, model) holds the run lock over the
     last start's record (interrupted, requeued): it showed `RUNNING interrupted` for that while."""

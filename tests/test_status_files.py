@@ -616,6 +616,43 @@ def test_wait_ends_with_the_failed_runs_error(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().endswith("run: rank 0: downloading CIFAR-10 failed (URLError)")
 
 
+STOP_AT_RENDEZVOUS = ("allconv-hpc: stopped by SIGTERM during start-up, before training (at its rendezvous); nothing "
+                      "was trained or written to its checkpoints\n")
+KILLED = "allconv-hpc (controller): ended by {}, without a word of its own (a kill -9, the OOM killer, a crash)\n"
+
+
+@pytest.mark.parametrize("err0,err1,state,error", [
+    # a Ctrl-C, or a SIGTERM, there or (logged) elsewhere in start-up: a stop, the same submit starts it again
+    ("allconv-hpc: interrupted (Ctrl-C) during start-up, at its rendezvous; nothing was written to the run's "
+     "checkpoints\n", STOP_AT_RENDEZVOUS, "INTERRUPTED", None),
+    (STOP_AT_RENDEZVOUS, "[2026-12-06 10:00:00 WARNING rank 1] stopped by SIGTERM during start-up, before training; "
+                         "nothing was trained or written to its checkpoints\n", "INTERRUPTED", None),
+    # a SIGKILL: the job's failure, named, not the peer the reaper's SIGTERM then ended
+    (STOP_AT_RENDEZVOUS, KILLED.format("SIGKILL") + "note: this rank ended by SIGKILL, and its job's other ranks "
+     "still ran: sent SIGTERM to 12 at 30 s\n", "FAILED",
+     "rank 1: ended by SIGKILL, without a word of its own (a kill -9, the OOM killer, a crash)"),
+    # a rank's own error comes before the controller's word on a peer the error took down (NCCL's watchdog)
+    (KILLED.format("SIGABRT"), "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                               "torch.OutOfMemoryError: CUDA out of memory\n", "FAILED",
+     "rank 1: torch.OutOfMemoryError: CUDA out of memory"),
+    # a logged stop followed by an error is no stop
+    ("", "[2026-12-06 10:00:00 WARNING rank 1] stopped by SIGTERM during start-up, before training; nothing was "
+         "trained\n[2026-12-06 10:00:01 ERROR rank 1] cannot write x\n", "FAILED", "rank 1: cannot write x")])
+def test_a_local_jobs_ranks_ended_by_a_signal(tmp_path, err0, err1, state, error):
+    """A cluster=local job whose ranks a signal ended with no word of their own (the controller writes one,
+    localcontrol.Controller._signalled), or that logged a stop in start-up: a stop reads INTERRUPTED, not LOST
+    or FAILED; a failure names the rank that failed, the controller's word only where no rank said why."""
+    p = subprocess.Popen(["true"])  # the job's controller, gone
+    p.wait()
+    sub, job = tmp_path / "sub", str(p.pid)
+    run = write_run(tmp_path / "run", None, job=job, backend="local", submitted=1.0, submitit_folder=str(sub))
+    (sub / job).mkdir(parents=True)
+    (sub / job / f"{job}_0_log.err").write_text(err0)
+    (sub / job / f"{job}_1_log.err").write_text(err1)
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"], row["error"]) == (state, error is not None, error), row
+
+
 def test_the_note_of_a_stopped_sweep_point_names_the_sweeps_submit(tmp_path, no_slurm, capsys):
     """A sweep's point stopped part-way is resumed by submitting the sweep again (a lone train would need the
     point's overrides); the same point submitted on its own since, by that submit."""
