@@ -14,6 +14,9 @@ from .slurm import SlurmJob, slurm_conf_missing, slurm_out
 
 DIVERGED = "non-finite"  # how a diverged run's error in status.json begins: submit warns of it, an early stop keeps it
 START_UP_STOP = "during start-up, before training"  # in the error of a start a signal stopped (train: StartupStop)
+# how the line of a start a Ctrl-C stopped begins (train, and a cluster=local controller for a rank the Ctrl-C ended
+# at its rendezvous): a stop asked for before training, no failure
+START_UP_INTERRUPT = "interrupted (Ctrl-C) during start-up"
 
 
 # The run's own word in status.json (read leniently: {} for none), for the checks before a start and at its end.

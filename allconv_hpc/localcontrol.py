@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .jobs import START_UP_INTERRUPT, START_UP_STOP
 from .localjob import DEATH_SIGNAL, HELD_AT_START, start_reaper, unhold
 
 if __name__ == "__main__":  # the controller: held until its ranks are started (start_tasks), from before the slow imports
@@ -172,14 +173,13 @@ class Controller(local.Controller):
         except ValueError:  # a real-time signal
             name = f"signal {sig}"
         # the ones that end a rank by the signal only at its rendezvous (distributed._stops_at_once); the lines
-        # are train's own for a stop in start-up, which status reads as one (START_UP_INTERRUPT, START_UP_STOP)
+        # are train's own for a stop in start-up, which status reads as one
         stop = sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         if sig == signal.SIGINT:
-            said = ("allconv-hpc: interrupted (Ctrl-C) during start-up, at its rendezvous; nothing was written to "
-                    "the run's checkpoints")
+            said = f"allconv-hpc: {START_UP_INTERRUPT}, at its rendezvous; nothing was written to the run's checkpoints"
         elif stop:
-            said = (f"allconv-hpc: stopped by {name} during start-up, before training (at its rendezvous); nothing "
-                    f"was trained or written to its checkpoints")
+            said = (f"allconv-hpc: stopped by {name} {START_UP_STOP} (at its rendezvous); nothing was trained or "
+                    f"written to its checkpoints")
         else:  # status.CONTROLLER_SAID: named only where no rank said why (a peer's error comes first)
             said = (f"allconv-hpc (controller): ended by {name}, without a word of its own (a kill -9, the OOM "
                     f"killer, a crash, a failed peer's reaper)")

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 from . import runlock
-from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, START_UP_STOP, STATUS_KEYS, DamagedFile, check_keys, held_advice,
-                   is_held, local_ended_at, local_state, read_record, slurm_state, started_job, started_unrecorded, stopped_elsewhere)
+from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, START_UP_INTERRUPT, START_UP_STOP, STATUS_KEYS, DamagedFile,
+                   check_keys, held_advice, is_held, local_ended_at, local_state, read_record, slurm_state, started_job,
+                   started_unrecorded, stopped_elsewhere)
 from .slurm import slurm_conf_missing
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
@@ -197,8 +198,6 @@ def _task_errors(path: Path) -> tuple[Optional[str], Optional[str], Optional[str
     return said, other or killed, ended
 
 
-# what train._interrupted_in_start_up prints (after "allconv-hpc: "): a stop asked for before training, no failure
-START_UP_INTERRUPT = "interrupted (Ctrl-C) during start-up"
 CTRL_C = "interrupted (Ctrl-C)"  # how every line of a Ctrl-C's stop begins (cli, train): no task's error
 
 
