@@ -35,7 +35,9 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
     from .compose import NameSwap, check_run_dir, compose, dated_dir_warning, pin_data_root, repeated_overrides, unread_said
-    from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
+    from .preempt import sigint_deferred
+    with sigint_deferred():  # torch's import (seconds) dropped a Ctrl-C raised as it imports numpy (see train.run)
+        from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
     from .wandb_mode import check_environment, check_names, preflight_mode
 
     common, swept = expand_sweep(overrides, multirun)

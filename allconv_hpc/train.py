@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
+from .jobs import START_UP_INTERRUPT
 from .localjob import LOCAL_PORT_ENV, local_job_id, unhold
 
 log = logging.getLogger("allconv_hpc")
+# a Ctrl-C's word in start-up, logged and on stderr (status reads it by START_UP_INTERRUPT)
+_START_UP_INTERRUPTED = f"{START_UP_INTERRUPT}, before training; nothing was written to the run's checkpoints"
 
 
 class LogFile(logging.FileHandler):
@@ -198,7 +201,7 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
         if trainer is None or not trainer.training_started:  # start-up: this start trained nothing
             if trainer is None:
                 _tell_peers_later()
-            said = "interrupted (Ctrl-C) during start-up, before training; nothing was written to the run's checkpoints"
+            said = _START_UP_INTERRUPTED
             log.warning("%s", said)
             if trainer is not None:
                 _report(trainer, said, "interrupted")
@@ -323,8 +326,7 @@ def _tell_peers_later() -> None:
 
 def _interrupted_in_start_up() -> int:
     _tell_peers_later()
-    print("allconv-hpc: interrupted (Ctrl-C) during start-up, before training; nothing was written to the run's "
-          "checkpoints", file=sys.stderr)
+    print(f"allconv-hpc: {_START_UP_INTERRUPTED}", file=sys.stderr)
     return 130
 
 

@@ -1157,6 +1157,32 @@ def test_a_ctrl_c_in_code_that_swallows_it_is_taken_when_the_block_ends():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_ctrl_c_that_the_compose_drops_stops_a_submit_before_anything_is_queued(tmp_path, monkeypatch, capsys):
+    """OmegaConf, inside Hydra's compose, dropped a KeyboardInterrupt raised in it (1 in 150 Ctrl-Cs at random
+    moments of a compose), and `submit` went on to queue the jobs. Here the compose drops one as it did."""
+    from allconv_hpc import compose as compose_mod
+    from allconv_hpc.launcher import submit_main
+    real = compose_mod._hydra_config
+
+    def dropping(*a, **kw):
+        out = real(*a, **kw)
+        assert not _swallowing_a_ctrl_c()  # only recorded: nothing raised where OmegaConf would drop it
+        return out
+
+    monkeypatch.setattr(compose_mod, "_hydra_config", dropping)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = submit_main(["--dry-run", "cluster=local", "data=synthetic", "model.width=0.125",
+                            f"hydra.run.dir={tmp_path / 'run'}"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    out, err = capsys.readouterr()
+    assert code == 130, out + err
+    assert "interrupted (Ctrl-C); nothing was queued" in err
+    assert str(tmp_path / "run") not in out  # no plan printed: it stopped in the compose
+
+
 def test_the_epochs_last_step_is_checkpointed_once_after_its_evaluation(tmp_path, monkeypatch):
     """checkpoint.every_steps dividing the epoch's last step wrote that step twice: before the evaluation and,
     the same step again, after it (each a full snapshot, a finite check and an fsync)."""
