@@ -34,19 +34,42 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"
                  "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED", "SPECIAL_EXIT", "STOPPED"}
 
 
+_silence = ""  # why the last squeue_job that got no answer got none: submit's and status's words for it
+
+
+def squeue_silence() -> str:
+    """Why the last `squeue_job` got no answer, in squeue's own words where it said any (e.g. "Could not
+    establish a configuration source": no slurm.conf here, SLURM_CONF unset), not a guess."""
+    return _silence or "squeue did not answer"
+
+
 def squeue_job(job_id: str) -> tuple[bool, Optional[str], str]:
     """(Slurm answered, the job's state while it is queued or running, None when it is not; squeue's reason,
     e.g. why it is pending)."""
-    if slurm_conf_missing():  # squeue would retry for 60 s, then fail
+    global _silence
+    missing = slurm_conf_missing()
+    if missing:  # squeue would retry for 60 s, then fail
+        _silence = missing
         return False, None, ""
     try:
         r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+    except subprocess.TimeoutExpired:
+        _silence = "squeue gave no answer in 30 s: slurmctld busy or down"
+        return False, None, ""
+    except OSError as e:
+        _silence = "no squeue on PATH" if isinstance(e, FileNotFoundError) else f"squeue could not run: {e}"
         return False, None, ""
     if r.returncode == 0:
         first = (r.stdout.strip().splitlines() or [""])[0].split(None, 1)
         return True, first[0] if first else None, first[1].strip() if len(first) > 1 else ""
-    return "Invalid job id" in r.stderr, None, ""  # a job Slurm has forgotten, vs. no answer at all
+    if "Invalid job id" in r.stderr:  # a job Slurm has forgotten, vs. no answer at all
+        return True, None, ""
+    lines = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]
+    said = lines[-1].removeprefix("squeue: ")[:200] if lines else f"exit status {r.returncode}, no message"  # the fatal one
+    if "configuration source" in said:  # no slurm.conf here, nor a configless slurmd to ask
+        said += ": point SLURM_CONF at the cluster's slurm.conf"
+    _silence = f"squeue: {said}"
+    return False, None, ""
 
 
 def is_held(state: Optional[str], reason: str) -> bool:

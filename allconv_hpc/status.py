@@ -20,9 +20,8 @@ from typing import Optional
 
 from . import runlock
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, START_UP_INTERRUPT, START_UP_STOP, STATUS_KEYS, DamagedFile,
-                   check_keys, held_advice, is_held, local_ended_at, local_state, read_record, slurm_state, started_job,
-                   started_unrecorded, stopped_elsewhere)
-from .slurm import slurm_conf_missing
+                   check_keys, held_advice, is_held, local_ended_at, local_state, read_record, slurm_state,
+                   squeue_silence, started_job, started_unrecorded, stopped_elsewhere)
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
@@ -594,7 +593,7 @@ def status_main(argv: list[str]) -> int:
           else format_table(rows) + _errors(rows))
     silent = [str(r["job"]) for r in rows if r["slurm_answered"] is False]
     if silent:
-        why = slurm_conf_missing() or "squeue timed out or failed"
+        why = squeue_silence()
         print(f"allconv-hpc status: warning: Slurm did not answer for job(s) {', '.join(silent)} ({why}): their "
               f"state is the run's own status.json", file=sys.stderr)
     return 2 if refused else exit_code(rows)

@@ -942,6 +942,7 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     calls = (tmp_path / "sbatch_calls").read_text()
     code, _, err = run_submit(capsys, "cluster=slurm", *TINY, "seed=0", "trainer.epochs=2", f"hydra.run.dir='{done}'")
     assert code == 2 and "squeue did not answer whether job 77" in err and "squeue -j 77" in err, err
+    assert "(squeue: slurm_load_jobs error: Socket timed out)" in err, err  # why, in squeue's words
     assert (tmp_path / "sbatch_calls").read_text() == calls
 
 

@@ -182,8 +182,8 @@ def test_slurm_not_answering_is_asked_once_and_said(tmp_path, monkeypatch, capsy
     assert status.status_main([str(root)]) == 0
     out, err = capsys.readouterr()
     assert out.count("COMPLETED") == 3, out
-    assert ("warning: Slurm did not answer for job(s) 40, 41, 42 (squeue timed out or failed): their state is the "
-            "run's own status.json") in err, err
+    assert ("warning: Slurm did not answer for job(s) 40, 41, 42 (squeue: slurm_load_jobs error: Unable to contact "
+            "slurm controller): their state is the run's own status.json") in err, err  # squeue's words, not a guess
     assert calls.read_text().split().count("squeue") == 1
 
 
