@@ -798,9 +798,9 @@ class Trainer:
         got = stop.received if own else self.polls.agreed.signum  # the signal status.json names
         if self.env.is_main:
             said = signal.Signals(stop.received).name if own else self.polls.agreed.said()
-            when = "start-up" if own and stop.in_start_up else self._phase  # honoured at the first steps
-            log.warning("stop requested (%s) during %s at global step %d: checkpoint saved", said, when,
-                        st.global_step)
+            # one received in start-up is honoured at the first steps: said as such, not as "during start-up at step 2"
+            when = "received during start-up, taken" if own and stop.in_start_up else f"during {self._phase}"
+            log.warning("stop requested (%s) %s at global step %d: checkpoint saved", said, when, st.global_step)
         lead = signal_lead_s()  # checked in check_launch
         kind = self.dist.broadcast_object(classify_stop(self.polls.agreed, self.slurm, lead) if self.env.is_main else None)
         decision = "interrupted"

@@ -925,7 +925,7 @@ def test_a_warning_in_start_up_is_honoured_at_the_first_steps_and_said_to_be_fro
     p = interrupt_at(tmp_path, run, TINY, "run folder", signal.SIGUSR2)
     assert p.returncode == 3, p.output[-3000:]
     log = (run / "train.log").read_text()
-    assert re.search(r"stop requested \(SIGUSR2\) during start-up at global step [12]: checkpoint saved", log), log[-2000:]
+    assert re.search(r"stop requested \(SIGUSR2\) received during start-up, taken at global step [12]: checkpoint saved", log), log[-2000:]
 
 
 def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_path):
