@@ -98,7 +98,13 @@ def _run_folders(sweep: Path) -> list[Path]:
     listed = [sweep / Path(j["run_dir"]).name for j in jobs if isinstance(j, dict) and isinstance(j.get("run_dir"), str)]
     found = [d for d in listed if d.is_dir()] or sorted(
         d for d in sweep.iterdir() if d.is_dir() and any((d / f).exists() for f in RUN_MARKS))
-    return sorted(found, key=lambda d: not (d / "checkpoints").is_dir())  # stable: sweep order kept
+    return sorted(found, key=lambda d: not _scorable(d))  # stable: sweep order kept
+
+
+def _scorable(run: Path) -> bool:
+    """The run folder holds a checkpoint (a pending point's may hold an empty checkpoints/)."""
+    from .checkpoint import CheckpointDir
+    return CheckpointDir(run / "checkpoints", 1).exists()
 
 
 def _sweep_hint(run: Path) -> Optional[str]:
@@ -109,13 +115,15 @@ def _sweep_hint(run: Path) -> Optional[str]:
     points = _run_folders(run)
     if not (run / "sweep.json").is_file() and not points:
         return None
-    # quoted: a point's folder name holds commas (model=allcnn_c,seed=0)
-    shown = ", ".join(f"'{d}'" for d in points[:3]) + (f" ... ({len(points)} in all)" if len(points) > 3 else "")
+    # only those it can score, quoted: a point's folder name holds commas (model=allcnn_c,seed=0)
+    ready = [d for d in points if _scorable(d)]
+    shown = ", ".join(f"'{d}'" for d in ready[:3]) + (f" ... ({len(ready)} in all)" if len(ready) > 3 else "")
+    example = (f", e.g. {shown}" if ready else
+               f" once one has a checkpoint ({'none has one' if points else 'it holds no run folder'} yet)")
     if not (run / "sweep.json").is_file():
-        return f"{run} holds run folders but is not one: evaluate one of them, e.g. {shown}"
+        return f"{run} holds run folders but is not one: evaluate one of them{example}"
     return (f"{run} is a sweep folder (allconv-hpc submit -m), not a run folder: evaluate one of its run folders"
-            + (f", e.g. {shown}; allconv-hpc status {shlex.quote(str(run))} shows each one's best_val_acc" if points
-               else " (it holds none yet)"))
+            f"{example}; allconv-hpc status {shlex.quote(str(run))} shows each one's progress and best_val_acc")
 
 
 def _checkpoint_path(run: Path, which: str) -> Path:

@@ -147,9 +147,14 @@ def test_a_sweep_folder_names_its_run_folders(tmp_path):
     assert named(sweep, "--checkpoint", "last") == [str(sweep / "seed=0"), str(sweep / "seed=1")]
     ok = _cli(tmp_path, named(sweep)[0], "--json")  # what it names is what evaluate takes
     assert ok.returncode == 0 and json.loads(ok.stdout)["images"] == 101, ok.stderr
-    shutil.rmtree(sweep / "seed=0" / "checkpoints")  # a point not started yet: the scorable ones first
+    shutil.rmtree(sweep / "seed=0" / "checkpoints")  # a point not started yet: only the scorable ones are named
+    (sweep / "seed=0" / "checkpoints").mkdir()  # (a start that saved nothing leaves an empty one)
+    assert named(sweep) == [str(sweep / "seed=1")]
     (sweep / "sweep.json").unlink()  # without sweep.json: run folders and no checkpoints/ of its own
-    assert named(sweep, said="holds run folders but is not one") == [str(sweep / "seed=1"), str(sweep / "seed=0")]
+    assert named(sweep, said="holds run folders but is not one") == [str(sweep / "seed=1")]
+    shutil.rmtree(sweep / "seed=1" / "checkpoints")
+    assert named(sweep, said="holds run folders but is not one: evaluate one of them once one has a checkpoint "
+                             "(none has one yet)") == []
     # a run folder without checkpoints is still told about its checkpoints/, not called a sweep
     r = _cli(tmp_path, sweep / "seed=0")
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "sweep folder" not in r.stderr, r.stderr
