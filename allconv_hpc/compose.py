@@ -507,6 +507,17 @@ def pin_data_root(composed: Composed) -> Optional[tuple[bool, str]]:
     return said
 
 
+def with_recorded_root(e: Exception, composed: Composed) -> str:
+    """A data error's text, naming the root this run read before where another was given (a relative data.root
+    typed in another folder, say) and that one is still there."""
+    recorded = recorded_data_root(composed.run_dir) if composed.cfg.data.name != "synthetic" else None
+    if recorded is None or os.path.normpath(recorded) == composed.cfg.data.root or not os.path.isdir(recorded):
+        return str(e)
+    return (f"{str(e).rstrip('.')}; this run read its images from {recorded} before: data.root={shell_word(recorded)}, "
+            f"or no data.root, reads them there (a relative data.root is read from the current folder, here "
+            f"{os.getcwd()})")
+
+
 def _same_folder(a: str, b: str) -> bool:
     """One folder by two paths (a link to it): not another root. False where either is not there."""
     try:

@@ -34,7 +34,8 @@ def hydra_value(value, key: str) -> str:
 def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
-    from .compose import NameSwap, check_run_dir, compose, dated_dir_warning, pin_data_root, repeated_overrides, unread_said
+    from .compose import (NameSwap, check_run_dir, compose, dated_dir_warning, pin_data_root, repeated_overrides,
+                          unread_said, with_recorded_root)
     from .preempt import sigint_deferred
     with sigint_deferred():  # torch's import (seconds) dropped a Ctrl-C raised as it imports numpy (see train.run)
         from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
@@ -82,7 +83,10 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             warn(root_said[1])
         elif root_said:
             print(f"allconv-hpc submit: {root_said[1]}", file=sys.stderr)
-        check_present(c.cfg.data)
+        try:
+            check_present(c.cfg.data)
+        except ConfigError as e:
+            raise ConfigError(with_recorded_root(e, c)) from None
         # a file damaged inside, a subset (or a drop_last batch) larger than the files: now, not after the queue
         check_files(c.cfg.data, _drop_last_batch(c.cfg))
         if to_download(c.cfg.data):

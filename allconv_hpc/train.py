@@ -95,7 +95,8 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
         # its rendezvous for a peer that had stopped
         with sigint_deferred():
             unhold()  # a cluster=local rank's signals held since its start come now, into this Ctrl-C guard
-            from .compose import check_run_dir, check_train_args, compose, pin_data_root, write_hydra_files
+            from .compose import (check_run_dir, check_train_args, compose, pin_data_root, with_recorded_root,
+                                  write_hydra_files)
             from .runlock import LockLost, acquire, check_free
             from .jobs import START_UP_STOP, is_completed, is_diverged, other_jobs_state, stop_command
             from .wandb_mode import check_environment, check_names, preflight_mode
@@ -118,7 +119,10 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
             check_resume(composed.run_dir, composed.cfg)
         except CheckpointError:  # left to the trainer, which records it in status.json and train.log for `status`
             pass  # (submit refuses such a folder before queueing; a job finds it here)
-        check_present(composed.cfg.data)
+        try:
+            check_present(composed.cfg.data)
+        except ConfigError as e:
+            raise ConfigError(with_recorded_root(e, composed)) from None
         if preflight_mode(composed.cfg.wandb.mode) != "disabled":  # a bad WANDB_MODE, online with no key...
             check_names(composed.cfg.wandb)  # ...or a project or tag W&B would refuse at wandb.init...
             check_environment()  # ...or a WANDB_* variable it would

@@ -763,6 +763,35 @@ def test_a_new_root_for_a_run_started_over_is_not_warned_as_a_resume(tmp_path, m
     assert pin_data_root(compose(["data.root=/new", "hydra.run.dir=run", "checkpoint.resume=never"])) is None
 
 
+def test_a_data_root_not_found_names_the_root_the_run_read_before(tmp_path, monkeypatch, capsys):
+    """A relative data.root typed from another folder, on resume: the error named only the folder not found; it
+    names the recorded root that is still there too (submit before the queue, train before any work)."""
+    from allconv_hpc.compose import pin_data_root, write_hydra_files
+    from allconv_hpc.config import shell_word
+    from allconv_hpc.launcher import submit_main
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    first = compose(["data=cifar10", "data.root=data", "hydra.run.dir=run"])
+    pin_data_root(first)
+    write_hydra_files(first)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    hint = (f"; this run read its images from {tmp_path / 'data'} before: data.root={shell_word(str(tmp_path / 'data'))}, "
+            f"or no data.root, reads them there (a relative data.root is read from the current folder, here "
+            f"{tmp_path / 'elsewhere'})")
+    ov = ["data=cifar10", "data.root=data", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert submit_main(["--dry-run", "cluster=local", *ov]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'elsewhere' / 'data'}" in err and hint in err, err
+    r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", *ov], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and hint in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "elsewhere" / "data").exists()
+    (tmp_path / "data").rmdir()  # the recorded root gone as well: nothing to point at
+    assert submit_main(["--dry-run", "cluster=local", *ov]) == 2
+    assert "this run read its images from" not in capsys.readouterr().err
+
+
 def test_the_same_data_folder_spelled_otherwise_is_not_warned_and_the_environment_is_named(tmp_path, monkeypatch):
     """/a/work/../cifar and /a/other/../cifar are one folder (recorded as /a/cifar, links kept as given); a new
     root from ALLCONV_DATA is said as ALLCONV_DATA=..., not as a data.root=... that was never typed."""
