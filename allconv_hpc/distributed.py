@@ -270,6 +270,14 @@ class Dist:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         timeout = datetime.timedelta(seconds=self.timeout_s)
         kw = {"device_id": device} if backend == "nccl" else {}
+        by_hand = env.source == "torchrun" and "TORCHELASTIC_RUN_ID" not in os.environ
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        if by_hand:  # a RANK and WORLD_SIZE left in the shell: said now, not after dist.timeout_s of silence
+            log.warning("rank %d: waiting up to %g s (dist.timeout_s) for %d ranks at %s%s", env.rank, self.timeout_s,
+                        env.world_size, where, _BY_HAND)
+        elif env.is_main:
+            log.info("waiting up to %g s (dist.timeout_s) for %d ranks at %s (%s)", self.timeout_s, env.world_size,
+                     where, env.source)
         started = time.monotonic()
         try:
             with _stops_at_once():
@@ -283,7 +291,6 @@ class Dist:
                     kw["init_method"] = "env://"
                 dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **kw)
         except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
-            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
                 fix = {"torchrun": "give torchrun another --master_port (or --rdzv-endpoint)",
                        "slurm": "rank 0 requeues the job, whose restart gets another port (submit again if it did "
@@ -297,7 +304,7 @@ class Dist:
                 f"{time.monotonic() - started:.0f} s (dist.timeout_s={self.timeout_s:g}; {_first_line(e)}); a "
                 f"rank that failed before joining logged why (under srun, --kill-on-bad-exit=1 ends the others at "
                 f"once)"
-                f"{_BY_HAND if env.source == 'torchrun' and 'TORCHELASTIC_RUN_ID' not in os.environ else ''}") from e
+                f"{_BY_HAND if by_hand else ''}") from e
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         log.info("rank %d/%d joined (%s, %s, master %s:%s)", env.rank, env.world_size, backend, env.source,
                  os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
