@@ -59,7 +59,11 @@ def print_config(overrides: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, entry_point: bool = False) -> int:
+    """`entry_point`: this process is the command's (the console script): once its status is decided, a Ctrl-C is
+    ignored. Python puts SIGINT's default action back as it shuts down, so one in the process's last moments ended
+    it 130 without a word (seen: 27 in 120 Ctrl-Cs near the end of a `status`; a `submit` that had queued its job
+    and said so), and a script read that as "nothing was queued". (train ignores it itself: ignore_late_signals.)"""
     argv = list(sys.argv[1:] if argv is None else argv)
     trains = argv[:1] == ["train"] and not {"-h", "--help", "--print-config"} & set(argv[1:])
     if trains:  # a broken pipe in training (a W&B socket) is a failure to report, not a `| head`
@@ -75,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # status, evaluate, --print-config: they only read (submit says what it queued)
         print(f"allconv-hpc{' ' + argv[0] if argv else ''}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    finally:  # also after argparse's SystemExit (--help, a bad option)
+        if entry_point:
+            import signal
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the status is decided: nothing is left to interrupt
 
 
 # what torchrun's failure report says of a worker that stopped on purpose (it says "FAILED" of any non-zero exit,
@@ -132,5 +140,10 @@ def _dispatch(argv: list[str]) -> int:
     return 2
 
 
+def entry() -> None:
+    """The console script, and `python -m allconv_hpc`."""
+    sys.exit(main(entry_point=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1183,6 +1183,25 @@ def test_a_ctrl_c_that_the_compose_drops_stops_a_submit_before_anything_is_queue
     assert str(tmp_path / "run") not in out  # no plan printed: it stopped in the compose
 
 
+@pytest.mark.parametrize("args,code", [(["status", "--json", "."], 2), (["status", "--help"], 0),
+                                       (["submit", "--dry-run", "cluster=local", "data=synthetic", "model.width=0.125",
+                                         "hydra.run.dir=run"], 0)])
+def test_a_ctrl_c_as_a_command_exits_leaves_its_exit_status(tmp_path, args, code):
+    """Python puts SIGINT's default action back as it shuts down: a Ctrl-C in a command's last moments killed it
+    (130, without a word; 27 in 120 near the end of a `status`), also a `submit` that had queued its job and said so.
+    Here the Ctrl-C comes as the process exits (an atexit hook: Python's own handler would raise there)."""
+    import sys
+    script = ("import atexit, os, signal, sys, time\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.3)))\n"
+              f"sys.argv = ['allconv-hpc', *{args!r}]\n"
+              "from allconv_hpc.cli import entry\n"
+              "entry()\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={k: v for k, v in os.environ.items() if k != "ALLCONV_DATA"})
+    assert r.returncode == code and "KeyboardInterrupt" not in r.stderr and "interrupted" not in r.stderr, (
+        r.returncode, r.stderr[-2000:])
+
+
 def test_the_epochs_last_step_is_checkpointed_once_after_its_evaluation(tmp_path, monkeypatch):
     """checkpoint.every_steps dividing the epoch's last step wrote that step twice: before the evaluation and,
     the same step again, after it (each a full snapshot, a finite check and an fsync)."""
