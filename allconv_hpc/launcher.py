@@ -97,35 +97,34 @@ class TrainJob:
                                                            self.local_port))
 
 
-def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict,
-           attach: bool = False) -> tuple[list, bool]:
-    """Submit the points not marked `skip` (one job, or one array); returns their submitit jobs, and whether a
-    Ctrl-C came while they were queued (taken once they are recorded and released: KeyboardInterrupt where it
-    stopped sbatch, nothing queued). Under the folder's lock every point is checked again first (another submit
-    may have queued it since `plan`); a point now refused raises ConfigError, one now queued by a sweep's other
-    submit is skipped. `attach` (submit --wait): a cluster=local job stays in this terminal's session
-    (executor.make_executor)."""
+def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict, until: contextlib.ExitStack,
+           attach: bool = False) -> tuple[list, list]:
+    """Submit the points not marked `skip` (one job, or one array); returns their submitit jobs, and the Ctrl-Cs
+    that came from sbatch on until `until` closes (the caller's: its lines naming the queued jobs are said first;
+    KeyboardInterrupt where one stopped sbatch, nothing queued). Under the folder's lock every point is checked
+    again first (another submit may have queued it since `plan`); a point now refused raises ConfigError, one now
+    queued by a sweep's other submit is skipped. `attach` (submit --wait): a cluster=local job stays in this
+    terminal's session (executor.make_executor)."""
     todo = [p for p in points if p.skip is None]
     base = sweep_dir if sweep_dir is not None else todo[0].run_dir
     check_can_start(points, sweep_dir, cluster)
     jobs, got = None, []
     try:
-        with contextlib.ExitStack() as held:
-            with submit_lock(base):
-                for p in todo:
-                    if p.cfg is not None:
-                        p.skip = check_run_folder(p.run_dir, p.cfg, sweep=sweep_dir is not None, overrides=p.overrides)
-                # from sbatch until the jobs are recorded and released: a Ctrl-C then left queued jobs unrecorded
-                # (a second submit queued them again) or held
-                got = held.enter_context(sigint_deferred(take=False))
-                jobs = _submit_locked(points, sweep_dir, cluster, base, attach)
-            if jobs and cluster["backend"] == "slurm" and not hold_asked(cluster):
-                release_held(jobs)  # after the lock: a failure must not remove the folders of queued jobs
+        with submit_lock(base):
+            for p in todo:
+                if p.cfg is not None:
+                    p.skip = check_run_folder(p.run_dir, p.cfg, sweep=sweep_dir is not None, overrides=p.overrides)
+            # from sbatch until the jobs are recorded, released and said: a Ctrl-C then left queued jobs
+            # unrecorded (a second submit queued them again) or held, or said "nothing was queued"
+            got = until.enter_context(sigint_deferred(take=False))
+            jobs = _submit_locked(points, sweep_dir, cluster, base, attach)
+        if jobs and cluster["backend"] == "slurm" and not hold_asked(cluster):
+            release_held(jobs)  # after the lock: a failure must not remove the folders of queued jobs
     except ConfigError:
         if got and jobs is None:  # the terminal's Ctrl-C reached sbatch too, which queued nothing
             raise KeyboardInterrupt from None
         raise
-    return jobs, bool(got)
+    return jobs, got
 
 
 def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict, base: Path,
@@ -261,6 +260,11 @@ def submit_main(argv: list[str]) -> int:
         why = "sbatch is on PATH" if chosen == "slurm" else "no sbatch on PATH"
         print(f"cluster={chosen} ({why}; pass cluster=... to choose)")
         overrides = [f"cluster={chosen}"] + overrides
+    with contextlib.ExitStack() as until_said:  # a Ctrl-C once jobs are queued: taken after they are said
+        return _submit_main(args, overrides, until_said)
+
+
+def _submit_main(args, overrides: list[str], until_said: contextlib.ExitStack) -> int:
     try:
         points, sweep_dir, cluster = plan(overrides, args.multirun, dry_run=args.dry_run)
         if args.dry_run:
@@ -284,8 +288,8 @@ def submit_main(argv: list[str]) -> int:
             else:
                 print(f"nothing to submit: every run is completed or queued{grow_hint(points)}")
             return 0
-        jobs, interrupted = (submit(points, sweep_dir, cluster, attach=args.wait)
-                             if any(p.skip is None for p in points) else ([], False))
+        jobs, interrupted = (submit(points, sweep_dir, cluster, until_said, attach=args.wait)
+                             if any(p.skip is None for p in points) else ([], []))
         _print_skipped(points)  # also what another submit queued meanwhile
         todo = [p for p in points if p.skip is None]
     except ConfigError as e:
@@ -304,6 +308,8 @@ def submit_main(argv: list[str]) -> int:
         print(f"nothing to submit: every run is completed or queued{grow_hint(points)}")
     print(f"{'sweep' if sweep_dir is not None else 'run'} folder: {where}")
     print(f"watch it with: allconv-hpc status {shlex.quote(str(where))}")
+    sys.stdout.flush()
+    until_said.close()  # Ctrl-C as usual from here: the watching's own
     if interrupted:
         print("allconv-hpc submit: interrupted (Ctrl-C) while submitting: the jobs above were queued and recorded "
               "first" + (", not watched" if args.wait else ""), file=sys.stderr)

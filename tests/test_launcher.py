@@ -2685,6 +2685,31 @@ def test_a_ctrl_c_while_sbatch_queues_is_taken_once_the_jobs_are_recorded(tmp_pa
     assert not (tmp_path / "run3").exists() and calls.read_text() == "scontrol release 77\n"
 
 
+def test_a_ctrl_c_after_the_jobs_are_queued_names_them_not_nothing_queued(tmp_path, on_path, capsys, monkeypatch):
+    """A Ctrl-C once sbatch had queued and submit had recorded the jobs, as it said them: it said "nothing was
+    queued" (exit 130), with the job queued and running. Now the jobs are said, then the Ctrl-C."""
+    calls = tmp_path / "calls"
+    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', scontrol=f'echo "scontrol $*" >> {calls}')
+    real = launcher._print_skipped
+
+    def ctrl_c_then(points):  # the first thing submit does once the jobs are queued, recorded and released
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # Python takes the signal between two operations
+        return real(points)
+
+    monkeypatch.setattr(launcher, "_print_skipped", ctrl_c_then)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, out, err = run_submit(capsys, "cluster=slurm", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 130 and "nothing was queued" not in err, err
+    assert out.startswith(f"job 77  {tmp_path / 'run'}\n") and "watch it with: allconv-hpc status" in out, out
+    assert "interrupted (Ctrl-C) while submitting: the jobs above were queued and recorded first" in err, err
+    assert calls.read_text() == "scontrol release 77\n"
+
+
 def test_a_record_that_cannot_be_written_after_sbatch_names_the_held_jobs(tmp_path, on_path, capsys, monkeypatch):
     """submission.json unwritable once sbatch queued (a full disk, a quota; a stand-in raises ENOSPC): it was a
     traceback, with the job queued, unrecorded (the next submit queued it again) and held."""
