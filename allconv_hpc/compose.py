@@ -507,15 +507,24 @@ def pin_data_root(composed: Composed) -> Optional[tuple[bool, str]]:
     return said
 
 
-def with_recorded_root(e: Exception, composed: Composed) -> str:
+def with_recorded_root(e: Exception, composed: Composed, present: typing.Callable) -> str:
     """A data error's text, naming the root this run read before where another was given (a relative data.root
-    typed in another folder, say) and that one is still there."""
+    typed in another folder, ALLCONV_DATA set since) and `present` (data.check_present) finds the data there."""
     recorded = recorded_data_root(composed.run_dir) if composed.cfg.data.name != "synthetic" else None
-    if recorded is None or os.path.normpath(recorded) == composed.cfg.data.root or not os.path.isdir(recorded):
+    root = composed.cfg.data.root
+    if recorded is None or os.path.normpath(recorded) == root or _same_folder(recorded, root):
         return str(e)
-    return (f"{str(e).rstrip('.')}; this run read its images from {recorded} before: data.root={shell_word(recorded)}, "
-            f"or no data.root, reads them there (a relative data.root is read from the current folder, here "
-            f"{os.getcwd()})")
+    try:
+        present(dataclasses.replace(composed.cfg.data, root=recorded))
+    except ConfigError:  # not there either: nothing to point at
+        return str(e)
+    if any(override_key(o) == "data.root" for o in composed.overrides):
+        how = (f"data.root={shell_word(recorded)} reads them there (a relative data.root is read from the current "
+               f"folder, here {os.getcwd()})")
+    else:  # the default gave way to ALLCONV_DATA (pin_data_root)
+        how = (f"unset ALLCONV_DATA (it names {os.environ.get('ALLCONV_DATA', '')}), or give "
+               f"data.root={shell_word(recorded)}, to read them there")
+    return f"{str(e).rstrip('.')}; this run read its images from {recorded} before: {how}"
 
 
 def _same_folder(a: str, b: str) -> bool:

@@ -86,7 +86,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         try:
             check_present(c.cfg.data)
         except ConfigError as e:
-            raise ConfigError(with_recorded_root(e, c)) from None
+            raise ConfigError(with_recorded_root(e, c, check_present)) from None
         # a file damaged inside, a subset (or a drop_last batch) larger than the files: now, not after the queue
         check_files(c.cfg.data, _drop_last_batch(c.cfg))
         if to_download(c.cfg.data):

@@ -122,7 +122,7 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
         try:
             check_present(composed.cfg.data)
         except ConfigError as e:
-            raise ConfigError(with_recorded_root(e, composed)) from None
+            raise ConfigError(with_recorded_root(e, composed, check_present)) from None
         if preflight_mode(composed.cfg.wandb.mode) != "disabled":  # a bad WANDB_MODE, online with no key...
             check_names(composed.cfg.wandb)  # ...or a project or tag W&B would refuse at wandb.init...
             check_environment()  # ...or a WANDB_* variable it would

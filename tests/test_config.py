@@ -764,30 +764,45 @@ def test_a_new_root_for_a_run_started_over_is_not_warned_as_a_resume(tmp_path, m
 
 
 def test_a_data_root_not_found_names_the_root_the_run_read_before(tmp_path, monkeypatch, capsys):
-    """A relative data.root typed from another folder, on resume: the error named only the folder not found; it
-    names the recorded root that is still there too (submit before the queue, train before any work)."""
+    """A relative data.root typed from another folder on resume (or ALLCONV_DATA set since): the error named only
+    the folder not found; it names the recorded root, where the data still is, and how to read it (submit before
+    the queue, train before any work). Not where that folder lost its data too."""
+    import torch
+
+    from allconv_hpc import data
     from allconv_hpc.compose import pin_data_root, write_hydra_files
     from allconv_hpc.config import shell_word
     from allconv_hpc.launcher import submit_main
-    (tmp_path / "data").mkdir()
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)  # noqa: E731
+    data.write_cifar(tmp_path / "data", "cifar10", images(20), torch.arange(20) % 10, images(10), torch.arange(10),
+                     [f"c{i}" for i in range(10)])
+    monkeypatch.delenv("ALLCONV_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
     first = compose(["data=cifar10", "data.root=data", "hydra.run.dir=run"])
     pin_data_root(first)
     write_hydra_files(first)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    hint = (f"; this run read its images from {tmp_path / 'data'} before: data.root={shell_word(str(tmp_path / 'data'))}, "
-            f"or no data.root, reads them there (a relative data.root is read from the current folder, here "
-            f"{tmp_path / 'elsewhere'})")
+    recorded = f"this run read its images from {tmp_path / 'data'} before: "
+    typed = (f"{recorded}data.root={shell_word(str(tmp_path / 'data'))} reads them there (a relative data.root is "
+             f"read from the current folder, here {tmp_path / 'elsewhere'})")
     ov = ["data=cifar10", "data.root=data", f"hydra.run.dir={tmp_path / 'run'}"]
     assert submit_main(["--dry-run", "cluster=local", *ov]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'elsewhere' / 'data'}" in err and hint in err, err
+    assert f"{tmp_path / 'elsewhere' / 'data'}" in err and f"network; {typed}" in err, err
     r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", *ov], capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 2 and hint in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and typed in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "elsewhere" / "data").exists()
-    (tmp_path / "data").rmdir()  # the recorded root gone as well: nothing to point at
+    # not typed: ALLCONV_DATA outranks the recorded root, so "no data.root" would fail the same way
+    monkeypatch.setenv("ALLCONV_DATA", str(tmp_path / "nodata"))
+    assert submit_main(["--dry-run", "cluster=local", *ov[:1], *ov[2:]]) == 2
+    assert (f"{recorded}unset ALLCONV_DATA (it names {tmp_path / 'nodata'}), or give data.root="
+            f"{shell_word(str(tmp_path / 'data'))}, to read them there") in capsys.readouterr().err
+    monkeypatch.delenv("ALLCONV_DATA")
+    # the recorded folder without its data: nothing to point at
+    shutil.rmtree(tmp_path / "data" / "cifar-10-batches-py")
     assert submit_main(["--dry-run", "cluster=local", *ov]) == 2
     assert "this run read its images from" not in capsys.readouterr().err
 
