@@ -272,12 +272,17 @@ class Dist:
         kw = {"device_id": device} if backend == "nccl" else {}
         by_hand = env.source == "torchrun" and "TORCHELASTIC_RUN_ID" not in os.environ
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        if by_hand:  # a RANK and WORLD_SIZE left in the shell: said now, not after dist.timeout_s of silence
-            log.warning("rank %d: waiting up to %g s (dist.timeout_s) for %d ranks at %s%s", env.rank, self.timeout_s,
-                        env.world_size, where, _BY_HAND)
-        elif env.is_main:
+        if env.is_main:
             log.info("waiting up to %g s (dist.timeout_s) for %d ranks at %s (%s)", self.timeout_s, env.world_size,
                      where, env.source)
+        # RANK and WORLD_SIZE without torchrun: ranks started by hand (tests, mpirun wrappers), or a shell that kept
+        # another launch's; the hint comes once the wait is long, not after dist.timeout_s of silence
+        hint = threading.Timer(min(10.0, self.timeout_s / 3), log.warning, (
+            "rank %d: still waiting for %d ranks at %s (up to dist.timeout_s=%g s)%s", env.rank, env.world_size,
+            where, self.timeout_s, _BY_HAND)) if by_hand else None
+        if hint is not None:
+            hint.daemon = True
+            hint.start()
         started = time.monotonic()
         try:
             with _stops_at_once():
@@ -305,6 +310,9 @@ class Dist:
                 f"rank that failed before joining logged why (under srun, --kill-on-bad-exit=1 ends the others at "
                 f"once)"
                 f"{_BY_HAND if by_hand else ''}") from e
+        finally:
+            if hint is not None:
+                hint.cancel()
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         log.info("rank %d/%d joined (%s, %s, master %s:%s)", env.rank, env.world_size, backend, env.source,
                  os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])

@@ -340,9 +340,10 @@ def test_a_rendezvous_timeout_says_how_long_it_waited(tmp_path):
     assert ("the world size came from WORLD_SIZE, and torchrun did not start this process: started by hand in a "
             "shell that holds it? unset RANK and WORLD_SIZE, or start with torchrun") in out, out[-2000:]
     # ...and said as the wait begins, not only after dist.timeout_s (300 s by default) of silence
-    waiting = re.search(r"WARNING\] rank 0: waiting up to 3 s \(dist.timeout_s\) for 2 ranks at 127.0.0.1:\d+; the "
-                        r"world size came from WORLD_SIZE", out)
+    waiting = re.search(r"WARNING\] rank 0: still waiting for 2 ranks at 127.0.0.1:\d+ \(up to dist.timeout_s=3 s\); "
+                        r"the world size came from WORLD_SIZE", out)
     assert waiting and waiting.start() < said.start(), out[-2000:]
+    assert re.search(r"INFO\] waiting up to 3 s \(dist.timeout_s\) for 2 ranks at 127.0.0.1:\d+ \(torchrun\)", out)
 
 
 def _signal_worker(cmd: list[str], run: Path, after: str, sig: int, tmp_path: Path) -> tuple[int, str]:
