@@ -90,36 +90,40 @@ RUN_MARKS = ("checkpoints", "status.json", "submission.json", ".hydra")  # a swe
 # .submit.lock, nor a checkpoints.oldN holding wandb_id.txt: runlock.holds_run answers "is this folder in use")
 
 
-def _run_folders(sweep: Path) -> list[Path]:
+def _run_folders(sweep: Path, which: str = "best") -> list[Path]:
     """A sweep folder's point folders: sweep.json's run folders that exist (in sweep order), else its
-    subfolders that look like runs; those holding checkpoints first (the ones evaluate can score)."""
+    subfolders that look like runs; those holding the `--checkpoint` asked for first (the ones evaluate can score)."""
     doc = read_json(sweep / "sweep.json")  # {} when missing or damaged: the subfolders still tell
     jobs = doc.get("jobs") if isinstance(doc.get("jobs"), list) else []
     listed = [sweep / Path(j["run_dir"]).name for j in jobs if isinstance(j, dict) and isinstance(j.get("run_dir"), str)]
     found = [d for d in listed if d.is_dir()] or sorted(
         d for d in sweep.iterdir() if d.is_dir() and any((d / f).exists() for f in RUN_MARKS))
-    return sorted(found, key=lambda d: not _scorable(d))  # stable: sweep order kept
+    return sorted(found, key=lambda d: not _scorable(d, which))  # stable: sweep order kept
 
 
-def _scorable(run: Path) -> bool:
-    """The run folder holds a checkpoint (a pending point's may hold an empty checkpoints/)."""
+def _scorable(run: Path, which: str) -> bool:
+    """The run folder holds the `--checkpoint` asked for: best.pt (an epoch finished), a step checkpoint for last
+    (a pending point's checkpoints/ may be empty), or the file named."""
     from .checkpoint import CheckpointDir
+    if which == "best" or os.sep not in which and "/" not in which and which != "last":
+        return (run / "checkpoints" / ("best.pt" if which == "best" else which)).is_file()
     return CheckpointDir(run / "checkpoints", 1).exists()
 
 
-def _sweep_hint(run: Path) -> Optional[str]:
+def _sweep_hint(run: Path, which: str = "best") -> Optional[str]:
     """The error for a sweep folder given where one run folder was meant, naming a few of its run folders;
     None when `run` is no sweep folder (sweep.json, or run folders but no checkpoints/ of its own)."""
     if (run / "checkpoints").exists() and not (run / "sweep.json").is_file():
         return None
-    points = _run_folders(run)
+    points = _run_folders(run, which)
     if not (run / "sweep.json").is_file() and not points:
         return None
     # only those it can score, quoted: a point's folder name holds commas (model=allcnn_c,seed=0)
-    ready = [d for d in points if _scorable(d)]
+    ready = [d for d in points if _scorable(d, which)]
     shown = ", ".join(f"'{d}'" for d in ready[:3]) + (f" ... ({len(ready)} in all)" if len(ready) > 3 else "")
+    what = "a checkpoint" if which == "last" else f"{which}.pt" if which == "best" else shlex.quote(which)
     example = (f", e.g. {shown}" if ready else
-               f" once one has a checkpoint ({'none has one' if points else 'it holds no run folder'} yet)")
+               f" once one holds {what} ({'none does' if points else 'it holds no run folder'} yet)")
     if not (run / "sweep.json").is_file():
         return f"{run} holds run folders but is not one: evaluate one of them{example}"
     return (f"{run} is a sweep folder (allconv-hpc submit -m), not a run folder: evaluate one of its run folders"
@@ -165,7 +169,7 @@ def _checkpoint_path(run: Path, which: str) -> Path:
             raise ConfigError(f"{run} holds the checkpoints of a run set aside by checkpoint.resume=never, not a run "
                               f"folder; score one of its files by path{gone}: allconv-hpc evaluate "
                               f"{shlex.quote(str(here.parent))} --checkpoint {shlex.quote(str(here / name))}")
-        sweep = _sweep_hint(run)
+        sweep = _sweep_hint(run, which)
         if sweep:
             raise ConfigError(sweep)
         there = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))

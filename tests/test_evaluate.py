@@ -150,13 +150,21 @@ def test_a_sweep_folder_names_its_run_folders(tmp_path):
     shutil.rmtree(sweep / "seed=0" / "checkpoints")  # a point not started yet: only the scorable ones are named
     (sweep / "seed=0" / "checkpoints").mkdir()  # (a start that saved nothing leaves an empty one)
     assert named(sweep) == [str(sweep / "seed=1")]
+    step = sorted((sweep / "seed=1" / "checkpoints").glob("step_*.pt"))[0]  # stopped before its first epoch ended:
+    shutil.copy(step, sweep / "seed=0" / "checkpoints" / step.name)  # a step checkpoint, no best.pt
+    assert named(sweep) == [str(sweep / "seed=1")]  # --checkpoint best (the default) could not score seed=0
+    assert named(sweep, "--checkpoint", "last") == [str(sweep / "seed=0"), str(sweep / "seed=1")]
     (sweep / "sweep.json").unlink()  # without sweep.json: run folders and no checkpoints/ of its own
     assert named(sweep, said="holds run folders but is not one") == [str(sweep / "seed=1")]
     shutil.rmtree(sweep / "seed=1" / "checkpoints")
-    assert named(sweep, said="holds run folders but is not one: evaluate one of them once one has a checkpoint "
-                             "(none has one yet)") == []
-    # a run folder without checkpoints is still told about its checkpoints/, not called a sweep
+    assert named(sweep, said="holds run folders but is not one: evaluate one of them once one holds best.pt "
+                             "(none does yet)") == []
+    assert named(sweep, "--checkpoint", "last", said="holds run folders but is not one: evaluate one of them, "
+                 "e.g.") == [str(sweep / "seed=0")]
+    # a run folder is still told about its checkpoints/, not called a sweep
     r = _cli(tmp_path, sweep / "seed=0")
+    assert r.returncode == 2 and "no best.pt in" in r.stderr and "sweep folder" not in r.stderr, r.stderr
+    r = _cli(tmp_path, sweep / "seed=1")
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "sweep folder" not in r.stderr, r.stderr
 
 
