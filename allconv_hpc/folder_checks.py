@@ -36,8 +36,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         state, reason = queued(rec)
         if state == NO_ANSWER:  # it may still run: a second job could train into the same folder
             raise ConfigError(f"squeue did not answer whether job {rec['job_id']}, the last one submitted into "
-                              f"{run_dir}, is still queued or running ({squeue_silence()}); submit again when "
-                              f"`squeue -j {rec['job_id']}` answers")
+                              f"{run_dir}, is still queued or running ({squeue_silence(rec['job_id'])}); submit again "
+                              f"when `squeue -j {rec['job_id']}` answers")
         if state == "COMPLETING" and sweep:  # a stopped point is resumed by the next submit, not this one
             return (f"job {rec['job_id']} is still ending (COMPLETING); if it did not complete the run, submit "
                     f"again in a few seconds")
@@ -71,7 +71,7 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         job, state = started["job_id"], queued_state(started)
         if state == NO_ANSWER and shutil.which("squeue"):  # no Slurm here at all: a folder copied from a cluster
             raise ConfigError(f"squeue did not answer whether job {job}, which {run_dir / 'status.json'} says trains "
-                              f"into {run_dir}, is still queued or running ({squeue_silence()}); submit again when "
+                              f"into {run_dir}, is still queued or running ({squeue_silence(job)}); submit again when "
                               f"`squeue -j {job}` answers")
         if state in ACTIVE_STATES and sweep:
             return f"job {job} ({state}), started without submit"

@@ -34,41 +34,42 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"
                  "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "PREEMPTED", "SPECIAL_EXIT", "STOPPED"}
 
 
-_silence = ""  # why the last squeue_job that got no answer got none: submit's and status's words for it
+_silence: dict[str, str] = {}  # job id -> why squeue_job got no answer for it: submit's and status's words for it
 
 
-def squeue_silence() -> str:
-    """Why the last `squeue_job` got no answer, in squeue's own words where it said any (e.g. "Could not
-    establish a configuration source": no slurm.conf here, SLURM_CONF unset), not a guess."""
-    return _silence or "squeue did not answer"
+def squeue_silence(job_id: str, unknown: str = "squeue did not answer") -> str:
+    """Why `squeue_job(job_id)` got no answer, in squeue's own words where it said any (e.g. "Could not establish
+    a configuration source": no slurm.conf here, SLURM_CONF unset); `unknown` for a job not asked."""
+    return _silence.get(str(job_id)) or unknown
 
 
 def squeue_job(job_id: str) -> tuple[bool, Optional[str], str]:
     """(Slurm answered, the job's state while it is queued or running, None when it is not; squeue's reason,
     e.g. why it is pending)."""
-    global _silence
     missing = slurm_conf_missing()
     if missing:  # squeue would retry for 60 s, then fail
-        _silence = missing
+        _silence[job_id] = missing
         return False, None, ""
     try:
         r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
-        _silence = "squeue gave no answer in 30 s: slurmctld busy or down"
+        _silence[job_id] = "squeue gave no answer in 30 s (slurmctld busy or down?)"
         return False, None, ""
     except OSError as e:
-        _silence = "no squeue on PATH" if isinstance(e, FileNotFoundError) else f"squeue could not run: {e}"
+        _silence[job_id] = "no squeue on PATH" if isinstance(e, FileNotFoundError) else f"squeue could not run: {e}"
         return False, None, ""
     if r.returncode == 0:
+        _silence.pop(job_id, None)
         first = (r.stdout.strip().splitlines() or [""])[0].split(None, 1)
         return True, first[0] if first else None, first[1].strip() if len(first) > 1 else ""
     if "Invalid job id" in r.stderr:  # a job Slurm has forgotten, vs. no answer at all
+        _silence.pop(job_id, None)
         return True, None, ""
     lines = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]
     said = lines[-1].removeprefix("squeue: ")[:200] if lines else f"exit status {r.returncode}, no message"  # the fatal one
     if "configuration source" in said:  # no slurm.conf here, nor a configless slurmd to ask
         said += ": point SLURM_CONF at the cluster's slurm.conf"
-    _silence = f"squeue: {said}"
+    _silence[job_id] = f"squeue: {said}"
     return False, None, ""
 
 

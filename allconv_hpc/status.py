@@ -593,7 +593,8 @@ def status_main(argv: list[str]) -> int:
           else format_table(rows) + _errors(rows))
     silent = [str(r["job"]) for r in rows if r["slurm_answered"] is False]
     if silent:
-        why = squeue_silence()
+        # each reason once; the jobs after the first silent one are not asked (each would wait up to 30 s)
+        why = "; ".join(dict.fromkeys(filter(None, (squeue_silence(j, "") for j in silent)))) or "squeue did not answer"
         print(f"allconv-hpc status: warning: Slurm did not answer for job(s) {', '.join(silent)} ({why}): their "
               f"state is the run's own status.json", file=sys.stderr)
     return 2 if refused else exit_code(rows)
