@@ -189,8 +189,9 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         if not (run / "checkpoints").is_dir() and not holds_run(run):
             raise ConfigError(f"{run} is not a run folder (no checkpoints/, nothing train writes); give the "
                               f"folder of a run (its hydra.run.dir)")
-        raise ConfigError(f"no checkpoint {path} (checkpoints/ holds {', '.join(there) or 'nothing'}); use "
-                          f"--checkpoint best, last or a file's path")
+        what = f"--checkpoint {path} is a folder, not a checkpoint file" if path.is_dir() else f"no checkpoint {path}"
+        raise ConfigError(f"{what} (checkpoints/ holds {', '.join(there) or 'nothing'}); use --checkpoint best, last "
+                          f"or a file's path")
     return path
 
 

@@ -300,6 +300,9 @@ def test_a_run_without_any_checkpoint_says_so_and_points_at_status(tmp_path):
         evaluate(run, "best")
     with pytest.raises(ConfigError, match=rf"no checkpoint {tmp_path}/x.pt \(checkpoints/ holds nothing\)"):
         evaluate(run, str(tmp_path / "x.pt"))  # a file asked for by name: named
+    with pytest.raises(ConfigError, match=rf"--checkpoint {tmp_path} is a folder, not a checkpoint file \(checkpoints/ "
+                                          rf"holds nothing\)"):  # (it said "no checkpoint" of a folder that is there)
+        evaluate(run, str(tmp_path))
     (run / "status.json").write_text('{"state": "completed", "epoch": 3, "epochs": 3}')  # it trained: files gone
     with pytest.raises(ConfigError, match=rf"{run} has no checkpoint, though its status.json says 3 epoch\(s\) done: "
                                           rf"its checkpoints/ files were removed or moved since"):
