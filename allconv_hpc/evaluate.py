@@ -90,22 +90,26 @@ RUN_MARKS = ("checkpoints", "status.json", "submission.json", ".hydra")  # a swe
 # .submit.lock, nor a checkpoints.oldN holding wandb_id.txt: runlock.holds_run answers "is this folder in use")
 
 
-def _run_folders(sweep: Path, which: str = "best") -> list[Path]:
+def _run_folders(sweep: Path) -> list[Path]:
     """A sweep folder's point folders: sweep.json's run folders that exist (in sweep order), else its
-    subfolders that look like runs; those holding the `--checkpoint` asked for first (the ones evaluate can score)."""
+    subfolders that look like runs."""
     doc = read_json(sweep / "sweep.json")  # {} when missing or damaged: the subfolders still tell
     jobs = doc.get("jobs") if isinstance(doc.get("jobs"), list) else []
     listed = [sweep / Path(j["run_dir"]).name for j in jobs if isinstance(j, dict) and isinstance(j.get("run_dir"), str)]
-    found = [d for d in listed if d.is_dir()] or sorted(
+    return [d for d in listed if d.is_dir()] or sorted(
         d for d in sweep.iterdir() if d.is_dir() and any((d / f).exists() for f in RUN_MARKS))
-    return sorted(found, key=lambda d: not _scorable(d, which))  # stable: sweep order kept
+
+
+def _bare(which: str) -> bool:
+    """A --checkpoint with no folder part: the run's own file in checkpoints/."""
+    return os.sep not in which and "/" not in which
 
 
 def _scorable(run: Path, which: str) -> bool:
     """The run folder holds the `--checkpoint` asked for: best.pt (an epoch finished), a step checkpoint for last
     (a pending point's checkpoints/ may be empty), or the file named."""
     from .checkpoint import CheckpointDir
-    if which == "best" or os.sep not in which and "/" not in which and which != "last":
+    if which == "best" or _bare(which) and which != "last":
         return (run / "checkpoints" / ("best.pt" if which == "best" else which)).is_file()
     return CheckpointDir(run / "checkpoints", 1).exists()
 
@@ -115,10 +119,10 @@ def _sweep_hint(run: Path, which: str = "best") -> Optional[str]:
     None when `run` is no sweep folder (sweep.json, or run folders but no checkpoints/ of its own)."""
     if (run / "checkpoints").exists() and not (run / "sweep.json").is_file():
         return None
-    points = _run_folders(run, which)
+    points = _run_folders(run)
     if not (run / "sweep.json").is_file() and not points:
         return None
-    # only those it can score, quoted: a point's folder name holds commas (model=allcnn_c,seed=0)
+    # only those it can score, in sweep order, quoted: a point's folder name holds commas (model=allcnn_c,seed=0)
     ready = [d for d in points if _scorable(d, which)]
     shown = ", ".join(f"'{d}'" for d in ready[:3]) + (f" ... ({len(ready)} in all)" if len(ready) > 3 else "")
     what = "a checkpoint" if which == "last" else f"{which}.pt" if which == "best" else shlex.quote(which)
@@ -151,7 +155,7 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         mine = next(iter(CheckpointDir(run / "checkpoints", keep=0).step_files()), mine)
     # a bare name is the run's own file, even if the current folder holds one of that name; one with a folder part
     # (./best.pt) is that path, though the run holds a file of its name
-    bare = os.sep not in which and "/" not in which
+    bare = _bare(which)
     path = mine if which in ("best", "last") or (bare and mine.is_file()) else Path(which)
     if not path.is_file():
         if run.name == "checkpoints" and not (run / "checkpoints").exists() and any(run.glob("*.pt")):
