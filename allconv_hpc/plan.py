@@ -2,6 +2,7 @@
 queued or any folder made (the config, the data, the cluster settings, the run folders and what they hold)."""
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import sys
@@ -41,6 +42,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
     from .wandb_mode import check_environment, check_names, preflight_mode
 
+    _refuse_inherited_ranks()
     common, swept = expand_sweep(overrides, multirun)
     for said in repeated_overrides(common):  # a swept key given twice is refused by expand_sweep
         warn(said)
@@ -255,6 +257,17 @@ def hold_asked(cluster: dict) -> bool:
 
 def _drop_last_batch(cfg) -> Optional[int]:
     return cfg.trainer.batch_size if cfg.trainer.drop_last else None
+
+
+def _refuse_inherited_ranks() -> None:
+    """torchrun's RANK and WORLD_SIZE left in this shell: the jobs inherit the environment (sbatch's default
+    --export=ALL; a local controller's tasks), where every rank reads them before Slurm's or the launcher's own
+    (distributed.detect_env), all took rank 0 and waited for peers that never came, after the queue."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        raise ConfigError(f"RANK={os.environ['RANK']} and WORLD_SIZE={os.environ['WORLD_SIZE']} are set in this "
+                          f"shell (left by torchrun, or set by hand?): the jobs would inherit them and every task "
+                          f"take them for its rank over the launcher's, waiting for peers that never come; "
+                          f"unset RANK WORLD_SIZE, then submit again")
 
 
 def _refuse_hydra_launcher(overrides: list[str]) -> None:

@@ -606,6 +606,24 @@ def test_cluster_slurm_without_sbatch_is_refused_before_any_folder(tmp_path, on_
     assert not (tmp_path / "sw").exists()
 
 
+@pytest.mark.parametrize("cluster", ["slurm", "local"])
+def test_torchrun_variables_left_in_the_shell_are_refused_before_the_queue(tmp_path, on_path, capsys, monkeypatch,
+                                                                           cluster):
+    """The jobs inherit them: on the dev cluster every task of a 2-rank job took RANK=0 over Slurm's rank and waited
+    for a peer that never came, after the queue (a local job's tasks likewise)."""
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch=f"echo x >> {tmp_path / 'sbatch_calls'}; echo 'Submitted batch job 5'")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = run_submit(capsys, f"cluster={cluster}", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and "RANK=0 and WORLD_SIZE=2 are set in this shell" in err, err
+    assert "unset RANK WORLD_SIZE, then submit again" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "sbatch_calls").exists() and not (tmp_path / "run").exists() and out == ""
+    monkeypatch.delenv("WORLD_SIZE")  # RANK alone is no launch (detect_env reads both): not refused
+    code, out, err = run_submit(capsys, "--dry-run", f"cluster={cluster}", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0 and "RANK" not in err, err
+
+
 @pytest.mark.parametrize("given", ["cluster=slurm cluster.backend=local", "cluster=local cluster.backend=slurm",
                                    "cluster=local +cluster.backend=slurm"])
 def test_cluster_backend_given_is_refused_for_the_profile(tmp_path, on_path, capsys, monkeypatch, given):
