@@ -6,7 +6,7 @@ import sys
 COMMANDS = ("train", "submit", "status", "evaluate")
 USAGE = """allconv-hpc train  [--print-config] [HYDRA_OVERRIDES ...]      train here (one rank of DDP under torchrun/srun)
 allconv-hpc submit [-m] [--wait] [--dry-run] [HYDRA_OVERRIDES ...]  validate, then submit to Slurm (or cluster=local)
-allconv-hpc status [--json] RUN_OR_SWEEP_FOLDER                     table of jobs: state, restarts, progress, accuracy
+allconv-hpc status [--json] RUN_OR_SWEEP_FOLDER...                  table of jobs: state, restarts, progress, accuracy
 allconv-hpc evaluate [--checkpoint best|last|FILE] [--split test|val] [--test-size N|all] [--batch-size N]
                      [--data-root DIR] [--device D] [--json] RUN_FOLDER  score a checkpoint of a run
 
@@ -32,7 +32,8 @@ def train_usage() -> str:
             "the data files are checked where it trains).\n"
             "Exit codes: 0 done or requeued, 1 failure, 2 bad config (or a run folder refused on resume),\n"
             "3 stopped with a checkpoint, 4 gave up after checkpoint.max_requeues time limits,\n"
-            "130 a Ctrl-C during start-up (this rank's or a peer's) or during a stop.")
+            "130 a Ctrl-C during start-up (this rank's or a peer's) or during a stop, or while W&B finishes a\n"
+            "completed run (it stays completed).")
 
 
 def print_config(overrides: list[str]) -> int:

@@ -239,9 +239,10 @@ def submit_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="allconv-hpc submit", description="Validate, then submit training to Slurm "
                                  "(cluster=slurm) or start it on this machine (cluster=local).",
                                  epilog="exit status: 0 submitted (with --wait: every run completed), 2 refused before "
-                                        "anything was queued; with --wait also 1 a job failed, 3 none failed but a run "
-                                        "stopped unfinished (a signal, max_requeues, a scancel before it started: "
-                                        "resumable), 130 stopped watching (Ctrl-C)")
+                                        "anything was queued (or held jobs it could not release: it names them), 130 "
+                                        "a Ctrl-C (it says whether anything was queued); with --wait also 1 a job "
+                                        "failed, 3 none failed but a run stopped unfinished (a signal, max_requeues, a "
+                                        "scancel before it started: resumable), 130 stopped watching")
     ap.add_argument("-m", "--multirun", action="store_true",
                     help="sweep (comma lists, range, choice, glob): one Slurm job array, or one local job per point")
     ap.add_argument("--wait", action="store_true", help="stream job states until the jobs it submitted end")

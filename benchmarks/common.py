@@ -37,6 +37,9 @@ def data_overrides(kind: str, train_size: int, test_size: int = 100, augment: st
     """kind: cifar10 (real, from CIFAR_ROOT) | synthetic | auto (cifar10 when present)."""
     if kind == "auto":
         kind = "cifar10" if cifar_present() else "synthetic"
+    elif kind == "cifar10" and not cifar_present():  # the package's error names data.root, which no benchmark takes
+        raise SystemExit(f"--data cifar10: no CIFAR-10 in {CIFAR_ROOT}/cifar-10-batches-py; set ALLCONV_BENCH_CIFAR "
+                         f"to the folder that holds cifar-10-batches-py, or use --data synthetic (or auto)")
     ov = [f"data={kind}", f"data.train_size={train_size}", f"data.test_size={test_size}", f"data.augment={augment}"]
     if kind == "cifar10":
         ov.append(f"data.root={CIFAR_ROOT}")

@@ -10,7 +10,8 @@
 # resume, then `evaluate` on CUDA against the run's test score); the package's own NCCL process group + DDP (1 rank); synchronising CUDA calls per step;
 # bf16 matmul peak; eager img/s grid (precision x channels_last, batch 512, MFU); Trainer vs bare
 # loop at batch 128; checkpoint save/load; two 50k epochs (cold, warm); 2 ranks over gloo on the one GPU WITH
-# torch.compile (compile + DDP); then compiled img/s configs while time is left.
+# torch.compile (compile + DDP); the gcn_zca whitening fit on the device; a compiled Trainer with and without
+# CUDA graphs; then compiled img/s configs while time is left.
 # Output: ONE merged $OUT/gpu_check.json (rewritten after every section) and $OUT/gpu_check.log;
 # per-section scratch JSON lives in a temp work dir. OUT unset: a temp folder.
 # Time: a hard cap of GPU_CHECK_BUDGET_S (default 450 s on GPU) for the whole script: each section's

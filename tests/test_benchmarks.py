@@ -124,6 +124,18 @@ def test_bench_preprocess_writes_its_numbers(tmp_path):
     assert set(doc["batch_ms"]) == {"channel (uint8)", "gcn_zca (float32)"}, doc["batch_ms"]
 
 
+def test_a_benchmark_asked_for_missing_cifar_names_its_variable(tmp_path):
+    """--data cifar10 without the files ended in a traceback whose advice (data.root, data.download) no benchmark
+    takes."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_preprocess.py"), "--data", "cifar10",
+                        "--images", "300"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=clean_env(tmp_path, ALLCONV_BENCH_CIFAR=tmp_path / "none"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip() == (f"--data cifar10: no CIFAR-10 in {tmp_path / 'none'}/cifar-10-batches-py; set "
+                                f"ALLCONV_BENCH_CIFAR to the folder that holds cifar-10-batches-py, or use --data "
+                                f"synthetic (or auto)"), r.stderr
+
+
 def test_trainer_dispatches_few_ops_per_step_beyond_a_bare_loop(tmp_path):
     """On a GPU at small batches the host sets the pace and every op costs host time, so the Trainer's
     overhead there is its extra ops per step (benchmarks/RESULTS.md, sections 6 and 8). Counted, not
