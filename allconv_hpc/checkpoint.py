@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import io
 import logging
@@ -152,9 +153,14 @@ def load_file(path: Path) -> dict:
     return decode(path.read_bytes(), str(path))
 
 
+# os.link's errors where the file system has no hard links (not a full disk, a permission or a missing file)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
 class CheckpointDir:
     def __init__(self, folder: Path, keep: int):
         self.folder, self.keep = Path(folder), keep
+        self._copies_last = False  # warned once that last.pt is a copy
 
     def step_files(self) -> list[Path]:
         files = [p for p in self.folder.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", p.name)]
@@ -178,10 +184,21 @@ class CheckpointDir:
         return path
 
     def _point_last(self, path: Path) -> None:
-        """last.pt becomes a hard link to the step file `path`, atomically."""
+        """last.pt becomes a hard link to the step file `path`, atomically; a copy of it on a file system that has
+        no hard links (some FUSE, SMB and object-store mounts), where every save failed (load_latest reads either)."""
         link_tmp = self.folder / f".last.pt.{os.getpid()}.tmp"
         link_tmp.unlink(missing_ok=True)
-        os.link(path, link_tmp)
+        try:
+            os.link(path, link_tmp)
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+            if not self._copies_last:
+                self._copies_last = True
+                log.warning("%s has no hard links (%s): last.pt is written as a copy of each step file, twice the "
+                            "bytes per save", self.folder, e.strerror or e)
+            write_atomic(self.folder / "last.pt", lambda f: f.write(path.read_bytes()))
+            return
         os.replace(link_tmp, self.folder / "last.pt")
         fsync_dir(self.folder)
 

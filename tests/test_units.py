@@ -624,6 +624,34 @@ def test_a_copied_last_pt_is_taken_before_older_step_files_when_the_newest_is_da
     assert (tmp_path / "step_00000200.pt.corrupt").exists() and (tmp_path / "step_00000100.pt").exists()
 
 
+def test_a_file_system_without_hard_links_gets_last_pt_as_a_copy(tmp_path, monkeypatch, caplog):
+    """Some FUSE, SMB and object-store mounts refuse link(2) (EPERM, EOPNOTSUPP): every save failed there, and the
+    run stopped at its first checkpoint. Stand-in: os.link failing as such a mount's does (none can be mounted here)."""
+    import errno
+    from allconv_hpc import checkpoint
+    d = checkpoint.CheckpointDir(tmp_path, keep=2)
+
+    def refused(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(checkpoint.os, "link", refused)
+    with caplog.at_level(logging.WARNING, logger="allconv_hpc.checkpoint"):
+        for step in (100, 200, 300):
+            d.save({"step": torch.tensor(step)}, step)
+    last = tmp_path / "last.pt"
+    assert last.read_bytes() == (tmp_path / "step_00000300.pt").read_bytes()
+    assert not os.path.samefile(last, tmp_path / "step_00000300.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step_00000200.pt", "step_00000300.pt"]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "has no hard links (Operation not permitted): last.pt is written as a copy" in said[0]
+    assert int(d.load_latest()[0]["step"]) == 300
+
+    def full(src, dst):  # not a missing feature: the save fails, as before
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.os, "link", full)
+    with pytest.raises(OSError, match="No space left"):
+        d.save({"step": torch.tensor(400)}, 400)
+
+
 def test_an_intact_checkpoint_that_torch_refuses_stops_the_run_instead_of_falling_back(tmp_path):
     """Its checksum holds, so the bytes are the ones written and the progress since the older file is in it:
     another torch (or a type weights_only refuses) is no corruption; nothing is renamed aside."""
