@@ -2,6 +2,7 @@
 collective per step, lagged by one step so that no step waits for it."""
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from typing import Optional
 
 from .preempt import StopRequest
 from .slurm import SlurmJob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,19 @@ class Poll:
 
 def classify_stop(agreed: Poll, slurm: SlurmJob, lead_s: float) -> str:
     """interrupted (not in Slurm, SIGTERM/SIGINT/SIGHUP on any rank, or an interactive allocation) | timeout |
-    preempted."""
-    if not slurm.in_slurm or agreed.terminate or not slurm.is_batch():
+    preempted. A SIGTERM with which Slurm ends a batch job at its time limit is a timeout: the warning never came
+    (Slurm may send it up to a minute early, to steps only: while cluster.setup ran there was none; or in a task's
+    first moments, ignored), and the job ended TIMEOUT, not requeued, with its checkpoint."""
+    if not slurm.in_slurm:
+        return "interrupted"
+    if agreed.terminate:
+        if agreed.signum != signal.SIGTERM or not slurm.at_time_limit():
+            return "interrupted"
+        log.warning("SIGTERM as Slurm ends job %s at its time limit: its warning signal never reached the run (sent "
+                    "during cluster.setup, or as a task started); requeued as the warning would have been",
+                    slurm.job_id)
+        return "timeout"
+    if not slurm.is_batch():
         return "interrupted"
     return "timeout" if slurm.is_timeout(lead_s=lead_s) else "preempted"
 

@@ -139,6 +139,12 @@ class SlurmJob:
                     "only, so this warning signal stops the run (the same command resumes it)", self.job_id)
         return False
 
+    def at_time_limit(self) -> bool:
+        """Slurm is ending this batch job at its time limit (Reason=TimeLimit, seen with JobState=COMPLETING while its
+        processes get SIGTERM; `scontrol requeue` then still requeues it)."""
+        job = self._show()
+        return job.get("Reason") == "TimeLimit" and job.get("BatchFlag") != "0"
+
     def _show(self) -> dict:
         """JobState, Reason, PreemptTime, StartTime, BatchFlag (str) and Restarts (int) from `scontrol show job`; {}
         when it cannot tell."""

@@ -336,8 +336,8 @@ def run_rows(folder: Path) -> list[dict]:
             restarts = st.get("restarts", 0) if current else 0
         if state == "LOST" and not current and _stopped_in_start_up(rec):
             state = "INTERRUPTED"
-        # the run stopped on a signal with a checkpoint (exit 3, which Slurm records as FAILED; or scancel's SIGTERM:
-        # CANCELLED), or gave up after checkpoint.max_requeues time limits (exit 4, FAILED): resumable by the same
+        # the run stopped on a signal with a checkpoint (exit 3, which Slurm records as FAILED; scancel's SIGTERM:
+        # CANCELLED; the time limit's, where the requeue was refused: TIMEOUT), or gave up after checkpoint.max_requeues time limits (exit 4, FAILED): resumable by the same
         # submit, as a cluster=local job's INTERRUPTED, not a failure
         own = current and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"]))  # that job's own word
         # a rank refused in start-up (its node lacks the data): srun's --kill-on-bad-exit SIGTERMs the others, and a
@@ -346,7 +346,7 @@ def run_rows(folder: Path) -> list[dict]:
                    and run_state == "interrupted" and START_UP_STOP in str(st.get("error")) else None)
         refused = refusal is not None
         stopped = not refused and not active and not dead_lock and (
-            run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED") and own
+            run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED", "TIMEOUT") and own
             # scancel's, where the run had no time to say so (KillWait's SIGKILL came first, in a long start-up or
             # stop; no word of this job at all): its checkpoints stand, unless a rank said why it failed
             or state == "CANCELLED" and (run_state in ("running", "requeued") and own

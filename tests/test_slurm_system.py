@@ -1167,6 +1167,37 @@ def test_bad_config_is_refused_by_the_console_script(slurm_cluster, tmp_path):
     assert_nothing_reached_slurm(slurm_cluster, tmp_path, called)
 
 
+@pytest.mark.slow
+def test_a_time_limit_whose_warning_came_during_cluster_setup_still_requeues(slurm_cluster, jobs, tmp_path):
+    """The warning (30-60 s into a 2 min job with a 60 s lead, as above) goes to the job's steps only: sent while the
+    first start's setup still ran, it reached nothing, and the limit's SIGTERM ended the job TIMEOUT with a checkpoint,
+    not requeued, and `status` called that a failure (found by a Slurm journey audit). That SIGTERM now requeues
+    (counted as a time limit); where the requeue is refused, TIMEOUT with run interrupted is a stop."""
+    setup = "cluster.setup=['test \"$SLURM_RESTART_COUNT\" -gt 0 2>/dev/null || sleep 70']"  # the first start only
+    limit = ["cluster.timeout_min=2", "cluster.signal_lead_s=60", "wandb.mode=disabled", "trainer.epochs=100000",
+             "checkpoint.every_steps=20", setup]
+    runs = {"true": tmp_path / "requeue", "false": tmp_path / "no_requeue"}
+    ids = {}
+    for requeue, run in runs.items():  # at once: a job per node
+        [(ids[requeue], _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, *limit,
+                                        f"cluster.requeue={requeue}", f"hydra.run.dir={run}")
+    log = lambda run: (run / "train.log").read_text() if (run / "train.log").exists() else ""  # noqa: E731
+    job = ids["true"]
+    assert poll(lambda: "requeued at global step" in log(runs["true"]), 300), tail(runs["true"])
+    assert f"SIGTERM as Slurm ends job {job} at its time limit" in log(runs["true"]), tail(runs["true"])
+    st = read_status(runs["true"])
+    assert st["state"] == "requeued" and st["timeouts"] == 1 and st["signal"] == "SIGTERM", st
+    assert poll(lambda: re.search(r"\bRestarts=1\b", slurm_cluster.run(["scontrol", "show", "job", job]).stdout), 60)
+    slurm_cluster.run(["scancel", job])
+    # --no-requeue: the requeue is refused, the job ends TIMEOUT with its checkpoint: resumable, not failed
+    run = runs["false"]
+    assert wait_final(slurm_cluster, ids["false"], 300) == "TIMEOUT", tail(run)
+    assert "SIGTERM as Slurm ends job" in log(run) and read_status(run)["state"] == "interrupted", tail(run)
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 0 and rows[0]["state"] == "TIMEOUT" and rows[0]["run"] == "interrupted", table
+    assert "the same submit (or train) command resumes it from its newest checkpoint" in table, table
+
+
 def test_requeue_tolerates_a_job_slurm_already_requeued(slurm_cluster, tmp_path):
     """`scontrol requeue` of a pending job fails ("Job is pending execution"): that counts as requeued."""
     r = slurm_cluster.run(["sbatch", "--parsable", "--hold", "-o", "/dev/null", "--wrap", "true"], check=True)

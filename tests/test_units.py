@@ -371,6 +371,21 @@ def test_stop_kind_agreed_across_ranks(tmp_path, monkeypatch):
     assert classify_stop(Poll(warning=True), slurm, 60) == "timeout"
 
 
+@pytest.mark.parametrize("show,sig,kind", [
+    ("JobState=COMPLETING Reason=TimeLimit BatchFlag=1", signal.SIGTERM, "timeout"),  # as the dev cluster shows it
+    ("JobState=CANCELLED Reason=None BatchFlag=1", signal.SIGTERM, "interrupted"),    # scancel
+    ("JobState=COMPLETING Reason=TimeLimit BatchFlag=0", signal.SIGTERM, "interrupted"),  # salloc: no requeue
+    ("JobState=COMPLETING Reason=TimeLimit BatchFlag=1", signal.SIGINT, "interrupted"),  # a user's Ctrl-C
+    (None, signal.SIGTERM, "interrupted")])                                          # scontrol did not answer
+def test_sigterm_at_the_time_limit_of_a_batch_job_is_its_lost_warning(tmp_path, monkeypatch, caplog, show, sig, kind):
+    """A warning sent while cluster.setup ran (Slurm may send it a minute early, to steps only) reached nothing: the
+    job ended TIMEOUT at the limit's SIGTERM, with its checkpoint, not requeued."""
+    fake_slurm(tmp_path, monkeypatch, squeue="INVALID", scontrol=None if show is None else f"JobId=9 {show}")
+    with caplog.at_level(logging.WARNING, logger="allconv_hpc"):
+        assert classify_stop(Poll(terminate=True, signum=sig, rank=1), SlurmJob({"SLURM_JOB_ID": "9"}), 60) == kind
+    assert ("SIGTERM as Slurm ends job 9 at its time limit" in caplog.text) is (kind == "timeout"), caplog.text
+
+
 @pytest.mark.parametrize("flag,kind", [("0", "interrupted"), ("1", "preempted")])
 def test_a_warning_in_an_interactive_allocation_stops_the_run_without_a_requeue(tmp_path, monkeypatch, caplog, flag,
                                                                                kind):
