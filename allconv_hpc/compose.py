@@ -71,8 +71,9 @@ def train_warnings(c: Composed, overrides: list[str], ranks: str) -> list[str]:
                f"launched ({ranks})"] if ignored else []
     sweep = [f"{o}: train reads no sweep folder (allconv-hpc submit -m does); it trains in hydra.run.dir={c.run_dir}"
              for o in overrides if override_key(o) == "hydra.sweep.dir"][-1:]
+    from .wandb_mode import outranked_env
     return (repeated_overrides(overrides) + c.cfg.warnings() + list(unread_overrides(c).values()) + cluster + sweep
-            + dated_dir_warning(c, "hydra.run.dir", c.run_dir))
+            + dated_dir_warning(c, "hydra.run.dir", c.run_dir) + outranked_env(c.cfg.wandb))
 
 
 def unread_said(c: Composed, swept: list[str]) -> list[str]:

@@ -40,7 +40,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     from .preempt import sigint_deferred
     with sigint_deferred():  # torch's import (seconds) dropped a Ctrl-C raised as it imports numpy (see train.run)
         from .data import check_files, check_present, expected_files, fetch_for_submit, to_download
-    from .wandb_mode import check_environment, check_names, preflight_mode
+    from .wandb_mode import check_environment, check_names, outranked_env, preflight_mode
 
     _refuse_inherited_ranks()
     common, swept = expand_sweep(overrides, multirun)
@@ -102,7 +102,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             _check_local_compiler(c.cfg)  # the job runs on this machine: its compiler is found (or not) here
             compiler_found = True
         dated = dated_dir_warning(c, "hydra.run.dir", c.run_dir) if sweep_dir is None else []
-        for said in c.cfg.warnings() + unread_said(c, s) + dated:  # a swept key's said once for the sweep, not per value
+        for said in c.cfg.warnings() + unread_said(c, s) + dated + outranked_env(c.cfg.wandb):  # a swept key's said once for the sweep, not per value
             if said not in warned:  # once for a sweep
                 warned.add(said)
                 warn(said)

@@ -155,7 +155,10 @@ class Tracker:
         history_rows = list(history_rows or [])
         rewrite_history(self.history_path, history_rows)
         self.mode = mode or resolve_mode(wandb_cfg.mode)
-        self._where = (wandb_cfg.entity, wandb_cfg.project)  # W&B keeps a run per entity/project
+        # W&B keeps a run per entity/project; wandb takes WANDB_ENTITY where wandb.entity is null (its default), so a
+        # resume with another one went into another run unsaid, the steps before it left in the first
+        entity = wandb_cfg.entity or os.environ.get("WANDB_ENTITY", "").strip() or None
+        self._where = (entity, wandb_cfg.project)
         self.online_error: Optional[str] = None  # why an online init fell back to offline
         self._run = None
         self._run_id: Optional[str] = None

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 
 from .config import WANDB_MODES, ConfigError, WandbConfig
 
-__all__ = ["api_key_configured", "preflight_mode", "check_names", "check_environment", "resolve_mode"]
+__all__ = ["api_key_configured", "preflight_mode", "check_names", "check_environment", "outranked_env",
+           "resolve_mode"]
 
 # as wandb 0.31's wandb.sdk.lib.urls: its default server, and the W&B host behind each CoreWeave Forge host
 # (a netrc entry for that one counts too: `wandb login` of older versions wrote it)
@@ -138,6 +139,27 @@ def check_environment(environ: Optional[Mapping[str, str]] = None) -> None:
         except Exception as e:  # pydantic's ValidationError, or wandb's UsageError
             shown = var if any(w in var for w in ("KEY", "TOKEN", "PASSWORD", "SECRET")) else f"{var}={value!r}"
             raise ConfigError(f"environment {shown}: W&B refuses it ({_refusal(e)[1]}); correct or unset it") from None
+
+
+def outranked_env(wandb_cfg: WandbConfig, environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    """Warnings for the WANDB_* variables a run's own settings outrank (wandb.init is given each): wandb alone read
+    them, so an `export WANDB_PROJECT=x` was ignored without a word. None where W&B is disabled."""
+    import shlex
+    environ = os.environ if environ is None else environ
+    try:
+        if resolve_mode(wandb_cfg.mode, environ) == "disabled":
+            return []
+    except ConfigError:  # refused where the mode is checked
+        return []
+    why = {"WANDB_PROJECT": f"wandb.project ({wandb_cfg.project}) names the project: give "
+                            f"wandb.project={shlex.quote(environ.get('WANDB_PROJECT', '').strip())} instead",
+           "WANDB_NAME": "wandb.name (default: the run folder's name) names the run: give wandb.name=... instead",
+           "WANDB_RUN_ID": "each run folder keeps its own W&B id (wandb_id.txt), which its resumes continue",
+           "WANDB_RESUME": "a run folder resumes its own W&B run by itself",
+           "WANDB_DIR": "W&B's files are written in the run folder"}
+    same = {"WANDB_PROJECT": wandb_cfg.project, "WANDB_NAME": wandb_cfg.name}  # given alike in the config: no news
+    return [f"environment {var}={environ[var]!r} is not read: {said}" for var, said in why.items()
+            if environ.get(var, "").strip() and environ[var].strip() != same.get(var)]
 
 
 def resolve_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:

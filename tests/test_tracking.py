@@ -629,6 +629,37 @@ def test_a_resume_into_another_wandb_project_logs_the_whole_run_there(wenv, tmp_
     assert elsewhere({"entity": None, "project": "p"}, ("b", "p")) is None
 
 
+def test_a_resume_under_another_wandb_entity_variable_logs_the_whole_run_there(wenv, tmp_path, caplog, monkeypatch):
+    """wandb.entity null (the default): wandb takes WANDB_ENTITY, and a resume with another one (a job's environment
+    changed between requeues) went into another W&B run without a word, as for wandb.entity given (above)."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("WANDB_ENTITY", "ent1")
+    first = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, [])
+    rows = run_epochs(first, 1, 10)
+    first.finish()
+    monkeypatch.setenv("WANDB_ENTITY", "ent2")
+    second = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, rows, global_step=10)
+    rows += run_epochs(second, 11, 15)
+    second.finish()
+    one, two = (read_run(s) for s in segments(run_dir / "wandb"))
+    assert (one["entity"], two["entity"]) == ("ent1", "ent2"), (one["entity"], two["entity"])
+    assert [r["_step"] for r in two["history"]] == list(range(1, 16))  # the whole run, where it now goes
+    assert f"earlier W&B segments of run {first.run_id} are in ent1/" in caplog.text, caplog.text
+
+
+def test_wandb_variables_the_run_outranks_are_warned_of():
+    """wandb.init is given project, name, id, resume and dir: an `export WANDB_PROJECT=x` was ignored silently."""
+    from allconv_hpc.wandb_mode import outranked_env
+    env = {"WANDB_PROJECT": "mine", "WANDB_DIR": "/scratch/w", "WANDB_ENTITY": "me", "WANDB_MODE": "offline",
+           "WANDB_NAME": " "}
+    said = outranked_env(WandbConfig(), env)
+    assert said == ["environment WANDB_PROJECT='mine' is not read: wandb.project (allconv-hpc) names the project: "
+                    "give wandb.project=mine instead",
+                    "environment WANDB_DIR='/scratch/w' is not read: W&B's files are written in the run folder"], said
+    assert outranked_env(WandbConfig(project="mine"), env) == said[1:]  # given alike: nothing to say of it
+    assert outranked_env(WandbConfig(mode="disabled"), env) == []  # no W&B run: nothing is ignored
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_full_disk_error_names_the_run_folder_file(tmp_path):
     """write() and fsync() errors carry no file name; the trainer's one-line message needs it, and needs
