@@ -6,7 +6,7 @@ complete new one, and a truncated or bit-flipped file fails verification instead
 garbage. Loading uses `torch.load(weights_only=True)`, which runs no pickled code.
 
 Layout of `<run>/checkpoints/`: `step_00001234.pt` (the `keep` most recent), `last.pt` (a hard
-link to the newest), `best.pt` (best val_acc).
+link to the newest; a copy of it where the file system has no hard links), `best.pt` (best val_acc).
 
 `Writer` writes in a background thread, in order: training waits only for a CPU copy of the state
 (`snapshot`), not for torch.save + SHA-256 + fsync (~35 ms, more than a whole GPU step).

@@ -23,7 +23,7 @@ def slurm_conf_missing() -> Optional[str]:
     return None
 
 
-def slurm_out(cmd: list[str], warn: bool = False, env: Optional[dict] = None) -> Optional[str]:
+def slurm_out(cmd: list[str], warn: bool = False, env: Optional[dict] = None, timeout: float = 30) -> Optional[str]:
     """stdout of a Slurm command, or None when it is missing, hangs or fails (logged when `warn`). `env`: set on
     top of this process's environment."""
     missing = slurm_conf_missing()
@@ -32,7 +32,7 @@ def slurm_out(cmd: list[str], warn: bool = False, env: Optional[dict] = None) ->
             log.warning("%s not run: %s", cmd[0], missing)
         return None
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, **env} if env else None)
     except (OSError, subprocess.TimeoutExpired) as e:
         if warn:
@@ -81,11 +81,7 @@ class SlurmJob:
         time limit: max_requeues then bounds the requeues, where counting it as a preemption would requeue a job
         at its time limit forever."""
         job = self._show()
-        try:  # ISO times (SLURM_TIME_FORMAT=standard, whatever the user's is); anything else: not trusted
-            preempted = datetime.fromisoformat(job["PreemptTime"]) >= datetime.fromisoformat(job["StartTime"])
-        except (KeyError, ValueError):
-            preempted = False
-        if preempted:
+        if _preempted(job):
             log.info("warning signal: Slurm preempted the job at %s: preemption", job["PreemptTime"])
             return False
         # this task's own id: an array task's raw SLURM_JOB_ID can equal the array's id, for which squeue
@@ -141,20 +137,31 @@ class SlurmJob:
 
     def at_time_limit(self) -> bool:
         """Slurm is ending this batch job at its time limit (Reason=TimeLimit, seen with JobState=COMPLETING while its
-        processes get SIGTERM; `scontrol requeue` then still requeues it)."""
-        job = self._show()
-        return job.get("Reason") == "TimeLimit" and job.get("BatchFlag") != "0"
+        processes get SIGTERM; `scontrol requeue` then still requeues it), not preempting it (a grace time's end may
+        read so too). Asked within KillWait (30 s by default) of a SIGTERM: a controller that does not answer in 5 s
+        is no time limit."""
+        job = self._show(timeout=5)
+        return job.get("Reason") == "TimeLimit" and job.get("BatchFlag") != "0" and not _preempted(job)
 
-    def _show(self) -> dict:
+    def _show(self, timeout: float = 30) -> dict:
         """JobState, Reason, PreemptTime, StartTime, BatchFlag (str) and Restarts (int) from `scontrol show job`; {}
         when it cannot tell."""
-        info = self._run(["scontrol", "show", "job", self.job_id], env={"SLURM_TIME_FORMAT": "standard"}) or ""
+        info = self._run(["scontrol", "show", "job", self.job_id], env={"SLURM_TIME_FORMAT": "standard"},
+                         timeout=timeout) or ""
         job = dict(re.findall(r"\b(JobState|Reason|PreemptTime|StartTime|BatchFlag)=(\S+)", info))
         m = re.search(r"\bRestarts=(\d+)", info)
         return {**job, **({"Restarts": int(m.group(1))} if m else {})}
 
-    def _run(self, cmd: list[str], env: Optional[dict] = None) -> Optional[str]:
-        return slurm_out(cmd, warn=True, env=env)
+    def _run(self, cmd: list[str], env: Optional[dict] = None, timeout: float = 30) -> Optional[str]:
+        return slurm_out(cmd, warn=True, env=env, timeout=timeout)
+
+
+def _preempted(job: dict) -> bool:
+    """Slurm preempted the job since this start (PreemptTime, which a requeue clears, at or after StartTime)."""
+    try:  # ISO times (SLURM_TIME_FORMAT=standard, whatever the user's is); anything else: not trusted
+        return datetime.fromisoformat(job["PreemptTime"]) >= datetime.fromisoformat(job["StartTime"])
+    except (KeyError, ValueError):
+        return False
 
 
 def parse_slurm_time(s: str) -> Optional[float]:

@@ -155,10 +155,7 @@ class Tracker:
         history_rows = list(history_rows or [])
         rewrite_history(self.history_path, history_rows)
         self.mode = mode or resolve_mode(wandb_cfg.mode)
-        # W&B keeps a run per entity/project; wandb takes WANDB_ENTITY where wandb.entity is null (its default), so a
-        # resume with another one went into another run unsaid, the steps before it left in the first
-        entity = wandb_cfg.entity or os.environ.get("WANDB_ENTITY", "").strip() or None
-        self._where = (entity, wandb_cfg.project)
+        self._where = wandb_where(wandb_cfg)
         self.online_error: Optional[str] = None  # why an online init fell back to offline
         self._run = None
         self._run_id: Optional[str] = None
@@ -451,6 +448,13 @@ def _set_aside_if_empty(seg: Path) -> bool:
                     "or by a SIGKILL before W&B flushed): renamed %s, out of `wandb sync runs/.../offline-run-*`, "
                     "which stops at such a folder", seg.name, aside.name)
     return True
+
+
+def wandb_where(wandb_cfg: WandbConfig) -> tuple:
+    """(entity, project) the run logs to: W&B keeps a run per entity/project. wandb takes WANDB_ENTITY where
+    wandb.entity is null (its default), so a resume with another one went into another run unsaid, the steps before
+    it left in the first."""
+    return wandb_cfg.entity or os.environ.get("WANDB_ENTITY", "").strip() or None, wandb_cfg.project
 
 
 def elsewhere(record: dict, where: tuple) -> Optional[str]:

@@ -45,7 +45,8 @@ from .schedule import lr_factor
 from .slurm import SlurmJob
 from .history import HISTORY_FILE, rewrite_history
 from .jobs import DIVERGED, is_completed
-from .tracking import ID_FILE, STEPS_FILE, NullTracker, lacks_logs, make_tracker, read_id, set_aside_empty
+from .tracking import (ID_FILE, STEPS_FILE, NullTracker, lacks_logs, make_tracker, read_id, set_aside_empty,
+                       wandb_where)
 from .wandb_mode import resolve_mode
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,7 @@ class Trainer:
             self.tracker = make_tracker(self.run_dir, cfg_dict, cfg.wandb, env.rank, self.state.wandb_id,
                                         self.state.history, self.state.global_step)
         elif env.is_main and resolve_mode(cfg.wandb.mode) != "disabled" and \
-                lacks_logs(self.run_dir, wandb_id, (cfg.wandb.entity, cfg.wandb.project)):
+                lacks_logs(self.run_dir, wandb_id, wandb_where(cfg.wandb)):
             self.tracker = self._relog_tracker()
         else:
             self.tracker = NullTracker()

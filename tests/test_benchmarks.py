@@ -27,7 +27,7 @@ def _script(tmp: Path, name: str, *args: str, timeout: float, **env) -> subproce
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_section(tmp_path):
-    r = _script(tmp_path, "gpu_check.sh", "--dry-run", timeout=900)
+    r = _script(tmp_path, "gpu_check.sh", "--dry-run", timeout=900, GPU_CHECK_BUDGET_S=800)  # a hang: the script says
     doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     status = {s["key"]: s["status"] for s in doc["sections"]}
     assert len(status) == 14 and set(status.values()) == {"ok"} and not doc["failed"], status

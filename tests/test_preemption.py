@@ -715,6 +715,19 @@ def test_a_finished_run_whose_wandb_record_lacks_logs_gets_them_then_nothing(ref
     assert segments(run / "wandb") == segs
 
 
+def test_a_finished_run_run_under_another_wandb_entity_is_logged_there(tmp_path):
+    """wandb.entity null (the default): wandb takes WANDB_ENTITY. A completed run run again under another one said
+    "nothing to do", and that entity's W&B run never got it; as for a changed wandb.entity, it is logged there."""
+    run = tmp_path / "run"
+    for entity in ("ent1", "ent2"):
+        r = subprocess.run(train_cmd(run, [o for o in TINY if not o.startswith("wandb.mode")] + ["wandb.mode=offline"]),
+                           env=clean_env(tmp_path, WANDB_ENTITY=entity), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (read_run(s) for s in segments(run / "wandb"))
+    assert (one["entity"], two["entity"]) == ("ent1", "ent2"), (one["entity"], two["entity"])
+    assert [x["_step"] for x in two["history"]] == [x["_step"] for x in one["history"]] != [], two["history"]
+
+
 def test_resume_that_switches_channels_last_gives_momentum_the_weights_layout(reference, tmp_path):
     """trainer.channels_last may change on resume; the loaded momentum buffers must follow the
     weights' new layout (CUDA's fused SGD refuses mismatched strides; CPU's foreach would not say)."""

@@ -653,6 +653,22 @@ def test_a_local_jobs_ranks_ended_by_a_signal(tmp_path, err0, err1, state, error
     assert (row["state"], row["failed"], row["error"]) == (state, error is not None, error), row
 
 
+@pytest.mark.parametrize("error,failed", [(None, False), ("stopped by SIGTERM during start-up, before training; nothing "
+                                                           "was trained or written to its checkpoints", True)])
+def test_a_time_limit_whose_requeue_was_refused_is_a_stop_unless_it_came_in_start_up(tmp_path, monkeypatch, error,
+                                                                                    failed):
+    """cluster.requeue=false: the time limit's SIGTERM, taken as its lost warning, cannot requeue, and the job ends
+    TIMEOUT with the run's checkpoint: the same submit resumes it (it read as a failure). One in start-up trained
+    nothing, and the next start would spend its time alike: a failure, with the run's word."""
+    ended_job(tmp_path, monkeypatch, "TIMEOUT")
+    run = write_run(tmp_path / "run", None, job="9")
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 4, "epochs": 30, "updated": 2.0,
+                                                  "slurm_job_id": "9", "error": error}))
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("TIMEOUT", failed), row
+    assert (row["error"] == error) if failed else "the same submit (or train) command" in status.notes(row)[0], row
+
+
 def test_the_note_of_a_stopped_sweep_point_names_the_sweeps_submit(tmp_path, no_slurm, capsys):
     """A sweep's point stopped part-way is resumed by submitting the sweep again (a lone train would need the
     point's overrides); the same point submitted on its own since, by that submit."""

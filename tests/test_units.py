@@ -376,7 +376,10 @@ def test_stop_kind_agreed_across_ranks(tmp_path, monkeypatch):
     ("JobState=CANCELLED Reason=None BatchFlag=1", signal.SIGTERM, "interrupted"),    # scancel
     ("JobState=COMPLETING Reason=TimeLimit BatchFlag=0", signal.SIGTERM, "interrupted"),  # salloc: no requeue
     ("JobState=COMPLETING Reason=TimeLimit BatchFlag=1", signal.SIGINT, "interrupted"),  # a user's Ctrl-C
-    (None, signal.SIGTERM, "interrupted")])                                          # scontrol did not answer
+    (None, signal.SIGTERM, "interrupted"),                                           # scontrol did not answer
+    # a preemption's grace time over may read TimeLimit: Slurm requeues a preempted job itself, uncounted
+    ("JobState=COMPLETING Reason=TimeLimit BatchFlag=1 PreemptTime=2026-12-07T06:15:30 StartTime=2026-12-07T06:14:59",
+     signal.SIGTERM, "interrupted")])
 def test_sigterm_at_the_time_limit_of_a_batch_job_is_its_lost_warning(tmp_path, monkeypatch, caplog, show, sig, kind):
     """A warning sent while cluster.setup ran (Slurm may send it a minute early, to steps only) reached nothing: the
     job ended TIMEOUT at the limit's SIGTERM, with its checkpoint, not requeued."""
