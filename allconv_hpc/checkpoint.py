@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import re
+import shutil
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -197,7 +198,8 @@ class CheckpointDir:
                 self._copies_last = True
                 log.warning("%s has no hard links (%s): last.pt is written as a copy of each step file, twice the "
                             "bytes per save", self.folder, e.strerror or e)
-            write_atomic(self.folder / "last.pt", lambda f: f.write(path.read_bytes()))
+            with open(path, "rb") as src:  # streamed, as write_atomic writes a state
+                write_atomic(self.folder / "last.pt", lambda f: shutil.copyfileobj(src, f, 1 << 20))
             return
         os.replace(link_tmp, self.folder / "last.pt")
         fsync_dir(self.folder)

@@ -341,14 +341,15 @@ def run_rows(folder: Path) -> list[dict]:
         # next start would spend its time alike), or gave up after checkpoint.max_requeues time limits (exit 4,
         # FAILED): resumable by the same submit, as a cluster=local job's INTERRUPTED, not a failure
         own = current and (not slurm or str(st.get("slurm_job_id")) == str(rec["job_id"]))  # that job's own word
+        in_start_up = run_state == "interrupted" and START_UP_STOP in str(st.get("error"))  # stopped before training
         # a rank refused in start-up (its node lacks the data): srun's --kill-on-bad-exit SIGTERMs the others, and a
         # rank 0 already past its signal set-up records that as a stop in start-up; the refusal is why the job failed
         refusal = (_job_error(rec, kinds=(0,)) if slurm and state == "FAILED" and current and not active
-                   and run_state == "interrupted" and START_UP_STOP in str(st.get("error")) else None)
+                   and in_start_up else None)
         refused = refusal is not None
         stopped = not refused and not active and not dead_lock and (
             run_state in STOPPED_RUN and state in ("FAILED", "CANCELLED", "TIMEOUT") and own
-            and not (state == "TIMEOUT" and START_UP_STOP in str(st.get("error")))
+            and not (state == "TIMEOUT" and in_start_up)
             # scancel's, where the run had no time to say so (KillWait's SIGKILL came first, in a long start-up or
             # stop; no word of this job at all): its checkpoints stand, unless a rank said why it failed
             or state == "CANCELLED" and (run_state in ("running", "requeued") and own
