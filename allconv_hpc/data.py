@@ -12,11 +12,16 @@ Python work.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
 import shlex
+import shutil
+import socket
 import struct
+import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -141,7 +146,8 @@ def _require(cfg: DataConfig, fix: Optional[str] = None, root_option: str = "dat
         hint = f" (the root looks one level too deep: try {root_option}{folder.parent.parent})"
     elif (folder / lay.folder / files[0]).is_file():  # extracted into a folder of that name (tar -C it)
         hint = f" (the files are one level further down, in {folder / lay.folder}: try {root_option}{folder})"
-    elif len(down := sorted(folder.parent.glob(f"*/{lay.folder}/{files[0]}"))) == 1:  # root one level too high
+    elif len(down := sorted(p for p in folder.parent.glob(f"*/{lay.folder}/{files[0]}")  # root one level too high
+                            if not p.parent.parent.name.startswith("."))) == 1:  # (not a download's own folder)
         hint = (f" (the root looks one level too high, the files are in {down[0].parent}: try "
                 f"{root_option}{down[0].parent.parent})")
     other = [n for n, o in _LAYOUTS.items() if n != cfg.name and (folder.parent / o.folder).is_dir()]
@@ -258,7 +264,24 @@ def _read_classes(path: Path, lay: _Layout) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
+# a transfer that sends nothing for this long is dead: torchvision's urlopen has no timeout, and hung a rank for good
+DOWNLOAD_STALL_S = 60.0
+DOWNLOAD_PREFIX = ".allconv-download-"  # a download's own folder in the root, moved in when whole
+STALE_DOWNLOAD_S = 24 * 3600  # such a folder this old is a killed download's (one takes minutes)
+
+
+def _remove_stale_downloads(root: Path) -> None:
+    for d in root.glob(DOWNLOAD_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            if time.time() - d.stat().st_mtime > STALE_DOWNLOAD_S:
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def _download(cfg: DataConfig) -> None:
+    """Fetched and unpacked in a folder of its own inside the root, then moved in a file at a time (each rename
+    atomic): a sweep's tasks on one node, or a node whose stale cache missed the files, read whole files or none,
+    never one being written, and a failed download leaves nothing behind (a bad archive read as one unpacked
+    by hand)."""
     root = Path(cfg.root).expanduser().absolute()
     title = _layout(cfg.name).title
     try:
@@ -268,15 +291,32 @@ def _download(cfg: DataConfig) -> None:
         raise DataError(f"data.download=true needs torchvision, whose import failed ({type(e).__name__}: {msg}); "
                         f"install the torchvision release that matches torch {torch.__version__}, or copy the "
                         f"official python version of {title} into {root} and set data.download=false") from None
+    tmp, before = None, socket.getdefaulttimeout()
     try:
         cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
         root.mkdir(parents=True, exist_ok=True)
-        cls(str(root), train=True, download=True)  # fetches and unpacks the whole archive
+        _remove_stale_downloads(root)
+        tmp = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=root))
+        if (root / cls.filename).is_file():  # one there already (copied by hand): torchvision checks its md5 and
+            shutil.copy2(root / cls.filename, tmp / cls.filename)  # unpacks it, offline; a bad one is fetched anew
+        socket.setdefaulttimeout(DOWNLOAD_STALL_S)
+        cls(str(tmp), train=True, download=True)  # fetches and unpacks the whole archive
+        for entry in tmp.iterdir():  # the archive, and the folder of batches
+            if entry.is_dir():
+                (root / entry.name).mkdir(exist_ok=True)
+                for f in entry.iterdir():
+                    os.replace(f, root / entry.name / f.name)
+            else:
+                os.replace(entry, root / entry.name)
     except Exception as e:  # URLError, timeouts, md5 mismatch
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"downloading {title} into {root} failed ({type(e).__name__}: {msg}); this machine"
                         f" may have no network: copy the official python version there instead and set"
                         f" data.download=false") from None
+    finally:
+        socket.setdefaulttimeout(before)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _subset(split: Split, size: int | None, seed: int, key: str) -> Split:

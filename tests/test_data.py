@@ -122,6 +122,8 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(var, raising=False)
+    import urllib.request
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen keeps its first opener, and its proxies
     with pytest.raises(data.DataError, match="downloading CIFAR-10 into .* failed .*URLError.* no network") as e:
         data.load(_cfg(tmp_path, download=True), seed=0)
     assert "\n" not in str(e.value)
@@ -596,3 +598,97 @@ def test_eval_batches_cover_the_test_set_once():
     last = list(data.eval_batches(x[:4], y[:4], 3, 4, 8, (0.0,) * 3, (1.0,) * 3))
     assert [len(b) for _, b in last] == [1]
     assert [len(b) for _, b in data.eval_batches(x[:5], y[:5], 3, 4, 4, (0.0,) * 3, (1.0,) * 3)] == [1, 0]
+
+
+class _Archive:
+    """torchvision's own CIFAR-10 download, from an HTTP server on this machine (no network here) that serves a
+    small release in the official layout; its md5s are put in torchvision's class as the real release's are."""
+
+    def __init__(self, tmp_path, monkeypatch, stall_after: int | None = None, corrupt: bool = False):
+        import hashlib
+        import http.server
+        import tarfile
+        import threading
+        from torchvision.datasets import CIFAR10
+        src = tmp_path / "release"
+        (xtr, ytr), (xte, yte) = _fake(23, 10, 0), _fake(7, 10, 1)
+        folder = data.write_cifar(src, "cifar10", xtr, ytr, xte, yte, C10)
+        md5 = lambda b: hashlib.md5(b).hexdigest()  # noqa: E731
+        with tarfile.open(tmp_path / "a.tar.gz", "w:gz") as tar:
+            tar.add(folder, arcname=folder.name)
+        body = (tmp_path / "a.tar.gz").read_bytes()
+        sums = {p.name: md5(p.read_bytes()) for p in folder.iterdir()}
+        self.sent = body[: len(body) // 2] + b"x" * (len(body) - len(body) // 2) if corrupt else body
+        self.stalled = threading.Event()
+        archive = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(archive.sent)))
+                self.end_headers()
+                if stall_after is None:
+                    self.wfile.write(archive.sent)
+                    return
+                self.wfile.write(archive.sent[:stall_after])
+                self.wfile.flush()
+                archive.stalled.wait(60)  # a transfer that stops sending, its connection open
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+            monkeypatch.delenv(var, raising=False)
+        import urllib.request
+        monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen keeps its first opener, and its proxies
+        monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{self.server.server_address[1]}/c.tar.gz")
+        monkeypatch.setattr(CIFAR10, "tgz_md5", md5(body))
+        monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", sums[f"data_batch_{i}"]] for i in range(1, 6)])
+        monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", sums["test_batch"]]])
+        monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": sums["batches.meta"]})
+
+    def close(self):
+        self.stalled.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("how", ["whole", "corrupt", "stalled", "archive_here"])
+def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch, how):
+    """torchvision wrote the archive into the root and unpacked it there: a sweep's tasks sharing a node's root read
+    a batch being written, and a corrupt archive stayed, later said to be one downloaded by hand and not unpacked.
+    Its urlopen has no timeout: a transfer that stopped sending hung the rank for good (found by a code review).
+    Now it is fetched and unpacked apart and moved in whole, and a stalled transfer fails."""
+    import time
+    monkeypatch.setattr(data, "DOWNLOAD_STALL_S", 1.0, raising=False)
+    archive = _Archive(tmp_path, monkeypatch, stall_after=1000 if how == "stalled" else None,
+                       corrupt=how in ("corrupt", "archive_here"))
+    root = tmp_path / "data"
+    try:
+        began = time.monotonic()
+        if how in ("whole", "archive_here"):
+            if how == "archive_here":  # the release copied in by hand, unpacked offline (the server's is bad)
+                root.mkdir()
+                shutil.copy(tmp_path / "a.tar.gz", root / "cifar-10-python.tar.gz")
+            old, new = root / f"{data.DOWNLOAD_PREFIX}old", root / f"{data.DOWNLOAD_PREFIX}new"
+            for d in (old, new):  # a download killed a day ago (SIGKILL, a node lost), and one under way
+                (d / "cifar-10-batches-py").mkdir(parents=True)
+            (new / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"")  # being written
+            os.utime(old, (time.time() - 2 * data.STALE_DOWNLOAD_S,) * 2)
+            with pytest.raises(data.DataError, match=r"CIFAR-10 not found") as e:  # no download's folder as the root
+                data.load(_cfg(root), seed=0)
+            assert "looks one level too high" not in str(e.value), e.value
+            ds = data.load(_cfg(root, download=True), seed=0)
+            assert len(ds.train) == 23 and len(ds.test) == 7
+            assert sorted(p.name for p in root.iterdir()) == [new.name, "cifar-10-batches-py", "cifar-10-python.tar.gz"]
+            return
+        with pytest.raises(data.DataError, match="downloading CIFAR-10 into .* failed") as e:
+            data.load(_cfg(root, download=True), seed=0)
+        assert ("timed out" in str(e.value)) == (how == "stalled"), e.value
+        assert time.monotonic() - began < 30
+        assert list(root.iterdir()) == []  # nothing half-written, no archive
+    finally:
+        archive.close()
