@@ -420,6 +420,17 @@ class Config:
                                   f"trainer.epochs >= {begun}, or another {folder_key}")
 
 
+def empty_last_shard(t: TrainerConfig, n: int, world: int) -> Optional[str]:
+    """Why trainer.compile cannot train `n` images on `world` ranks, or None. An epoch's last step, of fewer images
+    than ranks, leaves a rank none: eager DDP takes an empty batch, the compiled backward fails on it."""
+    left = n % t.batch_size
+    if not t.compile or t.drop_last or world == 1 or not 0 < left < world:
+        return None
+    return (f"trainer.compile=true: the last step of each epoch holds {left} of the {n} training images, fewer than "
+            f"the {world} ranks, and the compiled backward fails on a rank that gets none; set trainer.drop_last=true, "
+            f"or a trainer.batch_size (or data.train_size) that leaves none or at least {world} images over")
+
+
 def as_given(v: Any) -> str:
     """A value as an override gives it (true, null), not as Python prints it (True, None)."""
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)

@@ -186,6 +186,11 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
                                 master_addr=hosts[0],
                                 master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), _number(e, "SLURM_RESTART_COUNT")),
                                 source="slurm"), "SLURM_PROCID, SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+    half = [k for k in ("RANK", "WORLD_SIZE") if k in e]
+    if half:  # half of torchrun's pair: each process would run alone, all of them on the one run folder
+        raise DistributedError(f"{half[0]}={e[half[0]]} is set but {'WORLD_SIZE' if half[0] == 'RANK' else 'RANK'} "
+                               f"is not: set both (and MASTER_ADDR, MASTER_PORT) for a world started by hand, or "
+                               f"unset {half[0]} to run as one process")
     return DistEnv()
 
 
@@ -274,7 +279,7 @@ class Dist:
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         if env.is_main:
             log.info("waiting up to %g s (dist.timeout_s) for %d ranks at %s (%s)", self.timeout_s, env.world_size,
-                     where, env.source)
+                     where, "RANK and WORLD_SIZE, not torchrun" if by_hand else env.source)
         # RANK and WORLD_SIZE without torchrun: ranks started by hand (tests, mpirun wrappers), or a shell that kept
         # another launch's; the hint comes once the wait is long, not after dist.timeout_s of silence
         hint = threading.Timer(min(10.0, self.timeout_s / 3), log.warning, (

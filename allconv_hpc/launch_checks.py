@@ -8,7 +8,7 @@ import shutil
 
 import torch
 
-from .config import CPU_PRECISIONS, Config, ConfigError
+from .config import CPU_PRECISIONS, Config, ConfigError, empty_last_shard
 from .distributed import DistEnv
 from .preempt import sigint_deferred, signal_lead_s
 
@@ -19,6 +19,9 @@ def check_launch(cfg: Config, env: DistEnv) -> None:
     if t.batch_size % env.world_size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by the world size "
                           f"{env.world_size}; use a multiple of {env.world_size}")
+    said = empty_last_shard(t, cfg.data.train_images, env.world_size)
+    if said:
+        raise ConfigError(said)
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible here; use trainer.device=cpu or auto")
     cuda = uses_cuda(t)

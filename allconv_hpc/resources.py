@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-from .config import CLUSTER_KEYS, WARNING_SIGNALS, ConfigError
+from .config import CLUSTER_KEYS, WARNING_SIGNALS, ConfigError, empty_last_shard
 
 # Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
 # quotes): letters, digits and the punctuation Slurm's own syntax uses, nothing a shell would act on.
@@ -173,6 +173,9 @@ def validate_cluster(cluster: dict, cfg) -> dict:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by the job's "
                           f"{world} ranks (cluster.nodes x cluster.tasks_per_node); use a multiple of {world}, or "
                           f"a number of ranks that divides it")
+    said = empty_last_shard(cfg.trainer, cfg.data.train_images, world)
+    if said:
+        raise ConfigError(said)
     if c["gpus_per_node"] == 0:  # what the job would refuse at start, after its wait in the queue
         for key, value, fix in (("trainer.precision", cfg.trainer.precision, "fp32 or auto"),
                                 ("trainer.device", cfg.trainer.device, "cpu or auto"),

@@ -29,7 +29,7 @@ from .augment import DROPOUT_STREAM, INIT_STREAM, LEGACY_ORDER_STREAM, mix_seed
 from .checkpoint import (RESUMED_PARTS, CheckpointDir, CheckpointError, Writer, check_resumable_file, does_not_fit,
                          earlier_epochs, fitting, snapshot)
 from .fsio import read_json, write_atomic
-from .config import GRAPH_MODES, Config, ConfigError, flatten, rank_difference
+from .config import GRAPH_MODES, Config, ConfigError, empty_last_shard, flatten, rank_difference
 from .distributed import Dist, DistEnv, DistributedError, pick_device, rank_order_mean, set_threads
 from .localjob import local_job_id
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
@@ -50,6 +50,8 @@ from .tracking import (ID_FILE, STEPS_FILE, NullTracker, lacks_logs, make_tracke
 from .wandb_mode import resolve_mode
 
 log = logging.getLogger(__name__)
+
+DOWNLOAD_POLL_S = 2.0  # how often ranks waiting for a download ask whether it is done (each ask a short collective)
 
 
 
@@ -100,6 +102,7 @@ class Trainer:
         self.set_aside = False  # this start moved an earlier run's files aside (checkpoint.resume=never)
         self._phase: Optional[str] = None  # "training" or "evaluation" once fit began: None is start-up
         self._tracker_done = False
+        self._finite_at: Optional[int] = None  # the global step of the last finiteness check passed (this start)
         # status.json: written here, or by the checkpoint writer once a save it describes is on disk; a later
         # write here (a stop, a failure) makes the writer's pending one stale (_status_seq), so it is dropped
         self._status_lock, self._status_seq = threading.Lock(), 0
@@ -117,6 +120,32 @@ class Trainer:
         said = take_early_stop()
         if self.dist.any(said is not None):
             raise StartupStop(said or "a peer's signal")
+
+    def _download_agreed(self, mine: bool) -> None:
+        """fetch_if_missing where `mine`, in a thread, while every rank asks every DOWNLOAD_POLL_S whether one is
+        still at it: a download longer than dist.timeout_s is no lost peer (one collective waited for it, and failed
+        a healthy run), and one that fails fails every rank with its error, not with a peer's lost connection."""
+        failed: list[BaseException] = []
+
+        def fetch() -> None:
+            try:
+                data_mod.fetch_if_missing(self.cfg.data)
+            except BaseException as e:  # said on every rank below
+                failed.append(e)
+        thread = threading.Thread(target=fetch, name="download", daemon=True) if mine else None
+        if thread is not None:
+            thread.start()
+        while True:
+            if thread is not None:
+                thread.join(DOWNLOAD_POLL_S)
+            if not self.dist.any(thread is not None and thread.is_alive()):
+                break
+        said = self.dist.gather_objects(str(failed[0]) if failed else None)
+        if failed:
+            raise failed[0]
+        rank = next((r for r, e in enumerate(said) if e is not None), None)
+        if rank is not None:
+            raise data_mod.DataError(f"rank {rank}'s download failed: {said[rank]}")
 
     def _check_same_run(self) -> None:
         """Every rank composed the same run folder and config. Each composes its own, so a value resolved per
@@ -153,12 +182,11 @@ class Trainer:
         # data: on the device once (uint8, or whitened float32: data.preprocess); augmented there a chunk of steps at a time
         if cfg.data.download and env.distributed:  # one download per folder, not one per rank into the same one
             if env.is_main:
-                log.info("rank 0 downloads %s; the other ranks wait (up to dist.timeout_s)", cfg.data.name)
-                data_mod.fetch_if_missing(cfg.data)
-            self.dist.barrier()
-            if env.local_rank == 0 and not env.is_main:  # a node reading its own disk: its first rank, once
-                data_mod.fetch_if_missing(cfg.data)  # (nothing where the root is rank 0's, shared)
-            self.dist.barrier()
+                log.info("rank 0 downloads %s; the other ranks wait", cfg.data.name)
+            self._download_agreed(env.is_main)
+            # a node reading its own disk: its first rank, once (nothing where the root is rank 0's, shared)
+            self._download_agreed(env.local_rank == 0 and not env.is_main)
+            self._stop_if_asked()
         ds = data_mod.load(cfg.data, cfg.seed)
         self.mean, self.std = ds.mean, ds.std
         self.data_fingerprint = data_mod.fingerprint(ds)  # recorded in the checkpoints; a resume compares
@@ -180,6 +208,9 @@ class Trainer:
         scored = ds.val if ds.val is not None else ds.test
         self.val_split = (put(scored.images), scored.labels.to(self.device))
         self.test_split = None if ds.val is None else (put(ds.test.images), ds.test.labels.to(self.device))
+        said = empty_last_shard(t, len(ds.train), env.world_size)  # a copy of fewer images than the config's
+        if said:
+            raise ConfigError(said)
         self.batches = data_mod.TrainBatches(
             put(ds.train.images), ds.train.labels.to(self.device), t.batch_size, env.rank,
             env.world_size, cfg.seed, cfg.data.augment, ds.mean, ds.std, t.drop_last, t.channels_last)
@@ -387,9 +418,15 @@ class Trainer:
         finite = torch.stack([torch.isfinite(self.epoch_sums[0]).all()]
                              + [torch.isfinite(p).all() for p in self.model.parameters()]).all()
         bad = self.dist.any(not bool(finite))  # one device sync, not one per parameter
-        if bad:
-            raise self._diverged(f"{DIVERGED} loss or weights at global step {self.state.global_step} (epoch "
-                                 f"{self.state.epoch + 1})")
+        if not bad:
+            self._finite_at = self.state.global_step
+            return
+        # checked every trainer.log_every_steps steps and at saves: where it went non-finite is in that stretch
+        since = ("" if self._finite_at is None or self._finite_at >= self.state.global_step - 1 else
+                 f", after step {self._finite_at}, the last check it passed (checked every trainer.log_every_steps="
+                 f"{self.cfg.trainer.log_every_steps} steps and at saves)")
+        raise self._diverged(f"{DIVERGED} loss or weights found at global step {self.state.global_step} (epoch "
+                             f"{self.state.epoch + 1}){since}")
 
     def save(self, epoch_end: Optional[tuple] = None) -> None:
         """A consistent checkpoint at a step boundary; collective (every rank calls it). `epoch_end`: the
@@ -816,11 +853,16 @@ class Trainer:
                 self.save()  # the count must survive the requeue
                 self.wait_checkpoints()
             # W&B first: a requeue sends SIGTERM to every process of the step, W&B's service included. Its summary
-            # says requeued now, as status.json will (a requeue Slurm then refuses cannot be said to W&B any more)
-            if self.env.is_main:
-                self._summary_status("requeued")
-            self._finish_tracker(0)
+            # says requeued now, as status.json will (a requeue Slurm then refuses cannot be said to W&B any more).
+            # After the time limit's own SIGTERM (`late`), the requeue first: that SIGTERM reached W&B's service
+            # already, and KillWait runs; a SIGKILL before the requeue left the job TIMEOUT, the run not requeued
+            late = self.polls.agreed.terminate
+            if not late:
+                self._tell_tracker_requeued()
             ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
+            if late and ok:  # said before W&B's finish, which KillWait may cut short
+                self.write_status("requeued", signal=signal.Signals(got).name if got else None)
+                self._tell_tracker_requeued()
             decision = "requeued" if ok else "interrupted"
             if not ok and self.env.is_main and self.slurm.cancelled:
                 log.warning("job %s was cancelled (scancel) while it stopped: not requeued, as the cancel asks",
@@ -845,12 +887,18 @@ class Trainer:
                             "by hand), and nothing requeues it: submit the same command again to resume (a larger "
                             "cluster.timeout_min runs longer)", signal.Signals(stop.received).name)
         self.write_status(decision, signal=signal.Signals(got).name if got else None)
-        # a refused requeue finished W&B with 0 above (it reads "finished", status.json "interrupted"): W&B's
-        # service had to end before the requeue's SIGTERM, and whether Slurm requeues is known only after
+        # a refused requeue after a warning finished W&B with 0 above (it reads "finished", status.json
+        # "interrupted"): W&B's service had to end before the requeue's SIGTERM, and whether Slurm requeues is known
+        # only after
         self._finish_tracker(0 if decision == "requeued" else 1)
         if self.entry_point:
             exit_said(self.cfg.checkpoint.signal)
         return {"requeued": EXIT_REQUEUED, "gave_up": EXIT_GAVE_UP}.get(decision, EXIT_INTERRUPTED)
+
+    def _tell_tracker_requeued(self) -> None:
+        if self.env.is_main:
+            self._summary_status("requeued")
+        self._finish_tracker(0)
 
     def _finish_tracker(self, exit_code: int) -> None:
         if not self._tracker_done:

@@ -219,6 +219,7 @@ def test_train_refuses_a_sweep_and_a_run_folder_under_a_file(tmp_path):
     (tmp_path / "pre" / "slurm-12.out").write_text("")
     (tmp_path / "pre" / ".submission.json.ab12.tmp").write_text("")
     (tmp_path / "pre" / ".DS_Store").write_text("")  # a desktop's and a notebook's clutter: no one's files
+    (tmp_path / "pre" / "._.ipynb_checkpoints").write_text("")  # macOS's AppleDouble twin, on a volume not its own
     (tmp_path / "pre" / ".ipynb_checkpoints").mkdir()
     check_run_dir(tmp_path / "pre")
     (tmp_path / "proj" / "src").mkdir(parents=True)  # a project's root with a job log in it is still a project's
@@ -388,9 +389,12 @@ RANK_OF_3 = {"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "
     (["cluster.partiton=high"], "cluster has no key 'partiton'; its keys: account, additional_parameters,", {}),
     (["data=cifar10", "data.root=/nonexistent"], "/nonexistent/cifar-10-batches-py", {}),
     (["data=synthetic", "trainer.batch_size=128"], "not divisible by the world size 3", RANK_OF_3),
+    (["data=synthetic", "data.train_size=64", "trainer.batch_size=63", "trainer.compile=true"],
+     "the last step of each epoch holds 1 of the 64 training images, fewer than the 3 ranks", RANK_OF_3),
     pytest.param(["data=synthetic", "trainer.precision=bf16"], "trainer.precision=bf16 needs CUDA", {},
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks CUDA here")),
-], ids=["unknown-model", "lr-zero", "cluster-option", "cluster-key", "missing-data", "batch-vs-ranks", "bf16-auto-no-cuda"])
+], ids=["unknown-model", "lr-zero", "cluster-option", "cluster-key", "missing-data", "batch-vs-ranks",
+     "compile-empty-shard", "bf16-auto-no-cuda"])
 def test_cli_bad_config_exits_2_with_one_line(overrides, needle, extra_env, tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.monotonic()

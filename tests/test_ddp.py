@@ -251,6 +251,30 @@ def test_data_download_is_one_per_folder_also_where_a_node_reads_its_own(tmp_pat
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "completed"
 
 
+def test_a_download_longer_than_the_collective_timeout_or_failing_on_one_node_is_said_by_every_rank(tmp_path):
+    """The others waited for it in one barrier, bounded by dist.timeout_s: a download longer than that failed a
+    healthy run, each rank blaming a lost peer; and one that failed on a node was said by its rank alone, the
+    others naming a lost connection (found by a code review). Now they ask every few seconds, and say its error."""
+    log = tmp_path / "downloads.log"
+    ov = [o for o in TINY if not o.startswith("data.")] + ["data=cifar10", "data.download=true", "trainer.epochs=1",
+                                                           "dist.timeout_s=3"]
+    entry = (str(Path(__file__).parent / "stub_download.py"),)
+    procs = start_ranks(tmp_path, tmp_path / "slow", ov, world=2, entry=entry, DOWNLOAD_LOG=log, DOWNLOAD_SECONDS=8,
+                        rank_overrides=[[f"data.root={tmp_path / 'a'}"]] * 2)
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len(log.read_text().splitlines()) == 2  # rank 0's download, once
+    # rank 1, the first of another node with its own root, fails its download: both ranks say why, exit 2
+    procs = start_ranks(tmp_path, tmp_path / "fails", ov, world=2, entry=entry, DOWNLOAD_LOG=log, DOWNLOAD_FAILS=1,
+                        rank_overrides=[[f"data.root={tmp_path / 'a'}"], [f"data.root={tmp_path / 'b'}"]],
+                        local_ranks=[0, 0])
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    said = f"downloading CIFAR-10 into {tmp_path / 'b'} failed (URLError: no route to host)"
+    assert f"rank 1's download failed: {said}" in outs[0] and said in outs[1], outs
+    assert not any("did not answer" in out or "unreachable" in out for out in outs), outs
+
+
 def test_a_hung_rank_fails_the_others_within_the_timeout(tmp_path):
     """A rank that stops answering but keeps its connections (SIGSTOP: a hang, a stuck file system):
     only the collective timeout can catch it."""
@@ -343,7 +367,8 @@ def test_a_rendezvous_timeout_says_how_long_it_waited(tmp_path):
     waiting = re.search(r"WARNING\] rank 0: still waiting for 2 ranks at 127.0.0.1:\d+ \(up to dist.timeout_s=3 s\); "
                         r"the world size came from WORLD_SIZE", out)
     assert waiting and waiting.start() < said.start(), out[-2000:]
-    assert re.search(r"INFO\] waiting up to 3 s \(dist.timeout_s\) for 2 ranks at 127.0.0.1:\d+ \(torchrun\)", out)
+    assert re.search(r"INFO\] waiting up to 3 s \(dist.timeout_s\) for 2 ranks at 127.0.0.1:\d+ \(RANK and WORLD_SIZE, "
+                     r"not torchrun\)", out)  # no torchrun started it (from a laptop audit)
 
 
 def _signal_worker(cmd: list[str], run: Path, after: str, sig: int, tmp_path: Path) -> tuple[int, str]:

@@ -404,10 +404,15 @@ def test_a_folder_whose_every_checkpoint_is_unusable_fails_the_run_and_keeps_the
 def test_nan_stops_without_touching_good_checkpoints(tmp_path):
     run = tmp_path / "run"
     # an lr x1e9 from epoch 3 (global step 11): the loss goes non-finite within a step or two
-    r = run_train(tmp_path, run, EXACT + ["schedule.milestones=[2]", "schedule.gamma=1e9"], check=False)
+    logged = [o for o in EXACT if not o.startswith("trainer.log_every_steps=")] + ["trainer.log_every_steps=3"]
+    r = run_train(tmp_path, run, logged + ["schedule.milestones=[2]", "schedule.gamma=1e9"], check=False)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     log = (run / "train.log").read_text()
-    assert "non-finite loss or weights" in log and "Traceback" not in r.stderr
+    assert "non-finite loss or weights found at global step" in log and "Traceback" not in r.stderr
+    # checked at log steps and saves: the stretch since the last check it passed is named (from a laptop audit)
+    found = re.search(r"found at global step (\d+) \(epoch 3\), after step (\d+), the last check it passed \(checked "
+                      r"every trainer.log_every_steps=3 steps and at saves\)", log)
+    assert found and 1 < int(found[1]) - int(found[2]) <= 3, log[-3000:]
     st = json.loads((run / "status.json").read_text())
     assert st["state"] == "failed" and len(st["error"]) > 500, st  # whole, to its last advice (it was cut at 500)
     assert st["error"].endswith("the same command would resume from that checkpoint and repeat the steps that "
@@ -448,7 +453,7 @@ def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_keeps_the_old
                        env=clean_env(tmp_path, **folder_at(run / "checkpoints" / "best.pt", "save")))
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     log = (run / "train.log").read_text()
-    assert "writing best.pt failed: IsADirectoryError" in log and "older checkpoints are kept" in log, log[-2000:]
+    assert "writing best.pt failed: IsADirectoryError" in log and "any checkpoint already on disk is kept" in log, log[-2000:]
     assert "Traceback" not in r.stderr + log and '"failed"' in (run / "status.json").read_text()
     assert load_file(run / "checkpoints" / "step_00000004.pt")["train_state"]["global_step"] == 4
     assert '"completed"' not in (run / "status.json").read_text()

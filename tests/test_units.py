@@ -67,6 +67,11 @@ def test_detect_env_order():
     assert not detect_env({**lo, "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_NTASKS": "1"}).distributed
     assert detect_env({**lo, **tr}).source == "torchrun"
     assert detect_env({**lo, **sl, "SUBMITIT_EXECUTOR": "slurm"}).source == "slurm"  # a Slurm job sent from a local task
+    # half of torchrun's pair, outside a launcher: every process would run alone on the one run folder
+    for half, other in (({"RANK": "1"}, "WORLD_SIZE"), ({"WORLD_SIZE": "2"}, "RANK")):
+        with pytest.raises(DistributedError, match=rf"{next(iter(half))}=\d is set but {other} is not: set both"):
+            detect_env(half)
+        assert detect_env({**half, **sl}).source == "slurm" and detect_env({**half, **lo}).source == "local"
 
 
 def test_local_world_size_is_this_nodes_entry_of_the_tasks_per_node_list():
@@ -551,8 +556,8 @@ def test_writer_reports_a_failed_write_and_still_lands_the_others(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert not w.failed
-    with pytest.raises(CheckpointError, match="writing checkpoint step 2 failed: IsADirectoryError.*older "
-                                              "checkpoints are kept"):
+    with pytest.raises(CheckpointError, match="writing checkpoint step 2 failed: IsADirectoryError.*any "
+                                              "checkpoint already on disk is kept"):
         w.wait()
     assert w.failed and not w.failing()
     assert (tmp_path / "step_00000001.pt").is_file() and (tmp_path / "step_00000003.pt").is_file()
@@ -730,6 +735,25 @@ def test_more_torchrun_ranks_than_gpus_are_refused_before_nccl_fails_them(monkey
                         "SLURM_STEP_NODELIST": "n1", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURMD_NODENAME": "n1"})
     assert slurm.source == "slurm" and slurm.local_world_size == 2
     check_launch(Config(), slurm)
+
+
+def test_compile_with_a_rank_left_no_image_at_the_last_step_is_refused_before_the_queue():
+    """2 ranks, 129 images, batches of 64: the last step's one image leaves rank 1 none; the compiled backward
+    failed on it (an AssertionError in convolution_backward, after the data load; found by a code review)."""
+    from allconv_hpc import resources
+    from allconv_hpc.config import ConfigError, TrainerConfig, empty_last_shard
+    from allconv_hpc.compose import compose
+    t = TrainerConfig(batch_size=64, compile=True)
+    assert "holds 1 of the 129 training images, fewer than the 2 ranks" in empty_last_shard(t, 129, 2)
+    for n, world in ((128, 2), (130, 2), (129, 1)):  # none over, one per rank, one rank
+        assert empty_last_shard(t, n, world) is None
+    assert "holds 3 of the 195 training images, fewer than the 4 ranks" in empty_last_shard(t, 195, 4)
+    assert empty_last_shard(TrainerConfig(batch_size=64, compile=True, drop_last=True), 129, 2) is None
+    assert empty_last_shard(TrainerConfig(batch_size=64), 129, 2) is None  # eager DDP takes an empty batch
+    c = compose(["cluster=slurm", "data=synthetic", "data.train_size=129", "trainer.batch_size=64",
+                 "trainer.compile=true", "cluster.tasks_per_node=2"])
+    with pytest.raises(ConfigError, match="fewer than the 2 ranks, and the compiled backward fails"):
+        resources.validate_cluster(c.cluster, c.cfg)
 
 
 def test_launch_checks_refuse_cuda_and_nccl_where_there_is_no_gpu():
