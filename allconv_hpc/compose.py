@@ -558,13 +558,18 @@ RUN_FILES = OWN_FILES | {".hydra", "train.log", "history.csv", ".submitit", "wan
 
 
 # what a desktop or notebook leaves in any folder it opens (Finder, Explorer, Jupyter): no one's files
-CLUTTER = {".DS_Store", "._.DS_Store", ".localized", "Thumbs.db", "desktop.ini", ".directory", ".ipynb_checkpoints"}
+CLUTTER = {".DS_Store", ".localized", "Thumbs.db", "desktop.ini", ".directory", ".ipynb_checkpoints"}
+
+
+def is_clutter(name: str) -> bool:
+    """One of CLUTTER, or macOS's AppleDouble twin of any file (`._name`) on a volume not its own."""
+    return name in CLUTTER or name.startswith("._")
 
 
 def _run_file(name: str) -> bool:
     """A name train/submit writes, a temp file of one, or a job's log (sbatch --output into a folder made for
     the run, slurm-%j.out): such a folder is a run's or is meant to become one. A desktop's clutter passes too."""
-    return (name in RUN_FILES or name in CLUTTER or name.startswith("checkpoints.old")
+    return (name in RUN_FILES or is_clutter(name) or name.startswith("checkpoints.old")
             or name.endswith((".out", ".err", ".log"))
             or (name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)))
 
@@ -673,7 +678,7 @@ def check_sweep_dir(sweep_dir: Path) -> None:
     if run:
         raise ConfigError(f"hydra.sweep.dir {sweep_dir} is a run folder ({', '.join(run[:3])}): the sweep's points "
                           f"would be mixed into that run; give a new or empty hydra.sweep.dir")
-    other = [n for n in names if n not in SWEEP_FILES and n not in CLUTTER
+    other = [n for n in names if n not in SWEEP_FILES and not is_clutter(n)
              and not ((sweep_dir / n).is_dir() and (holds_run(sweep_dir / n) or not os.listdir(sweep_dir / n)))]
     if other:
         more = f", ... ({len(other)} in all)" if len(other) > 5 else ""

@@ -46,12 +46,12 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
             if changes:  # key by key, the last of a key given twice (as Hydra reads them), in any order
                 _check_resumable_later(run_dir, cfg, rec, state, "hydra.sweep.dir")
             if is_held(state, reason):  # "submit again when it has ended" would wait for ever
-                with_ = f"; it runs with the settings it was submitted with ({changes})" if changes else ""
+                with_ = f"; it runs with the settings it was submitted with, not these ({changes})" if changes else ""
                 return (f"job {rec['job_id']} (PENDING, {held_advice(rec, reason)}): it starts once released{with_}; "
                         f"or stop it ({stop_command(rec)}) and submit again")
             if changes:
-                return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with "
-                        f"({changes}); submit again when it has ended to apply these")
+                return (f"job {rec['job_id']} ({state}) runs it with the settings it was submitted with, not these "
+                        f"({changes}); submit again when it has ended to apply them")
             return f"job {rec['job_id']} ({state})"
         if state == "COMPLETING":  # cancelled or done, its processes still ending: nothing to stop
             raise ConfigError(f"run folder {run_dir} has job {rec['job_id']} still ending (COMPLETING); a second job "
@@ -103,8 +103,8 @@ def _changes(before: list[str], now: list[str]) -> str:
     """The overrides of `now` that differ from those `before` (a job's), key by key."""
     from .compose import override_key
     was, now_ = ({override_key(o): o for o in ovs} for ovs in (before, now))
-    said = [f"{now_[k]}, submitted {f'with {was[k]}' if k in was else 'without it'}" if k in now_ else
-            f"{was[k]} left out now" for k in sorted(set(was) | set(now_)) if was.get(k) != now_.get(k)]
+    said = [f"{now_[k]} given now, {f'the job has {was[k]}' if k in was else 'not in the job'}" if k in now_ else
+            f"{was[k]} in the job, left out now" for k in sorted(set(was) | set(now_)) if was.get(k) != now_.get(k)]
     return "; ".join(said)
 
 

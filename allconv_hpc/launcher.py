@@ -25,7 +25,7 @@ from .executor import (base_job_ids, check_can_start, make_executor, release_hel
 from .folder_checks import check_run_folder
 from .fsio import read_json, write_atomic
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
-from .plan import grow_hint, hold_asked, plan
+from .plan import sweep_group, grow_hint, hold_asked, plan
 from .preempt import AGREED_EXITS, EXIT_REQUEUED, SIGNAL_LEAD_ENV, ignore_late_signals, sigint_deferred
 from .resources import signal_name
 from .submit_lock import submit_lock
@@ -98,13 +98,14 @@ class TrainJob:
 
 
 def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict, until: contextlib.ExitStack,
-           attach: bool = False) -> tuple[list, list]:
+           attach: bool = False, command: Optional[list[str]] = None) -> tuple[list, list]:
     """Submit the points not marked `skip` (one job, or one array); returns their submitit jobs, and the Ctrl-Cs
     that came from sbatch on until `until` closes (the caller's: its lines naming the queued jobs are said first;
     KeyboardInterrupt where one stopped sbatch, nothing queued). Under the folder's lock every point is checked
     again first (another submit may have queued it since `plan`); a point now refused raises ConfigError, one now
     queued by a sweep's other submit is skipped. `attach` (submit --wait): a cluster=local job stays in this
-    terminal's session (executor.make_executor)."""
+    terminal's session (executor.make_executor). `command`: the submit command, recorded with each job (`status`
+    names it as the one that goes on with a run it left stopped)."""
     todo = [p for p in points if p.skip is None]
     base = sweep_dir if sweep_dir is not None else todo[0].run_dir
     check_can_start(points, sweep_dir, cluster)
@@ -117,7 +118,7 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict, until:
             # from sbatch until the jobs are recorded, released and said: a Ctrl-C then left queued jobs
             # unrecorded (a second submit queued them again) or held, or said "nothing was queued"
             got = until.enter_context(sigint_deferred(take=False))
-            jobs = _submit_locked(points, sweep_dir, cluster, base, attach)
+            jobs = _submit_locked(points, sweep_dir, cluster, base, attach, command)
         if jobs and cluster["backend"] == "slurm" and not hold_asked(cluster):
             release_held(jobs)  # after the lock: a failure must not remove the folders of queued jobs
     except ConfigError:
@@ -128,7 +129,7 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict, until:
 
 
 def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict, base: Path,
-                   attach: bool = False) -> list:
+                   attach: bool = False, command: Optional[list[str]] = None) -> list:
     import io
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
@@ -168,6 +169,8 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
             rec = {"job_id": str(j.job_id), "backend": cluster["backend"], "run_dir": str(p.run_dir),
                    "overrides": p.overrides, "submitted": now, "submitit_folder": str(base / ".submitit"),
                    "epochs": p.cfg.trainer.epochs if p.cfg is not None else None}  # status: progress before it starts
+            if command:
+                rec["command"] = command
             _write_json(p.run_dir / "submission.json", rec)
             records.append(rec)
         if sweep_dir is not None:
@@ -199,8 +202,33 @@ def _write_sweep(sweep_dir: Path, every: list[Point], records: list[dict], clust
     # a point in this sweep but not submitted now: the record of its last submission (or none)
     now_doc = {p.run_dir.name: new.get(p.run_dir.name) or _earlier_record(p.run_dir) for p in every}
     jobs_doc = [now_doc.pop(name, r) for name, r in earlier.items()] + list(now_doc.values())
+    _write_sweep_doc(sweep_dir, cluster, now, jobs_doc)
+
+
+def _write_sweep_doc(sweep_dir: Path, cluster: dict, now: float, jobs: list[dict]) -> None:
     _write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "submitted": now, "cluster": cluster,
-                                           "jobs": jobs_doc})
+                                           "wandb_group": sweep_group(sweep_dir), "jobs": jobs})
+
+
+def _restore_sweep_record(points: list[Point], sweep_dir: Path, cluster: dict) -> None:
+    """Nothing to submit, and sweep.json lost or damaged (as `status` reads it): written anew from the records of
+    its points, this command's and any other point folder's (a later submit's added points), as the fix `status`
+    gives for it says (a submit of a sweep whose every point is done left the folder without one)."""
+    from .jobs import DamagedFile
+    from .status import job_records
+    with submit_lock(sweep_dir):  # read under it: another submit may be writing it now
+        try:
+            if (sweep_dir / "sweep.json").is_file() and job_records(sweep_dir):
+                return
+        except DamagedFile:
+            pass
+        docs = {p.run_dir.name: _earlier_record(p.run_dir) for p in points}
+        for d in sorted(sweep_dir.iterdir()):
+            rec = read_json(d / "submission.json") if d.is_dir() and d.name not in docs else None
+            if rec and isinstance(rec.get("run_dir"), str):
+                docs[d.name] = rec
+        _write_sweep_doc(sweep_dir, cluster, time.time(), list(docs.values()))
+    print(f"wrote {sweep_dir / 'sweep.json'} anew from its points' records")
 
 
 def _earlier_record(run_dir: Path) -> dict:
@@ -289,8 +317,11 @@ def _submit_main(args, overrides: list[str], until_said: contextlib.ExitStack) -
             else:
                 print(f"nothing to submit: every run is completed or queued{grow_hint(points)}")
             return 0
-        jobs, interrupted = (submit(points, sweep_dir, cluster, until_said, attach=args.wait)
+        command = ["allconv-hpc", "submit", *(["-m"] if args.multirun else []), *overrides]
+        jobs, interrupted = (submit(points, sweep_dir, cluster, until_said, attach=args.wait, command=command)
                              if any(p.skip is None for p in points) else ([], []))
+        if sweep_dir is not None and not jobs and not interrupted:
+            _restore_sweep_record(points, sweep_dir, cluster)
         _print_skipped(points)  # also what another submit queued meanwhile
         todo = [p for p in points if p.skip is None]
     except ConfigError as e:

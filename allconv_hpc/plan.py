@@ -32,6 +32,19 @@ def hydra_value(value, key: str) -> str:
     return "'" + v.replace("'", "\\'") + "'"
 
 
+def sweep_group(sweep_dir: Path) -> str:
+    """The W&B group of the sweep's points that name none: its folder's name when first submitted, as its sweep.json
+    records it (a folder moved or renamed since keeps its group: each resumed point's W&B run went into a second
+    group, unsaid), else the folder's name."""
+    from .jobs import DamagedFile, read_record
+    try:
+        doc = read_record(sweep_dir / "sweep.json") or {}
+    except DamagedFile:
+        doc = {}
+    group = doc.get("wandb_group")
+    return group if isinstance(group, str) and group else sweep_dir.name
+
+
 def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[list[Point], Optional[Path], dict]:
     """Compose and validate every point before anything is submitted or any folder is made. `dry_run`: only
     shown, so a Slurm plan may be looked at where Slurm's commands are not (a laptop)."""
@@ -57,6 +70,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     sweep_dir = _sweep_folder(common, swept, keys) if multirun else None
     if sweep_dir is not None:
         _refuse_dropped_keys(sweep_dir, common, {_key(o) for o in swept[0]})
+    group = sweep_group(sweep_dir) if sweep_dir is not None else None
     points, cluster, warned, compiler_found, env_checked = [], None, set(), False, False
     fetch = {}  # (dataset, root) -> its data config: what data.download=true would fetch in every job
     for s in swept:
@@ -65,7 +79,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
             run_dir = sweep_dir / point_dirname(s)
             ov = ov + [f"hydra.run.dir={hydra_value(run_dir, 'hydra.run.dir')}"]
             if "wandb.group" not in {_key(o) for o in common + s}:
-                ov.append(f"wandb.group={hydra_value(sweep_dir.name, 'wandb.group')}")
+                ov.append(f"wandb.group={hydra_value(group, 'wandb.group')}")
         try:
             c = compose(ov)
         except NameSwap as e:  # the advice names this point's value: a swept name wants the group swept instead

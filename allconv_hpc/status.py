@@ -411,8 +411,28 @@ def run_rows(folder: Path) -> list[dict]:
                      "start_error": _failed_since(run_dir, st) if st and not (active or failed) else None,
                      "folder": Path(os.path.abspath(run_dir)).name, "run_dir": str(run_dir.resolve()),  # `.` too
                      "started_by": "train" if by_hand else rec.get("started_by") or (
-                         "sbatch" if rec.get("started_by_hand") else "submit" if rec.get("job_id") else "train")})
+                         "sbatch" if rec.get("started_by_hand") else "submit" if rec.get("job_id") else "train"),
+                     "resume_command": None if by_hand else _resume_command(rec, run_dir)})
     return rows
+
+
+def _resume_command(rec: dict, run_dir: Path) -> Optional[str]:
+    """The submit command that queued the row's job, aimed at the folder where the run is now (moved or copied
+    since: its own folder, not the recorded one), or None for a record from before they kept it."""
+    from .plan import hydra_value
+    command = rec.get("command")
+    if not command or not all(isinstance(w, str) for w in command):
+        return None
+    sweep = "-m" in command or "--multirun" in command  # a point's own record (status sw/seed=0) too
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    words = [w for w in command if not re.match(r"[+~]*hydra\.(sweep|run)\.dir=", w)]
+    here = os.path.abspath(run_dir.parent if sweep else run_dir)
+    if not re.fullmatch(r"[A-Za-z0-9_./-]+", here):  # for Hydra in "..." (kept by the shell's '...'), if it can
+        try:
+            here = f'"{here}"' if '"' not in here else hydra_value(here, key)
+        except Exception:  # a path submit would refuse: none to give
+            return None
+    return shlex.join([*words, f"{key}={here}"])
 
 
 # a cluster=local job's records before they named it: one written this long after its result is a later start's
@@ -512,9 +532,17 @@ def _epochs(row: dict) -> str:
     return f"{row['epoch']}/{'?' if row['epochs'] is None else row['epochs']}"
 
 
+# a sweep point's note names its recorded submit command so; _errors gives each such command once, below the notes
+SWEEP_COMMAND_BELOW = "its sweep's submit command (below)"
+
+
 def _errors(rows: list[dict]) -> str:
-    """Below the table, a line per note: `folder: note`."""
-    return "".join(f"\n{r['folder']}: {note}" for r in rows for note in notes(r))
+    """Below the table, a line per note: `folder: note`; then each sweep submit command the notes refer to
+    (points added by another submit have theirs)."""
+    said = [(r, note) for r in rows for note in notes(r)]
+    commands = dict.fromkeys(r["resume_command"] for r, note in said if SWEEP_COMMAND_BELOW in note)
+    return ("".join(f"\n{r['folder']}: {note}" for r, note in said)
+            + "".join(f"\nsweep submit command: {c}" for c in commands))
 
 
 def notes(r: dict) -> list[str]:
@@ -544,7 +572,8 @@ def notes(r: dict) -> list[str]:
             more = f" (with {longer}, each start trains longer)"
         out.append(f"{done}; {_same_command(r)} {then}{more}")
     if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):
-        again = _same_command(r) if r["started_by"] == "sweep" else "the same submit command"  # it was submitted
+        again = _same_command(r) if r["started_by"] == "sweep" or r.get("resume_command") else \
+            "the same submit command"  # it was submitted
         # a checkpoint is an earlier job's: a point that had trained part-way resumes
         out.append(f"job {r['job']} ended before it started (scancel?); nothing ran: {again} "
                    f"{'starts it' if ck is None else then}")
@@ -562,7 +591,10 @@ def _resumes(ck: int) -> str:
 
 def _same_command(r: dict) -> str:
     """The command that goes on with the row's run: a sweep's point is resubmitted with its sweep (a lone
-    `train` would need the point's overrides), a run started by hand is trained again."""
+    `train` would need the point's overrides), a run started by hand is trained again. A recorded submit command
+    is named: a sweep's below the notes (one for its points), a run's here."""
+    if r.get("resume_command"):
+        return SWEEP_COMMAND_BELOW if r["started_by"] == "sweep" else f"`{r['resume_command']}`"
     return {"sweep": "the same `submit -m` command (the whole sweep)", "train": "the same train command",
             "sbatch": "the same sbatch or srun (or train) command"}.get(r["started_by"], "the same submit (or train) command")
 
@@ -577,7 +609,10 @@ def status_main(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true", help="machine-readable rows")
     args = ap.parse_args(argv)
     rows, seen, refused = [], set(), False
-    for folder in args.folder:  # each said on its own: one that is no run folder leaves the others' rows
+    folders = args.folder
+    if len(folders) > 1:  # runs/*: a plain file beside the runs (notes.md) is no folder given
+        folders = [f for f in folders if not f.is_file()] or folders
+    for folder in folders:  # each said on its own: one that is no run folder leaves the others' rows
         try:
             for r in run_rows(folder):
                 if (r["run_dir"], r["job"]) not in seen:  # a folder given twice (runs/a and runs/*) shows once

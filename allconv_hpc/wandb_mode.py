@@ -157,7 +157,11 @@ def outranked_env(wandb_cfg: WandbConfig, environ: Optional[Mapping[str, str]] =
            "WANDB_RUN_ID": "each run folder keeps its own W&B id (wandb_id.txt), which its resumes continue",
            "WANDB_RESUME": "a run folder resumes its own W&B run by itself",
            "WANDB_DIR": "W&B's files are written in the run folder"}
-    same = {"WANDB_PROJECT": wandb_cfg.project, "WANDB_NAME": wandb_cfg.name}  # given alike in the config: no news
+    if wandb_cfg.group:  # a sweep's points get their folder's name; WANDB_RUN_GROUP counts only where none is set
+        why["WANDB_RUN_GROUP"] = (f"wandb.group ({wandb_cfg.group}; a sweep's is its folder's name) names the group: "
+                                  f"give wandb.group=... instead")
+    same = {"WANDB_PROJECT": wandb_cfg.project, "WANDB_NAME": wandb_cfg.name,  # given alike in the config: no news
+            "WANDB_RUN_GROUP": wandb_cfg.group}
     return [f"environment {var}={environ[var]!r} is not read: {said}" for var, said in why.items()
             if environ.get(var, "").strip() and environ[var].strip() != same.get(var)]
 

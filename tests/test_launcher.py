@@ -927,10 +927,11 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     cfg = compose(busy_ov).cfg
     assert folder_checks.check_run_folder(busy, cfg, sweep=True, overrides=busy_ov) == "job 42 (RUNNING)"
     more = busy_ov + ["trainer.epochs=3"]  # a change a resume takes: it waits for a later submit, said so
-    assert ("runs it with the settings it was submitted with (trainer.epochs=3, submitted with trainer.epochs=1); submit "
-            "again when it has ended") in folder_checks.check_run_folder(busy, compose(more).cfg, sweep=True, overrides=more)
-    assert folder_checks._changes(["a=1", "b=2", "c=3"], ["a=1", "b=5", "d=4"]) == (
-        "b=5, submitted with b=2; c=3 left out now; d=4, submitted without it")
+    assert ("runs it with the settings it was submitted with, not these (trainer.epochs=3 given now, the job has "
+            "trainer.epochs=1); submit again when it has ended to apply them") in folder_checks.check_run_folder(
+        busy, compose(more).cfg, sweep=True, overrides=more)
+    assert folder_checks._changes(["a=1", "b=2", "c=3"], ["a=1", "b=5", "d=4"]) == (  # read as the job's (audit)
+        "b=5 given now, the job has b=2; c=3 in the job, left out now; d=4 given now, not in the job")
     assert folder_checks._changes(["b=2", "a=1", "b=3"], ["a=1", "b=3"]) == ""  # Hydra's last wins, in any order
     assert folder_checks.check_run_folder(busy, cfg, sweep=True, overrides=busy_ov[::-1]) == "job 42 (RUNNING)"
     other = busy_ov + ["optim.lr=0.1"]  # another config: refused now, as it would be once the job has ended
@@ -942,6 +943,25 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     assert f"not submitted again (completed): {done}" in out and f"not submitted again (job 42 (RUNNING)): {busy}" in out
     assert [ln for ln in out.splitlines() if ln.startswith("job ")] == [f"job 77  {new}"], out
     assert [r["job_id"] for r in json.loads((sweep / "sweep.json").read_text())["jobs"]] == [None, "42", "77"]
+    # sweep.json damaged, nothing left to submit: written anew (status's fix for it said so, and did nothing)
+    CheckpointDir(new / "checkpoints", keep=2).save(  # job 77 completed it
+        {"identity": compose(["cluster=slurm", *TINY, "seed=2"]).cfg.identity(),
+         "train_state": {"epoch": 1, "step_in_epoch": 0}}, step=1)
+    (new / "status.json").write_text(json.dumps({"state": "completed", "updated": time.time()}))
+    later = sweep / "seed=9"  # a point a later submit added: its folder's own record
+    later.mkdir()
+    (later / "submission.json").write_text(json.dumps({"job_id": "90", "backend": "slurm", "run_dir": str(later)}))
+    for damaged in ('{"jobs": [', '{"jobs": []}', '{"jobs": [3]}', None):  # status refuses each (None: deleted)
+        if damaged is None:
+            (sweep / "sweep.json").unlink()
+        else:
+            (sweep / "sweep.json").write_text(damaged)
+        code, out, err = run_submit(capsys, "-m", *args)
+        assert code == 0 and "nothing to submit" in out and f"wrote {sweep / 'sweep.json'} anew" in out, (out, err)
+        assert [r["job_id"] for r in json.loads((sweep / "sweep.json").read_text())["jobs"]] == [None, "42", "77", "90"]
+    code, out, err = run_submit(capsys, "-m", *args)  # whole: left as it is
+    assert code == 0 and "anew" not in out, out
+    shutil.rmtree(later)
     # one completed run: no job at all; with more epochs it trains on
     code, out, err = run_submit(capsys, "--dry-run", "cluster=slurm", *TINY, "seed=0", f"hydra.run.dir='{done}'")
     assert code == 0 and out.splitlines()[-1] == ("nothing to submit: every run is completed or queued "
@@ -962,6 +982,30 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     assert code == 2 and "squeue did not answer whether job 77" in err and "squeue -j 77" in err, err
     assert "(squeue: slurm_load_jobs error: Socket timed out)" in err, err  # why, in squeue's words
     assert (tmp_path / "sbatch_calls").read_text() == calls
+
+
+def test_a_moved_sweep_keeps_its_wandb_group(tmp_path, on_path, capsys, monkeypatch):
+    """The group was the folder's name at each submit: a sweep moved (or renamed) and resubmitted put each resumed
+    point's W&B run into a second group, unsaid (found by a sweep journey audit). Its sweep.json keeps it now."""
+    monkeypatch.chdir(tmp_path)
+    on_path(sbatch="[ \"$1\" = --test-only ] && exit 0; echo 'Submitted batch job 77'", squeue="exit 0")
+    first, moved = tmp_path / "it's first", tmp_path / "moved"
+    group = lambda folder: {c.cfg.wandb.group for c in (compose(p.overrides) for p in  # noqa: E731
+                                                        launcher.plan(["cluster=slurm", *TINY, "seed=0,1",
+                                                                       f'hydra.sweep.dir="{folder}"'], True)[0])}
+    assert group(first) == {"it's first"}  # no sweep.json yet: the folder's name
+    code, out, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1", f'hydra.sweep.dir="{first}"')
+    assert code == 0, err
+    first.rename(moved)
+    assert group(moved) == {"it's first"}
+    (moved / "sweep.json").unlink()  # nothing recorded: the name, as before
+    assert group(moved) == {"moved"}
+    # a group the user gave is theirs, not the sweep's: not taken on by a later submit without it
+    mine = tmp_path / "mine"
+    code, out, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1", 'wandb.group="my grp"',
+                                f"hydra.sweep.dir={mine}")
+    assert code == 0 and json.loads((mine / "sweep.json").read_text())["wandb_group"] == "mine", err
+    assert group(mine) == {"mine"}
 
 
 def test_a_subset_resubmitted_into_a_sweep_keeps_the_other_points(tmp_path, on_path, capsys, monkeypatch):
@@ -998,6 +1042,50 @@ def test_a_subset_resubmitted_into_a_sweep_keeps_the_other_points(tmp_path, on_p
                         "run_dir": str(tmp_path / "link" / "sw" / "seed=1")})
     (moved / "sweep.json").write_text(json.dumps(doc))
     assert [(r["folder"], r["job"]) for r in status.run_rows(moved)] == [(f"seed={i}", f"80_{i}") for i in range(4)]
+
+
+def test_status_names_the_submit_command_that_goes_on_with_a_stopped_run(tmp_path, on_path, capsys, monkeypatch):
+    """"the same `submit -m` command (the whole sweep)" named none for points a later submit added (the first
+    command never resumes them), nor for a sweep copied elsewhere (found by a sweep journey audit). Each job
+    records its submit command; status gives it, aimed at the folder where the run is now, and it resumes it."""
+    monkeypatch.chdir(tmp_path)
+    count = tmp_path / "count"
+    on_path(sbatch=f'[ "$1" = --test-only ] && exit 0; n=76; [ -f {count} ] && read n < {count}; n=$((n + 1)); '
+                   f'echo $n > {count}; echo "Submitted batch job $n"', squeue="exit 0")
+    sweep, copy = tmp_path / "sw", tmp_path / "copy of sw"
+    first = ["-m", "cluster=slurm", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    added = ["-m", "cluster=slurm", *TINY, "seed=choice(7)", f"hydra.sweep.dir={sweep}"]
+    for args in (first, added):
+        assert run_submit(capsys, *args)[0] == 0
+    for point in sweep.glob("seed=*"):  # each job stopped with a checkpoint (scancel)
+        (point / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 0, "epochs": 1}))
+    shutil.copytree(sweep, copy)
+
+    def said(folder):
+        assert status.status_main([str(folder)]) == 0
+        out = capsys.readouterr().out
+        return out, [ln.split(": ", 1)[1] for ln in out.splitlines() if ln.startswith("sweep submit command: ")]
+    out, commands = said(copy)
+    assert out.count("its sweep's submit command (below) starts it") == 3, out
+    assert commands == [shlex.join(["allconv-hpc", "submit", *first[:-1], f'hydra.sweep.dir="{copy}"']),
+                        shlex.join(["allconv-hpc", "submit", *added[:-1], f'hydra.sweep.dir="{copy}"'])], out
+    for command, todo in zip(commands, (["seed=0", "seed=1"], ["seed=7"])):  # each resumes its points, in the copy
+        code, out, err = run_submit(capsys, *shlex.split(command)[2:])
+        assert code == 0 and sorted(ln.split("/")[-1] for ln in out.splitlines() if ln.startswith("job ")) == todo, err
+        assert all(f"{copy}/" in ln for ln in out.splitlines() if ln.startswith("job "))
+    assert status.status_main([str(copy / "seed=0")]) == 0  # a point alone: its own record, the sweep's command
+    assert f"`{commands[0]}` starts it" in capsys.readouterr().out
+    # a run's own command, in its note; a path Hydra must have quoted (é, a space)
+    run = tmp_path / "café run"
+    assert run_submit(capsys, "cluster=slurm", *TINY, f'hydra.run.dir="{run}"')[0] == 0
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 0, "epochs": 1}))
+    assert status.status_main([str(run)]) == 0
+    out = capsys.readouterr().out
+    wanted = shlex.join(["allconv-hpc", "submit", "cluster=slurm", *TINY, f'hydra.run.dir="{run}"'])
+    assert f"`{wanted}` starts it" in out, out
+    (run / "submission.json").unlink()  # its job gone: the command submits it again
+    code, out, err = run_submit(capsys, *shlex.split(wanted)[2:])
+    assert code == 0 and f"  {run}" in out, err
 
 
 def test_sbatch_test_only_that_cannot_answer_does_not_block(tmp_path, on_path, capsys, monkeypatch):
@@ -1080,6 +1168,7 @@ def test_sweep_and_run_folders_are_not_mixed(tmp_path):
     (lost / "seed=0" / "submission.json").write_text("{}")
     (lost / ".submit.lock").touch()
     (lost / ".DS_Store").touch()  # a desktop's clutter
+    (lost / "._seed=0").touch()  # macOS's AppleDouble twin of the point folder
     check_sweep_dir(lost)
     (lost / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"holds other files \(notes.txt\)"):
@@ -1973,8 +2062,8 @@ def test_a_hung_rank_of_a_local_job_is_ended_with_it(tmp_path):
     row = status.run_rows(run)[0]
     assert row["state"] == "FAILED" and "peer rank(s) 1 did not answer" in row["error"], row
     # a peer lost without a word is no failure of the run's own: the same submit resumes it (no such line before)
-    assert status.notes(row)[-1].startswith("stopped with epoch ") and "the same submit (or train) command resumes it" \
-        in status.notes(row)[-1], status.notes(row)
+    assert status.notes(row)[-1].startswith("stopped with epoch ") and "`allconv-hpc submit cluster=local " \
+        in status.notes(row)[-1] and "` resumes it" in status.notes(row)[-1], status.notes(row)
 
 
 def test_a_rank_killed_while_its_peer_waits_at_the_rendezvous_ends_the_job(tmp_path):

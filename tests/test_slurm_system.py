@@ -492,7 +492,8 @@ def test_scancel_while_a_resume_starts_is_a_stop_not_a_failure(slurm_cluster, jo
     rc, rows, table = status(slurm_cluster, tmp_path, run)
     assert rc == 0 and (rows[0]["state"], rows[0]["failed"]) == ("CANCELLED", False), table
     assert rows[0]["run"] in ("interrupted", "-"), table  # its own word (the safe point), or none (KillWait)
-    assert table.rstrip().endswith("the same submit (or train) command resumes it from its newest checkpoint, step 5"), table
+    assert table.rstrip().endswith(f"hydra.run.dir={run}` resumes it from its newest checkpoint, step 5"), table
+    assert "; `allconv-hpc submit cluster=slurm " in table, table  # the command that queued it, recorded
     assert "training synthetic" not in (run / "train.log").read_text().split("run folder")[-1], tail(run)
 
 
@@ -979,8 +980,8 @@ def test_a_job_scancelled_while_it_waits_to_begin_ends_wait_unfinished_not_faile
             waiting.wait()
     assert waiting.returncode == 3, out
     assert f"{job}:CANCELLED (never started)" in out, out
-    assert out.rstrip().endswith(f"run: job {job} ended before it started (scancel?); nothing ran: the same submit "
-                                 f"command starts it"), out
+    assert out.rstrip().endswith(f"hydra.run.dir={run}` starts it"), out  # the submit command that queued it
+    assert f"run: job {job} ended before it started (scancel?); nothing ran: `allconv-hpc submit cluster=slurm " in out
     rc, rows, table = status(slurm_cluster, tmp_path, run)
     assert rc == 0 and (rows[0]["state"], rows[0]["failed"]) == ("CANCELLED (never started)", False), table
     assert not (run / "status.json").exists()  # nothing ran
@@ -1174,12 +1175,13 @@ def test_a_time_limit_whose_warning_came_during_cluster_setup_still_requeues(slu
     not requeued, and `status` called that a failure (found by a Slurm journey audit). That SIGTERM now requeues
     (counted as a time limit); where the requeue is refused, TIMEOUT with run interrupted is a stop."""
     setup = "cluster.setup=['test \"$SLURM_RESTART_COUNT\" -gt 0 2>/dev/null || sleep 70']"  # the first start only
-    limit = ["cluster.timeout_min=2", "cluster.signal_lead_s=60", "wandb.mode=disabled", "trainer.epochs=100000",
+    limit = ["cluster.timeout_min=2", "cluster.signal_lead_s=60", "trainer.epochs=100000",
              "checkpoint.every_steps=20", setup]
     runs = {"true": tmp_path / "requeue", "false": tmp_path / "no_requeue"}
     ids = {}
     for requeue, run in runs.items():  # at once: a job per node
-        [(ids[requeue], _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, *limit,
+        mode = "offline" if requeue == "true" else "disabled"  # the real W&B, finished after the requeue now
+        [(ids[requeue], _)], _ = submit(slurm_cluster, tmp_path, jobs, *SLURM, *JOB, *limit, f"wandb.mode={mode}",
                                         f"cluster.requeue={requeue}", f"hydra.run.dir={run}")
     log = lambda run: (run / "train.log").read_text() if (run / "train.log").exists() else ""  # noqa: E731
     job = ids["true"]
@@ -1195,7 +1197,7 @@ def test_a_time_limit_whose_warning_came_during_cluster_setup_still_requeues(slu
     assert "SIGTERM as Slurm ends job" in log(run) and read_status(run)["state"] == "interrupted", tail(run)
     rc, rows, table = status(slurm_cluster, tmp_path, run)
     assert rc == 0 and rows[0]["state"] == "TIMEOUT" and rows[0]["run"] == "interrupted", table
-    assert "the same submit (or train) command resumes it from its newest checkpoint" in table, table
+    assert f"hydra.run.dir={run}` resumes it from its newest checkpoint" in table, table
 
 
 def test_requeue_tolerates_a_job_slurm_already_requeued(slurm_cluster, tmp_path):

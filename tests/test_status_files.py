@@ -352,6 +352,10 @@ def test_several_folders_make_one_table_each_row_named_by_its_path(tmp_path, cap
     out, err = capsys.readouterr()
     assert "a/seed=0" in out and err.strip() == ("allconv-hpc status: error: nope does not exist; give a run folder "
                                                  "(hydra.run.dir) or a sweep folder"), err
+    (tmp_path / "a" / "notes.md").write_text("")  # `status a/*`: a plain file beside the runs is no folder given
+    assert status.status_main(["a/seed=0", "a/notes.md"]) == 0 and capsys.readouterr().err == ""
+    assert status.status_main(["a/notes.md"]) == 2  # alone: asked for, so said
+    assert "a/notes.md is neither a run folder" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path / "a" / "seed=0")
     assert status.status_main([".", "--json"]) == 0
     assert [r["folder"] for r in json.loads(capsys.readouterr().out)] == ["seed=0"]  # was ""

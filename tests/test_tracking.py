@@ -658,6 +658,11 @@ def test_wandb_variables_the_run_outranks_are_warned_of():
                     "environment WANDB_DIR='/scratch/w' is not read: W&B's files are written in the run folder"], said
     assert outranked_env(WandbConfig(project="mine"), env) == said[1:]  # given alike: nothing to say of it
     assert outranked_env(WandbConfig(mode="disabled"), env) == []  # no W&B run: nothing is ignored
+    grouped = {"WANDB_RUN_GROUP": "mine"}  # read where wandb.group is empty; a sweep sets it (found by a sweep audit)
+    assert outranked_env(WandbConfig(), grouped) == [] == outranked_env(WandbConfig(group="mine"), grouped)
+    assert outranked_env(WandbConfig(group="seed-1a2b"), grouped) == [
+        "environment WANDB_RUN_GROUP='mine' is not read: wandb.group (seed-1a2b; a sweep's is its folder's name) names "
+        "the group: give wandb.group=... instead"]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
