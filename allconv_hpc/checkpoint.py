@@ -330,8 +330,8 @@ class Writer:
                     log.error("writing %s failed too: %s", other, also)
             self._pending.clear()
             self.failed = True
-            raise CheckpointError(f"writing {what} failed: {type(error).__name__}: {error}; the older checkpoints "
-                                  f"are kept (check free space and permissions of the run folder)") from error
+            raise CheckpointError(f"writing {what} failed: {type(error).__name__}: {error}; any checkpoint already "
+                                  f"on disk is kept (check free space and permissions of the run folder)") from error
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -305,8 +305,9 @@ def evaluate_main(argv: list[str]) -> int:
             bad = _checkpoint_path(args.run, args.checkpoint)  # the file that failed: not offered again
         except ConfigError:
             bad = Path()
+        ours = bad.resolve().is_relative_to((args.run / "checkpoints").resolve())  # a file of another place: its own
         others = sorted(p.name for p in (args.run / "checkpoints").glob("step_*.pt") if not _same_file(p, bad)) \
-            if damaged and args.run.is_dir() else []
+            if damaged and ours and args.run.is_dir() else []
         also = (f"; the run's other checkpoints ({', '.join(others)}) may be whole: --checkpoint one of them (train "
                 f"falls back to the newest whole one by itself)") if others else ""
         print(f"allconv-hpc evaluate: error: {e}{also}", file=sys.stderr)

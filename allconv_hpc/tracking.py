@@ -215,6 +215,9 @@ class Tracker:
             name=wandb_cfg.name or self.run_dir.name, dir=str(self.run_dir), config=dict(cfg_dict),
             settings=_settings(wandb),
         )
+        if self.mode == "online":  # without a route out, wandb.init says nothing for about 90 s
+            log.info("W&B online: connecting (on a node without network this waits about 90 s, then logs offline; "
+                     "wandb.mode=offline skips the wait)")
         try:
             self._run = wandb.init(mode=self.mode, **kwargs)
         except KeyboardInterrupt:  # a Ctrl-C inside init: a run it began would be closed at exit as finished (0)

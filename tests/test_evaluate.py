@@ -84,6 +84,10 @@ def test_cli_prints_json_and_exit_codes(two_rank_run, tmp_path):
     assert r.returncode == 1 and "checksum mismatch" in r.stderr and "Traceback" not in r.stderr
     steps = sorted(p.name for p in (bad / "checkpoints").glob("step_*.pt"))
     assert f"the run's other checkpoints ({', '.join(steps)}) may be whole: --checkpoint one of them" in r.stderr
+    outside = tmp_path / "elsewhere.pt"  # a damaged file of another place: the run's checkpoints are no way out
+    shutil.copy(bad / "checkpoints" / "best.pt", outside)
+    r = cli(bad, "--checkpoint", str(outside))
+    assert r.returncode == 1 and "checksum mismatch" in r.stderr and "may be whole" not in r.stderr, r.stderr
 
 
 def _cli(tmp_path, *args, **env):
