@@ -58,6 +58,9 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     source: str = "single"          # single | torchrun | slurm | local (submitit's LocalExecutor)
+    # this world's own (the job and its restart, torchrun's attempt): the prefix of its rendezvous keys, so ranks of
+    # another job that reach its store (two job ids map to one port) wait for their own peers, not join this world
+    world_key: str = ""
 
     @property
     def is_main(self) -> bool:
@@ -161,7 +164,8 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
         return _checked(DistEnv(rank=_number(e, "RANK"), world_size=world, local_rank=_number(e, "LOCAL_RANK"),
                                 local_world_size=_number(e, "LOCAL_WORLD_SIZE", world),
                                 master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
-                                master_port=_number(e, "MASTER_PORT", 29500), source="torchrun"),
+                                master_port=_number(e, "MASTER_PORT", 29500), source="torchrun",
+                                world_key=f"attempt{_number(e, 'TORCHELASTIC_RESTART_COUNT')}"),
                         "RANK, WORLD_SIZE", "LOCAL_RANK")
     # cluster=local: submitit's LocalExecutor starts tasks_per_node processes on this machine and says
     # only which one each is; its controller's pid is the job id (fresh on every resubmission)
@@ -172,7 +176,8 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
         # a port `submit` found free on this machine (launcher.TrainJob); else from the pid
         port = _number(e, LOCAL_PORT_ENV) or slurm_port(e.get("SUBMITIT_LOCAL_JOB_ID", "0"), 0)
         return _checked(DistEnv(rank=rank, world_size=world, local_rank=_number(e, "SUBMITIT_LOCAL_LOCALID", rank),
-                                local_world_size=world, master_addr="127.0.0.1", master_port=port, source="local"),
+                                local_world_size=world, master_addr="127.0.0.1", master_port=port, source="local",
+                                world_key=f"local/{e.get('SUBMITIT_LOCAL_JOB_ID', '0')}"),
                         "SUBMITIT_LOCAL_GLOBALID, SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_LOCALID")
     # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script alone is one process.
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
@@ -185,7 +190,9 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
                                 local_rank=_number(e, "SLURM_LOCALID"), local_world_size=_tasks_on_this_node(e, hosts),
                                 master_addr=hosts[0],
                                 master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), _number(e, "SLURM_RESTART_COUNT")),
-                                source="slurm"), "SLURM_PROCID, SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+                                source="slurm", world_key=f"slurm/{e.get('SLURM_JOB_ID', '0')}/"
+                                                          f"{_number(e, 'SLURM_RESTART_COUNT')}"),
+                        "SLURM_PROCID, SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
     half = [k for k in ("RANK", "WORLD_SIZE") if k in e]
     if half:  # half of torchrun's pair: each process would run alone, all of them on the one run folder
         raise DistributedError(f"{half[0]}={e[half[0]]} is set but {'WORLD_SIZE' if half[0] == 'RANK' else 'RANK'} "
@@ -291,14 +298,11 @@ class Dist:
         started = time.monotonic()
         try:
             with _stops_at_once():
-                if env.source == "torchrun":
-                    # torchrun --max-restarts keeps one store for every attempt: gloo's full mesh would read the
-                    # failed attempt's addresses (connect refused); each attempt gets keys of its own
-                    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-                    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
-                    kw["store"] = dist.PrefixStore(f"allconv/attempt{attempt}", store)
-                else:
-                    kw["init_method"] = "env://"
+                # keys of this world's own: torchrun --max-restarts keeps one store for every attempt (gloo's full
+                # mesh read the failed attempt's addresses: connect refused), and a job whose ranks reached another
+                # job's store on a shared port made one world of both (each failed, the innocent one too)
+                store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+                kw["store"] = dist.PrefixStore(f"allconv/{env.world_key}", store)
                 dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **kw)
         except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():

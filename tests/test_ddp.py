@@ -300,6 +300,39 @@ def test_a_rendezvous_port_held_by_another_program_is_named_with_the_fix(tmp_pat
             f"submit again: it picks a free port") in (tmp_path / "run" / "train.log").read_text()
 
 
+def test_a_rank_of_another_job_on_the_same_port_does_not_join_the_world(tmp_path):
+    """Two jobs' ids may map to one rendezvous port (Slurm: ids 22768 apart; or a port picked free and taken
+    since): the second job's rank 1 reaches the first's store. Its keys are its own job's, so it waits for its own
+    peers and times out, and the first job trains with its own rank 1; it made one world of both, which each
+    refused as a mix of runs (the innocent job failed too)."""
+    from proc import free_port, wait_listening
+    port = free_port()
+
+    def rank(job: str, r: int, run: Path, timeout_s: int) -> subprocess.Popen:
+        return subprocess.Popen(train_cmd(run, TINY + [f"dist.timeout_s={timeout_s}"]), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True,
+                                env=clean_env(tmp_path, SUBMITIT_LOCAL_JOB_ID=job, SUBMITIT_LOCAL_GLOBALID=r,
+                                              SUBMITIT_LOCAL_LOCALID=r, SUBMITIT_LOCAL_NTASKS=2,
+                                              ALLCONV_LOCAL_PORT=port))
+    first = rank("1001", 0, tmp_path / "first", 120)
+    procs = [first]
+    try:
+        wait_listening(first, port)
+        stray = rank("2002", 1, tmp_path / "second", 8)
+        procs.append(stray)
+        out, _ = stray.communicate(timeout=120)
+        assert stray.returncode != 0 and "rank 1: rendezvous with 2 ranks at 127.0.0.1:" in out, out[-2000:]
+        assert first.poll() is None  # still waiting for its own rank 1
+        own = rank("1001", 1, tmp_path / "first", 120)
+        procs.append(own)
+        out, _ = first.communicate(timeout=240)
+        assert own.wait(timeout=60) == 0 and first.returncode == 0, out[-2000:]
+    finally:
+        for p in procs:
+            p.kill()
+    assert json.loads((tmp_path / "first" / "status.json").read_text())["state"] == "completed"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_rank_waiting_for_its_peers_stops_at_once_on_a_signal(tmp_path, sig):
     """Rank 0 waits at the rendezvous for a rank that never comes: kill (or Ctrl-C) ends it at once, not
