@@ -13,6 +13,7 @@ Python work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import pickle
@@ -277,6 +278,22 @@ def _remove_stale_downloads(root: Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+def _move_in(src: Path, dst: Path) -> None:
+    """`src` to `dst` whole: a rename, or where `dst`'s folder is another file system (a symlink to scratch, a
+    bind mount) a copy beside `dst` renamed onto it."""
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        part = dst.with_name(f"{DOWNLOAD_PREFIX}{dst.name}.part")
+        try:
+            shutil.copyfile(src, part)
+            os.replace(part, dst)
+        finally:
+            part.unlink(missing_ok=True)
+
+
 def _download(cfg: DataConfig) -> None:
     """Fetched and unpacked in a folder of its own inside the root, then moved in a file at a time (each rename
     atomic): a sweep's tasks on one node, or a node whose stale cache missed the files, read whole files or none,
@@ -293,26 +310,32 @@ def _download(cfg: DataConfig) -> None:
                         f"official python version of {title} into {root} and set data.download=false") from None
     tmp, before = None, socket.getdefaulttimeout()
     try:
-        cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_downloads(root)
-        tmp = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=root))
-        if (root / cls.filename).is_file():  # one there already (copied by hand): torchvision checks its md5 and
-            shutil.copy2(root / cls.filename, tmp / cls.filename)  # unpacks it, offline; a bad one is fetched anew
-        socket.setdefaulttimeout(DOWNLOAD_STALL_S)
-        cls(str(tmp), train=True, download=True)  # fetches and unpacks the whole archive
-        for entry in tmp.iterdir():  # the archive, and the folder of batches
-            if entry.is_dir():
-                (root / entry.name).mkdir(exist_ok=True)
-                for f in entry.iterdir():
-                    os.replace(f, root / entry.name / f.name)
-            else:
-                os.replace(entry, root / entry.name)
-    except Exception as e:  # URLError, timeouts, md5 mismatch
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"downloading {title} into {root} failed ({type(e).__name__}: {msg}); this machine"
-                        f" may have no network: copy the official python version there instead and set"
-                        f" data.download=false") from None
+        try:
+            cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_stale_downloads(root)
+            tmp = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=root))
+            if (root / cls.filename).is_file():  # one there already (copied by hand): torchvision checks its md5
+                shutil.copy2(root / cls.filename, tmp / cls.filename)  # and unpacks it offline; a bad one is fetched
+            socket.setdefaulttimeout(DOWNLOAD_STALL_S)
+            cls(str(tmp), train=True, download=True)  # fetches and unpacks the whole archive
+        except Exception as e:  # URLError, timeouts, md5 mismatch
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"downloading {title} into {root} failed ({type(e).__name__}: {msg}); this machine"
+                            f" may have no network: copy the official python version there instead and set"
+                            f" data.download=false") from None
+        try:
+            for entry in tmp.iterdir():  # the archive, and the folder of batches
+                if entry.is_dir():
+                    (root / entry.name).mkdir(exist_ok=True)
+                    for f in entry.iterdir():
+                        _move_in(f, root / entry.name / f.name)
+                else:
+                    _move_in(entry, root / entry.name)
+        except OSError as e:  # no network fault: a full disk, permissions
+            raise DataError(f"{title} was downloaded, but moving it into {root} failed ({type(e).__name__}: {e}); "
+                            f"check free space and permissions there, or copy the official python version there "
+                            f"and set data.download=false") from None
     finally:
         socket.setdefaulttimeout(before)
         if tmp is not None:

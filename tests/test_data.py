@@ -4,6 +4,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -656,7 +657,7 @@ class _Archive:
         self.server.server_close()
 
 
-@pytest.mark.parametrize("how", ["whole", "corrupt", "stalled", "archive_here"])
+@pytest.mark.parametrize("how", ["whole", "corrupt", "stalled", "archive_here", "elsewhere"])
 def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch, how):
     """torchvision wrote the archive into the root and unpacked it there: a sweep's tasks sharing a node's root read
     a batch being written, and a corrupt archive stayed, later said to be one downloaded by hand and not unpacked.
@@ -669,6 +670,19 @@ def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch, how):
     root = tmp_path / "data"
     try:
         began = time.monotonic()
+        if how == "elsewhere":  # the dataset's folder a symlink onto another file system (scratch), where no rename
+            # reaches: the move failed, said as a network fault (found by a diff review)
+            other = type(tmp_path)(tempfile.mkdtemp(dir="/dev/shm"))
+            assert other.stat().st_dev != tmp_path.stat().st_dev, "/dev/shm is no other file system here"
+            root.mkdir()
+            (root / "cifar-10-batches-py").symlink_to(other)
+            try:
+                ds = data.load(_cfg(root, download=True), seed=0)
+                release = sorted(p.name for p in (tmp_path / "release" / "cifar-10-batches-py").iterdir())
+                assert len(ds.train) == 23 and sorted(p.name for p in other.iterdir()) == release
+            finally:
+                shutil.rmtree(other)
+            return
         if how in ("whole", "archive_here"):
             if how == "archive_here":  # the release copied in by hand, unpacked offline (the server's is bad)
                 root.mkdir()
