@@ -122,9 +122,11 @@ class Trainer:
             raise StartupStop(said or "a peer's signal")
 
     def _download_agreed(self, mine: bool) -> None:
-        """fetch_if_missing where `mine`, in a thread, while every rank asks every DOWNLOAD_POLL_S whether one is
-        still at it: a download longer than dist.timeout_s is no lost peer (one collective waited for it, and failed
-        a healthy run), and one that fails fails every rank with its error, not with a peer's lost connection."""
+        """fetch_if_missing where `mine`, in a thread, while every rank asks every DOWNLOAD_POLL_S (a third of
+        dist.timeout_s, if less) whether one is still at it: a download longer than dist.timeout_s is no lost peer
+        (one collective waited for it, and failed a healthy run), and one that fails fails every rank with its error,
+        not with a peer's lost connection. A SIGTERM or SIGHUP ends the wait at once (a preemption's grace time
+        may be shorter than a download): the download's own folder stays, removed by a download a day later."""
         failed: list[BaseException] = []
 
         def fetch() -> None:
@@ -135,9 +137,11 @@ class Trainer:
         thread = threading.Thread(target=fetch, name="download", daemon=True) if mine else None
         if thread is not None:
             thread.start()
+        every = min(DOWNLOAD_POLL_S, self.dist.timeout_s / 3)
         while True:
             if thread is not None:
-                thread.join(DOWNLOAD_POLL_S)
+                thread.join(every)
+            self._stop_if_asked()
             if not self.dist.any(thread is not None and thread.is_alive()):
                 break
         said = self.dist.gather_objects(str(failed[0]) if failed else None)
@@ -180,8 +184,8 @@ class Trainer:
         self._counts: dict[int, torch.Tensor] = {}  # see _count
 
         # data: on the device once (uint8, or whitened float32: data.preprocess); augmented there a chunk of steps at a time
-        if cfg.data.download and env.distributed:  # one download per folder, not one per rank into the same one
-            if env.is_main:
+        if cfg.data.download:  # one download per folder, not one per rank into the same one
+            if env.is_main and env.distributed:
                 log.info("rank 0 downloads %s; the other ranks wait", cfg.data.name)
             self._download_agreed(env.is_main)
             # a node reading its own disk: its first rank, once (nothing where the root is rank 0's, shared)

@@ -3,7 +3,7 @@
 DOWNLOAD_LOG=FILE python tests/stub_download.py [overrides]: each call of the download appends "start RANK ROOT" to
 FILE, takes a second (DOWNLOAD_SECONDS), writes a small CIFAR-10 (120 training, 40 test images; the same for every
 call) into its root in the official layout, then appends "end RANK ROOT". DOWNLOAD_FAILS=RANK: that rank's download
-fails as one without network does."""
+fails as one without network does. DOWNLOAD_POLL_S: the trainer's poll interval while ranks wait for it."""
 import os
 import sys
 import time
@@ -31,4 +31,7 @@ def _download(cfg) -> None:
 
 
 data._download = _download
+if "DOWNLOAD_POLL_S" in os.environ:
+    from allconv_hpc import trainer
+    trainer.DOWNLOAD_POLL_S = float(os.environ["DOWNLOAD_POLL_S"])
 sys.exit(main(["train", *sys.argv[1:]]))

@@ -254,13 +254,14 @@ def test_data_download_is_one_per_folder_also_where_a_node_reads_its_own(tmp_pat
 def test_a_download_longer_than_the_collective_timeout_or_failing_on_one_node_is_said_by_every_rank(tmp_path):
     """The others waited for it in one barrier, bounded by dist.timeout_s: a download longer than that failed a
     healthy run, each rank blaming a lost peer; and one that failed on a node was said by its rank alone, the
-    others naming a lost connection (found by a code review). Now they ask every few seconds, and say its error."""
+    others naming a lost connection (found by a code review). Now they ask every few seconds (a third of
+    dist.timeout_s if less: an interval of 10 s here, which a timeout of 3 s failed), and say its error."""
     log = tmp_path / "downloads.log"
     ov = [o for o in TINY if not o.startswith("data.")] + ["data=cifar10", "data.download=true", "trainer.epochs=1",
                                                            "dist.timeout_s=3"]
     entry = (str(Path(__file__).parent / "stub_download.py"),)
     procs = start_ranks(tmp_path, tmp_path / "slow", ov, world=2, entry=entry, DOWNLOAD_LOG=log, DOWNLOAD_SECONDS=8,
-                        rank_overrides=[[f"data.root={tmp_path / 'a'}"]] * 2)
+                        DOWNLOAD_POLL_S=10, rank_overrides=[[f"data.root={tmp_path / 'a'}"]] * 2)
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert len(log.read_text().splitlines()) == 2  # rank 0's download, once
@@ -273,6 +274,35 @@ def test_a_download_longer_than_the_collective_timeout_or_failing_on_one_node_is
     said = f"downloading CIFAR-10 into {tmp_path / 'b'} failed (URLError: no route to host)"
     assert f"rank 1's download failed: {said}" in outs[0] and said in outs[1], outs
     assert not any("did not answer" in out or "unreachable" in out for out in outs), outs
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_sigterm_during_a_download_stops_the_start_at_once(tmp_path, world):
+    """A preemption's SIGTERM while rank 0 downloads (here to the rank that waits for it; alone, to the one
+    process): the start ends now, as an interruption, not when the download is done, after the grace time."""
+    log = tmp_path / "downloads.log"
+    ov = [o for o in TINY if not o.startswith("data.")] + ["data=cifar10", "data.download=true",
+                                                           f"data.root={tmp_path / 'a'}"]
+    procs = start_ranks(tmp_path, tmp_path / "run", ov, world=world, entry=(str(Path(__file__).parent /
+                        "stub_download.py"),), DOWNLOAD_LOG=log, DOWNLOAD_SECONDS=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "start 0" in log.read_text()):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.1)
+        time.sleep(1)
+        t0 = time.monotonic()
+        procs[-1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+        waited = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [3] * world and waited < 30, (waited, outs)
+    assert "stopped by SIGTERM during start-up, before training" in outs[-1], outs[-1][-2000:]
+    assert world == 1 or "stopped by a peer's signal during start-up" in outs[0], outs[0][-2000:]
+    assert "end 0" not in log.read_text()
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "interrupted"
 
 
 def test_a_hung_rank_fails_the_others_within_the_timeout(tmp_path):
