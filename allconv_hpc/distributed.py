@@ -104,10 +104,10 @@ def _expand_token(token: str, nodelist: str) -> list[str]:
 PORT_BASE, PORT_SPAN = 10000, 22768
 
 
-def slurm_port(job_id: str, restart_count: int) -> int:
-    """A port in [10000, 32768) from the job id and restart count (fresh on every requeue); also for
-    cluster=local, whose job id is its controller's pid."""
-    return PORT_BASE + (int(re.sub(r"\D", "", job_id) or 0) * 97 + restart_count * 7919) % PORT_SPAN
+def slurm_port(job_id: str, restart_count: int, step: int = 0) -> int:
+    """A port in [10000, 32768) from the job id, restart count (fresh on every requeue) and job step (two sruns of
+    one job at once, on one node); also for cluster=local, whose job id is its controller's pid."""
+    return PORT_BASE + (int(re.sub(r"\D", "", job_id) or 0) * 97 + restart_count * 7919 + step * 4583) % PORT_SPAN
 
 
 def _tasks_on_this_node(e: Mapping[str, str], hosts: list[str]) -> int:
@@ -189,9 +189,10 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
         return _checked(DistEnv(rank=_number(e, "SLURM_PROCID"), world_size=_number(e, "SLURM_STEP_NUM_TASKS", 1),
                                 local_rank=_number(e, "SLURM_LOCALID"), local_world_size=_tasks_on_this_node(e, hosts),
                                 master_addr=hosts[0],
-                                master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), _number(e, "SLURM_RESTART_COUNT")),
+                                master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), _number(e, "SLURM_RESTART_COUNT"),
+                                                       _number(e, "SLURM_STEP_ID")),
                                 source="slurm", world_key=f"slurm/{e.get('SLURM_JOB_ID', '0')}/"
-                                                          f"{_number(e, 'SLURM_RESTART_COUNT')}"),
+                                f"{_number(e, 'SLURM_RESTART_COUNT')}/{_number(e, 'SLURM_STEP_ID')}"),
                         "SLURM_PROCID, SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
     half = [k for k in ("RANK", "WORLD_SIZE") if k in e]
     if half:  # half of torchrun's pair: each process would run alone, all of them on the one run folder

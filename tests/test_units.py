@@ -54,6 +54,10 @@ def test_detect_env_order():
     assert (e.source, e.rank, e.world_size, e.local_rank, e.local_world_size, e.master_addr) == \
         ("slurm", 5, 8, 1, 2, "gpu03")
     assert e.master_port == slurm_port("77", 2)
+    # two sruns of one job at once (two trainings in one allocation): a port and rendezvous keys of each its own
+    other = detect_env({**sl, "SLURM_STEP_ID": "1"})
+    assert other.master_port == slurm_port("77", 2, 1) != e.master_port and other.world_key != e.world_key
+    assert detect_env({**sl, "SLURM_STEP_ID": "0"}) == e
     # a batch script outside srun has SLURM_PROCID but no step: one process, not a rank of 8
     assert detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}).source == "single"
     # cluster=local: submitit's LocalExecutor tasks are the ranks, also inside an inherited Slurm step
