@@ -627,7 +627,8 @@ def status_main(argv: list[str]) -> int:
             r["folder"] = rel if not rel.startswith("..") else r["run_dir"]
     if not rows:
         return 2
-    print(json.dumps([{**r, "notes": notes(r)} for r in rows], indent=1) if args.json
+    print(json.dumps([{**r, "notes": [n.replace(SWEEP_COMMAND_BELOW, f"`{r['resume_command']}`") for n in notes(r)]}
+                      for r in rows], indent=1) if args.json
           else format_table(rows) + _errors(rows))
     silent = [str(r["job"]) for r in rows if r["slurm_answered"] is False]
     if silent:

@@ -1069,6 +1069,9 @@ def test_status_names_the_submit_command_that_goes_on_with_a_stopped_run(tmp_pat
     assert out.count("its sweep's submit command (below) starts it") == 3, out
     assert commands == [shlex.join(["allconv-hpc", "submit", *first[:-1], f'hydra.sweep.dir="{copy}"']),
                         shlex.join(["allconv-hpc", "submit", *added[:-1], f'hydra.sweep.dir="{copy}"'])], out
+    assert status.status_main(["--json", str(copy)]) == 0  # no "below" in JSON: each note names its command
+    rows = {r["folder"]: r for r in json.loads(capsys.readouterr().out)}
+    assert [n.endswith(f"`{commands[1]}` starts it") and "below" not in n for n in rows["seed=7"]["notes"]] == [True]
     for command, todo in zip(commands, (["seed=0", "seed=1"], ["seed=7"])):  # each resumes its points, in the copy
         code, out, err = run_submit(capsys, *shlex.split(command)[2:])
         assert code == 0 and sorted(ln.split("/")[-1] for ln in out.splitlines() if ln.startswith("job ")) == todo, err
