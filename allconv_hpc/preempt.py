@@ -57,6 +57,8 @@ def signum(name: str) -> int:
 
 # A stop signal that arrived before training installed its StopRequest (see `catch_early`).
 _early: Optional[int] = None
+# A SIGTERM or SIGHUP after a recorded warning (a preemption's GraceTime over): it ends the start too.
+_early_end: Optional[int] = None
 # The job's warning signal (checkpoint.signal) once the config has named it.
 _warn: int = signal.SIGUSR2
 # Warnings whatever checkpoint.signal names (that is the one Slurm is asked to send): another tool's or an
@@ -78,9 +80,11 @@ def _hangup() -> tuple:
 
 
 def _record_early(sig: int, frame) -> None:
-    global _early
+    global _early, _early_end
     if _early is None:
         _early = sig
+    elif _early_end is None and sig not in warning_signals(_warn):  # the grace time after a warning ran out
+        _early_end = sig
 
 
 def catch_early(warn_signal: Optional[str] = None) -> None:
@@ -108,13 +112,17 @@ class StartupStop(Exception):
 
 
 def take_early_stop() -> Optional[str]:
-    """The name of a SIGTERM or SIGHUP that `catch_early` recorded (cleared), else None. A warning signal stays
-    recorded: the first training steps requeue the job on it, with a checkpoint."""
-    global _early
-    if _early is None or _early in warning_signals(_warn):
-        return None
-    said, _early = signal.Signals(_early).name, None
-    return said
+    """The name of a SIGTERM or SIGHUP that `catch_early` recorded (cleared), also one after a warning, else None.
+    A warning signal alone stays recorded: the first training steps requeue the job on it, with a checkpoint
+    (after it a SIGTERM came: KillWait's SIGKILL would come before those steps)."""
+    global _early, _early_end
+    if _early is not None and _early not in warning_signals(_warn):
+        said, _early = signal.Signals(_early).name, None
+        return said
+    if _early_end is not None:
+        said, _early_end = signal.Signals(_early_end).name, None
+        return said
+    return None
 
 
 @contextmanager
@@ -184,13 +192,14 @@ class StopRequest:
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":
-        global _early
+        global _early, _early_end
         # once each: checkpoint.signal=HUP is SIGHUP too, and a second install would record this handler as the one
         # to restore. The configured warning signal is caught even under nohup: the config asked for it
         for s in dict.fromkeys((*self.warnings, signal.SIGTERM, signal.SIGINT, *_hangup())):
             self._previous[s] = signal.signal(s, self._handle)
         if _early is not None:  # came before training started: honour it now
             self.received, self._at, _early, self.in_start_up = _early, time.monotonic(), None, True
+        _early_end = None  # a SIGTERM after that warning: a preemption all the same, as _handle keeps the first
         return self
 
     def __exit__(self, *exc) -> None:

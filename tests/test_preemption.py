@@ -879,9 +879,11 @@ def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_resumable(tmp_
     assert '"completed"' in (run / "status.json").read_text()
 
 
-def signal_in_start_up(tmp: Path, run: Path, args: list[str], sig: int) -> tuple[subprocess.Popen, str, str]:
-    """Start train (args with data.preprocess=gcn_zca: a fit of seconds) and send `sig` in that fit: after this
-    start's "run folder" line (train.log is appended to by every start), before training."""
+def signal_in_start_up(tmp: Path, run: Path, args: list[str], sig: int | tuple[int, ...]
+                       ) -> tuple[subprocess.Popen, str, str]:
+    """Start train (args with data.preprocess=gcn_zca: a fit of seconds) and send `sig` (or each of several, 0.2 s
+    apart) in that fit: after this start's "run folder" line (train.log is appended to by every start), before
+    training."""
     starts = (run / "train.log").read_text().count("run folder") if (run / "train.log").exists() else 0
     p = subprocess.Popen(train_cmd(run, args), env=clean_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
@@ -891,7 +893,9 @@ def signal_in_start_up(tmp: Path, run: Path, args: list[str], sig: int) -> tuple
             assert p.poll() is None and time.monotonic() < deadline, p.communicate()
             time.sleep(0.05)
         time.sleep(0.5)  # in the whitening fit
-        p.send_signal(sig)
+        for i, one in enumerate(sig if isinstance(sig, tuple) else (sig,)):
+            time.sleep(0.2 if i else 0)
+            p.send_signal(one)
         out, err = p.communicate(timeout=60)
     finally:
         p.kill()
@@ -944,6 +948,18 @@ def test_a_warning_in_start_up_is_honoured_at_the_first_steps_and_said_to_be_fro
     assert p.returncode == 3, p.output[-3000:]
     log = (run / "train.log").read_text()
     assert re.search(r"stop requested \(SIGUSR2\) received during start-up, taken at global step [12]: checkpoint saved", log), log[-2000:]
+
+
+def test_a_sigterm_after_a_warning_in_start_up_ends_the_start_there(tmp_path):
+    """A preemption in start-up: USR2, then GraceTime's SIGTERM, then KillWait's SIGKILL. The SIGTERM was dropped
+    behind the warning (only the first signal was kept): the start went on to train its first steps, which KillWait
+    cuts short on a slow start (found by a code review). It ends the start at its next safe point, as alone."""
+    run = tmp_path / "run"
+    p, out, err = signal_in_start_up(tmp_path, run, TINY + ["data.preprocess=gcn_zca"],
+                                     (signal.SIGUSR2, signal.SIGTERM))
+    assert p.returncode == 3 and "stopped by SIGTERM during start-up, before training" in err, err[-2000:]
+    assert "training synthetic" not in out and not (run / "checkpoints").exists(), out[-2000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
 
 
 def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_path):
