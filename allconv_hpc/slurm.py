@@ -106,13 +106,12 @@ class SlurmJob:
 
         Not a job Slurm is already ending with no reason of its own (a user's scancel after the warning,
         while the checkpoint was written: `cancelled`): Slurm would accept the requeue and undo the cancel.
-        A time limit (Reason=TimeLimit) or a preemption (PreemptTime set; PreemptMode=CANCEL ends the job
-        when its grace time is over) is still requeued."""
+        A time limit (Reason=TimeLimit) or a preemption (PreemptTime since this start, not an earlier start's,
+        as is_timeout reads it; PreemptMode=CANCEL ends the job when its grace time is over) is still requeued."""
         job = self._show()
         if job.get("Restarts", -1) > self.restarts:
             return True  # Slurm's own preemption requeued it
-        if (job.get("JobState") in ("COMPLETING", "CANCELLED") and job.get("Reason") == "None"
-                and job.get("PreemptTime", "None") in ("None", "Unknown")):
+        if job.get("JobState") in ("COMPLETING", "CANCELLED") and job.get("Reason") == "None" and not _preempted(job):
             self.cancelled = True
             return False
         if self._run(["scontrol", "requeue", self.job_id]) is not None:

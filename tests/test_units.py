@@ -317,8 +317,12 @@ def test_requeue_is_array_aware_and_checks_what_slurm_did(tmp_path, monkeypatch,
     ("JobState=COMPLETING Reason=None Restarts=1", False, False),   # a user's scancel after the warning
     ("JobState=CANCELLED Reason=None Restarts=1", False, False),
     ("JobState=COMPLETING Reason=TimeLimit Restarts=1", True, True),  # the time limit: requeued
-    ("JobState=COMPLETING Reason=None PreemptTime=2026-12-03T19:11:58 Restarts=1", True, True),  # preempted (CANCEL)
+    ("JobState=COMPLETING Reason=None StartTime=2026-12-03T19:01:00 PreemptTime=2026-12-03T19:11:58 Restarts=1",
+     True, True),  # preempted (CANCEL)
     ("JobState=COMPLETING Reason=None PreemptTime=None Restarts=1", False, False),
+    # a scancel in a start after a preemption's requeue: that PreemptTime is the earlier start's (found by a review)
+    ("JobState=CANCELLED Reason=None StartTime=2026-12-03T19:30:00 PreemptTime=2026-12-03T19:11:58 Restarts=1",
+     False, False),
     ("JobState=PENDING Reason=BeginTime Restarts=2", True, False),   # Slurm's preemption requeued it
 ])
 def test_requeue_does_not_undo_a_scancel_that_came_while_the_job_stopped(tmp_path, monkeypatch, shown, expected,
