@@ -101,28 +101,29 @@ class SlurmJob:
                  "no limit" if left is None else f"{left:g}", lead_s, "time limit" if timeout else "preemption")
         return timeout
 
-    def requeue(self) -> bool:
-        """Requeue this job (array task); True if it is, or Slurm had already requeued it.
+    def requeue(self, timeout: float = 30) -> bool:
+        """Requeue this job (array task); True if it is, or Slurm had already requeued it. `timeout`: each Slurm
+        command's (short within KillWait, after the time limit's SIGTERM).
 
         Not a job Slurm is already ending with no reason of its own (a user's scancel after the warning,
         while the checkpoint was written: `cancelled`): Slurm would accept the requeue and undo the cancel.
         A time limit (Reason=TimeLimit) or a preemption (PreemptTime since this start, not an earlier start's,
         as is_timeout reads it; PreemptMode=CANCEL ends the job when its grace time is over) is still requeued."""
-        job = self._show()
+        job = self._show(timeout=timeout)
         if job.get("Restarts", -1) > self.restarts:
             return True  # Slurm's own preemption requeued it
         if job.get("JobState") in ("COMPLETING", "CANCELLED") and job.get("Reason") == "None" and not _preempted(job):
             self.cancelled = True
             return False
-        if self._run(["scontrol", "requeue", self.job_id]) is not None:
+        if self._run(["scontrol", "requeue", self.job_id], timeout=timeout) is not None:
             return True
-        out = self._run(["squeue", "-h", "-j", self.job_id, "-o", "%T"])
+        out = self._run(["squeue", "-h", "-j", self.job_id, "-o", "%T"], timeout=timeout)
         self.unanswered = out is None  # a busy controller may still carry the requeue out (seen: minutes later)
         state = (out or "").strip()
         if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
             return True  # Slurm's own preemption requeued it ("Job is pending execution")
         if state == "COMPLETING":  # requeued while its processes end, or cancelled: Restarts tells
-            return self._show().get("Restarts", -1) > self.restarts
+            return self._show(timeout=timeout).get("Restarts", -1) > self.restarts
         return False
 
     def is_batch(self) -> bool:

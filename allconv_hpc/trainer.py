@@ -51,6 +51,7 @@ from .wandb_mode import resolve_mode
 
 log = logging.getLogger(__name__)
 
+LATE_SLURM_S = 5.0  # each Slurm command's timeout within KillWait (the time limit's SIGTERM came)
 DOWNLOAD_POLL_S = 2.0  # how often ranks waiting for a download ask whether it is done (each ask a short collective)
 
 
@@ -853,20 +854,25 @@ class Trainer:
                           "the same run to continue from its checkpoint", st.timeouts + 1,
                           self.cfg.checkpoint.max_requeues)
         elif kind in ("timeout", "preempted"):
-            if kind == "timeout":
+            # After the time limit's own SIGTERM (`late`) KillWait runs (30 s by default): the requeue first, each
+            # Slurm command given LATE_SLURM_S; a SIGKILL before it left the job TIMEOUT, the run not requeued
+            late = self.polls.agreed.terminate
+            if kind == "timeout" and not late:
                 self.save()  # the count must survive the requeue
                 self.wait_checkpoints()
             # W&B first: a requeue sends SIGTERM to every process of the step, W&B's service included. Its summary
             # says requeued now, as status.json will (a requeue Slurm then refuses cannot be said to W&B any more).
-            # After the time limit's own SIGTERM (`late`), the requeue first: that SIGTERM reached W&B's service
-            # already, and KillWait runs; a SIGKILL before the requeue left the job TIMEOUT, the run not requeued
-            late = self.polls.agreed.terminate
+            # After the time limit's SIGTERM, which reached W&B's service already, it is said after the requeue
             if not late:
                 self._tell_tracker_requeued()
-            ok = self.dist.broadcast_object(self.slurm.requeue() if self.env.is_main else None)
-            if late and ok:  # said before W&B's finish, which KillWait may cut short
+            ok = self.dist.broadcast_object(self.slurm.requeue(LATE_SLURM_S if late else 30) if self.env.is_main
+                                            else None)
+            if late and ok:
+                if kind == "timeout":  # the count, for the requeued start (lost to a SIGKILL now: counted one short)
+                    self.save()
+                    self.wait_checkpoints()
                 self.write_status("requeued", signal=signal.Signals(got).name if got else None)
-                self._tell_tracker_requeued()
+                self._tell_tracker_requeued()  # after status.json: W&B's finish is the first that KillWait cuts short
             decision = "requeued" if ok else "interrupted"
             if not ok and self.env.is_main and self.slurm.cancelled:
                 log.warning("job %s was cancelled (scancel) while it stopped: not requeued, as the cancel asks",

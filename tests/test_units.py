@@ -336,6 +336,19 @@ def test_requeue_does_not_undo_a_scancel_that_came_while_the_job_stopped(tmp_pat
     assert ("scontrol requeue 5_3" in calls.read_text().splitlines()) is asked
 
 
+def test_a_requeue_within_killwait_gives_each_slurm_command_the_short_timeout(tmp_path, monkeypatch):
+    """After the time limit's SIGTERM, KillWait (30 s by default) runs: a requeue whose commands each waited up to
+    30 s on a busy controller came after the SIGKILL, and the job ended TIMEOUT unrequeued (found by a review)."""
+    import time
+    calls = fake_slurm(tmp_path, monkeypatch, squeue=None)
+    (tmp_path / "bin" / "scontrol").write_text(f'#!/bin/sh\necho "scontrol $*" >> {calls}\nexec sleep 20\n')
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    job = SlurmJob(ARRAY_TASK)
+    began = time.monotonic()
+    assert job.requeue(timeout=0.5) is False and job.unanswered
+    assert time.monotonic() - began < 5 and "scontrol requeue 5_3" in calls.read_text()
+
+
 @pytest.mark.parametrize("squeue_left,expected", [
     ("1:30", True),        # 90 s left with a 60 s lead: the time-limit warning
     ("29:00", False),      # far from the limit: a preemption
