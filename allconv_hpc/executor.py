@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
+from .jobs import SETUP_STOP
 from .resources import local_gpus, signal_name, warn
 from .sweep import Point
 
@@ -46,8 +47,8 @@ def _slurm_setup(lines: list) -> list:
     said = "echo \"allconv-hpc: cluster.setup line failed (exit $rc): $ALLCONV_SETUP_LINE\" >&2"
     # Slurm's SIGTERM (a preemption past its grace time, scancel, the time limit) ends the shell here: said as such,
     # not as the line's doing (it read "ended the job before training (exit 0)"); Slurm requeues a preempted job
-    stopped = ('[ -n "${ALLCONV_TERM:-}" ] && echo "allconv-hpc: SIGTERM during cluster.setup (a preemption, scancel '
-               'or the time limit), in: $ALLCONV_SETUP_LINE; nothing was trained" >&2')
+    stopped = (f'[ -n "${{ALLCONV_TERM:-}}" ] && echo "allconv-hpc: {SETUP_STOP} (a preemption, scancel '
+               f'or the time limit), in: $ALLCONV_SETUP_LINE; nothing was trained" >&2')
     ended = (f"{stopped} || echo \"allconv-hpc: cluster.setup line ended the job before training (exit $rc): "
              f"$ALLCONV_SETUP_LINE\" >&2; exit $((rc ? rc : 1))")  # `exit 0` too: a job that trained nothing did not complete
     out = [f"trap 'rc=$?; {ended}' EXIT", "trap 'ALLCONV_TERM=1; exit 143' TERM"]

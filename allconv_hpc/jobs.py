@@ -17,6 +17,9 @@ START_UP_STOP = "during start-up, before training"  # in the error of a start a 
 # how the line of a start a Ctrl-C stopped begins (train, and a cluster=local controller for a rank the Ctrl-C ended
 # at its rendezvous): a stop asked for before training, no failure
 START_UP_INTERRUPT = "interrupted (Ctrl-C) during start-up"
+# how the batch shell's line begins when Slurm's SIGTERM (scancel, a preemption, the time limit) ended its
+# cluster.setup (executor._slurm_setup): a stop before any rank existed, no failure
+SETUP_STOP = "SIGTERM during cluster.setup"
 
 
 # The run's own word in status.json (read leniently: {} for none), for the checks before a start and at its end.

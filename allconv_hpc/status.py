@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import runlock
-from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, START_UP_INTERRUPT, START_UP_STOP, STATUS_KEYS, DamagedFile,
-                   check_keys, held_advice, is_held, local_ended_at, local_state, read_record, slurm_state,
+from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, SETUP_STOP, START_UP_INTERRUPT, START_UP_STOP, STATUS_KEYS,
+                   DamagedFile, check_keys, held_advice, is_held, local_ended_at, local_state, read_record, slurm_state,
                    squeue_silence, started_job, started_unrecorded, stopped_elsewhere)
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
@@ -104,9 +104,15 @@ def _here(rec: dict, folder: Path, sweep: bool) -> dict:
     recorded = Path(rec["run_dir"])
     mine = folder / recorded.name if sweep else folder
     # a point removed from a copy is the copy's (gone), not the original's, which may have trained on since
-    if os.path.realpath(mine) != os.path.realpath(recorded):
-        return {**rec, "run_dir": str(mine.absolute())}
-    return rec
+    if os.path.realpath(mine) == os.path.realpath(recorded):
+        return rec
+    out = {**rec, "run_dir": str(mine.absolute())}
+    logs = rec.get("submitit_folder")  # the job's logs, in the run's or its sweep's folder: moved with it
+    for old, new in ((recorded, mine), (recorded.parent, mine.parent)):
+        if isinstance(logs, str) and Path(logs).parent == old and (new / Path(logs).name).is_dir():
+            out["submitit_folder"] = str((new / Path(logs).name).absolute())
+            break
+    return out
 
 
 def run_status(run_dir: Path) -> dict:
@@ -212,7 +218,8 @@ def _stopped_in_start_up(rec: dict) -> bool:
 def _is_stop(said: str) -> bool:
     """A task's last word is that a Ctrl-C or a signal stopped it in start-up (train's lines; a cluster=local
     controller's for a rank the signal ended at its rendezvous)."""
-    return said.startswith(START_UP_INTERRUPT) or said.startswith("stopped by ") and START_UP_STOP in said
+    return (said.startswith((START_UP_INTERRUPT, SETUP_STOP))  # SETUP_STOP: the batch shell's, before any rank
+            or said.startswith("stopped by ") and START_UP_STOP in said)
 
 
 def _job_error(rec: dict, kinds: tuple = (0, 1)) -> Optional[str]:

@@ -766,6 +766,8 @@ def test_cluster_setup_lines_run_as_written_and_a_failing_one_stops_the_job(slur
     err = err_file.read_text()
     assert ("allconv-hpc: SIGTERM during cluster.setup (a preemption, scancel or the time limit), in: sleep 60; "
             "nothing was trained") in err and "ended the job before training" not in err, err
+    rc, rows, table = status(slurm_cluster, tmp_path, run)  # a stop, no rank's failure (it read "rank 0: ...", exit 1)
+    assert rc == 0 and not rows[0]["failed"] and "rank 0:" not in table, table
 
 
 @pytest.mark.slow

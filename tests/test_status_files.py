@@ -541,6 +541,46 @@ def test_a_ranks_refusal_is_the_failure_where_rank_0_recorded_the_sigterm_it_bro
     assert status.run_rows(run)[0]["failed"] is False
 
 
+@pytest.mark.parametrize("job_state,said,rc", [
+    ("CANCELLED", "allconv-hpc: SIGTERM during cluster.setup (a preemption, scancel or the time limit), in: sleep 30; "
+                  "nothing was trained", 0),
+    ("FAILED", "allconv-hpc: cluster.setup line ended the job before training (exit 7): exit 7", 1)])
+def test_a_job_ended_in_its_setup_reads_so_also_from_a_moved_folder(tmp_path, monkeypatch, capsys, job_state, said,
+                                                                      rc):
+    """A scancel while the batch shell ran cluster.setup (no rank yet) read as rank 0's failure (exit 1); and a
+    run folder moved since was read for its job's logs at the old path: a failed setup's reason was gone, a task
+    that never ran read as one that stopped (found by a Slurm journey audit)."""
+    ended_job(tmp_path, monkeypatch, job_state)
+    run = write_run(tmp_path / "run", None, job="9", submitit_folder=str(tmp_path / "run" / ".submitit"))
+    (run / ".submitit" / "9").mkdir(parents=True)
+    (run / ".submitit" / "9" / "9_0_log.err").write_text(said + "\n")
+    moved = tmp_path / "archive" / "run"
+    for folder in (run, moved):
+        if folder == moved:
+            moved.parent.mkdir()
+            run.rename(moved)
+        assert status.status_main([str(folder)]) == rc
+        out = capsys.readouterr().out
+        row = status.run_rows(folder)[0]
+        assert (row["state"], row["failed"]) == (job_state, bool(rc)), (folder, row)
+        assert "rank 0:" not in out, out
+        if rc:
+            assert said.removeprefix("allconv-hpc: ") in out, out
+    if job_state != "CANCELLED":
+        return
+    # a sweep moved: each point's job logs are in the sweep's .submitit, moved with it; none started
+    root, runs = sweep(tmp_path)
+    doc = json.loads((root / "sweep.json").read_text())
+    for i, r in enumerate(doc["jobs"]):
+        r["submitit_folder"] = str(root / ".submitit")
+        (root / ".submitit" / r["job_id"]).mkdir(parents=True)  # submit's own files only: no task log
+        (runs[i] / "status.json").unlink()
+    (root / "sweep.json").write_text(json.dumps(doc))
+    away = tmp_path / "archive" / "sweep"
+    root.rename(away)
+    assert [r["state"] for r in status.run_rows(away)] == ["CANCELLED (never started)"] * 2
+
+
 @pytest.mark.parametrize("job_state", ["COMPLETED", "FAILED", "REQUEUED"])  # REQUEUED: cancelled while it waited
 def test_a_run_resumed_by_hand_after_its_job_ended_reads_as_the_hand_runs_own(tmp_path, monkeypatch, job_state):
     """A `train` by hand resumed a run whose submitted job had ended (COMPLETED, or FAILED: a stop's exit 3): its
