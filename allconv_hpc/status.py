@@ -381,8 +381,10 @@ def run_rows(folder: Path) -> list[dict]:
             # training finished, then Slurm ended the job otherwise (scancel or the time limit just after the
             # last epoch): the run is done, not failed, and a new submit would find nothing to do
             state, failed = f"{state} (run completed)", False
-        # until this job writes status.json, progress is the earlier job's, towards this job's trainer.epochs
-        target = st.get("epochs") if current or not rec.get("epochs") else rec["epochs"]
+        # until this job writes status.json, progress is the earlier job's, towards this job's trainer.epochs (also
+        # where its record names none: a stop in start-up before the config was read)
+        target = st.get("epochs") if (current and st.get("epochs") is not None) or not rec.get("epochs") \
+            else rec["epochs"]
         error = st.get("error") if current else None  # what the run said when it failed
         if failed and error is None and rec.get("job_id") and not active:
             error = _job_error(rec)  # it failed before its trainer could say why: its tasks' .err files do

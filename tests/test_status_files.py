@@ -581,6 +581,17 @@ def test_a_job_ended_in_its_setup_reads_so_also_from_a_moved_folder(tmp_path, mo
     assert [r["state"] for r in status.run_rows(away)] == ["CANCELLED (never started)"] * 2
 
 
+def test_a_stop_in_start_up_before_the_config_was_read_shows_the_jobs_epochs(tmp_path, monkeypatch, capsys):
+    """Its status.json names no trainer.epochs: the table read 0/? where the job's record has them (found by a
+    Slurm journey audit)."""
+    ended_job(tmp_path, monkeypatch, "CANCELLED")
+    run = write_run(tmp_path / "run", None, job="9", submitted=1.0, epochs=16)
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "updated": 2.0, "slurm_job_id": "9",
+                                                  "error": "stopped by SIGTERM during start-up, before training"}))
+    row = status.run_rows(run)[0]
+    assert (row["epoch"], row["epochs"], row["failed"]) == (0, 16, False), row
+
+
 @pytest.mark.parametrize("job_state", ["COMPLETED", "FAILED", "REQUEUED"])  # REQUEUED: cancelled while it waited
 def test_a_run_resumed_by_hand_after_its_job_ended_reads_as_the_hand_runs_own(tmp_path, monkeypatch, job_state):
     """A `train` by hand resumed a run whose submitted job had ended (COMPLETED, or FAILED: a stop's exit 3): its
