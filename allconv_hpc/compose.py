@@ -547,6 +547,19 @@ def recorded(run_dir: Path, group: str, key: str):
         return None
 
 
+def check_growth(run_dir: Path, epochs: int, overrides: list[str], folder_key: str = "hydra.run.dir") -> None:
+    """A run in run_dir (one with a checkpoint) grows only where trainer.epochs is given: a command that left it out
+    took the config's (the default's 350, an experiment's) and grew a 3-epoch run to 350 unsaid, its last
+    checkpoints rotated away as it trained on (found by a laptop journey audit)."""
+    before = recorded(run_dir, "trainer", "epochs")
+    if not isinstance(before, int) or epochs <= before or "trainer.epochs" in map(override_key, overrides):
+        return
+    raise ConfigError(f"run folder {run_dir} holds a run of trainer.epochs={before}, and this command gives no "
+                      f"trainer.epochs: it would grow that run to the config's {epochs} epochs (its checkpoints "
+                      f"rotating on); add trainer.epochs={before} to resume it as it was, or trainer.epochs={epochs} "
+                      f"to grow it (or another {folder_key})")
+
+
 def recorded_data_root(run_dir: Path) -> Optional[str]:
     """The absolute data.root a run in run_dir last started with, or None."""
     root = recorded(run_dir, "data", "root")

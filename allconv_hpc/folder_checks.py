@@ -93,6 +93,9 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         raise ConfigError(str(e)) from None  # ...: the job could only fail on it
     if ts is None:
         return None
+    if overrides is not None:
+        from .compose import check_growth
+        check_growth(run_dir, cfg.trainer.epochs, overrides, "hydra.sweep.dir" if sweep else "hydra.run.dir")
     if is_completed(read_json(run_dir / "status.json"), ts.get("epoch"), cfg.trainer.epochs) \
             and not ts.get("step_in_epoch"):
         return "completed"  # a job would start only to find nothing to do

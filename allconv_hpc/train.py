@@ -95,8 +95,8 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
         # its rendezvous for a peer that had stopped
         with sigint_deferred():
             unhold()  # a cluster=local rank's signals held since its start come now, into this Ctrl-C guard
-            from .compose import (check_run_dir, check_train_args, compose, pin_data_root, with_recorded_root,
-                                  write_hydra_files)
+            from .compose import (check_growth, check_run_dir, check_train_args, compose, pin_data_root,
+                                  with_recorded_root, write_hydra_files)
             from .runlock import LockLost, acquire, check_free
             from .jobs import START_UP_STOP, is_completed, is_diverged, other_jobs_state, stop_command
             from .wandb_mode import check_environment, check_names, preflight_mode
@@ -116,7 +116,8 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
                               f"it (allconv-hpc status {shlex.quote(str(where))}), stop it ({stop_command(rec)}), or "
                               f"give another hydra.run.dir")
         try:  # a resume the trainer would refuse, said before the data load and the model build
-            check_resume(composed.run_dir, composed.cfg)
+            if check_resume(composed.run_dir, composed.cfg) is not None:
+                check_growth(composed.run_dir, composed.cfg.trainer.epochs, overrides)
         except CheckpointError:  # left to the trainer, which records it in status.json and train.log for `status`
             pass  # (submit refuses such a folder before queueing; a job finds it here)
         try:

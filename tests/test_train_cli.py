@@ -518,3 +518,28 @@ def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, args):
     finally:
         os.close(w)
     assert p.returncode == 141 and p.stderr == "", p.stderr
+
+
+def test_a_run_grows_only_where_trainer_epochs_is_given(tmp_path):
+    """A command that left trainer.epochs out took the default 350 and grew a finished 1-epoch run to it, unsaid,
+    its last checkpoints rotated away (found by a laptop journey audit): refused before any work, naming both
+    ways on; given, it grows. `submit` refuses it alike, before the queue."""
+    run = tmp_path / "run"
+    short = [o for o in TINY if not o.startswith("trainer.epochs=")] + ["wandb.mode=disabled"]
+    train = lambda *extra: subprocess.run(  # noqa: E731
+        [PY, "-m", "allconv_hpc", "train", *short, *extra, f"hydra.run.dir={run}"], env=clean_env(tmp_path),
+        capture_output=True, text=True, timeout=300)
+    assert train("trainer.epochs=1").returncode == 0
+    files = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    r = train()
+    assert r.returncode == 2 and (f"run folder {run} holds a run of trainer.epochs=1, and this command gives no "
+                                  f"trainer.epochs: it would grow that run to the config's 350 epochs") in r.stderr, \
+        r.stderr[-2000:]
+    assert "add trainer.epochs=1 to resume it as it was, or trainer.epochs=350 to grow it" in r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == files
+    from allconv_hpc import launcher
+    from allconv_hpc.config import ConfigError
+    with pytest.raises(ConfigError, match="holds a run of trainer.epochs=1, and this command gives no"):
+        launcher.plan(["cluster=local", *short, f"hydra.run.dir={run}"], multirun=False)
+    assert train("trainer.epochs=2").returncode == 0
+    assert [row["epoch"] for row in read_history(run / "history.csv")] == [1, 2]
