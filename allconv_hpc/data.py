@@ -308,20 +308,25 @@ def _download(cfg: DataConfig) -> None:
         raise DataError(f"data.download=true needs torchvision, whose import failed ({type(e).__name__}: {msg}); "
                         f"install the torchvision release that matches torch {torch.__version__}, or copy the "
                         f"official python version of {title} into {root} and set data.download=false") from None
-    tmp, before = None, socket.getdefaulttimeout()
+    from torchvision.datasets.utils import check_integrity
+    tmp, before, bad_copy = None, socket.getdefaulttimeout(), False
     try:
         try:
             cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
             root.mkdir(parents=True, exist_ok=True)
             _remove_stale_downloads(root)
             tmp = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=root))
-            if (root / cls.filename).is_file():  # one there already (copied by hand): torchvision checks its md5
-                shutil.copy2(root / cls.filename, tmp / cls.filename)  # and unpacks it offline; a bad one is fetched
+            copied = root / cls.filename
+            if copied.is_file():  # one there already (copied by hand): torchvision checks its md5 and unpacks it
+                bad_copy = not check_integrity(str(copied), cls.tgz_md5)  # offline; a bad one is fetched anew
+                shutil.copy2(copied, tmp / cls.filename)
             socket.setdefaulttimeout(DOWNLOAD_STALL_S)
             cls(str(tmp), train=True, download=True)  # fetches and unpacks the whole archive
         except Exception as e:  # URLError, timeouts, md5 mismatch
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"downloading {title} into {root} failed ({type(e).__name__}: {msg}); this machine"
+            also = (f"; the {cls.filename} already there is not the official release (its md5 differs: cut short, or "
+                    f"another file), so it was fetched anew: copy the official one there again") if bad_copy else ""
+            raise DataError(f"downloading {title} into {root} failed ({type(e).__name__}: {msg}){also}; this machine"
                             f" may have no network: copy the official python version there instead and set"
                             f" data.download=false") from None
         try:

@@ -657,7 +657,7 @@ class _Archive:
         self.server.server_close()
 
 
-@pytest.mark.parametrize("how", ["whole", "corrupt", "stalled", "archive_here", "elsewhere"])
+@pytest.mark.parametrize("how", ["whole", "corrupt", "stalled", "archive_here", "elsewhere", "bad_archive_here"])
 def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch, how):
     """torchvision wrote the archive into the root and unpacked it there: a sweep's tasks sharing a node's root read
     a batch being written, and a corrupt archive stayed, later said to be one downloaded by hand and not unpacked.
@@ -666,7 +666,7 @@ def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch, how):
     import time
     monkeypatch.setattr(data, "DOWNLOAD_STALL_S", 1.0, raising=False)
     archive = _Archive(tmp_path, monkeypatch, stall_after=1000 if how == "stalled" else None,
-                       corrupt=how in ("corrupt", "archive_here"))
+                       corrupt=how in ("corrupt", "archive_here", "bad_archive_here"))
     root = tmp_path / "data"
     try:
         began = time.monotonic()
@@ -699,9 +699,17 @@ def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch, how):
             assert len(ds.train) == 23 and len(ds.test) == 7
             assert sorted(p.name for p in root.iterdir()) == [new.name, "cifar-10-batches-py", "cifar-10-python.tar.gz"]
             return
+        if how == "bad_archive_here":  # a copy cut short, and no good one to fetch: said, not only "no network"
+            root.mkdir()
+            (root / "cifar-10-python.tar.gz").write_bytes((tmp_path / "a.tar.gz").read_bytes()[:100])
         with pytest.raises(data.DataError, match="downloading CIFAR-10 into .* failed") as e:
             data.load(_cfg(root, download=True), seed=0)
         assert ("timed out" in str(e.value)) == (how == "stalled"), e.value
+        assert ("the cifar-10-python.tar.gz already there is not the official release (its md5 differs: cut short, "
+                "or another file)" in str(e.value)) == (how == "bad_archive_here"), e.value
+        if how == "bad_archive_here":
+            assert sorted(p.name for p in root.iterdir()) == ["cifar-10-python.tar.gz"]  # the user's, kept
+            return
         assert time.monotonic() - began < 30
         assert list(root.iterdir()) == []  # nothing half-written, no archive
     finally:
