@@ -144,6 +144,10 @@ def _checkpoint_path(run: Path, which: str) -> Path:
     if run.is_file() and run.parent.name == "checkpoints":  # a checkpoint given as the run: the command that scores it
         raise ConfigError(f"{run} is a checkpoint, not a run folder; give its run and the file: allconv-hpc evaluate "
                           f"{shlex.quote(str(run.parent.parent))} --checkpoint {shlex.quote(run.name)}")
+    if run.is_file():  # a checkpoint kept apart: scored with the config it carries, from any folder
+        raise ConfigError(f"{run} is a file, not a run folder (the one holding checkpoints/); a checkpoint outside a "
+                          f"run is scored with the config it carries: allconv-hpc evaluate "
+                          f"{shlex.quote(str(run.parent))} --checkpoint {shlex.quote(str(run))}")
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; give a run folder (the one holding checkpoints/)")
     if (run / "checkpoints").exists() and not (run / "checkpoints").is_dir():

@@ -88,6 +88,17 @@ def test_cli_prints_json_and_exit_codes(two_rank_run, tmp_path):
     shutil.copy(bad / "checkpoints" / "best.pt", outside)
     r = cli(bad, "--checkpoint", str(outside))
     assert r.returncode == 1 and "checksum mismatch" in r.stderr and "may be whole" not in r.stderr, r.stderr
+    # a whole checkpoint kept apart, given as the run: the command that scores it is named, and it does (it was
+    # "is not a folder; give a run folder", a dead end: found by a laptop journey audit)
+    kept = tmp_path / "kept" / "final.pt"
+    kept.parent.mkdir()
+    shutil.copy(two_rank_run / "checkpoints" / "last.pt", kept)
+    r = cli(kept)
+    command = f"allconv-hpc evaluate {kept.parent} --checkpoint {kept}"
+    assert r.returncode == 2 and r.stderr.rstrip().endswith(command), r.stderr
+    r = cli(*command.split()[2:], "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["accuracy"] == evaluate(two_rank_run, "last")["accuracy"], \
+        r.stderr
 
 
 def _cli(tmp_path, *args, **env):
