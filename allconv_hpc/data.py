@@ -317,9 +317,10 @@ def _download(cfg: DataConfig) -> None:
             _remove_stale_downloads(root)
             tmp = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=root))
             copied = root / cls.filename
-            if copied.is_file():  # one there already (copied by hand): torchvision checks its md5 and unpacks it
-                bad_copy = not check_integrity(str(copied), cls.tgz_md5)  # offline; a bad one is fetched anew
-                shutil.copy2(copied, tmp / cls.filename)
+            if copied.is_file():  # one there already (copied by hand): unpacked offline; a bad one is fetched anew
+                bad_copy = not check_integrity(str(copied), cls.tgz_md5)
+                if not bad_copy:  # torchvision checks the copy's md5 again, and fetches where it is missing
+                    shutil.copy2(copied, tmp / cls.filename)
             socket.setdefaulttimeout(DOWNLOAD_STALL_S)
             cls(str(tmp), train=True, download=True)  # fetches and unpacks the whole archive
         except Exception as e:  # URLError, timeouts, md5 mismatch

@@ -186,13 +186,11 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
             hosts = expand_hostlist(nodelist)
         except ValueError as err:
             raise DistributedError(f"{err}; set MASTER_ADDR and MASTER_PORT and start with torchrun") from None
+        job, restart, step = e.get("SLURM_JOB_ID", "0"), _number(e, "SLURM_RESTART_COUNT"), _number(e, "SLURM_STEP_ID")
         return _checked(DistEnv(rank=_number(e, "SLURM_PROCID"), world_size=_number(e, "SLURM_STEP_NUM_TASKS", 1),
                                 local_rank=_number(e, "SLURM_LOCALID"), local_world_size=_tasks_on_this_node(e, hosts),
-                                master_addr=hosts[0],
-                                master_port=slurm_port(e.get("SLURM_JOB_ID", "0"), _number(e, "SLURM_RESTART_COUNT"),
-                                                       _number(e, "SLURM_STEP_ID")),
-                                source="slurm", world_key=f"slurm/{e.get('SLURM_JOB_ID', '0')}/"
-                                f"{_number(e, 'SLURM_RESTART_COUNT')}/{_number(e, 'SLURM_STEP_ID')}"),
+                                master_addr=hosts[0], master_port=slurm_port(job, restart, step), source="slurm",
+                                world_key=f"slurm/{job}/{restart}/{step}"),
                         "SLURM_PROCID, SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
     half = [k for k in ("RANK", "WORLD_SIZE") if k in e]
     if half:  # half of torchrun's pair: each process would run alone, all of them on the one run folder
