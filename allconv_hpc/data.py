@@ -271,11 +271,47 @@ DOWNLOAD_PREFIX = ".allconv-download-"  # a download's own folder in the root, m
 STALE_DOWNLOAD_S = 24 * 3600  # such a folder this old is a killed download's (one takes minutes)
 
 
+def _download_prefix() -> str:
+    return f"{DOWNLOAD_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _killed_here(name: str) -> bool:
+    """A download folder of this host whose process is gone (killed: SIGKILL, an OOM): ~350 MB freed now, not a day
+    later. Another host's, or one whose pid is alive (perhaps reused), waits for its age."""
+    host, _, rest = name[len(DOWNLOAD_PREFIX):].rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not rest.isdigit():
+        return False
+    try:
+        os.kill(int(rest), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
+
+
+def _idle_s(d: Path) -> float:
+    """Seconds since anything in `d` was written (a live download writes at least every DOWNLOAD_STALL_S)."""
+    return time.time() - max(p.lstat().st_mtime for p in (d, *d.rglob("*")))
+
+
 def _remove_stale_downloads(root: Path) -> None:
     for d in root.glob(DOWNLOAD_PREFIX + "*"):
         with contextlib.suppress(OSError):
-            if time.time() - d.stat().st_mtime > STALE_DOWNLOAD_S:
+            # idle too, lest a pid in another PID namespace (a container on this host) read as gone
+            if (_killed_here(d.name) and _idle_s(d) > 2 * DOWNLOAD_STALL_S
+                    or time.time() - d.stat().st_mtime > STALE_DOWNLOAD_S):
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def _made_folders(root: Path) -> list[Path]:
+    """`root` and those of its parents that do not exist yet, deepest first: what a failed download takes away."""
+    made = []
+    for p in (root, *root.parents):
+        if p.exists() or p.is_symlink():
+            break
+        made.append(p)
+    return made
 
 
 def _move_in(src: Path, dst: Path) -> None:
@@ -309,13 +345,14 @@ def _download(cfg: DataConfig) -> None:
                         f"install the torchvision release that matches torch {torch.__version__}, or copy the "
                         f"official python version of {title} into {root} and set data.download=false") from None
     from torchvision.datasets.utils import check_integrity
-    tmp, before, bad_copy = None, socket.getdefaulttimeout(), False
+    tmp, before, bad_copy, made, whole = None, socket.getdefaulttimeout(), False, [], False
     try:
         try:
             cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+            made = _made_folders(root)
             root.mkdir(parents=True, exist_ok=True)
             _remove_stale_downloads(root)
-            tmp = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=root))
+            tmp = Path(tempfile.mkdtemp(prefix=_download_prefix(), dir=root))
             copied = root / cls.filename
             if copied.is_file():  # one there already (copied by hand): unpacked offline; a bad one is fetched anew
                 bad_copy = not check_integrity(str(copied), cls.tgz_md5)
@@ -342,10 +379,14 @@ def _download(cfg: DataConfig) -> None:
             raise DataError(f"{title} was downloaded, but moving it into {root} failed ({type(e).__name__}: {e}); "
                             f"check free space and permissions there, or copy the official python version there "
                             f"and set data.download=false") from None
+        whole = True
     finally:
         socket.setdefaulttimeout(before)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        for p in made if not whole else ():  # a mistyped data.root leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def _subset(split: Split, size: int | None, seed: int, key: str) -> Split:

@@ -4,6 +4,9 @@ import os
 import pickle
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -687,17 +690,26 @@ def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch, how):
             if how == "archive_here":  # the release copied in by hand, unpacked offline (the server's is bad)
                 root.mkdir()
                 shutil.copy(tmp_path / "a.tar.gz", root / "cifar-10-python.tar.gz")
-            old, new = root / f"{data.DOWNLOAD_PREFIX}old", root / f"{data.DOWNLOAD_PREFIX}new"
-            for d in (old, new):  # a download killed a day ago (SIGKILL, a node lost), and one under way
+            gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+            host = socket.gethostname()
+            old, new = root / f"{data.DOWNLOAD_PREFIX}old", root / f"{data.DOWNLOAD_PREFIX}{host}-{os.getppid()}-new"
+            killed = root / f"{data.DOWNLOAD_PREFIX}{host}-{gone}-x1"  # SIGKILLed 3 min ago on this host
+            away = root / f"{data.DOWNLOAD_PREFIX}elsewhere-{gone}-x2"  # another host's, under way there
+            boxed = root / f"{data.DOWNLOAD_PREFIX}{host}-{gone}-x3"  # written to now: a container's own pids
+            for d in (old, new, killed, away, boxed):  # old: killed a day ago (a node lost); new: under way
                 (d / "cifar-10-batches-py").mkdir(parents=True)
             (new / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"")  # being written
             os.utime(old, (time.time() - 2 * data.STALE_DOWNLOAD_S,) * 2)
+            for f in (killed, killed / "cifar-10-batches-py", away, away / "cifar-10-batches-py"):  # idle 3 min
+                os.utime(f, (time.time() - 180,) * 2)
             with pytest.raises(data.DataError, match=r"CIFAR-10 not found") as e:  # no download's folder as the root
                 data.load(_cfg(root), seed=0)
             assert "looks one level too high" not in str(e.value), e.value
             ds = data.load(_cfg(root, download=True), seed=0)
             assert len(ds.train) == 23 and len(ds.test) == 7
-            assert sorted(p.name for p in root.iterdir()) == [new.name, "cifar-10-batches-py", "cifar-10-python.tar.gz"]
+            kept = [new.name, away.name, boxed.name, "cifar-10-batches-py", "cifar-10-python.tar.gz"]
+            assert sorted(p.name for p in root.iterdir()) == sorted(kept)
             return
         if how == "bad_archive_here":  # a copy cut short, and no good one to fetch: said, not only "no network"
             root.mkdir()
@@ -711,6 +723,7 @@ def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch, how):
             assert sorted(p.name for p in root.iterdir()) == ["cifar-10-python.tar.gz"]  # the user's, kept
             return
         assert time.monotonic() - began < 30
-        assert list(root.iterdir()) == []  # nothing half-written, no archive
+        assert not root.exists()  # nothing half-written, no archive, and no folder made for it (a mistyped
+        # data.root was left as an empty folder)
     finally:
         archive.close()
