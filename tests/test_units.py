@@ -1477,3 +1477,21 @@ def test_in_ci_a_skipped_test_or_file_fails_the_run(tmp_path):
         named = "skipped in CI" in r.stdout and "test_skips.py::test_a: Skipped: no such part" in r.stdout and \
             "test_whole.py: Skipped: none here" in r.stdout
         assert named == bool(rc), (ci, r.stdout[-2000:])
+
+
+def test_the_readme_contents_list_every_section_and_each_link_lands():
+    """README.md's contents list is its ## and ### headings in order, each linked by GitHub's anchor for it (lower
+    case, punctuation dropped, spaces as hyphens): a section added or renamed without the list fails here, and so
+    does any link to a heading that is not there."""
+    import re
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    heads, fenced = [], False
+    for line in text.splitlines():
+        fenced ^= line.startswith("```")
+        if not fenced and (m := re.match(r"(#{2,3}) (.+)", line)):
+            heads.append((len(m[1]), m[2], re.sub(r"[^\w\- ]", "", m[2].lower()).replace(" ", "-")))
+    contents = text.split("**Contents.**\n", 1)[1].split("\n\n", 1)[0]
+    assert contents == "\n".join("  " * (depth - 2) + f"- [{title}](#{anchor})" for depth, title, anchor in heads)
+    anchors = {a for _, _, a in heads}
+    assert len(anchors) == len(heads), "two headings share an anchor"
+    assert not [a for a in re.findall(r"\]\(#([^)]+)\)", text) if a not in anchors]
