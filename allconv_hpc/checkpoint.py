@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -280,19 +281,25 @@ class CheckpointDir:
         return dest
 
 
+class _NotRun(Exception):
+    """A write queued after one that failed: not run."""
+
+
 class Writer:
     """Runs checkpoint writes one after another in a background thread (rank 0 only).
 
-    A failed write is raised by the next `submit` or `wait` (the older files stay as they were).
-    `wait()` makes everything submitted durable: call it before a requeue, an exit or a status of
-    "completed". At most `depth` writes are pending (5: a periodic save and its status.json, the
-    epoch's step file, its best.pt and status.json never wait); more waits, bounding the memory of
-    snapshots."""
+    A failed write is raised by the next `submit` or `wait` (the older files stay as they were), and no write
+    queued after it runs: the files on disk stay those of one moment of the run (a later epoch's history row
+    after a failed one's left a gap in history.csv). `wait()` makes everything submitted durable: call it before
+    a requeue, an exit or a status of "completed". At most `depth` writes are pending (5: a periodic save and its
+    status.json, the epoch's step file, its best.pt and status.json never wait); more waits, bounding the memory
+    of snapshots."""
 
     def __init__(self, depth: int = 5):
         self.depth = depth
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: list[tuple[str, Future]] = []
+        self._halted = threading.Event()  # set by the writer's thread at a failure: later writes do not run
         self.failed = False  # a write failed (raised): what landed before it is the run's newest on disk
 
     def failing(self) -> bool:
@@ -303,7 +310,16 @@ class Writer:
         self._reap(block_until=self.depth - 1)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="allconv-ckpt")
-        self._pending.append((what, self._pool.submit(fn, *args)))
+        self._pending.append((what, self._pool.submit(self._run, fn, *args)))
+
+    def _run(self, fn: Callable, *args) -> None:  # in the writer's thread
+        if self._halted.is_set():
+            raise _NotRun()
+        try:
+            fn(*args)
+        except BaseException:
+            self._halted.set()
+            raise
 
     def wait(self) -> None:
         self._reap(block_until=0)
@@ -325,13 +341,16 @@ class Writer:
             self._pending.pop(0)
             if error is None:
                 continue
-            for other, rest in self._pending:  # other files: let them land, then report the first failure
-                if (also := rest.exception()) is not None:
-                    log.error("writing %s failed too: %s", other, also)
+            if isinstance(error, _NotRun):  # queued after the failure already raised
+                log.warning("%s not written: a write before it failed", what)
+                continue
+            skipped = [other for other, rest in self._pending if isinstance(rest.exception(), _NotRun)]
             self._pending.clear()
             self.failed = True
+            after = f", and the writes queued after it were not made ({', '.join(skipped)})" if skipped else ""
             raise CheckpointError(f"writing {what} failed: {type(error).__name__}: {error}; any checkpoint already "
-                                  f"on disk is kept (check free space and permissions of the run folder)") from error
+                                  f"on disk is kept{after} (check free space and permissions of the run "
+                                  f"folder)") from error
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -107,6 +107,7 @@ class Trainer:
         # status.json: written here, or by the checkpoint writer once a save it describes is on disk; a later
         # write here (a stop, a failure) makes the writer's pending one stale (_status_seq), so it is dropped
         self._status_lock, self._status_seq = threading.Lock(), 0
+        self._landed_step: Optional[int] = None  # the step of this process's last checkpoint write that landed
         t = cfg.trainer
         check_launch(cfg, env)
         self.device = pick_device(t.device, env)
@@ -486,10 +487,17 @@ class Trainer:
         self.ckpt.save(state, step)
         self._landed_position = self._position_doc(state["train_state"])  # a later write's failure reports this
         if history_row is not None:  # not before: see _end_epoch
-            self.tracker.append_history(history_row, state["train_state"]["history"])
+            try:
+                self.tracker.append_history(history_row, state["train_state"]["history"])
+            except OSError as e:  # the writer's error says "writing checkpoint step N failed": which part
+                raise OSError(e.errno, f"step {step}'s checkpoint landed, but adding its row to history.csv failed "
+                                       f"({e.strerror or e}); the next start writes the row from it") from e
+        self._landed_step = step
 
     def _write_best(self, best: dict, step: int) -> None:  # in the writer's thread, after step's checkpoint
-        if self.ckpt.step_path(step).exists():  # else that write failed (the writer reports it): see _end_epoch
+        # this process's write of that step, not a file of that step (a stop in evaluation saved one): else that
+        # write failed (the writer reports it), and best.pt would hold an epoch no checkpoint has: see _end_epoch
+        if self._landed_step == step:
             self.ckpt.save_best(best)
 
     def wait_checkpoints(self) -> None:
@@ -550,7 +558,7 @@ class Trainer:
 
     def _put_status(self, doc: dict, seq: int, step: int) -> None:  # in the writer's thread
         with self._status_lock:
-            if seq == self._status_seq and self.ckpt.step_path(step).exists():  # else stale, or the save failed
+            if seq == self._status_seq and self._landed_step == step:  # else stale, or the save failed
                 self._write_status_file(doc)
 
     @staticmethod

@@ -6,12 +6,15 @@ FAIL_AT=epoch_end_save: rank N kills itself (SIGKILL, as the OOM killer would) a
 at the end of the epoch whose last step is global step K, so its peers lose it inside the save's collectives.
 FAIL_AT=checkpoint_write: the process is killed (SIGKILL) from its checkpoint writer, a second into writing the
 checkpoint of global step K, before the file lands (a node lost while a slow file system writes).
+FAIL_AT=write_error: the checkpoint writer's write of global step K fails (ENOSPC, a full disk) a second in, once
+the saves submitted after it (best.pt, status.json) wait behind it.
 FAIL_AT=slow_close: no failure; the process group's teardown at the end says "closing the process group" on stdout
 and takes a second (to signal a process that has said its exit).
 FAIL_AT=folder FAIL_PATH=P FAIL_WHEN=setup|save: rank N makes P, a file the run writes later, a folder (as another
 process might) once its trainer is set up, or as it enters its first checkpoint save: after start-up's checks, which
 refuse such a folder, so that the run's own write there fails.
 """
+import errno
 import os
 import signal
 import sys
@@ -52,6 +55,13 @@ def _killed_in_write(self, state, step):
     return _ckpt_save(self, state, step)
 
 
+def _failed_write(self, state, step):
+    if step == STEP:
+        time.sleep(1.0)
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.step_path(step)))
+    return _ckpt_save(self, state, step)
+
+
 def _folder_in_place() -> None:
     path = os.environ["FAIL_PATH"]
     if os.path.isfile(path):
@@ -84,6 +94,8 @@ elif os.environ.get("FAIL_AT") == "epoch_end_save":
     trainer.Trainer.save = _killed_in_save
 elif os.environ.get("FAIL_AT") == "checkpoint_write":
     checkpoint.CheckpointDir.save = _killed_in_write
+elif os.environ.get("FAIL_AT") == "write_error":
+    checkpoint.CheckpointDir.save = _failed_write
 elif os.environ.get("FAIL_AT") == "slow_close":
     trainer.Dist.close = _slow_close
 else:

@@ -165,6 +165,50 @@ def test_signal_during_evaluation(tmp_path):
     assert steps == list(range(1, 17)), steps  # the redone eval is logged once, at step 11
 
 
+def test_a_failed_history_row_says_the_checkpoint_landed(tmp_path):
+    """history.csv unwritable after the epoch's checkpoint landed: the error said "writing checkpoint step 5 failed"
+    (found by a checkpoint review); it says which part failed, and the next start writes the row from the
+    checkpoint."""
+    run = tmp_path / "run"
+    r = subprocess.run([PY, str(FAULT), *EXACT, "wandb.mode=disabled", f"hydra.run.dir={run}"], capture_output=True,
+                       text=True, timeout=300, env=clean_env(tmp_path, **folder_at(run / "history.csv", "save")))
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"writing checkpoint step 5 failed: IsADirectoryError: \[Errno 21\] step 5's checkpoint landed, "
+                     r"but adding its row to history.csv failed \(Is a directory\); the next start writes the row from "
+                     r"it", (run / "train.log").read_text()), (run / "train.log").read_text()[-2000:]
+    (run / "history.csv").rmdir()
+    run_train(tmp_path, run, EXACT + ["wandb.mode=disabled"])
+    assert [r["epoch"] for r in history(run)] == [1, 2, 3]
+
+
+def test_a_failed_epoch_end_write_after_a_stop_in_evaluation_leaves_best_pt_alone(tmp_path):
+    """A stop inside epoch 2's evaluation saved its step 10 mid-epoch; the resumed start's epoch-end write of step 10
+    failed, yet best.pt took epoch 2, which no checkpoint, history row or status.json held, over the real best (the
+    step 10 file already on disk read as that write's: found by a checkpoint review). best.pt, like the history row
+    and status.json, now lands only with this start's own write of its step. And the writes queued behind the
+    failed one are not made: epoch 3's landed after it, leaving history.csv without epoch 2 (the next start
+    called it edited by hand)."""
+    ov = EXACT + ["trainer.eval_batch_size=2", "wandb.mode=disabled", "seed=1"]  # seed 1: epoch 2 scores best
+    run = stop_inside_eval(tmp_path, ov, "(global 10)", step=10)
+    before = load_file(run / "checkpoints" / "best.pt")
+    assert before["epoch"] == 1
+    r = subprocess.run([PY, str(FAULT), *ov, f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=300,
+                       env=clean_env(tmp_path, FAIL_AT="write_error", FAIL_RANK=0, FAIL_STEP=10))
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    assert re.search(r"writing checkpoint step 10 failed: OSError: \[Errno 28\] .* any checkpoint already on disk is "
+                     r"kept, and the writes queued after it were not made \(best.pt", log), log[-3000:]
+    after = load_file(run / "checkpoints" / "best.pt")
+    assert after["epoch"] == 1 and after["val_acc"] == before["val_acc"], (after["epoch"], after["val_acc"])
+    assert_same_weights(after["model"], before["model"], exact=True)
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["epoch"], status["global_step"]) == ("failed", 1, 10), status
+    assert [r["epoch"] for r in history(run)] == [1]
+    assert [p.name for p in CheckpointDir(run / "checkpoints", keep=3).step_files()][0] == "step_00000010.pt"
+    run_train(tmp_path, run, ov)  # the disk fine again: it resumes and completes, history.csv as it was
+    assert [r["epoch"] for r in history(run)] == [1, 2, 3] and "edited by hand" not in (run / "train.log").read_text()
+
+
 def test_held_out_split_and_a_stop_inside_the_final_test_eval(tmp_path):
     # data.val_size: each epoch scores 64 held-out images; the 400 test images are scored once, after
     # the last epoch. A signal sent when epoch 3's line is logged lands in that test eval (200 batches

@@ -565,7 +565,9 @@ def test_streamed_file_is_torch_save_plus_trailer_and_a_failed_stream_leaves_the
     assert path.read_bytes() == before and list(tmp_path.glob(".*.tmp")) == []
 
 
-def test_writer_reports_a_failed_write_and_still_lands_the_others(tmp_path):
+def test_writer_reports_a_failed_write_and_makes_none_after_it(tmp_path):
+    """The writes queued after a failed one are not made: the files on disk stay one moment of the run (a later
+    epoch's history row landed after a failed one's: a gap in history.csv; found by a checkpoint review)."""
     from allconv_hpc.checkpoint import CheckpointDir, CheckpointError, Writer
     d = CheckpointDir(tmp_path, keep=5)
     (tmp_path / "step_00000002.pt").mkdir()  # the rename onto it fails, as a full or broken disk would
@@ -577,13 +579,16 @@ def test_writer_reports_a_failed_write_and_still_lands_the_others(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert not w.failed
-    with pytest.raises(CheckpointError, match="writing checkpoint step 2 failed: IsADirectoryError.*any "
-                                              "checkpoint already on disk is kept"):
+    with pytest.raises(CheckpointError, match=r"writing checkpoint step 2 failed: IsADirectoryError.*any "
+                                              r"checkpoint already on disk is kept, and the writes queued after it "
+                                              r"were not made \(checkpoint step 3\)"):
         w.wait()
     assert w.failed and not w.failing()
-    assert (tmp_path / "step_00000001.pt").is_file() and (tmp_path / "step_00000003.pt").is_file()
-    w.wait()  # reported once
+    assert (tmp_path / "step_00000001.pt").is_file() and not (tmp_path / "step_00000003.pt").exists()
+    w.submit("checkpoint step 4", d.save, {"step": torch.tensor(4)}, 4)  # nothing more, and said once
+    w.wait()
     w.close()
+    assert not (tmp_path / "step_00000004.pt").exists()
 
 
 def test_a_ctrl_c_inside_wait_does_not_lose_a_failed_write():
