@@ -126,13 +126,16 @@ def rank_preexec(parent: int, prctl: Optional[Callable]) -> Callable[[], None]:
 
 class Controller(local.Controller):
     """submitit's controller, passing the signals a user sends the job id on to the ranks (it waits for them as
-    ever: requeue on submitit's requeue code, else the end). SIGHUP stays ignored under nohup, in the ranks too."""
+    ever: requeue on submitit's requeue code, else the end). SIGHUP stays ignored under nohup, in the ranks too.
+    Any other signal is passed on even where the controller was started ignoring it (a script's `submit &` ignores
+    SIGINT): in a session of its own, no terminal's Ctrl-C reaches it, so one that comes is a `kill -INT` of the
+    job id, which README promises stops the job as `scancel --signal=INT` would (it trained on)."""
 
     def __init__(self, folder: Path):
         super().__init__(folder)
         self.pid = str(os.getpid())  # the job id (under cluster.setup, the shell's pid too: it execs this process)
         for s in FORWARDED:
-            if signal.getsignal(s) != signal.SIG_IGN:
+            if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN:
                 signal.signal(s, self._forward_signal)
 
     def start_tasks(self) -> None:  # submitit's, with rank_preexec; the ranks start holding HELD_AT_START

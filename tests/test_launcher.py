@@ -2186,9 +2186,14 @@ def test_a_local_job_at_its_time_limit_says_to_submit_again(tmp_path):
     assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
 
 
-def _start_local_job(tmp_path: Path, run: Path, ntasks: int) -> tuple[int, list[int]]:
+def _start_local_job(tmp_path: Path, run: Path, ntasks: int, ignore_int: bool = False) -> tuple[int, list[int]]:
     """A cluster=local job that trains until stopped, in a session of its own (no terminal whose Ctrl-C would reach
-    its ranks too) with SIGHUP as in a terminal; (its controller's pid, the job id; its ranks' pids) once it trains."""
+    its ranks too) with SIGHUP as in a terminal; (its controller's pid, the job id; its ranks' pids) once it trains.
+    `ignore_int`: submit started with SIGINT ignored, as a script's `submit &` is."""
+    def preexec():
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        if ignore_int:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     from proc import PY, clean_env, wait_for_line
     path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
     r = subprocess.run([PY, "-m", "allconv_hpc", "submit", "cluster=local", f"cluster.tasks_per_node={ntasks}",
@@ -2196,7 +2201,7 @@ def _start_local_job(tmp_path: Path, run: Path, ntasks: int) -> tuple[int, list[
                         "trainer.log_every_steps=1", f"hydra.run.dir={run}"],
                        env=clean_env(tmp_path, PATH=path), stdout=(tmp_path / "submit.out").open("w"),
                        stderr=subprocess.STDOUT, timeout=120, cwd=tmp_path, start_new_session=True,
-                       preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+                       preexec_fn=preexec)
     assert r.returncode == 0, (tmp_path / "submit.out").read_text()
     controller = int(json.loads((run / "submission.json").read_text())["job_id"])
     wait_for_line(run / "train.log", "epoch 2 step", timeout=120)
@@ -2225,13 +2230,16 @@ def _watch_until_ended(run: Path, pids: list[int], timeout: float = 60, controll
     return seen
 
 
-@pytest.mark.parametrize("sig,ntasks", [(signal.SIGUSR2, 2), (signal.SIGHUP, 1), (signal.SIGINT, 1)])
-def test_a_signal_sent_to_a_local_job_id_stops_its_ranks_under_their_controller(tmp_path, sig, ntasks):
+@pytest.mark.parametrize("sig,ntasks,ignore_int", [(signal.SIGUSR2, 2, False), (signal.SIGHUP, 1, False),
+                                                   (signal.SIGINT, 1, False), (signal.SIGINT, 1, True)])
+def test_a_signal_sent_to_a_local_job_id_stops_its_ranks_under_their_controller(tmp_path, sig, ntasks, ignore_int):
     """`kill -USR2 <job id>`, as `scancel --signal=USR2` on Slurm: the controller passes the signal on to every rank
     and stays, so they checkpoint and stop while it still supervises them (it used to die of it, leaving the ranks
-    training with no cluster.timeout_min), and `status` says RUNNING until they have stopped, then INTERRUPTED."""
+    training with no cluster.timeout_min), and `status` says RUNNING until they have stopped, then INTERRUPTED.
+    A `kill -INT` too where submit was started ignoring SIGINT (a script's `submit &`): the job trained on (found by
+    a laptop journey audit)."""
     run = tmp_path / "run"
-    controller, ranks = _start_local_job(tmp_path, run, ntasks)
+    controller, ranks = _start_local_job(tmp_path, run, ntasks, ignore_int)
     try:
         os.kill(controller, sig)
         seen = _watch_until_ended(run, ranks, controller=controller)
