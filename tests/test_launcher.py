@@ -933,6 +933,13 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     assert folder_checks._changes(["a=1", "b=2", "c=3"], ["a=1", "b=5", "d=4"]) == (  # read as the job's (audit)
         "b=5 given now, the job has b=2; c=3 in the job, left out now; d=4 given now, not in the job")
     assert folder_checks._changes(["b=2", "a=1", "b=3"], ["a=1", "b=3"]) == ""  # Hydra's last wins, in any order
+    # the sweep's folder named, as status's sweep command does: no change to apply (it said one; laptop audit)
+    named = busy_ov
+    busy_ov = [o for o in busy_ov if not o.startswith("hydra.sweep.dir=")]  # submitted with the folder's name unsaid
+    (busy / "submission.json").write_text(json.dumps({"job_id": "42", "backend": "slurm", "run_dir": str(busy),
+                                                      "overrides": busy_ov}))
+    assert named != busy_ov
+    assert folder_checks.check_run_folder(busy, compose(named).cfg, sweep=True, overrides=named) == "job 42 (RUNNING)"
     assert folder_checks.check_run_folder(busy, cfg, sweep=True, overrides=busy_ov[::-1]) == "job 42 (RUNNING)"
     other = busy_ov + ["optim.lr=0.1"]  # another config: refused now, as it would be once the job has ended
     with pytest.raises(ConfigError, match=r"holds a run of a different config \(optim.lr: 0.05 -> 0.1\); use another "
