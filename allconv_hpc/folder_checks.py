@@ -169,12 +169,16 @@ def warn_diverged(run_dir: Path, cfg, sweep: bool = False) -> None:
     st = read_json(run_dir / "status.json")
     if cfg.checkpoint.resume == "never" or not is_diverged(st):
         return
-    if CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep).exists():
-        what = "its job resumes the newest checkpoint kept and will likely diverge again"
+    ckpts = CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep)
+    if ckpts.exists():
+        newest = ckpts.step_files()
+        at = f" (step {int(newest[0].stem[5:])})" if newest else ""  # status.json's step is the checkpoint's
+        what = f"its job resumes the newest checkpoint kept{at} and will likely diverge again"
     else:  # it diverged before its first checkpoint: the job starts over with the same config
         what = "it diverged before its first checkpoint, and its job starts over with the same config"
     fix = ("leave its value out of the sweep (choice(...) of the others) and sweep a lower optim.lr as new points; "
            "checkpoint.resume=never, or a new hydra.sweep.dir, would train every point again" if sweep else
            "lower optim.lr in a new hydra.run.dir, or add checkpoint.resume=never to start it over (the old run is "
            "kept)")
-    warn(f"{run_dir} stopped on a non-finite loss at step {st.get('global_step', '?')}; {what}: {fix}")
+    said = str(st["error"]).split(";")[0]  # where it was found: "non-finite loss or weights found at global step 8
+    warn(f"{run_dir} stopped on a {said}; {what}: {fix}")  # (epoch 1)", "non-finite loss in epoch 7 (...)"

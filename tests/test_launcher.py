@@ -2514,13 +2514,15 @@ def test_a_comma_list_outside_a_sweep_says_how_to_quote_it(tmp_path):
 def test_submitting_a_run_that_diverged_warns_it_will_likely_diverge_again(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "status.json").write_text(json.dumps({"state": "failed", "global_step": 56, "error": "non-finite loss in "
-                                                 "epoch 7 (train loss 5.3e+12, val loss nan); ..."}))
+    (run / "status.json").write_text(json.dumps({"state": "failed", "global_step": 56, "error": "non-finite loss or "
+                                                 "weights found at global step 60 (epoch 8); ..."}))
     mine = compose(["cluster=local", *TINY]).cfg
     CheckpointDir(run / "checkpoints", keep=2).save({"identity": mine.identity(), "train_state": {"epoch": 0}}, step=56)
     launcher.plan(["cluster=local", *TINY, f"hydra.run.dir={run}"], multirun=False)
     err = capsys.readouterr().err
-    assert f"warning: {run} stopped on a non-finite loss at step 56; its job resumes" in err, err
+    # where it diverged, and the checkpoint it resumes: it said "at step 56", the checkpoint's (Slurm audit)
+    assert (f"warning: {run} stopped on a non-finite loss or weights found at global step 60 (epoch 8); its job "
+            f"resumes the newest checkpoint kept (step 56) and will likely") in err, err
     assert "lower optim.lr in a new hydra.run.dir, or add checkpoint.resume=never" in err, err
     launcher.plan(["cluster=local", *TINY, "checkpoint.resume=never", f"hydra.run.dir={run}"], multirun=False)
     assert "non-finite" not in capsys.readouterr().err  # starting over is the fix
@@ -2531,8 +2533,8 @@ def test_submitting_a_run_that_diverged_warns_it_will_likely_diverge_again(tmp_p
     launcher.plan(["cluster=local", "cluster.array_parallelism=2", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}"],
                   multirun=True)
     err = capsys.readouterr().err
-    assert (f"warning: {sweep / 'seed=0'} stopped on a non-finite loss at step 56; its job resumes the newest checkpoint "
-            f"kept and will likely diverge again: leave its value out of the sweep (choice(...) of the others) and "
+    assert (f"warning: {sweep / 'seed=0'} stopped on a non-finite loss or weights found at global step 60 (epoch 8); "
+            f"its job resumes the newest checkpoint kept (step 56) and will likely diverge again: leave its value out of the sweep (choice(...) of the others) and "
             f"sweep a lower optim.lr as new points; checkpoint.resume=never, or a new hydra.sweep.dir, would train "
             f"every point again") in err, err
 
