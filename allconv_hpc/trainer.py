@@ -893,8 +893,11 @@ class Trainer:
                 log.warning("Slurm did not requeue job %s (cluster.requeue=false submits with --no-requeue, and a "
                             "site may forbid requeues)", self.slurm.job_id)
         if self.env.is_main:
-            again = ("the same command resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else
-                     "checkpoint.resume=auto resumes it from this checkpoint (the same command, with "
+            sweep = self.run_dir.parent if (self.run_dir.parent / "sweep.json").is_file() else None  # submit -m's
+            same = (f"the sweep's submit command (`allconv-hpc status {sweep}` prints it)" if sweep else
+                    "the same command")
+            again = (f"{same} resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else
+                     f"checkpoint.resume=auto resumes it from this checkpoint ({same}, with "
                      "checkpoint.resume=never, starts it over)")
             if decision == "interrupted" and self.slurm.in_slurm and got == signal.SIGTERM:  # scancel, or Slurm's
                 again += " (or Slurm itself, if it preempted the job without a warning signal)"  # PreemptMode=REQUEUE

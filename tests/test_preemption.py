@@ -165,6 +165,19 @@ def test_signal_during_evaluation(tmp_path):
     assert steps == list(range(1, 17)), steps  # the redone eval is logged once, at step 11
 
 
+def test_a_stopped_sweep_points_log_names_the_sweeps_command(tmp_path):
+    """A sweep's point stopped by hand: its train.log said "the same command resumes it", which for a point is the
+    sweep's submit, not a train of the point (found by a laptop journey audit); it names status, which prints it."""
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text("{}")  # what submit -m writes there: the sweep's record
+    run = sweep / "seed_0"  # (a point's own name, seed=0, takes quotes in hydra.run.dir=)
+    p = interrupt_at(tmp_path, run, EXACT + ["wandb.mode=disabled"], "(global 2)", signal.SIGUSR2)
+    assert p.returncode == 3, p.output[-3000:]
+    assert (f"the run stops with its checkpoint; the sweep's submit command (`allconv-hpc status {sweep}` prints it) "
+            f"resumes it from this checkpoint") in (run / "train.log").read_text(), p.output[-3000:]
+
+
 def test_a_failed_history_row_says_the_checkpoint_landed(tmp_path):
     """history.csv unwritable after the epoch's checkpoint landed: the error said "writing checkpoint step 5 failed"
     (found by a checkpoint review); it says which part failed, and the next start writes the row from the
