@@ -409,8 +409,8 @@ class Config:
             back = " ".join(f"{k}={shell_word(theirs[k])}" for k in differ if k in theirs)
             raise OtherConfig(f"run folder {run_dir} holds a run of a different config ({'; '.join(diff)}); use "
                               f"another {folder_key}, or checkpoint.resume=never to start over (the old run's "
-                              f"files move to checkpoints.oldN/); an override left out of this command? {back} "
-                              f"resumes that run", diff)
+                              f"files move to checkpoints.oldN/); an override left out of this command, or one "
+                              f"given by mistake? {back} resumes that run", diff)
         if train_state:
             mid = bool(train_state.get("step_in_epoch", 0))
             begun = int(train_state.get("epoch", 0)) + (1 if mid else 0)

@@ -541,7 +541,8 @@ def test_a_key_added_since_a_checkpoint_counts_at_its_default():
     with pytest.raises(ConfigError, match=r"data.train_size: null -> 100; model.dropout: true -> false"):
         compose(["model.dropout=false", "data.train_size=100"]).cfg.check_resumable(Config().identity(), "run")
     # a list as one shell word: "[1, 2]" pasted unquoted split into two arguments, the first refused
-    with pytest.raises(ConfigError, match=r"override left out of this command\? schedule.milestones=\[1,2\] resumes"):
+    with pytest.raises(ConfigError, match=r"override left out of this command, or one given by mistake\? "
+                                          r"schedule.milestones=\[1,2\] resumes"):
         Config().check_resumable(compose(["schedule.milestones=[1,2]"]).cfg.identity(), "run")
 
 

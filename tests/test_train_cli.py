@@ -260,7 +260,8 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_not_taken_over_by_ano
     assert r.returncode == 2, r.stderr[-2000:]
     assert (f"run folder {run} holds a run of a different config (optim.lr: 100000 -> 0.05; schedule.warmup_epochs: "
             f"0 -> 1.0)") in r.stderr
-    assert "an override left out of this command? optim.lr=100000 schedule.warmup_epochs=0 resumes that run" in r.stderr
+    assert ("an override left out of this command, or one given by mistake? optim.lr=100000 schedule.warmup_epochs=0 "
+            "resumes that run") in r.stderr
     assert (run / "wandb_id.txt").read_text() == before and len(list((run / "wandb").glob("offline-run-*"))) == 1
     # starting over is one flag away; the old run's files are kept aside
     train(tmp_path, run, [*base, "optim.lr=0.05", "checkpoint.resume=never"])
