@@ -33,6 +33,7 @@ Resuming (a preempted Slurm job requeued into the same run folder):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -44,11 +45,41 @@ from typing import Any, Mapping, Optional, Union
 from .config import WandbConfig
 from .fsio import naming, write_atomic
 from .history import HISTORY_FILE, rewrite_history, row_line, write_history
-from .wandb_mode import resolve_mode
+from .wandb_mode import resolve_mode, server_url
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EVAL_KEYS", "Tracker", "NullTracker", "make_tracker", "generate_id", "ID_FILE", "STEPS_FILE"]
+
+PROBE_S = 10.0  # an online start first asks whether the W&B server answers at all, for this long
+
+
+def unreachable(url: str, timeout: float = PROBE_S) -> Optional[str]:
+    """Why `url` cannot be reached from here (a name that does not resolve, a refusal, no route, no answer), or
+    None: it answered (any HTTP status), or failed in a way left to wandb to judge (TLS, a proxy's refusal). Asked
+    before wandb.init, which on a node without a route out says nothing for about 90 s before it gives up.
+    urllib takes the same proxy variables wandb's requests does."""
+    import socket
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as e:
+        r = e.reason
+        if isinstance(r, TimeoutError):
+            return f"no answer in {timeout:g} s"
+        if isinstance(r, socket.gaierror):
+            return f"its name does not resolve: {r.strerror or r}"
+        if isinstance(r, ConnectionRefusedError) or (isinstance(r, OSError) and r.errno in (
+                errno.ENETUNREACH, errno.EHOSTUNREACH)):
+            return r.strerror or str(r)
+        return None
+    except Exception:  # connected, then slow or odd: wandb's own init decides
+        return None
+    return None
+
 
 ID_FILE = "wandb_id.txt"
 STEPS_FILE = "wandb_steps.jsonl"  # every W&B log of this run, to re-log what a killed W&B service lost
@@ -215,6 +246,13 @@ class Tracker:
             name=wandb_cfg.name or self.run_dir.name, dir=str(self.run_dir), config=dict(cfg_dict),
             settings=_settings(wandb),
         )
+        if self.mode == "online" and (why := unreachable(url := server_url())):
+            # no wandb.init online: it would wait about 90 s at every start (each requeue, each sweep point)
+            self.online_error = f"{url} unreachable: {why}"
+            log.warning("W&B online: the server %s cannot be reached from this node (%s, asked for %g s); logging "
+                        "offline to %s instead: `wandb sync` it from a login node (wandb.mode=offline skips the "
+                        "check)", url, why, PROBE_S, self.run_dir / "wandb")
+            self.mode = "offline"
         if self.mode == "online":  # without a route out, wandb.init says nothing for about 90 s
             log.info("W&B online: connecting (on a node without network this waits about 90 s, then logs offline; "
                      "wandb.mode=offline skips the wait)")

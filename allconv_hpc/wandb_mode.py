@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from .config import WANDB_MODES, ConfigError, WandbConfig
 
 __all__ = ["api_key_configured", "preflight_mode", "check_names", "check_environment", "outranked_env",
-           "resolve_mode"]
+           "resolve_mode", "server_url"]
 
 # as wandb 0.31's wandb.sdk.lib.urls: its default server, and the W&B host behind each CoreWeave Forge host
 # (a netrc entry for that one counts too: `wandb login` of older versions wrote it)
@@ -57,11 +57,7 @@ def api_key_configured(environ: Optional[Mapping[str, str]] = None) -> bool:
         return True
     settings = _wandb_settings_file(environ)
     section = settings["default"] if settings is not None and settings.has_section("default") else {}
-    base_url = environ.get("WANDB_BASE_URL") or section.get("base_url") or _DEFAULT_BASE_URL
-    url = urlsplit(base_url)
-    if url.hostname in _FORGE_HOSTS and url.scheme == "https" and url.port is None \
-            and url.path.rstrip("/") == "/api/wandb":  # urls.normalize_forge_base_url: the proxy's API host
-        url = urlsplit(f"https://api.{url.hostname}")
+    url = urlsplit(server_url(environ, section))
     hosts = [url.netloc] + [api for forge, api in _FORGE_HOSTS.items()  # wbnetrc.read_netrc_auth_with_source
                             if url.hostname in (forge, f"api.{forge}", api) and api != url.netloc]
     try:
@@ -73,6 +69,21 @@ def api_key_configured(environ: Optional[Mapping[str, str]] = None) -> bool:
         if creds:  # the first entry decides, as in wandb: one with no password is no key
             return bool(creds[2])
     return bool(section.get("api_key"))
+
+
+def server_url(environ: Optional[Mapping[str, str]] = None, section: Optional[Mapping[str, str]] = None) -> str:
+    """The W&B server wandb would talk to: ``WANDB_BASE_URL``, else the settings file's ``base_url``, else its
+    default; a Forge proxy's URL as its API host. `section`: the settings file's [default], where already read."""
+    environ = os.environ if environ is None else environ
+    if section is None:
+        settings = _wandb_settings_file(environ)
+        section = settings["default"] if settings is not None and settings.has_section("default") else {}
+    base_url = environ.get("WANDB_BASE_URL") or section.get("base_url") or _DEFAULT_BASE_URL
+    url = urlsplit(base_url)
+    if url.hostname in _FORGE_HOSTS and url.scheme == "https" and url.port is None \
+            and url.path.rstrip("/") == "/api/wandb":  # urls.normalize_forge_base_url: the proxy's API host
+        return f"https://api.{url.hostname}"
+    return base_url
 
 
 def preflight_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:

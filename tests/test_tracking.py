@@ -452,6 +452,7 @@ def test_online_init_failure_falls_back_to_offline(tmp_path, wenv, monkeypatch, 
         return real_init(*args, mode=mode, **kwargs)
 
     monkeypatch.setattr(wandb, "init", fake_init)
+    monkeypatch.setattr("allconv_hpc.tracking.unreachable", lambda url: None)  # the server answers its probe
     run_dir = tmp_path / "run"
     with make_tracker(run_dir, {"a": 1}, WandbConfig(mode="online"), 0, None, []) as t:
         t.log_train(1, {"loss": 0.5})
@@ -784,6 +785,7 @@ def test_an_online_start_sets_aside_the_offline_segments_it_holds(wenv, tmp_path
         return servers[-1]
 
     monkeypatch.setattr(wandb, "init", fake_init)
+    monkeypatch.setattr("allconv_hpc.tracking.unreachable", lambda url: None)  # the server answers its probe
     if gone:  # wandb_steps.jsonl deleted: nothing to re-log, so the offline segment is the steps' one copy
         (run_dir / STEPS_FILE).unlink()
     second = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="online"), 0, None, rows, global_step=20)
@@ -848,3 +850,33 @@ def test_a_ctrl_c_inside_wandb_init_closes_its_segment_as_interrupted(tmp_path, 
         make_tracker(run_dir, cfg_dict(), WandbConfig(mode="offline"), rank=0, resume_run_id=None, history_rows=[])
     [seg] = segments(run_dir / "wandb", (run_dir / "wandb_id.txt").read_text().strip())
     assert read_run(seg)["exit_code"] == 130
+
+
+def test_the_online_probe_tells_no_route_from_a_server_that_answers():
+    """tracking.unreachable, asked before an online wandb.init (which waits about 90 s where nothing answers): a
+    refused connection and a name that does not resolve are no route; any HTTP answer, an error status too, is a
+    server, left to wandb.init to judge."""
+    import http.server
+    import socket
+    import threading
+    from allconv_hpc.tracking import unreachable
+
+    class Teapot(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(418)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Teapot)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    try:
+        assert unreachable(f"http://127.0.0.1:{httpd.server_address[1]}") is None
+        assert unreachable(f"http://127.0.0.1:{closed.getsockname()[1]}", timeout=5) == "Connection refused"
+        assert unreachable("http://no-such-host.invalid", timeout=5).startswith("its name does not resolve: ")
+    finally:
+        closed.close()
+        httpd.shutdown()
+        httpd.server_close()

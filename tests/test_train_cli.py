@@ -361,16 +361,48 @@ def test_learns_synthetic_well_above_chance(tmp_path):
 
 
 @pytest.mark.slow
-def test_online_init_without_network_logs_offline_and_says_so(tmp_path):
-    """A compute node with no route to W&B: the online init fails, the run logs offline (the same id),
-    and train.log and status.json say so. (W&B's service kept the failed id, and a plain second init
-    died with 'run ID ... is in use'.) The server address refuses connections; a short init timeout."""
+@pytest.mark.parametrize("server", ["refuses", "fails"])
+def test_online_init_without_network_logs_offline_and_says_so(tmp_path, server):
+    """A compute node with no route to W&B: the run logs offline (the same id), and train.log and status.json say
+    so. "refuses": the server's address refuses connections, found by a probe before wandb.init, which waited
+    about 90 s at every start (each requeue, each sweep point) first (laptop journey audit). "fails": a server
+    that answers, but not as W&B: wandb.init's own failure (a short init timeout). (W&B's service kept the failed
+    id, and a plain second init died with 'run ID ... is in use'.)"""
+    import http.server
+    import threading
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def _fail(self):
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        do_GET = do_POST = do_HEAD = _fail
+
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = "http://127.0.0.1:9" if server == "refuses" else f"http://127.0.0.1:{httpd.server_address[1]}"
     run_dir = tmp_path / "run"
-    r = train(tmp_path, run_dir, [*TINY, "trainer.epochs=1", "wandb.mode=online"], timeout=400,
-              WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT=8)
-    assert "W&B online init failed" in (run_dir / "train.log").read_text(), r.stdout[-2000:]
+    try:
+        t0 = time.monotonic()
+        r = train(tmp_path, run_dir, [*TINY, "trainer.epochs=1", "wandb.mode=online"], timeout=400,
+                  WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=url, WANDB_INIT_TIMEOUT=8)
+        took = time.monotonic() - t0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    log = (run_dir / "train.log").read_text()
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "completed" and status["wandb_mode"] == "offline" and status["wandb_online_error"]
+    if server == "refuses":
+        assert (f"W&B online: the server {url} cannot be reached from this node (Connection refused, asked for 10 "
+                f"s); logging offline") in log, log[-3000:]
+        assert "W&B online init failed" not in log and "connecting" not in log
+        assert status["wandb_online_error"] == f"{url} unreachable: Connection refused"
+        print(f"refused: the run took {took:.1f} s")  # no init timeout waited
+    else:
+        assert "W&B online init failed" in log and "cannot be reached" not in log, r.stdout[-2000:]
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     assert [p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True]
     assert len(merged_history(run_dir / "wandb", run_id)) > 0  # the offline record holds the run
