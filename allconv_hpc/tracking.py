@@ -186,6 +186,12 @@ class Tracker:
         history_rows = list(history_rows or [])
         rewrite_history(self.history_path, history_rows)
         self.mode = mode or resolve_mode(wandb_cfg.mode)
+        env_mode = (os.environ.get("WANDB_MODE") or "").strip()
+        # why auto chose offline, for train.log (else it reads as a fault): said before _start_wandb drops WANDB_MODE
+        self.auto_why: Optional[str] = (
+            None if mode or wandb_cfg.mode is not None or self.mode != "offline" else
+            f"WANDB_MODE={env_mode}" if env_mode else "no W&B API key here: wandb login, or WANDB_API_KEY, makes it "
+                                                      "online")
         self._where = wandb_where(wandb_cfg)
         self.online_error: Optional[str] = None  # why an online init fell back to offline
         self._run = None

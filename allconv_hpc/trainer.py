@@ -302,8 +302,10 @@ class Trainer:
         self.state.wandb_id = self.tracker.run_id or self.state.wandb_id
         if env.is_main and (self._relog_only or not self.finished):  # the mode auto chose is said in train.log
             mode = self.tracker.mode
-            log.info("W&B %s%s", mode, {"offline": f" (run {self.tracker.run_id}; from a machine with network: wandb "
-                                                   f"sync {shlex.quote(str(self.run_dir))}/wandb/offline-run-*)",
+            auto = getattr(self.tracker, "auto_why", None)
+            why = f"{auto}; " if auto and not getattr(self.tracker, "online_error", None) else ""
+            log.info("W&B %s%s", mode, {"offline": f" ({why}run {self.tracker.run_id}; from a machine with network: "
+                                                   f"wandb sync {shlex.quote(str(self.run_dir))}/wandb/offline-run-*)",
                                         "online": f" (run {self.tracker.run_id})"}.get(
                 mode, ": history.csv, and wandb_steps.jsonl for a later start with W&B"))
         # device-side metric sums: [loss_sum, correct, count] for the epoch and the log interval

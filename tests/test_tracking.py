@@ -433,13 +433,16 @@ def test_api_key_never_written_and_config_mode_beats_env(tmp_path, wenv, monkeyp
 @pytest.mark.parametrize("env_mode,cfg_mode", [(" ", None), (" Offline", None), ("dryrun", None), ("", "offline")])
 def test_wandb_mode_in_the_environment_is_read_once(tmp_path, wenv, monkeypatch, env_mode, cfg_mode):
     """`WANDB_MODE=` (exported empty, e.g. by a cluster profile) means auto here, and ' Offline' offline;
-    wandb's own settings validation, which refuses both, never sees them."""
+    wandb's own settings validation, which refuses both, never sees them. What chose offline, where nothing in the
+    config did, is kept for train.log: with no reason given, auto's offline read as a fault (laptop audit)."""
     monkeypatch.setenv("WANDB_MODE", env_mode)
     assert resolve_mode(cfg_mode, {"WANDB_MODE": env_mode}) == "offline"
     t = make_tracker(tmp_path / "run", {"a": 1}, WandbConfig(mode=cfg_mode), 0, None, [])
     run_epochs(t, 1, 10)
     t.finish()
     assert t.mode == "offline" and read_run(t.segment_dir)["history"]
+    assert t.auto_why == (None if cfg_mode else f"WANDB_MODE={env_mode.strip()}" if env_mode.strip() else
+                          "no W&B API key here: wandb login, or WANDB_API_KEY, makes it online"), t.auto_why
 
 
 def test_online_init_failure_falls_back_to_offline(tmp_path, wenv, monkeypatch, caplog):
