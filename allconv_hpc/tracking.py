@@ -51,34 +51,46 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EVAL_KEYS", "Tracker", "NullTracker", "make_tracker", "generate_id", "ID_FILE", "STEPS_FILE"]
 
-PROBE_S = 10.0  # an online start first asks whether the W&B server answers at all, for this long
+PROBE_S = 10.0  # an online start first asks whether the W&B server can be reached at all, for this long
 
 
 def unreachable(url: str, timeout: float = PROBE_S) -> Optional[str]:
-    """Why `url` cannot be reached from here (a name that does not resolve, a refusal, no route, no answer), or
-    None: it answered (any HTTP status), or failed in a way left to wandb to judge (TLS, a proxy's refusal). Asked
-    before wandb.init, which on a node without a route out says nothing for about 90 s before it gives up.
-    urllib takes the same proxy variables wandb's requests does."""
+    """Why the host of `url` cannot be reached from here (its name does not resolve, a refusal, no route, no answer
+    to a TCP connection within `timeout` s in all), or None: it took the connection (whatever it then says is
+    wandb.init's to judge), or a proxy is configured (wandb's way through it is wandb's; see
+    wandb_mode.proxy_configured). Asked before an online wandb.init, which on a node without a route out says
+    nothing for about 90 s before it gives up."""
     import socket
-    import urllib.error
-    import urllib.request
+    import threading
+    from urllib.parse import urlsplit
+
+    from .wandb_mode import proxy_configured
+    if proxy_configured():
+        return None
+    parts = urlsplit(url)
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError:
+        where = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except ValueError:  # a bad port: wandb.init says what it makes of the URL
         return None
-    except urllib.error.URLError as e:
-        r = e.reason
-        if isinstance(r, TimeoutError):
-            return f"no answer in {timeout:g} s"
-        if isinstance(r, socket.gaierror):
-            return f"its name does not resolve: {r.strerror or r}"
-        if isinstance(r, ConnectionRefusedError) or (isinstance(r, OSError) and r.errno in (
-                errno.ENETUNREACH, errno.EHOSTUNREACH)):
-            return r.strerror or str(r)
+    if not where[0]:
         return None
-    except Exception:  # connected, then slow or odd: wandb's own init decides
-        return None
-    return None
+    said: list[Optional[str]] = []
+
+    def connect() -> None:  # the name lookup has no timeout of its own, each address one: one deadline for all
+        try:
+            socket.create_connection(where, timeout=timeout).close()
+            said.append(None)
+        except socket.gaierror as e:
+            said.append(f"its name does not resolve: {e.strerror or e}")
+        except TimeoutError:
+            said.append(f"no answer in {timeout:g} s")
+        except OSError as e:
+            said.append(e.strerror or str(e) if isinstance(e, ConnectionRefusedError) or e.errno in (
+                errno.ENETUNREACH, errno.EHOSTUNREACH) else None)
+    t = threading.Thread(target=connect, name="allconv-wandb-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    return said[0] if said else f"no answer in {timeout:g} s"
 
 
 ID_FILE = "wandb_id.txt"
@@ -255,13 +267,13 @@ class Tracker:
         if self.mode == "online" and (why := unreachable(url := server_url())):
             # no wandb.init online: it would wait about 90 s at every start (each requeue, each sweep point)
             self.online_error = f"{url} unreachable: {why}"
-            log.warning("W&B online: the server %s cannot be reached from this node (%s, asked for %g s); logging "
-                        "offline to %s instead: `wandb sync` it from a login node (wandb.mode=offline skips the "
-                        "check)", url, why, PROBE_S, self.run_dir / "wandb")
+            log.warning("W&B online: the server %s cannot be reached from this node (%s; tried for up to %g s); "
+                        "logging offline to %s instead: `wandb sync` it from a login node (wandb.mode=offline skips "
+                        "the check)", url, why, PROBE_S, self.run_dir / "wandb")
             self.mode = "offline"
-        if self.mode == "online":  # without a route out, wandb.init says nothing for about 90 s
-            log.info("W&B online: connecting (on a node without network this waits about 90 s, then logs offline; "
-                     "wandb.mode=offline skips the wait)")
+        if self.mode == "online":  # the server took a connection, or a proxy stands between: init may still fail
+            log.info("W&B online: connecting (should the init fail, as through a proxy that refuses W&B, it logs "
+                     "offline after W&B's init timeout, about 90 s; wandb.mode=offline skips it)")
         try:
             self._run = wandb.init(mode=self.mode, **kwargs)
         except KeyboardInterrupt:  # a Ctrl-C inside init: a run it began would be closed at exit as finished (0)

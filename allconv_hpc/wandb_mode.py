@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from .config import WANDB_MODES, ConfigError, WandbConfig
 
 __all__ = ["api_key_configured", "preflight_mode", "check_names", "check_environment", "outranked_env",
-           "resolve_mode", "server_url"]
+           "proxy_configured", "resolve_mode", "server_url"]
 
 # as wandb 0.31's wandb.sdk.lib.urls: its default server, and the W&B host behind each CoreWeave Forge host
 # (a netrc entry for that one counts too: `wandb login` of older versions wrote it)
@@ -84,6 +84,20 @@ def server_url(environ: Optional[Mapping[str, str]] = None, section: Optional[Ma
             and url.path.rstrip("/") == "/api/wandb":  # urls.normalize_forge_base_url: the proxy's API host
         return f"https://api.{url.hostname}"
     return base_url
+
+
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "WANDB_HTTP_PROXY", "WANDB_HTTPS_PROXY")
+
+
+def proxy_configured(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """A proxy that wandb (its requests, or wandb-core) may use: a proxy variable of either case, wandb's own
+    (WANDB_HTTP(S)_PROXY), or http(s)_proxy in wandb's settings file."""
+    environ = os.environ if environ is None else environ
+    if any((environ.get(v) or environ.get(v.upper()) or "").strip() for v in _PROXY_VARS):
+        return True
+    settings = _wandb_settings_file(environ)
+    section = settings["default"] if settings is not None and settings.has_section("default") else {}
+    return any((section.get(k) or "").strip() for k in ("http_proxy", "https_proxy"))
 
 
 def preflight_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:

@@ -855,14 +855,19 @@ def test_a_ctrl_c_inside_wandb_init_closes_its_segment_as_interrupted(tmp_path, 
     assert read_run(seg)["exit_code"] == 130
 
 
-def test_the_online_probe_tells_no_route_from_a_server_that_answers():
+def test_the_online_probe_tells_no_route_from_a_server_that_answers(monkeypatch, tmp_path):
     """tracking.unreachable, asked before an online wandb.init (which waits about 90 s where nothing answers): a
-    refused connection and a name that does not resolve are no route; any HTTP answer, an error status too, is a
-    server, left to wandb.init to judge."""
+    refused connection and a name that does not resolve are no route; a server that takes the connection is left
+    to wandb.init to judge, and so is any server behind a proxy, wandb's own proxy settings included (a probe
+    past them forced offline a node whose only way out they are: diff review)."""
     import http.server
     import socket
     import threading
     from allconv_hpc.tracking import unreachable
+    for var in ("http_proxy", "https_proxy", "all_proxy", "WANDB_HTTP_PROXY", "WANDB_HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
 
     class Teapot(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):
@@ -875,10 +880,19 @@ def test_the_online_probe_tells_no_route_from_a_server_that_answers():
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
     try:
         assert unreachable(f"http://127.0.0.1:{httpd.server_address[1]}") is None
-        assert unreachable(f"http://127.0.0.1:{closed.getsockname()[1]}", timeout=5) == "Connection refused"
+        assert unreachable(dead, timeout=5) == "Connection refused"
         assert unreachable("http://no-such-host.invalid", timeout=5).startswith("its name does not resolve: ")
+        (tmp_path / "settings").write_text("[default]\nhttps_proxy = http://proxy.example:3128\n")
+        assert unreachable(dead, timeout=5) is None  # wandb's settings file names a proxy: its way out
+        (tmp_path / "settings").unlink()
+        for var in ("HTTPS_PROXY", "WANDB_HTTP_PROXY"):
+            monkeypatch.setenv(var, "http://proxy.example:3128")
+            assert unreachable(dead, timeout=5) is None, var
+            monkeypatch.delenv(var)
+        assert unreachable(dead, timeout=5) == "Connection refused"
     finally:
         closed.close()
         httpd.shutdown()
