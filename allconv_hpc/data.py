@@ -304,14 +304,17 @@ def _remove_stale_downloads(root: Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _made_folders(root: Path) -> list[Path]:
-    """`root` and those of its parents that do not exist yet, deepest first: what a failed download takes away."""
-    made = []
-    for p in (root, *root.parents):
-        if p.exists() or p.is_symlink():
-            break
-        made.append(p)
-    return made
+def _make_root(root: Path, made: list[Path]) -> None:
+    """`root` made a level at a time, each folder this call made put first in `made` (deepest first: what a failed
+    download takes away, also where a level fails). Made, not found missing: /x/new/../mine makes /x/new (mine
+    is then found there), never mine."""
+    for p in (*reversed(root.parents), root):
+        if not p.is_dir():
+            try:
+                p.mkdir()
+            except FileExistsError:  # another process's, just made: not ours to take away
+                continue
+            made.insert(0, p)
 
 
 def _move_in(src: Path, dst: Path) -> None:
@@ -349,8 +352,7 @@ def _download(cfg: DataConfig) -> None:
     try:
         try:
             cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
-            made = _made_folders(root)
-            root.mkdir(parents=True, exist_ok=True)
+            _make_root(root, made)
             _remove_stale_downloads(root)
             tmp = Path(tempfile.mkdtemp(prefix=_download_prefix(), dir=root))
             copied = root / cls.filename
@@ -372,8 +374,10 @@ def _download(cfg: DataConfig) -> None:
                 if entry.is_dir():
                     (root / entry.name).mkdir(exist_ok=True)
                     for f in entry.iterdir():
-                        _move_in(f, root / entry.name / f.name)
+                        os.utime(tmp)  # alive (_idle_s): the unpacked files bear the release's dates, a copy
+                        _move_in(f, root / entry.name / f.name)  # onto another file system writes nothing here
                 else:
+                    os.utime(tmp)
                     _move_in(entry, root / entry.name)
         except OSError as e:  # no network fault: a full disk, permissions
             raise DataError(f"{title} was downloaded, but moving it into {root} failed ({type(e).__name__}: {e}); "

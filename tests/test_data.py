@@ -727,3 +727,13 @@ def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch, how):
         # data.root was left as an empty folder)
     finally:
         archive.close()
+
+
+def test_a_failed_download_takes_away_only_the_folders_it_made(tmp_path):
+    """data.root=/x/new/../mine: /x/new was missing, so mine read as missing too, and a failed download's cleanup
+    removed the user's empty mine (found by a diff review). Only what mkdir made is taken away."""
+    (tmp_path / "mine").mkdir()
+    made: list = []
+    data._make_root(tmp_path / "new" / ".." / "mine" / "a", made)
+    assert made == [tmp_path / "new" / ".." / "mine" / "a", tmp_path / "new"]
+    assert (tmp_path / "mine" / "a").is_dir()
