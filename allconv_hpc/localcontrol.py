@@ -127,15 +127,18 @@ def rank_preexec(parent: int, prctl: Optional[Callable]) -> Callable[[], None]:
 class Controller(local.Controller):
     """submitit's controller, passing the signals a user sends the job id on to the ranks (it waits for them as
     ever: requeue on submitit's requeue code, else the end). SIGHUP stays ignored under nohup, in the ranks too.
-    Any other signal is passed on even where the controller was started ignoring it (a script's `submit &` ignores
-    SIGINT): in a session of its own, no terminal's Ctrl-C reaches it, so one that comes is a `kill -INT` of the
-    job id, which README promises stops the job as `scancel --signal=INT` would (it trained on)."""
+    A controller of a session of its own (submit without --wait) passes on the others even where it was started
+    ignoring them (a script's `submit &` ignores SIGINT): no terminal's Ctrl-C reaches it, so one that comes is a
+    `kill -INT` of the job id, which README promises stops the job as `scancel --signal=INT` would (it trained
+    on). Attached to submit --wait, in its caller's group, an ignored signal stays ignored: that Ctrl-C is meant
+    for another job of the script."""
 
     def __init__(self, folder: Path):
         super().__init__(folder)
         self.pid = str(os.getpid())  # the job id (under cluster.setup, the shell's pid too: it execs this process)
+        own_session = os.getsid(0) == os.getpid()
         for s in FORWARDED:
-            if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN:
+            if signal.getsignal(s) != signal.SIG_IGN or (own_session and s != signal.SIGHUP):
                 signal.signal(s, self._forward_signal)
 
     def start_tasks(self) -> None:  # submitit's, with rank_preexec; the ranks start holding HELD_AT_START
