@@ -895,12 +895,15 @@ class Trainer:
                 log.warning("Slurm did not requeue job %s (cluster.requeue=false submits with --no-requeue, and a "
                             "site may forbid requeues)", self.slurm.job_id)
         if self.env.is_main:
-            sweep = self.run_dir.parent if (self.run_dir.parent / "sweep.json").is_file() else None  # submit -m's
-            same = (f"the sweep's submit command (`allconv-hpc status {sweep}` prints it)" if sweep else
-                    "the same command")
-            again = (f"{same} resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else
-                     f"checkpoint.resume=auto resumes it from this checkpoint ({same}, with "
-                     "checkpoint.resume=never, starts it over)")
+            # a point of submit -m's sweep, started by its job (a point trained by hand resumes by the same train)
+            sweep = (self.run_dir.parent if (self.run_dir.parent / "sweep.json").is_file()
+                     and "SUBMITIT_EXECUTOR" in os.environ else None)
+            said = f" (`allconv-hpc status {sweep}` prints it)" if sweep else ""
+            again = ((f"the sweep's submit command{said}" if sweep else "the same command") +
+                     " resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else
+                     f"checkpoint.resume=auto in the sweep's submit command{said} resumes it from this checkpoint"
+                     if sweep else "checkpoint.resume=auto resumes it from this checkpoint (the same command, with "
+                                   "checkpoint.resume=never, starts it over)")
             if decision == "interrupted" and self.slurm.in_slurm and got == signal.SIGTERM:  # scancel, or Slurm's
                 again += " (or Slurm itself, if it preempted the job without a warning signal)"  # PreemptMode=REQUEUE
             log.warning("%s at global step %d (%s)%s", decision, st.global_step, self._position(),

@@ -32,13 +32,13 @@ def reference(tmp_path_factory):
     return tmp / "run"
 
 
-def interrupt_at(tmp: Path, run: Path, overrides: list[str], needle: str, sig: int) -> subprocess.Popen:
-    """Start a run, send `sig` when `needle` shows in its log, wait for it to exit."""
+def interrupt_at(tmp: Path, run: Path, overrides: list[str], needle: str, sig: int, **env) -> subprocess.Popen:
+    """Start a run, send `sig` when `needle` shows in its log, wait for it to exit. `env`: more variables."""
     log_now = run / "train.log"
     start = log_now.stat().st_size if log_now.exists() else 0  # an earlier start's lines do not count
     # SIGHUP as in a terminal session: a test runner started under nohup (or in the background) would pass on
     # its ignored SIGHUP, which the trainer then rightly leaves ignored
-    p = subprocess.Popen(train_cmd(run, overrides), env=clean_env(tmp), stdout=subprocess.PIPE,
+    p = subprocess.Popen(train_cmd(run, overrides), env=clean_env(tmp, **env), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
@@ -172,10 +172,17 @@ def test_a_stopped_sweep_points_log_names_the_sweeps_command(tmp_path):
     sweep.mkdir()
     (sweep / "sweep.json").write_text("{}")  # what submit -m writes there: the sweep's record
     run = sweep / "seed_0"  # (a point's own name, seed=0, takes quotes in hydra.run.dir=)
-    p = interrupt_at(tmp_path, run, EXACT + ["wandb.mode=disabled"], "(global 2)", signal.SIGUSR2)
+    # as its job runs it (submitit's variable; no other of a job's is read on this path)
+    p = interrupt_at(tmp_path, run, EXACT + ["wandb.mode=disabled"], "(global 2)", signal.SIGUSR2,
+                     SUBMITIT_EXECUTOR="local")
     assert p.returncode == 3, p.output[-3000:]
     assert (f"the run stops with its checkpoint; the sweep's submit command (`allconv-hpc status {sweep}` prints it) "
             f"resumes it from this checkpoint") in (run / "train.log").read_text(), p.output[-3000:]
+    # trained by hand since (as a point may be): the same train command resumes it, as status says (diff review)
+    p = interrupt_at(tmp_path, run, EXACT + ["wandb.mode=disabled"], "(global 7)", signal.SIGUSR2)
+    assert p.returncode == 3, p.output[-3000:]
+    assert (run / "train.log").read_text().count(
+        "the run stops with its checkpoint; the same command resumes it from this checkpoint") == 1, p.output[-3000:]
 
 
 def test_a_failed_history_row_says_the_checkpoint_landed(tmp_path):
