@@ -230,9 +230,10 @@ def warn_copied_run(ck: dict, run_dir: Path, wandb_id: Optional[str]) -> None:
 
 def best_file_holds(st: TrainState, ckpt: CheckpointDir, ck: dict, cfg_dict: dict) -> float:
     """The val_acc best.pt holds on resume (rank 0), which the next epoch must beat to rewrite it.
-    Normally the checkpoint's best_val_acc. But best.pt is written before the epoch's step file, in
-    the background: a failed write (the later files still land) or a kill between the two leaves it
-    missing, older, or from epochs this resume trains again. Then it is written again from the
+    Normally the checkpoint's best_val_acc. But best.pt is written after the epoch's step file, in
+    the background: a failed write (none after it is made) or a kill between the two leaves it
+    missing or older; a run folder copied or restored by hand may hold one from epochs this resume
+    trains again. Then it is written again from the
     checkpoint when that holds the best epoch's weights; else the next epoch better than what it
     does hold (-1: nothing) replaces it."""
     path = ckpt.folder / "best.pt"

@@ -407,8 +407,8 @@ class Trainer:
     def _kept(self) -> str:
         try:  # the writes still in flight land first: they hold the last good weights
             self.writer.wait()
-        except CheckpointError:
-            pass  # named by the log already; the files on disk are what is kept
+        except CheckpointError as e:  # the divergence is the run's error: this one is said here, or nowhere
+            log.error("%s", e)
         files = self.ckpt.step_files()  # highest step first; none is written with non-finite weights
         return (f"the newest checkpoint with finite weights ({files[0].name}) is kept, though the run may have "
                 f"diverged before it (see history.csv)" if files else "no checkpoint was written yet")
@@ -492,8 +492,9 @@ class Trainer:
             try:
                 self.tracker.append_history(history_row, state["train_state"]["history"])
             except OSError as e:  # the writer's error says "writing checkpoint step N failed": which part
-                raise OSError(e.errno, f"step {step}'s checkpoint landed, but adding its row to history.csv failed "
-                                       f"({e.strerror or e}); the next start writes the row from it") from e
+                said = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else e.strerror or str(e)
+                raise OSError(*([e.errno] if e.errno else []), f"step {step}'s checkpoint landed, but adding its row "
+                              f"to history.csv failed ({said}); the next start writes the row from it") from e
         self._landed_step = step
 
     def _write_best(self, best: dict, step: int) -> None:  # in the writer's thread, after step's checkpoint

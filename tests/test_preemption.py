@@ -194,8 +194,8 @@ def test_a_failed_history_row_says_the_checkpoint_landed(tmp_path):
                        text=True, timeout=300, env=clean_env(tmp_path, **folder_at(run / "history.csv", "save")))
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert re.search(r"writing checkpoint step 5 failed: IsADirectoryError: \[Errno 21\] step 5's checkpoint landed, "
-                     r"but adding its row to history.csv failed \(Is a directory\); the next start writes the row from "
-                     r"it", (run / "train.log").read_text()), (run / "train.log").read_text()[-2000:]
+                     r"but adding its row to history.csv failed \(Is a directory: \S+/history.csv\); the next start "
+                     r"writes the row from it", (run / "train.log").read_text()), (run / "train.log").read_text()[-2000:]
     (run / "history.csv").rmdir()
     run_train(tmp_path, run, EXACT + ["wandb.mode=disabled"])
     assert [r["epoch"] for r in history(run)] == [1, 2, 3]
