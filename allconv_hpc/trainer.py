@@ -413,14 +413,23 @@ class Trainer:
         return (f"the newest checkpoint with finite weights ({files[0].name}) is kept, though the run may have "
                 f"diverged before it (see history.csv)" if files else "no checkpoint was written yet")
 
+    def _sweep_point(self) -> Optional[Path]:
+        """The sweep folder, where submit -m's job runs this point (a point trained by hand is a run of its own)."""
+        parent = self.run_dir.parent
+        return parent if (parent / "sweep.json").is_file() and "SUBMITIT_EXECUTOR" in os.environ else None
+
     def _diverged(self, what: str) -> NonFiniteError:
         kept = self._kept()
         again = ("would resume from that checkpoint and repeat the steps that diverged" if self.ckpt.step_files() else
                  "would start it over as it was, to diverge again")
-        return NonFiniteError(f"{what}; {kept}. Lower optim.lr or lengthen the warm-up (schedule.warmup_epochs="
-                              f"{self.cfg.schedule.warmup_epochs:g} now) and start over: in a new hydra.run.dir (a "
-                              f"sweep's point: in a new hydra.sweep.dir), or here with checkpoint.resume=never and the "
-                              f"new values (this run's files move to checkpoints.oldN/); the same command {again}")
+        warmup = f"schedule.warmup_epochs={self.cfg.schedule.warmup_epochs:g} now"
+        if self._sweep_point():  # new values here would leave a point its name and its sweep do not describe
+            return NonFiniteError(f"{what}; {kept}. Sweep a lower optim.lr or a longer warm-up ({warmup}) as new "
+                                  f"points, leaving this point's value out of the sweep (choice(...) of the others), "
+                                  f"or in a new hydra.sweep.dir; the sweep's submit command {again}")
+        return NonFiniteError(f"{what}; {kept}. Lower optim.lr or lengthen the warm-up ({warmup}) and start over: in "
+                              f"a new hydra.run.dir, or here with checkpoint.resume=never and the new values (this "
+                              f"run's files move to checkpoints.oldN/); the same command {again}")
 
     def _check_finite(self) -> None:
         finite = torch.stack([torch.isfinite(self.epoch_sums[0]).all()]
@@ -896,9 +905,7 @@ class Trainer:
                 log.warning("Slurm did not requeue job %s (cluster.requeue=false submits with --no-requeue, and a "
                             "site may forbid requeues)", self.slurm.job_id)
         if self.env.is_main:
-            # a point of submit -m's sweep, started by its job (a point trained by hand resumes by the same train)
-            sweep = (self.run_dir.parent if (self.run_dir.parent / "sweep.json").is_file()
-                     and "SUBMITIT_EXECUTOR" in os.environ else None)
+            sweep = self._sweep_point()  # a point trained by hand resumes by the same train command
             said = f" (`allconv-hpc status {sweep}` prints it)" if sweep else ""
             again = ((f"the sweep's submit command{said}" if sweep else "the same command") +
                      " resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else

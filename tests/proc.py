@@ -42,8 +42,8 @@ def train_cmd(run_dir: Path, overrides: list[str], nproc: int = 1) -> list[str]:
 
 
 def run_train(tmp: Path, run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float = 300,
-              check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(train_cmd(run_dir, overrides, nproc), env=clean_env(tmp), capture_output=True,
+              check: bool = True, **env) -> subprocess.CompletedProcess:
+    r = subprocess.run(train_cmd(run_dir, overrides, nproc), env=clean_env(tmp, **env), capture_output=True,
                        text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"train exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")

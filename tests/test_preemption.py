@@ -493,6 +493,17 @@ def test_nan_stops_without_touching_good_checkpoints(tmp_path):
                                                              "checkpoint.resume=never", "trainer.epochs=1"], check=False)
     assert fixed.returncode == 0, fixed.stderr[-2000:]
     assert '"completed"' in (tmp_path / "early" / "status.json").read_text()
+    # a sweep's point, run by its job: new values here would leave the point its name and sweep do not describe
+    # (it advised them: Slurm journey audit); new points of the sweep instead
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "sweep.json").write_text("{}")
+    point = run_train(tmp_path, tmp_path / "sw" / "p0", EXACT + ["optim.lr=1e9", "schedule.warmup_epochs=0"],
+                      check=False, SUBMITIT_EXECUTOR="local")
+    assert point.returncode == 1 and ("Sweep a lower optim.lr or a longer warm-up (schedule.warmup_epochs=0 now) as "
+                                      "new points, leaving this point's value out of the sweep (choice(...) of the "
+                                      "others), or in a new hydra.sweep.dir; the sweep's submit command would start "
+                                      "it over as it was, to diverge again") in point.stderr, point.stderr[-2000:]
+    assert "checkpoint.resume=never" not in point.stderr
     for f in files:  # every checkpoint left behind loads and holds finite weights from before the blow-up
         state = load_file(f)
         assert all(bool(t.isfinite().all()) for t in state["model"].values()), f
