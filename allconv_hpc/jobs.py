@@ -200,6 +200,25 @@ def stop_command(rec: dict) -> str:
     return f"scancel {rec['job_id']}" if rec.get("backend") == "slurm" else f"kill {rec['job_id']}"
 
 
+def trains_elsewhere(rec: dict, folder: Path, sweep: bool = False) -> bool:
+    """`folder` (a sweep's for a point's `rec`, with `sweep`) is a copy of the one the job of `rec` trains: that one
+    is still where submit recorded it, with the job in its own record. A copy of a running job's folder was shown
+    as that job's, RUNNING, and training into it refused as the job's folder. A folder moved since is the job's."""
+    recorded = Path(str(rec.get("run_dir") or ""))
+    if not rec.get("job_id") or not recorded.name:
+        return False
+    mine = folder / recorded.name if sweep else folder
+    if os.path.realpath(mine) == os.path.realpath(recorded) or not recorded.is_dir():
+        return False
+    try:
+        own = read_record(recorded.parent / "sweep.json" if sweep else recorded / "submission.json")
+    except DamagedFile:
+        return False
+    jobs = [j.get("job_id") for j in own.get("jobs") or [] if isinstance(j, dict)] if sweep and own else \
+        [own.get("job_id")] if own else []
+    return str(rec["job_id"]) in map(str, jobs)
+
+
 def other_jobs_state(run_dir: Path, environ: Optional[dict] = None) -> Optional[tuple[dict, str]]:
     """(record, state) of the job submitted into run_dir when it is queued or running and this process
     is not one of its ranks; None otherwise. Its own ranks (its Slurm id or array task, or its local
@@ -212,7 +231,7 @@ def other_jobs_state(run_dir: Path, environ: Optional[dict] = None) -> Optional[
         rec = read_record(run_dir / "submission.json")
     except DamagedFile:
         rec = None
-    records = [rec] if rec and rec.get("job_id") else []
+    records = [rec] if rec and rec.get("job_id") and not trains_elsewhere(rec, run_dir) else []
     started = started_unrecorded(run_dir, rec)
     if started is not None:
         records.append(started)

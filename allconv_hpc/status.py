@@ -21,7 +21,7 @@ from typing import Optional
 from . import runlock
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, SETUP_STOP, START_UP_INTERRUPT, START_UP_STOP, STATUS_KEYS,
                    DamagedFile, check_keys, held_advice, is_held, local_ended_at, local_state, read_record, slurm_state,
-                   squeue_silence, started_job, started_unrecorded, stopped_elsewhere)
+                   squeue_silence, started_job, started_unrecorded, stopped_elsewhere, trains_elsewhere)
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
@@ -107,6 +107,8 @@ def _here(rec: dict, folder: Path, sweep: bool) -> dict:
     if os.path.realpath(mine) == os.path.realpath(recorded):
         return rec
     out = {**rec, "run_dir": str(mine.absolute())}
+    if trains_elsewhere(rec, folder, sweep):  # a copy: while the job is active, it trains the original
+        out["copy_of"] = str(recorded)
     logs = rec.get("submitit_folder")  # the job's logs, in the run's or its sweep's folder: moved with it
     for old, new in ((recorded, mine), (recorded.parent, mine.parent)):
         if isinstance(logs, str) and Path(logs).parent == old and (new / Path(logs).name).is_dir():
@@ -289,7 +291,8 @@ def run_rows(folder: Path) -> list[dict]:
             slurm and "slurm_job_id" in st and str(st["slurm_job_id"]) != str(rec["job_id"])
             or rec.get("backend") == "local" and (state is not None or "local_job_id" in st)
             and _local_by_hand(st, rec))
-        if by_hand:
+        copy_of = rec.get("copy_of") if state in ACTIVE_STATES and not ended else None
+        if by_hand or copy_of:  # (a copy of an ended job's folder is its run, where it is now)
             state, restarts, ended = None, None, False
         run_state = st.get("state") if current else None
         active = state in ACTIVE_STATES and not ended
@@ -405,7 +408,9 @@ def run_rows(folder: Path) -> list[dict]:
         elif held:  # scontrol hold / requeuehold, or an admin's hold
             state = f"PENDING ({held_advice(rec, reason)})"
             never = True
-        rows.append({"job": rec.get("job_id") or st.get("slurm_job_id") or "-", "state": state, "run": run_state or "-",
+        rows.append({"job": (None if copy_of else rec.get("job_id") or st.get("slurm_job_id")) or "-",
+                     "copy_of": copy_of,  # a copy of the folder its job trains now
+                     "state": state, "run": run_state or "-",
                      "slurm_answered": known if slurm else None,
                      # no_answer: Slurm did not answer and the run has not ended, so it may still be queued
                      "active": (active and not never) or no_answer, "failed": failed or never, "no_answer": no_answer,

@@ -2262,6 +2262,36 @@ def test_a_signal_sent_to_a_local_job_id_stops_its_ranks_under_their_controller(
     assert (row["state"], row["failed"]) == ("INTERRUPTED", False), row
 
 
+def test_a_copy_of_a_running_jobs_folder_is_no_folder_of_that_job(tmp_path):
+    """A copy of the folder a running cluster=local job trains was shown as that job's (RUNNING), and training into
+    the copy was refused, 'job N (RUNNING) training into it' (found by a laptop journey audit). The job trains the
+    original, still where submit recorded it: the copy has no job, its progress its own, and it may be trained."""
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    controller, ranks = _start_local_job(tmp_path, run, 1)
+    try:
+        for _ in range(5):  # as cp -r would, while the job writes (a file renamed away mid-copy: again)
+            try:
+                shutil.copytree(run, copy, symlinks=True, ignore=shutil.ignore_patterns(".train.lock", "*.tmp"))
+                break
+            except (shutil.Error, FileNotFoundError):
+                shutil.rmtree(copy, ignore_errors=True)
+        original, copied = status.run_rows(run)[0], status.run_rows(copy)[0]
+        assert (original["job"], original["state"]) == (str(controller), "RUNNING"), original
+        assert copied["job"] == "-" and copied["state"] != "RUNNING" and copied["copy_of"] == str(run), copied
+        assert jobs.other_jobs_state(copy) is None and jobs.other_jobs_state(run)[1] == "RUNNING"
+        # a copy of a sweep: each point's job trains the original sweep's point
+        sweep = {"jobs": [{"job_id": str(controller), "run_dir": str(run), "backend": "local"}]}
+        (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+        assert jobs.trains_elsewhere(sweep["jobs"][0], tmp_path / "elsewhere", sweep=True)
+        assert not jobs.trains_elsewhere(sweep["jobs"][0], tmp_path, sweep=True)  # the sweep itself
+        shutil.rmtree(run)  # moved away, not copied: the job's folder is the one it is in now
+        assert not jobs.trains_elsewhere(json.loads((copy / "submission.json").read_text()), copy)
+    finally:
+        for pid in [*ranks, controller]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_sigint_to_a_local_jobs_process_group_reaches_its_ranks_once(tmp_path):
     """`kill -INT -- -PGID` (a CI cancel, a supervisor): the ranks, in a group of their own, get it once, from the
     controller. In the controller's group they got it straight and again from it ms later, and that second copy
