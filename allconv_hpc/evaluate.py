@@ -249,8 +249,10 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     then = ck.get("data") if isinstance(ck.get("data"), dict) else None
     asked = None if test_size in (None, ALL) else test_size  # --test-size naming the run's own images is checked too
     own = test_size is None or asked == (ck["config"].get("data") or {}).get("test_size")
-    other = (data_mod.other_images({split: then.get(split)}, {split: data_mod.split_print(part)})
-             if then is not None and own else [])
+    scored = {split: data_mod.split_print(part)} if own else {}
+    if cfg.data.preprocess == "gcn_zca":  # the whitening is fitted again on the training images: theirs too
+        scored["train"] = data_mod.split_print(ds.train)
+    other = data_mod.other_images({k: then.get(k) for k in scored}, scored) if then is not None else []
     model = build_model(cfg.model)
     with fitting(path):
         model.load_state_dict(ck["model"])
@@ -276,7 +278,7 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
             "global_step": ck.get("global_step", ts.get("global_step")),
             "val_acc_when_saved": val_acc, "val_acc_epoch": val_epoch, "split": split, "loss": loss / n,
             "accuracy": correct / n, "images": int(n), "precision": precision, "device": str(dev),
-            "model": cfg.model.name, "data": cfg.data.name, "other_images": other[0] if other else None}
+            "model": cfg.model.name, "data": cfg.data.name, "other_images": "; ".join(other) or None}
 
 
 def saved_val_acc(ck: dict) -> tuple[Optional[float], Optional[int]]:
@@ -320,8 +322,11 @@ def evaluate_main(argv: list[str]) -> int:
         print(f"allconv-hpc evaluate: note: {r['checkpoint']} is not one of {args.run}'s checkpoints: scored with "
               f"the config it carries ({r['model']} on {r['data']})", file=sys.stderr)
     if r["other_images"]:
-        print(f"allconv-hpc evaluate: warning: these are not the images the run scored ({r['other_images']}; "
-              f"another copy or dataset?): the accuracy is not comparable with its val_acc", file=sys.stderr)
+        what = ("the whitening (data.preprocess=gcn_zca) is fitted on other training images than the run's"
+                if r["other_images"].startswith("training") else "these are not the images the run scored")
+        # (other_images: each split that differs, training first)
+        print(f"allconv-hpc evaluate: warning: {what} ({r['other_images']}; another copy or dataset?): the accuracy "
+              f"is not comparable with its val_acc", file=sys.stderr)
     if args.json:
         print(json.dumps(r))
     else:

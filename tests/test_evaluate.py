@@ -210,6 +210,19 @@ def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path, capsys
     assert evaluate(run, "last", data_root=str(tmp_path / "other"), test_size="all")["other_images"] == \
         "test images: 40 then, 40 now, other images"
     assert evaluate(run, "last", data_root=str(tmp_path / "other"), test_size=30)["other_images"] is None
+    # gcn_zca: the whitening is fitted again on the training images; other ones with the same test images scored
+    # another way unsaid (found by a laptop journey audit)
+    zca = tmp_path / "zca"
+    run_train(tmp_path, zca, ov[:-2] + [f"data.root={tmp_path / 'new'}", "data.augment=none",
+                                        "data.preprocess=gcn_zca"])
+    (xt2, yt2) = _fake_cifar(120, 7)
+    data.write_cifar(tmp_path / "mix", "cifar10", xt2, yt2, xte, yte, [f"c{i}" for i in range(10)])
+    assert evaluate(zca, "last", data_root=str(tmp_path / "new"))["other_images"] is None
+    assert evaluate(zca, "last", data_root=str(tmp_path / "mix"))["other_images"] == \
+        "training images: 120 then, 120 now, other images"
+    r = _cli(tmp_path, zca, "--data-root", str(tmp_path / "mix"))
+    assert r.returncode == 0 and ("warning: the whitening (data.preprocess=gcn_zca) is fitted on other training "
+                                  "images than the run's (training images: 120 then") in r.stderr, r.stderr
     # more than there are: said as the option given, whose every image is `all` (not data.test_size's null); past
     # this copy's 40 by the loader's check, past CIFAR-10's 10,000 by the config's
     with pytest.raises(data.DataError, match=r"^--test-size 41 is larger than the 40 images available; use <= 40 or "
