@@ -645,6 +645,10 @@ def test_a_run_resumed_by_hand_after_its_local_job_ended_reads_as_the_hand_runs_
     assert (row["state"], row["failed"], row["started_by"]) == ("INTERRUPTED", False, "train"), row
     assert status.notes(row) == ["stopped with epoch 4/5 done (step 0); the same train command starts it over: it "
                                  "stopped before its first checkpoint"], status.notes(row)
+    # it had trained to step 428, and its checkpoints are gone since: said so (laptop journey audit)
+    assert status.notes({**row, "step": 428}) == [
+        "stopped with epoch 4/5 done (step 428); the same train command starts it over: its checkpoints are gone "
+        "(deleted?), and the epochs it recorded are set aside in checkpoints.oldN/"]
     record("failed", 200.0)
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == ("FAILED", True), row
