@@ -103,7 +103,7 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
             check_train_args(overrides)
             composed = compose(overrides)  # a typo is said before torch's import, which comes next
             from .checkpoint import CheckpointError, check_resume
-            from .data import check_present
+            from .data import check_files, check_present
             from .distributed import DistributedError, PortInUse, detect_env
             from .launch_checks import check_launch
             from .trainer import NonFiniteError, Trainer
@@ -124,6 +124,9 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
             check_present(composed.cfg.data)
         except ConfigError as e:
             raise ConfigError(with_recorded_root(e, composed, check_present)) from None
+        if not (composed.run_dir / "checkpoints").is_dir():  # a new run: a size its files cannot give (a copy cut
+            t = composed.cfg.trainer  # short, rebuilt) is refused before its folder is made, left a FAILED row
+            check_files(composed.cfg.data, t.batch_size if t.drop_last else None)  # (a resume's were checked)
         if preflight_mode(composed.cfg.wandb.mode) != "disabled":  # a bad WANDB_MODE, online with no key...
             check_names(composed.cfg.wandb)  # ...or a project or tag W&B would refuse at wandb.init...
             check_environment()  # ...or a WANDB_* variable it would

@@ -578,3 +578,22 @@ def test_a_run_grows_only_where_trainer_epochs_is_given(tmp_path):
         launcher.plan(["cluster=local", *short, f"hydra.run.dir={run}"], multirun=False)
     assert train("trainer.epochs=2").returncode == 0
     assert [row["epoch"] for row in read_history(run / "history.csv")] == [1, 2]
+
+
+def test_a_size_the_files_cannot_give_is_refused_before_the_run_folder_is_made(tmp_path):
+    """data.test_size past the images of a copy cut short (the official count passes the config's check): train
+    found it in the data load, after the run folder and its train.log were made, left as a FAILED row in `status`
+    for good (found by a laptop journey audit). Refused first now, as submit does."""
+    import numpy as np
+    from allconv_hpc import data
+    rng = np.random.default_rng(0)
+    images = lambda n: rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)  # noqa: E731
+    data.write_cifar(tmp_path / "data", "cifar10", images(20), np.arange(20) % 10, images(10), np.arange(10) % 10,
+                     [f"c{i}" for i in range(10)])
+    run_dir = tmp_path / "run"
+    r = subprocess.run([console_script(), "train", "data=cifar10", f"data.root={tmp_path / 'data'}", "model.width=0.25",
+                        "trainer.epochs=1", "data.test_size=30", f"hydra.run.dir={run_dir}"],
+                       env=clean_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and ("data.test_size=30 is larger than the 10 images available; use <= 10 or null for "
+                                  "all") in r.stderr, r.stderr[-2000:]
+    assert not run_dir.exists()
