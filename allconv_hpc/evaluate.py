@@ -177,6 +177,10 @@ def _checkpoint_path(run: Path, which: str) -> Path:
             raise ConfigError(f"{run} holds the checkpoints of a run set aside by checkpoint.resume=never, not a run "
                               f"folder; score one of its files by path{gone}: allconv-hpc evaluate "
                               f"{shlex.quote(str(here.parent))} --checkpoint {shlex.quote(str(here / name))}")
+        if aside and not (run / "checkpoints").exists():  # set aside with no checkpoint (they were gone already)
+            raise ConfigError(f"{run} holds what was set aside of an earlier run of {run.absolute().parent} (no "
+                              f"checkpoint: its checkpoints were gone by then), nothing to score; the run folder "
+                              f"itself: allconv-hpc evaluate {shlex.quote(str(run.absolute().parent))}")
         sweep = _sweep_hint(run, which)
         if sweep:
             raise ConfigError(sweep)

@@ -381,6 +381,11 @@ def test_a_set_aside_runs_checkpoint_folder_gets_the_command_that_scores_its_fil
     with pytest.raises(ConfigError, match=rf"by path \(it holds no best.pt\): allconv-hpc evaluate {run} --checkpoint "
                                           rf"{old}/last.pt$"):
         evaluate(old, "best")
+    for f in old.glob("*.pt"):  # set aside with no checkpoint (they were gone): nothing to score, said so; it was
+        f.unlink()  # "has no checkpoint yet", naming a status command that fails (laptop journey audit)
+    with pytest.raises(ConfigError, match=rf"^{old} holds what was set aside of an earlier run of {run} \(no "
+                                          rf"checkpoint: .*allconv-hpc evaluate {run}$"):
+        evaluate(old, "best")
 
 
 def test_a_folder_that_is_no_run_is_named_so(tmp_path):
