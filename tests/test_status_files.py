@@ -369,6 +369,7 @@ def test_a_run_that_failed_before_its_first_record_shows_the_error(tmp_path, cap
     (root / "cifar-10-batches-py").mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
         (root / "cifar-10-batches-py" / name).write_bytes(b"not a pickle.")  # ends as a pickle does: passes the preflight
+    (run / "checkpoints").mkdir(parents=True)  # a run folder made before (a new run's files are read before it is)
     r = subprocess.run([PY, "-m", "allconv_hpc", "train", "data=cifar10", f"data.root={root}", "model.width=0.125",
                         "wandb.mode=disabled", f"hydra.run.dir={run}"], env=clean_env(tmp_path), capture_output=True,
                        text=True, timeout=120)
