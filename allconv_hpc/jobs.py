@@ -299,6 +299,12 @@ FIXES = {"sweep.json": "submit the sweep again (allconv-hpc submit -m ...), whic
          "status.json": "delete it: the run's next start (its job, or train) writes a new one"}
 
 
+def _json_type(doc) -> str:
+    """JSON's own name of a parsed value's type (null, array, string...), not Python's (NoneType, list, str)."""
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+            list: "array"}.get(type(doc), type(doc).__name__)
+
+
 def read_record(path: Path) -> Optional[dict]:
     """The JSON object in path, None when there is no such file; DamagedFile when it cannot be read or
     is not a JSON object."""
@@ -320,7 +326,7 @@ def read_record(path: Path) -> Optional[dict]:
     except ValueError as e:
         raise DamagedFile(f"{path}: not valid JSON ({e}); {fix}") from None
     if not isinstance(doc, dict):
-        raise DamagedFile(f"{path}: holds a JSON {type(doc).__name__}, not an object; {fix}")
+        raise DamagedFile(f"{path}: holds a JSON {_json_type(doc)}, not an object; {fix}")
     return doc
 
 
@@ -337,7 +343,7 @@ def check_keys(doc, keys: dict, path: Path, entry: str = "") -> dict:
     DamagedFile otherwise."""
     where, fix = f"{path}: {entry}", FIXES[path.name]
     if not isinstance(doc, dict):
-        raise DamagedFile(f"{where}holds a JSON {type(doc).__name__}, not an object; {fix}")
+        raise DamagedFile(f"{where}holds a JSON {_json_type(doc)}, not an object; {fix}")
     for key, types in keys.items():
         if key in REQUIRED and key not in doc:
             raise DamagedFile(f"{where}has no {key!r}; {fix}")

@@ -198,7 +198,7 @@ def test_a_run_started_by_hand_shows_its_slurm_job_after_it_ended(tmp_path, no_s
 
 
 @pytest.mark.parametrize("content,what", [
-    ("[1, 2]", "holds a JSON list, not an object"),
+    ("[1, 2]", "holds a JSON array, not an object"),
     ("", "is empty"),
     ("  \n", "is empty"),
     ('{"state": "running"', "not valid JSON (Expecting ',' delimiter"),
@@ -265,7 +265,7 @@ def test_an_unreadable_file_is_named(name, capsys, no_slurm):
     ({}, "no 'jobs' list, or an empty one"),
     ({"jobs": []}, "no 'jobs' list, or an empty one"),
     ({"jobs": {"run_dir": "x"}}, "no 'jobs' list, or an empty one"),
-    ([], "holds a JSON list, not an object"),
+    ([], "holds a JSON array, not an object"),
 ])
 def test_a_sweep_json_without_jobs_is_named(tmp_path, capsys, doc, what):
     root, _ = sweep(tmp_path)
@@ -295,10 +295,10 @@ def test_a_sweep_job_entry_that_is_no_object_is_named(tmp_path, capsys):
     doc["jobs"][0] = "42"
     (root / "sweep.json").write_text(json.dumps(doc))
     err = one_line_error(capsys, status.status_main([str(root)]), root / "sweep.json")
-    assert "job 1: holds a JSON str, not an object" in err, err
+    assert "job 1: holds a JSON string, not an object" in err, err
 
 
-@pytest.mark.parametrize("content,what", [("", "is empty"), ("[]", "holds a JSON list"), ("{}", "has no 'run_dir'"),
+@pytest.mark.parametrize("content,what", [("", "is empty"), ("[]", "holds a JSON array"), ("{}", "has no 'run_dir'"),
                                           ("{nope", "not valid JSON")])
 def test_a_damaged_submission_json_is_named(tmp_path, capsys, content, what):
     run = write_run(tmp_path / "run", "running")
