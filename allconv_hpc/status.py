@@ -642,6 +642,8 @@ def status_main(argv: list[str]) -> int:
             rel = os.path.relpath(r["run_dir"])
             r["folder"] = rel if not rel.startswith("..") else r["run_dir"]
     if not rows:
+        if args.json:  # a consumer of --json reads a list, empty here (the errors are on stderr, the exit code 2)
+            print("[]")
         return 2
     print(json.dumps([{**r, "notes": [n.replace(SWEEP_COMMAND_BELOW, f"`{r['resume_command']}`") for n in notes(r)]}
                       for r in rows], indent=1) if args.json

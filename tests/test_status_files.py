@@ -320,6 +320,8 @@ def test_not_a_run_folder_is_still_exit_2(tmp_path, capsys):
     rc = status.status_main([str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "is neither a run folder" in err and "it holds" not in err, err
+    assert status.status_main(["--json", str(tmp_path)]) == 2  # --json: still a list to read, empty (it printed
+    assert json.loads(capsys.readouterr().out) == []  # nothing: laptop journey audit)
     runs = [write_run(tmp_path / "runs" / name, "completed") for name in ("b", "a", "c", "d")]
     (tmp_path / "runs" / "notes").mkdir()
     assert status.status_main([str(tmp_path / "runs")]) == 2  # a folder of runs: a few are named
