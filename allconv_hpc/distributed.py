@@ -416,9 +416,12 @@ class Dist:
             time.sleep(3.0)  # let the other survivors answer the roll call
             silent = [r for r in range(self.env.world_size)
                       if not store.check([f"allconv/alive/{r}"]) and not store.check([f"allconv/failed/{r}"])]
-            who = ", ".join(map(str, silent)) or "unknown"
-            return PeerLost(f"rank {me}: peer rank(s) {who} did not answer: died, hung or stopped "
-                            f"(collective failed: {_first_line(err)})")
+            if not silent:  # none lost: "peer rank(s) unknown did not answer" misled
+                return PeerLost(f"rank {me}: a collective failed, though every rank answered the roll call after it "
+                                f"(a peer slower than dist.timeout_s, or a fault of the link; collective failed: "
+                                f"{_first_line(err)})")
+            return PeerLost(f"rank {me}: peer rank(s) {', '.join(map(str, silent))} did not answer: died, hung or "
+                            f"stopped (collective failed: {_first_line(err)})")
         except Exception:
             return PeerLost(f"rank {me}: rank 0 (host of the rendezvous store) is unreachable, it probably "
                                     f"died; its error, if it had time to write one, is in the run folder's train.log "

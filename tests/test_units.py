@@ -1500,3 +1500,22 @@ def test_the_readme_contents_list_every_section_and_each_link_lands():
     anchors = {a for _, _, a in heads}
     assert len(anchors) == len(heads), "two headings share an anchor"
     assert not [a for a in re.findall(r"\]\(#([^)]+)\)", text) if a not in anchors]
+
+
+def test_a_failed_collective_whose_ranks_all_answer_names_no_lost_peer(tmp_path):
+    """Every rank reached the roll call after a collective failed (a timeout of dist.timeout_s on all of them): it
+    said "peer rank(s) unknown did not answer", a peer lost that was not."""
+    import sys
+    script = f"""
+import torch, torch.distributed as dist
+from allconv_hpc.distributed import Dist, DistEnv
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+d = Dist(DistEnv(), torch.device("cpu"))
+print(d._diagnose(RuntimeError("Application timeout caused pair closure")))
+dist.destroy_process_group()
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == ("rank 0: a collective failed, though every rank answered the roll call after it (a "
+                                "peer slower than dist.timeout_s, or a fault of the link; collective failed: "
+                                "Application timeout caused pair closure)"), r.stdout
