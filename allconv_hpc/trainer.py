@@ -414,9 +414,13 @@ class Trainer:
                 f"diverged before it (see history.csv)" if files else "no checkpoint was written yet")
 
     def _sweep_point(self) -> Optional[Path]:
-        """The sweep folder, where submit -m's job runs this point (a point trained by hand is a run of its own)."""
+        """The sweep folder, where submit -m's job runs this point: not a point trained by hand since, nor one
+        submitted on its own (a run of its own, as status shows it), whose record names no -m command."""
         parent = self.run_dir.parent
-        return parent if (parent / "sweep.json").is_file() and "SUBMITIT_EXECUTOR" in os.environ else None
+        if not (parent / "sweep.json").is_file() or "SUBMITIT_EXECUTOR" not in os.environ:
+            return None
+        command = read_json(self.run_dir / "submission.json").get("command") or []
+        return parent if "-m" in command or "--multirun" in command else None
 
     def _diverged(self, what: str) -> NonFiniteError:
         kept = self._kept()

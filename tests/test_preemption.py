@@ -172,6 +172,8 @@ def test_a_stopped_sweep_points_log_names_the_sweeps_command(tmp_path):
     sweep.mkdir()
     (sweep / "sweep.json").write_text("{}")  # what submit -m writes there: the sweep's record
     run = sweep / "seed_0"  # (a point's own name, seed=0, takes quotes in hydra.run.dir=)
+    run.mkdir()  # its record, as submit -m writes it (a point submitted on its own since names no -m: a run of its own)
+    (run / "submission.json").write_text(json.dumps({"command": ["allconv-hpc", "submit", "-m", "seed=0,1"]}))
     # as its job runs it (submitit's variable; no other of a job's is read on this path)
     p = interrupt_at(tmp_path, run, EXACT + ["wandb.mode=disabled"], "(global 2)", signal.SIGUSR2,
                      SUBMITIT_EXECUTOR="local")
@@ -183,6 +185,13 @@ def test_a_stopped_sweep_points_log_names_the_sweeps_command(tmp_path):
     assert p.returncode == 3, p.output[-3000:]
     assert (run / "train.log").read_text().count(
         "the run stops with its checkpoint; the same command resumes it from this checkpoint") == 1, p.output[-3000:]
+    # submitted on its own since, into the sweep's folder: a run of its own, its own submit command (diff review)
+    (run / "submission.json").write_text(json.dumps({"command": ["allconv-hpc", "submit", "trainer.epochs=3"]}))
+    p = interrupt_at(tmp_path, run, EXACT + ["wandb.mode=disabled"], "(global 12)", signal.SIGUSR2,
+                     SUBMITIT_EXECUTOR="local")
+    assert p.returncode == 3, p.output[-3000:]
+    assert (run / "train.log").read_text().count(
+        "the run stops with its checkpoint; the same command resumes it from this checkpoint") == 2, p.output[-3000:]
 
 
 def test_a_failed_history_row_says_the_checkpoint_landed(tmp_path):
@@ -495,8 +504,9 @@ def test_nan_stops_without_touching_good_checkpoints(tmp_path):
     assert '"completed"' in (tmp_path / "early" / "status.json").read_text()
     # a sweep's point, run by its job: new values here would leave the point its name and sweep do not describe
     # (it advised them: Slurm journey audit); new points of the sweep instead
-    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "p0").mkdir(parents=True)
     (tmp_path / "sw" / "sweep.json").write_text("{}")
+    (tmp_path / "sw" / "p0" / "submission.json").write_text(json.dumps({"command": ["allconv-hpc", "submit", "-m"]}))
     point = run_train(tmp_path, tmp_path / "sw" / "p0", EXACT + ["optim.lr=1e9", "schedule.warmup_epochs=0"],
                       check=False, SUBMITIT_EXECUTOR="local")
     assert point.returncode == 1 and ("Sweep a lower optim.lr or a longer warm-up (schedule.warmup_epochs=0 now) as "
