@@ -23,7 +23,7 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
     (a resubmitted sweep fills in the rest); None when it does."""
     from .jobs import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, held_advice, is_held, queued,
-                       queued_state, read_record, squeue_silence, started_unrecorded, stop_command)
+                       queued_state, read_record, squeue_silence, started_unrecorded, stop_command, trains_elsewhere)
 
     sub = run_dir / "submission.json"
     try:  # status's reading: a damaged record is named with its fix
@@ -32,7 +32,7 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
             check_keys(rec, JOB_KEYS, sub)
     except DamagedFile as e:
         raise ConfigError(str(e)) from None
-    if rec is not None:
+    if rec is not None and not trains_elsewhere(rec, run_dir):  # (a copy's job trains the original)
         state, reason = queued(rec)
         if state == NO_ANSWER:  # it may still run: a second job could train into the same folder
             raise ConfigError(f"squeue did not answer whether job {rec['job_id']}, the last one submitted into "

@@ -200,6 +200,14 @@ def stop_command(rec: dict) -> str:
     return f"scancel {rec['job_id']}" if rec.get("backend") == "slurm" else f"kill {rec['job_id']}"
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    """One folder, however reached: a symlink, a bind mount or a second mount of it (realpath sees only links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them missing
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def trains_elsewhere(rec: dict, folder: Path, sweep: bool = False) -> bool:
     """`folder` (a sweep's for a point's `rec`, with `sweep`) is a copy of the one the job of `rec` trains: that one
     is still where submit recorded it, with the job in its own record. A copy of a running job's folder was shown
@@ -208,7 +216,7 @@ def trains_elsewhere(rec: dict, folder: Path, sweep: bool = False) -> bool:
     if not rec.get("job_id") or not recorded.name:
         return False
     mine = folder / recorded.name if sweep else folder
-    if os.path.realpath(mine) == os.path.realpath(recorded) or not recorded.is_dir():
+    if not recorded.is_dir() or _same_folder(mine, recorded):
         return False
     try:
         own = read_record(recorded.parent / "sweep.json" if sweep else recorded / "submission.json")

@@ -399,6 +399,8 @@ def run_rows(folder: Path) -> list[dict]:
             error = (f"{error}; " if error else "") + (
                 f"the job ended ({state}) with its run lock still held by {holder}: if that node is down, delete "
                 f"{run_dir / runlock.LOCK_FILE} before resuming")
+        if copy_of and not active and run_dir.exists():  # a snapshot of a run its job trains elsewhere: no job, and no failure, of its own
+            state, failed, error = "COPY (its job trains the original)", False, None
         never = state == "PENDING" and reason in NEVER_STARTS  # --wait would wait forever
         held = is_held(state, reason)  # and so would this
         if never:
@@ -409,7 +411,8 @@ def run_rows(folder: Path) -> list[dict]:
             state = f"PENDING ({held_advice(rec, reason)})"
             never = True
         rows.append({"job": (None if copy_of else rec.get("job_id") or st.get("slurm_job_id")) or "-",
-                     "copy_of": copy_of,  # a copy of the folder its job trains now
+                     "copy_of": copy_of, "copy_job": rec.get("job_id") if copy_of else None,  # a copy of the
+                     # folder its job trains now
                      "state": state, "run": run_state or "-",
                      "slurm_answered": known if slurm else None,
                      # no_answer: Slurm did not answer and the run has not ended, so it may still be queued
@@ -572,6 +575,9 @@ def notes(r: dict) -> list[str]:
     if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
         then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
                 f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")
+    if r.get("copy_of") and r["state"].startswith("COPY"):  # its progress is a snapshot of the original's
+        return [f"a copy of {r['copy_of']}, which its job {r['copy_job']} trains now, not this folder; "
+                f"{_same_command(r)} {then} here"]
     # a failure (a rank's refusal too) says what to change, itself
     if (not r["active"] and (r["run"] != "failed" or r["peer_lost"]) and not r.get("refused")
             and (r["run"] in MAY_RESUME or r["peer_lost"] or r["state"] in (NO_RECORD, "CANCELLED"))  # scancel, kill

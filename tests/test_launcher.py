@@ -2277,8 +2277,18 @@ def test_a_copy_of_a_running_jobs_folder_is_no_folder_of_that_job(tmp_path):
                 shutil.rmtree(copy, ignore_errors=True)
         original, copied = status.run_rows(run)[0], status.run_rows(copy)[0]
         assert (original["job"], original["state"]) == (str(controller), "RUNNING"), original
-        assert copied["job"] == "-" and copied["state"] != "RUNNING" and copied["copy_of"] == str(run), copied
+        assert (copied["job"], copied["state"], copied["failed"], copied["copy_of"]) == (
+            "-", "COPY (its job trains the original)", False, str(run)), copied
+        assert status.notes(copied)[0].startswith(f"a copy of {run}, which its job {controller} trains now, not "
+                                                  f"this folder; "), status.notes(copied)
         assert jobs.other_jobs_state(copy) is None and jobs.other_jobs_state(run)[1] == "RUNNING"
+        ov = json.loads((copy / "submission.json").read_text())["overrides"]
+        assert folder_checks.check_run_folder(copy, compose(ov).cfg, overrides=ov) is None  # submit takes it too
+        with pytest.raises(ConfigError, match=rf"run folder {run} already has job {controller} \(RUNNING\)"):
+            folder_checks.check_run_folder(run, compose(ov).cfg, overrides=ov)
+        alias = tmp_path / "alias"  # the folder itself, by another path: the job's (a bind mount, as a link here)
+        alias.symlink_to(run)
+        assert status.run_rows(alias)[0]["state"] == "RUNNING"
         # a copy of a sweep: each point's job trains the original sweep's point
         sweep = {"jobs": [{"job_id": str(controller), "run_dir": str(run), "backend": "local"}]}
         (tmp_path / "sweep.json").write_text(json.dumps(sweep))
