@@ -350,11 +350,16 @@ def _download(cfg: DataConfig) -> None:
     from torchvision.datasets.utils import check_integrity
     tmp, before, bad_copy, made, whole = None, socket.getdefaulttimeout(), False, [], False
     try:
-        try:
-            cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+        cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+        try:  # no network fault: said as what it is (it read as "this machine may have no network")
             _make_root(root, made)
-            _remove_stale_downloads(root)
             tmp = Path(tempfile.mkdtemp(prefix=_download_prefix(), dir=root))
+        except OSError as e:
+            raise DataError(f"cannot make a folder to download {title} into, in {root} ({type(e).__name__}: {e}); "
+                            f"give a data.root this user can write, or copy the official python version there and "
+                            f"set data.download=false") from None
+        try:
+            _remove_stale_downloads(root)
             copied = root / cls.filename
             if copied.is_file():  # one there already (copied by hand): unpacked offline; a bad one is fetched anew
                 bad_copy = not check_integrity(str(copied), cls.tgz_md5)

@@ -737,3 +737,12 @@ def test_a_failed_download_takes_away_only_the_folders_it_made(tmp_path):
     data._make_root(tmp_path / "new" / ".." / "mine" / "a", made)
     assert made == [tmp_path / "new" / ".." / "mine" / "a", tmp_path / "new"]
     assert (tmp_path / "mine" / "a").is_dir()
+
+
+def test_a_download_root_that_cannot_be_made_is_said_as_such(tmp_path):
+    """data.root under a file (or where this user cannot write): said as the folder that cannot be made; it read
+    "downloading ... failed; this machine may have no network" (diff review)."""
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(data.DataError, match=r"^cannot make a folder to download CIFAR-10 into, in .*/afile/sub "
+                                             r"\(NotADirectoryError: .*give a data.root this user can write"):
+        data.fetch_if_missing(_cfg(tmp_path / "afile" / "sub", download=True))
