@@ -646,12 +646,13 @@ def test_a_run_resumed_by_hand_after_its_local_job_ended_reads_as_the_hand_runs_
     record("interrupted", 200.0)  # a train by hand with trainer.epochs=5, Ctrl-C'd
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"], row["started_by"]) == ("INTERRUPTED", False, "train"), row
-    assert status.notes(row) == ["stopped with epoch 4/5 done (step 0); the same train command starts it over: it "
-                                 "stopped before its first checkpoint"], status.notes(row)
-    # it had trained to step 428, and its checkpoints are gone since: said so (laptop journey audit)
-    assert status.notes({**row, "step": 428}) == [
-        "stopped with epoch 4/5 done (step 428); the same train command starts it over: its checkpoints are gone "
-        "(deleted?), and the epochs it recorded are set aside in checkpoints.oldN/"]
+    # epochs recorded, no checkpoint: they are gone (deleted?) since; it said "stopped before its first checkpoint"
+    assert status.notes(row) == [  # (laptop journey audit)
+        "stopped with epoch 4/5 done (step 0); the same train command starts it over: its checkpoints are gone "
+        "(deleted?), and the epochs it recorded are set aside in checkpoints.oldN/"], status.notes(row)
+    assert status.notes({**row, "step": 3, "epoch": 0})[0].endswith(  # a stop in epoch 1: nothing to set aside
+        "the same train command starts it over: its checkpoints are gone (deleted?)")
+    assert status.notes({**row, "step": 0, "epoch": 0})[0].endswith("it stopped before its first checkpoint")
     record("failed", 200.0)
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == ("FAILED", True), row
@@ -735,13 +736,13 @@ def test_the_note_of_a_stopped_sweep_point_names_the_sweeps_submit(tmp_path, no_
     """A sweep's point stopped part-way is resumed by submitting the sweep again (a lone train would need the
     point's overrides); the same point submitted on its own since, by that submit."""
     root, runs = sweep(tmp_path)
-    (runs[1] / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 1, "epochs": 3}))
+    (runs[1] / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 0, "epochs": 3}))
     assert status.status_main([str(root), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["notes"] for r in rows] == [[], ["stopped with epoch 1/3 done (step 0); the same `submit -m` command "
+    assert [r["notes"] for r in rows] == [[], ["stopped with epoch 0/3 done (step 0); the same `submit -m` command "
                                               "(the whole sweep) starts it over: it stopped before its first checkpoint"]]
     assert status.status_main([str(runs[1])]) == 0  # asked about the point alone: its own submission.json
-    assert capsys.readouterr().out.rstrip().endswith("p1: stopped with epoch 1/3 done (step 0); the same submit (or "
+    assert capsys.readouterr().out.rstrip().endswith("p1: stopped with epoch 0/3 done (step 0); the same submit (or "
                                                      "train) command starts it over: it stopped before its first checkpoint")
 
 
