@@ -179,7 +179,7 @@ def _checkpoint_path(run: Path, which: str) -> Path:
                               f"{shlex.quote(str(here.parent))} --checkpoint {shlex.quote(str(here / name))}")
         if aside and not (run / "checkpoints").exists():  # set aside with no checkpoint (they were gone already)
             raise ConfigError(f"{run} holds what was set aside of an earlier run of {run.absolute().parent} (no "
-                              f"checkpoint: its checkpoints were gone by then), nothing to score; the run folder "
+                              f"checkpoint file in it), nothing to score; the run folder "
                               f"itself: allconv-hpc evaluate {shlex.quote(str(run.absolute().parent))}")
         sweep = _sweep_hint(run, which)
         if sweep:
@@ -326,8 +326,10 @@ def evaluate_main(argv: list[str]) -> int:
         print(f"allconv-hpc evaluate: note: {r['checkpoint']} is not one of {args.run}'s checkpoints: scored with "
               f"the config it carries ({r['model']} on {r['data']})", file=sys.stderr)
     if r["other_images"]:
-        what = ("the whitening (data.preprocess=gcn_zca) is fitted on other training images than the run's"
-                if r["other_images"].startswith("training") else "these are not the images the run scored")
+        fit = "the whitening (data.preprocess=gcn_zca) is fitted on other training images than the run's"
+        what = (fit if r["other_images"].startswith("training") and ";" not in r["other_images"] else
+                f"{fit}, and these are not the images the run scored" if r["other_images"].startswith("training")
+                else "these are not the images the run scored")
         # (other_images: each split that differs, training first)
         print(f"allconv-hpc evaluate: warning: {what} ({r['other_images']}; another copy or dataset?): the accuracy "
               f"is not comparable with its val_acc", file=sys.stderr)

@@ -124,9 +124,10 @@ def run(overrides: list[str], submitted: bool = False, entry_point: bool = False
             check_present(composed.cfg.data)
         except ConfigError as e:
             raise ConfigError(with_recorded_root(e, composed, check_present)) from None
-        if not (composed.run_dir / "checkpoints").is_dir():  # a new run: a size its files cannot give (a copy cut
-            t = composed.cfg.trainer  # short, rebuilt) is refused before its folder is made, left a FAILED row
-            check_files(composed.cfg.data, t.batch_size if t.drop_last else None)  # (a resume's were checked)
+        if not submitted and not (composed.run_dir / "checkpoints").is_dir():  # a new run (a resume's, and a
+            # submitted job's, were checked): a size its files cannot give (a copy cut short, rebuilt) is refused
+            t = composed.cfg.trainer  # before its folder is made, which was left a FAILED row
+            check_files(composed.cfg.data, t.batch_size if t.drop_last else None)
         if preflight_mode(composed.cfg.wandb.mode) != "disabled":  # a bad WANDB_MODE, online with no key...
             check_names(composed.cfg.wandb)  # ...or a project or tag W&B would refuse at wandb.init...
             check_environment()  # ...or a WANDB_* variable it would

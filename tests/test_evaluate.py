@@ -384,7 +384,8 @@ def test_a_set_aside_runs_checkpoint_folder_gets_the_command_that_scores_its_fil
     for f in old.glob("*.pt"):  # set aside with no checkpoint (they were gone): nothing to score, said so; it was
         f.unlink()  # "has no checkpoint yet", naming a status command that fails (laptop journey audit)
     with pytest.raises(ConfigError, match=rf"^{old} holds what was set aside of an earlier run of {run} \(no "
-                                          rf"checkpoint: .*allconv-hpc evaluate {run}$"):
+                                          rf"checkpoint file in it\), nothing to score; .*allconv-hpc evaluate "
+                                          rf"{run}$"):
         evaluate(old, "best")
 
 
