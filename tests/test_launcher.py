@@ -1536,9 +1536,9 @@ def test_wait_tells_a_stopped_run_from_a_completed_one(tmp_path, on_path, capsys
     assert status.run_rows(run)[0]["state"] == "INTERRUPTED"
     assert status.status_main([str(run)]) == 0  # status: nothing failed
     assert status.wait_for(run, poll_s=0.01) == status.EXIT_STOPPED == 3  # --wait: not done either
-    assert capsys.readouterr().out.rstrip().endswith(
-        "run: stopped with epoch 1/3 done (step 0); the same submit (or train) command starts it over: it stopped "
-        "before its first checkpoint")
+    assert capsys.readouterr().out.rstrip().endswith(  # an epoch done, and no checkpoint: gone since
+        "run: stopped with epoch 1/3 done (step 0); the same submit (or train) command starts it over: its "
+        "checkpoints are gone (deleted?), and the epochs it recorded are set aside in checkpoints.oldN/")
     (run / "checkpoints").mkdir()
     for name in ("step_00000012.pt", "step_00000032.pt", "last.pt"):  # the resume's step, not status.json's
         (run / "checkpoints" / name).touch()
