@@ -326,12 +326,11 @@ def evaluate_main(argv: list[str]) -> int:
         print(f"allconv-hpc evaluate: note: {r['checkpoint']} is not one of {args.run}'s checkpoints: scored with "
               f"the config it carries ({r['model']} on {r['data']})", file=sys.stderr)
     if r["other_images"]:
-        fit = "the whitening (data.preprocess=gcn_zca) is fitted on other training images than the run's"
-        what = (fit if r["other_images"].startswith("training") and ";" not in r["other_images"] else
-                f"{fit}, and these are not the images the run scored" if r["other_images"].startswith("training")
-                else "these are not the images the run scored")
-        # (other_images: each split that differs, training first)
-        print(f"allconv-hpc evaluate: warning: {what} ({r['other_images']}; another copy or dataset?): the accuracy "
+        scored = "these are not the images the run scored"
+        if r["other_images"].startswith("training"):  # (each split that differs, training first)
+            fit = "the whitening (data.preprocess=gcn_zca) is fitted on other training images than the run's"
+            scored = f"{fit}, and {scored}" if ";" in r["other_images"] else fit
+        print(f"allconv-hpc evaluate: warning: {scored} ({r['other_images']}; another copy or dataset?): the accuracy "
               f"is not comparable with its val_acc", file=sys.stderr)
     if args.json:
         print(json.dumps(r))

@@ -569,10 +569,15 @@ def notes(r: dict) -> list[str]:
     if r["failed"] and r["error"]:
         out.append(r["error"])
     ck = r.get("checkpoint_step")
-    then = (_resumes(ck) if ck is not None else  # none: none yet, or deleted since (train sets recorded epochs aside)
-            "starts it over: its checkpoints are gone (deleted?), and the epochs it recorded are set aside in "
-            "checkpoints.oldN/" if r["epoch"] else "starts it over: its checkpoints are gone (deleted?)" if r["step"]
-            else "starts it over: it stopped before its first checkpoint")
+    if ck is not None:
+        then = _resumes(ck)
+    elif r["epoch"]:  # deleted since: train sets the epochs it recorded aside
+        then = ("starts it over: its checkpoints are gone (deleted?), and the epochs it recorded are set aside in "
+                "checkpoints.oldN/")
+    elif r["step"]:
+        then = "starts it over: its checkpoints are gone (deleted?)"
+    else:
+        then = "starts it over: it stopped before its first checkpoint"
     if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
         then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
                 f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")

@@ -107,7 +107,6 @@ class Trainer:
         # status.json: written here, or by the checkpoint writer once a save it describes is on disk; a later
         # write here (a stop, a failure) makes the writer's pending one stale (_status_seq), so it is dropped
         self._status_lock, self._status_seq = threading.Lock(), 0
-        self._landed_step: Optional[int] = None  # the step of this process's last checkpoint write that landed
         t = cfg.trainer
         check_launch(cfg, env)
         self.device = pick_device(t.device, env)
@@ -481,7 +480,7 @@ class Trainer:
             self._epoch_end_unsaved = False  # handed over: it lands, also if this process fails now (close waits)
             self._saved_position = self._position_doc(vars(self.state))
             if best is not None:
-                self.writer.submit("best.pt", self._write_best, best, st.global_step)
+                self.writer.submit("best.pt", self._write_best, best)
         self.dist.barrier()
         self.polls.restart_clock()
 
@@ -508,13 +507,11 @@ class Trainer:
                 said = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else e.strerror or str(e)
                 raise OSError(*([e.errno] if e.errno else []), f"step {step}'s checkpoint landed, but adding its row "
                               f"to history.csv failed ({said}); the next start writes the row from it") from e
-        self._landed_step = step
 
-    def _write_best(self, best: dict, step: int) -> None:  # in the writer's thread, after step's checkpoint
-        # this process's write of that step, not a file of that step (a stop in evaluation saved one): else that
-        # write failed (the writer reports it), and best.pt would hold an epoch no checkpoint has: see _end_epoch
-        if self._landed_step == step:
-            self.ckpt.save_best(best)
+    def _write_best(self, best: dict) -> None:  # in the writer's thread, queued right after its step's checkpoint:
+        # run only once that write landed (the writer makes nothing after a failed write), so best.pt never holds an
+        # epoch no checkpoint has (see _end_epoch); a file of that step on disk said nothing (a stop in evaluation)
+        self.ckpt.save_best(best)
 
     def wait_checkpoints(self) -> None:
         """Everything saved so far is on disk; collective, so a failed write (rank 0's) fails every
@@ -565,16 +562,16 @@ class Trainer:
         epoch whose checkpoint never landed. Rank 0 only; a no-op elsewhere."""
         if self.env.is_main:
             doc, seq = self._status_doc("running"), self._status_seq
-            self.writer.submit("status.json", self._put_status, doc, seq, self.state.global_step)
+            self.writer.submit("status.json", self._put_status, doc, seq)
 
     def drop_pending_status(self) -> None:
         """A status.json write the checkpoint writer still holds is dropped (the run folder is another's now)."""
         with self._status_lock:
             self._status_seq += 1
 
-    def _put_status(self, doc: dict, seq: int, step: int) -> None:  # in the writer's thread
-        with self._status_lock:
-            if seq == self._status_seq and self._landed_step == step:  # else stale, or the save failed
+    def _put_status(self, doc: dict, seq: int) -> None:  # in the writer's thread, after its save (which landed:
+        with self._status_lock:  # the writer makes nothing after a failed write)
+            if seq == self._status_seq:  # else stale
                 self._write_status_file(doc)
 
     @staticmethod
@@ -910,12 +907,14 @@ class Trainer:
                             "site may forbid requeues)", self.slurm.job_id)
         if self.env.is_main:
             sweep = self._sweep_point()  # a point trained by hand resumes by the same train command
-            said = f" (`allconv-hpc status {sweep}` prints it)" if sweep else ""
-            again = ((f"the sweep's submit command{said}" if sweep else "the same command") +
-                     " resumes it from this checkpoint" if self.cfg.checkpoint.resume != "never" else
-                     f"checkpoint.resume=auto in the sweep's submit command{said} resumes it from this checkpoint"
-                     if sweep else "checkpoint.resume=auto resumes it from this checkpoint (the same command, with "
-                                   "checkpoint.resume=never, starts it over)")
+            command = f"the sweep's submit command (`allconv-hpc status {sweep}` prints it)" if sweep else None
+            if self.cfg.checkpoint.resume != "never":
+                again = f"{command or 'the same command'} resumes it from this checkpoint"
+            elif sweep:
+                again = f"checkpoint.resume=auto in {command} resumes it from this checkpoint"
+            else:
+                again = ("checkpoint.resume=auto resumes it from this checkpoint (the same command, with "
+                         "checkpoint.resume=never, starts it over)")
             if decision == "interrupted" and self.slurm.in_slurm and got == signal.SIGTERM:  # scancel, or Slurm's
                 again += " (or Slurm itself, if it preempted the job without a warning signal)"  # PreemptMode=REQUEUE
             log.warning("%s at global step %d (%s)%s", decision, st.global_step, self._position(),
