@@ -32,6 +32,12 @@ def _wandb_settings_file(environ: Mapping[str, str]) -> configparser.ConfigParse
     return parser
 
 
+def _settings_section(environ: Mapping[str, str]) -> Mapping[str, str]:
+    """The [default] section of wandb's settings file ({} where there is none, or it cannot be read)."""
+    settings = _wandb_settings_file(environ)
+    return settings["default"] if settings is not None and settings.has_section("default") else {}
+
+
 def _home(environ: Mapping[str, str]) -> str:
     return environ.get("HOME") or os.path.expanduser("~")
 
@@ -55,8 +61,7 @@ def api_key_configured(environ: Optional[Mapping[str, str]] = None) -> bool:
     environ = os.environ if environ is None else environ
     if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    settings = _wandb_settings_file(environ)
-    section = settings["default"] if settings is not None and settings.has_section("default") else {}
+    section = _settings_section(environ)
     url = urlsplit(server_url(environ, section))
     hosts = [url.netloc] + [api for forge, api in _FORGE_HOSTS.items()  # wbnetrc.read_netrc_auth_with_source
                             if url.hostname in (forge, f"api.{forge}", api) and api != url.netloc]
@@ -76,8 +81,7 @@ def server_url(environ: Optional[Mapping[str, str]] = None, section: Optional[Ma
     default; a Forge proxy's URL as its API host. `section`: the settings file's [default], where already read."""
     environ = os.environ if environ is None else environ
     if section is None:
-        settings = _wandb_settings_file(environ)
-        section = settings["default"] if settings is not None and settings.has_section("default") else {}
+        section = _settings_section(environ)
     base_url = environ.get("WANDB_BASE_URL") or section.get("base_url") or _DEFAULT_BASE_URL
     url = urlsplit(base_url)
     if url.hostname in _FORGE_HOSTS and url.scheme == "https" and url.port is None \
@@ -95,8 +99,7 @@ def proxy_configured(environ: Optional[Mapping[str, str]] = None) -> bool:
     environ = os.environ if environ is None else environ
     if any((environ.get(v) or environ.get(v.upper()) or "").strip() for v in _PROXY_VARS):
         return True
-    settings = _wandb_settings_file(environ)
-    section = settings["default"] if settings is not None and settings.has_section("default") else {}
+    section = _settings_section(environ)
     return any((section.get(k) or "").strip() for k in ("http_proxy", "https_proxy"))
 
 
