@@ -67,7 +67,7 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
                               f"train into the same folder: wait for it (allconv-hpc status "
                               f"{shlex.quote(str(run_dir))}) or stop it ({stop_command(rec)}), then submit again")
     started = started_unrecorded(run_dir, rec)
-    if started is not None:
+    if started is not None and not started.get("copy_of"):
         job, state = started["job_id"], queued_state(started)
         if state == NO_ANSWER and shutil.which("squeue"):  # no Slurm here at all: a folder copied from a cluster
             raise ConfigError(f"squeue did not answer whether job {job}, which {run_dir / 'status.json'} says trains "

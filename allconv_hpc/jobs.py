@@ -241,7 +241,7 @@ def other_jobs_state(run_dir: Path, environ: Optional[dict] = None) -> Optional[
         rec = None
     records = [rec] if rec and rec.get("job_id") and not trains_elsewhere(rec, run_dir) else []
     started = started_unrecorded(run_dir, rec)
-    if started is not None:
+    if started is not None and not started.get("copy_of"):
         records.append(started)
     for rec in records:
         if str(rec["job_id"]) in mine:
@@ -278,7 +278,24 @@ def started_job(run_dir: Path) -> Optional[dict]:
         return None
     rec = {"job_id": str(job), "backend": "slurm", "run_dir": str(run_dir), "started_by_hand": True,
            "updated": st.get("updated", 0)}
+    copied = _copied_from(run_dir, st, str(job))
+    if copied:  # status shows it as a copy (COPY), and it may be trained: the job trains the original
+        rec["copy_of"] = copied
     return {**rec, "stopped": True} if state == "interrupted" else rec  # Slurm may have requeued it: QUEUED_AGAIN
+
+
+def _copied_from(run_dir: Path, st: dict, job: str) -> Optional[str]:
+    """The folder the run of `st` (run_dir's status.json) was written in, where run_dir is a copy of it: that folder
+    is still there and its own status.json names the same job, which trains it, not this copy. None otherwise (a
+    folder moved since, the same folder by another path, a record written before status.json named its folder)."""
+    was = st.get("run_dir")
+    if not isinstance(was, str) or not was or not Path(was).is_dir() or _same_folder(run_dir, Path(was)):
+        return None
+    try:
+        there = read_record(Path(was) / "status.json") or {}
+    except DamagedFile:
+        return None
+    return was if str(there.get("slurm_job_id")) == job else None
 
 
 def started_unrecorded(run_dir: Path, rec: Optional[dict]) -> Optional[dict]:

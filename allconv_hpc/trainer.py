@@ -594,7 +594,8 @@ class Trainer:
                "timeouts": st.timeouts, "precision": getattr(self, "precision", None), "code": code_version(),
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),
-               "updated": time.time(), **extra}
+               # where it trains: a copy of the folder (cp -r) is told from it by this (status: COPY)
+               "run_dir": str(self.run_dir.absolute()), "updated": time.time(), **extra}
         writer = getattr(self, "writer", None)
         if writer is not None and writer.failed:  # what is on disk: the last write that landed, not those after
             doc.update(getattr(self, "_landed_position", {}))
@@ -606,7 +607,7 @@ class Trainer:
             same_job = doc["slurm_job_id"] is not None and old.get("slurm_job_id") == doc["slurm_job_id"]  # limits
             doc = {"epoch": 0, "epochs": doc["epochs"],
                    **{k: v for k, v in old.items() if k in _PROGRESS or (same_job and k == "timeouts")},
-                   **{k: doc[k] for k in ("state", "slurm_job_id", "local_job_id", "restarts", "code", "updated", *extra)}}
+                   **{k: doc[k] for k in ("state", "slurm_job_id", "local_job_id", "restarts", "code", "run_dir", "updated", *extra)}}
         return doc
 
     # -- the loop ----------------------------------------------------------------------------------

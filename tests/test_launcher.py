@@ -1691,6 +1691,32 @@ def test_a_run_stopped_by_sigterm_whose_job_slurm_requeued_is_pending(tmp_path, 
     assert jobs.other_jobs_state(run, environ={}) is None
 
 
+def test_a_copy_of_a_folder_a_job_started_without_submit_trains_is_no_folder_of_that_job(tmp_path, on_path):
+    """sbatch slurm/train.sbatch trains run/, and run/ is copied (cp -r): the copy was shown as that job's (RUNNING)
+    and training into it refused, as for a submitted job's copy before status.json named its folder (a wall the
+    twelfth session left). The original is the job's; the copy is a COPY, and may be trained."""
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    run.mkdir()
+    st = {"state": "running", "epoch": 1, "epochs": 3, "slurm_job_id": "42", "run_dir": str(run), "updated": 1.0}
+    (run / "status.json").write_text(json.dumps(st))
+    shutil.copytree(run, copy)
+    on_path(squeue='[ "$3" = 42 ] && echo RUNNING; exit 0', sacct=NO_ACCOUNTING,
+            scontrol="echo 'JobId=42 JobState=RUNNING Restarts=0'")
+    original, copied = status.run_rows(run)[0], status.run_rows(copy)[0]
+    assert (original["job"], original["state"]) == ("42", "RUNNING"), original
+    assert (copied["job"], copied["state"], copied["failed"], copied["copy_of"], copied["copy_job"]) == (
+        "-", "COPY (its job trains the original)", False, str(run), "42"), copied
+    assert jobs.other_jobs_state(copy, environ={}) is None and jobs.other_jobs_state(run, environ={})[1] == "RUNNING"
+    assert folder_checks.check_run_folder(copy, composed().cfg) is None
+    with pytest.raises(ConfigError, match="already has job 42 \\(RUNNING\\) training into it"):
+        folder_checks.check_run_folder(run, composed().cfg)
+    alias = tmp_path / "alias"  # the folder itself by another path: the job's
+    alias.symlink_to(run)
+    assert status.run_rows(alias)[0]["state"] == "RUNNING"
+    shutil.rmtree(run)  # moved, not copied: the job trains the folder where it is now
+    assert status.run_rows(copy)[0]["state"] == "RUNNING"
+
+
 def test_status_follows_a_job_started_by_hand_into_a_folder_submitted_to_before(tmp_path, on_path):
     """submission.json names job 100 (timed out); the run was resumed since by sbatch slurm/train.sbatch as job 200,
     now requeued: the row is job 200's, as submit already sees it."""

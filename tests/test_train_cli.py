@@ -150,6 +150,7 @@ def test_run_folder_has_everything(offline_run):
     assert (status["epoch"], status["epochs"], status["global_step"]) == (EPOCHS, EPOCHS, TOTAL)
     assert status["best_val_acc"] == best_acc and status["last_val_acc"] == rows[-1]["val_acc"]
     assert status["wandb_id"] == run_id and status["precision"] == "fp32"
+    assert status["run_dir"] == str(run_dir.absolute())  # what tells a copy of the folder from it (status: COPY)
     # the code that trained it: in status.json, each checkpoint, the log's first line and W&B's summary
     code = code_version()
     assert status["code"] == last["code"] == code and code["version"], (status["code"], code)
