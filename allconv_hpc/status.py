@@ -494,17 +494,26 @@ def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
 
 
 def _progress_from_files(run_dir: Path, checkpoint_step: int) -> dict:
-    """Without status.json: the epochs history.csv holds (those whose checkpoint landed), towards the trainer.epochs
-    its .hydra/config.yaml records, and the newest checkpoint's step (-1: last.pt alone, step unknown)."""
+    """Without status.json: the epochs history.csv holds (those whose checkpoint landed) and their accuracies,
+    towards the trainer.epochs its .hydra/config.yaml records, the newest checkpoint's step (-1: last.pt alone, step
+    unknown) and the W&B id its id file holds."""
     import csv
     from .compose import recorded
     from .history import read_history
+    from .tracking import read_id
     try:
-        done = len(read_history(run_dir / "history.csv"))
+        rows = read_history(run_dir / "history.csv")
     except (OSError, csv.Error):
-        done = 0
+        rows = []
+    accs = [r.get("val_acc") for r in rows]
+    try:
+        wandb_id = read_id(run_dir)
+    except OSError:
+        wandb_id = None
     epochs = recorded(run_dir, "trainer", "epochs")
-    return {"epoch": done, "epochs": epochs if isinstance(epochs, int) else None, "global_step": max(0, checkpoint_step)}
+    return {"epoch": len(rows), "epochs": epochs if isinstance(epochs, int) else None,
+            "global_step": max(0, checkpoint_step), "last_val_acc": accs[-1] if accs else None,
+            "best_val_acc": max((a for a in accs if isinstance(a, float)), default=None), "wandb_id": wandb_id}
 
 
 # run states of a run that may have stopped part-way (a signal; a kill, a time limit while it said running; the

@@ -1580,11 +1580,14 @@ def test_a_killed_job_names_its_error_and_the_resume_and_a_lost_status_json_is_n
         "hand: no status.json (deleted?): history.csv has epoch 0/?; the same train command resumes it from "
         "its newest checkpoint, step 140")  # started by hand, no job: train, not submit
     # its history.csv and .hydra/config.yaml say how far it got (the epochs whose checkpoint landed) of how many
-    (hand / "history.csv").write_text("epoch,train_loss\n1,2.3\n2,2.2\n")
+    (hand / "history.csv").write_text("epoch,train_loss,val_acc\n1,2.3,0.4\n2,2.2,0.3\n")
     (hand / ".hydra").mkdir()
     (hand / ".hydra" / "config.yaml").write_text("trainer:\n  epochs: 3\n")
+    (hand / "wandb_id.txt").write_text("abc123\n")
     row = status.run_rows(hand)[0]
     assert (row["epoch"], row["epochs"], row["step"]) == (2, 3, 140), row
+    # and its accuracies and W&B id (the row showed none)
+    assert (row["last_val_acc"], row["best_val_acc"], row["wandb_id"]) == (0.3, 0.4, "abc123"), row
     (hand / "history.csv").write_text("epoch,train_loss\n1,2.3\n2,2.2\n3,2.1\n")  # every epoch: it completed
     assert status.status_main([str(hand)]) == 0
     assert capsys.readouterr().out.rstrip().endswith(
