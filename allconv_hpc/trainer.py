@@ -76,14 +76,28 @@ def _compile_counts() -> Optional[tuple[int, int]]:
 
 
 def make_sgd(params, cfg: Config, device: torch.device, precision: str) -> torch.optim.SGD:
-    """SGD with the fused kernel on CUDA, foreach elsewhere, and foreach for fp16 too: fp16's GradScaler skips
-    a step whose gradients overflowed (often the first, at its initial scale), and on that first step fused SGD
-    allocates its momentum buffers empty and returns without writing them, so the next step adds stale memory
-    to the weights; foreach skips the step whole."""
-    kernel = {"fused": True} if device.type == "cuda" and precision != "fp16" else {"foreach": True}
+    """SGD with the fused kernel on CUDA (fp16 too: its GradScaler then skips an overflowed step on the device,
+    where with foreach it reads the overflow flag back every step), foreach elsewhere. Momentum buffers start
+    as zeros (`zero_momentum`)."""
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
     with sigint_deferred():  # the optimizer's first call imports torch._dynamo: Triton's library ate a Ctrl-C
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                               weight_decay=cfg.optim.weight_decay, **kernel)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                              weight_decay=cfg.optim.weight_decay, **kernel)
+    zero_momentum(opt)
+    return opt
+
+
+def zero_momentum(opt: torch.optim.SGD) -> None:
+    """A zero momentum buffer for each parameter that has none. fp16's GradScaler skips a step whose gradients
+    overflowed (often the first, at its initial scale), and fused SGD, given a first step to skip, allocates its
+    buffers empty and returns without writing them: the next step added stale memory to the weights. With zeros
+    there is no first step: a skipped one leaves them zero, and the first taken one (dampening 0) makes each
+    buffer its gradient, as a first step does."""
+    for group in opt.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                if opt.state[p].get("momentum_buffer") is None:
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
 
 class Trainer:
@@ -357,6 +371,7 @@ class Trainer:
             raise does_not_fit(path, KeyError(f"no {', '.join(missing)}"))
         with fitting(path):
             self.state = restore(ck, self.model, self.opt, self.sched, self.scaler)
+        zero_momentum(self.opt)  # a checkpoint of a run before its first step has none
         if self.state.streams < 2:  # its epochs' orders as they began; exact resume before independence
             self.batches.order_stream = LEGACY_ORDER_STREAM
         if self.env.is_main:

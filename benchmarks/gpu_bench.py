@@ -335,40 +335,43 @@ def sec_nccl(x: Ctx) -> None:
 
 
 def sec_syncs(x: Ctx) -> None:
-    """Host<->device synchronisations per training step of the real Trainer (CUDA sync debug mode)."""
+    """Host<->device synchronisations per training step of the real Trainer (CUDA sync debug mode), in bf16 (the
+    default on a GPU) and fp16 (its GradScaler, given fused SGD, skips an overflowed step on the device)."""
     b = x.s["grid_batch"] // 4 or 1
     steps = 10
-    tr = _trainer(x, b, (2 + steps) * b)
-    tr.cfg.trainer.log_every_steps = 10**9  # steady-state steps only (the log step syncs by design)
-    tr.batches.chunk_steps = 4  # chunks staged at steps 4 and 8 too: the staging's copies are checked
-    orig = tr.batches.epoch
-    caught = []
+    docs = {}
+    for precision in ["fp32"] if x.dry else ["bf16", "fp16"]:  # (no bf16/fp16 Trainer on a CPU)
+        tr = _trainer(x, b, (2 + steps) * b, precision=precision)
+        tr.cfg.trainer.log_every_steps = 10**9  # steady-state steps only (the log step syncs by design)
+        tr.batches.chunk_steps = 4  # chunks staged at steps 4 and 8 too: the staging's copies are checked
+        orig = tr.batches.epoch
 
-    def gen(epoch, start=0):
-        for i, item in enumerate(orig(epoch, start)):
-            if i == 2 and not x.dry:
-                torch.cuda.set_sync_debug_mode("warn")
-            yield item
+        def gen(epoch, start=0, orig=orig):
+            for i, item in enumerate(orig(epoch, start)):
+                if i == 2 and not x.dry:
+                    torch.cuda.set_sync_debug_mode("warn")
+                yield item
+            if not x.dry:
+                torch.cuda.set_sync_debug_mode(0)
+
+        tr.batches.epoch = gen
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            tr._train_epoch(C.StopRequest())
+            caught = [str(m.message).splitlines()[0] for m in w if "synchroniz" in str(m.message)]
+        tr.batches.epoch = orig
+        tr.close()
+        docs[precision] = {"sync_warnings": len(caught), "per_step": len(caught) / steps, "examples": caught[:3]}
         if not x.dry:
-            torch.cuda.set_sync_debug_mode(0)
-
-    tr.batches.epoch = gen
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        tr._train_epoch(C.StopRequest())
-        caught = [str(m.message).splitlines()[0] for m in w if "synchroniz" in str(m.message)]
-    tr.batches.epoch = orig
-    doc = {"steps": steps, "sync_warnings": len(caught), "per_step": len(caught) / steps, "examples": caught[:3],
-           "skipped": x.dry}
+            print(f"  {precision}: {len(caught)} synchronising CUDA calls in {steps} steady-state Trainer steps "
+                  f"({len(caught) / steps:.1f} per step; 0 is the goal)")
+            for m in caught[:3]:
+                print(f"    e.g. {m[:160]}")
+    doc = {"steps": steps, "by_precision": docs, "per_step": max(d["per_step"] for d in docs.values()),
+           "sync_warnings": sum(d["sync_warnings"] for d in docs.values()), "skipped": x.dry}
     if x.dry:
         print("  (dry run: torch.cuda.set_sync_debug_mode is CUDA-only; the trainer steps ran without it)")
-    else:
-        print(f"  {len(caught)} synchronising CUDA calls in {steps} steady-state Trainer steps "
-              f"({len(caught) / steps:.1f} per step; 0 is the goal)")
-        for m in caught[:3]:
-            print(f"    e.g. {m[:160]}")
     x.save("syncs", doc)
-    tr.close()
 
 
 def sec_matmul(x: Ctx) -> None:
@@ -608,7 +611,8 @@ def sec_summary(x: Ctx) -> None:
               f"(trainer {m['trainer_img_s']:.0f} img/s, bare {m['bare_img_s']:.0f} img/s; target >= 0.95)")
     sy = x.load("syncs")
     if sy and not sy.get("skipped"):
-        print(f"  synchronising CUDA calls per steady-state step: {sy['per_step']:.1f}")
+        per = ", ".join(f"{k} {d['per_step']:.1f}" for k, d in sy["by_precision"].items())
+        print(f"  synchronising CUDA calls per steady-state step: {per}")
     ep = x.load("epoch")
     if ep:
         for r in ep["rows"]:

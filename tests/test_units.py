@@ -1165,39 +1165,45 @@ def test_an_epoch_whose_checkpoint_was_not_written_leaves_no_history_row_or_best
     assert not (run / "checkpoints.old1").exists() and (run / "history.csv").read_text().count("\n") == 2
 
 
-def test_fp16_trains_with_an_sgd_kernel_that_skips_an_overflowed_first_step_whole():
+def test_fp16_trains_with_the_fused_kernel_through_an_overflowed_first_step():
     """fp16's GradScaler skips a step whose scaled gradients overflowed (often the first). Fused SGD, given that
-    step, allocates its momentum buffers empty and returns without writing them: the next step adds stale memory
-    to the weights. make_sgd picks foreach for fp16 (fused elsewhere on CUDA); run here on the CPU, whose fused
-    kernel behaves alike, through the same GradScaler path."""
+    step as its first, allocates its momentum buffers empty and returns without writing them: the next step added
+    stale memory to the weights. So fp16 ran foreach, whose GradScaler path reads the overflow flag back to the
+    host every step (a code review found that sync). make_sgd now gives fused SGD for fp16 on CUDA too, with zero
+    momentum buffers: a skipped first step leaves them zero. Run here on the CPU, whose fused kernel behaves
+    alike, through the same GradScaler path."""
     from allconv_hpc.config import Config
     from allconv_hpc.trainer import make_sgd
-    cuda = torch.device("cuda")
-    for precision, fused in (("fp16", None), ("bf16", True), ("fp32", True)):  # the flags only: CPU tensors
-        g = make_sgd([torch.nn.Parameter(torch.ones(3))], Config(), cuda, precision).param_groups[0]
-        assert (g["fused"], g["foreach"]) == (fused, None if fused else True), precision
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for device, precision, fused in ((cuda, "fp16", True), (cuda, "bf16", True), (cuda, "fp32", True),
+                                     (cpu, "fp32", None)):  # the flags only: CPU tensors
+        g = make_sgd([torch.nn.Parameter(torch.ones(3))], Config(), device, precision).param_groups[0]
+        assert (g["fused"], g["foreach"]) == (fused, None if fused else True), (device, precision)
 
-    def two_steps(opt_kernel: dict) -> tuple[torch.Tensor, bool]:
-        """The weights after the two steps, and whether the skipped one left momentum buffers."""
-        p = torch.nn.Parameter(torch.ones(4096))
-        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, **opt_kernel)
+    def three_steps(opt) -> torch.Tensor:
+        """The weights after an overflowed step (skipped) and two plain ones."""
+        p = opt.param_groups[0]["params"][0]
         scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
-        for grad in (float("inf"), 1.0):  # the first overflows: skipped; the second is a plain step
+        for grad in (float("inf"), 1.0, 0.5):
             opt.zero_grad()
-            scaler.scale((p * grad).sum()).backward()
+            scaler.scale((p * torch.linspace(-1, 1, p.numel()) * grad).sum()).backward()
             scaler.step(opt)
             scaler.update()
-            if grad != 1.0:
-                left = "momentum_buffer" in opt.state[p]
-        return p.detach(), left
+        return p.detach()
 
-    cpu = torch.device("cpu")
-    chosen = make_sgd([torch.nn.Parameter(torch.ones(1))], Config(), cuda, "fp16").param_groups[0]
-    kernel = {k: chosen[k] for k in ("fused", "foreach") if chosen[k] is not None}
-    weights, left = two_steps(kernel)
-    assert not left and torch.equal(weights, torch.ones(4096) - 0.1)  # exactly one step of lr 0.1 on gradient 1
-    assert two_steps({"fused": True})[1]  # what fp16 ran before: buffers of whatever the memory held
-    assert make_sgd([torch.nn.Parameter(torch.ones(1))], Config(), cpu, "fp32").param_groups[0]["foreach"]
+    c = Config()
+
+    def sgd(**kernel):  # the config's SGD, on a kernel of the test's choosing
+        return torch.optim.SGD([torch.nn.Parameter(torch.ones(4096))], lr=c.lr, momentum=c.optim.momentum,
+                               nesterov=c.optim.nesterov, weight_decay=c.optim.weight_decay, **kernel)
+
+    chosen = make_sgd([torch.nn.Parameter(torch.ones(4096))], c, cuda, "fp16")
+    assert c.optim.momentum and chosen._step_supports_amp_scaling  # GradScaler hands it the overflow flag: no read-back per step
+    expected = three_steps(sgd(foreach=True))  # skips the step whole, as it always did
+    assert (expected != 1).all() and torch.allclose(three_steps(chosen), expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(three_steps(sgd(fused=True)), expected, rtol=0, atol=1e-3)  # fused, without zeros
+    assert torch.equal(three_steps(make_sgd([torch.nn.Parameter(torch.ones(4096))], c, cpu, "fp32")),
+                       expected)  # the CPU's foreach: the zeros change no bit
 
 
 def test_a_slurm_command_failing_without_a_word_is_logged_with_its_exit_status(tmp_path, caplog):
