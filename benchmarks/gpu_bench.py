@@ -286,6 +286,35 @@ def sec_correctness(x: Ctx) -> None:
         raise SystemExit(1)
 
 
+def sec_deterministic(x: Ctx) -> None:
+    """trainer.deterministic=true on the device: no kernel of a training step refuses it
+    (use_deterministic_algorithms raises for one without a deterministic version), and two runs of the real
+    Trainer from the same seed give the same per-step losses, bit for bit (augmentation and dropout on). bf16 on
+    CUDA, the default there; fp32 in a dry run."""
+    b, n = x.s["corr_batch"], x.s["corr_steps"]
+    precision = "fp32" if x.dry else "bf16"
+    runs, error = [], None
+    for _ in range(2):
+        try:
+            tr = _trainer(x, b, b * n, precision=precision, extra=("trainer.deterministic=true",))
+            try:
+                runs.append(_trainer_step_losses(tr))
+            finally:
+                tr.close()
+        except RuntimeError as e:  # e.g. "... does not have a deterministic implementation ..."
+            error = (str(e).splitlines() or [type(e).__name__])[0][:300]
+            break
+    torch.use_deterministic_algorithms(False)
+    same = error is None and runs[0] == runs[1]
+    doc = {"precision": precision, "batch": b, "steps": n, "error": error, "bitwise_same": same,
+           "losses": runs[0] if runs else None}
+    print(f"  {precision}, {n} steps of batch {b}, twice: " + (f"refused: {error}" if error else
+          f"per-step losses {'the same bit for bit' if same else 'DIFFER'} ({runs[0][0]:.4f} -> {runs[0][-1]:.4f})"))
+    x.save("deterministic", doc)
+    if not same:
+        raise SystemExit(1)
+
+
 def sec_nccl(x: Ctx) -> None:
     """The package's own process group (distributed.Dist: init_process_group with NCCL and device_id,
     plus its gloo control group) and DDP inside the real Trainer, on ONE rank: fit() one small epoch
@@ -648,7 +677,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     C.quiet_logs()
     x = Ctx(a)
-    fn = {"env": sec_env, "correctness": sec_correctness, "nccl": sec_nccl, "syncs": sec_syncs,
+    fn = {"env": sec_env, "correctness": sec_correctness, "deterministic": sec_deterministic, "nccl": sec_nccl, "syncs": sec_syncs,
           "matmul": sec_matmul, "grid": lambda c: sec_grid(c, a.compiled), "overhead": sec_overhead,
           "epoch": sec_epoch, "checkpoint": sec_checkpoint, "whiten": sec_whiten, "graphs": sec_graphs,
           "summary": sec_summary}[a.section]

@@ -227,6 +227,7 @@ EOF
   # name key nominal_s min_s kill_grace_s command; estimates on one H100/H200 are in README.md
   section "environment + FLOP count"             env          60  20 10 "${GB[@]}" env
   section "bf16/tf32/fp16 vs fp32 agreement"     correctness 120  40 10 "${GB[@]}" correctness
+  section "trainer.deterministic=true, twice"    deterministic 60 20 10 "${GB[@]}" deterministic
   section "torchrun 1 rank: train+ckpt+resume"   torchrun1   120  40 30 "${RUN1[@]}"
   # 1 rank has no peer to reach over SHM/P2P, so disabling them costs nothing and spares a sandbox
   # with little /dev/shm space

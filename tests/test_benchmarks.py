@@ -30,8 +30,9 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path):
     r = _script(tmp_path, "gpu_check.sh", "--dry-run", timeout=900, GPU_CHECK_BUDGET_S=800)  # a hang: the script says
     doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     status = {s["key"]: s["status"] for s in doc["sections"]}
-    assert len(status) == 14 and set(status.values()) == {"ok"} and not doc["failed"], status
+    assert len(status) == 15 and set(status.values()) == {"ok"} and not doc["failed"], status
     res = doc["results"]
+    assert res["deterministic"]["bitwise_same"] and res["syncs"]["by_precision"]["fp32"]["sync_warnings"] == 0
     assert res["correctness"]["pass"] and res["nccl"]["ok"] and res["ddp2_compile"]["ok"] and res["whiten"]["ok"]
     t1 = res["torchrun1"]  # evaluate's score of the resumed run's checkpoint, next to the run's own
     assert abs(t1["evaluate"]["accuracy"] - t1["run_test_acc"]) <= 2 / t1["evaluate"]["images"] + 1e-9, t1
@@ -48,7 +49,7 @@ def test_gpu_check_runs_only_the_sections_asked_for(tmp_path):
     doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     status = {s["key"]: s["status"] for s in doc["sections"]}
     assert {k for k, v in status.items() if v == "ok"} == {"env", "matmul"}, status
-    assert set(status.values()) == {"ok", "omitted"} and len(status) == 14 and not doc["failed"], status
+    assert set(status.values()) == {"ok", "omitted"} and len(status) == 15 and not doc["failed"], status
     assert set(doc["results"]) >= {"env", "matmul"} and "grid_eager" not in doc["results"], sorted(doc["results"])
     assert "gpu_check: all sections that ran passed" in r.stdout
 
