@@ -430,7 +430,22 @@ def run_rows(folder: Path) -> list[dict]:
                      "started_by": "train" if by_hand else rec.get("started_by") or (
                          "sbatch" if rec.get("started_by_hand") else "submit" if rec.get("job_id") else "train"),
                      "resume_command": None if by_hand else _resume_command(rec, run_dir)})
+        if rows[-1]["started_by"] == "train":  # started or resumed by hand: its overrides, for the notes
+            rows[-1]["train_command"] = _train_command(run_dir)
     return rows
+
+
+def _train_command(run_dir: Path) -> Optional[str]:
+    """A run started by hand: `allconv-hpc train` with the overrides its .hydra/overrides.yaml records (those of its
+    last start), aimed at the folder where it is now; None where that file is missing or unreadable."""
+    from omegaconf import OmegaConf
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
+    except Exception:  # (OSError, a YAML error: the notes then name no command)
+        return None
+    if not isinstance(overrides, list) or not all(isinstance(w, str) for w in overrides):
+        return None
+    return _resume_command({"command": ["allconv-hpc", "train", *overrides]}, run_dir)
 
 
 def _resume_command(rec: dict, run_dir: Path) -> Optional[str]:
@@ -632,6 +647,8 @@ def _same_command(r: dict) -> str:
     is named: a sweep's below the notes (one for its points), a run's here."""
     if r.get("resume_command"):
         return SWEEP_COMMAND_BELOW if r["started_by"] == "sweep" else f"`{r['resume_command']}`"
+    if r["started_by"] == "train" and r.get("train_command"):
+        return f"the same train command (`{r['train_command']}`)"
     return {"sweep": "the same `submit -m` command (the whole sweep)", "train": "the same train command",
             "sbatch": "the same sbatch or srun (or train) command"}.get(r["started_by"], "the same submit (or train) command")
 

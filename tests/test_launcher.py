@@ -1593,6 +1593,13 @@ def test_a_killed_job_names_its_error_and_the_resume_and_a_lost_status_json_is_n
     assert capsys.readouterr().out.rstrip().endswith(
         "hand: no status.json (deleted?): history.csv has epoch 3/3; the same train command finds it completed (nothing "
         "to train) and writes its status.json again")
+    # the overrides its last start recorded name that command, aimed at the folder where it is now
+    (hand / "history.csv").write_text("epoch,train_loss\n1,2.3\n")
+    (hand / ".hydra" / "overrides.yaml").write_text("- data=synthetic\n- optim.lr=0.01\n- hydra.run.dir=old/place\n")
+    assert status.status_main([str(hand)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(
+        f"the same train command (`allconv-hpc train data=synthetic optim.lr=0.01 hydra.run.dir={hand}`) resumes it "
+        f"from its newest checkpoint, step 140")
 
 
 def test_a_job_scancelled_before_its_run_said_a_word_is_a_stop(tmp_path, on_path, capsys):

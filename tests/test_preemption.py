@@ -1019,6 +1019,7 @@ def test_ctrl_c_during_set_up_is_a_start_up_interrupt_not_a_failure(tmp_path):
     row = json.loads(st.stdout)[0]
     assert st.returncode == 0 and row["state"] == "INTERRUPTED" and not row["failed"], st.stdout
     assert (row["epoch"], row["epochs"]) == (0, 1), st.stdout  # a new folder: none done of this config's epochs
+    assert row["train_command"] is None, row  # stopped before it wrote .hydra/overrides.yaml: no command to name
     assert row["notes"] == ["stopped with epoch 0/1 done (step 0); the same train command starts it over: it stopped "
                             "before its first checkpoint"] and row["run_dir"] == str(run.resolve()), st.stdout
     run_train(tmp_path, run, args)
@@ -1066,8 +1067,8 @@ def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_
     r = subprocess.run([PY, "-m", "allconv_hpc", "status", str(run)], env=clean_env(tmp_path), capture_output=True,
                        text=True, timeout=60)
     step = int(st["global_step"])
-    assert r.returncode == 0 and (f"the same train command resumes it from its newest checkpoint, step "
-                                  f"{step}") in r.stdout, r.stdout
+    assert r.returncode == 0 and re.search(rf"the same train command \(`allconv-hpc train .*`\) resumes it from its "
+                                           rf"newest checkpoint, step {step}\b", r.stdout), r.stdout
     run_train(tmp_path, run, args + ["trainer.epochs=2"])
     assert [r["epoch"] for r in history(run)] == [1, 2]
     # the same command again on the completed run, stopped in start-up: it had nothing to do, and stays completed
