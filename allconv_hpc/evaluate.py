@@ -207,6 +207,18 @@ def _checkpoint_path(run: Path, which: str) -> Path:
     return path
 
 
+def _recorded_root(run: Path, raw: dict) -> Optional[str]:
+    """The data.root in the run folder's .hydra/config.yaml (its last start's) where it differs from the
+    checkpoint's for the same dataset, else None (the checkpoint's stands). A resume checks the images there are the
+    run's, and evaluate checks them again (other_images)."""
+    from .compose import recorded, recorded_data_root
+    now, then = recorded_data_root(run), (raw.get("data") or {})
+    if (now is None or now == then.get("root") or then.get("name") == "synthetic"
+            or recorded(run, "data", "name") != then.get("name")):
+        return None
+    return now
+
+
 def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Optional[str] = None,
              device: str = "auto", test_size=None, batch_size: Optional[int] = None) -> dict:
     """Score checkpoint `which` of `run` on `split`; returns what `--json` prints. `test_size`: None = the run's
@@ -220,9 +232,12 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     if not isinstance(ck.get("config"), dict) or "model" not in ck:
         raise ConfigError(f"{path} holds no model and config: not a checkpoint of allconv-hpc train")
     raw = ck["config"]
+    # else the root the run last started with: a resume given another (the data moved) records it, where a best.pt
+    # written before names the old one
+    root = data_root if data_root is not None else _recorded_root(run, raw)
     # never a download: a wrong --data-root must say the data is not there, not fetch it there
     raw = {**raw, "data": {**raw.get("data", {}), "download": False,
-                           **({"root": data_root} if data_root is not None else {}),
+                           **({"root": root} if root is not None else {}),
                            **({"test_size": None if test_size == ALL else test_size} if test_size is not None
                               else {})}}
     if batch_size is not None:

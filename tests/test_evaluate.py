@@ -195,6 +195,13 @@ def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path, capsys
                                           r"cifar-10-batches-py now") as e:
         evaluate(run, "last")
     assert "data.download" not in str(e.value)  # options evaluate does not have are not offered
+    # resumed since with the new root (the run records it), its best.pt written before: found there (it named the
+    # old root only; a Slurm journey audit)
+    hydra = run / ".hydra" / "config.yaml"
+    kept = hydra.read_text()
+    hydra.write_text(kept.replace(str(tmp_path / "old"), str(tmp_path / "new")))
+    assert evaluate(run, "best")["other_images"] is None
+    hydra.write_text(kept)
     moved = evaluate(run, "last", data_root=str(tmp_path / "new"))
     final = read_history(run / "history.csv")[-1]  # one rank, same batches, same threads: exactly the trainer's
     assert (moved["images"], moved["accuracy"], moved["loss"]) == (40, final["val_acc"], final["val_loss"])
