@@ -228,9 +228,10 @@ def set_threads(requested: Optional[int], env: DistEnv) -> int:
     share = 1 if env.source == "slurm" and per_task.isdigit() else max(1, env.local_world_size)
     n = requested or max(1, cores // share)
     if requested and requested * share > cores:  # oversubscribed: measured 16x slower at 16 threads on 2 cores
+        fix = (f"use trainer.threads<={cores // share} or null" if share <= cores else
+               f"more ranks than CPUs: start at most {cores} here")  # (1 thread a rank is the least there is)
         log.warning("trainer.threads=%d x %d rank(s) here is more than the %d CPU(s) this process may use: "
-                    "steps will be slow; use trainer.threads<=%d or null", requested, share, cores,
-                    max(1, cores // share))
+                    "steps will be slow; %s", requested, share, cores, fix)
     torch.set_num_threads(n)
     return n
 

@@ -804,7 +804,7 @@ def test_launch_checks_refuse_cuda_and_nccl_where_there_is_no_gpu():
 
 
 def test_more_threads_than_cpus_is_warned_about(caplog):
-    from allconv_hpc.distributed import set_threads
+    from allconv_hpc.distributed import DistEnv, set_threads
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
     try:
@@ -813,6 +813,11 @@ def test_more_threads_than_cpus_is_warned_about(caplog):
             assert not caplog.records
             set_threads(cores + 1, detect_env({}))
         assert f"trainer.threads={cores + 1} x 1 rank(s) here is more than the {cores} CPU(s)" in caplog.text
+        assert f"use trainer.threads<={cores} or null" in caplog.text
+        caplog.clear()  # ranks past the CPUs at 1 thread each: fewer ranks is the fix (it said threads<=1 or null,
+        with caplog.at_level("WARNING"):  # which changes nothing; a laptop journey audit)
+            set_threads(1, DistEnv(world_size=cores + 1, local_world_size=cores + 1, source="torchrun"))
+        assert f"steps will be slow; more ranks than CPUs: start at most {cores} here" in caplog.text, caplog.text
     finally:
         torch.set_num_threads(before)
 
