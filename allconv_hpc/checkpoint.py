@@ -429,7 +429,10 @@ def recorded_config(run_dir: Path, warn: bool = True):
         return None
     from omegaconf import OmegaConf
     try:
-        return from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+        doc = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        if not doc:  # no keys: from_dict would make it the defaults' config, which this run may not be
+            raise ValueError("it is empty: a write cut short, by a full disk?")
+        return from_dict(doc)
     except Exception as e:  # hand-edited or of another version: nothing to compare with, as before it was kept
         if not warn:
             return None

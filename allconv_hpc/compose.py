@@ -637,9 +637,9 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
 # a run folder's files: appended or saved in place (write access to the file itself needed) and replaced by a
 # rename (fsio.write_atomic: the folder's write access is enough, unless the file is immutable or another user's
 # in a sticky folder), so that a weights file made read-only (chmod a-w) still lets its run grow
-_WRITTEN_IN_PLACE = ("train.log", "wandb_steps.jsonl", "history.csv", ".hydra/config.yaml", ".hydra/overrides.yaml",
-                     ".hydra/hydra.yaml")
-_REPLACED = ("status.json", "submission.json", "wandb_id.txt", "checkpoints/last.pt", "checkpoints/best.pt")
+_WRITTEN_IN_PLACE = ("train.log", "wandb_steps.jsonl", "history.csv")
+_REPLACED = ("status.json", "submission.json", "wandb_id.txt", "checkpoints/last.pt", "checkpoints/best.pt",
+             ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml")
 # the records `status` and a resume read first
 _READ_FIRST = ("status.json", "history.csv", "train.log", "submission.json", "wandb_id.txt", "wandb_steps.jsonl")
 _FS_IOC_GETFLAGS, _IMMUTABLE_OR_APPEND = 0x80086601, 0x10 | 0x20  # linux/fs.h: FS_IMMUTABLE_FL, FS_APPEND_FL
@@ -700,10 +700,14 @@ def check_sweep_dir(sweep_dir: Path) -> None:
 
 
 def write_hydra_files(c: Composed) -> None:
-    """`.hydra/{config,overrides,hydra}.yaml` in the run folder, as @hydra.main would write them."""
+    """`.hydra/{config,overrides,hydra}.yaml` in the run folder, as @hydra.main would write them. Each is
+    replaced whole: one cut short (a full disk) left an empty config.yaml, read as the defaults' config by the next
+    start, which refused the run as "a run of a different config". config.yaml, the record that start-up is
+    through, goes last."""
     from omegaconf import OmegaConf
+    from .fsio import write_atomic
     d = c.run_dir / ".hydra"
     d.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(c.cfg_dict), d / "config.yaml")
-    OmegaConf.save(OmegaConf.create(c.overrides), d / "overrides.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": c.hydra, "cluster": c.cluster}), d / "hydra.yaml")
+    write_atomic(d / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(c.overrides)))
+    write_atomic(d / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": c.hydra, "cluster": c.cluster})))
+    write_atomic(d / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(c.cfg_dict)))

@@ -1,6 +1,7 @@
 """Small pure pieces: launch-context detection, host lists, ports, Slurm times, schedules."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -8,6 +9,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -869,6 +871,41 @@ def test_a_damaged_recorded_config_is_said_where_it_is_all_there_is_to_compare(t
         assert check_resume(run, compose(["data=synthetic"]).cfg) is None
     assert f"{run / '.hydra' / 'config.yaml'} does not read as a config (" in caplog.text
     assert "cannot be compared with this config" in caplog.text
+
+
+def test_an_empty_recorded_config_is_no_config_and_the_hydra_files_are_replaced_whole(tmp_path, caplog):
+    """A full disk at a run's first start left .hydra/config.yaml empty (written in place), and the next start read
+    it as the defaults' config: "a run of a different config", with a fix that was refused too (laptop journey
+    audit). The files are now replaced whole: a write refused by the kernel (here a real file size limit, EFBIG as
+    ENOSPC would be) leaves the earlier file as it was and names the file, which train says in one line."""
+    import textwrap
+    from allconv_hpc.checkpoint import check_resume
+    from allconv_hpc.compose import compose
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("")
+    with caplog.at_level("WARNING"):
+        assert check_resume(run, compose(["data=synthetic", "model.width=0.25"]).cfg) is None  # not refused
+    assert "does not read as a config (it is empty: a write cut short, by a full disk?)" in caplog.text, caplog.text
+    (run / ".hydra" / "config.yaml").write_text("kept: true\n")
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from allconv_hpc.compose import compose, write_hydra_files
+        c = compose(["data=synthetic", "hydra.run.dir={run}"])
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG), the process lives
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+        try:
+            write_hydra_files(c)
+        except OSError as e:
+            print(e.errno, e.filename)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    errno_, name = r.stdout.split()
+    assert int(errno_) == errno.EFBIG and Path(name).parent == run / ".hydra", r.stdout
+    assert (run / ".hydra" / "config.yaml").read_text() == "kept: true\n"  # the earlier record, whole
+    assert not [p.name for p in (run / ".hydra").iterdir() if p.name not in ("config.yaml",)], \
+        list((run / ".hydra").iterdir())  # no temp file, no empty file left
 
 
 # --------------------------------------------------------------- run lock
