@@ -207,10 +207,24 @@ def _checkpoint_path(run: Path, which: str) -> Path:
     return path
 
 
+def _own_file(run: Path, path: Path) -> bool:
+    """`path` is one of the run folder's own checkpoints (in its checkpoints/), not a set-aside run's or another's."""
+    try:
+        return path.resolve().parent == (run / "checkpoints").resolve()
+    except OSError:
+        return False
+
+
+def _with_root(cfg, root: str):
+    """`cfg` with data.root `root`."""
+    import dataclasses
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+
+
 def _recorded_root(run: Path, raw: dict) -> Optional[str]:
     """The data.root in the run folder's .hydra/config.yaml (its last start's) where it differs from the
-    checkpoint's for the same dataset, else None (the checkpoint's stands). A resume checks the images there are the
-    run's, and evaluate checks them again (other_images)."""
+    checkpoint's for the same dataset, else None. A resume checked the images there are the run's, and evaluate
+    checks them again (other_images)."""
     from .compose import recorded, recorded_data_root
     now, then = recorded_data_root(run), (raw.get("data") or {})
     if (now is None or now == then.get("root") or then.get("name") == "synthetic"
@@ -232,12 +246,9 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     if not isinstance(ck.get("config"), dict) or "model" not in ck:
         raise ConfigError(f"{path} holds no model and config: not a checkpoint of allconv-hpc train")
     raw = ck["config"]
-    # else the root the run last started with: a resume given another (the data moved) records it, where a best.pt
-    # written before names the old one
-    root = data_root if data_root is not None else _recorded_root(run, raw)
     # never a download: a wrong --data-root must say the data is not there, not fetch it there
     raw = {**raw, "data": {**raw.get("data", {}), "download": False,
-                           **({"root": root} if root is not None else {}),
+                           **({"root": data_root} if data_root is not None else {}),
                            **({"test_size": None if test_size == ALL else test_size} if test_size is not None
                               else {})}}
     if batch_size is not None:
@@ -253,8 +264,20 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
         raise ConfigError(f"the run in {run} has no held-out split (data.val_size=0): its val_acc is test "
                           f"accuracy; use --split test")
     lay = data_mod.expected_files(cfg.data)[0].name  # e.g. cifar-10-batches-py
-    data_mod.check_present(cfg.data, fix=f"Give --data-root DIR, the folder that holds {lay} now",
-                           root_option="--data-root ")
+    try:
+        data_mod.check_present(cfg.data, fix=f"Give --data-root DIR, the folder that holds {lay} now",
+                               root_option="--data-root ")
+    except data_mod.DataError as gone:  # not in the checkpoint's root: a file of the run's own is read where the
+        # run last read its data (a resume given another data.root, which it checked holds the same images: a
+        # best.pt written before names the old root)
+        moved = _recorded_root(run, raw) if data_root is None and _own_file(run, path) else None
+        if moved is None:
+            raise
+        try:
+            data_mod.check_present(_with_root(cfg, moved).data)
+        except data_mod.DataError:
+            raise gone from None
+        cfg = _with_root(cfg, moved)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu or auto")
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -445,6 +445,17 @@ def _train_command(run_dir: Path) -> Optional[str]:
         return None
     if not isinstance(overrides, list) or not all(isinstance(w, str) for w in overrides):
         return None
+    from .compose import recorded_data_root
+    from .config import ConfigError
+    from .plan import hydra_value
+    root = recorded_data_root(run_dir)  # absolute: a data.root given relative names another folder elsewhere
+    if root is not None and any(re.match(r"[+~]*data\.root=", w) for w in overrides):
+        try:
+            plain = re.fullmatch(r"[A-Za-z0-9_./-]+", root)
+            overrides = [w for w in overrides if not re.match(r"[+~]*data\.root=", w)] + [
+                f"data.root={root if plain else hydra_value(root, 'data.root')}"]
+        except ConfigError:  # a path Hydra cannot be given quoted: none to name
+            return None
     return _resume_command({"command": ["allconv-hpc", "train", *overrides]}, run_dir)
 
 

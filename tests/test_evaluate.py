@@ -190,6 +190,12 @@ def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path, capsys
     ov = [o for o in TINY if not o.startswith("data.")] + ["data=cifar10", f"data.root={tmp_path / 'old'}",
                                                           "data.augment=none", "data.download=true"]
     run_train(tmp_path, run, ov)  # the data is there: nothing downloaded; nor by evaluate, which names it
+    hydra = run / ".hydra" / "config.yaml"
+    kept = hydra.read_text()
+    # the run resumed since on a copy that is gone now (a node's own disk): the checkpoint's root still holds the
+    # data, and is read (a diff review found it refused)
+    hydra.write_text(kept.replace(str(tmp_path / "old"), str(tmp_path / "gone")))
+    assert evaluate(run, "best")["other_images"] is None
     (tmp_path / "old").rename(tmp_path / "new")
     with pytest.raises(ConfigError, match=r"cifar-10-batches-py.*Give --data-root DIR, the folder that holds "
                                           r"cifar-10-batches-py now") as e:
@@ -197,10 +203,12 @@ def test_a_moved_dataset_and_a_missing_held_out_split_are_named(tmp_path, capsys
     assert "data.download" not in str(e.value)  # options evaluate does not have are not offered
     # resumed since with the new root (the run records it), its best.pt written before: found there (it named the
     # old root only; a Slurm journey audit)
-    hydra = run / ".hydra" / "config.yaml"
-    kept = hydra.read_text()
     hydra.write_text(kept.replace(str(tmp_path / "old"), str(tmp_path / "new")))
     assert evaluate(run, "best")["other_images"] is None
+    # a checkpoint file that is not the run's own (a set-aside run's, another's) is scored as its config says
+    shutil.copy(run / "checkpoints" / "best.pt", tmp_path / "elsewhere.pt")
+    with pytest.raises(ConfigError, match=r"old/cifar-10-batches-py.*Give --data-root DIR"):
+        evaluate(run, str(tmp_path / "elsewhere.pt"))
     hydra.write_text(kept)
     moved = evaluate(run, "last", data_root=str(tmp_path / "new"))
     final = read_history(run / "history.csv")[-1]  # one rank, same batches, same threads: exactly the trainer's

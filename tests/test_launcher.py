@@ -1600,6 +1600,11 @@ def test_a_killed_job_names_its_error_and_the_resume_and_a_lost_status_json_is_n
     assert capsys.readouterr().out.rstrip().endswith(
         f"the same train command (`allconv-hpc train data=synthetic optim.lr=0.01 hydra.run.dir={hand}`) resumes it "
         f"from its newest checkpoint, step 140")
+    # a data.root given relative: the absolute one the run recorded, which reads the same folder from anywhere
+    (hand / ".hydra" / "overrides.yaml").write_text("- data.root=data\n- optim.lr=0.01\n")
+    (hand / ".hydra" / "config.yaml").write_text(f"trainer:\n  epochs: 3\ndata:\n  root: {tmp_path}/my data\n")
+    assert status.run_rows(hand)[0]["train_command"] == shlex.join(
+        ["allconv-hpc", "train", "optim.lr=0.01", f"data.root='{tmp_path}/my data'", f"hydra.run.dir={hand}"])
 
 
 def test_a_job_scancelled_before_its_run_said_a_word_is_a_stop(tmp_path, on_path, capsys):
