@@ -55,58 +55,98 @@ PROBE_S = 10.0  # an online start first asks whether the W&B server can be reach
 
 
 def unreachable(url: str, timeout: float = PROBE_S) -> Optional[str]:
-    """Why the host of `url` cannot be reached from here (its name does not resolve, a refusal, no route, no answer
-    to a TCP connection within `timeout` s in all), or None: it took the connection (whatever it then says is
-    wandb.init's to judge), or a proxy is configured (wandb's way through it is wandb's; see
-    wandb_mode.proxy_configured). Asked before an online wandb.init, which on a node without a route out says
-    nothing for about 90 s before it gives up."""
-    import socket
+    """Why the W&B server at `url` cannot be reached from here, or None: it took a TCP connection (whatever it then
+    says is wandb.init's to judge), or the way there cannot be told (wandb_mode.proxy_route). Straight: its name
+    does not resolve, a refusal, no route, no answer within `timeout` s in all. Through a proxy: that proxy cannot
+    be reached so, or for an https server it answers CONNECT with other than 2xx (403 for a host it does not let
+    through, 407, 502...) or not at all. Asked before an online wandb.init, which on a node without a way out
+    says nothing for about 90 s before it gives up."""
     import threading
     import time
     from urllib.parse import urlsplit
 
-    from .wandb_mode import proxy_configured
-    if proxy_configured():
+    from .wandb_mode import proxy_route
+    known, proxy = proxy_route(url)
+    if not known:
         return None
-    parts = urlsplit(url)
     try:
-        where = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        parts = urlsplit(url)
+        server = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        hop = server if proxy is None else (urlsplit(proxy).hostname, urlsplit(proxy).port or 80)
     except ValueError:  # a bad port: wandb.init says what it makes of the URL
         return None
-    if not where[0]:
+    if not server[0] or not hop[0]:
         return None
     said: list[Optional[str]] = []
-
     end = time.monotonic() + timeout
 
-    def connect() -> None:  # the name lookup has no timeout of its own: one deadline for it and every address
-        try:
-            addresses = socket.getaddrinfo(*where, type=socket.SOCK_STREAM)
-        except socket.gaierror as e:
-            said.append(f"its name does not resolve: {e.strerror or e}")
+    def probe() -> None:
+        s, why = _connect(hop, end)
+        if s is None:
+            said.append(why)
             return
-        why = []
-        for i, (family, kind, proto, _, address) in enumerate(addresses):
-            left = end - time.monotonic()
-            if left <= 0:
-                break
-            # each address its share of what is left: a silent first one (IPv6 with no route) leaves the next time
-            with socket.socket(family, kind, proto) as s:
-                s.settimeout(max(left / (len(addresses) - i), min(left, 3.0)))
-                try:
-                    s.connect(address)
-                    said.append(None)
-                    return
-                except TimeoutError:
-                    why.append("no answer")
-                except OSError as e:
-                    why.append(e.strerror or str(e) if isinstance(e, ConnectionRefusedError) or e.errno in (
-                        errno.ENETUNREACH, errno.EHOSTUNREACH) else None)
-        said.append(None if None in why or not why else why[-1])  # one it cannot read: wandb.init judges
-    t = threading.Thread(target=connect, name="allconv-wandb-probe", daemon=True)
+        with s:  # a plain http server behind a proxy: the proxy took the connection, the rest is wandb's
+            said.append(_tunnel(s, server, urlsplit(proxy), end) if proxy and parts.scheme == "https" else None)
+    t = threading.Thread(target=probe, name="allconv-wandb-probe", daemon=True)
     t.start()
-    t.join(timeout)
-    return said[0] if said else "no answer"
+    t.join(timeout + 0.5)  # (its own deadline is `end`: a moment more for it to say why)
+    why = said[0] if said else "no answer"
+    return why if why is None or proxy is None else f"through the proxy {hop[0]}:{hop[1]}: {why}"
+
+
+def _connect(where: tuple, end: float):
+    """(a socket connected to `where`, None), or (None, why not). The name lookup has no timeout of its own: one
+    deadline (`end`, time.monotonic) for it and every address."""
+    import socket
+    import time
+    try:
+        addresses = socket.getaddrinfo(*where, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return None, f"its name does not resolve: {e.strerror or e}"
+    why = []
+    for i, (family, kind, proto, _, address) in enumerate(addresses):
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        # each address its share of what is left: a silent first one (IPv6 with no route) leaves the next time
+        s = socket.socket(family, kind, proto)
+        s.settimeout(max(left / (len(addresses) - i), min(left, 3.0)))
+        try:
+            s.connect(address)
+            return s, None
+        except TimeoutError:
+            why.append("no answer")
+        except OSError as e:
+            why.append(e.strerror or str(e) if isinstance(e, ConnectionRefusedError) or e.errno in (
+                errno.ENETUNREACH, errno.EHOSTUNREACH) else None)
+        s.close()
+    return None, None if None in why or not why else why[-1]  # one it cannot read: wandb.init judges
+
+
+def _tunnel(s, server: tuple, proxy, end: float) -> Optional[str]:
+    """Why the proxy on socket `s` will not open a tunnel to `server` (host, port), or None: it did (2xx), or
+    answered something that is no HTTP status line (wandb.init judges)."""
+    import base64
+    import time
+    from urllib.parse import unquote
+    host = f"[{server[0]}]" if ":" in server[0] else server[0]
+    lines = [f"CONNECT {host}:{server[1]} HTTP/1.1", f"Host: {host}:{server[1]}"]
+    if proxy.username is not None:  # as in the proxy's URL, which is all wandb has too
+        creds = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode()
+        lines.append(f"Proxy-Authorization: Basic {base64.b64encode(creds).decode()}")
+    try:
+        s.settimeout(max(0.1, end - time.monotonic()))
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        status = s.makefile("rb").readline(512).decode("latin-1").split(None, 2)
+    except TimeoutError:
+        return f"no answer to CONNECT {host}:{server[1]}"
+    except OSError as e:
+        return f"it closed the connection ({e.strerror or e})"
+    if len(status) < 2 or not status[0].startswith("HTTP/") or not status[1].isdigit():
+        return None if status else "it closed the connection without an answer"
+    if status[1].startswith("2"):
+        return None
+    return f"CONNECT {host}:{server[1]} answered {status[1]} {status[2].strip() if len(status) > 2 else ''}".rstrip()
 
 
 ID_FILE = "wandb_id.txt"

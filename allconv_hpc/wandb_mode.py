@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from .config import WANDB_MODES, ConfigError, WandbConfig
 
 __all__ = ["api_key_configured", "preflight_mode", "check_names", "check_environment", "outranked_env",
-           "proxy_configured", "resolve_mode", "server_url"]
+           "proxy_route", "resolve_mode", "server_url"]
 
 # as wandb 0.31's wandb.sdk.lib.urls: its default server, and the W&B host behind each CoreWeave Forge host
 # (a netrc entry for that one counts too: `wandb login` of older versions wrote it)
@@ -90,17 +90,34 @@ def server_url(environ: Optional[Mapping[str, str]] = None, section: Optional[Ma
     return base_url
 
 
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "WANDB_HTTP_PROXY", "WANDB_HTTPS_PROXY")
 
-
-def proxy_configured(environ: Optional[Mapping[str, str]] = None) -> bool:
-    """A proxy that wandb (its requests, or wandb-core) may use: a proxy variable of either case, wandb's own
-    (WANDB_HTTP(S)_PROXY), or http(s)_proxy in wandb's settings file."""
+def proxy_route(url: str, environ: Optional[Mapping[str, str]] = None) -> tuple[bool, Optional[str]]:
+    """How wandb reaches the server at `url`, where that can be told here: (True, None) straight, (True, proxy)
+    through that one http:// proxy, (False, None) where it cannot (proxy settings of several values, or of another
+    kind; all_proxy alone; wandb's own proxy settings beside a NO_PROXY naming the host). The proxies: a proxy variable of either
+    case, wandb's own (WANDB_HTTP(S)_PROXY), http(s)_proxy in wandb's settings file. A cluster's usual set-up, one
+    proxy for all, can be told; NO_PROXY (or a loopback host) takes the variables' proxy away."""
+    from urllib.request import proxy_bypass_environment
     environ = os.environ if environ is None else environ
-    if any((environ.get(v) or environ.get(v.upper()) or "").strip() for v in _PROXY_VARS):
-        return True
     section = _settings_section(environ)
-    return any((section.get(k) or "").strip() for k in ("http_proxy", "https_proxy"))
+    own = [v.strip() for v in (section.get("http_proxy"), section.get("https_proxy"), environ.get("WANDB_HTTP_PROXY"),
+                               environ.get("WANDB_HTTPS_PROXY")) if v and v.strip()]
+    by_scheme = {v.strip() for n in ("http_proxy", "https_proxy") for v in (environ.get(n), environ.get(n.upper()))
+                 if v and v.strip()}
+    found = {*own, *by_scheme, *(v.strip() for v in (environ.get("all_proxy"), environ.get("ALL_PROXY"))
+                                 if v and v.strip())}
+    if not found:
+        return True, None
+    if not own and not by_scheme:  # all_proxy alone: wandb-core's client (Go's) goes straight, its Python side not
+        return False, None
+    host = urlsplit(url).hostname or ""
+    no_proxy = (environ.get("no_proxy") or environ.get("NO_PROXY") or "").strip()
+    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    if loopback or no_proxy and proxy_bypass_environment(host, {"no": no_proxy}):
+        return (False, None) if own else (True, None)  # (whether wandb's own settings heed NO_PROXY is not known)
+    proxy = found.pop() if len(found) == 1 else ""
+    proxy = proxy if "://" in proxy or not proxy else f"http://{proxy}"
+    return (True, proxy) if urlsplit(proxy).scheme == "http" else (False, None)
 
 
 def preflight_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:

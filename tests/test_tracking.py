@@ -6,6 +6,7 @@ environment must not change under it between tests), and wandb is torn down at t
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -885,15 +886,91 @@ def test_the_online_probe_tells_no_route_from_a_server_that_answers(monkeypatch,
         assert unreachable(f"http://127.0.0.1:{httpd.server_address[1]}") is None
         assert unreachable(dead, timeout=5) == "Connection refused"
         assert unreachable("http://no-such-host.invalid", timeout=5).startswith("its name does not resolve: ")
-        (tmp_path / "settings").write_text("[default]\nhttps_proxy = http://proxy.example:3128\n")
-        assert unreachable(dead, timeout=5) is None  # wandb's settings file names a proxy: its way out
+        # a proxy configured: the way out is through it (a probe past it forced offline a node whose only way out
+        # it is: diff review), so the proxy is what is tried, wherever it is named
+        (tmp_path / "settings").write_text("[default]\nhttps_proxy = http://127.0.0.1:%d\n" % httpd.server_address[1])
+        assert unreachable(dead, timeout=5) is None  # the proxy took the connection (a plain http server: no CONNECT)
         (tmp_path / "settings").unlink()
+        monkeypatch.setenv("all_proxy", dead)  # alone: wandb-core's client does not read it, its Python side does
+        assert unreachable("http://wandb.example:8080", timeout=5) is None
+        monkeypatch.delenv("all_proxy")
         for var in ("HTTPS_PROXY", "WANDB_HTTP_PROXY"):
-            monkeypatch.setenv(var, "http://proxy.example:3128")
-            assert unreachable(dead, timeout=5) is None, var
+            monkeypatch.setenv(var, dead)
+            assert unreachable("http://wandb.example:8080", timeout=5) == \
+                f"through the proxy 127.0.0.1:{closed.getsockname()[1]}: Connection refused", var
+            # (a loopback server is reached straight, as wandb's client does)
+            assert unreachable(f"http://127.0.0.1:{httpd.server_address[1]}", timeout=5) is None, var
             monkeypatch.delenv(var)
         assert unreachable(dead, timeout=5) == "Connection refused"
     finally:
         closed.close()
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_the_online_probe_asks_the_proxy_for_a_tunnel_where_one_proxy_is_the_way_out(monkeypatch, tmp_path):
+    """A node whose way out is a proxy waited wandb.init's ~90 s at every start where the proxy refused W&B: the
+    probe was skipped wherever a proxy was configured (a wall the twelfth session left). With one proxy for all, the
+    probe asks it for a tunnel to the server (CONNECT, as wandb's client does), with the credentials its URL holds,
+    and any answer but 2xx is no way out. Where the way cannot be told (two proxies, a socks one, wandb's own
+    proxy setting beside a NO_PROXY that names the host), nothing is tried, as before; NO_PROXY alone (or a
+    loopback server) means straight there. A real proxy stand-in on a real socket answers here."""
+    import socket
+    import socketserver
+    import threading
+    from allconv_hpc.tracking import unreachable
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "WANDB_HTTP_PROXY", "WANDB_HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
+    asked, answer = [], ["HTTP/1.1 403 Forbidden"]
+
+    class Proxy(socketserver.StreamRequestHandler):
+        def handle(self):
+            head = []
+            while (line := self.rfile.readline()) not in (b"\r\n", b""):
+                head.append(line.decode().strip())
+            asked.append(head)
+            if answer[0] is not None:  # None: take the connection and say nothing
+                self.wfile.write(f"{answer[0]}\r\n\r\n".encode())
+            else:
+                self.rfile.read()
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Proxy)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    proxy = f"127.0.0.1:{srv.server_address[1]}"
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    try:
+        monkeypatch.setenv("https_proxy", f"http://user%40site:pa%3Ass@{proxy}")
+        monkeypatch.setenv("HTTP_PROXY", f"http://user%40site:pa%3Ass@{proxy}")  # the same proxy for all
+        assert unreachable("https://api.wandb.ai", timeout=5) == \
+            f"through the proxy {proxy}: CONNECT api.wandb.ai:443 answered 403 Forbidden"
+        assert asked[-1][:2] == ["CONNECT api.wandb.ai:443 HTTP/1.1", "Host: api.wandb.ai:443"], asked
+        assert asked[-1][2] == "Proxy-Authorization: Basic " + base64.b64encode(b"user@site:pa:ss").decode()
+        answer[0] = "HTTP/1.1 407 Proxy Authentication Required"
+        assert unreachable("https://api.wandb.ai", timeout=5).endswith("answered 407 Proxy Authentication Required")
+        answer[0] = "HTTP/1.1 200 Connection established"
+        assert unreachable("https://api.wandb.ai", timeout=5) is None  # a tunnel: the rest is wandb.init's
+        answer[0] = None
+        assert unreachable("https://api.wandb.ai", timeout=2) == \
+            f"through the proxy {proxy}: no answer to CONNECT api.wandb.ai:443"
+        monkeypatch.setenv("NO_PROXY", "localhost,.wandb.test")  # straight there (a name that does not resolve)
+        assert unreachable("https://api.wandb.test", timeout=5).startswith("its name does not resolve: ")
+        monkeypatch.setenv("WANDB_HTTPS_PROXY", f"http://{proxy}")  # wandb's own beside NO_PROXY: cannot tell
+        assert unreachable("https://api.wandb.test", timeout=5) is None
+        monkeypatch.delenv("WANDB_HTTPS_PROXY")
+        monkeypatch.delenv("NO_PROXY")
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed.getsockname()[1]}")  # two proxies: cannot tell
+        assert unreachable("https://api.wandb.ai", timeout=5) is None
+        monkeypatch.setenv("HTTP_PROXY", f"socks5://{proxy}")
+        monkeypatch.setenv("https_proxy", f"socks5://{proxy}")  # one, of another kind
+        assert unreachable("https://api.wandb.ai", timeout=5) is None
+        monkeypatch.setenv("HTTP_PROXY", f"127.0.0.1:{closed.getsockname()[1]}")  # no scheme: http, as wandb reads it
+        monkeypatch.delenv("https_proxy")
+        assert unreachable("https://api.wandb.ai", timeout=5) == \
+            f"through the proxy 127.0.0.1:{closed.getsockname()[1]}: Connection refused"
+    finally:
+        closed.close()
+        srv.shutdown()
+        srv.server_close()
