@@ -617,12 +617,29 @@ def _np(t: Any, dtype: Any) -> np.ndarray:
     return (t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)).astype(dtype, copy=False)
 
 
+def _check_images(images: Any, labels: Any, split: str) -> None:
+    """ValueError unless `images` are [N,3,32,32] (or [N,3072], the files' rows) of integers 0-255 with N labels:
+    channels-last images, or floats in [0, 1], were written as other pictures without a word."""
+    x = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    n = len(labels)
+    if x.shape not in ((n, 3, 32, 32), (n, 3072)):
+        hint = (": channels last; give x.transpose(0, 3, 1, 2) (numpy) or x.permute(0, 3, 1, 2) (torch)"
+                if x.shape == (n, 32, 32, 3) else "")
+        raise ValueError(f"write_cifar: {split} images of shape {tuple(x.shape)}, for {n} labels; give [N, 3, 32, 32] "
+                         f"(or [N, 3072]){hint}")
+    if x.dtype.kind not in "ui" or (x.size and (x.min() < 0 or x.max() > 255)):
+        raise ValueError(f"write_cifar: {split} images of {x.dtype}, values {x.min()}..{x.max()}; give integers "
+                         f"0-255 (e.g. (x * 255).round() of images in [0, 1], as uint8)")
+
+
 def write_cifar(root: str | Path, name: str, train_images: Any, train_labels: Any, test_images: Any,
                 test_labels: Any, classes: Sequence[str]) -> Path:
     """Write uint8 [N,3,32,32] images in the official layout and pickle dialect; returns the folder.
 
     CIFAR-10 train is split into 5 batches (sizes as even as tensor_split makes them).
     """
+    _check_images(train_images, train_labels, "train")
+    _check_images(test_images, test_labels, "test")
     lay = _layout(name)
     folder = Path(root) / lay.folder
     folder.mkdir(parents=True, exist_ok=True)

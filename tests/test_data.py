@@ -61,6 +61,22 @@ def test_a_train_split_smaller_than_the_five_batch_files_loads(tmp_path):
     assert torch.equal(ds.train.images, xtr) and torch.equal(ds.train.labels, ytr)
 
 
+def test_write_cifar_refuses_images_it_would_write_as_other_pictures(tmp_path):
+    """Channels-last images, or floats in [0, 1], were written without a word as other pictures (a reshape of
+    [N,32,32,3] to [N,3072] mixes the channels; 0.7 as uint8 is 0); now refused, naming the fix."""
+    (xtr, ytr), (xte, yte) = _fake(4, 10, 4), _fake(2, 10, 5)
+    with pytest.raises(ValueError, match=r"train images of shape \(4, 32, 32, 3\), for 4 labels; give \[N, 3, 32, "
+                                         r"32\] \(or \[N, 3072\]\): channels last; give x.transpose"):
+        data.write_cifar(tmp_path, "cifar10", xtr.permute(0, 2, 3, 1), ytr, xte, yte, C10)
+    with pytest.raises(ValueError, match=r"test images of torch.float32|test images of float32"):
+        data.write_cifar(tmp_path, "cifar10", xtr, ytr, xte.float() / 255, yte, C10)
+    with pytest.raises(ValueError, match=r"train images of shape \(4, 3, 32, 32\), for 3 labels"):
+        data.write_cifar(tmp_path, "cifar10", xtr, ytr[:3], xte, yte, C10)
+    assert not (tmp_path / "cifar-10-batches-py").exists()  # refused before any file
+    data.write_cifar(tmp_path, "cifar10", xtr.reshape(4, 3072).numpy(), ytr, xte, yte, C10)  # the files' rows
+    assert torch.equal(data.load(_cfg(tmp_path), seed=0).train.images, xtr)
+
+
 @pytest.mark.parametrize("empty", ["training", "test"])
 def test_a_split_without_images_is_refused_at_load(tmp_path, empty):
     (xtr, ytr), (xte, yte) = _fake(0 if empty == "training" else 4, 10, 4), _fake(0 if empty == "test" else 2, 10, 5)
