@@ -247,6 +247,36 @@ def _job_error(rec: dict, kinds: tuple = (0, 1)) -> Optional[str]:
     return f"rank {ended[0]}: {found[ended[0]][2]}" if ended else None  # no rank's own word: the controller's
 
 
+def _why_lost(rec: dict, error: str) -> Optional[str]:
+    """What the job's task files say ended the peers a PeerLost `error` names as silent: the cluster=local
+    controller's word on a rank a signal ended, or srun's on a task (a kill -9, the OOM killer); None where they
+    say nothing (a hung rank, a job started without submit)."""
+    m = re.search(r"peer rank\(s\) ([\d, ]+) did not answer", error)
+    folder = _job_folder(rec)
+    if m is None or folder is None:
+        return None
+    lost = {int(r) for r in m.group(1).replace(" ", "").split(",") if r}
+    said = []
+    for path in sorted(folder.glob(f"{folder.name}_*_log.err")):
+        task = path.name[len(folder.name) + 1:].split("_")[0]
+        for line in _tail_lines(path) or []:
+            if task.isdigit() and int(task) in lost and line.startswith(CONTROLLER_SAID):
+                said.append(f"rank {task}: {line.removeprefix(CONTROLLER_SAID)}")
+            elif (s := _SRUN_SIGNAL.match(line)) is not None and lost & _tasks(s.group(2)):
+                said.append(f"rank{s.group(1)} {s.group(2)}: ended by a signal ({line})")
+    return "; ".join(dict.fromkeys(said)) or None
+
+
+def _tasks(spec: str) -> set[int]:
+    """srun's task list ("1", "0-1,3") as numbers."""
+    out = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out |= set(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def _killed_only(rec: dict) -> bool:
     """The job's tasks say nothing but that a signal ended them (or nothing at all): no rank's own error."""
     error = _job_error(rec)
@@ -395,6 +425,8 @@ def run_rows(folder: Path) -> list[dict]:
                 state = "FAILED"
         if refused:
             error = refusal
+        if failed and current and st.get("peer_lost") and not active and error:  # what ended the lost peers
+            error = "; ".join(filter(None, (error, _why_lost(rec, error))))
         if dead_lock:
             error = (f"{error}; " if error else "") + (
                 f"the job ended ({state}) with its run lock still held by {holder}: if that node is down, delete "

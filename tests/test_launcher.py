@@ -2153,6 +2153,27 @@ def test_a_rank_killed_while_its_peer_waits_at_the_rendezvous_ends_the_job(tmp_p
     assert row["state"] == "FAILED" and row["error"].startswith("rank 1: ended by SIGKILL"), row
 
 
+def test_a_rank_killed_in_training_is_named_beside_its_peers_error(tmp_path):
+    """cluster=local: rank 1 SIGKILLed while training (the OOM killer). Rank 0 fails saying its peer did not answer;
+    status named that alone, while the controller's word that a SIGKILL ended rank 1 was only in rank 1's .err
+    (a wall the twelfth session left). The row says both."""
+    run = tmp_path / "run"
+    controller, ranks = _start_local_job(tmp_path, run, 2)
+    try:
+        rank1 = [p for p in ranks if b"SUBMITIT_LOCAL_GLOBALID=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+        os.kill(rank1[0], signal.SIGKILL)
+        _watch_until_ended(run, [controller], timeout=90)
+    finally:
+        for pid in [*ranks, controller]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["peer_lost"]) == ("FAILED", True), row
+    assert row["error"].startswith("rank 0: peer rank(s) 1 did not answer"), row
+    assert row["error"].endswith("; rank 1: ended by SIGKILL, without a word of its own (a kill -9, the OOM killer, "
+                                 "a crash, a failed peer's reaper)"), row
+
+
 def test_a_reaper_is_no_rank_and_outlasts_the_ranks_signals(tmp_path):
     """The controller's reaper (a rank ended by a signal) is its child, as the ranks are: a rank that fails next
     passes its Ctrl-C on to its peers (end_local_peers), which must not take the reaper for one (a SIGINT ended
