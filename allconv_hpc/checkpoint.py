@@ -31,12 +31,9 @@ from typing import Any, BinaryIO, Callable, Optional
 import torch
 
 from .config import ConfigError, OtherConfig, from_dict
-from .fsio import fsync_dir, write_atomic
+from .fsio import CHECKPOINT_MAGIC as MAGIC, CHECKPOINT_TRAILER_LEN as TRAILER_LEN, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
-
-MAGIC = b"\nALLCONV-CKPT-SHA256:"
-TRAILER_LEN = len(MAGIC) + 64 + 1
 
 
 class CheckpointError(RuntimeError):

@@ -26,6 +26,24 @@ def name_too_long(path: Union[str, Path]) -> Optional[str]:
     return None
 
 
+# checkpoint.py's completeness trailer (the file's SHA-256 after it), here to be looked for without torch (status)
+CHECKPOINT_MAGIC = b"\nALLCONV-CKPT-SHA256:"
+CHECKPOINT_TRAILER_LEN = len(CHECKPOINT_MAGIC) + 64 + 1
+
+
+def has_trailer(path: Union[str, Path]) -> bool:
+    """The file ends in a checkpoint's completeness trailer (only its last bytes read): a copy cut short has none."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) < CHECKPOINT_TRAILER_LEN:
+                return False
+            f.seek(-CHECKPOINT_TRAILER_LEN, os.SEEK_END)
+            tail = f.read()
+    except OSError:
+        return False
+    return tail.startswith(CHECKPOINT_MAGIC) and tail.endswith(b"\n")
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable. Some network filesystems refuse fsync on a folder; that is
     not worth failing a run for (the rename itself is still atomic)."""

@@ -453,6 +453,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
+                     "cut_short": _cut_short(run_dir, _step_files(run_dir)),
                      "starts_over": run_state in (*MAY_RESUME, None) and _starts_over(run_dir, rec),
                      "peer_lost": bool(st.get("peer_lost")) and current,  # failed only as a peer was killed
                      "refused": refused,  # a rank's refusal in start-up failed the job: no resume advice
@@ -542,13 +543,33 @@ def _starts_over(run_dir: Path, rec: dict) -> bool:
 
 
 def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
-    """The step of the newest checkpoint by its file name (nothing read); -1 for a last.pt alone, None for none."""
+    """The step of the newest checkpoint a resume would load, by its file name: the newest whose completeness trailer
+    is there (`_cut_short`); -1 for a last.pt alone, None for none."""
+    steps = _step_files(run_dir)
+    if not steps:
+        return -1 if (run_dir / "checkpoints" / "last.pt").exists() else None
+    return steps[len(_cut_short(run_dir, steps))]
+
+
+def _step_files(run_dir: Path) -> list[int]:
+    """The steps of checkpoints/step_*.pt, newest first."""
     try:
         names = os.listdir(run_dir / "checkpoints")
     except OSError:
-        return None
-    steps = [int(m.group(1)) for m in map(re.compile(r"step_(\d+)\.pt").fullmatch, names) if m]
-    return max(steps) if steps else (-1 if "last.pt" in names else None)
+        return []
+    return sorted((int(m.group(1)) for m in map(re.compile(r"step_(\d+)\.pt").fullmatch, names) if m), reverse=True)
+
+
+def _cut_short(run_dir: Path, steps: list[int]) -> list[int]:
+    """The newest steps whose file has no completeness trailer (a copy cut short), up to the first that has one: a
+    resume passes over them (with a warning), and so does status. Only the files' last bytes are read."""
+    from .fsio import has_trailer
+    out = []
+    for step in steps:
+        if has_trailer(run_dir / "checkpoints" / f"step_{step:08d}.pt"):
+            break
+        out.append(step)
+    return out if len(out) < len(steps) else []  # none whole: the trainer's error names them, not this
 
 
 def _progress_from_files(run_dir: Path, checkpoint_step: int) -> dict:
@@ -638,6 +659,9 @@ def notes(r: dict) -> list[str]:
     ck = r.get("checkpoint_step")
     if ck is not None:
         then = _resumes(ck)
+        if r.get("cut_short"):  # a copy cut short (a full disk, an rsync stopped): passed over
+            then += (f" ({', '.join(f'step_{s:08d}.pt' for s in r['cut_short'])}, newer, "
+                     f"{'is' if len(r['cut_short']) == 1 else 'are'} cut short: no completeness trailer)")
     elif r["epoch"]:  # deleted since: train sets the epochs it recorded aside
         then = ("starts it over: its checkpoints are gone (deleted?), and the epochs it recorded are set aside in "
                 "checkpoints.oldN/")

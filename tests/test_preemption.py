@@ -438,6 +438,15 @@ def test_truncated_and_bitflipped_newest_checkpoint_falls_back(reference, tmp_pa
     newest.write_bytes(data[: len(data) // 2])
     state, path = ck.load_latest()
     assert path == older and state["train_state"]["global_step"] == good_step
+    # status names the checkpoint the resume loads, and the one passed over (it named the cut one; its trailer, the
+    # file's last bytes, tells, as for a run folder copied by an rsync stopped part-way)
+    from allconv_hpc import status
+    row = status.run_rows(run)[0]
+    assert (row["checkpoint_step"], row["cut_short"]) == (good_step, [int(newest.stem[5:])]), row
+    assert status._resumes(row["checkpoint_step"]) in " ".join(status.notes({**row, "active": False,
+                                                                             "run": "interrupted"}))
+    assert f"({newest.name}, newer, is cut short: no completeness trailer)" in " ".join(
+        status.notes({**row, "active": False, "run": "interrupted"})), status.notes(row)
     # flip one bit in the middle instead
     flipped = bytearray(data)
     flipped[len(data) // 3] ^= 0x10
