@@ -58,7 +58,7 @@ def unreachable(url: str, timeout: float = PROBE_S) -> Optional[str]:
     """Why the W&B server at `url` cannot be reached from here, or None: it took a TCP connection (whatever it then
     says is wandb.init's to judge), or the way there cannot be told (wandb_mode.proxy_route). Straight: its name
     does not resolve, a refusal, no route, no answer within `timeout` s in all. Through a proxy: that proxy cannot
-    be reached so, or for an https server it answers CONNECT with other than 2xx (403 for a host it does not let
+    be reached so, or for an https server it answers CONNECT with other than 200 (403 for a host it does not let
     through, 407, 502...) or not at all. Asked before an online wandb.init, which on a node without a way out
     says nothing for about 90 s before it gives up."""
     import threading
@@ -124,7 +124,7 @@ def _connect(where: tuple, end: float):
 
 
 def _tunnel(s, server: tuple, proxy, end: float) -> Optional[str]:
-    """Why the proxy on socket `s` will not open a tunnel to `server` (host, port), or None: it did (2xx), or
+    """Why the proxy on socket `s` will not open a tunnel to `server` (host, port), or None: it did (200), or
     answered something that is no HTTP status line (wandb.init judges)."""
     import base64
     import time
@@ -144,7 +144,7 @@ def _tunnel(s, server: tuple, proxy, end: float) -> Optional[str]:
         return f"it closed the connection ({e.strerror or e})"
     if len(status) < 2 or not status[0].startswith("HTTP/") or not status[1].isdigit():
         return None if status else "it closed the connection without an answer"
-    if status[1].startswith("2"):
+    if status[1] == "200":  # Go's client takes no other answer to CONNECT
         return None
     return f"CONNECT {host}:{server[1]} answered {status[1]} {status[2].strip() if len(status) > 2 else ''}".rstrip()
 

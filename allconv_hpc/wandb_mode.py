@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 import netrc
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
@@ -92,32 +93,89 @@ def server_url(environ: Optional[Mapping[str, str]] = None, section: Optional[Ma
 
 
 def proxy_route(url: str, environ: Optional[Mapping[str, str]] = None) -> tuple[bool, Optional[str]]:
-    """How wandb reaches the server at `url`, where that can be told here: (True, None) straight, (True, proxy)
-    through that one http:// proxy, (False, None) where it cannot (proxy settings of several values, or of another
-    kind; all_proxy alone; wandb's own proxy settings beside a NO_PROXY naming the host). The proxies: a proxy variable of either
-    case, wandb's own (WANDB_HTTP(S)_PROXY), http(s)_proxy in wandb's settings file. A cluster's usual set-up, one
-    proxy for all, can be told; NO_PROXY (or a loopback host) takes the variables' proxy away."""
-    from urllib.request import proxy_bypass_environment
+    """How wandb 0.31 reaches the server at `url`, as its wandb-core (Go) client chooses, where that can be told here:
+    (True, None) straight, (True, proxy) through that http:// proxy, (False, None) where it cannot. wandb's own
+    proxy setting for the URL's scheme (WANDB_HTTP(S)_PROXY, else http(s)_proxy in its settings file), else Go's
+    ProxyFromEnvironment: HTTPS_PROXY (else https_proxy) for an https server, HTTP_PROXY (else http_proxy) for an
+    http one, never ALL_PROXY, no proxy for a loopback host or one NO_PROXY (else no_proxy) names (`_no_proxy`).
+    Cannot tell: a proxy not http:// (socks5, https), wandb's own setting where NO_PROXY names the host (whether it
+    heeds NO_PROXY is not known here), HTTP_PROXY under CGI's REQUEST_METHOD (Go refuses it)."""
     environ = os.environ if environ is None else environ
-    section = _settings_section(environ)
-    own = [v.strip() for v in (section.get("http_proxy"), section.get("https_proxy"), environ.get("WANDB_HTTP_PROXY"),
-                               environ.get("WANDB_HTTPS_PROXY")) if v and v.strip()]
-    by_scheme = {v.strip() for n in ("http_proxy", "https_proxy") for v in (environ.get(n), environ.get(n.upper()))
-                 if v and v.strip()}
-    found = {*own, *by_scheme, *(v.strip() for v in (environ.get("all_proxy"), environ.get("ALL_PROXY"))
-                                 if v and v.strip())}
-    if not found:
-        return True, None
-    if not own and not by_scheme:  # all_proxy alone: wandb-core's client (Go's) goes straight, its Python side not
+    parts = urlsplit(url)
+    scheme = (parts.scheme or "").lower()
+    if scheme not in ("http", "https"):
         return False, None
-    host = urlsplit(url).hostname or ""
-    no_proxy = (environ.get("no_proxy") or environ.get("NO_PROXY") or "").strip()
-    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
-    if loopback or no_proxy and proxy_bypass_environment(host, {"no": no_proxy}):
-        return (False, None) if own else (True, None)  # (whether wandb's own settings heed NO_PROXY is not known)
-    proxy = found.pop() if len(found) == 1 else ""
-    proxy = proxy if "://" in proxy or not proxy else f"http://{proxy}"
-    return (True, proxy) if urlsplit(proxy).scheme == "http" else (False, None)
+    try:
+        port = str(parts.port or (443 if scheme == "https" else 80))
+    except ValueError:
+        return False, None
+    host = (parts.hostname or "").lower()
+    bypass = _no_proxy(host, port, _first(environ, "NO_PROXY", "no_proxy"))
+    own = (environ.get(f"WANDB_{scheme.upper()}_PROXY") or "").strip() or \
+        (_settings_section(environ).get(f"{scheme}_proxy") or "").strip()
+    if own:
+        proxy = own
+        if bypass:
+            return False, None
+    else:
+        proxy = "" if bypass else _first(environ, f"{scheme.upper()}_PROXY", f"{scheme}_proxy").strip()
+        if proxy and scheme == "http" and environ.get("REQUEST_METHOD"):
+            return False, None
+    if not proxy:
+        return True, None
+    proxy = proxy if "://" in proxy else f"http://{proxy}"  # Go's reading of a proxy without a scheme
+    return (True, proxy) if urlsplit(proxy).scheme.lower() == "http" else (False, None)
+
+
+def _first(environ: Mapping[str, str], *names: str) -> str:
+    """The first of `names` set non-empty (Go's getEnvAny: upper case first)."""
+    return next((environ[n] for n in names if environ.get(n)), "")
+
+
+def _no_proxy(host: str, port: str, no_proxy: str) -> bool:
+    """Go's rule (golang.org/x/net/http/httpproxy) for going straight to host:port: localhost or a loopback IP,
+    or a NO_PROXY entry: `*`; an IP, or a CIDR holding it; a domain (and its subdomains), `.domain` or `*.domain`
+    (its subdomains only); each IP or domain with an optional `:port`."""
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        ip = None
+    if host == "localhost" or (ip is not None and ip.is_loopback):
+        return True
+    for entry in no_proxy.split(","):
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if "/" in entry:
+            try:
+                net = ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                net = None
+            if net is not None:
+                if ip is not None and ip.version == net.version and ip in net:
+                    return True
+                continue
+        m = re.fullmatch(r"\[([^\]]*)\]:(.*)", entry) or (re.fullmatch(r"([^:]*):([^:]*)", entry))
+        name, want = (m.group(1), m.group(2)) if m else (entry, "")
+        if m and not name:
+            continue
+        try:
+            their = ipaddress.ip_address(name)
+        except ValueError:
+            their = None
+        if their is not None:
+            if ip is not None and ip == their and want in ("", port):
+                return True
+            continue
+        name = name[1:] if name.startswith("*.") else name
+        whole = not name.startswith(".")  # "foo.com": itself and its subdomains; ".foo.com": subdomains only
+        name = f".{name}" if whole else name
+        if ip is None and (host.endswith(name) or whole and host == name[1:]) and want in ("", port):
+            return True
+    return False
 
 
 def preflight_mode(cfg_mode: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:

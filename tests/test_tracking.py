@@ -886,20 +886,20 @@ def test_the_online_probe_tells_no_route_from_a_server_that_answers(monkeypatch,
         assert unreachable(f"http://127.0.0.1:{httpd.server_address[1]}") is None
         assert unreachable(dead, timeout=5) == "Connection refused"
         assert unreachable("http://no-such-host.invalid", timeout=5).startswith("its name does not resolve: ")
-        # a proxy configured: the way out is through it (a probe past it forced offline a node whose only way out
-        # it is: diff review), so the proxy is what is tried, wherever it is named
-        (tmp_path / "settings").write_text("[default]\nhttps_proxy = http://127.0.0.1:%d\n" % httpd.server_address[1])
-        assert unreachable(dead, timeout=5) is None  # the proxy took the connection (a plain http server: no CONNECT)
+        # a proxy for the server's scheme: the way out is through it, so it is what is tried (a probe past it forced
+        # offline a node whose only way out it is: diff review); wandb's own setting, else Go's variables
+        live = f"127.0.0.1:{httpd.server_address[1]}"
+        (tmp_path / "settings").write_text(f"[default]\nhttp_proxy = http://{live}\n")
+        assert unreachable("http://wandb.invalid:8080", timeout=5) is None  # the proxy took the connection
         (tmp_path / "settings").unlink()
-        monkeypatch.setenv("all_proxy", dead)  # alone: wandb-core's client does not read it, its Python side does
-        assert unreachable("http://wandb.example:8080", timeout=5) is None
-        monkeypatch.delenv("all_proxy")
-        for var in ("HTTPS_PROXY", "WANDB_HTTP_PROXY"):
+        for var in ("HTTP_PROXY", "http_proxy", "WANDB_HTTP_PROXY"):
             monkeypatch.setenv(var, dead)
-            assert unreachable("http://wandb.example:8080", timeout=5) == \
+            assert unreachable("http://wandb.invalid:8080", timeout=5) == \
                 f"through the proxy 127.0.0.1:{closed.getsockname()[1]}: Connection refused", var
-            # (a loopback server is reached straight, as wandb's client does)
-            assert unreachable(f"http://127.0.0.1:{httpd.server_address[1]}", timeout=5) is None, var
+            monkeypatch.delenv(var)
+        for var in ("HTTPS_PROXY", "all_proxy"):  # another scheme's, and one Go's client never reads: straight there
+            monkeypatch.setenv(var, dead)
+            assert unreachable("http://wandb.invalid:8080", timeout=5).startswith("its name does not resolve"), var
             monkeypatch.delenv(var)
         assert unreachable(dead, timeout=5) == "Connection refused"
     finally:
@@ -908,13 +908,12 @@ def test_the_online_probe_tells_no_route_from_a_server_that_answers(monkeypatch,
         httpd.server_close()
 
 
-def test_the_online_probe_asks_the_proxy_for_a_tunnel_where_one_proxy_is_the_way_out(monkeypatch, tmp_path):
+def test_the_online_probe_asks_the_proxy_for_a_tunnel(monkeypatch, tmp_path):
     """A node whose way out is a proxy waited wandb.init's ~90 s at every start where the proxy refused W&B: the
-    probe was skipped wherever a proxy was configured (a wall the twelfth session left). With one proxy for all, the
-    probe asks it for a tunnel to the server (CONNECT, as wandb's client does), with the credentials its URL holds,
-    and any answer but 2xx is no way out. Where the way cannot be told (two proxies, a socks one, wandb's own
-    proxy setting beside a NO_PROXY that names the host), nothing is tried, as before; NO_PROXY alone (or a
-    loopback server) means straight there. A real proxy stand-in on a real socket answers here."""
+    probe was skipped wherever a proxy was configured (a wall the twelfth session left). Where the proxy wandb would
+    use can be told (wandb_mode.proxy_route), the probe asks it for a tunnel to an https server (CONNECT, as
+    wandb's client does), with the credentials its URL holds; any answer but 200 (Go's client takes no other), or
+    none, is no way out. A real proxy stand-in on a real socket answers here."""
     import socket
     import socketserver
     import threading
@@ -942,35 +941,67 @@ def test_the_online_probe_asks_the_proxy_for_a_tunnel_where_one_proxy_is_the_way
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
     try:
-        monkeypatch.setenv("https_proxy", f"http://user%40site:pa%3Ass@{proxy}")
-        monkeypatch.setenv("HTTP_PROXY", f"http://user%40site:pa%3Ass@{proxy}")  # the same proxy for all
+        monkeypatch.setenv("HTTPS_PROXY", f"http://user%40site:pa%3Ass@{proxy}")
         assert unreachable("https://api.wandb.ai", timeout=5) == \
             f"through the proxy {proxy}: CONNECT api.wandb.ai:443 answered 403 Forbidden"
         assert asked[-1][:2] == ["CONNECT api.wandb.ai:443 HTTP/1.1", "Host: api.wandb.ai:443"], asked
         assert asked[-1][2] == "Proxy-Authorization: Basic " + base64.b64encode(b"user@site:pa:ss").decode()
-        answer[0] = "HTTP/1.1 407 Proxy Authentication Required"
-        assert unreachable("https://api.wandb.ai", timeout=5).endswith("answered 407 Proxy Authentication Required")
-        answer[0] = "HTTP/1.1 200 Connection established"
-        assert unreachable("https://api.wandb.ai", timeout=5) is None  # a tunnel: the rest is wandb.init's
+        for said in ("HTTP/1.1 407 Proxy Authentication Required", "HTTP/1.1 204 No Content"):
+            answer[0] = said
+            assert unreachable("https://api.wandb.ai", timeout=5).endswith(f"answered {said[9:]}"), said
+        for said in ("HTTP/1.1 200 Connection established", "HTTP/1.0 200"):
+            answer[0] = said
+            assert unreachable("https://api.wandb.ai", timeout=5) is None, said  # a tunnel: the rest is wandb's
         answer[0] = None
         assert unreachable("https://api.wandb.ai", timeout=2) == \
             f"through the proxy {proxy}: no answer to CONNECT api.wandb.ai:443"
-        monkeypatch.setenv("NO_PROXY", "localhost,.wandb.test")  # straight there (a name that does not resolve)
-        assert unreachable("https://api.wandb.test", timeout=5).startswith("its name does not resolve: ")
-        monkeypatch.setenv("WANDB_HTTPS_PROXY", f"http://{proxy}")  # wandb's own beside NO_PROXY: cannot tell
-        assert unreachable("https://api.wandb.test", timeout=5) is None
-        monkeypatch.delenv("WANDB_HTTPS_PROXY")
-        monkeypatch.delenv("NO_PROXY")
-        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed.getsockname()[1]}")  # two proxies: cannot tell
-        assert unreachable("https://api.wandb.ai", timeout=5) is None
-        monkeypatch.setenv("HTTP_PROXY", f"socks5://{proxy}")
-        monkeypatch.setenv("https_proxy", f"socks5://{proxy}")  # one, of another kind
-        assert unreachable("https://api.wandb.ai", timeout=5) is None
-        monkeypatch.setenv("HTTP_PROXY", f"127.0.0.1:{closed.getsockname()[1]}")  # no scheme: http, as wandb reads it
-        monkeypatch.delenv("https_proxy")
+        monkeypatch.setenv("HTTPS_PROXY", f"127.0.0.1:{closed.getsockname()[1]}")  # no scheme: http, as Go reads it
         assert unreachable("https://api.wandb.ai", timeout=5) == \
             f"through the proxy 127.0.0.1:{closed.getsockname()[1]}: Connection refused"
+        monkeypatch.setenv("NO_PROXY", "localhost,.wandb.invalid")  # straight there, as wandb's client goes
+        assert unreachable("https://api.wandb.invalid", timeout=5).startswith("its name does not resolve: ")
     finally:
         closed.close()
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.mark.parametrize("env,url,route", [
+    ({}, "https://api.wandb.ai", (True, None)),
+    # the proxy for the URL's scheme only, upper case first; never all_proxy (Go's ProxyFromEnvironment)
+    ({"HTTPS_PROXY": "http://a:1"}, "https://api.wandb.ai", (True, "http://a:1")),
+    ({"HTTP_PROXY": "http://a:1"}, "https://api.wandb.ai", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1"}, "http://wandb.local:8080", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1", "https_proxy": "http://b:2"}, "https://api.wandb.ai", (True, "http://a:1")),
+    ({"https_proxy": "b:2"}, "https://api.wandb.ai", (True, "http://b:2")),
+    ({"ALL_PROXY": "http://a:1", "all_proxy": "http://a:1"}, "https://api.wandb.ai", (True, None)),
+    # wandb's own setting for the scheme comes first
+    ({"WANDB_HTTPS_PROXY": "http://w:3", "HTTPS_PROXY": "http://a:1"}, "https://api.wandb.ai", (True, "http://w:3")),
+    ({"WANDB_HTTP_PROXY": "http://w:3"}, "https://api.wandb.ai", (True, None)),
+    # NO_PROXY as Go reads it (NO_PROXY before no_proxy)
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "localhost,*"}, "https://api.wandb.ai", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "wandb.ai"}, "https://api.wandb.ai", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": ".wandb.ai"}, "https://wandb.ai", (True, "http://a:1")),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "*.wandb.ai"}, "https://api.wandb.ai", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "wandb.ai:8443"}, "https://api.wandb.ai", (True, "http://a:1")),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "wandb.ai:443"}, "https://api.wandb.ai", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "192.0.2.0/24"}, "https://192.0.2.7:8443", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "192.0.2.7:8443"}, "https://192.0.2.7:8443", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "fd00::/8"}, "https://[fd00::5]", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "192.0.2.7", "no_proxy": "localhost"}, "https://192.0.2.7",
+     (True, None)),
+    ({"HTTPS_PROXY": "http://a:1"}, "https://localhost:8080", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1"}, "https://[::1]:8080", (True, None)),
+    # cannot tell: a proxy of another kind, wandb's own beside a NO_PROXY for the host, HTTP_PROXY under CGI
+    ({"HTTPS_PROXY": "socks5://a:1"}, "https://api.wandb.ai", (False, None)),
+    ({"WANDB_HTTPS_PROXY": "http://w:3", "NO_PROXY": "wandb.ai"}, "https://api.wandb.ai", (False, None)),
+    ({"HTTP_PROXY": "http://a:1", "REQUEST_METHOD": "GET"}, "http://wandb.local", (False, None))])
+def test_the_proxy_wandb_would_use_is_told_as_its_client_tells_it(tmp_path, env, url, route):
+    """wandb_mode.proxy_route, as wandb 0.31's wandb-core (Go) picks: a probe through a proxy wandb would not use
+    forced runs offline that wandb would have got online (diff review: another scheme's proxy, all_proxy, NO_PROXY
+    read by Python's rules)."""
+    from allconv_hpc.wandb_mode import proxy_route
+    assert proxy_route(url, {"WANDB_CONFIG_DIR": str(tmp_path), **env}) == route
+    (tmp_path / "settings").write_text("[default]\nhttps_proxy = http://s:4\n")  # its settings file's, alike
+    if not env:
+        assert proxy_route(url, {"WANDB_CONFIG_DIR": str(tmp_path)}) == (True, "http://s:4")
