@@ -618,8 +618,8 @@ def _np(t: Any, dtype: Any) -> np.ndarray:
 
 
 def _check_images(images: Any, labels: Any, split: str) -> None:
-    """ValueError unless `images` are [N,3,32,32] (or [N,3072], the files' rows) of integers 0-255 with N labels:
-    channels-last images, or floats in [0, 1], were written as other pictures without a word."""
+    """ValueError unless `images` are [N,3,32,32] (or [N,3072], the files' rows) of whole numbers 0-255 with N
+    labels: channels-last images, or floats in [0, 1], were written as other pictures without a word."""
     x = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     n = len(labels)
     if x.shape not in ((n, 3, 32, 32), (n, 3072)):
@@ -627,9 +627,10 @@ def _check_images(images: Any, labels: Any, split: str) -> None:
                 if x.shape == (n, 32, 32, 3) else "")
         raise ValueError(f"write_cifar: {split} images of shape {tuple(x.shape)}, for {n} labels; give [N, 3, 32, 32] "
                          f"(or [N, 3072]){hint}")
-    if x.dtype.kind not in "ui" or (x.size and (x.min() < 0 or x.max() > 255)):
-        raise ValueError(f"write_cifar: {split} images of {x.dtype}, values {x.min()}..{x.max()}; give integers "
-                         f"0-255 (e.g. (x * 255).round() of images in [0, 1], as uint8)")
+    if x.dtype.kind not in "uif" or (x.size and (x.min() < 0 or x.max() > 255 or (x != np.round(x)).any())):
+        lo, hi = (x.min(), x.max()) if x.size and x.dtype.kind in "uif" else ("?", "?")
+        raise ValueError(f"write_cifar: {split} images of {x.dtype}, values {lo}..{hi}; give whole numbers 0-255 "
+                         f"(e.g. (x * 255).round() of images in [0, 1], as uint8)")
 
 
 def write_cifar(root: str | Path, name: str, train_images: Any, train_labels: Any, test_images: Any,

@@ -75,6 +75,8 @@ def test_write_cifar_refuses_images_it_would_write_as_other_pictures(tmp_path):
     assert not (tmp_path / "cifar-10-batches-py").exists()  # refused before any file
     data.write_cifar(tmp_path, "cifar10", xtr.reshape(4, 3072).numpy(), ytr, xte, yte, C10)  # the files' rows
     assert torch.equal(data.load(_cfg(tmp_path), seed=0).train.images, xtr)
+    data.write_cifar(tmp_path, "cifar10", xtr.float(), ytr, xte, yte, C10)  # whole numbers as floats: as they are
+    assert torch.equal(data.load(_cfg(tmp_path), seed=0).train.images, xtr)
 
 
 @pytest.mark.parametrize("empty", ["training", "test"])
