@@ -248,33 +248,20 @@ def _job_error(rec: dict, kinds: tuple = (0, 1)) -> Optional[str]:
 
 
 def _why_lost(rec: dict, error: str) -> Optional[str]:
-    """What the job's task files say ended the peers a PeerLost `error` names as silent: the cluster=local
-    controller's word on a rank a signal ended, or srun's on a task (a kill -9, the OOM killer); None where they
-    say nothing (a hung rank, a job started without submit)."""
+    """Where to read why the peers a PeerLost `error` names as silent ended: their own task files (.err), which
+    hold the cluster=local controller's or srun's word on a signal that ended one. Named, not quoted: the same
+    words come from a failed peer's clean-up (a reaper, srun's --kill-on-bad-exit) that ended a hung rank, and a
+    requeued job's files hold its earlier starts too. None for a job started without submit."""
     m = re.search(r"peer rank\(s\) ([\d, ]+) did not answer", error)
     folder = _job_folder(rec)
     if m is None or folder is None:
         return None
-    lost = {int(r) for r in m.group(1).replace(" ", "").split(",") if r}
-    said = []
-    for path in sorted(folder.glob(f"{folder.name}_*_log.err")):
-        task = path.name[len(folder.name) + 1:].split("_")[0]
-        for line in _tail_lines(path) or []:
-            if task.isdigit() and int(task) in lost and line.startswith(CONTROLLER_SAID):
-                said.append(f"rank {task}: {line.removeprefix(CONTROLLER_SAID)}")
-            elif (s := _SRUN_SIGNAL.match(line)) is not None and lost & _tasks(s.group(2)):
-                said.append(f"rank{s.group(1)} {s.group(2)}: ended by a signal ({line})")
-    return "; ".join(dict.fromkeys(said)) or None
-
-
-def _tasks(spec: str) -> set[int]:
-    """srun's task list ("1", "0-1,3") as numbers."""
-    out = set()
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        if lo.isdigit() and (not hi or hi.isdigit()):
-            out |= set(range(int(lo), int(hi or lo) + 1))
-    return out
+    files = [folder / f"{folder.name}_{r}_log.err" for r in sorted({int(r) for r in m.group(1).split(",") if
+                                                                   r.strip()})]
+    files = [str(p) for p in files if p.is_file()]
+    whose = "ranks'" if len(files) > 1 else "rank's"
+    return (f"the lost {whose} own log (srun's or the controller's word on a signal that ended one): "
+            f"{', '.join(files)}") if files else None
 
 
 def _killed_only(rec: dict) -> bool:
@@ -562,12 +549,17 @@ def _step_files(run_dir: Path) -> list[int]:
 
 def _cut_short(run_dir: Path, steps: list[int]) -> list[int]:
     """The newest steps whose file has no completeness trailer (a copy cut short), up to the first that has one: a
-    resume passes over them (with a warning), and so does status. Only the files' last bytes are read."""
+    resume passes over them (with a warning), and so does status. As CheckpointDir.load_latest tries last.pt after
+    the newest step file, a whole last.pt of its own (a copy, not the cut file's hard link) passes over none. Only
+    the files' last bytes are read; a file that cannot be read stops the look (the resume stops there too, with
+    its error), and one whose bytes changed inside (a bit flipped) is not seen."""
     from .fsio import has_trailer
-    out = []
+    folder, out = run_dir / "checkpoints", []
     for step in steps:
-        if has_trailer(run_dir / "checkpoints" / f"step_{step:08d}.pt"):
+        if has_trailer(folder / f"step_{step:08d}.pt") is not False:
             break
+        if step == steps[0] and has_trailer(folder / "last.pt"):  # (a hard link to the cut file has none either)
+            return []
         out.append(step)
     return out if len(out) < len(steps) else []  # none whole: the trainer's error names them, not this
 

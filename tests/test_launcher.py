@@ -2153,10 +2153,10 @@ def test_a_rank_killed_while_its_peer_waits_at_the_rendezvous_ends_the_job(tmp_p
     assert row["state"] == "FAILED" and row["error"].startswith("rank 1: ended by SIGKILL"), row
 
 
-def test_a_rank_killed_in_training_is_named_beside_its_peers_error(tmp_path):
+def test_a_rank_killed_in_training_has_its_log_named_beside_its_peers_error(tmp_path):
     """cluster=local: rank 1 SIGKILLed while training (the OOM killer). Rank 0 fails saying its peer did not answer;
     status named that alone, while the controller's word that a SIGKILL ended rank 1 was only in rank 1's .err
-    (a wall the twelfth session left). The row says both."""
+    (a wall the twelfth session left). The row names that file."""
     run = tmp_path / "run"
     controller, ranks = _start_local_job(tmp_path, run, 2)
     try:
@@ -2170,8 +2170,10 @@ def test_a_rank_killed_in_training_is_named_beside_its_peers_error(tmp_path):
     row = status.run_rows(run)[0]
     assert (row["state"], row["peer_lost"]) == ("FAILED", True), row
     assert row["error"].startswith("rank 0: peer rank(s) 1 did not answer"), row
-    assert row["error"].endswith("; rank 1: ended by SIGKILL, without a word of its own (a kill -9, the OOM killer, "
-                                 "a crash, a failed peer's reaper)"), row
+    err1 = run / ".submitit" / str(controller) / f"{controller}_1_log.err"
+    assert row["error"].endswith(f"; the lost rank's own log (srun's or the controller's word on a signal that ended "
+                                 f"one): {err1}"), row
+    assert "allconv-hpc (controller): ended by SIGKILL" in err1.read_text()  # which says why
 
 
 def test_a_reaper_is_no_rank_and_outlasts_the_ranks_signals(tmp_path):
