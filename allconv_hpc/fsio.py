@@ -31,8 +31,9 @@ CHECKPOINT_MAGIC = b"\nALLCONV-CKPT-SHA256:"
 CHECKPOINT_TRAILER_LEN = len(CHECKPOINT_MAGIC) + 64 + 1
 
 
-def has_trailer(path: Union[str, Path]) -> bool:
-    """The file ends in a checkpoint's completeness trailer (only its last bytes read): a copy cut short has none."""
+def has_trailer(path: Union[str, Path]) -> Optional[bool]:
+    """The file ends in a checkpoint's completeness trailer (only its last bytes read): a copy cut short has none.
+    None where it cannot be read (missing, EIO, permissions): no answer either way."""
     try:
         with open(path, "rb") as f:
             if f.seek(0, os.SEEK_END) < CHECKPOINT_TRAILER_LEN:
@@ -40,7 +41,7 @@ def has_trailer(path: Union[str, Path]) -> bool:
             f.seek(-CHECKPOINT_TRAILER_LEN, os.SEEK_END)
             tail = f.read()
     except OSError:
-        return False
+        return None
     return tail.startswith(CHECKPOINT_MAGIC) and tail.endswith(b"\n")
 
 

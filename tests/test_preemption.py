@@ -447,6 +447,12 @@ def test_truncated_and_bitflipped_newest_checkpoint_falls_back(reference, tmp_pa
                                                                              "run": "interrupted"}))
     assert f"({newest.name}, newer, is cut short: no completeness trailer)" in " ".join(
         status.notes({**row, "active": False, "run": "interrupted"})), status.notes(row)
+    # a whole last.pt of its own (a copy, as rsync without -H leaves): the resume loads it, at the newest step
+    (run / "checkpoints" / "last.pt").write_bytes(data)
+    assert ck.load_latest()[0]["train_state"]["global_step"] == int(newest.stem[5:])
+    row = status.run_rows(run)[0]
+    assert (row["checkpoint_step"], row["cut_short"]) == (int(newest.stem[5:]), []), row
+    (run / "checkpoints" / "last.pt").unlink()
     # flip one bit in the middle instead
     flipped = bytearray(data)
     flipped[len(data) // 3] ^= 0x10
