@@ -109,8 +109,11 @@ def proxy_route(url: str, environ: Optional[Mapping[str, str]] = None) -> tuple[
         port = str(parts.port or (443 if scheme == "https" else 80))
     except ValueError:
         return False, None
-    host = (parts.hostname or "").lower()
-    bypass = _no_proxy(host, port, _first(environ, "NO_PROXY", "no_proxy"))
+    host = _url_host(parts.netloc)
+    no_proxy = _first(environ, "NO_PROXY", "no_proxy")
+    if not (host + no_proxy).isascii():  # Go compares IDNA (xn--) forms
+        return False, None
+    bypass = _no_proxy(host, port, no_proxy)
     own = (environ.get(f"WANDB_{scheme.upper()}_PROXY") or "").strip() or \
         (_settings_section(environ).get(f"{scheme}_proxy") or "").strip()
     if own:
@@ -118,13 +121,27 @@ def proxy_route(url: str, environ: Optional[Mapping[str, str]] = None) -> tuple[
         if bypass:
             return False, None
     else:
-        proxy = "" if bypass else _first(environ, f"{scheme.upper()}_PROXY", f"{scheme}_proxy").strip()
-        if proxy and scheme == "http" and environ.get("REQUEST_METHOD"):
+        proxy = _first(environ, f"{scheme.upper()}_PROXY", f"{scheme}_proxy")
+        if proxy and scheme == "http" and environ.get("REQUEST_METHOD"):  # Go refuses it, NO_PROXY or not
             return False, None
+        if proxy != proxy.strip():  # Go reads it untrimmed: no proxy, or a broken one
+            return False, None
+        proxy = "" if bypass else proxy
     if not proxy:
         return True, None
     proxy = proxy if "://" in proxy else f"http://{proxy}"  # Go's reading of a proxy without a scheme
     return (True, proxy) if urlsplit(proxy).scheme.lower() == "http" else (False, None)
+
+
+def _url_host(netloc: str) -> str:
+    """The host of a URL's netloc as given (Go tells "localhost" before it lowercases; urlsplit's hostname is
+    lowercased), without credentials, port or an IPv6 literal's brackets."""
+    host = netloc.rpartition("@")[2]
+    if host.startswith("[") and "]" in host:
+        return host[1:host.index("]")]
+    if host.count(":") == 1:
+        return host.partition(":")[0]
+    return host
 
 
 def _first(environ: Mapping[str, str], *names: str) -> str:
@@ -138,23 +155,28 @@ def _no_proxy(host: str, port: str, no_proxy: str) -> bool:
     (its subdomains only); each IP or domain with an optional `:port`."""
     import ipaddress
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        ip = ipaddress.ip_address(host)
     except ValueError:
         ip = None
     if host == "localhost" or (ip is not None and ip.is_loopback):
         return True
+    host = host.lower()
+    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:  # Go compares ::ffff:a.b.c.d as a.b.c.d
+        ip = ip.ipv4_mapped
     for entry in no_proxy.split(","):
         entry = entry.strip().lower()
         if not entry:
             continue
         if entry == "*":
             return True
-        if "/" in entry:
+        if re.fullmatch(r"[^/]+/\d+", entry):  # a CIDR (Go takes no netmask form)
             try:
                 net = ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 net = None
             if net is not None:
+                if net.version == 6 and net.network_address.ipv4_mapped is not None and net.prefixlen >= 96:
+                    net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
                 if ip is not None and ip.version == net.version and ip in net:
                     return True
                 continue
@@ -166,6 +188,8 @@ def _no_proxy(host: str, port: str, no_proxy: str) -> bool:
             their = ipaddress.ip_address(name)
         except ValueError:
             their = None
+        if their is not None and their.version == 6 and their.ipv4_mapped is not None:
+            their = their.ipv4_mapped
         if their is not None:
             if ip is not None and ip == their and want in ("", port):
                 return True

@@ -992,10 +992,17 @@ def test_the_online_probe_asks_the_proxy_for_a_tunnel(monkeypatch, tmp_path):
      (True, None)),
     ({"HTTPS_PROXY": "http://a:1"}, "https://localhost:8080", (True, None)),
     ({"HTTPS_PROXY": "http://a:1"}, "https://[::1]:8080", (True, None)),
-    # cannot tell: a proxy of another kind, wandb's own beside a NO_PROXY for the host, HTTP_PROXY under CGI
+    ({"HTTPS_PROXY": "http://a:1"}, "https://LOCALHOST:8080", (True, "http://a:1")),  # Go: "localhost" as given
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "10.0.0.0/8"}, "https://[::ffff:10.1.2.3]", (True, None)),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "10.0.0.0/255.0.0.0"}, "https://10.1.2.3", (True, "http://a:1")),
+    # cannot tell: a proxy of another kind, wandb's own beside a NO_PROXY for the host, HTTP_PROXY under CGI (NO_PROXY
+    # or not), a value with spaces around it (Go reads it untrimmed), a name not ASCII (Go compares IDNA forms)
     ({"HTTPS_PROXY": "socks5://a:1"}, "https://api.wandb.ai", (False, None)),
     ({"WANDB_HTTPS_PROXY": "http://w:3", "NO_PROXY": "wandb.ai"}, "https://api.wandb.ai", (False, None)),
-    ({"HTTP_PROXY": "http://a:1", "REQUEST_METHOD": "GET"}, "http://wandb.local", (False, None))])
+    ({"HTTP_PROXY": "http://a:1", "REQUEST_METHOD": "GET"}, "http://wandb.local", (False, None)),
+    ({"HTTP_PROXY": "http://a:1", "REQUEST_METHOD": "GET", "NO_PROXY": "*"}, "http://wandb.local", (False, None)),
+    ({"HTTPS_PROXY": " http://a:1"}, "https://api.wandb.ai", (False, None)),
+    ({"HTTPS_PROXY": "http://a:1", "NO_PROXY": "bücher.example"}, "https://xn--bcher-kva.example", (False, None))])
 def test_the_proxy_wandb_would_use_is_told_as_its_client_tells_it(tmp_path, env, url, route):
     """wandb_mode.proxy_route, as wandb 0.31's wandb-core (Go) picks: a probe through a proxy wandb would not use
     forced runs offline that wandb would have got online (diff review: another scheme's proxy, all_proxy, NO_PROXY
