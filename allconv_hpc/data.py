@@ -627,7 +627,8 @@ def _check_images(images: Any, labels: Any, split: str) -> None:
                 if x.shape == (n, 32, 32, 3) else "")
         raise ValueError(f"write_cifar: {split} images of shape {tuple(x.shape)}, for {n} labels; give [N, 3, 32, 32] "
                          f"(or [N, 3072]){hint}")
-    if x.dtype.kind not in "uif" or (x.size and (x.min() < 0 or x.max() > 255 or (x != np.round(x)).any())):
+    if x.dtype.kind not in "uif" or (x.size and (x.min() < 0 or x.max() > 255 or (x != np.round(x)).any()
+                                                  or x.dtype.kind == "f" and x.max() <= 1)):  # ([0, 1] scaled)
         lo, hi = (x.min(), x.max()) if x.size and x.dtype.kind in "uif" else ("?", "?")
         raise ValueError(f"write_cifar: {split} images of {x.dtype}, values {lo}..{hi}; give whole numbers 0-255 "
                          f"(e.g. (x * 255).round() of images in [0, 1], as uint8)")

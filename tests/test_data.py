@@ -70,6 +70,8 @@ def test_write_cifar_refuses_images_it_would_write_as_other_pictures(tmp_path):
         data.write_cifar(tmp_path, "cifar10", xtr.permute(0, 2, 3, 1), ytr, xte, yte, C10)
     with pytest.raises(ValueError, match=r"test images of torch.float32|test images of float32"):
         data.write_cifar(tmp_path, "cifar10", xtr, ytr, xte.float() / 255, yte, C10)
+    with pytest.raises(ValueError, match=r"test images of float32, values 0.0..1.0"):  # binarised, in [0, 1] too
+        data.write_cifar(tmp_path, "cifar10", xtr, ytr, (xte > 127).float(), yte, C10)
     with pytest.raises(ValueError, match=r"train images of shape \(4, 3, 32, 32\), for 3 labels"):
         data.write_cifar(tmp_path, "cifar10", xtr, ytr[:3], xte, yte, C10)
     assert not (tmp_path / "cifar-10-batches-py").exists()  # refused before any file
