@@ -329,10 +329,11 @@ def run_rows(folder: Path) -> list[dict]:
         # system keeps a dead node's lock a while, NFSv3 until the node is back), not a new start by hand
         dead_lock = (bool(held) and not new_start and slurm and known and (ended or state not in ACTIVE_STATES | {None})
                      and current and run_state == "running" and str(st.get("slurm_job_id")) == str(rec["job_id"]))
+        checkpoint_step, cut_short = _resume_point(run_dir)
         if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
             state = {True: "RUNNING (starting)", False: "FAILED"}.get(held, "UNKNOWN")  # fit writes the first
             active = bool(held)
-            ck = _newest_checkpoint_step(run_dir) if not held else None
+            ck = checkpoint_step if not held else None
             if ck is not None:  # status.json deleted (or lost)
                 state, st = NO_RECORD, _progress_from_files(run_dir, ck)
             elif held is False:  # its error is in train.log (a failed download, a damaged data file)
@@ -439,8 +440,7 @@ def run_rows(folder: Path) -> list[dict]:
                      "restarts": restarts, "epoch": st.get("epoch", 0), "epochs": target,
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
-                     "error": error, "checkpoint_step": _newest_checkpoint_step(run_dir),
-                     "cut_short": _cut_short(run_dir, _step_files(run_dir)),
+                     "error": error, "checkpoint_step": checkpoint_step, "cut_short": cut_short,
                      "starts_over": run_state in (*MAY_RESUME, None) and _starts_over(run_dir, rec),
                      "peer_lost": bool(st.get("peer_lost")) and current,  # failed only as a peer was killed
                      "refused": refused,  # a rank's refusal in start-up failed the job: no resume advice
@@ -529,13 +529,14 @@ def _starts_over(run_dir: Path, rec: dict) -> bool:
     return (given[-1] if given else recorded(run_dir, "checkpoint", "resume")) == "never"
 
 
-def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
-    """The step of the newest checkpoint a resume would load, by its file name: the newest whose completeness trailer
-    is there (`_cut_short`); -1 for a last.pt alone, None for none."""
+def _resume_point(run_dir: Path) -> tuple[Optional[int], list[int]]:
+    """(the step of the checkpoint a resume would load, by its file name: the newest whose completeness trailer is
+    there; -1 for a last.pt alone, None for none; the newer steps it passes over, `_cut_short`)."""
     steps = _step_files(run_dir)
     if not steps:
-        return -1 if (run_dir / "checkpoints" / "last.pt").exists() else None
-    return steps[len(_cut_short(run_dir, steps))]
+        return (-1 if (run_dir / "checkpoints" / "last.pt").exists() else None), []
+    cut = _cut_short(run_dir, steps)
+    return steps[len(cut)], cut
 
 
 def _step_files(run_dir: Path) -> list[int]:
