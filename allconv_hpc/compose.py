@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import CHOICE_KEYS, CLUSTER_KEYS, SECTIONS, Config, ConfigError, as_given, from_dict, shell_word
-from .fsio import name_too_long
+from .fsio import name_too_long, write_atomic
 from .preempt import sigint_deferred
 from .runlock import LOCK_FILE, OWN_FILES, SUBMIT_LOCK, holds_run
 
@@ -705,7 +705,6 @@ def write_hydra_files(c: Composed) -> None:
     start, which refused the run as "a run of a different config". config.yaml, the record that start-up is
     through, goes last."""
     from omegaconf import OmegaConf
-    from .fsio import write_atomic
     d = c.run_dir / ".hydra"
     d.mkdir(parents=True, exist_ok=True)
     write_atomic(d / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(c.overrides)))

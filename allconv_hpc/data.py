@@ -613,15 +613,18 @@ def _dump(path: Path, obj: dict) -> None:
         _Py2Pickler(f, protocol=2).dump(obj)
 
 
+def _array(t: Any) -> np.ndarray:
+    return t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
 def _np(t: Any, dtype: Any) -> np.ndarray:
-    return (t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)).astype(dtype, copy=False)
+    return _array(t).astype(dtype, copy=False)
 
 
 def _check_images(images: Any, labels: Any, split: str) -> None:
     """ValueError unless `images` are [N,3,32,32] (or [N,3072], the files' rows) of whole numbers 0-255 with N
     labels: channels-last images, or floats in [0, 1], were written as other pictures without a word."""
-    x = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    n = len(labels)
+    x, n = _array(images), len(labels)
     if x.shape not in ((n, 3, 32, 32), (n, 3072)):
         hint = (": channels last; give x.transpose(0, 3, 1, 2) (numpy) or x.permute(0, 3, 1, 2) (torch)"
                 if x.shape == (n, 32, 32, 3) else "")

@@ -70,9 +70,9 @@ def unreachable(url: str, timeout: float = PROBE_S) -> Optional[str]:
     if not known:
         return None
     try:
-        parts = urlsplit(url)
+        parts, via = urlsplit(url), urlsplit(proxy) if proxy else None
         server = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        hop = server if proxy is None else (urlsplit(proxy).hostname, urlsplit(proxy).port or 80)
+        hop = server if via is None else (via.hostname, via.port or 80)
     except ValueError:  # a bad port: wandb.init says what it makes of the URL
         return None
     if not server[0] or not hop[0]:
@@ -86,7 +86,7 @@ def unreachable(url: str, timeout: float = PROBE_S) -> Optional[str]:
             said.append(why)
             return
         with s:  # a plain http server behind a proxy: the proxy took the connection, the rest is wandb's
-            said.append(_tunnel(s, server, urlsplit(proxy), end) if proxy and parts.scheme == "https" else None)
+            said.append(_tunnel(s, server, via, end) if via and parts.scheme == "https" else None)
     t = threading.Thread(target=probe, name="allconv-wandb-probe", daemon=True)
     t.start()
     t.join(timeout + 0.5)  # (its own deadline is `end`: a moment more for it to say why)

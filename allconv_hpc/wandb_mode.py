@@ -91,7 +91,6 @@ def server_url(environ: Optional[Mapping[str, str]] = None, section: Optional[Ma
     return base_url
 
 
-
 def proxy_route(url: str, environ: Optional[Mapping[str, str]] = None) -> tuple[bool, Optional[str]]:
     """How wandb 0.31 reaches the server at `url`, as its wandb-core (Go) client chooses, where that can be told here:
     (True, None) straight, (True, proxy) through that http:// proxy, (False, None) where it cannot. wandb's own
@@ -149,20 +148,26 @@ def _first(environ: Mapping[str, str], *names: str) -> str:
     return next((environ[n] for n in names if environ.get(n)), "")
 
 
+def _ip(text: str):
+    """The IP address `text` names, an IPv4-mapped IPv6 one as IPv4 (Go compares ::ffff:a.b.c.d as a.b.c.d); None
+    for a name."""
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped is not None else ip
+
+
 def _no_proxy(host: str, port: str, no_proxy: str) -> bool:
     """Go's rule (golang.org/x/net/http/httpproxy) for going straight to host:port: localhost or a loopback IP,
     or a NO_PROXY entry: `*`; an IP, or a CIDR holding it; a domain (and its subdomains), `.domain` or `*.domain`
     (its subdomains only); each IP or domain with an optional `:port`."""
     import ipaddress
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
+    ip = _ip(host)
     if host == "localhost" or (ip is not None and ip.is_loopback):
         return True
     host = host.lower()
-    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:  # Go compares ::ffff:a.b.c.d as a.b.c.d
-        ip = ip.ipv4_mapped
     for entry in no_proxy.split(","):
         entry = entry.strip().lower()
         if not entry:
@@ -184,12 +189,7 @@ def _no_proxy(host: str, port: str, no_proxy: str) -> bool:
         name, want = (m.group(1), m.group(2)) if m else (entry, "")
         if m and not name:
             continue
-        try:
-            their = ipaddress.ip_address(name)
-        except ValueError:
-            their = None
-        if their is not None and their.version == 6 and their.ipv4_mapped is not None:
-            their = their.ipv4_mapped
+        their = _ip(name)
         if their is not None:
             if ip is not None and ip == their and want in ("", port):
                 return True
