@@ -2142,9 +2142,7 @@ def test_a_rank_killed_while_its_peer_waits_at_the_rendezvous_ends_the_job(tmp_p
         _watch_until_ended(run, [job], timeout=90)
         took = time.monotonic() - t0
     finally:
-        for pid in [*rank1, job]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all([*rank1, job])
     assert took < LOCAL_KILL_WAIT_S + 30, f"the job took {took:.0f} s to end"
     err1 = run / ".submitit" / str(job) / f"{job}_1_log.err"
     assert "allconv-hpc (controller): ended by SIGKILL, without a word of its own" in err1.read_text()
@@ -2164,9 +2162,7 @@ def test_a_rank_killed_in_training_has_its_log_named_beside_its_peers_error(tmp_
         os.kill(rank1[0], signal.SIGKILL)
         _watch_until_ended(run, [controller], timeout=90)
     finally:
-        for pid in [*ranks, controller]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all([*ranks, controller])
     row = status.run_rows(run)[0]
     assert (row["state"], row["peer_lost"]) == ("FAILED", True), row
     assert row["error"].startswith("rank 0: peer rank(s) 1 did not answer"), row
@@ -2281,6 +2277,13 @@ def _start_local_job(tmp_path: Path, run: Path, ntasks: int, ignore_int: bool = 
     return controller, ranks
 
 
+def _kill_all(pids) -> None:
+    """SIGKILL each of pids still there (a test's clean-up of the processes it started)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _alive(pid: int) -> bool:
     st = jobs.process_stat(pid)
     return st is not None and st[0] != "Z"
@@ -2317,9 +2320,7 @@ def test_a_signal_sent_to_a_local_job_id_stops_its_ranks_under_their_controller(
         assert "RUNNING" in seen, seen
         _watch_until_ended(run, [controller], timeout=30)  # it ends with them
     finally:
-        for pid in [*ranks, controller]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all([*ranks, controller])
     text = (run / "train.log").read_text()
     assert f"stop requested ({sig.name}) during" in text, text[-3000:]
     row = status.run_rows(run)[0]
@@ -2362,9 +2363,7 @@ def test_a_copy_of_a_running_jobs_folder_is_no_folder_of_that_job(tmp_path):
         # rename, as mv does: an rmtree raced the job's own writes, "Directory not empty", in one CI run)
         assert not jobs.trains_elsewhere(json.loads((copy / "submission.json").read_text()), copy)
     finally:
-        for pid in [*ranks, controller]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all([*ranks, controller])
 
 
 def test_a_sigint_to_a_local_jobs_process_group_reaches_its_ranks_once(tmp_path):
@@ -2379,9 +2378,7 @@ def test_a_sigint_to_a_local_jobs_process_group_reaches_its_ranks_once(tmp_path)
         _watch_until_ended(run, ranks, controller=controller)
         _watch_until_ended(run, [controller], timeout=30)
     finally:
-        for pid in [*ranks, controller]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all([*ranks, controller])
     text = (run / "train.log").read_text()
     assert "stop requested (SIGINT) during" in text and "stopped at once" not in text, text[-3000:]
     row = status.run_rows(run)[0]
@@ -2505,9 +2502,7 @@ def test_a_local_job_whose_controller_is_killed_stops_its_ranks(tmp_path):
         os.kill(controller, signal.SIGKILL)
         _watch_until_ended(run, ranks)
     finally:
-        for pid in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all(ranks)
     text = (run / "train.log").read_text()
     assert "stop requested (SIGTERM) during" in text, text[-3000:]
     assert status.run_rows(run)[0]["state"] == "INTERRUPTED"
@@ -2547,9 +2542,7 @@ def test_ctrl_c_while_local_ranks_import_torch_is_a_start_up_interrupt(tmp_path)
             interrupted.add(pid)
         _watch_until_ended(run, [int(job)], timeout=60)
     finally:
-        for pid in [*interrupted, int(job)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all([*interrupted, int(job)])
     for task in (0, 1):
         err = (run / ".submitit" / job / f"{job}_{task}_log.err").read_text()
         assert "Traceback" not in err and "allconv-hpc: interrupted (Ctrl-C) during start-up" in err, err[-3000:]
@@ -2575,9 +2568,7 @@ def test_a_signal_in_a_local_jobs_first_moments_interrupts_it_in_start_up(tmp_pa
             os.kill(ranks[0], signal.SIGINT)
         _watch_until_ended(run, [job], timeout=90)
     finally:
-        for pid in [*ranks, job]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all([*ranks, job])
     errs = [p.read_text() for p in (run / ".submitit" / str(job)).glob("*_log.err")]
     assert len(errs) == 2 and not any("Traceback" in e for e in errs), errs
     assert "Traceback" not in (tmp_path / "submit.out").read_text()
