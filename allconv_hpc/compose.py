@@ -273,7 +273,13 @@ def _check_override_keys(overrides: list[str]) -> None:
     """`~key` deletes a key that the typed config then fills with its dataclass default, behind the printed
     config's back (and .hydra/config.yaml's): refused. So is a Hydra setting nothing reads (HYDRA_KEYS)."""
     for o in overrides:
-        key = override_key(o)
+        key, value = override_key(o), o.partition("=")[2].strip()
+        if key.startswith("experiment.") or key == "experiment" and value.startswith("{"):  # dropped: no such section
+            raise ConfigError(f"{o}: experiment is a group of recipes, picked with experiment=<recipe>; a recipe's key "
+                              f"is set as itself, e.g. optim.lr=0.1")
+        if key in (*SECTIONS, "cluster") and value.startswith("{"):  # merged past every check of a dotted key
+            raise ConfigError(f"{o}: {key} is a config group; pick an option with {key}=<option> and set its keys one "
+                              f"at a time, {key}.<key>=value")
         if o.startswith("~") and key.split(".")[0] in (*SECTIONS, "seed"):
             raise ConfigError(f"{o} deletes {key}, which every run has; set it instead ({key}=...)")
         if key in HYDRA_KEYS and (o.startswith("~") or o.partition("=")[2].strip().lower() in ("null", "~")):
@@ -405,6 +411,8 @@ def compose(overrides: list[str]) -> Composed:
                   and o.partition("=")[2].strip().lower() in ("null", "~", "none", "")]
         if nulled and "Config group override" in str(e):  # Hydra: "...must be a string or a list. Got NoneType"
             group = override_key(nulled[0])
+            if group == "experiment":  # the default, but Hydra takes no null for a group given on the command line
+                raise ConfigError(f"{nulled[0]}: no recipe is the default; leave experiment out") from None
             raise ConfigError(f"{nulled[0]}: a config group takes one of its options, not null; give one, e.g. "
                               f"{group}=<option> (allconv-hpc train --help lists them)") from None
         hint = (" (a list such as schedule.milestones takes an index, key.0=value, or a whole list, key=[200,250])"

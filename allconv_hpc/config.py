@@ -345,6 +345,8 @@ class Config:
             _check(self.trainer.precision in CPU_PRECISIONS,
                    f"trainer.precision={self.trainer.precision} needs CUDA; on CPU use trainer.precision=fp32 "
                    f"(or auto)")
+            _check(self.dist.backend != "nccl", "dist.backend=nccl needs CUDA, which trainer.device=cpu never uses; "
+                                                "on CPU use dist.backend=gloo (or auto)")
         # trainer.drop_last with a global batch larger than the training images leaves no step: known
         # from the sizes alone (data.load checks a smaller rebuilt copy), so refused before any queue
         t, n = self.trainer, self.data.train_images

@@ -64,6 +64,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     if "cluster.backend" in keys:  # a profile's own: slurm's keys run here, or local's (a week's --time) queued
         raise ConfigError("cluster.backend is the cluster profile's own: choose it with cluster=local or "
                           "cluster=slurm (or a site's profile), not cluster.backend=")
+    if "hydra.sweep.dir" in {_key(o) for o in swept[0]}:
+        raise ConfigError("hydra.sweep.dir is the one folder of a sweep and cannot be swept; submit a sweep per folder")
     if "hydra.sweep.dir" in keys and not multirun:  # Hydra reads it only for a multirun: ignored, silently
         raise ConfigError("hydra.sweep.dir is the folder of a sweep and read only with -m: add -m to submit a sweep, "
                           "or give hydra.run.dir=... for one run")
@@ -136,8 +138,9 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         if cluster is not None and mine != cluster:
             keys_ = [k for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k)]
             diff = ", ".join(f"cluster.{k}" for k in keys_)
-            listed = [k for k in keys_ if k in ("partition", "exclude", "constraint")]
-            said = [o for o in overrides if _key(o) == f"cluster.{listed[0]}" and "(" not in o] if listed else []
+            listed = [k for k in keys_ if k in ("partition", "exclude", "constraint", "additional_parameters")]
+            said = [o for o in overrides if _key(o).split(".")[:2] == ["cluster", listed[0]] and "(" not in o
+                    and "," in o] if listed else []  # additional_parameters' own key: mail-type=END,FAIL
             # Slurm's own comma lists (sbatch -p a,b: the first partition that can start it) are one value, quoted
             quoted = said[-1].replace("=", '="', 1) + '"' if said else ""
             one = f"; for Slurm's list, quote it as one value: {shlex.quote(quoted)}" if said else ""
@@ -161,7 +164,12 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     dirs = [p.run_dir for p in points]
     twice = next((d for i, d in enumerate(dirs) if d in dirs[:i]), None)
     if twice is not None:  # seed=0,0,1: Hydra keeps the value twice
-        raise ConfigError(f"two sweep points map to the same run folder {twice.name}; give each swept value once")
+        a, b = [swept[i] for i, d in enumerate(dirs) if d == twice][:2]
+        if sorted(a) == sorted(b):
+            raise ConfigError(f"two sweep points map to the same run folder {twice.name}; give each swept value once")
+        raise ConfigError(f"the sweep points {','.join(a)} and {','.join(b)} map to the same run folder {twice.name} (a "
+                          f"folder name keeps letters, digits and _.,=+- of the values, the rest become _); give values "
+                          f"that differ in those, or submit them as separate sweeps")
     _check_distinct_configs(points)
     if sweep_dir is not None:
         _refuse_retraining(points, sweep_dir, {_key(o) for o in swept[0]})

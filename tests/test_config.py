@@ -472,6 +472,26 @@ def test_unknown_experiment():
     assert "experiment/nope" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("+experiment.optim.lr=0.5", "experiment is a group of recipes, picked with experiment=<recipe>; a recipe's key is "
+                                 "set as itself"),
+    ("++experiment={optim:{lr:0.2}}", "experiment is a group of recipes"),
+    ("experiment=null", "experiment=null: no recipe is the default; leave experiment out"),
+    ("schedule={name:inverse_time}", "schedule is a config group; pick an option with schedule=<option> and set its "
+                                     "keys one at a time, schedule.<key>=value"),
+    ("cluster={backend:slurm}", "cluster is a config group"),
+    ("trainer={epochs:2}", "trainer is a config group"),
+    ("dist.backend=nccl", "dist.backend=nccl needs CUDA, which trainer.device=cpu never uses"),
+])
+def test_overrides_that_went_past_every_check_are_refused(override, needle):
+    """+experiment.optim.lr=0.5 was dropped without a word (experiment is no section); a group given as a dict
+    (schedule={name:x}, cluster={backend:slurm}) merged past the checks of its dotted keys (a name swap, a
+    profile's backend); nccl on CPU passed submit and failed in the job, after the queue."""
+    with pytest.raises(ConfigError) as e:
+        compose(["data=synthetic", "trainer.device=cpu", override])
+    assert needle in str(e.value), str(e.value)
+
+
 def test_defaults_are_the_paper():
     cfg = compose([]).cfg
     assert (cfg.model.name, cfg.data.name, cfg.optim.lr, cfg.optim.weight_decay) == ("allcnn_c", "cifar10", 0.05, 0.001)

@@ -304,14 +304,17 @@ def test_injection_through_the_cli_reaches_nothing(tmp_path, on_path, capsys, mo
 
 def test_a_sweep_over_cluster_settings_is_refused(tmp_path, on_path):
     on_path(sbatch="exit 1")
+    mail = "+cluster.additional_parameters.mail-type=END,FAIL"
     for sweep in (["cluster=slurm", "cluster.nodes=1,2"], ["cluster=slurm", "cluster.partition=a,b"],
-                  ["cluster=local,slurm"]):
+                  ["cluster=local,slurm"], ["cluster=slurm", mail]):
         with pytest.raises(ConfigError, match="one job array has one resource shape") as e:
             launcher.plan([*sweep, *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"], multirun=True)
         assert "cluster." in str(e.value)
-        # Slurm's own list (the first partition that can start it) is one value, quoted: said how
+        # Slurm's own list (the first partition that can start it, mail types) is one value, quoted: said how
         assert (('quote it as one value: \'cluster.partition="a,b"\'' in str(e.value))
                 is ("cluster.partition=a,b" in sweep)), str(e.value)
+        assert (("quote it as one value: '+cluster.additional_parameters.mail-type=\"END,FAIL\"'" in str(e.value))
+                is (mail in sweep)), str(e.value)
     with pytest.raises(ConfigError, match="one resource shape") as e:  # a choice(...) is meant as a sweep: no hint
         launcher.plan(["cluster=slurm", "cluster.partition=choice(a,b)", *TINY, f"hydra.sweep.dir={tmp_path / 'sw'}"],
                       multirun=True)
@@ -374,6 +377,21 @@ def test_an_existing_sweep_folder_of_an_earlier_name_is_still_resumed(tmp_path, 
         assert sweep_dir == tmp_path / old and points[0].run_dir.parent == tmp_path / old
     (tmp_path / new).mkdir(parents=True)  # there too: the current name wins
     assert launcher.plan(args, multirun=True)[1] == tmp_path / new
+
+
+def test_sweep_points_of_one_folder_name_and_a_swept_sweep_folder_are_refused(tmp_path):
+    """Values that differ only in characters a folder name drops ('a b', a_b) were told to be given once; and
+    hydra.sweep.dir=a,b, one folder per point of a sweep of one folder, was told so too (the same config)."""
+    where = f"hydra.sweep.dir={tmp_path / 's'}"
+    with pytest.raises(ConfigError, match=r"the sweep points wandb.name='a b' and wandb.name='a_b' map to the same run "
+                                          r"folder wandb.name=_a_b_ .*give values that differ in those"):
+        launcher.plan(["cluster=local", *TINY, "wandb.name='a b','a_b'", "cluster.array_parallelism=2", where],
+                      multirun=True)
+    with pytest.raises(ConfigError, match="same run folder seed=0; give each swept value once"):
+        launcher.plan(["cluster=local", *TINY, "seed=0,0", "cluster.array_parallelism=2", where], multirun=True)
+    with pytest.raises(ConfigError, match="hydra.sweep.dir is the one folder of a sweep and cannot be swept"):
+        launcher.plan(["cluster=local", *TINY, f"hydra.sweep.dir={tmp_path / 'a'},{tmp_path / 'b'}"], multirun=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_each_sweep_point_trains_on_its_own_relative_data_root(tmp_path, monkeypatch):
