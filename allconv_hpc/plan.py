@@ -79,6 +79,8 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         ov = common + s
         if sweep_dir is not None:
             run_dir = sweep_dir / point_dirname(s)
+            if not run_dir.exists() and (typed := sweep_dir / point_dirname(s, as_typed=True)).is_dir():
+                run_dir = typed  # an older sweep's point, named with its key's + or ++
             ov = ov + [f"hydra.run.dir={hydra_value(run_dir, 'hydra.run.dir')}"]
             if "wandb.group" not in {_key(o) for o in common + s}:
                 ov.append(f"wandb.group={hydra_value(group, 'wandb.group')}")

@@ -120,9 +120,16 @@ def fit_name(name: str) -> str:
     return raw[:NAME_MAX - len(digest) - 1].decode(errors="ignore") + "-" + digest
 
 
-def point_dirname(swept: list[str]) -> str:
-    """Deterministic folder name from the swept overrides, e.g. 'model=allcnn_c,optim.lr=0.05'."""
-    name = ",".join(sorted(swept)) or "run"
+def _unplussed(overrides: list[str]) -> list[str]:
+    """`++optim.lr=0.1` as `optim.lr=0.1`: Hydra's + and ++ say how to apply a key, and name no other point or sweep
+    (a sweep spelled with ++ had folders of its own, and the same sweep spelled plainly trained again)."""
+    return [o.lstrip("+") for o in overrides]
+
+
+def point_dirname(swept: list[str], as_typed: bool = False) -> str:
+    """Deterministic folder name from the swept overrides, e.g. 'model=allcnn_c,optim.lr=0.05'; `as_typed`: the name
+    before 2026-12-07, with a key's + and ++ (a point of an older sweep so spelled keeps its folder)."""
+    name = ",".join(sorted(swept if as_typed else _unplussed(swept))) or "run"
     return fit_name(re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name))
 
 
@@ -151,15 +158,19 @@ def _as_values(common: list[str]) -> list[str]:
 
 def default_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
     """The sweep's folder: the same sweep maps to the same folder (so a resubmission resumes, also with
-    launch-only keys changed, values reordered or spelled otherwise), a different sweep to another one."""
-    defining = sorted(o for o in _as_values(common) if not _launch_only(_key(o)))
-    return _sweep_name(swept, [defining, sorted(sorted(p) for p in swept)])
+    launch-only keys changed, values reordered or spelled otherwise, keys with or without + and ++), a different
+    sweep to another one."""
+    plain = [_unplussed(p) for p in swept]
+    defining = sorted(o for o in _unplussed(_as_values(common)) if not _launch_only(_key(o)))
+    return _sweep_name(plain, [defining, sorted(sorted(p) for p in plain)])
 
 
 def earlier_sweep_dirs(common: list[str], swept: list[list[str]]) -> list[str]:
     """The names this sweep got from earlier versions, newest first: an existing folder of one is still
-    resumed. Until 2026-12-04 the fixed overrides counted as spelled; before that, launch-only keys and the
-    order of values counted too."""
+    resumed. Until 2026-12-07 a key's + and ++ counted; until 2026-12-04 the fixed overrides counted as spelled;
+    before that, launch-only keys and the order of values counted too."""
+    typed = sorted(o for o in _as_values(common) if not _launch_only(_key(o)))
     spelled = sorted(o for o in common if not _launch_only(_key(o)))
     legacy = sorted(o for o in common if not o.split("=", 1)[0].startswith(("cluster", "hydra", "wandb.mode")))
-    return [_sweep_name(swept, [spelled, sorted(sorted(p) for p in swept)]), _sweep_name(swept, [legacy, swept])]
+    return [_sweep_name(swept, [typed, sorted(sorted(p) for p in swept)]),
+            _sweep_name(swept, [spelled, sorted(sorted(p) for p in swept)]), _sweep_name(swept, [legacy, swept])]

@@ -367,9 +367,9 @@ def test_an_existing_sweep_folder_of_an_earlier_name_is_still_resumed(tmp_path, 
     monkeypatch.chdir(tmp_path)
     args = ["cluster=local", *TINY, "seed=1,0", "cluster.array_parallelism=2"]
     common, swept = expand_sweep(args, multirun=True)
-    new, (spelled, legacy) = default_sweep_dir(common, swept), earlier_sweep_dirs(common, swept)
+    new, (typed, spelled, legacy) = default_sweep_dir(common, swept), earlier_sweep_dirs(common, swept)
     # the fixed overrides as values (quoted strings, here), TINY's trainer.epochs and wandb.mode, the order 1,0
-    assert len({new, spelled, legacy}) == 3
+    assert len({new, spelled, legacy}) == 3 and typed == new  # no key with + or ++: named so before too
     assert launcher.plan(args, multirun=True)[1] == tmp_path / new
     for old in (legacy, spelled):  # a sweep submitted before (the newer name first): resubmitting resumes it
         (tmp_path / old).mkdir(parents=True)
@@ -377,6 +377,27 @@ def test_an_existing_sweep_folder_of_an_earlier_name_is_still_resumed(tmp_path, 
         assert sweep_dir == tmp_path / old and points[0].run_dir.parent == tmp_path / old
     (tmp_path / new).mkdir(parents=True)  # there too: the current name wins
     assert launcher.plan(args, multirun=True)[1] == tmp_path / new
+
+
+def test_a_sweep_is_named_alike_with_or_without_plus_on_its_keys(tmp_path, monkeypatch):
+    """`++optim.lr=0.01,0.02` is the sweep `optim.lr=0.01,0.02` (++ says how to apply the key): it named a folder and
+    points of its own, so the same sweep spelled plainly trained every point again. A folder of such a sweep
+    submitted before keeps its points."""
+    monkeypatch.chdir(tmp_path)
+    plain = ["cluster=local", *TINY, "optim.lr=0.01,0.02", "seed=0", "cluster.array_parallelism=2"]
+    plussed = ["cluster=local", *TINY, "++optim.lr=0.01,0.02", "++seed=0", "cluster.array_parallelism=2"]
+    assert sweep_name(*plain) == sweep_name(*plussed)
+    assert point_dirname(["++optim.lr=0.01", "+cluster.additional_parameters.x=a"]) == \
+        "cluster.additional_parameters.x=a,optim.lr=0.01"
+    points, sweep_dir, _ = launcher.plan(plussed, multirun=True)
+    assert sorted(p.run_dir.name for p in points) == ["optim.lr=0.01", "optim.lr=0.02"]
+    assert launcher.plan(plain, multirun=True)[1] == sweep_dir
+    typed = earlier_sweep_dirs(*expand_sweep(plussed, multirun=True))[0]  # the name such a sweep had before
+    assert typed != str(sweep_dir.relative_to(tmp_path)) and "++optim.lr" in typed
+    (tmp_path / typed / "++optim.lr=0.01").mkdir(parents=True)  # one point of it submitted before
+    points, sweep_dir, _ = launcher.plan(plussed, multirun=True)
+    assert sweep_dir == tmp_path / typed
+    assert sorted(p.run_dir.name for p in points) == ["++optim.lr=0.01", "optim.lr=0.02"]
 
 
 def test_sweep_points_of_one_folder_name_and_a_swept_sweep_folder_are_refused(tmp_path):
