@@ -21,6 +21,7 @@ wandb`` is not needed for `holds_no_record` and `segments` with ``ordered=False`
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import struct
@@ -249,16 +250,18 @@ def read_run(segment_dir: str | Path, *, strict: bool = False) -> dict:
 
 
 def holds_no_record(segment_dir: str | Path) -> bool:
-    """A segment whose process died before its first record (the file header only, or no file): `wandb sync`
-    (0.31) given such a folder stops before uploading any run of its command line, and exits 0. Decided from the
-    record framing alone (no protobuf, so no ``import wandb``): a checksummed record counts, decodable or not."""
+    """A segment whose process died before its run record (no file, the file header only, or the header record
+    alone): `wandb sync` (0.31) given such a folder stops before uploading any run of its command line ("error
+    getting next record: EOF"), and exits 0. Decided from the record framing alone (no protobuf, so no
+    ``import wandb``): a checksummed record after the first (wandb's header record) counts, decodable or not."""
     files = sorted(Path(segment_dir).glob("run-*.wandb"))
     if not files:
         return True
     try:
         with open(files[0], "rb") as f:
-            data = f.read(BLOCK_LEN)
-        return next(_payloads(data, files[0], strict=False, verify_crc=True), None) is None
+            data = f.read(4 * BLOCK_LEN + 1)  # a run record of a large config may span blocks; more is no empty log
+        return (len(data) <= 4 * BLOCK_LEN
+                and len(list(itertools.islice(_payloads(data, files[0], strict=False, verify_crc=True), 2))) < 2)
     except (OSError, WandbLogError):
         return False  # unreadable is not known empty: left where it is
 

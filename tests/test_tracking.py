@@ -596,11 +596,18 @@ def test_an_offline_segment_without_records_is_set_aside_for_wandb_sync(wenv, tm
     dead = run_dir / "wandb" / f"offline-run-20990101_000000-{first.run_id}"  # as a killed start leaves it
     dead.mkdir()
     (dead / f"run-{first.run_id}.wandb").write_bytes(next(first.segment_dir.glob("run-*.wandb")).read_bytes()[:7])
+    # cut after wandb's header record, before the run record: `wandb sync` stops at it alike ("EOF")
+    whole = next(first.segment_dir.glob("run-*.wandb")).read_bytes()
+    header_only = whole[:7 + 7 + int.from_bytes(whole[11:13], "little")]
+    half = run_dir / "wandb" / f"offline-run-20990101_000001-{first.run_id}"
+    half.mkdir()
+    (half / f"run-{first.run_id}.wandb").write_bytes(header_only)
     second = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, rows, global_step=10)
     run_epochs(second, 11, 12)
     second.finish()
-    assert not dead.exists() and (dead.parent / f"empty-{dead.name}" / f"run-{first.run_id}.wandb").exists()
-    assert f"W&B segment {dead.name} holds no record" in caplog.text
+    for seg in (dead, half):
+        assert not seg.exists() and (seg.parent / f"empty-{seg.name}" / f"run-{first.run_id}.wandb").exists()
+        assert f"W&B segment {seg.name} holds no record" in caplog.text
     assert [p.name for p in segments(run_dir / "wandb")] == [first.segment_dir.name, second.segment_dir.name]
     _steps_when_written(second.segment_dir, 2)
     assert [r["_step"] for r in merged_history(run_dir / "wandb", first.run_id)] == list(range(1, 13))
