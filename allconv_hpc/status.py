@@ -36,6 +36,18 @@ EXIT_STOPPED = 3  # `submit --wait` (which waits while Slurm does not answer): n
 NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints"}
 
 
+def never_starts(reason: str, job: str) -> Optional[str]:
+    """What a pending job waits for that will not come (NEVER_STARTS; a per-job limit of its QOS or account, which
+    `submit` cannot check; a dependency on a job that ended otherwise, which Slurm keeps queued unless the site set
+    kill_invalid_depend), and what to do; None for a reason that clears by itself."""
+    if reason == "DependencyNeverSatisfied":
+        return (f"{reason}: a job it depends on ended otherwise than its dependency asks, so it never starts; "
+                f"scontrol update JobId={job} Dependency= starts it without, scancel {job} ends it")
+    if reason in NEVER_STARTS or re.fullmatch(r"(QOS|Assoc)Max\w*PerJob\w*", reason):
+        return f"{reason}: never starts as asked; scancel {job}"
+    return None
+
+
 def job_records(folder: Path) -> list[dict]:
     """The submissions folder holds: a sweep's jobs, a run's job, or a run started without submit."""
     path = folder / "sweep.json"
@@ -421,10 +433,10 @@ def run_rows(folder: Path) -> list[dict]:
                 f"{run_dir / runlock.LOCK_FILE} before resuming")
         if copy_of and not active and run_dir.exists():  # a snapshot of a run its job trains elsewhere: no job, and no failure, of its own
             state, failed, error = "COPY (its job trains the original)", False, None
-        never = state == "PENDING" and reason in NEVER_STARTS  # --wait would wait forever
+        never = never_starts(reason, rec["job_id"]) if state == "PENDING" else None  # --wait would wait forever
         held = is_held(state, reason)  # and so would this
         if never:
-            state = f"PENDING ({reason}: never starts as asked; scancel {rec['job_id']})"
+            state = f"PENDING ({never})"
         elif state == "PENDING" and reason in ("PartitionDown", "PartitionInactive"):  # waits for an admin, maybe long
             state = f"PENDING ({reason}: starts once an admin brings the partition up)"
         elif held:  # scontrol hold / requeuehold, or an admin's hold
@@ -436,7 +448,8 @@ def run_rows(folder: Path) -> list[dict]:
                      "state": state, "run": run_state or "-",
                      "slurm_answered": known if slurm else None,
                      # no_answer: Slurm did not answer and the run has not ended, so it may still be queued
-                     "active": (active and not never) or no_answer, "failed": failed or never, "no_answer": no_answer,
+                     "active": (active and not never) or no_answer, "failed": failed or bool(never),
+                     "no_answer": no_answer,
                      "restarts": restarts, "epoch": st.get("epoch", 0), "epochs": target,
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",

@@ -912,6 +912,29 @@ def test_a_job_pending_for_what_its_partition_never_has_ends_wait(slurm_cluster,
     assert st.exit_code(rows) == 1
 
 
+def test_a_job_whose_dependency_failed_ends_wait_and_status_says_how_to_free_it(slurm_cluster, jobs, tmp_path):
+    """`dependency=afterok:N` (cluster.additional_parameters) on a job N that failed: Slurm keeps it PENDING for good
+    (DependencyNeverSatisfied, unless kill_invalid_depend). status showed a plain PENDING, exit 0, and --wait waited
+    forever."""
+    r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "-o", "/dev/null", "--wrap", "exit 1"], check=True)
+    first = r.stdout.strip()
+    jobs.append(first)
+    assert poll(lambda: sacct_state(slurm_cluster, first) == "FAILED", 60)
+    run = tmp_path / "run"
+    w = cli(slurm_cluster, tmp_path, "submit", "--wait", *SLURM, *JOB,
+            f"+cluster.additional_parameters.dependency=afterok:{first}", f"hydra.run.dir={run}")
+    job = re.search(r"^job (\S+)", w.stdout, re.M)
+    jobs.extend([job.group(1)] if job else [])
+    assert w.returncode == 1 and "DependencyNeverSatisfied" in w.stdout, (w.stdout, w.stderr)
+    job = job.group(1)
+    rc, rows, table = status(slurm_cluster, tmp_path, run)
+    assert rc == 1, table
+    assert rows[0]["state"] == (f"PENDING (DependencyNeverSatisfied: a job it depends on ended otherwise than its "
+                                f"dependency asks, so it never starts; scontrol update JobId={job} Dependency= starts "
+                                f"it without, scancel {job} ends it)"), rows
+    assert rows[0]["failed"] is True and not rows[0]["active"] and squeue_state(slurm_cluster, job) == "PENDING"
+
+
 def test_a_job_queued_into_a_down_partition_is_warned_of_and_status_says_what_it_waits_for(slurm_cluster, jobs,
                                                                                            tmp_path):
     """A partition an admin set DOWN takes jobs and starts none: submit warns (no refusal: it may come up soon), and
