@@ -39,6 +39,7 @@ import logging
 import os
 import secrets
 import string
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -525,6 +526,19 @@ class Tracker:
                 wandb.teardown()
             except Exception:  # the service is already gone (the SIGTERM came first): nothing left to stop
                 pass
+            if self.mode == "offline" and self.segment_dir is not None:  # the service has ended: its file is whole
+                self._set_aside_if_never_written()
+
+    def _set_aside_if_never_written(self) -> None:
+        """This start's segment, where W&B's service ended before writing a record (it buffers a block: a scancel or
+        kill some seconds into a start ends it with the job), is renamed now, not at the run's next start: `wandb
+        sync` of a sweep's folders stops at it, and a run stopped for good would never have it renamed."""
+        from .wandb_offline import holds_no_record
+        for _ in range(20):  # the last write may still be reaching the file system
+            if not holds_no_record(self.segment_dir):
+                return
+            time.sleep(0.1)
+        _set_aside_if_empty(self.segment_dir, this_start=True)
 
     def __enter__(self):
         return self
@@ -552,13 +566,18 @@ def _rename_aside(seg: Path, prefix: str) -> Optional[Path]:
     return aside
 
 
-def _set_aside_if_empty(seg: Path) -> bool:
+def _set_aside_if_empty(seg: Path, this_start: bool = False) -> bool:
     """Rename an offline segment that holds no record ``empty-offline-run-*``; whether it held none."""
     from .wandb_offline import EMPTY_PREFIX, holds_no_record
     if not holds_no_record(seg):
         return False
     aside = _rename_aside(seg, EMPTY_PREFIX)
-    if aside is not None:
+    if aside is not None and this_start:
+        log.warning("W&B segment %s of this start holds no record (W&B's service ended before writing one: killed "
+                    "with the job, a scancel or kill early in the start): renamed %s, out of `wandb sync "
+                    "runs/.../offline-run-*`, which stops at such a folder; its logs are in history.csv and %s, and "
+                    "the run's next start logs them to W&B", seg.name, aside.name, STEPS_FILE)
+    elif aside is not None:
         log.warning("W&B segment %s holds no record (its process was killed before W&B wrote one: as it started, "
                     "or by a SIGKILL before W&B flushed): renamed %s, out of `wandb sync runs/.../offline-run-*`, "
                     "which stops at such a folder", seg.name, aside.name)

@@ -585,6 +585,48 @@ def test_a_deleted_steps_file_that_held_what_wandb_lacks_is_said(wenv, tmp_path,
     assert "is missing" not in caplog.text, caplog.text
 
 
+def _own_wandb_services() -> list[int]:
+    """The pids of this process's children that are W&B's service (wandb-core)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = stat.with_name("cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and "wandb" in cmd:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_a_start_whose_wandb_service_died_unwritten_sets_its_own_segment_aside(wenv, tmp_path, caplog):
+    """A scancel some seconds into a start ends W&B's service with the job before it writes its buffered block: the
+    segment held the file header only, and the start's last line told to `wandb sync` a glob that stops at it (a
+    sweep's too), until the run started again, which a run stopped for good never does. Renamed as the start ends;
+    the next start logs its steps to W&B."""
+    import signal
+    run_dir = tmp_path / "run"
+    first = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, [])
+    rows = run_epochs(first, 1, 10)
+    services = _own_wandb_services()
+    assert services, "no W&B service process found"
+    for pid in services:  # as the job's SIGTERM or a KillWait SIGKILL does
+        os.kill(pid, signal.SIGKILL)
+    seg = first.segment_dir
+    first.finish(1)
+    assert not seg.exists() and (seg.parent / f"empty-{seg.name}").is_dir()
+    assert f"W&B segment {seg.name} of this start holds no record" in caplog.text
+    second = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, rows, global_step=10)
+    second.finish()
+    _steps_when_written(second.segment_dir, 10)
+    assert [r["_step"] for r in merged_history(run_dir / "wandb", first.run_id)] == list(range(1, 11))
+    caplog.clear()  # a start whose service wrote its records keeps its segment
+    third = make_tracker(run_dir, {"a": 1}, WandbConfig(mode="offline"), 0, None, rows, global_step=10)
+    run_epochs(third, 11, 12)
+    third.finish()
+    assert third.segment_dir.is_dir() and "holds no record" not in caplog.text
+
+
 def test_an_offline_segment_without_records_is_set_aside_for_wandb_sync(wenv, tmp_path, caplog):
     """A process killed right after wandb.init leaves a segment of the file header only; `wandb sync` given it
     with other folders uploads none (exit 0). The next start renames it out of the offline-run-* glob."""
