@@ -132,9 +132,34 @@ def local_state(rec: dict) -> Optional[str]:
             return None
         return "COMPLETED" if kind == "success" else "FAILED"
     try:  # the job id of a local job is its controller's pid
-        return "RUNNING" if _pid_runs(int(rec["job_id"])) else None
+        pid = int(rec["job_id"])
     except ValueError:
         return None
+    return "RUNNING" if _pid_runs(pid) and _runs_controller(pid) else None
+
+
+# what a local job's controller runs (localcontrol.start_controller; submitit's own, in older records)
+CONTROLLERS = ("allconv_hpc.localcontrol", "submitit.local._local")
+
+
+def _runs_controller(pid: int) -> bool:
+    """Whether process pid is a local job's controller, not another process given its pid since (after a reboot, or
+    pids wrapped round after the controller was killed): that read RUNNING for good, and `submit` and `train` told
+    to `kill` it. A setup line's shell names the controller too (`sh -c '... && exec ... localcontrol'`). True where
+    the command line cannot be read (no /proc and no /bin/ps): as before."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        if Path("/proc/self").exists():  # Linux: it ended
+            return False
+        try:
+            cmd = subprocess.run(["/bin/ps", "-o", "command=", "-p", str(pid)], capture_output=True,
+                                 text=True).stdout
+        except OSError:
+            return True
+    except OSError:  # another user's, hidden (hidepid): cannot be told
+        return True
+    return any(c in cmd for c in CONTROLLERS)
 
 
 def _pid_runs(pid: int) -> bool:

@@ -68,16 +68,25 @@ def test_a_local_job_whose_controller_is_a_zombie_has_ended(tmp_path, capsys, ru
         assert p.wait(timeout=10) == 3  # not reaped by status: submitit's Popen still reads the exit status
 
 
-def test_a_local_job_whose_controller_runs_is_running(tmp_path):
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+def test_a_local_job_whose_controller_runs_is_running_and_another_process_of_its_pid_is_not(tmp_path):
+    """The job id of a cluster=local job is its controller's pid: another process given that pid since (a reboot,
+    pids wrapped round after a SIGKILL) read RUNNING for good, and submit and train refused the folder, telling to
+    kill that process (a status audit: `kill 1`)."""
+    nap = [sys.executable, "-c", "import time; time.sleep(60)"]
+    controller = subprocess.Popen([*nap, "-m", "allconv_hpc.localcontrol", str(tmp_path / "sub")])  # as it is named
+    other = subprocess.Popen(nap)
     try:
-        run = write_run(tmp_path / "run", "running", job=str(p.pid), backend="local",
-                        submitit_folder=str(tmp_path / "sub"))
-        row = status.run_rows(run)[0]
-        assert (row["state"], row["active"], row["failed"]) == ("RUNNING", True, False), row
+        for p, state in ((controller, "RUNNING"), (other, "LOST")):
+            run = write_run(tmp_path / state, "running", job=str(p.pid), backend="local",
+                            submitit_folder=str(tmp_path / "sub"))
+            row = status.run_rows(run)[0]
+            assert (row["state"], row["active"], row["failed"]) == (state, state == "RUNNING", state == "LOST"), row
+            rec = json.loads((run / "submission.json").read_text())
+            assert (jobs.queued_state(rec) is None) is (state == "LOST")  # a new submit into it is refused or not
     finally:
-        p.kill()
-        p.wait()
+        for p in (controller, other):
+            p.kill()
+            p.wait()
 
 
 # ---------------------------------------------------------------- damaged records
