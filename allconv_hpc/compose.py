@@ -551,7 +551,7 @@ def recorded(run_dir: Path, group: str, key: str):
     try:
         cfg = yaml.safe_load((Path(run_dir) / ".hydra" / "config.yaml").read_text()) or {}
         return (cfg.get(group) or {}).get(key)
-    except (OSError, yaml.YAMLError, AttributeError):
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):  # ValueError: not UTF-8 (a damaged file)
         return None
 
 

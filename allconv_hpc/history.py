@@ -107,7 +107,8 @@ def _parse_cell(key: str, text: str) -> Any:
 
 
 def read_history(path: Union[str, Path]) -> list[dict]:
-    """Rows of a ``history.csv``: epoch/step as int, other numbers as float, empty cells as None."""
+    """Rows of a ``history.csv``: epoch/step as int, other numbers as float, empty cells as None; cells past the
+    header's columns (a note added by hand: DictReader's None key) are left out."""
     with open(path, newline="") as f:
-        return [{k: _parse_cell(k, v if v is not None else "") for k, v in row.items()}
+        return [{k: _parse_cell(k, v if v is not None else "") for k, v in row.items() if k is not None}
                 for row in csv.DictReader(f)]

@@ -588,9 +588,9 @@ def _progress_from_files(run_dir: Path, checkpoint_step: int) -> dict:
     from .tracking import read_id
     try:
         rows = read_history(run_dir / "history.csv")
-    except (OSError, csv.Error):
+    except (OSError, csv.Error, ValueError):  # ValueError: not UTF-8 (a damaged file)
         rows = []
-    accs = [r.get("val_acc") for r in rows]
+    accs = [a if isinstance(a := r.get("val_acc"), (int, float)) else None for r in rows]  # a hand-edited cell: none
     try:
         wandb_id = read_id(run_dir)
     except OSError:

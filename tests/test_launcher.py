@@ -1644,6 +1644,16 @@ def test_a_killed_job_names_its_error_and_the_resume_and_a_lost_status_json_is_n
     (hand / ".hydra" / "config.yaml").write_text(f"trainer:\n  epochs: 3\ndata:\n  root: {tmp_path}/my data\n")
     assert status.run_rows(hand)[0]["train_command"] == shlex.join(
         ["allconv-hpc", "train", "optim.lr=0.01", f"data.root='{tmp_path}/my data'", f"hydra.run.dir={hand}"])
+    # damaged or hand-edited files are read as far as they go, no traceback (a status audit): a note past the
+    # columns, a cell that is no number, bytes that are not UTF-8
+    (hand / "history.csv").write_text("epoch,train_loss,val_acc\n1,2.3,0.4,my note\n2,2.2,n/a\n")
+    row = status.run_rows(hand)[0]
+    assert (row["epoch"], row["last_val_acc"], row["best_val_acc"]) == (2, None, 0.4), row
+    (hand / "history.csv").write_bytes(b"epoch,train_loss\n1,\xff\xfe\n")
+    (hand / ".hydra" / "config.yaml").write_bytes(b"trainer:\n  epochs: \xff\n")
+    row = status.run_rows(hand)[0]
+    assert (row["epoch"], row["epochs"]) == (0, None), row
+    assert status.status_main([str(hand)]) == 0
 
 
 def test_a_job_scancelled_before_its_run_said_a_word_is_a_stop(tmp_path, on_path, capsys):
