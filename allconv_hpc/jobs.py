@@ -383,7 +383,7 @@ def read_record(path: Path) -> Optional[dict]:
 NUMBER = (int, float)
 # the keys status computes with, and their types; a key may be missing unless REQUIRED
 JOB_KEYS = {"run_dir": str, "job_id": (str, int, type(None)), "backend": str, "submitted": NUMBER,
-            "submitit_folder": str, "command": list}
+            "submitit_folder": str, "command": list, "cwd": str}
 STATUS_KEYS = {"state": (str, type(None)), "updated": NUMBER, "restarts": (int, type(None))}
 REQUIRED = {"run_dir"}
 

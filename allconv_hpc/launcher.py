@@ -170,7 +170,7 @@ def _submit_locked(points: list[Point], sweep_dir: Optional[Path], cluster: dict
                    "overrides": p.overrides, "submitted": now, "submitit_folder": str(base / ".submitit"),
                    "epochs": p.cfg.trainer.epochs if p.cfg is not None else None}  # status: progress before it starts
             if command:
-                rec["command"] = command
+                rec["command"], rec["cwd"] = command, os.getcwd()  # relative values in it are taken from there
             _write_json(p.run_dir / "submission.json", rec)
             records.append(rec)
         if sweep_dir is not None:

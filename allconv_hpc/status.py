@@ -494,7 +494,8 @@ def _train_command(run_dir: Path) -> Optional[str]:
 
 def _resume_command(rec: dict, run_dir: Path) -> Optional[str]:
     """The submit command that queued the row's job, aimed at the folder where the run is now (moved or copied
-    since: its own folder, not the recorded one), or None for a record from before they kept it."""
+    since: its own folder, not the recorded one), or None for a record from before they kept it. Run from another
+    folder than submit's, it goes there first: its other relative values (data.root=data) are taken from there."""
     from .plan import hydra_value
     command = rec.get("command")
     if not command or not all(isinstance(w, str) for w in command):
@@ -508,7 +509,9 @@ def _resume_command(rec: dict, run_dir: Path) -> Optional[str]:
             here = f'"{here}"' if '"' not in here else hydra_value(here, key)
         except Exception:  # a path submit would refuse: none to give
             return None
-    return shlex.join([*words, f"{key}={here}"])
+    said = shlex.join([*words, f"{key}={here}"])
+    cwd = rec.get("cwd")
+    return f"cd {shlex.quote(cwd)} && {said}" if isinstance(cwd, str) and cwd != os.getcwd() else said
 
 
 # a cluster=local job's records before they named it: one written this long after its result is a later start's

@@ -847,3 +847,20 @@ def test_only_reasons_that_never_clear_end_a_pending_jobs_wait(reason, never):
     assert bool(said) is never, said
     if never:
         assert said.startswith(f"{reason}: ") and "scancel 7_1" in said
+
+
+def test_the_submit_command_status_gives_goes_to_the_folder_it_was_run_in(tmp_path, monkeypatch):
+    """Its relative values (data.root=data) are taken from where submit ran: pasted in another folder, the command
+    read another data folder, or none (a status audit). From elsewhere it goes there first; from there, as typed."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # the local job's controller, ended
+    where = tmp_path / "my project"
+    where.mkdir()
+    run = write_run(tmp_path / "runs" / "a", "interrupted", job=str(gone.pid), backend="local",
+                    submitit_folder=str(tmp_path / "sub"), cwd=str(where),
+                    command=["allconv-hpc", "submit", "cluster=local", "data.root=data", "hydra.run.dir=runs/a"])
+    typed = f"allconv-hpc submit cluster=local data.root=data hydra.run.dir={run}"
+    monkeypatch.chdir(tmp_path)
+    assert status.run_rows(run)[0]["resume_command"] == f"cd '{where}' && {typed}"
+    monkeypatch.chdir(where)
+    assert status.run_rows(run)[0]["resume_command"] == typed
