@@ -464,13 +464,15 @@ def run_rows(folder: Path) -> list[dict]:
                          "sbatch" if rec.get("started_by_hand") else "submit" if rec.get("job_id") else "train"),
                      "resume_command": None if by_hand else _resume_command(rec, run_dir)})
         if rows[-1]["started_by"] == "train":  # started or resumed by hand: its overrides, for the notes
-            rows[-1]["train_command"] = _train_command(run_dir)
+            rows[-1]["train_command"] = _train_command(run_dir, st)
     return rows
 
 
-def _train_command(run_dir: Path) -> Optional[str]:
+def _train_command(run_dir: Path, st: dict) -> Optional[str]:
     """A run started by hand: `allconv-hpc train` with the overrides its .hydra/overrides.yaml records (those of its
-    last start), aimed at the folder where it is now; None where that file is missing or unreadable."""
+    last start), aimed at the folder where it is now; None where that file is missing or unreadable. Under torchrun
+    on one node (status.json's `ranks`, `nodes`), torchrun's own line of as many ranks: one process would resume it
+    on a fraction of its ranks (its random streams reseeded: no exact resume)."""
     from omegaconf import OmegaConf
     try:
         overrides = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
@@ -489,10 +491,16 @@ def _train_command(run_dir: Path) -> Optional[str]:
                 f"data.root={root if plain else hydra_value(root, 'data.root')}"]
         except ConfigError:  # a path Hydra cannot be given quoted: none to name
             return None
-    return _resume_command({"command": ["allconv-hpc", "train", *overrides]}, run_dir)
+    ranks, nodes = st.get("ranks"), st.get("nodes")
+    launch = ["allconv-hpc"]
+    if isinstance(ranks, int) and ranks > 1 and st.get("launch") == "torchrun":
+        if nodes != 1:  # one torchrun per node, each its own rendezvous options: not one line to give
+            return None
+        launch = ["torchrun", "--standalone", f"--nproc_per_node={ranks}", "-m", "allconv_hpc"]
+    return _resume_command({"command": [*launch, "train", *overrides]}, run_dir, sweep=False)
 
 
-def _resume_command(rec: dict, run_dir: Path) -> Optional[str]:
+def _resume_command(rec: dict, run_dir: Path, sweep: Optional[bool] = None) -> Optional[str]:
     """The submit command that queued the row's job, aimed at the folder where the run is now (moved or copied
     since: its own folder, not the recorded one), or None for a record from before they kept it. Run from another
     folder than submit's, it goes there first: its other relative values (data.root=data) are taken from there."""
@@ -500,7 +508,8 @@ def _resume_command(rec: dict, run_dir: Path) -> Optional[str]:
     command = rec.get("command")
     if not command or not all(isinstance(w, str) for w in command):
         return None
-    sweep = "-m" in command or "--multirun" in command  # a point's own record (status sw/seed=0) too
+    if sweep is None:  # a point's own record (status sw/seed=0) too
+        sweep = "-m" in command or "--multirun" in command
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     words = [w for w in command if not re.match(r"[+~]*hydra\.(sweep|run)\.dir=", w)]
     here = os.path.abspath(run_dir.parent if sweep else run_dir)

@@ -606,6 +606,9 @@ class Trainer:
                # the id squeue/scancel take (an array task's "A_T"); none for a cluster=local job
                "slurm_job_id": slurm.job_id if slurm.in_slurm else None, "restarts": slurm.restarts,
                "local_job_id": local_job_id(self.env.source),
+               # how it was launched: status names the command that goes on with a run started by hand (torchrun's)
+               "launch": self.env.source, "ranks": self.env.world_size,
+               "nodes": self.env.world_size // max(1, self.env.local_world_size),
                "timeouts": st.timeouts, "precision": getattr(self, "precision", None), "code": code_version(),
                "wandb_mode": getattr(tracker, "mode", None),
                "wandb_online_error": getattr(tracker, "online_error", None),
@@ -622,7 +625,8 @@ class Trainer:
             same_job = doc["slurm_job_id"] is not None and old.get("slurm_job_id") == doc["slurm_job_id"]  # limits
             doc = {"epoch": 0, "epochs": doc["epochs"],
                    **{k: v for k, v in old.items() if k in _PROGRESS or (same_job and k == "timeouts")},
-                   **{k: doc[k] for k in ("state", "slurm_job_id", "local_job_id", "restarts", "code", "run_dir", "updated", *extra)}}
+                   **{k: doc[k] for k in ("state", "slurm_job_id", "local_job_id", "restarts", "code", "run_dir", "updated",
+                                          "launch", "ranks", "nodes", *extra)}}
         return doc
 
     # -- the loop ----------------------------------------------------------------------------------

@@ -864,3 +864,19 @@ def test_the_submit_command_status_gives_goes_to_the_folder_it_was_run_in(tmp_pa
     assert status.run_rows(run)[0]["resume_command"] == f"cd '{where}' && {typed}"
     monkeypatch.chdir(where)
     assert status.run_rows(run)[0]["resume_command"] == typed
+
+
+def test_the_train_command_of_a_run_started_by_hand_has_its_ranks(tmp_path):
+    """A torchrun of 2 ranks on one node is resumed by torchrun's line of 2 (one `allconv-hpc train` resumed it on
+    one rank, reseeded); one over several nodes has no one line to give; one process, or a record from before
+    status.json named its launch, keeps `allconv-hpc train`."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- optim.lr=0.01\n")
+    tail = f"train optim.lr=0.01 hydra.run.dir={run}"
+    for st, said in (({"launch": "torchrun", "ranks": 2, "nodes": 1},
+                      f"torchrun --standalone --nproc_per_node=2 -m allconv_hpc {tail}"),
+                     ({"launch": "torchrun", "ranks": 4, "nodes": 2}, None),
+                     ({"launch": "single", "ranks": 1, "nodes": 1}, f"allconv-hpc {tail}"),
+                     ({}, f"allconv-hpc {tail}")):
+        assert status._train_command(run, st) == said, st
