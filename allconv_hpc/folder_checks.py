@@ -106,7 +106,9 @@ def _changes(before: list[str], now: list[str]) -> str:
     """The overrides of `now` that differ from those `before` (a job's), key by key. hydra.* only says where (the
     folder here, whichever way it was named: status's sweep command names it), not what the job trains."""
     from .compose import override_key
-    was, now_ = ({override_key(o): o for o in ovs if not override_key(o).startswith("hydra.")} for ovs in (before, now))
+    # a key's + or ++ says how Hydra applies it, not what it gives (++optim.lr=0.1 is optim.lr=0.1)
+    was, now_ = ({override_key(o): o.lstrip("+") for o in ovs if not override_key(o).startswith("hydra.")}
+                 for ovs in (before, now))
     said = [f"{now_[k]} given now, {f'the job has {was[k]}' if k in was else 'not in the job'}" if k in now_ else
             f"{was[k]} in the job, left out now" for k in sorted(set(was) | set(now_)) if was.get(k) != now_.get(k)]
     return "; ".join(said)

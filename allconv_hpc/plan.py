@@ -157,7 +157,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
         if skip is None:
             warn_diverged(c.run_dir, c.cfg, sweep=sweep_dir is not None)
-        points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
+        points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg, swept=s))
     if swept == [[]] and sweep_dir is not None:  # legal (a script's sweep of one), but often a comma list forgotten
         # said once the point composed: a list Hydra refuses to read as a sweep (model=[a,b]) is refused instead
         warn(f"-m but nothing is swept (no comma list, range, choice or glob): one run, in {sweep_dir}/run; "
@@ -413,16 +413,17 @@ def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:
     train again from scratch there, a second W&B group of them. Refused, naming the folder that adds to it."""
     if (sweep_dir / "sweep.json").exists():  # this sweep's own folder: _refuse_retraining looks inside
         return
-    prefix = sweep_dir.name.rpartition("-")[0] + "-"
+    prefix = sweep_dir.name.rpartition("-")[0].replace("+", "") + "-"  # an older sweep's keys kept their + and ++
     try:
-        others = sorted(d for d in sweep_dir.parent.iterdir() if d.name.startswith(prefix) and d != sweep_dir
-                        and (d / "sweep.json").exists())
+        others = sorted(d for d in sweep_dir.parent.iterdir() if d.name.replace("+", "").startswith(prefix)
+                        and d != sweep_dir and (d / "sweep.json").exists())
     except OSError:
         return
     for other in others:
-        held = [p for p in points if p.skip is None and p.cfg is not None and (other / p.run_dir.name).is_dir()
-                and (cfg := _held_config(other / p.run_dir.name)) is not None
-                and _identity_key(cfg) == _identity_key(p.cfg)]
+        held = [p for p in points if p.skip is None and p.cfg is not None
+                and (q := next((q for q in (other / p.run_dir.name, other / point_dirname(p.swept, as_typed=True))
+                                if q.is_dir()), None)) is not None
+                and (cfg := _held_config(q)) is not None and _identity_key(cfg) == _identity_key(p.cfg)]
         if held:
             names = ", ".join(p.run_dir.name for p in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             are = "is a run" if len(held) == 1 else "are runs"

@@ -22,6 +22,7 @@ class Point:
     run_dir: Path
     skip: Optional[str] = None  # why it is not submitted again: "completed", or its queued job
     cfg: object = field(default=None, repr=False)  # its composed config: the run folder is checked again under the lock
+    swept: list = field(default_factory=list)  # its swept overrides, as typed (a sweep's point)
 
 
 def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[list[str]]]:
@@ -161,7 +162,8 @@ def default_sweep_dir(common: list[str], swept: list[list[str]]) -> str:
     launch-only keys changed, values reordered or spelled otherwise, keys with or without + and ++), a different
     sweep to another one."""
     plain = [_unplussed(p) for p in swept]
-    defining = sorted(o for o in _unplussed(_as_values(common)) if not _launch_only(_key(o)))
+    defining = sorted(o for o in _as_values(_unplussed(common)) if not _launch_only(_key(o)))  # one key, spelled
+    # with + or not, counts once
     return _sweep_name(plain, [defining, sorted(sorted(p) for p in plain)])
 
 

@@ -398,6 +398,23 @@ def test_a_sweep_is_named_alike_with_or_without_plus_on_its_keys(tmp_path, monke
     points, sweep_dir, _ = launcher.plan(plussed, multirun=True)
     assert sweep_dir == tmp_path / typed
     assert sorted(p.run_dir.name for p in points) == ["++optim.lr=0.01", "optim.lr=0.02"]
+    # a key given twice, with + and without, counts once, at its last value (the value decides, not the spelling)
+    assert sweep_name("model.width=0.25", "++model.width=0.5", "optim.lr=0.1,0.2") == \
+        sweep_name("model.width=0.5", "optim.lr=0.1,0.2") != sweep_name("model.width=0.5", "++model.width=0.25",
+                                                                     "optim.lr=0.1,0.2")
+    # nor does a running point's job differ from one submitted again with + or ++ (folder_checks._changes)
+    from allconv_hpc.folder_checks import _changes
+    assert _changes(["++optim.lr=0.01", "seed=0"], ["optim.lr=0.01", "++seed=0"]) == ""
+    assert _changes(["++optim.lr=0.01"], ["optim.lr=0.02"]) == "optim.lr=0.02 given now, the job has optim.lr=0.01"
+    # grown (0.01,0.02,0.03) with the default folder: that older sweep's points are found, not trained again
+    from omegaconf import OmegaConf
+    (tmp_path / typed / "++optim.lr=0.01" / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(compose(["cluster=local", *TINY, "optim.lr=0.01", "seed=0"]).cfg_dict),
+                   tmp_path / typed / "++optim.lr=0.01" / ".hydra" / "config.yaml")
+    (tmp_path / typed / "sweep.json").write_text(json.dumps({"sweep_dir": str(tmp_path / typed), "jobs": []}))
+    grown = ["cluster=local", *TINY, "++optim.lr=0.01,0.02,0.03", "++seed=0", "cluster.array_parallelism=3"]
+    with pytest.raises(ConfigError, match=r"1 of this sweep's points \(optim.lr=0.01\) is a run of .*\+\+optim.lr-"):
+        launcher.plan(grown, multirun=True)
 
 
 def test_sweep_points_of_one_folder_name_and_a_swept_sweep_folder_are_refused(tmp_path):
