@@ -155,6 +155,12 @@ _BY_HAND = ("; the world size came from WORLD_SIZE, and torchrun did not start t
             "shell that holds it? unset RANK and WORLD_SIZE, or start with torchrun")
 
 
+def launch_of(env: DistEnv) -> str:
+    """What started the ranks: `source`, but "by_hand" for RANK and WORLD_SIZE set without torchrun (tests, an mpirun
+    wrapper, a shell that kept another launch's), which `detect_env` reads as torchrun's."""
+    return "by_hand" if env.source == "torchrun" and "TORCHELASTIC_RUN_ID" not in os.environ else env.source
+
+
 def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     e = os.environ if environ is None else environ
     for key in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):  # read later (resume, the lock): checked now
@@ -282,7 +288,7 @@ class Dist:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         timeout = datetime.timedelta(seconds=self.timeout_s)
         kw = {"device_id": device} if backend == "nccl" else {}
-        by_hand = env.source == "torchrun" and "TORCHELASTIC_RUN_ID" not in os.environ
+        by_hand = launch_of(env) == "by_hand"
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         if env.is_main:
             log.info("waiting up to %g s (dist.timeout_s) for %d ranks at %s (%s)", self.timeout_s, env.world_size,

@@ -464,7 +464,7 @@ def run_rows(folder: Path) -> list[dict]:
                          "sbatch" if rec.get("started_by_hand") else "submit" if rec.get("job_id") else "train"),
                      "resume_command": None if by_hand else _resume_command(rec, run_dir)})
         if rows[-1]["started_by"] == "train":  # started or resumed by hand: its overrides, for the notes
-            rows[-1]["train_command"] = _train_command(run_dir, st)
+            rows[-1]["train_command"], rows[-1]["ranks"] = _train_command(run_dir, st), _ranks(st)
     return rows
 
 
@@ -491,13 +491,17 @@ def _train_command(run_dir: Path, st: dict) -> Optional[str]:
                 f"data.root={root if plain else hydra_value(root, 'data.root')}"]
         except ConfigError:  # a path Hydra cannot be given quoted: none to name
             return None
-    ranks, nodes = st.get("ranks"), st.get("nodes")
     launch = ["allconv-hpc"]
-    if isinstance(ranks, int) and ranks > 1 and st.get("launch") == "torchrun":
-        if nodes != 1:  # one torchrun per node, each its own rendezvous options: not one line to give
-            return None
-        launch = ["torchrun", "--standalone", f"--nproc_per_node={ranks}", "-m", "allconv_hpc"]
+    if _ranks(st) > 1:
+        if st.get("launch") != "torchrun" or st.get("nodes") != 1:  # a torchrun per node (each its rendezvous
+            return None  # options), ranks started by hand: not one line to give (_same_command says their count)
+        launch = ["torchrun", "--standalone", f"--nproc_per_node={st['ranks']}", "-m", "allconv_hpc"]
     return _resume_command({"command": [*launch, "train", *overrides]}, run_dir, sweep=False)
+
+
+def _ranks(st: dict) -> int:
+    """The ranks the run's last start had (status.json's `ranks`; 1 in records from before it was kept)."""
+    return st["ranks"] if isinstance(st.get("ranks"), int) else 1
 
 
 def _resume_command(rec: dict, run_dir: Path, sweep: Optional[bool] = None) -> Optional[str]:
@@ -520,7 +524,8 @@ def _resume_command(rec: dict, run_dir: Path, sweep: Optional[bool] = None) -> O
             return None
     said = shlex.join([*words, f"{key}={here}"])
     cwd = rec.get("cwd")
-    return f"cd {shlex.quote(cwd)} && {said}" if isinstance(cwd, str) and cwd != os.getcwd() else said
+    elsewhere = isinstance(cwd, str) and cwd != os.getcwd() and os.path.isdir(cwd)  # gone (moved): as typed
+    return f"cd {shlex.quote(cwd)} && {said}" if elsewhere else said
 
 
 # a cluster=local job's records before they named it: one written this long after its result is a later start's
@@ -734,6 +739,8 @@ def _same_command(r: dict) -> str:
         return SWEEP_COMMAND_BELOW if r["started_by"] == "sweep" else f"`{r['resume_command']}`"
     if r["started_by"] == "train" and r.get("train_command"):
         return f"the same train command (`{r['train_command']}`)"
+    if r["started_by"] == "train" and r.get("ranks", 1) > 1:  # one process would resume it on one rank, reseeded
+        return f"the same launch of its {r['ranks']} ranks (the overrides in its .hydra/overrides.yaml)"
     return {"sweep": "the same `submit -m` command (the whole sweep)", "train": "the same train command",
             "sbatch": "the same sbatch or srun (or train) command"}.get(r["started_by"], "the same submit (or train) command")
 

@@ -30,7 +30,7 @@ from .checkpoint import (RESUMED_PARTS, CheckpointDir, CheckpointError, Writer, 
                          earlier_epochs, fitting, snapshot)
 from .fsio import read_json, write_atomic
 from .config import GRAPH_MODES, Config, ConfigError, empty_last_shard, flatten, rank_difference
-from .distributed import Dist, DistEnv, DistributedError, pick_device, rank_order_mean, set_threads
+from .distributed import Dist, DistEnv, DistributedError, launch_of, pick_device, rank_order_mean, set_threads
 from .localjob import local_job_id
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
 from .launch_checks import check_launch
@@ -607,7 +607,7 @@ class Trainer:
                "slurm_job_id": slurm.job_id if slurm.in_slurm else None, "restarts": slurm.restarts,
                "local_job_id": local_job_id(self.env.source),
                # how it was launched: status names the command that goes on with a run started by hand (torchrun's)
-               "launch": self.env.source, "ranks": self.env.world_size,
+               "launch": launch_of(self.env), "ranks": self.env.world_size,
                "nodes": self.env.world_size // max(1, self.env.local_world_size),
                "timeouts": st.timeouts, "precision": getattr(self, "precision", None), "code": code_version(),
                "wandb_mode": getattr(tracker, "mode", None),
@@ -963,7 +963,9 @@ class Trainer:
             # as README says: a stop (exit 3, 4) closes the segment failed (1), a requeue finished (0); 130 a Ctrl-C
             wandb_code = {EXIT_INTERRUPTED: 1, EXIT_GAVE_UP: 1, EXIT_REQUEUED: 0}.get(exit_code, exit_code)
             self.tracker.finish(exit_code=wandb_code)
-            if self.tracker.mode == "offline" and self.tracker.segment_dir is not None:  # rank 0's, below wandb's own
+            seg = self.tracker.segment_dir
+            if self.tracker.mode == "offline" and seg is not None and seg.exists():  # rank 0's, below wandb's own
+                # (one set aside as empty just now, in finish, is said there)
                 log.info("W&B offline: `wandb sync %s/wandb/offline-run-*` uploads every start of this run, in order "
                          "(wandb's own sync line names this start's alone)", shlex.quote(str(self.run_dir)))
 

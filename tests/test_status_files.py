@@ -864,6 +864,9 @@ def test_the_submit_command_status_gives_goes_to_the_folder_it_was_run_in(tmp_pa
     assert status.run_rows(run)[0]["resume_command"] == f"cd '{where}' && {typed}"
     monkeypatch.chdir(where)
     assert status.run_rows(run)[0]["resume_command"] == typed
+    monkeypatch.chdir(tmp_path)
+    where.rename(tmp_path / "moved")  # the project moved since: a `cd` there would fail, and the command with it
+    assert status.run_rows(run)[0]["resume_command"] == typed
 
 
 def test_the_train_command_of_a_run_started_by_hand_has_its_ranks(tmp_path):
@@ -877,6 +880,7 @@ def test_the_train_command_of_a_run_started_by_hand_has_its_ranks(tmp_path):
     for st, said in (({"launch": "torchrun", "ranks": 2, "nodes": 1},
                       f"torchrun --standalone --nproc_per_node=2 -m allconv_hpc {tail}"),
                      ({"launch": "torchrun", "ranks": 4, "nodes": 2}, None),
+                     ({"launch": "by_hand", "ranks": 2, "nodes": 1}, None),  # RANK, WORLD_SIZE set without torchrun
                      ({"launch": "single", "ranks": 1, "nodes": 1}, f"allconv-hpc {tail}"),
                      ({}, f"allconv-hpc {tail}")):
         assert status._train_command(run, st) == said, st
