@@ -261,10 +261,14 @@ def _check_launch(points: list[Point], cluster: dict, dry_run: bool) -> None:
         raise ConfigError(f"cluster=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on "
                           f"PATH; submit from a Slurm login node, or use cluster=local to run here")
     todo = sum(p.skip is None for p in points)
-    if cluster["backend"] == "local" and todo > cluster["array_parallelism"]:
-        raise ConfigError(f"cluster=local starts every sweep point at once, and this sweep has {todo} > "
+    # points skipped but for "completed" have a job still running here: they run beside the new ones
+    busy = sum(p.skip not in (None, "completed") for p in points) if todo else 0
+    if cluster["backend"] == "local" and todo + busy > cluster["array_parallelism"]:
+        also = f" ({todo} to start, {busy} still running)" if busy else ""
+        raise ConfigError(f"cluster=local starts every sweep point at once, and this sweep has {todo + busy}{also} > "
                           f"cluster.array_parallelism={cluster['array_parallelism']}; set "
-                          f"cluster.array_parallelism={todo} if this machine can run them together")
+                          f"cluster.array_parallelism={todo + busy} if this machine can run them together"
+                          + (", or submit again once they have ended" if busy else ""))
 
 
 def _check_local_compiler(cfg) -> None:

@@ -330,6 +330,26 @@ def test_a_local_sweep_wider_than_array_parallelism_is_refused(tmp_path):
         launcher.plan(sweep, multirun=True)
     points, _, _ = launcher.plan(sweep + ["cluster.array_parallelism=2"], multirun=True)
     assert len(points) == 2
+    # submitted again while a point's job runs: it runs beside the new ones (a local audit: 2 ran at
+    # array_parallelism=1)
+    one = ["cluster=local", *TINY, "seed=choice(0)", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    [running] = launcher.plan(one, multirun=True)[0]
+    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "allconv_hpc.localcontrol"])
+    try:
+        running.run_dir.mkdir(parents=True)
+        (running.run_dir / "submission.json").write_text(json.dumps(
+            {"job_id": str(controller.pid), "backend": "local", "run_dir": str(running.run_dir),
+             "overrides": running.overrides, "submitit_folder": str(tmp_path / "sub"), "submitted": time.time()}))
+        with pytest.raises(ConfigError, match=r"this sweep has 2 \(1 to start, 1 still running\) > "
+                                              r"cluster.array_parallelism=1; .* or submit again once they have ended"):
+            launcher.plan(sweep, multirun=True)
+        points, _, _ = launcher.plan(sweep + ["cluster.array_parallelism=2"], multirun=True)
+        assert [p.skip is None for p in points] == [False, True]
+    finally:
+        controller.kill()
+        controller.wait()
+    points, _, _ = launcher.plan(sweep[:-2] + ["seed=1", sweep[-1]], multirun=True)  # none running: one fits
+    assert len(points) == 1
 
 
 # -------------------------------------------------------------------------- sweeps
