@@ -361,8 +361,12 @@ def run_rows(folder: Path) -> list[dict]:
         if state is None and known and unfinished:
             state = "LOST"  # gone without a final word: killed hard (SIGKILL, node failure)
             setup_log = Path(rec.get("submitit_folder", "")) / f"setup-{rec.get('job_id')}.log"  # executor._local_setup
+            control_log = Path(rec.get("submitit_folder", "")) / f"controller-{rec.get('job_id')}.log"  # localcontrol
+            if rec.get("backend") == "local" and not st and _ends_in_traceback(control_log):
+                # (a module of the submit's folder shadowing one it imports, say): a failure, not a stop to resume
+                state = f"LOST (never started: its controller failed, see {control_log})"
             # a setup that printed nothing (`exit 3` ends its shell before the failure line) and started no task
-            if rec.get("backend") == "local" and not st and setup_log.is_file() and (
+            elif rec.get("backend") == "local" and not st and setup_log.is_file() and (
                     setup_log.stat().st_size or _never_started(rec)):
                 state = f"LOST (never started: cluster.setup failed? see {setup_log})"
             elif _never_started(rec):  # e.g. an array task scancelled while pending
@@ -497,6 +501,16 @@ def _train_command(run_dir: Path, st: dict) -> Optional[str]:
             return None  # options), ranks started by hand: not one line to give (_same_command says their count)
         launch = ["torchrun", "--standalone", f"--nproc_per_node={st['ranks']}", "-m", "allconv_hpc"]
     return _resume_command({"command": [*launch, "train", *overrides]}, run_dir, sweep=False)
+
+
+def _ends_in_traceback(log: Path) -> bool:
+    """Whether the end of `log` (its last 64 KiB) holds a Python traceback."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            return b"Traceback (most recent call last)" in f.read()
+    except OSError:
+        return False
 
 
 def _ranks(st: dict) -> int:

@@ -884,3 +884,22 @@ def test_the_train_command_of_a_run_started_by_hand_has_its_ranks(tmp_path):
                      ({"launch": "single", "ranks": 1, "nodes": 1}, f"allconv-hpc {tail}"),
                      ({}, f"allconv-hpc {tail}")):
         assert status._train_command(run, st) == said, st
+
+
+def test_a_local_job_whose_controller_failed_at_its_start_is_a_failure_naming_its_log(tmp_path):
+    """A controller that raised before it started a task (a module of the submit's folder shadowing one it imports:
+    a cluster=local audit) read as LOST (never started), a stop to resume (exit 3), its traceback unnamed."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    sub = tmp_path / "sub"
+    (sub / str(gone.pid)).mkdir(parents=True)
+    (sub / str(gone.pid) / f"{gone.pid}_submission.sh").write_text("#!/bin/bash\n")  # submitted, no task started
+    run = write_run(tmp_path / "run", None, job=str(gone.pid), backend="local", submitit_folder=str(sub))
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("LOST (never started)", False), row  # no word from it: a stop
+    log = sub / f"controller-{gone.pid}.log"
+    log.write_text("Traceback (most recent call last):\n  ...\nAttributeError: module 'grp' has no attribute "
+                   "'getgrnam'\n")
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == (f"LOST (never started: its controller failed, see {log})", True), row
+    assert status.exit_code([row]) == 1
