@@ -146,20 +146,27 @@ def _runs_controller(pid: int) -> bool:
     """Whether process pid is a local job's controller, not another process given its pid since (after a reboot, or
     pids wrapped round after the controller was killed): that read RUNNING for good, and `submit` and `train` told
     to `kill` it. A setup line's shell names the controller too (`sh -c '... && exec ... localcontrol'`). True where
-    the command line cannot be read (no /proc and no /bin/ps): as before."""
+    the command line cannot be read: as before."""
+    cmd = process_cmdline(pid)
+    return cmd is None or any(c in cmd for c in CONTROLLERS)
+
+
+def process_cmdline(pid: int) -> Optional[str]:
+    """Process pid's command line (from /proc, else /bin/ps: a job's PATH may lack /usr/bin); None when it is gone
+    or cannot be read (another user's, hidden)."""
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except FileNotFoundError:
         if Path("/proc/self").exists():  # Linux: it ended
-            return False
-        try:
-            cmd = subprocess.run(["/bin/ps", "-o", "command=", "-p", str(pid)], capture_output=True,
-                                 text=True).stdout
-        except OSError:
-            return True
-    except OSError:  # another user's, hidden (hidepid): cannot be told
-        return True
-    return any(c in cmd for c in CONTROLLERS)
+            return None
+    except OSError:
+        return None
+    try:  # -ww: the whole line, not cut at a terminal's width
+        out = subprocess.run(["/bin/ps", "-ww", "-o", "command=", "-p", str(pid)], capture_output=True,
+                             text=True).stdout
+    except OSError:
+        return None
+    return out.strip() or None
 
 
 def _pid_runs(pid: int) -> bool:

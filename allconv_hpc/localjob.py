@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 
@@ -52,10 +51,9 @@ def start_reaper(controller: int, pids: list, stderr=None, who: str = "this rank
 
 def is_reaper(pid: int) -> bool:
     """pid runs _reap: a child of the controller (one it started) that is none of the job's ranks."""
-    try:
-        return b"allconv_hpc.localjob import _reap" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # gone, or no /proc: the ranks' reapers start only where /proc lists the controller's children
-        return False
+    from .jobs import process_cmdline
+    cmd = process_cmdline(pid)
+    return cmd is not None and "allconv_hpc.localjob import _reap" in cmd
 
 
 def _reap(controller: int, wait_s: float, who: str, pids: list[int]) -> None:

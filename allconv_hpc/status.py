@@ -362,11 +362,12 @@ def run_rows(folder: Path) -> list[dict]:
             state = "LOST"  # gone without a final word: killed hard (SIGKILL, node failure)
             setup_log = Path(rec.get("submitit_folder", "")) / f"setup-{rec.get('job_id')}.log"  # executor._local_setup
             control_log = Path(rec.get("submitit_folder", "")) / f"controller-{rec.get('job_id')}.log"  # localcontrol
-            if rec.get("backend") == "local" and not st and _ends_in_traceback(control_log):
+            mine = st and current  # (an earlier job's record: this one never wrote its own)
+            if rec.get("backend") == "local" and not mine and _ends_in_traceback(control_log):
                 # (a module of the submit's folder shadowing one it imports, say): a failure, not a stop to resume
                 state = f"LOST (never started: its controller failed, see {control_log})"
             # a setup that printed nothing (`exit 3` ends its shell before the failure line) and started no task
-            elif rec.get("backend") == "local" and not st and setup_log.is_file() and (
+            elif rec.get("backend") == "local" and not mine and setup_log.is_file() and (
                     setup_log.stat().st_size or _never_started(rec)):
                 state = f"LOST (never started: cluster.setup failed? see {setup_log})"
             elif _never_started(rec):  # e.g. an array task scancelled while pending
@@ -427,6 +428,8 @@ def run_rows(folder: Path) -> list[dict]:
             error = _job_error(rec)  # it failed before its trainer could say why: its tasks' .err files do
             if error is not None and state.startswith("LOST"):  # cluster=local: a job whose tasks exited non-zero
                 state = "FAILED"
+        if failed and error is None and "its controller failed" in state:  # what it raised
+            error = _task_errors(Path(rec.get("submitit_folder", "")) / f"controller-{rec.get('job_id')}.log")[1]
         if refused:
             error = refusal
         if failed and current and st.get("peer_lost") and not active and error:  # what ended the lost peers
@@ -505,12 +508,7 @@ def _train_command(run_dir: Path, st: dict) -> Optional[str]:
 
 def _ends_in_traceback(log: Path) -> bool:
     """Whether the end of `log` (its last 64 KiB) holds a Python traceback."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-            return b"Traceback (most recent call last)" in f.read()
-    except OSError:
-        return False
+    return any(line.startswith("Traceback (most recent call last)") for line in _tail_lines(log) or [])
 
 
 def _ranks(st: dict) -> int:
@@ -754,7 +752,7 @@ def _same_command(r: dict) -> str:
     if r["started_by"] == "train" and r.get("train_command"):
         return f"the same train command (`{r['train_command']}`)"
     if r["started_by"] == "train" and r.get("ranks", 1) > 1:  # one process would resume it on one rank, reseeded
-        return f"the same launch of its {r['ranks']} ranks (the overrides in its .hydra/overrides.yaml)"
+        return f"the same launch of its {r['ranks']} ranks, with the same overrides,"
     return {"sweep": "the same `submit -m` command (the whole sweep)", "train": "the same train command",
             "sbatch": "the same sbatch or srun (or train) command"}.get(r["started_by"], "the same submit (or train) command")
 

@@ -59,6 +59,7 @@ DOWNLOAD_POLL_S = 2.0  # how often ranks waiting for a download ask whether it i
 # status.json's keys that tell the run's progress, not the job's (its id, restarts, time-limit count, signal)
 _PROGRESS = {"epoch", "epochs", "global_step", "step_in_epoch", "last_val_acc", "best_val_acc", "wandb_id",
              "test_loss", "test_acc", "precision", "wandb_mode", "wandb_online_error"}
+_LAUNCH = ("launch", "ranks", "nodes")  # how the run's progress was trained: status names the command that goes on
 
 
 class NonFiniteError(RuntimeError):
@@ -624,9 +625,10 @@ class Trainer:
             old = read_json(self.run_dir / "status.json")  # a requeue of the same Slurm job keeps its count of time
             same_job = doc["slurm_job_id"] is not None and old.get("slurm_job_id") == doc["slurm_job_id"]  # limits
             doc = {"epoch": 0, "epochs": doc["epochs"],
-                   **{k: v for k, v in old.items() if k in _PROGRESS or (same_job and k == "timeouts")},
+                   # (and the launch that made it: this start's ranks trained none of it)
+                   **{k: v for k, v in old.items() if k in (*_PROGRESS, *_LAUNCH) or (same_job and k == "timeouts")},
                    **{k: doc[k] for k in ("state", "slurm_job_id", "local_job_id", "restarts", "code", "run_dir", "updated",
-                                          "launch", "ranks", "nodes", *extra)}}
+                                          *extra)}}
         return doc
 
     # -- the loop ----------------------------------------------------------------------------------

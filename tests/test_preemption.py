@@ -1070,7 +1070,8 @@ def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_
     run, args = tmp_path / "run", TINY + ["data.preprocess=gcn_zca"]  # a fit of seconds
     run_train(tmp_path, run, args + ["trainer.epochs=1"])
     files = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
-    earlier_job = {"slurm_job_id": "77", "restarts": 4, "timeouts": 2, "signal": "USR2"}  # another job's record
+    earlier_job = {"slurm_job_id": "77", "restarts": 4, "timeouts": 2, "signal": "USR2",  # another job's record,
+                   "launch": "torchrun", "ranks": 2, "nodes": 1}  # of 2 ranks (as if: the checkpoint is 1 rank's)
     (run / "status.json").write_text(json.dumps({**json.loads((run / "status.json").read_text()), **earlier_job}))
     p, out, err = signal_in_start_up(tmp_path, run, args + ["trainer.epochs=2"], signal.SIGTERM)
     assert p.returncode == 3 and "Traceback" not in err, err
@@ -1079,11 +1080,14 @@ def test_sigterm_during_a_resumes_start_up_stops_there_with_nothing_written(tmp_
     st = json.loads((run / "status.json").read_text())
     assert (st["state"], st["epoch"]) == ("interrupted", 1), st  # the run's progress stands, not the other job's counts
     assert (st["slurm_job_id"], st["restarts"], "timeouts" in st, "signal" in st) == (None, 0, False, False), st
+    # the launch that trained it stands too, not this one-process start's, which trained nothing
+    assert (st["launch"], st["ranks"], st["nodes"]) == ("torchrun", 2, 1), st
     r = subprocess.run([PY, "-m", "allconv_hpc", "status", str(run)], env=clean_env(tmp_path), capture_output=True,
                        text=True, timeout=60)
     step = int(st["global_step"])
-    assert r.returncode == 0 and re.search(rf"the same train command \(`allconv-hpc train .*`\) resumes it from its "
-                                           rf"newest checkpoint, step {step}\b", r.stdout), r.stdout
+    assert r.returncode == 0 and re.search(rf"the same train command \(`torchrun --standalone --nproc_per_node=2 -m "
+                                           rf"allconv_hpc train .*`\) resumes it from its newest checkpoint, step "
+                                           rf"{step}\b", r.stdout), r.stdout
     run_train(tmp_path, run, args + ["trainer.epochs=2"])
     assert [r["epoch"] for r in history(run)] == [1, 2]
     # the same command again on the completed run, stopped in start-up: it had nothing to do, and stays completed

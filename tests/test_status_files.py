@@ -902,4 +902,10 @@ def test_a_local_job_whose_controller_failed_at_its_start_is_a_failure_naming_it
                    "'getgrnam'\n")
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == (f"LOST (never started: its controller failed, see {log})", True), row
-    assert status.exit_code([row]) == 1
+    assert row["error"] == "AttributeError: module 'grp' has no attribute 'getgrnam'" and status.exit_code([row]) == 1
+    # so for a run submitted again (an earlier job's record in the folder): the same submit would fail alike
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 1, "epochs": 3, "updated": 1.0}))
+    rec = json.loads((run / "submission.json").read_text())
+    (run / "submission.json").write_text(json.dumps({**rec, "submitted": 2.0}))
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == (f"LOST (never started: its controller failed, see {log})", True), row

@@ -587,16 +587,8 @@ def test_a_deleted_steps_file_that_held_what_wandb_lacks_is_said(wenv, tmp_path,
 
 def _own_wandb_services() -> list[int]:
     """The pids of this process's children that are W&B's service (wandb-core)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmd = stat.with_name("cmdline").read_bytes().decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == os.getpid() and "wandb" in cmd:
-            pids.append(int(stat.parent.name))
-    return pids
+    from allconv_hpc.jobs import children, process_cmdline
+    return [pid for pid in children(os.getpid()) if "wandb" in (process_cmdline(pid) or "")]
 
 
 def test_a_start_whose_wandb_service_died_unwritten_sets_its_own_segment_aside(wenv, tmp_path, caplog):
