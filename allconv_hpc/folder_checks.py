@@ -22,8 +22,9 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     (what the trainer would refuse on resume, found here before anything is queued). Returns why the
     run needs no new job: "completed" (all trainer.epochs done), or, for a sweep point, its queued job
     (a resubmitted sweep fills in the rest); None when it does."""
-    from .jobs import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, held_advice, is_held, queued,
-                       queued_state, read_record, squeue_silence, started_unrecorded, stop_command, trains_elsewhere)
+    from .jobs import (ACTIVE_STATES, JOB_KEYS, NO_ANSWER, DamagedFile, check_keys, held_advice, is_held,
+                       never_starts, queued, queued_state, read_record, squeue_silence, started_unrecorded, stop_command,
+                       trains_elsewhere)
 
     sub = run_dir / "submission.json"
     try:  # status's reading: a damaged record is named with its fix
@@ -34,6 +35,7 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
         raise ConfigError(str(e)) from None
     if rec is not None and not trains_elsewhere(rec, run_dir):  # (a copy's job trains the original)
         state, reason = queued(rec)
+        never = never_starts(reason, rec["job_id"]) if state == "PENDING" else None  # waiting would never end
         if state == NO_ANSWER:  # it may still run: a second job could train into the same folder
             raise ConfigError(f"squeue did not answer whether job {rec['job_id']}, the last one submitted into "
                               f"{run_dir}, is still queued or running ({squeue_silence(rec['job_id'])}); submit again "
@@ -45,6 +47,8 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
             changes = _changes(rec.get("overrides") or [], overrides) if overrides is not None else ""
             if changes:  # key by key, the last of a key given twice (as Hydra reads them), in any order
                 _check_resumable_later(run_dir, cfg, rec, state, "hydra.sweep.dir")
+            if never:  # skipped, and said: this submit does not start it either
+                return f"job {rec['job_id']} (PENDING, {never})"
             if is_held(state, reason):  # "submit again when it has ended" would wait for ever
                 with_ = f"; it runs with the settings it was submitted with, not these ({changes})" if changes else ""
                 return (f"job {rec['job_id']} (PENDING, {held_advice(rec, reason)}): it starts once released{with_}; "
@@ -57,6 +61,9 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
             raise ConfigError(f"run folder {run_dir} has job {rec['job_id']} still ending (COMPLETING); a second job "
                               f"would train into the same folder: submit again in a few seconds")
         if state in ACTIVE_STATES:
+            if never:
+                raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} (PENDING, {never}); a second "
+                                  f"job would train into the same folder: submit again once it has ended")
             if is_held(state, reason):  # waiting would never end
                 raise ConfigError(f"run folder {run_dir} already has job {rec['job_id']} (PENDING, "
                                   f"{held_advice(rec, reason)}); a second job would train into the same folder: "
@@ -102,13 +109,17 @@ def check_run_folder(run_dir: Path, cfg, sweep: bool = False, overrides: Optiona
     return None
 
 
+# what the submit reads, not the job: a sweep's whole (how many of its points run at once)
+SUBMIT_ONLY = {"cluster.array_parallelism"}
+
+
 def _changes(before: list[str], now: list[str]) -> str:
     """The overrides of `now` that differ from those `before` (a job's), key by key. hydra.* only says where (the
     folder here, whichever way it was named: status's sweep command names it), not what the job trains."""
     from .compose import override_key
     # a key's + or ++ says how Hydra applies it, not what it gives (++optim.lr=0.1 is optim.lr=0.1)
-    was, now_ = ({override_key(o): o.lstrip("+") for o in ovs if not override_key(o).startswith("hydra.")}
-                 for ovs in (before, now))
+    was, now_ = ({override_key(o): o.lstrip("+") for o in ovs if not override_key(o).startswith("hydra.")
+                  and override_key(o) not in SUBMIT_ONLY} for ovs in (before, now))
     said = [f"{now_[k]} given now, {f'the job has {was[k]}' if k in was else 'not in the job'}" if k in now_ else
             f"{was[k]} in the job, left out now" for k in sorted(set(was) | set(now_)) if was.get(k) != now_.get(k)]
     return "; ".join(said)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -74,6 +75,24 @@ def squeue_job(job_id: str) -> tuple[bool, Optional[str], str]:
         said += ": point SLURM_CONF at the cluster's slurm.conf"
     _silence[job_id] = f"squeue: {said}"
     return False, None, ""
+
+
+# Why a job is pending that Slurm will never start as asked (EnforcePartLimits=NO, Slurm's default, queues it
+# anyway): it asks for more nodes, CPUs, memory, time or features than its partition has. `submit` refuses
+# such a job first (sbatch --test-only); one queued otherwise (sbatch by hand) shows, and ends `--wait`.
+NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints"}
+
+
+def never_starts(reason: str, job: str) -> Optional[str]:
+    """What a pending job waits for that will not come (NEVER_STARTS; a per-job limit of its QOS or account, which
+    `submit` cannot check; a dependency on a job that ended otherwise, which Slurm keeps queued unless the site set
+    kill_invalid_depend), and what to do; None for a reason that clears by itself."""
+    if reason == "DependencyNeverSatisfied":
+        return (f"{reason}: a job it depends on ended otherwise than its dependency asks, so it never starts; "
+                f"scontrol update JobId={job} Dependency= starts it without, scancel {job} ends it")
+    if reason in NEVER_STARTS or re.fullmatch(r"(QOS|Assoc)Max\w*PerJob\w*", reason):
+        return f"{reason}: never starts as asked; scancel {job}"
+    return None
 
 
 def is_held(state: Optional[str], reason: str) -> bool:

@@ -16,7 +16,8 @@ from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
 from .fsio import name_too_long, read_json
 from .resources import validate_cluster, warn
 from .slurm import slurm_conf_missing
-from .sweep import Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname
+from .sweep import (Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname, point_folder,
+                    point_folders)
 
 
 def hydra_value(value, key: str) -> str:
@@ -75,12 +76,13 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     group = sweep_group(sweep_dir) if sweep_dir is not None else None
     points, cluster, warned, compiler_found, env_checked = [], None, set(), False, False
     fetch = {}  # (dataset, root) -> its data config: what data.download=true would fetch in every job
+    held_points = point_folders(sweep_dir) if sweep_dir is not None else {}
     for s in swept:
         ov = common + s
         if sweep_dir is not None:
             run_dir = sweep_dir / point_dirname(s)
-            if not run_dir.exists() and (typed := sweep_dir / point_dirname(s, as_typed=True)).is_dir():
-                run_dir = typed  # an older sweep's point, named with its key's + or ++
+            if not run_dir.exists():  # an older sweep's point, named with its key's + or ++
+                run_dir = point_folder(held_points, run_dir.name) or run_dir
             ov = ov + [f"hydra.run.dir={hydra_value(run_dir, 'hydra.run.dir')}"]
             if "wandb.group" not in {_key(o) for o in common + s}:
                 ov.append(f"wandb.group={hydra_value(group, 'wandb.group')}")
@@ -157,7 +159,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
         if skip is None:
             warn_diverged(c.run_dir, c.cfg, sweep=sweep_dir is not None)
-        points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg, swept=s))
+        points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
     if swept == [[]] and sweep_dir is not None:  # legal (a script's sweep of one), but often a comma list forgotten
         # said once the point composed: a list Hydra refuses to read as a sweep (model=[a,b]) is refused instead
         warn(f"-m but nothing is swept (no comma list, range, choice or glob): one run, in {sweep_dir}/run; "
@@ -177,7 +179,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         _refuse_retraining(points, sweep_dir, {_key(o) for o in swept[0]})
         if "hydra.sweep.dir" not in keys:
             _refuse_retraining_elsewhere(points, sweep_dir)
-    _check_launch(points, cluster, dry_run)
+    _check_launch(points, cluster, dry_run, sweep_dir)
     # last, once every check passed: a job's rank 0 would download on a compute node (often without network),
     # and a sweep's jobs all into one root at once, each truncating the archive the others write
     for data in fetch.values():
@@ -239,7 +241,7 @@ def _refuse_dropped_keys(sweep_dir: Path, common: list[str], swept: set[str]) ->
                           f"swept (README, \"Submitting a sweep again\")")
 
 
-def _check_launch(points: list[Point], cluster: dict, dry_run: bool) -> None:
+def _check_launch(points: list[Point], cluster: dict, dry_run: bool, sweep_dir: Optional[Path]) -> None:
     """What the points ask of the launcher as a whole: the Slurm commands, the threads a task's CPUs hold, a
     local sweep's processes at once; warnings of what is legal but rarely meant."""
     _warn_short_starts(cluster)
@@ -261,14 +263,29 @@ def _check_launch(points: list[Point], cluster: dict, dry_run: bool) -> None:
         raise ConfigError(f"cluster=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on "
                           f"PATH; submit from a Slurm login node, or use cluster=local to run here")
     todo = sum(p.skip is None for p in points)
-    # points skipped but for "completed" have a job still running here: they run beside the new ones
-    busy = sum(p.skip not in (None, "completed") for p in points) if todo else 0
+    busy = _running_here(sweep_dir, {p.run_dir for p in points if p.skip is None}) \
+        if todo and cluster["backend"] == "local" and sweep_dir is not None else 0
     if cluster["backend"] == "local" and todo + busy > cluster["array_parallelism"]:
         also = f" ({todo} to start, {busy} still running)" if busy else ""
         raise ConfigError(f"cluster=local starts every sweep point at once, and this sweep has {todo + busy}{also} > "
                           f"cluster.array_parallelism={cluster['array_parallelism']}; set "
                           f"cluster.array_parallelism={todo + busy} if this machine can run them together"
                           + (", or submit again once they have ended" if busy else ""))
+
+
+def _running_here(sweep_dir: Path, starting: set) -> int:
+    """How many of the sweep's points, but for those `starting` now, have a cluster=local job running: they run
+    beside the new ones. Read from each point's own record, whichever submit (of this sweep, or a point's own)
+    made it."""
+    from .jobs import DamagedFile, local_state, read_record
+    n = 0
+    for folder in point_folders(sweep_dir).values():
+        try:
+            rec = read_record(folder / "submission.json") if folder not in starting else None
+        except DamagedFile:
+            continue
+        n += bool(rec and rec.get("backend") == "local" and rec.get("job_id") and local_state(rec) == "RUNNING")
+    return n
 
 
 def _check_local_compiler(cfg) -> None:
@@ -424,9 +441,9 @@ def _refuse_retraining_elsewhere(points: list[Point], sweep_dir: Path) -> None:
     except OSError:
         return
     for other in others:
+        theirs = point_folders(other)  # (an older sweep's are named with a key's + or ++)
         held = [p for p in points if p.skip is None and p.cfg is not None
-                and (q := next((q for q in (other / p.run_dir.name, other / point_dirname(p.swept, as_typed=True))
-                                if q.is_dir()), None)) is not None
+                and (q := point_folder(theirs, p.run_dir.name)) is not None
                 and (cfg := _held_config(q)) is not None and _identity_key(cfg) == _identity_key(p.cfg)]
         if held:
             names = ", ".join(p.run_dir.name for p in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")

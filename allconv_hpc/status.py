@@ -20,32 +20,14 @@ from typing import Optional
 
 from . import runlock
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, SETUP_STOP, START_UP_INTERRUPT, START_UP_STOP, STATUS_KEYS,
-                   DamagedFile, check_keys, held_advice, is_held, local_ended_at, local_state, read_record, slurm_state,
-                   squeue_silence, started_job, started_unrecorded, stopped_elsewhere, trains_elsewhere)
+                   DamagedFile, check_keys, held_advice, is_held, local_ended_at, local_state, never_starts, read_record,
+                   slurm_state, squeue_silence, started_job, started_unrecorded, stopped_elsewhere, trains_elsewhere)
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
 FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "CANCELLED", "LOST"}
 EXIT_NO_ANSWER = 3  # `status`: no job failed, but Slurm did not answer for one whose run has not ended
 EXIT_STOPPED = 3  # `submit --wait` (which waits while Slurm does not answer): none failed, one stopped unfinished
-
-
-# Why a job is pending that Slurm will never start as asked (EnforcePartLimits=NO, Slurm's default, queues it
-# anyway): it asks for more nodes, CPUs, memory, time or features than its partition has. `submit` refuses
-# such a job first (sbatch --test-only); one queued otherwise (sbatch by hand) shows, and ends `--wait`.
-NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints"}
-
-
-def never_starts(reason: str, job: str) -> Optional[str]:
-    """What a pending job waits for that will not come (NEVER_STARTS; a per-job limit of its QOS or account, which
-    `submit` cannot check; a dependency on a job that ended otherwise, which Slurm keeps queued unless the site set
-    kill_invalid_depend), and what to do; None for a reason that clears by itself."""
-    if reason == "DependencyNeverSatisfied":
-        return (f"{reason}: a job it depends on ended otherwise than its dependency asks, so it never starts; "
-                f"scontrol update JobId={job} Dependency= starts it without, scancel {job} ends it")
-    if reason in NEVER_STARTS or re.fullmatch(r"(QOS|Assoc)Max\w*PerJob\w*", reason):
-        return f"{reason}: never starts as asked; scancel {job}"
-    return None
 
 
 def job_records(folder: Path) -> list[dict]:

@@ -22,7 +22,6 @@ class Point:
     run_dir: Path
     skip: Optional[str] = None  # why it is not submitted again: "completed", or its queued job
     cfg: object = field(default=None, repr=False)  # its composed config: the run folder is checked again under the lock
-    swept: list = field(default_factory=list)  # its swept overrides, as typed (a sweep's point)
 
 
 def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[str], list[list[str]]]:
@@ -127,11 +126,28 @@ def _unplussed(overrides: list[str]) -> list[str]:
     return [o.lstrip("+") for o in overrides]
 
 
-def point_dirname(swept: list[str], as_typed: bool = False) -> str:
-    """Deterministic folder name from the swept overrides, e.g. 'model=allcnn_c,optim.lr=0.05'; `as_typed`: the name
-    before 2026-12-07, with a key's + and ++ (a point of an older sweep so spelled keeps its folder)."""
-    name = ",".join(sorted(swept if as_typed else _unplussed(swept))) or "run"
+def point_dirname(swept: list[str]) -> str:
+    """Deterministic folder name from the swept overrides, e.g. 'model=allcnn_c,optim.lr=0.05'."""
+    name = ",".join(sorted(_unplussed(swept))) or "run"
     return fit_name(re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name))
+
+
+def point_folders(folder: Path) -> dict:
+    """The point folders in a sweep's `folder`, by their names without a key's + or ++ (before 2026-12-07 a point's
+    folder kept them: `++optim.lr=0.1`, the point `optim.lr=0.1` however spelled now); {} where it cannot be read."""
+    try:
+        return {_spelling_free(d.name): d for d in sorted(folder.iterdir()) if d.is_dir()}
+    except OSError:
+        return {}
+
+
+def _spelling_free(name: str) -> str:
+    return ",".join(sorted(part.lstrip("+") for part in name.split(",")))
+
+
+def point_folder(folders: dict, name: str) -> Optional[Path]:
+    """The folder of `folders` (point_folders) of the point named `name` (point_dirname), however spelled."""
+    return folders.get(_spelling_free(name))
 
 
 def _launch_only(key: str) -> bool:

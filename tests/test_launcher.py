@@ -345,6 +345,11 @@ def test_a_local_sweep_wider_than_array_parallelism_is_refused(tmp_path):
             launcher.plan(sweep, multirun=True)
         points, _, _ = launcher.plan(sweep + ["cluster.array_parallelism=2"], multirun=True)
         assert [p.skip is None for p in points] == [False, True]
+        # a point added by a submit of its own (choice: the sweep's key, another value) runs beside it all the same
+        added = ["cluster=local", *TINY, "seed=choice(7)", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+        with pytest.raises(ConfigError, match=r"this sweep has 2 \(1 to start, 1 still running\) > "):
+            launcher.plan(added, multirun=True)
+        assert len(launcher.plan(added + ["cluster.array_parallelism=2"], multirun=True)[0]) == 1
     finally:
         controller.kill()
         controller.wait()
@@ -426,6 +431,7 @@ def test_a_sweep_is_named_alike_with_or_without_plus_on_its_keys(tmp_path, monke
     from allconv_hpc.folder_checks import _changes
     assert _changes(["++optim.lr=0.01", "seed=0"], ["optim.lr=0.01", "++seed=0"]) == ""
     assert _changes(["++optim.lr=0.01"], ["optim.lr=0.02"]) == "optim.lr=0.02 given now, the job has optim.lr=0.01"
+    assert _changes(["cluster.array_parallelism=2"], ["cluster.array_parallelism=3"]) == ""  # the submit's, not the job's
     # grown (0.01,0.02,0.03) with the default folder: that older sweep's points are found, not trained again
     from omegaconf import OmegaConf
     (tmp_path / typed / "++optim.lr=0.01" / ".hydra").mkdir()
@@ -435,6 +441,11 @@ def test_a_sweep_is_named_alike_with_or_without_plus_on_its_keys(tmp_path, monke
     grown = ["cluster=local", *TINY, "++optim.lr=0.01,0.02,0.03", "++seed=0", "cluster.array_parallelism=3"]
     with pytest.raises(ConfigError, match=r"1 of this sweep's points \(optim.lr=0.01\) is a run of .*\+\+optim.lr-"):
         launcher.plan(grown, multirun=True)
+    plainly = ["cluster=local", *TINY, "optim.lr=0.01,0.02,0.03", "seed=0", "cluster.array_parallelism=3"]
+    with pytest.raises(ConfigError, match=r"1 of this sweep's points \(optim.lr=0.01\) is a run of .*\+\+optim.lr-"):
+        launcher.plan(plainly, multirun=True)  # spelled plainly now: the same points
+    points, _, _ = launcher.plan(plainly + [f"hydra.sweep.dir={tmp_path / typed}"], multirun=True)  # as told
+    assert sorted(p.run_dir.name for p in points) == ["++optim.lr=0.01", "optim.lr=0.02", "optim.lr=0.03"]
 
 
 def test_sweep_points_of_one_folder_name_and_a_swept_sweep_folder_are_refused(tmp_path):
@@ -1462,6 +1473,19 @@ def write_run(tmp: Path, run_state: str | None, job: str = "42", backend: str = 
 
 NO_ACCOUNTING = "echo 'sacct: error: Slurm accounting storage is disabled' >&2; exit 1"
 FORGOTTEN = "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"
+
+
+def test_a_folder_whose_job_never_starts_says_so_to_a_new_submit(tmp_path, on_path):
+    """A job pending with DependencyNeverSatisfied (its dependency failed): a new submit into its folder was told to
+    wait for it, for ever; a sweep's point was skipped as `job N (PENDING)`, nothing said why."""
+    from allconv_hpc.folder_checks import check_run_folder
+    run = write_run(tmp_path, None, job="77")
+    on_path(squeue='echo "PENDING DependencyNeverSatisfied"')
+    with pytest.raises(ConfigError, match=r"already has job 77 \(PENDING, DependencyNeverSatisfied: a job it depends on "
+                                          r"ended otherwise .* scontrol update JobId=77 Dependency= starts it without, "
+                                          r"scancel 77 ends it\); a second job would train into the same folder"):
+        check_run_folder(run, None)
+    assert check_run_folder(run, None, sweep=True).startswith("job 77 (PENDING, DependencyNeverSatisfied: ")
 
 
 def test_status_works_without_accounting(tmp_path, on_path, capsys):

@@ -842,7 +842,7 @@ def test_a_plain_sbatch_run_that_gave_up_is_resumed_by_its_sbatch(tmp_path, no_s
 def test_only_reasons_that_never_clear_end_a_pending_jobs_wait(reason, never):
     """A per-job limit of a QOS or account (a job asking over it waits for good; submit cannot check them) and a
     dependency that can no longer be met end --wait; a limit that other jobs ending frees does not."""
-    from allconv_hpc.status import never_starts
+    from allconv_hpc.jobs import never_starts
     said = never_starts(reason, "7_1")
     assert bool(said) is never, said
     if never:
