@@ -489,8 +489,10 @@ def _train_command(run_dir: Path, st: dict) -> Optional[str]:
 
 
 def _ends_in_traceback(log: Path) -> bool:
-    """Whether the end of `log` (its last 64 KiB) holds a Python traceback."""
-    return any(line.startswith("Traceback (most recent call last)") for line in _tail_lines(log) or [])
+    """Whether the end of `log` (its last 64 KiB) holds a Python traceback, but for a Ctrl-C's (a stop)."""
+    lines = [line for line in _tail_lines(log) or [] if line.strip()]
+    return any(line.startswith("Traceback (most recent call last)") for line in lines) and \
+        not lines[-1].startswith("KeyboardInterrupt")
 
 
 def _ranks(st: dict) -> int:

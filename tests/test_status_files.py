@@ -900,6 +900,10 @@ def test_a_local_job_whose_controller_failed_at_its_start_is_a_failure_naming_it
     log = sub / f"controller-{gone.pid}.log"
     log.write_text("Traceback (most recent call last):\n  ...\nAttributeError: module 'grp' has no attribute "
                    "'getgrnam'\n")
+    log.write_text("Traceback (most recent call last):\n  ...\nKeyboardInterrupt\n")  # a Ctrl-C as it started: a stop
+    assert (status.run_rows(run)[0]["state"], status.run_rows(run)[0]["failed"]) == ("LOST (never started)", False)
+    log.write_text("Traceback (most recent call last):\n  ...\nAttributeError: module 'grp' has no attribute "
+                   "'getgrnam'\n")
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == (f"LOST (never started: its controller failed, see {log})", True), row
     assert row["error"] == "AttributeError: module 'grp' has no attribute 'getgrnam'" and status.exit_code([row]) == 1
