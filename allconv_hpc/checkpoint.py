@@ -174,13 +174,17 @@ class CheckpointDir:
     def save(self, state: dict, step: int) -> Path:
         """Write step_<step>.pt, point last.pt at it, prune old step files. Rank 0 only."""
         path = self.step_path(step)
-        for stale in self.folder.glob(".*.tmp"):  # partial files of a writer that was killed (SIGKILL, OOM)
-            stale.unlink(missing_ok=True)
+        self._remove_partial()
         write_file(path, state)
         self._point_last(path)
         for old in self.step_files()[self.keep:]:
             old.unlink(missing_ok=True)
         return path
+
+    def _remove_partial(self) -> None:
+        """Partial files of a writer that was killed (SIGKILL, OOM): up to a checkpoint's size each."""
+        for stale in self.folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def _point_last(self, path: Path) -> None:
         """last.pt becomes a hard link to the step file `path`, atomically; a copy of it on a file system that has
@@ -215,6 +219,8 @@ class CheckpointDir:
         # highest step first: a kill between writing step_N and relinking last.pt must not lose step N. Then
         # last.pt, the newest save that finished: a hard link to a step file (skipped if to a damaged one), or
         # a copy of its own (cp -r, rsync without -H), which is newer than every older step file
+        if quarantine:  # the resuming trainer, under the run's lock: a run killed in its last write never saves again
+            self._remove_partial()
         files, last = self.step_files(), self.folder / "last.pt"
         bad = []
         for path in files[:1] + [last] + files[1:]:
@@ -260,7 +266,10 @@ class CheckpointDir:
 
     def move_aside(self, also: tuple[Path, ...] | list[Path] = ()) -> Optional[Path]:
         """For checkpoint.resume=never: keep the old run (never delete), start with an empty folder.
-        The checkpoint folder becomes `checkpoints.oldN/`, and the files in `also` move into it."""
+        The files in `also` move into the checkpoint folder, which then becomes `checkpoints.oldN/` in one rename:
+        a kill part-way leaves them in the folder the next start sets aside whole (moved after the rename, they were
+        split over two oldN). A checkpoint folder that is a link (to scratch) keeps the old run where it points, and
+        the new run gets a folder beside that one, linked alike (it got one here, on the run folder's quota)."""
         present = [p for p in also if p.exists()]
         has_ckpt = self.folder.exists() and any(self.folder.iterdir())
         if not has_ckpt and not present:
@@ -268,14 +277,31 @@ class CheckpointDir:
         i = 1
         while (dest := self.folder.with_name(f"{self.folder.name}.old{i}")).exists():
             i += 1
-        if has_ckpt:
-            self.folder.rename(dest)
-        else:
-            dest.mkdir(parents=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         for p in present:
-            os.replace(p, dest / p.name)
+            _move(p, self.folder / p.name)
+        fsync_dir(self.folder)
+        self.folder.rename(dest)
+        if dest.is_symlink():
+            target = dest.resolve()
+            j = 1
+            while (fresh := target.with_name(f"{target.name}.new{j}")).exists():
+                j += 1
+            fresh.mkdir()
+            self.folder.symlink_to(fresh)
         fsync_dir(dest.parent)
         return dest
+
+
+def _move(src: Path, dst: Path) -> None:
+    """`src` (a file or folder) to `dst`: a rename, or onto another file system (a checkpoint folder linked to
+    scratch) a copy, then the original removed."""
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        shutil.move(str(src), str(dst))
 
 
 class _NotRun(Exception):
