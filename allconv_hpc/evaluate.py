@@ -154,9 +154,12 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         raise ConfigError(f"{run / 'checkpoints'} is a file, not the run's checkpoint folder; give the run folder "
                           f"that holds its checkpoints/")
     mine = run / "checkpoints" / (f"{which}.pt" if which in ("best", "last") else which)
-    if which == "last" and not mine.is_file():  # last.pt is a link of the newest step file: that one, if gone
-        from .checkpoint import CheckpointDir
-        mine = next(iter(CheckpointDir(run / "checkpoints", keep=0).step_files()), mine)
+    if which == "last":  # the newest step file that is whole, as a resume takes it: last.pt (its link) may name the
+        from .checkpoint import CheckpointDir  # one before (a kill between the two writes), or be gone
+        from .fsio import has_trailer
+        newest = next(iter(CheckpointDir(run / "checkpoints", keep=0).step_files()), None)
+        if newest is not None and (has_trailer(newest) or not mine.is_file()):
+            mine = newest
     # a bare name is the run's own file, even if the current folder holds one of that name; one with a folder part
     # (./best.pt) is that path, though the run holds a file of its name
     bare = _bare(which)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -121,6 +122,12 @@ def test_a_step_checkpoint_reports_the_val_acc_of_its_last_finished_epoch(tmp_pa
         return doc["val_acc_when_saved"], doc["val_acc_epoch"]
     assert saved("step_00000002.pt") == (None, None)  # no epoch finished yet
     assert saved("step_00000006.pt") == (rows[0]["val_acc"], 1)  # mid-epoch 2: epoch 1's
+    assert saved("last") == (rows[1]["val_acc"], 2)
+    # killed between the newest step file and last.pt's relink (last.pt names the one before): the newest, as a
+    # resume takes it (a checkpoint review: it scored the older one)
+    last = run / "checkpoints" / "last.pt"
+    last.unlink()
+    os.link(run / "checkpoints" / "step_00000006.pt", last)
     assert saved("last") == (rows[1]["val_acc"], 2)
     assert saved("best") == (max(r["val_acc"] for r in rows), max(rows, key=lambda r: r["val_acc"])["epoch"])
     text = _cli(tmp_path, run, "--checkpoint", "last").stdout
