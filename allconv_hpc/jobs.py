@@ -144,9 +144,8 @@ def local_state(rec: dict) -> Optional[str]:
     """Jobs of cluster=local: their submitit folder says whether a result was written."""
     res = _local_result(rec)
     if res.exists():
-        import pickle
         try:
-            kind = pickle.loads(res.read_bytes())[0]
+            kind = _load_plain(res.read_bytes())[0]
         except Exception:
             return None
         return "COMPLETED" if kind == "success" else "FAILED"
@@ -155,6 +154,19 @@ def local_state(rec: dict) -> Optional[str]:
     except ValueError:
         return None
     return "RUNNING" if _pid_runs(pid) and _runs_controller(pid) else None
+
+
+def _load_plain(data: bytes):
+    """A pickle of plain values (a job's result: ("success", its exit code) or ("error", a traceback's text)),
+    loaded without importing anything it names: `status` may read a shared folder another user could write, where
+    a planted pickle would run its code (the data's pickles are read alike: data.py)."""
+    import io
+    import pickle
+
+    class Plain(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            raise pickle.UnpicklingError(f"{module}.{name}: a job's result names nothing to import")
+    return Plain(io.BytesIO(data)).load()
 
 
 # what a local job's controller runs (localcontrol.start_controller; submitit's own, in older records)

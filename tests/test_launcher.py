@@ -1928,6 +1928,19 @@ def test_a_local_job_whose_controller_died_is_lost(tmp_path):
     res.parent.mkdir(parents=True)
     res.write_bytes(pickle.dumps(("success", 0)))
     assert status.run_rows(run)[0]["state"] == "COMPLETED"
+    # a result planted in a shared folder is read without running its code (a checkpoint review): no state from it
+    planted = tmp_path / "planted"
+    res.write_bytes(pickle.dumps(("success", _Planted(str(planted)))))
+    assert status.run_rows(run)[0]["state"].startswith("LOST") and not planted.exists()
+
+
+class _Planted:
+    """Unpickled, it makes a file: what a pickle planted in a run folder could do to whoever reads it."""
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_status_table_names_lost(tmp_path, on_path, capsys):
