@@ -266,10 +266,7 @@ class CheckpointDir:
 
     def move_aside(self, also: tuple[Path, ...] | list[Path] = ()) -> Optional[Path]:
         """For checkpoint.resume=never: keep the old run (never delete), start with an empty folder.
-        The files in `also` move into the checkpoint folder, which then becomes `checkpoints.oldN/` in one rename:
-        a kill part-way leaves them in the folder the next start sets aside whole (moved after the rename, they were
-        split over two oldN). A checkpoint folder that is a link (to scratch) keeps the old run where it points, and
-        the new run gets a folder beside that one, linked alike (it got one here, on the run folder's quota)."""
+        The checkpoint folder becomes `checkpoints.oldN/`, and the files in `also` move into it."""
         present = [p for p in also if p.exists()]
         has_ckpt = self.folder.exists() and any(self.folder.iterdir())
         if not has_ckpt and not present:
@@ -277,31 +274,14 @@ class CheckpointDir:
         i = 1
         while (dest := self.folder.with_name(f"{self.folder.name}.old{i}")).exists():
             i += 1
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if has_ckpt:
+            self.folder.rename(dest)
+        else:
+            dest.mkdir(parents=True)
         for p in present:
-            _move(p, self.folder / p.name)
-        fsync_dir(self.folder)
-        self.folder.rename(dest)
-        if dest.is_symlink():
-            target = dest.resolve()
-            j = 1
-            while (fresh := target.with_name(f"{target.name}.new{j}")).exists():
-                j += 1
-            fresh.mkdir()
-            self.folder.symlink_to(fresh)
+            os.replace(p, dest / p.name)
         fsync_dir(dest.parent)
         return dest
-
-
-def _move(src: Path, dst: Path) -> None:
-    """`src` (a file or folder) to `dst`: a rename, or onto another file system (a checkpoint folder linked to
-    scratch) a copy, then the original removed."""
-    try:
-        os.replace(src, dst)
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-        shutil.move(str(src), str(dst))
 
 
 class _NotRun(Exception):

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import shlex
 import signal
 import subprocess
@@ -1568,66 +1567,6 @@ dist.destroy_process_group()
     assert r.stdout.strip() == ("rank 0: a collective failed, though every rank answered the roll call after it (a "
                                 "peer slower than dist.timeout_s, or a fault of the link; collective failed: "
                                 "Application timeout caused pair closure)"), r.stdout
-
-
-def _old_run(run: Path):
-    """A run folder as resume=never finds it: its checkpoints, W&B id, history and config."""
-    from allconv_hpc.checkpoint import CheckpointDir
-    ck = CheckpointDir(run / "checkpoints", keep=2)
-    ck.save({"model": {"w": torch.zeros(3)}, "step": 5}, 5)
-    (run / "wandb_id.txt").write_text("abc\n")
-    (run / "history.csv").write_text("epoch\n1\n")
-    (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
-    return ck, [run / "wandb_id.txt", run / "history.csv", run / ".hydra"]
-
-
-def test_resume_never_sets_an_old_run_aside_whole_even_when_a_move_fails(tmp_path, monkeypatch):
-    """The checkpoint folder was renamed checkpoints.old1 first and the run's other files moved after: a failure or
-    a kill between left them behind, and the next start set them aside into checkpoints.old2 (a checkpoint review).
-    They go in first now, and one rename sets the whole run aside."""
-    import errno
-    run = tmp_path / "run"
-    ck, also = _old_run(run)
-    real, calls = os.replace, []
-
-    def flaky(src, dst):  # the second move fails (a quota, a kill), once
-        calls.append(src)
-        if len(calls) == 2:
-            raise OSError(errno.EDQUOT, "Disk quota exceeded")
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", flaky)
-    with pytest.raises(OSError):
-        ck.move_aside(also=also)
-    monkeypatch.setattr(os, "replace", real)
-    assert ck.move_aside(also=also) == run / "checkpoints.old1"  # the same command again
-    assert not (run / "checkpoints.old2").exists()
-    old = run / "checkpoints.old1"
-    assert sorted(p.name for p in old.iterdir()) == [".hydra", "history.csv", "last.pt", "step_00000005.pt",
-                                                     "wandb_id.txt"]
-    assert not any((run / p.name).exists() for p in also)
-
-
-def test_resume_never_with_checkpoints_linked_to_scratch_keeps_both_runs_there(tmp_path):
-    """checkpoints/ a link to another file system (scratch): moving the run's files into it across file systems
-    failed (EXDEV, said as a full disk), and the new run's checkpoints/ became a folder on the run folder's quota."""
-    import tempfile
-    scratch = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None)) / "ckpt"
-    try:
-        run = tmp_path / "run"
-        run.mkdir()
-        scratch.mkdir()
-        (run / "checkpoints").symlink_to(scratch)
-        ck, also = _old_run(run)
-        old = ck.move_aside(also=also)
-        assert old == run / "checkpoints.old1" and old.is_symlink() and old.resolve() == scratch
-        assert sorted(p.name for p in scratch.iterdir()) == [".hydra", "history.csv", "last.pt", "step_00000005.pt",
-                                                             "wandb_id.txt"]
-        new = run / "checkpoints"
-        assert new.is_symlink() and new.resolve() == scratch.with_name("ckpt.new1") and not any(new.iterdir())
-    finally:
-        shutil.rmtree(scratch.parent, ignore_errors=True)
 
 
 def test_a_partial_file_of_a_killed_write_is_removed_when_the_run_resumes(tmp_path):
