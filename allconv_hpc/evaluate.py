@@ -154,12 +154,14 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         raise ConfigError(f"{run / 'checkpoints'} is a file, not the run's checkpoint folder; give the run folder "
                           f"that holds its checkpoints/")
     mine = run / "checkpoints" / (f"{which}.pt" if which in ("best", "last") else which)
-    if which == "last":  # the newest step file that is whole, as a resume takes it: last.pt (its link) may name the
-        from .checkpoint import CheckpointDir  # one before (a kill between the two writes), or be gone
-        from .fsio import has_trailer
-        newest = next(iter(CheckpointDir(run / "checkpoints", keep=0).step_files()), None)
-        if newest is not None and (has_trailer(newest) or not mine.is_file()):
-            mine = newest
+    if which == "last":  # the checkpoint a resume takes: last.pt (its link) may name the one before the newest step
+        from .checkpoint import CheckpointDir, CheckpointError  # file (a kill between the two writes), or be gone
+        ck = CheckpointDir(run / "checkpoints", keep=0)
+        try:
+            found = ck.load_latest(warn=False)
+        except CheckpointError:  # none loads: the file named below says why
+            found = None
+        mine = found[1] if found else mine if mine.is_file() else next(iter(ck.step_files()), mine)
     # a bare name is the run's own file, even if the current folder holds one of that name; one with a folder part
     # (./best.pt) is that path, though the run holds a file of its name
     bare = _bare(which)

@@ -129,6 +129,15 @@ def test_a_step_checkpoint_reports_the_val_acc_of_its_last_finished_epoch(tmp_pa
     last.unlink()
     os.link(run / "checkpoints" / "step_00000006.pt", last)
     assert saved("last") == (rows[1]["val_acc"], 2)
+    newest = sorted((run / "checkpoints").glob("step_*.pt"))[-1]  # ... unless that newest one is damaged: last.pt's
+    whole = newest.read_bytes()
+    data = bytearray(whole)
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    assert saved("last") == (rows[0]["val_acc"], 1)
+    newest.write_bytes(whole)  # as it was
+    last.unlink()
+    os.link(newest, last)
     assert saved("best") == (max(r["val_acc"] for r in rows), max(rows, key=lambda r: r["val_acc"])["epoch"])
     text = _cli(tmp_path, run, "--checkpoint", "last").stdout
     # a bare name is the run's own file, though the current folder (tmp_path) holds one of that name
