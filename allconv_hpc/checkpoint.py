@@ -265,23 +265,88 @@ class CheckpointDir:
                            f"has them (hydra.run.dir), or checkpoint.resume=auto to start this run")
 
     def move_aside(self, also: tuple[Path, ...] | list[Path] = ()) -> Optional[Path]:
-        """For checkpoint.resume=never: keep the old run (never delete), start with an empty folder.
-        The checkpoint folder becomes `checkpoints.oldN/`, and the files in `also` move into it."""
-        present = [p for p in also if p.exists()]
-        has_ckpt = self.folder.exists() and any(self.folder.iterdir())
-        if not has_ckpt and not present:
+        """For checkpoint.resume=never: keep the old run whole (never delete, never overwrite), start with an empty
+        folder. The files in `also` move into the checkpoint folder first, which then becomes `checkpoints.oldN/`
+        in one rename: a start killed part-way leaves them in checkpoints/, where the next start's move finishes
+        (one oldN holds the run, not two). A checkpoints/ that links elsewhere (scratch) stays the user's link: its
+        target becomes `<target>.oldN`, which `checkpoints.oldN` links to, and an empty target is made again."""
+        folder = self.folder
+        if folder.is_symlink() and not folder.exists():  # a start killed between the target's rename and mkdir
+            Path(os.path.realpath(folder)).mkdir()  # (parents not made: an unmounted scratch fails here)
+        for part in folder.glob(f".*{_PART}"):  # a killed start's copy across file systems: its original is whole
+            shutil.rmtree(part) if part.is_dir() and not part.is_symlink() else part.unlink()
+        present = [p for p in also if os.path.lexists(p)]
+        if not (folder.is_dir() and any(folder.iterdir())) and not present:
             return None
-        i = 1
-        while (dest := self.folder.with_name(f"{self.folder.name}.old{i}")).exists():
-            i += 1
-        if has_ckpt:
-            self.folder.rename(dest)
-        else:
-            dest.mkdir(parents=True)
+        folder.mkdir(exist_ok=True)
         for p in present:
-            os.replace(p, dest / p.name)
-        fsync_dir(dest.parent)
+            _move_into(p, folder)
+        fsync_dir(folder)
+        if folder.is_symlink():
+            return _move_target_aside(folder)
+        dest = _free_aside(folder)
+        os.rename(folder, dest)
+        fsync_dir(folder.parent)
         return dest
+
+
+_PART = ".aside-part"  # the copy of a file moved aside across file systems, until it is whole
+
+
+def _free_aside(folder: Path) -> Path:
+    """The first `checkpoints.oldN` not taken (a dangling link takes its name too)."""
+    i = 1
+    while os.path.lexists(dest := folder.with_name(f"{folder.name}.old{i}")):
+        i += 1
+    return dest
+
+
+def _move_into(src: Path, folder: Path) -> None:
+    """`src` into `folder`, never over a file there: a copy left by a start killed after copying it, before
+    removing the original, stays beside as `name.1`. Across file systems (checkpoints/ on scratch) a copy,
+    renamed whole into place, then the original removed."""
+    name, i = src.name, 0
+    while os.path.lexists(folder / name):
+        i += 1
+        name = f"{src.name}.{i}"
+    try:
+        os.rename(src, folder / name)  # `name` is free: a rename replaces nothing
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    part = folder / f".{name}{_PART}"
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, part, symlinks=True)
+    else:
+        shutil.copy2(src, part, follow_symlinks=False)
+    fsync_dir(folder)
+    os.rename(part, folder / name)
+    shutil.rmtree(src) if src.is_dir() and not src.is_symlink() else src.unlink()
+
+
+def _move_target_aside(link: Path) -> Path:
+    """`link`'s target to `<target>.oldN` beside it (one rename on its own file system), linked from
+    `checkpoints.oldN` (relative where `link` is), and an empty target made for the new run. The new link comes
+    first: a start killed after the rename leaves the old run reachable, and the next start takes that N again."""
+    target, text = Path(os.path.realpath(link)), os.readlink(link)
+    head, tail = os.path.split(text.rstrip("/"))
+    same_place = tail == target.name and os.path.realpath(os.path.join(link.parent, head or ".")) == str(target.parent)
+    i = 1
+    while True:
+        dest, moved = link.with_name(f"{link.name}.old{i}"), target.with_name(f"{target.name}.old{i}")
+        points = os.path.join(head, moved.name) if same_place else str(moved)
+        if not os.path.lexists(moved) and (not os.path.lexists(dest) or
+                                           (dest.is_symlink() and os.readlink(dest) == points)):
+            break  # free, or the link a killed start made before it renamed the target
+        i += 1
+    if not os.path.lexists(dest):
+        os.symlink(points, dest)
+        fsync_dir(link.parent)
+    os.rename(target, moved)
+    target.mkdir()
+    fsync_dir(target.parent)
+    return dest
 
 
 class _NotRun(Exception):

@@ -413,9 +413,10 @@ class Trainer:
                 also.append(self.run_dir / ".hydra")
             moved = self.ckpt.move_aside(also=also)
             self.set_aside = bool(moved)
-            if moved:
+            if moved:  # a checkpoints/ linked to scratch: the old run stays there, linked from oldN
+                where = f"{moved} (a link to {os.readlink(moved)})" if moved.is_symlink() else moved
                 log.warning("%s: the old run's checkpoints, history.csv, .hydra/ and W&B id are kept in %s; this "
-                            "run starts fresh", why, moved)
+                            "run starts fresh", why, where)
         self.dist.barrier()
 
     # -- checkpoint --------------------------------------------------------------------------------

@@ -669,6 +669,34 @@ def test_resume_never_starts_fresh_and_keeps_old_checkpoints(reference, tmp_path
     assert steps == list(range(1, 17)), steps
 
 
+def test_resume_never_keeps_a_checkpoints_link_to_scratch_and_the_old_run_there(reference, tmp_path):
+    """checkpoints/ a relative link onto another file system (scratch): the old run's files cross to it, whole,
+    beside its checkpoints; checkpoints/ stays the user's link, and the new run trains into it."""
+    import shutil
+    import uuid
+    run, scratch = tmp_path / "run", Path("/dev/shm") / f"allconv-never-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(reference, run)
+    try:
+        scratch.mkdir()
+        assert scratch.stat().st_dev != run.stat().st_dev, "this test needs /dev/shm on a file system of its own"
+        shutil.move(run / "checkpoints", scratch / "ckpt")
+        text = os.path.relpath(scratch / "ckpt", run)
+        os.symlink(text, run / "checkpoints")
+        old_id = (run / "wandb_id.txt").read_text().strip()
+        run_train(tmp_path, run, EXACT + ["checkpoint.resume=never", "wandb.mode=offline"])
+        assert os.readlink(run / "checkpoints") == text and (scratch / "ckpt" / "last.pt").is_file()
+        assert os.readlink(run / "checkpoints.old1") == text + ".old1"
+        old = scratch / "ckpt.old1"
+        assert (old / "last.pt").read_bytes() == (reference / "checkpoints" / "last.pt").read_bytes()
+        assert (old / "history.csv").read_text() == (reference / "history.csv").read_text()
+        assert (old / "wandb_id.txt").read_text().strip() == old_id != (run / "wandb_id.txt").read_text().strip()
+        assert (old / ".hydra" / "config.yaml").read_text() == (reference / ".hydra" / "config.yaml").read_text()
+        assert_same_weights(final_weights(run), final_weights(reference), exact=True)
+        assert f"kept in {run / 'checkpoints.old1'} (a link to {text}.old1)" in (run / "train.log").read_text()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def test_a_fresh_start_over_an_earlier_runs_epochs_keeps_them(reference, tmp_path):
     """The checkpoints of a finished run were deleted (best.pt kept): another config is refused there, as in
     any run folder of another config (before any work, nothing moved); the same config starts over without
