@@ -57,6 +57,7 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     from .wandb_mode import check_environment, check_names, outranked_env, preflight_mode
 
     _refuse_inherited_ranks()
+    _refuse_shadowing_modules(Path.cwd())
     common, swept = expand_sweep(overrides, multirun)
     for said in repeated_overrides(common):  # a swept key given twice is refused by expand_sweep
         warn(said)
@@ -313,6 +314,37 @@ def _refuse_inherited_ranks() -> None:
                           f"shell (left by torchrun, or set by hand?): the jobs would inherit them and every task "
                           f"take them for its rank over the launcher's, waiting for peers that never come; "
                           f"unset RANK WORLD_SIZE, then submit again")
+
+
+def _refuse_shadowing_modules(cwd: Path) -> None:
+    """A module in this folder named as one the job imports (random.py, grp.py, a folder torch/ with an
+    __init__.py): the job runs here, and its `python -m` (submitit's, the local controller's) puts this folder
+    first on sys.path, so it imports that one in place of Python's or the package's, failing after the queue in
+    words of that module. Not this package's own source (a checkout submitted from its root)."""
+    import importlib.machinery as machinery
+    ours = Path(__file__).resolve().parent
+    # what this process imported (torch, Hydra, submitit, much of Python's own: as the job does), and what the
+    # job imports later; not every module installed: a test.py beside Python's test package shadows nothing
+    imported = {m.partition(".")[0] for m in list(sys.modules)} | {"wandb", "torchvision", "triton"}
+    elsewhere = [p for p in sys.path if p not in ("", ".") and Path(p).absolute() != cwd.absolute()]
+    clash = []
+    try:
+        entries = sorted(os.scandir(cwd), key=lambda e: e.name)
+    except OSError:  # unreadable: what is there cannot shadow anything the job could import either
+        return
+    for e in entries:
+        name = (e.name[:-3] if e.name.endswith(".py") and e.is_file() else
+                e.name if e.is_dir() and os.path.isfile(os.path.join(e.path, "__init__.py")) else None)
+        if (name not in imported or name in sys.builtin_module_names or Path(e.path).resolve() == ours
+                or machinery.FrozenImporter.find_spec(name) is not None):  # imported before sys.path is read
+            continue
+        if machinery.PathFinder.find_spec(name, elsewhere) is not None:
+            clash.append(e.name)
+    if clash:
+        raise ConfigError(f"{cwd} holds {', '.join(clash)}, named as module(s) of Python or of an installed package: "
+                          f"the job runs in this folder, and its `python -m` puts it first on sys.path, so the job "
+                          f"would import these in their place (failing after the queue); submit from another folder, "
+                          f"or rename them")
 
 
 def _refuse_hydra_launcher(overrides: list[str]) -> None:

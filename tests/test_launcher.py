@@ -693,6 +693,33 @@ def test_cluster_slurm_without_sbatch_is_refused_before_any_folder(tmp_path, on_
     assert not (tmp_path / "sw").exists()
 
 
+def test_a_module_in_the_submit_folder_that_would_shadow_the_jobs_imports_is_refused(tmp_path, capsys,
+                                                                                    monkeypatch):
+    """The job runs in the folder submit runs in, and its `python -m` puts it first on sys.path: a grp.py there
+    stops submitit's own entry point (shown with the real one), after the queue. Refused before; a module of the
+    user's own name is not, nor this package's source (a checkout submitted from its root)."""
+    (tmp_path / "grp.py").write_text('raise SystemExit("the grp.py of the submit folder")\n')
+    (tmp_path / "yaml").mkdir()
+    (tmp_path / "yaml" / "__init__.py").write_text("")
+    (tmp_path / "my_notes.py").write_text("")
+    (tmp_path / "test.py").write_text("")  # Python's test package: the job never imports it
+    job = subprocess.run([sys.executable, "-m", "submitit.core._submit", str(tmp_path / "none")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert "the grp.py of the submit folder" in job.stderr, job.stderr
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_submit(capsys, "--dry-run", "cluster=local", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and f"{tmp_path} holds grp.py, yaml, named as module(s) of Python or of an installed " in err, err
+    assert "my_notes" not in err and "test.py" not in err and "submit from another folder, or rename them" in err and out == "", err
+    (tmp_path / "kept").mkdir()  # out of the way: a folder without __init__.py is no module
+    for p in ("grp.py", "yaml"):
+        shutil.move(tmp_path / p, tmp_path / "kept" / p)
+    code, out, err = run_submit(capsys, "--dry-run", "cluster=local", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0, err
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the checkout's root: allconv_hpc/ is this package
+    code, out, err = run_submit(capsys, "--dry-run", "cluster=local", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("cluster", ["slurm", "local"])
 def test_torchrun_variables_left_in_the_shell_are_refused_before_the_queue(tmp_path, on_path, capsys, monkeypatch,
                                                                            cluster):
