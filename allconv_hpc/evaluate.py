@@ -22,16 +22,8 @@ from typing import Optional
 import torch
 
 from .config import ConfigError, from_dict
-from .fsio import name_too_long, read_json
+from .fsio import name_too_long, read_json, same_file
 from .scoring import AMP_DTYPES, batch_sums, resolve_precision, set_math
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """a and b are one file (last.pt is a hard link of the newest step file)."""
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
 
 
 USAGE_EPILOG = ("exit status: 0 scored, 1 the checkpoint is unreadable or corrupt, 2 bad arguments (no such "
@@ -134,7 +126,8 @@ def _sweep_hint(run: Path, which: str = "best") -> Optional[str]:
             f"{example}; allconv-hpc status {shlex.quote(str(run))} shows each one's progress and best_val_acc")
 
 
-def _checkpoint_path(run: Path, which: str) -> Path:
+def _checkpoint_path(run: Path, which: str) -> tuple[Path, Optional[dict]]:
+    """(the file --checkpoint `which` names, its checkpoint where finding it loaded it: last's, else None)."""
     if not which.strip():  # Path("") is the current folder: "no checkpoint ." said nothing
         raise ConfigError("--checkpoint is empty; give best, last, a file in checkpoints/ or a path")
     for given, what in ((run, "the run folder"), (Path(which), "--checkpoint")):
@@ -161,7 +154,9 @@ def _checkpoint_path(run: Path, which: str) -> Path:
             found = ck.load_latest(warn=False)
         except CheckpointError:  # none loads: the file named below says why
             found = None
-        mine = found[1] if found else mine if mine.is_file() else next(iter(ck.step_files()), mine)
+        if found:
+            return found[1], found[0]
+        mine = mine if mine.is_file() else next(iter(ck.step_files()), mine)
     # a bare name is the run's own file, even if the current folder holds one of that name; one with a folder part
     # (./best.pt) is that path, though the run holds a file of its name
     bare = _bare(which)
@@ -209,7 +204,7 @@ def _checkpoint_path(run: Path, which: str) -> Path:
         what = f"--checkpoint {path} is a folder, not a checkpoint file" if path.is_dir() else f"no checkpoint {path}"
         raise ConfigError(f"{what} (checkpoints/ holds {', '.join(there) or 'nothing'}); use --checkpoint best, last "
                           f"or a file's path")
-    return path
+    return path, None
 
 
 def _own_file(run: Path, path: Path) -> bool:
@@ -246,8 +241,8 @@ def evaluate(run: Path, which: str = "best", split: str = "test", data_root: Opt
     from .checkpoint import fitting, load_file
     from .models import build_model
 
-    path = _checkpoint_path(run, which)
-    ck = load_file(path)  # CheckpointError when corrupt: verified before anything is read from it
+    path, ck = _checkpoint_path(run, which)
+    ck = ck or load_file(path)  # CheckpointError when corrupt: verified before anything is read from it
     if not isinstance(ck.get("config"), dict) or "model" not in ck:
         raise ConfigError(f"{path} holds no model and config: not a checkpoint of allconv-hpc train")
     raw = ck["config"]
@@ -355,11 +350,11 @@ def evaluate_main(argv: list[str]) -> int:
     except (CheckpointError, OSError) as e:
         damaged = isinstance(e, CheckpointError) and not isinstance(e, UnloadableCheckpoint)  # not another torch's
         try:
-            bad = _checkpoint_path(args.run, args.checkpoint)  # the file that failed: not offered again
+            bad = _checkpoint_path(args.run, args.checkpoint)[0]  # the file that failed: not offered again
         except ConfigError:
             bad = Path()
         ours = bad.resolve().is_relative_to((args.run / "checkpoints").resolve())  # a file of another place: its own
-        others = sorted(p.name for p in (args.run / "checkpoints").glob("step_*.pt") if not _same_file(p, bad)) \
+        others = sorted(p.name for p in (args.run / "checkpoints").glob("step_*.pt") if not same_file(p, bad)) \
             if damaged and ours and args.run.is_dir() else []
         also = (f"; the run's other checkpoints ({', '.join(others)}) may be whole: --checkpoint one of them (train "
                 f"falls back to the newest whole one by itself)") if others else ""
