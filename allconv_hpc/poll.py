@@ -49,9 +49,10 @@ def classify_stop(agreed: Poll, slurm: SlurmJob, lead_s: float) -> str:
                     "during cluster.setup, or as a task started); requeued as the warning would have been",
                     slurm.job_id)
         return "timeout"
-    if not slurm.is_batch():
+    job = slurm.show()  # one scontrol for both questions, inside the signal lead
+    if not slurm.is_batch(job):
         return "interrupted"
-    return "timeout" if slurm.is_timeout(lead_s=lead_s) else "preempted"
+    return "timeout" if slurm.is_timeout(lead_s=lead_s, job=job) else "preempted"
 
 
 class StepPoll:

@@ -74,13 +74,13 @@ class SlurmJob:
     def restarts(self) -> int:
         return int(self.env.get("SLURM_RESTART_COUNT", 0) or 0)
 
-    def is_timeout(self, lead_s: float) -> bool:
+    def is_timeout(self, lead_s: float, job: Optional[dict] = None) -> bool:
         """A warning that comes within the signal lead (+ Slurm's coarse timer slack) of the limit, unless Slurm
         says it preempted the job (PreemptTime, since this start: Slurm clears it as it requeues): a preemption
         near the limit must not use up one of checkpoint.max_requeues. When squeue cannot tell, count it as a
         time limit: max_requeues then bounds the requeues, where counting it as a preemption would requeue a job
-        at its time limit forever."""
-        job = self._show()
+        at its time limit forever. `job`: show()'s answer, where the caller has it."""
+        job = self.show() if job is None else job
         if _preempted(job):
             log.info("warning signal: Slurm preempted the job at %s: preemption", job["PreemptTime"])
             return False
@@ -109,7 +109,7 @@ class SlurmJob:
         while the checkpoint was written: `cancelled`): Slurm would accept the requeue and undo the cancel.
         A time limit (Reason=TimeLimit) or a preemption (PreemptTime since this start, not an earlier start's,
         as is_timeout reads it; PreemptMode=CANCEL ends the job when its grace time is over) is still requeued."""
-        job = self._show(timeout=timeout)
+        job = self.show(timeout=timeout)
         if job.get("Restarts", -1) > self.restarts:
             return True  # Slurm's own preemption requeued it
         if job.get("JobState") in ("COMPLETING", "CANCELLED") and job.get("Reason") == "None" and not _preempted(job):
@@ -123,13 +123,13 @@ class SlurmJob:
         if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
             return True  # Slurm's own preemption requeued it ("Job is pending execution")
         if state == "COMPLETING":  # requeued while its processes end, or cancelled: Restarts tells
-            return self._show(timeout=timeout).get("Restarts", -1) > self.restarts
+            return self.show(timeout=timeout).get("Restarts", -1) > self.restarts
         return False
 
-    def is_batch(self) -> bool:
+    def is_batch(self, job: Optional[dict] = None) -> bool:
         """An sbatch job, which a requeue runs again; not an interactive allocation (salloc; srun alone), which
         Slurm does not requeue: a `train` started by hand in one stops instead. True when scontrol cannot tell."""
-        if self._show().get("BatchFlag") != "0":
+        if (self.show() if job is None else job).get("BatchFlag") != "0":
             return True
         log.warning("job %s is an interactive allocation (salloc, or srun without sbatch): Slurm requeues batch jobs "
                     "only, so this warning signal stops the run (the same command resumes it)", self.job_id)
@@ -140,10 +140,10 @@ class SlurmJob:
         processes get SIGTERM; `scontrol requeue` then still requeues it), not preempting it (a grace time's end may
         read so too). Asked within KillWait (30 s by default) of a SIGTERM: a controller that does not answer in 5 s
         is no time limit."""
-        job = self._show(timeout=5)
+        job = self.show(timeout=5)
         return job.get("Reason") == "TimeLimit" and job.get("BatchFlag") != "0" and not _preempted(job)
 
-    def _show(self, timeout: float = 30) -> dict:
+    def show(self, timeout: float = 30) -> dict:
         """JobState, Reason, PreemptTime, StartTime, BatchFlag (str) and Restarts (int) from `scontrol show job`; {}
         when it cannot tell."""
         info = self._run(["scontrol", "show", "job", self.job_id], env={"SLURM_TIME_FORMAT": "standard"},
