@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Callable, Optional
 import torch
 
 from .config import ConfigError, OtherConfig, from_dict
-from .fsio import CHECKPOINT_MAGIC as MAGIC, CHECKPOINT_TRAILER_LEN as TRAILER_LEN, fsync_dir, write_atomic
+from .fsio import CHECKPOINT_MAGIC as MAGIC, CHECKPOINT_TRAILER_LEN as TRAILER_LEN, fsync_dir, same_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class UnloadableCheckpoint(CheckpointError):
     """The file is whole (its checksum holds) but this torch refuses it: never a reason to fall back."""
 
 
-# what a resume reads of a checkpoint (`evaluate` reads "model" and "config" alone)
+# what a resume reads of a checkpoint (`evaluate` reads the model, config and where in training it was)
 RESUMED_PARTS = ("model", "optimizer", "scheduler", "scaler", "train_state", "epoch_sums", "interval_sums", "rng")
 
 
@@ -224,7 +224,7 @@ class CheckpointDir:
         files, last = self.step_files(), self.folder / "last.pt"
         bad = []
         for path in files[:1] + [last] + files[1:]:
-            if not path.exists() or (path == last and any(_same_file(last, b) for b in bad)):
+            if not path.exists() or (path == last and any(same_file(last, b) for b in bad)):
                 continue
             try:
                 state = load_file(path)
@@ -242,7 +242,7 @@ class CheckpointDir:
                 continue
             if bad and warn:
                 log.warning("resuming from the previous good checkpoint %s", path.name)
-            if quarantine and path != last and last.exists() and any(b == last or _same_file(last, b) for b in bad):
+            if quarantine and path != last and last.exists() and any(b == last or same_file(last, b) for b in bad):
                 # until the next save last.pt would name the damaged data (evaluate --checkpoint last, a copy)
                 self._point_last(path)
             for b in bad if quarantine else ():
@@ -419,13 +419,6 @@ class Writer:
             raise CheckpointError(f"writing {what} failed: {type(error).__name__}: {error}; any checkpoint already "
                                   f"on disk is kept{after} (check free space and permissions of the run "
                                   f"folder)") from error
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them gone since the listing
-        return False
 
 
 def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from .preempt import EXIT_GAVE_UP, EXIT_INTERRUPTED
+
 COMMANDS = ("train", "submit", "status", "evaluate")
 USAGE = """allconv-hpc train  [--print-config] [HYDRA_OVERRIDES ...]      train here (one rank of DDP under torchrun/srun)
 allconv-hpc submit [-m] [--wait] [--dry-run] [HYDRA_OVERRIDES ...]  validate, then submit to Slurm (or cluster=local)
@@ -88,9 +90,10 @@ def main(argv: list[str] | None = None, entry_point: bool = False) -> int:
 
 # what torchrun's failure report says of a worker that stopped on purpose (it says "FAILED" of any non-zero exit,
 # with "To enable traceback see: ..." where a traceback would be)
-_STOPPED_SAYS = {3: "not a failure: stopped on a signal (exit 3); the same command resumes the run",
-                 4: "gave up after checkpoint.max_requeues time limits (exit 4); its checkpoint stands: submitting the "
-                    "run again continues it",
+_STOPPED_SAYS = {EXIT_INTERRUPTED: f"not a failure: stopped on a signal (exit {EXIT_INTERRUPTED}); the same command "
+                                   f"resumes the run",
+                 EXIT_GAVE_UP: f"gave up after checkpoint.max_requeues time limits (exit {EXIT_GAVE_UP}); its checkpoint "
+                               f"stands: submitting the run again continues it",
                  130: "interrupted (Ctrl-C) in start-up or during a stop (exit 130); the run's newest checkpoint stands"}
 
 

@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a reader sees the old file or the new one, never half of one; and the name limit."""
+"""Crash-safe file writes (a reader sees the old file or the new one, never half of one), small JSON records, a
+checkpoint's completeness trailer read without torch, and the name limit."""
 from __future__ import annotations
 
 import json
@@ -43,6 +44,14 @@ def has_trailer(path: Union[str, Path]) -> Optional[bool]:
     except OSError:
         return None
     return tail.startswith(CHECKPOINT_MAGIC) and tail.endswith(b"\n")
+
+
+def same_file(a: Union[str, Path], b: Union[str, Path]) -> bool:
+    """`a` and `b` are one file (a hard link: last.pt and its step file); False where either is gone."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def fsync_dir(folder: Path) -> None:

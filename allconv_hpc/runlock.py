@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
-from .fsio import naming
+from .fsio import naming, read_json
 
 LOCK_FILE = ".train.lock"
 SUBMIT_LOCK = ".submit.lock"  # submit_lock's: one submit at a time checks a run (or sweep) folder and queues into it
@@ -50,7 +50,7 @@ class RunBusy(ConfigError):
             way_out = (f"wait for it to end (allconv-hpc status {shlex.quote(str(run_dir))}), stop it, or give "
                        f"another hydra.run.dir")
             path = Path(run_dir) / LOCK_FILE
-            host = _who(path).get("host")
+            host = read_json(path).get("host")
             if host and host != socket.gethostname():  # a dead node's lock outlives it on NFS: its lease, or for good
                 way_out += f"; if {host} is down (a node failure), delete {path}"
         super().__init__(f"run folder {run_dir} is being trained into by {who}: two writers would interleave its "
@@ -60,16 +60,8 @@ class RunBusy(ConfigError):
 STALE_WAIT_S = 150.0  # an NFSv4 lease (90 s by default) and some: how long a dead node's lock may outlive it
 
 
-def _who(path: Path) -> dict:
-    try:
-        who = json.loads(path.read_text())
-        return who if isinstance(who, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _describe(path: Path) -> str:
-    who = _who(path)
+    who = read_json(path)
     try:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(who["started"]))
         job = f", Slurm job {who['slurm_job_id']}" if who.get("slurm_job_id") else ""
@@ -100,7 +92,7 @@ def _take(fd: int, run_dir: Path, path: Path, wait_s: float) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            who = _who(path)  # read each time: a new holder writes its record just after taking the lock
+            who = read_json(path)  # read each time: a new holder writes its record just after taking the lock
             own = _own_job(who)
             if time.monotonic() - start > (max(wait_s, STALE_WAIT_S) if own else wait_s):
                 if own:
@@ -193,13 +185,13 @@ def holder(run_dir: Path) -> tuple[Optional[bool], str]:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-    host = _who(path).get("host")
+    host = read_json(path).get("host")
     return (False, "") if host is not None and host == socket.gethostname() else (None, "")
 
 
 def taken_at(run_dir: Path) -> Optional[float]:
     """When the lock's last holder took it (time.time() of its record), None when no record says."""
-    started = _who(Path(run_dir) / LOCK_FILE).get("started")
+    started = read_json(Path(run_dir) / LOCK_FILE).get("started")
     return float(started) if isinstance(started, (int, float)) else None
 
 
@@ -216,7 +208,7 @@ def check_free(run_dir: Path, group: Optional[str] = None) -> None:
         held, who = holder(run_dir)
         if not held:
             return
-        record = _who(path)
+        record = read_json(path)
         if group is not None and record.get("group") == group:
             return
         if _own_job(record):  # this job's earlier run: acquire() waits it out
