@@ -741,6 +741,9 @@ def _same_command(r: dict) -> str:
             "sbatch": "the same sbatch or srun (or train) command"}.get(r["started_by"], "the same submit (or train) command")
 
 
+_DASHED = ("job", "run", "wandb_id")  # a row's "-" where nothing says it (no job, no run state, no W&B run)
+
+
 def status_main(argv: list[str]) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="allconv-hpc status", description="State of a run or a sweep.",
@@ -771,7 +774,8 @@ def status_main(argv: list[str]) -> int:
         if args.json:  # a consumer of --json reads a list, empty here (the errors are on stderr, the exit code 2)
             print("[]")
         return 2
-    print(json.dumps([{**r, "notes": [n.replace(SWEEP_COMMAND_BELOW, f"`{r['resume_command']}`") for n in notes(r)]}
+    print(json.dumps([{**r, **{k: None for k in _DASHED if r[k] == "-"},  # the table's dash: null, as other keys
+                       "notes": [n.replace(SWEEP_COMMAND_BELOW, f"`{r['resume_command']}`") for n in notes(r)]}
                       for r in rows], indent=1) if args.json
           else format_table(rows) + _errors(rows))
     silent = [str(r["job"]) for r in rows if r["slurm_answered"] is False]

@@ -206,6 +206,20 @@ def test_a_run_started_by_hand_shows_its_slurm_job_after_it_ended(tmp_path, no_s
     assert (row["job"], row["state"]) == ("558", "COMPLETED"), row
 
 
+def test_json_gives_null_where_the_table_shows_a_dash(tmp_path, no_slurm, capsys):
+    """A run trained by hand outside Slurm, W&B disabled: no job, no W&B id (the table's "-"), null in --json, as
+    every other key that nothing says; and a job's state before its run wrote a record."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "completed", "epoch": 3, "epochs": 3}))
+    assert status.status_main([str(run)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1].split()
+    assert line[0] == "-" and "-" in line[3:], line
+    assert status.status_main([str(run), "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["job"], row["wandb_id"], row["run"], row["state"]) == (None, None, "completed", "COMPLETED"), row
+
+
 @pytest.mark.parametrize("content,what", [
     ("[1, 2]", "holds a JSON array, not an object"),
     ("", "is empty"),
