@@ -431,7 +431,9 @@ def run_rows(folder: Path) -> list[dict]:
         elif held:  # scontrol hold / requeuehold, or an admin's hold
             state = f"PENDING ({held_advice(rec, reason)})"
             never = True
-        rows.append({"job": (None if copy_of else rec.get("job_id") or st.get("slurm_job_id")) or "-",
+        # a run resumed by hand since: the job its record names (its salloc's), if any, not the submitted one
+        job = st.get("slurm_job_id") or st.get("local_job_id") if by_hand else rec.get("job_id") or st.get("slurm_job_id")
+        rows.append({"job": (None if copy_of else job) or "-",
                      "copy_of": copy_of, "copy_job": rec.get("job_id") if copy_of else None,  # a copy of the
                      # folder its job trains now
                      "state": state, "run": run_state or "-",

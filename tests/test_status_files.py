@@ -630,6 +630,7 @@ def test_a_run_resumed_by_hand_after_its_job_ended_reads_as_the_hand_runs_own(tm
     record("interrupted", None)
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"], row["started_by"]) == ("INTERRUPTED", False, "train"), row
+    assert row["job"] == "-", row  # not job 9, which trained none of this record (it read "9 COMPLETED")
     assert "the same train command" in status.notes(row)[0], status.notes(row)  # its epochs, not the job's
     record("running", None)  # killed: its lock is free
     row = status.run_rows(run)[0]
@@ -661,7 +662,7 @@ def test_a_run_resumed_by_hand_after_its_local_job_ended_reads_as_the_hand_runs_
     assert status.run_rows(run)[0]["started_by"] == "submit"
     record("interrupted", 100.5, local_job_id=None)  # a train by hand, named as none: at once after the job
     row = status.run_rows(run)[0]
-    assert (row["state"], row["started_by"]) == ("INTERRUPTED", "train"), row
+    assert (row["state"], row["started_by"], row["job"]) == ("INTERRUPTED", "train", "-"), row
     result.unlink()  # a job killed before its result (no state of its own): the hand run's record still tells
     assert status.run_rows(run)[0]["started_by"] == "train"
     result.write_bytes(pickle.dumps(("success", 0)))
