@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
-from .jobs import SETUP_STOP
+from .jobs import LOCAL_SETUP_STOP, SETUP_STOP
 from .resources import local_gpus, signal_name, warn
 from .sweep import Point
 
@@ -32,8 +32,14 @@ def _local_setup(lines: list, folder: Path) -> list:
     import shlex
     log = shlex.quote(str(Path(folder).parent / "setup-")) + "$$.log"
     body = " && ".join(_setup_group(line) for line in lines)
-    return [f"{{ {body}\n}} >> {log} 2>&1 || {{ rc=$?; echo \"cluster.setup failed (exit $rc)\" >> {log}; "
-            f"echo \"allconv-hpc: cluster.setup failed (exit $rc); its output is in \"{log} >&2; exit 1; }}"]
+    # a Ctrl-C (with --wait the setup runs in the terminal's process group) or a kill: said in the log as a stop,
+    # which status tells from a failure (the shell ends on it before any line below could say so)
+    traps = [f"trap 'echo \"{LOCAL_SETUP_STOP} {sig}\" >> \"$ALLCONV_SETUP_LOG\"; exit {128 + num}' {sig[3:]}"
+             for sig, num in (("SIGINT", 2), ("SIGTERM", 15), ("SIGHUP", 1))]
+    return [f"ALLCONV_SETUP_LOG={log}", *traps,
+            f"{{ {body}\n}} >> {log} 2>&1 || {{ rc=$?; echo \"cluster.setup failed (exit $rc)\" >> {log}; "
+            f"echo \"allconv-hpc: cluster.setup failed (exit $rc); its output is in \"{log} >&2; exit 1; }}",
+            "trap - INT TERM HUP"]
 
 
 def _slurm_setup(lines: list) -> list:

@@ -21,6 +21,8 @@ START_UP_INTERRUPT = "interrupted (Ctrl-C) during start-up"
 # how the batch shell's line begins when Slurm's SIGTERM (scancel, a preemption, the time limit) ended its
 # cluster.setup (executor._slurm_setup): a stop before any rank existed, no failure
 SETUP_STOP = "SIGTERM during cluster.setup"
+# the last line of a cluster=local job's setup log (executor._local_setup) where a signal ended its cluster.setup
+LOCAL_SETUP_STOP = "cluster.setup stopped by"
 
 
 # The run's own word in status.json (read leniently: {} for none), for the checks before a start and at its end.

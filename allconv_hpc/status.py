@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 from . import runlock
-from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, SETUP_STOP, START_UP_INTERRUPT, START_UP_STOP, STATUS_KEYS,
-                   DamagedFile, check_keys, held_advice, is_held, local_ended_at, local_state, never_starts, read_record,
-                   slurm_state, squeue_silence, started_job, started_unrecorded, stopped_elsewhere, trains_elsewhere)
+from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, LOCAL_SETUP_STOP, SETUP_STOP, START_UP_INTERRUPT, START_UP_STOP,
+                   STATUS_KEYS, DamagedFile, check_keys, held_advice, is_held, local_ended_at, local_state, never_starts,
+                   read_record, slurm_state, squeue_silence, started_job, started_unrecorded, stopped_elsewhere,
+                   trains_elsewhere)
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
@@ -345,9 +346,12 @@ def run_rows(folder: Path) -> list[dict]:
             setup_log = Path(rec.get("submitit_folder", "")) / f"setup-{rec.get('job_id')}.log"  # executor._local_setup
             control_log = Path(rec.get("submitit_folder", "")) / f"controller-{rec.get('job_id')}.log"  # localcontrol
             mine = st and current  # (an earlier job's record: this one never wrote its own)
+            setup_stop = _setup_stop(setup_log) if rec.get("backend") == "local" and not mine else None
             if rec.get("backend") == "local" and not mine and _ends_in_traceback(control_log):
                 # (a module of the submit's folder shadowing one it imports, say): a failure, not a stop to resume
                 state = f"LOST (never started: its controller failed, see {control_log})"
+            elif setup_stop:  # a Ctrl-C (submit --wait's terminal) or a kill in a long setup: no failure
+                state = f"{SETUP_STOPPED} {setup_stop} in cluster.setup)"
             # a setup that printed nothing (`exit 3` ends its shell before the failure line) and started no task
             elif rec.get("backend") == "local" and not mine and setup_log.is_file() and (
                     setup_log.stat().st_size or _never_started(rec)):
@@ -628,6 +632,20 @@ STOPPED_RUN = {"interrupted": "INTERRUPTED", "gave_up": "GAVE UP"}
 # (a CANCELLED row that is not failed: a scancel the run had no time to answer)
 UNFINISHED = {*STOPPED_RUN.values(), "CANCELLED", "CANCELLED (never started)", "LOST (never started)",
               "GONE (no run folder)", NO_RECORD}
+# a cluster=local job whose cluster.setup a signal ended ("... SIGINT in cluster.setup)"): unfinished too
+SETUP_STOPPED = "INTERRUPTED (never started:"
+
+
+def _setup_stop(log: Path) -> Optional[str]:
+    """The signal that ended a cluster=local job's cluster.setup (its log's last line, executor._local_setup's trap),
+    or None."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 200))
+            last = f.read().decode(errors="replace").strip().splitlines()[-1:]
+    except OSError:
+        return None
+    return last[0].removeprefix(LOCAL_SETUP_STOP).strip() if last and last[0].startswith(LOCAL_SETUP_STOP) else None
 
 
 def is_failed(row: dict) -> bool:
@@ -711,11 +729,12 @@ def notes(r: dict) -> list[str]:
                 r["started_by"], "a larger cluster.timeout_min")
             more = f" (with {longer}, each start trains longer)"
         out.append(f"{done}; {_same_command(r)} {then}{more}")
-    if r["state"] in ("CANCELLED (never started)", "LOST (never started)"):
+    if r["state"] in ("CANCELLED (never started)", "LOST (never started)") or r["state"].startswith(SETUP_STOPPED):
         again = _same_command(r) if r["started_by"] == "sweep" or r.get("resume_command") else \
             "the same submit command"  # it was submitted
+        how = "(stopped in its cluster.setup)" if r["state"].startswith(SETUP_STOPPED) else "(scancel?)"
         # a checkpoint is an earlier job's: a point that had trained part-way resumes
-        out.append(f"job {r['job']} ended before it started (scancel?); nothing ran: {again} "
+        out.append(f"job {r['job']} ended before it started {how}; nothing ran: {again} "
                    f"{'starts it' if ck is None else then}")
     if r["state"] == "GONE (no run folder)":
         out.append(f"its run folder is gone (moved or removed?): {_same_command(r)} starts it anew")
@@ -833,7 +852,8 @@ def wait_for(folder: Path, poll_s: float = 5.0, jobs: Optional[set] = None) -> i
         if not any(r["active"] for r in rows):  # Slurm not answering keeps it waiting
             print(format_table(rows) + _errors(rows))
             code = exit_code(rows)
-            if code == 0 and any(r["run"] in MAY_RESUME or r["state"] in UNFINISHED for r in rows):
+            if code == 0 and any(r["run"] in MAY_RESUME or r["state"] in UNFINISHED or
+                                 r["state"].startswith(SETUP_STOPPED) for r in rows):
                 return EXIT_STOPPED  # a script must tell "done" from "stopped with a checkpoint"
             return code
         time.sleep(poll_s)

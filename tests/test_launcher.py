@@ -2177,6 +2177,34 @@ def test_a_local_jobs_failed_setup_is_logged_in_the_run_folder(tmp_path):
     assert row["state"] == f"LOST (never started: cluster.setup failed? see {log})" and row["failed"]
 
 
+def test_a_local_jobs_setup_stopped_by_ctrl_c_is_a_stop_not_a_failure(tmp_path):
+    """A Ctrl-C in the terminal of submit --wait (its process group: the setup runs there) during a long
+    cluster.setup: the setup's shell ended on it before it could log anything, and status read "cluster.setup
+    failed?", a failure. Now the log says the signal, and the row is a stop: the same submit starts it."""
+    from proc import PY, clean_env
+    run = tmp_path / "run"
+    path = ":".join(d for d in clean_env(tmp_path)["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    p = subprocess.Popen([PY, "-m", "allconv_hpc", "submit", "--wait", "cluster=local", *TINY,
+                          f"cluster.setup=['echo setting up','{shutil.which('sleep')} 60']", f"hydra.run.dir={run}"],
+                         env=clean_env(tmp_path, PATH=path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         cwd=tmp_path, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's job
+    deadline = time.monotonic() + 120
+    while not list((run / ".submitit").glob("setup-*.log")) or "setting up" not in next(
+            (run / ".submitit").glob("setup-*.log")).read_text():
+        assert time.monotonic() < deadline and p.poll() is None, p.communicate()[0]
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)  # the terminal's Ctrl-C
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, out
+    log = run / ".submitit" / f"setup-{json.loads((run / 'submission.json').read_text())['job_id']}.log"
+    assert log.read_text() == "setting up\ncluster.setup stopped by SIGINT\n"
+    row = status.run_rows(run)[0]
+    assert (row["state"], row["failed"]) == ("INTERRUPTED (never started: SIGINT in cluster.setup)", False), row
+    assert "ended before it started (stopped in its cluster.setup); nothing ran: `" in status.notes(row)[0]
+    assert status.exit_code([row]) == 0
+
+
 @pytest.mark.parametrize("line,logged", [("test -e /no/such/file", "cluster.setup failed (exit 1)\n"),
                                          ("exit 3", "")])  # ends the setup's shell before the failure line
 def test_a_local_jobs_silent_setup_failure_is_named_too(tmp_path, line, logged):
