@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import runlock
+from .fsio import read_json
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, LOCAL_SETUP_STOP, SETUP_STOP, START_UP_INTERRUPT, START_UP_STOP,
                    STATUS_KEYS, DamagedFile, check_keys, held_advice, is_held, local_ended_at, local_state, never_starts,
                    read_record, slurm_state, squeue_silence, started_job, started_unrecorded, stopped_elsewhere,
@@ -518,6 +519,8 @@ def _resume_command(rec: dict, run_dir: Path, sweep: Optional[bool] = None) -> O
         sweep = "-m" in command or "--multirun" in command
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     words = [w for w in command if not re.match(r"[+~]*hydra\.(sweep|run)\.dir=", w)]
+    if sweep and _submitted_otherwise(rec, run_dir.parent):
+        words = _narrowed(words, rec.get("overrides") or [])
     here = os.path.abspath(run_dir.parent if sweep else run_dir)
     if not re.fullmatch(r"[A-Za-z0-9_./-]+", here):  # for Hydra in "..." (kept by the shell's '...'), if it can
         try:
@@ -528,6 +531,40 @@ def _resume_command(rec: dict, run_dir: Path, sweep: Optional[bool] = None) -> O
     cwd = rec.get("cwd")
     elsewhere = isinstance(cwd, str) and cwd != os.getcwd() and os.path.isdir(cwd)  # gone (moved): as typed
     return f"cd {shlex.quote(cwd)} && {said}" if elsewhere else said
+
+
+def _submitted_otherwise(rec: dict, sweep_dir: Path) -> bool:
+    """The command that queued `rec` also covers a point of the sweep that another command (re)submitted since
+    (other values: trainer.epochs=4 after 20): given as it is, it would give that point its values again (grow it,
+    say). Where its points cannot be told, said so too (narrowed: safe either way)."""
+    from .sweep import expand_sweep, point_dirname, spelling_free
+    jobs = read_json(sweep_dir / "sweep.json").get("jobs")
+    others = {spelling_free(Path(j["run_dir"]).name) for j in jobs if isinstance(j, dict)
+              and isinstance(j.get("run_dir"), str) and j.get("command") not in (None, rec.get("command"))} \
+        if isinstance(jobs, list) else set()
+    if not others:
+        return False
+    command = rec["command"]
+    words = [w for w in command[command.index("submit") + 1:] if not w.startswith("-")] if "submit" in command else []
+    try:
+        _, points = expand_sweep(words, multirun=True)
+    except Exception:  # (ConfigError, Hydra's own): which points it covers is not known
+        return True
+    return bool(others & {point_dirname(p) for p in points})
+
+
+def _narrowed(words: list[str], overrides: list[str]) -> list[str]:
+    """A sweep's submit command narrowed to one point (its `overrides`): each swept value list becomes that point's
+    value as choice(...), still swept, so it names the same point folder."""
+    from .compose import override_key
+    mine = {override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o}
+    out = []
+    for w in words:
+        k = override_key(w) if "=" in w and not w.startswith("-") else None
+        if k in mine and w not in overrides and w.split("=", 1)[1] != mine[k]:
+            w = f"{w.split('=', 1)[0]}=choice({mine[k]})"
+        out.append(w)
+    return out
 
 
 # a cluster=local job's records before they named it: one written this long after its result is a later start's

@@ -136,18 +136,18 @@ def point_folders(folder: Path) -> dict:
     """The point folders in a sweep's `folder`, by their names without a key's + or ++ (before 2026-12-07 a point's
     folder kept them: `++optim.lr=0.1`, the point `optim.lr=0.1` however spelled now); {} where it cannot be read."""
     try:
-        return {_spelling_free(d.name): d for d in sorted(folder.iterdir()) if d.is_dir()}
+        return {spelling_free(d.name): d for d in sorted(folder.iterdir()) if d.is_dir()}
     except OSError:
         return {}
 
 
-def _spelling_free(name: str) -> str:
+def spelling_free(name: str) -> str:
     return ",".join(sorted(part.lstrip("+") for part in name.split(",")))
 
 
 def point_folder(folders: dict, name: str) -> Optional[Path]:
     """The folder of `folders` (point_folders) of the point named `name` (point_dirname), however spelled."""
-    return folders.get(_spelling_free(name))
+    return folders.get(spelling_free(name))
 
 
 def _launch_only(key: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import os
 import re
 import shutil
@@ -928,3 +929,25 @@ def test_a_local_job_whose_controller_failed_at_its_start_is_a_failure_naming_it
     (run / "submission.json").write_text(json.dumps({**rec, "submitted": 2.0}))
     row = status.run_rows(run)[0]
     assert (row["state"], row["failed"]) == (f"LOST (never started: its controller failed, see {log})", True), row
+
+
+def test_a_sweep_point_resubmitted_otherwise_narrows_the_command_given_for_the_others(tmp_path, no_slurm, capsys):
+    """seed=1,2 submitted with trainer.epochs=20; seed=1 stopped and submitted again with trainer.epochs=4 (done);
+    seed=2 stopped later. The first command, given for seed=2, would also grow seed=1 to 20 epochs: it is given
+    for seed=2 alone (seed=choice(2), the same point folder). A sweep submitted once keeps its one command."""
+    root = tmp_path / "sweep"
+    first = ["allconv-hpc", "submit", "-m", "cluster=local", "trainer.epochs=20", "seed=1,2", f"hydra.sweep.dir={root}"]
+    again = ["allconv-hpc", "submit", "-m", "cluster=local", "trainer.epochs=4", "seed=1,2", f"hydra.sweep.dir={root}"]
+    recs = []
+    for seed, command, state in ((1, again, "completed"), (2, first, "interrupted")):
+        run = write_run(root / f"seed={seed}", None, job=str(40 + seed), backend="local", command=command,
+                        overrides=["cluster=local", f"trainer.epochs={command[4].split('=')[1]}", f"seed={seed}"])
+        (run / "status.json").write_text(json.dumps({"state": state, "epoch": 2, "epochs": 4 if seed == 1 else 20}))
+        recs.append(json.loads((run / "submission.json").read_text()))
+    (root / "sweep.json").write_text(json.dumps({"sweep_dir": str(root), "jobs": recs}))
+    rows = {r["folder"]: r for r in status.run_rows(root)}
+    narrowed = shlex.join([*first[:5], "seed=choice(2)", f"hydra.sweep.dir={root}"])
+    assert rows["seed=2"]["resume_command"] == narrowed, rows["seed=2"]
+    recs[0]["command"] = first  # one command for both: given as it was typed
+    (root / "sweep.json").write_text(json.dumps({"sweep_dir": str(root), "jobs": recs}))
+    assert status.run_rows(root)[1]["resume_command"] == shlex.join(first)
