@@ -9,7 +9,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .slurm import SlurmJob, slurm_conf_missing, slurm_out
 
@@ -52,31 +52,85 @@ def squeue_silence(job_id: str, unknown: str = "squeue did not answer") -> str:
 def squeue_job(job_id: str) -> tuple[bool, Optional[str], str]:
     """(Slurm answered, the job's state while it is queued or running, None when it is not; squeue's reason,
     e.g. why it is pending)."""
+    return squeue_jobs([job_id])[job_id][:3]
+
+
+Queued = tuple[bool, Optional[str], str, Optional[int]]  # squeue_jobs': squeue_job's, and the job's restart count
+# squeue -O's fields: "|" after each, and no width (a width cuts a value: DependencyNeverSatisfied is 24 characters)
+SQUEUE_FIELDS = "JobID:0|,ArrayJobID:0|,ArrayTaskID:0|,RestartCnt:0|,State:0|,Reason:0"
+_LISTABLE = re.compile(r"[1-9]\d{0,9}(_(0|[1-9]\d{0,9}))?")
+
+
+def listable(job_id: str) -> bool:
+    """An id squeue reads as itself within a list of ids: "123", or an array task's "123_4". It refuses a whole list
+    for one id it cannot read ("abc", "0", 4294967295: "Invalid job id", which alone means a job it forgot) and reads
+    others as another job ("007" as 7, "12.0" or "12x" as 12): such an id is asked on its own, as before."""
+    return bool(_LISTABLE.fullmatch(job_id)) and all(int(n) < 0xFFFFFFFE for n in job_id.split("_"))
+
+
+def id_groups(job_ids: list[str]) -> list[list[str]]:
+    """The ids each call asks for: the listable ones in one list, any other alone (none, from submit or a job)."""
+    ids = list(dict.fromkeys(job_ids))
+    batch = [j for j in ids if listable(j)]
+    return ([batch] if batch else []) + [[j] for j in ids if not listable(j)]
+
+
+def by_id(ids: list[str], lines: list[dict], names: Callable[[dict, str], bool]) -> dict[str, list[dict]]:
+    """Each id's lines of a command's answer for `ids`, in its order: for one id, all of them (as asked alone); for
+    several, those the id `names` (its raw id, its array task's, its array's)."""
+    if len(ids) == 1:
+        return {ids[0]: lines}
+    return {j: [ln for ln in lines if names(ln, j)] for j in ids}
+
+
+def squeue_jobs(job_ids: list[str]) -> dict[str, Queued]:
+    """squeue_job's answer and the restart count (None where squeue lists no job) of each of `job_ids`, from one
+    squeue call for them all. squeue leaves out of a list the ids it does not know, forgotten or never there, as it
+    lists nothing for an ended job; when it does not answer, no job of the list has an answer, for the same reason."""
+    out: dict[str, Queued] = {}
+    for ids in id_groups([str(j) for j in job_ids]):
+        rows, silence = _squeue(ids)
+        mine = by_id(ids, rows or [], _squeue_names)
+        for j in ids:
+            if rows is None:
+                _silence[j] = silence
+                out[j] = (False, None, "", None)
+                continue
+            _silence.pop(j, None)
+            row = (mine[j] or [None])[0]  # squeue's first line: an array's id lists its tasks
+            out[j] = ((True, None, "", None) if row is None else
+                      (True, row["state"], row["reason"].strip(), int(row["restarts"]) if row["restarts"].isdigit()
+                       else None))
+    return out
+
+
+def _squeue_names(row: dict, job_id: str) -> bool:
+    """squeue lists the row (one task a line: -r) for its raw id, its array's and its task's "array_task"."""
+    return job_id in (row["job"], row["array"], f"{row['array']}_{row['task']}")
+
+
+def _squeue(ids: list[str]) -> tuple[Optional[list[dict]], str]:
+    """squeue's rows for `ids`, in one call ([] for a job Slurm has forgotten), or None and why it did not answer."""
     missing = slurm_conf_missing()
     if missing:  # squeue would retry for 60 s, then fail
-        _silence[job_id] = missing
-        return False, None, ""
+        return None, missing
+    cmd = ["squeue", "-h", "-j", ",".join(ids), "-r", "-O", SQUEUE_FIELDS]  # -r: a line a task, not 77_[1-5]
     try:
-        r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
-        _silence[job_id] = "squeue gave no answer in 30 s (slurmctld busy or down?)"
-        return False, None, ""
+        return None, "squeue gave no answer in 30 s (slurmctld busy or down?)"
     except OSError as e:
-        _silence[job_id] = "no squeue on PATH" if isinstance(e, FileNotFoundError) else f"squeue could not run: {e}"
-        return False, None, ""
+        return None, "no squeue on PATH" if isinstance(e, FileNotFoundError) else f"squeue could not run: {e}"
     if r.returncode == 0:
-        _silence.pop(job_id, None)
-        first = (r.stdout.strip().splitlines() or [""])[0].split(None, 1)
-        return True, first[0] if first else None, first[1].strip() if len(first) > 1 else ""
-    if "Invalid job id" in r.stderr:  # a job Slurm has forgotten, vs. no answer at all
-        _silence.pop(job_id, None)
-        return True, None, ""
+        names = ("job", "array", "task", "restarts", "state", "reason")
+        return [dict(zip(names, ln.split("|", 5))) for ln in r.stdout.splitlines() if ln.count("|") >= 5], ""
+    if "Invalid job id" in r.stderr:  # a job Slurm has forgotten (said for one id alone), vs. no answer at all
+        return [], ""
     lines = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]
     said = lines[-1].removeprefix("squeue: ")[:200] if lines else f"exit status {r.returncode}, no message"  # the fatal one
     if "configuration source" in said:  # no slurm.conf here, nor a configless slurmd to ask
         said += ": point SLURM_CONF at the cluster's slurm.conf"
-    _silence[job_id] = f"squeue: {said}"
-    return False, None, ""
+    return None, f"squeue: {said}"
 
 
 # Why a job is pending that Slurm will never start as asked (EnforcePartLimits=NO, Slurm's default, queues it
@@ -108,25 +162,83 @@ def held_advice(rec: dict, reason: str) -> str:
             f"held: scontrol release {job}")
 
 
-def slurm_state(job_id: str) -> tuple[Optional[str], Optional[int], bool, bool, str]:
+SlurmState = tuple[Optional[str], Optional[int], bool, bool, str]  # slurm_state's
+
+
+def slurm_state(job_id: str) -> SlurmState:
     """(state, restarts, Slurm answered, ended, squeue's reason) from squeue / sacct / scontrol; state None when
     Slurm knows nothing. squeue lists every job that is not over: one it does not list has ended, even where
     sacct or scontrol name an active state (PREEMPTED with PreemptMode=CANCEL; sacct keeps REQUEUED for a job
     cancelled while it waited to restart). Such an end is not a success."""
-    answered, state, reason = squeue_job(job_id)
-    listed, restarts = state is not None, None
-    if state is None:
-        out = slurm_out(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
-        if out and out.strip():
-            state = out.strip().splitlines()[-1].split()[0]  # "CANCELLED by 0" -> CANCELLED
-    out = slurm_out(["scontrol", "-o", "show", "job", job_id])
-    if out:
-        fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-        if not listed and fields.get("JobState"):  # the controller's word, while it has one, beats accounting's
-            state = fields["JobState"]
-        if fields.get("Restarts", "").isdigit():
-            restarts = int(fields["Restarts"])
-    return state, restarts, answered, answered and not listed and state in ACTIVE_STATES, reason if listed else ""
+    return slurm_states([job_id])[job_id]
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, SlurmState]:
+    """slurm_state of each of `job_ids`, from one squeue call for them all (its restart count too), then, for those
+    it does not list, one sacct and one scontrol call: a sweep's poll asked 3 calls a job (15 s for 200 points)."""
+    ids = list(dict.fromkeys(map(str, job_ids)))
+    queue = squeue_jobs(ids)
+    gone = [j for j in ids if queue[j][1] is None]
+    acct, ctl = _sacct_states(gone), _scontrol_fields(gone)
+    out: dict[str, SlurmState] = {}
+    for j in ids:
+        answered, state, reason, restarts = queue[j]
+        listed = state is not None
+        if not listed:
+            state = acct.get(j)
+            fields = ctl.get(j, {})
+            if fields.get("JobState"):  # the controller's word, while it has one, beats accounting's
+                state = fields["JobState"]
+            restarts = int(fields["Restarts"]) if fields.get("Restarts", "").isdigit() else None
+        out[j] = (state, restarts, answered, answered and not listed and state in ACTIVE_STATES, reason if listed else "")
+    return out
+
+
+def _sacct_states(ids: list[str]) -> dict[str, str]:
+    """Accounting's state of each job it has a line for (its last line: an array's id names its tasks)."""
+    out = {}
+    for group in id_groups(ids):
+        said = slurm_out(["sacct", "-n", "-X", "-P", "-j", ",".join(group), "-o", "JobID,JobIDRaw,State"]) or ""
+        lines = [dict(zip(("job", "raw", "state"), ln.split("|", 2))) for ln in said.splitlines() if ln.count("|") == 2]
+        for j, mine in by_id(group, lines, _sacct_names).items():
+            if mine and mine[-1]["state"].split():
+                out[j] = mine[-1]["state"].split()[0]  # "CANCELLED by 0" -> CANCELLED
+    return out
+
+
+def _sacct_names(line: dict, job_id: str) -> bool:
+    """sacct gives the line for its raw id, its "77_3" and its array's "77" (all its tasks)."""
+    return job_id in (line["job"], line["raw"], line["job"].split("_")[0])
+
+
+def _scontrol_fields(ids: list[str]) -> dict[str, dict[str, str]]:
+    """`scontrol show job`'s fields (JobState, Restarts...) of each job the controller still holds. One id is asked
+    alone; several in one call for every job (scontrol takes one id; squeue's list was that one table already)."""
+    out = {}
+    for group in id_groups(ids):
+        said = slurm_out(["scontrol", "-o", "show", "job", group[0]] if len(group) == 1 else
+                         ["scontrol", "-a", "-o", "show", "job"]) or ""
+        lines = [dict(kv.split("=", 1) for kv in ln.split() if "=" in kv) for ln in said.splitlines()]
+        for j, mine in by_id(group, lines, _scontrol_names).items():
+            if mine:
+                out[j] = {k: v for fields in mine for k, v in fields.items()}  # a later line's value wins
+    return out
+
+
+def _scontrol_names(fields: dict, job_id: str) -> bool:
+    """`scontrol show job` gives the line for its raw id, its array's "77" and its tasks' "77_3" (those still pending
+    share one line: ArrayTaskId=3-5,8%2)."""
+    array = fields.get("ArrayJobId")
+    if job_id in (fields.get("JobId"), array):
+        return True
+    array_, _, task = job_id.partition("_")
+    return bool(array) and array_ == array and task.isdigit() and any(_in_range(int(task), part) for part in
+                                  fields.get("ArrayTaskId", "").split("%")[0].split(","))
+
+
+def _in_range(n: int, part: str) -> bool:
+    first, _, last = part.partition("-")
+    return first.isdigit() and (last or first).isdigit() and int(first) <= n <= int(last or first)
 
 
 def _local_result(rec: dict) -> Path:

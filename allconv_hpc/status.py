@@ -21,9 +21,9 @@ from typing import Optional
 from . import runlock
 from .fsio import read_json
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, LOCAL_SETUP_STOP, SETUP_STOP, START_UP_INTERRUPT, START_UP_STOP,
-                   STATUS_KEYS, DamagedFile, check_keys, held_advice, is_held, local_ended_at, local_state, never_starts,
-                   read_record, slurm_state, squeue_silence, started_job, started_unrecorded, stopped_elsewhere,
-                   trains_elsewhere)
+                   STATUS_KEYS, DamagedFile, SlurmState, check_keys, held_advice, is_held, local_ended_at, local_state,
+                   never_starts, read_record, slurm_states, squeue_silence, started_job, started_unrecorded,
+                   stopped_elsewhere, trains_elsewhere)
 
 # LOST: Slurm answered, no longer knows the job, accounting has nothing, and the run never wrote a final
 # state (killed hard, e.g. a node died): it is not running, and it did not finish
@@ -278,18 +278,34 @@ def _never_started(rec: dict) -> bool:
     return folder is not None and folder.is_dir() and not any(folder.glob(f"{folder.name}_*_log.*"))
 
 
+def slurm_ids(recs: list[dict]) -> list[str]:
+    """The Slurm jobs of `recs`, whose states one squeue call asks (slurm_states)."""
+    return [str(rec["job_id"]) for rec in recs if rec.get("job_id") and rec.get("backend") == "slurm"]
+
+
 def run_rows(folder: Path) -> list[dict]:
+    runs = read_runs(job_records(Path(folder)))
+    return rows_of(runs, slurm_states(slurm_ids([rec for rec, _ in runs])))
+
+
+def read_runs(recs: list[dict]) -> list[tuple[dict, dict]]:
+    """Each job record with its run's status.json, read before Slurm is asked (as each was before the calls were
+    batched): a run that ends meanwhile shows its older word beside Slurm's newer one, not the other way round."""
+    return [(rec, run_status(Path(rec["run_dir"]))) for rec in recs]
+
+
+def rows_of(runs: list[tuple[dict, dict]], answers: dict[str, SlurmState]) -> list[dict]:
+    """A row for each (record, status.json) of `runs`; `answers`: slurm_states of their Slurm jobs (and maybe more)."""
     rows = []
-    silent = False  # Slurm did not answer for an earlier job: not asked again (a sweep would wait 30 s a point)
-    for rec in job_records(Path(folder)):
+    silent = False  # Slurm did not answer for an earlier job: its answer for the others is not used, as before
+    for rec, st in runs:
         run_dir = Path(rec["run_dir"])
-        st = run_status(run_dir)
         state = restarts = None
         known = ended = False  # the scheduler answered for this job (a job it does not know is gone)
         reason = ""
         slurm = bool(rec.get("job_id")) and rec.get("backend") == "slurm"
         if slurm and not silent:
-            state, restarts, known, ended, reason = slurm_state(str(rec["job_id"]))
+            state, restarts, known, ended, reason = answers[str(rec["job_id"])]
             silent = not known
             if stopped_elsewhere(rec, state):  # the run's own word, and its lock, tell
                 state = None
@@ -815,9 +831,19 @@ def status_main(argv: list[str]) -> int:
     folders = args.folder
     if len(folders) > 1:  # runs/*: a plain file beside the runs (notes.md) is no folder given
         folders = [f for f in folders if not f.is_file()] or folders
+    found: dict = {}  # folder: its job records and their status.json, or why it has none
+    for folder in folders:
+        try:
+            found[folder] = read_runs(job_records(folder))
+        except (FileNotFoundError, DamagedFile) as e:
+            found[folder] = e
+    # one squeue call for every folder's jobs (runs/*: a call a folder hammered slurmctld)
+    answers = slurm_states(slurm_ids([rec for runs in found.values() if isinstance(runs, list) for rec, _ in runs]))
     for folder in folders:  # each said on its own: one that is no run folder leaves the others' rows
         try:
-            for r in run_rows(folder):
+            if isinstance(found[folder], Exception):
+                raise found[folder]
+            for r in rows_of(found[folder], answers):
                 if (r["run_dir"], r["job"]) not in seen:  # a folder given twice (runs/a and runs/*) shows once
                     seen.add((r["run_dir"], r["job"]))
                     rows.append(r)

@@ -632,7 +632,7 @@ def test_a_key_given_twice_is_warned_once_per_submit(tmp_path, capsys):
 
 
 def test_ctrl_c_on_submit_wait_stops_watching_in_one_line(tmp_path, on_path, capsys, monkeypatch):
-    on_path(sbatch="echo 'Submitted batch job 77'", squeue="echo PENDING")
+    on_path(sbatch="echo 'Submitted batch job 77'", squeue=squeue_says("PENDING"))
 
     def interrupted(folder, poll_s=5.0, jobs=None):
         assert jobs == {"77"}  # the job this submit queued
@@ -805,7 +805,7 @@ def test_points_added_to_a_sweep_keep_every_key_that_names_its_folders(tmp_path,
     `optim.lr=...,seed=...` ones, and the next such point was refused as another config: refused at once, with the
     choice(...) that keeps the key swept."""
     monkeypatch.chdir(tmp_path)
-    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', squeue="echo PENDING")
+    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', squeue=squeue_says("PENDING"))
     sweep = tmp_path / "sw"
     base = ["-m", "cluster=slurm", *TINY, f"hydra.sweep.dir={sweep}"]
     code, out, err = run_submit(capsys, *base, "optim.lr=0.01,0.02", "seed=0,1")
@@ -851,7 +851,7 @@ def test_a_sweep_grown_without_its_folder_is_refused_where_it_would_retrain(tmp_
     code, out, err = run_submit(capsys, "--dry-run", "-m", *base, "trainer.epochs=2", "optim.lr=0.05,0.1,0.2")
     assert code == 2 and "are runs of" in err, err  # a longer run of them: that sweep's runs train on (a resume)
     # queued, not started yet (no .hydra: hours on a busy cluster): its points are its submissions' configs
-    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', squeue="echo PENDING")
+    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', squeue=squeue_says("PENDING"))
     slurm = ["cluster=slurm", *TINY]
     code, out, err = run_submit(capsys, "-m", *slurm, "optim.lr=0.01,0.02")
     assert code == 0, err
@@ -978,7 +978,7 @@ def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "submission.json").write_text(json.dumps({"job_id": "42", "backend": "slurm", "run_dir": str(run)}))
-    on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && echo RUNNING')
+    on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && ' + squeue_says("RUNNING"))
     with pytest.raises(ConfigError, match=r"already has job 42 \(RUNNING\).*scancel 42"):
         launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)
     # another config: refused as such now (else once the job was scancelled as advised, refused a second time)
@@ -990,7 +990,7 @@ def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
     with pytest.raises(ConfigError, match=r"already has job 42 \(RUNNING\).*scancel 42"):  # a start over: any config
         launcher.plan(["cluster=slurm", *TINY, "optim.lr=0.02", "checkpoint.resume=never", f"hydra.run.dir={run}"],
                       multirun=False)
-    on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && echo COMPLETING')  # scancelled a moment ago: nothing to stop
+    on_path(sbatch="exit 1", squeue='[ "$3" = 42 ] && ' + squeue_says("COMPLETING"))  # scancelled a moment ago: nothing to stop
     with pytest.raises(ConfigError, match=r"has job 42 still ending \(COMPLETING\).*submit again in a few seconds$"):
         launcher.plan(["cluster=slurm", *TINY, f"hydra.run.dir={run}"], multirun=False)
     # a sweep's point: skipped with the same advice (it was "job 42 (COMPLETING)", as if it ran on)
@@ -1002,7 +1002,7 @@ def test_a_run_folder_with_a_queued_job_is_refused(tmp_path, on_path):
 
 def test_train_by_hand_into_a_folder_a_job_trains_into_is_refused(tmp_path, on_path):
     run = write_run(tmp_path, "running")  # submission.json: Slurm job 42
-    on_path(squeue='[ "$3" = 42 ] && echo RUNNING')
+    on_path(squeue='[ "$3" = 42 ] && ' + squeue_says("RUNNING"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
     r = subprocess.run([sys.executable, "-m", "allconv_hpc", "train", *TINY, f"hydra.run.dir={run}"], env=env,
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -1013,7 +1013,7 @@ def test_train_by_hand_into_a_folder_a_job_trains_into_is_refused(tmp_path, on_p
     assert jobs.other_jobs_state(run, {"SLURM_JOB_ID": "42"}) is None
     assert jobs.other_jobs_state(run, {"SLURM_JOB_ID": "43"})[1] == "RUNNING"  # another job: refused
     (run / "submission.json").write_text(json.dumps({"job_id": "40_2", "backend": "slurm", "run_dir": str(run)}))
-    on_path(squeue='[ "$3" = 40_2 ] && echo RUNNING')
+    on_path(squeue='[ "$3" = 40_2 ] && ' + squeue_says("RUNNING"))
     assert jobs.other_jobs_state(run, {"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "40",
                                          "SLURM_ARRAY_TASK_ID": "2"}) is None  # array task 40_2 itself
     assert jobs.other_jobs_state(run, {})[1] == "RUNNING"
@@ -1026,7 +1026,7 @@ def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys
     job (each would start only to stop, or train twice into one folder); sweep.json keeps every point."""
     monkeypatch.chdir(tmp_path)
     on_path(sbatch=f"[ \"$1\" = --test-only ] && exit 0; echo x >> {tmp_path / 'sbatch_calls'}; "
-                   f"echo 'Submitted batch job 77'", squeue='[ "$3" = 42 ] && echo RUNNING; exit 0')
+                   f"echo 'Submitted batch job 77'", squeue='[ "$3" = 42 ] && ' + squeue_says("RUNNING") + '; exit 0')
     sweep = tmp_path / "sw"
     done, busy, new = (sweep / f"seed={i}" for i in range(3))
     identity = compose(["cluster=slurm", *TINY, "seed=0"]).cfg.identity()
@@ -1502,12 +1502,17 @@ NO_ACCOUNTING = "echo 'sacct: error: Slurm accounting storage is disabled' >&2; 
 FORGOTTEN = "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"
 
 
+def squeue_says(state: str, reason: str = "", restarts: int = 0) -> str:
+    """A fake squeue's answer for one job it lists (jobs.SQUEUE_FIELDS: id, array, task, restarts, state, reason)."""
+    return f"echo '42|42|N/A|{restarts}|{state}|{reason}'"
+
+
 def test_a_folder_whose_job_never_starts_says_so_to_a_new_submit(tmp_path, on_path):
     """A job pending with DependencyNeverSatisfied (its dependency failed): a new submit into its folder was told to
     wait for it, for ever; a sweep's point was skipped as `job N (PENDING)`, nothing said why."""
     from allconv_hpc.folder_checks import check_run_folder
     run = write_run(tmp_path, None, job="77")
-    on_path(squeue='echo "PENDING DependencyNeverSatisfied"')
+    on_path(squeue=squeue_says("PENDING", "DependencyNeverSatisfied"))
     with pytest.raises(ConfigError, match=r"already has job 77 \(PENDING, DependencyNeverSatisfied: a job it depends on "
                                           r"ended otherwise .* scontrol update JobId=77 Dependency= starts it without, "
                                           r"scancel 77 ends it\); a second job would train into the same folder"):
@@ -1517,7 +1522,7 @@ def test_a_folder_whose_job_never_starts_says_so_to_a_new_submit(tmp_path, on_pa
 
 def test_status_works_without_accounting(tmp_path, on_path, capsys):
     run = write_run(tmp_path, "running")
-    on_path(squeue="echo RUNNING", sacct=NO_ACCOUNTING, scontrol="echo 'JobId=42 JobState=RUNNING Restarts=1'")
+    on_path(squeue=squeue_says("RUNNING", restarts=1), sacct=NO_ACCOUNTING)
     assert status.status_main([str(run)]) == 0
     rows = status.run_rows(run)
     assert (rows[0]["state"], rows[0]["restarts"]) == ("RUNNING", 1)
@@ -1608,7 +1613,8 @@ def test_wait_on_a_big_sweep_prints_counts_and_the_jobs_that_changed(tmp_path, o
         (point / "status.json").write_text(json.dumps({"state": state, "epoch": 2, "epochs": 2, "slurm_job_id": f"77_{i}"}))
     (sweep / "sweep.json").write_text(json.dumps({"sweep_dir": str(sweep), "jobs": recs}))
     on_path(squeue="exit 0", sacct=NO_ACCOUNTING,
-            scontrol='[ "$4" = 77_3 ] && echo "JobState=FAILED Restarts=0" || echo "JobState=COMPLETED Restarts=0"')
+            scontrol='i=0; while [ $i -lt 12 ]; do s=COMPLETED; [ $i = 3 ] && s=FAILED; '  # every job: 12 asked at once
+                     'echo "JobId=$((100 + i)) ArrayJobId=77 ArrayTaskId=$i JobState=$s Restarts=0"; i=$((i + 1)); done')
     assert status.wait_for(sweep, poll_s=0) == 1
     first = capsys.readouterr().out.splitlines()[0]
     assert first.split(" ", 1)[1] == "12 jobs: 11 COMPLETED, 1 FAILED", first  # nothing changed yet: no names
@@ -1633,7 +1639,8 @@ def test_wait_after_a_sweeps_point_is_submitted_again_watches_that_job_alone(tmp
         (point / "status.json").write_text(json.dumps({"state": state, "epoch": 1, "epochs": 1, "slurm_job_id": job}))
     (sweep / "sweep.json").write_text(json.dumps({"sweep_dir": str(sweep), "jobs": recs}))
     on_path(squeue="exit 0", sacct=NO_ACCOUNTING,
-            scontrol='[ "$4" = 1343 ] && echo "JobState=COMPLETED Restarts=0" || echo "JobState=FAILED Restarts=0"')
+            scontrol='echo "JobId=1343 JobState=COMPLETED Restarts=0"; '  # every job: both asked at once
+                     'echo "JobId=1342 ArrayJobId=1340 ArrayTaskId=2 JobState=FAILED Restarts=0"')
     assert status.wait_for(sweep, poll_s=0, jobs={"1343"}) == 0
     assert status.wait_for(sweep, poll_s=0) == 1 and status.status_main([str(sweep)]) == 1
     # none of its jobs in the records any more (another submit rewrote them meanwhile): it reads the folder's rows
@@ -1642,7 +1649,7 @@ def test_wait_after_a_sweeps_point_is_submitted_again_watches_that_job_alone(tmp
 
 def test_a_held_job_is_not_told_to_be_resubmitted(tmp_path, on_path, capsys):
     run = write_run(tmp_path, "requeued")  # requeuehold: its run checkpointed and waits to be released
-    on_path(squeue="echo PENDING JobHeldUser", sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=1'")
+    on_path(squeue=squeue_says("PENDING", "JobHeldUser", restarts=1), sacct=NO_ACCOUNTING)
     assert status.status_main([str(run)]) == 1
     out = capsys.readouterr().out
     assert "PENDING (held: scontrol release 42)" in out and "resumes it" not in out, out
@@ -1795,7 +1802,7 @@ def test_no_answer_from_slurm_is_not_lost(tmp_path, on_path):
 
 def test_a_requeued_job_waiting_in_the_queue_is_not_done(tmp_path, on_path):
     run = write_run(tmp_path, "requeued")
-    on_path(squeue="echo PENDING", sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=1'")
+    on_path(squeue=squeue_says("PENDING", restarts=1), sacct=NO_ACCOUNTING)
     row = status.run_rows(run)[0]
     assert row["state"] == "PENDING" and row["state"] in jobs.ACTIVE_STATES and not status.is_failed(row)
 
@@ -1831,13 +1838,13 @@ def test_a_run_stopped_by_sigterm_whose_job_slurm_requeued_is_pending(tmp_path, 
     run = tmp_path / "run"
     run.mkdir()
     (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 1, "epochs": 3, "slurm_job_id": "4242"}))
-    on_path(squeue='[ "$3" = 4242 ] && echo PENDING', sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=1'")
+    on_path(squeue='[ "$3" = 4242 ] && ' + squeue_says("PENDING", restarts=1), sacct=NO_ACCOUNTING)
     row = status.run_rows(run)[0]
     assert (row["job"], row["state"], row["active"]) == ("4242", "PENDING", True), row
     assert jobs.other_jobs_state(run, environ={})[1] == "PENDING"
     with pytest.raises(ConfigError, match="already has job 4242 \\(PENDING\\) training into it"):
         folder_checks.check_run_folder(run, composed().cfg)
-    on_path(squeue='[ "$3" = 4242 ] && echo RUNNING', sacct=NO_ACCOUNTING, scontrol="echo 'JobState=RUNNING'")
+    on_path(squeue='[ "$3" = 4242 ] && ' + squeue_says("RUNNING"), sacct=NO_ACCOUNTING)
     row = status.run_rows(run)[0]
     assert (row["state"], row["active"]) == ("INTERRUPTED", False), row
     assert jobs.other_jobs_state(run, environ={}) is None
@@ -1852,7 +1859,7 @@ def test_a_copy_of_a_folder_a_job_started_without_submit_trains_is_no_folder_of_
     st = {"state": "running", "epoch": 1, "epochs": 3, "slurm_job_id": "42", "run_dir": str(run), "updated": 1.0}
     (run / "status.json").write_text(json.dumps(st))
     shutil.copytree(run, copy)
-    on_path(squeue='[ "$3" = 42 ] && echo RUNNING; exit 0', sacct=NO_ACCOUNTING,
+    on_path(squeue='[ "$3" = 42 ] && ' + squeue_says("RUNNING") + '; exit 0', sacct=NO_ACCOUNTING,
             scontrol="echo 'JobId=42 JobState=RUNNING Restarts=0'")
     original, copied = status.run_rows(run)[0], status.run_rows(copy)[0]
     assert (original["job"], original["state"]) == ("42", "RUNNING"), original
@@ -1874,7 +1881,7 @@ def test_status_follows_a_job_started_by_hand_into_a_folder_submitted_to_before(
     now requeued: the row is job 200's, as submit already sees it."""
     run = write_run(tmp_path, None, job="100")
     (run / "status.json").write_text(json.dumps({"state": "requeued", "epoch": 2, "epochs": 3, "slurm_job_id": "200"}))
-    on_path(squeue='[ "$3" = 200 ] && echo PENDING; exit 0', sacct=NO_ACCOUNTING,
+    on_path(squeue='[ "$3" = 200 ] && ' + squeue_says("PENDING", restarts=1) + '; exit 0', sacct=NO_ACCOUNTING,
             scontrol='[ "$4" = 200 ] && echo "JobState=PENDING Restarts=1" || echo "JobState=TIMEOUT"')
     row = status.run_rows(run)[0]
     assert (row["job"], row["state"], row["active"], row["failed"]) == ("200", "PENDING", True, False), row
@@ -1887,7 +1894,7 @@ def test_a_run_submitted_again_shows_its_new_job_not_the_stopped_one_its_status_
     run = write_run(tmp_path, None, job="1034", submitted=1000.0)
     (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 2, "epochs": 30,
                                                  "slurm_job_id": "1032", "updated": 900.0}))
-    on_path(squeue='[ "$3" = 1034 ] && echo PENDING; exit 0', sacct=NO_ACCOUNTING,
+    on_path(squeue='[ "$3" = 1034 ] && ' + squeue_says("PENDING") + '; exit 0', sacct=NO_ACCOUNTING,
             scontrol='[ "$4" = 1034 ] && echo "JobState=PENDING Restarts=0" || echo "JobState=CANCELLED"')
     row = status.run_rows(run)[0]
     assert (row["job"], row["state"], row["active"], row["failed"]) == ("1034", "PENDING", True, False), row
@@ -1939,7 +1946,7 @@ def test_a_sweep_point_submitted_again_on_its_own_shows_its_new_job_in_the_sweep
     (point / "submission.json").write_text(json.dumps({**old, "job_id": "1013", "submitted": 1200.0}))
     (point / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 2, "epochs": 30,
                                                    "slurm_job_id": "1008_0", "updated": 1100.0}))
-    on_path(squeue='[ "$3" = 1013 ] && echo PENDING; exit 0', sacct=NO_ACCOUNTING,
+    on_path(squeue='[ "$3" = 1013 ] && ' + squeue_says("PENDING") + '; exit 0', sacct=NO_ACCOUNTING,
             scontrol='[ "$4" = 1013 ] && echo "JobState=PENDING Restarts=0" || echo "JobState=COMPLETED"')
     for folder in (sweep, point):
         row = status.run_rows(folder)[0]
@@ -1993,7 +2000,7 @@ def test_an_earlier_jobs_final_state_is_not_the_new_jobs(tmp_path, on_path, caps
     run = write_run(tmp_path, "gave_up", submitted=2000.0, epochs=8)  # resubmitted with trainer.epochs=8
     st = json.loads((run / "status.json").read_text())
     (run / "status.json").write_text(json.dumps({**st, "updated": 1000.0, "restarts": 3}))
-    on_path(squeue="echo PENDING", sacct=NO_ACCOUNTING, scontrol="echo 'JobState=PENDING Restarts=0'")
+    on_path(squeue=squeue_says("PENDING"), sacct=NO_ACCOUNTING)
     row = status.run_rows(run)[0]
     # the old job's progress towards the new job's target, not the old target
     assert (row["state"], row["run"], row["epoch"], row["epochs"], row["restarts"]) == ("PENDING", "-", 1, 8, 0), row
@@ -2031,7 +2038,7 @@ def test_a_job_squeue_no_longer_lists_has_ended(tmp_path, on_path, capsys, final
     says PREEMPTED (REQUEUED: seen on the dev cluster for a job cancelled while it waited to restart).
     Not active: --wait returns, a resubmission is allowed; not a success either."""
     run = write_run(tmp_path, "running")
-    on_path(squeue="exit 0", sacct=f"echo {final}", scontrol=FORGOTTEN, sbatch="exit 1")
+    on_path(squeue="exit 0", sacct=f"echo '42|42|{final}'", scontrol=FORGOTTEN, sbatch="exit 1")
     row = status.run_rows(run)[0]
     assert row["state"] == final and status.is_failed(row) and not row["active"]
     assert status.status_main([str(run)]) == 1
@@ -2040,7 +2047,7 @@ def test_a_job_squeue_no_longer_lists_has_ended(tmp_path, on_path, capsys, final
     on_path(squeue="exit 0", sacct=NO_ACCOUNTING, scontrol=f"echo 'JobId=42 JobState={final} Restarts=0'")
     assert status.is_failed(status.run_rows(run)[0])
     # while squeue lists it, the same state is not final (PREEMPTED: on its way back to the queue)
-    on_path(squeue=f"echo {final}", sacct=f"echo {final}", scontrol="exit 1", sbatch="exit 1")
+    on_path(squeue=squeue_says(final), sacct=f"echo '42|42|{final}'", scontrol="exit 1", sbatch="exit 1")
     row = status.run_rows(run)[0]
     assert row["state"] == final and row["active"] and not status.is_failed(row)
     with pytest.raises(ConfigError, match=f"already has job 42 \\({final}\\)"):
@@ -2049,7 +2056,7 @@ def test_a_job_squeue_no_longer_lists_has_ended(tmp_path, on_path, capsys, final
 
 def test_the_controllers_final_state_beats_accountings(tmp_path, on_path):
     run = write_run(tmp_path, "requeued")
-    on_path(squeue="exit 0", sacct="echo REQUEUED", scontrol="echo 'JobId=42 JobState=CANCELLED Restarts=1'")
+    on_path(squeue="exit 0", sacct="echo '42|42|REQUEUED'", scontrol="echo 'JobId=42 JobState=CANCELLED Restarts=1'")
     row = status.run_rows(run)[0]
     assert (row["state"], row["restarts"], row["active"], row["failed"]) == ("CANCELLED", 1, False, True), row
 
@@ -2385,7 +2392,7 @@ def test_a_requeued_slurm_job_in_its_start_up_shows_starting(tmp_path, on_path):
     last start's record (interrupted, requeued): it showed `RUNNING interrupted` for that while."""
     from allconv_hpc import runlock
     run = write_run(tmp_path, None)
-    on_path(squeue='[ "$3" = 42 ] && echo RUNNING', sacct=NO_ACCOUNTING)
+    on_path(squeue='[ "$3" = 42 ] && ' + squeue_says("RUNNING"), sacct=NO_ACCOUNTING)
     for last in ("requeued", "interrupted", "running"):
         (run / "status.json").write_text(json.dumps({"state": last, "epoch": 1, "epochs": 3, "updated": 1.0,
                                                      "slurm_job_id": "42"}))
@@ -2993,7 +3000,7 @@ def test_a_sweep_point_name_over_name_max_maps_to_the_same_short_folder(tmp_path
     """A point folder is named from its swept values; past 255 bytes (NAME_MAX) its start and a hash of the whole,
     so a resubmission finds the same folder. A file system allowing less is refused before the queue."""
     monkeypatch.chdir(tmp_path)
-    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', squeue="echo RUNNING")
+    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', squeue=squeue_says("RUNNING"))
     a, b = (point_dirname([f"wandb.name={'n' * 300}{end}"]) for end in "ab")
     assert len(a) == len(b) == 255 and a != b and a.startswith("wandb.name=nnn")
     assert point_dirname(["seed=1", "optim.lr=0.1"]) == "optim.lr=0.1,seed=1"  # short names as ever

@@ -125,11 +125,14 @@ def no_slurm(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
 
 
-def ended_job(tmp_path: Path, monkeypatch, state: str) -> None:
-    """squeue/sacct/scontrol of a Slurm that says its job 9 has ended in `state` (squeue no longer lists it)."""
+def ended_job(tmp_path: Path, monkeypatch, state: str, jobs: tuple = ("9",)) -> None:
+    """squeue/sacct/scontrol of a Slurm that says its `jobs` have ended in `state` (squeue no longer lists them):
+    sacct's line for each id asked, scontrol's for the one asked or, asked for every job, for each of `jobs`."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    for name, out in (("squeue", ""), ("sacct", f"echo {state}"), ("scontrol", f"echo JobId=9 JobState={state} Restarts=0")):
+    table = "; ".join(f"echo JobId={j} JobState={state} Restarts=0" for j in jobs)
+    for name, out in (("squeue", ""), ("sacct", f'IFS=,; for j in $5; do echo "$j|$j|{state}"; done'),
+                      ("scontrol", f'if [ -n "$4" ]; then echo "JobId=$4 JobState={state} Restarts=0"; else {table}; fi')):
         (bin_ / name).write_text(f"#!/bin/sh\n{out}\n")
         (bin_ / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
@@ -577,7 +580,7 @@ def test_a_job_ended_in_its_setup_reads_so_also_from_a_moved_folder(tmp_path, mo
     """A scancel while the batch shell ran cluster.setup (no rank yet) read as rank 0's failure (exit 1); and a
     run folder moved since was read for its job's logs at the old path: a failed setup's reason was gone, a task
     that never ran read as one that stopped (found by a Slurm journey audit)."""
-    ended_job(tmp_path, monkeypatch, job_state)
+    ended_job(tmp_path, monkeypatch, job_state, jobs=("9", "40", "41"))  # 40, 41: the sweep's, below
     run = write_run(tmp_path / "run", None, job="9", submitit_folder=str(tmp_path / "run" / ".submitit"))
     (run / ".submitit" / "9").mkdir(parents=True)
     (run / ".submitit" / "9" / "9_0_log.err").write_text(said + "\n")
