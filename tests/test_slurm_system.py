@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from allconv_hpc.status import EXIT_NO_ANSWER, status_main
 from allconv_hpc.distributed import slurm_port
 from allconv_hpc.slurm import SlurmJob
 from allconv_hpc.wandb_offline import merged_history, read_run, segments
@@ -1293,3 +1295,78 @@ def test_submit_cluster_local_runs_here_and_wait_streams_until_done(slurm_cluste
                 os.kill(pid, signal.SIGTERM)
         except OSError:
             pass
+
+
+# ------------------------------------------------------------------ batched Slurm calls of status (jobs.slurm_states)
+
+def counting_slurm(tmp: Path, log: Path) -> Path:
+    """A folder of squeue, sacct and scontrol that log each call and exec the real ones: real answers, calls counted."""
+    d = tmp / "counting"
+    d.mkdir()
+    for name in ("squeue", "sacct", "scontrol"):
+        (d / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\nexec {shutil.which(name)} "$@"\n')
+        (d / name).chmod(0o755)
+    return d
+
+
+def sweep_of(folder: Path, ids: list[str]) -> Path:
+    """A sweep folder whose points are the jobs `ids` (no run has written status.json: Slurm's word alone)."""
+    recs = []
+    for i, job in enumerate(ids):
+        (folder / f"p{i}").mkdir(parents=True)
+        recs.append({"job_id": job, "backend": "slurm", "run_dir": str(folder / f"p{i}"), "submitted": time.time()})
+    (folder / "sweep.json").write_text(json.dumps({"sweep_dir": str(folder), "jobs": recs}))
+    return folder
+
+
+def test_status_of_many_jobs_asks_squeue_once_and_shows_each_jobs_state(slurm_cluster, jobs, tmp_path, monkeypatch,
+                                                                       capsys):
+    """20 jobs (running, held, array tasks of both, ended, failed, one Slurm never had) in two folders: one squeue call
+    for them all, one sacct and one scontrol for the ended ones; each row is the job's own state."""
+    def sbatch(*args: str) -> str:
+        job = slurm_cluster.run(["sbatch", "--parsable", "-o", "/dev/null", *args], check=True).stdout.strip()
+        jobs.append(job)
+        return job
+    running, array, ended, failed = sbatch("--wrap", "sleep 300"), sbatch("-a", "0-1", "--wrap", "sleep 300"), \
+        sbatch("--wrap", "true"), sbatch("--wrap", "false")
+    held = [sbatch("-H", "--wrap", "true") for _ in range(10)]
+    held_array = sbatch("-H", "-a", "0-4", "--wrap", "true")
+    forgotten = str(int(held_array) + 100000)
+    assert poll(lambda: squeue_state(slurm_cluster, f"{array}_1") == "RUNNING" and
+                squeue_state(slurm_cluster, running) == "RUNNING" and
+                not {squeue_state(slurm_cluster, j) for j in (ended, failed)} - {None}, 60)
+    want = {running: "RUNNING", f"{array}_0": "RUNNING", f"{array}_1": "RUNNING", ended: "COMPLETED", failed: "FAILED",
+            forgotten: "LOST", **{j: "PENDING" for j in held}, **{f"{held_array}_{t}": "PENDING" for t in range(5)}}
+    assert len(want) == 21
+    ids = list(want)
+    one, two = sweep_of(tmp_path / "one", ids[:10]), sweep_of(tmp_path / "two", ids[10:])
+    log = tmp_path / "calls"
+    monkeypatch.setenv("PATH", f"{counting_slurm(tmp_path, log)}:{os.environ['PATH']}")
+    capsys.readouterr()
+    status_main([str(one), str(two), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["job"]: r["state"].split(" ")[0] for r in rows} == want
+    calls = [line.split(" ", 1)[0] for line in log.read_text().splitlines()]
+    assert (calls.count("squeue"), calls.count("sacct"), calls.count("scontrol")) == (1, 1, 1), log.read_text()
+
+
+def test_squeue_not_answering_is_said_once_for_every_folders_jobs_after_one_call(slurm_cluster, jobs, tmp_path,
+                                                                                monkeypatch, capsys):
+    """A controller that does not answer (a slurm.conf naming a port it does not listen on): one squeue call for all
+    the folders' jobs, and the same warning as when each folder asked for its first job."""
+    job = slurm_cluster.run(["sbatch", "--parsable", "-H", "-o", "/dev/null", "--wrap", "true"], check=True).stdout.strip()
+    jobs.append(job)
+    folders = [sweep_of(tmp_path / f"s{i}", [job, f"{job}_{i}"]) for i in range(3)]
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(re.sub(r"(?m)^SlurmctldPort=\d+", "SlurmctldPort=1", slurm_cluster.conf.read_text()))
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    log = tmp_path / "calls"
+    monkeypatch.setenv("PATH", f"{counting_slurm(tmp_path, log)}:{os.environ['PATH']}")
+    capsys.readouterr()
+    assert status_main([str(f) for f in folders]) == EXIT_NO_ANSWER
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"allconv-hpc status: warning: Slurm did not answer for job\(s\) {job}, {job}_0, {job}, "
+                        rf"{job}_1, {job}, {job}_2 \(squeue: [^;]*\): their state is the run's own status.json\n",
+                        err), err
+    calls = [line.split(" ", 1)[0] for line in log.read_text().splitlines()]
+    assert calls.count("squeue") == 1, log.read_text()
