@@ -32,14 +32,14 @@ def _local_setup(lines: list, folder: Path) -> list:
     import shlex
     log = shlex.quote(str(Path(folder).parent / "setup-")) + "$$.log"
     body = " && ".join(_setup_group(line) for line in lines)
-    # a Ctrl-C (with --wait the setup runs in the terminal's process group) or a kill: said in the log as a stop,
-    # which status tells from a failure (the shell ends on it before any line below could say so)
-    traps = [f"trap 'echo \"{LOCAL_SETUP_STOP} {sig}\" >> \"$ALLCONV_SETUP_LOG\"; exit {128 + num}' {sig[3:]}"
-             for sig, num in (("SIGINT", 2), ("SIGTERM", 15), ("SIGHUP", 1))]
-    return [f"ALLCONV_SETUP_LOG={log}", *traps,
+    # a Ctrl-C (with --wait the setup runs in the terminal's process group, its line's command too): said in the log
+    # as a stop, which status tells from a failure (the shell ends on it before the failure line could say so). Not
+    # SIGTERM: a trapped signal waits for the line's command to end, and `kill <job id>` must end a long line at once
+    return [f"ALLCONV_SETUP_LOG={log}",
+            f"trap 'echo \"{LOCAL_SETUP_STOP} SIGINT\" >> \"$ALLCONV_SETUP_LOG\"; exit 130' INT",
             f"{{ {body}\n}} >> {log} 2>&1 || {{ rc=$?; echo \"cluster.setup failed (exit $rc)\" >> {log}; "
             f"echo \"allconv-hpc: cluster.setup failed (exit $rc); its output is in \"{log} >&2; exit 1; }}",
-            "trap - INT TERM HUP"]
+            "trap - INT"]
 
 
 def _slurm_setup(lines: list) -> list:

@@ -1383,8 +1383,10 @@ def test_run_folders_a_job_could_only_fail_on_are_refused_before_the_queue(tmp_p
 def test_local_executor_gets_what_it_supports(tmp_path):
     c = compose(["cluster=local", *TINY, "cluster.signal_lead_s=45", "cluster.setup=['export A=1']"])
     ex = executor.make_executor(resources.validate_cluster(c.cluster, c.cfg), tmp_path / "%j")
-    assert ex.parameters["signal_delay_s"] == 45 and len(ex.parameters["setup"]) == 1
-    assert ex.parameters["setup"][0].startswith(f"{{ {{ :\nexport A=1\n\n}}\n}} >> {tmp_path / 'setup-'}$$.log 2>&1 || ")
+    setup = ex.parameters["setup"]  # the log named, its Ctrl-C trapped, the lines, the trap let go
+    assert ex.parameters["signal_delay_s"] == 45 and len(setup) == 4 and setup[1].endswith(" INT") and \
+        setup[3] == "trap - INT", setup
+    assert setup[2].startswith(f"{{ {{ :\nexport A=1\n\n}}\n}} >> {tmp_path / 'setup-'}$$.log 2>&1 || ")
     assert ex.parameters["timeout_min"] == 7 * 24 * 60 and ex.parameters["tasks_per_node"] == 1
 
 
