@@ -316,6 +316,20 @@ def _refuse_inherited_ranks() -> None:
                           f"unset RANK WORLD_SIZE, then submit again")
 
 
+_NEVER_IMPORTED = {"test", "idlelib", "turtledemo", "turtle", "tkinter", "this", "antigravity", "lib2to3", "ensurepip",
+                   "venv", "pydoc_data"}
+
+
+def job_modules() -> set:
+    """The top-level modules a job may import: Python's own (the job's packages import much of it, some only
+    later: profile, getpass, statistics) but a few none imports (a test.py beside Python's test package shadows
+    nothing), every installed package's (the job's dependencies import others where installed: chardet, brotli),
+    and what this process imported."""
+    import importlib.metadata as md
+    return (set(getattr(sys, "stdlib_module_names", ())) - _NEVER_IMPORTED) | set(md.packages_distributions()) | {
+        m.partition(".")[0] for m in list(sys.modules)}
+
+
 def _refuse_shadowing_modules(cwd: Path) -> None:
     """A module in this folder named as one the job imports (random.py, grp.py, a folder torch/ with an
     __init__.py): the job runs here, and its `python -m` (submitit's, the local controller's) puts this folder
@@ -323,9 +337,7 @@ def _refuse_shadowing_modules(cwd: Path) -> None:
     words of that module. Not this package's own source (a checkout submitted from its root)."""
     import importlib.machinery as machinery
     ours = Path(__file__).resolve().parent
-    # what this process imported (torch, Hydra, submitit, much of Python's own: as the job does), and what the
-    # job imports later; not every module installed: a test.py beside Python's test package shadows nothing
-    imported = {m.partition(".")[0] for m in list(sys.modules)} | {"wandb", "torchvision", "triton"}
+    imported = job_modules()
     elsewhere = [p for p in sys.path if p not in ("", ".") and Path(p).absolute() != cwd.absolute()]
     clash = []
     try:

@@ -701,6 +701,7 @@ def test_a_module_in_the_submit_folder_that_would_shadow_the_jobs_imports_is_ref
     (tmp_path / "grp.py").write_text('raise SystemExit("the grp.py of the submit folder")\n')
     (tmp_path / "yaml").mkdir()
     (tmp_path / "yaml" / "__init__.py").write_text("")
+    (tmp_path / "statistics.py").write_text("")  # imported by the job only later (by wandb), not by submit
     (tmp_path / "my_notes.py").write_text("")
     (tmp_path / "test.py").write_text("")  # Python's test package: the job never imports it
     job = subprocess.run([sys.executable, "-m", "submitit.core._submit", str(tmp_path / "none")], cwd=tmp_path,
@@ -708,16 +709,37 @@ def test_a_module_in_the_submit_folder_that_would_shadow_the_jobs_imports_is_ref
     assert "the grp.py of the submit folder" in job.stderr, job.stderr
     monkeypatch.chdir(tmp_path)
     code, out, err = run_submit(capsys, "--dry-run", "cluster=local", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
-    assert code == 2 and f"{tmp_path} holds grp.py, yaml, named as module(s) of Python or of an installed " in err, err
+    assert code == 2 and f"{tmp_path} holds grp.py, statistics.py, yaml, named as module(s) of Python or of an " \
+        f"installed package" in err, err
     assert "my_notes" not in err and "test.py" not in err and "submit from another folder, or rename them" in err and out == "", err
     (tmp_path / "kept").mkdir()  # out of the way: a folder without __init__.py is no module
-    for p in ("grp.py", "yaml"):
+    for p in ("grp.py", "statistics.py", "yaml"):
         shutil.move(tmp_path / p, tmp_path / "kept" / p)
     code, out, err = run_submit(capsys, "--dry-run", "cluster=local", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 0, err
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the checkout's root: allconv_hpc/ is this package
     code, out, err = run_submit(capsys, "--dry-run", "cluster=local", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 0, err
+
+
+def test_every_module_a_job_imports_is_one_the_shadowing_check_looks_for(tmp_path):
+    """The check reads what the job may import (plan.job_modules); a real job (W&B offline, its modules loaded
+    late) imports nothing outside it that a module of its folder could stand in for (built in or frozen: found
+    before sys.path is read)."""
+    import importlib.machinery as machinery
+    from allconv_hpc.plan import job_modules
+    from proc import PY, clean_env
+    r = subprocess.run([PY, "-X", "importtime", "-m", "allconv_hpc", "train", *TINY, "wandb.mode=offline",
+                        f"hydra.run.dir={tmp_path / 'run'}"], env=clean_env(tmp_path), capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    loaded = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", r.stderr,
+                                                            re.M)}
+    assert {"wandb", "torch", "hydra"} <= loaded, sorted(loaded)
+    # (importtime also lists what a package only tried: a module installed nowhere shadows nothing)
+    missed = {m for m in loaded - job_modules() if m not in sys.builtin_module_names
+              and machinery.FrozenImporter.find_spec(m) is None and machinery.PathFinder.find_spec(m) is not None}
+    assert not missed, sorted(missed)
 
 
 @pytest.mark.parametrize("cluster", ["slurm", "local"])
