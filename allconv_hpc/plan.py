@@ -3,6 +3,7 @@ queued or any folder made (the config, the data, the cluster settings, the run f
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -263,6 +264,8 @@ def _check_launch(points: list[Point], cluster: dict, dry_run: bool, sweep_dir: 
     elif cluster["backend"] == "slurm" and missing:
         raise ConfigError(f"cluster=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on "
                           f"PATH; submit from a Slurm login node, or use cluster=local to run here")
+    if cluster["backend"] == "slurm" and not missing:
+        _check_dependency((cluster.get("additional_parameters") or {}).get("dependency"))
     todo = sum(p.skip is None for p in points)
     busy = _running_here(sweep_dir, {p.run_dir for p in points if p.skip is None}) \
         if todo and cluster["backend"] == "local" and sweep_dir is not None else 0
@@ -272,6 +275,47 @@ def _check_launch(points: list[Point], cluster: dict, dry_run: bool, sweep_dir: 
                           f"cluster.array_parallelism={cluster['array_parallelism']}; set "
                           f"cluster.array_parallelism={todo + busy} if this machine can run them together"
                           + (", or submit again once they have ended" if busy else ""))
+
+
+def _check_dependency(dependency) -> None:
+    """cluster.additional_parameters.dependency naming a job that has ended otherwise than it asks (afterok on one
+    that failed, afternotok on one that completed): Slurm queues the job anyway, pending for good
+    (DependencyNeverSatisfied). Only where each listed dependency must hold (`,`): with `?` any one may. A job
+    array's id asks for all its tasks: afterok for each to complete, afternotok for any one not to (sbatch(1))."""
+    if not dependency or "?" in str(dependency):
+        return
+    for kind, ids in re.findall(r"\b(afterok|afternotok):([0-9_:+]+)", str(dependency)):
+        for job in filter(None, ids.split(":")):
+            job = job.split("+")[0]
+            ends = _ended_states(job)
+            if not ends:  # queued or running (a task of it), or unknown to Slurm: left to Slurm
+                continue
+            done = [e == "COMPLETED" for e in ends]
+            if all(done) if kind == "afternotok" else not all(done):
+                how = next(e for e in ends if (e == "COMPLETED") == (kind == "afternotok"))
+                raise ConfigError(f"cluster.additional_parameters.dependency={dependency}: job {job} ended {how}"
+                                  f"{' (a task of it)' if len(ends) > 1 else ''}, so {kind}:{job} never holds and the "
+                                  f"job would wait in the queue for good (DependencyNeverSatisfied); drop it, or name "
+                                  f"a job that {'completes' if kind == 'afterok' else 'fails'} (afterany:{job} starts "
+                                  f"after it, whatever its end)")
+
+
+def _ended_states(job: str) -> list[str]:
+    """How job `job` (each task of an array's id) ended, from the controller while it holds it (MinJobAge), else
+    from accounting (which may lag it by seconds); [] while any of it is queued or running, or Slurm does not know
+    it."""
+    from .jobs import squeue_job
+    from .slurm import slurm_out
+    answered, state, _ = squeue_job(job)
+    if not answered or state is not None:
+        return []
+    said = slurm_out(["scontrol", "-o", "show", "job", job]) or ""
+    ends = [m.group(1) for m in re.finditer(r"\bJobState=(\S+)", said)]
+    if not ends:
+        said = slurm_out(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]) or ""
+        ends = [ln.split()[0] for ln in said.splitlines() if ln.split()]  # "CANCELLED by 0" -> CANCELLED
+    return [] if any(e in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING", "COMPLETING")
+                     for e in ends) else ends
 
 
 def _running_here(sweep_dir: Path, starting: set) -> int:

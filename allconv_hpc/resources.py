@@ -12,6 +12,7 @@ from .config import CLUSTER_KEYS, WARNING_SIGNALS, ConfigError, empty_last_shard
 # Values written into "#SBATCH --key=value" lines (shlex-quoted by submitit, and sbatch strips the
 # quotes): letters, digits and the punctuation Slurm's own syntax uses, nothing a shell would act on.
 _SAFE = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-]+")  # used with fullmatch: "$" would let "x\n" through
+_SAFE_DEPENDENCY = re.compile(r"[A-Za-z0-9_.,:@%+=/\[\]\-?]+")
 
 
 _GPU_TYPE = re.compile(r"[A-Za-z0-9_.\-]+")  # --gpus-per-node=<type>:<count>, e.g. a100, h100_80gb
@@ -100,9 +101,11 @@ def check_additional_parameters(extra) -> None:
             # GPUs requested twice, or beside the validated shape; other gres (tmpdisk, ...) are fine
             raise ConfigError(f"cluster.additional_parameters.gres={v} asks for GPUs: use cluster.gpus_per_node=N "
                               f"(and cluster.gpu_type=TYPE for a typed request such as gpu:a100:N)")
-        if v is not True and (isinstance(v, bool) or not isinstance(v, (str, int)) or not _SAFE.fullmatch(str(v))):
+        # a dependency's "?" (any one of them): an #SBATCH line is read by sbatch, not by a shell that would glob it
+        safe, chars = (_SAFE_DEPENDENCY, "_.,:@%+=/[]-?") if name == "dependency" else (_SAFE, "_.,:@%+=/[]-")
+        if v is not True and (isinstance(v, bool) or not isinstance(v, (str, int)) or not safe.fullmatch(str(v))):
             raise ConfigError(f"cluster.additional_parameters.{k}={v!r} is not a safe sbatch value: use true (a flag) "
-                              f"or only letters, digits and _.,:@%+=/[]-")
+                              f"or only letters, digits and {chars}")
 
 
 def validate_cluster(cluster: dict, cfg) -> dict:

@@ -966,3 +966,13 @@ def test_a_sweep_points_config_is_hydras_own(overrides, monkeypatch, tmp_path):
             assert composed(lambda: _hydra_config(list(overrides), hydra_compose)) == hydras
     if overrides in (["seed=3"], ["~wandb.tags"]):
         assert list(_BASES) == [()]  # values alone: nothing composed but the defaults
+
+
+def test_a_dependencys_any_of_list_is_a_safe_sbatch_value_and_nothing_else_is():
+    """`?` (any one of the dependencies) is Slurm's own syntax, read by sbatch from its #SBATCH line; in another
+    option, or with what a shell acts on, a value is refused."""
+    from allconv_hpc.resources import check_additional_parameters
+    check_additional_parameters({"dependency": "afterok:12?afterany:13_2"})
+    for bad in ({"comment": "a?b"}, {"dependency": "afterok:$(id)"}, {"dependency": "afterok:1;x"}):
+        with pytest.raises(ConfigError, match=r"is not a safe sbatch value: use true \(a flag\) or only letters"):
+            check_additional_parameters(bad)

@@ -917,11 +917,11 @@ def test_a_job_pending_for_what_its_partition_never_has_ends_wait(slurm_cluster,
 def test_a_job_whose_dependency_failed_ends_wait_and_status_says_how_to_free_it(slurm_cluster, jobs, tmp_path):
     """`dependency=afterok:N` (cluster.additional_parameters) on a job N that failed: Slurm keeps it PENDING for good
     (DependencyNeverSatisfied, unless kill_invalid_depend). status showed a plain PENDING, exit 0, and --wait waited
-    forever."""
-    r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "-o", "/dev/null", "--wrap", "exit 1"], check=True)
+    forever. N fails after the submit (one that had failed before is refused by submit, below)."""
+    r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "-o", "/dev/null", "--wrap", "sleep 8; exit 1"],
+                          check=True)
     first = r.stdout.strip()
     jobs.append(first)
-    assert poll(lambda: sacct_state(slurm_cluster, first) == "FAILED", 60)
     run = tmp_path / "run"
     w = cli(slurm_cluster, tmp_path, "submit", "--wait", *SLURM, *JOB,
             f"+cluster.additional_parameters.dependency=afterok:{first}", f"hydra.run.dir={run}")
@@ -935,6 +935,38 @@ def test_a_job_whose_dependency_failed_ends_wait_and_status_says_how_to_free_it(
                                 f"dependency asks, so it never starts; scontrol update JobId={job} Dependency= starts "
                                 f"it without, scancel {job} ends it)"), rows
     assert rows[0]["failed"] is True and not rows[0]["active"] and squeue_state(slurm_cluster, job) == "PENDING"
+
+
+def test_a_dependency_on_a_job_that_ended_otherwise_is_refused_before_the_queue(slurm_cluster, jobs, tmp_path,
+                                                                              monkeypatch, capsys):
+    """afterok:N on a job N that has failed would wait in the queue for good: refused, naming N's end; afterany:N,
+    and a `?` list (any one may hold), are not."""
+    r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "-o", "/dev/null", "--wrap", "exit 1"], check=True)
+    first = r.stdout.strip()
+    jobs.append(first)
+    assert poll(lambda: squeue_state(slurm_cluster, first) is None, 60)
+    line = submit_error(tmp_path, monkeypatch, capsys, [f"+cluster.additional_parameters.dependency=afterok:{first}"])
+    assert (f"cluster.additional_parameters.dependency=afterok:{first}: job {first} ended FAILED, so afterok:{first} "
+            f"never holds and the job would wait in the queue for good (DependencyNeverSatisfied); drop it, or name "
+            f"a job that completes (afterany:{first} starts after it, whatever its end)") in line, line
+    assert not (tmp_path / "run").exists()
+    # an array of a task that completed and one that failed: afterok asks for every task to complete, afternotok
+    # for any one not to (a task's own id, for it alone)
+    r = slurm_cluster.run(["sbatch", "--parsable", "-p", "low", "-o", "/dev/null", "--array=0-1", "--wrap",
+                           "exit $SLURM_ARRAY_TASK_ID"], check=True)
+    array = r.stdout.strip()
+    jobs.append(array)
+    assert poll(lambda: squeue_state(slurm_cluster, array) is None, 60)
+    line = submit_error(tmp_path, monkeypatch, capsys, [f"+cluster.additional_parameters.dependency=afterok:{array}"])
+    assert f": job {array} ended FAILED (a task of it), so afterok:{array} never holds" in line, line
+    line = submit_error(tmp_path, monkeypatch, capsys,
+                        [f"+cluster.additional_parameters.dependency=afternotok:{array}_0"])
+    assert f": job {array}_0 ended COMPLETED, so afternotok:{array}_0 never holds" in line, line
+    for ok in (f"afterany:{first}", f"afterok:{first}?afterany:{first}", f"afternotok:{first}",
+               f"afternotok:{array}", f"afterok:{array}_0"):
+        w = cli(slurm_cluster, tmp_path, "submit", "--dry-run", *SLURM, *JOB,
+                f"+cluster.additional_parameters.dependency={ok}", f"hydra.run.dir={tmp_path / 'ok'}")
+        assert w.returncode == 0, (ok, w.stderr)
 
 
 def test_a_job_queued_into_a_down_partition_is_warned_of_and_status_says_what_it_waits_for(slurm_cluster, jobs,
