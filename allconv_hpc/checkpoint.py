@@ -31,7 +31,8 @@ from typing import Any, BinaryIO, Callable, Optional
 import torch
 
 from .config import ConfigError, OtherConfig, from_dict
-from .fsio import CHECKPOINT_MAGIC as MAGIC, CHECKPOINT_TRAILER_LEN as TRAILER_LEN, fsync_dir, same_file, write_atomic
+from .fsio import (ASIDE_MARKER, CHECKPOINT_MAGIC as MAGIC, CHECKPOINT_TRAILER_LEN as TRAILER_LEN, aside_targets as
+                   _aside_targets, fsync_dir, renamed_aside, same_file, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -267,27 +268,39 @@ class CheckpointDir:
     def move_aside(self, also: tuple[Path, ...] | list[Path] = ()) -> Optional[Path]:
         """For checkpoint.resume=never: keep the old run whole (never delete, never overwrite), start with an empty
         folder. The files in `also` move into the checkpoint folder first, which then becomes `checkpoints.oldN/`
-        in one rename: a start killed part-way leaves them in checkpoints/, where the next start's move finishes
-        (one oldN holds the run, not two). A checkpoints/ that links elsewhere (scratch) stays the user's link: its
-        target becomes `<target>.oldN`, which `checkpoints.oldN` links to, and an empty target is made again."""
+        in one rename. A start killed part-way leaves them in checkpoints/ with ASIDE_MARKER, and any next start
+        finishes the move (`interrupted_aside`): one oldN holds the run, not two, and no resume reads the half-moved
+        folder as its own. A checkpoints/ that links elsewhere (scratch) stays the user's link: its target becomes
+        `<target>.oldN`, which `checkpoints.oldN` links to, and an empty target is made again."""
         folder = self.folder
-        if folder.is_symlink() and not folder.exists():  # a start killed between the target's rename and mkdir
-            Path(os.path.realpath(folder)).mkdir()  # (parents not made: an unmounted scratch fails here)
+        if renamed_aside(folder):  # a start killed between the target's rename and its mkdir
+            Path(os.path.realpath(folder)).mkdir()
+            for marker in _aside_targets(folder):
+                marker.unlink(missing_ok=True)
         for part in folder.glob(f".*{_PART}"):  # a killed start's copy across file systems: its original is whole
             shutil.rmtree(part) if part.is_dir() and not part.is_symlink() else part.unlink()
         present = [p for p in also if os.path.lexists(p)]
         if not (folder.is_dir() and any(folder.iterdir())) and not present:
             return None
         folder.mkdir(exist_ok=True)
+        (folder / ASIDE_MARKER).touch()  # first: until the rename, checkpoints/ holds a run half set aside
+        fsync_dir(folder)
         for p in present:
             _move_into(p, folder)
         fsync_dir(folder)
         if folder.is_symlink():
-            return _move_target_aside(folder)
-        dest = _free_aside(folder)
-        os.rename(folder, dest)
-        fsync_dir(folder.parent)
+            dest = _move_target_aside(folder)
+        else:
+            dest = _free_aside(folder)
+            os.rename(folder, dest)
+            fsync_dir(folder.parent)
+        (dest / ASIDE_MARKER).unlink(missing_ok=True)
         return dest
+
+    def interrupted_aside(self) -> bool:
+        """A start with checkpoint.resume=never was stopped while it set the old run aside (its marker is here, or
+        checkpoints/ links to a target it renamed aside): the next start finishes that, whatever its own mode."""
+        return (self.folder / ASIDE_MARKER).exists() or renamed_aside(self.folder)
 
 
 _PART = ".aside-part"  # the copy of a file moved aside across file systems, until it is whole
@@ -429,9 +442,9 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir",
     CheckpointError when every checkpoint is unusable or one cannot be read. ``folder_key``: the option
     that places the run (hydra.sweep.dir for a sweep's point, where -m refuses hydra.run.dir). ``also``: a further
     check of the checkpoint to resume (its dict, its path), which may raise ConfigError too."""
-    if cfg.checkpoint.resume == "never":
-        return None
     ckpt = CheckpointDir(Path(run_dir) / "checkpoints", cfg.checkpoint.keep)
+    if cfg.checkpoint.resume == "never" or ckpt.interrupted_aside():  # (the start finishes setting it aside)
+        return None
     found = ckpt.load_latest(warn=False, folder_key=folder_key)
     if found is None:
         if cfg.checkpoint.resume == "must":

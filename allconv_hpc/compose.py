@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import CHOICE_KEYS, CLUSTER_KEYS, SECTIONS, Config, ConfigError, as_given, from_dict, shell_word
-from .fsio import name_too_long, write_atomic
+from .fsio import name_too_long, renamed_aside, write_atomic
 from .preempt import sigint_deferred
 from .runlock import LOCK_FILE, OWN_FILES, SUBMIT_LOCK, holds_run
 
@@ -605,6 +605,8 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir") -> None:
     for path in (run_dir, run_dir / "checkpoints", run_dir / ".hydra"):
         existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
         if existing.is_symlink() and not existing.exists():  # mkdir would fail "File exists"
+            if existing == run_dir / "checkpoints" and renamed_aside(existing):
+                continue  # a set-aside stopped after renaming its target: the start makes it again (move_aside)
             raise ConfigError(f"run folder {run_dir}: {existing} is a link to {os.readlink(existing)}, which does not "
                               f"exist (or loops); make that folder, or give another {key}")
         if not existing.is_dir():

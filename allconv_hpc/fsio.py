@@ -54,6 +54,24 @@ def same_file(a: Union[str, Path], b: Union[str, Path]) -> bool:
         return False
 
 
+# in a run's checkpoints/ while checkpoint.resume=never moves the old run's files into it (checkpoint.move_aside)
+ASIDE_MARKER = ".setting-aside"
+
+
+def aside_targets(link: Path) -> list[Path]:
+    """The markers in `<target>.oldN` beside a checkpoints/ link's target: where a start renamed the target aside."""
+    import glob
+    target = Path(os.path.realpath(link))
+    return [p / ASIDE_MARKER for p in target.parent.glob(f"{glob.escape(target.name)}.old*")
+            if (p / ASIDE_MARKER).exists()]
+
+
+def renamed_aside(link: Path) -> bool:
+    """`link` (a run's checkpoints/) dangles because a start setting the old run aside renamed its target to
+    `<target>.oldN` and was stopped before it made the target again (its marker is still there)."""
+    return link.is_symlink() and not link.exists() and bool(aside_targets(link))
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable. Some network filesystems refuse fsync on a folder; that is
     not worth failing a run for (the rename itself is still atomic)."""

@@ -347,6 +347,14 @@ class Trainer:
         self._resume_sums, self._best_file_acc = None, -1.0  # best.pt: see resume.best_file_holds
         marker = self.run_dir / runlock.FRESH_FILE
         mode, job = applied_mode(self.cfg.checkpoint.resume, self.slurm, self.dist, self.env.is_main, marker)
+        if mode != "never" and self.dist.any(self.env.is_main and self.ckpt.interrupted_aside()):
+            # half the old run's files in checkpoints/: no resume of that folder as it stands. The start over it
+            # began is finished, nothing lost; this start then trains anew (as that one would have)
+            self._move_old_run_aside("a start with checkpoint.resume=never was stopped while it set the old run "
+                                     "aside: finished now")
+            if mode == "must":
+                raise self.ckpt.nothing_to_resume()
+            return None
         if mode == "never":
             self._move_old_run_aside("checkpoint.resume=never")
             if job and self.env.is_main:  # before this run's first checkpoint: its restarts resume from here on

@@ -697,6 +697,53 @@ def test_resume_never_keeps_a_checkpoints_link_to_scratch_and_the_old_run_there(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def test_a_set_aside_stopped_part_way_is_finished_by_the_next_start_whatever_its_mode(reference, tmp_path):
+    """A resume=never start killed as it moved the old run's files into checkpoints/ (before the one rename): the
+    next start, a plain resume=auto, does not resume that half-moved folder (its history.csv read as the run's, the
+    moved copies left to shadow the real ones at a later set-aside). It finishes the set-aside and trains anew."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    old_id = (run / "wandb_id.txt").read_text().strip()
+    (run / "checkpoints" / ".setting-aside").touch()  # what move_aside writes first, then the files it moved in
+    for name in ("history.csv", ".hydra"):
+        shutil.move(run / name, run / "checkpoints" / name)
+    run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
+    old = run / "checkpoints.old1"
+    assert (old / "history.csv").read_text() == (reference / "history.csv").read_text()
+    assert (old / "wandb_id.txt").read_text().strip() == old_id
+    assert (old / ".hydra" / "config.yaml").is_file() and (old / "last.pt").is_file()
+    assert not [p.name for p in old.iterdir() if p.name.endswith(".1") or p.name == ".setting-aside"]
+    assert "stopped while it set the old run aside: finished now" in (run / "train.log").read_text()
+    assert_same_weights(final_weights(run), final_weights(reference), exact=True)  # trained anew, as that start would
+    assert not (run / "checkpoints" / ".setting-aside").exists() and not (run / "checkpoints.old2").exists()
+
+
+def test_a_set_aside_stopped_after_renaming_a_linked_target_is_finished(reference, tmp_path):
+    """checkpoints/ links to scratch; the start setting the old run aside renamed the target to <target>.old1 and
+    was killed before it made the target again: checkpoints/ dangles. The next start is not refused for it: it
+    makes the target again and trains, the old run whole where it was."""
+    import shutil
+    import uuid
+    run, scratch = tmp_path / "run", Path("/dev/shm") / f"allconv-never-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(reference, run)
+    try:
+        scratch.mkdir()
+        shutil.move(run / "checkpoints", scratch / "ckpt.old1")
+        for name in ("history.csv", "wandb_id.txt", "wandb_steps.jsonl", ".hydra"):
+            shutil.move(run / name, scratch / "ckpt.old1" / name)
+        (scratch / "ckpt.old1" / ".setting-aside").touch()
+        os.symlink(scratch / "ckpt", run / "checkpoints")  # dangling
+        os.symlink(scratch / "ckpt.old1", run / "checkpoints.old1")
+        run_train(tmp_path, run, EXACT + ["wandb.mode=offline"])
+        assert (scratch / "ckpt" / "last.pt").is_file() and os.readlink(run / "checkpoints") == str(scratch / "ckpt")
+        assert (scratch / "ckpt.old1" / "history.csv").read_text() == (reference / "history.csv").read_text()
+        assert not (scratch / "ckpt.old1" / ".setting-aside").exists()
+        assert_same_weights(final_weights(run), final_weights(reference), exact=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def test_a_fresh_start_over_an_earlier_runs_epochs_keeps_them(reference, tmp_path):
     """The checkpoints of a finished run were deleted (best.pt kept): another config is refused there, as in
     any run folder of another config (before any work, nothing moved); the same config starts over without

@@ -83,6 +83,7 @@ def test_a_start_killed_part_way_is_finished_in_the_same_folder(tmp_path, monkey
         ck.move_aside(also(run))
     for f in real:
         monkeypatch.setattr(os, f, real[f])
+    assert ck.interrupted_aside()  # any next start finishes it
     assert ck.move_aside(also(run)) == run / "checkpoints.old1"
     assert_whole(run / "checkpoints.old1")
     assert not os.path.lexists(run / "checkpoints.old2")
@@ -148,6 +149,9 @@ def test_a_start_killed_after_renaming_the_target_makes_it_again(tmp_path, scrat
     ck = old_run(run, target)
     assert ck.move_aside(also(run)) == run / "checkpoints.old1"
     target.rmdir()
+    (scratch / "ckpt.old1" / ".setting-aside").touch()  # still there: removed last
+    assert ck.interrupted_aside()
     assert ck.move_aside(also(run)) is None
     assert target.is_dir() and list(target.iterdir()) == []
     assert_whole(run / "checkpoints.old1")
+    assert not ck.interrupted_aside() and not (scratch / "ckpt.old1" / ".setting-aside").exists()
