@@ -9,7 +9,8 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 from .slurm import SlurmJob, slurm_conf_missing, slurm_out
 
@@ -51,8 +52,32 @@ def squeue_silence(job_id: str, unknown: str = "squeue did not answer") -> str:
 
 def squeue_job(job_id: str) -> tuple[bool, Optional[str], str]:
     """(Slurm answered, the job's state while it is queued or running, None when it is not; squeue's reason,
-    e.g. why it is pending)."""
+    e.g. why it is pending). Inside `asked_ahead`, from its one call where it asked for this job."""
+    if _ahead is not None and job_id in _ahead:
+        return _ahead[job_id][:3]
     return squeue_jobs([job_id])[job_id][:3]
+
+
+_ahead: Optional[dict] = None  # squeue_jobs' answers for the jobs asked_ahead asked for, while it lasts
+
+
+@contextmanager
+def asked_ahead(job_ids: list[str]) -> Iterator[None]:
+    """squeue asked once for all of `job_ids` (a sweep's points, each checked by submit): squeue_job answers from
+    that call within, where it asked one call a job (200 for a sweep of 200 points, and again under the lock)."""
+    global _ahead
+    _ahead = squeue_jobs(job_ids) if len(job_ids) > 1 else None
+    try:
+        yield
+    finally:
+        _ahead = None
+
+
+def recorded_jobs(folders: list[Path]) -> list[str]:
+    """The Slurm job ids that the submission.json of each of `folders` names (damaged or missing: none)."""
+    from .fsio import read_json
+    recs = [read_json(Path(f) / "submission.json") for f in folders]
+    return [str(r["job_id"]) for r in recs if r.get("job_id") and r.get("backend") == "slurm"]
 
 
 Queued = tuple[bool, Optional[str], str, Optional[int]]  # squeue_jobs': squeue_job's, and the job's restart count

@@ -24,6 +24,7 @@ from .executor import (base_job_ids, check_can_start, make_executor, release_hel
                        sbatch_script)
 from .folder_checks import check_run_folder
 from .fsio import read_json, write_atomic
+from .jobs import asked_ahead, recorded_jobs
 from .localjob import DEATH_SIGNAL, LOCAL_PORT_ENV, controller_gone, end_local_peers, free_ports
 from .plan import sweep_group, grow_hint, hold_asked, plan
 from .preempt import AGREED_EXITS, EXIT_REQUEUED, SIGNAL_LEAD_ENV, ignore_late_signals, sigint_deferred
@@ -112,9 +113,10 @@ def submit(points: list[Point], sweep_dir: Optional[Path], cluster: dict, until:
     jobs, got = None, []
     try:
         with submit_lock(base):
-            for p in todo:
-                if p.cfg is not None:
-                    p.skip = check_run_folder(p.run_dir, p.cfg, sweep=sweep_dir is not None, overrides=p.overrides)
+            with asked_ahead(recorded_jobs([p.run_dir for p in todo])):  # asked again, now, in one call
+                for p in todo:
+                    if p.cfg is not None:
+                        p.skip = check_run_folder(p.run_dir, p.cfg, sweep=sweep_dir is not None, overrides=p.overrides)
             # from sbatch until the jobs are recorded, released and said: a Ctrl-C then left queued jobs
             # unrecorded (a second submit queued them again) or held, or said "nothing was queued"
             got = until.enter_context(sigint_deferred(take=False))

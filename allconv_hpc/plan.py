@@ -15,6 +15,7 @@ from .config import CLUSTER_KEYS, ConfigError, config_key, flatten
 from .executor import array_too_large, max_array_size
 from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
 from .fsio import name_too_long, read_json
+from .jobs import asked_ahead, recorded_jobs
 from .resources import validate_cluster, warn
 from .slurm import slurm_conf_missing
 from .sweep import (Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname, point_folder,
@@ -79,89 +80,94 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
     points, cluster, warned, compiler_found, env_checked = [], None, set(), False, False
     fetch = {}  # (dataset, root) -> its data config: what data.download=true would fetch in every job
     held_points = point_folders(sweep_dir) if sweep_dir is not None else {}
-    for s in swept:
-        ov = common + s
-        if sweep_dir is not None:
-            run_dir = sweep_dir / point_dirname(s)
-            if not run_dir.exists():  # an older sweep's point, named with its key's + or ++
-                run_dir = point_folder(held_points, run_dir.name) or run_dir
-            ov = ov + [f"hydra.run.dir={hydra_value(run_dir, 'hydra.run.dir')}"]
-            if "wandb.group" not in {_key(o) for o in common + s}:
-                ov.append(f"wandb.group={hydra_value(group, 'wandb.group')}")
-        try:
-            c = compose(ov)
-        except NameSwap as e:  # the advice names this point's value: a swept name wants the group swept instead
-            swept_name = [o for o in overrides if _key(o) == f"{e.group}.name" and any(_key(x) == _key(o) for x in s)]
-            if not swept_name:
-                raise
-            instead = swept_name[-1].lstrip("+").replace(f"{e.group}.name=", f"{e.group}=", 1)
-            raise ConfigError(f"{e}. In this sweep: {shlex.quote(instead)} sweeps the options as defined") from None
-        if sweep_dir is not None:  # its name is cut to NAME_MAX (point_dirname); a file system may allow less
-            _check_name_max(c.run_dir, "the sweep point folder", "sweep fewer keys at once, or shorter values "
-                                                                 "(its name is made of them)")
-        else:
-            _check_name_max(c.run_dir, "hydra.run.dir", "give a shorter hydra.run.dir")
-        given_root = c.cfg.data.root
-        root_said = pin_data_root(c)  # absolute; a resubmitted run keeps its recorded root over the default
-        if root_said and root_said[0]:
-            warn(root_said[1])
-        elif root_said:
-            print(f"allconv-hpc submit: {root_said[1]}", file=sys.stderr)
-        try:
-            check_present(c.cfg.data)
-        except ConfigError as e:
-            raise ConfigError(with_recorded_root(e, c, check_present)) from None
-        # a file damaged inside, a subset (or a drop_last batch) larger than the files: now, not after the queue
-        check_files(c.cfg.data, _drop_last_batch(c.cfg))
-        if to_download(c.cfg.data):
-            fetch.setdefault((c.cfg.data.name, c.cfg.data.root), c.cfg.data)
-        if c.cfg.data.root != given_root and c.cfg.data.name != "synthetic":  # the jobs may start elsewhere
-            ov = [o for o in ov if _key(o) != "data.root"] + [f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
-        mine = validate_cluster(c.cluster, c.cfg)
-        if mine["backend"] == "slurm" and shutil.which("sbatch") and (no_conf := slurm_conf_missing()):
-            raise ConfigError(no_conf)  # at once: every Slurm command would retry it for 60 s
-        if mine["backend"] == "local" and c.cfg.trainer.compile and not compiler_found:
-            _check_local_compiler(c.cfg)  # the job runs on this machine: its compiler is found (or not) here
-            compiler_found = True
-        dated = dated_dir_warning(c, "hydra.run.dir", c.run_dir) if sweep_dir is None else []
-        for said in c.cfg.warnings() + unread_said(c, s) + dated + outranked_env(c.cfg.wandb):  # a swept key's said once for the sweep, not per value
-            if said not in warned:  # once for a sweep
-                warned.add(said)
-                warn(said)
-        mode = None
-        try:
-            mode = preflight_mode(c.cfg.wandb.mode)  # the jobs inherit this environment
-            if mode != "disabled" and not env_checked:  # one environment for every point: checked once
-                env_checked = True
-                check_environment()
-        except ConfigError as e:
-            if not mine["setup"]:
-                raise
-            # a setup line may set it for the job (an export, a sourced file, a module): the job's train checks
-            warn(f"{e} (unless cluster.setup sets it for the job, whose train then refuses to start)")
-        if mode != "disabled":
-            check_names(c.cfg.wandb)  # a project or tag W&B would refuse at wandb.init
-        if cluster is not None and mine != cluster:
-            keys_ = [k for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k)]
-            diff = ", ".join(f"cluster.{k}" for k in keys_)
-            listed = [k for k in keys_ if k in ("partition", "exclude", "constraint", "additional_parameters")]
-            said = [o for o in overrides if _key(o).split(".")[:2] == ["cluster", listed[0]] and "(" not in o
-                    and "," in o] if listed else []  # additional_parameters' own key: mail-type=END,FAIL
-            # Slurm's own comma lists (sbatch -p a,b: the first partition that can start it) are one value, quoted
-            quoted = said[-1].replace("=", '="', 1) + '"' if said else ""
-            one = f"; for Slurm's list, quote it as one value: {shlex.quote(quoted)}" if said else ""
-            raise ConfigError(f"the sweep varies {diff}: one job array has one resource shape; submit one sweep "
-                              f"per cluster setting instead{one}")
-        if cluster is None and len(swept) > 1 and sweep_dir is not None:
-            _check_array_size(len(swept), mine, sweep_dir)
-        cluster = mine
-        if sweep_dir is None:  # pinned absolute, in place of the one given
-            ov = [o for o in ov if _key(o) != "hydra.run.dir"] + [f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
-        check_run_dir(c.run_dir, "hydra.run.dir" if sweep_dir is None else "hydra.sweep.dir")
-        skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
-        if skip is None:
-            warn_diverged(c.run_dir, c.cfg, sweep=sweep_dir is not None)
-        points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
+    # a sweep's points asked of squeue in one call (check_run_folder asks each point's job)
+    dirs = [_point_dir(sweep_dir, s, held_points) for s in swept] if sweep_dir is not None else []
+    with asked_ahead(recorded_jobs(dirs)):
+        for s in swept:
+            ov = common + s
+            if sweep_dir is not None:
+                run_dir = _point_dir(sweep_dir, s, held_points)
+                ov = ov + [f"hydra.run.dir={hydra_value(run_dir, 'hydra.run.dir')}"]
+                if "wandb.group" not in {_key(o) for o in common + s}:
+                    ov.append(f"wandb.group={hydra_value(group, 'wandb.group')}")
+            try:
+                c = compose(ov)
+            except NameSwap as e:  # the advice names this point's value: a swept name wants the group swept instead
+                swept_name = [o for o in overrides
+                              if _key(o) == f"{e.group}.name" and any(_key(x) == _key(o) for x in s)]
+                if not swept_name:
+                    raise
+                instead = swept_name[-1].lstrip("+").replace(f"{e.group}.name=", f"{e.group}=", 1)
+                raise ConfigError(f"{e}. In this sweep: {shlex.quote(instead)} sweeps the options as defined") from None
+            if sweep_dir is not None:  # its name is cut to NAME_MAX (point_dirname); a file system may allow less
+                _check_name_max(c.run_dir, "the sweep point folder", "sweep fewer keys at once, or shorter values "
+                                                                     "(its name is made of them)")
+            else:
+                _check_name_max(c.run_dir, "hydra.run.dir", "give a shorter hydra.run.dir")
+            given_root = c.cfg.data.root
+            root_said = pin_data_root(c)  # absolute; a resubmitted run keeps its recorded root over the default
+            if root_said and root_said[0]:
+                warn(root_said[1])
+            elif root_said:
+                print(f"allconv-hpc submit: {root_said[1]}", file=sys.stderr)
+            try:
+                check_present(c.cfg.data)
+            except ConfigError as e:
+                raise ConfigError(with_recorded_root(e, c, check_present)) from None
+            # a file damaged inside, a subset (or a drop_last batch) larger than the files: now, not after the queue
+            check_files(c.cfg.data, _drop_last_batch(c.cfg))
+            if to_download(c.cfg.data):
+                fetch.setdefault((c.cfg.data.name, c.cfg.data.root), c.cfg.data)
+            if c.cfg.data.root != given_root and c.cfg.data.name != "synthetic":  # the jobs may start elsewhere
+                ov = [o for o in ov if _key(o) != "data.root"] + [
+                    f"data.root={hydra_value(c.cfg.data.root, 'data.root')}"]
+            mine = validate_cluster(c.cluster, c.cfg)
+            if mine["backend"] == "slurm" and shutil.which("sbatch") and (no_conf := slurm_conf_missing()):
+                raise ConfigError(no_conf)  # at once: every Slurm command would retry it for 60 s
+            if mine["backend"] == "local" and c.cfg.trainer.compile and not compiler_found:
+                _check_local_compiler(c.cfg)  # the job runs on this machine: its compiler is found (or not) here
+                compiler_found = True
+            dated = dated_dir_warning(c, "hydra.run.dir", c.run_dir) if sweep_dir is None else []
+            # a swept key's said once for the sweep, not per value
+            for said in c.cfg.warnings() + unread_said(c, s) + dated + outranked_env(c.cfg.wandb):
+                if said not in warned:  # once for a sweep
+                    warned.add(said)
+                    warn(said)
+            mode = None
+            try:
+                mode = preflight_mode(c.cfg.wandb.mode)  # the jobs inherit this environment
+                if mode != "disabled" and not env_checked:  # one environment for every point: checked once
+                    env_checked = True
+                    check_environment()
+            except ConfigError as e:
+                if not mine["setup"]:
+                    raise
+                # a setup line may set it for the job (an export, a sourced file, a module): the job's train checks
+                warn(f"{e} (unless cluster.setup sets it for the job, whose train then refuses to start)")
+            if mode != "disabled":
+                check_names(c.cfg.wandb)  # a project or tag W&B would refuse at wandb.init
+            if cluster is not None and mine != cluster:
+                keys_ = [k for k in sorted(CLUSTER_KEYS) if mine.get(k) != cluster.get(k)]
+                diff = ", ".join(f"cluster.{k}" for k in keys_)
+                listed = [k for k in keys_ if k in ("partition", "exclude", "constraint", "additional_parameters")]
+                said = [o for o in overrides if _key(o).split(".")[:2] == ["cluster", listed[0]] and "(" not in o
+                        and "," in o] if listed else []  # additional_parameters' own key: mail-type=END,FAIL
+                # Slurm's own comma lists (sbatch -p a,b: the first partition that can start it) are one value, quoted
+                quoted = said[-1].replace("=", '="', 1) + '"' if said else ""
+                one = f"; for Slurm's list, quote it as one value: {shlex.quote(quoted)}" if said else ""
+                raise ConfigError(f"the sweep varies {diff}: one job array has one resource shape; submit one sweep "
+                                  f"per cluster setting instead{one}")
+            if cluster is None and len(swept) > 1 and sweep_dir is not None:
+                _check_array_size(len(swept), mine, sweep_dir)
+            cluster = mine
+            if sweep_dir is None:  # pinned absolute, in place of the one given
+                ov = [o for o in ov if _key(o) != "hydra.run.dir"] + [
+                    f"hydra.run.dir={hydra_value(c.run_dir, 'hydra.run.dir')}"]
+            check_run_dir(c.run_dir, "hydra.run.dir" if sweep_dir is None else "hydra.sweep.dir")
+            skip = check_run_folder(c.run_dir, c.cfg, sweep=sweep_dir is not None, overrides=ov)
+            if skip is None:
+                warn_diverged(c.run_dir, c.cfg, sweep=sweep_dir is not None)
+            points.append(Point(overrides=ov, run_dir=c.run_dir, skip=skip, cfg=c.cfg))
     if swept == [[]] and sweep_dir is not None:  # legal (a script's sweep of one), but often a comma list forgotten
         # said once the point composed: a list Hydra refuses to read as a sweep (model=[a,b]) is refused instead
         warn(f"-m but nothing is swept (no comma list, range, choice or glob): one run, in {sweep_dir}/run; "
@@ -218,6 +224,12 @@ def _sweep_folder(common: list[str], swept: list[list[str]], keys: set[str]) -> 
     _check_name_max(sweep_dir, "hydra.sweep.dir", "give a shorter hydra.sweep.dir")
     check_sweep_dir(sweep_dir)
     return sweep_dir
+
+
+def _point_dir(sweep_dir: Path, swept: list[str], held: dict) -> Path:
+    """The folder of the sweep point `swept`: an older sweep's named with its key's + or ++ where that one is held."""
+    run_dir = sweep_dir / point_dirname(swept)
+    return run_dir if run_dir.exists() else point_folder(held, run_dir.name) or run_dir
 
 
 def _refuse_dropped_keys(sweep_dir: Path, common: list[str], swept: set[str]) -> None:

@@ -1043,6 +1043,23 @@ def test_train_by_hand_into_a_folder_a_job_trains_into_is_refused(tmp_path, on_p
     assert jobs.other_jobs_state(run, {}) is None
 
 
+def test_a_sweep_submitted_again_asks_squeue_once_for_all_its_points_jobs(tmp_path, on_path, capsys, monkeypatch):
+    """Each point's last job is checked before anything is queued, and again under the submit lock: one squeue
+    call for every point's job each time (it was one a point: 200 for a sweep of 200, twice)."""
+    monkeypatch.chdir(tmp_path)
+    calls = tmp_path / "calls"
+    on_path(sbatch=f"[ \"$1\" = --test-only ] && exit 0; echo 'Submitted batch job 77'",
+            squeue=f'echo "$3" >> {calls}; exit 0', sacct=NO_ACCOUNTING)  # none queued any more
+    sweep = tmp_path / "sw"
+    for i in range(5):
+        (sweep / f"seed={i}").mkdir(parents=True)
+        (sweep / f"seed={i}" / "submission.json").write_text(json.dumps(
+            {"job_id": str(50 + i), "backend": "slurm", "run_dir": str(sweep / f"seed={i}")}))
+    code, out, err = run_submit(capsys, "-m", "cluster=slurm", *TINY, "seed=0,1,2,3,4", f"hydra.sweep.dir={sweep}")
+    assert code == 0, err
+    assert calls.read_text().splitlines() == ["50,51,52,53,54"] * 2, calls.read_text()
+
+
 def test_a_resubmitted_sweep_submits_only_what_is_left(tmp_path, on_path, capsys, monkeypatch):
     """Resubmitting a sweep fills it in: a completed point and one whose job is still queued get no new
     job (each would start only to stop, or train twice into one folder); sweep.json keeps every point."""
@@ -3024,7 +3041,8 @@ def test_a_sweep_point_name_over_name_max_maps_to_the_same_short_folder(tmp_path
     """A point folder is named from its swept values; past 255 bytes (NAME_MAX) its start and a hash of the whole,
     so a resubmission finds the same folder. A file system allowing less is refused before the queue."""
     monkeypatch.chdir(tmp_path)
-    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"', squeue=squeue_says("RUNNING"))
+    on_path(sbatch='[ "$1" = --test-only ] && exit 0; echo "Submitted batch job 77"',  # each task asked: running
+            squeue='IFS=,; for j in $3; do echo "$j|77|${j#77_}|0|RUNNING|"; done')
     a, b = (point_dirname([f"wandb.name={'n' * 300}{end}"]) for end in "ab")
     assert len(a) == len(b) == 255 and a != b and a.startswith("wandb.name=nnn")
     assert point_dirname(["seed=1", "optim.lr=0.1"]) == "optim.lr=0.1,seed=1"  # short names as ever
