@@ -10,7 +10,7 @@ import re
 import subprocess
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from .slurm import SlurmJob, slurm_conf_missing, slurm_out
 
@@ -93,19 +93,28 @@ def listable(job_id: str) -> bool:
     return bool(_LISTABLE.fullmatch(job_id)) and all(int(n) < 0xFFFFFFFE for n in job_id.split("_"))
 
 
-def id_groups(job_ids: list[str]) -> list[list[str]]:
-    """The ids each call asks for: the listable ones in one list, any other alone (none, from submit or a job)."""
+LIST_MAX = 1000  # ids in one -j list: 15,000 of them passed the kernel's 128 KiB limit on one argument
+
+
+def id_groups(job_ids: list[str], most: int = LIST_MAX) -> list[list[str]]:
+    """The ids each call asks for: the listable ones in lists of at most `most`, any other alone (none, from submit
+    or a job)."""
     ids = list(dict.fromkeys(job_ids))
     batch = [j for j in ids if listable(j)]
-    return ([batch] if batch else []) + [[j] for j in ids if not listable(j)]
+    return [batch[i:i + most] for i in range(0, len(batch), most)] + [[j] for j in ids if not listable(j)]
 
 
-def by_id(ids: list[str], lines: list[dict], names: Callable[[dict, str], bool]) -> dict[str, list[dict]]:
+def by_id(ids: list[str], lines: list[dict], names: Callable[[dict], Iterable[str]]) -> dict[str, list[dict]]:
     """Each id's lines of a command's answer for `ids`, in its order: for one id, all of them (as asked alone); for
-    several, those the id `names` (its raw id, its array task's, its array's)."""
+    several, those whose `names` (its raw id, its array task's, its array's) hold it, looked up, not searched: a
+    whole scontrol table is tens of thousands of lines."""
     if len(ids) == 1:
         return {ids[0]: lines}
-    return {j: [ln for ln in lines if names(ln, j)] for j in ids}
+    index: dict[str, list[dict]] = {}
+    for ln in lines:
+        for name in dict.fromkeys(names(ln)):
+            index.setdefault(name, []).append(ln)
+    return {j: index.get(j, []) for j in ids}
 
 
 def squeue_jobs(job_ids: list[str]) -> dict[str, Queued]:
@@ -129,9 +138,9 @@ def squeue_jobs(job_ids: list[str]) -> dict[str, Queued]:
     return out
 
 
-def _squeue_names(row: dict, job_id: str) -> bool:
+def _squeue_names(row: dict) -> tuple[str, ...]:
     """squeue lists the row (one task a line: -r) for its raw id, its array's and its task's "array_task"."""
-    return job_id in (row["job"], row["array"], f"{row['array']}_{row['task']}")
+    return row["job"], row["array"], f"{row['array']}_{row['task']}"
 
 
 def _squeue(ids: list[str]) -> tuple[Optional[list[dict]], str]:
@@ -231,20 +240,27 @@ def _sacct_states(ids: list[str]) -> dict[str, str]:
     return out
 
 
-def _sacct_names(line: dict, job_id: str) -> bool:
+def _sacct_names(line: dict) -> tuple[str, ...]:
     """sacct gives the line for its raw id, its "77_3" and its array's "77" (all its tasks)."""
-    return job_id in (line["job"], line["raw"], line["job"].split("_")[0])
+    return line["job"], line["raw"], line["job"].split("_")[0]
 
 
 def _scontrol_fields(ids: list[str]) -> dict[str, dict[str, str]]:
     """`scontrol show job`'s fields (JobState, Restarts...) of each job the controller still holds. One id is asked
     alone; several in one call for every job (scontrol takes one id; squeue's list was that one table already)."""
+    listed = [j for j in dict.fromkeys(ids) if listable(j)]
     out = {}
-    for group in id_groups(ids):
+    for group in ([listed] if len(listed) > 1 else []) + [[j] for j in dict.fromkeys(ids) if j not in listed or
+                                                           len(listed) == 1]:
         said = slurm_out(["scontrol", "-o", "show", "job", group[0]] if len(group) == 1 else
                          ["scontrol", "-a", "-o", "show", "job"]) or ""
         lines = [dict(kv.split("=", 1) for kv in ln.split() if "=" in kv) for ln in said.splitlines()]
-        for j, mine in by_id(group, lines, _scontrol_names).items():
+        # an array task's id ("77_3") is looked up by its array's ("77"), then found in the task ranges of its lines
+        found = by_id([*group, *{j.partition("_")[0] for j in group}] if len(group) > 1 else group, lines,
+                      lambda f: (f.get("JobId", ""), f.get("ArrayJobId", "")))
+        for j in group:
+            mine = found[j] if len(group) == 1 or "_" not in j else [
+                f for f in found.get(j.partition("_")[0], []) if _scontrol_names(f, j)]
             if mine:
                 out[j] = {k: v for fields in mine for k, v in fields.items()}  # a later line's value wins
     return out

@@ -1579,3 +1579,32 @@ def test_a_partial_file_of_a_killed_write_is_removed_when_the_run_resumes(tmp_pa
     partial.write_bytes(b"\0" * 1000)
     assert ck.load_latest(warn=False)[1].name == "step_00000005.pt" and partial.exists()  # a look ahead: kept
     assert ck.load_latest(quarantine=True)[1].name == "step_00000005.pt" and not partial.exists()
+
+
+def test_slurm_states_of_many_ended_jobs_read_the_whole_scontrol_table_by_id(tmp_path, monkeypatch):
+    """Jobs squeue no longer lists are looked up in one `scontrol show job` table (by id, not a search of every line
+    for every job): a plain job, an array's task with a line of its own, one inside a pending range, the array's
+    own id (its every line; the last line's value wins). Lists of ids are cut to jobs.LIST_MAX (the kernel's limit
+    on one argument)."""
+    from allconv_hpc import jobs
+    lines = [f"JobId={1000 + i} JobState=COMPLETED Restarts=0" for i in range(3000)]
+    lines += ["JobId=77 ArrayJobId=77 ArrayTaskId=4-9%2 JobState=PENDING Restarts=0",
+              "JobId=81 ArrayJobId=77 ArrayTaskId=3 JobState=FAILED Restarts=2",
+              "JobId=80 ArrayJobId=77 ArrayTaskId=1 JobState=COMPLETED Restarts=1"]
+    table = tmp_path / "table"
+    table.write_text("\n".join(lines) + "\n")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, body in {"squeue": "exit 0", "sacct": "exit 1", "scontrol": f"cat {table}"}.items():
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    ids = ["1005", "2999", "77_3", "77_6", "77_1", "77", "5"]
+    got = jobs.slurm_states(ids)
+    assert {j: got[j][:2] for j in ids} == {"1005": ("COMPLETED", 0), "2999": ("COMPLETED", 0), "77_3": ("FAILED", 2),
+                                           "77_6": ("PENDING", 0), "77_1": ("COMPLETED", 1), "77": ("COMPLETED", 1),
+                                           "5": (None, None)}, got
+    assert got["77_6"][3] is True  # squeue lists it no more, yet the controller says PENDING: it ended
+    groups = jobs.id_groups([str(i) for i in range(1, 2501)] + ["x"])
+    assert [len(g) for g in groups] == [1000, 1000, 500, 1] and groups[-1] == ["x"]
