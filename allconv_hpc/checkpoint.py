@@ -443,7 +443,11 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir",
     that places the run (hydra.sweep.dir for a sweep's point, where -m refuses hydra.run.dir). ``also``: a further
     check of the checkpoint to resume (its dict, its path), which may raise ConfigError too."""
     ckpt = CheckpointDir(Path(run_dir) / "checkpoints", cfg.checkpoint.keep)
-    if cfg.checkpoint.resume == "never" or ckpt.interrupted_aside():  # (the start finishes setting it aside)
+    if ckpt.interrupted_aside():  # the start finishes setting the old run aside, then has nothing to resume
+        if cfg.checkpoint.resume == "must":
+            raise ckpt.nothing_to_resume()
+        return None
+    if cfg.checkpoint.resume == "never":
         return None
     found = ckpt.load_latest(warn=False, folder_key=folder_key)
     if found is None:

@@ -155,3 +155,19 @@ def test_a_start_killed_after_renaming_the_target_makes_it_again(tmp_path, scrat
     assert target.is_dir() and list(target.iterdir()) == []
     assert_whole(run / "checkpoints.old1")
     assert not ck.interrupted_aside() and not (scratch / "ckpt.old1" / ".setting-aside").exists()
+
+
+def test_a_set_aside_stopped_part_way_leaves_nothing_to_resume(tmp_path):
+    """What submit and train check before any work: the next start finishes the set-aside, so it resumes nothing;
+    checkpoint.resume=must is refused there, not after the queue (the start would set the run aside, then fail)."""
+    from allconv_hpc.checkpoint import check_resume
+    from allconv_hpc.compose import compose
+    from allconv_hpc.config import ConfigError
+    run = tmp_path / "run"
+    old_run(run)
+    (run / "checkpoints" / ".setting-aside").touch()
+    cfg = compose(["data=synthetic", f"hydra.run.dir={run}"]).cfg
+    assert check_resume(run, cfg) is None
+    must = compose(["data=synthetic", "checkpoint.resume=must", f"hydra.run.dir={run}"]).cfg
+    with pytest.raises(ConfigError, match="checkpoint.resume=must but .* holds no checkpoint"):
+        check_resume(run, must)
