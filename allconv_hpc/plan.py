@@ -372,18 +372,21 @@ def _refuse_inherited_ranks() -> None:
                           f"unset RANK WORLD_SIZE, then submit again")
 
 
-_NEVER_IMPORTED = {"test", "idlelib", "turtledemo", "turtle", "tkinter", "this", "antigravity", "lib2to3", "ensurepip",
-                   "venv", "pydoc_data"}
+# what a job imports that `submit` has not (measured with python -X importtime: a job with W&B offline, and
+# torch.compile's inductor; tests/test_launcher.py checks the first against a real job)
+LATE_IMPORTS = {"_elementtree", "_lsprof", "_statistics", "_strptime", "_zoneinfo", "annotated_types", "cProfile",
+                "certifi", "charset_normalizer", "click", "colorsys", "filelock", "fractions", "functorch", "getpass",
+                "google", "html", "idna", "jinja2", "markupsafe", "mimetypes", "mpmath", "networkx", "opentelemetry",
+                "platformdirs", "profile", "pstats", "pty", "pydantic", "pydantic_core", "pyexpat", "requests",
+                "statistics", "stringprep", "sympy", "termios", "triton", "tty", "typing_inspection", "urllib3", "xml",
+                "xxhash", "zoneinfo", "wandb", "torchvision", "PIL"}
 
 
 def job_modules() -> set:
-    """The top-level modules a job may import: Python's own (the job's packages import much of it, some only
-    later: profile, getpass, statistics) but a few none imports (a test.py beside Python's test package shadows
-    nothing), every installed package's (the job's dependencies import others where installed: chardet, brotli),
-    and what this process imported."""
-    import importlib.metadata as md
-    return (set(getattr(sys, "stdlib_module_names", ())) - _NEVER_IMPORTED) | set(md.packages_distributions()) | {
-        m.partition(".")[0] for m in list(sys.modules)}
+    """The top-level modules a job imports: what this process imported (torch, Hydra, submitit and much of Python's
+    own, as the job does) and what the job imports later. Not every module there is: a code.py or test.py beside
+    Python's own shadows nothing the job reads."""
+    return {m.partition(".")[0] for m in list(sys.modules)} | LATE_IMPORTS
 
 
 def _refuse_shadowing_modules(cwd: Path) -> None:
