@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import runlock
-from .fsio import read_json
+from .fsio import ASIDE_MARKER, read_json, renamed_aside
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, LOCAL_SETUP_STOP, SETUP_STOP, START_UP_INTERRUPT, START_UP_STOP,
                    STATUS_KEYS, DamagedFile, SlurmState, check_keys, held_advice, is_held, local_ended_at, local_state,
                    never_starts, read_record, slurm_states, squeue_silence, started_job, started_unrecorded,
@@ -341,7 +341,9 @@ def rows_of(runs: list[tuple[dict, dict]], answers: dict[str, SlurmState]) -> li
         # system keeps a dead node's lock a while, NFSv3 until the node is back), not a new start by hand
         dead_lock = (bool(held) and not new_start and slurm and known and (ended or state not in ACTIVE_STATES | {None})
                      and current and run_state == "running" and str(st.get("slurm_job_id")) == str(rec["job_id"]))
-        checkpoint_step, cut_short = _resume_point(run_dir)
+        # a start with checkpoint.resume=never stopped while it set the old run aside: the next one finishes that
+        half_aside = (run_dir / "checkpoints" / ASIDE_MARKER).exists() or renamed_aside(run_dir / "checkpoints")
+        checkpoint_step, cut_short = _resume_point(run_dir) if not half_aside else (None, [])
         if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
             state = {True: "RUNNING (starting)", False: "FAILED"}.get(held, "UNKNOWN")  # fit writes the first
             active = bool(held)
@@ -466,6 +468,7 @@ def rows_of(runs: list[tuple[dict, dict]], answers: dict[str, SlurmState]) -> li
                      "step": st.get("global_step", 0), "last_val_acc": st.get("last_val_acc"),
                      "best_val_acc": st.get("best_val_acc"), "test_acc": st.get("test_acc"), "wandb_id": st.get("wandb_id") or "-",
                      "error": error, "checkpoint_step": checkpoint_step, "cut_short": cut_short,
+                     "half_aside": half_aside,
                      "starts_over": run_state in (*MAY_RESUME, None) and _starts_over(run_dir, rec),
                      "peer_lost": bool(st.get("peer_lost")) and current,  # failed only as a peer was killed
                      "refused": refused,  # a rank's refusal in start-up failed the job: no resume advice
@@ -761,6 +764,9 @@ def notes(r: dict) -> list[str]:
         then = "starts it over: its checkpoints are gone (deleted?)"
     else:
         then = "starts it over: it stopped before its first checkpoint"
+    if r.get("half_aside"):
+        then = ("finishes setting its old run aside (a start with checkpoint.resume=never was stopped doing it) and "
+                "starts it over")
     if ck is not None and r.get("starts_over"):  # what resume=never does again, at each start
         then = (f"starts it over again (checkpoint.resume=never sets its checkpoints aside); with "
                 f"checkpoint.resume=auto instead it {then.replace('resumes it', 'resumes')}")

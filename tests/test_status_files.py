@@ -954,3 +954,19 @@ def test_a_sweep_point_resubmitted_otherwise_narrows_the_command_given_for_the_o
     recs[0]["command"] = first  # one command for both: given as it was typed
     (root / "sweep.json").write_text(json.dumps({"sweep_dir": str(root), "jobs": recs}))
     assert status.run_rows(root)[1]["resume_command"] == shlex.join(first)
+
+
+def test_a_run_half_set_aside_says_the_next_start_finishes_that_and_starts_over(tmp_path, no_slurm, capsys):
+    """checkpoints/ still holds the old run's step files and the set-aside's marker (a resume=never start stopped as
+    it moved the run's files in): the next start trains anew, so no checkpoint is offered as the resume point."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004.pt").write_bytes(b"x")
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 2, "epochs": 4, "global_step": 4}))
+    row = status.run_rows(run)[0]
+    assert row["checkpoint_step"] == 4 and "resumes it from its newest checkpoint" in status.notes(row)[0]
+    (run / "checkpoints" / ".setting-aside").touch()
+    row = status.run_rows(run)[0]
+    assert row["checkpoint_step"] is None and row["half_aside"], row
+    assert status.notes(row)[0].endswith("finishes setting its old run aside (a start with checkpoint.resume=never "
+                                         "was stopped doing it) and starts it over"), status.notes(row)
