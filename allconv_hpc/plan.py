@@ -372,9 +372,10 @@ def _refuse_inherited_ranks() -> None:
                           f"unset RANK WORLD_SIZE, then submit again")
 
 
-# what a job imports that `submit` has not (measured with python -X importtime: a job with W&B offline, and
-# torch.compile's inductor; tests/test_launcher.py checks the first against a real job)
-LATE_IMPORTS = {"_elementtree", "_lsprof", "_statistics", "_strptime", "_zoneinfo", "annotated_types", "cProfile",
+# what a job imports that `submit` has not when it checks (measured with python -X importtime: a job with W&B offline,
+# its entry point submitit.core._submit, torch.compile's inductor and Triton's; tests/test_launcher.py checks the
+# first two against real ones)
+LATE_IMPORTS = {"submitit", "cloudpickle", "setuptools", "resource", "pdb", "_elementtree", "_lsprof", "_statistics", "_strptime", "_zoneinfo", "annotated_types", "cProfile",
                 "certifi", "charset_normalizer", "click", "colorsys", "filelock", "fractions", "functorch", "getpass",
                 "google", "html", "idna", "jinja2", "markupsafe", "mimetypes", "mpmath", "networkx", "opentelemetry",
                 "platformdirs", "profile", "pstats", "pty", "pydantic", "pydantic_core", "pyexpat", "requests",
@@ -383,10 +384,32 @@ LATE_IMPORTS = {"_elementtree", "_lsprof", "_statistics", "_strptime", "_zoneinf
 
 
 def job_modules() -> set:
-    """The top-level modules a job imports: what this process imported (torch, Hydra, submitit and much of Python's
-    own, as the job does) and what the job imports later. Not every module there is: a code.py or test.py beside
-    Python's own shadows nothing the job reads."""
-    return {m.partition(".")[0] for m in list(sys.modules)} | LATE_IMPORTS
+    """The top-level modules a job imports: what this process imported (torch, Hydra and much of Python's own, as
+    the job does), what the job imports later, and this package's dependencies and theirs. Not every module there
+    is: a code.py or test.py beside Python's own shadows nothing the job reads."""
+    return {m.partition(".")[0] for m in list(sys.modules)} | LATE_IMPORTS | _dependency_modules()
+
+
+def _dependency_modules() -> set:
+    """The top-level modules of the installed allconv-hpc's dependencies, and of theirs; none where it runs from a
+    source folder, not installed."""
+    import importlib.metadata as md
+    seen, todo, names = set(), ["allconv-hpc"], set()
+    while todo:
+        key = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = md.distribution(key)
+        except md.PackageNotFoundError:
+            continue
+        todo += [m.group(0) for r in dist.requires or () if "extra ==" not in r
+                 and (m := re.match(r"[A-Za-z0-9_.-]+", r))]
+        top = dist.read_text("top_level.txt")
+        names |= ({n.strip().split("/")[0] for n in top.split()} if top else
+                  {f.parts[0].removesuffix(".py") for f in dist.files or () if f.parts and f.parts[0] != ".."})
+    return names
 
 
 def _refuse_shadowing_modules(cwd: Path) -> None:

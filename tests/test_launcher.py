@@ -724,24 +724,32 @@ def test_a_module_in_the_submit_folder_that_would_shadow_the_jobs_imports_is_ref
 
 
 def test_every_module_a_job_imports_is_one_the_shadowing_check_looks_for(tmp_path):
-    """The check looks for what submit imported and plan.LATE_IMPORTS: a real job (W&B offline) imports nothing
-    else that a module of its folder could stand in for (found on sys.path: not built in, not frozen, not a
-    module no package installed). A dependency that imports more, later, fails here, not in a user's job."""
+    """What the check looks for (plan.job_modules, as submit has it when it checks) holds every module a real job
+    imports (its entry point, submitit.core._submit; its training, W&B offline) that a module of its folder could
+    stand in for (found on sys.path: not built in, not frozen, not a module installed nowhere). A dependency that
+    imports more, later, fails here, not in a user's job after the queue."""
     import importlib.machinery as machinery
-    from allconv_hpc.plan import LATE_IMPORTS
     from proc import PY, clean_env
 
     def imported(*args: str) -> set:
-        r = subprocess.run([PY, "-X", "importtime", "-m", "allconv_hpc", args[0], *TINY, *args[1:]], env=clean_env(tmp_path),
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        r = subprocess.run([PY, "-X", "importtime", *args], env=clean_env(tmp_path), capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         return {m.group(1).split(".")[0] for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$",
                                                                 r.stderr, re.M)}
-    job = imported("train", "wandb.mode=offline", f"hydra.run.dir={tmp_path / 'run'}")
-    submit = imported("submit", "--dry-run", "cluster=local", f"hydra.run.dir={tmp_path / 'run2'}")
-    assert {"wandb", "torch", "hydra", "statistics"} <= job and "statistics" not in submit, sorted(job - submit)
+    job = imported("-c", "import submitit.core._submit") | imported(
+        "-m", "allconv_hpc", "train", *TINY, "wandb.mode=offline", f"hydra.run.dir={tmp_path / 'run'}")
+    checked = subprocess.run(  # job_modules() at the check, in a submit of its own
+        [PY, "-c", "import sys; from allconv_hpc import cli, plan; seen = []; check = plan._refuse_shadowing_modules; "
+                   "plan._refuse_shadowing_modules = lambda cwd: (seen.append(plan.job_modules()), check(cwd)); "
+                   "code = cli.main(sys.argv[1:]); print(' '.join(sorted(seen[0]))); sys.exit(code)",
+         "submit", "--dry-run", "cluster=local", *TINY, f"hydra.run.dir={tmp_path / 'run2'}"],
+        env=clean_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    looked_for = set(checked.stdout.split())
+    assert {"wandb", "torch", "hydra", "statistics", "cloudpickle"} <= job, sorted(job)
     # (importtime also lists what a package only tried: a module installed nowhere shadows nothing)
-    missed = {m for m in job - submit - LATE_IMPORTS if m not in sys.builtin_module_names
+    missed = {m for m in job - looked_for if m not in sys.builtin_module_names
               and machinery.FrozenImporter.find_spec(m) is None and machinery.PathFinder.find_spec(m) is not None}
     assert not missed, " ".join(sorted(missed))
 
