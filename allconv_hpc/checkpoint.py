@@ -445,7 +445,10 @@ def check_resume(run_dir: Path, cfg, folder_key: str = "hydra.run.dir",
     ckpt = CheckpointDir(Path(run_dir) / "checkpoints", cfg.checkpoint.keep)
     if ckpt.interrupted_aside():  # the start finishes setting the old run aside, then has nothing to resume
         if cfg.checkpoint.resume == "must":
-            raise ckpt.nothing_to_resume()
+            raise ConfigError(f"checkpoint.resume=must but a start with checkpoint.resume=never was stopped while it "
+                              f"set the old run in {ckpt.folder} aside (its {ASIDE_MARKER} is there): the next start "
+                              f"finishes that and trains anew, with nothing to resume; start it with "
+                              f"checkpoint.resume=auto, or give another {folder_key}")
         return None
     if cfg.checkpoint.resume == "never":
         return None

@@ -352,7 +352,7 @@ class Trainer:
             # began is finished, nothing lost; this start then trains anew (as that one would have)
             self._move_old_run_aside("a start with checkpoint.resume=never was stopped while it set the old run "
                                      "aside: finished now")
-            if mode == "must":
+            if mode == "must":  # (submit and train refuse it before: check_resume)
                 raise self.ckpt.nothing_to_resume()
             return None
         if mode == "never":

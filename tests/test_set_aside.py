@@ -169,5 +169,8 @@ def test_a_set_aside_stopped_part_way_leaves_nothing_to_resume(tmp_path):
     cfg = compose(["data=synthetic", f"hydra.run.dir={run}"]).cfg
     assert check_resume(run, cfg) is None
     must = compose(["data=synthetic", "checkpoint.resume=must", f"hydra.run.dir={run}"]).cfg
-    with pytest.raises(ConfigError, match="checkpoint.resume=must but .* holds no checkpoint"):
+    with pytest.raises(ConfigError, match=r"checkpoint.resume=must but a start with checkpoint.resume=never was "
+                                          r"stopped while it set the old run in .* aside .*: the next start finishes "
+                                          r"that and trains anew, with nothing to resume; start it with "
+                                          r"checkpoint.resume=auto, or give another hydra.run.dir"):
         check_resume(run, must)
