@@ -9,6 +9,7 @@ process holds the folder's lock (runlock), and LOST once that process is gone (a
 whose lock a new start holds (a resume in its rendezvous) is RUNNING (starting) whatever the start before recorded."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -556,20 +557,42 @@ def _submitted_otherwise(rec: dict, sweep_dir: Path) -> bool:
     """The command that queued `rec` also covers a point of the sweep that another command (re)submitted since
     (other values: trainer.epochs=4 after 20): given as it is, it would give that point its values again (grow it,
     say). Where its points cannot be told, said so too (narrowed: safe either way)."""
-    from .sweep import expand_sweep, point_dirname, spelling_free
-    jobs = read_json(sweep_dir / "sweep.json").get("jobs")
-    others = {spelling_free(Path(j["run_dir"]).name) for j in jobs if isinstance(j, dict)
-              and isinstance(j.get("run_dir"), str) and j.get("command") not in (None, rec.get("command"))} \
-        if isinstance(jobs, list) else set()
+    from .sweep import spelling_free
+    command = rec.get("command")
+    others = {spelling_free(name) for name, c in _sweep_commands(str(sweep_dir / "sweep.json")) if c != command}
     if not others:
         return False
-    command = rec["command"]
+    covered = _covered(tuple(command))
+    return covered is None or bool(others & covered)
+
+
+@functools.lru_cache(maxsize=8)  # per status: one read of sweep.json for all its points' rows, not one a row
+def _sweep_commands_at(path: str, stamp: tuple) -> tuple:
+    jobs = read_json(path).get("jobs")
+    return tuple((Path(j["run_dir"]).name, j.get("command")) for j in jobs if isinstance(j, dict)
+                 and isinstance(j.get("run_dir"), str) and j.get("command") is not None) if isinstance(jobs, list) \
+        else ()
+
+
+def _sweep_commands(path: str) -> tuple:
+    """(point folder name, the command that queued its job) for each point sweep.json records."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return _sweep_commands_at(path, (st.st_mtime_ns, st.st_size, st.st_ino))
+
+
+@functools.lru_cache(maxsize=8)
+def _covered(command: tuple) -> Optional[frozenset]:
+    """The point folder names a sweep's submit `command` covers; None where they cannot be told."""
+    from .sweep import expand_sweep, point_dirname
     words = [w for w in command[command.index("submit") + 1:] if not w.startswith("-")] if "submit" in command else []
     try:
         _, points = expand_sweep(words, multirun=True)
-    except Exception:  # (ConfigError, Hydra's own): which points it covers is not known
-        return True
-    return bool(others & {point_dirname(p) for p in points})
+    except Exception:  # (ConfigError, Hydra's own)
+        return None
+    return frozenset(point_dirname(p) for p in points)
 
 
 def _narrowed(words: list[str], overrides: list[str]) -> list[str]:
