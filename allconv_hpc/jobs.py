@@ -282,6 +282,21 @@ def _in_range(n: int, part: str) -> bool:
     return first.isdigit() and (last or first).isdigit() and int(first) <= n <= int(last or first)
 
 
+def ended_states(job: str) -> list[str]:
+    """How job `job` (each task of an array's id) ended, from the controller while it holds it (MinJobAge), else
+    from accounting (which may lag it by seconds); [] while any of it is queued or running, or Slurm does not know
+    it."""
+    answered, state, _ = squeue_job(job)
+    if not answered or state is not None:
+        return []
+    said = slurm_out(["scontrol", "-o", "show", "job", job]) or ""
+    ends = [m.group(1) for m in re.finditer(r"\bJobState=(\S+)", said)]
+    if not ends:
+        said = slurm_out(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]) or ""
+        ends = [ln.split()[0] for ln in said.splitlines() if ln.split()]  # "CANCELLED by 0" -> CANCELLED
+    return [] if any(e in ACTIVE_STATES for e in ends) else ends
+
+
 def _local_result(rec: dict) -> Path:
     return Path(rec.get("submitit_folder", "")) / str(rec["job_id"]) / f"{rec['job_id']}_0_result.pkl"
 

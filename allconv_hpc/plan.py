@@ -15,7 +15,7 @@ from .config import CLUSTER_KEYS, ConfigError, config_key, flatten
 from .executor import array_too_large, max_array_size
 from .folder_checks import check_run_folder, warn_diverged, warn_starts_over
 from .fsio import name_too_long, read_json
-from .jobs import asked_ahead, recorded_jobs
+from .jobs import asked_ahead, ended_states, recorded_jobs
 from .resources import validate_cluster, warn
 from .slurm import slurm_conf_missing
 from .sweep import (Point, default_sweep_dir, earlier_sweep_dirs, expand_sweep, point_dirname, point_folder,
@@ -299,7 +299,7 @@ def _check_dependency(dependency) -> None:
     for kind, ids in re.findall(r"\b(afterok|afternotok):([0-9_:+]+)", str(dependency)):
         for job in filter(None, ids.split(":")):
             job = job.split("+")[0]
-            ends = _ended_states(job)
+            ends = ended_states(job)
             if not ends:  # queued or running (a task of it), or unknown to Slurm: left to Slurm
                 continue
             done = [e == "COMPLETED" for e in ends]
@@ -310,24 +310,6 @@ def _check_dependency(dependency) -> None:
                                   f"job would wait in the queue for good (DependencyNeverSatisfied); drop it, or name "
                                   f"a job that {'completes' if kind == 'afterok' else 'fails'} (afterany:{job} starts "
                                   f"after it, whatever its end)")
-
-
-def _ended_states(job: str) -> list[str]:
-    """How job `job` (each task of an array's id) ended, from the controller while it holds it (MinJobAge), else
-    from accounting (which may lag it by seconds); [] while any of it is queued or running, or Slurm does not know
-    it."""
-    from .jobs import squeue_job
-    from .slurm import slurm_out
-    answered, state, _ = squeue_job(job)
-    if not answered or state is not None:
-        return []
-    said = slurm_out(["scontrol", "-o", "show", "job", job]) or ""
-    ends = [m.group(1) for m in re.finditer(r"\bJobState=(\S+)", said)]
-    if not ends:
-        said = slurm_out(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]) or ""
-        ends = [ln.split()[0] for ln in said.splitlines() if ln.split()]  # "CANCELLED by 0" -> CANCELLED
-    return [] if any(e in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING", "COMPLETING")
-                     for e in ends) else ends
 
 
 def _running_here(sweep_dir: Path, starting: set) -> int:
