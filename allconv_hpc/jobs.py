@@ -52,25 +52,30 @@ def squeue_silence(job_id: str, unknown: str = "squeue did not answer") -> str:
 
 def squeue_job(job_id: str) -> tuple[bool, Optional[str], str]:
     """(Slurm answered, the job's state while it is queued or running, None when it is not; squeue's reason,
-    e.g. why it is pending). Inside `asked_ahead`, from its one call where it asked for this job."""
-    if _ahead is not None and job_id in _ahead:
+    e.g. why it is pending). Inside `asked_ahead`, from its one call where it asks for this job."""
+    global _ahead
+    if _ahead_ids is not None and job_id in _ahead_ids:
+        if _ahead is None:
+            _ahead = squeue_jobs(_ahead_ids)
         return _ahead[job_id][:3]
     return squeue_jobs([job_id])[job_id][:3]
 
 
-_ahead: Optional[dict] = None  # squeue_jobs' answers for the jobs asked_ahead asked for, while it lasts
+_ahead_ids: Optional[list] = None  # the jobs asked_ahead asks for, while it lasts
+_ahead: Optional[dict] = None  # squeue_jobs' answers for them, once one was needed
 
 
 @contextmanager
 def asked_ahead(job_ids: list[str]) -> Iterator[None]:
-    """squeue asked once for all of `job_ids` (a sweep's points, each checked by submit): squeue_job answers from
-    that call within, where it asked one call a job (200 for a sweep of 200 points, and again under the lock)."""
-    global _ahead
-    _ahead = squeue_jobs(job_ids) if len(job_ids) > 1 else None
+    """squeue asked once for all of `job_ids` (a sweep's points, each checked by submit), at the first that is
+    needed (a config error of the first point is said before Slurm is asked): squeue_job answers from that call
+    within, where it asked one call a job (200 for a sweep of 200 points, and again under the lock)."""
+    global _ahead_ids, _ahead
+    _ahead_ids, _ahead = (list(job_ids) if len(job_ids) > 1 else None), None
     try:
         yield
     finally:
-        _ahead = None
+        _ahead_ids, _ahead = None, None
 
 
 def recorded_jobs(folders: list[Path]) -> list[str]:
