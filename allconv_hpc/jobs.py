@@ -299,7 +299,8 @@ def ended_states(job: str) -> list[str]:
     if not ends:
         said = slurm_out(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]) or ""
         ends = [ln.split()[0] for ln in said.splitlines() if ln.split()]  # "CANCELLED by 0" -> CANCELLED
-    return [] if any(e in ACTIVE_STATES for e in ends) else ends
+    # (PREEMPTED here, not listed by squeue, is an end: PreemptMode=CANCEL; a requeued job is listed, PENDING)
+    return [] if any(e in ACTIVE_STATES - {"PREEMPTED"} for e in ends) else ends
 
 
 def _local_result(rec: dict) -> Path:

@@ -1608,3 +1608,23 @@ def test_slurm_states_of_many_ended_jobs_read_the_whole_scontrol_table_by_id(tmp
     assert got["77_6"][3] is True  # squeue lists it no more, yet the controller says PENDING: it ended
     groups = jobs.id_groups([str(i) for i in range(1, 2501)] + ["x"])
     assert [len(g) for g in groups] == [1000, 1000, 500, 1] and groups[-1] == ["x"]
+
+
+def test_a_dependency_on_a_job_preemption_ended_is_refused(tmp_path, monkeypatch):
+    """A job squeue no longer lists whose controller says PREEMPTED was cancelled by its preemption
+    (PreemptMode=CANCEL; a requeued one is listed, PENDING): afterok on it never holds. One still listed is left
+    to Slurm."""
+    from allconv_hpc.config import ConfigError
+    from allconv_hpc.plan import _check_dependency
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, body in {"squeue": "exit 0", "sacct": "exit 1", "scontrol": "echo 'JobId=4242 JobState=PREEMPTED'"}.items():
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    with pytest.raises(ConfigError, match="job 4242 ended PREEMPTED, so afterok:4242 never holds"):
+        _check_dependency("afterok:4242")
+    _check_dependency("afternotok:4242")
+    (bin_ / "squeue").write_text("#!/bin/sh\necho '4242|4242|N/A|1|PENDING|BeginTime'\n")
+    _check_dependency("afterok:4242")  # requeued: queued again
