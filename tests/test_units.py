@@ -1618,7 +1618,8 @@ def test_a_dependency_on_a_job_preemption_ended_is_refused(tmp_path, monkeypatch
     from allconv_hpc.plan import _check_dependency
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    for name, body in {"squeue": "exit 0", "sacct": "exit 1", "scontrol": "echo 'JobId=4242 JobState=PREEMPTED'"}.items():
+    fakes = {"squeue": "exit 0", "sacct": "exit 1", "scontrol": "echo 'JobId=4242 JobState=PREEMPTED'"}
+    for name, body in fakes.items():
         (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_ / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
