@@ -32,7 +32,7 @@ import torch
 
 from .config import ConfigError, OtherConfig, from_dict
 from .fsio import (ASIDE_MARKER, CHECKPOINT_MAGIC as MAGIC, CHECKPOINT_TRAILER_LEN as TRAILER_LEN, aside_targets as
-                   _aside_targets, fsync_dir, renamed_aside, same_file, write_atomic)
+                   _aside_targets, fsync_dir, half_set_aside, renamed_aside, same_file, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ class CheckpointDir:
     def interrupted_aside(self) -> bool:
         """A start with checkpoint.resume=never was stopped while it set the old run aside (its marker is here, or
         checkpoints/ links to a target it renamed aside): the next start finishes that, whatever its own mode."""
-        return (self.folder / ASIDE_MARKER).exists() or renamed_aside(self.folder)
+        return half_set_aside(self.folder)
 
 
 _PART = ".aside-part"  # the copy of a file moved aside across file systems, until it is whole

@@ -72,6 +72,12 @@ def renamed_aside(link: Path) -> bool:
     return link.is_symlink() and not link.exists() and bool(aside_targets(link))
 
 
+def half_set_aside(folder: Path) -> bool:
+    """A start with checkpoint.resume=never was stopped while it set the old run in `folder` (a run's checkpoints/)
+    aside: its marker is there, or `folder` links to a target it renamed aside. The next start finishes that."""
+    return (folder / ASIDE_MARKER).exists() or renamed_aside(folder)
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable. Some network filesystems refuse fsync on a folder; that is
     not worth failing a run for (the rename itself is still atomic)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import runlock
-from .fsio import ASIDE_MARKER, read_json, renamed_aside
+from .fsio import half_set_aside, read_json
 from .jobs import (ACTIVE_STATES, FIXES, JOB_KEYS, LOCAL_SETUP_STOP, SETUP_STOP, START_UP_INTERRUPT, START_UP_STOP,
                    STATUS_KEYS, DamagedFile, SlurmState, check_keys, held_advice, is_held, local_ended_at, local_state,
                    never_starts, read_record, slurm_states, squeue_silence, started_job, started_unrecorded,
@@ -344,7 +344,7 @@ def rows_of(runs: list[tuple[dict, dict]], answers: dict[str, SlurmState]) -> li
         dead_lock = (bool(held) and not new_start and slurm and known and (ended or state not in ACTIVE_STATES | {None})
                      and current and run_state == "running" and str(st.get("slurm_job_id")) == str(rec["job_id"]))
         # a start with checkpoint.resume=never stopped while it set the old run aside: the next one finishes that
-        half_aside = (run_dir / "checkpoints" / ASIDE_MARKER).exists() or renamed_aside(run_dir / "checkpoints")
+        half_aside = half_set_aside(run_dir / "checkpoints")
         checkpoint_step, cut_short = _resume_point(run_dir) if not half_aside else (None, [])
         if not st and not rec.get("job_id"):  # started by hand, ended or still starting before its first record
             state = {True: "RUNNING (starting)", False: "FAILED"}.get(held, "UNKNOWN")  # fit writes the first
