@@ -297,7 +297,7 @@ def read_runs(recs: list[dict]) -> list[tuple[dict, dict]]:
 
 def rows_of(runs: list[tuple[dict, dict]], answers: dict[str, SlurmState]) -> list[dict]:
     """A row for each (record, status.json) of `runs`; `answers`: slurm_states of their Slurm jobs (and maybe more)."""
-    _sweep_commands_at.cache_clear()  # a submit --wait's next poll reads sweep.json anew
+    _sweep_commands.cache_clear()  # a submit --wait's next poll reads sweep.json anew
     rows = []
     silent = False  # Slurm did not answer for an earlier job: its answer for the others is not used, as before
     for rec, st in runs:
@@ -567,21 +567,13 @@ def _submitted_otherwise(rec: dict, sweep_dir: Path) -> bool:
     return covered is None or bool(others & covered)
 
 
-@functools.lru_cache(maxsize=8)  # per pass (run_rows clears it): one read of sweep.json for all its points' rows
-def _sweep_commands_at(path: str, stamp: tuple) -> tuple:
+@functools.lru_cache(maxsize=8)  # for one pass (rows_of clears it): one read of sweep.json for all its points' rows
+def _sweep_commands(path: str) -> tuple:
+    """(point folder name, the command that queued its job) for each point sweep.json records."""
     jobs = read_json(path).get("jobs")
     return tuple((Path(j["run_dir"]).name, j.get("command")) for j in jobs if isinstance(j, dict)
                  and isinstance(j.get("run_dir"), str) and j.get("command") is not None) if isinstance(jobs, list) \
         else ()
-
-
-def _sweep_commands(path: str) -> tuple:
-    """(point folder name, the command that queued its job) for each point sweep.json records."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ()
-    return _sweep_commands_at(path, (st.st_mtime_ns, st.st_size, st.st_ino))
 
 
 @functools.lru_cache(maxsize=8)
