@@ -253,10 +253,11 @@ def _sacct_names(line: dict) -> tuple[str, ...]:
 def _scontrol_fields(ids: list[str]) -> dict[str, dict[str, str]]:
     """`scontrol show job`'s fields (JobState, Restarts...) of each job the controller still holds. One id is asked
     alone; several in one call for every job (scontrol takes one id; squeue's list was that one table already)."""
-    listed = [j for j in dict.fromkeys(ids) if listable(j)]
+    ids = list(dict.fromkeys(ids))
+    listed = [j for j in ids if listable(j)]
+    table = len(listed) > 1  # the whole table for the listable ids; any other id (or one alone) asked alone
     out = {}
-    for group in ([listed] if len(listed) > 1 else []) + [[j] for j in dict.fromkeys(ids) if j not in listed or
-                                                           len(listed) == 1]:
+    for group in ([listed] if table else []) + [[j] for j in ids if not (table and j in listed)]:
         said = slurm_out(["scontrol", "-o", "show", "job", group[0]] if len(group) == 1 else
                          ["scontrol", "-a", "-o", "show", "job"]) or ""
         lines = [dict(kv.split("=", 1) for kv in ln.split() if "=" in kv) for ln in said.splitlines()]

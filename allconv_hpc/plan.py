@@ -179,9 +179,9 @@ def plan(overrides: list[str], multirun: bool, dry_run: bool = False) -> tuple[l
         a, b = [swept[i] for i, d in enumerate(dirs) if d == twice][:2]
         if sorted(a) == sorted(b):
             raise ConfigError(f"two sweep points map to the same run folder {twice.name}; give each swept value once")
-        raise ConfigError(f"the sweep points {','.join(a)} and {','.join(b)} map to the same run folder {twice.name} (a "
-                          f"folder name keeps letters, digits and _.,=+- of the values, the rest become _); give values "
-                          f"that differ in those, or submit them as separate sweeps")
+        raise ConfigError(f"the sweep points {','.join(a)} and {','.join(b)} map to the same run folder {twice.name} "
+                          f"(a folder name keeps letters, digits and _.,=+- of the values, the rest become _); give "
+                          f"values that differ in those, or submit them as separate sweeps")
     _check_distinct_configs(points)
     if sweep_dir is not None:
         _refuse_retraining(points, sweep_dir, {_key(o) for o in swept[0]})
@@ -357,12 +357,13 @@ def _refuse_inherited_ranks() -> None:
 # what a job imports that `submit` has not when it checks (measured with python -X importtime: a job with W&B offline,
 # its entry point submitit.core._submit, torch.compile's inductor and Triton's; tests/test_launcher.py checks the
 # first two against real ones)
-LATE_IMPORTS = {"submitit", "cloudpickle", "setuptools", "resource", "pdb", "_elementtree", "_lsprof", "_statistics", "_strptime", "_zoneinfo", "annotated_types", "cProfile",
-                "certifi", "charset_normalizer", "click", "colorsys", "filelock", "fractions", "functorch", "getpass",
-                "google", "html", "idna", "jinja2", "markupsafe", "mimetypes", "mpmath", "networkx", "opentelemetry",
-                "platformdirs", "profile", "pstats", "pty", "pydantic", "pydantic_core", "pyexpat", "requests",
-                "statistics", "stringprep", "sympy", "termios", "triton", "tty", "typing_inspection", "urllib3", "xml",
-                "xxhash", "zoneinfo", "wandb", "torchvision", "PIL"}
+LATE_IMPORTS = {"submitit", "cloudpickle", "setuptools", "resource", "pdb", "_elementtree", "_lsprof", "_statistics",
+                "_strptime", "_zoneinfo", "annotated_types", "cProfile", "certifi", "charset_normalizer", "click",
+                "colorsys", "filelock", "fractions", "functorch", "getpass", "google", "html", "idna", "jinja2",
+                "markupsafe", "mimetypes", "mpmath", "networkx", "opentelemetry", "platformdirs", "profile", "pstats",
+                "pty", "pydantic", "pydantic_core", "pyexpat", "requests", "statistics", "stringprep", "sympy",
+                "termios", "triton", "tty", "typing_inspection", "urllib3", "xml", "xxhash", "zoneinfo", "wandb",
+                "torchvision", "PIL"}
 
 
 def job_modules() -> set:
